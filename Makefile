@@ -1,0 +1,71 @@
+# Every target that needs Python depends on the .venv it makes (idempotent, pinned by constraints.txt).
+# `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+STAMP_AIRFLOW := $(VENV)/.installed-airflow
+
+CONFIG ?= configs/train/smoke.yaml
+SWEEP ?= configs/sweeps/default.yaml
+WORKERS ?=
+SUITE ?= configs/regression/smoke.yaml
+PORT ?= 5000
+ARGS ?=
+BENCH_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install install-airflow train sweep report regress ui bench test test-fast lint browser clean
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
+	@echo "  Variables: CONFIG=$(CONFIG) SWEEP=$(SWEEP) WORKERS=N SUITE=$(SUITE) PORT=$(PORT) ARGS='key=value ...'"
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+install: $(STAMP) ## Create .venv with the pinned dependencies (idempotent)
+
+$(STAMP_AIRFLOW): $(STAMP)
+	$(PIP) install -q -c constraints.txt -e '.[dev,airflow]'
+	touch $@
+
+install-airflow: $(STAMP_AIRFLOW) ## Add the optional Airflow 3 extra (for the DAG and its tests)
+
+train: $(STAMP) ## Train one run: make train CONFIG=configs/train/smoke.yaml ARGS='model.cell=lstm'
+	$(PY) -m pipeline train --config $(CONFIG) $(ARGS)
+
+sweep: $(STAMP) ## Run the Optuna sweep (default: configs/sweeps/default.yaml, embedded stores)
+	$(PY) -m pipeline sweep --config $(SWEEP) $(if $(WORKERS),--workers $(WORKERS)) $(ARGS)
+
+report: $(STAMP) ## Write the comparison report for the last sweep under reports/
+	$(PY) -m pipeline report $(ARGS)
+
+regress: $(STAMP) ## Run the regression suite against laws and baseline (SUITE=...)
+	$(PY) -m pipeline regress --suite $(SUITE) $(ARGS)
+
+ui: $(STAMP) ## Serve the MLflow UI on 127.0.0.1:$(PORT) over the default store
+	$(PY) -m pipeline ui --port $(PORT) $(ARGS)
+
+bench: $(STAMP) ## Run the benchmarks and print the README table
+	$(PY) -m benchmarks $(BENCH_ARGS)
+
+test: $(STAMP_AIRFLOW) ## Run the test suite (installs what it needs)
+	$(PY) -m pytest $(ARGS)
+
+test-fast: $(STAMP) ## Run the tests not marked slow
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+lint: $(STAMP) ## ruff check
+	$(PY) -m ruff check pipeline dags tests benchmarks
+
+browser: ## Install Debian's chromium for the headless UI test (needs root / apt)
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
+
+clean: ## Remove the venv, local stores and outputs
+	rm -rf $(VENV) mlflow.db mlruns mlartifacts optuna reports runs test-output .pytest_cache

@@ -1,0 +1,249 @@
+"""Gradient callbacks: clip-aware norms every step, the BPTT profile and spectra every N steps, the verdict.
+
+* :class:`GradientMonitor` reads the per-step record that :class:`~pipeline.module.RNNTrainingModule`
+  leaves on the device (pre/post-clip norm, clip coefficient, group norms) and moves it to the host
+  once per ``trainer.log_every`` steps (one transfer for the whole window, not one per parameter).
+* :class:`ProfileMonitor` runs the exact float64 BPTT profile (:mod:`pipeline.bptt`) on a fixed probe
+  batch through the unrolled twin at step 0, every ``diagnostics.profile_every`` steps, and at the end.
+  The twin shares the trained weights (a float64 copy), so training keeps its fused kernels.
+* :func:`verdict` turns the final profile and the run's largest gradient into a regime.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from . import bptt
+from .config import Config, DiagnosticsConfig
+from .data import fixed_batch
+from .module import RECORD_FIELDS
+from .tasks import Task
+
+REGIMES = ("vanishing", "healthy", "exploding", "diverged")
+
+
+def verdict(diverged: bool, log10_ratio: float | None, max_norm_preclip: float | None,
+            d: DiagnosticsConfig) -> str:
+    """Regime of a run (thresholds are config keys, documented in the README).
+
+    diverged: a non-finite loss or gradient stopped training. exploding: the final profile grows
+    backward by more than ``explode_log10`` decades over the sequence, or the largest pre-clip gradient
+    norm exceeded ``explode_norm``. vanishing: the final profile's ||dL/dh_1|| / ||dL/dh_T|| is below
+    10^``vanish_log10``. healthy: none of these.
+    """
+    if diverged:
+        return "diverged"
+    if (log10_ratio is not None and log10_ratio > d.explode_log10) or (
+            max_norm_preclip is not None and max_norm_preclip > d.explode_norm):
+        return "exploding"
+    if log10_ratio is not None and log10_ratio < d.vanish_log10:
+        return "vanishing"
+    return "healthy"
+
+
+class GradientMonitor(pl.Callback):
+    """Step metrics: ``train/loss``, ``grad/norm_*``, ``grad/clip_coef``, ``grad/clip_rate``."""
+
+    def __init__(self, recorder, log_every: int):
+        self.recorder, self.log_every = recorder, log_every
+        self._pending: list[torch.Tensor] = []
+        self._rows: list[np.ndarray] = []
+        self._steps: list[int] = []
+
+    # -- running summaries over every step so far
+    @property
+    def history(self) -> np.ndarray:
+        return np.concatenate(self._rows) if self._rows else np.zeros((0, len(RECORD_FIELDS)))
+
+    @property
+    def steps(self) -> np.ndarray:
+        return np.asarray(self._steps, dtype=int)
+
+    def column(self, name: str) -> np.ndarray:
+        return self.history[:, RECORD_FIELDS.index(name)]
+
+    @property
+    def max_norm_preclip(self) -> float | None:
+        pre = self.column("norm_preclip")
+        pre = pre[np.isfinite(pre)]
+        return float(pre.max()) if pre.size else None
+
+    @property
+    def clip_rate(self) -> float:
+        c = self.column("clipped")
+        c = c[np.isfinite(c)]
+        return float(c.mean()) if c.size else 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        rec = pl_module.last_record
+        if rec is None:
+            return
+        self._pending.append(rec)
+        self._steps.append(trainer.global_step)
+        pl_module.last_record = None
+        if len(self._pending) >= self.log_every or pl_module.diverged_step is not None:
+            self.drain()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.drain()
+
+    def drain(self) -> None:
+        """Move the window to the host in one transfer and log it."""
+        if not self._pending:
+            return
+        rows = torch.stack(self._pending).cpu().numpy()
+        self._pending = []
+        self._rows.append(rows)
+        step = self._steps[-1]
+        last = dict(zip(RECORD_FIELDS, rows[-1], strict=True))
+        metrics: dict[str, Any] = {
+            "train/loss": float(np.nanmean(rows[:, 0])) if np.isfinite(rows[:, 0]).any() else float("nan"),
+            "grad/norm_preclip": last["norm_preclip"],
+            "grad/norm_postclip": last["norm_postclip"],
+            "grad/clip_coef": last["clip_coef"],
+            "grad/clip_rate": self.clip_rate,
+            "grad/max_norm_preclip": self.max_norm_preclip,
+        }
+        for g in ("input", "recurrent", "bias", "readout"):
+            metrics[f"grad/norm_{g}"] = last[f"norm_{g}"]
+        self.recorder.log_metrics(metrics, step)
+
+
+class ValidationLogger(pl.Callback):
+    """``val/loss`` and ``val/loss_ratio`` (to the task's baseline) after every validation."""
+
+    def __init__(self, recorder, task: Task):
+        self.recorder, self.task = recorder, task
+        self.last_step: int | None = None
+        self.best: float | None = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        v = pl_module.val_loss
+        if v is None:
+            return
+        self.last_step = trainer.global_step
+        if math.isfinite(v):
+            self.best = v if self.best is None else min(self.best, v)
+        self.recorder.log_metrics({"val/loss": v, "val/loss_ratio": v / self.task.baseline}, trainer.global_step)
+
+
+class ProfileMonitor(pl.Callback):
+    """BPTT profile, spectra and Lyapunov exponent on a fixed probe batch (seed + 2), on the CPU in float64."""
+
+    def __init__(self, recorder, cfg: Config, task: Task):
+        self.recorder, self.cfg, self.task = recorder, cfg, task
+        x, y = fixed_batch(task, cfg.diagnostics.probe_size, cfg.seed + 2, "cpu")
+        self.x = x.double()
+        self.y = y.double() if y.is_floating_point() else y
+        self.frames: list[Any] = []  # long-format profile frames, one per pass
+        self.passes: list[dict[str, Any]] = []  # summary metrics per pass, with "step"
+        self._last_step: int | None = None
+
+    def measure(self, module, step: int) -> dict[str, Any]:
+        if self._last_step == step:
+            return self.passes[-1]
+        params = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in module.model.params(torch.float64).items()}
+        finite = all(torch.isfinite(v).all() for v in params.values() if torch.is_tensor(v))
+        metrics: dict[str, Any] = {"step": step}
+        if finite:
+            prof = bptt.profile(params, self.x, self.y, self.task.loss, self.task.readout)
+            summary = bptt.summarize(prof, self.cfg.diagnostics.horizon_decades)
+            metrics.update({f"bptt/{k}": v for k, v in summary.items()})
+            metrics.update({f"spectral/{k}": v for k, v in bptt.spectrum(params).items()})
+            bound = bptt.pascanu_log10_bound(params, prof.T)
+            if bound is not None:
+                metrics["spectral/pascanu_log10_bound"] = bound
+            metrics["spectral/lyapunov_max"] = bptt.lyapunov_max(params, self.x)
+            self.frames.append(prof.to_frame(step))
+        self.passes.append(metrics)
+        self._last_step = step
+        self.recorder.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
+        return metrics
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.measure(pl_module, trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        every = self.cfg.diagnostics.profile_every
+        if every and trainer.global_step % every == 0 and pl_module.diverged_step is None:
+            self.measure(pl_module, trainer.global_step)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.measure(pl_module, trainer.global_step)
+
+    def profile_frame(self):
+        import pandas as pd
+
+        cols = ["step", "t", "state", "log10_norm"]
+        return pd.concat(self.frames, ignore_index=True) if self.frames else pd.DataFrame(columns=cols)
+
+    @property
+    def first(self) -> dict[str, Any]:
+        return self.passes[0] if self.passes else {}
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.passes[-1] if self.passes else {}
+
+
+# --------------------------------------------------------------------------------------------- plots
+
+
+def plot_profile(frame, task: Task, title: str):
+    """log10 ||dL/dh_t|| against t at several training steps: the seed's figure, measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    steps = sorted(frame["step"].unique()) if len(frame) else []
+    if len(steps) > 6:  # at most 6 curves: first, last and evenly spaced between
+        idx = np.unique(np.linspace(0, len(steps) - 1, 6).round().astype(int))
+        steps = [steps[i] for i in idx]
+    cmap = plt.get_cmap("viridis")
+    for i, s in enumerate(steps):
+        for state, ls in (("h", "-"), ("c", "--")):
+            sub = frame[(frame["step"] == s) & (frame["state"] == state)]
+            if len(sub):
+                ax.plot(sub["t"], sub["log10_norm"], ls, color=cmap(i / max(len(steps) - 1, 1)),
+                        label=f"step {s}" + (" (c)" if state == "c" else ""))
+    ax.set_xlabel("time step t")
+    ax.set_ylabel(r"$\log_{10}\,\|\partial L/\partial h_t\|$")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if steps:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_grad_norms(steps: np.ndarray, pre: np.ndarray, post: np.ndarray, threshold: float | None, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ok = np.isfinite(pre) & (pre > 0)
+    ax.semilogy(steps[ok], pre[ok], lw=0.8, label="pre-clip")
+    ok = np.isfinite(post) & (post > 0)
+    ax.semilogy(steps[ok], post[ok], lw=0.8, label="post-clip")
+    if threshold is not None:
+        ax.axhline(threshold, color="k", ls=":", lw=0.8, label=f"clip threshold {threshold:g}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("global gradient norm")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def is_finite(v: Any) -> bool:
+    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
