@@ -24,19 +24,25 @@ class Terminated(BaseException):
 
 @contextlib.contextmanager
 def terminate_as_exception():
-    """Within the block, SIGTERM raises :class:`Terminated` (only in the main thread)."""
+    """Within the block, SIGTERM raises :class:`Terminated` (only in the main thread).
+
+    Also restores SIGINT afterwards: Lightning sets it to SIG_IGN when it handles a KeyboardInterrupt,
+    which would make a long-lived sweep worker deaf to the next Ctrl-C.
+    """
     def handler(signum, frame):
         raise Terminated(f"signal {signum}")
 
     try:
-        old = signal.signal(signal.SIGTERM, handler)
+        old_term = signal.signal(signal.SIGTERM, handler)
+        old_int = signal.getsignal(signal.SIGINT)
     except ValueError:  # not the main thread
         yield
         return
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGINT, old_int)
 
 
 @dataclass
@@ -74,6 +80,7 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
 
 
 def run(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict[str, Any] | None = None,

@@ -1,0 +1,87 @@
+"""Models: init statistics from theory, and the unrolled twin equal to the fused kernels for every cell."""
+
+import math
+
+import pytest
+import torch
+
+from pipeline import cells
+from pipeline.config import ModelConfig
+from pipeline.models import RNNModel
+
+CELLS = ["tanh", "relu", "lstm", "gru", "orthogonal", "indrnn"]
+
+
+def model(cell="tanh", init="default", g=1.0, H=64, readout="last", **kw):
+    return RNNModel(ModelConfig(cell=cell, init=init, init_scale=g, hidden_size=H, **kw), 3, 2, readout, seed=1)
+
+
+def test_pytorch_default_init_scale():
+    # U(-1/sqrt(H), 1/sqrt(H)) has std 1/sqrt(3H): std(W_hh) * sqrt(H) = 1/sqrt(3) (g = 0.577).
+    H = 256
+    w = model(H=H).params()["W_hh"]
+    assert (w.std() * math.sqrt(H)).item() == pytest.approx(1 / math.sqrt(3), rel=0.02)
+
+
+@pytest.mark.parametrize("g", [0.5, 1.5])
+def test_gaussian_init_std(g):
+    H = 256
+    w = model(init="gaussian", g=g, H=H).params()["W_hh"]
+    assert (w.std() * math.sqrt(H)).item() == pytest.approx(g, rel=0.02)
+    assert abs(w.mean().item()) < 0.01 * g
+
+
+@pytest.mark.parametrize("cell", ["tanh", "lstm", "gru", "orthogonal"])
+def test_orthogonal_init_has_every_singular_value_g(cell):
+    H, g = 32, 0.8
+    w = model(cell, init="orthogonal", g=g, H=H).params()["W_hh"]
+    for block in w.split(H):
+        s = torch.linalg.svdvals(block)
+        assert torch.allclose(s, torch.full_like(s, g), atol=1e-5)
+
+
+def test_identity_init_is_irnn():
+    w = model("relu", init="identity", g=1.0, H=16).params()["W_hh"]
+    assert torch.equal(w, torch.eye(16, dtype=w.dtype))
+
+
+def test_orthogonal_cell_stays_orthogonal_through_training():
+    m = model("orthogonal", g=0.9, H=16)
+    opt = torch.optim.Adam(m.parameters(), lr=0.05)
+    x = torch.randn(8, 10, 3)
+    for _ in range(20):
+        opt.zero_grad()
+        m(x).pow(2).sum().backward()
+        opt.step()
+    s = torch.linalg.svdvals(m.params()["W_hh"])
+    assert torch.allclose(s, torch.full_like(s, 0.9), atol=1e-5)
+
+
+@pytest.mark.parametrize("b", [0.0, 1.0, 3.0])
+def test_lstm_forget_bias(b):
+    p = model("lstm", H=8, forget_bias=b).params()
+    total = p["b_ih"] + p["b_hh"]
+    assert torch.allclose(total[8:16], torch.full((8,), b, dtype=total.dtype))
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("readout", ["last", "all"])
+def test_twin_equals_fused(cell, readout):
+    m = model(cell, init="gaussian" if cell not in ("orthogonal", "indrnn") else "default", g=1.2, H=16,
+              readout=readout).double()
+    x = torch.randn(4, 25, 3, dtype=torch.float64)
+    fused = m(x)
+    p = m.params()
+    states = cells.unroll(p, x)
+    hs = torch.stack([s[0] for s in states], 1)
+    twin = cells.readout(p, hs[:, -1] if readout == "last" else hs)
+    assert torch.allclose(fused, twin, atol=1e-10)
+
+
+def test_param_groups_cover_every_parameter_once():
+    for cell in CELLS:
+        m = model(cell, H=8)
+        groups = m.param_groups()
+        ids = [id(p) for ps in groups.values() for p in ps]
+        assert sorted(ids) == sorted(id(p) for p in m.parameters())
+        assert groups["recurrent"] and groups["readout"] and groups["input"]
