@@ -1,0 +1,55 @@
+"""The CLI as a user runs it: fast help, one-line errors with exit 2 and nothing written, a real run."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import ROOT
+
+
+def cli(*args, cwd, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_help_is_fast_and_imports_no_heavy_library():
+    code = ("import sys, pipeline.cli as c; c.build_parser();"
+            "print(','.join(m for m in ('torch','pytorch_lightning','mlflow','optuna','pandas') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and out.stdout.strip() == ""
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "train" in r.stdout and "sweep" in r.stdout
+    assert time.perf_counter() - t < 10  # generous: this guards against importing torch, not a timing target
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["optim.lr=-1"], "config key 'optim.lr': must be a finite number > 0"),
+    (["task.seq_len=1"], "config key 'task.seq_len': must be >= 2"),
+    (["model.cell=transformer"], "config key 'model.cell': unknown value 'transformer'"),
+    (["model.colour=red"], "config key 'model.colour': unknown key"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, needle):
+    r = cli("train", "--config", str(ROOT / "configs/train/smoke.yaml"), *args, cwd=tmp_path)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0]
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db, no mlruns
+
+
+def test_missing_config_file(tmp_path):
+    r = cli("train", "--config", "nope.yaml", cwd=tmp_path)
+    assert r.returncode == 2 and "config file not found" in r.stderr and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_smoke_config_trains_from_the_cli(tmp_path):
+    r = cli("train", "--config", str(ROOT / "configs/train/smoke.yaml"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "regime=" in r.stdout
+    c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("smoke").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags["regime"] in r.stdout
