@@ -65,3 +65,12 @@ def test_roundtrip_yaml():
 
     again = load_config(None, patch=yaml.safe_load(cfg.to_yaml()))
     assert again == cfg and isinstance(again, Config)
+
+
+def test_every_shipped_training_config_validates():
+    from tests.conftest import ROOT
+
+    files = sorted((ROOT / "configs" / "train").glob("*.yaml"))
+    assert len(files) >= 5
+    for f in files:
+        load_config(f)

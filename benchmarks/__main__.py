@@ -1,0 +1,63 @@
+"""``make bench``: ``python -m benchmarks [--quick] [--only train,profile,sweep] [--gpu]``; prints Markdown tables."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+
+def table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks")
+    ap.add_argument("--quick", action="store_true", help="smaller budgets (a smoke check of the harness)")
+    ap.add_argument("--only", default="train,profile,sweep", help="comma list of: train, profile, sweep")
+    ap.add_argument("--gpu", action="store_true", help="run the train/profile benches on CUDA")
+    ap.add_argument("--out", default="benchmarks/results.json", help="where to write the raw rows")
+    args = ap.parse_args()
+    import torch
+
+    which = set(args.only.split(","))
+    cpu = platform.processor() or platform.machine()
+    print(f"# make bench  ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+          f"{'CUDA ' + torch.cuda.get_device_name(0) if args.gpu else f'CPU {cpu}, 1 thread/process'})\n")
+    results: dict[str, list[dict]] = {}
+    if "train" in which:
+        from .train_bench import throughput
+
+        results["train"] = throughput(args.quick, "gpu" if args.gpu else "cpu")
+        print(table(results["train"]) + "\n", flush=True)
+    if "profile" in which:
+        from .profile_bench import profile_cost
+
+        results["profile"] = profile_cost(args.quick, "cuda" if args.gpu else "cpu")
+        print(table(results["profile"]) + "\n", flush=True)
+    if "sweep" in which:
+        try:
+            from .sweep_bench import run as sweep_run
+        except ImportError as e:
+            print(f"(sweep bench unavailable: {e})")
+        else:
+            results["sweep"] = sweep_run(args.quick)
+            print(table(results["sweep"]) + "\n", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
