@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.autograd.forward_ad as fwAD
 
 from pipeline import cells
 
@@ -155,10 +154,10 @@ def profile(
     with outputs ``[B, T, O]``. ``loss_fn`` receives float64 outputs. Denormal flushing is off during the
     pass and restored afterwards (see :func:`exact_denormals` for ``restore_flush``).
 
-    Method: one forward pass builds T small local graphs (each step's input state is a detached leaf),
-    then a walk back does one vector-Jacobian product per step (``torch.autograd.grad`` with the unit-scale
-    vector as ``grad_outputs``): O(T) work, no quadratic indexing. Direct loss terms (readout "all") are
-    added in log space.
+    Method: one forward pass keeps each step's activations, then a walk back does one hand-written
+    vector-Jacobian product per step (:func:`pipeline.cells.step_vjp`, checked against full-graph
+    autograd in the tests): O(T) work, no quadratic indexing, no per-step autograd overhead. Direct loss
+    terms (readout "all") are added in log space.
     """
     if readout_mode not in ("last", "all"):
         raise ValueError(f"readout_mode must be 'last' or 'all', got {readout_mode!r}")
@@ -170,14 +169,15 @@ def profile(
         y = y.detach().to(torch.float64)
     B, T = x.shape[0], x.shape[1]
     with exact_denormals(restore_flush), torch.enable_grad():
-        # Forward: T local graphs state_{t-1} (detached leaf) -> state_t; the input projection is one matmul.
-        prev = tuple(s.requires_grad_() for s in cells.init_state(p, B, torch.float64, x.device))
-        leaves, outs = [], []
-        for gi in cells.input_projection(p, x).unbind(1):
-            new = cells.step_projected(p, gi, prev)
-            leaves.append(prev)
-            outs.append(new)
-            prev = tuple(s.detach().requires_grad_() for s in new)
+        # Forward without graphs: keep each step's activations for the hand-written VJPs
+        # (cells.step_vjp); the input projection is one matmul for all steps.
+        caches, outs = [], []
+        state = cells.init_state(p, B, torch.float64, x.device)
+        with torch.no_grad():
+            for gi in cells.input_projection(p, x).unbind(1):
+                state, cache = cells.step_cached(p, gi, state)
+                caches.append(cache)
+                outs.append(state)
         # Direct loss terms dL/dh_t (partial, through the readout only), from a leaf copy of the h's.
         zero = torch.zeros((), dtype=torch.float64, device=x.device)
         if readout_mode == "last":
@@ -200,19 +200,15 @@ def profile(
         v, s = _renormalise((d_T,) + tuple(torch.zeros_like(d_T) for _ in names[1:]), zero)
         kept: dict[str, list[Tensor]] = {n: [] for n in names}
         scales: list[Tensor] = []
-        for t in range(T, 0, -1):  # t is 1-based; its local graph is leaves/outs[t-1]
-            leaf, out = leaves[t - 1], outs[t - 1]
+        for t in range(T, 0, -1):  # t is 1-based; its activations are caches[t-1]
             kept["h"].append(v[0])
             scales.append(s)
-            if lstm:
-                # One pass gives the state VJP and, c_t being a non-leaf input, delta c_t = the state part
-                # of dL/dc_t + (dh_t/dc_t)^T dL/dh_t: the total gradient of c_t in the graph, i.e. what
-                # c_t.grad holds after a full backward (Graves 2012, LSTM backward pass).
-                g_h, g_c, dc = torch.autograd.grad(out, (*leaf, out[1]), grad_outputs=v)
-                kept["c"].append(dc)
-                g = (g_h, g_c)
-            elif t > 1:
-                g = torch.autograd.grad(out, leaf, grad_outputs=v)
+            if lstm or t > 1:
+                g, dc = cells.step_vjp(p, caches[t - 1], v)
+                if lstm:
+                    # delta c_t = the state part of dL/dc_t + (dh_t/dc_t)^T dL/dh_t: the total gradient of
+                    # c_t in the graph, i.e. what c_t.grad holds after a full backward.
+                    kept["c"].append(dc)
             if t == 1:
                 break
             # g = J_t^T v is the propagated part, at scale s.
@@ -340,10 +336,10 @@ def lyapunov_max(
     QR / renormalisation method with one tangent vector (Benettin et al. 1980; Engelken, Wolf, Abbott
     2023 "gradient flossing"): q_t = J_t q_{t-1} / ||J_t q_{t-1}||, lambda_1 = mean over steps after the
     burn-in and over the batch of ln ||J_t q_{t-1}||. Each batch element has its own random unit tangent
-    (seeded generator); J_t q is exact, by forward-mode AD (``torch.autograd.forward_ad``) on the step.
+    (seeded generator); J_t q is exact, by the hand-written tangent :func:`pipeline.cells.step_jvp`.
     LSTM: the state (h, c) is one vector. ``burn_in`` defaults to min(T // 10, 10) steps (q aligns with
     the leading direction). -inf only if the tangent is exactly annihilated (e.g. all relu units dead).
-    Cost: forward-mode AD runs ~3x a plain forward here; this is meant for the every-N-steps pass.
+    Cost: about one plain forward pass plus one matmul per step.
     """
     p = _as_float64(params)
     x = x.detach().to(torch.float64)
@@ -364,13 +360,11 @@ def lyapunov_max(
     n = row_norm(q)
     q = tuple(v / n[:, None] for v in q)
     acc = torch.zeros(B, dtype=torch.float64, device=x.device)
-    with exact_denormals(restore_flush), torch.no_grad(), fwAD.dual_level():
+    with exact_denormals(restore_flush), torch.no_grad():
         for t, gi in enumerate(cells.input_projection(p, x).unbind(1)):
-            # Forward-mode AD: one pass gives state_t and the exact tangent J_t q (no Jacobian is formed).
-            duals = tuple(fwAD.make_dual(st, qq) for st, qq in zip(state, q, strict=True))
-            out = [fwAD.unpack_dual(o) for o in cells.step_projected(p, gi, duals)]
-            state = tuple(o.primal for o in out)
-            jq = tuple(torch.zeros_like(o.primal) if o.tangent is None else o.tangent for o in out)
+            # J_t q is exact: the hand-written forward-mode tangent of the step (cells.step_jvp).
+            state, cache = cells.step_cached(p, gi, state)
+            jq = cells.step_jvp(p, cache, q)
             n = row_norm(jq)
             q = tuple(v / _safe(n)[:, None] for v in jq)
             if t >= burn:

@@ -34,10 +34,14 @@ def verdict(diverged: bool, log10_ratio: float | None, max_norm_preclip: float |
     diverged: a non-finite loss or gradient stopped training. exploding: the final profile grows
     backward by more than ``explode_log10`` decades over the sequence, or the largest pre-clip gradient
     norm exceeded ``explode_norm``. vanishing: the final profile's ||dL/dh_1|| / ||dL/dh_T|| is below
-    10^``vanish_log10``. healthy: none of these.
+    10^``vanish_log10`` (or no gradient reaches step 1 at all). healthy: none of these.
     """
     if diverged:
         return "diverged"
+    if log10_ratio is not None and not math.isfinite(log10_ratio) and log10_ratio != math.inf:
+        # -inf: no gradient reaches step 1 at all (e.g. every relu unit dead); NaN: none reaches step T
+        # either (both ends exactly zero). Either way nothing flows back through time.
+        return "vanishing"
     if (log10_ratio is not None and log10_ratio > d.explode_log10) or (
             max_norm_preclip is not None and max_norm_preclip > d.explode_norm):
         return "exploding"

@@ -415,3 +415,39 @@ def test_flush_denormal_probe_and_restore():
         assert not bptt.flush_denormal_enabled()
     finally:
         torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize("cell", ["tanh", "relu", "orthogonal", "lstm", "gru", "indrnn"])
+def test_hand_written_step_derivatives_match_autograd(cell):
+    """cells.step_vjp / step_jvp (the fast paths of profile and lyapunov_max) against torch.func."""
+    g = torch.Generator().manual_seed(3)
+    H, n_in, B = 6, 3, 4
+    G = {"lstm": 4, "gru": 3}.get(cell, 1)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64) * 0.7
+
+    p = {"cell": cell, "W_ih": r(G * H, n_in), "b_ih": r(G * H), "W_out": r(2, H), "b_out": r(2)}
+    if cell == "indrnn":
+        p["u"] = r(H)
+    else:
+        p.update(W_hh=r(G * H, H), b_hh=r(G * H))
+    names = cells.state_names(p)
+    state = tuple(r(B, H) for _ in names)
+    gi = cells.input_projection(p, r(B, 1, n_in))[:, 0]
+    _, cache = cells.step_cached(p, gi, state)
+    v = tuple(r(B, H) for _ in names)
+    q = tuple(r(B, H) for _ in names)
+
+    def f(*s):
+        return cells.step_projected(p, gi, s)
+
+    _, vjp_fn = torch.func.vjp(f, *state)
+    want_vjp = vjp_fn(v)
+    got_vjp, _ = cells.step_vjp(p, cache, v)
+    _, want_jvp = torch.func.jvp(f, state, q)
+    got_jvp = cells.step_jvp(p, cache, q)
+    for a, b in zip(got_vjp, want_vjp, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)
+    for a, b in zip(got_jvp, want_jvp, strict=True):
+        assert torch.allclose(a, b, atol=1e-12)

@@ -88,9 +88,12 @@ class Interrupt(pl.Callback):
             raise self.exc
 
 
-@pytest.mark.parametrize("exc, status", [(KeyboardInterrupt(), "KILLED"), (RuntimeError("boom"), "FAILED")])
-def test_interrupted_or_failed_run_is_closed(store, tiny, exc, status):
-    with pytest.raises(BaseException):
+@pytest.mark.parametrize("exc, raised, status", [
+    (KeyboardInterrupt(), (KeyboardInterrupt, SystemExit), "KILLED"),  # Lightning turns Ctrl-C into exit(1)
+    (RuntimeError("boom"), RuntimeError, "FAILED"),
+])
+def test_interrupted_or_failed_run_is_closed(store, tiny, exc, raised, status):
+    with pytest.raises(raised):
         run(tiny(), callbacks=[Interrupt(exc)])
     runs = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("test").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == status
