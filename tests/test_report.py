@@ -1,0 +1,338 @@
+"""The report over a real small sweep: every table value equals what MLflow holds, plots, errors, CLI.
+
+The sweep is built once per test session (``small_sweep``): a parent run tagged like the sweep's
+(``pipeline.kind=sweep``, ``study``) and nine tiny trials through the real ``pipeline.train.run``:
+tanh/gaussian and relu/identity x g in {0.5, 3} x SGD lr in {0.01, 1}, plus tanh g=3 lr=1 with norm
+clipping. relu/identity g=3 with SGD lr=1 and no clipping diverges (checked below).
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, tiny_config
+
+STUDY = "small-study"
+EXPERIMENT = "sweep-small"  # not the default experiment: `report` with no flag must still find the sweep
+PLOTTED = {("tanh", 0.5, 0.01), ("relu", 3.0, 1.0)}  # runs that also write plots/*.png (the UI test opens one)
+
+
+def build_small_sweep(base: Path) -> dict:
+    """Train the small sweep into ``base/mlflow.db`` once; later calls reuse it (marker file)."""
+    import json
+
+    base.mkdir(parents=True, exist_ok=True)
+    marker = base / "sweep.json"
+    if marker.is_file():
+        return json.loads(marker.read_text())
+    from pipeline import train
+    from pipeline.tracking import Recorder
+
+    uri = f"sqlite:///{base / 'mlflow.db'}"
+    cwd = os.getcwd()
+    os.chdir(base)  # the artifact root (./mlruns) is resolved against the working directory
+    try:
+        parent = Recorder.start(uri, EXPERIMENT, f"sweep-{STUDY}", tags={"pipeline.kind": "sweep", "study": STUDY})
+        grid = [(cell, init, g, lr, "none") for cell, init in (("tanh", "gaussian"), ("relu", "identity"))
+                for g in (0.5, 3.0) for lr in (0.01, 1.0)]
+        grid.append(("tanh", "gaussian", 3.0, 1.0, "norm"))
+        trials = []
+        for i, (cell, init, g, lr, clip) in enumerate(grid):
+            cfg = tiny_config(**{"model.cell": cell, "model.init": init, "model.init_scale": g,
+                                 "optim.name": "sgd", "optim.lr": lr, "clip.mode": clip, "clip.threshold": 1.0,
+                                 "diagnostics.plots": (cell, g, lr) in PLOTTED, "tracking.uri": uri,
+                                 "tracking.experiment": EXPERIMENT})
+            r = train.run(cfg, parent_run_id=parent.run_id, experiment_id=parent.experiment_id,
+                          extra_tags={"pipeline.kind": "trial", "study": STUDY, "trial_number": str(i)})
+            trials.append({"run_id": r.run_id, "regime": r.regime, "cell": cell, "init_scale": g, "lr": lr,
+                           "clip": clip, "diverged_step": r.diverged_step})
+        parent.close()
+    finally:
+        os.chdir(cwd)
+    info = {"uri": uri, "base": str(base), "parent_run_id": parent.run_id,
+            "experiment_id": parent.experiment_id, "trials": trials}
+    marker.write_text(json.dumps(info))
+    return info
+
+
+@pytest.fixture(scope="session")
+def small_sweep(tmp_path_factory) -> dict:
+    return build_small_sweep(tmp_path_factory.getbasetemp() / "small_sweep")
+
+
+@pytest.fixture(scope="session")
+def report(small_sweep, tmp_path_factory):
+    from pipeline.report import build_report
+
+    out = tmp_path_factory.mktemp("report") / "small"
+    return build_report(small_sweep["uri"], study=STUDY, out=out)
+
+
+def _client(uri):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+# ------------------------------------------------------------------------------------ the small sweep
+
+
+def test_small_sweep_really_diverges_and_spans_regimes(small_sweep):
+    by = {(t["cell"], t["init_scale"], t["lr"], t["clip"]): t for t in small_sweep["trials"]}
+    div = by[("relu", 3.0, 1.0, "none")]
+    assert div["regime"] == "diverged" and div["diverged_step"] is not None
+    tags = _client(small_sweep["uri"]).get_run(div["run_id"]).data.tags
+    assert tags["regime"] == "diverged" and tags["diverged_step"] == str(div["diverged_step"])
+    assert by[("tanh", 0.5, 0.01, "none")]["regime"] == "vanishing"
+    assert len({t["regime"] for t in small_sweep["trials"]}) >= 3
+
+
+# ------------------------------------------------------------------------------- table == MLflow
+
+
+def _expected(run, col: str):
+    """What MLflow holds for a table column, read independently with MlflowClient.get_run."""
+    d = run.data
+    metric = {"val_loss_ratio": "val/loss_ratio", "log10_ratio": "bptt/log10_ratio",
+              "decay_rate": "bptt/decay_rate", "clip_rate": "grad/clip_rate", "val_loss": "val/loss",
+              "baseline": "task/baseline", "max_norm_preclip": "grad/max_norm_preclip", "steps": "train/steps"}
+    tag = {"task": "task", "cell": "cell", "init": "init", "solved": "solved", "regime": "regime",
+           "regime_init": "regime_init", "pruned": "pruned", "diverged_step": "diverged_step",
+           "trial": "trial_number", "run_name": "mlflow.runName"}
+    param = {"init_scale": "model.init_scale", "lr": "optim.lr", "seq_len": "task.seq_len",
+             "optimizer": "optim.name", "seed": "seed"}
+    if col in metric:
+        return d.metrics.get(metric[col])
+    if col in tag:
+        return d.tags.get(tag[col])
+    if col in param:
+        return d.params[param[col]]
+    if col == "clip":
+        mode = d.params["clip.mode"]
+        return "none" if mode == "none" else f"{mode} {float(d.params['clip.threshold']):g}"
+    return {"status": run.info.status, "run_id": run.info.run_id}[col]
+
+
+def _same(got, want) -> bool:
+    import pandas as pd
+
+    missing = got is None or got is pd.NA or (isinstance(got, float) and math.isnan(got)) or got == ""
+    if want is None:
+        return missing
+    if missing:
+        return False
+    if isinstance(want, float):
+        return float(got) == want  # exact: the CSV keeps full precision
+    try:
+        return float(got) == float(want)  # params/tags are strings: "0.5" vs 0.5, "3" vs 3
+    except (TypeError, ValueError):
+        return str(got) == str(want)
+
+
+@pytest.mark.parametrize("source", ["frame", "csv"])
+def test_every_table_value_equals_what_mlflow_holds(small_sweep, report, source):
+    import pandas as pd
+
+    table = report.table if source == "frame" else pd.read_csv(report.files["comparison.csv"], dtype=str,
+                                                               keep_default_na=False)
+    c = _client(small_sweep["uri"])
+    children = c.search_runs([small_sweep["experiment_id"]],
+                             f"tags.mlflow.parentRunId = '{small_sweep['parent_run_id']}'")
+    assert sorted(table["run_id"]) == sorted(r.info.run_id for r in children)  # diverged not dropped
+    runs = {r.info.run_id: r for r in children}
+    checked = 0
+    for _, row in table.iterrows():
+        run = runs[row["run_id"]]
+        for col in table.columns:
+            want = _expected(run, col)
+            assert _same(row[col], want), (source, row["run_name"], col, row[col], want)
+            checked += 1
+    assert checked == len(table) * len(table.columns)
+    div = table[table["regime"] == "diverged"]
+    assert len(div) >= 1 and div["diverged_step"].notna().all()
+
+
+def test_table_is_sorted_by_the_comparison_keys(report):
+    t = report.table
+    keys = list(zip(t["task"], t["cell"], t["init"], t["init_scale"], t["lr"], t["clip"], strict=True))
+    assert keys == sorted(keys)
+
+
+# ------------------------------------------------------------------------------------ files, plots
+
+
+def test_html_is_self_contained_with_figures(report):
+    html = report.files["report.html"].read_text()
+    assert "<script" not in html and "http://" not in html and "https://" not in html
+    assert "<link" not in html
+    imgs = html.count("src='data:image/png;base64,")
+    assert imgs == 3  # one task: phase diagram, profiles, gradient norms
+    start = html.index("data:image/png;base64,") + len("data:image/png;base64,")
+    assert base64.b64decode(html[start:html.index("'", start)])[:8] == b"\x89PNG\r\n\x1a\n"
+    for run_id in report.table["run_id"]:
+        assert f'data-run-id="{run_id}"' in html
+    assert "diverged" in html and STUDY in html
+
+
+def test_markdown_csv_and_pngs_written(report):
+    out = report.out
+    for name in ("report.html", "report.md", "comparison.csv", "summary.csv", "phase_diagram.png",
+                 "profiles.png", "grad_norms.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    md = (out / "report.md").read_text()
+    assert "](phase_diagram.png)" in md and "| regime |" in md
+    from PIL import Image
+
+    with Image.open(out / "phase_diagram.png") as im:
+        assert im.size[0] > 400 and len(set(im.convert("RGB").getdata())) > 50  # not blank
+
+
+def test_report_logged_to_the_sweep_parent(small_sweep, report):
+    c = _client(small_sweep["uri"])
+    names = {a.path for a in c.list_artifacts(small_sweep["parent_run_id"], "report")}
+    assert {"report/report.html", "report/comparison.csv", "report/phase_diagram.png"} <= names
+
+
+@pytest.fixture(scope="module")
+def profiles(small_sweep, report) -> dict:
+    from pipeline import report_data as rd
+
+    got, _ = rd.download_diagnostics(small_sweep["uri"], rd.representative_runs(report.table))
+    return got
+
+
+def test_profile_panel_draws_the_mean_field_line_where_it_applies(report, profiles):
+    import matplotlib.pyplot as plt
+
+    from pipeline import report_render as rr
+
+    assert rr.theory_applies("tanh", "gaussian", 0.5) and not rr.theory_applies("tanh", "gaussian", 3.0)
+    assert not rr.theory_applies("relu", "identity", 0.5) and not rr.theory_applies("lstm", "gaussian", 0.5)
+    fig = rr.profile_panels(report.table, profiles, "adding")
+    lines = [ln for ax in fig.axes for ln in ax.get_lines()]
+    theory = [ln for ln in lines if ln.get_label().startswith("theory g=0.5")]
+    assert len(theory) == 1, "tanh/gaussian g=0.5 has its ln g line, nothing else does"
+    assert not [ln for ln in lines if ln.get_label().startswith("theory") and ln not in theory]
+    _, y = theory[0].get_data()
+    assert y[0] - y[1] == pytest.approx(math.log10(0.5))  # one step further back: log10 g lower
+    init_curves = [ln for ln in lines if ln.get_label().endswith(": init")]
+    assert len(init_curves) == len(profiles)  # one init curve per representative run
+    plt.close(fig)
+
+
+def test_reads_in_bulk(small_sweep, monkeypatch, tmp_path):
+    """One search_runs for the table; no per-metric requests; artifacts for a bounded set of runs only."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import report_data as rd
+    from pipeline.report import build_report
+
+    calls = {"search_runs": 0, "history": 0, "download": 0}
+    real_search, real_dl = mlflow.search_runs, MlflowClient.download_artifacts
+
+    def search(*a, **k):
+        calls["search_runs"] += 1
+        return real_search(*a, **k)
+
+    def history(*a, **k):
+        calls["history"] += 1
+        raise AssertionError("per-metric history request")
+
+    def download(self, *a, **k):
+        calls["download"] += 1
+        return real_dl(self, *a, **k)
+
+    monkeypatch.setattr(mlflow, "search_runs", search)
+    monkeypatch.setattr(MlflowClient, "get_metric_history", history)
+    monkeypatch.setattr(MlflowClient, "download_artifacts", download)
+    res = build_report(small_sweep["uri"], study=STUDY, out=tmp_path / "r", log_to_parent=False)
+    assert calls["search_runs"] == 1 and calls["history"] == 0
+    panels = res.table.groupby(["task", "cell"]).ngroups
+    assert 0 < calls["download"] <= panels * (rd.PROFILE_RUNS_PER_PANEL + rd.CLIPPED_PER_PANEL)
+
+
+# ------------------------------------------------------------------------- targets, CLI and errors
+
+
+def test_whole_experiment_target_excludes_the_sweep_parent(small_sweep, tmp_path):
+    from pipeline.report import build_report
+
+    res = build_report(small_sweep["uri"], experiment=EXPERIMENT, out=tmp_path / "e")
+    assert res.name == EXPERIMENT and res.parent_run_id is None
+    assert sorted(res.table["run_id"]) == sorted(t["run_id"] for t in small_sweep["trials"])
+
+
+def test_make_report_default_finds_the_latest_sweep(small_sweep, tmp_path):
+    """`make report` as a new user runs it: no flags, the default store from the environment."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": small_sweep["uri"], "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "pipeline", "report"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"report '{STUDY}': {len(small_sweep['trials'])} runs" in p.stdout
+    assert "Downloading artifacts" not in p.stderr  # no progress bar per download
+    html = tmp_path / "reports" / STUDY / "report.html"
+    assert html.is_file() and "diverged" in html.read_text()
+
+
+def _cli(argv, capsys) -> tuple[int, str]:
+    from pipeline.cli import main
+
+    rc = main(["report", *argv])
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def _run_count(uri) -> int:
+    from mlflow.entities import ViewType
+
+    c = _client(uri)
+    ids = [e.experiment_id for e in c.search_experiments(view_type=ViewType.ALL)]
+    return len(c.search_runs(ids, run_view_type=ViewType.ALL)), len(ids)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--experiment", "no-such-experiment"], "unknown experiment 'no-such-experiment'"),
+    (["--study", "no-such-study"], "unknown study 'no-such-study'"),
+    (["--experiment", EXPERIMENT, "--study", "no-such-study"], "unknown study"),
+    (["--experiment", " "], "must not be empty"),
+])
+def test_unknown_targets_are_one_line_errors_and_write_nothing(small_sweep, tmp_path, capsys, args, needle):
+    before = _run_count(small_sweep["uri"])
+    out = tmp_path / "out"
+    rc, err = _cli([*args, "--store", small_sweep["uri"], "--out", str(out)], capsys)
+    assert rc == 2 and err.startswith("error: ") and needle in err and "\n" not in err
+    assert not out.exists() and _run_count(small_sweep["uri"]) == before
+
+
+def test_empty_experiment_is_an_error(store, tmp_path, capsys):
+    from pipeline.tracking import ensure_experiment
+
+    ensure_experiment(store, "empty")
+    rc, err = _cli(["--experiment", "empty", "--out", str(tmp_path / "out")], capsys)
+    assert rc == 2 and "experiment 'empty' has no runs" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_experiment_missing_is_an_error(store, tmp_path, capsys):
+    from pipeline.tracking import ensure_experiment
+
+    ensure_experiment(store, "something-else")
+    rc, err = _cli([], capsys)
+    assert rc == 2 and "no sweep run in the store and unknown experiment 'rnn-gradients'" in err
+    assert "something-else" in err
+    assert not (tmp_path / "reports").exists()
+
+
+def test_missing_store_is_an_error_and_not_created(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "nothing.db"
+    rc, err = _cli(["--store", f"sqlite:///{db}"], capsys)
+    assert rc == 2 and "no MLflow store" in err
+    assert not db.exists() and not (tmp_path / "reports").exists()
