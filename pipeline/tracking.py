@@ -24,9 +24,18 @@ FLUSH_EVERY = 500  # buffered metric values before a log_batch
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
 
 
+def with_pg_driver(url: str) -> str:
+    """``postgresql://`` -> ``postgresql+psycopg2://``: SQLAlchemy 2.1 maps a bare ``postgresql://`` to
+    psycopg 3, which we do not install; psycopg2 is our PostgreSQL driver (Optuna and MLflow stores)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
+
+
 def resolve_uri(uri: str | None = None) -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else the sqlite file in the working directory."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    return with_pg_driver(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
 
 
 def client(uri: str | None = None):
@@ -103,7 +112,7 @@ class Recorder:
     def start(cls, uri: str | None, experiment: str, run_name: str, tags: dict[str, str] | None = None,
               parent_run_id: str | None = None, experiment_id: str | None = None) -> Recorder:
         exp_id = experiment_id or ensure_experiment(uri, experiment)
-        t = dict(tags or {})
+        t = {k: str(v) for k, v in (tags or {}).items() if v is not None}  # server stores want strings
         if parent_run_id:
             t["mlflow.parentRunId"] = parent_run_id  # nests the run under its parent in the UI
         run = client(uri).create_run(exp_id, run_name=run_name, tags=t)

@@ -1,0 +1,167 @@
+"""Sweep benchmark: trials per hour of ``python -m pipeline sweep`` against a hand-written Optuna sweep.
+
+The hand-written sweep is what a user writes today: one process, Optuna's SQLite storage, an
+objective that builds a fresh ``pl.Trainer`` and ``MLFlowLogger`` per trial (synchronous logging to
+the same sqlite MLflow store), default torch threads, no pruning (optuna-integration's callback imports
+``lightning.pytorch``, ANCHORS section 3). It trains the same LightningModule on the same data, over the
+same space and budget. Ours additionally records the full gradient diagnostics of every trial.
+
+Each variant runs in a fresh process and a fresh working directory; wall time includes start-up.
+``run(quick)`` returns one row per variant: trials, wall seconds, trials per hour, speed-up, best value.
+Also a storage micro-benchmark: ms per trial (create, 3 params, tell) for the journal file and SQLite.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+HAND_WRITTEN = r'''
+import json, math, sys
+import optuna, pytorch_lightning as pl
+from pytorch_lightning.loggers import MLFlowLogger
+from pipeline.config import load_config
+from pipeline.data import TaskDataModule
+from pipeline.module import RNNTrainingModule
+from pipeline.tasks import make_task
+
+spec = json.loads(sys.argv[1])
+
+def objective(trial):
+    values = {}
+    for key, p in spec["space"].items():
+        if "choices" in p:
+            values[key] = trial.suggest_categorical(key, p["choices"])
+        else:
+            values[key] = trial.suggest_float(key, float(p["low"]), float(p["high"]), log=p.get("log", False))
+    cfg = load_config(None, [f"{k}={v}" for k, v in values.items()], patch=spec["base"])
+    task = make_task(cfg.task.name, cfg.task.seq_len)
+    module = RNNTrainingModule(cfg, task)
+    data = TaskDataModule(task, cfg.task.batch_size, cfg.task.val_size, cfg.trainer.max_steps, cfg.seed)
+    logger = MLFlowLogger(experiment_name="hand-written", tracking_uri="sqlite:///mlflow.db",
+                          run_name=f"trial-{trial.number}")
+    logger.log_hyperparams(values)
+    trainer = pl.Trainer(max_steps=cfg.trainer.max_steps, max_epochs=-1, logger=logger,
+                         val_check_interval=cfg.trainer.val_every, check_val_every_n_epoch=None,
+                         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, datamodule=data)
+    ratio = module.val_loss / task.baseline if module.val_loss is not None else float("nan")
+    logger.log_metrics({"val_loss_ratio": ratio})
+    logger.finalize("success")
+    return ratio  # NaN: Optuna marks the trial FAIL and TPE ignores it
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+study = optuna.create_study(study_name="hand", storage="sqlite:///optuna.db",
+                            sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=spec["n_startup"]))
+study.optimize(objective, n_trials=spec["n_trials"], catch=(Exception,))
+done = [t for t in study.trials if t.value is not None and math.isfinite(t.value)]
+print("RESULT " + json.dumps({"trials": len(study.trials), "best": min(t.value for t in done) if done else None}))
+'''
+
+
+def _sweep_spec(quick: bool) -> dict:
+    sw = yaml.safe_load((ROOT / "configs" / "sweeps" / "default.yaml").read_text())
+    if quick:
+        sw["n_trials"] = 6
+        sw["base"]["trainer"]["max_steps"] = 100
+        sw["sampler"]["n_startup_trials"] = 3
+        sw["pruner"]["n_startup_trials"] = 3
+        sw["pruner"]["n_warmup_steps"] = 50
+    sw["study"] = "bench"
+    return sw
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_hand_written(sw: dict) -> dict:
+    spec = {"space": sw["space"], "base": sw["base"], "n_trials": sw["n_trials"],
+            "n_startup": sw["sampler"]["n_startup_trials"]}
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        p = subprocess.run([sys.executable, "-c", HAND_WRITTEN, json.dumps(spec)], cwd=d, env=_env(),
+                           capture_output=True, text=True)
+        wall = time.perf_counter() - t
+    if p.returncode != 0:
+        raise RuntimeError(f"hand-written sweep failed:\n{p.stderr[-3000:]}")
+    res = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    return {"variant": "hand-written (1 process, sqlite, Trainer+MLFlowLogger per trial)", "workers": 1,
+            "trials": res["trials"], "wall_s": wall, "best": res["best"]}
+
+
+def run_ours(sw: dict, workers: int) -> dict:
+    with tempfile.TemporaryDirectory() as d:
+        cfg = Path(d) / "sweep.yaml"
+        cfg.write_text(yaml.safe_dump(sw, sort_keys=False))
+        t = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "--config", str(cfg), "--workers",
+                            str(workers)], cwd=d, env=_env(), capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        if p.returncode != 0:
+            raise RuntimeError(f"pipeline sweep failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        from pipeline.sweep_summary import best_trial
+
+        study = optuna.load_study(study_name="bench",
+                                  storage=JournalStorage(JournalFileBackend(str(Path(d) / "optuna/bench.journal"))))
+        best = best_trial(study)
+        return {"variant": f"pipeline sweep --workers {workers}", "workers": workers, "trials": len(study.trials),
+                "wall_s": wall, "best": best.value if best else None}
+
+
+def storage_ms_per_trial(n: int = 40) -> list[dict]:
+    """Optuna storage cost per trial (ask, 3 suggests, tell), single process, fresh files."""
+    import optuna
+
+    from pipeline.sweep_store import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for name, url in (("journal file", f"{d}/s.journal"), ("sqlite", f"sqlite:///{d}/s.db")):
+            st = open_storage(url)
+            study = optuna.create_study(storage=st, study_name="m", sampler=optuna.samplers.RandomSampler(seed=0))
+            t = time.perf_counter()
+            for _ in range(n):
+                tr = study.ask()
+                tr.suggest_float("a", 0, 1)
+                tr.suggest_float("b", 0, 1)
+                tr.suggest_categorical("c", ["x", "y"])
+                study.tell(tr, 0.5)
+            rows.append({"variant": f"storage: {name}", "ms_per_trial": 1000 * (time.perf_counter() - t) / n})
+    return rows
+
+
+def run(quick: bool) -> list[dict]:
+    sw = _sweep_spec(quick)
+    rows = storage_ms_per_trial()
+    hand = run_hand_written(sw)
+    ours = [run_ours(sw, w) for w in (1, 2, 4)]
+    for r in [hand, *ours]:
+        r["trials_per_hour"] = r["trials"] * 3600 / r["wall_s"]
+        r["speedup"] = r["trials_per_hour"] / (hand["trials"] * 3600 / hand["wall_s"])
+        r["n_trials"], r["max_steps"] = sw["n_trials"], sw["base"]["trainer"]["max_steps"]
+        r["device"] = f"CPU x{os.cpu_count()}"
+    return rows + [hand, *ours]
+
+
+if __name__ == "__main__":
+    quick = "--full" not in sys.argv
+    for row in run(quick):
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})

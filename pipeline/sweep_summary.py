@@ -1,0 +1,150 @@
+"""End of a sweep: the per-trial table, the best trial, Optuna's plots, all on the sweep's parent run.
+
+Parent run contents (public names, see docs/sweep.md): params ``best_<key>`` (only once the study has
+reached n_trials; a resume that raises n_trials may change them, so they are also tags ``best_<key>``),
+metrics ``best_value``, ``best_trial``, ``trials/{complete,pruned,diverged,failed,running}``, artifacts
+``trials.parquet`` and ``plots/optuna_history.png``, ``plots/param_importances.png`` (PED-ANOVA:
+Optuna's default fANOVA evaluator needs scikit-learn, which we do not depend on),
+``plots/contour_init_scale_lr.png`` (when both keys are searched).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from typing import Any
+
+REGIME_ORDER = ("healthy", "vanishing", "exploding", "diverged", "unknown")
+
+
+def trials_frame(study):
+    """One row per trial: number, state, value, diverged, regime, pruned_by, run_id, params (``p.<key>``)."""
+    import pandas as pd
+
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        row: dict[str, Any] = {
+            "number": t.number, "state": t.state.name, "value": t.value,
+            "diverged": bool(t.user_attrs.get("diverged", False)),
+            "regime": t.user_attrs.get("regime"), "pruned_by": t.user_attrs.get("pruned_by"),
+            "solved": t.user_attrs.get("solved"), "val_loss_ratio": t.user_attrs.get("val_loss_ratio"),
+            "diverged_step": t.user_attrs.get("diverged_step"), "steps": t.user_attrs.get("steps"),
+            "run_id": t.user_attrs.get("mlflow_run_id"), "retry_of": t.user_attrs.get("retry_of"),
+            "duration_s": dur,
+        }
+        row.update({f"p.{k}": v for k, v in t.params.items()})
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for c in [c for c in df.columns if c.startswith("p.")]:
+        if df[c].map(type).nunique() > 1:  # mixed int/str choices: parquet needs one type per column
+            df[c] = df[c].astype(str)
+    return df
+
+
+def counts(study) -> dict[str, int]:
+    from optuna.trial import TrialState
+
+    ts = study.get_trials(deepcopy=False)
+    c = {s.name.lower(): sum(t.state == s for t in ts) for s in TrialState}
+    c["diverged"] = sum(t.state == TrialState.COMPLETE and bool(t.user_attrs.get("diverged")) for t in ts)
+    c["done"] = c["complete"] + c["pruned"]
+    return c
+
+
+def best_trial(study):
+    from optuna.trial import TrialState
+
+    good = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if not t.user_attrs.get("diverged") and t.value is not None and math.isfinite(t.value)]
+    return min(good, key=lambda t: t.value) if good else None
+
+
+def regime_table(df) -> str:
+    """Counts by regime (COMPLETE and PRUNED trials), with the best value and the cells in each."""
+    if df.empty:
+        return "  (no trials)"
+    d = df[df["state"].isin(["COMPLETE", "PRUNED"])].copy()
+    if d.empty:
+        return "  (no finished trials)"
+    d["regime"] = d["regime"].fillna("unknown")
+    lines = [f"  {'regime':<10} {'trials':>6} {'pruned':>6} {'best':>8}  cells"]
+    cell_col = "p.model.cell" if "p.model.cell" in d else None
+    for reg in REGIME_ORDER:
+        sub = d[d["regime"] == reg]
+        if sub.empty:
+            continue
+        ok = sub[(sub["state"] == "COMPLETE") & ~sub["diverged"]]["value"]
+        best = f"{ok.min():.4f}" if len(ok) else "-"
+        cells = ", ".join(f"{k} {v}" for k, v in sub[cell_col].value_counts().items()) if cell_col else ""
+        lines.append(f"  {reg:<10} {len(sub):>6} {int((sub['state'] == 'PRUNED').sum()):>6} {best:>8}  {cells}")
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def describe(t) -> str:
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in t.params.items())
+
+
+def _plots(rec, study, keys: list[str]) -> list[str]:
+    """Optuna's matplotlib plots as artifacts; returns notes for the ones that could not be drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as ovm
+    from optuna.importance import PedAnovaImportanceEvaluator
+
+    notes = []
+    jobs = [("plots/optuna_history.png", lambda: ovm.plot_optimization_history(study)),
+            ("plots/param_importances.png",
+             lambda: ovm.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator()))]
+    if {"model.init_scale", "optim.lr"} <= set(keys):
+        jobs.append(("plots/contour_init_scale_lr.png",
+                     lambda: ovm.plot_contour(study, params=["model.init_scale", "optim.lr"])))
+    else:
+        notes.append("contour skipped: model.init_scale and optim.lr are not both searched")
+    for name, make in jobs:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ax = make()
+            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            fig.set_size_inches(8, 5)
+            fig.tight_layout()
+            rec.log_figure(fig, name)
+            plt.close(fig)
+        except Exception as e:  # too few trials, no variance...: say so rather than fail the sweep
+            notes.append(f"{name} skipped: {type(e).__name__}: {e}"[:300])
+    return notes
+
+
+def finalize(rec, study, sw, *, complete: bool, plots: bool = True) -> dict[str, Any]:
+    """Write the end-of-sweep record on the parent run ``rec`` (a :class:`~pipeline.tracking.Recorder`)."""
+    from mlflow.exceptions import MlflowException
+
+    df = trials_frame(study)
+    c = counts(study)
+    best = best_trial(study)
+    metrics = {f"trials/{k}": c[k] for k in ("complete", "pruned", "diverged", "fail", "running", "waiting")}
+    tags: dict[str, Any] = {"n_trials_done": c["done"], "sweep_complete": str(complete).lower()}
+    if best is not None:
+        metrics.update({"best_value": best.value, "best_trial": best.number})
+        tags.update({"best_trial": best.number, "best_run_id": best.user_attrs.get("mlflow_run_id")})
+        tags.update({f"best_{k}": v for k, v in best.params.items()})
+        if complete:
+            with contextlib.suppress(MlflowException):  # a resume with a larger n_trials may move the best
+                rec.log_params({f"best_{k}": v for k, v in best.params.items()} | {"best_trial": best.number})
+    rec.log_metrics(metrics, c["done"])
+    rec.set_tags(tags)
+    if not df.empty:
+        rec.log_frame(df, "trials.parquet")
+    notes = _plots(rec, study, [p.key for p in sw.space]) if plots and c["complete"] >= 2 else []
+    if notes:
+        rec.log_text("\n".join(notes) + "\n", "plots/NOTES.txt")
+    rec.flush()
+    return {"frame": df, "counts": c, "best": best, "notes": notes}

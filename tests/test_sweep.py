@@ -1,0 +1,316 @@
+"""The sweep on the embedded stores (journal file + MLflow sqlite), queried back after each run.
+
+Fast by default: config validation, the pruning callback in-process, and one tiny end-to-end sweep.
+The multi-process fault tests (4 workers on fresh stores, kill -9 + resume, SIGTERM, divergence, the
+shipped smoke sweep) start real worker processes and are marked slow.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "study": "t",
+    "n_trials": 4,
+    "workers": 1,
+    "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2},
+    "pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
+    "base": {
+        "seed": 0,
+        "task": {"name": "adding", "seq_len": 12, "batch_size": 16, "val_size": 64},
+        "model": {"cell": "tanh", "hidden_size": 8, "init": "gaussian"},
+        "optim": {"name": "adam", "lr": 0.01},
+        "trainer": {"max_steps": 20, "val_every": 10, "log_every": 5},
+        "diagnostics": {"profile_every": 0, "probe_size": 8, "plots": False},
+        "tracking": {"experiment": "sweep-test"},
+    },
+    "space": {
+        "model.cell": {"choices": ["tanh", "gru"]},
+        "model.init_scale": {"low": 0.3, "high": 3.0, "log": True},
+        "optim.lr": {"low": 1e-3, "high": 3e-2, "log": True},
+    },
+}
+
+
+def write_sweep(path: Path, **changes) -> Path:
+    data = yaml.safe_load(yaml.safe_dump(TINY))
+    for k, v in changes.items():
+        data[k] = v
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def sweep_cmd(cfg: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "sweep", "--config", str(cfg), *extra]
+
+
+def sweep_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_sweep_cli(cfg: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(sweep_cmd(cfg, *extra), capture_output=True, text=True, timeout=timeout, env=sweep_env())
+
+
+def load_study(name: str = "t", path: str = "optuna/t.journal"):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(path)))
+
+
+def mlflow_runs(uri: str, experiment: str = "sweep-test"):
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(uri)
+    exp = c.get_experiment_by_name(experiment)
+    return c.search_runs([exp.experiment_id], max_results=1000) if exp else []
+
+
+def check_consistent(study, runs, n_trials: int) -> None:
+    """Optuna and MLflow agree: one child per trial that ran, nothing RUNNING, budget met exactly."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING]
+    assert not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
+    done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(done) == n_trials
+    parents = [r for r in runs if r.data.tags.get("pipeline.kind") == "sweep"]
+    assert len(parents) == 1
+    children = [r for r in runs if r.data.tags.get("pipeline.kind") == "trial"]
+    by_number = {}
+    for r in children:
+        assert r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert r.data.tags["study"] == study.study_name
+        by_number.setdefault(int(r.data.tags["trial_number"]), []).append(r)
+    assert all(len(v) == 1 for v in by_number.values()), "a trial has two MLflow runs"
+    for t in done:
+        assert t.number in by_number
+        assert t.user_attrs["mlflow_run_id"] == by_number[t.number][0].info.run_id
+        assert by_number[t.number][0].info.status == "FINISHED"
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize("change, key", [
+    ({"space": {"optim.lr": {"low": 0.1, "high": 0.01}}}, "space.optim.lr"),
+    ({"space": {"model.nope": {"low": 0.1, "high": 1.0}}}, "space.model.nope"),
+    ({"space": {"model.cell": {"choices": []}}}, "space.model.cell.choices"),
+    ({"space": {"model.cell": {"choices": ["tanh", "bogus"]}}}, "space.model.cell"),
+    ({"space": {"optim.lr": {"low": 0.0, "high": 0.1, "log": True}}}, "space.optim.lr.low"),
+    ({"space": {"tracking.uri": {"choices": ["a"]}}}, "space.tracking.uri"),
+    ({"space": {}}, "space"),
+    ({"n_trials": 0}, "n_trials"),
+    ({"sampler": {"name": "grid"}}, "sampler.name"),
+    ({"pruner": {"name": "median", "patience": 3}}, "pruner.patience"),
+    ({"bogus": 1}, "bogus"),
+])
+def test_bad_sweep_config_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, change, key):
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = write_sweep(tmp_path / "bad.yaml", **change)
+    assert main(["sweep", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and f"'{key}'" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_sweep_overrides_and_space_forms(tmp_path):
+    from pipeline.sweep_config import load_sweep
+
+    cfg = write_sweep(tmp_path / "s.yaml", space={"model": {"init_scale": {"low": 0.5, "high": 2.0}},
+                                                  "optim.lr": {"low": 1e-3, "high": 1e-2, "log": True}})
+    sw = load_sweep(cfg, ["n_trials=7", "space.model.init_scale.high=4", "base.optim.name=sgd"])
+    assert sw.n_trials == 7 and sw.base["optim"]["name"] == "sgd"
+    ps = {p.key: p for p in sw.space}
+    assert ps["model.init_scale"].high == 4.0 and ps["optim.lr"].log
+    assert sw.storage_url() == "optuna/t.journal"
+    assert sw.trial_config({"optim.lr": 0.005}).optim.lr == 0.005
+
+
+def test_shipped_sweeps_validate():
+    from pipeline.sweep_config import load_sweep
+
+    for name in ("default", "smoke"):
+        sw = load_sweep(ROOT / "configs" / "sweeps" / f"{name}.yaml")
+        assert {"model.init_scale", "optim.lr"} <= {p.key for p in sw.space}
+
+
+# --------------------------------------------------------------------------- pruning in-process
+
+
+def test_gradient_health_and_divergence_in_process(tiny):
+    """An exploding trial is pruned on its pre-clip norm; a diverging one stops at its first bad step."""
+    import optuna
+
+    from pipeline import train
+    from pipeline.sweep_worker import TrialCallback
+
+    study = optuna.create_study()
+    t = study.ask()
+    cb = TrialCallback(t, max_grad_norm=1e6, log_every=5)
+    cfg = tiny(**{"model.cell": "relu", "model.init": "gaussian", "model.init_scale": 4.0, "optim.lr": 1.0,
+                  "tracking.enabled": False, "diagnostics.plots": False})
+    r = train.run(cfg, callbacks=[cb])
+    assert cb.pruned_by == "grad_norm" and r.pruned and r.steps < cfg.trainer.max_steps
+    t2 = study.ask()
+    cb2 = TrialCallback(t2, max_grad_norm=1e6, log_every=5)
+    cfg2 = tiny(**{"model.cell": "relu", "model.init": "gaussian", "model.init_scale": 3.0, "optim.name": "sgd",
+                   "optim.lr": 10.0, "tracking.enabled": False, "diagnostics.plots": False})
+    r2 = train.run(cfg2, callbacks=[cb2])
+    assert r2.diverged_step is not None and r2.regime == "diverged" and r2.steps < 5
+
+
+# ----------------------------------------------------------------------------- end to end (fast)
+
+
+def test_tiny_sweep_parent_child_structure(store, tmp_path):
+    cfg = write_sweep(tmp_path / "s.yaml")
+    p = run_sweep_cli(cfg)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "best trial #" in p.stdout and "by regime:" in p.stdout and "make ui" in p.stdout
+    study, runs = load_study(), mlflow_runs(store)
+    check_consistent(study, runs, 4)
+    parent = next(r for r in runs if r.data.tags.get("pipeline.kind") == "sweep")
+    best = min((t for t in study.trials if t.value is not None and t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert parent.data.metrics["best_value"] == pytest.approx(best.value)
+    assert parent.data.params["best_optim.lr"] == str(best.params["optim.lr"])
+    assert parent.info.status == "FINISHED"
+    # Re-running the finished study runs nothing new and keeps the same parent run.
+    p2 = run_sweep_cli(cfg)
+    assert p2.returncode == 0, p2.stderr
+    assert len(load_study().trials) == len(study.trials)
+    assert len([r for r in mlflow_runs(store) if r.data.tags.get("pipeline.kind") == "sweep"]) == 1
+
+
+# ------------------------------------------------------------------------------- faults (slow)
+
+
+def wait_for_running_trial(timeout: float = 240):
+    """The first RUNNING trial that has its MLflow run id (the worker is inside train.run)."""
+    from optuna.trial import TrialState
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if Path("optuna/t.journal").exists():
+            for t in load_study().get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if "mlflow_run_id" in t.user_attrs:
+                    return t
+        time.sleep(0.5)
+    raise AssertionError("no trial started")
+
+
+@pytest.mark.slow
+def test_four_workers_on_fresh_stores(store, tmp_path):
+    cfg = write_sweep(tmp_path / "s.yaml", n_trials=10, workers=4)
+    p = run_sweep_cli(cfg)
+    assert p.returncode == 0, p.stdout + p.stderr
+    logs = "".join(f.read_text() for f in Path("optuna/logs/t").glob("*.log")) + p.stdout + p.stderr
+    assert "database is locked" not in logs and "Traceback" not in logs, logs[-3000:]
+    assert len(list(Path("optuna/logs/t").glob("worker-*.log"))) == 4
+    study = load_study()
+    check_consistent(study, mlflow_runs(store), 10)
+    assert [t.number for t in study.trials] == list(range(len(study.trials)))  # no lost or duplicated trial
+
+
+@pytest.mark.slow
+def test_kill_9_mid_trial_then_resume(store, tmp_path):
+    cfg = write_sweep(tmp_path / "s.yaml", n_trials=3, base={**TINY["base"], "trainer": {
+        "max_steps": 400, "val_every": 100, "log_every": 10}})
+    parent = subprocess.Popen(sweep_cmd(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env=sweep_env(), start_new_session=True)
+    t = wait_for_running_trial()
+    worker_pid = int(t.user_attrs["worker"].split("|")[1])
+    os.kill(parent.pid, signal.SIGKILL)  # the whole sweep dies without a chance to clean up
+    os.kill(worker_pid, signal.SIGKILL)
+    parent.wait()
+    time.sleep(0.5)
+    assert load_study().trials[t.number].state.name == "RUNNING"  # what other tools leave behind
+    p = run_sweep_cli(cfg)  # the same command resumes
+    assert p.returncode == 0, p.stdout + p.stderr
+    study, runs = load_study(), mlflow_runs(store)
+    stale = study.trials[t.number]
+    assert stale.state.name == "FAIL"
+    killed = next(r for r in runs if r.info.run_id == t.user_attrs["mlflow_run_id"])
+    assert killed.info.status == "KILLED"
+    retry = [x for x in study.trials if x.user_attrs.get("retry_of") == t.number]
+    assert len(retry) == 1 and retry[0].params == stale.params and retry[0].state.name in ("COMPLETE", "PRUNED")
+    check_consistent(study, [r for r in runs if r.info.run_id != killed.info.run_id], 3)
+
+
+@pytest.mark.slow
+def test_sigterm_closes_trial_and_runs(store, tmp_path):
+    cfg = write_sweep(tmp_path / "s.yaml", n_trials=3, base={**TINY["base"], "trainer": {
+        "max_steps": 2000, "val_every": 500, "log_every": 10}})
+    parent = subprocess.Popen(sweep_cmd(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=sweep_env(), start_new_session=True)
+    t = wait_for_running_trial()
+    parent.send_signal(signal.SIGTERM)
+    out, err = parent.communicate(timeout=120)
+    assert parent.returncode == 143, out + err
+    study, runs = load_study(), mlflow_runs(store)
+    assert study.trials[t.number].state.name == "FAIL" and study.trials[t.number].user_attrs.get("interrupted")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    by_id = {r.info.run_id: r for r in runs}
+    assert by_id[t.user_attrs["mlflow_run_id"]].info.status == "KILLED"
+    assert next(r for r in runs if r.data.tags.get("pipeline.kind") == "sweep").info.status == "KILLED"
+    assert [x.params for x in study.trials if x.state.name == "WAITING"] == [study.trials[t.number].params]
+
+
+@pytest.mark.slow
+def test_diverged_trials_are_recorded_and_learned_from(store, tmp_path):
+    base = {**TINY["base"], "model": {"cell": "relu", "hidden_size": 8, "init": "gaussian"},
+            "optim": {"name": "sgd", "lr": 10.0}}
+    cfg = write_sweep(tmp_path / "s.yaml", n_trials=4, workers=2, penalty=3.0, base=base, space={
+        "model.init_scale": {"low": 2.5, "high": 4.0}, "optim.lr": {"low": 10.0, "high": 100.0, "log": True}})
+    p = run_sweep_cli(cfg)
+    assert p.returncode == 0, p.stdout + p.stderr
+    study, runs = load_study(), mlflow_runs(store)
+    check_consistent(study, runs, 4)
+    div = [t for t in study.trials if t.user_attrs.get("diverged")]
+    assert div, "the diverging space produced no diverged trial"
+    by_id = {r.info.run_id: r for r in runs}
+    for t in div:
+        assert t.state.name == "COMPLETE" and t.value == 3.0  # penalty, not FAIL: TPE sees it
+        assert isinstance(t.user_attrs["diverged_step"], int) and t.user_attrs["regime"] == "diverged"
+        tags = by_id[t.user_attrs["mlflow_run_id"]].data.tags
+        assert tags["regime"] == "diverged" and tags["diverged"] == "true" and tags["optuna_state"] == "COMPLETE"
+    assert "diverged" in p.stdout
+
+
+@pytest.mark.slow
+def test_shipped_smoke_sweep(store):
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    p = run_sweep_cli(ROOT / "configs" / "sweeps" / "smoke.yaml", timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    study = load_study("smoke", "optuna/smoke.journal")
+    runs = mlflow_runs(store, "sweep-smoke")
+    check_consistent(study, runs, 6)
+    parent = next(r for r in runs if r.data.tags.get("pipeline.kind") == "sweep")
+    c = MlflowClient(store)
+    arts = {a.path for a in c.list_artifacts(parent.info.run_id)} | {
+        a.path for a in c.list_artifacts(parent.info.run_id, "plots")}
+    assert {"trials.parquet", "sweep.yaml", "plots/optuna_history.png", "plots/param_importances.png",
+            "plots/contour_init_scale_lr.png"} <= arts
+    df = pd.read_parquet(c.download_artifacts(parent.info.run_id, "trials.parquet"))
+    assert {"number", "state", "value", "regime", "run_id", "p.optim.lr"} <= set(df.columns)
+    assert len(df) == len(study.trials)

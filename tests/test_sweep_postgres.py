@@ -1,0 +1,119 @@
+"""Two workers on PostgreSQL, logging through an ``mlflow server`` whose backend is also PostgreSQL.
+
+This is the many-machines layout (docs/sweep.md) on one host: Optuna's RDBStorage on one database,
+an ``mlflow server`` started here on a free loopback port with its backend store on a second database.
+Skips with a reason when no PostgreSQL answers at 127.0.0.1:5432; CI sets PIPELINE_REQUIRE_POSTGRES,
+which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import skip_or_fail
+from test_sweep import check_consistent, run_sweep_cli, write_sweep
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+# SQLAlchemy 2.1 maps postgresql:// to psycopg 3, which we do not install: name the driver.
+PG = os.environ.get("PIPELINE_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+
+
+def _connect(db_url: str):
+    import psycopg2
+
+    return psycopg2.connect(db_url, connect_timeout=3)
+
+
+@pytest.fixture
+def pg_databases():
+    """Two fresh databases (Optuna, MLflow), dropped afterwards."""
+    try:
+        conn = _connect(PG.replace("+psycopg2", ""))
+    except Exception as e:  # psycopg2.OperationalError and friends
+        skip_or_fail("PIPELINE_REQUIRE_POSTGRES", f"no PostgreSQL at {PG}: {str(e).strip().splitlines()[0]}")
+    conn.autocommit = True
+    base = PG.rsplit("/", 1)[0]
+    names = [f"sweep_test_{os.getpid()}_{int(time.time())}_{k}" for k in ("optuna", "mlflow")]
+    with conn.cursor() as cur:
+        for n in names:
+            cur.execute(f'CREATE DATABASE "{n}"')
+    try:
+        yield [f"{base}/{n}" for n in names]
+    finally:
+        with conn.cursor() as cur:
+            for n in names:
+                cur.execute(f'DROP DATABASE IF EXISTS "{n}" WITH (FORCE)')
+        conn.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(pg_databases, tmp_path):
+    port = free_port()
+    log = open(tmp_path / "mlflow-server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", pg_databases[1],
+                             "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            log.close()
+            pytest.fail("mlflow server did not start:\n" + (tmp_path / "mlflow-server.log").read_text()[-3000:])
+        time.sleep(1)
+    try:
+        yield url
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+        log.close()
+
+
+def test_two_workers_on_postgres_through_mlflow_server(pg_databases, mlflow_server, tmp_path, monkeypatch):
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    optuna_url = pg_databases[0]
+    cfg = write_sweep(tmp_path / "s.yaml", n_trials=6, workers=2)
+    p = run_sweep_cli(cfg, "--storage", optuna_url, "--workers", "2")
+    assert p.returncode == 0, p.stdout + p.stderr
+    logs = "".join(f.read_text() for f in Path("optuna/logs/t").glob("*.log"))
+    assert "Traceback" not in logs, logs[-3000:]
+    study = optuna.load_study(study_name="t", storage=optuna_url)
+    c = MlflowClient(mlflow_server)
+    exp = c.get_experiment_by_name("sweep-test")
+    runs = c.search_runs([exp.experiment_id], max_results=1000)
+    check_consistent(study, runs, 6)
+    workers = {t.user_attrs["worker"].split("|")[1] for t in study.trials if "worker" in t.user_attrs}
+    assert len(workers) == 2  # both workers took trials
+    assert not Path("mlflow.db").exists()  # everything went through the server
+    # A second invocation ("add a worker on another machine" after the end) joins, runs nothing new.
+    p2 = run_sweep_cli(cfg, "--storage", optuna_url, "--workers", "1")
+    assert p2.returncode == 0, p2.stderr
+    assert len(optuna.load_study(study_name="t", storage=optuna_url).trials) == len(study.trials)
