@@ -210,7 +210,11 @@ def wait_for_running_trial(timeout: float = 240):
     end = time.time() + timeout
     while time.time() < end:
         if Path("optuna/t.journal").exists():
-            for t in load_study().get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            try:
+                study = load_study()
+            except KeyError:  # the journal file exists a moment before the study record is in it
+                study = None
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if study else []:
                 if "mlflow_run_id" in t.user_attrs:
                     return t
         time.sleep(0.5)
