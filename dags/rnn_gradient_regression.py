@@ -1,0 +1,171 @@
+"""Airflow 3 DAG: the nightly scientific regression suite (laws + accepted baseline), recorded in MLflow.
+
+prepare_stores -> run_entry (one mapped task per suite entry) -> compare -> publish_report
+
+* Orchestration only: the work is :mod:`pipeline.regression` (the same code as ``make regress``),
+  imported inside the tasks, so parsing this file costs stdlib + airflow only.
+* Idempotent per data interval: the MLflow parent run and every entry's run carry the tag
+  ``regression_key`` (suite + data interval, or the run id for runs without one); a retried or cleared
+  task reuses a FINISHED run with its key instead of training again.
+* XCom carries run ids and the verdict, never metrics or tables (those live in MLflow).
+* Retries on the tasks that touch stores or train (transient store errors); a configuration error
+  (bad suite file, bad baseline file) raises AirflowFailException: no retry. A regression or violated
+  law fails ``publish_report`` (no retry) after the report is written.
+
+Configuration (docs/regression.md, "Deploying the DAG"):
+  Airflow Variables, read inside tasks (environment ``AIRFLOW_VAR_<NAME>`` works too):
+    rnn_regression_suite         suite file (default: configs/regression/nightly.yaml of this checkout)
+    rnn_regression_tracking_uri  MLflow URI (default: $MLFLOW_TRACKING_URI, else
+                                 sqlite:///$AIRFLOW_HOME/rnn_regression/mlflow.db)
+    rnn_regression_report_dir    report folder (default: $AIRFLOW_HOME/rnn_regression/reports)
+  Read at parse time from the environment only (parsing must not query the metadata DB):
+    AIRFLOW_VAR_RNN_REGRESSION_SCHEDULE  cron or preset (default "@daily")
+  DAG params (trigger with config): ``suite`` overrides the Variable for one run.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pendulum
+from airflow.sdk import Param, Variable, dag, task
+from airflow.sdk.exceptions import AirflowFailException
+
+DAG_ID = "rnn_gradient_regression"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_SUITE = "configs/regression/nightly.yaml"
+SCHEDULE = os.environ.get("AIRFLOW_VAR_RNN_REGRESSION_SCHEDULE", "@daily")
+
+
+def _home() -> Path:
+    return Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser()
+
+
+def _settings(context) -> dict:
+    """Suite path and tracking URI for this run (param > Variable > default), validated early."""
+    suite = (context["params"].get("suite") or Variable.get("rnn_regression_suite", DEFAULT_SUITE)).strip()
+    path = Path(suite).expanduser()
+    if not path.is_absolute():
+        path = REPO / path  # relative paths are relative to the repository holding this DAG
+    uri = Variable.get("rnn_regression_tracking_uri", "") or os.environ.get("MLFLOW_TRACKING_URI") or (
+        f"sqlite:///{_home() / 'rnn_regression' / 'mlflow.db'}")
+    return {"suite": str(path), "uri": uri}
+
+
+def _key(context, suite_name: str) -> str:
+    """The idempotency key: suite + data interval (scheduled runs), else the DAG run id (manual runs)."""
+    start, end = context.get("data_interval_start"), context.get("data_interval_end")
+    if start is not None and end is not None:  # @daily in Airflow 3 is a trigger timetable: start == end
+        span = start.isoformat() if start == end else f"{start.isoformat()}..{end.isoformat()}"
+        return f"{suite_name}@{span}"
+    return f"{suite_name}@{context['run_id']}"
+
+
+def _load(path: str):
+    """Suite and baseline, or AirflowFailException (a config error does not get better by retrying)."""
+    from pipeline.config import ConfigError
+    from pipeline.regression import load_baseline, load_suite
+
+    try:
+        suite = load_suite(path)
+        return suite, load_baseline(suite.baseline_path)
+    except ConfigError as e:
+        raise AirflowFailException(f"error: {e}") from None
+
+
+@dag(
+    dag_id=DAG_ID,
+    schedule=SCHEDULE,
+    start_date=pendulum.datetime(2025, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    tags=["rnn-gradients", "regression"],
+    params={"suite": Param("", type="string",
+                           description="suite file for this run; empty: Variable rnn_regression_suite")},
+    default_args={"owner": "rnn-gradients", "retries": 2, "retry_delay": timedelta(minutes=2)},
+    doc_md=__doc__,
+)
+def rnn_gradient_regression():
+    @task
+    def prepare_stores(**context) -> list[dict]:
+        """Validate the suite, create the MLflow store + experiment once, open (or reuse) the parent run.
+
+        Returns one small job (names and ids only) per entry: the list the run tasks are mapped over.
+        """
+        from pipeline.regression import start_suite_run
+
+        s = _settings(context)
+        suite, _ = _load(s["suite"])
+        key = _key(context, suite.name)
+        parent, exp_id = start_suite_run(suite, key=key, uri=s["uri"])
+        shared = {**s, "key": key, "parent_run_id": parent, "experiment_id": exp_id}
+        return [{**shared, "entry": e.name} for e in suite.entries]
+
+    @task(retries=2, retry_delay=timedelta(minutes=1), map_index_template="{{ task.op_kwargs['job']['entry'] }}")
+    def run_entry(job: dict) -> dict:
+        """Train one entry (nested MLflow run); reuse it if this key already has a FINISHED run."""
+        from pipeline.regression import run_entry as run_one
+
+        suite, _ = _load(job["suite"])
+        try:
+            run_id = run_one(suite, job["entry"], job["parent_run_id"], job["experiment_id"], key=job["key"],
+                             uri=job["uri"])
+        except Exception as e:
+            # Lightning's verdict on the config (e.g. accelerator: gpu without a GPU) will not change on retry.
+            if type(e).__name__ == "MisconfigurationException":
+                raise AirflowFailException(f"{job['entry']}: {e}") from e
+            raise
+        return {"entry": job["entry"], "run_id": run_id}
+
+    @task(trigger_rule="all_done")
+    def compare(jobs: list[dict], runs) -> dict:
+        """Laws + baseline over what the store recorded; table and verdict onto the parent run.
+
+        Runs even when some entries failed (their rows say so); entries without a returned run id
+        are looked up in the store under the parent run.
+        """
+        from pipeline.regression import collect, evaluate, finish_suite_run
+
+        if not jobs:
+            raise AirflowFailException("prepare_stores produced no jobs")
+        prep = jobs[0]
+        suite, baseline = _load(prep["suite"])
+        # One slice request (iterating a lazy XCom sequence probes past its end and logs a 404).
+        ids = {r["entry"]: r["run_id"] for r in (runs[:] if runs is not None else []) if r}
+        results = collect(suite, ids, prep["parent_run_id"], uri=prep["uri"])
+        rows = evaluate(suite, results, baseline)
+        verdict = finish_suite_run(suite, prep["parent_run_id"], rows, uri=prep["uri"])
+        return {"verdict": verdict, "parent_run_id": prep["parent_run_id"],
+                "failing": [f"{r.verdict}: {r.check}: {r.detail}" for r in rows if r.failing]}
+
+    @task
+    def publish_report(jobs: list[dict], summary: dict) -> str:
+        """Write the table from MLflow to the report folder (one file per key); fail on a regression."""
+        import re
+
+        from pipeline.tracking import client
+
+        prep = jobs[0]
+        out = Path(Variable.get("rnn_regression_report_dir", "") or _home() / "rnn_regression" / "reports")
+        out = out / re.sub(r"[^A-Za-z0-9_.@-]+", "_", prep["key"])
+        out.mkdir(parents=True, exist_ok=True)
+        c = client(prep["uri"])
+        table = c.download_artifacts(prep["parent_run_id"], "regression/table.txt", str(out))
+        text = Path(table).read_text()
+        report = out / "report.md"
+        report.write_text(f"# Regression {prep['key']}: {summary['verdict'].upper()}\n\n"
+                          f"MLflow parent run `{prep['parent_run_id']}` at `{prep['uri']}`\n\n```\n{text}```\n")
+        print(text)
+        if summary["verdict"] != "pass":
+            raise AirflowFailException(f"{len(summary['failing'])} failing check(s): "
+                                       + "; ".join(summary["failing"])[:2000])
+        return str(report)
+
+    jobs = prepare_stores()
+    runs = run_entry.expand(job=jobs)
+    publish_report(jobs, compare(jobs, runs))
+
+
+rnn_gradient_regression()
