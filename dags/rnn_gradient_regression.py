@@ -12,7 +12,7 @@ prepare_stores -> run_entry (one mapped task per suite entry) -> compare -> publ
   (bad suite file, bad baseline file) raises AirflowFailException: no retry. A regression or violated
   law fails ``publish_report`` (no retry) after the report is written.
 
-Configuration (docs/regression.md, "Deploying the DAG"):
+Configuration (README, "The Airflow DAG", "Deploying it"):
   Airflow Variables, read inside tasks (environment ``AIRFLOW_VAR_<NAME>`` works too):
     rnn_regression_suite         suite file (default: configs/regression/nightly.yaml of this checkout)
     rnn_regression_tracking_uri  MLflow URI (default: $MLFLOW_TRACKING_URI, else

@@ -23,7 +23,7 @@ from .config import Config, ConfigError
 PASS, LAW, REGRESSION, NO_BASELINE, ERROR = "pass", "law violated", "REGRESSION", "no baseline", "error"
 FAILING = (LAW, REGRESSION, ERROR)
 
-# Public metric names a check may read (docs/CONTRACT.md); gate variants match METRIC_PATTERN.
+# Public metric names a check may read (README, "The MLflow record"); gate variants match METRIC_PATTERN.
 KNOWN_METRICS = frozenset({
     "train/loss", "val/loss", "val/loss_ratio", "val/best_loss", "task/baseline", "train/steps",
     "grad/norm_preclip", "grad/norm_postclip", "grad/clip_coef", "grad/clip_rate", "grad/max_norm_preclip",

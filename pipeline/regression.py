@@ -96,7 +96,7 @@ def _entry_config(raw: dict, defaults: dict, suite_dir: Path, suite: str, name: 
         except ConfigError as e:
             raise ConfigError(f"{key}.config", str(e)) from None
     data = deep_merge(deep_merge(data, defaults), _mapping(raw.get("patch"), f"{key}.patch"))
-    # Regression runs always land in experiment `regression`, named <suite>/<entry> (docs/CONTRACT.md).
+    # Regression runs always land in experiment `regression`, named <suite>/<entry> (README, "The MLflow record").
     data = deep_merge(data, {"tracking": {"experiment": EXPERIMENT, "enabled": True,
                                           "run_name": f"{suite}/{name}"}})
     try:

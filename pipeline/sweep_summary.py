@@ -1,6 +1,6 @@
 """End of a sweep: the per-trial table, the best trial, Optuna's plots, all on the sweep's parent run.
 
-Parent run contents (public names, see docs/sweep.md): params ``best_<key>`` (only once the study has
+Parent run contents (public names, see the README, "Sweeps"): params ``best_<key>`` (only once the study has
 reached n_trials; a resume that raises n_trials may change them, so they are also tags ``best_<key>``),
 metrics ``best_value``, ``best_trial``, ``trials/{complete,pruned,diverged,failed,running}``, artifacts
 ``trials.parquet`` and ``plots/optuna_history.png``, ``plots/param_importances.png`` (PED-ANOVA:

@@ -191,7 +191,7 @@ def test_repo_suites_validate():
         s = load_suite(ROOT / "configs" / "regression" / f"{name}.yaml")
         assert s.entries and all(e.cfg.tracking.experiment == "regression" for e in s.entries)
         base = load_baseline(s.baseline_path)
-        if name != "gpu":  # gpu.yaml's numbers are recorded on a GPU server (docs/regression.md)
+        if name != "gpu":  # gpu.yaml's numbers are recorded on a GPU server (README, "Regression suites")
             assert all(m in base.get(e.name, {}) for e in s.entries for m in e.bands), name
     smoke, nightly = (load_suite(ROOT / "configs" / "regression" / f"{n}.yaml") for n in ("smoke", "nightly"))
     assert [e.name for e in nightly.entries[:len(smoke.entries)]] == [e.name for e in smoke.entries]  # include

@@ -1,6 +1,6 @@
 """Two workers on PostgreSQL, logging through an ``mlflow server`` whose backend is also PostgreSQL.
 
-This is the many-machines layout (docs/sweep.md) on one host: Optuna's RDBStorage on one database,
+This is the many-machines layout (README, "Many machines") on one host: Optuna's RDBStorage on one database,
 an ``mlflow server`` started here on a free loopback port with its backend store on a second database.
 Skips with a reason when no PostgreSQL answers at 127.0.0.1:5432; CI sets PIPELINE_REQUIRE_POSTGRES,
 which turns the skip into a failure.
