@@ -15,18 +15,10 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, read_yaml
+from .config import ConfigError, as_mapping, read_yaml
 from .laws import ERROR, NO_BASELINE, PASS, REGRESSION, EntryResult, Row, _metric, fmt
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _mapping(v: Any, key: str) -> dict:
-    if v is None:
-        return {}
-    if not isinstance(v, dict):
-        raise ConfigError(key, f"must be a mapping, got {v!r}")
-    return v
 
 
 
@@ -81,8 +73,8 @@ def load_baseline(path: str | Path) -> dict[str, dict[str, dict[str, float]]]:
         return {}
     data = read_yaml(path)
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for entry, metrics in _mapping(data.get("entries"), f"{path.name}: entries").items():
-        for metric, rec in _mapping(metrics, f"{path.name}: entries.{entry}").items():
+    for entry, metrics in as_mapping(data.get("entries"), f"{path.name}: entries").items():
+        for metric, rec in as_mapping(metrics, f"{path.name}: entries.{entry}").items():
             key = f"{path.name}: entries.{entry}.{metric}"
             if not isinstance(rec, dict) or not isinstance(rec.get("value"), (int, float)) \
                     or isinstance(rec.get("value"), bool):

@@ -169,6 +169,15 @@ def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def as_mapping(v: Any, key: str) -> dict[str, Any]:
+    """A YAML section that must be a mapping (``None`` reads as empty); else a ConfigError naming ``key``."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError(key, f"must be a mapping, got {v!r}")
+    return v
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .baselines import baseline_diff, baseline_row, load_baseline, new_baseline, parse_band, write_baseline
-from .config import Config, ConfigError, deep_merge, from_dict, read_yaml
+from .config import Config, ConfigError, as_mapping, deep_merge, from_dict, read_yaml
 from .laws import FAILING, LAW, EntryResult, Row, check_metric, parse_check
 
 EXPERIMENT = "regression"
@@ -78,14 +78,6 @@ def _is_name(s: str) -> bool:
     return bool(s) and all(c.isalnum() or c in "_-." for c in s)
 
 
-def _mapping(v: Any, key: str) -> dict:
-    if v is None:
-        return {}
-    if not isinstance(v, dict):
-        raise ConfigError(key, f"must be a mapping, got {v!r}")
-    return v
-
-
 def _entry_config(raw: dict, defaults: dict, suite_dir: Path, suite: str, name: str, key: str) -> Config:
     data: dict[str, Any] = {}
     if raw.get("config") is not None:
@@ -95,7 +87,7 @@ def _entry_config(raw: dict, defaults: dict, suite_dir: Path, suite: str, name: 
             data = read_yaml(_resolve(raw["config"], suite_dir))
         except ConfigError as e:
             raise ConfigError(f"{key}.config", str(e)) from None
-    data = deep_merge(deep_merge(data, defaults), _mapping(raw.get("patch"), f"{key}.patch"))
+    data = deep_merge(deep_merge(data, defaults), as_mapping(raw.get("patch"), f"{key}.patch"))
     # Regression runs always land in experiment `regression`, named <suite>/<entry> (README, "The MLflow record").
     data = deep_merge(data, {"tracking": {"experiment": EXPERIMENT, "enabled": True,
                                           "run_name": f"{suite}/{name}"}})
@@ -134,7 +126,7 @@ def load_suite(path: str | Path, _seen: tuple[Path, ...] = ()) -> Suite:
     name = data.get("name", path.name.split(".")[0])
     if not isinstance(name, str) or not _is_name(name):
         raise ConfigError("name", f"must be a name of letters, digits, _ - . (got {name!r})")
-    defaults = _mapping(data.get("defaults"), "defaults")
+    defaults = as_mapping(data.get("defaults"), "defaults")
     raw_entries = data.get("entries") or []
     if not isinstance(raw_entries, list) or not (raw_entries or data.get("include")):
         raise ConfigError("entries", "must be a non-empty list of entries")
@@ -167,7 +159,7 @@ def load_suite(path: str | Path, _seen: tuple[Path, ...] = ()) -> Suite:
         if not isinstance(checks, list):
             raise ConfigError(f"{key}.checks", "must be a list of checks")
         bands = {}
-        for metric, band in _mapping(raw.get("baseline"), f"{key}.baseline").items():
+        for metric, band in as_mapping(raw.get("baseline"), f"{key}.baseline").items():
             check_metric(f"{key}.baseline.{metric}", metric)
             bands[metric] = parse_band(band, f"{key}.baseline.{metric}")
         entries.append(Entry(raw["name"], cfg, [parse_check(c, f"{key}.checks[{j}]", raw["name"], cfg, known)

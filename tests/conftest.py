@@ -22,6 +22,25 @@ def skip_or_fail(var: str, reason: str) -> None:
     pytest.skip(reason)
 
 
+def wait_for_http(url: str, proc, timeout: float, log_path) -> None:
+    """Poll ``url`` until it answers 200; fail with the server's log if ``proc`` dies or time runs out."""
+    import time
+    import urllib.request
+
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > end:
+            proc.kill()
+            pytest.fail(f"server at {url} did not start:\n" + Path(log_path).read_text()[-3000:])
+        time.sleep(0.5)
+
+
 @pytest.fixture(autouse=True)
 def _torch_one_thread():
     try:

@@ -5,9 +5,8 @@ import sys
 import time
 
 import pytest
+from conftest import ROOT
 from mlflow.tracking import MlflowClient
-
-from tests.conftest import ROOT
 
 
 def cli(*args, cwd, env=None, timeout=300):

@@ -68,7 +68,7 @@ def test_roundtrip_yaml():
 
 
 def test_every_shipped_training_config_validates():
-    from tests.conftest import ROOT
+    from conftest import ROOT
 
     files = sorted((ROOT / "configs" / "train").glob("*.yaml"))
     assert len(files) >= 5

@@ -2,9 +2,10 @@
 
 import re
 
+from conftest import ROOT
+
 from pipeline.config import config_keys
 from pipeline.train import run
-from tests.conftest import ROOT
 
 README = (ROOT / "README.md").read_text()
 

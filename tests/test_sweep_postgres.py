@@ -13,11 +13,10 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import skip_or_fail
+from conftest import skip_or_fail, wait_for_http
 from test_sweep import check_consistent, run_sweep_cli, write_sweep
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -69,19 +68,7 @@ def mlflow_server(pg_databases, tmp_path):
                              "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            log.close()
-            pytest.fail("mlflow server did not start:\n" + (tmp_path / "mlflow-server.log").read_text()[-3000:])
-        time.sleep(1)
+    wait_for_http(f"{url}/health", proc, 180, tmp_path / "mlflow-server.log")
     try:
         yield url
     finally:

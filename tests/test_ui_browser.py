@@ -21,10 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 import pytest
-from conftest import ROOT, TEST_OUTPUT, skip_or_fail
+from conftest import ROOT, TEST_OUTPUT, skip_or_fail, wait_for_http
 from test_report import STUDY, build_small_sweep
 
 CHROMIUM = os.environ.get("PIPELINE_CHROMIUM", "/usr/bin/chromium")
@@ -212,17 +211,7 @@ def ui_server(small_sweep, tmp_path_factory):
                                 start_new_session=True)  # its own group: mlflow ui starts worker processes
     url = f"http://127.0.0.1:{port}"
     try:
-        end = time.monotonic() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > end:
-                pytest.fail(f"the MLflow UI did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
+        wait_for_http(f"{url}/health", proc, 180, log)
         yield {**sweep, "url": url, "log": log}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
