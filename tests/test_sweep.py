@@ -148,7 +148,7 @@ def test_sweep_overrides_and_space_forms(tmp_path):
 def test_shipped_sweeps_validate():
     from pipeline.sweep_config import load_sweep
 
-    for name in ("default", "smoke"):
+    for name in ("default", "smoke", "phase"):
         sw = load_sweep(ROOT / "configs" / "sweeps" / f"{name}.yaml")
         assert {"model.init_scale", "optim.lr"} <= {p.key for p in sw.space}
 
