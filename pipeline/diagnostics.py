@@ -58,6 +58,9 @@ class GradientMonitor(pl.Callback):
         self._pending: list[torch.Tensor] = []
         self._rows: list[np.ndarray] = []
         self._steps: list[int] = []
+        # Running summaries, updated once per window (not recomputed from the whole history).
+        self.max_norm_preclip: float | None = None
+        self._clipped, self._counted = 0.0, 0
 
     # -- running summaries over every step so far
     @property
@@ -72,16 +75,9 @@ class GradientMonitor(pl.Callback):
         return self.history[:, RECORD_FIELDS.index(name)]
 
     @property
-    def max_norm_preclip(self) -> float | None:
-        pre = self.column("norm_preclip")
-        pre = pre[np.isfinite(pre)]
-        return float(pre.max()) if pre.size else None
-
-    @property
     def clip_rate(self) -> float:
-        c = self.column("clipped")
-        c = c[np.isfinite(c)]
-        return float(c.mean()) if c.size else 0.0
+        """Fraction of (finite) steps so far whose gradient was clipped."""
+        return self._clipped / self._counted if self._counted else 0.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         rec = pl_module.last_record
@@ -103,6 +99,15 @@ class GradientMonitor(pl.Callback):
         rows = torch.stack(self._pending).cpu().numpy()
         self._pending = []
         self._rows.append(rows)
+        pre = rows[:, RECORD_FIELDS.index("norm_preclip")]
+        pre = pre[np.isfinite(pre)]
+        if pre.size:
+            m = float(pre.max())
+            self.max_norm_preclip = m if self.max_norm_preclip is None else max(self.max_norm_preclip, m)
+        clipped = rows[:, RECORD_FIELDS.index("clipped")]
+        clipped = clipped[np.isfinite(clipped)]
+        self._clipped += float(clipped.sum())
+        self._counted += clipped.size
         step = self._steps[-1]
         last = dict(zip(RECORD_FIELDS, rows[-1], strict=True))
         metrics: dict[str, Any] = {
