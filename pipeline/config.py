@@ -90,7 +90,7 @@ class DiagnosticsConfig:
 class TrackingConfig:
     uri: str | None = None  # MLflow tracking URI; None: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db
     experiment: str = "rnn-gradients"  # MLflow experiment name
-    run_name: str | None = None  # None: <task>-<cell>-<init>-g<scale>-s<seed>-<time>
+    run_name: str | None = None  # None: <task>-T<T>-<cell>-<init>-g<g>-lr<lr>-s<seed>-<HHMMSS>-<4 hex>
     enabled: bool = True  # false: train without recording (tests, benchmarks)
 
 

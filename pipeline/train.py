@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import secrets
 import signal
 import time
 import warnings
@@ -61,8 +62,11 @@ class RunResult:
 
 
 def default_run_name(cfg: Config) -> str:
+    """``<task>-T<T>-<cell>-<init>-g<g>-lr<lr>-s<seed>-<HHMMSS>-<4 hex>``: readable, and distinct even for runs
+    started in the same second (a script or sweep over learning rates starts several per second)."""
     m = cfg.model
-    return f"{cfg.task.name}-T{cfg.task.seq_len}-{m.cell}-{m.init}-g{m.init_scale:.3g}-s{cfg.seed}-{time.strftime('%H%M%S')}"
+    return (f"{cfg.task.name}-T{cfg.task.seq_len}-{m.cell}-{m.init}-g{m.init_scale:.3g}-lr{cfg.optim.lr:.3g}"
+            f"-s{cfg.seed}-{time.strftime('%H%M%S')}-{secrets.token_hex(2)}")
 
 
 def configure_torch(cfg: Config) -> None:

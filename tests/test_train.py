@@ -107,3 +107,15 @@ def test_tracking_disabled_writes_nothing(tmp_path, monkeypatch, tiny):
     r = run(tiny(**{"tracking.enabled": False}))
     assert r.run_id is None and r.regime in ("vanishing", "healthy", "exploding")
     assert not any(tmp_path.iterdir())
+
+
+def test_default_run_names_are_distinct_within_one_second(tiny):
+    """Two runs that differ only in learning rate, started in the same second, must not share a name: a reviewer
+    tells runs apart by name in the MLflow UI (a name collision once made the UI test filter look wrong)."""
+    from pipeline.train import default_run_name
+
+    slow, fast = tiny(**{"optim.lr": 0.01}), tiny(**{"optim.lr": 1.0})
+    names = [default_run_name(c) for c in (slow, fast, fast)]
+    assert len(set(names)) == 3, names
+    assert "-lr0.01-" in names[0] and "-lr1-" in names[1]
+    assert names[0].startswith("adding-T12-tanh-default-g1-")

@@ -239,6 +239,7 @@ def test_review_a_sweep_in_the_mlflow_ui(ui_server, browser):
     exp, parent = ui_server["experiment_id"], c.get_run(ui_server["parent_run_id"])
     runs = {t["run_id"]: c.get_run(t["run_id"]) for t in ui_server["trials"]}
     names = {rid: r.info.run_name for rid, r in runs.items()}
+    assert len(set(names.values())) == len(names), f"run names must be distinct to be told apart: {names}"
     diverged = [rid for rid, r in runs.items() if r.data.tags["regime"] == "diverged"]
     vanishing = next(rid for rid, r in runs.items() if r.data.tags["regime"] == "vanishing"
                      and "bptt_profile.png" in {a.path.split("/")[-1] for a in c.list_artifacts(rid, "plots")})
