@@ -8,12 +8,12 @@ locked``. Across machines: ``postgresql://...`` (Optuna's RDBStorage, with heart
 Killed workers (kill -9, OOM, a lost machine) leave trials RUNNING forever unless someone notices
 (ANCHORS section 3). Two detectors, one handler:
 
-* RDB storages: Optuna's heartbeat (``heartbeat_interval`` + ``grace_period``); ``fail_stale_trials``
-  marks the trial FAIL and calls our ``heartbeat_stale_trial_callback``.
-* Journal (Optuna 5.0's JournalStorage has no heartbeat): each trial records its owner
-  ``host|pid|process start time``; a RUNNING trial whose owner process on this host is gone is stale.
-  The start time guards against PID reuse. (The journal is a single-machine store; use PostgreSQL for
-  several machines.)
+* Every storage: each trial records its owner ``host|pid|process start time``; a RUNNING trial whose
+  owner process on this host is gone is stale at once. The start time guards against PID reuse. This is
+  the only detector for the journal (Optuna 5.0's JournalStorage has no heartbeat; it is a
+  single-machine store, use PostgreSQL for several machines).
+* RDB storages also: Optuna's heartbeat (``heartbeat_interval`` + ``grace_period``), for workers on
+  other hosts; ``fail_stale_trials`` marks the trial FAIL and calls our ``heartbeat_stale_trial_callback``.
 
 The handler (:func:`on_stale`) closes the trial's MLflow run as KILLED and enqueues one retry with the
 same params (WAITING; the next ``ask`` pops it), in the format of Optuna's
@@ -211,18 +211,16 @@ def on_stale(study, trial, mlflow_uri: str | None) -> None:
 
 
 def reap_stale(study, url: str, mlflow_uri: str | None) -> list[int]:
-    """Fail RUNNING trials whose worker is gone and hand each to :func:`on_stale`; returns their numbers."""
+    """Fail RUNNING trials whose worker is gone and hand each to :func:`on_stale`; returns their numbers.
+
+    Every storage: a trial whose owner process on this host is gone is stale at once (a sweep parent
+    notices its own worker's kill -9 without waiting). RDB storages also: Optuna's heartbeat, which
+    covers workers on other machines after ``heartbeat.grace`` seconds.
+    """
     import optuna
     from optuna.trial import TrialState
 
     storage = study._storage
-    if is_rdb(url):
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ExperimentalWarning: stable since 2.9, still labelled so
-            optuna.storages.fail_stale_trials(study)  # calls StaleHandler for each
-        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        return sorted(before - after)
     reaped = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get("worker")
@@ -235,4 +233,11 @@ def reap_stale(study, url: str, mlflow_uri: str | None) -> list[int]:
             continue  # another reaper got there first
         on_stale(study, storage.get_trial(t._trial_id), mlflow_uri)
         reaped.append(t.number)
-    return reaped
+    if is_rdb(url):
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # ExperimentalWarning: stable since 2.9, still labelled so
+            optuna.storages.fail_stale_trials(study)  # calls StaleHandler for each
+        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        reaped += before - after
+    return sorted(reaped)

@@ -203,22 +203,51 @@ def test_tiny_sweep_parent_child_structure(store, tmp_path):
 # ------------------------------------------------------------------------------- faults (slow)
 
 
-def wait_for_running_trial(timeout: float = 240):
+def wait_for_running_trial(timeout: float = 240, load=None):
     """The first RUNNING trial that has its MLflow run id (the worker is inside train.run)."""
     from optuna.trial import TrialState
 
     end = time.time() + timeout
     while time.time() < end:
-        if Path("optuna/t.journal").exists():
+        if load is not None or Path("optuna/t.journal").exists():
             try:
-                study = load_study()
-            except KeyError:  # the journal file exists a moment before the study record is in it
+                study = (load or load_study)()
+            except KeyError:  # the store exists a moment before the study record is in it
                 study = None
             for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if study else []:
                 if "mlflow_run_id" in t.user_attrs:
                     return t
         time.sleep(0.5)
     raise AssertionError("no trial started")
+
+
+def kill_a_worker_while_the_sweep_runs(cfg: Path, mlflow_uri: str, n_trials: int, *extra: str, load=None):
+    """kill -9 one worker mid-trial; the parent goes on. It must reap the trial at once (FAIL, run KILLED),
+    replace the worker, retry the params once, and finish the budget with everything accounted for."""
+    parent = subprocess.Popen(sweep_cmd(cfg, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=sweep_env(), start_new_session=True)
+    try:
+        t = wait_for_running_trial(load=load)  # None: the journal, once its file exists
+        os.kill(int(t.user_attrs["worker"].split("|")[1]), signal.SIGKILL)
+        out, err = parent.communicate(timeout=300)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+    assert parent.returncode == 0, out + err
+    assert "exited with status -9" in out, out
+    study = (load or load_study)()
+    runs = mlflow_runs(mlflow_uri)
+    stale = study.trials[t.number]
+    assert stale.state.name == "FAIL"
+    killed = next(r for r in runs if r.info.run_id == t.user_attrs["mlflow_run_id"])
+    assert killed.info.status == "KILLED" and killed.data.tags.get("status") == "killed"
+    retry = [x for x in study.trials if x.user_attrs.get("retry_of") == t.number]
+    assert len(retry) == 1 and retry[0].params == stale.params and retry[0].state.name in ("COMPLETE", "PRUNED")
+    check_consistent(study, [r for r in runs if r.info.run_id != killed.info.run_id], n_trials)
+    owners = {x.user_attrs["worker"] for x in study.trials if "worker" in x.user_attrs}
+    assert t.user_attrs["worker"] in owners and len(owners) >= 2  # a replacement worker took trials
+    return study
 
 
 @pytest.mark.slow
@@ -257,6 +286,13 @@ def test_kill_9_mid_trial_then_resume(store, tmp_path):
     retry = [x for x in study.trials if x.user_attrs.get("retry_of") == t.number]
     assert len(retry) == 1 and retry[0].params == stale.params and retry[0].state.name in ("COMPLETE", "PRUNED")
     check_consistent(study, [r for r in runs if r.info.run_id != killed.info.run_id], 3)
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_worker_while_the_sweep_goes_on(store, tmp_path):
+    cfg = write_sweep(tmp_path / "s.yaml", n_trials=3, base={**TINY["base"], "trainer": {
+        "max_steps": 400, "val_every": 100, "log_every": 10}})
+    kill_a_worker_while_the_sweep_runs(cfg, store, 3)
 
 
 @pytest.mark.slow

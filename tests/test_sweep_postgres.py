@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import skip_or_fail, wait_for_http
-from test_sweep import check_consistent, run_sweep_cli, write_sweep
+from test_sweep import TINY, check_consistent, kill_a_worker_while_the_sweep_runs, run_sweep_cli, write_sweep
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -104,3 +104,15 @@ def test_two_workers_on_postgres_through_mlflow_server(pg_databases, mlflow_serv
     p2 = run_sweep_cli(cfg, "--storage", optuna_url, "--workers", "1")
     assert p2.returncode == 0, p2.stderr
     assert len(optuna.load_study(study_name="t", storage=optuna_url).trials) == len(study.trials)
+
+
+def test_kill_9_of_a_worker_on_postgres(pg_databases, store, tmp_path):
+    """On RDB storage the parent reaps its own killed worker's trial at once (owner check), without waiting
+    for the heartbeat grace (60 s here, longer than the whole sweep): trial FAIL, run KILLED, retried once."""
+    import optuna
+
+    optuna_url = pg_databases[0]
+    cfg = write_sweep(tmp_path / "s.yaml", n_trials=3, heartbeat={"interval": 5, "grace": 60},
+                      base={**TINY["base"], "trainer": {"max_steps": 400, "val_every": 100, "log_every": 10}})
+    kill_a_worker_while_the_sweep_runs(cfg, store, 3, "--storage", optuna_url,
+                                       load=lambda: optuna.load_study(study_name="t", storage=optuna_url))
