@@ -1,4 +1,4 @@
-"""``make bench``: ``python -m benchmarks [--quick] [--only train,profile,sweep] [--gpu]``; prints Markdown tables."""
+"""``make bench``: ``python -m benchmarks [--quick] [--only train,profile,sweep] [--gpu] [--seeds N]``; Markdown tables."""
 
 from __future__ import annotations
 
@@ -27,6 +27,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller budgets (a smoke check of the harness)")
     ap.add_argument("--only", default="train,profile,sweep", help="comma list of: train, profile, sweep")
     ap.add_argument("--gpu", action="store_true", help="run the train/profile benches on CUDA")
+    ap.add_argument("--seeds", type=int, default=3,
+                    help="sweep bench: sampler seeds for hand-written vs 2 workers (default 3; --quick: 1)")
     ap.add_argument("--out", default="benchmarks/results.json", help="where to write the raw rows")
     args = ap.parse_args()
     import torch
@@ -52,10 +54,15 @@ def main() -> int:
         except ImportError as e:
             print(f"(sweep bench unavailable: {e})")
         else:
-            results["sweep"] = sweep_run(args.quick)
+            results["sweep"] = sweep_run(args.quick, seeds=1 if args.quick else args.seeds)
             print(table(results["sweep"]) + "\n", flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=2))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.gpu:  # GPU rows sit beside the CPU ones: {"train": ..., "gpu": {"device": ..., "train": ...}}
+        results = {"gpu": {"device": torch.cuda.get_device_name(0), **results}}
+    merged = json.loads(out.read_text()) if out.is_file() else {}
+    merged.update(results)  # --only sweep keeps the train and profile rows of an earlier run
+    out.write_text(json.dumps(merged, indent=2))
     return 0
 
 

@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import yaml
@@ -61,15 +62,16 @@ def objective(trial):
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 study = optuna.create_study(study_name="hand", storage="sqlite:///optuna.db",
-                            sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=spec["n_startup"]))
+                            sampler=optuna.samplers.TPESampler(seed=spec["seed"], n_startup_trials=spec["n_startup"]))
 study.optimize(objective, n_trials=spec["n_trials"], catch=(Exception,))
 done = [t for t in study.trials if t.value is not None and math.isfinite(t.value)]
 print("RESULT " + json.dumps({"trials": len(study.trials), "best": min(t.value for t in done) if done else None}))
 '''
 
 
-def _sweep_spec(quick: bool) -> dict:
+def _sweep_spec(quick: bool, seed: int = 0) -> dict:
     sw = yaml.safe_load((ROOT / "configs" / "sweeps" / "default.yaml").read_text())
+    sw["sampler"]["seed"] = seed
     if quick:
         sw["n_trials"] = 6
         sw["base"]["trainer"]["max_steps"] = 100
@@ -89,7 +91,7 @@ def _env() -> dict:
 
 def run_hand_written(sw: dict) -> dict:
     spec = {"space": sw["space"], "base": sw["base"], "n_trials": sw["n_trials"],
-            "n_startup": sw["sampler"]["n_startup_trials"]}
+            "n_startup": sw["sampler"]["n_startup_trials"], "seed": sw["sampler"]["seed"]}
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
         p = subprocess.run([sys.executable, "-c", HAND_WRITTEN, json.dumps(spec)], cwd=d, env=_env(),
@@ -99,7 +101,7 @@ def run_hand_written(sw: dict) -> dict:
         raise RuntimeError(f"hand-written sweep failed:\n{p.stderr[-3000:]}")
     res = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     return {"variant": "hand-written (1 process, sqlite, Trainer+MLFlowLogger per trial)", "workers": 1,
-            "trials": res["trials"], "wall_s": wall, "best": res["best"]}
+            "seed": spec["seed"], "trials": res["trials"], "wall_s": wall, "best": res["best"]}
 
 
 def run_ours(sw: dict, workers: int) -> dict:
@@ -121,8 +123,8 @@ def run_ours(sw: dict, workers: int) -> dict:
         study = optuna.load_study(study_name="bench",
                                   storage=JournalStorage(JournalFileBackend(str(Path(d) / "optuna/bench.journal"))))
         best = best_trial(study)
-        return {"variant": f"pipeline sweep --workers {workers}", "workers": workers, "trials": len(study.trials),
-                "wall_s": wall, "best": best.value if best else None}
+        return {"variant": f"pipeline sweep --workers {workers}", "workers": workers, "seed": sw["sampler"]["seed"],
+                "trials": len(study.trials), "wall_s": wall, "best": best.value if best else None}
 
 
 def storage_ms_per_trial(n: int = 40) -> list[dict]:
@@ -132,6 +134,7 @@ def storage_ms_per_trial(n: int = 40) -> list[dict]:
     from pipeline.sweep_store import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage")  # ask/tell on purpose, as our workers do
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for name, url in (("journal file", f"{d}/s.journal"), ("sqlite", f"sqlite:///{d}/s.db")):
@@ -148,20 +151,42 @@ def storage_ms_per_trial(n: int = 40) -> list[dict]:
     return rows
 
 
-def run(quick: bool) -> list[dict]:
-    sw = _sweep_spec(quick)
+def run(quick: bool, seeds: int = 1) -> list[dict]:
+    """Hand-written vs ``--workers 2`` for each sampler seed (interleaved, so drift hits both alike), then
+    1 and 4 workers at seed 0 for scaling. One row per sweep, then one "median over seeds" row per variant:
+    a single seed's best value is one draw of a noisy search, the median over seeds is the comparison."""
+    import statistics
+
     rows = storage_ms_per_trial()
-    hand = run_hand_written(sw)
-    ours = [run_ours(sw, w) for w in (1, 2, 4)]
-    for r in [hand, *ours]:
+    sweeps = []
+    for seed in range(seeds):
+        sw = _sweep_spec(quick, seed)
+        sweeps += [run_hand_written(sw), run_ours(sw, 2)]
+    sw0 = _sweep_spec(quick, 0)
+    sweeps += [run_ours(sw0, 1), run_ours(sw0, 4)]
+    hand_rate = {r["seed"]: r["trials"] * 3600 / r["wall_s"] for r in sweeps if r["workers"] == 1
+                 and r["variant"].startswith("hand")}
+    for r in sweeps:
         r["trials_per_hour"] = r["trials"] * 3600 / r["wall_s"]
-        r["speedup"] = r["trials_per_hour"] / (hand["trials"] * 3600 / hand["wall_s"])
-        r["n_trials"], r["max_steps"] = sw["n_trials"], sw["base"]["trainer"]["max_steps"]
+        r["speedup"] = r["trials_per_hour"] / hand_rate[r["seed"]]
+        r["n_trials"], r["max_steps"] = sw0["n_trials"], sw0["base"]["trainer"]["max_steps"]
         r["device"] = f"CPU x{os.cpu_count()}"
-    return rows + [hand, *ours]
+    summary = []
+    if seeds > 1:
+        for variant in dict.fromkeys(r["variant"] for r in sweeps):
+            group = [r for r in sweeps if r["variant"] == variant]
+            if len(group) < 2:
+                continue
+            bests = [r["best"] for r in group if r["best"] is not None]
+            summary.append({"variant": variant, "workers": group[0]["workers"], "seed": f"median of {len(group)}",
+                            "trials_per_hour": statistics.median(r["trials_per_hour"] for r in group),
+                            "speedup": statistics.median(r["speedup"] for r in group),
+                            "best": statistics.median(bests) if bests else None,
+                            "best_per_seed": [round(b, 6) for b in bests]})
+    return rows + sweeps + summary
 
 
 if __name__ == "__main__":
     quick = "--full" not in sys.argv
-    for row in run(quick):
+    for row in run(quick, seeds=3 if not quick else 1):
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})

@@ -9,7 +9,8 @@ Killed workers (kill -9, OOM, a lost machine) leave trials RUNNING forever unles
 (ANCHORS section 3). Two detectors, one handler:
 
 * Every storage: each trial records its owner ``host|pid|process start time``; a RUNNING trial whose
-  owner process on this host is gone is stale at once. The start time guards against PID reuse. This is
+  owner process on this host is gone is stale at once (one with no owner at all, its worker killed
+  between ``ask`` and recording it, after ``ORPHAN_S``). The start time guards against PID reuse. This is
   the only detector for the journal (Optuna 5.0's JournalStorage has no heartbeat; it is a
   single-machine store, use PostgreSQL for several machines).
 * RDB storages also: Optuna's heartbeat (``heartbeat_interval`` + ``grace_period``), for workers on
@@ -23,6 +24,7 @@ same params (WAITING; the next ``ask`` pops it), in the format of Optuna's
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import os
 import socket
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 MAX_RETRY = 1
+ORPHAN_S = 120.0  # a RUNNING trial with no owner attr this long after it started: its worker died in between
 
 
 def is_rdb(url: str) -> bool:
@@ -222,10 +225,13 @@ def reap_stale(study, url: str, mlflow_uri: str | None) -> list[int]:
 
     storage = study._storage
     reaped = []
+    now = datetime.datetime.now()  # Optuna stamps datetime_start with naive local time
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get("worker")
-        if not owner or owner_alive(owner) is not False:
+        if owner and owner_alive(owner) is not False:
             continue
+        if not owner and not (t.datetime_start and (now - t.datetime_start).total_seconds() > ORPHAN_S):
+            continue  # a worker sets the attr right after ask(); only a kill in between leaves none
         try:
             if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
                 continue

@@ -156,6 +156,65 @@ def test_shipped_sweeps_validate():
 # --------------------------------------------------------------------------- pruning in-process
 
 
+def _dead_owner() -> str:
+    from pipeline.sweep_store import owner_tag
+
+    p = subprocess.Popen(["sleep", "60"])
+    tag = owner_tag(p.pid)
+    p.kill()
+    p.wait()
+    return tag
+
+
+def test_reaper_fails_dead_owners_trials_closes_runs_and_retries_once(store, monkeypatch):
+    """In-process: which RUNNING trials the journal reaper takes (dead owner, orphan past ORPHAN_S) and which
+    it leaves (live owner, another host, a fresh orphan); the run closed KILLED; one retry, never two."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import sweep_store
+    from pipeline.sweep_store import open_storage, owner_alive, owner_tag, reap_stale
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = "optuna/r.journal"
+    study = optuna.create_study(study_name="r", storage=open_storage(url))
+    c = MlflowClient(store)
+    exp = c.create_experiment("reap")
+    study.set_user_attr("mlflow_experiment_id", exp)
+
+    def running(owner: str | None, x: float):
+        t = study.ask()
+        study._storage.set_trial_param(t._trial_id, "x", x, optuna.distributions.FloatDistribution(0.0, 1.0))
+        if owner:
+            t.set_user_attr("worker", owner)
+        return t
+
+    dead, live, remote, orphan = _dead_owner(), owner_tag(), "another-host|1|123", None
+    assert (owner_alive(dead), owner_alive(live), owner_alive(remote)) == (False, True, None)
+    trials = {name: running(o, x) for name, o, x in
+              (("dead", dead, 0.1), ("live", live, 0.2), ("remote", remote, 0.3), ("orphan", orphan, 0.4))}
+    run = c.create_run(exp, tags={"study": "r", "trial_number": str(trials["dead"].number)})
+    trials["dead"].set_user_attr("mlflow_run_id", run.info.run_id)
+
+    assert reap_stale(study, url, store) == [trials["dead"].number]
+    state = {n: study.trials[t.number].state.name for n, t in trials.items()}
+    assert state == {"dead": "FAIL", "live": "RUNNING", "remote": "RUNNING", "orphan": "RUNNING"}
+    assert c.get_run(run.info.run_id).info.status == "KILLED"
+    waiting = [t for t in study.trials if t.state.name == "WAITING"]
+    assert [(t.params, t.user_attrs["retry_of"]) for t in waiting] == [({"x": 0.1}, trials["dead"].number)]
+    assert reap_stale(study, url, store) == []  # idempotent
+
+    monkeypatch.setattr(sweep_store, "ORPHAN_S", -1.0)  # the orphan is now old enough
+    assert reap_stale(study, url, store) == [trials["orphan"].number]
+
+    retry = study.ask()  # pops the WAITING retry; its worker dies too: no second retry
+    assert retry.params == {"x": 0.1}
+    retry.set_user_attr("worker", _dead_owner())
+    before = len([t for t in study.trials if t.state.name == "WAITING"])
+    assert reap_stale(study, url, store) == [retry.number]
+    assert len([t for t in study.trials if t.state.name == "WAITING"]) == before  # orphan's retry only
+
+
 def test_gradient_health_and_divergence_in_process(tiny):
     """An exploding trial is pruned on its pre-clip norm; a diverging one stops at its first bad step."""
     import optuna
