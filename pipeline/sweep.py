@@ -86,7 +86,7 @@ class Sweep:
         import optuna
 
         from .sweep_store import budget_lock, open_storage, reap_stale
-        from .sweep_worker import make_pruner
+        from .sweep_worker import make_pruner, startup_design
         from .tracking import ensure_experiment
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -102,6 +102,11 @@ class Sweep:
         with budget_lock(self.url, self.storage, self.sw.study):
             self.rec = self._parent_run()
             reap_stale(self.study, self.url, self.mlflow_uri)
+            if not self.study.get_trials(deepcopy=False) and "startup_design" not in self.study.user_attrs:
+                design = startup_design(self.sw)  # a fresh study: the same start-up points for any worker count
+                for params in design:
+                    self.study.enqueue_trial(params, user_attrs={"startup": True})
+                self.study.set_user_attr("startup_design", len(design))
 
     def _parent_run(self):
         from mlflow.exceptions import MlflowException

@@ -137,7 +137,8 @@ def suggest(trial, p: Param) -> Any:
 
 def make_sampler(sw: SweepConfig, worker: int, n_seen: int):
     """Seeded per (sweep seed, worker, trials already in the study): parallel workers and resumed
-    sweeps do not replay the same random start-up points."""
+    sweeps do not replay the same random draws. (The start-up design itself is drawn once by the parent:
+    :func:`startup_design`.)"""
     import optuna
 
     s = sw.sampler
@@ -148,6 +149,29 @@ def make_sampler(sw: SweepConfig, worker: int, n_seen: int):
         warnings.simplefilter("ignore")  # multivariate is experimental
         return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(s.get("n_startup_trials", 8)),
                                           multivariate=bool(s.get("multivariate", True)), constant_liar=True)
+
+
+def startup_design(sw: SweepConfig) -> list[dict[str, Any]]:
+    """The sweep's first ``sampler.n_startup_trials`` points (at most ``n_trials``), drawn once by the
+    parent from ``sampler.seed`` alone and enqueued before any worker starts.
+
+    Without it each worker's sampler draws its own random start-up points, so the design changes with the
+    number of workers. With it a sweep starts from the same points with 1, 2 or 16 workers, and they are
+    the points a single-process ``TPESampler(seed=...)`` would draw (same RandomSampler, same order; tested).
+    """
+    import optuna
+
+    s = sw.sampler
+    n = min(int(s.get("n_startup_trials", 8)), sw.n_trials) if s["name"] == "tpe" else 0
+    if n == 0:
+        return []
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=int(s.get("seed", 0))))
+    points = []
+    for _ in range(n):
+        trial = study.ask()
+        points.append({p.key: suggest(trial, p) for p in sw.space})
+        study.tell(trial, 0.0)
+    return points
 
 
 def make_pruner(sw: SweepConfig):

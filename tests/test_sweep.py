@@ -215,6 +215,31 @@ def test_reaper_fails_dead_owners_trials_closes_runs_and_retries_once(store, mon
     assert len([t for t in study.trials if t.state.name == "WAITING"]) == before  # orphan's retry only
 
 
+@pytest.mark.parametrize("seed", [0, 7])
+def test_startup_design_is_what_a_single_process_tpe_draws(seed):
+    """The parent's start-up points equal the first n_startup_trials of a plain ``TPESampler(seed)`` study
+    over the same space: the sweep's design does not depend on the number of workers."""
+    import optuna
+
+    from pipeline.sweep_config import load_sweep
+    from pipeline.sweep_worker import startup_design, suggest
+
+    sw = load_sweep(str(ROOT / "configs/sweeps/default.yaml"), [f"sampler.seed={seed}"])
+    design = startup_design(sw)
+    n = sw.sampler["n_startup_trials"]
+    assert len(design) == n == 8
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    plain = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=n))
+    for expected in design:
+        t = plain.ask()
+        assert {p.key: suggest(t, p) for p in sw.space} == expected
+        plain.tell(t, 1.0)
+    assert len({tuple(sorted(d.items())) for d in design}) == n  # distinct points
+    assert design != startup_design(load_sweep(str(ROOT / "configs/sweeps/default.yaml"),
+                                               [f"sampler.seed={seed + 1}"]))
+    assert startup_design(load_sweep(str(ROOT / "configs/sweeps/default.yaml"), ["n_trials=3", f"sampler.seed={seed}"])) == design[:3]
+
+
 def test_gradient_health_and_divergence_in_process(tiny):
     """An exploding trial is pruned on its pre-clip norm; a diverging one stops at its first bad step."""
     import optuna
@@ -252,6 +277,14 @@ def test_tiny_sweep_parent_child_structure(store, tmp_path):
     assert parent.data.metrics["best_value"] == pytest.approx(best.value)
     assert parent.data.params["best_optim.lr"] == str(best.params["optim.lr"])
     assert parent.info.status == "FINISHED"
+    # The start-up design went first: trials 0-1 are the parent's seeded points.
+    from pipeline.sweep_config import load_sweep
+    from pipeline.sweep_worker import startup_design
+
+    design = startup_design(load_sweep(str(cfg)))
+    assert len(design) == 2 and study.user_attrs["startup_design"] == 2
+    assert [t.params for t in study.trials[:2]] == design
+    assert [t.user_attrs.get("startup") for t in study.trials] == [True, True, None, None]
     # Re-running the finished study runs nothing new and keeps the same parent run.
     p2 = run_sweep_cli(cfg)
     assert p2.returncode == 0, p2.stderr
