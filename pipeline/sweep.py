@@ -7,9 +7,11 @@
    (``load_if_exists``) and the sweep's parent run (its id kept in the study's user attrs, so a resume
    or a worker on another machine reuses it).
 2. Reap trials left RUNNING by a killed earlier sweep (:mod:`pipeline.sweep_store`).
-3. Start N worker processes (:mod:`pipeline.sweep_worker`), each with one intra-op thread on CPU or
-   pinned to one GPU (CUDA_VISIBLE_DEVICES), in their own process group: Ctrl-C reaches the parent,
-   which forwards SIGTERM so every worker closes its trial and MLflow run before exiting.
+3. Start N worker processes (:mod:`pipeline.sweep_worker`), forked from a forkserver that imported
+   torch and Lightning once while the stores were being created (:mod:`pipeline.sweep_procs`), each
+   with one intra-op thread on CPU or pinned to one GPU (CUDA_VISIBLE_DEVICES), in its own session:
+   Ctrl-C reaches the parent, which forwards SIGTERM so every worker closes its trial and MLflow run
+   before exiting.
 4. Print a status line whenever a trial ends; a worker that dies (kill -9) is reaped and replaced.
 5. Summarize on the parent run (:mod:`pipeline.sweep_summary`) and print the best trial, a table by
    regime and the command that opens the MLflow UI.
@@ -77,7 +79,7 @@ class Sweep:
         self.mlflow_uri = absolute_uri(resolve_uri(base.tracking.uri))
         self.n_workers, self.devices = choose_workers(workers, sw)
         self.stop_signal: int | None = None
-        self.procs: dict[int, subprocess.Popen] = {}
+        self.procs: dict[int, Any] = {}  # sweep_procs.WorkerProcess (Popen-like)
         self.log_dir = Path("optuna") / "logs" / sw.study
         self.printed: set[int] = set()
 
@@ -157,11 +159,10 @@ class Sweep:
                     "MLFLOW_TRACKING_URI": self.mlflow_uri})
         env["CUDA_VISIBLE_DEVICES"] = spec["gpu"] if spec["gpu"] is not None else ""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"worker-{index}.log", "a")
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.sweep_worker", json.dumps(spec)], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        self.procs[index] = proc
+        from .sweep_procs import WorkerProcess
+
+        changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
+        self.procs[index] = WorkerProcess(json.dumps(spec), str(self.log_dir / f"worker-{index}.log"), changed)
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_signal is None:
@@ -271,6 +272,9 @@ class Sweep:
         status = "FAILED"
         self.rec = None
         try:
+            from .sweep_procs import prestart
+
+            prestart()  # the workers' forkserver imports torch + Lightning while the stores are created
             self.create_stores()
             c = counts(self.study)
             self.done_at_start = c["done"]
