@@ -7,8 +7,9 @@
    (``load_if_exists``) and the sweep's parent run (its id kept in the study's user attrs, so a resume
    or a worker on another machine reuses it).
 2. Reap trials left RUNNING by a killed earlier sweep (:mod:`pipeline.sweep_store`).
-3. Start N worker processes (:mod:`pipeline.sweep_worker`), forked from a forkserver that imported
-   torch and Lightning once while the stores were being created (:mod:`pipeline.sweep_procs`), each
+3. Start N worker processes (:mod:`pipeline.sweep_worker`), on CPU forked from a forkserver that
+   imported torch and Lightning once while the stores were being created (:mod:`pipeline.sweep_procs`;
+   GPU workers get fresh interpreters), each
    with one intra-op thread on CPU or pinned to one GPU (CUDA_VISIBLE_DEVICES), in its own session:
    Ctrl-C reaches the parent, which forwards SIGTERM so every worker closes its trial and MLflow run
    before exiting.
@@ -78,8 +79,10 @@ class Sweep:
         self.experiment = base.tracking.experiment
         self.mlflow_uri = absolute_uri(resolve_uri(base.tracking.uri))
         self.n_workers, self.devices = choose_workers(workers, sw)
+        # CPU workers fork from a preloaded forkserver unless PIPELINE_SWEEP_FORK=0 (an escape hatch).
+        self.fork = self.devices[0] is None and os.environ.get("PIPELINE_SWEEP_FORK", "1") != "0"
         self.stop_signal: int | None = None
-        self.procs: dict[int, Any] = {}  # sweep_procs.WorkerProcess (Popen-like)
+        self.procs: dict[int, Any] = {}  # sweep_procs.WorkerProcess (CPU) or subprocess.Popen (GPU)
         self.log_dir = Path("optuna") / "logs" / sw.study
         self.printed: set[int] = set()
 
@@ -159,10 +162,20 @@ class Sweep:
                     "MLFLOW_TRACKING_URI": self.mlflow_uri})
         env["CUDA_VISIBLE_DEVICES"] = spec["gpu"] if spec["gpu"] is not None else ""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        from .sweep_procs import WorkerProcess
+        log_path = self.log_dir / f"worker-{index}.log"
+        if self.fork:
+            from .sweep_procs import WorkerProcess
 
-        changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
-        self.procs[index] = WorkerProcess(json.dumps(spec), str(self.log_dir / f"worker-{index}.log"), changed)
+            changed = {k: v for k, v in env.items() if os.environ.get(k) != v}
+            self.procs[index] = WorkerProcess(json.dumps(spec), str(log_path), changed)
+            return
+        # A fresh interpreter: GPU workers (CUDA cannot be used in a process forked after something, an
+        # import in the forkserver, touched the driver; CUDA_VISIBLE_DEVICES must precede that), or
+        # PIPELINE_SWEEP_FORK=0.
+        with open(log_path, "a") as log:
+            self.procs[index] = subprocess.Popen([sys.executable, "-m", "pipeline.sweep_worker", json.dumps(spec)],
+                                                 env=env, stdout=log, stderr=subprocess.STDOUT,
+                                                 start_new_session=True)
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_signal is None:
@@ -272,9 +285,10 @@ class Sweep:
         status = "FAILED"
         self.rec = None
         try:
-            from .sweep_procs import prestart
+            if self.fork:
+                from .sweep_procs import prestart
 
-            prestart()  # the workers' forkserver imports torch + Lightning while the stores are created
+                prestart()  # the workers' forkserver imports torch + Lightning while the stores are created
             self.create_stores()
             c = counts(self.study)
             self.done_at_start = c["done"]

@@ -381,7 +381,9 @@ def test_kill_9_mid_trial_then_resume(store, tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_of_one_worker_while_the_sweep_goes_on(store, tmp_path):
+@pytest.mark.parametrize("fork", ["1", "0"], ids=["forkserver", "fresh-interpreter"])
+def test_kill_9_of_one_worker_while_the_sweep_goes_on(store, tmp_path, monkeypatch, fork):
+    monkeypatch.setenv("PIPELINE_SWEEP_FORK", fork)  # both process models (GPU workers use the second)
     cfg = write_sweep(tmp_path / "s.yaml", n_trials=3, base={**TINY["base"], "trainer": {
         "max_steps": 400, "val_every": 100, "log_every": 10}})
     kill_a_worker_while_the_sweep_runs(cfg, store, 3)
