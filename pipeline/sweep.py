@@ -7,12 +7,11 @@
    (``load_if_exists``) and the sweep's parent run (its id kept in the study's user attrs, so a resume
    or a worker on another machine reuses it).
 2. Reap trials left RUNNING by a killed earlier sweep (:mod:`pipeline.sweep_store`).
-3. Start N worker processes (:mod:`pipeline.sweep_worker`), on CPU forked from a forkserver that
-   imported torch and Lightning once while the stores were being created (:mod:`pipeline.sweep_procs`;
-   GPU workers get fresh interpreters), each
-   with one intra-op thread on CPU or pinned to one GPU (CUDA_VISIBLE_DEVICES), in its own session:
-   Ctrl-C reaches the parent, which forwards SIGTERM so every worker closes its trial and MLflow run
-   before exiting.
+3. Start N worker processes (:mod:`pipeline.sweep_worker`), each with one intra-op thread on CPU or
+   pinned to one GPU (CUDA_VISIBLE_DEVICES), each in its own session: Ctrl-C reaches the parent, which
+   forwards SIGTERM so every worker closes its trial and MLflow run before exiting. CPU workers fork
+   from a forkserver that imported torch and Lightning once while the stores were being created
+   (:mod:`pipeline.sweep_procs`); GPU workers get fresh interpreters.
 4. Print a status line whenever a trial ends; a worker that dies (kill -9) is reaped and replaced.
 5. Summarize on the parent run (:mod:`pipeline.sweep_summary`) and print the best trial, a table by
    regime and the command that opens the MLflow UI.
