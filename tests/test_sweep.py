@@ -224,7 +224,10 @@ def test_startup_design_is_what_a_single_process_tpe_draws(seed):
     from pipeline.sweep_config import load_sweep
     from pipeline.sweep_worker import startup_design, suggest
 
-    sw = load_sweep(str(ROOT / "configs/sweeps/default.yaml"), [f"sampler.seed={seed}"])
+    def default_sweep(*overrides: str):
+        return load_sweep(str(ROOT / "configs/sweeps/default.yaml"), [f"sampler.seed={seed}", *overrides])
+
+    sw = default_sweep()
     design = startup_design(sw)
     n = sw.sampler["n_startup_trials"]
     assert len(design) == n == 8
@@ -235,9 +238,8 @@ def test_startup_design_is_what_a_single_process_tpe_draws(seed):
         assert {p.key: suggest(t, p) for p in sw.space} == expected
         plain.tell(t, 1.0)
     assert len({tuple(sorted(d.items())) for d in design}) == n  # distinct points
-    assert design != startup_design(load_sweep(str(ROOT / "configs/sweeps/default.yaml"),
-                                               [f"sampler.seed={seed + 1}"]))
-    assert startup_design(load_sweep(str(ROOT / "configs/sweeps/default.yaml"), ["n_trials=3", f"sampler.seed={seed}"])) == design[:3]
+    assert design != startup_design(default_sweep(f"sampler.seed={seed + 1}"))  # the later override wins
+    assert startup_design(default_sweep("n_trials=3")) == design[:3]
 
 
 def test_gradient_health_and_divergence_in_process(tiny):
@@ -313,6 +315,18 @@ def wait_for_running_trial(timeout: float = 240, load=None):
     raise AssertionError("no trial started")
 
 
+def check_killed_trial_retried(study, runs, t, n_trials: int) -> None:
+    """After a kill -9 of trial ``t``'s worker: the trial FAIL, its run KILLED (tag status=killed), its
+    params retried exactly once and finished, and the rest of the study consistent."""
+    stale = study.trials[t.number]
+    assert stale.state.name == "FAIL"
+    killed = next(r for r in runs if r.info.run_id == t.user_attrs["mlflow_run_id"])
+    assert killed.info.status == "KILLED" and killed.data.tags.get("status") == "killed"
+    retry = [x for x in study.trials if x.user_attrs.get("retry_of") == t.number]
+    assert len(retry) == 1 and retry[0].params == stale.params and retry[0].state.name in ("COMPLETE", "PRUNED")
+    check_consistent(study, [r for r in runs if r.info.run_id != killed.info.run_id], n_trials)
+
+
 def kill_a_worker_while_the_sweep_runs(cfg: Path, mlflow_uri: str, n_trials: int, *extra: str, load=None):
     """kill -9 one worker mid-trial; the parent goes on. It must reap the trial at once (FAIL, run KILLED),
     replace the worker, retry the params once, and finish the budget with everything accounted for."""
@@ -329,14 +343,7 @@ def kill_a_worker_while_the_sweep_runs(cfg: Path, mlflow_uri: str, n_trials: int
     assert parent.returncode == 0, out + err
     assert "exited with status -9" in out, out
     study = (load or load_study)()
-    runs = mlflow_runs(mlflow_uri)
-    stale = study.trials[t.number]
-    assert stale.state.name == "FAIL"
-    killed = next(r for r in runs if r.info.run_id == t.user_attrs["mlflow_run_id"])
-    assert killed.info.status == "KILLED" and killed.data.tags.get("status") == "killed"
-    retry = [x for x in study.trials if x.user_attrs.get("retry_of") == t.number]
-    assert len(retry) == 1 and retry[0].params == stale.params and retry[0].state.name in ("COMPLETE", "PRUNED")
-    check_consistent(study, [r for r in runs if r.info.run_id != killed.info.run_id], n_trials)
+    check_killed_trial_retried(study, mlflow_runs(mlflow_uri), t, n_trials)
     owners = {x.user_attrs["worker"] for x in study.trials if "worker" in x.user_attrs}
     assert t.user_attrs["worker"] in owners and len(owners) >= 2  # a replacement worker took trials
     return study
@@ -370,14 +377,7 @@ def test_kill_9_mid_trial_then_resume(store, tmp_path):
     assert load_study().trials[t.number].state.name == "RUNNING"  # what other tools leave behind
     p = run_sweep_cli(cfg)  # the same command resumes
     assert p.returncode == 0, p.stdout + p.stderr
-    study, runs = load_study(), mlflow_runs(store)
-    stale = study.trials[t.number]
-    assert stale.state.name == "FAIL"
-    killed = next(r for r in runs if r.info.run_id == t.user_attrs["mlflow_run_id"])
-    assert killed.info.status == "KILLED"
-    retry = [x for x in study.trials if x.user_attrs.get("retry_of") == t.number]
-    assert len(retry) == 1 and retry[0].params == stale.params and retry[0].state.name in ("COMPLETE", "PRUNED")
-    check_consistent(study, [r for r in runs if r.info.run_id != killed.info.run_id], 3)
+    check_killed_trial_retried(load_study(), mlflow_runs(store), t, 3)
 
 
 @pytest.mark.slow
