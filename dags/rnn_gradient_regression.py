@@ -66,11 +66,11 @@ def _key(context, suite_name: str) -> str:
 def _load(path: str):
     """Suite and baseline, or AirflowFailException (a config error does not get better by retrying)."""
     from pipeline.config import ConfigError
-    from pipeline.regression import load_baseline, load_suite
+    from pipeline.regression import load_suite, suite_baseline
 
     try:
         suite = load_suite(path)
-        return suite, load_baseline(suite.baseline_path)
+        return suite, suite_baseline(suite)
     except ConfigError as e:
         raise AirflowFailException(f"error: {e}") from None
 

@@ -49,6 +49,7 @@ class ModelConfig:
     init: str = "default"  # recurrent-weight init: default | gaussian | orthogonal | identity
     init_scale: float = 1.0  # g: gaussian N(0, g^2/H); orthogonal g*Q; identity g*I (IRNN)
     forget_bias: float = 1.0  # LSTM forget-gate bias (b_ih + b_hh of the f gate); Gers 2000, Jozefowicz 2015
+    init_ulp_seed: int = 0  # > 0: nudge every initial weight by one float32 ulp, signs drawn from this seed
 
 
 @dataclass
@@ -84,6 +85,7 @@ class DiagnosticsConfig:
     explode_log10: float = 3.0  # verdict exploding if bptt/log10_ratio > this ...
     explode_norm: float = 1000.0  # ... or if the max pre-clip gradient norm over training exceeds this
     plots: bool = True  # write plots/bptt_profile.png and plots/grad_norms.png
+    reference_check: bool = False  # also compute the profile by an independent recursion: bptt/reference_max_err
 
 
 @dataclass
@@ -297,6 +299,7 @@ def validate(cfg: Config) -> None:
     _check("model.init_scale", math.isfinite(m.init_scale) and m.init_scale > 0, "a finite number > 0",
            m.init_scale)
     _check("model.forget_bias", math.isfinite(m.forget_bias), "finite", m.forget_bias)
+    _check("model.init_ulp_seed", m.init_ulp_seed >= 0, ">= 0", m.init_ulp_seed)
     _choice("optim.name", o.name, OPTIMIZERS)
     _check("optim.lr", math.isfinite(o.lr) and o.lr > 0, "a finite number > 0", o.lr)
     _check("optim.momentum", 0.0 <= o.momentum < 1.0, "in [0, 1)", o.momentum)

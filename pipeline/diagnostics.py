@@ -18,7 +18,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from . import bptt
+from . import bptt, reference
 from .config import Config, DiagnosticsConfig
 from .data import fixed_batch
 from .module import RECORD_FIELDS
@@ -168,6 +168,10 @@ class ProfileMonitor(pl.Callback):
             if bound is not None:
                 metrics["spectral/pascanu_log10_bound"] = bound
             metrics["spectral/lyapunov_max"] = bptt.lyapunov_max(params, self.x)
+            if self.cfg.diagnostics.reference_check and self.task.readout == "last":
+                ref = reference.profile_log10(params, self.x, self.y, self.task.loss)
+                if ref is not None:
+                    metrics["bptt/reference_max_err"] = reference.max_error(prof.log10_norm["h"], ref)
             self.frames.append(prof.to_frame(step))
         self.passes.append(metrics)
         self._last_step = step

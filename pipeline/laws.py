@@ -28,7 +28,7 @@ KNOWN_METRICS = frozenset({
     "train/loss", "val/loss", "val/loss_ratio", "val/best_loss", "task/baseline", "train/steps",
     "grad/norm_preclip", "grad/norm_postclip", "grad/clip_coef", "grad/clip_rate", "grad/max_norm_preclip",
     "grad/norm_input", "grad/norm_recurrent", "grad/norm_bias", "grad/norm_readout",
-    "bptt/log10_ratio", "bptt/decay_rate", "bptt/horizon", "bptt/c_log10_ratio",
+    "bptt/log10_ratio", "bptt/decay_rate", "bptt/horizon", "bptt/c_log10_ratio", "bptt/reference_max_err",
     "spectral/sigma_max", "spectral/radius", "spectral/pascanu_log10_bound", "spectral/lyapunov_max",
 })
 METRIC_PATTERN = re.compile(r"^spectral/(sigma_max|radius)_[a-z]+$")

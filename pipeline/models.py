@@ -108,6 +108,25 @@ class IndRNN(nn.Module):
         return torch.stack(outs, 1)
 
 
+def ulp_nudge_(module: nn.Module, seed: int) -> None:
+    """Move every parameter entry one float32 ulp up or down (random signs from ``seed``), in place.
+
+    The regression suite's stand-in for another machine (README, "Regression suites"): a different CPU,
+    BLAS kernel or thread count changes results by rounding, i.e. by about one ulp at the first matmul.
+    In the chaotic phase such a difference grows at the largest Lyapunov exponent, so numbers measured
+    under a few nudges show how far another machine may move them. The draw uses its own generator:
+    the unperturbed weights and data are exactly those of ``init_ulp_seed = 0``. Exact zeros stay zero
+    (structural zeros such as a zero-initialised bias or the unused part of the orthogonal cell's
+    parametrisation; a step to the smallest denormal is no rounding difference, and flushing undoes it).
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for p in module.parameters():
+            up = torch.rand(p.shape, generator=gen) < 0.5
+            target = torch.where(up, torch.full_like(p, math.inf), torch.full_like(p, -math.inf))
+            p.copy_(torch.where(p == 0, p, torch.nextafter(p, target)))
+
+
 class RNNModel(nn.Module):
     """A recurrent core plus a linear readout; ``readout`` is ``"last"`` or ``"all"`` (per task)."""
 
@@ -136,6 +155,8 @@ class RNNModel(nn.Module):
                 self.rnn.bias_ih_l0[H:2 * H].fill_(cfg.forget_bias)
                 self.rnn.bias_hh_l0[H:2 * H].zero_()
         self.readout = nn.Linear(H, output_size)
+        if cfg.init_ulp_seed:
+            ulp_nudge_(self, cfg.init_ulp_seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.rnn(x)

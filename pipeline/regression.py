@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .baselines import baseline_diff, baseline_row, load_baseline, new_baseline, parse_band, write_baseline
-from .config import Config, ConfigError, as_mapping, deep_merge, from_dict, read_yaml
+from .config import Config, ConfigError, as_mapping, deep_merge, from_dict, parse_overrides, read_yaml
 from .laws import FAILING, LAW, EntryResult, Row, check_metric, parse_check
 
 EXPERIMENT = "regression"
@@ -30,6 +30,16 @@ SUITE_KEYS = ("name", "description", "include", "baseline", "defaults", "entries
 ENTRY_KEYS = ("name", "config", "patch", "checks", "baseline")
 ROOT = Path(__file__).resolve().parents[1]
 
+# What `--update-baseline` runs each baselined entry again under, standing in for another machine
+# (README, "Baselines that hold on another machine"): another intra-op thread count (other reduction
+# orders in the BLAS kernels), and two 1-ulp nudges of every initial weight (the size of the rounding
+# difference another CPU or BLAS build makes; in the chaotic phase it grows at the Lyapunov exponent).
+PERTURBATIONS: dict[str, tuple[str, ...]] = {
+    "threads2": ("trainer.threads=2",),
+    "ulp1": ("model.init_ulp_seed=1",),
+    "ulp2": ("model.init_ulp_seed=2",),
+}
+
 
 @dataclass
 class Entry:
@@ -37,6 +47,9 @@ class Entry:
     cfg: Config
     checks: list = field(default_factory=list)
     bands: dict[str, Any] = field(default_factory=dict)  # metric -> laws.Band
+    # Where its accepted numbers live: None for the suite's own baseline file; an included suite's
+    # entries keep theirs (one source of truth: smoke's numbers are smoke.baseline.yaml's, in nightly too).
+    baseline_path: Path | None = None
 
 
 @dataclass
@@ -76,6 +89,16 @@ def _resolve(p: str, base: Path) -> Path:
 def _is_name(s: str) -> bool:
     """Names go into MLflow filter strings and run names: keep them to letters, digits, _ - ."""
     return bool(s) and all(c.isalnum() or c in "_-." for c in s)
+
+
+def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...], key: str = "--set") -> Config:
+    """``cfg`` with dotted ``key=value`` overrides applied and validated (ConfigError names ``key``)."""
+    if not overrides:
+        return cfg
+    try:
+        return from_dict(deep_merge(cfg.to_dict(), parse_overrides(list(overrides))))
+    except ConfigError as e:
+        raise ConfigError(key, str(e)) from None
 
 
 def _entry_config(raw: dict, defaults: dict, suite_dir: Path, suite: str, name: str, key: str) -> Config:
@@ -142,6 +165,9 @@ def load_suite(path: str | Path, _seen: tuple[Path, ...] = ()) -> Suite:
         names.append(n)
     included = _included(data, path, (*_seen, path.resolve()))
     inherited = [e for sub in included for e in sub.entries]
+    for sub in included:
+        for e in sub.entries:
+            e.baseline_path = e.baseline_path or sub.baseline_path
     for e in inherited:
         if e.name in names:
             raise ConfigError(f"entries.{e.name}.name", "duplicate entry name (also in an included suite)")
@@ -219,9 +245,11 @@ def quiet() -> None:
 
 
 def run_entry(suite: Suite, name: str, parent_run_id: str, experiment_id: str, key: str | None = None,
-              uri: str | None = None) -> str:
+              uri: str | None = None, overrides: tuple[str, ...] = (), perturbation: str | None = None) -> str:
     """Train one entry as a run nested under the suite's parent; returns its MLflow run id.
 
+    ``overrides``: dotted ``key=value`` settings applied on top of the entry (``--set``, perturbations);
+    ``perturbation``: its label, recorded as tag ``perturbation`` and in the run name (``<suite>/<entry>~label``).
     With ``key``: a FINISHED run of this entry with the same key is reused (idempotent retries);
     runs left RUNNING by a killed attempt are closed as KILLED first. Raises what ``train.run`` raises
     (the run itself is then already closed FAILED or KILLED).
@@ -231,10 +259,15 @@ def run_entry(suite: Suite, name: str, parent_run_id: str, experiment_id: str, k
 
     quiet()
     entry = suite.entry(name)
-    cfg = entry.cfg
+    cfg = with_overrides(entry.cfg, overrides)
     if uri:
         cfg = replace(cfg, tracking=replace(cfg.tracking, uri=uri))
     tags = {KIND_TAG: "regression", "suite": suite.name, "entry": name, "regression_role": "entry"}
+    if overrides:
+        tags["overrides"] = " ".join(overrides)
+    if perturbation:
+        tags["perturbation"] = perturbation
+        cfg = replace(cfg, tracking=replace(cfg.tracking, run_name=f"{cfg.tracking.run_name}~{perturbation}"))
     if key:
         c = client(cfg.tracking.uri)
         for r in _search(c, experiment_id, f"tags.regression_key = '{key}' and tags.entry = '{name}'"):
@@ -246,10 +279,12 @@ def run_entry(suite: Suite, name: str, parent_run_id: str, experiment_id: str, k
     return run(cfg, parent_run_id=parent_run_id, experiment_id=experiment_id, extra_tags=tags).run_id
 
 
-def _entry_worker(suite_path: str, name: str, parent_run_id: str, experiment_id: str, uri: str | None):
+def _entry_worker(suite_path: str, name: str, parent_run_id: str, experiment_id: str, uri: str | None,
+                  overrides: tuple[str, ...] = (), perturbation: str | None = None):
     """Process-pool target (spawn): returns (name, run_id or None, error or None)."""
     try:
-        return name, run_entry(load_suite(suite_path), name, parent_run_id, experiment_id, uri=uri), None
+        return name, run_entry(load_suite(suite_path), name, parent_run_id, experiment_id, uri=uri,
+                               overrides=overrides, perturbation=perturbation), None
     except Exception as e:  # the run is closed FAILED by train.run; report and let the others go on
         return name, None, f"{type(e).__name__}: {e}"
 
@@ -261,29 +296,35 @@ def cost(e: Entry) -> float:
 
 
 def run_all(suite: Suite, parent_run_id: str, experiment_id: str, workers: int = 1, uri: str | None = None,
-            progress=print) -> dict[str, tuple[str | None, str | None]]:
-    """Run every entry (``workers`` spawned processes, or in-process for 1): {name: (run_id, error)}."""
+            progress=print, entries: list[str] | None = None, overrides: tuple[str, ...] = (),
+            perturbation: str | None = None) -> dict[str, tuple[str | None, str | None]]:
+    """Run every entry, or those named in ``entries`` (``workers`` spawned processes, or in-process for 1).
+
+    Returns {name: (run_id, error)}. ``overrides`` and ``perturbation`` go to :func:`run_entry`.
+    """
     import time
 
     out: dict[str, tuple[str | None, str | None]] = {}
-    order = sorted(suite.entries, key=cost, reverse=True) if workers > 1 else suite.entries
+    chosen = [e for e in suite.entries if entries is None or e.name in entries]
+    order = sorted(chosen, key=cost, reverse=True) if workers > 1 else chosen
     t0, n = time.time(), len(order)
+    label = f" ~{perturbation}" if perturbation else ""
+    args = (parent_run_id, experiment_id, uri, tuple(overrides), perturbation)
 
     def done(name, run_id, err):
         out[name] = (run_id, err)
-        progress(f"  [{len(out)}/{n}] {name}: {'ok' if err is None else 'FAILED: ' + err} "
+        progress(f"  [{len(out)}/{n}] {name}{label}: {'ok' if err is None else 'FAILED: ' + err} "
                  f"({time.time() - t0:.0f} s)")
 
     if workers <= 1:
         for e in order:
-            done(*_entry_worker(str(suite.path), e.name, parent_run_id, experiment_id, uri))
+            done(*_entry_worker(str(suite.path), e.name, *args))
         return out
     import concurrent.futures as cf
     import multiprocessing as mp
 
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
-        futs = [pool.submit(_entry_worker, str(suite.path), e.name, parent_run_id, experiment_id, uri)
-                for e in order]
+        futs = [pool.submit(_entry_worker, str(suite.path), e.name, *args) for e in order]
         try:
             for f in cf.as_completed(futs):
                 done(*f.result())
@@ -293,21 +334,50 @@ def run_all(suite: Suite, parent_run_id: str, experiment_id: str, workers: int =
     return out
 
 
+def baselined(suite: Suite) -> list[str]:
+    """The suite's own entries with a baseline metric: the ones ``--update-baseline`` runs perturbed.
+
+    Entries of an included suite are accepted in that suite's own baseline file, not here.
+    """
+    return [e.name for e in suite.entries if e.bands and e.baseline_path is None]
+
+
+def suite_baseline(suite: Suite) -> dict[str, dict[str, dict[str, float]]]:
+    """Accepted numbers for every entry: the suite's own file, and each included suite's file for its entries."""
+    own = load_baseline(suite.baseline_path)
+    out = {e.name: own[e.name] for e in suite.entries if e.baseline_path is None and e.name in own}
+    files: dict[Path, dict] = {}
+    for e in suite.entries:
+        if e.baseline_path is not None:
+            if e.baseline_path not in files:
+                files[e.baseline_path] = load_baseline(e.baseline_path)
+            if e.name in files[e.baseline_path]:
+                out[e.name] = files[e.baseline_path][e.name]
+    return out
+
+
 # ------------------------------------------------------------------------------------ compare, record
 
 
 def collect(suite: Suite, run_ids: dict[str, str | None], parent_run_id: str | None = None,
-            uri: str | None = None) -> dict[str, EntryResult]:
-    """Read each entry's run back from the store: status, final metrics, tags (what was recorded)."""
+            uri: str | None = None, perturbation: str | None = None) -> dict[str, EntryResult]:
+    """Read each entry's run back from the store: status, final metrics, tags (what was recorded).
+
+    With ``perturbation``, only the entries in ``run_ids`` (the ones run under it) are read.
+    """
     from .tracking import client
 
     c = client(uri or suite.uri)
     out = {}
     for e in suite.entries:
+        if perturbation and e.name not in run_ids:
+            continue
         rid = run_ids.get(e.name)
         if rid is None and parent_run_id:  # a run that failed before returning its id
             exp = c.get_run(parent_run_id).info.experiment_id
-            found = _search(c, exp, f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.entry = '{e.name}'")
+            found = [r for r in _search(c, exp, f"tags.mlflow.parentRunId = '{parent_run_id}' "
+                                                f"and tags.entry = '{e.name}'")
+                     if r.data.tags.get("perturbation") == perturbation]
             rid = found[0].info.run_id if found else None
         if rid is None:
             out[e.name] = EntryResult(e.name, None, "MISSING", error="no run recorded")
@@ -330,6 +400,27 @@ def evaluate(suite: Suite, results: dict[str, EntryResult], baseline: dict) -> l
         rows += [run_check(c, results) for c in e.checks]
         rows += [baseline_row(e.name, m, r, baseline.get(e.name, {}).get(m)) for m in e.bands]
     rows += [run_check(c, results) for c in suite.compare]
+    return rows
+
+
+def evaluate_perturbed(suite: Suite, results: dict[str, EntryResult], label: str) -> list[Row]:
+    """The entry-level laws of the entries run under perturbation ``label``, rows marked ``entry~label``.
+
+    A baseline is only accepted if every law also holds under the perturbations: a law that holds on
+    one machine's rounding alone would fail on the next machine.
+    """
+    from .laws import run_check
+
+    rows = []
+    for e in suite.entries:
+        if e.name not in results:
+            continue
+        r = results[e.name]
+        if r.status != "FINISHED":
+            rows.append(Row(f"{e.name}~{label}: run", "FINISHED", r.status, "-", "error", r.error or ""))
+        for c in e.checks:
+            row = run_check(c, results)
+            rows.append(replace(row, check=row.check.replace(f"{e.name}: ", f"{e.name}~{label}: ", 1)))
     return rows
 
 
@@ -370,6 +461,6 @@ def finish_suite_run(suite: Suite, parent_run_id: str, rows: list[Row], uri: str
     return v
 
 
-__all__ = ["FAILING", "Entry", "Suite", "load_suite", "load_baseline", "new_baseline", "write_baseline",
+__all__ = ["FAILING", "PERTURBATIONS", "Entry", "Suite", "load_suite", "with_overrides", "baselined", "suite_baseline", "load_baseline", "new_baseline", "write_baseline",
            "baseline_diff", "start_suite_run", "run_entry", "run_all", "collect", "evaluate", "verdict",
-           "format_table", "finish_suite_run"]
+           "evaluate_perturbed", "format_table", "finish_suite_run"]

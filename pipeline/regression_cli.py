@@ -1,4 +1,4 @@
-"""``python -m pipeline regress --suite FILE [--workers N] [--update-baseline] [--baseline FILE]``.
+"""``python -m pipeline regress --suite FILE [--workers N] [--update-baseline] [--baseline FILE] [--set K=V ...]``.
 
 Runs a regression suite, checks the laws and the accepted baseline, prints the table (check, baseline,
 now, band, verdict) and records everything in MLflow (experiment ``regression``: one parent run per
@@ -17,82 +17,74 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", required=True, help="suite file, e.g. configs/regression/smoke.yaml")
     p.add_argument("--workers", type=int, default=1, help="run entries in N spawned processes (default 1)")
     p.add_argument("--update-baseline", action="store_true",
-                   help="accept this run's numbers: rewrite the baseline file and show what changed "
-                        "(refused if a law is violated)")
+                   help="accept this run's numbers: run each baselined entry again under the perturbations "
+                        "that stand in for another machine, set each band from the measured spread, rewrite "
+                        "the baseline file and show what changed (refused if a law is violated)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override applied to every entry (repeatable), e.g. "
+                        "--set model.init_ulp_seed=7 to check the baseline under a perturbation it was not "
+                        "recorded with")
     p.add_argument("--baseline", default=None,
                    help="baseline file (default: the suite's `baseline:` key, else <suite>.baseline.yaml)")
 
 
 def _print_diff(rows: list[tuple[str, str, str, str]]) -> None:
-    if not rows:
-        return
-    head = ("metric", "old", "new", "change")
-    w = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
-    for r in [head, tuple("-" * x for x in w), *rows]:
-        print("  " + "  ".join(r[i].ljust(w[i]) for i in range(4)).rstrip())
+    if rows:
+        _print_diff_like(("metric", "old", "new", "change"), rows)
 
 
 def command(args: argparse.Namespace) -> int:
     from .config import ConfigError
-    from .laws import ERROR, LAW, NO_BASELINE
+    from .laws import NO_BASELINE
     from .regression import (
-        baseline_diff,
         collect,
         evaluate,
         finish_suite_run,
         format_table,
-        load_baseline,
         load_suite,
-        new_baseline,
         run_all,
         start_suite_run,
+        suite_baseline,
         verdict,
-        write_baseline,
+        with_overrides,
     )
 
     if args.workers < 1:
         raise ConfigError("--workers", f"must be >= 1, got {args.workers}")
     suite = load_suite(args.suite)  # validated before anything is written
+    overrides = tuple(args.overrides)
+    for e in suite.entries:  # every override must give a valid config for every entry, checked up front
+        with_overrides(e.cfg, overrides)
+    if args.update_baseline and overrides:
+        raise ConfigError("--set", "a baseline is recorded from the suite as written: drop --set with "
+                                   "--update-baseline")
     if args.baseline:
         suite.baseline_path = Path(args.baseline)
         if not suite.baseline_path.exists() and not args.update_baseline:
             raise ConfigError("--baseline", f"file not found: {suite.baseline_path}")
-    baseline = load_baseline(suite.baseline_path)
+    baseline = suite_baseline(suite)
 
     from .tracking import Recorder, resolve_uri
 
     uri = resolve_uri(suite.uri)
     print(f"suite {suite.name}: {len(suite.entries)} entries, baseline {suite.baseline_path}"
-          + ("" if baseline else " (none yet)") + f", store {uri}, workers {args.workers}")
+          + ("" if baseline else " (none yet)") + f", store {uri}, workers {args.workers}"
+          + (f", overrides {' '.join(overrides)}" if overrides else ""))
     parent, exp_id = start_suite_run(suite)
+    if overrides:
+        Recorder(uri, parent, exp_id).set_tags({"overrides": " ".join(overrides)})
     try:
-        ids = run_all(suite, parent, exp_id, workers=args.workers)
+        ids = run_all(suite, parent, exp_id, workers=args.workers, overrides=overrides)
         results = collect(suite, {n: rid for n, (rid, _) in ids.items()}, parent)
         for n, (_, err) in ids.items():
             if err and results[n].error is None:
                 results[n].error = err
         rows = evaluate(suite, results, baseline)
         if args.update_baseline:
-            broken = [r for r in rows if r.verdict in (LAW, ERROR)]
-            if broken:
-                print(format_table(rows))
-                print(f"\nbaseline NOT written: {len(broken)} law(s) violated or run(s) failed; "
-                      "a baseline must come from a run that respects the laws")
-                finish_suite_run(suite, parent, rows)
-                return 1
-            values = new_baseline(suite, results)
-            diff = baseline_diff(baseline, values)
-            rows = evaluate(suite, results, values)
-            print(format_table(rows))
-            if diff:  # an unchanged baseline is not rewritten (no date-only diffs to commit)
-                path = write_baseline(suite, values)
-                rec = Recorder(uri, parent, exp_id)
-                rec.log_file(path, "suite")
-                rec.set_tags({"baseline_updated": "true"})
-                print(f"\nbaseline written: {path} ({len(diff)} change(s))")
-            else:
-                print(f"\nbaseline unchanged: {suite.baseline_path} not rewritten")
-            _print_diff(diff)
+            code = _update_baseline(args, suite, baseline, results, rows, parent, exp_id, uri)
+            if code is not None:
+                return code
+            rows = evaluate(suite, results, suite_baseline(suite))
         else:
             print(format_table(rows))
     except BaseException as e:
@@ -109,3 +101,81 @@ def command(args: argparse.Namespace) -> int:
           + (f"; {missing} without a baseline (accept with --update-baseline)" if missing else ""))
     print(f"  recorded: experiment regression, parent run {parent} ({uri}; review: make ui)")
     return 0 if verdict(rows) == "pass" else 1
+
+
+def _update_baseline(args, suite, baseline, results, rows, parent, exp_id, uri) -> int | None:
+    """Run the baselined entries under every perturbation, measure the bands, write the file.
+
+    Returns 1 (nothing written) when a law is violated or a run failed, nominal or perturbed; else None.
+    """
+    from .laws import ERROR, LAW
+    from .regression import (
+        PERTURBATIONS,
+        baseline_diff,
+        baselined,
+        collect,
+        evaluate,
+        evaluate_perturbed,
+        finish_suite_run,
+        format_table,
+        new_baseline,
+        run_all,
+        write_baseline,
+    )
+    from .tracking import Recorder
+
+    names = baselined(suite)
+    perturbed, extra_rows = {}, []
+    if not any(r.verdict in (LAW, ERROR) for r in rows):
+        print(f"measuring bands: {len(names)} baselined entries under {', '.join(PERTURBATIONS)}")
+        for label, settings in PERTURBATIONS.items():
+            ids = run_all(suite, parent, exp_id, workers=args.workers, entries=names, overrides=settings,
+                          perturbation=label)
+            perturbed[label] = collect(suite, {n: rid for n, (rid, _) in ids.items()}, parent,
+                                       perturbation=label)
+            extra_rows += evaluate_perturbed(suite, perturbed[label], label)
+    broken = [r for r in rows + extra_rows if r.verdict in (LAW, ERROR)]
+    if broken:
+        print(format_table(rows + extra_rows))
+        print(f"\nbaseline NOT written: {len(broken)} law(s) violated or run(s) failed; "
+              "a baseline must come from runs that respect the laws, perturbed ones included")
+        finish_suite_run(suite, parent, rows + extra_rows)
+        return 1
+    try:
+        values = new_baseline(suite, results, perturbed)
+    except ValueError as e:
+        print(f"\nbaseline NOT written: {e}")
+        finish_suite_run(suite, parent, rows)
+        return 1
+    own = {e.name for e in suite.entries if e.baseline_path is None}
+    diff = baseline_diff({k: v for k, v in baseline.items() if k in own}, values)
+    print(format_table(evaluate(suite, results, {**baseline, **values}) + extra_rows))
+    _print_spreads(values)
+    if diff:  # an unchanged baseline is not rewritten (no date-only diffs to commit)
+        path = write_baseline(suite, values)
+        rec = Recorder(uri, parent, exp_id)
+        rec.log_file(path, "suite")
+        rec.set_tags({"baseline_updated": "true"})
+        print(f"\nbaseline written: {path} ({len(diff)} change(s))")
+    else:
+        print(f"\nbaseline unchanged: {suite.baseline_path} not rewritten")
+    _print_diff(diff)
+    return None
+
+
+def _print_spreads(values: dict) -> None:
+    """Where each band came from: the measured spread and the band it gave."""
+    from .laws import fmt
+
+    rows = [(f"{entry}: {metric}", fmt(rec.get("spread")), " or ".join(
+        f"±{fmt(rec[k])}" if k == "abs" else f"±{rec[k]:.0%}" for k in ("abs", "rel") if k in rec))
+        for entry, metrics in values.items() for metric, rec in metrics.items() if "spread" in rec]
+    if rows:
+        print("\nmeasured spread under the perturbations -> band:")
+        _print_diff_like(("metric", "spread", "band"), rows)
+
+
+def _print_diff_like(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    w = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, tuple("-" * x for x in w), *rows]:
+        print("  " + "  ".join(r[i].ljust(w[i]) for i in range(len(head))).rstrip())

@@ -179,4 +179,4 @@ def test_dag_runs_the_smoke_suite(tmp_path):
     _, runs = _mlflow(env["AIRFLOW_VAR_RNN_REGRESSION_TRACKING_URI"])
     parent = [r for r in runs if r.data.tags.get("regression_role") == "suite"]
     assert parent[0].data.tags["verdict"] == "pass"
-    assert sum(r.data.tags.get("regression_role") == "entry" for r in runs) == 14
+    assert sum(r.data.tags.get("regression_role") == "entry" for r in runs) == 15
