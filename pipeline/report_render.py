@@ -76,7 +76,7 @@ def _value_ticks(axis, values, max_ticks: int = 6) -> None:
 def theory_applies(cell: str, init: str, g: float) -> bool:
     """Mean-field (Molgedey 1992; Chen, Pennington, Schoenholz 2018): a tanh RNN with W ~ N(0, g^2/H)
     (or g times an orthogonal matrix) has ||dL/dh_t|| shrinking by g per step going back, in the
-    ordered phase g < 1 (ANCHORS 1)."""
+    ordered phase g < 1."""
     return cell == "tanh" and init in THEORY_INITS and g is not None and 0 < g < 1
 
 

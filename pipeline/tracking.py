@@ -1,7 +1,7 @@
 """MLflow record: stores created once, runs opened and always closed explicitly, buffered metrics.
 
 We use ``MlflowClient`` rather than the fluent API: no active-run global state, and no atexit hook
-that marks a crashed run FINISHED (ANCHORS section 3). Each :class:`Recorder` closes its run with
+that marks a crashed run FINISHED (README, "The MLflow record"). Each :class:`Recorder` closes its run with
 FINISHED, FAILED or KILLED from the code path that ended it. Metrics are buffered and sent with
 ``log_batch`` (sqlite: ~5 ms per ``log_metric`` call vs ~23 ms per batch of 100). Non-finite values
 are not sent (NaN breaks the run page, MLflow issue #16555; +-inf comes back as +-1.8e308): a diverged
@@ -48,7 +48,7 @@ def ensure_experiment(uri: str | None, name: str) -> str:
     """Create the store (schema) and the experiment if needed; return the experiment id.
 
     Call once in the parent process before any worker starts: concurrent first-time schema creation
-    on a fresh sqlite/PostgreSQL store loses workers (ANCHORS section 3).
+    on a fresh sqlite/PostgreSQL store loses workers (README, "Faults and resuming").
     """
     from mlflow.exceptions import MlflowException
 

@@ -73,7 +73,7 @@ def configure_torch(cfg: Config) -> None:
     import torch
 
     torch.set_num_threads(cfg.trainer.threads)
-    # Vanishing tanh states produce denormals; unflushed they slow CPU training 3-9x (ANCHORS 4).
+    # Vanishing tanh states produce denormals; unflushed they slow CPU training 3-9x (README, "How it works").
     # The float64 profile turns flushing off while it runs, so diagnostics stay exact.
     torch.set_flush_denormal(True)
 

@@ -1,4 +1,4 @@
-"""BPTT diagnostics against theory and independent computation (ANCHORS section 1).
+"""BPTT diagnostics against theory and independent computation (Pascanu, Mikolov, Bengio 2013).
 
 Every check compares real numbers: the functional twin against torch's fused modules, the rescaled
 profile against a plain full-graph backward, Pascanu's theorem as a property over random weights,
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from pipeline import bptt, cells
 
-torch.set_num_threads(1)  # small RNNs: one intra-op thread is faster (ANCHORS section 4)
+torch.set_num_threads(1)  # small RNNs: one intra-op thread is faster (README, "Configuration reference")
 
 F64 = torch.float64
 GATE_COUNT = {"lstm": 4, "gru": 3}
@@ -160,7 +160,9 @@ def test_profile_frame_and_summary_shapes():
     assert len(df) == 12 and set(df["state"]) == {"h", "c"} and (df["step"] == 7).all()
     assert sorted(df["t"].unique().tolist()) == list(range(1, 7))
     s = bptt.summarize(prof)
-    assert set(s) == {"log10_ratio", "decay_rate", "horizon", "c_log10_ratio"}
+    assert set(s) == {"log10_ratio", "log10_ratio_per_step", "decay_rate", "horizon", "c_log10_ratio",
+                      "c_log10_ratio_per_step", "overflow_step"}
+    assert s["overflow_step"] == 0.0 and s["log10_ratio_per_step"] == pytest.approx(s["log10_ratio"] / 5)
     assert all(isinstance(v, float) for v in s.values())
 
 
@@ -376,7 +378,7 @@ def test_lyapunov_exact_for_scaled_orthogonal():
 def test_lyapunov_chaotic_phase_matches_mean_field_and_profile():
     """g = 3: chaotic. One random input kick at t = 1 puts h on the attractor (zero input, zero state
     would sit on the unstable fixed point 0 with lambda = ln rho ~ 1.1). Mean field: lambda_1 ~ 0.31
-    (ANCHORS 1); measured at H = 256, T = 300 over seeds 0-3: 0.294-0.300, so |err| < 0.04.
+    (Engelken, Wolf, Abbott 2023); measured at H = 256, T = 300 over seeds 0-3: 0.294-0.300, so |err| < 0.04.
     The backward profile multiplies the transposes of the same Jacobians, whose growth rate is the same
     lambda_1 (singular values of a product and of its transpose agree); measured |decay_rate - lambda|
     <= 0.004 over those seeds, so 0.02 leaves room for finite-T fluctuation without hiding a wrong
