@@ -160,9 +160,9 @@ def _finish(cfg, task, rec, module, grads, prof, val, steps: int) -> RunResult:
     diverged = module.diverged_step is not None
     last, first = prof.last, prof.first
     max_pre = grads.max_norm_preclip
-    regime = dg.verdict(diverged, last.get("bptt/log10_ratio"), max_pre, d)
+    regime = dg.verdict(diverged, last, max_pre, d)
     first_pre = float(grads.column("norm_preclip")[0]) if len(grads.history) else None
-    regime_init = dg.verdict(False, first.get("bptt/log10_ratio"), first_pre, d)
+    regime_init = dg.verdict(False, first, first_pre, d)
     v = module.val_loss
     ratio = v / task.baseline if v is not None and math.isfinite(v) else None
     solved = bool(not diverged and v is not None and math.isfinite(v) and v < task.solved_below)
