@@ -230,42 +230,54 @@ class ProfileMonitor(pl.Callback):
 # --------------------------------------------------------------------------------------------- plots
 
 
+PROFILE_STYLES = (("h", "-", 1.6, ""), ("c", "--", 1.2, " (c)"), ("h_total", ":", 1.0, " (total)"))
+
+
 def plot_profile(frame, task: Task, title: str):
-    """log10 ||dL/dh_t|| against t at several training steps: the seed's figure, measured."""
-    import matplotlib
+    """log10 ||dL_w/dh_t|| (the long-range profile) against t at several training steps: the seed's
+    figure, measured. LSTM adds the cell state (dashed); copy adds the total gradient (dotted), whose
+    direct loss terms hide the loss of memory (README, "The long-range profile")."""
+    from .report_render import DPI, MIN_WIDTH, wrap_title
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(MIN_WIDTH, 5.0), layout="constrained", dpi=DPI)
     steps = sorted(frame["step"].unique()) if len(frame) else []
     if len(steps) > 6:  # at most 6 curves: first, last and evenly spaced between
         idx = np.unique(np.linspace(0, len(steps) - 1, 6).round().astype(int))
         steps = [steps[i] for i in idx]
     cmap = plt.get_cmap("viridis")
     for i, s in enumerate(steps):
-        for state, ls in (("h", "-"), ("c", "--")):
+        for state, ls, lw, suffix in PROFILE_STYLES:
             sub = frame[(frame["step"] == s) & (frame["state"] == state)]
             if len(sub):
-                ax.plot(sub["t"], sub["log10_norm"], ls, color=cmap(i / max(len(steps) - 1, 1)),
-                        label=f"step {s}" + (" (c)" if state == "c" else ""))
+                ax.plot(sub["t"], sub["log10_norm"], ls, lw=lw, color=cmap(i / max(len(steps) - 1, 1)),
+                        label=f"step {s}{suffix}")
+    a, b = task.window
+    if a > 1:
+        ax.axvspan(a, b, color="0.85", zorder=0, label=f"memory window t = {a}..{b}")
     ax.set_xlabel("time step t")
-    ax.set_ylabel(r"$\log_{10}\,\|\partial L/\partial h_t\|$")
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(r"$\log_{10}\,\|\partial L_w/\partial h_t\|$ (long-range)")
+    ax.set_title(wrap_title(title, fig), fontsize=10)
     ax.grid(alpha=0.3)
     if steps:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 
 
-def plot_grad_norms(steps: np.ndarray, pre: np.ndarray, post: np.ndarray, threshold: float | None, title: str):
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    return plt
+
+
+def plot_grad_norms(steps: np.ndarray, pre: np.ndarray, post: np.ndarray, threshold: float | None, title: str):
+    from .report_render import DPI, MIN_WIDTH, wrap_title
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(MIN_WIDTH, 4.6), layout="constrained", dpi=DPI)
     ok = np.isfinite(pre) & (pre > 0)
     ax.semilogy(steps[ok], pre[ok], lw=0.8, label="pre-clip")
     ok = np.isfinite(post) & (post > 0)
@@ -274,10 +286,9 @@ def plot_grad_norms(steps: np.ndarray, pre: np.ndarray, post: np.ndarray, thresh
         ax.axhline(threshold, color="k", ls=":", lw=0.8, label=f"clip threshold {threshold:g}")
     ax.set_xlabel("training step")
     ax.set_ylabel("global gradient norm")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(wrap_title(title, fig), fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 
 

@@ -192,7 +192,11 @@ def _finish(cfg, task, rec, module, grads, prof, val, steps: int) -> RunResult:
         df.insert(0, "step", grads.steps[: len(df)])
         rec.log_frame(df, "diagnostics/grad_norms.parquet")
     if d.plots and cfg.tracking.enabled:
-        title = f"{cfg.task.name} T={cfg.task.seq_len} {cfg.model.cell} {cfg.model.init} g={cfg.model.init_scale:g} ({regime})"
+        from .report_render import run_summary
+
+        # The verdict beside the outcome: healthy gradients that learned nothing must not read as success.
+        title = (f"{cfg.task.name} T={cfg.task.seq_len} {cfg.model.cell} {cfg.model.init} g={cfg.model.init_scale:g}: "
+                 f"{run_summary(regime, ratio, solved)}")
         import matplotlib.pyplot as plt
 
         fig = dg.plot_profile(frame, task, title)
