@@ -81,8 +81,10 @@ class DiagnosticsConfig:
     profile_every: int = 100  # BPTT profile + spectra every N steps (0: only at start and end)
     probe_size: int = 32  # fixed probe batch for the profile (seed + 2)
     horizon_decades: float = 3.0  # gradient horizon: steps back until ||dL/dh_t|| < 10^-d ||dL/dh_T||
-    vanish_log10: float = -3.0  # verdict vanishing if bptt/log10_ratio < this (final profile)
-    explode_log10: float = 3.0  # verdict exploding if bptt/log10_ratio > this ...
+    # Verdict thresholds in decades per step (bptt/log10_ratio_per_step), so they mean the same at any T:
+    # -0.03 = 3 decades lost per 100 steps (README, "Regime verdict").
+    vanish_log10_per_step: float = -0.03  # vanishing if every gradient path decays faster than this
+    explode_log10_per_step: float = 0.03  # exploding if any gradient path grows faster than this ...
     explode_norm: float = 1000.0  # ... or if the max pre-clip gradient norm over training exceeds this
     plots: bool = True  # write plots/bptt_profile.png and plots/grad_norms.png
     reference_check: bool = False  # also compute the profile by an independent recursion: bptt/reference_max_err
@@ -315,8 +317,8 @@ def validate(cfg: Config) -> None:
     _check("diagnostics.profile_every", d.profile_every >= 0, ">= 0", d.profile_every)
     _check("diagnostics.probe_size", d.probe_size >= 1, ">= 1", d.probe_size)
     _check("diagnostics.horizon_decades", d.horizon_decades > 0, "> 0", d.horizon_decades)
-    _check("diagnostics.vanish_log10", d.vanish_log10 < 0, "< 0", d.vanish_log10)
-    _check("diagnostics.explode_log10", d.explode_log10 > 0, "> 0", d.explode_log10)
+    _check("diagnostics.vanish_log10_per_step", d.vanish_log10_per_step < 0, "< 0", d.vanish_log10_per_step)
+    _check("diagnostics.explode_log10_per_step", d.explode_log10_per_step > 0, "> 0", d.explode_log10_per_step)
     _check("diagnostics.explode_norm", d.explode_norm > 0, "> 0", d.explode_norm)
     _check("tracking.experiment", bool(cfg.tracking.experiment.strip()), "a non-empty name",
            cfg.tracking.experiment)

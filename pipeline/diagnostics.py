@@ -7,11 +7,16 @@
   batch through the unrolled twin at step 0, every ``diagnostics.profile_every`` steps, and at the end.
   The twin shares the trained weights (a float64 copy), so training keeps its fused kernels.
 * :func:`verdict` turns the final profile and the run's largest gradient into a regime.
+
+The profile is the *long-range* one (the gradient of the task's memory-window loss terms,
+:attr:`pipeline.tasks.Task.window`); for copy the total gradient is kept beside it in the artifact as
+state ``h_total`` (README, "The long-range profile").
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -27,26 +32,45 @@ from .tasks import Task
 REGIMES = ("vanishing", "healthy", "exploding", "diverged")
 
 
-def verdict(diverged: bool, log10_ratio: float | None, max_norm_preclip: float | None,
-            d: DiagnosticsConfig) -> str:
-    """Regime of a run (thresholds are config keys, documented in the README).
+def _path_rates(summary: Mapping[str, Any]) -> list[float]:
+    """Decades per step of each gradient path the verdict reads: h, and c for LSTM (Gers 2000: the cell
+    state is the path that carries memory; an open c path is not vanishing even where h decays)."""
+    keys = ("bptt/log10_ratio_per_step", "bptt/c_log10_ratio_per_step")
+    return [float(summary[k]) for k in keys if summary.get(k) is not None]
 
-    diverged: a non-finite loss or gradient stopped training. exploding: the final profile grows
-    backward by more than ``explode_log10`` decades over the sequence, or the largest pre-clip gradient
-    norm exceeded ``explode_norm``. vanishing: the final profile's ||dL/dh_1|| / ||dL/dh_T|| is below
-    10^``vanish_log10`` (or no gradient reaches step 1 at all). healthy: none of these.
+
+def verdict(diverged: bool, summary: Mapping[str, Any] | None, max_norm_preclip: float | None,
+            d: DiagnosticsConfig) -> str:
+    """Regime of a run from one profile pass's metrics (``bptt/*`` keys) and the largest gradient norm.
+
+    Rules, in order (README, "Regime verdict"; thresholds are ``diagnostics.*`` config keys):
+
+    1. diverged: a non-finite training loss or gradient stopped training.
+    2. exploding: the float64 forward overflowed (``bptt/overflow_step`` > 0: the state itself grew past
+       1e308, so the gradient is not even defined); or any path grows backward faster than
+       ``explode_log10_per_step`` decades per step; or the largest pre-clip norm exceeded ``explode_norm``.
+    3. vanishing: every path (h; and c for LSTM) decays faster than ``vanish_log10_per_step``, or no
+       gradient reaches step 1 at all (-inf: e.g. every relu unit dead; NaN: neither end is reached).
+    4. healthy: none of these.
+
+    Rates are decades per step of the long-range profile (``bptt/log10_ratio_per_step``), so the same
+    dynamics get the same verdict at any T. ``summary=None`` (no profile) reads the norm rule alone.
     """
     if diverged:
         return "diverged"
-    if log10_ratio is not None and not math.isfinite(log10_ratio) and log10_ratio != math.inf:
-        # -inf: no gradient reaches step 1 at all (e.g. every relu unit dead); NaN: none reaches step T
-        # either (both ends exactly zero). Either way nothing flows back through time.
-        return "vanishing"
-    if (log10_ratio is not None and log10_ratio > d.explode_log10) or (
+    summary = summary or {}
+    overflow = summary.get("bptt/overflow_step")
+    if overflow is not None and math.isfinite(overflow) and overflow > 0:
+        return "exploding"
+    rates = _path_rates(summary)
+    if any(r > d.explode_log10_per_step for r in rates if not math.isnan(r)) or (
             max_norm_preclip is not None and max_norm_preclip > d.explode_norm):
         return "exploding"
-    if log10_ratio is not None and log10_ratio < d.vanish_log10:
-        return "vanishing"
+    if rates:
+        # The best-connected path decides; NaN (nothing reaches either end) counts as nothing flowing.
+        best = max(-math.inf if math.isnan(r) else r for r in rates)
+        if best < d.vanish_log10_per_step:
+            return "vanishing"
     return "healthy"
 
 
@@ -160,11 +184,14 @@ class ProfileMonitor(pl.Callback):
         finite = all(torch.isfinite(v).all() for v in params.values() if torch.is_tensor(v))
         metrics: dict[str, Any] = {"step": step}
         if finite:
-            prof = bptt.profile(params, self.x, self.y, self.task.loss, self.task.readout)
+            prof = bptt.profile(params, self.x, self.y, self.task.loss, self.task.readout,
+                                window=self.task.window)
             summary = bptt.summarize(prof, self.cfg.diagnostics.horizon_decades)
             metrics.update({f"bptt/{k}": v for k, v in summary.items()})
             metrics.update({f"spectral/{k}": v for k, v in bptt.spectrum(params).items()})
-            bound = bptt.pascanu_log10_bound(params, prof.T)
+            # Pascanu 2013's bound is a theorem about pure propagation (no loss term between step 1 and
+            # the reference step) through vanilla cells: logged only there (gated cells: None).
+            bound = bptt.pascanu_log10_bound(params, prof.reference_step) if prof.is_propagation_only else None
             if bound is not None:
                 metrics["spectral/pascanu_log10_bound"] = bound
             metrics["spectral/lyapunov_max"] = bptt.lyapunov_max(params, self.x)
@@ -207,42 +234,54 @@ class ProfileMonitor(pl.Callback):
 # --------------------------------------------------------------------------------------------- plots
 
 
+PROFILE_STYLES = (("h", "-", 1.6, ""), ("c", "--", 1.2, " (c)"), ("h_total", ":", 1.0, " (total)"))
+
+
 def plot_profile(frame, task: Task, title: str):
-    """log10 ||dL/dh_t|| against t at several training steps: the seed's figure, measured."""
-    import matplotlib
+    """log10 ||dL_w/dh_t|| (the long-range profile) against t at several training steps: the seed's
+    figure, measured. LSTM adds the cell state (dashed); copy adds the total gradient (dotted), whose
+    direct loss terms hide the loss of memory (README, "The long-range profile")."""
+    from .report_render import DPI, MIN_WIDTH, wrap_title
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(MIN_WIDTH, 5.0), layout="constrained", dpi=DPI)
     steps = sorted(frame["step"].unique()) if len(frame) else []
     if len(steps) > 6:  # at most 6 curves: first, last and evenly spaced between
         idx = np.unique(np.linspace(0, len(steps) - 1, 6).round().astype(int))
         steps = [steps[i] for i in idx]
     cmap = plt.get_cmap("viridis")
     for i, s in enumerate(steps):
-        for state, ls in (("h", "-"), ("c", "--")):
+        for state, ls, lw, suffix in PROFILE_STYLES:
             sub = frame[(frame["step"] == s) & (frame["state"] == state)]
             if len(sub):
-                ax.plot(sub["t"], sub["log10_norm"], ls, color=cmap(i / max(len(steps) - 1, 1)),
-                        label=f"step {s}" + (" (c)" if state == "c" else ""))
+                ax.plot(sub["t"], sub["log10_norm"], ls, lw=lw, color=cmap(i / max(len(steps) - 1, 1)),
+                        label=f"step {s}{suffix}")
+    a, b = task.window
+    if a > 1:
+        ax.axvspan(a, b, color="0.85", zorder=0, label=f"memory window t = {a}..{b}")
     ax.set_xlabel("time step t")
-    ax.set_ylabel(r"$\log_{10}\,\|\partial L/\partial h_t\|$")
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(r"$\log_{10}\,\|\partial L_w/\partial h_t\|$ (long-range)")
+    ax.set_title(wrap_title(title, fig), fontsize=10)
     ax.grid(alpha=0.3)
     if steps:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 
 
-def plot_grad_norms(steps: np.ndarray, pre: np.ndarray, post: np.ndarray, threshold: float | None, title: str):
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    return plt
+
+
+def plot_grad_norms(steps: np.ndarray, pre: np.ndarray, post: np.ndarray, threshold: float | None, title: str):
+    from .report_render import DPI, MIN_WIDTH, wrap_title
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(MIN_WIDTH, 4.6), layout="constrained", dpi=DPI)
     ok = np.isfinite(pre) & (pre > 0)
     ax.semilogy(steps[ok], pre[ok], lw=0.8, label="pre-clip")
     ok = np.isfinite(post) & (post > 0)
@@ -251,10 +290,9 @@ def plot_grad_norms(steps: np.ndarray, pre: np.ndarray, post: np.ndarray, thresh
         ax.axhline(threshold, color="k", ls=":", lw=0.8, label=f"clip threshold {threshold:g}")
     ax.set_xlabel("training step")
     ax.set_ylabel("global gradient norm")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(wrap_title(title, fig), fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 
 

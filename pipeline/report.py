@@ -74,8 +74,11 @@ def fmt(v: Any, col: str = "") -> str:
 def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
 
+    from .report_render import DPI
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    # bbox_inches="tight": whatever a figure-level title or legend needs is kept, never cut at the edge
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 

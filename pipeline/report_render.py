@@ -14,6 +14,44 @@ import numpy as np
 REGIME_COLORS = {"vanishing": "#1f77b4", "healthy": "#2ca02c", "exploding": "#ff7f0e",
                  "diverged": "#d62728", None: "#9e9e9e"}
 THEORY_INITS = ("gaussian", "orthogonal")  # mean-field ln g per step applies to tanh with these inits
+# val loss / task baseline at or above which a run "learned nothing" (1.0 = the baseline's loss exactly):
+# healthy gradient flow is no success if the loss never left the baseline (README, "What the report shows").
+LEARNED_NOTHING = 0.9
+MIN_WIDTH = 8.0  # inches: a figure-wide title and legend fit even when there is one panel
+DPI = 170  # report and run figures (110 looked soft on a laptop screen; ~2x the file size)
+
+
+def outcome(val_loss_ratio, solved=None) -> str:
+    """What the run learned, in words, for titles and labels: "solved", "learned nothing" (val loss at
+    least LEARNED_NOTHING x baseline), "partly learned", or "no val loss"."""
+    if solved in (True, "true"):
+        return "solved"
+    try:
+        r = float(val_loss_ratio)
+    except (TypeError, ValueError):
+        return "no val loss"
+    if math.isnan(r):
+        return "no val loss"
+    return "learned nothing" if r >= LEARNED_NOTHING else "partly learned"
+
+
+def run_summary(regime, val_loss_ratio, solved=None) -> str:
+    """"<regime> gradients; val loss 0.98 x baseline: learned nothing": the verdict next to the outcome,
+    so a healthy gradient flow that learned nothing does not read as a success."""
+    try:
+        r = float(val_loss_ratio)
+        loss = "" if math.isnan(r) else f"val loss {r:.2g} x baseline: "
+    except (TypeError, ValueError):
+        loss = ""
+    what = "diverged" if regime == "diverged" else f"{regime} gradients"
+    return f"{what}; {loss}{outcome(val_loss_ratio, solved)}"
+
+
+def wrap_title(text: str, fig) -> str:
+    """Wrap a figure title to the figure's width (about 11 characters per inch at fontsize 11)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, max(30, int(fig.get_figwidth() * 11))))
 
 
 def _plt():
@@ -29,7 +67,10 @@ def _grid(n: int, width: float = 4.2, height: float = 3.6, max_cols: int = 3):
     plt = _plt()
     cols = min(n, max_cols)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    # Constrained layout makes room for titles, figure legends and legends below the axes (tight_layout
+    # ignores figure-level artists: one-panel figures lost their title and legend).
+    fig, axes = plt.subplots(rows, cols, figsize=(max(width * cols, MIN_WIDTH), height * rows), squeeze=False,
+                             layout="constrained")
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
@@ -76,7 +117,7 @@ def _value_ticks(axis, values, max_ticks: int = 6) -> None:
 def theory_applies(cell: str, init: str, g: float) -> bool:
     """Mean-field (Molgedey 1992; Chen, Pennington, Schoenholz 2018): a tanh RNN with W ~ N(0, g^2/H)
     (or g times an orthogonal matrix) has ||dL/dh_t|| shrinking by g per step going back, in the
-    ordered phase g < 1 (ANCHORS 1)."""
+    ordered phase g < 1."""
     return cell == "tanh" and init in THEORY_INITS and g is not None and 0 < g < 1
 
 
@@ -106,7 +147,12 @@ def phase_diagram(table, task: str):
             else:
                 marker, size = "o", 90
                 text = f"{r['val_loss_ratio']:.2g}" if not np.isnan(r["val_loss_ratio"]) else r["status"] or "?"
-            ax.scatter([xi], [yi], c=color, marker=marker, s=size, edgecolors="k", linewidths=0.6, zorder=3)
+            if regime != "diverged" and outcome(r["val_loss_ratio"], r["solved"]) == "learned nothing":
+                # hollow: whatever the gradients did, the loss stayed at the baseline
+                ax.scatter([xi], [yi], facecolors="white", edgecolors=color, marker=marker, s=size,
+                           linewidths=2.2, zorder=3)
+            else:
+                ax.scatter([xi], [yi], c=color, marker=marker, s=size, edgecolors="k", linewidths=0.6, zorder=3)
             if label_points:
                 ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(0, 9 if k % 2 == 0 else -15),
                             ha="center", fontsize=7)
@@ -123,11 +169,12 @@ def phase_diagram(table, task: str):
     handles = [Line2D([], [], ls="", marker="o", color=c, markeredgecolor="k", label=k)
                for k, c in REGIME_COLORS.items() if k]
     handles += [Line2D([], [], ls="", marker="*", color="w", markeredgecolor="k", markersize=11, label="solved"),
-                Line2D([], [], ls="", marker="X", color="w", markeredgecolor="k", label="diverged (step)")]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    fig.suptitle(f"Phase diagram, {task}: regime by init scale and learning rate "
-                 "(labels: final val loss / baseline)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+                Line2D([], [], ls="", marker="X", color="w", markeredgecolor="k", label="diverged (step)"),
+                Line2D([], [], ls="", marker="o", color="w", markeredgecolor="#555", markeredgewidth=2,
+                       label=f"hollow: learned nothing (val loss >= {LEARNED_NOTHING:g} x baseline)")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    fig.suptitle(wrap_title(f"Phase diagram, {task}: gradient regime (colour) by init scale and learning rate; "
+                            "labels: final val loss / baseline", fig), fontsize=11)
     return fig
 
 
@@ -158,7 +205,7 @@ def profile_panels(table, profiles: dict, task: str):
             ax.plot(p0["t"], p0["log10_norm"], "--", color=color, lw=1.2, label=f"{_run_label(r)}: init")
             if last != first:
                 ax.plot(p1["t"], p1["log10_norm"], "-", color=color, lw=1.6,
-                        label=f"{_run_label(r)}: step {last} ({r['regime']})")
+                        label=f"{_run_label(r)}: step {last} ({run_summary(r['regime'], r['val_loss_ratio'], r['solved'])})")
             g = r["init_scale"]
             if theory_applies(cell, r["init"], g) and len(p0):
                 T = int(p0["t"].max())
@@ -167,13 +214,19 @@ def profile_panels(table, profiles: dict, task: str):
                 ax.plot(t, anchor + (T - t) * math.log10(g), ":", color="k", lw=1.0,
                         label=f"theory g={g:.3g}: ln g = {math.log(g):.2f}/step")
         ax.set_xlabel("time step t")
-        ax.set_ylabel(r"$\log_{10}\,\|\partial L/\partial h_t\|$")
+        ax.set_ylabel(r"$\log_{10}\,\|\partial L_w/\partial h_t\|$ (long-range)")
         ax.set_title(f"{task}: {cell}", fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6.5)
-    fig.suptitle("Gradient profiles: at init (dashed) and end of training (solid)", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+        _legend_below(ax)
+    fig.suptitle(wrap_title("Long-range gradient profiles (memory-window loss): at init (dashed) and end of "
+                            "training (solid)", fig), fontsize=11)
     return fig
+
+
+def _legend_below(ax) -> None:
+    """The legend under its panel, not over the curves (constrained layout makes the room)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
 
 
 def grad_norm_panels(table, norms: dict, task: str):
@@ -197,7 +250,8 @@ def grad_norm_panels(table, norms: dict, task: str):
                     continue
                 ok = np.isfinite(df[col]) & (df[col] > 0)
                 if ok.any():
-                    label = f"{_run_label(r)} clip {r['clip']}" + (f": {what}" if clipped else "")
+                    label = (f"{_run_label(r)} clip {r['clip']}" + (f": {what}" if clipped else "")
+                             + f" ({run_summary(r['regime'], r['val_loss_ratio'], r['solved'])})")
                     ax.semilogy(df["step"][ok], df[col][ok], ls, color=color, lw=0.9,
                                 marker="." if ok.sum() < 4 else None, label=label)
             if r["clip"].startswith("norm "):
@@ -208,7 +262,7 @@ def grad_norm_panels(table, norms: dict, task: str):
         ax.set_ylabel("global gradient norm")
         ax.set_title(f"{task}: {cell}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6.5)
-    fig.suptitle("Gradient norm over training: before (solid) and after (dashed) clipping", fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+        _legend_below(ax)
+    fig.suptitle(wrap_title("Gradient norm over training: before (solid) and after (dashed) clipping", fig),
+                 fontsize=11)
     return fig

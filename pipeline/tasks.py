@@ -1,8 +1,13 @@
 """Long-memory tasks: pure tensor generators, seeded by a ``torch.Generator``, made on the device.
 
-Each task knows its loss, its *baseline* (the loss of a model that learned nothing, ANCHORS section 2)
+Each task knows its loss, its *baseline* (the loss of a model that learned nothing; README, "Tasks")
 and how the model reads out (``"last"``: one output after the last step; ``"all"``: one per step).
 Every loss in the pipeline is read against the baseline: ``val/loss_ratio = val/loss / baseline``.
+
+Each task also declares its *memory window* (:attr:`Task.window`): the steps whose loss terms need
+information from far back. The BPTT diagnostics measure the gradient of those terms alone (the
+long-range profile, README "The long-range profile"), since a loss with a term at every step (copy)
+has a total gradient dominated at each step by its own direct term.
 """
 
 from __future__ import annotations
@@ -24,6 +29,15 @@ class Task:
     readout: str  # "last" | "all"
     baseline: float  # loss of a model that learned nothing
     solved_below: float  # loss under which the task counts as solved
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """Memory window (a, b): 1-based, inclusive steps of the loss terms that need long memory.
+
+        Default: the last step alone (adding, temporal order: the only loss term). Copy overrides it
+        with its recall steps.
+        """
+        return (self.length, self.length)
 
     def sample(self, n: int, generator: torch.Generator, device: torch.device | str = "cpu"):
         raise NotImplementedError
@@ -89,6 +103,13 @@ class Copy(Task):
         length = seq_len + 2 * self.n_mem
         super().__init__("copy", seq_len, length, 10, 9, "all",
                          self.n_mem * math.log(8) / length, 0.1 * self.n_mem * math.log(8) / length)
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """The recall steps T+11 .. T+20: the only loss terms that depend on the data symbols at steps
+        1..10 (Arjovsky, Shah, Bengio 2016, section 4.1). The blank targets before them are learned from
+        the current input alone and say nothing about memory."""
+        return (self.length - self.n_mem + 1, self.length)
 
     def sample(self, n, generator, device="cpu"):
         T, m, L = self.seq_len, self.n_mem, self.length

@@ -1,11 +1,13 @@
 """MLflow record: stores created once, runs opened and always closed explicitly, buffered metrics.
 
 We use ``MlflowClient`` rather than the fluent API: no active-run global state, and no atexit hook
-that marks a crashed run FINISHED (ANCHORS section 3). Each :class:`Recorder` closes its run with
+that marks a crashed run FINISHED (README, "The MLflow record"). Each :class:`Recorder` closes its run with
 FINISHED, FAILED or KILLED from the code path that ended it. Metrics are buffered and sent with
 ``log_batch`` (sqlite: ~5 ms per ``log_metric`` call vs ~23 ms per batch of 100). Non-finite values
-are not sent (NaN breaks the run page, MLflow issue #16555; +-inf comes back as +-1.8e308): a diverged
-run is recorded by its ``regime`` and ``diverged_step`` tags instead.
+are recorded visibly, never dropped (README, "The MLflow record"): +-inf is sent as +-1.7976931348623157e308
+(float64's largest value, what MLflow itself stores for inf), and NaN, which breaks the run page (MLflow
+issue #16555), as the tag ``nonfinite.<metric> = nan`` (removed again when a later finite value of that
+metric is logged), so a metric's latest value is never an earlier pass's finite number in disguise.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import functools
 import math
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,7 +51,7 @@ def ensure_experiment(uri: str | None, name: str) -> str:
     """Create the store (schema) and the experiment if needed; return the experiment id.
 
     Call once in the parent process before any worker starts: concurrent first-time schema creation
-    on a fresh sqlite/PostgreSQL store loses workers (ANCHORS section 3).
+    on a fresh sqlite/PostgreSQL store loses workers (README, "Faults and resuming").
     """
     from mlflow.exceptions import MlflowException
 
@@ -89,9 +92,25 @@ def version_tags() -> dict[str, str]:
     return tags
 
 
-def _finite(v: Any) -> bool:
+FLOAT_MAX = sys.float_info.max  # +-inf is logged as +-FLOAT_MAX (1.7976931348623157e308)
+NONFINITE_TAG = "nonfinite."  # tag prefix: nonfinite.<metric> = "nan" while the latest value is NaN
+
+
+def encode_metric(v: Any) -> float | None:
+    """The value to send for a metric: finite values as they are, +-inf as +-FLOAT_MAX, None for NaN
+    (recorded as a tag instead) and for anything that is not a number."""
     try:
-        return math.isfinite(float(v))
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    if math.isnan(x):
+        return None
+    return x if math.isfinite(x) else math.copysign(FLOAT_MAX, x)
+
+
+def _is_nan(v: Any) -> bool:
+    try:
+        return math.isnan(float(v))
     except (TypeError, ValueError):
         return False
 
@@ -106,6 +125,7 @@ class Recorder:
         self.uri, self.run_id, self.experiment_id = resolve_uri(uri), run_id, experiment_id
         self.client = client(uri)
         self._buf: list[Any] = []
+        self._nan_tags: set[str] = set()  # metrics whose nonfinite.<metric> tag is set
         self.closed = False
 
     @classmethod
@@ -120,8 +140,21 @@ class Recorder:
 
     # -- metrics / params / tags
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
+        """Buffer finite and +-inf values (inf as +-FLOAT_MAX); a NaN sets the tag ``nonfinite.<key>=nan``
+        at once, and a later finite or infinite value of that key deletes it again."""
         ts = int(time.time() * 1000)
-        self._buf.extend(self._Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if _finite(v))
+        nan_keys = [k for k, v in metrics.items() if _is_nan(v)]
+        for k, v in metrics.items():
+            x = encode_metric(v)
+            if x is None:
+                continue
+            self._buf.append(self._Metric(k, x, ts, int(step)))
+            if k in self._nan_tags:
+                self.client.delete_tag(self.run_id, NONFINITE_TAG + k)
+                self._nan_tags.discard(k)
+        if nan_keys:
+            self.set_tags({NONFINITE_TAG + k: "nan" for k in nan_keys})
+            self._nan_tags.update(nan_keys)
         if len(self._buf) >= FLUSH_EVERY:
             self.flush()
 

@@ -73,7 +73,7 @@ def configure_torch(cfg: Config) -> None:
     import torch
 
     torch.set_num_threads(cfg.trainer.threads)
-    # Vanishing tanh states produce denormals; unflushed they slow CPU training 3-9x (ANCHORS 4).
+    # Vanishing tanh states produce denormals; unflushed they slow CPU training 3-9x (README, "How it works").
     # The float64 profile turns flushing off while it runs, so diagnostics stay exact.
     torch.set_flush_denormal(True)
 
@@ -160,9 +160,9 @@ def _finish(cfg, task, rec, module, grads, prof, val, steps: int) -> RunResult:
     diverged = module.diverged_step is not None
     last, first = prof.last, prof.first
     max_pre = grads.max_norm_preclip
-    regime = dg.verdict(diverged, last.get("bptt/log10_ratio"), max_pre, d)
+    regime = dg.verdict(diverged, last, max_pre, d)
     first_pre = float(grads.column("norm_preclip")[0]) if len(grads.history) else None
-    regime_init = dg.verdict(False, first.get("bptt/log10_ratio"), first_pre, d)
+    regime_init = dg.verdict(False, first, first_pre, d)
     v = module.val_loss
     ratio = v / task.baseline if v is not None and math.isfinite(v) else None
     solved = bool(not diverged and v is not None and math.isfinite(v) and v < task.solved_below)
@@ -192,7 +192,11 @@ def _finish(cfg, task, rec, module, grads, prof, val, steps: int) -> RunResult:
         df.insert(0, "step", grads.steps[: len(df)])
         rec.log_frame(df, "diagnostics/grad_norms.parquet")
     if d.plots and cfg.tracking.enabled:
-        title = f"{cfg.task.name} T={cfg.task.seq_len} {cfg.model.cell} {cfg.model.init} g={cfg.model.init_scale:g} ({regime})"
+        from .report_render import run_summary
+
+        # The verdict beside the outcome: healthy gradients that learned nothing must not read as success.
+        title = (f"{cfg.task.name} T={cfg.task.seq_len} {cfg.model.cell} {cfg.model.init} g={cfg.model.init_scale:g}: "
+                 f"{run_summary(regime, ratio, solved)}")
         import matplotlib.pyplot as plt
 
         fig = dg.plot_profile(frame, task, title)

@@ -1,33 +1,122 @@
-"""The regime verdict: thresholds as documented, edge cases of the profile."""
+"""The regime verdict: thresholds as documented (README, "Regime verdict"), on real profiles where the
+answer is known in closed form."""
 
 import math
 
+import numpy as np
 import pytest
+import torch
 
+from pipeline import bptt
 from pipeline.config import DiagnosticsConfig
 from pipeline.diagnostics import verdict
 
 D = DiagnosticsConfig()
+F64 = torch.float64
 
 
-@pytest.mark.parametrize("diverged, ratio, norm, want", [
-    (True, 0.0, 1.0, "diverged"),
-    (False, -3.5, 1.0, "vanishing"),
-    (False, -2.9, 1.0, "healthy"),
-    (False, 3.1, 1.0, "exploding"),
-    (False, 0.0, 1001.0, "exploding"),   # large gradients over training even if the final profile is flat
-    (False, -10.0, 5000.0, "exploding"),  # explosion wins over vanishing: it is what hurt the run
-    (False, -math.inf, 1.0, "vanishing"),  # nothing reaches step 1 (dead relu units)
-    (False, math.nan, 1.0, "vanishing"),   # nothing reaches either end
-    (False, math.inf, 1.0, "exploding"),
+def s(h=None, c=None, overflow=0.0):
+    """A profile pass's metrics as ProfileMonitor logs them (decades per step)."""
+    out = {"bptt/overflow_step": overflow}
+    if h is not None:
+        out["bptt/log10_ratio_per_step"] = h
+    if c is not None:
+        out["bptt/c_log10_ratio_per_step"] = c
+    return out
+
+
+@pytest.mark.parametrize("diverged, summary, norm, want", [
+    (True, s(0.0), 1.0, "diverged"),
+    (False, s(-0.035), 1.0, "vanishing"),
+    (False, s(-0.029), 1.0, "healthy"),
+    (False, s(0.031), 1.0, "exploding"),
+    (False, s(0.0), 1001.0, "exploding"),     # large gradients over training even if the final profile is flat
+    (False, s(-1.0), 5000.0, "exploding"),    # explosion wins over vanishing: it is what hurt the run
+    (False, s(-math.inf), 1.0, "vanishing"),  # nothing reaches step 1 (dead relu units)
+    (False, s(math.nan), 1.0, "vanishing"),   # nothing reaches either end
+    (False, s(math.inf), 1.0, "exploding"),
     (False, None, None, "healthy"),
+    # LSTM: the cell-state path carries memory (Gers 2000); an open c path is not vanishing ...
+    (False, s(-0.2, -0.005), 1.0, "healthy"),
+    (False, s(-math.inf, -0.005), 1.0, "healthy"),
+    # ... and vanishing needs both paths closed; a growing path is exploding whichever it is.
+    (False, s(-0.2, -0.1), 1.0, "vanishing"),
+    (False, s(-0.2, 0.05), 1.0, "exploding"),
+    # Forward overflow: the state itself passed 1e308, every gradient summary is NaN.
+    (False, s(math.nan, overflow=1752.0), 1.0, "exploding"),
 ])
-def test_verdict(diverged, ratio, norm, want):
-    assert verdict(diverged, ratio, norm, D) == want
+def test_verdict(diverged, summary, norm, want):
+    assert verdict(diverged, summary, norm, D) == want
 
 
 def test_thresholds_are_config():
-    d = DiagnosticsConfig(vanish_log10=-1.0, explode_log10=1.0, explode_norm=10.0)
-    assert verdict(False, -1.5, 1.0, d) == "vanishing"
-    assert verdict(False, 1.5, 1.0, d) == "exploding"
-    assert verdict(False, 0.0, 11.0, d) == "exploding"
+    d = DiagnosticsConfig(vanish_log10_per_step=-0.1, explode_log10_per_step=0.1, explode_norm=10.0)
+    assert verdict(False, s(-0.15), 1.0, d) == "vanishing"
+    assert verdict(False, s(-0.05), 1.0, d) == "healthy"
+    assert verdict(False, s(0.15), 1.0, d) == "exploding"
+    assert verdict(False, s(0.0), 11.0, d) == "exploding"
+
+
+def zero_input_orthogonal(T, g, H=8, B=2, seed=0):
+    """tanh cell, W_hh = g*Q, zero inputs and biases: J_t = g*Q exactly, so the profile is g^(T-k)."""
+    gen = torch.Generator().manual_seed(seed)
+    Q, R = torch.linalg.qr(torch.randn(H, H, generator=gen, dtype=F64))
+    p = {"cell": "tanh", "W_ih": torch.randn(H, 2, generator=gen, dtype=F64), "b_ih": torch.zeros(H, dtype=F64),
+         "W_hh": g * Q * torch.sign(torch.diagonal(R)), "b_hh": torch.zeros(H, dtype=F64),
+         "W_out": torch.randn(1, H, generator=gen, dtype=F64), "b_out": torch.zeros(1, dtype=F64)}
+    return p, torch.zeros(B, T, 2, dtype=F64), torch.randn(B, 1, generator=gen, dtype=F64)
+
+
+def run_verdict(p, x, y, readout="last", window=None):
+    prof = bptt.profile(p, x, y, lambda o, t: ((o - t) ** 2).mean(), readout, window=window)
+    return verdict(False, {f"bptt/{k}": v for k, v in bptt.summarize(prof).items()}, 1.0, D), prof
+
+
+@pytest.mark.parametrize("T", [20, 400])
+def test_same_dynamics_same_verdict_at_any_T(T):
+    """g = 0.9 loses log10(0.9) = -0.046 decades per step at every T (exact here). In absolute decades
+    that is -0.87 at T = 20 and -18 at T = 400: a fixed-decades threshold called the first healthy and
+    the second vanishing. Per step, both are vanishing; g = 0.95 (-0.022 per step) is healthy at both."""
+    for g, want in ((0.9, "vanishing"), (0.95, "healthy")):
+        got, prof = run_verdict(*zero_input_orthogonal(T, g))
+        summary = bptt.summarize(prof)
+        assert summary["log10_ratio_per_step"] == pytest.approx(math.log10(g), abs=1e-9)
+        assert got == want, (g, T, summary)
+
+
+@pytest.mark.parametrize("b_f, want", [(3.0, "healthy"), (0.0, "vanishing")])
+def test_lstm_open_cell_path_is_not_vanishing(b_f, want):
+    """LSTM with W_ih = W_hh = 0 (as in tests/test_bptt.py): dL/dh_t = 0 exactly for t < T (h feeds
+    nothing) while dL/dc_t = sigmoid(b_f) dL/dc_{t+1}. b_f = 3: c keeps log10 sigmoid(3) = -0.021 decades
+    per step: open, though the h path reads -inf. b_f = 0: log10(1/2) = -0.30 per step: closed."""
+    T, H, B = 200, 4, 2
+    gen = torch.Generator().manual_seed(1)
+    b = torch.zeros(4 * H, dtype=F64)
+    b[0:H], b[H:2 * H], b[2 * H:3 * H], b[3 * H:] = 0.5, b_f, 0.8, 0.2
+    p = {"cell": "lstm", "W_ih": torch.zeros(4 * H, 1, dtype=F64), "b_ih": b,
+         "W_hh": torch.zeros(4 * H, H, dtype=F64), "b_hh": torch.zeros(4 * H, dtype=F64),
+         "W_out": torch.randn(1, H, generator=gen, dtype=F64), "b_out": torch.zeros(1, dtype=F64)}
+    got, prof = run_verdict(p, torch.randn(B, T, 1, generator=gen, dtype=F64),
+                            torch.randn(B, 1, generator=gen, dtype=F64))
+    summary = bptt.summarize(prof)
+    assert np.isneginf(summary["log10_ratio"])
+    assert summary["c_log10_ratio_per_step"] == pytest.approx(math.log10(1 / (1 + math.exp(-b_f))), abs=1e-9)
+    assert got == want
+
+
+def test_forward_overflow_reads_exploding():
+    """relu, W_hh = 1.5 I, positive drive: h_t grows like 1.5^t and passes float64's 1.8e308 near
+    t = 308 / log10(1.5) = 1750. The verdict must say exploding (it said vanishing from a NaN ratio)."""
+    T, H, B = 2000, 4, 2
+    p = {"cell": "relu", "W_ih": torch.ones(H, 1, dtype=F64), "b_ih": torch.zeros(H, dtype=F64),
+         "W_hh": 1.5 * torch.eye(H, dtype=F64), "b_hh": torch.zeros(H, dtype=F64),
+         "W_out": torch.ones(1, H, dtype=F64), "b_out": torch.zeros(1, dtype=F64)}
+    x = torch.ones(B, T, 1, dtype=F64)
+    got, prof = run_verdict(p, x, torch.zeros(B, 1, dtype=F64))
+    # h_t = sum_{j<t} 1.5^j = 2 (1.5^t - 1): the first t with h_t > 1.797e308 (float64 max)
+    t = np.arange(1, T + 1)
+    expected = int(t[np.log10(2.0) + t * math.log10(1.5) > math.log10(np.finfo(np.float64).max)][0])
+    assert prof.overflow_step == expected and bptt.summarize(prof)["overflow_step"] == expected
+    assert got == "exploding"
+    # The Lyapunov exponent reads the growth before the overflow: ln 1.5 exactly (J_t = 1.5 I), not -inf.
+    assert bptt.lyapunov_max(p, x) == pytest.approx(math.log(1.5), abs=1e-12)

@@ -336,3 +336,77 @@ def test_missing_store_is_an_error_and_not_created(tmp_path, capsys, monkeypatch
     rc, err = _cli(["--store", f"sqlite:///{db}"], capsys)
     assert rc == 2 and "no MLflow store" in err
     assert not db.exists() and not (tmp_path / "reports").exists()
+
+
+# ------------------------------------------------------------------- figures say what the verdict means
+
+
+def _one_panel_table():
+    """A one-(cell, init) sweep: healthy gradients that learned nothing, a vanishing run that solved it, and
+    a diverged one (the shape that lost its title and legend)."""
+    import pandas as pd
+
+    rows = [("r1", 0.5, 0.01, "healthy", 0.98, "false", None),
+            ("r2", 1.0, 0.01, "vanishing", 0.05, "true", None),
+            ("r3", 3.0, 1.0, "diverged", math.nan, "false", 7)]
+    return pd.DataFrame([{"run_id": rid, "task": "adding", "cell": "tanh", "init": "gaussian", "init_scale": g,
+                          "lr": lr, "clip": "norm 1", "regime": reg, "val_loss_ratio": v, "solved": sol,
+                          "diverged_step": ds, "status": "FINISHED"}
+                         for rid, g, lr, reg, v, sol, ds in rows])
+
+
+def _inside(fig, artist) -> bool:
+    fig.canvas.draw()
+    box = artist.get_window_extent(fig.canvas.get_renderer())
+    W, H = fig.bbox.width, fig.bbox.height
+    return box.x0 >= -1 and box.y0 >= -1 and box.x1 <= W + 1 and box.y1 <= H + 1
+
+
+def test_one_panel_figures_keep_title_and_legend():
+    """tight_layout ignores figure-level artists: a one-panel phase diagram (figure 4.2 in wide) cut its
+    title and its 6-column legend, and a one-panel gradient-norm figure its title. Every title and legend
+    must lie inside the figure it is saved from."""
+    import numpy as np
+    import pandas as pd
+
+    from pipeline import report_render as rr
+
+    table = _one_panel_table()
+    fig = rr.phase_diagram(table, "adding")
+    assert _inside(fig, fig._suptitle) and all(_inside(fig, lg) for lg in fig.legends)
+    norms = {rid: pd.DataFrame({"step": np.arange(1, 6), "norm_preclip": np.linspace(1, 5, 5),
+                                "norm_postclip": np.ones(5)}) for rid in table["run_id"]}
+    fig = rr.grad_norm_panels(table, norms, "adding")
+    assert _inside(fig, fig._suptitle)
+    for ax in fig.axes:
+        assert ax.get_legend() is not None and _inside(fig, ax.get_legend())
+
+
+def test_learned_nothing_does_not_look_like_success():
+    """A healthy run whose loss stayed at the baseline is drawn hollow and says "learned nothing" next to
+    its regime; a solved run is a filled star."""
+    from matplotlib.colors import to_rgba
+
+    from pipeline import report_render as rr
+
+    assert rr.run_summary("healthy", 0.98, "false") == "healthy gradients; val loss 0.98 x baseline: learned nothing"
+    assert rr.outcome(0.05, "true") == "solved" and rr.outcome(0.5) == "partly learned"
+    fig = rr.phase_diagram(_one_panel_table(), "adding")
+    ax = fig.axes[0]
+    faces = [tuple(c.get_facecolors()[0]) for c in ax.collections]
+    white, green = to_rgba("white"), to_rgba(rr.REGIME_COLORS["healthy"])
+    assert white in faces and green not in faces  # the healthy-but-nothing run is not a filled green point
+    labels = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+    assert any(lab.startswith("hollow: learned nothing") for lab in labels)
+
+
+def test_report_figures_are_sharp(report):
+    from PIL import Image
+
+    from pipeline import report_render as rr
+
+    assert rr.DPI >= 160
+    for name in ("phase_diagram.png", "profiles.png", "grad_norms.png"):
+        with Image.open(report.out / name) as im:
+            assert round(im.info["dpi"][0]) == rr.DPI, name
+        assert (report.out / name).stat().st_size < 400_000, name  # sharp, not heavy
