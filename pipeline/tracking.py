@@ -3,7 +3,10 @@
 We use ``MlflowClient`` rather than the fluent API: no active-run global state, and no atexit hook
 that marks a crashed run FINISHED (ANCHORS section 3). Each :class:`Recorder` closes its run with
 FINISHED, FAILED or KILLED from the code path that ended it. Metrics are buffered and sent with
-``log_batch`` (sqlite: ~5 ms per ``log_metric`` call vs ~23 ms per batch of 100). Non-finite values
+``log_batch`` (sqlite: ~5 ms per ``log_metric`` call vs ~23 ms per batch of 100) once
+:data:`FLUSH_EVERY` values wait, or :data:`FLUSH_SECONDS` after the last send, and on close. Not at the
+end of every ``trainer.log_every`` window: one 10-metric ``log_batch`` on sqlite measured 32 ms (2 shared
+cores) against 17 ms per training step of the default config (log_every 10), i.e. +19% wall time. Non-finite values
 are not sent (NaN breaks the run page, MLflow issue #16555; +-inf comes back as +-1.8e308): a diverged
 run is recorded by its ``regime`` and ``diverged_step`` tags instead.
 """
@@ -21,6 +24,7 @@ from typing import Any
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 FLUSH_EVERY = 500  # buffered metric values before a log_batch
+FLUSH_SECONDS = 30.0  # ... or this long after the last send: a live run in the UI is at most this stale
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
 
 
@@ -106,6 +110,7 @@ class Recorder:
         self.uri, self.run_id, self.experiment_id = resolve_uri(uri), run_id, experiment_id
         self.client = client(uri)
         self._buf: list[Any] = []
+        self._sent_at = time.monotonic()
         self.closed = False
 
     @classmethod
@@ -122,13 +127,14 @@ class Recorder:
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         ts = int(time.time() * 1000)
         self._buf.extend(self._Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if _finite(v))
-        if len(self._buf) >= FLUSH_EVERY:
+        if len(self._buf) >= FLUSH_EVERY or time.monotonic() - self._sent_at >= FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
         while self._buf:
             chunk, self._buf = self._buf[:MAX_BATCH], self._buf[MAX_BATCH:]
             self.client.log_batch(self.run_id, metrics=chunk)
+        self._sent_at = time.monotonic()
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
