@@ -316,8 +316,15 @@ def _compare(chk: Check, results: dict[str, EntryResult]) -> Row:
     if bad:
         return Row(label, "-", "-", band, ERROR, f"run of {bad[0]} {results[bad[0]].status.lower()}")
     a, b = (_metric(results[n], m) for n, m in zip(names, metrics, strict=True))
-    if k == "ratio_of_runs" and p.get("diverged_as_inf") and results[names[0]].diverged:
+    as_inf = k == "ratio_of_runs" and p.get("diverged_as_inf") and results[names[0]].diverged
+    if as_inf:
         a = math.inf  # the norm went non-finite: that is the unclipped maximum
+    # A diverged run stopped early: its metrics describe the weights before the stop, not the configured
+    # training, so a comparison with it is not the law's comparison (diverged_as_inf is the one opt-in).
+    div = [n for i, n in enumerate(names) if results[n].diverged and not (i == 0 and as_inf)]
+    if div:
+        step = results[div[0]].tags.get("diverged_step", "?")
+        return Row(label, "-", "-", band, LAW, f"run of {div[0]} diverged at step {step}")
     if a is None or b is None:
         return Row(label, "-", "-", band, LAW, f"{metrics[0] if a is None else metrics[1]} was not recorded")
     if k == "ratio_of_runs":

@@ -3,11 +3,15 @@
 We use ``MlflowClient`` rather than the fluent API: no active-run global state, and no atexit hook
 that marks a crashed run FINISHED (README, "The MLflow record"). Each :class:`Recorder` closes its run with
 FINISHED, FAILED or KILLED from the code path that ended it. Metrics are buffered and sent with
-``log_batch`` (sqlite: ~5 ms per ``log_metric`` call vs ~23 ms per batch of 100). Non-finite values
-are recorded visibly, never dropped (README, "The MLflow record"): +-inf is sent as +-1.7976931348623157e308
-(float64's largest value, what MLflow itself stores for inf), and NaN, which breaks the run page (MLflow
-issue #16555), as the tag ``nonfinite.<metric> = nan`` (removed again when a later finite value of that
-metric is logged), so a metric's latest value is never an earlier pass's finite number in disguise.
+``log_batch`` (sqlite: ~5 ms per ``log_metric`` call vs ~23 ms per batch of 100) once
+:data:`FLUSH_EVERY` values wait, or :data:`FLUSH_SECONDS` after the last send, and on close. Not at the
+end of every ``trainer.log_every`` window: one 10-metric ``log_batch`` on sqlite measured 32 ms (2 shared
+cores) against 17 ms per training step of the default config (log_every 10), i.e. +19% wall time.
+Non-finite values are recorded visibly, never dropped (README, "The MLflow record"): +-inf is sent as
++-1.7976931348623157e308 (float64's largest value, what MLflow itself stores for inf), and NaN, which
+breaks the run page (MLflow issue #16555), as the tag ``nonfinite.<metric> = nan`` (removed again when a
+later finite value of that metric is logged), so a metric's latest value is never an earlier pass's
+finite number in disguise.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 FLUSH_EVERY = 500  # buffered metric values before a log_batch
+FLUSH_SECONDS = 30.0  # ... or this long after the last send: a live run in the UI is at most this stale
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
 
 
@@ -126,6 +131,7 @@ class Recorder:
         self.client = client(uri)
         self._buf: list[Any] = []
         self._nan_tags: set[str] = set()  # metrics whose nonfinite.<metric> tag is set
+        self._sent_at = time.monotonic()
         self.closed = False
 
     @classmethod
@@ -155,13 +161,14 @@ class Recorder:
         if nan_keys:
             self.set_tags({NONFINITE_TAG + k: "nan" for k in nan_keys})
             self._nan_tags.update(nan_keys)
-        if len(self._buf) >= FLUSH_EVERY:
+        if len(self._buf) >= FLUSH_EVERY or time.monotonic() - self._sent_at >= FLUSH_SECONDS:
             self.flush()
 
     def flush(self) -> None:
         while self._buf:
             chunk, self._buf = self._buf[:MAX_BATCH], self._buf[MAX_BATCH:]
             self.client.log_batch(self.run_id, metrics=chunk)
+        self._sent_at = time.monotonic()
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param

@@ -1,0 +1,93 @@
+"""A diverged trial's objective ``max(penalty, worst value trained)`` (README, "Objective, divergence,
+pruning"; pipeline/sweep_worker.py), both branches with real numbers, through ``Worker.run_trial``.
+
+``train.run`` is replaced by a script of results, so this is the worker's bookkeeping only (in-memory
+Optuna study, no MLflow, no training): which value each trial is told, in which state, with which attrs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import optuna
+import pytest
+
+from pipeline import train
+from pipeline.sweep_config import SweepConfig
+from pipeline.sweep_worker import Worker, divergence_value
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def result(ratio=None, diverged_step=None, pruned=False) -> train.RunResult:
+    diverged = diverged_step is not None
+    return train.RunResult(run_id=None, status="FINISHED", regime="diverged" if diverged else "healthy",
+                           val_loss=ratio, val_loss_ratio=ratio, solved=False, diverged_step=diverged_step,
+                           pruned=pruned, steps=7, metrics={}, tags={})
+
+
+def fake_worker(tiny, penalty: float) -> Worker:
+    w = object.__new__(Worker)  # no stores, no processes: only what run_trial reads
+    w.sw = SweepConfig()
+    w.sw.penalty, w.sw.max_grad_norm = penalty, None
+    w.spec = {"parent_run_id": None, "experiment_id": None}
+    w.study = optuna.create_study()
+    w.storage = w.study._storage  # in-memory: the heartbeat is a no-op
+    w.mlflow_uri = None
+    cfg = tiny(**{"tracking.enabled": False})
+    w.trial_config = lambda trial: cfg
+    return w
+
+
+def test_divergence_value_takes_the_larger_of_penalty_and_worst_trained(tiny, monkeypatch):
+    w = fake_worker(tiny, penalty=2.0)
+    script = [
+        result(ratio=0.8),                    # 0: trained
+        result(diverged_step=3),              # 1: penalty branch: max(2.0, 0.8) = 2.0
+        result(ratio=3.5),                    # 2: trained, worse than learning nothing (ratio > penalty)
+        result(diverged_step=0),              # 3: worst-value branch: max(2.0, 0.8, 3.5) = 3.5
+        result(ratio=9.0, pruned=True),       # 4: pruned: not a trained value, must not raise the worst
+        result(ratio=float("nan")),           # 5: non-finite objective without a guard stop: also diverged
+        result(ratio=1.2),                    # 6: trained
+    ]
+    calls = iter(script)
+    monkeypatch.setattr(train, "run", lambda cfg, **kw: next(calls))
+    for _ in script:
+        assert w.run_trial(w.study.ask())
+    t = w.study.trials
+    states = [x.state.name for x in t]
+    assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "COMPLETE", "PRUNED", "COMPLETE", "COMPLETE"]
+    values = [x.value for x in t]
+    assert values[0] == 0.8 and values[2] == 3.5 and values[6] == 1.2
+    assert values[1] == 2.0  # penalty wins
+    assert values[3] == 3.5  # the worst trained value wins
+    assert values[5] == 3.5  # not 9.0: a pruned trial is no trained value
+    assert [bool(x.user_attrs.get("diverged")) for x in t] == [False, True, False, True, False, True, False]
+    assert t[1].user_attrs["diverged_step"] == 3 and t[3].user_attrs["diverged_step"] == 0
+    assert "diverged_step" not in t[5].user_attrs  # no guard stop: nothing to name
+    # Never better than any trial that trained (the README's promise), at every point of the sweep.
+    for i, x in enumerate(t):
+        if x.user_attrs.get("diverged"):
+            trained = [y.value for y in t[:i] if y.state.name == "COMPLETE" and not y.user_attrs.get("diverged")]
+            assert x.value >= max(trained)
+
+
+def test_divergence_value_ignores_diverged_and_non_finite_values():
+    """Only finite values of trials that trained count: an earlier penalty (diverged=True) or an inf
+    objective must not ratchet the next penalty up."""
+    study = optuna.create_study()
+    for value, diverged in [(0.5, False), (7.0, True), (math.inf, False)]:
+        t = study.ask()
+        t.set_user_attr("diverged", diverged)
+        study.tell(t, value)
+    assert divergence_value(study, 2.0) == 2.0
+    assert divergence_value(study, 0.1) == 0.5
+    assert divergence_value(optuna.create_study(), 2.0) == 2.0  # no trial yet: the penalty
+
+
+@pytest.mark.parametrize("penalty", [0.25, 4.0])
+def test_both_branches_on_one_study(penalty):
+    study = optuna.create_study()
+    for v in (0.3, 1.0):
+        study.tell(study.ask(), v)
+    assert divergence_value(study, penalty) == max(penalty, 1.0)

@@ -1,0 +1,74 @@
+"""When buffered metrics reach MLflow (README, "The MLflow record"): once ``FLUSH_EVERY`` values wait,
+``FLUSH_SECONDS`` after the last send, and on close; never silently later. A fake monotonic clock drives
+the time bound; a real sqlite store says what was sent.
+"""
+
+from __future__ import annotations
+
+import time as real_time
+
+from mlflow.tracking import MlflowClient
+
+from pipeline import tracking
+
+
+class Clock:
+    """Stands in for the ``time`` module inside pipeline.tracking: wall time real, monotonic ours."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+    def time(self):
+        return real_time.time()
+
+
+def _recorder(store, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(tracking, "time", clock)
+    rec = tracking.Recorder.start(store, "t", "r")
+    calls = []
+    real = rec.client.log_batch
+
+    def log_batch(run_id, metrics=(), **kw):
+        if metrics:
+            calls.append(len(metrics))
+        return real(run_id, metrics=metrics, **kw)
+
+    rec.client.log_batch = log_batch
+    return rec, clock, calls
+
+
+def _sent(store, rec, key="grad/m0") -> int:
+    return len(MlflowClient(store).get_metric_history(rec.run_id, key))
+
+
+WINDOW = {f"grad/m{i}": float(i) for i in range(10)}  # about what one log_every window logs
+
+
+def test_metrics_are_sent_within_flush_seconds(store, monkeypatch):
+    rec, clock, calls = _recorder(store, monkeypatch)
+    for step in range(20):  # 200 values over 19 s: neither bound reached
+        rec.log_metrics(WINDOW, step)
+        clock.now += 1.0
+    assert calls == [] and _sent(store, rec) == 0
+    clock.now += tracking.FLUSH_SECONDS  # a long window (slow steps): the next log sends everything
+    rec.log_metrics(WINDOW, 20)
+    assert calls == [210] and _sent(store, rec) == 21
+    rec.log_metrics(WINDOW, 21)  # the clock restarted at that send
+    assert calls == [210]
+    rec.close()
+    assert calls == [210, 10] and _sent(store, rec) == 22
+
+
+def test_metrics_are_sent_at_flush_every_values_and_on_close(store, monkeypatch):
+    rec, clock, calls = _recorder(store, monkeypatch)
+    n = tracking.FLUSH_EVERY // len(WINDOW)
+    for step in range(n + 3):  # no time passes: only the count bound applies
+        rec.log_metrics(WINDOW, step)
+    assert calls == [tracking.FLUSH_EVERY] and _sent(store, rec) == n
+    rec.close()
+    assert calls == [tracking.FLUSH_EVERY, 30] and _sent(store, rec) == n + 3
+    assert MlflowClient(store).get_run(rec.run_id).info.status == "FINISHED"
