@@ -26,12 +26,28 @@ class ConfigError(ValueError):
         super().__init__(f"config key '{key}': {message}" if key else message)
 
 
+class StoreError(ConfigError):
+    """A store (MLflow database or server, Optuna journal) that cannot be opened or read: one line naming it.
+
+    A ConfigError, so every entry point prints it as one line and exits 2 (README "Commands")."""
+
+    def __init__(self, store: str, problem: str, remedy: str):
+        self.store = store
+        super().__init__("", f"{store}: {problem}; {remedy}")
+
+
 TASKS = ("adding", "copy", "temporal_order")
 CELLS = ("tanh", "relu", "lstm", "gru", "orthogonal", "indrnn")
 INITS = ("default", "gaussian", "orthogonal", "identity")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 CLIP_MODES = ("none", "norm", "value")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+
+# Upper bounds of integer keys (README "Configuration reference"). Sizes (batch, val_size, probe_size,
+# seq_len, hidden_size) are bounded by the memory estimate of the machine that runs (pipeline.budget).
+SEED_MAX = 2**64 - 3  # torch.Generator.manual_seed takes an unsigned 64-bit seed; seed + 2 seeds the probe
+STEPS_MAX = 2**63 - 1  # the training stream's len() is a C ssize_t (OverflowError beyond); Lightning counts in int64
+THREADS_MAX = 1024  # more intra-op threads than any machine's cores only oversubscribes them
 
 
 @dataclass
@@ -288,7 +304,7 @@ def _check(key: str, ok: bool, what: str, value: Any) -> None:
 def validate(cfg: Config) -> None:
     """Range and choice checks; raises :class:`ConfigError` naming the first bad key."""
     t, m, o, c, tr, d = cfg.task, cfg.model, cfg.optim, cfg.clip, cfg.trainer, cfg.diagnostics
-    _check("seed", cfg.seed >= 0, ">= 0", cfg.seed)
+    _check("seed", 0 <= cfg.seed <= SEED_MAX, f"in [0, {SEED_MAX}] (2^64 - 3)", cfg.seed)
     _choice("task.name", t.name, TASKS)
     _check("task.seq_len", t.seq_len >= 2, ">= 2", t.seq_len)
     _check("task.batch_size", t.batch_size >= 1, ">= 1", t.batch_size)
@@ -309,12 +325,13 @@ def validate(cfg: Config) -> None:
     _choice("clip.mode", c.mode, CLIP_MODES)
     _check("clip.threshold", math.isfinite(c.threshold) and c.threshold > 0, "a finite number > 0",
            c.threshold)
-    _check("trainer.max_steps", tr.max_steps >= 1, ">= 1", tr.max_steps)
+    steps = f"<= {STEPS_MAX} (2^63 - 1)"
+    _check("trainer.max_steps", 1 <= tr.max_steps <= STEPS_MAX, f">= 1 and {steps}", tr.max_steps)
     _choice("trainer.accelerator", tr.accelerator, ACCELERATORS)
-    _check("trainer.val_every", tr.val_every >= 1, ">= 1", tr.val_every)
-    _check("trainer.log_every", tr.log_every >= 1, ">= 1", tr.log_every)
-    _check("trainer.threads", tr.threads >= 1, ">= 1", tr.threads)
-    _check("diagnostics.profile_every", d.profile_every >= 0, ">= 0", d.profile_every)
+    _check("trainer.val_every", 1 <= tr.val_every <= STEPS_MAX, f">= 1 and {steps}", tr.val_every)
+    _check("trainer.log_every", 1 <= tr.log_every <= STEPS_MAX, f">= 1 and {steps}", tr.log_every)
+    _check("trainer.threads", 1 <= tr.threads <= THREADS_MAX, f"in [1, {THREADS_MAX}]", tr.threads)
+    _check("diagnostics.profile_every", 0 <= d.profile_every <= STEPS_MAX, f">= 0 and {steps}", d.profile_every)
     _check("diagnostics.probe_size", d.probe_size >= 1, ">= 1", d.probe_size)
     _check("diagnostics.horizon_decades", d.horizon_decades > 0, "> 0", d.horizon_decades)
     _check("diagnostics.vanish_log10_per_step", d.vanish_log10_per_step < 0, "< 0", d.vanish_log10_per_step)

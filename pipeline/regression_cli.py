@@ -63,10 +63,15 @@ def command(args: argparse.Namespace) -> int:
         if not suite.baseline_path.exists() and not args.update_baseline:
             raise ConfigError("--baseline", f"file not found: {suite.baseline_path}")
     baseline = suite_baseline(suite)
+    from .budget import check_fits
 
-    from .tracking import Recorder, resolve_uri
+    for e in suite.entries:  # every entry must fit in memory, before the store is touched
+        check_fits(with_overrides(e.cfg, overrides), copies=min(args.workers, len(suite.entries)),
+                   what=f"entry {e.name!r} ")
 
-    uri = resolve_uri(suite.uri)
+    from .tracking import Recorder, probe_store
+
+    uri = probe_store(suite.uri, "defaults.tracking.uri")  # a corrupt or unreachable store: one line, exit 2
     print(f"suite {suite.name}: {len(suite.entries)} entries, baseline {suite.baseline_path}"
           + ("" if baseline else " (none yet)") + f", store {uri}, workers {args.workers}"
           + (f", overrides {' '.join(overrides)}" if overrides else ""))

@@ -118,6 +118,9 @@ def check_store(uri: str) -> None:
         if str(path) != ":memory:" and not path.is_file():
             raise ConfigError("--store", f"no MLflow store at {path} (run `make sweep` or `make train` "
                                          "first, or pass --store URI)")
+    from .tracking import probe_store
+
+    probe_store(uri, "--store")  # a corrupt file or an unreachable server: one line, exit 2
 
 
 def resolve_target(uri: str, experiment: str | None = None, study: str | None = None) -> Target:

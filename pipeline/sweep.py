@@ -356,14 +356,24 @@ class Sweep:
 def run_sweep(config_path: str, overrides: list[str] | None = None, *, workers: int | None = None,
               storage: str | None = None, out=sys.stdout) -> int:
     """Load and validate the sweep file (nothing is written before this passes), then run it."""
-    from .sweep_config import load_sweep
+    from .config import ConfigError
+    from .sweep_config import check_storage_url, check_sweep_fits, load_sweep
+    from .sweep_store import check_storage
+    from .tracking import probe_store
 
     sw = load_sweep(config_path, overrides)
     if workers is not None and workers < 1:
-        from .config import ConfigError
-
         raise ConfigError("--workers", f"must be >= 1, got {workers}")
-    return Sweep(sw, config_path, list(overrides or []), workers=workers, storage=storage, out=out).run()
+    if storage is not None:
+        check_storage_url("--storage", storage)
+    sweep = Sweep(sw, config_path, list(overrides or []), workers=workers, storage=storage, out=out)
+    # Everything is checked before anything is written (README "Faults and resuming"): every trial the space
+    # can produce fits in memory, n_workers at once; the MLflow store opens; the Optuna store replays.
+    n_gpu = sum(d is not None for d in sweep.devices) and len({d for d in sweep.devices})
+    check_sweep_fits(sw, sweep.n_workers, -(-sweep.n_workers // n_gpu) if n_gpu else None)
+    probe_store(sweep.mlflow_uri, "base.tracking.uri")
+    check_storage(sweep.url)
+    return sweep.run()
 
 
 def study_summary(study) -> dict[str, Any]:  # used by tests and the benchmark

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
+    STEPS_MAX,
     Config,
     ConfigError,
     config_keys,
@@ -42,6 +43,15 @@ from .config import (
 )
 
 SAMPLERS = ("tpe", "random")
+STORAGE_SCHEMES = ("journal", "sqlite", "postgresql", "postgres", "mysql")  # what sweep_store.open_storage opens
+# Upper bounds (README "Sweep file"): n_trials and start-up counts: the journal replays every record of
+# every trial on each open, so 10^6 trials is already a journal of gigabytes; workers: processes on one
+# machine; sampler.seed: numpy's RandomState takes 32-bit seeds (Optuna's samplers); heartbeat: a day,
+# beyond which stale-trial detection means nothing (and datetime.timedelta overflows far beyond).
+N_TRIALS_MAX = 10**6
+WORKERS_MAX = 1024
+SAMPLER_SEED_MAX = 2**32 - 1
+HEARTBEAT_MAX = 86_400
 PRUNERS = ("median", "hyperband", "none")
 SPEC_KEYS = {"low", "high", "log", "step", "choices"}
 TOP_KEYS = {"study", "storage", "n_trials", "workers", "base", "sampler", "pruner", "prune", "penalty",
@@ -133,12 +143,27 @@ def _num(key: str, v: Any, what: str = "a number") -> float:
     return float(v)
 
 
-def _int(key: str, v: Any, lo: int | None = None) -> int:
+def _int(key: str, v: Any, lo: int | None = None, hi: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise ConfigError(key, f"must be an integer, got {v!r}")
     if lo is not None and v < lo:
         raise ConfigError(key, f"must be >= {lo}, got {v!r}")
+    if hi is not None and v > hi:
+        raise ConfigError(key, f"must be <= {hi}, got {v!r}")
     return v
+
+
+def check_storage_url(key: str, url: str) -> None:
+    """A URL scheme :mod:`pipeline.sweep_store` can open, else a path (a journal file).
+
+    Without it ``mongodb://x/y`` was taken for a journal path and created a local directory ``mongodb:``.
+    """
+    if "://" not in url:
+        return
+    scheme = url.split("://", 1)[0].lower()
+    if scheme.split("+", 1)[0] not in STORAGE_SCHEMES:
+        raise ConfigError(key, f"unknown storage scheme {scheme + '://'!r} (allowed: a journal file path, "
+                               + ", ".join(f"{s}://" for s in STORAGE_SCHEMES) + ")")
 
 
 def _param(key: str, spec: Any, base: dict[str, Any], types: dict[str, Any]) -> Param:
@@ -262,28 +287,32 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
     s.storage = data.get("storage")
     if s.storage is not None and (not isinstance(s.storage, str) or not s.storage.strip()):
         raise ConfigError("storage", f"must be a URL or a journal file path, got {s.storage!r}")
-    s.n_trials = _int("n_trials", data.get("n_trials", s.n_trials), 1)
+    if s.storage is not None:
+        check_storage_url("storage", s.storage)
+    s.n_trials = _int("n_trials", data.get("n_trials", s.n_trials), 1, N_TRIALS_MAX)
     w = data.get("workers", "auto")
-    s.workers = None if w in (None, "auto") else _int("workers", w, 1)
+    s.workers = None if w in (None, "auto") else _int("workers", w, 1, WORKERS_MAX)
     if data.get("timeout") is not None:
         s.timeout = _num("timeout", data["timeout"], "a number of seconds")
+        if s.timeout <= 0:
+            raise ConfigError("timeout", f"must be > 0 seconds or null (no limit), got {data['timeout']!r}")
     smp = _section(data, "sampler", {"name", "seed", "n_startup_trials", "multivariate"})
     s.sampler = {**s.sampler, **smp}
     if s.sampler["name"] not in SAMPLERS:
         raise ConfigError("sampler.name", f"unknown value {s.sampler['name']!r} (allowed: {', '.join(SAMPLERS)})")
-    _int("sampler.seed", s.sampler.get("seed", 0), 0)
-    _int("sampler.n_startup_trials", s.sampler.get("n_startup_trials", 8), 0)
+    _int("sampler.seed", s.sampler.get("seed", 0), 0, SAMPLER_SEED_MAX)
+    _int("sampler.n_startup_trials", s.sampler.get("n_startup_trials", 8), 0, N_TRIALS_MAX)
     prn = _section(data, "pruner", {"name", "n_startup_trials", "n_warmup_steps", "min_resource",
                                     "reduction_factor"})
     s.pruner = {**s.pruner, **prn}
     if s.pruner["name"] not in PRUNERS:
         raise ConfigError("pruner.name", f"unknown value {s.pruner['name']!r} (allowed: {', '.join(PRUNERS)})")
-    for k in ("n_startup_trials", "n_warmup_steps"):
-        _int(f"pruner.{k}", s.pruner.get(k, 0), 0)
+    _int("pruner.n_startup_trials", s.pruner.get("n_startup_trials", 0), 0, N_TRIALS_MAX)
+    _int("pruner.n_warmup_steps", s.pruner.get("n_warmup_steps", 0), 0, STEPS_MAX)
     if "min_resource" in s.pruner:
-        _int("pruner.min_resource", s.pruner["min_resource"], 1)
+        _int("pruner.min_resource", s.pruner["min_resource"], 1, STEPS_MAX)
     if "reduction_factor" in s.pruner:
-        _int("pruner.reduction_factor", s.pruner["reduction_factor"], 2)
+        _int("pruner.reduction_factor", s.pruner["reduction_factor"], 2, STEPS_MAX)
     prune = _section(data, "prune", {"max_grad_norm"})
     if "max_grad_norm" in prune:
         v = prune["max_grad_norm"]
@@ -294,8 +323,8 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
     if s.penalty <= 0:
         raise ConfigError("penalty", f"must be > 0, got {s.penalty:g}")
     hb = _section(data, "heartbeat", {"interval", "grace"})
-    s.heartbeat_interval = _int("heartbeat.interval", hb.get("interval", s.heartbeat_interval), 1)
-    s.heartbeat_grace = _int("heartbeat.grace", hb.get("grace", s.heartbeat_grace), 1)
+    s.heartbeat_interval = _int("heartbeat.interval", hb.get("interval", s.heartbeat_interval), 1, HEARTBEAT_MAX)
+    s.heartbeat_grace = _int("heartbeat.grace", hb.get("grace", s.heartbeat_grace), 1, HEARTBEAT_MAX)
     if s.heartbeat_grace <= s.heartbeat_interval:
         raise ConfigError("heartbeat.grace", "must be larger than heartbeat.interval")
     space = data.get("space")
@@ -306,3 +335,49 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
     return s
 
 
+def _candidates(p: Param) -> list[Any]:
+    """The values of ``p`` that can be extremes of the memory estimate: the ends of a range, every choice."""
+    return list(p.choices) if p.kind == "categorical" else [p.low, p.high]
+
+
+def largest_trial(sw: SweepConfig) -> Config:
+    """The trial config of the space that needs the most memory (by :func:`pipeline.budget.estimate`).
+
+    The estimate grows with every size key, so its maximum over a box lies at a corner; coordinate ascent
+    over the ends of each range and every choice (two rounds) finds it without enumerating the corners.
+    Corners that are not valid training configs are skipped (each end was validated on its own).
+    """
+    from .budget import estimate
+
+    def need(values: dict[str, Any]) -> int | None:
+        try:
+            return estimate(sw.trial_config(values)).peak()
+        except ConfigError:
+            return None
+
+    best: dict[str, Any] = {}
+    for _ in range(2):
+        for p in sw.space:
+            scored = [(need({**best, p.key: v}), i, v) for i, v in enumerate(_candidates(p))]
+            scored = [s for s in scored if s[0] is not None]
+            if scored:
+                best[p.key] = max(scored)[2]
+    return sw.trial_config(best)
+
+
+def check_sweep_fits(sw: SweepConfig, workers: int, device_workers: int | None = None) -> None:
+    """Every trial the space can produce must fit, ``workers`` at once, before any store is created.
+
+    Raises :class:`ConfigError` naming the key (prefixed ``space.`` when the space sets it, else ``base.``).
+    """
+    from .budget import check_fits
+
+    cfg = largest_trial(sw)
+    searched = {p.key for p in sw.space}
+    try:
+        check_fits(cfg, copies=workers, device_copies=device_workers, what="the largest trial of the space ")
+    except ConfigError as e:
+        if e.key == "workers":
+            raise
+        prefix = "space" if e.key in searched else "base"
+        raise ConfigError(f"{prefix}.{e.key}", str(e).split(": ", 1)[1]) from None

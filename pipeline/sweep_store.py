@@ -67,6 +67,97 @@ def open_storage(url: str, *, heartbeat_interval: int = 10, grace: int = 30, mlf
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
+def journal_path(url: str) -> Path:
+    return Path(url.removeprefix("journal://"))
+
+
+def _journal_error(path: Path, problem: str):
+    from .config import StoreError
+
+    return StoreError(f"optuna journal {path}", problem,
+                      "restore it from a backup, or move it aside to start the study afresh")
+
+
+def _bad_record(line: bytes) -> str | None:
+    """Why a journal line is not a record Optuna can replay (None if it is one)."""
+    import json
+
+    try:
+        rec = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return "not JSON"
+    if not isinstance(rec, dict) or "op_code" not in rec:
+        return "not a journal record"
+    return None
+
+
+def repair_journal(path: Path, warn=None) -> int:
+    """Replayable journal or one-line error; a last record cut off by a crash is removed (returns its bytes).
+
+    Optuna 5's ``JournalFileBackend.read_logs`` skips an incomplete last line, but the next append lands
+    right after it, so the torn record and the new one become one undecodable line in the middle and every
+    later open fails with a JSONDecodeError. Appends are whole lines written under the journal's lock, so
+    under that lock an incomplete or undecodable LAST line is a write a crash interrupted: nothing after it
+    depends on it, and removing it loses only that one operation (a trial left RUNNING by it is reaped and
+    retried like any killed trial). Its bytes are kept in ``<journal>.torn``. A bad record with records
+    after it cannot be dropped safely (later operations refer to what it did): :class:`StoreError`.
+    """
+    import sys
+
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    if not path.is_file() or path.stat().st_size == 0:
+        return 0
+    lock = JournalFileSymlinkLock(str(path))
+    lock.acquire()
+    try:
+        data = path.read_bytes()
+        lines = data.split(b"\n")  # the piece after the last newline is b"" for a whole journal
+        complete, tail = lines[:-1], lines[-1]
+        offset = 0
+        for i, line in enumerate(complete):
+            why = _bad_record(line) if line.strip() else "an empty line"
+            if why is not None and (i < len(complete) - 1 or tail):
+                raise _journal_error(path, f"record {i + 1} of {len(complete) + bool(tail)} (byte {offset}) is "
+                                           f"corrupt ({why}) and records follow it, so it cannot be replayed")
+            if why is not None:  # the last line, whole but unreadable: a torn write
+                tail = line + b"\n"
+                break
+            offset += len(line) + 1
+        if not tail:
+            return 0
+        keep = offset
+        with open(f"{path}.torn", "ab") as f:
+            f.write(data[keep:])
+        with open(path, "r+b") as f:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        lock.release()
+    removed = len(data) - keep
+    print(f"warning: optuna journal {path}: its last record was cut off ({removed} bytes, as by a crash "
+          f"mid-write); removed it (kept in {path}.torn) and resuming", file=warn or sys.stderr, flush=True)
+    return removed
+
+
+def check_storage(url: str) -> None:
+    """Before the sweep opens its Optuna store: a journal must replay (see :func:`repair_journal`); an
+    existing SQLite file must be a readable database. Raises StoreError (one line, exit 2)."""
+    if not is_rdb(url):
+        repair_journal(journal_path(url))
+        return
+    if url.startswith("sqlite:///"):
+        from .tracking import sqlite_problem
+
+        path = Path(url.split(":///", 1)[1].split("?", 1)[0])
+        problem = sqlite_problem(path) if path.is_file() else None
+        if problem:
+            from .config import StoreError
+
+            raise StoreError(f"optuna storage {url}", problem, "move it aside or pass another --storage")
+
+
 @contextlib.contextmanager
 def budget_lock(url: str, storage, study_name: str):
     """Serialize "count the trials, then ask for one" across workers, so the study stops at n_trials.

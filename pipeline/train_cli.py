@@ -14,7 +14,13 @@ def command(args: argparse.Namespace) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)  # validated before anything is written
-    from .tracking import ensure_experiment, resolve_uri
+    from .budget import check_fits
+
+    check_fits(cfg)  # refuses what cannot fit in memory, before anything is allocated (README "Memory estimate")
+    from .tracking import ensure_experiment, probe_store, resolve_uri
+
+    if cfg.tracking.enabled:
+        probe_store(cfg.tracking.uri)  # a corrupt or unreachable store: one line, exit 2, nothing written
     from .train import run
 
     if cfg.tracking.enabled:

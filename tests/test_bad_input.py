@@ -1,0 +1,255 @@
+"""Bad input never takes the machine down; broken stores are named in one line (issue section 4).
+
+Each case runs the real CLI (``python -m pipeline ...``) in a subprocess whose working directory is a
+temporary folder, and checks what a user sees: the exit status, exactly one line on stderr naming the
+key or the file, no traceback, and nothing written. The subprocesses run under an address-space limit
+(``GUARD_BYTES``) so that a regression fails the test with a MemoryError instead of holding all memory
+of the machine until the OOM killer comes (what ``task.batch_size=100000000`` did before the estimate).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import ROOT
+
+SMOKE = str(ROOT / "configs/train/smoke.yaml")
+GUARD_BYTES = 4 * 1024**3  # virtual memory per CLI process (torch + Lightning + MLflow import: VmPeak 1.2 GiB)
+HUGE = 100_000_000
+
+
+def _guard() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (GUARD_BYTES, GUARD_BYTES))
+
+
+def cli(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it; ``timeout`` guards against a hang (timings are not asserted)."""
+    env = dict(os.environ)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PIPELINE_MEMORY_CHECK", None)
+    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env, preexec_fn=_guard)
+
+
+def one_error_line(r: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == code, (r.returncode, r.stderr[-3000:])
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and lines[0].startswith("error: "), lines
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def files(d: Path) -> list[str]:
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
+
+# ------------------------------------------------------------------------------------ memory and bounds
+
+
+@pytest.mark.parametrize("override, key", [
+    (f"task.batch_size={HUGE}", "task.batch_size"),
+    (f"task.val_size={HUGE}", "task.val_size"),
+    (f"diagnostics.probe_size={HUGE}", "diagnostics.probe_size"),
+    ("task.seq_len=1000000000", "task.seq_len"),
+    ("model.hidden_size=2000000", "model.hidden_size"),
+])
+def test_train_refuses_what_cannot_fit_before_allocating(tmp_path, override, key):
+    line = one_error_line(cli("train", "--config", SMOKE, override, cwd=tmp_path), f"config key '{key}'",
+                          "needs about", "available")
+    assert "GiB" in line or "TiB" in line or "PiB" in line
+    assert files(tmp_path) == []
+
+
+def test_train_max_steps_beyond_int64_is_a_bad_key(tmp_path):
+    r = cli("train", "--config", SMOKE, f"trainer.max_steps={10**40}", cwd=tmp_path)
+    one_error_line(r, "config key 'trainer.max_steps'", "2^63 - 1")
+    assert files(tmp_path) == []
+
+
+def test_train_max_steps_whose_history_cannot_fit(tmp_path):
+    r = cli("train", "--config", SMOKE, f"trainer.max_steps={2**62}", cwd=tmp_path)
+    one_error_line(r, "config key 'trainer.max_steps'", "per-step history")
+    assert files(tmp_path) == []
+
+
+def test_estimate_is_small_for_the_smoke_config():
+    from pipeline import budget
+    from pipeline.config import load_config
+
+    est = budget.estimate(load_config(SMOKE))
+    assert budget.RUNTIME_BYTES <= est.peak() < 2 * 1024**3
+
+
+# ------------------------------------------------------------------------------------------- sweeps
+
+TINY = {
+    "study": "t", "n_trials": 2, "workers": 1,
+    "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2},
+    "pruner": {"name": "none"},
+    "base": {
+        "seed": 0,
+        "task": {"name": "adding", "seq_len": 12, "batch_size": 16, "val_size": 64},
+        "model": {"cell": "tanh", "hidden_size": 8, "init": "gaussian"},
+        "optim": {"name": "adam", "lr": 0.01},
+        "trainer": {"max_steps": 10, "val_every": 5, "log_every": 5},
+        "diagnostics": {"profile_every": 0, "probe_size": 8, "plots": False},
+        "tracking": {"experiment": "bad-input"},
+    },
+    "space": {"model.init_scale": {"low": 0.5, "high": 2.0, "log": True}},
+}
+
+
+def sweep_file(d: Path, **changes) -> Path:
+    data = yaml.safe_load(yaml.safe_dump(TINY))
+    data.update(changes)
+    p = d / "s.yaml"
+    p.write_text(yaml.safe_dump(data, sort_keys=False))
+    return p
+
+
+@pytest.mark.parametrize("args, key", [
+    (["storage=mongodb://x/y"], "storage"),
+    (["--storage", "mongodb://x/y"], "--storage"),
+    (["timeout=-5"], "timeout"),
+    ([f"space.task.batch_size={{low: 1, high: {HUGE}}}"], "space.task.batch_size"),
+    ([f"base.task.val_size={HUGE}"], "base.task.val_size"),
+    ([f"sampler.seed={2**32}"], "sampler.seed"),
+])
+def test_sweep_validates_everything_before_any_store(tmp_path, args, key):
+    cfg = sweep_file(tmp_path)
+    r = cli("sweep", "--config", str(cfg), *args, cwd=tmp_path)
+    one_error_line(r, f"config key '{key}'")
+    assert files(tmp_path) == ["s.yaml"]  # no optuna/, no mongodb:/, no mlflow.db
+
+
+def test_largest_trial_is_the_corner_of_the_space():
+    from pipeline.sweep_config import largest_trial, load_sweep
+
+    sw_path = ROOT / "configs/sweeps/default.yaml"
+    sw = load_sweep(sw_path, ["space.task.batch_size={low: 8, high: 64}",
+                              "space.model.hidden_size={low: 8, high: 128}"])
+    cfg = largest_trial(sw)
+    assert cfg.task.batch_size == 64 and cfg.model.hidden_size == 128
+    cells = next(p.choices for p in sw.space if p.key == "model.cell") if any(
+        p.key == "model.cell" for p in sw.space) else [cfg.model.cell]
+    if "lstm" in cells:
+        assert cfg.model.cell == "lstm"  # the most gates: the most activations
+
+
+def _journal_record_cut(path: Path, keep_newline: bool = False) -> None:
+    data = path.read_bytes()
+    start = data.rstrip(b"\n").rfind(b"\n") + 1
+    cut = data[: start + (len(data) - start) // 2]
+    path.write_bytes(cut + (b"\n" if keep_newline else b""))
+
+
+def test_torn_last_journal_record_is_recovered_and_trials_count_right(tmp_path):
+    from pipeline.sweep_summary import counts
+
+    cfg = sweep_file(tmp_path)
+    first = cli("sweep", "--config", str(cfg), cwd=tmp_path, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    journal = tmp_path / "optuna" / "t.journal"
+    _journal_record_cut(journal)
+    r = cli("sweep", "--config", str(cfg), "n_trials=3", cwd=tmp_path, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    warn = [ln for ln in r.stderr.splitlines() if str(journal.relative_to(tmp_path)) in ln]
+    assert len(warn) == 1 and warn[0].startswith("warning: ") and "cut off" in warn[0]
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="t", storage=JournalStorage(JournalFileBackend(str(journal))))
+    c = counts(study)
+    assert c["done"] == 3 and c["running"] == 0, c
+    assert (tmp_path / "optuna" / "t.journal.torn").is_file()
+
+
+def test_corrupt_journal_record_in_the_middle_is_one_line(tmp_path):
+    cfg = sweep_file(tmp_path)
+    journal = tmp_path / "optuna" / "t.journal"
+    journal.parent.mkdir()
+    good = '{"op_code":0,"worker_id":"w","study_name":"t","directions":[1]}\n'
+    journal.write_text(good + '{"op_code":4,"worker_id":"w","stu\n' + good)
+    before = files(tmp_path)
+    r = cli("sweep", "--config", str(cfg), cwd=tmp_path)
+    one_error_line(r, "optuna journal optuna/t.journal", "record 2 of 3", "move it aside")
+    assert files(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------------- broken stores
+
+
+@pytest.fixture(scope="module")
+def valid_db(tmp_path_factory) -> Path:
+    """A real MLflow sqlite store with one experiment (made once: MLflow's migrations take seconds)."""
+    from mlflow.tracking import MlflowClient
+
+    d = tmp_path_factory.mktemp("db")
+    MlflowClient(f"sqlite:///{d / 'mlflow.db'}").create_experiment("x")
+    return d / "mlflow.db"
+
+
+def _broken(kind: str, valid: Path, dst: Path) -> None:
+    if kind == "garbage":
+        dst.write_bytes(os.urandom(5000))
+    else:
+        data = valid.read_bytes()
+        dst.write_bytes(data[: len(data) // 2])
+
+
+VERBS = {
+    "train": lambda d: ["train", "--config", SMOKE],
+    "sweep": lambda d: ["sweep", "--config", str(sweep_file(d))],
+    "report": lambda d: ["report"],
+    "regress": lambda d: ["regress", "--suite", str(ROOT / "configs/regression/smoke.yaml")],
+}
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated"])
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_corrupt_mlflow_db_is_one_line(tmp_path, valid_db, verb, kind):
+    _broken(kind, valid_db, tmp_path / "mlflow.db")
+    args = VERBS[verb](tmp_path)
+    before = files(tmp_path)
+    r = cli(*args, cwd=tmp_path)
+    one_error_line(r, "mlflow store sqlite:///", "mlflow.db", "not a readable MLflow database", "move it aside")
+    assert files(tmp_path) == before
+
+
+def test_unreachable_tracking_server_is_one_line(tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = cli("train", "--config", SMOKE, f"tracking.uri=http://127.0.0.1:{port}", cwd=tmp_path)
+    one_error_line(r, f"mlflow store http://127.0.0.1:{port}", "unreachable")
+    assert files(tmp_path) == []
+
+
+def test_sqlite_file_of_another_program_is_not_migrated(tmp_path):
+    import sqlite3
+
+    other = tmp_path / "mlflow.db"
+    con = sqlite3.connect(other)
+    con.execute("CREATE TABLE notes (x)")
+    con.commit()
+    con.close()
+    data = other.read_bytes()
+    one_error_line(cli("train", "--config", SMOKE, cwd=tmp_path), "not an MLflow store")
+    assert other.read_bytes() == data and files(tmp_path) == ["mlflow.db"]
+
+
+def test_memory_check_escape_hatch_is_documented():
+    from pipeline.budget import ENV_SWITCH
+
+    assert f"`{ENV_SWITCH}=0`" in (ROOT / "README.md").read_text()
