@@ -3,7 +3,7 @@
 The hand-written sweep is what a user writes today: one process, Optuna's SQLite storage, an
 objective that builds a fresh ``pl.Trainer`` and ``MLFlowLogger`` per trial (synchronous logging to
 the same sqlite MLflow store), default torch threads, no pruning (optuna-integration's callback imports
-``lightning.pytorch``, ANCHORS section 3). It trains the same LightningModule on the same data, over the
+``lightning.pytorch``). It trains the same LightningModule on the same data, over the
 same space and budget. Ours additionally records the full gradient diagnostics of every trial.
 
 Each variant runs in a fresh process and a fresh working directory; wall time includes start-up.

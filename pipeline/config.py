@@ -52,7 +52,7 @@ THREADS_MAX = 1024  # more intra-op threads than any machine's cores only oversu
 
 @dataclass
 class TaskConfig:
-    name: str = "adding"  # adding | copy | temporal_order (ANCHORS section 2)
+    name: str = "adding"  # adding | copy | temporal_order (README, "Tasks")
     seq_len: int = 50  # T: sequence length (copy: T blanks between symbols and recall, total T+20)
     batch_size: int = 50  # training batch size; batches are generated on the device each step
     val_size: int = 500  # size of the fixed validation set (seed + 1)

@@ -3,7 +3,7 @@
 ``run_sweep`` is what ``python -m pipeline sweep`` and ``make sweep`` call:
 
 1. Create the stores once, before any worker starts (concurrent first-time creation loses workers and
-   can leave SQLite stores half-migrated, ANCHORS section 3): the MLflow experiment, the Optuna study
+   can leave SQLite stores half-migrated; README, "Faults and resuming"): the MLflow experiment, the Optuna study
    (``load_if_exists``) and the sweep's parent run (its id kept in the study's user attrs, so a resume
    or a worker on another machine reuses it).
 2. Reap trials left RUNNING by a killed earlier sweep (:mod:`pipeline.sweep_store`).
@@ -156,7 +156,7 @@ class Sweep:
                 "gpu": self.devices[index % len(self.devices)],
                 "deadline": self.t0 + self.sw.timeout if self.sw.timeout else None}
         env = dict(os.environ)
-        # One intra-op thread per CPU worker: 3-30x faster than 2 for these small RNNs (ANCHORS section 4).
+        # One intra-op thread per CPU worker: 3-30x faster than 2 for these small RNNs (README, "Benchmarks").
         env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
                     "MLFLOW_TRACKING_URI": self.mlflow_uri})
         env["CUDA_VISIBLE_DEVICES"] = spec["gpu"] if spec["gpu"] is not None else ""

@@ -1,12 +1,12 @@
 """The sweep's stores, shared by the parent and the workers: Optuna storage, budget lock, stale-trial reaper.
 
 Embedded default: Optuna's JournalStorage on a file (``optuna/<study>.journal``). Measured on the
-2-core machine (``benchmarks/sweep_bench.py``, ANCHORS section 4): 3-8 ms per trial operation against
+2-core machine (``benchmarks/sweep_bench.py``): 3-8 ms per trial operation against
 17-53 ms for SQLite, and appends under a file lock instead of SQLite's single-writer ``database is
 locked``. Across machines: ``postgresql://...`` (Optuna's RDBStorage, with heartbeats).
 
 Killed workers (kill -9, OOM, a lost machine) leave trials RUNNING forever unless someone notices
-(ANCHORS section 3). Two detectors, one handler:
+(optuna's JournalStorage has no heartbeat). Two detectors, one handler:
 
 * Every storage: each trial records its owner ``host|pid|process start time``; a RUNNING trial whose
   owner process on this host is gone is stale at once (one with no owner at all, its worker killed

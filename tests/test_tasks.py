@@ -1,4 +1,4 @@
-"""Tasks: layouts and targets as defined (ANCHORS section 2), baselines equal to the loss of a model that learned nothing."""
+"""Tasks: layouts and targets as defined (README, "Tasks"), baselines equal to the loss of a model that learned nothing."""
 
 import math
 
