@@ -179,11 +179,12 @@ def baseline_diff(old: dict, new: dict) -> list[tuple[str, str, str, str]]:
     for entry in sorted(set(old) | set(new)):
         for metric in sorted(set(old.get(entry, {})) | set(new.get(entry, {}))):
             a, b = old.get(entry, {}).get(metric), new.get(entry, {}).get(metric)
-            if a == b or (a and b and {k: v for k, v in a.items() if k not in PROVENANCE}
-                            == {k: v for k, v in b.items() if k not in PROVENANCE}):
+            if a == b:
                 continue
             va, vb = (None if x is None else x["value"] for x in (a, b))
+            same_band = a is not None and b is not None and all(a.get(k) == b.get(k) for k in ("abs", "rel"))
             change = "new" if a is None else "removed" if b is None else (
-                f"{vb - va:+.4g}" + (f" ({(vb - va) / abs(va):+.1%})" if va else "") if va != vb else "band")
+                f"{vb - va:+.4g}" + (f" ({(vb - va) / abs(va):+.1%})" if va else "") if va != vb
+                else "spread" if same_band else "band")
             rows.append((f"{entry}: {metric}", fmt(va), fmt(vb), change))
     return rows

@@ -123,6 +123,7 @@ def _update_baseline(args, suite, baseline, results, rows, parent, exp_id, uri) 
         evaluate_perturbed,
         finish_suite_run,
         format_table,
+        load_baseline,
         new_baseline,
         run_all,
         write_baseline,
@@ -152,8 +153,7 @@ def _update_baseline(args, suite, baseline, results, rows, parent, exp_id, uri) 
         print(f"\nbaseline NOT written: {e}")
         finish_suite_run(suite, parent, rows)
         return 1
-    own = {e.name for e in suite.entries if e.baseline_path is None}
-    diff = baseline_diff({k: v for k, v in baseline.items() if k in own}, values)
+    diff = baseline_diff(load_baseline(suite.baseline_path), values)  # the file as it is, inherited rows too
     print(format_table(evaluate(suite, results, {**baseline, **values}) + extra_rows))
     _print_spreads(values)
     if diff:  # an unchanged baseline is not rewritten (no date-only diffs to commit)
