@@ -1,4 +1,4 @@
-"""Is the memory estimate honest? Peak RSS of real training runs against :func:`pipeline.budget.estimate`.
+"""Is the memory estimate honest? Peak RSS of real training runs against :func:`pipeline.training.budget.estimate`.
 
 Each configuration runs as ``python -m pipeline train`` (tracking off) in its own process; ``os.wait4``
 returns that process's peak resident set (``ru_maxrss``). The table goes to the README section
@@ -47,8 +47,8 @@ def peak_rss(overrides: list[str]) -> int:
 
 def main() -> None:
     sys.path.insert(0, str(ROOT))
-    from pipeline.budget import estimate, fmt_bytes
     from pipeline.config import load_config
+    from pipeline.training.budget import estimate, fmt_bytes
 
     print("| configuration | overrides of configs/train/smoke.yaml | estimate | peak RSS | estimate / peak |")
     print("|---|---|---|---|---|")

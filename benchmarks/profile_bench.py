@@ -13,10 +13,10 @@ import sys
 CHILD = r"""
 import json, sys, time, statistics, torch
 from pipeline.config import load_config
-from pipeline.models import RNNModel
-from pipeline.tasks import make_task
-from pipeline.data import fixed_batch
-from pipeline import bptt
+from pipeline.training.models import RNNModel
+from pipeline.training.tasks import make_task
+from pipeline.training.data import fixed_batch
+from pipeline.bptt import profile as bptt
 cell, T, what, device = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 torch.set_num_threads(1); torch.set_flush_denormal(True)
 cfg = load_config(None, [f"model.cell={cell}", "model.hidden_size=128", f"task.seq_len={T}"])

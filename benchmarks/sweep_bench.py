@@ -31,9 +31,9 @@ import json, math, sys
 import optuna, pytorch_lightning as pl
 from pytorch_lightning.loggers import MLFlowLogger
 from pipeline.config import load_config
-from pipeline.data import TaskDataModule
-from pipeline.module import RNNTrainingModule
-from pipeline.tasks import make_task
+from pipeline.training.data import TaskDataModule
+from pipeline.training.module import RNNTrainingModule
+from pipeline.training.tasks import make_task
 
 spec = json.loads(sys.argv[1])
 
@@ -118,7 +118,7 @@ def run_ours(sw: dict, workers: int) -> dict:
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        from pipeline.sweep_summary import best_trial
+        from pipeline.sweep.summary import best_trial
 
         study = optuna.load_study(study_name="bench",
                                   storage=JournalStorage(JournalFileBackend(str(Path(d) / "optuna/bench.journal"))))
@@ -131,7 +131,7 @@ def storage_ms_per_trial(n: int = 40) -> list[dict]:
     """Optuna storage cost per trial (ask, 3 suggests, tell), single process, fresh files."""
     import optuna
 
-    from pipeline.sweep_store import open_storage
+    from pipeline.sweep.stores import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", message="Heartbeat of storage")  # ask/tell on purpose, as our workers do

@@ -18,10 +18,10 @@ import pytorch_lightning as pl
 import torch
 
 from pipeline.config import load_config
-from pipeline.data import OnDeviceBatches
-from pipeline.models import RNNModel
-from pipeline.tasks import make_task
-from pipeline.train import configure_torch, run
+from pipeline.training.data import OnDeviceBatches
+from pipeline.training.models import RNNModel
+from pipeline.training.run import configure_torch, run
+from pipeline.training.tasks import make_task
 
 
 class Window(pl.Callback):

@@ -2,7 +2,7 @@
 
 prepare_stores -> run_entry (one mapped task per suite entry) -> compare -> publish_report
 
-* Orchestration only: the work is :mod:`pipeline.regression` (the same code as ``make regress``),
+* Orchestration only: the work is :mod:`pipeline.regression.run` (the same code as ``make regress``),
   imported inside the tasks, so parsing this file costs stdlib + airflow only.
 * Idempotent per data interval: the MLflow parent run and every entry's run carry the tag
   ``regression_key`` (suite + data interval, or the run id for runs without one); a retried or cleared
@@ -66,7 +66,7 @@ def _key(context, suite_name: str) -> str:
 def _load(path: str):
     """Suite and baseline, or AirflowFailException (a config error does not get better by retrying)."""
     from pipeline.config import ConfigError
-    from pipeline.regression import load_suite, suite_baseline
+    from pipeline.regression.run import load_suite, suite_baseline
 
     try:
         suite = load_suite(path)
@@ -94,7 +94,7 @@ def rnn_gradient_regression():
 
         Returns one small job (names and ids only) per entry: the list the run tasks are mapped over.
         """
-        from pipeline.regression import start_suite_run
+        from pipeline.regression.run import start_suite_run
 
         s = _settings(context)
         suite, _ = _load(s["suite"])
@@ -106,7 +106,7 @@ def rnn_gradient_regression():
     @task(retries=2, retry_delay=timedelta(minutes=1), map_index_template="{{ task.op_kwargs['job']['entry'] }}")
     def run_entry(job: dict) -> dict:
         """Train one entry (nested MLflow run); reuse it if this key already has a FINISHED run."""
-        from pipeline.regression import run_entry as run_one
+        from pipeline.regression.run import run_entry as run_one
 
         suite, _ = _load(job["suite"])
         try:
@@ -126,7 +126,7 @@ def rnn_gradient_regression():
         Runs even when some entries failed (their rows say so); entries without a returned run id
         are looked up in the store under the parent run.
         """
-        from pipeline.regression import collect, evaluate, finish_suite_run
+        from pipeline.regression.run import collect, evaluate, finish_suite_run
 
         if not jobs:
             raise AirflowFailException("prepare_stores produced no jobs")

@@ -1,7 +1,7 @@
 import gc
 import sys
 
-from .cli import main
+from pipeline.cli import main
 
 code = main()
 # Interpreter shutdown otherwise spends seconds collecting torch's and Lightning's object graphs

@@ -44,7 +44,7 @@ CLIP_MODES = ("none", "norm", "value")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 
 # Upper bounds of integer keys (README "Configuration reference"). Sizes (batch, val_size, probe_size,
-# seq_len, hidden_size) are bounded by the memory estimate of the machine that runs (pipeline.budget).
+# seq_len, hidden_size) are bounded by the memory estimate of the machine that runs (pipeline.training.budget).
 SEED_MAX = 2**64 - 3  # torch.Generator.manual_seed takes an unsigned 64-bit seed; seed + 2 seeds the probe
 STEPS_MAX = 2**63 - 1  # the training stream's len() is a C ssize_t (OverflowError beyond); Lightning counts in int64
 THREADS_MAX = 1024  # more intra-op threads than any machine's cores only oversubscribes them

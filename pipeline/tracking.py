@@ -51,7 +51,7 @@ HTTP_PROBE_TIMEOUT_S = 5.0
 
 
 def _store_error(uri: str, problem: str, flag: str, remedy: str = "move it aside"):
-    from .config import StoreError
+    from pipeline.config import StoreError
 
     return StoreError(f"mlflow store {uri}", problem, f"{remedy} or point {flag} elsewhere")
 

@@ -82,8 +82,8 @@ def test_train_max_steps_whose_history_cannot_fit(tmp_path):
 
 
 def test_estimate_is_small_for_the_smoke_config():
-    from pipeline import budget
     from pipeline.config import load_config
+    from pipeline.training import budget
 
     est = budget.estimate(load_config(SMOKE))
     assert budget.RUNTIME_BYTES <= est.peak() < 2 * 1024**3
@@ -132,7 +132,7 @@ def test_sweep_validates_everything_before_any_store(tmp_path, args, key):
 
 
 def test_largest_trial_is_the_corner_of_the_space():
-    from pipeline.sweep_config import largest_trial, load_sweep
+    from pipeline.sweep.config import largest_trial, load_sweep
 
     sw_path = ROOT / "configs/sweeps/default.yaml"
     sw = load_sweep(sw_path, ["space.task.batch_size={low: 8, high: 64}",
@@ -153,7 +153,7 @@ def _journal_record_cut(path: Path, keep_newline: bool = False) -> None:
 
 
 def test_torn_last_journal_record_is_recovered_and_trials_count_right(tmp_path):
-    from pipeline.sweep_summary import counts
+    from pipeline.sweep.summary import counts
 
     cfg = sweep_file(tmp_path)
     first = cli("sweep", "--config", str(cfg), cwd=tmp_path, timeout=300)
@@ -250,6 +250,6 @@ def test_sqlite_file_of_another_program_is_not_migrated(tmp_path):
 
 
 def test_memory_check_escape_hatch_is_documented():
-    from pipeline.budget import ENV_SWITCH
+    from pipeline.training.budget import ENV_SWITCH
 
     assert f"`{ENV_SWITCH}=0`" in (ROOT / "README.md").read_text()

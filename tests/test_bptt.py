@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import bptt, cells
+from pipeline.bptt import profile as bptt
+from pipeline.bptt import twin as cells
 
 torch.set_num_threads(1)  # small RNNs: one intra-op thread is faster (README, "Configuration reference")
 
@@ -204,7 +205,7 @@ def test_long_range_profile_is_the_gradient_of_the_window_loss(cell):
 
 
 def test_copy_task_window_is_the_recall_steps():
-    from pipeline.tasks import make_task
+    from pipeline.training.tasks import make_task
 
     copy = make_task("copy", 100)
     assert copy.length == 120 and copy.window == (111, 120)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import bptt
+from pipeline.bptt import profile as bptt
 from pipeline.config import DiagnosticsConfig
-from pipeline.diagnostics import verdict
+from pipeline.training.callbacks import verdict
 
 D = DiagnosticsConfig()
 F64 = torch.float64

@@ -5,7 +5,7 @@ import re
 from conftest import ROOT
 
 from pipeline.config import config_keys
-from pipeline.train import run
+from pipeline.training.run import run
 
 README = (ROOT / "README.md").read_text()
 

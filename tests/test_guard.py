@@ -1,4 +1,4 @@
-"""The divergence guard inside a real Lightning Trainer (``pipeline.train.run``), for Adam and SGD momentum.
+"""The divergence guard inside a real Lightning Trainer (``pipeline.training.run.run``), for Adam and SGD momentum.
 
 The module's guard (``RNNTrainingModule.configure_gradient_clipping``) drops every gradient when the loss
 or the gradient is non-finite, so ``optimizer.step`` skips every parameter. Across that step the weights
@@ -16,8 +16,8 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from pipeline import train
-from pipeline.module import RECORD_FIELDS
+from pipeline.training import run as train
+from pipeline.training.module import RECORD_FIELDS
 
 K = 4  # the step at which the planted non-finite value appears (steps 0..K-1 train normally)
 
@@ -105,7 +105,7 @@ def test_guarded_step_leaves_weights_and_optimizer_state_bit_identical(tiny, opt
 def test_guard_record_names_what_was_non_finite(tiny, where):
     """The guarded step's record: a NaN loss (batch) or a finite loss with an inf pre-clip norm (grad);
     post-clip fields NaN (nothing was clipped or applied)."""
-    from pipeline import diagnostics
+    from pipeline.training import callbacks as diagnostics
 
     seen = {}
     real_drain = diagnostics.GradientMonitor.drain

@@ -1,4 +1,4 @@
-"""Diagnostics against references that share no code with :mod:`pipeline.bptt` / :mod:`pipeline.cells`.
+"""Diagnostics against references that share no code with :mod:`pipeline.bptt.profile` / :mod:`pipeline.bptt.twin`.
 
 * The LSTM's largest Lyapunov exponent against Benettin's QR method (Benettin et al. 1980) on full
   Jacobians of torch's own ``nn.LSTMCell`` step (h, c) -> (h', c') taken by autograd: a version of
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import bptt, cells
+from pipeline.bptt import profile as bptt
+from pipeline.bptt import twin as cells
 
 F64 = torch.float64
 
@@ -46,7 +47,7 @@ def lstm_params(H: int, seed: int, b_f: float, scale: float) -> dict:
 def benettin_lambda1(p: dict, x: torch.Tensor, burn: int) -> float:
     """lambda_1 by QR iteration over the full 2H x 2H Jacobians of ``nn.LSTMCell`` (numpy QR).
 
-    Shares nothing with pipeline.cells: the step is torch's LSTMCell with the same weights, the Jacobian
+    Shares nothing with pipeline.bptt.twin: the step is torch's LSTMCell with the same weights, the Jacobian
     comes from torch.autograd.functional.jacobian, and the tangent space is the whole of (h, c).
     """
     B, T, n_in = x.shape

@@ -1,4 +1,4 @@
-"""Every law kind in :data:`pipeline.laws.KINDS` is shown to fail (README, "The suites and which law lives
+"""Every law kind in :data:`pipeline.regression.laws.KINDS` is shown to fail (README, "The suites and which law lives
 where"): one passing and one planted violating result per kind, and a kind added without a planted
 violation here fails :func:`test_every_law_kind_has_a_planted_violation`. Then the comparison kinds'
 other ways to fail: a band missed on either side, a metric not recorded, a run missing or failed, a run
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import Config
-from pipeline.laws import ERROR, FAILING, KINDS, LAW, PASS, EntryResult, parse_check, run_check
+from pipeline.regression.laws import ERROR, FAILING, KINDS, LAW, PASS, EntryResult, parse_check, run_check
 
 NAMES = ("e", "f")
 

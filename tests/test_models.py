@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from pipeline import cells
+from pipeline.bptt import twin as cells
 from pipeline.config import ModelConfig
-from pipeline.models import RNNModel
+from pipeline.training.models import RNNModel
 
 CELLS = ["tanh", "relu", "lstm", "gru", "orthogonal", "indrnn"]
 

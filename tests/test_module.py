@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pipeline.module import RECORD_FIELDS, RNNTrainingModule
-from pipeline.tasks import make_task
+from pipeline.training.module import RECORD_FIELDS, RNNTrainingModule
+from pipeline.training.tasks import make_task
 
 
 class FakeTrainer:

@@ -1,5 +1,5 @@
 """A diverged trial's objective ``max(penalty, worst value trained)`` (README, "Objective, divergence,
-pruning"; pipeline/sweep_worker.py), both branches with real numbers, through ``Worker.run_trial``.
+pruning"; pipeline/sweep/worker.py), both branches with real numbers, through ``Worker.run_trial``.
 
 ``train.run`` is replaced by a script of results, so this is the worker's bookkeeping only (in-memory
 Optuna study, no MLflow, no training): which value each trial is told, in which state, with which attrs.
@@ -12,9 +12,9 @@ import math
 import optuna
 import pytest
 
-from pipeline import train
-from pipeline.sweep_config import SweepConfig
-from pipeline.sweep_worker import Worker, divergence_value
+from pipeline.sweep.config import SweepConfig
+from pipeline.sweep.worker import Worker, divergence_value
+from pipeline.training import run as train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

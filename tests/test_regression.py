@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.baselines import baseline_row
 from pipeline.cli import main
 from pipeline.config import ConfigError
-from pipeline.laws import LAW, PASS, REGRESSION, EntryResult, evaluate, parse_check, run_check
+from pipeline.regression.baselines import baseline_row
+from pipeline.regression.laws import LAW, PASS, REGRESSION, EntryResult, evaluate, parse_check, run_check
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ def test_passing_suite_exits_0_records_everything_and_update_shows_changes(store
     assert "bptt/log10_ratio" in children[0].data.metrics
 
     # What --update-baseline shows when numbers move: old -> new and the change.
-    from pipeline.regression import baseline_diff
+    from pipeline.regression.run import baseline_diff
 
     old = {"tanh_g05": {"bptt/log10_ratio": {"value": -4.0, "abs": 0.05}}, "gone": {"val/loss": {"value": 1.0}}}
     diff = baseline_diff(old, base["entries"])
@@ -193,8 +193,8 @@ CHAOTIC = {"name": "tanh_g3", "patch": {"task": {"seq_len": 60}, "model": {"init
 
 
 def test_update_baseline_measures_each_band_under_perturbations(store, tmp_path, capsys):
-    from pipeline.baselines import SAFETY
-    from pipeline.regression import PERTURBATIONS
+    from pipeline.regression.baselines import SAFETY
+    from pipeline.regression.run import PERTURBATIONS
 
     suite = yaml.safe_load(yaml.safe_dump(TINY))
     suite["entries"].append(CHAOTIC)
@@ -254,7 +254,7 @@ def test_a_law_that_fails_only_under_a_perturbation_refuses_the_baseline(store, 
 
 
 def _nominal_ratio(tmp_path: Path, entry: dict) -> float:
-    from pipeline.regression import load_suite, run_entry, start_suite_run
+    from pipeline.regression.run import load_suite, run_entry, start_suite_run
     from pipeline.tracking import client
 
     one = yaml.safe_load(yaml.safe_dump(TINY))
@@ -267,7 +267,7 @@ def _nominal_ratio(tmp_path: Path, entry: dict) -> float:
 
 
 def test_measured_band_rules():
-    from pipeline.baselines import SAFETY, Band, _round_up, measured_band
+    from pipeline.regression.baselines import SAFETY, Band, _round_up, measured_band
 
     assert measured_band(Band(abs=0.01), 13.64, [13.60, 13.91, 13.37]) == (Band(abs=1.1), pytest.approx(0.27))
     assert measured_band(Band(abs=0.5), 0.30, [0.31, 0.29]) == (Band(abs=0.5), pytest.approx(0.01))  # floor wins
@@ -282,7 +282,7 @@ def test_measured_band_rules():
 def test_ulp_nudge_moves_every_weight_by_exactly_one_float32_ulp(tiny):
     import torch
 
-    from pipeline.models import RNNModel
+    from pipeline.training.models import RNNModel
 
     for cell in ("tanh", "lstm", "orthogonal", "indrnn"):
         a = RNNModel(tiny(**{"model.cell": cell, "model.hidden_size": 64}).model, 2, 1, "last", seed=0)
@@ -321,8 +321,8 @@ def _w_not_transposed(real):
 @pytest.mark.parametrize("plant", [None, _drop_tanh_prime, _w_not_transposed], ids=["correct", "no-tanh'", "W-not-WT"])
 def test_smoke_laws_catch_planted_profile_bugs(store, monkeypatch, plant):
     """Both bugs leave decay rates and the spectrum plausible; the suite must still fail on each."""
-    from pipeline import cells
-    from pipeline.regression import collect, evaluate, load_suite, run_entry, start_suite_run
+    from pipeline.bptt import twin as cells
+    from pipeline.regression.run import collect, evaluate, load_suite, run_entry, start_suite_run
 
     if plant is not None:
         monkeypatch.setattr(cells, "step_vjp", plant(cells.step_vjp))
@@ -342,7 +342,7 @@ def test_smoke_laws_catch_planted_profile_bugs(store, monkeypatch, plant):
 
 
 def test_repo_suites_validate():
-    from pipeline.regression import load_suite, suite_baseline
+    from pipeline.regression.run import load_suite, suite_baseline
 
     for name in ("smoke", "nightly", "gpu"):
         s = load_suite(ROOT / "configs" / "regression" / f"{name}.yaml")
@@ -443,7 +443,7 @@ def test_smoke_suite_holds_under_an_unrecorded_perturbation_and_fails_on_a_plant
     PERTURBATIONS (another thread count, ulp seeds 1 and 2); here every entry runs with weights nudged
     by a seed it was not recorded with. Every law and every band must hold; a planted regression of one
     accepted number by 1.5x its band must still fail, naming that number alone."""
-    from pipeline.regression import collect, evaluate, load_suite, suite_baseline
+    from pipeline.regression.run import collect, evaluate, load_suite, suite_baseline
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}

@@ -1,7 +1,7 @@
 """The report over a real small sweep: every table value equals what MLflow holds, plots, errors, CLI.
 
 The sweep is built once per test session (``small_sweep``): a parent run tagged like the sweep's
-(``pipeline.kind=sweep``, ``study``) and nine tiny trials through the real ``pipeline.train.run``:
+(``pipeline.kind=sweep``, ``study``) and nine tiny trials through the real ``pipeline.training.run.run``:
 tanh/gaussian and relu/identity x g in {0.5, 3} x SGD lr in {0.01, 1}, plus tanh g=3 lr=1 with norm
 clipping. relu/identity g=3 with SGD lr=1 and no clipping diverges (checked below).
 """
@@ -31,8 +31,8 @@ def build_small_sweep(base: Path) -> dict:
     marker = base / "sweep.json"
     if marker.is_file():
         return json.loads(marker.read_text())
-    from pipeline import train
     from pipeline.tracking import Recorder
+    from pipeline.training import run as train
 
     uri = f"sqlite:///{base / 'mlflow.db'}"
     cwd = os.getcwd()
@@ -68,7 +68,7 @@ def small_sweep(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def report(small_sweep, tmp_path_factory):
-    from pipeline.report import build_report
+    from pipeline.report.write import build_report
 
     out = tmp_path_factory.mktemp("report") / "small"
     return build_report(small_sweep["uri"], study=STUDY, out=out)
@@ -201,7 +201,7 @@ def test_report_logged_to_the_sweep_parent(small_sweep, report):
 
 @pytest.fixture(scope="module")
 def profiles(small_sweep, report) -> dict:
-    from pipeline import report_data as rd
+    from pipeline.report import data as rd
 
     got, _ = rd.download_diagnostics(small_sweep["uri"], rd.representative_runs(report.table))
     return got
@@ -210,7 +210,7 @@ def profiles(small_sweep, report) -> dict:
 def test_profile_panel_draws_the_mean_field_line_where_it_applies(report, profiles):
     import matplotlib.pyplot as plt
 
-    from pipeline import report_render as rr
+    from pipeline.report import figures as rr
 
     assert rr.theory_applies("tanh", "gaussian", 0.5) and not rr.theory_applies("tanh", "gaussian", 3.0)
     assert not rr.theory_applies("relu", "identity", 0.5) and not rr.theory_applies("lstm", "gaussian", 0.5)
@@ -231,8 +231,8 @@ def test_reads_in_bulk(small_sweep, monkeypatch, tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline import report_data as rd
-    from pipeline.report import build_report
+    from pipeline.report import data as rd
+    from pipeline.report.write import build_report
 
     calls = {"search_runs": 0, "history": 0, "download": 0}
     real_search, real_dl = mlflow.search_runs, MlflowClient.download_artifacts
@@ -262,7 +262,7 @@ def test_reads_in_bulk(small_sweep, monkeypatch, tmp_path):
 
 
 def test_whole_experiment_target_excludes_the_sweep_parent(small_sweep, tmp_path):
-    from pipeline.report import build_report
+    from pipeline.report.write import build_report
 
     res = build_report(small_sweep["uri"], experiment=EXPERIMENT, out=tmp_path / "e")
     assert res.name == EXPERIMENT and res.parent_run_id is None
@@ -369,7 +369,7 @@ def test_one_panel_figures_keep_title_and_legend():
     import numpy as np
     import pandas as pd
 
-    from pipeline import report_render as rr
+    from pipeline.report import figures as rr
 
     table = _one_panel_table()
     fig = rr.phase_diagram(table, "adding")
@@ -387,7 +387,7 @@ def test_learned_nothing_does_not_look_like_success():
     its regime; a solved run is a filled star."""
     from matplotlib.colors import to_rgba
 
-    from pipeline import report_render as rr
+    from pipeline.report import figures as rr
 
     assert rr.run_summary("healthy", 0.98, "false") == "healthy gradients; val loss 0.98 x baseline: learned nothing"
     assert rr.outcome(0.05, "true") == "solved" and rr.outcome(0.5) == "partly learned"
@@ -403,7 +403,7 @@ def test_learned_nothing_does_not_look_like_success():
 def test_report_figures_are_sharp(report):
     from PIL import Image
 
-    from pipeline import report_render as rr
+    from pipeline.report import figures as rr
 
     assert rr.DPI >= 160
     for name in ("phase_diagram.png", "profiles.png", "grad_norms.png"):

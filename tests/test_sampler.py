@@ -2,10 +2,10 @@
 
 Optuna's samplers drop FAIL trials (optuna #2864, #3472), so a sweep that records divergence as FAIL keeps
 proposing the region that diverges. The project tells a diverged trial COMPLETE with
-:func:`pipeline.sweep_worker.divergence_value`. A cheap, deterministic in-process experiment (no
+:func:`pipeline.sweep.worker.divergence_value`. A cheap, deterministic in-process experiment (no
 training): a synthetic objective over x = log10(lr) in [-5, 0] whose best values sit just below a
 divergence edge at x = -1 (as real learning rates do), the project's own sampler
-(:func:`pipeline.sweep_worker.make_sampler`, default sweep settings: TPE, multivariate, constant liar,
+(:func:`pipeline.sweep.worker.make_sampler`, default sweep settings: TPE, multivariate, constant liar,
 8 start-up trials) and its own penalty, against the same sweep with diverged trials told FAIL.
 """
 
@@ -18,8 +18,8 @@ import numpy as np
 import optuna
 import pytest
 
-from pipeline.sweep_config import SweepConfig
-from pipeline.sweep_worker import divergence_value, make_sampler
+from pipeline.sweep.config import SweepConfig
+from pipeline.sweep.worker import divergence_value, make_sampler
 
 EDGE = -1.0  # log10(lr) above which the synthetic run "diverges"
 FAR = 0.25  # count proposals past the edge by more than 10^0.25 ~ 1.8x in lr: clearly diverging

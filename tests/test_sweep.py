@@ -133,7 +133,7 @@ def test_bad_sweep_config_is_one_line_exit_2_and_writes_nothing(tmp_path, monkey
 
 
 def test_sweep_overrides_and_space_forms(tmp_path):
-    from pipeline.sweep_config import load_sweep
+    from pipeline.sweep.config import load_sweep
 
     cfg = write_sweep(tmp_path / "s.yaml", space={"model": {"init_scale": {"low": 0.5, "high": 2.0}},
                                                   "optim.lr": {"low": 1e-3, "high": 1e-2, "log": True}})
@@ -146,7 +146,7 @@ def test_sweep_overrides_and_space_forms(tmp_path):
 
 
 def test_shipped_sweeps_validate():
-    from pipeline.sweep_config import load_sweep
+    from pipeline.sweep.config import load_sweep
 
     for name in ("default", "smoke", "phase"):
         sw = load_sweep(ROOT / "configs" / "sweeps" / f"{name}.yaml")
@@ -157,7 +157,7 @@ def test_shipped_sweeps_validate():
 
 
 def _dead_owner() -> str:
-    from pipeline.sweep_store import owner_tag
+    from pipeline.sweep.stores import owner_tag
 
     p = subprocess.Popen(["sleep", "60"])
     tag = owner_tag(p.pid)
@@ -172,8 +172,8 @@ def test_reaper_fails_dead_owners_trials_closes_runs_and_retries_once(store, mon
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from pipeline import sweep_store
-    from pipeline.sweep_store import open_storage, owner_alive, owner_tag, reap_stale
+    from pipeline.sweep import stores as sweep_store
+    from pipeline.sweep.stores import open_storage, owner_alive, owner_tag, reap_stale
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = "optuna/r.journal"
@@ -221,8 +221,8 @@ def test_startup_design_is_what_a_single_process_tpe_draws(seed):
     over the same space: the sweep's design does not depend on the number of workers."""
     import optuna
 
-    from pipeline.sweep_config import load_sweep
-    from pipeline.sweep_worker import startup_design, suggest
+    from pipeline.sweep.config import load_sweep
+    from pipeline.sweep.worker import startup_design, suggest
 
     def default_sweep(*overrides: str):
         return load_sweep(str(ROOT / "configs/sweeps/default.yaml"), [f"sampler.seed={seed}", *overrides])
@@ -246,8 +246,8 @@ def test_gradient_health_and_divergence_in_process(tiny):
     """An exploding trial is pruned on its pre-clip norm; a diverging one stops at its first bad step."""
     import optuna
 
-    from pipeline import train
-    from pipeline.sweep_worker import TrialCallback
+    from pipeline.sweep.worker import TrialCallback
+    from pipeline.training import run as train
 
     study = optuna.create_study()
     t = study.ask()
@@ -280,8 +280,8 @@ def test_tiny_sweep_parent_child_structure(store, tmp_path):
     assert parent.data.params["best_optim.lr"] == str(best.params["optim.lr"])
     assert parent.info.status == "FINISHED"
     # The start-up design went first: trials 0-1 are the parent's seeded points.
-    from pipeline.sweep_config import load_sweep
-    from pipeline.sweep_worker import startup_design
+    from pipeline.sweep.config import load_sweep
+    from pipeline.sweep.worker import startup_design
 
     design = startup_design(load_sweep(str(cfg)))
     assert len(design) == 2 and study.user_attrs["startup_design"] == 2

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from pipeline.data import fixed_batch
-from pipeline.tasks import make_task
+from pipeline.training.data import fixed_batch
+from pipeline.training.tasks import make_task
 
 
 def gen(seed=0):

@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipeline.train import run
+from pipeline.training.run import run
 
 DIVERGING = {"model.cell": "relu", "model.init": "identity", "model.init_scale": 1.5, "optim.name": "sgd",
              "optim.lr": 1.0, "task.seq_len": 20, "model.hidden_size": 16}
@@ -112,7 +112,7 @@ def test_tracking_disabled_writes_nothing(tmp_path, monkeypatch, tiny):
 def test_default_run_names_are_distinct_within_one_second(tiny):
     """Two runs that differ only in learning rate, started in the same second, must not share a name: a reviewer
     tells runs apart by name in the MLflow UI (a name collision once made the UI test filter look wrong)."""
-    from pipeline.train import default_run_name
+    from pipeline.training.run import default_run_name
 
     slow, fast = tiny(**{"optim.lr": 0.01}), tiny(**{"optim.lr": 1.0})
     names = [default_run_name(c) for c in (slow, fast, fast)]

@@ -38,7 +38,7 @@ def small_sweep(tmp_path_factory) -> dict:
 
 
 def _ui_args(**kw) -> argparse.Namespace:
-    from pipeline import ui
+    from pipeline.cli import ui
 
     p = argparse.ArgumentParser()
     ui.add_arguments(p)
@@ -52,7 +52,7 @@ def _exec_capture(monkeypatch) -> list:
 
 
 def test_ui_binds_loopback_by_default_without_warning(store, monkeypatch, capsys):
-    from pipeline import ui
+    from pipeline.cli import ui
 
     monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
     calls = _exec_capture(monkeypatch)
@@ -67,7 +67,7 @@ def test_ui_binds_loopback_by_default_without_warning(store, monkeypatch, capsys
 
 
 def test_ui_other_host_warns_about_no_authentication(store, monkeypatch, capsys):
-    from pipeline import ui
+    from pipeline.cli import ui
 
     monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")
     calls = _exec_capture(monkeypatch)
@@ -81,7 +81,7 @@ def test_ui_other_host_warns_about_no_authentication(store, monkeypatch, capsys)
 
 
 def test_ui_prints_the_runs_table_of_each_sweep(small_sweep, monkeypatch, capsys):
-    from pipeline import ui
+    from pipeline.cli import ui
 
     _exec_capture(monkeypatch)
     ui.command(_ui_args(port=5001, store=small_sweep["uri"]))

@@ -1,0 +1,214 @@
+"""Functional recurrent cells: the unrolled twin of the fused torch modules, over a params dict.
+
+Training runs the fused kernels (``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``, cuDNN or oneDNN); the BPTT
+diagnostics (:mod:`pipeline.bptt.profile`) need the state at every step and per-step Jacobians, so they run this
+step-by-step twin on the *same* weights. ``step`` reproduces PyTorch's equations exactly (checked to
+1e-12 in float64 by ``tests/test_bptt.py``).
+
+The params dict is the contract with ``pipeline/training/models.py``::
+
+    params = {
+        "cell": "tanh" | "relu" | "orthogonal" | "lstm" | "gru" | "indrnn",
+        "W_ih": [G*H, I], "b_ih": [G*H],      # all cells
+        "W_hh": [G*H, H], "b_hh": [G*H],      # all but indrnn (orthogonal: the effective g*Q)
+        "u": [H],                             # indrnn only
+        "W_out": [O, H], "b_out": [O],        # linear readout
+    }
+
+with G = 1 (tanh, relu, orthogonal, indrnn), 4 (lstm, gates i, f, g, o) or 3 (gru, gates r, z, n), in
+PyTorch's gate order. Inputs are batch-first ``[B, T, I]``; the initial state is zeros.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+State = tuple[Tensor, ...]
+
+CELLS = ("tanh", "relu", "orthogonal", "lstm", "gru", "indrnn")
+# Gate names in PyTorch's row-block order of W_ih / W_hh (torch.nn.LSTM / torch.nn.GRU docs).
+GATES = {"lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "n")}
+
+
+def _cell(cell_or_params) -> str:
+    cell = cell_or_params["cell"] if isinstance(cell_or_params, dict) else cell_or_params
+    if cell not in CELLS:
+        raise ValueError(f"unknown cell {cell!r}; expected one of {', '.join(CELLS)}")
+    return cell
+
+
+def state_names(cell) -> tuple[str, ...]:
+    """Names of the state tensors carried from step to step: ``("h", "c")`` for LSTM, else ``("h",)``."""
+    return ("h", "c") if _cell(cell) == "lstm" else ("h",)
+
+
+def hidden_size(params: dict) -> int:
+    return params["W_ih"].shape[0] // (4 if params["cell"] == "lstm" else 3 if params["cell"] == "gru" else 1)
+
+
+def init_state(params: dict, batch: int, dtype: torch.dtype | None = None, device=None) -> State:
+    """Zero initial state (as the fused modules use when ``hx`` is not given)."""
+    dtype = dtype or params["W_ih"].dtype
+    device = device if device is not None else params["W_ih"].device
+    h = torch.zeros(batch, hidden_size(params), dtype=dtype, device=device)
+    return tuple(torch.zeros_like(h) for _ in state_names(params))
+
+
+def activation_gamma(cell) -> float | None:
+    """Bound on |phi'| for Pascanu's theorem (Pascanu, Mikolov, Bengio 2013, section 2.1).
+
+    tanh and relu both have |phi'| <= 1 (IndRNN: relu with a diagonal recurrence, Li 2018). Gated cells
+    have no single activation between states, so the theorem does not apply: ``None``.
+    """
+    return None if _cell(cell) in ("lstm", "gru") else 1.0
+
+
+def input_projection(params: dict, x: Tensor) -> Tensor:
+    """``x W_ih^T + b_ih`` for all steps at once (``[B, T, G*H]``): one matmul instead of T small ones."""
+    return F.linear(x, params["W_ih"], params["b_ih"])
+
+
+def step(params: dict, x_t: Tensor, state: State) -> State:
+    """One step ``state_{t-1} -> state_t`` for input ``x_t`` ``[B, I]``; same equations as PyTorch."""
+    return step_projected(params, F.linear(x_t, params["W_ih"], params["b_ih"]), state)
+
+
+def step_projected(params: dict, gi: Tensor, state: State) -> State:
+    """:func:`step` given the input projection ``gi = x_t W_ih^T + b_ih`` (``[B, G*H]``)."""
+    cell = _cell(params)
+    if cell == "indrnn":
+        # IndRNN (Li et al. 2018, eq. 2): h_t = relu(W x_t + b + u * h_{t-1}), u elementwise.
+        (h,) = state
+        return (torch.relu(gi + params["u"] * h),)
+    h = state[0]
+    gh = F.linear(h, params["W_hh"], params["b_hh"])
+    if cell in ("tanh", "orthogonal"):
+        # nn.RNN: h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh); orthogonal = expRNN's W = g*Q
+        # (Lezcano-Casado & Martinez-Rubio 2019) with a tanh activation.
+        return (torch.tanh(gi + gh),)
+    if cell == "relu":
+        return (torch.relu(gi + gh),)
+    if cell == "lstm":
+        # nn.LSTM: gates i, f, g, o; c' = f*c + i*g; h' = o*tanh(c').
+        c = state[1]
+        i, f, g, o = (gi + gh).chunk(4, dim=-1)
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return (torch.sigmoid(o) * torch.tanh(c_new), c_new)
+    # gru, exactly nn.GRU: r and z from summed pre-activations; the reset gate multiplies
+    # (W_hn h + b_hn), not h; h' = (1 - z) * n + z * h.
+    i_r, i_z, i_n = gi.chunk(3, dim=-1)
+    h_r, h_z, h_n = gh.chunk(3, dim=-1)
+    r = torch.sigmoid(i_r + h_r)
+    z = torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return ((1 - z) * n + z * h,)
+
+
+def unroll(params: dict, x: Tensor, state: State | None = None) -> list[State]:
+    """Run all T steps of ``x`` ``[B, T, I]``; returns ``[state_1, ..., state_T]``."""
+    if state is None:
+        state = init_state(params, x.shape[0], x.dtype, x.device)
+    states = []
+    for gi in input_projection(params, x).unbind(1):  # unbind: views, no per-step indexing in the graph
+        state = step_projected(params, gi, state)
+        states.append(state)
+    return states
+
+
+def readout(params: dict, h: Tensor) -> Tensor:
+    """Linear readout ``h @ W_out^T + b_out``; ``h`` may be ``[B, H]`` or ``[B, T, H]``."""
+    return F.linear(h, params["W_out"], params["b_out"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hand-written vector-Jacobian products: the profile's backward walk without per-step autograd overhead
+# (about 2-3x faster than torch.autograd.grad per step for LSTM). Checked against full-graph autograd in
+# tests/test_bptt.py. Each returns J_t^T v for the state, i.e. dL/dstate_{t-1} from dL/dstate_t.
+
+
+def step_cached(params: dict, gi: Tensor, state: State) -> tuple[State, tuple]:
+    """:func:`step_projected` plus what :func:`step_vjp` needs (activations, not graphs)."""
+    cell = _cell(params)
+    if cell == "indrnn":
+        h = torch.relu(gi + params["u"] * state[0])
+        return (h,), (h,)
+    h = state[0]
+    gh = F.linear(h, params["W_hh"], params["b_hh"])
+    if cell in ("tanh", "orthogonal"):
+        h_new = torch.tanh(gi + gh)
+        return (h_new,), (h_new,)
+    if cell == "relu":
+        h_new = torch.relu(gi + gh)
+        return (h_new,), (h_new,)
+    if cell == "lstm":
+        a_i, a_f, a_g, a_o = (gi + gh).chunk(4, dim=-1)
+        i, f, g, o = torch.sigmoid(a_i), torch.sigmoid(a_f), torch.tanh(a_g), torch.sigmoid(a_o)
+        c_new = f * state[1] + i * g
+        tc = torch.tanh(c_new)
+        return (o * tc, c_new), (i, f, g, o, state[1], tc)
+    i_r, i_z, i_n = gi.chunk(3, dim=-1)
+    h_r, h_z, h_n = gh.chunk(3, dim=-1)
+    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return ((1 - z) * n + z * h,), (r, z, n, h, h_n)
+
+
+def step_vjp(params: dict, cache: tuple, v: State) -> tuple[State, Tensor | None]:
+    """``(J_t^T v, total dL/dc_t)`` for the step that produced ``cache``; the second item is LSTM-only.
+
+    For LSTM, ``v = (v_h, v_c)`` are the gradients reaching (h_t, c_t) from later steps; the total
+    gradient of c_t adds the path through h_t = o * tanh(c_t) (Graves 2012, LSTM backward pass).
+    """
+    cell = _cell(params)
+    if cell == "indrnn":
+        (h_new,) = cache
+        return (v[0] * (h_new > 0) * params["u"],), None
+    W = params["W_hh"]
+    if cell in ("tanh", "orthogonal"):
+        (h_new,) = cache
+        return ((v[0] * (1 - h_new * h_new)) @ W,), None
+    if cell == "relu":
+        (h_new,) = cache
+        return ((v[0] * (h_new > 0)) @ W,), None
+    if cell == "lstm":
+        i, f, g, o, c_prev, tc = cache
+        v_h, v_c = v
+        dc = v_c + v_h * o * (1 - tc * tc)
+        da = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
+                        v_h * tc * o * (1 - o)], dim=-1)
+        return (da @ W, dc * f), dc
+    r, z, n, h, h_n = cache
+    (v_h,) = v
+    da_n = v_h * (1 - z) * (1 - n * n)
+    dgh = torch.cat([da_n * h_n * r * (1 - r), v_h * (h - n) * z * (1 - z), da_n * r], dim=-1)
+    return (v_h * z + dgh @ W,), None
+
+
+def step_jvp(params: dict, cache: tuple, q: State) -> State:
+    """``J_t q``: the tangent of the step that produced ``cache`` along ``q`` (forward mode, by hand).
+
+    Used by :func:`pipeline.bptt.profile.lyapunov_max`; checked against ``torch.func.jvp`` in the tests.
+    """
+    cell = _cell(params)
+    if cell == "indrnn":
+        (h_new,) = cache
+        return ((h_new > 0) * params["u"] * q[0],)
+    W = params["W_hh"]
+    if cell in ("tanh", "orthogonal"):
+        (h_new,) = cache
+        return ((1 - h_new * h_new) * (q[0] @ W.T),)
+    if cell == "relu":
+        (h_new,) = cache
+        return ((h_new > 0) * (q[0] @ W.T),)
+    if cell == "lstm":
+        i, f, g, o, c_prev, tc = cache
+        d_i, d_f, d_g, d_o = (q[0] @ W.T).chunk(4, dim=-1)
+        dc = f * (1 - f) * d_f * c_prev + f * q[1] + i * (1 - i) * d_i * g + i * (1 - g * g) * d_g
+        return (o * (1 - o) * d_o * tc + o * (1 - tc * tc) * dc, dc)
+    r, z, n, h, h_n = cache
+    d_r, d_z, d_n = (q[0] @ W.T).chunk(3, dim=-1)
+    dr, dz = r * (1 - r) * d_r, z * (1 - z) * d_z
+    dn = (1 - n * n) * (dr * h_n + r * d_n)
+    return ((1 - z) * dn + z * q[0] + dz * (h - n),)

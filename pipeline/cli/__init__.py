@@ -1,0 +1,69 @@
+"""Command line: ``python -m pipeline VERB ...``.
+
+Verbs live in the stage modules (each exposes ``add_arguments(parser)`` and ``command(args) -> int``)
+and are imported only when chosen, so ``--help`` answers without importing torch, Lightning or MLflow.
+Exit status: 0 ok, 1 a check failed (regression), 2 bad input (one line naming the key), 130/143
+interrupted (SIGINT/SIGTERM; runs closed as KILLED).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+VERBS = {
+    "train": ("pipeline.cli.train", "train one configuration and record it in MLflow"),
+    "sweep": ("pipeline.cli.sweep", "Optuna sweep over a search space (many workers, resumable)"),
+    "report": ("pipeline.cli.report", "comparison report: tables, phase diagram, profiles"),
+    "regress": ("pipeline.cli.regress", "run a regression suite against laws and a baseline"),
+    "ui": ("pipeline.cli.ui", "serve the MLflow UI over the default store (127.0.0.1)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pipeline",
+                                description="Measure, compare and guard vanishing/exploding gradients in RNNs.")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    for verb, (mod, help_) in VERBS.items():
+        sp = sub.add_parser(verb, help=help_, description=help_)
+        sp.set_defaults(_module=mod)
+        try:
+            importlib.import_module(mod).add_arguments(sp)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+            sp.set_defaults(_missing=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.verb:
+        parser.print_help()
+        return 2
+    if getattr(args, "_missing", False):
+        print(f"error: verb '{args.verb}' is not available in this build", file=sys.stderr)
+        return 2
+    try:
+        return importlib.import_module(args._module).command(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: runs closed as KILLED", file=sys.stderr)
+        return 130
+    except BaseException as e:
+        from pipeline.training.run import Terminated
+
+        if isinstance(e, Terminated):
+            print("terminated: runs closed as KILLED", file=sys.stderr)
+            return 143
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

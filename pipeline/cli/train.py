@@ -1,0 +1,41 @@
+"""``python -m pipeline train --config FILE [dotted.key=value ...]``."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="training YAML (e.g. configs/train/smoke.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.cell=lstm")
+
+
+def command(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # validated before anything is written
+    from pipeline.training.budget import check_fits
+
+    check_fits(cfg)  # refuses what cannot fit in memory, before anything is allocated (README "Memory estimate")
+    from pipeline.tracking import ensure_experiment, probe_store, resolve_uri
+
+    if cfg.tracking.enabled:
+        probe_store(cfg.tracking.uri)  # a corrupt or unreachable store: one line, exit 2, nothing written
+    from pipeline.training.run import run
+
+    if cfg.tracking.enabled:
+        ensure_experiment(cfg.tracking.uri, cfg.tracking.experiment)
+    r = run(cfg)
+    ratio = f"{r.val_loss_ratio:.3f}" if r.val_loss_ratio is not None else "n/a"
+    val = f"{r.val_loss:.4g}" if r.val_loss is not None else "n/a"
+    print(f"run {r.run_id}: regime={r.regime} val/loss={val} (x{ratio} of baseline) solved={r.solved}"
+          + (f" diverged at step {r.diverged_step}" if r.diverged_step is not None else "")
+          + f" steps={r.steps}")
+    m = r.metrics
+    if "bptt/log10_ratio" in m:
+        print(f"  bptt/log10_ratio={m['bptt/log10_ratio']:.2f} bptt/decay_rate={m['bptt/decay_rate']:.4f}"
+              f" spectral/sigma_max={m.get('spectral/sigma_max', float('nan')):.3f}"
+              f" grad/clip_rate={m['grad/clip_rate']:.3f}")
+    if cfg.tracking.enabled:
+        print(f"  store: {resolve_uri(cfg.tracking.uri)}  (review: make ui)")
+    return 0

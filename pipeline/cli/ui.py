@@ -1,0 +1,83 @@
+"""``python -m pipeline ui``: the MLflow UI over the default store, on 127.0.0.1 unless told otherwise.
+
+``mlflow ui`` has no authentication: anyone who can reach the port can read and delete runs. We bind
+loopback by default; any other ``--host`` is an explicit choice and prints a warning. Before handing
+over to ``mlflow ui`` (exec, so Ctrl-C and signals reach the server directly) we print where the
+pipeline's runs are: the runs table of each experiment holding a sweep, the newest first (the UI's
+experiment page otherwise opens on its GenAI overview in MLflow 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+MAX_LINKS = 5
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default 127.0.0.1; anything else exposes an unauthenticated UI)")
+    p.add_argument("--store", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="server worker processes (default 1: one reviewer; mlflow's own default is 4)")
+
+
+def ui_command(store: str, host: str, port: int, workers: int = 1) -> list[str]:
+    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", host, "--port", str(port),
+            "--workers", str(workers)]
+
+
+def base_url(host: str, port: int) -> str:
+    h = f"[{host}]" if ":" in host else host
+    return f"http://{h}:{port}"
+
+
+def run_links(store: str, url: str) -> list[str]:
+    """``name: URL`` of the runs table of experiments with a sweep (newest first), else of all
+    experiments with runs; [] when the store cannot be read (the UI still starts)."""
+    if store.startswith("sqlite:///") and not os.path.isfile(store[len("sqlite:///"):]):
+        return []  # nothing recorded yet; reading would create the file
+    try:
+        from mlflow.entities import ViewType
+
+        from pipeline.tracking import client
+
+        c = client(store)
+        exps = {e.experiment_id: e.name for e in c.search_experiments(view_type=ViewType.ACTIVE_ONLY)}
+        if not exps:
+            return []
+        sweeps = c.search_runs(list(exps), "tags.`pipeline.kind` = 'sweep'", max_results=50,
+                               order_by=["attributes.start_time DESC"])
+        ids = list(dict.fromkeys(r.info.experiment_id for r in sweeps))
+        ids += [i for i in sorted(exps, key=lambda i: -int(i) if i.isdigit() else 0)
+                if i not in ids and c.search_runs([i], max_results=1)]
+    except Exception:  # noqa: BLE001 - links are a convenience; never block the UI on them
+        return []
+    return [f"{exps[i]}: {url}/#/experiments/{i}/runs" for i in ids[:MAX_LINKS]]
+
+
+def command(args: argparse.Namespace) -> int:
+    from pipeline.tracking import resolve_uri
+
+    if args.host not in LOOPBACK:
+        print(f"warning: binding the MLflow UI to {args.host}: it has no authentication; anyone who can reach "
+              "this address can read and delete runs", file=sys.stderr)
+    store = resolve_uri(args.store)
+    cmd = ui_command(store, args.host, args.port, args.workers)
+    # MLflow 3 also starts a job runner and ~7 huey consumers for its GenAI jobs (judges, evaluation);
+    # reviewing runs needs none of them. An explicit MLFLOW_SERVER_ENABLE_JOB_EXECUTION wins.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    url = base_url(args.host, args.port)
+    print(f"MLflow UI on {url} over {store} (Ctrl-C stops)", flush=True)
+    links = run_links(store, url)
+    for line in links:
+        print(f"  runs of {line}", flush=True)
+    if links:
+        print("  filter runs with e.g. tags.regime = 'vanishing'; a sweep's trials are nested under its parent run",
+              flush=True)
+    os.execv(cmd[0], cmd)
+    return 0  # not reached

@@ -1,0 +1,190 @@
+"""Accepted numbers: tolerance bands, the baseline file beside a suite, and what changed on update.
+
+``configs/regression/<suite>.baseline.yaml`` holds, per entry and metric, the accepted value and its band
+(absolute and/or relative). ``--update-baseline`` writes it from a run that respects every law and shows
+the diff; comparing a run against it gives one table row per metric (pass or REGRESSION).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.config import ConfigError, as_mapping, read_yaml
+from pipeline.regression.laws import ERROR, NO_BASELINE, PASS, REGRESSION, EntryResult, Row, _metric, fmt
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Band:
+    abs: float = 0.0
+    rel: float = 0.0
+
+    def width(self, base: float) -> float:
+        return max(self.abs, self.rel * abs(base))
+
+    def describe(self) -> str:
+        parts = ([f"±{fmt(self.abs)}"] if self.abs else []) + ([f"±{self.rel:.0%}"] if self.rel else [])
+        return " or ".join(parts) or "exact"
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: v for k, v in (("abs", self.abs), ("rel", self.rel)) if v}
+
+
+def parse_band(item: Any, key: str) -> Band:
+    if not isinstance(item, dict) or not item or set(item) - {"abs", "rel"}:
+        raise ConfigError(key, f"a band is a mapping with abs and/or rel, e.g. {{abs: 0.5}}, got {item!r}")
+    vals = {}
+    for k, v in item.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ConfigError(f"{key}.{k}", f"must be a number >= 0, got {v!r}")
+        vals[k] = float(v)
+    return Band(**vals)
+
+
+def baseline_row(entry: str, metric: str, r: EntryResult, accepted: dict[str, Any] | None) -> Row:
+    """Compare one recorded metric against the accepted number and its band."""
+    label = f"{entry}: {metric}"
+    now = _metric(r, metric) if r.status == "FINISHED" else None
+    if accepted is None:
+        return Row(label, "-", fmt(now), "-", NO_BASELINE, "run with --update-baseline to accept it")
+    base, band = float(accepted["value"]), Band(accepted.get("abs", 0.0), accepted.get("rel", 0.0))
+    if r.status != "FINISHED":
+        return Row(label, fmt(base), "-", band.describe(), ERROR, f"run {r.status.lower()}")
+    if now is None or not math.isfinite(now):
+        return Row(label, fmt(base), fmt(now), band.describe(), REGRESSION, f"{metric} was not recorded")
+    ok = abs(now - base) <= band.width(base)
+    return Row(label, fmt(base), fmt(now), band.describe(), PASS if ok else REGRESSION,
+               "" if ok else f"{metric} moved by {fmt(now - base)}, band {band.describe()}")
+
+
+
+# Keys of a baseline record that say where its band came from; read back for the diff, never compared.
+PROVENANCE = ("spread", "runs")
+
+# A measured band is this many times the largest deviation seen under the perturbations (README,
+# "Baselines that hold on another machine"): with three perturbed runs the largest deviation from the
+# nominal run is about 1.6 standard deviations of a difference, so 4x it is about 6 sigma.
+SAFETY = 4.0
+
+
+def load_baseline(path: str | Path) -> dict[str, dict[str, dict[str, float]]]:
+    """``{entry: {metric: {value, abs, rel[, spread, runs]}}}``; an absent file is an empty baseline."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    data = read_yaml(path)
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for entry, metrics in as_mapping(data.get("entries"), f"{path.name}: entries").items():
+        for metric, rec in as_mapping(metrics, f"{path.name}: entries.{entry}").items():
+            key = f"{path.name}: entries.{entry}.{metric}"
+            if not isinstance(rec, dict) or not isinstance(rec.get("value"), (int, float)) \
+                    or isinstance(rec.get("value"), bool):
+                raise ConfigError(key, "must be a mapping with a numeric value (and abs and/or rel)")
+            band = parse_band({k: v for k, v in rec.items() if k not in ("value", *PROVENANCE)} or {"abs": 0.0},
+                              key)
+            extra = {k: rec[k] for k in PROVENANCE if k in rec}
+            for k, v in extra.items():
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                    raise ConfigError(f"{key}.{k}", f"must be a number >= 0, got {v!r}")
+            out.setdefault(entry, {})[metric] = {"value": float(rec["value"]), **band.to_dict(), **extra}
+    return out
+
+
+def _round_up(x: float, digits: int = 2) -> float:
+    """``x`` rounded up to ``digits`` significant digits (a band is never narrower than measured)."""
+    if x <= 0 or not math.isfinite(x):
+        return x
+    e = math.floor(math.log10(x)) - digits + 1
+    return math.ceil(x / 10.0**e - 1e-9) * 10.0**e
+
+
+def measured_band(floor: Band, value: float, perturbed: list[float]) -> tuple[Band, float]:
+    """Band for an accepted ``value`` from the values the same entry gave under perturbations.
+
+    spread = max |v - value| over the perturbed runs (``inf`` if one is missing or non-finite: such a
+    metric cannot be given a band). The band is the suite's floor, unless ``SAFETY`` x spread is wider:
+    then an absolute band of that width (rounded up to two significant digits).
+    """
+    if not perturbed or any(v is None or not math.isfinite(v) for v in perturbed):
+        return floor, math.inf
+    spread = max(abs(v - value) for v in perturbed)
+    want = SAFETY * spread
+    if want <= floor.width(value):
+        return floor, spread
+    return Band(abs=_round_up(want)), spread
+
+
+def new_baseline(suite, results: dict[str, EntryResult],
+                 perturbed: dict[str, dict[str, EntryResult]] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Accepted values (6 significant digits) and their bands, measured under ``perturbed`` runs.
+
+    ``perturbed`` maps a perturbation label to the results of the same entries run under it. Without it
+    (or for an entry it lacks) the band is the suite's ``baseline:`` floor alone and no spread is written.
+    Raises ``ValueError`` naming the metric whose perturbed value is missing or non-finite.
+    """
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for e in suite.entries:
+        if e.baseline_path is not None:  # an included suite's entry: accepted in that suite's file
+            continue
+        for metric, floor in e.bands.items():
+            v = results[e.name].metrics.get(metric)
+            if v is None or not math.isfinite(v):
+                continue
+            others = [r[e.name].metrics.get(metric) for r in (perturbed or {}).values() if e.name in r]
+            if not others:
+                out.setdefault(e.name, {})[metric] = {"value": float(f"{v:.6g}"), **floor.to_dict()}
+                continue
+            band, spread = measured_band(floor, v, others)
+            if not math.isfinite(spread):
+                raise ValueError(f"{e.name}: {metric}: not recorded (or not finite) under every perturbation; "
+                                 "it cannot be given a band")
+            out.setdefault(e.name, {})[metric] = {"value": float(f"{v:.6g}"), **band.to_dict(),
+                                                  "spread": float(f"{spread:.3g}"), "runs": len(others) + 1}
+    return out
+
+
+def write_baseline(suite, values: dict, path: Path | None = None) -> Path:
+    from pipeline.tracking import git_commit, version_tags
+
+    path = Path(path or suite.baseline_path)
+    versions = {k.removeprefix("version."): v for k, v in version_tags().items() if k.startswith("version.")}
+    try:
+        shown = suite.path.resolve().relative_to(ROOT)
+    except ValueError:
+        shown = suite.path
+    head = (f"# Accepted numbers for {shown}: written by `python -m pipeline regress --suite "
+            f"{shown} --update-baseline`.\n"
+            "# Each value comes from the nominal run; `spread` is the largest deviation from it seen when the\n"
+            "# entry was run again under the perturbations that stand in for another machine (another thread\n"
+            f"# count, 1-ulp nudges of the initial weights), `runs` counts all runs. The band is {SAFETY:g} x spread,\n"
+            "# or the suite's `baseline:` floor where that is wider (README, \"Baselines that hold on another\n"
+            "# machine\"). Widen one by hand only with a comment saying why.\n")
+    doc = {"suite": suite.name, "recorded": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                                             "git_commit": git_commit(), "versions": versions},
+           "entries": values}
+    path.write_text(head + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=110))
+    return path
+
+
+def baseline_diff(old: dict, new: dict) -> list[tuple[str, str, str, str]]:
+    """Rows (entry: metric, old, new, change) for every value that differs, appears or disappears."""
+    rows = []
+    for entry in sorted(set(old) | set(new)):
+        for metric in sorted(set(old.get(entry, {})) | set(new.get(entry, {}))):
+            a, b = old.get(entry, {}).get(metric), new.get(entry, {}).get(metric)
+            if a == b:
+                continue
+            va, vb = (None if x is None else x["value"] for x in (a, b))
+            same_band = a is not None and b is not None and all(a.get(k) == b.get(k) for k in ("abs", "rel"))
+            change = "new" if a is None else "removed" if b is None else (
+                f"{vb - va:+.4g}" + (f" ({(vb - va) / abs(va):+.1%})" if va else "") if va != vb
+                else "spread" if same_band else "band")
+            rows.append((f"{entry}: {metric}", fmt(va), fmt(vb), change))
+    return rows

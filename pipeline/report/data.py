@@ -1,0 +1,301 @@
+"""Report data: which runs a report covers, read from MLflow in bulk into pandas.
+
+Reading is bulk by design: ONE ``mlflow.search_runs`` per report (it pages 10,000 runs a request and
+returns params, latest metrics and tags as columns), never one request per run per metric. Profiles
+(``diagnostics/bptt_profile.parquet``, every profile pass with its ``step``) and gradient norms
+(``diagnostics/grad_norms.parquet``) are fetched with one ``download_artifacts`` of the run's
+``diagnostics/`` folder, for at most ``PROFILE_RUNS_PER_PANEL`` representative runs per panel.
+
+Target resolution (``python -m pipeline report``):
+
+* ``--study NAME``: the trials tagged ``study=NAME`` (``pipeline.kind=trial``), in ``--experiment``
+  if given, else in any experiment; the most recent sweep parent of that study receives the report.
+* ``--experiment NAME``: every run of the experiment except sweep parents.
+* neither: the most recent sweep parent (``pipeline.kind=sweep``) in any experiment and its study
+  (``make sweep`` then ``make report``), or the whole ``rnn-gradients`` experiment if there is no sweep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError
+
+DEFAULT_EXPERIMENT = "rnn-gradients"
+PROFILE_RUNS_PER_PANEL = 4  # representative runs whose artifacts are downloaded, per (task, cell) panel
+CLIPPED_PER_PANEL = 2  # ... plus this many clipped runs for the pre/post-clip panel
+KIND = "tags.`pipeline.kind`"  # backquoted: the tag key contains a dot
+
+# Comparison table: (column, MLflow column of search_runs, kind). Kinds: tag/param strings, float, int.
+# The key columns come first; the table is sorted by them.
+KEYS = ["task", "cell", "init", "init_scale", "lr", "clip"]
+COLUMNS: list[tuple[str, str, str]] = [
+    ("val_loss_ratio", "metrics.val/loss_ratio", "float"),
+    ("solved", "tags.solved", "str"),
+    ("regime", "tags.regime", "str"),
+    ("log10_ratio", "metrics.bptt/log10_ratio", "float"),
+    ("decay_rate", "metrics.bptt/decay_rate", "float"),
+    ("clip_rate", "metrics.grad/clip_rate", "float"),
+    ("diverged_step", "tags.diverged_step", "int"),
+    ("val_loss", "metrics.val/loss", "float"),
+    ("baseline", "metrics.task/baseline", "float"),
+    ("regime_init", "tags.regime_init", "str"),
+    ("max_norm_preclip", "metrics.grad/max_norm_preclip", "float"),
+    ("steps", "metrics.train/steps", "int"),
+    ("pruned", "tags.pruned", "str"),
+    ("seq_len", "params.task.seq_len", "int"),
+    ("optimizer", "params.optim.name", "str"),
+    ("seed", "params.seed", "int"),
+    ("trial", "tags.trial_number", "int"),
+    ("status", "status", "str"),
+    ("run_name", "tags.mlflow.runName", "str"),
+    ("run_id", "run_id", "str"),
+]
+
+
+@dataclass
+class Target:
+    """What a report covers: resolved before anything is written."""
+
+    name: str  # report name: the study, else the experiment
+    uri: str
+    experiment_ids: list[str]
+    experiment_names: list[str]
+    filter_string: str  # passed to the one search_runs
+    study: str | None = None
+    parent_run_id: str | None = None  # the sweep parent that receives the report as artifacts
+    parent_run_name: str | None = None
+
+
+@dataclass
+class ReportData:
+    target: Target
+    runs: Any  # the search_runs frame (one row per run)
+    table: Any  # the comparison table (one row per run, sorted by KEYS)
+    profiles: dict[str, Any] = field(default_factory=dict)  # run_id -> bptt_profile frame
+    grad_norms: dict[str, Any] = field(default_factory=dict)  # run_id -> grad_norms frame
+
+
+def _quote(s: str) -> str:
+    return "'" + s.replace("'", "\\'") + "'"
+
+
+def safe_name(name: str) -> str:
+    """A report folder name: letters, digits, ``._-`` only."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "report"
+
+
+@contextlib.contextmanager
+def use_uri(uri: str):
+    """``mlflow.search_runs`` reads the global tracking URI: point it at ``uri`` for the block only."""
+    import mlflow
+
+    try:
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    except ImportError:  # pragma: no cover - private helper moved
+        old = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(old)
+        return
+    with _use_tracking_uri(uri):
+        yield
+
+
+def check_store(uri: str) -> None:
+    """A missing sqlite file is an error, not a new empty store (reading must not create one)."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if str(path) != ":memory:" and not path.is_file():
+            raise ConfigError("--store", f"no MLflow store at {path} (run `make sweep` or `make train` "
+                                         "first, or pass --store URI)")
+    from pipeline.tracking import probe_store
+
+    probe_store(uri, "--store")  # a corrupt file or an unreachable server: one line, exit 2
+
+
+def resolve_target(uri: str, experiment: str | None = None, study: str | None = None) -> Target:
+    """The runs a report covers; raises ConfigError (one line, exit 2) for unknown or empty targets."""
+    from mlflow.entities import ViewType
+
+    from pipeline.tracking import client
+
+    check_store(uri)
+    c = client(uri)
+    exps = list(c.search_experiments(view_type=ViewType.ACTIVE_ONLY))
+    by_id = {e.experiment_id: e for e in exps}
+    if study is None and experiment is None:
+        # default: the most recent sweep in any experiment (each sweep config names its own experiment)
+        last = c.search_runs(list(by_id), f"{KIND} = 'sweep'", max_results=1,
+                             order_by=["attributes.start_time DESC"]) if by_id else []
+        if last:
+            study = last[0].data.tags.get("study")
+            experiment = by_id[last[0].info.experiment_id].name
+    if experiment is not None or study is None:
+        name = experiment or DEFAULT_EXPERIMENT
+        exp = next((e for e in exps if e.name == name), None)
+        if exp is None:
+            known = ", ".join(sorted(e.name for e in exps)) or "none"
+            hint = "" if experiment else "no sweep run in the store and "
+            raise ConfigError("--experiment", f"{hint}unknown experiment {name!r} in {uri} (known: {known})")
+        scope = [exp]
+    else:
+        scope = exps
+    ids, names = [e.experiment_id for e in scope], [e.name for e in scope]
+
+    if study is not None:
+        parents = c.search_runs(ids, f"{KIND} = 'sweep' and tags.study = {_quote(study)}", max_results=1,
+                                order_by=["attributes.start_time DESC"])
+        trial_filter = f"{KIND} = 'trial' and tags.study = {_quote(study)}"
+        if not parents and not c.search_runs(ids, trial_filter, max_results=1):
+            raise ConfigError("--study", f"unknown study {study!r} in experiment(s) {', '.join(names)}")
+        t = Target(study, uri, ids, names, trial_filter, study=study)
+        if parents:
+            t.parent_run_id, t.parent_run_name = parents[0].info.run_id, parents[0].info.run_name
+        return t
+    # a whole experiment: every run; load_runs drops the sweep parents after the one read
+    return Target(names[0], uri, ids, names, "")
+
+
+def load_runs(target: Target):
+    """The ONE bulk read: a pandas frame of the target's runs (params, latest metrics, tags)."""
+    import mlflow
+
+    with use_uri(target.uri):
+        df = mlflow.search_runs(experiment_ids=target.experiment_ids, filter_string=target.filter_string,
+                                order_by=["attributes.start_time ASC"])
+    kind = df["tags.pipeline.kind"] if "tags.pipeline.kind" in df else None
+    if kind is not None:
+        df = df[kind.fillna("") != "sweep"].reset_index(drop=True)
+    if df.empty:
+        what = f"study {target.study!r}" if target.study else f"experiment {target.name!r}"
+        raise ConfigError("--study" if target.study else "--experiment",
+                          f"{what} has no runs to report (run `make sweep` or `make train` first)")
+    # name only the experiments the runs live in (a study is looked up across all of them)
+    found = set(df["experiment_id"])
+    target.experiment_names = [n for i, n in zip(target.experiment_ids, target.experiment_names, strict=True)
+                               if i in found]
+    return df
+
+
+def _num(v: Any, kind: str) -> Any:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return None
+    if kind == "float":
+        return float(v)
+    if kind == "int":
+        try:
+            return int(float(v))
+        except (TypeError, ValueError):
+            return None
+    return str(v)
+
+
+def _clip(mode: Any, threshold: Any) -> str:
+    if mode in (None, "none") or (isinstance(mode, float) and math.isnan(mode)):
+        return "none"
+    return f"{mode} {float(threshold):g}" if threshold is not None else str(mode)
+
+
+def comparison_table(runs):
+    """One row per run, values exactly as MLflow holds them, sorted by (task, cell, init, g, lr, clip)."""
+    import pandas as pd
+
+    def col(name):
+        return runs[name] if name in runs else pd.Series([None] * len(runs), index=runs.index)
+
+    rows = []
+    for i in range(len(runs)):
+        r = {
+            "task": _num(col("tags.task").iloc[i], "str") or _num(col("params.task.name").iloc[i], "str"),
+            "cell": _num(col("tags.cell").iloc[i], "str") or _num(col("params.model.cell").iloc[i], "str"),
+            "init": _num(col("tags.init").iloc[i], "str") or _num(col("params.model.init").iloc[i], "str"),
+            "init_scale": _num(col("params.model.init_scale").iloc[i], "float"),
+            "lr": _num(col("params.optim.lr").iloc[i], "float"),
+            "clip": _clip(col("params.clip.mode").iloc[i], col("params.clip.threshold").iloc[i]),
+        }
+        for name, src, kind in COLUMNS:
+            r[name] = _num(col(src).iloc[i], kind)
+        rows.append(r)
+    table = pd.DataFrame(rows, columns=KEYS + [c[0] for c in COLUMNS])
+    for c in ("init_scale", "lr", *(n for n, _, k in COLUMNS if k == "float")):
+        table[c] = table[c].astype(float)
+    for c in (n for n, _, k in COLUMNS if k == "int"):
+        table[c] = table[c].astype("Int64")
+    return table.sort_values(KEYS + ["seed", "run_name"], na_position="last", kind="stable").reset_index(drop=True)
+
+
+def representative_runs(table, per_panel: int = PROFILE_RUNS_PER_PANEL) -> list[str]:
+    """The runs whose diagnostics are downloaded, per (task, cell) panel: one per (init, g), the
+    best-trained of each (lowest loss ratio, diverged last), spread evenly over g when there are more
+    (init, g) than ``per_panel``; plus up to ``CLIPPED_PER_PANEL`` clipped runs (highest clip rate) for
+    the pre/post-clip panel. At most per_panel + CLIPPED_PER_PANEL downloads per panel."""
+    import numpy as np
+
+    chosen: list[str] = []
+    for _, panel in table.groupby(["task", "cell"], sort=True, dropna=False):
+        picks = []
+        for _, grp in panel.groupby(["init", "init_scale"], sort=True, dropna=False):
+            order = grp.assign(_div=grp["regime"].eq("diverged"),
+                               _loss=grp["val_loss_ratio"].fillna(np.inf))
+            picks.append(order.sort_values(["_div", "_loss"]).iloc[0]["run_id"])
+        if len(picks) > per_panel:
+            picks = [picks[i] for i in np.unique(np.linspace(0, len(picks) - 1, per_panel).round().astype(int))]
+        clipped = panel[(panel["clip"] != "none") & ~panel["run_id"].isin(picks)]
+        clipped = clipped.sort_values("clip_rate", ascending=False, na_position="last")
+        chosen.extend(picks + list(clipped["run_id"][:CLIPPED_PER_PANEL]))
+    return chosen
+
+
+@contextlib.contextmanager
+def _no_progress_bar():
+    """MLflow draws a tqdm bar per download; a report downloads several: keep the terminal quiet."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def download_diagnostics(uri: str, run_ids: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One ``download_artifacts`` of ``diagnostics/`` per run: (profiles, grad_norms) by run id."""
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import client
+
+    c = client(uri)
+    profiles, norms = {}, {}
+    with tempfile.TemporaryDirectory() as d, _no_progress_bar():
+        for rid in run_ids:
+            try:
+                local = Path(c.download_artifacts(rid, "diagnostics", str(Path(d) / rid)))
+            except (MlflowException, OSError):  # a run that failed before writing its diagnostics
+                continue
+            if (local / "bptt_profile.parquet").is_file():
+                profiles[rid] = pd.read_parquet(local / "bptt_profile.parquet")
+            if (local / "grad_norms.parquet").is_file():
+                norms[rid] = pd.read_parquet(local / "grad_norms.parquet")
+    return profiles, norms
+
+
+def load(uri: str, experiment: str | None = None, study: str | None = None) -> ReportData:
+    target = resolve_target(uri, experiment, study)
+    runs = load_runs(target)
+    table = comparison_table(runs)
+    profiles, norms = download_diagnostics(uri, representative_runs(table))
+    return ReportData(target, runs, table, profiles, norms)

@@ -1,0 +1,268 @@
+"""Report figures (matplotlib, Agg): the phase diagram, gradient profiles, gradient norms over training.
+
+Every function takes the comparison table (:func:`pipeline.report.data.comparison_table`) and/or the
+downloaded diagnostics frames and returns a matplotlib Figure; :mod:`pipeline.report.write` writes them as
+PNG files and embeds them in the HTML as base64 (the report is one self-contained file).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+REGIME_COLORS = {"vanishing": "#1f77b4", "healthy": "#2ca02c", "exploding": "#ff7f0e",
+                 "diverged": "#d62728", None: "#9e9e9e"}
+THEORY_INITS = ("gaussian", "orthogonal")  # mean-field ln g per step applies to tanh with these inits
+# val loss / task baseline at or above which a run "learned nothing" (1.0 = the baseline's loss exactly):
+# healthy gradient flow is no success if the loss never left the baseline (README, "What the report shows").
+LEARNED_NOTHING = 0.9
+MIN_WIDTH = 8.0  # inches: a figure-wide title and legend fit even when there is one panel
+DPI = 170  # report and run figures (110 looked soft on a laptop screen; ~2x the file size)
+
+
+def outcome(val_loss_ratio, solved=None) -> str:
+    """What the run learned, in words, for titles and labels: "solved", "learned nothing" (val loss at
+    least LEARNED_NOTHING x baseline), "partly learned", or "no val loss"."""
+    if solved in (True, "true"):
+        return "solved"
+    try:
+        r = float(val_loss_ratio)
+    except (TypeError, ValueError):
+        return "no val loss"
+    if math.isnan(r):
+        return "no val loss"
+    return "learned nothing" if r >= LEARNED_NOTHING else "partly learned"
+
+
+def run_summary(regime, val_loss_ratio, solved=None) -> str:
+    """"<regime> gradients; val loss 0.98 x baseline: learned nothing": the verdict next to the outcome,
+    so a healthy gradient flow that learned nothing does not read as a success."""
+    try:
+        r = float(val_loss_ratio)
+        loss = "" if math.isnan(r) else f"val loss {r:.2g} x baseline: "
+    except (TypeError, ValueError):
+        loss = ""
+    what = "diverged" if regime == "diverged" else f"{regime} gradients"
+    return f"{what}; {loss}{outcome(val_loss_ratio, solved)}"
+
+
+def wrap_title(text: str, fig) -> str:
+    """Wrap a figure title to the figure's width (about 11 characters per inch at fontsize 11)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, max(30, int(fig.get_figwidth() * 11))))
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _grid(n: int, width: float = 4.2, height: float = 3.6, max_cols: int = 3):
+    plt = _plt()
+    cols = min(n, max_cols)
+    rows = math.ceil(n / cols)
+    # Constrained layout makes room for titles, figure legends and legends below the axes (tight_layout
+    # ignores figure-level artists: one-panel figures lost their title and legend).
+    fig, axes = plt.subplots(rows, cols, figsize=(max(width * cols, MIN_WIDTH), height * rows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def _spread(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs at the same (lr, g) in one panel (seeds, clip settings) are spread on a small ring in log
+    space, so none hides another."""
+    x, y = x.astype(float).copy(), y.astype(float).copy()
+    keys = {}
+    for i, k in enumerate(zip(x.round(12), y.round(12), strict=True)):
+        keys.setdefault(k, []).append(i)
+    for idx in keys.values():
+        n = len(idx)
+        if n < 2:
+            continue
+        for j, i in enumerate(idx):
+            a = 2 * math.pi * j / n
+            x[i] *= 10 ** (0.12 * math.cos(a))
+            y[i] *= 10 ** (0.06 * math.sin(a))
+    return x, y
+
+
+def _limits(values) -> tuple[float, float]:
+    v = values[(values > 0) & values.notna()]
+    if v.empty:
+        return 0.1, 10.0
+    lo, hi = float(v.min()), float(v.max())
+    return lo / 2.2, hi * 2.2
+
+
+def _value_ticks(axis, values, max_ticks: int = 6) -> None:
+    """A grid sweep (few values, at least 1.5x apart) gets ticks at its own values; sampled values
+    (TPE) get ordinary log ticks. Labels plain, 3 significant digits: 0.01, 0.5, 3."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    v = np.unique(values[(values > 0) & values.notna()].to_numpy(dtype=float))
+    grid = 0 < len(v) <= max_ticks and (len(v) == 1 or (v[1:] / v[:-1]).min() >= 1.5)
+    axis.set_major_locator(FixedLocator(v) if grid else LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.3g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def theory_applies(cell: str, init: str, g: float) -> bool:
+    """Mean-field (Molgedey 1992; Chen, Pennington, Schoenholz 2018): a tanh RNN with W ~ N(0, g^2/H)
+    (or g times an orthogonal matrix) has ||dL/dh_t|| shrinking by g per step going back, in the
+    ordered phase g < 1."""
+    return cell == "tanh" and init in THEORY_INITS and g is not None and 0 < g < 1
+
+
+def phase_diagram(table, task: str):
+    """Init scale g against learning rate, one panel per (cell, init); colour = regime, marker = solved
+    (star) / not solved (circle) / diverged (X), label = final val loss / baseline or the diverged step."""
+    from matplotlib.lines import Line2D
+
+    _plt()  # Agg backend before pyplot is used
+    sub = table[table["task"] == task]
+    panels = list(sub.groupby(["cell", "init"], sort=True, dropna=False))
+    fig, axes = _grid(len(panels))
+    # one scale for every panel, so that a point's place means the same (lr, g) across cells
+    xlim, ylim = _limits(sub["lr"]), _limits(sub["init_scale"])
+    for ax, ((cell, init), grp) in zip(axes, panels, strict=True):
+        grp = grp[grp["lr"].notna() & grp["init_scale"].notna()]
+        x, y = _spread(grp["lr"].to_numpy(), grp["init_scale"].to_numpy())
+        label_points = len(grp) <= 40
+        for k, (xi, yi, (_, r)) in enumerate(zip(x, y, grp.iterrows(), strict=True)):
+            regime = r["regime"] if r["regime"] in REGIME_COLORS else None
+            color = REGIME_COLORS[regime]
+            if regime == "diverged":
+                marker, size = "X", 110
+                text = f"div@{r['diverged_step']}" if r["diverged_step"] is not None else "div"
+            elif r["solved"] == "true":
+                marker, size, text = "*", 220, f"{r['val_loss_ratio']:.2g}"
+            else:
+                marker, size = "o", 90
+                text = f"{r['val_loss_ratio']:.2g}" if not np.isnan(r["val_loss_ratio"]) else r["status"] or "?"
+            if regime != "diverged" and outcome(r["val_loss_ratio"], r["solved"]) == "learned nothing":
+                # hollow: whatever the gradients did, the loss stayed at the baseline
+                ax.scatter([xi], [yi], facecolors="white", edgecolors=color, marker=marker, s=size,
+                           linewidths=2.2, zorder=3)
+            else:
+                ax.scatter([xi], [yi], c=color, marker=marker, s=size, edgecolors="k", linewidths=0.6, zorder=3)
+            if label_points:
+                ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(0, 9 if k % 2 == 0 else -15),
+                            ha="center", fontsize=7)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
+        _value_ticks(ax.xaxis, sub["lr"])
+        _value_ticks(ax.yaxis, sub["init_scale"])
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("init scale g")
+        ax.set_title(f"{cell} / {init}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    handles = [Line2D([], [], ls="", marker="o", color=c, markeredgecolor="k", label=k)
+               for k, c in REGIME_COLORS.items() if k]
+    handles += [Line2D([], [], ls="", marker="*", color="w", markeredgecolor="k", markersize=11, label="solved"),
+                Line2D([], [], ls="", marker="X", color="w", markeredgecolor="k", label="diverged (step)"),
+                Line2D([], [], ls="", marker="o", color="w", markeredgecolor="#555", markeredgewidth=2,
+                       label=f"hollow: learned nothing (val loss >= {LEARNED_NOTHING:g} x baseline)")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    fig.suptitle(wrap_title(f"Phase diagram, {task}: gradient regime (colour) by init scale and learning rate; "
+                            "labels: final val loss / baseline", fig), fontsize=11)
+    return fig
+
+
+def _run_label(r) -> str:
+    return f"{r['init']} g={r['init_scale']:.3g} lr={r['lr']:.3g}"
+
+
+def profile_panels(table, profiles: dict, task: str):
+    """log10 ||dL/dh_t|| against t, per cell: at init (step 0, dashed) and at the end (last profile pass,
+    solid) for the representative runs, with the mean-field line where it applies (dotted)."""
+    plt = _plt()
+    sub = table[(table["task"] == task) & table["run_id"].isin(list(profiles))]
+    panels = list(sub.groupby("cell", sort=True))
+    if not panels:
+        return None
+    fig, axes = _grid(len(panels), width=5.0, height=3.8, max_cols=2)
+    cmap = plt.get_cmap("tab10")
+    for ax, (cell, grp) in zip(axes, panels, strict=True):
+        for k, (_, r) in enumerate(grp.iterrows()):
+            prof = profiles[r["run_id"]]
+            prof = prof[prof["state"] == "h"]
+            if prof.empty:
+                continue
+            color = cmap(k % 10)
+            first, last = prof["step"].min(), prof["step"].max()
+            p0 = prof[prof["step"] == first].sort_values("t")
+            p1 = prof[prof["step"] == last].sort_values("t")
+            ax.plot(p0["t"], p0["log10_norm"], "--", color=color, lw=1.2, label=f"{_run_label(r)}: init")
+            if last != first:
+                ax.plot(p1["t"], p1["log10_norm"], "-", color=color, lw=1.6,
+                        label=f"{_run_label(r)}: step {last} ({run_summary(r['regime'], r['val_loss_ratio'], r['solved'])})")
+            g = r["init_scale"]
+            if theory_applies(cell, r["init"], g) and len(p0):
+                T = int(p0["t"].max())
+                anchor = float(p0.loc[p0["t"] == T, "log10_norm"].iloc[0])
+                t = np.arange(1, T + 1)
+                ax.plot(t, anchor + (T - t) * math.log10(g), ":", color="k", lw=1.0,
+                        label=f"theory g={g:.3g}: ln g = {math.log(g):.2f}/step")
+        ax.set_xlabel("time step t")
+        ax.set_ylabel(r"$\log_{10}\,\|\partial L_w/\partial h_t\|$ (long-range)")
+        ax.set_title(f"{task}: {cell}", fontsize=10)
+        ax.grid(alpha=0.3)
+        _legend_below(ax)
+    fig.suptitle(wrap_title("Long-range gradient profiles (memory-window loss): at init (dashed) and end of "
+                            "training (solid)", fig), fontsize=11)
+    return fig
+
+
+def _legend_below(ax) -> None:
+    """The legend under its panel, not over the curves (constrained layout makes the room)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
+
+
+def grad_norm_panels(table, norms: dict, task: str):
+    """Global gradient norm over training per cell: before clipping (solid) and, for clipped runs,
+    after (dashed) with the threshold (dotted). Without clipping the two are the same curve."""
+    plt = _plt()
+    sub = table[(table["task"] == task) & table["run_id"].isin(list(norms))]
+    panels = list(sub.groupby("cell", sort=True))
+    if not panels:
+        return None
+    fig, axes = _grid(len(panels), width=5.0, height=3.6, max_cols=2)
+    cmap = plt.get_cmap("tab10")
+    for ax, (cell, grp) in zip(axes, panels, strict=True):
+        thresholds = set()
+        for k, (_, r) in enumerate(grp.iterrows()):
+            df = norms[r["run_id"]]
+            color = cmap(k % 10)
+            clipped = r["clip"] != "none"
+            for col, ls, what in (("norm_preclip", "-", "pre-clip"), ("norm_postclip", "--", "post-clip")):
+                if col == "norm_postclip" and not clipped:
+                    continue
+                ok = np.isfinite(df[col]) & (df[col] > 0)
+                if ok.any():
+                    label = (f"{_run_label(r)} clip {r['clip']}" + (f": {what}" if clipped else "")
+                             + f" ({run_summary(r['regime'], r['val_loss_ratio'], r['solved'])})")
+                    ax.semilogy(df["step"][ok], df[col][ok], ls, color=color, lw=0.9,
+                                marker="." if ok.sum() < 4 else None, label=label)
+            if r["clip"].startswith("norm "):
+                thresholds.add(float(r["clip"].split()[1]))
+        for c in sorted(thresholds):
+            ax.axhline(c, color="k", ls=":", lw=0.8, label=f"clip threshold {c:g}")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("global gradient norm")
+        ax.set_title(f"{task}: {cell}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        _legend_below(ax)
+    fig.suptitle(wrap_title("Gradient norm over training: before (solid) and after (dashed) clipping", fig),
+                 fontsize=11)
+    return fig

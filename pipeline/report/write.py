@@ -1,0 +1,211 @@
+"""Comparison report: MLflow -> pandas -> tables, phase diagram, profiles -> HTML, Markdown, CSV.
+
+``build_report(uri, experiment=..., study=..., out=...)`` reads the target's runs in bulk
+(:mod:`pipeline.report.data`), draws the figures (:mod:`pipeline.report.figures`) and writes, under
+``reports/<name>/``:
+
+* ``report.html``: self-contained (inline CSS, figures as base64 PNG, no external JS/CSS);
+* ``report.md`` with the PNG files beside it;
+* ``comparison.csv`` (one row per run, full precision) and ``summary.csv`` (one row per
+  (task, cell, init, g, lr, clip), aggregated over seeds).
+
+The folder is also logged as artifacts (``report/``) of the sweep's parent run, when there is one.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.report import data as rd
+
+SHOWN = ["task", "cell", "init", "init_scale", "lr", "clip", "val_loss_ratio", "solved", "regime",
+         "log10_ratio", "decay_rate", "clip_rate", "diverged_step", "regime_init", "max_norm_preclip", "seed",
+         "status", "run_name"]
+HEADERS = {"init_scale": "g", "val_loss_ratio": "val loss / baseline", "log10_ratio": "log10 ratio",
+           "decay_rate": "decay rate (ln/step)", "clip_rate": "clip rate", "diverged_step": "diverged step",
+           "regime_init": "regime at init", "max_norm_preclip": "max norm (pre-clip)", "run_name": "run"}
+
+
+@dataclass
+class ReportResult:
+    name: str
+    out: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    n_runs: int = 0
+    regimes: dict[str, int] = field(default_factory=dict)
+    parent_run_id: str | None = None
+    table: Any = None
+
+
+def summary_table(table):
+    """Per (task, cell, init, g, lr, clip): runs, solved, regime counts, median loss ratio."""
+    import pandas as pd
+
+    rows = []
+    for key, grp in table.groupby(rd.KEYS, sort=True, dropna=False):
+        counts = grp["regime"].fillna("none").value_counts()
+        rows.append({**dict(zip(rd.KEYS, key, strict=True)), "runs": len(grp),
+                     "solved": int((grp["solved"] == "true").sum()),
+                     "regimes": ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+                     "median_val_loss_ratio": grp["val_loss_ratio"].median()})
+    return pd.DataFrame(rows)
+
+
+def fmt(v: Any, col: str = "") -> str:
+    """Display format (tables in HTML/Markdown); the CSV keeps MLflow's values at full precision."""
+    if v is None or v is getattr(__import__("pandas"), "NA", None):
+        return "–"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "–"
+        if col in ("init_scale", "lr"):
+            return f"{v:g}"
+        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
+    return str(v)
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    from pipeline.report.figures import DPI
+
+    buf = io.BytesIO()
+    # bbox_inches="tight": whatever a figure-level title or legend needs is kept, never cut at the edge
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def figures(data: rd.ReportData) -> list[tuple[str, str, bytes]]:
+    """(file name, caption, png bytes), per task: phase diagram, profiles, gradient norms."""
+    from pipeline.report import figures as rr
+
+    out = []
+    tasks = sorted(t for t in data.table["task"].dropna().unique())
+    for task in tasks:
+        suffix = f"_{rd.safe_name(task)}" if len(tasks) > 1 else ""
+        fig = rr.phase_diagram(data.table, task)
+        out.append((f"phase_diagram{suffix}.png", f"Phase diagram ({task})", _png(fig)))
+        fig = rr.profile_panels(data.table, data.profiles, task)
+        if fig is not None:
+            out.append((f"profiles{suffix}.png", f"Gradient profiles ({task})", _png(fig)))
+        fig = rr.grad_norm_panels(data.table, data.grad_norms, task)
+        if fig is not None:
+            out.append((f"grad_norms{suffix}.png", f"Gradient norms over training ({task})", _png(fig)))
+    return out
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:12px}
+th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f2f2f2;position:sticky;top:0}
+td.s{text-align:left}img{max-width:100%;border:1px solid #ddd}.meta td{text-align:left}
+.vanishing{background:#dbe9f6}.healthy{background:#dcf0dc}.exploding{background:#ffe6cc}.diverged{background:#f8d0d0}"""
+
+
+def _html_table(df, cols: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(HEADERS.get(c, c.replace('_', ' ')))}</th>" for c in cols)
+    body = []
+    for _, r in df.iterrows():
+        tds = []
+        for c in cols:
+            v = r[c]
+            cls = "s" if not isinstance(v, float) else ""
+            if c == "regime" and isinstance(v, str):
+                cls += f" {v}"
+            tds.append(f'<td class="{cls.strip()}">{html.escape(fmt(v, c))}</td>')
+        rid = r.get("run_id")
+        body.append(f'<tr data-run-id="{html.escape(str(rid))}">' + "".join(tds) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _md_table(df, cols: list[str]) -> str:
+    lines = ["| " + " | ".join(HEADERS.get(c, c.replace("_", " ")) for c in cols) + " |",
+             "|" + "---|" * len(cols)]
+    for _, r in df.iterrows():
+        lines.append("| " + " | ".join(fmt(r[c], c).replace("|", "\\|") for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def _meta(data: rd.ReportData, n: int, regimes: dict[str, int]) -> list[tuple[str, str]]:
+    t = data.target
+    meta = [("store", t.uri), ("experiment", ", ".join(t.experiment_names)), ("runs", str(n)),
+            ("regimes", ", ".join(f"{k}: {v}" for k, v in regimes.items()) or "none"),
+            ("generated", time.strftime("%Y-%m-%d %H:%M:%S"))]
+    if t.study:
+        meta.insert(2, ("study", t.study))
+    if t.parent_run_id:
+        meta.insert(3, ("sweep parent run", f"{t.parent_run_name} ({t.parent_run_id})"))
+    return meta
+
+
+NOTES = ("Values are MLflow's: final metrics (latest step) and tags of each run. val loss / baseline: "
+         "1 means the model learned nothing (adding: predict 1, MSE 1/6). log10 ratio: "
+         "log10 ||dL/dh_1|| / ||dL/dh_T|| of the final float64 profile. decay rate: ln growth per step "
+         "going back (= ln g in the ordered phase). Profiles are shown for at most "
+         f"{rd.PROFILE_RUNS_PER_PANEL} representative runs per cell (per (init, g) the best-trained).")
+
+
+def write(data: rd.ReportData, out: Path) -> ReportResult:
+    out.mkdir(parents=True, exist_ok=True)
+    table = data.table
+    regimes = {k: int(v) for k, v in table["regime"].fillna("no verdict").value_counts().sort_index().items()}
+    res = ReportResult(data.target.name, out, n_runs=len(table), regimes=regimes,
+                       parent_run_id=data.target.parent_run_id, table=table)
+    summary = summary_table(table)
+    table.to_csv(out / "comparison.csv", index=False)
+    summary.to_csv(out / "summary.csv", index=False)
+    res.files.update({"comparison.csv": out / "comparison.csv", "summary.csv": out / "summary.csv"})
+    figs = figures(data)
+    for name, _, png in figs:
+        (out / name).write_bytes(png)
+        res.files[name] = out / name
+    meta = _meta(data, len(table), regimes)
+    title = f"RNN gradient report: {data.target.name}"
+    sum_cols = rd.KEYS + ["runs", "solved", "regimes", "median_val_loss_ratio"]
+
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             "<table class='meta'>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+                                               for k, v in meta) + "</table>",
+             f"<p>{html.escape(NOTES)}</p>"]
+    for name, caption, png in figs:
+        b64 = base64.b64encode(png).decode()
+        parts.append(f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(name)}' "
+                     f"src='data:image/png;base64,{b64}'>")
+    parts.append("<h2>Summary per (task, cell, init, g, lr, clip)</h2>" + _html_table(summary, sum_cols))
+    parts.append("<h2>Comparison: one row per run</h2>" + _html_table(table, SHOWN + ["run_id"]))
+    parts.append("</body></html>")
+    (out / "report.html").write_text("\n".join(parts), encoding="utf-8")
+
+    md = [f"# {title}", "", *(f"- **{k}**: {v}" for k, v in meta), "", NOTES, ""]
+    for name, caption, _ in figs:
+        md += [f"## {caption}", "", f"![{caption}]({name})", ""]
+    md += ["## Summary per (task, cell, init, g, lr, clip)", "", _md_table(summary, sum_cols), "",
+           "## Comparison: one row per run", "", _md_table(table, SHOWN + ["run_id"]), ""]
+    (out / "report.md").write_text("\n".join(md), encoding="utf-8")
+    res.files.update({"report.html": out / "report.html", "report.md": out / "report.md"})
+    return res
+
+
+def build_report(uri: str | None = None, experiment: str | None = None, study: str | None = None,
+                 out: str | Path | None = None, log_to_parent: bool = True) -> ReportResult:
+    """Resolve, read (bulk), draw, write; log the folder to the sweep's parent run as ``report/``.
+
+    Raises ConfigError (nothing written) for a missing store, an unknown experiment or study, or one
+    without runs.
+    """
+    from pipeline.tracking import client, resolve_uri
+
+    uri = resolve_uri(uri)
+    data = rd.load(uri, experiment, study)
+    target = Path(out) if out is not None else Path("reports") / rd.safe_name(data.target.name)
+    res = write(data, target)
+    if log_to_parent and data.target.parent_run_id:
+        client(uri).log_artifacts(data.target.parent_run_id, str(target), "report")
+    return res

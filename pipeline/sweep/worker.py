@@ -1,0 +1,364 @@
+"""A sweep worker process: ask a trial, train it with :func:`pipeline.training.run.run`, tell the result; repeat.
+
+Started by :mod:`pipeline.sweep.parent` (``python -m pipeline.sweep.worker SPEC_JSON``) after the parent has
+created the study, the MLflow experiment and the sweep's parent run: a worker only loads them
+(concurrent first-time creation loses workers, measured: 13 of 18 PostgreSQL workers died at a cold start).
+
+How a trial ends, in Optuna and in MLflow:
+
+=================  ===========================================  =====================================
+outcome            Optuna                                       MLflow child run
+=================  ===========================================  =====================================
+trained            COMPLETE, value = final val/loss_ratio       FINISHED
+pruned (val loss)  PRUNED, attr pruned_by=val_loss              FINISHED, tag pruned=true
+pruned (gradient)  PRUNED, attr pruned_by=grad_norm             FINISHED, tag pruned=true
+diverged           COMPLETE, value = penalty (see below),       FINISHED, tags regime=diverged,
+                   attrs diverged=True, diverged_step, regime   diverged=true, diverged_step
+SIGTERM / Ctrl-C   FAIL, attr interrupted, params re-enqueued   KILLED
+kill -9            FAIL (reaper), params re-enqueued once       KILLED (by the reaper)
+exception          FAIL, attr error                             FAILED
+=================  ===========================================  =====================================
+
+Diverged trials are COMPLETE, not FAIL: Optuna's samplers drop FAIL trials (a NaN objective is FAIL),
+so they would keep proposing the region that diverges (optuna #2864, #3472). The value is
+``max(penalty, worst finite value of the non-diverged trials so far)``: never better than a trial that
+trained, so TPE puts diverged points in its "bad" density and samples away from them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from typing import Any
+
+import pytorch_lightning as pl
+
+from pipeline.sweep.config import Param, SweepConfig, load_sweep
+from pipeline.sweep.stores import budget_lock, open_storage, owner_tag, reap_stale
+from pipeline.training.run import Terminated
+
+MAX_CONSECUTIVE_ERRORS = 3  # a worker whose trials keep raising stops instead of burning the budget
+
+
+class TrialCallback(pl.Callback):
+    """Reports val/loss_ratio to Optuna after each validation; prunes on it and on gradient health.
+
+    Gradient health: the largest pre-clip gradient norm so far (``GradientMonitor.max_norm_preclip``,
+    refreshed after each log window) above ``prune.max_grad_norm`` stops the trial as pruned. A
+    non-finite loss or gradient already stops training in the module's divergence guard.
+    We do not use optuna-integration's callback: it imports ``lightning.pytorch``, and mixing it with
+    ``pytorch_lightning`` fails (two copies of the Lightning classes, neither recognising the other).
+    """
+
+    def __init__(self, trial, max_grad_norm: float | None, log_every: int):
+        self.trial, self.max_grad_norm, self.log_every = trial, max_grad_norm, log_every
+        self.pruned_by: str | None = None
+        self.monitor = None
+        self.reported: set[int] = set()  # the final validate() may repeat the last step
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        from pipeline.training.callbacks import GradientMonitor
+
+        if stage != "fit":
+            return
+        self.monitor = next((c for c in trainer.callbacks if isinstance(c, GradientMonitor)), None)
+        run_id = getattr(getattr(self.monitor, "recorder", None), "run_id", None)
+        if run_id:  # as early as possible: a reaper closes this run if the worker dies
+            self.trial.set_user_attr("mlflow_run_id", run_id)
+
+    def _prune(self, trainer, pl_module, why: str) -> None:
+        self.pruned_by = why
+        pl_module.pruned = True
+        trainer.should_stop = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.max_grad_norm is None or self.pruned_by or self.monitor is None:
+            return
+        if trainer.global_step % self.log_every == 0:  # the monitor has just drained its window
+            m = self.monitor.max_norm_preclip
+            if m is not None and m > self.max_grad_norm:
+                self._prune(trainer, pl_module, "grad_norm")
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        v = pl_module.val_loss
+        if v is None or not math.isfinite(v) or self.pruned_by or pl_module.diverged_step is not None:
+            return
+        step = trainer.global_step
+        if step in self.reported:
+            return
+        self.reported.add(step)
+        self.trial.report(v / pl_module.task.baseline, step)
+        # Only prune while fitting, and not at the last step (the run is over anyway).
+        if trainer.state.fn == "fit" and step < trainer.max_steps and self.trial.should_prune():
+            self._prune(trainer, pl_module, "val_loss")
+
+
+@contextlib.contextmanager
+def heartbeat(storage, trial_id: int, interval: int):
+    """RDB storages: record the trial's heartbeat every ``interval`` s (Optuna's own thread does the
+    same inside ``study.optimize``, which we do not use: we need our own loop for the budget lock)."""
+    from optuna.storages import RDBStorage
+
+    if not isinstance(storage, RDBStorage):
+        yield
+        return
+    stop = threading.Event()
+
+    def beat():
+        while True:
+            with contextlib.suppress(Exception):
+                storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    th = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        th.join(timeout=5)
+
+
+def suggest(trial, p: Param) -> Any:
+    if p.kind == "categorical":
+        return trial.suggest_categorical(p.key, p.choices)
+    if p.kind == "int":
+        return trial.suggest_int(p.key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+    return trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
+
+
+def make_sampler(sw: SweepConfig, worker: int, n_seen: int):
+    """Seeded per (sweep seed, worker, trials already in the study): parallel workers and resumed
+    sweeps do not replay the same random draws. (The start-up design itself is drawn once by the parent:
+    :func:`startup_design`.)"""
+    import optuna
+
+    s = sw.sampler
+    seed = (int(s.get("seed", 0)) * 1_000_003 + worker * 7919 + n_seen) % (2**31)
+    if s["name"] == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # multivariate is experimental
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(s.get("n_startup_trials", 8)),
+                                          multivariate=bool(s.get("multivariate", True)), constant_liar=True)
+
+
+def startup_design(sw: SweepConfig) -> list[dict[str, Any]]:
+    """The sweep's first ``sampler.n_startup_trials`` points (at most ``n_trials``), drawn once by the
+    parent from ``sampler.seed`` alone and enqueued before any worker starts.
+
+    Without it each worker's sampler draws its own random start-up points, so the design changes with the
+    number of workers. With it a sweep starts from the same points with 1, 2 or 16 workers, and they are
+    the points a single-process ``TPESampler(seed=...)`` would draw (same RandomSampler, same order; tested).
+    """
+    import optuna
+
+    s = sw.sampler
+    n = min(int(s.get("n_startup_trials", 8)), sw.n_trials) if s["name"] == "tpe" else 0
+    if n == 0:
+        return []
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=int(s.get("seed", 0))))
+    points = []
+    for _ in range(n):
+        trial = study.ask()
+        points.append({p.key: suggest(trial, p) for p in sw.space})
+        study.tell(trial, 0.0)
+    return points
+
+
+def make_pruner(sw: SweepConfig):
+    import optuna
+
+    p, base = sw.pruner, sw.base_config()
+    if p["name"] == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=int(p.get("n_startup_trials", 4)),
+                                           n_warmup_steps=int(p.get("n_warmup_steps", 0)))
+    if p["name"] == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=int(p.get("min_resource", base.trainer.val_every)),
+                                              max_resource=base.trainer.max_steps,
+                                              reduction_factor=int(p.get("reduction_factor", 3)))
+    return optuna.pruners.NopPruner()
+
+
+def divergence_value(study, penalty: float) -> float:
+    """Objective of a diverged trial: never better than any trial that trained (see module doc)."""
+    from optuna.trial import TrialState
+
+    worst = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+             if not t.user_attrs.get("diverged") and t.value is not None and math.isfinite(t.value)]
+    return max([penalty, *worst])
+
+
+def tag_run(mlflow_uri: str, run_id: str | None, tags: dict[str, Any]) -> None:
+    if not run_id:
+        return
+    from mlflow.entities import RunTag
+
+    from pipeline.tracking import client
+
+    with contextlib.suppress(Exception):
+        client(mlflow_uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+class Worker:
+    def __init__(self, spec: dict[str, Any]):
+        import optuna
+
+        self.spec = spec
+        self.sw = load_sweep(spec["config"], spec["overrides"])
+        self.url, self.mlflow_uri = spec["storage"], spec["mlflow_uri"]
+        self.storage = open_storage(self.url, heartbeat_interval=self.sw.heartbeat_interval,
+                                    grace=self.sw.heartbeat_grace, mlflow_uri=self.mlflow_uri)
+        n_seen = len(self.storage.get_all_trials(self.storage.get_study_id_from_name(spec["study"]),
+                                                 deepcopy=False))
+        self.study = optuna.load_study(study_name=spec["study"], storage=self.storage,
+                                       sampler=make_sampler(self.sw, spec["worker"], n_seen),
+                                       pruner=make_pruner(self.sw))
+        from pipeline.training import callbacks, module, run  # noqa: F401  (import before the first trial, not inside it)
+
+        self.ppid = os.getppid()
+        self.deadline = spec.get("deadline")
+
+    def next_trial(self):
+        """Under the budget lock: reap stale trials, count, ask (WAITING retries are popped first)."""
+        from optuna.trial import TrialState
+
+        with budget_lock(self.url, self.storage, self.sw.study):
+            reap_stale(self.study, self.url, self.mlflow_uri)
+            trials = self.study.get_trials(deepcopy=False)
+            done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+            running = sum(t.state == TrialState.RUNNING for t in trials)
+            if done + running >= self.sw.n_trials:
+                return None
+            trial = self.study.ask()
+            trial.set_user_attr("worker", owner_tag())
+            return trial
+
+    def run(self) -> int:
+        errors = 0
+        while True:
+            if os.getppid() != self.ppid:  # the sweep parent is gone: finish, take no new trial
+                return 0
+            if self.deadline and time.time() > self.deadline:
+                return 0
+            trial = self.next_trial()
+            if trial is None:
+                return 0
+            ok = self.run_trial(trial)
+            errors = 0 if ok else errors + 1
+            if errors >= MAX_CONSECUTIVE_ERRORS:
+                print(f"worker {self.spec['worker']}: {errors} trials in a row raised; stopping", file=sys.stderr)
+                return 1
+
+    def trial_config(self, trial):
+        values = {p.key: suggest(trial, p) for p in self.sw.space}
+        cfg = self.sw.trial_config(values)
+        t = cfg.tracking
+        t.uri, t.enabled = self.mlflow_uri, True
+        t.experiment = self.spec["experiment"]
+        short = " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+                         for k, v in values.items())
+        t.run_name = f"{self.sw.study}-t{trial.number:04d} {short}"[:250]
+        cfg.trainer.progress_bar = False
+        if self.spec.get("gpu"):
+            cfg.trainer.accelerator = "gpu"
+        return cfg
+
+    def run_trial(self, trial) -> bool:
+        """One trial, start to tell. Returns False when it raised (FAIL)."""
+        from optuna.trial import TrialState
+
+        from pipeline.sweep.stores import enqueue_retry
+        from pipeline.training import run as train
+
+        # Strings: the REST store (mlflow server) rejects non-string tag values in create_run.
+        tags = {"pipeline.kind": "trial", "study": self.sw.study, "trial_number": str(trial.number)}
+        cb = None
+        try:
+            cfg = self.trial_config(trial)
+            cb = TrialCallback(trial, self.sw.max_grad_norm, cfg.trainer.log_every)
+            with heartbeat(self.storage, trial._trial_id, self.sw.heartbeat_interval):
+                r = train.run(cfg, parent_run_id=self.spec["parent_run_id"], extra_tags=tags, callbacks=[cb],
+                              experiment_id=self.spec["experiment_id"])
+        except (KeyboardInterrupt, SystemExit, Terminated):
+            # The run is already closed KILLED by train.run; close the trial, keep its params for a resume.
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("interrupted", True)
+                self.study.tell(trial, state=TrialState.FAIL)
+                enqueue_retry(self.study, self.study._storage.get_trial(trial._trial_id))
+            raise
+        except Exception as e:  # a bug or a bad value: record it, keep the sweep going
+            msg = f"{type(e).__name__}: {e}"[:1000]
+            import traceback
+
+            print(f"trial {trial.number} failed: {msg}", file=sys.stderr)
+            traceback.print_exc()
+            with contextlib.suppress(Exception):
+                trial.set_user_attr("error", msg)
+            self.study.tell(trial, state=TrialState.FAIL)
+            return False
+        attrs = {"mlflow_run_id": r.run_id, "regime": r.regime, "solved": r.solved, "steps": r.steps,
+                 "val_loss_ratio": r.val_loss_ratio, "diverged": r.diverged_step is not None}
+        if r.diverged_step is not None:
+            attrs["diverged_step"] = r.diverged_step
+        if cb.pruned_by:
+            attrs["pruned_by"] = cb.pruned_by
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        finite = r.val_loss_ratio is not None and math.isfinite(r.val_loss_ratio)
+        if r.diverged_step is not None or not finite:
+            trial.set_user_attr("diverged", True)
+            value = divergence_value(self.study, self.sw.penalty)
+            self.study.tell(trial, value)
+            state = "COMPLETE"
+        elif r.pruned:
+            self.study.tell(trial, state=TrialState.PRUNED)
+            state, value = "PRUNED", None
+        else:
+            value = r.val_loss_ratio
+            self.study.tell(trial, value)
+            state = "COMPLETE"
+        tag_run(self.mlflow_uri, r.run_id, {"optuna_state": state, "diverged": str(attrs["diverged"]).lower(),
+                                            **({"optuna_value": f"{value:.6g}"} if value is not None else {}),
+                                            **({"pruned_by": cb.pruned_by} if cb.pruned_by else {})})
+        return True
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+
+    def on_term(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    if spec.get("gpu") is None:
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    import logging
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("pipeline.sweep").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    try:
+        return Worker(spec).run()
+    except KeyboardInterrupt:
+        return 130
+    except Terminated:
+        return 143
+
+
+if __name__ == "__main__":
+    code = main(sys.argv[1:])
+    import gc
+
+    gc.freeze()  # skip the seconds-long final collection of torch/Lightning objects (see pipeline/__main__.py)
+    sys.exit(code)

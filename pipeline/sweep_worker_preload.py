@@ -1,9 +1,0 @@
-"""Imported once by the sweep's forkserver (:mod:`pipeline.sweep_procs`): everything a worker needs, so
-that forked workers start training at once. No store is opened and no CUDA context is created here."""
-
-import mlflow  # noqa: F401
-import optuna  # noqa: F401
-import pytorch_lightning  # noqa: F401
-import torch  # noqa: F401
-
-from . import diagnostics, module, sweep_worker, tracking, train  # noqa: F401

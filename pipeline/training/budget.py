@@ -1,0 +1,281 @@
+"""Memory estimate of a training configuration, checked against what the machine has before anything runs.
+
+Without it a configuration that cannot fit (``task.batch_size=100000000``) grows until the kernel's
+OOM killer ends it a minute later, holding all memory of the machine meanwhile, or dies in a
+27-line allocator traceback. :func:`check_fits` raises :class:`~pipeline.config.ConfigError` naming the
+key that makes the estimate large, before any tensor is allocated or any store is touched; the CLI
+prints it as one line and exits 2.
+
+How the estimate is made (README "Memory estimate"): a sum of components, each a closed form in the
+config's sizes (B batch, V validation set, P probe batch, L sequence length fed to the network, H hidden
+size, G gates, I input size), with per-cell coefficients measured as peak RSS over a forward + backward
+pass (training, float32) and over the float64 profile pass (README table). The peak is the persistent
+part (runtime, parameters + optimizer state, validation set, probe batch, per-step history) plus the
+largest of the passes that do not overlap in time (a training step, a validation chunk, the profile
+pass, building the validation set). Light imports only (stdlib + pipeline.config); torch is imported
+only to ask whether CUDA is there, when the accelerator could resolve to it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import Config, ConfigError
+
+GIB = 1024**3
+FIT_FRACTION = 0.8  # refuse when the estimate exceeds 80% of what is available (safety margin)
+RUNTIME_BYTES = int(0.75 * GIB)  # torch + Lightning + MLflow + pandas + matplotlib imported (measured ~0.6 GiB)
+CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # the CUDA context and kernels on the device
+ENV_SWITCH = "PIPELINE_MEMORY_CHECK"  # "0": skip the check (an escape hatch if the estimate is wrong)
+
+GATES = {"tanh": 1, "relu": 1, "orthogonal": 1, "indrnn": 1, "lstm": 4, "gru": 3}
+# float32 values per (sample, step, hidden unit) alive at the peak of a training forward + backward:
+# about 4G + 1 (gate pre-activations kept for backward, their gradients, the output). Measured peak RSS
+# with nn.RNN/LSTM/GRU on CPU, B=128 L=200 H=256 and B=64 L=800 H=128: tanh 4.7, relu 4.0, orthogonal
+# 3.3, indrnn 5.5, lstm 16.5, gru 12.7 (README "Memory estimate").
+TRAIN_COEF = {"tanh": 5, "relu": 5, "orthogonal": 5, "indrnn": 6, "lstm": 17, "gru": 13}
+# float64 values per (probe sample, step, hidden unit) at the peak of the profile pass (pipeline.bptt.profile:
+# the input projection, per-step caches for the hand-written VJPs, states, kept gradients and their
+# stacked copy). Measured P=64 L=400 H=256: tanh 7.0, orthogonal 7.0, indrnn 5.5, lstm 19.3, gru 15.4;
+# readout "all" (copy) adds about 2. The Lyapunov pass needs less (no caches kept) and runs after it.
+PROFILE_COEF = {"tanh": 7, "relu": 7, "orthogonal": 7, "indrnn": 6, "lstm": 20, "gru": 16}
+HISTORY_BYTES_PER_STEP = 200  # host copy of the 9 float64 per-step records (+ the final concat) and the step list
+PENDING_BYTES_PER_STEP = 512  # a per-step record tensor waiting for its log_every window (object overhead)
+FRAME_BYTES_PER_ROW = 96  # a profile frame row (step, t, state, log10_norm), kept until the run ends, then concatenated
+SIZE_KEYS = ("task.batch_size", "task.val_size", "diagnostics.probe_size", "task.seq_len", "model.hidden_size",
+             "trainer.max_steps", "trainer.log_every")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One component of the estimate: what it is, its bytes, and whether it lives on the training device."""
+
+    what: str
+    nbytes: int
+    on_device: bool
+
+
+@dataclass(frozen=True)
+class Estimate:
+    persistent: tuple[Part, ...]
+    passes: tuple[Part, ...]  # do not overlap in time: the peak takes the largest
+
+    def peak(self, on_device: bool | None = None) -> int:
+        """Bytes at the peak on the device (True), on the host (False), or both together (None)."""
+        keep = (lambda p: True) if on_device is None else (lambda p: p.on_device == on_device)
+        return sum(p.nbytes for p in self.persistent if keep(p)) + max(
+            (p.nbytes for p in self.passes if keep(p)), default=0)
+
+    def top(self, on_device: bool | None, n: int = 2) -> list[Part]:
+        keep = (lambda p: True) if on_device is None else (lambda p: p.on_device == on_device)
+        biggest_pass = max((p for p in self.passes if keep(p)), key=lambda p: p.nbytes, default=None)
+        parts = [p for p in self.persistent if keep(p)] + ([biggest_pass] if biggest_pass else [])
+        return sorted(parts, key=lambda p: -p.nbytes)[:n]
+
+
+def _task_dims(cfg: Config) -> tuple[int, int, int]:
+    """(L, I, O): sequence length fed to the network, input and output sizes (pipeline.training.tasks)."""
+    T, name = cfg.task.seq_len, cfg.task.name
+    if name == "copy":
+        return T + 20, 10, 9
+    if name == "temporal_order":
+        return T, 6, 4
+    return T, 2, 1
+
+
+def n_params(cfg: Config) -> int:
+    """Trainable parameters of :class:`pipeline.training.models.RNNModel` (exact for every cell)."""
+    _, n_in, n_out = _task_dims(cfg)
+    H, cell = cfg.model.hidden_size, cfg.model.cell
+    if cell == "indrnn":
+        core = H * n_in + 2 * H
+    else:
+        G = GATES[cell]
+        core = G * H * (n_in + H + 2)
+    return core + n_out * H + n_out
+
+
+def _opt_states(cfg: Config) -> int:
+    """Per-parameter optimizer buffers: Adam 2 (exp_avg, exp_avg_sq); RMSprop 1 + momentum; SGD momentum."""
+    o = cfg.optim
+    if o.name == "adam":
+        return 2
+    if o.name == "rmsprop":
+        return 1 + (o.momentum > 0)
+    return int(o.momentum > 0)
+
+
+def estimate(cfg: Config, cuda: bool = False) -> Estimate:
+    """The memory a run of ``cfg`` needs, as components (see the module docstring for the method)."""
+    L, n_in, _ = _task_dims(cfg)
+    B, V, P = cfg.task.batch_size, cfg.task.val_size, cfg.diagnostics.probe_size
+    H, cell = cfg.model.hidden_size, cfg.model.cell
+    G = GATES[cell]
+    tr, d = cfg.trainer, cfg.diagnostics
+    n = n_params(cfg)
+    sample = 12 * n_in + 8  # bytes per (sample, step) while a batch is made: int64 one-hot + float32 + index
+    readout_all = cfg.task.name == "copy"
+    prof_coef = PROFILE_COEF[cell] + (2 if readout_all else 0)
+    passes_n = 2 + (tr.max_steps // d.profile_every if d.profile_every else 0)
+    states = 2 if cell == "lstm" else 1
+    square = (12 * H * H * 4 if cell == "orthogonal" else 0)  # matrix_exp of W_hh kept for backward
+    persistent = (
+        Part("runtime (torch, Lightning, MLflow)", RUNTIME_BYTES, False),
+        Part("parameters, gradients and optimizer state", n * 4 * (2 + _opt_states(cfg)) + square, cuda),
+        Part("float64 twin of the weights and spectra", n * 8 * 2 + 4 * H * H * 8, False),
+        Part("validation set", V * L * n_in * 4 + V * 8, cuda),
+        Part("probe batch", P * L * n_in * 12 + P * 8, False),
+        Part("per-step history", tr.max_steps * HISTORY_BYTES_PER_STEP
+             + min(tr.log_every, tr.max_steps) * PENDING_BYTES_PER_STEP, False),
+        Part("profile frames", 2 * passes_n * L * states * FRAME_BYTES_PER_ROW, False),
+    )
+    chunk = min(V, max(B, 256))
+    passes = (
+        Part("training activations", B * L * (H * 4 * TRAIN_COEF[cell] + sample), cuda),
+        Part("validation forward", chunk * L * H * 4 * (G + 2), cuda),
+        Part("building the validation set", V * L * sample, cuda),
+        Part("float64 profile pass", P * L * H * 8 * prof_coef, False),
+    )
+    if cuda:
+        persistent += (Part("CUDA context", CUDA_CONTEXT_BYTES, True),)
+    return Estimate(persistent, passes)
+
+
+# ------------------------------------------------------------------------------- what the machine has
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_available() -> int | None:
+    """cgroup v2 ``memory.max - memory.current`` (a container's limit), None without a limit."""
+    try:
+        root = Path("/sys/fs/cgroup")
+        rel = next((ln.split("::", 1)[1] for ln in Path("/proc/self/cgroup").read_text().splitlines()
+                    if ln.startswith("0::")), "/")
+        d = root / rel.lstrip("/")
+        limit = (d / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((d / "memory.current").read_text()))
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def host_available() -> tuple[int, str]:
+    """Bytes this process may still allocate on the host, and where the number came from."""
+    avail, src = _meminfo_available(), "MemAvailable"
+    if avail is None:
+        try:
+            import psutil
+
+            avail, src = int(psutil.virtual_memory().available), "psutil"
+        except ImportError:
+            avail, src = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "sysconf"
+    cg = _cgroup_available()
+    if cg is not None and cg < avail:
+        return cg, "cgroup memory.max"
+    return avail, src
+
+
+def uses_cuda(cfg: Config) -> bool:
+    """Whether Lightning will train on CUDA: accelerator gpu/cuda (or auto) with a visible GPU.
+
+    ``gpu`` on a machine without one is not ours to refuse here: Lightning refuses it at the start of the
+    run with its own message, and the run is recorded FAILED (README, "Regression suites": an error row).
+    """
+    if cfg.trainer.accelerator == "cpu":
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def device_available() -> int:
+    import torch
+
+    free, _ = torch.cuda.mem_get_info()
+    return int(free)
+
+
+# ---------------------------------------------------------------------------------------- the check
+
+
+def fmt_bytes(n: float) -> str:
+    """``412 GiB``, ``3.1 MiB``, ``1.2e+09 EiB``: three significant digits, binary units."""
+    units = ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+    i = 0
+    x = float(n)
+    while x >= 1024 and i < len(units) - 1:
+        x /= 1024
+        i += 1
+    if x >= 1e4:
+        return f"{x:.2g} {units[i]}"
+    return f"{x:.3g} {units[i]}" if i else f"{int(x)} bytes"
+
+
+def _with(cfg: Config, key: str, value: int) -> Config:
+    section, name = key.split(".")
+    return dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+
+
+def dominant_key(cfg: Config, cuda: bool, on_device: bool | None) -> str:
+    """The size key whose reset to its default lowers the estimate most (the one to change)."""
+    default = Config()
+    base = estimate(cfg, cuda).peak(on_device)
+    best, gain = SIZE_KEYS[0], -1
+    for key in SIZE_KEYS:
+        section, name = key.split(".")
+        mine, dflt = getattr(getattr(cfg, section), name), getattr(getattr(default, section), name)
+        if mine <= dflt:
+            continue
+        g = base - estimate(_with(cfg, key, dflt), cuda).peak(on_device)
+        if g > gain:
+            best, gain = key, g
+    if gain < 0:  # every size at or below its default: name the largest component's key
+        top = estimate(cfg, cuda).top(on_device, 1)[0].what
+        best = {"training activations": "task.batch_size", "validation set": "task.val_size",
+                "float64 profile pass": "diagnostics.probe_size"}.get(top, "model.hidden_size")
+    return best
+
+
+def check_fits(cfg: Config, *, copies: int = 1, device_copies: int | None = None, what: str = "") -> Estimate:
+    """Raise :class:`ConfigError` if ``copies`` concurrent runs of ``cfg`` cannot fit; return the estimate.
+
+    ``copies``: sweep workers that may each run such a trial at once on this machine (``device_copies``
+    of them on one GPU; default ``copies``). The check is skipped with ``PIPELINE_MEMORY_CHECK=0``.
+    """
+    cuda = uses_cuda(cfg) if os.environ.get(ENV_SWITCH, "1") != "0" else False
+    est = estimate(cfg, cuda)
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return est
+    budgets = [(False, *host_available())]
+    if cuda:
+        budgets.append((True, device_available(), "free on the GPU"))
+    for on_device, avail, src in budgets:
+        n = (device_copies or copies) if on_device else copies
+        need = est.peak(on_device if cuda else None) * n
+        if need > avail * FIT_FRACTION and n > 1 and need // n <= avail * FIT_FRACTION:
+            most = max(1, int(avail * FIT_FRACTION // (need // n)))
+            raise ConfigError("workers", f"{n} workers at once need about {fmt_bytes(need)} ({what}each "
+                                         f"{fmt_bytes(need // n)}) but {fmt_bytes(avail)} are available "
+                                         f"{'on the GPU' if on_device else 'on this machine'} ({src}); "
+                                         f"use at most {most} (--workers {most})")
+        if need > avail * FIT_FRACTION:
+            key = dominant_key(cfg, cuda, on_device if cuda else None)
+            parts = ", ".join(f"{p.what} {fmt_bytes(p.nbytes)}" for p in est.top(on_device if cuda else None))
+            where = "on the GPU" if on_device else "on this machine"
+            many = f" for {n} workers at once" if n > 1 else ""
+            raise ConfigError(key, f"{what}needs about {fmt_bytes(need)}{many} ({parts}) but {fmt_bytes(avail)} "
+                                   f"are available {where} ({src}); lower it")
+    return est

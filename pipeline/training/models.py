@@ -1,0 +1,196 @@
+"""Recurrent models: fused torch kernels for training, a params dict for the unrolled diagnostic twin.
+
+Cells: ``tanh`` and ``relu`` (nn.RNN; relu + identity init is the IRNN of Le, Jaitly, Hinton 2015),
+``lstm`` (nn.LSTM), ``gru`` (nn.GRU), and two remedies beyond ReLU, LSTM and clipping:
+
+* ``orthogonal``: W_hh = g * Q with Q kept exactly orthogonal through training by torch's orthogonal
+  parametrization with the matrix-exponential map, the expRNN of Lezcano-Casado & Martinez-Rubio 2019
+  ("Cheap orthogonal constraints in neural networks"). Every singular value of W_hh is g, always.
+* ``indrnn``: h_t = relu(W_ih x_t + b + u * h_{t-1}), a diagonal recurrence (Li et al. 2018, "IndRNN"),
+  so dL/dh_1 = u^(T-1) dL/dh_T exactly along active units.
+
+Recurrent inits (``model.init``, scale g = ``model.init_scale``), applied to each gate's H x H block:
+``default`` (PyTorch's U(-1/sqrt(H), 1/sqrt(H)), i.e. std * sqrt(H) = 1/sqrt(3)), ``gaussian``
+N(0, g^2/H) (the mean-field ensemble; edge of chaos at g = 1), ``orthogonal`` g * Q, ``identity`` g * I.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from pipeline.config import ModelConfig
+
+GATES = {"tanh": 1, "relu": 1, "orthogonal": 1, "indrnn": 1, "lstm": 4, "gru": 3}
+
+
+def recurrent_init_(w: torch.Tensor, init: str, g: float, hidden: int, generator: torch.Generator) -> None:
+    """Initialise ``w`` ([G*H, H]) in place, block by block; ``default`` leaves it untouched."""
+    if init == "default":
+        return
+    with torch.no_grad():
+        for block in w.split(hidden, dim=0):
+            if init == "gaussian":
+                block.normal_(0.0, g / math.sqrt(hidden), generator=generator)
+            elif init == "orthogonal":
+                block.copy_(g * random_orthogonal(hidden, generator))
+            elif init == "identity":
+                block.copy_(g * torch.eye(hidden))
+            else:
+                raise ValueError(f"unknown init {init!r}")
+
+
+def random_orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
+    """Haar-distributed orthogonal matrix (QR of a Gaussian with the sign fix of Mezzadri 2007)."""
+    a = torch.randn(n, n, generator=generator, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    return q.float()
+
+
+class OrthogonalRNN(nn.Module):
+    """tanh RNN with W_hh = g * Q, Q orthogonal by parametrization (expRNN); fused tanh kernel."""
+
+    def __init__(self, input_size: int, hidden: int, g: float, init: str, generator: torch.Generator):
+        super().__init__()
+        self.hidden_size, self.g = hidden, g
+        ref = nn.RNN(input_size, hidden, batch_first=True)  # PyTorch's default init for W_ih and biases
+        self.weight_ih = nn.Parameter(ref.weight_ih_l0.detach().clone())
+        self.bias_ih = nn.Parameter(ref.bias_ih_l0.detach().clone())
+        self.bias_hh = nn.Parameter(ref.bias_hh_l0.detach().clone())
+        self.recurrent = nn.Linear(hidden, hidden, bias=False)
+        q0 = torch.eye(hidden) if init == "identity" else random_orthogonal(hidden, generator)
+        parametrizations.orthogonal(self.recurrent, orthogonal_map="matrix_exp")
+        with torch.no_grad():
+            self.recurrent.weight = q0
+
+    @property
+    def weight_hh(self) -> torch.Tensor:
+        return self.g * self.recurrent.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h0 = x.new_zeros(1, x.shape[0], self.hidden_size)
+        weights = [self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh]
+        out, _ = torch._VF.rnn_tanh(x, h0, weights, True, 1, 0.0, self.training, False, True)
+        return out
+
+
+class IndRNN(nn.Module):
+    """IndRNN layer (Li et al. 2018): element-wise recurrence, relu activation."""
+
+    def __init__(self, input_size: int, hidden: int, g: float, init: str, generator: torch.Generator):
+        super().__init__()
+        self.hidden_size = hidden
+        ref = nn.RNN(input_size, hidden, batch_first=True)
+        self.weight_ih = nn.Parameter(ref.weight_ih_l0.detach().clone())
+        self.bias_ih = nn.Parameter(torch.zeros(hidden))
+        u = torch.empty(hidden)
+        if init == "default":
+            u.uniform_(0.0, 1.0, generator=generator)  # Li 2018: u ~ U(0, 1) for short memories
+        elif init == "gaussian":
+            u.normal_(0.0, g, generator=generator)
+        elif init == "orthogonal":  # a diagonal orthogonal matrix is diag(+-1)
+            u = g * (torch.randint(0, 2, (hidden,), generator=generator) * 2 - 1).float()
+        else:
+            u.fill_(g)
+        self.u = nn.Parameter(u)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pre = torch.nn.functional.linear(x, self.weight_ih, self.bias_ih)  # [B, T, H], one GEMM
+        h = pre.new_zeros(pre.shape[0], self.hidden_size)
+        outs = []
+        for p_t in pre.unbind(1):  # unbind, not pre[:, t]: indexing per step makes backward O(T^2)
+            h = torch.relu(p_t + self.u * h)
+            outs.append(h)
+        return torch.stack(outs, 1)
+
+
+def ulp_nudge_(module: nn.Module, seed: int) -> None:
+    """Move every parameter entry one float32 ulp up or down (random signs from ``seed``), in place.
+
+    The regression suite's stand-in for another machine (README, "Regression suites"): a different CPU,
+    BLAS kernel or thread count changes results by rounding, i.e. by about one ulp at the first matmul.
+    In the chaotic phase such a difference grows at the largest Lyapunov exponent, so numbers measured
+    under a few nudges show how far another machine may move them. The draw uses its own generator:
+    the unperturbed weights and data are exactly those of ``init_ulp_seed = 0``. Exact zeros stay zero
+    (structural zeros such as a zero-initialised bias or the unused part of the orthogonal cell's
+    parametrisation; a step to the smallest denormal is no rounding difference, and flushing undoes it).
+    """
+    gen = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for p in module.parameters():
+            up = torch.rand(p.shape, generator=gen) < 0.5
+            target = torch.where(up, torch.full_like(p, math.inf), torch.full_like(p, -math.inf))
+            p.copy_(torch.where(p == 0, p, torch.nextafter(p, target)))
+
+
+class RNNModel(nn.Module):
+    """A recurrent core plus a linear readout; ``readout`` is ``"last"`` or ``"all"`` (per task)."""
+
+    def __init__(self, cfg: ModelConfig, input_size: int, output_size: int, readout: str, seed: int = 0):
+        super().__init__()
+        self.cell, self.readout_mode, self.hidden_size = cfg.cell, readout, cfg.hidden_size
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)  # nn.RNN/LSTM default init draws from the global RNG; seed it here only
+        H, g = cfg.hidden_size, cfg.init_scale
+        if cfg.cell in ("tanh", "relu"):
+            self.rnn = nn.RNN(input_size, H, nonlinearity=cfg.cell, batch_first=True)
+        elif cfg.cell == "lstm":
+            self.rnn = nn.LSTM(input_size, H, batch_first=True)
+        elif cfg.cell == "gru":
+            self.rnn = nn.GRU(input_size, H, batch_first=True)
+        elif cfg.cell == "orthogonal":
+            self.rnn = OrthogonalRNN(input_size, H, g, cfg.init, gen)
+        elif cfg.cell == "indrnn":
+            self.rnn = IndRNN(input_size, H, g, cfg.init, gen)
+        else:
+            raise ValueError(f"unknown cell {cfg.cell!r}")
+        if isinstance(self.rnn, (nn.RNN, nn.LSTM, nn.GRU)):
+            recurrent_init_(self.rnn.weight_hh_l0, cfg.init, g, H, gen)
+        if cfg.cell == "lstm":
+            with torch.no_grad():  # forget gate is block 1 of (i, f, g, o); the total bias is b_ih + b_hh
+                self.rnn.bias_ih_l0[H:2 * H].fill_(cfg.forget_bias)
+                self.rnn.bias_hh_l0[H:2 * H].zero_()
+        self.readout = nn.Linear(H, output_size)
+        if cfg.init_ulp_seed:
+            ulp_nudge_(self, cfg.init_ulp_seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.rnn(x)
+        hs = out[0] if isinstance(out, tuple) else out  # [B, T, H]
+        if self.readout_mode == "last":
+            return self.readout(hs[:, -1])
+        return self.readout(hs)
+
+    def params(self, dtype: torch.dtype = torch.float64) -> dict:
+        """Detached copy of the weights in the contract of :mod:`pipeline.bptt.twin` (the unrolled twin)."""
+        r = self.rnn
+
+        def c(t: torch.Tensor) -> torch.Tensor:
+            return t.detach().to(dtype).clone()
+
+        p = {"cell": self.cell, "W_out": c(self.readout.weight), "b_out": c(self.readout.bias)}
+        if isinstance(r, (nn.RNN, nn.LSTM, nn.GRU)):
+            p.update(W_ih=c(r.weight_ih_l0), W_hh=c(r.weight_hh_l0), b_ih=c(r.bias_ih_l0), b_hh=c(r.bias_hh_l0))
+        elif isinstance(r, OrthogonalRNN):
+            p.update(W_ih=c(r.weight_ih), W_hh=c(r.weight_hh), b_ih=c(r.bias_ih), b_hh=c(r.bias_hh))
+        else:
+            p.update(W_ih=c(r.weight_ih), b_ih=c(r.bias_ih), u=c(r.u))
+        return p
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Parameters by role, for per-group gradient norms: input, recurrent, bias, readout."""
+        groups: dict[str, list[nn.Parameter]] = {"input": [], "recurrent": [], "bias": [], "readout": []}
+        for name, p in self.named_parameters():
+            if name.startswith("readout."):
+                groups["readout"].append(p)
+            elif "bias" in name:
+                groups["bias"].append(p)
+            elif "weight_ih" in name:
+                groups["input"].append(p)
+            else:  # weight_hh_l0, the orthogonal base, IndRNN's u
+                groups["recurrent"].append(p)
+        return groups

@@ -1,0 +1,110 @@
+"""The LightningModule: loss, optimizer, and clipping that reports what it did.
+
+Lightning throws away what ``clip_grad_norm_`` returns and calls ``on_before_optimizer_step`` before
+clipping (Lightning issues #18669, #12595), so nobody sees the post-clip norm or the clip rate. Here
+``configure_gradient_clipping`` does the clipping itself and records, per step and on the device:
+the total pre-clip norm, the post-clip norm, the clip coefficient, and pre-clip norms per parameter
+group. It is also the divergence guard: a non-finite loss or gradient drops the gradients before
+``optimizer.step`` runs (optimizers skip parameters whose grad is None), so the weights stay finite.
+"""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+
+from pipeline.config import Config
+from pipeline.training.models import RNNModel
+from pipeline.training.tasks import Task
+
+# Order of the per-step record tensor (see ClippingModule.last_record).
+RECORD_FIELDS = ("loss", "norm_preclip", "norm_postclip", "clip_coef", "clipped",
+                 "norm_input", "norm_recurrent", "norm_bias", "norm_readout")
+GROUPS = ("input", "recurrent", "bias", "readout")
+
+
+class RNNTrainingModule(pl.LightningModule):
+    def __init__(self, cfg: Config, task: Task):
+        super().__init__()
+        self.cfg, self.task = cfg, task
+        self.model = RNNModel(cfg.model, task.input_size, task.output_size, task.readout, seed=cfg.seed)
+        self.groups = self.model.param_groups()
+        self.last_record: torch.Tensor | None = None  # RECORD_FIELDS, on device, this step
+        self.diverged_step: int | None = None
+        self.val_loss: float | None = None  # mean loss over the fixed validation set, last validation
+        self._loss: torch.Tensor | None = None
+        self._val_sum: torch.Tensor | None = None
+        self._val_n = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _common_step(self, batch) -> torch.Tensor:
+        x, y = batch
+        return self.task.loss(self.model(x), y)
+
+    def training_step(self, batch, batch_idx):
+        loss = self._common_step(batch)
+        self._loss = loss.detach()
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum, self._val_n = None, 0
+
+    def validation_step(self, batch, batch_idx):
+        n = batch[0].shape[0]
+        loss = self._common_step(batch).detach() * n
+        self._val_sum = loss if self._val_sum is None else self._val_sum + loss
+        self._val_n += n
+
+    def on_validation_epoch_end(self) -> None:
+        if self._val_n:
+            self.val_loss = float(self._val_sum) / self._val_n  # one host read per validation
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        params = self.model.parameters()
+        if o.name == "sgd":
+            return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        if o.name == "rmsprop":
+            return torch.optim.RMSprop(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Measure, guard, clip (Pascanu 2013, Algorithm 1 for mode=norm), and record the result."""
+        grads_by_group = [[p.grad for p in self.groups[g] if p.grad is not None] for g in GROUPS]
+        grads = [g for gs in grads_by_group for g in gs]
+        if not grads:
+            return
+        # One fused reduction per group (torch._foreach_norm), no host sync per parameter.
+        group_sq = torch.stack([
+            torch.stack(torch._foreach_norm(gs)).double().square().sum() if gs
+            else torch.zeros((), dtype=torch.float64, device=grads[0].device)
+            for gs in grads_by_group
+        ])
+        pre = group_sq.sum().sqrt()
+        loss = self._loss.double() if self._loss is not None else pre.new_zeros(())
+        # The guard needs one host read per step: it must decide before optimizer.step runs.
+        if not bool(torch.isfinite(pre) & torch.isfinite(loss)):
+            for gs in self.groups.values():
+                for p in gs:
+                    p.grad = None
+            self.diverged_step = self.global_step
+            self.trainer.should_stop = True
+            nan = pre.new_tensor(float("nan"))
+            self.last_record = torch.stack([loss, pre, nan, nan, nan, *group_sq.sqrt()])
+            return
+        mode, c = self.cfg.clip.mode, self.cfg.clip.threshold
+        if mode == "norm":
+            coef = torch.clamp(c / (pre + 1e-6), max=1.0)
+            torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+            post = pre * coef
+        elif mode == "value":
+            torch._foreach_clamp_min_(grads, -c)
+            torch._foreach_clamp_max_(grads, c)
+            post = torch.stack(torch._foreach_norm(grads)).double().square().sum().sqrt()
+            coef = post / pre.clamp_min(1e-30)
+        else:
+            post, coef = pre, torch.ones_like(pre)
+        clipped = (coef < 1.0).double()
+        self.last_record = torch.stack([loss, pre, post, coef, clipped, *group_sq.sqrt()])
