@@ -51,14 +51,14 @@ def test_report_reads_a_store_written_by_the_flat_layout(legacy, tmp_path):
 
 
 def test_a_sweep_written_by_the_flat_layout_resumes(legacy):
-    before = load_study()
-    assert len(before.trials) == 2
+    before = [t.params for t in load_study().trials]  # a list: Study.trials reads the storage when asked
+    assert len(before) == 2
     p = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "--config", "s.yaml", "n_trials=4"],
                        capture_output=True, text=True, env=sweep_env(), timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     study = load_study()
     check_consistent(study, mlflow_runs(legacy), 4)  # one parent run: the old one, continued
-    assert [t.params for t in study.trials[:2]] == [t.params for t in before.trials]
+    assert [t.params for t in study.trials[:2]] == before
 
 
 def test_artifacts_written_by_the_flat_layout_download(legacy, tmp_path):
