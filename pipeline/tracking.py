@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,24 +25,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_URI = "sqlite:///mlflow.db"
+from pipeline.names import NONFINITE_PREFIX
+from pipeline.uris import resolve_uri, sqlite_file
+
 FLUSH_EVERY = 500  # buffered metric values before a log_batch
 FLUSH_SECONDS = 30.0  # ... or this long after the last send: a live run in the UI is at most this stale
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
-
-
-def with_pg_driver(url: str) -> str:
-    """``postgresql://`` -> ``postgresql+psycopg2://``: SQLAlchemy 2.1 maps a bare ``postgresql://`` to
-    psycopg 3, which we do not install; psycopg2 is our PostgreSQL driver (Optuna and MLflow stores)."""
-    for prefix in ("postgresql://", "postgres://"):
-        if url.startswith(prefix):
-            return "postgresql+psycopg2://" + url[len(prefix):]
-    return url
-
-
-def resolve_uri(uri: str | None = None) -> str:
-    """Config value, else $MLFLOW_TRACKING_URI, else the sqlite file in the working directory."""
-    return with_pg_driver(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
 
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
@@ -51,17 +38,9 @@ HTTP_PROBE_TIMEOUT_S = 5.0
 
 
 def _store_error(uri: str, problem: str, flag: str, remedy: str = "move it aside"):
-    from pipeline.config import StoreError
+    from pipeline.schema import StoreError
 
     return StoreError(f"mlflow store {uri}", problem, f"{remedy} or point {flag} elsewhere")
-
-
-def sqlite_file(uri: str) -> Path | None:
-    """The file behind a ``sqlite:///`` URI (None for an in-memory database or another scheme)."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?", 1)[0]
-    return None if path in ("", ":memory:") else Path(path)
 
 
 def sqlite_problem(path: Path) -> str | None:
@@ -207,7 +186,6 @@ def version_tags() -> dict[str, str]:
 
 
 FLOAT_MAX = sys.float_info.max  # +-inf is logged as +-FLOAT_MAX (1.7976931348623157e308)
-NONFINITE_TAG = "nonfinite."  # tag prefix: nonfinite.<metric> = "nan" while the latest value is NaN
 
 
 def encode_metric(v: Any) -> float | None:
@@ -265,10 +243,10 @@ class Recorder:
                 continue
             self._buf.append(self._Metric(k, x, ts, int(step)))
             if k in self._nan_tags:
-                self.client.delete_tag(self.run_id, NONFINITE_TAG + k)
+                self.client.delete_tag(self.run_id, NONFINITE_PREFIX + k)
                 self._nan_tags.discard(k)
         if nan_keys:
-            self.set_tags({NONFINITE_TAG + k: "nan" for k in nan_keys})
+            self.set_tags({NONFINITE_PREFIX + k: "nan" for k in nan_keys})
             self._nan_tags.update(nan_keys)
         if len(self._buf) >= FLUSH_EVERY or time.monotonic() - self._sent_at >= FLUSH_SECONDS:
             self.flush()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from pipeline.bptt import profile as bptt
 from pipeline.bptt import twin as cells
+from pipeline.names import CELLS
 
 torch.set_num_threads(1)  # small RNNs: one intra-op thread is faster (README, "Configuration reference")
 
@@ -128,7 +129,7 @@ def cross_entropy_all(out, y):
 
 
 @pytest.mark.parametrize("readout_mode", ["last", "all"])
-@pytest.mark.parametrize("cell", cells.CELLS)
+@pytest.mark.parametrize("cell", CELLS)
 def test_profile_matches_full_graph_autograd(cell, readout_mode):
     B, T, n_in, H, n_out = 3, 9, 3, 5, 4
     gen = torch.Generator().manual_seed(1)
@@ -175,7 +176,7 @@ def full_graph_window_log10_norms(p, x, y, window):
     return ref
 
 
-@pytest.mark.parametrize("cell", cells.CELLS)
+@pytest.mark.parametrize("cell", CELLS)
 def test_long_range_profile_is_the_gradient_of_the_window_loss(cell):
     """Copy-like loss (a term at every step), window = the last 3 steps: "h" (and "c") must equal the
     gradient of the window's loss terms alone; "h_total" (and "c_total") the gradient of the whole loss."""

@@ -2,7 +2,8 @@
 
 import pytest
 
-from pipeline.config import Config, ConfigError, config_keys, load_config, parse_overrides
+from pipeline.config import Config, config_keys, load_config
+from pipeline.schema import ConfigError, parse_overrides
 
 
 def test_defaults_validate_and_flatten():

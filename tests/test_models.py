@@ -7,9 +7,8 @@ import torch
 
 from pipeline.bptt import twin as cells
 from pipeline.config import ModelConfig
+from pipeline.names import CELLS
 from pipeline.training.models import RNNModel
-
-CELLS = ["tanh", "relu", "lstm", "gru", "orthogonal", "indrnn"]
 
 
 def model(cell="tanh", init="default", g=1.0, H=64, readout="last", **kw):

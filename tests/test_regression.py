@@ -17,9 +17,9 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.config import ConfigError
 from pipeline.regression.baselines import baseline_row
 from pipeline.regression.laws import LAW, PASS, REGRESSION, EntryResult, evaluate, parse_check, run_check
+from pipeline.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from pipeline.bptt import twin as cells
+from pipeline.names import GATE_NAMES
 
 Tensor = torch.Tensor
 LN10 = math.log(10.0)
@@ -174,10 +175,6 @@ class Profile:
             for name, v in self.log10_norm.items()
         ]
         return pd.concat(frames, ignore_index=True)
-
-
-def to_frame(profile: Profile, step: int):
-    return profile.to_frame(step)
 
 
 def _check_window(window: tuple[int, int] | None, readout_mode: str, T: int) -> tuple[int, int]:
@@ -402,11 +399,11 @@ def spectrum(params: dict) -> dict:
         return float(torch.linalg.matrix_norm(W, ord=2)), float(torch.linalg.eigvals(W).abs().max())
 
     W = p["W_hh"]
-    if cell not in cells.GATES:
+    if cell not in GATE_NAMES:
         s, r = sr(W)
         return {"sigma_max": s, "radius": r}
     out = {}
-    gates = cells.GATES[cell]
+    gates = GATE_NAMES[cell]
     for gate, block in zip(gates, W.chunk(len(gates), dim=0), strict=True):
         out[f"sigma_max_{gate}"], out[f"radius_{gate}"] = sr(block)
     out["sigma_max"] = max(out[f"sigma_max_{g}"] for g in gates)

@@ -24,12 +24,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pipeline.names import CELLS
+
 Tensor = torch.Tensor
 State = tuple[Tensor, ...]
 
-CELLS = ("tanh", "relu", "orthogonal", "lstm", "gru", "indrnn")
 # Gate names in PyTorch's row-block order of W_ih / W_hh (torch.nn.LSTM / torch.nn.GRU docs).
-GATES = {"lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "n")}
 
 
 def _cell(cell_or_params) -> str:

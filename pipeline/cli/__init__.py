@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.config import ConfigError
+    from pipeline.schema import ConfigError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: runs closed as KILLED", file=sys.stderr)
         return 130
     except BaseException as e:
-        from pipeline.training.run import Terminated
+        from pipeline.signals import Terminated
 
         if isinstance(e, Terminated):
             print("terminated: runs closed as KILLED", file=sys.stderr)

@@ -34,7 +34,6 @@ def _print_diff(rows: list[tuple[str, str, str, str]]) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from pipeline.config import ConfigError
     from pipeline.regression.laws import NO_BASELINE
     from pipeline.regression.run import (
         collect,
@@ -48,6 +47,7 @@ def command(args: argparse.Namespace) -> int:
         verdict,
         with_overrides,
     )
+    from pipeline.schema import ConfigError
 
     if args.workers < 1:
         raise ConfigError("--workers", f"must be >= 1, got {args.workers}")
@@ -91,8 +91,8 @@ def command(args: argparse.Namespace) -> int:
         else:
             print(format_table(rows))
     except BaseException as e:
+        from pipeline.signals import Terminated
         from pipeline.tracking import client
-        from pipeline.training.run import Terminated
 
         killed = isinstance(e, (KeyboardInterrupt, SystemExit, Terminated))
         client(uri).set_terminated(parent, status="KILLED" if killed else "FAILED")

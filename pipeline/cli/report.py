@@ -22,8 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from pipeline.config import ConfigError
     from pipeline.report.write import build_report
+    from pipeline.schema import ConfigError
 
     for flag, v in (("--experiment", args.experiment), ("--study", args.study)):
         if v is not None and not v.strip():

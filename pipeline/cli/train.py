@@ -17,7 +17,8 @@ def command(args: argparse.Namespace) -> int:
     from pipeline.training.budget import check_fits
 
     check_fits(cfg)  # refuses what cannot fit in memory, before anything is allocated (README "Memory estimate")
-    from pipeline.tracking import ensure_experiment, probe_store, resolve_uri
+    from pipeline.tracking import ensure_experiment, probe_store
+    from pipeline.uris import resolve_uri
 
     if cfg.tracking.enabled:
         probe_store(cfg.tracking.uri)  # a corrupt or unreachable store: one line, exit 2, nothing written

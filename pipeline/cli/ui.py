@@ -39,7 +39,10 @@ def base_url(host: str, port: int) -> str:
 def run_links(store: str, url: str) -> list[str]:
     """``name: URL`` of the runs table of experiments with a sweep (newest first), else of all
     experiments with runs; [] when the store cannot be read (the UI still starts)."""
-    if store.startswith("sqlite:///") and not os.path.isfile(store[len("sqlite:///"):]):
+    from pipeline.uris import sqlite_file
+
+    path = sqlite_file(store)
+    if path is not None and not path.is_file():
         return []  # nothing recorded yet; reading would create the file
     try:
         from mlflow.entities import ViewType
@@ -61,7 +64,7 @@ def run_links(store: str, url: str) -> list[str]:
 
 
 def command(args: argparse.Namespace) -> int:
-    from pipeline.tracking import resolve_uri
+    from pipeline.uris import resolve_uri
 
     if args.host not in LOOPBACK:
         print(f"warning: binding the MLflow UI to {args.host}: it has no authentication; anyone who can reach "

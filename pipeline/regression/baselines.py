@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.config import ConfigError, as_mapping, read_yaml
 from pipeline.regression.laws import ERROR, NO_BASELINE, PASS, REGRESSION, EntryResult, Row, _metric, fmt
+from pipeline.schema import ConfigError, as_mapping, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
+from pipeline.schema import ConfigError
 
 PASS, LAW, REGRESSION, NO_BASELINE, ERROR = "pass", "law violated", "REGRESSION", "no baseline", "error"
 FAILING = (LAW, REGRESSION, ERROR)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Config, ConfigError, as_mapping, deep_merge, from_dict, parse_overrides, read_yaml
+from pipeline.config import Config, from_dict
 from pipeline.regression.baselines import (
     baseline_diff,
     baseline_row,
@@ -30,6 +30,7 @@ from pipeline.regression.baselines import (
     write_baseline,
 )
 from pipeline.regression.laws import FAILING, LAW, EntryResult, Row, check_metric, parse_check
+from pipeline.schema import ConfigError, as_mapping, deep_merge, parse_overrides, read_yaml
 
 EXPERIMENT = "regression"
 KIND_TAG = "pipeline.kind"

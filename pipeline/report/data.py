@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError
+from pipeline.schema import ConfigError
+from pipeline.uris import sqlite_file
 
 DEFAULT_EXPERIMENT = "rnn-gradients"
 PROFILE_RUNS_PER_PANEL = 4  # representative runs whose artifacts are downloaded, per (task, cell) panel
@@ -113,9 +114,9 @@ def use_uri(uri: str):
 
 def check_store(uri: str) -> None:
     """A missing sqlite file is an error, not a new empty store (reading must not create one)."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        if str(path) != ":memory:" and not path.is_file():
+    path = sqlite_file(uri)
+    if path is not None:
+        if not path.is_file():
             raise ConfigError("--store", f"no MLflow store at {path} (run `make sweep` or `make train` "
                                          "first, or pass --store URI)")
     from pipeline.tracking import probe_store

@@ -200,7 +200,8 @@ def build_report(uri: str | None = None, experiment: str | None = None, study: s
     Raises ConfigError (nothing written) for a missing store, an unknown experiment or study, or one
     without runs.
     """
-    from pipeline.tracking import client, resolve_uri
+    from pipeline.tracking import client
+    from pipeline.uris import resolve_uri
 
     uri = resolve_uri(uri)
     data = rd.load(uri, experiment, study)

@@ -30,20 +30,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import (
-    STEPS_MAX,
-    Config,
-    ConfigError,
-    config_keys,
-    deep_merge,
-    from_dict,
-    parse_overrides,
-    read_yaml,
-    set_dotted,
-)
+from pipeline.config import STEPS_MAX, Config, config_keys, from_dict
+from pipeline.schema import ConfigError, deep_merge, parse_overrides, read_yaml, set_dotted
+from pipeline.uris import check_storage_url
 
 SAMPLERS = ("tpe", "random")
-STORAGE_SCHEMES = ("journal", "sqlite", "postgresql", "postgres", "mysql")  # what sweep_store.open_storage opens
 # Upper bounds (README "Sweep file"): n_trials and start-up counts: the journal replays every record of
 # every trial on each open, so 10^6 trials is already a journal of gigabytes; workers: processes on one
 # machine; sampler.seed: numpy's RandomState takes 32-bit seeds (Optuna's samplers); heartbeat: a day,
@@ -102,9 +93,9 @@ class SweepConfig:
         return from_dict(data)
 
     def storage_url(self, override: str | None = None) -> str:
-        from pipeline.tracking import with_pg_driver
+        from pipeline.uris import study_storage
 
-        return with_pg_driver(override or self.storage or str(Path("optuna") / f"{self.study}.journal"))
+        return study_storage(self.study, override or self.storage)
 
 
 def _nest_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -151,19 +142,6 @@ def _int(key: str, v: Any, lo: int | None = None, hi: int | None = None) -> int:
     if hi is not None and v > hi:
         raise ConfigError(key, f"must be <= {hi}, got {v!r}")
     return v
-
-
-def check_storage_url(key: str, url: str) -> None:
-    """A URL scheme :mod:`pipeline.sweep.stores` can open, else a path (a journal file).
-
-    Without it ``mongodb://x/y`` was taken for a journal path and created a local directory ``mongodb:``.
-    """
-    if "://" not in url:
-        return
-    scheme = url.split("://", 1)[0].lower()
-    if scheme.split("+", 1)[0] not in STORAGE_SCHEMES:
-        raise ConfigError(key, f"unknown storage scheme {scheme + '://'!r} (allowed: a journal file path, "
-                               + ", ".join(f"{s}://" for s in STORAGE_SCHEMES) + ")")
 
 
 def _param(key: str, spec: Any, base: dict[str, Any], types: dict[str, Any]) -> Param:

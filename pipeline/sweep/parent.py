@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.sweep.config import SweepConfig
+from pipeline.uris import absolute_uri, display_url
 
 STOP_GRACE_S = 60  # after forwarding SIGTERM, how long workers get to close their runs before SIGKILL
 POLL_S = 1.0
@@ -60,17 +61,10 @@ def choose_workers(requested: int | None, sw: SweepConfig) -> tuple[int, list[st
     return requested, devices
 
 
-def absolute_uri(uri: str) -> str:
-    """sqlite:///mlflow.db -> sqlite:////abs/path/mlflow.db: workers and later readers agree on the file."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri.removeprefix("sqlite:///")).resolve())
-    return uri
-
-
 class Sweep:
     def __init__(self, sw: SweepConfig, config_path: str, overrides: list[str], *, workers: int | None = None,
                  storage: str | None = None, out=sys.stdout):
-        from pipeline.tracking import resolve_uri
+        from pipeline.uris import resolve_uri
 
         self.sw, self.config_path, self.overrides, self.out = sw, config_path, overrides, out
         self.url = sw.storage_url(storage)
@@ -100,7 +94,7 @@ class Sweep:
         self.study = optuna.create_study(study_name=self.sw.study, storage=self.storage, direction="minimize",
                                          load_if_exists=True, pruner=make_pruner(self.sw))
         if self.study.direction != optuna.study.StudyDirection.MINIMIZE:
-            from pipeline.config import ConfigError
+            from pipeline.schema import ConfigError
 
             raise ConfigError("study", f"study {self.sw.study!r} exists and does not minimize")
         with budget_lock(self.url, self.storage, self.sw.study):
@@ -115,7 +109,6 @@ class Sweep:
     def _parent_run(self):
         from mlflow.exceptions import MlflowException
 
-        from pipeline.sweep.stores import display_url
         from pipeline.tracking import Recorder, version_tags
 
         attrs = self.study.user_attrs
@@ -276,7 +269,6 @@ class Sweep:
 
     # --------------------------------------------------------------------------------------- run
     def run(self) -> int:
-        from pipeline.sweep.stores import display_url
         from pipeline.sweep.summary import counts
 
         self.t0 = time.time()
@@ -356,10 +348,11 @@ class Sweep:
 def run_sweep(config_path: str, overrides: list[str] | None = None, *, workers: int | None = None,
               storage: str | None = None, out=sys.stdout) -> int:
     """Load and validate the sweep file (nothing is written before this passes), then run it."""
-    from pipeline.config import ConfigError
-    from pipeline.sweep.config import check_storage_url, check_sweep_fits, load_sweep
+    from pipeline.schema import ConfigError
+    from pipeline.sweep.config import check_sweep_fits, load_sweep
     from pipeline.sweep.stores import check_storage
     from pipeline.tracking import probe_store
+    from pipeline.uris import check_storage_url
 
     sw = load_sweep(config_path, overrides)
     if workers is not None and workers < 1:
@@ -374,10 +367,3 @@ def run_sweep(config_path: str, overrides: list[str] | None = None, *, workers: 
     probe_store(sweep.mlflow_uri, "base.tracking.uri")
     check_storage(sweep.url)
     return sweep.run()
-
-
-def study_summary(study) -> dict[str, Any]:  # used by tests and the benchmark
-    from pipeline.sweep.summary import best_trial, counts
-
-    best = best_trial(study)
-    return {"counts": counts(study), "best_value": best.value if best else None}

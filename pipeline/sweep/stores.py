@@ -32,21 +32,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from pipeline.uris import is_rdb, sqlite_file
+
 MAX_RETRY = 1
 ORPHAN_S = 120.0  # a RUNNING trial with no owner attr this long after it started: its worker died in between
-
-
-def is_rdb(url: str) -> bool:
-    return url.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "postgresql", "postgres", "mysql")
-
-
-def display_url(url: str) -> str:
-    """The storage URL without a password (for logs and MLflow params)."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        cred, host = rest.rsplit("@", 1)
-        return f"{scheme}://{cred.split(':', 1)[0]}:***@{host}" if ":" in cred else url
-    return url
 
 
 def open_storage(url: str, *, heartbeat_interval: int = 10, grace: int = 30, mlflow_uri: str | None = None):
@@ -72,7 +61,7 @@ def journal_path(url: str) -> Path:
 
 
 def _journal_error(path: Path, problem: str):
-    from pipeline.config import StoreError
+    from pipeline.schema import StoreError
 
     return StoreError(f"optuna journal {path}", problem,
                       "restore it from a backup, or move it aside to start the study afresh")
@@ -147,13 +136,13 @@ def check_storage(url: str) -> None:
     if not is_rdb(url):
         repair_journal(journal_path(url))
         return
-    if url.startswith("sqlite:///"):
+    if sqlite_file(url) is not None:
         from pipeline.tracking import sqlite_problem
 
-        path = Path(url.split(":///", 1)[1].split("?", 1)[0])
-        problem = sqlite_problem(path) if path.is_file() else None
+        path = sqlite_file(url)
+        problem = sqlite_problem(path) if path is not None and path.is_file() else None
         if problem:
-            from pipeline.config import StoreError
+            from pipeline.schema import StoreError
 
             raise StoreError(f"optuna storage {url}", problem, "move it aside or pass another --storage")
 

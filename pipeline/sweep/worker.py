@@ -36,13 +36,14 @@ import sys
 import threading
 import time
 import warnings
+from dataclasses import replace
 from typing import Any
 
 import pytorch_lightning as pl
 
+from pipeline.signals import Terminated, raise_terminated
 from pipeline.sweep.config import Param, SweepConfig, load_sweep
 from pipeline.sweep.stores import budget_lock, open_storage, owner_tag, reap_stale
-from pipeline.training.run import Terminated
 
 MAX_CONSECUTIVE_ERRORS = 3  # a worker whose trials keep raising stops instead of burning the budget
 
@@ -261,15 +262,13 @@ class Worker:
     def trial_config(self, trial):
         values = {p.key: suggest(trial, p) for p in self.sw.space}
         cfg = self.sw.trial_config(values)
-        t = cfg.tracking
-        t.uri, t.enabled = self.mlflow_uri, True
-        t.experiment = self.spec["experiment"]
         short = " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
                          for k, v in values.items())
-        t.run_name = f"{self.sw.study}-t{trial.number:04d} {short}"[:250]
-        cfg.trainer.progress_bar = False
-        if self.spec.get("gpu"):
-            cfg.trainer.accelerator = "gpu"
+        tracking = replace(cfg.tracking, uri=self.mlflow_uri, enabled=True, experiment=self.spec["experiment"],
+                           run_name=f"{self.sw.study}-t{trial.number:04d} {short}"[:250])
+        trainer = replace(cfg.trainer, progress_bar=False,
+                          **({"accelerator": "gpu"} if self.spec.get("gpu") else {}))
+        cfg = replace(cfg, tracking=tracking, trainer=trainer)
         return cfg
 
     def run_trial(self, trial) -> bool:
@@ -335,10 +334,7 @@ class Worker:
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
 
-    def on_term(signum, frame):
-        raise Terminated(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, raise_terminated)
     if spec.get("gpu") is None:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
     import logging

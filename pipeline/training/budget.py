@@ -23,7 +23,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config
+from pipeline.names import GATE_COUNT
+from pipeline.schema import ConfigError
 
 GIB = 1024**3
 FIT_FRACTION = 0.8  # refuse when the estimate exceeds 80% of what is available (safety margin)
@@ -31,7 +33,6 @@ RUNTIME_BYTES = int(0.75 * GIB)  # torch + Lightning + MLflow + pandas + matplot
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # the CUDA context and kernels on the device
 ENV_SWITCH = "PIPELINE_MEMORY_CHECK"  # "0": skip the check (an escape hatch if the estimate is wrong)
 
-GATES = {"tanh": 1, "relu": 1, "orthogonal": 1, "indrnn": 1, "lstm": 4, "gru": 3}
 # float32 values per (sample, step, hidden unit) alive at the peak of a training forward + backward:
 # about 4G + 1 (gate pre-activations kept for backward, their gradients, the output). Measured peak RSS
 # with nn.RNN/LSTM/GRU on CPU, B=128 L=200 H=256 and B=64 L=800 H=128: tanh 4.7, relu 4.0, orthogonal
@@ -93,7 +94,7 @@ def n_params(cfg: Config) -> int:
     if cell == "indrnn":
         core = H * n_in + 2 * H
     else:
-        G = GATES[cell]
+        G = GATE_COUNT[cell]
         core = G * H * (n_in + H + 2)
     return core + n_out * H + n_out
 
@@ -113,7 +114,7 @@ def estimate(cfg: Config, cuda: bool = False) -> Estimate:
     L, n_in, _ = _task_dims(cfg)
     B, V, P = cfg.task.batch_size, cfg.task.val_size, cfg.diagnostics.probe_size
     H, cell = cfg.model.hidden_size, cfg.model.cell
-    G = GATES[cell]
+    G = GATE_COUNT[cell]
     tr, d = cfg.trainer, cfg.diagnostics
     n = n_params(cfg)
     sample = 12 * n_in + 8  # bytes per (sample, step) while a batch is made: int64 one-hot + float32 + index

@@ -26,11 +26,10 @@ import torch
 from pipeline.bptt import profile as bptt
 from pipeline.bptt import reference
 from pipeline.config import Config, DiagnosticsConfig
+from pipeline.names import GROUPS
 from pipeline.training.data import fixed_batch
 from pipeline.training.module import RECORD_FIELDS
 from pipeline.training.tasks import Task
-
-REGIMES = ("vanishing", "healthy", "exploding", "diverged")
 
 
 def _path_rates(summary: Mapping[str, Any]) -> list[float]:
@@ -143,7 +142,7 @@ class GradientMonitor(pl.Callback):
             "grad/clip_rate": self.clip_rate,
             "grad/max_norm_preclip": self.max_norm_preclip,
         }
-        for g in ("input", "recurrent", "bias", "readout"):
+        for g in GROUPS:
             metrics[f"grad/norm_{g}"] = last[f"norm_{g}"]
         self.recorder.log_metrics(metrics, step)
 
@@ -295,7 +294,3 @@ def plot_grad_norms(steps: np.ndarray, pre: np.ndarray, post: np.ndarray, thresh
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
-
-
-def is_finite(v: Any) -> bool:
-    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)

@@ -23,8 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from pipeline.config import ModelConfig
-
-GATES = {"tanh": 1, "relu": 1, "orthogonal": 1, "indrnn": 1, "lstm": 4, "gru": 3}
+from pipeline.names import GROUPS
 
 
 def recurrent_init_(w: torch.Tensor, init: str, g: float, hidden: int, generator: torch.Generator) -> None:
@@ -183,7 +182,7 @@ class RNNModel(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by role, for per-group gradient norms: input, recurrent, bias, readout."""
-        groups: dict[str, list[nn.Parameter]] = {"input": [], "recurrent": [], "bias": [], "readout": []}
+        groups: dict[str, list[nn.Parameter]] = {g: [] for g in GROUPS}
         for name, p in self.named_parameters():
             if name.startswith("readout."):
                 groups["readout"].append(p)

@@ -14,13 +14,13 @@ import pytorch_lightning as pl
 import torch
 
 from pipeline.config import Config
+from pipeline.names import GROUPS
 from pipeline.training.models import RNNModel
 from pipeline.training.tasks import Task
 
 # Order of the per-step record tensor (see ClippingModule.last_record).
 RECORD_FIELDS = ("loss", "norm_preclip", "norm_postclip", "clip_coef", "clipped",
                  "norm_input", "norm_recurrent", "norm_bias", "norm_readout")
-GROUPS = ("input", "recurrent", "bias", "readout")
 
 
 class RNNTrainingModule(pl.LightningModule):

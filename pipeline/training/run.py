@@ -10,40 +10,13 @@ import contextlib
 import logging
 import math
 import secrets
-import signal
 import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import Config
-
-
-class Terminated(BaseException):
-    """Raised from the SIGTERM handler so that every layer unwinds and closes what it opened."""
-
-
-@contextlib.contextmanager
-def terminate_as_exception():
-    """Within the block, SIGTERM raises :class:`Terminated` (only in the main thread).
-
-    Also restores SIGINT afterwards: Lightning sets it to SIG_IGN when it handles a KeyboardInterrupt,
-    which would make a long-lived sweep worker deaf to the next Ctrl-C.
-    """
-    def handler(signum, frame):
-        raise Terminated(f"signal {signum}")
-
-    try:
-        old_term = signal.signal(signal.SIGTERM, handler)
-        old_int = signal.getsignal(signal.SIGINT)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGINT, old_int)
+from pipeline.signals import Terminated, terminate_as_exception
 
 
 @dataclass

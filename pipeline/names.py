@@ -1,0 +1,41 @@
+"""The public record's vocabulary, in one place: cells, regimes, parameter groups, tag keys and values.
+
+These names are part of the product (README, "The MLflow record" and "Configuration reference"): a
+store written by one version is read by the next, so a name here changes only with a migration note.
+Stdlib only, no imports: every stage reads it.
+"""
+
+from __future__ import annotations
+
+# ----------------------------------------------------------------------------------------------- cells
+
+# model.cell values. Vanilla cells have one recurrent matrix and h_t = phi(W h_{t-1} + U x_t + b), so
+# Pascanu's bound (Pascanu et al. 2013, eq. 7) is a theorem for them; gated cells carry gates.
+VANILLA_CELLS = ("tanh", "relu", "orthogonal", "indrnn")
+GATED_CELLS = ("lstm", "gru")
+CELLS = ("tanh", "relu", "lstm", "gru", "orthogonal", "indrnn")
+# Gate blocks of the fused weight matrices, in torch's row order (nn.LSTM: i f g o; nn.GRU: r z n).
+GATE_NAMES: dict[str, tuple[str, ...]] = {"lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "n")}
+GATE_COUNT: dict[str, int] = {c: len(GATE_NAMES.get(c, ("h",))) for c in CELLS}
+
+# Parameter groups whose gradient norms are logged as grad/norm_<group> (README, "Metrics").
+GROUPS = ("input", "recurrent", "bias", "readout")
+
+# --------------------------------------------------------------------------------------------- regimes
+
+VANISHING, HEALTHY, EXPLODING, DIVERGED = "vanishing", "healthy", "exploding", "diverged"
+REGIMES = (VANISHING, HEALTHY, EXPLODING, DIVERGED)  # the verdict's values (README, "Regime verdict")
+UNKNOWN = "unknown"  # a run without a verdict (killed before its first profile)
+
+# ------------------------------------------------------------------------------------------------ tags
+
+KIND = "pipeline.kind"  # what a run is: one of the KIND_* values
+KIND_SWEEP, KIND_TRIAL, KIND_REGRESSION = "sweep", "trial", "regression"
+STUDY = "study"  # the Optuna study of a sweep parent or trial
+TRIAL_NUMBER = "trial_number"  # the Optuna trial number of a trial run
+REGIME = "regime"  # the final verdict of a training run
+STATUS = "status"  # how a run ended beyond MLflow's status (killed, diverged, ...)
+OVERRIDES = "overrides"  # the command line's dotted overrides, as given
+SUITE, ENTRY, ROLE = "suite", "entry", "regression_role"  # regression runs: ROLE is "suite" or "entry"
+PERTURBATION = "perturbation"  # a regression entry rerun under a perturbation (--update-baseline)
+NONFINITE_PREFIX = "nonfinite."  # nonfinite.<metric> = nan: a NaN metric value (README, "The MLflow record")
