@@ -65,8 +65,8 @@ def _key(context, suite_name: str) -> str:
 
 def _load(path: str):
     """Suite and baseline, or AirflowFailException (a config error does not get better by retrying)."""
-    from pipeline.config import ConfigError
     from pipeline.regression.run import load_suite, suite_baseline
+    from pipeline.schema import ConfigError
 
     try:
         suite = load_suite(path)

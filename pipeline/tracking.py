@@ -207,6 +207,16 @@ def _is_nan(v: Any) -> bool:
         return False
 
 
+RUN_END_STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+def end_run(uri: str | None, run_id: str, status: str) -> None:
+    """End a run that no live Recorder holds (a dead worker's trial, a suite's interrupted entries)."""
+    if status not in RUN_END_STATUSES:
+        raise ValueError(f"status must be one of {RUN_END_STATUSES}, got {status!r}")
+    client(uri).set_terminated(run_id, status=status)
+
+
 class Recorder:
     """One MLflow run: buffered metrics, params, tags, artifacts; :meth:`close` ends it explicitly."""
 
@@ -230,6 +240,15 @@ class Recorder:
             t["mlflow.parentRunId"] = parent_run_id  # nests the run under its parent in the UI
         run = client(uri).create_run(exp_id, run_name=run_name, tags=t)
         return cls(uri, run.info.run_id, exp_id)
+
+    @classmethod
+    def attach(cls, uri: str | None, run_id: str, reopen: bool = False) -> Recorder:
+        """A Recorder for an existing run; ``reopen``: a resumed sweep or suite sets it RUNNING again."""
+        c = client(uri)
+        run = c.get_run(run_id)
+        if reopen and run.info.status != "RUNNING":
+            c.update_run(run_id, status="RUNNING")
+        return cls(uri, run_id, run.info.experiment_id)
 
     # -- metrics / params / tags
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
@@ -293,6 +312,8 @@ class Recorder:
         """Flush and end the run with FINISHED, FAILED or KILLED. Idempotent."""
         if self.closed:
             return
+        if status not in RUN_END_STATUSES:
+            raise ValueError(f"status must be one of {RUN_END_STATUSES}, got {status!r}")
         try:
             self.flush()
         finally:
