@@ -17,7 +17,7 @@ ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-airflow train sweep report regress ui bench test test-fast lint browser clean
+.PHONY: help install install-airflow train sweep report regress ui bench test test-fast lint format browser clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
@@ -61,8 +61,14 @@ test: $(STAMP_AIRFLOW) ## Run the test suite (installs what it needs)
 test-fast: $(STAMP) ## Run the tests not marked slow
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
-lint: $(STAMP) ## ruff check
+lint: $(STAMP) ## ruff check, ruff format --check, mypy (strict on bptt/ and the shared floor)
 	$(PY) -m ruff check pipeline dags tests benchmarks
+	$(PY) -m ruff format --check pipeline dags tests benchmarks
+	$(PY) -m mypy
+
+format: $(STAMP) ## ruff format and the safe ruff fixes
+	$(PY) -m ruff format pipeline dags tests benchmarks
+	$(PY) -m ruff check --fix pipeline dags tests benchmarks
 
 browser: ## Install Debian's chromium for the headless UI test (needs root / apt)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
