@@ -10,50 +10,9 @@ import json
 import subprocess
 import sys
 
-CHILD = r"""
-import json, sys, time, statistics, torch
-from pipeline.config import load_config
-from pipeline.training.models import RNNModel
-from pipeline.training.tasks import make_task
-from pipeline.training.data import fixed_batch
-from pipeline.bptt import profile as bptt
-cell, T, what, device = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-torch.set_num_threads(1); torch.set_flush_denormal(True)
-cfg = load_config(None, [f"model.cell={cell}", "model.hidden_size=128", f"task.seq_len={T}"])
-task = make_task("adding", T)
-model = RNNModel(cfg.model, task.input_size, task.output_size, task.readout).to(device)
-opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-x, y = fixed_batch(task, 64, 0, device)
-px, py = fixed_batch(task, 32, 2, "cpu")
-px = px.double(); py = py.double()
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            return int(line.split()[1]) / 1024
-def train_step():
-    opt.zero_grad(); task.loss(model(x), y).backward(); opt.step()
-    if device == "cuda": torch.cuda.synchronize()
-def profile_pass():
-    p = model.params(torch.float64)
-    p = {k: v.cpu() if torch.is_tensor(v) else v for k, v in p.items()}
-    bptt.summarize(bptt.profile(p, px, py, task.loss, task.readout))
-def full_pass():
-    p = model.params(torch.float64)
-    p = {k: v.cpu() if torch.is_tensor(v) else v for k, v in p.items()}
-    bptt.summarize(bptt.profile(p, px, py, task.loss, task.readout)); bptt.spectrum(p); bptt.lyapunov_max(p, px)
-fn = {"step": train_step, "profile": profile_pass, "full": full_pass}[what]
-fn()
-open("/proc/self/clear_refs", "w").write("5")
-base = rss()
-times = []
-for _ in range(5 if T <= 100 else 3):
-    t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
-print(json.dumps({"s": statistics.median(times), "peak_mb": rss() - base}))
-"""
-
 
 def measure(cell: str, T: int, what: str, device: str = "cpu") -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, cell, str(T), what, device], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "benchmarks.profile_child", cell, str(T), what, device], capture_output=True,
                          text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -26,49 +26,6 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
-HAND_WRITTEN = r'''
-import json, math, sys
-import optuna, pytorch_lightning as pl
-from pytorch_lightning.loggers import MLFlowLogger
-from pipeline.config import load_config
-from pipeline.training.data import TaskDataModule
-from pipeline.training.module import RNNTrainingModule
-from pipeline.training.tasks import make_task
-
-spec = json.loads(sys.argv[1])
-
-def objective(trial):
-    values = {}
-    for key, p in spec["space"].items():
-        if "choices" in p:
-            values[key] = trial.suggest_categorical(key, p["choices"])
-        else:
-            values[key] = trial.suggest_float(key, float(p["low"]), float(p["high"]), log=p.get("log", False))
-    cfg = load_config(None, [f"{k}={v}" for k, v in values.items()], patch=spec["base"])
-    task = make_task(cfg.task.name, cfg.task.seq_len)
-    module = RNNTrainingModule(cfg, task)
-    data = TaskDataModule(task, cfg.task.batch_size, cfg.task.val_size, cfg.trainer.max_steps, cfg.seed)
-    logger = MLFlowLogger(experiment_name="hand-written", tracking_uri="sqlite:///mlflow.db",
-                          run_name=f"trial-{trial.number}")
-    logger.log_hyperparams(values)
-    trainer = pl.Trainer(max_steps=cfg.trainer.max_steps, max_epochs=-1, logger=logger,
-                         val_check_interval=cfg.trainer.val_every, check_val_every_n_epoch=None,
-                         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(module, datamodule=data)
-    ratio = module.val_loss / task.baseline if module.val_loss is not None else float("nan")
-    logger.log_metrics({"val_loss_ratio": ratio})
-    logger.finalize("success")
-    return ratio  # NaN: Optuna marks the trial FAIL and TPE ignores it
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-study = optuna.create_study(study_name="hand", storage="sqlite:///optuna.db",
-                            sampler=optuna.samplers.TPESampler(seed=spec["seed"], n_startup_trials=spec["n_startup"]))
-study.optimize(objective, n_trials=spec["n_trials"], catch=(Exception,))
-done = [t for t in study.trials if t.value is not None and math.isfinite(t.value)]
-print("RESULT " + json.dumps({"trials": len(study.trials), "best": min(t.value for t in done) if done else None}))
-'''
-
-
 def _sweep_spec(quick: bool, seed: int = 0) -> dict:
     sw = yaml.safe_load((ROOT / "configs" / "sweeps" / "default.yaml").read_text())
     sw["sampler"]["seed"] = seed
@@ -94,7 +51,7 @@ def run_hand_written(sw: dict) -> dict:
             "n_startup": sw["sampler"]["n_startup_trials"], "seed": sw["sampler"]["seed"]}
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        p = subprocess.run([sys.executable, "-c", HAND_WRITTEN, json.dumps(spec)], cwd=d, env=_env(),
+        p = subprocess.run([sys.executable, "-m", "benchmarks.hand_written_sweep", json.dumps(spec)], cwd=d, env=_env(),
                            capture_output=True, text=True)
         wall = time.perf_counter() - t
     if p.returncode != 0:
