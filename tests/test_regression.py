@@ -18,7 +18,8 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.regression.baselines import baseline_row
-from pipeline.regression.laws import LAW, PASS, REGRESSION, EntryResult, evaluate, parse_check, run_check
+from pipeline.regression.expr import evaluate
+from pipeline.regression.laws import LAW, PASS, REGRESSION, EntryResult, parse_check, run_check
 from pipeline.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

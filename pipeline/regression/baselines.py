@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from pipeline.regression.laws import ERROR, NO_BASELINE, PASS, REGRESSION, EntryResult, Row, _metric, fmt
+from pipeline.regression.expr import fmt
+from pipeline.regression.laws import ERROR, NO_BASELINE, PASS, REGRESSION, EntryResult, Row, _metric
 from pipeline.schema import ConfigError, as_mapping, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
