@@ -81,10 +81,10 @@ def read_suite_file(path: Path) -> SuiteFile:
 class Entry:
     """One entry, ready to run: its training config, parsed checks and baseline bands."""
 
-    name: str
+    name: str  # as written (EntryFile.name): the entry's key in tags, tables and the baseline file
     # The training config it runs: experiment `regression`, run name <suite>/<entry>.
     cfg: Config
-    checks: tuple[Check, ...] = ()
+    checks: tuple[Check, ...] = ()  # its laws, parsed and their expressions checked (laws.parse_check)
     bands: dict[str, Band] = field(default_factory=dict)  # metric -> the band floor of its accepted value
     # Where its accepted numbers live: None for the suite's own baseline file; an included suite's
     # entries keep theirs (one source of truth: smoke's numbers are smoke.baseline.yaml's, in nightly too).
@@ -93,9 +93,11 @@ class Entry:
 
 @dataclass(frozen=True)
 class Suite:
-    name: str
+    """A suite, ready to run: its entries (included ones first) and the comparisons between them."""
+
+    name: str  # tag `suite` and the first half of every run name <suite>/<entry>
     path: Path  # the suite file (workers read it again)
-    description: str
+    description: str  # SuiteFile.description, stripped
     baseline_path: Path  # the suite's own baseline file
     entries: tuple[Entry, ...]  # included suites' entries first, then this file's
     compare: tuple[Check, ...] = ()  # included suites' comparisons first
