@@ -2,7 +2,7 @@
 
 prepare_stores -> run_entry (one mapped task per suite entry) -> compare -> publish_report
 
-* Orchestration only: the work is :mod:`pipeline.regression.run` (the same code as ``make regress``),
+* Orchestration only: the work is :mod:`pipeline.regression` (the same code as ``make regress``),
   imported inside the tasks, so parsing this file costs stdlib + airflow only.
 * Idempotent per data interval: the MLflow parent run and every entry's run carry the tag
   ``regression_key`` (suite + data interval, or the run id for runs without one); a retried or cleared
@@ -65,7 +65,8 @@ def _key(context, suite_name: str) -> str:
 
 def _load(path: str):
     """Suite and baseline, or AirflowFailException (a config error does not get better by retrying)."""
-    from pipeline.regression.run import load_suite, suite_baseline
+    from pipeline.regression.baselines import suite_baseline
+    from pipeline.regression.suite import load_suite
     from pipeline.schema import ConfigError
 
     try:
@@ -126,7 +127,7 @@ def rnn_gradient_regression():
         Runs even when some entries failed (their rows say so); entries without a returned run id
         are looked up in the store under the parent run.
         """
-        from pipeline.regression.run import collect, evaluate, finish_suite_run
+        from pipeline.regression.run import collect, finish_suite_run, judge_entries
 
         if not jobs:
             raise AirflowFailException("prepare_stores produced no jobs")
@@ -135,7 +136,7 @@ def rnn_gradient_regression():
         # One slice request (iterating a lazy XCom sequence probes past its end and logs a 404).
         ids = {r["entry"]: r["run_id"] for r in (runs[:] if runs is not None else []) if r}
         results = collect(suite, ids, prep["parent_run_id"], uri=prep["uri"])
-        rows = evaluate(suite, results, baseline)
+        rows = judge_entries(suite, results, baseline)
         verdict = finish_suite_run(suite, prep["parent_run_id"], rows, uri=prep["uri"])
         return {"verdict": verdict, "parent_run_id": prep["parent_run_id"],
                 "failing": [f"{r.verdict}: {r.check}: {r.detail}" for r in rows if r.failing]}

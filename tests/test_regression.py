@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.regression.baselines import baseline_row
-from pipeline.regression.laws import LAW, PASS, REGRESSION, EntryResult, evaluate, parse_check, run_check
+from pipeline.regression.expr import evaluate
+from pipeline.regression.laws import LAW, PASS, REGRESSION, EntryResult, parse_check, run_check
 from pipeline.schema import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +101,7 @@ def test_passing_suite_exits_0_records_everything_and_update_shows_changes(store
     assert "bptt/log10_ratio" in children[0].data.metrics
 
     # What --update-baseline shows when numbers move: old -> new and the change.
-    from pipeline.regression.run import baseline_diff
+    from pipeline.regression.baselines import baseline_diff
 
     old = {"tanh_g05": {"bptt/log10_ratio": {"value": -4.0, "abs": 0.05}}, "gone": {"val/loss": {"value": 1.0}}}
     diff = baseline_diff(old, base["entries"])
@@ -254,7 +256,8 @@ def test_a_law_that_fails_only_under_a_perturbation_refuses_the_baseline(store, 
 
 
 def _nominal_ratio(tmp_path: Path, entry: dict) -> float:
-    from pipeline.regression.run import load_suite, run_entry, start_suite_run
+    from pipeline.regression.run import run_entry, start_suite_run
+    from pipeline.regression.suite import load_suite
     from pipeline.tracking import client
 
     one = yaml.safe_load(yaml.safe_dump(TINY))
@@ -322,17 +325,17 @@ def _w_not_transposed(real):
 def test_smoke_laws_catch_planted_profile_bugs(store, monkeypatch, plant):
     """Both bugs leave decay rates and the spectrum plausible; the suite must still fail on each."""
     from pipeline.bptt import twin as cells
-    from pipeline.regression.run import collect, evaluate, load_suite, run_entry, start_suite_run
+    from pipeline.regression.run import collect, judge_entries, run_entry, start_suite_run
+    from pipeline.regression.suite import load_suite
 
     if plant is not None:
         monkeypatch.setattr(cells, "step_vjp", plant(cells.step_vjp))
     suite = load_suite(ROOT / "configs" / "regression" / "smoke.yaml")
     names = ("tanh_default_T100", "tanh_g0.5_T100")
-    suite.entries = [e for e in suite.entries if e.name in names]
-    suite.compare = []
+    suite = replace(suite, entries=tuple(e for e in suite.entries if e.name in names), compare=())
     parent, exp = start_suite_run(suite)
     results = collect(suite, {n: run_entry(suite, n, parent, exp) for n in names}, parent)
-    rows = {r.check: r for r in evaluate(suite, results, {})}
+    rows = {r.check: r for r in judge_entries(suite, results, {})}
     ref = [rows[f"{n}: metric_below bptt/reference_max_err"] for n in names]
     if plant is None:
         assert all(r.verdict == PASS for r in ref)
@@ -342,7 +345,8 @@ def test_smoke_laws_catch_planted_profile_bugs(store, monkeypatch, plant):
 
 
 def test_repo_suites_validate():
-    from pipeline.regression.run import load_suite, suite_baseline
+    from pipeline.regression.baselines import suite_baseline
+    from pipeline.regression.suite import load_suite
 
     for name in ("smoke", "nightly", "gpu"):
         s = load_suite(ROOT / "configs" / "regression" / f"{name}.yaml")
@@ -443,7 +447,9 @@ def test_smoke_suite_holds_under_an_unrecorded_perturbation_and_fails_on_a_plant
     PERTURBATIONS (another thread count, ulp seeds 1 and 2); here every entry runs with weights nudged
     by a seed it was not recorded with. Every law and every band must hold; a planted regression of one
     accepted number by 1.5x its band must still fail, naming that number alone."""
-    from pipeline.regression.run import collect, evaluate, load_suite, suite_baseline
+    from pipeline.regression.baselines import suite_baseline
+    from pipeline.regression.run import collect, judge_entries
+    from pipeline.regression.suite import load_suite
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
@@ -462,9 +468,9 @@ def test_smoke_suite_holds_under_an_unrecorded_perturbation_and_fails_on_a_plant
     results = collect(suite, {}, ps[0].info.run_id, uri=uri)
     assert all(r.tags.get("overrides") == "model.init_ulp_seed=7" for r in results.values())
     baseline = suite_baseline(suite)
-    assert not [r for r in evaluate(suite, results, baseline) if r.failing]
+    assert not [r for r in judge_entries(suite, results, baseline) if r.failing]
     planted = yaml.safe_load(yaml.safe_dump(baseline))
     rec = planted["tanh_g3_T100"]["spectral/lyapunov_max"]
     rec["value"] += 1.5 * rec["abs"]
-    failing = [r for r in evaluate(suite, results, planted) if r.failing]
+    failing = [r for r in judge_entries(suite, results, planted) if r.failing]
     assert [(r.check, r.verdict) for r in failing] == [("tanh_g3_T100: spectral/lyapunov_max", REGRESSION)]

@@ -15,16 +15,19 @@ from typing import Any
 
 import yaml
 
-from pipeline.regression.laws import ERROR, NO_BASELINE, PASS, REGRESSION, EntryResult, Row, _metric, fmt
+from pipeline.regression.expr import fmt
+from pipeline.regression.laws import ERROR, NO_BASELINE, PASS, REGRESSION, EntryResult, Row, _metric
 from pipeline.schema import ConfigError, as_mapping, read_yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: the header names the suite relative to it
 
 
-@dataclass
+@dataclass(frozen=True)
 class Band:
-    abs: float = 0.0
-    rel: float = 0.0
+    """How far a metric may move from its accepted value: the wider of ``abs`` and ``rel`` x |value|."""
+
+    abs: float = 0.0  # absolute width, in the metric's units
+    rel: float = 0.0  # relative width, a fraction of the accepted value
 
     def width(self, base: float) -> float:
         return max(self.abs, self.rel * abs(base))
@@ -95,6 +98,28 @@ def load_baseline(path: str | Path) -> dict[str, dict[str, dict[str, float]]]:
                     raise ConfigError(f"{key}.{k}", f"must be a number >= 0, got {v!r}")
             out.setdefault(entry, {})[metric] = {"value": float(rec["value"]), **band.to_dict(), **extra}
     return out
+
+
+def suite_baseline(suite) -> dict[str, dict[str, dict[str, float]]]:
+    """Accepted numbers for every entry: the suite's own file, and each included suite's file for its entries."""
+    own = load_baseline(suite.baseline_path)
+    out = {e.name: own[e.name] for e in suite.entries if e.baseline_path is None and e.name in own}
+    files: dict[Path, dict] = {}
+    for e in suite.entries:
+        if e.baseline_path is not None:
+            if e.baseline_path not in files:
+                files[e.baseline_path] = load_baseline(e.baseline_path)
+            if e.name in files[e.baseline_path]:
+                out[e.name] = files[e.baseline_path][e.name]
+    return out
+
+
+def baselined(suite) -> list[str]:
+    """The suite's own entries with a baseline metric: the ones ``--update-baseline`` runs perturbed.
+
+    Entries of an included suite are accepted in that suite's own baseline file, not here.
+    """
+    return [e.name for e in suite.entries if e.bands and e.baseline_path is None]
 
 
 def _round_up(x: float, digits: int = 2) -> float:
@@ -188,3 +213,10 @@ def baseline_diff(old: dict, new: dict) -> list[tuple[str, str, str, str]]:
                 else "spread" if same_band else "band")
             rows.append((f"{entry}: {metric}", fmt(va), fmt(vb), change))
     return rows
+
+
+def spread_rows(values: dict) -> list[tuple[str, str, str]]:
+    """Where each measured band came from: (entry: metric, spread, band) for the values with a spread."""
+    return [(f"{entry}: {metric}", fmt(rec.get("spread")), " or ".join(
+        f"±{fmt(rec[k])}" if k == "abs" else f"±{rec[k]:.0%}" for k in ("abs", "rel") if k in rec))
+        for entry, metrics in values.items() for metric, rec in metrics.items() if "spread" in rec]

@@ -4,21 +4,23 @@ A suite entry lists checks as one-key mappings, ``- decay_rate_equals: {value: l
 suite's ``compare`` list holds checks between entries (``ratio_of_runs``, ``difference_of_runs``). Each
 check evaluates to one :class:`Row` of the comparison table (check, baseline, now, band, verdict).
 
-Values may be numbers or small expressions over the entry's configuration (``ln(g)``,
-``(T-1)*log10(sigmoid(b_f))``); see :data:`NAMES` and :data:`FUNCS`. Everything here is light
-(stdlib only): suites are validated before anything heavy is imported or written.
+Each kind is one function in the registry :data:`LAWS` (kind -> function), registered with its
+parameters (:data:`KINDS`) by :func:`law`. Values may be numbers or small expressions over the entry's
+configuration (``ln(g)``, ``(T-1)*log10(sigmoid(b_f))``): :mod:`pipeline.regression.expr`. Everything
+here is light (stdlib only): suites are validated before anything heavy is imported or written.
 """
 
 from __future__ import annotations
 
-import ast
 import math
-import operator
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.names import DIVERGED, REGIME
+from pipeline.regression.expr import evaluate, fmt, names_of, shown
 from pipeline.schema import ConfigError
 
 PASS, LAW, REGRESSION, NO_BASELINE, ERROR = "pass", "law violated", "REGRESSION", "no baseline", "error"
@@ -41,82 +43,6 @@ def check_metric(key: str, name: Any) -> str:
     return name
 
 
-# ------------------------------------------------------------------------------------- expressions
-
-FUNCS = {"ln": math.log, "log": math.log, "log10": math.log10, "exp": math.exp, "sqrt": math.sqrt,
-         "abs": abs, "sigmoid": lambda x: 1.0 / (1.0 + math.exp(-x))}
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.Pow: operator.pow}
-
-
-def names_of(cfg: Config | None) -> dict[str, float]:
-    """The names an expression may use, from the entry's configuration."""
-    if cfg is None:
-        return {}
-    return {"g": cfg.model.init_scale, "T": float(cfg.task.seq_len), "H": float(cfg.model.hidden_size),
-            "b_f": cfg.model.forget_bias, "lr": cfg.optim.lr, "c": cfg.clip.threshold,
-            "steps": float(cfg.trainer.max_steps)}
-
-
-NAMES = tuple(names_of(Config()))
-
-
-def evaluate(expr: Any, names: dict[str, float], key: str) -> float:
-    """A number, or an arithmetic expression over :data:`NAMES` and :data:`FUNCS` (no other Python)."""
-    if isinstance(expr, bool):
-        raise ConfigError(key, f"must be a number or an expression, got {expr!r}")
-    if isinstance(expr, (int, float)):
-        return float(expr)
-    if not isinstance(expr, str):
-        raise ConfigError(key, f"must be a number or an expression, got {expr!r}")
-
-    def ev(node: ast.AST) -> float:
-        if isinstance(node, ast.Expression):
-            return ev(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) \
-                and not isinstance(node.value, bool):
-            return float(node.value)
-        if isinstance(node, ast.Name):
-            if node.id not in names:
-                raise ConfigError(key, f"unknown name {node.id!r} in {expr!r} (allowed: {', '.join(names)})")
-            return float(names[node.id])
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            return _BINOPS[type(node.op)](ev(node.left), ev(node.right))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            v = ev(node.operand)
-            return -v if isinstance(node.op, ast.USub) else v
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in FUNCS \
-                and len(node.args) == 1 and not node.keywords:
-            return float(FUNCS[node.func.id](ev(node.args[0])))
-        raise ConfigError(key, f"unsupported expression {expr!r} (numbers, {', '.join(names)}, + - * / **, "
-                               f"{', '.join(FUNCS)})")
-
-    try:
-        tree = ast.parse(expr.strip(), mode="eval")
-    except SyntaxError:
-        raise ConfigError(key, f"cannot parse expression {expr!r}") from None
-    try:
-        return ev(tree)
-    except (ValueError, ZeroDivisionError, OverflowError) as e:
-        raise ConfigError(key, f"expression {expr!r} is undefined ({e})") from None
-
-
-def shown(expr: Any, value: float) -> str:
-    return fmt(value) if not isinstance(expr, str) else f"{expr} = {fmt(value)}"
-
-
-def fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if math.isnan(v):
-            return "nan"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        return f"{v:.4g}"
-    return str(v)
-
-
 # ------------------------------------------------------------------------------------------ results
 
 
@@ -133,7 +59,7 @@ class EntryResult:
 
     @property
     def diverged(self) -> bool:
-        return self.tags.get("regime") == "diverged"
+        return self.tags.get(REGIME) == DIVERGED
 
 
 @dataclass
@@ -153,13 +79,15 @@ class Row:
 # --------------------------------------------------------------------------------------- check kinds
 
 
-@dataclass
+@dataclass(frozen=True)
 class Check:
-    kind: str
-    params: dict[str, Any]
+    """One declared check, validated: a law on one entry, or a comparison between entries."""
+
+    kind: str  # a key of LAWS
+    params: dict[str, Any]  # as declared; tag_equals' value as the string the tag holds
     entry: str | None  # None: a comparison between entries (suite-level `compare`)
     key: str  # where it was declared, for messages
-    names: dict[str, float] = field(default_factory=dict)
+    names: dict[str, float] = field(default_factory=dict)  # what its expressions may use (expr.names_of)
 
     @property
     def label(self) -> str:
@@ -174,21 +102,20 @@ class Check:
         return shown(self.params[name], self.value(name))
 
 
-# kind -> (entry-level?, required params, optional params)
-KINDS: dict[str, tuple[bool, tuple[str, ...], tuple[str, ...]]] = {
-    "metric_below": (True, ("metric", "value"), ()),
-    "metric_above": (True, ("metric", "value"), ()),
-    "metric_between": (True, ("metric", "low", "high"), ()),
-    "metric_equals": (True, ("metric", "value"), ("tol", "rel")),
-    "decay_rate_equals": (True, ("value",), ("tol", "rel")),
-    "lyapunov_matches_decay": (True, ("tol",), ()),
-    "pascanu_bound_holds": (True, (), ()),
-    "finite": (True, (), ()),
-    "tag_equals": (True, ("tag", "value"), ()),
-    "ratio_of_runs": (False, ("metric", "numerator", "denominator"),
-                      ("min", "max", "denominator_metric", "diverged_as_inf")),
-    "difference_of_runs": (False, ("metric", "a", "b"), ("min", "max")),
-}
+Judge = Callable[[Check, dict[str, EntryResult]], Row]
+
+# The registry: kind -> the function that turns recorded results into its table row.
+LAWS: dict[str, Judge] = {}
+# kind -> (entry-level?, required params, optional params); filled beside LAWS by @law.
+KINDS: dict[str, tuple[bool, tuple[str, ...], tuple[str, ...]]] = {}
+
+
+def law(kind: str, per_entry: bool, required: tuple[str, ...], optional: tuple[str, ...] = ()):
+    """Register the decorated function as check kind ``kind`` with its parameters."""
+    def register(fn: Judge) -> Judge:
+        LAWS[kind], KINDS[kind] = fn, (per_entry, required, optional)
+        return fn
+    return register
 
 
 def parse_check(item: Any, key: str, entry: str | None, cfg: Config | None, entries: set[str]) -> Check:
@@ -212,7 +139,17 @@ def parse_check(item: Any, key: str, entry: str | None, cfg: Config | None, entr
     for p in required:
         if p not in params:
             raise ConfigError(f"{key}.{p}", "missing")
+    if kind == "tag_equals":
+        v = params["value"]
+        params = {**params, "value": str(v).lower() if isinstance(v, bool) else str(v)}
     chk = Check(kind, dict(params), entry, key, names_of(cfg))
+    _check_params(chk, entries)
+    return chk
+
+
+def _check_params(chk: Check, entries: set[str]) -> None:
+    """Metric names, entry names, expressions and bands of a check, before any run."""
+    kind, params, key = chk.kind, chk.params, chk.key
     for p in ("metric", "denominator_metric"):
         if p in params:
             check_metric(f"{key}.{p}", params[p])
@@ -229,10 +166,6 @@ def parse_check(item: Any, key: str, entry: str | None, cfg: Config | None, entr
     for p in ("tol", "rel"):
         if p in params and chk.value(p) < 0:
             raise ConfigError(f"{key}.{p}", "must be >= 0")
-    if kind == "tag_equals":
-        chk.params["value"] = str(params["value"]).lower() if isinstance(params["value"], bool) \
-            else str(params["value"])
-    return chk
 
 
 def _metric(r: EntryResult, name: str) -> float | None:
@@ -249,75 +182,107 @@ def _law(chk: Check, target: str, now: float | None, band: str, ok: bool, why: s
 
 
 def run_check(chk: Check, results: dict[str, EntryResult]) -> Row:
-    """Evaluate one law against the runs' recorded results."""
-    k, p = chk.kind, chk.params
+    """Evaluate one law against the runs' recorded results (an entry's run that did not finish: error)."""
     if chk.entry is not None:
         r = results[chk.entry]
-        if r.status != "FINISHED" and k != "finite":
+        if r.status != "FINISHED" and chk.kind != "finite":
             return Row(chk.label, "-", "-", "-", ERROR, f"run {r.status.lower()}: {r.error or ''}".strip())
-    if k in ("metric_below", "metric_above"):
-        now, lim = _metric(r, p["metric"]), chk.value("value")
-        below = k == "metric_below"
-        band = ("< " if below else "> ") + chk.target("value")
-        if now is None:
-            return _missing(chk, band, "-", p["metric"])
-        ok = now < lim if below else now > lim
-        return _law(chk, "-", now, band, ok, f"{p['metric']} = {fmt(now)} is not {band}")
-    if k == "metric_between":
-        now, lo, hi = _metric(r, p["metric"]), chk.value("low"), chk.value("high")
-        band = f"[{chk.target('low')}, {chk.target('high')}]"
-        if now is None:
-            return _missing(chk, band, "-", p["metric"])
-        return _law(chk, "-", now, band, lo <= now <= hi, f"{p['metric']} = {fmt(now)} is outside {band}")
-    if k in ("metric_equals", "decay_rate_equals"):
-        metric = p.get("metric", "bptt/decay_rate")
-        now, want = _metric(r, metric), chk.value("value")
-        tol = max(chk.value("tol") if "tol" in p else 0.0, chk.value("rel") * abs(want) if "rel" in p else 0.0)
-        band = f"±{fmt(tol)}" + (f" ({chk.value('rel'):.0%})" if "rel" in p else "")
-        if now is None:
-            return _missing(chk, band, chk.target("value"), metric)
-        return _law(chk, chk.target("value"), now, band, abs(now - want) <= tol,
-                    f"{metric} = {fmt(now)} differs from {chk.target('value')} by {fmt(abs(now - want))} > {fmt(tol)}")
-    if k == "lyapunov_matches_decay":
-        rate, lyap, tol = _metric(r, "bptt/decay_rate"), _metric(r, "spectral/lyapunov_max"), chk.value("tol")
-        band = f"±{fmt(tol)}"
-        if rate is None or lyap is None:
-            return _missing(chk, band, "-", "bptt/decay_rate or spectral/lyapunov_max")
-        return _law(chk, f"lyapunov {fmt(lyap)}", rate, band, abs(rate - lyap) <= tol,
-                    f"decay rate {fmt(rate)} vs Lyapunov exponent {fmt(lyap)}: differ by more than {fmt(tol)}")
-    if k == "pascanu_bound_holds":
-        now, bound = _metric(r, "bptt/log10_ratio"), _metric(r, "spectral/pascanu_log10_bound")
-        if now is None or bound is None:
-            return _missing(chk, "<= bound", "-", "bptt/log10_ratio or spectral/pascanu_log10_bound")
-        # A theorem (Pascanu 2013): any violation beyond float64 round-off is a bug in the profile.
-        return _law(chk, f"bound {fmt(bound)}", now, "<= bound", now <= bound + 1e-9,
-                    f"log10 ratio {fmt(now)} exceeds Pascanu's bound {fmt(bound)}")
-    if k == "finite":
-        ok = r.status == "FINISHED" and not r.diverged and all(
-            math.isfinite(_metric(r, m)) for m in ("val/loss", "train/loss") if _metric(r, m) is not None)
-        ok = ok and r.metrics.get("val/loss") is not None
-        now = "finite" if ok else (f"diverged at step {r.tags.get('diverged_step', '?')}" if r.diverged
-                                   else f"run {r.status.lower()}")
-        return Row(chk.label, "finite", now, "-", PASS if ok else LAW, "" if ok else f"training {now}")
-    if k == "tag_equals":
-        now = r.tags.get(p["tag"])
-        return Row(chk.label, p["value"], fmt(now), "==", PASS if now == p["value"] else LAW,
-                   "" if now == p["value"] else f"tag {p['tag']} = {now!r}, expected {p['value']!r}")
-    return _compare(chk, results)
+    return LAWS[chk.kind](chk, results)
 
 
+@law("metric_below", True, ("metric", "value"))
+@law("metric_above", True, ("metric", "value"))
+def _below_above(chk: Check, results: dict[str, EntryResult]) -> Row:
+    p = chk.params
+    now, lim = _metric(results[chk.entry], p["metric"]), chk.value("value")
+    below = chk.kind == "metric_below"
+    band = ("< " if below else "> ") + chk.target("value")
+    if now is None:
+        return _missing(chk, band, "-", p["metric"])
+    ok = now < lim if below else now > lim
+    return _law(chk, "-", now, band, ok, f"{p['metric']} = {fmt(now)} is not {band}")
+
+
+@law("metric_between", True, ("metric", "low", "high"))
+def _between(chk: Check, results: dict[str, EntryResult]) -> Row:
+    p = chk.params
+    now, lo, hi = _metric(results[chk.entry], p["metric"]), chk.value("low"), chk.value("high")
+    band = f"[{chk.target('low')}, {chk.target('high')}]"
+    if now is None:
+        return _missing(chk, band, "-", p["metric"])
+    return _law(chk, "-", now, band, lo <= now <= hi, f"{p['metric']} = {fmt(now)} is outside {band}")
+
+
+@law("metric_equals", True, ("metric", "value"), ("tol", "rel"))
+@law("decay_rate_equals", True, ("value",), ("tol", "rel"))
+def _equals(chk: Check, results: dict[str, EntryResult]) -> Row:
+    p = chk.params
+    metric = p.get("metric", "bptt/decay_rate")
+    now, want = _metric(results[chk.entry], metric), chk.value("value")
+    tol = max(chk.value("tol") if "tol" in p else 0.0, chk.value("rel") * abs(want) if "rel" in p else 0.0)
+    band = f"±{fmt(tol)}" + (f" ({chk.value('rel'):.0%})" if "rel" in p else "")
+    if now is None:
+        return _missing(chk, band, chk.target("value"), metric)
+    return _law(chk, chk.target("value"), now, band, abs(now - want) <= tol,
+                f"{metric} = {fmt(now)} differs from {chk.target('value')} by {fmt(abs(now - want))} > {fmt(tol)}")
+
+
+@law("lyapunov_matches_decay", True, ("tol",))
+def _lyapunov(chk: Check, results: dict[str, EntryResult]) -> Row:
+    r = results[chk.entry]
+    rate, lyap, tol = _metric(r, "bptt/decay_rate"), _metric(r, "spectral/lyapunov_max"), chk.value("tol")
+    band = f"±{fmt(tol)}"
+    if rate is None or lyap is None:
+        return _missing(chk, band, "-", "bptt/decay_rate or spectral/lyapunov_max")
+    return _law(chk, f"lyapunov {fmt(lyap)}", rate, band, abs(rate - lyap) <= tol,
+                f"decay rate {fmt(rate)} vs Lyapunov exponent {fmt(lyap)}: differ by more than {fmt(tol)}")
+
+
+@law("pascanu_bound_holds", True, ())
+def _pascanu(chk: Check, results: dict[str, EntryResult]) -> Row:
+    r = results[chk.entry]
+    now, bound = _metric(r, "bptt/log10_ratio"), _metric(r, "spectral/pascanu_log10_bound")
+    if now is None or bound is None:
+        return _missing(chk, "<= bound", "-", "bptt/log10_ratio or spectral/pascanu_log10_bound")
+    # A theorem (Pascanu 2013): any violation beyond float64 round-off is a bug in the profile.
+    return _law(chk, f"bound {fmt(bound)}", now, "<= bound", now <= bound + 1e-9,
+                f"log10 ratio {fmt(now)} exceeds Pascanu's bound {fmt(bound)}")
+
+
+@law("finite", True, ())
+def _finite(chk: Check, results: dict[str, EntryResult]) -> Row:
+    r = results[chk.entry]
+    ok = r.status == "FINISHED" and not r.diverged and all(
+        math.isfinite(_metric(r, m)) for m in ("val/loss", "train/loss") if _metric(r, m) is not None)
+    ok = ok and r.metrics.get("val/loss") is not None
+    now = "finite" if ok else (f"diverged at step {r.tags.get('diverged_step', '?')}" if r.diverged
+                               else f"run {r.status.lower()}")
+    return Row(chk.label, "finite", now, "-", PASS if ok else LAW, "" if ok else f"training {now}")
+
+
+@law("tag_equals", True, ("tag", "value"))
+def _tag(chk: Check, results: dict[str, EntryResult]) -> Row:
+    p = chk.params
+    now = results[chk.entry].tags.get(p["tag"])
+    return Row(chk.label, p["value"], fmt(now), "==", PASS if now == p["value"] else LAW,
+               "" if now == p["value"] else f"tag {p['tag']} = {now!r}, expected {p['value']!r}")
+
+
+@law("ratio_of_runs", False, ("metric", "numerator", "denominator"),
+     ("min", "max", "denominator_metric", "diverged_as_inf"))
+@law("difference_of_runs", False, ("metric", "a", "b"), ("min", "max"))
 def _compare(chk: Check, results: dict[str, EntryResult]) -> Row:
     k, p = chk.kind, chk.params
-    names = (p["numerator"], p["denominator"]) if k == "ratio_of_runs" else (p["a"], p["b"])
-    metrics = (p["metric"], p.get("denominator_metric", p["metric"])) if k == "ratio_of_runs" \
-        else (p["metric"], p["metric"])
-    label = f"{names[0]} {'/' if k == 'ratio_of_runs' else '-'} {names[1]}: {k} {p['metric']}"
+    ratio = k == "ratio_of_runs"
+    names = (p["numerator"], p["denominator"]) if ratio else (p["a"], p["b"])
+    metrics = (p["metric"], p.get("denominator_metric", p["metric"])) if ratio else (p["metric"], p["metric"])
+    label = f"{names[0]} {'/' if ratio else '-'} {names[1]}: {k} {p['metric']}"
     band = " and ".join(f"{'>=' if b == 'min' else '<='} {chk.target(b)}" for b in ("min", "max") if b in p)
     bad = [n for n in names if results[n].status != "FINISHED"]
     if bad:
         return Row(label, "-", "-", band, ERROR, f"run of {bad[0]} {results[bad[0]].status.lower()}")
     a, b = (_metric(results[n], m) for n, m in zip(names, metrics, strict=True))
-    as_inf = k == "ratio_of_runs" and p.get("diverged_as_inf") and results[names[0]].diverged
+    as_inf = ratio and p.get("diverged_as_inf") and results[names[0]].diverged
     if as_inf:
         a = math.inf  # the norm went non-finite: that is the unclipped maximum
     # A diverged run stopped early: its metrics describe the weights before the stop, not the configured
@@ -328,10 +293,7 @@ def _compare(chk: Check, results: dict[str, EntryResult]) -> Row:
         return Row(label, "-", "-", band, LAW, f"run of {div[0]} diverged at step {step}")
     if a is None or b is None:
         return Row(label, "-", "-", band, LAW, f"{metrics[0] if a is None else metrics[1]} was not recorded")
-    if k == "ratio_of_runs":
-        now = a / b if b != 0 else math.inf
-    else:
-        now = a - b
+    now = (a / b if b != 0 else math.inf) if ratio else a - b
     ok = ("min" not in p or now >= chk.value("min")) and ("max" not in p or now <= chk.value("max"))
     return Row(label, "-", fmt(now), band, PASS if ok else LAW,
                "" if ok else f"{k} = {fmt(now)} ({fmt(a)} vs {fmt(b)}) is not {band}")

@@ -1,42 +1,39 @@
-"""Regression suites: fixed, seeded runs checked against laws (the science) and an accepted baseline.
+"""Regression suites run: fixed, seeded runs checked against laws (the science) and an accepted baseline.
 
-A suite file (``configs/regression/*.yaml``) is a list of entries; each entry is a training config
-(an optional base file plus an inline patch, same keys as ``configs/train``) and its checks (laws,
-:mod:`pipeline.regression.laws`) and the metrics whose accepted values live in the baseline file beside it,
-with a tolerance band each. The CLI (:mod:`pipeline.cli.regress`) and the Airflow DAG
-(``dags/rnn_gradient_regression.py``) share the functions here: :func:`load_suite` validates
-everything before any store is touched; :func:`start_suite_run` opens the parent MLflow run;
-:func:`run_entry` trains one entry as a nested run; :func:`collect` reads the runs back from the
-store; :func:`evaluate` turns them into table rows; :func:`finish_suite_run` records the verdict.
+The suite file is read by :mod:`pipeline.regression.suite`. The CLI (:mod:`pipeline.cli.regress`) and
+the Airflow DAG (``dags/rnn_gradient_regression.py``) share the functions here:
+:func:`start_suite_run` opens the parent MLflow run; :func:`run_entry` trains one entry as a nested run;
+:func:`collect` reads the runs back from the store; :func:`judge_entries` turns them into table rows;
+:func:`finish_suite_run` records the verdict. :func:`run_suite` is the CLI's whole flow, and
+:func:`update_baseline` the ``--update-baseline`` one (perturbed reruns, measured bands, the file).
 
 Top-level imports stay light (stdlib, yaml, pipeline.config/laws): the DAG and ``--help`` import this.
+Run status changes only through :mod:`pipeline.tracking` (``Recorder``, ``end_run``).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import warnings
-from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Any
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
-from pipeline.config import Config, from_dict
+from pipeline.names import ENTRY, KIND, KIND_REGRESSION, OVERRIDES, PERTURBATION, ROLE, SUITE
 from pipeline.regression.baselines import (
     baseline_diff,
     baseline_row,
+    baselined,
     load_baseline,
     new_baseline,
-    parse_band,
+    spread_rows,
+    suite_baseline,
     write_baseline,
 )
-from pipeline.regression.laws import FAILING, LAW, EntryResult, Row, check_metric, parse_check
-from pipeline.schema import ConfigError, as_mapping, deep_merge, parse_overrides, read_yaml
+from pipeline.regression.laws import ERROR, LAW, NO_BASELINE, EntryResult, Row, run_check
+from pipeline.regression.suite import EXPERIMENT, Entry, Suite, load_suite, with_overrides
 
-EXPERIMENT = "regression"
-KIND_TAG = "pipeline.kind"
-SUITE_KEYS = ("name", "description", "include", "baseline", "defaults", "entries", "compare")
-ENTRY_KEYS = ("name", "config", "patch", "checks", "baseline")
-ROOT = Path(__file__).resolve().parents[1]
+ROLE_SUITE, ROLE_ENTRY = "suite", "entry"  # the values of tag ROLE: the parent run, an entry's run
+KEY = "regression_key"  # tag: the DAG's idempotency key (suite + data interval) on the parent and entries
 
 # What `--update-baseline` runs each baselined entry again under, standing in for another machine
 # (README, "Baselines that hold on another machine"): another intra-op thread count (other reduction
@@ -48,170 +45,7 @@ PERTURBATIONS: dict[str, tuple[str, ...]] = {
     "ulp2": ("model.init_ulp_seed=2",),
 }
 
-
-@dataclass
-class Entry:
-    name: str
-    cfg: Config
-    checks: list = field(default_factory=list)
-    bands: dict[str, Any] = field(default_factory=dict)  # metric -> laws.Band
-    # Where its accepted numbers live: None for the suite's own baseline file; an included suite's
-    # entries keep theirs (one source of truth: smoke's numbers are smoke.baseline.yaml's, in nightly too).
-    baseline_path: Path | None = None
-
-
-@dataclass
-class Suite:
-    name: str
-    path: Path
-    description: str
-    baseline_path: Path
-    entries: list[Entry]
-    compare: list = field(default_factory=list)
-
-    def entry(self, name: str) -> Entry:
-        for e in self.entries:
-            if e.name == name:
-                return e
-        raise ConfigError("entry", f"no entry named {name!r} in suite {self.name}")
-
-    @property
-    def uri(self) -> str | None:
-        return self.entries[0].cfg.tracking.uri
-
-
-# ------------------------------------------------------------------------------------------ loading
-
-
-def _resolve(p: str, base: Path) -> Path:
-    """Paths in a suite are relative to the suite file, else to the repository root."""
-    path = Path(p).expanduser()
-    if path.is_absolute():
-        return path
-    for cand in (base / path, ROOT / path):
-        if cand.exists():
-            return cand
-    return base / path
-
-
-def _is_name(s: str) -> bool:
-    """Names go into MLflow filter strings and run names: keep them to letters, digits, _ - ."""
-    return bool(s) and all(c.isalnum() or c in "_-." for c in s)
-
-
-def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...], key: str = "--set") -> Config:
-    """``cfg`` with dotted ``key=value`` overrides applied and validated (ConfigError names ``key``)."""
-    if not overrides:
-        return cfg
-    try:
-        return from_dict(deep_merge(cfg.to_dict(), parse_overrides(list(overrides))))
-    except ConfigError as e:
-        raise ConfigError(key, str(e)) from None
-
-
-def _entry_config(raw: dict, defaults: dict, suite_dir: Path, suite: str, name: str, key: str) -> Config:
-    data: dict[str, Any] = {}
-    if raw.get("config") is not None:
-        if not isinstance(raw["config"], str):
-            raise ConfigError(f"{key}.config", f"must be a path, got {raw['config']!r}")
-        try:
-            data = read_yaml(_resolve(raw["config"], suite_dir))
-        except ConfigError as e:
-            raise ConfigError(f"{key}.config", str(e)) from None
-    data = deep_merge(deep_merge(data, defaults), as_mapping(raw.get("patch"), f"{key}.patch"))
-    # Regression runs always land in experiment `regression`, named <suite>/<entry> (README, "The MLflow record").
-    data = deep_merge(data, {"tracking": {"experiment": EXPERIMENT, "enabled": True,
-                                          "run_name": f"{suite}/{name}"}})
-    try:
-        return from_dict(data)
-    except ConfigError as e:
-        msg = str(e).split(": ", 1)[1] if e.key else str(e)
-        raise ConfigError(f"{key}.{e.key}" if e.key else key, msg) from None
-
-
-def _included(data: dict, path: Path, seen: tuple[Path, ...]) -> list[Suite]:
-    """``include: [smoke.yaml]``: entries and comparisons of other suites, run under this suite's name."""
-    inc = data.get("include") or []
-    inc = [inc] if isinstance(inc, str) else inc
-    if not isinstance(inc, list) or not all(isinstance(p, str) for p in inc):
-        raise ConfigError("include", f"must be a suite path or a list of them, got {inc!r}")
-    out = []
-    for j, p in enumerate(inc):
-        sub = _resolve(p, path.parent)
-        if sub.resolve() in seen:
-            raise ConfigError(f"include[{j}]", f"{p} includes itself")
-        try:
-            out.append(load_suite(sub, seen))
-        except ConfigError as e:
-            raise ConfigError(f"include[{j}]", f"{p}: {e}") from None
-    return out
-
-
-def load_suite(path: str | Path, _seen: tuple[Path, ...] = ()) -> Suite:
-    """Read and validate a suite file; raises :class:`ConfigError` naming the first bad key."""
-    path = Path(path)
-    data = read_yaml(path)
-    for k in data:
-        if k not in SUITE_KEYS:
-            raise ConfigError(k, f"unknown key (allowed at the top of a suite: {', '.join(SUITE_KEYS)})")
-    name = data.get("name", path.name.split(".")[0])
-    if not isinstance(name, str) or not _is_name(name):
-        raise ConfigError("name", f"must be a name of letters, digits, _ - . (got {name!r})")
-    defaults = as_mapping(data.get("defaults"), "defaults")
-    raw_entries = data.get("entries") or []
-    if not isinstance(raw_entries, list) or not (raw_entries or data.get("include")):
-        raise ConfigError("entries", "must be a non-empty list of entries")
-    names: list[str] = []
-    for i, raw in enumerate(raw_entries):
-        if not isinstance(raw, dict):
-            raise ConfigError(f"entries[{i}]", f"must be a mapping, got {raw!r}")
-        n = raw.get("name")
-        if not isinstance(n, str) or not _is_name(n):
-            raise ConfigError(f"entries[{i}].name", f"must be a name of letters, digits, _ - . (got {n!r})")
-        if n in names:
-            raise ConfigError(f"entries[{i}].name", f"duplicate entry name {n!r}")
-        names.append(n)
-    included = _included(data, path, (*_seen, path.resolve()))
-    inherited = [e for sub in included for e in sub.entries]
-    for sub in included:
-        for e in sub.entries:
-            e.baseline_path = e.baseline_path or sub.baseline_path
-    for e in inherited:
-        if e.name in names:
-            raise ConfigError(f"entries.{e.name}.name", "duplicate entry name (also in an included suite)")
-        names.append(e.name)
-        e.cfg = replace(e.cfg, tracking=replace(e.cfg.tracking, run_name=f"{name}/{e.name}"))
-    known = set(names)
-    entries = list(inherited)
-    for raw in raw_entries:
-        key = f"entries.{raw['name']}"
-        for k in raw:
-            if k not in ENTRY_KEYS:
-                raise ConfigError(f"{key}.{k}", f"unknown key (allowed in an entry: {', '.join(ENTRY_KEYS)})")
-        cfg = _entry_config(raw, defaults, path.parent, name, raw["name"], key)
-        checks = raw.get("checks") or []
-        if not isinstance(checks, list):
-            raise ConfigError(f"{key}.checks", "must be a list of checks")
-        bands = {}
-        for metric, band in as_mapping(raw.get("baseline"), f"{key}.baseline").items():
-            check_metric(f"{key}.baseline.{metric}", metric)
-            bands[metric] = parse_band(band, f"{key}.baseline.{metric}")
-        entries.append(Entry(raw["name"], cfg, [parse_check(c, f"{key}.checks[{j}]", raw["name"], cfg, known)
-                                                 for j, c in enumerate(checks)], bands))
-    compare = data.get("compare") or []
-    if not isinstance(compare, list):
-        raise ConfigError("compare", "must be a list of checks")
-    checks = [c for sub in included for c in sub.compare]
-    checks += [parse_check(c, f"compare[{j}]", None, None, known) for j, c in enumerate(compare)]
-    uris = {e.cfg.tracking.uri for e in entries}
-    if len(uris) > 1:
-        raise ConfigError("defaults.tracking.uri", "all entries of a suite must use one tracking store")
-    bpath = data.get("baseline", f"{path.name.split('.')[0]}.baseline.yaml")
-    if not isinstance(bpath, str):
-        raise ConfigError("baseline", f"must be a path, got {bpath!r}")
-    return Suite(name.strip(), path, str(data.get("description", "")).strip(),
-                 path.parent / Path(bpath).expanduser(), entries, checks)
-
+Say = Callable[[str], None]
 
 # ------------------------------------------------------------------------------------------ running
 
@@ -231,25 +65,19 @@ def start_suite_run(suite: Suite, key: str | None = None, uri: str | None = None
     uri = uri or suite.uri
     exp_id = ensure_experiment(uri, EXPERIMENT)
     if key:
-        found = _search(client(uri), exp_id, f"tags.regression_key = '{key}' and tags.regression_role = 'suite'")
+        found = _search(client(uri), exp_id, f"tags.{KEY} = '{key}' and tags.{ROLE} = '{ROLE_SUITE}'")
         if found:
-            client(uri).update_run(found[0].info.run_id, status="RUNNING")
+            Recorder.attach(uri, found[0].info.run_id, reopen=True)
             return found[0].info.run_id, exp_id
-    tags = {KIND_TAG: "regression", "suite": suite.name, "regression_role": "suite", **version_tags()}
+    tags = {KIND: KIND_REGRESSION, SUITE: suite.name, ROLE: ROLE_SUITE, **version_tags()}
     if key:
-        tags["regression_key"] = key
+        tags[KEY] = key
     name = f"regress-{key}" if key else f"regress-{suite.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     rec = Recorder.start(uri, EXPERIMENT, name, tags=tags, experiment_id=exp_id)
     rec.log_text(suite.path.read_text(), f"suite/{suite.path.name}")
     if suite.baseline_path.exists():
         rec.log_text(suite.baseline_path.read_text(), f"suite/{suite.baseline_path.name}")
     return rec.run_id, exp_id
-
-
-def quiet() -> None:
-    """Warnings a suite run would print once per entry and that say nothing about the science."""
-    warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
-    warnings.filterwarnings("ignore", message=".*num_workers.*")
 
 
 def run_entry(suite: Suite, name: str, parent_run_id: str, experiment_id: str, key: str | None = None,
@@ -260,30 +88,28 @@ def run_entry(suite: Suite, name: str, parent_run_id: str, experiment_id: str, k
     ``perturbation``: its label, recorded as tag ``perturbation`` and in the run name (``<suite>/<entry>~label``).
     With ``key``: a FINISHED run of this entry with the same key is reused (idempotent retries);
     runs left RUNNING by a killed attempt are closed as KILLED first. Raises what ``train.run`` raises
-    (the run itself is then already closed FAILED or KILLED).
+    (the run itself is then already closed FAILED or KILLED). ``train.run`` quiets Lightning's
+    warnings itself (``pipeline.training.run.quiet_lightning``).
     """
-    from pipeline.tracking import client
+    from pipeline.tracking import client, end_run
     from pipeline.training.run import run
 
-    quiet()
-    entry = suite.entry(name)
-    cfg = with_overrides(entry.cfg, overrides)
+    cfg = with_overrides(suite.entry(name).cfg, overrides)
     if uri:
         cfg = replace(cfg, tracking=replace(cfg.tracking, uri=uri))
-    tags = {KIND_TAG: "regression", "suite": suite.name, "entry": name, "regression_role": "entry"}
+    tags = {KIND: KIND_REGRESSION, SUITE: suite.name, ENTRY: name, ROLE: ROLE_ENTRY}
     if overrides:
-        tags["overrides"] = " ".join(overrides)
+        tags[OVERRIDES] = " ".join(overrides)
     if perturbation:
-        tags["perturbation"] = perturbation
+        tags[PERTURBATION] = perturbation
         cfg = replace(cfg, tracking=replace(cfg.tracking, run_name=f"{cfg.tracking.run_name}~{perturbation}"))
     if key:
-        c = client(cfg.tracking.uri)
-        for r in _search(c, experiment_id, f"tags.regression_key = '{key}' and tags.entry = '{name}'"):
+        for r in _search(client(cfg.tracking.uri), experiment_id, f"tags.{KEY} = '{key}' and tags.{ENTRY} = '{name}'"):
             if r.info.status == "FINISHED":
                 return r.info.run_id
             if r.info.status == "RUNNING":
-                c.set_terminated(r.info.run_id, status="KILLED")
-        tags["regression_key"] = key
+                end_run(cfg.tracking.uri, r.info.run_id, "KILLED")
+        tags[KEY] = key
     return run(cfg, parent_run_id=parent_run_id, experiment_id=experiment_id, extra_tags=tags).run_id
 
 
@@ -304,7 +130,7 @@ def cost(e: Entry) -> float:
 
 
 def run_all(suite: Suite, parent_run_id: str, experiment_id: str, workers: int = 1, uri: str | None = None,
-            progress=print, entries: list[str] | None = None, overrides: tuple[str, ...] = (),
+            progress: Say = print, entries: list[str] | None = None, overrides: tuple[str, ...] = (),
             perturbation: str | None = None) -> dict[str, tuple[str | None, str | None]]:
     """Run every entry, or those named in ``entries`` (``workers`` spawned processes, or in-process for 1).
 
@@ -342,26 +168,13 @@ def run_all(suite: Suite, parent_run_id: str, experiment_id: str, workers: int =
     return out
 
 
-def baselined(suite: Suite) -> list[str]:
-    """The suite's own entries with a baseline metric: the ones ``--update-baseline`` runs perturbed.
+def check_suite_fits(suite: Suite, overrides: tuple[str, ...], workers: int) -> None:
+    """Every override must give a valid config that fits in memory, before the store is touched."""
+    from pipeline.training.budget import check_fits
 
-    Entries of an included suite are accepted in that suite's own baseline file, not here.
-    """
-    return [e.name for e in suite.entries if e.bands and e.baseline_path is None]
-
-
-def suite_baseline(suite: Suite) -> dict[str, dict[str, dict[str, float]]]:
-    """Accepted numbers for every entry: the suite's own file, and each included suite's file for its entries."""
-    own = load_baseline(suite.baseline_path)
-    out = {e.name: own[e.name] for e in suite.entries if e.baseline_path is None and e.name in own}
-    files: dict[Path, dict] = {}
     for e in suite.entries:
-        if e.baseline_path is not None:
-            if e.baseline_path not in files:
-                files[e.baseline_path] = load_baseline(e.baseline_path)
-            if e.name in files[e.baseline_path]:
-                out[e.name] = files[e.baseline_path][e.name]
-    return out
+        check_fits(with_overrides(e.cfg, overrides), copies=min(workers, len(suite.entries)),
+                   what=f"entry {e.name!r} ")
 
 
 # ------------------------------------------------------------------------------------ compare, record
@@ -384,8 +197,8 @@ def collect(suite: Suite, run_ids: dict[str, str | None], parent_run_id: str | N
         if rid is None and parent_run_id:  # a run that failed before returning its id
             exp = c.get_run(parent_run_id).info.experiment_id
             found = [r for r in _search(c, exp, f"tags.mlflow.parentRunId = '{parent_run_id}' "
-                                                f"and tags.entry = '{e.name}'")
-                     if r.data.tags.get("perturbation") == perturbation]
+                                                f"and tags.{ENTRY} = '{e.name}'")
+                     if r.data.tags.get(PERTURBATION) == perturbation]
             rid = found[0].info.run_id if found else None
         if rid is None:
             out[e.name] = EntryResult(e.name, None, "MISSING", error="no run recorded")
@@ -396,10 +209,8 @@ def collect(suite: Suite, run_ids: dict[str, str | None], parent_run_id: str | N
     return out
 
 
-def evaluate(suite: Suite, results: dict[str, EntryResult], baseline: dict) -> list[Row]:
+def judge_entries(suite: Suite, results: dict[str, EntryResult], baseline: dict) -> list[Row]:
     """All rows: each entry's laws, then its baseline metrics, then the comparisons between entries."""
-    from pipeline.regression.laws import run_check
-
     rows = []
     for e in suite.entries:
         r = results[e.name]
@@ -411,14 +222,12 @@ def evaluate(suite: Suite, results: dict[str, EntryResult], baseline: dict) -> l
     return rows
 
 
-def evaluate_perturbed(suite: Suite, results: dict[str, EntryResult], label: str) -> list[Row]:
+def judge_perturbed(suite: Suite, results: dict[str, EntryResult], label: str) -> list[Row]:
     """The entry-level laws of the entries run under perturbation ``label``, rows marked ``entry~label``.
 
     A baseline is only accepted if every law also holds under the perturbations: a law that holds on
     one machine's rounding alone would fail on the next machine.
     """
-    from pipeline.regression.laws import run_check
-
     rows = []
     for e in suite.entries:
         if e.name not in results:
@@ -432,7 +241,8 @@ def evaluate_perturbed(suite: Suite, results: dict[str, EntryResult], label: str
     return rows
 
 
-def verdict(rows: list[Row]) -> str:
+def suite_verdict(rows: list[Row]) -> str:
+    """The suite's verdict (tag ``verdict``): ``regression`` if any row fails, else ``pass``."""
     return "regression" if any(r.failing for r in rows) else "pass"
 
 
@@ -448,15 +258,20 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def format_columns(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """A small indented table (the baseline diff, the measured spreads)."""
+    w = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  " + "  ".join(r[i].ljust(w[i]) for i in range(len(head))).rstrip()
+                     for r in [head, tuple("-" * x for x in w), *rows])
+
+
 def finish_suite_run(suite: Suite, parent_run_id: str, rows: list[Row], uri: str | None = None,
                      status: str = "FINISHED") -> str:
     """Table and verdict onto the parent run (artifacts regression/table.txt and .json), then close it."""
-    import json
-
     from pipeline.tracking import Recorder
 
     rec = Recorder(uri or suite.uri, parent_run_id, "")
-    v = verdict(rows)
+    v = suite_verdict(rows)
     try:
         rec.log_text(format_table(rows) + "\n", "regression/table.txt")
         rec.log_text(json.dumps([r.__dict__ for r in rows], indent=1), "regression/table.json")
@@ -469,6 +284,113 @@ def finish_suite_run(suite: Suite, parent_run_id: str, rows: list[Row], uri: str
     return v
 
 
-__all__ = ["FAILING", "PERTURBATIONS", "Entry", "Suite", "load_suite", "with_overrides", "baselined", "suite_baseline", "load_baseline", "new_baseline", "write_baseline",
-           "baseline_diff", "start_suite_run", "run_entry", "run_all", "collect", "evaluate", "verdict",
-           "evaluate_perturbed", "format_table", "finish_suite_run"]
+# ------------------------------------------------------------------------------- the CLI's flows
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one ``regress`` invocation ended with."""
+
+    parent_run_id: str
+    rows: list[Row]
+    verdict: str | None  # None: --update-baseline refused (the parent run is already closed)
+
+    @property
+    def missing(self) -> int:
+        return sum(r.verdict == NO_BASELINE for r in self.rows)
+
+
+def run_suite(suite: Suite, baseline: dict, uri: str, workers: int = 1, overrides: tuple[str, ...] = (),
+              update: bool = False, say: Say = print) -> Outcome:
+    """Open the parent run, run every entry, judge them (and with ``update`` accept a new baseline), record.
+
+    Prints the table through ``say``. Any exception closes the parent run KILLED (an interrupt) or FAILED.
+    """
+    from pipeline.signals import Terminated
+    from pipeline.tracking import Recorder, end_run
+
+    parent, exp_id = start_suite_run(suite)
+    if overrides:
+        Recorder(uri, parent, exp_id).set_tags({OVERRIDES: " ".join(overrides)})
+    try:
+        ids = run_all(suite, parent, exp_id, workers=workers, progress=say, overrides=overrides)
+        results = collect(suite, {n: rid for n, (rid, _) in ids.items()}, parent)
+        for n, (_, err) in ids.items():
+            if err and results[n].error is None:
+                results[n].error = err
+        rows = judge_entries(suite, results, baseline)
+        if update:
+            if update_baseline(suite, baseline, results, rows, parent, exp_id, uri, workers, say) is not None:
+                return Outcome(parent, rows, None)
+            rows = judge_entries(suite, results, suite_baseline(suite))
+        else:
+            say(format_table(rows))
+    except BaseException as e:
+        killed = isinstance(e, (KeyboardInterrupt, SystemExit, Terminated))
+        end_run(uri, parent, "KILLED" if killed else "FAILED")
+        raise
+    return Outcome(parent, rows, finish_suite_run(suite, parent, rows))
+
+
+def update_baseline(suite: Suite, baseline: dict, results: dict[str, EntryResult], rows: list[Row],
+                    parent: str, exp_id: str, uri: str, workers: int = 1, say: Say = print) -> int | None:
+    """Run the baselined entries under every perturbation, measure the bands, write the file.
+
+    Returns 1 (nothing written, the parent run closed) when a law is violated or a run failed, nominal
+    or perturbed; else None.
+    """
+    perturbed: dict[str, dict[str, EntryResult]] = {}
+    extra: list[Row] = []
+    if not any(r.verdict in (LAW, ERROR) for r in rows):
+        perturbed, extra = _run_perturbed(suite, parent, exp_id, workers, say)
+    broken = [r for r in rows + extra if r.verdict in (LAW, ERROR)]
+    if broken:
+        say(format_table(rows + extra))
+        say(f"\nbaseline NOT written: {len(broken)} law(s) violated or run(s) failed; "
+            "a baseline must come from runs that respect the laws, perturbed ones included")
+        finish_suite_run(suite, parent, rows + extra)
+        return 1
+    try:
+        values = new_baseline(suite, results, perturbed)
+    except ValueError as e:
+        say(f"\nbaseline NOT written: {e}")
+        finish_suite_run(suite, parent, rows)
+        return 1
+    diff = baseline_diff(load_baseline(suite.baseline_path), values)  # the file as it is, inherited rows too
+    say(format_table(judge_entries(suite, results, {**baseline, **values}) + extra))
+    spreads = spread_rows(values)
+    if spreads:
+        say("\nmeasured spread under the perturbations -> band:")
+        say(format_columns(("metric", "spread", "band"), spreads))
+    _write(suite, values, diff, parent, exp_id, uri, say)
+    return None
+
+
+def _run_perturbed(suite: Suite, parent: str, exp_id: str, workers: int,
+                   say: Say) -> tuple[dict[str, dict[str, EntryResult]], list[Row]]:
+    """The baselined entries again under each of :data:`PERTURBATIONS`: their results and law rows."""
+    names = baselined(suite)
+    perturbed, rows = {}, []
+    say(f"measuring bands: {len(names)} baselined entries under {', '.join(PERTURBATIONS)}")
+    for label, settings in PERTURBATIONS.items():
+        ids = run_all(suite, parent, exp_id, workers=workers, progress=say, entries=names, overrides=settings,
+                      perturbation=label)
+        perturbed[label] = collect(suite, {n: rid for n, (rid, _) in ids.items()}, parent, perturbation=label)
+        rows += judge_perturbed(suite, perturbed[label], label)
+    return perturbed, rows
+
+
+def _write(suite: Suite, values: dict, diff: list, parent: str, exp_id: str, uri: str, say: Say) -> None:
+    """Rewrite the baseline file if a value changed (no date-only diffs to commit) and show the diff."""
+    from pipeline.tracking import Recorder
+
+    if diff:
+        path = write_baseline(suite, values)
+        rec = Recorder(uri, parent, exp_id)
+        rec.log_file(path, "suite")
+        rec.set_tags({"baseline_updated": "true"})
+        say(f"\nbaseline written: {path} ({len(diff)} change(s))")
+    else:
+        say(f"\nbaseline unchanged: {suite.baseline_path} not rewritten")
+    if diff:
+        say(format_columns(("metric", "old", "new", "change"), diff))
