@@ -17,6 +17,7 @@ from pipeline.training.models import RNNModel
 from pipeline.training.tasks import make_task
 from pipeline.training.data import fixed_batch
 from pipeline.bptt import profile as bptt
+from pipeline.bptt import spectra
 cell, T, what, device = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 torch.set_num_threads(1); torch.set_flush_denormal(True)
 cfg = load_config(None, [f"model.cell={cell}", "model.hidden_size=128", f"task.seq_len={T}"])
@@ -40,7 +41,7 @@ def profile_pass():
 def full_pass():
     p = model.params(torch.float64)
     p = {k: v.cpu() if torch.is_tensor(v) else v for k, v in p.items()}
-    bptt.summarize(bptt.profile(p, px, py, task.loss, task.readout)); bptt.spectrum(p); bptt.lyapunov_max(p, px)
+    bptt.summarize(bptt.profile(p, px, py, task.loss, task.readout)); spectra.spectrum(p); spectra.lyapunov_max(p, px)
 fn = {"step": train_step, "profile": profile_pass, "full": full_pass}[what]
 fn()
 open("/proc/self/clear_refs", "w").write("5")

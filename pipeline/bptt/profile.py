@@ -1,5 +1,6 @@
-"""Exact BPTT diagnostics: the per-step gradient profile ||dL/dh_t||, its summaries, recurrent spectra,
-Pascanu's bound and the largest Lyapunov exponent. Pure torch over a :mod:`pipeline.bptt.twin` params dict.
+"""Exact BPTT diagnostics: the per-step gradient profile ||dL/dh_t|| and its summaries. Pure torch over a
+:mod:`pipeline.bptt.twin` params dict. Recurrent spectra, Pascanu's bound and the largest Lyapunov exponent
+live in :mod:`pipeline.bptt.spectra`.
 
 BPTT (Werbos 1990; Pascanu, Mikolov, Bengio 2013, eq. 3-5): dL/dh_k = (prod_{i=k+1..T} J_i)^T dL/dh_T (+ direct loss terms), with
 J_i = diag(phi'(a_i)) W_hh for a vanilla cell. Over T = 1000 steps at g = 0.5 the true ratio is 1e-301,
@@ -20,7 +21,6 @@ import numpy as np
 import torch
 
 from pipeline.bptt import twin as cells
-from pipeline.names import GATE_NAMES
 
 Tensor = torch.Tensor
 LN10 = math.log(10.0)
@@ -61,7 +61,7 @@ def exact_denormals(restore_flush: bool | None = None):
 # Scaled arithmetic helpers
 
 
-def _as_float64(params: dict) -> dict:
+def as_float64(params: dict) -> dict:
     """Float64 detached copy of every floating tensor in ``params`` (the model's weights stay untouched)."""
     return {
         k: v.detach().to(torch.float64) if isinstance(v, Tensor) and v.is_floating_point() else v
@@ -74,7 +74,8 @@ def _maxabs(parts) -> Tensor:
     return functools.reduce(torch.maximum, [torch.linalg.vector_norm(p, ord=math.inf) for p in parts])
 
 
-def _safe(m: Tensor) -> Tensor:
+def nonzero_or_one(m: Tensor) -> Tensor:
+    """``m`` with its zeros replaced by 1: a safe divisor for rescaling (a zero vector stays zero)."""
     return torch.where(m > 0, m, torch.ones_like(m))
 
 
@@ -88,7 +89,7 @@ def _log10_norms(vs: list[Tensor], log_scales: list[Tensor]) -> Tensor:
     dims = tuple(range(1, V.dim()))
     m = V.abs().amax(dim=dims)
     shape = (-1,) + (1,) * (V.dim() - 1)
-    n = torch.linalg.vector_norm(V / _safe(m).reshape(shape), dim=dims)
+    n = torch.linalg.vector_norm(V / nonzero_or_one(m).reshape(shape), dim=dims)
     return (torch.stack(log_scales) + torch.log(m) + torch.log(n)) / LN10
 
 
@@ -221,7 +222,7 @@ def _direct_terms(p: dict, outs: list, y, loss_fn, readout_mode: str) -> tuple[l
         loss = loss_fn(cells.readout(p, hs), y)
         D = torch.autograd.grad(loss, hs)[0]  # [B, T, H]
     m = D.abs().amax(dim=(0, 2))
-    return list((D / _safe(m)[None, :, None]).unbind(1)), torch.log(m), loss.detach()
+    return list((D / nonzero_or_one(m)[None, :, None]).unbind(1)), torch.log(m), loss.detach()
 
 
 def _walk_back(p: dict, caches: list, names: tuple[str, ...], D_n: list[Tensor], d_log: Tensor
@@ -287,7 +288,7 @@ def profile(
     """
     if readout_mode not in ("last", "all"):
         raise ValueError(f"readout_mode must be 'last' or 'all', got {readout_mode!r}")
-    p = _as_float64(params)
+    p = as_float64(params)
     names = cells.state_names(p)
     x = x.detach().to(torch.float64)
     if isinstance(y, Tensor) and y.is_floating_point():
@@ -376,113 +377,3 @@ def _summarize(prof: Profile, horizon_decades: float) -> dict:
         out["c_log10_ratio_per_step"] = c_ratio / span if span else float("nan")
     out["overflow_step"] = float(prof.overflow_step or 0)
     return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Spectra and Pascanu's bound
-
-
-def spectrum(params: dict) -> dict:
-    """Largest singular value and spectral radius of the recurrent weights (float64, torch.linalg).
-
-    Vanilla cells: of W_hh. LSTM / GRU: per gate block (``sigma_max_<gate>``, ``radius_<gate>``, each
-    H x H), and ``sigma_max`` / ``radius`` = the max over gates. IndRNN: the recurrence is diag(u), so
-    ``sigma_max = radius = max|u|``.
-    """
-    p = _as_float64(params)
-    cell = p["cell"]
-    if cell == "indrnn":
-        m = float(p["u"].abs().max())
-        return {"sigma_max": m, "radius": m}
-
-    def sr(W: Tensor) -> tuple[float, float]:
-        return float(torch.linalg.matrix_norm(W, ord=2)), float(torch.linalg.eigvals(W).abs().max())
-
-    W = p["W_hh"]
-    if cell not in GATE_NAMES:
-        s, r = sr(W)
-        return {"sigma_max": s, "radius": r}
-    out = {}
-    gates = GATE_NAMES[cell]
-    for gate, block in zip(gates, W.chunk(len(gates), dim=0), strict=True):
-        out[f"sigma_max_{gate}"], out[f"radius_{gate}"] = sr(block)
-    out["sigma_max"] = max(out[f"sigma_max_{g}"] for g in gates)
-    out["radius"] = max(out[f"radius_{g}"] for g in gates)
-    return out
-
-
-def pascanu_log10_bound(params: dict, T: int) -> float | None:
-    """log10 of (gamma * sigma_max)^(T-1), or ``None`` for gated cells (no single |phi'| bound applies).
-
-    Pascanu, Mikolov, Bengio 2013 (section 2.1, eq. 5-7): for a loss term at step T only, dL/dh_k =
-    (J_{k+1}^T ... J_T^T) dL/dh_T and ||J_t|| <= gamma sigma_max, so ||dL/dh_k|| <= (gamma sigma_max)^(T-k)
-    ||dL/dh_T||. Pass ``T`` = the profile's :attr:`Profile.reference_step` r: before the memory window no
-    loss term acts, so the long-range profile satisfies the same inequality from r, and this is an upper
-    bound on ``summarize(...)["log10_ratio"]``. It is *not* a bound on a total profile with a loss term
-    at every step (copy's ``h_total``): the direct term at step 1 alone can exceed it."""
-    gamma = cells.activation_gamma(params["cell"])
-    if gamma is None:
-        return None
-    s = gamma * spectrum(params)["sigma_max"]
-    if T <= 1:
-        return 0.0
-    return (T - 1) * math.log10(s) if s > 0 else float("-inf")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Largest Lyapunov exponent
-
-
-def lyapunov_max(
-    params: dict, x: Tensor, burn_in: int | None = None, seed: int = 0, restore_flush: bool | None = None
-) -> float:
-    """Largest Lyapunov exponent lambda_1 (nats per step) of the state dynamics driven by ``x``.
-
-    QR / renormalisation method with one tangent vector (Benettin et al. 1980; Engelken, Wolf, Abbott
-    2023 "gradient flossing"): q_t = J_t q_{t-1} / ||J_t q_{t-1}||, lambda_1 = mean over steps after the
-    burn-in and over the batch of ln ||J_t q_{t-1}||. Each batch element has its own random unit tangent
-    (seeded generator); J_t q is exact, by the hand-written tangent :func:`pipeline.bptt.twin.step_jvp`.
-    LSTM: the state (h, c) is one vector. ``burn_in`` defaults to min(T // 10, 10) steps (q aligns with
-    the leading direction). -inf only if the tangent is exactly annihilated (e.g. all relu units dead).
-    If the forward state overflows float64 (relu growth at long T), each batch element averages over
-    its steps before the overflow; NaN if no element has a finite step after the burn-in.
-    Cost: about one plain forward pass plus one matmul per step.
-    """
-    p = _as_float64(params)
-    x = x.detach().to(torch.float64)
-    B, T = x.shape[0], x.shape[1]
-    burn = min(T // 10, 10) if burn_in is None else int(burn_in)
-    if T - burn < 1:
-        raise ValueError(f"need more steps than the burn-in ({burn}), got T={T}")
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    state = cells.init_state(p, B, torch.float64, x.device)
-    q = tuple(torch.randn(s.shape, generator=gen, dtype=torch.float64, device=x.device) for s in state)
-
-    def row_norm(parts):  # per batch element, scaled (max-abs first)
-        m = functools.reduce(torch.maximum, [v.abs().amax(dim=1) for v in parts])
-        ms = _safe(m)[:, None]
-        n = m * torch.sqrt(sum(((v / ms) ** 2).sum(dim=1) for v in parts))
-        return n
-
-    n = row_norm(q)
-    q = tuple(v / n[:, None] for v in q)
-    acc = torch.zeros(B, dtype=torch.float64, device=x.device)
-    count = torch.zeros(B, dtype=torch.float64, device=x.device)
-    alive = torch.ones(B, dtype=torch.bool, device=x.device)  # state still finite (no forward overflow)
-    with exact_denormals(restore_flush), torch.no_grad():
-        for t, gi in enumerate(cells.input_projection(p, x).unbind(1)):
-            # J_t q is exact: the hand-written forward-mode tangent of the step (cells.step_jvp).
-            state, cache = cells.step_cached(p, gi, state)
-            alive &= functools.reduce(torch.logical_and, [torch.isfinite(s).all(dim=1) for s in state])
-            jq = cells.step_jvp(p, cache, q)
-            n = row_norm(jq)
-            q = tuple(v / _safe(n)[:, None] for v in jq)
-            if t >= burn:
-                # Steps after a forward overflow have no Jacobian (inf - inf = NaN in the state): only
-                # the finite stretch counts, so a growing relu net reads ln(growth) > 0, not -inf.
-                acc += torch.where(alive, torch.log(n), torch.zeros_like(n))
-                count += alive
-    ok = count > 0
-    if not bool(ok.any()):
-        return float("nan")
-    return float((acc[ok] / count[ok]).mean())

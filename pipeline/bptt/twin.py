@@ -189,7 +189,7 @@ def step_vjp(params: dict, cache: tuple, v: State) -> tuple[State, Tensor | None
 def step_jvp(params: dict, cache: tuple, q: State) -> State:
     """``J_t q``: the tangent of the step that produced ``cache`` along ``q`` (forward mode, by hand).
 
-    Used by :func:`pipeline.bptt.profile.lyapunov_max`; checked against ``torch.func.jvp`` in the tests.
+    Used by :func:`pipeline.bptt.spectra.lyapunov_max`; checked against ``torch.func.jvp`` in the tests.
     """
     cell = _cell(params)
     if cell == "indrnn":
