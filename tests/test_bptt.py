@@ -20,6 +20,7 @@ from pipeline.bptt import profile as bptt
 from pipeline.bptt import spectra
 from pipeline.bptt import twin as cells
 from pipeline.names import CELLS
+from pipeline.training.callbacks import long_frame
 
 torch.set_num_threads(1)  # small RNNs: one intra-op thread is faster (README, "Configuration reference")
 
@@ -244,7 +245,7 @@ def test_profile_frame_and_summary_shapes():
     p = random_params("lstm", seed=4)
     x = torch.randn(2, 6, 3, dtype=F64)
     prof = bptt.profile(p, x, torch.randn(2, 2, dtype=F64), mse, "last")
-    df = prof.to_frame(step=7)
+    df = long_frame(prof, step=7)
     assert list(df.columns) == ["step", "t", "state", "log10_norm"]
     assert len(df) == 12 and set(df["state"]) == {"h", "c"} and (df["step"] == 7).all()
     assert sorted(df["t"].unique().tolist()) == list(range(1, 7))

@@ -15,14 +15,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from pipeline.bptt import twin as cells
+from pipeline.bptt.twin import Cache, Params, State
 
 Tensor = torch.Tensor
+LossFn = Callable[[Tensor, Tensor], Tensor]  # (outputs, targets) -> scalar loss
 LN10 = math.log(10.0)
 
 
@@ -41,7 +44,7 @@ def flush_denormal_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def exact_denormals(restore_flush: bool | None = None):
+def exact_denormals(restore_flush: bool | None = None) -> Iterator[None]:
     """Disable denormal flushing inside the block, then restore it.
 
     ``restore_flush=None`` (default) restores the setting found on entry (probed by
@@ -61,7 +64,7 @@ def exact_denormals(restore_flush: bool | None = None):
 # Scaled arithmetic helpers
 
 
-def as_float64(params: dict) -> dict:
+def as_float64(params: Params) -> Params:
     """Float64 detached copy of every floating tensor in ``params`` (the model's weights stay untouched)."""
     return {
         k: v.detach().to(torch.float64) if isinstance(v, Tensor) and v.is_floating_point() else v
@@ -69,9 +72,10 @@ def as_float64(params: dict) -> dict:
     }
 
 
-def _maxabs(parts) -> Tensor:
+def _maxabs(parts: Sequence[Tensor]) -> Tensor:
     """Max |entry| over a tuple of tensors (a 0-d tensor, kept on the device: no host sync per step)."""
-    return functools.reduce(torch.maximum, [torch.linalg.vector_norm(p, ord=math.inf) for p in parts])
+    m: Tensor = functools.reduce(torch.maximum, [torch.linalg.vector_norm(p, ord=math.inf) for p in parts])
+    return m
 
 
 def nonzero_or_one(m: Tensor) -> Tensor:
@@ -159,23 +163,19 @@ class Profile:
         Jacobians alone and Pascanu's bound applies to it (vanilla cells)."""
         return self.reference_step == self.window_start
 
-    def to_frame(self, step: int):
-        """Long format: columns ``step`` (int), ``t`` (int, 1..T), ``state`` (see the class doc),
-        ``log10_norm``."""
-        import pandas as pd
-
-        frames = [
-            pd.DataFrame(
-                {
-                    "step": np.full(self.T, int(step), dtype=np.int64),
-                    "t": np.arange(1, self.T + 1, dtype=np.int64),
-                    "state": name,
-                    "log10_norm": np.asarray(v, dtype=np.float64),
-                }
-            )
-            for name, v in self.log10_norm.items()
-        ]
-        return pd.concat(frames, ignore_index=True)
+    def long_format(self, step: int) -> dict[str, np.ndarray]:
+        """Long format, as columns: ``step`` (int), ``t`` (int, 1..T), ``state`` (see the class doc),
+        ``log10_norm``; one row per (state, t), states in :attr:`log10_norm`'s order. (A data frame of
+        it is :func:`pipeline.training.callbacks.long_frame`: this stage imports no pandas.)"""
+        names = list(self.log10_norm)
+        n = len(names)
+        return {
+            "step": np.full(n * self.T, int(step), dtype=np.int64),
+            "t": np.tile(np.arange(1, self.T + 1, dtype=np.int64), n),
+            "state": np.repeat(np.asarray(names, dtype=object), self.T),
+            "log10_norm": np.concatenate([np.asarray(v, dtype=np.float64) for v in self.log10_norm.values()])
+            if n else np.zeros(0),
+        }
 
 
 def _check_window(window: tuple[int, int] | None, readout_mode: str, T: int) -> tuple[int, int]:
@@ -190,7 +190,7 @@ def _check_window(window: tuple[int, int] | None, readout_mode: str, T: int) -> 
     return a, b
 
 
-def _forward(p: dict, x: Tensor) -> tuple[list, list, int | None]:
+def _forward(p: Params, x: Tensor) -> tuple[list[Cache], list[State], int | None]:
     """Forward pass without graphs, keeping each step's activations for the hand-written VJPs.
 
     Also finds the first step whose state is not finite (overflow): one finiteness flag per step stays
@@ -208,7 +208,8 @@ def _forward(p: dict, x: Tensor) -> tuple[list, list, int | None]:
     return caches, outs, (int(bad[0]) + 1 if bad.numel() else None)
 
 
-def _direct_terms(p: dict, outs: list, y, loss_fn, readout_mode: str) -> tuple[list[Tensor], Tensor, Tensor]:
+def _direct_terms(p: Params, outs: list[State], y: Tensor, loss_fn: LossFn, readout_mode: str
+                  ) -> tuple[list[Tensor], Tensor, Tensor]:
     """Direct loss terms dL/dh_t (partial, through the readout only), normalised: ``D[:, t] =
     D_n[t] * exp(d_log[t])`` with D_n at max-abs 1 (or 0) and d_log = -inf where the term is exactly zero
     (every t < T for a last-step loss)."""
@@ -225,7 +226,7 @@ def _direct_terms(p: dict, outs: list, y, loss_fn, readout_mode: str) -> tuple[l
     return list((D / nonzero_or_one(m)[None, :, None]).unbind(1)), torch.log(m), loss.detach()
 
 
-def _walk_back(p: dict, caches: list, names: tuple[str, ...], D_n: list[Tensor], d_log: Tensor
+def _walk_back(p: Params, caches: list[Cache], names: tuple[str, ...], D_n: list[Tensor], d_log: Tensor
                ) -> dict[str, np.ndarray]:
     """One backward walk: dL/dstate_t for t = T..1 given the direct terms (D_n, d_log), rescaled.
 
@@ -249,6 +250,7 @@ def _walk_back(p: dict, caches: list, names: tuple[str, ...], D_n: list[Tensor],
             if lstm:
                 # delta c_t = the state part of dL/dc_t + (dh_t/dc_t)^T dL/dh_t: the total gradient of
                 # c_t in the graph, i.e. what c_t.grad holds after a full backward.
+                assert dc is not None  # step_vjp returns dL/dc_t for LSTM
                 kept["c"].append(dc)
         if t == 1:
             break
@@ -265,7 +267,7 @@ def _walk_back(p: dict, caches: list, names: tuple[str, ...], D_n: list[Tensor],
 
 
 def profile(
-    params: dict, x: Tensor, y: Tensor, loss_fn, readout_mode: str = "last", restore_flush: bool | None = None,
+    params: Params, x: Tensor, y: Tensor, loss_fn: LossFn, readout_mode: str = "last", restore_flush: bool | None = None,
     window: tuple[int, int] | None = None,
 ) -> Profile:
     """Exact gradients dL_w/dh_t (and dL_w/dc_t for LSTM) for every t = 1..T, in float64, rescaled.
@@ -326,7 +328,7 @@ def _slope(k: np.ndarray, y: np.ndarray) -> float:
     return float((k0 * (y - y.mean())).sum() / (k0 * k0).sum())
 
 
-def summarize(prof: Profile, horizon_decades: float = 3.0) -> dict:
+def summarize(prof: Profile, horizon_decades: float = 3.0) -> dict[str, float]:
     """Scalar summaries of the long-range profile (floats; ``-inf`` where a gradient is exactly zero).
 
     All are measured from the reference step r = :attr:`Profile.reference_step`: the first step a of the
@@ -351,7 +353,7 @@ def summarize(prof: Profile, horizon_decades: float = 3.0) -> dict:
         return _summarize(prof, horizon_decades)
 
 
-def _summarize(prof: Profile, horizon_decades: float) -> dict:
+def _summarize(prof: Profile, horizon_decades: float) -> dict[str, float]:
     r = prof.reference_step
     h = np.asarray(prof.log10_norm["h"], dtype=np.float64)[:r]  # steps 1..r
     span = r - 1

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 
 from pipeline.bptt import twin as cells
 from pipeline.bptt.profile import as_float64, exact_denormals, nonzero_or_one
+from pipeline.bptt.twin import Params
 from pipeline.names import GATE_NAMES
 
 Tensor = torch.Tensor
@@ -20,7 +22,7 @@ Tensor = torch.Tensor
 # Spectra and Pascanu's bound
 
 
-def spectrum(params: dict) -> dict:
+def spectrum(params: Params) -> dict[str, float]:
     """Largest singular value and spectral radius of the recurrent weights (float64, torch.linalg).
 
     Vanilla cells: of W_hh. LSTM / GRU: per gate block (``sigma_max_<gate>``, ``radius_<gate>``, each
@@ -40,7 +42,7 @@ def spectrum(params: dict) -> dict:
     if cell not in GATE_NAMES:
         s, r = sr(W)
         return {"sigma_max": s, "radius": r}
-    out = {}
+    out: dict[str, float] = {}
     gates = GATE_NAMES[cell]
     for gate, block in zip(gates, W.chunk(len(gates), dim=0), strict=True):
         out[f"sigma_max_{gate}"], out[f"radius_{gate}"] = sr(block)
@@ -49,7 +51,7 @@ def spectrum(params: dict) -> dict:
     return out
 
 
-def pascanu_log10_bound(params: dict, T: int) -> float | None:
+def pascanu_log10_bound(params: Params, T: int) -> float | None:
     """log10 of (gamma * sigma_max)^(T-1), or ``None`` for gated cells (no single |phi'| bound applies).
 
     Pascanu, Mikolov, Bengio 2013 (section 2.1, eq. 5-7): for a loss term at step T only, dL/dh_k =
@@ -72,7 +74,7 @@ def pascanu_log10_bound(params: dict, T: int) -> float | None:
 
 
 def lyapunov_max(
-    params: dict, x: Tensor, burn_in: int | None = None, seed: int = 0, restore_flush: bool | None = None
+    params: Params, x: Tensor, burn_in: int | None = None, seed: int = 0, restore_flush: bool | None = None
 ) -> float:
     """Largest Lyapunov exponent lambda_1 (nats per step) of the state dynamics driven by ``x``.
 
@@ -96,10 +98,10 @@ def lyapunov_max(
     state = cells.init_state(p, B, torch.float64, x.device)
     q = tuple(torch.randn(s.shape, generator=gen, dtype=torch.float64, device=x.device) for s in state)
 
-    def row_norm(parts):  # per batch element, scaled (max-abs first)
+    def row_norm(parts: Sequence[Tensor]) -> Tensor:  # per batch element, scaled (max-abs first)
         m = functools.reduce(torch.maximum, [v.abs().amax(dim=1) for v in parts])
         ms = nonzero_or_one(m)[:, None]
-        n = m * torch.sqrt(sum(((v / ms) ** 2).sum(dim=1) for v in parts))
+        n = m * torch.sqrt(functools.reduce(torch.add, [((v / ms) ** 2).sum(dim=1) for v in parts]))
         return n
 
     n = row_norm(q)

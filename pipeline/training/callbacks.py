@@ -74,6 +74,15 @@ def verdict(diverged: bool, summary: Mapping[str, Any] | None, max_norm_preclip:
     return HEALTHY
 
 
+def long_frame(prof: bptt.Profile, step: int):
+    """The profile of one pass as a long-format data frame: columns ``step``, ``t``, ``state``,
+    ``log10_norm`` (:meth:`pipeline.bptt.profile.Profile.long_format`), the rows of
+    ``diagnostics/bptt_profile.parquet``."""
+    import pandas as pd
+
+    return pd.DataFrame(prof.long_format(step))
+
+
 class GradientMonitor(pl.Callback):
     """Step metrics: ``train/loss``, ``grad/norm_*``, ``grad/clip_coef``, ``grad/clip_rate``."""
 
@@ -199,7 +208,7 @@ class ProfileMonitor(pl.Callback):
                 ref = reference.profile_log10(params, self.x, self.y, self.task.loss)
                 if ref is not None:
                     metrics["bptt/reference_max_err"] = reference.max_error(prof.log10_norm["h"], ref)
-            self.frames.append(prof.to_frame(step))
+            self.frames.append(long_frame(prof, step))
         self.passes.append(metrics)
         self._last_step = step
         self.recorder.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
