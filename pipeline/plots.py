@@ -8,6 +8,7 @@ Importing this module imports matplotlib: the training stage imports it only whe
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,17 +21,48 @@ matplotlib.use("Agg")  # files only, never a window: set once, before pyplot is 
 
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-__all__ = ["DPI", "MIN_WIDTH", "PROFILE_YLABEL", "Curve", "draw_grad_norms", "draw_profile", "plt",
-           "positive", "wrap_title"]
+from pipeline.names import DIVERGED  # noqa: E402
+
+__all__ = ["DPI", "LEARNED_NOTHING", "MIN_WIDTH", "PROFILE_YLABEL", "Curve", "draw_grad_norms", "draw_profile",
+           "outcome", "plt", "positive", "run_summary", "wrap_title"]
 
 MIN_WIDTH = 8.0  # inches: a figure-wide title and legend fit even when there is one panel
 DPI = 170  # report and run figures (110 looked soft on a laptop screen; ~2x the file size)
 PROFILE_YLABEL = r"$\log_{10}\,\|\partial L_w/\partial h_t\|$ (long-range)"
+# val loss / task baseline at or above which a run "learned nothing" (1.0 = the baseline's loss exactly):
+# healthy gradient flow is no success if the loss never left the baseline (README, "What the report shows").
+LEARNED_NOTHING = 0.9
 
 
 def wrap_title(text: str, fig: Any) -> str:
     """Wrap a figure title to the figure's width (about 11 characters per inch at fontsize 11)."""
     return "\n".join(textwrap.wrap(text, max(30, int(fig.get_figwidth() * 11))))
+
+
+def outcome(val_loss_ratio: Any, solved: Any = None) -> str:
+    """What the run learned, in words, for titles and labels: "solved", "learned nothing" (val loss at
+    least LEARNED_NOTHING x baseline), "partly learned", or "no val loss"."""
+    if solved in (True, "true"):
+        return "solved"
+    try:
+        r = float(val_loss_ratio)
+    except (TypeError, ValueError):
+        return "no val loss"
+    if math.isnan(r):
+        return "no val loss"
+    return "learned nothing" if r >= LEARNED_NOTHING else "partly learned"
+
+
+def run_summary(regime: Any, val_loss_ratio: Any, solved: Any = None) -> str:
+    """"<regime> gradients; val loss 0.98 x baseline: learned nothing": the verdict next to the outcome,
+    so a healthy gradient flow that learned nothing does not read as a success."""
+    try:
+        r = float(val_loss_ratio)
+        loss = "" if math.isnan(r) else f"val loss {r:.2g} x baseline: "
+    except (TypeError, ValueError):
+        loss = ""
+    what = DIVERGED if regime == DIVERGED else f"{regime} gradients"
+    return f"{what}; {loss}{outcome(val_loss_ratio, solved)}"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Diagnostics against references that share no code with :mod:`pipeline.bptt.profile` / :mod:`pipeline.bptt.twin`.
+"""Diagnostics against references that share no code with :mod:`pipeline.bptt.profile` /
+:mod:`pipeline.bptt.spectra` / :mod:`pipeline.bptt.twin`.
 
 * The LSTM's largest Lyapunov exponent against Benettin's QR method (Benettin et al. 1980) on full
   Jacobians of torch's own ``nn.LSTMCell`` step (h, c) -> (h', c') taken by autograd: a version of

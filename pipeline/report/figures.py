@@ -12,41 +12,23 @@ import math
 import numpy as np
 
 from pipeline.names import DIVERGED, EXPLODING, HEALTHY, VANISHING
-from pipeline.plots import DPI as DPI  # re-exported: report files are saved at the run plots' resolution
-from pipeline.plots import MIN_WIDTH, Curve, draw_grad_norms, draw_profile, plt, positive, wrap_title
+from pipeline.plots import DPI as DPI  # re-exported: the report's files are saved at it
+from pipeline.plots import (
+    LEARNED_NOTHING,
+    MIN_WIDTH,
+    Curve,
+    draw_grad_norms,
+    draw_profile,
+    outcome,
+    plt,
+    positive,
+    run_summary,
+    wrap_title,
+)
 
 REGIME_COLORS = {VANISHING: "#1f77b4", HEALTHY: "#2ca02c", EXPLODING: "#ff7f0e",
                  DIVERGED: "#d62728", None: "#9e9e9e"}
 THEORY_INITS = ("gaussian", "orthogonal")  # mean-field ln g per step applies to tanh with these inits
-# val loss / task baseline at or above which a run "learned nothing" (1.0 = the baseline's loss exactly):
-# healthy gradient flow is no success if the loss never left the baseline (README, "What the report shows").
-LEARNED_NOTHING = 0.9
-
-
-def outcome(val_loss_ratio, solved=None) -> str:
-    """What the run learned, in words, for titles and labels: "solved", "learned nothing" (val loss at
-    least LEARNED_NOTHING x baseline), "partly learned", or "no val loss"."""
-    if solved in (True, "true"):
-        return "solved"
-    try:
-        r = float(val_loss_ratio)
-    except (TypeError, ValueError):
-        return "no val loss"
-    if math.isnan(r):
-        return "no val loss"
-    return "learned nothing" if r >= LEARNED_NOTHING else "partly learned"
-
-
-def run_summary(regime, val_loss_ratio, solved=None) -> str:
-    """"<regime> gradients; val loss 0.98 x baseline: learned nothing": the verdict next to the outcome,
-    so a healthy gradient flow that learned nothing does not read as a success."""
-    try:
-        r = float(val_loss_ratio)
-        loss = "" if math.isnan(r) else f"val loss {r:.2g} x baseline: "
-    except (TypeError, ValueError):
-        loss = ""
-    what = DIVERGED if regime == DIVERGED else f"{regime} gradients"
-    return f"{what}; {loss}{outcome(val_loss_ratio, solved)}"
 
 
 def _grid(n: int, width: float = 4.2, height: float = 3.6, max_cols: int = 3):

@@ -3,8 +3,9 @@
 * :class:`GradientMonitor` reads the per-step record that :class:`~pipeline.training.module.RNNTrainingModule`
   leaves on the device (pre/post-clip norm, clip coefficient, group norms) and moves it to the host
   once per ``trainer.log_every`` steps (one transfer for the whole window, not one per parameter).
-* :class:`ProfileMonitor` runs the exact float64 BPTT profile (:mod:`pipeline.bptt.profile`) on a fixed probe
-  batch through the unrolled twin at step 0, every ``diagnostics.profile_every`` steps, and at the end.
+* :class:`ProfileMonitor` runs the exact float64 BPTT profile (:mod:`pipeline.bptt.profile`) and the spectra
+  (:mod:`pipeline.bptt.spectra`) on a fixed probe batch through the unrolled twin at step 0, every
+  ``diagnostics.profile_every`` steps, and at the end.
   The twin shares the trained weights (a float64 copy), so training keeps its fused kernels.
 * :func:`verdict` turns the final profile and the run's largest gradient into a regime.
 

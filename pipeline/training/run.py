@@ -193,7 +193,7 @@ class Summary:
     @property
     def title(self) -> str:
         """The verdict beside the outcome: healthy gradients that learned nothing must not read as success."""
-        from pipeline.report.figures import run_summary
+        from pipeline.plots import run_summary
 
         return run_summary(self.regime, self.val_loss_ratio, self.solved)
 
