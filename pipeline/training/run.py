@@ -128,8 +128,8 @@ def _start_recorder(cfg: Config, task, parent_run_id: str | None, extra_tags: di
 
 
 @dataclass
-class _Monitors:
-    """The run's own callbacks, read after training by :func:`summarize`."""
+class Monitors:
+    """The run's own callbacks, read after training by :func:`summarize_run`."""
 
     grads: Any  # callbacks.GradientMonitor
     prof: Any  # callbacks.ProfileMonitor
@@ -162,7 +162,7 @@ def _train(cfg: Config, task, rec, extra_callbacks: list) -> RunResult:
     module = RNNTrainingModule(cfg, task)
     module.pruned = False
     data = TaskDataModule(task, cfg.task.batch_size, cfg.task.val_size, cfg.trainer.max_steps, cfg.seed)
-    mon = _Monitors(dg.GradientMonitor(rec, cfg.trainer.log_every), dg.ProfileMonitor(rec, cfg, task),
+    mon = Monitors(dg.GradientMonitor(rec, cfg.trainer.log_every), dg.ProfileMonitor(rec, cfg, task),
                     dg.ValidationLogger(rec, task))
     trainer = _trainer(cfg, [mon.grads, mon.prof, mon.val, *extra_callbacks])
     with terminate_as_exception():
@@ -170,7 +170,7 @@ def _train(cfg: Config, task, rec, extra_callbacks: list) -> RunResult:
         if module.diverged_step is None and mon.val.last_step != trainer.global_step:
             trainer.validate(module, datamodule=data, verbose=False)  # final validation
     steps = trainer.global_step
-    summary = summarize(cfg, task, module, mon, steps)
+    summary = summarize_run(cfg, task, module, mon, steps)
     rec.log_metrics({k: x for k, x in summary.metrics.items() if x is not None}, steps)
     rec.set_tags(summary.tags)
     log_artifacts(rec, cfg, task, mon, summary)
@@ -203,7 +203,7 @@ class Summary:
                          pruned=self.pruned, steps=steps, metrics=self.metrics, tags=self.tags)
 
 
-def summarize(cfg: Config, task, module, mon: _Monitors, steps: int) -> Summary:
+def summarize_run(cfg: Config, task, module, mon: Monitors, steps: int) -> Summary:
     """Pure: the trained module and the monitors' records -> the run's verdict, summary metrics and tags."""
     from pipeline.training import callbacks as dg
 
@@ -233,7 +233,7 @@ def summarize(cfg: Config, task, module, mon: _Monitors, steps: int) -> Summary:
     return Summary(regime, v, ratio, solved, module.diverged_step, pruned, metrics, tags)
 
 
-def log_artifacts(rec, cfg: Config, task, mon: _Monitors, summary: Summary) -> None:
+def log_artifacts(rec, cfg: Config, task, mon: Monitors, summary: Summary) -> None:
     """The run's diagnostics frames (``diagnostics/*.parquet``) and, with ``diagnostics.plots``, its plots
     (``plots/bptt_profile.png``, ``plots/grad_norms.png``)."""
     from pipeline.training import callbacks as dg
