@@ -52,20 +52,20 @@ def configure_torch(cfg: Config) -> None:
     torch.set_flush_denormal(True)
 
 
-# Lightning's advice that does not apply to this pipeline, silenced by category and message (each one is a
-# UserWarning or Lightning's PossibleUserWarning, a UserWarning subclass). Everything else still shows.
-LIGHTNING_NOISE: tuple[tuple[type[Warning], str, str], ...] = (
-    # Data are generated on the fly in the training process (training/data.py): worker processes would
-    # only add start-up time.
-    (UserWarning, r".*does not have many workers.*", "data are generated in-process"),
-    # trainer.accelerator is an explicit config key (README, "Configuration reference"): CPU on a GPU
-    # machine is the user's choice.
-    (UserWarning, r".*GPU available but not used.*", "the accelerator is chosen by config"),
-    # Lightning's own use of a torch pytree class torch deprecated; nothing a user of this pipeline can change.
-    (FutureWarning, r".*LeafSpec.*", "Lightning internals"),
-    # The task streams are IterableDatasets with a length (so Lightning knows the epoch size) and no
-    # worker processes: the multi-worker caveat this warns about cannot occur.
-    (UserWarning, r".*`IterableDataset` has `__len__` defined.*", "single-process loading"),
+# Lightning's advice that does not apply to this pipeline, silenced by (category, message regex); each
+# is a UserWarning (Lightning's PossibleUserWarning is a subclass) or a FutureWarning. Everything else shows.
+LIGHTNING_NOISE: tuple[tuple[type[Warning], str], ...] = (
+    # Batches are generated on the device in the training process (training/data.py, num_workers=0):
+    # worker processes would only add start-up time.
+    (UserWarning, r".*does not have many workers.*"),
+    # trainer.accelerator is a config key (README, "Configuration reference"): CPU on a GPU machine is
+    # the user's choice.
+    (UserWarning, r".*GPU available but not used.*"),
+    # Lightning's own use of a torch pytree class that torch deprecated: nothing this pipeline can change.
+    (FutureWarning, r".*LeafSpec.*"),
+    # OnDeviceBatches is an IterableDataset with a length (the epoch size) loaded without worker
+    # processes: the duplicate-data caveat for multi-worker loading cannot occur.
+    (UserWarning, r".*`IterableDataset` has `__len__` defined.*"),
 )
 
 
@@ -78,7 +78,7 @@ def quiet_lightning() -> None:
 
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    for category, message, _why in LIGHTNING_NOISE:
+    for category, message in LIGHTNING_NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
@@ -94,7 +94,7 @@ def run(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict[str, 
     quiet_lightning()
     configure_torch(cfg)
     task = make_task(cfg.task.name, cfg.task.seq_len)
-    rec = _start_recorder(cfg, task, parent_run_id, extra_tags, experiment_id)
+    rec = _start_recorder(cfg, parent_run_id, extra_tags, experiment_id)
     status = "FAILED"
     try:
         result = _train(cfg, task, rec, callbacks or [])
@@ -113,7 +113,7 @@ def run(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict[str, 
         rec.close(status)
 
 
-def _start_recorder(cfg: Config, task, parent_run_id: str | None, extra_tags: dict[str, Any] | None,
+def _start_recorder(cfg: Config, parent_run_id: str | None, extra_tags: dict[str, Any] | None,
                     experiment_id: str | None):
     """The run's Recorder (a NullRecorder when tracking is off), started with its identity tags."""
     from pipeline.tracking import NullRecorder, Recorder, version_tags
