@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from pipeline.bptt import profile as bptt
+from pipeline.bptt import spectra
 from pipeline.config import load_config
 from pipeline.training.data import fixed_batch
 from pipeline.training.models import RNNModel
@@ -57,8 +58,8 @@ def passes(cell: str, T: int, device: str) -> dict[str, Callable[[], None]]:
     def full_pass() -> None:
         p = cpu_params()
         bptt.summarize(bptt.profile(p, px, py, task.loss, task.readout))
-        bptt.spectrum(p)
-        bptt.lyapunov_max(p, px)
+        spectra.spectrum(p)
+        spectra.lyapunov_max(p, px)
 
     return {"step": train_step, "profile": profile_pass, "full": full_pass}
 

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.bptt import profile as bptt
+from pipeline.bptt import spectra
 from pipeline.bptt import twin as cells
 from pipeline.names import CELLS
+from pipeline.training.callbacks import long_frame
 
 torch.set_num_threads(1)  # small RNNs: one intra-op thread is faster (README, "Configuration reference")
 
@@ -234,7 +236,7 @@ def test_indrnn_exact_power_law_before_the_window():
     sm = bptt.summarize(prof)
     assert sm["log10_ratio"] == pytest.approx((a - 1) * math.log10(0.9), abs=1e-9)
     assert sm["decay_rate"] == pytest.approx(math.log(0.9), abs=1e-9)
-    assert bptt.pascanu_log10_bound(p, prof.reference_step) == pytest.approx(sm["log10_ratio"], abs=1e-9)
+    assert spectra.pascanu_log10_bound(p, prof.reference_step) == pytest.approx(sm["log10_ratio"], abs=1e-9)
     tot = prof.log10_norm["h_total"]
     assert tot[0] - tot[a - 1] > -1  # direct terms keep the total O(1) at every step: it says nothing
 
@@ -243,7 +245,7 @@ def test_profile_frame_and_summary_shapes():
     p = random_params("lstm", seed=4)
     x = torch.randn(2, 6, 3, dtype=F64)
     prof = bptt.profile(p, x, torch.randn(2, 2, dtype=F64), mse, "last")
-    df = prof.to_frame(step=7)
+    df = long_frame(prof, step=7)
     assert list(df.columns) == ["step", "t", "state", "log10_norm"]
     assert len(df) == 12 and set(df["state"]) == {"h", "c"} and (df["step"] == 7).all()
     assert sorted(df["t"].unique().tolist()) == list(range(1, 7))
@@ -273,11 +275,11 @@ def test_pascanu_bound_holds_for_random_weights(cell):
             prof = bptt.profile(p, x, torch.randn(B, 2, generator=gen, dtype=F64), mse, "last")
             lg = prof.log10_norm["h"]
             rel = lg - lg[-1]
-            bound = (T - k) * math.log10(gamma * bptt.spectrum(p)["sigma_max"])
+            bound = (T - k) * math.log10(gamma * spectra.spectrum(p)["sigma_max"])
             ok = np.isneginf(rel) | (rel <= bound + 1e-9)  # an exact zero (dead relu) satisfies it too
             assert ok.all(), (g, seed, (rel - bound).max())
             s = bptt.summarize(prof)
-            assert s["log10_ratio"] <= bptt.pascanu_log10_bound(p, T) + 1e-9
+            assert s["log10_ratio"] <= spectra.pascanu_log10_bound(p, T) + 1e-9
             checked += 1
     assert checked == 48
 
@@ -304,11 +306,11 @@ def test_pascanu_bound_holds_on_the_long_range_profile_not_on_the_total(cell):
             lg = prof.log10_norm["h"]
             k = np.arange(1, r + 1)
             rel = lg[:r] - lg[r - 1]
-            per_step = math.log10(bptt.spectrum(p)["sigma_max"])
+            per_step = math.log10(spectra.spectrum(p)["sigma_max"])
             assert (np.isneginf(rel) | (rel <= (r - k) * per_step + 1e-9)).all(), (g, seed)
-            assert bptt.summarize(prof)["log10_ratio"] <= bptt.pascanu_log10_bound(p, r) + 1e-9
+            assert bptt.summarize(prof)["log10_ratio"] <= spectra.pascanu_log10_bound(p, r) + 1e-9
             tot = prof.log10_norm["h_total"]
-            violated_total += (tot[0] - tot[-1]) > bptt.pascanu_log10_bound(p, T) + 1
+            violated_total += (tot[0] - tot[-1]) > spectra.pascanu_log10_bound(p, T) + 1
     assert violated_total >= 6  # every g = 0.3 case at least
 
 
@@ -351,7 +353,7 @@ def test_underflow_profile_is_exact(T):
     np.testing.assert_allclose(lg - lg[-1], (T - np.arange(1, T + 1)) * math.log10(0.5), atol=1e-6)
     assert s["decay_rate"] == pytest.approx(math.log(0.5), abs=1e-6)
     assert s["horizon"] == 10.0  # first lag with k*log10(2) > 3
-    assert bptt.pascanu_log10_bound(p, T) == pytest.approx(expected, abs=1e-9)  # tight here
+    assert spectra.pascanu_log10_bound(p, T) == pytest.approx(expected, abs=1e-9)  # tight here
 
 
 def test_underflow_with_all_readout_stays_exact():
@@ -392,7 +394,7 @@ def test_indrnn_exact_power_law():
     s = bptt.summarize(prof)
     assert s["log10_ratio"] == pytest.approx((T - 1) * math.log10(0.9), abs=1e-9)
     assert s["decay_rate"] == pytest.approx(math.log(0.9), abs=1e-9)
-    assert bptt.spectrum(p) == {"sigma_max": pytest.approx(0.9), "radius": pytest.approx(0.9)}
+    assert spectra.spectrum(p) == {"sigma_max": pytest.approx(0.9), "radius": pytest.approx(0.9)}
 
 
 @pytest.mark.parametrize("b_f", [0.0, 3.0])
@@ -420,7 +422,7 @@ def test_lstm_cell_path_decays_like_forget_gate(b_f):
     log_f = math.log10(1.0 / (1.0 + math.exp(-b_f)))
     assert s["c_log10_ratio"] == pytest.approx((T - 1) * log_f, abs=1e-9)
     assert np.isneginf(prof.log10_norm["h"][:-1]).all()  # exactly zero, reported honestly
-    assert bptt.pascanu_log10_bound(p, T) is None
+    assert spectra.pascanu_log10_bound(p, T) is None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -431,27 +433,27 @@ def test_spectrum_orthogonal_and_gated():
     H = 12
     p = random_params("orthogonal", H=H, seed=0)
     p["W_hh"] = 0.7 * orthogonal(H, 1)
-    sp = bptt.spectrum(p)
+    sp = spectra.spectrum(p)
     assert sp["sigma_max"] == pytest.approx(0.7, abs=1e-12)
     assert sp["radius"] == pytest.approx(0.7, abs=1e-12)
-    assert bptt.pascanu_log10_bound(p, 51) == pytest.approx(50 * math.log10(0.7), abs=1e-9)
+    assert spectra.pascanu_log10_bound(p, 51) == pytest.approx(50 * math.log10(0.7), abs=1e-9)
 
     scales = {"i": 0.5, "f": 1.3, "g": 0.2, "o": 0.9}
     p = random_params("lstm", H=H, seed=1)
     p["W_hh"] = torch.cat([scales[gt] * orthogonal(H, 10 + j) for j, gt in enumerate("ifgo")])
-    sp = bptt.spectrum(p)
+    sp = spectra.spectrum(p)
     for gt, sc in scales.items():
         assert sp[f"sigma_max_{gt}"] == pytest.approx(sc, abs=1e-12)
         assert sp[f"radius_{gt}"] == pytest.approx(sc, abs=1e-12)
     assert sp["sigma_max"] == pytest.approx(1.3, abs=1e-12) and sp["radius"] == pytest.approx(1.3, abs=1e-12)
-    assert {k for k in bptt.spectrum(random_params("gru", H=H)) if k.endswith("_z")} == {
+    assert {k for k in spectra.spectrum(random_params("gru", H=H)) if k.endswith("_z")} == {
         "sigma_max_z",
         "radius_z",
     }
     # float32 weights are measured in float64 and agree with numpy
     W = torch.randn(H, H)
     p = {**random_params("tanh", H=H), "W_hh": W}
-    sp = bptt.spectrum(p)
+    sp = spectra.spectrum(p)
     Wn = W.double().numpy()
     assert sp["sigma_max"] == pytest.approx(np.linalg.svd(Wn, compute_uv=False)[0], rel=1e-12)
     assert sp["radius"] == pytest.approx(np.abs(np.linalg.eigvals(Wn)).max(), rel=1e-12)
@@ -482,15 +484,15 @@ def test_lyapunov_ordered_phase():
     ln g to 0.1."""
     H, T, B = 256, 300, 2
     p, _ = gaussian_tanh(0.5, H, seed=0)
-    lam = bptt.lyapunov_max(p, torch.zeros(B, T, H, dtype=F64))
-    assert lam == pytest.approx(math.log(bptt.spectrum(p)["radius"]), abs=0.02)
+    lam = spectra.lyapunov_max(p, torch.zeros(B, T, H, dtype=F64))
+    assert lam == pytest.approx(math.log(spectra.spectrum(p)["radius"]), abs=0.02)
     assert lam == pytest.approx(math.log(0.5), abs=0.1)
 
 
 def test_lyapunov_exact_for_scaled_orthogonal():
     """J_t = g Q at the zero fixed point: every tangent grows by exactly g per step."""
     p, x, _ = zero_input_orthogonal(200, g=0.8, H=10, B=3)
-    assert bptt.lyapunov_max(p, x) == pytest.approx(math.log(0.8), abs=1e-12)
+    assert spectra.lyapunov_max(p, x) == pytest.approx(math.log(0.8), abs=1e-12)
 
 
 def test_lyapunov_chaotic_phase_matches_mean_field_and_profile():
@@ -505,7 +507,7 @@ def test_lyapunov_chaotic_phase_matches_mean_field_and_profile():
     p, gen = gaussian_tanh(3.0, H, seed=1)
     x = torch.zeros(B, T, H, dtype=F64)
     x[:, 0] = torch.randn(B, H, generator=gen, dtype=F64)
-    lam = bptt.lyapunov_max(p, x)
+    lam = spectra.lyapunov_max(p, x)
     assert lam == pytest.approx(0.31, abs=0.04)
     prof = bptt.profile(p, x, torch.randn(B, 1, generator=gen, dtype=F64), mse, "last")
     s = bptt.summarize(prof)
@@ -516,7 +518,7 @@ def test_lyapunov_chaotic_phase_matches_mean_field_and_profile():
 def test_lyapunov_lstm_runs_on_joint_state_and_is_seeded():
     p = random_params("lstm", H=6, seed=3)
     x = torch.randn(2, 60, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
-    a, b = bptt.lyapunov_max(p, x, seed=7), bptt.lyapunov_max(p, x, seed=7)
+    a, b = spectra.lyapunov_max(p, x, seed=7), spectra.lyapunov_max(p, x, seed=7)
     assert a == b and math.isfinite(a) and a < 0.5
 
 

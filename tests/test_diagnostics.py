@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipeline.bptt import profile as bptt
+from pipeline.bptt import spectra
 from pipeline.config import DiagnosticsConfig
 from pipeline.training.callbacks import verdict
 
@@ -119,4 +120,4 @@ def test_forward_overflow_reads_exploding():
     assert prof.overflow_step == expected and bptt.summarize(prof)["overflow_step"] == expected
     assert got == "exploding"
     # The Lyapunov exponent reads the growth before the overflow: ln 1.5 exactly (J_t = 1.5 I), not -inf.
-    assert bptt.lyapunov_max(p, x) == pytest.approx(math.log(1.5), abs=1e-12)
+    assert spectra.lyapunov_max(p, x) == pytest.approx(math.log(1.5), abs=1e-12)

@@ -1,4 +1,5 @@
-"""Diagnostics against references that share no code with :mod:`pipeline.bptt.profile` / :mod:`pipeline.bptt.twin`.
+"""Diagnostics against references that share no code with :mod:`pipeline.bptt.profile` /
+:mod:`pipeline.bptt.spectra` / :mod:`pipeline.bptt.twin`.
 
 * The LSTM's largest Lyapunov exponent against Benettin's QR method (Benettin et al. 1980) on full
   Jacobians of torch's own ``nn.LSTMCell`` step (h, c) -> (h', c') taken by autograd: a version of
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from pipeline.bptt import profile as bptt
+from pipeline.bptt import spectra
 from pipeline.bptt import twin as cells
 
 F64 = torch.float64
@@ -83,7 +85,7 @@ def test_lstm_lyapunov_matches_full_jacobian_qr(b_f, scale):
     p = lstm_params(4, seed=0, b_f=b_f, scale=scale)
     x = torch.randn(2, 300, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
     ref = benettin_lambda1(p, x, burn=10)
-    assert bptt.lyapunov_max(p, x, burn_in=10) == pytest.approx(ref, abs=0.006)
+    assert spectra.lyapunov_max(p, x, burn_in=10) == pytest.approx(ref, abs=0.006)
 
 
 def test_lstm_lyapunov_reference_catches_a_tangent_that_ignores_c(monkeypatch):
@@ -97,7 +99,7 @@ def test_lstm_lyapunov_reference_catches_a_tangent_that_ignores_c(monkeypatch):
         return real(params, cache, (q[0], torch.zeros_like(q[1])))
 
     monkeypatch.setattr(cells, "step_jvp", ignores_c)
-    assert abs(bptt.lyapunov_max(p, x, burn_in=10) - ref) > 0.5
+    assert abs(spectra.lyapunov_max(p, x, burn_in=10) - ref) > 0.5
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Exact BPTT diagnostics: the per-step gradient profile ||dL/dh_t||, its summaries, recurrent spectra,
-Pascanu's bound and the largest Lyapunov exponent. Pure torch over a :mod:`pipeline.bptt.twin` params dict.
+"""Exact BPTT diagnostics: the per-step gradient profile ||dL/dh_t|| and its summaries. Pure torch over a
+:mod:`pipeline.bptt.twin` params dict. Recurrent spectra, Pascanu's bound and the largest Lyapunov exponent
+live in :mod:`pipeline.bptt.spectra`.
 
 BPTT (Werbos 1990; Pascanu, Mikolov, Bengio 2013, eq. 3-5): dL/dh_k = (prod_{i=k+1..T} J_i)^T dL/dh_T (+ direct loss terms), with
 J_i = diag(phi'(a_i)) W_hh for a vanilla cell. Over T = 1000 steps at g = 0.5 the true ratio is 1e-301,
@@ -14,15 +15,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from pipeline.bptt import twin as cells
-from pipeline.names import GATE_NAMES
+from pipeline.bptt.twin import Cache, Params, State
 
 Tensor = torch.Tensor
+LossFn = Callable[[Tensor, Tensor], Tensor]  # (outputs, targets) -> scalar loss
 LN10 = math.log(10.0)
 
 
@@ -41,7 +44,7 @@ def flush_denormal_enabled() -> bool:
 
 
 @contextlib.contextmanager
-def exact_denormals(restore_flush: bool | None = None):
+def exact_denormals(restore_flush: bool | None = None) -> Iterator[None]:
     """Disable denormal flushing inside the block, then restore it.
 
     ``restore_flush=None`` (default) restores the setting found on entry (probed by
@@ -61,7 +64,7 @@ def exact_denormals(restore_flush: bool | None = None):
 # Scaled arithmetic helpers
 
 
-def _as_float64(params: dict) -> dict:
+def as_float64(params: Params) -> Params:
     """Float64 detached copy of every floating tensor in ``params`` (the model's weights stay untouched)."""
     return {
         k: v.detach().to(torch.float64) if isinstance(v, Tensor) and v.is_floating_point() else v
@@ -69,12 +72,14 @@ def _as_float64(params: dict) -> dict:
     }
 
 
-def _maxabs(parts) -> Tensor:
+def _maxabs(parts: Sequence[Tensor]) -> Tensor:
     """Max |entry| over a tuple of tensors (a 0-d tensor, kept on the device: no host sync per step)."""
-    return functools.reduce(torch.maximum, [torch.linalg.vector_norm(p, ord=math.inf) for p in parts])
+    m: Tensor = functools.reduce(torch.maximum, [torch.linalg.vector_norm(p, ord=math.inf) for p in parts])
+    return m
 
 
-def _safe(m: Tensor) -> Tensor:
+def nonzero_or_one(m: Tensor) -> Tensor:
+    """``m`` with its zeros replaced by 1: a safe divisor for rescaling (a zero vector stays zero)."""
     return torch.where(m > 0, m, torch.ones_like(m))
 
 
@@ -88,7 +93,7 @@ def _log10_norms(vs: list[Tensor], log_scales: list[Tensor]) -> Tensor:
     dims = tuple(range(1, V.dim()))
     m = V.abs().amax(dim=dims)
     shape = (-1,) + (1,) * (V.dim() - 1)
-    n = torch.linalg.vector_norm(V / _safe(m).reshape(shape), dim=dims)
+    n = torch.linalg.vector_norm(V / nonzero_or_one(m).reshape(shape), dim=dims)
     return (torch.stack(log_scales) + torch.log(m) + torch.log(n)) / LN10
 
 
@@ -158,23 +163,19 @@ class Profile:
         Jacobians alone and Pascanu's bound applies to it (vanilla cells)."""
         return self.reference_step == self.window_start
 
-    def to_frame(self, step: int):
-        """Long format: columns ``step`` (int), ``t`` (int, 1..T), ``state`` (see the class doc),
-        ``log10_norm``."""
-        import pandas as pd
-
-        frames = [
-            pd.DataFrame(
-                {
-                    "step": np.full(self.T, int(step), dtype=np.int64),
-                    "t": np.arange(1, self.T + 1, dtype=np.int64),
-                    "state": name,
-                    "log10_norm": np.asarray(v, dtype=np.float64),
-                }
-            )
-            for name, v in self.log10_norm.items()
-        ]
-        return pd.concat(frames, ignore_index=True)
+    def long_format(self, step: int) -> dict[str, np.ndarray]:
+        """Long format, as columns: ``step`` (int), ``t`` (int, 1..T), ``state`` (see the class doc),
+        ``log10_norm``; one row per (state, t), states in :attr:`log10_norm`'s order. (A data frame of
+        it is :func:`pipeline.training.callbacks.long_frame`: this stage imports no pandas.)"""
+        names = list(self.log10_norm)
+        n = len(names)
+        return {
+            "step": np.full(n * self.T, int(step), dtype=np.int64),
+            "t": np.tile(np.arange(1, self.T + 1, dtype=np.int64), n),
+            "state": np.repeat(np.asarray(names, dtype=object), self.T),
+            "log10_norm": np.concatenate([np.asarray(v, dtype=np.float64) for v in self.log10_norm.values()])
+            if n else np.zeros(0),
+        }
 
 
 def _check_window(window: tuple[int, int] | None, readout_mode: str, T: int) -> tuple[int, int]:
@@ -189,7 +190,7 @@ def _check_window(window: tuple[int, int] | None, readout_mode: str, T: int) -> 
     return a, b
 
 
-def _forward(p: dict, x: Tensor) -> tuple[list, list, int | None]:
+def _forward(p: Params, x: Tensor) -> tuple[list[Cache], list[State], int | None]:
     """Forward pass without graphs, keeping each step's activations for the hand-written VJPs.
 
     Also finds the first step whose state is not finite (overflow): one finiteness flag per step stays
@@ -207,7 +208,8 @@ def _forward(p: dict, x: Tensor) -> tuple[list, list, int | None]:
     return caches, outs, (int(bad[0]) + 1 if bad.numel() else None)
 
 
-def _direct_terms(p: dict, outs: list, y, loss_fn, readout_mode: str) -> tuple[list[Tensor], Tensor, Tensor]:
+def _direct_terms(p: Params, outs: list[State], y: Tensor, loss_fn: LossFn, readout_mode: str
+                  ) -> tuple[list[Tensor], Tensor, Tensor]:
     """Direct loss terms dL/dh_t (partial, through the readout only), normalised: ``D[:, t] =
     D_n[t] * exp(d_log[t])`` with D_n at max-abs 1 (or 0) and d_log = -inf where the term is exactly zero
     (every t < T for a last-step loss)."""
@@ -221,10 +223,10 @@ def _direct_terms(p: dict, outs: list, y, loss_fn, readout_mode: str) -> tuple[l
         loss = loss_fn(cells.readout(p, hs), y)
         D = torch.autograd.grad(loss, hs)[0]  # [B, T, H]
     m = D.abs().amax(dim=(0, 2))
-    return list((D / _safe(m)[None, :, None]).unbind(1)), torch.log(m), loss.detach()
+    return list((D / nonzero_or_one(m)[None, :, None]).unbind(1)), torch.log(m), loss.detach()
 
 
-def _walk_back(p: dict, caches: list, names: tuple[str, ...], D_n: list[Tensor], d_log: Tensor
+def _walk_back(p: Params, caches: list[Cache], names: tuple[str, ...], D_n: list[Tensor], d_log: Tensor
                ) -> dict[str, np.ndarray]:
     """One backward walk: dL/dstate_t for t = T..1 given the direct terms (D_n, d_log), rescaled.
 
@@ -248,6 +250,7 @@ def _walk_back(p: dict, caches: list, names: tuple[str, ...], D_n: list[Tensor],
             if lstm:
                 # delta c_t = the state part of dL/dc_t + (dh_t/dc_t)^T dL/dh_t: the total gradient of
                 # c_t in the graph, i.e. what c_t.grad holds after a full backward.
+                assert dc is not None  # step_vjp returns dL/dc_t for LSTM
                 kept["c"].append(dc)
         if t == 1:
             break
@@ -264,7 +267,7 @@ def _walk_back(p: dict, caches: list, names: tuple[str, ...], D_n: list[Tensor],
 
 
 def profile(
-    params: dict, x: Tensor, y: Tensor, loss_fn, readout_mode: str = "last", restore_flush: bool | None = None,
+    params: Params, x: Tensor, y: Tensor, loss_fn: LossFn, readout_mode: str = "last", restore_flush: bool | None = None,
     window: tuple[int, int] | None = None,
 ) -> Profile:
     """Exact gradients dL_w/dh_t (and dL_w/dc_t for LSTM) for every t = 1..T, in float64, rescaled.
@@ -287,7 +290,7 @@ def profile(
     """
     if readout_mode not in ("last", "all"):
         raise ValueError(f"readout_mode must be 'last' or 'all', got {readout_mode!r}")
-    p = _as_float64(params)
+    p = as_float64(params)
     names = cells.state_names(p)
     x = x.detach().to(torch.float64)
     if isinstance(y, Tensor) and y.is_floating_point():
@@ -325,7 +328,7 @@ def _slope(k: np.ndarray, y: np.ndarray) -> float:
     return float((k0 * (y - y.mean())).sum() / (k0 * k0).sum())
 
 
-def summarize(prof: Profile, horizon_decades: float = 3.0) -> dict:
+def summarize(prof: Profile, horizon_decades: float = 3.0) -> dict[str, float]:
     """Scalar summaries of the long-range profile (floats; ``-inf`` where a gradient is exactly zero).
 
     All are measured from the reference step r = :attr:`Profile.reference_step`: the first step a of the
@@ -350,7 +353,7 @@ def summarize(prof: Profile, horizon_decades: float = 3.0) -> dict:
         return _summarize(prof, horizon_decades)
 
 
-def _summarize(prof: Profile, horizon_decades: float) -> dict:
+def _summarize(prof: Profile, horizon_decades: float) -> dict[str, float]:
     r = prof.reference_step
     h = np.asarray(prof.log10_norm["h"], dtype=np.float64)[:r]  # steps 1..r
     span = r - 1
@@ -376,113 +379,3 @@ def _summarize(prof: Profile, horizon_decades: float) -> dict:
         out["c_log10_ratio_per_step"] = c_ratio / span if span else float("nan")
     out["overflow_step"] = float(prof.overflow_step or 0)
     return out
-
-
-# ---------------------------------------------------------------------------------------------------
-# Spectra and Pascanu's bound
-
-
-def spectrum(params: dict) -> dict:
-    """Largest singular value and spectral radius of the recurrent weights (float64, torch.linalg).
-
-    Vanilla cells: of W_hh. LSTM / GRU: per gate block (``sigma_max_<gate>``, ``radius_<gate>``, each
-    H x H), and ``sigma_max`` / ``radius`` = the max over gates. IndRNN: the recurrence is diag(u), so
-    ``sigma_max = radius = max|u|``.
-    """
-    p = _as_float64(params)
-    cell = p["cell"]
-    if cell == "indrnn":
-        m = float(p["u"].abs().max())
-        return {"sigma_max": m, "radius": m}
-
-    def sr(W: Tensor) -> tuple[float, float]:
-        return float(torch.linalg.matrix_norm(W, ord=2)), float(torch.linalg.eigvals(W).abs().max())
-
-    W = p["W_hh"]
-    if cell not in GATE_NAMES:
-        s, r = sr(W)
-        return {"sigma_max": s, "radius": r}
-    out = {}
-    gates = GATE_NAMES[cell]
-    for gate, block in zip(gates, W.chunk(len(gates), dim=0), strict=True):
-        out[f"sigma_max_{gate}"], out[f"radius_{gate}"] = sr(block)
-    out["sigma_max"] = max(out[f"sigma_max_{g}"] for g in gates)
-    out["radius"] = max(out[f"radius_{g}"] for g in gates)
-    return out
-
-
-def pascanu_log10_bound(params: dict, T: int) -> float | None:
-    """log10 of (gamma * sigma_max)^(T-1), or ``None`` for gated cells (no single |phi'| bound applies).
-
-    Pascanu, Mikolov, Bengio 2013 (section 2.1, eq. 5-7): for a loss term at step T only, dL/dh_k =
-    (J_{k+1}^T ... J_T^T) dL/dh_T and ||J_t|| <= gamma sigma_max, so ||dL/dh_k|| <= (gamma sigma_max)^(T-k)
-    ||dL/dh_T||. Pass ``T`` = the profile's :attr:`Profile.reference_step` r: before the memory window no
-    loss term acts, so the long-range profile satisfies the same inequality from r, and this is an upper
-    bound on ``summarize(...)["log10_ratio"]``. It is *not* a bound on a total profile with a loss term
-    at every step (copy's ``h_total``): the direct term at step 1 alone can exceed it."""
-    gamma = cells.activation_gamma(params["cell"])
-    if gamma is None:
-        return None
-    s = gamma * spectrum(params)["sigma_max"]
-    if T <= 1:
-        return 0.0
-    return (T - 1) * math.log10(s) if s > 0 else float("-inf")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Largest Lyapunov exponent
-
-
-def lyapunov_max(
-    params: dict, x: Tensor, burn_in: int | None = None, seed: int = 0, restore_flush: bool | None = None
-) -> float:
-    """Largest Lyapunov exponent lambda_1 (nats per step) of the state dynamics driven by ``x``.
-
-    QR / renormalisation method with one tangent vector (Benettin et al. 1980; Engelken, Wolf, Abbott
-    2023 "gradient flossing"): q_t = J_t q_{t-1} / ||J_t q_{t-1}||, lambda_1 = mean over steps after the
-    burn-in and over the batch of ln ||J_t q_{t-1}||. Each batch element has its own random unit tangent
-    (seeded generator); J_t q is exact, by the hand-written tangent :func:`pipeline.bptt.twin.step_jvp`.
-    LSTM: the state (h, c) is one vector. ``burn_in`` defaults to min(T // 10, 10) steps (q aligns with
-    the leading direction). -inf only if the tangent is exactly annihilated (e.g. all relu units dead).
-    If the forward state overflows float64 (relu growth at long T), each batch element averages over
-    its steps before the overflow; NaN if no element has a finite step after the burn-in.
-    Cost: about one plain forward pass plus one matmul per step.
-    """
-    p = _as_float64(params)
-    x = x.detach().to(torch.float64)
-    B, T = x.shape[0], x.shape[1]
-    burn = min(T // 10, 10) if burn_in is None else int(burn_in)
-    if T - burn < 1:
-        raise ValueError(f"need more steps than the burn-in ({burn}), got T={T}")
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    state = cells.init_state(p, B, torch.float64, x.device)
-    q = tuple(torch.randn(s.shape, generator=gen, dtype=torch.float64, device=x.device) for s in state)
-
-    def row_norm(parts):  # per batch element, scaled (max-abs first)
-        m = functools.reduce(torch.maximum, [v.abs().amax(dim=1) for v in parts])
-        ms = _safe(m)[:, None]
-        n = m * torch.sqrt(sum(((v / ms) ** 2).sum(dim=1) for v in parts))
-        return n
-
-    n = row_norm(q)
-    q = tuple(v / n[:, None] for v in q)
-    acc = torch.zeros(B, dtype=torch.float64, device=x.device)
-    count = torch.zeros(B, dtype=torch.float64, device=x.device)
-    alive = torch.ones(B, dtype=torch.bool, device=x.device)  # state still finite (no forward overflow)
-    with exact_denormals(restore_flush), torch.no_grad():
-        for t, gi in enumerate(cells.input_projection(p, x).unbind(1)):
-            # J_t q is exact: the hand-written forward-mode tangent of the step (cells.step_jvp).
-            state, cache = cells.step_cached(p, gi, state)
-            alive &= functools.reduce(torch.logical_and, [torch.isfinite(s).all(dim=1) for s in state])
-            jq = cells.step_jvp(p, cache, q)
-            n = row_norm(jq)
-            q = tuple(v / _safe(n)[:, None] for v in jq)
-            if t >= burn:
-                # Steps after a forward overflow have no Jacobian (inf - inf = NaN in the state): only
-                # the finite stretch counts, so a growing relu net reads ln(growth) > 0, not -inf.
-                acc += torch.where(alive, torch.log(n), torch.zeros_like(n))
-                count += alive
-    ok = count > 0
-    if not bool(ok.any()):
-        return float("nan")
-    return float((acc[ok] / count[ok]).mean())

@@ -24,10 +24,15 @@ and indrnn. Gated cells return ``None``.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:  # annotations only: no code is shared with the profile it checks
+    from pipeline.bptt.profile import LossFn
+    from pipeline.bptt.twin import Params
 
 SUPPORTED = ("tanh", "orthogonal", "relu", "indrnn")
 
@@ -36,10 +41,10 @@ def _dphi(cell: str, a: np.ndarray) -> np.ndarray:
     if cell in ("relu", "indrnn"):
         return (a > 0).astype(np.float64)
     e = np.exp(-2.0 * np.abs(a))
-    return 4.0 * e / (1.0 + e) ** 2
+    return np.asarray(4.0 * e / (1.0 + e) ** 2)
 
 
-def profile_log10(params: dict, x: torch.Tensor, y: torch.Tensor, loss_fn) -> np.ndarray | None:
+def profile_log10(params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> np.ndarray | None:
     """log10 ||dL/dh_t||_F for t = 1..T (index t-1) of ``loss_fn(readout(h_T), y)``, or ``None``.
 
     ``None`` for cells outside :data:`SUPPORTED`. Exact zeros read ``-inf``.
@@ -75,7 +80,11 @@ def profile_log10(params: dict, x: torch.Tensor, y: torch.Tensor, loss_fn) -> np
             break
         g = d * _dphi(cell, pre[t])
         # dL/dh_{t-1}[j] = sum_i g[i] W[i, j], written as an explicit contraction over the row index.
-        d = g * u if u is not None else np.einsum("bi,ij->bj", g, W)
+        if u is not None:
+            d = g * u
+        else:
+            assert W is not None
+            d = np.einsum("bi,ij->bj", g, W)
         m = float(np.abs(d).max())
         if m > 0:
             d = d / m

@@ -21,6 +21,8 @@ PyTorch's gate order. Inputs are batch-first ``[B, T, I]``; the initial state is
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -28,27 +30,30 @@ from pipeline.names import CELLS
 
 Tensor = torch.Tensor
 State = tuple[Tensor, ...]
+Params = dict[str, Any]  # the contract above: "cell" (a str) and tensors
+Cache = tuple[Tensor, ...]  # one step's activations, for step_vjp / step_jvp
 
 # Gate names in PyTorch's row-block order of W_ih / W_hh (torch.nn.LSTM / torch.nn.GRU docs).
 
 
-def _cell(cell_or_params) -> str:
-    cell = cell_or_params["cell"] if isinstance(cell_or_params, dict) else cell_or_params
+def _cell(cell_or_params: str | Params) -> str:
+    cell = str(cell_or_params["cell"]) if isinstance(cell_or_params, dict) else cell_or_params
     if cell not in CELLS:
         raise ValueError(f"unknown cell {cell!r}; expected one of {', '.join(CELLS)}")
     return cell
 
 
-def state_names(cell) -> tuple[str, ...]:
+def state_names(cell: str | Params) -> tuple[str, ...]:
     """Names of the state tensors carried from step to step: ``("h", "c")`` for LSTM, else ``("h",)``."""
     return ("h", "c") if _cell(cell) == "lstm" else ("h",)
 
 
-def hidden_size(params: dict) -> int:
-    return params["W_ih"].shape[0] // (4 if params["cell"] == "lstm" else 3 if params["cell"] == "gru" else 1)
+def hidden_size(params: Params) -> int:
+    return int(params["W_ih"].shape[0]) // (4 if params["cell"] == "lstm" else 3 if params["cell"] == "gru" else 1)
 
 
-def init_state(params: dict, batch: int, dtype: torch.dtype | None = None, device=None) -> State:
+def init_state(params: Params, batch: int, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> State:
     """Zero initial state (as the fused modules use when ``hx`` is not given)."""
     dtype = dtype or params["W_ih"].dtype
     device = device if device is not None else params["W_ih"].device
@@ -56,7 +61,7 @@ def init_state(params: dict, batch: int, dtype: torch.dtype | None = None, devic
     return tuple(torch.zeros_like(h) for _ in state_names(params))
 
 
-def activation_gamma(cell) -> float | None:
+def activation_gamma(cell: str | Params) -> float | None:
     """Bound on |phi'| for Pascanu's theorem (Pascanu, Mikolov, Bengio 2013, section 2.1).
 
     tanh and relu both have |phi'| <= 1 (IndRNN: relu with a diagonal recurrence, Li 2018). Gated cells
@@ -65,17 +70,17 @@ def activation_gamma(cell) -> float | None:
     return None if _cell(cell) in ("lstm", "gru") else 1.0
 
 
-def input_projection(params: dict, x: Tensor) -> Tensor:
+def input_projection(params: Params, x: Tensor) -> Tensor:
     """``x W_ih^T + b_ih`` for all steps at once (``[B, T, G*H]``): one matmul instead of T small ones."""
     return F.linear(x, params["W_ih"], params["b_ih"])
 
 
-def step(params: dict, x_t: Tensor, state: State) -> State:
+def step(params: Params, x_t: Tensor, state: State) -> State:
     """One step ``state_{t-1} -> state_t`` for input ``x_t`` ``[B, I]``; same equations as PyTorch."""
     return step_projected(params, F.linear(x_t, params["W_ih"], params["b_ih"]), state)
 
 
-def step_projected(params: dict, gi: Tensor, state: State) -> State:
+def step_projected(params: Params, gi: Tensor, state: State) -> State:
     """:func:`step` given the input projection ``gi = x_t W_ih^T + b_ih`` (``[B, G*H]``)."""
     cell = _cell(params)
     if cell == "indrnn":
@@ -106,7 +111,7 @@ def step_projected(params: dict, gi: Tensor, state: State) -> State:
     return ((1 - z) * n + z * h,)
 
 
-def unroll(params: dict, x: Tensor, state: State | None = None) -> list[State]:
+def unroll(params: Params, x: Tensor, state: State | None = None) -> list[State]:
     """Run all T steps of ``x`` ``[B, T, I]``; returns ``[state_1, ..., state_T]``."""
     if state is None:
         state = init_state(params, x.shape[0], x.dtype, x.device)
@@ -117,7 +122,7 @@ def unroll(params: dict, x: Tensor, state: State | None = None) -> list[State]:
     return states
 
 
-def readout(params: dict, h: Tensor) -> Tensor:
+def readout(params: Params, h: Tensor) -> Tensor:
     """Linear readout ``h @ W_out^T + b_out``; ``h`` may be ``[B, H]`` or ``[B, T, H]``."""
     return F.linear(h, params["W_out"], params["b_out"])
 
@@ -128,7 +133,7 @@ def readout(params: dict, h: Tensor) -> Tensor:
 # tests/test_bptt.py. Each returns J_t^T v for the state, i.e. dL/dstate_{t-1} from dL/dstate_t.
 
 
-def step_cached(params: dict, gi: Tensor, state: State) -> tuple[State, tuple]:
+def step_cached(params: Params, gi: Tensor, state: State) -> tuple[State, Cache]:
     """:func:`step_projected` plus what :func:`step_vjp` needs (activations, not graphs)."""
     cell = _cell(params)
     if cell == "indrnn":
@@ -155,7 +160,7 @@ def step_cached(params: dict, gi: Tensor, state: State) -> tuple[State, tuple]:
     return ((1 - z) * n + z * h,), (r, z, n, h, h_n)
 
 
-def step_vjp(params: dict, cache: tuple, v: State) -> tuple[State, Tensor | None]:
+def step_vjp(params: Params, cache: Cache, v: State) -> tuple[State, Tensor | None]:
     """``(J_t^T v, total dL/dc_t)`` for the step that produced ``cache``; the second item is LSTM-only.
 
     For LSTM, ``v = (v_h, v_c)`` are the gradients reaching (h_t, c_t) from later steps; the total
@@ -186,10 +191,10 @@ def step_vjp(params: dict, cache: tuple, v: State) -> tuple[State, Tensor | None
     return (v_h * z + dgh @ W,), None
 
 
-def step_jvp(params: dict, cache: tuple, q: State) -> State:
+def step_jvp(params: Params, cache: Cache, q: State) -> State:
     """``J_t q``: the tangent of the step that produced ``cache`` along ``q`` (forward mode, by hand).
 
-    Used by :func:`pipeline.bptt.profile.lyapunov_max`; checked against ``torch.func.jvp`` in the tests.
+    Used by :func:`pipeline.bptt.spectra.lyapunov_max`; checked against ``torch.func.jvp`` in the tests.
     """
     cell = _cell(params)
     if cell == "indrnn":

@@ -26,13 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.names import DIVERGED, KIND_SWEEP, KIND_TRIAL, REGIME, STUDY, TRIAL_NUMBER
+from pipeline.names import KIND as KIND_TAG
 from pipeline.schema import ConfigError
 from pipeline.uris import sqlite_file
 
 DEFAULT_EXPERIMENT = "rnn-gradients"
 PROFILE_RUNS_PER_PANEL = 4  # representative runs whose artifacts are downloaded, per (task, cell) panel
 CLIPPED_PER_PANEL = 2  # ... plus this many clipped runs for the pre/post-clip panel
-KIND = "tags.`pipeline.kind`"  # backquoted: the tag key contains a dot
+KIND = f"tags.`{KIND_TAG}`"  # backquoted: the tag key contains a dot
 
 # Comparison table: (column, MLflow column of search_runs, kind). Kinds: tag/param strings, float, int.
 # The key columns come first; the table is sorted by them.
@@ -40,7 +42,7 @@ KEYS = ["task", "cell", "init", "init_scale", "lr", "clip"]
 COLUMNS: list[tuple[str, str, str]] = [
     ("val_loss_ratio", "metrics.val/loss_ratio", "float"),
     ("solved", "tags.solved", "str"),
-    ("regime", "tags.regime", "str"),
+    ("regime", f"tags.{REGIME}", "str"),
     ("log10_ratio", "metrics.bptt/log10_ratio", "float"),
     ("decay_rate", "metrics.bptt/decay_rate", "float"),
     ("clip_rate", "metrics.grad/clip_rate", "float"),
@@ -54,7 +56,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("seq_len", "params.task.seq_len", "int"),
     ("optimizer", "params.optim.name", "str"),
     ("seed", "params.seed", "int"),
-    ("trial", "tags.trial_number", "int"),
+    ("trial", f"tags.{TRIAL_NUMBER}", "int"),
     ("status", "status", "str"),
     ("run_name", "tags.mlflow.runName", "str"),
     ("run_id", "run_id", "str"),
@@ -136,10 +138,10 @@ def resolve_target(uri: str, experiment: str | None = None, study: str | None = 
     by_id = {e.experiment_id: e for e in exps}
     if study is None and experiment is None:
         # default: the most recent sweep in any experiment (each sweep config names its own experiment)
-        last = c.search_runs(list(by_id), f"{KIND} = 'sweep'", max_results=1,
+        last = c.search_runs(list(by_id), f"{KIND} = '{KIND_SWEEP}'", max_results=1,
                              order_by=["attributes.start_time DESC"]) if by_id else []
         if last:
-            study = last[0].data.tags.get("study")
+            study = last[0].data.tags.get(STUDY)
             experiment = by_id[last[0].info.experiment_id].name
     if experiment is not None or study is None:
         name = experiment or DEFAULT_EXPERIMENT
@@ -154,9 +156,9 @@ def resolve_target(uri: str, experiment: str | None = None, study: str | None = 
     ids, names = [e.experiment_id for e in scope], [e.name for e in scope]
 
     if study is not None:
-        parents = c.search_runs(ids, f"{KIND} = 'sweep' and tags.study = {_quote(study)}", max_results=1,
+        parents = c.search_runs(ids, f"{KIND} = '{KIND_SWEEP}' and tags.{STUDY} = {_quote(study)}", max_results=1,
                                 order_by=["attributes.start_time DESC"])
-        trial_filter = f"{KIND} = 'trial' and tags.study = {_quote(study)}"
+        trial_filter = f"{KIND} = '{KIND_TRIAL}' and tags.{STUDY} = {_quote(study)}"
         if not parents and not c.search_runs(ids, trial_filter, max_results=1):
             raise ConfigError("--study", f"unknown study {study!r} in experiment(s) {', '.join(names)}")
         t = Target(study, uri, ids, names, trial_filter, study=study)
@@ -174,9 +176,10 @@ def load_runs(target: Target):
     with use_uri(target.uri):
         df = mlflow.search_runs(experiment_ids=target.experiment_ids, filter_string=target.filter_string,
                                 order_by=["attributes.start_time ASC"])
-    kind = df["tags.pipeline.kind"] if "tags.pipeline.kind" in df else None
+    kind_col = f"tags.{KIND_TAG}"
+    kind = df[kind_col] if kind_col in df else None
     if kind is not None:
-        df = df[kind.fillna("") != "sweep"].reset_index(drop=True)
+        df = df[kind.fillna("") != KIND_SWEEP].reset_index(drop=True)
     if df.empty:
         what = f"study {target.study!r}" if target.study else f"experiment {target.name!r}"
         raise ConfigError("--study" if target.study else "--experiment",
@@ -246,7 +249,7 @@ def representative_runs(table, per_panel: int = PROFILE_RUNS_PER_PANEL) -> list[
     for _, panel in table.groupby(["task", "cell"], sort=True, dropna=False):
         picks = []
         for _, grp in panel.groupby(["init", "init_scale"], sort=True, dropna=False):
-            order = grp.assign(_div=grp["regime"].eq("diverged"),
+            order = grp.assign(_div=grp["regime"].eq(DIVERGED),
                                _loss=grp["val_loss_ratio"].fillna(np.inf))
             picks.append(order.sort_values(["_div", "_loss"]).iloc[0]["run_id"])
         if len(picks) > per_panel:

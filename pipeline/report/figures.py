@@ -11,60 +11,27 @@ import math
 
 import numpy as np
 
-REGIME_COLORS = {"vanishing": "#1f77b4", "healthy": "#2ca02c", "exploding": "#ff7f0e",
-                 "diverged": "#d62728", None: "#9e9e9e"}
+from pipeline.names import DIVERGED, EXPLODING, HEALTHY, VANISHING
+from pipeline.plots import DPI as DPI  # re-exported: the report's files are saved at it
+from pipeline.plots import (
+    LEARNED_NOTHING,
+    MIN_WIDTH,
+    Curve,
+    draw_grad_norms,
+    draw_profile,
+    outcome,
+    plt,
+    positive,
+    run_summary,
+    wrap_title,
+)
+
+REGIME_COLORS = {VANISHING: "#1f77b4", HEALTHY: "#2ca02c", EXPLODING: "#ff7f0e",
+                 DIVERGED: "#d62728", None: "#9e9e9e"}
 THEORY_INITS = ("gaussian", "orthogonal")  # mean-field ln g per step applies to tanh with these inits
-# val loss / task baseline at or above which a run "learned nothing" (1.0 = the baseline's loss exactly):
-# healthy gradient flow is no success if the loss never left the baseline (README, "What the report shows").
-LEARNED_NOTHING = 0.9
-MIN_WIDTH = 8.0  # inches: a figure-wide title and legend fit even when there is one panel
-DPI = 170  # report and run figures (110 looked soft on a laptop screen; ~2x the file size)
-
-
-def outcome(val_loss_ratio, solved=None) -> str:
-    """What the run learned, in words, for titles and labels: "solved", "learned nothing" (val loss at
-    least LEARNED_NOTHING x baseline), "partly learned", or "no val loss"."""
-    if solved in (True, "true"):
-        return "solved"
-    try:
-        r = float(val_loss_ratio)
-    except (TypeError, ValueError):
-        return "no val loss"
-    if math.isnan(r):
-        return "no val loss"
-    return "learned nothing" if r >= LEARNED_NOTHING else "partly learned"
-
-
-def run_summary(regime, val_loss_ratio, solved=None) -> str:
-    """"<regime> gradients; val loss 0.98 x baseline: learned nothing": the verdict next to the outcome,
-    so a healthy gradient flow that learned nothing does not read as a success."""
-    try:
-        r = float(val_loss_ratio)
-        loss = "" if math.isnan(r) else f"val loss {r:.2g} x baseline: "
-    except (TypeError, ValueError):
-        loss = ""
-    what = "diverged" if regime == "diverged" else f"{regime} gradients"
-    return f"{what}; {loss}{outcome(val_loss_ratio, solved)}"
-
-
-def wrap_title(text: str, fig) -> str:
-    """Wrap a figure title to the figure's width (about 11 characters per inch at fontsize 11)."""
-    import textwrap
-
-    return "\n".join(textwrap.wrap(text, max(30, int(fig.get_figwidth() * 11))))
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _grid(n: int, width: float = 4.2, height: float = 3.6, max_cols: int = 3):
-    plt = _plt()
     cols = min(n, max_cols)
     rows = math.ceil(n / cols)
     # Constrained layout makes room for titles, figure legends and legends below the axes (tight_layout
@@ -126,7 +93,6 @@ def phase_diagram(table, task: str):
     (star) / not solved (circle) / diverged (X), label = final val loss / baseline or the diverged step."""
     from matplotlib.lines import Line2D
 
-    _plt()  # Agg backend before pyplot is used
     sub = table[table["task"] == task]
     panels = list(sub.groupby(["cell", "init"], sort=True, dropna=False))
     fig, axes = _grid(len(panels))
@@ -139,7 +105,7 @@ def phase_diagram(table, task: str):
         for k, (xi, yi, (_, r)) in enumerate(zip(x, y, grp.iterrows(), strict=True)):
             regime = r["regime"] if r["regime"] in REGIME_COLORS else None
             color = REGIME_COLORS[regime]
-            if regime == "diverged":
+            if regime == DIVERGED:
                 marker, size = "X", 110
                 text = f"div@{r['diverged_step']}" if r["diverged_step"] is not None else "div"
             elif r["solved"] == "true":
@@ -147,7 +113,7 @@ def phase_diagram(table, task: str):
             else:
                 marker, size = "o", 90
                 text = f"{r['val_loss_ratio']:.2g}" if not np.isnan(r["val_loss_ratio"]) else r["status"] or "?"
-            if regime != "diverged" and outcome(r["val_loss_ratio"], r["solved"]) == "learned nothing":
+            if regime != DIVERGED and outcome(r["val_loss_ratio"], r["solved"]) == "learned nothing":
                 # hollow: whatever the gradients did, the loss stayed at the baseline
                 ax.scatter([xi], [yi], facecolors="white", edgecolors=color, marker=marker, s=size,
                            linewidths=2.2, zorder=3)
@@ -185,42 +151,47 @@ def _run_label(r) -> str:
 def profile_panels(table, profiles: dict, task: str):
     """log10 ||dL/dh_t|| against t, per cell: at init (step 0, dashed) and at the end (last profile pass,
     solid) for the representative runs, with the mean-field line where it applies (dotted)."""
-    plt = _plt()
     sub = table[(table["task"] == task) & table["run_id"].isin(list(profiles))]
     panels = list(sub.groupby("cell", sort=True))
     if not panels:
         return None
     fig, axes = _grid(len(panels), width=5.0, height=3.8, max_cols=2)
-    cmap = plt.get_cmap("tab10")
     for ax, (cell, grp) in zip(axes, panels, strict=True):
-        for k, (_, r) in enumerate(grp.iterrows()):
-            prof = profiles[r["run_id"]]
-            prof = prof[prof["state"] == "h"]
-            if prof.empty:
-                continue
-            color = cmap(k % 10)
-            first, last = prof["step"].min(), prof["step"].max()
-            p0 = prof[prof["step"] == first].sort_values("t")
-            p1 = prof[prof["step"] == last].sort_values("t")
-            ax.plot(p0["t"], p0["log10_norm"], "--", color=color, lw=1.2, label=f"{_run_label(r)}: init")
-            if last != first:
-                ax.plot(p1["t"], p1["log10_norm"], "-", color=color, lw=1.6,
-                        label=f"{_run_label(r)}: step {last} ({run_summary(r['regime'], r['val_loss_ratio'], r['solved'])})")
-            g = r["init_scale"]
-            if theory_applies(cell, r["init"], g) and len(p0):
-                T = int(p0["t"].max())
-                anchor = float(p0.loc[p0["t"] == T, "log10_norm"].iloc[0])
-                t = np.arange(1, T + 1)
-                ax.plot(t, anchor + (T - t) * math.log10(g), ":", color="k", lw=1.0,
-                        label=f"theory g={g:.3g}: ln g = {math.log(g):.2f}/step")
-        ax.set_xlabel("time step t")
-        ax.set_ylabel(r"$\log_{10}\,\|\partial L_w/\partial h_t\|$ (long-range)")
+        draw_profile(ax, _profile_curves(grp, profiles, cell))
         ax.set_title(f"{task}: {cell}", fontsize=10)
-        ax.grid(alpha=0.3)
         _legend_below(ax)
     fig.suptitle(wrap_title("Long-range gradient profiles (memory-window loss): at init (dashed) and end of "
                             "training (solid)", fig), fontsize=11)
     return fig
+
+
+def _profile_curves(grp, profiles: dict, cell: str) -> list[Curve]:
+    """One panel's curves, per run: at init (dashed), at the end (solid) and the mean-field line (dotted)
+    where it applies."""
+    cmap = plt.get_cmap("tab10")
+    curves = []
+    for k, (_, r) in enumerate(grp.iterrows()):
+        prof = profiles[r["run_id"]]
+        prof = prof[prof["state"] == "h"]
+        if prof.empty:
+            continue
+        color = cmap(k % 10)
+        first, last = prof["step"].min(), prof["step"].max()
+        p0 = prof[prof["step"] == first].sort_values("t")
+        p1 = prof[prof["step"] == last].sort_values("t")
+        curves.append(Curve(p0["t"], p0["log10_norm"], f"{_run_label(r)}: init", "--", 1.2, color))
+        if last != first:
+            summary = run_summary(r["regime"], r["val_loss_ratio"], r["solved"])
+            curves.append(Curve(p1["t"], p1["log10_norm"], f"{_run_label(r)}: step {last} ({summary})", "-", 1.6,
+                                color))
+        g = r["init_scale"]
+        if theory_applies(cell, r["init"], g) and len(p0):
+            T = int(p0["t"].max())
+            anchor = float(p0.loc[p0["t"] == T, "log10_norm"].iloc[0])
+            t = np.arange(1, T + 1)
+            curves.append(Curve(t, anchor + (T - t) * math.log10(g),
+                                f"theory g={g:.3g}: ln g = {math.log(g):.2f}/step", ":", 1.0, "k"))
+    return curves
 
 
 def _legend_below(ax) -> None:
@@ -232,37 +203,37 @@ def _legend_below(ax) -> None:
 def grad_norm_panels(table, norms: dict, task: str):
     """Global gradient norm over training per cell: before clipping (solid) and, for clipped runs,
     after (dashed) with the threshold (dotted). Without clipping the two are the same curve."""
-    plt = _plt()
     sub = table[(table["task"] == task) & table["run_id"].isin(list(norms))]
     panels = list(sub.groupby("cell", sort=True))
     if not panels:
         return None
     fig, axes = _grid(len(panels), width=5.0, height=3.6, max_cols=2)
-    cmap = plt.get_cmap("tab10")
     for ax, (cell, grp) in zip(axes, panels, strict=True):
-        thresholds = set()
-        for k, (_, r) in enumerate(grp.iterrows()):
-            df = norms[r["run_id"]]
-            color = cmap(k % 10)
-            clipped = r["clip"] != "none"
-            for col, ls, what in (("norm_preclip", "-", "pre-clip"), ("norm_postclip", "--", "post-clip")):
-                if col == "norm_postclip" and not clipped:
-                    continue
-                ok = np.isfinite(df[col]) & (df[col] > 0)
-                if ok.any():
-                    label = (f"{_run_label(r)} clip {r['clip']}" + (f": {what}" if clipped else "")
-                             + f" ({run_summary(r['regime'], r['val_loss_ratio'], r['solved'])})")
-                    ax.semilogy(df["step"][ok], df[col][ok], ls, color=color, lw=0.9,
-                                marker="." if ok.sum() < 4 else None, label=label)
-            if r["clip"].startswith("norm "):
-                thresholds.add(float(r["clip"].split()[1]))
-        for c in sorted(thresholds):
-            ax.axhline(c, color="k", ls=":", lw=0.8, label=f"clip threshold {c:g}")
-        ax.set_xlabel("training step")
-        ax.set_ylabel("global gradient norm")
+        curves, thresholds = _grad_norm_curves(grp, norms)
+        draw_grad_norms(ax, curves, sorted(thresholds))
         ax.set_title(f"{task}: {cell}", fontsize=10)
-        ax.grid(alpha=0.3, which="both")
         _legend_below(ax)
     fig.suptitle(wrap_title("Gradient norm over training: before (solid) and after (dashed) clipping", fig),
                  fontsize=11)
     return fig
+
+
+def _grad_norm_curves(grp, norms: dict) -> tuple[list[Curve], set[float]]:
+    """One panel's curves (pre-clip, and post-clip for clipped runs) and its clip thresholds."""
+    cmap = plt.get_cmap("tab10")
+    curves, thresholds = [], set()
+    for k, (_, r) in enumerate(grp.iterrows()):
+        df = norms[r["run_id"]]
+        color = cmap(k % 10)
+        clipped = r["clip"] != "none"
+        for col, ls, what in (("norm_preclip", "-", "pre-clip"), ("norm_postclip", "--", "post-clip")):
+            if col == "norm_postclip" and not clipped:
+                continue
+            ok = positive(df[col])
+            if ok.any():
+                label = (f"{_run_label(r)} clip {r['clip']}" + (f": {what}" if clipped else "")
+                         + f" ({run_summary(r['regime'], r['val_loss_ratio'], r['solved'])})")
+                curves.append(Curve(df["step"], df[col], label, ls, 0.9, color, "." if ok.sum() < 4 else None))
+        if r["clip"].startswith("norm "):
+            thresholds.add(float(r["clip"].split()[1]))
+    return curves, thresholds

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.names import DIVERGED, EXPLODING, HEALTHY, VANISHING
 from pipeline.report import data as rd
 
 SHOWN = ["task", "cell", "init", "init_scale", "lr", "clip", "val_loss_ratio", "solved", "regime",
@@ -72,9 +73,7 @@ def fmt(v: Any, col: str = "") -> str:
 
 
 def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    from pipeline.report.figures import DPI
+    from pipeline.plots import DPI, plt
 
     buf = io.BytesIO()
     # bbox_inches="tight": whatever a figure-level title or legend needs is kept, never cut at the edge
@@ -105,7 +104,8 @@ def figures(data: rd.ReportData) -> list[tuple[str, str, bytes]]:
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:12px}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f2f2f2;position:sticky;top:0}
 td.s{text-align:left}img{max-width:100%;border:1px solid #ddd}.meta td{text-align:left}
-.vanishing{background:#dbe9f6}.healthy{background:#dcf0dc}.exploding{background:#ffe6cc}.diverged{background:#f8d0d0}"""
+""" + "".join(f".{regime}{{background:{color}}}" for regime, color in
+              {VANISHING: "#dbe9f6", HEALTHY: "#dcf0dc", EXPLODING: "#ffe6cc", DIVERGED: "#f8d0d0"}.items())
 
 
 def _html_table(df, cols: list[str]) -> str:

@@ -3,8 +3,9 @@
 * :class:`GradientMonitor` reads the per-step record that :class:`~pipeline.training.module.RNNTrainingModule`
   leaves on the device (pre/post-clip norm, clip coefficient, group norms) and moves it to the host
   once per ``trainer.log_every`` steps (one transfer for the whole window, not one per parameter).
-* :class:`ProfileMonitor` runs the exact float64 BPTT profile (:mod:`pipeline.bptt.profile`) on a fixed probe
-  batch through the unrolled twin at step 0, every ``diagnostics.profile_every`` steps, and at the end.
+* :class:`ProfileMonitor` runs the exact float64 BPTT profile (:mod:`pipeline.bptt.profile`) and the spectra
+  (:mod:`pipeline.bptt.spectra`) on a fixed probe batch through the unrolled twin at step 0, every
+  ``diagnostics.profile_every`` steps, and at the end.
   The twin shares the trained weights (a float64 copy), so training keeps its fused kernels.
 * :func:`verdict` turns the final profile and the run's largest gradient into a regime.
 
@@ -24,9 +25,9 @@ import pytorch_lightning as pl
 import torch
 
 from pipeline.bptt import profile as bptt
-from pipeline.bptt import reference
+from pipeline.bptt import reference, spectra
 from pipeline.config import Config, DiagnosticsConfig
-from pipeline.names import GROUPS
+from pipeline.names import DIVERGED, EXPLODING, GROUPS, HEALTHY, VANISHING
 from pipeline.training.data import fixed_batch
 from pipeline.training.module import RECORD_FIELDS
 from pipeline.training.tasks import Task
@@ -57,21 +58,30 @@ def verdict(diverged: bool, summary: Mapping[str, Any] | None, max_norm_preclip:
     dynamics get the same verdict at any T. ``summary=None`` (no profile) reads the norm rule alone.
     """
     if diverged:
-        return "diverged"
+        return DIVERGED
     summary = summary or {}
     overflow = summary.get("bptt/overflow_step")
     if overflow is not None and math.isfinite(overflow) and overflow > 0:
-        return "exploding"
+        return EXPLODING
     rates = _path_rates(summary)
     if any(r > d.explode_log10_per_step for r in rates if not math.isnan(r)) or (
             max_norm_preclip is not None and max_norm_preclip > d.explode_norm):
-        return "exploding"
+        return EXPLODING
     if rates:
         # The best-connected path decides; NaN (nothing reaches either end) counts as nothing flowing.
         best = max(-math.inf if math.isnan(r) else r for r in rates)
         if best < d.vanish_log10_per_step:
-            return "vanishing"
-    return "healthy"
+            return VANISHING
+    return HEALTHY
+
+
+def long_frame(prof: bptt.Profile, step: int):
+    """The profile of one pass as a long-format data frame: columns ``step``, ``t``, ``state``,
+    ``log10_norm`` (:meth:`pipeline.bptt.profile.Profile.long_format`), the rows of
+    ``diagnostics/bptt_profile.parquet``."""
+    import pandas as pd
+
+    return pd.DataFrame(prof.long_format(step))
 
 
 class GradientMonitor(pl.Callback):
@@ -188,18 +198,18 @@ class ProfileMonitor(pl.Callback):
                                 window=self.task.window)
             summary = bptt.summarize(prof, self.cfg.diagnostics.horizon_decades)
             metrics.update({f"bptt/{k}": v for k, v in summary.items()})
-            metrics.update({f"spectral/{k}": v for k, v in bptt.spectrum(params).items()})
+            metrics.update({f"spectral/{k}": v for k, v in spectra.spectrum(params).items()})
             # Pascanu 2013's bound is a theorem about pure propagation (no loss term between step 1 and
             # the reference step) through vanilla cells: logged only there (gated cells: None).
-            bound = bptt.pascanu_log10_bound(params, prof.reference_step) if prof.is_propagation_only else None
+            bound = spectra.pascanu_log10_bound(params, prof.reference_step) if prof.is_propagation_only else None
             if bound is not None:
                 metrics["spectral/pascanu_log10_bound"] = bound
-            metrics["spectral/lyapunov_max"] = bptt.lyapunov_max(params, self.x)
+            metrics["spectral/lyapunov_max"] = spectra.lyapunov_max(params, self.x)
             if self.cfg.diagnostics.reference_check and self.task.readout == "last":
                 ref = reference.profile_log10(params, self.x, self.y, self.task.loss)
                 if ref is not None:
                     metrics["bptt/reference_max_err"] = reference.max_error(prof.log10_norm["h"], ref)
-            self.frames.append(prof.to_frame(step))
+            self.frames.append(long_frame(prof, step))
         self.passes.append(metrics)
         self._last_step = step
         self.recorder.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
@@ -241,56 +251,35 @@ def plot_profile(frame, task: Task, title: str):
     """log10 ||dL_w/dh_t|| (the long-range profile) against t at several training steps: the textbook's
     figure, measured. LSTM adds the cell state (dashed); copy adds the total gradient (dotted), whose
     direct loss terms hide the loss of memory (README, "The long-range profile")."""
-    from pipeline.report.figures import DPI, MIN_WIDTH, wrap_title
+    from pipeline.plots import DPI, MIN_WIDTH, Curve, draw_profile, plt, wrap_title
 
-    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(MIN_WIDTH, 5.0), layout="constrained", dpi=DPI)
     steps = sorted(frame["step"].unique()) if len(frame) else []
     if len(steps) > 6:  # at most 6 curves: first, last and evenly spaced between
         idx = np.unique(np.linspace(0, len(steps) - 1, 6).round().astype(int))
         steps = [steps[i] for i in idx]
     cmap = plt.get_cmap("viridis")
+    curves = []
     for i, s in enumerate(steps):
         for state, ls, lw, suffix in PROFILE_STYLES:
             sub = frame[(frame["step"] == s) & (frame["state"] == state)]
             if len(sub):
-                ax.plot(sub["t"], sub["log10_norm"], ls, lw=lw, color=cmap(i / max(len(steps) - 1, 1)),
-                        label=f"step {s}{suffix}")
-    a, b = task.window
-    if a > 1:
-        ax.axvspan(a, b, color="0.85", zorder=0, label=f"memory window t = {a}..{b}")
-    ax.set_xlabel("time step t")
-    ax.set_ylabel(r"$\log_{10}\,\|\partial L_w/\partial h_t\|$ (long-range)")
+                curves.append(Curve(sub["t"], sub["log10_norm"], f"step {s}{suffix}", ls, lw,
+                                    cmap(i / max(len(steps) - 1, 1))))
+    draw_profile(ax, curves, task.window)
     ax.set_title(wrap_title(title, fig), fontsize=10)
-    ax.grid(alpha=0.3)
     if steps:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_grad_norms(steps: np.ndarray, pre: np.ndarray, post: np.ndarray, threshold: float | None, title: str):
-    from pipeline.report.figures import DPI, MIN_WIDTH, wrap_title
+    """Pre- and post-clip global gradient norm of one run over training, with the clip threshold."""
+    from pipeline.plots import DPI, MIN_WIDTH, Curve, draw_grad_norms, plt, wrap_title
 
-    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(MIN_WIDTH, 4.6), layout="constrained", dpi=DPI)
-    ok = np.isfinite(pre) & (pre > 0)
-    ax.semilogy(steps[ok], pre[ok], lw=0.8, label="pre-clip")
-    ok = np.isfinite(post) & (post > 0)
-    ax.semilogy(steps[ok], post[ok], lw=0.8, label="post-clip")
-    if threshold is not None:
-        ax.axhline(threshold, color="k", ls=":", lw=0.8, label=f"clip threshold {threshold:g}")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("global gradient norm")
+    curves = [Curve(steps, pre, "pre-clip", lw=0.8), Curve(steps, post, "post-clip", lw=0.8)]
+    draw_grad_norms(ax, curves, () if threshold is None else (threshold,))
     ax.set_title(wrap_title(title, fig), fontsize=10)
-    ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig

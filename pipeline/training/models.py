@@ -182,14 +182,15 @@ class RNNModel(nn.Module):
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by role, for per-group gradient norms: input, recurrent, bias, readout."""
+        inputs, recurrent, bias, readout = GROUPS
         groups: dict[str, list[nn.Parameter]] = {g: [] for g in GROUPS}
         for name, p in self.named_parameters():
             if name.startswith("readout."):
-                groups["readout"].append(p)
+                groups[readout].append(p)
             elif "bias" in name:
-                groups["bias"].append(p)
+                groups[bias].append(p)
             elif "weight_ih" in name:
-                groups["input"].append(p)
+                groups[inputs].append(p)
             else:  # weight_hh_l0, the orthogonal base, IndRNN's u
-                groups["recurrent"].append(p)
+                groups[recurrent].append(p)
         return groups

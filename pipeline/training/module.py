@@ -20,7 +20,7 @@ from pipeline.training.tasks import Task
 
 # Order of the per-step record tensor (see ClippingModule.last_record).
 RECORD_FIELDS = ("loss", "norm_preclip", "norm_postclip", "clip_coef", "clipped",
-                 "norm_input", "norm_recurrent", "norm_bias", "norm_readout")
+                 *(f"norm_{g}" for g in GROUPS))
 
 
 class RNNTrainingModule(pl.LightningModule):

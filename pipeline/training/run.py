@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import Config
+from pipeline.names import REGIME, STATUS
 from pipeline.signals import Terminated, terminate_as_exception
 
 
@@ -23,7 +24,7 @@ from pipeline.signals import Terminated, terminate_as_exception
 class RunResult:
     run_id: str | None
     status: str  # FINISHED | FAILED | KILLED
-    regime: str  # vanishing | healthy | exploding | diverged
+    regime: str  # pipeline.names.REGIMES: vanishing | healthy | exploding | diverged
     val_loss: float | None
     val_loss_ratio: float | None  # val_loss / task baseline (1.0 = learned nothing)
     solved: bool
@@ -51,13 +52,34 @@ def configure_torch(cfg: Config) -> None:
     torch.set_flush_denormal(True)
 
 
+# Lightning's advice that does not apply to this pipeline, silenced by (category, message regex); each
+# is a UserWarning (Lightning's PossibleUserWarning is a subclass) or a FutureWarning. Everything else shows.
+LIGHTNING_NOISE: tuple[tuple[type[Warning], str], ...] = (
+    # Batches are generated on the device in the training process (training/data.py, num_workers=0):
+    # worker processes would only add start-up time.
+    (UserWarning, r".*does not have many workers.*"),
+    # trainer.accelerator is a config key (README, "Configuration reference"): CPU on a GPU machine is
+    # the user's choice.
+    (UserWarning, r".*GPU available but not used.*"),
+    # Lightning's own use of a torch pytree class that torch deprecated: nothing this pipeline can change.
+    (FutureWarning, r".*LeafSpec.*"),
+    # OnDeviceBatches is an IterableDataset with a length (the epoch size) loaded without worker
+    # processes: the duplicate-data caveat for multi-worker loading cannot occur.
+    (UserWarning, r".*`IterableDataset` has `__len__` defined.*"),
+)
+
+
 def quiet_lightning() -> None:
+    """The one home of the training stage's warning policy: Lightning's loggers at ERROR (no banner per
+    run; a sweep starts many) and the :data:`LIGHTNING_NOISE` warnings ignored, each by category and
+    message. No blanket ignores."""
+    # Lightning sets its loggers to INFO when first imported: import it first, then quiet it.
+    import pytorch_lightning  # noqa: F401
+
     for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*GPU available but not used.*")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
-    warnings.filterwarnings("ignore", message=".*`IterableDataset` has `__len__` defined.*")
+    for category, message in LIGHTNING_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 def run(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict[str, Any] | None = None,
@@ -67,50 +89,15 @@ def run(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict[str, 
     ``callbacks``: extra Lightning callbacks (the sweep's pruning hook). A callback may set
     ``pl_module.pruned = True`` and ``trainer.should_stop = True`` to stop a run early as pruned.
     """
-    import pytorch_lightning as pl
-
-    from pipeline.tracking import NullRecorder, Recorder, version_tags
-    from pipeline.training import callbacks as dg
-    from pipeline.training.data import TaskDataModule
-    from pipeline.training.module import RNNTrainingModule
     from pipeline.training.tasks import make_task
 
     quiet_lightning()
     configure_torch(cfg)
     task = make_task(cfg.task.name, cfg.task.seq_len)
-    tags = {"task": cfg.task.name, "cell": cfg.model.cell, "init": cfg.model.init, **version_tags()}
-    tags.update(extra_tags or {})
-    t = cfg.tracking
-    if t.enabled:
-        rec = Recorder.start(t.uri, t.experiment, t.run_name or default_run_name(cfg), tags=tags,
-                             parent_run_id=parent_run_id, experiment_id=experiment_id)
-    else:
-        rec = NullRecorder()
+    rec = _start_recorder(cfg, parent_run_id, extra_tags, experiment_id)
     status = "FAILED"
     try:
-        rec.log_params(cfg.flat())
-        rec.log_text(cfg.to_yaml(), "config.yaml")
-        rec.log_metrics({"task/baseline": task.baseline}, 0)
-        module = RNNTrainingModule(cfg, task)
-        module.pruned = False
-        data = TaskDataModule(task, cfg.task.batch_size, cfg.task.val_size, cfg.trainer.max_steps, cfg.seed)
-        grads = dg.GradientMonitor(rec, cfg.trainer.log_every)
-        prof = dg.ProfileMonitor(rec, cfg, task)
-        val = dg.ValidationLogger(rec, task)
-        accel = {"gpu": "gpu", "cuda": "gpu"}.get(cfg.trainer.accelerator, cfg.trainer.accelerator)
-        trainer = pl.Trainer(
-            accelerator=accel, devices=1, max_steps=cfg.trainer.max_steps, max_epochs=-1,
-            val_check_interval=min(cfg.trainer.val_every, cfg.trainer.max_steps),
-            check_val_every_n_epoch=None, num_sanity_val_steps=0,
-            logger=False, enable_checkpointing=False, enable_model_summary=False,
-            enable_progress_bar=cfg.trainer.progress_bar, deterministic=False,
-            callbacks=[grads, prof, val, *(callbacks or [])],
-        )
-        with terminate_as_exception():
-            trainer.fit(module, datamodule=data)
-            if module.diverged_step is None and val.last_step != trainer.global_step:
-                trainer.validate(module, datamodule=data, verbose=False)  # final validation
-        result = _finish(cfg, task, rec, module, grads, prof, val, trainer.global_step)
+        result = _train(cfg, task, rec, callbacks or [])
         status = "FINISHED"
         return result
     except (KeyboardInterrupt, SystemExit, Terminated):
@@ -122,40 +109,138 @@ def run(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict[str, 
         raise
     finally:
         with contextlib.suppress(Exception):
-            rec.set_tags({"status": status.lower()} if status != "FINISHED" else {})
+            rec.set_tags({STATUS: status.lower()} if status != "FINISHED" else {})
         rec.close(status)
 
 
-def _finish(cfg, task, rec, module, grads, prof, val, steps: int) -> RunResult:
+def _start_recorder(cfg: Config, parent_run_id: str | None, extra_tags: dict[str, Any] | None,
+                    experiment_id: str | None):
+    """The run's Recorder (a NullRecorder when tracking is off), started with its identity tags."""
+    from pipeline.tracking import NullRecorder, Recorder, version_tags
+
+    tags = {"task": cfg.task.name, "cell": cfg.model.cell, "init": cfg.model.init, **version_tags()}
+    tags.update(extra_tags or {})
+    t = cfg.tracking
+    if not t.enabled:
+        return NullRecorder()
+    return Recorder.start(t.uri, t.experiment, t.run_name or default_run_name(cfg), tags=tags,
+                          parent_run_id=parent_run_id, experiment_id=experiment_id)
+
+
+@dataclass
+class Monitors:
+    """The run's own callbacks, read after training by :func:`summarize_run`."""
+
+    grads: Any  # callbacks.GradientMonitor
+    prof: Any  # callbacks.ProfileMonitor
+    val: Any  # callbacks.ValidationLogger
+
+
+def _trainer(cfg: Config, callbacks: list):
+    import pytorch_lightning as pl
+
+    accel = {"gpu": "gpu", "cuda": "gpu"}.get(cfg.trainer.accelerator, cfg.trainer.accelerator)
+    return pl.Trainer(
+        accelerator=accel, devices=1, max_steps=cfg.trainer.max_steps, max_epochs=-1,
+        val_check_interval=min(cfg.trainer.val_every, cfg.trainer.max_steps),
+        check_val_every_n_epoch=None, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_model_summary=False,
+        enable_progress_bar=cfg.trainer.progress_bar, deterministic=False,
+        callbacks=callbacks,
+    )
+
+
+def _train(cfg: Config, task, rec, extra_callbacks: list) -> RunResult:
+    """Fit (plus a final validation when the last step had none), then summarise and record."""
+    from pipeline.training import callbacks as dg
+    from pipeline.training.data import TaskDataModule
+    from pipeline.training.module import RNNTrainingModule
+
+    rec.log_params(cfg.flat())
+    rec.log_text(cfg.to_yaml(), "config.yaml")
+    rec.log_metrics({"task/baseline": task.baseline}, 0)
+    module = RNNTrainingModule(cfg, task)
+    module.pruned = False
+    data = TaskDataModule(task, cfg.task.batch_size, cfg.task.val_size, cfg.trainer.max_steps, cfg.seed)
+    mon = Monitors(dg.GradientMonitor(rec, cfg.trainer.log_every), dg.ProfileMonitor(rec, cfg, task),
+                    dg.ValidationLogger(rec, task))
+    trainer = _trainer(cfg, [mon.grads, mon.prof, mon.val, *extra_callbacks])
+    with terminate_as_exception():
+        trainer.fit(module, datamodule=data)
+        if module.diverged_step is None and mon.val.last_step != trainer.global_step:
+            trainer.validate(module, datamodule=data, verbose=False)  # final validation
+    steps = trainer.global_step
+    summary = summarize_run(cfg, task, module, mon, steps)
+    rec.log_metrics({k: x for k, x in summary.metrics.items() if x is not None}, steps)
+    rec.set_tags(summary.tags)
+    log_artifacts(rec, cfg, task, mon, summary)
+    return summary.result(rec.run_id, steps)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a finished run says about itself: its final metrics and tags, and the RunResult fields."""
+
+    regime: str
+    val_loss: float | None
+    val_loss_ratio: float | None
+    solved: bool
+    diverged_step: int | None
+    pruned: bool
+    metrics: dict[str, Any]
+    tags: dict[str, Any]
+
+    @property
+    def title(self) -> str:
+        """The verdict beside the outcome: healthy gradients that learned nothing must not read as success."""
+        from pipeline.plots import run_summary
+
+        return run_summary(self.regime, self.val_loss_ratio, self.solved)
+
+    def result(self, run_id: str | None, steps: int) -> RunResult:
+        return RunResult(run_id=run_id, status="FINISHED", regime=self.regime, val_loss=self.val_loss,
+                         val_loss_ratio=self.val_loss_ratio, solved=self.solved, diverged_step=self.diverged_step,
+                         pruned=self.pruned, steps=steps, metrics=self.metrics, tags=self.tags)
+
+
+def summarize_run(cfg: Config, task, module, mon: Monitors, steps: int) -> Summary:
+    """Pure: the trained module and the monitors' records -> the run's verdict, summary metrics and tags."""
     from pipeline.training import callbacks as dg
 
     d = cfg.diagnostics
+    grads, last = mon.grads, mon.prof.last
     diverged = module.diverged_step is not None
-    last, first = prof.last, prof.first
     max_pre = grads.max_norm_preclip
     regime = dg.verdict(diverged, last, max_pre, d)
     first_pre = float(grads.column("norm_preclip")[0]) if len(grads.history) else None
-    regime_init = dg.verdict(False, first, first_pre, d)
+    regime_init = dg.verdict(False, mon.prof.first, first_pre, d)
     v = module.val_loss
     ratio = v / task.baseline if v is not None and math.isfinite(v) else None
     solved = bool(not diverged and v is not None and math.isfinite(v) and v < task.solved_below)
+    pruned = bool(getattr(module, "pruned", False))
     metrics = {
         "grad/clip_rate": grads.clip_rate,
         "grad/max_norm_preclip": max_pre,
-        "val/best_loss": val.best,
+        "val/best_loss": mon.val.best,
         "train/steps": steps,
     }
     metrics.update({k: v2 for k, v2 in last.items() if k != "step"})
     if v is not None:
         metrics.update({"val/loss": v, "val/loss_ratio": ratio})
-    rec.log_metrics({k: x for k, x in metrics.items() if x is not None}, steps)
-    tags = {"regime": regime, "regime_init": regime_init, "solved": str(solved).lower(),
-            "pruned": str(bool(getattr(module, "pruned", False))).lower()}
+    tags = {REGIME: regime, "regime_init": regime_init, "solved": str(solved).lower(), "pruned": str(pruned).lower()}
     if diverged:
         tags["diverged_step"] = module.diverged_step
-    rec.set_tags(tags)
-    frame = prof.profile_frame()
+    return Summary(regime, v, ratio, solved, module.diverged_step, pruned, metrics, tags)
+
+
+def log_artifacts(rec, cfg: Config, task, mon: Monitors, summary: Summary) -> None:
+    """The run's diagnostics frames (``diagnostics/*.parquet``) and, with ``diagnostics.plots``, its plots
+    (``plots/bptt_profile.png``, ``plots/grad_norms.png``)."""
+    from pipeline.training import callbacks as dg
+
+    frame = mon.prof.profile_frame()
     rec.log_frame(frame, "diagnostics/bptt_profile.parquet")
+    grads = mon.grads
     hist = grads.history
     if len(hist):
         import pandas as pd
@@ -164,23 +249,18 @@ def _finish(cfg, task, rec, module, grads, prof, val, steps: int) -> RunResult:
         df = pd.DataFrame(hist, columns=list(RECORD_FIELDS))
         df.insert(0, "step", grads.steps[: len(df)])
         rec.log_frame(df, "diagnostics/grad_norms.parquet")
-    if d.plots and cfg.tracking.enabled:
-        from pipeline.report.figures import run_summary
+    if not (cfg.diagnostics.plots and cfg.tracking.enabled):
+        return
+    from pipeline.plots import plt
 
-        # The verdict beside the outcome: healthy gradients that learned nothing must not read as success.
-        title = (f"{cfg.task.name} T={cfg.task.seq_len} {cfg.model.cell} {cfg.model.init} g={cfg.model.init_scale:g}: "
-                 f"{run_summary(regime, ratio, solved)}")
-        import matplotlib.pyplot as plt
-
-        fig = dg.plot_profile(frame, task, title)
-        rec.log_figure(fig, "plots/bptt_profile.png")
+    m = cfg.model
+    title = f"{cfg.task.name} T={cfg.task.seq_len} {m.cell} {m.init} g={m.init_scale:g}: {summary.title}"
+    fig = dg.plot_profile(frame, task, title)
+    rec.log_figure(fig, "plots/bptt_profile.png")
+    plt.close(fig)
+    if len(hist):
+        thr = cfg.clip.threshold if cfg.clip.mode == "norm" else None
+        fig = dg.plot_grad_norms(grads.steps[: len(hist)], grads.column("norm_preclip"),
+                                 grads.column("norm_postclip"), thr, title)
+        rec.log_figure(fig, "plots/grad_norms.png")
         plt.close(fig)
-        if len(hist):
-            thr = cfg.clip.threshold if cfg.clip.mode == "norm" else None
-            fig = dg.plot_grad_norms(grads.steps[: len(hist)], grads.column("norm_preclip"),
-                                     grads.column("norm_postclip"), thr, title)
-            rec.log_figure(fig, "plots/grad_norms.png")
-            plt.close(fig)
-    return RunResult(run_id=rec.run_id, status="FINISHED", regime=regime, val_loss=v, val_loss_ratio=ratio,
-                     solved=solved, diverged_step=module.diverged_step,
-                     pruned=bool(getattr(module, "pruned", False)), steps=steps, metrics=metrics, tags=tags)

@@ -1,0 +1,128 @@
+"""Recurrent spectra, Pascanu's bound and the largest Lyapunov exponent, over a :mod:`pipeline.bptt.twin`
+params dict, in float64 (pure torch; the profile itself is :mod:`pipeline.bptt.profile`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+
+from pipeline.bptt import twin as cells
+from pipeline.bptt.profile import as_float64, exact_denormals, nonzero_or_one
+from pipeline.bptt.twin import Params
+from pipeline.names import GATE_NAMES
+
+Tensor = torch.Tensor
+
+
+# ---------------------------------------------------------------------------------------------------
+# Spectra and Pascanu's bound
+
+
+def spectrum(params: Params) -> dict[str, float]:
+    """Largest singular value and spectral radius of the recurrent weights (float64, torch.linalg).
+
+    Vanilla cells: of W_hh. LSTM / GRU: per gate block (``sigma_max_<gate>``, ``radius_<gate>``, each
+    H x H), and ``sigma_max`` / ``radius`` = the max over gates. IndRNN: the recurrence is diag(u), so
+    ``sigma_max = radius = max|u|``.
+    """
+    p = as_float64(params)
+    cell = p["cell"]
+    if cell == "indrnn":
+        m = float(p["u"].abs().max())
+        return {"sigma_max": m, "radius": m}
+
+    def sr(W: Tensor) -> tuple[float, float]:
+        return float(torch.linalg.matrix_norm(W, ord=2)), float(torch.linalg.eigvals(W).abs().max())
+
+    W = p["W_hh"]
+    if cell not in GATE_NAMES:
+        s, r = sr(W)
+        return {"sigma_max": s, "radius": r}
+    out: dict[str, float] = {}
+    gates = GATE_NAMES[cell]
+    for gate, block in zip(gates, W.chunk(len(gates), dim=0), strict=True):
+        out[f"sigma_max_{gate}"], out[f"radius_{gate}"] = sr(block)
+    out["sigma_max"] = max(out[f"sigma_max_{g}"] for g in gates)
+    out["radius"] = max(out[f"radius_{g}"] for g in gates)
+    return out
+
+
+def pascanu_log10_bound(params: Params, T: int) -> float | None:
+    """log10 of (gamma * sigma_max)^(T-1), or ``None`` for gated cells (no single |phi'| bound applies).
+
+    Pascanu, Mikolov, Bengio 2013 (section 2.1, eq. 5-7): for a loss term at step T only, dL/dh_k =
+    (J_{k+1}^T ... J_T^T) dL/dh_T and ||J_t|| <= gamma sigma_max, so ||dL/dh_k|| <= (gamma sigma_max)^(T-k)
+    ||dL/dh_T||. Pass ``T`` = the profile's :attr:`Profile.reference_step` r: before the memory window no
+    loss term acts, so the long-range profile satisfies the same inequality from r, and this is an upper
+    bound on ``summarize(...)["log10_ratio"]``. It is *not* a bound on a total profile with a loss term
+    at every step (copy's ``h_total``): the direct term at step 1 alone can exceed it."""
+    gamma = cells.activation_gamma(params["cell"])
+    if gamma is None:
+        return None
+    s = gamma * spectrum(params)["sigma_max"]
+    if T <= 1:
+        return 0.0
+    return (T - 1) * math.log10(s) if s > 0 else float("-inf")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Largest Lyapunov exponent
+
+
+def lyapunov_max(
+    params: Params, x: Tensor, burn_in: int | None = None, seed: int = 0, restore_flush: bool | None = None
+) -> float:
+    """Largest Lyapunov exponent lambda_1 (nats per step) of the state dynamics driven by ``x``.
+
+    QR / renormalisation method with one tangent vector (Benettin et al. 1980; Engelken, Wolf, Abbott
+    2023 "gradient flossing"): q_t = J_t q_{t-1} / ||J_t q_{t-1}||, lambda_1 = mean over steps after the
+    burn-in and over the batch of ln ||J_t q_{t-1}||. Each batch element has its own random unit tangent
+    (seeded generator); J_t q is exact, by the hand-written tangent :func:`pipeline.bptt.twin.step_jvp`.
+    LSTM: the state (h, c) is one vector. ``burn_in`` defaults to min(T // 10, 10) steps (q aligns with
+    the leading direction). -inf only if the tangent is exactly annihilated (e.g. all relu units dead).
+    If the forward state overflows float64 (relu growth at long T), each batch element averages over
+    its steps before the overflow; NaN if no element has a finite step after the burn-in.
+    Cost: about one plain forward pass plus one matmul per step.
+    """
+    p = as_float64(params)
+    x = x.detach().to(torch.float64)
+    B, T = x.shape[0], x.shape[1]
+    burn = min(T // 10, 10) if burn_in is None else int(burn_in)
+    if T - burn < 1:
+        raise ValueError(f"need more steps than the burn-in ({burn}), got T={T}")
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    state = cells.init_state(p, B, torch.float64, x.device)
+    q = tuple(torch.randn(s.shape, generator=gen, dtype=torch.float64, device=x.device) for s in state)
+
+    def row_norm(parts: Sequence[Tensor]) -> Tensor:  # per batch element, scaled (max-abs first)
+        m = functools.reduce(torch.maximum, [v.abs().amax(dim=1) for v in parts])
+        ms = nonzero_or_one(m)[:, None]
+        n = m * torch.sqrt(functools.reduce(torch.add, [((v / ms) ** 2).sum(dim=1) for v in parts]))
+        return n
+
+    n = row_norm(q)
+    q = tuple(v / n[:, None] for v in q)
+    acc = torch.zeros(B, dtype=torch.float64, device=x.device)
+    count = torch.zeros(B, dtype=torch.float64, device=x.device)
+    alive = torch.ones(B, dtype=torch.bool, device=x.device)  # state still finite (no forward overflow)
+    with exact_denormals(restore_flush), torch.no_grad():
+        for t, gi in enumerate(cells.input_projection(p, x).unbind(1)):
+            # J_t q is exact: the hand-written forward-mode tangent of the step (cells.step_jvp).
+            state, cache = cells.step_cached(p, gi, state)
+            alive &= functools.reduce(torch.logical_and, [torch.isfinite(s).all(dim=1) for s in state])
+            jq = cells.step_jvp(p, cache, q)
+            n = row_norm(jq)
+            q = tuple(v / nonzero_or_one(n)[:, None] for v in jq)
+            if t >= burn:
+                # Steps after a forward overflow have no Jacobian (inf - inf = NaN in the state): only
+                # the finite stretch counts, so a growing relu net reads ln(growth) > 0, not -inf.
+                acc += torch.where(alive, torch.log(n), torch.zeros_like(n))
+                count += alive
+    ok = count > 0
+    if not bool(ok.any()):
+        return float("nan")
+    return float((acc[ok] / count[ok]).mean())

@@ -1,0 +1,112 @@
+"""Drawing floor shared by a run's own plots (:mod:`pipeline.training.callbacks`) and the report's figures
+(:mod:`pipeline.report.figures`): pyplot on the Agg backend, the figure size and resolution, title
+wrapping, and the axis-level drawings of the long-range profile and of the gradient norms, so that each
+of the two figures is drawn by one code path.
+
+Importing this module imports matplotlib: the training stage imports it only when it draws.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")  # files only, never a window: set once, before pyplot is imported
+
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+from pipeline.names import DIVERGED  # noqa: E402
+
+__all__ = ["DPI", "LEARNED_NOTHING", "MIN_WIDTH", "PROFILE_YLABEL", "Curve", "draw_grad_norms", "draw_profile",
+           "outcome", "plt", "positive", "run_summary", "wrap_title"]
+
+MIN_WIDTH = 8.0  # inches: a figure-wide title and legend fit even when there is one panel
+DPI = 170  # report and run figures (110 looked soft on a laptop screen; ~2x the file size)
+PROFILE_YLABEL = r"$\log_{10}\,\|\partial L_w/\partial h_t\|$ (long-range)"
+# val loss / task baseline at or above which a run "learned nothing" (1.0 = the baseline's loss exactly):
+# healthy gradient flow is no success if the loss never left the baseline (README, "What the report shows").
+LEARNED_NOTHING = 0.9
+
+
+def wrap_title(text: str, fig: Any) -> str:
+    """Wrap a figure title to the figure's width (about 11 characters per inch at fontsize 11)."""
+    return "\n".join(textwrap.wrap(text, max(30, int(fig.get_figwidth() * 11))))
+
+
+def outcome(val_loss_ratio: Any, solved: Any = None) -> str:
+    """What the run learned, in words, for titles and labels: "solved", "learned nothing" (val loss at
+    least LEARNED_NOTHING x baseline), "partly learned", or "no val loss"."""
+    if solved in (True, "true"):
+        return "solved"
+    try:
+        r = float(val_loss_ratio)
+    except (TypeError, ValueError):
+        return "no val loss"
+    if math.isnan(r):
+        return "no val loss"
+    return "learned nothing" if r >= LEARNED_NOTHING else "partly learned"
+
+
+def run_summary(regime: Any, val_loss_ratio: Any, solved: Any = None) -> str:
+    """"<regime> gradients; val loss 0.98 x baseline: learned nothing": the verdict next to the outcome,
+    so a healthy gradient flow that learned nothing does not read as a success."""
+    try:
+        r = float(val_loss_ratio)
+        loss = "" if math.isnan(r) else f"val loss {r:.2g} x baseline: "
+    except (TypeError, ValueError):
+        loss = ""
+    what = DIVERGED if regime == DIVERGED else f"{regime} gradients"
+    return f"{what}; {loss}{outcome(val_loss_ratio, solved)}"
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One line of a drawing: x and y values, its legend label and its style."""
+
+    x: Any
+    y: Any
+    label: str
+    style: str = "-"
+    lw: float = 1.0
+    color: Any = None  # None: the axes' colour cycle
+    marker: str | None = None
+
+
+def draw_profile(ax: Any, curves: Iterable[Curve], window: tuple[int, int] | None = None) -> None:
+    """The long-range profile log10 ||dL_w/dh_t|| against the time step t (README, "The long-range
+    profile"): one line per curve, the memory window shaded when it starts after t = 1, axis labels and
+    grid. Titles and legends are the caller's."""
+    for c in curves:
+        ax.plot(c.x, c.y, c.style, lw=c.lw, color=c.color, marker=c.marker, label=c.label)
+    if window is not None and window[0] > 1:
+        a, b = window
+        ax.axvspan(a, b, color="0.85", zorder=0, label=f"memory window t = {a}..{b}")
+    ax.set_xlabel("time step t")
+    ax.set_ylabel(PROFILE_YLABEL)
+    ax.grid(alpha=0.3)
+
+
+def positive(y: Any) -> np.ndarray:
+    """Mask of the finite, positive values: the points a log axis can show."""
+    y = np.asarray(y, dtype=float)
+    return np.isfinite(y) & (y > 0)
+
+
+def draw_grad_norms(ax: Any, curves: Iterable[Curve], thresholds: Iterable[float] = ()) -> None:
+    """Global gradient norm over training on a log axis (only finite, positive points), one dotted line per
+    clip threshold, axis labels and grid. Titles and legends are the caller's."""
+    for c in curves:
+        x, y = np.asarray(c.x), np.asarray(c.y, dtype=float)
+        ok = positive(y)
+        ax.semilogy(x[ok], y[ok], c.style, lw=c.lw, color=c.color, marker=c.marker, label=c.label)
+    for t in thresholds:
+        ax.axhline(t, color="k", ls=":", lw=0.8, label=f"clip threshold {t:g}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("global gradient norm")
+    ax.grid(alpha=0.3, which="both")
