@@ -120,3 +120,35 @@ FLOOR = ("config.py", "schema.py", "names.py", "uris.py", "signals.py", "trackin
 def test_the_floor_imports_no_stage(name):
     used = {m.split(".")[1] for m in imports(PKG / name) if m.startswith("pipeline.")}
     assert not used & set(STAGES), f"{name} imports stage folder(s) {sorted(used & set(STAGES))}"
+
+
+def documented_names() -> tuple[set[str], set[str]]:
+    """``pipeline/x/y.py`` paths and ``pipeline.x.y[.attr]`` dotted names cited in the README and configs."""
+    texts = [(ROOT / "README.md").read_text()] + [p.read_text() for p in (ROOT / "configs").rglob("*.yaml")]
+    paths, dotted = set(), set()
+    for text in texts:
+        paths |= set(re.findall(r"\bpipeline/[\w/]+\.py\b", text))
+        dotted |= {d for d in re.findall(r"`(pipeline(?:\.\w+)+)`", text) if d != "pipeline.kind"}
+    return paths, dotted
+
+
+def test_every_module_the_docs_cite_exists():
+    import importlib
+
+    paths, dotted = documented_names()
+    assert paths, "the README cites no module path: the pattern is broken"
+    assert sorted(p for p in paths if not (ROOT / p).is_file()) == []
+    missing = []
+    for name in sorted(dotted):
+        parts = name.split(".")
+        for i in range(len(parts), 0, -1):  # the longest importable prefix, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:i]))
+            except ModuleNotFoundError:
+                continue
+            for attr in parts[i:]:
+                obj = getattr(obj, attr, None)
+            if obj is None:
+                missing.append(name)
+            break
+    assert missing == []
