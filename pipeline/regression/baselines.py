@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -130,7 +131,7 @@ def _round_up(x: float, digits: int = 2) -> float:
     return math.ceil(x / 10.0**e - 1e-9) * 10.0**e
 
 
-def measured_band(floor: Band, value: float, perturbed: list[float]) -> tuple[Band, float]:
+def measured_band(floor: Band, value: float, perturbed: Sequence[float | None]) -> tuple[Band, float]:
     """Band for an accepted ``value`` from the values the same entry gave under perturbations.
 
     spread = max |v - value| over the perturbed runs (``inf`` if one is missing or non-finite: such a
@@ -139,7 +140,7 @@ def measured_band(floor: Band, value: float, perturbed: list[float]) -> tuple[Ba
     """
     if not perturbed or any(v is None or not math.isfinite(v) for v in perturbed):
         return floor, math.inf
-    spread = max(abs(v - value) for v in perturbed)
+    spread = max(abs(v - value) for v in perturbed if v is not None)  # none is None, checked above
     want = SAFETY * spread
     if want <= floor.width(value):
         return floor, spread
@@ -206,6 +207,8 @@ def baseline_diff(old: dict, new: dict) -> list[tuple[str, str, str, str]]:
             a, b = old.get(entry, {}).get(metric), new.get(entry, {}).get(metric)
             if a == b:
                 continue
+            va: Any  # a number from the file or new_baseline, or None where the row is missing
+            vb: Any
             va, vb = (None if x is None else x["value"] for x in (a, b))
             same_band = a is not None and b is not None and all(a.get(k) == b.get(k) for k in ("abs", "rel"))
             change = "new" if a is None else "removed" if b is None else (

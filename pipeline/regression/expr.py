@@ -11,13 +11,15 @@ from __future__ import annotations
 import ast
 import math
 import operator
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import Config
 from pipeline.schema import ConfigError
 
-FUNCS = {"ln": math.log, "log": math.log, "log10": math.log10, "exp": math.exp, "sqrt": math.sqrt,
-         "abs": abs, "sigmoid": lambda x: 1.0 / (1.0 + math.exp(-x))}
+FUNCS: dict[str, Callable[[float], float]] = {
+    "ln": math.log, "log": math.log, "log10": math.log10, "exp": math.exp, "sqrt": math.sqrt,
+    "abs": abs, "sigmoid": lambda x: 1.0 / (1.0 + math.exp(-x))}
 _BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
            ast.Pow: operator.pow}
 

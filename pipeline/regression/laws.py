@@ -173,6 +173,12 @@ def _metric(r: EntryResult, name: str) -> float | None:
     return float(v) if v is not None else None
 
 
+def _result(chk: Check, results: dict[str, EntryResult]) -> EntryResult:
+    """The recorded result of an entry-level check's entry (parse_check: such a check has one)."""
+    assert chk.entry is not None, chk.key
+    return results[chk.entry]
+
+
 def _missing(chk: Check, band: str, target: str, what: str) -> Row:
     return Row(chk.label, target, "-", band, LAW, f"{what} was not recorded")
 
@@ -194,7 +200,7 @@ def run_check(chk: Check, results: dict[str, EntryResult]) -> Row:
 @law("metric_above", True, ("metric", "value"))
 def _below_above(chk: Check, results: dict[str, EntryResult]) -> Row:
     p = chk.params
-    now, lim = _metric(results[chk.entry], p["metric"]), chk.value("value")
+    now, lim = _metric(_result(chk, results), p["metric"]), chk.value("value")
     below = chk.kind == "metric_below"
     band = ("< " if below else "> ") + chk.target("value")
     if now is None:
@@ -206,7 +212,7 @@ def _below_above(chk: Check, results: dict[str, EntryResult]) -> Row:
 @law("metric_between", True, ("metric", "low", "high"))
 def _between(chk: Check, results: dict[str, EntryResult]) -> Row:
     p = chk.params
-    now, lo, hi = _metric(results[chk.entry], p["metric"]), chk.value("low"), chk.value("high")
+    now, lo, hi = _metric(_result(chk, results), p["metric"]), chk.value("low"), chk.value("high")
     band = f"[{chk.target('low')}, {chk.target('high')}]"
     if now is None:
         return _missing(chk, band, "-", p["metric"])
@@ -218,7 +224,7 @@ def _between(chk: Check, results: dict[str, EntryResult]) -> Row:
 def _equals(chk: Check, results: dict[str, EntryResult]) -> Row:
     p = chk.params
     metric = p.get("metric", "bptt/decay_rate")
-    now, want = _metric(results[chk.entry], metric), chk.value("value")
+    now, want = _metric(_result(chk, results), metric), chk.value("value")
     tol = max(chk.value("tol") if "tol" in p else 0.0, chk.value("rel") * abs(want) if "rel" in p else 0.0)
     band = f"±{fmt(tol)}" + (f" ({chk.value('rel'):.0%})" if "rel" in p else "")
     if now is None:
@@ -229,7 +235,7 @@ def _equals(chk: Check, results: dict[str, EntryResult]) -> Row:
 
 @law("lyapunov_matches_decay", True, ("tol",))
 def _lyapunov(chk: Check, results: dict[str, EntryResult]) -> Row:
-    r = results[chk.entry]
+    r = _result(chk, results)
     rate, lyap, tol = _metric(r, "bptt/decay_rate"), _metric(r, "spectral/lyapunov_max"), chk.value("tol")
     band = f"±{fmt(tol)}"
     if rate is None or lyap is None:
@@ -240,7 +246,7 @@ def _lyapunov(chk: Check, results: dict[str, EntryResult]) -> Row:
 
 @law("pascanu_bound_holds", True, ())
 def _pascanu(chk: Check, results: dict[str, EntryResult]) -> Row:
-    r = results[chk.entry]
+    r = _result(chk, results)
     now, bound = _metric(r, "bptt/log10_ratio"), _metric(r, "spectral/pascanu_log10_bound")
     if now is None or bound is None:
         return _missing(chk, "<= bound", "-", "bptt/log10_ratio or spectral/pascanu_log10_bound")
@@ -251,9 +257,9 @@ def _pascanu(chk: Check, results: dict[str, EntryResult]) -> Row:
 
 @law("finite", True, ())
 def _finite(chk: Check, results: dict[str, EntryResult]) -> Row:
-    r = results[chk.entry]
+    r = _result(chk, results)
     ok = r.status == "FINISHED" and not r.diverged and all(
-        math.isfinite(_metric(r, m)) for m in ("val/loss", "train/loss") if _metric(r, m) is not None)
+        math.isfinite(v) for v in (_metric(r, m) for m in ("val/loss", "train/loss")) if v is not None)
     ok = ok and r.metrics.get("val/loss") is not None
     now = "finite" if ok else (f"diverged at step {r.tags.get('diverged_step', '?')}" if r.diverged
                                else f"run {r.status.lower()}")
@@ -263,7 +269,7 @@ def _finite(chk: Check, results: dict[str, EntryResult]) -> Row:
 @law("tag_equals", True, ("tag", "value"))
 def _tag(chk: Check, results: dict[str, EntryResult]) -> Row:
     p = chk.params
-    now = results[chk.entry].tags.get(p["tag"])
+    now = _result(chk, results).tags.get(p["tag"])
     return Row(chk.label, p["value"], fmt(now), "==", PASS if now == p["value"] else LAW,
                "" if now == p["value"] else f"tag {p['tag']} = {now!r}, expected {p['value']!r}")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from pipeline.names import ENTRY, KIND, KIND_REGRESSION, OVERRIDES, PERTURBATION, ROLE, SUITE
@@ -110,7 +110,9 @@ def run_entry(suite: Suite, name: str, parent_run_id: str, experiment_id: str, k
             if r.info.status == "RUNNING":
                 end_run(cfg.tracking.uri, r.info.run_id, "KILLED")
         tags[KEY] = key
-    return run(cfg, parent_run_id=parent_run_id, experiment_id=experiment_id, extra_tags=tags).run_id
+    run_id = run(cfg, parent_run_id=parent_run_id, experiment_id=experiment_id, extra_tags=tags).run_id
+    assert run_id is not None, name  # None only with tracking off, and a suite turns it on (suite.py)
+    return run_id
 
 
 def _entry_worker(suite_path: str, name: str, parent_run_id: str, experiment_id: str, uri: str | None,
@@ -258,7 +260,7 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def format_columns(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def format_columns(head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
     """A small indented table (the baseline diff, the measured spreads)."""
     w = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     return "\n".join("  " + "  ".join(r[i].ljust(w[i]) for i in range(len(head))).rstrip()

@@ -47,7 +47,7 @@ def _spread(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Runs at the same (lr, g) in one panel (seeds, clip settings) are spread on a small ring in log
     space, so none hides another."""
     x, y = x.astype(float).copy(), y.astype(float).copy()
-    keys = {}
+    keys: dict[tuple[float, float], list[int]] = {}
     for i, k in enumerate(zip(x.round(12), y.round(12), strict=True)):
         keys.setdefault(k, []).append(i)
     for idx in keys.values():
@@ -76,7 +76,7 @@ def _value_ticks(axis, values, max_ticks: int = 6) -> None:
 
     v = np.unique(values[(values > 0) & values.notna()].to_numpy(dtype=float))
     grid = 0 < len(v) <= max_ticks and (len(v) == 1 or (v[1:] / v[:-1]).min() >= 1.5)
-    axis.set_major_locator(FixedLocator(v) if grid else LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_locator(FixedLocator(v.tolist()) if grid else LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     axis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.3g}"))
     axis.set_minor_formatter(NullFormatter())
 

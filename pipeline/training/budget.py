@@ -123,7 +123,7 @@ def estimate(cfg: Config, cuda: bool = False) -> Estimate:
     passes_n = 2 + (tr.max_steps // d.profile_every if d.profile_every else 0)
     states = 2 if cell == "lstm" else 1
     square = (12 * H * H * 4 if cell == "orthogonal" else 0)  # matrix_exp of W_hh kept for backward
-    persistent = (
+    persistent: tuple[Part, ...] = (
         Part("runtime (torch, Lightning, MLflow)", RUNTIME_BYTES, False),
         Part("parameters, gradients and optimizer state", n * 4 * (2 + _opt_states(cfg)) + square, cuda),
         Part("float64 twin of the weights and spectra", n * 8 * 2 + 4 * H * H * 8, False),

@@ -17,6 +17,7 @@ N(0, g^2/H) (the mean-field ensemble; edge of chaos at g = 1), ``orthogonal`` g 
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -57,9 +58,10 @@ class OrthogonalRNN(nn.Module):
         super().__init__()
         self.hidden_size, self.g = hidden, g
         ref = nn.RNN(input_size, hidden, batch_first=True)  # PyTorch's default init for W_ih and biases
-        self.weight_ih = nn.Parameter(ref.weight_ih_l0.detach().clone())
-        self.bias_ih = nn.Parameter(ref.bias_ih_l0.detach().clone())
-        self.bias_hh = nn.Parameter(ref.bias_hh_l0.detach().clone())
+        # torch registers a fused RNN's weight_*_l0 by name: its stubs see them only as Tensor | Module
+        self.weight_ih = nn.Parameter(cast(torch.Tensor, ref.weight_ih_l0).detach().clone())
+        self.bias_ih = nn.Parameter(cast(torch.Tensor, ref.bias_ih_l0).detach().clone())
+        self.bias_hh = nn.Parameter(cast(torch.Tensor, ref.bias_hh_l0).detach().clone())
         self.recurrent = nn.Linear(hidden, hidden, bias=False)
         q0 = torch.eye(hidden) if init == "identity" else random_orthogonal(hidden, generator)
         parametrizations.orthogonal(self.recurrent, orthogonal_map="matrix_exp")
@@ -84,7 +86,7 @@ class IndRNN(nn.Module):
         super().__init__()
         self.hidden_size = hidden
         ref = nn.RNN(input_size, hidden, batch_first=True)
-        self.weight_ih = nn.Parameter(ref.weight_ih_l0.detach().clone())
+        self.weight_ih = nn.Parameter(cast(torch.Tensor, ref.weight_ih_l0).detach().clone())
         self.bias_ih = nn.Parameter(torch.zeros(hidden))
         u = torch.empty(hidden)
         if init == "default":
@@ -136,7 +138,7 @@ class RNNModel(nn.Module):
         torch.manual_seed(seed)  # nn.RNN/LSTM default init draws from the global RNG; seed it here only
         H, g = cfg.hidden_size, cfg.init_scale
         if cfg.cell in ("tanh", "relu"):
-            self.rnn = nn.RNN(input_size, H, nonlinearity=cfg.cell, batch_first=True)
+            self.rnn: nn.Module = nn.RNN(input_size, H, nonlinearity=cfg.cell, batch_first=True)
         elif cfg.cell == "lstm":
             self.rnn = nn.LSTM(input_size, H, batch_first=True)
         elif cfg.cell == "gru":
@@ -147,12 +149,12 @@ class RNNModel(nn.Module):
             self.rnn = IndRNN(input_size, H, g, cfg.init, gen)
         else:
             raise ValueError(f"unknown cell {cfg.cell!r}")
-        if isinstance(self.rnn, (nn.RNN, nn.LSTM, nn.GRU)):
-            recurrent_init_(self.rnn.weight_hh_l0, cfg.init, g, H, gen)
+        if isinstance(self.rnn, (nn.RNN, nn.LSTM, nn.GRU)):  # weight_*_l0: see OrthogonalRNN
+            recurrent_init_(cast(torch.Tensor, self.rnn.weight_hh_l0), cfg.init, g, H, gen)
         if cfg.cell == "lstm":
             with torch.no_grad():  # forget gate is block 1 of (i, f, g, o); the total bias is b_ih + b_hh
-                self.rnn.bias_ih_l0[H:2 * H].fill_(cfg.forget_bias)
-                self.rnn.bias_hh_l0[H:2 * H].zero_()
+                cast(torch.Tensor, self.rnn.bias_ih_l0)[H:2 * H].fill_(cfg.forget_bias)
+                cast(torch.Tensor, self.rnn.bias_hh_l0)[H:2 * H].zero_()
         self.readout = nn.Linear(H, output_size)
         if cfg.init_ulp_seed:
             ulp_nudge_(self, cfg.init_ulp_seed)
@@ -172,11 +174,14 @@ class RNNModel(nn.Module):
             return t.detach().to(dtype).clone()
 
         p = {"cell": self.cell, "W_out": c(self.readout.weight), "b_out": c(self.readout.bias)}
-        if isinstance(r, (nn.RNN, nn.LSTM, nn.GRU)):
-            p.update(W_ih=c(r.weight_ih_l0), W_hh=c(r.weight_hh_l0), b_ih=c(r.bias_ih_l0), b_hh=c(r.bias_hh_l0))
+        if isinstance(r, (nn.RNN, nn.LSTM, nn.GRU)):  # weight_*_l0: see OrthogonalRNN
+            w_ih, w_hh = cast(torch.Tensor, r.weight_ih_l0), cast(torch.Tensor, r.weight_hh_l0)
+            b_ih, b_hh = cast(torch.Tensor, r.bias_ih_l0), cast(torch.Tensor, r.bias_hh_l0)
+            p.update(W_ih=c(w_ih), W_hh=c(w_hh), b_ih=c(b_ih), b_hh=c(b_hh))
         elif isinstance(r, OrthogonalRNN):
             p.update(W_ih=c(r.weight_ih), W_hh=c(r.weight_hh), b_ih=c(r.bias_ih), b_hh=c(r.bias_hh))
         else:
+            assert isinstance(r, IndRNN), type(r)  # the cells are validated in __init__
             p.update(W_ih=c(r.weight_ih), b_ih=c(r.bias_ih), u=c(r.u))
         return p
 

@@ -24,6 +24,8 @@ RECORD_FIELDS = ("loss", "norm_preclip", "norm_postclip", "clip_coef", "clipped"
 
 
 class RNNTrainingModule(pl.LightningModule):
+    pruned: bool  # set by the training driver (and the sweep's pruning callback), read by summarize_run
+
     def __init__(self, cfg: Config, task: Task):
         super().__init__()
         self.cfg, self.task = cfg, task
@@ -59,6 +61,7 @@ class RNNTrainingModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         if self._val_n:
+            assert self._val_sum is not None  # set by every validation_step that counted a batch
             self.val_loss = float(self._val_sum) / self._val_n  # one host read per validation
 
     def configure_optimizers(self):
