@@ -76,6 +76,86 @@ def _load(path: str):
         raise AirflowFailException(f"error: {e}") from None
 
 
+# The tasks are defined at module level and wired inside the DAG function (Airflow's TaskFlow API
+# allows either); each task's id is its function name.
+
+
+@task
+def prepare_stores(**context) -> list[dict]:
+    """Validate the suite, create the MLflow store + experiment once, open (or reuse) the parent run.
+
+    Returns one small job (names and ids only) per entry: the list the run tasks are mapped over.
+    """
+    from pipeline.regression.run import start_suite_run
+
+    s = _settings(context)
+    suite, _ = _load(s["suite"])
+    key = _key(context, suite.name)
+    parent, exp_id = start_suite_run(suite, key=key, uri=s["uri"])
+    shared = {**s, "key": key, "parent_run_id": parent, "experiment_id": exp_id}
+    return [{**shared, "entry": e.name} for e in suite.entries]
+
+@task(retries=2, retry_delay=timedelta(minutes=1), map_index_template="{{ task.op_kwargs['job']['entry'] }}")
+def run_entry(job: dict) -> dict:
+    """Train one entry (nested MLflow run); reuse it if this key already has a FINISHED run."""
+    from pipeline.regression.run import run_entry as run_one
+
+    suite, _ = _load(job["suite"])
+    try:
+        run_id = run_one(suite, job["entry"], job["parent_run_id"], job["experiment_id"], key=job["key"],
+                         uri=job["uri"])
+    except Exception as e:
+        # Lightning's verdict on the config (e.g. accelerator: gpu without a GPU) will not change on retry.
+        if type(e).__name__ == "MisconfigurationException":
+            raise AirflowFailException(f"{job['entry']}: {e}") from e
+        raise
+    return {"entry": job["entry"], "run_id": run_id}
+
+@task(trigger_rule="all_done")
+def compare(jobs: list[dict], runs) -> dict:
+    """Laws + baseline over what the store recorded; table and verdict onto the parent run.
+
+    Runs even when some entries failed (their rows say so); entries without a returned run id
+    are looked up in the store under the parent run.
+    """
+    from pipeline.regression.run import collect, finish_suite_run, judge_entries
+
+    if not jobs:
+        raise AirflowFailException("prepare_stores produced no jobs")
+    prep = jobs[0]
+    suite, baseline = _load(prep["suite"])
+    # One slice request (iterating a lazy XCom sequence probes past its end and logs a 404).
+    ids = {r["entry"]: r["run_id"] for r in (runs[:] if runs is not None else []) if r}
+    results = collect(suite, ids, prep["parent_run_id"], uri=prep["uri"])
+    rows = judge_entries(suite, results, baseline)
+    verdict = finish_suite_run(suite, prep["parent_run_id"], rows, uri=prep["uri"])
+    return {"verdict": verdict, "parent_run_id": prep["parent_run_id"],
+            "failing": [f"{r.verdict}: {r.check}: {r.detail}" for r in rows if r.failing]}
+
+@task
+def publish_report(jobs: list[dict], summary: dict) -> str:
+    """Write the table from MLflow to the report folder (one file per key); fail on a regression."""
+    import re
+
+    from pipeline.tracking import client
+
+    prep = jobs[0]
+    out = Path(Variable.get("rnn_regression_report_dir", "") or _home() / "rnn_regression" / "reports")
+    out = out / re.sub(r"[^A-Za-z0-9_.@-]+", "_", prep["key"])
+    out.mkdir(parents=True, exist_ok=True)
+    c = client(prep["uri"])
+    table = c.download_artifacts(prep["parent_run_id"], "regression/table.txt", str(out))
+    text = Path(table).read_text()
+    report = out / "report.md"
+    report.write_text(f"# Regression {prep['key']}: {summary['verdict'].upper()}\n\n"
+                      f"MLflow parent run `{prep['parent_run_id']}` at `{prep['uri']}`\n\n```\n{text}```\n")
+    print(text)
+    if summary["verdict"] != "pass":
+        raise AirflowFailException(f"{len(summary['failing'])} failing check(s): "
+                                   + "; ".join(summary["failing"])[:2000])
+    return str(report)
+
+
 @dag(
     dag_id=DAG_ID,
     schedule=SCHEDULE,
@@ -89,84 +169,10 @@ def _load(path: str):
     doc_md=__doc__,
 )
 def rnn_gradient_regression():
-    @task
-    def prepare_stores(**context) -> list[dict]:
-        """Validate the suite, create the MLflow store + experiment once, open (or reuse) the parent run.
-
-        Returns one small job (names and ids only) per entry: the list the run tasks are mapped over.
-        """
-        from pipeline.regression.run import start_suite_run
-
-        s = _settings(context)
-        suite, _ = _load(s["suite"])
-        key = _key(context, suite.name)
-        parent, exp_id = start_suite_run(suite, key=key, uri=s["uri"])
-        shared = {**s, "key": key, "parent_run_id": parent, "experiment_id": exp_id}
-        return [{**shared, "entry": e.name} for e in suite.entries]
-
-    @task(retries=2, retry_delay=timedelta(minutes=1), map_index_template="{{ task.op_kwargs['job']['entry'] }}")
-    def run_entry(job: dict) -> dict:
-        """Train one entry (nested MLflow run); reuse it if this key already has a FINISHED run."""
-        from pipeline.regression.run import run_entry as run_one
-
-        suite, _ = _load(job["suite"])
-        try:
-            run_id = run_one(suite, job["entry"], job["parent_run_id"], job["experiment_id"], key=job["key"],
-                             uri=job["uri"])
-        except Exception as e:
-            # Lightning's verdict on the config (e.g. accelerator: gpu without a GPU) will not change on retry.
-            if type(e).__name__ == "MisconfigurationException":
-                raise AirflowFailException(f"{job['entry']}: {e}") from e
-            raise
-        return {"entry": job["entry"], "run_id": run_id}
-
-    @task(trigger_rule="all_done")
-    def compare(jobs: list[dict], runs) -> dict:
-        """Laws + baseline over what the store recorded; table and verdict onto the parent run.
-
-        Runs even when some entries failed (their rows say so); entries without a returned run id
-        are looked up in the store under the parent run.
-        """
-        from pipeline.regression.run import collect, finish_suite_run, judge_entries
-
-        if not jobs:
-            raise AirflowFailException("prepare_stores produced no jobs")
-        prep = jobs[0]
-        suite, baseline = _load(prep["suite"])
-        # One slice request (iterating a lazy XCom sequence probes past its end and logs a 404).
-        ids = {r["entry"]: r["run_id"] for r in (runs[:] if runs is not None else []) if r}
-        results = collect(suite, ids, prep["parent_run_id"], uri=prep["uri"])
-        rows = judge_entries(suite, results, baseline)
-        verdict = finish_suite_run(suite, prep["parent_run_id"], rows, uri=prep["uri"])
-        return {"verdict": verdict, "parent_run_id": prep["parent_run_id"],
-                "failing": [f"{r.verdict}: {r.check}: {r.detail}" for r in rows if r.failing]}
-
-    @task
-    def publish_report(jobs: list[dict], summary: dict) -> str:
-        """Write the table from MLflow to the report folder (one file per key); fail on a regression."""
-        import re
-
-        from pipeline.tracking import client
-
-        prep = jobs[0]
-        out = Path(Variable.get("rnn_regression_report_dir", "") or _home() / "rnn_regression" / "reports")
-        out = out / re.sub(r"[^A-Za-z0-9_.@-]+", "_", prep["key"])
-        out.mkdir(parents=True, exist_ok=True)
-        c = client(prep["uri"])
-        table = c.download_artifacts(prep["parent_run_id"], "regression/table.txt", str(out))
-        text = Path(table).read_text()
-        report = out / "report.md"
-        report.write_text(f"# Regression {prep['key']}: {summary['verdict'].upper()}\n\n"
-                          f"MLflow parent run `{prep['parent_run_id']}` at `{prep['uri']}`\n\n```\n{text}```\n")
-        print(text)
-        if summary["verdict"] != "pass":
-            raise AirflowFailException(f"{len(summary['failing'])} failing check(s): "
-                                       + "; ".join(summary["failing"])[:2000])
-        return str(report)
-
     jobs = prepare_stores()
     runs = run_entry.expand(job=jobs)
     publish_report(jobs, compare(jobs, runs))
+
 
 
 rnn_gradient_regression()
