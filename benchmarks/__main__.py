@@ -27,16 +27,22 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller budgets (a smoke check of the harness)")
     ap.add_argument("--only", default="train,profile,sweep", help="comma list of: train, profile, sweep")
     ap.add_argument("--gpu", action="store_true", help="run the train/profile benches on CUDA")
-    ap.add_argument("--seeds", type=int, default=3,
-                    help="sweep bench: sampler seeds for hand-written vs 2 workers (default 3; --quick: 1)")
+    ap.add_argument(
+        "--seeds",
+        type=int,
+        default=3,
+        help="sweep bench: sampler seeds for hand-written vs 2 workers (default 3; --quick: 1)",
+    )
     ap.add_argument("--out", default="benchmarks/results.json", help="where to write the raw rows")
     args = ap.parse_args()
     import torch
 
     which = set(args.only.split(","))
     cpu = platform.processor() or platform.machine()
-    print(f"# make bench  ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
-          f"{'CUDA ' + torch.cuda.get_device_name(0) if args.gpu else f'CPU {cpu}, 1 thread/process'})\n")
+    print(
+        f"# make bench  ({time.strftime('%Y-%m-%d')}, torch {torch.__version__}, "
+        f"{'CUDA ' + torch.cuda.get_device_name(0) if args.gpu else f'CPU {cpu}, 1 thread/process'})\n"
+    )
     results: dict[str, list[dict]] = {}
     if "train" in which:
         from .train_bench import throughput

@@ -32,12 +32,20 @@ def objective(trial, spec: dict) -> float:
     task = make_task(cfg.task.name, cfg.task.seq_len)
     module = RNNTrainingModule(cfg, task)
     data = TaskDataModule(task, cfg.task.batch_size, cfg.task.val_size, cfg.trainer.max_steps, cfg.seed)
-    logger = MLFlowLogger(experiment_name="hand-written", tracking_uri="sqlite:///mlflow.db",
-                          run_name=f"trial-{trial.number}")
+    logger = MLFlowLogger(
+        experiment_name="hand-written", tracking_uri="sqlite:///mlflow.db", run_name=f"trial-{trial.number}"
+    )
     logger.log_hyperparams(values)
-    trainer = pl.Trainer(max_steps=cfg.trainer.max_steps, max_epochs=-1, logger=logger,
-                         val_check_interval=cfg.trainer.val_every, check_val_every_n_epoch=None,
-                         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=cfg.trainer.max_steps,
+        max_epochs=-1,
+        logger=logger,
+        val_check_interval=cfg.trainer.val_every,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=data)
     ratio = module.val_loss / task.baseline if module.val_loss is not None else float("nan")
     logger.log_metrics({"val_loss_ratio": ratio})
@@ -48,11 +56,17 @@ def objective(trial, spec: dict) -> float:
 def main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name="hand", storage="sqlite:///optuna.db",
-                                sampler=optuna.samplers.TPESampler(seed=spec["seed"], n_startup_trials=spec["n_startup"]))
+    study = optuna.create_study(
+        study_name="hand",
+        storage="sqlite:///optuna.db",
+        sampler=optuna.samplers.TPESampler(seed=spec["seed"], n_startup_trials=spec["n_startup"]),
+    )
     study.optimize(lambda trial: objective(trial, spec), n_trials=spec["n_trials"], catch=(Exception,))
     done = [t for t in study.trials if t.value is not None and math.isfinite(t.value)]
-    print("RESULT " + json.dumps({"trials": len(study.trials), "best": min(t.value for t in done) if done else None}))
+    print(
+        "RESULT "
+        + json.dumps({"trials": len(study.trials), "best": min(t.value for t in done) if done else None})
+    )
     return 0
 
 

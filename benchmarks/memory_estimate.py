@@ -19,26 +19,60 @@ SMOKE = str(ROOT / "configs/train/smoke.yaml")
 COMMON = ["tracking.enabled=false", "trainer.accelerator=cpu", "diagnostics.plots=false"]
 CASES = {
     "smoke config": [],
-    "training activations (tanh)": ["task.seq_len=200", "task.batch_size=1024", "model.hidden_size=256",
-                                    "trainer.max_steps=2", "task.val_size=64", "diagnostics.probe_size=8"],
-    "training activations (lstm)": ["task.seq_len=200", "task.batch_size=256", "model.hidden_size=256",
-                                    "model.cell=lstm", "trainer.max_steps=2", "task.val_size=64",
-                                    "diagnostics.probe_size=8"],
-    "validation set": ["task.seq_len=200", "task.val_size=200000", "trainer.max_steps=2",
-                       "diagnostics.probe_size=8"],
-    "float64 profile (lstm)": ["task.seq_len=400", "model.hidden_size=128", "model.cell=lstm",
-                               "diagnostics.probe_size=192", "trainer.max_steps=1", "task.val_size=64"],
-    "float64 profile (copy, gru)": ["task.name=copy", "task.seq_len=400", "model.hidden_size=128",
-                                    "model.cell=gru", "diagnostics.probe_size=128", "trainer.max_steps=1",
-                                    "task.val_size=64", "task.batch_size=8"],
+    "training activations (tanh)": [
+        "task.seq_len=200",
+        "task.batch_size=1024",
+        "model.hidden_size=256",
+        "trainer.max_steps=2",
+        "task.val_size=64",
+        "diagnostics.probe_size=8",
+    ],
+    "training activations (lstm)": [
+        "task.seq_len=200",
+        "task.batch_size=256",
+        "model.hidden_size=256",
+        "model.cell=lstm",
+        "trainer.max_steps=2",
+        "task.val_size=64",
+        "diagnostics.probe_size=8",
+    ],
+    "validation set": [
+        "task.seq_len=200",
+        "task.val_size=200000",
+        "trainer.max_steps=2",
+        "diagnostics.probe_size=8",
+    ],
+    "float64 profile (lstm)": [
+        "task.seq_len=400",
+        "model.hidden_size=128",
+        "model.cell=lstm",
+        "diagnostics.probe_size=192",
+        "trainer.max_steps=1",
+        "task.val_size=64",
+    ],
+    "float64 profile (copy, gru)": [
+        "task.name=copy",
+        "task.seq_len=400",
+        "model.hidden_size=128",
+        "model.cell=gru",
+        "diagnostics.probe_size=128",
+        "trainer.max_steps=1",
+        "task.val_size=64",
+        "task.batch_size=8",
+    ],
 }
 
 
 def peak_rss(overrides: list[str]) -> int:
     """Bytes: the peak RSS of one ``pipeline train`` process with these overrides."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.Popen([sys.executable, "-m", "pipeline", "train", "--config", SMOKE, *COMMON, *overrides],
-                         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", "--config", SMOKE, *COMMON, *overrides],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     _, status, usage = os.wait4(p.pid, 0)
     if status != 0:
         raise SystemExit(f"{overrides}: exit {status}\n{p.stderr.read().decode()[-2000:]}")
@@ -55,8 +89,10 @@ def main() -> None:
     for name, over in CASES.items():
         est = estimate(load_config(SMOKE, [*COMMON, *over])).peak()
         rss = peak_rss(over)
-        print(f"| {name} | `{' '.join(over) or '-'}` | {fmt_bytes(est)} | {fmt_bytes(rss)} | {est / rss:.2f} |",
-              flush=True)
+        print(
+            f"| {name} | `{' '.join(over) or '-'}` | {fmt_bytes(est)} | {fmt_bytes(rss)} | {est / rss:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
+
 def _sweep_spec(quick: bool, seed: int = 0) -> dict:
     sw = yaml.safe_load((ROOT / "configs" / "sweeps" / "default.yaml").read_text())
     sw["sampler"]["seed"] = seed
@@ -47,18 +48,34 @@ def _env() -> dict:
 
 
 def run_hand_written(sw: dict) -> dict:
-    spec = {"space": sw["space"], "base": sw["base"], "n_trials": sw["n_trials"],
-            "n_startup": sw["sampler"]["n_startup_trials"], "seed": sw["sampler"]["seed"]}
+    spec = {
+        "space": sw["space"],
+        "base": sw["base"],
+        "n_trials": sw["n_trials"],
+        "n_startup": sw["sampler"]["n_startup_trials"],
+        "seed": sw["sampler"]["seed"],
+    }
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "benchmarks.hand_written_sweep", json.dumps(spec)], cwd=d, env=_env(),
-                           capture_output=True, text=True)
+        p = subprocess.run(
+            [sys.executable, "-m", "benchmarks.hand_written_sweep", json.dumps(spec)],
+            cwd=d,
+            env=_env(),
+            capture_output=True,
+            text=True,
+        )
         wall = time.perf_counter() - t
     if p.returncode != 0:
         raise RuntimeError(f"hand-written sweep failed:\n{p.stderr[-3000:]}")
     res = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("RESULT "))[7:])
-    return {"variant": "hand-written (1 process, sqlite, Trainer+MLFlowLogger per trial)", "workers": 1,
-            "seed": spec["seed"], "trials": res["trials"], "wall_s": wall, "best": res["best"]}
+    return {
+        "variant": "hand-written (1 process, sqlite, Trainer+MLFlowLogger per trial)",
+        "workers": 1,
+        "seed": spec["seed"],
+        "trials": res["trials"],
+        "wall_s": wall,
+        "best": res["best"],
+    }
 
 
 def run_ours(sw: dict, workers: int) -> dict:
@@ -66,8 +83,13 @@ def run_ours(sw: dict, workers: int) -> dict:
         cfg = Path(d) / "sweep.yaml"
         cfg.write_text(yaml.safe_dump(sw, sort_keys=False))
         t = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "--config", str(cfg), "--workers",
-                            str(workers)], cwd=d, env=_env(), capture_output=True, text=True)
+        p = subprocess.run(
+            [sys.executable, "-m", "pipeline", "sweep", "--config", str(cfg), "--workers", str(workers)],
+            cwd=d,
+            env=_env(),
+            capture_output=True,
+            text=True,
+        )
         wall = time.perf_counter() - t
         if p.returncode != 0:
             raise RuntimeError(f"pipeline sweep failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
@@ -77,11 +99,19 @@ def run_ours(sw: dict, workers: int) -> dict:
 
         from pipeline.sweep.summary import best_trial
 
-        study = optuna.load_study(study_name="bench",
-                                  storage=JournalStorage(JournalFileBackend(str(Path(d) / "optuna/bench.journal"))))
+        study = optuna.load_study(
+            study_name="bench",
+            storage=JournalStorage(JournalFileBackend(str(Path(d) / "optuna/bench.journal"))),
+        )
         best = best_trial(study)
-        return {"variant": f"pipeline sweep --workers {workers}", "workers": workers, "seed": sw["sampler"]["seed"],
-                "trials": len(study.trials), "wall_s": wall, "best": best.value if best else None}
+        return {
+            "variant": f"pipeline sweep --workers {workers}",
+            "workers": workers,
+            "seed": sw["sampler"]["seed"],
+            "trials": len(study.trials),
+            "wall_s": wall,
+            "best": best.value if best else None,
+        }
 
 
 def storage_ms_per_trial(n: int = 40) -> list[dict]:
@@ -91,12 +121,16 @@ def storage_ms_per_trial(n: int = 40) -> list[dict]:
     from pipeline.sweep.stores import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage")  # ask/tell on purpose, as our workers do
+    warnings.filterwarnings(
+        "ignore", message="Heartbeat of storage"
+    )  # ask/tell on purpose, as our workers do
     rows = []
     with tempfile.TemporaryDirectory() as d:
         for name, url in (("journal file", f"{d}/s.journal"), ("sqlite", f"sqlite:///{d}/s.db")):
             st = open_storage(url)
-            study = optuna.create_study(storage=st, study_name="m", sampler=optuna.samplers.RandomSampler(seed=0))
+            study = optuna.create_study(
+                storage=st, study_name="m", sampler=optuna.samplers.RandomSampler(seed=0)
+            )
             t = time.perf_counter()
             for _ in range(n):
                 tr = study.ask()
@@ -133,8 +167,11 @@ def run(quick: bool, seeds: int = 1) -> list[dict]:
                 sweeps.append({"mode": mode, **r})
     sw0 = _sweep_spec(quick, 0)
     sweeps += [{"mode": "TPE", **run_ours(sw0, w)} for w in (1, 4)]
-    hand_rate = {(r["mode"], r["seed"]): r["trials"] * 3600 / r["wall_s"] for r in sweeps
-                 if r["variant"].startswith("hand")}
+    hand_rate = {
+        (r["mode"], r["seed"]): r["trials"] * 3600 / r["wall_s"]
+        for r in sweeps
+        if r["variant"].startswith("hand")
+    }
     for r in sweeps:
         r["trials_per_hour"] = r["trials"] * 3600 / r["wall_s"]
         r["speedup"] = r["trials_per_hour"] / hand_rate[(r["mode"], r["seed"])]
@@ -147,13 +184,19 @@ def run(quick: bool, seeds: int = 1) -> list[dict]:
             if len(group) < 2:
                 continue
             bests = [r["best"] for r in group if r["best"] is not None]
-            summary.append({"mode": key[0], "variant": key[1], "workers": group[0]["workers"],
-                            "seed": f"median of {len(group)}",
-                            "trials_per_hour": statistics.median(r["trials_per_hour"] for r in group),
-                            "speedup": statistics.median(r["speedup"] for r in group),
-                            "speedup_per_seed": [round(r["speedup"], 2) for r in group],
-                            "best": statistics.median(bests) if bests else None,
-                            "best_per_seed": [round(b, 6) for b in bests]})
+            summary.append(
+                {
+                    "mode": key[0],
+                    "variant": key[1],
+                    "workers": group[0]["workers"],
+                    "seed": f"median of {len(group)}",
+                    "trials_per_hour": statistics.median(r["trials_per_hour"] for r in group),
+                    "speedup": statistics.median(r["speedup"] for r in group),
+                    "speedup_per_seed": [round(r["speedup"], 2) for r in group],
+                    "best": statistics.median(bests) if bests else None,
+                    "best_per_seed": [round(b, 6) for b in bests],
+                }
+            )
     return rows + sweeps + summary
 
 

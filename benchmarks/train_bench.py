@@ -34,12 +34,25 @@ class Window(pl.Callback):
 
 
 def bench_config(cell: str, steps: int, store: str, accelerator: str = "cpu"):
-    return load_config(None, [
-        f"model.cell={cell}", "model.hidden_size=128", "task.name=adding", "task.seq_len=100",
-        "task.batch_size=64", f"trainer.max_steps={steps}", f"trainer.val_every={steps}", "optim.name=adam",
-        "optim.lr=1e-3", "clip.mode=norm", "clip.threshold=1.0", f"trainer.accelerator={accelerator}",
-        f"tracking.uri={store}", "tracking.experiment=bench",
-    ])
+    return load_config(
+        None,
+        [
+            f"model.cell={cell}",
+            "model.hidden_size=128",
+            "task.name=adding",
+            "task.seq_len=100",
+            "task.batch_size=64",
+            f"trainer.max_steps={steps}",
+            f"trainer.val_every={steps}",
+            "optim.name=adam",
+            "optim.lr=1e-3",
+            "clip.mode=norm",
+            "clip.threshold=1.0",
+            f"trainer.accelerator={accelerator}",
+            f"tracking.uri={store}",
+            "tracking.experiment=bench",
+        ],
+    )
 
 
 def plain_loop(cfg, device: str) -> float:
@@ -48,7 +61,9 @@ def plain_loop(cfg, device: str) -> float:
     task = make_task(cfg.task.name, cfg.task.seq_len)
     model = RNNModel(cfg.model, task.input_size, task.output_size, task.readout, seed=cfg.seed).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr)
-    batches = OnDeviceBatches(task, cfg.task.batch_size, cfg.trainer.max_steps, cfg.seed, torch.device(device))
+    batches = OnDeviceBatches(
+        task, cfg.task.batch_size, cfg.trainer.max_steps, cfg.seed, torch.device(device)
+    )
     t0 = None
     for x, y in batches:
         if t0 is None:
@@ -92,10 +107,19 @@ def throughput(quick: bool = False, accelerator: str = "cpu") -> list[dict]:
                 theirs.append(b)
                 walls.append(wall)
                 ratios.append(a / b)
-            rows.append({
-                "bench": f"train throughput, {cell}", "device": device, "T": 100, "H": 128, "batch": 64,
-                "steps": steps, "pipeline_steps_per_s": statistics.median(ours),
-                "plain_steps_per_s": statistics.median(theirs), "ratio_median": statistics.median(ratios),
-                "target": ">= 0.90", "run_wall_s": statistics.median(walls),
-            })
+            rows.append(
+                {
+                    "bench": f"train throughput, {cell}",
+                    "device": device,
+                    "T": 100,
+                    "H": 128,
+                    "batch": 64,
+                    "steps": steps,
+                    "pipeline_steps_per_s": statistics.median(ours),
+                    "plain_steps_per_s": statistics.median(theirs),
+                    "ratio_median": statistics.median(ratios),
+                    "target": ">= 0.90",
+                    "run_wall_s": statistics.median(walls),
+                }
+            )
     return rows

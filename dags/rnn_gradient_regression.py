@@ -49,8 +49,11 @@ def _settings(context) -> dict:
     path = Path(suite).expanduser()
     if not path.is_absolute():
         path = REPO / path  # relative paths are relative to the repository holding this DAG
-    uri = Variable.get("rnn_regression_tracking_uri", "") or os.environ.get("MLFLOW_TRACKING_URI") or (
-        f"sqlite:///{_home() / 'rnn_regression' / 'mlflow.db'}")
+    uri = (
+        Variable.get("rnn_regression_tracking_uri", "")
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or (f"sqlite:///{_home() / 'rnn_regression' / 'mlflow.db'}")
+    )
     return {"suite": str(path), "uri": uri}
 
 
@@ -95,6 +98,7 @@ def prepare_stores(**context) -> list[dict]:
     shared = {**s, "key": key, "parent_run_id": parent, "experiment_id": exp_id}
     return [{**shared, "entry": e.name} for e in suite.entries]
 
+
 @task(retries=2, retry_delay=timedelta(minutes=1), map_index_template="{{ task.op_kwargs['job']['entry'] }}")
 def run_entry(job: dict) -> dict:
     """Train one entry (nested MLflow run); reuse it if this key already has a FINISHED run."""
@@ -102,14 +106,16 @@ def run_entry(job: dict) -> dict:
 
     suite, _ = _load(job["suite"])
     try:
-        run_id = run_one(suite, job["entry"], job["parent_run_id"], job["experiment_id"], key=job["key"],
-                         uri=job["uri"])
+        run_id = run_one(
+            suite, job["entry"], job["parent_run_id"], job["experiment_id"], key=job["key"], uri=job["uri"]
+        )
     except Exception as e:
         # Lightning's verdict on the config (e.g. accelerator: gpu without a GPU) will not change on retry.
         if type(e).__name__ == "MisconfigurationException":
             raise AirflowFailException(f"{job['entry']}: {e}") from e
         raise
     return {"entry": job["entry"], "run_id": run_id}
+
 
 @task(trigger_rule="all_done")
 def compare(jobs: list[dict], runs) -> dict:
@@ -129,8 +135,12 @@ def compare(jobs: list[dict], runs) -> dict:
     results = collect(suite, ids, prep["parent_run_id"], uri=prep["uri"])
     rows = judge_entries(suite, results, baseline)
     verdict = finish_suite_run(suite, prep["parent_run_id"], rows, uri=prep["uri"])
-    return {"verdict": verdict, "parent_run_id": prep["parent_run_id"],
-            "failing": [f"{r.verdict}: {r.check}: {r.detail}" for r in rows if r.failing]}
+    return {
+        "verdict": verdict,
+        "parent_run_id": prep["parent_run_id"],
+        "failing": [f"{r.verdict}: {r.check}: {r.detail}" for r in rows if r.failing],
+    }
+
 
 @task
 def publish_report(jobs: list[dict], summary: dict) -> str:
@@ -147,12 +157,15 @@ def publish_report(jobs: list[dict], summary: dict) -> str:
     table = c.download_artifacts(prep["parent_run_id"], "regression/table.txt", str(out))
     text = Path(table).read_text()
     report = out / "report.md"
-    report.write_text(f"# Regression {prep['key']}: {summary['verdict'].upper()}\n\n"
-                      f"MLflow parent run `{prep['parent_run_id']}` at `{prep['uri']}`\n\n```\n{text}```\n")
+    report.write_text(
+        f"# Regression {prep['key']}: {summary['verdict'].upper()}\n\n"
+        f"MLflow parent run `{prep['parent_run_id']}` at `{prep['uri']}`\n\n```\n{text}```\n"
+    )
     print(text)
     if summary["verdict"] != "pass":
-        raise AirflowFailException(f"{len(summary['failing'])} failing check(s): "
-                                   + "; ".join(summary["failing"])[:2000])
+        raise AirflowFailException(
+            f"{len(summary['failing'])} failing check(s): " + "; ".join(summary["failing"])[:2000]
+        )
     return str(report)
 
 
@@ -163,8 +176,11 @@ def publish_report(jobs: list[dict], summary: dict) -> str:
     catchup=False,
     max_active_runs=1,
     tags=["rnn-gradients", "regression"],
-    params={"suite": Param("", type="string",
-                           description="suite file for this run; empty: Variable rnn_regression_suite")},
+    params={
+        "suite": Param(
+            "", type="string", description="suite file for this run; empty: Variable rnn_regression_suite"
+        )
+    },
     default_args={"owner": "rnn-gradients", "retries": 2, "retry_delay": timedelta(minutes=2)},
     doc_md=__doc__,
 )
@@ -172,7 +188,6 @@ def rnn_gradient_regression():
     jobs = prepare_stores()
     runs = run_entry.expand(job=jobs)
     publish_report(jobs, compare(jobs, runs))
-
 
 
 rnn_gradient_regression()

@@ -29,7 +29,9 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 # Upper bounds of integer keys (README "Configuration reference"). Sizes (batch, val_size, probe_size,
 # seq_len, hidden_size) are bounded by the memory estimate of the machine that runs (pipeline.training.budget).
 SEED_MAX = 2**64 - 3  # torch.Generator.manual_seed takes an unsigned 64-bit seed; seed + 2 seeds the probe
-STEPS_MAX = 2**63 - 1  # the training stream's len() is a C ssize_t (OverflowError beyond); Lightning counts in int64
+STEPS_MAX = (
+    2**63 - 1
+)  # the training stream's len() is a C ssize_t (OverflowError beyond); Lightning counts in int64
 THREADS_MAX = 1024  # more intra-op threads than any machine's cores only oversubscribes them
 
 
@@ -86,7 +88,9 @@ class DiagnosticsConfig:
     explode_log10_per_step: float = 0.03  # exploding if any gradient path grows faster than this ...
     explode_norm: float = 1000.0  # ... or if the max pre-clip gradient norm over training exceeds this
     plots: bool = True  # write plots/bptt_profile.png and plots/grad_norms.png
-    reference_check: bool = False  # also compute the profile by an independent recursion: bptt/reference_max_err
+    reference_check: bool = (
+        False  # also compute the profile by an independent recursion: bptt/reference_max_err
+    )
 
 
 @dataclass(frozen=True)
@@ -122,8 +126,9 @@ class Config:
 # ----------------------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                patch: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, patch: dict[str, Any] | None = None
+) -> Config:
     """YAML file (optional) + nested patch + dotted overrides -> validated :class:`Config`."""
     data = read_yaml(path) if path is not None else {}
     if patch:
@@ -153,8 +158,12 @@ def validate(cfg: Config) -> None:
     choice("model.cell", m.cell, CELLS)
     check("model.hidden_size", m.hidden_size >= 1, ">= 1", m.hidden_size)
     choice("model.init", m.init, INITS)
-    check("model.init_scale", math.isfinite(m.init_scale) and m.init_scale > 0, "a finite number > 0",
-           m.init_scale)
+    check(
+        "model.init_scale",
+        math.isfinite(m.init_scale) and m.init_scale > 0,
+        "a finite number > 0",
+        m.init_scale,
+    )
     check("model.forget_bias", math.isfinite(m.forget_bias), "finite", m.forget_bias)
     check("model.init_ulp_seed", m.init_ulp_seed >= 0, ">= 0", m.init_ulp_seed)
     choice("optim.name", o.name, OPTIMIZERS)
@@ -162,22 +171,29 @@ def validate(cfg: Config) -> None:
     check("optim.momentum", 0.0 <= o.momentum < 1.0, "in [0, 1)", o.momentum)
     check("optim.weight_decay", o.weight_decay >= 0, ">= 0", o.weight_decay)
     choice("clip.mode", c.mode, CLIP_MODES)
-    check("clip.threshold", math.isfinite(c.threshold) and c.threshold > 0, "a finite number > 0",
-           c.threshold)
+    check(
+        "clip.threshold", math.isfinite(c.threshold) and c.threshold > 0, "a finite number > 0", c.threshold
+    )
     steps = f"<= {STEPS_MAX} (2^63 - 1)"
     check("trainer.max_steps", 1 <= tr.max_steps <= STEPS_MAX, f">= 1 and {steps}", tr.max_steps)
     choice("trainer.accelerator", tr.accelerator, ACCELERATORS)
     check("trainer.val_every", 1 <= tr.val_every <= STEPS_MAX, f">= 1 and {steps}", tr.val_every)
     check("trainer.log_every", 1 <= tr.log_every <= STEPS_MAX, f">= 1 and {steps}", tr.log_every)
     check("trainer.threads", 1 <= tr.threads <= THREADS_MAX, f"in [1, {THREADS_MAX}]", tr.threads)
-    check("diagnostics.profile_every", 0 <= d.profile_every <= STEPS_MAX, f">= 0 and {steps}", d.profile_every)
+    check(
+        "diagnostics.profile_every", 0 <= d.profile_every <= STEPS_MAX, f">= 0 and {steps}", d.profile_every
+    )
     check("diagnostics.probe_size", d.probe_size >= 1, ">= 1", d.probe_size)
     check("diagnostics.horizon_decades", d.horizon_decades > 0, "> 0", d.horizon_decades)
     check("diagnostics.vanish_log10_per_step", d.vanish_log10_per_step < 0, "< 0", d.vanish_log10_per_step)
     check("diagnostics.explode_log10_per_step", d.explode_log10_per_step > 0, "> 0", d.explode_log10_per_step)
     check("diagnostics.explode_norm", d.explode_norm > 0, "> 0", d.explode_norm)
-    check("tracking.experiment", bool(cfg.tracking.experiment.strip()), "a non-empty name",
-           cfg.tracking.experiment)
+    check(
+        "tracking.experiment",
+        bool(cfg.tracking.experiment.strip()),
+        "a non-empty name",
+        cfg.tracking.experiment,
+    )
 
 
 def config_keys() -> list[str]:

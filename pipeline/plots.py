@@ -19,12 +19,24 @@ import numpy as np
 
 matplotlib.use("Agg")  # files only, never a window: set once, before pyplot is imported
 
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import matplotlib.pyplot as plt
 
-from pipeline.names import DIVERGED  # noqa: E402
+from pipeline.names import DIVERGED
 
-__all__ = ["DPI", "LEARNED_NOTHING", "MIN_WIDTH", "PROFILE_YLABEL", "Curve", "draw_grad_norms", "draw_profile",
-           "outcome", "plt", "positive", "run_summary", "wrap_title"]
+__all__ = [
+    "DPI",
+    "LEARNED_NOTHING",
+    "MIN_WIDTH",
+    "PROFILE_YLABEL",
+    "Curve",
+    "draw_grad_norms",
+    "draw_profile",
+    "outcome",
+    "plt",
+    "positive",
+    "run_summary",
+    "wrap_title",
+]
 
 MIN_WIDTH = 8.0  # inches: a figure-wide title and legend fit even when there is one panel
 DPI = 170  # report and run figures (110 looked soft on a laptop screen; ~2x the file size)
@@ -54,7 +66,7 @@ def outcome(val_loss_ratio: Any, solved: Any = None) -> str:
 
 
 def run_summary(regime: Any, val_loss_ratio: Any, solved: Any = None) -> str:
-    """"<regime> gradients; val loss 0.98 x baseline: learned nothing": the verdict next to the outcome,
+    """ "<regime> gradients; val loss 0.98 x baseline: learned nothing": the verdict next to the outcome,
     so a healthy gradient flow that learned nothing does not read as a success."""
     try:
         r = float(val_loss_ratio)

@@ -148,7 +148,9 @@ def build(cls: type[T], data: Any, prefix: str = "") -> T:
         if k not in names:
             where = prefix.rstrip(".") or "top level"
             raise ConfigError(f"{prefix}{k}", f"unknown key (allowed in {where}: {', '.join(sorted(names))})")
-    kwargs = {f.name: coerce(f"{prefix}{f.name}", hints[f.name], data[f.name]) for f in fields if f.name in data}
+    kwargs = {
+        f.name: coerce(f"{prefix}{f.name}", hints[f.name], data[f.name]) for f in fields if f.name in data
+    }
     return cls(**kwargs)
 
 

@@ -16,6 +16,7 @@ finite number in disguise.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import subprocess
@@ -58,9 +59,11 @@ def sqlite_problem(path: Path) -> str | None:
         return "not a readable database (file is not a database)"
     page = int.from_bytes(head[16:18], "big")
     page = 65536 if page == 1 else page
-    pages, counter, valid_for = (int.from_bytes(head[a:a + 4], "big") for a in (28, 24, 92))
+    pages, counter, valid_for = (int.from_bytes(head[a : a + 4], "big") for a in (28, 24, 92))
     if counter == valid_for and pages * page > size:
-        return f"not a readable database (truncated: its header says {pages * page} bytes, the file has {size})"
+        return (
+            f"not a readable database (truncated: its header says {pages * page} bytes, the file has {size})"
+        )
     return None
 
 
@@ -84,8 +87,9 @@ def check_sqlite_store(uri: str, path: Path, flag: str = "tracking.uri") -> None
             tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             if tables:
                 if "experiments" not in tables or "alembic_version" not in tables:
-                    raise _store_error(uri, "a SQLite database but not an MLflow store (no experiments table)",
-                                       flag)
+                    raise _store_error(
+                        uri, "a SQLite database but not an MLflow store (no experiments table)", flag
+                    )
                 con.execute("SELECT count(*) FROM experiments").fetchone()
                 con.execute("SELECT count(*) FROM runs").fetchone()
         finally:
@@ -148,8 +152,9 @@ def ensure_experiment(uri: str | None, name: str) -> str:
         exp = c.get_experiment_by_name(name)
     except (SQLAlchemyError, MlflowException) as e:  # what probe_store cannot see (a database server)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise _store_error(resolve_uri(uri), f"cannot be opened ({first[:300]})", "tracking.uri",
-                           "check the server") from None
+        raise _store_error(
+            resolve_uri(uri), f"cannot be opened ({first[:300]})", "tracking.uri", "check the server"
+        ) from None
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
@@ -166,8 +171,13 @@ def ensure_experiment(uri: str | None, name: str) -> str:
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -178,10 +188,8 @@ def version_tags() -> dict[str, str]:
 
     tags = {"git_commit": git_commit(), "mlflow.source.git.commit": git_commit()}
     for pkg in ("torch", "pytorch-lightning", "mlflow", "optuna", "rnn-gradient-pipeline"):
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             tags[f"version.{pkg}"] = version(pkg)
-        except PackageNotFoundError:
-            pass
     return tags
 
 
@@ -232,8 +240,15 @@ class Recorder:
         self.closed = False
 
     @classmethod
-    def start(cls, uri: str | None, experiment: str, run_name: str, tags: dict[str, str] | None = None,
-              parent_run_id: str | None = None, experiment_id: str | None = None) -> Recorder:
+    def start(
+        cls,
+        uri: str | None,
+        experiment: str,
+        run_name: str,
+        tags: dict[str, str] | None = None,
+        parent_run_id: str | None = None,
+        experiment_id: str | None = None,
+    ) -> Recorder:
         exp_id = experiment_id or ensure_experiment(uri, experiment)
         t = {k: str(v) for k, v in (tags or {}).items() if v is not None}  # server stores want strings
         if parent_run_id:
@@ -281,7 +296,7 @@ class Recorder:
 
         items = [Param(k, "None" if v is None else str(v)[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -324,7 +339,7 @@ class Recorder:
 class NullRecorder(Recorder):
     """``tracking.enabled: false``: same interface, records nothing."""
 
-    def __init__(self):  # noqa: D107 - deliberately does not call super().__init__
+    def __init__(self):
         self.run_id, self.experiment_id, self.closed, self.uri = None, None, False, None
 
     def log_metrics(self, metrics, step):

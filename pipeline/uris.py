@@ -11,7 +11,9 @@ from pathlib import Path
 
 from pipeline.schema import ConfigError
 
-DEFAULT_URI = "sqlite:///mlflow.db"  # MLflow's store when neither tracking.uri nor $MLFLOW_TRACKING_URI is set
+DEFAULT_URI = (
+    "sqlite:///mlflow.db"  # MLflow's store when neither tracking.uri nor $MLFLOW_TRACKING_URI is set
+)
 SQLITE = "sqlite:///"
 # What an Optuna storage URL may start with (RDB storages); anything without "://" is a journal file path.
 STORAGE_SCHEMES = ("journal", "sqlite", "postgresql", "postgres", "mysql")
@@ -23,7 +25,7 @@ def with_pg_driver(url: str) -> str:
     psycopg 3, which we do not install; psycopg2 is our PostgreSQL driver (Optuna and MLflow stores)."""
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
-            return "postgresql+psycopg2://" + url[len(prefix):]
+            return "postgresql+psycopg2://" + url[len(prefix) :]
     return url
 
 
@@ -36,7 +38,7 @@ def sqlite_file(uri: str) -> Path | None:
     """The file behind a ``sqlite:///`` URI (None for an in-memory database or another scheme)."""
     if not uri.startswith(SQLITE):
         return None
-    path = uri[len(SQLITE):].split("?", 1)[0]
+    path = uri[len(SQLITE) :].split("?", 1)[0]
     return None if path in ("", ":memory:") else Path(path)
 
 
@@ -73,8 +75,11 @@ def check_storage_url(key: str, url: str) -> None:
     Without it ``mongodb://x/y`` was taken for a journal path and created a local directory ``mongodb:``.
     """
     if "://" in url and scheme(url) not in STORAGE_SCHEMES:
-        raise ConfigError(key, f"unknown storage scheme {url.split('://', 1)[0].lower() + '://'!r} (allowed: a "
-                               "journal file path, " + ", ".join(f"{s}://" for s in STORAGE_SCHEMES) + ")")
+        raise ConfigError(
+            key,
+            f"unknown storage scheme {url.split('://', 1)[0].lower() + '://'!r} (allowed: a "
+            "journal file path, " + ", ".join(f"{s}://" for s in STORAGE_SCHEMES) + ")",
+        )
 
 
 def study_storage(study: str, storage: str | None) -> str:

@@ -21,7 +21,9 @@ import yaml
 from conftest import ROOT
 
 SMOKE = str(ROOT / "configs/train/smoke.yaml")
-GUARD_BYTES = 4 * 1024**3  # virtual memory per CLI process (torch + Lightning + MLflow import: VmPeak 1.2 GiB)
+GUARD_BYTES = (
+    4 * 1024**3
+)  # virtual memory per CLI process (torch + Lightning + MLflow import: VmPeak 1.2 GiB)
 HUGE = 100_000_000
 
 
@@ -34,8 +36,15 @@ def cli(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProce
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PIPELINE_MEMORY_CHECK", None)
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env, preexec_fn=_guard)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        preexec_fn=_guard,
+    )
 
 
 def one_error_line(r: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
@@ -55,16 +64,23 @@ def files(d: Path) -> list[str]:
 # ------------------------------------------------------------------------------------ memory and bounds
 
 
-@pytest.mark.parametrize("override, key", [
-    (f"task.batch_size={HUGE}", "task.batch_size"),
-    (f"task.val_size={HUGE}", "task.val_size"),
-    (f"diagnostics.probe_size={HUGE}", "diagnostics.probe_size"),
-    ("task.seq_len=1000000000", "task.seq_len"),
-    ("model.hidden_size=2000000", "model.hidden_size"),
-])
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        (f"task.batch_size={HUGE}", "task.batch_size"),
+        (f"task.val_size={HUGE}", "task.val_size"),
+        (f"diagnostics.probe_size={HUGE}", "diagnostics.probe_size"),
+        ("task.seq_len=1000000000", "task.seq_len"),
+        ("model.hidden_size=2000000", "model.hidden_size"),
+    ],
+)
 def test_train_refuses_what_cannot_fit_before_allocating(tmp_path, override, key):
-    line = one_error_line(cli("train", "--config", SMOKE, override, cwd=tmp_path), f"config key '{key}'",
-                          "needs about", "available")
+    line = one_error_line(
+        cli("train", "--config", SMOKE, override, cwd=tmp_path),
+        f"config key '{key}'",
+        "needs about",
+        "available",
+    )
     assert "GiB" in line or "TiB" in line or "PiB" in line
     assert files(tmp_path) == []
 
@@ -92,7 +108,9 @@ def test_estimate_is_small_for_the_smoke_config():
 # ------------------------------------------------------------------------------------------- sweeps
 
 TINY = {
-    "study": "t", "n_trials": 2, "workers": 1,
+    "study": "t",
+    "n_trials": 2,
+    "workers": 1,
     "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2},
     "pruner": {"name": "none"},
     "base": {
@@ -116,14 +134,17 @@ def sweep_file(d: Path, **changes) -> Path:
     return p
 
 
-@pytest.mark.parametrize("args, key", [
-    (["storage=mongodb://x/y"], "storage"),
-    (["--storage", "mongodb://x/y"], "--storage"),
-    (["timeout=-5"], "timeout"),
-    ([f"space.task.batch_size={{low: 1, high: {HUGE}}}"], "space.task.batch_size"),
-    ([f"base.task.val_size={HUGE}"], "base.task.val_size"),
-    ([f"sampler.seed={2**32}"], "sampler.seed"),
-])
+@pytest.mark.parametrize(
+    ("args", "key"),
+    [
+        (["storage=mongodb://x/y"], "storage"),
+        (["--storage", "mongodb://x/y"], "--storage"),
+        (["timeout=-5"], "timeout"),
+        ([f"space.task.batch_size={{low: 1, high: {HUGE}}}"], "space.task.batch_size"),
+        ([f"base.task.val_size={HUGE}"], "base.task.val_size"),
+        ([f"sampler.seed={2**32}"], "sampler.seed"),
+    ],
+)
 def test_sweep_validates_everything_before_any_store(tmp_path, args, key):
     cfg = sweep_file(tmp_path)
     r = cli("sweep", "--config", str(cfg), *args, cwd=tmp_path)
@@ -135,12 +156,16 @@ def test_largest_trial_is_the_corner_of_the_space():
     from pipeline.sweep.config import largest_trial, load_sweep
 
     sw_path = ROOT / "configs/sweeps/default.yaml"
-    sw = load_sweep(sw_path, ["space.task.batch_size={low: 8, high: 64}",
-                              "space.model.hidden_size={low: 8, high: 128}"])
+    sw = load_sweep(
+        sw_path, ["space.task.batch_size={low: 8, high: 64}", "space.model.hidden_size={low: 8, high: 128}"]
+    )
     cfg = largest_trial(sw)
     assert cfg.task.batch_size == 64 and cfg.model.hidden_size == 128
-    cells = next(p.choices for p in sw.space if p.key == "model.cell") if any(
-        p.key == "model.cell" for p in sw.space) else [cfg.model.cell]
+    cells = (
+        next(p.choices for p in sw.space if p.key == "model.cell")
+        if any(p.key == "model.cell" for p in sw.space)
+        else [cfg.model.cell]
+    )
     if "lstm" in cells:
         assert cfg.model.cell == "lstm"  # the most gates: the most activations
 
@@ -223,7 +248,9 @@ def test_corrupt_mlflow_db_is_one_line(tmp_path, valid_db, verb, kind):
     args = VERBS[verb](tmp_path)
     before = files(tmp_path)
     r = cli(*args, cwd=tmp_path)
-    one_error_line(r, "mlflow store sqlite:///", "mlflow.db", "not a readable MLflow database", "move it aside")
+    one_error_line(
+        r, "mlflow store sqlite:///", "mlflow.db", "not a readable MLflow database", "move it aside"
+    )
     assert files(tmp_path) == before
 
 

@@ -224,9 +224,14 @@ def test_indrnn_exact_power_law_before_the_window():
     Pascanu's bound (sigma_max = u) is then met with equality. The total profile does not obey it."""
     T, H, B, a = 300, 6, 3, 291
     gen = torch.Generator().manual_seed(2)
-    p = {"cell": "indrnn", "W_ih": torch.rand(H, 2, generator=gen, dtype=F64),
-         "b_ih": torch.full((H,), 0.1, dtype=F64), "u": torch.full((H,), 0.9, dtype=F64),
-         "W_out": torch.randn(3, H, generator=gen, dtype=F64), "b_out": torch.zeros(3, dtype=F64)}
+    p = {
+        "cell": "indrnn",
+        "W_ih": torch.rand(H, 2, generator=gen, dtype=F64),
+        "b_ih": torch.full((H,), 0.1, dtype=F64),
+        "u": torch.full((H,), 0.9, dtype=F64),
+        "W_out": torch.randn(3, H, generator=gen, dtype=F64),
+        "b_out": torch.zeros(3, dtype=F64),
+    }
     x = torch.rand(B, T, 2, generator=gen, dtype=F64)  # positive inputs: relu' = 1 everywhere
     y = torch.randint(0, 3, (B, T), generator=gen)
     prof = bptt.profile(p, x, y, cross_entropy_all, "all", window=(a, T))
@@ -250,8 +255,15 @@ def test_profile_frame_and_summary_shapes():
     assert len(df) == 12 and set(df["state"]) == {"h", "c"} and (df["step"] == 7).all()
     assert sorted(df["t"].unique().tolist()) == list(range(1, 7))
     s = bptt.summarize(prof)
-    assert set(s) == {"log10_ratio", "log10_ratio_per_step", "decay_rate", "horizon", "c_log10_ratio",
-                      "c_log10_ratio_per_step", "overflow_step"}
+    assert set(s) == {
+        "log10_ratio",
+        "log10_ratio_per_step",
+        "decay_rate",
+        "horizon",
+        "c_log10_ratio",
+        "c_log10_ratio_per_step",
+        "overflow_step",
+    }
     assert s["overflow_step"] == 0.0 and s["log10_ratio_per_step"] == pytest.approx(s["log10_ratio"] / 5)
     assert all(isinstance(v, float) for v in s.values())
 

@@ -9,13 +9,21 @@ from mlflow.tracking import MlflowClient
 
 
 def cli(*args, cwd, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def test_help_imports_no_heavy_library():
-    code = ("import sys, pipeline.cli as c; c.build_parser();"
-            "print(','.join(m for m in ('torch','pytorch_lightning','mlflow','optuna','pandas') if m in sys.modules))")
+    code = (
+        "import sys, pipeline.cli as c; c.build_parser();"
+        "print(','.join(m for m in ('torch','pytorch_lightning','mlflow','optuna','pandas') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and out.stdout.strip() == ""
     # The heavy-import check above is what keeps --help fast; how fast is a benchmark, not a test.
@@ -23,12 +31,15 @@ def test_help_imports_no_heavy_library():
     assert r.returncode == 0 and "train" in r.stdout and "sweep" in r.stdout
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["optim.lr=-1"], "config key 'optim.lr': must be a finite number > 0"),
-    (["task.seq_len=1"], "config key 'task.seq_len': must be >= 2"),
-    (["model.cell=transformer"], "config key 'model.cell': unknown value 'transformer'"),
-    (["model.colour=red"], "config key 'model.colour': unknown key"),
-])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["optim.lr=-1"], "config key 'optim.lr': must be a finite number > 0"),
+        (["task.seq_len=1"], "config key 'task.seq_len': must be >= 2"),
+        (["model.cell=transformer"], "config key 'model.cell': unknown value 'transformer'"),
+        (["model.colour=red"], "config key 'model.colour': unknown key"),
+    ],
+)
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, needle):
     r = cli("train", "--config", str(ROOT / "configs/train/smoke.yaml"), *args, cwd=tmp_path)
     assert r.returncode == 2

@@ -9,10 +9,27 @@ from pipeline.schema import ConfigError, parse_overrides
 def test_defaults_validate_and_flatten():
     cfg = load_config(None)
     flat = cfg.flat()
-    for key in ("seed", "task.name", "task.seq_len", "task.batch_size", "model.cell", "model.hidden_size",
-                "model.init", "model.init_scale", "model.forget_bias", "optim.name", "optim.lr",
-                "optim.momentum", "clip.mode", "clip.threshold", "trainer.max_steps", "trainer.accelerator",
-                "diagnostics.profile_every", "tracking.uri", "tracking.experiment"):
+    for key in (
+        "seed",
+        "task.name",
+        "task.seq_len",
+        "task.batch_size",
+        "model.cell",
+        "model.hidden_size",
+        "model.init",
+        "model.init_scale",
+        "model.forget_bias",
+        "optim.name",
+        "optim.lr",
+        "optim.momentum",
+        "clip.mode",
+        "clip.threshold",
+        "trainer.max_steps",
+        "trainer.accelerator",
+        "diagnostics.profile_every",
+        "tracking.uri",
+        "tracking.experiment",
+    ):
         assert key in flat
     assert set(flat) == set(config_keys())
 
@@ -27,21 +44,24 @@ def test_yaml_and_overrides(tmp_path):
     assert load_config(p).optim.lr == pytest.approx(1e-3)
 
 
-@pytest.mark.parametrize("override, key, words", [
-    (["optim.lr=-1"], "optim.lr", "> 0"),
-    (["optim.lr=0"], "optim.lr", "> 0"),
-    (["task.seq_len=1"], "task.seq_len", ">= 2"),
-    (["model.cell=transformer"], "model.cell", "allowed: tanh, relu, lstm, gru"),
-    (["model.cel=lstm"], "model.cel", "unknown key"),
-    (["bogus.x=1"], "bogus", "unknown key"),
-    (["model.hidden_size=abc"], "model.hidden_size", "integer"),
-    (["model.hidden_size=2.5"], "model.hidden_size", "integer"),
-    (["clip.mode=sometimes"], "clip.mode", "none, norm, value"),
-    (["optim.momentum=1.0"], "optim.momentum", "[0, 1)"),
-    (["model.init_scale=.nan"], "model.init_scale", "finite"),
-    (["trainer.progress_bar=maybe"], "trainer.progress_bar", "true or false"),
-    (["task=3"], "task", "mapping"),
-])
+@pytest.mark.parametrize(
+    ("override", "key", "words"),
+    [
+        (["optim.lr=-1"], "optim.lr", "> 0"),
+        (["optim.lr=0"], "optim.lr", "> 0"),
+        (["task.seq_len=1"], "task.seq_len", ">= 2"),
+        (["model.cell=transformer"], "model.cell", "allowed: tanh, relu, lstm, gru"),
+        (["model.cel=lstm"], "model.cel", "unknown key"),
+        (["bogus.x=1"], "bogus", "unknown key"),
+        (["model.hidden_size=abc"], "model.hidden_size", "integer"),
+        (["model.hidden_size=2.5"], "model.hidden_size", "integer"),
+        (["clip.mode=sometimes"], "clip.mode", "none, norm, value"),
+        (["optim.momentum=1.0"], "optim.momentum", "[0, 1)"),
+        (["model.init_scale=.nan"], "model.init_scale", "finite"),
+        (["trainer.progress_bar=maybe"], "trainer.progress_bar", "true or false"),
+        (["task=3"], "task", "mapping"),
+    ],
+)
 def test_bad_values_name_the_key(override, key, words):
     with pytest.raises(ConfigError) as e:
         load_config(None, override)

@@ -30,14 +30,16 @@ def airflow_env(tmp_path: Path) -> dict[str, str]:
     home = tmp_path / "airflow"
     home.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "MLFLOW_TRACKING_URI"))}
-    env.update({
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW_VAR_RNN_REGRESSION_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "AIRFLOW_VAR_RNN_REGRESSION_REPORT_DIR": str(tmp_path / "reports"),
-        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-    })
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW_VAR_RNN_REGRESSION_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "AIRFLOW_VAR_RNN_REGRESSION_REPORT_DIR": str(tmp_path / "reports"),
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+    )
     return env
 
 
@@ -45,14 +47,14 @@ def run_py(code: str, env: dict, timeout: int = 900) -> dict:
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     assert p.returncode == 0 and lines, f"rc={p.returncode}\n{p.stdout[-5000:]}\n{p.stderr[-5000:]}"
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 PARSE = f"""
 import json, sys, time
 from airflow.dag_processing.dagbag import DagBag
 t = time.perf_counter()
-bag = DagBag(dag_folder={str(ROOT / 'dags')!r})
+bag = DagBag(dag_folder={str(ROOT / "dags")!r})
 took = time.perf_counter() - t
 dag = bag.dags.get({DAG_ID!r})
 heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'mlflow', 'pytorch_lightning', 'pipeline', 'pandas'))
@@ -81,7 +83,7 @@ from datetime import datetime, timezone
 from airflow.utils.db import upgradedb
 upgradedb()  # what `airflow db migrate` does, without paying a second Airflow start-up
 from airflow.dag_processing.dagbag import DagBag
-dag = DagBag(dag_folder={str(ROOT / 'dags')!r}).dags[{DAG_ID!r}]
+dag = DagBag(dag_folder={str(ROOT / "dags")!r}).dags[{DAG_ID!r}]
 out = []
 for suite, day in json.loads(sys.argv[1]):
     dr = dag.test(logical_date=datetime(2026, 1, day, tzinfo=timezone.utc), run_conf={{'suite': suite}})
@@ -102,9 +104,16 @@ TINY = {
         "diagnostics": {"profile_every": 0, "probe_size": 8, "plots": False},
     },
     "entries": [
-        {"name": "tanh_g05", "checks": [{"pascanu_bound_holds": {}}], "baseline": {"bptt/log10_ratio": {"abs": 0.05}}},
-        {"name": "orth", "patch": {"model": {"cell": "orthogonal", "init_scale": 1.0}},
-         "checks": [{"metric_equals": {"metric": "spectral/sigma_max", "value": "g", "tol": 1e-4}}]},
+        {
+            "name": "tanh_g05",
+            "checks": [{"pascanu_bound_holds": {}}],
+            "baseline": {"bptt/log10_ratio": {"abs": 0.05}},
+        },
+        {
+            "name": "orth",
+            "patch": {"model": {"cell": "orthogonal", "init_scale": 1.0}},
+            "checks": [{"metric_equals": {"metric": "spectral/sigma_max", "value": "g", "tol": 1e-4}}],
+        },
     ],
 }
 
@@ -120,19 +129,25 @@ def test_dag_end_to_end_idempotent_and_fails_on_a_planted_regression(tmp_path):
     env = airflow_env(tmp_path)
     good = tmp_path / "tiny.yaml"
     good.write_text(yaml.safe_dump(TINY))
-    (tmp_path / "tiny.baseline.yaml").write_text(yaml.safe_dump(
-        {"entries": {"tanh_g05": {"bptt/log10_ratio": {"value": -5.596, "abs": 0.05}}}}))
+    (tmp_path / "tiny.baseline.yaml").write_text(
+        yaml.safe_dump({"entries": {"tanh_g05": {"bptt/log10_ratio": {"value": -5.596, "abs": 0.05}}}})
+    )
     planted = tmp_path / "planted" / "tiny.yaml"
     planted.parent.mkdir()
     planted.write_text(yaml.safe_dump(TINY))
-    (planted.parent / "tiny.baseline.yaml").write_text(yaml.safe_dump(
-        {"entries": {"tanh_g05": {"bptt/log10_ratio": {"value": 50.0, "abs": 0.05}}}}))
+    (planted.parent / "tiny.baseline.yaml").write_text(
+        yaml.safe_dump({"entries": {"tanh_g05": {"bptt/log10_ratio": {"value": 50.0, "abs": 0.05}}}})
+    )
     broken = tmp_path / "broken.yaml"
-    broken.write_text(yaml.safe_dump({**TINY, "entries": [{"name": "x", "patch": {"model": {"cel": "gru"}}}]}))
+    broken.write_text(
+        yaml.safe_dump({**TINY, "entries": [{"name": "x", "patch": {"model": {"cel": "gru"}}}]})
+    )
     crash = tmp_path / "crash" / "tiny.yaml"
     crash.parent.mkdir()
     crashing = yaml.safe_load(yaml.safe_dump(TINY))
-    crashing["entries"][1]["patch"]["trainer"] = {"accelerator": "gpu"}  # no GPU: Lightning refuses the config
+    crashing["entries"][1]["patch"]["trainer"] = {
+        "accelerator": "gpu"
+    }  # no GPU: Lightning refuses the config
     crash.write_text(yaml.safe_dump(crashing))
     # Day 2 twice (a rerun of the same data interval must reuse its runs), day 3 with a planted baseline,
     # day 5 with an invalid suite (a configuration error: fails at once, no retry), day 6 with an entry
@@ -158,8 +173,12 @@ def test_dag_end_to_end_idempotent_and_fails_on_a_planted_regression(tmp_path):
     report = tmp_path / "reports" / "tiny@2026-01-02T00_00_00_00_00" / "report.md"
     assert "PASS" in report.read_text() and "orth: metric_equals spectral/sigma_max" in report.read_text()
 
-    day3 = [r for r in runs if r.data.tags.get("regression_key") == "tiny@2026-01-03T00:00:00+00:00"
-            and r.data.tags.get("regression_role") == "suite"]
+    day3 = [
+        r
+        for r in runs
+        if r.data.tags.get("regression_key") == "tiny@2026-01-03T00:00:00+00:00"
+        and r.data.tags.get("regression_role") == "suite"
+    ]
     assert day3[0].data.tags["verdict"] == "regression"
     assert "tanh_g05: bptt/log10_ratio" in day3[0].data.tags["failed_checks"]
     text = (tmp_path / "reports" / "tiny@2026-01-03T00_00_00_00_00" / "report.md").read_text()
@@ -172,8 +191,10 @@ def test_dag_end_to_end_idempotent_and_fails_on_a_planted_regression(tmp_path):
 def test_dag_runs_the_smoke_suite(tmp_path):
     """CI: the smoke suite through the DAG as a new user runs it (`airflow db migrate`, `airflow dags test`)."""
     env = airflow_env(tmp_path)
-    for cmd in (["db", "migrate"],
-                ["dags", "test", DAG_ID, "2026-01-04", "-c", json.dumps({"suite": "configs/regression/smoke.yaml"})]):
+    for cmd in (
+        ["db", "migrate"],
+        ["dags", "test", DAG_ID, "2026-01-04", "-c", json.dumps({"suite": "configs/regression/smoke.yaml"})],
+    ):
         p = subprocess.run([str(BIN / "airflow"), *cmd], env=env, capture_output=True, text=True, timeout=900)
         assert p.returncode == 0, f"airflow {cmd[:2]}: " + (p.stdout[-4000:] + p.stderr[-4000:])
     _, runs = _mlflow(env["AIRFLOW_VAR_RNN_REGRESSION_TRACKING_URI"])

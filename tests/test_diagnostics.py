@@ -26,26 +26,34 @@ def s(h=None, c=None, overflow=0.0):
     return out
 
 
-@pytest.mark.parametrize("diverged, summary, norm, want", [
-    (True, s(0.0), 1.0, "diverged"),
-    (False, s(-0.035), 1.0, "vanishing"),
-    (False, s(-0.029), 1.0, "healthy"),
-    (False, s(0.031), 1.0, "exploding"),
-    (False, s(0.0), 1001.0, "exploding"),     # large gradients over training even if the final profile is flat
-    (False, s(-1.0), 5000.0, "exploding"),    # explosion wins over vanishing: it is what hurt the run
-    (False, s(-math.inf), 1.0, "vanishing"),  # nothing reaches step 1 (dead relu units)
-    (False, s(math.nan), 1.0, "vanishing"),   # nothing reaches either end
-    (False, s(math.inf), 1.0, "exploding"),
-    (False, None, None, "healthy"),
-    # LSTM: the cell-state path carries memory (Gers 2000); an open c path is not vanishing ...
-    (False, s(-0.2, -0.005), 1.0, "healthy"),
-    (False, s(-math.inf, -0.005), 1.0, "healthy"),
-    # ... and vanishing needs both paths closed; a growing path is exploding whichever it is.
-    (False, s(-0.2, -0.1), 1.0, "vanishing"),
-    (False, s(-0.2, 0.05), 1.0, "exploding"),
-    # Forward overflow: the state itself passed 1e308, every gradient summary is NaN.
-    (False, s(math.nan, overflow=1752.0), 1.0, "exploding"),
-])
+@pytest.mark.parametrize(
+    ("diverged", "summary", "norm", "want"),
+    [
+        (True, s(0.0), 1.0, "diverged"),
+        (False, s(-0.035), 1.0, "vanishing"),
+        (False, s(-0.029), 1.0, "healthy"),
+        (False, s(0.031), 1.0, "exploding"),
+        (
+            False,
+            s(0.0),
+            1001.0,
+            "exploding",
+        ),  # large gradients over training even if the final profile is flat
+        (False, s(-1.0), 5000.0, "exploding"),  # explosion wins over vanishing: it is what hurt the run
+        (False, s(-math.inf), 1.0, "vanishing"),  # nothing reaches step 1 (dead relu units)
+        (False, s(math.nan), 1.0, "vanishing"),  # nothing reaches either end
+        (False, s(math.inf), 1.0, "exploding"),
+        (False, None, None, "healthy"),
+        # LSTM: the cell-state path carries memory (Gers 2000); an open c path is not vanishing ...
+        (False, s(-0.2, -0.005), 1.0, "healthy"),
+        (False, s(-math.inf, -0.005), 1.0, "healthy"),
+        # ... and vanishing needs both paths closed; a growing path is exploding whichever it is.
+        (False, s(-0.2, -0.1), 1.0, "vanishing"),
+        (False, s(-0.2, 0.05), 1.0, "exploding"),
+        # Forward overflow: the state itself passed 1e308, every gradient summary is NaN.
+        (False, s(math.nan, overflow=1752.0), 1.0, "exploding"),
+    ],
+)
 def test_verdict(diverged, summary, norm, want):
     assert verdict(diverged, summary, norm, D) == want
 
@@ -62,9 +70,15 @@ def zero_input_orthogonal(T, g, H=8, B=2, seed=0):
     """tanh cell, W_hh = g*Q, zero inputs and biases: J_t = g*Q exactly, so the profile is g^(T-k)."""
     gen = torch.Generator().manual_seed(seed)
     Q, R = torch.linalg.qr(torch.randn(H, H, generator=gen, dtype=F64))
-    p = {"cell": "tanh", "W_ih": torch.randn(H, 2, generator=gen, dtype=F64), "b_ih": torch.zeros(H, dtype=F64),
-         "W_hh": g * Q * torch.sign(torch.diagonal(R)), "b_hh": torch.zeros(H, dtype=F64),
-         "W_out": torch.randn(1, H, generator=gen, dtype=F64), "b_out": torch.zeros(1, dtype=F64)}
+    p = {
+        "cell": "tanh",
+        "W_ih": torch.randn(H, 2, generator=gen, dtype=F64),
+        "b_ih": torch.zeros(H, dtype=F64),
+        "W_hh": g * Q * torch.sign(torch.diagonal(R)),
+        "b_hh": torch.zeros(H, dtype=F64),
+        "W_out": torch.randn(1, H, generator=gen, dtype=F64),
+        "b_out": torch.zeros(1, dtype=F64),
+    }
     return p, torch.zeros(B, T, 2, dtype=F64), torch.randn(B, 1, generator=gen, dtype=F64)
 
 
@@ -85,7 +99,7 @@ def test_same_dynamics_same_verdict_at_any_T(T):
         assert got == want, (g, T, summary)
 
 
-@pytest.mark.parametrize("b_f, want", [(3.0, "healthy"), (0.0, "vanishing")])
+@pytest.mark.parametrize(("b_f", "want"), [(3.0, "healthy"), (0.0, "vanishing")])
 def test_lstm_open_cell_path_is_not_vanishing(b_f, want):
     """LSTM with W_ih = W_hh = 0 (as in tests/test_bptt.py): dL/dh_t = 0 exactly for t < T (h feeds
     nothing) while dL/dc_t = sigmoid(b_f) dL/dc_{t+1}. b_f = 3: c keeps log10 sigmoid(3) = -0.021 decades
@@ -93,12 +107,19 @@ def test_lstm_open_cell_path_is_not_vanishing(b_f, want):
     T, H, B = 200, 4, 2
     gen = torch.Generator().manual_seed(1)
     b = torch.zeros(4 * H, dtype=F64)
-    b[0:H], b[H:2 * H], b[2 * H:3 * H], b[3 * H:] = 0.5, b_f, 0.8, 0.2
-    p = {"cell": "lstm", "W_ih": torch.zeros(4 * H, 1, dtype=F64), "b_ih": b,
-         "W_hh": torch.zeros(4 * H, H, dtype=F64), "b_hh": torch.zeros(4 * H, dtype=F64),
-         "W_out": torch.randn(1, H, generator=gen, dtype=F64), "b_out": torch.zeros(1, dtype=F64)}
-    got, prof = run_verdict(p, torch.randn(B, T, 1, generator=gen, dtype=F64),
-                            torch.randn(B, 1, generator=gen, dtype=F64))
+    b[0:H], b[H : 2 * H], b[2 * H : 3 * H], b[3 * H :] = 0.5, b_f, 0.8, 0.2
+    p = {
+        "cell": "lstm",
+        "W_ih": torch.zeros(4 * H, 1, dtype=F64),
+        "b_ih": b,
+        "W_hh": torch.zeros(4 * H, H, dtype=F64),
+        "b_hh": torch.zeros(4 * H, dtype=F64),
+        "W_out": torch.randn(1, H, generator=gen, dtype=F64),
+        "b_out": torch.zeros(1, dtype=F64),
+    }
+    got, prof = run_verdict(
+        p, torch.randn(B, T, 1, generator=gen, dtype=F64), torch.randn(B, 1, generator=gen, dtype=F64)
+    )
     summary = bptt.summarize(prof)
     assert np.isneginf(summary["log10_ratio"])
     assert summary["c_log10_ratio_per_step"] == pytest.approx(math.log10(1 / (1 + math.exp(-b_f))), abs=1e-9)
@@ -109,9 +130,15 @@ def test_forward_overflow_reads_exploding():
     """relu, W_hh = 1.5 I, positive drive: h_t grows like 1.5^t and passes float64's 1.8e308 near
     t = 308 / log10(1.5) = 1750. The verdict must say exploding (it said vanishing from a NaN ratio)."""
     T, H, B = 2000, 4, 2
-    p = {"cell": "relu", "W_ih": torch.ones(H, 1, dtype=F64), "b_ih": torch.zeros(H, dtype=F64),
-         "W_hh": 1.5 * torch.eye(H, dtype=F64), "b_hh": torch.zeros(H, dtype=F64),
-         "W_out": torch.ones(1, H, dtype=F64), "b_out": torch.zeros(1, dtype=F64)}
+    p = {
+        "cell": "relu",
+        "W_ih": torch.ones(H, 1, dtype=F64),
+        "b_ih": torch.zeros(H, dtype=F64),
+        "W_hh": 1.5 * torch.eye(H, dtype=F64),
+        "b_hh": torch.zeros(H, dtype=F64),
+        "W_out": torch.ones(1, H, dtype=F64),
+        "b_out": torch.zeros(1, dtype=F64),
+    }
     x = torch.ones(B, T, 1, dtype=F64)
     got, prof = run_verdict(p, x, torch.zeros(B, 1, dtype=F64))
     # h_t = sum_{j<t} 1.5^j = 2 (1.5^t - 1): the first t with h_t > 1.797e308 (float64 max)

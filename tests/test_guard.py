@@ -26,8 +26,10 @@ def _snapshot(trainer, module) -> dict:
     weights = {n: p.detach().clone() for n, p in module.named_parameters()}
     opt = trainer.optimizers[0]
     names = {id(p): n for n, p in module.named_parameters()}
-    state = {names[id(p)]: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
-             for p, s in opt.state.items()}
+    state = {
+        names[id(p)]: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+        for p, s in opt.state.items()
+    }
     return {"weights": weights, "state": state}
 
 
@@ -123,5 +125,9 @@ def test_guard_record_names_what_was_non_finite(tiny, where):
     if where == "batch":
         assert math.isnan(row["loss"])
     else:
-        assert math.isfinite(row["loss"]) and row["norm_preclip"] == math.inf and row["norm_recurrent"] == math.inf
+        assert (
+            math.isfinite(row["loss"])
+            and row["norm_preclip"] == math.inf
+            and row["norm_recurrent"] == math.inf
+        )
     assert math.isnan(row["norm_postclip"]) and math.isnan(row["clip_coef"])

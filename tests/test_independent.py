@@ -40,9 +40,16 @@ def lstm_params(H: int, seed: int, b_f: float, scale: float) -> dict:
     def r(*shape, k=1.0):
         return torch.randn(*shape, generator=g, dtype=F64) * k
 
-    p = {"cell": "lstm", "W_ih": r(4 * H, 3, k=0.7), "b_ih": r(4 * H, k=0.3),
-         "W_hh": r(4 * H, H, k=scale / math.sqrt(H)), "b_hh": r(4 * H, k=0.3), "W_out": r(2, H), "b_out": r(2)}
-    p["b_hh"][H:2 * H] += b_f  # forget-gate block (PyTorch gate order i, f, g, o)
+    p = {
+        "cell": "lstm",
+        "W_ih": r(4 * H, 3, k=0.7),
+        "b_ih": r(4 * H, k=0.3),
+        "W_hh": r(4 * H, H, k=scale / math.sqrt(H)),
+        "b_hh": r(4 * H, k=0.3),
+        "W_out": r(2, H),
+        "b_out": r(2),
+    }
+    p["b_hh"][H : 2 * H] += b_f  # forget-gate block (PyTorch gate order i, f, g, o)
     return p
 
 
@@ -62,6 +69,7 @@ def benettin_lambda1(p: dict, x: torch.Tensor, burn: int) -> float:
     Q = [np.eye(2 * H) for _ in range(B)]
     acc = np.zeros(B)
     for t in range(T):
+
         def f(h_, c_, x_t=x[:, t]):
             return cell(x_t, (h_, c_))
 
@@ -80,7 +88,7 @@ def benettin_lambda1(p: dict, x: torch.Tensor, burn: int) -> float:
 # burn-in 10, B = 2, H = 4: reference -0.533 / -0.108 / -0.0335 / -0.301, lyapunov_max within 0.0024 of
 # it (one random tangent vs e_1, the finite-T transient). A tangent that ignores c (c part zeroed) reads
 # -1.6 .. -2.9, off by more than 1.2 in every case, so 0.006 separates them with room on both sides.
-@pytest.mark.parametrize("b_f, scale", [(0.0, 1.0), (2.0, 1.0), (3.0, 0.5), (1.0, 2.0)])
+@pytest.mark.parametrize(("b_f", "scale"), [(0.0, 1.0), (2.0, 1.0), (3.0, 0.5), (1.0, 2.0)])
 def test_lstm_lyapunov_matches_full_jacobian_qr(b_f, scale):
     p = lstm_params(4, seed=0, b_f=b_f, scale=scale)
     x = torch.randn(2, 300, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
@@ -152,9 +160,15 @@ def test_all_steps_profile_underflows_exactly():
     decades (a T = 1400 variant of this layout)."""
     T, H, B, g = 4000, 4, 2, 0.5
     gen = torch.Generator().manual_seed(0)
-    p = {"cell": "tanh", "W_ih": torch.randn(H, 2, generator=gen, dtype=F64), "b_ih": torch.zeros(H, dtype=F64),
-         "W_hh": g * _orthogonal(H, 0), "b_hh": torch.zeros(H, dtype=F64),
-         "W_out": torch.randn(1, H, generator=gen, dtype=F64), "b_out": torch.zeros(1, dtype=F64)}
+    p = {
+        "cell": "tanh",
+        "W_ih": torch.randn(H, 2, generator=gen, dtype=F64),
+        "b_ih": torch.zeros(H, dtype=F64),
+        "W_hh": g * _orthogonal(H, 0),
+        "b_hh": torch.zeros(H, dtype=F64),
+        "W_out": torch.randn(1, H, generator=gen, dtype=F64),
+        "b_out": torch.zeros(1, dtype=F64),
+    }
     x = torch.zeros(B, T, 2, dtype=F64)
     y = torch.zeros(B, T, 1, dtype=F64)
     y[:, -10:] = torch.randn(B, 10, 1, generator=gen, dtype=F64)  # the recall window

@@ -68,7 +68,9 @@ def test_readme_tree_names_every_module_and_nothing_else():
     listed, present = tree_entries(), modules()
     assert len(listed) == len(set(listed)), "a module is listed twice"
     assert sorted(set(present) - set(listed)) == [], "modules missing from README 'Project structure'"
-    assert sorted(set(listed) - set(present)) == [], "README 'Project structure' names modules that do not exist"
+    assert sorted(set(listed) - set(present)) == [], (
+        "README 'Project structure' names modules that do not exist"
+    )
 
 
 def test_tree_parser_sees_a_missing_module(tmp_path, monkeypatch):
@@ -90,9 +92,13 @@ def test_only_stage_folders_one_level_deep():
 
 
 def test_cli_imports_nothing_heavy():
-    mods = ["pipeline.cli"] + [f"pipeline.cli.{p.stem}" for p in (PKG / "cli").glob("*.py") if p.stem != "__init__"]
-    code = (f"import importlib, sys\nfor m in {mods!r}: importlib.import_module(m)\n"
-            f"print(','.join(sorted({{n.split('.')[0] for n in sys.modules}} & set({HEAVY!r}))))")
+    mods = ["pipeline.cli"] + [
+        f"pipeline.cli.{p.stem}" for p in (PKG / "cli").glob("*.py") if p.stem != "__init__"
+    ]
+    code = (
+        f"import importlib, sys\nfor m in {mods!r}: importlib.import_module(m)\n"
+        f"print(','.join(sorted({{n.split('.')[0] for n in sys.modules}} & set({HEAVY!r}))))"
+    )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "", f"importing cli/ loaded {p.stdout.strip()}"

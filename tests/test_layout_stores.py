@@ -28,8 +28,10 @@ def legacy(tmp_path, monkeypatch) -> str:
     db = tmp_path / "mlflow.db"
     with sqlite3.connect(db) as c:  # artifact locations are absolute paths of the folder it was written in
         c.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (WRITTEN_AT, str(tmp_path)))
-        c.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
-                  (WRITTEN_AT, str(tmp_path)))
+        c.execute(
+            "UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
+            (WRITTEN_AT, str(tmp_path)),
+        )
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -37,8 +39,24 @@ def legacy(tmp_path, monkeypatch) -> str:
 
 
 def test_report_reads_a_store_written_by_the_flat_layout(legacy, tmp_path):
-    p = subprocess.run([sys.executable, "-m", "pipeline", "report", "--experiment", "sweep-test", "--study", "t",
-                        "--out", str(tmp_path / "rep")], capture_output=True, text=True, env=sweep_env(), timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "report",
+            "--experiment",
+            "sweep-test",
+            "--study",
+            "t",
+            "--out",
+            str(tmp_path / "rep"),
+        ],
+        capture_output=True,
+        text=True,
+        env=sweep_env(),
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     assert "report 't': 2 runs" in p.stdout
     import pandas as pd
@@ -53,8 +71,13 @@ def test_report_reads_a_store_written_by_the_flat_layout(legacy, tmp_path):
 def test_a_sweep_written_by_the_flat_layout_resumes(legacy):
     before = [t.params for t in load_study().trials]  # a list: Study.trials reads the storage when asked
     assert len(before) == 2
-    p = subprocess.run([sys.executable, "-m", "pipeline", "sweep", "--config", "s.yaml", "n_trials=4"],
-                       capture_output=True, text=True, env=sweep_env(), timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "pipeline", "sweep", "--config", "s.yaml", "n_trials=4"],
+        capture_output=True,
+        text=True,
+        env=sweep_env(),
+        timeout=300,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
     study = load_study()
     check_consistent(study, mlflow_runs(legacy), 4)  # one parent run: the old one, continued
@@ -68,5 +91,7 @@ def test_artifacts_written_by_the_flat_layout_download(legacy, tmp_path):
     c = MlflowClient(legacy)
     (run,) = c.search_runs([c.get_experiment_by_name("legacy-train").experiment_id])
     assert run.info.status == "FINISHED" and run.data.tags["regime"]
-    frame = pd.read_parquet(c.download_artifacts(run.info.run_id, "diagnostics/bptt_profile.parquet", str(tmp_path)))
+    frame = pd.read_parquet(
+        c.download_artifacts(run.info.run_id, "diagnostics/bptt_profile.parquet", str(tmp_path))
+    )
     assert len(frame) and {"t", "log10_norm"} <= set(frame.columns)

@@ -12,7 +12,9 @@ from pipeline.training.models import RNNModel
 
 
 def model(cell="tanh", init="default", g=1.0, H=64, readout="last", **kw):
-    return RNNModel(ModelConfig(cell=cell, init=init, init_scale=g, hidden_size=H, **kw), 3, 2, readout, seed=1)
+    return RNNModel(
+        ModelConfig(cell=cell, init=init, init_scale=g, hidden_size=H, **kw), 3, 2, readout, seed=1
+    )
 
 
 def test_pytorch_default_init_scale():
@@ -66,8 +68,13 @@ def test_lstm_forget_bias(b):
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("readout", ["last", "all"])
 def test_twin_equals_fused(cell, readout):
-    m = model(cell, init="gaussian" if cell not in ("orthogonal", "indrnn") else "default", g=1.2, H=16,
-              readout=readout).double()
+    m = model(
+        cell,
+        init="gaussian" if cell not in ("orthogonal", "indrnn") else "default",
+        g=1.2,
+        H=16,
+        readout=readout,
+    ).double()
     x = torch.randn(4, 25, 3, dtype=torch.float64)
     fused = m(x)
     p = m.params()

@@ -29,7 +29,9 @@ def rec(m):
 
 
 def total_norm(m):
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in m.parameters()])).item()
+    return torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(p.grad) for p in m.parameters()])
+    ).item()
 
 
 def test_norm_clipping_records_pre_and_post(tiny):
@@ -38,7 +40,9 @@ def test_norm_clipping_records_pre_and_post(tiny):
     m.configure_gradient_clipping(None)
     r = rec(m)
     assert r["norm_preclip"] == pytest.approx(pre, rel=1e-6)
-    assert r["norm_postclip"] == pytest.approx(0.01, rel=1e-4) and total_norm(m) == pytest.approx(0.01, rel=1e-4)
+    assert r["norm_postclip"] == pytest.approx(0.01, rel=1e-4) and total_norm(m) == pytest.approx(
+        0.01, rel=1e-4
+    )
     assert r["clip_coef"] == pytest.approx(0.01 / pre, rel=1e-4) and r["clipped"] == 1.0
     # direction kept (Pascanu 2013, Algorithm 1): g <- c g / ||g||
     for p, g in zip(m.parameters(), grads, strict=True):
@@ -51,7 +55,9 @@ def test_norm_clipping_leaves_small_gradients(tiny):
     m, grads, pre = setup(tiny, **{"clip.mode": "norm", "clip.threshold": 1e6})
     m.configure_gradient_clipping(None)
     r = rec(m)
-    assert r["clipped"] == 0.0 and r["clip_coef"] == 1.0 and r["norm_postclip"] == pytest.approx(pre, rel=1e-6)
+    assert (
+        r["clipped"] == 0.0 and r["clip_coef"] == 1.0 and r["norm_postclip"] == pytest.approx(pre, rel=1e-6)
+    )
     assert all(torch.equal(p.grad, g) for p, g in zip(m.parameters(), grads, strict=True))
 
 

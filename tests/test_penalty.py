@@ -21,9 +21,19 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 def result(ratio=None, diverged_step=None, pruned=False) -> train.RunResult:
     diverged = diverged_step is not None
-    return train.RunResult(run_id=None, status="FINISHED", regime="diverged" if diverged else "healthy",
-                           val_loss=ratio, val_loss_ratio=ratio, solved=False, diverged_step=diverged_step,
-                           pruned=pruned, steps=7, metrics={}, tags={})
+    return train.RunResult(
+        run_id=None,
+        status="FINISHED",
+        regime="diverged" if diverged else "healthy",
+        val_loss=ratio,
+        val_loss_ratio=ratio,
+        solved=False,
+        diverged_step=diverged_step,
+        pruned=pruned,
+        steps=7,
+        metrics={},
+        tags={},
+    )
 
 
 def fake_worker(tiny, penalty: float) -> Worker:
@@ -42,13 +52,13 @@ def fake_worker(tiny, penalty: float) -> Worker:
 def test_divergence_value_takes_the_larger_of_penalty_and_worst_trained(tiny, monkeypatch):
     w = fake_worker(tiny, penalty=2.0)
     script = [
-        result(ratio=0.8),                    # 0: trained
-        result(diverged_step=3),              # 1: penalty branch: max(2.0, 0.8) = 2.0
-        result(ratio=3.5),                    # 2: trained, worse than learning nothing (ratio > penalty)
-        result(diverged_step=0),              # 3: worst-value branch: max(2.0, 0.8, 3.5) = 3.5
-        result(ratio=9.0, pruned=True),       # 4: pruned: not a trained value, must not raise the worst
-        result(ratio=float("nan")),           # 5: non-finite objective without a guard stop: also diverged
-        result(ratio=1.2),                    # 6: trained
+        result(ratio=0.8),  # 0: trained
+        result(diverged_step=3),  # 1: penalty branch: max(2.0, 0.8) = 2.0
+        result(ratio=3.5),  # 2: trained, worse than learning nothing (ratio > penalty)
+        result(diverged_step=0),  # 3: worst-value branch: max(2.0, 0.8, 3.5) = 3.5
+        result(ratio=9.0, pruned=True),  # 4: pruned: not a trained value, must not raise the worst
+        result(ratio=float("nan")),  # 5: non-finite objective without a guard stop: also diverged
+        result(ratio=1.2),  # 6: trained
     ]
     calls = iter(script)
     monkeypatch.setattr(train, "run", lambda cfg, **kw: next(calls))
@@ -68,7 +78,9 @@ def test_divergence_value_takes_the_larger_of_penalty_and_worst_trained(tiny, mo
     # Never better than any trial that trained (the README's promise), at every point of the sweep.
     for i, x in enumerate(t):
         if x.user_attrs.get("diverged"):
-            trained = [y.value for y in t[:i] if y.state.name == "COMPLETE" and not y.user_attrs.get("diverged")]
+            trained = [
+                y.value for y in t[:i] if y.state.name == "COMPLETE" and not y.user_attrs.get("diverged")
+            ]
             assert x.value >= max(trained)
 
 

@@ -36,13 +36,24 @@ TINY = {
         "diagnostics": {"profile_every": 0, "probe_size": 8, "plots": False},
     },
     "entries": [
-        {"name": "tanh_g05", "patch": {"model": {"init": "gaussian", "init_scale": 0.5}},
-         "checks": [{"metric_below": {"metric": "bptt/log10_ratio", "value": -1}}, {"pascanu_bound_holds": {}}],
-         "baseline": {"bptt/log10_ratio": {"abs": 0.05}}},
-        {"name": "orth", "patch": {"model": {"cell": "orthogonal", "init_scale": 1.0}},
-         "checks": [{"metric_equals": {"metric": "spectral/sigma_max", "value": "g", "tol": 1e-4}}]},
+        {
+            "name": "tanh_g05",
+            "patch": {"model": {"init": "gaussian", "init_scale": 0.5}},
+            "checks": [
+                {"metric_below": {"metric": "bptt/log10_ratio", "value": -1}},
+                {"pascanu_bound_holds": {}},
+            ],
+            "baseline": {"bptt/log10_ratio": {"abs": 0.05}},
+        },
+        {
+            "name": "orth",
+            "patch": {"model": {"cell": "orthogonal", "init_scale": 1.0}},
+            "checks": [{"metric_equals": {"metric": "spectral/sigma_max", "value": "g", "tol": 1e-4}}],
+        },
     ],
-    "compare": [{"difference_of_runs": {"metric": "bptt/log10_ratio", "a": "orth", "b": "tanh_g05", "min": 1}}],
+    "compare": [
+        {"difference_of_runs": {"metric": "bptt/log10_ratio", "a": "orth", "b": "tanh_g05", "min": 1}}
+    ],
 }
 
 
@@ -50,7 +61,9 @@ def write_suite(tmp_path: Path, suite: dict, baseline: dict | None = None) -> Pa
     p = tmp_path / "suite.yaml"
     p.write_text(yaml.safe_dump(suite, sort_keys=False))
     if baseline is not None:
-        (tmp_path / "suite.baseline.yaml").write_text(yaml.safe_dump({"suite": suite["name"], "entries": baseline}))
+        (tmp_path / "suite.baseline.yaml").write_text(
+            yaml.safe_dump({"suite": suite["name"], "entries": baseline})
+        )
     return p
 
 
@@ -103,10 +116,17 @@ def test_passing_suite_exits_0_records_everything_and_update_shows_changes(store
     # What --update-baseline shows when numbers move: old -> new and the change.
     from pipeline.regression.baselines import baseline_diff
 
-    old = {"tanh_g05": {"bptt/log10_ratio": {"value": -4.0, "abs": 0.05}}, "gone": {"val/loss": {"value": 1.0}}}
+    old = {
+        "tanh_g05": {"bptt/log10_ratio": {"value": -4.0, "abs": 0.05}},
+        "gone": {"val/loss": {"value": 1.0}},
+    }
     diff = baseline_diff(old, base["entries"])
-    assert ("tanh_g05: bptt/log10_ratio", "-4", f"{accepted['value']:.4g}",
-            f"{accepted['value'] + 4:+.4g} ({(accepted['value'] + 4) / 4:+.1%})") in diff
+    assert (
+        "tanh_g05: bptt/log10_ratio",
+        "-4",
+        f"{accepted['value']:.4g}",
+        f"{accepted['value'] + 4:+.4g} ({(accepted['value'] + 4) / 4:+.1%})",
+    ) in diff
     assert ("gone: val/loss", "1", "-", "removed") in diff
 
 
@@ -145,7 +165,9 @@ def test_a_failed_run_is_an_error_row_and_the_others_still_run(store, tmp_path, 
     assert main(["regress", "--suite", str(suite)]) == 1
     out = capsys.readouterr().out
     assert "error: orth: run: MisconfigurationException" in out
-    assert next(ln for ln in out.splitlines() if ln.startswith("tanh_g05: pascanu_bound_holds")).endswith("pass")
+    assert next(ln for ln in out.splitlines() if ln.startswith("tanh_g05: pascanu_bound_holds")).endswith(
+        "pass"
+    )
     _, everything = runs(store)
     status = {r.data.tags.get("entry"): r.info.status for r in everything if r.data.tags.get("entry")}
     assert status == {"tanh_g05": "FINISHED", "orth": "FAILED"}
@@ -157,18 +179,33 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-@pytest.mark.parametrize("mutate, key", [
-    (lambda s: s.update(entriez=[]), "entriez"),
-    (lambda s: s["entries"][0]["patch"]["model"].update(cel="gru"), "entries.tanh_g05.model.cel"),
-    (lambda s: s["entries"][0]["checks"].append({"metric_abuv": {}}), "entries.tanh_g05.checks[2].metric_abuv"),
-    (lambda s: s["entries"][0]["checks"].append({"metric_above": {"metric": "bptt/log10_ratoi", "value": 1}}),
-     "entries.tanh_g05.checks[2].metric_above.metric"),
-    (lambda s: s["entries"][1]["checks"].append({"decay_rate_equals": {"value": "ln(q)", "tol": 0.1}}),
-     "entries.orth.checks[1].decay_rate_equals.value"),
-    (lambda s: s["compare"][0]["difference_of_runs"].update(a="nope"), "compare[0].difference_of_runs.a"),
-    (lambda s: s["entries"][0]["baseline"].update({"val/loss": {"abs": -1}}), "entries.tanh_g05.baseline.val/loss.abs"),
-    (lambda s: s["entries"].append(dict(s["entries"][0])), "entries[2].name"),
-])
+@pytest.mark.parametrize(
+    ("mutate", "key"),
+    [
+        (lambda s: s.update(entriez=[]), "entriez"),
+        (lambda s: s["entries"][0]["patch"]["model"].update(cel="gru"), "entries.tanh_g05.model.cel"),
+        (
+            lambda s: s["entries"][0]["checks"].append({"metric_abuv": {}}),
+            "entries.tanh_g05.checks[2].metric_abuv",
+        ),
+        (
+            lambda s: s["entries"][0]["checks"].append(
+                {"metric_above": {"metric": "bptt/log10_ratoi", "value": 1}}
+            ),
+            "entries.tanh_g05.checks[2].metric_above.metric",
+        ),
+        (
+            lambda s: s["entries"][1]["checks"].append({"decay_rate_equals": {"value": "ln(q)", "tol": 0.1}}),
+            "entries.orth.checks[1].decay_rate_equals.value",
+        ),
+        (lambda s: s["compare"][0]["difference_of_runs"].update(a="nope"), "compare[0].difference_of_runs.a"),
+        (
+            lambda s: s["entries"][0]["baseline"].update({"val/loss": {"abs": -1}}),
+            "entries.tanh_g05.baseline.val/loss.abs",
+        ),
+        (lambda s: s["entries"].append(dict(s["entries"][0])), "entries[2].name"),
+    ],
+)
 def test_invalid_suite_is_one_line_exit_2_nothing_written(store, tmp_path, capsys, mutate, key):
     bad = yaml.safe_load(yaml.safe_dump(TINY))
     mutate(bad)
@@ -188,10 +225,12 @@ def test_invalid_baseline_file_is_exit_2(store, tmp_path, capsys):
 
 # ------------------------------------------------------------ bands measured under perturbations
 
-CHAOTIC = {"name": "tanh_g3", "patch": {"task": {"seq_len": 60}, "model": {"init": "gaussian", "init_scale": 3.0,
-                                                                            "hidden_size": 32}},
-           "checks": [{"metric_above": {"metric": "bptt/log10_ratio", "value": 3}}],
-           "baseline": {"bptt/log10_ratio": {"abs": 0.001}, "bptt/decay_rate": {"abs": 0.5}}}
+CHAOTIC = {
+    "name": "tanh_g3",
+    "patch": {"task": {"seq_len": 60}, "model": {"init": "gaussian", "init_scale": 3.0, "hidden_size": 32}},
+    "checks": [{"metric_above": {"metric": "bptt/log10_ratio", "value": 3}}],
+    "baseline": {"bptt/log10_ratio": {"abs": 0.001}, "bptt/decay_rate": {"abs": 0.5}},
+}
 
 
 def test_update_baseline_measures_each_band_under_perturbations(store, tmp_path, capsys):
@@ -210,8 +249,14 @@ def test_update_baseline_measures_each_band_under_perturbations(store, tmp_path,
     for entry, metrics in base.items():
         for metric, rec in metrics.items():
             assert rec["runs"] == 1 + len(PERTURBATIONS), (entry, metric)
-            floor = suite["entries"][[e["name"] for e in suite["entries"]].index(entry)]["baseline"][metric]["abs"]
-            assert rec["abs"] == pytest.approx(max(floor, SAFETY * rec["spread"]), rel=0.1), (entry, metric, rec)
+            floor = suite["entries"][[e["name"] for e in suite["entries"]].index(entry)]["baseline"][metric][
+                "abs"
+            ]
+            assert rec["abs"] == pytest.approx(max(floor, SAFETY * rec["spread"]), rel=0.1), (
+                entry,
+                metric,
+                rec,
+            )
             assert rec["abs"] >= SAFETY * rec["spread"] and rec["abs"] >= floor
     # In the chaotic phase a 1-ulp nudge of the weights moves the trajectory-level ratio far beyond a
     # hand-set band of 0.001 decades: the measured band says so; the statistic's floor (0.5) stays.
@@ -219,13 +264,17 @@ def test_update_baseline_measures_each_band_under_perturbations(store, tmp_path,
     assert chaotic["spread"] > 0.01 and chaotic["abs"] > 0.04
     assert base["tanh_g3"]["bptt/decay_rate"]["abs"] == 0.5
     # The ordered phase is insensitive: the spread is tiny and the floor is the band.
-    assert base["tanh_g05"]["bptt/log10_ratio"]["spread"] < 1e-3 and base["tanh_g05"]["bptt/log10_ratio"]["abs"] == 0.05
+    assert (
+        base["tanh_g05"]["bptt/log10_ratio"]["spread"] < 1e-3
+        and base["tanh_g05"]["bptt/log10_ratio"]["abs"] == 0.05
+    )
 
     # The perturbed runs are in the store, nested under the same parent, tagged, only for baselined entries.
     c, everything = runs(store)
     perturbed = [r for r in everything if r.data.tags.get("perturbation")]
     assert sorted((r.data.tags["entry"], r.data.tags["perturbation"]) for r in perturbed) == sorted(
-        (e, p) for e in ("tanh_g05", "tanh_g3") for p in PERTURBATIONS)
+        (e, p) for e in ("tanh_g05", "tanh_g3") for p in PERTURBATIONS
+    )
     params = {(r.data.tags["entry"], r.data.tags["perturbation"]): r.data.params for r in perturbed}
     assert params["tanh_g3", "ulp1"]["model.init_ulp_seed"] == "1"
     assert params["tanh_g3", "threads2"]["trainer.threads"] == "2"
@@ -242,17 +291,21 @@ def test_a_law_that_fails_only_under_a_perturbation_refuses_the_baseline(store, 
     chaotic = yaml.safe_load(yaml.safe_dump(CHAOTIC))
     nominal = _nominal_ratio(tmp_path, chaotic)
     # A law tuned to this machine's exact trajectory: holds nominally, not after a 1-ulp nudge.
-    chaotic["checks"] = [{"metric_between": {"metric": "bptt/log10_ratio", "low": nominal - 1e-6,
-                                             "high": nominal + 1e-6}}]
+    chaotic["checks"] = [
+        {"metric_between": {"metric": "bptt/log10_ratio", "low": nominal - 1e-6, "high": nominal + 1e-6}}
+    ]
     suite["entries"].append(chaotic)
     path = write_suite(tmp_path, suite)
     assert main(["regress", "--suite", str(path), "--update-baseline"]) == 1
     out = capsys.readouterr().out
     assert "baseline NOT written" in out and not (tmp_path / "suite.baseline.yaml").exists()
-    assert any(ln.startswith("tanh_g3~ulp1: metric_between bptt/log10_ratio") and ln.endswith("law violated")
-               for ln in out.splitlines())
-    assert next(ln for ln in out.splitlines()
-                if ln.startswith("tanh_g3: metric_between bptt/log10_ratio")).endswith("pass")
+    assert any(
+        ln.startswith("tanh_g3~ulp1: metric_between bptt/log10_ratio") and ln.endswith("law violated")
+        for ln in out.splitlines()
+    )
+    assert next(
+        ln for ln in out.splitlines() if ln.startswith("tanh_g3: metric_between bptt/log10_ratio")
+    ).endswith("pass")
 
 
 def _nominal_ratio(tmp_path: Path, entry: dict) -> float:
@@ -273,7 +326,10 @@ def test_measured_band_rules():
     from pipeline.regression.baselines import SAFETY, Band, _round_up, measured_band
 
     assert measured_band(Band(abs=0.01), 13.64, [13.60, 13.91, 13.37]) == (Band(abs=1.1), pytest.approx(0.27))
-    assert measured_band(Band(abs=0.5), 0.30, [0.31, 0.29]) == (Band(abs=0.5), pytest.approx(0.01))  # floor wins
+    assert measured_band(Band(abs=0.5), 0.30, [0.31, 0.29]) == (
+        Band(abs=0.5),
+        pytest.approx(0.01),
+    )  # floor wins
     assert measured_band(Band(rel=0.1), 100.0, [101.0]) == (Band(rel=0.1), pytest.approx(1.0))
     assert measured_band(Band(abs=0.01), 1.0, [1.0, None])[1] == math.inf
     assert measured_band(Band(abs=0.01), 1.0, [math.nan])[1] == math.inf
@@ -289,11 +345,19 @@ def test_ulp_nudge_moves_every_weight_by_exactly_one_float32_ulp(tiny):
 
     for cell in ("tanh", "lstm", "orthogonal", "indrnn"):
         a = RNNModel(tiny(**{"model.cell": cell, "model.hidden_size": 64}).model, 2, 1, "last", seed=0)
-        b = RNNModel(tiny(**{"model.cell": cell, "model.hidden_size": 64, "model.init_ulp_seed": 3}).model,
-                     2, 1, "last", seed=0)
+        b = RNNModel(
+            tiny(**{"model.cell": cell, "model.hidden_size": 64, "model.init_ulp_seed": 3}).model,
+            2,
+            1,
+            "last",
+            seed=0,
+        )
         ups = []
         for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
-            up, down = torch.nextafter(p, torch.full_like(p, math.inf)), torch.nextafter(p, torch.full_like(p, -math.inf))
+            up, down = (
+                torch.nextafter(p, torch.full_like(p, math.inf)),
+                torch.nextafter(p, torch.full_like(p, -math.inf)),
+            )
             nz = p != 0
             assert bool(((q == up) | (q == down))[nz].all()) and bool((q == 0)[~nz].all()), (cell, name)
             ups.append((q > p)[nz].flatten())
@@ -304,11 +368,13 @@ def test_ulp_nudge_moves_every_weight_by_exactly_one_float32_ulp(tiny):
 
 # ----------------------------------------------------- the reference law catches planted profile bugs
 
+
 def _drop_tanh_prime(real):
     def vjp(params, cache, v):
         if params["cell"] in ("tanh", "orthogonal"):
             return (v[0] @ params["W_hh"],), None  # no diag(1 - h^2)
         return real(params, cache, v)
+
     return vjp
 
 
@@ -318,10 +384,13 @@ def _w_not_transposed(real):
             (h,) = cache
             return ((v[0] * (1 - h * h)) @ params["W_hh"].T,), None  # W where W^T belongs
         return real(params, cache, v)
+
     return vjp
 
 
-@pytest.mark.parametrize("plant", [None, _drop_tanh_prime, _w_not_transposed], ids=["correct", "no-tanh'", "W-not-WT"])
+@pytest.mark.parametrize(
+    "plant", [None, _drop_tanh_prime, _w_not_transposed], ids=["correct", "no-tanh'", "W-not-WT"]
+)
 def test_smoke_laws_catch_planted_profile_bugs(store, monkeypatch, plant):
     """Both bugs leave decay rates and the spectrum plausible; the suite must still fail on each."""
     from pipeline.bptt import twin as cells
@@ -355,11 +424,13 @@ def test_repo_suites_validate():
         if name != "gpu":  # gpu.yaml's numbers are recorded on a GPU server (README, "Regression suites")
             assert all(m in base.get(e.name, {}) for e in s.entries for m in e.bands), name
     smoke, nightly = (load_suite(ROOT / "configs" / "regression" / f"{n}.yaml") for n in ("smoke", "nightly"))
-    assert [e.name for e in nightly.entries[:len(smoke.entries)]] == [e.name for e in smoke.entries]  # include
+    assert [e.name for e in nightly.entries[: len(smoke.entries)]] == [
+        e.name for e in smoke.entries
+    ]  # include
     assert nightly.entries[0].cfg.tracking.run_name == f"nightly/{smoke.entries[0].name}"
     # One source of truth: smoke's entries keep smoke's accepted numbers inside nightly.
     assert suite_baseline(nightly)["tanh_g3_T100"] == suite_baseline(smoke)["tanh_g3_T100"]
-    assert all(e.baseline_path == smoke.baseline_path for e in nightly.entries[:len(smoke.entries)])
+    assert all(e.baseline_path == smoke.baseline_path for e in nightly.entries[: len(smoke.entries)])
     assert len(nightly.compare) == len(smoke.compare) + 1
 
 
@@ -376,19 +447,42 @@ def _chk(item, cfg=None, entry="e", names=("e", "f")):
     return parse_check(item, "k", entry, cfg or Config(), set(names))
 
 
-@pytest.mark.parametrize("item, good, bad", [
-    ({"metric_below": {"metric": "bptt/log10_ratio", "value": -10}}, {"bptt__log10_ratio": -20}, {"bptt__log10_ratio": -5}),
-    ({"metric_above": {"metric": "val/loss", "value": 0.1}}, {"val__loss": 0.16}, {"val__loss": 0.001}),
-    ({"metric_between": {"metric": "spectral/lyapunov_max", "low": 0.25, "high": 0.37}},
-     {"spectral__lyapunov_max": 0.3}, {"spectral__lyapunov_max": 0.0}),
-    ({"decay_rate_equals": {"value": "ln(0.5)", "tol": 0.1}}, {"bptt__decay_rate": -0.65}, {"bptt__decay_rate": -0.4}),
-    ({"metric_equals": {"metric": "bptt/c_log10_ratio", "value": "99*log10(sigmoid(0))", "rel": 0.15}},
-     {"bptt__c_log10_ratio": -28.0}, {"bptt__c_log10_ratio": -20.0}),
-    ({"lyapunov_matches_decay": {"tol": 0.05}}, {"bptt__decay_rate": 0.30, "spectral__lyapunov_max": 0.29},
-     {"bptt__decay_rate": 0.30, "spectral__lyapunov_max": 0.1}),
-    ({"pascanu_bound_holds": {}}, {"bptt__log10_ratio": -20, "spectral__pascanu_log10_bound": 5},
-     {"bptt__log10_ratio": 6, "spectral__pascanu_log10_bound": 5}),
-])
+@pytest.mark.parametrize(
+    ("item", "good", "bad"),
+    [
+        (
+            {"metric_below": {"metric": "bptt/log10_ratio", "value": -10}},
+            {"bptt__log10_ratio": -20},
+            {"bptt__log10_ratio": -5},
+        ),
+        ({"metric_above": {"metric": "val/loss", "value": 0.1}}, {"val__loss": 0.16}, {"val__loss": 0.001}),
+        (
+            {"metric_between": {"metric": "spectral/lyapunov_max", "low": 0.25, "high": 0.37}},
+            {"spectral__lyapunov_max": 0.3},
+            {"spectral__lyapunov_max": 0.0},
+        ),
+        (
+            {"decay_rate_equals": {"value": "ln(0.5)", "tol": 0.1}},
+            {"bptt__decay_rate": -0.65},
+            {"bptt__decay_rate": -0.4},
+        ),
+        (
+            {"metric_equals": {"metric": "bptt/c_log10_ratio", "value": "99*log10(sigmoid(0))", "rel": 0.15}},
+            {"bptt__c_log10_ratio": -28.0},
+            {"bptt__c_log10_ratio": -20.0},
+        ),
+        (
+            {"lyapunov_matches_decay": {"tol": 0.05}},
+            {"bptt__decay_rate": 0.30, "spectral__lyapunov_max": 0.29},
+            {"bptt__decay_rate": 0.30, "spectral__lyapunov_max": 0.1},
+        ),
+        (
+            {"pascanu_bound_holds": {}},
+            {"bptt__log10_ratio": -20, "spectral__pascanu_log10_bound": 5},
+            {"bptt__log10_ratio": 6, "spectral__pascanu_log10_bound": 5},
+        ),
+    ],
+)
 def test_each_law_passes_and_fails(item, good, bad):
     chk = _chk(item)
     assert run_check(chk, {"e": _r(**good)}).verdict == PASS
@@ -400,17 +494,33 @@ def test_each_law_passes_and_fails(item, good, bad):
 def test_finite_tag_and_cross_entry_laws():
     fin = _chk({"finite": {}})
     assert run_check(fin, {"e": _r(val__loss=0.1)}).verdict == PASS
-    assert run_check(fin, {"e": _r(tags={"regime": "diverged", "diverged_step": "3"})}).now == "diverged at step 3"
+    assert (
+        run_check(fin, {"e": _r(tags={"regime": "diverged", "diverged_step": "3"})}).now
+        == "diverged at step 3"
+    )
     tag = _chk({"tag_equals": {"tag": "solved", "value": True}})
     assert run_check(tag, {"e": _r(tags={"solved": "true"})}).verdict == PASS
     assert run_check(tag, {"e": _r(tags={"solved": "false"})}).verdict == LAW
-    ratio = _chk({"ratio_of_runs": {"metric": "grad/max_norm_preclip", "numerator": "e", "denominator": "f",
-                                    "min": 10, "diverged_as_inf": True}}, entry=None)
+    ratio = _chk(
+        {
+            "ratio_of_runs": {
+                "metric": "grad/max_norm_preclip",
+                "numerator": "e",
+                "denominator": "f",
+                "min": 10,
+                "diverged_as_inf": True,
+            }
+        },
+        entry=None,
+    )
     ok = {"e": _r(grad__max_norm_preclip=1e4), "f": _r("f", grad__max_norm_preclip=100)}
     assert run_check(ratio, ok).verdict == PASS and run_check(ratio, ok).now == "100"
     close = {"e": _r(grad__max_norm_preclip=500), "f": _r("f", grad__max_norm_preclip=100)}
     assert run_check(ratio, close).verdict == LAW
-    div = {"e": _r(tags={"regime": "diverged"}, grad__max_norm_preclip=5), "f": _r("f", grad__max_norm_preclip=100)}
+    div = {
+        "e": _r(tags={"regime": "diverged"}, grad__max_norm_preclip=5),
+        "f": _r("f", grad__max_norm_preclip=100),
+    }
     assert run_check(ratio, div).verdict == PASS  # a diverged unclipped run had an infinite norm
     failed = {"e": _r(status="FAILED"), "f": _r("f", grad__max_norm_preclip=100)}
     assert run_check(ratio, failed).verdict == "error"
@@ -422,7 +532,9 @@ def test_baseline_band_and_expressions():
     row = baseline_row("e", "bptt/log10_ratio", _r(bptt__log10_ratio=-23.0), accepted)
     assert row.verdict == REGRESSION and row.check == "e: bptt/log10_ratio"
     assert baseline_row("e", "val/loss", _r(val__loss=1.1), {"value": 1.0, "rel": 0.2}).verdict == PASS
-    assert evaluate("(T-1)*log10(sigmoid(b_f))", {"T": 100.0, "b_f": 0.0}, "k") == pytest.approx(99 * math.log10(0.5))
+    assert evaluate("(T-1)*log10(sigmoid(b_f))", {"T": 100.0, "b_f": 0.0}, "k") == pytest.approx(
+        99 * math.log10(0.5)
+    )
     for bad in ("__import__('os')", "g.real", "[1]", "ln(-1)"):
         with pytest.raises(ConfigError):
             evaluate(bad, {"g": 1.0}, "k")
@@ -435,7 +547,9 @@ def test_baseline_band_and_expressions():
 def test_workers_2_same_numbers(store, tmp_path, capsys):
     suite = write_suite(tmp_path, TINY)
     assert main(["regress", "--suite", str(suite), "--update-baseline"]) == 0
-    assert main(["regress", "--suite", str(suite), "--workers", "2"]) == 0  # same numbers from spawned workers
+    assert (
+        main(["regress", "--suite", str(suite), "--workers", "2"]) == 0
+    )  # same numbers from spawned workers
     assert "-> PASS" in capsys.readouterr().out
     _, ps = parents(store)
     assert len(ps) == 2 and all(p.data.tags["verdict"] == "pass" for p in ps)
@@ -455,9 +569,23 @@ def test_smoke_suite_holds_under_an_unrecorded_perturbation_and_fails_on_a_plant
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri}
     suite_path = ROOT / "configs/regression/smoke.yaml"
     t0 = time.time()
-    p = subprocess.run([sys.executable, "-m", "pipeline", "regress", "--suite", str(suite_path),
-                        "--set", "model.init_ulp_seed=7"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "regress",
+            "--suite",
+            str(suite_path),
+            "--set",
+            "model.init_ulp_seed=7",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     print(p.stdout[-3000:], f"\nsmoke suite: {time.time() - t0:.0f} s wall")
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-2000:]
     assert "-> PASS" in p.stdout and "no baseline" not in p.stdout

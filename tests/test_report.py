@@ -20,7 +20,10 @@ from conftest import ROOT, tiny_config
 
 STUDY = "small-study"
 EXPERIMENT = "sweep-small"  # not the default experiment: `report` with no flag must still find the sweep
-PLOTTED = {("tanh", 0.5, 0.01), ("relu", 3.0, 1.0)}  # runs that also write plots/*.png (the UI test opens one)
+PLOTTED = {
+    ("tanh", 0.5, 0.01),
+    ("relu", 3.0, 1.0),
+}  # runs that also write plots/*.png (the UI test opens one)
 
 
 def build_small_sweep(base: Path) -> dict:
@@ -38,25 +41,59 @@ def build_small_sweep(base: Path) -> dict:
     cwd = os.getcwd()
     os.chdir(base)  # the artifact root (./mlruns) is resolved against the working directory
     try:
-        parent = Recorder.start(uri, EXPERIMENT, f"sweep-{STUDY}", tags={"pipeline.kind": "sweep", "study": STUDY})
-        grid = [(cell, init, g, lr, "none") for cell, init in (("tanh", "gaussian"), ("relu", "identity"))
-                for g in (0.5, 3.0) for lr in (0.01, 1.0)]
+        parent = Recorder.start(
+            uri, EXPERIMENT, f"sweep-{STUDY}", tags={"pipeline.kind": "sweep", "study": STUDY}
+        )
+        grid = [
+            (cell, init, g, lr, "none")
+            for cell, init in (("tanh", "gaussian"), ("relu", "identity"))
+            for g in (0.5, 3.0)
+            for lr in (0.01, 1.0)
+        ]
         grid.append(("tanh", "gaussian", 3.0, 1.0, "norm"))
         trials = []
         for i, (cell, init, g, lr, clip) in enumerate(grid):
-            cfg = tiny_config(**{"model.cell": cell, "model.init": init, "model.init_scale": g,
-                                 "optim.name": "sgd", "optim.lr": lr, "clip.mode": clip, "clip.threshold": 1.0,
-                                 "diagnostics.plots": (cell, g, lr) in PLOTTED, "tracking.uri": uri,
-                                 "tracking.experiment": EXPERIMENT})
-            r = train.run(cfg, parent_run_id=parent.run_id, experiment_id=parent.experiment_id,
-                          extra_tags={"pipeline.kind": "trial", "study": STUDY, "trial_number": str(i)})
-            trials.append({"run_id": r.run_id, "regime": r.regime, "cell": cell, "init_scale": g, "lr": lr,
-                           "clip": clip, "diverged_step": r.diverged_step})
+            cfg = tiny_config(
+                **{
+                    "model.cell": cell,
+                    "model.init": init,
+                    "model.init_scale": g,
+                    "optim.name": "sgd",
+                    "optim.lr": lr,
+                    "clip.mode": clip,
+                    "clip.threshold": 1.0,
+                    "diagnostics.plots": (cell, g, lr) in PLOTTED,
+                    "tracking.uri": uri,
+                    "tracking.experiment": EXPERIMENT,
+                }
+            )
+            r = train.run(
+                cfg,
+                parent_run_id=parent.run_id,
+                experiment_id=parent.experiment_id,
+                extra_tags={"pipeline.kind": "trial", "study": STUDY, "trial_number": str(i)},
+            )
+            trials.append(
+                {
+                    "run_id": r.run_id,
+                    "regime": r.regime,
+                    "cell": cell,
+                    "init_scale": g,
+                    "lr": lr,
+                    "clip": clip,
+                    "diverged_step": r.diverged_step,
+                }
+            )
         parent.close()
     finally:
         os.chdir(cwd)
-    info = {"uri": uri, "base": str(base), "parent_run_id": parent.run_id,
-            "experiment_id": parent.experiment_id, "trials": trials}
+    info = {
+        "uri": uri,
+        "base": str(base),
+        "parent_run_id": parent.run_id,
+        "experiment_id": parent.experiment_id,
+        "trials": trials,
+    }
     marker.write_text(json.dumps(info))
     return info
 
@@ -99,14 +136,35 @@ def test_small_sweep_really_diverges_and_spans_regimes(small_sweep):
 def _expected(run, col: str):
     """What MLflow holds for a table column, read independently with MlflowClient.get_run."""
     d = run.data
-    metric = {"val_loss_ratio": "val/loss_ratio", "log10_ratio": "bptt/log10_ratio",
-              "decay_rate": "bptt/decay_rate", "clip_rate": "grad/clip_rate", "val_loss": "val/loss",
-              "baseline": "task/baseline", "max_norm_preclip": "grad/max_norm_preclip", "steps": "train/steps"}
-    tag = {"task": "task", "cell": "cell", "init": "init", "solved": "solved", "regime": "regime",
-           "regime_init": "regime_init", "pruned": "pruned", "diverged_step": "diverged_step",
-           "trial": "trial_number", "run_name": "mlflow.runName"}
-    param = {"init_scale": "model.init_scale", "lr": "optim.lr", "seq_len": "task.seq_len",
-             "optimizer": "optim.name", "seed": "seed"}
+    metric = {
+        "val_loss_ratio": "val/loss_ratio",
+        "log10_ratio": "bptt/log10_ratio",
+        "decay_rate": "bptt/decay_rate",
+        "clip_rate": "grad/clip_rate",
+        "val_loss": "val/loss",
+        "baseline": "task/baseline",
+        "max_norm_preclip": "grad/max_norm_preclip",
+        "steps": "train/steps",
+    }
+    tag = {
+        "task": "task",
+        "cell": "cell",
+        "init": "init",
+        "solved": "solved",
+        "regime": "regime",
+        "regime_init": "regime_init",
+        "pruned": "pruned",
+        "diverged_step": "diverged_step",
+        "trial": "trial_number",
+        "run_name": "mlflow.runName",
+    }
+    param = {
+        "init_scale": "model.init_scale",
+        "lr": "optim.lr",
+        "seq_len": "task.seq_len",
+        "optimizer": "optim.name",
+        "seed": "seed",
+    }
     if col in metric:
         return d.metrics.get(metric[col])
     if col in tag:
@@ -139,11 +197,15 @@ def _same(got, want) -> bool:
 def test_every_table_value_equals_what_mlflow_holds(small_sweep, report, source):
     import pandas as pd
 
-    table = report.table if source == "frame" else pd.read_csv(report.files["comparison.csv"], dtype=str,
-                                                               keep_default_na=False)
+    table = (
+        report.table
+        if source == "frame"
+        else pd.read_csv(report.files["comparison.csv"], dtype=str, keep_default_na=False)
+    )
     c = _client(small_sweep["uri"])
-    children = c.search_runs([small_sweep["experiment_id"]],
-                             f"tags.mlflow.parentRunId = '{small_sweep['parent_run_id']}'")
+    children = c.search_runs(
+        [small_sweep["experiment_id"]], f"tags.mlflow.parentRunId = '{small_sweep['parent_run_id']}'"
+    )
     assert sorted(table["run_id"]) == sorted(r.info.run_id for r in children)  # diverged not dropped
     runs = {r.info.run_id: r for r in children}
     checked = 0
@@ -174,7 +236,7 @@ def test_html_is_self_contained_with_figures(report):
     imgs = html.count("src='data:image/png;base64,")
     assert imgs == 3  # one task: phase diagram, profiles, gradient norms
     start = html.index("data:image/png;base64,") + len("data:image/png;base64,")
-    assert base64.b64decode(html[start:html.index("'", start)])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert base64.b64decode(html[start : html.index("'", start)])[:8] == b"\x89PNG\r\n\x1a\n"
     for run_id in report.table["run_id"]:
         assert f'data-run-id="{run_id}"' in html
     assert "diverged" in html and STUDY in html
@@ -182,8 +244,15 @@ def test_html_is_self_contained_with_figures(report):
 
 def test_markdown_csv_and_pngs_written(report):
     out = report.out
-    for name in ("report.html", "report.md", "comparison.csv", "summary.csv", "phase_diagram.png",
-                 "profiles.png", "grad_norms.png"):
+    for name in (
+        "report.html",
+        "report.md",
+        "comparison.csv",
+        "summary.csv",
+        "phase_diagram.png",
+        "profiles.png",
+        "grad_norms.png",
+    ):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     md = (out / "report.md").read_text()
     assert "](phase_diagram.png)" in md and "| regime |" in md
@@ -191,7 +260,9 @@ def test_markdown_csv_and_pngs_written(report):
     from PIL import Image
 
     with Image.open(out / "phase_diagram.png") as im:
-        assert im.size[0] > 400 and len(set(map(tuple, np.asarray(im.convert("RGB")).reshape(-1, 3)))) > 50  # not blank
+        assert (
+            im.size[0] > 400 and len(set(map(tuple, np.asarray(im.convert("RGB")).reshape(-1, 3)))) > 50
+        )  # not blank
 
 
 def test_report_logged_to_the_sweep_parent(small_sweep, report):
@@ -273,8 +344,14 @@ def test_whole_experiment_target_excludes_the_sweep_parent(small_sweep, tmp_path
 def test_make_report_default_finds_the_latest_sweep(small_sweep, tmp_path):
     """`make report` as a new user runs it: no flags, the default store from the environment."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": small_sweep["uri"], "PYTHONPATH": str(ROOT)}
-    p = subprocess.run([sys.executable, "-m", "pipeline", "report"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "pipeline", "report"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert f"report '{STUDY}': {len(small_sweep['trials'])} runs" in p.stdout
     assert "Downloading artifacts" not in p.stderr  # no progress bar per download
@@ -298,12 +375,15 @@ def _run_count(uri) -> int:
     return len(c.search_runs(ids, run_view_type=ViewType.ALL)), len(ids)
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--experiment", "no-such-experiment"], "unknown experiment 'no-such-experiment'"),
-    (["--study", "no-such-study"], "unknown study 'no-such-study'"),
-    (["--experiment", EXPERIMENT, "--study", "no-such-study"], "unknown study"),
-    (["--experiment", " "], "must not be empty"),
-])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--experiment", "no-such-experiment"], "unknown experiment 'no-such-experiment'"),
+        (["--study", "no-such-study"], "unknown study 'no-such-study'"),
+        (["--experiment", EXPERIMENT, "--study", "no-such-study"], "unknown study"),
+        (["--experiment", " "], "must not be empty"),
+    ],
+)
 def test_unknown_targets_are_one_line_errors_and_write_nothing(small_sweep, tmp_path, capsys, args, needle):
     before = _run_count(small_sweep["uri"])
     out = tmp_path / "out"
@@ -347,13 +427,30 @@ def _one_panel_table():
     a diverged one (the shape that lost its title and legend)."""
     import pandas as pd
 
-    rows = [("r1", 0.5, 0.01, "healthy", 0.98, "false", None),
-            ("r2", 1.0, 0.01, "vanishing", 0.05, "true", None),
-            ("r3", 3.0, 1.0, "diverged", math.nan, "false", 7)]
-    return pd.DataFrame([{"run_id": rid, "task": "adding", "cell": "tanh", "init": "gaussian", "init_scale": g,
-                          "lr": lr, "clip": "norm 1", "regime": reg, "val_loss_ratio": v, "solved": sol,
-                          "diverged_step": ds, "status": "FINISHED"}
-                         for rid, g, lr, reg, v, sol, ds in rows])
+    rows = [
+        ("r1", 0.5, 0.01, "healthy", 0.98, "false", None),
+        ("r2", 1.0, 0.01, "vanishing", 0.05, "true", None),
+        ("r3", 3.0, 1.0, "diverged", math.nan, "false", 7),
+    ]
+    return pd.DataFrame(
+        [
+            {
+                "run_id": rid,
+                "task": "adding",
+                "cell": "tanh",
+                "init": "gaussian",
+                "init_scale": g,
+                "lr": lr,
+                "clip": "norm 1",
+                "regime": reg,
+                "val_loss_ratio": v,
+                "solved": sol,
+                "diverged_step": ds,
+                "status": "FINISHED",
+            }
+            for rid, g, lr, reg, v, sol, ds in rows
+        ]
+    )
 
 
 def _inside(fig, artist) -> bool:
@@ -375,8 +472,12 @@ def test_one_panel_figures_keep_title_and_legend():
     table = _one_panel_table()
     fig = rr.phase_diagram(table, "adding")
     assert _inside(fig, fig._suptitle) and all(_inside(fig, lg) for lg in fig.legends)
-    norms = {rid: pd.DataFrame({"step": np.arange(1, 6), "norm_preclip": np.linspace(1, 5, 5),
-                                "norm_postclip": np.ones(5)}) for rid in table["run_id"]}
+    norms = {
+        rid: pd.DataFrame(
+            {"step": np.arange(1, 6), "norm_preclip": np.linspace(1, 5, 5), "norm_postclip": np.ones(5)}
+        )
+        for rid in table["run_id"]
+    }
     fig = rr.grad_norm_panels(table, norms, "adding")
     assert _inside(fig, fig._suptitle)
     for ax in fig.axes:
@@ -390,7 +491,10 @@ def test_learned_nothing_does_not_look_like_success():
 
     from pipeline.report import figures as rr
 
-    assert rr.run_summary("healthy", 0.98, "false") == "healthy gradients; val loss 0.98 x baseline: learned nothing"
+    assert (
+        rr.run_summary("healthy", 0.98, "false")
+        == "healthy gradients; val loss 0.98 x baseline: learned nothing"
+    )
     assert rr.outcome(0.05, "true") == "solved" and rr.outcome(0.5) == "partly learned"
     fig = rr.phase_diagram(_one_panel_table(), "adding")
     ax = fig.axes[0]

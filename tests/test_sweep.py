@@ -61,7 +61,9 @@ def sweep_env() -> dict[str, str]:
 
 
 def run_sweep_cli(cfg: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(sweep_cmd(cfg, *extra), capture_output=True, text=True, timeout=timeout, env=sweep_env())
+    return subprocess.run(
+        sweep_cmd(cfg, *extra), capture_output=True, text=True, timeout=timeout, env=sweep_env()
+    )
 
 
 def load_study(name: str = "t", path: str = "optuna/t.journal"):
@@ -107,19 +109,22 @@ def check_consistent(study, runs, n_trials: int) -> None:
 # ------------------------------------------------------------------------------------ validation
 
 
-@pytest.mark.parametrize("change, key", [
-    ({"space": {"optim.lr": {"low": 0.1, "high": 0.01}}}, "space.optim.lr"),
-    ({"space": {"model.nope": {"low": 0.1, "high": 1.0}}}, "space.model.nope"),
-    ({"space": {"model.cell": {"choices": []}}}, "space.model.cell.choices"),
-    ({"space": {"model.cell": {"choices": ["tanh", "bogus"]}}}, "space.model.cell"),
-    ({"space": {"optim.lr": {"low": 0.0, "high": 0.1, "log": True}}}, "space.optim.lr.low"),
-    ({"space": {"tracking.uri": {"choices": ["a"]}}}, "space.tracking.uri"),
-    ({"space": {}}, "space"),
-    ({"n_trials": 0}, "n_trials"),
-    ({"sampler": {"name": "grid"}}, "sampler.name"),
-    ({"pruner": {"name": "median", "patience": 3}}, "pruner.patience"),
-    ({"bogus": 1}, "bogus"),
-])
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"space": {"optim.lr": {"low": 0.1, "high": 0.01}}}, "space.optim.lr"),
+        ({"space": {"model.nope": {"low": 0.1, "high": 1.0}}}, "space.model.nope"),
+        ({"space": {"model.cell": {"choices": []}}}, "space.model.cell.choices"),
+        ({"space": {"model.cell": {"choices": ["tanh", "bogus"]}}}, "space.model.cell"),
+        ({"space": {"optim.lr": {"low": 0.0, "high": 0.1, "log": True}}}, "space.optim.lr.low"),
+        ({"space": {"tracking.uri": {"choices": ["a"]}}}, "space.tracking.uri"),
+        ({"space": {}}, "space"),
+        ({"n_trials": 0}, "n_trials"),
+        ({"sampler": {"name": "grid"}}, "sampler.name"),
+        ({"pruner": {"name": "median", "patience": 3}}, "pruner.patience"),
+        ({"bogus": 1}, "bogus"),
+    ],
+)
 def test_bad_sweep_config_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, change, key):
     from pipeline.cli import main
 
@@ -135,8 +140,13 @@ def test_bad_sweep_config_is_one_line_exit_2_and_writes_nothing(tmp_path, monkey
 def test_sweep_overrides_and_space_forms(tmp_path):
     from pipeline.sweep.config import load_sweep
 
-    cfg = write_sweep(tmp_path / "s.yaml", space={"model": {"init_scale": {"low": 0.5, "high": 2.0}},
-                                                  "optim.lr": {"low": 1e-3, "high": 1e-2, "log": True}})
+    cfg = write_sweep(
+        tmp_path / "s.yaml",
+        space={
+            "model": {"init_scale": {"low": 0.5, "high": 2.0}},
+            "optim.lr": {"low": 1e-3, "high": 1e-2, "log": True},
+        },
+    )
     sw = load_sweep(cfg, ["n_trials=7", "space.model.init_scale.high=4", "base.optim.name=sgd"])
     assert sw.n_trials == 7 and sw.base["optim"]["name"] == "sgd"
     ps = {p.key: p for p in sw.space}
@@ -191,8 +201,15 @@ def test_reaper_fails_dead_owners_trials_closes_runs_and_retries_once(store, mon
 
     dead, live, remote, orphan = _dead_owner(), owner_tag(), "another-host|1|123", None
     assert (owner_alive(dead), owner_alive(live), owner_alive(remote)) == (False, True, None)
-    trials = {name: running(o, x) for name, o, x in
-              (("dead", dead, 0.1), ("live", live, 0.2), ("remote", remote, 0.3), ("orphan", orphan, 0.4))}
+    trials = {
+        name: running(o, x)
+        for name, o, x in (
+            ("dead", dead, 0.1),
+            ("live", live, 0.2),
+            ("remote", remote, 0.3),
+            ("orphan", orphan, 0.4),
+        )
+    }
     run = c.create_run(exp, tags={"study": "r", "trial_number": str(trials["dead"].number)})
     trials["dead"].set_user_attr("mlflow_run_id", run.info.run_id)
 
@@ -252,14 +269,31 @@ def test_gradient_health_and_divergence_in_process(tiny):
     study = optuna.create_study()
     t = study.ask()
     cb = TrialCallback(t, max_grad_norm=1e6, log_every=5)
-    cfg = tiny(**{"model.cell": "relu", "model.init": "gaussian", "model.init_scale": 4.0, "optim.lr": 1.0,
-                  "tracking.enabled": False, "diagnostics.plots": False})
+    cfg = tiny(
+        **{
+            "model.cell": "relu",
+            "model.init": "gaussian",
+            "model.init_scale": 4.0,
+            "optim.lr": 1.0,
+            "tracking.enabled": False,
+            "diagnostics.plots": False,
+        }
+    )
     r = train.run(cfg, callbacks=[cb])
     assert cb.pruned_by == "grad_norm" and r.pruned and r.steps < cfg.trainer.max_steps
     t2 = study.ask()
     cb2 = TrialCallback(t2, max_grad_norm=1e6, log_every=5)
-    cfg2 = tiny(**{"model.cell": "relu", "model.init": "gaussian", "model.init_scale": 3.0, "optim.name": "sgd",
-                   "optim.lr": 10.0, "tracking.enabled": False, "diagnostics.plots": False})
+    cfg2 = tiny(
+        **{
+            "model.cell": "relu",
+            "model.init": "gaussian",
+            "model.init_scale": 3.0,
+            "optim.name": "sgd",
+            "optim.lr": 10.0,
+            "tracking.enabled": False,
+            "diagnostics.plots": False,
+        }
+    )
     r2 = train.run(cfg2, callbacks=[cb2])
     assert r2.diverged_step is not None and r2.regime == "diverged" and r2.steps < 5
 
@@ -275,7 +309,9 @@ def test_tiny_sweep_parent_child_structure(store, tmp_path):
     study, runs = load_study(), mlflow_runs(store)
     check_consistent(study, runs, 4)
     parent = next(r for r in runs if r.data.tags.get("pipeline.kind") == "sweep")
-    best = min((t for t in study.trials if t.value is not None and t.state.name == "COMPLETE"), key=lambda t: t.value)
+    best = min(
+        (t for t in study.trials if t.value is not None and t.state.name == "COMPLETE"), key=lambda t: t.value
+    )
     assert parent.data.metrics["best_value"] == pytest.approx(best.value)
     assert parent.data.params["best_optim.lr"] == str(best.params["optim.lr"])
     assert parent.info.status == "FINISHED"
@@ -323,15 +359,23 @@ def check_killed_trial_retried(study, runs, t, n_trials: int) -> None:
     killed = next(r for r in runs if r.info.run_id == t.user_attrs["mlflow_run_id"])
     assert killed.info.status == "KILLED" and killed.data.tags.get("status") == "killed"
     retry = [x for x in study.trials if x.user_attrs.get("retry_of") == t.number]
-    assert len(retry) == 1 and retry[0].params == stale.params and retry[0].state.name in ("COMPLETE", "PRUNED")
+    assert (
+        len(retry) == 1 and retry[0].params == stale.params and retry[0].state.name in ("COMPLETE", "PRUNED")
+    )
     check_consistent(study, [r for r in runs if r.info.run_id != killed.info.run_id], n_trials)
 
 
 def kill_a_worker_while_the_sweep_runs(cfg: Path, mlflow_uri: str, n_trials: int, *extra: str, load=None):
     """kill -9 one worker mid-trial; the parent goes on. It must reap the trial at once (FAIL, run KILLED),
     replace the worker, retry the params once, and finish the budget with everything accounted for."""
-    parent = subprocess.Popen(sweep_cmd(cfg, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=sweep_env(), start_new_session=True)
+    parent = subprocess.Popen(
+        sweep_cmd(cfg, *extra),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=sweep_env(),
+        start_new_session=True,
+    )
     try:
         t = wait_for_running_trial(load=load)  # None: the journal, once its file exists
         os.kill(int(t.user_attrs["worker"].split("|")[1]), signal.SIGKILL)
@@ -364,10 +408,18 @@ def test_four_workers_on_fresh_stores(store, tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_mid_trial_then_resume(store, tmp_path):
-    cfg = write_sweep(tmp_path / "s.yaml", n_trials=3, base={**TINY["base"], "trainer": {
-        "max_steps": 400, "val_every": 100, "log_every": 10}})
-    parent = subprocess.Popen(sweep_cmd(cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env=sweep_env(), start_new_session=True)
+    cfg = write_sweep(
+        tmp_path / "s.yaml",
+        n_trials=3,
+        base={**TINY["base"], "trainer": {"max_steps": 400, "val_every": 100, "log_every": 10}},
+    )
+    parent = subprocess.Popen(
+        sweep_cmd(cfg),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=sweep_env(),
+        start_new_session=True,
+    )
     t = wait_for_running_trial()
     worker_pid = int(t.user_attrs["worker"].split("|")[1])
     os.kill(parent.pid, signal.SIGKILL)  # the whole sweep dies without a chance to clean up
@@ -384,23 +436,37 @@ def test_kill_9_mid_trial_then_resume(store, tmp_path):
 @pytest.mark.parametrize("fork", ["1", "0"], ids=["forkserver", "fresh-interpreter"])
 def test_kill_9_of_one_worker_while_the_sweep_goes_on(store, tmp_path, monkeypatch, fork):
     monkeypatch.setenv("PIPELINE_SWEEP_FORK", fork)  # both process models (GPU workers use the second)
-    cfg = write_sweep(tmp_path / "s.yaml", n_trials=3, base={**TINY["base"], "trainer": {
-        "max_steps": 400, "val_every": 100, "log_every": 10}})
+    cfg = write_sweep(
+        tmp_path / "s.yaml",
+        n_trials=3,
+        base={**TINY["base"], "trainer": {"max_steps": 400, "val_every": 100, "log_every": 10}},
+    )
     kill_a_worker_while_the_sweep_runs(cfg, store, 3)
 
 
 @pytest.mark.slow
 def test_sigterm_closes_trial_and_runs(store, tmp_path):
-    cfg = write_sweep(tmp_path / "s.yaml", n_trials=3, base={**TINY["base"], "trainer": {
-        "max_steps": 2000, "val_every": 500, "log_every": 10}})
-    parent = subprocess.Popen(sweep_cmd(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=sweep_env(), start_new_session=True)
+    cfg = write_sweep(
+        tmp_path / "s.yaml",
+        n_trials=3,
+        base={**TINY["base"], "trainer": {"max_steps": 2000, "val_every": 500, "log_every": 10}},
+    )
+    parent = subprocess.Popen(
+        sweep_cmd(cfg),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=sweep_env(),
+        start_new_session=True,
+    )
     t = wait_for_running_trial()
     parent.send_signal(signal.SIGTERM)
     out, err = parent.communicate(timeout=120)
     assert parent.returncode == 143, out + err
     study, runs = load_study(), mlflow_runs(store)
-    assert study.trials[t.number].state.name == "FAIL" and study.trials[t.number].user_attrs.get("interrupted")
+    assert study.trials[t.number].state.name == "FAIL" and study.trials[t.number].user_attrs.get(
+        "interrupted"
+    )
     assert not [r for r in runs if r.info.status == "RUNNING"]
     by_id = {r.info.run_id: r for r in runs}
     assert by_id[t.user_attrs["mlflow_run_id"]].info.status == "KILLED"
@@ -413,10 +479,22 @@ def test_sigterm_closes_trial_and_runs(store, tmp_path):
 
 @pytest.mark.slow
 def test_diverged_trials_are_recorded_and_learned_from(store, tmp_path):
-    base = {**TINY["base"], "model": {"cell": "relu", "hidden_size": 8, "init": "gaussian"},
-            "optim": {"name": "sgd", "lr": 10.0}}
-    cfg = write_sweep(tmp_path / "s.yaml", n_trials=4, workers=2, penalty=3.0, base=base, space={
-        "model.init_scale": {"low": 2.5, "high": 4.0}, "optim.lr": {"low": 10.0, "high": 100.0, "log": True}})
+    base = {
+        **TINY["base"],
+        "model": {"cell": "relu", "hidden_size": 8, "init": "gaussian"},
+        "optim": {"name": "sgd", "lr": 10.0},
+    }
+    cfg = write_sweep(
+        tmp_path / "s.yaml",
+        n_trials=4,
+        workers=2,
+        penalty=3.0,
+        base=base,
+        space={
+            "model.init_scale": {"low": 2.5, "high": 4.0},
+            "optim.lr": {"low": 10.0, "high": 100.0, "log": True},
+        },
+    )
     p = run_sweep_cli(cfg)
     assert p.returncode == 0, p.stdout + p.stderr
     study, runs = load_study(), mlflow_runs(store)
@@ -428,7 +506,9 @@ def test_diverged_trials_are_recorded_and_learned_from(store, tmp_path):
         assert t.state.name == "COMPLETE" and t.value == 3.0  # penalty, not FAIL: TPE sees it
         assert isinstance(t.user_attrs["diverged_step"], int) and t.user_attrs["regime"] == "diverged"
         tags = by_id[t.user_attrs["mlflow_run_id"]].data.tags
-        assert tags["regime"] == "diverged" and tags["diverged"] == "true" and tags["optuna_state"] == "COMPLETE"
+        assert (
+            tags["regime"] == "diverged" and tags["diverged"] == "true" and tags["optuna_state"] == "COMPLETE"
+        )
     assert "diverged" in p.stdout
 
 
@@ -445,9 +525,15 @@ def test_shipped_smoke_sweep(store):
     parent = next(r for r in runs if r.data.tags.get("pipeline.kind") == "sweep")
     c = MlflowClient(store)
     arts = {a.path for a in c.list_artifacts(parent.info.run_id)} | {
-        a.path for a in c.list_artifacts(parent.info.run_id, "plots")}
-    assert {"trials.parquet", "sweep.yaml", "plots/optuna_history.png", "plots/param_importances.png",
-            "plots/contour_init_scale_lr.png"} <= arts
+        a.path for a in c.list_artifacts(parent.info.run_id, "plots")
+    }
+    assert {
+        "trials.parquet",
+        "sweep.yaml",
+        "plots/optuna_history.png",
+        "plots/param_importances.png",
+        "plots/contour_init_scale_lr.png",
+    } <= arts
     df = pd.read_parquet(c.download_artifacts(parent.info.run_id, "trials.parquet"))
     assert {"number", "state", "value", "regime", "run_id", "p.optim.lr"} <= set(df.columns)
     assert len(df) == len(study.trials)

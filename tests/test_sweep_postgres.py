@@ -62,11 +62,28 @@ def free_port() -> int:
 @pytest.fixture
 def mlflow_server(pg_databases, tmp_path):
     port = free_port()
-    log = open(tmp_path / "mlflow-server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", pg_databases[1],
-                             "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-                             "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    log = open(tmp_path / "mlflow-server.log", "w")  # noqa: SIM115 - the server writes to it until teardown closes it
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            pg_databases[1],
+            "--default-artifact-root",
+            str(tmp_path / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     wait_for_http(f"{url}/health", proc, 180, tmp_path / "mlflow-server.log")
     try:
@@ -112,7 +129,17 @@ def test_kill_9_of_a_worker_on_postgres(pg_databases, store, tmp_path):
     import optuna
 
     optuna_url = pg_databases[0]
-    cfg = write_sweep(tmp_path / "s.yaml", n_trials=3, heartbeat={"interval": 5, "grace": 60},
-                      base={**TINY["base"], "trainer": {"max_steps": 400, "val_every": 100, "log_every": 10}})
-    kill_a_worker_while_the_sweep_runs(cfg, store, 3, "--storage", optuna_url,
-                                       load=lambda: optuna.load_study(study_name="t", storage=optuna_url))
+    cfg = write_sweep(
+        tmp_path / "s.yaml",
+        n_trials=3,
+        heartbeat={"interval": 5, "grace": 60},
+        base={**TINY["base"], "trainer": {"max_steps": 400, "val_every": 100, "log_every": 10}},
+    )
+    kill_a_worker_while_the_sweep_runs(
+        cfg,
+        store,
+        3,
+        "--storage",
+        optuna_url,
+        load=lambda: optuna.load_study(study_name="t", storage=optuna_url),
+    )

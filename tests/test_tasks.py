@@ -54,7 +54,7 @@ def test_temporal_order_layout_and_baseline():
     task = make_task("temporal_order", 100)
     x, y = task.sample(400, gen())
     sym = x.argmax(-1)
-    rel = (sym < 2)
+    rel = sym < 2
     assert torch.all(rel.sum(1) == 2)
     pos = rel.float().argsort(1, descending=True)[:, :2].sort(1).values
     assert torch.all((pos[:, 0] >= 10) & (pos[:, 0] < 20) & (pos[:, 1] >= 50) & (pos[:, 1] < 60))

@@ -10,8 +10,15 @@ from mlflow.tracking import MlflowClient
 
 from pipeline.training.run import run
 
-DIVERGING = {"model.cell": "relu", "model.init": "identity", "model.init_scale": 1.5, "optim.name": "sgd",
-             "optim.lr": 1.0, "task.seq_len": 20, "model.hidden_size": 16}
+DIVERGING = {
+    "model.cell": "relu",
+    "model.init": "identity",
+    "model.init_scale": 1.5,
+    "optim.name": "sgd",
+    "optim.lr": 1.0,
+    "task.seq_len": 20,
+    "model.hidden_size": 16,
+}
 
 
 class Capture(pl.Callback):
@@ -30,9 +37,20 @@ def test_run_recorded_in_mlflow(store, tiny):
     assert tags["regime"] in ("vanishing", "healthy", "exploding") and tags["regime"] == r.regime
     assert tags["git_commit"] and "version.torch" in tags and "diverged_step" not in tags
     assert params["optim.lr"] == "0.01" and params["task.seq_len"] == "12" and params["clip.mode"] == "norm"
-    for key in ("train/loss", "val/loss", "grad/norm_preclip", "grad/norm_postclip", "grad/clip_rate",
-                "bptt/log10_ratio", "bptt/decay_rate", "spectral/sigma_max", "spectral/radius",
-                "spectral/lyapunov_max", "spectral/pascanu_log10_bound", "task/baseline"):
+    for key in (
+        "train/loss",
+        "val/loss",
+        "grad/norm_preclip",
+        "grad/norm_postclip",
+        "grad/clip_rate",
+        "bptt/log10_ratio",
+        "bptt/decay_rate",
+        "spectral/sigma_max",
+        "spectral/radius",
+        "spectral/lyapunov_max",
+        "spectral/pascanu_log10_bound",
+        "task/baseline",
+    ):
         assert key in metrics, key
     assert metrics["task/baseline"] == pytest.approx(1 / 6)
     assert metrics["val/loss"] == pytest.approx(r.val_loss)
@@ -41,10 +59,16 @@ def test_run_recorded_in_mlflow(store, tiny):
     # Post-clip norms never exceed the threshold; the history has every step.
     post = [m.value for m in c.get_metric_history(r.run_id, "grad/norm_postclip")]
     assert post and max(post) <= 0.5 + 1e-6
-    arts = {a.path for a in c.list_artifacts(r.run_id)} | {a.path for d in ("diagnostics", "plots")
-                                                           for a in c.list_artifacts(r.run_id, d)}
-    for a in ("config.yaml", "diagnostics/bptt_profile.parquet", "diagnostics/grad_norms.parquet",
-              "plots/bptt_profile.png", "plots/grad_norms.png"):
+    arts = {a.path for a in c.list_artifacts(r.run_id)} | {
+        a.path for d in ("diagnostics", "plots") for a in c.list_artifacts(r.run_id, d)
+    }
+    for a in (
+        "config.yaml",
+        "diagnostics/bptt_profile.parquet",
+        "diagnostics/grad_norms.parquet",
+        "plots/bptt_profile.png",
+        "plots/grad_norms.png",
+    ):
         assert a in arts, a
     local = c.download_artifacts(r.run_id, "diagnostics/bptt_profile.parquet")
     prof = pd.read_parquet(local)
@@ -60,7 +84,9 @@ def test_run_recorded_in_mlflow(store, tiny):
 
 def test_lstm_profile_has_cell_state(store, tiny):
     r = run(tiny(**{"model.cell": "lstm"}))
-    prof = pd.read_parquet(MlflowClient(store).download_artifacts(r.run_id, "diagnostics/bptt_profile.parquet"))
+    prof = pd.read_parquet(
+        MlflowClient(store).download_artifacts(r.run_id, "diagnostics/bptt_profile.parquet")
+    )
     assert set(prof["state"]) == {"h", "c"}
     assert "bptt/c_log10_ratio" in r.metrics and "spectral/sigma_max_f" in r.metrics
 
@@ -88,10 +114,17 @@ class Interrupt(pl.Callback):
             raise self.exc
 
 
-@pytest.mark.parametrize("exc, raised, status", [
-    (KeyboardInterrupt(), (KeyboardInterrupt, SystemExit), "KILLED"),  # Lightning turns Ctrl-C into exit(1)
-    (RuntimeError("boom"), RuntimeError, "FAILED"),
-])
+@pytest.mark.parametrize(
+    ("exc", "raised", "status"),
+    [
+        (
+            KeyboardInterrupt(),
+            (KeyboardInterrupt, SystemExit),
+            "KILLED",
+        ),  # Lightning turns Ctrl-C into exit(1)
+        (RuntimeError("boom"), RuntimeError, "FAILED"),
+    ],
+)
 def test_interrupted_or_failed_run_is_closed(store, tiny, exc, raised, status):
     with pytest.raises(raised):
         run(tiny(), callbacks=[Interrupt(exc)])
@@ -124,25 +157,40 @@ def test_default_run_names_are_distinct_within_one_second(tiny):
 # ------------------------------------------------------------------------ verdicts that are right
 
 
-@pytest.mark.parametrize("cell, extra, want, ratio_range", [
-    # copy, T = 100, H = 64, PyTorch default init: the recall window's gradient, carried from its first
-    # step (t = 111) back to t = 1. Measured: tanh -28.3, orthogonal g = 1: -1.5 decades (README).
-    ("tanh", {}, "vanishing", (-35, -20)),
-    ("orthogonal", {"model.init_scale": 1.0}, "healthy", (-3, 1)),
-])
+@pytest.mark.parametrize(
+    ("cell", "extra", "want", "ratio_range"),
+    [
+        # copy, T = 100, H = 64, PyTorch default init: the recall window's gradient, carried from its first
+        # step (t = 111) back to t = 1. Measured: tanh -28.3, orthogonal g = 1: -1.5 decades (README).
+        ("tanh", {}, "vanishing", (-35, -20)),
+        ("orthogonal", {"model.init_scale": 1.0}, "healthy", (-3, 1)),
+    ],
+)
 def test_copy_verdict_reads_the_memory_window(store, tiny, cell, extra, want, ratio_range):
     """The total dL/dh_t of copy is dominated by each step's own loss term (it read 0.16 decades and
     `healthy` for tanh): the verdict must read the recall window's gradient instead."""
-    cfg = tiny(**{"task.name": "copy", "task.seq_len": 100, "model.cell": cell, "model.hidden_size": 64,
-                  "optim.lr": 1e-6, "trainer.max_steps": 1, "trainer.val_every": 1,
-                  "diagnostics.probe_size": 32, **extra})
+    cfg = tiny(
+        **{
+            "task.name": "copy",
+            "task.seq_len": 100,
+            "model.cell": cell,
+            "model.hidden_size": 64,
+            "optim.lr": 1e-6,
+            "trainer.max_steps": 1,
+            "trainer.val_every": 1,
+            "diagnostics.probe_size": 32,
+            **extra,
+        }
+    )
     r = run(cfg)
     assert r.tags["regime_init"] == want and r.regime == want
     lo, hi = ratio_range
     assert lo < r.metrics["bptt/log10_ratio"] < hi
     assert r.metrics["bptt/log10_ratio_per_step"] == pytest.approx(r.metrics["bptt/log10_ratio"] / 110)
     assert r.metrics["bptt/log10_ratio"] <= r.metrics["spectral/pascanu_log10_bound"] + 1e-9
-    prof = pd.read_parquet(MlflowClient(store).download_artifacts(r.run_id, "diagnostics/bptt_profile.parquet"))
+    prof = pd.read_parquet(
+        MlflowClient(store).download_artifacts(r.run_id, "diagnostics/bptt_profile.parquet")
+    )
     assert set(prof["state"]) == {"h", "h_total"}
     last = prof[(prof.step == prof.step.max()) & (prof.state == "h")].set_index("t")["log10_norm"]
     assert last[1] - last[111] == pytest.approx(r.metrics["bptt/log10_ratio"], abs=1e-9)
@@ -154,10 +202,20 @@ def test_forward_overflow_is_exploding_and_recorded(store, tiny):
     """relu, identity init g = 1.5, T = 2000: the float64 twin's state passes 1e308 near t = 1750 (it
     read all-NaN, Lyapunov -inf, regime_init `vanishing`). float32 training overflows at once, so the
     run itself diverges; its step-0 verdict must be exploding, with the step of the overflow."""
-    cfg = tiny(**{"task.seq_len": 2000, "model.cell": "relu", "model.init": "identity",
-                  "model.init_scale": 1.5, "model.hidden_size": 8, "trainer.max_steps": 2,
-                  "trainer.val_every": 2, "diagnostics.probe_size": 4, "task.batch_size": 4,
-                  "task.val_size": 4})
+    cfg = tiny(
+        **{
+            "task.seq_len": 2000,
+            "model.cell": "relu",
+            "model.init": "identity",
+            "model.init_scale": 1.5,
+            "model.hidden_size": 8,
+            "trainer.max_steps": 2,
+            "trainer.val_every": 2,
+            "diagnostics.probe_size": 4,
+            "task.batch_size": 4,
+            "task.val_size": 4,
+        }
+    )
     r = run(cfg)
     assert r.tags["regime_init"] == "exploding"
     assert r.regime in ("exploding", "diverged")
@@ -184,7 +242,10 @@ def test_nonfinite_metrics_are_recorded_visibly(store):
     got = c.get_run(rec.run_id).data
     assert got.tags["nonfinite.a"] == "nan"
     assert got.metrics["b"] == -sys.float_info.max and got.metrics["c"] == sys.float_info.max
-    assert [(x.step, x.value) for x in c.get_metric_history(rec.run_id, "b")] == [(0, 2.0), (5, -sys.float_info.max)]
+    assert [(x.step, x.value) for x in c.get_metric_history(rec.run_id, "b")] == [
+        (0, 2.0),
+        (5, -sys.float_info.max),
+    ]
     rec.log_metrics({"a": 4.0}, 10)  # a finite value again: the tag goes
     rec.close()
     got = c.get_run(rec.run_id).data

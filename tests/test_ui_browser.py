@@ -57,10 +57,22 @@ def test_ui_binds_loopback_by_default_without_warning(store, monkeypatch, capsys
     monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
     calls = _exec_capture(monkeypatch)
     assert ui.command(_ui_args(port=5123)) == 0
-    (path, argv), = calls
+    ((path, argv),) = calls
     assert path == sys.executable
-    assert argv == [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store,
-                    "--host", "127.0.0.1", "--port", "5123", "--workers", "1"]
+    assert argv == [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        store,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "5123",
+        "--workers",
+        "1",
+    ]
     assert os.environ["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"  # no GenAI job runners
     out = capsys.readouterr()
     assert "warning" not in out.err and "http://127.0.0.1:5123" in out.out
@@ -108,18 +120,36 @@ class Chromium:
         hi = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_chrome, from_chrome)]
         os.close(to_chrome)
         os.close(from_chrome)
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", f"--user-data-dir={self.profile}",
-                 f"--window-size={size[0]},{size[1]}", "--remote-debugging-pipe", "about:blank"]
+        flags = [
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--disable-dev-shm-usage",
+            f"--user-data-dir={self.profile}",
+            f"--window-size={size[0]},{size[1]}",
+            "--remote-debugging-pipe",
+            "about:blank",
+        ]
         sh = f'exec 3<&{hi[0]} 4>&{hi[1]} {hi[0]}<&- {hi[1]}>&-; exec "$@"'
-        self.proc = subprocess.Popen(["/bin/bash", "-c", sh, "bash", exe, *flags], pass_fds=hi,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.proc = subprocess.Popen(
+            ["/bin/bash", "-c", sh, "bash", exe, *flags],
+            pass_fds=hi,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         for fd in hi:
             os.close(fd)
         self._buf, self._id = b"", 0
         pages = [t for t in self.call("Target.getTargets")["targetInfos"] if t["type"] == "page"]
-        self.session = self.call("Target.attachToTarget", targetId=pages[0]["targetId"], flatten=True)["sessionId"]
+        self.session = self.call("Target.attachToTarget", targetId=pages[0]["targetId"], flatten=True)[
+            "sessionId"
+        ]
         self.call("Page.enable", page=True)
 
     def _message(self) -> dict:
@@ -171,8 +201,16 @@ class Chromium:
         self.js(f"document.querySelector({json.dumps(selector)}).focus()")
         self.call("Input.insertText", page=True, text=text)
         for kind in ("keyDown", "keyUp"):
-            self.call("Input.dispatchKeyEvent", page=True, type=kind, key="Enter", code="Enter",
-                      windowsVirtualKeyCode=13, nativeVirtualKeyCode=13, **({"text": "\r"} if kind == "keyDown" else {}))
+            self.call(
+                "Input.dispatchKeyEvent",
+                page=True,
+                type=kind,
+                key="Enter",
+                code="Enter",
+                windowsVirtualKeyCode=13,
+                nativeVirtualKeyCode=13,
+                **({"text": "\r"} if kind == "keyDown" else {}),
+            )
 
     def screenshot(self, path) -> None:
         data = self.call("Page.captureScreenshot", page=True, format="png")["data"]
@@ -206,9 +244,14 @@ def ui_server(small_sweep, tmp_path_factory):
     log = tmp_path_factory.mktemp("ui") / "ui.log"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--port", str(port), "--store", sweep["uri"]],
-                                cwd=sweep["base"], env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # its own group: mlflow ui starts worker processes
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pipeline", "ui", "--port", str(port), "--store", sweep["uri"]],
+            cwd=sweep["base"],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # its own group: mlflow ui starts worker processes
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{url}/health", proc, 180, log)
@@ -241,8 +284,12 @@ def test_review_a_sweep_in_the_mlflow_ui(ui_server, browser):
     names = {rid: r.info.run_name for rid, r in runs.items()}
     assert len(set(names.values())) == len(names), f"run names must be distinct to be told apart: {names}"
     diverged = [rid for rid, r in runs.items() if r.data.tags["regime"] == "diverged"]
-    vanishing = next(rid for rid, r in runs.items() if r.data.tags["regime"] == "vanishing"
-                     and "bptt_profile.png" in {a.path.split("/")[-1] for a in c.list_artifacts(rid, "plots")})
+    vanishing = next(
+        rid
+        for rid, r in runs.items()
+        if r.data.tags["regime"] == "vanishing"
+        and "bptt_profile.png" in {a.path.split("/")[-1] for a in c.list_artifacts(rid, "plots")}
+    )
     base = f"{ui_server['url']}/#/experiments/{exp}"
 
     # 1. the experiment's runs: the sweep's parent, with its trials nested under it
@@ -271,8 +318,11 @@ def test_review_a_sweep_in_the_mlflow_ui(ui_server, browser):
 
     # 4. its profile plot, rendered (the image decoded, not just a link)
     browser.goto(f"{base}/runs/{vanishing}/artifacts/plots/bptt_profile.png")
-    width = browser.wait("Array.from(document.images).filter(i => (i.alt || '').includes('bptt_profile.png')"
-                         " && i.complete).map(i => i.naturalWidth)[0]", 60)
+    width = browser.wait(
+        "Array.from(document.images).filter(i => (i.alt || '').includes('bptt_profile.png')"
+        " && i.complete).map(i => i.naturalWidth)[0]",
+        60,
+    )
     assert width and width > 300, "plots/bptt_profile.png did not render in the artifact view"
     browser.screenshot(out / "4-profile-plot.png")
     assert all((out / f).stat().st_size > 10_000 for f in ("1-experiment-runs.png", "4-profile-plot.png"))

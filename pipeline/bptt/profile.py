@@ -174,7 +174,8 @@ class Profile:
             "t": np.tile(np.arange(1, self.T + 1, dtype=np.int64), n),
             "state": np.repeat(np.asarray(names, dtype=object), self.T),
             "log10_norm": np.concatenate([np.asarray(v, dtype=np.float64) for v in self.log10_norm.values()])
-            if n else np.zeros(0),
+            if n
+            else np.zeros(0),
         }
 
 
@@ -208,8 +209,9 @@ def _forward(p: Params, x: Tensor) -> tuple[list[Cache], list[State], int | None
     return caches, outs, (int(bad[0]) + 1 if bad.numel() else None)
 
 
-def _direct_terms(p: Params, outs: list[State], y: Tensor, loss_fn: LossFn, readout_mode: str
-                  ) -> tuple[list[Tensor], Tensor, Tensor]:
+def _direct_terms(
+    p: Params, outs: list[State], y: Tensor, loss_fn: LossFn, readout_mode: str
+) -> tuple[list[Tensor], Tensor, Tensor]:
     """Direct loss terms dL/dh_t (partial, through the readout only), normalised: ``D[:, t] =
     D_n[t] * exp(d_log[t])`` with D_n at max-abs 1 (or 0) and d_log = -inf where the term is exactly zero
     (every t < T for a last-step loss)."""
@@ -226,8 +228,9 @@ def _direct_terms(p: Params, outs: list[State], y: Tensor, loss_fn: LossFn, read
     return list((D / nonzero_or_one(m)[None, :, None]).unbind(1)), torch.log(m), loss.detach()
 
 
-def _walk_back(p: Params, caches: list[Cache], names: tuple[str, ...], D_n: list[Tensor], d_log: Tensor
-               ) -> dict[str, np.ndarray]:
+def _walk_back(
+    p: Params, caches: list[Cache], names: tuple[str, ...], D_n: list[Tensor], d_log: Tensor
+) -> dict[str, np.ndarray]:
     """One backward walk: dL/dstate_t for t = T..1 given the direct terms (D_n, d_log), rescaled.
 
     The gradient is carried as v * exp(s), v at max-abs 1; each step does one hand-written VJP
@@ -267,7 +270,12 @@ def _walk_back(p: Params, caches: list[Cache], names: tuple[str, ...], D_n: list
 
 
 def profile(
-    params: Params, x: Tensor, y: Tensor, loss_fn: LossFn, readout_mode: str = "last", restore_flush: bool | None = None,
+    params: Params,
+    x: Tensor,
+    y: Tensor,
+    loss_fn: LossFn,
+    readout_mode: str = "last",
+    restore_flush: bool | None = None,
     window: tuple[int, int] | None = None,
 ) -> Profile:
     """Exact gradients dL_w/dh_t (and dL_w/dc_t for LSTM) for every t = 1..T, in float64, rescaled.
@@ -303,16 +311,23 @@ def profile(
         if overflow is not None:
             nan = np.full(T, np.nan)
             keys = names + (() if full else tuple(f"{n}_total" for n in names))
-            return Profile(cell=p["cell"], T=T, log10_norm={k: nan.copy() for k in keys},
-                           readout_mode=readout_mode, window=(a, b), overflow_step=overflow)
+            return Profile(
+                cell=p["cell"],
+                T=T,
+                log10_norm={k: nan.copy() for k in keys},
+                readout_mode=readout_mode,
+                window=(a, b),
+                overflow_step=overflow,
+            )
         D_n, d_log, loss = _direct_terms(p, outs, y, loss_fn, readout_mode)
         in_window = torch.zeros(T, dtype=torch.bool, device=d_log.device)
         in_window[a - 1 : b] = True
         logs = _walk_back(p, caches, names, D_n, torch.where(in_window, d_log, -math.inf))
         if not full:
             logs.update({f"{n}_total": v for n, v in _walk_back(p, caches, names, D_n, d_log).items()})
-        return Profile(cell=p["cell"], T=T, log10_norm=logs, readout_mode=readout_mode, loss=float(loss),
-                       window=(a, b))
+        return Profile(
+            cell=p["cell"], T=T, log10_norm=logs, readout_mode=readout_mode, loss=float(loss), window=(a, b)
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -359,10 +374,8 @@ def _summarize(prof: Profile, horizon_decades: float) -> dict[str, float]:
     span = r - 1
     lag = np.arange(r)  # lag[k] = k, profile index r-1-k
     back = h[::-1]  # back[k] = log10 ||dL_w/dh_{r-k}||
-    if r >= 3:
-        rate = _slope(lag[1:], back[1:] * LN10)
-    else:
-        rate = _slope(lag, back * LN10)
+    # from lag 1 where there are 3 points or more: the direct term at lag 0 is not the recursion's
+    rate = _slope(lag[1:], back[1:] * LN10) if r >= 3 else _slope(lag, back * LN10)
     rel = back - back[0]
     below = np.nonzero(rel < -horizon_decades)[0]
     ratio = float(h[0] - h[-1])

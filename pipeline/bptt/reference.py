@@ -74,8 +74,11 @@ def profile_log10(params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: Los
     log_scale = 0.0
     for t in range(T - 1, -1, -1):  # d = dL/dh_{t+1} * exp(-log_scale), 0-based index t
         m = float(np.abs(d).max())
-        out[t] = (log_scale + math.log(m) + math.log(float(np.sqrt(((d / m) ** 2).sum())))) / math.log(10) \
-            if m > 0 else -math.inf
+        out[t] = (
+            (log_scale + math.log(m) + math.log(float(np.sqrt(((d / m) ** 2).sum())))) / math.log(10)
+            if m > 0
+            else -math.inf
+        )
         if t == 0:
             break
         g = d * _dphi(cell, pre[t])

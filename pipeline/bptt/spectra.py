@@ -101,8 +101,7 @@ def lyapunov_max(
     def row_norm(parts: Sequence[Tensor]) -> Tensor:  # per batch element, scaled (max-abs first)
         m = functools.reduce(torch.maximum, [v.abs().amax(dim=1) for v in parts])
         ms = nonzero_or_one(m)[:, None]
-        n = m * torch.sqrt(functools.reduce(torch.add, [((v / ms) ** 2).sum(dim=1) for v in parts]))
-        return n
+        return m * torch.sqrt(functools.reduce(torch.add, [((v / ms) ** 2).sum(dim=1) for v in parts]))
 
     n = row_norm(q)
     q = tuple(v / n[:, None] for v in q)

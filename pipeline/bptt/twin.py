@@ -49,11 +49,14 @@ def state_names(cell: str | Params) -> tuple[str, ...]:
 
 
 def hidden_size(params: Params) -> int:
-    return int(params["W_ih"].shape[0]) // (4 if params["cell"] == "lstm" else 3 if params["cell"] == "gru" else 1)
+    return int(params["W_ih"].shape[0]) // (
+        4 if params["cell"] == "lstm" else 3 if params["cell"] == "gru" else 1
+    )
 
 
-def init_state(params: Params, batch: int, dtype: torch.dtype | None = None,
-               device: torch.device | str | None = None) -> State:
+def init_state(
+    params: Params, batch: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> State:
     """Zero initial state (as the fused modules use when ``hx`` is not given)."""
     dtype = dtype or params["W_ih"].dtype
     device = device if device is not None else params["W_ih"].device
@@ -181,8 +184,10 @@ def step_vjp(params: Params, cache: Cache, v: State) -> tuple[State, Tensor | No
         i, f, g, o, c_prev, tc = cache
         v_h, v_c = v
         dc = v_c + v_h * o * (1 - tc * tc)
-        da = torch.cat([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g),
-                        v_h * tc * o * (1 - o)], dim=-1)
+        da = torch.cat(
+            [dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g), v_h * tc * o * (1 - o)],
+            dim=-1,
+        )
         return (da @ W, dc * f), dc
     r, z, n, h, h_n = cache
     (v_h,) = v

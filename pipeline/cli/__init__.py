@@ -22,8 +22,10 @@ VERBS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline",
-                                description="Measure, compare and guard vanishing/exploding gradients in RNNs.")
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline",
+        description="Measure, compare and guard vanishing/exploding gradients in RNNs.",
+    )
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     for verb, (mod, help_) in VERBS.items():
         sp = sub.add_parser(verb, help=help_, description=help_)

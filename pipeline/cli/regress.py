@@ -15,16 +15,28 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", required=True, help="suite file, e.g. configs/regression/smoke.yaml")
     p.add_argument("--workers", type=int, default=1, help="run entries in N spawned processes (default 1)")
-    p.add_argument("--update-baseline", action="store_true",
-                   help="accept this run's numbers: run each baselined entry again under the perturbations "
-                        "that stand in for another machine, set each band from the measured spread, rewrite "
-                        "the baseline file and show what changed (refused if a law is violated)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override applied to every entry (repeatable), e.g. "
-                        "--set model.init_ulp_seed=7 to check the baseline under a perturbation it was not "
-                        "recorded with")
-    p.add_argument("--baseline", default=None,
-                   help="baseline file (default: the suite's `baseline:` key, else <suite>.baseline.yaml)")
+    p.add_argument(
+        "--update-baseline",
+        action="store_true",
+        help="accept this run's numbers: run each baselined entry again under the perturbations "
+        "that stand in for another machine, set each band from the measured spread, rewrite "
+        "the baseline file and show what changed (refused if a law is violated)",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override applied to every entry (repeatable), e.g. "
+        "--set model.init_ulp_seed=7 to check the baseline under a perturbation it was not "
+        "recorded with",
+    )
+    p.add_argument(
+        "--baseline",
+        default=None,
+        help="baseline file (default: the suite's `baseline:` key, else <suite>.baseline.yaml)",
+    )
 
 
 def command(args: argparse.Namespace) -> int:
@@ -38,8 +50,9 @@ def command(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite)  # validated before anything is written
     overrides = tuple(args.overrides)
     if args.update_baseline and overrides:
-        raise ConfigError("--set", "a baseline is recorded from the suite as written: drop --set with "
-                                   "--update-baseline")
+        raise ConfigError(
+            "--set", "a baseline is recorded from the suite as written: drop --set with --update-baseline"
+        )
     if args.baseline:
         suite = with_baseline_file(suite, args.baseline, must_exist=not args.update_baseline)
     baseline = suite_baseline(suite)
@@ -48,14 +61,21 @@ def command(args: argparse.Namespace) -> int:
     from pipeline.tracking import probe_store
 
     uri = probe_store(suite.uri, "defaults.tracking.uri")  # a corrupt or unreachable store: one line, exit 2
-    print(f"suite {suite.name}: {len(suite.entries)} entries, baseline {suite.baseline_path}"
-          + ("" if baseline else " (none yet)") + f", store {uri}, workers {args.workers}"
-          + (f", overrides {' '.join(overrides)}" if overrides else ""))
-    out = run_suite(suite, baseline, uri, workers=args.workers, overrides=overrides, update=args.update_baseline)
+    print(
+        f"suite {suite.name}: {len(suite.entries)} entries, baseline {suite.baseline_path}"
+        + ("" if baseline else " (none yet)")
+        + f", store {uri}, workers {args.workers}"
+        + (f", overrides {' '.join(overrides)}" if overrides else "")
+    )
+    out = run_suite(
+        suite, baseline, uri, workers=args.workers, overrides=overrides, update=args.update_baseline
+    )
     if out.verdict is None:
         return 1  # --update-baseline refused: the table and the reason are printed
     failing = [r for r in out.rows if r.failing]
-    print(f"\n{suite.name}: {len(out.rows)} checks, {len(failing)} failing -> {out.verdict.upper()}"
-          + (f"; {out.missing} without a baseline (accept with --update-baseline)" if out.missing else ""))
+    print(
+        f"\n{suite.name}: {len(out.rows)} checks, {len(failing)} failing -> {out.verdict.upper()}"
+        + (f"; {out.missing} without a baseline (accept with --update-baseline)" if out.missing else "")
+    )
     print(f"  recorded: experiment regression, parent run {out.parent_run_id} ({uri}; review: make ui)")
     return 0 if out.verdict == "pass" else 1

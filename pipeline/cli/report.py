@@ -9,16 +9,24 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", default=None,
-                   help="report every run of this MLflow experiment (default: the most recent sweep in "
-                        "'rnn-gradients', or the whole experiment if it holds no sweep)")
-    p.add_argument("--study", default=None,
-                   help="report the trials of this sweep study (tag study=NAME), in --experiment if given")
-    p.add_argument("--store", default=None,
-                   help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
+    p.add_argument(
+        "--experiment",
+        default=None,
+        help="report every run of this MLflow experiment (default: the most recent sweep in "
+        "'rnn-gradients', or the whole experiment if it holds no sweep)",
+    )
+    p.add_argument(
+        "--study",
+        default=None,
+        help="report the trials of this sweep study (tag study=NAME), in --experiment if given",
+    )
+    p.add_argument(
+        "--store", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
     p.add_argument("--out", default=None, help="output folder (default: reports/<study or experiment>/)")
-    p.add_argument("--no-log", action="store_true",
-                   help="do not log the report as artifacts of the sweep's parent run")
+    p.add_argument(
+        "--no-log", action="store_true", help="do not log the report as artifacts of the sweep's parent run"
+    )
 
 
 def command(args: argparse.Namespace) -> int:
@@ -28,8 +36,9 @@ def command(args: argparse.Namespace) -> int:
     for flag, v in (("--experiment", args.experiment), ("--study", args.study)):
         if v is not None and not v.strip():
             raise ConfigError(flag, "must not be empty")
-    res = build_report(args.store, experiment=args.experiment, study=args.study, out=args.out,
-                       log_to_parent=not args.no_log)
+    res = build_report(
+        args.store, experiment=args.experiment, study=args.study, out=args.out, log_to_parent=not args.no_log
+    )
     regimes = ", ".join(f"{k} {v}" for k, v in res.regimes.items())
     print(f"report '{res.name}': {res.n_runs} runs ({regimes})")
     print(f"  {res.files['report.html']}")

@@ -12,15 +12,26 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="sweep YAML (e.g. configs/sweeps/default.yaml)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="worker processes (default: the sweep's `workers`; auto = one per visible GPU, "
-                        "else one per CPU core, at most 4)")
-    p.add_argument("--storage", default=None,
-                   help="Optuna storage: postgresql://user@host/db (several machines) or a journal file "
-                        "path (default: the sweep's `storage`, else optuna/<study>.journal)")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="dotted overrides of the sweep file, e.g. n_trials=10 base.trainer.max_steps=200 "
-                        "space.optim.lr.high=0.1")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (default: the sweep's `workers`; auto = one per visible GPU, "
+        "else one per CPU core, at most 4)",
+    )
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="Optuna storage: postgresql://user@host/db (several machines) or a journal file "
+        "path (default: the sweep's `storage`, else optuna/<study>.journal)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides of the sweep file, e.g. n_trials=10 base.trainer.max_steps=200 "
+        "space.optim.lr.high=0.1",
+    )
 
 
 def command(args: argparse.Namespace) -> int:

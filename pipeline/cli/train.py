@@ -16,7 +16,9 @@ def command(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)  # validated before anything is written
     from pipeline.training.budget import check_fits
 
-    check_fits(cfg)  # refuses what cannot fit in memory, before anything is allocated (README "Memory estimate")
+    check_fits(
+        cfg
+    )  # refuses what cannot fit in memory, before anything is allocated (README "Memory estimate")
     from pipeline.tracking import ensure_experiment, probe_store
     from pipeline.uris import resolve_uri
 
@@ -29,14 +31,18 @@ def command(args: argparse.Namespace) -> int:
     r = run(cfg)
     ratio = f"{r.val_loss_ratio:.3f}" if r.val_loss_ratio is not None else "n/a"
     val = f"{r.val_loss:.4g}" if r.val_loss is not None else "n/a"
-    print(f"run {r.run_id}: regime={r.regime} val/loss={val} (x{ratio} of baseline) solved={r.solved}"
-          + (f" diverged at step {r.diverged_step}" if r.diverged_step is not None else "")
-          + f" steps={r.steps}")
+    print(
+        f"run {r.run_id}: regime={r.regime} val/loss={val} (x{ratio} of baseline) solved={r.solved}"
+        + (f" diverged at step {r.diverged_step}" if r.diverged_step is not None else "")
+        + f" steps={r.steps}"
+    )
     m = r.metrics
     if "bptt/log10_ratio" in m:
-        print(f"  bptt/log10_ratio={m['bptt/log10_ratio']:.2f} bptt/decay_rate={m['bptt/decay_rate']:.4f}"
-              f" spectral/sigma_max={m.get('spectral/sigma_max', float('nan')):.3f}"
-              f" grad/clip_rate={m['grad/clip_rate']:.3f}")
+        print(
+            f"  bptt/log10_ratio={m['bptt/log10_ratio']:.2f} bptt/decay_rate={m['bptt/decay_rate']:.4f}"
+            f" spectral/sigma_max={m.get('spectral/sigma_max', float('nan')):.3f}"
+            f" grad/clip_rate={m['grad/clip_rate']:.3f}"
+        )
     if cfg.tracking.enabled:
         print(f"  store: {resolve_uri(cfg.tracking.uri)}  (review: make ui)")
     return 0

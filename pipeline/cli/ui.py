@@ -19,16 +19,37 @@ MAX_LINKS = 5
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=5000, help="port (default 5000)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="bind address (default 127.0.0.1; anything else exposes an unauthenticated UI)")
-    p.add_argument("--store", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
-    p.add_argument("--workers", type=int, default=1,
-                   help="server worker processes (default 1: one reviewer; mlflow's own default is 4)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="bind address (default 127.0.0.1; anything else exposes an unauthenticated UI)",
+    )
+    p.add_argument(
+        "--store", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server worker processes (default 1: one reviewer; mlflow's own default is 4)",
+    )
 
 
 def ui_command(store: str, host: str, port: int, workers: int = 1) -> list[str]:
-    return [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", store, "--host", host, "--port", str(port),
-            "--workers", str(workers)]
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        store,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
 
 
 def base_url(host: str, port: int) -> str:
@@ -53,12 +74,19 @@ def run_links(store: str, url: str) -> list[str]:
         exps = {e.experiment_id: e.name for e in c.search_experiments(view_type=ViewType.ACTIVE_ONLY)}
         if not exps:
             return []
-        sweeps = c.search_runs(list(exps), "tags.`pipeline.kind` = 'sweep'", max_results=50,
-                               order_by=["attributes.start_time DESC"])
+        sweeps = c.search_runs(
+            list(exps),
+            "tags.`pipeline.kind` = 'sweep'",
+            max_results=50,
+            order_by=["attributes.start_time DESC"],
+        )
         ids = list(dict.fromkeys(r.info.experiment_id for r in sweeps))
-        ids += [i for i in sorted(exps, key=lambda i: -int(i) if i.isdigit() else 0)
-                if i not in ids and c.search_runs([i], max_results=1)]
-    except Exception:  # noqa: BLE001 - links are a convenience; never block the UI on them
+        ids += [
+            i
+            for i in sorted(exps, key=lambda i: -int(i) if i.isdigit() else 0)
+            if i not in ids and c.search_runs([i], max_results=1)
+        ]
+    except Exception:
         return []
     return [f"{exps[i]}: {url}/#/experiments/{i}/runs" for i in ids[:MAX_LINKS]]
 
@@ -67,8 +95,11 @@ def command(args: argparse.Namespace) -> int:
     from pipeline.uris import resolve_uri
 
     if args.host not in LOOPBACK:
-        print(f"warning: binding the MLflow UI to {args.host}: it has no authentication; anyone who can reach "
-              "this address can read and delete runs", file=sys.stderr)
+        print(
+            f"warning: binding the MLflow UI to {args.host}: it has no authentication; anyone who can reach "
+            "this address can read and delete runs",
+            file=sys.stderr,
+        )
     store = resolve_uri(args.store)
     cmd = ui_command(store, args.host, args.port, args.workers)
     # MLflow 3 also starts a job runner and ~7 huey consumers for its GenAI jobs (judges, evaluation);
@@ -80,7 +111,9 @@ def command(args: argparse.Namespace) -> int:
     for line in links:
         print(f"  runs of {line}", flush=True)
     if links:
-        print("  filter runs with e.g. tags.regime = 'vanishing'; a sweep's trials are nested under its parent run",
-              flush=True)
+        print(
+            "  filter runs with e.g. tags.regime = 'vanishing'; a sweep's trials are nested under its parent run",
+            flush=True,
+        )
     os.execv(cmd[0], cmd)
     return 0  # not reached

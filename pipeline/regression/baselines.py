@@ -64,9 +64,14 @@ def baseline_row(entry: str, metric: str, r: EntryResult, accepted: dict[str, An
     if now is None or not math.isfinite(now):
         return Row(label, fmt(base), fmt(now), band.describe(), REGRESSION, f"{metric} was not recorded")
     ok = abs(now - base) <= band.width(base)
-    return Row(label, fmt(base), fmt(now), band.describe(), PASS if ok else REGRESSION,
-               "" if ok else f"{metric} moved by {fmt(now - base)}, band {band.describe()}")
-
+    return Row(
+        label,
+        fmt(base),
+        fmt(now),
+        band.describe(),
+        PASS if ok else REGRESSION,
+        "" if ok else f"{metric} moved by {fmt(now - base)}, band {band.describe()}",
+    )
 
 
 # Keys of a baseline record that say where its band came from; read back for the diff, never compared.
@@ -88,11 +93,15 @@ def load_baseline(path: str | Path) -> dict[str, dict[str, dict[str, float]]]:
     for entry, metrics in as_mapping(data.get("entries"), f"{path.name}: entries").items():
         for metric, rec in as_mapping(metrics, f"{path.name}: entries.{entry}").items():
             key = f"{path.name}: entries.{entry}.{metric}"
-            if not isinstance(rec, dict) or not isinstance(rec.get("value"), (int, float)) \
-                    or isinstance(rec.get("value"), bool):
+            if (
+                not isinstance(rec, dict)
+                or not isinstance(rec.get("value"), (int, float))
+                or isinstance(rec.get("value"), bool)
+            ):
                 raise ConfigError(key, "must be a mapping with a numeric value (and abs and/or rel)")
-            band = parse_band({k: v for k, v in rec.items() if k not in ("value", *PROVENANCE)} or {"abs": 0.0},
-                              key)
+            band = parse_band(
+                {k: v for k, v in rec.items() if k not in ("value", *PROVENANCE)} or {"abs": 0.0}, key
+            )
             extra = {k: rec[k] for k in PROVENANCE if k in rec}
             for k, v in extra.items():
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
@@ -147,8 +156,9 @@ def measured_band(floor: Band, value: float, perturbed: Sequence[float | None]) 
     return Band(abs=_round_up(want)), spread
 
 
-def new_baseline(suite, results: dict[str, EntryResult],
-                 perturbed: dict[str, dict[str, EntryResult]] | None = None) -> dict[str, dict[str, dict[str, float]]]:
+def new_baseline(
+    suite, results: dict[str, EntryResult], perturbed: dict[str, dict[str, EntryResult]] | None = None
+) -> dict[str, dict[str, dict[str, float]]]:
     """Accepted values (6 significant digits) and their bands, measured under ``perturbed`` runs.
 
     ``perturbed`` maps a perturbation label to the results of the same entries run under it. Without it
@@ -169,10 +179,16 @@ def new_baseline(suite, results: dict[str, EntryResult],
                 continue
             band, spread = measured_band(floor, v, others)
             if not math.isfinite(spread):
-                raise ValueError(f"{e.name}: {metric}: not recorded (or not finite) under every perturbation; "
-                                 "it cannot be given a band")
-            out.setdefault(e.name, {})[metric] = {"value": float(f"{v:.6g}"), **band.to_dict(),
-                                                  "spread": float(f"{spread:.3g}"), "runs": len(others) + 1}
+                raise ValueError(
+                    f"{e.name}: {metric}: not recorded (or not finite) under every perturbation; "
+                    "it cannot be given a band"
+                )
+            out.setdefault(e.name, {})[metric] = {
+                "value": float(f"{v:.6g}"),
+                **band.to_dict(),
+                "spread": float(f"{spread:.3g}"),
+                "runs": len(others) + 1,
+            }
     return out
 
 
@@ -185,16 +201,24 @@ def write_baseline(suite, values: dict, path: Path | None = None) -> Path:
         shown = suite.path.resolve().relative_to(ROOT)
     except ValueError:
         shown = suite.path
-    head = (f"# Accepted numbers for {shown}: written by `python -m pipeline regress --suite "
-            f"{shown} --update-baseline`.\n"
-            "# Each value comes from the nominal run; `spread` is the largest deviation from it seen when the\n"
-            "# entry was run again under the perturbations that stand in for another machine (another thread\n"
-            f"# count, 1-ulp nudges of the initial weights), `runs` counts all runs. The band is {SAFETY:g} x spread,\n"
-            "# or the suite's `baseline:` floor where that is wider (README, \"Baselines that hold on another\n"
-            "# machine\"). Widen one by hand only with a comment saying why.\n")
-    doc = {"suite": suite.name, "recorded": {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                                             "git_commit": git_commit(), "versions": versions},
-           "entries": values}
+    head = (
+        f"# Accepted numbers for {shown}: written by `python -m pipeline regress --suite "
+        f"{shown} --update-baseline`.\n"
+        "# Each value comes from the nominal run; `spread` is the largest deviation from it seen when the\n"
+        "# entry was run again under the perturbations that stand in for another machine (another thread\n"
+        f"# count, 1-ulp nudges of the initial weights), `runs` counts all runs. The band is {SAFETY:g} x spread,\n"
+        "# or the suite's `baseline:` floor where that is wider (README, \"Baselines that hold on another\n"
+        '# machine"). Widen one by hand only with a comment saying why.\n'
+    )
+    doc = {
+        "suite": suite.name,
+        "recorded": {
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": git_commit(),
+            "versions": versions,
+        },
+        "entries": values,
+    }
     path.write_text(head + yaml.safe_dump(doc, sort_keys=False, default_flow_style=None, width=110))
     return path
 
@@ -211,15 +235,34 @@ def baseline_diff(old: dict, new: dict) -> list[tuple[str, str, str, str]]:
             vb: Any
             va, vb = (None if x is None else x["value"] for x in (a, b))
             same_band = a is not None and b is not None and all(a.get(k) == b.get(k) for k in ("abs", "rel"))
-            change = "new" if a is None else "removed" if b is None else (
-                f"{vb - va:+.4g}" + (f" ({(vb - va) / abs(va):+.1%})" if va else "") if va != vb
-                else "spread" if same_band else "band")
+            change = (
+                "new"
+                if a is None
+                else "removed"
+                if b is None
+                else (
+                    f"{vb - va:+.4g}" + (f" ({(vb - va) / abs(va):+.1%})" if va else "")
+                    if va != vb
+                    else "spread"
+                    if same_band
+                    else "band"
+                )
+            )
             rows.append((f"{entry}: {metric}", fmt(va), fmt(vb), change))
     return rows
 
 
 def spread_rows(values: dict) -> list[tuple[str, str, str]]:
     """Where each measured band came from: (entry: metric, spread, band) for the values with a spread."""
-    return [(f"{entry}: {metric}", fmt(rec.get("spread")), " or ".join(
-        f"±{fmt(rec[k])}" if k == "abs" else f"±{rec[k]:.0%}" for k in ("abs", "rel") if k in rec))
-        for entry, metrics in values.items() for metric, rec in metrics.items() if "spread" in rec]
+    return [
+        (
+            f"{entry}: {metric}",
+            fmt(rec.get("spread")),
+            " or ".join(
+                f"±{fmt(rec[k])}" if k == "abs" else f"±{rec[k]:.0%}" for k in ("abs", "rel") if k in rec
+            ),
+        )
+        for entry, metrics in values.items()
+        for metric, rec in metrics.items()
+        if "spread" in rec
+    ]

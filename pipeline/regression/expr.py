@@ -18,19 +18,36 @@ from pipeline.config import Config
 from pipeline.schema import ConfigError
 
 FUNCS: dict[str, Callable[[float], float]] = {
-    "ln": math.log, "log": math.log, "log10": math.log10, "exp": math.exp, "sqrt": math.sqrt,
-    "abs": abs, "sigmoid": lambda x: 1.0 / (1.0 + math.exp(-x))}
-_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.Pow: operator.pow}
+    "ln": math.log,
+    "log": math.log,
+    "log10": math.log10,
+    "exp": math.exp,
+    "sqrt": math.sqrt,
+    "abs": abs,
+    "sigmoid": lambda x: 1.0 / (1.0 + math.exp(-x)),
+}
+_BINOPS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
+}
 
 
 def names_of(cfg: Config | None) -> dict[str, float]:
     """The names an expression may use, from the entry's configuration."""
     if cfg is None:
         return {}
-    return {"g": cfg.model.init_scale, "T": float(cfg.task.seq_len), "H": float(cfg.model.hidden_size),
-            "b_f": cfg.model.forget_bias, "lr": cfg.optim.lr, "c": cfg.clip.threshold,
-            "steps": float(cfg.trainer.max_steps)}
+    return {
+        "g": cfg.model.init_scale,
+        "T": float(cfg.task.seq_len),
+        "H": float(cfg.model.hidden_size),
+        "b_f": cfg.model.forget_bias,
+        "lr": cfg.optim.lr,
+        "c": cfg.clip.threshold,
+        "steps": float(cfg.trainer.max_steps),
+    }
 
 
 NAMES = tuple(names_of(Config()))
@@ -61,24 +78,36 @@ class _Walk:
     def value(self, node: ast.AST) -> float:
         if isinstance(node, ast.Expression):
             return self.value(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) \
-                and not isinstance(node.value, bool):
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, (int, float))
+            and not isinstance(node.value, bool)
+        ):
             return float(node.value)
         if isinstance(node, ast.Name):
             if node.id not in self.names:
-                raise ConfigError(self.key, f"unknown name {node.id!r} in {self.expr!r} "
-                                            f"(allowed: {', '.join(self.names)})")
+                raise ConfigError(
+                    self.key, f"unknown name {node.id!r} in {self.expr!r} (allowed: {', '.join(self.names)})"
+                )
             return float(self.names[node.id])
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
             return _BINOPS[type(node.op)](self.value(node.left), self.value(node.right))
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             v = self.value(node.operand)
             return -v if isinstance(node.op, ast.USub) else v
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in FUNCS \
-                and len(node.args) == 1 and not node.keywords:
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in FUNCS
+            and len(node.args) == 1
+            and not node.keywords
+        ):
             return float(FUNCS[node.func.id](self.value(node.args[0])))
-        raise ConfigError(self.key, f"unsupported expression {self.expr!r} (numbers, {', '.join(self.names)}, "
-                                    f"+ - * / **, {', '.join(FUNCS)})")
+        raise ConfigError(
+            self.key,
+            f"unsupported expression {self.expr!r} (numbers, {', '.join(self.names)}, "
+            f"+ - * / **, {', '.join(FUNCS)})",
+        )
 
 
 def shown(expr: Any, value: float) -> str:

@@ -27,13 +27,34 @@ PASS, LAW, REGRESSION, NO_BASELINE, ERROR = "pass", "law violated", "REGRESSION"
 FAILING = (LAW, REGRESSION, ERROR)
 
 # Public metric names a check may read (README, "The MLflow record"); gate variants match METRIC_PATTERN.
-KNOWN_METRICS = frozenset({
-    "train/loss", "val/loss", "val/loss_ratio", "val/best_loss", "task/baseline", "train/steps",
-    "grad/norm_preclip", "grad/norm_postclip", "grad/clip_coef", "grad/clip_rate", "grad/max_norm_preclip",
-    "grad/norm_input", "grad/norm_recurrent", "grad/norm_bias", "grad/norm_readout",
-    "bptt/log10_ratio", "bptt/decay_rate", "bptt/horizon", "bptt/c_log10_ratio", "bptt/reference_max_err",
-    "spectral/sigma_max", "spectral/radius", "spectral/pascanu_log10_bound", "spectral/lyapunov_max",
-})
+KNOWN_METRICS = frozenset(
+    {
+        "train/loss",
+        "val/loss",
+        "val/loss_ratio",
+        "val/best_loss",
+        "task/baseline",
+        "train/steps",
+        "grad/norm_preclip",
+        "grad/norm_postclip",
+        "grad/clip_coef",
+        "grad/clip_rate",
+        "grad/max_norm_preclip",
+        "grad/norm_input",
+        "grad/norm_recurrent",
+        "grad/norm_bias",
+        "grad/norm_readout",
+        "bptt/log10_ratio",
+        "bptt/decay_rate",
+        "bptt/horizon",
+        "bptt/c_log10_ratio",
+        "bptt/reference_max_err",
+        "spectral/sigma_max",
+        "spectral/radius",
+        "spectral/pascanu_log10_bound",
+        "spectral/lyapunov_max",
+    }
+)
 METRIC_PATTERN = re.compile(r"^spectral/(sigma_max|radius)_[a-z]+$")
 
 
@@ -112,9 +133,11 @@ KINDS: dict[str, tuple[bool, tuple[str, ...], tuple[str, ...]]] = {}
 
 def law(kind: str, per_entry: bool, required: tuple[str, ...], optional: tuple[str, ...] = ()):
     """Register the decorated function as check kind ``kind`` with its parameters."""
+
     def register(fn: Judge) -> Judge:
         LAWS[kind], KINDS[kind] = fn, (per_entry, required, optional)
         return fn
+
     return register
 
 
@@ -155,7 +178,9 @@ def _check_params(chk: Check, entries: set[str]) -> None:
             check_metric(f"{key}.{p}", params[p])
     for p in ("numerator", "denominator", "a", "b"):
         if p in params and params[p] not in entries:
-            raise ConfigError(f"{key}.{p}", f"no entry named {params[p]!r} (entries: {', '.join(sorted(entries))})")
+            raise ConfigError(
+                f"{key}.{p}", f"no entry named {params[p]!r} (entries: {', '.join(sorted(entries))})"
+            )
     if kind in ("metric_equals", "decay_rate_equals") and "tol" not in params and "rel" not in params:
         raise ConfigError(key, "needs tol (absolute) and/or rel (relative to the value)")
     for p in ("value", "low", "high", "tol", "rel", "min", "max"):
@@ -229,8 +254,14 @@ def _equals(chk: Check, results: dict[str, EntryResult]) -> Row:
     band = f"±{fmt(tol)}" + (f" ({chk.value('rel'):.0%})" if "rel" in p else "")
     if now is None:
         return _missing(chk, band, chk.target("value"), metric)
-    return _law(chk, chk.target("value"), now, band, abs(now - want) <= tol,
-                f"{metric} = {fmt(now)} differs from {chk.target('value')} by {fmt(abs(now - want))} > {fmt(tol)}")
+    return _law(
+        chk,
+        chk.target("value"),
+        now,
+        band,
+        abs(now - want) <= tol,
+        f"{metric} = {fmt(now)} differs from {chk.target('value')} by {fmt(abs(now - want))} > {fmt(tol)}",
+    )
 
 
 @law("lyapunov_matches_decay", True, ("tol",))
@@ -240,8 +271,14 @@ def _lyapunov(chk: Check, results: dict[str, EntryResult]) -> Row:
     band = f"±{fmt(tol)}"
     if rate is None or lyap is None:
         return _missing(chk, band, "-", "bptt/decay_rate or spectral/lyapunov_max")
-    return _law(chk, f"lyapunov {fmt(lyap)}", rate, band, abs(rate - lyap) <= tol,
-                f"decay rate {fmt(rate)} vs Lyapunov exponent {fmt(lyap)}: differ by more than {fmt(tol)}")
+    return _law(
+        chk,
+        f"lyapunov {fmt(lyap)}",
+        rate,
+        band,
+        abs(rate - lyap) <= tol,
+        f"decay rate {fmt(rate)} vs Lyapunov exponent {fmt(lyap)}: differ by more than {fmt(tol)}",
+    )
 
 
 @law("pascanu_bound_holds", True, ())
@@ -251,18 +288,36 @@ def _pascanu(chk: Check, results: dict[str, EntryResult]) -> Row:
     if now is None or bound is None:
         return _missing(chk, "<= bound", "-", "bptt/log10_ratio or spectral/pascanu_log10_bound")
     # A theorem (Pascanu 2013): any violation beyond float64 round-off is a bug in the profile.
-    return _law(chk, f"bound {fmt(bound)}", now, "<= bound", now <= bound + 1e-9,
-                f"log10 ratio {fmt(now)} exceeds Pascanu's bound {fmt(bound)}")
+    return _law(
+        chk,
+        f"bound {fmt(bound)}",
+        now,
+        "<= bound",
+        now <= bound + 1e-9,
+        f"log10 ratio {fmt(now)} exceeds Pascanu's bound {fmt(bound)}",
+    )
 
 
 @law("finite", True, ())
 def _finite(chk: Check, results: dict[str, EntryResult]) -> Row:
     r = _result(chk, results)
-    ok = r.status == "FINISHED" and not r.diverged and all(
-        math.isfinite(v) for v in (_metric(r, m) for m in ("val/loss", "train/loss")) if v is not None)
+    ok = (
+        r.status == "FINISHED"
+        and not r.diverged
+        and all(
+            math.isfinite(v) for v in (_metric(r, m) for m in ("val/loss", "train/loss")) if v is not None
+        )
+    )
     ok = ok and r.metrics.get("val/loss") is not None
-    now = "finite" if ok else (f"diverged at step {r.tags.get('diverged_step', '?')}" if r.diverged
-                               else f"run {r.status.lower()}")
+    now = (
+        "finite"
+        if ok
+        else (
+            f"diverged at step {r.tags.get('diverged_step', '?')}"
+            if r.diverged
+            else f"run {r.status.lower()}"
+        )
+    )
     return Row(chk.label, "finite", now, "-", PASS if ok else LAW, "" if ok else f"training {now}")
 
 
@@ -270,12 +325,22 @@ def _finite(chk: Check, results: dict[str, EntryResult]) -> Row:
 def _tag(chk: Check, results: dict[str, EntryResult]) -> Row:
     p = chk.params
     now = _result(chk, results).tags.get(p["tag"])
-    return Row(chk.label, p["value"], fmt(now), "==", PASS if now == p["value"] else LAW,
-               "" if now == p["value"] else f"tag {p['tag']} = {now!r}, expected {p['value']!r}")
+    return Row(
+        chk.label,
+        p["value"],
+        fmt(now),
+        "==",
+        PASS if now == p["value"] else LAW,
+        "" if now == p["value"] else f"tag {p['tag']} = {now!r}, expected {p['value']!r}",
+    )
 
 
-@law("ratio_of_runs", False, ("metric", "numerator", "denominator"),
-     ("min", "max", "denominator_metric", "diverged_as_inf"))
+@law(
+    "ratio_of_runs",
+    False,
+    ("metric", "numerator", "denominator"),
+    ("min", "max", "denominator_metric", "diverged_as_inf"),
+)
 @law("difference_of_runs", False, ("metric", "a", "b"), ("min", "max"))
 def _compare(chk: Check, results: dict[str, EntryResult]) -> Row:
     k, p = chk.kind, chk.params
@@ -301,5 +366,11 @@ def _compare(chk: Check, results: dict[str, EntryResult]) -> Row:
         return Row(label, "-", "-", band, LAW, f"{metrics[0] if a is None else metrics[1]} was not recorded")
     now = (a / b if b != 0 else math.inf) if ratio else a - b
     ok = ("min" not in p or now >= chk.value("min")) and ("max" not in p or now <= chk.value("max"))
-    return Row(label, "-", fmt(now), band, PASS if ok else LAW,
-               "" if ok else f"{k} = {fmt(now)} ({fmt(a)} vs {fmt(b)}) is not {band}")
+    return Row(
+        label,
+        "-",
+        fmt(now),
+        band,
+        PASS if ok else LAW,
+        "" if ok else f"{k} = {fmt(now)} ({fmt(a)} vs {fmt(b)}) is not {band}",
+    )

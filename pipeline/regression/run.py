@@ -51,7 +51,9 @@ Say = Callable[[str], None]
 
 
 def _search(client, exp_id: str, flt: str):
-    return client.search_runs([exp_id], filter_string=flt, max_results=1000, order_by=["attributes.start_time DESC"])
+    return client.search_runs(
+        [exp_id], filter_string=flt, max_results=1000, order_by=["attributes.start_time DESC"]
+    )
 
 
 def start_suite_run(suite: Suite, key: str | None = None, uri: str | None = None) -> tuple[str, str]:
@@ -80,8 +82,16 @@ def start_suite_run(suite: Suite, key: str | None = None, uri: str | None = None
     return rec.run_id, exp_id
 
 
-def run_entry(suite: Suite, name: str, parent_run_id: str, experiment_id: str, key: str | None = None,
-              uri: str | None = None, overrides: tuple[str, ...] = (), perturbation: str | None = None) -> str:
+def run_entry(
+    suite: Suite,
+    name: str,
+    parent_run_id: str,
+    experiment_id: str,
+    key: str | None = None,
+    uri: str | None = None,
+    overrides: tuple[str, ...] = (),
+    perturbation: str | None = None,
+) -> str:
     """Train one entry as a run nested under the suite's parent; returns its MLflow run id.
 
     ``overrides``: dotted ``key=value`` settings applied on top of the entry (``--set``, perturbations);
@@ -104,7 +114,9 @@ def run_entry(suite: Suite, name: str, parent_run_id: str, experiment_id: str, k
         tags[PERTURBATION] = perturbation
         cfg = replace(cfg, tracking=replace(cfg.tracking, run_name=f"{cfg.tracking.run_name}~{perturbation}"))
     if key:
-        for r in _search(client(cfg.tracking.uri), experiment_id, f"tags.{KEY} = '{key}' and tags.{ENTRY} = '{name}'"):
+        for r in _search(
+            client(cfg.tracking.uri), experiment_id, f"tags.{KEY} = '{key}' and tags.{ENTRY} = '{name}'"
+        ):
             if r.info.status == "FINISHED":
                 return r.info.run_id
             if r.info.status == "RUNNING":
@@ -115,12 +127,30 @@ def run_entry(suite: Suite, name: str, parent_run_id: str, experiment_id: str, k
     return run_id
 
 
-def _entry_worker(suite_path: str, name: str, parent_run_id: str, experiment_id: str, uri: str | None,
-                  overrides: tuple[str, ...] = (), perturbation: str | None = None):
+def _entry_worker(
+    suite_path: str,
+    name: str,
+    parent_run_id: str,
+    experiment_id: str,
+    uri: str | None,
+    overrides: tuple[str, ...] = (),
+    perturbation: str | None = None,
+):
     """Process-pool target (spawn): returns (name, run_id or None, error or None)."""
     try:
-        return name, run_entry(load_suite(suite_path), name, parent_run_id, experiment_id, uri=uri,
-                               overrides=overrides, perturbation=perturbation), None
+        return (
+            name,
+            run_entry(
+                load_suite(suite_path),
+                name,
+                parent_run_id,
+                experiment_id,
+                uri=uri,
+                overrides=overrides,
+                perturbation=perturbation,
+            ),
+            None,
+        )
     except Exception as e:  # the run is closed FAILED by train.run; report and let the others go on
         return name, None, f"{type(e).__name__}: {e}"
 
@@ -131,9 +161,17 @@ def cost(e: Entry) -> float:
     return e.cfg.trainer.max_steps * e.cfg.task.seq_len * e.cfg.model.hidden_size * gates
 
 
-def run_all(suite: Suite, parent_run_id: str, experiment_id: str, workers: int = 1, uri: str | None = None,
-            progress: Say = print, entries: list[str] | None = None, overrides: tuple[str, ...] = (),
-            perturbation: str | None = None) -> dict[str, tuple[str | None, str | None]]:
+def run_all(
+    suite: Suite,
+    parent_run_id: str,
+    experiment_id: str,
+    workers: int = 1,
+    uri: str | None = None,
+    progress: Say = print,
+    entries: list[str] | None = None,
+    overrides: tuple[str, ...] = (),
+    perturbation: str | None = None,
+) -> dict[str, tuple[str | None, str | None]]:
     """Run every entry, or those named in ``entries`` (``workers`` spawned processes, or in-process for 1).
 
     Returns {name: (run_id, error)}. ``overrides`` and ``perturbation`` go to :func:`run_entry`.
@@ -149,8 +187,10 @@ def run_all(suite: Suite, parent_run_id: str, experiment_id: str, workers: int =
 
     def done(name, run_id, err):
         out[name] = (run_id, err)
-        progress(f"  [{len(out)}/{n}] {name}{label}: {'ok' if err is None else 'FAILED: ' + err} "
-                 f"({time.time() - t0:.0f} s)")
+        progress(
+            f"  [{len(out)}/{n}] {name}{label}: {'ok' if err is None else 'FAILED: ' + err} "
+            f"({time.time() - t0:.0f} s)"
+        )
 
     if workers <= 1:
         for e in order:
@@ -175,15 +215,23 @@ def check_suite_fits(suite: Suite, overrides: tuple[str, ...], workers: int) -> 
     from pipeline.training.budget import check_fits
 
     for e in suite.entries:
-        check_fits(with_overrides(e.cfg, overrides), copies=min(workers, len(suite.entries)),
-                   what=f"entry {e.name!r} ")
+        check_fits(
+            with_overrides(e.cfg, overrides),
+            copies=min(workers, len(suite.entries)),
+            what=f"entry {e.name!r} ",
+        )
 
 
 # ------------------------------------------------------------------------------------ compare, record
 
 
-def collect(suite: Suite, run_ids: dict[str, str | None], parent_run_id: str | None = None,
-            uri: str | None = None, perturbation: str | None = None) -> dict[str, EntryResult]:
+def collect(
+    suite: Suite,
+    run_ids: dict[str, str | None],
+    parent_run_id: str | None = None,
+    uri: str | None = None,
+    perturbation: str | None = None,
+) -> dict[str, EntryResult]:
     """Read each entry's run back from the store: status, final metrics, tags (what was recorded).
 
     With ``perturbation``, only the entries in ``run_ids`` (the ones run under it) are read.
@@ -198,16 +246,21 @@ def collect(suite: Suite, run_ids: dict[str, str | None], parent_run_id: str | N
         rid = run_ids.get(e.name)
         if rid is None and parent_run_id:  # a run that failed before returning its id
             exp = c.get_run(parent_run_id).info.experiment_id
-            found = [r for r in _search(c, exp, f"tags.mlflow.parentRunId = '{parent_run_id}' "
-                                                f"and tags.{ENTRY} = '{e.name}'")
-                     if r.data.tags.get(PERTURBATION) == perturbation]
+            found = [
+                r
+                for r in _search(
+                    c, exp, f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.{ENTRY} = '{e.name}'"
+                )
+                if r.data.tags.get(PERTURBATION) == perturbation
+            ]
             rid = found[0].info.run_id if found else None
         if rid is None:
             out[e.name] = EntryResult(e.name, None, "MISSING", error="no run recorded")
             continue
         r = c.get_run(rid)
-        out[e.name] = EntryResult(e.name, rid, r.info.status, dict(r.data.metrics), dict(r.data.tags),
-                                  r.data.tags.get("error"))
+        out[e.name] = EntryResult(
+            e.name, rid, r.info.status, dict(r.data.metrics), dict(r.data.tags), r.data.tags.get("error")
+        )
     return out
 
 
@@ -263,12 +316,15 @@ def format_table(rows: list[Row]) -> str:
 def format_columns(head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
     """A small indented table (the baseline diff, the measured spreads)."""
     w = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return "\n".join("  " + "  ".join(r[i].ljust(w[i]) for i in range(len(head))).rstrip()
-                     for r in [head, tuple("-" * x for x in w), *rows])
+    return "\n".join(
+        "  " + "  ".join(r[i].ljust(w[i]) for i in range(len(head))).rstrip()
+        for r in [head, tuple("-" * x for x in w), *rows]
+    )
 
 
-def finish_suite_run(suite: Suite, parent_run_id: str, rows: list[Row], uri: str | None = None,
-                     status: str = "FINISHED") -> str:
+def finish_suite_run(
+    suite: Suite, parent_run_id: str, rows: list[Row], uri: str | None = None, status: str = "FINISHED"
+) -> str:
     """Table and verdict onto the parent run (artifacts regression/table.txt and .json), then close it."""
     from pipeline.tracking import Recorder
 
@@ -278,8 +334,14 @@ def finish_suite_run(suite: Suite, parent_run_id: str, rows: list[Row], uri: str
         rec.log_text(format_table(rows) + "\n", "regression/table.txt")
         rec.log_text(json.dumps([r.__dict__ for r in rows], indent=1), "regression/table.json")
         failing = [r for r in rows if r.failing]
-        rec.log_metrics({"regression/checks": len(rows), "regression/failed": len(failing),
-                         "regression/laws_violated": sum(r.verdict == LAW for r in rows)}, 0)
+        rec.log_metrics(
+            {
+                "regression/checks": len(rows),
+                "regression/failed": len(failing),
+                "regression/laws_violated": sum(r.verdict == LAW for r in rows),
+            },
+            0,
+        )
         rec.set_tags({"verdict": v, "failed_checks": "; ".join(r.check for r in failing)[:4900]})
     finally:
         rec.close(status)
@@ -302,8 +364,15 @@ class Outcome:
         return sum(r.verdict == NO_BASELINE for r in self.rows)
 
 
-def run_suite(suite: Suite, baseline: dict, uri: str, workers: int = 1, overrides: tuple[str, ...] = (),
-              update: bool = False, say: Say = print) -> Outcome:
+def run_suite(
+    suite: Suite,
+    baseline: dict,
+    uri: str,
+    workers: int = 1,
+    overrides: tuple[str, ...] = (),
+    update: bool = False,
+    say: Say = print,
+) -> Outcome:
     """Open the parent run, run every entry, judge them (and with ``update`` accept a new baseline), record.
 
     Prints the table through ``say``. Any exception closes the parent run KILLED (an interrupt) or FAILED.
@@ -334,8 +403,17 @@ def run_suite(suite: Suite, baseline: dict, uri: str, workers: int = 1, override
     return Outcome(parent, rows, finish_suite_run(suite, parent, rows))
 
 
-def update_baseline(suite: Suite, baseline: dict, results: dict[str, EntryResult], rows: list[Row],
-                    parent: str, exp_id: str, uri: str, workers: int = 1, say: Say = print) -> int | None:
+def update_baseline(
+    suite: Suite,
+    baseline: dict,
+    results: dict[str, EntryResult],
+    rows: list[Row],
+    parent: str,
+    exp_id: str,
+    uri: str,
+    workers: int = 1,
+    say: Say = print,
+) -> int | None:
     """Run the baselined entries under every perturbation, measure the bands, write the file.
 
     Returns 1 (nothing written, the parent run closed) when a law is violated or a run failed, nominal
@@ -348,8 +426,10 @@ def update_baseline(suite: Suite, baseline: dict, results: dict[str, EntryResult
     broken = [r for r in rows + extra if r.verdict in (LAW, ERROR)]
     if broken:
         say(format_table(rows + extra))
-        say(f"\nbaseline NOT written: {len(broken)} law(s) violated or run(s) failed; "
-            "a baseline must come from runs that respect the laws, perturbed ones included")
+        say(
+            f"\nbaseline NOT written: {len(broken)} law(s) violated or run(s) failed; "
+            "a baseline must come from runs that respect the laws, perturbed ones included"
+        )
         finish_suite_run(suite, parent, rows + extra)
         return 1
     try:
@@ -368,15 +448,24 @@ def update_baseline(suite: Suite, baseline: dict, results: dict[str, EntryResult
     return None
 
 
-def _run_perturbed(suite: Suite, parent: str, exp_id: str, workers: int,
-                   say: Say) -> tuple[dict[str, dict[str, EntryResult]], list[Row]]:
+def _run_perturbed(
+    suite: Suite, parent: str, exp_id: str, workers: int, say: Say
+) -> tuple[dict[str, dict[str, EntryResult]], list[Row]]:
     """The baselined entries again under each of :data:`PERTURBATIONS`: their results and law rows."""
     names = baselined(suite)
     perturbed, rows = {}, []
     say(f"measuring bands: {len(names)} baselined entries under {', '.join(PERTURBATIONS)}")
     for label, settings in PERTURBATIONS.items():
-        ids = run_all(suite, parent, exp_id, workers=workers, progress=say, entries=names, overrides=settings,
-                      perturbation=label)
+        ids = run_all(
+            suite,
+            parent,
+            exp_id,
+            workers=workers,
+            progress=say,
+            entries=names,
+            overrides=settings,
+            perturbation=label,
+        )
         perturbed[label] = collect(suite, {n: rid for n, (rid, _) in ids.items()}, parent, perturbation=label)
         rows += judge_perturbed(suite, perturbed[label], label)
     return perturbed, rows

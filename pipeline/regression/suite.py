@@ -170,8 +170,14 @@ def load_suite(path: str | Path, _seen: tuple[Path, ...] = ()) -> Suite:
     if len({e.cfg.tracking.uri for e in entries}) > 1:
         raise ConfigError("defaults.tracking.uri", "all entries of a suite must use one tracking store")
     bpath = raw.baseline if raw.baseline is not None else f"{stem}.baseline.yaml"
-    return Suite(name, path, raw.description.strip(), path.parent / Path(bpath).expanduser(),
-                 tuple(entries), tuple(compare))
+    return Suite(
+        name,
+        path,
+        raw.description.strip(),
+        path.parent / Path(bpath).expanduser(),
+        tuple(entries),
+        tuple(compare),
+    )
 
 
 def _entry_files(items: tuple[dict[str, Any], ...]) -> list[EntryFile]:
@@ -207,7 +213,9 @@ def _inherited(included: list[Suite], suite: str, own: list[str]) -> list[Entry]
     for sub in included:
         for e in sub.entries:
             if e.name in own or e.name in {x.name for x in out}:
-                raise ConfigError(f"entries.{e.name}.name", "duplicate entry name (also in an included suite)")
+                raise ConfigError(
+                    f"entries.{e.name}.name", "duplicate entry name (also in an included suite)"
+                )
             cfg = replace(e.cfg, tracking=replace(e.cfg.tracking, run_name=f"{suite}/{e.name}"))
             out.append(replace(e, cfg=cfg, baseline_path=e.baseline_path or sub.baseline_path))
     return out
@@ -216,7 +224,9 @@ def _inherited(included: list[Suite], suite: str, own: list[str]) -> list[Entry]
 def _entry(raw: EntryFile, defaults: dict[str, Any], suite_dir: Path, suite: str, known: set[str]) -> Entry:
     key = f"entries.{raw.name}"
     cfg = _entry_config(raw, defaults, suite_dir, suite, key)
-    checks = tuple(parse_check(c, f"{key}.checks[{j}]", raw.name, cfg, known) for j, c in enumerate(raw.checks))
+    checks = tuple(
+        parse_check(c, f"{key}.checks[{j}]", raw.name, cfg, known) for j, c in enumerate(raw.checks)
+    )
     bands = {}
     for metric, band in raw.baseline.items():
         check_metric(f"{key}.baseline.{metric}", metric)
@@ -233,8 +243,9 @@ def _entry_config(raw: EntryFile, defaults: dict[str, Any], suite_dir: Path, sui
             raise ConfigError(f"{key}.config", str(e)) from None
     data = deep_merge(deep_merge(data, defaults), raw.patch)
     # Regression runs always land in experiment `regression`, named <suite>/<entry> (README, "The MLflow record").
-    data = deep_merge(data, {"tracking": {"experiment": EXPERIMENT, "enabled": True,
-                                          "run_name": f"{suite}/{raw.name}"}})
+    data = deep_merge(
+        data, {"tracking": {"experiment": EXPERIMENT, "enabled": True, "run_name": f"{suite}/{raw.name}"}}
+    )
     try:
         return from_dict(data)
     except ConfigError as e:

@@ -117,10 +117,11 @@ def use_uri(uri: str):
 def check_store(uri: str) -> None:
     """A missing sqlite file is an error, not a new empty store (reading must not create one)."""
     path = sqlite_file(uri)
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError("--store", f"no MLflow store at {path} (run `make sweep` or `make train` "
-                                         "first, or pass --store URI)")
+    if path is not None and not path.is_file():
+        raise ConfigError(
+            "--store",
+            f"no MLflow store at {path} (run `make sweep` or `make train` first, or pass --store URI)",
+        )
     from pipeline.tracking import probe_store
 
     probe_store(uri, "--store")  # a corrupt file or an unreachable server: one line, exit 2
@@ -138,8 +139,16 @@ def resolve_target(uri: str, experiment: str | None = None, study: str | None = 
     by_id = {e.experiment_id: e for e in exps}
     if study is None and experiment is None:
         # default: the most recent sweep in any experiment (each sweep config names its own experiment)
-        last = c.search_runs(list(by_id), f"{KIND} = '{KIND_SWEEP}'", max_results=1,
-                             order_by=["attributes.start_time DESC"]) if by_id else []
+        last = (
+            c.search_runs(
+                list(by_id),
+                f"{KIND} = '{KIND_SWEEP}'",
+                max_results=1,
+                order_by=["attributes.start_time DESC"],
+            )
+            if by_id
+            else []
+        )
         if last:
             study = last[0].data.tags.get(STUDY)
             experiment = by_id[last[0].info.experiment_id].name
@@ -156,8 +165,12 @@ def resolve_target(uri: str, experiment: str | None = None, study: str | None = 
     ids, names = [e.experiment_id for e in scope], [e.name for e in scope]
 
     if study is not None:
-        parents = c.search_runs(ids, f"{KIND} = '{KIND_SWEEP}' and tags.{STUDY} = {_quote(study)}", max_results=1,
-                                order_by=["attributes.start_time DESC"])
+        parents = c.search_runs(
+            ids,
+            f"{KIND} = '{KIND_SWEEP}' and tags.{STUDY} = {_quote(study)}",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
         trial_filter = f"{KIND} = '{KIND_TRIAL}' and tags.{STUDY} = {_quote(study)}"
         if not parents and not c.search_runs(ids, trial_filter, max_results=1):
             raise ConfigError("--study", f"unknown study {study!r} in experiment(s) {', '.join(names)}")
@@ -174,20 +187,26 @@ def load_runs(target: Target):
     import mlflow
 
     with use_uri(target.uri):
-        df = mlflow.search_runs(experiment_ids=target.experiment_ids, filter_string=target.filter_string,
-                                order_by=["attributes.start_time ASC"])
+        df = mlflow.search_runs(
+            experiment_ids=target.experiment_ids,
+            filter_string=target.filter_string,
+            order_by=["attributes.start_time ASC"],
+        )
     kind_col = f"tags.{KIND_TAG}"
-    kind = df[kind_col] if kind_col in df else None
+    kind = df.get(kind_col)
     if kind is not None:
         df = df[kind.fillna("") != KIND_SWEEP].reset_index(drop=True)
     if df.empty:
         what = f"study {target.study!r}" if target.study else f"experiment {target.name!r}"
-        raise ConfigError("--study" if target.study else "--experiment",
-                          f"{what} has no runs to report (run `make sweep` or `make train` first)")
+        raise ConfigError(
+            "--study" if target.study else "--experiment",
+            f"{what} has no runs to report (run `make sweep` or `make train` first)",
+        )
     # name only the experiments the runs live in (a study is looked up across all of them)
     found = set(df["experiment_id"])
-    target.experiment_names = [n for i, n in zip(target.experiment_ids, target.experiment_names, strict=True)
-                               if i in found]
+    target.experiment_names = [
+        n for i, n in zip(target.experiment_ids, target.experiment_names, strict=True) if i in found
+    ]
     return df
 
 
@@ -235,7 +254,9 @@ def comparison_table(runs):
         table[c] = table[c].astype(float)
     for c in (n for n, _, k in COLUMNS if k == "int"):
         table[c] = table[c].astype("Int64")
-    return table.sort_values(KEYS + ["seed", "run_name"], na_position="last", kind="stable").reset_index(drop=True)
+    return table.sort_values(KEYS + ["seed", "run_name"], na_position="last", kind="stable").reset_index(
+        drop=True
+    )
 
 
 def representative_runs(table, per_panel: int = PROFILE_RUNS_PER_PANEL) -> list[str]:
@@ -249,11 +270,12 @@ def representative_runs(table, per_panel: int = PROFILE_RUNS_PER_PANEL) -> list[
     for _, panel in table.groupby(["task", "cell"], sort=True, dropna=False):
         picks = []
         for _, grp in panel.groupby(["init", "init_scale"], sort=True, dropna=False):
-            order = grp.assign(_div=grp["regime"].eq(DIVERGED),
-                               _loss=grp["val_loss_ratio"].fillna(np.inf))
+            order = grp.assign(_div=grp["regime"].eq(DIVERGED), _loss=grp["val_loss_ratio"].fillna(np.inf))
             picks.append(order.sort_values(["_div", "_loss"]).iloc[0]["run_id"])
         if len(picks) > per_panel:
-            picks = [picks[i] for i in np.unique(np.linspace(0, len(picks) - 1, per_panel).round().astype(int))]
+            picks = [
+                picks[i] for i in np.unique(np.linspace(0, len(picks) - 1, per_panel).round().astype(int))
+            ]
         clipped = panel[(panel["clip"] != "none") & ~panel["run_id"].isin(picks)]
         clipped = clipped.sort_values("clip_rate", ascending=False, na_position="last")
         chosen.extend(picks + list(clipped["run_id"][:CLIPPED_PER_PANEL]))

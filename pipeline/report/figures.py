@@ -26,8 +26,13 @@ from pipeline.plots import (
     wrap_title,
 )
 
-REGIME_COLORS = {VANISHING: "#1f77b4", HEALTHY: "#2ca02c", EXPLODING: "#ff7f0e",
-                 DIVERGED: "#d62728", None: "#9e9e9e"}
+REGIME_COLORS = {
+    VANISHING: "#1f77b4",
+    HEALTHY: "#2ca02c",
+    EXPLODING: "#ff7f0e",
+    DIVERGED: "#d62728",
+    None: "#9e9e9e",
+}
 THEORY_INITS = ("gaussian", "orthogonal")  # mean-field ln g per step applies to tanh with these inits
 
 
@@ -36,8 +41,9 @@ def _grid(n: int, width: float = 4.2, height: float = 3.6, max_cols: int = 3):
     rows = math.ceil(n / cols)
     # Constrained layout makes room for titles, figure legends and legends below the axes (tight_layout
     # ignores figure-level artists: one-panel figures lost their title and legend).
-    fig, axes = plt.subplots(rows, cols, figsize=(max(width * cols, MIN_WIDTH), height * rows), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(max(width * cols, MIN_WIDTH), height * rows), squeeze=False, layout="constrained"
+    )
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
@@ -112,16 +118,34 @@ def phase_diagram(table, task: str):
                 marker, size, text = "*", 220, f"{r['val_loss_ratio']:.2g}"
             else:
                 marker, size = "o", 90
-                text = f"{r['val_loss_ratio']:.2g}" if not np.isnan(r["val_loss_ratio"]) else r["status"] or "?"
+                text = (
+                    f"{r['val_loss_ratio']:.2g}" if not np.isnan(r["val_loss_ratio"]) else r["status"] or "?"
+                )
             if regime != DIVERGED and outcome(r["val_loss_ratio"], r["solved"]) == "learned nothing":
                 # hollow: whatever the gradients did, the loss stayed at the baseline
-                ax.scatter([xi], [yi], facecolors="white", edgecolors=color, marker=marker, s=size,
-                           linewidths=2.2, zorder=3)
+                ax.scatter(
+                    [xi],
+                    [yi],
+                    facecolors="white",
+                    edgecolors=color,
+                    marker=marker,
+                    s=size,
+                    linewidths=2.2,
+                    zorder=3,
+                )
             else:
-                ax.scatter([xi], [yi], c=color, marker=marker, s=size, edgecolors="k", linewidths=0.6, zorder=3)
+                ax.scatter(
+                    [xi], [yi], c=color, marker=marker, s=size, edgecolors="k", linewidths=0.6, zorder=3
+                )
             if label_points:
-                ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(0, 9 if k % 2 == 0 else -15),
-                            ha="center", fontsize=7)
+                ax.annotate(
+                    text,
+                    (xi, yi),
+                    textcoords="offset points",
+                    xytext=(0, 9 if k % 2 == 0 else -15),
+                    ha="center",
+                    fontsize=7,
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlim(*xlim)
@@ -132,15 +156,36 @@ def phase_diagram(table, task: str):
         ax.set_ylabel("init scale g")
         ax.set_title(f"{cell} / {init}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
-    handles = [Line2D([], [], ls="", marker="o", color=c, markeredgecolor="k", label=k)
-               for k, c in REGIME_COLORS.items() if k]
-    handles += [Line2D([], [], ls="", marker="*", color="w", markeredgecolor="k", markersize=11, label="solved"),
-                Line2D([], [], ls="", marker="X", color="w", markeredgecolor="k", label="diverged (step)"),
-                Line2D([], [], ls="", marker="o", color="w", markeredgecolor="#555", markeredgewidth=2,
-                       label=f"hollow: learned nothing (val loss >= {LEARNED_NOTHING:g} x baseline)")]
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
-    fig.suptitle(wrap_title(f"Phase diagram, {task}: gradient regime (colour) by init scale and learning rate; "
-                            "labels: final val loss / baseline", fig), fontsize=11)
+    handles = [
+        Line2D([], [], ls="", marker="o", color=c, markeredgecolor="k", label=k)
+        for k, c in REGIME_COLORS.items()
+        if k
+    ]
+    handles += [
+        Line2D([], [], ls="", marker="*", color="w", markeredgecolor="k", markersize=11, label="solved"),
+        Line2D([], [], ls="", marker="X", color="w", markeredgecolor="k", label="diverged (step)"),
+        Line2D(
+            [],
+            [],
+            ls="",
+            marker="o",
+            color="w",
+            markeredgecolor="#555",
+            markeredgewidth=2,
+            label=f"hollow: learned nothing (val loss >= {LEARNED_NOTHING:g} x baseline)",
+        ),
+    ]
+    fig.legend(
+        handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False
+    )
+    fig.suptitle(
+        wrap_title(
+            f"Phase diagram, {task}: gradient regime (colour) by init scale and learning rate; "
+            "labels: final val loss / baseline",
+            fig,
+        ),
+        fontsize=11,
+    )
     return fig
 
 
@@ -160,8 +205,13 @@ def profile_panels(table, profiles: dict, task: str):
         draw_profile(ax, _profile_curves(grp, profiles, cell))
         ax.set_title(f"{task}: {cell}", fontsize=10)
         _legend_below(ax)
-    fig.suptitle(wrap_title("Long-range gradient profiles (memory-window loss): at init (dashed) and end of "
-                            "training (solid)", fig), fontsize=11)
+    fig.suptitle(
+        wrap_title(
+            "Long-range gradient profiles (memory-window loss): at init (dashed) and end of training (solid)",
+            fig,
+        ),
+        fontsize=11,
+    )
     return fig
 
 
@@ -182,15 +232,24 @@ def _profile_curves(grp, profiles: dict, cell: str) -> list[Curve]:
         curves.append(Curve(p0["t"], p0["log10_norm"], f"{_run_label(r)}: init", "--", 1.2, color))
         if last != first:
             summary = run_summary(r["regime"], r["val_loss_ratio"], r["solved"])
-            curves.append(Curve(p1["t"], p1["log10_norm"], f"{_run_label(r)}: step {last} ({summary})", "-", 1.6,
-                                color))
+            curves.append(
+                Curve(p1["t"], p1["log10_norm"], f"{_run_label(r)}: step {last} ({summary})", "-", 1.6, color)
+            )
         g = r["init_scale"]
         if theory_applies(cell, r["init"], g) and len(p0):
             T = int(p0["t"].max())
             anchor = float(p0.loc[p0["t"] == T, "log10_norm"].iloc[0])
             t = np.arange(1, T + 1)
-            curves.append(Curve(t, anchor + (T - t) * math.log10(g),
-                                f"theory g={g:.3g}: ln g = {math.log(g):.2f}/step", ":", 1.0, "k"))
+            curves.append(
+                Curve(
+                    t,
+                    anchor + (T - t) * math.log10(g),
+                    f"theory g={g:.3g}: ln g = {math.log(g):.2f}/step",
+                    ":",
+                    1.0,
+                    "k",
+                )
+            )
     return curves
 
 
@@ -213,8 +272,10 @@ def grad_norm_panels(table, norms: dict, task: str):
         draw_grad_norms(ax, curves, sorted(thresholds))
         ax.set_title(f"{task}: {cell}", fontsize=10)
         _legend_below(ax)
-    fig.suptitle(wrap_title("Gradient norm over training: before (solid) and after (dashed) clipping", fig),
-                 fontsize=11)
+    fig.suptitle(
+        wrap_title("Gradient norm over training: before (solid) and after (dashed) clipping", fig),
+        fontsize=11,
+    )
     return fig
 
 
@@ -231,9 +292,14 @@ def _grad_norm_curves(grp, norms: dict) -> tuple[list[Curve], set[float]]:
                 continue
             ok = positive(df[col])
             if ok.any():
-                label = (f"{_run_label(r)} clip {r['clip']}" + (f": {what}" if clipped else "")
-                         + f" ({run_summary(r['regime'], r['val_loss_ratio'], r['solved'])})")
-                curves.append(Curve(df["step"], df[col], label, ls, 0.9, color, "." if ok.sum() < 4 else None))
+                label = (
+                    f"{_run_label(r)} clip {r['clip']}"
+                    + (f": {what}" if clipped else "")
+                    + f" ({run_summary(r['regime'], r['val_loss_ratio'], r['solved'])})"
+                )
+                curves.append(
+                    Curve(df["step"], df[col], label, ls, 0.9, color, "." if ok.sum() < 4 else None)
+                )
         if r["clip"].startswith("norm "):
             thresholds.add(float(r["clip"].split()[1]))
     return curves, thresholds

@@ -26,12 +26,37 @@ from typing import Any
 from pipeline.names import DIVERGED, EXPLODING, HEALTHY, VANISHING
 from pipeline.report import data as rd
 
-SHOWN = ["task", "cell", "init", "init_scale", "lr", "clip", "val_loss_ratio", "solved", "regime",
-         "log10_ratio", "decay_rate", "clip_rate", "diverged_step", "regime_init", "max_norm_preclip", "seed",
-         "status", "run_name"]
-HEADERS = {"init_scale": "g", "val_loss_ratio": "val loss / baseline", "log10_ratio": "log10 ratio",
-           "decay_rate": "decay rate (ln/step)", "clip_rate": "clip rate", "diverged_step": "diverged step",
-           "regime_init": "regime at init", "max_norm_preclip": "max norm (pre-clip)", "run_name": "run"}
+SHOWN = [
+    "task",
+    "cell",
+    "init",
+    "init_scale",
+    "lr",
+    "clip",
+    "val_loss_ratio",
+    "solved",
+    "regime",
+    "log10_ratio",
+    "decay_rate",
+    "clip_rate",
+    "diverged_step",
+    "regime_init",
+    "max_norm_preclip",
+    "seed",
+    "status",
+    "run_name",
+]
+HEADERS = {
+    "init_scale": "g",
+    "val_loss_ratio": "val loss / baseline",
+    "log10_ratio": "log10 ratio",
+    "decay_rate": "decay rate (ln/step)",
+    "clip_rate": "clip rate",
+    "diverged_step": "diverged step",
+    "regime_init": "regime at init",
+    "max_norm_preclip": "max norm (pre-clip)",
+    "run_name": "run",
+}
 
 
 @dataclass
@@ -52,10 +77,15 @@ def summary_table(table):
     rows = []
     for key, grp in table.groupby(rd.KEYS, sort=True, dropna=False):
         counts = grp["regime"].fillna("none").value_counts()
-        rows.append({**dict(zip(rd.KEYS, key, strict=True)), "runs": len(grp),
-                     "solved": int((grp["solved"] == "true").sum()),
-                     "regimes": ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
-                     "median_val_loss_ratio": grp["val_loss_ratio"].median()})
+        rows.append(
+            {
+                **dict(zip(rd.KEYS, key, strict=True)),
+                "runs": len(grp),
+                "solved": int((grp["solved"] == "true").sum()),
+                "regimes": ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
+                "median_val_loss_ratio": grp["val_loss_ratio"].median(),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -104,8 +134,15 @@ def figures(data: rd.ReportData) -> list[tuple[str, str, bytes]]:
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;font-size:12px}
 th,td{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f2f2f2;position:sticky;top:0}
 td.s{text-align:left}img{max-width:100%;border:1px solid #ddd}.meta td{text-align:left}
-""" + "".join(f".{regime}{{background:{color}}}" for regime, color in
-              {VANISHING: "#dbe9f6", HEALTHY: "#dcf0dc", EXPLODING: "#ffe6cc", DIVERGED: "#f8d0d0"}.items())
+""" + "".join(
+    f".{regime}{{background:{color}}}"
+    for regime, color in {
+        VANISHING: "#dbe9f6",
+        HEALTHY: "#dcf0dc",
+        EXPLODING: "#ffe6cc",
+        DIVERGED: "#f8d0d0",
+    }.items()
+)
 
 
 def _html_table(df, cols: list[str]) -> str:
@@ -125,8 +162,10 @@ def _html_table(df, cols: list[str]) -> str:
 
 
 def _md_table(df, cols: list[str]) -> str:
-    lines = ["| " + " | ".join(HEADERS.get(c, c.replace("_", " ")) for c in cols) + " |",
-             "|" + "---|" * len(cols)]
+    lines = [
+        "| " + " | ".join(HEADERS.get(c, c.replace("_", " ")) for c in cols) + " |",
+        "|" + "---|" * len(cols),
+    ]
     for _, r in df.iterrows():
         lines.append("| " + " | ".join(fmt(r[c], c).replace("|", "\\|") for c in cols) + " |")
     return "\n".join(lines)
@@ -134,9 +173,13 @@ def _md_table(df, cols: list[str]) -> str:
 
 def _meta(data: rd.ReportData, n: int, regimes: dict[str, int]) -> list[tuple[str, str]]:
     t = data.target
-    meta = [("store", t.uri), ("experiment", ", ".join(t.experiment_names)), ("runs", str(n)),
-            ("regimes", ", ".join(f"{k}: {v}" for k, v in regimes.items()) or "none"),
-            ("generated", time.strftime("%Y-%m-%d %H:%M:%S"))]
+    meta = [
+        ("store", t.uri),
+        ("experiment", ", ".join(t.experiment_names)),
+        ("runs", str(n)),
+        ("regimes", ", ".join(f"{k}: {v}" for k, v in regimes.items()) or "none"),
+        ("generated", time.strftime("%Y-%m-%d %H:%M:%S")),
+    ]
     if t.study:
         meta.insert(2, ("study", t.study))
     if t.parent_run_id:
@@ -144,19 +187,27 @@ def _meta(data: rd.ReportData, n: int, regimes: dict[str, int]) -> list[tuple[st
     return meta
 
 
-NOTES = ("Values are MLflow's: final metrics (latest step) and tags of each run. val loss / baseline: "
-         "1 means the model learned nothing (adding: predict 1, MSE 1/6). log10 ratio: "
-         "log10 ||dL/dh_1|| / ||dL/dh_T|| of the final float64 profile. decay rate: ln growth per step "
-         "going back (= ln g in the ordered phase). Profiles are shown for at most "
-         f"{rd.PROFILE_RUNS_PER_PANEL} representative runs per cell (per (init, g) the best-trained).")
+NOTES = (
+    "Values are MLflow's: final metrics (latest step) and tags of each run. val loss / baseline: "
+    "1 means the model learned nothing (adding: predict 1, MSE 1/6). log10 ratio: "
+    "log10 ||dL/dh_1|| / ||dL/dh_T|| of the final float64 profile. decay rate: ln growth per step "
+    "going back (= ln g in the ordered phase). Profiles are shown for at most "
+    f"{rd.PROFILE_RUNS_PER_PANEL} representative runs per cell (per (init, g) the best-trained)."
+)
 
 
 def write(data: rd.ReportData, out: Path) -> ReportResult:
     out.mkdir(parents=True, exist_ok=True)
     table = data.table
     regimes = {k: int(v) for k, v in table["regime"].fillna("no verdict").value_counts().sort_index().items()}
-    res = ReportResult(data.target.name, out, n_runs=len(table), regimes=regimes,
-                       parent_run_id=data.target.parent_run_id, table=table)
+    res = ReportResult(
+        data.target.name,
+        out,
+        n_runs=len(table),
+        regimes=regimes,
+        parent_run_id=data.target.parent_run_id,
+        table=table,
+    )
     summary = summary_table(table)
     table.to_csv(out / "comparison.csv", index=False)
     summary.to_csv(out / "summary.csv", index=False)
@@ -169,15 +220,20 @@ def write(data: rd.ReportData, out: Path) -> ReportResult:
     title = f"RNN gradient report: {data.target.name}"
     sum_cols = rd.KEYS + ["runs", "solved", "regimes", "median_val_loss_ratio"]
 
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
-             "<table class='meta'>" + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-                                               for k, v in meta) + "</table>",
-             f"<p>{html.escape(NOTES)}</p>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+        "<table class='meta'>"
+        + "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in meta)
+        + "</table>",
+        f"<p>{html.escape(NOTES)}</p>",
+    ]
     for name, caption, png in figs:
         b64 = base64.b64encode(png).decode()
-        parts.append(f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(name)}' "
-                     f"src='data:image/png;base64,{b64}'>")
+        parts.append(
+            f"<h2>{html.escape(caption)}</h2><img alt='{html.escape(name)}' "
+            f"src='data:image/png;base64,{b64}'>"
+        )
     parts.append("<h2>Summary per (task, cell, init, g, lr, clip)</h2>" + _html_table(summary, sum_cols))
     parts.append("<h2>Comparison: one row per run</h2>" + _html_table(table, SHOWN + ["run_id"]))
     parts.append("</body></html>")
@@ -186,15 +242,28 @@ def write(data: rd.ReportData, out: Path) -> ReportResult:
     md = [f"# {title}", "", *(f"- **{k}**: {v}" for k, v in meta), "", NOTES, ""]
     for name, caption, _ in figs:
         md += [f"## {caption}", "", f"![{caption}]({name})", ""]
-    md += ["## Summary per (task, cell, init, g, lr, clip)", "", _md_table(summary, sum_cols), "",
-           "## Comparison: one row per run", "", _md_table(table, SHOWN + ["run_id"]), ""]
+    md += [
+        "## Summary per (task, cell, init, g, lr, clip)",
+        "",
+        _md_table(summary, sum_cols),
+        "",
+        "## Comparison: one row per run",
+        "",
+        _md_table(table, SHOWN + ["run_id"]),
+        "",
+    ]
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")
     res.files.update({"report.html": out / "report.html", "report.md": out / "report.md"})
     return res
 
 
-def build_report(uri: str | None = None, experiment: str | None = None, study: str | None = None,
-                 out: str | Path | None = None, log_to_parent: bool = True) -> ReportResult:
+def build_report(
+    uri: str | None = None,
+    experiment: str | None = None,
+    study: str | None = None,
+    out: str | Path | None = None,
+    log_to_parent: bool = True,
+) -> ReportResult:
     """Resolve, read (bulk), draw, write; log the folder to the sweep's parent run as ``report/``.
 
     Raises ConfigError (nothing written) for a missing store, an unknown experiment or study, or one

@@ -29,7 +29,9 @@ from pipeline.schema import ConfigError
 
 GIB = 1024**3
 FIT_FRACTION = 0.8  # refuse when the estimate exceeds 80% of what is available (safety margin)
-RUNTIME_BYTES = int(0.75 * GIB)  # torch + Lightning + MLflow + pandas + matplotlib imported (measured ~0.6 GiB)
+RUNTIME_BYTES = int(
+    0.75 * GIB
+)  # torch + Lightning + MLflow + pandas + matplotlib imported (measured ~0.6 GiB)
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # the CUDA context and kernels on the device
 ENV_SWITCH = "PIPELINE_MEMORY_CHECK"  # "0": skip the check (an escape hatch if the estimate is wrong)
 
@@ -43,11 +45,22 @@ TRAIN_COEF = {"tanh": 5, "relu": 5, "orthogonal": 5, "indrnn": 6, "lstm": 17, "g
 # stacked copy). Measured P=64 L=400 H=256: tanh 7.0, orthogonal 7.0, indrnn 5.5, lstm 19.3, gru 15.4;
 # readout "all" (copy) adds about 2. The Lyapunov pass needs less (no caches kept) and runs after it.
 PROFILE_COEF = {"tanh": 7, "relu": 7, "orthogonal": 7, "indrnn": 6, "lstm": 20, "gru": 16}
-HISTORY_BYTES_PER_STEP = 200  # host copy of the 9 float64 per-step records (+ the final concat) and the step list
+HISTORY_BYTES_PER_STEP = (
+    200  # host copy of the 9 float64 per-step records (+ the final concat) and the step list
+)
 PENDING_BYTES_PER_STEP = 512  # a per-step record tensor waiting for its log_every window (object overhead)
-FRAME_BYTES_PER_ROW = 96  # a profile frame row (step, t, state, log10_norm), kept until the run ends, then concatenated
-SIZE_KEYS = ("task.batch_size", "task.val_size", "diagnostics.probe_size", "task.seq_len", "model.hidden_size",
-             "trainer.max_steps", "trainer.log_every")
+FRAME_BYTES_PER_ROW = (
+    96  # a profile frame row (step, t, state, log10_norm), kept until the run ends, then concatenated
+)
+SIZE_KEYS = (
+    "task.batch_size",
+    "task.val_size",
+    "diagnostics.probe_size",
+    "task.seq_len",
+    "model.hidden_size",
+    "trainer.max_steps",
+    "trainer.log_every",
+)
 
 
 @dataclass(frozen=True)
@@ -68,7 +81,8 @@ class Estimate:
         """Bytes at the peak on the device (True), on the host (False), or both together (None)."""
         keep = (lambda p: True) if on_device is None else (lambda p: p.on_device == on_device)
         return sum(p.nbytes for p in self.persistent if keep(p)) + max(
-            (p.nbytes for p in self.passes if keep(p)), default=0)
+            (p.nbytes for p in self.passes if keep(p)), default=0
+        )
 
     def top(self, on_device: bool | None, n: int = 2) -> list[Part]:
         keep = (lambda p: True) if on_device is None else (lambda p: p.on_device == on_device)
@@ -122,15 +136,18 @@ def estimate(cfg: Config, cuda: bool = False) -> Estimate:
     prof_coef = PROFILE_COEF[cell] + (2 if readout_all else 0)
     passes_n = 2 + (tr.max_steps // d.profile_every if d.profile_every else 0)
     states = 2 if cell == "lstm" else 1
-    square = (12 * H * H * 4 if cell == "orthogonal" else 0)  # matrix_exp of W_hh kept for backward
+    square = 12 * H * H * 4 if cell == "orthogonal" else 0  # matrix_exp of W_hh kept for backward
     persistent: tuple[Part, ...] = (
         Part("runtime (torch, Lightning, MLflow)", RUNTIME_BYTES, False),
         Part("parameters, gradients and optimizer state", n * 4 * (2 + _opt_states(cfg)) + square, cuda),
         Part("float64 twin of the weights and spectra", n * 8 * 2 + 4 * H * H * 8, False),
         Part("validation set", V * L * n_in * 4 + V * 8, cuda),
         Part("probe batch", P * L * n_in * 12 + P * 8, False),
-        Part("per-step history", tr.max_steps * HISTORY_BYTES_PER_STEP
-             + min(tr.log_every, tr.max_steps) * PENDING_BYTES_PER_STEP, False),
+        Part(
+            "per-step history",
+            tr.max_steps * HISTORY_BYTES_PER_STEP + min(tr.log_every, tr.max_steps) * PENDING_BYTES_PER_STEP,
+            False,
+        ),
         Part("profile frames", 2 * passes_n * L * states * FRAME_BYTES_PER_ROW, False),
     )
     chunk = min(V, max(B, 256))
@@ -162,8 +179,14 @@ def _cgroup_available() -> int | None:
     """cgroup v2 ``memory.max - memory.current`` (a container's limit), None without a limit."""
     try:
         root = Path("/sys/fs/cgroup")
-        rel = next((ln.split("::", 1)[1] for ln in Path("/proc/self/cgroup").read_text().splitlines()
-                    if ln.startswith("0::")), "/")
+        rel = next(
+            (
+                ln.split("::", 1)[1]
+                for ln in Path("/proc/self/cgroup").read_text().splitlines()
+                if ln.startswith("0::")
+            ),
+            "/",
+        )
         d = root / rel.lstrip("/")
         limit = (d / "memory.max").read_text().strip()
         if limit == "max":
@@ -245,8 +268,11 @@ def dominant_key(cfg: Config, cuda: bool, on_device: bool | None) -> str:
             best, gain = key, g
     if gain < 0:  # every size at or below its default: name the largest component's key
         top = estimate(cfg, cuda).top(on_device, 1)[0].what
-        best = {"training activations": "task.batch_size", "validation set": "task.val_size",
-                "float64 profile pass": "diagnostics.probe_size"}.get(top, "model.hidden_size")
+        best = {
+            "training activations": "task.batch_size",
+            "validation set": "task.val_size",
+            "float64 profile pass": "diagnostics.probe_size",
+        }.get(top, "model.hidden_size")
     return best
 
 
@@ -268,15 +294,21 @@ def check_fits(cfg: Config, *, copies: int = 1, device_copies: int | None = None
         need = est.peak(on_device if cuda else None) * n
         if need > avail * FIT_FRACTION and n > 1 and need // n <= avail * FIT_FRACTION:
             most = max(1, int(avail * FIT_FRACTION // (need // n)))
-            raise ConfigError("workers", f"{n} workers at once need about {fmt_bytes(need)} ({what}each "
-                                         f"{fmt_bytes(need // n)}) but {fmt_bytes(avail)} are available "
-                                         f"{'on the GPU' if on_device else 'on this machine'} ({src}); "
-                                         f"use at most {most} (--workers {most})")
+            raise ConfigError(
+                "workers",
+                f"{n} workers at once need about {fmt_bytes(need)} ({what}each "
+                f"{fmt_bytes(need // n)}) but {fmt_bytes(avail)} are available "
+                f"{'on the GPU' if on_device else 'on this machine'} ({src}); "
+                f"use at most {most} (--workers {most})",
+            )
         if need > avail * FIT_FRACTION:
             key = dominant_key(cfg, cuda, on_device if cuda else None)
             parts = ", ".join(f"{p.what} {fmt_bytes(p.nbytes)}" for p in est.top(on_device if cuda else None))
             where = "on the GPU" if on_device else "on this machine"
             many = f" for {n} workers at once" if n > 1 else ""
-            raise ConfigError(key, f"{what}needs about {fmt_bytes(need)}{many} ({parts}) but {fmt_bytes(avail)} "
-                                   f"are available {where} ({src}); lower it")
+            raise ConfigError(
+                key,
+                f"{what}needs about {fmt_bytes(need)}{many} ({parts}) but {fmt_bytes(avail)} "
+                f"are available {where} ({src}); lower it",
+            )
     return est

@@ -40,8 +40,9 @@ def _path_rates(summary: Mapping[str, Any]) -> list[float]:
     return [float(summary[k]) for k in keys if summary.get(k) is not None]
 
 
-def verdict(diverged: bool, summary: Mapping[str, Any] | None, max_norm_preclip: float | None,
-            d: DiagnosticsConfig) -> str:
+def verdict(
+    diverged: bool, summary: Mapping[str, Any] | None, max_norm_preclip: float | None, d: DiagnosticsConfig
+) -> str:
     """Regime of a run from one profile pass's metrics (``bptt/*`` keys) and the largest gradient norm.
 
     Rules, in order (README, "Regime verdict"; thresholds are ``diagnostics.*`` config keys):
@@ -65,7 +66,8 @@ def verdict(diverged: bool, summary: Mapping[str, Any] | None, max_norm_preclip:
         return EXPLODING
     rates = _path_rates(summary)
     if any(r > d.explode_log10_per_step for r in rates if not math.isnan(r)) or (
-            max_norm_preclip is not None and max_norm_preclip > d.explode_norm):
+        max_norm_preclip is not None and max_norm_preclip > d.explode_norm
+    ):
         return EXPLODING
     if rates:
         # The best-connected path decides; NaN (nothing reaches either end) counts as nothing flowing.
@@ -172,7 +174,9 @@ class ValidationLogger(pl.Callback):
         self.last_step = trainer.global_step
         if math.isfinite(v):
             self.best = v if self.best is None else min(self.best, v)
-        self.recorder.log_metrics({"val/loss": v, "val/loss_ratio": v / self.task.baseline}, trainer.global_step)
+        self.recorder.log_metrics(
+            {"val/loss": v, "val/loss_ratio": v / self.task.baseline}, trainer.global_step
+        )
 
 
 class ProfileMonitor(pl.Callback):
@@ -190,18 +194,23 @@ class ProfileMonitor(pl.Callback):
     def measure(self, module, step: int) -> dict[str, Any]:
         if self._last_step == step:
             return self.passes[-1]
-        params = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in module.model.params(torch.float64).items()}
+        params = {
+            k: (v.cpu() if torch.is_tensor(v) else v) for k, v in module.model.params(torch.float64).items()
+        }
         finite = all(torch.isfinite(v).all() for v in params.values() if torch.is_tensor(v))
         metrics: dict[str, Any] = {"step": step}
         if finite:
-            prof = bptt.profile(params, self.x, self.y, self.task.loss, self.task.readout,
-                                window=self.task.window)
+            prof = bptt.profile(
+                params, self.x, self.y, self.task.loss, self.task.readout, window=self.task.window
+            )
             summary = bptt.summarize(prof, self.cfg.diagnostics.horizon_decades)
             metrics.update({f"bptt/{k}": v for k, v in summary.items()})
             metrics.update({f"spectral/{k}": v for k, v in spectra.spectrum(params).items()})
             # Pascanu 2013's bound is a theorem about pure propagation (no loss term between step 1 and
             # the reference step) through vanilla cells: logged only there (gated cells: None).
-            bound = spectra.pascanu_log10_bound(params, prof.reference_step) if prof.is_propagation_only else None
+            bound = (
+                spectra.pascanu_log10_bound(params, prof.reference_step) if prof.is_propagation_only else None
+            )
             if bound is not None:
                 metrics["spectral/pascanu_log10_bound"] = bound
             metrics["spectral/lyapunov_max"] = spectra.lyapunov_max(params, self.x)
@@ -264,8 +273,16 @@ def plot_profile(frame, task: Task, title: str):
         for state, ls, lw, suffix in PROFILE_STYLES:
             sub = frame[(frame["step"] == s) & (frame["state"] == state)]
             if len(sub):
-                curves.append(Curve(sub["t"], sub["log10_norm"], f"step {s}{suffix}", ls, lw,
-                                    cmap(i / max(len(steps) - 1, 1))))
+                curves.append(
+                    Curve(
+                        sub["t"],
+                        sub["log10_norm"],
+                        f"step {s}{suffix}",
+                        ls,
+                        lw,
+                        cmap(i / max(len(steps) - 1, 1)),
+                    )
+                )
     draw_profile(ax, curves, task.window)
     ax.set_title(wrap_title(title, fig), fontsize=10)
     if steps:
@@ -273,7 +290,9 @@ def plot_profile(frame, task: Task, title: str):
     return fig
 
 
-def plot_grad_norms(steps: np.ndarray, pre: np.ndarray, post: np.ndarray, threshold: float | None, title: str):
+def plot_grad_norms(
+    steps: np.ndarray, pre: np.ndarray, post: np.ndarray, threshold: float | None, title: str
+):
     """Pre- and post-clip global gradient norm of one run over training, with the clip threshold."""
     from pipeline.plots import DPI, MIN_WIDTH, Curve, draw_grad_norms, plt, wrap_title
 

@@ -153,8 +153,8 @@ class RNNModel(nn.Module):
             recurrent_init_(cast(torch.Tensor, self.rnn.weight_hh_l0), cfg.init, g, H, gen)
         if cfg.cell == "lstm":
             with torch.no_grad():  # forget gate is block 1 of (i, f, g, o); the total bias is b_ih + b_hh
-                cast(torch.Tensor, self.rnn.bias_ih_l0)[H:2 * H].fill_(cfg.forget_bias)
-                cast(torch.Tensor, self.rnn.bias_hh_l0)[H:2 * H].zero_()
+                cast(torch.Tensor, self.rnn.bias_ih_l0)[H : 2 * H].fill_(cfg.forget_bias)
+                cast(torch.Tensor, self.rnn.bias_hh_l0)[H : 2 * H].zero_()
         self.readout = nn.Linear(H, output_size)
         if cfg.init_ulp_seed:
             ulp_nudge_(self, cfg.init_ulp_seed)

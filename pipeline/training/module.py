@@ -19,8 +19,14 @@ from pipeline.training.models import RNNModel
 from pipeline.training.tasks import Task
 
 # Order of the per-step record tensor (see ClippingModule.last_record).
-RECORD_FIELDS = ("loss", "norm_preclip", "norm_postclip", "clip_coef", "clipped",
-                 *(f"norm_{g}" for g in GROUPS))
+RECORD_FIELDS = (
+    "loss",
+    "norm_preclip",
+    "norm_postclip",
+    "clip_coef",
+    "clipped",
+    *(f"norm_{g}" for g in GROUPS),
+)
 
 
 class RNNTrainingModule(pl.LightningModule):
@@ -80,11 +86,14 @@ class RNNTrainingModule(pl.LightningModule):
         if not grads:
             return
         # One fused reduction per group (torch._foreach_norm), no host sync per parameter.
-        group_sq = torch.stack([
-            torch.stack(torch._foreach_norm(gs)).double().square().sum() if gs
-            else torch.zeros((), dtype=torch.float64, device=grads[0].device)
-            for gs in grads_by_group
-        ])
+        group_sq = torch.stack(
+            [
+                torch.stack(torch._foreach_norm(gs)).double().square().sum()
+                if gs
+                else torch.zeros((), dtype=torch.float64, device=grads[0].device)
+                for gs in grads_by_group
+            ]
+        )
         pre = group_sq.sum().sqrt()
         loss = self._loss.double() if self._loss is not None else pre.new_zeros(())
         # The guard needs one host read per step: it must decide before optimizer.step runs.

@@ -39,8 +39,10 @@ def default_run_name(cfg: Config) -> str:
     """``<task>-T<T>-<cell>-<init>-g<g>-lr<lr>-s<seed>-<HHMMSS>-<4 hex>``: readable, and distinct even for runs
     started in the same second (a script or sweep over learning rates starts several per second)."""
     m = cfg.model
-    return (f"{cfg.task.name}-T{cfg.task.seq_len}-{m.cell}-{m.init}-g{m.init_scale:.3g}-lr{cfg.optim.lr:.3g}"
-            f"-s{cfg.seed}-{time.strftime('%H%M%S')}-{secrets.token_hex(2)}")
+    return (
+        f"{cfg.task.name}-T{cfg.task.seq_len}-{m.cell}-{m.init}-g{m.init_scale:.3g}-lr{cfg.optim.lr:.3g}"
+        f"-s{cfg.seed}-{time.strftime('%H%M%S')}-{secrets.token_hex(2)}"
+    )
 
 
 def configure_torch(cfg: Config) -> None:
@@ -82,8 +84,14 @@ def quiet_lightning() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
 
 
-def run(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict[str, Any] | None = None,
-        callbacks: list | None = None, experiment_id: str | None = None) -> RunResult:
+def run(
+    cfg: Config,
+    *,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, Any] | None = None,
+    callbacks: list | None = None,
+    experiment_id: str | None = None,
+) -> RunResult:
     """Train one configuration and record it; returns the run's summary.
 
     ``callbacks``: extra Lightning callbacks (the sweep's pruning hook). A callback may set
@@ -113,8 +121,9 @@ def run(cfg: Config, *, parent_run_id: str | None = None, extra_tags: dict[str, 
         rec.close(status)
 
 
-def _start_recorder(cfg: Config, parent_run_id: str | None, extra_tags: dict[str, Any] | None,
-                    experiment_id: str | None):
+def _start_recorder(
+    cfg: Config, parent_run_id: str | None, extra_tags: dict[str, Any] | None, experiment_id: str | None
+):
     """The run's Recorder (a NullRecorder when tracking is off), started with its identity tags."""
     from pipeline.tracking import NullRecorder, Recorder, version_tags
 
@@ -123,8 +132,14 @@ def _start_recorder(cfg: Config, parent_run_id: str | None, extra_tags: dict[str
     t = cfg.tracking
     if not t.enabled:
         return NullRecorder()
-    return Recorder.start(t.uri, t.experiment, t.run_name or default_run_name(cfg), tags=tags,
-                          parent_run_id=parent_run_id, experiment_id=experiment_id)
+    return Recorder.start(
+        t.uri,
+        t.experiment,
+        t.run_name or default_run_name(cfg),
+        tags=tags,
+        parent_run_id=parent_run_id,
+        experiment_id=experiment_id,
+    )
 
 
 @dataclass
@@ -141,11 +156,18 @@ def _trainer(cfg: Config, callbacks: list):
 
     accel = {"gpu": "gpu", "cuda": "gpu"}.get(cfg.trainer.accelerator, cfg.trainer.accelerator)
     return pl.Trainer(
-        accelerator=accel, devices=1, max_steps=cfg.trainer.max_steps, max_epochs=-1,
+        accelerator=accel,
+        devices=1,
+        max_steps=cfg.trainer.max_steps,
+        max_epochs=-1,
         val_check_interval=min(cfg.trainer.val_every, cfg.trainer.max_steps),
-        check_val_every_n_epoch=None, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_model_summary=False,
-        enable_progress_bar=cfg.trainer.progress_bar, deterministic=False,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=cfg.trainer.progress_bar,
+        deterministic=False,
         callbacks=callbacks,
     )
 
@@ -162,8 +184,11 @@ def _train(cfg: Config, task, rec, extra_callbacks: list) -> RunResult:
     module = RNNTrainingModule(cfg, task)
     module.pruned = False
     data = TaskDataModule(task, cfg.task.batch_size, cfg.task.val_size, cfg.trainer.max_steps, cfg.seed)
-    mon = Monitors(dg.GradientMonitor(rec, cfg.trainer.log_every), dg.ProfileMonitor(rec, cfg, task),
-                    dg.ValidationLogger(rec, task))
+    mon = Monitors(
+        dg.GradientMonitor(rec, cfg.trainer.log_every),
+        dg.ProfileMonitor(rec, cfg, task),
+        dg.ValidationLogger(rec, task),
+    )
     trainer = _trainer(cfg, [mon.grads, mon.prof, mon.val, *extra_callbacks])
     with terminate_as_exception():
         trainer.fit(module, datamodule=data)
@@ -198,9 +223,19 @@ class Summary:
         return run_summary(self.regime, self.val_loss_ratio, self.solved)
 
     def result(self, run_id: str | None, steps: int) -> RunResult:
-        return RunResult(run_id=run_id, status="FINISHED", regime=self.regime, val_loss=self.val_loss,
-                         val_loss_ratio=self.val_loss_ratio, solved=self.solved, diverged_step=self.diverged_step,
-                         pruned=self.pruned, steps=steps, metrics=self.metrics, tags=self.tags)
+        return RunResult(
+            run_id=run_id,
+            status="FINISHED",
+            regime=self.regime,
+            val_loss=self.val_loss,
+            val_loss_ratio=self.val_loss_ratio,
+            solved=self.solved,
+            diverged_step=self.diverged_step,
+            pruned=self.pruned,
+            steps=steps,
+            metrics=self.metrics,
+            tags=self.tags,
+        )
 
 
 def summarize_run(cfg: Config, task, module, mon: Monitors, steps: int) -> Summary:
@@ -227,7 +262,12 @@ def summarize_run(cfg: Config, task, module, mon: Monitors, steps: int) -> Summa
     metrics.update({k: v2 for k, v2 in last.items() if k != "step"})
     if v is not None:
         metrics.update({"val/loss": v, "val/loss_ratio": ratio})
-    tags = {REGIME: regime, "regime_init": regime_init, "solved": str(solved).lower(), "pruned": str(pruned).lower()}
+    tags = {
+        REGIME: regime,
+        "regime_init": regime_init,
+        "solved": str(solved).lower(),
+        "pruned": str(pruned).lower(),
+    }
     if diverged:
         tags["diverged_step"] = module.diverged_step
     return Summary(regime, v, ratio, solved, module.diverged_step, pruned, metrics, tags)
@@ -246,6 +286,7 @@ def log_artifacts(rec, cfg: Config, task, mon: Monitors, summary: Summary) -> No
         import pandas as pd
 
         from pipeline.training.module import RECORD_FIELDS
+
         df = pd.DataFrame(hist, columns=list(RECORD_FIELDS))
         df.insert(0, "step", grads.steps[: len(df)])
         rec.log_frame(df, "diagnostics/grad_norms.parquet")
@@ -260,7 +301,8 @@ def log_artifacts(rec, cfg: Config, task, mon: Monitors, summary: Summary) -> No
     plt.close(fig)
     if len(hist):
         thr = cfg.clip.threshold if cfg.clip.mode == "norm" else None
-        fig = dg.plot_grad_norms(grads.steps[: len(hist)], grads.column("norm_preclip"),
-                                 grads.column("norm_postclip"), thr, title)
+        fig = dg.plot_grad_norms(
+            grads.steps[: len(hist)], grads.column("norm_preclip"), grads.column("norm_postclip"), thr, title
+        )
         rec.log_figure(fig, "plots/grad_norms.png")
         plt.close(fig)

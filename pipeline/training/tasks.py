@@ -101,8 +101,16 @@ class Copy(Task):
 
     def __init__(self, seq_len: int):
         length = seq_len + 2 * self.n_mem
-        super().__init__("copy", seq_len, length, 10, 9, "all",
-                         self.n_mem * math.log(8) / length, 0.1 * self.n_mem * math.log(8) / length)
+        super().__init__(
+            "copy",
+            seq_len,
+            length,
+            10,
+            9,
+            "all",
+            self.n_mem * math.log(8) / length,
+            0.1 * self.n_mem * math.log(8) / length,
+        )
 
     @property
     def window(self) -> tuple[int, int]:
