@@ -137,7 +137,7 @@ def finalize(rec, study, sw, *, complete: bool, plots: bool = True) -> dict[str,
     return {"frame": df, "counts": c, "best": best, "notes": notes}
 
 
-def report(res: dict[str, Any], sw, mlflow_uri: str, experiment: str, out) -> None:
+def print_summary(res: dict[str, Any], sw, mlflow_uri: str, experiment: str, out) -> None:
     """The end-of-sweep lines: counts, the best trial, the table by regime, notes, how to open the UI."""
     best, c = res["best"], res["counts"]
     print(f"\nsweep {sw.study}: {c['done']}/{sw.n_trials} done ({c['complete']} complete, of which "

@@ -110,7 +110,7 @@ class Supervisor:
         self.log_dir = Path("optuna") / "logs" / sw.study
         self.rec = Recorder(stores.mlflow_uri, stores.parent_run_id, stores.experiment_id)
         self.progress = Progress(sw, stores.study, t0, out)
-        self.spec = {"sweep": to_data(sw), "storage": stores.url, "mlflow_uri": stores.mlflow_uri,
+        self.spec = {"sweep": to_data(sw), "storage_url": stores.url, "mlflow_uri": stores.mlflow_uri,
                      "experiment": stores.experiment, "experiment_id": stores.experiment_id,
                      "parent_run_id": stores.parent_run_id,
                      "deadline": t0 + sw.timeout if sw.timeout else None}
@@ -234,7 +234,7 @@ class Supervisor:
 
     def summarize(self, complete: bool) -> None:
         from pipeline.sweep.stores import budget_lock, close_trial_runs, reap_stale
-        from pipeline.sweep.summary import finalize, report
+        from pipeline.sweep.summary import finalize, print_summary
 
         s = self.stores
         with budget_lock(s.url, s.storage, self.sw.study):
@@ -243,4 +243,4 @@ class Supervisor:
             if t.state.is_finished():
                 with contextlib.suppress(Exception):
                     close_trial_runs(s.mlflow_uri, s.study, t, "KILLED")
-        report(finalize(self.rec, s.study, self.sw, complete=complete), self.sw, s.mlflow_uri, s.experiment, self.out)
+        print_summary(finalize(self.rec, s.study, self.sw, complete=complete), self.sw, s.mlflow_uri, s.experiment, self.out)

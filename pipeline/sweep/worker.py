@@ -1,7 +1,7 @@
 """A sweep worker process: ask a trial, train it with :func:`pipeline.training.run.run`, tell the result; repeat.
 
-Started by :mod:`pipeline.sweep.parent` (``python -m pipeline.sweep.worker SPEC_JSON``) after the parent has
-created the study, the MLflow experiment and the sweep's parent run: a worker only loads them
+Started by :class:`pipeline.sweep.supervisor.Supervisor` (forked by :mod:`pipeline.sweep.procs`, or
+``python -m pipeline.sweep.worker SPEC_JSON``) after the parent has created the study, the MLflow experiment and the sweep's parent run: a worker only loads them
 (concurrent first-time creation loses workers, measured: 13 of 18 PostgreSQL workers died at a cold start).
 
 How a trial ends, in Optuna and in MLflow:
@@ -146,7 +146,7 @@ class Worker:
 
         self.spec = spec
         self.sw = from_data(spec["sweep"])
-        self.url, self.mlflow_uri = spec["storage"], spec["mlflow_uri"]
+        self.url, self.mlflow_uri = spec["storage_url"], spec["mlflow_uri"]
         self.storage = open_storage(self.url, heartbeat_interval=self.sw.heartbeat.interval,
                                     grace=self.sw.heartbeat.grace, mlflow_uri=self.mlflow_uri)
         n_seen = len(self.storage.get_all_trials(self.storage.get_study_id_from_name(self.sw.study),
