@@ -150,7 +150,8 @@ def validate(sw: SweepConfig) -> None:
     if sw.workers is not None:
         _in_range("workers", sw.workers, 1, WORKERS_MAX)
     if sw.timeout is not None:
-        check("timeout", math.isfinite(sw.timeout) and sw.timeout > 0, "> 0 seconds or null (no limit)", sw.timeout)
+        check("timeout", math.isfinite(sw.timeout), "a number of seconds", sw.timeout)
+        check("timeout", sw.timeout > 0, "> 0 seconds or null (no limit)", sw.timeout)
     _in_range("sampler.seed", sw.sampler.seed, 0, SAMPLER_SEED_MAX)
     _in_range("sampler.n_startup_trials", sw.sampler.n_startup_trials, 0, N_TRIALS_MAX)
     p = sw.pruner
@@ -161,8 +162,10 @@ def validate(sw: SweepConfig) -> None:
     _in_range("pruner.reduction_factor", p.reduction_factor, 2, STEPS_MAX)
     bound = sw.prune.max_grad_norm
     if bound is not None:
-        check("prune.max_grad_norm", math.isfinite(bound) and bound > 0, "> 0 or null", bound)
-    check("penalty", math.isfinite(sw.penalty) and sw.penalty > 0, "> 0", sw.penalty)
+        check("prune.max_grad_norm", math.isfinite(bound), "a number", bound)
+        check("prune.max_grad_norm", bound > 0, "> 0 or null", bound)
+    check("penalty", math.isfinite(sw.penalty), "a number", sw.penalty)
+    check("penalty", sw.penalty > 0, "> 0", sw.penalty)
     hb = sw.heartbeat
     _in_range("heartbeat.interval", hb.interval, 1, HEARTBEAT_MAX)
     _in_range("heartbeat.grace", hb.grace, 1, HEARTBEAT_MAX)

@@ -33,13 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.names import STATUS, STUDY, TRIAL_NUMBER
+from pipeline.sweep.config import HeartbeatConfig
 from pipeline.uris import is_rdb, journal_file, scheme, sqlite_file
 
 MAX_RETRY = 1
 ORPHAN_S = 120.0  # a RUNNING trial with no owner attr this long after it started: its worker died in between
 
 
-def open_storage(url: str, *, heartbeat_interval: int = 10, grace: int = 30, mlflow_uri: str | None = None):
+def open_storage(url: str, *, heartbeat_interval: int = HeartbeatConfig.interval, grace: int = HeartbeatConfig.grace,
+                 mlflow_uri: str | None = None):
     """An Optuna storage for ``url``: RDB (with heartbeat and our stale handler) or a journal file."""
     import optuna
 
