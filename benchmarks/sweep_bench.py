@@ -97,7 +97,7 @@ def run_ours(sw: dict, workers: int) -> dict:
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
-        from pipeline.sweep.summary import best_trial
+        from pipeline.sweep.study import best_trial
 
         study = optuna.load_study(
             study_name="bench",

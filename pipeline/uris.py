@@ -82,6 +82,11 @@ def check_storage_url(key: str, url: str) -> None:
         )
 
 
+def journal_file(url: str) -> Path:
+    """The file of a journal storage URL: a path, or ``journal://path``."""
+    return Path(url.removeprefix("journal://"))
+
+
 def study_storage(study: str, storage: str | None) -> str:
     """The Optuna storage URL of a sweep: ``storage`` (driver added), else the journal optuna/<study>.journal."""
     return with_pg_driver(storage or str(Path("optuna") / f"{study}.journal"))

@@ -178,7 +178,7 @@ def _journal_record_cut(path: Path, keep_newline: bool = False) -> None:
 
 
 def test_torn_last_journal_record_is_recovered_and_trials_count_right(tmp_path):
-    from pipeline.sweep.summary import counts
+    from pipeline.sweep.study import counts
 
     cfg = sweep_file(tmp_path)
     first = cli("sweep", "--config", str(cfg), cwd=tmp_path, timeout=300)

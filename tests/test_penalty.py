@@ -1,5 +1,5 @@
 """A diverged trial's objective ``max(penalty, worst value trained)`` (README, "Objective, divergence,
-pruning"; pipeline/sweep/worker.py), both branches with real numbers, through ``Worker.run_trial``.
+pruning"; pipeline/sweep/study.py), both branches with real numbers, through ``Worker.run_trial``.
 
 ``train.run`` is replaced by a script of results, so this is the worker's bookkeeping only (in-memory
 Optuna study, no MLflow, no training): which value each trial is told, in which state, with which attrs.
@@ -12,8 +12,9 @@ import math
 import optuna
 import pytest
 
-from pipeline.sweep.config import SweepConfig
-from pipeline.sweep.worker import Worker, divergence_value
+from pipeline.sweep.config import PruneConfig, SweepConfig
+from pipeline.sweep.study import divergence_value
+from pipeline.sweep.worker import Worker
 from pipeline.training import run as train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -38,14 +39,13 @@ def result(ratio=None, diverged_step=None, pruned=False) -> train.RunResult:
 
 def fake_worker(tiny, penalty: float) -> Worker:
     w = object.__new__(Worker)  # no stores, no processes: only what run_trial reads
-    w.sw = SweepConfig()
-    w.sw.penalty, w.sw.max_grad_norm = penalty, None
+    w.sw = SweepConfig(penalty=penalty, prune=PruneConfig(max_grad_norm=None))
     w.spec = {"parent_run_id": None, "experiment_id": None}
     w.study = optuna.create_study()
     w.storage = w.study._storage  # in-memory: the heartbeat is a no-op
     w.mlflow_uri = None
     cfg = tiny(**{"tracking.enabled": False})
-    w.trial_config = lambda trial: cfg
+    w.trial_run_config = lambda trial: cfg
     return w
 
 

@@ -2,10 +2,10 @@
 
 Optuna's samplers drop FAIL trials (optuna #2864, #3472), so a sweep that records divergence as FAIL keeps
 proposing the region that diverges. The project tells a diverged trial COMPLETE with
-:func:`pipeline.sweep.worker.divergence_value`. A cheap, deterministic in-process experiment (no
+:func:`pipeline.sweep.study.divergence_value`. A cheap, deterministic in-process experiment (no
 training): a synthetic objective over x = log10(lr) in [-5, 0] whose best values sit just below a
 divergence edge at x = -1 (as real learning rates do), the project's own sampler
-(:func:`pipeline.sweep.worker.make_sampler`, default sweep settings: TPE, multivariate, constant liar,
+(:func:`pipeline.sweep.study.make_sampler`, default sweep settings: TPE, multivariate, constant liar,
 8 start-up trials) and its own penalty, against the same sweep with diverged trials told FAIL.
 """
 
@@ -18,8 +18,8 @@ import numpy as np
 import optuna
 import pytest
 
-from pipeline.sweep.config import SweepConfig
-from pipeline.sweep.worker import divergence_value, make_sampler
+from pipeline.sweep.config import SamplerConfig, SweepConfig
+from pipeline.sweep.study import divergence_value, make_sampler
 
 EDGE = -1.0  # log10(lr) above which the synthetic run "diverges"
 FAR = 0.25  # count proposals past the edge by more than 10^0.25 ~ 1.8x in lr: clearly diverging
@@ -34,11 +34,11 @@ def synthetic_ratio(x: float) -> float:
 
 def share_diverging(policy: str, seed: int) -> float:
     """Share of the TPE proposals (after the start-up trials) that land well inside the diverging region."""
-    sw = SweepConfig()
-    sw.sampler = {**sw.sampler, "seed": seed}
-    startup = int(sw.sampler["n_startup_trials"])
+    sw = SweepConfig(sampler=SamplerConfig(seed=seed))
+    startup = sw.sampler.n_startup_trials
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # multivariate / constant_liar are experimental
+        # make_sampler silences the multivariate / constant_liar labels; nothing else is expected here.
+        warnings.simplefilter("error", optuna.exceptions.ExperimentalWarning)
         study = optuna.create_study(sampler=make_sampler(sw, worker=0, n_seen=0))
         hits = []
         for i in range(N_TRIALS):

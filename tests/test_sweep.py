@@ -239,14 +239,14 @@ def test_startup_design_is_what_a_single_process_tpe_draws(seed):
     import optuna
 
     from pipeline.sweep.config import load_sweep
-    from pipeline.sweep.worker import startup_design, suggest
+    from pipeline.sweep.study import startup_design, suggest
 
     def default_sweep(*overrides: str):
         return load_sweep(str(ROOT / "configs/sweeps/default.yaml"), [f"sampler.seed={seed}", *overrides])
 
     sw = default_sweep()
     design = startup_design(sw)
-    n = sw.sampler["n_startup_trials"]
+    n = sw.sampler.n_startup_trials
     assert len(design) == n == 8
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     plain = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=n))
@@ -317,7 +317,7 @@ def test_tiny_sweep_parent_child_structure(store, tmp_path):
     assert parent.info.status == "FINISHED"
     # The start-up design went first: trials 0-1 are the parent's seeded points.
     from pipeline.sweep.config import load_sweep
-    from pipeline.sweep.worker import startup_design
+    from pipeline.sweep.study import startup_design
 
     design = startup_design(load_sweep(str(cfg)))
     assert len(design) == 2 and study.user_attrs["startup_design"] == 2

@@ -1,11 +1,14 @@
 """Sweep configuration: a YAML file that names a base training config, a search space and a budget.
 
-Validated like training configs, before anything touches a store: an unknown key, a bad range or an
-empty choice list raises :class:`~pipeline.config.ConfigError` naming the key (the CLI prints one line
-and exits 2). Light imports only (stdlib, yaml, pipeline.config): the CLI's ``--help`` must not pay
-for torch, Optuna or MLflow.
+Validated like training configs, before anything touches a store: the typed builder
+(:func:`pipeline.schema.build`) rejects unknown keys and wrong types, :func:`validate` out-of-range
+values, and the space parser every bad range or choice list; each raises
+:class:`~pipeline.schema.ConfigError` naming the key (the CLI prints one line and exits 2). The result
+is frozen: a worker receives it as data (:func:`to_data` / :func:`from_data`), never re-reading the file.
+Light imports only (stdlib, yaml, pipeline.config): the CLI's ``--help`` must not pay for torch,
+Optuna or MLflow.
 
-Layout (every top-level key is optional except ``space``; defaults in :class:`SweepConfig`)::
+Layout (every top-level key is optional except ``space``; defaults in the dataclasses below)::
 
     study: default                  # Optuna study name (also the MLflow tag `study`)
     storage: null                   # null: journal file optuna/<study>.journal; or postgresql://...
@@ -25,16 +28,16 @@ Layout (every top-level key is optional except ``space``; defaults in :class:`Sw
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.config import STEPS_MAX, Config, config_keys, from_dict
-from pipeline.schema import ConfigError, deep_merge, parse_overrides, read_yaml, set_dotted
-from pipeline.uris import check_storage_url
+from pipeline.schema import ConfigError, build, check, deep_merge, parse_overrides, read_yaml, set_dotted
+from pipeline.uris import check_storage_url, study_storage
 
-SAMPLERS = ("tpe", "random")
 # Upper bounds (README "Sweep file"): n_trials and start-up counts: the journal replays every record of
 # every trial on each open, so 10^6 trials is already a journal of gigabytes; workers: processes on one
 # machine; sampler.seed: numpy's RandomState takes 32-bit seeds (Optuna's samplers); heartbeat: a day,
@@ -43,44 +46,72 @@ N_TRIALS_MAX = 10**6
 WORKERS_MAX = 1024
 SAMPLER_SEED_MAX = 2**32 - 1
 HEARTBEAT_MAX = 86_400
-PRUNERS = ("median", "hyperband", "none")
 SPEC_KEYS = {"low", "high", "log", "step", "choices"}
-TOP_KEYS = {"study", "storage", "n_trials", "workers", "base", "sampler", "pruner", "prune", "penalty",
-            "heartbeat", "space", "timeout"}
 # Keys a sweep must not search: they change where or whether a trial is recorded, not what it trains.
 FORBIDDEN = ("tracking.", "trainer.accelerator", "trainer.progress_bar", "trainer.threads")
 
 
-@dataclass
+@dataclass(frozen=True)
+class SamplerConfig:
+    # tpe: learns from every finished trial (diverged ones included, see pipeline/sweep/study.py); random: a baseline.
+    name: Literal["tpe", "random"] = "tpe"
+    seed: int = 0  # seeds the start-up design and, with the worker index, each worker's sampler
+    # Random points before TPE models anything; drawn once by the parent, the same for any worker count.
+    n_startup_trials: int = 8
+    multivariate: bool = True  # TPE models the keys jointly (lr and init_scale interact near the edge)
+
+
+@dataclass(frozen=True)
+class PrunerConfig:
+    # median: stop a trial below the median of earlier ones at the same step; hyperband; none: never prune.
+    name: Literal["median", "hyperband", "none"] = "median"
+    n_startup_trials: int = 4  # median: trials that finish unpruned before pruning starts
+    n_warmup_steps: int = 0  # median: steps of each trial before it can be pruned
+    min_resource: int | None = None  # hyperband: the smallest budget in steps (None: trainer.val_every)
+    reduction_factor: int = 3  # hyperband: 1/reduction_factor of the trials go on at each rung
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    # Gradient-health pruning: a pre-clip gradient norm above this stops the trial as pruned (None: off).
+    max_grad_norm: float | None = 1.0e6
+
+
+@dataclass(frozen=True)
+class HeartbeatConfig:
+    interval: int = 10  # seconds between heartbeats of a running trial (RDB storages)
+    grace: int = 30  # seconds without a heartbeat before a trial is stale (failed and retried once)
+
+
+@dataclass(frozen=True)
 class Param:
     """One search dimension: ``kind`` float | int (``low``..``high``, optional ``log``/``step``) or categorical."""
 
-    key: str
-    kind: str
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: list[Any] = field(default_factory=list)
+    key: str  # the dotted training config key it sets
+    kind: Literal["float", "int", "categorical"]  # which Optuna suggest_* draws it
+    low: float | None = None  # float / int: the range's lower end (inclusive)
+    high: float | None = None  # float / int: the range's upper end (inclusive)
+    log: bool = False  # float / int: sample uniformly in log space
+    step: float | None = None  # float / int: a grid step (None: continuous, or 1 for ints)
+    choices: tuple[Any, ...] = ()  # categorical: the scalar values to choose from
 
 
-@dataclass
+@dataclass(frozen=True)
 class SweepConfig:
-    study: str = "default"
+    study: str = "default"  # the Optuna study name and the MLflow tag `study`: resuming is by this name
     storage: str | None = None  # None: the journal file optuna/<study>.journal (this machine)
-    n_trials: int = 24
-    workers: int | None = None  # None: auto (GPUs, else CPU cores, at most 4)
+    n_trials: int = 24  # the budget: COMPLETE + PRUNED trials (FAILed ones are retried, not counted)
+    workers: int | None = None  # None ("auto" in YAML): one per visible GPU, else per CPU core (at most 4)
     timeout: float | None = None  # seconds; stop starting trials after this (None: no limit)
     base: dict[str, Any] = field(default_factory=dict)  # training config as a nested dict (validated)
-    sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe", "seed": 0, "n_startup_trials": 8})
-    pruner: dict[str, Any] = field(default_factory=lambda: {"name": "median", "n_startup_trials": 4,
-                                                            "n_warmup_steps": 0})
-    max_grad_norm: float | None = 1.0e6  # prune.max_grad_norm
-    penalty: float = 2.0
-    heartbeat_interval: int = 10
-    heartbeat_grace: int = 30
-    space: list[Param] = field(default_factory=list)
-    source: dict[str, Any] = field(default_factory=dict)  # the merged YAML, logged on the parent run
+    sampler: SamplerConfig = SamplerConfig()  # how trials are proposed
+    pruner: PrunerConfig = PrunerConfig()  # how trials are stopped early on their validation loss
+    prune: PruneConfig = PruneConfig()  # how trials are stopped early on gradient health
+    penalty: float = 2.0  # objective floor of a diverged trial (1.0 = learned nothing)
+    heartbeat: HeartbeatConfig = HeartbeatConfig()  # stale-trial detection on RDB storages
+    space: tuple[Param, ...] = ()  # the search space, in file order
+    # The merged YAML as read (base resolved), logged on the parent run as sweep.yaml; not sent to workers.
+    source: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def base_config(self) -> Config:
         return from_dict(copy.deepcopy(self.base))
@@ -93,9 +124,55 @@ class SweepConfig:
         return from_dict(data)
 
     def storage_url(self, override: str | None = None) -> str:
-        from pipeline.uris import study_storage
-
         return study_storage(self.study, override or self.storage)
+
+
+TOP_KEYS = {f.name for f in dataclasses.fields(SweepConfig)} - {"source"}
+
+
+def _in_range(key: str, v: int, lo: int, hi: int) -> None:
+    check(key, v >= lo, f">= {lo}", v)
+    check(key, v <= hi, f"<= {hi}", v)
+
+
+def validate(sw: SweepConfig) -> None:
+    """Ranges and cross-field rules of a built sweep (types were checked by :func:`pipeline.schema.build`)."""
+    try:
+        from_dict(copy.deepcopy(sw.base))
+    except ConfigError as e:
+        raise e.under("base") from None
+    check("study", bool(sw.study.strip()) and not any(c in sw.study for c in "/\\ "),
+          "a non-empty name without '/', '\\' or spaces", sw.study)
+    if sw.storage is not None:
+        check("storage", bool(sw.storage.strip()), "a URL or a journal file path", sw.storage)
+        check_storage_url("storage", sw.storage)
+    _in_range("n_trials", sw.n_trials, 1, N_TRIALS_MAX)
+    if sw.workers is not None:
+        _in_range("workers", sw.workers, 1, WORKERS_MAX)
+    if sw.timeout is not None:
+        check("timeout", math.isfinite(sw.timeout), "a number of seconds", sw.timeout)
+        check("timeout", sw.timeout > 0, "> 0 seconds or null (no limit)", sw.timeout)
+    _in_range("sampler.seed", sw.sampler.seed, 0, SAMPLER_SEED_MAX)
+    _in_range("sampler.n_startup_trials", sw.sampler.n_startup_trials, 0, N_TRIALS_MAX)
+    p = sw.pruner
+    _in_range("pruner.n_startup_trials", p.n_startup_trials, 0, N_TRIALS_MAX)
+    _in_range("pruner.n_warmup_steps", p.n_warmup_steps, 0, STEPS_MAX)
+    if p.min_resource is not None:
+        _in_range("pruner.min_resource", p.min_resource, 1, STEPS_MAX)
+    _in_range("pruner.reduction_factor", p.reduction_factor, 2, STEPS_MAX)
+    bound = sw.prune.max_grad_norm
+    if bound is not None:
+        check("prune.max_grad_norm", math.isfinite(bound), "a number", bound)
+        check("prune.max_grad_norm", bound > 0, "> 0 or null", bound)
+    check("penalty", math.isfinite(sw.penalty), "a number", sw.penalty)
+    check("penalty", sw.penalty > 0, "> 0", sw.penalty)
+    hb = sw.heartbeat
+    _in_range("heartbeat.interval", hb.interval, 1, HEARTBEAT_MAX)
+    _in_range("heartbeat.grace", hb.grace, 1, HEARTBEAT_MAX)
+    check("heartbeat.grace", hb.grace > hb.interval, "larger than heartbeat.interval", hb.grace)
+
+
+# ------------------------------------------------------------------------------------------- space
 
 
 def _nest_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -123,25 +200,53 @@ def _flat_space(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _num(key: str, v: Any, what: str = "a number") -> float:
+def _num(key: str, v: Any) -> float:
     if isinstance(v, str):
         try:
             v = float(v)  # YAML 1.1 reads 1e-3 as a string
         except ValueError:
             pass
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise ConfigError(key, f"must be {what}, got {v!r}")
+    check(key, not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v), "a number", v)
     return float(v)
 
 
-def _int(key: str, v: Any, lo: int | None = None, hi: int | None = None) -> int:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ConfigError(key, f"must be an integer, got {v!r}")
-    if lo is not None and v < lo:
-        raise ConfigError(key, f"must be >= {lo}, got {v!r}")
-    if hi is not None and v > hi:
-        raise ConfigError(key, f"must be <= {hi}, got {v!r}")
-    return v
+def _choices(where: str, key: str, spec: dict[str, Any]) -> Param:
+    if set(spec) - {"choices"}:
+        raise ConfigError(where, "choices cannot be combined with low/high/log/step")
+    choices = spec["choices"]
+    if not isinstance(choices, list) or not choices:
+        raise ConfigError(f"{where}.choices", "must be a non-empty list")
+    if any(isinstance(c, (dict, list)) for c in choices):
+        raise ConfigError(f"{where}.choices", "must hold scalars")
+    if len(set(map(repr, choices))) != len(choices):
+        raise ConfigError(f"{where}.choices", f"has duplicates: {choices!r}")
+    return Param(key, "categorical", choices=tuple(choices))
+
+
+def _range(where: str, key: str, spec: dict[str, Any], tp: type) -> Param:
+    if "low" not in spec or "high" not in spec:
+        raise ConfigError(where, "needs low and high (or choices)")
+    if tp not in (int, float):
+        raise ConfigError(where, f"is not numeric ({tp.__name__}): use choices")
+    low, high = _num(f"{where}.low", spec["low"]), _num(f"{where}.high", spec["high"])
+    if not low < high:
+        raise ConfigError(where, f"low must be < high, got low={low:g} high={high:g}")
+    log = spec.get("log", False)
+    check(f"{where}.log", isinstance(log, bool), "true or false", log)
+    if log and low <= 0:
+        raise ConfigError(f"{where}.low", f"must be > 0 on a log scale, got {low:g}")
+    step = spec.get("step")
+    if step is not None:
+        step = _num(f"{where}.step", step)
+        if step <= 0:
+            raise ConfigError(f"{where}.step", f"must be > 0, got {step:g}")
+        if log:
+            raise ConfigError(f"{where}.step", "cannot be combined with log: true")
+    if tp is float:
+        return Param(key, "float", low, high, log, step)
+    if not (low.is_integer() and high.is_integer()) or (step is not None and not step.is_integer()):
+        raise ConfigError(where, "is an integer key: low, high and step must be integers")
+    return Param(key, "int", int(low), int(high), log, int(step) if step else None)
 
 
 def _param(key: str, spec: Any, base: dict[str, Any], types: dict[str, Any]) -> Param:
@@ -155,47 +260,8 @@ def _param(key: str, spec: Any, base: dict[str, Any], types: dict[str, Any]) -> 
     unknown = set(spec) - SPEC_KEYS
     if unknown:
         raise ConfigError(f"{where}.{sorted(unknown)[0]}", f"unknown key (allowed: {', '.join(sorted(SPEC_KEYS))})")
-    tp = types[key]
-    if "choices" in spec:
-        if set(spec) - {"choices"}:
-            raise ConfigError(where, "choices cannot be combined with low/high/log/step")
-        choices = spec["choices"]
-        if not isinstance(choices, list) or not choices:
-            raise ConfigError(f"{where}.choices", "must be a non-empty list")
-        if any(isinstance(c, (dict, list)) for c in choices):
-            raise ConfigError(f"{where}.choices", "must hold scalars")
-        if len(set(map(repr, choices))) != len(choices):
-            raise ConfigError(f"{where}.choices", f"has duplicates: {choices!r}")
-        p = Param(key, "categorical", choices=list(choices))
-        probes = p.choices
-    else:
-        if "low" not in spec or "high" not in spec:
-            raise ConfigError(where, "needs low and high (or choices)")
-        if tp not in (int, float):
-            raise ConfigError(where, f"is not numeric ({tp.__name__}): use choices")
-        low, high = _num(f"{where}.low", spec["low"]), _num(f"{where}.high", spec["high"])
-        if not low < high:
-            raise ConfigError(where, f"low must be < high, got low={low:g} high={high:g}")
-        log = spec.get("log", False)
-        if not isinstance(log, bool):
-            raise ConfigError(f"{where}.log", f"must be true or false, got {log!r}")
-        if log and low <= 0:
-            raise ConfigError(f"{where}.low", f"must be > 0 on a log scale, got {low:g}")
-        step = spec.get("step")
-        if step is not None:
-            step = _num(f"{where}.step", step)
-            if step <= 0:
-                raise ConfigError(f"{where}.step", f"must be > 0, got {step:g}")
-            if log:
-                raise ConfigError(f"{where}.step", "cannot be combined with log: true")
-        if tp is int:
-            if not (low.is_integer() and high.is_integer()) or (step is not None and not step.is_integer()):
-                raise ConfigError(where, "is an integer key: low, high and step must be integers")
-            p = Param(key, "int", int(low), int(high), log, int(step) if step else None)
-        else:
-            p = Param(key, "float", low, high, log, step)
-        probes = [p.low, p.high]
-    for v in probes:  # every end of the range / every choice must make a valid training config
+    p = _choices(where, key, spec) if "choices" in spec else _range(where, key, spec, types[key])
+    for v in _candidates(p):  # every end of the range / every choice must make a valid training config
         data = copy.deepcopy(base)
         set_dotted(data, key, v)
         try:
@@ -206,12 +272,11 @@ def _param(key: str, spec: Any, base: dict[str, Any], types: dict[str, Any]) -> 
 
 
 def _types() -> dict[str, Any]:
-    import dataclasses
     import typing
 
     out: dict[str, Any] = {}
+    hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
-        hints = typing.get_type_hints(Config)
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             sub = typing.get_type_hints(tp)
@@ -225,24 +290,24 @@ def _types() -> dict[str, Any]:
     return out
 
 
-def _section(data: dict[str, Any], name: str, allowed: set[str]) -> dict[str, Any]:
-    sec = data.get(name) or {}
-    if not isinstance(sec, dict):
-        raise ConfigError(name, f"must be a mapping, got {sec!r}")
-    for k in sec:
-        if k not in allowed:
-            raise ConfigError(f"{name}.{k}", f"unknown key (allowed: {', '.join(sorted(allowed))})")
-    return sec
+def parse_space(space: Any, base: dict[str, Any]) -> tuple[Param, ...]:
+    """The YAML ``space`` mapping (nested or dotted keys) -> Params, each end checked against ``base``."""
+    if not isinstance(space, dict) or not space:
+        raise ConfigError("space", "must be a non-empty mapping of config keys to {low, high[, log]} or {choices}")
+    types = _types()
+    return tuple(_param(k, v, base, types) for k, v in _flat_space(space).items())
 
 
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
-    """Read, merge overrides (``n_trials=4``, ``base.optim.lr=0.01``, ``space.optim.lr.high=0.1``), validate."""
+# -------------------------------------------------------------------------------------------- load
+
+
+def _merged(path: str | Path, overrides: list[str]) -> dict[str, Any]:
+    """The sweep file with ``base`` read (a path is relative to the sweep file) and the overrides laid over."""
     raw = read_yaml(path)
-    over = parse_overrides(overrides or [])
-    if isinstance(raw.get("space"), dict):
-        raw["space"] = _nest_space(raw["space"])
-    if isinstance(over.get("space"), dict):
-        over["space"] = _nest_space(over["space"])
+    over = parse_overrides(overrides)
+    for d in (raw, over):
+        if isinstance(d.get("space"), dict):
+            d["space"] = _nest_space(d["space"])
     base = raw.get("base", {})
     if isinstance(base, str):  # a path, relative to the sweep file (else the working directory)
         cand = Path(path).parent / base
@@ -251,66 +316,36 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
     for k in data:
         if k not in TOP_KEYS:
             raise ConfigError(k, f"unknown key (allowed in a sweep: {', '.join(sorted(TOP_KEYS))})")
-    base = data.get("base") or {}
-    if not isinstance(base, dict):
+    if not isinstance(data.get("base") or {}, dict):
         raise ConfigError("base", "must be a path to a training config or a mapping")
-    try:
-        from_dict(copy.deepcopy(base))
-    except ConfigError as e:
-        raise ConfigError(f"base.{e.key}" if e.key else "base", str(e)) from None
-    s = SweepConfig(base=base, source=data)
-    s.study = str(data.get("study", s.study))
-    if not s.study.strip() or any(c in s.study for c in "/\\ "):
-        raise ConfigError("study", f"must be a non-empty name without '/', '\\' or spaces, got {s.study!r}")
-    s.storage = data.get("storage")
-    if s.storage is not None and (not isinstance(s.storage, str) or not s.storage.strip()):
-        raise ConfigError("storage", f"must be a URL or a journal file path, got {s.storage!r}")
-    if s.storage is not None:
-        check_storage_url("storage", s.storage)
-    s.n_trials = _int("n_trials", data.get("n_trials", s.n_trials), 1, N_TRIALS_MAX)
-    w = data.get("workers", "auto")
-    s.workers = None if w in (None, "auto") else _int("workers", w, 1, WORKERS_MAX)
-    if data.get("timeout") is not None:
-        s.timeout = _num("timeout", data["timeout"], "a number of seconds")
-        if s.timeout <= 0:
-            raise ConfigError("timeout", f"must be > 0 seconds or null (no limit), got {data['timeout']!r}")
-    smp = _section(data, "sampler", {"name", "seed", "n_startup_trials", "multivariate"})
-    s.sampler = {**s.sampler, **smp}
-    if s.sampler["name"] not in SAMPLERS:
-        raise ConfigError("sampler.name", f"unknown value {s.sampler['name']!r} (allowed: {', '.join(SAMPLERS)})")
-    _int("sampler.seed", s.sampler.get("seed", 0), 0, SAMPLER_SEED_MAX)
-    _int("sampler.n_startup_trials", s.sampler.get("n_startup_trials", 8), 0, N_TRIALS_MAX)
-    prn = _section(data, "pruner", {"name", "n_startup_trials", "n_warmup_steps", "min_resource",
-                                    "reduction_factor"})
-    s.pruner = {**s.pruner, **prn}
-    if s.pruner["name"] not in PRUNERS:
-        raise ConfigError("pruner.name", f"unknown value {s.pruner['name']!r} (allowed: {', '.join(PRUNERS)})")
-    _int("pruner.n_startup_trials", s.pruner.get("n_startup_trials", 0), 0, N_TRIALS_MAX)
-    _int("pruner.n_warmup_steps", s.pruner.get("n_warmup_steps", 0), 0, STEPS_MAX)
-    if "min_resource" in s.pruner:
-        _int("pruner.min_resource", s.pruner["min_resource"], 1, STEPS_MAX)
-    if "reduction_factor" in s.pruner:
-        _int("pruner.reduction_factor", s.pruner["reduction_factor"], 2, STEPS_MAX)
-    prune = _section(data, "prune", {"max_grad_norm"})
-    if "max_grad_norm" in prune:
-        v = prune["max_grad_norm"]
-        s.max_grad_norm = None if v is None else _num("prune.max_grad_norm", v)
-        if s.max_grad_norm is not None and s.max_grad_norm <= 0:
-            raise ConfigError("prune.max_grad_norm", f"must be > 0 or null, got {v!r}")
-    s.penalty = _num("penalty", data.get("penalty", s.penalty))
-    if s.penalty <= 0:
-        raise ConfigError("penalty", f"must be > 0, got {s.penalty:g}")
-    hb = _section(data, "heartbeat", {"interval", "grace"})
-    s.heartbeat_interval = _int("heartbeat.interval", hb.get("interval", s.heartbeat_interval), 1, HEARTBEAT_MAX)
-    s.heartbeat_grace = _int("heartbeat.grace", hb.get("grace", s.heartbeat_grace), 1, HEARTBEAT_MAX)
-    if s.heartbeat_grace <= s.heartbeat_interval:
-        raise ConfigError("heartbeat.grace", "must be larger than heartbeat.interval")
-    space = data.get("space")
-    if not isinstance(space, dict) or not space:
-        raise ConfigError("space", "must be a non-empty mapping of config keys to {low, high[, log]} or {choices}")
-    types = _types()
-    s.space = [_param(k, v, base, types) for k, v in _flat_space(space).items()]
-    return s
+    return data
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    """Read, merge overrides (``n_trials=4``, ``base.optim.lr=0.01``, ``space.optim.lr.high=0.1``), validate."""
+    data = _merged(path, list(overrides or []))
+    typed = {k: v for k, v in data.items() if k != "space"}
+    if typed.get("workers") == "auto":
+        typed["workers"] = None
+    if isinstance(typed.get("study"), (int, float)) and not isinstance(typed["study"], bool):
+        typed["study"] = str(typed["study"])  # `study: 2024` names a study, as it always did
+    sw = build(SweepConfig, typed)
+    validate(sw)
+    return dataclasses.replace(sw, space=parse_space(data.get("space"), sw.base), source=data)
+
+
+def to_data(sw: SweepConfig) -> dict[str, Any]:
+    """The validated sweep as JSON-able data, for a worker's spawn spec (without ``source``)."""
+    data = dataclasses.asdict(sw)
+    del data["source"]
+    return data
+
+
+def from_data(data: dict[str, Any]) -> SweepConfig:
+    """:func:`to_data`'s output back into a SweepConfig, checked again (a worker never re-reads the file)."""
+    sw = build(SweepConfig, data)
+    validate(sw)
+    return sw
 
 
 def _candidates(p: Param) -> list[Any]:

@@ -32,32 +32,31 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from pipeline.uris import is_rdb, sqlite_file
+from pipeline.names import STATUS, STUDY, TRIAL_NUMBER
+from pipeline.sweep.config import HeartbeatConfig
+from pipeline.uris import is_rdb, journal_file, scheme, sqlite_file
 
 MAX_RETRY = 1
 ORPHAN_S = 120.0  # a RUNNING trial with no owner attr this long after it started: its worker died in between
 
 
-def open_storage(url: str, *, heartbeat_interval: int = 10, grace: int = 30, mlflow_uri: str | None = None):
+def open_storage(url: str, *, heartbeat_interval: int = HeartbeatConfig.interval, grace: int = HeartbeatConfig.grace,
+                 mlflow_uri: str | None = None):
     """An Optuna storage for ``url``: RDB (with heartbeat and our stale handler) or a journal file."""
     import optuna
 
     if is_rdb(url):
         kwargs: dict[str, Any] = {}
-        if url.startswith("sqlite"):
+        if scheme(url) == "sqlite":
             kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=heartbeat_interval, grace_period=grace,
             heartbeat_stale_trial_callback=StaleHandler(mlflow_uri), **kwargs)
     from optuna.storages.journal import JournalFileBackend
 
-    path = Path(url.removeprefix("journal://"))
+    path = journal_file(url)
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-
-
-def journal_path(url: str) -> Path:
-    return Path(url.removeprefix("journal://"))
 
 
 def _journal_error(path: Path, problem: str):
@@ -134,7 +133,7 @@ def check_storage(url: str) -> None:
     """Before the sweep opens its Optuna store: a journal must replay (see :func:`repair_journal`); an
     existing SQLite file must be a readable database. Raises StoreError (one line, exit 2)."""
     if not is_rdb(url):
-        repair_journal(journal_path(url))
+        repair_journal(journal_file(url))
         return
     if sqlite_file(url) is not None:
         from pipeline.tracking import sqlite_problem
@@ -154,10 +153,10 @@ def budget_lock(url: str, storage, study_name: str):
     Journal / SQLite: an flock on a file beside the store. PostgreSQL: an advisory lock keyed by the
     study name (held on its own connection). Other RDBs: no lock (a few extra trials are possible).
     """
-    if not is_rdb(url) or url.startswith("sqlite"):
+    path = journal_file(url) if not is_rdb(url) else sqlite_file(url)
+    if path is not None:
         import fcntl
 
-        path = url.removeprefix("journal://") if not is_rdb(url) else url.split(":///", 1)[-1]
         lock = Path(f"{path}.{study_name}.sweeplock")
         lock.parent.mkdir(parents=True, exist_ok=True)
         with open(lock, "a") as f:
@@ -167,7 +166,7 @@ def budget_lock(url: str, storage, study_name: str):
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
         return
-    if url.startswith(("postgresql", "postgres")):
+    if scheme(url) in ("postgresql", "postgres"):
         from sqlalchemy import text
 
         key = int.from_bytes(hashlib.sha1(study_name.encode()).digest()[:8], "big", signed=True)
@@ -234,13 +233,13 @@ def close_trial_runs(mlflow_uri: str | None, study, trial, status: str = "KILLED
     """
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import client
+    from pipeline.tracking import client, end_run
 
     c = client(mlflow_uri)
     ids = {trial.user_attrs.get("mlflow_run_id")} - {None}
     exp_id = study.user_attrs.get("mlflow_experiment_id")
     if exp_id is not None:
-        filt = (f"tags.study = '{study.study_name}' and tags.trial_number = '{trial.number}'"
+        filt = (f"tags.{STUDY} = '{study.study_name}' and tags.{TRIAL_NUMBER} = '{trial.number}'"
                 " and attributes.status = 'RUNNING'")
         with contextlib.suppress(MlflowException):
             ids |= {r.info.run_id for r in c.search_runs([exp_id], filt, max_results=50)}
@@ -249,8 +248,8 @@ def close_trial_runs(mlflow_uri: str | None, study, trial, status: str = "KILLED
         try:
             run = c.get_run(rid)
             if run.info.status == "RUNNING":
-                c.set_tag(rid, "status", "killed")
-                c.set_terminated(rid, status=status)
+                c.set_tag(rid, STATUS, "killed")
+                end_run(mlflow_uri, rid, status)
                 closed.append(rid)
         except MlflowException:
             continue
@@ -322,7 +321,9 @@ def reap_stale(study, url: str, mlflow_uri: str | None) -> list[int]:
     if is_rdb(url):
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # ExperimentalWarning: stable since 2.9, still labelled so
+            # Labelled experimental since Optuna 2.9 (Optuna docs, "optuna.storages.fail_stale_trials").
+            warnings.filterwarnings("ignore", r".*fail_stale_trials is experimental",
+                                    optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # calls StaleHandler for each
         after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         reaped += before - after

@@ -11,11 +11,14 @@ Optuna's default fANOVA evaluator needs scikit-learn, which we do not depend on)
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from typing import Any
 
-REGIME_ORDER = ("healthy", "vanishing", "exploding", "diverged", "unknown")
+from pipeline.names import DIVERGED, EXPLODING, HEALTHY, UNKNOWN, VANISHING
+from pipeline.sweep.study import best_trial, counts
+from pipeline.uris import DEFAULT_URI, absolute_uri
+
+REGIME_ORDER = (HEALTHY, VANISHING, EXPLODING, DIVERGED, UNKNOWN)
 
 
 def trials_frame(study):
@@ -43,24 +46,6 @@ def trials_frame(study):
     return df
 
 
-def counts(study) -> dict[str, int]:
-    from optuna.trial import TrialState
-
-    ts = study.get_trials(deepcopy=False)
-    c = {s.name.lower(): sum(t.state == s for t in ts) for s in TrialState}
-    c["diverged"] = sum(t.state == TrialState.COMPLETE and bool(t.user_attrs.get("diverged")) for t in ts)
-    c["done"] = c["complete"] + c["pruned"]
-    return c
-
-
-def best_trial(study):
-    from optuna.trial import TrialState
-
-    good = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if not t.user_attrs.get("diverged") and t.value is not None and math.isfinite(t.value)]
-    return min(good, key=lambda t: t.value) if good else None
-
-
 def regime_table(df) -> str:
     """Counts by regime (COMPLETE and PRUNED trials), with the best value and the cells in each."""
     if df.empty:
@@ -68,7 +53,7 @@ def regime_table(df) -> str:
     d = df[df["state"].isin(["COMPLETE", "PRUNED"])].copy()
     if d.empty:
         return "  (no finished trials)"
-    d["regime"] = d["regime"].fillna("unknown")
+    d["regime"] = d["regime"].fillna(UNKNOWN)
     lines = [f"  {'regime':<10} {'trials':>6} {'pruned':>6} {'best':>8}  cells"]
     cell_col = "p.model.cell" if "p.model.cell" in d else None
     for reg in REGIME_ORDER:
@@ -97,6 +82,7 @@ def _plots(rec, study, keys: list[str]) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna.visualization.matplotlib as ovm
+    from optuna.exceptions import ExperimentalWarning
     from optuna.importance import PedAnovaImportanceEvaluator
 
     notes = []
@@ -111,7 +97,8 @@ def _plots(rec, study, keys: list[str]) -> list[str]:
     for name, make in jobs:
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+                # Optuna labels its matplotlib plots experimental (Optuna docs, "optuna.visualization.matplotlib").
+                warnings.filterwarnings("ignore", r".*plot_\w+ is experimental", ExperimentalWarning)
                 ax = make()
             fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
             fig.set_size_inches(8, 5)
@@ -148,3 +135,22 @@ def finalize(rec, study, sw, *, complete: bool, plots: bool = True) -> dict[str,
         rec.log_text("\n".join(notes) + "\n", "plots/NOTES.txt")
     rec.flush()
     return {"frame": df, "counts": c, "best": best, "notes": notes}
+
+
+def print_summary(res: dict[str, Any], sw, mlflow_uri: str, experiment: str, out) -> None:
+    """The end-of-sweep lines: counts, the best trial, the table by regime, notes, how to open the UI."""
+    best, c = res["best"], res["counts"]
+    print(f"\nsweep {sw.study}: {c['done']}/{sw.n_trials} done ({c['complete']} complete, of which "
+          f"{c['diverged']} diverged; {c['pruned']} pruned; {c['fail']} failed/killed)", file=out)
+    if best is not None:
+        print(f"best trial #{best.number}: val/loss_ratio={best.value:.4f} regime={best.user_attrs.get('regime')}"
+              f" run={best.user_attrs.get('mlflow_run_id')}\n  {describe(best)}", file=out)
+    else:
+        print("best trial: none yet (no trial trained without diverging)", file=out)
+    print("by regime:\n" + regime_table(res["frame"]), file=out)
+    for n in res["notes"]:
+        print(f"note: {n}", file=out)
+    ui = "make ui" if mlflow_uri == absolute_uri(DEFAULT_URI) else \
+        f"python -m pipeline ui --store {mlflow_uri}"
+    print(f"review in MLflow: {ui}   (then open http://127.0.0.1:5000, experiment '{experiment}', "
+          f"run 'sweep-{sw.study}')", file=out, flush=True)

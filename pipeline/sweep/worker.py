@@ -1,7 +1,7 @@
 """A sweep worker process: ask a trial, train it with :func:`pipeline.training.run.run`, tell the result; repeat.
 
-Started by :mod:`pipeline.sweep.parent` (``python -m pipeline.sweep.worker SPEC_JSON``) after the parent has
-created the study, the MLflow experiment and the sweep's parent run: a worker only loads them
+Started by :class:`pipeline.sweep.supervisor.Supervisor` (forked by :mod:`pipeline.sweep.procs`, or
+``python -m pipeline.sweep.worker SPEC_JSON``) after the parent has created the study, the MLflow experiment and the sweep's parent run: a worker only loads them
 (concurrent first-time creation loses workers, measured: 13 of 18 PostgreSQL workers died at a cold start).
 
 How a trial ends, in Optuna and in MLflow:
@@ -19,10 +19,10 @@ kill -9            FAIL (reaper), params re-enqueued once       KILLED (by the r
 exception          FAIL, attr error                             FAILED
 =================  ===========================================  =====================================
 
-Diverged trials are COMPLETE, not FAIL: Optuna's samplers drop FAIL trials (a NaN objective is FAIL),
-so they would keep proposing the region that diverges (optuna #2864, #3472). The value is
-``max(penalty, worst finite value of the non-diverged trials so far)``: never better than a trial that
-trained, so TPE puts diverged points in its "bad" density and samples away from them.
+Why diverged trials are COMPLETE with the value :func:`pipeline.sweep.study.divergence_value`: see
+:mod:`pipeline.sweep.study`. The worker receives the validated sweep as data in its spec (the parent's
+:func:`pipeline.sweep.config.to_data`): a respawned worker runs the sweep the parent validated, even if
+the file changed since.
 """
 
 from __future__ import annotations
@@ -35,15 +35,16 @@ import signal
 import sys
 import threading
 import time
-import warnings
 from dataclasses import replace
 from typing import Any
 
 import pytorch_lightning as pl
 
+from pipeline.names import KIND, KIND_TRIAL, STUDY, TRIAL_NUMBER
 from pipeline.signals import Terminated, raise_terminated
-from pipeline.sweep.config import Param, SweepConfig, load_sweep
+from pipeline.sweep.config import from_data
 from pipeline.sweep.stores import budget_lock, open_storage, owner_tag, reap_stale
+from pipeline.sweep.study import budget_left, divergence_value, make_pruner, make_sampler, suggest
 
 MAX_CONSECUTIVE_ERRORS = 3  # a worker whose trials keep raising stops instead of burning the budget
 
@@ -128,76 +129,6 @@ def heartbeat(storage, trial_id: int, interval: int):
         th.join(timeout=5)
 
 
-def suggest(trial, p: Param) -> Any:
-    if p.kind == "categorical":
-        return trial.suggest_categorical(p.key, p.choices)
-    if p.kind == "int":
-        return trial.suggest_int(p.key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
-    return trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
-
-
-def make_sampler(sw: SweepConfig, worker: int, n_seen: int):
-    """Seeded per (sweep seed, worker, trials already in the study): parallel workers and resumed
-    sweeps do not replay the same random draws. (The start-up design itself is drawn once by the parent:
-    :func:`startup_design`.)"""
-    import optuna
-
-    s = sw.sampler
-    seed = (int(s.get("seed", 0)) * 1_000_003 + worker * 7919 + n_seen) % (2**31)
-    if s["name"] == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # multivariate is experimental
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(s.get("n_startup_trials", 8)),
-                                          multivariate=bool(s.get("multivariate", True)), constant_liar=True)
-
-
-def startup_design(sw: SweepConfig) -> list[dict[str, Any]]:
-    """The sweep's first ``sampler.n_startup_trials`` points (at most ``n_trials``), drawn once by the
-    parent from ``sampler.seed`` alone and enqueued before any worker starts.
-
-    Without it each worker's sampler draws its own random start-up points, so the design changes with the
-    number of workers. With it a sweep starts from the same points with 1, 2 or 16 workers, and they are
-    the points a single-process ``TPESampler(seed=...)`` would draw (same RandomSampler, same order; tested).
-    """
-    import optuna
-
-    s = sw.sampler
-    n = min(int(s.get("n_startup_trials", 8)), sw.n_trials) if s["name"] == "tpe" else 0
-    if n == 0:
-        return []
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=int(s.get("seed", 0))))
-    points = []
-    for _ in range(n):
-        trial = study.ask()
-        points.append({p.key: suggest(trial, p) for p in sw.space})
-        study.tell(trial, 0.0)
-    return points
-
-
-def make_pruner(sw: SweepConfig):
-    import optuna
-
-    p, base = sw.pruner, sw.base_config()
-    if p["name"] == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=int(p.get("n_startup_trials", 4)),
-                                           n_warmup_steps=int(p.get("n_warmup_steps", 0)))
-    if p["name"] == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=int(p.get("min_resource", base.trainer.val_every)),
-                                              max_resource=base.trainer.max_steps,
-                                              reduction_factor=int(p.get("reduction_factor", 3)))
-    return optuna.pruners.NopPruner()
-
-
-def divergence_value(study, penalty: float) -> float:
-    """Objective of a diverged trial: never better than any trial that trained (see module doc)."""
-    from optuna.trial import TrialState
-
-    worst = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-             if not t.user_attrs.get("diverged") and t.value is not None and math.isfinite(t.value)]
-    return max([penalty, *worst])
-
-
 def tag_run(mlflow_uri: str, run_id: str | None, tags: dict[str, Any]) -> None:
     if not run_id:
         return
@@ -214,13 +145,13 @@ class Worker:
         import optuna
 
         self.spec = spec
-        self.sw = load_sweep(spec["config"], spec["overrides"])
-        self.url, self.mlflow_uri = spec["storage"], spec["mlflow_uri"]
-        self.storage = open_storage(self.url, heartbeat_interval=self.sw.heartbeat_interval,
-                                    grace=self.sw.heartbeat_grace, mlflow_uri=self.mlflow_uri)
-        n_seen = len(self.storage.get_all_trials(self.storage.get_study_id_from_name(spec["study"]),
+        self.sw = from_data(spec["sweep"])
+        self.url, self.mlflow_uri = spec["storage_url"], spec["mlflow_uri"]
+        self.storage = open_storage(self.url, heartbeat_interval=self.sw.heartbeat.interval,
+                                    grace=self.sw.heartbeat.grace, mlflow_uri=self.mlflow_uri)
+        n_seen = len(self.storage.get_all_trials(self.storage.get_study_id_from_name(self.sw.study),
                                                  deepcopy=False))
-        self.study = optuna.load_study(study_name=spec["study"], storage=self.storage,
+        self.study = optuna.load_study(study_name=self.sw.study, storage=self.storage,
                                        sampler=make_sampler(self.sw, spec["worker"], n_seen),
                                        pruner=make_pruner(self.sw))
         from pipeline.training import callbacks, module, run  # noqa: F401  (import before the first trial, not inside it)
@@ -230,14 +161,9 @@ class Worker:
 
     def next_trial(self):
         """Under the budget lock: reap stale trials, count, ask (WAITING retries are popped first)."""
-        from optuna.trial import TrialState
-
         with budget_lock(self.url, self.storage, self.sw.study):
             reap_stale(self.study, self.url, self.mlflow_uri)
-            trials = self.study.get_trials(deepcopy=False)
-            done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-            running = sum(t.state == TrialState.RUNNING for t in trials)
-            if done + running >= self.sw.n_trials:
+            if budget_left(self.study, self.sw.n_trials) <= 0:
                 return None
             trial = self.study.ask()
             trial.set_user_attr("worker", owner_tag())
@@ -259,7 +185,8 @@ class Worker:
                 print(f"worker {self.spec['worker']}: {errors} trials in a row raised; stopping", file=sys.stderr)
                 return 1
 
-    def trial_config(self, trial):
+    def trial_run_config(self, trial):
+        """The training config of ``trial``: sampled values on the base, recorded as a child run."""
         values = {p.key: suggest(trial, p) for p in self.sw.space}
         cfg = self.sw.trial_config(values)
         short = " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
@@ -279,12 +206,12 @@ class Worker:
         from pipeline.training import run as train
 
         # Strings: the REST store (mlflow server) rejects non-string tag values in create_run.
-        tags = {"pipeline.kind": "trial", "study": self.sw.study, "trial_number": str(trial.number)}
+        tags = {KIND: KIND_TRIAL, STUDY: self.sw.study, TRIAL_NUMBER: str(trial.number)}
         cb = None
         try:
-            cfg = self.trial_config(trial)
-            cb = TrialCallback(trial, self.sw.max_grad_norm, cfg.trainer.log_every)
-            with heartbeat(self.storage, trial._trial_id, self.sw.heartbeat_interval):
+            cfg = self.trial_run_config(trial)
+            cb = TrialCallback(trial, self.sw.prune.max_grad_norm, cfg.trainer.log_every)
+            with heartbeat(self.storage, trial._trial_id, self.sw.heartbeat.interval):
                 r = train.run(cfg, parent_run_id=self.spec["parent_run_id"], extra_tags=tags, callbacks=[cb],
                               experiment_id=self.spec["experiment_id"])
         except (KeyboardInterrupt, SystemExit, Terminated):
@@ -304,12 +231,19 @@ class Worker:
                 trial.set_user_attr("error", msg)
             self.study.tell(trial, state=TrialState.FAIL)
             return False
+        self.tell(trial, r, cb.pruned_by)
+        return True
+
+    def tell(self, trial, r, pruned_by: str | None) -> None:
+        """Tell Optuna how a trial that ran ended (see the module doc's table) and tag its MLflow run."""
+        from optuna.trial import TrialState
+
         attrs = {"mlflow_run_id": r.run_id, "regime": r.regime, "solved": r.solved, "steps": r.steps,
                  "val_loss_ratio": r.val_loss_ratio, "diverged": r.diverged_step is not None}
         if r.diverged_step is not None:
             attrs["diverged_step"] = r.diverged_step
-        if cb.pruned_by:
-            attrs["pruned_by"] = cb.pruned_by
+        if pruned_by:
+            attrs["pruned_by"] = pruned_by
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
         finite = r.val_loss_ratio is not None and math.isfinite(r.val_loss_ratio)
@@ -327,8 +261,7 @@ class Worker:
             state = "COMPLETE"
         tag_run(self.mlflow_uri, r.run_id, {"optuna_state": state, "diverged": str(attrs["diverged"]).lower(),
                                             **({"optuna_value": f"{value:.6g}"} if value is not None else {}),
-                                            **({"pruned_by": cb.pruned_by} if cb.pruned_by else {})})
-        return True
+                                            **({"pruned_by": pruned_by} if pruned_by else {})})
 
 
 def main(argv: list[str]) -> int:
@@ -343,7 +276,6 @@ def main(argv: list[str]) -> int:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("pipeline.sweep").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore")
     try:
         return Worker(spec).run()
     except KeyboardInterrupt:
