@@ -94,74 +94,58 @@ def theory_applies(cell: str, init: str, g: float) -> bool:
     return cell == "tanh" and init in THEORY_INITS and g is not None and 0 < g < 1
 
 
-def phase_diagram(table, task: str):
-    """Init scale g against learning rate, one panel per (cell, init); colour = regime, marker = solved
-    (star) / not solved (circle) / diverged (X), label = final val loss / baseline or the diverged step."""
+def _marker(r) -> tuple[str, int, str]:
+    """Marker, size and label of one run: diverged (X, the step), solved (star), else a circle."""
+    if r["regime"] == DIVERGED:
+        return "X", 110, f"div@{r['diverged_step']}" if r["diverged_step"] is not None else "div"
+    if r["solved"] == "true":
+        return "*", 220, f"{r['val_loss_ratio']:.2g}"
+    text = f"{r['val_loss_ratio']:.2g}" if not np.isnan(r["val_loss_ratio"]) else r["status"] or "?"
+    return "o", 90, text
+
+
+def _phase_points(ax, grp) -> None:
+    """The runs of one (cell, init) panel at (lr, g): colour = regime, hollow = learned nothing."""
+    x, y = _spread(grp["lr"].to_numpy(), grp["init_scale"].to_numpy())
+    label_points = len(grp) <= 40
+    for k, (xi, yi, (_, r)) in enumerate(zip(x, y, grp.iterrows(), strict=True)):
+        regime = r["regime"] if r["regime"] in REGIME_COLORS else None
+        color = REGIME_COLORS[regime]
+        marker, size, text = _marker(r)
+        if regime != DIVERGED and outcome(r["val_loss_ratio"], r["solved"]) == "learned nothing":
+            # hollow: whatever the gradients did, the loss stayed at the baseline
+            ax.scatter(
+                [xi],
+                [yi],
+                facecolors="white",
+                edgecolors=color,
+                marker=marker,
+                s=size,
+                linewidths=2.2,
+                zorder=3,
+            )
+        else:
+            ax.scatter([xi], [yi], c=color, marker=marker, s=size, edgecolors="k", linewidths=0.6, zorder=3)
+        if label_points:
+            ax.annotate(
+                text,
+                (xi, yi),
+                textcoords="offset points",
+                xytext=(0, 9 if k % 2 == 0 else -15),
+                ha="center",
+                fontsize=7,
+            )
+
+
+def _phase_legend() -> list:
     from matplotlib.lines import Line2D
 
-    sub = table[table["task"] == task]
-    panels = list(sub.groupby(["cell", "init"], sort=True, dropna=False))
-    fig, axes = _grid(len(panels))
-    # one scale for every panel, so that a point's place means the same (lr, g) across cells
-    xlim, ylim = _limits(sub["lr"]), _limits(sub["init_scale"])
-    for ax, ((cell, init), grp) in zip(axes, panels, strict=True):
-        grp = grp[grp["lr"].notna() & grp["init_scale"].notna()]
-        x, y = _spread(grp["lr"].to_numpy(), grp["init_scale"].to_numpy())
-        label_points = len(grp) <= 40
-        for k, (xi, yi, (_, r)) in enumerate(zip(x, y, grp.iterrows(), strict=True)):
-            regime = r["regime"] if r["regime"] in REGIME_COLORS else None
-            color = REGIME_COLORS[regime]
-            if regime == DIVERGED:
-                marker, size = "X", 110
-                text = f"div@{r['diverged_step']}" if r["diverged_step"] is not None else "div"
-            elif r["solved"] == "true":
-                marker, size, text = "*", 220, f"{r['val_loss_ratio']:.2g}"
-            else:
-                marker, size = "o", 90
-                text = (
-                    f"{r['val_loss_ratio']:.2g}" if not np.isnan(r["val_loss_ratio"]) else r["status"] or "?"
-                )
-            if regime != DIVERGED and outcome(r["val_loss_ratio"], r["solved"]) == "learned nothing":
-                # hollow: whatever the gradients did, the loss stayed at the baseline
-                ax.scatter(
-                    [xi],
-                    [yi],
-                    facecolors="white",
-                    edgecolors=color,
-                    marker=marker,
-                    s=size,
-                    linewidths=2.2,
-                    zorder=3,
-                )
-            else:
-                ax.scatter(
-                    [xi], [yi], c=color, marker=marker, s=size, edgecolors="k", linewidths=0.6, zorder=3
-                )
-            if label_points:
-                ax.annotate(
-                    text,
-                    (xi, yi),
-                    textcoords="offset points",
-                    xytext=(0, 9 if k % 2 == 0 else -15),
-                    ha="center",
-                    fontsize=7,
-                )
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlim(*xlim)
-        ax.set_ylim(*ylim)
-        _value_ticks(ax.xaxis, sub["lr"])
-        _value_ticks(ax.yaxis, sub["init_scale"])
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("init scale g")
-        ax.set_title(f"{cell} / {init}", fontsize=10)
-        ax.grid(alpha=0.3, which="both")
     handles = [
         Line2D([], [], ls="", marker="o", color=c, markeredgecolor="k", label=k)
         for k, c in REGIME_COLORS.items()
         if k
     ]
-    handles += [
+    return handles + [
         Line2D([], [], ls="", marker="*", color="w", markeredgecolor="k", markersize=11, label="solved"),
         Line2D([], [], ls="", marker="X", color="w", markeredgecolor="k", label="diverged (step)"),
         Line2D(
@@ -175,17 +159,37 @@ def phase_diagram(table, task: str):
             label=f"hollow: learned nothing (val loss >= {LEARNED_NOTHING:g} x baseline)",
         ),
     ]
+
+
+def phase_diagram(table, task: str):
+    """Init scale g against learning rate, one panel per (cell, init); colour = regime, marker = solved
+    (star) / not solved (circle) / diverged (X), label = final val loss / baseline or the diverged step."""
+    sub = table[table["task"] == task]
+    panels = list(sub.groupby(["cell", "init"], sort=True, dropna=False))
+    fig, axes = _grid(len(panels))
+    # one scale for every panel, so that a point's place means the same (lr, g) across cells
+    xlim, ylim = _limits(sub["lr"]), _limits(sub["init_scale"])
+    for ax, ((cell, init), grp) in zip(axes, panels, strict=True):
+        _phase_points(ax, grp[grp["lr"].notna() & grp["init_scale"].notna()])
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(*xlim)
+        ax.set_ylim(*ylim)
+        _value_ticks(ax.xaxis, sub["lr"])
+        _value_ticks(ax.yaxis, sub["init_scale"])
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("init scale g")
+        ax.set_title(f"{cell} / {init}", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    handles = _phase_legend()
     fig.legend(
         handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False
     )
-    fig.suptitle(
-        wrap_title(
-            f"Phase diagram, {task}: gradient regime (colour) by init scale and learning rate; "
-            "labels: final val loss / baseline",
-            fig,
-        ),
-        fontsize=11,
+    title = (
+        f"Phase diagram, {task}: gradient regime (colour) by init scale and learning rate; "
+        "labels: final val loss / baseline"
     )
+    fig.suptitle(wrap_title(title, fig), fontsize=11)
     return fig
 
 

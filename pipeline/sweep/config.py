@@ -27,6 +27,7 @@ Layout (every top-level key is optional except ``space``; defaults in the datacl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -141,8 +142,12 @@ def validate(sw: SweepConfig) -> None:
         from_dict(copy.deepcopy(sw.base))
     except ConfigError as e:
         raise e.under("base") from None
-    check("study", bool(sw.study.strip()) and not any(c in sw.study for c in "/\\ "),
-          "a non-empty name without '/', '\\' or spaces", sw.study)
+    check(
+        "study",
+        bool(sw.study.strip()) and not any(c in sw.study for c in "/\\ "),
+        "a non-empty name without '/', '\\' or spaces",
+        sw.study,
+    )
     if sw.storage is not None:
         check("storage", bool(sw.storage.strip()), "a URL or a journal file path", sw.storage)
         check_storage_url("storage", sw.storage)
@@ -202,10 +207,8 @@ def _flat_space(nested: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _num(key: str, v: Any) -> float:
     if isinstance(v, str):
-        try:
+        with contextlib.suppress(ValueError):
             v = float(v)  # YAML 1.1 reads 1e-3 as a string
-        except ValueError:
-            pass
     check(key, not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v), "a number", v)
     return float(v)
 
@@ -254,12 +257,16 @@ def _param(key: str, spec: Any, base: dict[str, Any], types: dict[str, Any]) -> 
     if key not in types:
         raise ConfigError(where, "unknown config key (see `python -m pipeline train --help` / README)")
     if key.startswith(FORBIDDEN) or key in FORBIDDEN:
-        raise ConfigError(where, "cannot be searched (it changes where or how a trial runs, not what it trains)")
+        raise ConfigError(
+            where, "cannot be searched (it changes where or how a trial runs, not what it trains)"
+        )
     if not isinstance(spec, dict):
         raise ConfigError(where, "must be a mapping with low/high or choices")
     unknown = set(spec) - SPEC_KEYS
     if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}", f"unknown key (allowed: {', '.join(sorted(SPEC_KEYS))})")
+        raise ConfigError(
+            f"{where}.{sorted(unknown)[0]}", f"unknown key (allowed: {', '.join(sorted(SPEC_KEYS))})"
+        )
     p = _choices(where, key, spec) if "choices" in spec else _range(where, key, spec, types[key])
     for v in _candidates(p):  # every end of the range / every choice must make a valid training config
         data = copy.deepcopy(base)
@@ -293,7 +300,9 @@ def _types() -> dict[str, Any]:
 def parse_space(space: Any, base: dict[str, Any]) -> tuple[Param, ...]:
     """The YAML ``space`` mapping (nested or dotted keys) -> Params, each end checked against ``base``."""
     if not isinstance(space, dict) or not space:
-        raise ConfigError("space", "must be a non-empty mapping of config keys to {low, high[, log]} or {choices}")
+        raise ConfigError(
+            "space", "must be a non-empty mapping of config keys to {low, high[, log]} or {choices}"
+        )
     types = _types()
     return tuple(_param(k, v, base, types) for k, v in _flat_space(space).items())
 

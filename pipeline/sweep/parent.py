@@ -52,7 +52,9 @@ def choose_workers(requested: int | None, sw: SweepConfig) -> tuple[int, list[st
         if n_gpu:
             requested = n_gpu
         else:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            cores = (
+                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            )
             requested = max(1, min(4, cores // max(1, sw.base_config().trainer.threads)))
     requested = max(1, min(requested, sw.n_trials))
     devices: list[str | None] = [str(i % n_gpu) for i in range(requested)] if n_gpu else [None] * requested
@@ -88,10 +90,16 @@ def create_stores(sw: SweepConfig, url: str, mlflow_uri: str) -> Stores:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     experiment = sw.base_config().tracking.experiment
     experiment_id = ensure_experiment(mlflow_uri, experiment)
-    storage = open_storage(url, heartbeat_interval=sw.heartbeat.interval, grace=sw.heartbeat.grace,
-                           mlflow_uri=mlflow_uri)
-    study = optuna.create_study(study_name=sw.study, storage=storage, direction="minimize",
-                                load_if_exists=True, pruner=make_pruner(sw))
+    storage = open_storage(
+        url, heartbeat_interval=sw.heartbeat.interval, grace=sw.heartbeat.grace, mlflow_uri=mlflow_uri
+    )
+    study = optuna.create_study(
+        study_name=sw.study,
+        storage=storage,
+        direction="minimize",
+        load_if_exists=True,
+        pruner=make_pruner(sw),
+    )
     if study.direction != optuna.study.StudyDirection.MINIMIZE:
         raise ConfigError("study", f"study {sw.study!r} exists and does not minimize")
     with budget_lock(url, storage, sw.study):
@@ -118,7 +126,9 @@ def _enqueue_startup(sw: SweepConfig, study) -> None:
     study.set_user_attr("startup_design", len(design))
 
 
-def _parent_run(sw: SweepConfig, study, url: str, mlflow_uri: str, experiment: str, experiment_id: str) -> str:
+def _parent_run(
+    sw: SweepConfig, study, url: str, mlflow_uri: str, experiment: str, experiment_id: str
+) -> str:
     """The parent run's id: the study's, opened again on a resume; else a new run with the sweep's params."""
     from mlflow.exceptions import MlflowException
 
@@ -131,12 +141,21 @@ def _parent_run(sw: SweepConfig, study, url: str, mlflow_uri: str, experiment: s
                 return Recorder.attach(mlflow_uri, rid, reopen=True).run_id  # a resume: same parent run
     tags = {KIND: KIND_SWEEP, STUDY: sw.study, "storage": display_url(url), **version_tags()}
     rec = Recorder.start(mlflow_uri, experiment, f"sweep-{sw.study}", tags=tags, experiment_id=experiment_id)
-    params = {"n_trials": sw.n_trials, "sampler": json.dumps(asdict(sw.sampler)),
-              "pruner": json.dumps(asdict(sw.pruner)), "penalty": sw.penalty,
-              "prune.max_grad_norm": sw.prune.max_grad_norm}
-    params.update({f"space.{p.key}": json.dumps(list(p.choices) if p.kind == "categorical" else
-                                                {"low": p.low, "high": p.high, "log": p.log})
-                   for p in sw.space})
+    params = {
+        "n_trials": sw.n_trials,
+        "sampler": json.dumps(asdict(sw.sampler)),
+        "pruner": json.dumps(asdict(sw.pruner)),
+        "penalty": sw.penalty,
+        "prune.max_grad_norm": sw.prune.max_grad_norm,
+    }
+    params.update(
+        {
+            f"space.{p.key}": json.dumps(
+                list(p.choices) if p.kind == "categorical" else {"low": p.low, "high": p.high, "log": p.log}
+            )
+            for p in sw.space
+        }
+    )
     rec.log_params(params)
     import yaml
 
@@ -150,8 +169,14 @@ def _parent_run(sw: SweepConfig, study, url: str, mlflow_uri: str, experiment: s
 # --------------------------------------------------------------------------------------------- run
 
 
-def run_sweep(config_path: str, overrides: list[str] | None = None, *, workers: int | None = None,
-              storage: str | None = None, out=sys.stdout) -> int:
+def run_sweep(
+    config_path: str,
+    overrides: list[str] | None = None,
+    *,
+    workers: int | None = None,
+    storage: str | None = None,
+    out=sys.stdout,
+) -> int:
     """Load and validate the sweep file (nothing is written before this passes), then run it."""
     from pipeline.schema import ConfigError
     from pipeline.sweep.config import check_sweep_fits, load_sweep

@@ -11,6 +11,7 @@ the parent the same ``poll``/``returncode``/``send_signal``/``kill``/``wait`` it
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
 import os
@@ -76,10 +77,8 @@ class WorkerProcess:
 
     def send_signal(self, sig: int) -> None:
         if self.proc.exitcode is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
-            except ProcessLookupError:
-                pass
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)

@@ -40,8 +40,13 @@ MAX_RETRY = 1
 ORPHAN_S = 120.0  # a RUNNING trial with no owner attr this long after it started: its worker died in between
 
 
-def open_storage(url: str, *, heartbeat_interval: int = HeartbeatConfig.interval, grace: int = HeartbeatConfig.grace,
-                 mlflow_uri: str | None = None):
+def open_storage(
+    url: str,
+    *,
+    heartbeat_interval: int = HeartbeatConfig.interval,
+    grace: int = HeartbeatConfig.grace,
+    mlflow_uri: str | None = None,
+):
     """An Optuna storage for ``url``: RDB (with heartbeat and our stale handler) or a journal file."""
     import optuna
 
@@ -50,8 +55,12 @@ def open_storage(url: str, *, heartbeat_interval: int = HeartbeatConfig.interval
         if scheme(url) == "sqlite":
             kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
         return optuna.storages.RDBStorage(
-            url, heartbeat_interval=heartbeat_interval, grace_period=grace,
-            heartbeat_stale_trial_callback=StaleHandler(mlflow_uri), **kwargs)
+            url,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace,
+            heartbeat_stale_trial_callback=StaleHandler(mlflow_uri),
+            **kwargs,
+        )
     from optuna.storages.journal import JournalFileBackend
 
     path = journal_file(url)
@@ -62,8 +71,11 @@ def open_storage(url: str, *, heartbeat_interval: int = HeartbeatConfig.interval
 def _journal_error(path: Path, problem: str):
     from pipeline.schema import StoreError
 
-    return StoreError(f"optuna journal {path}", problem,
-                      "restore it from a backup, or move it aside to start the study afresh")
+    return StoreError(
+        f"optuna journal {path}",
+        problem,
+        "restore it from a backup, or move it aside to start the study afresh",
+    )
 
 
 def _bad_record(line: bytes) -> str | None:
@@ -106,8 +118,11 @@ def repair_journal(path: Path, warn=None) -> int:
         for i, line in enumerate(complete):
             why = _bad_record(line) if line.strip() else "an empty line"
             if why is not None and (i < len(complete) - 1 or tail):
-                raise _journal_error(path, f"record {i + 1} of {len(complete) + bool(tail)} (byte {offset}) is "
-                                           f"corrupt ({why}) and records follow it, so it cannot be replayed")
+                raise _journal_error(
+                    path,
+                    f"record {i + 1} of {len(complete) + bool(tail)} (byte {offset}) is "
+                    f"corrupt ({why}) and records follow it, so it cannot be replayed",
+                )
             if why is not None:  # the last line, whole but unreadable: a torn write
                 tail = line + b"\n"
                 break
@@ -124,8 +139,12 @@ def repair_journal(path: Path, warn=None) -> int:
     finally:
         lock.release()
     removed = len(data) - keep
-    print(f"warning: optuna journal {path}: its last record was cut off ({removed} bytes, as by a crash "
-          f"mid-write); removed it (kept in {path}.torn) and resuming", file=warn or sys.stderr, flush=True)
+    print(
+        f"warning: optuna journal {path}: its last record was cut off ({removed} bytes, as by a crash "
+        f"mid-write); removed it (kept in {path}.torn) and resuming",
+        file=warn or sys.stderr,
+        flush=True,
+    )
     return removed
 
 
@@ -217,9 +236,7 @@ def owner_alive(tag: str) -> bool | None:
     if start and _start_time(pid) not in ("", start):
         return False  # the PID was reused by another process
     st = Path(f"/proc/{pid}/stat")
-    if st.exists() and ") Z" in st.read_text():  # a zombie (killed, not yet reaped by its parent)
-        return False
-    return True
+    return not (st.exists() and ") Z" in st.read_text())  # a zombie (killed, not yet reaped by its parent)
 
 
 # ------------------------------------------------------------------------------- stale trials
@@ -239,8 +256,10 @@ def close_trial_runs(mlflow_uri: str | None, study, trial, status: str = "KILLED
     ids = {trial.user_attrs.get("mlflow_run_id")} - {None}
     exp_id = study.user_attrs.get("mlflow_experiment_id")
     if exp_id is not None:
-        filt = (f"tags.{STUDY} = '{study.study_name}' and tags.{TRIAL_NUMBER} = '{trial.number}'"
-                " and attributes.status = 'RUNNING'")
+        filt = (
+            f"tags.{STUDY} = '{study.study_name}' and tags.{TRIAL_NUMBER} = '{trial.number}'"
+            " and attributes.status = 'RUNNING'"
+        )
         with contextlib.suppress(MlflowException):
             ids |= {r.info.run_id for r in c.search_runs([exp_id], filt, max_results=50)}
     closed = []
@@ -264,10 +283,18 @@ def enqueue_retry(study, trial) -> bool:
     if len(history) > MAX_RETRY:
         return False
     system = {k: v for k, v in trial.system_attrs.items() if k not in ("retry_history", "failed_trial")}
-    system.update({"failed_trial": trial.system_attrs.get("failed_trial", trial.number), "retry_history": history})
-    study.add_trial(optuna.create_trial(state=optuna.trial.TrialState.WAITING, params=trial.params,
-                                        distributions=trial.distributions, user_attrs={"retry_of": trial.number},
-                                        system_attrs=system))
+    system.update(
+        {"failed_trial": trial.system_attrs.get("failed_trial", trial.number), "retry_history": history}
+    )
+    study.add_trial(
+        optuna.create_trial(
+            state=optuna.trial.TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs={"retry_of": trial.number},
+            system_attrs=system,
+        )
+    )
     return True
 
 
@@ -288,8 +315,10 @@ def on_stale(study, trial, mlflow_uri: str | None) -> None:
         close_trial_runs(mlflow_uri, study, trial, "KILLED")
     retried = enqueue_retry(study, trial)
     logging.getLogger("pipeline.sweep").warning(
-        "trial %d: its worker is gone; MLflow run closed as KILLED%s", trial.number,
-        ", params re-enqueued once" if retried else " (already retried once: not re-enqueued)")
+        "trial %d: its worker is gone; MLflow run closed as KILLED%s",
+        trial.number,
+        ", params re-enqueued once" if retried else " (already retried once: not re-enqueued)",
+    )
 
 
 def reap_stale(study, url: str, mlflow_uri: str | None) -> list[int]:
@@ -322,8 +351,9 @@ def reap_stale(study, url: str, mlflow_uri: str | None) -> list[int]:
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         with warnings.catch_warnings():
             # Labelled experimental since Optuna 2.9 (Optuna docs, "optuna.storages.fail_stale_trials").
-            warnings.filterwarnings("ignore", r".*fail_stale_trials is experimental",
-                                    optuna.exceptions.ExperimentalWarning)
+            warnings.filterwarnings(
+                "ignore", r".*fail_stale_trials is experimental", optuna.exceptions.ExperimentalWarning
+            )
             optuna.storages.fail_stale_trials(study)  # calls StaleHandler for each
         after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         reaped += before - after

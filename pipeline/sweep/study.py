@@ -24,6 +24,7 @@ from pipeline.sweep.config import Param, SweepConfig
 def suggest(trial, p: Param) -> Any:
     if p.kind == "categorical":
         return trial.suggest_categorical(p.key, p.choices)
+    assert p.low is not None and p.high is not None  # a range parameter (config.Param)
     if p.kind == "int":
         return trial.suggest_int(p.key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
     return trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
@@ -40,10 +41,14 @@ def make_sampler(sw: SweepConfig, worker: int, n_seen: int):
     with warnings.catch_warnings():
         # TPESampler's multivariate and constant_liar arguments are labelled experimental (Optuna docs,
         # "optuna.samplers.TPESampler"); the label is the only warning they give.
-        warnings.filterwarnings("ignore", r"Argument ``(multivariate|constant_liar)`` is an experimental feature",
-                                ExperimentalWarning)
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials,
-                                          multivariate=s.multivariate, constant_liar=True)
+        warnings.filterwarnings(
+            "ignore",
+            r"Argument ``(multivariate|constant_liar)`` is an experimental feature",
+            ExperimentalWarning,
+        )
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=s.n_startup_trials, multivariate=s.multivariate, constant_liar=True
+        )
 
 
 def startup_design(sw: SweepConfig) -> list[dict[str, Any]]:
@@ -70,11 +75,16 @@ def startup_design(sw: SweepConfig) -> list[dict[str, Any]]:
 def make_pruner(sw: SweepConfig):
     p = sw.pruner
     if p.name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps
+        )
     if p.name == "hyperband":
         trainer = sw.base_config().trainer
-        return optuna.pruners.HyperbandPruner(min_resource=p.min_resource or trainer.val_every,
-                                              max_resource=trainer.max_steps, reduction_factor=p.reduction_factor)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=p.min_resource or trainer.val_every,
+            max_resource=trainer.max_steps,
+            reduction_factor=p.reduction_factor,
+        )
     return optuna.pruners.NopPruner()
 
 
@@ -104,8 +114,11 @@ def has_waiting(study) -> bool:
 
 def _trained(study) -> list:
     """COMPLETE trials that trained: not diverged, with a finite value."""
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if not t.user_attrs.get("diverged") and t.value is not None and math.isfinite(t.value)]
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if not t.user_attrs.get("diverged") and t.value is not None and math.isfinite(t.value)
+    ]
 
 
 def best_trial(study):

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 from pipeline.names import DIVERGED, EXPLODING, HEALTHY, UNKNOWN, VANISHING
 from pipeline.sweep.study import best_trial, counts
 from pipeline.uris import DEFAULT_URI, absolute_uri
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 REGIME_ORDER = (HEALTHY, VANISHING, EXPLODING, DIVERGED, UNKNOWN)
 
@@ -27,14 +31,24 @@ def trials_frame(study):
 
     rows = []
     for t in study.get_trials(deepcopy=False):
-        dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else None
+        dur = (
+            (t.datetime_complete - t.datetime_start).total_seconds()
+            if t.datetime_complete and t.datetime_start
+            else None
+        )
         row: dict[str, Any] = {
-            "number": t.number, "state": t.state.name, "value": t.value,
+            "number": t.number,
+            "state": t.state.name,
+            "value": t.value,
             "diverged": bool(t.user_attrs.get("diverged", False)),
-            "regime": t.user_attrs.get("regime"), "pruned_by": t.user_attrs.get("pruned_by"),
-            "solved": t.user_attrs.get("solved"), "val_loss_ratio": t.user_attrs.get("val_loss_ratio"),
-            "diverged_step": t.user_attrs.get("diverged_step"), "steps": t.user_attrs.get("steps"),
-            "run_id": t.user_attrs.get("mlflow_run_id"), "retry_of": t.user_attrs.get("retry_of"),
+            "regime": t.user_attrs.get("regime"),
+            "pruned_by": t.user_attrs.get("pruned_by"),
+            "solved": t.user_attrs.get("solved"),
+            "val_loss_ratio": t.user_attrs.get("val_loss_ratio"),
+            "diverged_step": t.user_attrs.get("diverged_step"),
+            "steps": t.user_attrs.get("steps"),
+            "run_id": t.user_attrs.get("mlflow_run_id"),
+            "retry_of": t.user_attrs.get("retry_of"),
             "duration_s": dur,
         }
         row.update({f"p.{k}": v for k, v in t.params.items()})
@@ -63,7 +77,9 @@ def regime_table(df) -> str:
         ok = sub[(sub["state"] == "COMPLETE") & ~sub["diverged"]]["value"]
         best = f"{ok.min():.4f}" if len(ok) else "-"
         cells = ", ".join(f"{k} {v}" for k, v in sub[cell_col].value_counts().items()) if cell_col else ""
-        lines.append(f"  {reg:<10} {len(sub):>6} {int((sub['state'] == 'PRUNED').sum()):>6} {best:>8}  {cells}")
+        lines.append(
+            f"  {reg:<10} {len(sub):>6} {int((sub['state'] == 'PRUNED').sum()):>6} {best:>8}  {cells}"
+        )
     return "\n".join(lines)
 
 
@@ -86,12 +102,20 @@ def _plots(rec, study, keys: list[str]) -> list[str]:
     from optuna.importance import PedAnovaImportanceEvaluator
 
     notes = []
-    jobs = [("plots/optuna_history.png", lambda: ovm.plot_optimization_history(study)),
-            ("plots/param_importances.png",
-             lambda: ovm.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator()))]
+    jobs: list[tuple[str, Callable[[], Any]]] = [
+        ("plots/optuna_history.png", lambda: ovm.plot_optimization_history(study)),
+        (
+            "plots/param_importances.png",
+            lambda: ovm.plot_param_importances(study, evaluator=PedAnovaImportanceEvaluator()),
+        ),
+    ]
     if {"model.init_scale", "optim.lr"} <= set(keys):
-        jobs.append(("plots/contour_init_scale_lr.png",
-                     lambda: ovm.plot_contour(study, params=["model.init_scale", "optim.lr"])))
+        jobs.append(
+            (
+                "plots/contour_init_scale_lr.png",
+                lambda: ovm.plot_contour(study, params=["model.init_scale", "optim.lr"]),
+            )
+        )
     else:
         notes.append("contour skipped: model.init_scale and optim.lr are not both searched")
     for name, make in jobs:
@@ -100,7 +124,7 @@ def _plots(rec, study, keys: list[str]) -> list[str]:
                 # Optuna labels its matplotlib plots experimental (Optuna docs, "optuna.visualization.matplotlib").
                 warnings.filterwarnings("ignore", r".*plot_\w+ is experimental", ExperimentalWarning)
                 ax = make()
-            fig = (ax.flat[0] if hasattr(ax, "flat") else ax).figure
+            fig = cast("Figure", (ax.flat[0] if hasattr(ax, "flat") else ax).figure)
             fig.set_size_inches(8, 5)
             fig.tight_layout()
             rec.log_figure(fig, name)
@@ -140,17 +164,30 @@ def finalize(rec, study, sw, *, complete: bool, plots: bool = True) -> dict[str,
 def print_summary(res: dict[str, Any], sw, mlflow_uri: str, experiment: str, out) -> None:
     """The end-of-sweep lines: counts, the best trial, the table by regime, notes, how to open the UI."""
     best, c = res["best"], res["counts"]
-    print(f"\nsweep {sw.study}: {c['done']}/{sw.n_trials} done ({c['complete']} complete, of which "
-          f"{c['diverged']} diverged; {c['pruned']} pruned; {c['fail']} failed/killed)", file=out)
+    print(
+        f"\nsweep {sw.study}: {c['done']}/{sw.n_trials} done ({c['complete']} complete, of which "
+        f"{c['diverged']} diverged; {c['pruned']} pruned; {c['fail']} failed/killed)",
+        file=out,
+    )
     if best is not None:
-        print(f"best trial #{best.number}: val/loss_ratio={best.value:.4f} regime={best.user_attrs.get('regime')}"
-              f" run={best.user_attrs.get('mlflow_run_id')}\n  {describe(best)}", file=out)
+        print(
+            f"best trial #{best.number}: val/loss_ratio={best.value:.4f} regime={best.user_attrs.get('regime')}"
+            f" run={best.user_attrs.get('mlflow_run_id')}\n  {describe(best)}",
+            file=out,
+        )
     else:
         print("best trial: none yet (no trial trained without diverging)", file=out)
     print("by regime:\n" + regime_table(res["frame"]), file=out)
     for n in res["notes"]:
         print(f"note: {n}", file=out)
-    ui = "make ui" if mlflow_uri == absolute_uri(DEFAULT_URI) else \
-        f"python -m pipeline ui --store {mlflow_uri}"
-    print(f"review in MLflow: {ui}   (then open http://127.0.0.1:5000, experiment '{experiment}', "
-          f"run 'sweep-{sw.study}')", file=out, flush=True)
+    ui = (
+        "make ui"
+        if mlflow_uri == absolute_uri(DEFAULT_URI)
+        else f"python -m pipeline ui --store {mlflow_uri}"
+    )
+    print(
+        f"review in MLflow: {ui}   (then open http://127.0.0.1:5000, experiment '{experiment}', "
+        f"run 'sweep-{sw.study}')",
+        file=out,
+        flush=True,
+    )

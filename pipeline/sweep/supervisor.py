@@ -49,8 +49,12 @@ class StopSignal:
     def _on_signal(self, signum, frame) -> None:
         if self.signum is None:
             self.signum = signum
-            print(f"\nsweep: {signal.Signals(signum).name}: stopping workers (their trials close as "
-                  "FAIL, runs as KILLED; re-run the same command to resume)", file=sys.stderr, flush=True)
+            print(
+                f"\nsweep: {signal.Signals(signum).name}: stopping workers (their trials close as "
+                "FAIL, runs as KILLED; re-run the same command to resume)",
+                file=sys.stderr,
+                flush=True,
+            )
         for p in self.procs.values():
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -76,11 +80,16 @@ class Progress:
                 continue
             ua = t.user_attrs
             what = ("DIVERGED" if ua.get("diverged") else t.state.name) + (
-                f"({ua['pruned_by']})" if ua.get("pruned_by") else "")
+                f"({ua['pruned_by']})" if ua.get("pruned_by") else ""
+            )
             val = f"{t.value:.4f}" if t.value is not None else "-"
             dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_start else 0
-            print(f"  trial {t.number:>3} {what:<18} value={val:<8} regime={ua.get('regime', '-'):<9} "
-                  f"{dur:5.0f}s  {describe(t)}", file=self.out, flush=True)
+            print(
+                f"  trial {t.number:>3} {what:<18} value={val:<8} regime={ua.get('regime', '-'):<9} "
+                f"{dur:5.0f}s  {describe(t)}",
+                file=self.out,
+                flush=True,
+            )
         if not new and not force:
             return False
         c, best = counts(self.study), best_trial(self.study)
@@ -89,71 +98,45 @@ class Progress:
         left = max(0, self.sw.n_trials - c["done"])
         eta = f"{left * elapsed / done_now / 60:.1f} min" if done_now > 0 else "?"
         b = f"{best.value:.4f} (#{best.number})" if best else "-"
-        print(f"[{self.sw.study}] {c['done']}/{self.sw.n_trials} done | running {c['running']} | pruned "
-              f"{c['pruned']} | diverged {c['diverged']} | failed {c['fail']} | best {b} | "
-              f"elapsed {elapsed / 60:.1f} min | ETA {eta}", file=self.out, flush=True)
+        print(
+            f"[{self.sw.study}] {c['done']}/{self.sw.n_trials} done | running {c['running']} | pruned "
+            f"{c['pruned']} | diverged {c['diverged']} | failed {c['fail']} | best {b} | "
+            f"elapsed {elapsed / 60:.1f} min | ETA {eta}",
+            file=self.out,
+            flush=True,
+        )
         return True
 
 
-class Supervisor:
-    """The worker processes of one sweep, from the first spawn to the summary on the parent run."""
+class Workers:
+    """The live worker processes: started with the sweep's validated spec, stopped, their logs read."""
 
-    def __init__(self, sw: SweepConfig, stores, devices: list[str | None], *, fork: bool, stop: StopSignal,
-                 t0: float, out=sys.stdout):
-        from pipeline.tracking import Recorder
-
-        self.sw, self.stores, self.devices, self.fork, self.stop, self.t0, self.out = (
-            sw, stores, devices, fork, stop, t0, out)
+    def __init__(
+        self, spec: dict[str, Any], devices: list[str | None], mlflow_uri: str, log_dir: Path, fork: bool
+    ):
+        self.spec, self.devices, self.mlflow_uri, self.log_dir, self.fork = (
+            spec,
+            devices,
+            mlflow_uri,
+            log_dir,
+            fork,
+        )
         self.procs: dict[int, Any] = {}  # sweep.procs.WorkerProcess (CPU) or subprocess.Popen (GPU)
-        stop.watch(self.procs)
-        self.respawns = len(devices)  # replacement budget for workers that die (kill -9, OOM)
-        self.log_dir = Path("optuna") / "logs" / sw.study
-        self.rec = Recorder(stores.mlflow_uri, stores.parent_run_id, stores.experiment_id)
-        self.progress = Progress(sw, stores.study, t0, out)
-        self.spec = {"sweep": to_data(sw), "storage_url": stores.url, "mlflow_uri": stores.mlflow_uri,
-                     "experiment": stores.experiment, "experiment_id": stores.experiment_id,
-                     "parent_run_id": stores.parent_run_id,
-                     "deadline": t0 + sw.timeout if sw.timeout else None}
-
-    def budget_left(self) -> int:
-        return budget_left(self.stores.study, self.sw.n_trials)
-
-    def run(self) -> int:
-        status = "FAILED"
-        try:
-            left = self.budget_left()
-            self._banner(left)
-            if left > 0 and self.stop.signum is None:
-                for i in range(min(len(self.devices), left)):
-                    self.spawn(i)
-                self.supervise()
-            self.progress.update()
-            status = "KILLED" if self.stop.signum is not None else "FINISHED"
-            self.summarize(complete=self.budget_left() <= 0 and status == "FINISHED")
-        finally:
-            self._terminate_all()
-            with contextlib.suppress(Exception):
-                self.rec.close(status)
-        if self.stop.signum is not None:
-            return 128 + int(self.stop.signum)  # 130 Ctrl-C, 143 SIGTERM
-        return 0 if self.budget_left() <= 0 else 1
-
-    def _banner(self, left: int) -> None:
-        s, done = self.stores, self.progress.done_at_start
-        where = f"GPU {','.join(d for d in self.devices if d)}" if self.devices[0] is not None else "CPU"
-        print(f"sweep {self.sw.study}: {done}/{self.sw.n_trials} trials done"
-              + (f", resuming with {left} to go" if done else "")
-              + f"; {len(self.devices)} worker(s) on {where}\n  optuna: {display_url(s.url)}\n  mlflow: "
-              f"{s.mlflow_uri} (experiment {s.experiment}, parent run {s.parent_run_id})\n  worker logs: "
-              f"{self.log_dir}/", file=self.out, flush=True)
 
     def spawn(self, index: int) -> None:
         gpu = self.devices[index % len(self.devices)]
         spec = json.dumps({**self.spec, "worker": index, "gpu": gpu})
         env = dict(os.environ)
         # One intra-op thread per CPU worker: 3-30x faster than 2 for these small RNNs (README, "Benchmarks").
-        env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-                    "MLFLOW_TRACKING_URI": self.stores.mlflow_uri, "CUDA_VISIBLE_DEVICES": gpu or ""})
+        env.update(
+            {
+                "OMP_NUM_THREADS": "1",
+                "MKL_NUM_THREADS": "1",
+                "PYTHONUNBUFFERED": "1",
+                "MLFLOW_TRACKING_URI": self.mlflow_uri,
+                "CUDA_VISIBLE_DEVICES": gpu or "",
+            }
+        )
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"worker-{index}.log"
         if self.fork:
@@ -166,53 +149,28 @@ class Supervisor:
         # import in the forkserver, touched the driver; CUDA_VISIBLE_DEVICES must precede that), or
         # PIPELINE_SWEEP_FORK=0.
         with open(log_path, "a") as log:
-            self.procs[index] = subprocess.Popen([sys.executable, "-m", "pipeline.sweep.worker", spec], env=env,
-                                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.procs[index] = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.sweep.worker", spec],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
-    def supervise(self) -> None:
-        last_print = 0.0
-        while True:
-            time.sleep(POLL_S)
-            if self.stop.signum is not None:
-                self._wait_then_kill()
-                return
-            self._replace_ended()
-            now = time.time()
-            if self.progress.update(force=now - last_print > FORCE_STATUS_S):
-                last_print = now
-            if self.procs:
-                continue
-            timed_out = bool(self.sw.timeout and time.time() > self.t0 + self.sw.timeout)
-            if self.budget_left() > 0 and self.respawns > 0 and has_waiting(self.stores.study) and not timed_out:
-                self.respawns -= 1  # a retry was enqueued after the others finished
-                self.spawn(0)
-                continue
-            return
-
-    def _replace_ended(self) -> None:
-        """Forget workers that exited; after a crash reap its trial, and replace one killed by a signal."""
-        from pipeline.sweep.stores import budget_lock, reap_stale
-
-        s = self.stores
-        ended = {i: p.returncode for i, p in self.procs.items() if p.poll() is not None}
-        for i, rc in ended.items():
+    def ended(self) -> dict[int, int]:
+        """Forget the workers that exited; their exit statuses by index."""
+        out = {i: p.returncode for i, p in self.procs.items() if p.poll() is not None}
+        for i in out:
             del self.procs[i]
-            if rc == 0:
-                continue
-            print(f"sweep: worker {i} exited with status {rc}\n{self._log_tail(i)}", file=self.out, flush=True)
-            with budget_lock(s.url, s.storage, self.sw.study):
-                reap_stale(s.study, s.url, s.mlflow_uri)
-            if self.respawns > 0 and self.budget_left() > 0 and rc < 0:  # killed by a signal: replace
-                self.respawns -= 1
-                self.spawn(i)
+        return out
 
-    def _log_tail(self, index: int, n: int = 8) -> str:
+    def log_tail(self, index: int, n: int = 8) -> str:
         with contextlib.suppress(OSError):
             lines = (self.log_dir / f"worker-{index}.log").read_text().splitlines()
             return "\n".join("    " + ln for ln in lines[-n:])
         return ""
 
-    def _wait_then_kill(self) -> None:
+    def wait_then_kill(self) -> None:
         """After a stop signal (already forwarded): give the workers STOP_GRACE_S, then SIGKILL."""
         deadline = time.time() + STOP_GRACE_S
         while any(p.poll() is None for p in self.procs.values()) and time.time() < deadline:
@@ -222,7 +180,7 @@ class Supervisor:
                 p.kill()
                 p.wait()
 
-    def _terminate_all(self) -> None:
+    def terminate_all(self) -> None:
         """An exception in the parent: do not leave workers behind."""
         for p in self.procs.values():
             if p.poll() is None:
@@ -231,6 +189,121 @@ class Supervisor:
                     p.wait(STOP_GRACE_S)
                 if p.poll() is None:
                     p.kill()
+
+
+class Supervisor:
+    """The worker processes of one sweep, from the first spawn to the summary on the parent run."""
+
+    def __init__(
+        self,
+        sw: SweepConfig,
+        stores,
+        devices: list[str | None],
+        *,
+        fork: bool,
+        stop: StopSignal,
+        t0: float,
+        out=sys.stdout,
+    ):
+        from pipeline.tracking import Recorder
+
+        self.sw, self.stores, self.devices = sw, stores, devices
+        self.stop, self.t0, self.out = stop, t0, out
+        self.log_dir = Path("optuna") / "logs" / sw.study
+        spec = {
+            "sweep": to_data(sw),
+            "storage_url": stores.url,
+            "mlflow_uri": stores.mlflow_uri,
+            "experiment": stores.experiment,
+            "experiment_id": stores.experiment_id,
+            "parent_run_id": stores.parent_run_id,
+            "deadline": t0 + sw.timeout if sw.timeout else None,
+        }
+        self.workers = Workers(spec, devices, stores.mlflow_uri, self.log_dir, fork)
+        stop.watch(self.workers.procs)
+        self.respawns = len(devices)  # replacement budget for workers that die (kill -9, OOM)
+        self.rec = Recorder(stores.mlflow_uri, stores.parent_run_id, stores.experiment_id)
+        self.progress = Progress(sw, stores.study, t0, out)
+
+    def budget_left(self) -> int:
+        return budget_left(self.stores.study, self.sw.n_trials)
+
+    def run(self) -> int:
+        status = "FAILED"
+        try:
+            left = self.budget_left()
+            self._banner(left)
+            if left > 0 and self.stop.signum is None:
+                for i in range(min(len(self.devices), left)):
+                    self.workers.spawn(i)
+                self.supervise()
+            self.progress.update()
+            status = "KILLED" if self.stop.signum is not None else "FINISHED"
+            self.summarize(complete=self.budget_left() <= 0 and status == "FINISHED")
+        finally:
+            self.workers.terminate_all()
+            with contextlib.suppress(Exception):
+                self.rec.close(status)
+        if self.stop.signum is not None:
+            return 128 + int(self.stop.signum)  # 130 Ctrl-C, 143 SIGTERM
+        return 0 if self.budget_left() <= 0 else 1
+
+    def _banner(self, left: int) -> None:
+        s, done = self.stores, self.progress.done_at_start
+        where = f"GPU {','.join(d for d in self.devices if d)}" if self.devices[0] is not None else "CPU"
+        print(
+            f"sweep {self.sw.study}: {done}/{self.sw.n_trials} trials done"
+            + (f", resuming with {left} to go" if done else "")
+            + f"; {len(self.devices)} worker(s) on {where}\n  optuna: {display_url(s.url)}\n  mlflow: "
+            f"{s.mlflow_uri} (experiment {s.experiment}, parent run {s.parent_run_id})\n  worker logs: "
+            f"{self.log_dir}/",
+            file=self.out,
+            flush=True,
+        )
+
+    def supervise(self) -> None:
+        last_print = 0.0
+        while True:
+            time.sleep(POLL_S)
+            if self.stop.signum is not None:
+                self.workers.wait_then_kill()
+                return
+            self._replace_ended()
+            now = time.time()
+            if self.progress.update(force=now - last_print > FORCE_STATUS_S):
+                last_print = now
+            if self.workers.procs:
+                continue
+            timed_out = bool(self.sw.timeout and time.time() > self.t0 + self.sw.timeout)
+            if (
+                self.budget_left() > 0
+                and self.respawns > 0
+                and has_waiting(self.stores.study)
+                and not timed_out
+            ):
+                self.respawns -= 1  # a retry was enqueued after the others finished
+                self.workers.spawn(0)
+                continue
+            return
+
+    def _replace_ended(self) -> None:
+        """After a worker crashed reap its trial, and replace a worker killed by a signal."""
+        from pipeline.sweep.stores import budget_lock, reap_stale
+
+        s = self.stores
+        for i, rc in self.workers.ended().items():
+            if rc == 0:
+                continue
+            print(
+                f"sweep: worker {i} exited with status {rc}\n{self.workers.log_tail(i)}",
+                file=self.out,
+                flush=True,
+            )
+            with budget_lock(s.url, s.storage, self.sw.study):
+                reap_stale(s.study, s.url, s.mlflow_uri)
+            if self.respawns > 0 and self.budget_left() > 0 and rc < 0:  # killed by a signal: replace
+                self.respawns -= 1
+                self.workers.spawn(i)
 
     def summarize(self, complete: bool) -> None:
         from pipeline.sweep.stores import budget_lock, close_trial_runs, reap_stale
@@ -243,4 +316,10 @@ class Supervisor:
             if t.state.is_finished():
                 with contextlib.suppress(Exception):
                     close_trial_runs(s.mlflow_uri, s.study, t, "KILLED")
-        print_summary(finalize(self.rec, s.study, self.sw, complete=complete), self.sw, s.mlflow_uri, s.experiment, self.out)
+        print_summary(
+            finalize(self.rec, s.study, self.sw, complete=complete),
+            self.sw,
+            s.mlflow_uri,
+            s.experiment,
+            self.out,
+        )

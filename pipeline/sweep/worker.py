@@ -62,7 +62,7 @@ class TrialCallback(pl.Callback):
     def __init__(self, trial, max_grad_norm: float | None, log_every: int):
         self.trial, self.max_grad_norm, self.log_every = trial, max_grad_norm, log_every
         self.pruned_by: str | None = None
-        self.monitor = None
+        self.monitor: Any = None  # the run's GradientMonitor, found at setup
         self.reported: set[int] = set()  # the final validate() may repeat the last step
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -147,13 +147,21 @@ class Worker:
         self.spec = spec
         self.sw = from_data(spec["sweep"])
         self.url, self.mlflow_uri = spec["storage_url"], spec["mlflow_uri"]
-        self.storage = open_storage(self.url, heartbeat_interval=self.sw.heartbeat.interval,
-                                    grace=self.sw.heartbeat.grace, mlflow_uri=self.mlflow_uri)
-        n_seen = len(self.storage.get_all_trials(self.storage.get_study_id_from_name(self.sw.study),
-                                                 deepcopy=False))
-        self.study = optuna.load_study(study_name=self.sw.study, storage=self.storage,
-                                       sampler=make_sampler(self.sw, spec["worker"], n_seen),
-                                       pruner=make_pruner(self.sw))
+        self.storage = open_storage(
+            self.url,
+            heartbeat_interval=self.sw.heartbeat.interval,
+            grace=self.sw.heartbeat.grace,
+            mlflow_uri=self.mlflow_uri,
+        )
+        n_seen = len(
+            self.storage.get_all_trials(self.storage.get_study_id_from_name(self.sw.study), deepcopy=False)
+        )
+        self.study = optuna.load_study(
+            study_name=self.sw.study,
+            storage=self.storage,
+            sampler=make_sampler(self.sw, spec["worker"], n_seen),
+            pruner=make_pruner(self.sw),
+        )
         from pipeline.training import callbacks, module, run  # noqa: F401  (import before the first trial, not inside it)
 
         self.ppid = os.getppid()
@@ -182,21 +190,31 @@ class Worker:
             ok = self.run_trial(trial)
             errors = 0 if ok else errors + 1
             if errors >= MAX_CONSECUTIVE_ERRORS:
-                print(f"worker {self.spec['worker']}: {errors} trials in a row raised; stopping", file=sys.stderr)
+                print(
+                    f"worker {self.spec['worker']}: {errors} trials in a row raised; stopping",
+                    file=sys.stderr,
+                )
                 return 1
 
     def trial_run_config(self, trial):
         """The training config of ``trial``: sampled values on the base, recorded as a child run."""
         values = {p.key: suggest(trial, p) for p in self.sw.space}
         cfg = self.sw.trial_config(values)
-        short = " ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
-                         for k, v in values.items())
-        tracking = replace(cfg.tracking, uri=self.mlflow_uri, enabled=True, experiment=self.spec["experiment"],
-                           run_name=f"{self.sw.study}-t{trial.number:04d} {short}"[:250])
-        trainer = replace(cfg.trainer, progress_bar=False,
-                          **({"accelerator": "gpu"} if self.spec.get("gpu") else {}))
-        cfg = replace(cfg, tracking=tracking, trainer=trainer)
-        return cfg
+        short = " ".join(
+            f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+            for k, v in values.items()
+        )
+        tracking = replace(
+            cfg.tracking,
+            uri=self.mlflow_uri,
+            enabled=True,
+            experiment=self.spec["experiment"],
+            run_name=f"{self.sw.study}-t{trial.number:04d} {short}"[:250],
+        )
+        trainer = replace(
+            cfg.trainer, progress_bar=False, **({"accelerator": "gpu"} if self.spec.get("gpu") else {})
+        )
+        return replace(cfg, tracking=tracking, trainer=trainer)
 
     def run_trial(self, trial) -> bool:
         """One trial, start to tell. Returns False when it raised (FAIL)."""
@@ -212,8 +230,13 @@ class Worker:
             cfg = self.trial_run_config(trial)
             cb = TrialCallback(trial, self.sw.prune.max_grad_norm, cfg.trainer.log_every)
             with heartbeat(self.storage, trial._trial_id, self.sw.heartbeat.interval):
-                r = train.run(cfg, parent_run_id=self.spec["parent_run_id"], extra_tags=tags, callbacks=[cb],
-                              experiment_id=self.spec["experiment_id"])
+                r = train.run(
+                    cfg,
+                    parent_run_id=self.spec["parent_run_id"],
+                    extra_tags=tags,
+                    callbacks=[cb],
+                    experiment_id=self.spec["experiment_id"],
+                )
         except (KeyboardInterrupt, SystemExit, Terminated):
             # The run is already closed KILLED by train.run; close the trial, keep its params for a resume.
             with contextlib.suppress(Exception):
@@ -238,8 +261,14 @@ class Worker:
         """Tell Optuna how a trial that ran ended (see the module doc's table) and tag its MLflow run."""
         from optuna.trial import TrialState
 
-        attrs = {"mlflow_run_id": r.run_id, "regime": r.regime, "solved": r.solved, "steps": r.steps,
-                 "val_loss_ratio": r.val_loss_ratio, "diverged": r.diverged_step is not None}
+        attrs = {
+            "mlflow_run_id": r.run_id,
+            "regime": r.regime,
+            "solved": r.solved,
+            "steps": r.steps,
+            "val_loss_ratio": r.val_loss_ratio,
+            "diverged": r.diverged_step is not None,
+        }
         if r.diverged_step is not None:
             attrs["diverged_step"] = r.diverged_step
         if pruned_by:
@@ -259,9 +288,16 @@ class Worker:
             value = r.val_loss_ratio
             self.study.tell(trial, value)
             state = "COMPLETE"
-        tag_run(self.mlflow_uri, r.run_id, {"optuna_state": state, "diverged": str(attrs["diverged"]).lower(),
-                                            **({"optuna_value": f"{value:.6g}"} if value is not None else {}),
-                                            **({"pruned_by": pruned_by} if pruned_by else {})})
+        tag_run(
+            self.mlflow_uri,
+            r.run_id,
+            {
+                "optuna_state": state,
+                "diverged": str(attrs["diverged"]).lower(),
+                **({"optuna_value": f"{value:.6g}"} if value is not None else {}),
+                **({"pruned_by": pruned_by} if pruned_by else {}),
+            },
+        )
 
 
 def main(argv: list[str]) -> int:
