@@ -489,13 +489,14 @@ def test_learned_nothing_does_not_look_like_success():
     its regime; a solved run is a filled star."""
     from matplotlib.colors import to_rgba
 
+    from pipeline import plots
     from pipeline.report import figures as rr
 
     assert (
-        rr.run_summary("healthy", 0.98, "false")
+        plots.run_summary("healthy", 0.98, "false")
         == "healthy gradients; val loss 0.98 x baseline: learned nothing"
     )
-    assert rr.outcome(0.05, "true") == "solved" and rr.outcome(0.5) == "partly learned"
+    assert plots.outcome(0.05, "true") == "solved" and plots.outcome(0.5) == "partly learned"
     fig = rr.phase_diagram(_one_panel_table(), "adding")
     ax = fig.axes[0]
     faces = [tuple(c.get_facecolors()[0]) for c in ax.collections]
@@ -508,10 +509,10 @@ def test_learned_nothing_does_not_look_like_success():
 def test_report_figures_are_sharp(report):
     from PIL import Image
 
-    from pipeline.report import figures as rr
+    from pipeline import plots
 
-    assert rr.DPI >= 160
+    assert plots.DPI >= 160
     for name in ("phase_diagram.png", "profiles.png", "grad_norms.png"):
         with Image.open(report.out / name) as im:
-            assert round(im.info["dpi"][0]) == rr.DPI, name
+            assert round(im.info["dpi"][0]) == plots.DPI, name
         assert (report.out / name).stat().st_size < 400_000, name  # sharp, not heavy

@@ -12,7 +12,6 @@ import math
 import numpy as np
 
 from pipeline.names import DIVERGED, EXPLODING, HEALTHY, VANISHING
-from pipeline.plots import DPI as DPI  # re-exported: the report's files are saved at it
 from pipeline.plots import (
     LEARNED_NOTHING,
     MIN_WIDTH,
