@@ -92,6 +92,21 @@ class TinyTanh(nn.Module):
         return nn.functional.mse_loss(self.out(out[:, -1]), y)
 
 
+class ReluWithInitialState(nn.Module):
+    """Time-major 2-layer relu nn.RNN given h_0 (a learned initial state), loss on every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.RNN(3, H, num_layers=2, nonlinearity="relu")
+        self.h0 = nn.Parameter(0.1 * torch.randn(2, 1, H))
+        self.out = nn.Linear(H, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out, _ = self.rnn(x.transpose(0, 1), self.h0.expand(-1, x.shape[0], -1).contiguous())
+        return nn.functional.cross_entropy(self.out(out[-10:]).reshape(-1, 4), y.repeat(10))
+
+
 def lm_data(n=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     seq = torch.randint(0, V, (n, T + 1), generator=g)
@@ -156,9 +171,11 @@ def autograd_profile(module, path, batch):
     def unrolled(x, hx=None):
         xs = x if r.batch_first else x.transpose(0, 1)
         inp, hn, cn = list(xs.unbind(1)), [], []
-        for c in cells:
+        for k, c in enumerate(cells):
             h = torch.zeros(xs.shape[0], r.hidden_size, dtype=torch.float64)
             cc, outs, layer = torch.zeros_like(h), [], []
+            if hx is not None:  # the given initial state
+                h, cc = (hx[0][k], hx[1][k]) if isinstance(hx, tuple) else (hx[k], cc)
             for x_t in inp:
                 if isinstance(r, nn.LSTM):
                     h, cc = c(x_t, (h, cc))
@@ -199,8 +216,9 @@ def first_batch(ds, bs=16):
         (lambda: LSTMLanguageModel(batch_first=False), "encoder.lstm", lm_data),
         (lambda: LSTMLanguageModel(batch_first=True), "encoder.lstm", lm_data),
         (lambda: GRUClassifier(num_layers=2), "gru", cls_data),
+        (ReluWithInitialState, "rnn", cls_data),
     ],
-    ids=["lstm-time-major", "lstm-batch-first", "gru-2-layer-h_n"],
+    ids=["lstm-time-major", "lstm-batch-first", "gru-2-layer-h_n", "relu-h0-last-10"],
 )
 def test_profile_equals_autograd_reference(make, path, data):
     from pipeline import profile_rnn
@@ -268,6 +286,7 @@ def test_lstm_with_gradient_clip_val_and_both_callbacks(tmp_path):
     assert tr.global_step == 24
     pre, post, coef = gm.column("norm_preclip"), gm.column("norm_postclip"), gm.column("clip_coef")
     assert len(pre) == 24
+    np.testing.assert_array_equal(gm.steps, np.arange(24))  # one record per optimizer step, in order
     assert (post <= clip * (1 + 1e-5)).all(), post.max()
     clipped = pre > clip
     assert clipped.any(), pre

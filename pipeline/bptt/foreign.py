@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -130,7 +131,7 @@ def forward_layers(
     """
     layers = []
     inp = x
-    for k in range(rnn.num_layers):
+    for k in range(int(rnn.num_layers)):  # type: ignore[arg-type]  # nn.Module attribute typing
         p = layer_params(rnn, k, x.dtype)
         if hx is None:
             state = cells.init_state(p, x.shape[0], x.dtype, x.device)
@@ -208,9 +209,9 @@ def _walk_layer(
     return logs, dgi_n[::-1], torch.stack(dgi_log[::-1])
 
 
-def np_nan(T: int):
+def np_nan(T: int) -> np.ndarray:
     """A fresh NaN array of length T (numpy)."""
-    return torch.full((T,), math.nan, dtype=torch.float64).numpy()
+    return np.full(T, np.nan)
 
 
 def _first_nonzero(d_log: Tensor) -> int:

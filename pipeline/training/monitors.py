@@ -116,6 +116,7 @@ class GradientNormMonitor(pl.Callback):
         self._handles: list[Any] = []
         self._loss: torch.Tensor | None = None
         self._pre: torch.Tensor | None = None  # this step's group_sq, until the post-hook
+        self._pre_loss: torch.Tensor | None = None
         self._pending: list[torch.Tensor] = []
         self._rows: list[np.ndarray] = []
         self._steps: list[int] = []
@@ -162,7 +163,7 @@ class GradientNormMonitor(pl.Callback):
 
     def _after_update(self, optimizer, args, kwargs) -> None:
         """Optimizer step post-hook: the gradients the update used, i.e. after clipping."""
-        if self._pre is None:
+        if self._pre is None or self._pre_loss is None:
             return
         sq = self._pre
         self._pre = None
