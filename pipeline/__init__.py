@@ -16,3 +16,26 @@ inside the functions that need them, or by the stage modules a verb imports.
 """
 
 __version__ = "0.1.0"
+
+# The public API for a user's own LightningModule (README, "Your own model"), imported on first use so
+# that ``import pipeline`` (and ``python -m pipeline --help``) stays free of torch and Lightning.
+_LAZY = {
+    "GradientNormMonitor": "pipeline.training.monitors",
+    "BPTTProfileMonitor": "pipeline.training.monitors",
+    "profile_rnn": "pipeline.training.probe",
+}
+__all__ = ["BPTTProfileMonitor", "GradientNormMonitor", "__version__", "profile_rnn"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

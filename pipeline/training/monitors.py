@@ -1,0 +1,372 @@
+"""Callbacks for ANY LightningModule (README, "Your own model"): clip-aware gradient norms with a
+divergence guard, and the exact BPTT profile of one of its RNNs.
+
+* :class:`GradientNormMonitor` measures every step on the device, with one fused reduction per parameter
+  group (``torch._foreach_norm``): the global norm before clipping (``on_before_optimizer_step``, which
+  Lightning calls before ``gradient_clip_val`` clipping or the module's ``configure_gradient_clipping``)
+  and after it. Lightning runs the optimizer's closure (backward, that hook, clipping) *inside*
+  ``optimizer.step``, so an optimizer step *pre*-hook fires before the backward; the post-clip norm is
+  read by a step *post*-hook instead, on the gradients the update just used (torch's optimizers do not
+  write ``.grad``). One host transfer per ``log_every_n_steps`` window; the guard reads one flag per
+  step, since it must decide before the update.
+* :class:`BPTTProfileMonitor` runs :func:`pipeline.training.probe.probe` on a fixed batch.
+
+Both log through every logger the Trainer has (``trainer.loggers``), as Lightning's LearningRateMonitor.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from pipeline.config import DiagnosticsConfig
+from pipeline.training import probe as probing
+
+GRAD_GROUPS = ("input", "recurrent", "bias", "other")
+RECORD = ("loss", "norm_preclip", "norm_postclip", "clip_coef", *(f"norm_{g}" for g in GRAD_GROUPS))
+FLOAT_MAX = float(np.finfo(np.float64).max)
+
+
+def parameter_groups(module: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Trainable parameters by role: ``weight_ih*`` (input), ``weight_hh*`` (recurrent), ``bias*`` of
+    every nn.RNN / nn.LSTM / nn.GRU; everything else is ``other``. Each parameter once."""
+    groups: dict[str, list[nn.Parameter]] = {g: [] for g in GRAD_GROUPS}
+    seen: set[int] = set()
+    for mod in module.modules():
+        if isinstance(mod, nn.RNNBase):
+            for name, p in mod.named_parameters(recurse=False):
+                if id(p) in seen or not p.requires_grad:
+                    continue
+                seen.add(id(p))
+                g = (
+                    "recurrent"
+                    if name.startswith("weight_hh")
+                    else "input"
+                    if name.startswith("weight_ih")
+                    else "bias"
+                    if name.startswith("bias")
+                    else "other"
+                )
+                groups[g].append(p)
+    for p in module.parameters():
+        if id(p) not in seen and p.requires_grad:
+            seen.add(id(p))
+            groups["other"].append(p)
+    return groups
+
+
+def _group_sq(groups: dict[str, list[nn.Parameter]]) -> torch.Tensor | None:
+    """Squared gradient norm per group (float64, on the device; 0 for a group without gradients)."""
+    grads = [[p.grad for p in groups[g] if p.grad is not None] for g in GRAD_GROUPS]
+    flat = [x for gs in grads for x in gs]
+    if not flat:
+        return None
+    zero = torch.zeros((), dtype=torch.float64, device=flat[0].device)
+    return torch.stack(
+        [torch.stack(torch._foreach_norm(gs)).double().square().sum() if gs else zero for gs in grads]
+    )
+
+
+def log_everywhere(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Every logger of the Trainer gets ``metrics``. MLflow: +-inf as +-float64 max (what MLflow stores
+    for inf) and NaN, which breaks MLflow's run page, as the tag ``nonfinite.<metric>`` instead
+    (README, "The MLflow record")."""
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    for lg in trainer.loggers:
+        if isinstance(lg, MLFlowLogger):
+            ok = {}
+            for k, v in metrics.items():
+                if math.isnan(v):
+                    lg.experiment.set_tag(lg.run_id, f"nonfinite.{k}", "nan")
+                else:
+                    ok[k] = max(-FLOAT_MAX, min(FLOAT_MAX, v))
+            if ok:
+                lg.log_metrics(ok, step=step)
+        else:
+            lg.log_metrics(metrics, step=step)
+
+
+class GradientNormMonitor(pl.Callback):
+    """Clip-aware gradient norms and a divergence guard for any LightningModule.
+
+    Logs once per ``log_every_n_steps`` optimizer steps (values of the window's last step unless said):
+    ``grad/norm_preclip``, ``grad/norm_postclip``, ``grad/clip_coef`` (post / pre),
+    ``grad/clip_rate`` (fraction of the window's steps with clip_coef < 1), ``grad/max_norm_preclip``
+    (running max), ``grad/norm_<group>`` (pre-clip; groups input, recurrent, bias, other), and
+    ``diverged_step`` once, when the guard fires. Guard: a non-finite loss or gradient drops every
+    gradient (``p.grad = None``, so the optimizer skips them), sets ``trainer.should_stop`` and records
+    :attr:`diverged_step`. Per step on the host afterwards: :attr:`history` (rows of :data:`RECORD`).
+    """
+
+    def __init__(self, log_every_n_steps: int = 10):
+        if log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
+        self.log_every_n_steps = int(log_every_n_steps)
+        self.diverged_step: int | None = None
+        self.max_norm_preclip: float | None = None
+        self.groups: dict[str, list[nn.Parameter]] = {}
+        self._handles: list[Any] = []
+        self._loss: torch.Tensor | None = None
+        self._pre: torch.Tensor | None = None  # this step's group_sq, until the post-hook
+        self._pre_loss: torch.Tensor | None = None
+        self._pending: list[torch.Tensor] = []
+        self._rows: list[np.ndarray] = []
+        self._steps: list[int] = []
+        self._trainer: pl.Trainer | None = None
+
+    # -- wiring
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._trainer = trainer
+        self.groups = parameter_groups(pl_module)
+        for opt in trainer.optimizers:
+            self._handles.append(opt.register_step_post_hook(self._after_update))
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    # -- every step
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self._loss = loss.detach()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        sq = _group_sq(self.groups)
+        if sq is None:
+            return
+        pre = sq.sum().sqrt()
+        loss = self._loss.double() if self._loss is not None else pre.new_zeros(())
+        if not bool(torch.isfinite(pre) & torch.isfinite(loss)):  # one host read: before the update
+            for gs in self.groups.values():
+                for p in gs:
+                    p.grad = None
+            for group in optimizer.param_groups:  # anything the monitor did not classify
+                for p in group["params"]:
+                    p.grad = None
+            self.diverged_step = trainer.global_step
+            trainer.should_stop = True
+            nan = pre.new_tensor(math.nan)
+            self._pending.append(torch.stack([loss.reshape(()), pre, nan, nan, *sq.sqrt()]))
+            self._steps.append(trainer.global_step)
+            self._pre = None
+            return
+        self._pre = sq
+        self._pre_loss = loss.reshape(())
+
+    def _after_update(self, optimizer, args, kwargs) -> None:
+        """Optimizer step post-hook: the gradients the update used, i.e. after clipping."""
+        if self._pre is None or self._pre_loss is None:
+            return
+        sq = self._pre
+        self._pre = None
+        post_sq = _group_sq(self.groups)
+        pre = sq.sum().sqrt()
+        post = post_sq.sum().sqrt() if post_sq is not None else pre.new_zeros(())
+        coef = torch.where(pre > 0, post / pre.clamp_min(1e-300), torch.ones_like(pre))
+        step = self._trainer.global_step if self._trainer is not None else len(self._steps)
+        self._pending.append(torch.stack([self._pre_loss, pre, post, coef, *sq.sqrt()]))
+        self._steps.append(step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if len(self._pending) >= self.log_every_n_steps or (self.diverged_step is not None and self._pending):
+            self.drain(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.drain(trainer)
+
+    # -- the window
+    @property
+    def history(self) -> np.ndarray:
+        return np.concatenate(self._rows) if self._rows else np.zeros((0, len(RECORD)))
+
+    @property
+    def steps(self) -> np.ndarray:
+        return np.asarray(self._steps[: len(self.history)], dtype=int)
+
+    def column(self, name: str) -> np.ndarray:
+        return self.history[:, RECORD.index(name)]
+
+    def drain(self, trainer: pl.Trainer) -> None:
+        """Move the window to the host (one transfer) and log it."""
+        if not self._pending:
+            return
+        rows = torch.stack(self._pending).cpu().numpy()
+        self._pending = []
+        self._rows.append(rows)
+        col = {n: rows[:, i] for i, n in enumerate(RECORD)}
+        pre = col["norm_preclip"][np.isfinite(col["norm_preclip"])]
+        if pre.size:
+            m = float(pre.max())
+            self.max_norm_preclip = m if self.max_norm_preclip is None else max(self.max_norm_preclip, m)
+        coef = col["clip_coef"][np.isfinite(col["clip_coef"])]
+        last = {n: float(v[-1]) for n, v in col.items()}
+        metrics = {
+            "grad/norm_preclip": last["norm_preclip"],
+            "grad/norm_postclip": last["norm_postclip"],
+            "grad/clip_coef": last["clip_coef"],
+            "grad/clip_rate": float((coef < 1.0).mean()) if coef.size else 0.0,
+            **{f"grad/norm_{g}": last[f"norm_{g}"] for g in GRAD_GROUPS},
+        }
+        if self.max_norm_preclip is not None:
+            metrics["grad/max_norm_preclip"] = self.max_norm_preclip
+        if self.diverged_step is not None:
+            metrics["diverged_step"] = float(self.diverged_step)
+        log_everywhere(trainer, metrics, trainer.global_step)
+
+
+class BPTTProfileMonitor(pl.Callback):
+    """The exact float64 BPTT profile of the RNN at dotted path ``rnn`` inside the LightningModule.
+
+    ``rnn``: e.g. ``"encoder.lstm"``; an nn.RNN, nn.LSTM or nn.GRU, unidirectional, without projection,
+    any num_layers, batch_first or not (anything else fails at ``setup`` in one line; a PackedSequence
+    input fails at the first pass, before the first update). ``every_n_steps``: passes at step 0, every
+    N optimizer steps and at train end (0: only the first and the last). ``batch``: the probe batch
+    (default: the first training batch, kept). The loss is the module's own ``training_step`` loss on a
+    float64 CPU copy in eval mode (:func:`pipeline.training.probe.probe`).
+
+    Logs the top layer's summaries under the plain names (``bptt/log10_ratio``, ``bptt/decay_rate``,
+    ``spectral/sigma_max``, ...) and every layer's as ``bptt/layer<k>/<name>`` (k = 0 is the bottom);
+    with an MLFlowLogger also ``diagnostics/bptt_profile.parquet``, ``plots/bptt_profile.png`` and the
+    tag ``regime`` (the verdict of :func:`pipeline.training.callbacks.verdict` on the top layer, with the
+    largest pre-clip norm and the divergence of a :class:`GradientNormMonitor` in the same Trainer).
+    """
+
+    def __init__(
+        self,
+        rnn: str,
+        every_n_steps: int = 100,
+        batch: Any = None,
+        diagnostics: DiagnosticsConfig | None = None,
+    ):
+        self.rnn, self.every_n_steps = rnn, int(every_n_steps)
+        self.batch = None if batch is None else probing.to_cpu64(batch)
+        self.diagnostics = diagnostics or DiagnosticsConfig()
+        self.passes: list[dict[str, float]] = []  # metrics logged per pass, with "step"
+        self.frames: list[dict[str, Any]] = []  # long-format columns per pass
+        self.regime: str | None = None
+        self._last_step: int | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        probing.resolve(pl_module, self.rnn)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if self.batch is not None:
+            self.measure(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.batch is None:
+            self.batch = probing.to_cpu64(batch)
+            self.measure(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = self.every_n_steps
+        if n and trainer.global_step % n == 0 and not trainer.should_stop:
+            self.measure(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.measure(trainer, pl_module)
+        self._finish(trainer)
+
+    def _grad_monitor(self, trainer) -> GradientNormMonitor | None:
+        return next((c for c in trainer.callbacks if isinstance(c, GradientNormMonitor)), None)
+
+    def measure(self, trainer, pl_module) -> dict[str, float]:
+        step = trainer.global_step
+        if self._last_step == step or self.batch is None:
+            return self.passes[-1] if self.passes else {}
+        finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
+        metrics: dict[str, float] = {}
+        if finite:
+            res = probing.probe(pl_module, self.rnn, self.batch, self.diagnostics.horizon_decades)
+            top = len(res.profiles) - 1
+            metrics.update(res.metrics[top])
+            for k, m in enumerate(res.metrics):
+                for name, v in m.items():
+                    stage, rest = name.split("/", 1)
+                    metrics[f"{stage}/layer{k}/{rest}"] = v
+            metrics["bptt/loss"] = res.loss
+            self.frames.append(res.long_format(step))
+        self._last_step = step
+        self.passes.append({"step": float(step), **metrics})
+        if metrics:
+            log_everywhere(trainer, metrics, step)
+        return metrics
+
+    def profile_frame(self):
+        """Every pass, long format: ``step, layer, t, state, log10_norm``."""
+        import pandas as pd
+
+        cols = ["step", "layer", "t", "state", "log10_norm"]
+        if not self.frames:
+            return pd.DataFrame(columns=cols)
+        return pd.concat([pd.DataFrame(f) for f in self.frames], ignore_index=True)
+
+    def _finish(self, trainer) -> None:
+        from pipeline.training.callbacks import verdict
+
+        gm = self._grad_monitor(trainer)
+        last = next((p for p in reversed(self.passes) if len(p) > 1), None)
+        self.regime = verdict(
+            gm is not None and gm.diverged_step is not None,
+            last,
+            gm.max_norm_preclip if gm is not None else None,
+            self.diagnostics,
+        )
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        for lg in trainer.loggers:
+            if isinstance(lg, MLFlowLogger):
+                self._mlflow_artifacts(lg)
+
+    def _mlflow_artifacts(self, lg) -> None:
+        from pipeline.names import REGIME
+
+        lg.experiment.set_tag(lg.run_id, REGIME, self.regime)
+        frame = self.profile_frame()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "bptt_profile.parquet"
+            frame.to_parquet(path, index=False)
+            lg.experiment.log_artifact(lg.run_id, str(path), "diagnostics")
+            if len(frame):
+                fig = self.plot(frame)
+                png = Path(tmp) / "bptt_profile.png"
+                fig.savefig(png)
+                from pipeline.plots import plt
+
+                plt.close(fig)
+                lg.experiment.log_artifact(lg.run_id, str(png), "plots")
+
+    def plot(self, frame):
+        """log10 ||dL/dh_t|| of the top layer against t, one line per pass (at most 6), c dashed."""
+        from pipeline.plots import DPI, MIN_WIDTH, Curve, draw_profile, plt, wrap_title
+
+        fig, ax = plt.subplots(figsize=(MIN_WIDTH, 5.0), layout="constrained", dpi=DPI)
+        top = frame[frame["layer"] == frame["layer"].max()]
+        steps = sorted(top["step"].unique())
+        if len(steps) > 6:
+            idx = np.unique(np.linspace(0, len(steps) - 1, 6).round().astype(int))
+            steps = [steps[i] for i in idx]
+        cmap = plt.get_cmap("viridis")
+        curves = []
+        for i, s in enumerate(steps):
+            for state, ls in (("h", "-"), ("c", "--")):
+                sub = top[(top["step"] == s) & (top["state"] == state)]
+                if len(sub):
+                    label = f"step {s}" + (" (c)" if state == "c" else "")
+                    curves.append(
+                        Curve(sub["t"], sub["log10_norm"], label, ls, 1.4, cmap(i / max(len(steps) - 1, 1)))
+                    )
+        draw_profile(ax, curves)
+        ax.set_ylabel(r"$\log_{10}\,\|\partial L/\partial h_t\|$ (top layer)")
+        ax.set_title(wrap_title(f"{self.rnn}: BPTT profile; regime {self.regime}", fig), fontsize=10)
+        if curves:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        return fig

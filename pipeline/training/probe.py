@@ -1,0 +1,190 @@
+"""The exact BPTT profile of an RNN inside any LightningModule, on that module's own loss.
+
+:func:`probe` deep-copies the module to float64 on the CPU (the trainer reference left out, so nothing
+of the run is copied or touched), puts a forward hook on the copy's RNN that records its input (and
+``hx``) and replaces its outputs by leaf tensors, runs the copy's own ``training_step(batch, 0)`` and takes
+``torch.autograd.grad`` of the returned loss with respect to those leaves: the gradient the loss injects at
+every step of the top layer and into ``h_n`` / ``c_n``. The walk back through every layer is
+:func:`pipeline.bptt.foreign.profile_layers` (pure torch). :func:`profile_rnn` is the notebook front.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from pipeline.bptt import foreign, spectra
+from pipeline.bptt import profile as bptt
+from pipeline.bptt.profile import exact_denormals
+
+
+def resolve(module: nn.Module, path: str) -> nn.Module:
+    """The submodule at dotted attribute path ``path`` (``"encoder.lstm"``), checked supported."""
+    try:
+        rnn = module.get_submodule(path)
+    except AttributeError:
+        raise ValueError(f"{type(module).__name__} has no submodule {path!r}; {foreign.SUPPORTED}") from None
+    foreign.check_supported(rnn, path)
+    return rnn
+
+
+def to_cpu64(obj: Any) -> Any:
+    """A batch moved to the CPU, floating tensors as float64 (tuples, lists and dicts followed)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu()
+        return t.double() if t.is_floating_point() else t.clone()
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(to_cpu64(o) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(to_cpu64(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: to_cpu64(v) for k, v in obj.items()}
+    return copy.deepcopy(obj)
+
+
+def float64_copy(module: nn.Module) -> nn.Module:
+    """A float64 CPU copy of ``module`` in eval mode, without its trainer (or Fabric) reference, with no
+    parameter requiring grad (only the RNN's replaced outputs do)."""
+    memo: dict[int, Any] = {}
+    for attr in ("_trainer", "_fabric"):
+        ref = getattr(module, attr, None)
+        if ref is not None:
+            memo[id(ref)] = None  # deepcopy returns None for that object: the run is not copied
+    twin = copy.deepcopy(module, memo)
+    twin.to(device="cpu", dtype=torch.float64)
+    twin.eval()
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin
+
+
+@dataclass
+class Probe:
+    """One profile pass: per-layer profiles (index 0 = bottom), summaries, spectra, the loss."""
+
+    cell: str
+    profiles: list[bptt.Profile]
+    loss: float
+    metrics: list[dict[str, float]] = field(default_factory=list)  # per layer, un-prefixed names
+
+    def long_format(self, step: int | None = None) -> dict[str, Any]:
+        """Columns ``[step,] layer, t, state, log10_norm``: one row per layer, step and state."""
+        import numpy as np
+
+        cols: dict[str, list[Any]] = {"layer": [], "t": [], "state": [], "log10_norm": []}
+        for k, prof in enumerate(self.profiles):
+            lf = prof.long_format(0)
+            cols["layer"].append(np.full(len(lf["t"]), k, dtype=np.int64))
+            for c in ("t", "state", "log10_norm"):
+                cols[c].append(lf[c])
+        out: dict[str, Any] = {c: np.concatenate(v) for c, v in cols.items()}
+        if step is not None:
+            out = {"step": np.full(len(out["t"]), int(step), dtype=np.int64), **out}
+        return out
+
+
+def _loss_of(result: Any) -> torch.Tensor:
+    if isinstance(result, dict):
+        result = result.get("loss")
+    if not isinstance(result, torch.Tensor) or result.numel() != 1:
+        raise ValueError("training_step must return the loss (a scalar tensor, or a dict with 'loss')")
+    return result.reshape(())
+
+
+def probe(
+    module: nn.Module,
+    rnn: str,
+    batch: Any,
+    horizon_decades: float = 3.0,
+    lyapunov: bool = True,
+    restore_flush: bool | None = None,
+) -> Probe:
+    """The exact float64 profile of the RNN at ``rnn`` on ``module``'s own ``training_step`` loss for
+    ``batch``, with summaries (:func:`pipeline.bptt.profile.summarize`), spectra, Pascanu's bound (vanilla
+    cells, when the loss reads only the last steps) and the Lyapunov exponent, per layer. ``module`` is not
+    modified (a float64 copy runs)."""
+    resolve(module, rnn)
+    twin = float64_copy(module)
+    target = twin.get_submodule(rnn)
+    seen: dict[str, Any] = {}
+
+    def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if "x" in seen:
+            raise ValueError(
+                f"{rnn!r} was called more than once in training_step; the profile needs one call"
+            )
+        x = args[0] if args else kwargs["input"]
+        if isinstance(x, PackedSequence):
+            raise ValueError(f"{rnn!r} was fed a PackedSequence; {foreign.SUPPORTED}")
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        out, state = output
+        leaves = [out.detach().requires_grad_()]
+        if isinstance(state, tuple):
+            leaves += [s.detach().requires_grad_() for s in state]
+            replaced = (leaves[0], (leaves[1], leaves[2]))
+        else:
+            leaves.append(state.detach().requires_grad_())
+            replaced = (leaves[0], leaves[1])
+        seen.update(x=x.detach(), hx=hx, leaves=leaves)
+        return replaced
+
+    handle = target.register_forward_hook(hook, with_kwargs=True)
+    try:
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # self.log() without a trainer, and the like
+            loss = _loss_of(twin.training_step(to_cpu64(batch), 0))  # type: ignore[operator]
+    finally:
+        handle.remove()
+    if "x" not in seen:
+        raise ValueError(f"training_step never called {rnn!r}")
+    leaves = seen["leaves"]
+    grads = (
+        torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
+    )
+    x, hx = seen["x"].to(torch.float64), seen["hx"]
+    unbatched = x.dim() == 2
+    batch_first = bool(getattr(target, "batch_first", False))
+    g_out, g_states = grads[0], list(grads[1:])
+    if unbatched:  # [T, I] -> [1, T, I]; states [L, H] -> [L, 1, H]
+        x = x.unsqueeze(0)
+        g_out = None if g_out is None else g_out.unsqueeze(0)
+        g_states = [None if g is None else g.unsqueeze(1) for g in g_states]
+        if hx is not None:
+            hx = tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
+    elif not batch_first:
+        x = x.transpose(0, 1)
+        g_out = None if g_out is None else g_out.transpose(0, 1)
+    with exact_denormals(restore_flush), torch.no_grad():
+        layers = foreign.forward_layers(target, x, hx)
+        profiles = foreign.profile_layers(
+            layers, g_out, g_states[0], g_states[1] if len(g_states) > 1 else None, restore_flush
+        )
+    result = Probe(cell=foreign.cell_of(target), profiles=profiles, loss=float(loss.detach()))
+    for layer, prof in zip(layers, profiles, strict=True):
+        m: dict[str, float] = {f"bptt/{k}": v for k, v in bptt.summarize(prof, horizon_decades).items()}
+        p = layer.params
+        m.update({f"spectral/{k}": v for k, v in spectra.spectrum(p).items()})
+        bound = spectra.pascanu_log10_bound(p, prof.reference_step) if prof.is_propagation_only else None
+        if bound is not None:
+            m["spectral/pascanu_log10_bound"] = bound
+        if lyapunov and layer.x.shape[1] > 1:
+            m["spectral/lyapunov_max"] = spectra.lyapunov_max(p, layer.x, restore_flush=restore_flush)
+        result.metrics.append(m)
+    return result
+
+
+def profile_rnn(module: nn.Module, rnn: str, batch: Any):
+    """The exact per-step profile of the RNN at dotted path ``rnn`` inside ``module`` (any
+    LightningModule, or any module with ``training_step(batch, batch_idx)`` returning its loss), on that
+    loss for ``batch``: a pandas DataFrame with columns ``layer`` (0 = bottom), ``t`` (1..T), ``state``
+    (``h``, and ``c`` for LSTM) and ``log10_norm`` = log10 ||dL/d{state}_t|| (Frobenius over the batch),
+    one row per layer, step and state. ``module`` is left untouched."""
+    import pandas as pd
+
+    return pd.DataFrame(probe(module, rnn, batch, lyapunov=False).long_format())

@@ -1,0 +1,467 @@
+"""The public API on models this project did not design (README, "Your own model"): GradientNormMonitor,
+BPTTProfileMonitor and profile_rnn on a two-layer LSTM language model with an embedding and an MLP head,
+and a batch-first GRU classifier, each with its own training_step loss."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import ROOT
+
+pl = pytest.importorskip("pytorch_lightning")
+
+# Lightning's own use of a torch pytree class that torch deprecated (as pipeline.training.run silences it).
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+
+V, H, T = 20, 16, 30
+
+
+def _quiet():
+    import logging
+
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class LSTMLanguageModel(pl.LightningModule):
+    """Next-token prediction: Embedding -> 2-layer LSTM (time-major unless batch_first) -> MLP head."""
+
+    def __init__(self, batch_first: bool = False, lr: float = 0.05, nan_at: int | None = None):
+        super().__init__()
+        self.batch_first, self.lr, self.nan_at = batch_first, lr, nan_at
+        self.embed = nn.Embedding(V, 8)
+        self.encoder = nn.Module()
+        self.encoder.lstm = nn.LSTM(8, H, num_layers=2, batch_first=batch_first)
+        self.head = nn.Sequential(nn.Linear(H, 32), nn.ReLU(), nn.Linear(32, V))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch  # [B, T] tokens, next tokens
+        e = self.embed(x if self.batch_first else x.T)
+        out, _ = self.encoder.lstm(e)
+        if not self.batch_first:
+            out = out.transpose(0, 1)
+        loss = nn.functional.cross_entropy(self.head(out).reshape(-1, V), y.reshape(-1))
+        self.log("my_loss", loss)
+        if self.nan_at is not None and self.global_step >= self.nan_at:
+            loss = loss * float("nan")
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class GRUClassifier(pl.LightningModule):
+    """Sequence classification from the last hidden state h_n[-1] of a batch-first GRU."""
+
+    def __init__(self, num_layers: int = 1):
+        super().__init__()
+        self.gru = nn.GRU(3, H, num_layers=num_layers, batch_first=True)
+        self.out = nn.Linear(H, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        _, h_n = self.gru(x)
+        return nn.functional.cross_entropy(self.out(h_n[-1]), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+class TinyTanh(nn.Module):
+    """A plain nn.Module (no Lightning) with training_step: tanh RNN, tiny recurrent weights."""
+
+    def __init__(self, scale: float = 0.01):
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = nn.RNN(2, 8, batch_first=True)
+        with torch.no_grad():
+            self.rnn.weight_hh_l0.mul_(scale)
+        self.out = nn.Linear(8, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out, _ = self.rnn(x)
+        return nn.functional.mse_loss(self.out(out[:, -1]), y)
+
+
+class ReluWithInitialState(nn.Module):
+    """Time-major 2-layer relu nn.RNN given h_0 (a learned initial state), loss on every step."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.RNN(3, H, num_layers=2, nonlinearity="relu")
+        self.h0 = nn.Parameter(0.1 * torch.randn(2, 1, H))
+        self.out = nn.Linear(H, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out, _ = self.rnn(x.transpose(0, 1), self.h0.expand(-1, x.shape[0], -1).contiguous())
+        return nn.functional.cross_entropy(self.out(out[-10:]).reshape(-1, 4), y.repeat(10))
+
+
+def lm_data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, V, (n, T + 1), generator=g)
+    return torch.utils.data.TensorDataset(seq[:, :-1], seq[:, 1:])
+
+
+def cls_data(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, T, 3, generator=g)
+    return torch.utils.data.TensorDataset(x, (x[:, :5, 0].sum(1) > 0).long() + 2 * (x[:, -1, 1] > 0).long())
+
+
+def loader(ds, bs=16):
+    return torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=False)
+
+
+def trainer(tmp_path, callbacks, logger=None, **kw):
+    _quiet()
+    from pytorch_lightning.loggers import CSVLogger
+
+    return pl.Trainer(
+        max_steps=kw.pop("max_steps", 24),
+        callbacks=callbacks,
+        logger=logger if logger is not None else CSVLogger(tmp_path, name="csv"),
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        **kw,
+    )
+
+
+# ------------------------------------------------------------------------------------ reference
+
+
+def scaled_norm(g) -> float:
+    """||g||_F without underflow in the squares (entries of 1e-161 square to a denormal)."""
+    if g is None:
+        return 0.0
+    m = float(g.abs().max())
+    return m * float((g / m).norm()) if m > 0 else 0.0
+
+
+def autograd_profile(module, path, batch):
+    """log10 ||dL/dh_t|| (and c_t) per layer by full-graph float64 autograd: the RNN unrolled one step at a
+    time with nn.LSTMCell / nn.GRUCell / nn.RNNCell sharing its weights, retain_grad on every state."""
+    from pipeline.training.probe import float64_copy, to_cpu64
+
+    m = float64_copy(module)
+    r = m.get_submodule(path)
+    kind = {nn.LSTM: nn.LSTMCell, nn.GRU: nn.GRUCell, nn.RNN: nn.RNNCell}[type(r)]
+    cells = []
+    for k in range(r.num_layers):
+        extra = {"nonlinearity": r.nonlinearity} if isinstance(r, nn.RNN) else {}
+        c = kind(r.input_size if k == 0 else r.hidden_size, r.hidden_size, **extra).double()
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(c, name).data = getattr(r, f"{name}_l{k}").data
+        cells.append(c)
+    kept = []
+
+    def unrolled(x, hx=None):
+        xs = x if r.batch_first else x.transpose(0, 1)
+        inp, hn, cn = list(xs.unbind(1)), [], []
+        for k, c in enumerate(cells):
+            h = torch.zeros(xs.shape[0], r.hidden_size, dtype=torch.float64)
+            cc, outs, layer = torch.zeros_like(h), [], []
+            if hx is not None:  # the given initial state
+                h, cc = (hx[0][k], hx[1][k]) if isinstance(hx, tuple) else (hx[k], cc)
+            for x_t in inp:
+                if isinstance(r, nn.LSTM):
+                    h, cc = c(x_t, (h, cc))
+                    cc.retain_grad()
+                else:
+                    h = c(x_t, h)
+                h.retain_grad()
+                layer.append((h, cc) if isinstance(r, nn.LSTM) else (h,))
+                outs.append(h)
+            kept.append(layer)
+            inp = outs
+            hn.append(h)
+            cn.append(cc)
+        out = torch.stack(inp, 1)
+        out = out if r.batch_first else out.transpose(0, 1)
+        return out, ((torch.stack(hn), torch.stack(cn)) if isinstance(r, nn.LSTM) else torch.stack(hn))
+
+    r.forward = unrolled
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # self.log() without a trainer
+        m.training_step(to_cpu64(batch), 0).backward()
+    out = {}
+    for k, layer in enumerate(kept):
+        for i, name in enumerate(("h", "c")[: len(layer[0])]):
+            norms = [scaled_norm(s[i].grad) for s in layer]
+            with np.errstate(divide="ignore"):
+                out[(k, name)] = np.log10(np.asarray(norms))
+    return out
+
+
+def first_batch(ds, bs=16):
+    return next(iter(loader(ds, bs)))
+
+
+@pytest.mark.parametrize(
+    ("make", "path", "data"),
+    [
+        (lambda: LSTMLanguageModel(batch_first=False), "encoder.lstm", lm_data),
+        (lambda: LSTMLanguageModel(batch_first=True), "encoder.lstm", lm_data),
+        (lambda: GRUClassifier(num_layers=2), "gru", cls_data),
+        (ReluWithInitialState, "rnn", cls_data),
+    ],
+    ids=["lstm-time-major", "lstm-batch-first", "gru-2-layer-h_n", "relu-h0-last-10"],
+)
+def test_profile_equals_autograd_reference(make, path, data):
+    from pipeline import profile_rnn
+
+    torch.manual_seed(0)
+    module = make()
+    batch = first_batch(data())
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    frame = profile_rnn(module, path, batch)
+    assert list(frame.columns) == ["layer", "t", "state", "log10_norm"]
+    ref = autograd_profile(module, path, batch)
+    assert {
+        (int(k), s) for k, s in frame[["layer", "state"]].drop_duplicates().itertuples(index=False)
+    } == set(ref)
+    for (k, state), want in ref.items():
+        got = (
+            frame[(frame["layer"] == k) & (frame["state"] == state)].sort_values("t")["log10_norm"].to_numpy()
+        )
+        assert len(got) == T
+        np.testing.assert_allclose(got, want, atol=1e-9, rtol=0)
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "profile_rnn changed the module"
+
+
+def test_underflow_reads_large_negative_log10_where_autograd_gives_zero():
+    from pipeline.training.probe import probe
+
+    module = TinyTanh(scale=0.01)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(4, 600, 2, generator=g), torch.randn(4, 1, generator=g))
+    res = probe(module, "rnn", batch, lyapunov=False)
+    h = res.profiles[0].log10_norm["h"]
+    assert np.isfinite(h).all()
+    assert h[0] < -300, h[0]
+    ref = autograd_profile(module, "rnn", batch)[(0, "h")]
+    assert ref[0] == -math.inf  # float64 autograd: exactly 0 at t = 1
+    ok = np.isfinite(ref) & (ref > -290)  # where autograd has not underflowed the two agree
+    assert ok.sum() > 20
+    np.testing.assert_allclose(h[ok], ref[ok], atol=1e-9, rtol=0)
+    assert res.metrics[0]["bptt/log10_ratio"] < -300
+    assert "spectral/pascanu_log10_bound" in res.metrics[0]  # last-step loss, vanilla cell
+    assert res.metrics[0]["bptt/log10_ratio"] <= res.metrics[0]["spectral/pascanu_log10_bound"] + 1e-9
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def _read_csv_metrics(tmp_path):
+    import pandas as pd
+
+    (path,) = list(tmp_path.glob("csv/version_*/metrics.csv"))
+    return pd.read_csv(path)
+
+
+def test_lstm_with_gradient_clip_val_and_both_callbacks(tmp_path):
+    from pipeline import BPTTProfileMonitor, GradientNormMonitor
+
+    torch.manual_seed(0)
+    clip = 0.05  # the pre-clip norms of this model run 0.03 .. 0.08
+    gm = GradientNormMonitor(log_every_n_steps=4)
+    pm = BPTTProfileMonitor("encoder.lstm", every_n_steps=8)
+    module = LSTMLanguageModel(lr=0.05)
+    tr = trainer(tmp_path, [gm, pm], gradient_clip_val=clip)
+    tr.fit(module, loader(lm_data()))
+    assert tr.global_step == 24
+    pre, post, coef = gm.column("norm_preclip"), gm.column("norm_postclip"), gm.column("clip_coef")
+    assert len(pre) == 24
+    np.testing.assert_array_equal(gm.steps, np.arange(24))  # one record per optimizer step, in order
+    assert (post <= clip * (1 + 1e-5)).all(), post.max()
+    clipped = pre > clip
+    assert clipped.any(), pre
+    np.testing.assert_allclose(post[clipped], clip, rtol=1e-4)
+    np.testing.assert_array_equal(post[~clipped], pre[~clipped])
+    np.testing.assert_allclose(coef, post / pre, rtol=1e-12)
+    groups = [gm.column(f"norm_{g}") for g in ("input", "recurrent", "bias", "other")]
+    np.testing.assert_allclose(np.sqrt(sum(g**2 for g in groups)), pre, rtol=1e-10)
+    assert (gm.column("norm_recurrent") > 0).all() and (gm.column("norm_other") > 0).all()
+    assert gm.diverged_step is None
+    # profile passes: step 0 (first batch, before any update), 8, 16, 24 (= train end)
+    assert [int(p["step"]) for p in pm.passes] == [0, 8, 16, 24]
+    assert pm.regime in ("vanishing", "healthy", "exploding")
+    frame = pm.profile_frame()
+    assert set(frame["layer"]) == {0, 1} and set(frame["state"]) == {"h", "c"}
+    df = _read_csv_metrics(tmp_path)
+    for name in (
+        "grad/norm_preclip",
+        "grad/norm_postclip",
+        "grad/clip_rate",
+        "grad/max_norm_preclip",
+        "grad/norm_recurrent",
+        "grad/norm_other",
+        "bptt/log10_ratio",
+        "bptt/decay_rate",
+        "bptt/log10_ratio_per_step",
+        "bptt/c_log10_ratio",
+        "spectral/sigma_max",
+        "spectral/lyapunov_max",
+        "bptt/layer0/log10_ratio",
+        "bptt/layer1/log10_ratio",
+        "spectral/layer0/sigma_max",
+    ):
+        assert name in df.columns, name
+        assert df[name].notna().any(), name
+    rates = df["grad/clip_rate"].dropna()
+    assert ((rates >= 0) & (rates <= 1)).all() and (rates > 0).any()
+    # the plain names are the top layer's
+    top = df.dropna(subset=["bptt/log10_ratio"])
+    np.testing.assert_allclose(top["bptt/log10_ratio"], top["bptt/layer1/log10_ratio"])
+    assert "spectral/pascanu_log10_bound" not in df.columns  # gated cell
+
+
+def test_no_clipping_post_equals_pre_and_gru(tmp_path):
+    from pipeline import BPTTProfileMonitor, GradientNormMonitor
+
+    torch.manual_seed(0)
+    gm = GradientNormMonitor(log_every_n_steps=5)
+    batch = first_batch(cls_data(seed=3))
+    pm = BPTTProfileMonitor("gru", every_n_steps=0, batch=batch)
+    from pipeline.training.probe import probe
+
+    module = GRUClassifier()
+    expected = probe(module, "gru", batch, lyapunov=False).loss  # the given probe batch, before training
+    tr = trainer(tmp_path, [gm, pm], max_steps=10)
+    tr.fit(module, loader(cls_data()))
+    np.testing.assert_array_equal(gm.column("norm_postclip"), gm.column("norm_preclip"))
+    assert (gm.column("clip_coef") == 1).all()
+    df = _read_csv_metrics(tmp_path)
+    assert (df["grad/clip_rate"].dropna() == 0).all()
+    assert [int(p["step"]) for p in pm.passes] == [0, 10]
+    assert pm.passes[0]["bptt/loss"] == expected
+    assert pm.passes[1]["bptt/loss"] != expected
+    assert "spectral/pascanu_log10_bound" not in pm.passes[0]  # gated cell
+
+
+def test_nan_loss_stops_training_with_weights_finite(tmp_path):
+    from pipeline import BPTTProfileMonitor, GradientNormMonitor
+
+    torch.manual_seed(0)
+    gm = GradientNormMonitor(log_every_n_steps=10)
+    pm = BPTTProfileMonitor("encoder.lstm", every_n_steps=0)
+    module = LSTMLanguageModel(nan_at=3)
+    tr = trainer(tmp_path, [gm, pm], max_steps=20)
+    tr.fit(module, loader(lm_data()))
+    assert gm.diverged_step == 3
+    assert tr.global_step <= 4
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert pm.regime == "diverged"
+    df = _read_csv_metrics(tmp_path)
+    assert df["diverged_step"].dropna().tolist() == [3.0]
+
+
+def test_mlflow_logger_gets_metrics_artifacts_and_regime(tmp_path):
+    from mlflow.tracking import MlflowClient
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from pipeline import BPTTProfileMonitor, GradientNormMonitor
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = MLFlowLogger(
+        experiment_name="own-model", tracking_uri=uri, artifact_location=str(tmp_path / "art")
+    )
+    torch.manual_seed(0)
+    tr = trainer(
+        tmp_path,
+        [GradientNormMonitor(log_every_n_steps=4), BPTTProfileMonitor("gru", every_n_steps=0)],
+        logger=logger,
+        max_steps=8,
+        gradient_clip_val=0.1,
+    )
+    tr.fit(GRUClassifier(num_layers=2), loader(cls_data()))
+    client = MlflowClient(uri)
+    run = client.get_run(logger.run_id)
+    m = run.data.metrics
+    for name in (
+        "grad/norm_preclip",
+        "grad/norm_postclip",
+        "grad/clip_rate",
+        "grad/norm_recurrent",
+        "bptt/log10_ratio",
+        "bptt/layer0/log10_ratio",
+        "bptt/layer1/decay_rate",
+        "spectral/sigma_max_r",
+    ):
+        assert name in m, name
+    assert m["grad/norm_postclip"] <= 0.1 * (1 + 1e-5)
+    assert [x.step for x in client.get_metric_history(run.info.run_id, "bptt/log10_ratio")] == [0, 8]
+    assert run.data.tags["regime"] in ("vanishing", "healthy", "exploding")
+    arts = {a.path for d in ("diagnostics", "plots") for a in client.list_artifacts(run.info.run_id, d)}
+    assert arts == {"diagnostics/bptt_profile.parquet", "plots/bptt_profile.png"}
+    import pandas as pd
+
+    local = client.download_artifacts(run.info.run_id, "diagnostics/bptt_profile.parquet", str(tmp_path))
+    frame = pd.read_parquet(local)
+    assert list(frame.columns) == ["step", "layer", "t", "state", "log10_norm"]
+    assert set(frame["step"]) == {0, 8} and set(frame["layer"]) == {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("rnn", "what"),
+    [
+        (nn.LSTM(3, H, batch_first=True, bidirectional=True), "bidirectional"),
+        (nn.LSTM(3, H, batch_first=True, proj_size=4), "proj_size=4"),
+        (nn.Linear(3, H), "Linear"),
+    ],
+    ids=["bidirectional", "proj_size", "not-an-rnn"],
+)
+def test_unsupported_fails_at_setup_in_one_line(tmp_path, rnn, what):
+    from pipeline import BPTTProfileMonitor
+
+    module = GRUClassifier()
+    module.gru = rnn
+    tr = trainer(tmp_path, [BPTTProfileMonitor("gru")], max_steps=1)
+    with pytest.raises(ValueError, match="supported") as err:
+        tr.fit(module, loader(cls_data()))
+    msg = str(err.value)
+    assert "\n" not in msg and what in msg and "nn.LSTM" in msg
+
+
+def test_packed_sequence_input_fails_in_one_line():
+    from pipeline.training.probe import probe
+
+    class Packed(GRUClassifier):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            packed = nn.utils.rnn.pack_padded_sequence(x, [T] * x.shape[0], batch_first=True)
+            _, h_n = self.gru(packed)
+            return nn.functional.cross_entropy(self.out(h_n[-1]), y)
+
+    with pytest.raises(ValueError, match="PackedSequence") as err:
+        probe(Packed(), "gru", first_batch(cls_data()))
+    assert "\n" not in str(err.value)
+
+
+def test_import_pipeline_stays_light():
+    code = (
+        "import sys, pipeline; heavy = [m for m in ('torch', 'pytorch_lightning', 'mlflow', 'pandas') "
+        "if m in sys.modules]; assert not heavy, heavy; "
+        "from pipeline import GradientNormMonitor, BPTTProfileMonitor, profile_rnn; "
+        "assert 'pytorch_lightning' in sys.modules; print('ok')"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    import pipeline
+
+    with pytest.raises(AttributeError, match="no attribute"):
+        _ = pipeline.NoSuchThing
