@@ -47,7 +47,7 @@ def command(args: argparse.Namespace) -> int:
 
     if cfg.tracking.enabled:
         ensure_experiment(cfg.tracking.uri, cfg.tracking.experiment)
-    r = run(cfg)
+    r = run(cfg, progress=True)  # one line per validation (training/progress.py)
     ratio = f"{r.val_loss_ratio:.3f}" if r.val_loss_ratio is not None else "n/a"
     val = f"{r.val_loss:.4g}" if r.val_loss is not None else "n/a"
     print(
