@@ -11,10 +11,12 @@ import subprocess
 import sys
 
 import pandas as pd
-from conftest import ROOT
+import pytest
+from conftest import ROOT, tiny_config
 from mlflow.tracking import MlflowClient
 
 from pipeline.names import MLFLOW_NOTE
+from pipeline.schema import ConfigError
 from pipeline.training.run import run
 
 
@@ -148,3 +150,30 @@ def test_bare_report_after_a_single_train_finds_its_experiment(store, tmp_path):
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("report 'smoke': 1 runs")  # the smoke config's experiment
     assert (tmp_path / "reports" / "smoke" / "report.html").is_file()
+
+
+def test_system_metrics_through_mlflows_monitor_when_asked(store, tiny, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # MLflow's own override
+    c = MlflowClient(store)
+    off = run(tiny())
+    assert not [k for k in c.get_run(off.run_id).data.metrics if k.startswith("system/")]  # the default
+    on = run(tiny(**{"tracking.system_metrics": "true", "trainer.max_steps": 200, "trainer.val_every": 100}))
+    got = c.get_run(on.run_id)
+    assert got.info.status == "FINISHED" and got.data.params["tracking.system_metrics"] == "True"
+    keys = {k for k in got.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys, keys
+    assert c.get_metric_history(on.run_id, "system/cpu_utilization_percentage")
+
+
+def test_system_metrics_without_psutil_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "psutil" else real(n, *a))
+    with pytest.raises(
+        ConfigError, match=r"^config key 'tracking.system_metrics': needs psutil.*\[system-metrics\]"
+    ):
+        tiny_config(**{"tracking.system_metrics": "true"})
+    assert not tiny_config(
+        **{"tracking.system_metrics": "true", "tracking.enabled": "false"}
+    ).tracking.enabled

@@ -106,6 +106,7 @@ def run(
     configure_torch(cfg)
     task = make_task(cfg.task.name, cfg.task.seq_len)
     rec = _start_recorder(cfg, parent_run_id, extra_tags, experiment_id)
+    monitor = _system_metrics(cfg, rec)
     status = "FAILED"
     try:
         result = _train(cfg, task, rec, callbacks or [], progress=progress)
@@ -119,6 +120,9 @@ def run(
             rec.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
         raise
     finally:
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                monitor.finish()  # stops its thread (at most one sampling interval's values are lost)
         with contextlib.suppress(Exception):
             rec.set_tags({STATUS: status.lower()} if status != "FINISHED" else {})
         rec.close(status)
@@ -143,6 +147,27 @@ def _start_recorder(
         parent_run_id=parent_run_id,
         experiment_id=experiment_id,
     )
+
+
+SYSTEM_METRICS_INTERVAL_S = 10.0  # MLflow's default; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
+
+
+def _system_metrics(cfg: Config, rec):
+    """With ``tracking.system_metrics``: MLflow's own monitor (``mlflow.system_metrics``), started on the
+    run; it logs ``system/*`` metrics from a thread and stops when :func:`run` calls ``finish()``. None
+    otherwise. It reads the environment variables MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL and
+    MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING (MLflow's documentation, "System Metrics")."""
+    if not (cfg.tracking.system_metrics and cfg.tracking.enabled and rec.run_id):
+        return None
+    # MLflow announces start and stop at INFO on every run; its warnings still show.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        rec.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=rec.uri
+    )
+    monitor.start()
+    return monitor
 
 
 @dataclass
