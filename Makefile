@@ -26,13 +26,13 @@ help: ## Show this help
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[dev]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,postgres]'
 	touch $@
 
 install: $(STAMP) ## Create .venv with the pinned dependencies (idempotent)
 
 $(STAMP_AIRFLOW): $(STAMP)
-	$(PIP) install -q -c constraints.txt -e '.[dev,airflow]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,postgres,airflow]'
 	touch $@
 
 install-airflow: $(STAMP_AIRFLOW) ## Add the optional Airflow 3 extra (for the DAG and its tests)

@@ -19,7 +19,9 @@ Configuration (README, "The Airflow DAG", "Deploying it"):
                                  sqlite:///$AIRFLOW_HOME/rnn_regression/mlflow.db)
     rnn_regression_report_dir    report folder (default: $AIRFLOW_HOME/rnn_regression/reports)
   Read at parse time from the environment only (parsing must not query the metadata DB):
-    AIRFLOW_VAR_RNN_REGRESSION_SCHEDULE  cron or preset (default "@daily")
+    AIRFLOW_VAR_RNN_REGRESSION_SCHEDULE        cron or preset (default "@daily")
+    AIRFLOW_VAR_RNN_REGRESSION_ENTRY_TIMEOUT   minutes one run_entry attempt may take (default 60)
+    AIRFLOW_VAR_RNN_REGRESSION_MAX_PARALLEL    run_entry tasks running at once per DAG run (default 2)
   DAG params (trigger with config): ``suite`` overrides the Variable for one run.
 """
 
@@ -37,6 +39,12 @@ DAG_ID = "rnn_gradient_regression"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SUITE = "configs/regression/nightly.yaml"
 SCHEDULE = os.environ.get("AIRFLOW_VAR_RNN_REGRESSION_SCHEDULE", "@daily")
+# A training task that hangs (a stuck store, a deadlocked BLAS) fails after this and is retried, instead
+# of holding a worker slot forever; the whole nightly suite takes about 6 min wall on a shared 2-core
+# machine (README, "The suites and which law lives where"), so an hour per entry is ample.
+ENTRY_TIMEOUT = timedelta(minutes=float(os.environ.get("AIRFLOW_VAR_RNN_REGRESSION_ENTRY_TIMEOUT", "60")))
+# Each entry trains with one intra-op thread: more at once than the worker's cores only oversubscribes them.
+MAX_PARALLEL = int(os.environ.get("AIRFLOW_VAR_RNN_REGRESSION_MAX_PARALLEL", "2"))
 
 
 def _home() -> Path:
@@ -99,7 +107,13 @@ def prepare_stores(**context) -> list[dict]:
     return [{**shared, "entry": e.name} for e in suite.entries]
 
 
-@task(retries=2, retry_delay=timedelta(minutes=1), map_index_template="{{ task.op_kwargs['job']['entry'] }}")
+@task(
+    retries=2,
+    retry_delay=timedelta(minutes=1),
+    execution_timeout=ENTRY_TIMEOUT,
+    max_active_tis_per_dagrun=MAX_PARALLEL,
+    map_index_template="{{ task.op_kwargs['job']['entry'] }}",
+)
 def run_entry(job: dict) -> dict:
     """Train one entry (nested MLflow run); reuse it if this key already has a FINISHED run."""
     from pipeline.regression.run import run_entry as run_one

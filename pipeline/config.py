@@ -10,6 +10,7 @@ Configs are frozen: a changed copy is ``dataclasses.replace`` (or :func:`with_va
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,17 @@ from typing import Any
 import yaml
 
 from pipeline.names import CELLS
-from pipeline.schema import build, check, choice, deep_merge, flatten, parse_overrides, read_yaml, set_dotted
+from pipeline.schema import (
+    ConfigError,
+    build,
+    check,
+    choice,
+    deep_merge,
+    flatten,
+    parse_overrides,
+    read_yaml,
+    set_dotted,
+)
 
 TASKS = ("adding", "copy", "temporal_order")
 INITS = ("default", "gaussian", "orthogonal", "identity")
@@ -99,6 +110,9 @@ class TrackingConfig:
     experiment: str = "rnn-gradients"  # MLflow experiment name
     run_name: str | None = None  # None: <task>-T<T>-<cell>-<init>-g<g>-lr<lr>-s<seed>-<HHMMSS>-<4 hex>
     enabled: bool = True  # false: train without recording (tests, benchmarks)
+    # true: MLflow's own system-metrics monitor (CPU, memory, disk, network; GPU where present) logs
+    # system/* metrics every 10 s (README, "The MLflow record"); needs the `system-metrics` extra (psutil)
+    system_metrics: bool = False
 
 
 @dataclass(frozen=True)
@@ -194,6 +208,11 @@ def validate(cfg: Config) -> None:
         "a non-empty name",
         cfg.tracking.experiment,
     )
+    if cfg.tracking.system_metrics and cfg.tracking.enabled and importlib.util.find_spec("psutil") is None:
+        raise ConfigError(
+            "tracking.system_metrics",
+            "needs psutil, which is not installed: pip install 'rnn-gradient-pipeline[system-metrics]'",
+        )
 
 
 def config_keys() -> list[str]:

@@ -39,3 +39,13 @@ OVERRIDES = "overrides"  # the command line's dotted overrides, as given
 SUITE, ENTRY, ROLE = "suite", "entry", "regression_role"  # regression runs: ROLE is "suite" or "entry"
 PERTURBATION = "perturbation"  # a regression entry rerun under a perturbation (--update-baseline)
 NONFINITE_PREFIX = "nonfinite."  # nonfinite.<metric> = nan: a NaN metric value (README, "The MLflow record")
+
+# MLflow's own system tags (mlflow.utils.mlflow_tags), which the fluent API's run-context providers set
+# and the UI shows (the run's User, Source and Description); we set them ourselves (pipeline/tracking.py).
+MLFLOW_USER = "mlflow.user"
+MLFLOW_SOURCE_NAME = "mlflow.source.name"
+MLFLOW_SOURCE_TYPE = "mlflow.source.type"
+MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
+MLFLOW_GIT_BRANCH = "mlflow.source.git.branch"
+MLFLOW_NOTE = "mlflow.note.content"  # the run's description (Markdown) on its Overview page
+SOURCE_TYPE_LOCAL = "LOCAL"  # mlflow.entities.SourceType.LOCAL: a run started by a local process

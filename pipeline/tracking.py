@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import getpass
 import math
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,7 +28,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.names import NONFINITE_PREFIX
+from pipeline.names import (
+    MLFLOW_GIT_BRANCH,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+    MLFLOW_USER,
+    NONFINITE_PREFIX,
+    SOURCE_TYPE_LOCAL,
+)
 from pipeline.uris import resolve_uri, sqlite_file
 
 FLUSH_EVERY = 500  # buffered metric values before a log_batch
@@ -183,10 +193,54 @@ def git_commit() -> str:
         return "unknown"
 
 
+def _git(args: list[str], cwd: str | Path) -> str | None:
+    """``git ARGS`` in ``cwd``: its first output line, or None (no git, not a repository, no commit yet)."""
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=cwd)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    line = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+    return line or None
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name and no passwd entry (some containers)
+        return "unknown"
+
+
+def _source_name() -> str:
+    """What the fluent API records as the source: the program that was run (``sys.argv[0]``), with
+    ``python -m pipeline`` spelled so for a module run."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    if argv0.endswith(os.path.join("pipeline", "__main__.py")):
+        return "python -m pipeline"
+    return argv0 or "python"
+
+
+def context_tags(cwd: str | Path | None = None) -> dict[str, str]:
+    """The context tags a fluent-API run would carry (``mlflow.user``, ``mlflow.source.name``,
+    ``mlflow.source.type`` = LOCAL), plus ``mlflow.source.git.commit`` / ``.branch`` of the git repository
+    holding the working directory, when there is one (README, "The MLflow record"). The pipeline's own
+    code version is in :func:`version_tags` (``git_commit``, ``version.rnn-gradient-pipeline``)."""
+    where = Path.cwd() if cwd is None else Path(cwd)
+    tags = {MLFLOW_USER: _user(), MLFLOW_SOURCE_NAME: _source_name(), MLFLOW_SOURCE_TYPE: SOURCE_TYPE_LOCAL}
+    commit = _git(["rev-parse", "--verify", "HEAD"], where)
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
+        branch = _git(["symbolic-ref", "--short", "-q", "HEAD"], where)  # None on a detached HEAD
+        if branch:
+            tags[MLFLOW_GIT_BRANCH] = branch
+    return tags
+
+
 def version_tags() -> dict[str, str]:
+    """Every run's identity tags: the pipeline's code commit (``git_commit``), the package versions
+    (``version.<pkg>``) and the fluent-API context tags of :func:`context_tags`."""
     from importlib.metadata import PackageNotFoundError, version
 
-    tags = {"git_commit": git_commit(), "mlflow.source.git.commit": git_commit()}
+    tags = {"git_commit": git_commit(), **context_tags()}
     for pkg in ("torch", "pytorch-lightning", "mlflow", "optuna", "rnn-gradient-pipeline"):
         with contextlib.suppress(PackageNotFoundError):
             tags[f"version.{pkg}"] = version(pkg)
@@ -312,12 +366,18 @@ class Recorder:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
-    def log_frame(self, df, artifact_file: str) -> None:
-        """A pandas frame as a parquet artifact at ``artifact_file`` (e.g. diagnostics/x.parquet)."""
+    def log_frame(self, df, artifact_file: str, csv: bool = False) -> None:
+        """A pandas frame as a parquet artifact at ``artifact_file`` (e.g. diagnostics/x.parquet); with
+        ``csv``, also as ``x.csv`` beside it, which the MLflow UI previews (it shows no parquet)."""
+        folder = str(Path(artifact_file).parent) if "/" in artifact_file else None
         with tempfile.TemporaryDirectory() as d:
             p = Path(d) / Path(artifact_file).name
             df.to_parquet(p, index=False)
-            self.log_file(p, str(Path(artifact_file).parent) if "/" in artifact_file else None)
+            self.log_file(p, folder)
+            if csv:
+                c = p.with_suffix(".csv")
+                df.to_csv(c, index=False)  # floats at full precision (repr), -inf / nan as written
+                self.log_file(c, folder)
 
     def log_figure(self, fig, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, fig, artifact_file)
@@ -360,7 +420,7 @@ class NullRecorder(Recorder):
     def log_text(self, text, artifact_file):
         pass
 
-    def log_frame(self, df, artifact_file):
+    def log_frame(self, df, artifact_file, csv=False):
         pass
 
     def log_figure(self, fig, artifact_file):

@@ -6,7 +6,8 @@
   front doors answer ``--help`` and reject bad input before any of them loads.
 * ``bptt/`` never imports Lightning, MLflow or Optuna, at module level or inside a function: the exact
   mathematics runs wherever torch runs, and a user's own model can use it without our trainer.
-* The shared floor (config, schema, names, uris, signals, tracking, plots) imports no stage folder.
+* The shared floor (config, schema, names, uris, signals, tracking, plots, presets) imports no stage
+  folder.
 """
 
 from __future__ import annotations
@@ -119,7 +120,16 @@ def test_import_scan_sees_a_function_level_import(tmp_path):
     assert "mlflow" in imports(f) and "torch" in imports(f)
 
 
-FLOOR = ("config.py", "schema.py", "names.py", "uris.py", "signals.py", "tracking.py", "plots.py")
+FLOOR = (
+    "config.py",
+    "schema.py",
+    "names.py",
+    "uris.py",
+    "signals.py",
+    "tracking.py",
+    "plots.py",
+    "presets.py",
+)
 
 
 @pytest.mark.parametrize("name", [n for n in FLOOR if (PKG / n).exists()])

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+MODULE_PROG = "python -m pipeline"
 
 VERBS = {
     "train": ("pipeline.cli.train", "train one configuration and record it in MLflow"),
@@ -21,11 +24,20 @@ VERBS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def default_prog(argv0: str | None = None) -> str:
+    """How the user called us: the console script's name (``rnn-pipeline``), else ``python -m pipeline``."""
+    name = os.path.basename(sys.argv[0] if argv0 is None else argv0)
+    return MODULE_PROG if not name or name.endswith(".py") or name in ("-c", "-m") else name
+
+
+def build_parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
+    from pipeline import __version__
+
     p = argparse.ArgumentParser(
-        prog="python -m pipeline",
+        prog=prog,
         description="Measure, compare and guard vanishing/exploding gradients in RNNs.",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     for verb, (mod, help_) in VERBS.items():
         sp = sub.add_parser(verb, help=help_, description=help_)
@@ -39,10 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """Run one verb; ``prog`` names the program in usage lines (default: the console script's name when
+    called as one with ``argv`` None, else ``python -m pipeline``)."""
     from pipeline.schema import ConfigError
 
-    parser = build_parser()
+    parser = build_parser(prog or (default_prog() if argv is None else MODULE_PROG))
     args = parser.parse_args(argv)
     if not args.verb:
         parser.print_help()

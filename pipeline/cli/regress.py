@@ -13,7 +13,12 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--suite", required=True, help="suite file, e.g. configs/regression/smoke.yaml")
+    p.add_argument(
+        "--suite",
+        required=True,
+        help="suite file: a path, or the name of a shipped suite (smoke, nightly, gpu: "
+        "configs/regression/NAME.yaml)",
+    )
     p.add_argument("--workers", type=int, default=1, help="run entries in N spawned processes (default 1)")
     p.add_argument(
         "--update-baseline",
@@ -47,7 +52,9 @@ def command(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise ConfigError("--workers", f"must be >= 1, got {args.workers}")
-    suite = load_suite(args.suite)  # validated before anything is written
+    from pipeline.presets import resolve
+
+    suite = load_suite(resolve(args.suite, "regression", "--suite"))  # validated before anything is written
     overrides = tuple(args.overrides)
     if args.update_baseline and overrides:
         raise ConfigError(

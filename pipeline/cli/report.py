@@ -12,8 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--experiment",
         default=None,
-        help="report every run of this MLflow experiment (default: the most recent sweep in "
-        "'rnn-gradients', or the whole experiment if it holds no sweep)",
+        help="report every run of this MLflow experiment (default: the most recent sweep in any "
+        "experiment; with no sweep in the store, the experiment of the most recent training run)",
     )
     p.add_argument(
         "--study",

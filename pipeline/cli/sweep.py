@@ -11,7 +11,12 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="sweep YAML (e.g. configs/sweeps/default.yaml)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="sweep YAML: a path, or the name of a shipped sweep (default, smoke, phase: "
+        "configs/sweeps/NAME.yaml)",
+    )
     p.add_argument(
         "--workers",
         type=int,
@@ -35,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    from pipeline.presets import resolve
+
+    config = resolve(args.config, "sweeps")
     from pipeline.sweep.parent import run_sweep
 
-    return run_sweep(args.config, args.overrides, workers=args.workers, storage=args.storage)
+    return run_sweep(config, args.overrides, workers=args.workers, storage=args.storage)

@@ -1,4 +1,8 @@
-"""``python -m pipeline train --config FILE [dotted.key=value ...]``."""
+"""``python -m pipeline train [--config FILE|NAME] [--print-config] [dotted.key=value ...]``.
+
+``--config`` takes a path or the name of a shipped config (``smoke`` -> ``configs/train/smoke.yaml``;
+:mod:`pipeline.presets`); without it the documented defaults train (README, "Configuration reference").
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,29 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="training YAML (e.g. configs/train/smoke.yaml)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="training YAML: a path, or the name of a shipped config (smoke, vanishing_tanh, ...: "
+        "configs/train/NAME.yaml); default: the documented defaults",
+    )
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (file + overrides, validated) as YAML and exit without training",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.cell=lstm")
 
 
 def command(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
+    from pipeline.presets import resolve
 
-    cfg = load_config(args.config, args.overrides)  # validated before anything is written
+    path = resolve(args.config, "train") if args.config is not None else None
+    cfg = load_config(path, args.overrides)  # validated before anything is written
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
     from pipeline.training.budget import check_fits
 
     check_fits(
@@ -28,7 +47,7 @@ def command(args: argparse.Namespace) -> int:
 
     if cfg.tracking.enabled:
         ensure_experiment(cfg.tracking.uri, cfg.tracking.experiment)
-    r = run(cfg)
+    r = run(cfg, progress=True)  # one line per validation (training/progress.py)
     ratio = f"{r.val_loss_ratio:.3f}" if r.val_loss_ratio is not None else "n/a"
     val = f"{r.val_loss:.4g}" if r.val_loss is not None else "n/a"
     print(

@@ -213,7 +213,7 @@ def write_baseline(suite, values: dict, path: Path | None = None) -> Path:
     doc = {
         "suite": suite.name,
         "recorded": {
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "git_commit": git_commit(),
             "versions": versions,
         },

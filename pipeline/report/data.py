@@ -12,7 +12,9 @@ Target resolution (``python -m pipeline report``):
   if given, else in any experiment; the most recent sweep parent of that study receives the report.
 * ``--experiment NAME``: every run of the experiment except sweep parents.
 * neither: the most recent sweep parent (``pipeline.kind=sweep``) in any experiment and its study
-  (``make sweep`` then ``make report``), or the whole ``rnn-gradients`` experiment if there is no sweep.
+  (``make sweep`` then ``make report``); if the store holds no sweep, the whole experiment of the most
+  recent training run (``make train`` then ``make report``: a run without ``pipeline.kind``, else any
+  run but a regression suite's parent), and ``rnn-gradients`` only when the store holds no run at all.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.names import DIVERGED, KIND_SWEEP, KIND_TRIAL, REGIME, STUDY, TRIAL_NUMBER
+from pipeline.names import DIVERGED, KIND_SWEEP, KIND_TRIAL, REGIME, ROLE, STUDY, TRIAL_NUMBER
 from pipeline.names import KIND as KIND_TAG
 from pipeline.schema import ConfigError
 from pipeline.uris import sqlite_file
 
 DEFAULT_EXPERIMENT = "rnn-gradients"
+RECENT_RUNS = 200  # runs read, newest first, to find the most recent training run when there is no sweep
 PROFILE_RUNS_PER_PANEL = 4  # representative runs whose artifacts are downloaded, per (task, cell) panel
 CLIPPED_PER_PANEL = 2  # ... plus this many clipped runs for the pre/post-clip panel
 KIND = f"tags.`{KIND_TAG}`"  # backquoted: the tag key contains a dot
@@ -152,6 +155,8 @@ def resolve_target(uri: str, experiment: str | None = None, study: str | None = 
         if last:
             study = last[0].data.tags.get(STUDY)
             experiment = by_id[last[0].info.experiment_id].name
+        else:
+            experiment = _latest_training_experiment(c, by_id)
     if experiment is not None or study is None:
         name = experiment or DEFAULT_EXPERIMENT
         exp = next((e for e in exps if e.name == name), None)
@@ -180,6 +185,18 @@ def resolve_target(uri: str, experiment: str | None = None, study: str | None = 
         return t
     # a whole experiment: every run; load_runs drops the sweep parents after the one read
     return Target(names[0], uri, ids, names, "")
+
+
+def _latest_training_experiment(c, by_id: dict) -> str | None:
+    """The experiment of the most recent training run: one without ``pipeline.kind`` (``make train``),
+    else the newest run of any kind except a regression suite's parent; None when there are no runs."""
+    if not by_id:
+        return None
+    runs = c.search_runs(list(by_id), "", max_results=RECENT_RUNS, order_by=["attributes.start_time DESC"])
+    plain = [r for r in runs if KIND_TAG not in r.data.tags]
+    other = [r for r in runs if r.data.tags.get(ROLE) != "suite" and r.data.tags.get(KIND_TAG) != KIND_SWEEP]
+    pick = (plain or other or [None])[0]
+    return by_id[pick.info.experiment_id].name if pick is not None else None
 
 
 def load_runs(target: Target):

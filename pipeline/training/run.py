@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import Config
-from pipeline.names import REGIME, STATUS
+from pipeline.names import DIVERGED, MLFLOW_NOTE, REGIME, STATUS
 from pipeline.signals import Terminated, terminate_as_exception
 
 
@@ -91,11 +91,14 @@ def run(
     extra_tags: dict[str, Any] | None = None,
     callbacks: list | None = None,
     experiment_id: str | None = None,
+    progress: bool = False,
 ) -> RunResult:
     """Train one configuration and record it; returns the run's summary.
 
     ``callbacks``: extra Lightning callbacks (the sweep's pruning hook). A callback may set
     ``pl_module.pruned = True`` and ``trainer.should_stop = True`` to stop a run early as pruned.
+    ``progress``: print one line per validation (``python -m pipeline train``; training/progress.py),
+    unless ``trainer.progress_bar`` shows Lightning's bar instead.
     """
     from pipeline.training.tasks import make_task
 
@@ -103,9 +106,10 @@ def run(
     configure_torch(cfg)
     task = make_task(cfg.task.name, cfg.task.seq_len)
     rec = _start_recorder(cfg, parent_run_id, extra_tags, experiment_id)
+    monitor = _system_metrics(cfg, rec)
     status = "FAILED"
     try:
-        result = _train(cfg, task, rec, callbacks or [])
+        result = _train(cfg, task, rec, callbacks or [], progress=progress)
         status = "FINISHED"
         return result
     except (KeyboardInterrupt, SystemExit, Terminated):
@@ -116,6 +120,9 @@ def run(
             rec.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
         raise
     finally:
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                monitor.finish()  # stops its thread (at most one sampling interval's values are lost)
         with contextlib.suppress(Exception):
             rec.set_tags({STATUS: status.lower()} if status != "FINISHED" else {})
         rec.close(status)
@@ -140,6 +147,27 @@ def _start_recorder(
         parent_run_id=parent_run_id,
         experiment_id=experiment_id,
     )
+
+
+SYSTEM_METRICS_INTERVAL_S = 10.0  # MLflow's default; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
+
+
+def _system_metrics(cfg: Config, rec):
+    """With ``tracking.system_metrics``: MLflow's own monitor (``mlflow.system_metrics``), started on the
+    run; it logs ``system/*`` metrics from a thread and stops when :func:`run` calls ``finish()``. None
+    otherwise. It reads the environment variables MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL and
+    MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING (MLflow's documentation, "System Metrics")."""
+    if not (cfg.tracking.system_metrics and cfg.tracking.enabled and rec.run_id):
+        return None
+    # MLflow announces start and stop at INFO on every run; its warnings still show.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(
+        rec.run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, tracking_uri=rec.uri
+    )
+    monitor.start()
+    return monitor
 
 
 @dataclass
@@ -172,7 +200,7 @@ def _trainer(cfg: Config, callbacks: list):
     )
 
 
-def _train(cfg: Config, task, rec, extra_callbacks: list) -> RunResult:
+def _train(cfg: Config, task, rec, extra_callbacks: list, progress: bool = False) -> RunResult:
     """Fit (plus a final validation when the last step had none), then summarise and record."""
     from pipeline.training import callbacks as dg
     from pipeline.training.data import TaskDataModule
@@ -189,7 +217,12 @@ def _train(cfg: Config, task, rec, extra_callbacks: list) -> RunResult:
         dg.ProfileMonitor(rec, cfg, task),
         dg.ValidationLogger(rec, task),
     )
-    trainer = _trainer(cfg, [mon.grads, mon.prof, mon.val, *extra_callbacks])
+    own = [mon.grads, mon.prof, mon.val]
+    if progress and not cfg.trainer.progress_bar:
+        from pipeline.training.progress import ProgressPrinter
+
+        own.append(ProgressPrinter(cfg, task, mon.grads, mon.prof))  # after the monitors it reads
+    trainer = _trainer(cfg, [*own, *extra_callbacks])
     with terminate_as_exception():
         trainer.fit(module, datamodule=data)
         if module.diverged_step is None and mon.val.last_step != trainer.global_step:
@@ -197,7 +230,7 @@ def _train(cfg: Config, task, rec, extra_callbacks: list) -> RunResult:
     steps = trainer.global_step
     summary = summarize_run(cfg, task, module, mon, steps)
     rec.log_metrics({k: x for k, x in summary.metrics.items() if x is not None}, steps)
-    rec.set_tags(summary.tags)
+    rec.set_tags({**summary.tags, MLFLOW_NOTE: describe(cfg, task, summary)})
     log_artifacts(rec, cfg, task, mon, summary)
     return summary.result(rec.run_id, steps)
 
@@ -273,13 +306,51 @@ def summarize_run(cfg: Config, task, module, mon: Monitors, steps: int) -> Summa
     return Summary(regime, v, ratio, solved, module.diverged_step, pruned, metrics, tags)
 
 
+def describe(cfg: Config, task, summary: Summary) -> str:
+    """The run's description (``mlflow.note.content``): the verdict in a sentence. The regime, the decades
+    the long-range gradient lost or gained over T (``bptt/log10_ratio``), and whether the task was learned
+    (``val/loss_ratio`` against the solved threshold ``task.solved_below / baseline``; README, "Tasks")."""
+    m = summary.metrics
+    head = f"Regime **{summary.regime}**"
+    if summary.regime == DIVERGED:
+        head += f" at step {summary.diverged_step}"
+    r = m.get("bptt/log10_ratio")
+    over = f"T = {cfg.task.seq_len}"
+    overflow = m.get("bptt/overflow_step")
+    if overflow is not None and math.isfinite(overflow) and overflow > 0:
+        flow = f"the float64 forward overflowed at step {int(overflow)}, so the gradient is undefined"
+    elif r is None:
+        flow = "no gradient profile was measured"
+    elif math.isnan(r):
+        flow = "no long-range gradient reaches either end of the sequence"
+    elif math.isinf(r):
+        flow = f"the long-range gradient {'never reaches step 1' if r < 0 else 'grows without bound'} over {over}"
+    else:
+        verb = "loses" if r < 0 else "gains"
+        flow = (
+            f"the long-range gradient {verb} {abs(r):.3g} decades over {over} (`bptt/log10_ratio` = {r:.3g})"
+        )
+    threshold = task.solved_below / task.baseline
+    ratio = summary.val_loss_ratio
+    if ratio is None:
+        learned = "no finite validation loss, so the task was not learned"
+    elif summary.solved:
+        learned = f"the task was learned: `val/loss_ratio` = {ratio:.3g}, below the solved threshold {threshold:.3g}"
+    else:
+        learned = (
+            f"the task was not learned: `val/loss_ratio` = {ratio:.3g}, above the solved threshold {threshold:.3g}"
+            + (" (1 = learned nothing)" if ratio >= 0.9 else "")
+        )
+    return f"{head}: {flow}; {learned}."
+
+
 def log_artifacts(rec, cfg: Config, task, mon: Monitors, summary: Summary) -> None:
-    """The run's diagnostics frames (``diagnostics/*.parquet``) and, with ``diagnostics.plots``, its plots
-    (``plots/bptt_profile.png``, ``plots/grad_norms.png``)."""
+    """The run's diagnostics frames (``diagnostics/*.parquet``, each with a ``.csv`` copy beside it for the
+    UI's preview) and, with ``diagnostics.plots``, its plots (``plots/bptt_profile.png``, ``plots/grad_norms.png``)."""
     from pipeline.training import callbacks as dg
 
     frame = mon.prof.profile_frame()
-    rec.log_frame(frame, "diagnostics/bptt_profile.parquet")
+    rec.log_frame(frame, "diagnostics/bptt_profile.parquet", csv=True)
     grads = mon.grads
     hist = grads.history
     if len(hist):
@@ -289,7 +360,7 @@ def log_artifacts(rec, cfg: Config, task, mon: Monitors, summary: Summary) -> No
 
         df = pd.DataFrame(hist, columns=list(RECORD_FIELDS))
         df.insert(0, "step", grads.steps[: len(df)])
-        rec.log_frame(df, "diagnostics/grad_norms.parquet")
+        rec.log_frame(df, "diagnostics/grad_norms.parquet", csv=True)
     if not (cfg.diagnostics.plots and cfg.tracking.enabled):
         return
     from pipeline.plots import plt

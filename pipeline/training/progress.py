@@ -1,0 +1,93 @@
+"""``python -m pipeline train``'s progress: one plain line per validation, fine in logs and CI.
+
+::
+
+    step     50/100  train/loss 0.1812  val/loss 0.1677 (x1.006 of baseline)  grad/clip_rate 0.760  regime vanishing (profile at step 50)
+
+``train/loss`` is the mean training loss of the steps since the previous line, accumulated on the
+device (one host read per line, beside the validation's own); ``grad/clip_rate`` the fraction of steps
+clipped so far; the regime the verdict of README "Regime verdict" on the latest profile pass and the
+largest gradient so far, so it can change as training goes on (the final verdict is the run's ``regime``
+tag). Lightning's progress bar (``trainer.progress_bar: true``) replaces these lines.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+import pytorch_lightning as pl
+import torch
+
+from pipeline.config import Config
+from pipeline.training.callbacks import verdict
+from pipeline.training.tasks import Task
+
+
+def _fmt(x: float | None, spec: str = ".4g") -> str:
+    return "n/a" if x is None else format(x, spec)
+
+
+class ProgressPrinter(pl.Callback):
+    """Prints :func:`line` after every validation; reads the run's own monitors (``training/run.py``)."""
+
+    def __init__(self, cfg: Config, task: Task, grads: Any, prof: Any, stream: TextIO | None = None):
+        self.cfg, self.task, self.grads, self.prof = cfg, task, grads, prof
+        self.stream = stream
+        self._sum: torch.Tensor | None = None
+        self._n = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if torch.is_tensor(loss):
+            loss = loss.detach()
+            self._sum = loss if self._sum is None else self._sum + loss  # stays on the device
+            self._n += 1
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or pl_module.val_loss is None:
+            return
+        train_loss = float(self._sum) / self._n if self._sum is not None and self._n else None
+        self._sum, self._n = None, 0
+        last = self.prof.last
+        regime = verdict(
+            pl_module.diverged_step is not None, last, self.grads.max_norm_preclip, self.cfg.diagnostics
+        )
+        at = f" (profile at step {last['step']})" if "step" in last else ""
+        print(
+            line(
+                trainer.global_step,
+                self.cfg.trainer.max_steps,
+                train_loss,
+                pl_module.val_loss,
+                self.task.baseline,
+                self.grads.clip_rate,
+                regime + at,
+            ),
+            file=self.stream or sys.stdout,
+            flush=True,
+        )
+
+
+def line(
+    step: int,
+    max_steps: int,
+    train_loss: float | None,
+    val_loss: float | None,
+    baseline: float,
+    clip_rate: float,
+    regime: str,
+) -> str:
+    """One progress line (pure; see the module docstring)."""
+    ratio = (
+        f" (x{val_loss / baseline:.3g} of baseline)"
+        if val_loss is not None and math.isfinite(val_loss)
+        else ""
+    )
+    width = len(str(max_steps))
+    return (
+        f"step {step:>{width}}/{max_steps}  train/loss {_fmt(train_loss)}  val/loss {_fmt(val_loss)}{ratio}"
+        f"  grad/clip_rate {clip_rate:.3f}  regime {regime}"
+    )

@@ -1,0 +1,179 @@
+"""MLflow conventions on every training run (README, "The MLflow record"), read back from the store:
+the fluent API's context tags, the run description, CSV previews of the parquet diagnostics, the
+progress lines of ``train``, and the bare ``report`` after a single ``train``."""
+
+from __future__ import annotations
+
+import getpass
+import io
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from conftest import ROOT, tiny_config
+from mlflow.tracking import MlflowClient
+
+from pipeline.names import MLFLOW_NOTE
+from pipeline.schema import ConfigError
+from pipeline.training.run import run
+
+
+def _git(*args, cwd):
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def test_context_tags_name_the_user_source_and_the_working_directory_repository(store, tiny, tmp_path):
+    _git("init", "-q", "-b", "exp-branch", cwd=tmp_path)
+    (tmp_path / "notes.txt").write_text("x")
+    _git("add", "notes.txt", cwd=tmp_path)
+    _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c", cwd=tmp_path)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    r = run(tiny())
+    tags = MlflowClient(store).get_run(r.run_id).data.tags
+    assert tags["mlflow.user"] == getpass.getuser()
+    assert tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"]
+    assert tags["mlflow.source.git.commit"] == head  # the working directory's repository...
+    assert tags["mlflow.source.git.branch"] == "exp-branch"
+    assert tags["git_commit"] != head  # ...while the pipeline's own code version stays in its tags
+    assert tags["version.torch"]
+
+
+def test_no_git_tags_outside_a_repository(store, tiny, tmp_path, monkeypatch):
+    (tmp_path / "x").mkdir()
+    monkeypatch.chdir(tmp_path / "x")
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above tmp_path either
+    r = run(tiny())
+    tags = MlflowClient(store).get_run(r.run_id).data.tags
+    assert "mlflow.source.git.commit" not in tags and "mlflow.source.git.branch" not in tags
+    assert tags["mlflow.source.type"] == "LOCAL"
+
+
+def test_the_description_states_the_verdict(store, tiny):
+    c = MlflowClient(store)
+    learned = run(tiny(**{"model.cell": "gru", "trainer.max_steps": 300, "trainer.val_every": 100}))
+    note = c.get_run(learned.run_id).data.tags[MLFLOW_NOTE]
+    m = c.get_run(learned.run_id).data.metrics
+    r = m["bptt/log10_ratio"]
+    assert note.startswith(f"Regime **{learned.regime}**: the long-range gradient ")
+    assert f"{abs(r):.3g} decades over T = 12" in note and ("loses" if r < 0 else "gains") in note
+    assert f"`val/loss_ratio` = {m['val/loss_ratio']:.3g}" in note
+    assert ("the task was learned" in note) == learned.solved
+    vanishing = run(tiny(**{"model.init": "gaussian", "model.init_scale": 0.3, "trainer.max_steps": 10}))
+    note = c.get_run(vanishing.run_id).data.tags[MLFLOW_NOTE]
+    assert vanishing.regime == "vanishing" and note.startswith(
+        "Regime **vanishing**: the long-range gradient loses"
+    )
+    assert (
+        "the task was not learned" in note
+        and "above the solved threshold 0.06 (1 = learned nothing)." in note
+    )
+    diverged = run(tiny(**{"optim.name": "sgd", "optim.lr": 1e30, "trainer.max_steps": 10}))
+    note = c.get_run(diverged.run_id).data.tags[MLFLOW_NOTE]
+    assert diverged.regime == "diverged" and note.startswith(
+        f"Regime **diverged** at step {diverged.diverged_step}"
+    )
+
+
+def test_each_parquet_artifact_has_a_csv_beside_it(store, tiny, tmp_path):
+    r = run(tiny())
+    c = MlflowClient(store)
+    names = {f.path for f in c.list_artifacts(r.run_id, "diagnostics")}
+    assert names == {
+        "diagnostics/bptt_profile.parquet",
+        "diagnostics/bptt_profile.csv",
+        "diagnostics/grad_norms.parquet",
+        "diagnostics/grad_norms.csv",
+    }
+    d = c.download_artifacts(r.run_id, "diagnostics", str(tmp_path / "dl"))
+    for stem in ("bptt_profile", "grad_norms"):
+        pq = pd.read_parquet(f"{d}/{stem}.parquet")
+        csv = pd.read_csv(f"{d}/{stem}.csv")
+        assert list(csv.columns) == list(pq.columns) and len(csv) == len(pq) > 0
+        num = pq.select_dtypes("number").columns
+        pd.testing.assert_frame_equal(csv[num], pq[num], check_dtype=False)  # full precision
+
+
+def test_progress_prints_one_line_per_validation(store, tiny):
+    from pipeline.training import progress
+
+    cfg = tiny(**{"trainer.max_steps": 25, "trainer.val_every": 10})
+    buf = io.StringIO()
+    orig = progress.ProgressPrinter.__init__
+
+    def init(self, *a, **k):
+        orig(self, *a, **k)
+        self.stream = buf
+
+    progress.ProgressPrinter.__init__ = init
+    try:
+        r = run(cfg, progress=True)
+    finally:
+        progress.ProgressPrinter.__init__ = orig
+    lines = buf.getvalue().splitlines()
+    assert [ln.split()[1] for ln in lines] == ["10/25", "20/25", "25/25"]  # fit's two, then the final one
+    for ln in lines:
+        assert "train/loss " in ln and "val/loss " in ln and "grad/clip_rate " in ln and " regime " in ln
+    assert f"val/loss {r.val_loss:.4g} " in lines[-1]
+    assert lines[-1].split(" regime ")[1].startswith(r.regime)  # the last line's regime is the verdict
+
+
+def test_progress_line_is_plain_text():
+    from pipeline.training.progress import line
+
+    s = line(50, 1000, 0.25, float("nan"), 1 / 6, 0.5, "healthy (profile at step 50)")
+    assert s == (
+        "step   50/1000  train/loss 0.25  val/loss nan  grad/clip_rate 0.500  regime healthy (profile at step 50)"
+    )
+    assert s.isascii() and "\r" not in s and "\x1b" not in s
+
+
+def test_bare_report_after_a_single_train_finds_its_experiment(store, tmp_path):
+    env_cwd = tmp_path
+    p = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--config", "smoke", "trainer.max_steps=20",
+         "trainer.val_every=10", "diagnostics.plots=false"],
+        cwd=env_cwd, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert [ln.split()[1] for ln in p.stdout.splitlines() if ln.startswith("step ")] == ["10/20", "20/20"]
+    p = subprocess.run(
+        [sys.executable, "-m", "pipeline", "report", "--no-log"],
+        cwd=env_cwd, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("report 'smoke': 1 runs")  # the smoke config's experiment
+    assert (tmp_path / "reports" / "smoke" / "report.html").is_file()
+
+
+def test_system_metrics_through_mlflows_monitor_when_asked(store, tiny, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")  # MLflow's own override
+    c = MlflowClient(store)
+    off = run(tiny())
+    assert not [k for k in c.get_run(off.run_id).data.metrics if k.startswith("system/")]  # the default
+    on = run(tiny(**{"tracking.system_metrics": "true", "trainer.max_steps": 200, "trainer.val_every": 100}))
+    got = c.get_run(on.run_id)
+    assert got.info.status == "FINISHED" and got.data.params["tracking.system_metrics"] == "True"
+    keys = {k for k in got.data.metrics if k.startswith("system/")}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys, keys
+    assert c.get_metric_history(on.run_id, "system/cpu_utilization_percentage")
+
+
+def test_system_metrics_without_psutil_is_a_config_error(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "psutil" else real(n, *a))
+    with pytest.raises(
+        ConfigError, match=r"^config key 'tracking.system_metrics': needs psutil.*\[system-metrics\]"
+    ):
+        tiny_config(**{"tracking.system_metrics": "true"})
+    assert not tiny_config(
+        **{"tracking.system_metrics": "true", "tracking.enabled": "false"}
+    ).tracking.enabled
