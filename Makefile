@@ -62,13 +62,13 @@ test-fast: $(STAMP) ## Run the tests not marked slow
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
 lint: $(STAMP) ## ruff check, ruff format --check, mypy (strict on bptt/ and the shared floor)
-	$(PY) -m ruff check pipeline dags tests benchmarks
-	$(PY) -m ruff format --check pipeline dags tests benchmarks
+	$(PY) -m ruff check pipeline dags tests benchmarks examples
+	$(PY) -m ruff format --check pipeline dags tests benchmarks examples
 	$(PY) -m mypy
 
 format: $(STAMP) ## ruff format and the safe ruff fixes
-	$(PY) -m ruff format pipeline dags tests benchmarks
-	$(PY) -m ruff check --fix pipeline dags tests benchmarks
+	$(PY) -m ruff format pipeline dags tests benchmarks examples
+	$(PY) -m ruff check --fix pipeline dags tests benchmarks examples
 
 browser: ## Install Debian's chromium for the headless UI test (needs root / apt)
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
