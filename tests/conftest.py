@@ -42,6 +42,26 @@ def wait_for_http(url: str, proc, timeout: float, log_path) -> None:
 
 
 @pytest.fixture(autouse=True)
+def _mlflow_global_tracking_uri():
+    """Lightning's MLFlowLogger calls ``mlflow.set_tracking_uri``, which also sets $MLFLOW_TRACKING_URI
+    "so that subprocess can inherit it" (MLflow's tracking utils): a test using it would send every
+    later test's subprocess to its temporary store. Restore both after each test."""
+    import sys
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if "mlflow" in sys.modules:
+        from mlflow.tracking._tracking_service import utils
+
+        if utils._tracking_uri != before:
+            utils.set_tracking_uri(before)  # None unsets the variable too
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
+@pytest.fixture(autouse=True)
 def _torch_one_thread():
     try:
         import torch
