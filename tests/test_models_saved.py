@@ -1,0 +1,117 @@
+"""Saved models and resuming, queried back from the MLflow store: model/weights.pt, load_run, a sweep's
+best trial, checkpoints/last.ckpt and ``train --resume RUN_ID`` continuing the same run."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.signals import Terminated
+from pipeline.training.data import fixed_batch
+from pipeline.training.run import run
+
+
+class Capture(pl.Callback):
+    def on_train_end(self, trainer, pl_module):
+        self.module = pl_module
+
+
+class StopAt(pl.Callback):
+    """Raise Terminated (what SIGTERM raises) after ``step`` optimizer steps."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            raise Terminated("test")
+
+
+def _artifacts(c, run_id, folder=None):
+    return {a.path for a in c.list_artifacts(run_id, folder)}
+
+
+def test_train_logs_weights_and_load_run_predicts_the_same(store, tiny):
+    from pipeline import load_run
+
+    cap = Capture()
+    cfg = tiny(**{"model.cell": "lstm"})
+    r = run(cfg, callbacks=[cap])
+    c = MlflowClient(store)
+    assert "model/weights.pt" in _artifacts(c, r.run_id, "model")
+    assert "checkpoints" not in _artifacts(c, r.run_id)  # run() checkpoints only when asked (train does)
+    loaded = load_run(r.run_id)
+    assert loaded.run_id == r.run_id and loaded.source == "model/weights.pt"
+    assert loaded.config == cfg and loaded.task.name == "adding"
+    assert not loaded.module.training and not loaded.model.training
+    x, _ = fixed_batch(loaded.task, 32, 123)
+    trained = cap.module.model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), trained(x))
+    # profile_rnn works on it directly (an nn.LSTM inside the LightningModule, the module's own loss)
+    from pipeline import profile_rnn
+
+    frame = profile_rnn(loaded.module, "model.rnn", fixed_batch(loaded.task, 8, 7))
+    assert set(frame["state"]) == {"h", "c"} and frame["t"].max() == cfg.task.seq_len
+
+
+def test_log_model_false_logs_no_weights(store, tiny):
+    from pipeline.schema import ConfigError
+    from pipeline.training.saved import load_run
+
+    r = run(tiny(**{"tracking.log_model": "false"}))
+    assert "model" not in _artifacts(MlflowClient(store), r.run_id)
+    with pytest.raises(ConfigError, match="neither model/weights.pt nor checkpoints/last.ckpt"):
+        load_run(r.run_id)
+
+
+def _only_run(c):
+    runs = c.search_runs([c.get_experiment_by_name("test").experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_interrupted_train_resumes_the_same_run_exactly(store, tiny):
+    """Killed at step 27 (checkpoint at step 20), resumed with ``train --resume``: FINISHED, same run id,
+    train/steps = max_steps, metrics beyond the interruption, and the weights of an uninterrupted run."""
+    from pipeline.cli import main
+    from pipeline.training.saved import load_run
+
+    over = {"trainer.max_steps": 40, "diagnostics.profile_every": 0}
+    cfg = tiny(**over)
+    ref_cap = Capture()
+    run(tiny(**over, **{"tracking.enabled": "false"}), callbacks=[ref_cap])  # the uninterrupted reference
+    with pytest.raises(Terminated):
+        run(cfg, callbacks=[StopAt(27)], checkpoint=True)
+    c = MlflowClient(store)
+    killed = _only_run(c)
+    run_id = killed.info.run_id
+    assert killed.info.status == "KILLED"
+    assert "checkpoints/last.ckpt" in _artifacts(c, run_id, "checkpoints")
+    assert load_run(run_id).source == "checkpoints/last.ckpt"  # a killed run's model: its checkpoint
+    assert max(m.step for m in c.get_metric_history(run_id, "val/loss")) == 20
+
+    assert main(["train", "--resume", run_id]) == 0
+    got = c.get_run(run_id)
+    assert _only_run(c).info.run_id == run_id
+    assert got.info.status == "FINISHED"
+    assert got.data.metrics["train/steps"] == 40 and got.data.tags["resumed_at_step"] == "20"
+    assert "status" not in got.data.tags
+    assert sorted({m.step for m in c.get_metric_history(run_id, "val/loss")}) == [10, 20, 30, 40]
+    assert max(m.step for m in c.get_metric_history(run_id, "train/loss")) == 40
+    loaded = load_run(run_id)
+    assert loaded.source == "model/weights.pt"
+    for k, v in ref_cap.module.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v), k  # same data stream, optimizer state restored
+
+
+def test_resume_refusals(store, tiny, capsys):
+    from pipeline.cli import main
+
+    r = run(tiny())
+    assert main(["train", "--resume", r.run_id]) == 2
+    assert "is FINISHED: nothing to resume" in capsys.readouterr().err
+    assert main(["train", "--resume", r.run_id, "optim.lr=0.1"]) == 2
+    assert "--resume takes no overrides" in capsys.readouterr().err
+    assert main(["train", "--resume", "0" * 32]) == 2
+    assert "no run" in capsys.readouterr().err
