@@ -115,3 +115,43 @@ def test_resume_refusals(store, tiny, capsys):
     assert "--resume takes no overrides" in capsys.readouterr().err
     assert main(["train", "--resume", "0" * 32]) == 2
     assert "no run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("log_models", ["best", "all"])
+def test_sweep_best_trial_is_loadable(store, tmp_path, log_models):
+    """``log_models: best`` (the default): the best trial has model/weights.pt (and trials that were the best
+    when they finished); ``all``: every trial that trained. The parent run points at the best's model."""
+    from test_sweep import load_study, mlflow_runs, run_sweep_cli, write_sweep
+
+    from pipeline import load_run
+
+    cfg = write_sweep(tmp_path / "s.yaml", log_models=log_models, n_trials=3)
+    p = run_sweep_cli(cfg)
+    assert p.returncode == 0, p.stdout + p.stderr
+    runs = mlflow_runs(store)
+    parent = next(r for r in runs if r.data.tags.get("pipeline.kind") == "sweep")
+    best_id = parent.data.tags["best_run_id"]
+    assert parent.data.tags["best_model_uri"] == f"runs:/{best_id}/model"
+    study = load_study()
+    best = min((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert best.user_attrs["mlflow_run_id"] == best_id
+    loaded = load_run(best_id)
+    assert loaded.source == "model/weights.pt" and loaded.run_id == best_id
+    assert loaded.config.model.cell == best.params["model.cell"]
+    assert loaded.config.optim.lr == pytest.approx(best.params["optim.lr"])
+    c = MlflowClient(store)
+    trained = [t for t in study.trials if t.state.name == "COMPLETE"]
+    with_weights = {
+        t.number
+        for t in trained
+        if "model/weights.pt" in _artifacts(c, t.user_attrs["mlflow_run_id"], "model")
+    }
+    if log_models == "all":
+        assert with_weights == {t.number for t in trained}
+    else:  # exactly the trials that were the best so far when they finished (one worker: in order)
+        so_far, expect = float("inf"), set()
+        for t in sorted(trained, key=lambda t: t.number):
+            if t.value <= so_far and not t.user_attrs.get("diverged"):
+                expect.add(t.number)
+                so_far = t.value
+        assert with_weights == expect and best.number in with_weights
