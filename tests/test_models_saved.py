@@ -111,6 +111,10 @@ def test_resume_refusals(store, tiny, capsys):
     r = run(tiny())
     assert main(["train", "--resume", r.run_id]) == 2
     assert "is FINISHED: nothing to resume" in capsys.readouterr().err
+    assert main(["train", "--resume", r.run_id, f"tracking.uri={store}"]) == 2  # the one override taken
+    assert "is FINISHED: nothing to resume" in capsys.readouterr().err
+    assert main(["train", "--resume", r.run_id, "--config", "smoke"]) == 2
+    assert "--resume takes no --config" in capsys.readouterr().err
     assert main(["train", "--resume", r.run_id, "optim.lr=0.1"]) == 2
     assert "--resume takes no overrides" in capsys.readouterr().err
     assert main(["train", "--resume", "0" * 32]) == 2
@@ -155,3 +159,68 @@ def test_sweep_best_trial_is_loadable(store, tmp_path, log_models):
                 expect.add(t.number)
                 so_far = t.value
         assert with_weights == expect and best.number in with_weights
+
+
+def test_sigterm_of_train_then_resume(store, tmp_path):
+    """A real ``python -m pipeline train`` SIGTERMed after its first checkpoint: exit 143, KILLED, the resume
+    command printed; ``--resume`` finishes the same run to max_steps."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.cli import main
+    from tests.conftest import ROOT
+
+    args = [
+        "task.seq_len=12",
+        "task.batch_size=16",
+        "task.val_size=64",
+        "model.hidden_size=8",
+        "optim.lr=0.01",
+        "trainer.max_steps=4000",
+        "trainer.val_every=40",
+        "trainer.log_every=20",
+        "diagnostics.profile_every=0",
+        "diagnostics.probe_size=8",
+        "diagnostics.plots=false",
+        "tracking.experiment=test",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    c = MlflowClient(store)
+    run_id, end = None, time.monotonic() + 120
+    try:
+        while time.monotonic() < end and proc.poll() is None:
+            time.sleep(0.3)
+            exp = c.get_experiment_by_name("test")
+            runs = c.search_runs([exp.experiment_id]) if exp else []
+            if runs and "checkpoints/last.ckpt" in _artifacts(c, runs[0].info.run_id, "checkpoints"):
+                run_id = runs[0].info.run_id
+                break
+        assert run_id is not None and proc.poll() is None, "no checkpoint before the run ended"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert f"resume: python -m pipeline train --resume {run_id}" in err
+    killed = c.get_run(run_id)
+    assert killed.info.status == "KILLED"
+    stopped_at = max(m.step for m in c.get_metric_history(run_id, "train/loss"))
+    assert stopped_at < 4000
+    assert main(["train", "--resume", run_id, f"tracking.uri={store}"]) == 0
+    got = c.get_run(run_id)
+    assert got.info.status == "FINISHED" and got.data.metrics["train/steps"] == 4000
+    assert int(got.data.tags["resumed_at_step"]) % 40 == 0
+    steps = {m.step for m in c.get_metric_history(run_id, "val/loss")}
+    assert max(steps) == 4000 and {s for s in steps if s > stopped_at}
+    assert _only_run(c).info.run_id == run_id

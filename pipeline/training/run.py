@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 import secrets
+import sys
 import tempfile
 import time
 import warnings
@@ -158,6 +159,8 @@ def _run_recorded(
         with contextlib.suppress(Exception):
             rec.set_tags({STATUS: status.lower()} if status != "FINISHED" else {})
         rec.close(status)
+        if checkpoint and status != "FINISHED" and rec.run_id:
+            print(f"resume: python -m pipeline train --resume {rec.run_id}", file=sys.stderr, flush=True)
 
 
 def _start_recorder(
