@@ -24,8 +24,11 @@ _LAZY = {
     "GradientNormMonitor": "pipeline.training.monitors",
     "BPTTProfileMonitor": "pipeline.training.monitors",
     "profile_rnn": "pipeline.training.probe",
+    # A trained model back from its MLflow run (README, "Saved models and resuming").
+    "load_run": "pipeline.training.saved",
+    "LoadedRun": "pipeline.training.saved",
 }
-__all__ = ["BPTTProfileMonitor", "GradientNormMonitor", "__version__", "profile_rnn"]
+__all__ = ["BPTTProfileMonitor", "GradientNormMonitor", "LoadedRun", "__version__", "load_run", "profile_rnn"]
 
 
 def __getattr__(name: str):

@@ -113,6 +113,9 @@ class TrackingConfig:
     # true: MLflow's own system-metrics monitor (CPU, memory, disk, network; GPU where present) logs
     # system/* metrics every 10 s (README, "The MLflow record"); needs the `system-metrics` extra (psutil)
     system_metrics: bool = False
+    # true: log the trained weights as the artifact model/weights.pt (RNNModel state_dict, beside config.yaml),
+    # loadable with pipeline.load_run(run_id) (README, "Saved models and resuming")
+    log_model: bool = True
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""``python -m pipeline train [--config FILE|NAME] [--print-config] [dotted.key=value ...]``.
+"""``python -m pipeline train [--config FILE|NAME] [--print-config] [dotted.key=value ...]``,
+``python -m pipeline train --resume RUN_ID [tracking.uri=URI]``.
 
 ``--config`` takes a path or the name of a shipped config (``smoke`` -> ``configs/train/smoke.yaml``;
 :mod:`pipeline.presets`); without it the documented defaults train (README, "Configuration reference").
@@ -21,15 +22,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the resolved config (file + overrides, validated) as YAML and exit without training",
     )
+    p.add_argument(
+        "--resume",
+        default=None,
+        metavar="RUN_ID",
+        help="continue a killed or failed run from its last checkpoint (checkpoints/last.ckpt), in the same "
+        "MLflow run, with its own config; takes no --config and no override but tracking.uri=URI",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.cell=lstm")
+
+
+def _resume_config(args: argparse.Namespace):
+    """The run's own config (``--resume``): overrides are refused but ``tracking.uri``, where the run is."""
+    from pipeline.schema import ConfigError
+
+    if args.config is not None:
+        raise ConfigError("", "--resume takes no --config: a resumed run trains its own config.yaml")
+    uri = None
+    for item in args.overrides or []:
+        key, _, value = item.partition("=")
+        if key.strip() != "tracking.uri" or not value.strip():
+            raise ConfigError(
+                "",
+                "--resume takes no overrides but tracking.uri=URI: a resumed run trains its own config.yaml",
+            )
+        uri = value.strip()
+    from pipeline.training.saved import resume_config
+
+    return resume_config(args.resume, uri)
 
 
 def command(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
     from pipeline.presets import resolve
 
-    path = resolve(args.config, "train") if args.config is not None else None
-    cfg = load_config(path, args.overrides)  # validated before anything is written
+    if args.resume is not None:
+        cfg = _resume_config(args)
+    else:
+        path = resolve(args.config, "train") if args.config is not None else None
+        cfg = load_config(path, args.overrides)  # validated before anything is written
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
@@ -47,7 +78,8 @@ def command(args: argparse.Namespace) -> int:
 
     if cfg.tracking.enabled:
         ensure_experiment(cfg.tracking.uri, cfg.tracking.experiment)
-    r = run(cfg, progress=True)  # one line per validation (training/progress.py)
+    # One line per validation (training/progress.py); a checkpoint at each (training/saved.py).
+    r = run(cfg, progress=True, checkpoint=True, resume=args.resume)
     ratio = f"{r.val_loss_ratio:.3f}" if r.val_loss_ratio is not None else "n/a"
     val = f"{r.val_loss:.4g}" if r.val_loss is not None else "n/a"
     print(

@@ -111,6 +111,9 @@ class SweepConfig:
     penalty: float = 2.0  # objective floor of a diverged trial (1.0 = learned nothing)
     heartbeat: HeartbeatConfig = HeartbeatConfig()  # stale-trial detection on RDB storages
     space: tuple[Param, ...] = ()  # the search space, in file order
+    # best: a trial logs model/weights.pt when it finishes as the best so far, so the final best trial always
+    # has them (README, "Saved models and resuming"); all: every trial (as tracking.log_model on a train run)
+    log_models: Literal["best", "all"] = "best"
     # The merged YAML as read (base resolved), logged on the parent run as sweep.yaml; not sent to workers.
     source: dict[str, Any] = field(default_factory=dict, compare=False)
 

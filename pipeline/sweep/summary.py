@@ -1,6 +1,7 @@
 """End of a sweep: the per-trial table, the best trial, Optuna's plots, all on the sweep's parent run.
 
-Parent run contents (public names, see the README, "Sweeps"): params ``best_<key>`` (only once the study has
+Parent run contents (public names, see the README, "Sweeps"): tags ``best_run_id``, ``best_model_uri``
+(``runs:/<best_run_id>/model``), params ``best_<key>`` (only once the study has
 reached n_trials; a resume that raises n_trials may change them, so they are also tags ``best_<key>``),
 metrics ``best_value``, ``best_trial``, ``trials/{complete,pruned,diverged,failed,running}``, artifacts
 ``trials.parquet`` and ``plots/optuna_history.png``, ``plots/param_importances.png`` (PED-ANOVA:
@@ -145,7 +146,10 @@ def finalize(rec, study, sw, *, complete: bool, plots: bool = True) -> dict[str,
     tags: dict[str, Any] = {"n_trials_done": c["done"], "sweep_complete": str(complete).lower()}
     if best is not None:
         metrics.update({"best_value": best.value, "best_trial": best.number})
-        tags.update({"best_trial": best.number, "best_run_id": best.user_attrs.get("mlflow_run_id")})
+        best_run = best.user_attrs.get("mlflow_run_id")
+        tags.update({"best_trial": best.number, "best_run_id": best_run})
+        if best_run:  # its model: pipeline.load_run(best_run_id) (README, "Saved models and resuming")
+            tags["best_model_uri"] = f"runs:/{best_run}/model"
         tags.update({f"best_{k}": v for k, v in best.params.items()})
         if complete:
             with contextlib.suppress(MlflowException):  # a resume with a larger n_trials may move the best

@@ -64,12 +64,16 @@ class TrialCallback(pl.Callback):
         self.pruned_by: str | None = None
         self.monitor: Any = None  # the run's GradientMonitor, found at setup
         self.reported: set[int] = set()  # the final validate() may repeat the last step
+        self.module: Any = (
+            None  # the trial's LightningModule, for the best-so-far model (Worker.log_best_model)
+        )
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         from pipeline.training.callbacks import GradientMonitor
 
         if stage != "fit":
             return
+        self.module = pl_module
         self.monitor = next((c for c in trainer.callbacks if isinstance(c, GradientMonitor)), None)
         run_id = getattr(getattr(self.monitor, "recorder", None), "run_id", None)
         if run_id:  # as early as possible: a reaper closes this run if the worker dies
@@ -210,6 +214,7 @@ class Worker:
             enabled=True,
             experiment=self.spec["experiment"],
             run_name=f"{self.sw.study}-t{trial.number:04d} {short}"[:250],
+            log_model=self.sw.log_models == "all",
         )
         trainer = replace(
             cfg.trainer, progress_bar=False, **({"accelerator": "gpu"} if self.spec.get("gpu") else {})
@@ -254,8 +259,31 @@ class Worker:
                 trial.set_user_attr("error", msg)
             self.study.tell(trial, state=TrialState.FAIL)
             return False
+        self.log_best_model(r, cb.module)
         self.tell(trial, r, cb.pruned_by)
         return True
+
+    def log_best_model(self, r, module) -> None:
+        """``log_models: best``: log the weights of a trial that trained, unpruned and finite, no worse than
+        every trial already COMPLETE (checked before its own tell), so the study's final best trial always
+        has ``model/weights.pt``, whatever order parallel workers finish in; earlier bests keep theirs."""
+        v = r.val_loss_ratio
+        if self.sw.log_models != "best" or module is None or r.run_id is None or r.pruned:
+            return
+        if r.diverged_step is not None or v is None or not math.isfinite(v):
+            return
+        from pipeline.sweep.study import best_trial
+
+        best = best_trial(self.study)
+        if best is not None and best.value < v:
+            return
+        from pipeline.tracking import Recorder
+        from pipeline.training.saved import log_weights
+
+        try:
+            log_weights(Recorder.attach(self.mlflow_uri, r.run_id), module.model)
+        except Exception as e:  # the trial trained: a failed upload must not fail it
+            print(f"trial {r.run_id}: model/weights.pt not logged: {type(e).__name__}: {e}", file=sys.stderr)
 
     def tell(self, trial, r, pruned_by: str | None) -> None:
         """Tell Optuna how a trial that ran ended (see the module doc's table) and tag its MLflow run."""

@@ -14,18 +14,25 @@ from pipeline.training.tasks import Task
 
 
 class OnDeviceBatches(IterableDataset):
-    """``n`` fresh batches, each generated on ``device`` (DataLoader with batch_size=None, no workers)."""
+    """``n`` fresh batches, each generated on ``device`` (DataLoader with batch_size=None, no workers).
 
-    def __init__(self, task: Task, batch_size: int, n: int, seed: int, device: torch.device):
+    ``start``: a resumed run's step; the first ``start`` batches are drawn and dropped, so the run sees
+    exactly the stream an uninterrupted run would (``len`` stays ``n``: Lightning's restored batch count
+    of the epoch already includes them)."""
+
+    def __init__(self, task: Task, batch_size: int, n: int, seed: int, device: torch.device, start: int = 0):
         self.task, self.batch_size, self.n, self.seed, self.device = task, batch_size, n, seed, device
+        self.start = start
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self):
         gen = torch.Generator(device=self.device).manual_seed(self.seed)
-        for _ in range(self.n):
-            yield self.task.sample(self.batch_size, gen, self.device)
+        for i in range(self.n):
+            batch = self.task.sample(self.batch_size, gen, self.device)
+            if i >= self.start:
+                yield batch
 
 
 def fixed_batch(task: Task, n: int, seed: int, device: torch.device | str = "cpu"):
@@ -45,7 +52,9 @@ class TaskDataModule(pl.LightningDataModule):
         return self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
 
     def train_dataloader(self):
-        ds = OnDeviceBatches(self.task, self.batch_size, self.max_steps, self.seed, self.device)
+        # Called after a checkpoint's loop state is restored: global_step is the resumed run's step.
+        start = self.trainer.global_step if self.trainer is not None else 0
+        ds = OnDeviceBatches(self.task, self.batch_size, self.max_steps, self.seed, self.device, start)
         return DataLoader(ds, batch_size=None, num_workers=0)
 
     def val_dataloader(self):

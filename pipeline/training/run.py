@@ -10,6 +10,8 @@ import contextlib
 import logging
 import math
 import secrets
+import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -68,6 +70,9 @@ LIGHTNING_NOISE: tuple[tuple[type[Warning], str], ...] = (
     # OnDeviceBatches is an IterableDataset with a length (the epoch size) loaded without worker
     # processes: the duplicate-data caveat for multi-worker loading cannot occur.
     (UserWarning, r".*`IterableDataset` has `__len__` defined.*"),
+    # Resuming from a mid-epoch checkpoint (``--resume``): the training stream skips the batches already
+    # trained (training/data.py), so the restored run continues exactly, which the advice assumes it cannot.
+    (UserWarning, r".*resuming from a checkpoint that ended before the epoch ended.*"),
 )
 
 
@@ -92,6 +97,8 @@ def run(
     callbacks: list | None = None,
     experiment_id: str | None = None,
     progress: bool = False,
+    checkpoint: bool = False,
+    resume: str | None = None,
 ) -> RunResult:
     """Train one configuration and record it; returns the run's summary.
 
@@ -99,17 +106,43 @@ def run(
     ``pl_module.pruned = True`` and ``trainer.should_stop = True`` to stop a run early as pruned.
     ``progress``: print one line per validation (``python -m pipeline train``; training/progress.py),
     unless ``trainer.progress_bar`` shows Lightning's bar instead.
+    ``checkpoint``: log a Lightning checkpoint at every validation (``checkpoints/last.ckpt``;
+    training/saved.py). ``resume``: the id of such a run to continue from its checkpoint (reopened, the
+    same MLflow run; ``cfg`` is its own config, :func:`pipeline.training.saved.resume_config`).
     """
     from pipeline.training.tasks import make_task
 
     quiet_lightning()
     configure_torch(cfg)
     task = make_task(cfg.task.name, cfg.task.seq_len)
-    rec = _start_recorder(cfg, parent_run_id, extra_tags, experiment_id)
+    with contextlib.ExitStack() as stack:
+        ckpt = None
+        if resume is not None:
+            from pipeline.tracking import Recorder
+            from pipeline.training.saved import download_checkpoint
+
+            ckpt = download_checkpoint(
+                resume, cfg.tracking.uri, stack.enter_context(tempfile.TemporaryDirectory())
+            )
+            rec = Recorder.attach(cfg.tracking.uri, resume, reopen=True)
+            for tag in (STATUS, "error"):  # the interrupted attempt's; this one sets its own
+                with contextlib.suppress(Exception):
+                    rec.client.delete_tag(resume, tag)
+        else:
+            rec = _start_recorder(cfg, parent_run_id, extra_tags, experiment_id)
+        return _run_recorded(
+            cfg, task, rec, callbacks or [], progress, checkpoint or resume is not None, ckpt
+        )
+
+
+def _run_recorded(
+    cfg: Config, task, rec, callbacks: list, progress: bool, checkpoint: bool, ckpt
+) -> RunResult:
+    """Train on an open Recorder and close its run with the status the code path that ended it says."""
     monitor = _system_metrics(cfg, rec)
     status = "FAILED"
     try:
-        result = _train(cfg, task, rec, callbacks or [], progress=progress)
+        result = _train(cfg, task, rec, callbacks, progress=progress, checkpoint=checkpoint, ckpt=ckpt)
         status = "FINISHED"
         return result
     except (KeyboardInterrupt, SystemExit, Terminated):
@@ -126,6 +159,8 @@ def run(
         with contextlib.suppress(Exception):
             rec.set_tags({STATUS: status.lower()} if status != "FINISHED" else {})
         rec.close(status)
+        if checkpoint and status != "FINISHED" and rec.run_id:
+            print(f"resume: python -m pipeline train --resume {rec.run_id}", file=sys.stderr, flush=True)
 
 
 def _start_recorder(
@@ -200,15 +235,23 @@ def _trainer(cfg: Config, callbacks: list):
     )
 
 
-def _train(cfg: Config, task, rec, extra_callbacks: list, progress: bool = False) -> RunResult:
-    """Fit (plus a final validation when the last step had none), then summarise and record."""
+def _train(
+    cfg: Config, task, rec, extra_callbacks: list, progress: bool = False, checkpoint: bool = False, ckpt=None
+) -> RunResult:
+    """Fit (plus a final validation when the last step had none), then summarise and record.
+
+    ``ckpt``: (local checkpoint path, its step) of a resumed run, whose params and config are recorded."""
     from pipeline.training import callbacks as dg
+    from pipeline.training import saved
     from pipeline.training.data import TaskDataModule
     from pipeline.training.module import RNNTrainingModule
 
-    rec.log_params(cfg.flat())
-    rec.log_text(cfg.to_yaml(), "config.yaml")
-    rec.log_metrics({"task/baseline": task.baseline}, 0)
+    if ckpt is None:
+        rec.log_params(cfg.flat())
+        rec.log_text(cfg.to_yaml(), saved.CONFIG)
+        rec.log_metrics({"task/baseline": task.baseline}, 0)
+    else:
+        rec.set_tags({saved.RESUMED_AT_STEP: ckpt[1]})
     module = RNNTrainingModule(cfg, task)
     module.pruned = False
     data = TaskDataModule(task, cfg.task.batch_size, cfg.task.val_size, cfg.trainer.max_steps, cfg.seed)
@@ -222,9 +265,11 @@ def _train(cfg: Config, task, rec, extra_callbacks: list, progress: bool = False
         from pipeline.training.progress import ProgressPrinter
 
         own.append(ProgressPrinter(cfg, task, mon.grads, mon.prof))  # after the monitors it reads
+    if checkpoint:
+        own.append(saved.RunCheckpoint(rec, mon))  # after ValidationLogger: its state has this validation
     trainer = _trainer(cfg, [*own, *extra_callbacks])
     with terminate_as_exception():
-        trainer.fit(module, datamodule=data)
+        trainer.fit(module, datamodule=data, ckpt_path=None if ckpt is None else str(ckpt[0]))
         if module.diverged_step is None and mon.val.last_step != trainer.global_step:
             trainer.validate(module, datamodule=data, verbose=False)  # final validation
     steps = trainer.global_step
@@ -232,6 +277,8 @@ def _train(cfg: Config, task, rec, extra_callbacks: list, progress: bool = False
     rec.log_metrics({k: x for k, x in summary.metrics.items() if x is not None}, steps)
     rec.set_tags({**summary.tags, MLFLOW_NOTE: describe(cfg, task, summary)})
     log_artifacts(rec, cfg, task, mon, summary)
+    if cfg.tracking.log_model:
+        saved.log_weights(rec, module.model)
     return summary.result(rec.run_id, steps)
 
 

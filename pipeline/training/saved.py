@@ -1,0 +1,194 @@
+"""Saved models and resumable runs: weights + config in the run's artifacts, the loader, checkpoints.
+
+A trained model is the artifact ``model/weights.pt``: the :class:`~pipeline.training.models.RNNModel`
+``state_dict`` written with ``torch.save``, beside the run's ``config.yaml``. :func:`load_run` rebuilds the
+model from that config and loads the tensors with ``torch.load(weights_only=True)``: no pickled class is
+stored, so a store outlives refactors of this package (``tests/test_layout_stores.py``), nothing
+executes code on load, and logging costs one small file (no pip-requirements inference, as an
+``mlflow.pytorch`` model would do on every run).
+
+``python -m pipeline train`` also writes a Lightning checkpoint at every validation while fitting
+(weights, optimizer state, step counters, the largest pre-clip norm and best validation loss so far),
+logged as ``checkpoints/last.ckpt``; ``--resume RUN_ID`` reopens that run and continues from it
+(README, "Saved models and resuming").
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from pipeline.config import Config, load_config
+from pipeline.schema import ConfigError
+from pipeline.training.models import RNNModel
+from pipeline.training.module import RNNTrainingModule
+from pipeline.training.tasks import Task, make_task
+
+WEIGHTS = "model/weights.pt"  # RNNModel state_dict (torch.save), loaded with weights_only=True
+CHECKPOINT = "checkpoints/last.ckpt"  # Lightning checkpoint of the last validation while fitting
+CONFIG = "config.yaml"  # the resolved config, logged by every run (pipeline/training/run.py)
+RESUMED_AT_STEP = "resumed_at_step"  # tag: the checkpoint step of the latest --resume
+
+
+def log_weights(rec, model: torch.nn.Module) -> None:
+    """Log ``model``'s ``state_dict`` (tensors on the CPU) as :data:`WEIGHTS` on ``rec``'s run."""
+    if not getattr(rec, "run_id", None):
+        return  # tracking off (NullRecorder)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / Path(WEIGHTS).name
+        torch.save(state, p)
+        rec.log_file(p, str(Path(WEIGHTS).parent))
+
+
+class RunCheckpoint(pl.Callback):
+    """At the end of every validation while fitting: a Lightning checkpoint logged as :data:`CHECKPOINT`.
+
+    Its own state (saved in the checkpoint under this class's name, restored by ``trainer.fit(...,
+    ckpt_path=...)``): the running summaries a resumed run must not forget, the largest pre-clip gradient
+    norm (the verdict's input) and the best validation loss. ``mon`` is the run's
+    :class:`pipeline.training.run.Monitors`.
+    """
+
+    def __init__(self, rec, mon):
+        self.rec, self.mon = rec, mon
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not getattr(self.rec, "run_id", None):
+            return
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d) / Path(CHECKPOINT).name
+            trainer.save_checkpoint(p)
+            self.rec.log_file(p, str(Path(CHECKPOINT).parent))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"max_norm_preclip": self.mon.grads.max_norm_preclip, "val_best": self.mon.val.best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.mon.grads.max_norm_preclip = state_dict.get("max_norm_preclip")
+        self.mon.val.best = state_dict.get("val_best")
+
+
+def _download(c, run_id: str, path: str, dst: str) -> Path | None:
+    """Artifact ``path`` of ``run_id`` downloaded under ``dst``, or None when the run has none."""
+    folder = str(Path(path).parent) if "/" in path else None
+    listed = {a.path for a in (c.list_artifacts(run_id, folder) if folder else c.list_artifacts(run_id))}
+    if path not in listed:
+        return None
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # no tqdm bar per small file on the terminal
+    old = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        return Path(c.download_artifacts(run_id, path, dst))
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+def _get_run(c, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_run(run_id)
+    except MlflowException:
+        raise ConfigError("", f"no run {run_id!r} in the MLflow store {c.tracking_uri}") from None
+
+
+def run_config(run_id: str, tracking_uri: str | None = None) -> Config:
+    """The validated config a run recorded (its ``config.yaml``)."""
+    from pipeline.tracking import client
+
+    c = client(tracking_uri)
+    _get_run(c, run_id)
+    with tempfile.TemporaryDirectory() as d:
+        p = _download(c, run_id, CONFIG, d)
+        if p is None:
+            raise ConfigError("", f"run {run_id} has no {CONFIG}: not a run of this pipeline")
+        return load_config(p)
+
+
+@dataclass(frozen=True)
+class LoadedRun:
+    """A trained model back from its run: ``module`` is the run's LightningModule (CPU, eval mode), so
+    ``profile_rnn(loaded.module, "model.rnn", batch)`` profiles it on its own loss; ``model`` is its
+    :class:`RNNModel` (``loaded.model(x)`` predicts)."""
+
+    run_id: str
+    config: Config
+    task: Task
+    module: RNNTrainingModule
+    source: str  # the artifact the weights came from: model/weights.pt or checkpoints/last.ckpt
+
+    @property
+    def model(self) -> RNNModel:
+        return self.module.model
+
+
+def load_run(run_id: str, tracking_uri: str | None = None) -> LoadedRun:
+    """Load the model of a ``pipeline train`` run or a sweep trial, with its resolved config.
+
+    Reads ``config.yaml`` and ``model/weights.pt``; a run without weights (killed, or
+    ``tracking.log_model: false``) falls back to the model in its ``checkpoints/last.ckpt``.
+    ``tracking_uri``: None is ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
+    """
+    from pipeline.tracking import client
+
+    c = client(tracking_uri)
+    cfg = run_config(run_id, tracking_uri)
+    task = make_task(cfg.task.name, cfg.task.seq_len)
+    module = RNNTrainingModule(cfg, task)
+    with tempfile.TemporaryDirectory() as d:
+        p = _download(c, run_id, WEIGHTS, d)
+        source = WEIGHTS
+        if p is not None:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        else:
+            p = _download(c, run_id, CHECKPOINT, d)
+            if p is None:
+                raise ConfigError(
+                    "", f"run {run_id} has neither {WEIGHTS} nor {CHECKPOINT} (tracking.log_model was false?)"
+                )
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
+            state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+            source = CHECKPOINT
+    module.model.load_state_dict(state)
+    module.eval()
+    for q in module.parameters():
+        q.requires_grad_(False)
+    return LoadedRun(run_id=run_id, config=cfg, task=task, module=module, source=source)
+
+
+def resume_config(run_id: str, tracking_uri: str | None = None) -> Config:
+    """The config to resume ``run_id`` with (its own, ``tracking.uri`` = where it was found), after the
+    checks ``--resume`` makes: the run exists, is not FINISHED, and has a checkpoint."""
+    from pipeline.tracking import client
+
+    c = client(tracking_uri)
+    r = _get_run(c, run_id)
+    if r.info.status == "FINISHED":
+        raise ConfigError("", f"run {run_id} is FINISHED: nothing to resume")
+    cfg = run_config(run_id, tracking_uri)
+    if CHECKPOINT not in {a.path for a in c.list_artifacts(run_id, str(Path(CHECKPOINT).parent))}:
+        raise ConfigError(
+            "", f"run {run_id} has no {CHECKPOINT} (it stopped before its first validation): start it afresh"
+        )
+    return replace(cfg, tracking=replace(cfg.tracking, uri=tracking_uri, enabled=True))
+
+
+def download_checkpoint(run_id: str, tracking_uri: str | None, dst: str) -> tuple[Path, int]:
+    """The run's :data:`CHECKPOINT` downloaded under ``dst``, and the step it was saved at."""
+    from pipeline.tracking import client
+
+    p = _download(client(tracking_uri), run_id, CHECKPOINT, dst)
+    if p is None:
+        raise ConfigError("", f"run {run_id} has no {CHECKPOINT}")
+    ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    return p, int(ckpt["global_step"])

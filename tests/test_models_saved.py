@@ -1,0 +1,226 @@
+"""Saved models and resuming, queried back from the MLflow store: model/weights.pt, load_run, a sweep's
+best trial, checkpoints/last.ckpt and ``train --resume RUN_ID`` continuing the same run."""
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipeline.signals import Terminated
+from pipeline.training.data import fixed_batch
+from pipeline.training.run import run
+
+
+class Capture(pl.Callback):
+    def on_train_end(self, trainer, pl_module):
+        self.module = pl_module
+
+
+class StopAt(pl.Callback):
+    """Raise Terminated (what SIGTERM raises) after ``step`` optimizer steps."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            raise Terminated("test")
+
+
+def _artifacts(c, run_id, folder=None):
+    return {a.path for a in c.list_artifacts(run_id, folder)}
+
+
+def test_train_logs_weights_and_load_run_predicts_the_same(store, tiny):
+    from pipeline import load_run
+
+    cap = Capture()
+    cfg = tiny(**{"model.cell": "lstm"})
+    r = run(cfg, callbacks=[cap])
+    c = MlflowClient(store)
+    assert "model/weights.pt" in _artifacts(c, r.run_id, "model")
+    assert "checkpoints" not in _artifacts(c, r.run_id)  # run() checkpoints only when asked (train does)
+    loaded = load_run(r.run_id)
+    assert loaded.run_id == r.run_id and loaded.source == "model/weights.pt"
+    assert loaded.config == cfg and loaded.task.name == "adding"
+    assert not loaded.module.training and not loaded.model.training
+    x, _ = fixed_batch(loaded.task, 32, 123)
+    trained = cap.module.model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), trained(x))
+    # profile_rnn works on it directly (an nn.LSTM inside the LightningModule, the module's own loss)
+    from pipeline import profile_rnn
+
+    frame = profile_rnn(loaded.module, "model.rnn", fixed_batch(loaded.task, 8, 7))
+    assert set(frame["state"]) == {"h", "c"} and frame["t"].max() == cfg.task.seq_len
+
+
+def test_log_model_false_logs_no_weights(store, tiny):
+    from pipeline.schema import ConfigError
+    from pipeline.training.saved import load_run
+
+    r = run(tiny(**{"tracking.log_model": "false"}))
+    assert "model" not in _artifacts(MlflowClient(store), r.run_id)
+    with pytest.raises(ConfigError, match="neither model/weights.pt nor checkpoints/last.ckpt"):
+        load_run(r.run_id)
+
+
+def _only_run(c):
+    runs = c.search_runs([c.get_experiment_by_name("test").experiment_id])
+    assert len(runs) == 1
+    return runs[0]
+
+
+def test_interrupted_train_resumes_the_same_run_exactly(store, tiny):
+    """Killed at step 27 (checkpoint at step 20), resumed with ``train --resume``: FINISHED, same run id,
+    train/steps = max_steps, metrics beyond the interruption, and the weights of an uninterrupted run."""
+    from pipeline.cli import main
+    from pipeline.training.saved import load_run
+
+    over = {"trainer.max_steps": 40, "diagnostics.profile_every": 0}
+    cfg = tiny(**over)
+    ref_cap = Capture()
+    run(tiny(**over, **{"tracking.enabled": "false"}), callbacks=[ref_cap])  # the uninterrupted reference
+    with pytest.raises(Terminated):
+        run(cfg, callbacks=[StopAt(27)], checkpoint=True)
+    c = MlflowClient(store)
+    killed = _only_run(c)
+    run_id = killed.info.run_id
+    assert killed.info.status == "KILLED"
+    assert "checkpoints/last.ckpt" in _artifacts(c, run_id, "checkpoints")
+    assert load_run(run_id).source == "checkpoints/last.ckpt"  # a killed run's model: its checkpoint
+    assert max(m.step for m in c.get_metric_history(run_id, "val/loss")) == 20
+
+    assert main(["train", "--resume", run_id]) == 0
+    got = c.get_run(run_id)
+    assert _only_run(c).info.run_id == run_id
+    assert got.info.status == "FINISHED"
+    assert got.data.metrics["train/steps"] == 40 and got.data.tags["resumed_at_step"] == "20"
+    assert "status" not in got.data.tags
+    assert sorted({m.step for m in c.get_metric_history(run_id, "val/loss")}) == [10, 20, 30, 40]
+    assert max(m.step for m in c.get_metric_history(run_id, "train/loss")) == 40
+    loaded = load_run(run_id)
+    assert loaded.source == "model/weights.pt"
+    for k, v in ref_cap.module.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v), k  # same data stream, optimizer state restored
+
+
+def test_resume_refusals(store, tiny, capsys):
+    from pipeline.cli import main
+
+    r = run(tiny())
+    assert main(["train", "--resume", r.run_id]) == 2
+    assert "is FINISHED: nothing to resume" in capsys.readouterr().err
+    assert main(["train", "--resume", r.run_id, f"tracking.uri={store}"]) == 2  # the one override taken
+    assert "is FINISHED: nothing to resume" in capsys.readouterr().err
+    assert main(["train", "--resume", r.run_id, "--config", "smoke"]) == 2
+    assert "--resume takes no --config" in capsys.readouterr().err
+    assert main(["train", "--resume", r.run_id, "optim.lr=0.1"]) == 2
+    assert "--resume takes no overrides" in capsys.readouterr().err
+    assert main(["train", "--resume", "0" * 32]) == 2
+    assert "no run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("log_models", ["best", "all"])
+def test_sweep_best_trial_is_loadable(store, tmp_path, log_models):
+    """``log_models: best`` (the default): the best trial has model/weights.pt (and trials that were the best
+    when they finished); ``all``: every trial that trained. The parent run points at the best's model."""
+    from test_sweep import load_study, mlflow_runs, run_sweep_cli, write_sweep
+
+    from pipeline import load_run
+
+    cfg = write_sweep(tmp_path / "s.yaml", log_models=log_models, n_trials=3)
+    p = run_sweep_cli(cfg)
+    assert p.returncode == 0, p.stdout + p.stderr
+    runs = mlflow_runs(store)
+    parent = next(r for r in runs if r.data.tags.get("pipeline.kind") == "sweep")
+    best_id = parent.data.tags["best_run_id"]
+    assert parent.data.tags["best_model_uri"] == f"runs:/{best_id}/model"
+    study = load_study()
+    best = min((t for t in study.trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    assert best.user_attrs["mlflow_run_id"] == best_id
+    loaded = load_run(best_id)
+    assert loaded.source == "model/weights.pt" and loaded.run_id == best_id
+    assert loaded.config.model.cell == best.params["model.cell"]
+    assert loaded.config.optim.lr == pytest.approx(best.params["optim.lr"])
+    c = MlflowClient(store)
+    trained = [t for t in study.trials if t.state.name == "COMPLETE"]
+    with_weights = {
+        t.number
+        for t in trained
+        if "model/weights.pt" in _artifacts(c, t.user_attrs["mlflow_run_id"], "model")
+    }
+    if log_models == "all":
+        assert with_weights == {t.number for t in trained}
+    else:  # exactly the trials that were the best so far when they finished (one worker: in order)
+        so_far, expect = float("inf"), set()
+        for t in sorted(trained, key=lambda t: t.number):
+            if t.value <= so_far and not t.user_attrs.get("diverged"):
+                expect.add(t.number)
+                so_far = t.value
+        assert with_weights == expect and best.number in with_weights
+
+
+def test_sigterm_of_train_then_resume(store, tmp_path):
+    """A real ``python -m pipeline train`` SIGTERMed after its first checkpoint: exit 143, KILLED, the resume
+    command printed; ``--resume`` finishes the same run to max_steps."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipeline.cli import main
+    from tests.conftest import ROOT
+
+    args = [
+        "task.seq_len=12",
+        "task.batch_size=16",
+        "task.val_size=64",
+        "model.hidden_size=8",
+        "optim.lr=0.01",
+        "trainer.max_steps=4000",
+        "trainer.val_every=40",
+        "trainer.log_every=20",
+        "diagnostics.profile_every=0",
+        "diagnostics.probe_size=8",
+        "diagnostics.plots=false",
+        "tracking.experiment=test",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    c = MlflowClient(store)
+    run_id, end = None, time.monotonic() + 120
+    try:
+        while time.monotonic() < end and proc.poll() is None:
+            time.sleep(0.3)
+            exp = c.get_experiment_by_name("test")
+            runs = c.search_runs([exp.experiment_id]) if exp else []
+            if runs and "checkpoints/last.ckpt" in _artifacts(c, runs[0].info.run_id, "checkpoints"):
+                run_id = runs[0].info.run_id
+                break
+        assert run_id is not None and proc.poll() is None, "no checkpoint before the run ended"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err
+    assert f"resume: python -m pipeline train --resume {run_id}" in err
+    killed = c.get_run(run_id)
+    assert killed.info.status == "KILLED"
+    stopped_at = max(m.step for m in c.get_metric_history(run_id, "train/loss"))
+    assert stopped_at < 4000
+    assert main(["train", "--resume", run_id, f"tracking.uri={store}"]) == 0
+    got = c.get_run(run_id)
+    assert got.info.status == "FINISHED" and got.data.metrics["train/steps"] == 4000
+    assert int(got.data.tags["resumed_at_step"]) % 40 == 0
+    steps = {m.step for m in c.get_metric_history(run_id, "val/loss")}
+    assert max(steps) == 4000 and {s for s in steps if s > stopped_at}
+    assert _only_run(c).info.run_id == run_id
