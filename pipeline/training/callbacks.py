@@ -29,7 +29,7 @@ from pipeline.bptt import reference
 from pipeline.config import Config, DiagnosticsConfig
 from pipeline.names import DIVERGED, EXPLODING, GROUPS, HEALTHY, VANISHING
 from pipeline.training.data import fixed_batch
-from pipeline.training.monitors import BPTTProfileMonitor, GradientNormMonitor
+from pipeline.training.monitors import BPTTProfileMonitor, GradientNormMonitor, profile_figure
 from pipeline.training.probe import pass_metrics
 from pipeline.training.tasks import Task
 
@@ -193,41 +193,12 @@ class ProfileMonitor(BPTTProfileMonitor):
 # --------------------------------------------------------------------------------------------- plots
 
 
-PROFILE_STYLES = (("h", "-", 1.6, ""), ("c", "--", 1.2, " (c)"), ("h_total", ":", 1.0, " (total)"))
-
-
 def plot_profile(frame, task: Task, title: str):
     """log10 ||dL_w/dh_t|| (the long-range profile) against t at several training steps: the textbook's
     figure, measured. LSTM adds the cell state (dashed); copy adds the total gradient (dotted), whose
-    direct loss terms hide the loss of memory (README, "The long-range profile")."""
-    from pipeline.plots import DPI, MIN_WIDTH, Curve, draw_profile, plt, wrap_title
-
-    fig, ax = plt.subplots(figsize=(MIN_WIDTH, 5.0), layout="constrained", dpi=DPI)
-    steps = sorted(frame["step"].unique()) if len(frame) else []
-    if len(steps) > 6:  # at most 6 curves: first, last and evenly spaced between
-        idx = np.unique(np.linspace(0, len(steps) - 1, 6).round().astype(int))
-        steps = [steps[i] for i in idx]
-    cmap = plt.get_cmap("viridis")
-    curves = []
-    for i, s in enumerate(steps):
-        for state, ls, lw, suffix in PROFILE_STYLES:
-            sub = frame[(frame["step"] == s) & (frame["state"] == state)]
-            if len(sub):
-                curves.append(
-                    Curve(
-                        sub["t"],
-                        sub["log10_norm"],
-                        f"step {s}{suffix}",
-                        ls,
-                        lw,
-                        cmap(i / max(len(steps) - 1, 1)),
-                    )
-                )
-    draw_profile(ax, curves, task.window)
-    ax.set_title(wrap_title(title, fig), fontsize=10)
-    if steps:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return fig
+    direct loss terms hide the loss of memory (README, "The long-range profile"). The public monitor's
+    figure (:func:`pipeline.training.monitors.profile_figure`) with the task's memory window shaded."""
+    return profile_figure(frame, title, task.window)
 
 
 def plot_grad_norms(

@@ -473,27 +473,41 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
 
     def plot(self, frame):
         """log10 ||dL/dh_t|| of the top layer against t, one line per pass (at most 6), c dashed."""
-        from pipeline.plots import DPI, MIN_WIDTH, Curve, draw_profile, plt, wrap_title
-
-        fig, ax = plt.subplots(figsize=(MIN_WIDTH, 5.0), layout="constrained", dpi=DPI)
         top = frame[frame["layer"] == frame["layer"].max()]
-        steps = sorted(top["step"].unique())
-        if len(steps) > 6:
-            idx = np.unique(np.linspace(0, len(steps) - 1, 6).round().astype(int))
-            steps = [steps[i] for i in idx]
-        cmap = plt.get_cmap("viridis")
-        curves = []
-        for i, s in enumerate(steps):
-            for state, ls in (("h", "-"), ("c", "--")):
-                sub = top[(top["step"] == s) & (top["state"] == state)]
-                if len(sub):
-                    label = f"step {s}" + (" (c)" if state == "c" else "")
-                    curves.append(
-                        Curve(sub["t"], sub["log10_norm"], label, ls, 1.4, cmap(i / max(len(steps) - 1, 1)))
-                    )
-        draw_profile(ax, curves)
-        ax.set_ylabel(r"$\log_{10}\,\|\partial L/\partial h_t\|$ (top layer)")
-        ax.set_title(wrap_title(f"{self.rnn}: BPTT profile; regime {self.regime}", fig), fontsize=10)
-        if curves:
-            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        return fig
+        return profile_figure(
+            top,
+            f"{self.rnn}: BPTT profile; regime {self.regime}",
+            ylabel=r"$\log_{10}\,\|\partial L/\partial h_t\|$ (top layer)",
+        )
+
+
+# One line style per profile state: h, the LSTM cell state c, and copy's total gradient h_total.
+PROFILE_STYLES = (("h", "-", 1.6, ""), ("c", "--", 1.2, " (c)"), ("h_total", ":", 1.0, " (total)"))
+
+
+def profile_figure(frame, title: str, window: tuple[int, int] | None = None, ylabel: str | None = None):
+    """The profile figure of both paths: log10 ||dL/dh_t|| against t from a long-format frame (``step, t,
+    state, log10_norm``), one line per state (:data:`PROFILE_STYLES`) at up to 6 training steps (the
+    first, the last and evenly spaced between), ``window`` (a memory window) shaded."""
+    from pipeline.plots import DPI, MIN_WIDTH, Curve, draw_profile, plt, wrap_title
+
+    fig, ax = plt.subplots(figsize=(MIN_WIDTH, 5.0), layout="constrained", dpi=DPI)
+    steps = sorted(frame["step"].unique()) if len(frame) else []
+    if len(steps) > 6:
+        idx = np.unique(np.linspace(0, len(steps) - 1, 6).round().astype(int))
+        steps = [steps[i] for i in idx]
+    cmap = plt.get_cmap("viridis")
+    curves = []
+    for i, s in enumerate(steps):
+        for state, ls, lw, suffix in PROFILE_STYLES:
+            sub = frame[(frame["step"] == s) & (frame["state"] == state)]
+            if len(sub):
+                color = cmap(i / max(len(steps) - 1, 1))
+                curves.append(Curve(sub["t"], sub["log10_norm"], f"step {s}{suffix}", ls, lw, color))
+    draw_profile(ax, curves, window)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    ax.set_title(wrap_title(title, fig), fontsize=10)
+    if curves:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig
