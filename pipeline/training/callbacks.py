@@ -1,5 +1,10 @@
 """Gradient callbacks: clip-aware norms every step, the BPTT profile and spectra every N steps, the verdict.
 
+The two monitors are this trainer's configurations of the public ones
+(:class:`~pipeline.training.monitors.GradientNormMonitor`, :class:`~pipeline.training.monitors.BPTTProfileMonitor`):
+one implementation of the window, the logging, the pass scheduling and the verdict; here only where the
+record, the groups, the float64 weights and the loss come from, and the Recorder as the sink.
+
 * :class:`GradientMonitor` reads the per-step record that :class:`~pipeline.training.module.RNNTrainingModule`
   leaves on the device (pre/post-clip norm, clip coefficient, group norms) and moves it to the host
   once per ``trainer.log_every`` steps (one transfer for the whole window, not one per parameter).

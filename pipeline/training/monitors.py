@@ -390,6 +390,8 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
 
     # -- one pass
     def params_finite(self, pl_module) -> bool:
+        """Whether the weights a pass would read are finite (a subclass may keep what it read for
+        :meth:`profile_pass`, which runs right after on the same weights)."""
         return all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
 
     def profile_pass(self, pl_module, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
