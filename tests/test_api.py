@@ -465,3 +465,34 @@ def test_import_pipeline_stays_light():
 
     with pytest.raises(AttributeError, match="no attribute"):
         _ = pipeline.NoSuchThing
+
+
+def test_custom_groups_sink_and_running_clip_rate(tmp_path):
+    """The hooks the project's own trainer configures: a groups callable names the columns and metrics,
+    a sink replaces trainer.loggers, ``grad/clip_rate`` is the fraction of every step so far."""
+    from pipeline import GradientNormMonitor
+    from pipeline.training import callbacks
+
+    assert issubclass(callbacks.GradientMonitor, GradientNormMonitor)  # one implementation
+    sent: list[tuple[dict, int]] = []
+    gm = GradientNormMonitor(
+        log_every_n_steps=3,
+        groups=lambda m: {"rnn": list(m.gru.parameters()), "head": list(m.out.parameters())},
+        sink=lambda metrics, step: sent.append((dict(metrics), step)),
+        loss_metric="train/loss",
+    )
+    torch.manual_seed(0)
+    tr = trainer(tmp_path, [gm], max_steps=10, gradient_clip_val=0.35)
+    tr.fit(GRUClassifier(), loader(cls_data()))
+    assert gm.fields == ("loss", "norm_preclip", "norm_postclip", "clip_coef", "norm_rnn", "norm_head")
+    np.testing.assert_allclose(
+        np.hypot(gm.column("norm_rnn"), gm.column("norm_head")), gm.column("norm_preclip")
+    )
+    assert [s for _, s in sent] == [3, 6, 9, 10]
+    last = sent[-1][0]
+    assert {"train/loss", "grad/norm_rnn", "grad/norm_head"} <= set(last) and "grad/norm_other" not in last
+    rate = float((gm.column("clip_coef") < 1).mean())
+    assert 0 < rate < 1  # some steps clipped, not all
+    assert last["grad/clip_rate"] == pytest.approx(rate)  # every step so far, not the last window
+    csvs = list(tmp_path.glob("csv/version_*/metrics.csv"))  # the sink, not trainer.loggers, got them
+    assert not csvs or "grad/clip_rate" not in _read_csv_metrics(tmp_path).columns

@@ -1,5 +1,10 @@
 """Gradient callbacks: clip-aware norms every step, the BPTT profile and spectra every N steps, the verdict.
 
+The two monitors are this trainer's configurations of the public ones
+(:class:`~pipeline.training.monitors.GradientNormMonitor`, :class:`~pipeline.training.monitors.BPTTProfileMonitor`):
+one implementation of the window, the logging, the pass scheduling and the verdict; here only where the
+record, the groups, the float64 weights and the loss come from, and the Recorder as the sink.
+
 * :class:`GradientMonitor` reads the per-step record that :class:`~pipeline.training.module.RNNTrainingModule`
   leaves on the device (pre/post-clip norm, clip coefficient, group norms) and moves it to the host
   once per ``trainer.log_every`` steps (one transfer for the whole window, not one per parameter).
@@ -25,11 +30,12 @@ import pytorch_lightning as pl
 import torch
 
 from pipeline.bptt import profile as bptt
-from pipeline.bptt import reference, spectra
+from pipeline.bptt import reference
 from pipeline.config import Config, DiagnosticsConfig
 from pipeline.names import DIVERGED, EXPLODING, GROUPS, HEALTHY, VANISHING
 from pipeline.training.data import fixed_batch
-from pipeline.training.module import RECORD_FIELDS
+from pipeline.training.monitors import BPTTProfileMonitor, GradientNormMonitor, profile_figure
+from pipeline.training.probe import pass_metrics
 from pipeline.training.tasks import Task
 
 
@@ -86,77 +92,38 @@ def long_frame(prof: bptt.Profile, step: int):
     return pd.DataFrame(prof.long_format(step))
 
 
-class GradientMonitor(pl.Callback):
-    """Step metrics: ``train/loss``, ``grad/norm_*``, ``grad/clip_coef``, ``grad/clip_rate``."""
+class GradientMonitor(GradientNormMonitor):
+    """The project's configuration of :class:`~pipeline.training.monitors.GradientNormMonitor`.
+
+    The module measures, guards and clips (``RNNTrainingModule.configure_gradient_clipping``, with the
+    same :func:`~pipeline.training.monitors.group_sq`) and leaves the step's record (:data:`RECORD_FIELDS`:
+    groups input, recurrent, bias, readout, plus ``clipped``) in ``last_record``; :meth:`collect` moves it
+    into the monitor's window. Everything else (one host transfer per ``trainer.log_every`` window, the
+    running ``grad/clip_rate`` and ``grad/max_norm_preclip``) is the public monitor's, logged through the
+    run's Recorder with ``train/loss`` (the window's mean) and without the metric ``diverged_step`` (the
+    run's tag says it).
+    """
+
+    measures = False
 
     def __init__(self, recorder, log_every: int):
-        self.recorder, self.log_every = recorder, log_every
-        self._pending: list[torch.Tensor] = []
-        self._rows: list[np.ndarray] = []
-        self._steps: list[int] = []
-        # Running summaries, updated once per window (not recomputed from the whole history).
-        self.max_norm_preclip: float | None = None
-        self._clipped, self._counted = 0.0, 0
-
-    # -- running summaries over every step so far
-    @property
-    def history(self) -> np.ndarray:
-        return np.concatenate(self._rows) if self._rows else np.zeros((0, len(RECORD_FIELDS)))
+        super().__init__(
+            log_every, sink=recorder.log_metrics, loss_metric="train/loss", log_diverged_step=False
+        )
+        self.recorder = recorder
+        self.set_groups(GROUPS, extra=("clipped",))  # = module.RECORD_FIELDS
 
     @property
-    def steps(self) -> np.ndarray:
-        return np.asarray(self._steps, dtype=int)
+    def log_every(self) -> int:
+        return self.log_every_n_steps
 
-    def column(self, name: str) -> np.ndarray:
-        return self.history[:, RECORD_FIELDS.index(name)]
-
-    @property
-    def clip_rate(self) -> float:
-        """Fraction of (finite) steps so far whose gradient was clipped."""
-        return self._clipped / self._counted if self._counted else 0.0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def collect(self, trainer, pl_module) -> None:
         rec = pl_module.last_record
         if rec is None:
             return
-        self._pending.append(rec)
-        self._steps.append(trainer.global_step)
+        self.push(rec, trainer.global_step)
         pl_module.last_record = None
-        if len(self._pending) >= self.log_every or pl_module.diverged_step is not None:
-            self.drain()
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.drain()
-
-    def drain(self) -> None:
-        """Move the window to the host in one transfer and log it."""
-        if not self._pending:
-            return
-        rows = torch.stack(self._pending).cpu().numpy()
-        self._pending = []
-        self._rows.append(rows)
-        pre = rows[:, RECORD_FIELDS.index("norm_preclip")]
-        pre = pre[np.isfinite(pre)]
-        if pre.size:
-            m = float(pre.max())
-            self.max_norm_preclip = m if self.max_norm_preclip is None else max(self.max_norm_preclip, m)
-        clipped = rows[:, RECORD_FIELDS.index("clipped")]
-        clipped = clipped[np.isfinite(clipped)]
-        self._clipped += float(clipped.sum())
-        self._counted += clipped.size
-        step = self._steps[-1]
-        last = dict(zip(RECORD_FIELDS, rows[-1], strict=True))
-        metrics: dict[str, Any] = {
-            "train/loss": float(np.nanmean(rows[:, 0])) if np.isfinite(rows[:, 0]).any() else float("nan"),
-            "grad/norm_preclip": last["norm_preclip"],
-            "grad/norm_postclip": last["norm_postclip"],
-            "grad/clip_coef": last["clip_coef"],
-            "grad/clip_rate": self.clip_rate,
-            "grad/max_norm_preclip": self.max_norm_preclip,
-        }
-        for g in GROUPS:
-            metrics[f"grad/norm_{g}"] = last[f"norm_{g}"]
-        self.recorder.log_metrics(metrics, step)
+        self.diverged_step = pl_module.diverged_step
 
 
 class ValidationLogger(pl.Callback):
@@ -179,115 +146,64 @@ class ValidationLogger(pl.Callback):
         )
 
 
-class ProfileMonitor(pl.Callback):
-    """BPTT profile, spectra and Lyapunov exponent on a fixed probe batch (seed + 2), on the CPU in float64."""
+class ProfileMonitor(BPTTProfileMonitor):
+    """The project's configuration of :class:`~pipeline.training.monitors.BPTTProfileMonitor`: the
+    long-range profile (:attr:`Task.window`) of the float64 twin (``RNNModel.params()``, any cell of
+    this project, ``orthogonal`` and ``indrnn`` included), with the spectra and the Lyapunov exponent,
+    on a fixed probe batch (seed + 2) on the CPU, at step 0, every ``diagnostics.profile_every`` steps
+    and at the end; logged through the run's Recorder. The scheduling, the record, the logging and the
+    verdict are the public monitor's; the artifacts are written by :func:`pipeline.training.run.log_artifacts`.
+    """
+
+    step_type = int
+    frame_columns = ("step", "t", "state", "log10_norm")
 
     def __init__(self, recorder, cfg: Config, task: Task):
-        self.recorder, self.cfg, self.task = recorder, cfg, task
         x, y = fixed_batch(task, cfg.diagnostics.probe_size, cfg.seed + 2, "cpu")
+        super().__init__(
+            "model", cfg.diagnostics.profile_every, diagnostics=cfg.diagnostics, sink=recorder.log_metrics
+        )
+        self.recorder, self.cfg, self.task = recorder, cfg, task
         self.x = x.double()
         self.y = y.double() if y.is_floating_point() else y
-        self.frames: list[Any] = []  # long-format profile frames, one per pass
-        self.passes: list[dict[str, Any]] = []  # summary metrics per pass, with "step"
-        self._last_step: int | None = None
+        self.batch = (self.x, self.y)
+        self._params: dict[str, Any] = {}
 
-    def measure(self, module, step: int) -> dict[str, Any]:
-        if self._last_step == step:
-            return self.passes[-1]
-        params = {
-            k: (v.cpu() if torch.is_tensor(v) else v) for k, v in module.model.params(torch.float64).items()
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        """The twin covers every cell of :class:`~pipeline.training.models.RNNModel`: nothing to check."""
+
+    def stopping(self, trainer, pl_module) -> bool:
+        return pl_module.diverged_step is not None
+
+    def params_finite(self, pl_module) -> bool:
+        self._params = {
+            k: (v.cpu() if torch.is_tensor(v) else v)
+            for k, v in pl_module.model.params(torch.float64).items()
         }
-        finite = all(torch.isfinite(v).all() for v in params.values() if torch.is_tensor(v))
-        metrics: dict[str, Any] = {"step": step}
-        if finite:
-            prof = bptt.profile(
-                params, self.x, self.y, self.task.loss, self.task.readout, window=self.task.window
-            )
-            summary = bptt.summarize(prof, self.cfg.diagnostics.horizon_decades)
-            metrics.update({f"bptt/{k}": v for k, v in summary.items()})
-            metrics.update({f"spectral/{k}": v for k, v in spectra.spectrum(params).items()})
-            # Pascanu 2013's bound is a theorem about pure propagation (no loss term between step 1 and
-            # the reference step) through vanilla cells: logged only there (gated cells: None).
-            bound = (
-                spectra.pascanu_log10_bound(params, prof.reference_step) if prof.is_propagation_only else None
-            )
-            if bound is not None:
-                metrics["spectral/pascanu_log10_bound"] = bound
-            metrics["spectral/lyapunov_max"] = spectra.lyapunov_max(params, self.x)
-            if self.cfg.diagnostics.reference_check and self.task.readout == "last":
-                ref = reference.profile_log10(params, self.x, self.y, self.task.loss)
-                if ref is not None:
-                    metrics["bptt/reference_max_err"] = reference.max_error(prof.log10_norm["h"], ref)
-            self.frames.append(long_frame(prof, step))
-        self.passes.append(metrics)
-        self._last_step = step
-        self.recorder.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step)
-        return metrics
+        return all(bool(torch.isfinite(v).all()) for v in self._params.values() if torch.is_tensor(v))
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.measure(pl_module, trainer.global_step)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        every = self.cfg.diagnostics.profile_every
-        if every and trainer.global_step % every == 0 and pl_module.diverged_step is None:
-            self.measure(pl_module, trainer.global_step)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.measure(pl_module, trainer.global_step)
-
-    def profile_frame(self):
-        import pandas as pd
-
-        cols = ["step", "t", "state", "log10_norm"]
-        return pd.concat(self.frames, ignore_index=True) if self.frames else pd.DataFrame(columns=cols)
-
-    @property
-    def first(self) -> dict[str, Any]:
-        return self.passes[0] if self.passes else {}
-
-    @property
-    def last(self) -> dict[str, Any]:
-        return self.passes[-1] if self.passes else {}
+    def profile_pass(self, pl_module, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        params = self._params
+        prof = bptt.profile(
+            params, self.x, self.y, self.task.loss, self.task.readout, window=self.task.window
+        )
+        metrics: dict[str, Any] = pass_metrics(params, prof, self.diagnostics.horizon_decades, self.x)
+        if self.cfg.diagnostics.reference_check and self.task.readout == "last":
+            ref = reference.profile_log10(params, self.x, self.y, self.task.loss)
+            if ref is not None:
+                metrics["bptt/reference_max_err"] = reference.max_error(prof.log10_norm["h"], ref)
+        return metrics, prof.long_format(step)
 
 
 # --------------------------------------------------------------------------------------------- plots
 
 
-PROFILE_STYLES = (("h", "-", 1.6, ""), ("c", "--", 1.2, " (c)"), ("h_total", ":", 1.0, " (total)"))
-
-
 def plot_profile(frame, task: Task, title: str):
     """log10 ||dL_w/dh_t|| (the long-range profile) against t at several training steps: the textbook's
     figure, measured. LSTM adds the cell state (dashed); copy adds the total gradient (dotted), whose
-    direct loss terms hide the loss of memory (README, "The long-range profile")."""
-    from pipeline.plots import DPI, MIN_WIDTH, Curve, draw_profile, plt, wrap_title
-
-    fig, ax = plt.subplots(figsize=(MIN_WIDTH, 5.0), layout="constrained", dpi=DPI)
-    steps = sorted(frame["step"].unique()) if len(frame) else []
-    if len(steps) > 6:  # at most 6 curves: first, last and evenly spaced between
-        idx = np.unique(np.linspace(0, len(steps) - 1, 6).round().astype(int))
-        steps = [steps[i] for i in idx]
-    cmap = plt.get_cmap("viridis")
-    curves = []
-    for i, s in enumerate(steps):
-        for state, ls, lw, suffix in PROFILE_STYLES:
-            sub = frame[(frame["step"] == s) & (frame["state"] == state)]
-            if len(sub):
-                curves.append(
-                    Curve(
-                        sub["t"],
-                        sub["log10_norm"],
-                        f"step {s}{suffix}",
-                        ls,
-                        lw,
-                        cmap(i / max(len(steps) - 1, 1)),
-                    )
-                )
-    draw_profile(ax, curves, task.window)
-    ax.set_title(wrap_title(title, fig), fontsize=10)
-    if steps:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return fig
+    direct loss terms hide the loss of memory (README, "The long-range profile"). The public monitor's
+    figure (:func:`pipeline.training.monitors.profile_figure`) with the task's memory window shaded."""
+    return profile_figure(frame, title, task.window)
 
 
 def plot_grad_norms(

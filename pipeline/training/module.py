@@ -16,17 +16,12 @@ import torch
 from pipeline.config import Config
 from pipeline.names import GROUPS
 from pipeline.training.models import RNNModel
+from pipeline.training.monitors import RECORD_HEAD, drop_gradients, group_sq
 from pipeline.training.tasks import Task
 
-# Order of the per-step record tensor (see ClippingModule.last_record).
-RECORD_FIELDS = (
-    "loss",
-    "norm_preclip",
-    "norm_postclip",
-    "clip_coef",
-    "clipped",
-    *(f"norm_{g}" for g in GROUPS),
-)
+# Order of the per-step record tensor (see RNNTrainingModule.last_record): the public monitor's record
+# (pipeline.training.monitors.RECORD_HEAD) plus ``clipped``, with this project's parameter groups.
+RECORD_FIELDS = (*RECORD_HEAD, "clipped", *(f"norm_{g}" for g in GROUPS))
 
 
 class RNNTrainingModule(pl.LightningModule):
@@ -81,30 +76,21 @@ class RNNTrainingModule(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Measure, guard, clip (Pascanu 2013, Algorithm 1 for mode=norm), and record the result."""
-        grads_by_group = [[p.grad for p in self.groups[g] if p.grad is not None] for g in GROUPS]
-        grads = [g for gs in grads_by_group for g in gs]
-        if not grads:
+        # One fused reduction per group (torch._foreach_norm), no host sync per parameter: the measurement
+        # of the public GradientNormMonitor (pipeline.training.monitors.group_sq).
+        sq = group_sq(self.groups, GROUPS)
+        if sq is None:
             return
-        # One fused reduction per group (torch._foreach_norm), no host sync per parameter.
-        group_sq = torch.stack(
-            [
-                torch.stack(torch._foreach_norm(gs)).double().square().sum()
-                if gs
-                else torch.zeros((), dtype=torch.float64, device=grads[0].device)
-                for gs in grads_by_group
-            ]
-        )
-        pre = group_sq.sum().sqrt()
+        grads = [p.grad for g in GROUPS for p in self.groups[g] if p.grad is not None]
+        pre = sq.sum().sqrt()
         loss = self._loss.double() if self._loss is not None else pre.new_zeros(())
         # The guard needs one host read per step: it must decide before optimizer.step runs.
         if not bool(torch.isfinite(pre) & torch.isfinite(loss)):
-            for gs in self.groups.values():
-                for p in gs:
-                    p.grad = None
+            drop_gradients(p for gs in self.groups.values() for p in gs)
             self.diverged_step = self.global_step
             self.trainer.should_stop = True
             nan = pre.new_tensor(float("nan"))
-            self.last_record = torch.stack([loss, pre, nan, nan, nan, *group_sq.sqrt()])
+            self.last_record = torch.stack([loss, pre, nan, nan, nan, *sq.sqrt()])
             return
         mode, c = self.cfg.clip.mode, self.cfg.clip.threshold
         if mode == "norm":
@@ -119,4 +105,4 @@ class RNNTrainingModule(pl.LightningModule):
         else:
             post, coef = pre, torch.ones_like(pre)
         clipped = (coef < 1.0).double()
-        self.last_record = torch.stack([loss, pre, post, coef, clipped, *group_sq.sqrt()])
+        self.last_record = torch.stack([loss, pre, post, coef, clipped, *sq.sqrt()])

@@ -1,8 +1,9 @@
 """Callbacks for ANY LightningModule (README, "Your own model"): clip-aware gradient norms with a
-divergence guard, and the exact BPTT profile of one of its RNNs.
+divergence guard, and the exact BPTT profile of one of its RNNs. The one implementation of both: the
+project's own trainer uses them as configured subclasses (:mod:`pipeline.training.callbacks`).
 
 * :class:`GradientNormMonitor` measures every step on the device, with one fused reduction per parameter
-  group (``torch._foreach_norm``): the global norm before clipping (``on_before_optimizer_step``, which
+  group (:func:`group_sq`): the global norm before clipping (``on_before_optimizer_step``, which
   Lightning calls before ``gradient_clip_val`` clipping or the module's ``configure_gradient_clipping``)
   and after it. Lightning runs the optimizer's closure (backward, that hook, clipping) *inside*
   ``optimizer.step``, so an optimizer step *pre*-hook fires before the backward; the post-clip norm is
@@ -11,13 +12,15 @@ divergence guard, and the exact BPTT profile of one of its RNNs.
   step, since it must decide before the update.
 * :class:`BPTTProfileMonitor` runs :func:`pipeline.training.probe.probe` on a fixed batch.
 
-Both log through every logger the Trainer has (``trainer.loggers``), as Lightning's LearningRateMonitor.
+Both log through every logger the Trainer has (``trainer.loggers``), as Lightning's LearningRateMonitor,
+or through a ``sink`` (the project's Recorder).
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +33,12 @@ from pipeline.config import DiagnosticsConfig
 from pipeline.training import probe as probing
 
 GRAD_GROUPS = ("input", "recurrent", "bias", "other")
-RECORD = ("loss", "norm_preclip", "norm_postclip", "clip_coef", *(f"norm_{g}" for g in GRAD_GROUPS))
+RECORD_HEAD = ("loss", "norm_preclip", "norm_postclip", "clip_coef")
+RECORD = (*RECORD_HEAD, *(f"norm_{g}" for g in GRAD_GROUPS))
 FLOAT_MAX = float(np.finfo(np.float64).max)
+
+GroupsOf = Callable[[nn.Module], Mapping[str, Sequence[nn.Parameter]]]
+Sink = Callable[[dict[str, Any], int], None]
 
 
 def parameter_groups(module: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -62,9 +69,11 @@ def parameter_groups(module: nn.Module) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
-def _group_sq(groups: dict[str, list[nn.Parameter]]) -> torch.Tensor | None:
-    """Squared gradient norm per group (float64, on the device; 0 for a group without gradients)."""
-    grads = [[p.grad for p in groups[g] if p.grad is not None] for g in GRAD_GROUPS]
+def group_sq(groups: Mapping[str, Sequence[nn.Parameter]], names: Sequence[str]) -> torch.Tensor | None:
+    """Squared gradient norm per group ``names[i]`` (float64, on the device; 0 for a group without
+    gradients), one fused reduction per group (``torch._foreach_norm``); None when no parameter has a
+    gradient. The one measurement both paths use (this monitor, and ``RNNTrainingModule``'s clipping)."""
+    grads = [[p.grad for p in groups[g] if p.grad is not None] for g in names]
     flat = [x for gs in grads for x in gs]
     if not flat:
         return None
@@ -72,6 +81,13 @@ def _group_sq(groups: dict[str, list[nn.Parameter]]) -> torch.Tensor | None:
     return torch.stack(
         [torch.stack(torch._foreach_norm(gs)).double().square().sum() if gs else zero for gs in grads]
     )
+
+
+def drop_gradients(params: Iterable[nn.Parameter]) -> None:
+    """The guard's action: ``p.grad = None``, so ``optimizer.step`` skips the parameter (weights and
+    optimizer state stay bit-identical)."""
+    for p in params:
+        p.grad = None
 
 
 def log_everywhere(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
@@ -94,22 +110,64 @@ def log_everywhere(trainer: pl.Trainer, metrics: dict[str, float], step: int) ->
             lg.log_metrics(metrics, step=step)
 
 
-class GradientNormMonitor(pl.Callback):
+class _Logs:
+    """Where a monitor's metrics go (:meth:`publish`; not ``log``: Lightning sets ``callback.log`` to the
+    module's ``log`` on every callback): ``sink(metrics, step)`` when given (the project passes its
+    :class:`pipeline.tracking.Recorder`'s ``log_metrics``, which records NaN as the same
+    ``nonfinite.<metric>`` tag), else every logger of the Trainer (:func:`log_everywhere`)."""
+
+    sink: Sink | None
+    _trainer: pl.Trainer | None
+
+    def publish(self, metrics: dict[str, Any], step: int) -> None:
+        if self.sink is not None:
+            self.sink(metrics, step)
+        elif self._trainer is not None:
+            log_everywhere(self._trainer, metrics, step)
+
+
+class GradientNormMonitor(_Logs, pl.Callback):
     """Clip-aware gradient norms and a divergence guard for any LightningModule.
 
     Logs once per ``log_every_n_steps`` optimizer steps (values of the window's last step unless said):
     ``grad/norm_preclip``, ``grad/norm_postclip``, ``grad/clip_coef`` (post / pre),
-    ``grad/clip_rate`` (fraction of the window's steps with clip_coef < 1), ``grad/max_norm_preclip``
+    ``grad/clip_rate`` (fraction of the steps so far with clip_coef < 1), ``grad/max_norm_preclip``
     (running max), ``grad/norm_<group>`` (pre-clip; groups input, recurrent, bias, other), and
     ``diverged_step`` once, when the guard fires. Guard: a non-finite loss or gradient drops every
     gradient (``p.grad = None``, so the optimizer skips them), sets ``trainer.should_stop`` and records
-    :attr:`diverged_step`. Per step on the host afterwards: :attr:`history` (rows of :data:`RECORD`).
+    :attr:`diverged_step`. Per step on the host afterwards: :attr:`history` (rows of :attr:`fields`).
+
+    The project's own trainer is a configuration of this class
+    (:class:`pipeline.training.callbacks.GradientMonitor`); the hooks are:
+
+    * ``groups``: a callable module -> ``{name: [parameters]}`` (default :func:`parameter_groups`); the
+      names give the ``norm_<name>`` columns and metrics, in order.
+    * ``sink``: ``(metrics, step) -> None`` instead of ``trainer.loggers``.
+    * ``loss_metric``: also log the window's mean loss under this name (the project: ``train/loss``).
+    * ``log_diverged_step``: log the metric ``diverged_step`` when the guard fires.
+    * where each step's record comes from: :attr:`measures` (this class measures, guards and reads the
+      post-clip gradients itself) and :meth:`collect` (a subclass whose module measures hands the
+      record over there, once per batch).
     """
 
-    def __init__(self, log_every_n_steps: int = 10):
+    measures: bool = True  # False: the module measures and guards; collect() hands its record over
+
+    def __init__(
+        self,
+        log_every_n_steps: int = 10,
+        groups: GroupsOf | None = None,
+        *,
+        sink: Sink | None = None,
+        loss_metric: str | None = None,
+        log_diverged_step: bool = True,
+    ):
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
         self.log_every_n_steps = int(log_every_n_steps)
+        self.groups_of: GroupsOf = groups or parameter_groups
+        self.sink, self.loss_metric, self.log_diverged_step = sink, loss_metric, log_diverged_step
+        self.group_names: tuple[str, ...] = GRAD_GROUPS
+        self.fields: tuple[str, ...] = RECORD
         self.diverged_step: int | None = None
         self.max_norm_preclip: float | None = None
         self.groups: dict[str, list[nn.Parameter]] = {}
@@ -121,11 +179,21 @@ class GradientNormMonitor(pl.Callback):
         self._rows: list[np.ndarray] = []
         self._steps: list[int] = []
         self._trainer: pl.Trainer | None = None
+        # Running clip rate over every (finite) step so far (README, "The MLflow record").
+        self._clipped, self._counted = 0.0, 0
+
+    def set_groups(self, names: Sequence[str], extra: Sequence[str] = ()) -> None:
+        """The record's layout: :data:`RECORD_HEAD`, ``extra`` columns, then ``norm_<name>`` per group."""
+        self.group_names = tuple(names)
+        self.fields = (*RECORD_HEAD, *extra, *(f"norm_{g}" for g in self.group_names))
 
     # -- wiring
     def on_fit_start(self, trainer, pl_module) -> None:
         self._trainer = trainer
-        self.groups = parameter_groups(pl_module)
+        if not self.measures:
+            return
+        self.groups = {g: list(ps) for g, ps in self.groups_of(pl_module).items()}
+        self.set_groups(list(self.groups))
         for opt in trainer.optimizers:
             self._handles.append(opt.register_step_post_hook(self._after_update))
 
@@ -134,28 +202,27 @@ class GradientNormMonitor(pl.Callback):
             h.remove()
         self._handles = []
 
-    # -- every step
+    # -- every step (when this monitor measures)
     def on_before_backward(self, trainer, pl_module, loss) -> None:
-        self._loss = loss.detach()
+        if self.measures:
+            self._loss = loss.detach()
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        sq = _group_sq(self.groups)
+        if not self.measures:
+            return
+        sq = group_sq(self.groups, self.group_names)
         if sq is None:
             return
         pre = sq.sum().sqrt()
         loss = self._loss.double() if self._loss is not None else pre.new_zeros(())
         if not bool(torch.isfinite(pre) & torch.isfinite(loss)):  # one host read: before the update
-            for gs in self.groups.values():
-                for p in gs:
-                    p.grad = None
-            for group in optimizer.param_groups:  # anything the monitor did not classify
-                for p in group["params"]:
-                    p.grad = None
+            drop_gradients(p for gs in self.groups.values() for p in gs)
+            # anything the monitor did not classify
+            drop_gradients(p for group in optimizer.param_groups for p in group["params"])
             self.diverged_step = trainer.global_step
             trainer.should_stop = True
             nan = pre.new_tensor(math.nan)
-            self._pending.append(torch.stack([loss.reshape(()), pre, nan, nan, *sq.sqrt()]))
-            self._steps.append(trainer.global_step)
+            self.push(torch.stack([loss.reshape(()), pre, nan, nan, *sq.sqrt()]), trainer.global_step)
             self._pre = None
             return
         self._pre = sq
@@ -167,62 +234,86 @@ class GradientNormMonitor(pl.Callback):
             return
         sq = self._pre
         self._pre = None
-        post_sq = _group_sq(self.groups)
+        post_sq = group_sq(self.groups, self.group_names)
         pre = sq.sum().sqrt()
         post = post_sq.sum().sqrt() if post_sq is not None else pre.new_zeros(())
         coef = torch.where(pre > 0, post / pre.clamp_min(1e-300), torch.ones_like(pre))
         step = self._trainer.global_step if self._trainer is not None else len(self._steps)
-        self._pending.append(torch.stack([self._pre_loss, pre, post, coef, *sq.sqrt()]))
+        self.push(torch.stack([self._pre_loss, pre, post, coef, *sq.sqrt()]), step)
+
+    def push(self, row: torch.Tensor, step: int) -> None:
+        """One step's record (on the device, in :attr:`fields` order) into the window."""
+        self._pending.append(row)
         self._steps.append(step)
 
+    def collect(self, trainer, pl_module) -> None:
+        """Hook, once per training batch before the window check: a subclass whose module measures
+        pushes that module's record here. This class measures in the hooks above: nothing to do."""
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.collect(trainer, pl_module)
         if len(self._pending) >= self.log_every_n_steps or (self.diverged_step is not None and self._pending):
-            self.drain(trainer)
+            self.drain()
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.drain(trainer)
+        self.drain()
 
     # -- the window
     @property
     def history(self) -> np.ndarray:
-        return np.concatenate(self._rows) if self._rows else np.zeros((0, len(RECORD)))
+        return np.concatenate(self._rows) if self._rows else np.zeros((0, len(self.fields)))
 
     @property
     def steps(self) -> np.ndarray:
         return np.asarray(self._steps[: len(self.history)], dtype=int)
 
     def column(self, name: str) -> np.ndarray:
-        return self.history[:, RECORD.index(name)]
+        return self.history[:, self.fields.index(name)]
 
-    def drain(self, trainer: pl.Trainer) -> None:
-        """Move the window to the host (one transfer) and log it."""
+    @property
+    def clip_rate(self) -> float:
+        """Fraction of the (finite) steps so far whose gradient was clipped (clip_coef < 1)."""
+        return self._clipped / self._counted if self._counted else 0.0
+
+    def drain(self, trainer: pl.Trainer | None = None) -> None:
+        """Move the window to the host (one transfer) and log it at ``trainer.global_step``."""
         if not self._pending:
             return
+        trainer = trainer or self._trainer
         rows = torch.stack(self._pending).cpu().numpy()
         self._pending = []
         self._rows.append(rows)
-        col = {n: rows[:, i] for i, n in enumerate(RECORD)}
+        col = {n: rows[:, i] for i, n in enumerate(self.fields)}
         pre = col["norm_preclip"][np.isfinite(col["norm_preclip"])]
         if pre.size:
             m = float(pre.max())
             self.max_norm_preclip = m if self.max_norm_preclip is None else max(self.max_norm_preclip, m)
         coef = col["clip_coef"][np.isfinite(col["clip_coef"])]
+        self._clipped += float((coef < 1.0).sum())
+        self._counted += coef.size
         last = {n: float(v[-1]) for n, v in col.items()}
-        metrics = {
-            "grad/norm_preclip": last["norm_preclip"],
-            "grad/norm_postclip": last["norm_postclip"],
-            "grad/clip_coef": last["clip_coef"],
-            "grad/clip_rate": float((coef < 1.0).mean()) if coef.size else 0.0,
-            **{f"grad/norm_{g}": last[f"norm_{g}"] for g in GRAD_GROUPS},
-        }
+        metrics: dict[str, Any] = {}
+        if self.loss_metric is not None:
+            loss = col["loss"]
+            metrics[self.loss_metric] = float(np.nanmean(loss)) if np.isfinite(loss).any() else math.nan
+        metrics.update(
+            {
+                "grad/norm_preclip": last["norm_preclip"],
+                "grad/norm_postclip": last["norm_postclip"],
+                "grad/clip_coef": last["clip_coef"],
+                "grad/clip_rate": self.clip_rate,
+            }
+        )
         if self.max_norm_preclip is not None:
             metrics["grad/max_norm_preclip"] = self.max_norm_preclip
-        if self.diverged_step is not None:
+        metrics.update({f"grad/norm_{g}": last[f"norm_{g}"] for g in self.group_names})
+        if self.log_diverged_step and self.diverged_step is not None:
             metrics["diverged_step"] = float(self.diverged_step)
-        log_everywhere(trainer, metrics, trainer.global_step)
+        step = trainer.global_step if trainer is not None else (self._steps[-1] if self._steps else 0)
+        self.publish(metrics, step)
 
 
-class BPTTProfileMonitor(pl.Callback):
+class BPTTProfileMonitor(_Logs, pl.Callback):
     """The exact float64 BPTT profile of the RNN at dotted path ``rnn`` inside the LightningModule.
 
     ``rnn``: e.g. ``"encoder.lstm"``; an nn.RNN, nn.LSTM or nn.GRU, unidirectional, without projection,
@@ -237,7 +328,16 @@ class BPTTProfileMonitor(pl.Callback):
     with an MLFlowLogger also ``diagnostics/bptt_profile.parquet``, ``plots/bptt_profile.png`` and the
     tag ``regime`` (the verdict of :func:`pipeline.training.callbacks.verdict` on the top layer, with the
     largest pre-clip norm and the divergence of a :class:`GradientNormMonitor` in the same Trainer).
+
+    The project's own trainer is a configuration of this class
+    (:class:`pipeline.training.callbacks.ProfileMonitor`): the pass scheduling, the finite check, the
+    record (:attr:`passes`, :attr:`frames`), the logging, the verdict and the artifacts are here; a
+    subclass overrides :meth:`params_finite` and :meth:`profile_pass` (how the float64 parameters and the
+    loss are obtained) and :meth:`stopping`. ``sink`` as for :class:`GradientNormMonitor`.
     """
+
+    step_type: type = float  # the type of the "step" entry of each pass
+    frame_columns: tuple[str, ...] = ("step", "layer", "t", "state", "log10_norm")
 
     def __init__(
         self,
@@ -245,19 +345,25 @@ class BPTTProfileMonitor(pl.Callback):
         every_n_steps: int = 100,
         batch: Any = None,
         diagnostics: DiagnosticsConfig | None = None,
+        *,
+        sink: Sink | None = None,
     ):
         self.rnn, self.every_n_steps = rnn, int(every_n_steps)
         self.batch = None if batch is None else probing.to_cpu64(batch)
         self.diagnostics = diagnostics or DiagnosticsConfig()
-        self.passes: list[dict[str, float]] = []  # metrics logged per pass, with "step"
+        self.sink = sink
+        self.passes: list[dict[str, Any]] = []  # metrics logged per pass, with "step"
         self.frames: list[dict[str, Any]] = []  # long-format columns per pass
         self.regime: str | None = None
         self._last_step: int | None = None
+        self._trainer: pl.Trainer | None = None
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         probing.resolve(pl_module, self.rnn)
 
+    # -- scheduling
     def on_train_start(self, trainer, pl_module) -> None:
+        self._trainer = trainer
         if self.batch is not None:
             self.measure(trainer, pl_module)
 
@@ -266,9 +372,13 @@ class BPTTProfileMonitor(pl.Callback):
             self.batch = probing.to_cpu64(batch)
             self.measure(trainer, pl_module)
 
+    def stopping(self, trainer, pl_module) -> bool:
+        """No scheduled pass once training is stopping (the last pass still runs at train end)."""
+        return bool(trainer.should_stop)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         n = self.every_n_steps
-        if n and trainer.global_step % n == 0 and not trainer.should_stop:
+        if n and trainer.global_step % n == 0 and not self.stopping(trainer, pl_module):
             self.measure(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -278,35 +388,54 @@ class BPTTProfileMonitor(pl.Callback):
     def _grad_monitor(self, trainer) -> GradientNormMonitor | None:
         return next((c for c in trainer.callbacks if isinstance(c, GradientNormMonitor)), None)
 
-    def measure(self, trainer, pl_module) -> dict[str, float]:
+    # -- one pass
+    def params_finite(self, pl_module) -> bool:
+        """Whether the weights a pass would read are finite (a subclass may keep what it read for
+        :meth:`profile_pass`, which runs right after on the same weights)."""
+        return all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
+
+    def profile_pass(self, pl_module, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One pass on finite weights: (metrics to log, long-format profile columns with ``step``)."""
+        res = probing.probe(pl_module, self.rnn, self.batch, self.diagnostics.horizon_decades)
+        top = len(res.profiles) - 1
+        metrics: dict[str, Any] = dict(res.metrics[top])
+        for k, m in enumerate(res.metrics):
+            for name, v in m.items():
+                stage, rest = name.split("/", 1)
+                metrics[f"{stage}/layer{k}/{rest}"] = v
+        metrics["bptt/loss"] = res.loss
+        return metrics, res.long_format(step)
+
+    def measure(self, trainer, pl_module) -> dict[str, Any]:
+        """Run a pass at ``trainer.global_step`` (once per step), record and log it."""
         step = trainer.global_step
         if self._last_step == step or self.batch is None:
             return self.passes[-1] if self.passes else {}
-        finite = all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
-        metrics: dict[str, float] = {}
-        if finite:
-            res = probing.probe(pl_module, self.rnn, self.batch, self.diagnostics.horizon_decades)
-            top = len(res.profiles) - 1
-            metrics.update(res.metrics[top])
-            for k, m in enumerate(res.metrics):
-                for name, v in m.items():
-                    stage, rest = name.split("/", 1)
-                    metrics[f"{stage}/layer{k}/{rest}"] = v
-            metrics["bptt/loss"] = res.loss
-            self.frames.append(res.long_format(step))
+        metrics: dict[str, Any] = {}
+        if self.params_finite(pl_module):
+            metrics, frame = self.profile_pass(pl_module, step)
+            self.frames.append(frame)
         self._last_step = step
-        self.passes.append({"step": float(step), **metrics})
+        self.passes.append({"step": self.step_type(step), **metrics})
         if metrics:
-            log_everywhere(trainer, metrics, step)
+            self._trainer = trainer
+            self.publish(metrics, step)
         return metrics
 
+    @property
+    def first(self) -> dict[str, Any]:
+        return self.passes[0] if self.passes else {}
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.passes[-1] if self.passes else {}
+
     def profile_frame(self):
-        """Every pass, long format: ``step, layer, t, state, log10_norm``."""
+        """Every pass, long format: columns :attr:`frame_columns` (``step, layer, t, state, log10_norm``)."""
         import pandas as pd
 
-        cols = ["step", "layer", "t", "state", "log10_norm"]
         if not self.frames:
-            return pd.DataFrame(columns=cols)
+            return pd.DataFrame(columns=list(self.frame_columns))
         return pd.concat([pd.DataFrame(f) for f in self.frames], ignore_index=True)
 
     def _finish(self, trainer) -> None:
@@ -346,27 +475,41 @@ class BPTTProfileMonitor(pl.Callback):
 
     def plot(self, frame):
         """log10 ||dL/dh_t|| of the top layer against t, one line per pass (at most 6), c dashed."""
-        from pipeline.plots import DPI, MIN_WIDTH, Curve, draw_profile, plt, wrap_title
-
-        fig, ax = plt.subplots(figsize=(MIN_WIDTH, 5.0), layout="constrained", dpi=DPI)
         top = frame[frame["layer"] == frame["layer"].max()]
-        steps = sorted(top["step"].unique())
-        if len(steps) > 6:
-            idx = np.unique(np.linspace(0, len(steps) - 1, 6).round().astype(int))
-            steps = [steps[i] for i in idx]
-        cmap = plt.get_cmap("viridis")
-        curves = []
-        for i, s in enumerate(steps):
-            for state, ls in (("h", "-"), ("c", "--")):
-                sub = top[(top["step"] == s) & (top["state"] == state)]
-                if len(sub):
-                    label = f"step {s}" + (" (c)" if state == "c" else "")
-                    curves.append(
-                        Curve(sub["t"], sub["log10_norm"], label, ls, 1.4, cmap(i / max(len(steps) - 1, 1)))
-                    )
-        draw_profile(ax, curves)
-        ax.set_ylabel(r"$\log_{10}\,\|\partial L/\partial h_t\|$ (top layer)")
-        ax.set_title(wrap_title(f"{self.rnn}: BPTT profile; regime {self.regime}", fig), fontsize=10)
-        if curves:
-            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-        return fig
+        return profile_figure(
+            top,
+            f"{self.rnn}: BPTT profile; regime {self.regime}",
+            ylabel=r"$\log_{10}\,\|\partial L/\partial h_t\|$ (top layer)",
+        )
+
+
+# One line style per profile state: h, the LSTM cell state c, and copy's total gradient h_total.
+PROFILE_STYLES = (("h", "-", 1.6, ""), ("c", "--", 1.2, " (c)"), ("h_total", ":", 1.0, " (total)"))
+
+
+def profile_figure(frame, title: str, window: tuple[int, int] | None = None, ylabel: str | None = None):
+    """The profile figure of both paths: log10 ||dL/dh_t|| against t from a long-format frame (``step, t,
+    state, log10_norm``), one line per state (:data:`PROFILE_STYLES`) at up to 6 training steps (the
+    first, the last and evenly spaced between), ``window`` (a memory window) shaded."""
+    from pipeline.plots import DPI, MIN_WIDTH, Curve, draw_profile, plt, wrap_title
+
+    fig, ax = plt.subplots(figsize=(MIN_WIDTH, 5.0), layout="constrained", dpi=DPI)
+    steps = sorted(frame["step"].unique()) if len(frame) else []
+    if len(steps) > 6:
+        idx = np.unique(np.linspace(0, len(steps) - 1, 6).round().astype(int))
+        steps = [steps[i] for i in idx]
+    cmap = plt.get_cmap("viridis")
+    curves = []
+    for i, s in enumerate(steps):
+        for state, ls, lw, suffix in PROFILE_STYLES:
+            sub = frame[(frame["step"] == s) & (frame["state"] == state)]
+            if len(sub):
+                color = cmap(i / max(len(steps) - 1, 1))
+                curves.append(Curve(sub["t"], sub["log10_norm"], f"step {s}{suffix}", ls, lw, color))
+    draw_profile(ax, curves, window)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    ax.set_title(wrap_title(title, fig), fontsize=10)
+    if curves:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig

@@ -167,16 +167,32 @@ def probe(
         )
     result = Probe(cell=foreign.cell_of(target), profiles=profiles, loss=float(loss.detach()))
     for layer, prof in zip(layers, profiles, strict=True):
-        m: dict[str, float] = {f"bptt/{k}": v for k, v in bptt.summarize(prof, horizon_decades).items()}
-        p = layer.params
-        m.update({f"spectral/{k}": v for k, v in spectra.spectrum(p).items()})
-        bound = spectra.pascanu_log10_bound(p, prof.reference_step) if prof.is_propagation_only else None
-        if bound is not None:
-            m["spectral/pascanu_log10_bound"] = bound
-        if lyapunov and layer.x.shape[1] > 1:
-            m["spectral/lyapunov_max"] = spectra.lyapunov_max(p, layer.x, restore_flush=restore_flush)
-        result.metrics.append(m)
+        lyap_x = layer.x if lyapunov and layer.x.shape[1] > 1 else None
+        result.metrics.append(pass_metrics(layer.params, prof, horizon_decades, lyap_x, restore_flush))
     return result
+
+
+def pass_metrics(
+    params: Any,
+    prof: bptt.Profile,
+    horizon_decades: float,
+    lyapunov_x: torch.Tensor | None = None,
+    restore_flush: bool | None = None,
+) -> dict[str, float]:
+    """One layer's metrics of one profile pass, the same for a user's RNN (:func:`probe`) and the
+    project's twin (:class:`pipeline.training.callbacks.ProfileMonitor`): the profile's summaries
+    (``bptt/*``), the spectra of ``params`` (``spectral/*``), Pascanu's bound where it applies (vanilla
+    cells, propagation only) and, given its input ``lyapunov_x``, the largest Lyapunov exponent."""
+    m: dict[str, float] = {f"bptt/{k}": v for k, v in bptt.summarize(prof, horizon_decades).items()}
+    m.update({f"spectral/{k}": v for k, v in spectra.spectrum(params).items()})
+    # Pascanu 2013's bound is a theorem about pure propagation (no loss term between step 1 and the
+    # reference step) through vanilla cells: logged only there (gated cells: None).
+    bound = spectra.pascanu_log10_bound(params, prof.reference_step) if prof.is_propagation_only else None
+    if bound is not None:
+        m["spectral/pascanu_log10_bound"] = bound
+    if lyapunov_x is not None:
+        m["spectral/lyapunov_max"] = spectra.lyapunov_max(params, lyapunov_x, restore_flush=restore_flush)
+    return m
 
 
 def profile_rnn(module: nn.Module, rnn: str, batch: Any):
