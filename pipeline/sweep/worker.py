@@ -144,6 +144,68 @@ def tag_run(mlflow_uri: str, run_id: str | None, tags: dict[str, Any]) -> None:
         client(mlflow_uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
+def trial_run_config(sw, spec: dict[str, Any], mlflow_uri: str, trial):
+    """The training config of ``trial`` in sweep ``sw`` (worker ``spec``): sampled values on the base,
+    recorded as a child run of the sweep's experiment at ``mlflow_uri``."""
+    values = {p.key: suggest(trial, p) for p in sw.space}
+    cfg = sw.trial_config(values)
+    short = " ".join(
+        f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+        for k, v in values.items()
+    )
+    tracking = replace(
+        cfg.tracking,
+        uri=mlflow_uri,
+        enabled=True,
+        experiment=spec["experiment"],
+        run_name=f"{sw.study}-t{trial.number:04d} {short}"[:250],
+        log_model=sw.log_models == "all",
+    )
+    trainer = replace(cfg.trainer, progress_bar=False, **({"accelerator": "gpu"} if spec.get("gpu") else {}))
+    return replace(cfg, tracking=tracking, trainer=trainer)
+
+
+def is_best_so_far(sw, study, r, module) -> bool:
+    """``log_models: best``: whether trial result ``r`` trained, unpruned and finite, no worse than every
+    trial of ``study`` already COMPLETE (checked before its own tell)."""
+    v = r.val_loss_ratio
+    if sw.log_models != "best" or module is None or r.run_id is None or r.pruned:
+        return False
+    if r.diverged_step is not None or v is None or not math.isfinite(v):
+        return False
+    from pipeline.sweep.study import best_trial
+
+    best = best_trial(study)
+    return not (best is not None and best.value < v)
+
+
+def trial_attrs(r, pruned_by: str | None) -> dict[str, Any]:
+    """The Optuna user attributes of a trial that ran (see the module doc's table)."""
+    attrs = {
+        "mlflow_run_id": r.run_id,
+        "regime": r.regime,
+        "solved": r.solved,
+        "steps": r.steps,
+        "val_loss_ratio": r.val_loss_ratio,
+        "diverged": r.diverged_step is not None,
+    }
+    if r.diverged_step is not None:
+        attrs["diverged_step"] = r.diverged_step
+    if pruned_by:
+        attrs["pruned_by"] = pruned_by
+    return attrs
+
+
+def outcome_tags(state: str, diverged: bool, value: float | None, pruned_by: str | None) -> dict[str, Any]:
+    """The MLflow tags of how a trial ended in Optuna."""
+    return {
+        "optuna_state": state,
+        "diverged": str(diverged).lower(),
+        **({"optuna_value": f"{value:.6g}"} if value is not None else {}),
+        **({"pruned_by": pruned_by} if pruned_by else {}),
+    }
+
+
 class Worker:
     def __init__(self, spec: dict[str, Any]):
         import optuna
@@ -202,24 +264,7 @@ class Worker:
 
     def trial_run_config(self, trial):
         """The training config of ``trial``: sampled values on the base, recorded as a child run."""
-        values = {p.key: suggest(trial, p) for p in self.sw.space}
-        cfg = self.sw.trial_config(values)
-        short = " ".join(
-            f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
-            for k, v in values.items()
-        )
-        tracking = replace(
-            cfg.tracking,
-            uri=self.mlflow_uri,
-            enabled=True,
-            experiment=self.spec["experiment"],
-            run_name=f"{self.sw.study}-t{trial.number:04d} {short}"[:250],
-            log_model=self.sw.log_models == "all",
-        )
-        trainer = replace(
-            cfg.trainer, progress_bar=False, **({"accelerator": "gpu"} if self.spec.get("gpu") else {})
-        )
-        return replace(cfg, tracking=tracking, trainer=trainer)
+        return trial_run_config(self.sw, self.spec, self.mlflow_uri, trial)
 
     def run_trial(self, trial) -> bool:
         """One trial, start to tell. Returns False when it raised (FAIL)."""
@@ -267,15 +312,7 @@ class Worker:
         """``log_models: best``: log the weights of a trial that trained, unpruned and finite, no worse than
         every trial already COMPLETE (checked before its own tell), so the study's final best trial always
         has ``model/weights.pt``, whatever order parallel workers finish in; earlier bests keep theirs."""
-        v = r.val_loss_ratio
-        if self.sw.log_models != "best" or module is None or r.run_id is None or r.pruned:
-            return
-        if r.diverged_step is not None or v is None or not math.isfinite(v):
-            return
-        from pipeline.sweep.study import best_trial
-
-        best = best_trial(self.study)
-        if best is not None and best.value < v:
+        if not is_best_so_far(self.sw, self.study, r, module):
             return
         from pipeline.tracking import Recorder
         from pipeline.training.saved import log_weights
@@ -289,18 +326,7 @@ class Worker:
         """Tell Optuna how a trial that ran ended (see the module doc's table) and tag its MLflow run."""
         from optuna.trial import TrialState
 
-        attrs = {
-            "mlflow_run_id": r.run_id,
-            "regime": r.regime,
-            "solved": r.solved,
-            "steps": r.steps,
-            "val_loss_ratio": r.val_loss_ratio,
-            "diverged": r.diverged_step is not None,
-        }
-        if r.diverged_step is not None:
-            attrs["diverged_step"] = r.diverged_step
-        if pruned_by:
-            attrs["pruned_by"] = pruned_by
+        attrs = trial_attrs(r, pruned_by)
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
         finite = r.val_loss_ratio is not None and math.isfinite(r.val_loss_ratio)
@@ -316,16 +342,7 @@ class Worker:
             value = r.val_loss_ratio
             self.study.tell(trial, value)
             state = "COMPLETE"
-        tag_run(
-            self.mlflow_uri,
-            r.run_id,
-            {
-                "optuna_state": state,
-                "diverged": str(attrs["diverged"]).lower(),
-                **({"optuna_value": f"{value:.6g}"} if value is not None else {}),
-                **({"pruned_by": pruned_by} if pruned_by else {}),
-            },
-        )
+        tag_run(self.mlflow_uri, r.run_id, outcome_tags(state, attrs["diverged"], value, pruned_by))
 
 
 def main(argv: list[str]) -> int:

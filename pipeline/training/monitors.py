@@ -126,7 +126,119 @@ class _Logs:
             log_everywhere(self._trainer, metrics, step)
 
 
-class GradientNormMonitor(_Logs, pl.Callback):
+def post_clip_row(loss: torch.Tensor, sq: torch.Tensor, post_sq: torch.Tensor | None) -> torch.Tensor:
+    """One finite step's record (:data:`RECORD` order, per-group columns last) from its loss and the
+    squared group norms before (``sq``) and after clipping (``post_sq``; None: no gradient left)."""
+    pre = sq.sum().sqrt()
+    post = post_sq.sum().sqrt() if post_sq is not None else pre.new_zeros(())
+    coef = torch.where(pre > 0, post / pre.clamp_min(1e-300), torch.ones_like(pre))
+    return torch.stack([loss, pre, post, coef, *sq.sqrt()])
+
+
+def window_stats(
+    col: Mapping[str, np.ndarray], max_norm_preclip: float | None
+) -> tuple[float | None, float, int]:
+    """One window's share of the running statistics: the running max of the finite pre-clip norms (given
+    the one so far), and the number of clipped (clip_coef < 1) and of finite steps."""
+    pre = col["norm_preclip"][np.isfinite(col["norm_preclip"])]
+    if pre.size:
+        m = float(pre.max())
+        max_norm_preclip = m if max_norm_preclip is None else max(max_norm_preclip, m)
+    coef = col["clip_coef"][np.isfinite(col["clip_coef"])]
+    return max_norm_preclip, float((coef < 1.0).sum()), coef.size
+
+
+def window_metrics(
+    col: Mapping[str, np.ndarray],
+    group_names: Sequence[str],
+    clip_rate: float,
+    max_norm_preclip: float | None,
+    loss_metric: str | None = None,
+    diverged_step: int | None = None,
+) -> dict[str, Any]:
+    """The metrics of one window (columns ``col``): the window's mean loss under ``loss_metric`` (when
+    given), the last step's norms, the running ``clip_rate`` and ``max_norm_preclip``, ``diverged_step``
+    (when given)."""
+    last = {n: float(v[-1]) for n, v in col.items()}
+    metrics: dict[str, Any] = {}
+    if loss_metric is not None:
+        loss = col["loss"]
+        metrics[loss_metric] = float(np.nanmean(loss)) if np.isfinite(loss).any() else math.nan
+    metrics.update(
+        {
+            "grad/norm_preclip": last["norm_preclip"],
+            "grad/norm_postclip": last["norm_postclip"],
+            "grad/clip_coef": last["clip_coef"],
+            "grad/clip_rate": clip_rate,
+        }
+    )
+    if max_norm_preclip is not None:
+        metrics["grad/max_norm_preclip"] = max_norm_preclip
+    metrics.update({f"grad/norm_{g}": last[f"norm_{g}"] for g in group_names})
+    if diverged_step is not None:
+        metrics["diverged_step"] = float(diverged_step)
+    return metrics
+
+
+class _Window(_Logs):
+    """A gradient monitor's window (:class:`GradientNormMonitor`): per-step records on the device
+    (:meth:`push`), moved to the host and logged once per window (:meth:`drain`), the host history and
+    the running statistics."""
+
+    fields: tuple[str, ...]
+    group_names: tuple[str, ...]
+    loss_metric: str | None
+    log_diverged_step: bool
+    diverged_step: int | None
+    max_norm_preclip: float | None
+    _pending: list[torch.Tensor]
+    _rows: list[np.ndarray]
+    _steps: list[int]
+    _clipped: float
+    _counted: int
+
+    def push(self, row: torch.Tensor, step: int) -> None:
+        """One step's record (on the device, in :attr:`fields` order) into the window."""
+        self._pending.append(row)
+        self._steps.append(step)
+
+    @property
+    def history(self) -> np.ndarray:
+        return np.concatenate(self._rows) if self._rows else np.zeros((0, len(self.fields)))
+
+    @property
+    def steps(self) -> np.ndarray:
+        return np.asarray(self._steps[: len(self.history)], dtype=int)
+
+    def column(self, name: str) -> np.ndarray:
+        return self.history[:, self.fields.index(name)]
+
+    @property
+    def clip_rate(self) -> float:
+        """Fraction of the (finite) steps so far whose gradient was clipped (clip_coef < 1)."""
+        return self._clipped / self._counted if self._counted else 0.0
+
+    def drain(self, trainer: pl.Trainer | None = None) -> None:
+        """Move the window to the host (one transfer) and log it at ``trainer.global_step``."""
+        if not self._pending:
+            return
+        trainer = trainer or self._trainer
+        rows = torch.stack(self._pending).cpu().numpy()
+        self._pending = []
+        self._rows.append(rows)
+        col = {n: rows[:, i] for i, n in enumerate(self.fields)}
+        self.max_norm_preclip, clipped, counted = window_stats(col, self.max_norm_preclip)
+        self._clipped += clipped
+        self._counted += counted
+        diverged = self.diverged_step if self.log_diverged_step else None
+        metrics = window_metrics(
+            col, self.group_names, self.clip_rate, self.max_norm_preclip, self.loss_metric, diverged
+        )
+        step = trainer.global_step if trainer is not None else (self._steps[-1] if self._steps else 0)
+        self.publish(metrics, step)
+
+
+class GradientNormMonitor(_Window, pl.Callback):
     """Clip-aware gradient norms and a divergence guard for any LightningModule.
 
     Logs once per ``log_every_n_steps`` optimizer steps (values of the window's last step unless said):
@@ -235,16 +347,8 @@ class GradientNormMonitor(_Logs, pl.Callback):
         sq = self._pre
         self._pre = None
         post_sq = group_sq(self.groups, self.group_names)
-        pre = sq.sum().sqrt()
-        post = post_sq.sum().sqrt() if post_sq is not None else pre.new_zeros(())
-        coef = torch.where(pre > 0, post / pre.clamp_min(1e-300), torch.ones_like(pre))
         step = self._trainer.global_step if self._trainer is not None else len(self._steps)
-        self.push(torch.stack([self._pre_loss, pre, post, coef, *sq.sqrt()]), step)
-
-    def push(self, row: torch.Tensor, step: int) -> None:
-        """One step's record (on the device, in :attr:`fields` order) into the window."""
-        self._pending.append(row)
-        self._steps.append(step)
+        self.push(post_clip_row(self._pre_loss, sq, post_sq), step)
 
     def collect(self, trainer, pl_module) -> None:
         """Hook, once per training batch before the window check: a subclass whose module measures
@@ -258,59 +362,44 @@ class GradientNormMonitor(_Logs, pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self.drain()
 
-    # -- the window
-    @property
-    def history(self) -> np.ndarray:
-        return np.concatenate(self._rows) if self._rows else np.zeros((0, len(self.fields)))
 
-    @property
-    def steps(self) -> np.ndarray:
-        return np.asarray(self._steps[: len(self.history)], dtype=int)
+def probe_metrics(res: probing.Probe) -> dict[str, Any]:
+    """A pass's metrics: the top layer's under the plain names, every layer's as ``<stage>/layer<k>/<name>``
+    (k = 0 is the bottom), and ``bptt/loss``."""
+    top = len(res.profiles) - 1
+    metrics: dict[str, Any] = dict(res.metrics[top])
+    for k, m in enumerate(res.metrics):
+        for name, v in m.items():
+            stage, rest = name.split("/", 1)
+            metrics[f"{stage}/layer{k}/{rest}"] = v
+    metrics["bptt/loss"] = res.loss
+    return metrics
 
-    def column(self, name: str) -> np.ndarray:
-        return self.history[:, self.fields.index(name)]
 
-    @property
-    def clip_rate(self) -> float:
-        """Fraction of the (finite) steps so far whose gradient was clipped (clip_coef < 1)."""
-        return self._clipped / self._counted if self._counted else 0.0
+def concat_frames(frames: Sequence[dict[str, Any]], columns: Sequence[str]):
+    """The long-format columns of every pass as one DataFrame (empty, with ``columns``, when none)."""
+    import pandas as pd
 
-    def drain(self, trainer: pl.Trainer | None = None) -> None:
-        """Move the window to the host (one transfer) and log it at ``trainer.global_step``."""
-        if not self._pending:
-            return
-        trainer = trainer or self._trainer
-        rows = torch.stack(self._pending).cpu().numpy()
-        self._pending = []
-        self._rows.append(rows)
-        col = {n: rows[:, i] for i, n in enumerate(self.fields)}
-        pre = col["norm_preclip"][np.isfinite(col["norm_preclip"])]
-        if pre.size:
-            m = float(pre.max())
-            self.max_norm_preclip = m if self.max_norm_preclip is None else max(self.max_norm_preclip, m)
-        coef = col["clip_coef"][np.isfinite(col["clip_coef"])]
-        self._clipped += float((coef < 1.0).sum())
-        self._counted += coef.size
-        last = {n: float(v[-1]) for n, v in col.items()}
-        metrics: dict[str, Any] = {}
-        if self.loss_metric is not None:
-            loss = col["loss"]
-            metrics[self.loss_metric] = float(np.nanmean(loss)) if np.isfinite(loss).any() else math.nan
-        metrics.update(
-            {
-                "grad/norm_preclip": last["norm_preclip"],
-                "grad/norm_postclip": last["norm_postclip"],
-                "grad/clip_coef": last["clip_coef"],
-                "grad/clip_rate": self.clip_rate,
-            }
-        )
-        if self.max_norm_preclip is not None:
-            metrics["grad/max_norm_preclip"] = self.max_norm_preclip
-        metrics.update({f"grad/norm_{g}": last[f"norm_{g}"] for g in self.group_names})
-        if self.log_diverged_step and self.diverged_step is not None:
-            metrics["diverged_step"] = float(self.diverged_step)
-        step = trainer.global_step if trainer is not None else (self._steps[-1] if self._steps else 0)
-        self.publish(metrics, step)
+    if not frames:
+        return pd.DataFrame(columns=list(columns))
+    return pd.concat([pd.DataFrame(f) for f in frames], ignore_index=True)
+
+
+def log_profile_artifacts(lg, frame, plot: Callable[[Any], Any]) -> None:
+    """To the MLflow run of logger ``lg``: ``frame`` as ``diagnostics/bptt_profile.parquet`` and, when not
+    empty, ``plot(frame)`` as ``plots/bptt_profile.png``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bptt_profile.parquet"
+        frame.to_parquet(path, index=False)
+        lg.experiment.log_artifact(lg.run_id, str(path), "diagnostics")
+        if len(frame):
+            fig = plot(frame)
+            png = Path(tmp) / "bptt_profile.png"
+            fig.savefig(png)
+            from pipeline.plots import plt
+
+            plt.close(fig)
+            lg.experiment.log_artifact(lg.run_id, str(png), "plots")
 
 
 class BPTTProfileMonitor(_Logs, pl.Callback):
@@ -397,14 +486,7 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
     def profile_pass(self, pl_module, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """One pass on finite weights: (metrics to log, long-format profile columns with ``step``)."""
         res = probing.probe(pl_module, self.rnn, self.batch, self.diagnostics.horizon_decades)
-        top = len(res.profiles) - 1
-        metrics: dict[str, Any] = dict(res.metrics[top])
-        for k, m in enumerate(res.metrics):
-            for name, v in m.items():
-                stage, rest = name.split("/", 1)
-                metrics[f"{stage}/layer{k}/{rest}"] = v
-        metrics["bptt/loss"] = res.loss
-        return metrics, res.long_format(step)
+        return probe_metrics(res), res.long_format(step)
 
     def measure(self, trainer, pl_module) -> dict[str, Any]:
         """Run a pass at ``trainer.global_step`` (once per step), record and log it."""
@@ -432,11 +514,7 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
 
     def profile_frame(self):
         """Every pass, long format: columns :attr:`frame_columns` (``step, layer, t, state, log10_norm``)."""
-        import pandas as pd
-
-        if not self.frames:
-            return pd.DataFrame(columns=list(self.frame_columns))
-        return pd.concat([pd.DataFrame(f) for f in self.frames], ignore_index=True)
+        return concat_frames(self.frames, self.frame_columns)
 
     def _finish(self, trainer) -> None:
         from pipeline.training.callbacks import verdict
@@ -459,19 +537,7 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
         from pipeline.names import REGIME
 
         lg.experiment.set_tag(lg.run_id, REGIME, self.regime)
-        frame = self.profile_frame()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "bptt_profile.parquet"
-            frame.to_parquet(path, index=False)
-            lg.experiment.log_artifact(lg.run_id, str(path), "diagnostics")
-            if len(frame):
-                fig = self.plot(frame)
-                png = Path(tmp) / "bptt_profile.png"
-                fig.savefig(png)
-                from pipeline.plots import plt
-
-                plt.close(fig)
-                lg.experiment.log_artifact(lg.run_id, str(png), "plots")
+        log_profile_artifacts(lg, self.profile_frame(), self.plot)
 
     def plot(self, frame):
         """log10 ||dL/dh_t|| of the top layer against t, one line per pass (at most 6), c dashed."""

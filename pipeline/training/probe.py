@@ -97,21 +97,17 @@ def _loss_of(result: Any) -> torch.Tensor:
     return result.reshape(())
 
 
-def probe(
-    module: nn.Module,
-    rnn: str,
-    batch: Any,
-    horizon_decades: float = 3.0,
-    lyapunov: bool = True,
-    restore_flush: bool | None = None,
-) -> Probe:
-    """The exact float64 profile of the RNN at ``rnn`` on ``module``'s own ``training_step`` loss for
-    ``batch``, with summaries (:func:`pipeline.bptt.profile.summarize`), spectra, Pascanu's bound (vanilla
-    cells, when the loss reads only the last steps) and the Lyapunov exponent, per layer. ``module`` is not
-    modified (a float64 copy runs)."""
-    resolve(module, rnn)
-    twin = float64_copy(module)
-    target = twin.get_submodule(rnn)
+# What a module's training_step does, run outside a Trainer, that is expected and harmless: Lightning warns
+# that ``self.log()`` (and ``self.log_dict()``, which calls it) has no trainer reference, and logs nothing.
+NO_TRAINER_LOG = r"You are trying to `self\.log\(\)` but the `self\.trainer` reference is not registered"
+
+
+def _capture(
+    twin: nn.Module, target: nn.Module, rnn: str, batch: Any
+) -> tuple[torch.Tensor, torch.Tensor, Any, list[torch.Tensor | None]]:
+    """Run ``twin``'s ``training_step(batch, 0)`` with a forward hook on ``target`` (the RNN at ``rnn``)
+    that records its input and ``hx`` and replaces its outputs by leaf tensors: (the loss, the input, ``hx``,
+    the loss's gradients with respect to the output and each final state, None where unused)."""
     seen: dict[str, Any] = {}
 
     def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -137,7 +133,7 @@ def probe(
     handle = target.register_forward_hook(hook, with_kwargs=True)
     try:
         with torch.enable_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # self.log() without a trainer, and the like
+            warnings.filterwarnings("ignore", message=NO_TRAINER_LOG, category=UserWarning)
             loss = _loss_of(twin.training_step(to_cpu64(batch), 0))  # type: ignore[operator]
     finally:
         handle.remove()
@@ -147,19 +143,47 @@ def probe(
     grads = (
         torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
     )
-    x, hx = seen["x"].to(torch.float64), seen["hx"]
-    unbatched = x.dim() == 2
-    batch_first = bool(getattr(target, "batch_first", False))
-    g_out, g_states = grads[0], list(grads[1:])
-    if unbatched:  # [T, I] -> [1, T, I]; states [L, H] -> [L, 1, H]
+    return loss, seen["x"].to(torch.float64), seen["hx"], list(grads)
+
+
+def _batch_first(
+    target: nn.Module,
+    x: torch.Tensor,
+    hx: Any,
+    g_out: torch.Tensor | None,
+    g_states: list[torch.Tensor | None],
+) -> tuple[torch.Tensor, Any, torch.Tensor | None, list[torch.Tensor | None]]:
+    """``x``, ``hx`` and the gradients in the layout :mod:`pipeline.bptt.foreign` reads: batched, batch
+    first (an unbatched ``[T, I]`` input becomes ``[1, T, I]``, its states ``[L, H]`` become ``[L, 1, H]``)."""
+    if x.dim() == 2:  # unbatched
         x = x.unsqueeze(0)
         g_out = None if g_out is None else g_out.unsqueeze(0)
         g_states = [None if g is None else g.unsqueeze(1) for g in g_states]
         if hx is not None:
             hx = tuple(h.unsqueeze(1) for h in hx) if isinstance(hx, tuple) else hx.unsqueeze(1)
-    elif not batch_first:
+    elif not bool(getattr(target, "batch_first", False)):
         x = x.transpose(0, 1)
         g_out = None if g_out is None else g_out.transpose(0, 1)
+    return x, hx, g_out, g_states
+
+
+def probe(
+    module: nn.Module,
+    rnn: str,
+    batch: Any,
+    horizon_decades: float = 3.0,
+    lyapunov: bool = True,
+    restore_flush: bool | None = None,
+) -> Probe:
+    """The exact float64 profile of the RNN at ``rnn`` on ``module``'s own ``training_step`` loss for
+    ``batch``, with summaries (:func:`pipeline.bptt.profile.summarize`), spectra, Pascanu's bound (vanilla
+    cells, when the loss reads only the last steps) and the Lyapunov exponent, per layer. ``module`` is not
+    modified (a float64 copy runs)."""
+    resolve(module, rnn)
+    twin = float64_copy(module)
+    target = twin.get_submodule(rnn)
+    loss, x, hx, grads = _capture(twin, target, rnn, batch)
+    x, hx, g_out, g_states = _batch_first(target, x, hx, grads[0], grads[1:])
     with exact_denormals(restore_flush), torch.no_grad():
         layers = foreign.forward_layers(target, x, hx)
         profiles = foreign.profile_layers(
