@@ -154,7 +154,7 @@ def scaled_norm(g) -> float:
 def autograd_profile(module, path, batch):
     """log10 ||dL/dh_t|| (and c_t) per layer by full-graph float64 autograd: the RNN unrolled one step at a
     time with nn.LSTMCell / nn.GRUCell / nn.RNNCell sharing its weights, retain_grad on every state."""
-    from pipeline.training.probe import float64_copy, to_cpu64
+    from pipeline.training.probe import NO_TRAINER_LOG, float64_copy, to_cpu64
 
     m = float64_copy(module)
     r = m.get_submodule(path)
@@ -195,7 +195,9 @@ def autograd_profile(module, path, batch):
 
     r.forward = unrolled
     with torch.enable_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # self.log() without a trainer
+        warnings.filterwarnings(
+            "ignore", message=NO_TRAINER_LOG, category=UserWarning
+        )  # self.log(), no trainer
         m.training_step(to_cpu64(batch), 0).backward()
     out = {}
     for k, layer in enumerate(kept):
