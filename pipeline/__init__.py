@@ -21,8 +21,8 @@ __version__ = "0.1.0"
 # The public API for a user's own LightningModule (README, "Your own model"), imported on first use so
 # that ``import pipeline`` (and ``python -m pipeline --help``) stays free of torch and Lightning.
 _LAZY = {
-    "GradientNormMonitor": "pipeline.training.monitors",
-    "BPTTProfileMonitor": "pipeline.training.monitors",
+    "GradientNormMonitor": "pipeline.training.grad_monitor",
+    "BPTTProfileMonitor": "pipeline.training.profile_monitor",
     "profile_rnn": "pipeline.training.probe",
     # A trained model back from its MLflow run (README, "Saved models and resuming").
     "load_run": "pipeline.training.saved",

@@ -1,7 +1,7 @@
 """Gradient callbacks: clip-aware norms every step, the BPTT profile and spectra every N steps, the verdict.
 
 The two monitors are this trainer's configurations of the public ones
-(:class:`~pipeline.training.monitors.GradientNormMonitor`, :class:`~pipeline.training.monitors.BPTTProfileMonitor`):
+(:class:`~pipeline.training.grad_monitor.GradientNormMonitor`, :class:`~pipeline.training.profile_monitor.BPTTProfileMonitor`):
 one implementation of the window, the logging, the pass scheduling and the verdict; here only where the
 record, the groups, the float64 weights and the loss come from, and the Recorder as the sink.
 
@@ -34,8 +34,9 @@ from pipeline.bptt import reference
 from pipeline.config import Config, DiagnosticsConfig
 from pipeline.names import DIVERGED, EXPLODING, GROUPS, HEALTHY, VANISHING
 from pipeline.training.data import fixed_batch
-from pipeline.training.monitors import BPTTProfileMonitor, GradientNormMonitor, profile_figure
+from pipeline.training.grad_monitor import GradientNormMonitor
 from pipeline.training.probe import pass_metrics
+from pipeline.training.profile_monitor import BPTTProfileMonitor, profile_figure
 from pipeline.training.tasks import Task
 
 
@@ -93,10 +94,10 @@ def long_frame(prof: bptt.Profile, step: int):
 
 
 class GradientMonitor(GradientNormMonitor):
-    """The project's configuration of :class:`~pipeline.training.monitors.GradientNormMonitor`.
+    """The project's configuration of :class:`~pipeline.training.grad_monitor.GradientNormMonitor`.
 
     The module measures, guards and clips (``RNNTrainingModule.configure_gradient_clipping``, with the
-    same :func:`~pipeline.training.monitors.group_sq`) and leaves the step's record (:data:`RECORD_FIELDS`:
+    same :func:`~pipeline.training.grad_monitor.group_sq`) and leaves the step's record (:data:`RECORD_FIELDS`:
     groups input, recurrent, bias, readout, plus ``clipped``) in ``last_record``; :meth:`collect` moves it
     into the monitor's window. Everything else (one host transfer per ``trainer.log_every`` window, the
     running ``grad/clip_rate`` and ``grad/max_norm_preclip``) is the public monitor's, logged through the
@@ -147,7 +148,7 @@ class ValidationLogger(pl.Callback):
 
 
 class ProfileMonitor(BPTTProfileMonitor):
-    """The project's configuration of :class:`~pipeline.training.monitors.BPTTProfileMonitor`: the
+    """The project's configuration of :class:`~pipeline.training.profile_monitor.BPTTProfileMonitor`: the
     long-range profile (:attr:`Task.window`) of the float64 twin (``RNNModel.params()``, any cell of
     this project, ``orthogonal`` and ``indrnn`` included), with the spectra and the Lyapunov exponent,
     on a fixed probe batch (seed + 2) on the CPU, at step 0, every ``diagnostics.profile_every`` steps
@@ -202,7 +203,7 @@ def plot_profile(frame, task: Task, title: str):
     """log10 ||dL_w/dh_t|| (the long-range profile) against t at several training steps: the textbook's
     figure, measured. LSTM adds the cell state (dashed); copy adds the total gradient (dotted), whose
     direct loss terms hide the loss of memory (README, "The long-range profile"). The public monitor's
-    figure (:func:`pipeline.training.monitors.profile_figure`) with the task's memory window shaded."""
+    figure (:func:`pipeline.training.profile_monitor.profile_figure`) with the task's memory window shaded."""
     return profile_figure(frame, title, task.window)
 
 

@@ -15,12 +15,12 @@ import torch
 
 from pipeline.config import Config
 from pipeline.names import GROUPS
+from pipeline.training.grad_monitor import RECORD_HEAD, drop_gradients, group_sq
 from pipeline.training.models import RNNModel
-from pipeline.training.monitors import RECORD_HEAD, drop_gradients, group_sq
 from pipeline.training.tasks import Task
 
 # Order of the per-step record tensor (see RNNTrainingModule.last_record): the public monitor's record
-# (pipeline.training.monitors.RECORD_HEAD) plus ``clipped``, with this project's parameter groups.
+# (pipeline.training.grad_monitor.RECORD_HEAD) plus ``clipped``, with this project's parameter groups.
 RECORD_FIELDS = (*RECORD_HEAD, "clipped", *(f"norm_{g}" for g in GROUPS))
 
 
@@ -77,7 +77,7 @@ class RNNTrainingModule(pl.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         """Measure, guard, clip (Pascanu 2013, Algorithm 1 for mode=norm), and record the result."""
         # One fused reduction per group (torch._foreach_norm), no host sync per parameter: the measurement
-        # of the public GradientNormMonitor (pipeline.training.monitors.group_sq).
+        # of the public GradientNormMonitor (pipeline.training.grad_monitor.group_sq).
         sq = group_sq(self.groups, GROUPS)
         if sq is None:
             return

@@ -1,0 +1,240 @@
+"""The exact BPTT profile of one RNN inside ANY LightningModule, during training (README, "Your own model").
+
+:class:`BPTTProfileMonitor` runs :func:`pipeline.training.probe.probe` on a fixed batch at step 0, every
+``every_n_steps`` and at train end, and logs through ``trainer.loggers`` (with an MLFlowLogger also the
+profile artifact, the plot and the ``regime`` tag) or a ``sink``. The project's own trainer uses it as a
+configured subclass (:mod:`pipeline.training.callbacks`): one implementation.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from pipeline.config import DiagnosticsConfig
+from pipeline.training import probe as probing
+from pipeline.training.grad_monitor import GradientNormMonitor, Sink, _Logs
+
+
+def probe_metrics(res: probing.Probe) -> dict[str, Any]:
+    """A pass's metrics: the top layer's under the plain names, every layer's as ``<stage>/layer<k>/<name>``
+    (k = 0 is the bottom), and ``bptt/loss``."""
+    top = len(res.profiles) - 1
+    metrics: dict[str, Any] = dict(res.metrics[top])
+    for k, m in enumerate(res.metrics):
+        for name, v in m.items():
+            stage, rest = name.split("/", 1)
+            metrics[f"{stage}/layer{k}/{rest}"] = v
+    metrics["bptt/loss"] = res.loss
+    return metrics
+
+
+def concat_frames(frames: Sequence[dict[str, Any]], columns: Sequence[str]):
+    """The long-format columns of every pass as one DataFrame (empty, with ``columns``, when none)."""
+    import pandas as pd
+
+    if not frames:
+        return pd.DataFrame(columns=list(columns))
+    return pd.concat([pd.DataFrame(f) for f in frames], ignore_index=True)
+
+
+def log_profile_artifacts(lg, frame, plot: Callable[[Any], Any]) -> None:
+    """To the MLflow run of logger ``lg``: ``frame`` as ``diagnostics/bptt_profile.parquet`` and, when not
+    empty, ``plot(frame)`` as ``plots/bptt_profile.png``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "bptt_profile.parquet"
+        frame.to_parquet(path, index=False)
+        lg.experiment.log_artifact(lg.run_id, str(path), "diagnostics")
+        if len(frame):
+            fig = plot(frame)
+            png = Path(tmp) / "bptt_profile.png"
+            fig.savefig(png)
+            from pipeline.plots import plt
+
+            plt.close(fig)
+            lg.experiment.log_artifact(lg.run_id, str(png), "plots")
+
+
+class BPTTProfileMonitor(_Logs, pl.Callback):
+    """The exact float64 BPTT profile of the RNN at dotted path ``rnn`` inside the LightningModule.
+
+    ``rnn``: e.g. ``"encoder.lstm"``; an nn.RNN, nn.LSTM or nn.GRU, unidirectional, without projection,
+    any num_layers, batch_first or not (anything else fails at ``setup`` in one line; a PackedSequence
+    input fails at the first pass, before the first update). ``every_n_steps``: passes at step 0, every
+    N optimizer steps and at train end (0: only the first and the last). ``batch``: the probe batch
+    (default: the first training batch, kept). The loss is the module's own ``training_step`` loss on a
+    float64 CPU copy in eval mode (:func:`pipeline.training.probe.probe`).
+
+    Logs the top layer's summaries under the plain names (``bptt/log10_ratio``, ``bptt/decay_rate``,
+    ``spectral/sigma_max``, ...) and every layer's as ``bptt/layer<k>/<name>`` (k = 0 is the bottom);
+    with an MLFlowLogger also ``diagnostics/bptt_profile.parquet``, ``plots/bptt_profile.png`` and the
+    tag ``regime`` (the verdict of :func:`pipeline.training.callbacks.verdict` on the top layer, with the
+    largest pre-clip norm and the divergence of a :class:`GradientNormMonitor` in the same Trainer).
+
+    The project's own trainer is a configuration of this class
+    (:class:`pipeline.training.callbacks.ProfileMonitor`): the pass scheduling, the finite check, the
+    record (:attr:`passes`, :attr:`frames`), the logging, the verdict and the artifacts are here; a
+    subclass overrides :meth:`params_finite` and :meth:`profile_pass` (how the float64 parameters and the
+    loss are obtained) and :meth:`stopping`. ``sink`` as for :class:`GradientNormMonitor`.
+    """
+
+    step_type: type = float  # the type of the "step" entry of each pass
+    frame_columns: tuple[str, ...] = ("step", "layer", "t", "state", "log10_norm")
+
+    def __init__(
+        self,
+        rnn: str,
+        every_n_steps: int = 100,
+        batch: Any = None,
+        diagnostics: DiagnosticsConfig | None = None,
+        *,
+        sink: Sink | None = None,
+    ):
+        self.rnn, self.every_n_steps = rnn, int(every_n_steps)
+        self.batch = None if batch is None else probing.to_cpu64(batch)
+        self.diagnostics = diagnostics or DiagnosticsConfig()
+        self.sink = sink
+        self.passes: list[dict[str, Any]] = []  # metrics logged per pass, with "step"
+        self.frames: list[dict[str, Any]] = []  # long-format columns per pass
+        self.regime: str | None = None
+        self._last_step: int | None = None
+        self._trainer: pl.Trainer | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        probing.resolve(pl_module, self.rnn)
+
+    # -- scheduling
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._trainer = trainer
+        if self.batch is not None:
+            self.measure(trainer, pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.batch is None:
+            self.batch = probing.to_cpu64(batch)
+            self.measure(trainer, pl_module)
+
+    def stopping(self, trainer, pl_module) -> bool:
+        """No scheduled pass once training is stopping (the last pass still runs at train end)."""
+        return bool(trainer.should_stop)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        n = self.every_n_steps
+        if n and trainer.global_step % n == 0 and not self.stopping(trainer, pl_module):
+            self.measure(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.measure(trainer, pl_module)
+        self._finish(trainer)
+
+    def _grad_monitor(self, trainer) -> GradientNormMonitor | None:
+        return next((c for c in trainer.callbacks if isinstance(c, GradientNormMonitor)), None)
+
+    # -- one pass
+    def params_finite(self, pl_module) -> bool:
+        """Whether the weights a pass would read are finite (a subclass may keep what it read for
+        :meth:`profile_pass`, which runs right after on the same weights)."""
+        return all(bool(torch.isfinite(p).all()) for p in pl_module.parameters())
+
+    def profile_pass(self, pl_module, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One pass on finite weights: (metrics to log, long-format profile columns with ``step``)."""
+        res = probing.probe(pl_module, self.rnn, self.batch, self.diagnostics.horizon_decades)
+        return probe_metrics(res), res.long_format(step)
+
+    def measure(self, trainer, pl_module) -> dict[str, Any]:
+        """Run a pass at ``trainer.global_step`` (once per step), record and log it."""
+        step = trainer.global_step
+        if self._last_step == step or self.batch is None:
+            return self.passes[-1] if self.passes else {}
+        metrics: dict[str, Any] = {}
+        if self.params_finite(pl_module):
+            metrics, frame = self.profile_pass(pl_module, step)
+            self.frames.append(frame)
+        self._last_step = step
+        self.passes.append({"step": self.step_type(step), **metrics})
+        if metrics:
+            self._trainer = trainer
+            self.publish(metrics, step)
+        return metrics
+
+    @property
+    def first(self) -> dict[str, Any]:
+        return self.passes[0] if self.passes else {}
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.passes[-1] if self.passes else {}
+
+    def profile_frame(self):
+        """Every pass, long format: columns :attr:`frame_columns` (``step, layer, t, state, log10_norm``)."""
+        return concat_frames(self.frames, self.frame_columns)
+
+    def _finish(self, trainer) -> None:
+        from pipeline.training.callbacks import verdict
+
+        gm = self._grad_monitor(trainer)
+        last = next((p for p in reversed(self.passes) if len(p) > 1), None)
+        self.regime = verdict(
+            gm is not None and gm.diverged_step is not None,
+            last,
+            gm.max_norm_preclip if gm is not None else None,
+            self.diagnostics,
+        )
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        for lg in trainer.loggers:
+            if isinstance(lg, MLFlowLogger):
+                self._mlflow_artifacts(lg)
+
+    def _mlflow_artifacts(self, lg) -> None:
+        from pipeline.names import REGIME
+
+        lg.experiment.set_tag(lg.run_id, REGIME, self.regime)
+        log_profile_artifacts(lg, self.profile_frame(), self.plot)
+
+    def plot(self, frame):
+        """log10 ||dL/dh_t|| of the top layer against t, one line per pass (at most 6), c dashed."""
+        top = frame[frame["layer"] == frame["layer"].max()]
+        return profile_figure(
+            top,
+            f"{self.rnn}: BPTT profile; regime {self.regime}",
+            ylabel=r"$\log_{10}\,\|\partial L/\partial h_t\|$ (top layer)",
+        )
+
+
+# One line style per profile state: h, the LSTM cell state c, and copy's total gradient h_total.
+PROFILE_STYLES = (("h", "-", 1.6, ""), ("c", "--", 1.2, " (c)"), ("h_total", ":", 1.0, " (total)"))
+
+
+def profile_figure(frame, title: str, window: tuple[int, int] | None = None, ylabel: str | None = None):
+    """The profile figure of both paths: log10 ||dL/dh_t|| against t from a long-format frame (``step, t,
+    state, log10_norm``), one line per state (:data:`PROFILE_STYLES`) at up to 6 training steps (the
+    first, the last and evenly spaced between), ``window`` (a memory window) shaded."""
+    from pipeline.plots import DPI, MIN_WIDTH, Curve, draw_profile, plt, wrap_title
+
+    fig, ax = plt.subplots(figsize=(MIN_WIDTH, 5.0), layout="constrained", dpi=DPI)
+    steps = sorted(frame["step"].unique()) if len(frame) else []
+    if len(steps) > 6:
+        idx = np.unique(np.linspace(0, len(steps) - 1, 6).round().astype(int))
+        steps = [steps[i] for i in idx]
+    cmap = plt.get_cmap("viridis")
+    curves = []
+    for i, s in enumerate(steps):
+        for state, ls, lw, suffix in PROFILE_STYLES:
+            sub = frame[(frame["step"] == s) & (frame["state"] == state)]
+            if len(sub):
+                color = cmap(i / max(len(steps) - 1, 1))
+                curves.append(Curve(sub["t"], sub["log10_norm"], f"step {s}{suffix}", ls, lw, color))
+    draw_profile(ax, curves, window)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    ax.set_title(wrap_title(title, fig), fontsize=10)
+    if curves:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig
