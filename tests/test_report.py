@@ -138,6 +138,7 @@ def _expected(run, col: str):
     d = run.data
     metric = {
         "val_loss_ratio": "val/loss_ratio",
+        "val_accuracy": "val/accuracy",
         "log10_ratio": "bptt/log10_ratio",
         "decay_rate": "bptt/decay_rate",
         "clip_rate": "grad/clip_rate",
@@ -167,6 +168,8 @@ def _expected(run, col: str):
     }
     if col in metric:
         return d.metrics.get(metric[col])
+    if col == "task" and d.params.get("task.permute") == "True":
+        return f"{d.tags['task']} (permuted)"
     if col in tag:
         return d.tags.get(tag[col])
     if col in param:
