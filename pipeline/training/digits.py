@@ -39,11 +39,11 @@ SPLIT_SEED = 0
 PERMUTE_SEED = 0
 CLASSES = 10
 GREY_LEVELS = 16  # pixel values are 0..16 (the 32x32 bitmaps' 4x4 block counts)
-# Loss under which digits counts as solved: 0.25 ln 10 = 0.576 nats, a geometric-mean probability of
-# 0.56 on the true class. Measured on the held-out split (README, "Tasks"): runs at this loss classify
-# about 83% of the images correctly, what the GRU of configs/train/digits.yaml reaches in 600 steps;
-# a tanh RNN there stays above it (measured in the README's digits table).
-SOLVED_FRACTION = 0.25
+# Loss under which digits counts as solved: 0.1 x ln 10 = 0.230 nats, as for the other classification
+# tasks (temporal order, copy). Measured on the held-out split with configs/train/digits.yaml (GRU, seed 0):
+# 0.220 nats is 94.2% of the images right (step 1800), 0.178 nats 95.8% (step 2400); at 600 steps the GRU
+# is at 0.51-0.59 nats and 81-85% (seeds 0-2), learning but not solved yet (README, "Tasks").
+SOLVED_FRACTION = 0.1
 
 
 @functools.lru_cache(maxsize=1)
