@@ -519,3 +519,23 @@ def test_report_figures_are_sharp(report):
         with Image.open(report.out / name) as im:
             assert round(im.info["dpi"][0]) == plots.DPI, name
         assert (report.out / name).stat().st_size < 400_000, name  # sharp, not heavy
+
+
+def test_permuted_digits_runs_are_a_task_of_their_own():
+    """task.permute runs get their own phase diagram: the table's task is `digits (permuted)` (README,
+    "What the report shows"); runs stored before the key existed (no param) keep their task."""
+    import pandas as pd
+
+    from pipeline.report.data import comparison_table
+
+    runs = pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c"],
+            "tags.task": ["digits", "digits", "adding"],
+            "params.task.permute": ["True", "False", None],
+            "metrics.val/accuracy": [0.8, 0.7, math.nan],
+        }
+    )
+    table = comparison_table(runs).set_index("run_id")
+    assert table.loc[["a", "b", "c"], "task"].tolist() == ["digits (permuted)", "digits", "adding"]
+    assert table.loc["a", "val_accuracy"] == 0.8 and math.isnan(table.loc["c", "val_accuracy"])
