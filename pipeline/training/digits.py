@@ -7,7 +7,7 @@ by row, scaled to [0, 1] (/ 16): input ``[n, 64, 1]``. The class is read at the 
 a model that learned nothing guesses uniformly: ln 10, the baseline). This is the pixel-by-pixel MNIST
 protocol of Le, Jaitly & Hinton (2015, section 4.3) at 8x8; ``permute=True`` is their permuted variant:
 one fixed pixel permutation (:data:`PERMUTE_SEED`), the same for every image and every run, so that
-strokes no longer arrive as runs of neighbouring steps and the class depends on pixels 64 steps back.
+strokes no longer arrive as runs of neighbouring steps: what tells the classes apart is spread over all 64.
 
 Worked example (image 0 of the file, a zero; its first row is ``0 0 5 13 9 1 0 0``)::
 
