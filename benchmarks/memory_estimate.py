@@ -60,6 +60,18 @@ CASES = {
         "task.val_size=64",
         "task.batch_size=8",
     ],
+    # Real data (pipeline/training/digits.py): scikit-learn imported, the file read, both splits kept.
+    "digits dataset": ["task.name=digits", "task.seq_len=64"],
+    "digits, training activations (gru)": [
+        "task.name=digits",
+        "task.seq_len=64",
+        "task.batch_size=2048",
+        "model.hidden_size=256",
+        "model.cell=gru",
+        "trainer.max_steps=2",
+        "task.val_size=898",
+        "diagnostics.probe_size=8",
+    ],
 }
 
 

@@ -31,7 +31,7 @@ from pipeline.schema import (
     set_dotted,
 )
 
-TASKS = ("adding", "copy", "temporal_order")
+TASKS = ("adding", "copy", "temporal_order", "digits")
 INITS = ("default", "gaussian", "orthogonal", "identity")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 CLIP_MODES = ("none", "norm", "value")
@@ -44,14 +44,23 @@ STEPS_MAX = (
     2**63 - 1
 )  # the training stream's len() is a C ssize_t (OverflowError beyond); Lightning counts in int64
 THREADS_MAX = 1024  # more intra-op threads than any machine's cores only oversubscribes them
+# digits (README, "Tasks"): scikit-learn's bundled 8x8 images, read pixel by pixel, so T is fixed; the
+# held-out split (task.val_size images) holds at least one image per class (it is stratified) and at most
+# half of the 1,797 images, so most are left to train on. The tests check the dataset against these numbers.
+DIGITS_IMAGES = 1797
+DIGITS_SEQ_LEN = 64
+DIGITS_VAL_SIZE = (10, DIGITS_IMAGES // 2)  # (low, high) of task.val_size for digits
 
 
 @dataclass(frozen=True)
 class TaskConfig:
-    name: str = "adding"  # adding | copy | temporal_order (README, "Tasks")
+    name: str = "adding"  # adding | copy | temporal_order | digits (README, "Tasks")
     seq_len: int = 50  # T: sequence length (copy: T blanks between symbols and recall, total T+20)
     batch_size: int = 50  # training batch size; batches are generated on the device each step
-    val_size: int = 500  # size of the fixed validation set (seed + 1)
+    val_size: int = 500  # size of the fixed validation set (seed + 1); digits: of the fixed held-out split
+    # digits only: one fixed pixel permutation, the same for every run (the psMNIST protocol of Le, Jaitly
+    # & Hinton 2015 at 8x8), so nearby pixels are no longer nearby steps and memory must span the sequence
+    permute: bool = False
 
 
 @dataclass(frozen=True)
@@ -162,16 +171,30 @@ def from_dict(data: dict[str, Any]) -> Config:
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    """Range and choice checks; raises :class:`ConfigError` naming the first bad key."""
-    t, m, o, c, tr, d = cfg.task, cfg.model, cfg.optim, cfg.clip, cfg.trainer, cfg.diagnostics
-    check("seed", 0 <= cfg.seed <= SEED_MAX, f"in [0, {SEED_MAX}] (2^64 - 3)", cfg.seed)
+def _validate_task(t: TaskConfig) -> None:
     choice("task.name", t.name, TASKS)
     check("task.seq_len", t.seq_len >= 2, ">= 2", t.seq_len)
     check("task.batch_size", t.batch_size >= 1, ">= 1", t.batch_size)
     check("task.val_size", t.val_size >= 1, ">= 1", t.val_size)
     if t.name == "temporal_order":
         check("task.seq_len", t.seq_len >= 10, ">= 10 for temporal_order", t.seq_len)
+    if t.name == "digits":
+        check(
+            "task.seq_len", t.seq_len == DIGITS_SEQ_LEN, "64 for digits (8x8 pixels, one a step)", t.seq_len
+        )
+        lo, hi = DIGITS_VAL_SIZE
+        what = (
+            f"in [{lo}, {hi}] for digits (the held-out images: one per class at least, half of them at most)"
+        )
+        check("task.val_size", lo <= t.val_size <= hi, what, t.val_size)
+    check("task.permute", not t.permute or t.name == "digits", "false unless task.name is digits", t.permute)
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks; raises :class:`ConfigError` naming the first bad key."""
+    t, m, o, c, tr, d = cfg.task, cfg.model, cfg.optim, cfg.clip, cfg.trainer, cfg.diagnostics
+    check("seed", 0 <= cfg.seed <= SEED_MAX, f"in [0, {SEED_MAX}] (2^64 - 3)", cfg.seed)
+    _validate_task(t)
     choice("model.cell", m.cell, CELLS)
     check("model.hidden_size", m.hidden_size >= 1, ">= 1", m.hidden_size)
     choice("model.init", m.init, INITS)

@@ -102,3 +102,23 @@ def tiny_config(**overrides):
 @pytest.fixture
 def tiny():
     return tiny_config
+
+
+def digits_held_out(val_size: int):
+    """The held-out split of task ``digits`` as README "Tasks" documents it, computed here from
+    scikit-learn directly (not through pipeline code): shuffle the 1,797 indices with numpy's
+    ``RandomState(0)``, then take rounds of one image per class (each class's next image in shuffled
+    order; within a round, in shuffled order) until ``val_size`` are taken. Returns (pixels / 16 as
+    float64 ``[n, 64]``, labels, indices)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    shuffled = list(np.random.RandomState(0).permutation(len(y)))
+    position = {i: p for p, i in enumerate(shuffled)}
+    by_class = {c: [i for i in shuffled if y[i] == c] for c in range(10)}
+    order: list[int] = []
+    for r in range(max(len(v) for v in by_class.values())):
+        order += sorted((v[r] for v in by_class.values() if r < len(v)), key=position.__getitem__)
+    held = np.array(order[:val_size])
+    return x[held] / 16.0, y[held], held

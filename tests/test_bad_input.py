@@ -97,6 +97,23 @@ def test_train_max_steps_whose_history_cannot_fit(tmp_path):
     assert files(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--config", SMOKE, "task.permute=true"], ("config key 'task.permute'", "digits")),
+        (["--config", "digits", "task.seq_len=50"], ("config key 'task.seq_len'", "64 for digits")),
+        (["--config", SMOKE, "task.name=digits"], ("config key 'task.seq_len'", "64 for digits")),
+        (["--config", "digits", "task.val_size=5"], ("config key 'task.val_size'", "[10, 898]")),
+        (["--config", "digits", "task.val_size=899"], ("config key 'task.val_size'", "[10, 898]")),
+    ],
+)
+def test_digits_keys_are_checked_before_anything_is_written(tmp_path, args, needles):
+    """task.permute belongs to digits alone; digits are 64 pixels long; the held-out split must leave
+    one image per class and half the images to train on (README, "Configuration reference")."""
+    one_error_line(cli("train", *args, cwd=tmp_path), *needles)
+    assert files(tmp_path) == []
+
+
 def test_estimate_is_small_for_the_smoke_config():
     from pipeline.config import load_config
     from pipeline.training import budget

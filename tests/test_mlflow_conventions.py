@@ -130,6 +130,9 @@ def test_progress_line_is_plain_text():
         "step   50/1000  train/loss 0.25  val/loss nan  grad/clip_rate 0.500  regime healthy (profile at step 50)"
     )
     assert s.isascii() and "\r" not in s and "\x1b" not in s
+    # A classification task adds its accuracy after the validation loss.
+    s = line(600, 600, 0.5, 0.5888, 2.302585, 0.908, "healthy", accuracy=0.812)
+    assert "val/loss 0.5888 (x0.256 of baseline)  val/accuracy 0.812  grad/clip_rate 0.908" in s
 
 
 def test_bare_report_after_a_single_train_finds_its_experiment(store, tmp_path):

@@ -138,6 +138,7 @@ def _expected(run, col: str):
     d = run.data
     metric = {
         "val_loss_ratio": "val/loss_ratio",
+        "val_accuracy": "val/accuracy",
         "log10_ratio": "bptt/log10_ratio",
         "decay_rate": "bptt/decay_rate",
         "clip_rate": "grad/clip_rate",
@@ -167,6 +168,8 @@ def _expected(run, col: str):
     }
     if col in metric:
         return d.metrics.get(metric[col])
+    if col == "task" and d.params.get("task.permute") == "True":
+        return f"{d.tags['task']} (permuted)"
     if col in tag:
         return d.tags.get(tag[col])
     if col in param:
@@ -516,3 +519,23 @@ def test_report_figures_are_sharp(report):
         with Image.open(report.out / name) as im:
             assert round(im.info["dpi"][0]) == plots.DPI, name
         assert (report.out / name).stat().st_size < 400_000, name  # sharp, not heavy
+
+
+def test_permuted_digits_runs_are_a_task_of_their_own():
+    """task.permute runs get their own phase diagram: the table's task is `digits (permuted)` (README,
+    "What the report shows"); runs stored before the key existed (no param) keep their task."""
+    import pandas as pd
+
+    from pipeline.report.data import comparison_table
+
+    runs = pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c"],
+            "tags.task": ["digits", "digits", "adding"],
+            "params.task.permute": ["True", "False", None],
+            "metrics.val/accuracy": [0.8, 0.7, math.nan],
+        }
+    )
+    table = comparison_table(runs).set_index("run_id")
+    assert table.loc[["a", "b", "c"], "task"].tolist() == ["digits (permuted)", "digits", "adding"]
+    assert table.loc["a", "val_accuracy"] == 0.8 and math.isnan(table.loc["c", "val_accuracy"])

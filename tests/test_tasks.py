@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipeline.training.data import fixed_batch
 from pipeline.training.tasks import make_task
@@ -77,3 +78,103 @@ def test_seeded_and_device_local(name):
 def test_unknown_task():
     with pytest.raises(ValueError, match="unknown task"):
         make_task("parity", 10)
+
+
+# ----------------------------------------------------------------------------------- digits (real data)
+
+
+def _rows(x) -> set[bytes]:
+    """Images as hashable rows (the 1,797 digits images are pairwise distinct, checked below)."""
+    return {r.tobytes() for r in x.reshape(len(x), -1).astype("float32")}
+
+
+def test_digits_are_read_from_the_wheel_without_the_network(monkeypatch):
+    import importlib.resources
+    import socket
+
+    from pipeline.config import DIGITS_IMAGES, DIGITS_SEQ_LEN
+    from pipeline.training import digits
+
+    def refuse(*a, **k):
+        raise AssertionError("digits tried to reach the network")
+
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    x, y = digits.images.__wrapped__()  # uncached: really read the file now
+    assert (importlib.resources.files("sklearn.datasets") / "data" / "digits.csv.gz").is_file()
+    assert x.shape == (DIGITS_IMAGES, DIGITS_SEQ_LEN) and y.shape == (DIGITS_IMAGES,)
+    assert x.dtype.name == "float32" and x.min() == 0.0 and x.max() == 1.0
+    assert sorted(set(y.tolist())) == list(range(10))
+    assert len(_rows(x)) == DIGITS_IMAGES  # no two images alike: rows identify images
+
+
+def test_digits_split_is_fixed_disjoint_stratified_and_independent_of_the_seed():
+    import numpy as np
+    from conftest import digits_held_out
+
+    task = make_task("digits", 64, val_size=500)
+    vx, vy = task.validation(500, seed=1)
+    wx, wy = task.validation(500, seed=12345)  # another run's seed + 1: the same images
+    assert torch.equal(vx, wx) and torch.equal(vy, wy)
+    ex, ey, _ = digits_held_out(500)  # the documented split, computed independently
+    assert np.allclose(vx.squeeze(-1).double().numpy(), ex) and np.array_equal(vy.numpy(), ey)
+    assert np.bincount(ey).tolist() == [50] * 10  # stratified
+    held = _rows(ex)
+    # Training batches (any seed) and the probe batch are drawn from the other 1,297 images only, and
+    # reach every one of them.
+    drawn = set()
+    for seed in (0, 7):
+        x, _ = task.sample(8000, gen(seed))
+        drawn |= _rows(x.squeeze(-1).double().numpy())
+    px, _ = fixed_batch(task, 32, 2)
+    assert not (held & drawn) and not (held & _rows(px.squeeze(-1).double().numpy()))
+    assert len(drawn) == 1797 - 500
+    # Nested: a smaller held-out split is part of a larger one.
+    assert _rows(digits_held_out(200)[0]) <= held
+
+
+def test_digits_permutation_is_fixed_and_a_true_permutation():
+    from pipeline.training.digits import permutation
+
+    perm = permutation()
+    assert sorted(perm.tolist()) == list(range(64)) and perm.tolist() != list(range(64))
+    # Fixed forever (numpy's legacy RandomState stream is frozen, NEP 19): the first steps read these pixels.
+    assert perm[:8].tolist() == [45, 29, 43, 61, 34, 33, 31, 40]
+    plain = make_task("digits", 64, val_size=100).validation(100, 0)[0]
+    permuted = make_task("digits", 64, val_size=100, permute=True).validation(100, 0)[0]
+    assert torch.equal(permuted, plain[:, perm])  # the same images, the same permutation for each
+
+
+def test_digits_shapes_and_baseline_is_a_uniform_guess():
+    task = make_task("digits", 64)
+    x, y = task.sample(256, gen())
+    assert (
+        x.shape == (256, 64, 1) and x.dtype == torch.float32 and y.shape == (256,) and y.dtype == torch.long
+    )
+    assert x.min() >= 0 and x.max() <= 1 and y.min() >= 0 and y.max() <= 9
+    assert (task.readout, task.window, task.output_size) == ("last", (64, 64), 10)
+    assert task.baseline == pytest.approx(math.log(10))
+    assert task.loss(torch.zeros(256, 10), y).item() == pytest.approx(math.log(10))  # uniform predictor
+    with pytest.raises(ValueError, match="64"):
+        make_task("digits", 50)
+
+
+def test_accuracy_counts_against_an_independent_count():
+    """Task.hits against a Python loop: digits and temporal order at the last step, copy on its recall
+    steps only (README "The MLflow record", val/accuracy); adding has none."""
+    g = gen(5)
+    for name, T in (("digits", 64), ("temporal_order", 20), ("copy", 5)):
+        task = make_task(name, T)
+        _, y = task.sample(64, g)
+        out = torch.randn(*y.shape, task.output_size, generator=g)
+        out[:8] = F.one_hot(y[:8], task.output_size).float() * 10  # some right for sure
+        hits, n = task.hits(out, y)
+        pred, want = out.argmax(-1).tolist(), y.tolist()
+        if name == "copy":
+            pred, want = [p[-10:] for p in pred], [w[-10:] for w in want]
+            pairs = [(a, b) for p, w in zip(pred, want, strict=True) for a, b in zip(p, w, strict=True)]
+        else:
+            pairs = list(zip(pred, want, strict=True))
+        assert (int(hits), n) == (sum(a == b for a, b in pairs), len(pairs))
+    assert make_task("adding", 10).hits(torch.zeros(4, 1), torch.zeros(4, 1)) is None

@@ -53,6 +53,7 @@ def test_run_recorded_in_mlflow(store, tiny):
     ):
         assert key in metrics, key
     assert metrics["task/baseline"] == pytest.approx(1 / 6)
+    assert "val/accuracy" not in metrics  # adding is a regression: no accuracy
     assert metrics["val/loss"] == pytest.approx(r.val_loss)
     # Pascanu's bound holds for the recorded run (vanilla tanh, last-step loss).
     assert metrics["bptt/log10_ratio"] <= metrics["spectral/pascanu_log10_bound"] + 1e-9
@@ -250,3 +251,39 @@ def test_nonfinite_metrics_are_recorded_visibly(store):
     rec.close()
     got = c.get_run(rec.run_id).data
     assert "nonfinite.a" not in got.tags and got.metrics["a"] == 4.0
+
+
+def test_digits_run_records_the_accuracy_of_the_held_out_split(store, tiny):
+    """A real run on digits: val/accuracy and val/loss in the store equal an independent evaluation of
+    the saved model (pipeline.load_run) on the documented held-out split, computed from scikit-learn here."""
+    from conftest import digits_held_out
+
+    from pipeline import load_run
+
+    cfg = tiny(
+        **{
+            "task.name": "digits",
+            "task.seq_len": 64,
+            "task.val_size": 300,  # two validation chunks (256 + 44): the counts add up across chunks
+            "model.cell": "gru",
+            "model.hidden_size": 16,
+            "trainer.max_steps": 30,
+            "trainer.val_every": 15,
+            "diagnostics.profile_every": 0,
+        }
+    )
+    r = run(cfg)
+    c = MlflowClient(store)
+    got = c.get_run(r.run_id).data
+    assert got.tags["task"] == "digits" and got.params["task.permute"] == "False"
+    assert got.metrics["task/baseline"] == pytest.approx(math.log(10))
+    assert {m.step for m in c.get_metric_history(r.run_id, "val/accuracy")} == {15, 30}  # each validation
+    x, y, _ = digits_held_out(300)
+    model = load_run(r.run_id).model
+    with torch.no_grad():
+        logits = model(torch.tensor(x, dtype=torch.float32).unsqueeze(-1))
+    right = sum(int(p == t) for p, t in zip(logits.argmax(-1).tolist(), y.tolist(), strict=True))
+    assert got.metrics["val/accuracy"] == right / 300 == r.metrics["val/accuracy"]
+    want_loss = torch.nn.functional.cross_entropy(logits, torch.tensor(y)).item()
+    assert got.metrics["val/loss"] == pytest.approx(want_loss, rel=1e-5)
+    assert right / 300 > 0.1  # 30 steps of a GRU already beat chance (measured 0.3-0.4)

@@ -82,8 +82,11 @@ def command(args: argparse.Namespace) -> int:
     r = run(cfg, progress=True, checkpoint=True, resume=args.resume)
     ratio = f"{r.val_loss_ratio:.3f}" if r.val_loss_ratio is not None else "n/a"
     val = f"{r.val_loss:.4g}" if r.val_loss is not None else "n/a"
+    acc = r.metrics.get("val/accuracy")
     print(
-        f"run {r.run_id}: regime={r.regime} val/loss={val} (x{ratio} of baseline) solved={r.solved}"
+        f"run {r.run_id}: regime={r.regime} val/loss={val} (x{ratio} of baseline)"
+        + (f" val/accuracy={acc:.3f}" if acc is not None else "")
+        + f" solved={r.solved}"
         + (f" diverged at step {r.diverged_step}" if r.diverged_step is not None else "")
         + f" steps={r.steps}"
     )

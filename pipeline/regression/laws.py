@@ -32,6 +32,7 @@ KNOWN_METRICS = frozenset(
         "train/loss",
         "val/loss",
         "val/loss_ratio",
+        "val/accuracy",
         "val/best_loss",
         "task/baseline",
         "train/steps",

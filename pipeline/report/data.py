@@ -44,6 +44,7 @@ KIND = f"tags.`{KIND_TAG}`"  # backquoted: the tag key contains a dot
 KEYS = ["task", "cell", "init", "init_scale", "lr", "clip"]
 COLUMNS: list[tuple[str, str, str]] = [
     ("val_loss_ratio", "metrics.val/loss_ratio", "float"),
+    ("val_accuracy", "metrics.val/accuracy", "float"),
     ("solved", "tags.solved", "str"),
     ("regime", f"tags.{REGIME}", "str"),
     ("log10_ratio", "metrics.bptt/log10_ratio", "float"),
@@ -246,6 +247,13 @@ def _clip(mode: Any, threshold: Any) -> str:
     return f"{mode} {float(threshold):g}" if threshold is not None else str(mode)
 
 
+def _task(tag: Any, name: Any, permute: Any) -> str | None:
+    """The task column: the ``task`` tag (else the param), ``digits (permuted)`` for ``task.permute``
+    runs, so that the permuted and the plain task get their own phase diagram and panels."""
+    task = _num(tag, "str") or _num(name, "str")
+    return f"{task} (permuted)" if task is not None and _num(permute, "str") == "True" else task
+
+
 def comparison_table(runs):
     """One row per run, values exactly as MLflow holds them, sorted by (task, cell, init, g, lr, clip)."""
     import pandas as pd
@@ -256,7 +264,9 @@ def comparison_table(runs):
     rows = []
     for i in range(len(runs)):
         r = {
-            "task": _num(col("tags.task").iloc[i], "str") or _num(col("params.task.name").iloc[i], "str"),
+            "task": _task(
+                col("tags.task").iloc[i], col("params.task.name").iloc[i], col("params.task.permute").iloc[i]
+            ),
             "cell": _num(col("tags.cell").iloc[i], "str") or _num(col("params.model.cell").iloc[i], "str"),
             "init": _num(col("tags.init").iloc[i], "str") or _num(col("params.model.init").iloc[i], "str"),
             "init_scale": _num(col("params.model.init_scale").iloc[i], "float"),

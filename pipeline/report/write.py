@@ -34,6 +34,7 @@ SHOWN = [
     "lr",
     "clip",
     "val_loss_ratio",
+    "val_accuracy",
     "solved",
     "regime",
     "log10_ratio",
@@ -49,6 +50,8 @@ SHOWN = [
 HEADERS = {
     "init_scale": "g",
     "val_loss_ratio": "val loss / baseline",
+    "val_accuracy": "val accuracy",
+    "median_val_accuracy": "median val accuracy",
     "log10_ratio": "log10 ratio",
     "decay_rate": "decay rate (ln/step)",
     "clip_rate": "clip rate",
@@ -71,7 +74,7 @@ class ReportResult:
 
 
 def summary_table(table):
-    """Per (task, cell, init, g, lr, clip): runs, solved, regime counts, median loss ratio."""
+    """Per (task, cell, init, g, lr, clip): runs, solved, regime counts, median loss ratio and accuracy."""
     import pandas as pd
 
     rows = []
@@ -84,6 +87,7 @@ def summary_table(table):
                 "solved": int((grp["solved"] == "true").sum()),
                 "regimes": ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
                 "median_val_loss_ratio": grp["val_loss_ratio"].median(),
+                "median_val_accuracy": grp["val_accuracy"].median(),  # NaN for adding (no accuracy)
             }
         )
     return pd.DataFrame(rows)
@@ -189,7 +193,8 @@ def _meta(data: rd.ReportData, n: int, regimes: dict[str, int]) -> list[tuple[st
 
 NOTES = (
     "Values are MLflow's: final metrics (latest step) and tags of each run. val loss / baseline: "
-    "1 means the model learned nothing (adding: predict 1, MSE 1/6). log10 ratio: "
+    "1 means the model learned nothing (adding: predict 1, MSE 1/6). val accuracy: the fraction of the "
+    "validation set classified correctly (classification tasks only; chance 1/10 for digits). log10 ratio: "
     "log10 ||dL/dh_1|| / ||dL/dh_T|| of the final float64 profile. decay rate: ln growth per step "
     "going back (= ln g in the ordered phase). Profiles are shown for at most "
     f"{rd.PROFILE_RUNS_PER_PANEL} representative runs per cell (per (init, g) the best-trained)."
@@ -218,7 +223,7 @@ def write(data: rd.ReportData, out: Path) -> ReportResult:
         res.files[name] = out / name
     meta = _meta(data, len(table), regimes)
     title = f"RNN gradient report: {data.target.name}"
-    sum_cols = rd.KEYS + ["runs", "solved", "regimes", "median_val_loss_ratio"]
+    sum_cols = rd.KEYS + ["runs", "solved", "regimes", "median_val_loss_ratio", "median_val_accuracy"]
 
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"

@@ -4,8 +4,8 @@ Parent run contents (public names, see the README, "Sweeps"): tags ``best_run_id
 (``runs:/<best_run_id>/model``), params ``best_<key>`` (only once the study has
 reached n_trials; a resume that raises n_trials may change them, so they are also tags ``best_<key>``),
 metrics ``best_value``, ``best_trial``, ``trials/{complete,pruned,diverged,failed,running}``, artifacts
-``trials.parquet`` and ``plots/optuna_history.png``, ``plots/param_importances.png`` (PED-ANOVA:
-Optuna's default fANOVA evaluator needs scikit-learn, which we do not depend on),
+``trials.parquet`` and ``plots/optuna_history.png``, ``plots/param_importances.png`` (PED-ANOVA: no
+random forest to fit, unlike Optuna's default fANOVA evaluator),
 ``plots/contour_init_scale_lr.png`` (when both keys are searched).
 """
 
@@ -46,6 +46,7 @@ def trials_frame(study):
             "pruned_by": t.user_attrs.get("pruned_by"),
             "solved": t.user_attrs.get("solved"),
             "val_loss_ratio": t.user_attrs.get("val_loss_ratio"),
+            "val_accuracy": t.user_attrs.get("val_accuracy"),
             "diverged_step": t.user_attrs.get("diverged_step"),
             "steps": t.user_attrs.get("steps"),
             "run_id": t.user_attrs.get("mlflow_run_id"),

@@ -187,6 +187,7 @@ def trial_attrs(r, pruned_by: str | None) -> dict[str, Any]:
         "solved": r.solved,
         "steps": r.steps,
         "val_loss_ratio": r.val_loss_ratio,
+        "val_accuracy": r.metrics.get("val/accuracy"),  # None unless the task classifies (Task.hits)
         "diverged": r.diverged_step is not None,
     }
     if r.diverged_step is not None:

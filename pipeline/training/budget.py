@@ -10,7 +10,8 @@ How the estimate is made (README "Memory estimate"): a sum of components, each a
 config's sizes (B batch, V validation set, P probe batch, L sequence length fed to the network, H hidden
 size, G gates, I input size), with per-cell coefficients measured as peak RSS over a forward + backward
 pass (training, float32) and over the float64 profile pass (README table). The peak is the persistent
-part (runtime, parameters + optimizer state, validation set, probe batch, per-step history) plus the
+part (runtime, parameters + optimizer state, validation set, probe batch, per-step history, the digits
+dataset) plus the
 largest of the passes that do not overlap in time (a training step, a validation chunk, the profile
 pass, building the validation set). Light imports only (stdlib + pipeline.config); torch is imported
 only to ask whether CUDA is there, when the accelerator could resolve to it.
@@ -23,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config import Config
+from pipeline.config import DIGITS_IMAGES, DIGITS_SEQ_LEN, Config
 from pipeline.names import GATE_COUNT
 from pipeline.schema import ConfigError
 
@@ -33,6 +34,9 @@ RUNTIME_BYTES = int(
     0.75 * GIB
 )  # torch + Lightning + MLflow + pandas + matplotlib imported (measured ~0.6 GiB)
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # the CUDA context and kernels on the device
+# digits: importing scikit-learn (and the parts of SciPy it loads) to read the bundled file; measured
+# +17-18 MiB of peak RSS over the same run on adding (benchmarks/memory_estimate.py), rounded up.
+SKLEARN_BYTES = 32 * 1024**2
 ENV_SWITCH = "PIPELINE_MEMORY_CHECK"  # "0": skip the check (an escape hatch if the estimate is wrong)
 
 # float32 values per (sample, step, hidden unit) alive at the peak of a training forward + backward:
@@ -98,7 +102,23 @@ def _task_dims(cfg: Config) -> tuple[int, int, int]:
         return T + 20, 10, 9
     if name == "temporal_order":
         return T, 6, 4
+    if name == "digits":
+        return T, 1, 10
     return T, 2, 1
+
+
+def _dataset(cfg: Config, cuda: bool) -> tuple[Part, ...]:
+    """digits: scikit-learn and the file's arrays on the host (float64 as read, float32 scaled), and the
+    two splits, float32 pixels and int64 labels, on the training device (pipeline.training.digits)."""
+    if cfg.task.name != "digits":
+        return ()
+    n, L = DIGITS_IMAGES, DIGITS_SEQ_LEN
+    return (
+        Part(
+            "digits dataset (scikit-learn, the file's arrays)", SKLEARN_BYTES + n * (L + 1) * (8 + 4), False
+        ),
+        Part("digits splits", n * (L * 4 + 8), cuda),
+    )
 
 
 def n_params(cfg: Config) -> int:
@@ -149,6 +169,7 @@ def estimate(cfg: Config, cuda: bool = False) -> Estimate:
             False,
         ),
         Part("profile frames", 2 * passes_n * L * states * FRAME_BYTES_PER_ROW, False),
+        *_dataset(cfg, cuda),
     )
     chunk = min(V, max(B, 256))
     passes = (

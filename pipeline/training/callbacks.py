@@ -128,7 +128,8 @@ class GradientMonitor(GradientNormMonitor):
 
 
 class ValidationLogger(pl.Callback):
-    """``val/loss`` and ``val/loss_ratio`` (to the task's baseline) after every validation."""
+    """``val/loss`` and ``val/loss_ratio`` (to the task's baseline) after every validation, and
+    ``val/accuracy`` for classification tasks (:meth:`~pipeline.training.tasks.Task.hits`)."""
 
     def __init__(self, recorder, task: Task):
         self.recorder, self.task = recorder, task
@@ -142,9 +143,10 @@ class ValidationLogger(pl.Callback):
         self.last_step = trainer.global_step
         if math.isfinite(v):
             self.best = v if self.best is None else min(self.best, v)
-        self.recorder.log_metrics(
-            {"val/loss": v, "val/loss_ratio": v / self.task.baseline}, trainer.global_step
-        )
+        metrics = {"val/loss": v, "val/loss_ratio": v / self.task.baseline}
+        if pl_module.val_accuracy is not None:
+            metrics["val/accuracy"] = pl_module.val_accuracy
+        self.recorder.log_metrics(metrics, trainer.global_step)
 
 
 class ProfileMonitor(BPTTProfileMonitor):

@@ -1,7 +1,9 @@
 """Batches made on the training device from a seeded ``torch.Generator``: no per-batch host work.
 
 Training batches come from generator ``seed``; the fixed validation set from ``seed + 1``; the fixed
-probe batch for the BPTT profile from ``seed + 2`` (see :mod:`pipeline.training.callbacks`).
+probe batch for the BPTT profile from ``seed + 2`` (see :mod:`pipeline.training.callbacks`). A task with
+held-out data (digits) draws training and probe batches from its training split the same way, and its
+validation set is the held-out split, whatever the seed (:meth:`~pipeline.training.tasks.Task.validation`).
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ class TaskDataModule(pl.LightningDataModule):
         return DataLoader(ds, batch_size=None, num_workers=0)
 
     def val_dataloader(self):
-        x, y = fixed_batch(self.task, self.val_size, self.seed + 1, self.device)
+        x, y = self.task.validation(self.val_size, self.seed + 1, self.device)
         # Validation in chunks of the training batch size (bounded memory at long T).
         chunk = max(self.batch_size, 256)
         batches = list(zip(x.split(chunk), y.split(chunk), strict=True))

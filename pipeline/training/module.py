@@ -35,9 +35,12 @@ class RNNTrainingModule(pl.LightningModule):
         self.last_record: torch.Tensor | None = None  # RECORD_FIELDS, on device, this step
         self.diverged_step: int | None = None
         self.val_loss: float | None = None  # mean loss over the fixed validation set, last validation
+        self.val_accuracy: float | None = None  # fraction correct there (classification tasks: Task.hits)
         self._loss: torch.Tensor | None = None
         self._val_sum: torch.Tensor | None = None
+        self._val_hits: torch.Tensor | None = None
         self._val_n = 0
+        self._val_k = 0  # predictions counted by Task.hits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -52,18 +55,29 @@ class RNNTrainingModule(pl.LightningModule):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._val_sum, self._val_n = None, 0
+        self._val_sum, self._val_hits, self._val_n, self._val_k = None, None, 0, 0
 
     def validation_step(self, batch, batch_idx):
-        n = batch[0].shape[0]
-        loss = self._common_step(batch).detach() * n
+        x, y = batch
+        n = x.shape[0]
+        out = self.model(x)
+        loss = self.task.loss(out, y).detach() * n
         self._val_sum = loss if self._val_sum is None else self._val_sum + loss
         self._val_n += n
+        hits = self.task.hits(out.detach(), y)
+        if hits is not None:  # counted on the device; read with the loss at the end
+            self._val_hits = hits[0] if self._val_hits is None else self._val_hits + hits[0]
+            self._val_k += hits[1]
 
     def on_validation_epoch_end(self) -> None:
         if self._val_n:
             assert self._val_sum is not None  # set by every validation_step that counted a batch
-            self.val_loss = float(self._val_sum) / self._val_n  # one host read per validation
+            total = self._val_sum.double()
+            if self._val_hits is not None:
+                total = torch.stack([total, self._val_hits.double()])
+            values = total.reshape(-1).tolist()  # one host read per validation: the loss and the hits
+            self.val_loss = values[0] / self._val_n
+            self.val_accuracy = values[1] / self._val_k if self._val_k else None
 
     def configure_optimizers(self):
         o = self.cfg.optim

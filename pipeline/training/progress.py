@@ -3,7 +3,9 @@
 ::
 
     step     50/100  train/loss 0.1812  val/loss 0.1677 (x1.006 of baseline)  grad/clip_rate 0.760  regime vanishing (profile at step 50)
+    step 600/600  train/loss 0.5062  val/loss 0.5597 (x0.243 of baseline)  val/accuracy 0.838  grad/clip_rate 0.032  regime vanishing (profile at step 600)
 
+``val/accuracy`` appears for classification tasks (digits, temporal order, copy's recall steps).
 ``train/loss`` is the mean training loss of the steps since the previous line, accumulated on the
 device (one host read per line, beside the validation's own); ``grad/clip_rate`` the fraction of steps
 clipped so far; the regime the verdict of README "Regime verdict" on the latest profile pass and the
@@ -65,6 +67,7 @@ class ProgressPrinter(pl.Callback):
                 self.task.baseline,
                 self.grads.clip_rate,
                 regime + at,
+                accuracy=pl_module.val_accuracy,
             ),
             file=self.stream or sys.stdout,
             flush=True,
@@ -79,6 +82,7 @@ def line(
     baseline: float,
     clip_rate: float,
     regime: str,
+    accuracy: float | None = None,
 ) -> str:
     """One progress line (pure; see the module docstring)."""
     ratio = (
@@ -86,8 +90,9 @@ def line(
         if val_loss is not None and math.isfinite(val_loss)
         else ""
     )
+    acc = "" if accuracy is None else f"  val/accuracy {accuracy:.3f}"
     width = len(str(max_steps))
     return (
         f"step {step:>{width}}/{max_steps}  train/loss {_fmt(train_loss)}  val/loss {_fmt(val_loss)}{ratio}"
-        f"  grad/clip_rate {clip_rate:.3f}  regime {regime}"
+        f"{acc}  grad/clip_rate {clip_rate:.3f}  regime {regime}"
     )

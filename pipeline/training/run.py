@@ -110,11 +110,11 @@ def run(
     training/saved.py). ``resume``: the id of such a run to continue from its checkpoint (reopened, the
     same MLflow run; ``cfg`` is its own config, :func:`pipeline.training.saved.resume_config`).
     """
-    from pipeline.training.tasks import make_task
+    from pipeline.training.tasks import task_of
 
     quiet_lightning()
     configure_torch(cfg)
-    task = make_task(cfg.task.name, cfg.task.seq_len)
+    task = task_of(cfg.task)
     with contextlib.ExitStack() as stack:
         ckpt = None
         if resume is not None:
@@ -342,6 +342,8 @@ def summarize_run(cfg: Config, task, module, mon: Monitors, steps: int) -> Summa
     metrics.update({k: v2 for k, v2 in last.items() if k != "step"})
     if v is not None:
         metrics.update({"val/loss": v, "val/loss_ratio": ratio})
+    if module.val_accuracy is not None:
+        metrics["val/accuracy"] = module.val_accuracy
     tags = {
         REGIME: regime,
         "regime_init": regime_init,

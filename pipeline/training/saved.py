@@ -28,7 +28,7 @@ from pipeline.config import Config, load_config
 from pipeline.schema import ConfigError
 from pipeline.training.models import RNNModel
 from pipeline.training.module import RNNTrainingModule
-from pipeline.training.tasks import Task, make_task
+from pipeline.training.tasks import Task, task_of
 
 WEIGHTS = "model/weights.pt"  # RNNModel state_dict (torch.save), loaded with weights_only=True
 CHECKPOINT = "checkpoints/last.ckpt"  # Lightning checkpoint of the last validation while fitting
@@ -143,7 +143,7 @@ def load_run(run_id: str, tracking_uri: str | None = None) -> LoadedRun:
 
     c = client(tracking_uri)
     cfg = run_config(run_id, tracking_uri)
-    task = make_task(cfg.task.name, cfg.task.seq_len)
+    task = task_of(cfg.task)
     module = RNNTrainingModule(cfg, task)
     with tempfile.TemporaryDirectory() as d:
         p = _download(c, run_id, WEIGHTS, d)

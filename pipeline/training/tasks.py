@@ -4,6 +4,9 @@ Each task knows its loss, its *baseline* (the loss of a model that learned nothi
 and how the model reads out (``"last"``: one output after the last step; ``"all"``: one per step).
 Every loss in the pipeline is read against the baseline: ``val/loss_ratio = val/loss / baseline``.
 
+Classification tasks also count their correct predictions (:meth:`Task.hits`), logged as
+``val/accuracy``. :mod:`pipeline.training.digits` adds a task on real data (scikit-learn's digits).
+
 Each task also declares its *memory window* (:attr:`Task.window`): the steps whose loss terms need
 information from far back. The BPTT diagnostics measure the gradient of those terms alone (the
 long-range profile, README "The long-range profile"), since a loss with a term at every step (copy)
@@ -17,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.config import TaskConfig
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,17 @@ class Task:
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def validation(self, n: int, seed: int, device: torch.device | str = "cpu"):
+        """The fixed validation set: ``n`` samples from a generator seeded with ``seed`` (the run's
+        ``seed + 1``). A task with held-out data (digits) returns that split instead, whatever the seed."""
+        gen = torch.Generator(device=device).manual_seed(seed)
+        return self.sample(n, gen, device)
+
+    def hits(self, out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, int] | None:
+        """Correct predictions in a batch (a tensor on the device, no host read) and how many were made,
+        for ``val/accuracy``; None for a task that is not a classification (adding)."""
+        return None
 
 
 class Adding(Task):
@@ -133,6 +149,12 @@ class Copy(Task):
     def loss(self, out, y):
         return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
+    def hits(self, out, y):
+        """The recall steps only: the fraction of the 10 data symbols recalled (a blank target is learned
+        from the current input alone, and counting them would put chance near (T + 10) / (T + 20))."""
+        m = self.n_mem
+        return (out[:, -m:].argmax(-1) == y[:, -m:]).sum(), y.shape[0] * m
+
 
 class TemporalOrder(Task):
     """Temporal order (Hochreiter & Schmidhuber 1997, exp. 6a; Pascanu 2013).
@@ -167,12 +189,29 @@ class TemporalOrder(Task):
     def loss(self, out, y):
         return F.cross_entropy(out, y)
 
+    def hits(self, out, y):
+        """The order class read at the last step (chance 1/4)."""
+        return (out.argmax(-1) == y).sum(), y.shape[0]
+
 
 _TASKS = {"adding": Adding, "copy": Copy, "temporal_order": TemporalOrder}
 
 
-def make_task(name: str, seq_len: int) -> Task:
+def make_task(name: str, seq_len: int, *, val_size: int = 500, permute: bool = False) -> Task:
+    """The task ``name`` at length ``seq_len``. ``val_size`` and ``permute`` matter to digits only
+    (the held-out split's size, the fixed pixel permutation; README "Tasks"); the synthetic tasks
+    ignore them (their validation size is the ``n`` asked of :meth:`Task.validation`)."""
+    if name == "digits":
+        # Imported here: the only task with a dataset (scikit-learn, read once per process).
+        from pipeline.training.digits import Digits
+
+        return Digits(seq_len, val_size=val_size, permute=permute)
     try:
         return _TASKS[name](seq_len)
     except KeyError:
-        raise ValueError(f"unknown task {name!r} (allowed: {', '.join(_TASKS)})") from None
+        raise ValueError(f"unknown task {name!r} (allowed: {', '.join([*_TASKS, 'digits'])})") from None
+
+
+def task_of(cfg: TaskConfig) -> Task:
+    """The task a run's ``task.*`` config describes."""
+    return make_task(cfg.name, cfg.seq_len, val_size=cfg.val_size, permute=cfg.permute)
