@@ -44,7 +44,8 @@ def _row_maxabs(parts: Sequence[Tensor]) -> Tensor:
 def _row_norm(parts: Sequence[Tensor]) -> Tensor:
     """Euclidean norm per row over the concatenated parts (the LSTM state is (h, c)). ``vector_norm``, not
     ``sqrt`` of a sum: its gradient at an exactly zero row (dead relu units) is 0, not NaN."""
-    return torch.linalg.vector_norm(torch.cat(tuple(parts), dim=-1), dim=-1)
+    n: Tensor = torch.linalg.vector_norm(torch.cat(tuple(parts), dim=-1), dim=-1)
+    return n
 
 
 def _rescale(parts: Sequence[Tensor], log_scale: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
