@@ -289,6 +289,7 @@ def test_skip_decisions_equal_a_numpy_reference(signal):
     rng = np.random.default_rng(0)
     values = np.abs(rng.normal(1.0, 0.1, size=(120, 2)))
     values[40, 0] *= 30  # a gradient-norm spike
+    values[50] = (0.05, 0.05)  # a drop: ~10 sigma below, kept (one-sided, as OLMo-core)
     values[60, 1] *= 30  # a loss spike
     values[70:72] = np.nan  # two non-finite steps
     values[90, 0] = 1.35  # a mild outlier: ~3.5 sigma, under the threshold
@@ -303,8 +304,27 @@ def test_skip_decisions_equal_a_numpy_reference(signal):
     assert got[40] == (SKIP if signal != "loss" else APPLY) and got[60] == (
         SKIP if signal != "grad_norm" else APPLY
     )
-    assert got[70] == got[71] == SKIP and got[90] == APPLY and got[:8] == [APPLY] * 8
+    assert got[50] == APPLY and got[70] == got[71] == SKIP and got[90] == APPLY and got[:8] == [APPLY] * 8
     assert skip.count == want.count(SKIP)
+
+
+def test_skip_decisions_on_a_heavy_tailed_series():
+    """Many values near a low threshold, so the details decide: the unbiased std, one-sided test, skipped
+    finite values entering the window, the warm-up count, the streak."""
+    values = np.random.default_rng(1).lognormal(0.0, 1.0, size=(400, 2))
+    values[rng_rows(values, 7)] = np.nan
+    cfg = SkipConfig(zscore=2.5, window=16, warmup=8, signal="both", max_consecutive=50)
+    skip = SpikeSkip(cfg)
+    got = [
+        skip.decide(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+        for a, b in values
+    ]
+    want = reference_decisions(values, cfg)
+    assert got == want and 20 < want.count(SKIP) < 200
+
+
+def rng_rows(values: np.ndarray, n: int) -> np.ndarray:
+    return np.random.default_rng(2).choice(np.arange(20, len(values)), size=n, replace=False)
 
 
 def test_skip_state_survives_a_checkpoint():
