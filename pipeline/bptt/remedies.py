@@ -38,7 +38,10 @@ def _detached(params: Params) -> Params:
 
 def _row_maxabs(parts: Sequence[Tensor]) -> Tensor:
     """Max |entry| per row (the last axis), over a tuple of same-shape tensors."""
-    return functools.reduce(torch.maximum, [v.abs().amax(dim=-1) for v in parts])
+    m: Tensor = functools.reduce(
+        torch.maximum, [torch.linalg.vector_norm(v, ord=torch.inf, dim=-1) for v in parts]
+    )
+    return m
 
 
 def _row_norm(parts: Sequence[Tensor]) -> Tensor:
@@ -48,11 +51,13 @@ def _row_norm(parts: Sequence[Tensor]) -> Tensor:
     return n
 
 
-def _rescale(parts: Sequence[Tensor], log_scale: Tensor) -> tuple[tuple[Tensor, ...], Tensor]:
-    """Per row: the vector at max-abs 1 and its log scale. The divisor is clamped at the dtype's smallest
-    normal number, so a zero row stays zero with a finite log scale."""
-    m = _row_maxabs(parts).clamp_min(torch.finfo(log_scale.dtype).tiny)[:, None]
-    return tuple(v / m for v in parts), log_scale + torch.log(m[:, 0])
+def _rescale(parts: Sequence[Tensor], log_scale: Tensor | None) -> tuple[tuple[Tensor, ...], Tensor | None]:
+    """Per row: the vector at max-abs 1 and its log scale (None: not tracked, the direction alone). The
+    divisor is clamped at the dtype's smallest normal number, so a zero row stays zero with a finite
+    log scale."""
+    m = _row_maxabs(parts).clamp_min(torch.finfo(parts[0].dtype).tiny)
+    unit = tuple(v / m[:, None] for v in parts)
+    return unit, None if log_scale is None else log_scale + torch.log(m)
 
 
 def _forward(p: Params, x: Tensor) -> tuple[list[State], list[Cache]]:
@@ -85,13 +90,15 @@ def _gradient_directions(
     """
     B, T, _ = D.shape
     zeros = [torch.zeros_like(D[:, 0]) for _ in range(n_states - 1)]
-    v, s = _rescale((D[:, -1], *zeros), torch.zeros(B, dtype=D.dtype, device=D.device))
+    # The log scale matters only where direct terms are added; pure propagation needs the direction alone.
+    s0 = torch.zeros(B, dtype=D.dtype, device=D.device) if has_direct else None
+    v, s = _rescale((D[:, -1], *zeros), s0)
     out = [v]
     d_max = D.abs().amax(dim=-1)  # [B, T]
     for t in range(T - 1, 0, -1):  # v_t from v_{t+1}; caches[t] is step t+1
         g, _ = cells.step_vjp(p, caches[t], v)
         v, s = _rescale(g, s)
-        if has_direct:
+        if s is not None:
             dm = d_max[:, t - 1]
             d_log = torch.where(dm > 0, torch.log(dm), torch.full_like(dm, -torch.inf))
             big = torch.maximum(s, d_log)
