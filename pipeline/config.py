@@ -125,12 +125,8 @@ class FlossConfig:
     # k largest Lyapunov exponents by a differentiable QR along the trajectory (README, "Remedies beyond clipping")
     weight: float = 0.0  # weight of sum lambda_i^2 in the loss; 0: off
     exponents: int = 1  # k: how many of the largest exponents are pushed toward 0 (<= H; <= 2H for lstm)
-    every: int = (
-        1  # floss on every N-th optimizer step (step % N == 0); the steps between train on the task alone
-    )
-    until: int | None = (
-        None  # floss only on steps < N (the paper's flossing before training); None: the whole run
-    )
+    every: int = 1  # floss on the steps with step % N == 0; the steps between train on the task alone
+    until: int | None = None  # floss only on steps < N (~ flossing before training); None: the whole run
     batch: int = 8  # trajectories: the first N sequences of the training batch (<= task.batch_size)
 
 
@@ -142,9 +138,7 @@ class SkipConfig:
     window: int = 128  # rolling window of finite steps the mean and standard deviation come from
     warmup: int = 64  # no skipping until the window holds this many finite steps (OLMo-core: window / 2)
     signal: str = "both"  # both | grad_norm | loss: which z-score may skip a step (both: either one)
-    max_consecutive: int = (
-        10  # this many skipped steps in a row (spikes or non-finite) stop the run as diverged
-    )
+    max_consecutive: int = 10  # this many skips in a row (spikes or non-finite) stop the run: diverged
 
 
 @dataclass(frozen=True)

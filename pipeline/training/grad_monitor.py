@@ -256,6 +256,7 @@ class GradientNormMonitor(_Window, pl.Callback):
     * where each step's record comes from: :attr:`measures` (this class measures, guards and reads the
       post-clip gradients itself) and :meth:`collect` (a subclass whose module measures hands the
       record over there, once per batch).
+    * :meth:`window_extra`: more metrics from a window's columns (the project's: the remedies' fields).
     """
 
     measures: bool = True  # False: the module measures and guards; collect() hands its record over
