@@ -1,4 +1,5 @@
-"""``make bench``: ``python -m benchmarks [--quick] [--only train,profile,sweep] [--gpu] [--seeds N]``; Markdown tables."""
+"""``make bench``: ``python -m benchmarks [--quick] [--only train,profile,remedy,sweep] [--gpu] [--seeds N]``;
+Markdown tables."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks")
     ap.add_argument("--quick", action="store_true", help="smaller budgets (a smoke check of the harness)")
-    ap.add_argument("--only", default="train,profile,sweep", help="comma list of: train, profile, sweep")
+    ap.add_argument(
+        "--only", default="train,profile,remedy,sweep", help="comma list of: train, profile, remedy, sweep"
+    )
     ap.add_argument("--gpu", action="store_true", help="run the train/profile benches on CUDA")
     ap.add_argument(
         "--seeds",
@@ -54,6 +57,11 @@ def main() -> int:
 
         results["profile"] = profile_cost(args.quick, "cuda" if args.gpu else "cpu")
         print(table(results["profile"]) + "\n", flush=True)
+    if "remedy" in which:
+        from .remedy_bench import remedy_cost
+
+        results["remedy"] = remedy_cost(args.quick, "cuda" if args.gpu else "cpu")
+        print(table(results["remedy"]) + "\n", flush=True)
     if "sweep" in which:
         try:
             from .sweep_bench import run as sweep_run

@@ -72,6 +72,37 @@ CASES = {
         "task.val_size=898",
         "diagnostics.probe_size=8",
     ],
+    "Omega (tanh)": [
+        "task.seq_len=200",
+        "task.batch_size=512",
+        "model.hidden_size=256",
+        "remedy.omega=1",
+        "trainer.max_steps=2",
+        "task.val_size=64",
+        "diagnostics.probe_size=8",
+    ],
+    "Omega (lstm)": [
+        "task.seq_len=200",
+        "task.batch_size=128",
+        "model.hidden_size=256",
+        "model.cell=lstm",
+        "remedy.omega=1",
+        "trainer.max_steps=2",
+        "task.val_size=64",
+        "diagnostics.probe_size=8",
+    ],
+    "flossing (lstm, k = 16)": [
+        "task.seq_len=200",
+        "task.batch_size=64",
+        "model.hidden_size=128",
+        "model.cell=lstm",
+        "remedy.floss.weight=1",
+        "remedy.floss.exponents=16",
+        "remedy.floss.batch=64",
+        "trainer.max_steps=2",
+        "task.val_size=64",
+        "diagnostics.probe_size=8",
+    ],
 }
 
 
@@ -93,12 +124,15 @@ def peak_rss(overrides: list[str]) -> int:
 
 def main() -> None:
     sys.path.insert(0, str(ROOT))
+    only = set(sys.argv[1:])  # case names to run (default: all)
     from pipeline.config import load_config
     from pipeline.training.budget import estimate, fmt_bytes
 
     print("| configuration | overrides of configs/train/smoke.yaml | estimate | peak RSS | estimate / peak |")
     print("|---|---|---|---|---|")
     for name, over in CASES.items():
+        if only and name not in only:
+            continue
         est = estimate(load_config(SMOKE, [*COMMON, *over])).peak()
         rss = peak_rss(over)
         print(

@@ -36,6 +36,7 @@ INITS = ("default", "gaussian", "orthogonal", "identity")
 OPTIMIZERS = ("sgd", "adam", "rmsprop")
 CLIP_MODES = ("none", "norm", "value")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+SKIP_SIGNALS = ("both", "grad_norm", "loss")
 
 # Upper bounds of integer keys (README "Configuration reference"). Sizes (batch, val_size, probe_size,
 # seq_len, hidden_size) are bounded by the memory estimate of the machine that runs (pipeline.training.budget).
@@ -128,6 +129,43 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class FlossConfig:
+    # Gradient flossing (Engelken 2023): weight * sum_{i<=k} lambda_i^2 added to the loss, the lambda_i the
+    # k largest Lyapunov exponents by a differentiable QR along the trajectory (README, "Remedies beyond clipping")
+    weight: float = 0.0  # weight of sum lambda_i^2 in the loss; 0: off
+    exponents: int = 1  # k: how many of the largest exponents are pushed toward 0 (<= H; <= 2H for lstm)
+    every: int = 1  # floss on the steps with step % N == 0; the steps between train on the task alone
+    until: int | None = None  # floss only on steps < N (~ flossing before training); None: the whole run
+    batch: int = 8  # trajectories: the first N sequences of the training batch (<= task.batch_size)
+
+
+@dataclass(frozen=True)
+class SkipConfig:
+    # Spike skipping (OLMo-core's SkipStepOptimizer): drop an update whose pre-clip gradient norm and/or loss
+    # lies more than `zscore` standard deviations above the mean of the last `window` steps
+    zscore: float = 0.0  # the threshold in standard deviations (OLMo-core: 6); 0: off
+    window: int = 128  # rolling window of finite steps the mean and standard deviation come from
+    warmup: int = 64  # no skipping until the window holds this many finite steps (OLMo-core: window / 2)
+    signal: str = "both"  # both | grad_norm | loss: which z-score may skip a step (both: either one)
+    max_consecutive: int = 10  # this many skips in a row (spikes or non-finite) stop the run: diverged
+
+
+@dataclass(frozen=True)
+class RemedyConfig:
+    # Pascanu, Mikolov, Bengio 2013, eq. 9: weight of the regulariser Omega (mean over steps and sequences of
+    # (||dL/ds_k ds_k/ds_{k-1}|| / ||dL/ds_k|| - 1)^2) in the loss; 0: off
+    omega: float = 0.0
+    floss: FlossConfig = field(default_factory=FlossConfig)
+    skip: SkipConfig = field(default_factory=SkipConfig)
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        """The remedies switched on, in a fixed order: the run's ``remedy`` tag."""
+        on = (("omega", self.omega > 0), ("floss", self.floss.weight > 0), ("skip", self.skip.zscore > 0))
+        return tuple(name for name, is_on in on if is_on)
+
+
+@dataclass(frozen=True)
 class Config:
     seed: int = 0  # seeds data (seed, seed+1 val, seed+2 probe) and weights
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -137,6 +175,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    remedy: RemedyConfig = field(default_factory=RemedyConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -228,6 +267,7 @@ def validate(cfg: Config) -> None:
     check("diagnostics.vanish_log10_per_step", d.vanish_log10_per_step < 0, "< 0", d.vanish_log10_per_step)
     check("diagnostics.explode_log10_per_step", d.explode_log10_per_step > 0, "> 0", d.explode_log10_per_step)
     check("diagnostics.explode_norm", d.explode_norm > 0, "> 0", d.explode_norm)
+    _validate_remedy(cfg)
     check(
         "tracking.experiment",
         bool(cfg.tracking.experiment.strip()),
@@ -239,6 +279,29 @@ def validate(cfg: Config) -> None:
             "tracking.system_metrics",
             "needs psutil, which is not installed: pip install 'rnn-gradient-pipeline[system-metrics]'",
         )
+
+
+def _validate_remedy(cfg: Config) -> None:
+    r, f, s = cfg.remedy, cfg.remedy.floss, cfg.remedy.skip
+    check("remedy.omega", math.isfinite(r.omega) and r.omega >= 0, "a finite number >= 0", r.omega)
+    check("remedy.floss.weight", math.isfinite(f.weight) and f.weight >= 0, "a finite number >= 0", f.weight)
+    state = cfg.model.hidden_size * (2 if cfg.model.cell == "lstm" else 1)  # (h, c) for LSTM
+    check(
+        "remedy.floss.exponents", 1 <= f.exponents <= state, f"in [1, {state}] (the state size)", f.exponents
+    )
+    check("remedy.floss.every", 1 <= f.every <= STEPS_MAX, ">= 1", f.every)
+    check("remedy.floss.until", f.until is None or 1 <= f.until <= STEPS_MAX, "null or >= 1", f.until)
+    check("remedy.floss.batch", f.batch >= 1, ">= 1", f.batch)
+    if f.weight > 0:  # the trajectories are the training batch's first sequences
+        b = cfg.task.batch_size
+        check("remedy.floss.batch", f.batch <= b, f"<= task.batch_size ({b})", f.batch)
+    check("remedy.skip.zscore", math.isfinite(s.zscore) and s.zscore >= 0, "a finite number >= 0", s.zscore)
+    check("remedy.skip.window", 2 <= s.window <= 1_000_000, "in [2, 1000000]", s.window)
+    check(
+        "remedy.skip.warmup", 2 <= s.warmup <= s.window, f"in [2, {s.window}] (remedy.skip.window)", s.warmup
+    )
+    choice("remedy.skip.signal", s.signal, SKIP_SIGNALS)
+    check("remedy.skip.max_consecutive", s.max_consecutive >= 1, ">= 1", s.max_consecutive)
 
 
 def config_keys() -> list[str]:

@@ -46,6 +46,7 @@ KNOWN_METRICS = frozenset(
         "grad/norm_bias",
         "grad/norm_readout",
         "bptt/log10_ratio",
+        "bptt/log10_ratio_per_step",
         "bptt/decay_rate",
         "bptt/horizon",
         "bptt/c_log10_ratio",
@@ -54,9 +55,12 @@ KNOWN_METRICS = frozenset(
         "spectral/radius",
         "spectral/pascanu_log10_bound",
         "spectral/lyapunov_max",
+        "train/skipped_steps",
+        "remedy/omega",
+        "remedy/floss",
     }
 )
-METRIC_PATTERN = re.compile(r"^spectral/(sigma_max|radius)_[a-z]+$")
+METRIC_PATTERN = re.compile(r"^spectral/(sigma_max|radius)_[a-z]+$|^remedy/floss_lambda_[1-9][0-9]*$")
 
 
 def check_metric(key: str, name: Any) -> str:

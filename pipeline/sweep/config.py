@@ -281,22 +281,22 @@ def _param(key: str, spec: Any, base: dict[str, Any], types: dict[str, Any]) -> 
     return p
 
 
-def _types() -> dict[str, Any]:
+def _types(cls: Any = Config, prefix: str = "") -> dict[str, Any]:
+    """Dotted config key -> its scalar type (``X | None`` read as X), through every nested section
+    (``remedy.floss.weight`` is three levels deep)."""
     import typing
 
     out: dict[str, Any] = {}
-    hints = typing.get_type_hints(Config)
-    for f in dataclasses.fields(Config):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            sub = typing.get_type_hints(tp)
-            for g in dataclasses.fields(tp):
-                t = sub[g.name]
-                args = [a for a in typing.get_args(t) if a is not type(None)]
-                out[f"{f.name}.{g.name}"] = args[0] if args else t
+            out.update(_types(tp, f"{prefix}{f.name}."))
         else:
-            out[f.name] = tp
-    assert set(out) == set(config_keys())
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            out[f"{prefix}{f.name}"] = args[0] if args else tp
+    if cls is Config:
+        assert set(out) == set(config_keys())
     return out
 
 

@@ -49,6 +49,17 @@ TRAIN_COEF = {"tanh": 5, "relu": 5, "orthogonal": 5, "indrnn": 6, "lstm": 17, "g
 # stacked copy). Measured P=64 L=400 H=256: tanh 7.0, orthogonal 7.0, indrnn 5.5, lstm 19.3, gru 15.4;
 # readout "all" (copy) adds about 2. The Lyapunov pass needs less (no caches kept) and runs after it.
 PROFILE_COEF = {"tanh": 7, "relu": 7, "orthogonal": 7, "indrnn": 6, "lstm": 20, "gru": 16}
+# The remedies' passes run inside the training step, while its activations are alive, so they add to
+# the training pass (README "Memory estimate"). Pascanu's Omega (pipeline.bptt.remedies.omega): float32
+# values per (sample, step, hidden unit) for the unrolled states and caches, the gradient directions, and
+# the batched live step with its graph. Measured as whole-process peak RSS less the fused step's share
+# (benchmarks/memory_estimate.py, L=200 H=256): tanh 8 (B=512), lstm 52 (B=128); gru from the ratio of
+# the per-step growth over the fused step (B=256 L=200 H=128: tanh 1.0, indrnn 4.9, gru 19.6, lstm 30.7).
+OMEGA_COEF = {"tanh": 10, "relu": 10, "orthogonal": 10, "indrnn": 10, "lstm": 56, "gru": 40}
+# Gradient flossing (pipeline.bptt.remedies.lyapunov_spectrum): float32 values per (trajectory, step,
+# hidden unit, k + 1) for the graph through the trajectory, the k tangents and the QR; measured with 64
+# trajectories, k = 16, L=200, H=128: tanh 2.8, indrnn 2.0, gru 15.2, lstm 19.0.
+FLOSS_COEF = {"tanh": 4, "relu": 4, "orthogonal": 4, "indrnn": 4, "lstm": 20, "gru": 16}
 HISTORY_BYTES_PER_STEP = (
     200  # host copy of the 9 float64 per-step records (+ the final concat) and the step list
 )
@@ -143,6 +154,15 @@ def _opt_states(cfg: Config) -> int:
     return int(o.momentum > 0)
 
 
+def _remedy_bytes(cfg: Config, L: int) -> int:
+    """What Pascanu's Omega and gradient flossing add to a training step (0 when both are off)."""
+    r, H, cell = cfg.remedy, cfg.model.hidden_size, cfg.model.cell
+    n = cfg.task.batch_size * L * H * 4 * OMEGA_COEF[cell] if r.omega > 0 else 0
+    if r.floss.weight > 0:
+        n += r.floss.batch * L * H * 4 * (r.floss.exponents + 1) * FLOSS_COEF[cell]
+    return n
+
+
 def estimate(cfg: Config, cuda: bool = False) -> Estimate:
     """The memory a run of ``cfg`` needs, as components (see the module docstring for the method)."""
     L, n_in, _ = _task_dims(cfg)
@@ -173,7 +193,9 @@ def estimate(cfg: Config, cuda: bool = False) -> Estimate:
     )
     chunk = min(V, max(B, 256))
     passes = (
-        Part("training activations", B * L * (H * 4 * TRAIN_COEF[cell] + sample), cuda),
+        Part(
+            "training activations", B * L * (H * 4 * TRAIN_COEF[cell] + sample) + _remedy_bytes(cfg, L), cuda
+        ),
         Part("validation forward", chunk * L * H * 4 * (G + 2), cuda),
         Part("building the validation set", V * L * sample, cuda),
         Part("float64 profile pass", P * L * H * 8 * prof_coef, False),

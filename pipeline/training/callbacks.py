@@ -35,6 +35,7 @@ from pipeline.config import Config, DiagnosticsConfig
 from pipeline.names import DIVERGED, EXPLODING, GROUPS, HEALTHY, VANISHING
 from pipeline.training.data import fixed_batch
 from pipeline.training.grad_monitor import GradientNormMonitor
+from pipeline.training.module import RECORD_EXTRA
 from pipeline.training.probe import pass_metrics
 from pipeline.training.profile_monitor import BPTTProfileMonitor, profile_figure
 from pipeline.training.tasks import Task
@@ -107,12 +108,15 @@ class GradientMonitor(GradientNormMonitor):
 
     measures = False
 
-    def __init__(self, recorder, log_every: int):
+    def __init__(self, recorder, log_every: int, skip: bool = False):
         super().__init__(
             log_every, sink=recorder.log_metrics, loss_metric="train/loss", log_diverged_step=False
         )
         self.recorder = recorder
-        self.set_groups(GROUPS, extra=("clipped",))  # = module.RECORD_FIELDS
+        self.set_groups(GROUPS, extra=RECORD_EXTRA)  # = module.RECORD_FIELDS
+        self.skip = skip  # remedy.skip is on: log train/skipped_steps
+        self.skipped_steps = 0
+        self._lyapunov: list[torch.Tensor] = []  # the flossing steps' exponents in this window (device)
 
     @property
     def log_every(self) -> int:
@@ -125,6 +129,29 @@ class GradientMonitor(GradientNormMonitor):
         self.push(rec, trainer.global_step)
         pl_module.last_record = None
         self.diverged_step = pl_module.diverged_step
+        self.skipped_steps = pl_module.remedies.skipped  # the module's count: restored with a checkpoint
+        lam = pl_module.remedies.last_lyapunov
+        if lam is not None:
+            self._lyapunov.append(lam)
+            pl_module.remedies.last_lyapunov = None
+
+    def window_extra(self, col: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """The remedies' window metrics (README, "The MLflow record"): ``train/skipped_steps`` (running
+        count, with remedy.skip), ``remedy/omega`` (the window's mean Omega), ``remedy/floss`` and
+        ``remedy/floss_lambda_<i>`` (the window's last flossing step)."""
+        out: dict[str, Any] = {}
+        if self.skip:
+            out["train/skipped_steps"] = float(self.skipped_steps)
+        omega, floss = col["omega"], col["floss"]
+        if not np.isnan(omega).all():
+            out["remedy/omega"] = float(np.nanmean(omega))
+        if not np.isnan(floss).all():
+            out["remedy/floss"] = float(floss[~np.isnan(floss)][-1])
+        if self._lyapunov:
+            lam = self._lyapunov[-1].cpu().numpy()  # one transfer per window, flossing runs only
+            out.update({f"remedy/floss_lambda_{i + 1}": float(v) for i, v in enumerate(lam)})
+            self._lyapunov = []
+        return out
 
 
 class ValidationLogger(pl.Callback):
@@ -210,14 +237,23 @@ def plot_profile(frame, task: Task, title: str):
 
 
 def plot_grad_norms(
-    steps: np.ndarray, pre: np.ndarray, post: np.ndarray, threshold: float | None, title: str
+    steps: np.ndarray,
+    pre: np.ndarray,
+    post: np.ndarray,
+    threshold: float | None,
+    title: str,
+    skipped: np.ndarray | None = None,
 ):
-    """Pre- and post-clip global gradient norm of one run over training, with the clip threshold."""
+    """Pre- and post-clip global gradient norm of one run over training, with the clip threshold; the
+    steps ``remedy.skip`` skipped (``skipped``, a boolean mask) marked at their pre-clip norm."""
     from pipeline.plots import DPI, MIN_WIDTH, Curve, draw_grad_norms, plt, wrap_title
 
     fig, ax = plt.subplots(figsize=(MIN_WIDTH, 4.6), layout="constrained", dpi=DPI)
     curves = [Curve(steps, pre, "pre-clip", lw=0.8), Curve(steps, post, "post-clip", lw=0.8)]
     draw_grad_norms(ax, curves, () if threshold is None else (threshold,))
+    mark = np.zeros(len(pre), dtype=bool) if skipped is None else skipped & np.isfinite(pre) & (pre > 0)
+    if mark.any():  # a skipped non-finite step has no point on the log axis
+        ax.scatter(steps[mark], pre[mark], marker="x", s=30, color="crimson", zorder=3, label="skipped")
     ax.set_title(wrap_title(title, fig), fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig

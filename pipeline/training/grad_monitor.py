@@ -209,6 +209,10 @@ class _Window(_Logs):
         """Fraction of the (finite) steps so far whose gradient was clipped (clip_coef < 1)."""
         return self._clipped / self._counted if self._counted else 0.0
 
+    def window_extra(self, col: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Hook: more metrics from one window's columns (a subclass's extra fields); none here."""
+        return {}
+
     def drain(self, trainer: pl.Trainer | None = None) -> None:
         """Move the window to the host (one transfer) and log it at ``trainer.global_step``."""
         if not self._pending:
@@ -225,6 +229,7 @@ class _Window(_Logs):
         metrics = window_metrics(
             col, self.group_names, self.clip_rate, self.max_norm_preclip, self.loss_metric, diverged
         )
+        metrics.update(self.window_extra(col))
         step = trainer.global_step if trainer is not None else (self._steps[-1] if self._steps else 0)
         self.publish(metrics, step)
 
@@ -251,6 +256,7 @@ class GradientNormMonitor(_Window, pl.Callback):
     * where each step's record comes from: :attr:`measures` (this class measures, guards and reads the
       post-clip gradients itself) and :meth:`collect` (a subclass whose module measures hands the
       record over there, once per batch).
+    * :meth:`window_extra`: more metrics from a window's columns (the project's: the remedies' fields).
     """
 
     measures: bool = True  # False: the module measures and guards; collect() hands its record over

@@ -166,24 +166,37 @@ class RNNModel(nn.Module):
             return self.readout(hs[:, -1])
         return self.readout(hs)
 
-    def params(self, dtype: torch.dtype = torch.float64) -> dict:
-        """Detached copy of the weights in the contract of :mod:`pipeline.bptt.twin` (the unrolled twin)."""
+    def live_params(self) -> dict:
+        """The twin's params dict (the contract of :mod:`pipeline.bptt.twin`) of LIVE tensors.
+
+        Contract, for every cell (a new cell adds its branch here and nowhere else): every tensor the
+        twin's step functions read for this cell, under the twin's key names, as the module's own
+        parameters or tensors computed from them, neither detached nor copied, in the parameters' dtype
+        and device. A loss on the twin's output therefore backpropagates into this module's parameters
+        (the remedies of :mod:`pipeline.bptt.remedies`, Pascanu's Omega and gradient flossing, train
+        through it). Derived weights are computed through their parametrisation: ``orthogonal`` hands
+        ``g * Q`` with Q from torch's orthogonal parametrisation (matrix exponential), so the gradient
+        reaches the parametrisation's base. :meth:`params` is the detached copy of this dict: one
+        mapping per cell.
+        """
         r = self.rnn
-
-        def c(t: torch.Tensor) -> torch.Tensor:
-            return t.detach().to(dtype).clone()
-
-        p = {"cell": self.cell, "W_out": c(self.readout.weight), "b_out": c(self.readout.bias)}
+        p: dict = {"cell": self.cell, "W_out": self.readout.weight, "b_out": self.readout.bias}
         if isinstance(r, (nn.RNN, nn.LSTM, nn.GRU)):  # weight_*_l0: see OrthogonalRNN
             w_ih, w_hh = cast(torch.Tensor, r.weight_ih_l0), cast(torch.Tensor, r.weight_hh_l0)
             b_ih, b_hh = cast(torch.Tensor, r.bias_ih_l0), cast(torch.Tensor, r.bias_hh_l0)
-            p.update(W_ih=c(w_ih), W_hh=c(w_hh), b_ih=c(b_ih), b_hh=c(b_hh))
+            p.update(W_ih=w_ih, W_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
         elif isinstance(r, OrthogonalRNN):
-            p.update(W_ih=c(r.weight_ih), W_hh=c(r.weight_hh), b_ih=c(r.bias_ih), b_hh=c(r.bias_hh))
+            p.update(W_ih=r.weight_ih, W_hh=r.weight_hh, b_ih=r.bias_ih, b_hh=r.bias_hh)
         else:
             assert isinstance(r, IndRNN), type(r)  # the cells are validated in __init__
-            p.update(W_ih=c(r.weight_ih), b_ih=c(r.bias_ih), u=c(r.u))
+            p.update(W_ih=r.weight_ih, b_ih=r.bias_ih, u=r.u)
         return p
+
+    def params(self, dtype: torch.dtype = torch.float64) -> dict:
+        """Detached copy of :meth:`live_params` in ``dtype``: the weights for the float64 diagnostic twin."""
+        with torch.no_grad():  # orthogonal: g * Q without building a graph
+            live = self.live_params()
+        return {k: v.detach().to(dtype).clone() if torch.is_tensor(v) else v for k, v in live.items()}
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
         """Parameters by role, for per-group gradient norms: input, recurrent, bias, readout."""

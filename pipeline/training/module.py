@@ -6,6 +6,9 @@ clipping (Lightning issues #18669, #12595), so nobody sees the post-clip norm or
 the total pre-clip norm, the post-clip norm, the clip coefficient, and pre-clip norms per parameter
 group. It is also the divergence guard: a non-finite loss or gradient drops the gradients before
 ``optimizer.step`` runs (optimizers skip parameters whose grad is None), so the weights stay finite.
+The remedies beyond clipping (:mod:`pipeline.training.remedies`) act in the same two places: their
+penalties join the loss in ``training_step``, and spike skipping drops a step's gradients exactly as the
+guard does, decided by the same one host read.
 """
 
 from __future__ import annotations
@@ -17,11 +20,15 @@ from pipeline.config import Config
 from pipeline.names import GROUPS
 from pipeline.training.grad_monitor import RECORD_HEAD, drop_gradients, group_sq
 from pipeline.training.models import RNNModel
+from pipeline.training.remedies import APPLY, STOP, Remedies
 from pipeline.training.tasks import Task
 
 # Order of the per-step record tensor (see RNNTrainingModule.last_record): the public monitor's record
-# (pipeline.training.grad_monitor.RECORD_HEAD) plus ``clipped``, with this project's parameter groups.
-RECORD_FIELDS = (*RECORD_HEAD, "clipped", *(f"norm_{g}" for g in GROUPS))
+# (pipeline.training.grad_monitor.RECORD_HEAD), this project's extra fields, then its parameter groups.
+# clipped: 1 if clipping acted; skipped: 1 if remedy.skip dropped the update and training went on;
+# omega, floss: Pascanu's Omega and the flossing term sum lambda_i^2 (unweighted; NaN when not computed).
+RECORD_EXTRA = ("clipped", "skipped", "omega", "floss")
+RECORD_FIELDS = (*RECORD_HEAD, *RECORD_EXTRA, *(f"norm_{g}" for g in GROUPS))
 
 
 class RNNTrainingModule(pl.LightningModule):
@@ -32,6 +39,7 @@ class RNNTrainingModule(pl.LightningModule):
         self.cfg, self.task = cfg, task
         self.model = RNNModel(cfg.model, task.input_size, task.output_size, task.readout, seed=cfg.seed)
         self.groups = self.model.param_groups()
+        self.remedies = Remedies(cfg, task)
         self.last_record: torch.Tensor | None = None  # RECORD_FIELDS, on device, this step
         self.diverged_step: int | None = None
         self.val_loss: float | None = None  # mean loss over the fixed validation set, last validation
@@ -50,9 +58,19 @@ class RNNTrainingModule(pl.LightningModule):
         return self.task.loss(self.model(x), y)
 
     def training_step(self, batch, batch_idx):
-        loss = self._common_step(batch)
-        self._loss = loss.detach()
-        return loss
+        x, y = batch
+        loss = self.task.loss(self.model(x), y)  # the fused kernel: the task loss and its gradient
+        self._loss = loss.detach()  # the record's loss is the task's, whatever the remedies add
+        penalty = self.remedies.penalty(self.model, x, y, self.global_step)
+        return loss if penalty is None else loss + penalty
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.remedies.skip is not None:  # the skip window, so a resumed run skips as an unbroken one
+            checkpoint["remedy_skip"] = self.remedies.skip.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.remedies.skip is not None and "remedy_skip" in checkpoint:
+            self.remedies.skip.load_state_dict(checkpoint["remedy_skip"], self.device)
 
     def on_validation_epoch_start(self) -> None:
         self._val_sum, self._val_hits, self._val_n, self._val_k = None, None, 0, 0
@@ -98,13 +116,17 @@ class RNNTrainingModule(pl.LightningModule):
         grads = [p.grad for g in GROUPS for p in self.groups[g] if p.grad is not None]
         pre = sq.sum().sqrt()
         loss = self._loss.double() if self._loss is not None else pre.new_zeros(())
-        # The guard needs one host read per step: it must decide before optimizer.step runs.
-        if not bool(torch.isfinite(pre) & torch.isfinite(loss)):
+        extra = self.remedies.record(pre)  # omega, floss
+        # The guard (and spike skipping) needs one host read per step: it decides before optimizer.step.
+        action = self.remedies.gate(pre, loss)
+        if action != APPLY:  # dropped: optimizers skip parameters without a gradient, state untouched
             drop_gradients(p for gs in self.groups.values() for p in gs)
-            self.diverged_step = self.global_step
-            self.trainer.should_stop = True
+            if action == STOP:
+                self.diverged_step = self.global_step
+                self.trainer.should_stop = True
             nan = pre.new_tensor(float("nan"))
-            self.last_record = torch.stack([loss, pre, nan, nan, nan, *sq.sqrt()])
+            skipped = pre.new_tensor(float(action != STOP))
+            self.last_record = torch.stack([loss, pre, nan, nan, nan, skipped, *extra, *sq.sqrt()])
             return
         mode, c = self.cfg.clip.mode, self.cfg.clip.threshold
         if mode == "norm":
@@ -119,4 +141,5 @@ class RNNTrainingModule(pl.LightningModule):
         else:
             post, coef = pre, torch.ones_like(pre)
         clipped = (coef < 1.0).double()
-        self.last_record = torch.stack([loss, pre, post, coef, clipped, *sq.sqrt()])
+        zero = pre.new_zeros(())
+        self.last_record = torch.stack([loss, pre, post, coef, clipped, zero, *extra, *sq.sqrt()])

@@ -256,7 +256,7 @@ def _train(
     module.pruned = False
     data = TaskDataModule(task, cfg.task.batch_size, cfg.task.val_size, cfg.trainer.max_steps, cfg.seed)
     mon = Monitors(
-        dg.GradientMonitor(rec, cfg.trainer.log_every),
+        dg.GradientMonitor(rec, cfg.trainer.log_every, skip=cfg.remedy.skip.zscore > 0),
         dg.ProfileMonitor(rec, cfg, task),
         dg.ValidationLogger(rec, task),
     )
@@ -321,6 +321,7 @@ class Summary:
 def summarize_run(cfg: Config, task, module, mon: Monitors, steps: int) -> Summary:
     """Pure: the trained module and the monitors' records -> the run's verdict, summary metrics and tags."""
     from pipeline.training import callbacks as dg
+    from pipeline.training.remedies import remedy_summary
 
     d = cfg.diagnostics
     grads, last = mon.grads, mon.prof.last
@@ -352,6 +353,9 @@ def summarize_run(cfg: Config, task, module, mon: Monitors, steps: int) -> Summa
     }
     if diverged:
         tags["diverged_step"] = module.diverged_step
+    more_metrics, more_tags = remedy_summary(cfg, module.remedies)
+    metrics.update(more_metrics)
+    tags.update(more_tags)
     return Summary(regime, v, ratio, solved, module.diverged_step, pruned, metrics, tags)
 
 
@@ -422,7 +426,12 @@ def log_artifacts(rec, cfg: Config, task, mon: Monitors, summary: Summary) -> No
     if len(hist):
         thr = cfg.clip.threshold if cfg.clip.mode == "norm" else None
         fig = dg.plot_grad_norms(
-            grads.steps[: len(hist)], grads.column("norm_preclip"), grads.column("norm_postclip"), thr, title
+            grads.steps[: len(hist)],
+            grads.column("norm_preclip"),
+            grads.column("norm_postclip"),
+            thr,
+            title,
+            skipped=grads.column("skipped") > 0,
         )
         rec.log_figure(fig, "plots/grad_norms.png")
         plt.close(fig)
