@@ -231,13 +231,12 @@ def _validate_diagonal(m: ModelConfig) -> None:
     check("model.r_max", 0.0 < m.r_max < 1.0, "in (0, 1)", m.r_max)
     check("model.r_min", 0.0 <= m.r_min <= m.r_max, f"in [0, model.r_max = {m.r_max}]", m.r_min)
     check("model.max_phase", 0.0 < m.max_phase <= 2 * math.pi, "in (0, 2 pi]", m.max_phase)
+    why = {
+        "lru": "lru has no W_hh: its lambda is set by model.r_min, model.r_max, model.max_phase",
+        "mingru": "mingru has no W_hh: its gates keep nn.Linear's init",
+    }
     if m.cell in DIAGONAL_CELLS:
-        check(
-            "model.init",
-            m.init == "default",
-            f"'default' for {m.cell} (it has no W_hh; lru's lambda is set by model.r_min / r_max / max_phase)",
-            m.init,
-        )
+        check("model.init", m.init == "default", f"'default' ({why[m.cell]})", m.init)
 
 
 def config_keys() -> list[str]:

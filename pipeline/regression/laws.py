@@ -53,6 +53,7 @@ KNOWN_METRICS = frozenset(
         "spectral/radius",
         "spectral/pascanu_log10_bound",
         "spectral/lyapunov_max",
+        "spectral/gate_log10_bound",  # mingru's replacement for Pascanu's bound (README, "Models")
     }
 )
 METRIC_PATTERN = re.compile(r"^spectral/(sigma_max|radius)_[a-z]+$")

@@ -45,6 +45,17 @@ TRAIN_COEF = {"tanh": 5, "relu": 5, "orthogonal": 5, "indrnn": 6, "lstm": 17, "g
 # stacked copy). Measured P=64 L=400 H=256: tanh 7.0, orthogonal 7.0, indrnn 5.5, lstm 19.3, gru 15.4;
 # readout "all" (copy) adds about 2. The Lyapunov pass needs less (no caches kept) and runs after it.
 PROFILE_COEF = {"tanh": 7, "relu": 7, "orthogonal": 7, "indrnn": 6, "lstm": 20, "gru": 16}
+# --- modern diagonal cells (pipeline.training.modern) ---
+# Training (the CPU's sequential scan) and profile coefficients as above, measured the same way (README
+# "Memory estimate"); lru's state is complex (2 floats per channel). On CUDA the parallel scans keep more:
+# lru's doubling scan one complex [B, L, H] state per level (ceil(log2 L) levels, not measured on a GPU).
+TRAIN_COEF.update({"lru": 20, "mingru": 12})
+PROFILE_COEF.update({"lru": 8, "mingru": 8})
+VALIDATION_FLOATS = {
+    "lru": 6,
+    "mingru": 4,
+}  # per (sample, step, unit) in a no-grad forward: G + 2 for the rest
+# --- end modern cells ---
 HISTORY_BYTES_PER_STEP = (
     200  # host copy of the 9 float64 per-step records (+ the final concat) and the step list
 )
@@ -107,6 +118,10 @@ def n_params(cfg: Config) -> int:
     H, cell = cfg.model.hidden_size, cfg.model.cell
     if cell == "indrnn":
         core = H * n_in + 2 * H
+    elif cell == "lru":  # nu, theta, gamma [H]; B_re, B_im [H, I]; C_re, C_im [H, H]; D [H, I]
+        core = 3 * H + 3 * H * n_in + 2 * H * H
+    elif cell == "mingru":  # gate and candidate: nn.Linear(I, H) each
+        core = 2 * H * (n_in + 1)
     else:
         G = GATE_COUNT[cell]
         core = G * H * (n_in + H + 2)
@@ -121,6 +136,15 @@ def _opt_states(cfg: Config) -> int:
     if o.name == "rmsprop":
         return 1 + (o.momentum > 0)
     return int(o.momentum > 0)
+
+
+def _train_coef(cell: str, L: int, cuda: bool) -> int:
+    """float32 values per (sample, step, unit) at a training step's peak; lru's doubling scan on CUDA
+    keeps one complex state (2 floats) per level (see TRAIN_COEF)."""
+    coef = TRAIN_COEF[cell]
+    if cuda and cell == "lru":
+        coef += 2 * max(1, (L - 1).bit_length())
+    return coef
 
 
 def estimate(cfg: Config, cuda: bool = False) -> Estimate:
@@ -152,8 +176,8 @@ def estimate(cfg: Config, cuda: bool = False) -> Estimate:
     )
     chunk = min(V, max(B, 256))
     passes = (
-        Part("training activations", B * L * (H * 4 * TRAIN_COEF[cell] + sample), cuda),
-        Part("validation forward", chunk * L * H * 4 * (G + 2), cuda),
+        Part("training activations", B * L * (H * 4 * _train_coef(cell, L, cuda) + sample), cuda),
+        Part("validation forward", chunk * L * H * 4 * VALIDATION_FLOATS.get(cell, G + 2), cuda),
         Part("building the validation set", V * L * sample, cuda),
         Part("float64 profile pass", P * L * H * 8 * prof_coef, False),
     )
