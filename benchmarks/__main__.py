@@ -1,4 +1,4 @@
-"""``make bench``: ``python -m benchmarks [--quick] [--only train,profile,sweep] [--gpu] [--seeds N]``; Markdown tables."""
+"""``make bench``: ``python -m benchmarks [--quick] [--only train,profile,scan,sweep] [--gpu] [--seeds N]``; Markdown tables."""
 
 from __future__ import annotations
 
@@ -25,7 +25,9 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks")
     ap.add_argument("--quick", action="store_true", help="smaller budgets (a smoke check of the harness)")
-    ap.add_argument("--only", default="train,profile,sweep", help="comma list of: train, profile, sweep")
+    ap.add_argument(
+        "--only", default="train,profile,scan,sweep", help="comma list of: train, profile, scan, sweep"
+    )
     ap.add_argument("--gpu", action="store_true", help="run the train/profile benches on CUDA")
     ap.add_argument(
         "--seeds",
@@ -54,6 +56,11 @@ def main() -> int:
 
         results["profile"] = profile_cost(args.quick, "cuda" if args.gpu else "cpu")
         print(table(results["profile"]) + "\n", flush=True)
+    if "scan" in which:  # the modern cells' training paths over time (CPU only: see scan_bench)
+        from .scan_bench import scan_cost
+
+        results["scan"] = scan_cost(args.quick)
+        print(table(results["scan"]) + "\n", flush=True)
     if "sweep" in which:
         try:
             from .sweep_bench import run as sweep_run

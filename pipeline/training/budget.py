@@ -47,10 +47,11 @@ TRAIN_COEF = {"tanh": 5, "relu": 5, "orthogonal": 5, "indrnn": 6, "lstm": 17, "g
 PROFILE_COEF = {"tanh": 7, "relu": 7, "orthogonal": 7, "indrnn": 6, "lstm": 20, "gru": 16}
 # --- modern diagonal cells (pipeline.training.modern) ---
 # Training (the CPU's sequential scan) and profile coefficients as above, measured the same way (README
-# "Memory estimate"); lru's state is complex (2 floats per channel). On CUDA the parallel scans keep more:
+# "Memory estimate"): training B=256/512 L=200 H=256 lru 13.5, mingru 8.0; profile P=192 L=400 H=128 lru
+# 10.2 (its state is complex: 2 floats per channel), mingru 5.6. On CUDA the parallel scans keep more:
 # lru's doubling scan one complex [B, L, H] state per level (ceil(log2 L) levels, not measured on a GPU).
-TRAIN_COEF.update({"lru": 20, "mingru": 12})
-PROFILE_COEF.update({"lru": 8, "mingru": 8})
+TRAIN_COEF.update({"lru": 14, "mingru": 8})
+PROFILE_COEF.update({"lru": 11, "mingru": 6})
 VALIDATION_FLOATS = {
     "lru": 6,
     "mingru": 4,
