@@ -233,6 +233,20 @@ def test_mingru_profile_is_the_product_of_retentions():
     assert s["log10_ratio"] <= bound + 1e-9 and bound < 0
 
 
+def test_lyapunov_exponent_of_the_diagonal_cells():
+    """J = diag(lambda) with every |lambda_j| = r: every tangent shrinks by exactly r per step, lambda_1 =
+    ln r. minGRU: each tangent shrinks by at most max(1 - z_t) per step, so lambda_1 (no burn-in) is at most
+    the mean over t of ln max_{b, j} (1 - z_t), computed in numpy from the weights."""
+    x = torch.rand(3, 200, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert spectra.lyapunov_max(ring_at(0.8), x) == pytest.approx(math.log(0.8), abs=1e-12)
+    m = model("mingru", H=8, n_in=2, n_out=1)
+    W, b = m.rnn.gate.weight.detach().double().numpy(), m.rnn.gate.bias.detach().double().numpy()
+    log_keep = -np.logaddexp(0.0, x.numpy() @ W.T + b)  # log(1 - z)
+    bound = log_keep.max(axis=(0, 2)).mean()
+    lyap = spectra.lyapunov_max(m.params(), x, burn_in=0)
+    assert lyap <= bound + 1e-12 and lyap < 0
+
+
 def test_planted_vjp_bugs_break_the_laws(monkeypatch):
     """Each law catches a bug in the twin's VJP: an lru walk back that drops lambda's phase (multiplies by
     Re lambda) misses (T-1) log10 r by decades; a minGRU walk back by z instead of 1 - z leaves the
