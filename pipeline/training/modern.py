@@ -87,8 +87,8 @@ class SequentialScan(torch.autograd.Function):
 def doubling_scan(log_a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """The same recurrence for a constant a = exp(log_a) ``[N]`` in ceil(log2 T) vectorised steps
     (Hillis-Steele): after step k every h_t holds the sum over its last 2^(k+1) inputs. a^(2^k) is taken as
-    exp(2^k log a), not by repeated squaring, which would multiply a's rounding error by 2^k (measured
-    2.4e-4 relative at |a| = 0.9999, T = 5000 in float32; this way the error is the sequential loop's)."""
+    exp(2^k log a), not by repeated squaring, which would multiply a's rounding error by 2^k (at |a| =
+    0.9999, T = 5000 in float32, measured 2.4e-4 relative that way and 3e-7 this way)."""
     h, k = b, 1
     while k < b.shape[1]:
         h = torch.cat([h[:, :k], h[:, k:] + torch.exp(k * log_a) * h[:, :-k]], dim=1)
@@ -100,8 +100,8 @@ def log_space_scan(log_a: torch.Tensor, log_b: torch.Tensor, chunk: int = 256) -
     """h_t = a_t h_{t-1} + b_t from log a and log b (positive a, b; h_0 = 0), Heinsen 2023, eq. 2:
     log h_t = a*_t + log(h_0 + sum_{s<=t} exp(log b_s - a*_s)), a* = cumsum(log a). Run over chunks of
     ``chunk`` steps, each starting from the previous chunk's last state: a* then stays within one chunk's
-    sum, and its float32 rounding with it (unchunked at T = 5000, z ~ 0.5: a* ~ -3500 and h off by 2e-4
-    relative, measured; chunked as here, the error of the sequential loop's order)."""
+    sum, and its float32 rounding with it (at T = 5000, z ~ 0.5, measured: unchunked a* ~ -3500 and h off
+    by 2e-4 relative; chunked as here 1e-5; the sequential scan 1.4e-7)."""
     out, log_h0 = [], None
     for la, lb in zip(log_a.split(chunk, dim=1), log_b.split(chunk, dim=1), strict=True):
         a_star = torch.cumsum(la, dim=1)
