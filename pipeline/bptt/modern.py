@@ -147,3 +147,61 @@ def gate_log10_bound(p: Params, x: Tensor, r: int) -> float:
     k = input_projection(p, x[:, 1:r]).chunk(2, dim=-1)[0]  # steps 2..r
     keep = torch.sigmoid(-k).amax(dim=(0, 2))  # [r - 1]
     return float(torch.log10(keep).sum())
+
+
+def lru_sensitivity(
+    p: Params, x: Tensor, y: Tensor, loss_fn: Any, readout_mode: str, window: tuple[int, int]
+) -> dict[str, float]:
+    """How strongly the window loss L_w depends on the lru's recurrence parameters, per unit of its
+    gradient on the state at the window's first step a (Zucchet & Orvieto 2024, arXiv 2405.21064: as
+    |lambda| -> 1 the state's sensitivity to lambda explodes, E|dh/dlambda|^2 = (1 + |lambda|^2) /
+    (1 - |lambda|^2)^3 for white input, while dL/dh does not).
+
+    R_t = dh_t/dlambda obeys R_t = lambda R_{t-1} + h_{t-1} (R_0 = 0), so without any backward walk
+    dL_w/dlambda = sum_t D_t conj(R_t) per channel (D_t = dL_w/dRe h_t + i dL_w/dIm h_t, the direct terms
+    of the window's steps), and by the chain rule dL/dnu = Re(conj(dlambda/dnu) dL/dlambda) with
+    dlambda/dnu = -exp(nu) lambda, dlambda/dtheta_log = i exp(theta_log) lambda. Returns
+    ``lambda_log10_sensitivity`` = log10 ||dL_w/dlambda|| / ||dL_w/dh_a|| and
+    ``recurrent_log10_sensitivity``, the same for the trained parameters (nu_log, theta_log): the LRU's
+    exponential parametrisation scales the first by |dlambda/dnu| ~ 1 - |lambda|, which keeps the second
+    bounded as |lambda| -> 1. float64 throughout; the window's terms are rescaled by their largest."""
+    a, b = lam(p)
+    h = torch.zeros(x.shape[0], hidden_size(p), dtype=x.dtype, device=x.device)
+    R = torch.zeros_like(h)
+    hs, Rs = [], []
+    with torch.no_grad():
+        for gi in input_projection(p, x).unbind(1):
+            R = _lru_apply(a, b, R) + h  # uses h_{t-1}
+            h = _lru_apply(a, b, h) + gi
+            hs.append(h)
+            Rs.append(R)
+    lo, hi = window
+    with torch.enable_grad():
+        H = torch.stack(hs[lo - 1 : hi], dim=1).requires_grad_()
+        if readout_mode == "last":
+            out = readout(p, H[:, -1], x[:, -1])
+            D = torch.autograd.grad(loss_fn(out, y), H)[0]
+        else:  # the window's terms of a per-step loss: the full loss's gradient at the window's states
+            full = torch.stack(hs, dim=1).requires_grad_()
+            D = torch.autograd.grad(loss_fn(readout(p, full, x), y), full)[0][:, lo - 1 : hi]
+    m = D.abs().max()
+    if not bool(m > 0):
+        return {"lambda_log10_sensitivity": float("nan"), "recurrent_log10_sensitivity": float("nan")}
+    Dn = D / m
+    d_re, d_im = Dn.chunk(2, dim=-1)
+    r_re, r_im = torch.stack(Rs[lo - 1 : hi], dim=1).chunk(2, dim=-1)
+    g_re = (d_re * r_re + d_im * r_im).sum(dim=(0, 1))  # Re sum D conj(R), per channel
+    g_im = (d_im * r_re - d_re * r_im).sum(dim=(0, 1))
+    e_nu, e_th = torch.exp(p["nu_log"]), torch.exp(p["theta_log"])
+    # dlambda/dnu = -e_nu (a + ib); dlambda/dtheta_log = e_th (-b + ia); dL/ds = Re(conj(dlambda/ds) G)
+    d_nu = -e_nu * (a * g_re + b * g_im)
+    d_th = e_th * (-b * g_re + a * g_im)
+    # ||dL_w/dh_a||: the state gradient at a, a direct term plus what later window steps send back
+    v = Dn[:, -1]
+    for t in range(hi - 1, lo - 1, -1):
+        v = _lru_apply(a, -b, v) + Dn[:, t - lo]
+    base = torch.log10(torch.linalg.vector_norm(v))
+    return {
+        "lambda_log10_sensitivity": float(torch.log10(torch.hypot(g_re, g_im).norm()) - base),
+        "recurrent_log10_sensitivity": float(torch.log10(torch.cat([d_nu, d_th]).norm()) - base),
+    }

@@ -54,6 +54,8 @@ KNOWN_METRICS = frozenset(
         "spectral/pascanu_log10_bound",
         "spectral/lyapunov_max",
         "spectral/gate_log10_bound",  # mingru's replacement for Pascanu's bound (README, "Models")
+        "bptt/lambda_log10_sensitivity",  # lru: Zucchet & Orvieto 2024 (README, "Regime verdict")
+        "bptt/recurrent_log10_sensitivity",
     }
 )
 METRIC_PATTERN = re.compile(r"^spectral/(sigma_max|radius)_[a-z]+$")
