@@ -330,6 +330,31 @@ def test_smoke_laws_catch_planted_vjp_bugs(store, monkeypatch):
         assert rows[f"{n}: metric_below bptt/reference_max_err"].verdict == LAW
 
 
+def test_one_lru_layer_is_linear_so_adding_is_out_of_reach():
+    """The README's reading of the lru's adding result: its output is linear in the input sequence, and the
+    best linear predictor of adding's target leaves 1 - 2/T of the baseline (least squares here, T = 20:
+    measured 0.899 on 200k sequences), whatever the gradients do."""
+    from pipeline.training.tasks import make_task
+
+    m = model("lru", H=8, n_in=2, n_out=1).double()
+    gen = torch.Generator().manual_seed(0)
+    x1, x2 = torch.randn(3, 50, 2, generator=gen, dtype=F64), torch.randn(3, 50, 2, generator=gen, dtype=F64)
+    with torch.no_grad():
+        torch.testing.assert_close(m.rnn(x1 + 2 * x2), m.rnn(x1) + 2 * m.rnn(x2), rtol=0, atol=1e-12)
+    T = 20
+    task = make_task("adding", T)
+
+    def design(seed):
+        x, y = task.sample(50000, torch.Generator().manual_seed(seed))
+        return torch.cat([x.reshape(len(x), -1).double(), torch.ones(len(x), 1, dtype=F64)], 1), y.double()
+
+    X, Y = design(0)
+    w = torch.linalg.lstsq(X, Y.reshape(-1, 1)).solution
+    Xv, Yv = design(1)
+    ratio = ((Xv @ w).flatten() - Yv.flatten()).pow(2).mean().item() / task.baseline
+    assert ratio == pytest.approx(1 - 2 / T, abs=0.02)
+
+
 # --------------------------------------------------------------------------------------------------
 # Zucchet & Orvieto 2024: what the hidden-state gradient does not show
 
