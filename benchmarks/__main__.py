@@ -1,4 +1,4 @@
-"""``make bench``: ``python -m benchmarks [--quick] [--only train,profile,remedy,sweep] [--gpu] [--seeds N]``;
+"""``make bench``: ``python -m benchmarks [--quick] [--only train,profile,remedy,scan,sweep] [--gpu] [--seeds N]``;
 Markdown tables."""
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks")
     ap.add_argument("--quick", action="store_true", help="smaller budgets (a smoke check of the harness)")
     ap.add_argument(
-        "--only", default="train,profile,remedy,sweep", help="comma list of: train, profile, remedy, sweep"
+        "--only",
+        default="train,profile,remedy,scan,sweep",
+        help="comma list of: train, profile, remedy, scan, sweep",
     )
     ap.add_argument("--gpu", action="store_true", help="run the train/profile benches on CUDA")
     ap.add_argument(
@@ -62,6 +64,11 @@ def main() -> int:
 
         results["remedy"] = remedy_cost(args.quick, "cuda" if args.gpu else "cpu")
         print(table(results["remedy"]) + "\n", flush=True)
+    if "scan" in which:  # the modern cells' training paths over time (CPU only: see scan_bench)
+        from .scan_bench import scan_cost
+
+        results["scan"] = scan_cost(args.quick)
+        print(table(results["scan"]) + "\n", flush=True)
     if "sweep" in which:
         try:
             from .sweep_bench import run as sweep_run

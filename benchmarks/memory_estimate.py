@@ -103,6 +103,45 @@ CASES = {
         "task.val_size=64",
         "diagnostics.probe_size=8",
     ],
+    # the modern diagonal cells (pipeline/training/modern.py): the CPU's sequential scan, the float64 twin
+    "training activations (lru)": [
+        "model.cell=lru",
+        "model.init=default",
+        "task.seq_len=200",
+        "task.batch_size=256",
+        "model.hidden_size=256",
+        "trainer.max_steps=2",
+        "task.val_size=64",
+        "diagnostics.probe_size=8",
+    ],
+    "training activations (mingru)": [
+        "model.cell=mingru",
+        "model.init=default",
+        "task.seq_len=200",
+        "task.batch_size=512",
+        "model.hidden_size=256",
+        "trainer.max_steps=2",
+        "task.val_size=64",
+        "diagnostics.probe_size=8",
+    ],
+    "float64 profile (lru)": [
+        "model.cell=lru",
+        "model.init=default",
+        "task.seq_len=400",
+        "model.hidden_size=128",
+        "diagnostics.probe_size=192",
+        "trainer.max_steps=1",
+        "task.val_size=64",
+    ],
+    "float64 profile (mingru)": [
+        "model.cell=mingru",
+        "model.init=default",
+        "task.seq_len=400",
+        "model.hidden_size=128",
+        "diagnostics.probe_size=192",
+        "trainer.max_steps=1",
+        "task.val_size=64",
+    ],
 }
 
 
@@ -122,16 +161,16 @@ def peak_rss(overrides: list[str]) -> int:
     return usage.ru_maxrss * 1024  # KiB on Linux
 
 
-def main() -> None:
+def main(only: str = "") -> None:
+    """Every case, or those whose name contains ``only`` (``benchmarks/memory_estimate.py lru``)."""
     sys.path.insert(0, str(ROOT))
-    only = set(sys.argv[1:])  # case names to run (default: all)
     from pipeline.config import load_config
     from pipeline.training.budget import estimate, fmt_bytes
 
     print("| configuration | overrides of configs/train/smoke.yaml | estimate | peak RSS | estimate / peak |")
     print("|---|---|---|---|---|")
     for name, over in CASES.items():
-        if only and name not in only:
+        if only not in name:
             continue
         est = estimate(load_config(SMOKE, [*COMMON, *over])).peak()
         rss = peak_rss(over)
@@ -142,4 +181,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1] if len(sys.argv) > 1 else "")

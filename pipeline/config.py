@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.names import CELLS
+from pipeline.names import CELLS, DIAGONAL_CELLS
 from pipeline.schema import (
     ConfigError,
     build,
@@ -66,12 +66,17 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    cell: str = "tanh"  # tanh | relu | lstm | gru | orthogonal (expRNN) | indrnn (IndRNN)
+    cell: str = "tanh"  # tanh | relu | lstm | gru | orthogonal (expRNN) | indrnn (IndRNN) | lru | mingru
     hidden_size: int = 64  # H
     init: str = "default"  # recurrent-weight init: default | gaussian | orthogonal | identity
     init_scale: float = 1.0  # g: gaussian N(0, g^2/H); orthogonal g*Q; identity g*I (IRNN)
     forget_bias: float = 1.0  # LSTM forget-gate bias (b_ih + b_hh of the f gate); Gers 2000, Jozefowicz 2015
     init_ulp_seed: int = 0  # > 0: nudge every initial weight by one float32 ulp, signs drawn from this seed
+    # lru only: the ring init of Orvieto et al. 2023 (section 3.3): |lambda|^2 uniform on [r_min^2, r_max^2],
+    # phases uniform on [0, max_phase]; the defaults are the paper's.
+    r_min: float = 0.9  # smallest initial |lambda| (in [0, r_max])
+    r_max: float = 0.999  # largest initial |lambda| (< 1: |lambda| = 1 is nu_log = -inf, no gradient)
+    max_phase: float = math.pi / 10  # largest initial phase of lambda, radians (in (0, 2 pi])
 
 
 @dataclass(frozen=True)
@@ -245,6 +250,7 @@ def validate(cfg: Config) -> None:
     )
     check("model.forget_bias", math.isfinite(m.forget_bias), "finite", m.forget_bias)
     check("model.init_ulp_seed", m.init_ulp_seed >= 0, ">= 0", m.init_ulp_seed)
+    _validate_diagonal(m)
     choice("optim.name", o.name, OPTIMIZERS)
     check("optim.lr", math.isfinite(o.lr) and o.lr > 0, "a finite number > 0", o.lr)
     check("optim.momentum", 0.0 <= o.momentum < 1.0, "in [0, 1)", o.momentum)
@@ -302,6 +308,21 @@ def _validate_remedy(cfg: Config) -> None:
     )
     choice("remedy.skip.signal", s.signal, SKIP_SIGNALS)
     check("remedy.skip.max_consecutive", s.max_consecutive >= 1, ">= 1", s.max_consecutive)
+
+
+def _validate_diagonal(m: ModelConfig) -> None:
+    """The lru ring (checked for every cell: a bad value fails the same way whatever the cell) and the
+    modern cells' own inits: lru sets lambda by the ring, mingru keeps nn.Linear's init, so ``model.init``
+    (a W_hh scheme; neither cell has a W_hh) must stay ``default``."""
+    check("model.r_max", 0.0 < m.r_max < 1.0, "in (0, 1)", m.r_max)
+    check("model.r_min", 0.0 <= m.r_min <= m.r_max, f"in [0, model.r_max = {m.r_max}]", m.r_min)
+    check("model.max_phase", 0.0 < m.max_phase <= 2 * math.pi, "in (0, 2 pi]", m.max_phase)
+    why = {
+        "lru": "lru has no W_hh: its lambda is set by model.r_min, model.r_max, model.max_phase",
+        "mingru": "mingru has no W_hh: its gates keep nn.Linear's init",
+    }
+    if m.cell in DIAGONAL_CELLS:
+        check("model.init", m.init == "default", f"'default' ({why[m.cell]})", m.init)
 
 
 def config_keys() -> list[str]:

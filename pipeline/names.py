@@ -13,9 +13,22 @@ from __future__ import annotations
 # Pascanu's bound (Pascanu et al. 2013, eq. 7) is a theorem for them; gated cells carry gates.
 VANILLA_CELLS = ("tanh", "relu", "orthogonal", "indrnn")
 GATED_CELLS = ("lstm", "gru")
-CELLS = ("tanh", "relu", "lstm", "gru", "orthogonal", "indrnn")
-# Gate blocks of the fused weight matrices, in torch's row order (nn.LSTM: i f g o; nn.GRU: r z n).
-GATE_NAMES: dict[str, tuple[str, ...]] = {"lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "n")}
+# --- modern diagonal linear recurrences (lru, mingru) ---
+# A family of their own: h_t = a_t * h_{t-1} + b_t elementwise, so dh_t/dh_{t-1} = diag(a_t) exactly.
+# lru (Orvieto et al. 2023): a_t = lambda, constant and complex; phi is the identity, so Pascanu's bound
+# with gamma = 1 and sigma_max = max|lambda| is a theorem (and tight when every |lambda_j| is equal).
+# mingru (Feng et al. 2024): a_t = 1 - z_t with z_t from x_t alone; no recurrent matrix, so the bound is
+# replaced by the data-dependent spectral/gate_log10_bound (README, "Models").
+DIAGONAL_CELLS = ("lru", "mingru")
+# --- end modern cells ---
+CELLS = ("tanh", "relu", "lstm", "gru", "orthogonal", "indrnn", *DIAGONAL_CELLS)
+# Gate blocks of the fused weight matrices, in torch's row order (nn.LSTM: i f g o; nn.GRU: r z n;
+# the twin's minGRU input weights: z then the candidate h~).
+GATE_NAMES: dict[str, tuple[str, ...]] = {
+    "lstm": ("i", "f", "g", "o"),
+    "gru": ("r", "z", "n"),
+    "mingru": ("z", "h"),
+}
 GATE_COUNT: dict[str, int] = {c: len(GATE_NAMES.get(c, ("h",))) for c in CELLS}
 
 # Parameter groups whose gradient norms are logged as grad/norm_<group> (README, "Metrics").

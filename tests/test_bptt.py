@@ -51,6 +51,23 @@ def random_params(cell, H=5, n_in=3, n_out=2, scale=1.0, seed=0, dtype=F64):
     if cell == "indrnn":
         del p["W_hh"], p["b_hh"]
         p["u"] = (torch.rand(H, generator=gen, dtype=F64) * 1.6 - 0.8).to(dtype)
+    # --- modern diagonal cells (pipeline.bptt.modern): their own entries ---
+    if cell == "lru":  # |lambda| in (0.55, 0.95), phases in (0.1, 1.5): every (Re, Im) block mixes
+        p = {"cell": cell, "W_out": p["W_out"], "b_out": p["b_out"]}
+        p["nu_log"] = torch.log(-torch.log(0.55 + 0.4 * torch.rand(H, generator=gen, dtype=F64))).to(dtype)
+        p["theta_log"] = torch.log(0.1 + 1.4 * torch.rand(H, generator=gen, dtype=F64)).to(dtype)
+        p["gamma_log"] = rnd(H, s=0.3)
+        p.update(B_re=rnd(H, n_in), B_im=rnd(H, n_in), C_re=rnd(H, H, s=0.5), C_im=rnd(H, H, s=0.5))
+        p["D"] = rnd(H, n_in, s=0.5)
+    elif cell == "mingru":
+        p = {
+            "cell": cell,
+            "W_ih": rnd(2 * H, n_in),
+            "b_ih": rnd(2 * H, s=0.5),
+            "W_out": p["W_out"],
+            "b_out": p["b_out"],
+        }
+    # --- end modern cells ---
     return p
 
 
@@ -118,7 +135,10 @@ def full_graph_log10_norms(p, x, y, loss_fn, readout_mode):
             s.retain_grad()
         hs.append(state[0])
         cs.extend(state[1:])
-    out = cells.readout(p, hs[-1] if readout_mode == "last" else torch.stack(hs, dim=1))
+    x64 = x.to(F64)  # the lru readout also reads the input of the same steps (D x_t)
+    out = cells.readout(
+        p, *((hs[-1], x64[:, -1]) if readout_mode == "last" else (torch.stack(hs, dim=1), x64))
+    )
     loss_fn(out, y).backward()
     ref = {"h": np.array([math.log10(h.grad.norm().item()) for h in hs])}
     if cs:
@@ -168,7 +188,7 @@ def full_graph_window_log10_norms(p, x, y, window):
             st.retain_grad()
         hs.append(state[0])
         cs.extend(state[1:])
-    out = cells.readout(p, torch.stack(hs, dim=1))  # [B, T, O]
+    out = cells.readout(p, torch.stack(hs, dim=1), x.to(F64))  # [B, T, O]
     per = F.cross_entropy(out.transpose(1, 2), y, reduction="none")  # [B, T]
     a, b = window
     (per[:, a - 1 : b].sum() / per.numel()).backward()

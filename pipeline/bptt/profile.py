@@ -210,19 +210,19 @@ def _forward(p: Params, x: Tensor) -> tuple[list[Cache], list[State], int | None
 
 
 def _direct_terms(
-    p: Params, outs: list[State], y: Tensor, loss_fn: LossFn, readout_mode: str
+    p: Params, outs: list[State], x: Tensor, y: Tensor, loss_fn: LossFn, readout_mode: str
 ) -> tuple[list[Tensor], Tensor, Tensor]:
     """Direct loss terms dL/dh_t (partial, through the readout only), normalised: ``D[:, t] =
     D_n[t] * exp(d_log[t])`` with D_n at max-abs 1 (or 0) and d_log = -inf where the term is exactly zero
-    (every t < T for a last-step loss)."""
+    (every t < T for a last-step loss). ``x`` is the input, for readouts that also read it (lru's D x_t)."""
     if readout_mode == "last":
         hT = outs[-1][0].detach().requires_grad_()
-        loss = loss_fn(cells.readout(p, hT), y)
+        loss = loss_fn(cells.readout(p, hT, x[:, -1]), y)
         D = torch.zeros((hT.shape[0], len(outs), hT.shape[1]), dtype=torch.float64, device=hT.device)
         D[:, -1] = torch.autograd.grad(loss, hT)[0]
     else:
         hs = torch.stack([o[0].detach() for o in outs], dim=1).requires_grad_()
-        loss = loss_fn(cells.readout(p, hs), y)
+        loss = loss_fn(cells.readout(p, hs, x), y)
         D = torch.autograd.grad(loss, hs)[0]  # [B, T, H]
     m = D.abs().amax(dim=(0, 2))
     return list((D / nonzero_or_one(m)[None, :, None]).unbind(1)), torch.log(m), loss.detach()
@@ -319,7 +319,7 @@ def profile(
                 window=(a, b),
                 overflow_step=overflow,
             )
-        D_n, d_log, loss = _direct_terms(p, outs, y, loss_fn, readout_mode)
+        D_n, d_log, loss = _direct_terms(p, outs, x, y, loss_fn, readout_mode)
         in_window = torch.zeros(T, dtype=torch.bool, device=d_log.device)
         in_window[a - 1 : b] = True
         logs = _walk_back(p, caches, names, D_n, torch.where(in_window, d_log, -math.inf))

@@ -18,7 +18,14 @@ so a law can compare the two (``bptt/reference_max_err``, README "Regression sui
   itself is checked against ``nn.RNN`` in the tests.
 
 Scope: a loss on the last step only (the adding and temporal-order tasks), cells tanh, orthogonal, relu
-and indrnn. Gated cells return ``None``.
+and indrnn, and the diagonal cells lru and mingru (below). Gated cells return ``None``.
+
+The diagonal cells have their own recursion, written from the papers' equations in numpy, sharing no code
+with the twin's real [Re, Im] blocks: lru in complex arithmetic (Orvieto et al. 2023: h_t = lambda h_{t-1}
++ gamma B x_t, so the gradient g = dL/dRe h + i dL/dIm h goes back as g_{t-1} = conj(lambda) g_t, each
+channel by exactly |lambda_j| per step); mingru with dL/dh_{t-1} = (1 - z_t) dL/dh_t, z_t = sigmoid(W_z x_t
++ b_z) from the input alone (Feng et al. 2024): the profile is the product of the retentions 1 - z along
+the batch.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ if TYPE_CHECKING:  # annotations only: no code is shared with the profile it che
     from pipeline.bptt.profile import LossFn
     from pipeline.bptt.twin import Params
 
-SUPPORTED = ("tanh", "orthogonal", "relu", "indrnn")
+SUPPORTED = ("tanh", "orthogonal", "relu", "indrnn", "lru", "mingru")
 
 
 def _dphi(cell: str, a: np.ndarray) -> np.ndarray:
@@ -56,6 +63,8 @@ def profile_log10(params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: Los
     x = x.detach().to(torch.float64).cpu()
     if torch.is_tensor(y) and y.is_floating_point():
         y = y.detach().to(torch.float64)
+    if cell in ("lru", "mingru"):
+        return _diagonal_log10(p, x, y, loss_fn)
     B, T = x.shape[0], x.shape[1]
     h = torch.zeros(B, p["W_ih"].shape[0], dtype=torch.float64)
     pre: list[np.ndarray] = []
@@ -93,6 +102,63 @@ def profile_log10(params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: Los
             d = d / m
             log_scale += math.log(m)
     return out
+
+
+def _lru_last(p: Params, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """lambda [N] (complex) and h_T [B, N] (complex) by the plain recursion."""
+    nu, theta = p["nu_log"].numpy(), p["theta_log"].numpy()
+    lam = np.exp(-np.exp(nu) + 1j * np.exp(theta))
+    B_c = np.exp(p["gamma_log"].numpy())[:, None] * (p["B_re"].numpy() + 1j * p["B_im"].numpy())
+    h = np.zeros((x.shape[0], nu.shape[0]), dtype=np.complex128)
+    for t in range(x.shape[1]):
+        h = lam * h + x[:, t] @ B_c.T
+    return lam, h
+
+
+def _mingru_last(p: Params, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The retentions 1 - z_t [B, T, H] and h_T [B, H] by the plain recursion."""
+    W, b = p["W_ih"].numpy(), p["b_ih"].numpy()
+    H = W.shape[0] // 2
+    k = x @ W[:H].T + b[:H]
+    c = x @ W[H:].T + b[H:]
+    keep, z = 1.0 / (1.0 + np.exp(k)), 1.0 / (1.0 + np.exp(-k))
+    cand = np.where(c >= 0, c + 0.5, 1.0 / (1.0 + np.exp(-np.minimum(c, 0.0))))
+    h = np.zeros((x.shape[0], H))
+    for t in range(x.shape[1]):
+        h = keep[:, t] * h + z[:, t] * cand[:, t]
+    return keep, h
+
+
+def _diagonal_log10(p: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn) -> np.ndarray:
+    """log10 ||dL/dh_t|| of a last-step loss for lru (complex state, norm over Re and Im) and mingru."""
+    xn = x.numpy()
+    with torch.enable_grad():
+        if p["cell"] == "lru":
+            lam, h_T = _lru_last(p, xn)
+            re = torch.from_numpy(h_T.real.copy()).requires_grad_()
+            im = torch.from_numpy(h_T.imag.copy()).requires_grad_()
+            out = re @ p["C_re"].T - im @ p["C_im"].T + x[:, -1] @ p["D"].T  # y_T = Re(C h_T) + D x_T
+            g_re, g_im = torch.autograd.grad(loss_fn(F.linear(out, p["W_out"], p["b_out"]), y), (re, im))
+            d = g_re.numpy() + 1j * g_im.numpy()
+            step = [np.conj(lam)] * x.shape[1]  # g_{t-1} = conj(lambda) g_t, the same every step
+        else:
+            keep, h_np = _mingru_last(p, xn)
+            h_leaf = torch.from_numpy(h_np).requires_grad_()
+            d = torch.autograd.grad(loss_fn(F.linear(h_leaf, p["W_out"], p["b_out"]), y), h_leaf)[0].numpy()
+            step = list(keep.transpose(1, 0, 2))  # step[t] = 1 - z_{t+1} (0-based t)
+    out_log = np.empty(x.shape[1])
+    log_scale = 0.0
+    for t in range(x.shape[1] - 1, -1, -1):
+        m = float(np.abs(d).max())
+        out_log[t] = (
+            (log_scale + math.log(m) + 0.5 * math.log(float((np.abs(d / m) ** 2).sum()))) / math.log(10)
+            if m > 0
+            else -math.inf
+        )
+        if m > 0:
+            d, log_scale = d / m, log_scale + math.log(m)
+        d = step[t] * d  # dL/dh_{t-1} from dL/dh_t through step t's diagonal Jacobian
+    return out_log
 
 
 def max_error(profile_h: np.ndarray, reference: np.ndarray) -> float:

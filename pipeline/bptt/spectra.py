@@ -10,10 +10,11 @@ from collections.abc import Sequence
 
 import torch
 
+from pipeline.bptt import modern
 from pipeline.bptt import twin as cells
 from pipeline.bptt.profile import as_float64, exact_denormals, nonzero_or_one
 from pipeline.bptt.twin import Params
-from pipeline.names import GATE_NAMES
+from pipeline.names import DIAGONAL_CELLS, GATE_NAMES
 
 Tensor = torch.Tensor
 
@@ -27,10 +28,13 @@ def spectrum(params: Params) -> dict[str, float]:
 
     Vanilla cells: of W_hh. LSTM / GRU: per gate block (``sigma_max_<gate>``, ``radius_<gate>``, each
     H x H), and ``sigma_max`` / ``radius`` = the max over gates. IndRNN: the recurrence is diag(u), so
-    ``sigma_max = radius = max|u|``.
+    ``sigma_max = radius = max|u|``; lru likewise max|lambda|; mingru has no recurrent matrix: ``{}``
+    (:func:`pipeline.bptt.modern.spectrum`).
     """
     p = as_float64(params)
     cell = p["cell"]
+    if cell in DIAGONAL_CELLS:
+        return modern.spectrum(p)
     if cell == "indrnn":
         m = float(p["u"].abs().max())
         return {"sigma_max": m, "radius": m}
@@ -67,6 +71,16 @@ def pascanu_log10_bound(params: Params, T: int) -> float | None:
     if T <= 1:
         return 0.0
     return (T - 1) * math.log10(s) if s > 0 else float("-inf")
+
+
+def gate_log10_bound(params: Params, x: Tensor, T: int) -> float | None:
+    """What replaces Pascanu's bound for mingru (``spectral/gate_log10_bound``): log10 of the product over
+    steps 2..T of the largest retention max (1 - z_t) on the input ``x`` (a theorem: J_t = diag(1 - z_t));
+    ``None`` for every other cell. ``T``: the profile's reference step, as for :func:`pascanu_log10_bound`."""
+    if params["cell"] != "mingru":
+        return None
+    with exact_denormals():
+        return modern.gate_log10_bound(as_float64(params), x.detach().to(torch.float64), T)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -16,7 +16,9 @@ The params dict is the contract with ``pipeline/training/models.py``::
     }
 
 with G = 1 (tanh, relu, orthogonal, indrnn), 4 (lstm, gates i, f, g, o) or 3 (gru, gates r, z, n), in
-PyTorch's gate order. Inputs are batch-first ``[B, T, I]``; the initial state is zeros.
+PyTorch's gate order. Inputs are batch-first ``[B, T, I]``; the initial state is zeros. The modern
+diagonal cells ``lru`` and ``mingru`` have their own entries and live in :mod:`pipeline.bptt.modern`;
+every function here dispatches to it for them.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.names import CELLS
+from pipeline.bptt import modern
+from pipeline.names import CELLS, DIAGONAL_CELLS
 
 Tensor = torch.Tensor
 State = tuple[Tensor, ...]
@@ -49,6 +52,9 @@ def state_names(cell: str | Params) -> tuple[str, ...]:
 
 
 def hidden_size(params: Params) -> int:
+    """Width of the state vector h (lru: 2N, its complex state as [Re h, Im h])."""
+    if params["cell"] in DIAGONAL_CELLS:
+        return modern.hidden_size(params)
     return int(params["W_ih"].shape[0]) // (
         4 if params["cell"] == "lstm" else 3 if params["cell"] == "gru" else 1
     )
@@ -58,8 +64,9 @@ def init_state(
     params: Params, batch: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
 ) -> State:
     """Zero initial state (as the fused modules use when ``hx`` is not given)."""
-    dtype = dtype or params["W_ih"].dtype
-    device = device if device is not None else params["W_ih"].device
+    ref = modern.reference_tensor(params) if params["cell"] in DIAGONAL_CELLS else params["W_ih"]
+    dtype = dtype or ref.dtype
+    device = device if device is not None else ref.device
     h = torch.zeros(batch, hidden_size(params), dtype=dtype, device=device)
     return tuple(torch.zeros_like(h) for _ in state_names(params))
 
@@ -67,25 +74,31 @@ def init_state(
 def activation_gamma(cell: str | Params) -> float | None:
     """Bound on |phi'| for Pascanu's theorem (Pascanu, Mikolov, Bengio 2013, section 2.1).
 
-    tanh and relu both have |phi'| <= 1 (IndRNN: relu with a diagonal recurrence, Li 2018). Gated cells
-    have no single activation between states, so the theorem does not apply: ``None``.
+    tanh and relu both have |phi'| <= 1 (IndRNN: relu with a diagonal recurrence, Li 2018); lru's phi is
+    the identity (J = diag(lambda) exactly). Gated cells have no single activation between states, so the
+    theorem does not apply: ``None``; nor for mingru, which has no recurrent matrix (its J_t = diag(1 - z_t)
+    is bounded by :func:`pipeline.bptt.modern.gate_log10_bound` instead).
     """
-    return None if _cell(cell) in ("lstm", "gru") else 1.0
+    return None if _cell(cell) in ("lstm", "gru", "mingru") else 1.0
 
 
 def input_projection(params: Params, x: Tensor) -> Tensor:
     """``x W_ih^T + b_ih`` for all steps at once (``[B, T, G*H]``): one matmul instead of T small ones."""
+    if params["cell"] in DIAGONAL_CELLS:
+        return modern.input_projection(params, x)
     return F.linear(x, params["W_ih"], params["b_ih"])
 
 
 def step(params: Params, x_t: Tensor, state: State) -> State:
     """One step ``state_{t-1} -> state_t`` for input ``x_t`` ``[B, I]``; same equations as PyTorch."""
-    return step_projected(params, F.linear(x_t, params["W_ih"], params["b_ih"]), state)
+    return step_projected(params, input_projection(params, x_t), state)
 
 
 def step_projected(params: Params, gi: Tensor, state: State) -> State:
     """:func:`step` given the input projection ``gi = x_t W_ih^T + b_ih`` (``[B, G*H]``)."""
     cell = _cell(params)
+    if cell in DIAGONAL_CELLS:
+        return modern.step_cached(params, gi, state)[0]
     if cell == "indrnn":
         # IndRNN (Li et al. 2018, eq. 2): h_t = relu(W x_t + b + u * h_{t-1}), u elementwise.
         (h,) = state
@@ -125,8 +138,11 @@ def unroll(params: Params, x: Tensor, state: State | None = None) -> list[State]
     return states
 
 
-def readout(params: Params, h: Tensor) -> Tensor:
-    """Linear readout ``h @ W_out^T + b_out``; ``h`` may be ``[B, H]`` or ``[B, T, H]``."""
+def readout(params: Params, h: Tensor, x: Tensor | None = None) -> Tensor:
+    """Linear readout ``h @ W_out^T + b_out``; ``h`` may be ``[B, H]`` or ``[B, T, H]``. ``x``: the input
+    of the same steps, read only by lru (its output y_t = Re(C h_t) + D x_t feeds the readout)."""
+    if params["cell"] in DIAGONAL_CELLS:
+        return modern.readout(params, h, x)
     return F.linear(h, params["W_out"], params["b_out"])
 
 
@@ -139,6 +155,8 @@ def readout(params: Params, h: Tensor) -> Tensor:
 def step_cached(params: Params, gi: Tensor, state: State) -> tuple[State, Cache]:
     """:func:`step_projected` plus what :func:`step_vjp` needs (activations, not graphs)."""
     cell = _cell(params)
+    if cell in DIAGONAL_CELLS:
+        return modern.step_cached(params, gi, state)
     if cell == "indrnn":
         h = torch.relu(gi + params["u"] * state[0])
         return (h,), (h,)
@@ -170,6 +188,8 @@ def step_vjp(params: Params, cache: Cache, v: State) -> tuple[State, Tensor | No
     gradient of c_t adds the path through h_t = o * tanh(c_t) (Graves 2012, LSTM backward pass).
     """
     cell = _cell(params)
+    if cell in DIAGONAL_CELLS:
+        return modern.step_vjp(params, cache, v)
     if cell == "indrnn":
         (h_new,) = cache
         return (v[0] * (h_new > 0) * params["u"],), None
@@ -202,6 +222,8 @@ def step_jvp(params: Params, cache: Cache, q: State) -> State:
     Used by :func:`pipeline.bptt.spectra.lyapunov_max`; checked against ``torch.func.jvp`` in the tests.
     """
     cell = _cell(params)
+    if cell in DIAGONAL_CELLS:
+        return modern.step_jvp(params, cache, q)
     if cell == "indrnn":
         (h_new,) = cache
         return ((h_new > 0) * params["u"] * q[0],)

@@ -92,9 +92,11 @@ def command(args: argparse.Namespace) -> int:
     )
     m = r.metrics
     if "bptt/log10_ratio" in m:
+        # mingru has no recurrent matrix: its bound on the ratio stands where sigma_max would
+        bound = "spectral/gate_log10_bound" if "spectral/gate_log10_bound" in m else "spectral/sigma_max"
         print(
             f"  bptt/log10_ratio={m['bptt/log10_ratio']:.2f} bptt/decay_rate={m['bptt/decay_rate']:.4f}"
-            f" spectral/sigma_max={m.get('spectral/sigma_max', float('nan')):.3f}"
+            f" {bound}={m.get(bound, float('nan')):.3f}"
             f" grad/clip_rate={m['grad/clip_rate']:.3f}"
         )
     if cfg.tracking.enabled:

@@ -47,6 +47,9 @@ def names_of(cfg: Config | None) -> dict[str, float]:
         "lr": cfg.optim.lr,
         "c": cfg.clip.threshold,
         "steps": float(cfg.trainer.max_steps),
+        # the lru's ring (model.r_min, model.r_max): at r_min = r_max = r the profile is r^(T-1)
+        "r_min": cfg.model.r_min,
+        "r_max": cfg.model.r_max,
     }
 
 

@@ -58,6 +58,9 @@ KNOWN_METRICS = frozenset(
         "train/skipped_steps",
         "remedy/omega",
         "remedy/floss",
+        "spectral/gate_log10_bound",  # mingru's replacement for Pascanu's bound (README, "Models")
+        "bptt/lambda_log10_sensitivity",  # lru: Zucchet & Orvieto 2024 (README, "Regime verdict")
+        "bptt/recurrent_log10_sensitivity",
     }
 )
 METRIC_PATTERN = re.compile(r"^spectral/(sigma_max|radius)_[a-z]+$|^remedy/floss_lambda_[1-9][0-9]*$")

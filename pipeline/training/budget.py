@@ -60,6 +60,19 @@ OMEGA_COEF = {"tanh": 10, "relu": 10, "orthogonal": 10, "indrnn": 10, "lstm": 56
 # hidden unit, k + 1) for the graph through the trajectory, the k tangents and the QR; measured with 64
 # trajectories, k = 16, L=200, H=128: tanh 2.8, indrnn 2.0, gru 15.2, lstm 19.0.
 FLOSS_COEF = {"tanh": 4, "relu": 4, "orthogonal": 4, "indrnn": 4, "lstm": 20, "gru": 16}
+
+# --- modern diagonal cells (pipeline.training.modern) ---
+# Training (the CPU's sequential scan) and profile coefficients as above, measured the same way (README
+# "Memory estimate"): training B=256/512 L=200 H=256 lru 13.5, mingru 8.0; profile P=192 L=400 H=128 lru
+# 10.2 (its state is complex: 2 floats per channel), mingru 5.6. On CUDA the parallel scans keep more:
+# lru's doubling scan one complex [B, L, H] state per level (ceil(log2 L) levels, not measured on a GPU).
+TRAIN_COEF.update({"lru": 14, "mingru": 8})
+PROFILE_COEF.update({"lru": 11, "mingru": 6})
+VALIDATION_FLOATS = {
+    "lru": 6,
+    "mingru": 4,
+}  # per (sample, step, unit) in a no-grad forward: G + 2 for the rest
+# --- end modern cells ---
 HISTORY_BYTES_PER_STEP = (
     200  # host copy of the 9 float64 per-step records (+ the final concat) and the step list
 )
@@ -138,6 +151,10 @@ def n_params(cfg: Config) -> int:
     H, cell = cfg.model.hidden_size, cfg.model.cell
     if cell == "indrnn":
         core = H * n_in + 2 * H
+    elif cell == "lru":  # nu, theta, gamma [H]; B_re, B_im [H, I]; C_re, C_im [H, H]; D [H, I]
+        core = 3 * H + 3 * H * n_in + 2 * H * H
+    elif cell == "mingru":  # gate and candidate: nn.Linear(I, H) each
+        core = 2 * H * (n_in + 1)
     else:
         G = GATE_COUNT[cell]
         core = G * H * (n_in + H + 2)
@@ -161,6 +178,15 @@ def _remedy_bytes(cfg: Config, L: int) -> int:
     if r.floss.weight > 0:
         n += r.floss.batch * L * H * 4 * (r.floss.exponents + 1) * FLOSS_COEF[cell]
     return n
+
+
+def _train_coef(cell: str, L: int, cuda: bool) -> int:
+    """float32 values per (sample, step, unit) at a training step's peak; lru's doubling scan on CUDA
+    keeps one complex state (2 floats) per level (see TRAIN_COEF)."""
+    coef = TRAIN_COEF[cell]
+    if cuda and cell == "lru":
+        coef += 2 * max(1, (L - 1).bit_length())
+    return coef
 
 
 def estimate(cfg: Config, cuda: bool = False) -> Estimate:
@@ -194,9 +220,11 @@ def estimate(cfg: Config, cuda: bool = False) -> Estimate:
     chunk = min(V, max(B, 256))
     passes = (
         Part(
-            "training activations", B * L * (H * 4 * TRAIN_COEF[cell] + sample) + _remedy_bytes(cfg, L), cuda
+            "training activations",
+            B * L * (H * 4 * _train_coef(cell, L, cuda) + sample) + _remedy_bytes(cfg, L),
+            cuda,
         ),
-        Part("validation forward", chunk * L * H * 4 * (G + 2), cuda),
+        Part("validation forward", chunk * L * H * 4 * VALIDATION_FLOATS.get(cell, G + 2), cuda),
         Part("building the validation set", V * L * sample, cuda),
         Part("float64 profile pass", P * L * H * 8 * prof_coef, False),
     )

@@ -29,8 +29,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from pipeline.bptt import modern, reference
 from pipeline.bptt import profile as bptt
-from pipeline.bptt import reference
 from pipeline.config import Config, DiagnosticsConfig
 from pipeline.names import DIVERGED, EXPLODING, GROUPS, HEALTHY, VANISHING
 from pipeline.training.data import fixed_batch
@@ -218,6 +218,11 @@ class ProfileMonitor(BPTTProfileMonitor):
             params, self.x, self.y, self.task.loss, self.task.readout, window=self.task.window
         )
         metrics: dict[str, Any] = pass_metrics(params, prof, self.diagnostics.horizon_decades, self.x)
+        if params["cell"] == "lru":  # what ||dL/dh_t|| does not show (README, "Regime verdict")
+            sens = modern.lru_sensitivity(
+                params, self.x, self.y, self.task.loss, self.task.readout, self.task.window
+            )
+            metrics.update({f"bptt/{k}": v for k, v in sens.items()})
         if self.cfg.diagnostics.reference_check and self.task.readout == "last":
             ref = reference.profile_log10(params, self.x, self.y, self.task.loss)
             if ref is not None:

@@ -9,6 +9,9 @@ Cells: ``tanh`` and ``relu`` (nn.RNN; relu + identity init is the IRNN of Le, Ja
 * ``indrnn``: h_t = relu(W_ih x_t + b + u * h_{t-1}), a diagonal recurrence (Li et al. 2018, "IndRNN"),
   so dL/dh_1 = u^(T-1) dL/dh_T exactly along active units.
 
+and the modern diagonal linear recurrences ``lru`` (Orvieto et al. 2023) and ``mingru`` (Feng et al.
+2024), in :mod:`pipeline.training.modern`.
+
 Recurrent inits (``model.init``, scale g = ``model.init_scale``), applied to each gate's H x H block:
 ``default`` (PyTorch's U(-1/sqrt(H), 1/sqrt(H)), i.e. std * sqrt(H) = 1/sqrt(3)), ``gaussian``
 N(0, g^2/H) (the mean-field ensemble; edge of chaos at g = 1), ``orthogonal`` g * Q, ``identity`` g * I.
@@ -25,6 +28,7 @@ from torch.nn.utils import parametrizations
 
 from pipeline.config import ModelConfig
 from pipeline.names import GROUPS
+from pipeline.training.modern import LRU, MinGRU
 
 
 def recurrent_init_(w: torch.Tensor, init: str, g: float, hidden: int, generator: torch.Generator) -> None:
@@ -147,6 +151,12 @@ class RNNModel(nn.Module):
             self.rnn = OrthogonalRNN(input_size, H, g, cfg.init, gen)
         elif cfg.cell == "indrnn":
             self.rnn = IndRNN(input_size, H, g, cfg.init, gen)
+        # --- modern diagonal cells (pipeline.training.modern); model.init is 'default' (config.validate) ---
+        elif cfg.cell == "lru":
+            self.rnn = LRU(input_size, H, cfg.r_min, cfg.r_max, cfg.max_phase, gen)
+        elif cfg.cell == "mingru":
+            self.rnn = MinGRU(input_size, H)
+        # --- end modern cells ---
         else:
             raise ValueError(f"unknown cell {cfg.cell!r}")
         if isinstance(self.rnn, (nn.RNN, nn.LSTM, nn.GRU)):  # weight_*_l0: see OrthogonalRNN
@@ -187,6 +197,8 @@ class RNNModel(nn.Module):
             p.update(W_ih=w_ih, W_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
         elif isinstance(r, OrthogonalRNN):
             p.update(W_ih=r.weight_ih, W_hh=r.weight_hh, b_ih=r.bias_ih, b_hh=r.bias_hh)
+        elif isinstance(r, (LRU, MinGRU)):  # modern cells: their own entries (pipeline.bptt.modern)
+            p.update(r.live_params())
         else:
             assert isinstance(r, IndRNN), type(r)  # the cells are validated in __init__
             p.update(W_ih=r.weight_ih, b_ih=r.bias_ih, u=r.u)
@@ -199,11 +211,15 @@ class RNNModel(nn.Module):
         return {k: v.detach().to(dtype).clone() if torch.is_tensor(v) else v for k, v in live.items()}
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Parameters by role, for per-group gradient norms: input, recurrent, bias, readout."""
+        """Parameters by role, for per-group gradient norms: input, recurrent, bias, readout (the modern
+        cells say theirs in ``GROUP_OF``: README, "Models")."""
         inputs, recurrent, bias, readout = GROUPS
         groups: dict[str, list[nn.Parameter]] = {g: [] for g in GROUPS}
+        own = getattr(self.rnn, "GROUP_OF", {})
         for name, p in self.named_parameters():
-            if name.startswith("readout."):
+            if name.removeprefix("rnn.") in own:
+                groups[own[name.removeprefix("rnn.")]].append(p)
+            elif name.startswith("readout."):
                 groups[readout].append(p)
             elif "bias" in name:
                 groups[bias].append(p)

@@ -206,7 +206,8 @@ def pass_metrics(
     """One layer's metrics of one profile pass, the same for a user's RNN (:func:`probe`) and the
     project's twin (:class:`pipeline.training.callbacks.ProfileMonitor`): the profile's summaries
     (``bptt/*``), the spectra of ``params`` (``spectral/*``), Pascanu's bound where it applies (vanilla
-    cells, propagation only) and, given its input ``lyapunov_x``, the largest Lyapunov exponent."""
+    cells and lru, propagation only) and, given its input ``lyapunov_x``, the largest Lyapunov exponent
+    (and mingru's gate bound, which needs the input)."""
     m: dict[str, float] = {f"bptt/{k}": v for k, v in bptt.summarize(prof, horizon_decades).items()}
     m.update({f"spectral/{k}": v for k, v in spectra.spectrum(params).items()})
     # Pascanu 2013's bound is a theorem about pure propagation (no loss term between step 1 and the
@@ -216,6 +217,10 @@ def pass_metrics(
         m["spectral/pascanu_log10_bound"] = bound
     if lyapunov_x is not None:
         m["spectral/lyapunov_max"] = spectra.lyapunov_max(params, lyapunov_x, restore_flush=restore_flush)
+        # mingru's replacement for the bound: its Jacobian depends on the input alone (README, "Models").
+        gate = spectra.gate_log10_bound(params, lyapunov_x, prof.reference_step)
+        if gate is not None and prof.is_propagation_only:
+            m["spectral/gate_log10_bound"] = gate
     return m
 
 
