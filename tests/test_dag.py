@@ -200,4 +200,8 @@ def test_dag_runs_the_smoke_suite(tmp_path):
     _, runs = _mlflow(env["AIRFLOW_VAR_RNN_REGRESSION_TRACKING_URI"])
     parent = [r for r in runs if r.data.tags.get("regression_role") == "suite"]
     assert parent[0].data.tags["verdict"] == "pass"
-    assert sum(r.data.tags.get("regression_role") == "entry" for r in runs) == 15
+    from pipeline.regression.suite import load_suite
+
+    expected = {e.name for e in load_suite(ROOT / "configs/regression/smoke.yaml").entries}
+    entries = [r.info.run_name for r in runs if r.data.tags.get("regression_role") == "entry"]
+    assert sorted(entries) == sorted(f"smoke/{name}" for name in expected)
