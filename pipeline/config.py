@@ -291,7 +291,8 @@ def _validate_remedy(cfg: Config) -> None:
     r, f, s = cfg.remedy, cfg.remedy.floss, cfg.remedy.skip
     check("remedy.omega", math.isfinite(r.omega) and r.omega >= 0, "a finite number >= 0", r.omega)
     check("remedy.floss.weight", math.isfinite(f.weight) and f.weight >= 0, "a finite number >= 0", f.weight)
-    state = cfg.model.hidden_size * (2 if cfg.model.cell == "lstm" else 1)  # (h, c) for LSTM
+    # (h, c) for LSTM; lru's N complex channels are 2N real numbers (Re, Im)
+    state = cfg.model.hidden_size * (2 if cfg.model.cell in ("lstm", "lru") else 1)
     check(
         "remedy.floss.exponents", 1 <= f.exponents <= state, f"in [1, {state}] (the state size)", f.exponents
     )

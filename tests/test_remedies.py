@@ -36,7 +36,7 @@ CELLS = ("tanh", "relu", "lstm", "gru", "orthogonal", "indrnn")
 
 
 def model(cell: str, task, H: int = 8, g: float = 1.2, init: str = "gaussian") -> RNNModel:
-    init = "orthogonal" if cell == "orthogonal" else init
+    init = "orthogonal" if cell == "orthogonal" else "default" if cell in twin.DIAGONAL_CELLS else init
     cfg = ModelConfig(cell=cell, hidden_size=H, init=init, init_scale=g if cell != "indrnn" else 0.9)
     return RNNModel(cfg, task.input_size, task.output_size, task.readout, seed=1)
 
@@ -122,7 +122,7 @@ def leaf_omega(p, x, y, loss_fn, readout):
         states.append(state)
         probes.append(e)
     H = torch.stack([s[0] for s in states[1:]], 1)
-    out = twin.readout(p0, H[:, -1] if readout == "last" else H)
+    out = twin.readout(p0, H[:, -1] if readout == "last" else H, x[:, -1] if readout == "last" else x)
     n = len(state)
     flat = [z for e in probes for z in e]
     V = torch.autograd.grad(loss_fn(out, y), flat, allow_unused=True)  # c_T reaches no loss term
@@ -140,7 +140,7 @@ def leaf_omega(p, x, y, loss_fn, readout):
     return ((num[ok] / den[ok] - 1) ** 2).mean()
 
 
-@pytest.mark.parametrize("cell", ["tanh", "lstm", "gru", "indrnn"])
+@pytest.mark.parametrize("cell", ["tanh", "lstm", "gru", "indrnn", "lru", "mingru"])
 def test_omega_gradient_equals_autograd_with_state_leaves(cell):
     """The hand-written batched VJP on live weights gives Omega and its gradient exactly as the autograd
     formulation (detached gradient and earlier states: the paper's approximation, eq. 10)."""
@@ -160,8 +160,9 @@ def test_omega_gradient_equals_autograd_with_state_leaves(cell):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12, msg=f"{cell}: {name}")
         nonzero += int(a.abs().sum() > 0)
     # the recurrent weights, and the input weights and biases through phi' (relu' is piecewise constant:
-    # IndRNN's Jacobian diag(relu'(a)) u depends on u alone)
-    assert nonzero >= (1 if cell == "indrnn" else 3)
+    # IndRNN's Jacobian diag(relu'(a)) u depends on u alone; lru's diag(lambda) reads nu and theta alone,
+    # mingru's diag(1 - z_t) the gate's weight and bias alone)
+    assert nonzero >= (1 if cell == "indrnn" else 2 if cell in ("lru", "mingru") else 3)
 
 
 def test_omega_direction_survives_float32_underflow():
@@ -201,7 +202,9 @@ def test_full_spectrum_sums_to_mean_log_det():
     torch.testing.assert_close(lam.sum(), torch.stack(logdet).mean(), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize(("cell", "g"), [("tanh", 3.0), ("tanh", 0.5), ("lstm", 1.0), ("gru", 1.0)])
+@pytest.mark.parametrize(
+    ("cell", "g"), [("tanh", 3.0), ("tanh", 0.5), ("lstm", 1.0), ("gru", 1.0), ("lru", 1.0), ("mingru", 1.0)]
+)
 def test_largest_exponent_matches_lyapunov_max(cell, g):
     """lambda_1 of the differentiable spectrum (k = 1 and k = 3) against the float64 one-tangent method
     the diagnostics log as spectral/lyapunov_max (other tangents, same trajectory)."""
@@ -489,3 +492,23 @@ def test_remedy_keys_are_sweepable(tmp_path):
     f.write_text(f.read_text().replace("high: 4}", "high: 9}"))  # 9 > H = 8 exponents
     with pytest.raises(ConfigError, match="space.remedy.floss.exponents"):
         load_sweep(f)
+
+
+def test_every_cell_has_remedy_memory_coefficients():
+    """The memory check prices Omega and flossing for every cell (a cell without coefficients crashed
+    `remedy.omega=1 model.cell=lru` with a KeyError before training began)."""
+    from pipeline.config import load_config
+    from pipeline.names import CELLS as ALL_CELLS
+    from pipeline.training.budget import estimate
+
+    for cell in ALL_CELLS:
+        init = "default" if cell in twin.DIAGONAL_CELLS else "orthogonal" if cell == "orthogonal" else "gaussian"
+        base = [f"model.cell={cell}", f"model.init={init}", "task.seq_len=50"]
+        base += ["task.batch_size=512", "model.hidden_size=256"]  # the training pass is the largest one
+
+        def training(est):
+            return max(p.nbytes for p in est.passes)
+
+        plain = training(estimate(load_config(None, base)))
+        for key in ("remedy.omega=1", "remedy.floss.weight=1"):
+            assert training(estimate(load_config(None, [*base, key]))) > plain, (cell, key)

@@ -71,10 +71,14 @@ def _forward(p: Params, x: Tensor) -> tuple[list[State], list[Cache]]:
     return states, caches
 
 
-def _direct(p: Params, states: list[State], y: Tensor, loss_fn: LossFn, readout_mode: str) -> Tensor:
-    """dL/dh_t through the readout alone (the direct loss terms), ``[B, T, H]``."""
+def _direct(
+    p: Params, states: list[State], x: Tensor, y: Tensor, loss_fn: LossFn, readout_mode: str
+) -> Tensor:
+    """dL/dh_t through the readout alone (the direct loss terms), ``[B, T, H]``. ``x`` goes to the readout
+    too: lru's output reads the step's input (y_t = Re(C h_t) + D x_t, Orvieto et al. 2023)."""
     hs = torch.stack([s[0] for s in states[1:]], dim=1).requires_grad_()
-    out = cells.readout(p, hs[:, -1] if readout_mode == "last" else hs)
+    last = readout_mode == "last"
+    out = cells.readout(p, hs[:, -1] if last else hs, x[:, -1] if last else x)
     return torch.autograd.grad(loss_fn(out, y), hs)[0]
 
 
@@ -138,7 +142,7 @@ def omega(params: Params, x: Tensor, y: Tensor, loss_fn: LossFn, readout_mode: s
     with torch.no_grad():
         states, caches = _forward(p0, x)
     with torch.enable_grad():
-        D = _direct(p0, states, y, loss_fn, readout_mode)
+        D = _direct(p0, states, x, y, loss_fn, readout_mode)
     with torch.no_grad():
         V = _gradient_directions(p0, caches, D, n_states, readout_mode != "last")
     B, T = x.shape[0], x.shape[1]

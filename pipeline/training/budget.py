@@ -67,6 +67,12 @@ FLOSS_COEF = {"tanh": 4, "relu": 4, "orthogonal": 4, "indrnn": 4, "lstm": 20, "g
 # 10.2 (its state is complex: 2 floats per channel), mingru 5.6. On CUDA the parallel scans keep more:
 # lru's doubling scan one complex [B, L, H] state per level (ceil(log2 L) levels, not measured on a GPU).
 TRAIN_COEF.update({"lru": 14, "mingru": 8})
+# Omega and flossing on them, measured as above (peak RSS with the remedy less without, B=128 L=200 H=128,
+# flossing with 64 trajectories and k = 16): Omega lru 10.6, mingru 11.2 (tanh 10.9 in the same run);
+# flossing lru 7.6 (complex state), mingru 2.1. lru's Omega is set at 18: at B=256 (README "Memory estimate",
+# row "Omega (lru)") the peak read 1.33 and 1.42 GiB in two runs, so 11 and 15 left the estimate only 1.03x above it.
+OMEGA_COEF.update({"lru": 18, "mingru": 12})
+FLOSS_COEF.update({"lru": 8, "mingru": 3})
 PROFILE_COEF.update({"lru": 11, "mingru": 6})
 VALIDATION_FLOATS = {
     "lru": 6,
