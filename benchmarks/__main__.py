@@ -1,5 +1,6 @@
 """``make bench``: ``python -m benchmarks [--quick] [--only train,profile,remedy,scan,sweep] [--gpu] [--seeds N]``;
-Markdown tables."""
+Markdown tables. ``--only results [--rows SUBSTR] [--jobs N]``: the README's results table (hours of CPU;
+not part of the default set)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,11 @@ def main() -> int:
     ap.add_argument(
         "--only",
         default="train,profile,remedy,scan,sweep",
-        help="comma list of: train, profile, remedy, scan, sweep",
+        help="comma list of: train, profile, remedy, scan, sweep; or results (the README's results table, "
+        "hours of CPU: not in the default set)",
     )
+    ap.add_argument("--rows", default="", help="results: only the rows whose id contains this")
+    ap.add_argument("--jobs", type=int, default=2, help="results: rows trained at once (default 2)")
     ap.add_argument("--gpu", action="store_true", help="run the train/profile benches on CUDA")
     ap.add_argument(
         "--seeds",
@@ -77,6 +81,12 @@ def main() -> int:
         else:
             results["sweep"] = sweep_run(args.quick, seeds=1 if args.quick else args.seeds)
             print(table(results["sweep"]) + "\n", flush=True)
+    if "results" in which:
+        from .results_table import markdown
+        from .results_table import run as results_run
+
+        results["results"] = results_run(args.rows, args.jobs)
+        print(markdown(results["results"]) + "\n", flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.gpu:  # GPU rows sit beside the CPU ones: {"train": ..., "gpu": {"device": ..., "train": ...}}

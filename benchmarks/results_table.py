@@ -1,0 +1,173 @@
+"""The README's results table: which cell learns what (``make bench BENCH_ARGS='--only results'``).
+
+Every row is one real ``python -m pipeline train`` process (the command the README prints beside the row),
+recorded in a store of its own under ``--results-dir`` (default ``benchmarks/out/results``), read back from
+MLflow afterwards: solved or not, the first validation step below the task's solved level (from the
+``val/loss`` history), the final ``val/loss_ratio`` (and ``val/accuracy`` where the task classifies), the
+verdict at step 0 and at the end, and ``bptt/log10_ratio`` at step 0 and at the end. Runs are seeded and
+deterministic on a given machine, so the numbers do not depend on the machine's load; the wall times do.
+
+``python -m benchmarks --only results [--rows SUBSTR] [--jobs N]``: ``--rows`` runs the rows whose id
+contains SUBSTR; ``--jobs N`` runs N rows at once (one intra-op
+thread each); a row whose store already holds a FINISHED run is read, not retrained (delete the folder to
+start afresh).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Row:
+    cell: str  # the label in the table (a cell, or a cell with its settings)
+    task: str  # adding | copy | digits | digits (permuted)
+    T: int
+    args: tuple[str, ...]  # dotted overrides after `python -m pipeline train`
+
+    @property
+    def id(self) -> str:
+        return re.sub(r"[^A-Za-z0-9.]+", "_", f"{self.task}-T{self.T}-{self.cell}").strip("_")
+
+    @property
+    def command(self) -> str:
+        return "python -m pipeline train " + " ".join(self.args)
+
+
+def _adding(T: int, cell: str, steps: int, *extra: str, label: str | None = None) -> Row:
+    args = (f"task.seq_len={T}", f"model.cell={cell}", f"trainer.max_steps={steps}", *extra)
+    return Row(label or cell, "adding", T, args)
+
+
+def _copy(T: int, cell: str, steps: int, *extra: str, label: str | None = None) -> Row:
+    args = ("task.name=copy", f"task.seq_len={T}", f"model.cell={cell}", f"trainer.max_steps={steps}", *extra)
+    return Row(label or cell, "copy", T, args)
+
+
+def _digits(cell: str, permute: bool, *extra: str, label: str | None = None) -> Row:
+    args = ("--config", "configs/train/digits.yaml", f"model.cell={cell}", *extra)
+    if permute:
+        args += ("task.permute=true",)
+    return Row(label or cell, "digits (permuted)" if permute else "digits", 64, args)
+
+
+# Shared settings (the configuration reference's defaults unless a row says otherwise): seed 0, H = 64,
+# Adam 1e-3, batch 50, no clipping, validation every 100 steps on the fixed set of 500, the profile every
+# 500 steps. Digits rows take configs/train/digits.yaml (GRU-sized settings for every cell: Adam 3e-3,
+# clip 1, batch 64) for 2400 steps, where the GRU passes the solved level. Cells with their papers'
+# own settings say so in their label.
+PROFILE = "diagnostics.profile_every=500"
+IRNN = ("model.init=identity", "clip.mode=norm", "clip.threshold=1")  # Le, Jaitly, Hinton 2015
+DIGITS_STEPS = "trainer.max_steps=2400"
+
+ROWS: tuple[Row, ...] = (
+    *(_adding(100, c, 3000, PROFILE) for c in ("tanh", "orthogonal", "indrnn", "lstm", "gru", "lru")),
+    _adding(100, "relu", 3000, PROFILE, *IRNN, label="relu (IRNN, clip 1)"),
+    _adding(100, "mingru", 8000, PROFILE),
+    *(_adding(200, c, 3000, PROFILE) for c in ("lstm", "gru", "lru")),
+    _adding(200, "mingru", 8000, PROFILE),
+    *(_copy(100, c, 3000, PROFILE, "task.batch_size=64") for c in ("tanh", "lstm", "gru")),
+    *(_copy(100, c, 8000, PROFILE, "task.batch_size=64") for c in ("lru", "mingru")),
+    *(_digits(c, p, DIGITS_STEPS) for p in (False, True) for c in ("tanh", "lstm", "gru", "lru", "mingru")),
+)
+
+
+def _train(row: Row, folder: Path) -> float:
+    """Train ``row`` into its own store under ``folder`` (skipped when already there); wall seconds."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = folder / "done"
+    if done.exists():
+        return float(done.read_text() or "nan")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "pipeline", "train", *row.args]
+    cmd += [f"tracking.uri={uri}", "tracking.experiment=results", f"tracking.run_name={row.id}"]
+    cmd += ["tracking.log_model=false", "diagnostics.plots=false"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri}
+    t0 = time.monotonic()
+    with open(folder / "train.log", "w") as log:
+        rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.monotonic() - t0
+    if rc != 0:
+        raise RuntimeError(f"{row.id}: exit {rc}; see {folder / 'train.log'}")
+    done.write_text(f"{wall:.1f}")
+    return wall
+
+
+def _read(row: Row, folder: Path, wall: float) -> dict:
+    """The row's numbers, read back from its MLflow store."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import load_config
+    from pipeline.training.tasks import task_of
+
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("results")
+    run = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
+    args = list(row.args)
+    path = None
+    if "--config" in args:
+        i = args.index("--config")
+        path = ROOT / args[i + 1]
+        del args[i : i + 2]
+    task = task_of(load_config(path, args).task)
+    hist = client.get_metric_history(run.info.run_id, "val/loss")
+    first = next(
+        (int(m.step) for m in sorted(hist, key=lambda m: m.step) if m.value < task.solved_below), None
+    )
+    prof = client.get_metric_history(run.info.run_id, "bptt/log10_ratio")
+    ratios = [m.value for m in sorted(prof, key=lambda m: m.step)]
+    m, tags = run.data.metrics, run.data.tags
+    acc = m.get("val/accuracy")
+    return {
+        "cell": row.cell,
+        "task": row.task,
+        "T": row.T,
+        "steps": int(m.get("train/steps", float("nan"))),
+        "solved": "yes" if tags.get("solved") == "true" else "no",
+        "steps to solve": first if first is not None else "-",
+        "val/loss_ratio": round(m.get("val/loss_ratio", math.nan), 3),
+        "val/accuracy": round(acc, 3) if acc is not None else "",
+        "regime": f"{tags.get('regime_init', '?')} -> {tags.get('regime', '?')}",
+        "bptt/log10_ratio": f"{ratios[0]:.3g} -> {ratios[-1]:.3g}" if ratios else "",
+        "wall (s)": round(wall),
+        "command": row.command,
+    }
+
+
+def run(rows: str = "", jobs: int = 2, out: str = "benchmarks/out/results") -> list[dict]:
+    """Train (or read) every row whose id contains ``rows``; the table rows in ROWS order."""
+    chosen = [r for r in ROWS if rows in r.id]
+    base = ROOT / out
+
+    def one(row: Row) -> dict:
+        folder = base / row.id
+        return _read(row, folder, _train(row, folder))
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, chosen))
+
+
+def markdown(results: list[dict]) -> str:
+    """The README table, then the commands, one a row."""
+    cols = [c for c in results[0] if c not in ("command", "wall (s)")] if results else []
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in results]
+    cmds = [f"{r['command']}" for r in results]
+    return "\n".join(lines) + "\n\n```bash\n" + "\n".join(cmds) + "\n```"
+
+
+if __name__ == "__main__":
+    sel = sys.argv[1] if len(sys.argv) > 1 else ""
+    print(markdown(run(sel)))
+    print(shlex.join(sys.argv))
