@@ -121,3 +121,121 @@ def test_member_of_a_stack_trains_as_it_would_alone(captured):
     div = results[-1]
     assert not isinstance(div, BaseException) and div.diverged_step == 0 and div.regime == "diverged"
     assert all(not isinstance(r, BaseException) and r.steps == 40 for r in results[:-1])
+
+
+class PruneAt:
+    """Prunes its member at one validation step (as the sweep's TrialCallback does)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __getattr__(self, name):  # every other Lightning hook: nothing to do
+        if name.startswith(("on_", "setup")):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.global_step == self.step and trainer.state.fn == "fit":
+            pl_module.pruned = True
+            trainer.should_stop = True
+
+
+def test_a_pruned_member_stops_and_the_others_go_on(captured):
+    from pipeline.training import run, stacked
+
+    cfgs = [cfg_of(**m) for m in MEMBERS[:3]]
+    alone = []
+    for c in cfgs[1:]:
+        run.run(c)
+        alone.append(captured[-1])
+    captured.clear()
+    done: list[int] = []
+    results = stacked.run_stack(
+        cfgs, callbacks=[[PruneAt(20)], [], []], on_done=lambda i, r: done.append(i)
+    )
+    r0 = results[0]
+    assert not isinstance(r0, BaseException) and r0.pruned and r0.steps == 20
+    assert done[0] == 0 and sorted(done) == [0, 1, 2]  # the pruned member is told first
+    for a in alone:  # the others train on, unchanged by the member that left
+        _same_run(a, next(x for x in captured if x[0] == a[0]))
+
+
+def test_run_stack_rejects_configs_of_different_streams():
+    from pipeline.training import stacked
+
+    with pytest.raises(ValueError, match="stack_key"):
+        stacked.run_stack([cfg_of(), cfg_of(task__batch_size=8)])
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "4097", "x"])
+def test_bad_trials_per_worker_is_one_line_exit_2(tmp_path, monkeypatch, capsys, bad):
+    import sys
+
+    sys.path.insert(0, str(tmp_path.parent))
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = _sweep_file(tmp_path / "bad.yaml")
+    assert main(["sweep", "--config", str(cfg), f"trials_per_worker={bad}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "'trials_per_worker'" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+# ------------------------------------------------------------------------------- sweeps (processes)
+
+
+def _sweep_file(path, **changes):
+    import yaml
+
+    from tests.test_sweep import TINY
+
+    data = yaml.safe_load(yaml.safe_dump(TINY))
+    data["trials_per_worker"] = 4
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _children(runs):
+    return {int(r.data.tags["trial_number"]): r for r in runs if r.data.tags.get("pipeline.kind") == "trial"}
+
+
+def test_batched_sweep_records_each_trial_as_one_at_a_time_does(store, tmp_path):
+    """Same points on both sides (the start-up design covers every trial, no pruning): K = 4 and K = 1
+    give every trial the same value and the same params, metrics, tags and artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_sweep import check_consistent, load_study, mlflow_runs, run_sweep_cli
+
+    same = {"n_trials": 4, "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 4}}
+    same["pruner"] = {"name": "none"}
+    out = {}
+    for k in (1, 4):
+        cfg = _sweep_file(tmp_path / f"s{k}.yaml", study=f"k{k}", trials_per_worker=k, **same)
+        p = run_sweep_cli(cfg)
+        assert p.returncode == 0, p.stdout + p.stderr
+        study = load_study(f"k{k}", f"optuna/k{k}.journal")
+        runs = [r for r in mlflow_runs(store) if r.data.tags.get("study") == f"k{k}"]
+        check_consistent(study, runs, 4)
+        out[k] = (study, _children(runs))
+    c = MlflowClient(store)
+    (s1, r1), (s4, r4) = out[1], out[4]
+    assert {t.user_attrs["worker"] for t in s4.trials} == {s4.trials[0].user_attrs["worker"]}
+    for t1, t4 in zip(s1.trials, s4.trials, strict=True):
+        assert t1.params == t4.params
+        assert t4.value == pytest.approx(t1.value, rel=1e-3)
+        a, b = r1[t1.number], r4[t4.number]
+        drop = lambda d: {k: v for k, v in d.items() if k != "tracking.run_name"}  # noqa: E731  (the study name)
+        assert drop(a.data.params) == drop(b.data.params)
+        assert set(a.data.metrics) == set(b.data.metrics)
+        skip = {"mlflow.runName", "mlflow.note.content", "study", "git_commit", "mlflow.source.name"}
+        assert {k for k in a.data.tags if k not in skip} == {k for k in b.data.tags if k not in skip}
+        assert a.data.tags["regime"] == b.data.tags["regime"]
+        names = lambda r: sorted(f.path for f in c.list_artifacts(r.info.run_id, "diagnostics"))  # noqa: E731
+        assert names(a) == names(b)
+        h1 = c.get_metric_history(a.info.run_id, "train/loss")
+        h4 = c.get_metric_history(b.info.run_id, "train/loss")
+        assert [m.step for m in h1] == [m.step for m in h4]
+        np.testing.assert_allclose([m.value for m in h4], [m.value for m in h1], rtol=1e-4)
