@@ -150,9 +150,7 @@ def test_a_pruned_member_stops_and_the_others_go_on(captured):
         alone.append(captured[-1])
     captured.clear()
     done: list[int] = []
-    results = stacked.run_stack(
-        cfgs, callbacks=[[PruneAt(20)], [], []], on_done=lambda i, r: done.append(i)
-    )
+    results = stacked.run_stack(cfgs, callbacks=[[PruneAt(20)], [], []], on_done=lambda i, r: done.append(i))
     r0 = results[0]
     assert not isinstance(r0, BaseException) and r0.pruned and r0.steps == 20
     assert done[0] == 0 and sorted(done) == [0, 1, 2]  # the pruned member is told first
@@ -239,3 +237,89 @@ def test_batched_sweep_records_each_trial_as_one_at_a_time_does(store, tmp_path)
         h4 = c.get_metric_history(b.info.run_id, "train/loss")
         assert [m.step for m in h1] == [m.step for m in h4]
         np.testing.assert_allclose([m.value for m in h4], [m.value for m in h1], rtol=1e-4)
+
+
+def _batched_sweep(tmp_path, steps: int):
+    from tests.test_sweep import TINY, sweep_cmd, sweep_env
+
+    base = {**TINY["base"], "trainer": {"max_steps": steps, "val_every": steps // 4, "log_every": 10}}
+    cfg = _sweep_file(tmp_path / "s.yaml", n_trials=4, base=base)
+    import subprocess
+
+    return subprocess.Popen(
+        sweep_cmd(cfg),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=sweep_env(),
+        start_new_session=True,
+    )
+
+
+def _wait_all_running(n: int, timeout: float = 240):
+    """The worker's n RUNNING trials, once each has its MLflow run id (the stack is training)."""
+    import time
+
+    from optuna.trial import TrialState
+
+    from tests.test_sweep import load_study
+
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            ts = load_study().get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        except Exception:
+            ts = []
+        if len(ts) == n and all("mlflow_run_id" in t.user_attrs for t in ts):
+            return ts
+        time.sleep(0.5)
+    raise AssertionError("the stack did not start")
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_batched_worker_reaps_all_its_trials(store, tmp_path):
+    import os
+    import signal
+
+    from tests.test_sweep import check_killed_trial_retried, load_study, mlflow_runs
+
+    parent = _batched_sweep(tmp_path, 400)
+    try:
+        ts = _wait_all_running(4)
+        assert len({t.user_attrs["worker"] for t in ts}) == 1
+        os.kill(int(ts[0].user_attrs["worker"].split("|")[1]), signal.SIGKILL)
+        out, err = parent.communicate(timeout=400)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+    assert parent.returncode == 0, out + err
+    study, runs = load_study(), mlflow_runs(store)
+    killed = {t.user_attrs["mlflow_run_id"] for t in ts}
+    for t in ts:  # every member: FAIL, its run KILLED, retried exactly once and finished
+        check_killed_trial_retried(
+            study, [r for r in runs if r.info.run_id not in killed - {t.user_attrs["mlflow_run_id"]}], t, 4
+        )
+
+
+@pytest.mark.slow
+def test_sigterm_closes_every_member(store, tmp_path):
+    import signal
+
+    from tests.test_sweep import load_study, mlflow_runs
+
+    parent = _batched_sweep(tmp_path, 2000)
+    ts = _wait_all_running(4)
+    parent.send_signal(signal.SIGTERM)
+    out, err = parent.communicate(timeout=120)
+    assert parent.returncode == 143, out + err
+    study, runs = load_study(), mlflow_runs(store)
+    by_id = {r.info.run_id: r for r in runs}
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    for t in ts:
+        assert (
+            study.trials[t.number].state.name == "FAIL" and study.trials[t.number].user_attrs["interrupted"]
+        )
+        assert by_id[t.user_attrs["mlflow_run_id"]].info.status == "KILLED"
+        retry = [x for x in study.trials if x.user_attrs.get("retry_of") == t.number]
+        assert len(retry) == 1 and retry[0].state.name == "WAITING" and retry[0].params == t.params
