@@ -1,4 +1,4 @@
-"""``make bench``: ``python -m benchmarks [--quick] [--only train,profile,remedy,scan,sweep] [--gpu] [--seeds N]``;
+"""``make bench``: ``python -m benchmarks [--quick] [--only train,profile,remedy,scan,stack,sweep] [--gpu] [--seeds N]``;
 Markdown tables."""
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller budgets (a smoke check of the harness)")
     ap.add_argument(
         "--only",
-        default="train,profile,remedy,scan,sweep",
-        help="comma list of: train, profile, remedy, scan, sweep",
+        default="train,profile,remedy,scan,stack,sweep",
+        help="comma list of: train, profile, remedy, scan, stack, sweep",
     )
     ap.add_argument("--gpu", action="store_true", help="run the train/profile benches on CUDA")
     ap.add_argument(
@@ -69,6 +69,11 @@ def main() -> int:
 
         results["scan"] = scan_cost(args.quick)
         print(table(results["scan"]) + "\n", flush=True)
+    if "stack" in which:  # batched trials' kernels (CPU): README, "Batched trials"
+        from .stack_bench import run as stack_run
+
+        results["stack"] = stack_run(args.quick)
+        print(table(results["stack"]) + "\n", flush=True)
     if "sweep" in which:
         try:
             from .sweep_bench import run as sweep_run

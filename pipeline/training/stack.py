@@ -11,7 +11,8 @@ Kernels, per cell (chosen by measurement on the 2-core CPU, README "Batched tria
 * ``blockdiag`` (tanh, relu, gru): the members' hidden states side by side in one fused ``nn.RNN`` /
   ``nn.GRU`` kernel of hidden size n*H: input weights stacked, the recurrent matrix block-diagonal per
   gate (``torch.block_diag``), biases concatenated. One kernel launch per time step instead of n; the
-  off-diagonal zeros cost O(n^2 H^2) flops, so a fused block holds at most :data:`FUSED_MAX_UNITS` units.
+  off-diagonal zeros cost O(n^2 H^2) flops, so a fused block holds at most :data:`FUSED_MAX_UNITS` units
+  (per device type), and a larger group is split into several blocks.
 * ``loop`` (lstm and every other cell): each member's own fused kernel, one after another, in the same
   step. LSTM's four gates make the block-diagonal matrix 4x larger, and measured slower than the loop.
 
@@ -29,7 +30,11 @@ from torch import nn
 # cell -> kernel (measured: README, "Batched trials"); cells not listed run as "loop".
 KERNELS = {"tanh": "blockdiag", "relu": "blockdiag", "gru": "blockdiag"}
 GATES = {"tanh": 1, "relu": 1, "gru": 3}
-FUSED_MAX_UNITS = 512  # members per fused block: at most this many hidden units side by side
+# Hidden units side by side in one fused block, per device type. CPU, measured (benchmarks/stack_bench.py,
+# H = 32, T = 50, batch 32): the block-diagonal step beats K separate ones at 4 members (128 units,
+# tanh 1.5x, gru 1.5x) and loses at 16 (512 units), where the O(n^2 H^2) zeros dominate. GPU: one
+# launch per time step matters more than the zeros; 1024 units is an unmeasured default.
+FUSED_MAX_UNITS = {"cpu": 128, "cuda": 1024}
 
 
 def kernel_of(cell: str) -> str:
@@ -88,7 +93,7 @@ def stacked_forward(models: Sequence[nn.Module], x: torch.Tensor) -> list[torch.
 
 def plan(models: Sequence[nn.Module]) -> list[list[int]]:
     """The fused blocks: indices of models sharing a block-diagonal cell and hidden size, in chunks of at
-    most :data:`FUSED_MAX_UNITS` units; every other model alone (its own kernel)."""
+    most :data:`FUSED_MAX_UNITS` units (of the models' device); every other model alone (its own kernel)."""
     blocks: dict[tuple[str, int], list[int]] = {}
     alone: list[list[int]] = []
     for i, m in enumerate(models):
@@ -97,7 +102,8 @@ def plan(models: Sequence[nn.Module]) -> list[list[int]]:
         else:
             alone.append([i])
     out = []
+    units = FUSED_MAX_UNITS.get(next(models[0].parameters()).device.type, 128) if models else 128
     for (_, H), idx in blocks.items():
-        per = max(1, FUSED_MAX_UNITS // H)
+        per = max(1, units // H)
         out += [idx[j : j + per] for j in range(0, len(idx), per)]
     return out + alone
