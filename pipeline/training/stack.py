@@ -27,6 +27,8 @@ from typing import cast
 import torch
 from torch import nn
 
+from pipeline.training.models import RNNModel
+
 # cell -> kernel (measured: README, "Batched trials"); cells not listed run as "loop".
 KERNELS = {"tanh": "blockdiag", "relu": "blockdiag", "gru": "blockdiag"}
 GATES = {"tanh": 1, "relu": 1, "gru": 3}
@@ -71,11 +73,11 @@ def fused_hidden(cell: str, cores: Sequence[nn.Module], x: torch.Tensor) -> list
     return list(out.split(H, dim=-1))
 
 
-def _readout(model, hs: torch.Tensor) -> torch.Tensor:
+def _readout(model: RNNModel, hs: torch.Tensor) -> torch.Tensor:
     return model.readout(hs[:, -1]) if model.readout_mode == "last" else model.readout(hs)
 
 
-def stacked_forward(models: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
+def stacked_forward(models: Sequence[RNNModel], x: torch.Tensor) -> list[torch.Tensor]:
     """Each model's output on the same input ``x``, exactly ``[m(x) for m in models]`` up to float
     rounding, with the models of a block-diagonal cell and equal hidden size fused (:func:`plan`)."""
     outs: list[torch.Tensor | None] = [None] * len(models)
@@ -91,7 +93,7 @@ def stacked_forward(models: Sequence[nn.Module], x: torch.Tensor) -> list[torch.
     return [cast(torch.Tensor, o) for o in outs]
 
 
-def plan(models: Sequence[nn.Module]) -> list[list[int]]:
+def plan(models: Sequence[RNNModel]) -> list[list[int]]:
     """The fused blocks: indices of models sharing a block-diagonal cell and hidden size, in chunks of at
     most :data:`FUSED_MAX_UNITS` units (of the models' device); every other model alone (its own kernel)."""
     blocks: dict[tuple[str, int], list[int]] = {}

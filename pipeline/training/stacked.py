@@ -25,7 +25,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -64,7 +64,9 @@ class MemberTrainer:
         self.loggers: list = []
         self.state = SimpleNamespace(fn="fit")
 
-    def __bool__(self) -> bool:  # LightningModule.global_step reads `self.trainer.global_step if self._trainer`
+    def __bool__(
+        self,
+    ) -> bool:  # LightningModule.global_step reads `self.trainer.global_step if self._trainer`
         return True
 
 
@@ -114,13 +116,17 @@ def _member(cfg: Config, task, rec, extra: list, device: torch.device) -> Member
         dg.ValidationLogger(rec, task),
     )
     trainer = MemberTrainer(cfg.trainer.max_steps, [mon.grads, mon.prof, mon.val, *extra])
-    module._trainer = trainer  # the module reads global_step and sets should_stop through it
+    cast(Any, module)._trainer = trainer  # the module reads global_step and sets should_stop through it
     return Member(cfg, rec, module, mon, trainer, module.configure_optimizers(), _system_metrics(cfg, rec))
 
 
 def _device(cfg: Config) -> torch.device:
     accel = cfg.trainer.accelerator
-    return torch.device("cuda") if accel in ("gpu", "cuda") and torch.cuda.is_available() else torch.device("cpu")
+    return (
+        torch.device("cuda")
+        if accel in ("gpu", "cuda") and torch.cuda.is_available()
+        else torch.device("cpu")
+    )
 
 
 def run_stack(
