@@ -37,13 +37,17 @@ def trials_per_worker(sw, gpu: bool) -> int:
 
 
 def next_trials(worker, k: int) -> list:
-    """Under the budget lock: reap stale trials, then ask at most ``k`` trials, never past the budget."""
+    """Under the budget lock: reap stale trials, then ask at most ``k`` trials, never past the budget
+    (nor past this worker's share of what is left)."""
     from pipeline.sweep.stores import budget_lock, owner_tag, reap_stale
     from pipeline.sweep.study import budget_left
 
     with budget_lock(worker.url, worker.storage, worker.sw.study):
         reap_stale(worker.study, worker.url, worker.mlflow_uri)
-        n = min(k, budget_left(worker.study, worker.sw.n_trials))
+        left = budget_left(worker.study, worker.sw.n_trials)
+        # The last trials are shared among this machine's workers (spec "workers"), so that one worker
+        # does not train a full stack while the others idle: at most ceil(left / workers) each.
+        n = min(k, left, -(-left // max(1, int(worker.spec.get("workers", 1)))))
         trials = []
         for _ in range(max(0, n)):
             trial = worker.study.ask()
