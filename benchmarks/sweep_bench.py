@@ -143,7 +143,7 @@ def storage_ms_per_trial(n: int = 40) -> list[dict]:
     return rows
 
 
-BATCHED_K = 8  # the batched variant: trials_per_worker (pipeline.sweep.batch.AUTO_CPU)
+BATCHED_K = 4  # the batched variant: trials_per_worker (pipeline.sweep.batch.AUTO_CPU)
 
 
 def run(quick: bool, seeds: int = 1) -> list[dict]:
