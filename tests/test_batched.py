@@ -323,3 +323,16 @@ def test_sigterm_closes_every_member(store, tmp_path):
         assert by_id[t.user_attrs["mlflow_run_id"]].info.status == "KILLED"
         retry = [x for x in study.trials if x.user_attrs.get("retry_of") == t.number]
         assert len(retry) == 1 and retry[0].state.name == "WAITING" and retry[0].params == t.params
+
+
+def test_two_batched_workers_stop_at_exactly_n_trials(store, tmp_path):
+    """Two workers asking up to 4 trials each under the budget lock: 7 trials done, no more, one MLflow
+    run each; the last trials are shared (each asks at most ceil(left / workers))."""
+    from tests.test_sweep import check_consistent, load_study, mlflow_runs, run_sweep_cli
+
+    cfg = _sweep_file(tmp_path / "s.yaml", n_trials=7, workers=2)
+    p = run_sweep_cli(cfg)
+    assert p.returncode == 0, p.stdout + p.stderr
+    study = load_study()
+    check_consistent(study, mlflow_runs(store), 7)
+    assert [t.number for t in study.trials] == list(range(len(study.trials)))
