@@ -43,9 +43,7 @@ MEMBERS = [
     dict(model__cell="gru", optim__name="sgd", optim__lr=0.1, optim__momentum=0.9),
     dict(model__cell="lstm", clip__mode="value", clip__threshold=0.01),
     dict(model__cell="gru", model__init_scale=2.0, optim__weight_decay=0.01),
-    # relu with identity init g = 8: the state reaches 8^12 ~ 7e10 and the loss overflows? not at T = 12;
-    # the divergence member is made explicit below.
-]
+]  # plus a member that diverges at step 0 (_diverging)
 
 
 @pytest.fixture
