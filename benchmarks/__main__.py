@@ -1,4 +1,4 @@
-"""``make bench``: ``python -m benchmarks [--quick] [--only train,profile,remedy,scan,sweep] [--gpu] [--seeds N]``;
+"""``make bench``: ``python -m benchmarks [--quick] [--only train,profile,remedy,scan,stack,sweep] [--gpu] [--seeds N]``;
 Markdown tables. ``--only results [--rows SUBSTR] [--jobs N]``: the README's results table (hours of CPU;
 not part of the default set)."""
 
@@ -29,9 +29,9 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller budgets (a smoke check of the harness)")
     ap.add_argument(
         "--only",
-        default="train,profile,remedy,scan,sweep",
-        help="comma list of: train, profile, remedy, scan, sweep; or results (the README's results table, "
-        "hours of CPU: not in the default set)",
+        default="train,profile,remedy,scan,stack,sweep",
+        help="comma list of: train, profile, remedy, scan, stack, sweep; or results (the README's results "
+        "table, hours of CPU: not in the default set)",
     )
     ap.add_argument("--rows", default="", help="results: only the rows whose id contains this")
     ap.add_argument("--jobs", type=int, default=2, help="results: rows trained at once (default 2)")
@@ -73,6 +73,11 @@ def main() -> int:
 
         results["scan"] = scan_cost(args.quick)
         print(table(results["scan"]) + "\n", flush=True)
+    if "stack" in which:  # batched trials' kernels (CPU): README, "Batched trials"
+        from .stack_bench import run as stack_run
+
+        results["stack"] = stack_run(args.quick)
+        print(table(results["stack"]) + "\n", flush=True)
     if "sweep" in which:
         try:
             from .sweep_bench import run as sweep_run

@@ -16,8 +16,8 @@ start afresh).
 from __future__ import annotations
 
 import math
-import re
 import os
+import re
 import shlex
 import subprocess
 import sys

@@ -78,10 +78,11 @@ def run_hand_written(sw: dict) -> dict:
     }
 
 
-def run_ours(sw: dict, workers: int) -> dict:
+def run_ours(sw: dict, workers: int, k: int = 1) -> dict:
+    """``pipeline sweep --workers W`` with ``trials_per_worker: k`` (README, "Batched trials")."""
     with tempfile.TemporaryDirectory() as d:
         cfg = Path(d) / "sweep.yaml"
-        cfg.write_text(yaml.safe_dump(sw, sort_keys=False))
+        cfg.write_text(yaml.safe_dump({**sw, "trials_per_worker": k}, sort_keys=False))
         t = time.perf_counter()
         p = subprocess.run(
             [sys.executable, "-m", "pipeline", "sweep", "--config", str(cfg), "--workers", str(workers)],
@@ -105,7 +106,7 @@ def run_ours(sw: dict, workers: int) -> dict:
         )
         best = best_trial(study)
         return {
-            "variant": f"pipeline sweep --workers {workers}",
+            "variant": f"pipeline sweep --workers {workers}, trials_per_worker {k}",
             "workers": workers,
             "seed": sw["sampler"]["seed"],
             "trials": len(study.trials),
@@ -142,9 +143,13 @@ def storage_ms_per_trial(n: int = 40) -> list[dict]:
     return rows
 
 
+BATCHED_K = 4  # the batched variant: trials_per_worker (pipeline.sweep.batch.AUTO_CPU)
+
+
 def run(quick: bool, seeds: int = 1) -> list[dict]:
-    """Two comparisons, each hand-written vs ``--workers 2`` per sampler seed, interleaved so that machine
-    drift hits both alike:
+    """Two comparisons, each hand-written vs ``--workers 2`` with ``trials_per_worker`` 1 (one trial at
+    a time) and :data:`BATCHED_K` (batched trials) per sampler seed, interleaved so that machine drift
+    hits all alike:
 
     * ``same points``: ``n_startup_trials = n_trials``, so both evaluate the identical random design (our
       start-up design equals what ``TPESampler(seed)`` draws; tested): trials per hour measure the
@@ -163,7 +168,7 @@ def run(quick: bool, seeds: int = 1) -> list[dict]:
             sw = _sweep_spec(quick, seed)
             if mode == "same points":
                 sw["sampler"]["n_startup_trials"] = sw["n_trials"]
-            for r in (run_hand_written(sw), run_ours(sw, 2)):
+            for r in (run_hand_written(sw), run_ours(sw, 2, 1), run_ours(sw, 2, BATCHED_K)):
                 sweeps.append({"mode": mode, **r})
     sw0 = _sweep_spec(quick, 0)
     sweeps += [{"mode": "TPE", **run_ours(sw0, w)} for w in (1, 4)]

@@ -23,6 +23,7 @@ TINY = {
     "study": "t",
     "n_trials": 4,
     "workers": 1,
+    "trials_per_worker": 1,  # today's one-at-a-time path; batched sweeps: tests/test_batched.py
     "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2},
     "pruner": {"name": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
     "base": {

@@ -14,6 +14,7 @@ Layout (every top-level key is optional except ``space``; defaults in the datacl
     storage: null                   # null: journal file optuna/<study>.journal; or postgresql://...
     n_trials: 24                    # budget: COMPLETE + PRUNED trials (diverged ones are COMPLETE)
     workers: auto                   # auto: one per visible GPU, else one per CPU core (max 4)
+    trials_per_worker: auto         # trials one worker trains at once as a stack (1: one at a time)
     base: configs/train/x.yaml      # or an inline training config mapping
     sampler: {name: tpe, seed: 0, n_startup_trials: 8}
     pruner: {name: median, n_startup_trials: 4, n_warmup_steps: 100}
@@ -45,6 +46,7 @@ from pipeline.uris import check_storage_url, study_storage
 # beyond which stale-trial detection means nothing (and datetime.timedelta overflows far beyond).
 N_TRIALS_MAX = 10**6
 WORKERS_MAX = 1024
+TRIALS_PER_WORKER_MAX = 4096  # members of one worker's stacks: beyond it one process holds too many runs
 SAMPLER_SEED_MAX = 2**32 - 1
 HEARTBEAT_MAX = 86_400
 SPEC_KEYS = {"low", "high", "log", "step", "choices"}
@@ -103,6 +105,9 @@ class SweepConfig:
     storage: str | None = None  # None: the journal file optuna/<study>.journal (this machine)
     n_trials: int = 24  # the budget: COMPLETE + PRUNED trials (FAILed ones are retried, not counted)
     workers: int | None = None  # None ("auto" in YAML): one per visible GPU, else per CPU core (at most 4)
+    # Trials one worker trains at once as a stack (README, "Batched trials"); None ("auto" in YAML): the
+    # measured default per device (pipeline.sweep.batch.AUTO_CPU / AUTO_GPU); 1: one trial at a time.
+    trials_per_worker: int | None = None
     timeout: float | None = None  # seconds; stop starting trials after this (None: no limit)
     base: dict[str, Any] = field(default_factory=dict)  # training config as a nested dict (validated)
     sampler: SamplerConfig = SamplerConfig()  # how trials are proposed
@@ -157,6 +162,8 @@ def validate(sw: SweepConfig) -> None:
     _in_range("n_trials", sw.n_trials, 1, N_TRIALS_MAX)
     if sw.workers is not None:
         _in_range("workers", sw.workers, 1, WORKERS_MAX)
+    if sw.trials_per_worker is not None:
+        _in_range("trials_per_worker", sw.trials_per_worker, 1, TRIALS_PER_WORKER_MAX)
     if sw.timeout is not None:
         check("timeout", math.isfinite(sw.timeout), "a number of seconds", sw.timeout)
         check("timeout", sw.timeout > 0, "> 0 seconds or null (no limit)", sw.timeout)
@@ -337,8 +344,9 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
     """Read, merge overrides (``n_trials=4``, ``base.optim.lr=0.01``, ``space.optim.lr.high=0.1``), validate."""
     data = _merged(path, list(overrides or []))
     typed = {k: v for k, v in data.items() if k != "space"}
-    if typed.get("workers") == "auto":
-        typed["workers"] = None
+    for key in ("workers", "trials_per_worker"):
+        if typed.get(key) == "auto":
+            typed[key] = None
     if isinstance(typed.get("study"), (int, float)) and not isinstance(typed["study"], bool):
         typed["study"] = str(typed["study"])  # `study: 2024` names a study, as it always did
     sw = build(SweepConfig, typed)

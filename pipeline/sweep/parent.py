@@ -179,6 +179,7 @@ def run_sweep(
 ) -> int:
     """Load and validate the sweep file (nothing is written before this passes), then run it."""
     from pipeline.schema import ConfigError
+    from pipeline.sweep.batch import trials_per_worker
     from pipeline.sweep.config import check_sweep_fits, load_sweep
     from pipeline.sweep.stores import check_storage
     from pipeline.sweep.supervisor import StopSignal, Supervisor
@@ -196,7 +197,9 @@ def run_sweep(
     # Everything is checked before anything is written (README "Faults and resuming"): every trial the space
     # can produce fits in memory, n_workers at once; the MLflow store opens; the Optuna store replays.
     n_gpu = sum(d is not None for d in devices) and len({d for d in devices})
-    check_sweep_fits(sw, n_workers, -(-n_workers // n_gpu) if n_gpu else None)
+    # trials_per_worker: each worker holds that many trials at once (README, "Batched trials").
+    k = trials_per_worker(sw, bool(n_gpu))
+    check_sweep_fits(sw, n_workers * k, -(-n_workers // n_gpu) * k if n_gpu else None)
     probe_store(mlflow_uri, "base.tracking.uri")
     check_storage(url)
     # CPU workers fork from a preloaded forkserver unless PIPELINE_SWEEP_FORK=0 (an escape hatch).

@@ -125,7 +125,7 @@ class Workers:
 
     def spawn(self, index: int) -> None:
         gpu = self.devices[index % len(self.devices)]
-        spec = json.dumps({**self.spec, "worker": index, "gpu": gpu})
+        spec = json.dumps({**self.spec, "worker": index, "gpu": gpu, "workers": len(self.devices)})
         env = dict(os.environ)
         # One intra-op thread per CPU worker: 3-30x faster than 2 for these small RNNs (README, "Benchmarks").
         env.update(

@@ -42,6 +42,7 @@ import pytorch_lightning as pl
 
 from pipeline.names import KIND, KIND_TRIAL, STUDY, TRIAL_NUMBER
 from pipeline.signals import Terminated, raise_terminated
+from pipeline.sweep import batch
 from pipeline.sweep.config import from_data
 from pipeline.sweep.stores import budget_lock, open_storage, owner_tag, reap_stale
 from pipeline.sweep.study import budget_left, divergence_value, make_pruner, make_sampler, suggest
@@ -232,6 +233,7 @@ class Worker:
         from pipeline.training import callbacks, module, run  # noqa: F401  (import before the first trial, not inside it)
 
         self.ppid = os.getppid()
+        self.k = batch.trials_per_worker(self.sw, spec.get("gpu") is not None)
         self.deadline = spec.get("deadline")
 
     def next_trial(self):
@@ -251,10 +253,16 @@ class Worker:
                 return 0
             if self.deadline and time.time() > self.deadline:
                 return 0
-            trial = self.next_trial()
-            if trial is None:
-                return 0
-            ok = self.run_trial(trial)
+            if self.k > 1:  # batched trials (README, "Batched trials"): pipeline/sweep/batch.py
+                trials = batch.next_trials(self, self.k)
+                if not trials:
+                    return 0
+                ok = batch.run_batch(self, trials)
+            else:
+                trial = self.next_trial()
+                if trial is None:
+                    return 0
+                ok = self.run_trial(trial)
             errors = 0 if ok else errors + 1
             if errors >= MAX_CONSECUTIVE_ERRORS:
                 print(

@@ -247,9 +247,7 @@ def _train(
     from pipeline.training.module import RNNTrainingModule
 
     if ckpt is None:
-        rec.log_params(cfg.flat())
-        rec.log_text(cfg.to_yaml(), saved.CONFIG)
-        rec.log_metrics({"task/baseline": task.baseline}, 0)
+        record_start(cfg, task, rec)
     else:
         rec.set_tags({saved.RESUMED_AT_STEP: ckpt[1]})
     module = RNNTrainingModule(cfg, task)
@@ -272,7 +270,23 @@ def _train(
         trainer.fit(module, datamodule=data, ckpt_path=None if ckpt is None else str(ckpt[0]))
         if module.diverged_step is None and mon.val.last_step != trainer.global_step:
             trainer.validate(module, datamodule=data, verbose=False)  # final validation
-    steps = trainer.global_step
+    return record_end(cfg, task, rec, module, mon, trainer.global_step)
+
+
+def record_start(cfg: Config, task, rec) -> None:
+    """What every run records before its first step: params, ``config.yaml``, ``task/baseline``."""
+    from pipeline.training import saved
+
+    rec.log_params(cfg.flat())
+    rec.log_text(cfg.to_yaml(), saved.CONFIG)
+    rec.log_metrics({"task/baseline": task.baseline}, 0)
+
+
+def record_end(cfg: Config, task, rec, module, mon: Monitors, steps: int) -> RunResult:
+    """What every run records after training (one trained alone, or a member of a stack: README,
+    "Batched trials"): summary metrics, verdict tags, description, artifacts, weights."""
+    from pipeline.training import saved
+
     summary = summarize_run(cfg, task, module, mon, steps)
     rec.log_metrics({k: x for k, x in summary.metrics.items() if x is not None}, steps)
     rec.set_tags({**summary.tags, MLFLOW_NOTE: describe(cfg, task, summary)})

@@ -1,0 +1,336 @@
+"""Batched trials (README, "Batched trials"): a member of a stack trains as the same config alone.
+
+Equivalence is checked on the per-step record every run keeps (loss, pre/post-clip norms, clip
+coefficient, per-group norms), the step-0 and final profile passes, and the run's summary, for a mix of
+cells (fused tanh and gru blocks, looped lstm), clip modes, optimizers and a member that diverges at
+step 0 while the others go on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from pipeline.config import from_dict
+
+BASE = {
+    "seed": 0,
+    "task": {"name": "adding", "seq_len": 12, "batch_size": 16, "val_size": 64},
+    "model": {"cell": "tanh", "hidden_size": 8, "init": "gaussian", "init_scale": 1.0},
+    "optim": {"name": "adam", "lr": 0.01},
+    "clip": {"mode": "none", "threshold": 1.0},
+    "trainer": {"max_steps": 40, "val_every": 20, "log_every": 5, "threads": 1},
+    "diagnostics": {"profile_every": 20, "probe_size": 8, "plots": False},
+    "tracking": {"enabled": False},
+}
+
+
+def cfg_of(**changes):
+    import copy
+
+    d = copy.deepcopy(BASE)
+    for k, v in changes.items():
+        sect, key = k.split("__")
+        d[sect][key] = v
+    return from_dict(d)
+
+
+MEMBERS = [
+    dict(model__cell="tanh", model__init_scale=1.5, optim__lr=0.02),
+    dict(model__cell="tanh", model__init_scale=0.5, clip__mode="norm", clip__threshold=0.05),
+    dict(model__cell="gru", optim__name="sgd", optim__lr=0.1, optim__momentum=0.9),
+    dict(model__cell="lstm", clip__mode="value", clip__threshold=0.01),
+    dict(model__cell="gru", model__init_scale=2.0, optim__weight_decay=0.01),
+]  # plus a member that diverges at step 0 (_diverging)
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Every run's (cfg, module, monitors, steps) as it is recorded (``run.record_end``: both paths)."""
+    from pipeline.training import run
+
+    seen: list = []
+    real = run.record_end
+
+    def spy(cfg, task, rec, module, mon, steps):
+        seen.append((cfg, module, mon, steps))
+        return real(cfg, task, rec, module, mon, steps)
+
+    monkeypatch.setattr(run, "record_end", spy)
+    return seen
+
+
+def _records(mon) -> np.ndarray:
+    return mon.grads.history
+
+
+def _same_run(alone, member, rtol=2e-4, atol=1e-6) -> None:
+    cfg_a, mod_a, mon_a, steps_a = alone
+    cfg_b, mod_b, mon_b, steps_b = member
+    assert cfg_a == cfg_b
+    assert steps_a == steps_b
+    assert mod_a.diverged_step == mod_b.diverged_step
+    ha, hb = _records(mon_a), _records(mon_b)
+    assert ha.shape == hb.shape and len(ha) > 0
+    np.testing.assert_allclose(hb, ha, rtol=rtol, atol=atol, equal_nan=True)
+    assert list(mon_a.grads.steps) == list(mon_b.grads.steps)
+    # the step-0 diagnostics are of the same initial weights: equal to the last digit
+    assert mon_a.prof.first.keys() == mon_b.prof.first.keys()
+    for k, v in mon_a.prof.first.items():
+        w = mon_b.prof.first[k]
+        assert (math.isnan(v) and math.isnan(w)) or v == w, k
+    assert [p["step"] for p in mon_a.prof.passes] == [p["step"] for p in mon_b.prof.passes]
+    if mod_a.val_loss is not None:
+        assert mod_b.val_loss == pytest.approx(mod_a.val_loss, rel=1e-3)
+
+
+def _diverging():
+    # relu, identity init g = 40 at T = 12: the state grows as 40^12 ~ 1.7e19 and its square (the
+    # loss's gradient path) overflows float32: the guard fires at step 0.
+    return cfg_of(model__cell="relu", model__init="identity", model__init_scale=40.0)
+
+
+def test_member_of_a_stack_trains_as_it_would_alone(captured):
+    from pipeline.training import run, stacked
+
+    cfgs = [cfg_of(**m) for m in MEMBERS] + [_diverging()]
+    alone = []
+    for c in cfgs:
+        r = run.run(c)
+        alone.append((r, captured[-1]))
+    captured.clear()
+    results = stacked.run_stack(cfgs)
+    assert len(results) == len(cfgs) == len(captured)
+    by_cfg = {id(c): i for i, c in enumerate(cfgs)}
+    assert by_cfg  # members finish in their own order: match them by config
+    for (ra, a), rb in zip(alone, results, strict=True):
+        b = next(x for x in captured if x[0] == a[0])
+        _same_run(a, b)
+        assert not isinstance(rb, BaseException)
+        assert (rb.steps, rb.regime, rb.solved, rb.pruned, rb.diverged_step) == (
+            ra.steps,
+            ra.regime,
+            ra.solved,
+            ra.pruned,
+            ra.diverged_step,
+        )
+    div = results[-1]
+    assert not isinstance(div, BaseException) and div.diverged_step == 0 and div.regime == "diverged"
+    assert all(not isinstance(r, BaseException) and r.steps == 40 for r in results[:-1])
+
+
+class PruneAt:
+    """Prunes its member at one validation step (as the sweep's TrialCallback does)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __getattr__(self, name):  # every other Lightning hook: nothing to do
+        if name.startswith(("on_", "setup")):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.global_step == self.step and trainer.state.fn == "fit":
+            pl_module.pruned = True
+            trainer.should_stop = True
+
+
+def test_a_pruned_member_stops_and_the_others_go_on(captured):
+    from pipeline.training import run, stacked
+
+    cfgs = [cfg_of(**m) for m in MEMBERS[:3]]
+    alone = []
+    for c in cfgs[1:]:
+        run.run(c)
+        alone.append(captured[-1])
+    captured.clear()
+    done: list[int] = []
+    results = stacked.run_stack(cfgs, callbacks=[[PruneAt(20)], [], []], on_done=lambda i, r: done.append(i))
+    r0 = results[0]
+    assert not isinstance(r0, BaseException) and r0.pruned and r0.steps == 20
+    assert done[0] == 0 and sorted(done) == [0, 1, 2]  # the pruned member is told first
+    for a in alone:  # the others train on, unchanged by the member that left
+        _same_run(a, next(x for x in captured if x[0] == a[0]))
+
+
+def test_run_stack_rejects_configs_of_different_streams():
+    from pipeline.training import stacked
+
+    with pytest.raises(ValueError, match="stack_key"):
+        stacked.run_stack([cfg_of(), cfg_of(task__batch_size=8)])
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "4097", "x"])
+def test_bad_trials_per_worker_is_one_line_exit_2(tmp_path, monkeypatch, capsys, bad):
+    import sys
+
+    sys.path.insert(0, str(tmp_path.parent))
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cfg = _sweep_file(tmp_path / "bad.yaml")
+    assert main(["sweep", "--config", str(cfg), f"trials_per_worker={bad}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "'trials_per_worker'" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+# ------------------------------------------------------------------------------- sweeps (processes)
+
+
+def _sweep_file(path, **changes):
+    import yaml
+
+    from tests.test_sweep import TINY
+
+    data = yaml.safe_load(yaml.safe_dump(TINY))
+    data["trials_per_worker"] = 4
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _children(runs):
+    return {int(r.data.tags["trial_number"]): r for r in runs if r.data.tags.get("pipeline.kind") == "trial"}
+
+
+def test_batched_sweep_records_each_trial_as_one_at_a_time_does(store, tmp_path):
+    """Same points on both sides (the start-up design covers every trial, no pruning): K = 4 and K = 1
+    give every trial the same value and the same params, metrics, tags and artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_sweep import check_consistent, load_study, mlflow_runs, run_sweep_cli
+
+    same = {"n_trials": 4, "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 4}}
+    same["pruner"] = {"name": "none"}
+    out = {}
+    for k in (1, 4):
+        cfg = _sweep_file(tmp_path / f"s{k}.yaml", study=f"k{k}", trials_per_worker=k, **same)
+        p = run_sweep_cli(cfg)
+        assert p.returncode == 0, p.stdout + p.stderr
+        study = load_study(f"k{k}", f"optuna/k{k}.journal")
+        runs = [r for r in mlflow_runs(store) if r.data.tags.get("study") == f"k{k}"]
+        check_consistent(study, runs, 4)
+        out[k] = (study, _children(runs))
+    c = MlflowClient(store)
+    (s1, r1), (s4, r4) = out[1], out[4]
+    assert {t.user_attrs["worker"] for t in s4.trials} == {s4.trials[0].user_attrs["worker"]}
+    for t1, t4 in zip(s1.trials, s4.trials, strict=True):
+        assert t1.params == t4.params
+        assert t4.value == pytest.approx(t1.value, rel=1e-3)
+        a, b = r1[t1.number], r4[t4.number]
+        drop = lambda d: {k: v for k, v in d.items() if k != "tracking.run_name"}  # noqa: E731  (the study name)
+        assert drop(a.data.params) == drop(b.data.params)
+        assert set(a.data.metrics) == set(b.data.metrics)
+        skip = {"mlflow.runName", "mlflow.note.content", "study", "git_commit", "mlflow.source.name"}
+        assert {k for k in a.data.tags if k not in skip} == {k for k in b.data.tags if k not in skip}
+        assert a.data.tags["regime"] == b.data.tags["regime"]
+        names = lambda r: sorted(f.path for f in c.list_artifacts(r.info.run_id, "diagnostics"))  # noqa: E731
+        assert names(a) == names(b)
+        h1 = c.get_metric_history(a.info.run_id, "train/loss")
+        h4 = c.get_metric_history(b.info.run_id, "train/loss")
+        assert [m.step for m in h1] == [m.step for m in h4]
+        np.testing.assert_allclose([m.value for m in h4], [m.value for m in h1], rtol=1e-4)
+
+
+def _batched_sweep(tmp_path, steps: int):
+    from tests.test_sweep import TINY, sweep_cmd, sweep_env
+
+    base = {**TINY["base"], "trainer": {"max_steps": steps, "val_every": steps // 4, "log_every": 10}}
+    cfg = _sweep_file(tmp_path / "s.yaml", n_trials=4, base=base)
+    import subprocess
+
+    return subprocess.Popen(
+        sweep_cmd(cfg),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=sweep_env(),
+        start_new_session=True,
+    )
+
+
+def _wait_all_running(n: int, timeout: float = 240):
+    """The worker's n RUNNING trials, once each has its MLflow run id (the stack is training)."""
+    import time
+
+    from optuna.trial import TrialState
+
+    from tests.test_sweep import load_study
+
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            ts = load_study().get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        except Exception:
+            ts = []
+        if len(ts) == n and all("mlflow_run_id" in t.user_attrs for t in ts):
+            return ts
+        time.sleep(0.5)
+    raise AssertionError("the stack did not start")
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_batched_worker_reaps_all_its_trials(store, tmp_path):
+    import os
+    import signal
+
+    from tests.test_sweep import check_killed_trial_retried, load_study, mlflow_runs
+
+    parent = _batched_sweep(tmp_path, 400)
+    try:
+        ts = _wait_all_running(4)
+        assert len({t.user_attrs["worker"] for t in ts}) == 1
+        os.kill(int(ts[0].user_attrs["worker"].split("|")[1]), signal.SIGKILL)
+        out, err = parent.communicate(timeout=400)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+    assert parent.returncode == 0, out + err
+    study, runs = load_study(), mlflow_runs(store)
+    killed = {t.user_attrs["mlflow_run_id"] for t in ts}
+    for t in ts:  # every member: FAIL, its run KILLED, retried exactly once and finished
+        check_killed_trial_retried(
+            study, [r for r in runs if r.info.run_id not in killed - {t.user_attrs["mlflow_run_id"]}], t, 4
+        )
+
+
+@pytest.mark.slow
+def test_sigterm_closes_every_member(store, tmp_path):
+    import signal
+
+    from tests.test_sweep import load_study, mlflow_runs
+
+    parent = _batched_sweep(tmp_path, 2000)
+    ts = _wait_all_running(4)
+    parent.send_signal(signal.SIGTERM)
+    out, err = parent.communicate(timeout=120)
+    assert parent.returncode == 143, out + err
+    study, runs = load_study(), mlflow_runs(store)
+    by_id = {r.info.run_id: r for r in runs}
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    for t in ts:
+        assert (
+            study.trials[t.number].state.name == "FAIL" and study.trials[t.number].user_attrs["interrupted"]
+        )
+        assert by_id[t.user_attrs["mlflow_run_id"]].info.status == "KILLED"
+        retry = [x for x in study.trials if x.user_attrs.get("retry_of") == t.number]
+        assert len(retry) == 1 and retry[0].state.name == "WAITING" and retry[0].params == t.params
+
+
+def test_two_batched_workers_stop_at_exactly_n_trials(store, tmp_path):
+    """Two workers asking up to 4 trials each under the budget lock: 7 trials done, no more, one MLflow
+    run each; the last trials are shared (each asks at most ceil(left / workers))."""
+    from tests.test_sweep import check_consistent, load_study, mlflow_runs, run_sweep_cli
+
+    cfg = _sweep_file(tmp_path / "s.yaml", n_trials=7, workers=2)
+    p = run_sweep_cli(cfg)
+    assert p.returncode == 0, p.stdout + p.stderr
+    study = load_study()
+    check_consistent(study, mlflow_runs(store), 7)
+    assert [t.number for t in study.trials] == list(range(len(study.trials)))
