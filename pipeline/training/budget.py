@@ -72,6 +72,20 @@ VALIDATION_FLOATS = {
     "lru": 6,
     "mingru": 4,
 }  # per (sample, step, unit) in a no-grad forward: G + 2 for the rest
+# lem (pipeline.training.lem): a loop over time with autograd; per (sample, step, unit) it keeps the input
+# projection (4), the recurrent projection (3), two gates, two candidates, the steps, y and z and their
+# gradients in backward. Its state is [y, z] (2H), so the twin's caches and gradients are twice a vanilla
+# cell's. Omega and flossing run the twin's step (7 cached vectors of H) on that 2H state. Coefficients
+# measured as above (README "Memory estimate"): see the lem rows there.
+TRAIN_COEF["lem"] = 24
+PROFILE_COEF["lem"] = 16
+VALIDATION_FLOATS["lem"] = 6
+OMEGA_COEF["lem"] = 40
+FLOSS_COEF["lem"] = 16
+# lem's spectral/jacobian_log10_bound (pipeline.bptt.spectra.jacobian_log10_bound): per step, float64
+# [P, 2H, 2H] matrices alive at once: the Jacobians, their Gram matrices, the eigensolver's copy and the
+# tangents' intermediates; after the profile pass, not during it.
+JACOBIAN_FLOATS = 6
 # --- end modern cells ---
 HISTORY_BYTES_PER_STEP = (
     200  # host copy of the 9 float64 per-step records (+ the final concat) and the step list
@@ -155,6 +169,8 @@ def n_params(cfg: Config) -> int:
         core = 3 * H + 3 * H * n_in + 2 * H * H
     elif cell == "mingru":  # gate and candidate: nn.Linear(I, H) each
         core = 2 * H * (n_in + 1)
+    elif cell == "lem":  # inp2hid Linear(I, 4H), hid2hid Linear(H, 3H), transform_z Linear(H, H)
+        core = 4 * H * (n_in + 1) + 3 * H * (H + 1) + H * (H + 1)
     else:
         G = GATE_COUNT[cell]
         core = G * H * (n_in + H + 2)
@@ -201,7 +217,7 @@ def estimate(cfg: Config, cuda: bool = False) -> Estimate:
     readout_all = cfg.task.name == "copy"
     prof_coef = PROFILE_COEF[cell] + (2 if readout_all else 0)
     passes_n = 2 + (tr.max_steps // d.profile_every if d.profile_every else 0)
-    states = 2 if cell == "lstm" else 1
+    states = 2 if cell == "lstm" else 1  # lem's [y, z] is one profile state
     square = 12 * H * H * 4 if cell == "orthogonal" else 0  # matrix_exp of W_hh kept for backward
     persistent: tuple[Part, ...] = (
         Part("runtime (torch, Lightning, MLflow)", RUNTIME_BYTES, False),
@@ -218,7 +234,7 @@ def estimate(cfg: Config, cuda: bool = False) -> Estimate:
         *_dataset(cfg, cuda),
     )
     chunk = min(V, max(B, 256))
-    passes = (
+    passes: tuple[Part, ...] = (
         Part(
             "training activations",
             B * L * (H * 4 * _train_coef(cell, L, cuda) + sample) + _remedy_bytes(cfg, L),
@@ -228,6 +244,8 @@ def estimate(cfg: Config, cuda: bool = False) -> Estimate:
         Part("building the validation set", V * L * sample, cuda),
         Part("float64 profile pass", P * L * H * 8 * prof_coef, False),
     )
+    if cell == "lem":
+        passes += (Part("Jacobian bound", P * (2 * H) ** 2 * 8 * JACOBIAN_FLOATS, False),)
     if cuda:
         persistent += (Part("CUDA context", CUDA_CONTEXT_BYTES, True),)
     return Estimate(persistent, passes)

@@ -9,8 +9,9 @@ Cells: ``tanh`` and ``relu`` (nn.RNN; relu + identity init is the IRNN of Le, Ja
 * ``indrnn``: h_t = relu(W_ih x_t + b + u * h_{t-1}), a diagonal recurrence (Li et al. 2018, "IndRNN"),
   so dL/dh_1 = u^(T-1) dL/dh_T exactly along active units.
 
-and the modern diagonal linear recurrences ``lru`` (Orvieto et al. 2023) and ``mingru`` (Feng et al.
-2024), in :mod:`pipeline.training.modern`.
+the modern diagonal linear recurrences ``lru`` (Orvieto et al. 2023) and ``mingru`` (Feng et al.
+2024), in :mod:`pipeline.training.modern`, and ``lem`` (Rusch, Erichson, Mahoney 2022), in
+:mod:`pipeline.training.lem`.
 
 Recurrent inits (``model.init``, scale g = ``model.init_scale``), applied to each gate's H x H block:
 ``default`` (PyTorch's U(-1/sqrt(H), 1/sqrt(H)), i.e. std * sqrt(H) = 1/sqrt(3)), ``gaussian``
@@ -28,6 +29,7 @@ from torch.nn.utils import parametrizations
 
 from pipeline.config import ModelConfig
 from pipeline.names import GROUPS
+from pipeline.training.lem import LEM
 from pipeline.training.modern import LRU, MinGRU
 
 
@@ -156,6 +158,8 @@ class RNNModel(nn.Module):
             self.rnn = LRU(input_size, H, cfg.r_min, cfg.r_max, cfg.max_phase, gen)
         elif cfg.cell == "mingru":
             self.rnn = MinGRU(input_size, H)
+        elif cfg.cell == "lem":
+            self.rnn = LEM(input_size, H, cfg.dt, gen)
         # --- end modern cells ---
         else:
             raise ValueError(f"unknown cell {cfg.cell!r}")
@@ -197,7 +201,7 @@ class RNNModel(nn.Module):
             p.update(W_ih=w_ih, W_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
         elif isinstance(r, OrthogonalRNN):
             p.update(W_ih=r.weight_ih, W_hh=r.weight_hh, b_ih=r.bias_ih, b_hh=r.bias_hh)
-        elif isinstance(r, (LRU, MinGRU)):  # modern cells: their own entries (pipeline.bptt.modern)
+        elif isinstance(r, (LRU, MinGRU, LEM)):  # modern cells: own entries (pipeline.bptt.modern, .lem)
             p.update(r.live_params())
         else:
             assert isinstance(r, IndRNN), type(r)  # the cells are validated in __init__
