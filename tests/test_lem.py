@@ -375,3 +375,34 @@ def test_real_run_records_the_laws(store, tiny):
     assert m["bptt/log10_ratio"] <= m["spectral/jacobian_log10_bound"] + 1e-9
     assert "spectral/sigma_max_dtz" in m and "spectral/pascanu_log10_bound" not in m
     assert math.isfinite(m["remedy/omega"]) and math.isfinite(m["spectral/lyapunov_max"])
+
+
+def test_smoke_laws_catch_a_planted_vjp_bug(store, monkeypatch):
+    """configs/regression/smoke.yaml's lem entries, run through the suite machinery (real training runs,
+    the store read back), fail on a VJP whose z retention reads 1 + dt1: the reference law on both, and
+    the Jacobian bound where the gradient then grows past it (dt = 1)."""
+    from dataclasses import replace
+
+    from conftest import ROOT
+
+    from pipeline.regression.laws import LAW
+    from pipeline.regression.run import collect, judge_entries, run_entry, start_suite_run
+    from pipeline.regression.suite import load_suite
+
+    real = lem.step_vjp
+
+    def sign_slip(p_, cache, v):
+        (g,), _ = real(p_, cache, v)
+        keep, half = 1 - p_["dt"] * cache[0], g.shape[-1] // 2
+        return (torch.cat([g[..., :half], g[..., half:] * (2 - keep) / keep], -1),), None
+
+    monkeypatch.setattr(lem, "step_vjp", sign_slip)
+    suite = load_suite(ROOT / "configs" / "regression" / "smoke.yaml")
+    names = ("lem_dt1_T100", "lem_dt0.0242_T100")
+    suite = replace(suite, entries=tuple(e for e in suite.entries if e.name in names), compare=())
+    parent, exp = start_suite_run(suite)
+    results = collect(suite, {n: run_entry(suite, n, parent, exp) for n in names}, parent)
+    rows = {r.check: r for r in judge_entries(suite, results, {})}
+    for n in names:
+        assert rows[f"{n}: metric_below bptt/reference_max_err"].verdict == LAW
+    assert rows["lem_dt1_T100: jacobian_bound_holds"].verdict == LAW

@@ -171,44 +171,49 @@ def _sigmoid(a: np.ndarray) -> np.ndarray:
     return np.asarray(0.5 * (1.0 + np.tanh(0.5 * a)))  # no overflow for large |a|
 
 
-def _lem_jacobians(p: Params, x: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-    """The explicit step Jacobians J_t [B, 2H, 2H] (rows: (y_t, z_t), columns: (y_{t-1}, z_{t-1})) for
-    t = 1..T and y_T [B, H], by the plain recursion. With s1, s2 the step gates' sigmoids, dt1 = dt s1,
-    dt2 = dt s2, c_z = tanh(a_z), c_y = tanh(a_y):
-    dz_t/dz_{t-1} = diag(1 - dt1); dz_t/dy_{t-1} = diag(dt s1 (1 - s1) (c_z - z)) W1 + diag(dt1 (1 - c_z^2)) Wz;
-    dy_t/d(.) = diag(1 - dt2) [for y_{t-1}] + diag(dt s2 (1 - s2) (c_y - y)) W2 [y_{t-1}]
-    + diag(dt2 (1 - c_y^2)) Wy dz_t/d(.)."""
+def _lem_forward(p: Params, x: np.ndarray) -> tuple[list[tuple[np.ndarray, ...]], np.ndarray]:
+    """Per step t = 1..T the activations its Jacobian needs (s1, s2, c_z, c_y, y_{t-1}, z_{t-1}), and y_T."""
     dt = float(p["dt"])
     V, c = p["W_ih"].numpy(), p["b_ih"].numpy()
     W, e = p["W_hh"].numpy(), p["b_hh"].numpy()
     Wy, by = p["W_y"].numpy(), p["b_y"].numpy()
     H = Wy.shape[0]
-    W1, W2, Wz = W[:H], W[H : 2 * H], W[2 * H :]
     y = np.zeros((x.shape[0], H))
     z = np.zeros_like(y)
-    eye = np.eye(H)
-    jac = []
+    acts = []
     for t in range(x.shape[1]):
         u = x[:, t] @ V.T + c  # [B, 4H]: V1 u + b1, V2 u + b2, Vz u + bz, Vy u + by
-        s1 = _sigmoid(y @ W1.T + e[:H] + u[:, :H])
-        s2 = _sigmoid(y @ W2.T + e[H : 2 * H] + u[:, H : 2 * H])
-        cz = np.tanh(y @ Wz.T + e[2 * H :] + u[:, 2 * H : 3 * H])
+        a = y @ W.T + e  # [B, 3H]: W1 y + b1', W2 y + b2', Wz y + bz'
+        s1, s2 = _sigmoid(a[:, :H] + u[:, :H]), _sigmoid(a[:, H : 2 * H] + u[:, H : 2 * H])
+        cz = np.tanh(a[:, 2 * H :] + u[:, 2 * H : 3 * H])
         z_new = (1 - dt * s1) * z + dt * s1 * cz
         cy = np.tanh(z_new @ Wy.T + by + u[:, 3 * H :])
-        y_new = (1 - dt * s2) * y + dt * s2 * cy
-        zz = (1 - dt * s1)[:, :, None] * eye  # dz_t / dz_{t-1}
-        zy = (dt * s1 * (1 - s1) * (cz - z))[:, :, None] * W1 + (dt * s1 * (1 - cz**2))[:, :, None] * Wz
-        k = (dt * s2 * (1 - cy**2))[:, :, None] * Wy  # dy_t / dz_t
-        yy = (1 - dt * s2)[:, :, None] * eye + (dt * s2 * (1 - s2) * (cy - y))[:, :, None] * W2 + k @ zy
-        yz = k @ zz
-        jac.append(np.concatenate([np.concatenate([yy, yz], 2), np.concatenate([zy, zz], 2)], 1))
-        y, z = y_new, z_new
-    return jac, y
+        acts.append((s1, s2, cz, cy, y, z))
+        y, z = (1 - dt * s2) * y + dt * s2 * cy, z_new
+    return acts, y
+
+
+def _lem_jacobian(p: Params, act: tuple[np.ndarray, ...]) -> np.ndarray:
+    """The explicit step Jacobian [B, 2H, 2H] (rows (y_t, z_t), columns (y_{t-1}, z_{t-1})), block by block,
+    with dt1 = dt s1, dt2 = dt s2: dz_t/dz_{t-1} = diag(1 - dt1); dz_t/dy_{t-1} = diag(dt s1 (1 - s1)
+    (c_z - z)) W1 + diag(dt1 (1 - c_z^2)) Wz; dy_t/dy_{t-1} = diag(1 - dt2) + diag(dt s2 (1 - s2) (c_y - y))
+    W2 + K dz_t/dy_{t-1}; dy_t/dz_{t-1} = K dz_t/dz_{t-1}, with K = dy_t/dz_t = diag(dt2 (1 - c_y^2)) Wy."""
+    s1, s2, cz, cy, y, z = act
+    dt, W, Wy = float(p["dt"]), p["W_hh"].numpy(), p["W_y"].numpy()
+    H = Wy.shape[0]
+    W1, W2, Wz = W[:H], W[H : 2 * H], W[2 * H :]
+    eye = np.eye(H)
+    zz = (1 - dt * s1)[:, :, None] * eye
+    zy = (dt * s1 * (1 - s1) * (cz - z))[:, :, None] * W1 + (dt * s1 * (1 - cz**2))[:, :, None] * Wz
+    k = (dt * s2 * (1 - cy**2))[:, :, None] * Wy
+    yy = (1 - dt * s2)[:, :, None] * eye + (dt * s2 * (1 - s2) * (cy - y))[:, :, None] * W2 + k @ zy
+    return np.concatenate([np.concatenate([yy, k @ zz], 2), np.concatenate([zy, zz], 2)], 1)
 
 
 def _lem_log10(p: Params, x: np.ndarray, y: torch.Tensor, loss_fn: LossFn) -> np.ndarray:
-    """log10 ||dL/d(y_t, z_t)||_F of a last-step loss for lem, by d_{t-1} = J_t^T d_t (explicit matrices)."""
-    jac, y_T = _lem_jacobians(p, x)
+    """log10 ||dL/d(y_t, z_t)||_F of a last-step loss for lem, by d_{t-1} = J_t^T d_t (explicit matrices,
+    each built when the walk reaches it: memory O(T B H), not O(T B H^2))."""
+    acts, y_T = _lem_forward(p, x)
     with torch.enable_grad():
         leaf = torch.from_numpy(y_T).requires_grad_()
         g = torch.autograd.grad(loss_fn(F.linear(leaf, p["W_out"], p["b_out"]), y), leaf)[0].numpy()
@@ -221,7 +226,8 @@ def _lem_log10(p: Params, x: np.ndarray, y: torch.Tensor, loss_fn: LossFn) -> np
             break
         d, log_scale = d / m, log_scale + math.log(m)
         out[t] = (log_scale + 0.5 * math.log(float((d**2).sum()))) / math.log(10)
-        d = np.einsum("bi,bij->bj", d, jac[t])  # (J^T d)_j = sum_i d_i J_ij
+        if t > 0:
+            d = np.einsum("bi,bij->bj", d, _lem_jacobian(p, acts[t]))  # (J^T d)_j = sum_i d_i J_ij
     return out
 
 
