@@ -75,12 +75,14 @@ VALIDATION_FLOATS = {
 # lem (pipeline.training.lem): a loop over time with autograd; per (sample, step, unit) it keeps the input
 # projection (4), the recurrent projection (3), two gates, two candidates, the steps, y and z and their
 # gradients in backward. Its state is [y, z] (2H), so the twin's caches and gradients are twice a vanilla
-# cell's. Omega and flossing run the twin's step (7 cached vectors of H) on that 2H state. Coefficients
-# measured as above (README "Memory estimate"): see the lem rows there.
+# cell's or more. Measured as above (README "Memory estimate", benchmarks/memory_estimate.py): training
+# B=512 L=200 H=128 about 15 (24 kept: the estimate reads 1.31x the peak, as the others); profile P=128 L=400 H=64 about 41 with the
+# Jacobian bound after it; Omega B=256 L=200 H=128 55-64 over the training step. Flossing: not measured
+# (set as gru's).
 TRAIN_COEF["lem"] = 24
-PROFILE_COEF["lem"] = 16
+PROFILE_COEF["lem"] = 46
 VALIDATION_FLOATS["lem"] = 6
-OMEGA_COEF["lem"] = 40
+OMEGA_COEF["lem"] = 72
 FLOSS_COEF["lem"] = 16
 # lem's spectral/jacobian_log10_bound (pipeline.bptt.spectra.jacobian_log10_bound): per step, float64
 # [P, 2H, 2H] matrices alive at once: the Jacobians, their Gram matrices, the eigensolver's copy and the
