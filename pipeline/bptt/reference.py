@@ -180,7 +180,7 @@ def _lem_forward(p: Params, x: np.ndarray) -> tuple[list[tuple[np.ndarray, ...]]
     H = Wy.shape[0]
     y = np.zeros((x.shape[0], H))
     z = np.zeros_like(y)
-    acts = []
+    acts: list[tuple[np.ndarray, ...]] = []
     for t in range(x.shape[1]):
         u = x[:, t] @ V.T + c  # [B, 4H]: V1 u + b1, V2 u + b2, Vz u + bz, Vy u + by
         a = y @ W.T + e  # [B, 3H]: W1 y + b1', W2 y + b2', Wz y + bz'
