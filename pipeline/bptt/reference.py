@@ -29,7 +29,8 @@ the batch.
 
 lem has its own too (:func:`_lem_log10`): the step Jacobian J_t = d(y_t, z_t)/d(y_{t-1}, z_{t-1}) built
 as an explicit [B, 2H, 2H] matrix, block by block, by the chain rule written from Rusch, Erichson, Mahoney
-2022's eq. 3 (no vector-Jacobian product), and the gradient carried back as d_{t-1} = J_t^T d_t.
+2022's eq. 3 (no vector-Jacobian product), and the gradient carried back as d_{t-1} = J_t^T d_t; cornn
+the same way from Rusch & Mishra 2021's eq. 3.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ if TYPE_CHECKING:  # annotations only: no code is shared with the profile it che
     from pipeline.bptt.profile import LossFn
     from pipeline.bptt.twin import Params
 
-SUPPORTED = ("tanh", "orthogonal", "relu", "indrnn", "lru", "mingru", "lem")
+SUPPORTED = ("tanh", "orthogonal", "relu", "indrnn", "lru", "mingru", "lem", "cornn")
 
 
 def _dphi(cell: str, a: np.ndarray) -> np.ndarray:
@@ -69,7 +70,7 @@ def profile_log10(params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: Los
         y = y.detach().to(torch.float64)
     if cell in ("lru", "mingru"):
         return _diagonal_log10(p, x, y, loss_fn)
-    if cell == "lem":
+    if cell in ("lem", "cornn"):
         return _lem_log10(p, x.numpy(), y, loss_fn)
     B, T = x.shape[0], x.shape[1]
     h = torch.zeros(B, p["W_ih"].shape[0], dtype=torch.float64)
@@ -210,10 +211,40 @@ def _lem_jacobian(p: Params, act: tuple[np.ndarray, ...]) -> np.ndarray:
     return np.concatenate([np.concatenate([yy, k @ zz], 2), np.concatenate([zy, zz], 2)], 1)
 
 
+def _cornn_forward(p: Params, x: np.ndarray) -> tuple[list[tuple[np.ndarray, ...]], np.ndarray]:
+    """cornn: per step the tanh' of its pre-activation, and y_T, by the plain recursion."""
+    dt, gamma, eps = float(p["dt"]), float(p["gamma"]), float(p["epsilon"])
+    V, b, W = p["W_ih"].numpy(), p["b_ih"].numpy(), p["W_hh"].numpy()
+    H = V.shape[0]
+    y = np.zeros((x.shape[0], H))
+    z = np.zeros_like(y)
+    acts: list[tuple[np.ndarray, ...]] = []
+    for t in range(x.shape[1]):
+        c = np.tanh(x[:, t] @ V.T + b + z @ W[:, :H].T + y @ W[:, H:].T)
+        acts.append((1 - c**2,))
+        z = z + dt * (c - gamma * y - eps * z)
+        y = y + dt * z
+    return acts, y
+
+
+def _cornn_jacobian(p: Params, act: tuple[np.ndarray, ...]) -> np.ndarray:
+    """cornn's step Jacobian [B, 2H, 2H]: dz_t/dy_{t-1} = dt (diag(s) W - gamma I), dz_t/dz_{t-1} = (1 -
+    dt epsilon) I + dt diag(s) W_z, and y_t = y_{t-1} + dt z_t: dy_t/d(.) = [I, 0] + dt dz_t/d(.)."""
+    (s,) = act
+    dt, gamma, eps, W = float(p["dt"]), float(p["gamma"]), float(p["epsilon"]), p["W_hh"].numpy()
+    H = W.shape[0]
+    eye = np.eye(H)
+    zy = dt * (s[:, :, None] * W[:, H:] - gamma * eye)
+    zz = (1 - dt * eps) * eye + dt * s[:, :, None] * W[:, :H]
+    return np.concatenate([np.concatenate([eye + dt * zy, dt * zz], 2), np.concatenate([zy, zz], 2)], 1)
+
+
 def _lem_log10(p: Params, x: np.ndarray, y: torch.Tensor, loss_fn: LossFn) -> np.ndarray:
-    """log10 ||dL/d(y_t, z_t)||_F of a last-step loss for lem, by d_{t-1} = J_t^T d_t (explicit matrices,
+    """log10 ||dL/d(y_t, z_t)||_F of a last-step loss for lem and cornn, by d_{t-1} = J_t^T d_t (explicit matrices,
     each built when the walk reaches it: memory O(T B H), not O(T B H^2))."""
-    acts, y_T = _lem_forward(p, x)
+    cornn = p["cell"] == "cornn"
+    acts, y_T = _cornn_forward(p, x) if cornn else _lem_forward(p, x)
+    jacobian = _cornn_jacobian if cornn else _lem_jacobian
     with torch.enable_grad():
         leaf = torch.from_numpy(y_T).requires_grad_()
         g = torch.autograd.grad(loss_fn(F.linear(leaf, p["W_out"], p["b_out"]), y), leaf)[0].numpy()
@@ -227,7 +258,7 @@ def _lem_log10(p: Params, x: np.ndarray, y: torch.Tensor, loss_fn: LossFn) -> np
         d, log_scale = d / m, log_scale + math.log(m)
         out[t] = (log_scale + 0.5 * math.log(float((d**2).sum()))) / math.log(10)
         if t > 0:
-            d = np.einsum("bi,bij->bj", d, _lem_jacobian(p, acts[t]))  # (J^T d)_j = sum_i d_i J_ij
+            d = np.einsum("bi,bij->bj", d, jacobian(p, acts[t]))  # (J^T d)_j = sum_i d_i J_ij
     return out
 
 

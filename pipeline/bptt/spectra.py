@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from pipeline.bptt import lem, modern
+from pipeline.bptt import cornn, lem, modern
 from pipeline.bptt import twin as cells
 from pipeline.bptt.profile import as_float64, exact_denormals, nonzero_or_one
 from pipeline.bptt.twin import Params
@@ -37,6 +37,8 @@ def spectrum(params: Params) -> dict[str, float]:
         return modern.spectrum(p)
     if cell == "lem":
         return lem.spectrum(p)
+    if cell == "cornn":
+        return cornn.spectrum(p)
     if cell == "indrnn":
         m = float(p["u"].abs().max())
         return {"sigma_max": m, "radius": m}

@@ -88,6 +88,13 @@ FLOSS_COEF["lem"] = 16
 # [P, 2H, 2H] matrices alive at once: the Jacobians, their Gram matrices, the eigensolver's copy and the
 # tangents' intermediates; after the profile pass, not during it.
 JACOBIAN_FLOATS = 6
+# cornn (pipeline.training.cornn): the same loop with fewer ops per step (one tanh, no gates); not measured:
+# set from lem's by the count of kept [B, H] tensors per step (about 10 against lem's 17), rounded up.
+TRAIN_COEF["cornn"] = 16
+PROFILE_COEF["cornn"] = 30
+VALIDATION_FLOATS["cornn"] = 4
+OMEGA_COEF["cornn"] = 48
+FLOSS_COEF["cornn"] = 16
 # --- end modern cells ---
 HISTORY_BYTES_PER_STEP = (
     200  # host copy of the 9 float64 per-step records (+ the final concat) and the step list
@@ -173,6 +180,8 @@ def n_params(cfg: Config) -> int:
         core = 2 * H * (n_in + 1)
     elif cell == "lem":  # inp2hid Linear(I, 4H), hid2hid Linear(H, 3H), transform_z Linear(H, H)
         core = 4 * H * (n_in + 1) + 3 * H * (H + 1) + H * (H + 1)
+    elif cell == "cornn":  # inp Linear(I, H), rec Linear(2H, H) without bias
+        core = H * (n_in + 1) + 2 * H * H
     else:
         G = GATE_COUNT[cell]
         core = G * H * (n_in + H + 2)
@@ -246,7 +255,7 @@ def estimate(cfg: Config, cuda: bool = False) -> Estimate:
         Part("building the validation set", V * L * sample, cuda),
         Part("float64 profile pass", P * L * H * 8 * prof_coef, False),
     )
-    if cell == "lem":
+    if cell in ("lem", "cornn"):
         passes += (Part("Jacobian bound", P * (2 * H) ** 2 * 8 * JACOBIAN_FLOATS, False),)
     if cuda:
         persistent += (Part("CUDA context", CUDA_CONTEXT_BYTES, True),)

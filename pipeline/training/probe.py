@@ -223,7 +223,7 @@ def pass_metrics(
             m["spectral/gate_log10_bound"] = gate
         # lem's replacement: the product of its exact step-Jacobian norms (README, "Models"); a theorem
         # for any cell, logged for lem alone (it costs one 2H x 2H eigensolve per step and sequence).
-        if params["cell"] == "lem" and prof.is_propagation_only:
+        if params["cell"] in ("lem", "cornn") and prof.is_propagation_only:
             m["spectral/jacobian_log10_bound"] = spectra.jacobian_log10_bound(
                 params, lyapunov_x, prof.reference_step, restore_flush
             )
