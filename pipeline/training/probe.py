@@ -221,8 +221,8 @@ def pass_metrics(
         gate = spectra.gate_log10_bound(params, lyapunov_x, prof.reference_step)
         if gate is not None and prof.is_propagation_only:
             m["spectral/gate_log10_bound"] = gate
-        # lem's replacement: the product of its exact step-Jacobian norms (README, "Models"); a theorem
-        # for any cell, logged for lem alone (it costs one 2H x 2H eigensolve per step and sequence).
+        # lem's and cornn's replacement: the product of their exact step-Jacobian norms (README, "Models");
+        # a theorem for any cell, logged for these two (it costs one 2H x 2H eigensolve per step and sequence).
         if params["cell"] in ("lem", "cornn") and prof.is_propagation_only:
             m["spectral/jacobian_log10_bound"] = spectra.jacobian_log10_bound(
                 params, lyapunov_x, prof.reference_step, restore_flush
