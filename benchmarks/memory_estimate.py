@@ -166,6 +166,38 @@ CASES = {
         "trainer.max_steps=1",
         "task.val_size=64",
     ],
+    # lem (pipeline/training/lem.py): the loop with autograd; the profile pass and, after it, the Jacobian
+    # bound's [P, 2H, 2H] matrices (H and P kept small: the bound costs one eigensolve per step and sequence)
+    "training activations (lem)": [
+        "model.cell=lem",
+        "model.init=default",
+        "task.seq_len=200",
+        "task.batch_size=512",
+        "model.hidden_size=128",
+        "trainer.max_steps=2",
+        "task.val_size=64",
+        "diagnostics.probe_size=8",
+    ],
+    "float64 profile (lem)": [
+        "model.cell=lem",
+        "model.init=default",
+        "task.seq_len=400",
+        "model.hidden_size=64",
+        "diagnostics.probe_size=128",
+        "trainer.max_steps=1",
+        "task.val_size=64",
+    ],
+    "Omega (lem)": [
+        "model.cell=lem",
+        "model.init=default",
+        "task.seq_len=200",
+        "task.batch_size=256",
+        "model.hidden_size=128",
+        "remedy.omega=1",
+        "trainer.max_steps=2",
+        "task.val_size=64",
+        "diagnostics.probe_size=8",
+    ],
 }
 
 

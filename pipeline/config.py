@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.names import CELLS, DIAGONAL_CELLS
+from pipeline.names import CELLS
 from pipeline.schema import (
     ConfigError,
     build,
@@ -66,7 +66,7 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    cell: str = "tanh"  # tanh | relu | lstm | gru | orthogonal (expRNN) | indrnn (IndRNN) | lru | mingru
+    cell: str = "tanh"  # tanh | relu | lstm | gru | orthogonal (expRNN) | indrnn (IndRNN) | lru | mingru | lem | cornn
     hidden_size: int = 64  # H
     init: str = "default"  # recurrent-weight init: default | gaussian | orthogonal | identity
     init_scale: float = 1.0  # g: gaussian N(0, g^2/H); orthogonal g*Q; identity g*I (IRNN)
@@ -77,6 +77,15 @@ class ModelConfig:
     r_min: float = 0.9  # smallest initial |lambda| (in [0, r_max])
     r_max: float = 0.999  # largest initial |lambda| (< 1: |lambda| = 1 is nu_log = -inf, no gradient)
     max_phase: float = math.pi / 10  # largest initial phase of lambda, radians (in (0, 2 pi])
+    # lem only: the time step dt of Rusch, Erichson, Mahoney 2022 (eq. 3), in (0, 1]: each unit's learned
+    # step is dt * sigmoid(...), so 1 - dt bounds how much of z and y a step keeps at least. 1 is the
+    # authors' default; their adding runs use 0.0242 (steps near 0.012: a slow, long memory).
+    dt: float = 1.0
+    # cornn only (Rusch & Mishra 2021, eq. 3): the oscillator's stiffness gamma and damping epsilon (>= 0);
+    # 1 and 1 are the authors' cell defaults (their tasks tune them, e.g. 2.7 and 4.7 for psMNIST). cornn
+    # reads model.dt too; the authors use small steps (0.01-0.05).
+    gamma: float = 1.0
+    epsilon: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -291,8 +300,8 @@ def _validate_remedy(cfg: Config) -> None:
     r, f, s = cfg.remedy, cfg.remedy.floss, cfg.remedy.skip
     check("remedy.omega", math.isfinite(r.omega) and r.omega >= 0, "a finite number >= 0", r.omega)
     check("remedy.floss.weight", math.isfinite(f.weight) and f.weight >= 0, "a finite number >= 0", f.weight)
-    # (h, c) for LSTM; lru's N complex channels are 2N real numbers (Re, Im)
-    state = cfg.model.hidden_size * (2 if cfg.model.cell in ("lstm", "lru") else 1)
+    # (h, c) for LSTM, (y, z) for lem and cornn; lru's N complex channels are 2N real numbers (Re, Im)
+    state = cfg.model.hidden_size * (2 if cfg.model.cell in ("lstm", "lem", "cornn", "lru") else 1)
     check(
         "remedy.floss.exponents", 1 <= f.exponents <= state, f"in [1, {state}] (the state size)", f.exponents
     )
@@ -312,17 +321,27 @@ def _validate_remedy(cfg: Config) -> None:
 
 
 def _validate_diagonal(m: ModelConfig) -> None:
-    """The lru ring (checked for every cell: a bad value fails the same way whatever the cell) and the
-    modern cells' own inits: lru sets lambda by the ring, mingru keeps nn.Linear's init, so ``model.init``
-    (a W_hh scheme; neither cell has a W_hh) must stay ``default``."""
+    """The lru ring and lem's dt (checked for every cell: a bad value fails the same way whatever the cell)
+    and the modern cells' own inits: lru sets lambda by the ring, mingru keeps nn.Linear's init, lem its
+    authors' uniform init, so ``model.init`` (a W_hh scheme) must stay ``default``."""
     check("model.r_max", 0.0 < m.r_max < 1.0, "in (0, 1)", m.r_max)
     check("model.r_min", 0.0 <= m.r_min <= m.r_max, f"in [0, model.r_max = {m.r_max}]", m.r_min)
     check("model.max_phase", 0.0 < m.max_phase <= 2 * math.pi, "in (0, 2 pi]", m.max_phase)
+    check("model.dt", 0.0 < m.dt <= 1.0, "in (0, 1] (lem's and cornn's time step)", m.dt)
+    check("model.gamma", math.isfinite(m.gamma) and m.gamma >= 0, "a finite number >= 0 (cornn)", m.gamma)
+    check(
+        "model.epsilon",
+        math.isfinite(m.epsilon) and m.epsilon >= 0,
+        "a finite number >= 0 (cornn)",
+        m.epsilon,
+    )
     why = {
         "lru": "lru has no W_hh: its lambda is set by model.r_min, model.r_max, model.max_phase",
         "mingru": "mingru has no W_hh: its gates keep nn.Linear's init",
+        "lem": "lem keeps its authors' init, U(-1/sqrt(H), 1/sqrt(H)) for every weight",
+        "cornn": "cornn keeps its authors' init, nn.Linear's over [u, z, y]",
     }
-    if m.cell in DIAGONAL_CELLS:
+    if m.cell in why:
         check("model.init", m.init == "default", f"'default' ({why[m.cell]})", m.init)
 
 

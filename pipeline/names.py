@@ -20,14 +20,19 @@ GATED_CELLS = ("lstm", "gru")
 # mingru (Feng et al. 2024): a_t = 1 - z_t with z_t from x_t alone; no recurrent matrix, so the bound is
 # replaced by the data-dependent spectral/gate_log10_bound (README, "Models").
 DIAGONAL_CELLS = ("lru", "mingru")
+# lem (Rusch, Erichson, Mahoney 2022): two coupled states (y, z) with learned per-unit time steps; cornn
+# (Rusch & Mishra 2021): a damped oscillator y'' = tanh(...) - gamma y - epsilon y'. Their Jacobians are
+# full 2H x 2H matrices, bounded by the product of their exact norms (spectral/jacobian_log10_bound).
+ODE_CELLS = ("lem", "cornn")
 # --- end modern cells ---
-CELLS = ("tanh", "relu", "lstm", "gru", "orthogonal", "indrnn", *DIAGONAL_CELLS)
+CELLS = ("tanh", "relu", "lstm", "gru", "orthogonal", "indrnn", *DIAGONAL_CELLS, *ODE_CELLS)
 # Gate blocks of the fused weight matrices, in torch's row order (nn.LSTM: i f g o; nn.GRU: r z n;
 # the twin's minGRU input weights: z then the candidate h~).
 GATE_NAMES: dict[str, tuple[str, ...]] = {
     "lstm": ("i", "f", "g", "o"),
     "gru": ("r", "z", "n"),
     "mingru": ("z", "h"),
+    "lem": ("dtz", "dty", "z", "y"),  # the input's blocks V1 (z's step), V2 (y's step), Vz, Vy
 }
 GATE_COUNT: dict[str, int] = {c: len(GATE_NAMES.get(c, ("h",))) for c in CELLS}
 

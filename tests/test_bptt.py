@@ -67,6 +67,14 @@ def random_params(cell, H=5, n_in=3, n_out=2, scale=1.0, seed=0, dtype=F64):
             "W_out": p["W_out"],
             "b_out": p["b_out"],
         }
+    elif cell == "lem":  # blocks (dt1, dt2, z, y) of the input, (dt1, dt2, z) of y_{n-1}; Wy: z_n -> y_n
+        p = {"cell": cell, "W_out": p["W_out"], "b_out": p["b_out"], "dt": 0.7}
+        p.update(W_ih=rnd(4 * H, n_in, s=0.7), b_ih=rnd(4 * H, s=0.3), b_hh=rnd(3 * H, s=0.3))
+        p.update(W_hh=rnd(3 * H, H, s=scale / math.sqrt(H)), W_y=rnd(H, H, s=scale / math.sqrt(H)))
+        p["b_y"] = rnd(H, s=0.3)
+    elif cell == "cornn":  # W_hh = [W_z | W] acting on [z, y]
+        p = {"cell": cell, "W_out": p["W_out"], "b_out": p["b_out"], "dt": 0.3, "gamma": 1.5, "epsilon": 0.7}
+        p.update(W_ih=rnd(H, n_in, s=0.7), b_ih=rnd(H, s=0.3), W_hh=rnd(H, 2 * H, s=scale / math.sqrt(H)))
     # --- end modern cells ---
     return p
 

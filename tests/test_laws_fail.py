@@ -64,6 +64,11 @@ CASES = {
         {"e": _r(bptt__log10_ratio=-20, spectral__pascanu_log10_bound=5)},
         {"e": _r(bptt__log10_ratio=5.001, spectral__pascanu_log10_bound=5)},
     ),
+    "jacobian_bound_holds": (
+        {"jacobian_bound_holds": {}},
+        {"e": _r(bptt__log10_ratio=-14.4, spectral__jacobian_log10_bound=-4.1)},
+        {"e": _r(bptt__log10_ratio=-4.0, spectral__jacobian_log10_bound=-4.1)},
+    ),
     "finite": ({"finite": {}}, {"e": _r(val__loss=0.1)}, {"e": _r(tags=DIVERGED, val__loss=0.1)}),
     "tag_equals": (
         {"tag_equals": {"tag": "regime", "value": "vanishing"}},

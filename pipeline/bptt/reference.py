@@ -26,6 +26,11 @@ with the twin's real [Re, Im] blocks: lru in complex arithmetic (Orvieto et al. 
 channel by exactly |lambda_j| per step); mingru with dL/dh_{t-1} = (1 - z_t) dL/dh_t, z_t = sigmoid(W_z x_t
 + b_z) from the input alone (Feng et al. 2024): the profile is the product of the retentions 1 - z along
 the batch.
+
+lem has its own too (:func:`_lem_log10`): the step Jacobian J_t = d(y_t, z_t)/d(y_{t-1}, z_{t-1}) built
+as an explicit [B, 2H, 2H] matrix, block by block, by the chain rule written from Rusch, Erichson, Mahoney
+2022's eq. 3 (no vector-Jacobian product), and the gradient carried back as d_{t-1} = J_t^T d_t; cornn
+the same way from Rusch & Mishra 2021's eq. 3.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ if TYPE_CHECKING:  # annotations only: no code is shared with the profile it che
     from pipeline.bptt.profile import LossFn
     from pipeline.bptt.twin import Params
 
-SUPPORTED = ("tanh", "orthogonal", "relu", "indrnn", "lru", "mingru")
+SUPPORTED = ("tanh", "orthogonal", "relu", "indrnn", "lru", "mingru", "lem", "cornn")
 
 
 def _dphi(cell: str, a: np.ndarray) -> np.ndarray:
@@ -65,6 +70,8 @@ def profile_log10(params: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: Los
         y = y.detach().to(torch.float64)
     if cell in ("lru", "mingru"):
         return _diagonal_log10(p, x, y, loss_fn)
+    if cell in ("lem", "cornn"):
+        return _lem_log10(p, x.numpy(), y, loss_fn)
     B, T = x.shape[0], x.shape[1]
     h = torch.zeros(B, p["W_ih"].shape[0], dtype=torch.float64)
     pre: list[np.ndarray] = []
@@ -159,6 +166,100 @@ def _diagonal_log10(p: Params, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn
             d, log_scale = d / m, log_scale + math.log(m)
         d = step[t] * d  # dL/dh_{t-1} from dL/dh_t through step t's diagonal Jacobian
     return out_log
+
+
+def _sigmoid(a: np.ndarray) -> np.ndarray:
+    return np.asarray(0.5 * (1.0 + np.tanh(0.5 * a)))  # no overflow for large |a|
+
+
+def _lem_forward(p: Params, x: np.ndarray) -> tuple[list[tuple[np.ndarray, ...]], np.ndarray]:
+    """Per step t = 1..T the activations its Jacobian needs (s1, s2, c_z, c_y, y_{t-1}, z_{t-1}), and y_T."""
+    dt = float(p["dt"])
+    V, c = p["W_ih"].numpy(), p["b_ih"].numpy()
+    W, e = p["W_hh"].numpy(), p["b_hh"].numpy()
+    Wy, by = p["W_y"].numpy(), p["b_y"].numpy()
+    H = Wy.shape[0]
+    y = np.zeros((x.shape[0], H))
+    z = np.zeros_like(y)
+    acts: list[tuple[np.ndarray, ...]] = []
+    for t in range(x.shape[1]):
+        u = x[:, t] @ V.T + c  # [B, 4H]: V1 u + b1, V2 u + b2, Vz u + bz, Vy u + by
+        a = y @ W.T + e  # [B, 3H]: W1 y + b1', W2 y + b2', Wz y + bz'
+        s1, s2 = _sigmoid(a[:, :H] + u[:, :H]), _sigmoid(a[:, H : 2 * H] + u[:, H : 2 * H])
+        cz = np.tanh(a[:, 2 * H :] + u[:, 2 * H : 3 * H])
+        z_new = (1 - dt * s1) * z + dt * s1 * cz
+        cy = np.tanh(z_new @ Wy.T + by + u[:, 3 * H :])
+        acts.append((s1, s2, cz, cy, y, z))
+        y, z = (1 - dt * s2) * y + dt * s2 * cy, z_new
+    return acts, y
+
+
+def _lem_jacobian(p: Params, act: tuple[np.ndarray, ...]) -> np.ndarray:
+    """The explicit step Jacobian [B, 2H, 2H] (rows (y_t, z_t), columns (y_{t-1}, z_{t-1})), block by block,
+    with dt1 = dt s1, dt2 = dt s2: dz_t/dz_{t-1} = diag(1 - dt1); dz_t/dy_{t-1} = diag(dt s1 (1 - s1)
+    (c_z - z)) W1 + diag(dt1 (1 - c_z^2)) Wz; dy_t/dy_{t-1} = diag(1 - dt2) + diag(dt s2 (1 - s2) (c_y - y))
+    W2 + K dz_t/dy_{t-1}; dy_t/dz_{t-1} = K dz_t/dz_{t-1}, with K = dy_t/dz_t = diag(dt2 (1 - c_y^2)) Wy."""
+    s1, s2, cz, cy, y, z = act
+    dt, W, Wy = float(p["dt"]), p["W_hh"].numpy(), p["W_y"].numpy()
+    H = Wy.shape[0]
+    W1, W2, Wz = W[:H], W[H : 2 * H], W[2 * H :]
+    eye = np.eye(H)
+    zz = (1 - dt * s1)[:, :, None] * eye
+    zy = (dt * s1 * (1 - s1) * (cz - z))[:, :, None] * W1 + (dt * s1 * (1 - cz**2))[:, :, None] * Wz
+    k = (dt * s2 * (1 - cy**2))[:, :, None] * Wy
+    yy = (1 - dt * s2)[:, :, None] * eye + (dt * s2 * (1 - s2) * (cy - y))[:, :, None] * W2 + k @ zy
+    return np.concatenate([np.concatenate([yy, k @ zz], 2), np.concatenate([zy, zz], 2)], 1)
+
+
+def _cornn_forward(p: Params, x: np.ndarray) -> tuple[list[tuple[np.ndarray, ...]], np.ndarray]:
+    """cornn: per step the tanh' of its pre-activation, and y_T, by the plain recursion."""
+    dt, gamma, eps = float(p["dt"]), float(p["gamma"]), float(p["epsilon"])
+    V, b, W = p["W_ih"].numpy(), p["b_ih"].numpy(), p["W_hh"].numpy()
+    H = V.shape[0]
+    y = np.zeros((x.shape[0], H))
+    z = np.zeros_like(y)
+    acts: list[tuple[np.ndarray, ...]] = []
+    for t in range(x.shape[1]):
+        c = np.tanh(x[:, t] @ V.T + b + z @ W[:, :H].T + y @ W[:, H:].T)
+        acts.append((1 - c**2,))
+        z = z + dt * (c - gamma * y - eps * z)
+        y = y + dt * z
+    return acts, y
+
+
+def _cornn_jacobian(p: Params, act: tuple[np.ndarray, ...]) -> np.ndarray:
+    """cornn's step Jacobian [B, 2H, 2H]: dz_t/dy_{t-1} = dt (diag(s) W - gamma I), dz_t/dz_{t-1} = (1 -
+    dt epsilon) I + dt diag(s) W_z, and y_t = y_{t-1} + dt z_t: dy_t/d(.) = [I, 0] + dt dz_t/d(.)."""
+    (s,) = act
+    dt, gamma, eps, W = float(p["dt"]), float(p["gamma"]), float(p["epsilon"]), p["W_hh"].numpy()
+    H = W.shape[0]
+    eye = np.eye(H)
+    zy = dt * (s[:, :, None] * W[:, H:] - gamma * eye)
+    zz = (1 - dt * eps) * eye + dt * s[:, :, None] * W[:, :H]
+    return np.concatenate([np.concatenate([eye + dt * zy, dt * zz], 2), np.concatenate([zy, zz], 2)], 1)
+
+
+def _lem_log10(p: Params, x: np.ndarray, y: torch.Tensor, loss_fn: LossFn) -> np.ndarray:
+    """log10 ||dL/d(y_t, z_t)||_F of a last-step loss for lem and cornn, by d_{t-1} = J_t^T d_t (explicit matrices,
+    each built when the walk reaches it: memory O(T B H), not O(T B H^2))."""
+    cornn = p["cell"] == "cornn"
+    acts, y_T = _cornn_forward(p, x) if cornn else _lem_forward(p, x)
+    jacobian = _cornn_jacobian if cornn else _lem_jacobian
+    with torch.enable_grad():
+        leaf = torch.from_numpy(y_T).requires_grad_()
+        g = torch.autograd.grad(loss_fn(F.linear(leaf, p["W_out"], p["b_out"]), y), leaf)[0].numpy()
+    d = np.concatenate([g, np.zeros_like(g)], axis=1)  # the loss reads y_T alone: dL/dz_T (direct) = 0
+    out, log_scale = np.empty(x.shape[1]), 0.0
+    for t in range(x.shape[1] - 1, -1, -1):
+        m = float(np.abs(d).max())
+        if m == 0:
+            out[: t + 1] = -math.inf
+            break
+        d, log_scale = d / m, log_scale + math.log(m)
+        out[t] = (log_scale + 0.5 * math.log(float((d**2).sum()))) / math.log(10)
+        if t > 0:
+            d = np.einsum("bi,bij->bj", d, jacobian(p, acts[t]))  # (J^T d)_j = sum_i d_i J_ij
+    return out
 
 
 def max_error(profile_h: np.ndarray, reference: np.ndarray) -> float:

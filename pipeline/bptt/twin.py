@@ -17,8 +17,9 @@ The params dict is the contract with ``pipeline/training/models.py``::
 
 with G = 1 (tanh, relu, orthogonal, indrnn), 4 (lstm, gates i, f, g, o) or 3 (gru, gates r, z, n), in
 PyTorch's gate order. Inputs are batch-first ``[B, T, I]``; the initial state is zeros. The modern
-diagonal cells ``lru`` and ``mingru`` have their own entries and live in :mod:`pipeline.bptt.modern`;
-every function here dispatches to it for them.
+diagonal cells ``lru`` and ``mingru`` have their own entries and live in :mod:`pipeline.bptt.modern`,
+``lem`` and ``cornn`` (state [y, z] as one vector) in :mod:`pipeline.bptt.lem` and :mod:`pipeline.bptt.cornn`;
+every function here dispatches to them.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pipeline.bptt import modern
-from pipeline.names import CELLS, DIAGONAL_CELLS
+from pipeline.bptt import cornn, lem, modern
+from pipeline.names import CELLS, DIAGONAL_CELLS, ODE_CELLS
 
 Tensor = torch.Tensor
 State = tuple[Tensor, ...]
@@ -52,7 +53,9 @@ def state_names(cell: str | Params) -> tuple[str, ...]:
 
 
 def hidden_size(params: Params) -> int:
-    """Width of the state vector h (lru: 2N, its complex state as [Re h, Im h])."""
+    """Width of the state vector h (lru: 2N, its complex state as [Re h, Im h]; lem: 2H, [y, z])."""
+    if params["cell"] in ODE_CELLS:
+        return 2 * (lem.width if params["cell"] == "lem" else cornn.width)(params)
     if params["cell"] in DIAGONAL_CELLS:
         return modern.hidden_size(params)
     return int(params["W_ih"].shape[0]) // (
@@ -77,9 +80,10 @@ def activation_gamma(cell: str | Params) -> float | None:
     tanh and relu both have |phi'| <= 1 (IndRNN: relu with a diagonal recurrence, Li 2018); lru's phi is
     the identity (J = diag(lambda) exactly). Gated cells have no single activation between states, so the
     theorem does not apply: ``None``; nor for mingru, which has no recurrent matrix (its J_t = diag(1 - z_t)
-    is bounded by :func:`pipeline.bptt.modern.gate_log10_bound` instead).
+    is bounded by :func:`pipeline.bptt.modern.gate_log10_bound` instead), nor for lem (its J_t mixes four
+    matrices with its gates: :func:`pipeline.bptt.spectra.jacobian_log10_bound`), nor for cornn (likewise).
     """
-    return None if _cell(cell) in ("lstm", "gru", "mingru") else 1.0
+    return None if _cell(cell) in ("lstm", "gru", "mingru", *ODE_CELLS) else 1.0
 
 
 def input_projection(params: Params, x: Tensor) -> Tensor:
@@ -99,6 +103,8 @@ def step_projected(params: Params, gi: Tensor, state: State) -> State:
     cell = _cell(params)
     if cell in DIAGONAL_CELLS:
         return modern.step_cached(params, gi, state)[0]
+    if cell in ODE_CELLS:
+        return (lem.step_cached if cell == "lem" else cornn.step_cached)(params, gi, state)[0]
     if cell == "indrnn":
         # IndRNN (Li et al. 2018, eq. 2): h_t = relu(W x_t + b + u * h_{t-1}), u elementwise.
         (h,) = state
@@ -140,9 +146,12 @@ def unroll(params: Params, x: Tensor, state: State | None = None) -> list[State]
 
 def readout(params: Params, h: Tensor, x: Tensor | None = None) -> Tensor:
     """Linear readout ``h @ W_out^T + b_out``; ``h`` may be ``[B, H]`` or ``[B, T, H]``. ``x``: the input
-    of the same steps, read only by lru (its output y_t = Re(C h_t) + D x_t feeds the readout)."""
+    of the same steps, read only by lru (its output y_t = Re(C h_t) + D x_t feeds the readout); lem's
+    readout reads y, the first half of its state [y, z]."""
     if params["cell"] in DIAGONAL_CELLS:
         return modern.readout(params, h, x)
+    if params["cell"] in ODE_CELLS:
+        return (lem.readout if params["cell"] == "lem" else cornn.readout)(params, h)
     return F.linear(h, params["W_out"], params["b_out"])
 
 
@@ -157,6 +166,8 @@ def step_cached(params: Params, gi: Tensor, state: State) -> tuple[State, Cache]
     cell = _cell(params)
     if cell in DIAGONAL_CELLS:
         return modern.step_cached(params, gi, state)
+    if cell in ODE_CELLS:
+        return (lem.step_cached if cell == "lem" else cornn.step_cached)(params, gi, state)
     if cell == "indrnn":
         h = torch.relu(gi + params["u"] * state[0])
         return (h,), (h,)
@@ -190,6 +201,8 @@ def step_vjp(params: Params, cache: Cache, v: State) -> tuple[State, Tensor | No
     cell = _cell(params)
     if cell in DIAGONAL_CELLS:
         return modern.step_vjp(params, cache, v)
+    if cell in ODE_CELLS:
+        return (lem.step_vjp if cell == "lem" else cornn.step_vjp)(params, cache, v)
     if cell == "indrnn":
         (h_new,) = cache
         return (v[0] * (h_new > 0) * params["u"],), None
@@ -224,6 +237,8 @@ def step_jvp(params: Params, cache: Cache, q: State) -> State:
     cell = _cell(params)
     if cell in DIAGONAL_CELLS:
         return modern.step_jvp(params, cache, q)
+    if cell in ODE_CELLS:
+        return (lem.step_jvp if cell == "lem" else cornn.step_jvp)(params, cache, q)
     if cell == "indrnn":
         (h_new,) = cache
         return ((h_new > 0) * params["u"] * q[0],)

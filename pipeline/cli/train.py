@@ -92,8 +92,10 @@ def command(args: argparse.Namespace) -> int:
     )
     m = r.metrics
     if "bptt/log10_ratio" in m:
-        # mingru has no recurrent matrix: its bound on the ratio stands where sigma_max would
-        bound = "spectral/gate_log10_bound" if "spectral/gate_log10_bound" in m else "spectral/sigma_max"
+        # mingru has no recurrent matrix, lem no Pascanu bound: their bounds on the ratio stand where
+        # sigma_max would
+        bounds = ("spectral/gate_log10_bound", "spectral/jacobian_log10_bound")
+        bound = next((b for b in bounds if b in m), "spectral/sigma_max")
         print(
             f"  bptt/log10_ratio={m['bptt/log10_ratio']:.2f} bptt/decay_rate={m['bptt/decay_rate']:.4f}"
             f" {bound}={m.get(bound, float('nan')):.3f}"

@@ -59,11 +59,17 @@ KNOWN_METRICS = frozenset(
         "remedy/omega",
         "remedy/floss",
         "spectral/gate_log10_bound",  # mingru's replacement for Pascanu's bound (README, "Models")
+        "spectral/jacobian_log10_bound",  # lem's: the product of its exact step-Jacobian norms
         "bptt/lambda_log10_sensitivity",  # lru: Zucchet & Orvieto 2024 (README, "Regime verdict")
         "bptt/recurrent_log10_sensitivity",
     }
 )
 METRIC_PATTERN = re.compile(r"^spectral/(sigma_max|radius)_[a-z]+$|^remedy/floss_lambda_[1-9][0-9]*$")
+# Upper bounds on bptt/log10_ratio, each a theorem where it is logged: the law that checks one.
+BOUNDS = {
+    "pascanu_bound_holds": ("spectral/pascanu_log10_bound", "Pascanu's bound"),
+    "jacobian_bound_holds": ("spectral/jacobian_log10_bound", "the Jacobian-norm bound"),
+}
 
 
 def check_metric(key: str, name: Any) -> str:
@@ -290,19 +296,22 @@ def _lyapunov(chk: Check, results: dict[str, EntryResult]) -> Row:
 
 
 @law("pascanu_bound_holds", True, ())
-def _pascanu(chk: Check, results: dict[str, EntryResult]) -> Row:
+@law("jacobian_bound_holds", True, ())
+def _bound(chk: Check, results: dict[str, EntryResult]) -> Row:
     r = _result(chk, results)
-    now, bound = _metric(r, "bptt/log10_ratio"), _metric(r, "spectral/pascanu_log10_bound")
+    metric, words = BOUNDS[chk.kind]
+    now, bound = _metric(r, "bptt/log10_ratio"), _metric(r, metric)
     if now is None or bound is None:
-        return _missing(chk, "<= bound", "-", "bptt/log10_ratio or spectral/pascanu_log10_bound")
-    # A theorem (Pascanu 2013): any violation beyond float64 round-off is a bug in the profile.
+        return _missing(chk, "<= bound", "-", f"bptt/log10_ratio or {metric}")
+    # A theorem (Pascanu 2013; for the Jacobian-norm bound, the submultiplicativity of the operator norm
+    # along the exact Jacobians): any violation beyond float64 round-off is a bug in the profile.
     return _law(
         chk,
         f"bound {fmt(bound)}",
         now,
         "<= bound",
         now <= bound + 1e-9,
-        f"log10 ratio {fmt(now)} exceeds Pascanu's bound {fmt(bound)}",
+        f"log10 ratio {fmt(now)} exceeds {words} {fmt(bound)}",
     )
 
 

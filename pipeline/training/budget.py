@@ -78,6 +78,29 @@ VALIDATION_FLOATS = {
     "lru": 6,
     "mingru": 4,
 }  # per (sample, step, unit) in a no-grad forward: G + 2 for the rest
+# lem (pipeline.training.lem): a loop over time with autograd; per (sample, step, unit) it keeps the input
+# projection (4), the recurrent projection (3), two gates, two candidates, the steps, y and z and their
+# gradients in backward. Its state is [y, z] (2H), so the twin's caches and gradients are twice a vanilla
+# cell's or more. Measured as above (README "Memory estimate", benchmarks/memory_estimate.py): training
+# B=512 L=200 H=128 about 15 (24 kept: the estimate reads 1.31x the peak, as the others); profile P=128 L=400 H=64 about 41 with the
+# Jacobian bound after it; Omega B=256 L=200 H=128 55-64 over the training step. Flossing: not measured
+# (set as gru's).
+TRAIN_COEF["lem"] = 24
+PROFILE_COEF["lem"] = 46
+VALIDATION_FLOATS["lem"] = 6
+OMEGA_COEF["lem"] = 72
+FLOSS_COEF["lem"] = 16
+# lem's spectral/jacobian_log10_bound (pipeline.bptt.spectra.jacobian_log10_bound): per step, float64
+# [P, 2H, 2H] matrices alive at once: the Jacobians, their Gram matrices, the eigensolver's copy and the
+# tangents' intermediates; after the profile pass, not during it.
+JACOBIAN_FLOATS = 6
+# cornn (pipeline.training.cornn): the same loop with fewer ops per step (one tanh, no gates); not measured:
+# set from lem's by the count of kept [B, H] tensors per step (about 10 against lem's 17), rounded up.
+TRAIN_COEF["cornn"] = 16
+PROFILE_COEF["cornn"] = 30
+VALIDATION_FLOATS["cornn"] = 4
+OMEGA_COEF["cornn"] = 48
+FLOSS_COEF["cornn"] = 16
 # --- end modern cells ---
 HISTORY_BYTES_PER_STEP = (
     200  # host copy of the 9 float64 per-step records (+ the final concat) and the step list
@@ -161,6 +184,10 @@ def n_params(cfg: Config) -> int:
         core = 3 * H + 3 * H * n_in + 2 * H * H
     elif cell == "mingru":  # gate and candidate: nn.Linear(I, H) each
         core = 2 * H * (n_in + 1)
+    elif cell == "lem":  # inp2hid Linear(I, 4H), hid2hid Linear(H, 3H), transform_z Linear(H, H)
+        core = 4 * H * (n_in + 1) + 3 * H * (H + 1) + H * (H + 1)
+    elif cell == "cornn":  # inp Linear(I, H), rec Linear(2H, H) without bias
+        core = H * (n_in + 1) + 2 * H * H
     else:
         G = GATE_COUNT[cell]
         core = G * H * (n_in + H + 2)
@@ -207,7 +234,7 @@ def estimate(cfg: Config, cuda: bool = False) -> Estimate:
     readout_all = cfg.task.name == "copy"
     prof_coef = PROFILE_COEF[cell] + (2 if readout_all else 0)
     passes_n = 2 + (tr.max_steps // d.profile_every if d.profile_every else 0)
-    states = 2 if cell == "lstm" else 1
+    states = 2 if cell == "lstm" else 1  # lem's [y, z] is one profile state
     square = 12 * H * H * 4 if cell == "orthogonal" else 0  # matrix_exp of W_hh kept for backward
     persistent: tuple[Part, ...] = (
         Part("runtime (torch, Lightning, MLflow)", RUNTIME_BYTES, False),
@@ -224,7 +251,7 @@ def estimate(cfg: Config, cuda: bool = False) -> Estimate:
         *_dataset(cfg, cuda),
     )
     chunk = min(V, max(B, 256))
-    passes = (
+    passes: tuple[Part, ...] = (
         Part(
             "training activations",
             B * L * (H * 4 * _train_coef(cell, L, cuda) + sample) + _remedy_bytes(cfg, L),
@@ -234,6 +261,8 @@ def estimate(cfg: Config, cuda: bool = False) -> Estimate:
         Part("building the validation set", V * L * sample, cuda),
         Part("float64 profile pass", P * L * H * 8 * prof_coef, False),
     )
+    if cell in ("lem", "cornn"):
+        passes += (Part("Jacobian bound", P * (2 * H) ** 2 * 8 * JACOBIAN_FLOATS, False),)
     if cuda:
         persistent += (Part("CUDA context", CUDA_CONTEXT_BYTES, True),)
     return Estimate(persistent, passes)

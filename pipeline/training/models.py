@@ -9,8 +9,9 @@ Cells: ``tanh`` and ``relu`` (nn.RNN; relu + identity init is the IRNN of Le, Ja
 * ``indrnn``: h_t = relu(W_ih x_t + b + u * h_{t-1}), a diagonal recurrence (Li et al. 2018, "IndRNN"),
   so dL/dh_1 = u^(T-1) dL/dh_T exactly along active units.
 
-and the modern diagonal linear recurrences ``lru`` (Orvieto et al. 2023) and ``mingru`` (Feng et al.
-2024), in :mod:`pipeline.training.modern`.
+the modern diagonal linear recurrences ``lru`` (Orvieto et al. 2023) and ``mingru`` (Feng et al.
+2024), in :mod:`pipeline.training.modern`, ``lem`` (Rusch, Erichson, Mahoney 2022), in
+:mod:`pipeline.training.lem`, and ``cornn`` (Rusch & Mishra 2021), in :mod:`pipeline.training.cornn`.
 
 Recurrent inits (``model.init``, scale g = ``model.init_scale``), applied to each gate's H x H block:
 ``default`` (PyTorch's U(-1/sqrt(H), 1/sqrt(H)), i.e. std * sqrt(H) = 1/sqrt(3)), ``gaussian``
@@ -28,6 +29,8 @@ from torch.nn.utils import parametrizations
 
 from pipeline.config import ModelConfig
 from pipeline.names import GROUPS
+from pipeline.training.cornn import CoRNN
+from pipeline.training.lem import LEM
 from pipeline.training.modern import LRU, MinGRU
 
 
@@ -132,6 +135,20 @@ def ulp_nudge_(module: nn.Module, seed: int) -> None:
             p.copy_(torch.where(p == 0, p, torch.nextafter(p, target)))
 
 
+def modern_core(cfg: ModelConfig, input_size: int, gen: torch.Generator) -> nn.Module:
+    """The modern cells' layers: lru, mingru (:mod:`pipeline.training.modern`), lem, cornn."""
+    H = cfg.hidden_size
+    if cfg.cell == "lru":
+        return LRU(input_size, H, cfg.r_min, cfg.r_max, cfg.max_phase, gen)
+    if cfg.cell == "mingru":
+        return MinGRU(input_size, H)
+    if cfg.cell == "lem":
+        return LEM(input_size, H, cfg.dt, gen)
+    if cfg.cell == "cornn":
+        return CoRNN(input_size, H, cfg.dt, cfg.gamma, cfg.epsilon, gen)
+    raise ValueError(f"unknown cell {cfg.cell!r}")
+
+
 class RNNModel(nn.Module):
     """A recurrent core plus a linear readout; ``readout`` is ``"last"`` or ``"all"`` (per task)."""
 
@@ -151,14 +168,8 @@ class RNNModel(nn.Module):
             self.rnn = OrthogonalRNN(input_size, H, g, cfg.init, gen)
         elif cfg.cell == "indrnn":
             self.rnn = IndRNN(input_size, H, g, cfg.init, gen)
-        # --- modern diagonal cells (pipeline.training.modern); model.init is 'default' (config.validate) ---
-        elif cfg.cell == "lru":
-            self.rnn = LRU(input_size, H, cfg.r_min, cfg.r_max, cfg.max_phase, gen)
-        elif cfg.cell == "mingru":
-            self.rnn = MinGRU(input_size, H)
-        # --- end modern cells ---
-        else:
-            raise ValueError(f"unknown cell {cfg.cell!r}")
+        else:  # the modern cells; model.init is 'default' for them (config.validate)
+            self.rnn = modern_core(cfg, input_size, gen)
         if isinstance(self.rnn, (nn.RNN, nn.LSTM, nn.GRU)):  # weight_*_l0: see OrthogonalRNN
             recurrent_init_(cast(torch.Tensor, self.rnn.weight_hh_l0), cfg.init, g, H, gen)
         if cfg.cell == "lstm":
@@ -197,7 +208,7 @@ class RNNModel(nn.Module):
             p.update(W_ih=w_ih, W_hh=w_hh, b_ih=b_ih, b_hh=b_hh)
         elif isinstance(r, OrthogonalRNN):
             p.update(W_ih=r.weight_ih, W_hh=r.weight_hh, b_ih=r.bias_ih, b_hh=r.bias_hh)
-        elif isinstance(r, (LRU, MinGRU)):  # modern cells: their own entries (pipeline.bptt.modern)
+        elif isinstance(r, (LRU, MinGRU, LEM, CoRNN)):  # own entries (bptt.modern, .lem, .cornn)
             p.update(r.live_params())
         else:
             assert isinstance(r, IndRNN), type(r)  # the cells are validated in __init__

@@ -207,7 +207,7 @@ def pass_metrics(
     project's twin (:class:`pipeline.training.callbacks.ProfileMonitor`): the profile's summaries
     (``bptt/*``), the spectra of ``params`` (``spectral/*``), Pascanu's bound where it applies (vanilla
     cells and lru, propagation only) and, given its input ``lyapunov_x``, the largest Lyapunov exponent
-    (and mingru's gate bound, which needs the input)."""
+    (and mingru's gate bound and lem's Jacobian bound, which need the input)."""
     m: dict[str, float] = {f"bptt/{k}": v for k, v in bptt.summarize(prof, horizon_decades).items()}
     m.update({f"spectral/{k}": v for k, v in spectra.spectrum(params).items()})
     # Pascanu 2013's bound is a theorem about pure propagation (no loss term between step 1 and the
@@ -221,6 +221,12 @@ def pass_metrics(
         gate = spectra.gate_log10_bound(params, lyapunov_x, prof.reference_step)
         if gate is not None and prof.is_propagation_only:
             m["spectral/gate_log10_bound"] = gate
+        # lem's and cornn's replacement: the product of their exact step-Jacobian norms (README, "Models");
+        # a theorem for any cell, logged for these two (it costs one 2H x 2H eigensolve per step and sequence).
+        if params["cell"] in ("lem", "cornn") and prof.is_propagation_only:
+            m["spectral/jacobian_log10_bound"] = spectra.jacobian_log10_bound(
+                params, lyapunov_x, prof.reference_step, restore_flush
+            )
     return m
 
 
