@@ -70,11 +70,17 @@ def _digits(cell: str, permute: bool, *extra: str, label: str | None = None) -> 
 PROFILE = "diagnostics.profile_every=500"
 IRNN = ("model.init=identity", "clip.mode=norm", "clip.threshold=1")  # Le, Jaitly, Hinton 2015
 DIGITS_STEPS = "trainer.max_steps=2400"
+# lem in the authors' adding setting (Rusch, Erichson, Mahoney 2022), profiled at the start and end only
+LEM = ("model.dt=0.0242", "optim.lr=0.0026", "diagnostics.profile_every=0", "diagnostics.probe_size=8")
 
 ROWS: tuple[Row, ...] = (
     *(_adding(100, c, 3000, PROFILE) for c in ("tanh", "orthogonal", "indrnn", "lstm", "gru", "lru")),
     _adding(100, "relu", 3000, PROFILE, *IRNN, label="relu (IRNN, clip 1)"),
     _adding(100, "mingru", 8000, PROFILE),
+    *(
+        _adding(100, "lem", s, *LEM, f"model.hidden_size={h}", label=f"lem (H {h}, dt 0.0242, lr 0.0026)")
+        for h, s in ((64, 2500), (128, 3000))
+    ),
     *(_adding(200, c, 3000, PROFILE) for c in ("lstm", "gru", "lru")),
     _adding(200, "mingru", 8000, PROFILE),
     *(_copy(100, c, 3000, PROFILE, "task.batch_size=64") for c in ("tanh", "lstm", "gru")),
