@@ -4,8 +4,9 @@ The suite file is read by :mod:`pipeline.regression.suite`. The CLI (:mod:`pipel
 the Airflow DAG (``dags/rnn_gradient_regression.py``) share the functions here:
 :func:`start_suite_run` opens the parent MLflow run; :func:`run_entry` trains one entry as a nested run;
 :func:`collect` reads the runs back from the store; :func:`judge_entries` turns them into table rows;
-:func:`finish_suite_run` records the verdict. :func:`run_suite` is the CLI's whole flow, and
-:func:`update_baseline` the ``--update-baseline`` one (perturbed reruns, measured bands, the file).
+:func:`finish_suite_run` records the verdict. :func:`run_suite` is the CLI's whole flow. The rows and
+their text are :mod:`pipeline.regression.judge`'s; the ``--update-baseline`` flow (perturbed reruns,
+measured bands, the file) is :mod:`pipeline.regression.update`'s.
 
 Top-level imports stay light (stdlib, yaml, pipeline.config/laws): the DAG and ``--help`` import this.
 Run status changes only through :mod:`pipeline.tracking` (``Recorder``, ``end_run``).
@@ -15,21 +16,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from pipeline.names import ENTRY, KIND, KIND_REGRESSION, OVERRIDES, PERTURBATION, ROLE, SUITE
-from pipeline.regression.baselines import (
-    baseline_diff,
-    baseline_row,
-    baselined,
-    load_baseline,
-    new_baseline,
-    spread_rows,
-    suite_baseline,
-    write_baseline,
-)
-from pipeline.regression.laws import ERROR, LAW, NO_BASELINE, EntryResult, Row, run_check
+from pipeline.regression.baselines import suite_baseline
+from pipeline.regression.judge import format_table, judge_entries, suite_verdict
+from pipeline.regression.laws import LAW, NO_BASELINE, EntryResult, Row
 from pipeline.regression.suite import EXPERIMENT, Entry, Suite, load_suite, with_overrides
 
 ROLE_SUITE, ROLE_ENTRY = "suite", "entry"  # the values of tag ROLE: the parent run, an entry's run
@@ -264,64 +257,6 @@ def collect(
     return out
 
 
-def judge_entries(suite: Suite, results: dict[str, EntryResult], baseline: dict) -> list[Row]:
-    """All rows: each entry's laws, then its baseline metrics, then the comparisons between entries."""
-    rows = []
-    for e in suite.entries:
-        r = results[e.name]
-        if r.status != "FINISHED":
-            rows.append(Row(f"{e.name}: run", "FINISHED", r.status, "-", "error", r.error or ""))
-        rows += [run_check(c, results) for c in e.checks]
-        rows += [baseline_row(e.name, m, r, baseline.get(e.name, {}).get(m)) for m in e.bands]
-    rows += [run_check(c, results) for c in suite.compare]
-    return rows
-
-
-def judge_perturbed(suite: Suite, results: dict[str, EntryResult], label: str) -> list[Row]:
-    """The entry-level laws of the entries run under perturbation ``label``, rows marked ``entry~label``.
-
-    A baseline is only accepted if every law also holds under the perturbations: a law that holds on
-    one machine's rounding alone would fail on the next machine.
-    """
-    rows = []
-    for e in suite.entries:
-        if e.name not in results:
-            continue
-        r = results[e.name]
-        if r.status != "FINISHED":
-            rows.append(Row(f"{e.name}~{label}: run", "FINISHED", r.status, "-", "error", r.error or ""))
-        for c in e.checks:
-            row = run_check(c, results)
-            rows.append(replace(row, check=row.check.replace(f"{e.name}: ", f"{e.name}~{label}: ", 1)))
-    return rows
-
-
-def suite_verdict(rows: list[Row]) -> str:
-    """The suite's verdict (tag ``verdict``): ``regression`` if any row fails, else ``pass``."""
-    return "regression" if any(r.failing for r in rows) else "pass"
-
-
-def format_table(rows: list[Row]) -> str:
-    head = ("check", "baseline", "now", "band", "verdict")
-    cells = [head] + [(r.check, r.baseline, r.now, r.band, r.verdict) for r in rows]
-    w = [max(len(c[i]) for c in cells) for i in range(5)]
-    lines = ["  ".join(c[i].ljust(w[i]) for i in range(5)).rstrip() for c in cells]
-    lines.insert(1, "  ".join("-" * x for x in w))
-    bad = [r for r in rows if r.failing]
-    if bad:
-        lines += ["", "failures:"] + [f"  {r.verdict}: {r.check}: {r.detail}" for r in bad]
-    return "\n".join(lines)
-
-
-def format_columns(head: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
-    """A small indented table (the baseline diff, the measured spreads)."""
-    w = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    return "\n".join(
-        "  " + "  ".join(r[i].ljust(w[i]) for i in range(len(head))).rstrip()
-        for r in [head, tuple("-" * x for x in w), *rows]
-    )
-
-
 def finish_suite_run(
     suite: Suite, parent_run_id: str, rows: list[Row], uri: str | None = None, status: str = "FINISHED"
 ) -> str:
@@ -391,6 +326,8 @@ def run_suite(
                 results[n].error = err
         rows = judge_entries(suite, results, baseline)
         if update:
+            from pipeline.regression.update import update_baseline
+
             if update_baseline(suite, baseline, results, rows, parent, exp_id, uri, workers, say) is not None:
                 return Outcome(parent, rows, None)
             rows = judge_entries(suite, results, suite_baseline(suite))
@@ -401,87 +338,3 @@ def run_suite(
         end_run(uri, parent, "KILLED" if killed else "FAILED")
         raise
     return Outcome(parent, rows, finish_suite_run(suite, parent, rows))
-
-
-def update_baseline(
-    suite: Suite,
-    baseline: dict,
-    results: dict[str, EntryResult],
-    rows: list[Row],
-    parent: str,
-    exp_id: str,
-    uri: str,
-    workers: int = 1,
-    say: Say = print,
-) -> int | None:
-    """Run the baselined entries under every perturbation, measure the bands, write the file.
-
-    Returns 1 (nothing written, the parent run closed) when a law is violated or a run failed, nominal
-    or perturbed; else None.
-    """
-    perturbed: dict[str, dict[str, EntryResult]] = {}
-    extra: list[Row] = []
-    if not any(r.verdict in (LAW, ERROR) for r in rows):
-        perturbed, extra = _run_perturbed(suite, parent, exp_id, workers, say)
-    broken = [r for r in rows + extra if r.verdict in (LAW, ERROR)]
-    if broken:
-        say(format_table(rows + extra))
-        say(
-            f"\nbaseline NOT written: {len(broken)} law(s) violated or run(s) failed; "
-            "a baseline must come from runs that respect the laws, perturbed ones included"
-        )
-        finish_suite_run(suite, parent, rows + extra)
-        return 1
-    try:
-        values = new_baseline(suite, results, perturbed)
-    except ValueError as e:
-        say(f"\nbaseline NOT written: {e}")
-        finish_suite_run(suite, parent, rows)
-        return 1
-    diff = baseline_diff(load_baseline(suite.baseline_path), values)  # the file as it is, inherited rows too
-    say(format_table(judge_entries(suite, results, {**baseline, **values}) + extra))
-    spreads = spread_rows(values)
-    if spreads:
-        say("\nmeasured spread under the perturbations -> band:")
-        say(format_columns(("metric", "spread", "band"), spreads))
-    _write(suite, values, diff, parent, exp_id, uri, say)
-    return None
-
-
-def _run_perturbed(
-    suite: Suite, parent: str, exp_id: str, workers: int, say: Say
-) -> tuple[dict[str, dict[str, EntryResult]], list[Row]]:
-    """The baselined entries again under each of :data:`PERTURBATIONS`: their results and law rows."""
-    names = baselined(suite)
-    perturbed, rows = {}, []
-    say(f"measuring bands: {len(names)} baselined entries under {', '.join(PERTURBATIONS)}")
-    for label, settings in PERTURBATIONS.items():
-        ids = run_all(
-            suite,
-            parent,
-            exp_id,
-            workers=workers,
-            progress=say,
-            entries=names,
-            overrides=settings,
-            perturbation=label,
-        )
-        perturbed[label] = collect(suite, {n: rid for n, (rid, _) in ids.items()}, parent, perturbation=label)
-        rows += judge_perturbed(suite, perturbed[label], label)
-    return perturbed, rows
-
-
-def _write(suite: Suite, values: dict, diff: list, parent: str, exp_id: str, uri: str, say: Say) -> None:
-    """Rewrite the baseline file if a value changed (no date-only diffs to commit) and show the diff."""
-    from pipeline.tracking import Recorder
-
-    if diff:
-        path = write_baseline(suite, values)
-        rec = Recorder(uri, parent, exp_id)
-        rec.log_file(path, "suite")
-        rec.set_tags({"baseline_updated": "true"})
-        say(f"\nbaseline written: {path} ({len(diff)} change(s))")
-    else:
-        say(f"\nbaseline unchanged: {suite.baseline_path} not rewritten")
-    if diff:
-        say(format_columns(("metric", "old", "new", "change"), diff))
