@@ -31,6 +31,7 @@ __all__ = [
     "Curve",
     "draw_grad_norms",
     "draw_profile",
+    "run_figure",
     "outcome",
     "plt",
     "positive",
@@ -49,6 +50,30 @@ LEARNED_NOTHING = 0.9
 def wrap_title(text: str, fig: Any) -> str:
     """Wrap a figure title to the figure's width (about 11 characters per inch at fontsize 11)."""
     return "\n".join(textwrap.wrap(text, max(30, int(fig.get_figwidth() * 11))))
+
+
+# A run's own figure (plots/bptt_profile.png, plots/grad_norms.png), drawn for every trial of a sweep: margins
+# in inches, fixed, instead of matplotlib's constrained layout, which measured every tick label's extent
+# on each save and was half the cost of a figure (README, "Batched trials": 0.54 s -> 0.2 s a figure).
+RUN_MARGINS = {"left": 0.9, "right": 2.15, "bottom": 0.6, "top": 0.25}  # right: the legend's column
+TITLE_LINE = 0.19  # inches per wrapped title line at fontsize 10
+
+
+def run_figure(height: float, title: str) -> tuple[Any, Any]:
+    """A one-panel figure of a run with fixed margins: the legend to the right of the axes (loc
+    "upper left" at (1.01, 1)), ``title`` wrapped to the width above them."""
+    fig, ax = plt.subplots(figsize=(MIN_WIDTH, height), dpi=DPI)
+    text = wrap_title(title, fig)
+    m = RUN_MARGINS
+    top = m["top"] + TITLE_LINE * (text.count("\n") + 1)
+    fig.subplots_adjust(
+        left=m["left"] / MIN_WIDTH,
+        right=1 - m["right"] / MIN_WIDTH,
+        bottom=m["bottom"] / height,
+        top=1 - top / height,
+    )
+    ax.set_title(text, fontsize=10)
+    return fig, ax
 
 
 def outcome(val_loss_ratio: Any, solved: Any = None) -> str:

@@ -32,6 +32,9 @@ def cfg_of(**changes):
 
     d = copy.deepcopy(BASE)
     for k, v in changes.items():
+        if "__" not in k:
+            d[k] = v
+            continue
         sect, key = k.split("__")
         d[sect][key] = v
     return from_dict(d)
@@ -154,6 +157,48 @@ def test_a_pruned_member_stops_and_the_others_go_on(captured):
     assert done[0] == 0 and sorted(done) == [0, 1, 2]  # the pruned member is told first
     for a in alone:  # the others train on, unchanged by the member that left
         _same_run(a, next(x for x in captured if x[0] == a[0]))
+
+
+def test_a_member_that_joins_later_trains_as_it_would_alone(captured):
+    """Rolling stacks: a member pruned at step 20 leaves; the slot is refilled at once with a config of
+    another seed and schedule, which joins the running tanh member in one fused block (each reading its
+    own batch stream: the block takes both inputs side by side) and must train exactly as alone."""
+    from pipeline.training import run, stacked
+
+    first = [cfg_of(model__init_scale=0.8), cfg_of(model__init_scale=1.2, optim__lr=0.02)]
+    joiners = [
+        cfg_of(seed=3, model__init_scale=0.6, trainer__max_steps=30, trainer__val_every=10),
+        cfg_of(seed=3, model__cell="gru", trainer__max_steps=25, trainer__val_every=5),
+    ]
+    alone = []
+    for c in [first[1], *joiners]:
+        run.run(c)
+        alone.append(captured[-1])
+    captured.clear()
+    asked: list[int] = []
+
+    def refill(n: int):
+        asked.append(n)
+        if not joiners:
+            return None
+        return [(joiners.pop(0), {}, [])]
+
+    done: list[int] = []
+    results = stacked.run_stack(
+        first,
+        callbacks=[[PruneAt(20)], []],
+        on_done=lambda i, r: done.append(i),
+        refill=refill,
+        capacity=2,
+    )
+    assert len(results) == 4 and done[0] == 0
+    assert asked[0] == 1  # the first free slot: the pruned member's
+    assert sorted(done) == [0, 1, 2, 3]
+    r0 = results[0]
+    assert not isinstance(r0, BaseException) and r0.pruned and r0.steps == 20
+    for a in alone:
+        _same_run(a, next(x for x in captured if x[0] == a[0]))
+    assert [r.steps for r in results[1:] if not isinstance(r, BaseException)] == [40, 30, 25]
 
 
 def test_run_stack_rejects_configs_of_different_streams():
@@ -334,3 +379,31 @@ def test_two_batched_workers_stop_at_exactly_n_trials(store, tmp_path):
     study = load_study()
     check_consistent(study, mlflow_runs(store), 7)
     assert [t.number for t in study.trials] == list(range(len(study.trials)))
+
+
+def test_a_free_slot_is_refilled_while_the_stack_trains(store, tmp_path):
+    """Rolling stacks, end to end: one worker, 2 slots, trials of 10 and 60 steps. A short trial's slot is
+    refilled while its long stack-mate still trains (without refilling, a new trial would start only
+    after both ended), never more than 2 train at once, and the budget stops at exactly 5."""
+    from tests.test_sweep import check_consistent, load_study, mlflow_runs, run_sweep_cli
+
+    space = {"trainer.max_steps": {"choices": [10, 60]}, "optim.lr": {"low": 1e-3, "high": 3e-2, "log": True}}
+    sampler = {"name": "random", "seed": 0}
+    cfg = _sweep_file(tmp_path / "s.yaml", n_trials=5, trials_per_worker=2, space=space, sampler=sampler)
+    p = run_sweep_cli(cfg)
+    assert p.returncode == 0, p.stdout + p.stderr
+    study = load_study()
+    runs = mlflow_runs(store)
+    check_consistent(study, runs, 5)
+    spans = [(r.info.start_time, r.info.end_time) for r in _children(runs).values()]
+    assert {t.params["trainer.max_steps"] for t in study.trials} == {10, 60}, "the draw must mix both"
+    # c joined a running stack: it started after a ended, while b, which started before a ended, trained on
+    joined = [
+        (a, b, c)
+        for a in spans
+        for b in spans
+        for c in spans
+        if a[1] <= c[0] and b[0] < a[1] and c[0] < b[1] and b is not a
+    ]
+    assert joined, f"no trial joined a running stack: {sorted(spans)}"
+    assert max(sum(s2 <= s < e2 for s2, e2 in spans) for s, _ in spans) <= 2

@@ -1,15 +1,16 @@
-"""Batched trials: a sweep worker asks K trials at once and trains them as stacks (README, "Batched trials").
+"""Batched trials: a sweep worker trains up to K trials at once as rolling stacks (README, "Batched trials").
 
 :func:`next_trials` asks up to ``trials_per_worker`` trials under the budget lock (the budget counts
 RUNNING trials, so the study still stops at exactly ``n_trials``; the TPE sampler is a constant liar,
 so the K points differ; WAITING retries and start-up points are popped first, as by one ask). The trials
-are grouped by :func:`pipeline.training.stacked.stack_key` (the batch stream and schedule); a group of
-one trains on today's path (:meth:`Worker.run_trial`), a larger one as a stack
-(:func:`pipeline.training.stacked.run_stack`). Every trial stays its own Optuna trial and MLflow child
-run, told as it ends (the outcome table of :mod:`pipeline.sweep.worker`): a member that is pruned or
-diverges is told at once while the others go on. Faults as one trial: Ctrl-C / SIGTERM tells every
-trial of the batch not yet told FAIL (attr ``interrupted``) and re-enqueues its params; kill -9 leaves
-them RUNNING with this worker as owner, and the reaper closes each (FAIL, run KILLED, retried once).
+are grouped by :func:`pipeline.training.stacked.stack_key` (task and device) and each group trains as
+one stack (:func:`pipeline.training.stacked.run_stack`); when a member leaves it (finished, pruned,
+diverged), the worker asks the next trial for its slot at once (:func:`_refill`), so a stack stays K
+wide until the budget is spent instead of waiting for its slowest member. Every trial stays its own
+Optuna trial and MLflow child run, told as it ends (the outcome table of :mod:`pipeline.sweep.worker`).
+Faults as one trial: Ctrl-C / SIGTERM tells every trial the worker holds and has not told FAIL (attr
+``interrupted``) and re-enqueues its params; kill -9 leaves them RUNNING with this worker as owner, and
+the reaper closes each (FAIL, run KILLED, retried once).
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ def _interrupted(worker, trial) -> None:
 
 
 def run_batch(worker, trials: list) -> bool:
-    """Train ``trials`` (asked by :func:`next_trials`), grouped into stacks; False when any raised."""
+    """Train ``trials`` (asked by :func:`next_trials`) as rolling stacks: each group of one stack key
+    trains as one stack whose free slots are refilled with newly asked trials (:func:`_refill`) until
+    the budget is spent; a trial asked for a slot whose config belongs to another stack waits for its own
+    (at most ``trials_per_worker`` trials are held at once). False when any trial raised."""
     from pipeline.sweep.worker import heartbeat
     from pipeline.training.stacked import stack_key
 
@@ -87,25 +91,27 @@ def run_batch(worker, trials: list) -> bool:
     ok = True
     try:
         with contextlib.ExitStack() as beats:
-            for t in trials:
+
+            def hold(t) -> Any:  # a trial this worker now holds: heartbeat on, config built
                 beats.enter_context(heartbeat(worker.storage, t._trial_id, worker.sw.heartbeat.interval))
-            groups: dict[tuple, list[tuple[Any, Any]]] = {}
-            for t in trials:
                 try:
-                    cfg = worker.trial_run_config(t)
+                    return worker.trial_run_config(t)
                 except Exception as e:  # a bad value: this trial alone fails
                     todo.remove(t)
                     _fail(worker, t, e)
-                    ok = False
-                    continue
-                groups.setdefault(stack_key(cfg), []).append((t, cfg))
-            for group in groups.values():
-                if len(group) == 1:
-                    t = group[0][0]
-                    todo.remove(t)  # run_trial tells it however it ends
-                    ok = worker.run_trial(t) and ok
-                else:
-                    ok = _run_group(worker, group, todo) and ok
+                    return None
+
+            waiting: list[tuple[Any, Any]] = []  # held, not yet training
+            for t in trials:
+                cfg = hold(t)
+                ok = cfg is not None and ok
+                if cfg is not None:
+                    waiting.append((t, cfg))
+            while waiting:
+                key = stack_key(waiting[0][1])
+                group = [w for w in waiting if stack_key(w[1]) == key]
+                waiting = [w for w in waiting if stack_key(w[1]) != key]
+                ok = _Group(worker, group, todo, waiting, hold).run() and ok
     except (KeyboardInterrupt, SystemExit, Terminated):
         for t in todo:  # their runs are already closed KILLED by run_stack
             _interrupted(worker, t)
@@ -113,45 +119,101 @@ def run_batch(worker, trials: list) -> bool:
     return ok
 
 
-def _run_group(worker, group: list[tuple[Any, Any]], todo: list) -> bool:
-    from pipeline.sweep.worker import TrialCallback
-    from pipeline.training.stacked import run_stack
+def _refill(worker, n: int, held: int, todo: list) -> list | None:
+    """Up to ``n`` newly asked trials for free slots (``held``: trials this worker holds already, at
+    most ``trials_per_worker`` in all); None once nothing more will come (budget spent, timeout, parent
+    gone), so the stack stops asking and runs down."""
+    import os
+    import time
 
-    trials = [t for t, _ in group]
-    cfgs = [c for _, c in group]
-    cbs = [TrialCallback(t, worker.sw.prune.max_grad_norm, c.trainer.log_every) for t, c in group]
-    tags = [{KIND: KIND_TRIAL, STUDY: worker.sw.study, TRIAL_NUMBER: str(t.number)} for t in trials]
-    ok = True
+    if os.getppid() != worker.ppid or (worker.deadline and time.time() > worker.deadline):
+        return None
+    n = min(n, worker.k - held)
+    if n <= 0:
+        return []
+    trials = next_trials(worker, n)
+    if not trials:
+        return None
+    todo += trials
+    return trials
 
-    def done(i: int, r) -> None:  # a member's run is closed: tell its trial now
-        nonlocal ok
-        t = trials[i]
-        todo.remove(t)
+
+class _Group:
+    """One stack of a worker: its trials in the order they joined (the stack's member indices), their
+    pruning callbacks, and how a free slot is refilled."""
+
+    def __init__(self, worker, group: list[tuple[Any, Any]], todo: list, waiting: list, hold):
+        from pipeline.training.stacked import stack_key
+
+        self.worker, self.todo, self.waiting, self.hold = worker, todo, waiting, hold
+        self.key = stack_key(group[0][1])
+        self.trials = [t for t, _ in group]
+        self.cfgs = [c for _, c in group]
+        self.cbs = [self.callback(t, c) for t, c in group]
+        self.ok = True
+
+    def callback(self, t, cfg) -> Any:
+        from pipeline.sweep.worker import TrialCallback
+
+        return TrialCallback(t, self.worker.sw.prune.max_grad_norm, cfg.trainer.log_every)
+
+    def tags(self, t) -> dict[str, Any]:
+        return {KIND: KIND_TRIAL, STUDY: self.worker.sw.study, TRIAL_NUMBER: str(t.number)}
+
+    def done(self, i: int, r) -> None:
+        """Member ``i``'s run is closed: tell its trial now."""
+        t = self.trials[i]
+        self.todo.remove(t)
         if isinstance(r, BaseException):
-            _fail(worker, t, r)
-            ok = False
+            _fail(self.worker, t, r)
+            self.ok = False
             return
-        worker.log_best_model(r, cbs[i].module)
-        worker.tell(t, r, cbs[i].pruned_by)
+        self.worker.log_best_model(r, self.cbs[i].module)
+        self.worker.tell(t, r, self.cbs[i].pruned_by)
 
-    try:
-        run_stack(
-            cfgs,
-            parent_run_id=worker.spec["parent_run_id"],
-            extra_tags=tags,
-            callbacks=[[cb] for cb in cbs],
-            experiment_id=worker.spec["experiment_id"],
-            on_done=done,
-        )
-    except (KeyboardInterrupt, SystemExit, Terminated):
-        raise
-    except Exception as e:  # the shared loop raised: every member not yet told fails
-        import traceback
+    def refill(self, n: int) -> list | None:
+        """Configs of newly asked trials for ``n`` free slots; one of another stack key waits for its own."""
+        from pipeline.training.stacked import stack_key
 
-        traceback.print_exc()
-        for t in trials:
-            if t in todo:
-                todo.remove(t)
-                _fail(worker, t, e)
-        return False
-    return ok
+        asked = _refill(self.worker, n, len(self.todo), self.todo)
+        if asked is None:
+            return None
+        joining = []
+        for t in asked:
+            cfg = self.hold(t)
+            if cfg is None:
+                self.ok = False
+            elif stack_key(cfg) != self.key:
+                self.waiting.append((t, cfg))
+            else:
+                self.trials.append(t)
+                self.cbs.append(self.callback(t, cfg))
+                joining.append((cfg, self.tags(t), [self.cbs[-1]]))
+        return joining
+
+    def run(self) -> bool:
+        from pipeline.training.stacked import run_stack
+
+        try:
+            run_stack(
+                self.cfgs,
+                parent_run_id=self.worker.spec["parent_run_id"],
+                extra_tags=[self.tags(t) for t in self.trials],
+                callbacks=[[cb] for cb in self.cbs],
+                experiment_id=self.worker.spec["experiment_id"],
+                on_done=self.done,
+                refill=self.refill,
+                capacity=self.worker.k,
+            )
+        except (KeyboardInterrupt, SystemExit, Terminated):
+            raise
+        except Exception as e:  # the shared loop raised: every member not yet told fails
+            import traceback
+
+            traceback.print_exc()
+            for t in self.trials:
+                if t in self.todo:
+                    self.todo.remove(t)
+                    _fail(self.worker, t, e)
+            return False
+        return self.ok

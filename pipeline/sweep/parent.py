@@ -35,6 +35,11 @@ from pipeline.uris import absolute_uri, display_url
 
 
 def gpu_count() -> int:
+    """GPUs torch can use here (0 without importing torch where no GPU driver is present)."""
+    from pipeline.training.budget import gpu_driver_absent
+
+    if gpu_driver_absent():
+        return 0
     try:
         import torch
 
@@ -209,6 +214,8 @@ def run_sweep(
         if fork:
             from pipeline.sweep.procs import prestart
 
-            prestart()  # the workers' forkserver imports torch + Lightning while the stores are created
+            # The forkserver's imports (torch, Lightning, MLflow, Optuna: 7 s of CPU measured here) run
+            # while this process imports MLflow and creates the stores: two cores, two jobs.
+            prestart()
         stores = create_stores(sw, url, mlflow_uri)
         return Supervisor(sw, stores, devices, fork=fork, stop=stop, t0=t0, out=out).run()

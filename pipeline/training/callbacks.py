@@ -251,14 +251,13 @@ def plot_grad_norms(
 ):
     """Pre- and post-clip global gradient norm of one run over training, with the clip threshold; the
     steps ``remedy.skip`` skipped (``skipped``, a boolean mask) marked at their pre-clip norm."""
-    from pipeline.plots import DPI, MIN_WIDTH, Curve, draw_grad_norms, plt, wrap_title
+    from pipeline.plots import Curve, draw_grad_norms, run_figure
 
-    fig, ax = plt.subplots(figsize=(MIN_WIDTH, 4.6), layout="constrained", dpi=DPI)
+    fig, ax = run_figure(4.6, title)
     curves = [Curve(steps, pre, "pre-clip", lw=0.8), Curve(steps, post, "post-clip", lw=0.8)]
     draw_grad_norms(ax, curves, () if threshold is None else (threshold,))
     mark = np.zeros(len(pre), dtype=bool) if skipped is None else skipped & np.isfinite(pre) & (pre > 0)
     if mark.any():  # a skipped non-finite step has no point on the log axis
         ax.scatter(steps[mark], pre[mark], marker="x", s=30, color="crimson", zorder=3, label="skipped")
-    ax.set_title(wrap_title(title, fig), fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig

@@ -216,9 +216,9 @@ def profile_figure(frame, title: str, window: tuple[int, int] | None = None, yla
     """The profile figure of both paths: log10 ||dL/dh_t|| against t from a long-format frame (``step, t,
     state, log10_norm``), one line per state (:data:`PROFILE_STYLES`) at up to 6 training steps (the
     first, the last and evenly spaced between), ``window`` (a memory window) shaded."""
-    from pipeline.plots import DPI, MIN_WIDTH, Curve, draw_profile, plt, wrap_title
+    from pipeline.plots import Curve, draw_profile, plt, run_figure
 
-    fig, ax = plt.subplots(figsize=(MIN_WIDTH, 5.0), layout="constrained", dpi=DPI)
+    fig, ax = run_figure(5.0, title)
     steps = sorted(frame["step"].unique()) if len(frame) else []
     if len(steps) > 6:
         idx = np.unique(np.linspace(0, len(steps) - 1, 6).round().astype(int))
@@ -234,7 +234,6 @@ def profile_figure(frame, title: str, window: tuple[int, int] | None = None, yla
     draw_profile(ax, curves, window)
     if ylabel is not None:
         ax.set_ylabel(ylabel)
-    ax.set_title(wrap_title(title, fig), fontsize=10)
     if curves:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig

@@ -16,7 +16,11 @@ Kernels, per cell (chosen by measurement on the 2-core CPU, README "Batched tria
 * ``loop`` (lstm and every other cell): each member's own fused kernel, one after another, in the same
   step. LSTM's four gates make the block-diagonal matrix 4x larger, and measured slower than the loop.
 
-What is shared either way is everything around the kernel: one batch, one backward, one Python step.
+Members may read different batches (a rolling stack's members joined at different steps,
+:mod:`pipeline.training.stacked`): a fused block then takes the members' inputs side by side and a
+block-diagonal input matrix as well, so each member's hidden state still sees only its own input.
+
+What is shared either way is everything around the kernel: one backward, one Python step.
 """
 
 from __future__ import annotations
@@ -43,25 +47,33 @@ def kernel_of(cell: str) -> str:
     return KERNELS.get(cell, "loop")
 
 
-def _fused_weights(models: Sequence[nn.Module], gates: int) -> list[torch.Tensor]:
+def _fused_weights(models: Sequence[nn.Module], gates: int, own_inputs: bool) -> list[torch.Tensor]:
     """[W_ih, W_hh, b_ih, b_hh] of one fused kernel over ``models`` (each an nn.RNN / nn.GRU core of
-    hidden size H): per gate, input rows stacked and recurrent blocks on the diagonal."""
+    hidden size H): per gate, recurrent blocks on the diagonal; input rows stacked (one shared input) or,
+    with ``own_inputs`` (each member its input, side by side), input blocks on the diagonal too."""
     H = cast(int, models[0].hidden_size)
     w_ih, w_hh, b_ih, b_hh = [], [], [], []
+    join_ih = torch.block_diag if own_inputs else (lambda *ws: torch.cat(ws))
     for g in range(gates):
         rows = slice(g * H, (g + 1) * H)
-        w_ih.append(torch.cat([cast(torch.Tensor, m.weight_ih_l0)[rows] for m in models]))
+        w_ih.append(join_ih(*[cast(torch.Tensor, m.weight_ih_l0)[rows] for m in models]))
         w_hh.append(torch.block_diag(*[cast(torch.Tensor, m.weight_hh_l0)[rows] for m in models]))
         b_ih.append(torch.cat([cast(torch.Tensor, m.bias_ih_l0)[rows] for m in models]))
         b_hh.append(torch.cat([cast(torch.Tensor, m.bias_hh_l0)[rows] for m in models]))
     return [torch.cat(w_ih), torch.cat(w_hh), torch.cat(b_ih), torch.cat(b_hh)]
 
 
-def fused_hidden(cell: str, cores: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
-    """The hidden states [B, T, H] of each core in ``cores`` (same cell and H), from one fused kernel."""
+def fused_hidden(
+    cell: str, cores: Sequence[nn.Module], x: torch.Tensor | Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """The hidden states [B, T, H] of each core in ``cores`` (same cell and H), from one fused kernel;
+    ``x``: the input every core reads, or one input per core (same shape)."""
     H = cast(int, cores[0].hidden_size)
     n = len(cores)
-    weights = _fused_weights(cores, GATES[cell])
+    own = not isinstance(x, torch.Tensor) and any(xi is not x[0] for xi in x)
+    if not isinstance(x, torch.Tensor):
+        x = torch.cat(list(x), dim=-1) if own else x[0]
+    weights = _fused_weights(cores, GATES[cell], own)
     h0 = x.new_zeros(1, x.shape[0], n * H)
     args = (True, 1, 0.0, True, False, True)  # has_biases, layers, dropout, train, bidirectional, batch_first
     if cell == "gru":
@@ -77,17 +89,21 @@ def _readout(model: RNNModel, hs: torch.Tensor) -> torch.Tensor:
     return model.readout(hs[:, -1]) if model.readout_mode == "last" else model.readout(hs)
 
 
-def stacked_forward(models: Sequence[RNNModel], x: torch.Tensor) -> list[torch.Tensor]:
-    """Each model's output on the same input ``x``, exactly ``[m(x) for m in models]`` up to float
-    rounding, with the models of a block-diagonal cell and equal hidden size fused (:func:`plan`)."""
+def stacked_forward(
+    models: Sequence[RNNModel], x: torch.Tensor | Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Each model's output on its input (``x``: one for all, or one per model), exactly
+    ``[m(x_m) for m in models]`` up to float rounding, with the models of a block-diagonal cell and equal
+    hidden size fused (:func:`plan`)."""
+    xs = [x] * len(models) if isinstance(x, torch.Tensor) else list(x)
     outs: list[torch.Tensor | None] = [None] * len(models)
     for block in plan(models):
         if len(block) == 1:
             i = block[0]
-            outs[i] = models[i](x)
+            outs[i] = models[i](xs[i])
             continue
         cell = models[block[0]].cell
-        hs = fused_hidden(cell, [models[i].rnn for i in block], x)
+        hs = fused_hidden(cell, [models[i].rnn for i in block], [xs[i] for i in block])
         for i, h in zip(block, hs, strict=True):
             outs[i] = _readout(models[i], h)
     return [cast(torch.Tensor, o) for o in outs]

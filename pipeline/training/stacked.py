@@ -4,19 +4,25 @@ would record it alone (README, "Batched trials").
 A sweep worker with ``trials_per_worker: K`` hands its K trials here. Each member is the same
 :class:`~pipeline.training.module.RNNTrainingModule` a trial trains alone (same seed, same initial
 weights, same optimizer, clipping, divergence guard and remedies), with the same monitors and Recorder.
-What is shared is the training loop: one batch stream (common random numbers: every member sees the
-same batches, which is also the stream each would see alone, since the stream depends only on the task,
-the batch size and ``seed``), one stacked forward (:func:`pipeline.training.stack.stacked_forward`), one
-backward of the summed loss. Then per member, in the order Lightning runs them: the module's clipping
-and guard, its own optimizer step, its callbacks' hooks. Each member has its own
+What is shared is the training loop: one stacked forward (:func:`pipeline.training.stack.stacked_forward`)
+and one backward of the summed loss per step. Then per member, in the order Lightning runs them: the
+module's clipping and guard, its own optimizer step, its callbacks' hooks. Each member has its own
 :class:`MemberTrainer`, so ``trainer.should_stop`` (the guard, pruning) stops that member alone: a
 stopped member leaves the stack and its run is summarised and closed while the others go on.
 
-The loop reproduces Lightning's schedule for these runs (``pytorch_lightning`` 2.x fit loop): the step
-counter increments after the optimizer step, validation every ``trainer.val_every`` steps, at the last
-step, and at the step a member is told to stop; then ``on_train_end``, and a final validation when the
-last step had none (as :func:`pipeline.training.run._train`). The equivalence is tested: a member's
-losses and diagnostics match the same config trained alone (tests/test_batched.py).
+**Rolling stacks.** With ``refill``, a slot a member leaves is filled at once by a new member (the sweep
+asks its next trial), so the stack stays K wide instead of running down to its slowest member. Members
+therefore sit at different steps: each reads its own batch stream, the stream it would read alone
+(``seed``'s generator from step 0). Members that joined together with the same seed (a *cohort*) stay in
+lockstep and share one stream and its batch tensors (common random numbers: every trial of a seed sees
+the same batches in the same order, README "Batched trials").
+
+The loop reproduces Lightning's schedule per member (``pytorch_lightning`` 2.x fit loop): the step counter
+increments after the optimizer step, validation every ``trainer.val_every`` steps, at the last step, and at
+the step a member is told to stop; then ``on_train_end``, and a final validation when the last step had
+none (as :func:`pipeline.training.run._train`). The equivalence is tested: a member's losses and
+diagnostics match the same config trained alone, whether it started with the stack or joined it later
+(tests/test_batched.py).
 """
 
 from __future__ import annotations
@@ -45,11 +51,11 @@ from pipeline.training.run import (
 
 
 def stack_key(cfg: Config) -> tuple:
-    """Configs with equal keys train in one stack: they share the batch stream (task, batch size, seed),
-    the schedule (steps, validation interval) and the device. Everything else may differ, the cell and
-    the hidden size included (:func:`pipeline.training.stack.plan` fuses the members it can)."""
-    t = cfg.task
-    return (repr(t), cfg.seed, cfg.trainer.max_steps, cfg.trainer.val_every, cfg.trainer.accelerator)
+    """Configs with equal keys can share a stack: the same task config (so the same input and target
+    shapes, batch size and loss) and device. Everything else may differ: the seed and schedule (each
+    member reads its own stream and keeps its own step), the cell and the hidden size
+    (:func:`pipeline.training.stack.plan` fuses the members it can)."""
+    return (repr(cfg.task), cfg.trainer.accelerator)
 
 
 class MemberTrainer:
@@ -83,6 +89,8 @@ class Member:
     closed: bool = False
     index: int = 0
     on_done: Callable[[int, RunResult | BaseException], None] | None = None
+    cohort: tuple[int, int] = (0, 0)  # (seed, loop iteration it joined at): the batch stream it reads
+    val: list | None = None  # its validation set, in chunks
 
     def call(self, hook: str, *args) -> None:
         for cb in self.trainer.callbacks:
@@ -129,6 +137,9 @@ def _device(cfg: Config) -> torch.device:
     )
 
 
+Refill = Callable[[int], list[tuple[Config, dict[str, Any], list]] | None]
+
+
 def run_stack(
     cfgs: list[Config],
     *,
@@ -137,89 +148,190 @@ def run_stack(
     callbacks: list[list] | None = None,
     experiment_id: str | None = None,
     on_done: Callable[[int, RunResult | BaseException], None] | None = None,
+    refill: Refill | None = None,
+    capacity: int | None = None,
 ) -> list[RunResult | BaseException]:
     """Train ``cfgs`` (equal :func:`stack_key`) as one stack; each gets its own MLflow run, recorded and
     closed as :func:`~pipeline.training.run.run` records and closes it. Returns per member its RunResult,
     or the exception that failed it alone (its run closed FAILED). Ctrl-C / SIGTERM closes every run
     KILLED and re-raises; an error in the shared loop closes every unfinished run FAILED and re-raises.
-    ``on_done(i, result)``: called as soon as member ``i``'s run is closed (a sweep tells its trial then)."""
+    ``on_done(i, result)``: called as soon as member ``i``'s run is closed (a sweep tells its trial then).
+
+    ``refill(n)``: called between steps while fewer than ``capacity`` (default ``len(cfgs)``) members
+    train; returns up to ``n`` new ``(cfg, extra_tags, callbacks)`` of the same :func:`stack_key`, which
+    join at once as members ``len(cfgs)``, ``len(cfgs) + 1``, ... (``[]``: none now; ``None``: none ever
+    again). Their results follow the first ones in the returned list."""
     from pipeline.training.tasks import task_of
 
     if len({stack_key(c) for c in cfgs}) != 1:
-        raise ValueError("run_stack: the configs differ in the batch stream or schedule (stack_key)")
+        raise ValueError("run_stack: the configs differ in the task or device (stack_key)")
     quiet_lightning()
     configure_torch(cfgs[0])
-    task = task_of(cfgs[0].task)
-    device = _device(cfgs[0])
+    stack = _Stack(task_of(cfgs[0].task), _device(cfgs[0]), stack_key(cfgs[0]), on_done)
+    stack.refill = refill
+    stack.run_ids = (parent_run_id, experiment_id)
     tags = extra_tags or [{} for _ in cfgs]
     extras = callbacks or [[] for _ in cfgs]
-    members: list[Member] = []
     try:
         for cfg, tg, ex in zip(cfgs, tags, extras, strict=True):
-            rec = _start_recorder(cfg, parent_run_id, tg, experiment_id)
-            try:
-                members.append(_member(cfg, task, rec, ex, device))
-                members[-1].index, members[-1].on_done = len(members) - 1, on_done
-            except BaseException:
-                rec.close("FAILED")
-                raise
+            stack.start(cfg, tg, ex)
         with terminate_as_exception():
-            _fit(members, task, cfgs[0], device)
+            _fit(
+                list(stack.members),
+                stack.task,
+                stack.device,
+                stack.joining if refill else None,
+                capacity or len(cfgs),
+            )
     except (KeyboardInterrupt, SystemExit, Terminated):
-        for m in members:
+        for m in stack.members:
             m.close("KILLED")
         raise
     except BaseException as e:
-        for m in members:
+        for m in stack.members:
             m.close("FAILED", e)
         raise
-    return [m.result if m.result is not None else RuntimeError("no result") for m in members]
+    return [m.result if m.result is not None else RuntimeError("no result") for m in stack.members]
 
 
-def _fit(members: list[Member], task, cfg: Config, device: torch.device) -> None:
-    from pipeline.training.data import OnDeviceBatches
+class _Stack:
+    """The members of one :func:`run_stack` call, in the order they joined, and how new ones start."""
 
-    max_steps, val_every = cfg.trainer.max_steps, min(cfg.trainer.val_every, cfg.trainer.max_steps)
-    x_val, y_val = task.validation(cfg.task.val_size, cfg.seed + 1, device)
-    chunk = max(cfg.task.batch_size, 256)  # as TaskDataModule.val_dataloader
-    val = list(zip(x_val.split(chunk), y_val.split(chunk), strict=True))
-    for m in members:
-        m.module.train()
-        m.call("setup", "fit")
-        m.call("on_fit_start")
-        m.call("on_train_start")
+    def __init__(self, task, device: torch.device, key: tuple, on_done):
+        self.task, self.device, self.key, self.on_done = task, device, key, on_done
+        self.members: list[Member] = []
+        self.refill: Refill | None = None
+        self.run_ids: tuple[str | None, str | None] = (None, None)
+
+    def start(self, cfg: Config, tags: dict[str, Any], extra: list) -> Member:
+        parent_run_id, experiment_id = self.run_ids
+        rec = _start_recorder(cfg, parent_run_id, tags, experiment_id)
+        try:
+            m = _member(cfg, self.task, rec, extra, self.device)
+        except BaseException:
+            rec.close("FAILED")
+            raise
+        m.index, m.on_done = len(self.members), self.on_done
+        self.members.append(m)
+        return m
+
+    def joining(self, n: int) -> list[Member] | None:
+        """New members for ``n`` free slots (a member that fails to start fails alone, told at once)."""
+        assert self.refill is not None
+        asked = self.refill(n)
+        if asked is None:
+            return None
+        out = []
+        for cfg, tags, extra in asked:
+            if stack_key(cfg) != self.key:
+                raise ValueError("run_stack: refill returned a config of another task or device (stack_key)")
+            try:
+                out.append(self.start(cfg, tags, extra))
+            except (KeyboardInterrupt, SystemExit, Terminated):
+                raise
+            except Exception as e:
+                failed = Member(cfg, None, None, cast(Any, None), cast(Any, None), cast(Any, None))
+                failed.index, failed.result, failed.closed = len(self.members), e, True
+                self.members.append(failed)
+                if self.on_done is not None:
+                    self.on_done(failed.index, e)
+        return out
+
+
+class Streams:
+    """The batch streams of a stack, one per cohort (seed, loop iteration joined at): each the stream
+    :class:`~pipeline.training.data.OnDeviceBatches` gives the same config alone, drawn once per step for
+    every member of the cohort; and the validation sets, one per (seed, size)."""
+
+    def __init__(self, task, device: torch.device):
+        self.task, self.device = task, device
+        self.iters: dict[tuple[int, int], Any] = {}
+        self.vals: dict[tuple[int, int, int], list] = {}
+
+    def join(self, m: Member, it: int, cohort_steps: int) -> None:
+        from pipeline.training.data import OnDeviceBatches
+
+        cfg = m.cfg
+        m.cohort = (cfg.seed, it)
+        if m.cohort not in self.iters:
+            self.iters[m.cohort] = iter(
+                OnDeviceBatches(self.task, cfg.task.batch_size, cohort_steps, cfg.seed, self.device)
+            )
+        chunk = max(cfg.task.batch_size, 256)  # as TaskDataModule.val_dataloader
+        vkey = (cfg.seed, cfg.task.val_size, chunk)
+        if vkey not in self.vals:
+            x_val, y_val = self.task.validation(cfg.task.val_size, cfg.seed + 1, self.device)
+            self.vals[vkey] = list(zip(x_val.split(chunk), y_val.split(chunk), strict=True))
+        m.val = self.vals[vkey]
+
+    def next(self, active: list[Member]) -> dict[tuple[int, int], Any]:
+        """This step's batch of every cohort with an active member; the streams of the others dropped."""
+        live = {m.cohort for m in active}
+        for c in [c for c in self.iters if c not in live]:
+            del self.iters[c]
+        return {c: next(self.iters[c]) for c in live}
+
+
+def _fit(
+    members: list[Member],
+    task,
+    device: torch.device,
+    joining: Callable[[int], list[Member] | None] | None,
+    capacity: int,
+) -> None:
+    streams = Streams(task, device)
+
+    def join(new: list[Member], it: int) -> None:
+        steps = max(m.cfg.trainer.max_steps for m in new)
+        for m in new:
+            streams.join(m, it, steps)
+            m.module.train()
+            m.call("setup", "fit")
+            m.call("on_fit_start")
+            m.call("on_train_start")
+
     active = list(members)
-    stream = iter(OnDeviceBatches(task, cfg.task.batch_size, max_steps, cfg.seed, device))
-    for batch_idx, batch in enumerate(stream):
+    join(active, 0)
+    it = 0
+    while True:
+        if joining is not None and len(active) < capacity:
+            new = joining(capacity - len(active))
+            if new is None:
+                joining = None  # the sweep has nothing more to give
+            elif new:
+                join(new, it)
+                active += new
         if not active:
             break
-        _step(active, task, batch, batch_idx)
+        _step(active, task, streams.next(active))
         still = []
         for m in active:
+            max_steps = m.cfg.trainer.max_steps
+            val_every = min(m.cfg.trainer.val_every, max_steps)
             last = m.trainer.global_step >= max_steps
             if m.trainer.should_stop or last or m.trainer.global_step % val_every == 0:
-                _validate(m, val)
+                _validate(m)
             if m.trainer.should_stop or last:
-                _finish(m, val)
+                _finish(m)
             else:
                 still.append(m)
         active = still
-    for m in active:  # only if the stream ended early (it has max_steps batches)
-        _finish(m, val)
+        it += 1
 
 
-def _step(active: list[Member], task, batch, batch_idx: int) -> None:
-    """One training step of every active member on the same batch (Lightning's automatic optimization:
-    zero_grad, training_step, backward, configure_gradient_clipping, optimizer.step, step + 1)."""
+def _step(active: list[Member], task, batches: dict[tuple[int, int], Any]) -> None:
+    """One training step of every active member on its cohort's batch (Lightning's automatic
+    optimization: zero_grad, training_step, backward, configure_gradient_clipping, optimizer.step,
+    step + 1)."""
     from pipeline.training.stack import stacked_forward
 
-    x, y = batch
     for m in active:
-        m.call("on_train_batch_start", batch, batch_idx)
+        m.call("on_train_batch_start", batches[m.cohort], m.trainer.global_step)
         m.opt.zero_grad(set_to_none=True)
-    outs = stacked_forward([m.module.model for m in active], x)
+    outs = stacked_forward([m.module.model for m in active], [batches[m.cohort][0] for m in active])
     total = None
     for m, out in zip(active, outs, strict=True):
+        x, y = batches[m.cohort]
         loss = task.loss(out, y)
         m.module._loss = loss.detach()
         penalty = m.module.remedies.penalty(m.module.model, x, y, m.trainer.global_step)
@@ -232,23 +344,23 @@ def _step(active: list[Member], task, batch, batch_idx: int) -> None:
         m.opt.step()
         m.trainer.global_step += 1
     for m in active:
-        m.call("on_train_batch_end", None, batch, batch_idx)
+        m.call("on_train_batch_end", None, batches[m.cohort], m.trainer.global_step - 1)
 
 
-def _validate(m: Member, val: list) -> None:
-    """The member's validation pass (its module's hooks on the fixed validation set), then its callbacks'."""
+def _validate(m: Member) -> None:
+    """The member's validation pass (its module's hooks on its validation set), then its callbacks'."""
     mod = m.module
     mod.eval()
     with torch.no_grad():
         mod.on_validation_epoch_start()
-        for i, b in enumerate(val):
+        for i, b in enumerate(m.val or []):
             mod.validation_step(b, i)
         mod.on_validation_epoch_end()
     mod.train()
     m.call("on_validation_end")
 
 
-def _finish(m: Member, val: list) -> None:
+def _finish(m: Member) -> None:
     """The end of a member's fit (``on_train_end``, the final validation when the last step had none),
     then its record and its run closed FINISHED; an error here fails this member alone."""
     try:
@@ -256,7 +368,7 @@ def _finish(m: Member, val: list) -> None:
         m.call("on_fit_end")
         if m.module.diverged_step is None and m.mon.val.last_step != m.trainer.global_step:
             m.trainer.state.fn = "validate"
-            _validate(m, val)
+            _validate(m)
         m.result = single.record_end(m.cfg, m.module.task, m.rec, m.module, m.mon, m.trainer.global_step)
         m.close("FINISHED")
     except (KeyboardInterrupt, SystemExit, Terminated):
