@@ -143,3 +143,40 @@ def test_kill_9_of_a_worker_on_postgres(pg_databases, store, tmp_path):
         optuna_url,
         load=lambda: optuna.load_study(study_name="t", storage=optuna_url),
     )
+
+
+def test_rolling_stacks_on_postgres_beat_only_for_trials_they_hold(pg_databases, store, tmp_path):
+    """Batched trials on RDB storage: a rolling stack holds trials for most of the sweep, one after
+    another; each trial's heartbeat runs from its ask to its tell and stops there (a trial told early does
+    not beat on while its stack-mates train), and the budget is exact."""
+    import optuna
+
+    optuna_url = pg_databases[0]
+    space = {**TINY["space"], "trainer.max_steps": {"choices": [10, 200]}}
+    cfg = write_sweep(
+        tmp_path / "s.yaml",
+        n_trials=6,
+        trials_per_worker=3,
+        space=space,
+        sampler={"name": "random", "seed": 1},
+        heartbeat={"interval": 1, "grace": 60},
+    )
+    p = run_sweep_cli(cfg, "--storage", optuna_url)
+    assert p.returncode == 0, p.stdout + p.stderr
+    study = optuna.load_study(study_name="t", storage=optuna_url)
+    assert {t.params["trainer.max_steps"] for t in study.trials} == {10, 200}, "the draw must mix both"
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(store)
+    runs = c.search_runs([c.get_experiment_by_name("sweep-test").experiment_id], max_results=1000)
+    check_consistent(study, runs, 6)
+    conn = _connect(optuna_url.replace("+psycopg2", ""))
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT t.number, EXTRACT(EPOCH FROM (h.heartbeat - t.datetime_complete)) "
+            "FROM trial_heartbeats h JOIN trials t ON t.trial_id = h.trial_id"
+        )
+        late = dict(cur.fetchall())
+    conn.close()
+    assert late, "no heartbeat was recorded"
+    assert max(late.values()) < 0.5, f"heartbeats after the tell, s by trial: {late}"

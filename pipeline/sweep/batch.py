@@ -23,9 +23,9 @@ from pipeline.names import KIND, KIND_TRIAL, STUDY, TRIAL_NUMBER
 from pipeline.signals import Terminated
 
 # trials_per_worker: auto. Measured (README, "Batched trials"): the default sweep on the 2-core CPU, 2
-# workers, identical points: K = 4 ran 1.13x the trials per hour of K = 1, K = 8 only 1.04x (a fused
-# CPU block holds 4 members of H = 32; the rest is compute and per-trial artifacts, not per-step
-# overhead). GPU: unmeasured (no card was lent); one launch per time step for many members is the gain.
+# workers, rolling stacks: K = 4 ran 1.1x (same points) to 1.4x (TPE) the trials per hour of K = 1 (medians
+# over 3 seeds); K = 2, 3, 6, 8 were no faster (a fused CPU block holds 4 members of H = 32). GPU:
+# unmeasured (no card was lent); one launch per time step for many members is the gain.
 AUTO_CPU = 4
 AUTO_GPU = 64
 
@@ -79,48 +79,84 @@ def _interrupted(worker, trial) -> None:
         enqueue_retry(worker.study, worker.study._storage.get_trial(trial._trial_id))
 
 
+class Held:
+    """The trials a worker holds (asked, not yet told), each with its heartbeat running (RDB storages)
+    from when it is asked until it is told: a rolling stack holds trials for the whole sweep, one at a
+    time, so each heartbeat stops with its own trial, not with the stack."""
+
+    def __init__(self, worker):
+        self.worker = worker
+        self.beats: dict[int, tuple[Any, Any]] = {}  # trial id -> (trial, its heartbeat context)
+
+    def add(self, t) -> None:
+        from pipeline.sweep.worker import heartbeat
+
+        beat = heartbeat(self.worker.storage, t._trial_id, self.worker.sw.heartbeat.interval)
+        beat.__enter__()
+        self.beats[t._trial_id] = (t, beat)
+
+    def remove(self, t) -> None:
+        """``t`` is told (or about to be): stop its heartbeat."""
+        _, beat = self.beats.pop(t._trial_id)
+        beat.__exit__(None, None, None)
+
+    def __contains__(self, t) -> bool:
+        return t._trial_id in self.beats
+
+    def __len__(self) -> int:
+        return len(self.beats)
+
+    def __iter__(self):
+        return iter([t for t, _ in list(self.beats.values())])
+
+    def close(self) -> None:
+        for t in list(self):
+            self.remove(t)
+
+
 def run_batch(worker, trials: list) -> bool:
     """Train ``trials`` (asked by :func:`next_trials`) as rolling stacks: each group of one stack key
     trains as one stack whose free slots are refilled with newly asked trials (:func:`_refill`) until
     the budget is spent; a trial asked for a slot whose config belongs to another stack waits for its own
     (at most ``trials_per_worker`` trials are held at once). False when any trial raised."""
-    from pipeline.sweep.worker import heartbeat
     from pipeline.training.stacked import stack_key
 
-    todo = list(trials)  # not yet told
+    todo = Held(worker)  # asked, not yet told
     ok = True
+
+    def hold(t) -> Any:  # a trial this worker now holds: heartbeat on, config built (None: it failed)
+        todo.add(t)
+        try:
+            return worker.trial_run_config(t)
+        except Exception as e:  # a bad value: this trial alone fails
+            todo.remove(t)
+            _fail(worker, t, e)
+            return None
+
     try:
-        with contextlib.ExitStack() as beats:
-
-            def hold(t) -> Any:  # a trial this worker now holds: heartbeat on, config built
-                beats.enter_context(heartbeat(worker.storage, t._trial_id, worker.sw.heartbeat.interval))
-                try:
-                    return worker.trial_run_config(t)
-                except Exception as e:  # a bad value: this trial alone fails
-                    todo.remove(t)
-                    _fail(worker, t, e)
-                    return None
-
-            waiting: list[tuple[Any, Any]] = []  # held, not yet training
-            for t in trials:
-                cfg = hold(t)
-                ok = cfg is not None and ok
-                if cfg is not None:
-                    waiting.append((t, cfg))
-            while waiting:
-                key = stack_key(waiting[0][1])
-                group = [w for w in waiting if stack_key(w[1]) == key]
-                waiting = [w for w in waiting if stack_key(w[1]) != key]
-                ok = _Group(worker, group, todo, waiting, hold).run() and ok
+        waiting: list[tuple[Any, Any]] = []  # held, not yet training
+        for t in trials:
+            cfg = hold(t)
+            ok = cfg is not None and ok
+            if cfg is not None:
+                waiting.append((t, cfg))
+        while waiting:
+            key = stack_key(waiting[0][1])
+            group = [w for w in waiting if stack_key(w[1]) == key]
+            waiting[:] = [w for w in waiting if stack_key(w[1]) != key]
+            ok = _Group(worker, group, todo, waiting, hold).run() and ok
     except (KeyboardInterrupt, SystemExit, Terminated):
-        for t in todo:  # their runs are already closed KILLED by run_stack
+        for t in list(todo):  # their runs are already closed KILLED by run_stack
+            todo.remove(t)
             _interrupted(worker, t)
         raise
+    finally:
+        todo.close()
     return ok
 
 
-def _refill(worker, n: int, held: int, todo: list) -> list | None:
-    """Up to ``n`` newly asked trials for free slots (``held``: trials this worker holds already, at
+def _refill(worker, n: int, todo: Held) -> list | None:
+    """Up to ``n`` newly asked trials for free slots (``todo``: the trials this worker holds already, at
     most ``trials_per_worker`` in all); None once nothing more will come (budget spent, timeout, parent
     gone), so the stack stops asking and runs down."""
     import os
@@ -128,13 +164,12 @@ def _refill(worker, n: int, held: int, todo: list) -> list | None:
 
     if os.getppid() != worker.ppid or (worker.deadline and time.time() > worker.deadline):
         return None
-    n = min(n, worker.k - held)
+    n = min(n, worker.k - len(todo))
     if n <= 0:
         return []
     trials = next_trials(worker, n)
     if not trials:
         return None
-    todo += trials
     return trials
 
 
@@ -142,7 +177,7 @@ class _Group:
     """One stack of a worker: its trials in the order they joined (the stack's member indices), their
     pruning callbacks, and how a free slot is refilled."""
 
-    def __init__(self, worker, group: list[tuple[Any, Any]], todo: list, waiting: list, hold):
+    def __init__(self, worker, group: list[tuple[Any, Any]], todo: Held, waiting: list, hold):
         from pipeline.training.stacked import stack_key
 
         self.worker, self.todo, self.waiting, self.hold = worker, todo, waiting, hold
@@ -175,7 +210,7 @@ class _Group:
         """Configs of newly asked trials for ``n`` free slots; one of another stack key waits for its own."""
         from pipeline.training.stacked import stack_key
 
-        asked = _refill(self.worker, n, len(self.todo), self.todo)
+        asked = _refill(self.worker, n, self.todo)
         if asked is None:
             return None
         joining = []
