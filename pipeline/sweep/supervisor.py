@@ -202,10 +202,12 @@ class Workers:
                     p.kill()
 
 
-def _preimport_summary() -> None:
+def _preimport_summary():
     """Import what the end-of-sweep summary draws with (matplotlib, Optuna's plots and importance, which
     imports scikit-learn: 2-3 s of CPU measured here) in a background thread now, while the workers'
-    forkserver still imports and a core is free, instead of after the last trial."""
+    forkserver still imports and a core is free, instead of after the last trial. Returns the thread: the
+    summary joins it first (``matplotlib.use`` reads ``sys.modules`` and would see a half-imported pyplot
+    of a sweep shorter than the imports)."""
     import threading
 
     def work() -> None:
@@ -215,7 +217,9 @@ def _preimport_summary() -> None:
 
             import pipeline.plots  # noqa: F401  (selects Agg before pyplot)
 
-    threading.Thread(target=work, name="preimport-summary", daemon=True).start()
+    th = threading.Thread(target=work, name="preimport-summary", daemon=True)
+    th.start()
+    return th
 
 
 class Supervisor:
@@ -249,6 +253,7 @@ class Supervisor:
         self.workers = Workers(spec, devices, stores.mlflow_uri, self.log_dir, fork)
         stop.watch(self.workers.procs)
         self.respawns = len(devices)  # replacement budget for workers that die (kill -9, OOM)
+        self.preimport: Any = None  # the summary-imports thread (_preimport_summary)
         self.rec = Recorder(stores.mlflow_uri, stores.parent_run_id, stores.experiment_id)
         self.progress = Progress(sw, stores.study, t0, out)
 
@@ -263,7 +268,7 @@ class Supervisor:
             if left > 0 and self.stop.signum is None:
                 for i in range(min(len(self.devices), left)):
                     self.workers.spawn(i)
-                _preimport_summary()
+                self.preimport = _preimport_summary()
                 self.supervise()
             self.progress.update()
             status = "KILLED" if self.stop.signum is not None else "FINISHED"
@@ -338,6 +343,8 @@ class Supervisor:
         from pipeline.sweep.summary import finalize, print_summary
 
         s = self.stores
+        if self.preimport is not None:
+            self.preimport.join()
         with budget_lock(s.url, s.storage, self.sw.study):
             reap_stale(s.study, s.url, s.mlflow_uri)
         for t in s.study.get_trials(deepcopy=False):  # belt and braces: no child run left RUNNING
