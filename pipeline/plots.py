@@ -53,8 +53,8 @@ def wrap_title(text: str, fig: Any) -> str:
 
 
 # A run's own figure (plots/bptt_profile.png, plots/grad_norms.png), drawn for every trial of a sweep: margins
-# in inches, fixed, instead of matplotlib's constrained layout, which measured every tick label's extent
-# on each save and was half the cost of a figure (README, "Batched trials": 0.54 s -> 0.2 s a figure).
+# in inches, fixed, instead of matplotlib's constrained layout, which measures every tick label's extent on
+# each save (in a cProfile of a sweep worker, constrained layout was half of the time spent in savefig).
 RUN_MARGINS = {"left": 0.9, "right": 2.15, "bottom": 0.6, "top": 0.25}  # right: the legend's column
 TITLE_LINE = 0.19  # inches per wrapped title line at fontsize 10
 

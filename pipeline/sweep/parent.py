@@ -36,7 +36,7 @@ from pipeline.uris import absolute_uri, display_url
 
 def gpu_count() -> int:
     """GPUs torch can use here (0 without importing torch where no GPU driver is present)."""
-    from pipeline.training.budget import gpu_driver_absent
+    from pipeline.training.machine import gpu_driver_absent
 
     if gpu_driver_absent():
         return 0

@@ -13,8 +13,9 @@ pass (training, float32) and over the float64 profile pass (README table). The p
 part (runtime, parameters + optimizer state, validation set, probe batch, per-step history, the digits
 dataset) plus the
 largest of the passes that do not overlap in time (a training step, a validation chunk, the profile
-pass, building the validation set). Light imports only (stdlib + pipeline.config); torch is imported
-only to ask whether CUDA is there, when the accelerator could resolve to it.
+pass, building the validation set). What the machine has comes from :mod:`pipeline.training.machine`.
+Light imports only (stdlib + pipeline.config); torch is imported only to ask whether CUDA is there,
+when a GPU driver is present and the accelerator could resolve to it.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from pipeline.config import DIGITS_IMAGES, DIGITS_SEQ_LEN, Config
 from pipeline.names import GATE_COUNT
 from pipeline.schema import ConfigError
+from pipeline.training.machine import device_available, host_available, uses_cuda
 
 GIB = 1024**3
 FIT_FRACTION = 0.8  # refuse when the estimate exceeds 80% of what is available (safety margin)
@@ -266,91 +267,6 @@ def estimate(cfg: Config, cuda: bool = False) -> Estimate:
     if cuda:
         persistent += (Part("CUDA context", CUDA_CONTEXT_BYTES, True),)
     return Estimate(persistent, passes)
-
-
-# ------------------------------------------------------------------------------- what the machine has
-
-
-def _meminfo_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def _cgroup_available() -> int | None:
-    """cgroup v2 ``memory.max - memory.current`` (a container's limit), None without a limit."""
-    try:
-        root = Path("/sys/fs/cgroup")
-        rel = next(
-            (
-                ln.split("::", 1)[1]
-                for ln in Path("/proc/self/cgroup").read_text().splitlines()
-                if ln.startswith("0::")
-            ),
-            "/",
-        )
-        d = root / rel.lstrip("/")
-        limit = (d / "memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        return max(0, int(limit) - int((d / "memory.current").read_text()))
-    except (OSError, ValueError, StopIteration):
-        return None
-
-
-def host_available() -> tuple[int, str]:
-    """Bytes this process may still allocate on the host, and where the number came from."""
-    avail, src = _meminfo_available(), "MemAvailable"
-    if avail is None:
-        try:
-            import psutil
-
-            avail, src = int(psutil.virtual_memory().available), "psutil"
-        except ImportError:
-            avail, src = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "sysconf"
-    cg = _cgroup_available()
-    if cg is not None and cg < avail:
-        return cg, "cgroup memory.max"
-    return avail, src
-
-
-# Where a CUDA (or ROCm) driver shows itself on Linux. With none of these torch.cuda sees no device, and a
-# sweep's parent need not import torch (1.7 s of CPU measured here, on the path to the first trial) to know.
-GPU_DRIVER_PATHS = ("/proc/driver/nvidia/version", "/dev/nvidia0", "/dev/nvidiactl", "/dev/kfd", "/dev/dxg")
-
-
-def gpu_driver_absent() -> bool:
-    """True when torch can see no GPU, known without importing it: CUDA_VISIBLE_DEVICES hides every
-    device, or (Linux) no GPU driver is present (:data:`GPU_DRIVER_PATHS`)."""
-    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
-        return True
-    import sys
-
-    return sys.platform.startswith("linux") and not any(os.path.exists(p) for p in GPU_DRIVER_PATHS)
-
-
-def uses_cuda(cfg: Config) -> bool:
-    """Whether Lightning will train on CUDA: accelerator gpu/cuda (or auto) with a visible GPU.
-
-    ``gpu`` on a machine without one is not ours to refuse here: Lightning refuses it at the start of the
-    run with its own message, and the run is recorded FAILED (README, "Regression suites": an error row).
-    """
-    if cfg.trainer.accelerator == "cpu" or gpu_driver_absent():
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
-def device_available() -> int:
-    import torch
-
-    free, _ = torch.cuda.mem_get_info()
-    return int(free)
 
 
 # ---------------------------------------------------------------------------------------- the check

@@ -167,9 +167,9 @@ def run_stack(
         raise ValueError("run_stack: the configs differ in the task or device (stack_key)")
     quiet_lightning()
     configure_torch(cfgs[0])
-    stack = _Stack(task_of(cfgs[0].task), _device(cfgs[0]), stack_key(cfgs[0]), on_done)
-    stack.refill = refill
-    stack.run_ids = (parent_run_id, experiment_id)
+    stack = _Stack(
+        task_of(cfgs[0].task), _device(cfgs[0]), cfgs[0], on_done, refill, (parent_run_id, experiment_id)
+    )
     tags = extra_tags or [{} for _ in cfgs]
     extras = callbacks or [[] for _ in cfgs]
     try:
@@ -197,11 +197,18 @@ def run_stack(
 class _Stack:
     """The members of one :func:`run_stack` call, in the order they joined, and how new ones start."""
 
-    def __init__(self, task, device: torch.device, key: tuple, on_done):
-        self.task, self.device, self.key, self.on_done = task, device, key, on_done
+    def __init__(
+        self,
+        task,
+        device: torch.device,
+        first: Config,
+        on_done,
+        refill: Refill | None,
+        run_ids: tuple[str | None, str | None],
+    ):
+        self.task, self.device, self.key, self.on_done = task, device, stack_key(first), on_done
+        self.refill, self.run_ids = refill, run_ids
         self.members: list[Member] = []
-        self.refill: Refill | None = None
-        self.run_ids: tuple[str | None, str | None] = (None, None)
 
     def start(self, cfg: Config, tags: dict[str, Any], extra: list) -> Member:
         parent_run_id, experiment_id = self.run_ids
@@ -241,12 +248,13 @@ class _Stack:
 class Streams:
     """The batch streams of a stack, one per cohort (seed, loop iteration joined at): each the stream
     :class:`~pipeline.training.data.OnDeviceBatches` gives the same config alone, drawn once per step for
-    every member of the cohort; and the validation sets, one per (seed, size)."""
+    every member of the cohort; and the validation sets, one per seed (the task config, validation size
+    included, is the stack's own)."""
 
     def __init__(self, task, device: torch.device):
         self.task, self.device = task, device
         self.iters: dict[tuple[int, int], Any] = {}
-        self.vals: dict[tuple[int, int, int], list] = {}
+        self.vals: dict[int, list] = {}
 
     def join(self, m: Member, it: int, cohort_steps: int) -> None:
         from pipeline.training.data import OnDeviceBatches
@@ -257,12 +265,11 @@ class Streams:
             self.iters[m.cohort] = iter(
                 OnDeviceBatches(self.task, cfg.task.batch_size, cohort_steps, cfg.seed, self.device)
             )
-        chunk = max(cfg.task.batch_size, 256)  # as TaskDataModule.val_dataloader
-        vkey = (cfg.seed, cfg.task.val_size, chunk)
-        if vkey not in self.vals:
+        if cfg.seed not in self.vals:
+            chunk = max(cfg.task.batch_size, 256)  # as TaskDataModule.val_dataloader
             x_val, y_val = self.task.validation(cfg.task.val_size, cfg.seed + 1, self.device)
-            self.vals[vkey] = list(zip(x_val.split(chunk), y_val.split(chunk), strict=True))
-        m.val = self.vals[vkey]
+            self.vals[cfg.seed] = list(zip(x_val.split(chunk), y_val.split(chunk), strict=True))
+        m.val = self.vals[cfg.seed]
 
     def next(self, active: list[Member]) -> dict[tuple[int, int], Any]:
         """This step's batch of every cohort with an active member; the streams of the others dropped."""
