@@ -18,13 +18,14 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
 
-from pipeline.sweep.config import Param, SweepConfig
+from pipeline.sweep.config import SweepConfig
+from pipeline.sweep.space import Param
 
 
 def suggest(trial, p: Param) -> Any:
     if p.kind == "categorical":
         return trial.suggest_categorical(p.key, p.choices)
-    assert p.low is not None and p.high is not None  # a range parameter (config.Param)
+    assert p.low is not None and p.high is not None  # a range parameter (space.Param)
     if p.kind == "int":
         return trial.suggest_int(p.key, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
     return trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
