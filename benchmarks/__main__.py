@@ -1,4 +1,5 @@
-"""``make bench``: ``python -m benchmarks [--quick] [--only train,profile,remedy,scan,stack,sweep] [--gpu] [--seeds N]``;
+"""``make bench``: ``python -m benchmarks [--quick] [--only train,profile,remedy,scan,stack,sweep] [--gpu] [--seeds N]
+[--sweep-trials N] [--sweep-modes "same points,TPE"]``;
 Markdown tables. ``--only results [--rows SUBSTR] [--jobs N]``: the README's results table (hours of CPU;
 not part of the default set)."""
 
@@ -42,6 +43,17 @@ def main() -> int:
         default=3,
         help="sweep bench: sampler seeds for hand-written vs 2 workers (default 3; --quick: 1)",
     )
+    ap.add_argument(
+        "--sweep-trials",
+        type=int,
+        default=None,
+        help="sweep bench: the budget (default: the default sweep's n_trials); rows go to sweep_<N>",
+    )
+    ap.add_argument(
+        "--sweep-modes",
+        default="same points,TPE",
+        help="sweep bench: comma list of 'same points', 'TPE' (default both)",
+    )
     ap.add_argument("--out", default="benchmarks/results.json", help="where to write the raw rows")
     args = ap.parse_args()
     import torch
@@ -84,8 +96,14 @@ def main() -> int:
         except ImportError as e:
             print(f"(sweep bench unavailable: {e})")
         else:
-            results["sweep"] = sweep_run(args.quick, seeds=1 if args.quick else args.seeds)
-            print(table(results["sweep"]) + "\n", flush=True)
+            modes = tuple(m.strip() for m in args.sweep_modes.split(","))
+            if set(modes) - {"same points", "TPE"}:
+                ap.error(f"--sweep-modes: unknown mode in {args.sweep_modes!r} (known: 'same points', 'TPE')")
+            key = "sweep" if args.sweep_trials is None else f"sweep_{args.sweep_trials}"
+            results[key] = sweep_run(
+                args.quick, seeds=1 if args.quick else args.seeds, n_trials=args.sweep_trials, modes=modes
+            )
+            print(table(results[key]) + "\n", flush=True)
     if "results" in which:
         from .results_table import markdown
         from .results_table import run as results_run
