@@ -65,7 +65,7 @@ def command(args: argparse.Namespace) -> int:
     baseline = suite_baseline(suite)
     check_suite_fits(suite, overrides, args.workers)
 
-    from pipeline.tracking import probe_store
+    from pipeline.store_checks import probe_store
 
     uri = probe_store(suite.uri, "defaults.tracking.uri")  # a corrupt or unreachable store: one line, exit 2
     print(

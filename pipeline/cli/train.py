@@ -69,7 +69,8 @@ def command(args: argparse.Namespace) -> int:
     check_fits(
         cfg
     )  # refuses what cannot fit in memory, before anything is allocated (README "Memory estimate")
-    from pipeline.tracking import ensure_experiment, probe_store
+    from pipeline.store_checks import probe_store
+    from pipeline.tracking import ensure_experiment
     from pipeline.uris import resolve_uri
 
     if cfg.tracking.enabled:

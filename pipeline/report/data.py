@@ -126,7 +126,7 @@ def check_store(uri: str) -> None:
             "--store",
             f"no MLflow store at {path} (run `make sweep` or `make train` first, or pass --store URI)",
         )
-    from pipeline.tracking import probe_store
+    from pipeline.store_checks import probe_store
 
     probe_store(uri, "--store")  # a corrupt file or an unreachable server: one line, exit 2
 

@@ -184,11 +184,11 @@ def run_sweep(
 ) -> int:
     """Load and validate the sweep file (nothing is written before this passes), then run it."""
     from pipeline.schema import ConfigError
+    from pipeline.store_checks import probe_store
     from pipeline.sweep.batch import trials_per_worker
     from pipeline.sweep.config import check_sweep_fits, load_sweep
     from pipeline.sweep.stores import check_storage
     from pipeline.sweep.supervisor import StopSignal, Supervisor
-    from pipeline.tracking import probe_store
     from pipeline.uris import check_storage_url, resolve_uri
 
     sw = load_sweep(config_path, overrides)

@@ -155,7 +155,7 @@ def check_storage(url: str) -> None:
         repair_journal(journal_file(url))
         return
     if sqlite_file(url) is not None:
-        from pipeline.tracking import sqlite_problem
+        from pipeline.store_checks import sqlite_problem
 
         path = sqlite_file(url)
         problem = sqlite_problem(path) if path is not None and path.is_file() else None

@@ -1,0 +1,108 @@
+"""Read-only checks that an MLflow store can be opened, before anything is written (README, "Faults and
+resuming": a broken store is named, not dumped as a traceback). Each problem raises
+:class:`~pipeline.schema.StoreError`: one line naming the store, what is wrong and what to do.
+Light imports only (stdlib): the CLI runs them before it imports MLflow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.uris import resolve_uri, sqlite_file
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+HTTP_PROBE_TIMEOUT_S = 5.0
+
+
+def store_error(uri: str, problem: str, flag: str, remedy: str = "move it aside"):
+    from pipeline.schema import StoreError
+
+    return StoreError(f"mlflow store {uri}", problem, f"{remedy} or point {flag} elsewhere")
+
+
+def sqlite_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable SQLite database (header, length; https://www.sqlite.org/fileformat.html
+    section 1.3), or None. An empty file is a new database."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(100)
+    except OSError as e:
+        return f"cannot read {path} ({e.strerror})"
+    if size == 0:
+        return None
+    if len(head) < 100 or not head.startswith(SQLITE_MAGIC):
+        return "not a readable database (file is not a database)"
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    pages, counter, valid_for = (int.from_bytes(head[a : a + 4], "big") for a in (28, 24, 92))
+    if counter == valid_for and pages * page > size:
+        return (
+            f"not a readable database (truncated: its header says {pages * page} bytes, the file has {size})"
+        )
+    return None
+
+
+def check_sqlite_store(uri: str, path: Path, flag: str = "tracking.uri") -> None:
+    """Read-only checks of an existing MLflow SQLite file: the header, its length, the schema.
+
+    Without them a corrupt file surfaces as a 79-line SQLAlchemy traceback from MLflow's migrations,
+    and a SQLite file of another program would be migrated into an MLflow store. An empty file is a new
+    store. The header layout is SQLite's (https://www.sqlite.org/fileformat.html, section 1.3).
+    """
+    import sqlite3
+
+    problem = sqlite_problem(path)
+    if problem:
+        raise store_error(uri, problem.replace("readable database", "readable MLflow database"), flag)
+    if path.stat().st_size == 0:
+        return
+    try:
+        con = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=30)
+        try:
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables:
+                if "experiments" not in tables or "alembic_version" not in tables:
+                    raise store_error(
+                        uri, "a SQLite database but not an MLflow store (no experiments table)", flag
+                    )
+                con.execute("SELECT count(*) FROM experiments").fetchone()
+                con.execute("SELECT count(*) FROM runs").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error as e:
+        raise store_error(uri, f"not a readable MLflow database ({e})", flag) from None
+
+
+def check_http_store(uri: str, flag: str = "tracking.uri") -> None:
+    """An MLflow server must answer within a few seconds (MLflow itself retries for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=HTTP_PROBE_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:
+        return  # it answered: a server is there (auth and paths are MLflow's business)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", None) or e
+        raise store_error(uri, f"unreachable ({reason})", flag, "start the server") from None
+
+
+def probe_store(uri: str | None, flag: str = "tracking.uri") -> str:
+    """Check that the MLflow store at ``uri`` can be opened, without writing to it; returns the resolved URI.
+
+    Raises :class:`~pipeline.config.StoreError` (one line naming the store and what to do): a corrupt or
+    truncated SQLite file, a SQLite file that is not an MLflow store, a server that does not answer, a
+    database that refuses the connection. A missing SQLite file is fine (it becomes a new store).
+    """
+    u = resolve_uri(uri)
+    path = sqlite_file(u)
+    if path is not None:
+        if path.exists():
+            check_sqlite_store(u, path, flag)
+        elif not path.parent.is_dir():
+            raise store_error(u, f"directory {path.parent} does not exist", flag, "create it")
+    elif u.startswith(("http://", "https://")):
+        check_http_store(u, flag)
+    return u
