@@ -51,17 +51,17 @@ MEMBERS = [
 
 @pytest.fixture
 def captured(monkeypatch):
-    """Every run's (cfg, module, monitors, steps) as it is recorded (``run.record_end``: both paths)."""
-    from pipeline.training import run
+    """Every run's (cfg, module, monitors, steps) as it is recorded (``record.record_end``: both paths)."""
+    from pipeline.training import record
 
     seen: list = []
-    real = run.record_end
+    real = record.record_end
 
     def spy(cfg, task, rec, module, mon, steps):
         seen.append((cfg, module, mon, steps))
         return real(cfg, task, rec, module, mon, steps)
 
-    monkeypatch.setattr(run, "record_end", spy)
+    monkeypatch.setattr(record, "record_end", spy)
     return seen
 
 

@@ -182,7 +182,7 @@ class ProfileMonitor(BPTTProfileMonitor):
     this project, ``orthogonal`` and ``indrnn`` included), with the spectra and the Lyapunov exponent,
     on a fixed probe batch (seed + 2) on the CPU, at step 0, every ``diagnostics.profile_every`` steps
     and at the end; logged through the run's Recorder. The scheduling, the record, the logging and the
-    verdict are the public monitor's; the artifacts are written by :func:`pipeline.training.run.log_artifacts`.
+    verdict are the public monitor's; the artifacts are written by :func:`pipeline.training.record.log_artifacts`.
     """
 
     step_type = int

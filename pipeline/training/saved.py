@@ -53,7 +53,7 @@ class RunCheckpoint(pl.Callback):
     Its own state (saved in the checkpoint under this class's name, restored by ``trainer.fit(...,
     ckpt_path=...)``): the running summaries a resumed run must not forget, the largest pre-clip gradient
     norm (the verdict's input) and the best validation loss. ``mon`` is the run's
-    :class:`pipeline.training.run.Monitors`.
+    :class:`pipeline.training.record.Monitors`.
     """
 
     def __init__(self, rec, mon):

@@ -38,16 +38,9 @@ import torch
 from pipeline.config import Config
 from pipeline.names import STATUS
 from pipeline.signals import Terminated, terminate_as_exception
-from pipeline.training import run as single
-from pipeline.training.run import (
-    Monitors,
-    RunResult,
-    _start_recorder,
-    _system_metrics,
-    configure_torch,
-    quiet_lightning,
-    record_start,
-)
+from pipeline.training import record
+from pipeline.training.record import Monitors, RunResult
+from pipeline.training.run import _start_recorder, _system_metrics, configure_torch, quiet_lightning
 
 
 def stack_key(cfg: Config) -> tuple:
@@ -115,7 +108,7 @@ def _member(cfg: Config, task, rec, extra: list, device: torch.device) -> Member
     from pipeline.training import callbacks as dg
     from pipeline.training.module import RNNTrainingModule
 
-    record_start(cfg, task, rec)
+    record.record_start(cfg, task, rec)
     module = RNNTrainingModule(cfg, task).to(device)
     module.pruned = False
     mon = Monitors(
@@ -376,7 +369,7 @@ def _finish(m: Member) -> None:
         if m.module.diverged_step is None and m.mon.val.last_step != m.trainer.global_step:
             m.trainer.state.fn = "validate"
             _validate(m)
-        m.result = single.record_end(m.cfg, m.module.task, m.rec, m.module, m.mon, m.trainer.global_step)
+        m.result = record.record_end(m.cfg, m.module.task, m.rec, m.module, m.mon, m.trainer.global_step)
         m.close("FINISHED")
     except (KeyboardInterrupt, SystemExit, Terminated):
         raise
