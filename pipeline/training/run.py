@@ -247,5 +247,3 @@ def _train(
         if module.diverged_step is None and mon.val.last_step != trainer.global_step:
             trainer.validate(module, datamodule=data, verbose=False)  # final validation
     return record.record_end(cfg, task, rec, module, mon, trainer.global_step)
-
-
