@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import assert_step_derivatives_match_autograd
 
 from pipeline.bptt import cornn, reference, remedies, spectra
 from pipeline.bptt import profile as bptt
@@ -53,20 +54,7 @@ def test_training_layer_is_the_authors_cell_and_the_twin():
 
 
 def test_hand_written_step_derivatives_match_autograd():
-    p = model(H=6).double().params()
-    gen = torch.Generator().manual_seed(2)
-    state = (torch.randn(4, 12, generator=gen, dtype=F64),)
-    gi = cells.input_projection(p, torch.randn(4, 3, generator=gen, dtype=F64))
-    _, cache = cells.step_cached(p, gi, state)
-    v, q = (torch.randn(4, 12, generator=gen, dtype=F64),), (torch.randn(4, 12, generator=gen, dtype=F64),)
-
-    def f(s):
-        return cells.step_projected(p, gi, (s,))[0]
-
-    _, vjp_fn = torch.func.vjp(f, state[0])
-    torch.testing.assert_close(cells.step_vjp(p, cache, v)[0][0], vjp_fn(v[0])[0], rtol=0, atol=1e-14)
-    _, want = torch.func.jvp(f, state, q)
-    torch.testing.assert_close(cells.step_jvp(p, cache, q)[0], want, rtol=0, atol=1e-14)
+    assert_step_derivatives_match_autograd(model(H=6).double().params(), n_in=3, width=12)
 
 
 @pytest.mark.parametrize(("dt", "gamma", "epsilon"), [(0.05, 1.0, 1.0), (0.3, 2.7, 4.7), (1.0, 1.0, 1.0)])

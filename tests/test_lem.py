@@ -16,6 +16,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import assert_step_derivatives_match_autograd
 
 from pipeline.bptt import lem, reference, remedies, spectra
 from pipeline.bptt import profile as bptt
@@ -127,19 +128,7 @@ def test_live_params_carry_the_gradient_to_the_module():
 @pytest.mark.parametrize("dt", [1.0, 0.05])
 def test_hand_written_step_derivatives_match_autograd(dt):
     p = model(H=6, dt=dt).double().params()
-    gen = torch.Generator().manual_seed(2)
-    state = (torch.randn(4, 12, generator=gen, dtype=F64),)
-    gi = cells.input_projection(p, torch.randn(4, 3, generator=gen, dtype=F64))
-    _, cache = cells.step_cached(p, gi, state)
-    v, q = (torch.randn(4, 12, generator=gen, dtype=F64),), (torch.randn(4, 12, generator=gen, dtype=F64),)
-
-    def f(s):
-        return cells.step_projected(p, gi, (s,))[0]
-
-    _, vjp_fn = torch.func.vjp(f, state[0])
-    torch.testing.assert_close(cells.step_vjp(p, cache, v)[0][0], vjp_fn(v[0])[0], rtol=0, atol=1e-14)
-    _, want = torch.func.jvp(f, state, q)
-    torch.testing.assert_close(cells.step_jvp(p, cache, q)[0], want, rtol=0, atol=1e-14)
+    cache, gen = assert_step_derivatives_match_autograd(p, n_in=3, width=12)
     # the remedies' broadcast contract: cache [B, 1, H], k tangents [B, k, 2H]
     Q = torch.randn(4, 5, 12, generator=gen, dtype=F64)
     got = cells.step_jvp(p, tuple(c.unsqueeze(1) for c in cache), (Q,))[0]
