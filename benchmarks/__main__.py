@@ -25,6 +25,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _sweep_modes(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
+    """The sweep bench's modes; bad sweep flags stop here, before any bench runs (one line, exit 2)."""
+    modes = tuple(m.strip() for m in args.sweep_modes.split(","))
+    if set(modes) - {"same points", "TPE"}:
+        ap.error(f"--sweep-modes: unknown mode in {args.sweep_modes!r} (known: 'same points', 'TPE')")
+    if args.sweep_trials is not None and args.sweep_trials < 1:
+        ap.error(f"--sweep-trials: must be >= 1, got {args.sweep_trials}")
+    return modes
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks")
     ap.add_argument("--quick", action="store_true", help="smaller budgets (a smoke check of the harness)")
@@ -56,6 +66,7 @@ def main() -> int:
     )
     ap.add_argument("--out", default="benchmarks/results.json", help="where to write the raw rows")
     args = ap.parse_args()
+    modes = _sweep_modes(ap, args)
     import torch
 
     which = set(args.only.split(","))
@@ -96,9 +107,6 @@ def main() -> int:
         except ImportError as e:
             print(f"(sweep bench unavailable: {e})")
         else:
-            modes = tuple(m.strip() for m in args.sweep_modes.split(","))
-            if set(modes) - {"same points", "TPE"}:
-                ap.error(f"--sweep-modes: unknown mode in {args.sweep_modes!r} (known: 'same points', 'TPE')")
             key = "sweep" if args.sweep_trials is None else f"sweep_{args.sweep_trials}"
             results[key] = sweep_run(
                 args.quick, seeds=1 if args.quick else args.seeds, n_trials=args.sweep_trials, modes=modes

@@ -2,9 +2,8 @@
 that forked workers start training at once. No store is opened and no CUDA context is created here.
 
 MLflow's SQL store module (the default sqlite store and PostgreSQL) is imported by ``mlflow`` only when a
-client first opens such a store; without it here each worker imported it at its first trial
-(``python -X importtime -c "import mlflow.store.tracking.sqlalchemy_store"`` after ``import mlflow``:
-about 0.5 s alone, 1.4 s of CPU per worker in a py-spy profile of ``make sweep`` on 2 busy cores)."""
+client first opens such a store; without it here each worker imported it at its first trial (about 0.5 s
+on an idle core: ``python -X importtime -c "import mlflow; import mlflow.store.tracking.sqlalchemy_store"``)."""
 
 import mlflow
 import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
