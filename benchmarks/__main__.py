@@ -1,5 +1,5 @@
 """``make bench``: ``python -m benchmarks [--quick] [--only train,profile,remedy,scan,stack,sweep] [--gpu] [--seeds N]
-[--sweep-trials N] [--sweep-modes "same points,TPE"]``;
+[--sweep-trials N] [--sweep-modes "same points,TPE"] [--sweep-grid W:K:N,...]``;
 Markdown tables. ``--only results [--rows SUBSTR] [--jobs N]``: the README's results table (hours of CPU;
 not part of the default set)."""
 
@@ -32,6 +32,13 @@ def _sweep_modes(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
         ap.error(f"--sweep-modes: unknown mode in {args.sweep_modes!r} (known: 'same points', 'TPE')")
     if args.sweep_trials is not None and args.sweep_trials < 1:
         ap.error(f"--sweep-trials: must be >= 1, got {args.sweep_trials}")
+    if args.sweep_grid is not None:
+        from .sweep_bench import parse_grid
+
+        try:
+            parse_grid(args.sweep_grid)
+        except ValueError as e:
+            ap.error(f"--sweep-grid: {e}")
     return modes
 
 
@@ -63,6 +70,13 @@ def main() -> int:
         "--sweep-modes",
         default="same points,TPE",
         help="sweep bench: comma list of 'same points', 'TPE' (default both)",
+    )
+    ap.add_argument(
+        "--sweep-grid",
+        default=None,
+        help="sweep bench: instead of the comparison with the hand-written sweep, 'W:K:N,...': pipeline sweep "
+        "with W workers, trials_per_worker K, n_trials N, on the same points (GPU workers on a CUDA "
+        "machine); rows go to sweep_grid",
     )
     ap.add_argument("--out", default="benchmarks/results.json", help="where to write the raw rows")
     args = ap.parse_args()
@@ -96,16 +110,25 @@ def main() -> int:
 
         results["scan"] = scan_cost(args.quick)
         print(table(results["scan"]) + "\n", flush=True)
-    if "stack" in which:  # batched trials' kernels (CPU): README, "Batched trials"
+    if "stack" in which:  # batched trials' kernels: README, "Batched trials"
         from .stack_bench import run as stack_run
+        from .stack_bench import run_gpu as stack_run_gpu
 
-        results["stack"] = stack_run(args.quick)
+        results["stack"] = stack_run_gpu(args.quick) if args.gpu else stack_run(args.quick)
         print(table(results["stack"]) + "\n", flush=True)
     if "sweep" in which:
         try:
             from .sweep_bench import run as sweep_run
         except ImportError as e:
             print(f"(sweep bench unavailable: {e})")
+            sweep_run = None
+        if sweep_run is None:
+            pass
+        elif args.sweep_grid is not None:
+            from .sweep_bench import parse_grid, run_grid
+
+            results["sweep_grid"] = run_grid(args.quick, parse_grid(args.sweep_grid))
+            print(table(results["sweep_grid"]) + "\n", flush=True)
         else:
             key = "sweep" if args.sweep_trials is None else f"sweep_{args.sweep_trials}"
             results[key] = sweep_run(

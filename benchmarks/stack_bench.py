@@ -36,14 +36,21 @@ def _members(cell: str, k: int, hidden: int = 32):
     return task, mods, [m.configure_optimizers() for m in mods]
 
 
-def ms_per_step(cell: str, k: int, kernel: str, reps: int = 20) -> float:
+def ms_per_step(
+    cell: str, k: int, kernel: str, reps: int = 20, device: str = "cpu", max_units: int | None = None
+) -> float:
+    """``max_units``: the fused block's cap for this measurement (default: ``stack.FUSED_MAX_UNITS``)."""
     from pipeline.training import stack
 
     task, mods, opts = _members(cell, k)
-    gen = torch.Generator().manual_seed(0)
-    x, y = task.sample(32, gen, "cpu")
+    mods = [m.to(device) for m in mods]
+    opts = [m.configure_optimizers() for m in mods]  # after .to(): the optimizers hold the device's tensors
+    gen = torch.Generator(device=device).manual_seed(0)
+    x, y = task.sample(32, gen, device)
     models = [m.model for m in mods]
-    saved = dict(stack.KERNELS)
+    saved, saved_units = dict(stack.KERNELS), dict(stack.FUSED_MAX_UNITS)
+    if max_units is not None:
+        stack.FUSED_MAX_UNITS[torch.device(device).type] = max_units
     if kernel == "blockdiag":
         stack.KERNELS[cell] = "blockdiag"
         stack.GATES.setdefault("lstm", 4)
@@ -62,16 +69,42 @@ def ms_per_step(cell: str, k: int, kernel: str, reps: int = 20) -> float:
         for o in opts:
             o.step()
 
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
     try:
         for _ in range(3):
             step()
+        sync()
         t = time.perf_counter()
         for _ in range(reps):
             step()
+        sync()
         return 1000 * (time.perf_counter() - t) / reps
     finally:
         stack.KERNELS.clear()
         stack.KERNELS.update(saved)
+        stack.FUSED_MAX_UNITS.clear()
+        stack.FUSED_MAX_UNITS.update(saved_units)
+
+
+def run_gpu(quick: bool) -> list[dict]:
+    """The same step on CUDA, for the GPU's kernel choice and block cap (README, "Batched trials"):
+    K = 16 and 64 members, ``blockdiag`` with fused blocks of at most 512, 1024 and 4096 units."""
+    name = torch.cuda.get_device_name(0)
+    rows = []
+    for cell in ("tanh", "gru", "lstm"):
+        for k in (64,) if quick else (16, 64):
+            row: dict = {"device": name, "cell": cell, "K": k}
+            reps = 3 if quick else 10
+            for kern in ("separate", "loop"):
+                row[f"{kern}_ms"] = ms_per_step(cell, k, kern, reps, "cuda")
+            for cap in (512, 1024, 4096) if cell != "lstm" else ():  # LSTM has no fused path: it loops
+                row[f"blockdiag_{cap}_ms"] = ms_per_step(cell, k, "blockdiag", reps, "cuda", cap)
+            print(row, flush=True)
+            rows.append(row)
+    return rows
 
 
 def run(quick: bool) -> list[dict]:
@@ -89,6 +122,53 @@ def run(quick: bool) -> list[dict]:
     return rows
 
 
+def host_profile(device: str, k: int, steps: int = 300, top: int = 40) -> str:
+    """Where a stack's time goes: ``run_stack`` of ``k`` members of the default sweep (cells tanh, gru,
+    lstm in turn, learning rates and init scales spread), recorded to a fresh sqlite MLflow store,
+    under cProfile; the ``top`` functions by cumulative time, and the wall seconds per trial."""
+    import cProfile
+    import io
+    import pstats
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.config import from_dict
+    from pipeline.training.stacked import run_stack
+
+    root = Path(__file__).resolve().parents[1]
+    base = yaml.safe_load((root / "configs" / "sweeps" / "default.yaml").read_text())["base"]
+    with tempfile.TemporaryDirectory() as d:
+
+        def cfg(i: int, n: int):
+            c = yaml.safe_load(yaml.safe_dump(base))
+            c["model"].update(cell=("tanh", "gru", "lstm")[i % 3], init_scale=0.5 + 0.05 * i)
+            c["optim"]["lr"] = 1e-3 * (1 + i % 7)
+            c["trainer"].update(max_steps=n, accelerator="gpu" if device.startswith("cuda") else "cpu")
+            c["tracking"].update(uri=f"sqlite:///{d}/mlflow.db", experiment="host-profile")
+            return from_dict(c)
+
+        run_stack([cfg(0, 20)])  # warm-up: imports, the store's schema, CUDA context and kernels
+        prof = cProfile.Profile()
+        t = time.perf_counter()
+        prof.enable()
+        run_stack([cfg(i, steps) for i in range(k)])
+        prof.disable()
+        wall = time.perf_counter() - t
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(top)
+    return (
+        f"# {k} members x {steps} steps on {device}: {wall:.2f} s, {wall / k:.3f} s per trial\n"
+        + out.getvalue()
+    )
+
+
 if __name__ == "__main__":
-    for r in run("--full" not in __import__("sys").argv):
-        print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()})
+    import sys
+
+    if sys.argv[1:2] == ["--profile"]:  # python -m benchmarks.stack_bench --profile DEVICE K
+        print(host_profile(sys.argv[2], int(sys.argv[3])))
+    else:
+        for r in run("--full" not in sys.argv):
+            print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()})

@@ -215,6 +215,47 @@ def run(
     return rows + sweeps + summary
 
 
+def parse_grid(text: str) -> list[tuple[int, int, int]]:
+    """``--sweep-grid "W:K:N,..."``: (workers, trials_per_worker, n_trials) per entry; ValueError names
+    the bad entry."""
+    out = []
+    for entry in (e.strip() for e in text.split(",") if e.strip()):
+        try:
+            w, k, n = (int(v) for v in entry.split(":"))
+        except ValueError:
+            raise ValueError(f"{entry!r} is not W:K:N (workers:trials_per_worker:n_trials)") from None
+        if min(w, k, n) < 1:
+            raise ValueError(f"{entry!r}: workers, trials_per_worker and n_trials must be >= 1")
+        out.append((w, k, n))
+    if not out:
+        raise ValueError("no entry (expected W:K:N,...)")
+    return out
+
+
+def run_grid(quick: bool, grid: list[tuple[int, int, int]], seed: int = 0) -> list[dict]:
+    """``pipeline sweep`` at each (workers, trials_per_worker, n_trials) of ``grid`` on the same points
+    (``n_startup_trials = n_trials``: every entry trains a prefix of one random design of the default
+    sweep at sampler seed ``seed``), each in a fresh process and directory, start-up and summary included.
+    On a CUDA machine the workers are GPU workers (``workers: auto`` would be one per GPU; here each entry
+    names its count, spread over the visible GPUs). Speed-up: trials per hour against the first entry."""
+    import torch
+
+    device = (
+        f"CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
+    )
+    rows = []
+    for w, k, n in grid:
+        sw = _sweep_spec(quick, seed, n)
+        sw["sampler"]["n_startup_trials"] = n
+        r = {"mode": "same points", **run_ours(sw, w, k), "device": device, "n_trials": n}
+        r["max_steps"] = sw["base"]["trainer"]["max_steps"]
+        r["trials_per_hour"] = r["trials"] * 3600 / r["wall_s"]
+        r["speedup"] = r["trials_per_hour"] / rows[0]["trials_per_hour"] if rows else 1.0
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+        rows.append(r)
+    return rows
+
+
 if __name__ == "__main__":
     quick = "--full" not in sys.argv
     for row in run(quick, seeds=3 if not quick else 1):

@@ -21,8 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=None,
-        help="worker processes (default: the sweep's `workers`; auto = one per visible GPU, "
-        "else one per CPU core, at most 4)",
+        help="worker processes (default: the sweep's `workers`; auto = up to 12 per visible GPU and 3/4 "
+        "of the cores, else one per CPU core, at most 4)",
     )
     p.add_argument(
         "--storage",

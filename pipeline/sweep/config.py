@@ -13,7 +13,7 @@ Layout (every top-level key is optional except ``space``; defaults in the datacl
     study: default                  # Optuna study name (also the MLflow tag `study`)
     storage: null                   # null: journal file optuna/<study>.journal; or postgresql://...
     n_trials: 24                    # budget: COMPLETE + PRUNED trials (diverged ones are COMPLETE)
-    workers: auto                   # auto: one per visible GPU, else one per CPU core (max 4)
+    workers: auto                   # auto: up to 12 per visible GPU, else one per CPU core (max 4)
     trials_per_worker: auto         # trials one worker trains at once as a stack (1: one at a time)
     base: configs/train/x.yaml      # or an inline training config mapping
     sampler: {name: tpe, seed: 0, n_startup_trials: 8}
@@ -89,7 +89,7 @@ class SweepConfig:
     study: str = "default"  # the Optuna study name and the MLflow tag `study`: resuming is by this name
     storage: str | None = None  # None: the journal file optuna/<study>.journal (this machine)
     n_trials: int = 24  # the budget: COMPLETE + PRUNED trials (FAILed ones are retried, not counted)
-    workers: int | None = None  # None ("auto" in YAML): one per visible GPU, else per CPU core (at most 4)
+    workers: int | None = None  # None ("auto" in YAML): pipeline.sweep.parent.choose_workers
     # Trials one worker trains at once as a stack (README, "Batched trials"); None ("auto" in YAML): the
     # measured default per device (pipeline.sweep.batch.AUTO_CPU / AUTO_GPU); 1: one trial at a time.
     trials_per_worker: int | None = None
@@ -248,8 +248,11 @@ def largest_trial(sw: SweepConfig) -> Config:
     return sw.trial_config(best)
 
 
-def check_sweep_fits(sw: SweepConfig, workers: int, device_workers: int | None = None) -> None:
-    """Every trial the space can produce must fit, ``workers`` at once, before any store is created.
+def check_sweep_fits(
+    sw: SweepConfig, workers: int, device_workers: int | None = None, members: int = 1
+) -> None:
+    """Every trial the space can produce must fit, ``workers`` at once (each training ``members`` trials
+    as a stack), before any store is created.
 
     Raises :class:`ConfigError` naming the key (prefixed ``space.`` when the space sets it, else ``base.``).
     """
@@ -258,9 +261,15 @@ def check_sweep_fits(sw: SweepConfig, workers: int, device_workers: int | None =
     cfg = largest_trial(sw)
     searched = {p.key for p in sw.space}
     try:
-        check_fits(cfg, copies=workers, device_copies=device_workers, what="the largest trial of the space ")
+        check_fits(
+            cfg,
+            copies=workers,
+            device_copies=device_workers,
+            members=members,
+            what="the largest trial of the space ",
+        )
     except ConfigError as e:
-        if e.key == "workers":
+        if e.key in ("workers", "trials_per_worker"):
             raise
         prefix = "space" if e.key in searched else "base"
         raise ConfigError(f"{prefix}.{e.key}", str(e).split(": ", 1)[1]) from None

@@ -48,19 +48,30 @@ def gpu_count() -> int:
         return 0
 
 
+# workers: auto on a GPU machine. A sweep worker keeps its GPU mostly idle (launch-bound small RNNs; its
+# CPU core builds the steps and writes each trial's record), so several share one GPU. Measured on one
+# H200 with 16 cores (README, "Batched trials", GPU rows): the default sweep ran 7.0x the trials per hour
+# with 12 workers on the GPU as with one. At most GPU_WORKERS_PER_GPU per GPU (the measured count; each
+# holds a CUDA context, about 0.5 GiB of the card), and three quarters of the cores in all.
+GPU_WORKERS_PER_GPU = 12
+
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def choose_workers(requested: int | None, sw: SweepConfig) -> tuple[int, list[str | None]]:
-    """(workers, device per worker): one per visible GPU by default, else one per core (at most 4)."""
+    """(workers, device per worker). ``auto``: on a GPU machine, up to :data:`GPU_WORKERS_PER_GPU` per
+    GPU and three quarters of the cores in all (at least one per GPU), spread round-robin over the GPUs;
+    else one per core (at most 4)."""
     n_gpu = gpu_count()
     if requested is None:
         requested = sw.workers
     if requested is None:
         if n_gpu:
-            requested = n_gpu
+            requested = max(n_gpu, min(n_gpu * GPU_WORKERS_PER_GPU, _cores() * 3 // 4))
         else:
-            cores = (
-                len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            )
-            requested = max(1, min(4, cores // max(1, sw.base_config().trainer.threads)))
+            requested = max(1, min(4, _cores() // max(1, sw.base_config().trainer.threads)))
     requested = max(1, min(requested, sw.n_trials))
     devices: list[str | None] = [str(i % n_gpu) for i in range(requested)] if n_gpu else [None] * requested
     return requested, devices
@@ -204,7 +215,7 @@ def run_sweep(
     n_gpu = sum(d is not None for d in devices) and len({d for d in devices})
     # trials_per_worker: each worker holds that many trials at once (README, "Batched trials").
     k = trials_per_worker(sw, bool(n_gpu))
-    check_sweep_fits(sw, n_workers * k, -(-n_workers // n_gpu) * k if n_gpu else None)
+    check_sweep_fits(sw, n_workers, -(-n_workers // n_gpu) if n_gpu else None, members=k)
     probe_store(mlflow_uri, "base.tracking.uri")
     check_storage(url)
     # CPU workers fork from a preloaded forkserver unless PIPELINE_SWEEP_FORK=0 (an escape hatch).

@@ -128,6 +128,7 @@ class Part:
     what: str
     nbytes: int
     on_device: bool
+    per_process: bool = False  # paid once per process (imports, the CUDA context), not per trial of a stack
 
 
 @dataclass(frozen=True)
@@ -135,12 +136,14 @@ class Estimate:
     persistent: tuple[Part, ...]
     passes: tuple[Part, ...]  # do not overlap in time: the peak takes the largest
 
-    def peak(self, on_device: bool | None = None) -> int:
-        """Bytes at the peak on the device (True), on the host (False), or both together (None)."""
+    def peak(self, on_device: bool | None = None, members: int = 1) -> int:
+        """Bytes at the peak on the device (True), on the host (False), or both together (None), of one
+        process training ``members`` such runs at once as a stack (README, "Batched trials"): the
+        per-process parts once, the rest per member (their training passes run together, in one step)."""
         keep = (lambda p: True) if on_device is None else (lambda p: p.on_device == on_device)
-        return sum(p.nbytes for p in self.persistent if keep(p)) + max(
-            (p.nbytes for p in self.passes if keep(p)), default=0
-        )
+        shared = sum(p.nbytes for p in self.persistent if keep(p) and p.per_process)
+        own = sum(p.nbytes for p in self.persistent if keep(p) and not p.per_process)
+        return shared + members * (own + max((p.nbytes for p in self.passes if keep(p)), default=0))
 
     def top(self, on_device: bool | None, n: int = 2) -> list[Part]:
         keep = (lambda p: True) if on_device is None else (lambda p: p.on_device == on_device)
@@ -238,7 +241,7 @@ def estimate(cfg: Config, cuda: bool = False) -> Estimate:
     states = 2 if cell == "lstm" else 1  # lem's [y, z] is one profile state
     square = 12 * H * H * 4 if cell == "orthogonal" else 0  # matrix_exp of W_hh kept for backward
     persistent: tuple[Part, ...] = (
-        Part("runtime (torch, Lightning, MLflow)", RUNTIME_BYTES, False),
+        Part("runtime (torch, Lightning, MLflow)", RUNTIME_BYTES, False, per_process=True),
         Part("parameters, gradients and optimizer state", n * 4 * (2 + _opt_states(cfg)) + square, cuda),
         Part("float64 twin of the weights and spectra", n * 8 * 2 + 4 * H * H * 8, False),
         Part("validation set", V * L * n_in * 4 + V * 8, cuda),
@@ -265,7 +268,7 @@ def estimate(cfg: Config, cuda: bool = False) -> Estimate:
     if cell in ("lem", "cornn"):
         passes += (Part("Jacobian bound", P * (2 * H) ** 2 * 8 * JACOBIAN_FLOATS, False),)
     if cuda:
-        persistent += (Part("CUDA context", CUDA_CONTEXT_BYTES, True),)
+        persistent += (Part("CUDA context", CUDA_CONTEXT_BYTES, True, per_process=True),)
     return Estimate(persistent, passes)
 
 
@@ -313,11 +316,15 @@ def dominant_key(cfg: Config, cuda: bool, on_device: bool | None) -> str:
     return best
 
 
-def check_fits(cfg: Config, *, copies: int = 1, device_copies: int | None = None, what: str = "") -> Estimate:
+def check_fits(
+    cfg: Config, *, copies: int = 1, device_copies: int | None = None, members: int = 1, what: str = ""
+) -> Estimate:
     """Raise :class:`ConfigError` if ``copies`` concurrent runs of ``cfg`` cannot fit; return the estimate.
 
     ``copies``: sweep workers that may each run such a trial at once on this machine (``device_copies``
-    of them on one GPU; default ``copies``). The check is skipped with ``PIPELINE_MEMORY_CHECK=0``.
+    of them on one GPU; default ``copies``); ``members``: trials each worker trains at once as a stack
+    (``trials_per_worker``), which share the worker's per-process memory (:meth:`Estimate.peak`). The
+    check is skipped with ``PIPELINE_MEMORY_CHECK=0``.
     """
     cuda = uses_cuda(cfg) if os.environ.get(ENV_SWITCH, "1") != "0" else False
     est = estimate(cfg, cuda)
@@ -328,24 +335,38 @@ def check_fits(cfg: Config, *, copies: int = 1, device_copies: int | None = None
         budgets.append((True, device_available(), "free on the GPU"))
     for on_device, avail, src in budgets:
         n = (device_copies or copies) if on_device else copies
-        need = est.peak(on_device if cuda else None) * n
-        if need > avail * FIT_FRACTION and n > 1 and need // n <= avail * FIT_FRACTION:
-            most = max(1, int(avail * FIT_FRACTION // (need // n)))
+        side = on_device if cuda else None
+        one = est.peak(side)  # one trial, alone in its process
+        each = est.peak(side, members)  # one worker: its process and its stack
+        need, room = each * n, avail * FIT_FRACTION
+        where = "on the GPU" if on_device else "on this machine"
+        stack = f" x {members} trials" if members > 1 else ""
+        if need <= room:
+            continue
+        if n > 1 and each <= room:
+            most = max(1, int(room // each))
+            per_worker = f", each worker {fmt_bytes(each)}" if members > 1 else ""
             raise ConfigError(
                 "workers",
-                f"{n} workers at once need about {fmt_bytes(need)} ({what}each "
-                f"{fmt_bytes(need // n)}) but {fmt_bytes(avail)} are available "
-                f"{'on the GPU' if on_device else 'on this machine'} ({src}); "
+                f"{n} workers{stack} at once need about {fmt_bytes(need)} ({what}each "
+                f"{fmt_bytes(one)}{per_worker}) but {fmt_bytes(avail)} are available {where} ({src}); "
                 f"use at most {most} (--workers {most})",
             )
-        if need > avail * FIT_FRACTION:
-            key = dominant_key(cfg, cuda, on_device if cuda else None)
-            parts = ", ".join(f"{p.what} {fmt_bytes(p.nbytes)}" for p in est.top(on_device if cuda else None))
-            where = "on the GPU" if on_device else "on this machine"
-            many = f" for {n} workers at once" if n > 1 else ""
+        per_member = est.peak(side, 2) - one
+        most = int((room / n - one) // per_member) + 1 if members > 1 else 0
+        if most >= 1:
             raise ConfigError(
-                key,
-                f"{what}needs about {fmt_bytes(need)}{many} ({parts}) but {fmt_bytes(avail)} "
-                f"are available {where} ({src}); lower it",
+                "trials_per_worker",
+                f"{n} workers{stack} at once need about {fmt_bytes(need)} ({what}each {fmt_bytes(one)}) "
+                f"but {fmt_bytes(avail)} are available {where} ({src}); use at most {most} "
+                f"(trials_per_worker={most})",
             )
+        key = dominant_key(cfg, cuda, side)
+        parts = ", ".join(f"{p.what} {fmt_bytes(p.nbytes)}" for p in est.top(side))
+        many = f" for {n} workers{stack} at once" if n > 1 or members > 1 else ""
+        raise ConfigError(
+            key,
+            f"{what}needs about {fmt_bytes(need)}{many} ({parts}) but {fmt_bytes(avail)} "
+            f"are available {where} ({src}); lower it",
+        )
     return est

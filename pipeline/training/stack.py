@@ -38,9 +38,11 @@ KERNELS = {"tanh": "blockdiag", "relu": "blockdiag", "gru": "blockdiag"}
 GATES = {"tanh": 1, "relu": 1, "gru": 3}
 # Hidden units side by side in one fused block, per device type. CPU, measured (benchmarks/stack_bench.py,
 # H = 32, T = 50, batch 32): the block-diagonal step beats K separate ones at 4 members (128 units,
-# tanh 1.5x, gru 1.5x) and loses at 16 (512 units), where the O(n^2 H^2) zeros dominate. GPU: one
-# launch per time step matters more than the zeros; 1024 units is an unmeasured default.
-FUSED_MAX_UNITS = {"cpu": 128, "cuda": 1024}
+# tanh 1.5x, gru 1.5x) and loses at 16 (512 units), where the O(n^2 H^2) zeros dominate. CUDA, measured
+# on an H200 (python -m benchmarks --gpu --only stack, 2026-12-04): at K = 64 members (2048 units) one
+# block of 4096 beat blocks of 1024 and 512 (tanh 51.5 vs 54.9 and 60.1 ms a step, gru 76.8 vs 91.6 and
+# 99.8): launches, not the zeros, set a GPU step's time.
+FUSED_MAX_UNITS = {"cpu": 128, "cuda": 4096}
 
 
 def kernel_of(cell: str) -> str:

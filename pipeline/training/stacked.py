@@ -122,12 +122,11 @@ def _member(cfg: Config, task, rec, extra: list, device: torch.device) -> Member
 
 
 def _device(cfg: Config) -> torch.device:
-    accel = cfg.trainer.accelerator
-    return (
-        torch.device("cuda")
-        if accel in ("gpu", "cuda") and torch.cuda.is_available()
-        else torch.device("cpu")
-    )
+    """Where the stack trains: CUDA as Lightning would pick it for the same config (``gpu``, ``cuda`` or
+    ``auto`` with a visible GPU: :func:`~pipeline.training.machine.uses_cuda`), else the CPU."""
+    from pipeline.training.machine import uses_cuda
+
+    return torch.device("cuda") if uses_cuda(cfg) else torch.device("cpu")
 
 
 Refill = Callable[[int], list[tuple[Config, dict[str, Any], list]] | None]

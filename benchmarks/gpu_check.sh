@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The GPU check: proves the sweep's GPU path (batched trials on CUDA, recorded to MLflow) and measures it,
+# in one run on a CUDA machine (README, "Batched trials", GPU rows). Usage, from the repository root:
+#
+#   bash benchmarks/gpu_check.sh [OUTDIR]      # default OUTDIR: benchmarks/out/gpu
+#
+# Needs a Python whose torch sees a GPU, with pytorch-lightning, mlflow and optuna importable (the
+# project's own .venv with a CUDA torch, or any environment with those on PYTHONPATH); PYTHON picks it
+# (default python3). Each stage has its own time limit and a failed stage does not stop the next one; the
+# whole run takes about 10 minutes on one H200 (README, "Batched trials", "On a GPU"). Everything it prints is also in OUTDIR/log.txt, and the raw
+# rows are in OUTDIR/*.json.
+set -u
+OUT_DIR=${1:-benchmarks/out/gpu}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT_DIR"
+exec > >(tee -a "$OUT_DIR/log.txt") 2>&1
+START=$(date +%s)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+elapsed() { echo $(($(date +%s) - START)); }
+stage() { echo; echo "=== [$(elapsed) s] $*"; }
+
+stage "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+nproc
+$PY -c "import torch, pytorch_lightning as pl, mlflow, optuna, sqlalchemy; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('lightning', pl.__version__, 'mlflow', mlflow.__version__, 'optuna', optuna.__version__, 'sqlalchemy', sqlalchemy.__version__)" || exit 1
+
+stage "smoke: configs/sweeps/smoke.yaml on the GPU, 2 workers x trials_per_worker 4, then its record checked"
+SMOKE=$(mktemp -d)
+(cd "$SMOKE" && timeout -k 20 120 $PY -m pipeline sweep --config "$OLDPWD/configs/sweeps/smoke.yaml" \
+  trials_per_worker=4) | tail -15
+(cd "$SMOKE" && timeout 60 $PY - <<'EOF'
+import mlflow, optuna
+from mlflow import MlflowClient
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+c = MlflowClient("sqlite:///mlflow.db")
+exp = c.get_experiment_by_name("sweep-smoke")
+runs = c.search_runs([exp.experiment_id], "tags.`pipeline.kind` = 'trial'")
+st = optuna.load_study(study_name="smoke", storage=JournalStorage(JournalFileBackend("optuna/smoke.journal")))
+states = sorted(t.state.name for t in st.trials)
+print("trials", len(st.trials), states)
+print("trial runs", len(runs), sorted({r.info.status for r in runs}))
+print("accelerator params", sorted({r.data.params.get("trainer.accelerator") for r in runs}))
+print("metrics per run", sorted({len(r.data.metrics) for r in runs}), "regimes", sorted({r.data.tags.get("regime") for r in runs}))
+ok = len(st.trials) == 6 and len(runs) == 6 and {r.info.status for r in runs} == {"FINISHED"}
+print("SMOKE", "OK" if ok else "FAILED")
+EOF
+) || true
+
+# trials per hour (same points, the default sweep, seed 0): today's K = 1 with one worker per GPU, the
+# batched default, and the same with several workers on the one GPU (its CPU cores share the per-trial
+# record: figures, MLflow writes), each with its own limit so one slow entry cannot eat the rest.
+for entry in "1:1:32" "1:64:96" "12:1:240" "12:32:384"; do
+  if [ "$(elapsed)" -gt 480 ]; then echo "(skipped $entry: out of time)"; continue; fi
+  stage "sweep grid $entry (workers:trials_per_worker:n_trials)"
+  timeout -k 30 240 $PY -m benchmarks --gpu --only sweep --sweep-grid "$entry" \
+    --out "$OUT_DIR/grid_${entry//:/_}.json" | grep -v '^|' || echo "(entry $entry stopped)"
+done
+
+if [ "$(elapsed)" -lt 560 ]; then
+  stage "where a 32-member stack's time goes on the GPU (cProfile, recorded to sqlite)"
+  timeout -k 10 120 $PY -m benchmarks.stack_bench --profile cuda 32 > "$OUT_DIR/host_profile.txt" 2>&1
+  head -45 "$OUT_DIR/host_profile.txt" | cut -c1-160
+fi
+
+if [ "$(elapsed)" -lt 640 ]; then
+  stage "stacked kernels on the GPU (ms per step of K members)"
+  timeout -k 10 60 $PY -m benchmarks --gpu --only stack --out "$OUT_DIR/stack.json" || true
+fi
+if [ "$(elapsed)" -lt 700 ]; then
+  stage "training throughput and the profile's cost on the GPU (--quick)"
+  timeout -k 10 50 $PY -m benchmarks --gpu --quick --only train,profile --out "$OUT_DIR/train.json" || true
+fi
+stage "done"
