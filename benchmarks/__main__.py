@@ -35,11 +35,42 @@ def _sweep_modes(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple
     if args.sweep_grid is not None:
         from .sweep_bench import parse_grid
 
+        if "sweep" not in args.only.split(","):
+            ap.error("--sweep-grid: needs the sweep bench (--only sweep)")
         try:
             parse_grid(args.sweep_grid)
         except ValueError as e:
             ap.error(f"--sweep-grid: {e}")
     return modes
+
+
+def merge(old: dict, new: dict) -> dict:
+    """``results.json`` after a run: ``new``'s benches replace ``old``'s, the others stay (``--only
+    sweep`` keeps the train rows); under ``gpu`` likewise, one level down (a ``--gpu --only train`` run
+    keeps ``gpu.stack``)."""
+    out = {**old, **new}
+    if "gpu" in new:
+        out["gpu"] = {**old.get("gpu", {}), **new["gpu"]}
+    return out
+
+
+def _sweep(args: argparse.Namespace, modes: tuple[str, ...], results: dict) -> None:
+    """The sweep bench: the comparison with the hand-written sweep, or ``--sweep-grid``'s entries."""
+    try:
+        from .sweep_bench import parse_grid, run_grid
+        from .sweep_bench import run as sweep_run
+    except ImportError as e:
+        print(f"(sweep bench unavailable: {e})")
+        return
+    if args.sweep_grid is not None:
+        results["sweep_grid"] = run_grid(args.quick, parse_grid(args.sweep_grid))
+        print(table(results["sweep_grid"]) + "\n", flush=True)
+        return
+    key = "sweep" if args.sweep_trials is None else f"sweep_{args.sweep_trials}"
+    results[key] = sweep_run(
+        args.quick, seeds=1 if args.quick else args.seeds, n_trials=args.sweep_trials, modes=modes
+    )
+    print(table(results[key]) + "\n", flush=True)
 
 
 def main() -> int:
@@ -117,24 +148,7 @@ def main() -> int:
         results["stack"] = stack_run_gpu(args.quick) if args.gpu else stack_run(args.quick)
         print(table(results["stack"]) + "\n", flush=True)
     if "sweep" in which:
-        try:
-            from .sweep_bench import run as sweep_run
-        except ImportError as e:
-            print(f"(sweep bench unavailable: {e})")
-            sweep_run = None
-        if sweep_run is None:
-            pass
-        elif args.sweep_grid is not None:
-            from .sweep_bench import parse_grid, run_grid
-
-            results["sweep_grid"] = run_grid(args.quick, parse_grid(args.sweep_grid))
-            print(table(results["sweep_grid"]) + "\n", flush=True)
-        else:
-            key = "sweep" if args.sweep_trials is None else f"sweep_{args.sweep_trials}"
-            results[key] = sweep_run(
-                args.quick, seeds=1 if args.quick else args.seeds, n_trials=args.sweep_trials, modes=modes
-            )
-            print(table(results[key]) + "\n", flush=True)
+        _sweep(args, modes, results)
     if "results" in which:
         from .results_table import markdown
         from .results_table import run as results_run
@@ -145,8 +159,9 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.gpu:  # GPU rows sit beside the CPU ones: {"train": ..., "gpu": {"device": ..., "train": ...}}
         results = {"gpu": {"device": torch.cuda.get_device_name(0), **results}}
-    merged = json.loads(out.read_text()) if out.is_file() else {}
-    merged.update(results)  # --only sweep keeps the train and profile rows of an earlier run
+    merged = merge(
+        json.loads(out.read_text()) if out.is_file() else {}, results
+    )  # --only sweep keeps the train and profile rows of an earlier run
     out.write_text(json.dumps(merged, indent=2))
     return 0
 

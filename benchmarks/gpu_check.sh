@@ -9,11 +9,11 @@
 # (default python3). Each stage has its own time limit and a failed stage does not stop the next one; the
 # whole run takes about 10 minutes on one H200 (README, "Batched trials", "On a GPU"). Everything it prints is also in OUTDIR/log.txt, and the raw
 # rows are in OUTDIR/*.json.
-set -u
+set -u -o pipefail
 OUT_DIR=${1:-benchmarks/out/gpu}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
-exec > >(tee -a "$OUT_DIR/log.txt") 2>&1
+exec > >(tee "$OUT_DIR/log.txt") 2>&1
 START=$(date +%s)
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 elapsed() { echo $(($(date +%s) - START)); }
@@ -22,7 +22,7 @@ stage() { echo; echo "=== [$(elapsed) s] $*"; }
 stage "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 nproc
-$PY -c "import torch, pytorch_lightning as pl, mlflow, optuna, sqlalchemy; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('lightning', pl.__version__, 'mlflow', mlflow.__version__, 'optuna', optuna.__version__, 'sqlalchemy', sqlalchemy.__version__)" || exit 1
+timeout 120 $PY -c "import torch, pytorch_lightning as pl, mlflow, optuna, sqlalchemy; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('lightning', pl.__version__, 'mlflow', mlflow.__version__, 'optuna', optuna.__version__, 'sqlalchemy', sqlalchemy.__version__)" || exit 1
 
 stage "smoke: configs/sweeps/smoke.yaml on the GPU, 2 workers x trials_per_worker 4, then its record checked"
 SMOKE=$(mktemp -d)
@@ -47,9 +47,10 @@ print("SMOKE", "OK" if ok else "FAILED")
 EOF
 ) || true
 
-# trials per hour (same points, the default sweep, seed 0): today's K = 1 with one worker per GPU, the
-# batched default, and the same with several workers on the one GPU (its CPU cores share the per-trial
-# record: figures, MLflow writes), each with its own limit so one slow entry cannot eat the rest.
+# trials per hour (same points, the default sweep, seed 0): one worker with one trial at a time, one
+# worker with a stack of 64, 12 workers with one trial each (the GPU default, README "Batched trials") and
+# 12 with stacks of 32 (the CPU cores share the per-trial record: figures, MLflow writes), each with its
+# own limit so one slow entry cannot eat the rest.
 for entry in "1:1:32" "1:64:96" "12:1:240" "12:32:384"; do
   if [ "$(elapsed)" -gt 480 ]; then echo "(skipped $entry: out of time)"; continue; fi
   stage "sweep grid $entry (workers:trials_per_worker:n_trials)"
@@ -59,8 +60,11 @@ done
 
 if [ "$(elapsed)" -lt 560 ]; then
   stage "where a 32-member stack's time goes on the GPU (cProfile, recorded to sqlite)"
-  timeout -k 10 120 $PY -m benchmarks.stack_bench --profile cuda 32 > "$OUT_DIR/host_profile.txt" 2>&1
-  head -45 "$OUT_DIR/host_profile.txt" | cut -c1-160
+  if timeout -k 10 120 $PY -m benchmarks.stack_bench --profile cuda 32 > "$OUT_DIR/host_profile.txt" 2>&1; then
+    head -45 "$OUT_DIR/host_profile.txt" | cut -c1-160
+  else
+    echo "(profile stopped or failed:)"; tail -5 "$OUT_DIR/host_profile.txt"
+  fi
 fi
 
 if [ "$(elapsed)" -lt 640 ]; then

@@ -236,8 +236,8 @@ def run_grid(quick: bool, grid: list[tuple[int, int, int]], seed: int = 0) -> li
     """``pipeline sweep`` at each (workers, trials_per_worker, n_trials) of ``grid`` on the same points
     (``n_startup_trials = n_trials``: every entry trains a prefix of one random design of the default
     sweep at sampler seed ``seed``), each in a fresh process and directory, start-up and summary included.
-    On a CUDA machine the workers are GPU workers (``workers: auto`` would be one per GPU; here each entry
-    names its count, spread over the visible GPUs). Speed-up: trials per hour against the first entry."""
+    On a CUDA machine the workers are GPU workers (each entry names its count, spread round-robin over the
+    visible GPUs). Speed-up: trials per hour against the first entry of this call."""
     import torch
 
     device = (

@@ -9,6 +9,7 @@ step 0 while the others go on.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,68 +209,118 @@ def test_run_stack_rejects_configs_of_different_streams():
         stacked.run_stack([cfg_of(), cfg_of(task__batch_size=8)])
 
 
+DEFAULT_SWEEP = str(Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "default.yaml")
+GIB = 1024**3
+
+
+def _room(monkeypatch, nbytes):
+    from pipeline.training import budget
+
+    monkeypatch.delenv("PIPELINE_MEMORY_CHECK", raising=False)
+    monkeypatch.setattr(budget, "host_available", lambda: (int(nbytes), "MemAvailable"))
+
+
 def test_memory_check_counts_a_workers_imports_once_and_each_member_of_its_stack(monkeypatch):
-    """A stack of K shares its worker's runtime (imports, CUDA context): the check counts workers x
-    (runtime + K x trial), not workers x K whole processes. On the H200 (125 GiB available) the old count
-    refused 12 workers x 64 trials of the default sweep ("768 workers at once need about 579 GiB")."""
+    """A stack of K shares its worker's runtime (imports, CUDA context) and steps its K members together:
+    one worker needs runtime + K x (its persistent parts) + max(K x training pass, any other pass). On the
+    H200 (125 GiB available) the first count, workers x K whole processes, refused 12 workers x 64 trials
+    of the default sweep ("768 workers at once need about 579 GiB")."""
     from pipeline.schema import ConfigError
     from pipeline.sweep.config import largest_trial, load_sweep
     from pipeline.training import budget
 
-    cfg = largest_trial(load_sweep("configs/sweeps/default.yaml", ["base.trainer.accelerator=cpu"]))
+    cfg = largest_trial(load_sweep(DEFAULT_SWEEP, ["base.trainer.accelerator=cpu"]))
     est = budget.estimate(cfg)
-    one, two = est.peak(), est.peak(None, 2)
-    assert two - one == one - budget.RUNTIME_BYTES  # the second member adds a trial, not a process
-    assert est.peak(None, 64) == budget.RUNTIME_BYTES + 64 * (one - budget.RUNTIME_BYTES)
+    own = sum(p.nbytes for p in est.persistent) - budget.RUNTIME_BYTES
+    train = next(p.nbytes for p in est.passes if p.what == "training activations")
+    others = max(p.nbytes for p in est.passes if p.what != "training activations")
+    for k in (1, 2, 64):  # an independent sum of the parts
+        assert est.peak(None, k) == budget.RUNTIME_BYTES + k * own + max(k * train, others)
+    assert est.peak(None, 64) < 64 * est.peak()
 
-    gib = 1024**3
-    monkeypatch.setattr(budget, "host_available", lambda: (125 * gib, "MemAvailable"))
+    _room(monkeypatch, 125 * GIB)
     budget.check_fits(cfg, copies=12, members=64)  # fits: about 12 x (0.75 GiB + 64 trials)
     with pytest.raises(ConfigError) as e:  # 768 whole processes would not
         budget.check_fits(cfg, copies=768)
     assert e.value.key == "workers"
 
-    # too little room: first fewer workers, then (one worker) fewer members, each the largest that fits
-    room = 3 * gib
-    monkeypatch.setattr(budget, "host_available", lambda: (room, "MemAvailable"))
+    # too little room: each suggestion is the largest that fits with the other value held
+    room = 3 * GIB
+    _room(monkeypatch, room)
+    fits = room * budget.FIT_FRACTION
     each = est.peak(None, 64)
     with pytest.raises(ConfigError) as e:
         budget.check_fits(cfg, copies=12, members=64)
-    most = int(room * budget.FIT_FRACTION // each)
-    assert e.value.key == "workers" and f"(--workers {most})" in str(e.value) and most >= 1
-    assert (most + 1) * each > room * budget.FIT_FRACTION >= most * each
-    monkeypatch.setattr(budget, "host_available", lambda: (int(each * 0.9), "MemAvailable"))
+    most = int(str(e.value).rsplit("--workers ", 1)[1].rstrip(")"))
+    assert e.value.key == "workers" and most * each <= fits < (most + 1) * each
+    _room(monkeypatch, each * 0.9 / budget.FIT_FRACTION)
     with pytest.raises(ConfigError) as e:
         budget.check_fits(cfg, copies=1, members=64)
     k = int(str(e.value).rsplit("trials_per_worker=", 1)[1].rstrip(")"))
     assert e.value.key == "trials_per_worker" and 1 <= k < 64
-    fits = int(each * 0.9) * budget.FIT_FRACTION
-    assert est.peak(None, k) <= fits < est.peak(None, k + 1)
+    assert (
+        est.peak(None, k)
+        <= int(each * 0.9 / budget.FIT_FRACTION) * budget.FIT_FRACTION
+        < est.peak(None, k + 1)
+    )
+    # not one full stack fits, nor 12 workers of one trial: fewer workers, one trial each
+    assert 1.2 * est.peak() < each
+    _room(monkeypatch, 1.2 * est.peak() / budget.FIT_FRACTION)
+    with pytest.raises(ConfigError) as e:
+        budget.check_fits(cfg, copies=12, members=64)
+    assert e.value.key == "workers" and "(--workers 1) with trials_per_worker=1" in str(e.value), e.value
+
+
+def test_workers_auto_shrinks_to_what_fits_and_an_explicit_count_is_refused(monkeypatch):
+    from pipeline.schema import ConfigError
+    from pipeline.sweep import parent
+    from pipeline.sweep.config import largest_trial, load_sweep
+    from pipeline.training import budget
+
+    sw = load_sweep(DEFAULT_SWEEP, ["n_trials=100", "trials_per_worker=4", "base.trainer.accelerator=cpu"])
+    est = budget.estimate(largest_trial(sw))
+    _room(monkeypatch, 3 * est.peak(None, 4) / budget.FIT_FRACTION)
+    lines = []
+    out = type("Out", (), {"write": lambda self, s: lines.append(s), "flush": lambda self: None})()
+    n, devices = parent.fit_workers(sw, 8, [None] * 8, auto=True, out=out)
+    assert n == 3 and devices == [None] * 3
+    assert "workers: auto -> 3 (memory: 8 would not fit)" in "".join(lines)
+    with pytest.raises(ConfigError) as e:
+        parent.fit_workers(sw, 8, [None] * 8, auto=False, out=out)
+    assert e.value.key == "workers" and "(--workers 3)" in str(e.value)
+    # a worker holds at most its share of the budget: 100 trials over 50 workers is 2 each, not 4
+    _room(monkeypatch, 50 * est.peak(None, 2) / budget.FIT_FRACTION)
+    assert parent.fit_workers(sw, 50, [None] * 50, auto=False, out=out)[0] == 50
 
 
 @pytest.mark.parametrize(
     ("gpus", "cores", "want"),
-    [(1, 16, 12), (1, 2, 1), (2, 16, 12), (8, 64, 48), (4, 256, 48), (0, 16, 4), (0, 2, 2)],
+    [(1, 16, 12), (1, 2, 1), (2, 16, 12), (8, 64, 48), (4, 256, 48), (8, 4, 8), (0, 16, 4), (0, 2, 2)],
 )
 def test_workers_auto_shares_each_gpu_among_cpu_cores(monkeypatch, gpus, cores, want):
     """``workers: auto``: on a GPU machine up to 12 workers per GPU (measured on an H200: 7.0x the
-    trials per hour of one worker) and 3/4 of the cores, round-robin over the GPUs; else one per core
-    (at most 4)."""
+    trials per hour of one worker) and 3/4 of the cores, at least one per GPU, round-robin over the GPUs
+    the parent sees; else one per core (at most 4)."""
     from pipeline.sweep import parent
     from pipeline.sweep.config import load_sweep
 
     monkeypatch.setattr(parent, "gpu_count", lambda: gpus)
     monkeypatch.setattr(parent, "_cores", lambda: cores)
-    sw = load_sweep("configs/sweeps/default.yaml", ["n_trials=1000"])
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    sw = load_sweep(DEFAULT_SWEEP, ["n_trials=1000"])
     n, devices = parent.choose_workers(None, sw)
     assert n == want and len(devices) == n
     if gpus:
         assert devices == [str(i % gpus) for i in range(n)]  # spread evenly
         assert max(devices.count(str(g)) for g in range(gpus)) <= parent.GPU_WORKERS_PER_GPU
+        # a parent restricted to some GPUs puts its workers on those
+        names = [str(7 - g) for g in range(gpus)]
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", ",".join(names))
+        assert parent.choose_workers(None, sw)[1] == [names[i % gpus] for i in range(n)]
     else:
         assert devices == [None] * n
     assert parent.choose_workers(3, sw)[0] == 3  # --workers wins
-    assert parent.choose_workers(None, load_sweep("configs/sweeps/default.yaml", ["n_trials=2"]))[0] <= 2
+    assert parent.choose_workers(None, load_sweep(DEFAULT_SWEEP, ["n_trials=2"]))[0] <= 2
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "4097", "x"])

@@ -73,8 +73,43 @@ def choose_workers(requested: int | None, sw: SweepConfig) -> tuple[int, list[st
         else:
             requested = max(1, min(4, _cores() // max(1, sw.base_config().trainer.threads)))
     requested = max(1, min(requested, sw.n_trials))
-    devices: list[str | None] = [str(i % n_gpu) for i in range(requested)] if n_gpu else [None] * requested
+    # Worker i's GPU, as the parent's own CUDA_VISIBLE_DEVICES names it (a parent restricted to GPUs 2,3
+    # puts its workers on 2 and 3, not on 0 and 1).
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    names = visible[:n_gpu] if len(visible) >= n_gpu else [str(g) for g in range(n_gpu)]
+    devices: list[str | None] = [names[i % n_gpu] for i in range(requested)] if n_gpu else [None] * requested
     return requested, devices
+
+
+def fit_workers(
+    sw: SweepConfig, n_workers: int, devices: list[str | None], *, auto: bool, out=sys.stdout
+) -> tuple[int, list[str | None]]:
+    """The memory check of ``n_workers`` workers, each holding its ``trials_per_worker`` stack (at most
+    its share of the budget, ``ceil(n_trials / workers)``: pipeline.sweep.batch.next_trials). ``auto``
+    (``workers: auto``): fewer workers where that many would not fit, said in one line; else the check's
+    one-line refusal (README "Memory estimate")."""
+    from pipeline.schema import ConfigError
+    from pipeline.sweep.batch import trials_per_worker
+    from pipeline.sweep.config import check_sweep_fits
+
+    def check(n: int) -> None:
+        used = devices[:n]
+        n_gpu = len({d for d in used if d is not None})
+        k = min(trials_per_worker(sw, bool(n_gpu)), -(-sw.n_trials // n))
+        check_sweep_fits(sw, n, -(-n // n_gpu) if n_gpu else None, members=k)
+
+    n = n_workers
+    while True:
+        try:
+            check(n)
+        except ConfigError as e:
+            if not auto or e.key != "workers" or n == 1:
+                raise
+            n -= 1
+            continue
+        if n < n_workers:
+            print(f"workers: auto -> {n} (memory: {n_workers} would not fit)", file=out)
+        return n, devices[:n]
 
 
 # ------------------------------------------------------------------------------------------ stores
@@ -196,8 +231,7 @@ def run_sweep(
     """Load and validate the sweep file (nothing is written before this passes), then run it."""
     from pipeline.schema import ConfigError
     from pipeline.store_checks import probe_store
-    from pipeline.sweep.batch import trials_per_worker
-    from pipeline.sweep.config import check_sweep_fits, load_sweep
+    from pipeline.sweep.config import load_sweep
     from pipeline.sweep.stores import check_storage
     from pipeline.sweep.supervisor import StopSignal, Supervisor
     from pipeline.uris import check_storage_url, resolve_uri
@@ -212,10 +246,9 @@ def run_sweep(
     n_workers, devices = choose_workers(workers, sw)
     # Everything is checked before anything is written (README "Faults and resuming"): every trial the space
     # can produce fits in memory, n_workers at once; the MLflow store opens; the Optuna store replays.
-    n_gpu = sum(d is not None for d in devices) and len({d for d in devices})
-    # trials_per_worker: each worker holds that many trials at once (README, "Batched trials").
-    k = trials_per_worker(sw, bool(n_gpu))
-    check_sweep_fits(sw, n_workers, -(-n_workers // n_gpu) if n_gpu else None, members=k)
+    n_workers, devices = fit_workers(
+        sw, n_workers, devices, auto=workers is None and sw.workers is None, out=out
+    )
     probe_store(mlflow_uri, "base.tracking.uri")
     check_storage(url)
     # CPU workers fork from a preloaded forkserver unless PIPELINE_SWEEP_FORK=0 (an escape hatch).

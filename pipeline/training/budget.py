@@ -129,6 +129,7 @@ class Part:
     nbytes: int
     on_device: bool
     per_process: bool = False  # paid once per process (imports, the CUDA context), not per trial of a stack
+    together: bool = False  # a pass every member of a stack runs at once (the training step)
 
 
 @dataclass(frozen=True)
@@ -139,11 +140,14 @@ class Estimate:
     def peak(self, on_device: bool | None = None, members: int = 1) -> int:
         """Bytes at the peak on the device (True), on the host (False), or both together (None), of one
         process training ``members`` such runs at once as a stack (README, "Batched trials"): the
-        per-process parts once, the rest per member (their training passes run together, in one step)."""
+        per-process parts once, the other persistent parts per member, and the largest pass, where the
+        training pass counts for every member (a stack's members step together) and the others for one
+        (validation, the profile, building a validation set: one member at a time)."""
         keep = (lambda p: True) if on_device is None else (lambda p: p.on_device == on_device)
         shared = sum(p.nbytes for p in self.persistent if keep(p) and p.per_process)
         own = sum(p.nbytes for p in self.persistent if keep(p) and not p.per_process)
-        return shared + members * (own + max((p.nbytes for p in self.passes if keep(p)), default=0))
+        largest = max((p.nbytes * (members if p.together else 1) for p in self.passes if keep(p)), default=0)
+        return shared + members * own + largest
 
     def top(self, on_device: bool | None, n: int = 2) -> list[Part]:
         keep = (lambda p: True) if on_device is None else (lambda p: p.on_device == on_device)
@@ -173,7 +177,7 @@ def _dataset(cfg: Config, cuda: bool) -> tuple[Part, ...]:
     return (
         Part(
             "digits dataset (scikit-learn, the file's arrays)", SKLEARN_BYTES + n * (L + 1) * (8 + 4), False
-        ),
+        ),  # per member: each member's module reads the file (pipeline.training.digits)
         Part("digits splits", n * (L * 4 + 8), cuda),
     )
 
@@ -260,6 +264,7 @@ def estimate(cfg: Config, cuda: bool = False) -> Estimate:
             "training activations",
             B * L * (H * 4 * _train_coef(cell, L, cuda) + sample) + _remedy_bytes(cfg, L),
             cuda,
+            together=True,
         ),
         Part("validation forward", chunk * L * H * 4 * VALIDATION_FLOATS.get(cell, G + 2), cuda),
         Part("building the validation set", V * L * sample, cuda),
@@ -316,6 +321,10 @@ def dominant_key(cfg: Config, cuda: bool, on_device: bool | None) -> str:
     return best
 
 
+def workers_text(n: int) -> str:
+    return "1 worker" if n == 1 else f"{n} workers"
+
+
 def check_fits(
     cfg: Config, *, copies: int = 1, device_copies: int | None = None, members: int = 1, what: str = ""
 ) -> Estimate:
@@ -352,18 +361,25 @@ def check_fits(
                 f"{fmt_bytes(one)}{per_worker}) but {fmt_bytes(avail)} are available {where} ({src}); "
                 f"use at most {most} (--workers {most})",
             )
-        per_member = est.peak(side, 2) - one
-        most = int((room / n - one) // per_member) + 1 if members > 1 else 0
+        most = max((m for m in range(1, members) if est.peak(side, m) * n <= room), default=0)
         if most >= 1:
             raise ConfigError(
                 "trials_per_worker",
-                f"{n} workers{stack} at once need about {fmt_bytes(need)} ({what}each {fmt_bytes(one)}) "
-                f"but {fmt_bytes(avail)} are available {where} ({src}); use at most {most} "
-                f"(trials_per_worker={most})",
+                f"{workers_text(n)}{stack} at once need about {fmt_bytes(need)} ({what}each worker "
+                f"{fmt_bytes(each)}) but {fmt_bytes(avail)} are available {where} ({src}); use at most "
+                f"{most} (trials_per_worker={most})",
+            )
+        if members > 1 and one <= room:  # not even one trial per worker fits for all n: fewer workers
+            fit = int(room // one)
+            raise ConfigError(
+                "workers",
+                f"{workers_text(n)}{stack} at once need about {fmt_bytes(need)} ({what}each "
+                f"{fmt_bytes(one)} alone) but {fmt_bytes(avail)} are available {where} ({src}); use at "
+                f"most {fit} (--workers {fit}) with trials_per_worker=1",
             )
         key = dominant_key(cfg, cuda, side)
         parts = ", ".join(f"{p.what} {fmt_bytes(p.nbytes)}" for p in est.top(side))
-        many = f" for {n} workers{stack} at once" if n > 1 or members > 1 else ""
+        many = f" for {workers_text(n)}{stack} at once" if n > 1 or members > 1 else ""
         raise ConfigError(
             key,
             f"{what}needs about {fmt_bytes(need)}{many} ({parts}) but {fmt_bytes(avail)} "

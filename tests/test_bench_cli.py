@@ -1,0 +1,55 @@
+"""``python -m benchmarks``' own flags and its results file (README, "Benchmarks"): bad flags stop before
+any bench runs; a run keeps the rows of the benches it did not run."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sweep_grid_entries_parse_and_bad_ones_name_the_entry():
+    from benchmarks.sweep_bench import parse_grid
+
+    assert parse_grid("1:1:32, 12:64:1024") == [(1, 1, 32), (12, 64, 1024)]
+    for bad, needle in [("1:1", "'1:1' is not W:K:N"), ("1:0:5", "must be >= 1"), ("", "no entry")]:
+        with pytest.raises(ValueError, match=needle):
+            parse_grid(bad)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--only", "sweep", "--sweep-grid", "2:x:4"], "--sweep-grid: '2:x:4' is not W:K:N"),
+        (["--only", "train", "--sweep-grid", "1:1:4"], "--sweep-grid: needs the sweep bench"),
+        (["--only", "sweep", "--sweep-trials", "0"], "--sweep-trials: must be >= 1"),
+    ],
+)
+def test_bad_bench_flags_stop_before_any_bench(tmp_path, args, needle):
+    out = tmp_path / "r.json"
+    p = subprocess.run(
+        [sys.executable, "-m", "benchmarks", *args, "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 2 and needle in p.stderr.strip().splitlines()[-1], p.stderr
+    assert p.stdout == "" and not out.exists()
+
+
+def test_a_run_keeps_the_rows_it_did_not_measure_gpu_ones_too():
+    from benchmarks.__main__ import merge
+
+    old = {"train": [1], "sweep": [2], "gpu": {"device": "H200", "stack": [3], "sweep_grid": [4]}}
+    new = {"sweep": [5], "gpu": {"device": "H200", "train": [6]}}
+    assert merge(old, new) == {
+        "train": [1],
+        "sweep": [5],
+        "gpu": {"device": "H200", "stack": [3], "sweep_grid": [4], "train": [6]},
+    }
+    assert merge({}, {"stack": [7]}) == {"stack": [7]}
