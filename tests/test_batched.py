@@ -320,6 +320,11 @@ def test_workers_auto_shares_each_gpu_among_cpu_cores(monkeypatch, gpus, cores, 
     else:
         assert devices == [None] * n
     assert parent.choose_workers(3, sw)[0] == 3  # --workers wins
+    cpu = load_sweep(DEFAULT_SWEEP, ["n_trials=1000", "base.trainer.accelerator=cpu"])
+    assert parent.choose_workers(None, cpu) == (
+        min(4, cores),
+        [None] * min(4, cores),
+    )  # CPU: the user's choice
     assert parent.choose_workers(None, load_sweep(DEFAULT_SWEEP, ["n_trials=2"]))[0] <= 2
 
 

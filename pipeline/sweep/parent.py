@@ -63,8 +63,9 @@ def _cores() -> int:
 def choose_workers(requested: int | None, sw: SweepConfig) -> tuple[int, list[str | None]]:
     """(workers, device per worker). ``auto``: on a GPU machine, up to :data:`GPU_WORKERS_PER_GPU` per
     GPU and three quarters of the cores in all (at least one per GPU), spread round-robin over the GPUs;
-    else one per core (at most 4)."""
-    n_gpu = gpu_count()
+    else one per core (at most 4). ``base.trainer.accelerator: cpu`` keeps every worker on the CPU, on a
+    GPU machine too (the user's choice, as for ``train``)."""
+    n_gpu = 0 if sw.base_config().trainer.accelerator == "cpu" else gpu_count()
     if requested is None:
         requested = sw.workers
     if requested is None:
