@@ -159,10 +159,8 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.gpu:  # GPU rows sit beside the CPU ones: {"train": ..., "gpu": {"device": ..., "train": ...}}
         results = {"gpu": {"device": torch.cuda.get_device_name(0), **results}}
-    merged = merge(
-        json.loads(out.read_text()) if out.is_file() else {}, results
-    )  # --only sweep keeps the train and profile rows of an earlier run
-    out.write_text(json.dumps(merged, indent=2))
+    old = json.loads(out.read_text()) if out.is_file() else {}
+    out.write_text(json.dumps(merge(old, results), indent=2))  # keeps the rows of benches not run now
     return 0
 
 

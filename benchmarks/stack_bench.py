@@ -15,7 +15,7 @@ import time
 import torch
 
 
-def _members(cell: str, k: int, hidden: int = 32):
+def _members(cell: str, k: int, hidden: int = 32, device: str = "cpu"):
     from pipeline.config import from_dict
     from pipeline.training.module import RNNTrainingModule
     from pipeline.training.tasks import task_of
@@ -32,7 +32,7 @@ def _members(cell: str, k: int, hidden: int = 32):
         for i in range(k)
     ]
     task = task_of(cfgs[0].task)
-    mods = [RNNTrainingModule(c, task) for c in cfgs]
+    mods = [RNNTrainingModule(c, task).to(device) for c in cfgs]
     return task, mods, [m.configure_optimizers() for m in mods]
 
 
@@ -42,9 +42,7 @@ def ms_per_step(
     """``max_units``: the fused block's cap for this measurement (default: ``stack.FUSED_MAX_UNITS``)."""
     from pipeline.training import stack
 
-    task, mods, opts = _members(cell, k)
-    mods = [m.to(device) for m in mods]
-    opts = [m.configure_optimizers() for m in mods]  # after .to(): the optimizers hold the device's tensors
+    task, mods, opts = _members(cell, k, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
     x, y = task.sample(32, gen, device)
     models = [m.model for m in mods]

@@ -321,7 +321,7 @@ def dominant_key(cfg: Config, cuda: bool, on_device: bool | None) -> str:
     return best
 
 
-def workers_text(n: int) -> str:
+def _workers_text(n: int) -> str:
     return "1 worker" if n == 1 else f"{n} workers"
 
 
@@ -365,7 +365,7 @@ def check_fits(
         if most >= 1:
             raise ConfigError(
                 "trials_per_worker",
-                f"{workers_text(n)}{stack} at once need about {fmt_bytes(need)} ({what}each worker "
+                f"{_workers_text(n)}{stack} at once need about {fmt_bytes(need)} ({what}each worker "
                 f"{fmt_bytes(each)}) but {fmt_bytes(avail)} are available {where} ({src}); use at most "
                 f"{most} (trials_per_worker={most})",
             )
@@ -373,13 +373,13 @@ def check_fits(
             fit = int(room // one)
             raise ConfigError(
                 "workers",
-                f"{workers_text(n)}{stack} at once need about {fmt_bytes(need)} ({what}each "
+                f"{_workers_text(n)}{stack} at once need about {fmt_bytes(need)} ({what}each "
                 f"{fmt_bytes(one)} alone) but {fmt_bytes(avail)} are available {where} ({src}); use at "
                 f"most {fit} (--workers {fit}) with trials_per_worker=1",
             )
         key = dominant_key(cfg, cuda, side)
         parts = ", ".join(f"{p.what} {fmt_bytes(p.nbytes)}" for p in est.top(side))
-        many = f" for {workers_text(n)}{stack} at once" if n > 1 or members > 1 else ""
+        many = f" for {_workers_text(n)}{stack} at once" if n > 1 or members > 1 else ""
         raise ConfigError(
             key,
             f"{what}needs about {fmt_bytes(need)}{many} ({parts}) but {fmt_bytes(avail)} "

@@ -39,9 +39,10 @@ GATES = {"tanh": 1, "relu": 1, "gru": 3}
 # Hidden units side by side in one fused block, per device type. CPU, measured (benchmarks/stack_bench.py,
 # H = 32, T = 50, batch 32): the block-diagonal step beats K separate ones at 4 members (128 units,
 # tanh 1.5x, gru 1.5x) and loses at 16 (512 units), where the O(n^2 H^2) zeros dominate. CUDA, measured
-# on an H200 (python -m benchmarks --gpu --only stack, 2026-12-04): at K = 64 members (2048 units) one
-# block of 4096 beat blocks of 1024 and 512 (tanh 51.5 vs 54.9 and 60.1 ms a step, gru 76.8 vs 91.6 and
-# 99.8): launches, not the zeros, set a GPU step's time.
+# on an H200 (python -m benchmarks --gpu --only stack, 2026-12-04, one run each): at K = 64 members
+# (2048 units) one block under a cap of 4096 was fastest (tanh 51.5 vs 54.9 and 60.1 ms a step for caps
+# 1024 and 512, gru 76.8 vs 91.6 and 99.8), by about the spread of identical blocks at K = 16 (up to 22%):
+# fewer launches, at most no slower. Larger H (more zeros per block) was not measured.
 FUSED_MAX_UNITS = {"cpu": 128, "cuda": 4096}
 
 
