@@ -162,11 +162,66 @@ def host_profile(device: str, k: int, steps: int = 300, top: int = 40) -> str:
     )
 
 
+def update_bench(
+    device: str, k: int, steps: int = 100, cells: tuple[str, ...] = ("tanh", "gru", "lstm")
+) -> list[dict]:
+    """Seconds a ``run_stack`` of ``k`` members takes with the batched update
+    (:mod:`pipeline.training.stack_update`) and with every member's own (the per-member path), in
+    turn, twice each: members of the default sweep's shape (``cells`` in turn, learning rates, init
+    scales and clip modes spread), ``steps`` steps, validation and profile passes as configured there,
+    nothing recorded (tracking off, no figures): the training loop's own cost."""
+    from pipeline.config import from_dict
+    from pipeline.training import stacked
+
+    gpu = device.startswith("cuda")
+
+    def cfg(i: int, n: int):
+        return from_dict(
+            {
+                "seed": 0,
+                "task": {"name": "adding", "seq_len": 50, "batch_size": 32, "val_size": 256},
+                "model": {"cell": cells[i % len(cells)], "hidden_size": 32, "init_scale": 0.5 + 0.05 * i},
+                "optim": {"name": "adam", "lr": 1e-3 * (1 + i % 7)},
+                "clip": {"mode": "norm" if i % 2 else "none", "threshold": 1.0},
+                "trainer": {
+                    "max_steps": n,
+                    "val_every": 50,
+                    "log_every": 10,
+                    "threads": 1,
+                    "accelerator": "gpu" if gpu else "cpu",
+                },
+                "diagnostics": {"profile_every": 150, "probe_size": 16, "plots": False},
+                "tracking": {"enabled": False},
+            }
+        )
+
+    stacked.run_stack([cfg(0, 20), cfg(1, 20)])  # warm-up: CUDA context, kernels
+    rows = []
+    saved = stacked.BATCHED_UPDATE
+    try:
+        for batched in (False, True, False, True):
+            stacked.BATCHED_UPDATE = batched
+            t = time.perf_counter()
+            stacked.run_stack([cfg(i, steps) for i in range(k)])
+            if gpu:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t
+            row = {"device": device, "cells": ",".join(cells), "K": k, "steps": steps, "batched": batched}
+            row |= {"wall_s": round(wall, 3), "ms_per_step": round(1000 * wall / steps, 2)}
+            print(row, flush=True)
+            rows.append(row)
+    finally:
+        stacked.BATCHED_UPDATE = saved
+    return rows
+
+
 if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] == ["--profile"]:  # python -m benchmarks.stack_bench --profile DEVICE K
         print(host_profile(sys.argv[2], int(sys.argv[3])))
+    elif sys.argv[1:2] == ["--update"]:  # python -m benchmarks.stack_bench --update DEVICE K [STEPS]
+        update_bench(sys.argv[2], int(sys.argv[3]), *(int(a) for a in sys.argv[4:5]))
     else:
         for r in run("--full" not in sys.argv):
             print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()})

@@ -90,14 +90,25 @@ def _same_run(alone, member, rtol=2e-4, atol=1e-6) -> None:
         assert mod_b.val_loss == pytest.approx(mod_a.val_loss, rel=1e-3)
 
 
+def run_opt(cfg):
+    """The optimizer a config's module makes."""
+    from pipeline.training.module import RNNTrainingModule
+    from pipeline.training.tasks import task_of
+
+    return RNNTrainingModule(cfg, task_of(cfg.task)).configure_optimizers()
+
+
 def _diverging():
     # relu, identity init g = 40 at T = 12: the state grows as 40^12 ~ 1.7e19 and its square (the
     # loss's gradient path) overflows float32: the guard fires at step 0.
     return cfg_of(model__cell="relu", model__init="identity", model__init_scale=40.0)
 
 
-def test_member_of_a_stack_trains_as_it_would_alone(captured):
-    from pipeline.training import run, stacked
+def test_member_of_a_stack_trains_as_it_would_alone(captured, monkeypatch):
+    """Both update paths in one stack: Adam and SGD members (with and without clipping by norm, weight
+    decay, momentum, the diverging member) take the batched update (pipeline.training.stack_update), the
+    value-clipped member its own; each must match its run alone."""
+    from pipeline.training import run, stack_update, stacked
 
     cfgs = [cfg_of(**m) for m in MEMBERS] + [_diverging()]
     alone = []
@@ -105,7 +116,17 @@ def test_member_of_a_stack_trains_as_it_would_alone(captured):
         r = run.run(c)
         alone.append((r, captured[-1]))
     captured.clear()
+    batched: list[set[int]] = []
+    real = stacked.update
+
+    def spy(members):
+        batched.append({cfgs.index(m.cfg) for m in members})
+        return real(members)
+
+    monkeypatch.setattr(stacked, "update", spy)
     results = stacked.run_stack(cfgs)
+    assert batched[0] == {0, 1, 2, 4, 5}  # all but the value-clipped lstm (MEMBERS[3])
+    assert not stack_update.batchable(cfgs[3], run_opt(cfgs[3]))
     assert len(results) == len(cfgs) == len(captured)
     by_cfg = {id(c): i for i, c in enumerate(cfgs)}
     assert by_cfg  # members finish in their own order: match them by config

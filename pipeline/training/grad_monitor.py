@@ -183,6 +183,7 @@ class _Window(_Logs):
     diverged_step: int | None
     max_norm_preclip: float | None
     _pending: list[torch.Tensor]
+    _staged: np.ndarray | None
     _rows: list[np.ndarray]
     _steps: list[int]
     _clipped: float
@@ -213,12 +214,22 @@ class _Window(_Logs):
         """Hook: more metrics from one window's columns (a subclass's extra fields); none here."""
         return {}
 
+    def stage(self, rows: np.ndarray) -> None:
+        """The window's rows, already on the host (a stack of monitors moves all their windows in one
+        transfer: :mod:`pipeline.training.stacked`); the next :meth:`drain` uses them when they are as
+        many as the window's records, instead of its own transfer."""
+        self._staged = rows
+
     def drain(self, trainer: pl.Trainer | None = None) -> None:
         """Move the window to the host (one transfer) and log it at ``trainer.global_step``."""
         if not self._pending:
             return
         trainer = trainer or self._trainer
-        rows = torch.stack(self._pending).cpu().numpy()
+        staged, self._staged = getattr(self, "_staged", None), None
+        if staged is not None and len(staged) == len(self._pending):
+            rows = staged
+        else:
+            rows = torch.stack(self._pending).cpu().numpy()
         self._pending = []
         self._rows.append(rows)
         col = {n: rows[:, i] for i, n in enumerate(self.fields)}

@@ -50,20 +50,37 @@ def kernel_of(cell: str) -> str:
     return KERNELS.get(cell, "loop")
 
 
+def _block_diag(w: torch.Tensor) -> torch.Tensor:
+    """``w`` [K, G, H, cols] (member, gate, rows, columns) as G block-diagonal matrices, gate-major:
+    [G * K * H, K * cols], block (k, k) of gate g is ``w[k, g]``. One ``diag_embed``, whatever K (its
+    backward one ``diagonal``): ``torch.block_diag`` of K slices costs K views forward and K gradient
+    scatters backward, which on a GPU are launches a step per member."""
+    K, G, H, cols = w.shape
+    d = torch.diag_embed(
+        w.permute(1, 2, 3, 0)
+    )  # [G, H, cols, K, K]: [g, i, j, k, l] = (k == l) w[k, g, i, j]
+    return d.permute(0, 3, 1, 4, 2).reshape(G * K * H, K * cols)
+
+
 def _fused_weights(models: Sequence[nn.Module], gates: int, own_inputs: bool) -> list[torch.Tensor]:
     """[W_ih, W_hh, b_ih, b_hh] of one fused kernel over ``models`` (each an nn.RNN / nn.GRU core of
     hidden size H): per gate, recurrent blocks on the diagonal; input rows stacked (one shared input) or,
-    with ``own_inputs`` (each member its input, side by side), input blocks on the diagonal too."""
-    H = cast(int, models[0].hidden_size)
-    w_ih, w_hh, b_ih, b_hh = [], [], [], []
-    join_ih = torch.block_diag if own_inputs else (lambda *ws: torch.cat(ws))
-    for g in range(gates):
-        rows = slice(g * H, (g + 1) * H)
-        w_ih.append(join_ih(*[cast(torch.Tensor, m.weight_ih_l0)[rows] for m in models]))
-        w_hh.append(torch.block_diag(*[cast(torch.Tensor, m.weight_hh_l0)[rows] for m in models]))
-        b_ih.append(torch.cat([cast(torch.Tensor, m.bias_ih_l0)[rows] for m in models]))
-        b_hh.append(torch.cat([cast(torch.Tensor, m.bias_hh_l0)[rows] for m in models]))
-    return [torch.cat(w_ih), torch.cat(w_hh), torch.cat(b_ih), torch.cat(b_hh)]
+    with ``own_inputs`` (each member its input, side by side), input blocks on the diagonal too. Each
+    weight is one ``torch.stack`` of the members' live parameters, so the gradient reaches each member."""
+    K, H = len(models), cast(int, models[0].hidden_size)
+
+    def stacked(name: str) -> torch.Tensor:
+        return torch.stack([cast(torch.Tensor, getattr(m, name)) for m in models])
+
+    w_ih, w_hh = stacked("weight_ih_l0"), stacked("weight_hh_l0")
+    w_ih = w_ih.view(K, gates, H, -1)
+    # own inputs: input blocks on the diagonal too; one input: gate-major rows (g, k, i), its columns
+    w_ih = _block_diag(w_ih) if own_inputs else w_ih.permute(1, 0, 2, 3).reshape(gates * K * H, -1)
+    w_hh = _block_diag(w_hh.view(K, gates, H, H))
+    b_ih, b_hh = (
+        stacked(n).view(K, gates, H).permute(1, 0, 2).reshape(-1) for n in ("bias_ih_l0", "bias_hh_l0")
+    )
+    return [w_ih, w_hh, b_ih, b_hh]
 
 
 def fused_hidden(
@@ -71,6 +88,13 @@ def fused_hidden(
 ) -> list[torch.Tensor]:
     """The hidden states [B, T, H] of each core in ``cores`` (same cell and H), from one fused kernel;
     ``x``: the input every core reads, or one input per core (same shape)."""
+    return list(_fused_out(cell, cores, x).split(cast(int, cores[0].hidden_size), dim=-1))
+
+
+def _fused_out(
+    cell: str, cores: Sequence[nn.Module], x: torch.Tensor | Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """The fused kernel's output [B, T, n * H]: the cores' hidden states side by side."""
     H = cast(int, cores[0].hidden_size)
     n = len(cores)
     own = not isinstance(x, torch.Tensor) and any(xi is not x[0] for xi in x)
@@ -85,11 +109,33 @@ def fused_hidden(
         out, _ = torch._VF.rnn_relu(x, h0, weights, *args)
     else:
         out, _ = torch._VF.rnn_tanh(x, h0, weights, *args)
-    return list(out.split(H, dim=-1))
+    return out
 
 
 def _readout(model: RNNModel, hs: torch.Tensor) -> torch.Tensor:
     return model.readout(hs[:, -1]) if model.readout_mode == "last" else model.readout(hs)
+
+
+def _readouts(models: Sequence[RNNModel], out: torch.Tensor) -> list[torch.Tensor]:
+    """Each model's readout of its hidden states (``out``: [B, T, K * H], the fused kernel's output, the
+    models' states side by side): one batched matmul of the stacked readout weights (``torch.baddbmm``)
+    when every readout is an ``nn.Linear`` of the same shape, else one readout per model."""
+    K, (B, T, KH) = len(models), out.shape
+    H = KH // K
+    w = [m.readout.weight for m in models]
+    if any(type(m.readout) is not nn.Linear for m in models) or len({x.shape for x in w}) > 1:
+        return [_readout(m, h) for m, h in zip(models, out.split(H, dim=-1), strict=True)]
+    states = out.view(B, T, K, H)
+    if models[0].readout_mode == "last":
+        h = states[:, -1].transpose(0, 1)  # [K, B, H]
+    else:
+        h = states.permute(2, 0, 1, 3).reshape(K, B * T, H)
+    weight = torch.stack(w).transpose(1, 2)  # [K, H, O]
+    bias = torch.stack([m.readout.bias for m in models]).unsqueeze(1)  # [K, 1, O]
+    out = torch.baddbmm(bias, h, weight)  # [K, B (* T), O]
+    if models[0].readout_mode != "last":
+        out = out.view(K, B, T, -1)
+    return list(out.unbind(0))
 
 
 def stacked_forward(
@@ -106,9 +152,10 @@ def stacked_forward(
             outs[i] = models[i](xs[i])
             continue
         cell = models[block[0]].cell
-        hs = fused_hidden(cell, [models[i].rnn for i in block], [xs[i] for i in block])
-        for i, h in zip(block, hs, strict=True):
-            outs[i] = _readout(models[i], h)
+        members = [models[i] for i in block]
+        out = _fused_out(cell, [m.rnn for m in members], [xs[i] for i in block])
+        for i, o in zip(block, _readouts(members, out), strict=True):
+            outs[i] = o
     return [cast(torch.Tensor, o) for o in outs]
 
 

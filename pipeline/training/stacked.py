@@ -41,6 +41,11 @@ from pipeline.signals import Terminated, terminate_as_exception
 from pipeline.training import record
 from pipeline.training.record import Monitors, RunResult
 from pipeline.training.run import _start_recorder, _system_metrics, configure_torch, quiet_lightning
+from pipeline.training.stack_update import batchable, update
+
+# Members whose optimizer and clipping allow it take one batched update per step
+# (pipeline.training.stack_update); False: every member its own (the benchmark's comparison).
+BATCHED_UPDATE = True
 
 
 def stack_key(cfg: Config) -> tuple:
@@ -84,6 +89,7 @@ class Member:
     on_done: Callable[[int, RunResult | BaseException], None] | None = None
     cohort: tuple[int, int] = (0, 0)  # (seed, loop iteration it joined at): the batch stream it reads
     val: list | None = None  # its validation set, in chunks
+    batched: bool = False  # takes the stack's batched update (pipeline.training.stack_update.batchable)
 
     def call(self, hook: str, *args) -> None:
         for cb in self.trainer.callbacks:
@@ -118,7 +124,10 @@ def _member(cfg: Config, task, rec, extra: list, device: torch.device) -> Member
     )
     trainer = MemberTrainer(cfg.trainer.max_steps, [mon.grads, mon.prof, mon.val, *extra])
     cast(Any, module)._trainer = trainer  # the module reads global_step and sets should_stop through it
-    return Member(cfg, rec, module, mon, trainer, module.configure_optimizers(), _system_metrics(cfg, rec))
+    opt = module.configure_optimizers()
+    m = Member(cfg, rec, module, mon, trainer, opt, _system_metrics(cfg, rec))
+    m.batched = BATCHED_UPDATE and batchable(cfg, opt)
+    return m
 
 
 def _device(cfg: Config) -> torch.device:
@@ -338,12 +347,37 @@ def _step(active: list[Member], task, batches: dict[tuple[int, int], Any]) -> No
         total = term if total is None else total + term
     assert total is not None
     total.backward()  # d(sum_k L_k)/d theta_j = dL_j/d theta_j: members share no parameter
+    together = []
     for m in active:
-        m.module.configure_gradient_clipping(m.opt)
-        m.opt.step()
+        if m.batched and all(p.grad is not None for p in m.module.model.parameters()):
+            together.append(m)
+        else:
+            m.module.configure_gradient_clipping(m.opt)
+            m.opt.step()
+    update(together)
+    for m in active:
         m.trainer.global_step += 1
+    _stage_windows(active)
     for m in active:
         m.call("on_train_batch_end", None, batches[m.cohort], m.trainer.global_step - 1)
+
+
+def _stage_windows(active: list[Member]) -> None:
+    """The gradient windows that drain at this step (their monitor's rule: ``log_every`` records, or
+    the guard fired), moved to the host in one transfer for all members instead of one each (on a GPU
+    every transfer waits for the device)."""
+    due = []
+    for m in active:
+        g, row = m.mon.grads, m.module.last_record
+        if row is not None and (len(g._pending) + 1 >= g.log_every or m.module.diverged_step is not None):
+            due.append((g, [*g._pending, row]))
+    if len(due) < 2:
+        return
+    host = torch.stack([r for _, rows in due for r in rows]).cpu().numpy()
+    i = 0
+    for g, rows in due:
+        g.stage(host[i : i + len(rows)])
+        i += len(rows)
 
 
 def _validate(m: Member) -> None:
