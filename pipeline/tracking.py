@@ -266,8 +266,10 @@ class Recorder:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
-        if items:
-            self.client.log_batch(self.run_id, tags=items)
+        if items:  # buffered metrics ride along (MLflow: at most 1000 entities a call): one write, not two
+            room = max(0, MAX_BATCH - len(items))
+            chunk, self._buf = self._buf[:room], self._buf[room:]
+            self.client.log_batch(self.run_id, metrics=chunk, tags=items)
 
     # -- artifacts
     def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:

@@ -65,7 +65,7 @@ class _Layout:
                     seg.append(k * len(GROUPS) + gi)
                     owner.append(k)
         self.seg = torch.tensor(seg, device=device)
-        self.owner = torch.tensor(owner, device=device)
+        self.owner = owner  # the member of each gradient tensor
         self.clip = clip  # indices (into the flat gradient list) of the tensors clipped by norm
         thr = [m.cfg.clip.threshold if m.cfg.clip.mode == "norm" else math.inf for m in members]
         self.threshold = torch.tensor(thr, dtype=torch.float64, device=device)
@@ -100,9 +100,9 @@ def update(members: Sequence[Any]) -> None:
     pre = sq.sum(1).sqrt()
     loss = torch.stack([mod._loss for mod in mods]).double()
     coef = torch.clamp(lay.threshold / (pre + 1e-6), max=1.0)  # 1 exactly without clipping (inf / x)
-    if lay.clip:
-        per = coef.to(grads[0].dtype)[lay.owner].unbind()
-        torch._foreach_mul_([grads[i] for i in lay.clip], [per[i] for i in lay.clip])
+    if lay.clip:  # each gradient times its member's coefficient (one 0-d tensor per member, shared)
+        per = coef.to(grads[0].dtype).unbind()
+        torch._foreach_mul_([grads[i] for i in lay.clip], [per[lay.owner[i]] for i in lay.clip])
     post = pre * coef
     nan = torch.full_like(pre, math.nan)
     head = torch.stack([loss, pre, post, coef, (coef < 1.0).double(), torch.zeros_like(pre), nan, nan], 1)
@@ -149,10 +149,11 @@ def _adam(members: Sequence[Any], betas: tuple[float, float], eps: float, weight
     parameters of several optimizers, each with its own learning rate (``step_size`` is a per-tensor
     list there already)."""
     beta1, beta2 = betas
-    params, grads, exp_avgs, exp_avg_sqs, steps, lrs = [], [], [], [], [], []
+    params, grads, exp_avgs, exp_avg_sqs, steps, lrs, counts = [], [], [], [], [], [], []
     for m in members:
         opt = m.opt
         lr = opt.param_groups[0]["lr"]
+        first = len(steps)
         for p in _params(opt):
             state = opt.state[p]
             if len(state) == 0:  # as Adam._init_group (not capturable, not fused)
@@ -165,6 +166,9 @@ def _adam(members: Sequence[Any], betas: tuple[float, float], eps: float, weight
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
             lrs.append(lr)
+        n = len(steps) - first
+        if n:  # the count after this update; a member's parameters step together: read its first one's
+            counts += [steps[first].item() + 1] * n
     if not params:
         return
     torch._foreach_add_(steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
@@ -173,7 +177,6 @@ def _adam(members: Sequence[Any], betas: tuple[float, float], eps: float, weight
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    counts = [s.item() for s in steps]
     step_size = [(lr / (1 - beta1**n)) * -1 for lr, n in zip(lrs, counts, strict=True)]
     bias_correction2_sqrt = [(1 - beta2**n) ** 0.5 for n in counts]
     exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)
