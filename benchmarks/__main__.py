@@ -1,5 +1,5 @@
 """``make bench``: ``python -m benchmarks [--quick] [--only train,profile,remedy,scan,stack,sweep] [--gpu] [--seeds N]
-[--sweep-trials N] [--sweep-modes "same points,TPE"] [--sweep-grid W:K:N,...]``;
+[--sweep-trials N] [--sweep-modes "same points,TPE"] [--sweep-grid W:K:N[:S],...]``;
 Markdown tables. ``--only results [--rows SUBSTR] [--jobs N]``: the README's results table (hours of CPU;
 not part of the default set)."""
 
@@ -105,9 +105,10 @@ def main() -> int:
     ap.add_argument(
         "--sweep-grid",
         default=None,
-        help="sweep bench: instead of the comparison with the hand-written sweep, 'W:K:N,...': pipeline sweep "
-        "with W workers, trials_per_worker K, n_trials N, on the same points (GPU workers on a CUDA "
-        "machine); rows go to sweep_grid",
+        help="sweep bench: instead of the comparison with the hand-written sweep, 'W:K:N[:S],...': pipeline "
+        "sweep with W workers, trials_per_worker K, n_trials N, on the same points (GPU workers on a CUDA "
+        "machine); with S, stopped (SIGTERM) after S seconds and rated by the trials finished by then; "
+        "rows go to sweep_grid",
     )
     ap.add_argument("--out", default="benchmarks/results.json", help="where to write the raw rows")
     args = ap.parse_args()

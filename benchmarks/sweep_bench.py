@@ -82,22 +82,40 @@ def run_hand_written(sw: dict) -> dict:
     }
 
 
-def run_ours(sw: dict, workers: int, k: int = 1) -> dict:
-    """``pipeline sweep --workers W`` with ``trials_per_worker: k`` (README, "Batched trials")."""
+def run_ours(sw: dict, workers: int, k: int = 1, max_seconds: float | None = None) -> dict:
+    """``pipeline sweep --workers W`` with ``trials_per_worker: k`` (README, "Batched trials").
+
+    ``max_seconds``: stop the sweep with SIGTERM after that long (it closes its trials' runs KILLED,
+    README "Faults and resuming") and count the trials finished by then (COMPLETE or PRUNED): a rate
+    over a fixed window, start-up included, which comes back even when ``n_trials`` would take longer."""
+    import signal
+
     with tempfile.TemporaryDirectory() as d:
         cfg = Path(d) / "sweep.yaml"
         cfg.write_text(yaml.safe_dump({**sw, "trials_per_worker": k}, sort_keys=False))
         t = time.perf_counter()
-        p = subprocess.run(
+        p = subprocess.Popen(
             [sys.executable, "-m", "pipeline", "sweep", "--config", str(cfg), "--workers", str(workers)],
             cwd=d,
             env=_env(),
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
         )
+        stopped = False
+        try:
+            out, err = p.communicate(timeout=max_seconds)
+        except subprocess.TimeoutExpired:
+            stopped = True
+            p.send_signal(signal.SIGTERM)
+            try:
+                out, err = p.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, err = p.communicate()
         wall = time.perf_counter() - t
-        if p.returncode != 0:
-            raise RuntimeError(f"pipeline sweep failed:\n{p.stdout[-2000:]}\n{p.stderr[-2000:]}")
+        if p.returncode != 0 and not stopped:
+            raise RuntimeError(f"pipeline sweep failed:\n{out[-2000:]}\n{err[-2000:]}")
         import optuna
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
@@ -109,14 +127,18 @@ def run_ours(sw: dict, workers: int, k: int = 1) -> dict:
             storage=JournalStorage(JournalFileBackend(str(Path(d) / "optuna/bench.journal"))),
         )
         best = best_trial(study)
-        return {
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        row = {
             "variant": f"pipeline sweep --workers {workers}, trials_per_worker {k}",
             "workers": workers,
             "seed": sw["sampler"]["seed"],
-            "trials": len(study.trials),
-            "wall_s": wall,
+            "trials": sum(tr.state in finished for tr in study.trials) if stopped else len(study.trials),
+            "wall_s": max_seconds if stopped else wall,
             "best": best.value if best else None,
         }
+        if stopped:
+            row["stopped_at_s"] = max_seconds
+        return row
 
 
 def storage_ms_per_trial(n: int = 40) -> list[dict]:
@@ -215,24 +237,31 @@ def run(
     return rows + sweeps + summary
 
 
-def parse_grid(text: str) -> list[tuple[int, int, int]]:
-    """``--sweep-grid "W:K:N,..."``: (workers, trials_per_worker, n_trials) per entry; ValueError names
-    the bad entry."""
-    out = []
+def parse_grid(text: str) -> list[tuple[int, int, int, float | None]]:
+    """``--sweep-grid "W:K:N[:S],..."``: (workers, trials_per_worker, n_trials, seconds or None) per
+    entry (S: stop the entry after S seconds and rate the trials finished by then); ValueError names the
+    bad entry."""
+    out: list[tuple[int, int, int, float | None]] = []
     for entry in (e.strip() for e in text.split(",") if e.strip()):
+        parts = entry.split(":")
         try:
-            w, k, n = (int(v) for v in entry.split(":"))
+            if len(parts) not in (3, 4):
+                raise ValueError
+            w, k, n = (int(v) for v in parts[:3])
+            secs = float(parts[3]) if len(parts) == 4 else None
         except ValueError:
-            raise ValueError(f"{entry!r} is not W:K:N (workers:trials_per_worker:n_trials)") from None
-        if min(w, k, n) < 1:
-            raise ValueError(f"{entry!r}: workers, trials_per_worker and n_trials must be >= 1")
-        out.append((w, k, n))
+            raise ValueError(
+                f"{entry!r} is not W:K:N or W:K:N:S (workers:trials_per_worker:n_trials:seconds)"
+            ) from None
+        if min(w, k, n) < 1 or (secs is not None and not secs > 0):
+            raise ValueError(f"{entry!r}: workers, trials_per_worker and n_trials must be >= 1, seconds > 0")
+        out.append((w, k, n, secs))
     if not out:
         raise ValueError("no entry (expected W:K:N,...)")
     return out
 
 
-def run_grid(quick: bool, grid: list[tuple[int, int, int]], seed: int = 0) -> list[dict]:
+def run_grid(quick: bool, grid: list[tuple[int, int, int, float | None]], seed: int = 0) -> list[dict]:
     """``pipeline sweep`` at each (workers, trials_per_worker, n_trials) of ``grid`` on the same points
     (``n_startup_trials = n_trials``: every entry trains a prefix of one random design of the default
     sweep at sampler seed ``seed``), each in a fresh process and directory, start-up and summary included.
@@ -244,10 +273,10 @@ def run_grid(quick: bool, grid: list[tuple[int, int, int]], seed: int = 0) -> li
         f"CUDA {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
     )
     rows = []
-    for w, k, n in grid:
+    for w, k, n, secs in grid:
         sw = _sweep_spec(quick, seed, n)
         sw["sampler"]["n_startup_trials"] = n
-        r = {"mode": "same points", **run_ours(sw, w, k), "device": device, "n_trials": n}
+        r = {"mode": "same points", **run_ours(sw, w, k, secs), "device": device, "n_trials": n}
         r["max_steps"] = sw["base"]["trainer"]["max_steps"]
         r["trials_per_hour"] = r["trials"] * 3600 / r["wall_s"]
         r["speedup"] = r["trials_per_hour"] / rows[0]["trials_per_hour"] if rows else 1.0

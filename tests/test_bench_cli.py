@@ -15,10 +15,27 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_sweep_grid_entries_parse_and_bad_ones_name_the_entry():
     from benchmarks.sweep_bench import parse_grid
 
-    assert parse_grid("1:1:32, 12:64:1024") == [(1, 1, 32), (12, 64, 1024)]
-    for bad, needle in [("1:1", "'1:1' is not W:K:N"), ("1:0:5", "must be >= 1"), ("", "no entry")]:
+    assert parse_grid("1:1:32, 12:64:1024:90") == [(1, 1, 32, None), (12, 64, 1024, 90.0)]
+    for bad, needle in [
+        ("1:1", "'1:1' is not W:K:N"),
+        ("1:1:4:5:6", "is not W:K:N"),
+        ("1:0:5", "must be >= 1"),
+        ("1:1:5:0", "seconds > 0"),
+        ("", "no entry"),
+    ]:
         with pytest.raises(ValueError, match=needle):
             parse_grid(bad)
+
+
+def test_a_grid_entry_with_seconds_is_stopped_and_rated_by_what_finished():
+    """``W:K:N:S``: the sweep is stopped by SIGTERM at S seconds; the row counts the trials finished by
+    then (fewer than N) over S seconds."""
+    from benchmarks.sweep_bench import run_grid
+
+    (row,) = run_grid(True, [(1, 2, 200, 25.0)])
+    assert row["stopped_at_s"] == 25.0 and row["wall_s"] == 25.0
+    assert 0 < row["trials"] < 200
+    assert row["trials_per_hour"] == pytest.approx(row["trials"] * 3600 / 25.0)
 
 
 @pytest.mark.parametrize(
