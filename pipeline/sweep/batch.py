@@ -25,13 +25,13 @@ from pipeline.signals import Terminated
 # trials_per_worker: auto. Measured (README, "Batched trials"): the default sweep on the 2-core CPU, 2
 # workers, rolling stacks: K = 4 ran 1.1x (same points) to 1.4x (TPE) the trials per hour of K = 1 (medians
 # over 3 seeds); K = 2, 3, 6, 8 were no faster (a fused CPU block holds 4 members of H = 32). On one H200
-# (16 cores; benchmarks/gpu_check.sh, 2026-12-04) stacks did not pay: one worker with K = 64 ran 1.49x one
-# worker with K = 1, while 12 workers with K = 1 ran 7.04x, and 12 workers with K = 32 were slower than
-# 12 with K = 1 (384 trials not done in 140 s against 240 in 74 s). A GPU worker is launch-bound on its
-# CPU core (each member's optimizer, clipping and guard are its own small kernels), so the GPU default is
-# several workers per GPU (pipeline.sweep.parent.GPU_WORKERS_PER_GPU), one trial each.
+# (16 cores; benchmarks/gpu_check.sh, 2026-12-04): with each member's clipping, guard and optimizer as
+# their own small kernels (and one host read per member and step), 12 workers with K = 32 were slower than
+# 12 with K = 1 (11606 trials/h). With the stack's batched update (pipeline.training.stack_update: one
+# fused norm, one host read, one foreach optimizer step for all members) 12 workers with K = 32 ran 21961
+# trials/h, 1.9x that, and 14.9x one worker with K = 1 in the same run (1479 trials/h).
 AUTO_CPU = 4
-AUTO_GPU = 1
+AUTO_GPU = 32
 
 
 def trials_per_worker(sw, gpu: bool) -> int:
