@@ -119,9 +119,9 @@ def test_member_of_a_stack_trains_as_it_would_alone(captured, monkeypatch):
     batched: list[set[int]] = []
     real = stacked.update
 
-    def spy(members):
+    def spy(members, *rest):
         batched.append({cfgs.index(m.cfg) for m in members})
-        return real(members)
+        return real(members, *rest)
 
     monkeypatch.setattr(stacked, "update", spy)
     results = stacked.run_stack(cfgs)

@@ -71,29 +71,31 @@ class _Layout:
         self.threshold = torch.tensor(thr, dtype=torch.float64, device=device)
 
 
-_layouts: dict[tuple[int, ...], _Layout] = {}
-
-
-def _layout(members: Sequence[Any], device: torch.device) -> _Layout:
+def _layout(members: Sequence[Any], device: torch.device, cache: dict | None) -> _Layout:
+    """The layout of ``members``, from ``cache`` (a stack's own dict: its member set changes only when
+    one joins or leaves) when it holds these very members."""
     key = tuple(id(m) for m in members)
-    lay = _layouts.get(key)
-    if lay is None:
-        if len(_layouts) > 64:  # a rolling stack makes a new set at every join and leave
-            _layouts.clear()
-        lay = _layouts[key] = _Layout(members, device)
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None and all(a is b for a, b in zip(hit[0], members, strict=True)):
+        return hit[1]
+    lay = _Layout(members, device)
+    if cache is not None:
+        cache.clear()  # one entry: the current set (an id can be reused once a member is gone)
+        cache[key] = (tuple(members), lay)
     return lay
 
 
-def update(members: Sequence[Any]) -> None:
+def update(members: Sequence[Any], cache: dict | None = None) -> None:
     """Measure, guard, clip, record and step every member in ``members`` (each :func:`batchable`, every
     parameter with a gradient, all on one device), as its module's ``configure_gradient_clipping`` and
-    its optimizer's ``step`` would, member by member."""
+    its optimizer's ``step`` would, member by member. ``cache``: a dict the caller keeps for the stack
+    (the members' layout is built again only when the set changes)."""
     if not members:
         return
     mods = [m.module for m in members]
     grads = [p.grad for mod in mods for g in GROUPS for p in mod.groups[g]]
     device = grads[0].device
-    lay = _layout(members, device)
+    lay = _layout(members, device, cache)
     K, G = len(mods), len(GROUPS)
     norms = torch.stack(torch._foreach_norm(grads)).double().square()
     sq = torch.zeros(K * G, dtype=torch.float64, device=device).index_add_(0, lay.seg, norms).view(K, G)

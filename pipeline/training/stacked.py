@@ -5,8 +5,10 @@ A sweep worker with ``trials_per_worker: K`` hands its K trials here. Each membe
 :class:`~pipeline.training.module.RNNTrainingModule` a trial trains alone (same seed, same initial
 weights, same optimizer, clipping, divergence guard and remedies), with the same monitors and Recorder.
 What is shared is the training loop: one stacked forward (:func:`pipeline.training.stack.stacked_forward`)
-and one backward of the summed loss per step. Then per member, in the order Lightning runs them: the
-module's clipping and guard, its own optimizer step, its callbacks' hooks. Each member has its own
+and one backward of the summed loss per step, then the update, in the order Lightning runs it: clipping
+and guard, optimizer step, callbacks' hooks. The update is one batched update for every member that
+allows it (:mod:`pipeline.training.stack_update`: Adam or SGD, clipping none or norm, no remedy), and
+each other member's own module clipping and optimizer step. Each member has its own
 :class:`MemberTrainer`, so ``trainer.should_stop`` (the guard, pruning) stops that member alone: a
 stopped member leaves the stack and its run is summarised and closed while the others go on.
 
@@ -290,6 +292,7 @@ def _fit(
     capacity: int,
 ) -> None:
     streams = Streams(task, device)
+    layouts: dict = {}  # the batched update's layout of the current members (stack_update.update)
 
     def join(new: list[Member], it: int) -> None:
         steps = max(m.cfg.trainer.max_steps for m in new)
@@ -313,7 +316,7 @@ def _fit(
                 active += new
         if not active:
             break
-        _step(active, task, streams.next(active))
+        _step(active, task, streams.next(active), layouts)
         still = []
         for m in active:
             max_steps = m.cfg.trainer.max_steps
@@ -329,7 +332,9 @@ def _fit(
         it += 1
 
 
-def _step(active: list[Member], task, batches: dict[tuple[int, int], Any]) -> None:
+def _step(
+    active: list[Member], task, batches: dict[tuple[int, int], Any], layouts: dict | None = None
+) -> None:
     """One training step of every active member on its cohort's batch (Lightning's automatic
     optimization: zero_grad, training_step, backward, configure_gradient_clipping, optimizer.step,
     step + 1)."""
@@ -357,7 +362,7 @@ def _step(active: list[Member], task, batches: dict[tuple[int, int], Any]) -> No
         else:
             m.module.configure_gradient_clipping(m.opt)
             m.opt.step()
-    update(together)
+    update(together, layouts)
     for m in active:
         m.trainer.global_step += 1
     _stage_windows(active)
