@@ -14,6 +14,7 @@ Also a storage micro-benchmark: ms per trial (create, 3 params, tell) for the jo
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -104,15 +105,20 @@ def run_ours(sw: dict, workers: int, k: int = 1, max_seconds: float | None = Non
         )
         stopped = False
         try:
-            out, err = p.communicate(timeout=max_seconds)
-        except subprocess.TimeoutExpired:
-            stopped = True
-            p.send_signal(signal.SIGTERM)
             try:
-                out, err = p.communicate(timeout=120)
+                out, err = p.communicate(timeout=max_seconds)
             except subprocess.TimeoutExpired:
-                p.kill()
-                out, err = p.communicate()
+                stopped = True
+                p.send_signal(signal.SIGTERM)
+                try:
+                    out, err = p.communicate(timeout=120)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    out, err = p.communicate()
+        except BaseException:  # Ctrl-C, anything else: no sweep left running in a deleted directory
+            p.kill()
+            p.wait()
+            raise
         wall = time.perf_counter() - t
         if p.returncode != 0 and not stopped:
             raise RuntimeError(f"pipeline sweep failed:\n{out[-2000:]}\n{err[-2000:]}")
@@ -253,7 +259,7 @@ def parse_grid(text: str) -> list[tuple[int, int, int, float | None]]:
             raise ValueError(
                 f"{entry!r} is not W:K:N or W:K:N:S (workers:trials_per_worker:n_trials:seconds)"
             ) from None
-        if min(w, k, n) < 1 or (secs is not None and not secs > 0):
+        if min(w, k, n) < 1 or (secs is not None and not (0 < secs < math.inf)):
             raise ValueError(f"{entry!r}: workers, trials_per_worker and n_trials must be >= 1, seconds > 0")
         out.append((w, k, n, secs))
     if not out:

@@ -43,6 +43,7 @@ from pipeline.uris import resolve_uri
 FLUSH_EVERY = 500  # buffered metric values before a log_batch
 FLUSH_SECONDS = 30.0  # ... or this long after the last send: a live run in the UI is at most this stale
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
+MAX_TAGS = 100  # ... and on tags per call
 
 
 def client(uri: str | None = None):
@@ -266,10 +267,11 @@ class Recorder:
         from mlflow.entities import RunTag
 
         items = [RunTag(k, str(v)) for k, v in tags.items() if v is not None]
-        if items:  # buffered metrics ride along (MLflow: at most 1000 entities a call): one write, not two
-            room = max(0, MAX_BATCH - len(items))
-            chunk, self._buf = self._buf[:room], self._buf[room:]
-            self.client.log_batch(self.run_id, metrics=chunk, tags=items)
+        for i in range(0, len(items), MAX_TAGS):  # MLflow: at most 100 tags and 1000 entities a call
+            part = items[i : i + MAX_TAGS]
+            chunk = self._buf[: MAX_BATCH - len(part)]  # buffered metrics ride along: one write, not two
+            self.client.log_batch(self.run_id, metrics=chunk, tags=part)
+            del self._buf[: len(chunk)]  # only once written: a failed call keeps them for close()
 
     # -- artifacts
     def log_file(self, path: str | Path, artifact_path: str | None = None) -> None:

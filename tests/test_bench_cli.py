@@ -21,6 +21,7 @@ def test_sweep_grid_entries_parse_and_bad_ones_name_the_entry():
         ("1:1:4:5:6", "is not W:K:N"),
         ("1:0:5", "must be >= 1"),
         ("1:1:5:0", "seconds > 0"),
+        ("1:1:5:inf", "seconds > 0"),
         ("", "no entry"),
     ]:
         with pytest.raises(ValueError, match=needle):

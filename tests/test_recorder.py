@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time as real_time
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
@@ -72,3 +73,29 @@ def test_metrics_are_sent_at_flush_every_values_and_on_close(store, monkeypatch)
     rec.close()
     assert calls == [tracking.FLUSH_EVERY, 30] and _sent(store, rec) == n + 3
     assert MlflowClient(store).get_run(rec.run_id).info.status == "FINISHED"
+
+
+def test_a_tag_write_carries_the_buffered_metrics_and_a_failed_one_keeps_them(store, monkeypatch):
+    """``set_tags`` sends the buffered metrics in the same write (one call, not two); when that write
+    fails, the metrics stay buffered and ``close`` sends them."""
+    rec, clock, calls = _recorder(store, monkeypatch)
+    rec.log_metrics(WINDOW, 0)
+    rec.set_tags({"a": 1})
+    assert calls == [10] and _sent(store, rec) == 1
+    rec.log_metrics(WINDOW, 1)
+    ok = rec.client.log_batch
+
+    def locked(run_id, metrics=(), **kw):
+        raise RuntimeError("database is locked")
+
+    rec.client.log_batch = locked
+    with pytest.raises(RuntimeError, match="locked"):
+        rec.set_tags({"b": 2})
+    rec.client.log_batch = ok
+    assert _sent(store, rec) == 1
+    rec.close()
+    assert _sent(store, rec) == 2 and calls == [10, 10]
+    many = {f"t{i}": i for i in range(250)}  # MLflow takes at most 100 tags a call
+    rec2 = tracking.Recorder.start(store, "t", "r2")
+    rec2.set_tags(many)
+    assert len(MlflowClient(store).get_run(rec2.run_id).data.tags) >= 250

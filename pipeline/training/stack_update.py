@@ -9,7 +9,8 @@ step: on a GPU the launches and K host reads a step, not the kernels, set a stac
 * one fused norm (``torch._foreach_norm``) over every member's gradients, summed per member and group
   with one ``index_add_``: the same squared group norms :func:`~pipeline.training.grad_monitor.group_sq`
   gives each member (float64 sums, up to summation order);
-* one host read for the whole stack: the divergence guard's finite flags of every member;
+* one host read for the whole stack: the divergence guard's finite flags of every member, with their
+  clip coefficients;
 * clipping by norm (Pascanu et al. 2013, Algorithm 1) with each member's own coefficient, one
   ``torch._foreach_mul_``; each member's record row (``RECORD_FIELDS``) is a row of one tensor;
 * the optimizers, grouped by their hyperparameters other than the learning rate: the operations of
@@ -47,7 +48,8 @@ def batchable(cfg, opt: torch.optim.Optimizer) -> bool:
     if type(opt) is torch.optim.Adam:
         return not any(g.get(k) for k in _ADAM_OFF) and not isinstance(g["lr"], torch.Tensor)
     if type(opt) is torch.optim.SGD:
-        return not g.get("nesterov") and not g.get("maximize") and not isinstance(g["lr"], torch.Tensor)
+        off = ("nesterov", "maximize", "fused", "differentiable")
+        return not any(g.get(k) for k in off) and not isinstance(g["lr"], torch.Tensor)
     return False
 
 
@@ -91,6 +93,8 @@ def update(members: Sequence[Any], cache: dict | None = None) -> None:
     its optimizer's ``step`` would, member by member. ``cache``: a dict the caller keeps for the stack
     (the members' layout is built again only when the set changes)."""
     if not members:
+        if cache is not None:
+            cache.clear()  # hold no member that has left the stack
         return
     mods = [m.module for m in members]
     grads = [p.grad for mod in mods for g in GROUPS for p in mod.groups[g]]
@@ -102,17 +106,22 @@ def update(members: Sequence[Any], cache: dict | None = None) -> None:
     pre = sq.sum(1).sqrt()
     loss = torch.stack([mod._loss for mod in mods]).double()
     coef = torch.clamp(lay.threshold / (pre + 1e-6), max=1.0)  # 1 exactly without clipping (inf / x)
-    if lay.clip:  # each gradient times its member's coefficient (one 0-d tensor per member, shared)
-        per = coef.to(grads[0].dtype).unbind()
-        torch._foreach_mul_([grads[i] for i in lay.clip], [per[lay.owner[i]] for i in lay.clip])
     post = pre * coef
     nan = torch.full_like(pre, math.nan)
     head = torch.stack([loss, pre, post, coef, (coef < 1.0).double(), torch.zeros_like(pre), nan, nan], 1)
     rows = torch.cat([head, sq.sqrt()], 1)  # RECORD_FIELDS: the head, then the group norms
-    finite = (torch.isfinite(pre) & torch.isfinite(loss)).tolist()  # the one host read of the step
+    # The one host read of the step: each member's finite flag and its clip coefficient (in the
+    # gradients' dtype, as the per-member path multiplies by it).
+    ok_coef = torch.stack(
+        [(torch.isfinite(pre) & torch.isfinite(loss)).to(grads[0].dtype), coef.to(grads[0].dtype)]
+    )
+    finite, coefs = ok_coef.tolist()
+    if lay.clip:  # each clipped gradient times its member's coefficient: one foreach kernel (a scalar list)
+        sel = [i for i in lay.clip if finite[lay.owner[i]]]
+        torch._foreach_mul_([grads[i] for i in sel], [coefs[lay.owner[i]] for i in sel])
     live = []
     for k, (m, ok) in enumerate(zip(members, finite, strict=True)):
-        if ok:
+        if ok == 1.0:
             live.append(m)
             continue
         rows[k, 2:5] = math.nan  # as the per-member guard's record: no post-clip norm, coefficient, flag
@@ -151,11 +160,10 @@ def _adam(members: Sequence[Any], betas: tuple[float, float], eps: float, weight
     parameters of several optimizers, each with its own learning rate (``step_size`` is a per-tensor
     list there already)."""
     beta1, beta2 = betas
-    params, grads, exp_avgs, exp_avg_sqs, steps, lrs, counts = [], [], [], [], [], [], []
+    params, grads, exp_avgs, exp_avg_sqs, steps, lrs = [], [], [], [], [], []
     for m in members:
         opt = m.opt
         lr = opt.param_groups[0]["lr"]
-        first = len(steps)
         for p in _params(opt):
             state = opt.state[p]
             if len(state) == 0:  # as Adam._init_group (not capturable, not fused)
@@ -168,12 +176,10 @@ def _adam(members: Sequence[Any], betas: tuple[float, float], eps: float, weight
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
             lrs.append(lr)
-        n = len(steps) - first
-        if n:  # the count after this update; a member's parameters step together: read its first one's
-            counts += [steps[first].item() + 1] * n
     if not params:
         return
     torch._foreach_add_(steps, torch.tensor(1.0, device="cpu"), alpha=1.0)
+    counts = torch.stack(steps).tolist()  # each tensor's own count (CPU tensors: no device read)
     if weight_decay != 0:
         grads = list(torch._foreach_add(grads, params, alpha=weight_decay))
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
@@ -197,8 +203,9 @@ def _sgd(members: Sequence[Any], momentum: float, dampening: float, weight_decay
         for p in _params(opt):
             params.append(p)
             grads.append(p.grad)
-            states.append(opt.state[p])
-            bufs.append(opt.state[p].get("momentum_buffer"))
+            if momentum != 0:  # as torch's SGD, which keeps state only for a momentum buffer
+                states.append(opt.state[p])
+                bufs.append(opt.state[p].get("momentum_buffer"))
             lrs.append(-lr)
     if not params:
         return
