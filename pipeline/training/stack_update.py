@@ -58,7 +58,9 @@ class _Layout:
     by norm, and the members' thresholds; built once per set of members, on their device."""
 
     def __init__(self, members: Sequence[Any], device: torch.device):
-        seg, owner, clip = [], [], []
+        seg: list[int] = []
+        owner: list[int] = []
+        clip: list[int] = []
         for k, m in enumerate(members):
             for gi, g in enumerate(GROUPS):
                 for _ in m.module.groups[g]:
@@ -134,25 +136,24 @@ def update(members: Sequence[Any], cache: dict | None = None) -> None:
 
 
 def _step_optimizers(members: Sequence[Any]) -> None:
-    groups: dict[tuple, list[Any]] = {}
-    for m in members:
-        opt = m.opt
-        g = opt.param_groups[0]
-        if type(opt) is torch.optim.Adam:
-            key = ("adam", tuple(g["betas"]), g["eps"], g["weight_decay"])
+    adams: dict[tuple[tuple[float, float], float, float], list[Any]] = {}
+    sgds: dict[tuple[float, float, float], list[Any]] = {}
+    for m in members:  # grouped by every hyperparameter but the learning rate
+        g = m.opt.param_groups[0]
+        if type(m.opt) is torch.optim.Adam:
+            adams.setdefault((tuple(g["betas"]), g["eps"], g["weight_decay"]), []).append(m)
         else:
-            key = ("sgd", g["momentum"], g["dampening"], g["weight_decay"])
-        groups.setdefault(key, []).append(m)
+            sgds.setdefault((g["momentum"], g["dampening"], g["weight_decay"]), []).append(m)
     with torch.no_grad():
-        for key, ms in groups.items():
-            if key[0] == "adam":
-                _adam(ms, key[1], key[2], key[3])
-            else:
-                _sgd(ms, key[1], key[2], key[3])
+        for (betas, eps, wd), ms in adams.items():
+            _adam(ms, betas, eps, wd)
+        for (momentum, dampening, wd), ms in sgds.items():
+            _sgd(ms, momentum, dampening, wd)
 
 
-def _params(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [p for p in opt.param_groups[0]["params"] if p.grad is not None]
+def _params(opt: torch.optim.Optimizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, gradient) of each parameter of ``opt`` with a gradient."""
+    return [(p, p.grad) for p in opt.param_groups[0]["params"] if p.grad is not None]
 
 
 def _adam(members: Sequence[Any], betas: tuple[float, float], eps: float, weight_decay: float) -> None:
@@ -160,18 +161,23 @@ def _adam(members: Sequence[Any], betas: tuple[float, float], eps: float, weight
     parameters of several optimizers, each with its own learning rate (``step_size`` is a per-tensor
     list there already)."""
     beta1, beta2 = betas
-    params, grads, exp_avgs, exp_avg_sqs, steps, lrs = [], [], [], [], [], []
+    params: list[torch.Tensor] = []
+    grads: list[torch.Tensor] = []
+    exp_avgs: list[torch.Tensor] = []
+    exp_avg_sqs: list[torch.Tensor] = []
+    steps: list[torch.Tensor] = []
+    lrs: list[float] = []
     for m in members:
         opt = m.opt
         lr = opt.param_groups[0]["lr"]
-        for p in _params(opt):
+        for p, grad in _params(opt):
             state = opt.state[p]
             if len(state) == 0:  # as Adam._init_group (not capturable, not fused)
                 state["step"] = torch.tensor(0.0, dtype=torch.get_default_dtype())
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
@@ -196,13 +202,17 @@ def _adam(members: Sequence[Any], betas: tuple[float, float], eps: float, weight
 def _sgd(members: Sequence[Any], momentum: float, dampening: float, weight_decay: float) -> None:
     """torch's ``_multi_tensor_sgd`` (nesterov=False, maximize=False), over the parameters of several
     optimizers, each with its own learning rate."""
-    params, grads, bufs, lrs, states = [], [], [], [], []
+    params: list[torch.Tensor] = []
+    grads: list[torch.Tensor] = []
+    bufs: list[torch.Tensor | None] = []
+    lrs: list[float] = []
+    states: list[dict] = []
     for m in members:
         opt = m.opt
         lr = opt.param_groups[0]["lr"]
-        for p in _params(opt):
+        for p, grad in _params(opt):
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad)
             if momentum != 0:  # as torch's SGD, which keeps state only for a momentum buffer
                 states.append(opt.state[p])
                 bufs.append(opt.state[p].get("momentum_buffer"))
@@ -213,15 +223,18 @@ def _sgd(members: Sequence[Any], momentum: float, dampening: float, weight_decay
         grads = list(torch._foreach_add(grads, params, alpha=weight_decay))
     if momentum != 0:
         if all(b is not None for b in bufs):
-            torch._foreach_mul_(bufs, momentum)
-            torch._foreach_add_(bufs, grads, alpha=1 - dampening)
+            full = [b for b in bufs if b is not None]
+            torch._foreach_mul_(full, momentum)
+            torch._foreach_add_(full, grads, alpha=1 - dampening)
         else:
-            for i, b in enumerate(bufs):
-                if b is None:
-                    bufs[i] = grads[i].detach().clone()
+            full = []
+            for b, grad in zip(bufs, grads, strict=True):
+                if b is None:  # the first step: the buffer is the gradient
+                    b = grad.detach().clone()
                 else:
-                    b.mul_(momentum).add_(grads[i], alpha=1 - dampening)
-        for st, b in zip(states, bufs, strict=True):
+                    b.mul_(momentum).add_(grad, alpha=1 - dampening)
+                full.append(b)
+        for st, b in zip(states, full, strict=True):
             st["momentum_buffer"] = b
-        grads = bufs
-    torch._foreach_add_(params, torch._foreach_mul(grads, lrs))
+        grads = full
+    torch._foreach_add_(params, list(torch._foreach_mul(grads, lrs)))
