@@ -56,9 +56,8 @@ def _block_diag(w: torch.Tensor) -> torch.Tensor:
     backward one ``diagonal``): ``torch.block_diag`` of K slices costs K views forward and K gradient
     scatters backward, which on a GPU are launches a step per member."""
     K, G, H, cols = w.shape
-    d = torch.diag_embed(
-        w.permute(1, 2, 3, 0)
-    )  # [G, H, cols, K, K]: [g, i, j, k, l] = (k == l) w[k, g, i, j]
+    # d[g, i, j, k, l] = w[k, g, i, j] where k == l, else 0: shape [G, H, cols, K, K]
+    d = torch.diag_embed(w.permute(1, 2, 3, 0))
     return d.permute(0, 3, 1, 4, 2).reshape(G * K * H, K * cols)
 
 
