@@ -120,6 +120,27 @@ def run(quick: bool) -> list[dict]:
     return rows
 
 
+def default_member(i: int, steps: int, device: str, tracking: dict, cells=("tanh", "gru", "lstm"), **over):
+    """Member ``i`` of a stack of the default sweep's shape (``configs/sweeps/default.yaml``'s base):
+    ``cells`` in turn, init scales and learning rates spread, ``steps`` steps on ``device``; ``tracking``
+    and the sections in ``over`` (e.g. ``clip=``, ``diagnostics=``) update the base's."""
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.config import from_dict
+
+    root = Path(__file__).resolve().parents[1]
+    c = yaml.safe_load((root / "configs" / "sweeps" / "default.yaml").read_text())["base"]
+    c["model"].update(cell=cells[i % len(cells)], init_scale=0.5 + 0.05 * i)
+    c["optim"]["lr"] = 1e-3 * (1 + i % 7)
+    c["trainer"].update(max_steps=steps, accelerator="gpu" if device.startswith("cuda") else "cpu")
+    c["tracking"].update(tracking)
+    for section, values in over.items():
+        c[section].update(values)
+    return from_dict(c)
+
+
 def host_profile(device: str, k: int, steps: int = 300, top: int = 40) -> str:
     """Where a stack's time goes: ``run_stack`` of ``k`` members of the default sweep (cells tanh, gru,
     lstm in turn, learning rates and init scales spread), recorded to a fresh sqlite MLflow store,
@@ -128,24 +149,14 @@ def host_profile(device: str, k: int, steps: int = 300, top: int = 40) -> str:
     import io
     import pstats
     import tempfile
-    from pathlib import Path
 
-    import yaml
-
-    from pipeline.config import from_dict
     from pipeline.training.stacked import run_stack
 
-    root = Path(__file__).resolve().parents[1]
-    base = yaml.safe_load((root / "configs" / "sweeps" / "default.yaml").read_text())["base"]
     with tempfile.TemporaryDirectory() as d:
+        store = {"uri": f"sqlite:///{d}/mlflow.db", "experiment": "host-profile"}
 
         def cfg(i: int, n: int):
-            c = yaml.safe_load(yaml.safe_dump(base))
-            c["model"].update(cell=("tanh", "gru", "lstm")[i % 3], init_scale=0.5 + 0.05 * i)
-            c["optim"]["lr"] = 1e-3 * (1 + i % 7)
-            c["trainer"].update(max_steps=n, accelerator="gpu" if device.startswith("cuda") else "cpu")
-            c["tracking"].update(uri=f"sqlite:///{d}/mlflow.db", experiment="host-profile")
-            return from_dict(c)
+            return default_member(i, n, device, store)
 
         run_stack([cfg(0, 20)])  # warm-up: imports, the store's schema, CUDA context and kernels
         prof = cProfile.Profile()
@@ -170,29 +181,19 @@ def update_bench(
     turn, twice each: members of the default sweep's shape (``cells`` in turn, learning rates, init
     scales and clip modes spread), ``steps`` steps, validation and profile passes as configured there,
     nothing recorded (tracking off, no figures): the training loop's own cost."""
-    from pipeline.config import from_dict
     from pipeline.training import stacked
 
     gpu = device.startswith("cuda")
 
     def cfg(i: int, n: int):
-        return from_dict(
-            {
-                "seed": 0,
-                "task": {"name": "adding", "seq_len": 50, "batch_size": 32, "val_size": 256},
-                "model": {"cell": cells[i % len(cells)], "hidden_size": 32, "init_scale": 0.5 + 0.05 * i},
-                "optim": {"name": "adam", "lr": 1e-3 * (1 + i % 7)},
-                "clip": {"mode": "norm" if i % 2 else "none", "threshold": 1.0},
-                "trainer": {
-                    "max_steps": n,
-                    "val_every": 50,
-                    "log_every": 10,
-                    "threads": 1,
-                    "accelerator": "gpu" if gpu else "cpu",
-                },
-                "diagnostics": {"profile_every": 150, "probe_size": 16, "plots": False},
-                "tracking": {"enabled": False},
-            }
+        return default_member(
+            i,
+            n,
+            device,
+            {"enabled": False},
+            cells,
+            clip={"mode": "norm" if i % 2 else "none"},
+            diagnostics={"plots": False},
         )
 
     stacked.run_stack([cfg(0, 20), cfg(1, 20)])  # warm-up: CUDA context, kernels

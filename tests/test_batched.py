@@ -108,7 +108,7 @@ def test_member_of_a_stack_trains_as_it_would_alone(captured, monkeypatch):
     """Both update paths in one stack: Adam and SGD members (with and without clipping by norm, weight
     decay, momentum, the diverging member) take the batched update (pipeline.training.stack_update), the
     value-clipped member its own; each must match its run alone."""
-    from pipeline.training import run, stack_update, stacked
+    from pipeline.training import run, stack_loop, stack_update, stacked
 
     cfgs = [cfg_of(**m) for m in MEMBERS] + [_diverging()]
     alone = []
@@ -117,13 +117,13 @@ def test_member_of_a_stack_trains_as_it_would_alone(captured, monkeypatch):
         alone.append((r, captured[-1]))
     captured.clear()
     batched: list[set[int]] = []
-    real = stacked.update
+    real = stack_loop.update
 
     def spy(members, *rest):
         batched.append({cfgs.index(m.cfg) for m in members})
         return real(members, *rest)
 
-    monkeypatch.setattr(stacked, "update", spy)
+    monkeypatch.setattr(stack_loop, "update", spy)
     results = stacked.run_stack(cfgs)
     assert batched[0] == {0, 1, 2, 4, 5}  # all but the value-clipped lstm (MEMBERS[3])
     assert not stack_update.batchable(cfgs[3], run_opt(cfgs[3]))

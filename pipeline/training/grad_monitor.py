@@ -216,7 +216,7 @@ class _Window(_Logs):
 
     def stage(self, rows: np.ndarray) -> None:
         """The window's rows, already on the host (a stack of monitors moves all their windows in one
-        transfer: :mod:`pipeline.training.stacked`); the next :meth:`drain` uses them when they are as
+        transfer: :mod:`pipeline.training.stack_loop`); the next :meth:`drain` uses them when they are as
         many as the window's records, instead of its own transfer."""
         self._staged = rows
 

@@ -77,14 +77,14 @@ class _Layout:
 
 def _layout(members: Sequence[Any], device: torch.device, cache: dict | None) -> _Layout:
     """The layout of ``members``, from ``cache`` (a stack's own dict: its member set changes only when
-    one joins or leaves) when it holds these very members."""
+    one joins or leaves). The entry holds its members, so their ids cannot be reused while it is kept."""
     key = tuple(id(m) for m in members)
     hit = cache.get(key) if cache is not None else None
-    if hit is not None and all(a is b for a, b in zip(hit[0], members, strict=True)):
+    if hit is not None:
         return hit[1]
     lay = _Layout(members, device)
     if cache is not None:
-        cache.clear()  # one entry: the current set (an id can be reused once a member is gone)
+        cache.clear()  # one entry: the current set
         cache[key] = (tuple(members), lay)
     return lay
 
