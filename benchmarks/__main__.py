@@ -1,4 +1,4 @@
-"""``make bench``: ``python -m benchmarks [--quick] [--only train,profile,remedy,scan,stack,sweep] [--gpu] [--seeds N]
+"""``make bench``: ``python -m benchmarks [--quick] [--only train,profile,remedy,scan,stack,store,sweep] [--gpu] [--seeds N]
 [--sweep-trials N] [--sweep-modes "same points,TPE"] [--sweep-grid W:K:N[:S],...]``;
 Markdown tables. ``--only results [--rows SUBSTR] [--jobs N]``: the README's results table (hours of CPU;
 not part of the default set)."""
@@ -78,8 +78,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller budgets (a smoke check of the harness)")
     ap.add_argument(
         "--only",
-        default="train,profile,remedy,scan,stack,sweep",
-        help="comma list of: train, profile, remedy, scan, stack, sweep; or results (the README's results "
+        default="train,profile,remedy,scan,stack,store,sweep",
+        help="comma list of: train, profile, remedy, scan, stack, store, sweep; or results (the README's results "
         "table, hours of CPU: not in the default set)",
     )
     ap.add_argument("--rows", default="", help="results: only the rows whose id contains this")
@@ -148,6 +148,11 @@ def main() -> int:
 
         results["stack"] = stack_run_gpu(args.quick) if args.gpu else stack_run(args.quick)
         print(table(results["stack"]) + "\n", flush=True)
+    if "store" in which:  # the sqlite MLflow store under many writers: README, "Batched trials"
+        from .store_bench import run as store_run
+
+        results["store"] = store_run(args.quick)
+        print(table(results["store"]) + "\n", flush=True)
     if "sweep" in which:
         _sweep(args, modes, results)
     if "results" in which:

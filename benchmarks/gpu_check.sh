@@ -6,9 +6,12 @@
 #
 # Needs a Python whose torch sees a GPU, with pytorch-lightning, mlflow and optuna importable (the
 # project's own .venv with a CUDA torch, or any environment with those on PYTHONPATH); PYTHON picks it
-# (default python3). Each stage has its own time limit and a failed stage does not stop the next one; the
-# whole run takes about 10 minutes on one H200 (README, "Batched trials", "On a GPU"). Everything it prints is also in OUTDIR/log.txt, and the raw
-# rows are in OUTDIR/*.json.
+# (default python3). Each stage has its own time limit and a failed stage does not stop the next one. The
+# default run (the store's write rate, then trials per hour) takes about 9 minutes on one H200;
+# GPU_CHECK_ALL=1 adds the stages measured in earlier sessions (a smoke sweep with its record checked, the
+# batched update, a host profile, kernels, training throughput), about 6 minutes more when time allows
+# (README, "Batched trials", "On a GPU"). Everything it prints is also in OUTDIR/log.txt, and the raw rows
+# are in OUTDIR/*.json.
 set -u -o pipefail
 OUT_DIR=${1:-benchmarks/out/gpu}
 PY=${PYTHON:-python3}
@@ -22,8 +25,29 @@ stage() { echo; echo "=== [$(elapsed) s] $*"; }
 stage "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 nproc
+$PY -c "import os, tempfile, time
+with tempfile.NamedTemporaryFile() as f:
+    t = time.perf_counter()
+    for _ in range(50):
+        f.write(b'x' * 4096); f.flush(); os.fsync(f.fileno())
+    print(f'fsync of a 4 KiB append in {tempfile.gettempdir()}: {(time.perf_counter() - t) / 50 * 1000:.2f} ms')" || true
 timeout 120 $PY -c "import torch, pytorch_lightning as pl, mlflow, optuna, sqlalchemy; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0)); print('lightning', pl.__version__, 'mlflow', mlflow.__version__, 'optuna', optuna.__version__, 'sqlalchemy', sqlalchemy.__version__)" || exit 1
 
+stage "the MLflow sqlite store under 12 writers and a reader: rollback journal against WAL (benchmarks/store_bench.py)"
+timeout -k 10 170 $PY -m benchmarks.store_bench 12 30 2>&1 | grep "^{" || echo "(stopped)"
+
+# trials per hour (same points, the default sweep, seed 0): one worker with one trial at a time (the
+# baseline of the 20x target, README "Batched trials"), then the defaults of a GPU machine (12 workers x
+# trials_per_worker 32) and one neighbour (16 x 32). The larger entries are rated over a fixed window
+# (W:K:N:S: stopped after S seconds, the trials finished by then), so each comes back with a rate.
+for entry in "1:1:24" "12:32:2048:100" "16:32:2048:100"; do
+  if [ "$(elapsed)" -gt 420 ]; then echo "(skipped $entry: out of time)"; continue; fi
+  stage "sweep grid $entry (workers:trials_per_worker:n_trials[:seconds])"
+  timeout -k 20 170 $PY -m benchmarks --gpu --only sweep --sweep-grid "$entry" \
+    --out "$OUT_DIR/grid_${entry//:/_}.json" | grep -v '^|' || echo "(entry $entry stopped)"
+done
+
+if [ "${GPU_CHECK_ALL:-0}" = 1 ]; then  # the stages measured in earlier sessions (README, "On a GPU")
 stage "smoke: configs/sweeps/smoke.yaml on the GPU, 2 workers x trials_per_worker 4, then its record checked"
 SMOKE=$(mktemp -d)
 (cd "$SMOKE" && timeout -k 20 120 $PY -m pipeline sweep --config "$OLDPWD/configs/sweeps/smoke.yaml" \
@@ -50,17 +74,6 @@ EOF
 stage "the training loop of a 64-member stack, batched update against per-member (tracking off, 100 steps)"
 timeout -k 10 120 $PY -m benchmarks.stack_bench --update cuda 64 100 2>&1 | grep "^{" || echo "(stopped)"
 
-# trials per hour (same points, the default sweep, seed 0): one worker with one trial at a time (the
-# baseline of the 20x target, README "Batched trials"), then the defaults of a GPU machine (12 workers x
-# trials_per_worker 32) and two neighbours (16 x 32, 12 x 64). The larger entries are rated over a fixed
-# window (W:K:N:S: stopped after S seconds, the trials finished by then), so each comes back with a rate.
-for entry in "1:1:24" "12:32:2048:100" "16:32:2048:100" "12:64:2048:100"; do
-  if [ "$(elapsed)" -gt 420 ]; then echo "(skipped $entry: out of time)"; continue; fi
-  stage "sweep grid $entry (workers:trials_per_worker:n_trials[:seconds])"
-  timeout -k 20 170 $PY -m benchmarks --gpu --only sweep --sweep-grid "$entry" \
-    --out "$OUT_DIR/grid_${entry//:/_}.json" | grep -v '^|' || echo "(entry $entry stopped)"
-done
-
 if [ "$(elapsed)" -lt 480 ]; then
   stage "where a 32-member stack's time goes on the GPU (cProfile, recorded to sqlite)"
   if timeout -k 10 80 $PY -m benchmarks.stack_bench --profile cuda 32 > "$OUT_DIR/host_profile.txt" 2>&1; then
@@ -77,5 +90,6 @@ fi
 if [ "$(elapsed)" -lt 550 ]; then
   stage "training throughput and the profile's cost on the GPU (--quick)"
   timeout -k 10 50 $PY -m benchmarks --gpu --quick --only train,profile --out "$OUT_DIR/train.json" || true
+fi
 fi
 stage "done"

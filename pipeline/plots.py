@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 import numpy as np
 
 matplotlib.use("Agg")  # files only, never a window: set once, before pyplot is imported
@@ -72,7 +73,14 @@ def run_figure(height: float, title: str) -> tuple[Any, Any]:
         bottom=m["bottom"] / height,
         top=1 - top / height,
     )
-    ax.set_title(text, fontsize=10)
+    # y given: the title sits at the top of the axes, where matplotlib's automatic placement puts it for
+    # these axes (no ticks on top; the same PNG bytes, checked), without measuring every tick label's
+    # extent again at each save (a quarter of a run figure's drawing time in a profile). The y axis's
+    # offset text ("+1e5" above it), which the automatic placement would have moved the title over, is off.
+    ax.set_title(text, fontsize=10, y=1.0)
+    fmt = ax.yaxis.get_major_formatter()
+    if isinstance(fmt, matplotlib.ticker.ScalarFormatter):  # a new axes' formatter; log axes replace it
+        fmt.set_useOffset(False)
     return fig, ax
 
 

@@ -38,12 +38,13 @@ from pipeline.names import (
     SOURCE_TYPE_LOCAL,
 )
 from pipeline.store_checks import store_error
-from pipeline.uris import resolve_uri
+from pipeline.uris import resolve_uri, sqlite_file
 
 FLUSH_EVERY = 500  # buffered metric values before a log_batch
 FLUSH_SECONDS = 30.0  # ... or this long after the last send: a live run in the UI is at most this stale
 MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
 MAX_TAGS = 100  # ... and on tags per call
+WAL_BUSY_S = 5.0  # how long use_wal waits for a store another process holds busy
 
 
 def client(uri: str | None = None):
@@ -69,6 +70,9 @@ def ensure_experiment(uri: str | None, name: str) -> str:
         raise store_error(
             resolve_uri(uri), f"cannot be opened ({first[:300]})", "tracking.uri", "check the server"
         ) from None
+    path = sqlite_file(resolve_uri(uri))
+    if path is not None:
+        use_wal(path)
     if exp is not None:
         if exp.lifecycle_stage == "deleted":
             c.restore_experiment(exp.experiment_id)
@@ -80,6 +84,42 @@ def ensure_experiment(uri: str | None, name: str) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+_WAL: set[Path] = set()  # stores this process has seen in WAL mode
+
+
+def use_wal(path: Path) -> str:
+    """Put an MLflow SQLite store in write-ahead-log mode (https://www.sqlite.org/wal.html), once: the mode
+    is kept in the file, so every later connection, MLflow's and the UI's, uses it. Returns the mode.
+
+    Why: MLflow opens SQLite in its default rollback-journal mode, where a reader blocks a writer and
+    every commit syncs the journal and the database file; in WAL mode readers never block the one writer
+    and a commit syncs the log alone. Durability is unchanged (``synchronous`` stays FULL: a commit is on
+    disk when it returns). Many sweep workers write one store (README, "Batched trials": the store's
+    write rate, rollback against WAL, is in the benchmark table). WAL needs every process on one host
+    (not a network file system; several machines use PostgreSQL, README "Many machines: PostgreSQL + `mlflow server`"), and
+    a copy of a store taken while it is open must include ``mlflow.db-wal`` (README, "The MLflow record").
+    A store another process holds busy for more than :data:`WAL_BUSY_S` keeps its mode until the next
+    start."""
+    import sqlite3
+
+    if path in _WAL:
+        return "wal"
+    try:
+        con = sqlite3.connect(str(path), timeout=WAL_BUSY_S)
+        try:
+            (mode,) = con.execute("PRAGMA journal_mode").fetchone()
+            if str(mode).lower() != "wal":
+                (mode,) = con.execute("PRAGMA journal_mode=WAL").fetchone()
+        finally:
+            con.close()
+    except sqlite3.Error:  # busy or read-only: MLflow works in either mode, only slower
+        return "unchanged"
+    mode = str(mode).lower()
+    if mode == "wal":
+        _WAL.add(path)
+    return mode
 
 
 @functools.lru_cache(maxsize=1)

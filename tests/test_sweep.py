@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -405,6 +406,9 @@ def test_four_workers_on_fresh_stores(store, tmp_path):
     study = load_study()
     check_consistent(study, mlflow_runs(store), 10)
     assert [t.number for t in study.trials] == list(range(len(study.trials)))  # no lost or duplicated trial
+    con = sqlite3.connect(store.removeprefix("sqlite:///"))  # four writers on the WAL-mode store
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
 
 
 @pytest.mark.slow

@@ -1,0 +1,83 @@
+"""The sqlite MLflow store in write-ahead-log mode (README, "The MLflow record"): the pipeline puts the
+store in WAL mode when it first opens it, a reader no longer blocks a writer, a busy store is left as it
+is (and converted on a later open), and the broken-store check reads a store whose log holds pages the
+file does not have yet.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from pipeline import tracking
+from pipeline.store_checks import sqlite_problem
+from pipeline.uris import sqlite_file
+
+
+def _mode(path: Path) -> str:
+    con = sqlite3.connect(str(path))
+    try:
+        return con.execute("PRAGMA journal_mode").fetchone()[0]
+    finally:
+        con.close()
+
+
+def test_the_store_a_run_opens_is_in_wal_mode_and_a_reader_does_not_block_a_run(store, monkeypatch):
+    path = sqlite_file(store)
+    MlflowClient(store).create_experiment("t")  # made by MLflow alone: its default rollback journal
+    assert _mode(path) == "delete"
+    monkeypatch.setattr(tracking, "_WAL", set())
+    rec = tracking.Recorder.start(store, "t", "r")
+    assert _mode(path) == "wal"
+    # A reader in the middle of a read transaction (the UI, a report, the sweep's parent) while the run
+    # writes: with the rollback journal the commit would wait for it (MLflow's busy_timeout, 20 s) and
+    # then fail "database is locked"; in WAL mode it goes through at once.
+    reader = sqlite3.connect(str(path), check_same_thread=False)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM runs").fetchone()[0] == 1
+    t = time.monotonic()
+    rec.log_metrics({"m": 1.0}, step=0)
+    rec.set_tags({"k": "v"})
+    rec.close("FINISHED")
+    assert time.monotonic() - t < 10
+    reader.execute("COMMIT")
+    reader.close()
+    run = MlflowClient(store).get_run(rec.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["m"] == 1.0 and run.data.tags["k"] == "v"
+
+
+def test_a_busy_store_keeps_its_mode_and_is_converted_on_a_later_open(tmp_path, monkeypatch):
+    path = tmp_path / "mlflow.db"
+    holder = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")  # another process in the middle of a write
+    monkeypatch.setattr(tracking, "WAL_BUSY_S", 0.2)
+    monkeypatch.setattr(tracking, "_WAL", set())
+    assert tracking.use_wal(path) == "unchanged"
+    holder.execute("COMMIT")
+    assert _mode(path) == "delete"
+    assert tracking.use_wal(path) == "wal"  # the failed attempt was not cached
+    assert _mode(path) == "wal"
+    holder.close()
+
+
+def test_a_store_whose_log_holds_pages_is_not_called_truncated(tmp_path):
+    """A checkpoint copies pages from the log back into the file; killed half-way, the file can be shorter
+    than its header says while the log, which SQLite replays on the next open, still holds them."""
+    path = tmp_path / "mlflow.db"
+    con = sqlite3.connect(str(path))
+    con.execute("CREATE TABLE t (x)")
+    con.executemany("INSERT INTO t VALUES (?)", [("x" * 1000,)] * 200)
+    con.commit()
+    con.close()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert "truncated" in (sqlite_problem(path) or "")
+    wal = tmp_path / "mlflow.db-wal"
+    wal.write_bytes(b"\0" * 32)
+    assert sqlite_problem(path) is None
+    wal.write_bytes(b"")  # an empty log holds nothing: the file alone must be whole
+    assert "truncated" in (sqlite_problem(path) or "")
