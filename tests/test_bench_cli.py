@@ -37,6 +37,20 @@ def test_a_grid_entry_with_seconds_is_stopped_and_rated_by_what_finished():
     assert row["stopped_at_s"] == 25.0 and row["wall_s"] == 25.0
     assert 0 < row["trials"] < 200
     assert row["trials_per_hour"] == pytest.approx(row["trials"] * 3600 / 25.0)
+    # the later half's rate, from the journal's completion times: some trial of a 2-member stack of ~4 s
+    # trials finishes in [12.5 s, 25 s], and no more than all of them
+    assert 0 < row["steady_trials_per_hour"] <= row["trials"] * 3600 / 12.5
+
+
+def test_the_steady_rate_counts_the_later_half_of_the_run():
+    from benchmarks.sweep_bench import steady_rate
+
+    # 10 s of start-up, then one trial a second: the 11 finished at t = 10 ... 20 s all fall in the later
+    # half of a 20 s run, 11 trials over 10 s (the whole run's rate would be 11 over 20 s)
+    done = [float(t) for t in range(10, 21)]
+    assert steady_rate(done, 20.0) == pytest.approx(11 * 3600 / 10)
+    assert steady_rate([1.0, 2.0, 3.0], 20.0) == 0.0  # all in the first half
+    assert steady_rate([15.0, 25.0], 20.0) == pytest.approx(3600 / 10)  # after the window: not counted
 
 
 @pytest.mark.parametrize(
