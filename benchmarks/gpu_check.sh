@@ -7,7 +7,7 @@
 # Needs a Python whose torch sees a GPU, with pytorch-lightning, mlflow and optuna importable (the
 # project's own .venv with a CUDA torch, or any environment with those on PYTHONPATH); PYTHON picks it
 # (default python3). Each stage has its own time limit and a failed stage does not stop the next one. The
-# default run (the store's write rate, then trials per hour) takes about 9 minutes on one H200;
+# default run (the store's write rate, then trials per hour) took 395 s on one H200;
 # GPU_CHECK_ALL=1 adds the stages measured in earlier sessions (a smoke sweep with its record checked, the
 # batched update, a host profile, kernels, training throughput), about 6 minutes more when time allows
 # (README, "Batched trials", "On a GPU"). Everything it prints is also in OUTDIR/log.txt, and the raw rows

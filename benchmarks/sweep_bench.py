@@ -90,7 +90,8 @@ def run_ours(sw: dict, workers: int, k: int = 1, max_seconds: float | None = Non
     ``max_seconds``: stop the sweep with SIGTERM after that long (it closes its trials' runs KILLED,
     README "Faults and resuming") and count the trials finished by then (COMPLETE or PRUNED): a rate
     over a fixed window, start-up included, which comes back even when ``n_trials`` would take longer.
-    ``steady_trials_per_hour``: the rate over the run's later half (:func:`steady_rate`)."""
+    ``trials_per_hour_from_first_start``: the rate without the sweep's start-up
+    (:func:`rate_from_first_start`)."""
     import signal
 
     with tempfile.TemporaryDirectory() as d:
@@ -152,18 +153,23 @@ def run_ours(sw: dict, workers: int, k: int = 1, max_seconds: float | None = Non
             for tr in study.trials
             if tr.state in finished and tr.datetime_complete is not None
         ]
-        row["steady_trials_per_hour"] = steady_rate(done, row["wall_s"])
+        starts = [(tr.datetime_start - started).total_seconds() for tr in study.trials if tr.datetime_start]
+        end = max_seconds if stopped else max(done, default=0.0)
+        row["trials_per_hour_from_first_start"] = rate_from_first_start(starts, done, end)
         return row
 
 
-def steady_rate(done_s: list[float], wall_s: float) -> float:
-    """Trials per hour over the later half of a run: the trials finished (seconds after the start, in
-    ``done_s``) in [wall_s / 2, wall_s], over wall_s / 2. The start-up (interpreters, imports, the store's
-    schema, the first stack's full length before any of its trials finishes) falls in the first half, so
-    this is the rate a long sweep settles at; a run that drains at its end (the last stacks running down
-    as the budget runs out) counts its drain, so it is still a lower bound there."""
-    half = wall_s / 2
-    return sum(half <= t <= wall_s for t in done_s) * 3600 / half
+def rate_from_first_start(starts_s: list[float], done_s: list[float], end_s: float) -> float:
+    """Trials per hour from the first trial's start (seconds after the sweep's start, of every trial in
+    ``starts_s``) to ``end_s`` (a stopped run's stop, else its last finish): the trials finished by then
+    (``done_s``), over that time. What is left out is the sweep's own start-up before its first trial
+    (interpreters, imports, the stores' schemas, the workers' launch), which a long sweep pays once;
+    what stays in is every trial's whole life, the first stacks' included, so this never counts a trial
+    whose time it did not see. For a stopped run, trials in flight at the stop count for nothing: a
+    lower bound of the rate a long sweep settles at. 0.0 with no trial finished."""
+    if not starts_s or end_s <= min(starts_s):
+        return 0.0
+    return sum(t <= end_s for t in done_s) * 3600 / (end_s - min(starts_s))
 
 
 def storage_ms_per_trial(n: int = 40) -> list[dict]:
@@ -305,8 +311,10 @@ def run_grid(quick: bool, grid: list[tuple[int, int, int, float | None]], seed: 
         r["max_steps"] = sw["base"]["trainer"]["max_steps"]
         r["trials_per_hour"] = r["trials"] * 3600 / r["wall_s"]
         r["speedup"] = r["trials_per_hour"] / rows[0]["trials_per_hour"] if rows else 1.0
-        first = rows[0]["steady_trials_per_hour"] if rows else 0.0
-        r["steady_speedup"] = r["steady_trials_per_hour"] / first if first else (1.0 if not rows else None)
+        first = rows[0]["trials_per_hour_from_first_start"] if rows else 0.0
+        r["speedup_from_first_start"] = (
+            r["trials_per_hour_from_first_start"] / first if first else (1.0 if not rows else None)
+        )
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
         rows.append(r)
     return rows

@@ -6,6 +6,7 @@ Light imports only (stdlib): the CLI runs them before it imports MLflow.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pipeline.uris import resolve_uri, sqlite_file
@@ -36,15 +37,31 @@ def sqlite_problem(path: Path) -> str | None:
     page = int.from_bytes(head[16:18], "big")
     page = 65536 if page == 1 else page
     pages, counter, valid_for = (int.from_bytes(head[a : a + 4], "big") for a in (28, 24, 92))
-    wal = path.with_name(path.name + "-wal")
-    # a write-ahead log beside it (pipeline.tracking.use_wal) holds pages not yet copied back, and SQLite
-    # replays it on the next open: the file alone may be shorter than its header says
-    logged = wal.is_file() and wal.stat().st_size > 0
-    if counter == valid_for and pages * page > size and not logged:
+    # a write-ahead log beside it (pipeline.tracking.use_wal) holding pages not yet copied back: SQLite
+    # replays it on the next open, so the file alone may be shorter than its header says
+    if counter == valid_for and pages * page > size and not wal_frames(path):
         return (
             f"not a readable database (truncated: its header says {pages * page} bytes, the file has {size})"
         )
     return None
+
+
+WAL_MAGIC = (0x377F0682, 0x377F0683)  # https://www.sqlite.org/fileformat.html, section 4.1
+WAL_HEADER, WAL_FRAME_HEADER = 32, 24
+
+
+def wal_frames(path: Path) -> bool:
+    """Whether ``<path>-wal`` is a write-ahead log holding at least one frame (its header's magic number
+    and room for one frame of its page size), which SQLite replays on the next open."""
+    try:
+        with open(path.with_name(path.name + "-wal"), "rb") as f:
+            head = f.read(WAL_HEADER)
+            size = f.seek(0, 2)
+    except OSError:
+        return False
+    if len(head) < WAL_HEADER or int.from_bytes(head[:4], "big") not in WAL_MAGIC:
+        return False
+    return size >= WAL_HEADER + WAL_FRAME_HEADER + int.from_bytes(head[8:12], "big")
 
 
 def check_sqlite_store(uri: str, path: Path, flag: str = "tracking.uri") -> None:
@@ -75,7 +92,26 @@ def check_sqlite_store(uri: str, path: Path, flag: str = "tracking.uri") -> None
         finally:
             con.close()
     except sqlite3.Error as e:
+        if _wal_mode(path) and not os.access(path.parent, os.W_OK):
+            raise store_error(
+                uri,
+                f"in WAL mode in a directory this process cannot write ({e}: SQLite keeps "
+                f"{path.name}-shm beside it)",
+                flag,
+                "make the directory writable, or read a copy converted with "
+                "PRAGMA journal_mode=DELETE (README, 'The MLflow record'),",
+            ) from None
         raise store_error(uri, f"not a readable MLflow database ({e})", flag) from None
+
+
+def _wal_mode(path: Path) -> bool:
+    """The header's file format versions (bytes 18 and 19) are 2 in WAL mode (fileformat.html, 1.3.3)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return False
+    return len(head) == 20 and head[18] == 2
 
 
 def check_http_store(uri: str, flag: str = "tracking.uri") -> None:

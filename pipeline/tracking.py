@@ -86,26 +86,29 @@ def ensure_experiment(uri: str | None, name: str) -> str:
         return exp.experiment_id
 
 
-_WAL: set[Path] = set()  # stores this process has seen in WAL mode
+WAL_ENV = (
+    "PIPELINE_SQLITE_WAL"  # "0": leave a sqlite store's journal mode as it is (README, "The MLflow record")
+)
 
 
 def use_wal(path: Path) -> str:
-    """Put an MLflow SQLite store in write-ahead-log mode (https://www.sqlite.org/wal.html), once: the mode
-    is kept in the file, so every later connection, MLflow's and the UI's, uses it. Returns the mode.
+    """Put an MLflow SQLite store in write-ahead-log mode (https://www.sqlite.org/wal.html): the mode is
+    kept in the file, so every later connection, MLflow's and the UI's, uses it. Returns the mode the store
+    is in afterwards, or "unchanged" (``PIPELINE_SQLITE_WAL=0``, or the store busy or read-only).
 
     Why: MLflow opens SQLite in its default rollback-journal mode, where a reader blocks a writer and
     every commit syncs the journal and the database file; in WAL mode readers never block the one writer
     and a commit syncs the log alone. Durability is unchanged (``synchronous`` stays FULL: a commit is on
     disk when it returns). Many sweep workers write one store (README, "Batched trials": the store's
     write rate, rollback against WAL, is in the benchmark table). WAL needs every process on one host
-    (not a network file system; several machines use PostgreSQL, README "Many machines: PostgreSQL + `mlflow server`"), and
-    a copy of a store taken while it is open must include ``mlflow.db-wal`` (README, "The MLflow record").
-    A store another process holds busy for more than :data:`WAL_BUSY_S` keeps its mode until the next
-    start."""
+    and a directory they can write (README, "The MLflow record": network file systems, read-only copies,
+    the opt-out). A store another process holds busy for more than :data:`WAL_BUSY_S` keeps its mode
+    until the next start. Not cached: one PRAGMA read (well under a millisecond) per call, and a store
+    replaced at the same path is converted too."""
     import sqlite3
 
-    if path in _WAL:
-        return "wal"
+    if os.environ.get(WAL_ENV, "1") == "0":
+        return "unchanged"
     try:
         con = sqlite3.connect(str(path), timeout=WAL_BUSY_S)
         try:
@@ -116,10 +119,7 @@ def use_wal(path: Path) -> str:
             con.close()
     except sqlite3.Error:  # busy or read-only: MLflow works in either mode, only slower
         return "unchanged"
-    mode = str(mode).lower()
-    if mode == "wal":
-        _WAL.add(path)
-    return mode
+    return str(mode).lower()
 
 
 @functools.lru_cache(maxsize=1)

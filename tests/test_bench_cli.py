@@ -37,20 +37,23 @@ def test_a_grid_entry_with_seconds_is_stopped_and_rated_by_what_finished():
     assert row["stopped_at_s"] == 25.0 and row["wall_s"] == 25.0
     assert 0 < row["trials"] < 200
     assert row["trials_per_hour"] == pytest.approx(row["trials"] * 3600 / 25.0)
-    # the later half's rate, from the journal's completion times: some trial of a 2-member stack of ~4 s
-    # trials finishes in [12.5 s, 25 s], and no more than all of them
-    assert 0 < row["steady_trials_per_hour"] <= row["trials"] * 3600 / 12.5
+    # without the start-up before the first trial's start: a higher rate over the same finished trials
+    assert row["trials_per_hour"] < row["trials_per_hour_from_first_start"]
 
 
-def test_the_steady_rate_counts_the_later_half_of_the_run():
-    from benchmarks.sweep_bench import steady_rate
+def test_the_rate_from_the_first_start_leaves_the_sweeps_start_up_out():
+    from benchmarks.sweep_bench import rate_from_first_start
 
-    # 10 s of start-up, then one trial a second: the 11 finished at t = 10 ... 20 s all fall in the later
-    # half of a 20 s run, 11 trials over 10 s (the whole run's rate would be 11 over 20 s)
-    done = [float(t) for t in range(10, 21)]
-    assert steady_rate(done, 20.0) == pytest.approx(11 * 3600 / 10)
-    assert steady_rate([1.0, 2.0, 3.0], 20.0) == 0.0  # all in the first half
-    assert steady_rate([15.0, 25.0], 20.0) == pytest.approx(3600 / 10)  # after the window: not counted
+    # 8 s of start-up, then trials of 2 s back to back from t = 8: 6 finish at 10, 12, ..., 20 s
+    starts = [8.0, 10.0, 12.0, 14.0, 16.0, 18.0]
+    done = [10.0, 12.0, 14.0, 16.0, 18.0, 20.0]
+    assert rate_from_first_start(starts, done, 20.0) == pytest.approx(6 * 3600 / 12)  # 1800/h, not 6 in 20 s
+    # a stack of 4 started at 8 s finishing at 18 s, its refill in flight at a stop at 25 s: the 4
+    # finished over 17 s, the refill's 4 count for nothing (a lower bound)
+    starts = [8.0] * 4 + [18.0] * 4
+    assert rate_from_first_start(starts, [18.0] * 4, 25.0) == pytest.approx(4 * 3600 / 17)
+    assert rate_from_first_start(starts, [18.0] * 4 + [30.0], 25.0) == pytest.approx(4 * 3600 / 17)
+    assert rate_from_first_start([], [], 20.0) == 0.0 and rate_from_first_start([5.0], [], 20.0) == 0.0
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import tracking
@@ -29,7 +30,6 @@ def test_the_store_a_run_opens_is_in_wal_mode_and_a_reader_does_not_block_a_run(
     path = sqlite_file(store)
     MlflowClient(store).create_experiment("t")  # made by MLflow alone: its default rollback journal
     assert _mode(path) == "delete"
-    monkeypatch.setattr(tracking, "_WAL", set())
     rec = tracking.Recorder.start(store, "t", "r")
     assert _mode(path) == "wal"
     # A reader in the middle of a read transaction (the UI, a report, the sweep's parent) while the run
@@ -55,7 +55,6 @@ def test_a_busy_store_keeps_its_mode_and_is_converted_on_a_later_open(tmp_path, 
     holder.execute("CREATE TABLE t (x)")
     holder.execute("BEGIN EXCLUSIVE")  # another process in the middle of a write
     monkeypatch.setattr(tracking, "WAL_BUSY_S", 0.2)
-    monkeypatch.setattr(tracking, "_WAL", set())
     assert tracking.use_wal(path) == "unchanged"
     holder.execute("COMMIT")
     assert _mode(path) == "delete"
@@ -66,18 +65,60 @@ def test_a_busy_store_keeps_its_mode_and_is_converted_on_a_later_open(tmp_path, 
 
 def test_a_store_whose_log_holds_pages_is_not_called_truncated(tmp_path):
     """A checkpoint copies pages from the log back into the file; killed half-way, the file can be shorter
-    than its header says while the log, which SQLite replays on the next open, still holds them."""
-    path = tmp_path / "mlflow.db"
-    con = sqlite3.connect(str(path))
+    than its header says while the log, which SQLite replays on the next open, still holds them. A file
+    beside it that is not such a log (no WAL magic, or no whole frame) excuses nothing."""
+    live = tmp_path / "live.db"
+    con = sqlite3.connect(str(live), isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA wal_autocheckpoint=0")  # every page stays in the log while this connection lives
     con.execute("CREATE TABLE t (x)")
     con.executemany("INSERT INTO t VALUES (?)", [("x" * 1000,)] * 200)
-    con.commit()
+    path, wal = tmp_path / "mlflow.db", tmp_path / "mlflow.db-wal"
+    wal.write_bytes((tmp_path / "live.db-wal").read_bytes())
     con.close()
-    data = path.read_bytes()
+    data = live.read_bytes()  # closed: checkpointed, the whole database in the file
     path.write_bytes(data[: len(data) // 2])
+    log = wal.read_bytes()
+    assert sqlite_problem(path) is None  # a real log with frames
+    wal.write_bytes(b"\0" * 32 + log[32:])  # no WAL magic
     assert "truncated" in (sqlite_problem(path) or "")
-    wal = tmp_path / "mlflow.db-wal"
-    wal.write_bytes(b"\0" * 32)
-    assert sqlite_problem(path) is None
-    wal.write_bytes(b"")  # an empty log holds nothing: the file alone must be whole
+    wal.write_bytes(log[:40])  # the header and part of a frame
     assert "truncated" in (sqlite_problem(path) or "")
+    wal.unlink()
+    assert "truncated" in (sqlite_problem(path) or "")
+
+
+def test_the_opt_out_leaves_the_mode_alone(tmp_path, monkeypatch):
+    path = tmp_path / "mlflow.db"
+    sqlite3.connect(str(path)).execute("CREATE TABLE t (x)").connection.close()
+    monkeypatch.setenv(tracking.WAL_ENV, "0")
+    assert tracking.use_wal(path) == "unchanged" and _mode(path) == "delete"
+    monkeypatch.setenv(tracking.WAL_ENV, "1")
+    assert tracking.use_wal(path) == "wal" and _mode(path) == "wal"
+
+
+def test_a_wal_store_in_a_directory_the_reader_cannot_write_is_named_in_one_line(tmp_path, monkeypatch):
+    """SQLite must create ``mlflow.db-shm`` beside a WAL store even to read it; on a read-only mount the
+    open fails "unable to open database file". Checked by hand on a read-only bind mount (``pipeline
+    report`` prints this line); here the mount is stood in for: the directory reported unwritable, the
+    open failing as it does there."""
+    from pipeline import store_checks
+    from pipeline.schema import StoreError
+
+    path = tmp_path / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").create_experiment("t")
+    tracking.use_wal(path)
+
+    def refuse(*a, **k):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(store_checks.os, "access", lambda p, mode: False)
+    monkeypatch.setattr(sqlite3, "connect", refuse)
+    with pytest.raises(StoreError) as e:
+        store_checks.check_sqlite_store(f"sqlite:///{path}", path)
+    msg = str(e.value)
+    assert "in WAL mode in a directory this process cannot write" in msg and "journal_mode=DELETE" in msg
+    assert "\n" not in msg
+    monkeypatch.setattr(store_checks, "_wal_mode", lambda p: False)  # the same failure, not a WAL store
+    with pytest.raises(StoreError, match="not a readable MLflow database"):
+        store_checks.check_sqlite_store(f"sqlite:///{path}", path)

@@ -52,8 +52,8 @@ def gpu_count() -> int:
 # CPU core builds the steps and writes each trial's record), so several share one GPU. Measured on one
 # H200 with 16 cores (README, "Batched trials", GPU rows): the default sweep ran 7.0x the trials per hour
 # with 12 workers on the GPU as with one (one trial each), and 14.9x to 19.6x with 12 workers of 32-trial
-# stacks; 16 workers of 32 ran slower than 12 (17.3x against 19.6x in one run: with the parent they
-# oversubscribe the cores). At most GPU_WORKERS_PER_GPU per GPU (the measured count; each
+# stacks; 16 workers of 32 were not faster (17.3x against 19.6x in one 100 s window each). At most
+# GPU_WORKERS_PER_GPU per GPU (the measured count; each
 # holds a CUDA context, about 0.5 GiB of the card), and three quarters of the cores in all.
 GPU_WORKERS_PER_GPU = 12
 
