@@ -7,7 +7,8 @@
 # Needs a Python whose torch sees a GPU, with pytorch-lightning, mlflow and optuna importable (the
 # project's own .venv with a CUDA torch, or any environment with those on PYTHONPATH); PYTHON picks it
 # (default python3). Each stage has its own time limit and a failed stage does not stop the next one. The
-# default run (the store's write rate, then trials per hour) took 395 s on one H200;
+# default run (the store's write rate, the trials per hour, where a recorded stack's time goes) took 395 s
+# on one H200 without its last stage;
 # GPU_CHECK_ALL=1 adds the stages measured in earlier sessions (a smoke sweep with its record checked, the
 # batched update, a host profile, kernels, training throughput), about 6 minutes more when time allows
 # (README, "Batched trials", "On a GPU"). Everything it prints is also in OUTDIR/log.txt, and the raw rows
@@ -38,14 +39,20 @@ timeout -k 10 170 $PY -m benchmarks.store_bench 12 30 2>&1 | grep "^{" || echo "
 
 # trials per hour (same points, the default sweep, seed 0): one worker with one trial at a time (the
 # baseline of the 20x target, README "Batched trials"), then the defaults of a GPU machine (12 workers x
-# trials_per_worker 32) and one neighbour (16 x 32). The larger entries are rated over a fixed window
-# (W:K:N:S: stopped after S seconds, the trials finished by then), so each comes back with a rate.
-for entry in "1:1:24" "12:32:2048:100" "16:32:2048:100"; do
+# trials_per_worker 32) twice, rated over a fixed window (W:K:N:S: stopped after S seconds, the trials
+# finished by then), so each comes back with a rate and the two show the window's spread. 100 s windows:
+# each entry took about 124 s in session 3; a 220 s window did not finish within 280 s.
+for entry in "1:1:24" "12:32:2048:100" "12:32:2048:100"; do
   if [ "$(elapsed)" -gt 420 ]; then echo "(skipped $entry: out of time)"; continue; fi
   stage "sweep grid $entry (workers:trials_per_worker:n_trials[:seconds])"
   timeout -k 20 170 $PY -m benchmarks --gpu --only sweep --sweep-grid "$entry" \
-    --out "$OUT_DIR/grid_${entry//:/_}.json" | grep -v '^|' || echo "(entry $entry stopped)"
+    --out "$OUT_DIR/grid_${entry//:/_}_$(elapsed).json" | grep -v '^|' || echo "(entry $entry stopped)"
 done
+
+if [ "$(elapsed)" -lt 500 ]; then
+  stage "where a recorded 32-member stack's time goes, wall-clock timers (no profiler)"
+  timeout -k 10 90 $PY -m benchmarks.stack_bench --split cuda 32 2>&1 | grep "^{" || echo "(stopped)"
+fi
 
 if [ "${GPU_CHECK_ALL:-0}" = 1 ]; then  # the stages measured in earlier sessions (README, "On a GPU")
 stage "smoke: configs/sweeps/smoke.yaml on the GPU, 2 workers x trials_per_worker 4, then its record checked"

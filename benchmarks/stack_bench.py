@@ -216,11 +216,74 @@ def update_bench(
     return rows
 
 
+def record_split(device: str, k: int, steps: int = 300) -> dict:
+    """Where a recorded stack's wall time goes, without a profiler (cProfile inflated the Python-heavy
+    parts, the figures and MLflow, by about half on the 2-core machine): ``run_stack`` of ``k`` members of
+    the default sweep recorded to a fresh sqlite store, with wall-clock timers around a member's record at
+    its start and its end, and in those around the figures, the frames, the tag writes and the run's
+    close. Seconds per trial each; ``training`` is the rest (steps, validation, profile passes)."""
+    import functools
+    import tempfile
+
+    from pipeline import tracking
+    from pipeline.training import record, stacked
+
+    spent: dict[str, float] = {}
+    saved: list[tuple[object, str, object]] = []
+
+    def timed(owner, name: str, key: str) -> None:
+        f = getattr(owner, name)
+
+        @functools.wraps(f)
+        def g(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return f(*a, **kw)
+            finally:
+                spent[key] = spent.get(key, 0.0) + time.perf_counter() - t
+
+        saved.append((owner, name, f))
+        setattr(owner, name, g)
+
+    with tempfile.TemporaryDirectory() as d:
+        store = {"uri": f"sqlite:///{d}/mlflow.db", "experiment": "record-split"}
+        stacked.run_stack([default_member(0, 20, device, store)])  # warm-up, as in host_profile
+        for owner, name, key in [
+            (record, "record_start", "record_start"),
+            (record, "record_end", "record_end"),
+            (tracking.Recorder, "log_figure", "of which figures"),
+            (tracking.Recorder, "log_frame", "of which frames"),
+            (tracking.Recorder, "set_tags", "of which tags"),
+            (tracking.Recorder, "close", "of which close"),
+        ]:
+            timed(owner, name, key)
+        try:
+            t = time.perf_counter()
+            stacked.run_stack([default_member(i, steps, device, store) for i in range(k)])
+            wall = time.perf_counter() - t
+        finally:
+            for owner, name, f in reversed(saved):
+                setattr(owner, name, f)
+    row = {
+        "device": device,
+        "K": k,
+        "steps": steps,
+        "wall_s": round(wall, 2),
+        "s_per_trial": round(wall / k, 3),
+    }
+    row |= {key: round(v / k, 3) for key, v in spent.items()}
+    row["training"] = round((wall - spent.get("record_start", 0.0) - spent.get("record_end", 0.0)) / k, 3)
+    print(row, flush=True)
+    return row
+
+
 if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] == ["--profile"]:  # python -m benchmarks.stack_bench --profile DEVICE K
         print(host_profile(sys.argv[2], int(sys.argv[3])))
+    elif sys.argv[1:2] == ["--split"]:  # python -m benchmarks.stack_bench --split DEVICE K
+        record_split(sys.argv[2], int(sys.argv[3]))
     elif sys.argv[1:2] == ["--update"]:  # python -m benchmarks.stack_bench --update DEVICE K [STEPS]
         update_bench(sys.argv[2], int(sys.argv[3]), *(int(a) for a in sys.argv[4:5]))
     else:

@@ -88,3 +88,22 @@ def test_a_run_keeps_the_rows_it_did_not_measure_gpu_ones_too():
         "gpu": {"device": "H200", "stack": [3], "sweep_grid": [4], "train": [6]},
     }
     assert merge({}, {"stack": [7]}) == {"stack": [7]}
+
+
+def test_the_record_split_times_every_part_it_names(tmp_path, monkeypatch):
+    """``stack_bench --split``: each timer found its function (a renamed one would leave its key out), the
+    parts fit in the wall time, and the figures, frames and tags of each member were timed."""
+    from benchmarks.stack_bench import record_split
+    from pipeline import tracking
+    from pipeline.training import record
+
+    monkeypatch.chdir(tmp_path)
+    before = (record.record_start, record.record_end, tracking.Recorder.log_figure)
+    row = record_split("cpu", 2, 20)
+    parts = ["record_start", "record_end", "of which figures", "of which frames", "of which tags"]
+    assert all(row[p] > 0 for p in [*parts, "of which close", "training"])
+    assert row["of which figures"] + row["of which frames"] + row["of which tags"] < row["record_end"]
+    assert row["record_start"] + row["record_end"] + row["training"] == pytest.approx(
+        row["s_per_trial"], abs=0.003
+    )
+    assert (record.record_start, record.record_end, tracking.Recorder.log_figure) == before  # put back
