@@ -86,9 +86,8 @@ def ensure_experiment(uri: str | None, name: str) -> str:
         return exp.experiment_id
 
 
-WAL_ENV = (
-    "PIPELINE_SQLITE_WAL"  # "0": leave a sqlite store's journal mode as it is (README, "The MLflow record")
-)
+# "0": leave a sqlite store's journal mode as it is (README, "The MLflow record")
+WAL_ENV = "PIPELINE_SQLITE_WAL"
 
 
 def use_wal(path: Path) -> str:
@@ -99,8 +98,8 @@ def use_wal(path: Path) -> str:
     Why: MLflow opens SQLite in its default rollback-journal mode, where a reader blocks a writer and
     every commit syncs the journal and the database file; in WAL mode readers never block the one writer
     and a commit syncs the log alone. Durability is unchanged (``synchronous`` stays FULL: a commit is on
-    disk when it returns). Many sweep workers write one store (README, "Batched trials": the store's
-    write rate, rollback against WAL, is in the benchmark table). WAL needs every process on one host
+    disk when it returns). Many sweep workers write one store (README, "Batched trials", "On a GPU": the
+    store's write rate under 12 writers, rollback against WAL). WAL needs every process on one host
     and a directory they can write (README, "The MLflow record": network file systems, read-only copies,
     the opt-out). A store another process holds busy for more than :data:`WAL_BUSY_S` keeps its mode
     until the next start. Not cached: one PRAGMA read (well under a millisecond) per call, and a store
