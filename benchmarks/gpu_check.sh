@@ -49,6 +49,21 @@ for entry in "1:1:24" "12:32:2048:100" "12:32:2048:100"; do
     --out "$OUT_DIR/grid_${entry//:/_}_$(elapsed).json" | grep -v '^|' || echo "(entry $entry stopped)"
 done
 
+stage "the grid's speed-ups against its first entry (each entry was its own bench call)"
+$PY - "$OUT_DIR" <<'EOF' || true
+import glob, json, os, sys
+rows = []
+for f in sorted(glob.glob(os.path.join(sys.argv[1], "grid_*.json")), key=os.path.getmtime):
+    rows += json.load(open(f))["gpu"]["sweep_grid"]
+if rows:
+    base, first = rows[0]["trials_per_hour"], rows[0].get("trials_per_hour_from_first_start") or 0.0
+    for r in rows:
+        fs = r.get("trials_per_hour_from_first_start", 0.0)
+        print(f"{r['workers']} workers x K={r['variant'].split()[-1]}: {r['trials']} trials, "
+              f"{r['trials_per_hour']:.0f}/h = {r['trials_per_hour'] / base:.2f}x; "
+              f"from the first start {fs:.0f}/h = {fs / first if first else float('nan'):.2f}x")
+EOF
+
 if [ "$(elapsed)" -lt 500 ]; then
   stage "where a recorded 32-member stack's time goes, wall-clock timers (no profiler)"
   timeout -k 10 90 $PY -m benchmarks.stack_bench --split cuda 32 2>&1 | grep "^{" || echo "(stopped)"
