@@ -41,7 +41,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from pipeline.names import KIND, KIND_TRIAL, STUDY, TRIAL_NUMBER
-from pipeline.signals import Terminated, raise_terminated
+from pipeline.signals import Terminated, check_terminated, raise_terminated
 from pipeline.sweep import batch
 from pipeline.sweep.config import from_data
 from pipeline.sweep.stores import budget_lock, open_storage, owner_tag, reap_stale
@@ -249,6 +249,7 @@ class Worker:
     def run(self) -> int:
         errors = 0
         while True:
+            check_terminated()  # a SIGTERM whose exception a garbage-collector callback dropped
             if os.getppid() != self.ppid:  # the sweep parent is gone: finish, take no new trial
                 return 0
             if self.deadline and time.time() > self.deadline:

@@ -18,6 +18,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.names import GROUPS
+from pipeline.signals import check_terminated
 from pipeline.training.grad_monitor import RECORD_HEAD, drop_gradients, group_sq
 from pipeline.training.models import RNNModel
 from pipeline.training.remedies import APPLY, STOP, Remedies
@@ -58,6 +59,7 @@ class RNNTrainingModule(pl.LightningModule):
         return self.task.loss(self.model(x), y)
 
     def training_step(self, batch, batch_idx):
+        check_terminated()  # a SIGTERM whose exception a garbage-collector callback dropped
         x, y = batch
         loss = self.task.loss(self.model(x), y)  # the fused kernel: the task loss and its gradient
         self._loss = loss.detach()  # the record's loss is the task's, whatever the remedies add

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.signals import Terminated
+from pipeline.signals import Terminated, check_terminated
 from pipeline.training import record
 from pipeline.training.stack_update import update
 
@@ -82,6 +82,7 @@ def fit(
     join(active, 0)
     it = 0
     while True:
+        check_terminated()  # a SIGTERM whose exception a garbage-collector callback dropped
         if joining is not None and len(active) < capacity:
             new = joining(capacity - len(active))
             if new is None:
