@@ -311,10 +311,8 @@ def run_grid(quick: bool, grid: list[tuple[int, int, int, float | None]], seed: 
         r["max_steps"] = sw["base"]["trainer"]["max_steps"]
         r["trials_per_hour"] = r["trials"] * 3600 / r["wall_s"]
         r["speedup"] = r["trials_per_hour"] / rows[0]["trials_per_hour"] if rows else 1.0
-        first = rows[0]["trials_per_hour_from_first_start"] if rows else 0.0
-        r["speedup_from_first_start"] = (
-            r["trials_per_hour_from_first_start"] / first if first else (1.0 if not rows else None)
-        )
+        first = (rows[0] if rows else r)["trials_per_hour_from_first_start"]
+        r["speedup_from_first_start"] = r["trials_per_hour_from_first_start"] / first if first else None
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
         rows.append(r)
     return rows

@@ -148,3 +148,26 @@ def test_forward_overflow_reads_exploding():
     assert got == "exploding"
     # The Lyapunov exponent reads the growth before the overflow: ln 1.5 exactly (J_t = 1.5 I), not -inf.
     assert spectra.lyapunov_max(p, x) == pytest.approx(math.log(1.5), abs=1e-12)
+
+
+def test_run_figures_fixed_title_place_is_where_matplotlib_would_put_it():
+    """pipeline.plots.run_figure sets the title's place instead of letting matplotlib measure the tick
+    labels at each save: the PNG must be the very bytes the automatic placement draws."""
+    import io
+
+    from pipeline.plots import plt
+    from pipeline.training.callbacks import plot_grad_norms
+
+    steps = np.arange(300)
+    pre = np.abs(np.random.default_rng(0).standard_normal(300)) + 0.1
+    title = "copy T=50 tanh orthogonal g=1.05: healthy gradients; val loss 0.98 x baseline: learned nothing"
+
+    def png(auto: bool) -> bytes:
+        fig = plot_grad_norms(steps, pre, np.minimum(pre, 1.0), 1.0, title)
+        fig.axes[0]._autotitlepos = auto  # matplotlib's own switch (Axes.set_title without y sets it)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        return buf.getvalue()
+
+    assert png(False) == png(True)
