@@ -18,6 +18,7 @@ class Terminated(BaseException):
 
 
 _pending: int | None = None  # the signal the handler raised, until a terminate_as_exception block ends
+_deferring = 0  # depth of the deferred() blocks the main thread is in
 
 
 def raise_terminated(signum: int, frame: FrameType | None) -> None:
@@ -27,16 +28,39 @@ def raise_terminated(signum: int, frame: FrameType | None) -> None:
     callback that the garbage collector runs; an exception raised there is printed ("Exception ignored
     in ...") and dropped. Seen: a sweep worker that went on training after SIGTERM until its parent
     killed it 60 s later (a 2-worker sweep stopped at 43 s, twice in five tries). So the signal is also
-    kept, and :func:`check_terminated` raises it again where training checks (each step)."""
+    kept, and :func:`check_terminated` raises it again where training checks (each step). Inside a
+    :func:`deferred` block it is only kept, and raised when the block ends."""
     global _pending
     _pending = signum
-    raise Terminated(f"signal {signum}")
+    if not _deferring:
+        raise Terminated(f"signal {signum}")
 
 
 def check_terminated() -> None:
     """Raise :class:`Terminated` if SIGTERM arrived: a no-op unless a handler's exception was dropped
-    (:func:`raise_terminated`), cheap enough for every training step."""
-    if _pending is not None:
+    (:func:`raise_terminated`), cheap enough for every training step; inside a :func:`deferred` block, no-op."""
+    if _pending is not None and not _deferring:
+        raise Terminated(f"signal {_pending}")
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """A step that must not be cut in two: SIGTERM within the block is kept, and raised as
+    :class:`Terminated` when the outermost block ends (unless it ends by an exception, which then
+    unwinds as it would have).
+
+    For the few store writes that make a trial's state whole: a sweep worker asks a trial and writes its
+    owner (a trial asked but not yet owned is one no handler of this worker can find, left RUNNING until
+    a reaper takes it as a dead worker's), and it closes a member's run FINISHED and tells its trial (a
+    signal between the two would fail a trial whose run says it finished). Keep the block short: the
+    sweep parent waits for its workers to stop, then kills them."""
+    global _deferring
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if not _deferring and _pending is not None:
         raise Terminated(f"signal {_pending}")
 
 

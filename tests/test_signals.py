@@ -12,7 +12,7 @@ import signal
 import pytest
 from mlflow.tracking import MlflowClient
 
-from pipeline.signals import Terminated, check_terminated, terminate_as_exception
+from pipeline.signals import Terminated, check_terminated, deferred, terminate_as_exception
 
 # the dropped exception is the point: pytest reports it as an unraisable-exception warning
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
@@ -55,6 +55,29 @@ def test_a_dropped_sigterm_is_raised_when_its_block_ends():
 def test_a_block_without_a_signal_leaves_nothing_pending():
     with terminate_as_exception():
         check_terminated()
+    check_terminated()
+
+
+def test_a_sigterm_in_a_deferred_block_is_raised_when_the_block_ends():
+    reached: list = []
+    with pytest.raises(Terminated), terminate_as_exception():
+        with deferred():
+            with deferred():  # nested: the outermost block's end raises
+                signal.raise_signal(signal.SIGTERM)
+                check_terminated()  # no-op while deferred
+                reached.append(1)
+            reached.append(2)
+        reached.append(3)
+    assert reached == [1, 2]
+    check_terminated()
+
+
+def test_an_error_in_a_deferred_block_unwinds_as_it_would_have():
+    with pytest.raises(Terminated), terminate_as_exception():
+        with pytest.raises(ValueError), deferred():
+            signal.raise_signal(signal.SIGTERM)
+            raise ValueError("the block's own error")
+        check_terminated()  # the kept signal: raised at the next check
     check_terminated()
 
 
@@ -118,3 +141,183 @@ def test_a_lightning_run_stops_after_a_dropped_sigterm_and_closes_its_run_killed
     check_terminated()  # nothing left pending for the next run in this process
     (r,) = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("test").experiment_id])
     assert r.info.status == "KILLED"
+
+
+# ------------------------------------------------------------------ a SIGTERM between two store writes
+# A sweep worker's trial passes through steps that must not be cut in two by a signal: asked, then owned
+# (its ``worker`` attr: how this worker's handlers and the reapers find it); its run closed FINISHED, then
+# told. pipeline.signals.deferred keeps SIGTERM until such a step ends, and Worker.run releases any trial
+# the worker still owns when the signal unwinds (pipeline.sweep.stores.release_own). Each test sends the
+# signal inside one such step, in a worker running in this process on real stores.
+
+
+def _worker(tmp_path, k: int, **changes):
+    """A sweep worker in this process (as the sweep parent's spec makes one) on fresh embedded stores."""
+    from pipeline.sweep.config import load_sweep
+    from pipeline.sweep.parent import absolute_uri, create_stores
+    from pipeline.sweep.worker import Worker
+    from pipeline.uris import resolve_uri
+    from tests.test_sweep import write_sweep
+
+    path = write_sweep(tmp_path / "s.yaml", trials_per_worker=k, **changes)
+    sw = load_sweep(path)
+    mlflow_uri = absolute_uri(resolve_uri(sw.base_config().tracking.uri))
+    st = create_stores(sw, sw.storage_url(), mlflow_uri)
+    spec = {
+        "sweep": __import__("pipeline.sweep.config", fromlist=["to_data"]).to_data(sw),
+        "storage_url": st.url,
+        "mlflow_uri": st.mlflow_uri,
+        "experiment": st.experiment,
+        "experiment_id": st.experiment_id,
+        "parent_run_id": st.parent_run_id,
+        "deadline": None,
+        "worker": 0,
+        "gpu": None,
+        "workers": 1,
+    }
+    return Worker(spec)
+
+
+def _stop_in(monkeypatch, owner, name: str, after: bool = True) -> list:
+    """``owner.name`` sends this process SIGTERM right after (or before) its first call's work."""
+    calls: list = []
+    f = getattr(owner, name)
+
+    def g(*a, **kw):
+        first = not calls
+        calls.append(name)
+        if first and not after:
+            signal.raise_signal(signal.SIGTERM)
+        out = f(*a, **kw)
+        if first and after:
+            signal.raise_signal(signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(owner, name, g)
+    return calls
+
+
+def _run_to_sigterm(w) -> None:
+    with pytest.raises(Terminated), terminate_as_exception():
+        w.run()
+    check_terminated()  # delivered once, nothing left pending
+
+
+def _trial_runs(store):
+    from tests.test_sweep import mlflow_runs
+
+    return {
+        int(r.data.tags["trial_number"]): r
+        for r in mlflow_runs(store)
+        if r.data.tags.get("pipeline.kind") == "trial"
+    }
+
+
+def _nothing_left_running(study, store) -> None:
+    assert [t.number for t in study.get_trials() if t.state.name == "RUNNING"] == []
+    assert [n for n, r in _trial_runs(store).items() if r.info.status == "RUNNING"] == []
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_sigterm_as_a_trial_is_asked_leaves_it_owned_then_closed_interrupted(
+    store, tmp_path, monkeypatch, k
+):
+    """The signal arrives the moment ``ask`` returns, before the trial's owner is written: the worker
+    still writes it, then releases the trial (FAIL, interrupted, re-enqueued once): no trial is left
+    RUNNING for a reaper to find later."""
+    import optuna
+
+    w = _worker(tmp_path, k)
+    _stop_in(monkeypatch, optuna.Study, "ask")
+    _run_to_sigterm(w)
+    study = w.study
+    _nothing_left_running(study, store)
+    (t,) = [t for t in study.get_trials() if t.state.name == "FAIL"]
+    assert t.user_attrs["interrupted"] is True and t.user_attrs["worker"]
+    (retry,) = [x for x in study.get_trials() if x.user_attrs.get("retry_of") == t.number]
+    assert retry.state.name == "WAITING" and retry.params == t.params
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_sigterm_as_a_finished_trial_is_told_tells_it_complete_first(store, tmp_path, monkeypatch, k):
+    """The signal arrives after a trial's run closed FINISHED, before its trial is told: the tell
+    completes (COMPLETE, as its run says), and the trials still training close KILLED and interrupted."""
+    from pipeline.sweep.worker import Worker
+
+    w = _worker(tmp_path, k, n_trials=3, pruner={"name": "none"})
+    _stop_in(monkeypatch, Worker, "log_best_model", after=False)
+    _run_to_sigterm(w)
+    study, runs = w.study, _trial_runs(store)
+    _nothing_left_running(study, store)
+    states = {t.number: t.state.name for t in study.get_trials() if "retry_of" not in t.user_attrs}
+    (first,) = [n for n, s in states.items() if s == "COMPLETE"]
+    assert runs[first].info.status == "FINISHED" and "interrupted" not in study.trials[first].user_attrs
+    interrupted = [n for n, s in states.items() if s == "FAIL"]
+    for n in interrupted:  # its stack-mates (K = 3)
+        assert study.trials[n].user_attrs["interrupted"] is True and runs[n].info.status == "KILLED"
+    assert len(interrupted) == k - 1
+    for n, s in states.items():  # the rest never started: start-up points still enqueued
+        if n != first and n not in interrupted:
+            assert s == "WAITING" and n not in runs
+
+
+def test_a_sigterm_as_a_members_run_is_created_closes_that_run_killed(store, tiny, monkeypatch):
+    """The signal arrives right after a member's MLflow run is created, before the stack holds it: the
+    stack closes it KILLED with the others."""
+    from pipeline.training import stacked
+
+    _stop_in(monkeypatch, stacked, "_start_recorder")
+    with pytest.raises(Terminated), terminate_as_exception():
+        stacked.run_stack([tiny(**{"seed": i}) for i in range(2)])
+    check_terminated()
+    runs = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("test").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "KILLED"
+    assert runs[0].data.tags["status"] == "killed"
+
+
+_SIGTERM_AT = """
+import signal, sys
+from pipeline.training import record, stacked
+from pipeline.training.run import run
+from tests.conftest import tiny_config
+
+def at(f):
+    def g(*a, **kw):
+        out = f(*a, **kw)
+        signal.raise_signal(signal.SIGTERM)
+        return out
+    return g
+
+where, path = sys.argv[1], sys.argv[2]
+setattr(record, where, at(getattr(record, where)))
+if path == "lightning":
+    run(tiny_config())
+else:
+    stacked.run_stack([tiny_config(**{"seed": i}) for i in range(2)])
+"""
+
+
+@pytest.mark.parametrize("path", ["lightning", "stack"])
+@pytest.mark.parametrize("where", ["record_start", "record_end"])
+def test_a_sigterm_outside_the_training_loop_closes_the_run_killed(store, tmp_path, path, where):
+    """A process that installed no SIGTERM handler of its own (``pipeline train``, a user's script):
+    the signal arrives as a run starts to record or as it records its end, outside the training loop.
+    The run is closed KILLED and the process exits by the exception, never killed with its run
+    RUNNING (the default action, before SIGTERM was an exception for the run's whole life)."""
+    import subprocess
+    import sys
+
+    from tests.test_sweep import sweep_env
+
+    p = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_AT, where, path],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=sweep_env(),
+        cwd=tmp_path,
+    )
+    assert p.returncode == 1 and "Terminated" in p.stderr, (p.returncode, p.stderr[-2000:])
+    runs = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("test").experiment_id])
+    assert runs and {r.info.status for r in runs} == {"KILLED"}
+    assert {r.data.tags["status"] for r in runs} == {"killed"}

@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from pipeline.names import KIND, KIND_TRIAL, STUDY, TRIAL_NUMBER
-from pipeline.signals import Terminated
+from pipeline.signals import Terminated, deferred
 
 # trials_per_worker: auto. Measured (README, "Batched trials"): the default sweep on the 2-core CPU, 2
 # workers, rolling stacks: K = 4 ran 1.1x (same points) to 1.4x (TPE) the trials per hour of K = 1 (medians
@@ -56,8 +56,9 @@ def next_trials(worker, k: int) -> list:
         n = min(k, left, -(-left // max(1, int(worker.spec.get("workers", 1)))))
         trials = []
         for _ in range(max(0, n)):
-            trial = worker.study.ask()
-            trial.set_user_attr("worker", owner_tag())
+            with deferred():  # asked and owned as one step: Worker.run's release finds it by its owner
+                trial = worker.study.ask()
+                trial.set_user_attr("worker", owner_tag())
             trials.append(trial)
         return trials
 

@@ -321,6 +321,30 @@ def on_stale(study, trial, mlflow_uri: str | None) -> None:
     )
 
 
+def release_own(study, mlflow_uri: str | None) -> list[int]:
+    """A worker stopped by SIGTERM or Ctrl-C: each trial it still owns (RUNNING, ``worker`` attr this
+    process) is closed as an interrupted trial is (README, "Faults and resuming"): its MLflow run(s)
+    KILLED, FAIL with attr ``interrupted``, its params re-enqueued once. Returns their numbers.
+
+    The worker's training paths close the trials they hold themselves; this finds the ones a signal met
+    between two steps (asked, not yet held; a run closed FINISHED, its trial not yet told), which would
+    otherwise stay RUNNING until a reaper took them for a dead worker's."""
+    from optuna.trial import TrialState
+
+    storage, me = study._storage, owner_tag()
+    released = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("worker") != me:
+            continue
+        with contextlib.suppress(Exception):
+            close_trial_runs(mlflow_uri, study, t, "KILLED")
+        storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        study.tell(t.number, state=TrialState.FAIL)
+        enqueue_retry(study, storage.get_trial(t._trial_id))
+        released.append(t.number)
+    return released
+
+
 def reap_stale(study, url: str, mlflow_uri: str | None) -> list[int]:
     """Fail RUNNING trials whose worker is gone and hand each to :func:`on_stale`; returns their numbers.
 

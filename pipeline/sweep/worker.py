@@ -41,7 +41,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from pipeline.names import KIND, KIND_TRIAL, STUDY, TRIAL_NUMBER
-from pipeline.signals import Terminated, check_terminated, raise_terminated
+from pipeline.signals import Terminated, check_terminated, deferred, raise_terminated
 from pipeline.sweep import batch
 from pipeline.sweep.config import from_data
 from pipeline.sweep.stores import budget_lock, open_storage, owner_tag, reap_stale
@@ -242,11 +242,32 @@ class Worker:
             reap_stale(self.study, self.url, self.mlflow_uri)
             if budget_left(self.study, self.sw.n_trials) <= 0:
                 return None
-            trial = self.study.ask()
-            trial.set_user_attr("worker", owner_tag())
+            with deferred():  # asked and owned as one step (see batch.next_trials)
+                trial = self.study.ask()
+                trial.set_user_attr("worker", owner_tag())
             return trial
 
     def run(self) -> int:
+        """Trials until the budget is spent (0), the sweep's deadline passes or its parent is gone (0), or
+        too many raise in a row (1). On SIGTERM or Ctrl-C, every trial this worker asked and has not told
+        is closed as interrupted before the signal's exception goes on: the training paths close the ones
+        they hold (run_trial, batch.run_batch); :func:`~pipeline.sweep.stores.release_own` closes any a
+        signal met between two of them (asked, not yet held; trained, not yet told)."""
+        from pipeline.sweep.stores import release_own
+
+        try:
+            return self._loop()
+        except (KeyboardInterrupt, SystemExit, Terminated):
+            try:
+                released = release_own(self.study, self.mlflow_uri)
+            except Exception as e:  # the store itself failed: the parent's reaper is the next line
+                print(f"worker {self.spec.get('worker')}: trials not released: {e}", file=sys.stderr)
+            else:
+                if released:
+                    print(f"trials {released} interrupted between two steps: closed", file=sys.stderr)
+            raise
+
+    def _loop(self) -> int:
         errors = 0
         while True:
             check_terminated()  # a SIGTERM whose exception a garbage-collector callback dropped
@@ -314,8 +335,9 @@ class Worker:
                 trial.set_user_attr("error", msg)
             self.study.tell(trial, state=TrialState.FAIL)
             return False
-        self.log_best_model(r, cb.module)
-        self.tell(trial, r, cb.pruned_by)
+        with deferred():  # its run is closed FINISHED: tell the trial before a SIGTERM can fail it
+            self.log_best_model(r, cb.module)
+            self.tell(trial, r, cb.pruned_by)
         return True
 
     def log_best_model(self, r, module) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.names import STATUS
-from pipeline.signals import Terminated, terminate_as_exception
+from pipeline.signals import Terminated, deferred, terminate_as_exception
 from pipeline.training import record
 from pipeline.training.record import Monitors, RunResult
 
@@ -109,24 +109,45 @@ def run(
             ckpt = download_checkpoint(
                 resume, cfg.tracking.uri, stack.enter_context(tempfile.TemporaryDirectory())
             )
-            rec = Recorder.attach(cfg.tracking.uri, resume, reopen=True)
-            for tag in (STATUS, "error"):  # the interrupted attempt's; this one sets its own
-                with contextlib.suppress(Exception):
-                    rec.client.delete_tag(resume, tag)
+
+            def open_run():
+                rec = Recorder.attach(cfg.tracking.uri, resume, reopen=True)
+                for tag in (STATUS, "error"):  # the interrupted attempt's; this one sets its own
+                    with contextlib.suppress(Exception):
+                        rec.client.delete_tag(resume, tag)
+                return rec
+
         else:
-            rec = _start_recorder(cfg, parent_run_id, extra_tags, experiment_id)
+
+            def open_run():
+                return _start_recorder(cfg, parent_run_id, extra_tags, experiment_id)
+
         return _run_recorded(
-            cfg, task, rec, callbacks or [], progress, checkpoint or resume is not None, ckpt
+            cfg, task, open_run, callbacks or [], progress, checkpoint or resume is not None, ckpt
         )
 
 
 def _run_recorded(
-    cfg: Config, task, rec, callbacks: list, progress: bool, checkpoint: bool, ckpt
+    cfg: Config, task, open_run, callbacks: list, progress: bool, checkpoint: bool, ckpt
 ) -> RunResult:
-    """Train on an open Recorder and close its run with the status the code path that ended it says."""
-    monitor = _system_metrics(cfg, rec)
+    """Open the run (``open_run()``: its Recorder), train, and close it with the status the code path
+    that ended it says. SIGTERM is an exception from before the run is opened until it is closed
+    (:func:`~pipeline.signals.terminate_as_exception`; Lightning's fit alone would leave the run's start
+    and its record at the end to the default action, which kills the process and leaves the run
+    RUNNING), deferred while the run opens and while it closes (:func:`~pipeline.signals.deferred`)."""
+    with terminate_as_exception():
+        return _open_train_close(cfg, task, open_run, callbacks, progress, checkpoint, ckpt)
+
+
+def _open_train_close(
+    cfg: Config, task, open_run, callbacks: list, progress: bool, checkpoint: bool, ckpt
+) -> RunResult:
+    rec = monitor = None
     status = "FAILED"
     try:
+        with deferred():
+            rec = open_run()
+            monitor = _system_metrics(cfg, rec)
         result = _train(cfg, task, rec, callbacks, progress=progress, checkpoint=checkpoint, ckpt=ckpt)
         status = "FINISHED"
         return result
@@ -134,18 +155,23 @@ def _run_recorded(
         status = "KILLED"
         raise
     except BaseException as e:
-        with contextlib.suppress(Exception):
-            rec.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
+        if rec is not None:
+            with contextlib.suppress(Exception):
+                rec.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
         raise
     finally:
-        if monitor is not None:
-            with contextlib.suppress(Exception):
-                monitor.finish()  # stops its thread (at most one sampling interval's values are lost)
-        with contextlib.suppress(Exception):
-            rec.set_tags({STATUS: status.lower()} if status != "FINISHED" else {})
-        rec.close(status)
-        if checkpoint and status != "FINISHED" and rec.run_id:
-            print(f"resume: python -m pipeline train --resume {rec.run_id}", file=sys.stderr, flush=True)
+        with deferred():
+            if monitor is not None:
+                with contextlib.suppress(Exception):
+                    monitor.finish()  # stops its thread (at most one sampling interval's values are lost)
+            if rec is not None:
+                with contextlib.suppress(Exception):
+                    rec.set_tags({STATUS: status.lower()} if status != "FINISHED" else {})
+                rec.close(status)
+                if checkpoint and status != "FINISHED" and rec.run_id:
+                    print(
+                        f"resume: python -m pipeline train --resume {rec.run_id}", file=sys.stderr, flush=True
+                    )
 
 
 def _start_recorder(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pipeline.signals import Terminated, check_terminated
+from pipeline.signals import Terminated, check_terminated, deferred
 from pipeline.training import record
 from pipeline.training.stack_update import update
 
@@ -179,7 +179,10 @@ def _validate(m: Member) -> None:
 
 def _finish(m: Member) -> None:
     """The end of a member's fit (``on_train_end``, the final validation when the last step had none),
-    then its record and its run closed FINISHED; an error here fails this member alone."""
+    then its record and its run closed FINISHED; an error here fails this member alone. The close and
+    ``on_done`` (a sweep tells the member's trial there) are one step for SIGTERM (:func:`deferred`): a
+    signal between them would fail a trial whose run says it finished."""
+    error: Exception | None = None
     try:
         m.call("on_train_end")
         m.call("on_fit_end")
@@ -187,11 +190,18 @@ def _finish(m: Member) -> None:
             m.trainer.state.fn = "validate"
             _validate(m)
         m.result = record.record_end(m.cfg, m.module.task, m.rec, m.module, m.mon, m.trainer.global_step)
-        m.close("FINISHED")
     except (KeyboardInterrupt, SystemExit, Terminated):
         raise
     except Exception as e:
-        m.result = e
-        m.close("FAILED", e)
-    if m.on_done is not None:
-        m.on_done(m.index, m.result)
+        error = e
+    with deferred():
+        if error is None:
+            try:
+                m.close("FINISHED")
+            except Exception as e:
+                error = e
+        if error is not None:
+            m.result = error
+            m.close("FAILED", error)
+        if m.on_done is not None:
+            m.on_done(m.index, m.result)

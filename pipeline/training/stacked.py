@@ -37,7 +37,7 @@ import torch
 
 from pipeline.config import Config
 from pipeline.names import STATUS
-from pipeline.signals import Terminated, terminate_as_exception
+from pipeline.signals import Terminated, deferred, terminate_as_exception
 from pipeline.training import record
 from pipeline.training.record import Monitors, RunResult
 from pipeline.training.run import _start_recorder, _system_metrics, configure_torch, quiet_lightning
@@ -104,12 +104,17 @@ class Member:
         if self.sysmon is not None:
             with contextlib.suppress(Exception):
                 self.sysmon.finish()
-        with contextlib.suppress(Exception):
-            tags: dict[str, Any] = {STATUS: status.lower()} if status != "FINISHED" else {}
-            if error is not None:
-                tags["error"] = f"{type(error).__name__}: {error}"[:5000]
-            self.rec.set_tags(tags)
-        self.rec.close(status)
+        _close_run(self.rec, status, error)
+
+
+def _close_run(rec, status: str, error: BaseException | None = None) -> None:
+    """End a member's run with ``status``, tagged as :func:`~pipeline.training.run.run` tags its own."""
+    with contextlib.suppress(Exception):
+        tags: dict[str, Any] = {STATUS: status.lower()} if status != "FINISHED" else {}
+        if error is not None:
+            tags["error"] = f"{type(error).__name__}: {error}"[:5000]
+        rec.set_tags(tags)
+    rec.close(status)
 
 
 def _member(cfg: Config, task, rec, extra: list, device: torch.device) -> Member:
@@ -177,9 +182,11 @@ def run_stack(
     tags = extra_tags or [{} for _ in cfgs]
     extras = callbacks or [[] for _ in cfgs]
     try:
-        for cfg, tg, ex in zip(cfgs, tags, extras, strict=True):
-            stack.start(cfg, tg, ex)
+        # SIGTERM is an exception from the first member's start to the last one's close (not only in the
+        # loop: the default action would kill the process and leave the runs RUNNING)
         with terminate_as_exception():
+            for cfg, tg, ex in zip(cfgs, tags, extras, strict=True):
+                stack.start(cfg, tg, ex)
             fit(
                 list(stack.members),
                 stack.task,
@@ -216,11 +223,18 @@ class _Stack:
 
     def start(self, cfg: Config, tags: dict[str, Any], extra: list) -> Member:
         parent_run_id, experiment_id = self.run_ids
-        rec = _start_recorder(cfg, parent_run_id, tags, experiment_id)
+        rec = None
         try:
+            with deferred():  # a run created is a run this stack closes, whenever SIGTERM comes
+                rec = _start_recorder(cfg, parent_run_id, tags, experiment_id)
             m = _member(cfg, self.task, rec, extra, self.device)
-        except BaseException:
-            rec.close("FAILED")
+        except (KeyboardInterrupt, SystemExit, Terminated):
+            if rec is not None:
+                _close_run(rec, "KILLED")
+            raise
+        except BaseException as e:
+            if rec is not None:
+                _close_run(rec, "FAILED", e)
             raise
         m.index, m.on_done = len(self.members), self.on_done
         self.members.append(m)
