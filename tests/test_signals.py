@@ -58,26 +58,40 @@ def test_a_block_without_a_signal_leaves_nothing_pending():
     check_terminated()
 
 
+def _nested_deferred(reached: list) -> None:
+    with terminate_as_exception(), deferred():
+        with deferred():  # nested: the outermost block's end raises
+            signal.raise_signal(signal.SIGTERM)
+            check_terminated()  # no-op while deferred
+            reached.append(1)
+        reached.append(2)
+    reached.append(3)
+
+
 def test_a_sigterm_in_a_deferred_block_is_raised_when_the_block_ends():
     reached: list = []
-    with pytest.raises(Terminated), terminate_as_exception():
-        with deferred():
-            with deferred():  # nested: the outermost block's end raises
-                signal.raise_signal(signal.SIGTERM)
-                check_terminated()  # no-op while deferred
-                reached.append(1)
-            reached.append(2)
-        reached.append(3)
+    with pytest.raises(Terminated):
+        _nested_deferred(reached)
     assert reached == [1, 2]
     check_terminated()
 
 
-def test_an_error_in_a_deferred_block_unwinds_as_it_would_have():
-    with pytest.raises(Terminated), terminate_as_exception():
-        with pytest.raises(ValueError), deferred():
-            signal.raise_signal(signal.SIGTERM)
-            raise ValueError("the block's own error")
+def _signal_then_error() -> None:
+    with deferred():
+        signal.raise_signal(signal.SIGTERM)
+        raise ValueError("the block's own error")
+
+
+def _error_in_deferred() -> None:
+    with terminate_as_exception():
+        with pytest.raises(ValueError, match="own error"):
+            _signal_then_error()
         check_terminated()  # the kept signal: raised at the next check
+
+
+def test_an_error_in_a_deferred_block_unwinds_as_it_would_have():
+    with pytest.raises(Terminated):
+        _error_in_deferred()
     check_terminated()
 
 

@@ -203,5 +203,5 @@ def _finish(m: Member) -> None:
         if error is not None:
             m.result = error
             m.close("FAILED", error)
-        if m.on_done is not None:
+        if m.on_done is not None and m.result is not None:
             m.on_done(m.index, m.result)
