@@ -36,11 +36,25 @@ def raise_terminated(signum: int, frame: FrameType | None) -> None:
         raise Terminated(f"signal {signum}")
 
 
+def _deliver() -> None:
+    """Raise the kept signal from ordinary code (where nothing drops it): it is no longer pending."""
+    global _pending
+    signum, _pending = _pending, None
+    raise Terminated(f"signal {signum}")
+
+
+def delivered() -> None:
+    """The :class:`Terminated` being handled reached its handler: forget the kept signal, so that a
+    block deferred while handling it (:func:`deferred`) raises only a signal that arrives after it."""
+    global _pending
+    _pending = None
+
+
 def check_terminated() -> None:
     """Raise :class:`Terminated` if SIGTERM arrived: a no-op unless a handler's exception was dropped
     (:func:`raise_terminated`), cheap enough for every training step; inside a :func:`deferred` block, no-op."""
     if _pending is not None and not _deferring:
-        raise Terminated(f"signal {_pending}")
+        _deliver()
 
 
 @contextlib.contextmanager
@@ -53,7 +67,8 @@ def deferred() -> Iterator[None]:
     owner (a trial asked but not yet owned is one no handler of this worker can find, left RUNNING until
     a reaper takes it as a dead worker's), and it closes a member's run FINISHED and tells its trial (a
     signal between the two would fail a trial whose run says it finished). Keep the block short: the
-    sweep parent waits for its workers to stop, then kills them."""
+    sweep parent waits for its workers to stop, then kills them. Only SIGTERM, through this module's
+    handler, is deferred; Ctrl-C (KeyboardInterrupt) is not."""
     global _deferring
     _deferring += 1
     try:
@@ -61,7 +76,7 @@ def deferred() -> Iterator[None]:
     finally:
         _deferring -= 1
     if not _deferring and _pending is not None:
-        raise Terminated(f"signal {_pending}")
+        _deliver()
 
 
 @contextlib.contextmanager
@@ -89,6 +104,5 @@ def terminate_as_exception() -> Iterator[None]:
     finally:
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGINT, old_int)
-    pending, _pending = _pending, None
-    if pending is not None:  # arrived, but its exception was dropped and no step checked since
-        raise Terminated(f"signal {pending}")
+    if _pending is not None and not _deferring:  # arrived, its exception dropped, no step checked since
+        _deliver()  # (within a deferred block, that block's end raises it)

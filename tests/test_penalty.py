@@ -61,7 +61,14 @@ def test_divergence_value_takes_the_larger_of_penalty_and_worst_trained(tiny, mo
         result(ratio=1.2),  # 6: trained
     ]
     calls = iter(script)
-    monkeypatch.setattr(train, "run", lambda cfg, **kw: next(calls))
+
+    def run(cfg, on_done=None, **kw):  # train.run: the run closed FINISHED, then on_done (the tell)
+        r = next(calls)
+        if on_done is not None:
+            on_done(r)
+        return r
+
+    monkeypatch.setattr(train, "run", run)
     for _ in script:
         assert w.run_trial(w.study.ask())
     t = w.study.trials

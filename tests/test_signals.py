@@ -232,17 +232,23 @@ def _nothing_left_running(study, store) -> None:
     assert [n for n, r in _trial_runs(store).items() if r.info.status == "RUNNING"] == []
 
 
+@pytest.mark.parametrize("second", [False, True])
 @pytest.mark.parametrize("k", [1, 3])
 def test_a_sigterm_as_a_trial_is_asked_leaves_it_owned_then_closed_interrupted(
-    store, tmp_path, monkeypatch, k
+    store, tmp_path, monkeypatch, k, second
 ):
     """The signal arrives the moment ``ask`` returns, before the trial's owner is written: the worker
     still writes it, then releases the trial (FAIL, interrupted, re-enqueued once): no trial is left
-    RUNNING for a reaper to find later."""
+    RUNNING for a reaper to find later; also when a second SIGTERM arrives during that release (the
+    sweep parent forwards every signal it gets)."""
     import optuna
+
+    from pipeline.sweep import stores
 
     w = _worker(tmp_path, k)
     _stop_in(monkeypatch, optuna.Study, "ask")
+    if second:
+        _stop_in(monkeypatch, stores, "close_trial_runs", after=False)
     _run_to_sigterm(w)
     study = w.study
     _nothing_left_running(study, store)
@@ -252,14 +258,35 @@ def test_a_sigterm_as_a_trial_is_asked_leaves_it_owned_then_closed_interrupted(
     assert retry.state.name == "WAITING" and retry.params == t.params
 
 
+def _stop_at_first_finished_close(monkeypatch) -> None:
+    """The first run closed FINISHED receives SIGTERM as its close begins."""
+    from pipeline.tracking import Recorder
+
+    close, sent = Recorder.close, []
+
+    def g(self, status: str = "FINISHED"):
+        if status == "FINISHED" and not sent:
+            sent.append(True)
+            signal.raise_signal(signal.SIGTERM)
+        return close(self, status)
+
+    monkeypatch.setattr(Recorder, "close", g)
+
+
+@pytest.mark.parametrize("where", ["tell", "close"])
 @pytest.mark.parametrize("k", [1, 3])
-def test_a_sigterm_as_a_finished_trial_is_told_tells_it_complete_first(store, tmp_path, monkeypatch, k):
-    """The signal arrives after a trial's run closed FINISHED, before its trial is told: the tell
+def test_a_sigterm_as_a_finished_trial_is_told_tells_it_complete_first(
+    store, tmp_path, monkeypatch, k, where
+):
+    """The signal arrives as a trial's run closes FINISHED, or after, before its trial is told: the tell
     completes (COMPLETE, as its run says), and the trials still training close KILLED and interrupted."""
     from pipeline.sweep.worker import Worker
 
     w = _worker(tmp_path, k, n_trials=3, pruner={"name": "none"})
-    _stop_in(monkeypatch, Worker, "log_best_model", after=False)
+    if where == "tell":
+        _stop_in(monkeypatch, Worker, "log_best_model", after=False)
+    else:
+        _stop_at_first_finished_close(monkeypatch)
     _run_to_sigterm(w)
     study, runs = w.study, _trial_runs(store)
     _nothing_left_running(study, store)
@@ -275,18 +302,32 @@ def test_a_sigterm_as_a_finished_trial_is_told_tells_it_complete_first(store, tm
             assert s == "WAITING" and n not in runs
 
 
-def test_a_sigterm_as_a_members_run_is_created_closes_that_run_killed(store, tiny, monkeypatch):
-    """The signal arrives right after a member's MLflow run is created, before the stack holds it: the
-    stack closes it KILLED with the others."""
+@pytest.mark.parametrize("where", ["_start_recorder", "_member"])
+def test_a_sigterm_as_a_members_run_is_created_closes_that_run_killed(store, tiny, monkeypatch, where):
+    """The signal arrives right after a member's MLflow run is created, or its member built, before the
+    stack holds it: the stack closes it KILLED with the others."""
     from pipeline.training import stacked
 
-    _stop_in(monkeypatch, stacked, "_start_recorder")
+    _stop_in(monkeypatch, stacked, where)
     with pytest.raises(Terminated), terminate_as_exception():
         stacked.run_stack([tiny(**{"seed": i}) for i in range(2)])
     check_terminated()
     runs = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("test").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "KILLED"
     assert runs[0].data.tags["status"] == "killed"
+
+
+def test_a_sigterm_as_a_lightning_run_is_created_closes_it_killed(store, tiny, monkeypatch):
+    """The signal arrives right after ``run`` creates its MLflow run, before training begins: the run is
+    closed KILLED (SIGTERM deferred while the run opens)."""
+    from pipeline.training import run as train
+
+    _stop_in(monkeypatch, train, "_start_recorder")
+    with pytest.raises(Terminated):
+        train.run(tiny())
+    check_terminated()
+    (r,) = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("test").experiment_id])
+    assert r.info.status == "KILLED" and r.data.tags["status"] == "killed"
 
 
 _SIGTERM_AT = """

@@ -338,8 +338,11 @@ def release_own(study, mlflow_uri: str | None) -> list[int]:
             continue
         with contextlib.suppress(Exception):
             close_trial_runs(mlflow_uri, study, t, "KILLED")
-        storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        study.tell(t.number, state=TrialState.FAIL)
+        try:  # each alone: one a heartbeat reaper failed meanwhile (RDB storages) must not stop the rest
+            storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            study.tell(t.number, state=TrialState.FAIL)
+        except Exception:  # told by another process already (it re-enqueued it, if it was a reaper)
+            continue
         enqueue_retry(study, storage.get_trial(t._trial_id))
         released.append(t.number)
     return released

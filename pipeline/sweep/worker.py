@@ -41,7 +41,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from pipeline.names import KIND, KIND_TRIAL, STUDY, TRIAL_NUMBER
-from pipeline.signals import Terminated, check_terminated, deferred, raise_terminated
+from pipeline.signals import Terminated, check_terminated, deferred, delivered, raise_terminated
 from pipeline.sweep import batch
 from pipeline.sweep.config import from_data
 from pipeline.sweep.stores import budget_lock, open_storage, owner_tag, reap_stale
@@ -249,17 +249,22 @@ class Worker:
 
     def run(self) -> int:
         """Trials until the budget is spent (0), the sweep's deadline passes or its parent is gone (0), or
-        too many raise in a row (1). On SIGTERM or Ctrl-C, every trial this worker asked and has not told
-        is closed as interrupted before the signal's exception goes on: the training paths close the ones
-        they hold (run_trial, batch.run_batch); :func:`~pipeline.sweep.stores.release_own` closes any a
-        signal met between two of them (asked, not yet held; trained, not yet told)."""
+        too many raise in a row (1). On SIGTERM (and Ctrl-C), every trial this worker asked and has not
+        told is closed as interrupted before the signal's exception goes on: the training paths close the
+        ones they hold (run_trial, batch.run_batch); :func:`~pipeline.sweep.stores.release_own` closes any
+        a signal met between two of them. Against SIGTERM the steps that must not be cut in two are
+        deferred (pipeline.signals.deferred); a Ctrl-C sent to the worker itself is not (the sweep parent
+        forwards a Ctrl-C as SIGTERM), so a trial it meets between ``ask`` and its owner is the orphan
+        reaper's."""
         from pipeline.sweep.stores import release_own
 
         try:
             return self._loop()
         except (KeyboardInterrupt, SystemExit, Terminated):
+            delivered()  # this signal is handled here; a second SIGTERM waits for the release below
             try:
-                released = release_own(self.study, self.mlflow_uri)
+                with deferred():
+                    released = release_own(self.study, self.mlflow_uri)
             except Exception as e:  # the store itself failed: the parent's reaper is the next line
                 print(f"worker {self.spec.get('worker')}: trials not released: {e}", file=sys.stderr)
             else:
@@ -306,19 +311,26 @@ class Worker:
 
         # Strings: the REST store (mlflow server) rejects non-string tag values in create_run.
         tags = {KIND: KIND_TRIAL, STUDY: self.sw.study, TRIAL_NUMBER: str(trial.number)}
-        cb = None
         try:
             cfg = self.trial_run_config(trial)
             cb = TrialCallback(trial, self.sw.prune.max_grad_norm, cfg.trainer.log_every)
+
+            def done(r) -> None:  # the run is closed FINISHED: tell the trial in the same step (train.run)
+                self.log_best_model(r, cb.module)
+                self.tell(trial, r, cb.pruned_by)
+
             with heartbeat(self.storage, trial._trial_id, self.sw.heartbeat.interval):
-                r = train.run(
+                train.run(
                     cfg,
                     parent_run_id=self.spec["parent_run_id"],
                     extra_tags=tags,
                     callbacks=[cb],
                     experiment_id=self.spec["experiment_id"],
+                    on_done=done,
                 )
         except (KeyboardInterrupt, SystemExit, Terminated):
+            if self.told(trial):  # the signal came as the trial was told: it is done
+                raise
             # The run is already closed KILLED by train.run; close the trial, keep its params for a resume.
             with contextlib.suppress(Exception):
                 trial.set_user_attr("interrupted", True)
@@ -326,6 +338,8 @@ class Worker:
                 enqueue_retry(self.study, self.study._storage.get_trial(trial._trial_id))
             raise
         except Exception as e:  # a bug or a bad value: record it, keep the sweep going
+            if self.told(trial):  # an error after the tell (the worker's, not the trial's)
+                raise
             msg = f"{type(e).__name__}: {e}"[:1000]
             import traceback
 
@@ -335,10 +349,13 @@ class Worker:
                 trial.set_user_attr("error", msg)
             self.study.tell(trial, state=TrialState.FAIL)
             return False
-        with deferred():  # its run is closed FINISHED: tell the trial before a SIGTERM can fail it
-            self.log_best_model(r, cb.module)
-            self.tell(trial, r, cb.pruned_by)
         return True
+
+    def told(self, trial) -> bool:
+        """Whether ``trial`` is finished in the storage (told by this worker, or failed by a reaper)."""
+        with contextlib.suppress(Exception):
+            return self.study._storage.get_trial(trial._trial_id).state.is_finished()
+        return False
 
     def log_best_model(self, r, module) -> None:
         """``log_models: best``: log the weights of a trial that trained, unpruned and finite, no worse than

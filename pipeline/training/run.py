@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.config import Config
@@ -84,6 +85,7 @@ def run(
     progress: bool = False,
     checkpoint: bool = False,
     resume: str | None = None,
+    on_done: Callable[[RunResult], None] | None = None,
 ) -> RunResult:
     """Train one configuration and record it; returns the run's summary.
 
@@ -94,6 +96,9 @@ def run(
     ``checkpoint``: log a Lightning checkpoint at every validation (``checkpoints/last.ckpt``;
     training/saved.py). ``resume``: the id of such a run to continue from its checkpoint (reopened, the
     same MLflow run; ``cfg`` is its own config, :func:`pipeline.training.saved.resume_config`).
+    ``on_done(result)``: called once the run is closed FINISHED, in the same step for SIGTERM
+    (:func:`~pipeline.signals.deferred`): a sweep tells its trial there, so a signal cannot fall between
+    a run that says it finished and its trial (as ``run_stack``'s ``on_done``).
     """
     from pipeline.training.tasks import task_of
 
@@ -123,12 +128,12 @@ def run(
                 return _start_recorder(cfg, parent_run_id, extra_tags, experiment_id)
 
         return _run_recorded(
-            cfg, task, open_run, callbacks or [], progress, checkpoint or resume is not None, ckpt
+            cfg, task, open_run, callbacks or [], progress, checkpoint or resume is not None, ckpt, on_done
         )
 
 
 def _run_recorded(
-    cfg: Config, task, open_run, callbacks: list, progress: bool, checkpoint: bool, ckpt
+    cfg: Config, task, open_run, callbacks: list, progress: bool, checkpoint: bool, ckpt, on_done=None
 ) -> RunResult:
     """Open the run (``open_run()``: its Recorder), train, and close it with the status the code path
     that ended it says. SIGTERM is an exception from before the run is opened until it is closed
@@ -136,13 +141,13 @@ def _run_recorded(
     and its record at the end to the default action, which kills the process and leaves the run
     RUNNING), deferred while the run opens and while it closes (:func:`~pipeline.signals.deferred`)."""
     with terminate_as_exception():
-        return _open_train_close(cfg, task, open_run, callbacks, progress, checkpoint, ckpt)
+        return _open_train_close(cfg, task, open_run, callbacks, progress, checkpoint, ckpt, on_done)
 
 
 def _open_train_close(
-    cfg: Config, task, open_run, callbacks: list, progress: bool, checkpoint: bool, ckpt
+    cfg: Config, task, open_run, callbacks: list, progress: bool, checkpoint: bool, ckpt, on_done
 ) -> RunResult:
-    rec = monitor = None
+    rec = monitor = result = None
     status = "FAILED"
     try:
         with deferred():
@@ -168,6 +173,8 @@ def _open_train_close(
                 with contextlib.suppress(Exception):
                     rec.set_tags({STATUS: status.lower()} if status != "FINISHED" else {})
                 rec.close(status)
+                if status == "FINISHED" and on_done is not None:
+                    on_done(result)
                 if checkpoint and status != "FINISHED" and rec.run_id:
                     print(
                         f"resume: python -m pipeline train --resume {rec.run_id}", file=sys.stderr, flush=True

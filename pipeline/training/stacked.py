@@ -222,22 +222,21 @@ class _Stack:
         self.members: list[Member] = []
 
     def start(self, cfg: Config, tags: dict[str, Any], extra: list) -> Member:
+        """A new member: its run created and the member in :attr:`members` as one step for SIGTERM
+        (:func:`deferred`; some tens of ms), so a run created is a run this stack closes."""
         parent_run_id, experiment_id = self.run_ids
         rec = None
         try:
-            with deferred():  # a run created is a run this stack closes, whenever SIGTERM comes
+            with deferred():
                 rec = _start_recorder(cfg, parent_run_id, tags, experiment_id)
-            m = _member(cfg, self.task, rec, extra, self.device)
-        except (KeyboardInterrupt, SystemExit, Terminated):
-            if rec is not None:
-                _close_run(rec, "KILLED")
-            raise
+                m = _member(cfg, self.task, rec, extra, self.device)
+                m.index, m.on_done = len(self.members), self.on_done
+                self.members.append(m)
         except BaseException as e:
-            if rec is not None:
-                _close_run(rec, "FAILED", e)
+            if rec is not None and not any(x.rec is rec for x in self.members):
+                killed = isinstance(e, (KeyboardInterrupt, SystemExit, Terminated))
+                _close_run(rec, "KILLED" if killed else "FAILED", None if killed else e)
             raise
-        m.index, m.on_done = len(self.members), self.on_done
-        self.members.append(m)
         return m
 
     def joining(self, n: int) -> list[Member] | None:
