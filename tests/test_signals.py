@@ -95,6 +95,22 @@ def test_an_error_in_a_deferred_block_unwinds_as_it_would_have():
     check_terminated()
 
 
+def _terminate_block_inside_deferred(reached: list) -> None:
+    with terminate_as_exception(), deferred():
+        with terminate_as_exception():  # e.g. run() called inside a deferred step
+            signal.raise_signal(signal.SIGTERM)
+        reached.append(1)  # the deferred step goes on to its end
+    reached.append(2)
+
+
+def test_a_terminate_block_inside_a_deferred_block_leaves_the_signal_to_it():
+    reached: list = []
+    with pytest.raises(Terminated):
+        _terminate_block_inside_deferred(reached)
+    assert reached == [1]
+    check_terminated()
+
+
 class DropAt:
     """A callback whose ``on_train_batch_end`` at ``step`` drops a SIGTERM (as a garbage-collector callback
     would), and counts the steps that began after it."""
