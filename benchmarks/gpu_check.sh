@@ -7,8 +7,8 @@
 # Needs a Python whose torch sees a GPU, with pytorch-lightning, mlflow and optuna importable (the
 # project's own .venv with a CUDA torch, or any environment with those on PYTHONPATH); PYTHON picks it
 # (default python3). Each stage has its own time limit and a failed stage does not stop the next one. The
-# default run (the store's write rate, the trials per hour, where a recorded stack's time goes) took 395 s
-# on one H200 without its last stage;
+# default run (the store's write rate, the trials per hour, where a recorded stack's time goes, LSTM's
+# looped against its fused kernel) took 395 s on one H200 without its last two stages;
 # GPU_CHECK_ALL=1 adds the stages measured in earlier sessions (a smoke sweep with its record checked, the
 # batched update, a host profile, kernels, training throughput), about 6 minutes more when time allows
 # (README, "Batched trials", "On a GPU"). Everything it prints is also in OUTDIR/log.txt, and the raw rows
@@ -67,6 +67,11 @@ EOF
 if [ "$(elapsed)" -lt 500 ]; then
   stage "where a recorded 32-member stack's time goes, wall-clock timers (no profiler)"
   timeout -k 10 90 $PY -m benchmarks.stack_bench --split cuda 32 2>&1 | grep "^{" || echo "(stopped)"
+fi
+
+if [ "$(elapsed)" -lt 540 ]; then
+  stage "LSTM members on the GPU: each its own kernel (loop, today's choice) against one fused block-diagonal kernel"
+  timeout -k 10 60 $PY -m benchmarks.stack_bench --kernels cuda lstm 32,64 2>&1 | grep "^{" || echo "(stopped)"
 fi
 
 if [ "${GPU_CHECK_ALL:-0}" = 1 ]; then  # the stages measured in earlier sessions (README, "On a GPU")

@@ -51,7 +51,6 @@ def ms_per_step(
         stack.FUSED_MAX_UNITS[torch.device(device).type] = max_units
     if kernel == "blockdiag":
         stack.KERNELS[cell] = "blockdiag"
-        stack.GATES.setdefault("lstm", 4)
     else:
         stack.KERNELS.pop(cell, None)
 
@@ -98,10 +97,36 @@ def run_gpu(quick: bool) -> list[dict]:
             reps = 3 if quick else 10
             for kern in ("separate", "loop"):
                 row[f"{kern}_ms"] = ms_per_step(cell, k, kern, reps, "cuda")
-            for cap in (512, 1024, 4096) if cell != "lstm" else ():  # LSTM has no fused path: it loops
+            for cap in (512, 1024, 4096):
                 row[f"blockdiag_{cap}_ms"] = ms_per_step(cell, k, "blockdiag", reps, "cuda", cap)
             print(row, flush=True)
             rows.append(row)
+    return rows
+
+
+def kernel_rows(device: str, cell: str, ks: list[int], caps=(1024, 4096), rounds: int = 3) -> list[dict]:
+    """ms a step of ``cell`` stacks of each K in ``ks`` on ``device``: separate models, the loop, and the
+    block-diagonal kernel under each block cap in ``caps``, interleaved over ``rounds`` (medians, with the
+    rounds). For the kernel choice of a cell per device (``python -m benchmarks.stack_bench --kernels
+    cuda lstm 32,64``: LSTM loops everywhere until a device measures its fused block faster)."""
+    import statistics
+
+    if device == "cpu":
+        torch.set_num_threads(1)
+    name = torch.cuda.get_device_name(0) if device.startswith("cuda") else device
+    kinds = [("separate", None), ("loop", None)] + [("blockdiag", c) for c in caps]
+    rows = []
+    for k in ks:
+        got: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            for kern, cap in kinds:
+                key = f"{kern}_{cap}_ms" if cap else f"{kern}_ms"
+                got.setdefault(key, []).append(ms_per_step(cell, k, kern, 10, device, cap))
+        row = {"device": name, "cell": cell, "K": k} | {
+            key: round(statistics.median(v), 2) for key, v in got.items()
+        }
+        print(row, {key: [round(x, 2) for x in v] for key, v in got.items()}, flush=True)
+        rows.append(row)
     return rows
 
 
@@ -111,10 +136,7 @@ def run(quick: bool) -> list[dict]:
     for cell in ("tanh", "gru", "lstm"):
         for k in (8,) if quick else (4, 8, 16):
             row: dict = {"cell": cell, "K": k}
-            kernels = ["separate", "loop", "blockdiag"]
-            if cell == "lstm":  # _fused_weights' LSTM layout: 4 gates (i, f, g, o), as nn.LSTM
-                kernels = ["separate", "loop"]
-            for kern in kernels:
+            for kern in ("separate", "loop", "blockdiag"):
                 row[f"{kern}_ms"] = ms_per_step(cell, k, kern, 5 if quick else 20)
             rows.append(row)
     return rows
@@ -284,6 +306,8 @@ if __name__ == "__main__":
         print(host_profile(sys.argv[2], int(sys.argv[3])))
     elif sys.argv[1:2] == ["--split"]:  # python -m benchmarks.stack_bench --split DEVICE K
         record_split(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1:2] == ["--kernels"]:  # python -m benchmarks.stack_bench --kernels DEVICE CELL K[,K...]
+        kernel_rows(sys.argv[2], sys.argv[3], [int(k) for k in sys.argv[4].split(",")])
     elif sys.argv[1:2] == ["--update"]:  # python -m benchmarks.stack_bench --update DEVICE K [STEPS]
         update_bench(sys.argv[2], int(sys.argv[3]), *(int(a) for a in sys.argv[4:5]))
     else:

@@ -146,6 +146,42 @@ def test_member_of_a_stack_trains_as_it_would_alone(captured, monkeypatch):
     assert all(not isinstance(r, BaseException) and r.steps == 40 for r in results[:-1])
 
 
+@pytest.mark.parametrize("own_inputs", [False, True])
+@pytest.mark.parametrize("cell", ["tanh", "gru", "lstm"])
+def test_a_fused_block_gives_each_member_its_own_output_and_gradient(monkeypatch, cell, own_inputs):
+    """The block-diagonal kernel (pipeline.training.stack), LSTM's included (measured, not chosen): each
+    member's output and each member's parameter gradients match the member run alone (autograd through
+    its own nn.RNN / GRU / LSTM), with one input for all or one per member (a rolling stack)."""
+    import torch
+
+    from pipeline.training import stack
+    from pipeline.training.models import RNNModel
+
+    monkeypatch.setitem(stack.KERNELS, cell, "blockdiag")
+    mods = []
+    for seed in range(3):
+        cfg = cfg_of(seed=seed, model__cell=cell, model__init_scale=0.5 + seed)
+        mods.append(RNNModel(cfg.model, 2, 1, "last", seed=seed))  # the adding task's shape
+    assert stack.plan(mods) == [[0, 1, 2]]  # one fused block
+    gen = torch.Generator().manual_seed(0)
+    xs = (
+        [torch.randn(16, 12, 2, generator=gen) for _ in mods]
+        if own_inputs
+        else torch.randn(16, 12, 2, generator=gen)
+    )
+    fused = stack.stacked_forward(mods, xs)
+    sum(o.square().sum() for o in fused).backward()
+    got = [[p.grad.clone() for p in m.parameters()] for m in mods]
+    for m in mods:
+        m.zero_grad(set_to_none=True)
+    for i, m in enumerate(mods):
+        out = m(xs[i] if own_inputs else xs)
+        torch.testing.assert_close(fused[i], out, rtol=1e-5, atol=1e-6)
+        out.square().sum().backward()
+        for g, p in zip(got[i], m.parameters(), strict=True):
+            torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
 class PruneAt:
     """Prunes its member at one validation step (as the sweep's TrialCallback does)."""
 

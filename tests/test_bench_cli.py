@@ -107,3 +107,25 @@ def test_the_record_split_times_every_part_it_names(tmp_path, monkeypatch):
         row["s_per_trial"], abs=0.003
     )
     assert (record.record_start, record.record_end, tracking.Recorder.log_figure) == before  # put back
+
+
+def test_kernel_rows_time_every_kernel_of_a_cell(monkeypatch):
+    """``--kernels``: each kernel of the row is timed (the block-diagonal one under each cap), and the
+    fused LSTM block is one kernel of K members, not K loops (its plan: one block)."""
+    import torch
+
+    from benchmarks.stack_bench import kernel_rows
+    from pipeline.training import stack
+
+    planned = []
+    real = stack.plan
+    monkeypatch.setattr(stack, "plan", lambda models: planned.append(real(models)) or planned[-1])
+    threads = torch.get_num_threads()
+    try:
+        (row,) = kernel_rows("cpu", "lstm", [2], caps=(64,), rounds=1)
+    finally:
+        torch.set_num_threads(threads)  # kernel_rows on a CPU runs one thread, as a sweep worker
+    assert {"separate_ms", "loop_ms", "blockdiag_64_ms"} <= set(row) and row["K"] == 2
+    assert all(row[k] > 0 for k in ("separate_ms", "loop_ms", "blockdiag_64_ms"))
+    assert [[0, 1]] in planned and [[0], [1]] in planned  # the fused run, and the loop
+    assert stack.KERNELS.get("lstm", "loop") == "loop"  # the bench leaves the shipped choice as it was

@@ -14,7 +14,10 @@ Kernels, per cell (chosen by measurement on the 2-core CPU, README "Batched tria
   off-diagonal zeros cost O(n^2 H^2) flops, so a fused block holds at most :data:`FUSED_MAX_UNITS` units
   (per device type), and a larger group is split into several blocks.
 * ``loop`` (lstm and every other cell): each member's own fused kernel, one after another, in the same
-  step. LSTM's four gates make the block-diagonal matrix 4x larger, and measured slower than the loop.
+  step. LSTM's four gates make the block-diagonal matrix 4x larger: its fused block (supported below,
+  tested equal to each member alone) measured slower than the loop on the CPU (8.6 vs 6.7 ms a step at
+  K = 4, 23.4 vs 14.0 at K = 8: ``python -m benchmarks.stack_bench --kernels cpu lstm 4,8``) and is not
+  yet measured on a GPU (``benchmarks/gpu_check.sh`` does), so LSTM loops on every device.
 
 Members may read different batches (a rolling stack's members joined at different steps,
 :mod:`pipeline.training.stacked`): a fused block then takes the members' inputs side by side and a
@@ -35,7 +38,7 @@ from pipeline.training.models import RNNModel
 
 # cell -> kernel (measured: README, "Batched trials"); cells not listed run as "loop".
 KERNELS = {"tanh": "blockdiag", "relu": "blockdiag", "gru": "blockdiag"}
-GATES = {"tanh": 1, "relu": 1, "gru": 3}
+GATES = {"tanh": 1, "relu": 1, "gru": 3, "lstm": 4}  # rows per gate block, gate-major as nn.RNN/GRU/LSTM
 # Hidden units side by side in one fused block, per device type. CPU, measured (benchmarks/stack_bench.py,
 # H = 32, T = 50, batch 32): the block-diagonal step beats K separate ones at 4 members (128 units,
 # tanh 1.5x, gru 1.5x) and loses at 16 (512 units), where the O(n^2 H^2) zeros dominate. CUDA, measured
@@ -62,7 +65,7 @@ def _block_diag(w: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_weights(models: Sequence[nn.Module], gates: int, own_inputs: bool) -> list[torch.Tensor]:
-    """[W_ih, W_hh, b_ih, b_hh] of one fused kernel over ``models`` (each an nn.RNN / nn.GRU core of
+    """[W_ih, W_hh, b_ih, b_hh] of one fused kernel over ``models`` (each an nn.RNN / GRU / LSTM core of
     hidden size H): per gate, recurrent blocks on the diagonal; input rows stacked (one shared input) or,
     with ``own_inputs`` (each member its input, side by side), input blocks on the diagonal too. Each
     weight is one ``torch.stack`` of the members' live parameters, so the gradient reaches each member."""
@@ -104,6 +107,8 @@ def _fused_out(
     args = (True, 1, 0.0, True, False, True)  # has_biases, layers, dropout, train, bidirectional, batch_first
     if cell == "gru":
         out, _ = torch._VF.gru(x, h0, weights, *args)
+    elif cell == "lstm":  # measured, not chosen (KERNELS): benchmarks/stack_bench.py
+        out, _, _ = torch._VF.lstm(x, (h0, torch.zeros_like(h0)), weights, *args)
     elif cell == "relu":
         out, _ = torch._VF.rnn_relu(x, h0, weights, *args)
     else:
@@ -164,7 +169,7 @@ def plan(models: Sequence[RNNModel]) -> list[list[int]]:
     blocks: dict[tuple[str, int], list[int]] = {}
     alone: list[list[int]] = []
     for i, m in enumerate(models):
-        if kernel_of(m.cell) == "blockdiag" and isinstance(m.rnn, (nn.RNN, nn.GRU)):
+        if kernel_of(m.cell) == "blockdiag" and isinstance(m.rnn, (nn.RNN, nn.GRU, nn.LSTM)):
             blocks.setdefault((m.cell, m.hidden_size), []).append(i)
         else:
             alone.append([i])
