@@ -15,8 +15,8 @@ Kernels, per cell (chosen by measurement on the 2-core CPU, README "Batched tria
   (per device type), and a larger group is split into several blocks.
 * ``loop`` (lstm and every other cell): each member's own fused kernel, one after another, in the same
   step. LSTM's four gates make the block-diagonal matrix 4x larger: its fused block (supported below,
-  tested equal to each member alone) measured slower than the loop on the CPU (8.6 vs 6.7 ms a step at
-  K = 4, 23.4 vs 14.0 at K = 8: ``python -m benchmarks.stack_bench --kernels cpu lstm 4,8``) and is not
+  tested equal to each member alone) measured slower than the loop on the CPU (8.3 vs 6.5 ms a step at
+  K = 4, 25.8 vs 12.9 at K = 8: ``python -m benchmarks.stack_bench --kernels cpu lstm 4,8``) and is not
   yet measured on a GPU (``benchmarks/gpu_check.sh`` does), so LSTM loops on every device.
 
 Members may read different batches (a rolling stack's members joined at different steps,
