@@ -75,8 +75,8 @@ def run_figure(height: float, title: str) -> tuple[Any, Any]:
     )
     # y given: the title sits at the top of the axes, where matplotlib's automatic placement puts it for
     # these axes (no ticks on top; the same PNG bytes: tests/test_diagnostics.py), without measuring the
-    # tick labels again at each save (a few percent of a figure's time, timed by hand). The y axis's
-    # offset text ("+1e5" above it), which the automatic placement would have moved the title over, is off.
+    # tick labels again at each save. The y axis's offset text ("+1e5" above it), which the automatic
+    # placement would have moved the title over, is off.
     ax.set_title(text, fontsize=10, y=1.0)
     fmt = ax.yaxis.get_major_formatter()
     if isinstance(fmt, matplotlib.ticker.ScalarFormatter):  # a new axes' formatter; log axes replace it

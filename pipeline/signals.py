@@ -17,7 +17,7 @@ class Terminated(BaseException):
     blocks in libraries must not swallow it)."""
 
 
-_pending: int | None = None  # the signal the handler raised, until a terminate_as_exception block ends
+_pending: int | None = None  # a SIGTERM kept by the handler, until it is raised from ordinary code or handled
 _deferring = 0  # depth of the deferred() blocks the main thread is in
 
 

@@ -177,7 +177,7 @@ def test_a_lightning_run_stops_after_a_dropped_sigterm_and_closes_its_run_killed
 # A sweep worker's trial passes through steps that must not be cut in two by a signal: asked, then owned
 # (its ``worker`` attr: how this worker's handlers and the reapers find it); its run closed FINISHED, then
 # told. pipeline.signals.deferred keeps SIGTERM until such a step ends, and Worker.run releases any trial
-# the worker still owns when the signal unwinds (pipeline.sweep.stores.release_own). Each test sends the
+# the worker still owns when the signal unwinds (pipeline.sweep.owners.release_own). Each test sends the
 # signal inside one such step, in a worker running in this process on real stores.
 
 
@@ -259,12 +259,12 @@ def test_a_sigterm_as_a_trial_is_asked_leaves_it_owned_then_closed_interrupted(
     sweep parent forwards every signal it gets)."""
     import optuna
 
-    from pipeline.sweep import stores
+    from pipeline.sweep import owners
 
     w = _worker(tmp_path, k)
     _stop_in(monkeypatch, optuna.Study, "ask")
     if second:
-        _stop_in(monkeypatch, stores, "close_trial_runs", after=False)
+        _stop_in(monkeypatch, owners, "close_trial_runs", after=False)
     _run_to_sigterm(w)
     study = w.study
     _nothing_left_running(study, store)

@@ -169,7 +169,7 @@ def test_shipped_sweeps_validate():
 
 
 def _dead_owner() -> str:
-    from pipeline.sweep.stores import owner_tag
+    from pipeline.sweep.owners import owner_tag
 
     p = subprocess.Popen(["sleep", "60"])
     tag = owner_tag(p.pid)
@@ -184,8 +184,9 @@ def test_reaper_fails_dead_owners_trials_closes_runs_and_retries_once(store, mon
     import optuna
     from mlflow.tracking import MlflowClient
 
-    from pipeline.sweep import stores as sweep_store
-    from pipeline.sweep.stores import open_storage, owner_alive, owner_tag, reap_stale
+    from pipeline.sweep import owners as sweep_store
+    from pipeline.sweep.owners import owner_alive, owner_tag, reap_stale
+    from pipeline.sweep.stores import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url = "optuna/r.journal"

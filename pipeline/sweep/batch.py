@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from pipeline.names import KIND, KIND_TRIAL, STUDY, TRIAL_NUMBER
-from pipeline.signals import Terminated, deferred
+from pipeline.signals import Terminated
 
 # trials_per_worker: auto. Measured (README, "Batched trials"): the default sweep on the 2-core CPU, 2
 # workers, rolling stacks: K = 4 ran 1.1x (same points) to 1.4x (TPE) the trials per hour of K = 1 (medians
@@ -45,7 +45,8 @@ def trials_per_worker(sw, gpu: bool) -> int:
 def next_trials(worker, k: int) -> list:
     """Under the budget lock: reap stale trials, then ask at most ``k`` trials, never past the budget
     (nor past this worker's share of what is left)."""
-    from pipeline.sweep.stores import budget_lock, owner_tag, reap_stale
+    from pipeline.sweep.owners import ask_owned, reap_stale
+    from pipeline.sweep.stores import budget_lock
     from pipeline.sweep.study import budget_left
 
     with budget_lock(worker.url, worker.storage, worker.sw.study):
@@ -54,13 +55,7 @@ def next_trials(worker, k: int) -> list:
         # The last trials are shared among this machine's workers (spec "workers"), so that one worker
         # does not train a full stack while the others idle: at most ceil(left / workers) each.
         n = min(k, left, -(-left // max(1, int(worker.spec.get("workers", 1)))))
-        trials = []
-        for _ in range(max(0, n)):
-            with deferred():  # asked and owned as one step: Worker.run's release finds it by its owner
-                trial = worker.study.ask()
-                trial.set_user_attr("worker", owner_tag())
-            trials.append(trial)
-        return trials
+        return [ask_owned(worker.study) for _ in range(max(0, n))]
 
 
 def _fail(worker, trial, e: BaseException) -> None:
@@ -74,14 +69,10 @@ def _fail(worker, trial, e: BaseException) -> None:
 
 
 def _interrupted(worker, trial) -> None:
-    from optuna.trial import TrialState
-
-    from pipeline.sweep.stores import enqueue_retry
+    from pipeline.sweep.owners import close_interrupted
 
     with contextlib.suppress(Exception):
-        trial.set_user_attr("interrupted", True)
-        worker.study.tell(trial, state=TrialState.FAIL)
-        enqueue_retry(worker.study, worker.study._storage.get_trial(trial._trial_id))
+        close_interrupted(worker.study, trial._trial_id)
 
 
 class Held:
@@ -94,7 +85,7 @@ class Held:
         self.beats: dict[int, tuple[Any, Any]] = {}  # trial id -> (trial, its heartbeat context)
 
     def add(self, t) -> None:
-        from pipeline.sweep.worker import heartbeat
+        from pipeline.sweep.owners import heartbeat
 
         beat = heartbeat(self.worker.storage, t._trial_id, self.worker.sw.heartbeat.interval)
         beat.__enter__()

@@ -8,7 +8,7 @@
    can leave SQLite stores half-migrated; README, "Faults and resuming"): the MLflow experiment, the Optuna
    study (``load_if_exists``) and the sweep's parent run (its id kept in the study's user attrs, so a resume
    or a worker on another machine reuses it); trials left RUNNING by a killed earlier sweep are reaped
-   (:mod:`pipeline.sweep.stores`) and a fresh study gets its start-up design. The result is a frozen
+   (:mod:`pipeline.sweep.owners`) and a fresh study gets its start-up design. The result is a frozen
    :class:`Stores`.
 3. The :class:`~pipeline.sweep.supervisor.Supervisor` starts N worker processes
    (:mod:`pipeline.sweep.worker`), each with one intra-op thread on CPU or pinned to one GPU
@@ -137,7 +137,8 @@ def create_stores(sw: SweepConfig, url: str, mlflow_uri: str) -> Stores:
     import optuna
 
     from pipeline.schema import ConfigError
-    from pipeline.sweep.stores import budget_lock, open_storage, reap_stale
+    from pipeline.sweep.owners import reap_stale
+    from pipeline.sweep.stores import budget_lock, open_storage
     from pipeline.sweep.study import make_pruner
     from pipeline.tracking import end_run, ensure_experiment
 

@@ -321,7 +321,8 @@ class Supervisor:
 
     def _replace_ended(self) -> None:
         """After a worker crashed reap its trial, and replace a worker killed by a signal."""
-        from pipeline.sweep.stores import budget_lock, reap_stale
+        from pipeline.sweep.owners import reap_stale
+        from pipeline.sweep.stores import budget_lock
 
         s = self.stores
         for i, rc in self.workers.ended().items():
@@ -339,7 +340,8 @@ class Supervisor:
                 self.workers.spawn(i)
 
     def summarize(self, complete: bool) -> None:
-        from pipeline.sweep.stores import budget_lock, close_trial_runs, reap_stale
+        from pipeline.sweep.owners import close_trial_runs, reap_stale
+        from pipeline.sweep.stores import budget_lock
         from pipeline.sweep.summary import finalize, print_summary
 
         s = self.stores

@@ -33,7 +33,6 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import replace
 from typing import Any
@@ -44,7 +43,8 @@ from pipeline.names import KIND, KIND_TRIAL, STUDY, TRIAL_NUMBER
 from pipeline.signals import Terminated, check_terminated, deferred, delivered, raise_terminated
 from pipeline.sweep import batch
 from pipeline.sweep.config import from_data
-from pipeline.sweep.stores import budget_lock, open_storage, owner_tag, reap_stale
+from pipeline.sweep.owners import ask_owned, heartbeat, reap_stale
+from pipeline.sweep.stores import budget_lock, open_storage
 from pipeline.sweep.study import budget_left, divergence_value, make_pruner, make_sampler, suggest
 
 MAX_CONSECUTIVE_ERRORS = 3  # a worker whose trials keep raising stops instead of burning the budget
@@ -105,33 +105,6 @@ class TrialCallback(pl.Callback):
         # Only prune while fitting, and not at the last step (the run is over anyway).
         if trainer.state.fn == "fit" and step < trainer.max_steps and self.trial.should_prune():
             self._prune(trainer, pl_module, "val_loss")
-
-
-@contextlib.contextmanager
-def heartbeat(storage, trial_id: int, interval: int):
-    """RDB storages: record the trial's heartbeat every ``interval`` s (Optuna's own thread does the
-    same inside ``study.optimize``, which we do not use: we need our own loop for the budget lock)."""
-    from optuna.storages import RDBStorage
-
-    if not isinstance(storage, RDBStorage):
-        yield
-        return
-    stop = threading.Event()
-
-    def beat():
-        while True:
-            with contextlib.suppress(Exception):
-                storage.record_heartbeat(trial_id)
-            if stop.wait(interval):
-                return
-
-    th = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
-    th.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        th.join(timeout=5)
 
 
 def tag_run(mlflow_uri: str, run_id: str | None, tags: dict[str, Any]) -> None:
@@ -242,21 +215,18 @@ class Worker:
             reap_stale(self.study, self.url, self.mlflow_uri)
             if budget_left(self.study, self.sw.n_trials) <= 0:
                 return None
-            with deferred():  # asked and owned as one step (see batch.next_trials)
-                trial = self.study.ask()
-                trial.set_user_attr("worker", owner_tag())
-            return trial
+            return ask_owned(self.study)
 
     def run(self) -> int:
         """Trials until the budget is spent (0), the sweep's deadline passes or its parent is gone (0), or
         too many raise in a row (1). On SIGTERM (and Ctrl-C), every trial this worker asked and has not
         told is closed as interrupted before the signal's exception goes on: the training paths close the
-        ones they hold (run_trial, batch.run_batch); :func:`~pipeline.sweep.stores.release_own` closes any
+        ones they hold (run_trial, batch.run_batch); :func:`~pipeline.sweep.owners.release_own` closes any
         a signal met between two of them. Against SIGTERM the steps that must not be cut in two are
         deferred (pipeline.signals.deferred); a Ctrl-C sent to the worker itself is not (the sweep parent
         forwards a Ctrl-C as SIGTERM), so a trial it meets between ``ask`` and its owner is the orphan
         reaper's."""
-        from pipeline.sweep.stores import release_own
+        from pipeline.sweep.owners import release_own
 
         try:
             return self._loop()
@@ -306,7 +276,7 @@ class Worker:
         """One trial, start to tell. Returns False when it raised (FAIL)."""
         from optuna.trial import TrialState
 
-        from pipeline.sweep.stores import enqueue_retry
+        from pipeline.sweep.owners import close_interrupted
         from pipeline.training import run as train
 
         # Strings: the REST store (mlflow server) rejects non-string tag values in create_run.
@@ -333,9 +303,7 @@ class Worker:
                 raise
             # The run is already closed KILLED by train.run; close the trial, keep its params for a resume.
             with contextlib.suppress(Exception):
-                trial.set_user_attr("interrupted", True)
-                self.study.tell(trial, state=TrialState.FAIL)
-                enqueue_retry(self.study, self.study._storage.get_trial(trial._trial_id))
+                close_interrupted(self.study, trial._trial_id)
             raise
         except Exception as e:  # a bug or a bad value: record it, keep the sweep going
             if self.told(trial):  # an error after the tell (the worker's, not the trial's)

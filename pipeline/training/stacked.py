@@ -223,7 +223,7 @@ class _Stack:
 
     def start(self, cfg: Config, tags: dict[str, Any], extra: list) -> Member:
         """A new member: its run created and the member in :attr:`members` as one step for SIGTERM
-        (:func:`deferred`; some tens of ms), so a run created is a run this stack closes."""
+        (:func:`deferred`), so a run created is a run this stack closes."""
         parent_run_id, experiment_id = self.run_ids
         rec = None
         try:

@@ -1,0 +1,270 @@
+"""Who holds a sweep's trials, and what becomes of a trial whose worker is gone or stopped.
+
+Killed workers (kill -9, OOM, a lost machine) leave trials RUNNING forever unless someone notices
+(optuna's JournalStorage has no heartbeat). Two detectors, one handler:
+
+* Every storage: each trial records its owner ``host|pid|process start time``; a RUNNING trial whose
+  owner process on this host is gone is stale at once (one with no owner at all, its worker killed
+  between ``ask`` and recording it, after ``ORPHAN_S``). The start time guards against PID reuse. This is
+  the only detector for the journal (Optuna 5.0's JournalStorage has no heartbeat; it is a
+  single-machine store, use PostgreSQL for several machines).
+* RDB storages also: Optuna's heartbeat (``heartbeat_interval`` + ``grace_period``), for workers on
+  other hosts; ``fail_stale_trials`` marks the trial FAIL and calls our ``heartbeat_stale_trial_callback``.
+
+The handler (:func:`on_stale`) closes the trial's MLflow run as KILLED and enqueues one retry with the
+same params (WAITING; the next ``ask`` pops it), in the format of Optuna's
+``RetryHeartbeatStaleTrialCallback(max_retry=1)`` so ``retried_trial_number`` works on it.
+
+A worker stopped by SIGTERM closes its own trials instead (:func:`release_own`, :func:`close_interrupted`);
+:func:`ask_owned` asks a trial and records its owner as one step, :func:`heartbeat` beats for it (RDB).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+import threading
+import warnings
+from pathlib import Path
+
+from pipeline.names import STATUS, STUDY, TRIAL_NUMBER
+from pipeline.signals import deferred
+from pipeline.uris import is_rdb
+
+MAX_RETRY = 1
+ORPHAN_S = 120.0  # a RUNNING trial with no owner attr this long after it started: its worker died in between
+
+
+# ------------------------------------------------------------------------------------ ownership
+
+
+def _start_time(pid: int) -> str:
+    """Process start time in clock ticks since boot (Linux /proc); '' where unavailable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def owner_tag(pid: int | None = None) -> str:
+    pid = pid or os.getpid()
+    return f"{socket.gethostname()}|{pid}|{_start_time(pid)}"
+
+
+def owner_alive(tag: str) -> bool | None:
+    """True/False for an owner on this host; None when it runs on another host (cannot tell)."""
+    try:
+        host, pid_s, start = tag.split("|")
+        pid = int(pid_s)
+    except ValueError:
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if start and _start_time(pid) not in ("", start):
+        return False  # the PID was reused by another process
+    st = Path(f"/proc/{pid}/stat")
+    return not (st.exists() and ") Z" in st.read_text())  # a zombie (killed, not yet reaped by its parent)
+
+
+# ------------------------------------------------------------------------------- stale trials
+
+
+def close_trial_runs(mlflow_uri: str | None, study, trial, status: str = "KILLED") -> list[str]:
+    """End the MLflow run(s) of ``trial`` that are still RUNNING; returns their ids.
+
+    The trial's ``mlflow_run_id`` attr is set as soon as the run exists; a search by tags catches a run
+    created just before a kill, before the attr was written.
+    """
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import client, end_run
+
+    c = client(mlflow_uri)
+    ids = {trial.user_attrs.get("mlflow_run_id")} - {None}
+    exp_id = study.user_attrs.get("mlflow_experiment_id")
+    if exp_id is not None:
+        filt = (
+            f"tags.{STUDY} = '{study.study_name}' and tags.{TRIAL_NUMBER} = '{trial.number}'"
+            " and attributes.status = 'RUNNING'"
+        )
+        with contextlib.suppress(MlflowException):
+            ids |= {r.info.run_id for r in c.search_runs([exp_id], filt, max_results=50)}
+    closed = []
+    for rid in ids:
+        try:
+            run = c.get_run(rid)
+            if run.info.status == "RUNNING":
+                c.set_tag(rid, STATUS, "killed")
+                end_run(mlflow_uri, rid, status)
+                closed.append(rid)
+        except MlflowException:
+            continue
+    return closed
+
+
+def enqueue_retry(study, trial) -> bool:
+    """Re-enqueue ``trial``'s params once (WAITING). Same system attrs as Optuna's retry callback."""
+    import optuna
+
+    history = list(trial.system_attrs.get("retry_history", [])) + [trial.number]
+    if len(history) > MAX_RETRY:
+        return False
+    system = {k: v for k, v in trial.system_attrs.items() if k not in ("retry_history", "failed_trial")}
+    system.update(
+        {"failed_trial": trial.system_attrs.get("failed_trial", trial.number), "retry_history": history}
+    )
+    study.add_trial(
+        optuna.create_trial(
+            state=optuna.trial.TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs={"retry_of": trial.number},
+            system_attrs=system,
+        )
+    )
+    return True
+
+
+class StaleHandler:
+    """Optuna's ``heartbeat_stale_trial_callback``: close the MLflow run KILLED, retry once."""
+
+    def __init__(self, mlflow_uri: str | None):
+        self.mlflow_uri = mlflow_uri
+
+    def __call__(self, study, trial) -> None:
+        on_stale(study, trial, self.mlflow_uri)
+
+
+def on_stale(study, trial, mlflow_uri: str | None) -> None:
+    import logging
+
+    with contextlib.suppress(Exception):
+        close_trial_runs(mlflow_uri, study, trial, "KILLED")
+    retried = enqueue_retry(study, trial)
+    logging.getLogger("pipeline.sweep").warning(
+        "trial %d: its worker is gone; MLflow run closed as KILLED%s",
+        trial.number,
+        ", params re-enqueued once" if retried else " (already retried once: not re-enqueued)",
+    )
+
+
+@contextlib.contextmanager
+def heartbeat(storage, trial_id: int, interval: int):
+    """RDB storages: record the trial's heartbeat every ``interval`` s (Optuna's own thread does the
+    same inside ``study.optimize``, which we do not use: we need our own loop for the budget lock)."""
+    from optuna.storages import RDBStorage
+
+    if not isinstance(storage, RDBStorage):
+        yield
+        return
+    stop = threading.Event()
+
+    def beat():
+        while True:
+            with contextlib.suppress(Exception):
+                storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    th = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        th.join(timeout=5)
+
+
+def ask_owned(study):
+    """``study.ask()`` and the trial's owner (``worker`` attr: this process) as one step for SIGTERM
+    (:func:`~pipeline.signals.deferred`): a trial asked but not yet owned is one no handler of this worker
+    can find (:func:`release_own`), left RUNNING until a reaper takes it as a dead worker's."""
+    with deferred():
+        trial = study.ask()
+        trial.set_user_attr("worker", owner_tag())
+    return trial
+
+
+def close_interrupted(study, trial_id: int) -> None:
+    """A trial stopped by SIGTERM or Ctrl-C (its run already closed KILLED): FAIL with attr
+    ``interrupted``, its params re-enqueued once, so a resume reruns them. Raises when the trial is
+    told already (by another process)."""
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    storage.set_trial_user_attr(trial_id, "interrupted", True)
+    study.tell(storage.get_trial(trial_id).number, state=TrialState.FAIL)
+    enqueue_retry(study, storage.get_trial(trial_id))
+
+
+def release_own(study, mlflow_uri: str | None) -> list[int]:
+    """A worker stopped by SIGTERM or Ctrl-C: each trial it still owns (RUNNING, ``worker`` attr this
+    process) is closed as an interrupted trial is (README, "Faults and resuming"): its MLflow run(s)
+    KILLED, FAIL with attr ``interrupted``, its params re-enqueued once. Returns their numbers.
+
+    The worker's training paths close the trials they hold themselves; this finds the ones a signal met
+    between two steps (asked, not yet held; a run closed FINISHED, its trial not yet told), which would
+    otherwise stay RUNNING until a reaper took them for a dead worker's."""
+    from optuna.trial import TrialState
+
+    me = owner_tag()
+    released = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get("worker") != me:
+            continue
+        with contextlib.suppress(Exception):
+            close_trial_runs(mlflow_uri, study, t, "KILLED")
+        try:  # each alone: one a heartbeat reaper failed meanwhile (RDB storages) must not stop the rest
+            close_interrupted(study, t._trial_id)
+        except Exception:  # told by another process already (it re-enqueued it, if it was a reaper)
+            continue
+        released.append(t.number)
+    return released
+
+
+def reap_stale(study, url: str, mlflow_uri: str | None) -> list[int]:
+    """Fail RUNNING trials whose worker is gone and hand each to :func:`on_stale`; returns their numbers.
+
+    Every storage: a trial whose owner process on this host is gone is stale at once (a sweep parent
+    notices its own worker's kill -9 without waiting). RDB storages also: Optuna's heartbeat, which
+    covers workers on other machines after ``heartbeat.grace`` seconds.
+    """
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = study._storage
+    reaped = []
+    now = datetime.datetime.now()  # Optuna stamps datetime_start with naive local time
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("worker")
+        if owner and owner_alive(owner) is not False:
+            continue
+        if not owner and not (t.datetime_start and (now - t.datetime_start).total_seconds() > ORPHAN_S):
+            continue  # a worker sets the attr right after ask(); only a kill in between leaves none
+        try:
+            if not storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another reaper got there first
+        on_stale(study, storage.get_trial(t._trial_id), mlflow_uri)
+        reaped.append(t.number)
+    if is_rdb(url):
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        with warnings.catch_warnings():
+            # Labelled experimental since Optuna 2.9 (Optuna docs, "optuna.storages.fail_stale_trials").
+            warnings.filterwarnings(
+                "ignore", r".*fail_stale_trials is experimental", optuna.exceptions.ExperimentalWarning
+            )
+            optuna.storages.fail_stale_trials(study)  # calls StaleHandler for each
+        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        reaped += before - after
+    return sorted(reaped)
