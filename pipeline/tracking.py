@@ -240,6 +240,7 @@ class Recorder:
         self.client = client(uri)
         self._buf: list[Any] = []
         self._nan_tags: set[str] = set()  # metrics whose nonfinite.<metric> tag is set
+        self._last: dict[str, tuple[int, float]] = {}  # per metric, the (step, value) last buffered
         self._sent_at = time.monotonic()
         self.closed = False
 
@@ -272,14 +273,23 @@ class Recorder:
     # -- metrics / params / tags
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
         """Buffer finite and +-inf values (inf as +-FLOAT_MAX); a NaN sets the tag ``nonfinite.<key>=nan``
-        at once, and a later finite or infinite value of that key deletes it again."""
+        at once, and a later finite or infinite value of that key deletes it again.
+
+        A value equal to the one its key last logged at the same step is not sent again: a run's end
+        restates its last measurements (the final validation loss, the last profile pass) at the step
+        they were taken, and MLflow keeps both points unless they share a millisecond, so the history of
+        one and the same run would depend on timing (README, "The MLflow record")."""
         ts = int(time.time() * 1000)
+        step = int(step)
         nan_keys = [k for k, v in metrics.items() if _is_nan(v)]
         for k, v in metrics.items():
             x = encode_metric(v)
             if x is None:
                 continue
-            self._buf.append(self._Metric(k, x, ts, int(step)))
+            if self._last.get(k) == (step, x) and k not in self._nan_tags:
+                continue
+            self._last[k] = (step, x)
+            self._buf.append(self._Metric(k, x, ts, step))
             if k in self._nan_tags:
                 self.client.delete_tag(self.run_id, NONFINITE_PREFIX + k)
                 self._nan_tags.discard(k)

@@ -179,7 +179,7 @@ def test_a_fused_block_gives_each_member_its_own_output_and_gradient(monkeypatch
 
     def close(a, b):
         assert a.dtype == b.dtype == f64
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-9 * float(b.abs().max()))
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9 * float(b.detach().abs().max()))
 
     fused = stack.stacked_forward(mods, xs)
     sum(o.square().sum() for o in fused).backward()
@@ -209,6 +209,45 @@ class PruneAt:
         if trainer.global_step == self.step and trainer.state.fn == "fit":
             pl_module.pruned = True
             trainer.should_stop = True
+
+
+def test_every_metric_history_of_a_member_is_the_trial_alone_s(store, monkeypatch):
+    """Point for point, every metric key of each member's MLflow run (one pruned at a validation, two
+    trained to the end) against the same config trained alone: the same steps, values within the
+    equivalence tolerance (_same_run), and no point repeated (a run's end restates its last measurements
+    at their step: sent once). A wall clock that moves 1 ms a call keeps MLflow's merging of equal
+    points in one millisecond from deciding either."""
+    import pytorch_lightning as pl
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+    from pipeline.training import run, stacked
+    from tests.test_recorder import Ticking
+
+    monkeypatch.setattr(tracking, "time", Ticking())
+
+    class Prune(PruneAt, pl.Callback):
+        pass
+
+    cfgs = [cfg_of(**m, tracking__enabled=True) for m in MEMBERS[:3]]
+    alone = [run.run(c, callbacks=[Prune(20)] if i == 0 else None) for i, c in enumerate(cfgs)]
+    members = stacked.run_stack(cfgs, callbacks=[[PruneAt(20)], [], []])
+    c = MlflowClient(store)
+
+    def histories(run_id):
+        keys = c.get_run(run_id).data.metrics
+        return {k: [(m.step, m.value) for m in c.get_metric_history(run_id, k)] for k in keys}
+
+    for a, b in zip(alone, members, strict=True):
+        assert not isinstance(b, BaseException)
+        ha, hb = histories(a.run_id), histories(b.run_id)
+        assert set(ha) == set(hb) and len(ha) > 20
+        for k in ha:
+            assert [s for s, _ in ha[k]] == [s for s, _ in hb[k]], (k, ha[k], hb[k])
+            np.testing.assert_allclose([v for _, v in hb[k]], [v for _, v in ha[k]], rtol=2e-4, atol=1e-6)
+            for h in (ha[k], hb[k]):
+                assert len(set(h)) == len(h), (k, h)
+    assert alone[0].pruned and members[0].pruned and members[0].steps == 20
 
 
 def test_a_pruned_member_stops_and_the_others_go_on(captured):

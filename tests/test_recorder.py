@@ -99,3 +99,32 @@ def test_a_tag_write_carries_the_buffered_metrics_and_a_failed_one_keeps_them(st
     rec2 = tracking.Recorder.start(store, "t", "r2")
     rec2.set_tags(many)
     assert len(MlflowClient(store).get_run(rec2.run_id).data.tags) >= 250
+
+
+class Ticking(Clock):
+    """A wall clock that moves 1 ms a call: no two logs share a millisecond, so MLflow's merging of equal
+    points logged in the same millisecond cannot hide a repeated one."""
+
+    def time(self):
+        self.now += 0.001
+        return self.now
+
+
+def test_a_value_restated_at_its_step_is_sent_once(store, monkeypatch):
+    """A run's end restates its last measurements at their step (README, "The MLflow record"): the same
+    value at the same step is one point; a new value, a new step, or a value after a NaN is a new one."""
+    monkeypatch.setattr(tracking, "time", Ticking())
+    rec = tracking.Recorder.start(store, "t", "r")
+    rec.log_metrics({"a": 1.0, "b": 2.0}, 20)
+    rec.log_metrics({"a": 1.0, "b": 3.0}, 20)  # a restated, b a new value at the same step
+    rec.log_metrics({"a": 1.0}, 21)  # the same value at the next step
+    rec.log_metrics({"c": 5.0}, 3)
+    rec.log_metrics({"c": float("nan")}, 3)
+    rec.log_metrics({"c": 5.0}, 3)  # after a NaN: the finite value is the latest again
+    rec.close()
+    c = MlflowClient(store)
+    hist = {k: [(m.step, m.value) for m in c.get_metric_history(rec.run_id, k)] for k in "abc"}
+    assert hist["a"] == [(20, 1.0), (21, 1.0)]
+    assert hist["b"] == [(20, 2.0), (20, 3.0)]
+    assert hist["c"] == [(3, 5.0), (3, 5.0)]
+    assert "nonfinite.c" not in c.get_run(rec.run_id).data.tags
