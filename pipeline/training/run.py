@@ -147,7 +147,7 @@ def _run_recorded(
 def _open_train_close(
     cfg: Config, task, open_run, callbacks: list, progress: bool, checkpoint: bool, ckpt, on_done
 ) -> RunResult:
-    rec = monitor = result = None
+    rec = monitor = result = error = None
     status = "FAILED"
     try:
         with deferred():
@@ -160,9 +160,7 @@ def _open_train_close(
         status = "KILLED"
         raise
     except BaseException as e:
-        if rec is not None:
-            with contextlib.suppress(Exception):
-                rec.set_tags({"error": f"{type(e).__name__}: {e}"[:5000]})
+        error = e
         raise
     finally:
         with deferred():
@@ -170,15 +168,24 @@ def _open_train_close(
                 with contextlib.suppress(Exception):
                     monitor.finish()  # stops its thread (at most one sampling interval's values are lost)
             if rec is not None:
-                with contextlib.suppress(Exception):
-                    rec.set_tags({STATUS: status.lower()} if status != "FINISHED" else {})
-                rec.close(status)
+                close_run(rec, status, error)
                 if status == "FINISHED" and on_done is not None:
                     on_done(result)
                 if checkpoint and status != "FINISHED" and rec.run_id:
                     print(
                         f"resume: python -m pipeline train --resume {rec.run_id}", file=sys.stderr, flush=True
                     )
+
+
+def close_run(rec, status: str, error: BaseException | None = None) -> None:
+    """End a run with ``status`` (FINISHED, FAILED or KILLED), tagged ``status`` unless it finished and
+    ``error`` (the exception's type and message) when one failed it; the run of a stack's member too."""
+    with contextlib.suppress(Exception):
+        tags: dict[str, Any] = {STATUS: status.lower()} if status != "FINISHED" else {}
+        if error is not None:
+            tags["error"] = f"{type(error).__name__}: {error}"[:5000]
+        rec.set_tags(tags)
+    rec.close(status)
 
 
 def _start_recorder(

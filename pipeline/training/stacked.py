@@ -36,11 +36,16 @@ from typing import Any, cast
 import torch
 
 from pipeline.config import Config
-from pipeline.names import STATUS
 from pipeline.signals import Terminated, deferred, terminate_as_exception
 from pipeline.training import record
 from pipeline.training.record import Monitors, RunResult
-from pipeline.training.run import _start_recorder, _system_metrics, configure_torch, quiet_lightning
+from pipeline.training.run import (
+    _start_recorder,
+    _system_metrics,
+    close_run,
+    configure_torch,
+    quiet_lightning,
+)
 from pipeline.training.stack_loop import fit
 from pipeline.training.stack_update import batchable
 
@@ -104,17 +109,7 @@ class Member:
         if self.sysmon is not None:
             with contextlib.suppress(Exception):
                 self.sysmon.finish()
-        _close_run(self.rec, status, error)
-
-
-def _close_run(rec, status: str, error: BaseException | None = None) -> None:
-    """End a member's run with ``status``, tagged as :func:`~pipeline.training.run.run` tags its own."""
-    with contextlib.suppress(Exception):
-        tags: dict[str, Any] = {STATUS: status.lower()} if status != "FINISHED" else {}
-        if error is not None:
-            tags["error"] = f"{type(error).__name__}: {error}"[:5000]
-        rec.set_tags(tags)
-    rec.close(status)
+        close_run(self.rec, status, error)
 
 
 def _member(cfg: Config, task, rec, extra: list, device: torch.device) -> Member:
@@ -235,7 +230,7 @@ class _Stack:
         except BaseException as e:
             if rec is not None and not any(x.rec is rec for x in self.members):
                 killed = isinstance(e, (KeyboardInterrupt, SystemExit, Terminated))
-                _close_run(rec, "KILLED" if killed else "FAILED", None if killed else e)
+                close_run(rec, "KILLED" if killed else "FAILED", None if killed else e)
             raise
         return m
 
