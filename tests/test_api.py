@@ -151,9 +151,10 @@ def scaled_norm(g) -> float:
     return m * float((g / m).norm()) if m > 0 else 0.0
 
 
-def autograd_profile(module, path, batch):
+def autograd_profile(module, path, batch, loss_fn=None):
     """log10 ||dL/dh_t|| (and c_t) per layer by full-graph float64 autograd: the RNN unrolled one step at a
-    time with nn.LSTMCell / nn.GRUCell / nn.RNNCell sharing its weights, retain_grad on every state."""
+    time with nn.LSTMCell / nn.GRUCell / nn.RNNCell sharing its weights, retain_grad on every state; L is
+    the module's training_step loss, or ``loss_fn(module, batch)``."""
     from pipeline.training.probe import NO_TRAINER_LOG, float64_copy, to_cpu64
 
     m = float64_copy(module)
@@ -198,7 +199,8 @@ def autograd_profile(module, path, batch):
         warnings.filterwarnings(
             "ignore", message=NO_TRAINER_LOG, category=UserWarning
         )  # self.log(), no trainer
-        m.training_step(to_cpu64(batch), 0).backward()
+        b = to_cpu64(batch)
+        (loss_fn(m, b) if loss_fn is not None else m.training_step(b, 0)).backward()
     out = {}
     for k, layer in enumerate(kept):
         for i, name in enumerate(("h", "c")[: len(layer[0])]):

@@ -23,13 +23,13 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from pipeline.training.grad_window import Sink, _Window, post_clip_row
+
 GRAD_GROUPS = ("input", "recurrent", "bias", "other")
 RECORD_HEAD = ("loss", "norm_preclip", "norm_postclip", "clip_coef")
 RECORD = (*RECORD_HEAD, *(f"norm_{g}" for g in GRAD_GROUPS))
-FLOAT_MAX = float(np.finfo(np.float64).max)
 
 GroupsOf = Callable[[nn.Module], Mapping[str, Sequence[nn.Parameter]]]
-Sink = Callable[[dict[str, Any], int], None]
 
 
 def parameter_groups(module: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -74,175 +74,33 @@ def group_sq(groups: Mapping[str, Sequence[nn.Parameter]], names: Sequence[str])
     )
 
 
+def optimizer_groups(
+    groups: Mapping[str, Sequence[nn.Parameter]], optimizer: torch.optim.Optimizer
+) -> dict[str, list[nn.Parameter]]:
+    """``groups`` restricted to the parameters ``optimizer`` updates: a step's norms are those of what it
+    steps (what Lightning's clipping reads too), so with several optimizers (manual optimization) each
+    step is measured on its own parameters. One optimizer over every parameter: ``groups`` itself."""
+    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return {g: [p for p in ps if id(p) in ids] for g, ps in groups.items()}
+
+
+def grad_scaler(trainer: pl.Trainer) -> Any:
+    """The Trainer's loss scaler (``precision="16-mixed"``: a ``torch.amp.GradScaler``), None without."""
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    return scaler if scaler is not None and getattr(scaler, "is_enabled", lambda: True)() else None
+
+
+def scale_of(scaler: Any) -> torch.Tensor | float:
+    """The scaler's current loss scale, on the device where it has one (no host read)."""
+    scale = scaler._get_scale_async() if hasattr(scaler, "_get_scale_async") else None
+    return scale if scale is not None else float(scaler.get_scale())
+
+
 def drop_gradients(params: Iterable[nn.Parameter]) -> None:
     """The guard's action: ``p.grad = None``, so ``optimizer.step`` skips the parameter (weights and
     optimizer state stay bit-identical)."""
     for p in params:
         p.grad = None
-
-
-def log_everywhere(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Every logger of the Trainer gets ``metrics``. MLflow: +-inf as +-float64 max (what MLflow stores
-    for inf) and NaN, which breaks MLflow's run page, as the tag ``nonfinite.<metric>`` instead
-    (README, "The MLflow record")."""
-    from pytorch_lightning.loggers import MLFlowLogger
-
-    for lg in trainer.loggers:
-        if isinstance(lg, MLFlowLogger):
-            ok = {}
-            for k, v in metrics.items():
-                if math.isnan(v):
-                    lg.experiment.set_tag(lg.run_id, f"nonfinite.{k}", "nan")
-                else:
-                    ok[k] = max(-FLOAT_MAX, min(FLOAT_MAX, v))
-            if ok:
-                lg.log_metrics(ok, step=step)
-        else:
-            lg.log_metrics(metrics, step=step)
-
-
-class _Logs:
-    """Where a monitor's metrics go (:meth:`publish`; not ``log``: Lightning sets ``callback.log`` to the
-    module's ``log`` on every callback): ``sink(metrics, step)`` when given (the project passes its
-    :class:`pipeline.tracking.Recorder`'s ``log_metrics``, which records NaN as the same
-    ``nonfinite.<metric>`` tag), else every logger of the Trainer (:func:`log_everywhere`)."""
-
-    sink: Sink | None
-    _trainer: pl.Trainer | None
-
-    def publish(self, metrics: dict[str, Any], step: int) -> None:
-        if self.sink is not None:
-            self.sink(metrics, step)
-        elif self._trainer is not None:
-            log_everywhere(self._trainer, metrics, step)
-
-
-def post_clip_row(loss: torch.Tensor, sq: torch.Tensor, post_sq: torch.Tensor | None) -> torch.Tensor:
-    """One finite step's record (:data:`RECORD` order, per-group columns last) from its loss and the
-    squared group norms before (``sq``) and after clipping (``post_sq``; None: no gradient left)."""
-    pre = sq.sum().sqrt()
-    post = post_sq.sum().sqrt() if post_sq is not None else pre.new_zeros(())
-    coef = torch.where(pre > 0, post / pre.clamp_min(1e-300), torch.ones_like(pre))
-    return torch.stack([loss, pre, post, coef, *sq.sqrt()])
-
-
-def window_stats(
-    col: Mapping[str, np.ndarray], max_norm_preclip: float | None
-) -> tuple[float | None, float, int]:
-    """One window's share of the running statistics: the running max of the finite pre-clip norms (given
-    the one so far), and the number of clipped (clip_coef < 1) and of finite steps."""
-    pre = col["norm_preclip"][np.isfinite(col["norm_preclip"])]
-    if pre.size:
-        m = float(pre.max())
-        max_norm_preclip = m if max_norm_preclip is None else max(max_norm_preclip, m)
-    coef = col["clip_coef"][np.isfinite(col["clip_coef"])]
-    return max_norm_preclip, float((coef < 1.0).sum()), coef.size
-
-
-def window_metrics(
-    col: Mapping[str, np.ndarray],
-    group_names: Sequence[str],
-    clip_rate: float,
-    max_norm_preclip: float | None,
-    loss_metric: str | None = None,
-    diverged_step: int | None = None,
-) -> dict[str, Any]:
-    """The metrics of one window (columns ``col``): the window's mean loss under ``loss_metric`` (when
-    given), the last step's norms, the running ``clip_rate`` and ``max_norm_preclip``, ``diverged_step``
-    (when given)."""
-    last = {n: float(v[-1]) for n, v in col.items()}
-    metrics: dict[str, Any] = {}
-    if loss_metric is not None:
-        loss = col["loss"]
-        metrics[loss_metric] = float(np.nanmean(loss)) if np.isfinite(loss).any() else math.nan
-    metrics.update(
-        {
-            "grad/norm_preclip": last["norm_preclip"],
-            "grad/norm_postclip": last["norm_postclip"],
-            "grad/clip_coef": last["clip_coef"],
-            "grad/clip_rate": clip_rate,
-        }
-    )
-    if max_norm_preclip is not None:
-        metrics["grad/max_norm_preclip"] = max_norm_preclip
-    metrics.update({f"grad/norm_{g}": last[f"norm_{g}"] for g in group_names})
-    if diverged_step is not None:
-        metrics["diverged_step"] = float(diverged_step)
-    return metrics
-
-
-class _Window(_Logs):
-    """A gradient monitor's window (:class:`GradientNormMonitor`): per-step records on the device
-    (:meth:`push`), moved to the host and logged once per window (:meth:`drain`), the host history and
-    the running statistics."""
-
-    fields: tuple[str, ...]
-    group_names: tuple[str, ...]
-    loss_metric: str | None
-    log_diverged_step: bool
-    diverged_step: int | None
-    max_norm_preclip: float | None
-    _pending: list[torch.Tensor]
-    _staged: np.ndarray | None
-    _rows: list[np.ndarray]
-    _steps: list[int]
-    _clipped: float
-    _counted: int
-
-    def push(self, row: torch.Tensor, step: int) -> None:
-        """One step's record (on the device, in :attr:`fields` order) into the window."""
-        self._pending.append(row)
-        self._steps.append(step)
-
-    @property
-    def history(self) -> np.ndarray:
-        return np.concatenate(self._rows) if self._rows else np.zeros((0, len(self.fields)))
-
-    @property
-    def steps(self) -> np.ndarray:
-        return np.asarray(self._steps[: len(self.history)], dtype=int)
-
-    def column(self, name: str) -> np.ndarray:
-        return self.history[:, self.fields.index(name)]
-
-    @property
-    def clip_rate(self) -> float:
-        """Fraction of the (finite) steps so far whose gradient was clipped (clip_coef < 1)."""
-        return self._clipped / self._counted if self._counted else 0.0
-
-    def window_extra(self, col: Mapping[str, np.ndarray]) -> dict[str, Any]:
-        """Hook: more metrics from one window's columns (a subclass's extra fields); none here."""
-        return {}
-
-    def stage(self, rows: np.ndarray) -> None:
-        """The window's rows, already on the host (a stack of monitors moves all their windows in one
-        transfer: :mod:`pipeline.training.stack_loop`); the next :meth:`drain` uses them when they are as
-        many as the window's records, instead of its own transfer."""
-        self._staged = rows
-
-    def drain(self, trainer: pl.Trainer | None = None) -> None:
-        """Move the window to the host (one transfer) and log it at ``trainer.global_step``."""
-        if not self._pending:
-            return
-        trainer = trainer or self._trainer
-        staged, self._staged = getattr(self, "_staged", None), None
-        if staged is not None and len(staged) == len(self._pending):
-            rows = staged
-        else:
-            rows = torch.stack(self._pending).cpu().numpy()
-        self._pending = []
-        self._rows.append(rows)
-        col = {n: rows[:, i] for i, n in enumerate(self.fields)}
-        self.max_norm_preclip, clipped, counted = window_stats(col, self.max_norm_preclip)
-        self._clipped += clipped
-        self._counted += counted
-        diverged = self.diverged_step if self.log_diverged_step else None
-        metrics = window_metrics(
-            col, self.group_names, self.clip_rate, self.max_norm_preclip, self.loss_metric, diverged
-        )
-        metrics.update(self.window_extra(col))
-        step = trainer.global_step if trainer is not None else (self._steps[-1] if self._steps else 0)
-        self.publish(metrics, step)
 
 
 class GradientNormMonitor(_Window, pl.Callback):
@@ -255,6 +113,16 @@ class GradientNormMonitor(_Window, pl.Callback):
     ``diverged_step`` once, when the guard fires. Guard: a non-finite loss or gradient drops every
     gradient (``p.grad = None``, so the optimizer skips them), sets ``trainer.should_stop`` and records
     :attr:`diverged_step`. Per step on the host afterwards: :attr:`history` (rows of :attr:`fields`).
+
+    Each step is measured on the parameters its optimizer updates, with the loss summed over the
+    backward passes before it (since the previous step's) (``accumulate_grad_batches``: the mean micro-batch loss, as
+    Lightning divides each by N). Manual optimization (``automatic_optimization = False``): the
+    module clips before ``optimizer.step()``, so the pre-clip norm is read after each
+    ``self.manual_backward`` (``on_after_backward``; the last one before the step, i.e. the accumulated
+    gradient). With a loss scaler (``precision="16-mixed"``): the loss and manual-mode gradients are
+    read unscaled, and a non-finite gradient under a finite loss is the scaler's overflow, which skips
+    that update and lowers the scale: recorded (non-finite pre-clip norm, NaN after) and counted in
+    :attr:`scaler_skips` (``grad/scaler_skips``), not divergence.
 
     The project's own trainer is a configuration of this class
     (:class:`pipeline.training.callbacks.GradientMonitor`); the hooks are:
@@ -291,8 +159,14 @@ class GradientNormMonitor(_Window, pl.Callback):
         self.diverged_step: int | None = None
         self.max_norm_preclip: float | None = None
         self.groups: dict[str, list[nn.Parameter]] = {}
+        self.scaler_skips: int | None = None  # updates the loss scaler skipped (None: no scaler)
+        self._by_opt: dict[int, dict[str, list[nn.Parameter]]] = {}  # id(optimizer) -> its groups
+        self._manual = False
+        self._scaler: Any = None
+        self._backward_sq: dict[int, torch.Tensor | None] = {}  # manual mode: pre-clip, per optimizer
         self._handles: list[Any] = []
-        self._loss: torch.Tensor | None = None
+        self._loss: torch.Tensor | None = None  # summed over the backward passes before this step
+        self._stepped = False  # a step came after the last backward: the next backward starts a new sum
         self._pre: torch.Tensor | None = None  # this step's group_sq, until the post-hook
         self._pre_loss: torch.Tensor | None = None
         self._pending: list[torch.Tensor] = []
@@ -314,6 +188,11 @@ class GradientNormMonitor(_Window, pl.Callback):
             return
         self.groups = {g: list(ps) for g, ps in self.groups_of(pl_module).items()}
         self.set_groups(list(self.groups))
+        self._by_opt = {id(opt): optimizer_groups(self.groups, opt) for opt in trainer.optimizers}
+        self._manual = not getattr(pl_module, "automatic_optimization", True)
+        self._scaler = grad_scaler(trainer)
+        if self._scaler is not None and self.scaler_skips is None:
+            self.scaler_skips = 0
         for opt in trainer.optimizers:
             self._handles.append(opt.register_step_post_hook(self._after_update))
 
@@ -323,30 +202,59 @@ class GradientNormMonitor(_Window, pl.Callback):
         self._handles = []
 
     # -- every step (when this monitor measures)
+    def _groups_of(self, optimizer) -> Mapping[str, Sequence[nn.Parameter]]:
+        return self._by_opt.get(id(optimizer), self.groups)
+
     def on_before_backward(self, trainer, pl_module, loss) -> None:
-        if self.measures:
-            self._loss = loss.detach()
+        if not self.measures:
+            return
+        loss = loss.detach()
+        if self._scaler is not None:  # Lightning hands this hook the scaled loss
+            loss = loss.double() / scale_of(self._scaler)
+        if self._stepped:
+            self._loss, self._stepped = None, False
+        self._loss = loss if self._loss is None else self._loss + loss
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        """Manual optimization: the gradient as backward left it, before the module's own clipping."""
+        if not (self.measures and self._manual):
+            return
+        scale = scale_of(self._scaler) if self._scaler is not None else None
+        for key, groups in self._by_opt.items():
+            sq = group_sq(groups, self.group_names)
+            if sq is not None and scale is not None:
+                sq = sq / torch.as_tensor(scale, dtype=torch.float64, device=sq.device).square()
+            self._backward_sq[key] = sq
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self.measures:
             return
-        sq = group_sq(self.groups, self.group_names)
+        sq = self._backward_sq.pop(id(optimizer), None)
+        if sq is None:
+            sq = group_sq(self._groups_of(optimizer), self.group_names)
+        self._stepped = True  # every optimizer stepped after these backward passes gets their loss
         if sq is None:
             return
         pre = sq.sum().sqrt()
-        loss = self._loss.double() if self._loss is not None else pre.new_zeros(())
+        loss = self._loss.double().reshape(()) if self._loss is not None else pre.new_zeros(())
         if not bool(torch.isfinite(pre) & torch.isfinite(loss)):  # one host read: before the update
+            nan = pre.new_tensor(math.nan)
+            row = torch.stack([loss, pre, nan, nan, *sq.sqrt()])
+            self._pre = None
+            if self._scaler is not None and bool(torch.isfinite(loss)):
+                # the scaler's overflow: it skips this update and lowers the scale (torch.amp.GradScaler)
+                self.scaler_skips = (self.scaler_skips or 0) + 1
+                self.push(row, trainer.global_step)
+                return
             drop_gradients(p for gs in self.groups.values() for p in gs)
             # anything the monitor did not classify
             drop_gradients(p for group in optimizer.param_groups for p in group["params"])
             self.diverged_step = trainer.global_step
             trainer.should_stop = True
-            nan = pre.new_tensor(math.nan)
-            self.push(torch.stack([loss.reshape(()), pre, nan, nan, *sq.sqrt()]), trainer.global_step)
-            self._pre = None
+            self.push(row, trainer.global_step)
             return
         self._pre = sq
-        self._pre_loss = loss.reshape(())
+        self._pre_loss = loss
 
     def _after_update(self, optimizer, args, kwargs) -> None:
         """Optimizer step post-hook: the gradients the update used, i.e. after clipping."""
@@ -354,7 +262,7 @@ class GradientNormMonitor(_Window, pl.Callback):
             return
         sq = self._pre
         self._pre = None
-        post_sq = group_sq(self.groups, self.group_names)
+        post_sq = group_sq(self._groups_of(optimizer), self.group_names)
         step = self._trainer.global_step if self._trainer is not None else len(self._steps)
         self.push(post_clip_row(self._pre_loss, sq, post_sq), step)
 

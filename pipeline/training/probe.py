@@ -2,8 +2,9 @@
 
 :func:`probe` deep-copies the module to float64 on the CPU (the trainer reference left out, so nothing
 of the run is copied or touched), puts a forward hook on the copy's RNN that records its input (and
-``hx``) and replaces its outputs by leaf tensors, runs the copy's own ``training_step(batch, 0)`` and takes
-``torch.autograd.grad`` of the returned loss with respect to those leaves: the gradient the loss injects at
+``hx``) and replaces its outputs by leaf tensors, runs the copy's own ``training_step(batch, 0)`` (or a
+given ``loss_fn(module, batch)``: a module in manual optimization steps its optimizers in its
+training_step) and takes ``torch.autograd.grad`` of the returned loss with respect to those leaves: the gradient the loss injects at
 every step of the top layer and into ``h_n`` / ``c_n``. The walk back through every layer is
 :func:`pipeline.bptt.foreign.profile_layers` (pure torch). :func:`profile_rnn` is the notebook front.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,26 @@ from torch.nn.utils.rnn import PackedSequence
 from pipeline.bptt import foreign, spectra
 from pipeline.bptt import profile as bptt
 from pipeline.bptt.profile import exact_denormals
+
+LossFn = Callable[[nn.Module, Any], Any]  # (module, batch) -> the loss, as training_step returns it
+
+
+def check_loss_source(module: nn.Module, loss_fn: LossFn | None) -> None:
+    """One line when the profile cannot take its loss from ``module``: ``loss_fn`` not callable, or a
+    module in manual optimization without one (its training_step would step its optimizers, and needs
+    the Trainer to do so; truncated BPTT is written that way in Lightning 2)."""
+    if loss_fn is not None:
+        if not callable(loss_fn):
+            raise ValueError(
+                f"loss_fn must be a callable (module, batch) -> loss, got {type(loss_fn).__name__}"
+            )
+        return
+    if getattr(module, "automatic_optimization", True) is False:
+        raise ValueError(
+            f"{type(module).__name__} uses manual optimization (automatic_optimization = False): its "
+            "training_step steps its optimizers, so the profile needs loss_fn=lambda module, batch: <the "
+            'loss over the whole sequence> (README, "Your own model")'
+        )
 
 
 def resolve(module: nn.Module, path: str) -> nn.Module:
@@ -89,11 +111,11 @@ class Probe:
         return out
 
 
-def _loss_of(result: Any) -> torch.Tensor:
+def _loss_of(result: Any, source: str = "training_step") -> torch.Tensor:
     if isinstance(result, dict):
         result = result.get("loss")
     if not isinstance(result, torch.Tensor) or result.numel() != 1:
-        raise ValueError("training_step must return the loss (a scalar tensor, or a dict with 'loss')")
+        raise ValueError(f"{source} must return the loss (a scalar tensor, or a dict with 'loss')")
     return result.reshape(())
 
 
@@ -103,18 +125,17 @@ NO_TRAINER_LOG = r"You are trying to `self\.log\(\)` but the `self\.trainer` ref
 
 
 def _capture(
-    twin: nn.Module, target: nn.Module, rnn: str, batch: Any
+    twin: nn.Module, target: nn.Module, rnn: str, batch: Any, loss_fn: LossFn | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, Any, list[torch.Tensor | None]]:
-    """Run ``twin``'s ``training_step(batch, 0)`` with a forward hook on ``target`` (the RNN at ``rnn``)
+    """Run ``twin``'s ``training_step(batch, 0)`` (or ``loss_fn(twin, batch)``) with a forward hook on ``target`` (the RNN at ``rnn``)
     that records its input and ``hx`` and replaces its outputs by leaf tensors: (the loss, the input, ``hx``,
     the loss's gradients with respect to the output and each final state, None where unused)."""
     seen: dict[str, Any] = {}
+    source = "loss_fn" if loss_fn is not None else "training_step"
 
     def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if "x" in seen:
-            raise ValueError(
-                f"{rnn!r} was called more than once in training_step; the profile needs one call"
-            )
+            raise ValueError(f"{rnn!r} was called more than once in {source}; the profile needs one call")
         x = args[0] if args else kwargs["input"]
         if isinstance(x, PackedSequence):
             raise ValueError(f"{rnn!r} was fed a PackedSequence; {foreign.SUPPORTED}")
@@ -134,11 +155,13 @@ def _capture(
     try:
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=NO_TRAINER_LOG, category=UserWarning)
-            loss = _loss_of(twin.training_step(to_cpu64(batch), 0))  # type: ignore[operator]
+            b = to_cpu64(batch)
+            out = loss_fn(twin, b) if loss_fn is not None else twin.training_step(b, 0)  # type: ignore[operator]
+            loss = _loss_of(out, source)
     finally:
         handle.remove()
     if "x" not in seen:
-        raise ValueError(f"training_step never called {rnn!r}")
+        raise ValueError(f"{source} never called {rnn!r}")
     leaves = seen["leaves"]
     grads = (
         torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
@@ -174,15 +197,17 @@ def probe(
     horizon_decades: float = 3.0,
     lyapunov: bool = True,
     restore_flush: bool | None = None,
+    loss_fn: LossFn | None = None,
 ) -> Probe:
-    """The exact float64 profile of the RNN at ``rnn`` on ``module``'s own ``training_step`` loss for
-    ``batch``, with summaries (:func:`pipeline.bptt.profile.summarize`), spectra, Pascanu's bound (vanilla
+    """The exact float64 profile of the RNN at ``rnn`` on ``module``'s own ``training_step`` loss (or
+    ``loss_fn(module, batch)``'s) for ``batch``, with summaries (:func:`pipeline.bptt.profile.summarize`), spectra, Pascanu's bound (vanilla
     cells, when the loss reads only the last steps) and the Lyapunov exponent, per layer. ``module`` is not
     modified (a float64 copy runs)."""
     resolve(module, rnn)
+    check_loss_source(module, loss_fn)
     twin = float64_copy(module)
     target = twin.get_submodule(rnn)
-    loss, x, hx, grads = _capture(twin, target, rnn, batch)
+    loss, x, hx, grads = _capture(twin, target, rnn, batch, loss_fn)
     x, hx, g_out, g_states = _batch_first(target, x, hx, grads[0], grads[1:])
     with exact_denormals(restore_flush), torch.no_grad():
         layers = foreign.forward_layers(target, x, hx)
@@ -230,12 +255,12 @@ def pass_metrics(
     return m
 
 
-def profile_rnn(module: nn.Module, rnn: str, batch: Any):
+def profile_rnn(module: nn.Module, rnn: str, batch: Any, loss_fn: LossFn | None = None):
     """The exact per-step profile of the RNN at dotted path ``rnn`` inside ``module`` (any
     LightningModule, or any module with ``training_step(batch, batch_idx)`` returning its loss), on that
-    loss for ``batch``: a pandas DataFrame with columns ``layer`` (0 = bottom), ``t`` (1..T), ``state``
+    loss for ``batch`` (or on ``loss_fn(module, batch)``, needed in manual optimization): a pandas DataFrame with columns ``layer`` (0 = bottom), ``t`` (1..T), ``state``
     (``h``, and ``c`` for LSTM) and ``log10_norm`` = log10 ||dL/d{state}_t|| (Frobenius over the batch),
     one row per layer, step and state. ``module`` is left untouched."""
     import pandas as pd
 
-    return pd.DataFrame(probe(module, rnn, batch, lyapunov=False).long_format())
+    return pd.DataFrame(probe(module, rnn, batch, lyapunov=False, loss_fn=loss_fn).long_format())

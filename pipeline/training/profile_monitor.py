@@ -19,7 +19,8 @@ import torch
 
 from pipeline.config import DiagnosticsConfig
 from pipeline.training import probe as probing
-from pipeline.training.grad_monitor import GradientNormMonitor, Sink, _Logs
+from pipeline.training.grad_monitor import GradientNormMonitor
+from pipeline.training.grad_window import Sink, _Logs
 
 
 def probe_metrics(res: probing.Probe) -> dict[str, Any]:
@@ -69,7 +70,9 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
     input fails at the first pass, before the first update). ``every_n_steps``: passes at step 0, every
     N optimizer steps and at train end (0: only the first and the last). ``batch``: the probe batch
     (default: the first training batch, kept). The loss is the module's own ``training_step`` loss on a
-    float64 CPU copy in eval mode (:func:`pipeline.training.probe.probe`).
+    float64 CPU copy in eval mode (:func:`pipeline.training.probe.probe`), or ``loss_fn(module, batch)``'s
+    on that copy: required in manual optimization (e.g. truncated BPTT, where it gives the whole
+    sequence's loss, so the profile shows what the truncation leaves out).
 
     Logs the top layer's summaries under the plain names (``bptt/log10_ratio``, ``bptt/decay_rate``,
     ``spectral/sigma_max``, ...) and every layer's as ``bptt/layer<k>/<name>`` (k = 0 is the bottom);
@@ -95,8 +98,10 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
         diagnostics: DiagnosticsConfig | None = None,
         *,
         sink: Sink | None = None,
+        loss_fn: probing.LossFn | None = None,
     ):
         self.rnn, self.every_n_steps = rnn, int(every_n_steps)
+        self.loss_fn = loss_fn
         self.batch = None if batch is None else probing.to_cpu64(batch)
         self.diagnostics = diagnostics or DiagnosticsConfig()
         self.sink = sink
@@ -108,6 +113,7 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         probing.resolve(pl_module, self.rnn)
+        probing.check_loss_source(pl_module, self.loss_fn)
 
     # -- scheduling
     def on_train_start(self, trainer, pl_module) -> None:
@@ -144,7 +150,9 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
 
     def profile_pass(self, pl_module, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """One pass on finite weights: (metrics to log, long-format profile columns with ``step``)."""
-        res = probing.probe(pl_module, self.rnn, self.batch, self.diagnostics.horizon_decades)
+        res = probing.probe(
+            pl_module, self.rnn, self.batch, self.diagnostics.horizon_decades, loss_fn=self.loss_fn
+        )
         return probe_metrics(res), res.long_format(step)
 
     def measure(self, trainer, pl_module) -> dict[str, Any]:

@@ -1,0 +1,186 @@
+"""The record window of a gradient monitor (:class:`pipeline.training.grad_monitor.GradientNormMonitor`
+and the project's configured subclass): per-step records kept on the device, moved to the host once per
+window, the running statistics (clip rate, largest pre-clip norm) and where the metrics go (a sink, or
+every logger of the Trainer, with MLflow's rules for non-finite values: README, "The MLflow record").
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+FLOAT_MAX = float(np.finfo(np.float64).max)
+
+Sink = Callable[[dict[str, Any], int], None]
+
+
+def log_everywhere(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Every logger of the Trainer gets ``metrics``. MLflow: +-inf as +-float64 max (what MLflow stores
+    for inf) and NaN, which breaks MLflow's run page, as the tag ``nonfinite.<metric>`` instead
+    (README, "The MLflow record")."""
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    for lg in trainer.loggers:
+        if isinstance(lg, MLFlowLogger):
+            ok = {}
+            for k, v in metrics.items():
+                if math.isnan(v):
+                    lg.experiment.set_tag(lg.run_id, f"nonfinite.{k}", "nan")
+                else:
+                    ok[k] = max(-FLOAT_MAX, min(FLOAT_MAX, v))
+            if ok:
+                lg.log_metrics(ok, step=step)
+        else:
+            lg.log_metrics(metrics, step=step)
+
+
+class _Logs:
+    """Where a monitor's metrics go (:meth:`publish`; not ``log``: Lightning sets ``callback.log`` to the
+    module's ``log`` on every callback): ``sink(metrics, step)`` when given (the project passes its
+    :class:`pipeline.tracking.Recorder`'s ``log_metrics``, which records NaN as the same
+    ``nonfinite.<metric>`` tag), else every logger of the Trainer (:func:`log_everywhere`)."""
+
+    sink: Sink | None
+    _trainer: pl.Trainer | None
+
+    def publish(self, metrics: dict[str, Any], step: int) -> None:
+        if self.sink is not None:
+            self.sink(metrics, step)
+        elif self._trainer is not None:
+            log_everywhere(self._trainer, metrics, step)
+
+
+def post_clip_row(loss: torch.Tensor, sq: torch.Tensor, post_sq: torch.Tensor | None) -> torch.Tensor:
+    """One finite step's record (:data:`RECORD` order, per-group columns last) from its loss and the
+    squared group norms before (``sq``) and after clipping (``post_sq``; None: no gradient left)."""
+    pre = sq.sum().sqrt()
+    post = post_sq.sum().sqrt() if post_sq is not None else pre.new_zeros(())
+    coef = torch.where(pre > 0, post / pre.clamp_min(1e-300), torch.ones_like(pre))
+    return torch.stack([loss, pre, post, coef, *sq.sqrt()])
+
+
+def window_stats(
+    col: Mapping[str, np.ndarray], max_norm_preclip: float | None
+) -> tuple[float | None, float, int]:
+    """One window's share of the running statistics: the running max of the finite pre-clip norms (given
+    the one so far), and the number of clipped (clip_coef < 1) and of finite steps."""
+    pre = col["norm_preclip"][np.isfinite(col["norm_preclip"])]
+    if pre.size:
+        m = float(pre.max())
+        max_norm_preclip = m if max_norm_preclip is None else max(max_norm_preclip, m)
+    coef = col["clip_coef"][np.isfinite(col["clip_coef"])]
+    return max_norm_preclip, float((coef < 1.0).sum()), coef.size
+
+
+def window_metrics(
+    col: Mapping[str, np.ndarray],
+    group_names: Sequence[str],
+    clip_rate: float,
+    max_norm_preclip: float | None,
+    loss_metric: str | None = None,
+    diverged_step: int | None = None,
+) -> dict[str, Any]:
+    """The metrics of one window (columns ``col``): the window's mean loss under ``loss_metric`` (when
+    given), the last step's norms, the running ``clip_rate`` and ``max_norm_preclip``, ``diverged_step``
+    (when given)."""
+    last = {n: float(v[-1]) for n, v in col.items()}
+    metrics: dict[str, Any] = {}
+    if loss_metric is not None:
+        loss = col["loss"]
+        metrics[loss_metric] = float(np.nanmean(loss)) if np.isfinite(loss).any() else math.nan
+    metrics.update(
+        {
+            "grad/norm_preclip": last["norm_preclip"],
+            "grad/norm_postclip": last["norm_postclip"],
+            "grad/clip_coef": last["clip_coef"],
+            "grad/clip_rate": clip_rate,
+        }
+    )
+    if max_norm_preclip is not None:
+        metrics["grad/max_norm_preclip"] = max_norm_preclip
+    metrics.update({f"grad/norm_{g}": last[f"norm_{g}"] for g in group_names})
+    if diverged_step is not None:
+        metrics["diverged_step"] = float(diverged_step)
+    return metrics
+
+
+class _Window(_Logs):
+    """A gradient monitor's window (:class:`GradientNormMonitor`): per-step records on the device
+    (:meth:`push`), moved to the host and logged once per window (:meth:`drain`), the host history and
+    the running statistics."""
+
+    fields: tuple[str, ...]
+    group_names: tuple[str, ...]
+    loss_metric: str | None
+    log_diverged_step: bool
+    diverged_step: int | None
+    max_norm_preclip: float | None
+    _pending: list[torch.Tensor]
+    _staged: np.ndarray | None
+    _rows: list[np.ndarray]
+    _steps: list[int]
+    _clipped: float
+    _counted: int
+
+    def push(self, row: torch.Tensor, step: int) -> None:
+        """One step's record (on the device, in :attr:`fields` order) into the window."""
+        self._pending.append(row)
+        self._steps.append(step)
+
+    @property
+    def history(self) -> np.ndarray:
+        return np.concatenate(self._rows) if self._rows else np.zeros((0, len(self.fields)))
+
+    @property
+    def steps(self) -> np.ndarray:
+        return np.asarray(self._steps[: len(self.history)], dtype=int)
+
+    def column(self, name: str) -> np.ndarray:
+        return self.history[:, self.fields.index(name)]
+
+    @property
+    def clip_rate(self) -> float:
+        """Fraction of the (finite) steps so far whose gradient was clipped (clip_coef < 1)."""
+        return self._clipped / self._counted if self._counted else 0.0
+
+    def window_extra(self, col: Mapping[str, np.ndarray]) -> dict[str, Any]:
+        """Hook: more metrics from one window's columns (a subclass's extra fields); none here."""
+        return {}
+
+    def stage(self, rows: np.ndarray) -> None:
+        """The window's rows, already on the host (a stack of monitors moves all their windows in one
+        transfer: :mod:`pipeline.training.stack_loop`); the next :meth:`drain` uses them when they are as
+        many as the window's records, instead of its own transfer."""
+        self._staged = rows
+
+    def drain(self, trainer: pl.Trainer | None = None) -> None:
+        """Move the window to the host (one transfer) and log it at ``trainer.global_step``."""
+        if not self._pending:
+            return
+        trainer = trainer or self._trainer
+        staged, self._staged = getattr(self, "_staged", None), None
+        if staged is not None and len(staged) == len(self._pending):
+            rows = staged
+        else:
+            rows = torch.stack(self._pending).cpu().numpy()
+        self._pending = []
+        self._rows.append(rows)
+        col = {n: rows[:, i] for i, n in enumerate(self.fields)}
+        self.max_norm_preclip, clipped, counted = window_stats(col, self.max_norm_preclip)
+        self._clipped += clipped
+        self._counted += counted
+        diverged = self.diverged_step if self.log_diverged_step else None
+        metrics = window_metrics(
+            col, self.group_names, self.clip_rate, self.max_norm_preclip, self.loss_metric, diverged
+        )
+        metrics.update(self.window_extra(col))
+        skips = getattr(self, "scaler_skips", None)  # GradientNormMonitor under a loss scaler
+        if skips is not None:
+            metrics["grad/scaler_skips"] = float(skips)
+        step = trainer.global_step if trainer is not None else (self._steps[-1] if self._steps else 0)
+        self.publish(metrics, step)

@@ -1,0 +1,325 @@
+"""The public callbacks under the ways researchers train their own LightningModule (README, "Your own
+model", "Manual optimization, accumulation, mixed precision"): manual optimization (truncated BPTT, two
+optimizers), gradient accumulation and a loss scaler (``precision="16-mixed"``). Every number is checked
+against an independent reading taken by the module itself or by a plain callback, not by the monitor."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.test_api import H, T, V, autograd_profile, cls_data, first_batch, lm_data, loader, trainer
+
+pl = pytest.importorskip("pytorch_lightning")
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+
+
+def norm_of(params, scale: float = 1.0) -> float:
+    """The global gradient norm of ``params`` in float64, gradients divided by ``scale`` first."""
+    gs = [p.grad.double() / scale for p in params if p.grad is not None]
+    return math.sqrt(sum(float(g.square().sum()) for g in gs)) if gs else 0.0
+
+
+class ManualGRU(pl.LightningModule):
+    """Manual optimization as Lightning documents it: backward, the module's own clipping, step; with
+    ``micro`` > 1 the batch is split and its gradients accumulated before the one step. The gradient
+    norm before and after the clipping is read here, independently of the monitor."""
+
+    def __init__(self, clip: float = 0.5, micro: int = 1):
+        super().__init__()
+        self.automatic_optimization = False
+        self.clip, self.micro = clip, micro
+        self.gru = nn.GRU(3, H, batch_first=True)
+        self.out = nn.Linear(H, 4)
+        self.seen: dict[str, list[float]] = {"loss": [], "pre": [], "post": []}
+
+    def loss(self, x, y):
+        _, h_n = self.gru(x)
+        return nn.functional.cross_entropy(self.out(h_n[-1]), y)
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        total = 0.0
+        for x, y in zip(*(b.chunk(self.micro) for b in batch), strict=True):
+            part = self.loss(x, y) / self.micro
+            self.manual_backward(part)
+            total += float(part.detach())
+        self.seen["loss"].append(total)
+        self.seen["pre"].append(norm_of(self.parameters()))
+        self.clip_gradients(opt, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")
+        self.seen["post"].append(norm_of(self.parameters()))
+        opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+@pytest.mark.parametrize("micro", [1, 2], ids=["one-backward", "two-backward-accumulated"])
+def test_manual_optimization_reads_the_norm_before_the_modules_own_clipping(tmp_path, micro):
+    from pipeline import GradientNormMonitor
+
+    torch.manual_seed(0)
+    model = ManualGRU(clip=0.33, micro=micro)
+    gm = GradientNormMonitor(log_every_n_steps=4)
+    trainer(tmp_path, [gm], max_steps=12, log_every_n_steps=1).fit(model, loader(cls_data()))
+    seen = {k: np.asarray(v) for k, v in model.seen.items()}
+    assert len(gm.history) == len(seen["pre"]) == 12
+    np.testing.assert_allclose(gm.column("norm_preclip"), seen["pre"], rtol=1e-6)
+    np.testing.assert_allclose(gm.column("norm_postclip"), seen["post"], rtol=1e-6)
+    np.testing.assert_allclose(gm.column("loss"), seen["loss"], rtol=1e-6)
+    clipped = seen["pre"] > 0.33 * (1 + 1e-6)
+    assert 0 < clipped.sum() < 12, "the test needs clipped and unclipped steps"
+    assert gm.clip_rate == pytest.approx(clipped.mean())
+    assert np.all(gm.column("norm_postclip") <= 0.33 * (1 + 1e-6))
+
+
+class AccumulatingGRU(pl.LightningModule):
+    """Automatic optimization; records each micro-batch's loss (Lightning divides it by N before backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(3, H, batch_first=True)
+        self.out = nn.Linear(H, 4)
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        _, h_n = self.gru(x)
+        loss = nn.functional.cross_entropy(self.out(h_n[-1]), y)
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+class PreStep(pl.Callback):
+    """The global gradient norm where Lightning calls on_before_optimizer_step (after unscaling, before
+    clipping): the independent reading for automatic optimization."""
+
+    def __init__(self):
+        self.pre: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.pre.append(norm_of(pl_module.parameters()))
+
+
+def test_accumulated_step_records_the_mean_micro_batch_loss(tmp_path):
+    from pipeline import GradientNormMonitor
+
+    torch.manual_seed(0)
+    model, gm, ref = AccumulatingGRU(), GradientNormMonitor(log_every_n_steps=3), PreStep()
+    t = trainer(
+        tmp_path,
+        [ref, gm],
+        max_steps=6,
+        log_every_n_steps=1,
+        accumulate_grad_batches=4,
+        gradient_clip_val=0.3,
+    )
+    t.fit(model, loader(cls_data(n=16 * 24), bs=16))
+    assert t.global_step == 6 and len(model.losses) == 24
+    np.testing.assert_allclose(gm.column("loss"), np.asarray(model.losses).reshape(6, 4).mean(1), rtol=1e-6)
+    np.testing.assert_allclose(gm.column("norm_preclip"), ref.pre, rtol=1e-6)
+    assert np.all(gm.column("norm_postclip") <= 0.3 * (1 + 1e-6))
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization with the recurrent layer and the head under separate optimizers (different
+    learning rates): one backward, the RNN's gradient clipped, both stepped."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.gru = nn.GRU(3, H, batch_first=True)
+        self.out = nn.Linear(H, 4)
+        self.seen: list[tuple[str, float, float]] = []
+
+    def training_step(self, batch, batch_idx):
+        rnn_opt, head_opt = self.optimizers()
+        rnn_opt.zero_grad()
+        head_opt.zero_grad()
+        x, y = batch
+        _, h_n = self.gru(x)
+        loss = nn.functional.cross_entropy(self.out(h_n[-1]), y)
+        self.manual_backward(loss)
+        self.seen.append(("rnn", float(loss.detach()), norm_of(self.gru.parameters())))
+        self.clip_gradients(rnn_opt, gradient_clip_val=0.2, gradient_clip_algorithm="norm")
+        rnn_opt.step()
+        self.seen.append(("head", float(loss.detach()), norm_of(self.out.parameters())))
+        head_opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.gru.parameters(), lr=0.5), torch.optim.Adam(self.out.parameters(), 1e-2)
+
+
+def test_two_optimizers_each_step_is_measured_on_its_own_parameters(tmp_path):
+    from pipeline import GradientNormMonitor
+
+    torch.manual_seed(0)
+    model, gm = TwoOptimizers(), GradientNormMonitor(log_every_n_steps=4)
+    t = trainer(tmp_path, [gm], max_steps=8, log_every_n_steps=1)
+    t.fit(model, loader(cls_data()))
+    assert t.global_step == 8 and len(gm.history) == 8  # Lightning counts every optimizer's step
+    who = [w for w, _, _ in model.seen]
+    np.testing.assert_allclose(gm.column("norm_preclip"), [n for _, _, n in model.seen], rtol=1e-6)
+    np.testing.assert_allclose(gm.column("loss"), [v for _, v, _ in model.seen], rtol=1e-6)
+    rnn = np.array([w == "rnn" for w in who])
+    assert np.all(gm.column("norm_other")[rnn] == 0) and np.all(gm.column("norm_recurrent")[rnn] > 0)
+    assert np.all(gm.column("norm_recurrent")[~rnn] == 0) and np.all(gm.column("norm_other")[~rnn] > 0)
+    np.testing.assert_array_equal(gm.column("norm_postclip")[~rnn], gm.column("norm_preclip")[~rnn])
+    assert np.all(gm.column("norm_postclip")[rnn] <= 0.2 * (1 + 1e-6))
+
+
+# ------------------------------------------------------------------------------------ loss scaler
+
+
+class ScaledGRU(pl.LightningModule):
+    """A GRU under a loss scaler; records its own (unscaled) loss per step; ``manual`` steps itself and
+    reads the unscaled gradient norm after backward."""
+
+    def __init__(self, manual: bool):
+        super().__init__()
+        self.automatic_optimization = not manual
+        self.gru = nn.GRU(3, H, batch_first=True)
+        self.out = nn.Linear(H, 4)
+        self.losses: list[float] = []
+        self.pre: list[float] = []
+
+    def loss(self, batch):
+        x, y = batch
+        _, h_n = self.gru(x)
+        loss = nn.functional.cross_entropy(self.out(h_n[-1]).float(), y)
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        if self.automatic_optimization:
+            return self.loss(batch)
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(self.loss(batch))
+        self.pre.append(norm_of(self.parameters(), self.trainer.precision_plugin.scaler.get_scale()))
+        opt.step()
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+def test_loss_scaler_overflow_is_a_skipped_step_not_divergence(tmp_path, manual):
+    """``precision="16-mixed"`` on a GPU starts its torch.amp.GradScaler at 2**16 and halves it at each
+    overflow, skipping that update. Here (CPU, float16 autocast) the scale starts at 2**22, so the first
+    steps overflow: the monitor must count them as the scaler's, train on, and read the loss and the
+    gradient unscaled."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    from pipeline import GradientNormMonitor
+
+    torch.manual_seed(0)
+    init = 2.0**22
+    scaler = torch.amp.GradScaler("cpu", init_scale=init)  # growth_interval 2000: it only shrinks here
+    model, gm, ref = ScaledGRU(manual), GradientNormMonitor(log_every_n_steps=5), PreStep()
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    t = trainer(tmp_path, [ref, gm], max_steps=30, log_every_n_steps=1, plugins=[plugin])
+    t.fit(model, loader(cls_data()))
+    assert gm.diverged_step is None and t.global_step == 30
+    skips = round(math.log2(init / scaler.get_scale()))
+    assert skips > 0 and gm.scaler_skips == skips, (gm.scaler_skips, skips)
+    pre, post = gm.column("norm_preclip"), gm.column("norm_postclip")
+    skipped = ~np.isfinite(pre)
+    assert skipped.sum() == skips and np.isnan(post[skipped]).all()
+    np.testing.assert_allclose(gm.column("loss"), model.losses, rtol=1e-6)  # unscaled
+    want = np.asarray(model.pre if manual else ref.pre)
+    np.testing.assert_allclose(pre[~skipped], want[~skipped], rtol=1e-5)
+    assert gm.clip_rate == 0.0 and gm.max_norm_preclip == pytest.approx(want[~skipped].max())
+    import pandas as pd
+
+    logged = pd.read_csv(next(tmp_path.glob("csv/*/metrics.csv")))
+    assert logged["grad/scaler_skips"].dropna().iloc[-1] == skips
+
+
+# ------------------------------------------------------------------------------------ the profile
+
+
+class TBPTTLanguageModel(pl.LightningModule):
+    """Truncated BPTT as Lightning 2 writes it (manual optimization): the sequence in chunks of ``k``
+    steps, the state carried across chunks detached, one backward and one step per chunk."""
+
+    def __init__(self, k: int = 10):
+        super().__init__()
+        self.automatic_optimization = False
+        self.k = k
+        self.embed = nn.Embedding(V, 8)
+        self.lstm = nn.LSTM(8, H, batch_first=True)
+        self.head = nn.Linear(H, V)
+
+    def full_loss(self, batch):
+        """The loss over the whole sequence: what the profile differentiates."""
+        x, y = batch
+        out, _ = self.lstm(self.embed(x))
+        return nn.functional.cross_entropy(self.head(out).reshape(-1, V), y.reshape(-1))
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        state = None
+        for i in range(0, x.shape[1], self.k):
+            out, state = self.lstm(self.embed(x[:, i : i + self.k]), state)
+            loss = nn.functional.cross_entropy(
+                self.head(out).reshape(-1, V), y[:, i : i + self.k].reshape(-1)
+            )
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+            state = tuple(s.detach() for s in state)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def full_loss(module, batch):
+    return module.full_loss(batch)
+
+
+def test_manual_module_profile_needs_loss_fn_and_then_equals_autograd(tmp_path):
+    from pipeline import BPTTProfileMonitor, GradientNormMonitor, profile_rnn
+
+    torch.manual_seed(0)
+    model, batch = TBPTTLanguageModel(), first_batch(lm_data())
+    with pytest.raises(ValueError, match=r"^TBPTTLanguageModel uses manual optimization.*loss_fn=") as err:
+        profile_rnn(model, "lstm", batch)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="manual optimization.*loss_fn="):
+        trainer(tmp_path, [BPTTProfileMonitor("lstm")], max_steps=3, log_every_n_steps=1).fit(
+            model, loader(lm_data())
+        )
+
+    frame = profile_rnn(model, "lstm", batch, loss_fn=full_loss)
+    ref = autograd_profile(model, "lstm", batch, loss_fn=full_loss)
+    for (k, state), want in ref.items():
+        got = frame[(frame["layer"] == k) & (frame["state"] == state)].sort_values("t")["log10_norm"]
+        assert len(got) == T
+        np.testing.assert_allclose(got.to_numpy(), want, atol=1e-9, rtol=0)
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pm = BPTTProfileMonitor("lstm", every_n_steps=6, batch=batch, loss_fn=full_loss)
+    gm = GradientNormMonitor(log_every_n_steps=3)
+    t = trainer(tmp_path, [gm, pm], max_steps=12, log_every_n_steps=1)
+    t.fit(model, loader(lm_data()))
+    assert t.global_step == 12 and len(gm.history) == 12  # 3 chunks, so 3 steps, per batch
+    assert [p["step"] for p in pm.passes] == [0, 6, 12]
+    first = pm.profile_frame()
+    first = first[first["step"] == 0]
+    for (k, state), want in ref.items():  # the step-0 pass ran on the untrained weights
+        got = first[(first["layer"] == k) & (first["state"] == state)].sort_values("t")["log10_norm"]
+        np.testing.assert_allclose(got.to_numpy(), want, atol=1e-9, rtol=0)
+    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "it trained"
+    assert pm.regime in ("vanishing", "healthy", "exploding")
