@@ -316,6 +316,10 @@ def test_manual_module_profile_needs_loss_fn_and_then_equals_autograd(tmp_path):
     t.fit(model, loader(lm_data()))
     assert t.global_step == 12 and len(gm.history) == 12  # 3 chunks, so 3 steps, per batch
     assert [p["step"] for p in pm.passes] == [0, 6, 12]
+    # every 4 steps with 3 steps a batch: the batch ends at 3, 6, 9, 12 cross 4, 8 and 12
+    pm4 = BPTTProfileMonitor("lstm", every_n_steps=4, batch=batch, loss_fn=full_loss)
+    trainer(tmp_path, [pm4], max_steps=12, log_every_n_steps=1).fit(TBPTTLanguageModel(), loader(lm_data()))
+    assert [p["step"] for p in pm4.passes] == [0, 6, 9, 12]
     first = pm.profile_frame()
     first = first[first["step"] == 0]
     for (k, state), want in ref.items():  # the step-0 pass ran on the untrained weights

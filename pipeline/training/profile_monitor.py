@@ -68,7 +68,8 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
     ``rnn``: e.g. ``"encoder.lstm"``; an nn.RNN, nn.LSTM or nn.GRU, unidirectional, without projection,
     any num_layers, batch_first or not (anything else fails at ``setup`` in one line; a PackedSequence
     input fails at the first pass, before the first update). ``every_n_steps``: passes at step 0, every
-    N optimizer steps and at train end (0: only the first and the last). ``batch``: the probe batch
+    N optimizer steps (at the first batch end at or past each multiple of N) and at train end (0: only
+    the first and the last). ``batch``: the probe batch
     (default: the first training batch, kept). The loss is the module's own ``training_step`` loss on a
     float64 CPU copy in eval mode (:func:`pipeline.training.probe.probe`), or ``loss_fn(module, batch)``'s
     on that copy: required in manual optimization (e.g. truncated BPTT, where it gives the whole
@@ -131,8 +132,11 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
         return bool(trainer.should_stop)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        n = self.every_n_steps
-        if n and trainer.global_step % n == 0 and not self.stopping(trainer, pl_module):
+        # At the first batch end at or past each multiple of N: one batch may take several optimizer
+        # steps (truncated BPTT in manual optimization), so global_step can jump over the multiple.
+        n, step = self.every_n_steps, trainer.global_step
+        last = self._last_step if self._last_step is not None else 0
+        if n and step // n > last // n and not self.stopping(trainer, pl_module):
             self.measure(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
