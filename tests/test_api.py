@@ -132,7 +132,7 @@ def trainer(tmp_path, callbacks, logger=None, **kw):
         callbacks=callbacks,
         logger=logger if logger is not None else CSVLogger(tmp_path, name="csv"),
         enable_progress_bar=False,
-        enable_checkpointing=False,
+        enable_checkpointing=kw.pop("enable_checkpointing", False),
         enable_model_summary=False,
         accelerator="cpu",
         devices=1,

@@ -327,3 +327,60 @@ def test_manual_module_profile_needs_loss_fn_and_then_equals_autograd(tmp_path):
         np.testing.assert_allclose(got.to_numpy(), want, atol=1e-9, rtol=0)
     assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "it trained"
     assert pm.regime in ("vanishing", "healthy", "exploding")
+
+
+# ------------------------------------------------------------------------------------ resuming
+
+
+# Lightning's note that the resumed Trainer has no ModelCheckpoint like the one that wrote the checkpoint
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning")
+def test_resumed_fit_keeps_running_statistics_and_passes(tmp_path):
+    """``trainer.fit(ckpt_path=...)`` with new monitor instances, from a checkpoint taken mid-run by
+    ModelCheckpoint (steps 10 and 11 still in the monitor's unlogged window): the clip rate, largest
+    norm, passes and verdict cover the whole run, equal to the uninterrupted run's; the checkpoint loads
+    with ``weights_only=True``."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from pipeline import BPTTProfileMonitor, GradientNormMonitor
+
+    def fit(extra=(), ckpt=None):
+        gm = GradientNormMonitor(log_every_n_steps=5)
+        pm = BPTTProfileMonitor("gru", every_n_steps=6)
+        t = trainer(
+            tmp_path,
+            [gm, pm, *extra],
+            max_steps=24,
+            log_every_n_steps=1,
+            gradient_clip_val=0.3,
+            enable_checkpointing=bool(extra),
+        )
+        # one batch an epoch: the resumed fit sees the batches the uninterrupted one saw (Lightning does not
+        # resume a plain DataLoader mid-epoch), so the two runs' numbers can be compared exactly
+        torch.manual_seed(0)
+        t.fit(AccumulatingGRU(), loader(cls_data(n=16)), ckpt_path=ckpt)
+        return gm, pm
+
+    at12 = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=12, save_top_k=-1, filename="{step}")
+    g_ref, p_ref = fit([at12])  # uninterrupted, with a checkpoint at step 12
+    ckpt = tmp_path / "ck" / "step=12.ckpt"
+    state = torch.load(ckpt, weights_only=True)["callbacks"]
+    key = "BPTTProfileMonitor{'rnn': 'gru'}"
+    assert set(state) >= {"GradientNormMonitor", key}
+    assert state["GradientNormMonitor"]["counted"] == 12  # the 10 logged steps and the 2 pending
+    x0 = first_batch(cls_data(n=16))[0].double()
+    assert torch.equal(state[key]["batch"][0], x0)  # the default probe batch: the first one
+    fresh = BPTTProfileMonitor("gru")
+    fresh.load_state_dict(state[key])
+    assert torch.equal(fresh.batch[0], x0) and [q["step"] for q in fresh.passes] == [0, 6, 12]
+
+    g, p = fit(ckpt=str(ckpt))
+    assert len(g.history) == 12  # steps 12..23 here; the statistics below are over all 24
+    ref_rate = g_ref.clip_rate
+    assert 0 < ref_rate < 1 and ref_rate != (g.column("clip_coef") < 1).mean()
+    assert g.clip_rate == pytest.approx(ref_rate, abs=1e-12)
+    assert g.max_norm_preclip == pytest.approx(g_ref.max_norm_preclip, rel=1e-9)
+    assert [q["step"] for q in p.passes] == [q["step"] for q in p_ref.passes] == [0, 6, 12, 18, 24]
+    for got, want in zip(p.passes, p_ref.passes, strict=True):
+        assert got["bptt/log10_ratio"] == pytest.approx(want["bptt/log10_ratio"], rel=1e-9, abs=1e-9)
+    assert sorted(p.profile_frame()["step"].unique()) == [0, 6, 12, 18, 24]
+    assert p.regime == p_ref.regime

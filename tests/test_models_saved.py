@@ -13,7 +13,10 @@ from pipeline.training.run import run
 
 class Capture(pl.Callback):
     def on_train_end(self, trainer, pl_module):
+        from pipeline import GradientNormMonitor
+
         self.module = pl_module
+        self.grads = next(c for c in trainer.callbacks if isinstance(c, GradientNormMonitor))
 
 
 class StopAt(pl.Callback):
@@ -77,7 +80,13 @@ def test_interrupted_train_resumes_the_same_run_exactly(store, tiny):
     from pipeline.cli import main
     from pipeline.training.saved import load_run
 
-    over = {"trainer.max_steps": 40, "diagnostics.profile_every": 0}
+    # clipped on some steps and not on others, so a clip rate counted from the resume would differ
+    over = {
+        "trainer.max_steps": 40,
+        "diagnostics.profile_every": 0,
+        "clip.mode": "norm",
+        "clip.threshold": 0.12,
+    }
     cfg = tiny(**over)
     ref_cap = Capture()
     run(tiny(**over, **{"tracking.enabled": "false"}), callbacks=[ref_cap])  # the uninterrupted reference
@@ -103,6 +112,13 @@ def test_interrupted_train_resumes_the_same_run_exactly(store, tiny):
     assert loaded.source == "model/weights.pt"
     for k, v in ref_cap.module.model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[k], v), k  # same data stream, optimizer state restored
+    # the running statistics came back with the checkpoint: the same as the uninterrupted run's
+    rate = ref_cap.grads.clip_rate
+    assert 0 < rate < 1 and rate != ref_cap.grads.column("clip_coef")[20:].__lt__(1).mean()
+    assert got.data.metrics["grad/clip_rate"] == pytest.approx(rate, abs=1e-12)
+    assert got.data.metrics["grad/max_norm_preclip"] == pytest.approx(
+        ref_cap.grads.max_norm_preclip, rel=1e-12
+    )
 
 
 def test_resume_refusals(store, tiny, capsys):

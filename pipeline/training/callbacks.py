@@ -187,6 +187,9 @@ class ProfileMonitor(BPTTProfileMonitor):
 
     step_type = int
     frame_columns = ("step", "t", "state", "log10_norm")
+    # A resumed run's record restarts its frames at the resume step (README, "Saved models and resuming");
+    # its probe batch is fixed by the config, so there is nothing else to keep.
+    keeps_state = False
 
     def __init__(self, recorder, cfg: Config, task: Task):
         x, y = fixed_batch(task, cfg.diagnostics.probe_size, cfg.seed + 2, "cpu")

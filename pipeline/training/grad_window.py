@@ -120,6 +120,7 @@ class _Window(_Logs):
     log_diverged_step: bool
     diverged_step: int | None
     max_norm_preclip: float | None
+    scaler_skips: int | None
     _pending: list[torch.Tensor]
     _staged: np.ndarray | None
     _rows: list[np.ndarray]
@@ -147,6 +148,33 @@ class _Window(_Logs):
     def clip_rate(self) -> float:
         """Fraction of the (finite) steps so far whose gradient was clipped (clip_coef < 1)."""
         return self._clipped / self._counted if self._counted else 0.0
+
+    # -- in a Lightning checkpoint (Callback.state_dict): the running statistics, so that a run resumed with
+    # trainer.fit(ckpt_path=...) reports its clip rate, largest norm and divergence over all its steps.
+    def state_dict(self) -> dict[str, Any]:
+        """The running statistics up to now, the window not yet logged included (one host transfer, at a
+        checkpoint only): a resume from this checkpoint retrains the steps after it, and counts them then.
+        Plain numbers only, so the checkpoint loads with ``torch.load(weights_only=True)``."""
+        mx, clipped, counted = self.max_norm_preclip, self._clipped, self._counted
+        if self._pending:
+            rows = torch.stack(self._pending).cpu().numpy()
+            mx, c, n = window_stats({f: rows[:, i] for i, f in enumerate(self.fields)}, mx)
+            clipped, counted = clipped + c, counted + n
+        return {
+            "clipped": float(clipped),
+            "counted": int(counted),
+            "max_norm_preclip": None if mx is None else float(mx),
+            "diverged_step": self.diverged_step,
+            "scaler_skips": getattr(self, "scaler_skips", None),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._clipped = float(state_dict.get("clipped", 0.0))
+        self._counted = int(state_dict.get("counted", 0))
+        self.max_norm_preclip = state_dict.get("max_norm_preclip")
+        self.diverged_step = state_dict.get("diverged_step")
+        if state_dict.get("scaler_skips") is not None:
+            self.scaler_skips = int(state_dict["scaler_skips"])
 
     def window_extra(self, col: Mapping[str, np.ndarray]) -> dict[str, Any]:
         """Hook: more metrics from one window's columns (a subclass's extra fields); none here."""

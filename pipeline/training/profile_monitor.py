@@ -89,6 +89,7 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
     """
 
     step_type: type = float  # the type of the "step" entry of each pass
+    keeps_state: bool = True  # passes, frames and the default probe batch go into a Lightning checkpoint
     frame_columns: tuple[str, ...] = ("step", "layer", "t", "state", "log10_norm")
 
     def __init__(
@@ -115,6 +116,33 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         probing.resolve(pl_module, self.rnn)
         probing.check_loss_source(pl_module, self.loss_fn)
+
+    # -- in a Lightning checkpoint: a run resumed with trainer.fit(ckpt_path=...) keeps its earlier passes
+    # (the verdict, `passes`, the profile artifact) and profiles the same batch
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(rnn=self.rnn)  # one state per monitored RNN
+
+    def state_dict(self) -> dict[str, Any]:
+        """Passes, frames, the last pass's step and the probe batch (when it is made of tensors and plain
+        containers): plain values and tensors only, so the checkpoint loads with ``weights_only=True``."""
+        if not self.keeps_state:
+            return {}
+        return {
+            "passes": [{k: _plain(v) for k, v in p.items()} for p in self.passes],
+            "frames": [{c: _column_state(v) for c, v in f.items()} for f in self.frames],
+            "last_step": self._last_step,
+            "batch": self.batch if _plain_data(self.batch) else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self.keeps_state or not state_dict:
+            return
+        self.passes = [dict(p) for p in state_dict.get("passes", [])]
+        self.frames = [{c: _column(v) for c, v in f.items()} for f in state_dict.get("frames", [])]
+        self._last_step = state_dict.get("last_step")
+        if self.batch is None and state_dict.get("batch") is not None:
+            self.batch = state_dict["batch"]
 
     # -- scheduling
     def on_train_start(self, trainer, pl_module) -> None:
@@ -218,6 +246,32 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
             f"{self.rnn}: BPTT profile; regime {self.regime}",
             ylabel=r"$\log_{10}\,\|\partial L/\partial h_t\|$ (top layer)",
         )
+
+
+def _plain(v: Any) -> Any:
+    """A numpy scalar as the Python number it holds (``torch.load(weights_only=True)`` refuses numpy)."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _column_state(v: Any) -> Any:
+    """A frame column for a checkpoint: numbers as a tensor, anything else (the state names) as a list."""
+    a = np.asarray(v)
+    return torch.from_numpy(a.copy()) if a.dtype.kind in "biuf" else [_plain(x) for x in a]
+
+
+def _column(v: Any) -> np.ndarray:
+    return v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+
+
+def _plain_data(obj: Any) -> bool:
+    """Whether ``obj`` is tensors in plain tuples, lists and dicts (what ``weights_only=True`` loads)."""
+    if obj is None or isinstance(obj, (torch.Tensor, str, int, float, bool)):
+        return True
+    if type(obj) in (tuple, list):
+        return all(_plain_data(o) for o in obj)
+    if type(obj) is dict:
+        return all(isinstance(k, (str, int)) and _plain_data(v) for k, v in obj.items())
+    return False
 
 
 # One line style per profile state: h, the LSTM cell state c, and copy's total gradient h_total.

@@ -51,9 +51,9 @@ class RunCheckpoint(pl.Callback):
     """At the end of every validation while fitting: a Lightning checkpoint logged as :data:`CHECKPOINT`.
 
     Its own state (saved in the checkpoint under this class's name, restored by ``trainer.fit(...,
-    ckpt_path=...)``): the running summaries a resumed run must not forget, the largest pre-clip gradient
-    norm (the verdict's input) and the best validation loss. ``mon`` is the run's
-    :class:`pipeline.training.record.Monitors`.
+    ckpt_path=...)``): the best validation loss, which a resumed run must not forget. The gradient
+    monitor keeps its own running statistics (``GradientNormMonitor.state_dict``: the clip rate's counts,
+    the largest pre-clip norm). ``mon`` is the run's :class:`pipeline.training.record.Monitors`.
     """
 
     def __init__(self, rec, mon):
@@ -68,11 +68,12 @@ class RunCheckpoint(pl.Callback):
             self.rec.log_file(p, str(Path(CHECKPOINT).parent))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"max_norm_preclip": self.mon.grads.max_norm_preclip, "val_best": self.mon.val.best}
+        return {"val_best": self.mon.val.best}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.mon.grads.max_norm_preclip = state_dict.get("max_norm_preclip")
         self.mon.val.best = state_dict.get("val_best")
+        if self.mon.grads.max_norm_preclip is None:  # a checkpoint written before the monitor kept it
+            self.mon.grads.max_norm_preclip = state_dict.get("max_norm_preclip")
 
 
 def _download(c, run_id: str, path: str, dst: str) -> Path | None:
