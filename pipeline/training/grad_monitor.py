@@ -1,10 +1,10 @@
 """Clip-aware gradient norms with a divergence guard, for ANY LightningModule (README, "Your own model").
 
 :class:`GradientNormMonitor` measures every step on the device, with one fused reduction per parameter
-group (:func:`group_sq`): the global norm before clipping (``on_before_optimizer_step``, which Lightning
-calls before ``gradient_clip_val`` clipping or the module's ``configure_gradient_clipping``) and after it.
-Lightning runs the optimizer's closure (backward, that hook, clipping) *inside* ``optimizer.step``, so an
-optimizer step *pre*-hook fires before the backward; the post-clip norm is read by a step *post*-hook
+group (:func:`group_sq`): the global norm before clipping (``on_after_backward``, which Lightning calls
+on callbacks before the module's own hook and before ``gradient_clip_val`` clipping or the module's
+``configure_gradient_clipping``) and after it. Lightning runs the optimizer's closure (backward,
+clipping) *inside* ``optimizer.step``, so an optimizer step *pre*-hook fires before the backward; the post-clip norm is read by a step *post*-hook
 instead, on the gradients the update just used (torch's optimizers do not write ``.grad``). One host
 transfer per ``log_every_n_steps`` window; the guard reads one flag per step, since it must decide before
 the update. It logs through every logger the Trainer has (``trainer.loggers``), as Lightning's
@@ -18,7 +18,6 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -33,14 +32,16 @@ GroupsOf = Callable[[nn.Module], Mapping[str, Sequence[nn.Parameter]]]
 
 
 def parameter_groups(module: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Trainable parameters by role: ``weight_ih*`` (input), ``weight_hh*`` (recurrent), ``bias*`` of
-    every nn.RNN / nn.LSTM / nn.GRU; everything else is ``other``. Each parameter once."""
+    """Parameters by role: ``weight_ih*`` (input), ``weight_hh*`` (recurrent), ``bias*`` of every
+    nn.RNN / nn.LSTM / nn.GRU; everything else is ``other``. Each parameter once. Frozen ones too: a
+    parameter unfrozen later (Lightning's ``BackboneFinetuning``) is measured from then on, and one
+    without a gradient adds nothing."""
     groups: dict[str, list[nn.Parameter]] = {g: [] for g in GRAD_GROUPS}
     seen: set[int] = set()
     for mod in module.modules():
         if isinstance(mod, nn.RNNBase):
             for name, p in mod.named_parameters(recurse=False):
-                if id(p) in seen or not p.requires_grad:
+                if id(p) in seen:
                     continue
                 seen.add(id(p))
                 g = (
@@ -54,10 +55,20 @@ def parameter_groups(module: nn.Module) -> dict[str, list[nn.Parameter]]:
                 )
                 groups[g].append(p)
     for p in module.parameters():
-        if id(p) not in seen and p.requires_grad:
+        if id(p) not in seen:
             seen.add(id(p))
             groups["other"].append(p)
     return groups
+
+
+def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The norm of each gradient, one fused reduction: a sparse gradient (``nn.Embedding(sparse=True)``)
+    by its coalesced values; float16 / bfloat16 ones accumulated in float32 (in their own precision the
+    sum is off by ~0.1% and a float16 norm overflows past 65504 while every entry is finite)."""
+    grads = [g.coalesce()._values() if g.is_sparse else g for g in grads]
+    if any(g.dtype in (torch.float16, torch.bfloat16) for g in grads):
+        return torch.stack(torch._foreach_norm(grads, dtype=torch.float32))
+    return torch.stack(torch._foreach_norm(grads))
 
 
 def group_sq(groups: Mapping[str, Sequence[nn.Parameter]], names: Sequence[str]) -> torch.Tensor | None:
@@ -69,9 +80,7 @@ def group_sq(groups: Mapping[str, Sequence[nn.Parameter]], names: Sequence[str])
     if not flat:
         return None
     zero = torch.zeros((), dtype=torch.float64, device=flat[0].device)
-    return torch.stack(
-        [torch.stack(torch._foreach_norm(gs)).double().square().sum() if gs else zero for gs in grads]
-    )
+    return torch.stack([_norms(gs).double().square().sum() if gs else zero for gs in grads])
 
 
 def optimizer_groups(
@@ -114,12 +123,15 @@ class GradientNormMonitor(_Window, pl.Callback):
     gradient (``p.grad = None``, so the optimizer skips them), sets ``trainer.should_stop`` and records
     :attr:`diverged_step`. Per step on the host afterwards: :attr:`history` (rows of :attr:`fields`).
 
-    Each step is measured on the parameters its optimizer updates, with the loss summed over the
-    backward passes before it (since the previous step's) (``accumulate_grad_batches``: the mean micro-batch loss, as
-    Lightning divides each by N). Manual optimization (``automatic_optimization = False``): the
-    module clips before ``optimizer.step()``, so the pre-clip norm is read after each
-    ``self.manual_backward`` (``on_after_backward``; the last one before the step, i.e. the accumulated
-    gradient). With a loss scaler (``precision="16-mixed"``): the loss and manual-mode gradients are
+    Each step is measured on the parameters its optimizer updates (a parameter group added during
+    training included), with the loss summed over the backward passes before it (since the previous
+    step's; ``accumulate_grad_batches``: the mean micro-batch loss, as Lightning divides each by N). The
+    pre-clip norm is read after each backward (``on_after_backward``, which Lightning calls on callbacks
+    before the module's own: the last one before the step sees the accumulated gradient), so clipping
+    anywhere after it is seen: ``gradient_clip_val``, ``configure_gradient_clipping``, the module's
+    ``on_after_backward``, or ``self.clip_gradients`` before ``opt.step()`` in manual optimization
+    (``automatic_optimization = False``). Without a backward through Lightning since the last step
+    (``loss.backward()`` called directly), it is read in ``on_before_optimizer_step``. With a loss scaler (``precision="16-mixed"``): the loss and manual-mode gradients are
     read unscaled, and a non-finite gradient under a finite loss is the scaler's overflow, which skips
     that update and lowers the scale: recorded (non-finite pre-clip norm, NaN after) and counted in
     :attr:`scaler_skips` (``grad/scaler_skips``), not divergence.
@@ -156,23 +168,27 @@ class GradientNormMonitor(_Window, pl.Callback):
         self.sink, self.loss_metric, self.log_diverged_step = sink, loss_metric, log_diverged_step
         self.group_names: tuple[str, ...] = GRAD_GROUPS
         self.fields: tuple[str, ...] = RECORD
-        self.diverged_step: int | None = None
-        self.max_norm_preclip: float | None = None
         self.groups: dict[str, list[nn.Parameter]] = {}
-        self.scaler_skips: int | None = None  # updates the loss scaler skipped (None: no scaler)
-        self._by_opt: dict[int, dict[str, list[nn.Parameter]]] = {}  # id(optimizer) -> its groups
-        self._manual = False
+        self._by_opt: dict[int, tuple[int, dict[str, list[nn.Parameter]]]] = {}  # id -> (n groups, groups)
         self._scaler: Any = None
-        self._backward_sq: dict[int, torch.Tensor | None] = {}  # manual mode: pre-clip, per optimizer
         self._handles: list[Any] = []
+        self._trainer: pl.Trainer | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        """What one fit records (a new ``fit`` starts afresh; a checkpoint's state is restored after)."""
+        self.diverged_step = None
+        self.max_norm_preclip = None
+        self.scaler_skips = None  # updates the loss scaler skipped (None: no scaler)
+        self._backward_sq: dict[int, torch.Tensor | None] = {}  # pre-clip after backward, per optimizer
         self._loss: torch.Tensor | None = None  # summed over the backward passes before this step
         self._stepped = False  # a step came after the last backward: the next backward starts a new sum
         self._pre: torch.Tensor | None = None  # this step's group_sq, until the post-hook
         self._pre_loss: torch.Tensor | None = None
-        self._pending: list[torch.Tensor] = []
-        self._rows: list[np.ndarray] = []
-        self._steps: list[int] = []
-        self._trainer: pl.Trainer | None = None
+        self._pending = []
+        self._staged = None
+        self._rows = []
+        self._steps = []
         # Running clip rate over every (finite) step so far (README, "The MLflow record").
         self._clipped, self._counted = 0.0, 0
 
@@ -182,14 +198,17 @@ class GradientNormMonitor(_Window, pl.Callback):
         self.fields = (*RECORD_HEAD, *extra, *(f"norm_{g}" for g in self.group_names))
 
     # -- wiring
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and self.measures:
+            self._reset()
+
     def on_fit_start(self, trainer, pl_module) -> None:
         self._trainer = trainer
         if not self.measures:
             return
         self.groups = {g: list(ps) for g, ps in self.groups_of(pl_module).items()}
         self.set_groups(list(self.groups))
-        self._by_opt = {id(opt): optimizer_groups(self.groups, opt) for opt in trainer.optimizers}
-        self._manual = not getattr(pl_module, "automatic_optimization", True)
+        self._by_opt = {id(opt): self._optimizer_entry(opt) for opt in trainer.optimizers}
         self._scaler = grad_scaler(trainer)
         if self._scaler is not None and self.scaler_skips is None:
             self.scaler_skips = 0
@@ -202,8 +221,16 @@ class GradientNormMonitor(_Window, pl.Callback):
         self._handles = []
 
     # -- every step (when this monitor measures)
+    def _optimizer_entry(self, optimizer) -> tuple[int, dict[str, list[nn.Parameter]]]:
+        return len(optimizer.param_groups), optimizer_groups(self.groups, optimizer)
+
     def _groups_of(self, optimizer) -> Mapping[str, Sequence[nn.Parameter]]:
-        return self._by_opt.get(id(optimizer), self.groups)
+        entry = self._by_opt.get(id(optimizer))
+        if entry is None:
+            return self.groups
+        if entry[0] != len(optimizer.param_groups):  # add_param_group during training (BackboneFinetuning)
+            entry = self._by_opt[id(optimizer)] = self._optimizer_entry(optimizer)
+        return entry[1]
 
     def on_before_backward(self, trainer, pl_module, loss) -> None:
         if not self.measures:
@@ -216,15 +243,15 @@ class GradientNormMonitor(_Window, pl.Callback):
         self._loss = loss if self._loss is None else self._loss + loss
 
     def on_after_backward(self, trainer, pl_module) -> None:
-        """Manual optimization: the gradient as backward left it, before the module's own clipping."""
-        if not (self.measures and self._manual):
+        """The gradient as backward left it, before any clipping (the module's hooks run after this)."""
+        if not self.measures:
             return
         scale = scale_of(self._scaler) if self._scaler is not None else None
-        for key, groups in self._by_opt.items():
-            sq = group_sq(groups, self.group_names)
+        for opt in trainer.optimizers:
+            sq = group_sq(self._groups_of(opt), self.group_names)
             if sq is not None and scale is not None:
                 sq = sq / torch.as_tensor(scale, dtype=torch.float64, device=sq.device).square()
-            self._backward_sq[key] = sq
+            self._backward_sq[id(opt)] = sq
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self.measures:
@@ -249,7 +276,9 @@ class GradientNormMonitor(_Window, pl.Callback):
             drop_gradients(p for gs in self.groups.values() for p in gs)
             # anything the monitor did not classify
             drop_gradients(p for group in optimizer.param_groups for p in group["params"])
-            self.diverged_step = trainer.global_step
+            # the first non-finite step: Lightning may go on (min_steps), the guard keeping the weights finite
+            if self.diverged_step is None:
+                self.diverged_step = trainer.global_step
             trainer.should_stop = True
             self.push(row, trainer.global_step)
             return

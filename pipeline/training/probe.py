@@ -11,9 +11,10 @@ every step of the top layer and into ``h_n`` / ``c_n``. The walk back through ev
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,18 +57,19 @@ def resolve(module: nn.Module, path: str) -> nn.Module:
     return rnn
 
 
+def _tensor_cpu64(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu()
+    return t.double() if t.is_floating_point() else t.clone()
+
+
 def to_cpu64(obj: Any) -> Any:
-    """A batch moved to the CPU, floating tensors as float64 (tuples, lists and dicts followed)."""
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu()
-        return t.double() if t.is_floating_point() else t.clone()
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
-        return type(obj)(*(to_cpu64(o) for o in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(to_cpu64(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: to_cpu64(v) for k, v in obj.items()}
-    return copy.deepcopy(obj)
+    """A batch moved to the CPU, floating tensors as float64, through the collections Lightning itself
+    moves to a device (tuples, namedtuples, lists, mappings and their subclasses, dataclasses:
+    ``lightning_utilities``' ``apply_to_collection``); other leaves copied."""
+    from lightning_utilities.core.apply_func import apply_to_collection
+
+    moved = apply_to_collection(obj, torch.Tensor, _tensor_cpu64)
+    return moved if moved is not obj else copy.deepcopy(obj)
 
 
 def float64_copy(module: nn.Module) -> nn.Module:
@@ -78,7 +80,13 @@ def float64_copy(module: nn.Module) -> nn.Module:
         ref = getattr(module, attr, None)
         if ref is not None:
             memo[id(ref)] = None  # deepcopy returns None for that object: the run is not copied
-    twin = copy.deepcopy(module, memo)
+    try:
+        twin = copy.deepcopy(module, memo)
+    except Exception as e:  # any object deepcopy refuses, named in one line
+        raise ValueError(
+            f"the profile runs on a float64 copy of {type(module).__name__}, and copy.deepcopy failed: "
+            f"{type(e).__name__}: {e}"
+        ) from None
     twin.to(device="cpu", dtype=torch.float64)
     twin.eval()
     for p in twin.parameters():
@@ -124,6 +132,43 @@ def _loss_of(result: Any, source: str = "training_step") -> torch.Tensor:
 NO_TRAINER_LOG = r"You are trying to `self\.log\(\)` but the `self\.trainer` reference is not registered"
 
 
+@contextlib.contextmanager
+def _isolated() -> Iterator[None]:
+    """Around the copy's loss: float64 as the default dtype (a state the module makes, ``torch.zeros(...)``,
+    meets the float64 copy in its precision), and the random generators it may draw from (input noise,
+    a sampled mask) put back after, so profiling never changes what training draws next (torch's CPU
+    generator; Python's and numpy's global ones)."""
+    import random
+
+    import numpy as np
+
+    dtype, py, npy = torch.get_default_dtype(), random.getstate(), np.random.get_state()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        torch.set_default_dtype(dtype)
+        random.setstate(py)
+        np.random.set_state(npy)
+
+
+def _explained(e: RuntimeError, cls: str, source: str) -> Exception:
+    """The two ways a loss written for a Trainer fails on the detached float64 copy, said in one line."""
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "not attached to a `Trainer`" in msg:
+        return ValueError(
+            f"{cls}.{source} needs its Trainer ({msg}); the profile runs it on a float64 copy without "
+            'one: pass loss_fn=lambda module, batch: <the loss> (README, "Your own model")'
+        )
+    if "dtype" in msg.lower() or "Double" in msg:
+        return ValueError(
+            f"{cls}.{source} mixed float64 and another dtype on the profile's float64 copy ({msg}): make "
+            "the tensors it creates follow the input (x.new_zeros(...), dtype=x.dtype), or pass loss_fn"
+        )
+    return e
+
+
 def _capture(
     twin: nn.Module, target: nn.Module, rnn: str, batch: Any, loss_fn: LossFn | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, Any, list[torch.Tensor | None]]:
@@ -153,10 +198,13 @@ def _capture(
 
     handle = target.register_forward_hook(hook, with_kwargs=True)
     try:
-        with torch.enable_grad(), warnings.catch_warnings():
+        with torch.enable_grad(), warnings.catch_warnings(), _isolated():
             warnings.filterwarnings("ignore", message=NO_TRAINER_LOG, category=UserWarning)
             b = to_cpu64(batch)
-            out = loss_fn(twin, b) if loss_fn is not None else twin.training_step(b, 0)  # type: ignore[operator]
+            try:
+                out = loss_fn(twin, b) if loss_fn is not None else twin.training_step(b, 0)  # type: ignore[operator]
+            except RuntimeError as e:
+                raise _explained(e, type(twin).__name__, source) from e
             loss = _loss_of(out, source)
     finally:
         handle.remove()

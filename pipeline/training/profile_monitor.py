@@ -102,9 +102,14 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
         sink: Sink | None = None,
         loss_fn: probing.LossFn | None = None,
     ):
+        if int(every_n_steps) < 0:
+            raise ValueError(
+                f"every_n_steps must be >= 0 (0: passes at the start and the end only), got {every_n_steps}"
+            )
         self.rnn, self.every_n_steps = rnn, int(every_n_steps)
         self.loss_fn = loss_fn
         self.batch = None if batch is None else probing.to_cpu64(batch)
+        self._batch_given = batch is not None
         self.diagnostics = diagnostics or DiagnosticsConfig()
         self.sink = sink
         self.passes: list[dict[str, Any]] = []  # metrics logged per pass, with "step"
@@ -116,6 +121,10 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         probing.resolve(pl_module, self.rnn)
         probing.check_loss_source(pl_module, self.loss_fn)
+        if stage == "fit":  # a new fit records afresh (a checkpoint's state is restored after this)
+            self.passes, self.frames, self.regime, self._last_step = [], [], None, None
+            if not self._batch_given:
+                self.batch = None
 
     # -- in a Lightning checkpoint: a run resumed with trainer.fit(ckpt_path=...) keeps its earlier passes
     # (the verdict, `passes`, the profile artifact) and profiles the same batch
@@ -219,6 +228,8 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
         from pipeline.training.callbacks import verdict
 
         gm = self._grad_monitor(trainer)
+        if gm is not None:
+            gm.drain(trainer)  # its last window, whichever callback's on_train_end Lightning runs first
         last = next((p for p in reversed(self.passes) if len(p) > 1), None)
         self.regime = verdict(
             gm is not None and gm.diverged_step is not None,
