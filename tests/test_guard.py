@@ -112,10 +112,10 @@ def test_guard_record_names_what_was_non_finite(tiny, where):
     seen = {}
     real_drain = diagnostics.GradientMonitor.drain
 
-    def drain(self):
+    def drain(self, trainer=None):
         if self._pending:
             seen["rows"] = torch.stack(self._pending).cpu()
-        return real_drain(self)
+        return real_drain(self, trainer)
 
     cfg = tiny(**{"tracking.enabled": False, "trainer.log_every": 1})
     with pytest.MonkeyPatch.context() as mp:
