@@ -334,7 +334,8 @@ def test_manual_module_profile_needs_loss_fn_and_then_equals_autograd(tmp_path):
 
 # Lightning's note that the resumed Trainer has no ModelCheckpoint like the one that wrote the checkpoint
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning")
-def test_resumed_fit_keeps_running_statistics_and_passes(tmp_path):
+@pytest.mark.parametrize("at", [12, 9], ids=["at-a-pass", "between-passes"])
+def test_resumed_fit_keeps_running_statistics_and_passes(tmp_path, at):
     """``trainer.fit(ckpt_path=...)`` with new monitor instances, from a checkpoint taken mid-run by
     ModelCheckpoint (steps 10 and 11 still in the monitor's unlogged window): the clip rate, largest
     norm, passes and verdict cover the whole run, equal to the uninterrupted run's; the checkpoint loads
@@ -360,21 +361,22 @@ def test_resumed_fit_keeps_running_statistics_and_passes(tmp_path):
         t.fit(AccumulatingGRU(), loader(cls_data(n=16)), ckpt_path=ckpt)
         return gm, pm
 
-    at12 = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=12, save_top_k=-1, filename="{step}")
-    g_ref, p_ref = fit([at12])  # uninterrupted, with a checkpoint at step 12
-    ckpt = tmp_path / "ck" / "step=12.ckpt"
+    saver = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=at, save_top_k=-1, filename="{step}")
+    g_ref, p_ref = fit([saver])  # uninterrupted, with a checkpoint at step `at`
+    ckpt = tmp_path / "ck" / f"step={at}.ckpt"
     state = torch.load(ckpt, weights_only=True)["callbacks"]
-    key = "BPTTProfileMonitor{'rnn': 'gru'}"
-    assert set(state) >= {"GradientNormMonitor", key}
-    assert state["GradientNormMonitor"]["counted"] == 12  # the 10 logged steps and the 2 pending
+    key = "BPTTProfileMonitor{'rnn': 'gru', 'every_n_steps': 6}"
+    gkey = "GradientNormMonitor{'log_every_n_steps': 5, 'loss_metric': None}"
+    assert set(state) >= {gkey, key}
+    assert state[gkey]["counted"] == at  # the logged steps and the pending ones (steps 10-11, or 5-8)
     x0 = first_batch(cls_data(n=16))[0].double()
     assert torch.equal(state[key]["batch"][0], x0)  # the default probe batch: the first one
     fresh = BPTTProfileMonitor("gru")
     fresh.load_state_dict(state[key])
-    assert torch.equal(fresh.batch[0], x0) and [q["step"] for q in fresh.passes] == [0, 6, 12]
+    assert torch.equal(fresh.batch[0], x0) and [q["step"] for q in fresh.passes] == [0, 6, 12][: 1 + at // 6]
 
     g, p = fit(ckpt=str(ckpt))
-    assert len(g.history) == 12  # steps 12..23 here; the statistics below are over all 24
+    assert len(g.history) == 24 - at  # the steps from `at` on here; the statistics below are over all 24
     ref_rate = g_ref.clip_rate
     assert 0 < ref_rate < 1 and ref_rate != (g.column("clip_coef") < 1).mean()
     assert g.clip_rate == pytest.approx(ref_rate, abs=1e-12)
@@ -440,7 +442,7 @@ def test_training_step_that_reads_its_trainer_is_named_and_loss_fn_profiles_it(t
 
     model, batch = StateInside(reads_trainer=True), first_batch(cls_data())
     with pytest.raises(
-        ValueError, match=r"^StateInside\.training_step needs its Trainer .*pass loss_fn="
+        ValueError, match=r"^StateInside training_step needs its Trainer .*pass loss_fn="
     ) as e:
         profile_rnn(model, "gru", batch)
     assert "\n" not in str(e.value)
@@ -652,3 +654,76 @@ def test_a_second_fit_records_afresh_and_bad_every_n_steps(tmp_path):
         )
         assert [p["step"] for p in pm.passes] == [0, 4, 8] and len(gm.history) == 8
         assert sorted(pm.profile_frame()["step"].unique()) == [0, 4, 8]
+
+
+def test_two_monitors_of_a_kind_share_a_trainer_and_keep_their_own_state(tmp_path):
+    """Lightning refuses two stateful callbacks with one ``state_key``: the keys name the settings."""
+    from pipeline import BPTTProfileMonitor, GradientNormMonitor
+
+    torch.manual_seed(0)
+    fine, coarse = GradientNormMonitor(log_every_n_steps=1), GradientNormMonitor(log_every_n_steps=4)
+    p2, p4 = BPTTProfileMonitor("gru", every_n_steps=2), BPTTProfileMonitor("gru", every_n_steps=4)
+    t = trainer(tmp_path, [fine, coarse, p2, p4], max_steps=8, log_every_n_steps=1)
+    t.fit(AccumulatingGRU(), loader(cls_data()))
+    np.testing.assert_array_equal(fine.column("norm_preclip"), coarse.column("norm_preclip"))
+    assert [q["step"] for q in p2.passes] == [0, 2, 4, 6, 8] and [q["step"] for q in p4.passes] == [0, 4, 8]
+    assert len({c.state_key for c in (fine, coarse, p2, p4)}) == 4
+
+
+def test_a_gradient_non_finite_at_scale_one_is_divergence_not_the_scalers(tmp_path):
+    """A NaN gradient under a finite loss on every step: the scaler halves 16 -> 1 skipping 4 updates;
+    at scale 1 the gradient is non-finite unscaled, which is divergence."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    from pipeline import GradientNormMonitor
+
+    class NaNGrad(ScaledGRU):
+        def __init__(self):
+            super().__init__(manual=False)
+            self.out.weight.register_hook(lambda g: g * float("nan"))
+
+    torch.manual_seed(0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    gm = GradientNormMonitor(log_every_n_steps=5)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    t = trainer(tmp_path, [gm], max_steps=30, log_every_n_steps=1, plugins=[plugin])
+    t.fit(NaNGrad(), loader(cls_data()))
+    assert gm.scaler_skips == 4 and gm.diverged_step == 4 and t.global_step == 5
+
+
+def test_a_group_mixing_float64_and_bfloat16_gradients(tmp_path):
+    from pipeline import GradientNormMonitor
+
+    class Mixed(AccumulatingGRU):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones((), dtype=torch.float64))
+
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) * self.scale.float()
+
+    torch.manual_seed(0)
+    model = Mixed()
+    model.gru.to(torch.bfloat16)
+    model.out.to(torch.bfloat16)
+    ref, gm = PreStep(), GradientNormMonitor(log_every_n_steps=4)
+
+    class Cast(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            batch[0].data = batch[0].data.to(torch.bfloat16)
+
+    trainer(tmp_path, [Cast(), ref, gm], max_steps=4, log_every_n_steps=1).fit(model, loader(cls_data()))
+    assert {p.grad.dtype for p in model.parameters()} == {torch.float64, torch.bfloat16}
+    np.testing.assert_allclose(gm.column("norm_preclip"), ref.pre, rtol=2e-7)
+
+
+def test_an_unrelated_runtime_error_in_training_step_is_not_relabelled():
+    from pipeline import profile_rnn
+
+    class Fails(AccumulatingGRU):
+        def training_step(self, batch, batch_idx):
+            super().training_step(batch, batch_idx)
+            raise RuntimeError("one of the variables needed was modified: [torch.DoubleTensor [4]]")
+
+    with pytest.raises(RuntimeError, match="modified: .torch.DoubleTensor"):
+        profile_rnn(Fails(), "gru", first_batch(cls_data()))

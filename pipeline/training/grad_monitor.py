@@ -66,9 +66,13 @@ def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
     by its coalesced values; float16 / bfloat16 ones accumulated in float32 (in their own precision the
     sum is off by ~0.1% and a float16 norm overflows past 65504 while every entry is finite)."""
     grads = [g.coalesce()._values() if g.is_sparse else g for g in grads]
-    if any(g.dtype in (torch.float16, torch.bfloat16) for g in grads):
-        return torch.stack(torch._foreach_norm(grads, dtype=torch.float32))
-    return torch.stack(torch._foreach_norm(grads))
+    half = [g.dtype in (torch.float16, torch.bfloat16) for g in grads]
+    if not any(half):
+        return torch.stack(torch._foreach_norm(grads))
+    low = iter(torch._foreach_norm([g for g, h in zip(grads, half, strict=True) if h], dtype=torch.float32))
+    rest = [g for g, h in zip(grads, half, strict=True) if not h]
+    other = iter(torch._foreach_norm(rest) if rest else [])
+    return torch.stack([(next(low) if h else next(other)).double() for h in half])  # a mixed list
 
 
 def group_sq(groups: Mapping[str, Sequence[nn.Parameter]], names: Sequence[str]) -> torch.Tensor | None:
@@ -132,9 +136,10 @@ class GradientNormMonitor(_Window, pl.Callback):
     ``on_after_backward``, or ``self.clip_gradients`` before ``opt.step()`` in manual optimization
     (``automatic_optimization = False``). Without a backward through Lightning since the last step
     (``loss.backward()`` called directly), it is read in ``on_before_optimizer_step``. With a loss scaler (``precision="16-mixed"``): the loss and manual-mode gradients are
-    read unscaled, and a non-finite gradient under a finite loss is the scaler's overflow, which skips
-    that update and lowers the scale: recorded (non-finite pre-clip norm, NaN after) and counted in
-    :attr:`scaler_skips` (``grad/scaler_skips``), not divergence.
+    read unscaled, and a non-finite gradient under a finite loss while the scale is above 1 is the
+    scaler's overflow, which skips that update and lowers the scale: recorded (non-finite pre-clip norm,
+    NaN after) and counted in :attr:`scaler_skips` (``grad/scaler_skips``), not divergence. At a scale
+    of 1 or below the gradient is non-finite unscaled: divergence, as without a scaler.
 
     The project's own trainer is a configuration of this class
     (:class:`pipeline.training.callbacks.GradientMonitor`); the hooks are:
@@ -268,8 +273,13 @@ class GradientNormMonitor(_Window, pl.Callback):
             nan = pre.new_tensor(math.nan)
             row = torch.stack([loss, pre, nan, nan, *sq.sqrt()])
             self._pre = None
-            if self._scaler is not None and bool(torch.isfinite(loss)):
-                # the scaler's overflow: it skips this update and lowers the scale (torch.amp.GradScaler)
+            if (
+                self._scaler is not None
+                and bool(torch.isfinite(loss))
+                and float(scale_of(self._scaler)) > 1.0
+            ):
+                # the scaler's overflow: it skips this update and lowers the scale (torch.amp.GradScaler).
+                # At a scale of 1 or below the gradient is non-finite unscaled: divergence (below).
                 self.scaler_skips = (self.scaler_skips or 0) + 1
                 self.push(row, trainer.global_step)
                 return

@@ -151,6 +151,16 @@ class _Window(_Logs):
 
     # -- in a Lightning checkpoint (Callback.state_dict): the running statistics, so that a run resumed with
     # trainer.fit(ckpt_path=...) reports its clip rate, largest norm and divergence over all its steps.
+    @property
+    def state_key(self) -> str:
+        """Lightning's key for this state: two monitors with different windows or loss names can share a
+        Trainer (two alike cannot: Lightning refuses two stateful callbacks with one key)."""
+        keys = {
+            "log_every_n_steps": getattr(self, "log_every_n_steps", None),
+            "loss_metric": self.loss_metric,
+        }
+        return self._generate_state_key(**keys)  # type: ignore[attr-defined]
+
     def state_dict(self) -> dict[str, Any]:
         """The running statistics up to now, the window not yet logged included (one host transfer, at a
         checkpoint only): a resume from this checkpoint retrains the steps after it, and counts them then.

@@ -65,7 +65,8 @@ def _tensor_cpu64(t: torch.Tensor) -> torch.Tensor:
 def to_cpu64(obj: Any) -> Any:
     """A batch moved to the CPU, floating tensors as float64, through the collections Lightning itself
     moves to a device (tuples, namedtuples, lists, mappings and their subclasses, dataclasses:
-    ``lightning_utilities``' ``apply_to_collection``); other leaves copied."""
+    ``lightning_utilities``' ``apply_to_collection``, which rebuilds the collections around new tensors
+    and keeps their other leaves: strings, numbers, arrays); anything else deep-copied."""
     from lightning_utilities.core.apply_func import apply_to_collection
 
     moved = apply_to_collection(obj, torch.Tensor, _tensor_cpu64)
@@ -86,7 +87,7 @@ def float64_copy(module: nn.Module) -> nn.Module:
         raise ValueError(
             f"the profile runs on a float64 copy of {type(module).__name__}, and copy.deepcopy failed: "
             f"{type(e).__name__}: {e}"
-        ) from None
+        ) from e
     twin.to(device="cpu", dtype=torch.float64)
     twin.eval()
     for p in twin.parameters():
@@ -156,14 +157,19 @@ def _isolated() -> Iterator[None]:
 def _explained(e: RuntimeError, cls: str, source: str) -> Exception:
     """The two ways a loss written for a Trainer fails on the detached float64 copy, said in one line."""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    low = msg.lower()
     if "not attached to a `Trainer`" in msg:
-        return ValueError(
-            f"{cls}.{source} needs its Trainer ({msg}); the profile runs it on a float64 copy without "
-            'one: pass loss_fn=lambda module, batch: <the loss> (README, "Your own model")'
+        fix = (
+            "loss_fn must not use it"
+            if source == "loss_fn"
+            else 'pass loss_fn=lambda module, batch: <the loss> (README, "Your own model")'
         )
-    if "dtype" in msg.lower() or "Double" in msg:
         return ValueError(
-            f"{cls}.{source} mixed float64 and another dtype on the profile's float64 copy ({msg}): make "
+            f"{cls} {source} needs its Trainer ({msg}); the profile runs it on a float64 copy without one: {fix}"
+        )
+    if "dtype" in low or "scalar type" in low:
+        return ValueError(
+            f"{cls} {source} mixed float64 and another dtype on the profile's float64 copy ({msg}): make "
             "the tensors it creates follow the input (x.new_zeros(...), dtype=x.dtype), or pass loss_fn"
         )
     return e

@@ -130,7 +130,7 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
     # (the verdict, `passes`, the profile artifact) and profiles the same batch
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(rnn=self.rnn)  # one state per monitored RNN
+        return self._generate_state_key(rnn=self.rnn, every_n_steps=self.every_n_steps)
 
     def state_dict(self) -> dict[str, Any]:
         """Passes, frames, the last pass's step and the probe batch (when it is made of tensors and plain
@@ -154,15 +154,18 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
             self.batch = state_dict["batch"]
 
     # -- scheduling
+    # The first pass, before the first update; none at a resume step when a checkpoint's passes came back
+    # (the schedule goes on from them, as in the uninterrupted run).
     def on_train_start(self, trainer, pl_module) -> None:
         self._trainer = trainer
-        if self.batch is not None:
+        if self.batch is not None and not self.passes:
             self.measure(trainer, pl_module)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.batch is None:
             self.batch = probing.to_cpu64(batch)
-            self.measure(trainer, pl_module)
+            if not self.passes:
+                self.measure(trainer, pl_module)
 
     def stopping(self, trainer, pl_module) -> bool:
         """No scheduled pass once training is stopping (the last pass still runs at train end)."""
