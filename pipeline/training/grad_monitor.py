@@ -4,8 +4,9 @@
 group (:func:`group_sq`): the global norm before clipping (``on_after_backward``, which Lightning calls
 on callbacks before the module's own hook and before ``gradient_clip_val`` clipping or the module's
 ``configure_gradient_clipping``) and after it. Lightning runs the optimizer's closure (backward,
-clipping) *inside* ``optimizer.step``, so an optimizer step *pre*-hook fires before the backward; the post-clip norm is read by a step *post*-hook
-instead, on the gradients the update just used (torch's optimizers do not write ``.grad``). One host
+clipping) *inside* ``optimizer.step``, so an optimizer step *pre*-hook fires before the backward; the
+post-clip norm is read by a step *post*-hook instead, on the gradients the update just used (torch's
+optimizers do not write ``.grad``). One host
 transfer per ``log_every_n_steps`` window; the guard reads one flag per step, since it must decide before
 the update. It logs through every logger the Trainer has (``trainer.loggers``), as Lightning's
 LearningRateMonitor, or through a ``sink`` (the project's Recorder). The project's own trainer uses it as
@@ -134,12 +135,13 @@ class GradientNormMonitor(_Window, pl.Callback):
     before the module's own: the last one before the step sees the accumulated gradient), so clipping
     anywhere after it is seen: ``gradient_clip_val``, ``configure_gradient_clipping``, the module's
     ``on_after_backward``, or ``self.clip_gradients`` before ``opt.step()`` in manual optimization
-    (``automatic_optimization = False``). Without a backward through Lightning since the last step
-    (``loss.backward()`` called directly), it is read in ``on_before_optimizer_step``. With a loss scaler (``precision="16-mixed"``): the loss and manual-mode gradients are
-    read unscaled, and a non-finite gradient under a finite loss while the scale is above 1 is the
-    scaler's overflow, which skips that update and lowers the scale: recorded (non-finite pre-clip norm,
-    NaN after) and counted in :attr:`scaler_skips` (``grad/scaler_skips``), not divergence. At a scale
-    of 1 or below the gradient is non-finite unscaled: divergence, as without a scaler.
+    (``automatic_optimization = False``). Without a backward through Lightning since the optimizer's
+    last step (``loss.backward()`` called directly), it is read in ``on_before_optimizer_step``. With a
+    loss scaler (``precision="16-mixed"``): the loss and the gradients are read unscaled, and a non-finite
+    gradient under a finite loss while the scale is above 1 is the scaler's overflow, which skips that
+    update and lowers the scale: recorded (non-finite pre-clip norm, NaN after) and counted in
+    :attr:`scaler_skips` (``grad/scaler_skips``), not divergence. At a scale of 1 or below the gradient
+    is non-finite unscaled: divergence, as without a scaler.
 
     The project's own trainer is a configuration of this class
     (:class:`pipeline.training.callbacks.GradientMonitor`); the hooks are:
