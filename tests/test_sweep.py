@@ -63,9 +63,20 @@ def sweep_env() -> dict[str, str]:
 
 
 def run_sweep_cli(cfg: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        sweep_cmd(cfg, *extra), capture_output=True, text=True, timeout=timeout, env=sweep_env()
-    )
+    try:
+        return subprocess.run(
+            sweep_cmd(cfg, *extra), capture_output=True, text=True, timeout=timeout, env=sweep_env()
+        )
+    except subprocess.TimeoutExpired as e:
+        # what a hang needs to be diagnosed: the journal's lock files, the processes still alive, stderr
+        # (seen once, 2026-12-05, under heavy load: a resume waiting on optuna/t.journal.lock for 300 s)
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        locks = {str(p): os.path.realpath(p) for p in Path("optuna").glob("*.lock*")}
+        ps = subprocess.run(["ps", "-eo", "pid,pgid,etimes,stat,args"], capture_output=True, text=True).stdout
+        alive = "\n".join(ln for ln in ps.splitlines() if "pipeline" in ln or "forkserver" in ln)
+        pytest.fail(
+            f"sweep still running after {timeout} s; locks {locks}\n{alive}\nstderr tail:\n{err[-4000:]}"
+        )
 
 
 def load_study(name: str = "t", path: str = "optuna/t.journal"):
