@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -215,6 +216,58 @@ def test_torn_last_journal_record_is_recovered_and_trials_count_right(tmp_path):
     c = counts(study)
     assert c["done"] == 3 and c["running"] == 0, c
     assert (tmp_path / "optuna" / "t.journal.torn").is_file()
+
+
+HOLD_AND_DIE = """
+import os, signal
+from pipeline.sweep.stores import open_storage
+from pipeline.uris import study_storage
+storage = open_storage(study_storage("t", None))
+storage._backend._lock.acquire()  # Optuna's journal lock, as an append takes it
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize("left_by", ["this-version", "an-earlier-version"])
+def test_a_journal_lock_left_by_a_killed_process_is_broken_and_the_sweep_resumes(tmp_path, left_by):
+    """Optuna's journal lock is a symlink ``<journal>.lock``; a process killed while holding it (kill -9
+    mid-append) leaves it. This version's link targets the journal's absolute path, so Optuna breaks it
+    after its 30 s grace period; an earlier version's relative target dangles, Optuna could never break
+    it (a resume waited forever), and the sweep removes it with one warning line."""
+    from pipeline.sweep.study import counts
+
+    cfg = sweep_file(tmp_path)
+    first = cli("sweep", "--config", str(cfg), cwd=tmp_path, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    journal = tmp_path / "optuna" / "t.journal"
+    lock = Path(f"{journal}.lock")
+    if (
+        left_by == "this-version"
+    ):  # a process that opened the journal as the sweep does, killed holding the lock
+        killed = subprocess.run(
+            [sys.executable, "-c", HOLD_AND_DIE],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    else:
+        os.symlink("optuna/t.journal", lock)  # an earlier version's link: a relative target
+    assert lock.is_symlink()
+    r = cli("sweep", "--config", str(cfg), "n_trials=3", cwd=tmp_path, timeout=150)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stale = [ln for ln in r.stderr.splitlines() if "stale lock" in ln]
+    assert len(stale) == (left_by == "an-earlier-version"), stale
+    assert not lock.is_symlink()
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    study = optuna.load_study(study_name="t", storage=JournalStorage(JournalFileBackend(str(journal))))
+    c = counts(study)
+    assert c["done"] == 3 and c["running"] == 0, c
 
 
 def test_corrupt_journal_record_in_the_middle_is_one_line(tmp_path):

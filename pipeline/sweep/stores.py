@@ -44,9 +44,30 @@ def open_storage(
         )
     from optuna.storages.journal import JournalFileBackend
 
-    path = journal_file(url)
+    path = journal_path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def journal_path(url: str) -> Path:
+    """The journal's absolute path. Optuna's journal lock is a symlink ``<journal>.lock`` whose target is
+    the path it was given, and it breaks a lock held longer than its grace period (30 s) only when it can
+    stat that target. A relative target (``optuna/t.journal``) resolves beside the link, to
+    ``optuna/optuna/t.journal``, which does not exist: the lock of a process killed while holding it was
+    then never broken, and a resume waited forever (measured: still waiting after 300 s)."""
+    return Path(os.path.abspath(journal_file(url)))
+
+
+def _drop_dangling_lock(path: Path, warn: Any) -> None:
+    """A ``<journal>.lock`` symlink whose target does not exist is no live lock: this version's locks
+    point at the journal itself. It is one an earlier version left when its process was killed while
+    holding it (a relative target, see :func:`journal_path`), which Optuna would wait on forever."""
+    lock = Path(f"{path}.lock")
+    if lock.is_symlink() and not lock.exists():
+        lock.unlink(missing_ok=True)
+        print(
+            f"warning: removed the stale lock {lock} of the optuna journal (its holder was killed)", file=warn
+        )
 
 
 def _journal_error(path: Path, problem: str):
@@ -89,7 +110,9 @@ def repair_journal(path: Path, warn=None) -> int:
 
     if not path.is_file() or path.stat().st_size == 0:
         return 0
-    lock = JournalFileSymlinkLock(str(path))
+    target = os.path.abspath(path)  # the lock's target (journal_path); messages name the path as given
+    _drop_dangling_lock(Path(target), warn or sys.stderr)
+    lock = JournalFileSymlinkLock(target)
     lock.acquire()
     try:
         data = path.read_bytes()
