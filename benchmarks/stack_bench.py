@@ -238,16 +238,18 @@ def update_bench(
     return rows
 
 
-def record_split(device: str, k: int, steps: int = 300) -> dict:
+def record_split(device: str, k: int, steps: int = 300, reuse_figures: bool = True) -> dict:
     """Where a recorded stack's wall time goes, without a profiler (cProfile inflated the Python-heavy
     parts, the figures and MLflow, by about half on the 2-core machine): ``run_stack`` of ``k`` members of
     the default sweep recorded to a fresh sqlite store, with wall-clock timers around a member's record at
     its start and its end, and in those around the figures, the frames, the tag writes and the run's
-    close. Seconds per trial each; ``training`` is the rest (steps, validation, profile passes)."""
+    close. Seconds per trial each; ``training`` is the rest (steps, validation, profile passes).
+    ``reuse_figures=False``: each figure drawn on a new one, as before ``pipeline.plots.reused_run_figures``."""
+    import contextlib
     import functools
     import tempfile
 
-    from pipeline import tracking
+    from pipeline import plots, tracking
     from pipeline.training import record, stacked
 
     spent: dict[str, float] = {}
@@ -279,6 +281,9 @@ def record_split(device: str, k: int, steps: int = 300) -> dict:
             (tracking.Recorder, "close", "of which close"),
         ]:
             timed(owner, name, key)
+        if not reuse_figures:
+            saved.append((plots, "reused_run_figures", plots.reused_run_figures))
+            plots.reused_run_figures = contextlib.nullcontext
         try:
             t = time.perf_counter()
             stacked.run_stack([default_member(i, steps, device, store) for i in range(k)])
@@ -290,6 +295,7 @@ def record_split(device: str, k: int, steps: int = 300) -> dict:
         "device": device,
         "K": k,
         "steps": steps,
+        "figures": "reused" if reuse_figures else "new",
         "wall_s": round(wall, 2),
         "s_per_trial": round(wall / k, 3),
     }
@@ -304,8 +310,13 @@ if __name__ == "__main__":
 
     if sys.argv[1:2] == ["--profile"]:  # python -m benchmarks.stack_bench --profile DEVICE K
         print(host_profile(sys.argv[2], int(sys.argv[3])))
-    elif sys.argv[1:2] == ["--split"]:  # python -m benchmarks.stack_bench --split DEVICE K
-        record_split(sys.argv[2], int(sys.argv[3]))
+    elif sys.argv[1:2] == ["--split"]:  # python -m benchmarks.stack_bench --split DEVICE K [ROUNDS]
+        # with ROUNDS: figures reused and new, interleaved ROUNDS times (README, "Batched trials")
+        for _ in range(int(sys.argv[4]) if len(sys.argv) > 4 else 0):
+            record_split(sys.argv[2], int(sys.argv[3]), reuse_figures=False)
+            record_split(sys.argv[2], int(sys.argv[3]))
+        if len(sys.argv) <= 4:
+            record_split(sys.argv[2], int(sys.argv[3]))
     elif sys.argv[1:2] == ["--kernels"]:  # python -m benchmarks.stack_bench --kernels DEVICE CELL K[,K...]
         kernel_rows(sys.argv[2], sys.argv[3], [int(k) for k in sys.argv[4].split(",")])
     elif sys.argv[1:2] == ["--update"]:  # python -m benchmarks.stack_bench --update DEVICE K [STEPS]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Iterable
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +38,7 @@ __all__ = [
     "outcome",
     "plt",
     "positive",
+    "reused_run_figures",
     "run_summary",
     "wrap_title",
 ]
@@ -60,10 +63,69 @@ RUN_MARGINS = {"left": 0.9, "right": 2.15, "bottom": 0.6, "top": 0.25}  # right:
 TITLE_LINE = 0.19  # inches per wrapped title line at fontsize 10
 
 
+# Per thread: how many reused_run_figures() blocks are open, and height -> the (figure, axes) run_figure
+# hands out again inside them (kept for the thread's life: two figures of a run, about 10 MB with their
+# renderers' buffers).
+_pool = threading.local()
+
+
+@contextmanager
+def reused_run_figures() -> Iterator[None]:
+    """While active (in this thread), :func:`run_figure` hands out one figure per height again and again,
+    its axes emptied to a new figure's state, instead of building a new one: the PNG is the same bytes
+    (tests/test_diagnostics.py), and a figure drawn on axes whose ticks, renderer and parsed mathtext
+    already exist costs about 60% of a new one (README, "Batched trials": a sweep draws two figures per
+    trial). For figures saved and dropped at once, as a run's record does (:mod:`pipeline.training.record`);
+    a figure handed out here must not be kept past the next :func:`run_figure` call in the thread."""
+    _pool.depth = getattr(_pool, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _pool.depth -= 1
+
+
+def _new_state(ax: Any) -> None:
+    """Empty ``ax`` to the state of a new axes, keeping its ticks: the data artists and the legend gone,
+    the colour cycle at its start, the data limits to be replaced, the view (0, 1), autoscaling on, linear scales, no labels, no grid."""
+    from matplotlib.transforms import Bbox
+
+    for artist in [*ax.lines, *ax.patches, *ax.collections, *ax.texts, *ax.images]:
+        artist.remove()
+    if ax.get_legend() is not None:
+        ax.get_legend().remove()
+    for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+        if scale != "linear":
+            (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("linear")
+    ax.set_prop_cycle(None)
+    ax.ignore_existing_data_limits = True  # the next drawing's limits replace the data limits, as when new
+    ax.viewLim.set_points(Bbox.unit().get_points())  # not autoscaled until something is drawn, as when new
+    ax.set_autoscale_on(True)
+    ax.set_xlabel("")
+    ax.set_ylabel("")
+    ax.grid(False, which="both")
+
+
+def _figure(height: float) -> tuple[Any, Any]:
+    if not getattr(_pool, "depth", 0):
+        return plt.subplots(figsize=(MIN_WIDTH, height), dpi=DPI)
+    pool = _pool.__dict__.setdefault("figures", {})
+    if height not in pool:  # outside pyplot: plt.close leaves it, and no window manager keeps it
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(MIN_WIDTH, height), dpi=DPI)
+        FigureCanvasAgg(fig)
+        pool[height] = (fig, fig.subplots())
+    fig, ax = pool[height]
+    _new_state(ax)
+    return fig, ax
+
+
 def run_figure(height: float, title: str) -> tuple[Any, Any]:
     """A one-panel figure of a run with fixed margins: the legend to the right of the axes (loc
-    "upper left" at (1.01, 1)), ``title`` wrapped to the width above them."""
-    fig, ax = plt.subplots(figsize=(MIN_WIDTH, height), dpi=DPI)
+    "upper left" at (1.01, 1)), ``title`` wrapped to the width above them. Inside :func:`reused_run_figures`
+    the same figure again for the same height."""
+    fig, ax = _figure(height)
     text = wrap_title(title, fig)
     m = RUN_MARGINS
     top = m["top"] + TITLE_LINE * (text.count("\n") + 1)

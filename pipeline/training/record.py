@@ -195,22 +195,22 @@ def log_artifacts(rec, cfg: Config, task, mon: Monitors, summary: Summary) -> No
         rec.log_frame(df, "diagnostics/grad_norms.parquet", csv=True)
     if not (cfg.diagnostics.plots and cfg.tracking.enabled):
         return
-    from pipeline.plots import plt
+    from pipeline.plots import reused_run_figures
 
     m = cfg.model
     title = f"{cfg.task.name} T={cfg.task.seq_len} {m.cell} {m.init} g={m.init_scale:g}: {summary.title}"
-    fig = dg.plot_profile(frame, task, title)
-    rec.log_figure(fig, "plots/bptt_profile.png")
-    plt.close(fig)
-    if len(hist):
-        thr = cfg.clip.threshold if cfg.clip.mode == "norm" else None
-        fig = dg.plot_grad_norms(
-            grads.steps[: len(hist)],
-            grads.column("norm_preclip"),
-            grads.column("norm_postclip"),
-            thr,
-            title,
-            skipped=grads.column("skipped") > 0,
-        )
-        rec.log_figure(fig, "plots/grad_norms.png")
-        plt.close(fig)
+    # One figure per kind for every run this process records (a sweep worker records thousands): saved at
+    # once and never kept, so reusing them draws the same bytes at about 60% of the cost.
+    with reused_run_figures():
+        rec.log_figure(dg.plot_profile(frame, task, title), "plots/bptt_profile.png")
+        if len(hist):
+            thr = cfg.clip.threshold if cfg.clip.mode == "norm" else None
+            fig = dg.plot_grad_norms(
+                grads.steps[: len(hist)],
+                grads.column("norm_preclip"),
+                grads.column("norm_postclip"),
+                thr,
+                title,
+                skipped=grads.column("skipped") > 0,
+            )
+            rec.log_figure(fig, "plots/grad_norms.png")

@@ -1,0 +1,144 @@
+"""A run's two figures drawn on reused axes (``pipeline.plots.reused_run_figures``, as a sweep worker draws
+them for every trial) are the very PNG bytes a new figure draws, whatever was drawn on the axes before."""
+
+import io
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.plots import plt, reused_run_figures, run_figure
+from pipeline.training.callbacks import plot_grad_norms
+from pipeline.training.profile_monitor import profile_figure
+
+SHORT = "adding T=50 tanh orthogonal g=1: healthy gradients; val loss 0.02 x baseline: solved"
+LONG = (
+    "copy T=120 lstm xavier g=1.35: exploding gradients; val loss 0.98 x baseline: learned nothing, "
+    "and a title long enough to wrap onto a second and a third line of the figure's width"
+)
+
+
+def profile_frame(
+    states: tuple[str, ...], steps: int, T: int, seed: int, holes: bool = False
+) -> pd.DataFrame:
+    """A long-format profile frame (step, t, state, log10_norm) as ProfileMonitor.profile_frame gives it."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for s in np.linspace(0, 300, steps).round().astype(int):
+        slope = rng.uniform(-0.1, 0.05)
+        for state in states:
+            y = slope * (T - np.arange(1, T + 1)) + rng.normal(0, 0.05, T) + (0.3 if state == "c" else 0.0)
+            if holes:  # a gradient that never reaches the first steps, and one that overflowed
+                y[:3] = -np.inf
+                y[-1] = np.nan
+            rows += [(int(s), t + 1, state, float(v)) for t, v in enumerate(y)]
+    return pd.DataFrame(rows, columns=["step", "t", "state", "log10_norm"])
+
+
+def norms(n: int, seed: int, bad: bool = False):
+    rng = np.random.default_rng(seed)
+    pre = np.exp(rng.normal(0, 1.5, n))
+    if bad:
+        pre[[5, 9]] = [np.inf, np.nan]
+        pre[12] = 0.0
+    skipped = np.zeros(n, dtype=bool)
+    if bad:
+        skipped[[5, 20, 30]] = True
+    return np.arange(n) * 3, pre, np.minimum(pre, 1.0), skipped
+
+
+def draw(case: str):
+    """One of the figures a run records, by name; each differs from the others in what state it leaves."""
+    if case == "profile tanh":
+        return profile_figure(profile_frame(("h",), 7, 50, 0), SHORT, None)
+    if case == "profile lstm, window shaded":
+        return profile_figure(profile_frame(("h", "c"), 3, 80, 1), LONG, (60, 80))
+    if case == "profile copy, holes":
+        return profile_figure(profile_frame(("h", "h_total"), 9, 40, 2, holes=True), SHORT, (31, 40))
+    if case == "profile empty":
+        return profile_figure(profile_frame((), 1, 10, 3), SHORT, None)
+    steps, pre, post, skipped = norms(300, 4)
+    if case == "norms clipped":
+        return plot_grad_norms(steps, pre, post, 1.0, SHORT)
+    if case == "norms unclipped, long title":
+        return plot_grad_norms(steps[:40], pre[:40] * 1e4, pre[:40] * 1e4, None, LONG)
+    if case == "norms skipped, non-finite":
+        steps, pre, post, skipped = norms(50, 5, bad=True)
+        return plot_grad_norms(steps, pre, post, 0.5, SHORT, skipped=skipped)
+    raise AssertionError(case)
+
+
+CASES = [
+    "profile tanh",
+    "profile lstm, window shaded",
+    "profile copy, holes",
+    "profile empty",
+    "norms clipped",
+    "norms unclipped, long title",
+    "norms skipped, non-finite",
+]
+
+
+def png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def fresh() -> dict[str, bytes]:
+    out = {}
+    for case in CASES:
+        fig = draw(case)
+        out[case] = png(fig)
+        plt.close(fig)
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_reused_figures_draw_the_bytes_of_new_ones_in_any_order(fresh, seed):
+    order = list(np.random.default_rng(seed).permutation(CASES * 2))
+    with reused_run_figures():
+        for case in order:
+            assert png(draw(case)) == fresh[case], f"{case} (after {order[: order.index(case)]})"
+
+
+def scribble(height: float) -> None:
+    """Leave on the axes of ``height`` what no run figure leaves: a log scale, a legend, a horizontal line,
+    a scatter, a text, a grid on minor ticks, labels, a moved colour cycle, fixed limits."""
+    fig, ax = run_figure(height, LONG)
+    ax.semilogy([1, 2, 3], [1e-3, 1.0, 1e3], label="a")
+    ax.scatter([2], [1.0], label="b")
+    ax.axhline(0.5, label="c")
+    ax.text(2, 1.0, "note")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.set_xlim(0, 10)  # autoscaling off
+    ax.legend()
+    png(fig)
+
+
+def test_whatever_axes_of_one_height_held_is_gone(fresh):
+    bare = run_figure(5.0, SHORT)[0]  # a figure with nothing drawn: no labels, no grid, the view (0, 1)
+    want = png(bare)
+    plt.close(bare)
+    with reused_run_figures():
+        scribble(5.0)  # the profile figure's height
+        assert png(draw("profile lstm, window shaded")) == fresh["profile lstm, window shaded"]
+        scribble(5.0)
+        assert png(run_figure(5.0, SHORT)[0]) == want
+
+
+def test_reuse_hands_out_the_same_figure_only_inside_the_block():
+    with reused_run_figures():
+        a = run_figure(4.6, SHORT)[0]
+        with reused_run_figures():  # nested: still the same
+            assert run_figure(4.6, SHORT)[0] is a
+        assert run_figure(4.6, SHORT)[0] is a
+        assert run_figure(5.0, SHORT)[0] is not a
+    outside = run_figure(4.6, SHORT)[0]
+    assert outside is not a
+    plt.close(outside)
+    with reused_run_figures():  # kept for the next block (a worker's next trial)
+        assert run_figure(4.6, SHORT)[0] is a
