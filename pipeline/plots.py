@@ -63,20 +63,26 @@ RUN_MARGINS = {"left": 0.9, "right": 2.15, "bottom": 0.6, "top": 0.25}  # right:
 TITLE_LINE = 0.19  # inches per wrapped title line at fontsize 10
 
 
-# Per thread: how many reused_run_figures() blocks are open, and height -> the (figure, axes) run_figure
-# hands out again inside them (kept for the thread's life: two figures of a run, about 10 MB with their
-# renderers' buffers).
+# Per thread: how many reused_run_figures() blocks are open, and height -> the (figure, axes, rcParams at its
+# making) run_figure hands out again inside them (kept for the thread's life: two figures of a run, about
+# 10 MB with their renderers' buffers).
 _pool = threading.local()
 
 
 @contextmanager
 def reused_run_figures() -> Iterator[None]:
     """While active (in this thread), :func:`run_figure` hands out one figure per height again and again,
-    its axes emptied to a new figure's state, instead of building a new one: the PNG is the same bytes
-    (tests/test_diagnostics.py), and a figure drawn on axes whose ticks, renderer and parsed mathtext
-    already exist costs about 60% of a new one (README, "Batched trials": a sweep draws two figures per
-    trial). For figures saved and dropped at once, as a run's record does (:mod:`pipeline.training.record`);
-    a figure handed out here must not be kept past the next :func:`run_figure` call in the thread."""
+    its axes emptied to a new figure's state, instead of building a new one. For the run figures
+    (:func:`pipeline.training.profile_monitor.profile_figure`, :func:`pipeline.training.callbacks.plot_grad_norms`),
+    saved and dropped at once, as a run's record does (:mod:`pipeline.training.record`): drawn after any of
+    them, in any order and with any data, each is the same PNG bytes as on a new figure
+    (tests/test_run_figures.py), at about 60% of the cost, because the ticks, the renderer and the parsed
+    mathtext labels already exist (README, "Batched trials": a sweep draws two figures per trial).
+
+    Not for other drawings: :func:`_new_state` undoes what the run figures do (and a few common calls),
+    not every matplotlib setting. A figure that gained a second axes or figure-level artists, or whose
+    rcParams changed since it was made (a style in a notebook), is replaced by a new one. A figure handed
+    out here must not be kept past the next :func:`run_figure` call in the thread."""
     _pool.depth = getattr(_pool, "depth", 0) + 1
     try:
         yield
@@ -86,7 +92,9 @@ def reused_run_figures() -> Iterator[None]:
 
 def _new_state(ax: Any) -> None:
     """Empty ``ax`` to the state of a new axes, keeping its ticks: the data artists and the legend gone,
-    the colour cycle at its start, the data limits to be replaced, the view (0, 1), autoscaling on, linear scales, no labels, no grid."""
+    linear scales, the colour cycle at its start, the data limits null (a drawing with no finite point,
+    as a run diverged at its first step draws, must not inherit the previous run's), the view (0, 1) and
+    not autoscaled until something is drawn, autoscaling on, no labels, no grid."""
     from matplotlib.transforms import Bbox
 
     for artist in [*ax.lines, *ax.patches, *ax.collections, *ax.texts, *ax.images]:
@@ -97,8 +105,9 @@ def _new_state(ax: Any) -> None:
         if scale != "linear":
             (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("linear")
     ax.set_prop_cycle(None)
-    ax.ignore_existing_data_limits = True  # the next drawing's limits replace the data limits, as when new
-    ax.viewLim.set_points(Bbox.unit().get_points())  # not autoscaled until something is drawn, as when new
+    ax.dataLim = Bbox.null()
+    ax.ignore_existing_data_limits = True
+    ax.viewLim.set_points(Bbox.unit().get_points())
     ax.set_autoscale_on(True)
     ax.set_xlabel("")
     ax.set_ylabel("")
@@ -109,14 +118,20 @@ def _figure(height: float) -> tuple[Any, Any]:
     if not getattr(_pool, "depth", 0):
         return plt.subplots(figsize=(MIN_WIDTH, height), dpi=DPI)
     pool = _pool.__dict__.setdefault("figures", {})
-    if height not in pool:  # outside pyplot: plt.close leaves it, and no window manager keeps it
+    entry = pool.get(height)
+    if entry is not None:
+        fig, ax, rc = entry
+        foreign = fig.axes != [ax] or fig.texts or fig.legends or fig.lines or fig.patches or fig.images
+        if foreign or not dict.__eq__(matplotlib.rcParams, rc):  # about 3 us
+            entry = None
+    if entry is None:  # outside pyplot: plt.close leaves it, and no window manager keeps it
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=(MIN_WIDTH, height), dpi=DPI)
         FigureCanvasAgg(fig)
-        pool[height] = (fig, fig.subplots())
-    fig, ax = pool[height]
+        entry = pool[height] = (fig, fig.subplots(), matplotlib.rcParams.copy())
+    fig, ax, _ = entry
     _new_state(ax)
     return fig, ax
 

@@ -137,11 +137,12 @@ def git_commit() -> str:
 
 
 def _git(args: list[str], cwd: str | Path) -> str | None:
-    """``git ARGS`` in ``cwd``: its first output line, or None (no git, not a repository, no commit yet)."""
+    """``git ARGS`` in ``cwd``: its first output line, or None (not a repository, no commit yet);
+    :class:`_GitUnanswered` where git could not start or timed out."""
     try:
         out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=cwd)
-    except (OSError, subprocess.SubprocessError):
-        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        raise _GitUnanswered(str(e)) from e
     line = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
     return line or None
 
@@ -169,21 +170,39 @@ def context_tags(cwd: str | Path | None = None) -> dict[str, str]:
     code version is in :func:`version_tags` (``git_commit``, ``version.rnn-gradient-pipeline``)."""
     where = Path.cwd() if cwd is None else Path(cwd)
     tags = {MLFLOW_USER: _user(), MLFLOW_SOURCE_NAME: _source_name(), MLFLOW_SOURCE_TYPE: SOURCE_TYPE_LOCAL}
-    env = tuple(os.environ.get(k) for k in ("GIT_DIR", "GIT_WORK_TREE", "GIT_CEILING_DIRECTORIES"))
-    return {**tags, **_git_tags(str(where), env)}
+    try:
+        return {**tags, **_git_tags(str(where.resolve()), tuple(os.environ.get(k) for k in _GIT_ENV))}
+    except _GitUnanswered:  # git timed out or could not start: this run goes without, the next one asks again
+        return tags
+
+
+# The variables that change which repository git finds for a directory, or whether it trusts it.
+_GIT_ENV = (
+    "GIT_DIR",
+    "GIT_WORK_TREE",
+    "GIT_COMMON_DIR",
+    "GIT_CEILING_DIRECTORIES",
+    "GIT_DISCOVERY_ACROSS_FILESYSTEM",
+    "GIT_CONFIG_GLOBAL",
+    "HOME",
+)
+
+
+class _GitUnanswered(Exception):
+    """git did not answer (not installed, timed out): nothing to cache."""
 
 
 @functools.lru_cache(maxsize=16)
 def _git_tags(where: str, env: tuple[str | None, ...]) -> dict[str, str]:
     """The git tags of the repository holding ``where``, read once per process and directory, as MLflow's
     fluent API reads them once per process (its ``GitRunContext`` caches them): two ``git`` processes a run
-    were about 4 ms of every trial of a sweep worker (cProfile of a 32-member stack). ``env``: the git
-    variables that change the answer, part of the key."""
+    were about 4 ms of every trial of a sweep worker (cProfile of a 32-member stack). ``env``: the values
+    of :data:`_GIT_ENV`, part of the key. An unanswered call raises, so it is not cached."""
     tags = {}
     commit = _git(["rev-parse", "--verify", "HEAD"], where)
     if commit:
         tags[MLFLOW_GIT_COMMIT] = commit
-        branch = _git(["symbolic-ref", "--short", "-q", "HEAD"], where)  # None on a detached HEAD
+        branch = _git(["symbolic-ref", "--short", "-q", "HEAD"], where)  # None: detached HEAD
         if branch:
             tags[MLFLOW_GIT_BRANCH] = branch
     return tags

@@ -65,6 +65,14 @@ def draw(case: str):
     if case == "norms skipped, non-finite":
         steps, pre, post, skipped = norms(50, 5, bad=True)
         return plot_grad_norms(steps, pre, post, 0.5, SHORT, skipped=skipped)
+    if case == "norms diverged at step 0":  # one row, NaN norms: no point on the log axis, only the threshold
+        nan = np.array([np.nan])
+        return plot_grad_norms(np.array([0]), nan, nan, 1.0, SHORT, skipped=np.array([True]))
+    if case == "norms zero and negative, no threshold":
+        return plot_grad_norms(steps[:20], np.zeros(20), -np.ones(20), None, LONG)
+    if case == "profile all NaN":
+        frame = profile_frame(("h",), 2, 30, 6)
+        return profile_figure(frame.assign(log10_norm=np.nan), SHORT, (21, 30))
     raise AssertionError(case)
 
 
@@ -76,6 +84,9 @@ CASES = [
     "norms clipped",
     "norms unclipped, long title",
     "norms skipped, non-finite",
+    "norms diverged at step 0",
+    "norms zero and negative, no threshold",
+    "profile all NaN",
 ]
 
 
@@ -104,8 +115,9 @@ def test_reused_figures_draw_the_bytes_of_new_ones_in_any_order(fresh, seed):
 
 
 def scribble(height: float) -> None:
-    """Leave on the axes of ``height`` what no run figure leaves: a log scale, a legend, a horizontal line,
-    a scatter, a text, a grid on minor ticks, labels, a moved colour cycle, fixed limits."""
+    """Leave on the axes of ``height`` each thing ``_new_state`` undoes, some of it no run figure leaves: a
+    log scale, a legend, a horizontal line, a scatter, a text, a grid on minor ticks, labels, a moved
+    colour cycle, fixed limits."""
     fig, ax = run_figure(height, LONG)
     ax.semilogy([1, 2, 3], [1e-3, 1.0, 1e3], label="a")
     ax.scatter([2], [1.0], label="b")
@@ -142,3 +154,28 @@ def test_reuse_hands_out_the_same_figure_only_inside_the_block():
     plt.close(outside)
     with reused_run_figures():  # kept for the next block (a worker's next trial)
         assert run_figure(4.6, SHORT)[0] is a
+
+
+def test_a_figure_given_more_or_drawn_under_other_rcparams_is_replaced(fresh):
+    """What the reset does not undo makes a new figure: a second axes or a figure-level text (anything
+    drawn in the block besides the run figures), or rcParams changed since the figure was made (a style
+    in the user's session)."""
+    import matplotlib
+
+    style = {"xtick.labelsize": 14, "axes.prop_cycle": matplotlib.cycler(color=["k"])}
+    with matplotlib.rc_context(style):
+        new = draw("norms clipped")
+        styled = png(new)
+        plt.close(new)
+    assert styled != fresh["norms clipped"]
+    with reused_run_figures():
+        fig, ax = run_figure(4.6, SHORT)
+        ax.twinx().plot([1, 2])
+        fig.text(0.5, 0.5, "X")
+        assert png(draw("norms clipped")) == fresh["norms clipped"]
+        assert run_figure(4.6, SHORT)[0] is not fig
+        kept = run_figure(4.6, SHORT)[0]
+        with matplotlib.rc_context(style):
+            fig = draw("norms clipped")
+            assert fig is not kept and png(fig) == styled
+        assert png(draw("norms clipped")) == fresh["norms clipped"]  # and back
