@@ -6,8 +6,10 @@ increments after the optimizer step, validation every ``trainer.val_every`` step
 the step a member is told to stop; then ``on_train_end``, and a final validation when the last step had
 none (as :func:`pipeline.training.run._train`). A step is one stacked forward
 (:func:`pipeline.training.stack.stacked_forward`), one backward of the summed loss, one batched update
-for the members that allow it (:func:`pipeline.training.stack_update.update`) and each other member's own
-clipping and optimizer step, then the members' callbacks.
+for the members that allow it (:func:`pipeline.training.stack_update.measure`, then ``apply``) and each
+other member's own clipping and optimizer step, then the members' callbacks. A step in which a member of
+a fused block has a non-finite loss or gradient is taken again member by member for that block
+(:func:`_beside_nonfinite`), so that a diverging member does not stop its neighbours.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from pipeline.signals import Terminated, check_terminated, deferred
 from pipeline.training import record
-from pipeline.training.stack_update import update
+from pipeline.training.stack_update import apply, measure
 
 if TYPE_CHECKING:
     from pipeline.training.stacked import Member
@@ -67,7 +69,7 @@ def fit(
     capacity: int,
 ) -> None:
     streams = Streams(task, device)
-    layouts: dict = {}  # the batched update's layout of the current members (stack_update.update)
+    layouts: dict = {}  # the batched update's layout of the current members (stack_update.measure)
 
     def join(new: list[Member], it: int) -> None:
         steps = max(m.cfg.trainer.max_steps for m in new)
@@ -114,36 +116,81 @@ def _step(
     """One training step of every active member on its cohort's batch (Lightning's automatic
     optimization: zero_grad, training_step, backward, configure_gradient_clipping, optimizer.step,
     step + 1)."""
-    from pipeline.training.stack import stacked_forward
+    from pipeline.training.stack import plan, stacked_forward
 
     for m in active:
         m.call("on_train_batch_start", batches[m.cohort], m.trainer.global_step)
-        for p in m.params:  # zero_grad(set_to_none=True), without its per-call profiler record
-            p.grad = None
-    outs = stacked_forward([m.module.model for m in active], [batches[m.cohort][0] for m in active])
+        _zero_grad(m)
+    models = [m.module.model for m in active]
+    outs = stacked_forward(models, [batches[m.cohort][0] for m in active])
     total = None
     for m, out in zip(active, outs, strict=True):
-        x, y = batches[m.cohort]
-        loss = task.loss(out, y)
-        m.module._loss = loss.detach()
-        penalty = m.module.remedies.penalty(m.module.model, x, y, m.trainer.global_step)
-        term = loss if penalty is None else loss + penalty
+        term = _loss(m, task, out, batches[m.cohort])
         total = term if total is None else total + term
     assert total is not None
     total.backward()  # d(sum_k L_k)/d theta_j = dL_j/d theta_j: members share no parameter
-    together = []
+    together = [m for m in active if m.batched and all(p.grad is not None for p in m.params)]
+    got = measure(together, layouts)
+    redo = _beside_nonfinite(active, plan(models), together, got.finite)
+    if redo:  # rare: a step that stopped someone, taken again member by member (see _beside_nonfinite)
+        for m in redo:
+            _zero_grad(m)
+            x, _ = batches[m.cohort]
+            _loss(m, task, m.module.model(x), batches[m.cohort]).backward()
+        got = measure(together, layouts)
+    batched = {id(m) for m in together}
     for m in active:
-        if m.batched and all(p.grad is not None for p in m.params):
-            together.append(m)
-        else:
+        if id(m) not in batched:
             m.module.configure_gradient_clipping(m.opt)
             m.opt.step()
-    update(together, layouts)
+    apply(got)
     for m in active:
         m.trainer.global_step += 1
     _stage_windows(active)
     for m in active:
         m.call("on_train_batch_end", None, batches[m.cohort], m.trainer.global_step - 1)
+
+
+def _zero_grad(m: Member) -> None:
+    for p in m.params:  # zero_grad(set_to_none=True), without its per-call profiler record
+        p.grad = None
+
+
+def _loss(m: Member, task, out: torch.Tensor, batch) -> torch.Tensor:
+    """The member's training loss on ``out`` (its model's output on ``batch``), its remedies' penalty
+    added; the loss kept on the module for the step's record."""
+    x, y = batch
+    loss = task.loss(out, y)
+    m.module._loss = loss.detach()
+    penalty = m.module.remedies.penalty(m.module.model, x, y, m.trainer.global_step)
+    return loss if penalty is None else loss + penalty
+
+
+def _beside_nonfinite(
+    active: list[Member], blocks: list[list[int]], together: list[Member], finite: list[float]
+) -> list[Member]:
+    """The members of every fused block in which some member's loss or gradient is not finite.
+
+    In a block-diagonal kernel a member's infinite or NaN hidden state (a ReLU state past float32's
+    range, weights gone infinite) meets its neighbours' zero blocks, and 0 x inf is NaN in IEEE
+    arithmetic: forward, the neighbours' states turn NaN; backward, so do their gradients. The guard
+    would stop them all as diverged. Their step is taken again member by member, each on its own kernel
+    as the trial alone (then only the member whose own numbers are not finite is stopped). Read from the
+    batched update's host read; members of a shared block outside it (their own update path) cost one
+    more host read per step, only in such a stack."""
+    shared = [i for b in blocks if len(b) > 1 for i in b]
+    if not shared:
+        return []
+    ok = {id(m): f == 1.0 for m, f in zip(together, finite, strict=True)}
+    others = [active[i] for i in shared if id(active[i]) not in ok]
+    if others:
+        flags = []
+        for m in others:
+            grads = [p.grad for p in m.params if p.grad is not None]
+            norm = torch.stack(torch._foreach_norm(grads)).sum() if grads else m.module._loss.new_zeros(())
+            flags.append(torch.isfinite(norm) & torch.isfinite(m.module._loss))
+        ok.update({id(m): bool(f) for m, f in zip(others, torch.stack(flags).tolist(), strict=True)})
+    return [active[i] for b in blocks if len(b) > 1 and not all(ok[id(active[i])] for i in b) for i in b]
 
 
 def _stage_windows(active: list[Member]) -> None:

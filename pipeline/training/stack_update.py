@@ -89,15 +89,24 @@ def _layout(members: Sequence[Any], device: torch.device, cache: dict | None) ->
     return lay
 
 
-def update(members: Sequence[Any], cache: dict | None = None) -> None:
-    """Measure, guard, clip, record and step every member in ``members`` (each :func:`batchable`, every
-    parameter with a gradient, all on one device), as its module's ``configure_gradient_clipping`` and
-    its optimizer's ``step`` would, member by member. ``cache``: a dict the caller keeps for the stack
-    (the members' layout is built again only when the set changes)."""
+class Measured:
+    """What :func:`measure` read of a set of members: each one's record row, finite flag and clip
+    coefficient (the step's one host read), for :func:`apply`."""
+
+    def __init__(self, members: Sequence[Any], grads: list, lay: _Layout | None, rows, finite, coefs):
+        self.members, self.grads, self.lay, self.rows = members, grads, lay, rows
+        self.finite: list[float] = finite
+        self.coefs: list[float] = coefs
+
+
+def measure(members: Sequence[Any], cache: dict | None = None) -> Measured:
+    """Each member's norms and record row, and the one host read of the step: its finite flag and clip
+    coefficient. Nothing is clipped or stepped yet (:func:`apply`), so a caller may still redo a member's
+    step when its flag was set by a neighbour in a fused block (:func:`pipeline.training.stack_loop._step`)."""
     if not members:
         if cache is not None:
             cache.clear()  # hold no member that has left the stack
-        return
+        return Measured(members, [], None, None, [], [])
     mods = [m.module for m in members]
     grads = [p.grad for mod in mods for g in GROUPS for p in mod.groups[g]]
     device = grads[0].device
@@ -118,21 +127,38 @@ def update(members: Sequence[Any], cache: dict | None = None) -> None:
         [(torch.isfinite(pre) & torch.isfinite(loss)).to(grads[0].dtype), coef.to(grads[0].dtype)]
     )
     finite, coefs = ok_coef.tolist()
-    if lay.clip:  # each clipped gradient times its member's coefficient: one foreach kernel (a scalar list)
-        sel = [i for i in lay.clip if finite[lay.owner[i]]]
+    return Measured(members, grads, lay, rows, finite, coefs)
+
+
+def apply(ms: Measured) -> None:
+    """Guard, clip, record and step the members :func:`measure` read, as each module's
+    ``configure_gradient_clipping`` and optimizer ``step`` would."""
+    lay, grads, finite, coefs = ms.lay, ms.grads, ms.finite, ms.coefs
+    if lay is None:
+        return
+    sel = [i for i in lay.clip if finite[lay.owner[i]]]
+    if sel:  # each clipped gradient times its member's coefficient: one foreach kernel (a scalar list)
         torch._foreach_mul_([grads[i] for i in sel], [coefs[lay.owner[i]] for i in sel])
     live = []
-    for k, (m, ok) in enumerate(zip(members, finite, strict=True)):
+    for k, (m, ok) in enumerate(zip(ms.members, finite, strict=True)):
         if ok == 1.0:
             live.append(m)
             continue
-        rows[k, 2:5] = math.nan  # as the per-member guard's record: no post-clip norm, coefficient, flag
+        ms.rows[k, 2:5] = math.nan  # as the per-member guard's record: no post-clip norm, coefficient, flag
         drop_gradients(m.module.model.parameters())
         m.module.diverged_step = m.trainer.global_step
         m.trainer.should_stop = True
-    for mod, row in zip(mods, rows.unbind(0), strict=True):
-        mod.last_record = row
+    for m, row in zip(ms.members, ms.rows.unbind(0), strict=True):
+        m.module.last_record = row
     _step_optimizers(live)
+
+
+def update(members: Sequence[Any], cache: dict | None = None) -> None:
+    """Measure, guard, clip, record and step every member in ``members`` (each :func:`batchable`, every
+    parameter with a gradient, all on one device), as its module's ``configure_gradient_clipping`` and
+    its optimizer's ``step`` would, member by member. ``cache``: a dict the caller keeps for the stack
+    (the members' layout is built again only when the set changes)."""
+    apply(measure(members, cache))
 
 
 def _step_optimizers(members: Sequence[Any]) -> None:
