@@ -137,6 +137,23 @@ def test_resume_refusals(store, tiny, capsys):
     assert "no run" in capsys.readouterr().err
 
 
+def test_resume_or_load_from_a_store_that_is_not_there_names_it_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    from pipeline import load_run
+    from pipeline.cli import main
+    from pipeline.schema import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["train", "--resume", "0" * 32]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no MLflow store at mlflow.db" in err, err
+    assert main(["train", "--resume", "0" * 32, "tracking.uri=sqlite:///other.db"]) == 2
+    assert "no MLflow store at other.db" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no MLflow store at mlflow.db"):
+        load_run("0" * 32)
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("log_models", ["best", "all"])
 def test_sweep_best_trial_is_loadable(store, tmp_path, log_models):
     """``log_models: best`` (the default): the best trial has model/weights.pt (and trials that were the best

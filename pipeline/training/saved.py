@@ -94,6 +94,23 @@ def _download(c, run_id: str, path: str, dst: str) -> Path | None:
             os.environ[key] = old
 
 
+def _client(run_id: str, tracking_uri: str | None):
+    """A client of the store ``run_id`` is read from, once it is known to be there: a sqlite file that does
+    not exist is named in one line, not created (MLflow would make an empty store to find no run in), and
+    a corrupt file or an unreachable server is named as every verb names it."""
+    from pipeline.store_checks import probe_store
+    from pipeline.tracking import client
+    from pipeline.uris import sqlite_file
+
+    uri = probe_store(tracking_uri)
+    path = sqlite_file(uri)
+    if path is not None and not path.exists():
+        raise ConfigError(
+            "", f"no run {run_id!r}: no MLflow store at {path} (tracking.uri=URI names the store it is in)"
+        )
+    return client(tracking_uri)
+
+
 def _get_run(c, run_id: str):
     from mlflow.exceptions import MlflowException
 
@@ -105,9 +122,7 @@ def _get_run(c, run_id: str):
 
 def run_config(run_id: str, tracking_uri: str | None = None) -> Config:
     """The validated config a run recorded (its ``config.yaml``)."""
-    from pipeline.tracking import client
-
-    c = client(tracking_uri)
+    c = _client(run_id, tracking_uri)
     _get_run(c, run_id)
     with tempfile.TemporaryDirectory() as d:
         p = _download(c, run_id, CONFIG, d)
@@ -142,8 +157,8 @@ def load_run(run_id: str, tracking_uri: str | None = None) -> LoadedRun:
     """
     from pipeline.tracking import client
 
+    cfg = run_config(run_id, tracking_uri)  # first: a missing store is named, not created
     c = client(tracking_uri)
-    cfg = run_config(run_id, tracking_uri)
     task = task_of(cfg.task)
     module = RNNTrainingModule(cfg, task)
     with tempfile.TemporaryDirectory() as d:
@@ -170,9 +185,7 @@ def load_run(run_id: str, tracking_uri: str | None = None) -> LoadedRun:
 def resume_config(run_id: str, tracking_uri: str | None = None) -> Config:
     """The config to resume ``run_id`` with (its own, ``tracking.uri`` = where it was found), after the
     checks ``--resume`` makes: the run exists, is not FINISHED, and has a checkpoint."""
-    from pipeline.tracking import client
-
-    c = client(tracking_uri)
+    c = _client(run_id, tracking_uri)
     r = _get_run(c, run_id)
     if r.info.status == "FINISHED":
         raise ConfigError("", f"run {run_id} is FINISHED: nothing to resume")
