@@ -369,7 +369,7 @@ class Recorder:
             self.log_file(p, folder)
             if csv:
                 c = p.with_suffix(".csv")
-                df.to_csv(c, index=False)  # floats at full precision (repr), -inf / nan as written
+                df.to_csv(c, index=False, na_rep="nan")  # full precision (repr); -inf, inf, nan spelled so
                 self.log_file(c, folder)
 
     def log_figure(self, fig, artifact_file: str) -> None:

@@ -128,6 +128,10 @@ def test_each_parquet_artifact_has_a_csv_beside_it(store, tiny, tmp_path):
         assert list(csv.columns) == list(pq.columns) and len(csv) == len(pq) > 0
         num = pq.select_dtypes("number").columns
         pd.testing.assert_frame_equal(csv[num], pq[num], check_dtype=False)  # full precision
+    # every missing value spelled "nan" (the UI's preview shows an empty field as nothing at all): the
+    # record rows of an unclipped run have no omega / floss, the first profile pass no previous one
+    text = (tmp_path / "dl" / "diagnostics" / "grad_norms.csv").read_text()
+    assert ",nan," in text and ",," not in text and not text.splitlines()[1].endswith(",")
 
 
 def test_progress_prints_one_line_per_validation(store, tiny):
