@@ -340,8 +340,18 @@ def test_tiny_sweep_parent_child_structure(store, tmp_path):
     # Re-running the finished study runs nothing new and keeps the same parent run.
     p2 = run_sweep_cli(cfg)
     assert p2.returncode == 0, p2.stderr
+    assert "4/4 trials done: nothing to run" in p2.stdout, p2.stdout
     assert len(load_study().trials) == len(study.trials)
     assert len([r for r in mlflow_runs(store) if r.data.tags.get("pipeline.kind") == "sweep"]) == 1
+    # A larger budget resumes the study; the parent's n_trials param stays the first one's (MLflow params
+    # cannot change), its tag follows; the old budget again has nothing to run.
+    p3 = run_sweep_cli(cfg, "n_trials=5")
+    assert p3.returncode == 0 and "4/5 trials done, resuming with 1 to go" in p3.stdout, p3.stdout + p3.stderr
+    parent = next(r for r in mlflow_runs(store) if r.data.tags.get("pipeline.kind") == "sweep")
+    assert parent.data.params["n_trials"] == "4"
+    assert (parent.data.tags["n_trials"], parent.data.tags["n_trials_done"]) == ("5", "5")
+    p4 = run_sweep_cli(cfg)
+    assert p4.returncode == 0 and "5/4 trials done: nothing to run" in p4.stdout, p4.stdout
 
 
 # ------------------------------------------------------------------------------- faults (slow)

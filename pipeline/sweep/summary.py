@@ -144,7 +144,13 @@ def finalize(rec, study, sw, *, complete: bool, plots: bool = True) -> dict[str,
     c = counts(study)
     best = best_trial(study)
     metrics = {f"trials/{k}": c[k] for k in ("complete", "pruned", "diverged", "fail", "running", "waiting")}
-    tags: dict[str, Any] = {"n_trials_done": c["done"], "sweep_complete": str(complete).lower()}
+    # n_trials as a tag too: the param is the first invocation's (MLflow params cannot change), and a
+    # resume may raise the budget (README, "Faults and resuming")
+    tags: dict[str, Any] = {
+        "n_trials": sw.n_trials,
+        "n_trials_done": c["done"],
+        "sweep_complete": str(complete).lower(),
+    }
     if best is not None:
         metrics.update({"best_value": best.value, "best_trial": best.number})
         best_run = best.user_attrs.get("mlflow_run_id")
@@ -181,7 +187,8 @@ def print_summary(res: dict[str, Any], sw, mlflow_uri: str, experiment: str, out
             file=out,
         )
     else:
-        print("best trial: none yet (no trial trained without diverging)", file=out)
+        why = "every trial that completed diverged" if c["complete"] else "no trial has completed"
+        print(f"best trial: none yet ({why})", file=out)
     print("by regime:\n" + regime_table(res["frame"]), file=out)
     for n in res["notes"]:
         print(f"note: {n}", file=out)

@@ -286,7 +286,7 @@ class Supervisor:
         where = f"GPU {','.join(d for d in self.devices if d)}" if self.devices[0] is not None else "CPU"
         print(
             f"sweep {self.sw.study}: {done}/{self.sw.n_trials} trials done"
-            + (f", resuming with {left} to go" if done else "")
+            + ((f", resuming with {left} to go" if left > 0 else ": nothing to run") if done else "")
             + f"; {len(self.devices)} worker(s) on {where}\n  optuna: {display_url(s.url)}\n  mlflow: "
             f"{s.mlflow_uri} (experiment {s.experiment}, parent run {s.parent_run_id})\n  worker logs: "
             f"{self.log_dir}/",
