@@ -137,7 +137,9 @@ def test_resume_refusals(store, tiny, capsys):
     assert "no run" in capsys.readouterr().err
 
 
-def test_resume_or_load_from_a_store_that_is_not_there_names_it_and_writes_nothing(tmp_path, monkeypatch, capsys):
+def test_resume_or_load_from_a_store_that_is_not_there_names_it_and_writes_nothing(
+    tmp_path, monkeypatch, capsys
+):
     from pipeline import load_run
     from pipeline.cli import main
     from pipeline.schema import ConfigError
