@@ -226,7 +226,9 @@ def draw_grad_norms(ax: Any, curves: Iterable[Curve], thresholds: Iterable[float
     for c in curves:
         x, y = np.asarray(c.x), np.asarray(c.y, dtype=float)
         ok = positive(y)
-        ax.semilogy(x[ok], y[ok], c.style, lw=c.lw, color=c.color, marker=c.marker, label=c.label)
+        # one point draws no line: a marker, or a run whose only finite norm was its first step shows nothing
+        marker = c.marker if c.marker is not None or ok.sum() != 1 else "o"
+        ax.semilogy(x[ok], y[ok], c.style, lw=c.lw, color=c.color, marker=marker, ms=4, label=c.label)
     for t in thresholds:
         ax.axhline(t, color="k", ls=":", lw=0.8, label=f"clip threshold {t:g}")
     ax.set_xlabel("training step")

@@ -179,3 +179,21 @@ def test_a_figure_given_more_or_drawn_under_other_rcparams_is_replaced(fresh):
             fig = draw("norms clipped")
             assert fig is not kept and png(fig) == styled
         assert png(draw("norms clipped")) == fresh["norms clipped"]  # and back
+
+
+def test_a_run_whose_only_finite_norm_is_its_first_step_shows_that_point():
+    """One plottable point draws no line segment: it gets a marker, or the figure is blank."""
+    fig = plot_grad_norms(np.array([0, 1]), np.array([13.8, np.inf]), np.array([13.8, np.inf]), None, SHORT)
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    rgb = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(int)
+    box = ax.get_window_extent()  # the axes only: the legend's handles are outside them
+    h = rgb.shape[0]
+    inside = rgb[int(h - box.y1) : int(h - box.y0), int(box.x0) : int(box.x1)]
+    colours = {"pre-clip": (0x1F, 0x77, 0xB4), "post-clip": (0xFF, 0x7F, 0x0E)}  # C0, C1
+    for line in ax.lines[:2]:
+        want = colours[line.get_label()]
+        assert line.get_marker() == "o"
+        if line.get_label() == "post-clip":  # drawn over pre-clip at the same place
+            assert (np.abs(inside - want).sum(-1) < 60).sum() > 10
+    plt.close(fig)
