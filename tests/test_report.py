@@ -487,6 +487,54 @@ def test_one_panel_figures_keep_title_and_legend():
         assert ax.get_legend() is not None and _inside(fig, ax.get_legend())
 
 
+def test_panel_legends_overlap_nothing_and_phase_ticks_do_not_run_together():
+    """Three cells of six runs each, clipped (two legend entries a run, labels of ~90 characters): each
+    panel's legend lies below its x label and inside the figure, and touches no other panel or legend (two
+    columns of them ran into each other and over the x labels). The phase diagram's learning-rate labels
+    over 3.5 decades do not overlap (1-2-5 ticks ran together: "0.00020.00050.001")."""
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.report import figures as rr
+
+    one = _one_panel_table().iloc[0]
+    rows = []
+    for cell in ("gru", "lstm", "tanh"):
+        for k in range(6):
+            rid = f"{cell}{k}"
+            g, lr = 0.25 * 2**k, 2e-4 * 3.2**k
+            rows.append(one.to_dict() | {"run_id": rid, "cell": cell, "init_scale": g, "lr": lr})
+    table = pd.DataFrame(rows)
+    norms = {
+        r: pd.DataFrame(
+            {
+                "step": np.arange(1, 301),
+                "norm_preclip": np.geomspace(1e3, 1e-2, 300),
+                "norm_postclip": np.minimum(np.geomspace(1e3, 1e-2, 300), 1.0),
+            }
+        )
+        for r in table["run_id"]
+    }
+    fig = rr.grad_norm_panels(table, norms, "adding")
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    boxes = [(ax, ax.get_legend().get_window_extent(r)) for ax in fig.axes]
+    assert all(len(ax.get_legend().get_texts()) == 13 for ax in fig.axes)  # 6 runs x 2, the threshold
+    for ax, box in boxes:
+        assert _inside(fig, ax.get_legend())
+        assert box.y1 < ax.xaxis.label.get_window_extent(r).y0  # below its x label
+        for other, obox in boxes:
+            if other is not ax:
+                assert not box.overlaps(other.get_window_extent(r)) and not box.overlaps(obox)
+    fig = rr.phase_diagram(table, "adding")
+    fig.canvas.draw()
+    for ax in fig.axes:
+        labels = [t for t in ax.get_xticklabels() if t.get_text() and t.get_visible()]
+        spans = sorted((t.get_window_extent(r).x0, t.get_window_extent(r).x1) for t in labels)
+        spans = [sp for sp in spans if fig.bbox.x0 <= sp[0] and sp[1] <= fig.bbox.x1]
+        assert len(spans) >= 3 and all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
+
+
 def test_learned_nothing_does_not_look_like_success():
     """A healthy run whose loss stayed at the baseline is drawn hollow and says "learned nothing" next to
     its regime; a solved run is a filled star."""

@@ -74,14 +74,39 @@ def _limits(values) -> tuple[float, float]:
     return lo / 2.2, hi * 2.2
 
 
-def _value_ticks(axis, values, max_ticks: int = 6) -> None:
-    """A grid sweep (few values, at least 1.5x apart) gets ticks at its own values; sampled values
-    (TPE) get ordinary log ticks. Labels plain, 3 significant digits: 0.01, 0.5, 3."""
+# A phase panel's axes (4.2 x 3.6 in figure cells, constrained layout): about 3.4 in of x axis and 2.2 in
+# of y axis; a tick label at fontsize 10 is about 0.075 in a character wide and 0.14 in high.
+X_AXIS_IN, Y_AXIS_IN, CHAR_IN, LINE_IN, GAP_IN = 3.4, 2.2, 0.075, 0.14, 0.08
+
+
+def _value_ticks(axis, values, horizontal: bool) -> None:
+    """A grid sweep (values at least 1.5x apart) gets ticks at its own values; sampled values (TPE) get
+    log ticks: 1-2-5 per decade, else 1-3, else decades, the first whose labels do not run into each
+    other on the axis (1-2-5 labels over the default sweep's 3.5 decades of learning rate read
+    "0.00020.00050.001"); a grid too dense for its labels gets the log ticks too. Labels plain, 3
+    significant digits: 0.01, 0.5, 3."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
 
+    lo, hi = _limits(values)
+    span = math.log10(hi / lo)  # decades on the axis
+
+    def fits(ticks: np.ndarray) -> bool:
+        """Whether labels at ``ticks`` (sorted) leave a gap between neighbours."""
+        if len(ticks) < 2:
+            return True
+        gap = float(np.log10(ticks[1:] / ticks[:-1]).min()) / span * (X_AXIS_IN if horizontal else Y_AXIS_IN)
+        size = max(len(f"{t:.3g}") for t in ticks) * CHAR_IN if horizontal else LINE_IN
+        return gap >= size + GAP_IN
+
+    def log_ticks(subs: tuple[float, ...]) -> np.ndarray:
+        e = np.arange(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+        t = np.sort((np.asarray(subs)[:, None] * 10.0 ** e[None, :]).ravel())
+        return t[(t >= lo) & (t <= hi)]
+
     v = np.unique(values[(values > 0) & values.notna()].to_numpy(dtype=float))
-    grid = 0 < len(v) <= max_ticks and (len(v) == 1 or (v[1:] / v[:-1]).min() >= 1.5)
-    axis.set_major_locator(FixedLocator(v.tolist()) if grid else LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    grid = len(v) > 0 and (len(v) == 1 or (v[1:] / v[:-1]).min() >= 1.5) and fits(v)
+    subs = next((sb for sb in ((1.0, 2.0, 5.0), (1.0, 3.0)) if fits(log_ticks(sb))), (1.0,))
+    axis.set_major_locator(FixedLocator(v.tolist()) if grid else LogLocator(base=10, subs=subs))
     axis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:.3g}"))
     axis.set_minor_formatter(NullFormatter())
 
@@ -174,8 +199,8 @@ def phase_diagram(table, task: str):
         ax.set_yscale("log")
         ax.set_xlim(*xlim)
         ax.set_ylim(*ylim)
-        _value_ticks(ax.xaxis, sub["lr"])
-        _value_ticks(ax.yaxis, sub["init_scale"])
+        _value_ticks(ax.xaxis, sub["lr"], horizontal=True)
+        _value_ticks(ax.yaxis, sub["init_scale"], horizontal=False)
         ax.set_xlabel("learning rate")
         ax.set_ylabel("init scale g")
         ax.set_title(f"{cell} / {init}", fontsize=10)
@@ -203,9 +228,10 @@ def profile_panels(table, profiles: dict, task: str):
     panels = list(sub.groupby("cell", sort=True))
     if not panels:
         return None
-    fig, axes = _grid(len(panels), width=5.0, height=3.8, max_cols=2)
-    for ax, (cell, grp) in zip(axes, panels, strict=True):
-        draw_profile(ax, _profile_curves(grp, profiles, cell))
+    curves = [_profile_curves(grp, profiles, cell) for cell, grp in panels]
+    fig, axes = _grid(len(panels), height=_panel_height([len(cs) for cs in curves]), max_cols=1)
+    for ax, (cell, _), cs in zip(axes, panels, curves, strict=True):
+        draw_profile(ax, cs)
         ax.set_title(f"{task}: {cell}", fontsize=10)
         _legend_below(ax)
     fig.suptitle(
@@ -256,10 +282,36 @@ def _profile_curves(grp, profiles: dict, cell: str) -> list[Curve]:
     return curves
 
 
+# Points between a panel's lower edge and its legend: the tick labels and the x label (10 pt each, their
+# pads) above it. The labels of these panels are long (a run's settings and outcome, up to ~100
+# characters): side by side, two columns' legends ran into each other and over the x labels, so these
+# figures have one panel per row, each with its legend below.
+LEGEND_DROP = 36
+LEGEND_LINE = 0.14  # inches per legend entry at fontsize 6.5
+
+
+def _panel_height(entries: list[int]) -> float:
+    """A row's height: the axes with their labels, and room below for the longest legend of a panel
+    (``entries``: each panel's legend entries)."""
+    longest = max(entries, default=0)
+    return 2.7 + LEGEND_LINE * longest + (LEGEND_DROP / 72 if longest else 0.0)
+
+
 def _legend_below(ax) -> None:
-    """The legend under its panel, not over the curves (constrained layout makes the room)."""
+    """The legend under its panel's x label, not over the curves or the label (constrained layout makes
+    the room: an axes' legend is part of its layout box)."""
+    from matplotlib.transforms import offset_copy
+
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=1, frameon=False)
+        below = offset_copy(ax.transAxes, fig=ax.figure, y=-LEGEND_DROP, units="points")
+        ax.legend(
+            fontsize=6.5,
+            loc="upper center",
+            bbox_to_anchor=(0.5, 0.0),
+            bbox_transform=below,
+            ncol=1,
+            frameon=False,
+        )
 
 
 def grad_norm_panels(table, norms: dict, task: str):
@@ -269,9 +321,9 @@ def grad_norm_panels(table, norms: dict, task: str):
     panels = list(sub.groupby("cell", sort=True))
     if not panels:
         return None
-    fig, axes = _grid(len(panels), width=5.0, height=3.6, max_cols=2)
-    for ax, (cell, grp) in zip(axes, panels, strict=True):
-        curves, thresholds = _grad_norm_curves(grp, norms)
+    drawn = [_grad_norm_curves(grp, norms) for _, grp in panels]
+    fig, axes = _grid(len(panels), height=_panel_height([len(c) + len(t) for c, t in drawn]), max_cols=1)
+    for ax, (cell, _), (curves, thresholds) in zip(axes, panels, drawn, strict=True):
         draw_grad_norms(ax, curves, sorted(thresholds))
         ax.set_title(f"{task}: {cell}", fontsize=10)
         _legend_below(ax)
