@@ -532,7 +532,7 @@ def test_panel_legends_overlap_nothing_and_phase_ticks_do_not_run_together():
         labels = [t for t in ax.get_xticklabels() if t.get_text() and t.get_visible()]
         spans = sorted((t.get_window_extent(r).x0, t.get_window_extent(r).x1) for t in labels)
         spans = [sp for sp in spans if fig.bbox.x0 <= sp[0] and sp[1] <= fig.bbox.x1]
-        assert len(spans) >= 3 and all(a[1] < b[0] for a, b in zip(spans, spans[1:]))
+        assert len(spans) >= 3 and all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))
 
 
 def test_learned_nothing_does_not_look_like_success():
