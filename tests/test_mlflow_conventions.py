@@ -216,3 +216,19 @@ def test_system_metrics_without_psutil_is_a_config_error(monkeypatch):
     assert not tiny_config(
         **{"tracking.system_metrics": "true", "tracking.enabled": "false"}
     ).tracking.enabled
+
+
+def test_train_summary_of_a_diverged_run_reads_plainly(capsys, monkeypatch, tmp_path):
+    """A run whose state overflowed at once: no '(xn/a of baseline)', and huge values in significant
+    digits (they printed as 30-digit fixed-point numbers)."""
+    import re
+
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--config", "smoke", "model.cell=relu", "model.init_scale=1e30", "trainer.max_steps=5"]
+    assert main([*args, "tracking.enabled=false", "diagnostics.plots=false"]) == 0
+    out = capsys.readouterr().out
+    summary = [ln for ln in out.splitlines() if ln.startswith("run ")][0]
+    assert "regime=diverged" in summary and "baseline" not in summary, summary
+    assert all(len(tok) < 16 for tok in re.findall(r"[-+0-9.e]+", out)), out

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,11 +82,12 @@ def command(args: argparse.Namespace) -> int:
         ensure_experiment(cfg.tracking.uri, cfg.tracking.experiment)
     # One line per validation (training/progress.py); a checkpoint at each (training/saved.py).
     r = run(cfg, progress=True, checkpoint=True, resume=args.resume)
-    ratio = f"{r.val_loss_ratio:.3f}" if r.val_loss_ratio is not None else "n/a"
+    ratio = r.val_loss_ratio
+    of_baseline = f" (x{ratio:.4g} of baseline)" if ratio is not None and math.isfinite(ratio) else ""
     val = f"{r.val_loss:.4g}" if r.val_loss is not None else "n/a"
     acc = r.metrics.get("val/accuracy")
     print(
-        f"run {r.run_id}: regime={r.regime} val/loss={val} (x{ratio} of baseline)"
+        f"run {r.run_id or '(not recorded: tracking.enabled=false)'}: regime={r.regime} val/loss={val}{of_baseline}"
         + (f" val/accuracy={acc:.3f}" if acc is not None else "")
         + f" solved={r.solved}"
         + (f" diverged at step {r.diverged_step}" if r.diverged_step is not None else "")
@@ -99,7 +101,7 @@ def command(args: argparse.Namespace) -> int:
         bound = next((b for b in bounds if b in m), "spectral/sigma_max")
         print(
             f"  bptt/log10_ratio={m['bptt/log10_ratio']:.2f} bptt/decay_rate={m['bptt/decay_rate']:.4f}"
-            f" {bound}={m.get(bound, float('nan')):.3f}"
+            f" {bound}={m.get(bound, float('nan')):.4g}"
             f" grad/clip_rate={m['grad/clip_rate']:.3f}"
         )
     if cfg.tracking.enabled:
