@@ -148,6 +148,8 @@ def test_bad_sweep_config_is_one_line_exit_2_and_writes_nothing(tmp_path, monkey
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and f"'{key}'" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+    if key == "space.model.nope":  # the keys it could have meant, as a training config's typo is answered
+        assert "allowed in model: cell, " in err, err
 
 
 def test_sweep_overrides_and_space_forms(tmp_path):

@@ -114,8 +114,13 @@ def _range(where: str, key: str, spec: dict[str, Any], tp: type) -> Param:
 
 def _param(key: str, spec: Any, base: dict[str, Any], types: dict[str, Any]) -> Param:
     where = f"space.{key}"
-    if key not in types:
-        raise ConfigError(where, "unknown config key (see `python -m pipeline train --help` / README)")
+    if key not in types:  # the keys beside it, as a training config's unknown key is answered
+        section = key.rpartition(".")[0]
+        beside = sorted(k.rpartition(".")[2] for k in types if k.rpartition(".")[0] == section)
+        if beside:
+            raise ConfigError(where, f"unknown key (allowed in {section or 'a config'}: {', '.join(beside)})")
+        sections = sorted({k.split(".")[0] for k in types if "." in k})
+        raise ConfigError(where, f"unknown section (config sections: {', '.join(sections)})")
     if key.startswith(FORBIDDEN) or key in FORBIDDEN:
         raise ConfigError(
             where, "cannot be searched (it changes where or how a trial runs, not what it trains)"
