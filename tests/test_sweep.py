@@ -136,6 +136,7 @@ def check_consistent(study, runs, n_trials: int) -> None:
         ({"sampler": {"name": "grid"}}, "sampler.name"),
         ({"pruner": {"name": "median", "patience": 3}}, "pruner.patience"),
         ({"bogus": 1}, "bogus"),
+        ({"base": "nonexistent.yaml"}, "base"),
     ],
 )
 def test_bad_sweep_config_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, change, key):
