@@ -186,7 +186,9 @@ def _merged(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     if isinstance(base, str):  # a path, relative to the sweep file (else the working directory)
         cand = Path(path).parent / base
         if not cand.is_file() and not Path(base).is_file():
-            raise ConfigError("base", f"config file not found: {base} (neither beside {path} nor in the working directory)")
+            raise ConfigError(
+                "base", f"config file not found: {base} (neither beside {path} nor in the working directory)"
+            )
         raw["base"] = read_yaml(cand if cand.is_file() else base)
     data = deep_merge(raw, over)
     for k in data:
