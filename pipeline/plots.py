@@ -76,7 +76,8 @@ def reused_run_figures() -> Iterator[None]:
     (:func:`pipeline.training.profile_monitor.profile_figure`, :func:`pipeline.training.callbacks.plot_grad_norms`),
     saved and dropped at once, as a run's record does (:mod:`pipeline.training.record`): drawn after any of
     them, in any order and with any data, each is the same PNG bytes as on a new figure
-    (tests/test_run_figures.py), at about 60% of the cost, because the ticks, the renderer and the parsed
+    (tests/test_run_figures.py), at about three quarters of the cost (27% less in a recorded stack: README,
+    "On a GPU"), because the ticks, the renderer and the parsed
     mathtext labels already exist (README, "Batched trials": a sweep draws two figures per trial).
 
     Not for other drawings: :func:`_new_state` undoes what the run figures do (and a few common calls),
