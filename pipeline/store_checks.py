@@ -146,3 +146,16 @@ def probe_store(uri: str | None, flag: str = "tracking.uri") -> str:
     elif u.startswith(("http://", "https://")):
         check_http_store(u, flag)
     return u
+
+
+def probe_existing_store(uri: str | None, flag: str, remedy: str) -> str:
+    """:func:`probe_store` for a reader (``report``, ``train --resume``, ``load_run``): a sqlite file that
+    does not exist is an error naming ``flag`` (``remedy``: what to do), not a new empty store (MLflow
+    would make one to find nothing in). Returns the resolved URI."""
+    from pipeline.schema import ConfigError
+
+    u = resolve_uri(uri)
+    path = sqlite_file(u)
+    if path is not None and not path.is_file():
+        raise ConfigError(flag, f"no MLflow store at {path} ({remedy})")
+    return probe_store(u, flag)

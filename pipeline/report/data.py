@@ -31,7 +31,6 @@ from typing import Any
 from pipeline.names import DIVERGED, KIND_SWEEP, KIND_TRIAL, REGIME, ROLE, STUDY, TRIAL_NUMBER
 from pipeline.names import KIND as KIND_TAG
 from pipeline.schema import ConfigError
-from pipeline.uris import sqlite_file
 
 DEFAULT_EXPERIMENT = "rnn-gradients"
 RECENT_RUNS = 200  # runs read, newest first, to find the most recent training run when there is no sweep
@@ -119,16 +118,11 @@ def use_uri(uri: str):
 
 
 def check_store(uri: str) -> None:
-    """A missing sqlite file is an error, not a new empty store (reading must not create one)."""
-    path = sqlite_file(uri)
-    if path is not None and not path.is_file():
-        raise ConfigError(
-            "--store",
-            f"no MLflow store at {path} (run `make sweep` or `make train` first, or pass --store URI)",
-        )
-    from pipeline.store_checks import probe_store
+    """A missing sqlite file is an error, not a new empty store (reading must not create one); a corrupt
+    file or an unreachable server: one line, exit 2."""
+    from pipeline.store_checks import probe_existing_store
 
-    probe_store(uri, "--store")  # a corrupt file or an unreachable server: one line, exit 2
+    probe_existing_store(uri, "--store", "run `make sweep` or `make train` first, or pass --store URI")
 
 
 def resolve_target(uri: str, experiment: str | None = None, study: str | None = None) -> Target:

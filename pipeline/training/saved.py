@@ -96,18 +96,14 @@ def _download(c, run_id: str, path: str, dst: str) -> Path | None:
 
 def _client(run_id: str, tracking_uri: str | None):
     """A client of the store ``run_id`` is read from, once it is known to be there: a sqlite file that does
-    not exist is named in one line, not created (MLflow would make an empty store to find no run in), and
-    a corrupt file or an unreachable server is named as every verb names it."""
-    from pipeline.store_checks import probe_store
+    not exist is named in one line, not created, and a corrupt file or an unreachable server is named as
+    every verb names it."""
+    from pipeline.store_checks import probe_existing_store
     from pipeline.tracking import client
-    from pipeline.uris import sqlite_file
 
-    uri = probe_store(tracking_uri)
-    path = sqlite_file(uri)
-    if path is not None and not path.exists():
-        raise ConfigError(
-            "", f"no run {run_id!r}: no MLflow store at {path} (tracking.uri=URI names the store it is in)"
-        )
+    probe_existing_store(
+        tracking_uri, "tracking.uri", f"the store of run {run_id}: tracking.uri=URI names it"
+    )
     return client(tracking_uri)
 
 
