@@ -16,27 +16,15 @@ finite number in disguise.
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import getpass
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.names import (
-    MLFLOW_GIT_BRANCH,
-    MLFLOW_GIT_COMMIT,
-    MLFLOW_SOURCE_NAME,
-    MLFLOW_SOURCE_TYPE,
-    MLFLOW_USER,
-    NONFINITE_PREFIX,
-    SOURCE_TYPE_LOCAL,
-)
+from pipeline.names import NONFINITE_PREFIX
 from pipeline.store_checks import store_error
 from pipeline.uris import resolve_uri, sqlite_file
 
@@ -119,112 +107,6 @@ def use_wal(path: Path) -> str:
     except sqlite3.Error:  # busy or read-only: MLflow works in either mode, only slower
         return "unchanged"
     return str(mode).lower()
-
-
-@functools.lru_cache(maxsize=1)
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _git(args: list[str], cwd: str | Path) -> str | None:
-    """``git ARGS`` in ``cwd``: its first output line, or None (not a repository, no commit yet);
-    :class:`_GitUnanswered` where git could not start or timed out."""
-    try:
-        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=5, cwd=cwd)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise _GitUnanswered(str(e)) from e
-    line = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
-    return line or None
-
-
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no login name and no passwd entry (some containers)
-        return "unknown"
-
-
-def _source_name() -> str:
-    """What the fluent API records as the source: the program that was run (``sys.argv[0]``), with
-    ``python -m pipeline`` spelled so for a module run."""
-    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ""
-    if argv0.endswith(os.path.join("pipeline", "__main__.py")):
-        return "python -m pipeline"
-    return argv0 or "python"
-
-
-def context_tags(cwd: str | Path | None = None) -> dict[str, str]:
-    """The context tags a fluent-API run would carry (``mlflow.user``, ``mlflow.source.name``,
-    ``mlflow.source.type`` = LOCAL), plus ``mlflow.source.git.commit`` / ``.branch`` of the git repository
-    holding the working directory, when there is one (README, "The MLflow record"). The pipeline's own
-    code version is in :func:`version_tags` (``git_commit``, ``version.rnn-gradient-pipeline``)."""
-    where = Path.cwd() if cwd is None else Path(cwd)
-    tags = {MLFLOW_USER: _user(), MLFLOW_SOURCE_NAME: _source_name(), MLFLOW_SOURCE_TYPE: SOURCE_TYPE_LOCAL}
-    try:
-        return {**tags, **_git_tags(str(where.resolve()), tuple(os.environ.get(k) for k in _GIT_ENV))}
-    except _GitUnanswered:  # git timed out or could not start: this run goes without, the next one asks again
-        return tags
-
-
-# The variables that change which repository git finds for a directory, or whether it trusts it.
-_GIT_ENV = (
-    "GIT_DIR",
-    "GIT_WORK_TREE",
-    "GIT_COMMON_DIR",
-    "GIT_CEILING_DIRECTORIES",
-    "GIT_DISCOVERY_ACROSS_FILESYSTEM",
-    "GIT_CONFIG_GLOBAL",
-    "HOME",
-)
-
-
-class _GitUnanswered(Exception):
-    """git did not answer (not installed, timed out): nothing to cache."""
-
-
-@functools.lru_cache(maxsize=16)
-def _git_tags(where: str, env: tuple[str | None, ...]) -> dict[str, str]:
-    """The git tags of the repository holding ``where``, read once per process and directory, as MLflow's
-    fluent API reads them once per process (its ``GitRunContext`` caches them): two ``git`` processes a run
-    were about 4 ms of every trial of a sweep worker (cProfile of a 32-member stack). ``env``: the values
-    of :data:`_GIT_ENV`, part of the key. An unanswered call raises, so it is not cached."""
-    tags = {}
-    commit = _git(["rev-parse", "--verify", "HEAD"], where)
-    if commit:
-        tags[MLFLOW_GIT_COMMIT] = commit
-        branch = _git(["symbolic-ref", "--short", "-q", "HEAD"], where)  # None: detached HEAD
-        if branch:
-            tags[MLFLOW_GIT_BRANCH] = branch
-    return tags
-
-
-def version_tags() -> dict[str, str]:
-    """Every run's identity tags: the pipeline's code commit (``git_commit``), the package versions
-    (``version.<pkg>``) and the fluent-API context tags of :func:`context_tags`."""
-    return {"git_commit": git_commit(), **context_tags(), **_package_versions()}
-
-
-@functools.cache
-def _package_versions() -> dict[str, str]:
-    """``version.<pkg>`` tags; read once per process (each read parses the package's metadata: 16 ms per
-    run of five packages, measured with cProfile in a 32-member stack)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    tags = {}
-    for pkg in ("torch", "pytorch-lightning", "mlflow", "optuna", "rnn-gradient-pipeline"):
-        with contextlib.suppress(PackageNotFoundError):
-            tags[f"version.{pkg}"] = version(pkg)
-    return tags
 
 
 FLOAT_MAX = sys.float_info.max  # +-inf is logged as +-FLOAT_MAX (1.7976931348623157e308)

@@ -6,8 +6,8 @@
   front doors answer ``--help`` and reject bad input before any of them loads.
 * ``bptt/`` never imports Lightning, MLflow or Optuna, at module level or inside a function: the exact
   mathematics runs wherever torch runs, and a user's own model can use it without our trainer.
-* The shared floor (config, schema, names, uris, signals, tracking, store_checks, plots, presets) imports no stage
-  folder.
+* The shared floor (config, schema, names, uris, signals, tracking, provenance, store_checks, plots,
+  presets) imports no stage folder.
 """
 
 from __future__ import annotations
@@ -127,6 +127,7 @@ FLOOR = (
     "uris.py",
     "signals.py",
     "tracking.py",
+    "provenance.py",
     "store_checks.py",
     "plots.py",
     "presets.py",

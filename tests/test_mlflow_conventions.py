@@ -56,7 +56,7 @@ def test_no_git_tags_outside_a_repository(store, tiny, tmp_path, monkeypatch):
 def test_git_tags_are_read_once_per_directory_and_an_unanswered_git_is_asked_again(tmp_path, monkeypatch):
     """``mlflow.source.git.*`` are read once per process and directory (as MLflow's fluent API reads them
     once per process), keyed by the resolved directory; a git that timed out is not cached as "no repository"."""
-    from pipeline import tracking
+    from pipeline import provenance
 
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above tmp_path
     repo = tmp_path / "repo"
@@ -64,7 +64,7 @@ def test_git_tags_are_read_once_per_directory_and_an_unanswered_git_is_asked_aga
     (tmp_path / "sub").mkdir()
     _git("init", "-q", "-b", "b1", cwd=repo)
     _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "c", cwd=repo)
-    tracking._git_tags.cache_clear()
+    provenance._git_tags.cache_clear()
     calls = []
     real = subprocess.run
 
@@ -74,15 +74,15 @@ def test_git_tags_are_read_once_per_directory_and_an_unanswered_git_is_asked_aga
             raise subprocess.TimeoutExpired(args, 5)
         return real(args, **kw)
 
-    monkeypatch.setattr(tracking.subprocess, "run", timing_out_once)
-    assert "mlflow.source.git.commit" not in tracking.context_tags(repo)  # this run goes without
-    first = tracking.context_tags(repo)  # the next asks again
+    monkeypatch.setattr(provenance.subprocess, "run", timing_out_once)
+    assert "mlflow.source.git.commit" not in provenance.context_tags(repo)  # this run goes without
+    first = provenance.context_tags(repo)  # the next asks again
     assert first["mlflow.source.git.branch"] == "b1" and len(calls) == 3
-    assert tracking.context_tags(repo) == first and len(calls) == 3  # once per directory
+    assert provenance.context_tags(repo) == first and len(calls) == 3  # once per directory
     monkeypatch.chdir(repo)
-    assert tracking.context_tags("sub")["mlflow.source.git.commit"] == first["mlflow.source.git.commit"]
+    assert provenance.context_tags("sub")["mlflow.source.git.commit"] == first["mlflow.source.git.commit"]
     monkeypatch.chdir(tmp_path)  # a relative directory is the one it names now: here, in no repository
-    assert "mlflow.source.git.commit" not in tracking.context_tags("sub")
+    assert "mlflow.source.git.commit" not in provenance.context_tags("sub")
 
 
 def test_the_description_states_the_verdict(store, tiny):

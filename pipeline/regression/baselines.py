@@ -193,7 +193,7 @@ def new_baseline(
 
 
 def write_baseline(suite, values: dict, path: Path | None = None) -> Path:
-    from pipeline.tracking import git_commit, version_tags
+    from pipeline.provenance import git_commit, version_tags
 
     path = Path(path or suite.baseline_path)
     versions = {k.removeprefix("version."): v for k, v in version_tags().items() if k.startswith("version.")}

@@ -55,7 +55,8 @@ def start_suite_run(suite: Suite, key: str | None = None, uri: str | None = None
     With ``key`` (the DAG's data interval), an existing parent run with that key is reused, so a
     retried or cleared DAG run does not start a second record. Returns (parent_run_id, experiment_id).
     """
-    from pipeline.tracking import Recorder, client, ensure_experiment, version_tags
+    from pipeline.provenance import version_tags
+    from pipeline.tracking import Recorder, client, ensure_experiment
 
     uri = uri or suite.uri
     exp_id = ensure_experiment(uri, EXPERIMENT)

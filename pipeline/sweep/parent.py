@@ -187,7 +187,8 @@ def _parent_run(
     """The parent run's id: the study's, opened again on a resume; else a new run with the sweep's params."""
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tracking import Recorder, client, version_tags
+    from pipeline.provenance import version_tags
+    from pipeline.tracking import Recorder, client
 
     rid = study.user_attrs.get("mlflow_parent_run_id")
     if rid and study.user_attrs.get("mlflow_experiment_id") == experiment_id:

@@ -192,7 +192,8 @@ def _start_recorder(
     cfg: Config, parent_run_id: str | None, extra_tags: dict[str, Any] | None, experiment_id: str | None
 ):
     """The run's Recorder (a NullRecorder when tracking is off), started with its identity tags."""
-    from pipeline.tracking import NullRecorder, Recorder, version_tags
+    from pipeline.provenance import version_tags
+    from pipeline.tracking import NullRecorder, Recorder
 
     tags = {"task": cfg.task.name, "cell": cfg.model.cell, "init": cfg.model.init, **version_tags()}
     tags.update(extra_tags or {})
