@@ -110,9 +110,13 @@ class PreStep(pl.Callback):
         self.pre.append(norm_of(pl_module.parameters()))
 
 
-def test_accumulated_step_records_the_mean_micro_batch_loss(tmp_path):
+def test_accumulated_step_records_the_mean_micro_batch_loss(tmp_path, monkeypatch):
     from pipeline import GradientNormMonitor
+    from pipeline.training import grad_monitor
 
+    reads = []  # the group norms computed: once before and once after each step, not per micro-batch
+    real = grad_monitor.group_sq
+    monkeypatch.setattr(grad_monitor, "group_sq", lambda *a: reads.append(1) or real(*a))
     torch.manual_seed(0)
     model, gm, ref = AccumulatingGRU(), GradientNormMonitor(log_every_n_steps=3), PreStep()
     t = trainer(
@@ -128,6 +132,7 @@ def test_accumulated_step_records_the_mean_micro_batch_loss(tmp_path):
     np.testing.assert_allclose(gm.column("loss"), np.asarray(model.losses).reshape(6, 4).mean(1), rtol=1e-6)
     np.testing.assert_allclose(gm.column("norm_preclip"), ref.pre, rtol=1e-6)
     assert np.all(gm.column("norm_postclip") <= 0.3 * (1 + 1e-6))
+    assert len(reads) == 2 * 6
 
 
 class TwoOptimizers(pl.LightningModule):

@@ -154,8 +154,12 @@ def test_a_module_deepcopy_refuses_is_named_in_one_line():
 class ClipsAfterBackward(AccumulatingGRU):
     """Clips in its own on_after_backward (Lightning calls the callbacks' hook first)."""
 
+    def __init__(self, clip: float = 0.3):
+        super().__init__()
+        self.clip = clip
+
     def on_after_backward(self):
-        torch.nn.utils.clip_grad_norm_(self.parameters(), 0.3)
+        torch.nn.utils.clip_grad_norm_(self.parameters(), self.clip)
 
 
 class AfterBackward(pl.Callback):
@@ -177,6 +181,23 @@ def test_clipping_in_the_modules_on_after_backward_is_seen(tmp_path):
     np.testing.assert_allclose(gm.column("norm_preclip"), ref.pre, rtol=1e-6)
     clipped = np.asarray(ref.pre) > 0.3 * (1 + 1e-6)
     assert 0 < clipped.sum() < 12 and gm.clip_rate == pytest.approx(clipped.mean())
+
+
+def test_an_epoch_ending_inside_an_accumulation_window_is_measured_at_its_step(tmp_path):
+    """22 batches an epoch, 4 to a step: Lightning also steps after the 22nd batch (a window of 2). The
+    pre-clip norm is the one after each step's last backward, before the module's hook clips it; a
+    monitor that took that backward for one it accumulates past would read the clipped gradient."""
+    from pipeline import GradientNormMonitor
+
+    torch.manual_seed(0)
+    ref, gm = AfterBackward(), GradientNormMonitor(log_every_n_steps=3)
+    t = trainer(tmp_path, [ref, gm], max_steps=12, log_every_n_steps=1, accumulate_grad_batches=4)
+    t.fit(ClipsAfterBackward(clip=0.05), loader(cls_data(n=16 * 22), bs=16))
+    assert t.global_step == 12 and len(ref.pre) == 44 and len(gm.history) == 12
+    last = [e * 22 + b - 1 for e in range(2) for b in (4, 8, 12, 16, 20, 22)]  # each step's last backward
+    pre = np.asarray(ref.pre)[last]
+    np.testing.assert_allclose(gm.column("norm_preclip"), pre, rtol=1e-6)
+    assert pre.min() > 0.05 and np.all(gm.column("norm_postclip") <= 0.05 * (1 + 1e-6))
 
 
 class Unfreezes(pl.Callback):

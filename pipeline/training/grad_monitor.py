@@ -117,6 +117,17 @@ def drop_gradients(params: Iterable[nn.Parameter]) -> None:
         p.grad = None
 
 
+def _accumulating(trainer) -> bool:
+    """Whether Lightning will not step after this backward (``accumulate_grad_batches > 1``,
+    automatic optimization): the gradient is partial, and the last micro-batch's read replaces it, so it
+    is not measured. Lightning's own test (``fit_loop._should_accumulate``, which it asks before each
+    closure); where a Lightning lacks it, every backward is measured, as before."""
+    if getattr(trainer, "accumulate_grad_batches", 1) <= 1:
+        return False
+    should = getattr(getattr(trainer, "fit_loop", None), "_should_accumulate", None)
+    return bool(should()) if callable(should) else False
+
+
 class GradientNormMonitor(_Window, pl.Callback):
     """Clip-aware gradient norms and a divergence guard for any LightningModule.
 
@@ -131,8 +142,9 @@ class GradientNormMonitor(_Window, pl.Callback):
     Each step is measured on the parameters its optimizer updates (a parameter group added during
     training included), with the loss summed over the backward passes before it (since the previous
     step's; ``accumulate_grad_batches``: the mean micro-batch loss, as Lightning divides each by N). The
-    pre-clip norm is read after each backward (``on_after_backward``, which Lightning calls on callbacks
-    before the module's own: the last one before the step sees the accumulated gradient), so clipping
+    pre-clip norm is read after the backward before each step (``on_after_backward``, which Lightning
+    calls on callbacks before the module's own; with ``accumulate_grad_batches``, after the last
+    micro-batch's, which sees the accumulated gradient), so clipping
     anywhere after it is seen: ``gradient_clip_val``, ``configure_gradient_clipping``, the module's
     ``on_after_backward``, or ``self.clip_gradients`` before ``opt.step()`` in manual optimization
     (``automatic_optimization = False``). Without a backward through Lightning since the optimizer's
@@ -251,7 +263,7 @@ class GradientNormMonitor(_Window, pl.Callback):
 
     def on_after_backward(self, trainer, pl_module) -> None:
         """The gradient as backward left it, before any clipping (the module's hooks run after this)."""
-        if not self.measures:
+        if not self.measures or (pl_module.automatic_optimization and _accumulating(trainer)):
             return
         scale = scale_of(self._scaler) if self._scaler is not None else None
         for opt in trainer.optimizers:
