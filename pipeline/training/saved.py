@@ -120,6 +120,10 @@ def run_config(run_id: str, tracking_uri: str | None = None) -> Config:
     """The validated config a run recorded (its ``config.yaml``)."""
     c = _client(run_id, tracking_uri)
     _get_run(c, run_id)
+    return _config_of(c, run_id)
+
+
+def _config_of(c, run_id: str) -> Config:
     with tempfile.TemporaryDirectory() as d:
         p = _download(c, run_id, CONFIG, d)
         if p is None:
@@ -151,10 +155,9 @@ def load_run(run_id: str, tracking_uri: str | None = None) -> LoadedRun:
     ``tracking.log_model: false``) falls back to the model in its ``checkpoints/last.ckpt``.
     ``tracking_uri``: None is ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
     """
-    from pipeline.tracking import client
-
-    cfg = run_config(run_id, tracking_uri)  # first: a missing store is named, not created
-    c = client(tracking_uri)
+    c = _client(run_id, tracking_uri)  # first: a missing store is named, not created
+    _get_run(c, run_id)
+    cfg = _config_of(c, run_id)
     task = task_of(cfg.task)
     module = RNNTrainingModule(cfg, task)
     with tempfile.TemporaryDirectory() as d:
@@ -185,7 +188,7 @@ def resume_config(run_id: str, tracking_uri: str | None = None) -> Config:
     r = _get_run(c, run_id)
     if r.info.status == "FINISHED":
         raise ConfigError("", f"run {run_id} is FINISHED: nothing to resume")
-    cfg = run_config(run_id, tracking_uri)
+    cfg = _config_of(c, run_id)
     if CHECKPOINT not in {a.path for a in c.list_artifacts(run_id, str(Path(CHECKPOINT).parent))}:
         raise ConfigError(
             "", f"run {run_id} has no {CHECKPOINT} (it stopped before its first validation): start it afresh"
