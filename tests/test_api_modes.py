@@ -168,7 +168,9 @@ def test_two_optimizers_each_step_is_measured_on_its_own_parameters(tmp_path):
     from pipeline import GradientNormMonitor
 
     torch.manual_seed(0)
-    model, gm = TwoOptimizers(), GradientNormMonitor(log_every_n_steps=4)
+    logged: list[tuple[int, dict]] = []
+    model = TwoOptimizers()
+    gm = GradientNormMonitor(log_every_n_steps=4, sink=lambda m, step: logged.append((step, m)))
     t = trainer(tmp_path, [gm], max_steps=8, log_every_n_steps=1)
     t.fit(model, loader(cls_data()))
     assert t.global_step == 8 and len(gm.history) == 8  # Lightning counts every optimizer's step
@@ -178,6 +180,16 @@ def test_two_optimizers_each_step_is_measured_on_its_own_parameters(tmp_path):
     rnn = np.array([w == "rnn" for w in who])
     assert np.all(gm.column("norm_other")[rnn] == 0) and np.all(gm.column("norm_recurrent")[rnn] > 0)
     assert np.all(gm.column("norm_recurrent")[~rnn] == 0) and np.all(gm.column("norm_other")[~rnn] > 0)
+    # each window (two batches, four steps) logs each optimizer's last step at its own step: the clipped
+    # recurrent optimizer's norms are not hidden behind the head's
+    assert [step for step, _ in logged] == [3, 4, 7, 8]
+    for step, m in logged:
+        assert m["grad/norm_preclip"] == pytest.approx(gm.column("norm_preclip")[step - 1], rel=1e-12)
+        assert m["grad/norm_postclip"] == pytest.approx(gm.column("norm_postclip")[step - 1], rel=1e-12)
+    assert [("grad/clip_rate" in m, m["grad/norm_recurrent"] > 0) for _, m in logged] == [
+        (False, True), (True, False), (False, True), (True, False)
+    ]
+    assert all(m["grad/norm_postclip"] <= 0.2 * (1 + 1e-6) for _, m in logged[::2])  # clipped at 0.2
     np.testing.assert_array_equal(gm.column("norm_postclip")[~rnn], gm.column("norm_preclip")[~rnn])
     assert np.all(gm.column("norm_postclip")[rnn] <= 0.2 * (1 + 1e-6))
 

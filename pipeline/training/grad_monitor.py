@@ -131,7 +131,8 @@ def _accumulating(trainer) -> bool:
 class GradientNormMonitor(_Window, pl.Callback):
     """Clip-aware gradient norms and a divergence guard for any LightningModule.
 
-    Logs once per ``log_every_n_steps`` optimizer steps (values of the window's last step unless said):
+    Logs once per ``log_every_n_steps`` optimizer steps (values of the window's last step unless said;
+    with two or more optimizers, also each other optimizer's last step in the window, at its own step):
     ``grad/norm_preclip``, ``grad/norm_postclip``, ``grad/clip_coef`` (post / pre),
     ``grad/clip_rate`` (fraction of the steps so far with clip_coef < 1), ``grad/max_norm_preclip``
     (running max), ``grad/norm_<group>`` (pre-clip; groups input, recurrent, bias, other), and
@@ -208,6 +209,7 @@ class GradientNormMonitor(_Window, pl.Callback):
         self._staged = None
         self._rows = []
         self._steps = []
+        self._opt_keys = []
         # Running clip rate over every (finite) step so far (README, "The MLflow record").
         self._clipped, self._counted = 0.0, 0
 
@@ -295,7 +297,7 @@ class GradientNormMonitor(_Window, pl.Callback):
                 # the scaler's overflow: it skips this update and lowers the scale (torch.amp.GradScaler).
                 # At a scale of 1 or below the gradient is non-finite unscaled: divergence (below).
                 self.scaler_skips = (self.scaler_skips or 0) + 1
-                self.push(row, trainer.global_step)
+                self.push(row, trainer.global_step, optimizer)
                 return
             drop_gradients(p for gs in self.groups.values() for p in gs)
             # anything the monitor did not classify
@@ -304,7 +306,7 @@ class GradientNormMonitor(_Window, pl.Callback):
             if self.diverged_step is None:
                 self.diverged_step = trainer.global_step
             trainer.should_stop = True
-            self.push(row, trainer.global_step)
+            self.push(row, trainer.global_step, optimizer)
             return
         self._pre = sq
         self._pre_loss = loss
@@ -317,7 +319,7 @@ class GradientNormMonitor(_Window, pl.Callback):
         self._pre = None
         post_sq = group_sq(self._groups_of(optimizer), self.group_names)
         step = self._trainer.global_step if self._trainer is not None else len(self._steps)
-        self.push(post_clip_row(self._pre_loss, sq, post_sq), step)
+        self.push(post_clip_row(self._pre_loss, sq, post_sq), step, optimizer)
 
     def collect(self, trainer, pl_module) -> None:
         """Hook, once per training batch before the window check: a subclass whose module measures

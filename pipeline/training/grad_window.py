@@ -77,6 +77,19 @@ def window_stats(
     return max_norm_preclip, float((coef < 1.0).sum()), coef.size
 
 
+def step_metrics(col: Mapping[str, np.ndarray], i: int, group_names: Sequence[str]) -> dict[str, float]:
+    """One step's norms (row ``i`` of the window's columns ``col``) under their metric names."""
+    names = ("norm_preclip", "norm_postclip", "clip_coef", *(f"norm_{g}" for g in group_names))
+    return {f"grad/{n}": float(col[n][i]) for n in names}
+
+
+def last_of_each(keys: Sequence[Any]) -> list[int]:
+    """The positions of each key's last occurrence, in order: the steps of a window that are logged when
+    two or more optimizers step (each optimizer's last one; one optimizer: the window's last step)."""
+    last = {k: i for i, k in enumerate(keys)}
+    return sorted(last.values())
+
+
 def window_metrics(
     col: Mapping[str, np.ndarray],
     group_names: Sequence[str],
@@ -88,22 +101,14 @@ def window_metrics(
     """The metrics of one window (columns ``col``): the window's mean loss under ``loss_metric`` (when
     given), the last step's norms, the running ``clip_rate`` and ``max_norm_preclip``, ``diverged_step``
     (when given)."""
-    last = {n: float(v[-1]) for n, v in col.items()}
     metrics: dict[str, Any] = {}
     if loss_metric is not None:
         loss = col["loss"]
         metrics[loss_metric] = float(np.nanmean(loss)) if np.isfinite(loss).any() else math.nan
-    metrics.update(
-        {
-            "grad/norm_preclip": last["norm_preclip"],
-            "grad/norm_postclip": last["norm_postclip"],
-            "grad/clip_coef": last["clip_coef"],
-            "grad/clip_rate": clip_rate,
-        }
-    )
+    metrics.update(step_metrics(col, -1, group_names))
+    metrics["grad/clip_rate"] = clip_rate
     if max_norm_preclip is not None:
         metrics["grad/max_norm_preclip"] = max_norm_preclip
-    metrics.update({f"grad/norm_{g}": last[f"norm_{g}"] for g in group_names})
     if diverged_step is not None:
         metrics["diverged_step"] = float(diverged_step)
     return metrics
@@ -125,13 +130,16 @@ class _Window(_Logs):
     _staged: np.ndarray | None
     _rows: list[np.ndarray]
     _steps: list[int]
+    _opt_keys: list[int | None]  # per pending record: the id of the optimizer that stepped (None: the only)
     _clipped: float
     _counted: int
 
-    def push(self, row: torch.Tensor, step: int) -> None:
-        """One step's record (on the device, in :attr:`fields` order) into the window."""
+    def push(self, row: torch.Tensor, step: int, optimizer: Any = None) -> None:
+        """One step's record (on the device, in :attr:`fields` order) into the window; ``optimizer``: the
+        one that stepped (None: the only one), so that each optimizer's last step in a window is logged."""
         self._pending.append(row)
         self._steps.append(step)
+        self._opt_keys.append(None if optimizer is None else id(optimizer))
 
     @property
     def history(self) -> np.ndarray:
@@ -206,7 +214,7 @@ class _Window(_Logs):
             rows = staged
         else:
             rows = torch.stack(self._pending).cpu().numpy()
-        self._pending = []
+        keys, self._pending, self._opt_keys = self._opt_keys, [], []
         self._rows.append(rows)
         col = {n: rows[:, i] for i, n in enumerate(self.fields)}
         self.max_norm_preclip, clipped, counted = window_stats(col, self.max_norm_preclip)
@@ -221,4 +229,9 @@ class _Window(_Logs):
         if skips is not None:
             metrics["grad/scaler_skips"] = float(skips)
         step = trainer.global_step if trainer is not None else (self._steps[-1] if self._steps else 0)
+        # two or more optimizers (each opt.step() its own record): each one's last step in the window is
+        # logged at its own step, so the earlier optimizers' norms are not hidden behind the last's
+        steps = self._steps[len(self._steps) - len(rows) :]
+        for i in last_of_each(keys)[:-1]:
+            self.publish(step_metrics(col, i, self.group_names), step - (steps[-1] - steps[i]))
         self.publish(metrics, step)
