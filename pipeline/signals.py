@@ -80,6 +80,20 @@ def deferred() -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def ctrl_c_not_exit_1() -> Iterator[None]:
+    """Around Lightning's ``fit`` / ``validate``: Lightning catches a Ctrl-C there and calls
+    ``sys.exit(1)`` (``pytorch_lightning.trainer.call._call_and_handle_interrupt``), which the command
+    line would report as exit 1, "a check failed". The KeyboardInterrupt is raised again instead, so
+    the run closes KILLED and the command exits 130, as for a Ctrl-C anywhere else."""
+    try:
+        yield
+    except SystemExit as e:
+        if isinstance(e.__context__, KeyboardInterrupt) and e.code == 1:
+            raise e.__context__ from None
+        raise
+
+
+@contextlib.contextmanager
 def terminate_as_exception() -> Iterator[None]:
     """Within the block, SIGTERM raises :class:`Terminated` (only in the main thread); one that arrived
     but whose exception was dropped (:func:`raise_terminated`) is raised when the block ends.

@@ -196,9 +196,12 @@ def test_sweep_best_trial_is_loadable(store, tmp_path, log_models):
         assert with_weights == expect and best.number in with_weights
 
 
-def test_sigterm_of_train_then_resume(store, tmp_path):
-    """A real ``python -m pipeline train`` SIGTERMed after its first checkpoint: exit 143, KILLED, the resume
-    command printed; ``--resume`` finishes the same run to max_steps."""
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_sigterm_of_train_then_resume(store, tmp_path, sig):
+    """A real ``python -m pipeline train`` SIGTERMed (or Ctrl-C'd: Lightning turns a KeyboardInterrupt in
+    fit into exit 1, "a check failed", unless the product raises it again) after its first checkpoint:
+    exit 143 (130), KILLED, the resume command printed; ``--resume`` finishes the same run to
+    max_steps (once, after the SIGTERM)."""
     import os
     import signal
     import subprocess
@@ -229,6 +232,8 @@ def test_sigterm_of_train_then_resume(store, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # a job started in the background inherits SIGINT ignored, and Python then installs no handler
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     c = MlflowClient(store)
     run_id, end = None, time.monotonic() + 120
@@ -244,15 +249,19 @@ def test_sigterm_of_train_then_resume(store, tmp_path):
             proc.kill()
             out, err = proc.communicate(timeout=60)
             pytest.fail(f"no checkpoint seen while the run trained (exit {proc.returncode}): {err[-3000:]}")
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(getattr(signal, sig))
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 143, err
+    code, said = {"SIGTERM": (143, "terminated"), "SIGINT": (130, "interrupted")}[sig]
+    assert proc.returncode == code, err
     assert f"resume: python -m pipeline train --resume {run_id}" in err
+    assert f"{said}: runs closed as KILLED" in err
     killed = c.get_run(run_id)
     assert killed.info.status == "KILLED"
+    if sig == "SIGINT":
+        return
     stopped_at = max(m.step for m in c.get_metric_history(run_id, "train/loss"))
     assert stopped_at < 4000
     assert main(["train", "--resume", run_id, f"tracking.uri={store}"]) == 0

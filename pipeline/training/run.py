@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.names import STATUS
-from pipeline.signals import Terminated, deferred, terminate_as_exception
+from pipeline.signals import Terminated, ctrl_c_not_exit_1, deferred, terminate_as_exception
 from pipeline.training import record
 from pipeline.training.record import Monitors, RunResult
 
@@ -283,7 +283,7 @@ def _train(
     if checkpoint:
         own.append(saved.RunCheckpoint(rec, mon))  # after ValidationLogger: its state has this validation
     trainer = _trainer(cfg, [*own, *extra_callbacks])
-    with terminate_as_exception():
+    with terminate_as_exception(), ctrl_c_not_exit_1():
         trainer.fit(module, datamodule=data, ckpt_path=None if ckpt is None else str(ckpt[0]))
         if module.diverged_step is None and mon.val.last_step != trainer.global_step:
             trainer.validate(module, datamodule=data, verbose=False)  # final validation
