@@ -187,7 +187,10 @@ def test_two_optimizers_each_step_is_measured_on_its_own_parameters(tmp_path):
         assert m["grad/norm_preclip"] == pytest.approx(gm.column("norm_preclip")[step - 1], rel=1e-12)
         assert m["grad/norm_postclip"] == pytest.approx(gm.column("norm_postclip")[step - 1], rel=1e-12)
     assert [("grad/clip_rate" in m, m["grad/norm_recurrent"] > 0) for _, m in logged] == [
-        (False, True), (True, False), (False, True), (True, False)
+        (False, True),
+        (True, False),
+        (False, True),
+        (True, False),
     ]
     assert all(m["grad/norm_postclip"] <= 0.2 * (1 + 1e-6) for _, m in logged[::2])  # clipped at 0.2
     np.testing.assert_array_equal(gm.column("norm_postclip")[~rnn], gm.column("norm_preclip")[~rnn])
