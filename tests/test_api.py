@@ -151,10 +151,12 @@ def scaled_norm(g) -> float:
     return m * float((g / m).norm()) if m > 0 else 0.0
 
 
-def autograd_profile(module, path, batch, loss_fn=None):
+def autograd_profile(module, path, batch, loss_fn=None, window_from=None):
     """log10 ||dL/dh_t|| (and c_t) per layer by full-graph float64 autograd: the RNN unrolled one step at a
     time with nn.LSTMCell / nn.GRUCell / nn.RNNCell sharing its weights, retain_grad on every state; L is
-    the module's training_step loss, or ``loss_fn(module, batch)``."""
+    the module's training_step loss, or ``loss_fn(module, batch)``. ``window_from=a``: the loss terms that
+    read the top layer's output before step a are left out (a hook zeroes that output's gradient there):
+    the long-range profile's definition, by autograd."""
     from pipeline.training.probe import NO_TRAINER_LOG, float64_copy, to_cpu64
 
     m = float64_copy(module)
@@ -191,6 +193,9 @@ def autograd_profile(module, path, batch, loss_fn=None):
             hn.append(h)
             cn.append(cc)
         out = torch.stack(inp, 1)
+        if window_from is not None:
+            keep = (torch.arange(1, out.shape[1] + 1) >= window_from).to(out.dtype)[None, :, None]
+            out.register_hook(lambda g: g * keep)
         out = out if r.batch_first else out.transpose(0, 1)
         return out, ((torch.stack(hn), torch.stack(cn)) if isinstance(r, nn.LSTM) else torch.stack(hn))
 
@@ -233,7 +238,14 @@ def test_profile_equals_autograd_reference(make, path, data):
     before = {k: v.clone() for k, v in module.state_dict().items()}
     frame = profile_rnn(module, path, batch)
     assert list(frame.columns) == ["layer", "t", "state", "log10_norm"]
-    ref = autograd_profile(module, path, batch)
+    # the long-range profile (h, c): the loss terms at the last step the loss reads (all of these read
+    # step T); the whole loss's (h_total, c_total) where the loss also reads earlier steps
+    ref = autograd_profile(module, path, batch, window_from=T)
+    total = autograd_profile(module, path, batch)
+    reads_earlier = any(not np.array_equal(total[key], ref[key]) for key in ref)
+    assert reads_earlier == (path != "gru")  # the classifier reads h_n alone
+    if reads_earlier:
+        ref.update({(k, f"{s}_total"): v for (k, s), v in total.items()})
     assert {
         (int(k), s) for k, s in frame[["layer", "state"]].drop_duplicates().itertuples(index=False)
     } == set(ref)
@@ -305,7 +317,7 @@ def test_lstm_with_gradient_clip_val_and_both_callbacks(tmp_path):
     assert [int(p["step"]) for p in pm.passes] == [0, 8, 16, 24]
     assert pm.regime in ("vanishing", "healthy", "exploding")
     frame = pm.profile_frame()
-    assert set(frame["layer"]) == {0, 1} and set(frame["state"]) == {"h", "c"}
+    assert set(frame["layer"]) == {0, 1} and set(frame["state"]) == {"h", "c", "h_total", "c_total"}
     df = _read_csv_metrics(tmp_path)
     for name in (
         "grad/norm_preclip",

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_api import H, T, V, autograd_profile, cls_data, first_batch, lm_data, loader, trainer
+from tests.test_api import H, cls_data, first_batch, loader, trainer
 
 pl = pytest.importorskip("pytorch_lightning")
 
@@ -269,90 +269,6 @@ def test_loss_scaler_overflow_is_a_skipped_step_not_divergence(tmp_path, manual)
 # ------------------------------------------------------------------------------------ the profile
 
 
-class TBPTTLanguageModel(pl.LightningModule):
-    """Truncated BPTT as Lightning 2 writes it (manual optimization): the sequence in chunks of ``k``
-    steps, the state carried across chunks detached, one backward and one step per chunk."""
-
-    def __init__(self, k: int = 10):
-        super().__init__()
-        self.automatic_optimization = False
-        self.k = k
-        self.embed = nn.Embedding(V, 8)
-        self.lstm = nn.LSTM(8, H, batch_first=True)
-        self.head = nn.Linear(H, V)
-
-    def full_loss(self, batch):
-        """The loss over the whole sequence: what the profile differentiates."""
-        x, y = batch
-        out, _ = self.lstm(self.embed(x))
-        return nn.functional.cross_entropy(self.head(out).reshape(-1, V), y.reshape(-1))
-
-    def training_step(self, batch, batch_idx):
-        opt = self.optimizers()
-        x, y = batch
-        state = None
-        for i in range(0, x.shape[1], self.k):
-            out, state = self.lstm(self.embed(x[:, i : i + self.k]), state)
-            loss = nn.functional.cross_entropy(
-                self.head(out).reshape(-1, V), y[:, i : i + self.k].reshape(-1)
-            )
-            opt.zero_grad()
-            self.manual_backward(loss)
-            opt.step()
-            state = tuple(s.detach() for s in state)
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=1e-2)
-
-
-def full_loss(module, batch):
-    return module.full_loss(batch)
-
-
-def test_manual_module_profile_needs_loss_fn_and_then_equals_autograd(tmp_path):
-    from pipeline import BPTTProfileMonitor, GradientNormMonitor, profile_rnn
-
-    torch.manual_seed(0)
-    model, batch = TBPTTLanguageModel(), first_batch(lm_data())
-    with pytest.raises(ValueError, match=r"^TBPTTLanguageModel uses manual optimization.*loss_fn=") as err:
-        profile_rnn(model, "lstm", batch)
-    assert "\n" not in str(err.value)
-    with pytest.raises(ValueError, match="manual optimization.*loss_fn="):
-        trainer(tmp_path, [BPTTProfileMonitor("lstm")], max_steps=3, log_every_n_steps=1).fit(
-            model, loader(lm_data())
-        )
-
-    frame = profile_rnn(model, "lstm", batch, loss_fn=full_loss)
-    ref = autograd_profile(model, "lstm", batch, loss_fn=full_loss)
-    for (k, state), want in ref.items():
-        got = frame[(frame["layer"] == k) & (frame["state"] == state)].sort_values("t")["log10_norm"]
-        assert len(got) == T
-        np.testing.assert_allclose(got.to_numpy(), want, atol=1e-9, rtol=0)
-
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    pm = BPTTProfileMonitor("lstm", every_n_steps=6, batch=batch, loss_fn=full_loss)
-    gm = GradientNormMonitor(log_every_n_steps=3)
-    t = trainer(tmp_path, [gm, pm], max_steps=12, log_every_n_steps=1)
-    t.fit(model, loader(lm_data()))
-    assert t.global_step == 12 and len(gm.history) == 12  # 3 chunks, so 3 steps, per batch
-    assert [p["step"] for p in pm.passes] == [0, 6, 12]
-    # every 4 steps with 3 steps a batch: the batch ends at 3, 6, 9, 12 cross 4, 8 and 12
-    pm4 = BPTTProfileMonitor("lstm", every_n_steps=4, batch=batch, loss_fn=full_loss)
-    trainer(tmp_path, [pm4], max_steps=12, log_every_n_steps=1).fit(TBPTTLanguageModel(), loader(lm_data()))
-    assert [p["step"] for p in pm4.passes] == [0, 6, 9, 12]
-    first = pm.profile_frame()
-    first = first[first["step"] == 0]
-    for (k, state), want in ref.items():  # the step-0 pass ran on the untrained weights
-        got = first[(first["layer"] == k) & (first["state"] == state)].sort_values("t")["log10_norm"]
-        np.testing.assert_allclose(got.to_numpy(), want, atol=1e-9, rtol=0)
-    assert not all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "it trained"
-    assert pm.regime in ("vanishing", "healthy", "exploding")
-
-
-# ------------------------------------------------------------------------------------ resuming
-
-
-# Lightning's note that the resumed Trainer has no ModelCheckpoint like the one that wrote the checkpoint
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning")
 @pytest.mark.parametrize("at", [12, 9], ids=["at-a-pass", "between-passes"])
 def test_resumed_fit_keeps_running_statistics_and_passes(tmp_path, at):

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline.bptt.dphi import tanh_prime
+
 Tensor = torch.Tensor
 State = tuple[Tensor, ...]
 Params = dict[str, Any]
@@ -37,13 +39,15 @@ def width(p: Params) -> int:
 
 
 def step_cached(p: Params, gi: Tensor, state: State) -> tuple[State, Cache]:
-    """One step from ``gi`` = V u_n + b; the cache holds tanh' = 1 - tanh(a)^2, all J_t needs."""
+    """One step from ``gi`` = V u_n + b; the cache holds tanh'(a) (from the pre-activation: exact in
+    saturation, :mod:`pipeline.bptt.dphi`), all J_t needs."""
     (h,) = state
     y, z = h.chunk(2, dim=-1)
     dt, gamma, eps = p["dt"], p["gamma"], p["epsilon"]
-    c = torch.tanh(gi + F.linear(torch.cat([z, y], dim=-1), p["W_hh"]))
+    a = gi + F.linear(torch.cat([z, y], dim=-1), p["W_hh"])
+    c = torch.tanh(a)
     z_new = z + dt * (c - gamma * y - eps * z)
-    return (torch.cat([y + dt * z_new, z_new], dim=-1),), (1 - c * c,)
+    return (torch.cat([y + dt * z_new, z_new], dim=-1),), (tanh_prime(a),)
 
 
 def step_vjp(p: Params, cache: Cache, v: State) -> tuple[State, None]:

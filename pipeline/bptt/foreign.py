@@ -90,24 +90,21 @@ def input_vjp(params: Params, cache: Cache, v: State) -> Tensor:
     """
     cell = params["cell"]
     if cell == "tanh":
-        (h_new,) = cache
-        return v[0] * (1 - h_new * h_new)
+        (d,) = cache
+        return v[0] * d
     if cell == "relu":
         (h_new,) = cache
         return v[0] * (h_new > 0)
     if cell == "lstm":
-        i, f, g, o, c_prev, tc = cache
+        o_dtc, g_di, c_df, i_dg, tc_do, _ = cache  # the factors of twin.step_cached
         v_h, v_c = v
-        dc = v_c + v_h * o * (1 - tc * tc)
-        return torch.cat(
-            [dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g), v_h * tc * o * (1 - o)],
-            dim=-1,
-        )
+        dc = v_c + v_h * o_dtc
+        return torch.cat([dc * g_di, dc * c_df, dc * i_dg, v_h * tc_do], dim=-1)
     if cell == "gru":
-        r, z, n, h, h_n = cache
+        _, keep_dn, hn_dr, hn_dz, _ = cache
         (v_h,) = v
-        da_n = v_h * (1 - z) * (1 - n * n)
-        return torch.cat([da_n * h_n * r * (1 - r), v_h * (h - n) * z * (1 - z), da_n], dim=-1)
+        da_n = v_h * keep_dn
+        return torch.cat([da_n * hn_dr, v_h * hn_dz, da_n], dim=-1)
     raise ValueError(f"cell {cell!r}: {SUPPORTED}")
 
 
@@ -220,21 +217,40 @@ def _first_nonzero(d_log: Tensor) -> int:
     return int(idx[0]) + 1 if idx.numel() else d_log.numel()
 
 
+def memory_window(d_log: Tensor, reads_final: bool, memory_steps: int | None) -> tuple[int, int]:
+    """The top layer's long-range window (a, T), 1-based: from the first of the last ``memory_steps``
+    steps at which the loss reads the top layer (the last is T when it reads ``h_n`` / ``c_n``); from the
+    first step it reads when ``memory_steps`` is None (the total gradient) or covers them all."""
+    T = d_log.numel()
+    idx = torch.nonzero(torch.isfinite(d_log)).flatten()
+    first = int(idx[0]) + 1 if idx.numel() else T
+    if memory_steps is None:
+        return first, T
+    last = T if reads_final or not idx.numel() else int(idx[-1]) + 1
+    return max(first, last - int(memory_steps) + 1), T
+
+
 def profile_layers(
     layers: list[Layer],
     grad_output: Tensor | None,
     grad_h_n: Tensor | None = None,
     grad_c_n: Tensor | None = None,
     restore_flush: bool | None = None,
+    memory_steps: int | None = 1,
 ) -> list[Profile]:
     """Per-layer profiles (index 0 = the bottom layer) from the loss's gradient on the module's outputs.
 
     ``grad_output``: dL/d output, batch-first ``[B, T, H]`` (None: the loss does not read it);
-    ``grad_h_n`` / ``grad_c_n``: dL/dh_n, dL/dc_n ``[L, B, H]`` (None: not read). Each
-    :class:`~pipeline.bptt.profile.Profile` holds the *total* gradient (states ``h``, and ``c`` for LSTM);
-    its ``window`` is (a, T) with a the first step with a direct term, so
-    :func:`~pipeline.bptt.profile.summarize` measures from a when the loss reads the last step only (pure
-    propagation before it) and from T otherwise. A layer whose forward overflowed reads NaN.
+    ``grad_h_n`` / ``grad_c_n``: dL/dh_n, dL/dc_n ``[L, B, H]`` (None: not read).
+
+    Each :class:`~pipeline.bptt.profile.Profile`'s ``h`` (and ``c`` for LSTM) is the **long-range**
+    profile (README, "The long-range profile"): the gradient of the loss terms that read the top layer in
+    its window (a, T) (:func:`memory_window`: the last ``memory_steps`` steps the loss reads), so that
+    before a it is pure propagation and the summaries, Pascanu's bound and the verdict measure memory.
+    A loss that also reads earlier steps (a language model's loss at every step) would otherwise hold a
+    direct term at every t and read O(1) whatever the Jacobians do; its whole gradient is kept as
+    ``h_total`` (``c_total``). ``memory_steps=None``: the total gradient alone, summaries from its first
+    step (or T). A layer whose forward overflowed reads NaN.
     """
     top = layers[-1]
     B, T = top.x.shape[0], top.x.shape[1]
@@ -255,28 +271,41 @@ def profile_layers(
             )
             for lay in layers
         ]
-    out: list[Profile] = []
+    top_window = memory_window(d_log, grad_h_n is not None or grad_c_n is not None, memory_steps)
+    total = top_window[0] > _first_nonzero(d_log)  # loss terms before the window: walk the whole loss too
+    out: list[dict[str, Tensor]] = [{} for _ in layers]
+    windows: list[tuple[int, int]] = [top_window] * len(layers)
     with exact_denormals(restore_flush):
-        for k in range(len(layers) - 1, -1, -1):
-            layer = layers[k]
-            names = cells.state_names(layer.params)
-            window = (_first_nonzero(d_log), T)
-            fin = []
-            for n, g in (("h", grad_h_n), ("c", grad_c_n)):
-                if n in names:
-                    fin.append(torch.zeros(B, H, dtype=dtype, device=dev) if g is None else g[k].to(dtype))
-            logs, dgi_n, dgi_log = _walk_layer(layer, D_n, d_log, tuple(fin))
-            out.append(
-                Profile(
-                    cell=layer.params["cell"],
-                    T=T,
-                    log10_norm={n: v.cpu().numpy() for n, v in logs.items()},
-                    readout_mode="all",
-                    window=window,
-                )
-            )
-            if k:  # the layer below: its output h^{k-1}_t feeds this layer's input projection
-                D = torch.stack(dgi_n, dim=1) @ layer.params["W_ih"]  # [B, T, I = H_below]
-                D_n, m_log = _normalised(D)
-                d_log = dgi_log + m_log
-    return out[::-1]
+        for suffix in ("", "_total") if total else ("",):
+            walk_n, walk_log = D_n, d_log
+            if suffix == "":  # the window's loss terms alone
+                walk_log = torch.where(torch.arange(1, T + 1, device=dev) >= top_window[0], d_log, -math.inf)
+            for k in range(len(layers) - 1, -1, -1):
+                layer = layers[k]
+                names = cells.state_names(layer.params)
+                if suffix == "" and k < len(layers) - 1:
+                    # a lower layer's direct terms arrive through the layer above at every step it carries
+                    # gradient: pure propagation only before the first of them (T: none before)
+                    windows[k] = (_first_nonzero(walk_log), T)
+                fin = []
+                for n, g in (("h", grad_h_n), ("c", grad_c_n)):
+                    if n in names:
+                        fin.append(
+                            torch.zeros(B, H, dtype=dtype, device=dev) if g is None else g[k].to(dtype)
+                        )
+                logs, dgi_n, dgi_log = _walk_layer(layer, walk_n, walk_log, tuple(fin))
+                out[k].update({n + suffix: v for n, v in logs.items()})
+                if k:  # the layer below: its output h^{k-1}_t feeds this layer's input projection
+                    D = torch.stack(dgi_n, dim=1) @ layer.params["W_ih"]  # [B, T, I = H_below]
+                    walk_n, m_log = _normalised(D)
+                    walk_log = dgi_log + m_log
+    return [
+        Profile(
+            cell=layer.params["cell"],
+            T=T,
+            log10_norm={n: v.cpu().numpy() for n, v in logs.items()},
+            readout_mode="all",
+            window=window,
+        )
+        for layer, logs, window in zip(layers, out, windows, strict=True)
+    ]

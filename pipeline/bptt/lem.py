@@ -35,6 +35,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from pipeline.bptt.dphi import sigmoid_prime, tanh_prime
+
 Tensor = torch.Tensor
 State = tuple[Tensor, ...]
 Params = dict[str, Any]
@@ -52,19 +54,31 @@ def input_projection(p: Params, x: Tensor) -> Tensor:
 
 
 def step_cached(p: Params, gi: Tensor, state: State) -> tuple[State, Cache]:
-    """One step (the module docstring's equations); the cache holds what J_t needs: the two step gates'
-    sigmoids s1, s2, the candidates tanh of z and y, and y_{n-1}, z_{n-1}, z_n."""
+    """One step (the module docstring's equations); the cache holds the factors J_t needs, each gate's
+    derivative taken from its pre-activation (:mod:`pipeline.bptt.dphi`: exact in saturation): the
+    retentions 1 - dt s1 and 1 - dt s2 (the values the forward multiplies by), and dt s2 tanh'(a_y),
+    (cz - z) dt sigmoid'(a1), (cy - y) dt sigmoid'(a2), dt s1 tanh'(a_z)."""
     (h,) = state
     y, z = h.chunk(2, dim=-1)
     dt = p["dt"]
     i1, i2, iz, iy = gi.chunk(4, dim=-1)
     a1, a2, az = F.linear(y, p["W_hh"], p["b_hh"]).chunk(3, dim=-1)
-    s1, s2 = torch.sigmoid(i1 + a1), torch.sigmoid(i2 + a2)
-    cz = torch.tanh(iz + az)
+    a1, a2, az = i1 + a1, i2 + a2, iz + az
+    s1, s2 = torch.sigmoid(a1), torch.sigmoid(a2)
+    cz = torch.tanh(az)
     z_new = (1 - dt * s1) * z + dt * s1 * cz
-    cy = torch.tanh(F.linear(z_new, p["W_y"], p["b_y"]) + iy)
+    ay = F.linear(z_new, p["W_y"], p["b_y"]) + iy
+    cy = torch.tanh(ay)
     y_new = (1 - dt * s2) * y + dt * s2 * cy
-    return (torch.cat([y_new, z_new], dim=-1),), (s1, s2, cz, cy, y, z, z_new)
+    cache = (
+        1 - dt * s1,
+        1 - dt * s2,
+        dt * s2 * tanh_prime(ay),
+        (cz - z) * dt * sigmoid_prime(a1),
+        (cy - y) * dt * sigmoid_prime(a2),
+        dt * s1 * tanh_prime(az),
+    )
+    return (torch.cat([y_new, z_new], dim=-1),), cache
 
 
 def step_vjp(p: Params, cache: Cache, v: State) -> tuple[State, None]:
@@ -72,29 +86,22 @@ def step_vjp(p: Params, cache: Cache, v: State) -> tuple[State, None]:
 
     dL/dz_n gains the path through y_n (Wy z_n); then both reach y_{n-1} directly ((1 - dt2) and, through
     the pre-activations a1, a2, az, W_hh^T) and z_{n-1} only through its retention (1 - dt1)."""
-    s1, s2, cz, cy, y, z, _ = cache
-    dt = p["dt"]
+    keep1, keep2, f_ay, f_a1, f_a2, f_az = cache
     g_y, g_z = v[0].chunk(2, dim=-1)
-    d_ay = g_y * dt * s2 * (1 - cy * cy)  # through tanh(Wy z_n + Vy u_n + by)
-    g_z = g_z + d_ay @ p["W_y"]
-    d_a1 = g_z * (cz - z) * dt * s1 * (1 - s1)  # through dt1 = dt sigmoid(a1)
-    d_a2 = g_y * (cy - y) * dt * s2 * (1 - s2)  # through dt2 = dt sigmoid(a2)
-    d_az = g_z * dt * s1 * (1 - cz * cz)  # through tanh(Wz y + ...)
-    g_y_prev = g_y * (1 - dt * s2) + torch.cat([d_a1, d_a2, d_az], dim=-1) @ p["W_hh"]
-    return (torch.cat([g_y_prev, g_z * (1 - dt * s1)], dim=-1),), None
+    g_z = g_z + (g_y * f_ay) @ p["W_y"]  # through tanh(Wy z_n + Vy u_n + by)
+    # through dt1 = dt sigmoid(a1), dt2 = dt sigmoid(a2) and tanh(Wz y + ...)
+    g_y_prev = g_y * keep2 + torch.cat([g_z * f_a1, g_y * f_a2, g_z * f_az], dim=-1) @ p["W_hh"]
+    return (torch.cat([g_y_prev, g_z * keep1], dim=-1),), None
 
 
 def step_jvp(p: Params, cache: Cache, q: State) -> State:
     """J_t q (forward mode, by hand); broadcasts over a tangent axis (cache ``[B, 1, H]``, q ``[B, k, 2H]``)
     as :mod:`pipeline.bptt.remedies` needs."""
-    s1, s2, cz, cy, y, z, _ = cache
-    dt = p["dt"]
+    keep1, keep2, f_ay, f_a1, f_a2, f_az = cache
     q_y, q_z = q[0].chunk(2, dim=-1)
     t1, t2, tz = (q_y @ p["W_hh"].T).chunk(3, dim=-1)
-    dz = (1 - dt * s1) * q_z + dt * s1 * (1 - s1) * t1 * (cz - z) + dt * s1 * (1 - cz * cz) * tz
-    dy = (
-        (1 - dt * s2) * q_y + dt * s2 * (1 - s2) * t2 * (cy - y) + dt * s2 * (1 - cy * cy) * (dz @ p["W_y"].T)
-    )
+    dz = keep1 * q_z + f_a1 * t1 + f_az * tz
+    dy = keep2 * q_y + f_a2 * t2 + f_ay * (dz @ p["W_y"].T)
     return (torch.cat([dy, dz], dim=-1),)
 
 

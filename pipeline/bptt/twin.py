@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.bptt import cornn, lem, modern
+from pipeline.bptt.dphi import sigmoid_prime, tanh_prime
 from pipeline.names import CELLS, DIAGONAL_CELLS, ODE_CELLS
 
 Tensor = torch.Tensor
 State = tuple[Tensor, ...]
 Params = dict[str, Any]  # the contract above: "cell" (a str) and tensors
-Cache = tuple[Tensor, ...]  # one step's activations, for step_vjp / step_jvp
+Cache = tuple[Tensor, ...]  # one step's derivative factors (step_cached), for step_vjp / step_jvp
 
 # Gate names in PyTorch's row-block order of W_ih / W_hh (torch.nn.LSTM / torch.nn.GRU docs).
 
@@ -162,7 +163,13 @@ def readout(params: Params, h: Tensor, x: Tensor | None = None) -> Tensor:
 
 
 def step_cached(params: Params, gi: Tensor, state: State) -> tuple[State, Cache]:
-    """:func:`step_projected` plus what :func:`step_vjp` needs (activations, not graphs)."""
+    """:func:`step_projected` plus what :func:`step_vjp` and :func:`step_jvp` need (not graphs): the
+    activations' derivatives taken from the pre-activations (:mod:`pipeline.bptt.dphi`: exact in
+    saturation, where ``1 - tanh^2`` of the output rounds to 0), multiplied into the factors J_t uses.
+
+    tanh: ``(tanh'(a),)``. lstm: ``(o tanh'(c), g sigmoid'(a_i), c_prev sigmoid'(a_f), i tanh'(a_g),
+    tanh(c) sigmoid'(a_o), f)``. gru: ``(z, (1 - z) tanh'(a_n), h_n sigmoid'(a_r), (h - n) sigmoid'(a_z),
+    r)``."""
     cell = _cell(params)
     if cell in DIAGONAL_CELLS:
         return modern.step_cached(params, gi, state)
@@ -174,8 +181,8 @@ def step_cached(params: Params, gi: Tensor, state: State) -> tuple[State, Cache]
     h = state[0]
     gh = F.linear(h, params["W_hh"], params["b_hh"])
     if cell in ("tanh", "orthogonal"):
-        h_new = torch.tanh(gi + gh)
-        return (h_new,), (h_new,)
+        a = gi + gh
+        return (torch.tanh(a),), (tanh_prime(a),)
     if cell == "relu":
         h_new = torch.relu(gi + gh)
         return (h_new,), (h_new,)
@@ -184,12 +191,29 @@ def step_cached(params: Params, gi: Tensor, state: State) -> tuple[State, Cache]
         i, f, g, o = torch.sigmoid(a_i), torch.sigmoid(a_f), torch.tanh(a_g), torch.sigmoid(a_o)
         c_new = f * state[1] + i * g
         tc = torch.tanh(c_new)
-        return (o * tc, c_new), (i, f, g, o, state[1], tc)
+        cache: Cache = (
+            o * tanh_prime(c_new),
+            g * sigmoid_prime(a_i),
+            state[1] * sigmoid_prime(a_f),
+            i * tanh_prime(a_g),
+            tc * sigmoid_prime(a_o),
+            f,
+        )
+        return (o * tc, c_new), cache
     i_r, i_z, i_n = gi.chunk(3, dim=-1)
     h_r, h_z, h_n = gh.chunk(3, dim=-1)
-    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-    n = torch.tanh(i_n + r * h_n)
-    return ((1 - z) * n + z * h,), (r, z, n, h, h_n)
+    a_r, a_z = i_r + h_r, i_z + h_z
+    r, z = torch.sigmoid(a_r), torch.sigmoid(a_z)
+    a_n = i_n + r * h_n
+    n = torch.tanh(a_n)
+    gru_cache: Cache = (
+        z,
+        (1 - z) * tanh_prime(a_n),
+        h_n * sigmoid_prime(a_r),
+        (h - n) * sigmoid_prime(a_z),
+        r,
+    )
+    return ((1 - z) * n + z * h,), gru_cache
 
 
 def step_vjp(params: Params, cache: Cache, v: State) -> tuple[State, Tensor | None]:
@@ -208,24 +232,21 @@ def step_vjp(params: Params, cache: Cache, v: State) -> tuple[State, Tensor | No
         return (v[0] * (h_new > 0) * params["u"],), None
     W = params["W_hh"]
     if cell in ("tanh", "orthogonal"):
-        (h_new,) = cache
-        return ((v[0] * (1 - h_new * h_new)) @ W,), None
+        (d,) = cache
+        return ((v[0] * d) @ W,), None
     if cell == "relu":
         (h_new,) = cache
         return ((v[0] * (h_new > 0)) @ W,), None
     if cell == "lstm":
-        i, f, g, o, c_prev, tc = cache
+        o_dtc, g_di, c_df, i_dg, tc_do, f = cache
         v_h, v_c = v
-        dc = v_c + v_h * o * (1 - tc * tc)
-        da = torch.cat(
-            [dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g * g), v_h * tc * o * (1 - o)],
-            dim=-1,
-        )
+        dc = v_c + v_h * o_dtc
+        da = torch.cat([dc * g_di, dc * c_df, dc * i_dg, v_h * tc_do], dim=-1)
         return (da @ W, dc * f), dc
-    r, z, n, h, h_n = cache
+    z, keep_dn, hn_dr, hn_dz, r = cache
     (v_h,) = v
-    da_n = v_h * (1 - z) * (1 - n * n)
-    dgh = torch.cat([da_n * h_n * r * (1 - r), v_h * (h - n) * z * (1 - z), da_n * r], dim=-1)
+    da_n = v_h * keep_dn
+    dgh = torch.cat([da_n * hn_dr, v_h * hn_dz, da_n * r], dim=-1)
     return (v_h * z + dgh @ W,), None
 
 
@@ -244,18 +265,16 @@ def step_jvp(params: Params, cache: Cache, q: State) -> State:
         return ((h_new > 0) * params["u"] * q[0],)
     W = params["W_hh"]
     if cell in ("tanh", "orthogonal"):
-        (h_new,) = cache
-        return ((1 - h_new * h_new) * (q[0] @ W.T),)
+        (d,) = cache
+        return (d * (q[0] @ W.T),)
     if cell == "relu":
         (h_new,) = cache
         return ((h_new > 0) * (q[0] @ W.T),)
     if cell == "lstm":
-        i, f, g, o, c_prev, tc = cache
+        o_dtc, g_di, c_df, i_dg, tc_do, f = cache
         d_i, d_f, d_g, d_o = (q[0] @ W.T).chunk(4, dim=-1)
-        dc = f * (1 - f) * d_f * c_prev + f * q[1] + i * (1 - i) * d_i * g + i * (1 - g * g) * d_g
-        return (o * (1 - o) * d_o * tc + o * (1 - tc * tc) * dc, dc)
-    r, z, n, h, h_n = cache
+        dc = c_df * d_f + f * q[1] + g_di * d_i + i_dg * d_g
+        return (tc_do * d_o + o_dtc * dc, dc)
+    z, keep_dn, hn_dr, hn_dz, r = cache
     d_r, d_z, d_n = (q[0] @ W.T).chunk(3, dim=-1)
-    dr, dz = r * (1 - r) * d_r, z * (1 - z) * d_z
-    dn = (1 - n * n) * (dr * h_n + r * d_n)
-    return ((1 - z) * dn + z * q[0] + dz * (h - n),)
+    return (keep_dn * (hn_dr * d_r + r * d_n) + z * q[0] + hn_dz * d_z,)

@@ -252,11 +252,13 @@ def probe(
     lyapunov: bool = True,
     restore_flush: bool | None = None,
     loss_fn: LossFn | None = None,
+    memory_steps: int | None = 1,
 ) -> Probe:
     """The exact float64 profile of the RNN at ``rnn`` on ``module``'s own ``training_step`` loss (or
     ``loss_fn(module, batch)``'s) for ``batch``, with summaries (:func:`pipeline.bptt.profile.summarize`), spectra, Pascanu's bound (vanilla
     cells, when the loss reads only the last steps) and the Lyapunov exponent, per layer. ``module`` is not
-    modified (a float64 copy runs)."""
+    modified (a float64 copy runs). ``memory_steps``: the long-range window, the last N steps the loss
+    reads (:func:`pipeline.bptt.foreign.profile_layers`; None: the total gradient)."""
     resolve(module, rnn)
     check_loss_source(module, loss_fn)
     twin = float64_copy(module)
@@ -266,7 +268,12 @@ def probe(
     with exact_denormals(restore_flush), torch.no_grad():
         layers = foreign.forward_layers(target, x, hx)
         profiles = foreign.profile_layers(
-            layers, g_out, g_states[0], g_states[1] if len(g_states) > 1 else None, restore_flush
+            layers,
+            g_out,
+            g_states[0],
+            g_states[1] if len(g_states) > 1 else None,
+            restore_flush,
+            memory_steps,
         )
     result = Probe(cell=foreign.cell_of(target), profiles=profiles, loss=float(loss.detach()))
     for layer, prof in zip(layers, profiles, strict=True):
@@ -309,12 +316,17 @@ def pass_metrics(
     return m
 
 
-def profile_rnn(module: nn.Module, rnn: str, batch: Any, loss_fn: LossFn | None = None):
+def profile_rnn(
+    module: nn.Module, rnn: str, batch: Any, loss_fn: LossFn | None = None, memory_steps: int | None = 1
+):
     """The exact per-step profile of the RNN at dotted path ``rnn`` inside ``module`` (any
     LightningModule, or any module with ``training_step(batch, batch_idx)`` returning its loss), on that
     loss for ``batch`` (or on ``loss_fn(module, batch)``, needed in manual optimization): a pandas DataFrame with columns ``layer`` (0 = bottom), ``t`` (1..T), ``state``
-    (``h``, and ``c`` for LSTM) and ``log10_norm`` = log10 ||dL/d{state}_t|| (Frobenius over the batch),
-    one row per layer, step and state. ``module`` is left untouched."""
+    (``h``, and ``c`` for LSTM: the long-range profile of the loss terms at the last ``memory_steps``
+    steps the loss reads; ``h_total`` / ``c_total``: the whole loss's, when it reads earlier steps too)
+    and ``log10_norm`` = log10 ||dL/d{state}_t|| (Frobenius over the batch), one row per layer, step
+    and state. ``module`` is left untouched."""
     import pandas as pd
 
-    return pd.DataFrame(probe(module, rnn, batch, lyapunov=False, loss_fn=loss_fn).long_format())
+    res = probe(module, rnn, batch, lyapunov=False, loss_fn=loss_fn, memory_steps=memory_steps)
+    return pd.DataFrame(res.long_format())

@@ -73,7 +73,11 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
     (default: the first training batch, kept). The loss is the module's own ``training_step`` loss on a
     float64 CPU copy in eval mode (:func:`pipeline.training.probe.probe`), or ``loss_fn(module, batch)``'s
     on that copy: required in manual optimization (e.g. truncated BPTT, where it gives the whole
-    sequence's loss, so the profile shows what the truncation leaves out).
+    sequence's loss, so the profile shows what the truncation leaves out). ``memory_steps``: the
+    long-range profile keeps the loss terms of the last N steps the loss reads (README, "The long-range
+    profile"; default 1: a loss at every step, as a language model's, would otherwise read O(1) at every
+    t whatever the Jacobians do), its whole gradient then kept as state ``h_total``; None: the total
+    gradient alone.
 
     Logs the top layer's summaries under the plain names (``bptt/log10_ratio``, ``bptt/decay_rate``,
     ``spectral/sigma_max``, ...) and every layer's as ``bptt/layer<k>/<name>`` (k = 0 is the bottom);
@@ -101,11 +105,20 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
         *,
         sink: Sink | None = None,
         loss_fn: probing.LossFn | None = None,
+        memory_steps: int | None = 1,
     ):
         if int(every_n_steps) < 0:
             raise ValueError(
                 f"every_n_steps must be >= 0 (0: passes at the start and the end only), got {every_n_steps}"
             )
+        if memory_steps is not None and (
+            isinstance(memory_steps, bool) or not isinstance(memory_steps, int) or memory_steps < 1
+        ):
+            raise ValueError(
+                f"memory_steps must be >= 1 (the last steps whose loss terms the long-range profile keeps) "
+                f"or None (the total gradient), got {memory_steps!r}"
+            )
+        self.memory_steps = None if memory_steps is None else int(memory_steps)
         self.rnn, self.every_n_steps = rnn, int(every_n_steps)
         self.loss_fn = loss_fn
         self.batch = None if batch is None else probing.to_cpu64(batch)
@@ -195,7 +208,12 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
     def profile_pass(self, pl_module, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
         """One pass on finite weights: (metrics to log, long-format profile columns with ``step``)."""
         res = probing.probe(
-            pl_module, self.rnn, self.batch, self.diagnostics.horizon_decades, loss_fn=self.loss_fn
+            pl_module,
+            self.rnn,
+            self.batch,
+            self.diagnostics.horizon_decades,
+            loss_fn=self.loss_fn,
+            memory_steps=self.memory_steps,
         )
         return probe_metrics(res), res.long_format(step)
 
