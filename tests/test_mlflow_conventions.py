@@ -158,6 +158,34 @@ def test_progress_prints_one_line_per_validation(store, tiny):
     assert lines[-1].split(" regime ")[1].startswith(r.regime)  # the last line's regime is the verdict
 
 
+def test_progress_reads_the_steps_not_yet_logged(store, tiny):
+    """A validation between two log windows (val_every 1, log_every 5): the line's clip rate and regime
+    count every step so far, as the run's record at the end does, not only the logged windows'."""
+    from pipeline.training import progress
+
+    cfg = tiny(
+        **{"trainer.max_steps": 3, "trainer.val_every": 1, "clip.mode": "norm", "clip.threshold": 1e-6}
+        | {"diagnostics.explode_norm": 1e-9}
+    )
+    buf = io.StringIO()
+    orig = progress.ProgressPrinter.__init__
+
+    def init(self, *a, **k):
+        orig(self, *a, **k)
+        self.stream = buf
+
+    progress.ProgressPrinter.__init__ = init
+    try:
+        r = run(cfg, progress=True)
+    finally:
+        progress.ProgressPrinter.__init__ = orig
+    lines = buf.getvalue().splitlines()
+    assert [ln.split()[1] for ln in lines] == ["1/3", "2/3", "3/3"]
+    assert r.regime == "exploding"  # every step clipped, every norm above explode_norm
+    for ln in lines:
+        assert "grad/clip_rate 1.000 " in ln and " regime exploding " in ln, ln
+
+
 def test_progress_line_is_plain_text():
     from pipeline.training.progress import line
 

@@ -169,15 +169,27 @@ class _Window(_Logs):
         }
         return self._generate_state_key(**keys)  # type: ignore[attr-defined]
 
-    def state_dict(self) -> dict[str, Any]:
-        """The running statistics up to now, the window not yet logged included (one host transfer, at a
-        checkpoint only): a resume from this checkpoint retrains the steps after it, and counts them then.
-        Plain numbers only, so the checkpoint loads with ``torch.load(weights_only=True)``."""
+    def _running(self) -> tuple[float | None, float, int]:
+        """The largest finite pre-clip norm, the clipped and the finite steps, over every step so far: the
+        window not yet logged included (one host transfer of its rows)."""
         mx, clipped, counted = self.max_norm_preclip, self._clipped, self._counted
         if self._pending:
             rows = torch.stack(self._pending).cpu().numpy()
             mx, c, n = window_stats({f: rows[:, i] for i, f in enumerate(self.fields)}, mx)
             clipped, counted = clipped + c, counted + n
+        return mx, clipped, counted
+
+    def running(self) -> tuple[float, float | None]:
+        """``(clip rate, largest pre-clip norm)`` over every step so far, the steps not yet logged
+        included (:attr:`clip_rate` and :attr:`max_norm_preclip` follow the logged windows)."""
+        mx, clipped, counted = self._running()
+        return (clipped / counted if counted else 0.0), mx
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running statistics up to now, the window not yet logged included (one host transfer, at a
+        checkpoint only): a resume from this checkpoint retrains the steps after it, and counts them then.
+        Plain numbers only, so the checkpoint loads with ``torch.load(weights_only=True)``."""
+        mx, clipped, counted = self._running()
         return {
             "clipped": float(clipped),
             "counted": int(counted),

@@ -54,9 +54,8 @@ class ProgressPrinter(pl.Callback):
         train_loss = float(self._sum) / self._n if self._sum is not None and self._n else None
         self._sum, self._n = None, 0
         last = self.prof.last
-        regime = verdict(
-            pl_module.diverged_step is not None, last, self.grads.max_norm_preclip, self.cfg.diagnostics
-        )
+        clip_rate, max_norm = self.grads.running()  # the steps since the last logged window included
+        regime = verdict(pl_module.diverged_step is not None, last, max_norm, self.cfg.diagnostics)
         at = f" (profile at step {last['step']})" if "step" in last else ""
         print(
             line(
@@ -65,7 +64,7 @@ class ProgressPrinter(pl.Callback):
                 train_loss,
                 pl_module.val_loss,
                 self.task.baseline,
-                self.grads.clip_rate,
+                clip_rate,
                 regime + at,
                 accuracy=pl_module.val_accuracy,
             ),
