@@ -346,6 +346,23 @@ def test_sqlite_file_of_another_program_is_not_migrated(tmp_path):
     assert other.read_bytes() == data and files(tmp_path) == ["mlflow.db"]
 
 
+@pytest.mark.parametrize("key", ["tracking.uri", "tracking.experiment", "tracking.enabled"])
+def test_regress_refuses_a_tracking_override(tmp_path, key):
+    """The parent run, the entries' runs and their read-back share the suite's one store: a --set that
+    moved only the entries' runs recorded the parent in one store and failed every entry in the other."""
+    value = {"tracking.uri": f"sqlite:///{tmp_path / 'other.db'}", "tracking.enabled": "false"}.get(key, "x")
+    r = cli(
+        "regress",
+        "--suite",
+        str(ROOT / "configs/regression/smoke.yaml"),
+        "--set",
+        f"{key}={value}",
+        cwd=tmp_path,
+    )
+    one_error_line(r, "'--set'", key, "defaults.tracking.uri")
+    assert files(tmp_path) == []
+
+
 def test_memory_check_escape_hatch_is_documented():
     from pipeline.training.budget import ENV_SWITCH
 
