@@ -91,3 +91,33 @@ def test_param_groups_cover_every_parameter_once():
         ids = [id(p) for ps in groups.values() for p in ps]
         assert sorted(ids) == sorted(id(p) for p in m.parameters())
         assert groups["recurrent"] and groups["readout"] and groups["input"]
+
+
+# recurrent by the role the README ("Models") gives them, though they act within a step: mingru's gate
+# (its dh_t/dh_{t-1} = diag(1 - z_t); it has no W_hh) and lem's W_y (z_n -> y_n inside the step)
+WITHIN_STEP = {"mingru": {"rnn.gate.weight"}, "lem": {"rnn.transform_z.weight"}}
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_parameter_groups_by_what_each_weight_acts_on(cell):
+    """The groups behind ``grad/norm_<group>``, checked by what the gradient does, not by the names the
+    grouping reads: at T = 1 from the zero initial state nothing reaches the recurrent weights (they act on
+    h_0 = 0), while every input weight and bias moves; over several steps the recurrent weights do too."""
+    torch.manual_seed(0)
+    m = model(cell, H=8)
+    name = {id(p): n for n, p in m.named_parameters()}
+    groups = m.param_groups()
+    assert sorted(id(p) for ps in groups.values() for p in ps) == sorted(id(p) for p in m.parameters())
+
+    def grads(T):
+        m.zero_grad()
+        m(torch.randn(4, T, 3)).square().sum().backward()
+        return {g: [p.grad for p in ps] for g, ps in groups.items()}
+
+    one, many = grads(1), grads(6)
+    assert groups["input"] and groups["readout"]
+    for g in one["input"] + one["bias"] + one["readout"]:
+        assert g is not None and bool(g.abs().sum() > 0)
+    for p, g in zip(groups["recurrent"], one["recurrent"], strict=True):
+        assert name[id(p)] in WITHIN_STEP.get(cell, ()) or g is None or bool(g.abs().sum() == 0), name[id(p)]
+    assert all(g is not None and bool(g.abs().sum() > 0) for g in many["recurrent"])
