@@ -83,6 +83,30 @@ def test_a_lower_layer_gets_its_terms_at_every_step_so_no_propagation_bound():
     assert "spectral/pascanu_log10_bound" in top and "spectral/pascanu_log10_bound" not in bottom
 
 
+def test_a_wider_window_measures_and_bounds_from_its_first_step():
+    """memory_steps = 5 on a loss at every step: the window is the last five steps, the summaries run from
+    its first step a = T - 4 back to 1, and Pascanu's bound is (gamma sigma_max)^(a - 1) over the same
+    span (sigma_max here from numpy's SVD of the module's own W_hh; tanh: gamma = 1)."""
+    from pipeline.training.probe import probe
+    from pipeline.training.tasks import make_task
+
+    torch.manual_seed(0)
+    task = make_task("copy", 30)
+    x, y = task.sample(8, torch.Generator().manual_seed(2))
+    m = Tagger(task.input_size, task.output_size, hidden=16)
+    with torch.no_grad():
+        m.rnn.weight_hh_l0.mul_(2.0)  # sigma_max well away from 1: a bound over the wrong span differs
+    res = probe(m, "rnn", (x, y), memory_steps=5)
+    prof, met = res.profiles[0], res.metrics[0]
+    a = prof.T - 4
+    assert prof.window == (a, prof.T) and prof.reference_step == a and prof.is_propagation_only
+    h = prof.log10_norm["h"]
+    assert met["bptt/log10_ratio"] == pytest.approx(h[0] - h[a - 1], abs=1e-12)
+    sigma = float(np.linalg.svd(m.rnn.weight_hh_l0.detach().double().numpy(), compute_uv=False)[0])
+    assert met["spectral/pascanu_log10_bound"] == pytest.approx((a - 1) * np.log10(sigma), rel=1e-9)
+    assert met["bptt/log10_ratio"] <= met["spectral/pascanu_log10_bound"]
+
+
 @pytest.mark.parametrize("memory_steps", [0, -1, 1.5, True, "1"])
 def test_memory_steps_must_be_a_positive_count_or_none(memory_steps):
     from pipeline import BPTTProfileMonitor

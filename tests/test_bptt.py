@@ -233,6 +233,8 @@ def test_long_range_profile_is_the_gradient_of_the_window_loss(cell):
     sm = bptt.summarize(prof)
     assert sm["log10_ratio"] == pytest.approx(ref["h"][0] - ref["h"][6], abs=1e-8)
     assert sm["log10_ratio_per_step"] == pytest.approx(sm["log10_ratio"] / 6, abs=1e-12)
+    if "c" in ref:  # the cell state's ratio over the same span, not from T
+        assert sm["c_log10_ratio"] == pytest.approx(ref["c"][0] - ref["c"][6], abs=1e-8)
 
 
 def test_copy_task_window_is_the_recall_steps():
