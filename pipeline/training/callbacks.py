@@ -44,8 +44,18 @@ from pipeline.training.tasks import Task
 def _path_rates(summary: Mapping[str, Any]) -> list[float]:
     """Decades per step of each gradient path the verdict reads: h, and c for LSTM (Gers 2000: the cell
     state is the path that carries memory; an open c path is not vanishing even where h decays)."""
-    keys = ("bptt/log10_ratio_per_step", "bptt/c_log10_ratio_per_step")
-    return [float(summary[k]) for k in keys if summary.get(k) is not None]
+    rates = []
+    for ratio, rate in (
+        ("bptt/log10_ratio", "bptt/log10_ratio_per_step"),
+        ("bptt/c_log10_ratio", "bptt/c_log10_ratio_per_step"),
+    ):
+        if summary.get(rate) is None:
+            continue
+        r = float(summary[rate])
+        if math.isnan(r) and summary.get(ratio) is not None and math.isfinite(float(summary[ratio])):
+            continue  # no step to propagate over (the reference step is step 1, e.g. T = 1): no evidence
+        rates.append(r)
+    return rates
 
 
 def verdict(
@@ -60,7 +70,8 @@ def verdict(
        1e308, so the gradient is not even defined); or any path grows backward faster than
        ``explode_log10_per_step`` decades per step; or the largest pre-clip norm exceeded ``explode_norm``.
     3. vanishing: every path (h; and c for LSTM) decays faster than ``vanish_log10_per_step``, or no
-       gradient reaches step 1 at all (-inf: e.g. every relu unit dead; NaN: neither end is reached).
+       gradient reaches step 1 at all (-inf: e.g. every relu unit dead; NaN: neither end is reached). A
+       path with no step to propagate over (T = 1: a finite ratio of 0 and no rate) is no evidence.
     4. healthy: none of these.
 
     Rates are decades per step of the long-range profile (``bptt/log10_ratio_per_step``), so the same
