@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.uris import resolve_uri, sqlite_file
+from pipeline.uris import display_url, resolve_uri, scheme, sqlite_file
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 HTTP_PROBE_TIMEOUT_S = 5.0
@@ -129,6 +129,31 @@ def check_http_store(uri: str, flag: str = "tracking.uri") -> None:
         raise store_error(uri, f"unreachable ({reason})", flag, "start the server") from None
 
 
+def check_database_store(uri: str, flag: str = "tracking.uri") -> None:
+    """A PostgreSQL or MySQL store must accept a connection within a few seconds: MLflow retries a
+    database that is down or not there (a mistyped name) for about 100 s of warnings before failing."""
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(HTTP_PROBE_TIMEOUT_S)})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except ModuleNotFoundError as e:  # the driver: MLflow would fail the same way, in a traceback
+        raise store_error(
+            display_url(uri), f"needs the Python package {e.name!r}", flag, "install it"
+        ) from None
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        lines = [ln.strip() for ln in str(getattr(e, "orig", None) or e).splitlines() if ln.strip()]
+        reason = lines[0] if lines else type(e).__name__
+        raise store_error(
+            display_url(uri),
+            f"refused the connection ({reason})",
+            flag,
+            "check the server, database and user",
+        ) from None
+
+
 def probe_store(uri: str | None, flag: str = "tracking.uri") -> str:
     """Check that the MLflow store at ``uri`` can be opened, without writing to it; returns the resolved URI.
 
@@ -145,6 +170,8 @@ def probe_store(uri: str | None, flag: str = "tracking.uri") -> str:
             raise store_error(u, f"directory {path.parent} does not exist", flag, "create it")
     elif u.startswith(("http://", "https://")):
         check_http_store(u, flag)
+    elif scheme(u) in ("postgresql", "postgres", "mysql"):
+        check_database_store(u, flag)
     return u
 
 

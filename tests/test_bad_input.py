@@ -32,10 +32,15 @@ def _guard() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (GUARD_BYTES, GUARD_BYTES))
 
 
-def cli(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it; ``timeout`` guards against a hang (timings are not asserted)."""
+def cli(
+    *args: str, cwd: Path, timeout: float = 60, env_uri: str | None = None
+) -> subprocess.CompletedProcess:
+    """The CLI as a user runs it; ``timeout`` guards against a hang (timings are not asserted);
+    ``env_uri``: $MLFLOW_TRACKING_URI (else unset)."""
     env = dict(os.environ)
     env.pop("MLFLOW_TRACKING_URI", None)
+    if env_uri is not None:
+        env["MLFLOW_TRACKING_URI"] = env_uri
     env.pop("PIPELINE_MEMORY_CHECK", None)
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args],
@@ -330,6 +335,38 @@ def test_unreachable_tracking_server_is_one_line(tmp_path):
         port = s.getsockname()[1]
     r = cli("train", "--config", SMOKE, f"tracking.uri=http://127.0.0.1:{port}", cwd=tmp_path)
     one_error_line(r, f"mlflow store http://127.0.0.1:{port}", "unreachable")
+    assert files(tmp_path) == []
+
+
+@pytest.mark.parametrize("where", ["no-server", "no-database"])
+def test_a_database_store_that_refuses_is_one_line_at_once(tmp_path, where):
+    """MLflow retried a PostgreSQL store that is not there for about 100 s of warnings before failing;
+    the probe answers in one line within its connect timeout. No server: a port nobody listens on; no
+    database: a mistyped name on this machine's PostgreSQL (skipped without one)."""
+    if where == "no-server":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        uri, needle = f"postgresql://postgres@127.0.0.1:{port}/x", "Connection refused"
+    else:
+        try:
+            import psycopg2
+
+            psycopg2.connect("postgresql://postgres@127.0.0.1:5432/test", connect_timeout=3).close()
+        except Exception as e:
+            from tests.conftest import skip_or_fail
+
+            skip_or_fail("PIPELINE_REQUIRE_POSTGRES", f"no PostgreSQL at 127.0.0.1:5432: {e}")
+        uri, needle = "postgresql://postgres@127.0.0.1:5432/no_such_db_for_this_test", "does not exist"
+    r = cli(
+        "regress",
+        "--suite",
+        str(ROOT / "configs/regression/smoke.yaml"),
+        cwd=tmp_path,
+        timeout=30,
+        env_uri=uri,
+    )
+    one_error_line(r, "mlflow store postgresql+psycopg2://", "refused the connection", needle)
     assert files(tmp_path) == []
 
 

@@ -204,6 +204,38 @@ def _has_cuda() -> bool:
             "entries.tanh_g05.baseline.val/loss.abs",
         ),
         (lambda s: s["entries"].append(dict(s["entries"][0])), "entries[2].name"),
+        # wrong types: a string read as true flipped a failing comparison to a pass; a complex number or
+        # a list crashed the judging after training (exit 1, store written)
+        (
+            lambda s: s["compare"].append({"ratio_of_runs": {**RATIO, "diverged_as_inf": "no"}}),
+            "compare[1].ratio_of_runs.diverged_as_inf",
+        ),
+        (
+            lambda s: s["compare"].append({"ratio_of_runs": {**RATIO, "numerator": ["orth"]}}),
+            "compare[1].ratio_of_runs.numerator",
+        ),
+        (
+            lambda s: s["entries"][0]["checks"].append(
+                {"metric_below": {"metric": "val/loss", "value": "(-1)**0.5"}}
+            ),
+            "entries.tanh_g05.checks[2].metric_below.value",
+        ),
+        (
+            lambda s: s["entries"][0]["checks"].append(
+                {"decay_rate_equals": {"value": "ln(g)", "tol": "(-2)**0.5"}}
+            ),
+            "entries.tanh_g05.checks[2].decay_rate_equals.tol",
+        ),
+        (
+            lambda s: s["entries"][0]["checks"].append({"tag_equals": {"tag": ["regime"], "value": "x"}}),
+            "entries.tanh_g05.checks[2].tag_equals.tag",
+        ),
+        (
+            lambda s: s["entries"][0]["checks"].append(
+                {"tag_equals": {"tag": "regime", "value": ["a", "b"]}}
+            ),
+            "entries.tanh_g05.checks[2].tag_equals.value",
+        ),
     ],
 )
 def test_invalid_suite_is_one_line_exit_2_nothing_written(store, tmp_path, capsys, mutate, key):
@@ -216,11 +248,48 @@ def test_invalid_suite_is_one_line_exit_2_nothing_written(store, tmp_path, capsy
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "suite.baseline.yaml").exists()
 
 
-def test_invalid_baseline_file_is_exit_2(store, tmp_path, capsys):
-    suite = write_suite(tmp_path, TINY, {"tanh_g05": {"bptt/log10_ratio": {"value": "high"}}})
+RATIO = {"metric": "grad/max_norm_preclip", "numerator": "orth", "denominator": "tanh_g05", "min": 1}
+ACCEPTED = {"value": -3.0, "abs": 0.05}
+
+
+@pytest.mark.parametrize(
+    ("suite_field", "entries", "key"),
+    [
+        (
+            "tiny",
+            {"tanh_g05": {"bptt/log10_ratio": {"value": "high"}}},
+            "suite.baseline.yaml: entries.tanh_g05.bptt/log10_ratio",
+        ),
+        # numbers that would never be compared while the suite passes: a renamed entry, an entry whose
+        # `baseline:` was lost (one of the shipped smoke entries, in a merge), another suite's file
+        ("tiny", {"tanh_g5": {"bptt/log10_ratio": ACCEPTED}}, "suite.baseline.yaml: entries.tanh_g5"),
+        (
+            "tiny",
+            {"orth": {"bptt/log10_ratio": ACCEPTED}},
+            "suite.baseline.yaml: entries.orth.bptt/log10_ratio",
+        ),
+        ("smoke", {"tanh_g05": {"bptt/log10_ratio": ACCEPTED}}, "suite.baseline.yaml: suite"),
+    ],
+)
+def test_invalid_baseline_file_is_exit_2(store, tmp_path, capsys, suite_field, entries, key):
+    suite = write_suite(tmp_path, TINY)
+    (tmp_path / "suite.baseline.yaml").write_text(yaml.safe_dump({"suite": suite_field, "entries": entries}))
     assert main(["regress", "--suite", str(suite)]) == 2
-    assert "entries.tanh_g05.bptt/log10_ratio" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and f"'{key}'" in err and "\n" not in err
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_update_baseline_refuses_a_banded_metric_that_is_not_recorded(store, tmp_path, capsys):
+    """Accepting nothing for it would drop the metric from the file and pass from then on."""
+    bad = yaml.safe_load(yaml.safe_dump(TINY))
+    bad["entries"][0]["baseline"]["val/accuracy"] = {"abs": 0.01}  # adding records no accuracy
+    suite = write_suite(tmp_path, bad, {"tanh_g05": {"val/accuracy": {"value": 0.5, "abs": 0.01}}})
+    before = (tmp_path / "suite.baseline.yaml").read_text()
+    assert main(["regress", "--suite", str(suite), "--update-baseline"]) == 1
+    out = capsys.readouterr().out
+    assert "baseline NOT written: tanh_g05: val/accuracy: not recorded" in out
+    assert (tmp_path / "suite.baseline.yaml").read_text() == before
 
 
 # ------------------------------------------------------------ bands measured under perturbations

@@ -69,7 +69,7 @@ def command(args: argparse.Namespace) -> int:
         )
     if args.baseline:
         suite = with_baseline_file(suite, args.baseline, must_exist=not args.update_baseline)
-    baseline = suite_baseline(suite)
+    baseline = suite_baseline(suite, update=args.update_baseline)
     check_suite_fits(suite, overrides, args.workers)
 
     from pipeline.store_checks import probe_store
@@ -81,9 +81,12 @@ def command(args: argparse.Namespace) -> int:
         + f", store {uri}, workers {args.workers}"
         + (f", overrides {' '.join(overrides)}" if overrides else "")
     )
-    out = run_suite(
-        suite, baseline, uri, workers=args.workers, overrides=overrides, update=args.update_baseline
-    )
+    from pipeline.signals import terminate_as_exception
+
+    with terminate_as_exception():  # SIGTERM: the parent run and the entries' runs closed KILLED, exit 143
+        out = run_suite(
+            suite, baseline, uri, workers=args.workers, overrides=overrides, update=args.update_baseline
+        )
     if out.verdict is None:
         return 1  # --update-baseline refused: the table and the reason are printed
     failing = [r for r in out.rows if r.failing]

@@ -110,14 +110,48 @@ def load_baseline(path: str | Path) -> dict[str, dict[str, dict[str, float]]]:
     return out
 
 
-def suite_baseline(suite) -> dict[str, dict[str, dict[str, float]]]:
-    """Accepted numbers for every entry: the suite's own file, and each included suite's file for its entries."""
+def suite_baseline(suite, update: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+    """Accepted numbers for every entry: the suite's own file, and each included suite's file for its entries.
+
+    A suite's own file may not exist yet (its first run: every banded metric reads "no baseline"). Refused
+    in one line (ConfigError), since each would leave numbers that are never compared while the suite
+    passes: an included suite's file that is missing; and, unless ``update`` (which rewrites the file
+    from the suite), a file whose ``suite:`` names another suite, or that holds an entry the suite does
+    not have (a renamed entry, a typo) or a metric its entry no longer bands (a lost ``baseline:``).
+    """
     own = load_baseline(suite.baseline_path)
+    if not update and suite.baseline_path.exists():
+        header = read_yaml(suite.baseline_path).get("suite")
+        if header is not None and header != suite.name:
+            raise ConfigError(
+                f"{suite.baseline_path.name}: suite",
+                f"holds the accepted numbers of suite {header!r}, not of {suite.name!r}",
+            )
+        mine = {e.name: e for e in suite.entries if e.baseline_path is None}
+        for name, metrics in own.items():
+            if name not in mine:
+                raise ConfigError(
+                    f"{suite.baseline_path.name}: entries.{name}",
+                    f"no entry {name!r} in suite {suite.name} (renamed? its numbers would never be compared)",
+                )
+            for metric in metrics:
+                if metric not in mine[name].bands:
+                    raise ConfigError(
+                        f"{suite.baseline_path.name}: entries.{name}.{metric}",
+                        f"entry {name!r} of suite {suite.name} has no baseline band for it (its `baseline:` "
+                        "lost?), so its accepted number would never be compared",
+                    )
     out = {e.name: own[e.name] for e in suite.entries if e.baseline_path is None and e.name in own}
     files: dict[Path, dict] = {}
     for e in suite.entries:
         if e.baseline_path is not None:
             if e.baseline_path not in files:
+                if e.bands and not e.baseline_path.exists():
+                    raise ConfigError(
+                        "include",
+                        f"the accepted numbers of included entry {e.name!r} are missing: {e.baseline_path} "
+                        "(record them with that suite's own --update-baseline)",
+                    )
                 files[e.baseline_path] = load_baseline(e.baseline_path)
             if e.name in files[e.baseline_path]:
                 out[e.name] = files[e.baseline_path][e.name]
@@ -163,7 +197,7 @@ def new_baseline(
 
     ``perturbed`` maps a perturbation label to the results of the same entries run under it. Without it
     (or for an entry it lacks) the band is the suite's ``baseline:`` floor alone and no spread is written.
-    Raises ``ValueError`` naming the metric whose perturbed value is missing or non-finite.
+    Raises ``ValueError`` naming the metric whose nominal or perturbed value is missing or non-finite.
     """
     out: dict[str, dict[str, dict[str, float]]] = {}
     for e in suite.entries:
@@ -171,8 +205,11 @@ def new_baseline(
             continue
         for metric, floor in e.bands.items():
             v = results[e.name].metrics.get(metric)
-            if v is None or not math.isfinite(v):
-                continue
+            if v is None or not math.isfinite(v):  # accepting nothing would turn a lost metric into a pass
+                raise ValueError(
+                    f"{e.name}: {metric}: not recorded (or not finite) in the nominal run; a banded metric "
+                    "must be recorded (drop it from the entry's baseline: to stop comparing it)"
+                )
             others = [r[e.name].metrics.get(metric) for r in (perturbed or {}).values() if e.name in r]
             if not others:
                 out.setdefault(e.name, {})[metric] = {"value": float(f"{v:.6g}"), **floor.to_dict()}

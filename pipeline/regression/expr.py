@@ -67,9 +67,12 @@ def evaluate(expr: Any, names: dict[str, float], key: str) -> float:
     except SyntaxError:
         raise ConfigError(key, f"cannot parse expression {expr!r}") from None
     try:
-        return _Walk(expr, names, key).value(tree)
+        v = _Walk(expr, names, key).value(tree)
     except (ValueError, ZeroDivisionError, OverflowError) as e:
         raise ConfigError(key, f"expression {expr!r} is undefined ({e})") from None
+    if isinstance(v, complex):  # a negative base to a fractional power: Python's ** answers complex
+        raise ConfigError(key, f"expression {expr!r} is not a real number ({v})")
+    return v
 
 
 class _Walk:

@@ -178,15 +178,31 @@ def parse_check(item: Any, key: str, entry: str | None, cfg: Config | None, entr
             raise ConfigError(f"{key}.{p}", "missing")
     if kind == "tag_equals":
         v = params["value"]
+        if not isinstance(v, (str, int, float)):
+            raise ConfigError(
+                f"{key}.value", f"must be the tag's value (a string, number or boolean), got {v!r}"
+            )
         params = {**params, "value": str(v).lower() if isinstance(v, bool) else str(v)}
     chk = Check(kind, dict(params), entry, key, names_of(cfg))
     _check_params(chk, entries)
     return chk
 
 
+def _check_types(params: dict[str, Any], key: str) -> None:
+    """Names are strings and flags booleans (a string "no" is truthy: it flipped a comparison to a pass)."""
+    for p in ("metric", "denominator_metric", "tag", "numerator", "denominator", "a", "b"):
+        if p in params and not isinstance(params[p], str):
+            raise ConfigError(f"{key}.{p}", f"must be a name, got {params[p]!r}")
+    if "diverged_as_inf" in params and not isinstance(params["diverged_as_inf"], bool):
+        raise ConfigError(
+            f"{key}.diverged_as_inf", f"must be true or false, got {params['diverged_as_inf']!r}"
+        )
+
+
 def _check_params(chk: Check, entries: set[str]) -> None:
     """Metric names, entry names, expressions and bands of a check, before any run."""
     kind, params, key = chk.kind, chk.params, chk.key
+    _check_types(params, key)
     for p in ("metric", "denominator_metric"):
         if p in params:
             check_metric(f"{key}.{p}", params[p])

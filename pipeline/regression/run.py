@@ -14,6 +14,7 @@ Run status changes only through :mod:`pipeline.tracking` (``Recorder``, ``end_ru
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 from collections.abc import Callable
@@ -121,6 +122,17 @@ def run_entry(
     return run_id
 
 
+_interrupted = False  # in a pool worker: a Ctrl-C or SIGTERM stopped an entry here; run no more
+
+
+def _worker_init() -> None:
+    """A pool worker ignores Ctrl-C: the parent, which gets it too, forwards a SIGTERM to every worker
+    (:func:`run_all`), so a worker between entries never dies with a KeyboardInterrupt traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _entry_worker(
     suite_path: str,
     name: str,
@@ -130,7 +142,11 @@ def _entry_worker(
     overrides: tuple[str, ...] = (),
     perturbation: str | None = None,
 ):
-    """Process-pool target (spawn): returns (name, run_id or None, error or None)."""
+    """Process-pool target (spawn): returns (name, run_id or None, error or None). After an interrupt in
+    this worker (its entry's run closed KILLED), an entry already queued to it is not started."""
+    global _interrupted
+    if _interrupted:
+        return name, None, "not run: the suite was interrupted"
     try:
         return (
             name,
@@ -147,6 +163,9 @@ def _entry_worker(
         )
     except Exception as e:  # the run is closed FAILED by train.run; report and let the others go on
         return name, None, f"{type(e).__name__}: {e}"
+    except BaseException:  # KeyboardInterrupt, Terminated: the run is closed KILLED by train.run
+        _interrupted = True
+        raise
 
 
 def cost(e: Entry) -> float:
@@ -193,13 +212,20 @@ def run_all(
     import concurrent.futures as cf
     import multiprocessing as mp
 
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
         futs = [pool.submit(_entry_worker, str(suite.path), e.name, *args) for e in order]
         try:
             for f in cf.as_completed(futs):
                 done(*f.result())
         except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)  # workers close their runs as KILLED
+            # Ctrl-C or SIGTERM here (or a failure): every worker gets a SIGTERM, so its entry's run is
+            # closed KILLED (train.run) and an entry already queued to it is not started; then wait for
+            # them, so that none outlives the suite
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                with contextlib.suppress(OSError):
+                    proc.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
             raise
     return out
 

@@ -1,0 +1,103 @@
+"""A regression suite interrupted while its entries train in worker processes (README, "Regression
+suites"; "Faults and resuming": every run closed explicitly, never left RUNNING by Ctrl-C or SIGTERM).
+A real ``python -m pipeline regress --workers 2`` in its own session, signalled once two entries train:
+the exit status names the signal, the parent and every entry run are closed KILLED, no entry trains to
+FINISHED after the signal (one already queued to a worker included), and no process of the suite is
+left (a worker orphaned by its parent went on training the queued entries)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import ROOT
+
+SUITE = """name: slow
+defaults:
+  seed: 0
+  task: {name: adding, batch_size: 16, val_size: 32, seq_len: 50}
+  optim: {name: adam, lr: 1.0e-3}
+  trainer: {accelerator: cpu, max_steps: 20000, val_every: 100, log_every: 10, threads: 1}
+  diagnostics: {profile_every: 0, probe_size: 16, plots: false}
+  model: {cell: tanh, hidden_size: 32}
+entries:
+  - name: a
+    checks: [{finite: {}}]
+  - name: b
+    checks: [{finite: {}}]
+  - name: c
+    checks: [{finite: {}}]
+"""
+
+
+def _session():
+    os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a job started in the background inherits SIGINT ignored
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_an_interrupted_suite_closes_every_run_and_leaves_no_process(tmp_path, sig):
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "slow.yaml").write_text(SUITE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
+    c = MlflowClient(uri)
+    c.search_experiments()  # the store made here first: two processes migrating one new file race
+    cmd = [sys.executable, "-m", "pipeline", "regress", "--suite", "slow.yaml", "--workers", "2"]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_session,
+    )
+    try:
+        end, running = time.monotonic() + 240, []
+        while time.monotonic() < end and proc.poll() is None:
+            time.sleep(0.5)
+            exp = c.get_experiment_by_name("regression")
+            runs = c.search_runs([exp.experiment_id]) if exp else []
+            running = [r for r in runs if r.info.status == "RUNNING" and "mlflow.parentRunId" in r.data.tags]
+            if len(running) >= 2:
+                break
+        assert len(running) >= 2 and proc.poll() is None, proc.communicate(timeout=60)
+        if sig == "SIGTERM":
+            proc.send_signal(signal.SIGTERM)  # the parent alone, as a scheduler stops a task
+        else:
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == {"SIGTERM": 143, "SIGINT": 130}[sig], err[-3000:]
+        assert "Traceback" not in err, err[-3000:]
+        gone = time.monotonic() + 30
+        while _group_alive(proc.pid) and time.monotonic() < gone:
+            time.sleep(0.2)
+        assert not _group_alive(proc.pid), "a worker of the suite outlived it"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if _group_alive(proc.pid):
+            os.killpg(proc.pid, signal.SIGKILL)
+    exp = c.get_experiment_by_name("regression")
+    runs = c.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    entries = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert len(entries) >= 2 and {r.info.status for r in entries} == {"KILLED"}, [
+        (r.info.run_name, r.info.status) for r in entries
+    ]
