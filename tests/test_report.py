@@ -344,6 +344,22 @@ def test_whole_experiment_target_excludes_the_sweep_parent(small_sweep, tmp_path
     assert sorted(res.table["run_id"]) == sorted(t["run_id"] for t in small_sweep["trials"])
 
 
+def test_whole_experiment_target_excludes_a_regression_suites_parent(store, tmp_path):
+    """A suite's parent run trains nothing: it was an empty row of the regression experiment's table."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.names import ROLE, SUITE
+    from pipeline.report.write import build_report
+    from pipeline.training.run import run
+
+    trained = run(tiny_config(**{"tracking.experiment": "suite-like"}))
+    c = MlflowClient(store)
+    parent = c.create_run(c.get_experiment_by_name("suite-like").experiment_id, tags={ROLE: SUITE})
+    c.set_terminated(parent.info.run_id)
+    res = build_report(store, experiment="suite-like", out=tmp_path / "e")
+    assert list(res.table["run_id"]) == [trained.run_id]
+
+
 def test_make_report_default_finds_the_latest_sweep(small_sweep, tmp_path):
     """`make report` as a new user runs it: no flags, the default store from the environment."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": small_sweep["uri"], "PYTHONPATH": str(ROOT)}

@@ -10,7 +10,7 @@ Target resolution (``python -m pipeline report``):
 
 * ``--study NAME``: the trials tagged ``study=NAME`` (``pipeline.kind=trial``), in ``--experiment``
   if given, else in any experiment; the most recent sweep parent of that study receives the report.
-* ``--experiment NAME``: every run of the experiment except sweep parents.
+* ``--experiment NAME``: every run of the experiment except sweep parents and regression suites' parents.
 * neither: the most recent sweep parent (``pipeline.kind=sweep``) in any experiment and its study
   (``make sweep`` then ``make report``); if the store holds no sweep, the whole experiment of the most
   recent training run (``make train`` then ``make report``: a run without ``pipeline.kind``, else any
@@ -208,6 +208,9 @@ def load_runs(target: Target):
     kind = df.get(kind_col)
     if kind is not None:
         df = df[kind.fillna("") != KIND_SWEEP].reset_index(drop=True)
+    role = df.get(f"tags.{ROLE}")
+    if role is not None:  # a regression suite's parent: no training of its own, an empty row
+        df = df[role.fillna("") != "suite"].reset_index(drop=True)
     if df.empty:
         what = f"study {target.study!r}" if target.study else f"experiment {target.name!r}"
         raise ConfigError(
