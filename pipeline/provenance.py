@@ -2,7 +2,9 @@
 (``git_commit``), the package versions (``version.<pkg>``) and the context tags MLflow's fluent API
 would set (``mlflow.user``, ``mlflow.source.*``, the git commit and branch of the working directory's
 repository). Each is read once per process (git once per directory), as MLflow's run-context providers
-read theirs. Stdlib only.
+read theirs. And which process runs it: the owner ``host|pid|process start time`` (:func:`owner_tag`),
+so that a run whose process on this host is gone (kill -9, OOM) can be told from one still running
+(:func:`owner_alive`; the sweep's trials, a regression suite's runs). Stdlib only.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import contextlib
 import functools
 import getpass
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +132,41 @@ def _package_versions() -> dict[str, str]:
         with contextlib.suppress(PackageNotFoundError):
             tags[f"version.{pkg}"] = version(pkg)
     return tags
+
+
+# ------------------------------------------------------------------------------------ the owner process
+
+
+def _start_time(pid: int) -> str:
+    """Process start time in clock ticks since boot (Linux /proc); '' where unavailable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def owner_tag(pid: int | None = None) -> str:
+    pid = pid or os.getpid()
+    return f"{socket.gethostname()}|{pid}|{_start_time(pid)}"
+
+
+def owner_alive(tag: str) -> bool | None:
+    """True/False for an owner on this host; None when it runs on another host (cannot tell)."""
+    try:
+        host, pid_s, start = tag.split("|")
+        pid = int(pid_s)
+    except ValueError:
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    if start and _start_time(pid) not in ("", start):
+        return False  # the PID was reused by another process
+    st = Path(f"/proc/{pid}/stat")
+    return not (st.exists() and ") Z" in st.read_text())  # a zombie (killed, not yet reaped by its parent)

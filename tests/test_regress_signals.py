@@ -101,3 +101,41 @@ def test_an_interrupted_suite_closes_every_run_and_leaves_no_process(tmp_path, s
     assert len(entries) >= 2 and {r.info.status for r in entries} == {"KILLED"}, [
         (r.info.run_name, r.info.status) for r in entries
     ]
+
+
+def test_runs_left_running_by_a_killed_regress_are_closed_by_the_next(tmp_path, monkeypatch, capsys):
+    """kill -9 leaves no process to close anything: the suite's parent and its entry stay RUNNING. The
+    next ``regress`` of the suite on this host finds their owner process gone and closes them KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.cli import main
+
+    (tmp_path / "slow.yaml").write_text(SUITE)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    c = MlflowClient(uri)
+    c.search_experiments()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "pipeline", "regress", "--suite", "slow.yaml"]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        end, running = time.monotonic() + 240, []
+        while time.monotonic() < end and proc.poll() is None and len(running) < 2:
+            time.sleep(0.5)
+            exp = c.get_experiment_by_name("regression")
+            running = [
+                r for r in (c.search_runs([exp.experiment_id]) if exp else []) if r.info.status == "RUNNING"
+            ]
+        assert len(running) == 2, proc.stderr.read() if proc.poll() is not None else running  # parent, entry
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    left = {r.info.run_id for r in running}
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    assert main(["regress", "--suite", "slow.yaml", "--set", "trainer.max_steps=10"]) == 0
+    assert "closed 2 run(s) of suite slow as KILLED" in capsys.readouterr().out
+    for rid in left:
+        r = c.get_run(rid)
+        assert r.info.status == "KILLED" and r.data.tags["status"] == "killed"

@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from pipeline.names import ENTRY, KIND, KIND_REGRESSION, OVERRIDES, PERTURBATION, ROLE, SUITE
+from pipeline.names import ENTRY, KIND, KIND_REGRESSION, OVERRIDES, OWNER, PERTURBATION, ROLE, STATUS, SUITE
 from pipeline.regression.baselines import suite_baseline
 from pipeline.regression.judge import format_table, judge_entries, suite_verdict
 from pipeline.regression.laws import LAW, NO_BASELINE, EntryResult, Row
@@ -56,7 +56,7 @@ def start_suite_run(suite: Suite, key: str | None = None, uri: str | None = None
     With ``key`` (the DAG's data interval), an existing parent run with that key is reused, so a
     retried or cleared DAG run does not start a second record. Returns (parent_run_id, experiment_id).
     """
-    from pipeline.provenance import version_tags
+    from pipeline.provenance import owner_tag, version_tags
     from pipeline.tracking import Recorder, client, ensure_experiment
 
     uri = uri or suite.uri
@@ -69,12 +69,34 @@ def start_suite_run(suite: Suite, key: str | None = None, uri: str | None = None
     tags = {KIND: KIND_REGRESSION, SUITE: suite.name, ROLE: ROLE_SUITE, **version_tags()}
     if key:
         tags[KEY] = key
+    else:  # a command-line run: a later one closes it KILLED if this process dies (close_dead_runs)
+        tags[OWNER] = owner_tag()
     name = f"regress-{key}" if key else f"regress-{suite.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
     rec = Recorder.start(uri, EXPERIMENT, name, tags=tags, experiment_id=exp_id)
     rec.log_text(suite.path.read_text(), f"suite/{suite.path.name}")
     if suite.baseline_path.exists():
         rec.log_text(suite.baseline_path.read_text(), f"suite/{suite.baseline_path.name}")
     return rec.run_id, exp_id
+
+
+def close_dead_runs(uri: str, experiment_id: str, suite_name: str) -> int:
+    """Close KILLED the runs of suite ``suite_name`` left RUNNING by a command-line ``regress`` whose
+    process on this host is gone (kill -9, OOM: it could not close them itself); returns how many.
+    A run of another host (cannot tell) or of the DAG (keyed: a DAG run's parent stays open across its
+    tasks' processes, and its retries close their own leftovers) is left as it is."""
+    from pipeline.provenance import owner_alive
+    from pipeline.tracking import client, end_run
+
+    c = client(uri)
+    n = 0
+    for r in _search(c, experiment_id, f"tags.{SUITE} = '{suite_name}' and attributes.status = 'RUNNING'"):
+        owner = r.data.tags.get(OWNER)
+        if KEY in r.data.tags or not owner or owner_alive(owner) is not False:
+            continue
+        c.set_tag(r.info.run_id, STATUS, "killed")
+        end_run(uri, r.info.run_id, "KILLED")
+        n += 1
+    return n
 
 
 def run_entry(
@@ -117,6 +139,10 @@ def run_entry(
             if r.info.status == "RUNNING":
                 end_run(cfg.tracking.uri, r.info.run_id, "KILLED")
         tags[KEY] = key
+    else:
+        from pipeline.provenance import owner_tag
+
+        tags[OWNER] = owner_tag()
     run_id = run(cfg, parent_run_id=parent_run_id, experiment_id=experiment_id, extra_tags=tags).run_id
     assert run_id is not None, name  # None only with tracking off, and a suite turns it on (suite.py)
     return run_id
@@ -343,6 +369,11 @@ def run_suite(
     from pipeline.tracking import Recorder, end_run
 
     parent, exp_id = start_suite_run(suite)
+    closed = close_dead_runs(uri, exp_id, suite.name)
+    if closed:
+        say(
+            f"closed {closed} run(s) of suite {suite.name} as KILLED: left RUNNING by a regress whose process is gone"
+        )
     if overrides:
         Recorder(uri, parent, exp_id).set_tags({OVERRIDES: " ".join(overrides)})
     try:

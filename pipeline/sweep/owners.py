@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import os
-import socket
 import threading
 import warnings
-from pathlib import Path
 
 from pipeline.names import STATUS, STUDY, TRIAL_NUMBER
+from pipeline.provenance import owner_alive, owner_tag
 from pipeline.signals import deferred
 from pipeline.uris import is_rdb
 
@@ -38,41 +36,6 @@ ORPHAN_S = 120.0  # a RUNNING trial with no owner attr this long after it starte
 
 
 # ------------------------------------------------------------------------------------ ownership
-
-
-def _start_time(pid: int) -> str:
-    """Process start time in clock ticks since boot (Linux /proc); '' where unavailable."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def owner_tag(pid: int | None = None) -> str:
-    pid = pid or os.getpid()
-    return f"{socket.gethostname()}|{pid}|{_start_time(pid)}"
-
-
-def owner_alive(tag: str) -> bool | None:
-    """True/False for an owner on this host; None when it runs on another host (cannot tell)."""
-    try:
-        host, pid_s, start = tag.split("|")
-        pid = int(pid_s)
-    except ValueError:
-        return None
-    if host != socket.gethostname():
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    if start and _start_time(pid) not in ("", start):
-        return False  # the PID was reused by another process
-    st = Path(f"/proc/{pid}/stat")
-    return not (st.exists() and ") Z" in st.read_text())  # a zombie (killed, not yet reaped by its parent)
 
 
 # ------------------------------------------------------------------------------- stale trials
