@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import tempfile
 import time
@@ -66,12 +67,22 @@ def ensure_experiment(uri: str | None, name: str) -> str:
             c.restore_experiment(exp.experiment_id)
         return exp.experiment_id
     try:
-        return c.create_experiment(name)
+        return c.create_experiment(name, artifact_location=_beside(path, name))
     except MlflowException:  # another process created it between our get and create
         exp = c.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def _beside(path: Path | None, name: str) -> str | None:
+    """Where a new experiment of a sqlite store keeps its artifacts: MLflow's default, ``./mlruns/<id>``
+    of the working directory, where that is the store's own directory (the default store); else
+    ``mlruns/<name>`` beside the store file, so that a store named by path (the DAG's under
+    $AIRFLOW_HOME, a sweep's elsewhere) keeps its artifacts with it whatever directory a process runs in."""
+    if path is None or path.resolve().parent == Path.cwd().resolve():
+        return None
+    return str(path.resolve().parent / "mlruns" / re.sub(r"[^\w.-]", "_", name))  # a path, as MLflow's own
 
 
 # "0": leave a sqlite store's journal mode as it is (README, "The MLflow record")

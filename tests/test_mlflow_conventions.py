@@ -260,3 +260,26 @@ def test_train_summary_of_a_diverged_run_reads_plainly(capsys, monkeypatch, tmp_
     summary = [ln for ln in out.splitlines() if ln.startswith("run ")][0]
     assert "regime=diverged" in summary and "baseline" not in summary, summary
     assert all(len(tok) < 16 for tok in re.findall(r"[-+0-9.e]+", out)), out
+
+
+def test_a_store_named_by_path_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):
+    """A sqlite store elsewhere than the working directory (the DAG's under $AIRFLOW_HOME): a new
+    experiment's artifacts go to mlruns/ beside the store, not to the mlruns/ of whatever directory the
+    first process ran in; the default store in the working directory keeps MLflow's mlruns/<id>."""
+    (tmp_path / "store").mkdir()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    elsewhere = f"sqlite:///{tmp_path / 'store' / 'm.db'}"
+    r = run(tiny_config(**{"tracking.uri": elsewhere, "tracking.experiment": "x y"}))
+    got = MlflowClient(elsewhere).get_run(r.run_id).info.artifact_uri
+    assert got == str(tmp_path / "store" / "mlruns" / "x_y" / r.run_id / "artifacts")
+    assert (
+        any((tmp_path / "store" / "mlruns").rglob("config.yaml"))
+        and not (tmp_path / "cwd" / "mlruns").exists()
+    )
+    here = f"sqlite:///{tmp_path / 'cwd' / 'mlflow.db'}"
+    h = run(tiny_config(**{"tracking.uri": here}))
+    exp = MlflowClient(here).get_experiment_by_name("test")
+    assert exp.artifact_location == str(tmp_path / "cwd" / "mlruns" / exp.experiment_id)
+    assert MlflowClient(here).get_run(h.run_id).info.artifact_uri.startswith(exp.artifact_location)
