@@ -139,6 +139,14 @@ def check_database_store(uri: str, flag: str = "tracking.uri") -> None:
         with engine.connect():
             pass
         engine.dispose()
+    except (ValueError, sqlalchemy.exc.ArgumentError) as e:  # the URL itself (its text may hold a password)
+        raise store_error(
+            display_url(uri),
+            f"is not a database URL SQLAlchemy can read ({type(e).__name__}; a password holding @ : / must "
+            "be percent-encoded)",
+            flag,
+            "fix it",
+        ) from None
     except ModuleNotFoundError as e:  # the driver: MLflow would fail the same way, in a traceback
         raise store_error(
             display_url(uri), f"needs the Python package {e.name!r}", flag, "install it"

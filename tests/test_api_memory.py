@@ -107,12 +107,40 @@ def test_a_wider_window_measures_and_bounds_from_its_first_step():
     assert met["bptt/log10_ratio"] <= met["spectral/pascanu_log10_bound"]
 
 
+class EveryFifth(nn.Module):
+    """A 2-layer GRU whose loss reads the top layer at steps 5, 10, 15 and 20 only."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(3, 8, num_layers=2, batch_first=True)
+
+    def training_step(self, batch, batch_idx):
+        out, _ = self.gru(batch[0])
+        return out[:, 4::5].square().mean()
+
+
+def test_the_window_counts_the_steps_the_loss_reads():
+    """memory_steps = 2 on a loss that reads every fifth step: the window holds the terms at steps 15 and
+    20 (the last two it reads), not the last two time steps."""
+    from pipeline.training.probe import probe
+
+    torch.manual_seed(0)
+    m, batch = EveryFifth(), (torch.randn(4, 20, 3),)
+    res = probe(m, "gru", batch, memory_steps=2, lyapunov=False)
+    assert res.profiles[1].window == (15, 20)
+    ref = autograd_profile(m, "gru", batch, window_from=15)
+    for (k, state), want in ref.items():
+        np.testing.assert_allclose(res.profiles[k].log10_norm[state], want, atol=1e-9, rtol=0)
+
+
 @pytest.mark.parametrize("memory_steps", [0, -1, 1.5, True, "1"])
 def test_memory_steps_must_be_a_positive_count_or_none(memory_steps):
-    from pipeline import BPTTProfileMonitor
+    from pipeline import BPTTProfileMonitor, profile_rnn
 
     with pytest.raises(ValueError, match="memory_steps"):
         BPTTProfileMonitor("rnn", memory_steps=memory_steps)
+    with pytest.raises(ValueError, match="memory_steps"):  # the notebook front, before any work
+        profile_rnn(EveryFifth(), "gru", (torch.randn(2, 10, 3),), memory_steps=memory_steps)
 
 
 class TBPTTLanguageModel(pl.LightningModule):

@@ -338,6 +338,14 @@ def test_unreachable_tracking_server_is_one_line(tmp_path):
     assert files(tmp_path) == []
 
 
+def test_a_database_url_that_cannot_be_read_is_one_line_without_its_password(tmp_path):
+    r = cli("regress", "--suite", str(ROOT / "configs/regression/smoke.yaml"), cwd=tmp_path,
+            env_uri="postgresql://u:p@ss:word@127.0.0.1/db")  # fmt: skip
+    line = one_error_line(r, "mlflow store postgresql+psycopg2://u:***@127.0.0.1/db", "percent-encoded")
+    assert "p@ss" not in line and "ss:word" not in line and "word@" not in line
+    assert files(tmp_path) == []
+
+
 @pytest.mark.parametrize("where", ["no-server", "no-database"])
 def test_a_database_store_that_refuses_is_one_line_at_once(tmp_path, where):
     """MLflow retried a PostgreSQL store that is not there for about 100 s of warnings before failing;
@@ -383,11 +391,15 @@ def test_sqlite_file_of_another_program_is_not_migrated(tmp_path):
     assert other.read_bytes() == data and files(tmp_path) == ["mlflow.db"]
 
 
-@pytest.mark.parametrize("key", ["tracking.uri", "tracking.experiment", "tracking.enabled"])
+@pytest.mark.parametrize("key", ["tracking.uri", "tracking.experiment", "tracking.enabled", "tracking"])
 def test_regress_refuses_a_tracking_override(tmp_path, key):
     """The parent run, the entries' runs and their read-back share the suite's one store: a --set that
     moved only the entries' runs recorded the parent in one store and failed every entry in the other."""
-    value = {"tracking.uri": f"sqlite:///{tmp_path / 'other.db'}", "tracking.enabled": "false"}.get(key, "x")
+    value = {
+        "tracking.uri": f"sqlite:///{tmp_path / 'other.db'}",
+        "tracking.enabled": "false",
+        "tracking": f'{{uri: "sqlite:///{tmp_path / "other.db"}"}}',  # the whole section as a mapping
+    }.get(key, "x")
     r = cli(
         "regress",
         "--suite",

@@ -222,6 +222,12 @@ def _has_cuda() -> bool:
         ),
         (
             lambda s: s["entries"][0]["checks"].append(
+                {"decay_rate_equals": {"value": "ln((-g)**0.5)", "tol": 0.1}}
+            ),
+            "entries.tanh_g05.checks[2].decay_rate_equals.value",
+        ),
+        (
+            lambda s: s["entries"][0]["checks"].append(
                 {"decay_rate_equals": {"value": "ln(g)", "tol": "(-2)**0.5"}}
             ),
             "entries.tanh_g05.checks[2].decay_rate_equals.tol",

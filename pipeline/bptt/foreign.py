@@ -217,17 +217,30 @@ def _first_nonzero(d_log: Tensor) -> int:
     return int(idx[0]) + 1 if idx.numel() else d_log.numel()
 
 
-def memory_window(d_log: Tensor, reads_final: bool, memory_steps: int | None) -> tuple[int, int]:
-    """The top layer's long-range window (a, T), 1-based: from the first of the last ``memory_steps``
-    steps at which the loss reads the top layer (the last is T when it reads ``h_n`` / ``c_n``); from the
-    first step it reads when ``memory_steps`` is None (the total gradient) or covers them all."""
-    T = d_log.numel()
-    idx = torch.nonzero(torch.isfinite(d_log)).flatten()
-    first = int(idx[0]) + 1 if idx.numel() else T
+def check_memory_steps(memory_steps: object) -> int | None:
+    """``memory_steps`` as given (a count >= 1, or None), else one ``ValueError`` line."""
     if memory_steps is None:
+        return None
+    if isinstance(memory_steps, bool) or not isinstance(memory_steps, int) or memory_steps < 1:
+        raise ValueError(
+            "memory_steps must be >= 1 (the last steps whose loss terms the long-range profile keeps) "
+            f"or None (the total gradient), got {memory_steps!r}"
+        )
+    return memory_steps
+
+
+def memory_window(d_log: Tensor, reads_final: bool, memory_steps: int | None) -> tuple[int, int]:
+    """The top layer's long-range window (a, T), 1-based: a is the first of the last ``memory_steps``
+    steps at which the loss reads the top layer (reading ``h_n`` / ``c_n`` is a read at T); with
+    ``memory_steps`` None (the total gradient) or covering them all, the first step it reads."""
+    T = d_log.numel()
+    reads = sorted(
+        {int(i) + 1 for i in torch.nonzero(torch.isfinite(d_log)).flatten()} | ({T} if reads_final else set())
+    )
+    first = reads[0] if reads else T
+    if memory_steps is None or not reads:
         return first, T
-    last = T if reads_final or not idx.numel() else int(idx[-1]) + 1
-    return max(first, last - int(memory_steps) + 1), T
+    return reads[-min(int(memory_steps), len(reads))], T
 
 
 def profile_layers(

@@ -56,7 +56,7 @@ def command(args: argparse.Namespace) -> int:
 
     suite = load_suite(resolve(args.suite, "regression", "--suite"))  # validated before anything is written
     overrides = tuple(args.overrides)
-    tracking = [o for o in overrides if o.split("=", 1)[0].strip().startswith("tracking.")]
+    tracking = [o for o in overrides if o.split("=", 1)[0].strip().split(".", 1)[0] == "tracking"]
     if tracking:  # the parent run, the entries' runs and the read-back must share one store and experiment
         raise ConfigError(
             "--set",

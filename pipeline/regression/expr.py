@@ -70,8 +70,6 @@ def evaluate(expr: Any, names: dict[str, float], key: str) -> float:
         v = _Walk(expr, names, key).value(tree)
     except (ValueError, ZeroDivisionError, OverflowError) as e:
         raise ConfigError(key, f"expression {expr!r} is undefined ({e})") from None
-    if isinstance(v, complex):  # a negative base to a fractional power: Python's ** answers complex
-        raise ConfigError(key, f"expression {expr!r} is not a real number ({v})")
     return v
 
 
@@ -97,7 +95,10 @@ class _Walk:
                 )
             return float(self.names[node.id])
         if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
-            return _BINOPS[type(node.op)](self.value(node.left), self.value(node.right))
+            v = _BINOPS[type(node.op)](self.value(node.left), self.value(node.right))
+            if isinstance(v, complex):  # a negative base to a fractional power: Python's ** answers complex
+                raise ValueError("not a real number")
+            return v
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             v = self.value(node.operand)
             return -v if isinstance(node.op, ast.USub) else v

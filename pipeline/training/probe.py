@@ -259,6 +259,7 @@ def probe(
     cells, when the loss reads only the last steps) and the Lyapunov exponent, per layer. ``module`` is not
     modified (a float64 copy runs). ``memory_steps``: the long-range window, the last N steps the loss
     reads (:func:`pipeline.bptt.foreign.profile_layers`; None: the total gradient)."""
+    foreign.check_memory_steps(memory_steps)
     resolve(module, rnn)
     check_loss_source(module, loss_fn)
     twin = float64_copy(module)

@@ -17,6 +17,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from pipeline.bptt.foreign import check_memory_steps
 from pipeline.config import DiagnosticsConfig
 from pipeline.training import probe as probing
 from pipeline.training.grad_monitor import GradientNormMonitor
@@ -111,14 +112,7 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
             raise ValueError(
                 f"every_n_steps must be >= 0 (0: passes at the start and the end only), got {every_n_steps}"
             )
-        if memory_steps is not None and (
-            isinstance(memory_steps, bool) or not isinstance(memory_steps, int) or memory_steps < 1
-        ):
-            raise ValueError(
-                f"memory_steps must be >= 1 (the last steps whose loss terms the long-range profile keeps) "
-                f"or None (the total gradient), got {memory_steps!r}"
-            )
-        self.memory_steps = None if memory_steps is None else int(memory_steps)
+        self.memory_steps = check_memory_steps(memory_steps)
         self.rnn, self.every_n_steps = rnn, int(every_n_steps)
         self.loss_fn = loss_fn
         self.batch = None if batch is None else probing.to_cpu64(batch)
