@@ -134,10 +134,10 @@ def test_each_parquet_artifact_has_a_csv_beside_it(store, tiny, tmp_path):
     assert ",nan," in text and ",," not in text and not text.splitlines()[1].endswith(",")
 
 
-def test_progress_prints_one_line_per_validation(store, tiny):
+def run_with_progress(cfg):
+    """``run(cfg, progress=True)`` with its progress lines captured: (result, lines)."""
     from pipeline.training import progress
 
-    cfg = tiny(**{"trainer.max_steps": 25, "trainer.val_every": 10})
     buf = io.StringIO()
     orig = progress.ProgressPrinter.__init__
 
@@ -150,7 +150,11 @@ def test_progress_prints_one_line_per_validation(store, tiny):
         r = run(cfg, progress=True)
     finally:
         progress.ProgressPrinter.__init__ = orig
-    lines = buf.getvalue().splitlines()
+    return r, buf.getvalue().splitlines()
+
+
+def test_progress_prints_one_line_per_validation(store, tiny):
+    r, lines = run_with_progress(tiny(**{"trainer.max_steps": 25, "trainer.val_every": 10}))
     assert [ln.split()[1] for ln in lines] == ["10/25", "20/25", "25/25"]  # fit's two, then the final one
     for ln in lines:
         assert "train/loss " in ln and "val/loss " in ln and "grad/clip_rate " in ln and " regime " in ln
@@ -161,25 +165,11 @@ def test_progress_prints_one_line_per_validation(store, tiny):
 def test_progress_reads_the_steps_not_yet_logged(store, tiny):
     """A validation between two log windows (val_every 1, log_every 5): the line's clip rate and regime
     count every step so far, as the run's record at the end does, not only the logged windows'."""
-    from pipeline.training import progress
-
     cfg = tiny(
         **{"trainer.max_steps": 3, "trainer.val_every": 1, "clip.mode": "norm", "clip.threshold": 1e-6}
         | {"diagnostics.explode_norm": 1e-9}
     )
-    buf = io.StringIO()
-    orig = progress.ProgressPrinter.__init__
-
-    def init(self, *a, **k):
-        orig(self, *a, **k)
-        self.stream = buf
-
-    progress.ProgressPrinter.__init__ = init
-    try:
-        r = run(cfg, progress=True)
-    finally:
-        progress.ProgressPrinter.__init__ = orig
-    lines = buf.getvalue().splitlines()
+    r, lines = run_with_progress(cfg)
     assert [ln.split()[1] for ln in lines] == ["1/3", "2/3", "3/3"]
     assert r.regime == "exploding"  # every step clipped, every norm above explode_norm
     for ln in lines:
