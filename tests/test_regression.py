@@ -296,6 +296,8 @@ def test_update_baseline_refuses_a_banded_metric_that_is_not_recorded(store, tmp
     out = capsys.readouterr().out
     assert "baseline NOT written: tanh_g05: val/accuracy: not recorded" in out
     assert (tmp_path / "suite.baseline.yaml").read_text() == before
+    _, everything = runs(store)  # refused before the perturbed reruns, not after them
+    assert everything and not [r for r in everything if r.data.tags.get("perturbation")]
 
 
 # ------------------------------------------------------------ bands measured under perturbations
