@@ -234,13 +234,12 @@ def memory_window(d_log: Tensor, reads_final: bool, memory_steps: int | None) ->
     steps at which the loss reads the top layer (reading ``h_n`` / ``c_n`` is a read at T); with
     ``memory_steps`` None (the total gradient) or covering them all, the first step it reads."""
     T = d_log.numel()
+    if memory_steps is None:
+        return _first_nonzero(d_log), T
     reads = sorted(
         {int(i) + 1 for i in torch.nonzero(torch.isfinite(d_log)).flatten()} | ({T} if reads_final else set())
     )
-    first = reads[0] if reads else T
-    if memory_steps is None or not reads:
-        return first, T
-    return reads[-min(int(memory_steps), len(reads))], T
+    return (reads[-min(memory_steps, len(reads))] if reads else T), T
 
 
 def profile_layers(

@@ -56,11 +56,13 @@ def command(args: argparse.Namespace) -> int:
 
     suite = load_suite(resolve(args.suite, "regression", "--suite"))  # validated before anything is written
     overrides = tuple(args.overrides)
-    tracking = [o for o in overrides if o.split("=", 1)[0].strip().split(".", 1)[0] == "tracking"]
+    tracking = [
+        k for k in (o.split("=", 1)[0].strip() for o in overrides) if k.split(".", 1)[0] == "tracking"
+    ]
     if tracking:  # the parent run, the entries' runs and the read-back must share one store and experiment
         raise ConfigError(
             "--set",
-            f"{tracking[0].split('=', 1)[0].strip()}: where a suite records is the suite's own "
+            f"{tracking[0]}: where a suite records is the suite's own "
             "(defaults.tracking.uri in the suite file, else $MLFLOW_TRACKING_URI), not an entry override",
         )
     if args.update_baseline and overrides:

@@ -13,7 +13,6 @@ here is light (stdlib only): suites are validated before anything heavy is impor
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,61 +20,17 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.names import DIVERGED, REGIME
 from pipeline.regression.expr import evaluate, fmt, names_of, shown
+from pipeline.regression.metrics import check_metric
 from pipeline.schema import ConfigError
 
 PASS, LAW, REGRESSION, NO_BASELINE, ERROR = "pass", "law violated", "REGRESSION", "no baseline", "error"
 FAILING = (LAW, REGRESSION, ERROR)
 
-# Public metric names a check may read (README, "The MLflow record"); gate variants match METRIC_PATTERN.
-KNOWN_METRICS = frozenset(
-    {
-        "train/loss",
-        "val/loss",
-        "val/loss_ratio",
-        "val/accuracy",
-        "val/best_loss",
-        "task/baseline",
-        "train/steps",
-        "grad/norm_preclip",
-        "grad/norm_postclip",
-        "grad/clip_coef",
-        "grad/clip_rate",
-        "grad/max_norm_preclip",
-        "grad/norm_input",
-        "grad/norm_recurrent",
-        "grad/norm_bias",
-        "grad/norm_readout",
-        "bptt/log10_ratio",
-        "bptt/log10_ratio_per_step",
-        "bptt/decay_rate",
-        "bptt/horizon",
-        "bptt/c_log10_ratio",
-        "bptt/reference_max_err",
-        "spectral/sigma_max",
-        "spectral/radius",
-        "spectral/pascanu_log10_bound",
-        "spectral/lyapunov_max",
-        "train/skipped_steps",
-        "remedy/omega",
-        "remedy/floss",
-        "spectral/gate_log10_bound",  # mingru's replacement for Pascanu's bound (README, "Models")
-        "spectral/jacobian_log10_bound",  # lem's: the product of its exact step-Jacobian norms
-        "bptt/lambda_log10_sensitivity",  # lru: Zucchet & Orvieto 2024 (README, "Regime verdict")
-        "bptt/recurrent_log10_sensitivity",
-    }
-)
-METRIC_PATTERN = re.compile(r"^spectral/(sigma_max|radius)_[a-z]+$|^remedy/floss_lambda_[1-9][0-9]*$")
 # Upper bounds on bptt/log10_ratio, each a theorem where it is logged: the law that checks one.
 BOUNDS = {
     "pascanu_bound_holds": ("spectral/pascanu_log10_bound", "Pascanu's bound"),
     "jacobian_bound_holds": ("spectral/jacobian_log10_bound", "the Jacobian-norm bound"),
 }
-
-
-def check_metric(key: str, name: Any) -> str:
-    if not isinstance(name, str) or not (name in KNOWN_METRICS or METRIC_PATTERN.match(name)):
-        raise ConfigError(key, f"unknown metric {name!r} (known: {', '.join(sorted(KNOWN_METRICS))})")
-    return name
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -190,7 +145,7 @@ def parse_check(item: Any, key: str, entry: str | None, cfg: Config | None, entr
 
 def _check_types(params: dict[str, Any], key: str) -> None:
     """Names are strings and flags booleans (a string "no" is truthy: it flipped a comparison to a pass)."""
-    for p in ("metric", "denominator_metric", "tag", "numerator", "denominator", "a", "b"):
+    for p in ("tag", "numerator", "denominator", "a", "b"):  # metric names: check_metric
         if p in params and not isinstance(params[p], str):
             raise ConfigError(f"{key}.{p}", f"must be a name, got {params[p]!r}")
     if "diverged_as_inf" in params and not isinstance(params["diverged_as_inf"], bool):

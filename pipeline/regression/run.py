@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from pipeline.names import ENTRY, KIND, KIND_REGRESSION, OVERRIDES, OWNER, PERTURBATION, ROLE, STATUS, SUITE
+from pipeline.provenance import owner_alive, owner_tag, version_tags
 from pipeline.regression.baselines import suite_baseline
 from pipeline.regression.judge import format_table, judge_entries, suite_verdict
 from pipeline.regression.laws import LAW, NO_BASELINE, EntryResult, Row
@@ -56,7 +57,6 @@ def start_suite_run(suite: Suite, key: str | None = None, uri: str | None = None
     With ``key`` (the DAG's data interval), an existing parent run with that key is reused, so a
     retried or cleared DAG run does not start a second record. Returns (parent_run_id, experiment_id).
     """
-    from pipeline.provenance import owner_tag, version_tags
     from pipeline.tracking import Recorder, client, ensure_experiment
 
     uri = uri or suite.uri
@@ -84,7 +84,6 @@ def close_dead_runs(uri: str, experiment_id: str, suite_name: str) -> int:
     process on this host is gone (kill -9, OOM: it could not close them itself); returns how many.
     A run of another host (cannot tell) or of the DAG (keyed: a DAG run's parent stays open across its
     tasks' processes, and its retries close their own leftovers) is left as it is."""
-    from pipeline.provenance import owner_alive
     from pipeline.tracking import client, end_run
 
     c = client(uri)
@@ -140,8 +139,6 @@ def run_entry(
                 end_run(cfg.tracking.uri, r.info.run_id, "KILLED")
         tags[KEY] = key
     else:
-        from pipeline.provenance import owner_tag
-
         tags[OWNER] = owner_tag()
     run_id = run(cfg, parent_run_id=parent_run_id, experiment_id=experiment_id, extra_tags=tags).run_id
     assert run_id is not None, name  # None only with tracking off, and a suite turns it on (suite.py)

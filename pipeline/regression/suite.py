@@ -17,7 +17,8 @@ from typing import Any
 
 from pipeline.config import Config, from_dict
 from pipeline.regression.baselines import Band, parse_band
-from pipeline.regression.laws import Check, check_metric, parse_check
+from pipeline.regression.laws import Check, parse_check
+from pipeline.regression.metrics import check_metric
 from pipeline.schema import ConfigError, build, deep_merge, parse_overrides, read_yaml
 
 EXPERIMENT = "regression"  # every regression run lands here (README, "The MLflow record")
