@@ -14,6 +14,7 @@ a fused block has a non-finite loss or gradient is taken again member by member 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,21 +32,29 @@ class Streams:
     """The batch streams of a stack, one per cohort (seed, loop iteration joined at): each the stream
     :class:`~pipeline.training.data.OnDeviceBatches` gives the same config alone, drawn once per step for
     every member of the cohort; and the validation sets, one per seed (the task config, validation size
-    included, is the stack's own)."""
+    included, is the stack's own).
+
+    A cohort's stream has no end of its own: each member stops at its ``max_steps``, and the stream goes
+    when no member reads it. A stream sized to the cohort's first members ran dry under a member that
+    joined it later with more steps (a slot refilled before the first step joins the cohort of the
+    members that started the stack): StopIteration failed the whole stack. The batches are a prefix of
+    one generator's draws (:class:`~pipeline.training.data.OnDeviceBatches`), so every member still
+    sees exactly the batches it sees alone."""
 
     def __init__(self, task, device: torch.device):
         self.task, self.device = task, device
         self.iters: dict[tuple[int, int], Any] = {}
         self.vals: dict[int, list] = {}
 
-    def join(self, m: Member, it: int, cohort_steps: int) -> None:
+    def join(self, m: Member, it: int) -> None:
         from pipeline.training.data import OnDeviceBatches
 
         cfg = m.cfg
         m.cohort = (cfg.seed, it)
         if m.cohort not in self.iters:
+            endless = sys.maxsize  # range() is lazy: a stream as long as its longest reader
             self.iters[m.cohort] = iter(
-                OnDeviceBatches(self.task, cfg.task.batch_size, cohort_steps, cfg.seed, self.device)
+                OnDeviceBatches(self.task, cfg.task.batch_size, endless, cfg.seed, self.device)
             )
         if cfg.seed not in self.vals:
             chunk = max(cfg.task.batch_size, 256)  # as TaskDataModule.val_dataloader
@@ -72,9 +81,8 @@ def fit(
     layouts: dict = {}  # the batched update's layout of the current members (stack_update.measure)
 
     def join(new: list[Member], it: int) -> None:
-        steps = max(m.cfg.trainer.max_steps for m in new)
         for m in new:
-            streams.join(m, it, steps)
+            streams.join(m, it)
             m.module.train()
             m.call("setup", "fit")
             m.call("on_fit_start")
