@@ -263,7 +263,12 @@ def validate(cfg: Config) -> None:
     choice("optim.name", o.name, OPTIMIZERS)
     check("optim.lr", math.isfinite(o.lr) and o.lr > 0, "a finite number > 0", o.lr)
     check("optim.momentum", 0.0 <= o.momentum < 1.0, "in [0, 1)", o.momentum)
-    check("optim.weight_decay", o.weight_decay >= 0, ">= 0", o.weight_decay)
+    check(
+        "optim.weight_decay",
+        math.isfinite(o.weight_decay) and o.weight_decay >= 0,
+        "a finite number >= 0",
+        o.weight_decay,
+    )
     choice("clip.mode", c.mode, CLIP_MODES)
     check(
         "clip.threshold", math.isfinite(c.threshold) and c.threshold > 0, "a finite number > 0", c.threshold
@@ -278,7 +283,12 @@ def validate(cfg: Config) -> None:
         "diagnostics.profile_every", 0 <= d.profile_every <= STEPS_MAX, f">= 0 and {steps}", d.profile_every
     )
     check("diagnostics.probe_size", d.probe_size >= 1, ">= 1", d.probe_size)
-    check("diagnostics.horizon_decades", d.horizon_decades > 0, "> 0", d.horizon_decades)
+    check(
+        "diagnostics.horizon_decades",
+        math.isfinite(d.horizon_decades) and d.horizon_decades > 0,
+        "a finite number > 0",
+        d.horizon_decades,
+    )
     check("diagnostics.vanish_log10_per_step", d.vanish_log10_per_step < 0, "< 0", d.vanish_log10_per_step)
     check("diagnostics.explode_log10_per_step", d.explode_log10_per_step > 0, "> 0", d.explode_log10_per_step)
     check("diagnostics.explode_norm", d.explode_norm > 0, "> 0", d.explode_norm)

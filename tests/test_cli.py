@@ -48,6 +48,21 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, needle):
     assert list(tmp_path.iterdir()) == []  # no mlflow.db, no mlruns
 
 
+@pytest.mark.parametrize("verb", ["train", "sweep"])
+def test_a_gpu_where_torch_sees_none_is_one_line_exit_2_nothing_written(tmp_path, verb):
+    """Lightning refused it with a traceback after the run was created, leaving a FAILED run with nothing
+    to resume (found by a walkthrough). CUDA_VISIBLE_DEVICES hides any GPU, so this holds on a GPU machine."""
+    import os
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    key = "trainer.accelerator" if verb == "train" else "base.trainer.accelerator"
+    r = cli(verb, "--config", "smoke", f"{key}=gpu", cwd=tmp_path, env=env)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: config key '{key}': 'gpu', but CUDA_VISIBLE")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_missing_config_file(tmp_path):
     r = cli("train", "--config", "nope.yaml", cwd=tmp_path)
     assert r.returncode == 2 and "config file not found" in r.stderr and list(tmp_path.iterdir()) == []

@@ -58,6 +58,9 @@ def test_yaml_and_overrides(tmp_path):
         (["clip.mode=sometimes"], "clip.mode", "none, norm, value"),
         (["optim.momentum=1.0"], "optim.momentum", "[0, 1)"),
         (["model.init_scale=.nan"], "model.init_scale", "finite"),
+        # an infinite decay turns every weight non-finite at the first update (found by a walkthrough)
+        (["optim.weight_decay=inf"], "optim.weight_decay", "finite"),
+        (["diagnostics.horizon_decades=inf"], "diagnostics.horizon_decades", "finite"),
         (["trainer.progress_bar=maybe"], "trainer.progress_bar", "true or false"),
         (["task=3"], "task", "mapping"),
     ],

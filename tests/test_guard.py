@@ -131,3 +131,35 @@ def test_guard_record_names_what_was_non_finite(tiny, where):
             and row["norm_recurrent"] == math.inf
         )
     assert math.isnan(row["norm_postclip"]) and math.isnan(row["clip_coef"])
+
+
+@pytest.mark.parametrize("stacked", [False, True], ids=["alone", "in-a-stack"])
+def test_weights_left_non_finite_by_the_last_update_read_diverged(stacked):
+    """SGD with a weight decay of 1e38 at lr 1000: the first gradient is finite, so the guard (which reads
+    gradients before the optimizer adds the decay) lets the update through, and it leaves the weights
+    infinite (float32). With more steps the next step's loss finds them: diverged at
+    step 1. With max_steps 1 no step read them, and the run read healthy with a NaN validation loss
+    (found by a walkthrough); it is diverged at step 1 as well, on both training paths."""
+    from conftest import tiny_config
+
+    from pipeline.training import stacked as stack
+
+    def go(steps: int):
+        cfg = tiny_config(
+            **{
+                "optim.name": "sgd",
+                "optim.lr": 1000,
+                "optim.weight_decay": 1e38,
+                "trainer.max_steps": steps,
+                "tracking.enabled": "false",
+            }
+        )
+        r = stack.run_stack([cfg])[0] if stacked else train.run(cfg)
+        assert not isinstance(r, BaseException)
+        return r
+
+    later = go(3)
+    assert (later.diverged_step, later.regime) == (1, "diverged")
+    last = go(1)
+    assert (last.diverged_step, last.regime, last.steps) == (1, "diverged", 1)
+    assert not last.solved

@@ -121,6 +121,29 @@ def test_interrupted_train_resumes_the_same_run_exactly(store, tiny):
     )
 
 
+@pytest.mark.parametrize("profile_every", [0, 10])
+def test_a_run_killed_after_its_last_checkpoint_resumes_to_the_same_verdict(store, tiny, profile_every):
+    """The last checkpoint is written at the last step's validation, before the end-of-run work (the last
+    profile pass, the verdict, the record). A run killed there resumes at max_steps, where Lightning runs
+    no training loop and none of its end hooks: the resumed run read ``healthy`` with no profile summary
+    (found by a walkthrough). It must read what the run would have read uninterrupted."""
+    from pipeline.cli import main
+
+    over = {"model.init_scale": 0.5, "diagnostics.profile_every": profile_every}
+    r = run(tiny(**over), checkpoint=True)
+    c = MlflowClient(store)
+    want = c.get_run(r.run_id).data
+    assert want.tags["regime"] == "vanishing"  # g = 0.5: the verdict a lost end must not turn healthy
+    c.set_terminated(r.run_id, "KILLED")  # as a kill after the checkpoint leaves it
+    assert main(["train", "--resume", r.run_id]) == 0
+    got = c.get_run(r.run_id)
+    assert got.info.status == "FINISHED" and got.data.tags["resumed_at_step"] == "20"
+    for tag in ("regime", "regime_init", "solved"):
+        assert got.data.tags[tag] == want.tags[tag], tag
+    for key in ("bptt/log10_ratio", "bptt/decay_rate", "spectral/sigma_max", "grad/clip_rate", "val/loss"):
+        assert got.data.metrics[key] == pytest.approx(want.metrics[key], rel=1e-9), key
+
+
 def test_resume_refusals(store, tiny, capsys):
     from pipeline.cli import main
 

@@ -66,7 +66,9 @@ def command(args: argparse.Namespace) -> int:
         print(cfg.to_yaml(), end="")
         return 0
     from pipeline.training.budget import check_fits
+    from pipeline.training.machine import check_accelerator
 
+    check_accelerator(cfg)  # a GPU asked for where there is none: one line, before any store is opened
     check_fits(
         cfg
     )  # refuses what cannot fit in memory, before anything is allocated (README "Memory estimate")

@@ -248,6 +248,9 @@ def run_sweep(
         check_storage_url("--storage", storage)
     url = sw.storage_url(storage)
     mlflow_uri = absolute_uri(resolve_uri(sw.base_config().tracking.uri))
+    from pipeline.training.machine import check_accelerator
+
+    check_accelerator(sw.base_config(), "base.trainer.accelerator")  # a GPU asked for where there is none
     n_workers, devices = choose_workers(workers, sw)
     # Everything is checked before anything is written (README "Faults and resuming"): every trial the space
     # can produce fits in memory, n_workers at once; the MLflow store opens; the Optuna store replays.

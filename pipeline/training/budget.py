@@ -321,6 +321,12 @@ def dominant_key(cfg: Config, cuda: bool, on_device: bool | None) -> str:
     return best
 
 
+def _margin() -> str:
+    """The check's safety margin, said beside what is available: a need below what is available but above
+    FIT_FRACTION of it is refused, and a message without the margin reads as a contradiction."""
+    return f"{FIT_FRACTION:.0%} of it usable"
+
+
 def _workers_text(n: int) -> str:
     return "1 worker" if n == 1 else f"{n} workers"
 
@@ -358,7 +364,7 @@ def check_fits(
             raise ConfigError(
                 "workers",
                 f"{n} workers{stack} at once need about {fmt_bytes(need)} ({what}each "
-                f"{fmt_bytes(one)}{per_worker}) but {fmt_bytes(avail)} are available {where} ({src}); "
+                f"{fmt_bytes(one)}{per_worker}) but {fmt_bytes(avail)} are available {where} ({src}, {_margin()}); "
                 f"use at most {most} (--workers {most})",
             )
         most = max((m for m in range(1, members) if est.peak(side, m) * n <= room), default=0)
@@ -366,7 +372,7 @@ def check_fits(
             raise ConfigError(
                 "trials_per_worker",
                 f"{_workers_text(n)}{stack} at once need about {fmt_bytes(need)} ({what}each worker "
-                f"{fmt_bytes(each)}) but {fmt_bytes(avail)} are available {where} ({src}); use at most "
+                f"{fmt_bytes(each)}) but {fmt_bytes(avail)} are available {where} ({src}, {_margin()}); use at most "
                 f"{most} (trials_per_worker={most})",
             )
         if members > 1 and one <= room:  # not even one trial per worker fits for all n: fewer workers
@@ -374,7 +380,7 @@ def check_fits(
             raise ConfigError(
                 "workers",
                 f"{_workers_text(n)}{stack} at once need about {fmt_bytes(need)} ({what}each "
-                f"{fmt_bytes(one)} alone) but {fmt_bytes(avail)} are available {where} ({src}); use at "
+                f"{fmt_bytes(one)} alone) but {fmt_bytes(avail)} are available {where} ({src}, {_margin()}); use at "
                 f"most {fit} (--workers {fit}) with trials_per_worker=1",
             )
         key = dominant_key(cfg, cuda, side)
@@ -383,6 +389,6 @@ def check_fits(
         raise ConfigError(
             key,
             f"{what}needs about {fmt_bytes(need)}{many} ({parts}) but {fmt_bytes(avail)} "
-            f"are available {where} ({src}); lower it",
+            f"are available {where} ({src}, {_margin()}); lower it",
         )
     return est

@@ -77,8 +77,9 @@ def gpu_driver_absent() -> bool:
 def uses_cuda(cfg: Config) -> bool:
     """Whether Lightning will train on CUDA: accelerator gpu/cuda (or auto) with a visible GPU.
 
-    ``gpu`` on a machine without one is not ours to refuse here: Lightning refuses it at the start of the
-    run with its own message, and the run is recorded FAILED (README, "Regression suites": an error row).
+    ``gpu`` on a machine without one is not refused here: inside a suite Lightning refuses it at the
+    start of the entry's run and the run is recorded FAILED (README, "Regression suites": an error row);
+    the ``train`` and ``sweep`` commands refuse it first (:func:`check_accelerator`).
     """
     if cfg.trainer.accelerator == "cpu" or gpu_driver_absent():
         return False
@@ -92,3 +93,21 @@ def device_available() -> int:
 
     free, _ = torch.cuda.mem_get_info()
     return int(free)
+
+
+def check_accelerator(cfg: Config, key: str = "trainer.accelerator") -> None:
+    """Refuse ``gpu`` / ``cuda`` where torch sees no CUDA device, in one line naming ``key``, before any
+    store is opened: Lightning's own refusal came as a traceback after the run was created, which it left
+    FAILED with nothing to resume."""
+    if cfg.trainer.accelerator not in ("gpu", "cuda"):
+        return
+    if not gpu_driver_absent():
+        import torch
+
+        if torch.cuda.is_available():
+            return
+    from pipeline.schema import ConfigError
+
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1")
+    why = "CUDA_VISIBLE_DEVICES hides every device" if hidden else "torch sees no CUDA device on this machine"
+    raise ConfigError(key, f"{cfg.trainer.accelerator!r}, but {why}; use auto or cpu")

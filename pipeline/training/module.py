@@ -99,6 +99,14 @@ class RNNTrainingModule(pl.LightningModule):
             self.val_loss = values[0] / self._val_n
             self.val_accuracy = values[1] / self._val_k if self._val_k else None
 
+    def mark_nonfinite_weights(self, step: int) -> None:
+        """After training: weights the last update left non-finite (its gradient was finite, so the guard,
+        which reads gradients before each step, let it through) make the run diverged at ``step``, the
+        step that would have read them, as when a later step's loss finds them. Without this a run whose
+        final update overflowed read healthy, with a NaN validation loss."""
+        if self.diverged_step is None and not all(bool(torch.isfinite(p).all()) for p in self.parameters()):
+            self.diverged_step = step
+
     def configure_optimizers(self):
         o = self.cfg.optim
         params = self.model.parameters()

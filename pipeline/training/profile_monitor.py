@@ -246,8 +246,12 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
         if gm is not None:
             gm.drain(trainer)  # its last window, whichever callback's on_train_end Lightning runs first
         last = next((p for p in reversed(self.passes) if len(p) > 1), None)
+        # Weights left non-finite by the last update (a finite gradient, an overflowing step: the guard
+        # reads gradients before the step, and no later step read them) diverged as surely as a
+        # non-finite gradient: the last pass found them so (a pass on such weights records its step alone).
+        ended_nonfinite = bool(self.passes) and len(self.passes[-1]) == 1
         self.regime = verdict(
-            gm is not None and gm.diverged_step is not None,
+            (gm is not None and gm.diverged_step is not None) or ended_nonfinite,
             last,
             gm.max_norm_preclip if gm is not None else None,
             self.diagnostics,

@@ -285,6 +285,11 @@ def _train(
     trainer = _trainer(cfg, [*own, *extra_callbacks])
     with terminate_as_exception(), ctrl_c_not_exit_1():
         trainer.fit(module, datamodule=data, ckpt_path=None if ckpt is None else str(ckpt[0]))
+        if mon.prof.regime is None:
+            # Lightning runs no training loop, so no on_train_end, when the checkpoint is at max_steps (a
+            # run killed during its end-of-run work): the last pass and the verdict, as the loop's end.
+            mon.prof.on_train_end(trainer, module)
+        module.mark_nonfinite_weights(trainer.global_step)
         if module.diverged_step is None and mon.val.last_step != trainer.global_step:
             trainer.validate(module, datamodule=data, verbose=False)  # final validation
     return record.record_end(cfg, task, rec, module, mon, trainer.global_step)

@@ -241,6 +241,7 @@ def _finish(m: Member) -> None:
     try:
         m.call("on_train_end")
         m.call("on_fit_end")
+        m.module.mark_nonfinite_weights(m.trainer.global_step)
         if m.module.diverged_step is None and m.mon.val.last_step != m.trainer.global_step:
             m.trainer.state.fn = "validate"
             _validate(m)
