@@ -112,6 +112,8 @@ def as_mapping(v: Any, key: str) -> dict[str, Any]:
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping (an empty file reads as ``{}``), safe-loaded."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError("", f"config file {p} is a directory: name a YAML file")
     if not p.is_file():
         raise ConfigError("", f"config file not found: {p}")
     try:

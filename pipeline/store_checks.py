@@ -15,10 +15,10 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 HTTP_PROBE_TIMEOUT_S = 5.0
 
 
-def store_error(uri: str, problem: str, flag: str, remedy: str = "move it aside"):
+def store_error(uri: str, problem: str, flag: str, remedy: str = "move it aside", what: str = "mlflow store"):
     from pipeline.schema import StoreError
 
-    return StoreError(f"mlflow store {uri}", problem, f"{remedy} or point {flag} elsewhere")
+    return StoreError(f"{what} {uri}", problem, f"{remedy} or point {flag} elsewhere")
 
 
 def sqlite_problem(path: Path) -> str | None:
@@ -129,9 +129,10 @@ def check_http_store(uri: str, flag: str = "tracking.uri") -> None:
         raise store_error(uri, f"unreachable ({reason})", flag, "start the server") from None
 
 
-def check_database_store(uri: str, flag: str = "tracking.uri") -> None:
+def check_database_store(uri: str, flag: str = "tracking.uri", what: str = "mlflow store") -> None:
     """A PostgreSQL or MySQL store must accept a connection within a few seconds: MLflow retries a
-    database that is down or not there (a mistyped name) for about 100 s of warnings before failing."""
+    database that is down or not there (a mistyped name) for about 100 s of warnings before failing.
+    ``what``: the store named in the message (an Optuna storage is checked the same way)."""
     import sqlalchemy
 
     try:
@@ -146,10 +147,11 @@ def check_database_store(uri: str, flag: str = "tracking.uri") -> None:
             "be percent-encoded)",
             flag,
             "fix it",
+            what,
         ) from None
     except ModuleNotFoundError as e:  # the driver: MLflow would fail the same way, in a traceback
         raise store_error(
-            display_url(uri), f"needs the Python package {e.name!r}", flag, "install it"
+            display_url(uri), f"needs the Python package {e.name!r}", flag, "install it", what
         ) from None
     except sqlalchemy.exc.SQLAlchemyError as e:
         lines = [ln.strip() for ln in str(getattr(e, "orig", None) or e).splitlines() if ln.strip()]
@@ -159,6 +161,7 @@ def check_database_store(uri: str, flag: str = "tracking.uri") -> None:
             f"refused the connection ({reason})",
             flag,
             "check the server, database and user",
+            what,
         ) from None
 
 

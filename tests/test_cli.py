@@ -66,6 +66,9 @@ def test_a_gpu_where_torch_sees_none_is_one_line_exit_2_nothing_written(tmp_path
 def test_missing_config_file(tmp_path):
     r = cli("train", "--config", "nope.yaml", cwd=tmp_path)
     assert r.returncode == 2 and "config file not found" in r.stderr and list(tmp_path.iterdir()) == []
+    r = cli("train", "--config", str(tmp_path), cwd=tmp_path)  # a directory: not "not found"
+    assert r.returncode == 2 and f"config file {tmp_path} is a directory" in r.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow

@@ -360,6 +360,28 @@ def test_whole_experiment_target_excludes_a_regression_suites_parent(store, tmp_
     assert list(res.table["run_id"]) == [trained.run_id]
 
 
+def test_killed_runs_are_left_out_and_counted(store, tmp_path, capsys):
+    """An interrupted trial's run is KILLED and its retry is another run with the same params: the report
+    counted the trial twice, the killed half with no verdict (walkthrough: 17 runs for 11 trials)."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.training.run import run
+
+    kept = run(tiny_config(**{"tracking.experiment": "killed"}))
+    gone = run(tiny_config(**{"tracking.experiment": "killed", "seed": 1}))
+    MlflowClient(store).set_terminated(gone.run_id, "KILLED")
+    import pandas as pd
+
+    from pipeline.cli import main
+
+    assert main(["report", "--experiment", "killed", "--out", str(tmp_path / "r"), "--no-log"]) == 0
+    out = capsys.readouterr().out
+    assert "report 'killed': 1 runs (" in out and "; 1 killed runs left out" in out
+    table = pd.read_csv(tmp_path / "r" / "comparison.csv")
+    assert list(table["run_id"]) == [kept.run_id]
+    assert "**runs**: 1 (1 killed runs left out" in (tmp_path / "r" / "report.md").read_text()
+
+
 def test_make_report_default_finds_the_latest_sweep(small_sweep, tmp_path):
     """`make report` as a new user runs it: no flags, the default store from the environment."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": small_sweep["uri"], "PYTHONPATH": str(ROOT)}

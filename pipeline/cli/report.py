@@ -40,7 +40,8 @@ def command(args: argparse.Namespace) -> int:
         args.store, experiment=args.experiment, study=args.study, out=args.out, log_to_parent=not args.no_log
     )
     regimes = ", ".join(f"{k} {v}" for k, v in res.regimes.items())
-    print(f"report '{res.name}': {res.n_runs} runs ({regimes})")
+    killed = f"; {res.killed} killed runs left out" if res.killed else ""
+    print(f"report '{res.name}': {res.n_runs} runs ({regimes}){killed}")
     print(f"  {res.files['report.html']}")
     print(f"  {res.files['report.md']}  {res.files['comparison.csv']}  {res.files['summary.csv']}")
     if res.parent_run_id:

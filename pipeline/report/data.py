@@ -78,6 +78,7 @@ class Target:
     study: str | None = None
     parent_run_id: str | None = None  # the sweep parent that receives the report as artifacts
     parent_run_name: str | None = None
+    killed: int = 0  # KILLED runs left out (load_runs)
 
 
 @dataclass
@@ -211,11 +212,21 @@ def load_runs(target: Target):
     role = df.get(f"tags.{ROLE}")
     if role is not None:  # a regression suite's parent: no training of its own, an empty row
         df = df[role.fillna("") != "suite"].reset_index(drop=True)
+    # A KILLED run was interrupted: a sweep retries its trial from the start (another run, the same
+    # params), a killed `train` resumes in the same run. Its partial numbers are no result, and beside
+    # the retry they counted one trial twice, half of them with no verdict (found by a walkthrough).
+    status = df.get("status")
+    if status is not None:
+        killed = (status == "KILLED").to_numpy()
+        target.killed = int(killed.sum())
+        df = df[~killed].reset_index(drop=True)
     if df.empty:
         what = f"study {target.study!r}" if target.study else f"experiment {target.name!r}"
         raise ConfigError(
             "--study" if target.study else "--experiment",
-            f"{what} has no runs to report (run `make sweep` or `make train` first)",
+            f"{what} has no runs to report"
+            + (f" but {target.killed} killed ones" if target.killed else "")
+            + " (run `make sweep` or `make train` first)",
         )
     # name only the experiments the runs live in (a study is looked up across all of them)
     found = set(df["experiment_id"])

@@ -68,6 +68,7 @@ class ReportResult:
     out: Path
     files: dict[str, Path] = field(default_factory=dict)
     n_runs: int = 0
+    killed: int = 0  # KILLED runs left out
     regimes: dict[str, int] = field(default_factory=dict)
     parent_run_id: str | None = None
     table: Any = None
@@ -180,7 +181,11 @@ def _meta(data: rd.ReportData, n: int, regimes: dict[str, int]) -> list[tuple[st
     meta = [
         ("store", t.uri),
         ("experiment", ", ".join(t.experiment_names)),
-        ("runs", str(n)),
+        (
+            "runs",
+            str(n)
+            + (f" ({t.killed} killed runs left out: interrupted, retried or resumable)" if t.killed else ""),
+        ),
         ("regimes", ", ".join(f"{k}: {v}" for k, v in regimes.items()) or "none"),
         ("generated", time.strftime("%Y-%m-%d %H:%M:%S")),
     ]
@@ -209,6 +214,7 @@ def write(data: rd.ReportData, out: Path) -> ReportResult:
         data.target.name,
         out,
         n_runs=len(table),
+        killed=data.target.killed,
         regimes=regimes,
         parent_run_id=data.target.parent_run_id,
         table=table,

@@ -258,7 +258,7 @@ def run_sweep(
         sw, n_workers, devices, auto=workers is None and sw.workers is None, out=out
     )
     probe_store(mlflow_uri, "base.tracking.uri")
-    check_storage(url)
+    check_storage(url, "--storage" if storage is not None else "storage")
     # CPU workers fork from a preloaded forkserver unless PIPELINE_SWEEP_FORK=0 (an escape hatch).
     fork = devices[0] is None and os.environ.get("PIPELINE_SWEEP_FORK", "1") != "0"
     t0 = time.time()

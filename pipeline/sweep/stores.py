@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,18 +36,40 @@ def open_storage(
         kwargs: dict[str, Any] = {}
         if scheme(url) == "sqlite":
             kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-        return optuna.storages.RDBStorage(
-            url,
-            heartbeat_interval=heartbeat_interval,
-            grace_period=grace,
-            heartbeat_stale_trial_callback=StaleHandler(mlflow_uri),
-            **kwargs,
-        )
+        for attempt in range(SCHEMA_RACE_TRIES):
+            try:
+                return optuna.storages.RDBStorage(
+                    url,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=grace,
+                    heartbeat_stale_trial_callback=StaleHandler(mlflow_uri),
+                    **kwargs,
+                )
+            except Exception as e:
+                if attempt == SCHEMA_RACE_TRIES - 1 or not _lost_schema_race(e):
+                    raise
+                time.sleep(0.5 * (attempt + 1))
     from optuna.storages.journal import JournalFileBackend
 
     path = journal_path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+# Machines started together on a fresh database each create Optuna's schema; PostgreSQL lets one win and
+# tells the others "duplicate key value violates unique constraint pg_type_typname_nsp_index" (CREATE
+# TYPE) or "relation ... already exists": found by a walkthrough starting the README's "same command" on
+# two machines at once. The loser opens the schema the winner made.
+SCHEMA_RACE_TRIES = 4
+
+
+def _lost_schema_race(e: Exception) -> bool:
+    import sqlalchemy
+
+    if not isinstance(e, sqlalchemy.exc.IntegrityError | sqlalchemy.exc.ProgrammingError):
+        return False
+    text = str(e).lower()
+    return "already exists" in text or "duplicate key value" in text
 
 
 def journal_path(url: str) -> Path:
@@ -152,21 +175,36 @@ def repair_journal(path: Path, warn=None) -> int:
     return removed
 
 
-def check_storage(url: str) -> None:
-    """Before the sweep opens its Optuna store: a journal must replay (see :func:`repair_journal`); an
-    existing SQLite file must be a readable database. Raises StoreError (one line, exit 2)."""
+def check_storage(url: str, flag: str = "storage") -> None:
+    """Before the sweep writes anything: a journal must replay (see :func:`repair_journal`); an existing
+    SQLite file must be a readable database, a new one's directory must exist; a PostgreSQL or MySQL
+    database must accept a connection within seconds. Raises StoreError (one line, exit 2). Without the
+    database probe an unreachable server, a mistyped database name or a missing directory came as a
+    140-line traceback after the MLflow store was created (found by a walkthrough)."""
+    from pipeline.schema import StoreError
+
     if not is_rdb(url):
         repair_journal(journal_file(url))
         return
-    if sqlite_file(url) is not None:
+    path = sqlite_file(url)
+    if path is not None:
         from pipeline.store_checks import sqlite_problem
 
-        path = sqlite_file(url)
-        problem = sqlite_problem(path) if path is not None and path.is_file() else None
-        if problem:
-            from pipeline.schema import StoreError
+        if path.is_file():
+            problem = sqlite_problem(path)
+            if problem:
+                raise StoreError(f"optuna storage {url}", problem, "move it aside or pass another --storage")
+        elif not path.parent.is_dir():
+            raise StoreError(
+                f"optuna storage {url}",
+                f"its directory {path.parent} does not exist",
+                f"create it or pass another {flag}",
+            )
+        return
+    if scheme(url) != "sqlite":
+        from pipeline.store_checks import check_database_store
 
-            raise StoreError(f"optuna storage {url}", problem, "move it aside or pass another --storage")
+        check_database_store(url, flag, "optuna storage")
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import TrialState
@@ -31,25 +32,80 @@ def suggest(trial, p: Param) -> Any:
     return trial.suggest_float(p.key, p.low, p.high, step=p.step, log=p.log)
 
 
-def make_sampler(sw: SweepConfig, worker: int, n_seen: int):
-    """Seeded per (sweep seed, worker, trials already in the study): parallel workers and resumed
-    sweeps do not replay the same random draws. (The start-up design itself is drawn once by the parent:
-    :func:`startup_design`.)"""
+def trial_seed(seed: int, number: int) -> int:
+    """The seed of trial ``number``'s draws in a sweep of ``sampler.seed`` = ``seed`` (numpy's SeedSequence:
+    distinct streams for distinct pairs)."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+class PerTrialSeeded(optuna.samplers.BaseSampler):
+    """Each trial's draws come from a sampler of its own, seeded by (sweep seed, trial number).
+
+    Trial numbers are unique in a study, whichever process or machine asks, so no two trials share a
+    random stream. Seeding per worker did not separate machines: every machine's first worker is
+    worker 0, and one that joined while the start-up design was still being taken had seen as many
+    trials as another, drew the same stream and proposed the same points (two machines on one
+    PostgreSQL study, found by a walkthrough). The draws stay reproducible: a trial's number and the
+    study's history decide them. TPE keeps no state between trials but its generator and a cache of the
+    search space, so a fresh sampler per trial proposes what one long-lived sampler would, from another
+    stream."""
+
+    def __init__(self, make, seed: int):
+        self._make, self._seed = make, seed
+        self._by_number: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _of(self, trial) -> optuna.samplers.BaseSampler:
+        s = self._by_number.get(trial.number)
+        if s is None:
+            s = self._by_number[trial.number] = self._make(trial_seed(self._seed, trial.number))
+        return s
+
+    def infer_relative_search_space(self, study, trial):
+        return self._of(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._of(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        return self._of(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial) -> None:
+        self._of(trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values) -> None:
+        s = self._by_number.pop(trial.number, None)
+        if s is not None:
+            s.after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:  # the seeds are the trials' own: nothing to reseed
+        pass
+
+
+def make_sampler(sw: SweepConfig):
+    """The sweep's sampler: TPE (multivariate, constant liar) or random, each trial's draws seeded by
+    (``sampler.seed``, trial number) (:class:`PerTrialSeeded`). (The start-up design itself is drawn once
+    by the parent: :func:`startup_design`.)"""
     s = sw.sampler
-    seed = (s.seed * 1_000_003 + worker * 7919 + n_seen) % (2**31)
-    if s.name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    with warnings.catch_warnings():
-        # TPESampler's multivariate and constant_liar arguments are labelled experimental (Optuna docs,
-        # "optuna.samplers.TPESampler"); the label is the only warning they give.
-        warnings.filterwarnings(
-            "ignore",
-            r"Argument ``(multivariate|constant_liar)`` is an experimental feature",
-            ExperimentalWarning,
-        )
-        return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=s.n_startup_trials, multivariate=s.multivariate, constant_liar=True
-        )
+
+    def one(seed: int):
+        if s.name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        with warnings.catch_warnings():
+            # TPESampler's multivariate and constant_liar arguments are labelled experimental (Optuna docs,
+            # "optuna.samplers.TPESampler"); the label is the only warning they give.
+            warnings.filterwarnings(
+                "ignore",
+                r"Argument ``(multivariate|constant_liar)`` is an experimental feature",
+                ExperimentalWarning,
+            )
+            return optuna.samplers.TPESampler(
+                seed=seed,
+                n_startup_trials=s.n_startup_trials,
+                multivariate=s.multivariate,
+                constant_liar=True,
+            )
+
+    return PerTrialSeeded(one, s.seed)
 
 
 def startup_design(sw: SweepConfig) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ from pipeline.uris import display_url
 
 STOP_GRACE_S = 60  # after forwarding SIGTERM, how long workers get to close their runs before SIGKILL
 POLL_S = 1.0
+WAIT_ELSEWHERE_S = 5.0  # between two looks at trials running elsewhere (each reaps under the budget lock)
 FORCE_STATUS_S = 30  # a status line at least this often, even when no trial ended
 
 
@@ -256,6 +257,7 @@ class Supervisor:
         self.preimport: Any = None  # the summary-imports thread (_preimport_summary)
         self.rec = Recorder(stores.mlflow_uri, stores.parent_run_id, stores.experiment_id)
         self.progress = Progress(sw, stores.study, t0, out)
+        self._waiting_said = False
 
     def budget_left(self) -> int:
         return budget_left(self.stores.study, self.sw.n_trials)
@@ -266,20 +268,28 @@ class Supervisor:
             left = self.budget_left()
             self._banner(left)
             if left > 0 and self.stop.signum is None:
+                # a resume that raised n_trials: the parent run no longer says the study is complete
+                with contextlib.suppress(Exception):
+                    self.rec.set_tags({"sweep_complete": "false"})
                 for i in range(min(len(self.devices), left)):
                     self.workers.spawn(i)
                 self.preimport = _preimport_summary()
                 self.supervise()
             self.progress.update()
             status = "KILLED" if self.stop.signum is not None else "FINISHED"
-            self.summarize(complete=self.budget_left() <= 0 and status == "FINISHED")
+            self.summarize(complete=self.reached() and status == "FINISHED")
         finally:
             self.workers.terminate_all()
             with contextlib.suppress(Exception):
                 self.rec.close(status)
         if self.stop.signum is not None:
             return 128 + int(self.stop.signum)  # 130 Ctrl-C, 143 SIGTERM
-        return 0 if self.budget_left() <= 0 else 1
+        return 0 if self.reached() else 1
+
+    def reached(self) -> bool:
+        """Whether the study has its ``n_trials`` COMPLETE + PRUNED trials: trials still running count
+        for the asking (:meth:`budget_left`), not for being done."""
+        return counts(self.stores.study)["done"] >= self.sw.n_trials
 
     def _banner(self, left: int) -> None:
         s, done = self.stores, self.progress.done_at_start
@@ -311,13 +321,45 @@ class Supervisor:
             if (
                 self.budget_left() > 0
                 and self.respawns > 0
-                and has_waiting(self.stores.study)
+                and (has_waiting(self.stores.study) or self._waiting_said)
                 and not timed_out
             ):
-                self.respawns -= 1  # a retry was enqueued after the others finished
+                # a retry was enqueued after the others finished, or, while trials run elsewhere, a slot
+                # opened (one of theirs reaped or failed)
+                self.respawns -= 1
                 self.workers.spawn(0)
                 continue
+            if not timed_out and self._held_elsewhere():
+                continue
             return
+
+    def _held_elsewhere(self) -> bool:
+        """This machine's workers are done, but trials of the study still run in other processes (another
+        machine's workers): wait for them, reaping the stale ones (a lost machine's, by heartbeat), whose
+        retries a new worker takes. A machine that ended here reported the study complete and closed the
+        shared parent run, wrote the best trial's params while one still trained elsewhere (MLflow params
+        cannot change after), and left a lost machine's trials to nobody (found by a walkthrough)."""
+        from pipeline.sweep.owners import reap_stale
+        from pipeline.sweep.stores import budget_lock
+
+        s = self.stores
+        with budget_lock(s.url, s.storage, self.sw.study):
+            reap_stale(s.study, s.url, s.mlflow_uri)
+        c = counts(s.study)
+        if c["done"] >= self.sw.n_trials:
+            return False
+        if c["running"] == 0:  # a retry of a lost one's trial: this machine's next worker takes it
+            return bool(c["waiting"]) and self.respawns > 0 and self._waiting_said
+        if not self._waiting_said:
+            self._waiting_said = True
+            print(
+                f"sweep {self.sw.study}: this machine's workers are done; waiting for {c['running']} "
+                "trial(s) running in other processes (Ctrl-C leaves them to their workers)",
+                file=self.out,
+                flush=True,
+            )
+        self.workers.wait_any(WAIT_ELSEWHERE_S)
+        return True
 
     def _replace_ended(self) -> None:
         """After a worker crashed reap its trial, and replace a worker killed by a signal."""

@@ -194,13 +194,10 @@ class Worker:
             grace=self.sw.heartbeat.grace,
             mlflow_uri=self.mlflow_uri,
         )
-        n_seen = len(
-            self.storage.get_all_trials(self.storage.get_study_id_from_name(self.sw.study), deepcopy=False)
-        )
         self.study = optuna.load_study(
             study_name=self.sw.study,
             storage=self.storage,
-            sampler=make_sampler(self.sw, spec["worker"], n_seen),
+            sampler=make_sampler(self.sw),
             pruner=make_pruner(self.sw),
         )
         from pipeline.training import callbacks, module, run  # noqa: F401  (import before the first trial, not inside it)

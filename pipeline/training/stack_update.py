@@ -264,13 +264,18 @@ def _sgd(members: Sequence[Any], momentum: float, dampening: float, weight_decay
         for st, b in zip(states, full, strict=True):
             st["momentum_buffer"] = b
         grads = full
-    # One fused add per learning rate, as torch's step (param + (-lr) * grad, rounded once): a product
-    # rounded first and added after (foreach mul, then add) differs in the last bit at most learning
-    # rates, and a chaotic trial grows that bit (a review measured 2% on a diverging LSTM's largest norm).
-    by_lr: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
-    for p, g, lr in zip(params, grads, lrs, strict=True):
-        ps, gs = by_lr.setdefault(lr, ([], []))
+    _add_per_lr(params, grads, lrs)
+
+
+def _add_per_lr(params: list[torch.Tensor], grads: list[torch.Tensor], alphas: list[float]) -> None:
+    """``param += alpha * grad``, one fused add per distinct ``alpha``, as torch's SGD step (rounded once):
+    a product rounded first and added after (foreach mul, then add) differs in the last bit at most
+    learning rates, and a chaotic trial grows that bit (a review measured 2% on a diverging LSTM's
+    largest norm)."""
+    by_alpha: dict[float, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for p, g, a in zip(params, grads, alphas, strict=True):
+        ps, gs = by_alpha.setdefault(a, ([], []))
         ps.append(p)
         gs.append(g)
-    for lr, (ps, gs) in by_lr.items():
-        torch._foreach_add_(ps, gs, alpha=lr)
+    for a, (ps, gs) in by_alpha.items():
+        torch._foreach_add_(ps, gs, alpha=a)

@@ -1,0 +1,162 @@
+"""Several machines on one study (README, "Many machines"): each trial its own random stream, a machine
+whose workers are done waits for the trials other machines still train (and takes over a lost one's),
+an Optuna store that cannot be opened is one line before anything is written, and machines that create a
+fresh database's schema together all start. Found by a walkthrough running the README's "same command"
+twice; "machines" here are processes on one host, which is what the stores see of them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from test_sweep import load_study, sweep_cmd, sweep_env, write_sweep
+
+from pipeline.sweep.config import SamplerConfig, SweepConfig
+from pipeline.sweep.space import Param
+from pipeline.sweep.study import make_sampler, suggest
+
+
+@pytest.fixture(autouse=True)
+def _quiet_optuna():
+    level = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    yield
+    optuna.logging.set_verbosity(level)
+
+
+def _draw(study, space) -> dict:
+    t = study.ask()
+    return {p.key: suggest(t, p) for p in space}
+
+
+def test_two_machines_joining_at_the_same_count_draw_different_points():
+    """Each machine loads the study when it holds the same number of trials, as two machines started
+    together do; both are the first worker of their machine. Seeded per (seed, worker, trials seen),
+    both drew the same stream and proposed identical points (walkthrough: trials 3 and 4 of a
+    PostgreSQL study, same cell, init scale and learning rate to the last digit). Per (seed, trial number)
+    every trial has its own stream, and a trial's draw depends only on its number and the history."""
+    sw = SweepConfig(sampler=SamplerConfig(seed=0, n_startup_trials=4))
+    space = (Param("model.init_scale", "float", 0.3, 3.0, log=True), Param("optim.lr", "float", 1e-4, 0.1))
+    storage = optuna.storages.InMemoryStorage()
+    a = optuna.create_study(study_name="s", storage=storage, sampler=make_sampler(sw))
+    b = optuna.load_study(study_name="s", storage=storage, sampler=make_sampler(sw))
+    points = [_draw(a, space), _draw(b, space), _draw(b, space), _draw(a, space)]
+    assert len({tuple(p.values()) for p in points}) == 4, points
+    # the same numbers on a study of its own, asked by one process: the same points
+    alone = optuna.create_study(sampler=make_sampler(sw))
+    assert [_draw(alone, space) for _ in range(4)] == points
+
+
+def _owner_process():
+    """A live process on this host to own a trial, as a worker of another machine (the reaper tells a
+    same-host owner's death at once; another host's by Optuna's heartbeat after ``grace``)."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+
+
+def _wait(cond, timeout: float, what: str, proc=None) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            pytest.fail(f"the sweep exited ({proc.returncode}) before {what}:\n{out[-3000:]}\n{err[-3000:]}")
+        time.sleep(0.5)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _done(study) -> int:
+    from pipeline.sweep.study import counts
+
+    return counts(study)["done"]
+
+
+@pytest.mark.slow
+def test_a_machine_whose_workers_are_done_waits_for_trials_elsewhere_and_takes_over_a_lost_ones(
+    store, tmp_path
+):
+    """One trial of the study is held by another machine's worker (a live process that owns it). This
+    machine's sweep trains what the budget leaves it, then must wait: before, it reported the study
+    complete, wrote the best trial's params and closed the shared parent run FINISHED with exit 0 while
+    the trial still trained. When that worker dies, the waiting machine reaps its trial, retries it, and
+    ends complete."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.provenance import owner_tag
+    from pipeline.sweep.config import load_sweep
+
+    cfg = write_sweep(tmp_path / "s.yaml", n_trials=1)
+    first = subprocess.run(sweep_cmd(cfg), capture_output=True, text=True, timeout=300, env=sweep_env())
+    assert first.returncode == 0, first.stderr[-3000:]
+    study = load_study()
+    sw = load_sweep(str(cfg), ["n_trials=3"])
+    other = _owner_process()
+    proc = None
+    try:
+        held = study.ask()  # the other machine's trial: asked, owned, training
+        held.set_user_attr("worker", owner_tag(other.pid))
+        for p in sw.space:
+            suggest(held, p)
+        proc = subprocess.Popen(
+            sweep_cmd(cfg, "n_trials=3"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=sweep_env(),
+        )
+        _wait(lambda: _done(load_study()) == 2, 240, "this machine's trial", proc)
+        time.sleep(8)  # past a poll or two of the supervisor
+        assert proc.poll() is None, "ended while a trial of the study was still training elsewhere"
+        c = MlflowClient(store)
+        parent = c.get_run(load_study().user_attrs["mlflow_parent_run_id"])
+        assert parent.info.status == "RUNNING" and parent.data.tags.get("sweep_complete") != "true"
+        other.kill()  # the other machine is lost
+        other.wait()
+        out, err = proc.communicate(timeout=240)
+    finally:
+        for p in (other, proc):
+            if p is not None and p.poll() is None:
+                p.kill()
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert "waiting for 1 trial(s) running in other processes" in out
+    study = load_study()
+    assert _done(study) == 3
+    lost = study.trials[held.number]
+    assert lost.state == optuna.trial.TrialState.FAIL
+    retry = [t for t in study.trials if t.user_attrs.get("retry_of") == held.number]
+    assert len(retry) == 1 and retry[0].state.is_finished() and retry[0].params == lost.params
+    parent = MlflowClient(store).get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["sweep_complete"] == "true"
+    assert parent.data.tags["n_trials_done"] == "3"
+
+
+@pytest.mark.parametrize(
+    ("storage", "says"),
+    [
+        ("postgresql://postgres@127.0.0.1:1/nodb", "refused the connection"),
+        (
+            "sqlite:////nonexistent-dir-of-this-test/x.db",
+            "directory /nonexistent-dir-of-this-test does not exist",
+        ),
+    ],
+)
+def test_an_optuna_store_that_cannot_be_opened_is_one_line_and_nothing_is_written(tmp_path, storage, says):
+    """A PostgreSQL server that refuses (port 1: nothing listens), or a SQLite file in a directory that
+    does not exist: a 140-line traceback, exit 1, and mlflow.db written before (walkthrough)."""
+    cfg = write_sweep(tmp_path / "s.yaml")
+    r = subprocess.run(
+        sweep_cmd(cfg, "--storage", storage),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=sweep_env(),
+        cwd=tmp_path,
+    )
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("error: optuna storage ") and says in lines[0] and "--storage" in lines[0]
+    assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["s.yaml"]
