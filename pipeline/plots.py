@@ -205,11 +205,27 @@ def draw_profile(ax: Any, curves: Iterable[Curve], window: tuple[int, int] | Non
     """The long-range profile log10 ||dL_w/dh_t|| against the time step t (README, "The long-range
     profile"): one line per curve, the memory window shaded when it starts after t = 1, axis labels and
     grid. Titles and legends are the caller's."""
-    for c in curves:
+    curves = list(curves)
+    drawn = [c for c in curves if np.isfinite(np.asarray(c.y, dtype=float)).any()]
+    for c in drawn:  # a pass with no finite value draws nothing: no legend entry of its own either
         ax.plot(c.x, c.y, c.style, lw=c.lw, color=c.color, marker=c.marker, label=c.label)
+    if curves and not drawn:
+        # Nothing to draw: say why, over the whole sequence (an empty axes around the window read as a
+        # broken plot; found by a walkthrough of a relu run that overflowed at t = 1026).
+        ys = np.concatenate([np.asarray(c.y, dtype=float) for c in curves])
+        ts = np.concatenate([np.asarray(c.x, dtype=float) for c in curves])
+        why = (
+            "the gradient is exactly 0 at every step: nothing reaches back"
+            if ys.size and np.all(ys == -np.inf)
+            else "no finite value: the float64 forward overflowed\n(bptt/overflow_step) or the gradient did"
+        )
+        ax.text(0.5, 0.5, why, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.3")
+        if ts.size:
+            ax.set_xlim(1, max(float(ts.max()), 2.0))
     if window is not None and window[0] > 1:
         a, b = window
-        ax.axvspan(a, b, color="0.85", zorder=0, label=f"memory window t = {a}..{b}")
+        where = f"t = {a}" if a == b else f"t = {a}..{b}"
+        ax.axvspan(a, b, color="0.85", zorder=0, label=f"memory window {where}")
     ax.set_xlabel("time step t")
     ax.set_ylabel(PROFILE_YLABEL)
     ax.grid(alpha=0.3)

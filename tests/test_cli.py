@@ -79,3 +79,16 @@ def test_smoke_config_trains_from_the_cli(tmp_path):
     c = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = c.search_runs([c.get_experiment_by_name("smoke").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags["regime"] in r.stdout
+
+
+def test_overrides_may_sit_between_flags(capsys):
+    """argparse fills the overrides once: `--config F a=1 --print-config b=2` called b=2 unrecognized
+    (walkthrough: `sweep --config smoke --storage URL study=x --workers 1 n_trials=10`)."""
+    from pipeline.cli import main
+
+    assert main(["train", "--config", "smoke", "trainer.max_steps=2", "--print-config", "task.seq_len=7"]) == 0
+    out = capsys.readouterr().out
+    assert "seq_len: 7" in out and "max_steps: 2" in out
+    with pytest.raises(SystemExit) as e:  # a flag no verb knows is still argparse's one-line error
+        main(["train", "--config", "smoke", "--bogus", "trainer.max_steps=2"])
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err

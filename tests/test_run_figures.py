@@ -197,3 +197,40 @@ def test_a_run_whose_only_finite_norm_is_its_first_step_shows_that_point():
         if line.get_label() == "post-clip":  # drawn over pre-clip at the same place
             assert (np.abs(inside - want).sum(-1) < 60).sum() > 10
     plt.close(fig)
+
+
+def test_a_figure_title_names_what_the_cell_was_initialised_by():
+    """A W_hh scheme and scale where the cell has a W_hh; else the keys its own init reads (a lem's title
+    said "default g=1", a scale no lem reads)."""
+    from conftest import tiny_config
+
+    from pipeline.training.record import init_label
+
+    def label(**kw):
+        return init_label(tiny_config(**kw).model)
+
+    assert label(**{"model.cell": "gru", "model.init": "orthogonal", "model.init_scale": 1.5}) == (
+        "gru orthogonal g=1.5"
+    )
+    assert label(**{"model.cell": "lru", "model.r_min": 0.5, "model.r_max": 0.9}) == "lru r=[0.5, 0.9]"
+    assert label(**{"model.cell": "lem", "model.dt": 0.0242}) == "lem dt=0.0242"
+    assert label(**{"model.cell": "mingru"}) == "mingru"
+    assert "g=" not in label(**{"model.cell": "cornn"})
+
+
+@pytest.mark.parametrize(
+    ("value", "says"),
+    [(float("nan"), "overflowed"), (float("inf"), "overflowed"), (-float("inf"), "exactly 0")],
+)
+def test_a_profile_with_no_finite_value_says_why_over_the_whole_sequence(value, says):
+    """A relu run whose float64 forward overflowed drew empty axes around its memory window, a legend
+    naming passes that drew nothing (walkthrough)."""
+    t = np.arange(1, 101)
+    frame = pd.DataFrame(
+        {"step": np.repeat([0, 1], 100), "t": np.tile(t, 2), "state": "h", "log10_norm": value}
+    )
+    fig = profile_figure(frame, "relu", window=(100, 100))
+    ax = fig.axes[0]
+    assert not ax.lines and [says in x.get_text() for x in ax.texts] == [True]
+    assert ax.get_xlim() == (1.0, 100.0)
+    assert ax.get_legend().get_texts()[0].get_text() == "memory window t = 100"

@@ -57,7 +57,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from pipeline.schema import ConfigError
 
     parser = build_parser(prog or (default_prog() if argv is None else MODULE_PROG))
-    args = parser.parse_args(argv)
+    # Overrides may sit between flags (`sweep --config F study=x --workers 1 n_trials=10`): argparse fills
+    # a `nargs="*"` positional once and calls the later ones unrecognized (found by a walkthrough).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = [*(args.overrides or []), *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not args.verb:
         parser.print_help()
         return 2

@@ -330,6 +330,6 @@ def profile_figure(frame, title: str, window: tuple[int, int] | None = None, yla
     draw_profile(ax, curves, window)
     if ylabel is not None:
         ax.set_ylabel(ylabel)
-    if curves:
+    if ax.get_legend_handles_labels()[1]:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig

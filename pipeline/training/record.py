@@ -97,6 +97,21 @@ class Summary:
         )
 
 
+def init_label(m) -> str:
+    """How a cell was initialised, for a figure's title: the W_hh scheme and scale g where the cell has a
+    W_hh (``model.init_scale`` is read by those cells alone), else the keys its own init reads: a title
+    "lem default g=1" named a scale no lem reads (found by a walkthrough)."""
+    if m.cell == "lru":
+        return f"lru r=[{m.r_min:g}, {m.r_max:g}]"
+    if m.cell == "lem":
+        return f"lem dt={m.dt:g}"
+    if m.cell == "cornn":
+        return f"cornn dt={m.dt:g} gamma={m.gamma:g} eps={m.epsilon:g}"
+    if m.cell == "mingru":
+        return "mingru"
+    return f"{m.cell} {m.init} g={m.init_scale:g}"
+
+
 def summarize_run(cfg: Config, task, module, mon: Monitors, steps: int) -> Summary:
     """Pure: the trained module and the monitors' records -> the run's verdict, summary metrics and tags."""
     from pipeline.training import callbacks as dg
@@ -197,8 +212,7 @@ def log_artifacts(rec, cfg: Config, task, mon: Monitors, summary: Summary) -> No
         return
     from pipeline.plots import reused_run_figures
 
-    m = cfg.model
-    title = f"{cfg.task.name} T={cfg.task.seq_len} {m.cell} {m.init} g={m.init_scale:g}: {summary.title}"
+    title = f"{cfg.task.name} T={cfg.task.seq_len} {init_label(cfg.model)}: {summary.title}"
     # One figure per kind for every run this process records (a sweep worker records thousands): saved at
     # once and never kept, so reusing them draws the same bytes in about 27% less time (README, "On a GPU").
     with reused_run_figures():
