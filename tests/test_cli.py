@@ -86,7 +86,9 @@ def test_overrides_may_sit_between_flags(capsys):
     (walkthrough: `sweep --config smoke --storage URL study=x --workers 1 n_trials=10`)."""
     from pipeline.cli import main
 
-    assert main(["train", "--config", "smoke", "trainer.max_steps=2", "--print-config", "task.seq_len=7"]) == 0
+    assert (
+        main(["train", "--config", "smoke", "trainer.max_steps=2", "--print-config", "task.seq_len=7"]) == 0
+    )
     out = capsys.readouterr().out
     assert "seq_len: 7" in out and "max_steps: 2" in out
     with pytest.raises(SystemExit) as e:  # a flag no verb knows is still argparse's one-line error
