@@ -20,8 +20,8 @@ BENCH_ARGS ?=
 .PHONY: help install install-airflow train sweep report regress ui bench test test-fast lint format browser clean
 
 help: ## Show this help
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2}'
-	@echo "  Variables: CONFIG=$(CONFIG) SWEEP=$(SWEEP) WORKERS=N SUITE=$(SUITE) PORT=$(PORT) ARGS='key=value ...'"
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/$$(PORT)/$(PORT)/' | awk -v c="$$( [ -t 1 ] && printf '\033[36m' )" -v r="$$( [ -t 1 ] && printf '\033[0m' )" 'BEGIN {FS = ":.*?## "}; {printf "  %s%-16s%s %s\n", c, $$1, r, $$2}'
+	@echo "  Variables: CONFIG=$(CONFIG) SWEEP=$(SWEEP) WORKERS=N SUITE=$(SUITE) PORT=$(PORT) ARGS='key=value ...' BENCH_ARGS='--quick ...'"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,4 +84,4 @@ browser: ## Install Debian's chromium for the headless UI test (needs root / apt
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
 clean: ## Remove the venv, local stores and outputs
-	rm -rf $(VENV) mlflow.db mlflow.db-wal mlflow.db-shm mlruns mlartifacts optuna reports runs test-output .pytest_cache
+	rm -rf $(VENV) mlflow.db mlflow.db-wal mlflow.db-shm mlruns mlartifacts optuna reports runs test-output .pytest_cache *.egg-info

@@ -27,7 +27,10 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         self.key = key
         self.message = message
-        super().__init__(f"config key '{key}': {message}" if key else message)
+        # a command-line flag ("--store") is no config key: "config key '--store'" read as one to a user
+        # who never passed the flag (found by a walkthrough)
+        head = f"{key}: " if key.startswith("-") else f"config key '{key}': " if key else ""
+        super().__init__(head + message)
 
     def under(self, prefix: str) -> ConfigError:
         """The same error one level down: key ``prefix.key`` (``prefix`` alone when the key is empty)."""

@@ -171,7 +171,7 @@ def sweep_file(d: Path, **changes) -> Path:
 def test_sweep_validates_everything_before_any_store(tmp_path, args, key):
     cfg = sweep_file(tmp_path)
     r = cli("sweep", "--config", str(cfg), *args, cwd=tmp_path)
-    one_error_line(r, f"config key '{key}'")
+    one_error_line(r, f"{key}: " if key.startswith("-") else f"config key '{key}'")
     assert files(tmp_path) == ["s.yaml"]  # no optuna/, no mongodb:/, no mlflow.db
 
 
@@ -408,7 +408,7 @@ def test_regress_refuses_a_tracking_override(tmp_path, key):
         f"{key}={value}",
         cwd=tmp_path,
     )
-    one_error_line(r, "'--set'", key, "defaults.tracking.uri")
+    one_error_line(r, "--set: ", key, "defaults.tracking.uri")
     assert files(tmp_path) == []
 
 

@@ -98,3 +98,13 @@ def test_every_shipped_training_config_validates():
     assert len(files) >= 5
     for f in files:
         load_config(f)
+
+
+def test_an_error_about_a_flag_names_the_flag_not_a_config_key():
+    """`report` in an empty directory said "config key '--store': no MLflow store ..." to a user who never
+    passed --store (walkthrough)."""
+    assert (
+        str(ConfigError("--store", "no MLflow store at mlflow.db")) == "--store: no MLflow store at mlflow.db"
+    )
+    assert str(ConfigError("optim.lr", "must be > 0")) == "config key 'optim.lr': must be > 0"
+    assert str(ConfigError("", "config file not found: x")) == "config file not found: x"

@@ -92,7 +92,10 @@ def test_the_description_states_the_verdict(store, tiny):
     m = c.get_run(learned.run_id).data.metrics
     r = m["bptt/log10_ratio"]
     assert note.startswith(f"Regime **{learned.regime}**: the long-range gradient ")
-    assert f"{abs(r):.3g} decades over T = 12" in note and ("loses" if r < 0 else "gains") in note
+    assert (
+        f"{abs(r):.3g} decades over the 11 steps from t = 12 back to t = 1" in note
+        and ("loses" if r < 0 else "gains") in note
+    )
     assert f"`val/loss_ratio` = {m['val/loss_ratio']:.3g}" in note
     assert ("the task was learned" in note) == learned.solved
     vanishing = run(tiny(**{"model.init": "gaussian", "model.init_scale": 0.3, "trainer.max_steps": 10}))

@@ -76,14 +76,16 @@ def _done(study) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("n_trials", [3, 2], ids=["after-its-own", "nothing-left-at-start"])
 def test_a_machine_whose_workers_are_done_waits_for_trials_elsewhere_and_takes_over_a_lost_ones(
-    store, tmp_path
+    store, tmp_path, n_trials
 ):
     """One trial of the study is held by another machine's worker (a live process that owns it). This
-    machine's sweep trains what the budget leaves it, then must wait: before, it reported the study
-    complete, wrote the best trial's params and closed the shared parent run FINISHED with exit 0 while
-    the trial still trained. When that worker dies, the waiting machine reaps its trial, retries it, and
-    ends complete."""
+    machine's sweep trains what the budget leaves it (nothing, with n_trials 2: it starts when all that is
+    left runs elsewhere), then must wait: before, it reported the study complete, wrote the best trial's
+    params and closed the shared parent run FINISHED with exit 0 while the trial still trained (with
+    nothing left at the start: exit 1 and the parent closed). When that worker dies, the waiting machine
+    reaps its trial, retries it, and ends complete."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.provenance import owner_tag
@@ -93,7 +95,7 @@ def test_a_machine_whose_workers_are_done_waits_for_trials_elsewhere_and_takes_o
     first = subprocess.run(sweep_cmd(cfg), capture_output=True, text=True, timeout=300, env=sweep_env())
     assert first.returncode == 0, first.stderr[-3000:]
     study = load_study()
-    sw = load_sweep(str(cfg), ["n_trials=3"])
+    sw = load_sweep(str(cfg), [f"n_trials={n_trials}"])
     other = _owner_process()
     proc = None
     try:
@@ -102,13 +104,13 @@ def test_a_machine_whose_workers_are_done_waits_for_trials_elsewhere_and_takes_o
         for p in sw.space:
             suggest(held, p)
         proc = subprocess.Popen(
-            sweep_cmd(cfg, "n_trials=3"),
+            sweep_cmd(cfg, f"n_trials={n_trials}"),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             env=sweep_env(),
         )
-        _wait(lambda: _done(load_study()) == 2, 240, "this machine's trial", proc)
+        _wait(lambda: _done(load_study()) == n_trials - 1, 240, "this machine's trial", proc)
         time.sleep(8)  # past a poll or two of the supervisor
         assert proc.poll() is None, "ended while a trial of the study was still training elsewhere"
         c = MlflowClient(store)
@@ -124,14 +126,14 @@ def test_a_machine_whose_workers_are_done_waits_for_trials_elsewhere_and_takes_o
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
     assert "waiting for 1 trial(s) running in other processes" in out
     study = load_study()
-    assert _done(study) == 3
+    assert _done(study) == n_trials
     lost = study.trials[held.number]
     assert lost.state == optuna.trial.TrialState.FAIL
     retry = [t for t in study.trials if t.user_attrs.get("retry_of") == held.number]
     assert len(retry) == 1 and retry[0].state.is_finished() and retry[0].params == lost.params
     parent = MlflowClient(store).get_run(study.user_attrs["mlflow_parent_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["sweep_complete"] == "true"
-    assert parent.data.tags["n_trials_done"] == "3"
+    assert parent.data.tags["n_trials_done"] == str(n_trials)
 
 
 @pytest.mark.parametrize(
@@ -160,3 +162,26 @@ def test_an_optuna_store_that_cannot_be_opened_is_one_line_and_nothing_is_writte
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
     assert lines[0].startswith("error: optuna storage ") and says in lines[0] and "--storage" in lines[0]
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["s.yaml"]
+
+
+@pytest.mark.slow
+def test_a_trial_held_on_another_host_of_a_journal_store_is_not_waited_for(store, tmp_path):
+    """A journal store has no heartbeat: a trial held by a process on another host (a container restarted
+    under a new name, the journal on a volume) can never be told dead, and a machine waiting for it
+    waited forever (review). It is named in one line and not waited for; the study is not complete here."""
+    from mlflow.tracking import MlflowClient
+
+    cfg = write_sweep(tmp_path / "s.yaml", n_trials=1)
+    first = subprocess.run(sweep_cmd(cfg), capture_output=True, text=True, timeout=300, env=sweep_env())
+    assert first.returncode == 0, first.stderr[-3000:]
+    held = load_study().ask()
+    held.set_user_attr("worker", "oldcontainer-4f2a|1234|99999")
+    r = subprocess.run(
+        sweep_cmd(cfg, "n_trials=2"), capture_output=True, text=True, timeout=120, env=sweep_env()
+    )
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "1 trial(s) still running on oldcontainer-4f2a, which this machine cannot check" in r.stdout
+    study = load_study()
+    assert study.trials[held.number].state == optuna.trial.TrialState.RUNNING  # left to its own worker
+    parent = MlflowClient(store).get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.data.tags["sweep_complete"] == "false"

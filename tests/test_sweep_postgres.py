@@ -215,3 +215,23 @@ def test_machines_creating_a_fresh_databases_schema_together_all_start(pg_databa
         p.join(timeout=120)
     got = [results.get(timeout=5) for _ in procs]
     assert got == ["ok"] * 4, got
+
+
+def test_a_trial_beats_from_the_moment_it_is_asked(pg_databases):
+    """Optuna judges stale only a trial with a heartbeat on record, and a worker's beating thread starts
+    after the trial's MLflow run is made: a machine lost in between left a trial no reaper would take,
+    and a machine waiting for it waited forever (review). A trial asked by `ask_owned` has its first
+    beat at once, so it is reaped after `grace` like any other."""
+    import optuna
+
+    from pipeline.sweep.owners import ask_owned, reap_stale
+    from pipeline.sweep.stores import open_storage
+
+    url = pg_databases[0]
+    storage = open_storage(url, heartbeat_interval=1, grace=2)
+    study = optuna.create_study(study_name="beats", storage=storage)
+    trial = ask_owned(study)
+    study._storage.set_trial_user_attr(trial._trial_id, "worker", "machine-b|4242|12345")  # another host
+    time.sleep(3.5)  # past grace, no beat since the first
+    assert reap_stale(study, url, None) == [trial.number]
+    assert study.trials[trial.number].state == optuna.trial.TrialState.FAIL

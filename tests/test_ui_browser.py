@@ -53,6 +53,9 @@ def _exec_capture(monkeypatch) -> list:
 
 def test_ui_binds_loopback_by_default_without_warning(store, monkeypatch, capsys):
     from pipeline.cli import ui
+    from pipeline.tracking import ensure_experiment
+
+    ensure_experiment(store, "x")  # a store to serve: a missing one is refused (below)
 
     monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
     calls = _exec_capture(monkeypatch)
@@ -80,7 +83,10 @@ def test_ui_binds_loopback_by_default_without_warning(store, monkeypatch, capsys
 
 def test_ui_other_host_warns_about_no_authentication(store, monkeypatch, capsys):
     from pipeline.cli import ui
+    from pipeline.tracking import ensure_experiment
 
+    ensure_experiment("sqlite:///elsewhere.db", "x")
+    capsys.readouterr()  # MLflow's own lines while it made the store
     monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")
     calls = _exec_capture(monkeypatch)
     ui.command(_ui_args(host="0.0.0.0", port=5000, store="sqlite:///elsewhere.db"))
@@ -90,6 +96,17 @@ def test_ui_other_host_warns_about_no_authentication(store, monkeypatch, capsys)
     assert argv[argv.index("--backend-store-uri") + 1] == "sqlite:///elsewhere.db"
     err = capsys.readouterr().err
     assert err.startswith("warning: binding the MLflow UI to 0.0.0.0") and "no authentication" in err
+
+
+def test_ui_over_a_store_that_does_not_exist_is_one_line_and_creates_nothing(tmp_path, monkeypatch):
+    """MLflow made a mistyped store and served it empty, leaving the file behind (walkthrough)."""
+    from pipeline.cli import ui
+    from pipeline.schema import ConfigError
+
+    calls = _exec_capture(monkeypatch)
+    with pytest.raises(ConfigError, match=r"^--store: no MLflow store at .*nosuch\.db \(run make train"):
+        ui.command(_ui_args(port=5002, store=f"sqlite:///{tmp_path / 'nosuch.db'}"))
+    assert calls == [] and list(tmp_path.iterdir()) == []
 
 
 def test_ui_prints_the_runs_table_of_each_sweep(small_sweep, monkeypatch, capsys):

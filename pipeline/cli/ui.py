@@ -58,8 +58,9 @@ def base_url(host: str, port: int) -> str:
 
 
 def run_links(store: str, url: str) -> list[str]:
-    """``name: URL`` of the runs table of experiments with a sweep (newest first), else of all
-    experiments with runs; [] when the store cannot be read (the UI still starts)."""
+    """``name: URL`` of the runs table of experiments with a sweep (newest first), then of the other
+    experiments with runs, at most :data:`MAX_LINKS`; [] when the store cannot be read (the UI still
+    starts)."""
     from pipeline.uris import sqlite_file
 
     path = sqlite_file(store)
@@ -92,7 +93,6 @@ def run_links(store: str, url: str) -> list[str]:
 
 
 def command(args: argparse.Namespace) -> int:
-    from pipeline.uris import resolve_uri
 
     if args.host not in LOOPBACK:
         print(
@@ -100,7 +100,13 @@ def command(args: argparse.Namespace) -> int:
             "this address can read and delete runs",
             file=sys.stderr,
         )
-    store = resolve_uri(args.store)
+    from pipeline.store_checks import probe_existing_store
+
+    # MLflow would create a store that does not exist and serve it empty: a mistyped --store (or `make ui`
+    # before anything ran) read as "no runs" and left a stray file behind (found by a walkthrough)
+    store = probe_existing_store(
+        args.store, "--store", "run make train or make sweep first, or name the store"
+    )
     cmd = ui_command(store, args.host, args.port, args.workers)
     # MLflow 3 also starts a job runner and ~7 huey consumers for its GenAI jobs (judges, evaluation);
     # reviewing runs needs none of them. An explicit MLFLOW_SERVER_ENABLE_JOB_EXECUTION wins.

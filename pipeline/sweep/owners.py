@@ -154,7 +154,21 @@ def ask_owned(study):
     with deferred():
         trial = study.ask()
         trial.set_user_attr("worker", owner_tag())
+        first_beat(study._storage, trial._trial_id)
     return trial
+
+
+def first_beat(storage, trial_id: int) -> None:
+    """RDB storages: a trial's first heartbeat, as it is asked. Optuna judges stale only a trial with a
+    heartbeat on record (``_get_stale_trial_ids`` skips one with none), and a worker's beating thread
+    starts later (:func:`heartbeat`, after the trial's MLflow run is made): a machine lost in between
+    left a trial that no reaper would ever take, and a machine waiting for it waited forever (found by
+    a review)."""
+    # a study's storage is Optuna's cache in front of the RDBStorage; both record heartbeats (a journal
+    # has none of these methods)
+    interval = getattr(storage, "get_heartbeat_interval", None)
+    if interval is not None and interval():
+        storage.record_heartbeat(trial_id)
 
 
 def close_interrupted(study, trial_id: int) -> None:

@@ -33,16 +33,18 @@ def suggest(trial, p: Param) -> Any:
 
 
 def trial_seed(seed: int, number: int) -> int:
-    """The seed of trial ``number``'s draws in a sweep of ``sampler.seed`` = ``seed`` (numpy's SeedSequence:
-    distinct streams for distinct pairs)."""
-    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0] & 0x7FFFFFFF)
+    """The seed of trial ``number``'s draws in a sweep of ``sampler.seed`` = ``seed``: numpy's SeedSequence
+    of the pair, hashed to the 32 bits Optuna's samplers take (numpy's RandomState). Two trials of a
+    study share a seed by chance alone: among 10^4 trials with probability about 1% (birthday bound,
+    n^2 / 2^33), and then, under TPE, still draw from different histories."""
+    return int(np.random.SeedSequence([seed, number]).generate_state(1)[0])
 
 
 class PerTrialSeeded(optuna.samplers.BaseSampler):
     """Each trial's draws come from a sampler of its own, seeded by (sweep seed, trial number).
 
-    Trial numbers are unique in a study, whichever process or machine asks, so no two trials share a
-    random stream. Seeding per worker did not separate machines: every machine's first worker is
+    Trial numbers are unique in a study, whichever process or machine asks, so trials do not share a
+    random stream (but by a 32-bit chance: :func:`trial_seed`). Seeding per worker did not separate machines: every machine's first worker is
     worker 0, and one that joined while the start-up design was still being taken had seen as many
     trials as another, drew the same stream and proposed the same points (two machines on one
     PostgreSQL study, found by a walkthrough). The draws stay reproducible: a trial's number and the
@@ -54,10 +56,16 @@ class PerTrialSeeded(optuna.samplers.BaseSampler):
         self._make, self._seed = make, seed
         self._by_number: dict[int, optuna.samplers.BaseSampler] = {}
 
+    # Samplers kept for trials not told here (a trial another process reaps and tells never reaches this
+    # after_trial): the oldest go past this many, more than a worker ever holds (trials_per_worker <= 4096).
+    KEEP = 8192
+
     def _of(self, trial) -> optuna.samplers.BaseSampler:
         s = self._by_number.get(trial.number)
         if s is None:
             s = self._by_number[trial.number] = self._make(trial_seed(self._seed, trial.number))
+            while len(self._by_number) > self.KEEP:
+                del self._by_number[next(iter(self._by_number))]
         return s
 
     def infer_relative_search_space(self, study, trial):

@@ -257,7 +257,10 @@ class Supervisor:
         self.preimport: Any = None  # the summary-imports thread (_preimport_summary)
         self.rec = Recorder(stores.mlflow_uri, stores.parent_run_id, stores.experiment_id)
         self.progress = Progress(sw, stores.study, t0, out)
-        self._waiting_said = False
+        self._waiting_said = False  # said that this machine waits for trials elsewhere
+        self._untold_said = False  # said that trials elsewhere cannot be checked
+        self._elsewhere = False  # trials of the study ran elsewhere once this machine's workers ended
+        self.takeovers = sw.n_trials  # workers started for a lost machine's retries (each retried once)
 
     def budget_left(self) -> int:
         return budget_left(self.stores.study, self.sw.n_trials)
@@ -267,11 +270,12 @@ class Supervisor:
         try:
             left = self.budget_left()
             self._banner(left)
-            if left > 0 and self.stop.signum is None:
+            # left == 0 with the study short of n_trials: its last trials run elsewhere; wait for them
+            if (left > 0 or not self.reached()) and self.stop.signum is None:
                 # a resume that raised n_trials: the parent run no longer says the study is complete
                 with contextlib.suppress(Exception):
                     self.rec.set_tags({"sweep_complete": "false"})
-                for i in range(min(len(self.devices), left)):
+                for i in range(min(len(self.devices), max(left, 0))):
                     self.workers.spawn(i)
                 self.preimport = _preimport_summary()
                 self.supervise()
@@ -291,12 +295,16 @@ class Supervisor:
         for the asking (:meth:`budget_left`), not for being done."""
         return counts(self.stores.study)["done"] >= self.sw.n_trials
 
+    def _nothing_to_run(self, done: int) -> str:
+        n = self.sw.n_trials
+        return ": nothing to run" if done >= n else f": the {n - done} left are running elsewhere"
+
     def _banner(self, left: int) -> None:
         s, done = self.stores, self.progress.done_at_start
         where = f"GPU {','.join(d for d in self.devices if d)}" if self.devices[0] is not None else "CPU"
         print(
             f"sweep {self.sw.study}: {done}/{self.sw.n_trials} trials done"
-            + ((f", resuming with {left} to go" if left > 0 else ": nothing to run") if done else "")
+            + ((f", resuming with {left} to go" if left > 0 else self._nothing_to_run(done)) if done else "")
             + f"; {len(self.devices)} worker(s) on {where}\n  optuna: {display_url(s.url)}\n  mlflow: "
             f"{s.mlflow_uri} (experiment {s.experiment}, parent run {s.parent_run_id})\n  worker logs: "
             f"{self.log_dir}/",
@@ -318,42 +326,80 @@ class Supervisor:
             if self.workers.procs:
                 continue
             timed_out = bool(self.sw.timeout and time.time() > self.t0 + self.sw.timeout)
-            if (
-                self.budget_left() > 0
-                and self.respawns > 0
-                and (has_waiting(self.stores.study) or self._waiting_said)
-                and not timed_out
-            ):
-                # a retry was enqueued after the others finished, or, while trials run elsewhere, a slot
-                # opened (one of theirs reaped or failed)
-                self.respawns -= 1
-                self.workers.spawn(0)
+            if timed_out or self.reached():
+                return
+            if self._take_waiting():
                 continue
-            if not timed_out and self._held_elsewhere():
+            if self._held_elsewhere():
                 continue
             return
 
+    def _take_waiting(self) -> bool:
+        """A WAITING trial (a retry enqueued after this machine's workers ended) and budget for it: one
+        worker to train it. Paid from the replacement budget (``respawns``); once this machine has waited
+        for trials elsewhere, a lost machine's retries are paid from ``takeovers`` (each trial is retried
+        once: finite), so a crash budget spent earlier does not leave them WAITING."""
+        if self.budget_left() <= 0 or not has_waiting(self.stores.study):
+            return False
+        if self.respawns > 0:
+            self.respawns -= 1
+        elif self._elsewhere and self.takeovers > 0:
+            self.takeovers -= 1
+        else:
+            return False
+        self.workers.spawn(0)
+        return True
+
     def _held_elsewhere(self) -> bool:
         """This machine's workers are done, but trials of the study still run in other processes (another
-        machine's workers): wait for them, reaping the stale ones (a lost machine's, by heartbeat), whose
-        retries a new worker takes. A machine that ended here reported the study complete and closed the
-        shared parent run, wrote the best trial's params while one still trained elsewhere (MLflow params
-        cannot change after), and left a lost machine's trials to nobody (found by a walkthrough)."""
+        machine's workers): wait for those whose liveness can be told, reaping the stale ones (a lost
+        machine's, by heartbeat; a dead process on this host, at once), whose retries a new worker of this
+        machine takes (:meth:`_take_waiting`). A machine that ended here reported the study complete and
+        closed the shared parent run, wrote the best trial's params while one still trained elsewhere
+        (MLflow params cannot change after), and left a lost machine's trials to nobody (found by a
+        walkthrough). A trial held on another host of a journal store cannot be told (no heartbeat): not
+        waited for, said in one line."""
+        from optuna.trial import TrialState
+
+        from pipeline.provenance import owner_alive
         from pipeline.sweep.owners import reap_stale
         from pipeline.sweep.stores import budget_lock
+        from pipeline.uris import is_rdb
 
         s = self.stores
+        # this machine's workers have ended: a trial running now is another machine's (or a dead worker's)
+        self._elsewhere = self._elsewhere or bool(
+            s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        )
         with budget_lock(s.url, s.storage, self.sw.study):
             reap_stale(s.study, s.url, s.mlflow_uri)
-        c = counts(s.study)
-        if c["done"] >= self.sw.n_trials:
+        if self.reached():
             return False
-        if c["running"] == 0:  # a retry of a lost one's trial: this machine's next worker takes it
-            return bool(c["waiting"]) and self.respawns > 0 and self._waiting_said
+        running = s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:  # a retry of a lost machine's trial: this machine's next worker takes it
+            can_pay = self.respawns > 0 or (self._elsewhere and self.takeovers > 0)
+            return has_waiting(s.study) and self.budget_left() > 0 and can_pay
+
+        def told(t) -> bool:  # alive on this host, or on another with a heartbeat; no owner yet: reaped soon
+            owner = t.user_attrs.get("worker")
+            return not owner or owner_alive(owner) is True or (owner_alive(owner) is None and is_rdb(s.url))
+
+        waited = [t for t in running if told(t)]
+        if not waited:
+            if not self._untold_said:
+                self._untold_said = True
+                owners = sorted({str(t.user_attrs.get("worker")).split("|")[0] for t in running})
+                print(
+                    f"sweep {self.sw.study}: {len(running)} trial(s) still running on {', '.join(owners)}, "
+                    "which this machine cannot check (a journal store has no heartbeat): not waiting",
+                    file=self.out,
+                    flush=True,
+                )
+            return False
         if not self._waiting_said:
             self._waiting_said = True
             print(
-                f"sweep {self.sw.study}: this machine's workers are done; waiting for {c['running']} "
+                f"sweep {self.sw.study}: this machine's workers are done; waiting for {len(waited)} "
                 "trial(s) running in other processes (Ctrl-C leaves them to their workers)",
                 file=self.out,
                 flush=True,

@@ -103,8 +103,15 @@ class RNNTrainingModule(pl.LightningModule):
         """After training: weights the last update left non-finite (its gradient was finite, so the guard,
         which reads gradients before each step, let it through) make the run diverged at ``step``, the
         step that would have read them, as when a later step's loss finds them. Without this a run whose
-        final update overflowed read healthy, with a NaN validation loss."""
-        if self.diverged_step is None and not all(bool(torch.isfinite(p).all()) for p in self.parameters()):
+        final update overflowed read healthy, with a NaN validation loss. The weights checked are the ones
+        the cell computes with (:meth:`RNNModel.live_params`) as well as the parameters: an ``orthogonal``
+        cell's parameter is its parametrisation's base, finite while g * matrix_exp(base) overflows (found by
+        a review)."""
+        if self.diverged_step is not None:
+            return
+        with torch.no_grad():
+            used = [v for v in self.model.live_params().values() if torch.is_tensor(v)]
+        if not all(bool(torch.isfinite(p).all()) for p in [*self.parameters(), *used]):
             self.diverged_step = step
 
     def configure_optimizers(self):

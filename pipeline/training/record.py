@@ -162,7 +162,8 @@ def describe(cfg: Config, task, summary: Summary) -> str:
     if summary.regime == DIVERGED:
         head += f" at step {summary.diverged_step}"
     r = m.get("bptt/log10_ratio")
-    over = f"T = {cfg.task.seq_len}"
+    a = task.window[0]  # the summaries span the long-range profile from t = a back to t = 1: a - 1 steps
+    over = f"the {a - 1} steps from t = {a} back to t = 1"
     overflow = m.get("bptt/overflow_step")
     if overflow is not None and math.isfinite(overflow) and overflow > 0:
         flow = f"the float64 forward overflowed at step {int(overflow)}, so the gradient is undefined"
