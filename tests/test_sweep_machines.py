@@ -13,19 +13,12 @@ from pathlib import Path
 
 import optuna
 import pytest
+from test_sampler import _quiet_optuna  # noqa: F401  (autouse: Optuna's INFO lines off)
 from test_sweep import load_study, sweep_cmd, sweep_env, write_sweep
 
 from pipeline.sweep.config import SamplerConfig, SweepConfig
 from pipeline.sweep.space import Param
 from pipeline.sweep.study import make_sampler, suggest
-
-
-@pytest.fixture(autouse=True)
-def _quiet_optuna():
-    level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    yield
-    optuna.logging.set_verbosity(level)
 
 
 def _draw(study, space) -> dict:
