@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.sweep.config import SweepConfig, to_data
-from pipeline.sweep.study import best_trial, budget_left, counts, has_waiting
+from pipeline.sweep.study import best_trial, budget_left, counts
+from pipeline.sweep.study_end import StudyEnd
 from pipeline.sweep.summary import describe
 from pipeline.uris import display_url
 
 STOP_GRACE_S = 60  # after forwarding SIGTERM, how long workers get to close their runs before SIGKILL
 POLL_S = 1.0
-WAIT_ELSEWHERE_S = 5.0  # between two looks at trials running elsewhere (each reaps under the budget lock)
 FORCE_STATUS_S = 30  # a status line at least this often, even when no trial ended
 
 
@@ -257,10 +257,7 @@ class Supervisor:
         self.preimport: Any = None  # the summary-imports thread (_preimport_summary)
         self.rec = Recorder(stores.mlflow_uri, stores.parent_run_id, stores.experiment_id)
         self.progress = Progress(sw, stores.study, t0, out)
-        self._waiting_said = False  # said that this machine waits for trials elsewhere
-        self._untold_said = False  # said that trials elsewhere cannot be checked
-        self._elsewhere = False  # trials of the study ran elsewhere once this machine's workers ended
-        self.takeovers = sw.n_trials  # workers started for a lost machine's retries (each retried once)
+        self.end = StudyEnd(sw.n_trials)  # when this machine's workers are done (pipeline/sweep/study_end.py)
 
     def budget_left(self) -> int:
         return budget_left(self.stores.study, self.sw.n_trials)
@@ -328,84 +325,11 @@ class Supervisor:
             timed_out = bool(self.sw.timeout and time.time() > self.t0 + self.sw.timeout)
             if timed_out or self.reached():
                 return
-            if self._take_waiting():
+            if self.end.take_waiting(self):
                 continue
-            if self._held_elsewhere():
+            if self.end.held_elsewhere(self):
                 continue
             return
-
-    def _take_waiting(self) -> bool:
-        """A WAITING trial (a retry enqueued after this machine's workers ended) and budget for it: one
-        worker to train it. Paid from the replacement budget (``respawns``); once this machine has waited
-        for trials elsewhere, a lost machine's retries are paid from ``takeovers`` (each trial is retried
-        once: finite), so a crash budget spent earlier does not leave them WAITING."""
-        if self.budget_left() <= 0 or not has_waiting(self.stores.study):
-            return False
-        if self.respawns > 0:
-            self.respawns -= 1
-        elif self._elsewhere and self.takeovers > 0:
-            self.takeovers -= 1
-        else:
-            return False
-        self.workers.spawn(0)
-        return True
-
-    def _held_elsewhere(self) -> bool:
-        """This machine's workers are done, but trials of the study still run in other processes (another
-        machine's workers): wait for those whose liveness can be told, reaping the stale ones (a lost
-        machine's, by heartbeat; a dead process on this host, at once), whose retries a new worker of this
-        machine takes (:meth:`_take_waiting`). A machine that ended here reported the study complete and
-        closed the shared parent run, wrote the best trial's params while one still trained elsewhere
-        (MLflow params cannot change after), and left a lost machine's trials to nobody (found by a
-        walkthrough). A trial held on another host of a journal store cannot be told (no heartbeat): not
-        waited for, said in one line."""
-        from optuna.trial import TrialState
-
-        from pipeline.provenance import owner_alive
-        from pipeline.sweep.owners import reap_stale
-        from pipeline.sweep.stores import budget_lock
-        from pipeline.uris import is_rdb
-
-        s = self.stores
-        # this machine's workers have ended: a trial running now is another machine's (or a dead worker's)
-        self._elsewhere = self._elsewhere or bool(
-            s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        )
-        with budget_lock(s.url, s.storage, self.sw.study):
-            reap_stale(s.study, s.url, s.mlflow_uri)
-        if self.reached():
-            return False
-        running = s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if not running:  # a retry of a lost machine's trial: this machine's next worker takes it
-            can_pay = self.respawns > 0 or (self._elsewhere and self.takeovers > 0)
-            return has_waiting(s.study) and self.budget_left() > 0 and can_pay
-
-        def told(t) -> bool:  # alive on this host, or on another with a heartbeat; no owner yet: reaped soon
-            owner = t.user_attrs.get("worker")
-            return not owner or owner_alive(owner) is True or (owner_alive(owner) is None and is_rdb(s.url))
-
-        waited = [t for t in running if told(t)]
-        if not waited:
-            if not self._untold_said:
-                self._untold_said = True
-                owners = sorted({str(t.user_attrs.get("worker")).split("|")[0] for t in running})
-                print(
-                    f"sweep {self.sw.study}: {len(running)} trial(s) still running on {', '.join(owners)}, "
-                    "which this machine cannot check (a journal store has no heartbeat): not waiting",
-                    file=self.out,
-                    flush=True,
-                )
-            return False
-        if not self._waiting_said:
-            self._waiting_said = True
-            print(
-                f"sweep {self.sw.study}: this machine's workers are done; waiting for {len(waited)} "
-                "trial(s) running in other processes (Ctrl-C leaves them to their workers)",
-                file=self.out,
-                flush=True,
-            )
-        self.workers.wait_any(WAIT_ELSEWHERE_S)
-        return True
 
     def _replace_ended(self) -> None:
         """After a worker crashed reap its trial, and replace a worker killed by a signal."""
