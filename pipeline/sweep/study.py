@@ -44,13 +44,13 @@ class PerTrialSeeded(optuna.samplers.BaseSampler):
     """Each trial's draws come from a sampler of its own, seeded by (sweep seed, trial number).
 
     Trial numbers are unique in a study, whichever process or machine asks, so trials do not share a
-    random stream (but by a 32-bit chance: :func:`trial_seed`). Seeding per worker did not separate machines: every machine's first worker is
-    worker 0, and one that joined while the start-up design was still being taken had seen as many
-    trials as another, drew the same stream and proposed the same points (two machines on one
-    PostgreSQL study, found by a walkthrough). The draws stay reproducible: a trial's number and the
-    study's history decide them. TPE keeps no state between trials but its generator and a cache of the
-    search space, so a fresh sampler per trial proposes what one long-lived sampler would, from another
-    stream."""
+    random stream (but by a 32-bit chance: :func:`trial_seed`). Seeding per worker did not separate
+    machines: every machine's first worker is worker 0, and one that joined while the start-up design
+    was still being taken had seen as many trials as another, drew the same stream and proposed the
+    same points (two machines on one PostgreSQL study, found by a walkthrough). The draws stay
+    reproducible: a trial's number and the study's history decide them. TPE keeps no state between
+    trials but its generator and a cache of the search space, so a fresh sampler per trial proposes what
+    one long-lived sampler would, from another stream."""
 
     def __init__(self, make, seed: int):
         self._make, self._seed = make, seed

@@ -321,12 +321,6 @@ def dominant_key(cfg: Config, cuda: bool, on_device: bool | None) -> str:
     return best
 
 
-def _margin() -> str:
-    """The check's safety margin, said beside what is available: a need below what is available but above
-    FIT_FRACTION of it is refused, and a message without the margin reads as a contradiction."""
-    return f"{FIT_FRACTION:.0%} of it usable"
-
-
 def _workers_text(n: int) -> str:
     return "1 worker" if n == 1 else f"{n} workers"
 
@@ -358,13 +352,16 @@ def check_fits(
         stack = f" x {members} trials" if members > 1 else ""
         if need <= room:
             continue
+        # the margin said beside what is available: a need below it but above FIT_FRACTION of it is refused,
+        # and a message without the margin read as a contradiction (found by a walkthrough)
+        have = f"{fmt_bytes(avail)} are available {where} ({src}, {FIT_FRACTION:.0%} of it usable)"
         if n > 1 and each <= room:
             most = max(1, int(room // each))
             per_worker = f", each worker {fmt_bytes(each)}" if members > 1 else ""
             raise ConfigError(
                 "workers",
                 f"{n} workers{stack} at once need about {fmt_bytes(need)} ({what}each "
-                f"{fmt_bytes(one)}{per_worker}) but {fmt_bytes(avail)} are available {where} ({src}, {_margin()}); "
+                f"{fmt_bytes(one)}{per_worker}) but {have}; "
                 f"use at most {most} (--workers {most})",
             )
         most = max((m for m in range(1, members) if est.peak(side, m) * n <= room), default=0)
@@ -372,7 +369,7 @@ def check_fits(
             raise ConfigError(
                 "trials_per_worker",
                 f"{_workers_text(n)}{stack} at once need about {fmt_bytes(need)} ({what}each worker "
-                f"{fmt_bytes(each)}) but {fmt_bytes(avail)} are available {where} ({src}, {_margin()}); use at most "
+                f"{fmt_bytes(each)}) but {have}; use at most "
                 f"{most} (trials_per_worker={most})",
             )
         if members > 1 and one <= room:  # not even one trial per worker fits for all n: fewer workers
@@ -380,7 +377,7 @@ def check_fits(
             raise ConfigError(
                 "workers",
                 f"{_workers_text(n)}{stack} at once need about {fmt_bytes(need)} ({what}each "
-                f"{fmt_bytes(one)} alone) but {fmt_bytes(avail)} are available {where} ({src}, {_margin()}); use at "
+                f"{fmt_bytes(one)} alone) but {have}; use at "
                 f"most {fit} (--workers {fit}) with trials_per_worker=1",
             )
         key = dominant_key(cfg, cuda, side)
@@ -388,7 +385,6 @@ def check_fits(
         many = f" for {_workers_text(n)}{stack} at once" if n > 1 or members > 1 else ""
         raise ConfigError(
             key,
-            f"{what}needs about {fmt_bytes(need)}{many} ({parts}) but {fmt_bytes(avail)} "
-            f"are available {where} ({src}, {_margin()}); lower it",
+            f"{what}needs about {fmt_bytes(need)}{many} ({parts}) but {have}; lower it",
         )
     return est
