@@ -564,6 +564,38 @@ def test_lyapunov_lstm_runs_on_joint_state_and_is_seeded():
     assert a == b and math.isfinite(a) and a < 0.5
 
 
+def _indrnn_growing(H=4, T=60, B=3, u=1.5):
+    """IndRNN with u_j = 1.5 for every unit, non-negative input weights and no bias: where the input is
+    positive every unit is active and J_t = diag(u), so every tangent grows by exactly 1.5 a step; where the
+    input is zero (and the state 0) every unit is dead and J_t = 0."""
+    p = random_params("indrnn", H=H, n_in=1)
+    p["u"] = torch.full((H,), u, dtype=F64)
+    p["W_ih"], p["b_ih"] = p["W_ih"].abs(), torch.zeros(H, dtype=F64)
+    return p, torch.ones(B, T, 1, dtype=F64)
+
+
+def test_lyapunov_tangent_lost_in_the_burn_in_is_drawn_again():
+    """From h_0 = 0 with no input every relu unit is dead for the first 3 steps (J = 0): the tangent is
+    annihilated there, inside the burn-in, which the exponent leaves out. Drawn again, it reads the steps
+    after: ln 1.5 exactly. It read -inf when the lost tangent was kept (an IndRNN whose gradients grew
+    3 nats a step read lyapunov_max = -inf)."""
+    p, x = _indrnn_growing()
+    x[:, :3] = 0.0
+    assert spectra.lyapunov_max(p, x, burn_in=5) == pytest.approx(math.log(1.5), abs=1e-12)
+
+
+def test_lyapunov_one_lost_sequence_is_not_the_batch():
+    """A sequence whose units are all dead at one step after the burn-in (a large negative input: its
+    window's Jacobian product is zero) has exponent -inf; the others grow by 1.5 a step. The exponent is
+    their mean, as the profile's norm over the batch reads the sequences that carry; -inf only when every
+    sequence is lost."""
+    p, x = _indrnn_growing()
+    x[0, 20] = -1e12
+    assert spectra.lyapunov_max(p, x, burn_in=5) == pytest.approx(math.log(1.5), abs=1e-12)
+    x[:, 20] = -1e12
+    assert spectra.lyapunov_max(p, x, burn_in=5) == -math.inf
+
+
 def test_flush_denormal_probe_and_restore():
     torch.set_flush_denormal(False)
     assert not bptt.flush_denormal_enabled()

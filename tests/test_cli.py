@@ -31,6 +31,20 @@ def test_help_imports_no_heavy_library():
     assert r.returncode == 0 and "train" in r.stdout and "sweep" in r.stdout
 
 
+@pytest.mark.parametrize(("verb", "flag", "kind"), [("sweep", "--config", "sweeps"), ("regress", "--suite", "regression")])
+def test_help_names_every_shipped_config(verb, flag, kind):
+    """The names a flag's help lists are the shipped ones (`sweep --help` once left out `digits`)."""
+    import re
+
+    from pipeline import presets
+    from pipeline.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "verb").choices[verb]
+    text = next(a for a in sub._actions if flag in a.option_strings).help
+    listed = re.search(r"shipped \w+ \(([^:]*):", text).group(1)
+    assert sorted(n.strip() for n in listed.split(",")) == presets.names(kind)
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [

@@ -234,17 +234,23 @@ def test_mingru_profile_is_the_product_of_retentions():
 
 
 def test_lyapunov_exponent_of_the_diagonal_cells():
-    """J = diag(lambda) with every |lambda_j| = r: every tangent shrinks by exactly r per step, lambda_1 =
-    ln r. minGRU: each tangent shrinks by at most max(1 - z_t) per step, so lambda_1 (no burn-in) is at most
-    the mean over t of ln max_{b, j} (1 - z_t), computed in numpy from the weights."""
+    """J_t = diag(d_t): the window's product is diag(prod_t d_tj), whose largest finite-time exponent is
+    max_j mean_t ln|d_tj| per sequence, computed here in numpy from the weights. lru: ln max |lambda_j|
+    whatever the input, also on the paper's ring, whose moduli are so close that one tangent had not
+    turned towards the slowest channel within a sequence (-0.0143 at T = 100 where the exact value is
+    -0.00142). minGRU: d_tj = 1 - z_tj; and at most the mean over t of ln max_{b, j} (1 - z_t)."""
     x = torch.rand(3, 200, 2, generator=torch.Generator().manual_seed(0), dtype=F64)
     assert spectra.lyapunov_max(ring_at(0.8), x) == pytest.approx(math.log(0.8), abs=1e-12)
+    ring = model("lru", H=64, n_in=2, n_out=1, seed=0).params()  # init: default, |lambda| in [0.9, 0.999]
+    exact = -np.exp(ring["nu_log"].numpy()).min()
+    assert exact > -0.002 and spectra.lyapunov_max(ring, x[:, :100]) == pytest.approx(exact, rel=1e-12)
     m = model("mingru", H=8, n_in=2, n_out=1)
     W, b = m.rnn.gate.weight.detach().double().numpy(), m.rnn.gate.bias.detach().double().numpy()
     log_keep = -np.logaddexp(0.0, x.numpy() @ W.T + b)  # log(1 - z)
-    bound = log_keep.max(axis=(0, 2)).mean()
-    lyap = spectra.lyapunov_max(m.params(), x, burn_in=0)
-    assert lyap <= bound + 1e-12 and lyap < 0
+    for burn in (0, 10):
+        want = log_keep[:, burn:].mean(axis=1).max(axis=1).mean()
+        assert spectra.lyapunov_max(m.params(), x, burn_in=burn) == pytest.approx(want, rel=1e-12)
+    assert want <= log_keep[:, 10:].max(axis=(0, 2)).mean() and want < 0
 
 
 def test_planted_vjp_bugs_break_the_laws(monkeypatch):
@@ -434,6 +440,29 @@ def test_verdict_reads_the_lru_ring_and_mingru_gates():
     assert regime(p) == "vanishing"
     p["b_ih"][:16] = -6.0
     assert regime(p) == "healthy"
+
+
+def test_several_rates_read_the_slowest_only_at_long_T():
+    """README, "Regime verdict": with several rates the log10 ratio is a constant (the slowest channel's
+    share of dL_w/dh_a, here about -0.88) plus (a - 1) times the slowest rate, so the per-step rate that the
+    verdict reads approaches the slowest channel's only as T grows. One channel at |lambda| = 0.999 and 63
+    at 0.5, the same weights at every T: -0.098 decades per step at T = 10 (vanishing), -0.0049 at 200
+    (healthy), against the slowest channel's -0.0004."""
+    from pipeline.training.data import fixed_batch
+    from pipeline.training.tasks import make_task
+
+    p = model("lru", H=64, n_in=2, n_out=1, seed=0, r_min=0.5, r_max=0.5).params()
+    p["nu_log"][0] = math.log(-math.log(0.999))
+    consts, rates, d = [], {}, DiagnosticsConfig()
+    for T in (10, 20, 50, 100, 200):
+        task = make_task("adding", T)
+        x, y = fixed_batch(task, 32, 2, "cpu")
+        s = bptt.summarize(bptt.profile(p, x.double(), y.double(), task.loss, "last"))
+        consts.append(s["log10_ratio"] - (T - 1) * math.log10(0.999))
+        rates[T] = (s["log10_ratio_per_step"], verdict(False, {f"bptt/{k}": v for k, v in s.items()}, None, d))
+    assert max(consts) - min(consts) < 0.02 and -1.0 < consts[0] < -0.8
+    assert rates[10][0] == pytest.approx(-0.098, abs=0.005) and rates[10][1] == "vanishing"
+    assert rates[200][0] == pytest.approx(-0.0049, abs=0.0005) and rates[200][1] == "healthy"
 
 
 @pytest.mark.parametrize(

@@ -137,6 +137,16 @@ def spectrum(p: Params) -> dict[str, float]:
     return {}
 
 
+def log_retention(p: Params, x: Tensor) -> Tensor:
+    """ln |d_tj| of the diagonal Jacobian J_t = diag(d_t) at each step of ``x`` ``[B, T, I]``: ``[B, T, N]``.
+    lru: ln |lambda_j| = -exp(nu_log_j) exactly, the same at every step; mingru: ln(1 - z_t) =
+    logsigmoid(-k_t), finite however saturated the gate (log of sigmoid(-k) is -inf from k ~ 745)."""
+    if p["cell"] == "lru":
+        return (-torch.exp(p["nu_log"])).expand(x.shape[0], x.shape[1], -1)
+    k = input_projection(p, x).chunk(2, dim=-1)[0]
+    return F.logsigmoid(-k)
+
+
 def gate_log10_bound(p: Params, x: Tensor, r: int) -> float:
     """minGRU's replacement for Pascanu's bound, on input ``x`` ``[B, T, I]``: the sum over t = 2..r of
     log10 max_{b, j} (1 - z_t). J_t = diag(1 - z_t) exactly, so ||J_t^T v|| <= max (1 - z_t) ||v|| for

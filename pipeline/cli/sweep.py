@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         required=True,
-        help="sweep YAML: a path, or the name of a shipped sweep (default, smoke, phase: "
+        help="sweep YAML: a path, or the name of a shipped sweep (default, digits, phase, smoke: "
         "configs/sweeps/NAME.yaml)",
     )
     p.add_argument(
