@@ -31,7 +31,9 @@ def test_help_imports_no_heavy_library():
     assert r.returncode == 0 and "train" in r.stdout and "sweep" in r.stdout
 
 
-@pytest.mark.parametrize(("verb", "flag", "kind"), [("sweep", "--config", "sweeps"), ("regress", "--suite", "regression")])
+@pytest.mark.parametrize(
+    ("verb", "flag", "kind"), [("sweep", "--config", "sweeps"), ("regress", "--suite", "regression")]
+)
 def test_help_names_every_shipped_config(verb, flag, kind):
     """The names a flag's help lists are the shipped ones (`sweep --help` once left out `digits`)."""
     import re

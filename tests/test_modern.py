@@ -459,7 +459,10 @@ def test_several_rates_read_the_slowest_only_at_long_T():
         x, y = fixed_batch(task, 32, 2, "cpu")
         s = bptt.summarize(bptt.profile(p, x.double(), y.double(), task.loss, "last"))
         consts.append(s["log10_ratio"] - (T - 1) * math.log10(0.999))
-        rates[T] = (s["log10_ratio_per_step"], verdict(False, {f"bptt/{k}": v for k, v in s.items()}, None, d))
+        rates[T] = (
+            s["log10_ratio_per_step"],
+            verdict(False, {f"bptt/{k}": v for k, v in s.items()}, None, d),
+        )
     assert max(consts) - min(consts) < 0.02 and -1.0 < consts[0] < -0.8
     assert rates[10][0] == pytest.approx(-0.098, abs=0.005) and rates[10][1] == "vanishing"
     assert rates[200][0] == pytest.approx(-0.0049, abs=0.0005) and rates[200][1] == "healthy"

@@ -184,9 +184,13 @@ def lyapunov_max(
             n = row_norm(jq)
             q = tuple(v / nonzero_or_one(n)[:, None] for v in jq)
             if t < burn and bool((n == 0).any()):  # annihilated in the burn-in: a new start
-                fresh = tuple(torch.randn(v.shape, generator=gen, dtype=torch.float64, device=x.device) for v in q)
+                fresh = tuple(
+                    torch.randn(v.shape, generator=gen, dtype=torch.float64, device=x.device) for v in q
+                )
                 nf = row_norm(fresh)
-                q = tuple(torch.where((n == 0)[:, None], f / nf[:, None], v) for f, v in zip(fresh, q, strict=True))
+                q = tuple(
+                    torch.where((n == 0)[:, None], f / nf[:, None], v) for f, v in zip(fresh, q, strict=True)
+                )
             if t >= burn:
                 # Steps after a forward overflow have no Jacobian (inf - inf = NaN in the state): only
                 # the finite stretch counts, so a growing relu net reads ln(growth) > 0, not -inf.
@@ -196,5 +200,6 @@ def lyapunov_max(
     if not bool(ok.any()):
         return float("nan")
     per_element = acc[ok] / count[ok]
-    kept = per_element[torch.isfinite(per_element)]  # as the profile's batch norm: one lost element is not all
+    # as the profile's norm over the batch: one lost sequence is not all of them
+    kept = per_element[torch.isfinite(per_element)]
     return float((kept if kept.numel() else per_element).mean())
