@@ -474,8 +474,55 @@ def test_kill_9_of_one_worker_while_the_sweep_goes_on(store, tmp_path, monkeypat
     kill_a_worker_while_the_sweep_runs(cfg, store, 3)
 
 
+FORKSERVER_SCRIPT = """
+import os, signal, sys, time
+from multiprocessing import forkserver
+from pipeline.sweep import procs
+procs.prestart()
+server = forkserver._forkserver._forkserver_pid
+w = procs.WorkerProcess.__new__(procs.WorkerProcess)
+w.proc = procs.context().Process(target=time.sleep, args=(4,))
+w.proc.start()
+w.pid = w.proc.pid
+os.kill(server, signal.SIGTERM)   # a SIGTERM to the sweep's process group reaches the forkserver
+time.sleep(1)
+print("forkserver alive after SIGTERM:", procs._running(server))
+os.kill(server, signal.SIGKILL)   # gone all the same: the worker is watched by its pid
+time.sleep(1)
+t = time.monotonic()
+print("poll while the worker sleeps:", w.poll())
+print("wait:", w.wait(20), "after", round(time.monotonic() - t, 1), "s")
+"""
+
+
+def test_workers_outlive_their_forkserver_in_the_parents_eyes(tmp_path):
+    """The forkserver ignores SIGTERM (a SIGTERM to the sweep's process group, as ``timeout`` and service
+    managers send, killed it); and a worker whose forkserver is gone anyway (SIGKILL) is watched by its pid:
+    multiprocessing reported exit status 255 for it at once, and the parent, thinking every worker gone, left
+    before they had closed their trials (runs left RUNNING; a chaos walkthrough, 4 of 4 group SIGTERMs)."""
+    out = subprocess.run(
+        [sys.executable, "-c", FORKSERVER_SCRIPT],
+        capture_output=True,
+        text=True,
+        env=sweep_env(),
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "forkserver alive after SIGTERM: True"
+    assert lines[1] == "poll while the worker sleeps: None"
+    waited = float(lines[2].split("after ")[1].split()[0])
+    assert lines[2].startswith("wait: 255") and waited >= 1.0  # it slept on, 4 s from its start
+
+
 @pytest.mark.slow
-def test_sigterm_closes_trial_and_runs(store, tmp_path):
+@pytest.mark.parametrize("to", ["parent", "group"])
+def test_sigterm_closes_trial_and_runs(store, tmp_path, to):
+    """SIGTERM to the parent, or to the sweep's whole process group as ``timeout`` and service managers
+    send it: the group holds the forkserver too, which died of it, and the parent, reading exit status 255
+    for workers that still ran, left before they had closed their trials (runs left RUNNING). End to end;
+    these tiny trials close within the parent's first poll, so the test that fails on either cause alone is
+    test_workers_outlive_their_forkserver_in_the_parents_eyes."""
     cfg = write_sweep(
         tmp_path / "s.yaml",
         n_trials=3,
@@ -490,9 +537,16 @@ def test_sigterm_closes_trial_and_runs(store, tmp_path):
         start_new_session=True,
     )
     t = wait_for_running_trial()
-    parent.send_signal(signal.SIGTERM)
+    worker_pid = int(t.user_attrs["worker"].split("|")[1])
+    if to == "group":
+        os.killpg(parent.pid, signal.SIGTERM)
+    else:
+        parent.send_signal(signal.SIGTERM)
     out, err = parent.communicate(timeout=120)
     assert parent.returncode == 143, out + err
+    from pipeline.sweep.procs import _running
+
+    assert not _running(worker_pid)  # the parent waited for its worker
     study, runs = load_study(), mlflow_runs(store)
     assert study.trials[t.number].state.name == "FAIL" and study.trials[t.number].user_attrs.get(
         "interrupted"

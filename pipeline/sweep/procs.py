@@ -18,9 +18,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 _CTX: Any = None
+FORKSERVER_OF = "PIPELINE_FORKSERVER_OF"  # the sweep parent's pid, read by pipeline.sweep.preload
+LOST_FORKSERVER = 255  # what multiprocessing reports for a forked child once its forkserver is gone
 
 
 def context():
@@ -35,7 +38,7 @@ def context():
 def prestart() -> None:
     """Start the forkserver now (it imports while the parent creates the stores). CPU workers run one
     intra-op thread: the forkserver must see that before it imports torch."""
-    os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", FORKSERVER_OF: str(os.getpid())})
     context()
     from multiprocessing import forkserver
 
@@ -43,6 +46,7 @@ def prestart() -> None:
 
 
 def _entry(spec_json: str, log_path: str, env: dict[str, str]) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the forkserver ignores it (pipeline.sweep.preload)
     os.setsid()  # its own session and process group, as Popen(start_new_session=True) gave
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
@@ -60,8 +64,31 @@ def _entry(spec_json: str, log_path: str, env: dict[str, str]) -> None:
     os._exit(code)  # skip interpreter teardown (seconds of torch/Lightning finalizers); logs are flushed
 
 
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (not a zombie): /proc where there is one, else signal 0."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
 class WorkerProcess:
-    """A forked worker with the part of ``subprocess.Popen``'s interface the sweep parent uses."""
+    """A forked worker with the part of ``subprocess.Popen``'s interface the sweep parent uses.
+
+    Its exit status comes from the forkserver, which forked it and reaps it. If the forkserver dies first
+    (a SIGKILL to it alone: it ignores SIGTERM, so that a SIGTERM to the sweep's process group, as
+    ``timeout`` and service managers send, leaves it to go with the parent), multiprocessing reports 255
+    for every worker at once while they still run; the worker is then watched by its pid until it is
+    gone, and its status is 255 (its own is lost with the forkserver)."""
 
     def __init__(self, spec_json: str, log_path: str, env: dict[str, str]):
         self.proc = context().Process(target=_entry, args=(spec_json, log_path, env), daemon=False)
@@ -70,13 +97,16 @@ class WorkerProcess:
 
     @property
     def returncode(self) -> int | None:
-        return self.proc.exitcode  # negative: killed by that signal, as Popen reports it
+        return self.poll()  # negative: killed by that signal, as Popen reports it
 
     def poll(self) -> int | None:
-        return self.proc.exitcode
+        code = self.proc.exitcode
+        if code == LOST_FORKSERVER and _running(self.pid):
+            return None
+        return code
 
     def send_signal(self, sig: int) -> None:
-        if self.proc.exitcode is None:
+        if self.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, sig)
 
@@ -84,7 +114,10 @@ class WorkerProcess:
         self.send_signal(signal.SIGKILL)
 
     def wait(self, timeout: float | None = None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
         self.proc.join(timeout)
-        if self.proc.exitcode is None:
-            raise subprocess.TimeoutExpired("sweep worker", timeout or 0)
-        return self.proc.exitcode
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired("sweep worker", timeout or 0)
+            time.sleep(0.1)
+        return self.poll()
