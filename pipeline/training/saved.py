@@ -62,6 +62,9 @@ class RunCheckpoint(pl.Callback):
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit" or not getattr(self.rec, "run_id", None):
             return
+        # The metrics up to this step go to the store first: a resume starts from the checkpoint's step, so
+        # metrics still in the recorder's buffer when a kill -9 came after the upload were a gap for good.
+        self.rec.flush()
         with tempfile.TemporaryDirectory() as d:
             p = Path(d) / Path(CHECKPOINT).name
             trainer.save_checkpoint(p)
