@@ -148,12 +148,34 @@ def run_entry(
 _interrupted = False  # in a pool worker: a Ctrl-C or SIGTERM stopped an entry here; run no more
 
 
+ORPHAN_POLL_S = 1.0  # how often a pool worker checks that the suite's process is still its parent
+ORPHAN_GRACE_S = 60.0  # after its SIGTERM to itself, how long an orphaned worker has to close its run
+
+
 def _worker_init() -> None:
     """A pool worker ignores Ctrl-C: the parent, which gets it too, forwards a SIGTERM to every worker
-    (:func:`run_all`), so a worker between entries never dies with a KeyboardInterrupt traceback."""
+    (:func:`run_all`), so a worker between entries never dies with a KeyboardInterrupt traceback.
+
+    And it watches its parent: after a kill -9 of the suite's process (no SIGTERM forwarded), the workers
+    went on training the entries queued to them, to FINISHED runs under a parent the next ``regress``
+    closes KILLED (a chaos walkthrough). An orphaned worker sends itself the SIGTERM the parent would have
+    (its entry's run is closed KILLED, no queued entry starts) and exits after :data:`ORPHAN_GRACE_S`."""
+    import os
     import signal
+    import threading
+    import time
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(ORPHAN_GRACE_S)
+        os._exit(143)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
 
 
 def _entry_worker(
