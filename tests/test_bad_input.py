@@ -533,3 +533,15 @@ def test_a_sweep_file_whose_base_is_a_directory_says_so(tmp_path):
         cli("sweep", "--config", "s.yaml", cwd=tmp_path), "config key 'base'", "adir is a directory"
     )
     assert files(tmp_path) == ["adir", "s.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("out", "needles"),
+    [("outf", ("outf is not a folder",)), ("outf/sub", ("outf/sub cannot be created", "outf is not a folder"))],
+)
+def test_report_out_that_cannot_be_a_folder_is_one_line_before_the_store_is_read(tmp_path, out, needles):
+    """A regular file in the way was a FileExistsError traceback after the store was read."""
+    (tmp_path / "outf").write_text("x\n")
+    r = cli("report", "--experiment", "smoke", "--out", out, cwd=tmp_path)
+    one_error_line(r, "error: --out: ", *needles)
+    assert files(tmp_path) == ["outf"] and (tmp_path / "outf").read_text() == "x\n"
