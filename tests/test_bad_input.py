@@ -537,7 +537,10 @@ def test_a_sweep_file_whose_base_is_a_directory_says_so(tmp_path):
 
 @pytest.mark.parametrize(
     ("out", "needles"),
-    [("outf", ("outf is not a folder",)), ("outf/sub", ("outf/sub cannot be created", "outf is not a folder"))],
+    [
+        ("outf", ("outf is not a folder",)),
+        ("outf/sub", ("outf/sub cannot be created", "outf is not a folder")),
+    ],
 )
 def test_report_out_that_cannot_be_a_folder_is_one_line_before_the_store_is_read(tmp_path, out, needles):
     """A regular file in the way was a FileExistsError traceback after the store was read."""
