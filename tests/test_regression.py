@@ -679,3 +679,17 @@ def test_smoke_suite_holds_under_an_unrecorded_perturbation_and_fails_on_a_plant
     rec["value"] += 1.5 * rec["abs"]
     failing = [r for r in judge_entries(suite, results, planted) if r.failing]
     assert [(r.check, r.verdict) for r in failing] == [("tanh_g3_T100: spectral/lyapunov_max", REGRESSION)]
+
+
+def test_an_expression_outside_the_grammar_is_one_message(store, tmp_path, capsys):
+    """``value: __import__('os')`` was "config key K: expression ... is undefined (config key K: unsupported
+    expression ...)": the walk's ConfigError is a ValueError and was wrapped in a second message."""
+    bad = yaml.safe_load(yaml.safe_dump(TINY))
+    bad["entries"][0]["checks"].append(
+        {"metric_below": {"metric": "bptt/log10_ratio", "value": "__import__('os')"}}
+    )
+    assert main(["regress", "--suite", str(write_suite(tmp_path, bad))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config key 'entries.tanh_g05.checks[2].metric_below.value': "), err
+    assert err.count("config key") == 1 and "undefined" not in err and "\n" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["suite.yaml"]
