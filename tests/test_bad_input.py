@@ -548,3 +548,32 @@ def test_report_out_that_cannot_be_a_folder_is_one_line_before_the_store_is_read
     r = cli("report", "--experiment", "smoke", "--out", out, cwd=tmp_path)
     one_error_line(r, "error: --out: ", *needles)
     assert files(tmp_path) == ["outf"] and (tmp_path / "outf").read_text() == "x\n"
+
+
+# ------------------------------------------------------------------------------------------------- ui
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--port", "70000"], ("error: --port: ", "1..65535", "70000")),
+        (["--port", "0"], ("error: --port: ", "1..65535")),
+        (["--host", "999.1.1.1", "--port", "5871"], ("error: --host: ", "999.1.1.1")),
+        (["--host", "192.0.2.1", "--port", "5871"], ("error: --host: ", "192.0.2.1")),  # TEST-NET-1: not ours
+        (["--workers", "0"], ("error: --workers: ", ">= 1")),
+    ],
+)
+def test_ui_bad_port_or_host_is_one_line_before_the_server(tmp_path, args, needles):
+    """--port 70000 was an 82-line traceback and exit 0; a bad host was MLflow's log line and exit 0."""
+    one_error_line(cli("ui", *args, cwd=tmp_path, timeout=30), *needles)
+    assert files(tmp_path) == []
+
+
+def test_ui_on_a_busy_port_is_one_line_naming_the_port(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = cli("ui", "--port", str(port), cwd=tmp_path, timeout=30)
+    one_error_line(r, "error: --port: ", f"{port} is in use")
+    assert files(tmp_path) == []
