@@ -243,6 +243,18 @@ def _validate_task(t: TaskConfig) -> None:
     check("task.permute", not t.permute or t.name == "digits", "false unless task.name is digits", t.permute)
 
 
+EXPERIMENT_NAME_MAX = 500  # MLflow: MAX_EXPERIMENT_NAME_LENGTH
+RUN_NAME_MAX = 250  # MLflow: runs.name is VARCHAR(250)
+
+
+def _max_len(key: str, value: str, limit: int, what: str) -> None:
+    """At most ``limit`` characters, else one line giving the length (not the long value itself)."""
+    if len(value) > limit:
+        raise ConfigError(
+            key, f"must be at most {limit} characters (MLflow's limit on {what}), got {len(value)}"
+        )
+
+
 def validate(cfg: Config) -> None:
     """Range and choice checks; raises :class:`ConfigError` naming the first bad key."""
     t, m, o, c, tr, d = cfg.task, cfg.model, cfg.optim, cfg.clip, cfg.trainer, cfg.diagnostics
@@ -299,6 +311,12 @@ def validate(cfg: Config) -> None:
         "a non-empty name",
         cfg.tracking.experiment,
     )
+    # MLflow's limits (mlflow/utils/validation.py MAX_EXPERIMENT_NAME_LENGTH; the runs.name column is
+    # VARCHAR(250) in its SQL schema): beyond them MLflow raised a traceback after mlflow.db was written
+    # (found by a fuzzing review)
+    _max_len("tracking.experiment", cfg.tracking.experiment, EXPERIMENT_NAME_MAX, "experiment names")
+    if cfg.tracking.run_name is not None:
+        _max_len("tracking.run_name", cfg.tracking.run_name, RUN_NAME_MAX, "run names")
     if cfg.tracking.system_metrics and cfg.tracking.enabled and importlib.util.find_spec("psutil") is None:
         raise ConfigError(
             "tracking.system_metrics",

@@ -62,6 +62,10 @@ def resolve(value: str, kind: str, flag: str = "--config") -> str:
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not value.strip():
+        # Path("") is "." (a directory that exists): it was reported as "config file . is a directory"
+        known = ", ".join(names(kind)) or "none"
+        raise ConfigError(flag, f"empty path: name a YAML file or a shipped {kind} config (known: {known})")
     if Path(value).expanduser().exists():
         return value
     if "/" in value or "\\" in value or not value.strip():

@@ -112,15 +112,72 @@ def as_mapping(v: Any, key: str) -> dict[str, Any]:
     return v
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A key given twice in one YAML mapping (``line``: 1-based, where it is repeated; ``first``: where
+    it was first given)."""
+
+    def __init__(self, key: Any, line: int, first: int):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line, self.first = key, line, first
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, but a key given twice in one mapping is an error: the plain loader keeps
+    the last one silently, so ``task: {batch_size: 3}`` followed by ``task: {batch_size: 4}`` trained
+    with 4 and nobody saw the 3 go (found by a fuzzing review). Merge keys (``<<: *anchor``) are not
+    duplicates: what they bring in may be overridden, as YAML says."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:
+                    continue  # an unhashable key: the constructor below names it
+                line = key_node.start_mark.line + 1
+                if first is not None:
+                    raise _DuplicateKey(key, line, first)
+                seen[key] = line
+        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
+        return mapping
+
+
+def load_yaml_text(text: str) -> Any:
+    """``yaml.safe_load(text)``, but a key given twice in one mapping raises (:class:`UniqueKeyLoader`)."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML file whose top level is a mapping (an empty file reads as ``{}``), safe-loaded."""
+    """A YAML file whose top level is a mapping (an empty file reads as ``{}``), safe-loaded.
+
+    Every problem is one :class:`ConfigError` naming the file: missing, a directory, unreadable, not
+    UTF-8 (with the byte offset), invalid YAML or a key given twice in one mapping (with the line)."""
+    if str(path) == "":
+        # Path("") is "." and read as "config file . is a directory" (found by a fuzzing review)
+        raise ConfigError("", "config file path is empty: name a YAML file")
     p = Path(path)
     if p.is_dir():
         raise ConfigError("", f"config file {p} is a directory: name a YAML file")
     if not p.is_file():
         raise ConfigError("", f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError("", f"config file {p} cannot be read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError("", f"{p}: not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    try:
+        data = load_yaml_text(text)
+    except _DuplicateKey as e:
+        raise ConfigError(
+            "", f"{p}: duplicate key {e.key!r} (line {e.line}; first given at line {e.first})"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""

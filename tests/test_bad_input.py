@@ -416,3 +416,164 @@ def test_memory_check_escape_hatch_is_documented():
     from pipeline.training.budget import ENV_SWITCH
 
     assert f"`{ENV_SWITCH}=0`" in (ROOT / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------------- config files (fuzzing review)
+
+NOT_UTF8 = b"task:\n  name: \xff\xfe\n"
+DUPLICATE = b"task: {batch_size: 3}\nmodel: {cell: tanh}\ntask: {batch_size: 4}\n"
+SWEEP_SMOKE = str(ROOT / "configs/sweeps/smoke.yaml")
+SUITE_SMOKE = str(ROOT / "configs/regression/smoke.yaml")
+
+
+def _config_file_cases(tmp_path: Path, content: bytes) -> list[tuple[list[str], str]]:
+    """Every YAML the product reads as config, each written with ``content`` outside the working directory
+    ``tmp_path / "cwd"``: (CLI arguments, the file the error must name)."""
+    (tmp_path / "in").mkdir()
+    bad = tmp_path / "in" / "bad.yaml"
+    bad.write_bytes(content)
+    sweep = tmp_path / "in" / "sweep.yaml"
+    sweep.write_text("base: bad.yaml\nspace: {model.cell: {choices: [tanh, gru]}}\n")
+    return [
+        (["train", "--config", str(bad)], str(bad)),
+        (["sweep", "--config", str(bad)], str(bad)),
+        (["sweep", "--config", str(sweep)], str(bad)),  # the sweep file's base:
+        (["regress", "--suite", str(bad)], str(bad)),
+        (["regress", "--suite", SUITE_SMOKE, "--baseline", str(bad)], str(bad)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path, case):
+    """Non-UTF-8 bytes were a 23-line UnicodeDecodeError, exit 1."""
+    args, named = _config_file_cases(tmp_path, NOT_UTF8)[case]
+    (tmp_path / "cwd").mkdir()
+    one_error_line(cli(*args, cwd=tmp_path / "cwd"), named, "not UTF-8", "byte 14")
+    assert files(tmp_path / "cwd") == []
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_a_key_given_twice_in_a_config_file_is_one_line(tmp_path, case):
+    """PyYAML keeps the last of two equal keys silently: the run trained batch_size 4 and nobody saw 3 go."""
+    args, named = _config_file_cases(tmp_path, DUPLICATE)[case]
+    (tmp_path / "cwd").mkdir()
+    one_error_line(cli(*args, cwd=tmp_path / "cwd"), named, "duplicate key 'task'", "line 3", "line 1")
+    assert files(tmp_path / "cwd") == []
+
+
+def test_a_key_given_twice_deeper_down_names_its_line(tmp_path):
+    from pipeline.schema import ConfigError, read_yaml
+
+    p = tmp_path / "c.yaml"
+    p.write_text("task:\n  batch_size: 3\n  seq_len: 10\n  batch_size: 4\n")
+    with pytest.raises(ConfigError, match=r"duplicate key 'batch_size' \(line 4; first given at line 2\)"):
+        read_yaml(p)
+    p.write_text("a: &x {b: 1}\nc:\n  <<: *x\n  b: 2\n")  # a merge key may be overridden: no duplicate
+    assert read_yaml(p) == {"a": {"b": 1}, "c": {"b": 2}}
+
+
+@pytest.mark.parametrize("verb", ["train", "sweep", "regress"])
+def test_an_empty_config_path_is_named_as_empty(tmp_path, verb):
+    """``--config ''`` was "config file . is a directory" (Path('') is '.')."""
+    flag = "--suite" if verb == "regress" else "--config"
+    one_error_line(cli(verb, flag, "", cwd=tmp_path), f"{flag}: empty path")
+    assert files(tmp_path) == []
+
+
+def test_a_study_name_too_long_for_a_file_name_is_refused_before_any_store(tmp_path):
+    """600 characters: OSError File name too long, after mlflow.db and optuna/ were written."""
+    r = cli("sweep", "--config", SWEEP_SMOKE, "n_trials=1", "workers=1", "study=" + "s" * 600, cwd=tmp_path)
+    one_error_line(r, "config key 'study'", "at most 100", "got 600")
+    assert files(tmp_path) == []
+
+
+def test_the_longest_study_name_fits_every_file_it_names(tmp_path):
+    """The budget lock holds the name twice: <study>.journal.<study>.sweeplock must fit NAME_MAX."""
+    from pipeline.sweep.config import STUDY_MAX
+
+    study = "s" * STUDY_MAX
+    for name in (f"{study}.journal.lock.rename", f"{study}.journal.{study}.sweeplock"):
+        (tmp_path / name).write_text("")
+
+
+@pytest.mark.parametrize(
+    ("key", "length", "limit"), [("tracking.experiment", 501, 500), ("tracking.run_name", 251, 250)]
+)
+def test_names_beyond_mlflow_limits_are_refused_before_the_store(tmp_path, key, length, limit):
+    """A 600-character experiment name was MLflow's traceback after mlflow.db was written."""
+    r = cli("train", "--config", SMOKE, f"{key}={'x' * length}", cwd=tmp_path)
+    one_error_line(r, f"config key '{key}'", f"at most {limit} characters", f"got {length}")
+    assert files(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("base", "needles"),
+    [
+        ("/nonexistent.yaml", ("config file not found: /nonexistent.yaml",)),
+        ("3", ("config file not found: 3",)),  # a path on the command line, whatever YAML makes of it
+        ("adir", ("adir is a directory",)),
+        ("list.yaml", ("list.yaml: top level must be a mapping",)),
+        ("[1, 2]", ("must be a path to a training config or a mapping, got [1, 2]",)),
+    ],
+)
+def test_a_bad_sweep_base_says_what_is_wrong(tmp_path, base, needles):
+    """``base=/nonexistent.yaml`` said "must be a path to a training config or a mapping"."""
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    r = cli("sweep", "--config", SWEEP_SMOKE, f"base={base}", cwd=tmp_path)
+    one_error_line(r, "config key 'base'", *needles)
+    assert files(tmp_path) == ["adir", "list.yaml"]
+
+
+def test_a_sweep_file_whose_base_is_a_directory_says_so(tmp_path):
+    """It said "config file not found"."""
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "s.yaml").write_text("base: adir\nspace: {model.cell: {choices: [tanh, gru]}}\n")
+    one_error_line(
+        cli("sweep", "--config", "s.yaml", cwd=tmp_path), "config key 'base'", "adir is a directory"
+    )
+    assert files(tmp_path) == ["adir", "s.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("out", "needles"),
+    [
+        ("outf", ("outf is not a folder",)),
+        ("outf/sub", ("outf/sub cannot be created", "outf is not a folder")),
+    ],
+)
+def test_report_out_that_cannot_be_a_folder_is_one_line_before_the_store_is_read(tmp_path, out, needles):
+    """A regular file in the way was a FileExistsError traceback after the store was read."""
+    (tmp_path / "outf").write_text("x\n")
+    r = cli("report", "--experiment", "smoke", "--out", out, cwd=tmp_path)
+    one_error_line(r, "error: --out: ", *needles)
+    assert files(tmp_path) == ["outf"] and (tmp_path / "outf").read_text() == "x\n"
+
+
+# ------------------------------------------------------------------------------------------------- ui
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--port", "70000"], ("error: --port: ", "1..65535", "70000")),
+        (["--port", "0"], ("error: --port: ", "1..65535")),
+        (["--host", "999.1.1.1", "--port", "5871"], ("error: --host: ", "999.1.1.1")),
+        (["--host", "192.0.2.1", "--port", "5871"], ("error: --host: ", "192.0.2.1")),  # TEST-NET-1: not ours
+        (["--workers", "0"], ("error: --workers: ", ">= 1")),
+    ],
+)
+def test_ui_bad_port_or_host_is_one_line_before_the_server(tmp_path, args, needles):
+    """--port 70000 was an 82-line traceback and exit 0; a bad host was MLflow's log line and exit 0."""
+    one_error_line(cli("ui", *args, cwd=tmp_path, timeout=30), *needles)
+    assert files(tmp_path) == []
+
+
+def test_ui_on_a_busy_port_is_one_line_naming_the_port(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = cli("ui", "--port", str(port), cwd=tmp_path, timeout=30)
+    one_error_line(r, "error: --port: ", f"{port} is in use")
+    assert files(tmp_path) == []

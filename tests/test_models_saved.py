@@ -322,3 +322,53 @@ def test_sigterm_of_train_then_resume(store, tmp_path, sig):
     steps = {m.step for m in c.get_metric_history(run_id, "val/loss")}
     assert max(steps) == 4000 and {s for s in steps if s > stopped_at}
     assert _only_run(c).info.run_id == run_id
+
+
+def _killed_run_with_a_checkpoint(store, tiny, tmp_path):
+    """A 2-step run with a checkpoint at each validation, left KILLED; its local artifacts folder."""
+    r = run(
+        tiny(**{"trainer.max_steps": 2, "trainer.val_every": 1, "diagnostics.profile_every": 0}),
+        checkpoint=True,
+    )
+    MlflowClient(store).set_terminated(r.run_id, "KILLED")
+    (folder,) = [p for p in tmp_path.rglob("artifacts") if p.parent.name == r.run_id]
+    return r.run_id, folder
+
+
+def _snapshot(store, run_id, tmp_path):
+    got = MlflowClient(store).get_run(run_id)
+    listing = sorted(
+        (str(p.relative_to(tmp_path)), p.read_bytes())
+        for p in tmp_path.rglob("*")
+        if p.is_file() and p.name != "mlflow.db"
+    )
+    return got.info.status, got.info.end_time, got.data.tags, got.data.metrics, got.data.params, listing
+
+
+@pytest.mark.parametrize(
+    ("artifact", "content", "needles"),
+    [
+        ("checkpoints/last.ckpt", b"garbage", ("checkpoints/last.ckpt", "not a readable checkpoint")),
+        ("config.yaml", b"task:\n  name: [\n", ("config.yaml is invalid: invalid YAML (line 3)",)),
+        ("config.yaml", b"task: {}\ntask: {}\n", ("config.yaml is invalid: duplicate key 'task'",)),
+        ("config.yaml", b"task: {seq_len: -1}\n", ("config.yaml is invalid: config key 'task.seq_len'",)),
+    ],
+)
+def test_resume_of_a_run_whose_artifact_is_corrupt_is_one_line_naming_the_run_and_changes_nothing(
+    store, tiny, tmp_path, capsys, artifact, content, needles
+):
+    """A checkpoint overwritten with "garbage" was a 26-line UnpicklingError; a corrupt config.yaml was
+    named by the temporary path it was downloaded to (/tmp/tmpXXXX/config.yaml)."""
+    from pipeline.cli import main
+
+    run_id, folder = _killed_run_with_a_checkpoint(store, tiny, tmp_path)
+    (folder / artifact).write_bytes(content)
+    capsys.readouterr()
+    before = _snapshot(store, run_id, tmp_path)
+    assert main(["train", "--resume", run_id, f"tracking.uri={store}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: run {run_id}: its artifact "), err
+    assert "/tmp" not in err and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    assert _snapshot(store, run_id, tmp_path) == before

@@ -679,3 +679,47 @@ def test_smoke_suite_holds_under_an_unrecorded_perturbation_and_fails_on_a_plant
     rec["value"] += 1.5 * rec["abs"]
     failing = [r for r in judge_entries(suite, results, planted) if r.failing]
     assert [(r.check, r.verdict) for r in failing] == [("tanh_g3_T100: spectral/lyapunov_max", REGRESSION)]
+
+
+def test_an_expression_outside_the_grammar_is_one_message(store, tmp_path, capsys):
+    """``value: __import__('os')`` was "config key K: expression ... is undefined (config key K: unsupported
+    expression ...)": the walk's ConfigError is a ValueError and was wrapped in a second message."""
+    bad = yaml.safe_load(yaml.safe_dump(TINY))
+    bad["entries"][0]["checks"].append(
+        {"metric_below": {"metric": "bptt/log10_ratio", "value": "__import__('os')"}}
+    )
+    assert main(["regress", "--suite", str(write_suite(tmp_path, bad))]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config key 'entries.tanh_g05.checks[2].metric_below.value': "), err
+    assert err.count("config key") == 1 and "undefined" not in err and "\n" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["suite.yaml"]
+
+
+@pytest.mark.parametrize("via", ["suite_key", "--baseline"])
+def test_update_baseline_to_a_file_that_cannot_be_written_is_one_line_before_any_entry(
+    store, tmp_path, capsys, via
+):
+    """Every entry trained first, then writing the baseline failed with a traceback."""
+    (tmp_path / "afile").write_text("x\n")
+    target = tmp_path / "afile" / "suite.baseline.yaml"
+    suite = dict(TINY, baseline="afile/suite.baseline.yaml") if via == "suite_key" else TINY
+    argv = ["regress", "--suite", str(write_suite(tmp_path, suite)), "--update-baseline"]
+    if via == "--baseline":
+        argv += ["--baseline", str(target)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    head = "error: --baseline: " if via == "--baseline" else "error: config key 'baseline': "
+    assert err.startswith(head) and err.count("\n") == 1, err
+    assert f"baseline file {target} cannot be written" in err and "afile is not a folder" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "suite.yaml"]
+
+
+def test_run_suite_update_checks_the_baseline_file_before_any_entry(store, tmp_path):
+    from pipeline.regression.run import run_suite
+    from pipeline.regression.suite import load_suite
+
+    (tmp_path / "afile").write_text("x\n")
+    suite = load_suite(write_suite(tmp_path, dict(TINY, baseline="afile/b.yaml")))
+    with pytest.raises(ConfigError, match=r"^config key 'baseline': baseline file .*afile/b\.yaml cannot be"):
+        run_suite(suite, {}, store, update=True, say=lambda *a: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "suite.yaml"]

@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from pipeline.regression.baselines import suite_baseline
+    from pipeline.regression.baselines import check_writable, suite_baseline
     from pipeline.regression.run import check_suite_fits, run_suite
     from pipeline.regression.suite import load_suite, with_baseline_file
     from pipeline.schema import ConfigError
@@ -72,6 +72,8 @@ def command(args: argparse.Namespace) -> int:
     if args.baseline:
         suite = with_baseline_file(suite, args.baseline, must_exist=not args.update_baseline)
     baseline = suite_baseline(suite, update=args.update_baseline)
+    if args.update_baseline:
+        check_writable(suite.baseline_path, "--baseline" if args.baseline else "baseline")
     check_suite_fits(suite, overrides, args.workers)
 
     from pipeline.store_checks import probe_store

@@ -92,8 +92,56 @@ def run_links(store: str, url: str) -> list[str]:
     return [f"{exps[i]}: {url}/#/experiments/{i}/runs" for i in ids[:MAX_LINKS]]
 
 
-def command(args: argparse.Namespace) -> int:
+def check_bind(host: str, port: int) -> None:
+    """``host:port`` can be listened on: one bind, closed at once; else a ConfigError naming ``--host`` or
+    ``--port``. MLflow's server reported a bad host or a busy port in its log and the command exited 0
+    (found by a fuzzing review). SO_REUSEADDR is set as the server (uvicorn, gunicorn) sets it on POSIX:
+    a port still in TIME_WAIT after the last UI stopped is free for it, and Linux still refuses a port
+    another socket listens on. Windows' SO_REUSEADDR would take a busy port over: not set there."""
+    import errno
+    import socket
 
+    from pipeline.schema import ConfigError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as e:
+        raise ConfigError(
+            "--host",
+            f"cannot resolve {host!r} to an address to listen on ({getattr(e, 'strerror', None) or e})",
+        ) from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if os.name == "posix":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise ConfigError(
+                "--port", f"{port} is in use on {host}: stop what listens there or pick another --port"
+            ) from None
+        if e.errno in (errno.EACCES, errno.EPERM):
+            raise ConfigError(
+                "--port", f"{port} on {host} needs privileges: pick a port above 1023"
+            ) from None
+        raise ConfigError(
+            "--host", f"cannot listen on {host} ({e.strerror or e}): not an address of this machine?"
+        ) from None
+    finally:
+        sock.close()
+
+
+def command(args: argparse.Namespace) -> int:
+    from pipeline.schema import ConfigError
+
+    if not 1 <= args.port <= 65535:
+        raise ConfigError("--port", f"must be in 1..65535, got {args.port}")
+    if args.workers < 1:
+        raise ConfigError("--workers", f"must be >= 1, got {args.workers}")
+    if not args.host.strip():
+        raise ConfigError("--host", "must not be empty")
+    check_bind(args.host, args.port)  # before any store is read: one line, exit 2
     if args.host not in LOOPBACK:
         print(
             f"warning: binding the MLflow UI to {args.host}: it has no authentication; anyone who can reach "

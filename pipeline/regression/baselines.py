@@ -229,6 +229,31 @@ def new_baseline(
     return out
 
 
+def check_writable(path: Path, key: str = "baseline") -> None:
+    """``--update-baseline`` can write ``path``: a regular file or a new name in an existing, writable
+    folder; else one ConfigError naming ``key`` and the file, before any entry runs (every entry trained
+    first, then the write failed with a traceback; found by a fuzzing review)."""
+    import os
+
+    if path.is_dir():
+        raise ConfigError(key, f"baseline file {path} is a directory: name a YAML file")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise ConfigError(key, f"baseline file {path} cannot be written: it is not writable")
+        return
+    folder = path.parent
+    if not folder.is_dir():
+        where = next((q for q in folder.parents if q.exists()), None) if not folder.exists() else folder
+        why = (
+            f"{where} is not a folder"
+            if where is not None and not where.is_dir()
+            else f"its folder {folder} does not exist"
+        )
+        raise ConfigError(key, f"baseline file {path} cannot be written: {why}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(key, f"baseline file {path} cannot be written: its folder {folder} is not writable")
+
+
 def write_baseline(suite, values: dict, path: Path | None = None) -> Path:
     from pipeline.provenance import git_commit, version_tags
 

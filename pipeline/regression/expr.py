@@ -68,6 +68,8 @@ def evaluate(expr: Any, names: dict[str, float], key: str) -> float:
         raise ConfigError(key, f"cannot parse expression {expr!r}") from None
     try:
         v = _Walk(expr, names, key).value(tree)
+    except ConfigError:
+        raise  # the walk's own message (a ConfigError is a ValueError: it was wrapped in a second one)
     except (ValueError, ZeroDivisionError, OverflowError) as e:
         raise ConfigError(key, f"expression {expr!r} is undefined ({e})") from None
     return v

@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 from pipeline.names import ENTRY, KIND, KIND_REGRESSION, OVERRIDES, OWNER, PERTURBATION, ROLE, STATUS, SUITE
 from pipeline.provenance import owner_alive, owner_tag, version_tags
-from pipeline.regression.baselines import suite_baseline
+from pipeline.regression.baselines import check_writable, suite_baseline
 from pipeline.regression.judge import format_table, judge_entries, suite_verdict
 from pipeline.regression.laws import LAW, NO_BASELINE, EntryResult, Row
 from pipeline.regression.suite import EXPERIMENT, Entry, Suite, load_suite, with_overrides
@@ -387,6 +387,8 @@ def run_suite(
     from pipeline.signals import Terminated
     from pipeline.tracking import Recorder, end_run
 
+    if update:
+        check_writable(suite.baseline_path)  # before any entry runs (the CLI checks first, naming its flag)
     parent, exp_id = start_suite_run(suite)
     closed = close_dead_runs(uri, exp_id, suite.name)
     if closed:

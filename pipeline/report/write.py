@@ -268,6 +268,26 @@ def write(data: rd.ReportData, out: Path) -> ReportResult:
     return res
 
 
+def check_out(out: Path, flag: str = "--out", note: str = "") -> None:
+    """``out`` can be made a folder to write in: it is one, or its nearest existing parent is a writable
+    folder; else a ConfigError naming ``flag`` (a regular file on the way was a FileExistsError
+    traceback after the store was read; found by a fuzzing review)."""
+    import os
+
+    from pipeline.schema import ConfigError
+
+    if str(out) == "":
+        raise ConfigError(flag, "empty path: name an output folder")
+    p = out
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        what = f"{p} is not a folder" if p == out else f"{out} cannot be created: {p} is not a folder"
+        raise ConfigError(flag, what + note)
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise ConfigError(flag, f"{out} cannot be written: {p} is not writable{note}")
+
+
 def build_report(
     uri: str | None = None,
     experiment: str | None = None,
@@ -283,9 +303,13 @@ def build_report(
     from pipeline.tracking import client
     from pipeline.uris import resolve_uri
 
+    if out is not None:
+        check_out(Path(out))  # before the store is read: nothing read, nothing written
     uri = resolve_uri(uri)
     data = rd.load(uri, experiment, study)
     target = Path(out) if out is not None else Path("reports") / rd.safe_name(data.target.name)
+    if out is None:
+        check_out(target, "--out", " (the default folder: pass --out DIR)")
     res = write(data, target)
     if log_to_parent and data.target.parent_run_id:
         client(uri).log_artifacts(data.target.parent_run_id, str(target), "report")

@@ -49,6 +49,7 @@ WORKERS_MAX = 1024
 TRIALS_PER_WORKER_MAX = 4096  # members of one worker's stacks: beyond it one process holds too many runs
 SAMPLER_SEED_MAX = 2**32 - 1
 HEARTBEAT_MAX = 86_400
+STUDY_MAX = 100  # bytes of UTF-8: see validate
 # Keys a sweep must not search: they change where or whether a trial is recorded, not what it trains.
 
 
@@ -141,6 +142,17 @@ def validate(sw: SweepConfig) -> None:
         "a non-empty name without '/', '\\' or spaces",
         sw.study,
     )
+    # The name lands in file names: optuna/<study>.journal, its lock <study>.journal.lock.rename (20
+    # characters added) and the budget lock <study>.journal.<study>.sweeplock (the name twice, 19 added),
+    # which must fit a file name (255 bytes on Linux and macOS): 2 * 118 + 19 = 255. Optuna's RDB storages
+    # keep it in a VARCHAR(512). 100 leaves room; beyond it the sweep failed with "File name too long"
+    # after mlflow.db and optuna/ were written (found by a fuzzing review).
+    if len(sw.study.encode()) > STUDY_MAX:
+        raise ConfigError(
+            "study",
+            f"must be at most {STUDY_MAX} bytes (it names the study's files under optuna/), "
+            f"got {len(sw.study.encode())}",
+        )
     if sw.storage is not None:
         check("storage", bool(sw.storage.strip()), "a URL or a journal file path", sw.storage)
         check_storage_url("storage", sw.storage)
@@ -182,21 +194,38 @@ def _merged(path: str | Path, overrides: list[str]) -> dict[str, Any]:
     for d in (raw, over):
         if isinstance(d.get("space"), dict):
             d["space"] = nest_space(d["space"])
-    base = raw.get("base", {})
-    if isinstance(base, str):  # a path, relative to the sweep file (else the working directory)
-        cand = Path(path).parent / base
-        if not cand.is_file() and not Path(base).is_file():
-            raise ConfigError(
-                "base", f"config file not found: {base} (neither beside {path} nor in the working directory)"
-            )
-        raw["base"] = read_yaml(cand if cand.is_file() else base)
+    if isinstance(raw.get("base"), str):  # a path, relative to the sweep file (else the working directory)
+        raw["base"] = _read_base(
+            raw["base"], Path(path).parent, f"neither beside {path} nor in the working directory"
+        )
+    if "base" in over and not isinstance(over["base"], (dict, list)) and over["base"] is not None:
+        # `base=FILE` on the command line is a path, relative to the working directory, whatever YAML
+        # makes of it (`base=3` is the file 3, not the integer): it was said to be "not a path" (found by
+        # a fuzzing review)
+        text = next(o.split("=", 1)[1] for o in reversed(overrides) if o.split("=", 1)[0].strip() == "base")
+        over["base"] = _read_base(text, None, "in the working directory")
     data = deep_merge(raw, over)
     for k in data:
         if k not in TOP_KEYS:
             raise ConfigError(k, f"unknown key (allowed in a sweep: {', '.join(sorted(TOP_KEYS))})")
     if not isinstance(data.get("base") or {}, dict):
-        raise ConfigError("base", "must be a path to a training config or a mapping")
+        raise ConfigError("base", f"must be a path to a training config or a mapping, got {data['base']!r}")
     return data
+
+
+def _read_base(base: str, beside: Path | None, where: str) -> dict[str, Any]:
+    """The training config ``base`` names: a path beside the sweep file (``beside``), else from the working
+    directory; every problem (not found, a directory, unreadable, not a mapping) is one line naming ``base``."""
+    if not base.strip():
+        raise ConfigError("base", "empty path: name a training config file, or give a mapping")
+    cand = beside / base if beside is not None else None
+    chosen = cand if cand is not None and cand.exists() else Path(base)
+    if not chosen.exists():
+        raise ConfigError("base", f"config file not found: {base} ({where})")
+    try:
+        return read_yaml(chosen)
+    except ConfigError as e:
+        raise e.under("base") from None
 
 
 def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:

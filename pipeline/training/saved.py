@@ -131,7 +131,13 @@ def _config_of(c, run_id: str) -> Config:
         p = _download(c, run_id, CONFIG, d)
         if p is None:
             raise ConfigError("", f"run {run_id} has no {CONFIG}: not a run of this pipeline")
-        return load_config(p)
+        try:
+            return load_config(p)
+        except ConfigError as e:
+            # named as the run's artifact, not as the temporary file it was downloaded to (found by a
+            # fuzzing review: "error: /tmp/tmpXXXX/config.yaml: invalid YAML (line 2)")
+            problem = str(e).replace(f"{p}: ", "").replace(str(p), CONFIG)
+            raise ConfigError("", f"run {run_id}: its artifact {CONFIG} is invalid: {problem}") from None
 
 
 @dataclass(frozen=True)
@@ -206,5 +212,16 @@ def download_checkpoint(run_id: str, tracking_uri: str | None, dst: str) -> tupl
     p = _download(client(tracking_uri), run_id, CHECKPOINT, dst)
     if p is None:
         raise ConfigError("", f"run {run_id} has no {CHECKPOINT}")
-    ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    return p, int(ckpt["global_step"])
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        step = int(ckpt["global_step"])
+        if not isinstance(ckpt.get("state_dict"), dict):
+            raise KeyError("state_dict")
+    except Exception as e:  # a truncated or overwritten file: an UnpicklingError, EOFError, KeyError...
+        # one line before the run is reopened: nothing of the run changes (found by a fuzzing review)
+        raise ConfigError(
+            "",
+            f"run {run_id}: its artifact {CHECKPOINT} is not a readable checkpoint "
+            f"({type(e).__name__}): it cannot be resumed; start it afresh",
+        ) from None
+    return p, step
