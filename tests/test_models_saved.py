@@ -349,6 +349,7 @@ def _snapshot(store, run_id, tmp_path):
     ("artifact", "content", "needles"),
     [
         ("checkpoints/last.ckpt", b"garbage", ("checkpoints/last.ckpt", "not a readable checkpoint")),
+        ("checkpoints/last.ckpt", None, ("checkpoints/last.ckpt", "not a readable checkpoint")),  # half of it
         ("config.yaml", b"task:\n  name: [\n", ("config.yaml is invalid: invalid YAML (line 3)",)),
         ("config.yaml", b"task: {}\ntask: {}\n", ("config.yaml is invalid: duplicate key 'task'",)),
         ("config.yaml", b"task: {seq_len: -1}\n", ("config.yaml is invalid: config key 'task.seq_len'",)),
@@ -362,7 +363,8 @@ def test_resume_of_a_run_whose_artifact_is_corrupt_is_one_line_naming_the_run_an
     from pipeline.cli import main
 
     run_id, folder = _killed_run_with_a_checkpoint(store, tiny, tmp_path)
-    (folder / artifact).write_bytes(content)
+    whole = (folder / artifact).read_bytes()
+    (folder / artifact).write_bytes(whole[: len(whole) // 2] if content is None else content)
     capsys.readouterr()
     before = _snapshot(store, run_id, tmp_path)
     assert main(["train", "--resume", run_id, f"tracking.uri={store}"]) == 2
@@ -372,3 +374,22 @@ def test_resume_of_a_run_whose_artifact_is_corrupt_is_one_line_naming_the_run_an
     for n in needles:
         assert n in err, (n, err)
     assert _snapshot(store, run_id, tmp_path) == before
+
+
+@pytest.mark.parametrize("artifact", ["model/weights.pt", "checkpoints/last.ckpt"])
+def test_load_run_of_a_truncated_artifact_names_it(store, tiny, tmp_path, artifact):
+    """A kill during an artifact's upload leaves it cut short (the local store copies in place): load_run
+    raised torch's "PytorchStreamReader failed reading zip archive"; it names the run and the artifact."""
+    from pipeline.schema import ConfigError
+    from pipeline.training.saved import load_run
+
+    if artifact == "model/weights.pt":
+        run_id = run(tiny(**{"trainer.max_steps": 2, "diagnostics.profile_every": 0})).run_id
+        (folder,) = [p for p in tmp_path.rglob("artifacts") if p.parent.name == run_id]
+    else:
+        run_id, folder = _killed_run_with_a_checkpoint(store, tiny, tmp_path)
+        (folder / "model" / "weights.pt").unlink()  # a killed run's model is its checkpoint
+    whole = (folder / artifact).read_bytes()
+    (folder / artifact).write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ConfigError, match=f"run {run_id}: its artifact {artifact} cannot be loaded"):
+        load_run(run_id)

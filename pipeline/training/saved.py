@@ -172,18 +172,29 @@ def load_run(run_id: str, tracking_uri: str | None = None) -> LoadedRun:
     with tempfile.TemporaryDirectory() as d:
         p = _download(c, run_id, WEIGHTS, d)
         source = WEIGHTS
-        if p is not None:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-        else:
-            p = _download(c, run_id, CHECKPOINT, d)
-            if p is None:
-                raise ConfigError(
-                    "", f"run {run_id} has neither {WEIGHTS} nor {CHECKPOINT} (tracking.log_model was false?)"
-                )
-            ckpt = torch.load(p, map_location="cpu", weights_only=True)
-            state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-            source = CHECKPOINT
-    module.model.load_state_dict(state)
+        try:
+            if p is not None:
+                state = torch.load(p, map_location="cpu", weights_only=True)
+            else:
+                p = _download(c, run_id, CHECKPOINT, d)
+                if p is None:
+                    raise ConfigError(
+                        "",
+                        f"run {run_id} has neither {WEIGHTS} nor {CHECKPOINT} (tracking.log_model was false?)",
+                    )
+                source = CHECKPOINT
+                ckpt = torch.load(p, map_location="cpu", weights_only=True)
+                state = {
+                    k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
+                }
+            module.model.load_state_dict(state)
+        except ConfigError:
+            raise
+        except Exception as e:  # a truncated file (a kill during its upload), another model's tensors, ...
+            raise ConfigError(
+                "",
+                f"run {run_id}: its artifact {source} cannot be loaded ({type(e).__name__}: {str(e)[:200]})",
+            ) from None
     module.eval()
     for q in module.parameters():
         q.requires_grad_(False)
