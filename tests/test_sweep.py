@@ -249,6 +249,45 @@ def test_reaper_fails_dead_owners_trials_closes_runs_and_retries_once(store, mon
     assert len([t for t in study.trials if t.state.name == "WAITING"]) == before  # orphan's retry only
 
 
+def test_a_trial_reaped_after_its_run_finished_but_before_its_tell_has_that_run_killed(store):
+    """A kill -9 between a trial's run closing FINISHED and its tell: the reaper fails the trial and retries
+    it, so its FINISHED run, never told (no ``optuna_state`` tag), is closed KILLED too; it stayed FINISHED
+    beside the retry's run (13 FINISHED trial runs for 12 trials). A told trial's run is left alone."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.sweep.owners import reap_stale
+    from pipeline.sweep.stores import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = "optuna/u.journal"
+    study = optuna.create_study(study_name="u", storage=open_storage(url))
+    c = MlflowClient(store)
+    exp = c.create_experiment("untold")
+    study.set_user_attr("mlflow_experiment_id", exp)
+    runs = {}
+    for name in ("untold", "told"):
+        t = study.ask()
+        study._storage.set_trial_param(
+            t._trial_id, "x", 0.5, optuna.distributions.FloatDistribution(0.0, 1.0)
+        )
+        t.set_user_attr("worker", _dead_owner())
+        r = c.create_run(exp, tags={"study": "u", "trial_number": str(t.number)})
+        t.set_user_attr("mlflow_run_id", r.info.run_id)
+        c.set_terminated(r.info.run_id, "FINISHED")
+        runs[name] = (t, r.info.run_id)
+    told, told_run = runs["told"]
+    study.tell(told, 1.0)
+    c.set_tag(told_run, "optuna_state", "COMPLETE")
+
+    untold, untold_run = runs["untold"]
+    assert reap_stale(study, url, store) == [untold.number]
+    got = c.get_run(untold_run)
+    assert got.info.status == "KILLED" and got.data.tags["status"] == "killed"
+    assert c.get_run(told_run).info.status == "FINISHED"
+    assert [t.user_attrs["retry_of"] for t in study.trials if t.state.name == "WAITING"] == [untold.number]
+
+
 @pytest.mark.parametrize("seed", [0, 7])
 def test_startup_design_is_what_a_single_process_tpe_draws(seed):
     """The parent's start-up points equal the first n_startup_trials of a plain ``TPESampler(seed)`` study

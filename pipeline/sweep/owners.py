@@ -41,11 +41,16 @@ ORPHAN_S = 120.0  # a RUNNING trial with no owner attr this long after it starte
 # ------------------------------------------------------------------------------- stale trials
 
 
-def close_trial_runs(mlflow_uri: str | None, study, trial, status: str = "KILLED") -> list[str]:
+def close_trial_runs(
+    mlflow_uri: str | None, study, trial, status: str = "KILLED", untold: bool = False
+) -> list[str]:
     """End the MLflow run(s) of ``trial`` that are still RUNNING; returns their ids.
 
     The trial's ``mlflow_run_id`` attr is set as soon as the run exists; a search by tags catches a run
-    created just before a kill, before the attr was written.
+    created just before a kill, before the attr was written. ``untold`` (a trial being failed and retried
+    because its worker is gone or was stopped): also a run its worker closed FINISHED but whose trial it
+    never told (no ``optuna_state`` tag, written after the tell), so that a kill between the two leaves no
+    FINISHED run beside the retry's (a chaos walkthrough counted 13 FINISHED trial runs for 12 trials).
     """
     from mlflow.exceptions import MlflowException
 
@@ -55,9 +60,11 @@ def close_trial_runs(mlflow_uri: str | None, study, trial, status: str = "KILLED
     ids = {trial.user_attrs.get("mlflow_run_id")} - {None}
     exp_id = study.user_attrs.get("mlflow_experiment_id")
     if exp_id is not None:
-        filt = (
-            f"tags.{STUDY} = '{study.study_name}' and tags.{TRIAL_NUMBER} = '{trial.number}'"
-            " and attributes.status = 'RUNNING'"
+        filt = f"tags.{STUDY} = '{study.study_name}' and tags.{TRIAL_NUMBER} = '{trial.number}'"
+        filt += (
+            " and attributes.status IN ('RUNNING', 'FINISHED')"
+            if untold
+            else " and attributes.status = 'RUNNING'"
         )
         with contextlib.suppress(MlflowException):
             ids |= {r.info.run_id for r in c.search_runs([exp_id], filt, max_results=50)}
@@ -65,7 +72,8 @@ def close_trial_runs(mlflow_uri: str | None, study, trial, status: str = "KILLED
     for rid in ids:
         try:
             run = c.get_run(rid)
-            if run.info.status == "RUNNING":
+            never_told = untold and run.info.status == "FINISHED" and "optuna_state" not in run.data.tags
+            if run.info.status == "RUNNING" or never_told:
                 c.set_tag(rid, STATUS, "killed")
                 end_run(mlflow_uri, rid, status)
                 closed.append(rid)
@@ -111,7 +119,7 @@ def on_stale(study, trial, mlflow_uri: str | None) -> None:
     import logging
 
     with contextlib.suppress(Exception):
-        close_trial_runs(mlflow_uri, study, trial, "KILLED")
+        close_trial_runs(mlflow_uri, study, trial, "KILLED", untold=True)
     retried = enqueue_retry(study, trial)
     logging.getLogger("pipeline.sweep").warning(
         "trial %d: its worker is gone; MLflow run closed as KILLED%s",
@@ -199,7 +207,7 @@ def release_own(study, mlflow_uri: str | None) -> list[int]:
         if t.user_attrs.get("worker") != me:
             continue
         with contextlib.suppress(Exception):
-            close_trial_runs(mlflow_uri, study, t, "KILLED")
+            close_trial_runs(mlflow_uri, study, t, "KILLED", untold=True)
         try:  # each alone: one a heartbeat reaper failed meanwhile (RDB storages) must not stop the rest
             close_interrupted(study, t._trial_id)
         except Exception:  # told by another process already (it re-enqueued it, if it was a reaper)
