@@ -32,6 +32,40 @@ def test_help_imports_no_heavy_library():
 
 
 @pytest.mark.parametrize(
+    "error",
+    [
+        OSError(28, "No space left on device"),
+        RuntimeError("(sqlite3.OperationalError) database or disk is full"),
+        "chained",
+    ],
+)
+def test_a_full_disk_is_one_line_not_a_traceback(monkeypatch, capsys, error):
+    """A full disk (ENOSPC, or SQLite's "database or disk is full", anywhere in the error's chain) is one
+    line and exit 1; the runs were closed FAILED on the way out (a chaos walkthrough on a 1.5 MB tmpfs got
+    a 170-line traceback). Any other error still raises."""
+    import sqlite3
+
+    from pipeline.cli import main
+    from pipeline.cli import train as verb
+
+    def fail(args):
+        if error == "chained":
+            try:
+                raise sqlite3.OperationalError("database or disk is full")
+            except sqlite3.OperationalError as e:
+                raise RuntimeError("MlflowException: could not log the batch") from e
+        raise error
+
+    monkeypatch.setattr(verb, "command", fail)
+    assert main(["train"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: no space left on the device ("), err
+    monkeypatch.setattr(verb, "command", lambda args: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["train"])
+
+
+@pytest.mark.parametrize(
     ("verb", "flag", "kind"), [("sweep", "--config", "sweeps"), ("regress", "--suite", "regression")]
 )
 def test_help_names_every_shipped_config(verb, flag, kind):

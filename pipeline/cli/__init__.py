@@ -85,7 +85,32 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if isinstance(e, Terminated):
             print("terminated: runs closed as KILLED", file=sys.stderr)
             return 143
+        full = disk_full(e)
+        if full is not None:  # a traceback of 100-170 lines said no more (a chaos walkthrough, tmpfs)
+            print(
+                f"error: no space left on the device ({full}); what was running was closed as FAILED "
+                "where the store could still take it: free space and run the same command again "
+                "(train: the --resume line above)",
+                file=sys.stderr,
+            )
+            return 1
         raise
+
+
+def disk_full(e: BaseException) -> str | None:
+    """The first line of the error in ``e``'s chain that says the disk is full (ENOSPC, or SQLite's
+    "database or disk is full"), or None."""
+    import errno
+
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        text = str(x).strip().splitlines()[0][:200] if str(x).strip() else type(x).__name__
+        if (isinstance(x, OSError) and x.errno == errno.ENOSPC) or "database or disk is full" in str(x):
+            return text
+        x = x.__cause__ or x.__context__
+    return None
 
 
 if __name__ == "__main__":
