@@ -6,19 +6,39 @@ Light imports only (stdlib): the CLI runs them before it imports MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 from pipeline.uris import display_url, resolve_uri, scheme, sqlite_file
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
+# the tables every MLflow store has (since its first migrations) and every train or sweep writes
+MLFLOW_TABLES = frozenset(
+    {"alembic_version", "experiments", "runs", "metrics", "latest_metrics", "params", "tags"}
+)
 HTTP_PROBE_TIMEOUT_S = 5.0
+
+
+PROBLEM_CHARS = 300  # a problem quoted from a library (MLflow's paragraphs) is shortened to this
+
+
+def shorten(text: str, limit: int = PROBLEM_CHARS) -> str:
+    """``text`` on one line, at most ``limit`` characters, cut at a word boundary with an ellipsis (never
+    mid-word: MLflow's deprecation paragraph was cut to "...use a database back" with a wrong remedy)."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 3]
+    if " " in cut:
+        cut = cut.rsplit(" ", 1)[0]
+    return cut.rstrip(" ,;:.(") + "..."
 
 
 def store_error(uri: str, problem: str, flag: str, remedy: str = "move it aside", what: str = "mlflow store"):
     from pipeline.schema import StoreError
 
-    return StoreError(f"{what} {uri}", problem, f"{remedy} or point {flag} elsewhere")
+    return StoreError(f"{what} {uri}", shorten(problem), f"{remedy} or point {flag} elsewhere")
 
 
 def sqlite_problem(path: Path) -> str | None:
@@ -71,13 +91,26 @@ def check_sqlite_store(uri: str, path: Path, flag: str = "tracking.uri") -> None
     and a SQLite file of another program would be migrated into an MLflow store. An empty file is a new
     store. The header layout is SQLite's (https://www.sqlite.org/fileformat.html, section 1.3).
     """
-    import sqlite3
-
     problem = sqlite_problem(path)
     if problem:
         raise store_error(uri, problem.replace("readable database", "readable MLflow database"), flag)
     if path.stat().st_size == 0:
         return
+    sidecars = [p for p in (path.with_name(path.name + x) for x in ("-wal", "-shm")) if not p.exists()]
+    try:
+        _check_sqlite_schema(uri, path, flag)
+    except BaseException:
+        # reading a WAL store creates its -wal and -shm files: a refused store is left as it was found
+        for p in sidecars:
+            with contextlib.suppress(OSError):
+                if p.name.endswith("-shm") or p.stat().st_size == 0:
+                    p.unlink()
+        raise
+
+
+def _check_sqlite_schema(uri: str, path: Path, flag: str) -> None:
+    import sqlite3
+
     try:
         con = sqlite3.connect(f"file:{path.resolve()}?mode=ro", uri=True, timeout=30)
         try:
@@ -86,6 +119,13 @@ def check_sqlite_store(uri: str, path: Path, flag: str = "tracking.uri") -> None
                 if "experiments" not in tables or "alembic_version" not in tables:
                     raise store_error(
                         uri, "a SQLite database but not an MLflow store (no experiments table)", flag
+                    )
+                missing = sorted(MLFLOW_TABLES - tables)
+                if missing:  # an alien or damaged schema: MLflow's migrations failed in an 807-line traceback
+                    raise store_error(
+                        uri,
+                        f"{path} is not a whole MLflow store (no table {', '.join(missing)})",
+                        flag,
                     )
                 con.execute("SELECT count(*) FROM experiments").fetchone()
                 con.execute("SELECT count(*) FROM runs").fetchone()
@@ -165,20 +205,73 @@ def check_database_store(uri: str, flag: str = "tracking.uri", what: str = "mlfl
         ) from None
 
 
-def probe_store(uri: str | None, flag: str = "tracking.uri") -> str:
+def unwritable(path: Path) -> str | None:
+    """Why a SQLite file at ``path`` (existing or new) cannot be written, or None. SQLite writes a journal
+    beside the file, so its directory must be writable too. ``os.access`` answers False on a read-only
+    mount even for root; a directory it wrongly calls writable (``/proc``) is tried with a file created
+    and removed at once. Without this MLflow retried a read-only store for about 60 s."""
+    d = Path(os.path.abspath(path)).parent
+    if not d.is_dir():
+        return f"directory {d} does not exist" if not d.exists() else f"{d} is not a directory"
+    if path.is_dir():
+        return f"{path} is a directory"
+    if path.exists() and not os.access(path, os.W_OK):
+        return f"{path} is not writable"
+    if not os.access(d, os.W_OK | os.X_OK):
+        return f"directory {d} is not writable (SQLite writes its journal beside the file)"
+    if not path.exists():
+        probe = d / f".{path.name}.probe-{os.getpid()}"
+        try:
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            probe.unlink()
+        except OSError as e:
+            return f"directory {d} cannot hold a new file ({e.strerror})"
+    return None
+
+
+def _artifact_root(path: Path) -> Path:
+    """Where a new experiment of the sqlite store at ``path`` keeps its artifacts
+    (:func:`pipeline.tracking._beside`): ``mlruns/`` of the working directory for a store there, else
+    ``mlruns/`` beside the file."""
+    d = path.resolve().parent
+    return Path.cwd() / "mlruns" if d == Path.cwd().resolve() else d / "mlruns"
+
+
+def probe_store(uri: str | None, flag: str = "tracking.uri", write: bool = True) -> str:
     """Check that the MLflow store at ``uri`` can be opened, without writing to it; returns the resolved URI.
 
-    Raises :class:`~pipeline.config.StoreError` (one line naming the store and what to do): a corrupt or
-    truncated SQLite file, a SQLite file that is not an MLflow store, a server that does not answer, a
+    Raises :class:`~pipeline.config.StoreError` (one line naming the store and what to do): a file store
+    (not supported), a URL naming no database, a corrupt or truncated SQLite file, a SQLite file that is
+    not a whole MLflow store, one that cannot be written (``write``: a writer's check; readers pass
+    False) or whose artifact root ``mlruns`` is not a directory, a server that does not answer, a
     database that refuses the connection. A missing SQLite file is fine (it becomes a new store).
     """
+    from pipeline.uris import check_tracking_uri
+
     u = resolve_uri(uri)
+    default = not uri and not os.environ.get("MLFLOW_TRACKING_URI")
+    check_tracking_uri(flag, u)
     path = sqlite_file(u)
     if path is not None:
-        if path.exists():
+        if path.is_file():
             check_sqlite_store(u, path, flag)
         elif not path.parent.is_dir():
             raise store_error(u, f"directory {path.parent} does not exist", flag, "create it")
+        why = unwritable(path) if write else None
+        if why and default:
+            from pipeline.schema import StoreError
+
+            raise StoreError(
+                f"mlflow store {u}",
+                f"the default store (mlflow.db in the working directory): {why}",
+                f"run in a writable directory or pick another store with {flag}=sqlite:////DIR/mlflow.db "
+                "(or $MLFLOW_TRACKING_URI)",
+            )
+        if why:
+            raise store_error(u, why, flag, "make it writable")
+        root = _artifact_root(path)
+        if write and root.exists() and not root.is_dir():
+            raise store_error(u, f"its artifact root {root} is not a directory", flag, f"move {root} aside")
     elif u.startswith(("http://", "https://")):
         check_http_store(u, flag)
     elif scheme(u) in ("postgresql", "postgres", "mysql"):
@@ -187,13 +280,15 @@ def probe_store(uri: str | None, flag: str = "tracking.uri") -> str:
 
 
 def probe_existing_store(uri: str | None, flag: str, remedy: str) -> str:
-    """:func:`probe_store` for a reader (``report``, ``train --resume``, ``load_run``): a sqlite file that
-    does not exist is an error naming ``flag`` (``remedy``: what to do), not a new empty store (MLflow
-    would make one to find nothing in). Returns the resolved URI."""
+    """:func:`probe_store` for a reader (``report``, ``ui``, ``train --resume``, ``load_run``): a sqlite
+    file that does not exist is an error naming ``flag`` (``remedy``: what to do), not a new empty store
+    (MLflow would make one to find nothing in); a read-only store is fine. Returns the resolved URI."""
     from pipeline.schema import ConfigError
+    from pipeline.uris import check_tracking_uri
 
     u = resolve_uri(uri)
+    check_tracking_uri(flag, u)
     path = sqlite_file(u)
     if path is not None and not path.is_file():
         raise ConfigError(flag, f"no MLflow store at {path} ({remedy})")
-    return probe_store(u, flag)
+    return probe_store(u, flag, write=False)

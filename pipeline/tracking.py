@@ -57,7 +57,7 @@ def ensure_experiment(uri: str | None, name: str) -> str:
     except (SQLAlchemyError, MlflowException) as e:  # what probe_store cannot see (a database server)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise store_error(
-            resolve_uri(uri), f"cannot be opened ({first[:300]})", "tracking.uri", "check the server"
+            resolve_uri(uri), f"cannot be opened ({first})", "tracking.uri", "check the server"
         ) from None
     path = sqlite_file(resolve_uri(uri))
     if path is not None:

@@ -80,6 +80,9 @@ def check_storage_url(key: str, url: str) -> None:
             f"unknown storage scheme {url.split('://', 1)[0].lower() + '://'!r} (allowed: a "
             "journal file path, " + ", ".join(f"{s}://" for s in STORAGE_SCHEMES) + ")",
         )
+    if not is_rdb(url) and not url.removeprefix("journal://").strip():
+        raise ConfigError(key, f"{url!r} names no journal file (journal://PATH or a path names one)")
+    check_database_named(key, url, "optuna.db")
 
 
 def journal_file(url: str) -> Path:
@@ -90,3 +93,37 @@ def journal_file(url: str) -> Path:
 def study_storage(study: str, storage: str | None) -> str:
     """The Optuna storage URL of a sweep: ``storage`` (driver added), else the journal optuna/<study>.journal."""
     return with_pg_driver(storage or str(Path("optuna") / f"{study}.journal"))
+
+
+def names_no_database(url: str) -> bool:
+    """Whether a database URL names no database or file: ``sqlite://``, ``sqlite:///``,
+    ``sqlite:///:memory:`` (an in-memory database that vanishes with the process), ``postgresql://`` or
+    ``postgresql://host/`` (libpq would pick the user's own database and MLflow create its tables there)."""
+    if scheme(url) == "sqlite":
+        return url.startswith("sqlite://") and sqlite_file(url) is None
+    if scheme(url) in ("postgresql", "postgres", "mysql"):
+        rest = url.split("://", 1)[1].split("?", 1)[0]
+        return "/" not in rest or not rest.split("/", 1)[1].strip("/")
+    return False
+
+
+def check_database_named(key: str, url: str, file: str = "mlflow.db") -> None:
+    """A database URL must name its database (``file``: the SQLite file the message's example names);
+    see :func:`names_no_database`."""
+    if names_no_database(url):
+        example = f"sqlite:///path/{file}" if scheme(url) == "sqlite" else f"{scheme(url)}://user@host/DBNAME"
+        raise ConfigError(key, f"{display_url(url)!r} names no database ({example} names one)")
+
+
+def check_tracking_uri(key: str, uri: str) -> None:
+    """A tracking URI this pipeline supports: not MLflow's file store (``file:...`` or a bare path, which
+    MLflow reads as one: deprecated there, and its warning came as a paragraph cut off mid-word), and a
+    database URL that names its database (:func:`check_database_named`)."""
+    if uri.lower().startswith("file:") or "://" not in uri and not uri.startswith("databricks"):
+        raise ConfigError(
+            key,
+            f"{uri!r} names MLflow's file store (file:... or a bare path), which is not supported; use a "
+            "SQLite file (sqlite:///path/mlflow.db), "
+            "a database URL or an http:// tracking server",
+        )
+    check_database_named(key, uri)

@@ -577,3 +577,136 @@ def test_ui_on_a_busy_port_is_one_line_naming_the_port(tmp_path):
         r = cli("ui", "--port", str(port), cwd=tmp_path, timeout=30)
     one_error_line(r, "error: --port: ", f"{port} is in use")
     assert files(tmp_path) == []
+
+
+# ------------------------------------------------------- stores that cannot be written or do not exist
+
+
+def _alien(valid: Path, dst: Path, table: str) -> None:
+    """A copy of a real store in WAL mode (as the pipeline leaves one), with one of MLflow's tables dropped."""
+    import sqlite3
+
+    dst.write_bytes(valid.read_bytes())
+    con = sqlite3.connect(dst)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute(f"DROP TABLE {table}")
+    con.commit()
+    con.close()
+
+
+@pytest.mark.parametrize("table", ["metrics", "latest_metrics", "params", "tags"])
+def test_an_mlflow_db_with_an_alien_schema_is_one_line(tmp_path, valid_db, table):
+    """Fuzzing review: `sqlite3 mlflow.db 'drop table metrics'` then train was an 807-line SQLAlchemy
+    traceback and wrote mlruns/; reading the WAL store must not leave its -wal/-shm files either."""
+    _alien(valid_db, tmp_path / "mlflow.db", table)
+    before = files(tmp_path)
+    r = cli("train", "--config", SMOKE, "trainer.max_steps=2", cwd=tmp_path)
+    one_error_line(r, "mlflow store sqlite:///mlflow.db", "mlflow.db", f"no table {table}", "tracking.uri")
+    assert files(tmp_path) == before == ["mlflow.db"]
+
+
+def cli_read_only(*args: str, cwd: Path, read_only: Path) -> subprocess.CompletedProcess:
+    """The CLI with ``read_only`` (and what is under it) answering os.access(W_OK) False, as a read-only
+    mount does even for root: portable, no mount needed."""
+    patch = (
+        "import os, runpy, sys; real = os.access; ro = sys.argv.pop(1)\n"
+        "def access(p, mode, *a, **k):\n"
+        "    if mode & os.W_OK and os.path.abspath(p).startswith(ro): return False\n"
+        "    return real(p, mode, *a, **k)\n"
+        "os.access = access; sys.argv[0] = 'pipeline'; runpy.run_module('pipeline', run_name='__main__')"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PIPELINE_MEMORY_CHECK")}
+    return subprocess.run(
+        [sys.executable, "-c", patch, str(read_only), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env,
+        preexec_fn=_guard,
+    )
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_store_in_a_read_only_directory_is_one_line_at_once(tmp_path, valid_db, existing):
+    """MLflow retried a store it could not write for about 60 s, then a traceback (fuzzing review)."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if existing:
+        (ro / "mlflow.db").write_bytes(valid_db.read_bytes())
+    work = tmp_path / "work"
+    work.mkdir()
+    r = cli_read_only(
+        "train", "--config", SMOKE, "trainer.max_steps=2", f"tracking.uri=sqlite:///{ro}/mlflow.db",
+        cwd=work, read_only=ro,
+    )  # fmt: skip
+    one_error_line(r, f"mlflow store sqlite:///{ro}/mlflow.db", "not writable", "tracking.uri")
+    assert files(work) == [] and files(ro) == (["mlflow.db"] if existing else [])
+
+
+def test_the_default_store_in_a_read_only_working_directory_says_where_it_is(tmp_path):
+    r = cli_read_only("train", "--config", SMOKE, "trainer.max_steps=2", cwd=tmp_path, read_only=tmp_path)
+    one_error_line(
+        r,
+        "the default store",
+        "mlflow.db in the working directory",
+        "not writable",
+        "tracking.uri=sqlite:///",
+    )
+    assert files(tmp_path) == []
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc")
+def test_a_store_in_a_directory_that_cannot_hold_a_file_is_one_line(tmp_path):
+    """/proc: os.access says root may write it; creating a file there fails."""
+    r = cli("train", "--config", SMOKE, "tracking.uri=sqlite:////proc/no-such.db", cwd=tmp_path, timeout=90)
+    one_error_line(r, "mlflow store sqlite:////proc/no-such.db", "/proc", "tracking.uri")
+    assert files(tmp_path) == []
+
+
+def test_an_artifact_root_that_is_a_file_is_one_line(tmp_path):
+    """`echo x > mlruns` then train: NotADirectoryError after the run record was written (fuzzing review)."""
+    (tmp_path / "mlruns").write_text("x\n")
+    r = cli("train", "--config", SMOKE, "trainer.max_steps=2", cwd=tmp_path)
+    one_error_line(
+        r, "mlflow store sqlite:///mlflow.db", f"artifact root {tmp_path / 'mlruns'}", "tracking.uri"
+    )
+    assert files(tmp_path) == ["mlruns"]
+
+
+FILE_STORES = ["file:./store", "file:./newdir", "./store", "mlflow.db"]
+EMPTY_DATABASES = ["sqlite://", "sqlite:///", "sqlite:///:memory:", "postgresql://", "postgresql://h:5432/"]
+
+
+@pytest.mark.parametrize("uri", FILE_STORES + EMPTY_DATABASES)
+def test_a_file_store_or_a_url_naming_no_database_is_refused_by_train(tmp_path, uri):
+    """file: stores printed MLflow's deprecation paragraph cut mid-word, with a wrong remedy; sqlite://
+    ran into an in-memory database that vanished (orphan ./mlruns); postgresql:// connected through
+    libpq's defaults to the user's own database and created 65 tables there (fuzzing review)."""
+    (tmp_path / "store").mkdir()
+    before = files(tmp_path)
+    r = cli("train", "--config", SMOKE, "trainer.max_steps=2", f"tracking.uri='{uri}'", cwd=tmp_path)
+    line = one_error_line(r, "config key 'tracking.uri'")
+    assert ("not supported" in line and "sqlite:///path/mlflow.db" in line) or "names no database" in line
+    assert files(tmp_path) == before
+
+
+@pytest.mark.parametrize("verb", ["ui", "report"])
+@pytest.mark.parametrize("uri", ["file:./x", "sqlite://", "postgresql://"])
+def test_a_file_store_or_a_url_naming_no_database_is_refused_as_store(tmp_path, verb, uri):
+    r = cli(verb, "--store", uri, cwd=tmp_path)
+    line = one_error_line(r, "--store:")
+    assert "not supported" in line or "names no database" in line
+    assert files(tmp_path) == []
+
+
+def test_store_error_shortens_a_long_problem_at_a_word_boundary():
+    """MLflow's file-store paragraph was cut at 300 characters mid-word ("...use a database back")."""
+    from pipeline.store_checks import PROBLEM_CHARS, store_error
+
+    words = " ".join(f"word{i:03d}" for i in range(200))
+    msg = str(store_error("sqlite:///x.db", f"cannot be opened ({words})", "tracking.uri"))
+    problem = msg.split(": ", 1)[1].rsplit("; ", 1)[0]
+    assert len(problem) <= PROBLEM_CHARS and problem.endswith("...")
+    assert problem[:-3].split()[-1] in words.split(), problem[-20:]
+    assert msg.endswith("; move it aside or point tracking.uri elsewhere")

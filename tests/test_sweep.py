@@ -660,3 +660,39 @@ def test_shipped_smoke_sweep(store):
     df = pd.read_parquet(c.download_artifacts(parent.info.run_id, "trials.parquet"))
     assert {"number", "state", "value", "regime", "run_id", "p.optim.lr"} <= set(df.columns)
     assert len(df) == len(study.trials)
+
+
+def test_a_sweep_that_fails_creating_its_stores_stops_its_forkserver(tmp_path, monkeypatch):
+    """The forkserver starts (importing torch for seconds) while the parent creates the stores; a sweep
+    that failed there left it alive with parent 1 for about 30 s, writing to the finished command's
+    stderr (fuzzing review). run_sweep is what ``python -m pipeline sweep`` calls."""
+    from multiprocessing import forkserver
+
+    from pipeline.schema import StoreError
+    from pipeline.sweep import parent, procs
+
+    seen: dict[str, int | None] = {}
+
+    def fail(*args, **kwargs):
+        seen["pid"] = forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+        raise StoreError("optuna storage planted", "fails after the forkserver started", "nothing to do")
+
+    cfg = write_sweep(tmp_path / "s.yaml")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.delenv("PIPELINE_SWEEP_FORK", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # prestart sets them for the forkserver
+        monkeypatch.setenv(var, os.environ.get(var, "1"))
+    monkeypatch.setattr(parent, "create_stores", fail)
+    try:
+        with pytest.raises(StoreError, match="planted"):
+            parent.run_sweep(str(cfg), ["n_trials=1"], workers=1)
+        pid = seen["pid"]
+        assert pid is not None  # it had started
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # stopped and reaped
+        assert list(work.iterdir()) == []
+    finally:
+        procs.stop()

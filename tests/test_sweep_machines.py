@@ -157,6 +157,61 @@ def test_an_optuna_store_that_cannot_be_opened_is_one_line_and_nothing_is_writte
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["s.yaml"]
 
 
+@pytest.mark.parametrize(
+    ("storage", "says"),
+    [
+        ("sqlite:////proc/optuna-of-this-test.db", "/proc"),  # os.access lets root write /proc: tried
+        ("o.journal", "o.journal is a directory"),
+        ("journal://", "names no journal file"),
+        ("sqlite://", "names no database"),
+        ("sqlite:///", "names no database"),
+        ("postgresql://", "names no database"),
+        ("postgresql://127.0.0.1:5432/", "names no database"),
+    ],
+)
+def test_a_storage_that_cannot_be_used_is_one_line_naming_storage(tmp_path, storage, says):
+    """Fuzzing review: a directory given as the journal (or ``journal://`` alone) was an IsADirectoryError
+    traceback, a storage naming no database ran into an in-memory one or libpq's default database; each
+    after mlflow.db had been written."""
+    cfg = write_sweep(tmp_path / "s.yaml")
+    if storage == "o.journal":
+        (tmp_path / "o.journal").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = subprocess.run(
+        sweep_cmd(cfg, "n_trials=1", "--storage", storage),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=sweep_env(),
+        cwd=tmp_path,
+    )
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("error: ") and says in lines[0] and "--storage" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_storage_in_a_read_only_directory_is_one_line_before_any_store(tmp_path, kind):
+    """--storage sqlite:////RO/o.db: a 131-line traceback after mlflow.db was written (fuzzing review).
+    The directory reads as a read-only mount does (os.access W_OK False, even for root)."""
+    from test_bad_input import cli_read_only
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = write_sweep(tmp_path / "s.yaml")
+    storage = f"sqlite:///{ro}/o.db" if kind == "sqlite" else str(ro / "o.journal")
+    r = cli_read_only(
+        "sweep", "--config", str(cfg), "n_trials=1", "--storage", storage, cwd=work, read_only=ro
+    )
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert f"optuna storage {storage}" in lines[0] and "not writable" in lines[0] and "--storage" in lines[0]
+    assert list(work.iterdir()) == [] and list(ro.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_a_trial_held_on_another_host_of_a_journal_store_is_not_waited_for(store, tmp_path):
     """A journal store has no heartbeat: a trial held by a process on another host (a container restarted

@@ -235,3 +235,39 @@ def test_a_trial_beats_from_the_moment_it_is_asked(pg_databases):
     time.sleep(3.5)  # past grace, no beat since the first
     assert reap_stale(study, url, None) == [trial.number]
     assert study.trials[trial.number].state == optuna.trial.TrialState.FAIL
+
+
+def test_a_postgres_storage_with_a_foreign_schema_is_one_line_before_any_store(pg_databases, tmp_path):
+    """A database holding another program's ``studies`` table: a 92-line UndefinedColumn traceback from
+    open_storage, after mlflow.db had been written (fuzzing review)."""
+    import psycopg2
+
+    optuna_url = pg_databases[0]
+    with psycopg2.connect(optuna_url.replace("+psycopg2", ""), connect_timeout=3) as conn:
+        conn.cursor().execute("CREATE TABLE studies (x int)")
+    conn.close()
+    cfg = write_sweep(tmp_path / "s.yaml")
+    work = tmp_path / "work"
+    work.mkdir()
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "sweep",
+            "--config",
+            str(cfg),
+            "n_trials=1",
+            "--storage",
+            optuna_url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=work,
+    )
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    assert lines[0].startswith("error: optuna storage postgresql") and "--storage" in lines[0], lines
+    assert "studies is not Optuna's" in lines[0], lines
+    assert list(work.iterdir()) == []

@@ -269,5 +269,12 @@ def run_sweep(
             # The forkserver's imports (torch, Lightning, MLflow, Optuna: 7 s of CPU measured here) run
             # while this process imports MLflow and creates the stores: two cores, two jobs.
             prestart()
-        stores = create_stores(sw, url, mlflow_uri)
+        try:
+            stores = create_stores(sw, url, mlflow_uri)
+        except BaseException:
+            if fork:
+                from pipeline.sweep.procs import stop as stop_forkserver
+
+                stop_forkserver()
+            raise
         return Supervisor(sw, stores, devices, fork=fork, stop=stop, t0=t0, out=out).run()

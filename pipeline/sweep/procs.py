@@ -45,6 +45,22 @@ def prestart() -> None:
     forkserver.ensure_running()
 
 
+def stop() -> None:
+    """Stop the forkserver :func:`prestart` started (the sweep failed before any worker forked). Left
+    alone it lived on for its imports (about 30 s, parent 1), writing to the finished command's stderr.
+    A no-op when none runs."""
+    from multiprocessing import forkserver
+
+    server: Any = forkserver._forkserver  # multiprocessing has no public way to stop it
+    pid = getattr(server, "_forkserver_pid", None)
+    if pid is None:
+        return
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)  # it may be importing for seconds yet: no reason to wait for that
+    with contextlib.suppress(OSError):
+        server._stop()  # closes its "alive" pipe, reaps it, removes its socket
+
+
 def _entry(spec_json: str, log_path: str, env: dict[str, str]) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the forkserver ignores it (pipeline.sweep.preload)
     os.setsid()  # its own session and process group, as Popen(start_new_session=True) gave

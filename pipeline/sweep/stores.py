@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.sweep.config import HeartbeatConfig
 from pipeline.sweep.owners import StaleHandler
-from pipeline.uris import is_rdb, journal_file, scheme, sqlite_file
+from pipeline.uris import display_url, is_rdb, journal_file, scheme, sqlite_file
 
 
 def open_storage(
@@ -175,36 +175,100 @@ def repair_journal(path: Path, warn=None) -> int:
     return removed
 
 
+def _journal_unwritable(path: Path) -> str | None:
+    """Why the journal file ``path`` (existing or new; its directories are created) cannot be written."""
+    if path.is_dir():
+        return f"{path} is a directory, not a journal file"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else f"{path} is not writable"
+    d = path.parent
+    while not d.exists():
+        d = d.parent
+    if not d.is_dir():
+        return f"{d} is not a directory"
+    if not os.access(d, os.W_OK | os.X_OK):
+        return f"directory {d} is not writable"
+    return None
+
+
+# Optuna's RDB schema: a table ``studies`` without these columns is another program's (a 92-line
+# UndefinedColumn traceback from open_storage, after the MLflow store was created)
+OPTUNA_STUDY_COLUMNS = frozenset({"study_id", "study_name"})
+
+
+def _foreign_schema(url: str) -> str | None:
+    """Why the database at ``url`` holds a schema Optuna cannot open (read-only: SQLAlchemy's inspector),
+    or None (Optuna's own tables, or none yet)."""
+    import sqlalchemy
+
+    from pipeline.uris import with_pg_driver
+
+    engine = sqlalchemy.create_engine(with_pg_driver(url))
+    try:
+        inspector = sqlalchemy.inspect(engine)
+        if not inspector.has_table("studies"):
+            return None
+        columns = {c["name"] for c in inspector.get_columns("studies")}
+    except sqlalchemy.exc.SQLAlchemyError as e:
+        return f"its schema cannot be read ({str(getattr(e, 'orig', None) or e).strip().splitlines()[0]})"
+    finally:
+        engine.dispose()
+    missing = sorted(OPTUNA_STUDY_COLUMNS - columns)
+    if missing:
+        return f"its table studies is not Optuna's (no column {', '.join(missing)})"
+    return None
+
+
+def _sqlite_storage_problem(url: str, path: Path) -> tuple[str, str] | None:
+    """(problem, remedy) of an Optuna SQLite storage file that cannot be used, or None."""
+    from pipeline.store_checks import sqlite_problem, unwritable
+
+    if path.is_file():
+        problem = sqlite_problem(path)
+        if problem:
+            return problem, "move it aside or pass another {flag}"
+    elif not path.parent.is_dir():
+        return f"its directory {path.parent} does not exist", "create it or pass another {flag}"
+    why = unwritable(path)
+    if why:
+        return why, "make it writable or pass another {flag}"
+    why = _foreign_schema(url) if path.is_file() and path.stat().st_size else None
+    return (why, "move it aside or pass another {flag}") if why else None
+
+
 def check_storage(url: str, flag: str = "storage") -> None:
-    """Before the sweep writes anything: a journal must replay (see :func:`repair_journal`); an existing
-    SQLite file must be a readable database, a new one's directory must exist; a PostgreSQL or MySQL
-    database must accept a connection within seconds. Raises StoreError (one line, exit 2). Without the
-    database probe an unreachable server, a mistyped database name or a missing directory came as a
-    140-line traceback after the MLflow store was created (found by a walkthrough)."""
+    """Before the sweep writes anything: a journal must replay (see :func:`repair_journal`) and be a file
+    this process can write; an existing SQLite file must be a readable database, a new one's directory
+    must exist; either must be writable; a PostgreSQL or MySQL database must accept a connection within
+    seconds; a database whose ``studies`` table is not Optuna's is refused. Raises StoreError (one line,
+    exit 2). Without these an unreachable server, a mistyped database name, a missing or read-only
+    directory, a directory given as the journal or another program's schema came as a traceback after
+    the MLflow store was created (found by a walkthrough and a fuzzing review)."""
     from pipeline.schema import StoreError
 
+    def refuse(problem: str, remedy: str = "move it aside or pass another {flag}"):
+        return StoreError(f"optuna storage {display_url(url)}", problem, remedy.format(flag=flag))
+
     if not is_rdb(url):
+        why = _journal_unwritable(journal_path(url))
+        if why:
+            remedy = "make it writable or pass another {flag}"
+            raise refuse(why, "pass a journal file path as {flag}" if "directory," in why else remedy)
         repair_journal(journal_file(url))
         return
     path = sqlite_file(url)
     if path is not None:
-        from pipeline.store_checks import sqlite_problem
-
-        if path.is_file():
-            problem = sqlite_problem(path)
-            if problem:
-                raise StoreError(f"optuna storage {url}", problem, "move it aside or pass another --storage")
-        elif not path.parent.is_dir():
-            raise StoreError(
-                f"optuna storage {url}",
-                f"its directory {path.parent} does not exist",
-                f"create it or pass another {flag}",
-            )
+        bad = _sqlite_storage_problem(url, path)
+        if bad:
+            raise refuse(*bad)
         return
     if scheme(url) != "sqlite":
         from pipeline.store_checks import check_database_store
 
         check_database_store(url, flag, "optuna storage")
+        why = _foreign_schema(url)
+        if why:
+            raise refuse(f"{why}: another program's tables", "point {flag} at another database")
 
 
 @contextlib.contextmanager
