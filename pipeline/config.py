@@ -244,7 +244,6 @@ def _validate_task(t: TaskConfig) -> None:
 
 
 EXPERIMENT_NAME_MAX = 500  # MLflow: MAX_EXPERIMENT_NAME_LENGTH
-RUN_NAME_MAX = 250  # MLflow: runs.name is VARCHAR(250)
 
 
 def _max_len(key: str, value: str, limit: int, what: str) -> None:
@@ -315,8 +314,6 @@ def validate(cfg: Config) -> None:
     # VARCHAR(250) in its SQL schema): beyond them MLflow raised a traceback after mlflow.db was written
     # (found by a fuzzing review)
     _max_len("tracking.experiment", cfg.tracking.experiment, EXPERIMENT_NAME_MAX, "experiment names")
-    if cfg.tracking.run_name is not None:
-        _max_len("tracking.run_name", cfg.tracking.run_name, RUN_NAME_MAX, "run names")
     if cfg.tracking.system_metrics and cfg.tracking.enabled and importlib.util.find_spec("psutil") is None:
         raise ConfigError(
             "tracking.system_metrics",

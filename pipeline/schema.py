@@ -127,23 +127,20 @@ class UniqueKeyLoader(yaml.SafeLoader):
     with 4 and nobody saw the 3 go (found by a fuzzing review). Merge keys (``<<: *anchor``) are not
     duplicates: what they bring in may be overridden, as YAML says."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, int] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    first = seen.get(key)
-                except TypeError:
-                    continue  # an unhashable key: the constructor below names it
-                line = key_node.start_mark.line + 1
-                if first is not None:
-                    raise _DuplicateKey(key, line, first)
-                seen[key] = line
-        mapping: dict[Any, Any] = super().construct_mapping(node, deep=deep)
-        return mapping
+    def compose_mapping_node(self, anchor: Any) -> Any:
+        # Checked as composed, on the keys written in this mapping: by construction time PyYAML may have
+        # flattened merges into it in place (a mapping merged by a later one is flattened first), and the
+        # keys they brought in then looked like duplicates of its own (found by a review).
+        node = super().compose_mapping_node(anchor)
+        seen: dict[tuple[str, str], int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue  # a merge, or a complex key (the constructor names those)
+            key, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(self.construct_object(key_node, deep=True), line, seen[key])
+            seen[key] = line
+        return node
 
 
 def load_yaml_text(text: str) -> Any:

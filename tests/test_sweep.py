@@ -266,26 +266,30 @@ def test_a_trial_reaped_after_its_run_finished_but_before_its_tell_has_that_run_
     exp = c.create_experiment("untold")
     study.set_user_attr("mlflow_experiment_id", exp)
     runs = {}
-    for name in ("untold", "told"):
+    for name in ("untold", "told", "untold, no attr", "running, no attr"):
         t = study.ask()
         study._storage.set_trial_param(
             t._trial_id, "x", 0.5, optuna.distributions.FloatDistribution(0.0, 1.0)
         )
         t.set_user_attr("worker", _dead_owner())
         r = c.create_run(exp, tags={"study": "u", "trial_number": str(t.number)})
-        t.set_user_attr("mlflow_run_id", r.info.run_id)
-        c.set_terminated(r.info.run_id, "FINISHED")
+        if "no attr" not in name:  # else killed before the attr was written: found by its tags
+            t.set_user_attr("mlflow_run_id", r.info.run_id)
+        if "running" not in name:
+            c.set_terminated(r.info.run_id, "FINISHED")
         runs[name] = (t, r.info.run_id)
     told, told_run = runs["told"]
     study.tell(told, 1.0)
     c.set_tag(told_run, "optuna_state", "COMPLETE")
 
-    untold, untold_run = runs["untold"]
-    assert reap_stale(study, url, store) == [untold.number]
-    got = c.get_run(untold_run)
-    assert got.info.status == "KILLED" and got.data.tags["status"] == "killed"
+    reaped = sorted(t.number for name, (t, _) in runs.items() if name != "told")
+    assert sorted(reap_stale(study, url, store)) == reaped
+    for name, (_, rid) in runs.items():
+        if name != "told":
+            got = c.get_run(rid)
+            assert got.info.status == "KILLED" and got.data.tags["status"] == "killed", name
     assert c.get_run(told_run).info.status == "FINISHED"
-    assert [t.user_attrs["retry_of"] for t in study.trials if t.state.name == "WAITING"] == [untold.number]
+    assert sorted(t.user_attrs["retry_of"] for t in study.trials if t.state.name == "WAITING") == reaped
 
 
 @pytest.mark.parametrize("seed", [0, 7])
@@ -552,6 +556,28 @@ def test_workers_outlive_their_forkserver_in_the_parents_eyes(tmp_path):
     assert lines[1] == "poll while the worker sleeps: None"
     waited = float(lines[2].split("after ")[1].split()[0])
     assert lines[2].startswith("wait: 255") and waited >= 1.0  # it slept on, 4 s from its start
+
+
+def test_the_parent_sleeps_while_a_worker_outlives_its_forkserver(monkeypatch):
+    """A worker whose forkserver is gone has a ready sentinel while it runs: waiting on it returned at
+    once, and the parent spun on the store (100,000 waits in 3 s in a review); it sleeps instead."""
+    import multiprocessing.connection
+
+    from pipeline.sweep import supervisor
+
+    class Lost:  # what procs.WorkerProcess shows then: exit status 255 from multiprocessing, yet running
+        proc = type("P", (), {"exitcode": 255, "sentinel": None})()
+
+        def poll(self):
+            return None
+
+    workers = supervisor.Workers.__new__(supervisor.Workers)
+    workers.procs = {0: Lost()}
+    calls = []
+    monkeypatch.setattr(supervisor.time, "sleep", lambda s: calls.append(("sleep", s)))
+    monkeypatch.setattr(multiprocessing.connection, "wait", lambda *a: calls.append(("wait", a)) or [])
+    workers.wait_any(0.5)
+    assert calls == [("sleep", 0.5)]
 
 
 @pytest.mark.slow

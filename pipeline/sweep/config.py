@@ -202,8 +202,11 @@ def _merged(path: str | Path, overrides: list[str]) -> dict[str, Any]:
         # `base=FILE` on the command line is a path, relative to the working directory, whatever YAML
         # makes of it (`base=3` is the file 3, not the integer): it was said to be "not a path" (found by
         # a fuzzing review)
+        # It replaces the sweep file's base, as a base: path in the file would: merged into an inline base
+        # it kept that base's keys the file does not set (init, clip, ... of another model; a review).
         text = next(o.split("=", 1)[1] for o in reversed(overrides) if o.split("=", 1)[0].strip() == "base")
-        over["base"] = _read_base(text, None, "in the working directory")
+        raw["base"] = _read_base(text, None, "in the working directory")
+        del over["base"]
     data = deep_merge(raw, over)
     for k in data:
         if k not in TOP_KEYS:

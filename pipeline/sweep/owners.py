@@ -61,11 +61,8 @@ def close_trial_runs(
     exp_id = study.user_attrs.get("mlflow_experiment_id")
     if exp_id is not None:
         filt = f"tags.{STUDY} = '{study.study_name}' and tags.{TRIAL_NUMBER} = '{trial.number}'"
-        filt += (
-            " and attributes.status IN ('RUNNING', 'FINISHED')"
-            if untold
-            else " and attributes.status = 'RUNNING'"
-        )
+        if not untold:  # untold: RUNNING or FINISHED, told apart below (MLflow's filter has no IN on status)
+            filt += " and attributes.status = 'RUNNING'"
         with contextlib.suppress(MlflowException):
             ids |= {r.info.run_id for r in c.search_runs([exp_id], filt, max_results=50)}
     closed = []

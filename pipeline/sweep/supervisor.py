@@ -170,9 +170,12 @@ class Workers:
         the summary starts when the last worker ends, not at the next poll. Popen workers: a plain sleep."""
         from multiprocessing.connection import wait
 
-        sentinels = [p.proc.sentinel for p in self.procs.values() if hasattr(p, "proc")]
-        if sentinels and len(sentinels) == len(self.procs):
-            wait(sentinels, timeout)
+        forked = [p for p in self.procs.values() if hasattr(p, "proc")]
+        # a worker whose forkserver is gone: its sentinel is ready while it runs on (procs.WorkerProcess),
+        # and waiting on it returned at once, a busy loop on the store until it ended (found by a review)
+        lost = any(p.proc.exitcode is not None and p.poll() is None for p in forked)
+        if forked and len(forked) == len(self.procs) and not lost:
+            wait([p.proc.sentinel for p in forked], timeout)
         else:
             time.sleep(timeout)
 

@@ -170,26 +170,22 @@ def load_run(run_id: str, tracking_uri: str | None = None) -> LoadedRun:
     task = task_of(cfg.task)
     module = RNNTrainingModule(cfg, task)
     with tempfile.TemporaryDirectory() as d:
-        p = _download(c, run_id, WEIGHTS, d)
-        source = WEIGHTS
-        try:
-            if p is not None:
+        p, source = _download(c, run_id, WEIGHTS, d), WEIGHTS
+        if p is None:
+            p, source = _download(c, run_id, CHECKPOINT, d), CHECKPOINT
+            if p is None:
+                raise ConfigError(
+                    "", f"run {run_id} has neither {WEIGHTS} nor {CHECKPOINT} (tracking.log_model was false?)"
+                )
+        try:  # the file only: a store that fails while downloading raises as it would anywhere else
+            if source == WEIGHTS:
                 state = torch.load(p, map_location="cpu", weights_only=True)
             else:
-                p = _download(c, run_id, CHECKPOINT, d)
-                if p is None:
-                    raise ConfigError(
-                        "",
-                        f"run {run_id} has neither {WEIGHTS} nor {CHECKPOINT} (tracking.log_model was false?)",
-                    )
-                source = CHECKPOINT
                 ckpt = torch.load(p, map_location="cpu", weights_only=True)
                 state = {
                     k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
                 }
             module.model.load_state_dict(state)
-        except ConfigError:
-            raise
         except Exception as e:  # a truncated file (a kill during its upload), another model's tensors, ...
             raise ConfigError(
                 "",
