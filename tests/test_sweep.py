@@ -192,22 +192,32 @@ def _dead_owner() -> str:
     return tag
 
 
+def _reaper_study(store, name: str):
+    """A journal study ``name`` whose user attrs point at a new MLflow experiment of the same name:
+    (journal url, study, MLflow client, experiment id)."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.sweep.stores import open_storage
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    url = f"optuna/{name}.journal"
+    study = optuna.create_study(study_name=name, storage=open_storage(url))
+    c = MlflowClient(store)
+    exp = c.create_experiment(name)
+    study.set_user_attr("mlflow_experiment_id", exp)
+    return url, study, c, exp
+
+
 def test_reaper_fails_dead_owners_trials_closes_runs_and_retries_once(store, monkeypatch):
     """In-process: which RUNNING trials the journal reaper takes (dead owner, orphan past ORPHAN_S) and which
     it leaves (live owner, another host, a fresh orphan); the run closed KILLED; one retry, never two."""
     import optuna
-    from mlflow.tracking import MlflowClient
 
     from pipeline.sweep import owners as sweep_store
     from pipeline.sweep.owners import owner_alive, owner_tag, reap_stale
-    from pipeline.sweep.stores import open_storage
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = "optuna/r.journal"
-    study = optuna.create_study(study_name="r", storage=open_storage(url))
-    c = MlflowClient(store)
-    exp = c.create_experiment("reap")
-    study.set_user_attr("mlflow_experiment_id", exp)
+    url, study, c, exp = _reaper_study(store, "r")
 
     def running(owner: str | None, x: float):
         t = study.ask()
@@ -254,17 +264,10 @@ def test_a_trial_reaped_after_its_run_finished_but_before_its_tell_has_that_run_
     it, so its FINISHED run, never told (no ``optuna_state`` tag), is closed KILLED too; it stayed FINISHED
     beside the retry's run (13 FINISHED trial runs for 12 trials). A told trial's run is left alone."""
     import optuna
-    from mlflow.tracking import MlflowClient
 
     from pipeline.sweep.owners import reap_stale
-    from pipeline.sweep.stores import open_storage
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    url = "optuna/u.journal"
-    study = optuna.create_study(study_name="u", storage=open_storage(url))
-    c = MlflowClient(store)
-    exp = c.create_experiment("untold")
-    study.set_user_attr("mlflow_experiment_id", exp)
+    url, study, c, exp = _reaper_study(store, "u")
     runs = {}
     for name in ("untold", "told", "untold, no attr", "running, no attr"):
         t = study.ask()

@@ -129,6 +129,17 @@ def test_a_machine_whose_workers_are_done_waits_for_trials_elsewhere_and_takes_o
     assert parent.data.tags["n_trials_done"] == str(n_trials)
 
 
+def _refused_line(tmp_path, *args: str) -> str:
+    """The one stderr line of a sweep (tmp_path/s.yaml, written here) refused with exit 2."""
+    cfg = write_sweep(tmp_path / "s.yaml")
+    r = subprocess.run(
+        sweep_cmd(cfg, *args), capture_output=True, text=True, timeout=120, env=sweep_env(), cwd=tmp_path
+    )
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
+    return lines[0]
+
+
 @pytest.mark.parametrize(
     ("storage", "says"),
     [
@@ -142,18 +153,8 @@ def test_a_machine_whose_workers_are_done_waits_for_trials_elsewhere_and_takes_o
 def test_an_optuna_store_that_cannot_be_opened_is_one_line_and_nothing_is_written(tmp_path, storage, says):
     """A PostgreSQL server that refuses (port 1: nothing listens), or a SQLite file in a directory that
     does not exist: a 140-line traceback, exit 1, and mlflow.db written before (walkthrough)."""
-    cfg = write_sweep(tmp_path / "s.yaml")
-    r = subprocess.run(
-        sweep_cmd(cfg, "--storage", storage),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=sweep_env(),
-        cwd=tmp_path,
-    )
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
-    assert lines[0].startswith("error: optuna storage ") and says in lines[0] and "--storage" in lines[0]
+    line = _refused_line(tmp_path, "--storage", storage)
+    assert line.startswith("error: optuna storage ") and says in line and "--storage" in line
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["s.yaml"]
 
 
@@ -173,22 +174,12 @@ def test_a_storage_that_cannot_be_used_is_one_line_naming_storage(tmp_path, stor
     """Fuzzing review: a directory given as the journal (or ``journal://`` alone) was an IsADirectoryError
     traceback, a storage naming no database ran into an in-memory one or libpq's default database; each
     after mlflow.db had been written."""
-    cfg = write_sweep(tmp_path / "s.yaml")
     if storage == "o.journal":
         (tmp_path / "o.journal").mkdir()
-    before = sorted(p.name for p in tmp_path.iterdir())
-    r = subprocess.run(
-        sweep_cmd(cfg, "n_trials=1", "--storage", storage),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=sweep_env(),
-        cwd=tmp_path,
-    )
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
-    assert lines[0].startswith("error: ") and says in lines[0] and "--storage" in lines[0], lines
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    before = sorted(p.name for p in tmp_path.iterdir() if p.name != "s.yaml")
+    line = _refused_line(tmp_path, "n_trials=1", "--storage", storage)
+    assert line.startswith("error: ") and says in line and "--storage" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "s.yaml") == before
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
