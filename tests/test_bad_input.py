@@ -587,6 +587,29 @@ def test_ui_bad_port_or_host_is_one_line_before_the_server(tmp_path, args, needl
     assert files(tmp_path) == []
 
 
+def test_ui_checks_every_address_its_host_resolves_to(monkeypatch):
+    """The server listens on every address ``--host`` resolves to (``localhost``: ::1 and 127.0.0.1); the
+    check bound the first alone, so a busy port behind the second passed it and the server failed after
+    (exit 0 with the error in its log). Here the name resolves to a free address, then the busy one."""
+    import socket
+
+    from pipeline.cli.ui import check_bind
+    from pipeline.schema import ConfigError
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        real = socket.getaddrinfo
+
+        def two(host, p, *a, **kw):
+            return [*real("127.0.0.2", p, *a, **kw), *real("127.0.0.1", p, *a, **kw)]
+
+        monkeypatch.setattr(socket, "getaddrinfo", two)
+        with pytest.raises(ConfigError, match=f"{port} is in use"):
+            check_bind("localhost", port)
+
+
 def test_ui_on_a_busy_port_is_one_line_naming_the_port(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -110,12 +110,18 @@ def check_bind(host: str, port: int) -> None:
             "--host",
             f"cannot resolve {host!r} to an address to listen on ({getattr(e, 'strerror', None) or e})",
         ) from None
-    family, kind, proto, _, addr = infos[0]
-    sock = socket.socket(family, kind, proto)
+    # Every address the name resolves to, as the server's asyncio listener binds them all (``localhost``:
+    # ::1 and 127.0.0.1): the first alone passed where ::1 came first and 127.0.0.1's port was busy.
+    socks = []
     try:
-        if os.name == "posix":
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(addr)
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            if os.name == "posix":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == getattr(socket, "AF_INET6", None) and hasattr(socket, "IPV6_V6ONLY"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio: v4 is its own bind
+            sock.bind(addr)
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
             raise ConfigError(
@@ -129,7 +135,8 @@ def check_bind(host: str, port: int) -> None:
             "--host", f"cannot listen on {host} ({e.strerror or e}): not an address of this machine?"
         ) from None
     finally:
-        sock.close()
+        for sock in socks:
+            sock.close()
 
 
 def command(args: argparse.Namespace) -> int:
