@@ -8,6 +8,15 @@ on an idle core: ``python -X importtime -c "import mlflow; import mlflow.store.t
 import os
 import signal
 
+# In the forkserver only (its parent is the sweep that started it), and before the imports below, which
+# take seconds: ignore SIGTERM. A SIGTERM to the sweep's process group (``timeout``, a service manager, a
+# batch scheduler) reached the forkserver, which lives in that group, and killed it; the parent then read
+# exit status 255 for every worker while they still ran and left before they had closed their trials
+# (runs left RUNNING). The forkserver still ends with the parent (multiprocessing closes its pipe);
+# workers take SIGTERM back at once (pipeline.sweep.procs._entry).
+if os.environ.get("PIPELINE_FORKSERVER_OF") == str(os.getppid()):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
 import mlflow
 import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 import optuna  # noqa: F401
@@ -15,11 +24,3 @@ import pytorch_lightning  # noqa: F401
 import torch  # noqa: F401
 
 from pipeline.training import run as train  # noqa: F401
-
-# In the forkserver only (its parent is the sweep that started it): ignore SIGTERM. A SIGTERM to the sweep's
-# process group (``timeout``, a service manager, a batch scheduler) reached the forkserver, which lives in
-# that group, and killed it; the parent then read exit status 255 for every worker while they still ran and
-# left before they had closed their trials (runs left RUNNING). The forkserver still ends with the parent
-# (multiprocessing closes its pipe); workers take SIGTERM back at once (pipeline.sweep.procs._entry).
-if os.environ.get("PIPELINE_FORKSERVER_OF") == str(os.getppid()):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
