@@ -276,8 +276,12 @@ def test_sigterm_of_train_then_resume(store, tmp_path, sig):
         "tracking.experiment=test",
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    from pipeline.tracking import use_wal
+
     c = MlflowClient(store)
     c.search_experiments()  # the store made here first: two processes creating its tables at once collide
+    use_wal(tmp_path / "mlflow.db")  # as the pipeline makes it: this test's polling must not block the run's
+    # writes (in MLflow's rollback-journal mode it did: "database is locked" as the run closed KILLED)
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "train", *args],
         stdout=subprocess.PIPE,

@@ -59,8 +59,11 @@ def test_an_interrupted_suite_closes_every_run_and_leaves_no_process(tmp_path, s
     (tmp_path / "slow.yaml").write_text(SUITE)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(ROOT)}
+    from pipeline.tracking import use_wal
+
     c = MlflowClient(uri)
     c.search_experiments()  # the store made here first: two processes migrating one new file race
+    use_wal(tmp_path / "mlflow.db")  # as the pipeline makes it: this test's polling never blocks a write
     cmd = [sys.executable, "-m", "pipeline", "regress", "--suite", "slow.yaml", "--workers", "2"]
     proc = subprocess.Popen(
         cmd,
