@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from test_sweep import load_study, sweep_cmd, sweep_env, write_sweep
 from pipeline.sweep.config import SamplerConfig, SweepConfig
 from pipeline.sweep.space import Param
 from pipeline.sweep.study import make_sampler, suggest
+from pipeline.sweep.study_end import WAIT_S
 
 
 def _draw(study, space) -> dict:
@@ -62,6 +64,34 @@ def _wait(cond, timeout: float, what: str, proc=None) -> None:
     pytest.fail(f"timed out waiting for {what}")
 
 
+WAITING = "waiting for 1 trial(s) running in other processes"
+
+
+class _Drain:
+    """Reads a process's stdout and stderr while it runs (a thread each), so a test can wait for a line."""
+
+    def __init__(self, proc):
+        self.lines: dict[str, list[str]] = {"out": [], "err": []}
+        self.threads = [
+            threading.Thread(target=self._read, args=(stream, self.lines[k]), daemon=True)
+            for k, stream in (("out", proc.stdout), ("err", proc.stderr))
+        ]
+        for t in self.threads:
+            t.start()
+
+    @staticmethod
+    def _read(stream, into: list[str]) -> None:
+        for line in stream:
+            into.append(line)
+
+    def join(self, timeout: float = 30) -> None:
+        for t in self.threads:
+            t.join(timeout)
+
+    def text(self, which: str = "out") -> str:
+        return "".join(list(self.lines[which]))
+
+
 def _done(study) -> int:
     from pipeline.sweep.study import counts
 
@@ -103,21 +133,31 @@ def test_a_machine_whose_workers_are_done_waits_for_trials_elsewhere_and_takes_o
             text=True,
             env=sweep_env(),
         )
-        _wait(lambda: _done(load_study()) == n_trials - 1, 240, "this machine's trial", proc)
-        time.sleep(8)  # past a poll or two of the supervisor
+        outs = _Drain(proc)
+        # Timed on the machine's line saying it waits (after its own trial, or at once with nothing left
+        # to it), not on a sleep: a machine under load was still starting when an 8 s sleep ran out, found
+        # the other worker already dead, and never waited (seen once with other jobs on the 2 cores).
+        _wait(lambda: WAITING in outs.text() or proc.poll() is not None, 240, "the line saying it waits")
+        assert proc.poll() is None, (
+            "ended while a trial of the study was still training elsewhere\n" + outs.text()
+        )
+        assert _done(load_study()) == n_trials - 1
+        time.sleep(2 * WAIT_S)  # past a poll or two of the supervisor
         assert proc.poll() is None, "ended while a trial of the study was still training elsewhere"
         c = MlflowClient(store)
         parent = c.get_run(load_study().user_attrs["mlflow_parent_run_id"])
         assert parent.info.status == "RUNNING" and parent.data.tags.get("sweep_complete") != "true"
         other.kill()  # the other machine is lost
         other.wait()
-        out, err = proc.communicate(timeout=240)
+        proc.wait(timeout=240)
+        outs.join()
+        out, err = outs.text(), outs.text("err")
     finally:
         for p in (other, proc):
             if p is not None and p.poll() is None:
                 p.kill()
     assert proc.returncode == 0, out[-3000:] + err[-3000:]
-    assert "waiting for 1 trial(s) running in other processes" in out
+    assert out.count(WAITING) == 1, out  # said once
     study = load_study()
     assert _done(study) == n_trials
     lost = study.trials[held.number]

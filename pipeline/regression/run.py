@@ -2,7 +2,8 @@
 
 The suite file is read by :mod:`pipeline.regression.suite`. The CLI (:mod:`pipeline.cli.regress`) and
 the Airflow DAG (``dags/rnn_gradient_regression.py``) share the functions here:
-:func:`start_suite_run` opens the parent MLflow run; :func:`run_entry` trains one entry as a nested run;
+:func:`start_suite_run` opens the parent MLflow run; :func:`run_entry` trains one entry as a nested run
+(:func:`pipeline.regression.pool.run_all` runs them all, in worker processes);
 :func:`collect` reads the runs back from the store; :func:`judge_entries` turns them into table rows;
 :func:`finish_suite_run` records the verdict. :func:`run_suite` is the CLI's whole flow. The rows and
 their text are :mod:`pipeline.regression.judge`'s; the ``--update-baseline`` flow (perturbed reruns,
@@ -14,10 +15,8 @@ Run status changes only through :mod:`pipeline.tracking` (``Recorder``, ``end_ru
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from pipeline.names import ENTRY, KIND, KIND_REGRESSION, OVERRIDES, OWNER, PERTURBATION, ROLE, STATUS, SUITE
@@ -25,7 +24,8 @@ from pipeline.provenance import owner_alive, owner_tag, version_tags
 from pipeline.regression.baselines import check_writable, suite_baseline
 from pipeline.regression.judge import format_table, judge_entries, suite_verdict
 from pipeline.regression.laws import LAW, NO_BASELINE, EntryResult, Row
-from pipeline.regression.suite import EXPERIMENT, Entry, Suite, load_suite, with_overrides
+from pipeline.regression.pool import Say, run_all
+from pipeline.regression.suite import EXPERIMENT, Suite, with_overrides
 
 ROLE_SUITE, ROLE_ENTRY = "suite", "entry"  # the values of tag ROLE: the parent run, an entry's run
 KEY = "regression_key"  # tag: the DAG's idempotency key (suite + data interval) on the parent and entries
@@ -39,8 +39,6 @@ PERTURBATIONS: dict[str, tuple[str, ...]] = {
     "ulp1": ("model.init_ulp_seed=1",),
     "ulp2": ("model.init_ulp_seed=2",),
 }
-
-Say = Callable[[str], None]
 
 # ------------------------------------------------------------------------------------------ running
 
@@ -143,136 +141,6 @@ def run_entry(
     run_id = run(cfg, parent_run_id=parent_run_id, experiment_id=experiment_id, extra_tags=tags).run_id
     assert run_id is not None, name  # None only with tracking off, and a suite turns it on (suite.py)
     return run_id
-
-
-_interrupted = False  # in a pool worker: a Ctrl-C or SIGTERM stopped an entry here; run no more
-
-
-ORPHAN_POLL_S = 1.0  # how often a pool worker checks that the suite's process is still its parent
-ORPHAN_GRACE_S = 60.0  # after its SIGTERM to itself, how long an orphaned worker has to close its run
-
-
-def _worker_init() -> None:
-    """A pool worker ignores Ctrl-C: the parent, which gets it too, forwards a SIGTERM to every worker
-    (:func:`run_all`), so a worker between entries never dies with a KeyboardInterrupt traceback.
-
-    And it watches its parent: after a kill -9 of the suite's process (no SIGTERM forwarded), the workers
-    went on training the entries queued to them, to FINISHED runs under a parent the next ``regress``
-    closes KILLED (a chaos walkthrough). An orphaned worker sends itself the SIGTERM the parent would have
-    (its entry's run is closed KILLED, no queued entry starts) and exits after :data:`ORPHAN_GRACE_S`."""
-    import os
-    import signal
-    import threading
-    import time
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(ORPHAN_POLL_S)
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(ORPHAN_GRACE_S)
-        os._exit(143)
-
-    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
-
-
-def _entry_worker(
-    suite_path: str,
-    name: str,
-    parent_run_id: str,
-    experiment_id: str,
-    uri: str | None,
-    overrides: tuple[str, ...] = (),
-    perturbation: str | None = None,
-):
-    """Process-pool target (spawn): returns (name, run_id or None, error or None). After an interrupt in
-    this worker (its entry's run closed KILLED), an entry already queued to it is not started."""
-    global _interrupted
-    if _interrupted:
-        return name, None, "not run: the suite was interrupted"
-    try:
-        return (
-            name,
-            run_entry(
-                load_suite(suite_path),
-                name,
-                parent_run_id,
-                experiment_id,
-                uri=uri,
-                overrides=overrides,
-                perturbation=perturbation,
-            ),
-            None,
-        )
-    except Exception as e:  # the run is closed FAILED by train.run; report and let the others go on
-        return name, None, f"{type(e).__name__}: {e}"
-    except BaseException:  # KeyboardInterrupt, Terminated: the run is closed KILLED by train.run
-        _interrupted = True
-        raise
-
-
-def cost(e: Entry) -> float:
-    """Rough relative cost (steps x T x H x gates) to start the longest entries first."""
-    gates = {"lstm": 4, "gru": 3}.get(e.cfg.model.cell, 1)
-    return e.cfg.trainer.max_steps * e.cfg.task.seq_len * e.cfg.model.hidden_size * gates
-
-
-def run_all(
-    suite: Suite,
-    parent_run_id: str,
-    experiment_id: str,
-    workers: int = 1,
-    uri: str | None = None,
-    progress: Say = print,
-    entries: list[str] | None = None,
-    overrides: tuple[str, ...] = (),
-    perturbation: str | None = None,
-) -> dict[str, tuple[str | None, str | None]]:
-    """Run every entry, or those named in ``entries`` (``workers`` spawned processes, or in-process for 1).
-
-    Returns {name: (run_id, error)}. ``overrides`` and ``perturbation`` go to :func:`run_entry`.
-    """
-    import time
-
-    out: dict[str, tuple[str | None, str | None]] = {}
-    chosen = [e for e in suite.entries if entries is None or e.name in entries]
-    order = sorted(chosen, key=cost, reverse=True) if workers > 1 else chosen
-    t0, n = time.time(), len(order)
-    label = f" ~{perturbation}" if perturbation else ""
-    args = (parent_run_id, experiment_id, uri, tuple(overrides), perturbation)
-
-    def done(name, run_id, err):
-        out[name] = (run_id, err)
-        progress(
-            f"  [{len(out)}/{n}] {name}{label}: {'ok' if err is None else 'FAILED: ' + err} "
-            f"({time.time() - t0:.0f} s)"
-        )
-
-    if workers <= 1:
-        for e in order:
-            done(*_entry_worker(str(suite.path), e.name, *args))
-        return out
-    import concurrent.futures as cf
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
-        futs = [pool.submit(_entry_worker, str(suite.path), e.name, *args) for e in order]
-        try:
-            for f in cf.as_completed(futs):
-                done(*f.result())
-        except BaseException:
-            # Ctrl-C or SIGTERM here (or a failure): every worker gets a SIGTERM, so its entry's run is
-            # closed KILLED (train.run) and an entry already queued to it is not started; then wait for
-            # them, so that none outlives the suite
-            for proc in list(getattr(pool, "_processes", {}).values()):
-                with contextlib.suppress(OSError):
-                    proc.terminate()
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-    return out
 
 
 def check_suite_fits(suite: Suite, overrides: tuple[str, ...], workers: int) -> None:

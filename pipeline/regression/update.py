@@ -15,7 +15,8 @@ from pipeline.regression.baselines import (
 )
 from pipeline.regression.judge import format_columns, format_table, judge_entries, judge_perturbed
 from pipeline.regression.laws import ERROR, LAW, EntryResult, Row
-from pipeline.regression.run import PERTURBATIONS, Say, collect, finish_suite_run, run_all
+from pipeline.regression.pool import Say, run_all
+from pipeline.regression.run import PERTURBATIONS, collect, finish_suite_run
 from pipeline.regression.suite import Suite
 
 

@@ -1,0 +1,149 @@
+"""The regression suite's process pool: every entry of a suite run, in ``workers`` spawned processes.
+
+:func:`run_all` is what :func:`pipeline.regression.run.run_suite` and the ``--update-baseline`` reruns
+(:mod:`pipeline.regression.update`) call; each entry is :func:`pipeline.regression.run.run_entry` in a
+pool worker (:func:`_entry_worker`). What the pool promises on faults (README, "Faults and resuming"):
+a Ctrl-C or SIGTERM of the suite reaches every worker as a SIGTERM, so each entry's run is closed KILLED
+and no queued entry starts; after a kill -9 of the suite the workers notice they are orphaned and do the
+same (:func:`_worker_init`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+from pipeline.regression.suite import Entry, Suite, load_suite
+
+Say = Callable[[str], None]
+
+_interrupted = False  # in a pool worker: a Ctrl-C or SIGTERM stopped an entry here; run no more
+
+
+ORPHAN_POLL_S = 1.0  # how often a pool worker checks that the suite's process is still its parent
+ORPHAN_GRACE_S = 60.0  # after its SIGTERM to itself, how long an orphaned worker has to close its run
+
+
+def _worker_init() -> None:
+    """A pool worker ignores Ctrl-C: the parent, which gets it too, forwards a SIGTERM to every worker
+    (:func:`run_all`), so a worker between entries never dies with a KeyboardInterrupt traceback.
+
+    And it watches its parent: after a kill -9 of the suite's process (no SIGTERM forwarded), the workers
+    went on training the entries queued to them, to FINISHED runs under a parent the next ``regress``
+    closes KILLED (a chaos walkthrough). An orphaned worker sends itself the SIGTERM the parent would have
+    (its entry's run is closed KILLED, no queued entry starts) and exits after :data:`ORPHAN_GRACE_S`."""
+    import os
+    import signal
+    import threading
+    import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(ORPHAN_GRACE_S)
+        os._exit(143)
+
+    threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
+
+
+def _entry_worker(
+    suite_path: str,
+    name: str,
+    parent_run_id: str,
+    experiment_id: str,
+    uri: str | None,
+    overrides: tuple[str, ...] = (),
+    perturbation: str | None = None,
+):
+    """Process-pool target (spawn): returns (name, run_id or None, error or None). After an interrupt in
+    this worker (its entry's run closed KILLED), an entry already queued to it is not started."""
+    from pipeline.regression.run import run_entry
+
+    global _interrupted
+    if _interrupted:
+        return name, None, "not run: the suite was interrupted"
+    try:
+        return (
+            name,
+            run_entry(
+                load_suite(suite_path),
+                name,
+                parent_run_id,
+                experiment_id,
+                uri=uri,
+                overrides=overrides,
+                perturbation=perturbation,
+            ),
+            None,
+        )
+    except Exception as e:  # the run is closed FAILED by train.run; report and let the others go on
+        return name, None, f"{type(e).__name__}: {e}"
+    except BaseException:  # KeyboardInterrupt, Terminated: the run is closed KILLED by train.run
+        _interrupted = True
+        raise
+
+
+def cost(e: Entry) -> float:
+    """Rough relative cost (steps x T x H x gates) to start the longest entries first."""
+    gates = {"lstm": 4, "gru": 3}.get(e.cfg.model.cell, 1)
+    return e.cfg.trainer.max_steps * e.cfg.task.seq_len * e.cfg.model.hidden_size * gates
+
+
+def run_all(
+    suite: Suite,
+    parent_run_id: str,
+    experiment_id: str,
+    workers: int = 1,
+    uri: str | None = None,
+    progress: Say = print,
+    entries: list[str] | None = None,
+    overrides: tuple[str, ...] = (),
+    perturbation: str | None = None,
+) -> dict[str, tuple[str | None, str | None]]:
+    """Run every entry, or those named in ``entries`` (``workers`` spawned processes, or in-process for 1).
+
+    Returns {name: (run_id, error)}. ``overrides`` and ``perturbation`` go to :func:`run_entry`.
+    """
+    import time
+
+    out: dict[str, tuple[str | None, str | None]] = {}
+    chosen = [e for e in suite.entries if entries is None or e.name in entries]
+    order = sorted(chosen, key=cost, reverse=True) if workers > 1 else chosen
+    t0, n = time.time(), len(order)
+    label = f" ~{perturbation}" if perturbation else ""
+    args = (parent_run_id, experiment_id, uri, tuple(overrides), perturbation)
+
+    def done(name, run_id, err):
+        out[name] = (run_id, err)
+        progress(
+            f"  [{len(out)}/{n}] {name}{label}: {'ok' if err is None else 'FAILED: ' + err} "
+            f"({time.time() - t0:.0f} s)"
+        )
+
+    if workers <= 1:
+        for e in order:
+            done(*_entry_worker(str(suite.path), e.name, *args))
+        return out
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+        futs = [pool.submit(_entry_worker, str(suite.path), e.name, *args) for e in order]
+        try:
+            for f in cf.as_completed(futs):
+                done(*f.result())
+        except BaseException:
+            # Ctrl-C or SIGTERM here (or a failure): every worker gets a SIGTERM, so its entry's run is
+            # closed KILLED (train.run) and an entry already queued to it is not started; then wait for
+            # them, so that none outlives the suite
+            for proc in list(getattr(pool, "_processes", {}).values()):
+                with contextlib.suppress(OSError):
+                    proc.terminate()
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return out
