@@ -1,11 +1,13 @@
 """Store URLs, parsed in one place: the default MLflow store, PostgreSQL's driver, sqlite files, the
-Optuna storage of a sweep, and URLs shown without credentials (README, "Stores").
+Optuna storage of a sweep, and URLs shown without credentials (README, "Stores"); and names made into
+file names (:func:`file_name`).
 
 Stdlib only: the CLI validates a URL before anything heavy is imported.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -18,6 +20,23 @@ SQLITE = "sqlite:///"
 # What an Optuna storage URL may start with (RDB storages); anything without "://" is a journal file path.
 STORAGE_SCHEMES = ("journal", "sqlite", "postgresql", "postgres", "mysql")
 RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql")
+
+
+FILE_NAME_MAX = 100  # bytes: a folder named after a study or an experiment (NAME_MAX is 255)
+
+
+def file_name(name: str, limit: int = FILE_NAME_MAX) -> str:
+    """``name`` as one path component of at most ``limit`` bytes: as it is when it fits (so the folders
+    of existing studies keep their names), else its first bytes, ``-`` and 12 hex digits of its SHA-1
+    (distinct names stay distinct). A study on a database server may have 512 characters and an
+    experiment 500, and their folders (``optuna/logs/<study>``, ``reports/<name>``) failed with "File
+    name too long"."""
+    raw = name.encode()
+    if len(raw) <= limit:
+        return name
+    digest = hashlib.sha1(raw).hexdigest()[:12]
+    head = raw[: limit - len(digest) - 1].decode(errors="ignore")  # never half a UTF-8 character
+    return f"{head}-{digest}"
 
 
 def with_pg_driver(url: str) -> str:

@@ -97,19 +97,27 @@ def mlflow_server(pg_databases, tmp_path):
         log.close()
 
 
+# A study on a database server names no store file, so it may have Optuna's 512 characters (a journal's
+# has 100 bytes): 300 here, which its worker logs' folder, MLflow's 250-character run names in the server's
+# PostgreSQL store and the report's folder must each take.
+LONG_STUDY = "pg-" + "s" * 297
+
+
 def test_two_workers_on_postgres_through_mlflow_server(pg_databases, mlflow_server, tmp_path, monkeypatch):
     import optuna
     from mlflow.tracking import MlflowClient
 
+    from pipeline.uris import file_name
+
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     optuna_url = pg_databases[0]
-    cfg = write_sweep(tmp_path / "s.yaml", n_trials=6, workers=2)
+    cfg = write_sweep(tmp_path / "s.yaml", n_trials=6, workers=2, study=LONG_STUDY)
     p = run_sweep_cli(cfg, "--storage", optuna_url, "--workers", "2")
     assert p.returncode == 0, p.stdout + p.stderr
-    logs = "".join(f.read_text() for f in Path("optuna/logs/t").glob("*.log"))
-    assert "Traceback" not in logs, logs[-3000:]
-    study = optuna.load_study(study_name="t", storage=optuna_url)
+    logs = "".join(f.read_text() for f in (Path("optuna/logs") / file_name(LONG_STUDY)).glob("*.log"))
+    assert "Traceback" not in logs and logs, logs[-3000:]
+    study = optuna.load_study(study_name=LONG_STUDY, storage=optuna_url)
     c = MlflowClient(mlflow_server)
     exp = c.get_experiment_by_name("sweep-test")
     runs = c.search_runs([exp.experiment_id], max_results=1000)
@@ -120,7 +128,15 @@ def test_two_workers_on_postgres_through_mlflow_server(pg_databases, mlflow_serv
     # A second invocation ("add a worker on another machine" after the end) joins, runs nothing new.
     p2 = run_sweep_cli(cfg, "--storage", optuna_url, "--workers", "1")
     assert p2.returncode == 0, p2.stderr
-    assert len(optuna.load_study(study_name="t", storage=optuna_url).trials) == len(study.trials)
+    assert len(optuna.load_study(study_name=LONG_STUDY, storage=optuna_url).trials) == len(study.trials)
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline", "report", "--study", LONG_STUDY],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (Path("reports") / file_name(LONG_STUDY) / "comparison.csv").exists(), r.stdout
 
 
 def test_kill_9_of_a_worker_on_postgres(pg_databases, store, tmp_path):

@@ -95,8 +95,10 @@ def _quote(s: str) -> str:
 
 
 def safe_name(name: str) -> str:
-    """A report folder name: letters, digits, ``._-`` only."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "report"
+    """A report folder name: letters, digits, ``._-`` only, at most 100 bytes (:func:`pipeline.uris.file_name`)."""
+    from pipeline.uris import file_name
+
+    return file_name(re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "report")
 
 
 @contextlib.contextmanager

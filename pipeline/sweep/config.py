@@ -38,7 +38,7 @@ from typing import Any, Literal
 from pipeline.config import STEPS_MAX, Config, from_dict
 from pipeline.schema import ConfigError, build, check, deep_merge, parse_overrides, read_yaml, set_dotted
 from pipeline.sweep.space import Param, candidates, nest_space, parse_space
-from pipeline.uris import check_storage_url, study_storage
+from pipeline.uris import check_storage_url, is_rdb, sqlite_file, study_storage
 
 # Upper bounds (README "Sweep file"): n_trials and start-up counts: the journal replays every record of
 # every trial on each open, so 10^6 trials is already a journal of gigabytes; workers: processes on one
@@ -49,7 +49,8 @@ WORKERS_MAX = 1024
 TRIALS_PER_WORKER_MAX = 4096  # members of one worker's stacks: beyond it one process holds too many runs
 SAMPLER_SEED_MAX = 2**32 - 1
 HEARTBEAT_MAX = 86_400
-STUDY_MAX = 100  # bytes of UTF-8: see validate
+STUDY_MAX = 100  # bytes of UTF-8, for a study whose store is a file: see check_study_name
+STUDY_MAX_RDB = 512  # characters: Optuna's RDB storages keep the name in a VARCHAR(512)
 # Keys a sweep must not search: they change where or whether a trial is recorded, not what it trains.
 
 
@@ -122,6 +123,30 @@ class SweepConfig:
         return study_storage(self.study, override or self.storage)
 
 
+def check_study_name(study: str, url: str) -> None:
+    """A study kept in files (a journal, or a SQLite storage) names them: optuna/<study>.journal, its lock
+    <study>.journal.lock.rename (20 characters added) and the budget lock <study>.journal.<study>.sweeplock
+    (the name twice, 19 added), which must fit a file name (255 bytes on Linux and macOS): 2 * 118 + 19 =
+    255; 100 leaves room. Beyond it the sweep failed with "File name too long" after mlflow.db and optuna/
+    were written (found by a fuzzing review). A study on a database server names no file: it keeps
+    :data:`STUDY_MAX_RDB` (checked in :func:`validate`), so a longer one made there still resumes."""
+    if is_rdb(url) and sqlite_file(url) is None:
+        return
+    if len(study.encode()) > STUDY_MAX:
+        raise ConfigError(
+            "study",
+            f"must be at most {STUDY_MAX} bytes for a study kept in files (it names them; on a database "
+            f"server it may have {STUDY_MAX_RDB} characters), got {len(study.encode())}",
+        )
+
+
+def parent_run_name(study: str) -> str:
+    """The sweep's parent MLflow run name: ``sweep-<study>``, cut to the 250 characters of MLflow's
+    database stores (a study on a database server may have 512: a PostgreSQL-backed ``mlflow server``
+    refused the longer name with a traceback)."""
+    return f"sweep-{study}"[:250]
+
+
 TOP_KEYS = {f.name for f in dataclasses.fields(SweepConfig)} - {"source"}
 
 
@@ -142,17 +167,10 @@ def validate(sw: SweepConfig) -> None:
         "a non-empty name without '/', '\\' or spaces",
         sw.study,
     )
-    # The name lands in file names: optuna/<study>.journal, its lock <study>.journal.lock.rename (20
-    # characters added) and the budget lock <study>.journal.<study>.sweeplock (the name twice, 19 added),
-    # which must fit a file name (255 bytes on Linux and macOS): 2 * 118 + 19 = 255. Optuna's RDB storages
-    # keep it in a VARCHAR(512). 100 leaves room; beyond it the sweep failed with "File name too long"
-    # after mlflow.db and optuna/ were written (found by a fuzzing review).
-    if len(sw.study.encode()) > STUDY_MAX:
-        raise ConfigError(
-            "study",
-            f"must be at most {STUDY_MAX} bytes (it names the study's files under optuna/), "
-            f"got {len(sw.study.encode())}",
-        )
+    # Whatever the store: Optuna's RDB storages keep the name in a VARCHAR(512); the bound of a study kept
+    # in files (tighter) is checked once the store is known, --storage included (check_study_name).
+    if len(sw.study) > STUDY_MAX_RDB:
+        raise ConfigError("study", f"must be at most {STUDY_MAX_RDB} characters, got {len(sw.study)}")
     if sw.storage is not None:
         check("storage", bool(sw.storage.strip()), "a URL or a journal file path", sw.storage)
         check_storage_url("storage", sw.storage)

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from pipeline.names import KIND, KIND_SWEEP, STUDY
-from pipeline.sweep.config import SweepConfig
+from pipeline.sweep.config import SweepConfig, parent_run_name
 from pipeline.uris import absolute_uri, display_url
 
 
@@ -196,7 +196,9 @@ def _parent_run(
             if client(mlflow_uri).get_run(rid).info.lifecycle_stage == "active":
                 return Recorder.attach(mlflow_uri, rid, reopen=True).run_id  # a resume: same parent run
     tags = {KIND: KIND_SWEEP, STUDY: sw.study, "storage": display_url(url), **version_tags()}
-    rec = Recorder.start(mlflow_uri, experiment, f"sweep-{sw.study}", tags=tags, experiment_id=experiment_id)
+    rec = Recorder.start(
+        mlflow_uri, experiment, parent_run_name(sw.study), tags=tags, experiment_id=experiment_id
+    )
     params = {
         "n_trials": sw.n_trials,
         "sampler": json.dumps(asdict(sw.sampler)),
@@ -236,7 +238,7 @@ def run_sweep(
     """Load and validate the sweep file (nothing is written before this passes), then run it."""
     from pipeline.schema import ConfigError
     from pipeline.store_checks import probe_store
-    from pipeline.sweep.config import load_sweep
+    from pipeline.sweep.config import check_study_name, load_sweep
     from pipeline.sweep.stores import check_storage
     from pipeline.sweep.supervisor import StopSignal, Supervisor
     from pipeline.uris import check_storage_url, resolve_uri
@@ -247,6 +249,7 @@ def run_sweep(
     if storage is not None:
         check_storage_url("--storage", storage)
     url = sw.storage_url(storage)
+    check_study_name(sw.study, url)
     mlflow_uri = absolute_uri(resolve_uri(sw.base_config().tracking.uri))
     from pipeline.training.machine import check_accelerator
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from pipeline.names import DIVERGED, EXPLODING, HEALTHY, UNKNOWN, VANISHING
+from pipeline.sweep.config import parent_run_name
 from pipeline.sweep.study import best_trial, counts
 from pipeline.uris import DEFAULT_URI, absolute_uri
 
@@ -199,7 +200,7 @@ def print_summary(res: dict[str, Any], sw, mlflow_uri: str, experiment: str, out
     )
     print(
         f"review in MLflow: {ui}   (then open http://127.0.0.1:5000, experiment '{experiment}', "
-        f"run 'sweep-{sw.study}')",
+        f"run '{parent_run_name(sw.study)}')",
         file=out,
         flush=True,
     )

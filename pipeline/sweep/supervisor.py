@@ -21,7 +21,7 @@ from pipeline.sweep.config import SweepConfig, to_data
 from pipeline.sweep.study import best_trial, budget_left, counts
 from pipeline.sweep.study_end import StudyEnd
 from pipeline.sweep.summary import describe
-from pipeline.uris import display_url
+from pipeline.uris import display_url, file_name
 
 STOP_GRACE_S = 60  # after forwarding SIGTERM, how long workers get to close their runs before SIGKILL
 POLL_S = 1.0
@@ -244,7 +244,7 @@ class Supervisor:
 
         self.sw, self.stores, self.devices = sw, stores, devices
         self.stop, self.t0, self.out = stop, t0, out
-        self.log_dir = Path("optuna") / "logs" / sw.study
+        self.log_dir = Path("optuna") / "logs" / file_name(sw.study)
         spec = {
             "sweep": to_data(sw),
             "storage_url": stores.url,
