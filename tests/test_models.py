@@ -1,6 +1,7 @@
 """Models: init statistics from theory, and the unrolled twin equal to the fused kernels for every cell."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,3 +122,71 @@ def test_parameter_groups_by_what_each_weight_acts_on(cell):
     for p, g in zip(groups["recurrent"], one["recurrent"], strict=True):
         assert name[id(p)] in WITHIN_STEP.get(cell, ()) or g is None or bool(g.abs().sum() == 0), name[id(p)]
     assert all(g is not None and bool(g.abs().sum() > 0) for g in many["recurrent"])
+
+
+_OWN_INIT = ("lru", "mingru", "lem", "cornn")  # model.init must stay default (config.validate)
+# A value away from each cell-specific key's default (ModelConfig), valid for every cell that reads it.
+_CHANGED = {
+    "init_scale": 2.0,
+    "forget_bias": 3.0,
+    "r_min": 0.5,
+    "r_max": 0.95,
+    "max_phase": 1.0,
+    "dt": 0.5,
+    "gamma": 2.0,
+    "epsilon": 2.0,
+}
+
+
+@pytest.mark.parametrize(
+    ("cell", "init"),
+    [(c, i) for c in CELLS for i in ("default", "gaussian") if i == "default" or c not in _OWN_INIT],
+)
+def test_the_keys_a_cell_is_said_not_to_read_change_nothing_it_computes(cell, init):
+    """``reads_key`` (the notes of ``train`` and ``sweep``) against the model itself: changing a key the
+    cell is said not to read leaves its weights and outputs bit for bit; changing one it reads changes
+    them. A note that lied either way (a silent no-op called used, or a used key called unused) fails."""
+    import dataclasses
+
+    from pipeline.config import reads_key, unused_model_keys
+
+    x = torch.randn(3, 7, 2, generator=torch.Generator().manual_seed(0))
+    base = ModelConfig(cell=cell, hidden_size=8, init=init)
+    ref = RNNModel(base, 2, 1, "last", seed=0)(x)
+    for key, value in _CHANGED.items():
+        m = dataclasses.replace(base, **{key: value})
+        same = torch.equal(RNNModel(m, 2, 1, "last", seed=0)(x), ref)
+        assert same != reads_key(cell, init, key), (cell, init, key)
+        assert any(n.startswith(f"model.{key}=") for n in unused_model_keys(m)) == same, (cell, init, key)
+
+
+def test_train_and_sweep_say_which_set_keys_no_model_reads(tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.sweep.config import load_sweep, unread_searched_keys
+
+    smoke = str(Path(__file__).resolve().parents[1] / "configs/sweeps/smoke.yaml")
+
+    r = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--config", "smoke", "model.init=default",
+         "model.init_scale=3", "model.cell=gru", "model.forget_bias=2", "tracking.enabled=false",
+         "trainer.max_steps=1"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    notes = [line for line in r.stderr.splitlines() if line.startswith("note: ")]
+    assert notes == [
+        "note: model.init_scale=3 is not used by this model (model.init=default keeps PyTorch's init; "
+        "g scales gaussian, orthogonal and identity)",
+        "note: model.forget_bias=2 is not used by this model (read by cell lstm only, and model.cell=gru)",
+    ], r.stderr
+    assert unread_searched_keys(load_sweep(smoke)) == []
+    (note,) = unread_searched_keys(load_sweep(smoke, ["base.model.init=default"]))
+    assert note.startswith("space key model.init_scale is read by no trial")
+    # an orthogonal cell reads g whatever the init: searched with it, the key is read
+    sw = load_sweep(
+        "configs/sweeps/smoke.yaml",
+        ["base.model.init=default", "space.model.cell.choices=[tanh, orthogonal]"],
+    )
+    assert unread_searched_keys(sw) == []

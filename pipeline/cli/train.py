@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -65,6 +66,10 @@ def command(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    from pipeline.config import unused_model_keys
+
+    for note in unused_model_keys(cfg.model):
+        print(f"note: {note}", file=sys.stderr)
     from pipeline.training.budget import check_fits
     from pipeline.training.machine import check_accelerator
 

@@ -140,6 +140,33 @@ def check_study_name(study: str, url: str) -> None:
         )
 
 
+def unread_searched_keys(sw: SweepConfig) -> list[str]:
+    """Notes on the searched ``model.*`` keys that no trial's model reads (:func:`pipeline.config.reads_key`):
+    e.g. ``model.init_scale`` searched while every trial keeps ``model.init: default`` (budget spent on a
+    dimension that changes nothing)."""
+    from pipeline.config import reads_key
+
+    base = sw.base_config().model
+    by_key = {p.key: p for p in sw.space}
+
+    def values(key: str, fixed: str) -> list[str]:
+        p = by_key.get(key)
+        return [str(c) for c in p.choices] if p is not None and p.kind == "categorical" else [fixed]
+
+    cells, inits = values("model.cell", base.cell), values("model.init", base.init)
+    notes = []
+    for p in sw.space:
+        if not p.key.startswith("model.") or p.key in ("model.cell", "model.init"):
+            continue
+        key = p.key.removeprefix("model.")
+        if not any(reads_key(c, i, key) for c in cells for i in inits):
+            notes.append(
+                f"space key {p.key} is read by no trial (model.cell in {cells}, model.init in {inits}): "
+                "every value trains the same model"
+            )
+    return notes
+
+
 def parent_run_name(study: str) -> str:
     """The sweep's parent MLflow run name: ``sweep-<study>``, cut to the 250 characters of MLflow's
     database stores (a study on a database server may have 512: a PostgreSQL-backed ``mlflow server``

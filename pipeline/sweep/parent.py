@@ -238,7 +238,7 @@ def run_sweep(
     """Load and validate the sweep file (nothing is written before this passes), then run it."""
     from pipeline.schema import ConfigError
     from pipeline.store_checks import probe_store
-    from pipeline.sweep.config import check_study_name, load_sweep
+    from pipeline.sweep.config import check_study_name, load_sweep, unread_searched_keys
     from pipeline.sweep.stores import check_storage
     from pipeline.sweep.supervisor import StopSignal, Supervisor
     from pipeline.uris import check_storage_url, resolve_uri
@@ -262,6 +262,8 @@ def run_sweep(
     )
     probe_store(mlflow_uri, "base.tracking.uri")
     check_storage(url, "--storage" if storage is not None else "storage")
+    for note in unread_searched_keys(sw):
+        print(f"note: {note}", file=out, flush=True)
     # CPU workers fork from a preloaded forkserver unless PIPELINE_SWEEP_FORK=0 (an escape hatch).
     fork = devices[0] is None and os.environ.get("PIPELINE_SWEEP_FORK", "1") != "0"
     t0 = time.time()
