@@ -128,3 +128,33 @@ def test_a_value_restated_at_its_step_is_sent_once(store, monkeypatch):
     assert hist["b"] == [(20, 2.0), (20, 3.0)]
     assert hist["c"] == [(3, 5.0), (3, 5.0)]
     assert "nonfinite.c" not in c.get_run(rec.run_id).data.tags
+
+
+# ------------------------------------------------- runs reopened, experiments restored (mutation review)
+
+
+def test_a_resumed_record_is_running_again_and_only_when_asked(store):
+    """A resumed sweep, suite or train reopens its run (``attach(reopen=True)``): it reads RUNNING while it
+    runs again, and a reader that merely attaches leaves a closed run's status alone."""
+    c = MlflowClient(store)
+    for status in ("FINISHED", "KILLED", "FAILED"):
+        rec = tracking.Recorder.start(store, "t", f"r-{status}")
+        rec.close(status)
+        tracking.Recorder.attach(store, rec.run_id)
+        assert c.get_run(rec.run_id).info.status == status
+        again = tracking.Recorder.attach(store, rec.run_id, reopen=True)
+        assert (again.run_id, c.get_run(rec.run_id).info.status) == (rec.run_id, "RUNNING")
+
+
+def test_a_deleted_experiment_is_restored_and_recorded_into(store):
+    """Deleted in the UI, an experiment keeps its name in MLflow's store: creating it again fails, so a run
+    into that name restores it (same id) rather than failing at ``create_run``."""
+    c = MlflowClient(store)
+    exp_id = tracking.ensure_experiment(store, "gone")
+    c.delete_experiment(exp_id)
+    assert tracking.ensure_experiment(store, "gone") == exp_id
+    assert c.get_experiment(exp_id).lifecycle_stage == "active"
+    rec = tracking.Recorder.start(store, "gone", "r", tags={"kept": "x", "unset": None})
+    rec.close()
+    tags = c.get_run(rec.run_id).data.tags
+    assert tags["kept"] == "x" and "unset" not in tags  # a None tag is left out, not written as "None"

@@ -115,8 +115,16 @@ def check_consistent(study, runs, n_trials: int) -> None:
     assert all(len(v) == 1 for v in by_number.values()), "a trial has two MLflow runs"
     for t in done:
         assert t.number in by_number
-        assert t.user_attrs["mlflow_run_id"] == by_number[t.number][0].info.run_id
-        assert by_number[t.number][0].info.status == "FINISHED"
+        run = by_number[t.number][0]
+        assert t.user_attrs["mlflow_run_id"] == run.info.run_id
+        assert run.info.status == "FINISHED"
+        # the run says how Optuna was told (README, "What is recorded"): a pruned trial's run reads PRUNED
+        tags = run.data.tags
+        assert tags["optuna_state"] == t.state.name, (t.number, tags.get("optuna_state"), t.state)
+        assert tags["diverged"] == str(bool(t.user_attrs.get("diverged"))).lower()
+        assert ("optuna_value" in tags) == (t.state == TrialState.COMPLETE)
+        if t.state == TrialState.COMPLETE:
+            assert float(tags["optuna_value"]) == pytest.approx(t.value, rel=1e-5)
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -293,6 +301,76 @@ def test_a_trial_reaped_after_its_run_finished_but_before_its_tell_has_that_run_
             assert got.info.status == "KILLED" and got.data.tags["status"] == "killed", name
     assert c.get_run(told_run).info.status == "FINISHED"
     assert sorted(t.user_attrs["retry_of"] for t in study.trials if t.state.name == "WAITING") == reaped
+
+
+def test_the_parents_best_params_wait_for_a_complete_study_and_its_metrics_step_by_trials_done(
+    store, tmp_path
+):
+    """``finalize`` on the sweep's parent run: MLflow params cannot change, so the ``best_*`` params are
+    written only once the study is complete (an interrupted sweep's best may still move when it resumes;
+    its tags say the best so far); the ``trials/*`` and ``best_*`` metrics are at step ``n_trials_done``,
+    so their history reads as the sweep's progress."""
+    import optuna
+
+    from pipeline.sweep.config import load_sweep
+    from pipeline.sweep.summary import finalize
+    from pipeline.tracking import Recorder
+
+    _, study, c, exp = _reaper_study(store, "f")
+    sw = load_sweep(str(write_sweep(tmp_path / "s.yaml", n_trials=3)))
+    dist = optuna.distributions.FloatDistribution(0.0, 1.0)
+    for x, value in ((0.1, 0.5), (0.2, 0.3)):
+        study.add_trial(optuna.trial.create_trial(params={"x": x}, distributions={"x": dist}, value=value))
+    study.enqueue_trial({"x": 0.3})
+    last = study.ask()
+    last.suggest_float("x", 0.0, 1.0)
+    rec = Recorder.start(store, "f", "sweep-f", experiment_id=exp)
+    finalize(rec, study, sw, complete=False, plots=False)
+    run = c.get_run(rec.run_id)
+    assert not [k for k in run.data.params if k.startswith("best")], run.data.params
+    assert (run.data.tags["best_x"], run.data.tags["sweep_complete"]) == ("0.2", "false")
+    study.tell(last, 0.1)  # the last trial moves the best
+    finalize(rec, study, sw, complete=True, plots=False)
+    run = c.get_run(rec.run_id)
+    assert (run.data.params["best_x"], run.data.params["best_trial"]) == ("0.3", str(last.number))
+    for key, want in (("best_value", [(2, 0.3), (3, 0.1)]), ("trials/complete", [(2, 2.0), (3, 3.0)])):
+        got = sorted((m.step, m.value) for m in c.get_metric_history(rec.run_id, key))
+        assert got == [(s, pytest.approx(v)) for s, v in want], key
+
+
+def test_a_stopped_worker_releases_only_the_trials_it_owns(store):
+    """SIGTERM in a worker between two steps (README, "Faults and resuming"): ``release_own`` closes the
+    trials this process owns (run KILLED, FAIL ``interrupted``, one retry) and leaves every other worker's
+    alone: released too, a live worker's trial would be failed and retried twice and its run closed while
+    it trains (a mutation review found no test telling the two apart)."""
+    import optuna
+
+    from pipeline.sweep.owners import owner_tag, release_own
+
+    url, study, c, exp = _reaper_study(store, "o")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        trials = {}
+        for name, owner, x in (("mine", owner_tag(), 0.1), ("theirs", owner_tag(other.pid), 0.2)):
+            t = study.ask()
+            study._storage.set_trial_param(
+                t._trial_id, "x", x, optuna.distributions.FloatDistribution(0.0, 1.0)
+            )
+            t.set_user_attr("worker", owner)
+            run = c.create_run(exp, tags={"study": "o", "trial_number": str(t.number)})
+            t.set_user_attr("mlflow_run_id", run.info.run_id)
+            trials[name] = (t, run.info.run_id)
+        assert release_own(study, store) == [trials["mine"][0].number]
+        got = {
+            n: (study.trials[t.number].state.name, c.get_run(r).info.status) for n, (t, r) in trials.items()
+        }
+        assert got == {"mine": ("FAIL", "KILLED"), "theirs": ("RUNNING", "RUNNING")}
+        assert study.trials[trials["mine"][0].number].user_attrs["interrupted"] is True
+        waiting = [t.user_attrs["retry_of"] for t in study.trials if t.state.name == "WAITING"]
+        assert waiting == [trials["mine"][0].number]
+    finally:
+        other.kill()
+        other.wait()
 
 
 @pytest.mark.parametrize("seed", [0, 7])
