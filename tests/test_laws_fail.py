@@ -7,10 +7,26 @@ that diverged.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeline.config import Config
-from pipeline.regression.laws import ERROR, FAILING, KINDS, LAW, PASS, EntryResult, parse_check, run_check
+from pipeline.regression.baselines import baseline_row
+from pipeline.regression.judge import judge_entries, judge_perturbed, suite_verdict
+from pipeline.regression.laws import (
+    ERROR,
+    FAILING,
+    KINDS,
+    LAW,
+    PASS,
+    REGRESSION,
+    EntryResult,
+    parse_check,
+    run_check,
+)
+from pipeline.regression.suite import Entry, Suite
+from pipeline.schema import ConfigError
 
 NAMES = ("e", "f")
 
@@ -181,3 +197,184 @@ def test_ratio_of_runs_counts_a_diverged_run_only_where_asked():
     for chk in (opt_in, plain):
         row = run_check(chk, den_div)
         assert row.verdict == LAW and "run of f diverged" in row.detail
+
+
+# ------------------------------------------------------ each law's edges (planted mutants must fail)
+
+
+@pytest.mark.parametrize("sign", [-1, 1])
+def test_lyapunov_matches_decay_fails_on_either_side(sign):
+    """|rate - lyap| <= tol: a decay rate far *below* the Lyapunov exponent fails as well as one above."""
+    chk = _chk({"lyapunov_matches_decay": {"tol": 0.05}})
+    row = run_check(chk, {"e": _r(bptt__decay_rate=0.3 + sign * 10 * 0.05, spectral__lyapunov_max=0.3)})
+    assert row.verdict == LAW and row.detail
+
+
+@pytest.mark.parametrize(
+    ("metrics", "words"),
+    [
+        ({"val__loss": float("nan"), "train__loss": 0.1}, "val/loss nan"),
+        ({"val__loss": 0.1, "train__loss": float("inf")}, "train/loss inf"),
+        ({"train__loss": 0.1}, "no val/loss recorded"),
+    ],
+)
+def test_finite_fails_a_finished_run_without_a_finite_val_loss(metrics, words):
+    """A FINISHED run that did not diverge still violates ``finite`` with a non-finite loss or no val/loss
+    (README: "the run finished, did not diverge, and has a finite val/loss")."""
+    row = run_check(_chk({"finite": {}}), {"e": _r(**metrics)})
+    assert row.verdict == LAW and row.failing, words
+
+
+@pytest.mark.parametrize("status", ["FAILED", "KILLED", "MISSING"])
+def test_finite_fails_a_run_that_did_not_finish(status):
+    """``finite`` is evaluated on an unfinished run too (run_check lets it through): a law violation."""
+    row = run_check(_chk({"finite": {}}), {"e": _r(status=status, val__loss=0.1, train__loss=0.1)})
+    assert row.verdict == LAW and row.now == f"run {status.lower()}"
+
+
+def test_tag_equals_is_equality_not_containment():
+    chk = _chk({"tag_equals": {"tag": "regime", "value": "vanishing"}})
+    for now in ("van", "vanish", "vanishing_", ""):
+        assert run_check(chk, {"e": _r(tags={"regime": now})}).verdict == LAW, now
+    assert run_check(chk, {"e": _r()}).verdict == LAW  # no tag at all
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        {"metric_equals": {"metric": "spectral/sigma_max", "value": 1.0, "tol": 0}},
+        {"metric_equals": {"metric": "spectral/sigma_max", "value": 1.0, "rel": 0}},
+        {"decay_rate_equals": {"value": "ln(0.5)", "tol": 0, "rel": 0}},
+        {"lyapunov_matches_decay": {"tol": 0}},
+    ],
+)
+def test_a_zero_tolerance_is_valid_and_means_exact(item):
+    """tol / rel must be >= 0 (laws._check_params): 0 is allowed, and then only equality passes."""
+    chk = _chk(item)
+    if chk.kind == "lyapunov_matches_decay":
+        same, off = (0.25, 0.25), (0.25, 0.2500001)
+        rows = [
+            run_check(chk, {"e": _r(bptt__decay_rate=a, spectral__lyapunov_max=b)}) for a, b in (same, off)
+        ]
+    else:
+        want = chk.value("value")
+        metric = chk.params.get("metric", "bptt/decay_rate").replace("/", "__")
+        rows = [run_check(chk, {"e": _r(**{metric: v})}) for v in (want, want + 1e-7)]
+    assert [r.verdict for r in rows] == [PASS, LAW]
+
+
+@pytest.mark.parametrize("key", ["tol", "rel"])
+def test_a_negative_tolerance_is_refused(key):
+    with pytest.raises(ConfigError, match=rf"k\.metric_equals\.{key}"):
+        _chk({"metric_equals": {"metric": "spectral/sigma_max", "value": 1.0, key: -0.1}})
+
+
+def _ratio(**band):
+    return _chk(
+        {"ratio_of_runs": {"metric": "grad/max_norm_preclip", "numerator": "e", "denominator": "f", **band}}
+    )
+
+
+def test_ratio_of_runs_over_a_zero_denominator_is_infinite():
+    """Current behaviour (no docstring or README line says it): a positive numerator over a denominator
+    of 0 reads ``inf``, so it meets any ``min`` and misses any ``max``."""
+    res = {"e": _r(grad__max_norm_preclip=5.0), "f": _r("f", grad__max_norm_preclip=0.0)}
+    row = run_check(_ratio(min=10), res)
+    assert row.verdict == PASS and row.now == "inf"
+    assert run_check(_ratio(max=1e300), res).verdict == LAW
+
+
+def test_ratio_of_runs_diverged_as_inf_does_not_excuse_a_diverged_denominator():
+    """``diverged_as_inf`` opts in the numerator only: both runs diverged is still a violated law."""
+    chk = _ratio(min=10, diverged_as_inf=True)
+    res = {
+        "e": _r(tags=DIVERGED, grad__max_norm_preclip=5),
+        "f": _r("f", tags=DIVERGED, grad__max_norm_preclip=1),
+    }
+    row = run_check(chk, res)
+    assert row.verdict == LAW and "run of f diverged at step 7" in row.detail
+
+
+# The documented side of each threshold (README "Suite file format", check kinds and baseline band): values
+# chosen exact in binary so that "at the threshold" is exact.
+@pytest.mark.parametrize(
+    ("item", "metrics", "verdict"),
+    [
+        ({"metric_below": {"metric": "val/loss", "value": 0.5}}, {"val__loss": 0.5}, LAW),  # now < value
+        ({"metric_above": {"metric": "val/loss", "value": 0.5}}, {"val__loss": 0.5}, LAW),  # now > value
+        ({"metric_between": {"metric": "val/loss", "low": 0.25, "high": 0.5}}, {"val__loss": 0.25}, PASS),
+        ({"metric_between": {"metric": "val/loss", "low": 0.25, "high": 0.5}}, {"val__loss": 0.5}, PASS),
+        ({"metric_equals": {"metric": "val/loss", "value": 1.0, "tol": 0.5}}, {"val__loss": 1.5}, PASS),
+        ({"metric_equals": {"metric": "val/loss", "value": 1.0, "tol": 0.5}}, {"val__loss": 0.5}, PASS),
+        ({"metric_equals": {"metric": "val/loss", "value": -2.0, "rel": 0.25}}, {"val__loss": -2.5}, PASS),
+        ({"decay_rate_equals": {"value": -1.0, "tol": 0.25}}, {"bptt__decay_rate": -1.25}, PASS),
+        (
+            {"lyapunov_matches_decay": {"tol": 0.25}},
+            {"bptt__decay_rate": 0.5, "spectral__lyapunov_max": 0.25},
+            PASS,
+        ),
+        ({"pascanu_bound_holds": {}}, {"bptt__log10_ratio": 5.0, "spectral__pascanu_log10_bound": 5.0}, PASS),
+    ],
+)
+def test_entry_law_at_its_threshold(item, metrics, verdict):
+    assert run_check(_chk(item), {"e": _r(**metrics)}).verdict == verdict
+
+
+@pytest.mark.parametrize("band", [{"min": 2}, {"max": 2}, {"min": 2, "max": 2}])
+def test_comparison_at_its_threshold_passes(band):
+    """min / max are inclusive (README: "within min/max"; the difference's min already pinned above)."""
+    ratio = {"e": _r(grad__max_norm_preclip=10.0), "f": _r("f", grad__max_norm_preclip=5.0)}
+    assert run_check(_ratio(**band), ratio).verdict == PASS
+    diff = {"e": _r(val__loss_ratio=2.5), "f": _r("f", val__loss_ratio=0.5)}
+    assert run_check(_diff(**band), diff).verdict == PASS
+
+
+# ----------------------------------------------------------------------------------- baseline bands
+
+
+@pytest.mark.parametrize(
+    ("accepted", "now", "verdict"),
+    [
+        ({"value": 1.0, "abs": 0.5}, 1.5, PASS),  # |now - accepted| <= band: inclusive
+        ({"value": 1.0, "abs": 0.5}, 0.5, PASS),
+        ({"value": -2.0, "rel": 0.25}, -2.5, PASS),
+        ({"value": -5.0, "rel": 0.1}, -5.1, PASS),  # rel x |accepted|: a negative value has a band too
+        ({"value": -5.0, "rel": 0.1}, -5.6, REGRESSION),
+        ({"value": 1.0, "abs": 0.5}, 1.5000001, REGRESSION),
+    ],
+)
+def test_baseline_band_edges(accepted, now, verdict):
+    assert baseline_row("e", "val/loss", _r(val__loss=now), accepted).verdict == verdict
+
+
+# ------------------------------------------------------------------------ judging a suite's results
+
+
+def _suite(entries, compare=()):
+    cfg = Config()
+    return Suite(
+        "s", Path("s.yaml"), "", Path("s.baseline.yaml"), tuple(Entry(n, cfg, c) for n, c in entries), compare
+    )
+
+
+def test_judge_entries_includes_the_comparisons():
+    bad = _ratio(min=10)
+    suite = _suite([("e", ()), ("f", ())], (bad,))
+    res = {"e": _r(grad__max_norm_preclip=20.0), "f": _r("f", grad__max_norm_preclip=5.0)}
+    rows = judge_entries(suite, res, {})
+    assert [r.verdict for r in rows] == [LAW] and rows[0].check.startswith("e / f: ratio_of_runs")
+    assert suite_verdict(rows) == "regression"
+
+
+def test_judge_perturbed_checks_every_law_and_reports_an_unfinished_run():
+    ok = _chk({"metric_below": {"metric": "val/loss", "value": 1.0}})
+    bad = _chk({"metric_above": {"metric": "val/loss", "value": 1.0}})
+    suite = _suite([("e", (ok, bad)), ("f", ())])
+    rows = judge_perturbed(suite, {"e": _r(val__loss=0.5)}, "ulp1")
+    assert [(r.check, r.verdict) for r in rows] == [
+        ("e~ulp1: metric_below val/loss", PASS),
+        ("e~ulp1: metric_above val/loss", LAW),
+    ]
+    rows = judge_perturbed(suite, {"f": _r("f", status="FAILED")}, "ulp1")  # f has no laws of its own
+    assert [(r.check, r.verdict) for r in rows] == [("f~ulp1: run", ERROR)]
+    assert suite_verdict(rows) == "regression"
