@@ -213,16 +213,17 @@ def test_lyapunov_matches_decay_fails_on_either_side(sign):
 @pytest.mark.parametrize(
     ("metrics", "words"),
     [
-        ({"val__loss": float("nan"), "train__loss": 0.1}, "val/loss nan"),
-        ({"val__loss": 0.1, "train__loss": float("inf")}, "train/loss inf"),
-        ({"train__loss": 0.1}, "no val/loss recorded"),
+        ({"val__loss": float("nan"), "train__loss": 0.1}, "val/loss = nan"),
+        ({"val__loss": 0.1, "train__loss": float("inf")}, "train/loss = inf"),
+        ({"train__loss": 0.1}, "val/loss not recorded"),
     ],
 )
 def test_finite_fails_a_finished_run_without_a_finite_val_loss(metrics, words):
     """A FINISHED run that did not diverge still violates ``finite`` with a non-finite loss or no val/loss
     (README: "the run finished, did not diverge, and has a finite val/loss")."""
     row = run_check(_chk({"finite": {}}), {"e": _r(**metrics)})
-    assert row.verdict == LAW and row.failing, words
+    # the row says which loss, not "run finished" (it did: that is not what failed)
+    assert (row.verdict, row.now, row.detail) == (LAW, words, f"training {words}")
 
 
 @pytest.mark.parametrize("status", ["FAILED", "KILLED", "MISSING"])
@@ -275,13 +276,15 @@ def _ratio(**band):
     )
 
 
-def test_ratio_of_runs_over_a_zero_denominator_is_infinite():
-    """Current behaviour (no docstring or README line says it): a positive numerator over a denominator
-    of 0 reads ``inf``, so it meets any ``min`` and misses any ``max``."""
-    res = {"e": _r(grad__max_norm_preclip=5.0), "f": _r("f", grad__max_norm_preclip=0.0)}
+@pytest.mark.parametrize(("num", "now", "verdict"), [(5.0, "inf", PASS), (-3.0, "-inf", LAW), (0.0, "nan", LAW)])
+def test_ratio_of_runs_over_a_zero_denominator_takes_the_numerators_sign(num, now, verdict):
+    """Over a denominator of 0 the ratio is +-inf by the numerator's sign (README, "Suite file format"):
+    +inf meets any ``min`` and misses any ``max``; -inf meets no ``min``; 0/0 is undefined and fails
+    whatever the band. Before, each read inf: 0/0 and -3/0 met a ``min`` of 10."""
+    res = {"e": _r(grad__max_norm_preclip=num), "f": _r("f", grad__max_norm_preclip=0.0)}
     row = run_check(_ratio(min=10), res)
-    assert row.verdict == PASS and row.now == "inf"
-    assert run_check(_ratio(max=1e300), res).verdict == LAW
+    assert (row.verdict, row.now) == (verdict, now)
+    assert run_check(_ratio(max=1e300), res).verdict == (PASS if num < 0 else LAW)
 
 
 def test_ratio_of_runs_diverged_as_inf_does_not_excuse_a_diverged_denominator():

@@ -289,23 +289,19 @@ def _bound(chk: Check, results: dict[str, EntryResult]) -> Row:
 @law("finite", True, ())
 def _finite(chk: Check, results: dict[str, EntryResult]) -> Row:
     r = _result(chk, results)
-    ok = (
-        r.status == "FINISHED"
-        and not r.diverged
-        and all(
-            math.isfinite(v) for v in (_metric(r, m) for m in ("val/loss", "train/loss")) if v is not None
+    values = {m: _metric(r, m) for m in ("val/loss", "train/loss")}
+    # what is wrong, first cause first: the run's end, a divergence, then each loss (val/loss must be there)
+    if r.status != "FINISHED":
+        now = f"run {r.status.lower()}"
+    elif r.diverged:
+        now = f"diverged at step {r.tags.get('diverged_step', '?')}"
+    elif values["val/loss"] is None:
+        now = "val/loss not recorded"
+    else:
+        now = next(
+            (f"{m} = {fmt(v)}" for m, v in values.items() if v is not None and not math.isfinite(v)), "finite"
         )
-    )
-    ok = ok and r.metrics.get("val/loss") is not None
-    now = (
-        "finite"
-        if ok
-        else (
-            f"diverged at step {r.tags.get('diverged_step', '?')}"
-            if r.diverged
-            else f"run {r.status.lower()}"
-        )
-    )
+    ok = now == "finite"
     return Row(chk.label, "finite", now, "-", PASS if ok else LAW, "" if ok else f"training {now}")
 
 
@@ -352,8 +348,14 @@ def _compare(chk: Check, results: dict[str, EntryResult]) -> Row:
         return Row(label, "-", "-", band, LAW, f"run of {div[0]} diverged at step {step}")
     if a is None or b is None:
         return Row(label, "-", "-", band, LAW, f"{metrics[0] if a is None else metrics[1]} was not recorded")
-    now = (a / b if b != 0 else math.inf) if ratio else a - b
-    ok = ("min" not in p or now >= chk.value("min")) and ("max" not in p or now <= chk.value("max"))
+    # over a zero denominator: +-inf by the numerator's sign, and 0/0 undefined (nan: the law fails, as
+    # inf/inf does); it read inf for each, so 0/0 and -3/0 met any min band (a mutation review)
+    now = (a / b if b != 0 else math.copysign(math.inf, a) if a != 0 else math.nan) if ratio else a - b
+    ok = (
+        not math.isnan(now)
+        and ("min" not in p or now >= chk.value("min"))
+        and ("max" not in p or now <= chk.value("max"))
+    )
     return Row(
         label,
         "-",
