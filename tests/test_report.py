@@ -625,3 +625,49 @@ def test_permuted_digits_runs_are_a_task_of_their_own():
     table = comparison_table(runs).set_index("run_id")
     assert table.loc[["a", "b", "c"], "task"].tolist() == ["digits (permuted)", "digits", "adding"]
     assert table.loc["a", "val_accuracy"] == 0.8 and math.isnan(table.loc["c", "val_accuracy"])
+
+
+def test_representative_runs_never_pick_a_run_twice():
+    """The pre/post-clip slots go to clipped runs not already picked as their (init, g)'s best: picked
+    twice, a run was downloaded twice and its panel showed one run where two were promised."""
+    import pandas as pd
+
+    from pipeline.report import data as rd
+
+    rows = [  # one panel, two (init, g): the best of each is clipped, as are two more runs
+        ("a", 1.0, "norm", 0.9, 0.1),
+        ("b", 1.0, "norm", 0.5, 0.5),
+        ("c", 2.0, "norm", 0.8, 0.2),
+        ("d", 2.0, "none", None, 0.9),
+    ]
+    table = pd.DataFrame(
+        [
+            {"task": "adding", "cell": "tanh", "init": "gaussian", "init_scale": g, "clip": clip,
+             "clip_rate": rate, "val_loss_ratio": loss, "regime": "healthy", "run_id": rid}
+            for rid, g, clip, rate, loss in rows
+        ]
+    )  # fmt: skip
+    chosen = rd.representative_runs(table, per_panel=4)
+    assert len(chosen) == len(set(chosen)), chosen
+    assert chosen == ["a", "c", "b"]  # the bests of g = 1 and 2, then the one clipped run not yet picked
+
+
+def test_the_regime_table_best_is_never_a_diverged_trials_penalty():
+    """A diverged trial is told the penalty (README, "Objective, divergence, pruning"): it is not a best.
+    A regime whose trials all diverged shows no best."""
+    import pandas as pd
+
+    from pipeline.sweep.summary import regime_table
+
+    df = pd.DataFrame(
+        {
+            "state": ["COMPLETE", "COMPLETE", "COMPLETE", "PRUNED"],
+            "regime": ["exploding", "healthy", "healthy", "healthy"],
+            "diverged": [True, True, False, False],
+            "value": [0.01, 0.02, 0.4, None],
+            "p.model.cell": ["tanh", "tanh", "gru", "gru"],
+        }
+    )
+    lines = {line.split()[0]: line.split() for line in regime_table(df).splitlines()[1:]}
+    assert lines["exploding"][:4] == ["exploding", "1", "0", "-"]
+    assert lines["healthy"][:4] == ["healthy", "3", "1", "0.4000"]
