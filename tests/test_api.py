@@ -512,3 +512,34 @@ def test_custom_groups_sink_and_running_clip_rate(tmp_path):
     assert last["grad/clip_rate"] == pytest.approx(rate)  # every step so far, not the last window
     csvs = list(tmp_path.glob("csv/version_*/metrics.csv"))  # the sink, not trainer.loggers, got them
     assert not csvs or "grad/clip_rate" not in _read_csv_metrics(tmp_path).columns
+
+
+def test_clip_rate_counts_finite_steps_and_a_zero_gradient_is_not_clipped():
+    """A step's record from its squared group norms (post_clip_row): an all-zero gradient has nothing to
+    clip (clip_coef 1, not clipped); a halved one reads 0.5. The running clip rate is over the finite
+    steps only: a scaler-skipped or diverged step (clip_coef NaN) is neither clipped nor counted."""
+    from pipeline import GradientNormMonitor
+    from pipeline.training.grad_window import post_clip_row, window_stats
+
+    zero = torch.zeros(2, dtype=torch.float64)
+    row = post_clip_row(torch.tensor(1.0, dtype=torch.float64), zero, zero)
+    assert row.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]  # loss, pre, post, coef, per-group norms
+    sq = torch.tensor([9.0, 16.0], dtype=torch.float64)  # pre = 5
+    row = post_clip_row(torch.tensor(2.0, dtype=torch.float64), sq, sq / 4)
+    assert row[:4].tolist() == [2.0, 5.0, 2.5, 0.5]
+    nan = math.nan
+    col = {"norm_preclip": np.array([5.0, nan, 3.0, 0.0]), "clip_coef": np.array([0.5, nan, 1.0, 1.0])}
+    assert window_stats(col, None) == (5.0, 1.0, 3)
+    assert window_stats(col, 7.0) == (7.0, 1.0, 3)
+
+    sent: list[dict] = []
+    gm = GradientNormMonitor(log_every_n_steps=4, sink=lambda m, s: sent.append(dict(m)))
+    gm.set_groups(["a", "b"])
+    loss = torch.tensor(1.0, dtype=torch.float64)
+    gm.push(post_clip_row(loss, sq, sq / 4), 0)  # clipped
+    gm.push(torch.tensor([nan, nan, nan, nan, nan, nan], dtype=torch.float64), 1)  # skipped step
+    gm.push(post_clip_row(loss, zero, zero), 2)  # zero gradient: not clipped
+    gm.push(post_clip_row(loss, sq, sq), 3)  # below the threshold: not clipped
+    assert gm.running() == (pytest.approx(1 / 3), 5.0)
+    gm.drain()
+    assert gm.clip_rate == pytest.approx(1 / 3) and sent[-1]["grad/clip_rate"] == pytest.approx(1 / 3)

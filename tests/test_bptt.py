@@ -299,6 +299,65 @@ def test_profile_frame_and_summary_shapes():
 
 
 # --------------------------------------------------------------------------------------------------
+# The default window and the summaries on hand-built profiles (exact numbers, no model)
+
+
+def test_default_window_last_is_T_T_and_all_is_1_T():
+    """readout "last", no window: (T, T), pure propagation from T (pass_metrics logs Pascanu's bound only
+    then). readout "all": (1, T), and an explicit (1, T) is the same profile, not an error."""
+    T = 7
+    p = random_params("tanh", seed=2)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, T, 3, generator=gen, dtype=F64)
+    prof = bptt.profile(p, x, torch.randn(2, 2, generator=gen, dtype=F64), mse, "last")
+    assert prof.window == (T, T) and prof.window_start == T and prof.reference_step == T
+    assert prof.is_propagation_only
+    y = torch.randn(2, T, 2, generator=gen, dtype=F64)
+    default = bptt.profile(p, x, y, mse, "all")
+    explicit = bptt.profile(p, x, y, mse, "all", window=(1, T))
+    assert default.window == explicit.window == (1, T)
+    assert set(explicit.log10_norm) == {"h"}  # the whole loss: no separate total
+    np.testing.assert_array_equal(explicit.log10_norm["h"], default.log10_norm["h"])
+    assert not default.is_propagation_only  # a loss term at every step before T
+
+
+def hand_profile(h):
+    """A last-step profile with the given log10 norms (t = 1..T): reference step r = T."""
+    h = np.asarray(h, dtype=np.float64)
+    return bptt.Profile(cell="tanh", T=len(h), log10_norm={"h": h}, window=(len(h), len(h)))
+
+
+def test_decay_rate_at_T_2_is_the_two_point_slope():
+    """r = 2: the slope of two points (lags 0 and 1), ln(||dL/dh_1|| / ||dL/dh_2||), as documented."""
+    s = bptt.summarize(hand_profile([-0.75, 0.5]))
+    assert s["decay_rate"] == pytest.approx(-1.25 * math.log(10.0), rel=1e-14)
+    p, x, y = zero_input_orthogonal(2, g=0.5)  # real profile: ||dL/dh_1|| = 0.5 ||dL/dh_2|| exactly
+    s = bptt.summarize(bptt.profile(p, x, y, mse, "last"))
+    assert s["decay_rate"] == pytest.approx(math.log(0.5), abs=1e-12)
+    assert math.isnan(bptt.summarize(hand_profile([0.3]))["decay_rate"])  # r = 1: no slope
+
+
+def test_decay_rate_leaves_the_lag_0_point_out():
+    """From r >= 3 the slope is over lags 1..r-1: an outlier at lag 0 (the direct term at r) moves nothing."""
+    back = np.array([5.0, -0.3, -0.6, -0.9, -1.2])  # back[k] = log10 ||dL/dh_{r-k}||; lag 0 is the outlier
+    s = bptt.summarize(hand_profile(back[::-1]))
+    assert s["decay_rate"] == pytest.approx(-0.3 * math.log(10.0), rel=1e-12)
+    assert s["log10_ratio"] == pytest.approx(-6.2, abs=1e-12)
+
+
+def test_horizon_threshold_side_and_zero_reference():
+    """horizon: the first lag whose drop is strictly below -horizon_decades (a drop of exactly 3 decades is
+    not past it); a gradient exactly zero at r (-inf) has no horizon: NaN, not r - 1."""
+    back = np.array([0.0, -1.0, -3.0, -3.5, -5.0])  # exact in binary: rel = back
+    assert bptt.summarize(hand_profile(back[::-1]))["horizon"] == 3.0
+    assert bptt.summarize(hand_profile(back[::-1]), horizon_decades=2.5)["horizon"] == 2.0
+    assert bptt.summarize(hand_profile([-1.0, -1.5, -2.0]))["horizon"] == 2.0  # never drops 3: r - 1
+    s = bptt.summarize(hand_profile([-1.0, -2.0, -math.inf]))
+    assert math.isnan(s["horizon"]) and s["log10_ratio"] == math.inf
+    assert math.isnan(bptt.summarize(hand_profile([-math.inf] * 4))["horizon"])
+
+
+# --------------------------------------------------------------------------------------------------
 # Pascanu, Mikolov, Bengio 2013: ||dL/dh_k|| <= (gamma sigma_max)^(T-k) ||dL/dh_T|| (a theorem)
 
 
@@ -501,6 +560,25 @@ def test_spectrum_orthogonal_and_gated():
     assert sp["radius"] == pytest.approx(np.abs(np.linalg.eigvals(Wn)).max(), rel=1e-12)
 
 
+def test_indrnn_spectrum_is_the_largest_modulus():
+    """IndRNN: J = diag(u relu'), so sigma_max = radius = max |u|, a negative u included."""
+    p = random_params("indrnn", H=2)
+    p["u"] = torch.tensor([-1.5, 0.5], dtype=F64)
+    assert spectra.spectrum(p) == {"sigma_max": 1.5, "radius": 1.5}
+    assert spectra.pascanu_log10_bound(p, 11) == pytest.approx(10 * math.log10(1.5), abs=1e-12)
+
+
+def test_jacobian_bound_reads_only_the_first_T_steps():
+    """The bound from reference step T uses steps 2..T of x, whatever x holds after T; on the zero-input
+    g Q tanh net every J_t = g Q, so it is exactly (T - 1) log10 g."""
+    p = random_params("tanh", seed=5)
+    x = torch.randn(2, 12, 3, generator=torch.Generator().manual_seed(5), dtype=F64)
+    T = 6
+    assert spectra.jacobian_log10_bound(p, x, T) == spectra.jacobian_log10_bound(p, x[:, :T], T)
+    p, x, _ = zero_input_orthogonal(20, g=0.5, H=6)
+    assert spectra.jacobian_log10_bound(p, x, 8) == pytest.approx(7 * math.log10(0.5), abs=1e-12)
+
+
 # --------------------------------------------------------------------------------------------------
 # Lyapunov exponent (Engelken et al. 2023) vs mean field and vs the backward profile
 
@@ -535,6 +613,33 @@ def test_lyapunov_exact_for_scaled_orthogonal():
     """J_t = g Q at the zero fixed point: every tangent grows by exactly g per step."""
     p, x, _ = zero_input_orthogonal(200, g=0.8, H=10, B=3)
     assert spectra.lyapunov_max(p, x) == pytest.approx(math.log(0.8), abs=1e-12)
+
+
+def gru_scalar_gate(z_pre):
+    """GRU with W_hh = 0 and every unit's update gate the same sigmoid(z_pre_t) (one scalar input): then
+    h_t = (1 - z_t) tanh(n(x_t)) + z_t h_{t-1}, so J_t = z_t I exactly and every tangent shrinks by z_t."""
+    H = 3
+    p = random_params("gru", H=H, n_in=1)
+    p["W_ih"] = torch.cat([torch.zeros(H, 1), torch.ones(H, 1), torch.full((H, 1), 0.5)]).to(F64)
+    p["b_ih"], p["b_hh"] = torch.zeros(3 * H, dtype=F64), torch.zeros(3 * H, dtype=F64)
+    p["W_hh"] = torch.zeros(3 * H, H, dtype=F64)
+    return p, torch.as_tensor(z_pre, dtype=F64)[..., None]
+
+
+def test_lyapunov_counts_exactly_the_steps_after_the_burn_in():
+    """lambda_1 = mean over steps burn+1..T of ln z_t (J_t = z_t I): checked in numpy from the gate values,
+    every step different so that one step more or less in the count moves it; the default burn-in is
+    min(T // 10, 10) (10 at T = 240, not T // 10 = 24)."""
+    T = 240
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.randn(2, T, generator=gen, dtype=F64) * 2.0
+    p, x = gru_scalar_gate(pre)
+    ln_z = -np.logaddexp(0.0, -pre.numpy())  # ln sigmoid
+    for burn in (0, 1, 10, 24):
+        want = ln_z[:, burn:].mean(axis=1).mean()
+        assert spectra.lyapunov_max(p, x, burn_in=burn) == pytest.approx(want, abs=1e-12), burn
+    assert spectra.lyapunov_max(p, x) == spectra.lyapunov_max(p, x, burn_in=10)
+    assert spectra.lyapunov_max(p, x) == pytest.approx(ln_z[:, 10:].mean(), abs=1e-12)
 
 
 def test_lyapunov_chaotic_phase_matches_mean_field_and_profile():

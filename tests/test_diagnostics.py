@@ -70,6 +70,22 @@ def test_thresholds_are_config():
     assert verdict(False, s(0.0), 11.0, d) == "exploding"
 
 
+def test_each_rule_exactly_at_its_threshold():
+    """README, "Regime verdict": exploding when a path grows *faster than* explode_log10_per_step or the
+    largest norm *exceeds* explode_norm; vanishing when every path decays *faster than*
+    vanish_log10_per_step. Exactly at a threshold no rule applies (healthy); one ulp past it, it does."""
+    up, down = D.explode_log10_per_step, D.vanish_log10_per_step
+    assert verdict(False, s(up), 1.0, D) == "healthy"
+    assert verdict(False, s(-0.2, up), 1.0, D) == "healthy"  # the c path too
+    assert verdict(False, s(np.nextafter(up, 1.0)), 1.0, D) == "exploding"
+    assert verdict(False, s(0.0), D.explode_norm, D) == "healthy"
+    assert verdict(False, s(0.0), np.nextafter(D.explode_norm, math.inf), D) == "exploding"
+    assert verdict(False, None, D.explode_norm, D) == "healthy"
+    assert verdict(False, s(down), 1.0, D) == "healthy"
+    assert verdict(False, s(-0.2, down), 1.0, D) == "healthy"
+    assert verdict(False, s(np.nextafter(down, -1.0)), 1.0, D) == "vanishing"
+
+
 def zero_input_orthogonal(T, g, H=8, B=2, seed=0):
     """tanh cell, W_hh = g*Q, zero inputs and biases: J_t = g*Q exactly, so the profile is g^(T-k)."""
     gen = torch.Generator().manual_seed(seed)

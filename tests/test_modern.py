@@ -417,6 +417,35 @@ def test_lambda_sensitivity_explodes_as_memory_grows():
     assert max(rec) - min(rec) < 0.3
 
 
+def test_lru_spectrum_is_the_largest_modulus_of_distinct_channels():
+    """lru: J = diag(lambda), so sigma_max = radius = max_j |lambda_j| (not a mean over channels)."""
+    p = model("lru", H=3, n_in=2, n_out=1).params()
+    mod = torch.tensor([0.5, 0.9, 0.7], dtype=F64)
+    p["nu_log"] = torch.log(-torch.log(mod))
+    sp = spectra.spectrum(p)
+    assert sp["sigma_max"] == pytest.approx(0.9, rel=1e-14) and sp["radius"] == pytest.approx(0.9, rel=1e-14)
+    assert spectra.pascanu_log10_bound(p, 5) == pytest.approx(4 * math.log10(0.9), rel=1e-12)
+
+
+def test_mingru_gate_bound_is_the_sum_over_steps_2_to_r():
+    """gate_log10_bound(r) = sum over t = 2..r of log10 max_{b, j} (1 - z_t), z from the weights in numpy.
+    Step 1 is made distinctive (1 - z_1 ~ e^-30: no step before it to propagate from, so it must not
+    count) and x runs past r (steps after r must not count either)."""
+    r, T = 6, 9
+    m = model("mingru", H=2, n_in=2, n_out=1)
+    x = torch.rand(3, T, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    W, b = m.rnn.gate.weight.detach().double().numpy(), m.rnn.gate.bias.detach().double().numpy()
+    x[:, 0] = torch.as_tensor(np.linalg.solve(W, 30.0 - b))  # k_1 = W x_1 + b = 30 in every unit
+    k = x.numpy() @ W.T + b
+    np.testing.assert_allclose(k[:, 0], 30.0, rtol=1e-9)
+    log10_keep = -np.logaddexp(0.0, k) / math.log(10.0)  # log10(1 - z) = -softplus(k) / ln 10
+    want = log10_keep[:, 1:r].max(axis=(0, 2)).sum()
+    got = spectra.gate_log10_bound(m.params(), x, r)
+    assert got == pytest.approx(want, abs=1e-12) and got < 0
+    assert spectra.gate_log10_bound(m.params(), x[:, :r], r) == got
+    assert spectra.gate_log10_bound(m.params(), x, 1) == 0.0
+
+
 # --------------------------------------------------------------------------------------------------
 # The verdict, the configuration, a real run
 

@@ -1,8 +1,10 @@
 """Clipping that reports what it did: pre-clip norm measured before clipping, post-clip norm after."""
 
+import numpy as np
 import pytest
 import torch
 
+from pipeline.training.grad_window import window_stats
 from pipeline.training.module import RECORD_FIELDS, RNNTrainingModule
 from pipeline.training.tasks import make_task
 
@@ -68,6 +70,11 @@ def test_value_clipping(tiny):
     assert all(p.grad.abs().max() <= 1e-3 for p in m.parameters())
     assert r["norm_postclip"] == pytest.approx(total_norm(m), rel=1e-6) and r["norm_postclip"] < pre
     assert r["norm_preclip"] == pytest.approx(pre, rel=1e-6)
+    # clip_coef = post / pre: the factor the norm shrank by, < 1, so the step counts as clipped
+    assert r["clip_coef"] == pytest.approx(r["norm_postclip"] / r["norm_preclip"], rel=1e-12)
+    assert r["clip_coef"] < 1.0 and r["clipped"] == 1.0
+    col = {k: np.array([r[k]]) for k in ("norm_preclip", "clip_coef")}
+    assert window_stats(col, None)[1:] == (1.0, 1)  # grad/clip_rate = 1 over this step
 
 
 def test_guard_drops_non_finite_gradients(tiny):
