@@ -338,6 +338,54 @@ def test_the_parents_best_params_wait_for_a_complete_study_and_its_metrics_step_
         assert got == [(s, pytest.approx(v)) for s, v in want], key
 
 
+@pytest.mark.parametrize(
+    ("ratio", "step", "pruned", "state", "diverged"),
+    [
+        (0.5, None, False, "COMPLETE", False),
+        (0.5, None, True, "PRUNED", False),
+        (0.5, 12, False, "COMPLETE", True),  # the guard stopped it
+        (float("nan"), None, False, "COMPLETE", True),  # not finite at the end, guard or not
+        (float("inf"), None, True, "COMPLETE", True),
+        (None, None, False, "COMPLETE", True),
+    ],
+)
+def test_a_trial_is_told_and_tagged_as_it_ended(store, tmp_path, ratio, step, pruned, state, diverged):
+    """``Worker.tell`` (README, "Objective, divergence, pruning"): a diverged trial, or one whose loss ratio
+    is not finite at the end, is told the penalty; its trial attr and its run's ``diverged`` tag agree (the
+    tag read "false" where the loss was non-finite without a guard stop)."""
+    from types import SimpleNamespace
+
+    from pipeline.sweep.config import load_sweep
+    from pipeline.sweep.study import divergence_value
+    from pipeline.sweep.worker import Worker
+
+    _, study, c, exp = _reaper_study(store, "w")
+    study.add_trial(optuna_trial(0.7))  # a finished trial: the penalty is relative to it
+    worker = Worker.__new__(Worker)  # tell reads only these
+    worker.study, worker.mlflow_uri = study, store
+    worker.sw = load_sweep(str(write_sweep(tmp_path / "s.yaml")))
+    run = c.create_run(exp)
+    r = SimpleNamespace(
+        run_id=run.info.run_id, regime="exploding", solved=False, steps=20, val_loss_ratio=ratio,
+        metrics={}, diverged_step=step, pruned=pruned,
+    )  # fmt: skip
+    penalty = divergence_value(study, worker.sw.penalty)
+    trial = study.ask()
+    worker.tell(trial, r, "median" if pruned else None)
+    told = study.trials[trial.number]
+    assert (told.state.name, told.user_attrs["diverged"]) == (state, diverged)
+    assert told.value == (penalty if diverged else None if pruned else ratio)
+    tags = c.get_run(run.info.run_id).data.tags
+    assert (tags["optuna_state"], tags["diverged"]) == (state, str(diverged).lower())
+
+
+def optuna_trial(value: float):
+    import optuna
+
+    dist = optuna.distributions.FloatDistribution(0.0, 1.0)
+    return optuna.trial.create_trial(params={"x": 0.5}, distributions={"x": dist}, value=value)
+
+
 def test_a_stopped_worker_releases_only_the_trials_it_owns(store):
     """SIGTERM in a worker between two steps (README, "Faults and resuming"): ``release_own`` closes the
     trials this process owns (run KILLED, FAIL ``interrupted``, one retry) and leaves every other worker's

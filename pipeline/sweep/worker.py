@@ -341,11 +341,13 @@ class Worker:
         from optuna.trial import TrialState
 
         attrs = trial_attrs(r, pruned_by)
+        finite = r.val_loss_ratio is not None and math.isfinite(r.val_loss_ratio)
+        # a loss that is not finite at the end is a divergence the guard did not stop: told as one, and
+        # the run's `diverged` tag says so as the trial's attr does (the tag read "false" beside it)
+        attrs["diverged"] = r.diverged_step is not None or not finite
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
-        finite = r.val_loss_ratio is not None and math.isfinite(r.val_loss_ratio)
-        if r.diverged_step is not None or not finite:
-            trial.set_user_attr("diverged", True)
+        if attrs["diverged"]:
             value = divergence_value(self.study, self.sw.penalty)
             self.study.tell(trial, value)
             state = "COMPLETE"
