@@ -146,28 +146,32 @@ def test_member_of_a_stack_trains_as_it_would_alone(captured, monkeypatch):
     assert all(not isinstance(r, BaseException) and r.steps == 40 for r in results[:-1])
 
 
-@pytest.mark.parametrize("own_path", [False, True])
-def test_a_member_diverging_in_a_fused_block_stops_alone(captured, own_path):
+@pytest.mark.parametrize("path", ["mixed", "own_path", "batched"])
+def test_a_member_diverging_in_a_fused_block_stops_alone(captured, path):
     """Four ReLU members in one block-diagonal kernel, one of which overflows float32 at step 0: its state
     grows as (1e4)^t past 3.4e38 at t = 10 of 12, and 0 x inf is NaN in its neighbours' rows, forward and
-    backward. Only it is stopped; the others train as they would alone. Mixed: batched (Adam, SGD) and
+    backward. Only it is stopped; the others train as they would alone. ``mixed``: batched (Adam, SGD) and
     one on its own update path (clipping by value), the diverging member the only one clipping by norm
     (so the batched update has no gradient to clip at that step); ``own_path``: all four clip by value,
-    so no member takes the batched update and its host read."""
-    from pipeline.training import run, stack, stacked
+    so no member takes the batched update and its host read; ``batched``: none clips, all four take the
+    batched update, so only its host read's finite flags can call for the step to be taken again."""
+    from pipeline.training import run, stack, stack_update, stacked
 
     own = {"clip__mode": "value", "clip__threshold": 0.01}
+    mine = own if path == "own_path" else {}
     cfgs = [
-        cfg_of(model__cell="relu", model__init_scale=0.5, **(own if own_path else {})),
-        cfg_of(model__cell="relu", optim__name="sgd", optim__lr=0.05, seed=1, **(own if own_path else {})),
+        cfg_of(model__cell="relu", model__init_scale=0.5, **mine),
+        cfg_of(model__cell="relu", optim__name="sgd", optim__lr=0.05, seed=1, **mine),
         cfg_of(
             model__cell="relu",
             model__init="identity",
             model__init_scale=1e4,
-            **(own if own_path else {"clip__mode": "norm"}),
+            **(mine if path != "mixed" else {"clip__mode": "norm"}),
         ),
-        cfg_of(model__cell="relu", seed=2, **own),
+        cfg_of(model__cell="relu", seed=2, **({} if path == "batched" else own)),
     ]
+    n_batched = sum(stack_update.batchable(c, run_opt(c)) for c in cfgs)
+    assert n_batched == {"mixed": 3, "own_path": 0, "batched": 4}[path]
     alone = []
     for c in cfgs:
         r = run.run(c)
@@ -414,6 +418,224 @@ def test_run_stack_rejects_configs_of_different_streams():
 
     with pytest.raises(ValueError, match="stack_key"):
         stacked.run_stack([cfg_of(), cfg_of(task__batch_size=8)])
+
+
+def test_a_joiner_that_fails_to_start_is_told_as_itself(captured, monkeypatch):
+    """Rolling stacks: the first member a refill brings fails as its run starts; it is told at once under
+    its own index (2: after the two first members), not the index of a member that trains or has left,
+    and the member the second refill brings joins as 3; the running member trains on as alone."""
+    from pipeline.training import run, stacked
+
+    first = [cfg_of(trainer__max_steps=10, trainer__val_every=5), cfg_of(model__init_scale=1.2)]
+    bad = cfg_of(seed=5)
+    good = cfg_of(seed=3, trainer__max_steps=20, trainer__val_every=10)
+    alone = []
+    for c in (first[1], good):
+        run.run(c)
+        alone.append(captured[-1])
+    captured.clear()
+    real = stacked._start_recorder
+
+    def start(cfg, *rest):
+        if cfg is bad:
+            raise RuntimeError("no run for this member")
+        return real(cfg, *rest)
+
+    monkeypatch.setattr(stacked, "_start_recorder", start)
+    queue = [[bad], [good]]
+
+    def refill(n: int):
+        return [(c, {}, []) for c in queue.pop(0)] if queue else None
+
+    done: dict[int, list] = {}
+    results = stacked.run_stack(
+        first, on_done=lambda i, r: done.setdefault(i, []).append(r), refill=refill, capacity=2
+    )
+    assert sorted(done) == [0, 1, 2, 3] and all(len(v) == 1 for v in done.values()), done
+    assert isinstance(done[2][0], RuntimeError) and results[2] is done[2][0]
+    assert [r.steps for i, r in enumerate(results) if i != 2] == [10, 40, 20]
+    assert all(not isinstance(done[i][0], BaseException) for i in (0, 1, 3))
+    for a in alone:
+        _same_run(a, next(x for x in captured if x[0] == a[0]))
+
+
+def test_a_member_with_a_remedy_takes_its_own_update(captured, monkeypatch):
+    """A member with a remedy (here Omega, whose value is a column of every record row) keeps its
+    module's own clipping and guard in a stack of batched members, and trains as it would alone; every
+    remedy (spike skip, Omega, flossing) keeps a member off the batched update."""
+    from pipeline.training import run, stack_loop, stack_update, stacked
+
+    remedies = [{"omega": 1.0}, {"skip": {"zscore": 3.0}}, {"floss": {"weight": 0.1}}]
+    assert not any(stack_update.batchable(c, run_opt(c)) for c in (cfg_of(remedy=r) for r in remedies))
+    cfgs = [cfg_of(**MEMBERS[0]), cfg_of(**MEMBERS[1]), cfg_of(model__init_scale=0.9, remedy=remedies[0])]
+    alone = []
+    for c in cfgs:
+        run.run(c)
+        alone.append(captured[-1])
+    captured.clear()
+    batched: list[set[int]] = []
+    real = stack_loop.measure
+
+    def spy(members, *rest):
+        batched.append({cfgs.index(m.cfg) for m in members})
+        return real(members, *rest)
+
+    monkeypatch.setattr(stack_loop, "measure", spy)
+    results = stacked.run_stack(cfgs)
+    assert batched[0] == {0, 1}
+    assert all(not isinstance(r, BaseException) and r.steps == 40 for r in results)
+    for a in alone:
+        _same_run(a, next(x for x in captured if x[0] == a[0]))
+
+
+def test_a_joiner_clips_at_its_own_threshold_not_the_leavers(captured):
+    """Rolling stacks: a member clipping by norm at 0.05 leaves and one clipping at 0.02 takes its slot,
+    so the stack has as many members as before and a new set; the batched update's layout (which
+    tensors clip, at which threshold) is the new set's: each trains as it would alone."""
+    from pipeline.training import run, stacked
+
+    first = [
+        cfg_of(clip__mode="norm", clip__threshold=0.05, trainer__max_steps=10, trainer__val_every=5),
+        cfg_of(model__init_scale=1.2),
+    ]
+    joiner = cfg_of(
+        seed=3, clip__mode="norm", clip__threshold=0.02, trainer__max_steps=20, trainer__val_every=10
+    )
+    alone = []
+    for c in [*first, joiner]:
+        run.run(c)
+        alone.append(captured[-1])
+    captured.clear()
+    queue = [joiner]
+
+    def refill(n: int):
+        return [(queue.pop(), {}, [])] if queue else None
+
+    results = stacked.run_stack(first, refill=refill, capacity=2)
+    assert [r.steps for r in results if not isinstance(r, BaseException)] == [10, 40, 20], results
+    for a in alone:
+        _same_run(a, next(x for x in captured if x[0] == a[0]))
+
+
+def _statuses(store) -> dict[str, tuple[str, str | None]]:
+    """Each member's MLflow run (by its ``member`` tag): its status and ``error`` tag."""
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(store)
+    ids = [e.experiment_id for e in c.search_experiments()]
+    return {r.data.tags["member"]: (r.info.status, r.data.tags.get("error")) for r in c.search_runs(ids)}
+
+
+def test_a_member_whose_end_raises_fails_alone(store, monkeypatch):
+    """An error in one member's end (its record) fails that member alone: its run FAILED with the error,
+    its result the exception; the others' runs FINISHED."""
+    from pipeline.training import record, stacked
+
+    cfgs = [
+        cfg_of(**m, tracking__enabled=True, trainer__max_steps=10, trainer__val_every=5) for m in MEMBERS[:3]
+    ]
+    real = record.record_end
+
+    def end(cfg, *rest):
+        if cfg is cfgs[1]:
+            raise RuntimeError("record failed")
+        return real(cfg, *rest)
+
+    monkeypatch.setattr(record, "record_end", end)
+    results = stacked.run_stack(cfgs, extra_tags=[{"member": str(i)} for i in range(3)])
+    assert isinstance(results[1], RuntimeError)
+    assert all(not isinstance(results[i], BaseException) for i in (0, 2))
+    st = _statuses(store)
+    assert {k: s for k, (s, _) in st.items()} == {"0": "FINISHED", "1": "FAILED", "2": "FINISHED"}
+    assert st["1"][1] == "RuntimeError: record failed"
+
+
+def test_an_error_in_the_shared_loop_fails_every_unfinished_run(store, monkeypatch):
+    """The shared step raises at step 8: run_stack re-raises, and every member still training has its run
+    closed FAILED with the error; the member that finished at step 5 stays FINISHED."""
+    from pipeline.training import stack_loop, stacked
+
+    short = {"trainer__max_steps": 5, "trainer__val_every": 5}
+    cfgs = [
+        cfg_of(**m, tracking__enabled=True, **(short if i == 0 else {})) for i, m in enumerate(MEMBERS[:3])
+    ]
+    real, calls = stack_loop._step, []
+
+    def step(*a, **k):
+        calls.append(1)
+        if len(calls) == 9:
+            raise RuntimeError("the loop broke")
+        return real(*a, **k)
+
+    monkeypatch.setattr(stack_loop, "_step", step)
+    with pytest.raises(RuntimeError, match="the loop broke"):
+        stacked.run_stack(cfgs, extra_tags=[{"member": str(i)} for i in range(3)])
+    st = _statuses(store)
+    assert {k: s for k, (s, _) in st.items()} == {"0": "FINISHED", "1": "FAILED", "2": "FAILED"}
+    assert st["1"][1] == st["2"][1] == "RuntimeError: the loop broke"
+
+
+# ------------------------------------------------------------------- a batched worker (in this process)
+
+
+def _bad_config(w, monkeypatch, which) -> list[int]:
+    """``w.trial_run_config`` raises for the trials ``which(number)`` picks; the numbers it was asked."""
+    real, asked = w.trial_run_config, []
+
+    def cfg(t):
+        asked.append(t.number)
+        if len(asked) > 30:  # the worker did not stop: end the test instead of the sweep
+            raise SystemExit("the worker never stopped")
+        if which(t.number):
+            raise ValueError(f"bad value in trial {t.number}")
+        return real(t)
+
+    monkeypatch.setattr(w, "trial_run_config", cfg)
+    return asked
+
+
+def test_a_batched_trial_whose_config_raises_fails_alone(store, tmp_path, monkeypatch):
+    from tests.test_signals import _worker
+
+    w = _worker(tmp_path, 2, n_trials=2, pruner={"name": "none"})
+    _bad_config(w, monkeypatch, lambda n: n == 0)
+    assert w.run() == 0
+    ts = w.study.get_trials()
+    assert [t.state.name for t in ts] == ["FAIL", "COMPLETE", "COMPLETE"]
+    assert ts[0].user_attrs["error"] == "ValueError: bad value in trial 0"
+
+
+def test_a_batched_worker_whose_stack_raises_fails_every_trial_and_stops(store, tmp_path, monkeypatch):
+    """run_stack itself raises: every trial the stack held fails with the error, and after
+    MAX_CONSECUTIVE_ERRORS such batches the worker stops (1)."""
+    from pipeline.sweep.worker import MAX_CONSECUTIVE_ERRORS
+    from pipeline.training import stacked
+    from tests.test_signals import _worker
+
+    w = _worker(tmp_path, 2, n_trials=4, pruner={"name": "none"})
+
+    def broken(*a, **k):
+        raise RuntimeError("the stack broke")
+
+    monkeypatch.setattr(stacked, "run_stack", broken)
+    assert w.run() == 1
+    ts = w.study.get_trials()
+    assert len(ts) == 2 * MAX_CONSECUTIVE_ERRORS
+    assert {t.state.name for t in ts} == {"FAIL"}
+    assert {t.user_attrs.get("error") for t in ts} == {"RuntimeError: the stack broke"}
+
+
+def test_a_batched_worker_whose_configs_all_raise_stops(store, tmp_path, monkeypatch):
+    """Every trial's config raises: each trial fails, and the worker stops (1) after
+    MAX_CONSECUTIVE_ERRORS batches instead of asking trials for ever."""
+    from pipeline.sweep.worker import MAX_CONSECUTIVE_ERRORS
+    from tests.test_signals import _worker
+
+    w = _worker(tmp_path, 2, n_trials=4, pruner={"name": "none"})
+    asked = _bad_config(w, monkeypatch, lambda n: True)
+    assert w.run() == 1
+    assert len(asked) == 2 * MAX_CONSECUTIVE_ERRORS
+    assert {t.state.name for t in w.study.get_trials()} == {"FAIL"}
 
 
 DEFAULT_SWEEP = str(Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "default.yaml")
