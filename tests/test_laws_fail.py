@@ -276,7 +276,9 @@ def _ratio(**band):
     )
 
 
-@pytest.mark.parametrize(("num", "now", "verdict"), [(5.0, "inf", PASS), (-3.0, "-inf", LAW), (0.0, "nan", LAW)])
+@pytest.mark.parametrize(
+    ("num", "now", "verdict"), [(5.0, "inf", PASS), (-3.0, "-inf", LAW), (0.0, "nan", LAW)]
+)
 def test_ratio_of_runs_over_a_zero_denominator_takes_the_numerators_sign(num, now, verdict):
     """Over a denominator of 0 the ratio is +-inf by the numerator's sign (README, "Suite file format"):
     +inf meets any ``min`` and misses any ``max``; -inf meets no ``min``; 0/0 is undefined and fails
