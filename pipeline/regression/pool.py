@@ -18,6 +18,7 @@ from pipeline.regression.suite import Entry, Suite, load_suite
 Say = Callable[[str], None]
 
 _interrupted = False  # in a pool worker: a Ctrl-C or SIGTERM stopped an entry here; run no more
+_busy = False  # in a pool worker: an entry is training (its run open) in the main thread
 
 
 ORPHAN_POLL_S = 1.0  # how often a pool worker checks that the suite's process is still its parent
@@ -31,7 +32,9 @@ def _worker_init() -> None:
     And it watches its parent: after a kill -9 of the suite's process (no SIGTERM forwarded), the workers
     went on training the entries queued to them, to FINISHED runs under a parent the next ``regress``
     closes KILLED (a chaos walkthrough). An orphaned worker sends itself the SIGTERM the parent would have
-    (its entry's run is closed KILLED, no queued entry starts) and exits after :data:`ORPHAN_GRACE_S`."""
+    (its entry's run is closed KILLED, no queued entry starts) and exits once no entry trains, or after
+    :data:`ORPHAN_GRACE_S` at most. (It waited the whole grace before: with the parent gone, the pool's
+    worker loop never returns, and each worker held its memory for another minute.)"""
     import os
     import signal
     import threading
@@ -44,7 +47,9 @@ def _worker_init() -> None:
         while os.getppid() == parent:
             time.sleep(ORPHAN_POLL_S)
         os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(ORPHAN_GRACE_S)
+        end = time.monotonic() + ORPHAN_GRACE_S
+        while _busy and time.monotonic() < end:
+            time.sleep(0.1)
         os._exit(143)
 
     threading.Thread(target=watch, name="orphan-watch", daemon=True).start()
@@ -63,9 +68,10 @@ def _entry_worker(
     this worker (its entry's run closed KILLED), an entry already queued to it is not started."""
     from pipeline.regression.run import run_entry
 
-    global _interrupted
+    global _interrupted, _busy
     if _interrupted:
         return name, None, "not run: the suite was interrupted"
+    _busy = True
     try:
         return (
             name,
@@ -85,6 +91,8 @@ def _entry_worker(
     except BaseException:  # KeyboardInterrupt, Terminated: the run is closed KILLED by train.run
         _interrupted = True
         raise
+    finally:
+        _busy = False
 
 
 def cost(e: Entry) -> float:
