@@ -671,3 +671,27 @@ def test_the_regime_table_best_is_never_a_diverged_trials_penalty():
     lines = {line.split()[0]: line.split() for line in regime_table(df).splitlines()[1:]}
     assert lines["exploding"][:4] == ["exploding", "1", "0", "-"]
     assert lines["healthy"][:4] == ["healthy", "3", "1", "0.4000"]
+
+
+def test_a_bare_report_reads_the_latest_plain_training_runs_experiment(store):
+    """With no sweep in the store, ``report`` covers the experiment of the latest ``make train`` run
+    (no ``pipeline.kind``), even when a regression entry ran after it; only a store without plain runs
+    falls back to the newest run of another kind (a suite's parent never)."""
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.names import KIND, KIND_REGRESSION, ROLE
+    from pipeline.report.data import resolve_target
+
+    c = MlflowClient(store)
+    mine, suite = c.create_experiment("mine"), c.create_experiment("regression")
+    c.set_terminated(c.create_run(mine).info.run_id)
+    time.sleep(0.01)  # a later start time
+    c.set_terminated(c.create_run(suite, tags={KIND: KIND_REGRESSION, ROLE: "entry"}).info.run_id)
+    assert resolve_target(store).experiment_names == ["mine"]
+    c.delete_experiment(mine)
+    c.set_terminated(
+        c.create_run(c.create_experiment("other"), tags={KIND: KIND_REGRESSION, ROLE: "suite"}).info.run_id
+    )
+    assert resolve_target(store).experiment_names == ["regression"]  # the entry's, not the newer suite parent's
