@@ -104,18 +104,10 @@ def _diverging():
     return cfg_of(model__cell="relu", model__init="identity", model__init_scale=40.0)
 
 
-def test_member_of_a_stack_trains_as_it_would_alone(captured, monkeypatch):
-    """Both update paths in one stack: Adam and SGD members (with and without clipping by norm, weight
-    decay, momentum, the diverging member) take the batched update (pipeline.training.stack_update), the
-    value-clipped member its own; each must match its run alone."""
-    from pipeline.training import run, stack_loop, stack_update, stacked
+def _spy_batched(monkeypatch, cfgs) -> list[set[int]]:
+    """Records, at each batched measurement of a stack, which members (indices into ``cfgs``) took it."""
+    from pipeline.training import stack_loop
 
-    cfgs = [cfg_of(**m) for m in MEMBERS] + [_diverging()]
-    alone = []
-    for c in cfgs:
-        r = run.run(c)
-        alone.append((r, captured[-1]))
-    captured.clear()
     batched: list[set[int]] = []
     real = stack_loop.measure
 
@@ -124,6 +116,22 @@ def test_member_of_a_stack_trains_as_it_would_alone(captured, monkeypatch):
         return real(members, *rest)
 
     monkeypatch.setattr(stack_loop, "measure", spy)
+    return batched
+
+
+def test_member_of_a_stack_trains_as_it_would_alone(captured, monkeypatch):
+    """Both update paths in one stack: Adam and SGD members (with and without clipping by norm, weight
+    decay, momentum, the diverging member) take the batched update (pipeline.training.stack_update), the
+    value-clipped member its own; each must match its run alone."""
+    from pipeline.training import run, stack_update, stacked
+
+    cfgs = [cfg_of(**m) for m in MEMBERS] + [_diverging()]
+    alone = []
+    for c in cfgs:
+        r = run.run(c)
+        alone.append((r, captured[-1]))
+    captured.clear()
+    batched = _spy_batched(monkeypatch, cfgs)
     results = stacked.run_stack(cfgs)
     assert batched[0] == {0, 1, 2, 4, 5}  # all but the value-clipped lstm (MEMBERS[3])
     assert not stack_update.batchable(cfgs[3], run_opt(cfgs[3]))
@@ -463,7 +471,7 @@ def test_a_member_with_a_remedy_takes_its_own_update(captured, monkeypatch):
     """A member with a remedy (here Omega, whose value is a column of every record row) keeps its
     module's own clipping and guard in a stack of batched members, and trains as it would alone; every
     remedy (spike skip, Omega, flossing) keeps a member off the batched update."""
-    from pipeline.training import run, stack_loop, stack_update, stacked
+    from pipeline.training import run, stack_update, stacked
 
     remedies = [{"omega": 1.0}, {"skip": {"zscore": 3.0}}, {"floss": {"weight": 0.1}}]
     assert not any(stack_update.batchable(c, run_opt(c)) for c in (cfg_of(remedy=r) for r in remedies))
@@ -473,14 +481,7 @@ def test_a_member_with_a_remedy_takes_its_own_update(captured, monkeypatch):
         run.run(c)
         alone.append(captured[-1])
     captured.clear()
-    batched: list[set[int]] = []
-    real = stack_loop.measure
-
-    def spy(members, *rest):
-        batched.append({cfgs.index(m.cfg) for m in members})
-        return real(members, *rest)
-
-    monkeypatch.setattr(stack_loop, "measure", spy)
+    batched = _spy_batched(monkeypatch, cfgs)
     results = stacked.run_stack(cfgs)
     assert batched[0] == {0, 1}
     assert all(not isinstance(r, BaseException) and r.steps == 40 for r in results)
