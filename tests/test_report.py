@@ -694,4 +694,6 @@ def test_a_bare_report_reads_the_latest_plain_training_runs_experiment(store):
     c.set_terminated(
         c.create_run(c.create_experiment("other"), tags={KIND: KIND_REGRESSION, ROLE: "suite"}).info.run_id
     )
-    assert resolve_target(store).experiment_names == ["regression"]  # the entry's, not the newer suite parent's
+    assert resolve_target(store).experiment_names == [
+        "regression"
+    ]  # the entry's, not the newer suite parent's
