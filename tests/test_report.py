@@ -697,3 +697,31 @@ def test_a_bare_report_reads_the_latest_plain_training_runs_experiment(store):
     assert resolve_target(store).experiment_names == [
         "regression"
     ]  # the entry's, not the newer suite parent's
+
+
+def test_representative_runs_pick_the_best_trained_and_the_most_clipped():
+    """Per (init, g): the lowest loss ratio, diverged last, a run without a ratio only when none has one;
+    then the clipped runs of the highest clip rate (``representative_runs``'s docstring)."""
+    import pandas as pd
+
+    from pipeline.report import data as rd
+
+    rows = [  # one panel; rid, g, clip, clip rate, loss ratio, regime
+        ("nan", 1.0, "none", None, math.nan, "healthy"),  # no ratio: never over a run with one
+        ("ok", 1.0, "none", None, 0.7, "healthy"),
+        ("c3", 1.0, "norm", 0.3, 0.8, "healthy"),  # clipped, not best: for the clip panel
+        ("c9", 1.0, "norm", 0.9, 0.85, "healthy"),
+        ("c6", 1.0, "norm", 0.6, 0.95, "healthy"),
+        ("div", 2.0, "none", None, 0.05, "diverged"),  # a lower ratio, but diverged
+        ("fine", 2.0, "none", None, 0.6, "exploding"),
+        ("alone", 3.0, "none", None, math.nan, "healthy"),  # its g's only run, no ratio: still picked
+    ]
+    table = pd.DataFrame(
+        [
+            {"task": "adding", "cell": "tanh", "init": "gaussian", "init_scale": g, "clip": clip,
+             "clip_rate": rate, "val_loss_ratio": loss, "regime": regime, "run_id": rid}
+            for rid, g, clip, rate, loss, regime in rows
+        ]
+    )  # fmt: skip
+    assert rd.CLIPPED_PER_PANEL == 2
+    assert rd.representative_runs(table, per_panel=4) == ["ok", "fine", "alone", "c9", "c6"]
