@@ -88,6 +88,7 @@ def test_phase_markers_diverged_x_solved_star_else_circle():
     table = pd.DataFrame(
         [
             _run("div", 1.0, 3.0, regime="diverged", val_loss_ratio=math.nan, diverged_step=7),
+            _run("nostep", 1.0, 0.5, regime="diverged", val_loss_ratio=math.nan),  # its step not recorded
             _run("exp", 1e-1, 3.0, regime="exploding", val_loss_ratio=0.5),
             _run("sol", 1e-3, 1.0, regime="healthy", val_loss_ratio=0.02, solved="true"),
             _run("mid", 1e-2, 1.0, regime="vanishing", val_loss_ratio=0.5),
@@ -95,7 +96,7 @@ def test_phase_markers_diverged_x_solved_star_else_circle():
     ).astype({"diverged_step": "Int64"})  # as comparison_table types it
     fig = rr.phase_diagram(table, "adding")
     (ax,) = fig.axes
-    want = {(1.0, 3.0): "X", (1e-1, 3.0): "o", (1e-3, 1.0): "*", (1e-2, 1.0): "o"}
+    want = {(1.0, 3.0): "X", (1.0, 0.5): "X", (1e-1, 3.0): "o", (1e-3, 1.0): "*", (1e-2, 1.0): "o"}
     for (lr, g), marker in want.items():
         path = _collection_at(ax, lr, g).get_paths()[0].vertices
         assert path.shape == _marker_path(marker).shape and np.allclose(path, _marker_path(marker)), (
@@ -105,7 +106,8 @@ def test_phase_markers_diverged_x_solved_star_else_circle():
     sizes = {k: float(_collection_at(ax, *k).get_sizes()[0]) for k in want}
     assert sizes[(1e-3, 1.0)] > sizes[(1e-2, 1.0)]  # the star is drawn larger than a circle
     texts = {t.get_text() for t in ax.texts}
-    assert "div@7" in texts  # a diverged run is labelled with its step
+    assert "div@7" in texts and "div" in texts  # a diverged run is labelled with its step, if recorded
+    assert not [t for t in texts if "NA" in t or "nan" in t], texts  # it read div@<NA>
 
 
 def test_profile_panel_dashed_is_init_and_solid_is_the_end():
