@@ -543,3 +543,26 @@ def test_clip_rate_counts_finite_steps_and_a_zero_gradient_is_not_clipped():
     assert gm.running() == (pytest.approx(1 / 3), 5.0)
     gm.drain()
     assert gm.clip_rate == pytest.approx(1 / 3) and sent[-1]["grad/clip_rate"] == pytest.approx(1 / 3)
+
+
+def test_window_loss_is_the_mean_of_the_windows_steps():
+    """``loss_metric`` logs the window's mean loss (finite steps only), while the norms are the last
+    step's: a window with losses 1 and 3 logs train/loss 2 and the second step's pre-clip norm."""
+    from pipeline import GradientNormMonitor
+    from pipeline.training.grad_window import post_clip_row
+
+    sent: list[dict] = []
+    gm = GradientNormMonitor(
+        log_every_n_steps=2, sink=lambda m, s: sent.append(dict(m)), loss_metric="train/loss"
+    )
+    gm.set_groups(["a", "b"])
+    sq = torch.tensor([9.0, 16.0], dtype=torch.float64)  # pre = 5
+    gm.push(post_clip_row(torch.tensor(1.0, dtype=torch.float64), sq, sq), 0)
+    gm.push(post_clip_row(torch.tensor(3.0, dtype=torch.float64), sq * 4, sq * 4), 1)  # pre = 10
+    gm.drain()
+    assert sent[-1]["train/loss"] == pytest.approx(2.0) and sent[-1]["grad/norm_preclip"] == 10.0
+    nan = math.nan
+    gm.push(post_clip_row(torch.tensor(5.0, dtype=torch.float64), sq, sq), 2)
+    gm.push(torch.tensor([nan] * 6, dtype=torch.float64), 3)  # a skipped step: not in the mean
+    gm.drain()
+    assert sent[-1]["train/loss"] == pytest.approx(5.0)

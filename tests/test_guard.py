@@ -5,7 +5,8 @@ or the gradient is non-finite, so ``optimizer.step`` skips every parameter. Acro
 AND the optimizer state (Adam's ``exp_avg``, ``exp_avg_sq``, ``step``; SGD's ``momentum_buffer``) must be
 bit-identical (``torch.equal``), training must stop there, and ``diverged_step`` must name the step.
 The divergence is planted deterministically at step K after some normal steps, so the optimizer state
-is non-trivial: a NaN in the batch (non-finite loss) or an inf in one gradient (finite loss).
+is non-trivial: a NaN in the batch (non-finite loss), an inf in one gradient (finite loss), or a NaN
+loss with finite gradients.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def _assert_identical(a: dict, b: dict) -> None:
 
 
 class PlantAndWatch(pl.Callback):
-    """At step K: snapshot, plant a non-finite value (``where``: "batch" or "grad"), snapshot after."""
+    """At step K: snapshot, plant a non-finite value (``where``: "batch", "grad", or "loss": the loss the
+    guard reads, gradients finite), snapshot after."""
 
     def __init__(self, where: str):
         self.where = where
@@ -67,6 +69,9 @@ class PlantAndWatch(pl.Callback):
         if trainer.global_step == K and self.where == "grad":
             # One entry of W_hh's gradient: the loss stays finite, only the gradient check can catch it.
             pl_module.groups["recurrent"][0].grad.view(-1)[0] = float("inf")
+        if trainer.global_step == K and self.where == "loss":
+            # The loss the guard reads turns NaN after a finite backward: only the loss check can catch it.
+            pl_module._loss = torch.full_like(pl_module._loss, float("nan"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.before is not None and self.after is None:
@@ -79,7 +84,7 @@ OPTIMIZERS = {
 }
 
 
-@pytest.mark.parametrize("where", ["batch", "grad"])
+@pytest.mark.parametrize("where", ["batch", "grad", "loss"])
 @pytest.mark.parametrize("optim", sorted(OPTIMIZERS))
 def test_guarded_step_leaves_weights_and_optimizer_state_bit_identical(tiny, optim, where):
     cb = PlantAndWatch(where)

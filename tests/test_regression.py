@@ -113,6 +113,16 @@ def test_passing_suite_exits_0_records_everything_and_update_shows_changes(store
     assert all(r.info.status == "FINISHED" and r.data.tags["pipeline.kind"] == "regression" for r in children)
     assert "bptt/log10_ratio" in children[0].data.metrics
 
+    # --update-baseline again on the unchanged suite: same numbers, so the file is not rewritten (no
+    # date-only diff to commit) and the run says so.
+    path = tmp_path / "suite.baseline.yaml"
+    text, mtime = path.read_text(), path.stat().st_mtime_ns
+    time.sleep(0.01)  # a rewrite would show in the mtime
+    assert main(["regress", "--suite", str(suite), "--update-baseline"]) == 0
+    out = capsys.readouterr().out
+    assert f"baseline unchanged: {path} not rewritten" in out and "baseline written" not in out
+    assert path.read_text() == text and path.stat().st_mtime_ns == mtime
+
     # What --update-baseline shows when numbers move: old -> new and the change.
     from pipeline.regression.baselines import baseline_diff
 

@@ -341,6 +341,36 @@ def test_skip_state_survives_a_checkpoint():
     assert a.decide(spike, spike) == b.decide(spike, spike) == SKIP
 
 
+def test_skipping_starts_at_exactly_warmup_finite_steps():
+    """With ``warmup`` = 4 the fifth step (index 4: the window holds exactly 4 finite steps) is judged;
+    a spike there is skipped, not let through."""
+    skip = SpikeSkip(SkipConfig(zscore=3.0, window=8, warmup=4))
+    for v in (1.0, 1.1, 0.9, 1.05):
+        t = torch.tensor(v, dtype=torch.float64)
+        assert skip.decide(t, t) == APPLY
+    spike = torch.tensor(50.0, dtype=torch.float64)
+    assert skip.decide(spike, spike) == SKIP and skip.count == 1
+
+
+def test_any_positive_zscore_turns_skipping_on(tiny):
+    """remedy.skip.zscore = 0 is off; any threshold above it (0.5 included) is on."""
+    from pipeline.training.remedies import Remedies
+
+    task = make_task("adding", 12)
+    assert Remedies(tiny(), task).skip is None
+    on = Remedies(tiny(**{"remedy.skip.zscore": 0.5, "remedy.skip.warmup": 8}), task)
+    assert on.skip is not None and on.skip.cfg.zscore == 0.5
+
+
+def test_flossing_stops_at_until(tiny):
+    """remedy.floss.until = N: flossing on steps < N (every = 1: each of them), off from step N on."""
+    from pipeline.training.remedies import Remedies
+
+    cfg = tiny(**{"remedy.floss.weight": 1, "remedy.floss.every": 1, "remedy.floss.until": 5})
+    r = Remedies(cfg, make_task("adding", 12))
+    assert [r.flosses_at(s) for s in range(7)] == [True] * 5 + [False] * 2
+
+
 def _snapshot(trainer, module) -> dict:
     opt = trainer.optimizers[0]
     names = {id(p): n for n, p in module.named_parameters()}

@@ -179,6 +179,23 @@ def test_sweep_overrides_and_space_forms(tmp_path):
     assert sw.trial_config({"optim.lr": 0.005}).optim.lr == 0.005
 
 
+def test_hyperband_pruner_spans_val_every_to_max_steps(tmp_path):
+    """Hyperband's rungs in training steps: from ``pruner.min_resource`` (unset: ``trainer.val_every``, the
+    first step a trial reports) to ``trainer.max_steps`` (not Optuna's "auto", which guesses it from the
+    first trial to finish), at the configured reduction factor."""
+    import optuna
+
+    from pipeline.sweep.config import load_sweep
+    from pipeline.sweep.study import make_pruner
+
+    cfg = write_sweep(tmp_path / "s.yaml", pruner={"name": "hyperband", "reduction_factor": 2})
+    p = make_pruner(load_sweep(cfg))  # base trainer: max_steps 20, val_every 10
+    assert isinstance(p, optuna.pruners.HyperbandPruner)
+    assert (p._min_resource, p._max_resource, p._reduction_factor) == (10, 20, 2)
+    p = make_pruner(load_sweep(cfg, ["pruner.min_resource=5", "base.trainer.max_steps=40"]))
+    assert (p._min_resource, p._max_resource, p._reduction_factor) == (5, 40, 2)
+
+
 def test_shipped_sweeps_validate():
     from pipeline.sweep.config import load_sweep
 

@@ -46,6 +46,38 @@ def test_two_machines_joining_at_the_same_count_draw_different_points():
     assert [_draw(alone, space) for _ in range(4)] == points
 
 
+class _FakeSupervisor:
+    """What :meth:`StudyEnd.take_waiting` reads of a supervisor: the study, the budget, the replacement
+    budget (``respawns``) and the workers it spawns."""
+
+    def __init__(self, study, respawns: int = 0, left: int = 2):
+        from types import SimpleNamespace
+
+        self.stores = SimpleNamespace(study=study)
+        self.respawns, self.left, self.spawned = respawns, left, []
+        self.workers = SimpleNamespace(spawn=self.spawned.append)
+
+    def budget_left(self) -> int:
+        return self.left
+
+
+def test_a_lost_machines_retry_is_taken_over_after_the_crash_budget_is_spent():
+    """respawns spent, trials seen elsewhere, one WAITING retry, budget left: one worker is spawned for it,
+    paid from the takeovers (at most ``n_trials`` of them), not refused."""
+    from pipeline.sweep.study_end import StudyEnd
+
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    study.enqueue_trial({})  # the retry a lost machine's trial left WAITING
+    end = StudyEnd(n_trials=3)
+    end.elsewhere = True
+    sup = _FakeSupervisor(study)
+    assert end.take_waiting(sup) is True and sup.spawned == [0]
+    assert end.takeovers == 2 and sup.respawns == 0
+    # nothing seen elsewhere: a spent crash budget refuses it
+    other = _FakeSupervisor(study)
+    assert StudyEnd(n_trials=3).take_waiting(other) is False and other.spawned == []
+
+
 def _owner_process():
     """A live process on this host to own a trial, as a worker of another machine (the reaper tells a
     same-host owner's death at once; another host's by Optuna's heartbeat after ``grace``)."""
