@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, tiny_config
+from test_report_figures import _run
 
 STUDY = "small-study"
 EXPERIMENT = "sweep-small"  # not the default experiment: `report` with no flag must still find the sweep
@@ -475,20 +476,7 @@ def _one_panel_table():
     ]
     return pd.DataFrame(
         [
-            {
-                "run_id": rid,
-                "task": "adding",
-                "cell": "tanh",
-                "init": "gaussian",
-                "init_scale": g,
-                "lr": lr,
-                "clip": "norm 1",
-                "regime": reg,
-                "val_loss_ratio": v,
-                "solved": sol,
-                "diverged_step": ds,
-                "status": "FINISHED",
-            }
+            _run(rid, lr, g, clip="norm 1", regime=reg, val_loss_ratio=v, solved=sol, diverged_step=ds)
             for rid, g, lr, reg, v, sol, ds in rows
         ]
     )
