@@ -350,7 +350,12 @@ def _compare(chk: Check, results: dict[str, EntryResult]) -> Row:
         return Row(label, "-", "-", band, LAW, f"{metrics[0] if a is None else metrics[1]} was not recorded")
     # over a zero denominator: +-inf by the numerator's sign, and 0/0 undefined (nan: the law fails, as
     # inf/inf does); it read inf for each, so 0/0 and -3/0 met any min band (a mutation review)
-    now = (a / b if b != 0 else math.copysign(math.inf, a) if a != 0 else math.nan) if ratio else a - b
+    if not ratio:
+        now = a - b
+    elif b != 0:
+        now = a / b
+    else:
+        now = math.nan if a == 0 or math.isnan(a) else math.copysign(math.inf, a)
     ok = (
         not math.isnan(now)
         and ("min" not in p or now >= chk.value("min"))
