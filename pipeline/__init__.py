@@ -2,9 +2,10 @@
 
 The folders are the stages, over a shared floor that imports no stage (README, "Project structure")::
 
-    config, schema, names, uris,      the floor: typed configs and their builder, the public record's
-    signals, tracking, provenance,    names, store URLs, SIGTERM, the MLflow Recorder, a run's identity
-    store_checks, plots, presets      tags, store probes, shared drawings, the shipped configs by name
+    config, cell_keys, schema,        the floor: typed configs, the keys each cell reads, their builder,
+    names, uris, signals, tracking,   the public record's names, store URLs, SIGTERM, the MLflow Recorder,
+    provenance, store_checks, plots,  a run's identity tags, store probes, shared drawings, the shipped
+    presets                           configs by name
     cli/         front doors: python -m pipeline VERB (imports nothing heavy until a verb runs)
     training/    one run: tasks -> data -> model -> LightningModule -> callbacks -> Recorder -> Trainer
     bptt/        the exact float64 mathematics: twin cells, the profile, spectra and Lyapunov exponent

@@ -370,50 +370,6 @@ def _validate_diagonal(m: ModelConfig) -> None:
         check("model.init", m.init == "default", f"'default' ({why[m.cell]})", m.init)
 
 
-# Model keys read by some cells only (README, "Models"). Setting one that the run's cell does not read is
-# no error (a file shared by cells, a sweep whose cells differ), but `train` says so in a note line and a
-# sweep says so when a key it searches is read by no trial, rather than letting a teacher's
-# `model.init_scale=3` at `init: default` train the same network as g = 1 without a word.
-_G_AT_DEFAULT = ("orthogonal",)  # W_hh = g Q whatever model.init (README, "Models")
-_MODERN_INIT = ("lru", "mingru", "lem", "cornn")  # their own inits: no W_hh scheme, no g
-
-
-def reads_key(cell: str, init: str, key: str) -> bool:
-    """Whether a model of ``cell`` with ``model.init = init`` reads ``model.<key>`` (every key but the
-    cell-specific ones is read by every cell)."""
-    if key == "init_scale":
-        return cell in _G_AT_DEFAULT or (cell not in _MODERN_INIT and init != "default")
-    only = {
-        "forget_bias": ("lstm",),
-        "r_min": ("lru",),
-        "r_max": ("lru",),
-        "max_phase": ("lru",),
-        "dt": ("lem", "cornn"),
-        "gamma": ("cornn",),
-        "epsilon": ("cornn",),
-    }
-    return cell in only.get(key, (cell,))
-
-
-def unused_model_keys(m: ModelConfig) -> list[str]:
-    """Notes on the model keys set away from their defaults that this cell and init do not read."""
-    default = ModelConfig()
-    notes = []
-    for f in dataclasses.fields(ModelConfig):
-        v = getattr(m, f.name)
-        if v == getattr(default, f.name) or reads_key(m.cell, m.init, f.name):
-            continue
-        if f.name == "init_scale" and m.cell not in _MODERN_INIT:
-            why = "model.init=default keeps PyTorch's init; g scales gaussian, orthogonal and identity"
-        elif f.name == "init_scale":
-            why = f"cell {m.cell} keeps its own init"
-        else:
-            cells = [c for c in CELLS if reads_key(c, m.init, f.name)]
-            why = f"read by cell {' and '.join(cells)} only, and model.cell={m.cell}"
-        notes.append(f"model.{f.name}={v:g} is not used by this model ({why})")
-    return notes
-
-
 def config_keys() -> list[str]:
     """Every dotted key a config may set (for sweep-space validation)."""
     return list(Config().flat().keys())

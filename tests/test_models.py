@@ -148,7 +148,7 @@ def test_the_keys_a_cell_is_said_not_to_read_change_nothing_it_computes(cell, in
     them. A note that lied either way (a silent no-op called used, or a used key called unused) fails."""
     import dataclasses
 
-    from pipeline.config import reads_key, unused_model_keys
+    from pipeline.cell_keys import reads_key, unused_model_keys
 
     x = torch.randn(3, 7, 2, generator=torch.Generator().manual_seed(0))
     base = ModelConfig(cell=cell, hidden_size=8, init=init)

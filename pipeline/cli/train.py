@@ -66,7 +66,7 @@ def command(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    from pipeline.config import unused_model_keys
+    from pipeline.cell_keys import unused_model_keys
 
     for note in unused_model_keys(cfg.model):
         print(f"note: {note}", file=sys.stderr)

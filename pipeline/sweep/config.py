@@ -141,10 +141,10 @@ def check_study_name(study: str, url: str) -> None:
 
 
 def unread_searched_keys(sw: SweepConfig) -> list[str]:
-    """Notes on the searched ``model.*`` keys that no trial's model reads (:func:`pipeline.config.reads_key`):
+    """Notes on the searched ``model.*`` keys that no trial's model reads (:func:`pipeline.cell_keys.reads_key`):
     e.g. ``model.init_scale`` searched while every trial keeps ``model.init: default`` (budget spent on a
     dimension that changes nothing)."""
-    from pipeline.config import reads_key
+    from pipeline.cell_keys import reads_key
 
     base = sw.base_config().model
     by_key = {p.key: p for p in sw.space}

@@ -1,0 +1,54 @@
+"""Which model keys each cell reads (README, "Models"): the notes ``train`` and ``sweep`` print for a key set
+away from its default that no model of the run reads.
+
+Setting such a key is no error (a file shared by cells, a sweep whose cells differ), but a teacher's
+``model.init_scale=3`` at ``init: default`` trained the same network as g = 1 without a word.
+tests/test_models.py checks every claim here against the models' own outputs. Floor module: it imports
+only :mod:`pipeline.config` and :mod:`pipeline.names`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pipeline.config import ModelConfig
+from pipeline.names import CELLS
+
+_G_AT_DEFAULT = ("orthogonal",)  # W_hh = g Q whatever model.init (README, "Models")
+_MODERN_INIT = ("lru", "mingru", "lem", "cornn")  # their own inits: no W_hh scheme, no g
+
+
+def reads_key(cell: str, init: str, key: str) -> bool:
+    """Whether a model of ``cell`` with ``model.init = init`` reads ``model.<key>`` (every key but the
+    cell-specific ones is read by every cell)."""
+    if key == "init_scale":
+        return cell in _G_AT_DEFAULT or (cell not in _MODERN_INIT and init != "default")
+    only = {
+        "forget_bias": ("lstm",),
+        "r_min": ("lru",),
+        "r_max": ("lru",),
+        "max_phase": ("lru",),
+        "dt": ("lem", "cornn"),
+        "gamma": ("cornn",),
+        "epsilon": ("cornn",),
+    }
+    return cell in only.get(key, (cell,))
+
+
+def unused_model_keys(m: ModelConfig) -> list[str]:
+    """Notes on the model keys set away from their defaults that this cell and init do not read."""
+    default = ModelConfig()
+    notes = []
+    for f in dataclasses.fields(ModelConfig):
+        v = getattr(m, f.name)
+        if v == getattr(default, f.name) or reads_key(m.cell, m.init, f.name):
+            continue
+        if f.name == "init_scale" and m.cell not in _MODERN_INIT:
+            why = "model.init=default keeps PyTorch's init; g scales gaussian, orthogonal and identity"
+        elif f.name == "init_scale":
+            why = f"cell {m.cell} keeps its own init"
+        else:
+            cells = [c for c in CELLS if reads_key(c, m.init, f.name)]
+            why = f"read by cell {' and '.join(cells)} only, and model.cell={m.cell}"
+        notes.append(f"model.{f.name}={v:g} is not used by this model ({why})")
+    return notes
