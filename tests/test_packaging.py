@@ -107,7 +107,9 @@ def test_the_package_list_names_every_folder_of_pipeline():
         for p in (ROOT / "pipeline").iterdir()
         if p.is_dir() and (p / "__init__.py").is_file()
     }
-    assert listed == {"pipeline", "pipeline.configs", *folders}
+    configs = {"pipeline.configs." + p.name for p in (ROOT / "configs").iterdir() if p.is_dir()}
+    assert configs == {"pipeline.configs.train", "pipeline.configs.sweeps", "pipeline.configs.regression"}
+    assert listed == {"pipeline", "pipeline.configs", *configs, *folders}
     assert PYPROJECT["tool"]["setuptools"]["package-dir"] == {"pipeline.configs": "configs"}
 
 
@@ -139,6 +141,9 @@ def test_the_wheel_carries_the_configs_and_py_typed(tmp_path):
         timeout=300,
     )
     assert p.returncode == 0, p.stderr
+    # Every folder of data is a listed package: setuptools prints a "Package would be ignored" wall for
+    # each one that is not, on every `make install`.
+    assert "would be ignored" not in p.stderr, p.stderr[-2000:]
     (wheel,) = out.glob("rnn_gradient_pipeline-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     want = {f"pipeline/configs/{p.relative_to(ROOT / 'configs')}" for p in (ROOT / "configs").rglob("*.yaml")}
