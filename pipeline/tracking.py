@@ -143,6 +143,11 @@ def _is_nan(v: Any) -> bool:
 
 
 RUN_END_STATUSES = ("FINISHED", "FAILED", "KILLED")
+# MLflow's database stores keep a run name in runs.name, a VARCHAR(250) column (mlflow/store/tracking/
+# dbmodels/models.py): a PostgreSQL-backed `mlflow server` refused a longer one with a traceback, where
+# SQLite kept it whole. Every run this package starts has its name cut to it (README, "Configuration
+# reference", tracking.run_name), so a name behaves the same on every store.
+RUN_NAME_MAX = 250
 
 
 def end_run(uri: str | None, run_id: str, status: str) -> None:
@@ -181,7 +186,7 @@ class Recorder:
         t = {k: str(v) for k, v in (tags or {}).items() if v is not None}  # server stores want strings
         if parent_run_id:
             t["mlflow.parentRunId"] = parent_run_id  # nests the run under its parent in the UI
-        run = client(uri).create_run(exp_id, run_name=run_name, tags=t)
+        run = client(uri).create_run(exp_id, run_name=run_name[:RUN_NAME_MAX], tags=t)
         return cls(uri, run.info.run_id, exp_id)
 
     @classmethod

@@ -137,6 +137,24 @@ def test_two_workers_on_postgres_through_mlflow_server(pg_databases, mlflow_serv
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert (Path("reports") / file_name(LONG_STUDY) / "comparison.csv").exists(), r.stdout
+    # A user's own run name past the 250 characters of the server's runs.name column: cut, with a note
+    # (it was a traceback from the server; SQLite kept the whole name).
+    name = "u" * 300
+    t = subprocess.run(
+        [sys.executable, "-m", "pipeline", "train", "--config", "smoke", "trainer.max_steps=2"]
+        + [
+            "trainer.val_every=2",
+            "diagnostics.plots=false",
+            "tracking.experiment=long-name",
+            f"tracking.run_name={name}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert t.returncode == 0 and "the run is named by its first 250" in t.stderr, t.stderr[-3000:]
+    (run,) = c.search_runs([c.get_experiment_by_name("long-name").experiment_id])
+    assert run.info.run_name == name[:250] and run.info.status == "FINISHED"
 
 
 def test_kill_9_of_a_worker_on_postgres(pg_databases, store, tmp_path):

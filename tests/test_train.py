@@ -287,3 +287,26 @@ def test_digits_run_records_the_accuracy_of_the_held_out_split(store, tiny):
     want_loss = torch.nn.functional.cross_entropy(logits, torch.tensor(y)).item()
     assert got.metrics["val/loss"] == pytest.approx(want_loss, rel=1e-5)
     assert right / 300 > 0.1  # 30 steps of a GRU already beat chance (measured 0.3-0.4)
+
+
+def test_a_run_name_past_mlflows_250_characters_is_cut_with_a_note(store, capsys):
+    """MLflow's database stores keep 250 characters of a run name (runs.name is VARCHAR(250)): a
+    PostgreSQL-backed server refused a longer one with a traceback. Every store now gets the first 250,
+    and train says so (tests/test_sweep_postgres.py runs the same through such a server)."""
+    from pipeline.cli import main
+
+    name = "r" * 240 + "0123456789-cut-here"
+    args = [
+        "trainer.max_steps=2",
+        "trainer.val_every=2",
+        "diagnostics.plots=false",
+        f"tracking.run_name={name}",
+    ]
+    assert main(["train", "--config", "smoke", *args]) == 0
+    err = capsys.readouterr().err
+    assert f"note: tracking.run_name has {len(name)} characters; the run is named by its first 250" in err
+    c = MlflowClient(store)
+    (r,) = c.search_runs([c.get_experiment_by_name("smoke").experiment_id])
+    assert r.info.run_name == name[:250] and r.info.status == "FINISHED"
+    assert main(["train", "--config", "smoke", *args[:3], "tracking.run_name=" + "s" * 250]) == 0
+    assert "tracking.run_name has" not in capsys.readouterr().err  # 250 is kept whole, without a note

@@ -70,6 +70,15 @@ def command(args: argparse.Namespace) -> int:
 
     for note in unused_model_keys(cfg.model):
         print(f"note: {note}", file=sys.stderr)
+    from pipeline.tracking import RUN_NAME_MAX
+
+    name = cfg.tracking.run_name
+    if cfg.tracking.enabled and name is not None and len(name) > RUN_NAME_MAX:
+        print(
+            f"note: tracking.run_name has {len(name)} characters; the run is named by its first {RUN_NAME_MAX}"
+            " (MLflow's limit on run names)",
+            file=sys.stderr,
+        )
     from pipeline.training.budget import check_fits
     from pipeline.training.machine import check_accelerator
 

@@ -132,7 +132,7 @@ def trial_run_config(sw, spec: dict[str, Any], mlflow_uri: str, trial):
         uri=mlflow_uri,
         enabled=True,
         experiment=spec["experiment"],
-        run_name=f"{sw.study}-t{trial.number:04d} {short}"[:250],
+        run_name=f"{sw.study}-t{trial.number:04d} {short}",  # cut to MLflow's 250 by Recorder.start
         log_model=sw.log_models == "all",
     )
     trainer = replace(cfg.trainer, progress_bar=False, **({"accelerator": "gpu"} if spec.get("gpu") else {}))
