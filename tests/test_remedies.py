@@ -217,6 +217,21 @@ def test_largest_exponent_matches_lyapunov_max(cell, g):
         assert abs(got - want) < 0.02, (k, got, want)
 
 
+@pytest.mark.parametrize(("seq_len", "burn", "others"), [(50, 5, (4, 6)), (300, 10, (9, 30))])
+def test_the_default_burn_in_is_a_tenth_of_the_sequence_at_most_ten_steps(seq_len, burn, others):
+    """burn_in=None drops min(T // 10, 10) steps: T // 10 on a short sequence, 10 on a long one (T = 300,
+    not 30)."""
+    task = make_task("adding", seq_len)
+    m = model("tanh", task, H=4, g=1.5)
+    p = m.params()
+    x, _ = batch(task, 2)
+    assert x.shape[1] == seq_len
+    lam = remedies.lyapunov_spectrum(p, x, k=2)
+    torch.testing.assert_close(lam, remedies.lyapunov_spectrum(p, x, k=2, burn_in=burn), rtol=0, atol=0)
+    for other in others:
+        assert not torch.equal(lam, remedies.lyapunov_spectrum(p, x, k=2, burn_in=other)), other
+
+
 def test_spectrum_gradient_passes_gradcheck():
     """The gradient of the exponents through the trajectory, the tangents and torch.linalg.qr, against
     finite differences (float64)."""
