@@ -31,6 +31,7 @@ from typing import Any
 from pipeline.names import DIVERGED, KIND_SWEEP, KIND_TRIAL, REGIME, ROLE, STUDY, TRIAL_NUMBER
 from pipeline.names import KIND as KIND_TAG
 from pipeline.schema import ConfigError
+from pipeline.uris import file_name
 
 DEFAULT_EXPERIMENT = "rnn-gradients"
 RECENT_RUNS = 200  # runs read, newest first, to find the most recent training run when there is no sweep
@@ -96,8 +97,6 @@ def _quote(s: str) -> str:
 
 def safe_name(name: str) -> str:
     """A report folder name: letters, digits, ``._-`` only, at most 100 bytes (:func:`pipeline.uris.file_name`)."""
-    from pipeline.uris import file_name
-
     return file_name(re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "report")
 
 

@@ -121,10 +121,8 @@ def theory_applies(cell: str, init: str, g: float) -> bool:
 def _marker(r) -> tuple[str, int, str]:
     """Marker, size and label of one run: diverged (X, the step), solved (star), else a circle."""
     if r["regime"] == DIVERGED:
-        import pandas as pd
-
         step = r["diverged_step"]  # Int64 in the table: a missing step is pd.NA, not None
-        return "X", 110, f"div@{step}" if pd.notna(step) else "div"
+        return "X", 110, f"div@{step}" if isinstance(step, (int, np.integer)) else "div"
     if r["solved"] == "true":
         return "*", 220, f"{r['val_loss_ratio']:.2g}"
     text = f"{r['val_loss_ratio']:.2g}" if not np.isnan(r["val_loss_ratio"]) else r["status"] or "?"
