@@ -416,7 +416,12 @@ def test_a_stopped_worker_releases_only_the_trials_it_owns(store):
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         trials = {}
-        for name, owner, x in (("mine", owner_tag(), 0.1), ("theirs", owner_tag(other.pid), 0.2)):
+        mine = owner_tag()
+        for name, owner, x in (
+            ("mine", mine, 0.1),
+            ("theirs", owner_tag(other.pid), 0.2),
+            ("untold", mine, 0.3),
+        ):
             t = study.ask()
             study._storage.set_trial_param(
                 t._trial_id, "x", x, optuna.distributions.FloatDistribution(0.0, 1.0)
@@ -425,14 +430,22 @@ def test_a_stopped_worker_releases_only_the_trials_it_owns(store):
             run = c.create_run(exp, tags={"study": "o", "trial_number": str(t.number)})
             t.set_user_attr("mlflow_run_id", run.info.run_id)
             trials[name] = (t, run.info.run_id)
-        assert release_own(study, store) == [trials["mine"][0].number]
+        # "untold": its run closed FINISHED, the signal came before the tell (no optuna_state tag yet), so a
+        # retry must not leave a FINISHED run beside its own
+        c.set_terminated(trials["untold"][1], "FINISHED")
+        assert release_own(study, store) == [trials["mine"][0].number, trials["untold"][0].number]
         got = {
             n: (study.trials[t.number].state.name, c.get_run(r).info.status) for n, (t, r) in trials.items()
         }
-        assert got == {"mine": ("FAIL", "KILLED"), "theirs": ("RUNNING", "RUNNING")}
+        assert got == {
+            "mine": ("FAIL", "KILLED"),
+            "theirs": ("RUNNING", "RUNNING"),
+            "untold": ("FAIL", "KILLED"),
+        }
+        assert c.get_run(trials["untold"][1]).data.tags["status"] == "killed"
         assert study.trials[trials["mine"][0].number].user_attrs["interrupted"] is True
         waiting = [t.user_attrs["retry_of"] for t in study.trials if t.state.name == "WAITING"]
-        assert waiting == [trials["mine"][0].number]
+        assert waiting == [trials["mine"][0].number, trials["untold"][0].number]
     finally:
         other.kill()
         other.wait()
