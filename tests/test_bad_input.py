@@ -799,3 +799,139 @@ def test_a_long_name_makes_a_bounded_distinct_file_name():
         len(wide.encode()) <= FILE_NAME_MAX and wide.encode().decode() == wide and wide.startswith("é" * 40)
     )
     assert len(safe_name("x y" * 200).encode()) == FILE_NAME_MAX
+
+
+def test_sqlite_header_and_log_rules_at_their_edges(tmp_path):
+    """The read-only checks against SQLite's file format (fileformat.html 1.3 and 4.1), on files made
+    byte by byte: an empty file is a new store; a page size field of 1 means 65536; the header's page
+    count is believed only while its change counter equals its version-valid-for number; a log excuses
+    a short file from one whole frame on (its header, a frame header and one page); WAL mode is byte
+    18 = 2; a problem exactly PROBLEM_CHARS long is shown whole."""
+    from pipeline.store_checks import (
+        PROBLEM_CHARS,
+        SQLITE_MAGIC,
+        _wal_mode,
+        probe_store,
+        shorten,
+        sqlite_problem,
+    )
+
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    assert sqlite_problem(empty) is None
+    assert probe_store(f"sqlite:///{empty}") == f"sqlite:///{empty}"
+
+    def header(page: int, pages: int, counter: int, valid_for: int, wal: bool = False) -> bytes:
+        h = bytearray(SQLITE_MAGIC + bytes(84))
+        h[16:18] = page.to_bytes(2, "big")
+        h[18] = h[19] = 2 if wal else 1
+        h[24:28], h[28:32], h[92:96] = (n.to_bytes(4, "big") for n in (counter, pages, valid_for))
+        return bytes(h)
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(header(1, 1, 7, 7))
+    assert (
+        sqlite_problem(db)
+        == "not a readable database (truncated: its header says 65536 bytes, the file has 100)"
+    )
+    db.write_bytes(header(1, 1, 7, 8))  # an old writer's count: not to be believed
+    assert sqlite_problem(db) is None
+    db.write_bytes(header(512, 1, 7, 7))
+    assert (
+        sqlite_problem(db)
+        == "not a readable database (truncated: its header says 512 bytes, the file has 100)"
+    )
+    assert not _wal_mode(db)
+    db.write_bytes(header(512, 1, 7, 7, wal=True))
+    assert _wal_mode(db)
+    frame = 32 + 24 + 512
+    log = (0x377F0682).to_bytes(4, "big") + bytes(4) + (512).to_bytes(4, "big") + bytes(20)
+    (tmp_path / "mlflow.db-wal").write_bytes(log + bytes(frame - 32 - 1))
+    assert "truncated" in (sqlite_problem(db) or "")  # one byte short of a frame
+    (tmp_path / "mlflow.db-wal").write_bytes(log + bytes(frame - 32))
+    assert sqlite_problem(db) is None
+
+    whole = "x" * PROBLEM_CHARS
+    assert shorten(whole) == whole and shorten(whole + "y") == "x" * (PROBLEM_CHARS - 3) + "..."
+
+
+def test_store_urls_as_the_stores_section_says(tmp_path, monkeypatch):
+    """README, "Stores": the driver added to a bare PostgreSQL URL, a password never shown, the file
+    behind a sqlite URL (an in-memory one names none), relative sqlite files made absolute for workers,
+    a journal URL that must name a file, and Databricks as a tracking URI."""
+    from pathlib import Path
+
+    from pipeline.schema import ConfigError
+    from pipeline.uris import (
+        absolute_uri,
+        check_storage_url,
+        check_tracking_uri,
+        display_url,
+        names_no_database,
+        resolve_uri,
+        sqlite_file,
+        study_storage,
+        with_pg_driver,
+    )
+
+    for bare in ("postgresql://u@h/db", "postgres://u@h/db"):
+        assert with_pg_driver(bare) == "postgresql+psycopg2://u@h/db"
+    assert study_storage("t", "postgres://u@h/db") == "postgresql+psycopg2://u@h/db"
+    assert study_storage("t", None) == str(Path("optuna") / "t.journal")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resolve_uri(None) == "sqlite:///mlflow.db"
+    assert display_url("postgresql://u:s3cret@h:5432/db") == "postgresql://u:***@h:5432/db"
+    assert display_url("postgresql://u@h/db") == "postgresql://u@h/db"
+    assert sqlite_file("sqlite:///:memory:") is None and sqlite_file("sqlite:///") is None
+    assert sqlite_file("sqlite:///a/b.db?mode=ro") == Path("a/b.db")
+    assert names_no_database("postgresql://h:5432//") and not names_no_database("postgresql://h/db")
+    monkeypatch.chdir(tmp_path)
+    assert absolute_uri("sqlite:///x.db") == f"sqlite:///{tmp_path.resolve() / 'x.db'}"
+    assert absolute_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
+    check_tracking_uri("tracking.uri", "databricks")
+    check_tracking_uri("tracking.uri", "databricks://profile")
+    with pytest.raises(ConfigError, match="names no journal file"):
+        check_storage_url("storage", "journal://")
+    check_storage_url("storage", "journal://optuna/x.journal")
+
+
+def test_an_existing_store_file_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    """A store file this process may not write (``os.access`` says so; as root only a read-only mount
+    does, so it is simulated here) is named before MLflow retries it for a minute."""
+    import pipeline.store_checks as sc
+    from pipeline.schema import ConfigError
+
+    f = tmp_path / "mlflow.db"
+    f.touch()
+    real = os.access
+    monkeypatch.setattr(
+        sc.os, "access", lambda p, mode: not (Path(p) == f and mode & os.W_OK) and real(p, mode)
+    )
+    assert sc.unwritable(f) == f"{f} is not writable"
+    with pytest.raises(ConfigError) as e:
+        sc.probe_store(f"sqlite:///{f}")
+    assert str(e.value) == (
+        f"mlflow store sqlite:///{f}: {f} is not writable; make it writable or point tracking.uri elsewhere"
+    )
+    assert sc.probe_store(f"sqlite:///{f}", write=False) == f"sqlite:///{f}"  # a reader may read it
+
+
+def test_a_refused_wal_store_is_left_as_it_was_found(tmp_path):
+    """Reading a WAL-mode file creates its -wal and -shm beside it: a store refused (here a SQLite file of
+    another program) must not be left with them."""
+    import sqlite3
+
+    from pipeline.schema import ConfigError
+    from pipeline.store_checks import check_sqlite_store
+
+    f = tmp_path / "other.db"
+    con = sqlite3.connect(str(f))
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("CREATE TABLE notes (x)")
+    con.commit()
+    con.close()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert before == ["other.db"]
+    with pytest.raises(ConfigError, match="not an MLflow store"):
+        check_sqlite_store(f"sqlite:///{f}", f)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -733,3 +733,176 @@ def test_run_suite_update_checks_the_baseline_file_before_any_entry(store, tmp_p
     with pytest.raises(ConfigError, match=r"^config key 'baseline': baseline file .*afile/b\.yaml cannot be"):
         run_suite(suite, {}, store, update=True, say=lambda *a: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "suite.yaml"]
+
+
+def test_each_name_and_function_of_an_expression_means_what_the_readme_says():
+    """README, "Regression suites": the names are the entry's config keys and the functions are the usual
+    ones, each checked against ``math`` away from the points where a wrong one agrees (sigmoid(0) = 0.5
+    whichever the sign of its exponent; g = 1 under ln and log10 alike)."""
+    from pipeline.config import load_config
+    from pipeline.regression.expr import fmt, names_of, shown
+
+    cfg = load_config(
+        None,
+        [
+            "model.init_scale=1.5",
+            "task.seq_len=37",
+            "model.hidden_size=12",
+            "model.forget_bias=2",
+            "optim.lr=0.003",
+            "clip.threshold=0.7",
+            "trainer.max_steps=123",
+            "model.r_min=0.4",
+            "model.r_max=0.8",
+        ],
+    )
+    names = names_of(cfg)
+    assert names == {
+        "g": 1.5,
+        "T": 37.0,
+        "H": 12.0,
+        "b_f": 2.0,
+        "lr": 0.003,
+        "c": 0.7,
+        "steps": 123.0,
+        "r_min": 0.4,
+        "r_max": 0.8,
+    }
+    for expr, want in [
+        ("sigmoid(b_f)", 1 / (1 + math.exp(-2.0))),
+        ("(T-1)*log10(sigmoid(b_f))", 36 * math.log10(1 / (1 + math.exp(-2.0)))),
+        ("ln(g)", math.log(1.5)),
+        ("log(g)", math.log(1.5)),
+        ("log10(T)", math.log10(37)),
+        ("exp(-c)", math.exp(-0.7)),
+        ("sqrt(H)", math.sqrt(12)),
+        ("abs(-lr)", 0.003),
+        ("-g", -1.5),
+        ("+g", 1.5),
+        ("T/2", 18.5),
+        ("2**-1", 0.5),
+        ("steps - H*2", 99.0),
+        ("(T-1)*log10(r_max) - log10(r_min)", 36 * math.log10(0.8) - math.log10(0.4)),
+        (-3, -3.0),
+    ]:
+        assert evaluate(expr, names, "k") == pytest.approx(want, rel=1e-12), expr
+    # the table's cells: 4 significant digits, non-finite values spelled out, an expression with its value
+    assert [fmt(v) for v in (None, 1234567.0, -0.000123456, float("nan"), float("inf"), float("-inf"))] == [
+        "-",
+        "1.235e+06",
+        "-0.0001235",
+        "nan",
+        "inf",
+        "-inf",
+    ]
+    assert shown("ln(g)", math.log(1.5)) == "ln(g) = 0.4055" and shown(-3, -3.0) == "-3"
+
+
+def test_a_suite_file_reads_as_the_regression_suites_section_says(tmp_path):
+    """README, "Regression suites", read without training: the name from the file name up to its first
+    dot, the baseline file beside it, an entry's patch over the suite's defaults over its base config
+    (relative to the suite file first), included suites' entries renamed <suite>/<entry> and keeping
+    their own baseline files (however deep the include), a key written without a value as absent."""
+    from pipeline.regression.suite import load_suite, with_baseline_file
+
+    (tmp_path / "configs" / "train").mkdir(parents=True)
+    (tmp_path / "configs" / "train" / "smoke.yaml").write_text("seed: 5\ntask: {seq_len: 30}\n")
+    inner = {"entries": [{"name": "deep", "patch": {"seed": 1}}]}
+    (tmp_path / "inner.yaml").write_text(yaml.safe_dump(inner))
+    middle = {"include": "inner.yaml", "entries": [{"name": "mid", "patch": {"seed": 2}}]}
+    (tmp_path / "middle.yaml").write_text(yaml.safe_dump(middle))
+    top = {
+        "include": ["middle.yaml"],
+        "defaults": {"model": {"hidden_size": 8}, "task": {"seq_len": 20}},
+        "entries": [
+            {
+                "name": "own",
+                "config": "configs/train/smoke.yaml",  # beside the suite, not the repository's smoke config
+                "patch": {"model": {"hidden_size": 4}},
+                "checks": None,
+            }
+        ],
+        "compare": None,
+        "description": "  words  ",
+    }
+    path = tmp_path / "night.v2.yaml"
+    path.write_text(yaml.safe_dump(top))
+    s = load_suite(path)
+    assert (s.name, s.baseline_path, s.description) == ("night", tmp_path / "night.baseline.yaml", "words")
+    assert [e.name for e in s.entries] == ["deep", "mid", "own"] and s.compare == ()
+    own = s.entry("own").cfg
+    assert (own.seed, own.task.seq_len, own.model.hidden_size) == (5, 20, 4)
+    assert own.tracking.run_name == "night/own" and own.tracking.experiment == "regression"
+    assert [s.entry(n).cfg.tracking.run_name for n in ("deep", "mid")] == ["night/deep", "night/mid"]
+    assert s.entry("deep").baseline_path == tmp_path / "inner.baseline.yaml"
+    assert s.entry("mid").baseline_path == tmp_path / "middle.baseline.yaml"
+    with pytest.raises(ConfigError) as e:
+        with_baseline_file(s, tmp_path / "nope.yaml")
+    assert e.value.key == "--baseline" and "nope.yaml" in str(e.value)
+    assert (
+        with_baseline_file(s, tmp_path / "nope.yaml", must_exist=False).baseline_path
+        == tmp_path / "nope.yaml"
+    )
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key"),
+    [
+        (lambda s: s["entries"][1].update(name="orth/2"), "entries[1].name"),
+        (lambda s: s.update(name="tiny suite"), "name"),
+        (
+            lambda s: s["entries"][1]["patch"].update(tracking={"uri": "sqlite:///other.db"}),
+            "defaults.tracking.uri",
+        ),
+    ],
+)
+def test_a_suite_refuses_names_and_stores_it_cannot_record(tmp_path, mutate, key):
+    """Names go into run names and MLflow filters (letters, digits, _ - . only), and one suite is recorded
+    in one store: each is refused when the suite is read, before any run."""
+    from pipeline.regression.suite import load_suite
+
+    bad = yaml.safe_load(yaml.safe_dump(TINY))
+    mutate(bad)
+    with pytest.raises(ConfigError) as e:
+        load_suite(write_suite(tmp_path, bad))
+    assert e.value.key == key and "\n" not in str(e.value)
+
+
+def test_regress_set_overrides_name_the_flag_and_the_key():
+    """``regress --set KEY=VALUE``: a bad value is one line naming the flag and then the config key."""
+    from pipeline.config import Config
+    from pipeline.regression.suite import with_overrides
+
+    cfg = Config()
+    assert with_overrides(cfg, []) is cfg
+    assert with_overrides(cfg, ["optim.lr=0.5"]).optim.lr == 0.5
+    with pytest.raises(ConfigError) as e:
+        with_overrides(cfg, ["optim.lr=-1"])
+    assert e.value.key == "--set" and str(e.value).startswith("--set: config key 'optim.lr': must be ")
+
+
+def test_a_suite_may_read_each_per_gate_and_per_exponent_metric_and_no_other():
+    """README, "The MLflow record": ``spectral/sigma_max_<gate>``, ``spectral/radius_<gate>`` and
+    ``remedy/floss_lambda_<i>`` (i = 1 .. k) are metrics a check or a baseline may name; a name outside
+    them (lambda_0 is no exponent) is refused when the suite is read."""
+    from pipeline.regression.metrics import check_metric
+
+    for name in (
+        "spectral/sigma_max_f",
+        "spectral/radius_f",
+        "spectral/radius_dtz",
+        "remedy/floss_lambda_1",
+        "remedy/floss_lambda_12",
+        "val/accuracy",
+        "bptt/lambda_log10_sensitivity",
+    ):
+        assert check_metric("k", name) == name
+    for name in (
+        "remedy/floss_lambda_0",
+        "remedy/floss_lambda_01",
+        "spectral/radius_F",
+        "spectral/norm_f",
+        3,
+    ):
+        with pytest.raises(ConfigError, match=r"^config key 'k': unknown metric"):
+            check_metric("k", name)

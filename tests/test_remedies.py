@@ -558,3 +558,21 @@ def test_every_cell_has_remedy_memory_coefficients():
         plain = training(estimate(load_config(None, base)))
         for key in ("remedy.omega=1", "remedy.floss.weight=1"):
             assert training(estimate(load_config(None, [*base, key]))) > plain, (cell, key)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "tag"),
+    [
+        ([], "none"),
+        (["remedy.skip.zscore=6"], "skip"),
+        (["remedy.floss.weight=0.1"], "floss"),
+        (["remedy.skip.zscore=3", "remedy.floss.weight=0.1", "remedy.omega=0.5"], "omega,floss,skip"),
+    ],
+)
+def test_the_remedy_tag_names_exactly_the_remedies_switched_on(overrides, tag):
+    """README, "The MLflow record": the tag ``remedy`` lists the remedies a run trained with, in the order
+    omega, floss, skip, or ``none``; a remedy whose switch is at 0 (the default) is off."""
+    from pipeline.config import load_config
+    from pipeline.training.remedies import remedy_summary
+
+    assert remedy_summary(load_config(None, overrides), None) == ({}, {"remedy": tag})

@@ -881,3 +881,133 @@ def test_a_sweep_that_fails_creating_its_stores_stops_its_forkserver(tmp_path, m
         assert list(work.iterdir()) == []
     finally:
         procs.stop()
+
+
+@pytest.mark.parametrize(
+    ("shared", "key", "edge", "beyond"),
+    [
+        (["heartbeat.interval=10"], "heartbeat.grace", 11, 10),  # grace must be larger than the interval
+        ([], "heartbeat.interval", 1, 0),
+        ([], "pruner.reduction_factor", 2, 1),
+        ([], "penalty", 1e-9, 0),
+        ([], "timeout", 0.001, 0),
+        ([], "sampler.seed", 2**32 - 1, 2**32),
+        ([], "workers", 1024, 1025),
+        ([], "trials_per_worker", 4096, 4097),
+        ([], "n_trials", 10**6, 10**6 + 1),
+        ([], "pruner.min_resource", 1, 0),
+    ],
+)
+def test_each_sweep_bound_holds_at_its_edge_and_refuses_beyond(tmp_path, shared, key, edge, beyond):
+    """README, "Sweep file": the value at a bound loads, the first one beyond is one line naming the key."""
+    from pipeline.schema import ConfigError
+    from pipeline.sweep.config import load_sweep
+
+    cfg = write_sweep(tmp_path / "s.yaml")
+    sw = load_sweep(cfg, [*shared, f"{key}={edge}"])
+    section, _, field = key.rpartition(".")
+    got = getattr(getattr(sw, section), field) if section else getattr(sw, key)
+    assert got == edge
+    with pytest.raises(ConfigError) as e:
+        load_sweep(cfg, [*shared, f"{key}={beyond}"])
+    assert e.value.key == key and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("spec", "key", "words"),
+    [
+        ({"optim.lr": {"low": 0.01, "high": 0.01}}, "space.optim.lr", "low must be < high"),
+        ({"trainer.threads": {"choices": [1, 2]}}, "space.trainer.threads", "cannot be searched"),
+        ({"trainer.progress_bar": {"choices": [True]}}, "space.trainer.progress_bar", "cannot be searched"),
+        ({"model.cell": {"choices": ["gru", "tanh", "gru"]}}, "space.model.cell.choices", "duplicates"),
+        (
+            {"model.init_scale": {"choices": [1.0, 2.0], "low": 1}},
+            "space.model.init_scale",
+            "cannot be combined",
+        ),
+        ({"model.hidden_size": {"low": 8, "high": 16.5}}, "space.model.hidden_size", "integers"),
+        ({"model.hidden_size": {"low": 8, "high": 16, "step": 2.5}}, "space.model.hidden_size", "integers"),
+        ({"optim.lr": {"low": 0.001, "high": 0.1, "log": True, "step": 0.01}}, "space.optim.lr.step", "log"),
+        ({"optim.lr": {"low": 0.001, "high": 0.1, "step": 0}}, "space.optim.lr.step", "> 0"),
+        ({"model.cell": {"low": 1, "high": 2}}, "space.model.cell", "use choices"),
+    ],
+)
+def test_a_bad_space_dimension_is_one_line_naming_it(tmp_path, spec, key, words):
+    """README, "Sweep file": ``{low, high[, log][, step]}`` on numeric keys, ``{choices}`` on any, and no
+    ``trainer.threads/progress_bar``: each other form is refused before anything is written."""
+    from pipeline.schema import ConfigError
+    from pipeline.sweep.config import load_sweep
+
+    with pytest.raises(ConfigError) as e:
+        load_sweep(write_sweep(tmp_path / "s.yaml", space=spec))
+    assert e.value.key == key and words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_space_reads_as_written(tmp_path):
+    """Each dimension as the worker's Optuna calls will draw it: the kind, the ends, log and step."""
+    from pipeline.sweep.config import load_sweep
+    from pipeline.sweep.space import Param
+
+    space = {
+        "model.hidden_size": {"low": 8, "high": 32, "step": 8},
+        "optim.lr": {"low": 1e-3, "high": 0.1, "log": True},
+        "task.seq_len": {"low": 10, "high": 40, "log": True},
+        "model.init_scale": {"low": 0.5, "high": 2.0, "step": 0.5},
+        "model.cell": {"choices": ["tanh", "gru"]},
+    }
+    sw = load_sweep(write_sweep(tmp_path / "s.yaml", space=space))
+    got = {p.key: p for p in sw.space}
+    assert got == {
+        "model.hidden_size": Param("model.hidden_size", "int", 8, 32, False, 8),
+        "optim.lr": Param("optim.lr", "float", 1e-3, 0.1, True, None),
+        "task.seq_len": Param("task.seq_len", "int", 10, 40, True, None),
+        "model.init_scale": Param("model.init_scale", "float", 0.5, 2.0, False, 0.5),
+        "model.cell": Param("model.cell", "categorical", choices=("tanh", "gru")),
+    }
+    h = got["model.hidden_size"]
+    assert all(type(v) is int for v in (h.low, h.high, h.step))
+
+
+def test_auto_and_names_as_the_sweep_file_reference_says(tmp_path):
+    """``workers: auto`` and ``trials_per_worker: auto`` leave the choice to the machine (None); a study
+    named by a number is that name; the parent run's name is ``sweep-<study>``, cut to the 250 characters
+    of MLflow's database column."""
+    from pipeline.sweep.config import load_sweep, parent_run_name
+
+    sw = load_sweep(write_sweep(tmp_path / "s.yaml", workers="auto", trials_per_worker="auto", study=2024))
+    assert (sw.workers, sw.trials_per_worker, sw.study) == (None, None, "2024")
+    assert parent_run_name("t") == "sweep-t"
+    long = parent_run_name("s" * 512)
+    assert len(long) == 250 and long == "sweep-" + "s" * 244
+
+
+def test_a_base_path_is_read_beside_the_sweep_file(tmp_path, monkeypatch):
+    """README, "Sweep file": ``base`` is a path relative to the sweep file, wherever the command runs; a
+    file of that name in the working directory does not win over it."""
+    from pipeline.sweep.config import load_sweep
+
+    d = tmp_path / "sweeps"
+    d.mkdir()
+    base = dict(TINY["base"], seed=11)
+    (d / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(dict(TINY["base"], seed=22)))
+    cfg = write_sweep(d / "s.yaml", base="base.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert load_sweep(cfg).base_config().seed == 11
+
+
+def test_a_searched_init_makes_the_searched_scale_read(tmp_path):
+    """``model.init_scale`` is read by a trial whose ``model.init`` is not ``default``: searched beside an
+    ``init`` choice that has such a value, it is no dimension "read by no trial"."""
+    from pipeline.sweep.config import load_sweep, unread_searched_keys
+
+    space = {
+        "model.init": {"choices": ["default", "gaussian"]},
+        "model.init_scale": {"low": 0.5, "high": 2.0},
+    }
+    sw = load_sweep(write_sweep(tmp_path / "s.yaml", space=space), ["base.model.init=default"])
+    assert unread_searched_keys(sw) == []
+    sw = load_sweep(write_sweep(tmp_path / "s.yaml", space={"model.init_scale": {"low": 0.5, "high": 2.0}}))
+    assert unread_searched_keys(sw) == []  # the base's init is gaussian
+    (note,) = unread_searched_keys(load_sweep(tmp_path / "s.yaml", ["base.model.init=default"]))
+    assert note.startswith("space key model.init_scale is read by no trial (model.cell in ['tanh'], ")
