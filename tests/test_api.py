@@ -369,6 +369,55 @@ def test_no_clipping_post_equals_pre_and_gru(tmp_path):
     assert "spectral/pascanu_log10_bound" not in pm.passes[0]  # gated cell
 
 
+class GroupNormsBeforeStep(pl.Callback):
+    """The README's groups read independently where Lightning calls on_before_optimizer_step (before
+    clipping): ``weight_ih*`` input, ``weight_hh*`` recurrent, ``bias*`` of the nn.GRU, the rest other."""
+
+    def __init__(self, path: str):
+        self.path, self.rows = path, []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        rnn = pl_module.get_submodule(self.path)
+        own = dict(rnn.named_parameters())
+        ids = {id(p) for p in own.values()}
+
+        def norm(ps):
+            return math.sqrt(sum(float(p.grad.double().square().sum()) for p in ps if p.grad is not None))
+
+        self.rows.append(
+            {
+                "input": norm(p for n, p in own.items() if n.startswith("weight_ih")),
+                "recurrent": norm(p for n, p in own.items() if n.startswith("weight_hh")),
+                "bias": norm(p for n, p in own.items() if n.startswith("bias")),
+                "other": norm(p for p in pl_module.parameters() if id(p) not in ids),
+            }
+        )
+
+
+def test_group_norms_are_the_groups_the_readme_names(tmp_path):
+    """``grad/norm_input`` is the gradient of the RNN's ``weight_ih*``, ``grad/norm_recurrent`` of its
+    ``weight_hh*``, ``grad/norm_bias`` of its biases and ``grad/norm_other`` of everything else (the
+    readout), pre-clip, step by step as an independent callback reads them; the CSV log has the last."""
+    from pipeline import GradientNormMonitor
+
+    torch.manual_seed(0)
+    ref, gm = GroupNormsBeforeStep("gru"), GradientNormMonitor(log_every_n_steps=5)
+    module = GRUClassifier(num_layers=2)
+    with torch.no_grad():
+        module.gru.weight_hh_l0.mul_(3.0)  # the recurrent and the input gradients differ clearly
+    tr = trainer(tmp_path, [ref, gm], max_steps=10, gradient_clip_val=0.05)
+    tr.fit(module, loader(cls_data()))
+    assert len(ref.rows) == len(gm.history) == 10
+    for g in ("input", "recurrent", "bias", "other"):
+        want = np.array([r[g] for r in ref.rows])
+        assert (want > 0).all()
+        np.testing.assert_allclose(gm.column(f"norm_{g}"), want, rtol=1e-6, err_msg=g)  # float32 norms
+    assert not np.allclose(gm.column("norm_input"), gm.column("norm_recurrent"), rtol=1e-3)
+    df = _read_csv_metrics(tmp_path)
+    last = df.dropna(subset=["grad/norm_recurrent"]).iloc[-1]
+    assert last["grad/norm_recurrent"] == pytest.approx(ref.rows[-1]["recurrent"], rel=1e-6)
+
+
 def test_nan_loss_stops_training_with_weights_finite(tmp_path):
     from pipeline import BPTTProfileMonitor, GradientNormMonitor
 
@@ -384,6 +433,16 @@ def test_nan_loss_stops_training_with_weights_finite(tmp_path):
     assert pm.regime == "diverged"
     df = _read_csv_metrics(tmp_path)
     assert df["diverged_step"].dropna().tolist() == [3.0]
+    # README, "In a Lightning checkpoint": diverged_step is kept; a fit resumed from the diverged run's
+    # checkpoint with new monitors still reports the first divergence (step 3), not a later step
+    tr.save_checkpoint(tmp_path / "diverged.ckpt")
+    gm2, pm2 = GradientNormMonitor(log_every_n_steps=10), BPTTProfileMonitor("encoder.lstm", every_n_steps=0)
+    tr2 = trainer(tmp_path, [gm2, pm2], max_steps=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tr2.fit(LSTMLanguageModel(nan_at=3), loader(lm_data()), ckpt_path=str(tmp_path / "diverged.ckpt"))
+    assert tr2.global_step > tr.global_step  # it trained on, and met the NaN again
+    assert gm2.diverged_step == 3 and pm2.regime == "diverged"
 
 
 def test_mlflow_logger_gets_metrics_artifacts_and_regime(tmp_path):
@@ -430,6 +489,36 @@ def test_mlflow_logger_gets_metrics_artifacts_and_regime(tmp_path):
     frame = pd.read_parquet(local)
     assert list(frame.columns) == ["step", "layer", "t", "state", "log10_norm"]
     assert set(frame["step"]) == {0, 8} and set(frame["layer"]) == {0, 1}
+
+
+def test_mlflow_logger_gets_nonfinite_values_as_the_record_has_them(tmp_path):
+    """README, "The MLflow record" (and "Your own model": "as in The MLflow record"): through an
+    MLFlowLogger +-inf is logged as +-float64 max, and NaN as the tag ``nonfinite.<metric>`` = ``nan``
+    instead of a value, set while NaN is the latest value and deleted when a finite value follows."""
+    from mlflow.tracking import MlflowClient
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from pipeline.training.grad_window import FLOAT_MAX, log_everywhere
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = MLFlowLogger(
+        experiment_name="nonfinite", tracking_uri=uri, artifact_location=str(tmp_path / "a")
+    )
+    tr = trainer(tmp_path, [], logger=logger)
+    log_everywhere(tr, {"a": math.nan, "b": -math.inf, "c": math.inf, "d": 2.0}, 1)
+    client = MlflowClient(uri)
+    run = client.get_run(logger.run_id)
+    assert run.data.tags["nonfinite.a"] == "nan" and "a" not in run.data.metrics
+    assert run.data.metrics["b"] == -FLOAT_MAX and run.data.metrics["c"] == FLOAT_MAX
+    assert run.data.metrics["d"] == 2.0 and not any(
+        t.startswith("nonfinite.") and t != "nonfinite.a" for t in run.data.tags
+    )
+    log_everywhere(tr, {"a": 0.5}, 2)  # finite again: the tag goes
+    run = client.get_run(logger.run_id)
+    assert "nonfinite.a" not in run.data.tags and run.data.metrics["a"] == 0.5
+    log_everywhere(tr, {"a": math.nan}, 3)  # and comes back with the next NaN
+    assert client.get_run(logger.run_id).data.tags["nonfinite.a"] == "nan"
+    assert [m.value for m in client.get_metric_history(logger.run_id, "a")] == [0.5]
 
 
 @pytest.mark.parametrize(

@@ -133,6 +133,35 @@ def test_the_window_counts_the_steps_the_loss_reads():
         np.testing.assert_allclose(res.profiles[k].log10_norm[state], want, atol=1e-9, rtol=0)
 
 
+class EarlyAndFinal(nn.Module):
+    """A GRU whose loss reads its output at steps 1..5 and its final state h_n (no output after step 5)."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(3, 8, batch_first=True)
+
+    def training_step(self, batch, batch_idx):
+        out, h_n = self.gru(batch[0])
+        return out[:, :5].square().mean() + h_n[-1].sum()
+
+
+def test_reading_h_n_is_a_read_at_the_last_step():
+    """README, "Your own model": reading ``h_n`` / ``c_n`` is a read at T. A loss that reads the output at
+    steps 1..5 and h_n: the one-step window is (T, T), the h_n term alone (autograd with the output's
+    gradient zeroed before T), and the whole loss is ``h_total``."""
+    from pipeline.training.probe import probe
+
+    torch.manual_seed(0)
+    m, batch = EarlyAndFinal(), (torch.randn(4, 20, 3),)
+    res = probe(m, "gru", batch, lyapunov=False)
+    assert res.profiles[0].window == (20, 20)
+    want = autograd_profile(m, "gru", batch, window_from=20)[(0, "h")]
+    np.testing.assert_allclose(res.profiles[0].log10_norm["h"], want, atol=1e-9, rtol=0)
+    total = autograd_profile(m, "gru", batch)[(0, "h")]
+    np.testing.assert_allclose(res.profiles[0].log10_norm["h_total"], total, atol=1e-9, rtol=0)
+    assert np.abs(want[:5] - total[:5]).max() > 0.1  # the early terms are left out of the window's
+
+
 @pytest.mark.parametrize("memory_steps", [0, -1, 1.5, True, "1"])
 def test_memory_steps_must_be_a_positive_count_or_none(memory_steps):
     from pipeline import BPTTProfileMonitor, profile_rnn

@@ -264,6 +264,12 @@ def test_loss_scaler_overflow_is_a_skipped_step_not_divergence(tmp_path, manual)
 
     logged = pd.read_csv(next(tmp_path.glob("csv/*/metrics.csv")))
     assert logged["grad/scaler_skips"].dropna().iloc[-1] == skips
+    # README, "In a Lightning checkpoint": scaler_skips is kept, so a resumed fit goes on counting them
+    t.save_checkpoint(tmp_path / "end.ckpt")
+    state = torch.load(tmp_path / "end.ckpt", weights_only=True)["callbacks"]
+    fresh = GradientNormMonitor(log_every_n_steps=5)
+    fresh.load_state_dict(state["GradientNormMonitor{'log_every_n_steps': 5, 'loss_metric': None}"])
+    assert fresh.scaler_skips == skips and fresh.max_norm_preclip == gm.max_norm_preclip
 
 
 # ------------------------------------------------------------------------------------ the profile

@@ -8,6 +8,7 @@ independent reading (the module's, a plain callback's, full-graph float64 autogr
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 import pytest
@@ -41,6 +42,8 @@ class StateInside(pl.LightningModule):
             x = x + 0.1 * torch.randn_like(x)
         elif self.noise == "numpy":
             x = x + torch.as_tensor(0.1 * np.random.standard_normal(tuple(x.shape)), dtype=x.dtype)
+        elif self.noise == "python":  # Python's own generator: a random rescaling of the batch
+            x = x * (1.0 + 0.1 * random.random())
         h0 = torch.zeros(1, x.size(0), H).to(x.device)
         _, h_n = self.gru(x, h0)
         return nn.functional.cross_entropy(self.out(h_n[-1]), y)
@@ -85,7 +88,7 @@ def test_training_step_that_reads_its_trainer_is_named_and_loss_fn_profiles_it(t
     assert [p["step"] for p in pm.passes] == [0, 4, 8]
 
 
-@pytest.mark.parametrize("noise", ["torch", "numpy"])
+@pytest.mark.parametrize("noise", ["torch", "numpy", "python"])
 def test_profile_passes_do_not_change_what_training_draws(tmp_path, noise):
     """Input noise drawn in training_step: the same seed trains to the same weights with and without
     profile passes (each pass runs training_step on the copy, drawing from the same generators)."""
@@ -94,6 +97,7 @@ def test_profile_passes_do_not_change_what_training_draws(tmp_path, noise):
     def weights(callbacks):
         torch.manual_seed(0)
         np.random.seed(0)
+        random.seed(0)
         model = StateInside(noise=noise)
         trainer(tmp_path, callbacks, max_steps=8, log_every_n_steps=1).fit(model, loader(cls_data()))
         return model.state_dict()
@@ -405,3 +409,74 @@ def test_an_unrelated_runtime_error_in_training_step_is_not_relabelled():
 
     with pytest.raises(RuntimeError, match="modified: .torch.DoubleTensor"):
         profile_rnn(Fails(), "gru", first_batch(cls_data()))
+
+
+class ExplodingRelu(nn.Module):
+    """A relu nn.RNN whose state grows 10x a step (W_hh = 10 I): float64 overflows near step 309."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.RNN(1, 3, nonlinearity="relu", batch_first=True)
+        with torch.no_grad():
+            self.rnn.weight_hh_l0.copy_(10 * torch.eye(3))
+            self.rnn.weight_ih_l0.fill_(1.0)
+            self.rnn.bias_ih_l0.zero_()
+            self.rnn.bias_hh_l0.zero_()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out, _ = self.rnn(x)
+        return nn.functional.mse_loss(out[:, -1].sum(-1, keepdim=True), y)
+
+
+def test_forward_overflow_of_a_users_rnn_names_its_first_non_finite_step():
+    """README, "The science in one screen": ``bptt/overflow_step`` is the first step t (1-based) whose
+    float64 forward state is not finite; the profile and every other ``bptt/*`` summary are then NaN and
+    the verdict is exploding. The step is read off the module's own float64 forward."""
+    from pipeline.config import DiagnosticsConfig
+    from pipeline.training.callbacks import verdict
+    from pipeline.training.probe import probe
+
+    module = ExplodingRelu()
+    batch = (torch.ones(2, 400, 1), torch.zeros(2, 1))
+    with torch.no_grad():
+        out, _ = module.double().rnn(batch[0].double())
+    bad = (~torch.isfinite(out).all(dim=(0, 2))).nonzero().flatten()
+    assert bad.numel(), "the forward must overflow"
+    want = int(bad[0]) + 1
+    assert 300 < want < 400
+    res = probe(ExplodingRelu(), "rnn", batch, lyapunov=False)
+    m = res.metrics[0]
+    assert m["bptt/overflow_step"] == want
+    assert math.isnan(m["bptt/log10_ratio"]) and np.isnan(res.profiles[0].log10_norm["h"]).all()
+    assert verdict(False, m, None, DiagnosticsConfig()) == "exploding"
+
+
+class Unbatched(nn.Module):
+    """A 2-layer GRU fed one unbatched sequence ``[T, I]`` (batched=False: ``[1, T, I]``), its loss
+    on h_n of both layers."""
+
+    def __init__(self, batched: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.batched = batched
+        self.gru = nn.GRU(3, 8, num_layers=2, batch_first=True)
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        _, h_n = self.gru(x[None] if self.batched else x)
+        return h_n.sum()
+
+
+def test_an_unbatched_input_profiles_as_the_same_sequence_batched():
+    """An unbatched ``[T, I]`` input (its states ``[L, H]``) gives every layer the profile of the same
+    sequence given as a batch of one."""
+    from pipeline.training.probe import probe
+
+    x = torch.randn(20, 3, generator=torch.Generator().manual_seed(1))
+    one = probe(Unbatched(batched=False), "gru", (x,), lyapunov=False)
+    ref = probe(Unbatched(batched=True), "gru", (x,), lyapunov=False)
+    assert len(one.profiles) == len(ref.profiles) == 2
+    for a, b in zip(one.profiles, ref.profiles, strict=True):
+        np.testing.assert_allclose(a.log10_norm["h"], b.log10_norm["h"], atol=1e-12, rtol=0)
+        assert np.isfinite(a.log10_norm["h"]).all()

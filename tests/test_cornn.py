@@ -112,3 +112,25 @@ def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["model.cell=cornn", "model.init=gaussian"])
     assert e.value.key == "model.init"
+
+
+@pytest.mark.parametrize("cell", ["cornn", "lem", "tanh"])
+def test_a_profile_pass_logs_the_jacobian_bound_for_cornn_and_lem_alone(cell):
+    """README, "The science in one screen": ``spectral/jacobian_log10_bound`` is logged for ``lem`` and
+    ``cornn`` only (a pass's metrics, :func:`pipeline.training.probe.pass_metrics`, as the run logs
+    them), equal to the product of the step-Jacobian norms and above the measured ratio."""
+    from pipeline.training.probe import pass_metrics
+
+    cfg = ModelConfig(cell=cell, hidden_size=6, init="default" if cell != "tanh" else "gaussian")
+    p = RNNModel(cfg, 3, 2, "last", seed=1).params(F64)
+    x = torch.randn(4, 25, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
+    y = torch.randn(4, 2, generator=torch.Generator().manual_seed(1), dtype=F64)
+    prof = bptt.profile(p, x, y, mse)
+    m = pass_metrics(p, prof, 3.0, x)
+    if cell == "tanh":
+        assert "spectral/jacobian_log10_bound" not in m and "spectral/pascanu_log10_bound" in m
+        return
+    assert m["spectral/jacobian_log10_bound"] == pytest.approx(
+        spectra.jacobian_log10_bound(p, x, 25), abs=1e-12
+    )
+    assert m["bptt/log10_ratio"] <= m["spectral/jacobian_log10_bound"] + 1e-9

@@ -191,3 +191,49 @@ def test_run_figures_fixed_title_place_is_where_matplotlib_would_put_it():
         return buf.getvalue()
 
     assert png(False) == png(True)
+
+
+def test_the_runs_profile_is_the_init_twins_on_the_probe_batch_of_seed_plus_2(tmp_path, monkeypatch):
+    """README, "Configuration reference": the profile's probe batch is drawn with ``seed + 2`` (the
+    validation set has ``seed + 1``). The run's step-0 pass equals an independent profile of the model at
+    initialisation on ``fixed_batch(task, probe_size, seed + 2)``, every step of it, and not the one on
+    the validation seed's batch; with ``diagnostics.reference_check`` (adding: a last-step loss) the run
+    logs ``bptt/reference_max_err`` at round-off."""
+    import pytorch_lightning as pl
+
+    from pipeline.training import run as train
+    from pipeline.training.callbacks import ProfileMonitor
+    from pipeline.training.data import fixed_batch
+    from pipeline.training.module import RNNTrainingModule
+    from pipeline.training.tasks import make_task
+    from tests.conftest import tiny_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(
+        **{"tracking.enabled": False, "trainer.max_steps": 2, "diagnostics.reference_check": True}
+    )
+    seen: dict = {}
+
+    class Grab(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            (pm,) = [c for c in trainer.callbacks if isinstance(c, ProfileMonitor)]
+            seen["first"], seen["frame"] = pm.first, pm.profile_frame()
+
+    r = train.run(cfg, callbacks=[Grab()])
+    assert 0 <= r.metrics["bptt/reference_max_err"] < 1e-9
+    task = make_task(cfg.task.name, cfg.task.seq_len)
+    params = RNNTrainingModule(cfg, task).model.params(F64)  # the same seed: the weights at step 0
+    frame = seen["frame"]
+    got = frame[(frame.step == 0) & (frame.state == "h")].sort_values("t").log10_norm.to_numpy()
+
+    def independent(seed):
+        x, y = fixed_batch(task, cfg.diagnostics.probe_size, seed)
+        y = y.double() if y.is_floating_point() else y
+        return bptt.profile(params, x.double(), y, task.loss, task.readout, window=task.window)
+
+    want = independent(cfg.seed + 2)
+    np.testing.assert_allclose(got, want.log10_norm["h"], rtol=0, atol=1e-9)
+    assert seen["first"]["bptt/log10_ratio"] == pytest.approx(
+        bptt.summarize(want, D.horizon_decades)["log10_ratio"], abs=1e-9
+    )
+    assert np.abs(got - independent(cfg.seed + 1).log10_norm["h"]).max() > 1e-3

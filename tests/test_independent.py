@@ -180,3 +180,57 @@ def test_all_steps_profile_underflows_exactly():
     assert ref[1999] - ref[2000] > 308  # the direct term at t = 2000 dwarfs what reaches it
     assert np.all(np.isfinite(lg))
     np.testing.assert_allclose(lg, ref, rtol=0, atol=1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# The regression suite's independent recursion (pipeline/bptt/reference.py) on every vanilla cell
+
+
+@pytest.mark.parametrize("cell", ["tanh", "orthogonal", "relu", "indrnn"])
+@pytest.mark.parametrize("dead_start", [False, True], ids=["random", "exact-zero-pre-activations"])
+def test_reference_recursion_equals_the_profile_on_every_vanilla_cell(cell, dead_start):
+    """README, "Regression suites": the profile equals the independent numpy recursion within 1e-9
+    decades on every vanilla cell (``bptt/reference_max_err``). ``exact-zero-pre-activations``: zero
+    biases and zero inputs over the first steps leave h = 0 and a = 0 exactly, where relu' is 0 (as
+    torch's relu takes it): no gradient reaches those steps, -inf on both sides."""
+    from pipeline.bptt import reference
+    from pipeline.config import ModelConfig
+    from pipeline.training.models import RNNModel
+    from pipeline.training.tasks import make_task
+
+    task = make_task("adding", 30)
+    init = "orthogonal" if cell == "orthogonal" else "gaussian"
+    cfg = ModelConfig(cell=cell, hidden_size=16, init=init, init_scale=0.9 if cell == "indrnn" else 1.2)
+    p = RNNModel(cfg, task.input_size, task.output_size, task.readout, seed=1).params(F64)
+    if cell == "indrnn":
+        assert (p["u"] - 1).abs().max() > 0.05  # u h differs from h
+    x, y = task.sample(8, torch.Generator().manual_seed(3))
+    x, y = x.double(), y.double()
+    if dead_start:
+        for k in ("b_ih", "b_hh"):
+            if k in p:
+                p[k] = torch.zeros_like(p[k])
+        x[:, :5] = 0.0
+    prof = bptt.profile(p, x, y, task.loss, task.readout, window=task.window)
+    ref = reference.profile_log10(p, x, y, task.loss)
+    assert ref is not None
+    h = prof.log10_norm["h"]
+    if dead_start and cell in ("relu", "indrnn"):
+        assert np.isneginf(h[:4]).all() and np.isfinite(h[5:]).all()
+    else:
+        assert np.isfinite(h).all()
+    assert reference.max_error(h, ref) < 1e-9
+
+
+def test_reference_max_error_is_inf_where_one_side_alone_is_finite():
+    """``max_error``: the largest |difference| in decades; inf where one side is finite and the other is
+    not (either side), 0 where both read -inf (an exact zero in both)."""
+    from pipeline.bptt.reference import max_error
+
+    inf = math.inf
+    assert max_error(np.array([-1.0, 2.0]), np.array([-1.5, 2.25])) == 0.5
+    assert max_error(np.array([0.0, 1.0]), np.array([-inf, 1.0])) == inf
+    assert max_error(np.array([-inf, 1.0]), np.array([0.0, 1.0])) == inf
+    assert max_error(np.array([-inf, 1.0]), np.array([-inf, 1.5])) == 0.5
+    assert max_error(np.array([-inf, -inf]), np.array([-inf, -inf])) == 0.0
+    assert max_error(np.array([math.nan, 1.0]), np.array([math.nan, 1.0])) == inf

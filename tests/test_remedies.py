@@ -576,3 +576,57 @@ def test_the_remedy_tag_names_exactly_the_remedies_switched_on(overrides, tag):
     from pipeline.training.remedies import remedy_summary
 
     assert remedy_summary(load_config(None, overrides), None) == ({}, {"remedy": tag})
+
+
+def test_window_metrics_in_the_store_are_the_records_mean_last_and_best(tiny, store):
+    """What the store holds per log window (README, "The MLflow record"), against the per-step record
+    ``diagnostics/grad_norms.parquet`` of the same run: ``remedy/omega`` is the mean of the window's
+    ``omega`` column, ``remedy/floss`` the window's last flossing step (flossing every 2nd step, so the
+    first and the last differ) with ``remedy/floss_lambda_1 .. _k`` its exponents (sum lambda_i^2 =
+    floss), no ``train/skipped_steps`` without ``remedy.skip``; ``val/loss_ratio`` = val/loss / baseline at
+    every validation and ``val/best_loss`` the smallest val/loss."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    k, every = 2, 5
+    cfg = tiny(
+        **{
+            "remedy.omega": 0.1,
+            "remedy.floss.weight": 0.01,
+            "remedy.floss.exponents": k,
+            "remedy.floss.every": 2,
+            "trainer.log_every": every,
+            "trainer.val_every": every,
+        }
+    )
+    r = train.run(cfg)
+    c = MlflowClient(store)
+    run = c.get_run(r.run_id)
+    m = run.data.metrics
+    assert "train/skipped_steps" not in m and "skipped_steps" not in run.data.tags
+    assert {n for n in m if n.startswith("remedy/floss_lambda_")} == {
+        f"remedy/floss_lambda_{i}" for i in range(1, k + 1)
+    }
+    df = pd.read_parquet(c.download_artifacts(r.run_id, "diagnostics/grad_norms.parquet"))
+
+    def hist(name):
+        return {h.step: h.value for h in c.get_metric_history(r.run_id, name)}
+
+    omega, floss = hist("remedy/omega"), hist("remedy/floss")
+    lams = [hist(f"remedy/floss_lambda_{i}") for i in range(1, k + 1)]
+    assert sorted(omega) == sorted(floss) == [5, 10, 15, 20]
+    for s in omega:
+        win = df[(df.step > s - every) & (df.step <= s)]  # the record's step is 1-based
+        assert len(win) == every
+        np.testing.assert_allclose(omega[s], win.omega.mean(), rtol=1e-6)
+        flossed = win.floss.dropna()
+        assert len(flossed) >= 2 and flossed.iloc[0] != flossed.iloc[-1]
+        np.testing.assert_allclose(floss[s], flossed.iloc[-1], rtol=1e-6)
+        np.testing.assert_allclose(sum(lam[s] ** 2 for lam in lams), floss[s], rtol=1e-5)
+    val, ratio = hist("val/loss"), hist("val/loss_ratio")
+    assert len(val) >= 3 and sorted(val) == sorted(ratio)
+    baseline = m["task/baseline"]
+    for s in val:
+        np.testing.assert_allclose(ratio[s], val[s] / baseline, rtol=1e-12)
+    assert min(val.values()) < val[max(val)]  # the best is not the last: the test can tell
+    assert m["val/best_loss"] == min(val.values())

@@ -234,3 +234,27 @@ def test_a_profile_with_no_finite_value_says_why_over_the_whole_sequence(value, 
     assert not ax.lines and [says in x.get_text() for x in ax.texts] == [True]
     assert ax.get_xlim() == (1.0, 100.0)
     assert ax.get_legend().get_texts()[0].get_text() == "memory window t = 100"
+
+
+def test_the_profile_figure_draws_at_most_six_passes_the_first_and_the_last():
+    """The profile figure (``plots/bptt_profile.png``) draws up to 6 training steps: the first, the last
+    and evenly spaced between; fewer passes are all drawn."""
+
+    def labels(steps):
+        t = np.arange(1, 6)
+        frame = pd.DataFrame(
+            {
+                "step": np.repeat(steps, len(t)),
+                "t": np.tile(t, len(steps)),
+                "state": "h",
+                "log10_norm": -0.1 * np.tile(t, len(steps)),
+            }
+        )
+        fig = profile_figure(frame, "profile")
+        got = [ln.get_label() for ln in fig.axes[0].get_lines() if ln.get_label().startswith("step ")]
+        plt.close(fig)
+        return got
+
+    got = labels(np.arange(0, 1000, 100))
+    assert len(got) == 6 and got[0] == "step 0" and got[-1] == "step 900", got
+    assert labels(np.array([0, 50, 100])) == ["step 0", "step 50", "step 100"]

@@ -7,6 +7,7 @@ every logger of the Trainer, with MLflow's rules for non-finite values: README, 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -19,20 +20,29 @@ FLOAT_MAX = float(np.finfo(np.float64).max)
 Sink = Callable[[dict[str, Any], int], None]
 
 
+# Per MLFlowLogger: the metrics whose ``nonfinite.<metric>`` tag log_everywhere set (and has not removed).
+_NAN_TAGGED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
+
+
 def log_everywhere(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
     """Every logger of the Trainer gets ``metrics``. MLflow: +-inf as +-float64 max (what MLflow stores
-    for inf) and NaN, which breaks MLflow's run page, as the tag ``nonfinite.<metric>`` instead
-    (README, "The MLflow record")."""
+    for inf) and NaN, which breaks MLflow's run page, as the tag ``nonfinite.<metric>`` instead, removed
+    again when a finite value of that metric follows (README, "The MLflow record")."""
     from pytorch_lightning.loggers import MLFlowLogger
 
     for lg in trainer.loggers:
         if isinstance(lg, MLFlowLogger):
             ok = {}
+            tagged = _NAN_TAGGED.setdefault(lg, set())
             for k, v in metrics.items():
                 if math.isnan(v):
                     lg.experiment.set_tag(lg.run_id, f"nonfinite.{k}", "nan")
+                    tagged.add(k)
                 else:
                     ok[k] = max(-FLOAT_MAX, min(FLOAT_MAX, v))
+                    if k in tagged:  # NaN is no longer the latest value
+                        lg.experiment.delete_tag(lg.run_id, f"nonfinite.{k}")
+                        tagged.discard(k)
             if ok:
                 lg.log_metrics(ok, step=step)
         else:
