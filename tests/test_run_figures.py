@@ -234,3 +234,21 @@ def test_a_profile_with_no_finite_value_says_why_over_the_whole_sequence(value, 
     assert not ax.lines and [says in x.get_text() for x in ax.texts] == [True]
     assert ax.get_xlim() == (1.0, 100.0)
     assert ax.get_legend().get_texts()[0].get_text() == "memory window t = 100"
+
+
+def test_the_memory_window_is_shaded_when_it_starts_after_step_1():
+    """``draw_profile``: the memory window is shaded and named in the legend whenever it starts after
+    t = 1 (t = 2 included); a window from t = 1 is the whole sequence and is not (mutation review)."""
+    from pipeline.plots import Curve, draw_profile, plt
+
+    def shaded(window):
+        fig, ax = plt.subplots()
+        try:
+            draw_profile(ax, [Curve([1, 2, 3, 4, 5, 6], [0.0, -1, -2, -3, -4, -5], "step 0")], window)
+            return [p.get_label() for p in ax.patches]
+        finally:
+            plt.close(fig)
+
+    assert shaded((2, 5)) == ["memory window t = 2..5"]
+    assert shaded((6, 6)) == ["memory window t = 6"]
+    assert shaded((1, 6)) == [] and shaded(None) == []
