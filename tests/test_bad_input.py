@@ -223,6 +223,37 @@ def test_torn_last_journal_record_is_recovered_and_trials_count_right(tmp_path):
     assert (tmp_path / "optuna" / "t.journal.torn").is_file()
 
 
+def test_repair_journal_drops_only_a_torn_last_record_and_keeps_every_torn_byte(tmp_path):
+    """``repair_journal`` in-process: a cut-off last record (no newline) or a whole but unreadable last
+    line is removed and its bytes appended to ``<journal>.torn`` (a second tear is kept beside the first);
+    an unreadable record with anything after it, a torn tail included, is refused naming the record,
+    and the file is left as it was (mutation review)."""
+    import io
+
+    from pipeline.schema import StoreError
+    from pipeline.sweep.stores import repair_journal
+
+    good = b'{"op_code":0,"worker_id":"w","study_name":"t","directions":[1]}\n'
+    journal = tmp_path / "t.journal"
+    torn = tmp_path / "t.journal.torn"
+    journal.write_bytes(good + good + b'{"op_code":4,"wor')
+    warn = io.StringIO()
+    assert repair_journal(journal, warn) == len(b'{"op_code":4,"wor')
+    assert journal.read_bytes() == good + good and torn.read_bytes() == b'{"op_code":4,"wor'
+    assert "its last record was cut off (17 bytes" in warn.getvalue()
+    journal.write_bytes(good + b'{"op_code":5,"w\n')  # whole line, unreadable: a torn write too
+    assert repair_journal(journal, warn) == 16
+    assert journal.read_bytes() == good and torn.read_bytes() == b'{"op_code":4,"wor{"op_code":5,"w\n'
+    assert repair_journal(journal, warn) == 0 and journal.read_bytes() == good  # whole: nothing to do
+    for after in (good, b'{"op_code":4'):  # a record, or a torn tail, after the unreadable one
+        text = good + b"not json\n" + after
+        journal.write_bytes(text)
+        says = rf"record 2 of 3 \(byte {len(good)}\) is corrupt \(not JSON\) and records follow"
+        with pytest.raises(StoreError, match=says):
+            repair_journal(journal, warn)
+        assert journal.read_bytes() == text
+
+
 HOLD_AND_DIE = """
 import os, signal
 from pipeline.sweep.stores import open_storage

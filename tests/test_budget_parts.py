@@ -292,3 +292,46 @@ def test_device_and_host_are_each_checked_for_their_own_parts(gpu):
     gpu[:] = [room[0], room[1] - 2 * int(host * 0.01 / budget.FIT_FRACTION)]  # 1% short on the host
     with pytest.raises(ConfigError, match="on this machine"):
         budget.check_fits(cfg)
+
+
+def test_the_host_memory_is_memavailable_or_a_smaller_cgroup_limit(monkeypatch):
+    """What the memory check may use on the host (pipeline/training/machine.py): /proc/meminfo's
+    MemAvailable (kB, so x 1024), or a container's cgroup v2 room (memory.max - memory.current) where
+    that is smaller (mutation review)."""
+    from pipeline.training import machine
+
+    class Fake:
+        def __init__(self, path):
+            self.path = str(path)
+
+        def read_text(self):
+            assert self.path == "/proc/meminfo", self.path
+            return "MemTotal:       16000000 kB\nMemFree:         1000000 kB\nMemAvailable:    8000000 kB\n"
+
+    with monkeypatch.context() as m:
+        m.setattr(machine, "Path", Fake)
+        assert machine._meminfo_available() == 8000000 * 1024
+    monkeypatch.setattr(machine, "_meminfo_available", lambda: 8 * 2**30)
+    for room, want in (
+        (2 * 2**30, (2 * 2**30, "cgroup memory.max")),
+        (16 * 2**30, (8 * 2**30, "MemAvailable")),
+    ):
+        monkeypatch.setattr(machine, "_cgroup_available", lambda room=room: room)
+        assert machine.host_available() == want
+    monkeypatch.setattr(machine, "_cgroup_available", lambda: None)  # no limit
+    assert machine.host_available() == (8 * 2**30, "MemAvailable")
+
+
+@pytest.mark.parametrize("visible", ["", "-1", " -1 "])
+def test_cuda_visible_devices_that_hide_every_gpu_mean_no_gpu(monkeypatch, visible):
+    """CUDA's documented ways to hide every device (an empty CUDA_VISIBLE_DEVICES, or -1) mean no GPU,
+    known without importing torch, and ``gpu`` is refused naming why (mutation review)."""
+    from conftest import tiny_config
+
+    from pipeline.training import machine
+
+    monkeypatch.setattr(machine, "GPU_DRIVER_PATHS", (str(machine.__file__),))  # as if a driver were here
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert machine.gpu_driver_absent() is True
+    with pytest.raises(ConfigError, match="CUDA_VISIBLE_DEVICES hides every device; use auto or cpu"):
+        machine.check_accelerator(tiny_config(**{"trainer.accelerator": "gpu"}))

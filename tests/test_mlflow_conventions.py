@@ -43,6 +43,30 @@ def test_context_tags_name_the_user_source_and_the_working_directory_repository(
     assert tags["version.torch"]
 
 
+@pytest.mark.parametrize(
+    ("argv0", "source"),
+    [
+        (os.path.join("", "site-packages", "pipeline", "__main__.py"), "python -m pipeline"),
+        ("/home/u/.venv/bin/rnn-pipeline", "/home/u/.venv/bin/rnn-pipeline"),
+        ("scripts/mine.py", "scripts/mine.py"),
+        ("", "python"),
+    ],
+)
+def test_the_source_names_the_program_run(monkeypatch, argv0, source):
+    """README "The MLflow record": ``mlflow.source.name`` is the program run: ``python -m pipeline``,
+    the console script's path or a script's; every ``version.<pkg>`` tag of the README's list is set,
+    the pipeline's own too (mutation review)."""
+    from importlib.metadata import version
+
+    from pipeline import provenance
+
+    monkeypatch.setattr(sys, "argv", [argv0])
+    assert provenance.context_tags()["mlflow.source.name"] == source
+    tags = provenance.version_tags()
+    for pkg in ("torch", "pytorch-lightning", "mlflow", "optuna", "rnn-gradient-pipeline"):
+        assert tags[f"version.{pkg}"] == version(pkg), pkg
+
+
 def test_no_git_tags_outside_a_repository(store, tiny, tmp_path, monkeypatch):
     (tmp_path / "x").mkdir()
     monkeypatch.chdir(tmp_path / "x")
@@ -137,8 +161,8 @@ def test_each_parquet_artifact_has_a_csv_beside_it(store, tiny, tmp_path):
     assert ",nan," in text and ",," not in text and not text.splitlines()[1].endswith(",")
 
 
-def run_with_progress(cfg):
-    """``run(cfg, progress=True)`` with its progress lines captured: (result, lines)."""
+def run_with_progress(cfg, **kw):
+    """``run(cfg, progress=True, **kw)`` with its progress lines captured: (result, lines)."""
     from pipeline.training import progress
 
     buf = io.StringIO()
@@ -150,7 +174,7 @@ def run_with_progress(cfg):
 
     progress.ProgressPrinter.__init__ = init
     try:
-        r = run(cfg, progress=True)
+        r = run(cfg, progress=True, **kw)
     finally:
         progress.ProgressPrinter.__init__ = orig
     return r, buf.getvalue().splitlines()
@@ -163,6 +187,30 @@ def test_progress_prints_one_line_per_validation(store, tiny):
         assert "train/loss " in ln and "val/loss " in ln and "grad/clip_rate " in ln and " regime " in ln
     assert f"val/loss {r.val_loss:.4g} " in lines[-1]
     assert lines[-1].split(" regime ")[1].startswith(r.regime)  # the last line's regime is the verdict
+
+
+def test_progress_train_loss_is_the_mean_of_the_steps_since_the_previous_line(store, tiny):
+    """A line's ``train/loss`` is the mean training loss of the steps since the previous line (the module
+    docstring of training/progress.py), not of every step so far: the losses each step returned, read by
+    a callback of the test, give the number (mutation review)."""
+    import pytorch_lightning as pl
+
+    class Losses(pl.Callback):
+        def __init__(self):
+            self.losses: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+
+    seen = Losses()
+    _, lines = run_with_progress(tiny(**{"trainer.max_steps": 20, "trainer.val_every": 10}), callbacks=[seen])
+    assert len(seen.losses) == 20 and [ln.split()[1] for ln in lines] == ["10/20", "20/20"]
+    printed = [float(ln.split("train/loss ")[1].split()[0]) for ln in lines]
+    want = [sum(seen.losses[:10]) / 10, sum(seen.losses[10:]) / 10]
+    assert printed == pytest.approx(want, rel=1e-3)
+    assert printed[1] != pytest.approx(sum(seen.losses) / 20, rel=1e-3)  # the window's, not the run's
+    # the regime is read on the latest profile pass (diagnostics.profile_every 10), which the line names
+    assert lines[0].endswith(" (profile at step 10)") and lines[1].endswith(" (profile at step 20)"), lines
 
 
 def test_progress_reads_the_steps_not_yet_logged(store, tiny):
@@ -190,6 +238,9 @@ def test_progress_line_is_plain_text():
     # A classification task adds its accuracy after the validation loss.
     s = line(600, 600, 0.5, 0.5888, 2.302585, 0.908, "healthy", accuracy=0.812)
     assert "val/loss 0.5888 (x0.256 of baseline)  val/accuracy 0.812  grad/clip_rate 0.908" in s
+    # the step is right-aligned to max_steps' width, so the columns line up; no value yet reads n/a
+    s = line(5, 100000, None, None, 1 / 6, 0.0, "healthy")
+    assert s == "step      5/100000  train/loss n/a  val/loss n/a  grad/clip_rate 0.000  regime healthy"
 
 
 def test_bare_report_after_a_single_train_finds_its_experiment(store, tmp_path):
@@ -255,6 +306,28 @@ def test_train_summary_of_a_diverged_run_reads_plainly(capsys, monkeypatch, tmp_
     summary = [ln for ln in out.splitlines() if ln.startswith("run ")][0]
     assert "regime=diverged" in summary and "baseline" not in summary, summary
     assert all(len(tok) < 16 for tok in re.findall(r"[-+0-9.e]+", out)), out
+
+
+def test_train_summary_states_what_the_store_recorded(store, capsys):
+    """``python -m pipeline train`` ends with the run's summary: its id, the regime, the validation loss
+    and its ratio to the baseline, whether it solved the task, the steps; then the long-range numbers.
+    Each must be the recorded one (mutation review)."""
+    from pipeline.cli import main
+
+    args = ["train", "--config", "smoke", "trainer.max_steps=20", "trainer.val_every=10"]
+    assert main([*args, "diagnostics.profile_every=10", "diagnostics.plots=false"]) == 0
+    out = capsys.readouterr().out
+    c = MlflowClient(store)
+    (got,) = c.search_runs([c.get_experiment_by_name("smoke").experiment_id])
+    t, m = got.data.tags, got.data.metrics
+    lines = [ln for ln in out.splitlines() if ln.startswith(("run ", "  bptt/"))]
+    assert lines == [
+        f"run {got.info.run_id}: regime={t['regime']} val/loss={m['val/loss']:.4g}"
+        f" (x{m['val/loss_ratio']:.4g} of baseline) solved={t['solved'] == 'true'} steps=20",
+        f"  bptt/log10_ratio={m['bptt/log10_ratio']:.2f} bptt/decay_rate={m['bptt/decay_rate']:.4f}"
+        f" spectral/sigma_max={m['spectral/sigma_max']:.4g} grad/clip_rate={m['grad/clip_rate']:.3f}",
+    ], out
+    assert t["solved"] == "false" and m["train/steps"] == 20
 
 
 def test_a_store_named_by_path_keeps_its_artifacts_beside_it(tmp_path, monkeypatch):

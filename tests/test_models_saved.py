@@ -121,6 +121,40 @@ def test_interrupted_train_resumes_the_same_run_exactly(store, tiny):
     )
 
 
+class FailAt(pl.Callback):
+    """Raise an ordinary error after ``step`` optimizer steps: the run closes FAILED."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            raise RuntimeError("disk on fire")
+
+
+def test_a_failed_run_resumes_without_the_error_of_its_failed_attempt(store, tiny, capsys):
+    """README "Saved models and resuming": the resume reopens the run with "the ``status`` / ``error``
+    tags of the interrupted attempt removed"; a FINISHED run that still said ``error: RuntimeError ...``
+    would read as failed in the UI and the report. The failed attempt printed its resume line on stderr;
+    the finished resume prints none (mutation review)."""
+    from pipeline.cli import main
+
+    with pytest.raises(RuntimeError, match="on fire"):
+        run(tiny(**{"diagnostics.profile_every": 0}), callbacks=[FailAt(13)], checkpoint=True)
+    c = MlflowClient(store)
+    failed = _only_run(c)
+    run_id = failed.info.run_id
+    assert failed.info.status == "FAILED"
+    assert failed.data.tags["status"] == "failed"
+    assert failed.data.tags["error"] == "RuntimeError: disk on fire"
+    assert f"resume: python -m pipeline train --resume {run_id}" in capsys.readouterr().err
+    assert main(["train", "--resume", run_id]) == 0
+    got = c.get_run(run_id)
+    assert got.info.status == "FINISHED" and got.data.tags["resumed_at_step"] == "10"
+    assert "error" not in got.data.tags and "status" not in got.data.tags
+    assert "resume:" not in capsys.readouterr().err
+
+
 def test_a_checkpoint_is_logged_after_the_metrics_it_covers(store, tiny, monkeypatch):
     """When a checkpoint reaches the store, every metric up to its step is there too: a kill -9 after it
     must not leave a gap that the resume, which starts from that step, never fills (the metrics waited in

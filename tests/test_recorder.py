@@ -158,3 +158,20 @@ def test_a_deleted_experiment_is_restored_and_recorded_into(store):
     rec.close()
     tags = c.get_run(rec.run_id).data.tags
     assert tags["kept"] == "x" and "unset" not in tags  # a None tag is left out, not written as "None"
+    # ... by set_tags too (a sweep's best trial without a run id: best_run_id None; mutation review)
+    rec = tracking.Recorder.start(store, "gone", "r2")
+    rec.set_tags({"best_trial": 3, "best_run_id": None})
+    rec.close()
+    tags = c.get_run(rec.run_id).data.tags
+    assert tags["best_trial"] == "3" and "best_run_id" not in tags
+
+
+def test_params_are_recorded_whole_up_to_mlflows_limit(store):
+    """A param is sent as its text, cut only at MLflow's 6000-character limit (a sweep's ``space.*``
+    choices, a long override), and None as "None" (mutation review)."""
+    rec = tracking.Recorder.start(store, "t", "p")
+    long = ",".join(str(i) for i in range(2000))  # 8889 characters
+    rec.log_params({"long": long, "mid": "y" * 4000, "none": None})
+    rec.close()
+    params = MlflowClient(store).get_run(rec.run_id).data.params
+    assert params["long"] == long[:6000] and params["mid"] == "y" * 4000 and params["none"] == "None"

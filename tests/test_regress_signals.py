@@ -146,3 +146,45 @@ def test_runs_left_running_by_a_killed_regress_are_closed_by_the_next(tmp_path, 
     for rid in left:
         r = c.get_run(rid)
         assert r.info.status == "KILLED" and r.data.tags["status"] == "killed"
+
+
+def test_only_this_hosts_dead_command_line_runs_are_closed(store):
+    """``close_dead_runs``: of the suite's RUNNING runs, those of a command-line ``regress`` whose process
+    on this host is gone are closed KILLED (tag ``status=killed``); a live owner's, another host's
+    (cannot tell), a DAG run's (keyed) and another suite's are left as they are (mutation review)."""
+    import socket
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.names import OWNER, SUITE
+    from pipeline.provenance import owner_tag
+    from pipeline.regression.run import KEY, close_dead_runs
+    from pipeline.tracking import Recorder
+
+    p = subprocess.Popen(["sleep", "60"])
+    dead = owner_tag(p.pid)
+    p.kill()
+    p.wait()
+    runs = {
+        "dead": {SUITE: "s", OWNER: dead},
+        "live": {SUITE: "s", OWNER: owner_tag()},
+        "remote": {SUITE: "s", OWNER: f"{socket.gethostname()}-other|{p.pid}|1"},
+        "dag": {SUITE: "s", OWNER: dead, KEY: "s-2026-12-05"},
+        "other_suite": {SUITE: "t", OWNER: dead},
+    }
+    ids = {name: Recorder.start(store, "regression", name, tags=tags).run_id for name, tags in runs.items()}
+    done = Recorder.start(store, "regression", "done", tags={SUITE: "s", OWNER: dead})
+    done.close()
+    exp = MlflowClient(store).get_experiment_by_name("regression").experiment_id
+    assert close_dead_runs(store, exp, "s") == 1
+    c = MlflowClient(store)
+    got = {name: c.get_run(rid) for name, rid in ids.items()}
+    assert {n: r.info.status for n, r in got.items()} == {
+        "dead": "KILLED",
+        "live": "RUNNING",
+        "remote": "RUNNING",
+        "dag": "RUNNING",
+        "other_suite": "RUNNING",
+    }
+    assert got["dead"].data.tags["status"] == "killed" and "status" not in got["live"].data.tags
+    assert c.get_run(done.run_id).info.status == "FINISHED"

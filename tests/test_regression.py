@@ -906,3 +906,76 @@ def test_a_suite_may_read_each_per_gate_and_per_exponent_metric_and_no_other():
     ):
         with pytest.raises(ConfigError, match=r"^config key 'k': unknown metric"):
             check_metric("k", name)
+
+
+def test_the_suites_record_counts_its_checks_failures_and_violated_laws(store, tmp_path):
+    """README "What is recorded": the parent run's metrics ``regression/checks``, ``regression/failed``
+    and ``regression/laws_violated``, the tags ``verdict`` and ``failed_checks`` (the failing checks
+    only), the table as artifacts, and the run closed FINISHED (mutation review)."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.regression.laws import ERROR, NO_BASELINE, Row
+    from pipeline.regression.run import finish_suite_run
+    from pipeline.tracking import Recorder
+
+    rows = [
+        Row("a: law_one", "x", "y", "", LAW, "broke"),
+        Row("a: bptt/log10_ratio", "-4", "-2", "+-0.05", REGRESSION),
+        Row("b: law_two", "x", "x", "", PASS),
+        Row("b: val/loss", "-", "0.5", "", NO_BASELINE),
+        Row("c: run", "", "", "", ERROR, "RuntimeError: boom"),
+        Row("c: law_three", "x", "z", "", LAW),
+    ]
+    parent = Recorder.start(store, "regression", "regress-t").run_id
+    assert finish_suite_run(None, parent, rows, uri=store) == "regression"
+    c = MlflowClient(store)
+    r = c.get_run(parent)
+    assert r.info.status == "FINISHED"
+    assert r.data.metrics == {"regression/checks": 6, "regression/failed": 4, "regression/laws_violated": 2}
+    assert r.data.tags["verdict"] == "regression"
+    assert r.data.tags["failed_checks"] == "a: law_one; a: bptt/log10_ratio; c: run; c: law_three"
+    table = json.loads(Path(c.download_artifacts(parent, "regression/table.json", str(tmp_path))).read_text())
+    assert [row["verdict"] for row in table] == [LAW, REGRESSION, PASS, NO_BASELINE, ERROR, LAW]
+    # what the command line then says: "; 1 without a baseline (accept with --update-baseline)"
+    from pipeline.regression.run import Outcome
+
+    assert Outcome(parent, rows, "regression").missing == 1
+
+
+def test_the_pool_reports_each_entry_with_its_perturbation_and_its_error(monkeypatch):
+    """``run_all`` (in-process, ``workers=1``; each entry's run stubbed): a line per entry as it ends,
+    ``[k/n] <entry> ~<perturbation>: ok`` or ``FAILED: <type>: <message>``, the entries named in
+    ``entries`` only, in the suite's order, and {name: (run id, error)} back (mutation review)."""
+    from pipeline.regression import run as regression_run
+    from pipeline.regression.pool import run_all
+    from pipeline.regression.suite import load_suite
+
+    suite = load_suite(str(Path(__file__).resolve().parents[1] / "configs" / "regression" / "smoke.yaml"))
+    names = ["tanh_g3_T100", "gru_T30", "lstm_bf1"]
+    seen = []
+
+    def run_entry(s, name, parent, exp, uri=None, overrides=(), perturbation=None):
+        seen.append((name, parent, exp, overrides, perturbation))
+        if name == "gru_T30":
+            raise RuntimeError("no memory")
+        return f"rid-{name}"
+
+    monkeypatch.setattr(regression_run, "run_entry", run_entry)
+    lines: list[str] = []
+    got = run_all(
+        suite, "p", "e", progress=lines.append, entries=names, overrides=("a=1",), perturbation="ulp1"
+    )
+    order = [e.name for e in suite.entries if e.name in names]
+    assert [x[0] for x in seen] == order and {x[1:] for x in seen} == {("p", "e", ("a=1",), "ulp1")}
+    assert got == {
+        "tanh_g3_T100": ("rid-tanh_g3_T100", None),
+        "gru_T30": (None, "RuntimeError: no memory"),
+        "lstm_bf1": ("rid-lstm_bf1", None),
+    }
+    said = [ln.rsplit(" (", 1)[0] for ln in lines]
+    assert said == [
+        f"  [{k}/3] {n} ~ulp1: " + ("FAILED: RuntimeError: no memory" if n == "gru_T30" else "ok")
+        for k, n in enumerate(order, 1)
+    ]

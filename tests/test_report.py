@@ -574,6 +574,10 @@ def test_learned_nothing_does_not_look_like_success():
         == "healthy gradients; val loss 0.98 x baseline: learned nothing"
     )
     assert plots.outcome(0.05, "true") == "solved" and plots.outcome(0.5) == "partly learned"
+    # README "What the report shows": learned nothing is a final val loss of at least 0.9 x baseline
+    assert plots.outcome(0.9) == "learned nothing" and plots.outcome(0.8999) == "partly learned"
+    assert plots.outcome(None) == plots.outcome(float("nan")) == "no val loss"
+    assert plots.run_summary("diverged", float("nan")) == "diverged; no val loss"
     fig = rr.phase_diagram(_one_panel_table(), "adding")
     ax = fig.axes[0]
     faces = [tuple(c.get_facecolors()[0]) for c in ax.collections]

@@ -258,3 +258,21 @@ def test_the_profile_figure_draws_at_most_six_passes_the_first_and_the_last():
     got = labels(np.arange(0, 1000, 100))
     assert len(got) == 6 and got[0] == "step 0" and got[-1] == "step 900", got
     assert labels(np.array([0, 50, 100])) == ["step 0", "step 50", "step 100"]
+
+
+def test_the_memory_window_is_shaded_when_it_starts_after_step_1():
+    """``draw_profile``: the memory window is shaded and named in the legend whenever it starts after
+    t = 1 (t = 2 included); a window from t = 1 is the whole sequence and is not (mutation review)."""
+    from pipeline.plots import Curve, draw_profile, plt
+
+    def shaded(window):
+        fig, ax = plt.subplots()
+        try:
+            draw_profile(ax, [Curve([1, 2, 3, 4, 5, 6], [0.0, -1, -2, -3, -4, -5], "step 0")], window)
+            return [p.get_label() for p in ax.patches]
+        finally:
+            plt.close(fig)
+
+    assert shaded((2, 5)) == ["memory window t = 2..5"]
+    assert shaded((6, 6)) == ["memory window t = 6"]
+    assert shaded((1, 6)) == [] and shaded(None) == []

@@ -58,6 +58,17 @@ def test_a_block_without_a_signal_leaves_nothing_pending():
     check_terminated()
 
 
+def test_a_sigterm_raised_where_it_arrived_is_not_raised_again():
+    """The handler's exception reached its block (not dropped): the kept signal is gone with it, so a
+    process that handles it (a notebook calling ``run`` again, a worker closing its trial) is not
+    terminated a second time by the next check or the end of the next deferred step (mutation review)."""
+    with pytest.raises(Terminated), terminate_as_exception():
+        signal.raise_signal(signal.SIGTERM)
+    check_terminated()
+    with deferred():
+        pass
+
+
 def _nested_deferred(reached: list) -> None:
     with terminate_as_exception(), deferred():
         with deferred():  # nested: the outermost block's end raises

@@ -559,6 +559,164 @@ def test_tiny_sweep_parent_child_structure(store, tmp_path):
     assert p4.returncode == 0 and "5/4 trials done: nothing to run" in p4.stdout, p4.stdout
 
 
+def test_an_owner_is_dead_when_its_pid_was_reused_or_is_a_zombie():
+    """``host|pid|start time``: a live PID with another start time is another process that reused the
+    PID, and a zombie (killed, not yet reaped by its parent) is dead too; either way its trials and runs
+    are reaped (pipeline/provenance.py; mutation review)."""
+    import socket
+
+    from pipeline.provenance import owner_alive, owner_tag
+
+    me = owner_tag()
+    assert owner_alive(me) is True
+    host, pid, start = me.split("|")
+    assert owner_alive(f"{host}|{pid}|{int(start) + 1}") is False  # the PID now runs another process
+    assert owner_alive(f"{host}|{pid}|") is True  # no start time recorded: the PID alone decides
+    assert owner_alive(f"{socket.gethostname()}-elsewhere|{pid}|{start}") is None  # cannot tell
+    child = subprocess.Popen(["true"])
+    try:
+        tag = owner_tag(child.pid)
+        end = time.monotonic() + 10
+        while ") Z" not in Path(f"/proc/{child.pid}/stat").read_text() and time.monotonic() < end:
+            time.sleep(0.01)
+        assert owner_alive(tag) is False  # exited, not yet reaped
+    finally:
+        child.wait()
+    assert owner_alive(tag) is False  # reaped: gone
+
+
+@pytest.mark.parametrize(
+    ("ends", "code", "status", "complete"),
+    [("short", 1, "FINISHED", False), ("reached", 0, "FINISHED", True), ("sigterm", 143, "KILLED", False)],
+)
+def test_the_sweeps_exit_status_and_parent_run_status(monkeypatch, ends, code, status, complete):
+    """README "Sweeps" / cli/sweep.py: exit 0 when the study reached n_trials, 1 when it did not (workers
+    failed), 128 + the signal when stopped; the parent run closes FINISHED, or KILLED on a signal, and
+    is summarized as complete only when the study is. The supervisor in-process, its workers and
+    summary stubbed (mutation review)."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from pipeline.sweep import supervisor as sup
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="minimize")
+    dist = {"x": FloatDistribution(0.0, 1.0)}
+
+    def complete_one():
+        study.add_trial(optuna.trial.create_trial(params={"x": 0.5}, distributions=dist, value=0.5))
+
+    complete_one()
+    calls: dict = {"spawned": [], "closed": [], "summarized": []}
+
+    class Workers:
+        procs: dict = {}
+
+        def spawn(self, i):
+            calls["spawned"].append(i)
+
+        def terminate_all(self):
+            pass
+
+    class Rec:
+        def set_tags(self, tags):
+            pass
+
+        def close(self, st):
+            calls["closed"].append(st)
+
+    def supervise():  # what the workers did meanwhile
+        if ends == "reached":
+            complete_one()
+            complete_one()
+        elif ends == "sigterm":
+            s.stop.signum = signal.SIGTERM
+
+    s = object.__new__(sup.Supervisor)
+    s.sw = type("Sweep", (), {"n_trials": 3, "study": "p"})()
+    s.stores = type("Stores", (), {"study": study})()
+    s.devices, s.workers, s.rec = [None, None], Workers(), Rec()
+    s.stop = type("Stop", (), {"signum": None})()
+    s.progress = type("Progress", (), {"update": lambda self, force=False: False, "done_at_start": 1})()
+    s.preimport = None
+    monkeypatch.setattr(sup, "_preimport_summary", lambda: None)
+    s._banner = lambda left: None
+    s.supervise = supervise
+    s.summarize = lambda complete: calls["summarized"].append(complete)
+    assert s.run() == code
+    assert calls == {"spawned": [0, 1], "closed": [status], "summarized": [complete]}
+
+
+def test_the_parent_run_hides_the_storage_password_and_is_reused_by_a_resume(store, tmp_path):
+    """The sweep's parent run (``parent._parent_run``): tags ``pipeline.kind=sweep``, ``study`` and
+    ``storage`` without its password (README "Many machines": a PostgreSQL URL may carry one), the
+    sweep's params; the study remembers it, so a resume reopens the same run, and a study whose
+    experiment changed gets a new one (mutation review)."""
+    import optuna
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.sweep.config import load_sweep
+    from pipeline.sweep.parent import _parent_run
+    from pipeline.tracking import ensure_experiment
+
+    sw = load_sweep(str(write_sweep(tmp_path / "s.yaml")))
+    study = optuna.create_study(direction="minimize")
+    url = "postgresql://sweeper:s3cret@db.example/optuna"
+    exp = ensure_experiment(store, "sweeps")
+    rid = _parent_run(sw, study, url, store, "sweeps", exp)
+    got = MlflowClient(store).get_run(rid)
+    tags, params = got.data.tags, got.data.params
+    assert tags["storage"] == "postgresql://sweeper:***@db.example/optuna" and "s3cret" not in str(tags)
+    assert (tags["pipeline.kind"], tags["study"]) == ("sweep", sw.study)
+    assert params["n_trials"] == str(sw.n_trials) and "s3cret" not in str(params)
+    assert study.user_attrs["mlflow_parent_run_id"] == rid
+    MlflowClient(store).set_terminated(rid, "KILLED")
+    assert _parent_run(sw, study, url, store, "sweeps", exp) == rid  # a resume: the same run, reopened
+    assert MlflowClient(store).get_run(rid).info.status == "RUNNING"
+    other = ensure_experiment(store, "elsewhere")
+    assert _parent_run(sw, study, url, store, "elsewhere", other) != rid
+
+
+def test_progress_prints_the_trials_of_this_sweep_and_an_eta_from_them():
+    """The parent's plain-text progress (supervisor.Progress): one line per trial that ended since the
+    sweep started (not the trials a resumed study already had), DIVERGED for a diverged one, then the
+    status line, whose ETA extrapolates from the trials done since the start (mutation review)."""
+    import io
+
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from pipeline.sweep.supervisor import Progress
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="p", direction="minimize")
+    dist = {"optim.lr": FloatDistribution(1e-4, 1.0, log=True)}
+
+    def add(value, lr, **attrs):
+        t = optuna.trial.create_trial(
+            params={"optim.lr": lr}, distributions=dist, value=value, user_attrs=attrs
+        )
+        study.add_trial(t)
+
+    add(0.5, 0.01, regime="healthy")  # done before this sweep (a resume)
+    out = io.StringIO()
+    sw = type("Sweep", (), {"n_trials": 5, "study": "p"})()
+    p = Progress(sw, study, time.time() - 120, out)  # the sweep started two minutes ago
+    add(0.25, 0.1, regime="vanishing")
+    add(1.0, 0.9, regime="diverged", diverged=True)
+    assert p.update()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3, lines
+    assert lines[0].split()[:3] == ["trial", "1", "COMPLETE"], lines[0]
+    assert "value=0.2500" in lines[0] and "regime=vanishing" in lines[0] and "optim.lr=0.1" in lines[0]
+    assert lines[1].split()[:3] == ["trial", "2", "DIVERGED"], lines[1]
+    assert lines[2].startswith(
+        "[p] 3/5 done | running 0 | pruned 0 | diverged 1 | failed 0 | best 0.2500 (#1) | elapsed 2.0 min"
+    ), lines[2]
+    # two trials in this sweep's two minutes, two left: two minutes more (not 2 x 120 s / 3 done)
+    assert lines[2].endswith("| ETA 2.0 min"), lines[2]
+
+
 # ------------------------------------------------------------------------------- faults (slow)
 
 
@@ -715,6 +873,24 @@ def test_workers_outlive_their_forkserver_in_the_parents_eyes(tmp_path):
     assert lines[1] == "poll while the worker sleeps: None"
     waited = float(lines[2].split("after ")[1].split()[0])
     assert lines[2].startswith("wait: 255") and waited >= 1.0  # it slept on, 4 s from its start
+
+
+def test_a_worker_that_is_a_zombie_or_gone_is_not_running():
+    """A worker whose forkserver died is watched by its pid (``procs._running``): a zombie (exited, not
+    reaped: its new parent may never reap it in a container without an init) has ended, as has a pid
+    that is gone; else the parent waited on it for ever (mutation review)."""
+    from pipeline.sweep.procs import _running
+
+    assert _running(os.getpid())
+    child = subprocess.Popen(["true"])
+    try:
+        end = time.monotonic() + 10
+        while ") Z" not in Path(f"/proc/{child.pid}/stat").read_text() and time.monotonic() < end:
+            time.sleep(0.01)
+        assert not _running(child.pid)
+    finally:
+        child.wait()
+    assert not _running(child.pid)
 
 
 def test_the_parent_sleeps_while_a_worker_outlives_its_forkserver(monkeypatch):

@@ -296,3 +296,24 @@ def test_a_trial_held_on_another_host_of_a_journal_store_is_not_waited_for(store
     assert study.trials[held.number].state == optuna.trial.TrialState.RUNNING  # left to its own worker
     parent = MlflowClient(store).get_run(study.user_attrs["mlflow_parent_run_id"])
     assert parent.data.tags["sweep_complete"] == "false"
+
+
+def test_a_machine_that_lost_the_schema_race_is_told_from_a_real_database_error():
+    """Machines started together on a fresh PostgreSQL database each create Optuna's schema; the losers'
+    errors ("duplicate key value violates unique constraint pg_type_typname_nsp_index" from CREATE TYPE,
+    "relation ... already exists") mean: open the schema the winner made. Any other error is raised
+    (pipeline/sweep/stores.py; mutation review)."""
+    import sqlalchemy
+
+    from pipeline.sweep.stores import _lost_schema_race
+
+    def err(kind, text):
+        return kind("CREATE ...", {}, Exception(text))
+
+    exc = sqlalchemy.exc
+    dup = 'duplicate key value violates unique constraint "pg_type_typname_nsp_index"'
+    assert _lost_schema_race(err(exc.IntegrityError, dup))
+    assert _lost_schema_race(err(exc.ProgrammingError, 'relation "studies" already exists'))
+    assert not _lost_schema_race(err(exc.IntegrityError, "null value in column violates not-null"))
+    assert not _lost_schema_race(err(exc.OperationalError, 'relation "studies" already exists'))
+    assert not _lost_schema_race(ValueError("already exists"))

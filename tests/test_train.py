@@ -118,11 +118,9 @@ class Interrupt(pl.Callback):
 @pytest.mark.parametrize(
     ("exc", "raised", "status"),
     [
-        (
-            KeyboardInterrupt(),
-            (KeyboardInterrupt, SystemExit),
-            "KILLED",
-        ),  # Lightning turns Ctrl-C into exit(1)
+        # Lightning turns Ctrl-C into sys.exit(1), "a check failed" to the command line: it must come out
+        # as the KeyboardInterrupt it was (signals.ctrl_c_not_exit_1), so the command exits 130
+        (KeyboardInterrupt(), KeyboardInterrupt, "KILLED"),
         (RuntimeError("boom"), RuntimeError, "FAILED"),
     ],
 )
@@ -153,6 +151,11 @@ def test_default_run_names_are_distinct_within_one_second(tiny):
     assert len(set(names)) == 3, names
     assert "-lr0.01-" in names[0] and "-lr1-" in names[1]
     assert names[0].startswith("adding-T12-tanh-default-g1-")
+    # README "Configuration reference": <task>-T<T>-<cell>-<init>-g<g>-lr<lr>-s<seed>-<HHMMSS>-<4 hex>
+    import re
+
+    named = default_run_name(tiny(**{"seed": 7, "model.init": "orthogonal", "model.init_scale": 0.9}))
+    assert re.fullmatch(r"adding-T12-tanh-orthogonal-g0\.9-lr0\.01-s7-\d{6}-[0-9a-f]{4}", named), named
 
 
 # ------------------------------------------------------------------------ verdicts that are right
@@ -310,3 +313,65 @@ def test_a_run_name_past_mlflows_250_characters_is_cut_with_a_note(store, capsys
     assert r.info.run_name == name[:250] and r.info.status == "FINISHED"
     assert main(["train", "--config", "smoke", *args[:3], "tracking.run_name=" + "s" * 250]) == 0
     assert "tracking.run_name has" not in capsys.readouterr().err  # 250 is kept whole, without a note
+
+
+def _summarize(tiny, first, last, norms=(1.0,), val_loss=0.1, pruned=False):
+    """:func:`summarize_run` (pure) on monitors that say what the test wants: ``first``/``last`` the
+    step-0 and the last profile pass, ``norms`` the pre-clip gradient norms of the steps."""
+    from types import SimpleNamespace as NS
+
+    import numpy as np
+
+    from pipeline.training.record import Monitors, summarize_run
+    from pipeline.training.tasks import task_of
+
+    cfg = tiny()
+    task = task_of(cfg.task)
+    grads = NS(
+        max_norm_preclip=max(norms),
+        clip_rate=0.0,
+        history=[()] * len(norms),
+        column=lambda name: np.array(norms) if name == "norm_preclip" else None,
+    )
+    mon = Monitors(grads, NS(first=first, last=last), NS(best=val_loss))
+    module = NS(diverged_step=None, val_loss=val_loss, val_accuracy=None, pruned=pruned, remedies=None)
+    return task, summarize_run(cfg, task, module, mon, 20)
+
+
+def test_regime_init_is_the_verdict_of_the_step_0_pass_and_the_first_norm(tiny):
+    """README "Regime verdict": ``regime_init`` reads the step-0 profile and the first step's gradient,
+    ``regime`` the last pass and the largest gradient; tags are lower-case words (README, "The MLflow
+    record": ``pruned`` is ``true`` when a sweep stopped the run early); the pass's ``step`` is no metric
+    (mutation review)."""
+    decaying = {"step": 0, "bptt/log10_ratio": -5.5, "bptt/log10_ratio_per_step": -0.5}  # < -0.03: vanishing
+    flat = {"step": 20, "bptt/log10_ratio": -0.11, "bptt/log10_ratio_per_step": -0.01}  # healthy
+    task, s = _summarize(tiny, decaying, flat)
+    assert (s.tags["regime_init"], s.tags["regime"]) == ("vanishing", "healthy")
+    assert (s.tags["pruned"], s.tags["solved"]) == ("false", "false")
+    assert s.metrics["bptt/log10_ratio"] == -0.11 and "step" not in s.metrics
+    assert s.val_loss_ratio == pytest.approx(0.1 / task.baseline) == s.metrics["val/loss_ratio"]
+    # a healthy start whose gradient norm passed explode_norm (1000) only later
+    _, s = _summarize(tiny, {**flat, "step": 0}, flat, norms=(1.0, 5000.0), pruned=True)
+    assert (s.tags["regime_init"], s.tags["regime"]) == ("healthy", "exploding")
+    assert s.tags["pruned"] == "true" and s.pruned is True
+
+
+@pytest.mark.parametrize(("mode", "line"), [("norm", True), ("value", False), ("none", False)])
+def test_the_grad_norm_plot_draws_the_clip_threshold_only_for_norm_clipping(
+    store, tiny, monkeypatch, mode, line
+):
+    """``plots/grad_norms.png`` draws ``clip.threshold`` on the global-norm axis only where it is a norm
+    (``clip.mode: norm``): a value clamp's threshold is per element, and an unclipped run has none
+    (mutation review)."""
+    from pipeline.tracking import Recorder
+
+    legends = {}
+    real = Recorder.log_figure
+
+    def log_figure(self, fig, artifact_file):
+        legends[artifact_file] = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+        return real(self, fig, artifact_file)
+
+    monkeypatch.setattr(Recorder, "log_figure", log_figure)
+    run(tiny(**{"diagnostics.plots": True, "clip.mode": mode, "clip.threshold": 0.5, "trainer.max_steps": 5}))
+    assert ("clip threshold 0.5" in legends["plots/grad_norms.png"]) is line, legends

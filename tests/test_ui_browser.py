@@ -118,6 +118,24 @@ def test_ui_prints_the_runs_table_of_each_sweep(small_sweep, monkeypatch, capsys
     assert f"http://127.0.0.1:5001/#/experiments/{small_sweep['experiment_id']}/runs" in out
 
 
+def test_ui_links_the_sweeps_first_then_the_newest_experiments_at_most_five(store):
+    """Before the UI starts, ``ui`` prints the runs table of each experiment with a sweep, then of the
+    other experiments with runs, newest first, at most five; an IPv6 host is bracketed in the URL
+    (mutation review)."""
+    from pipeline.cli import ui
+    from pipeline.tracking import Recorder, ensure_experiment
+
+    ids = {}
+    for name in "abcdefg":
+        rec = Recorder.start(store, name, "r", tags={"pipeline.kind": "sweep"} if name == "b" else None)
+        rec.close()
+        ids[name] = rec.experiment_id
+    ensure_experiment(store, "empty")  # no run: no link
+    url = ui.base_url("::1", 5000)
+    assert url == "http://[::1]:5000"
+    assert ui.run_links(store, url) == [f"{n}: {url}/#/experiments/{ids[n]}/runs" for n in "bgfed"]
+
+
 def test_make_ui_target_calls_the_ui_verb():
     make = (ROOT / "Makefile").read_text()
     assert "-m pipeline ui --port $(PORT)" in make and "PORT ?= 5000" in make
