@@ -1187,3 +1187,13 @@ def test_a_searched_init_makes_the_searched_scale_read(tmp_path):
     assert unread_searched_keys(sw) == []  # the base's init is gaussian
     (note,) = unread_searched_keys(load_sweep(tmp_path / "s.yaml", ["base.model.init=default"]))
     assert note.startswith("space key model.init_scale is read by no trial (model.cell in ['tanh'], ")
+
+
+def test_the_banner_names_each_gpu_once():
+    """Twelve workers sharing one card (README, "Batched trials": `workers: auto` is up to 12 per GPU) read ``GPU 0``,
+    not ``GPU 0,0,0,0,0,0,0,0,0,0,0,0``; two cards in worker order; CPU workers ``CPU``."""
+    from pipeline.sweep.supervisor import devices_text
+
+    assert devices_text(["0"] * 12) == "GPU 0"
+    assert devices_text(["1", "0", "1", "0"]) == "GPU 1,0"
+    assert devices_text([None, None]) == "CPU"

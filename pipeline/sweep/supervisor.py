@@ -226,6 +226,13 @@ def _preimport_summary():
     return th
 
 
+def devices_text(devices: list[str | None]) -> str:
+    """Where the workers run, for the banner: ``CPU``, or each GPU once in worker order (``GPU 0,1``;
+    twelve workers sharing one card read ``GPU 0``, not ``GPU 0,0,...,0``)."""
+    gpus = dict.fromkeys(d for d in devices if d is not None)
+    return f"GPU {','.join(gpus)}" if gpus else "CPU"
+
+
 class Supervisor:
     """The worker processes of one sweep, from the first spawn to the summary on the parent run."""
 
@@ -301,7 +308,7 @@ class Supervisor:
 
     def _banner(self, left: int) -> None:
         s, done = self.stores, self.progress.done_at_start
-        where = f"GPU {','.join(d for d in self.devices if d)}" if self.devices[0] is not None else "CPU"
+        where = devices_text(self.devices)
         print(
             f"sweep {self.sw.study}: {done}/{self.sw.n_trials} trials done"
             + ((f", resuming with {left} to go" if left > 0 else self._nothing_to_run(done)) if done else "")
