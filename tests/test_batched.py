@@ -957,3 +957,75 @@ def test_a_free_slot_is_refilled_while_the_stack_trains(store, tmp_path):
     ]
     assert joined, f"no trial joined a running stack: {sorted(spans)}"
     assert max(sum(s2 <= s < e2 for s2, e2 in spans) for s, _ in spans) <= 2
+
+
+def test_run_stack_rejects_configs_of_different_devices():
+    """stack_key is the task config AND the device (README, "Batched trials"): members on the CPU and on
+    the GPU never share a stack."""
+    from pipeline.training import stacked
+
+    cpu, gpu = cfg_of(trainer__accelerator="cpu"), cfg_of(trainer__accelerator="gpu")
+    assert stacked.stack_key(cpu) != stacked.stack_key(gpu)
+    with pytest.raises(ValueError, match="the configs differ in the task or device"):
+        stacked.run_stack([cpu, gpu])
+
+
+def test_a_refill_of_another_task_is_refused_and_fails_the_stack(store):
+    """A refill that returns a config of another stack_key is an error of the sweep, named: run_stack
+    raises and the member's run is closed FAILED with it."""
+    from pipeline.training import stacked
+
+    first = cfg_of(tracking__enabled=True)
+    queue = [[(cfg_of(task__batch_size=8, tracking__enabled=True), {"member": "1"}, [])]]
+    with pytest.raises(ValueError, match="refill returned a config of another task or device"):
+        stacked.run_stack(
+            [first],
+            extra_tags=[{"member": "0"}],
+            refill=lambda n: queue.pop(0) if queue else None,  # asked once, then no more trials
+            capacity=2,
+        )
+    assert _statuses(store) == {
+        "0": (
+            "FAILED",
+            "ValueError: run_stack: refill returned a config of another task or device (stack_key)",
+        )
+    }
+
+
+def test_sigterm_in_the_shared_loop_kills_every_unfinished_run(store, monkeypatch):
+    """SIGTERM (raised as Terminated) or Ctrl-C during the shared step: run_stack re-raises, and every
+    member still training has its run closed KILLED (README, "Batched trials"); the member that finished
+    at step 5 stays FINISHED."""
+    from pipeline.signals import Terminated
+    from pipeline.training import stack_loop, stacked
+
+    short = {"trainer__max_steps": 5, "trainer__val_every": 5}
+    cfgs = [
+        cfg_of(**m, tracking__enabled=True, **(short if i == 0 else {})) for i, m in enumerate(MEMBERS[:2])
+    ]
+    real, calls = stack_loop._step, []
+
+    def step(*a, **k):
+        calls.append(1)
+        if len(calls) == 9:
+            raise Terminated("test")
+        return real(*a, **k)
+
+    monkeypatch.setattr(stack_loop, "_step", step)
+    with pytest.raises(Terminated):
+        stacked.run_stack(cfgs, extra_tags=[{"member": str(i)} for i in range(2)])
+    assert {k: s for k, (s, _) in _statuses(store).items()} == {"0": "FINISHED", "1": "KILLED"}
+
+
+def test_ctrl_c_while_a_member_starts_closes_its_run_killed(store, monkeypatch):
+    """Ctrl-C after a member's run is created but before it joins the stack: that run is closed KILLED
+    (not FAILED, and no error tag), as an interrupted run alone is."""
+    from pipeline.training import stacked
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stacked, "_member", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stacked.run_stack([cfg_of(tracking__enabled=True)], extra_tags=[{"member": "0"}])
+    assert _statuses(store) == {"0": ("KILLED", None)}

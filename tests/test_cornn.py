@@ -84,6 +84,10 @@ def test_spectrum_remedies_and_budget():
     p = m.params()
     s = spectra.spectrum(p)
     assert s["sigma_max_y"] == pytest.approx(np.linalg.norm(p["W_hh"][:, 4:].numpy(), 2), rel=1e-12)
+    for k, M in (("z", p["W_hh"][:, :4].numpy()), ("y", p["W_hh"][:, 4:].numpy())):
+        assert s[f"radius_{k}"] == pytest.approx(np.abs(np.linalg.eigvals(M)).max(), rel=1e-10)
+    assert s["radius"] == max(s["radius_z"], s["radius_y"]) > min(s["radius_z"], s["radius_y"])
+    assert s["sigma_max"] == max(s["sigma_max_z"], s["sigma_max_y"])
     assert spectra.pascanu_log10_bound(p, 50) is None
     x, y = torch.rand(3, 30, 2), torch.randn(3, 1)
     om = remedies.omega(m.live_params(), x, y, mse)
@@ -134,3 +138,12 @@ def test_a_profile_pass_logs_the_jacobian_bound_for_cornn_and_lem_alone(cell):
         spectra.jacobian_log10_bound(p, x, 25), abs=1e-12
     )
     assert m["bptt/log10_ratio"] <= m["spectral/jacobian_log10_bound"] + 1e-9
+
+
+def test_gamma_and_epsilon_reach_the_cell_from_the_config():
+    """``model.gamma`` is the restoring force on y, ``model.epsilon`` the damping on z (README, "Models"):
+    each reaches its own term, from the config through the model to the twin."""
+    m = model(gamma=2.0, epsilon=0.5)
+    assert (m.rnn.gamma, m.rnn.epsilon) == (2.0, 0.5)
+    p = m.params()
+    assert (p["gamma"], p["epsilon"], p["dt"]) == (2.0, 0.5, 0.3)

@@ -280,6 +280,8 @@ def test_spectrum_per_recurrent_matrix():
         assert s[f"sigma_max_{k}"] == pytest.approx(np.linalg.norm(M, 2), rel=1e-12)
         assert s[f"radius_{k}"] == pytest.approx(np.abs(np.linalg.eigvals(M)).max(), rel=1e-10)
     assert s["sigma_max"] == max(s[f"sigma_max_{k}"] for k in want)
+    assert s["radius"] == max(s[f"radius_{k}"] for k in want)  # spectral/radius: the largest
+    assert min(s[f"radius_{k}"] for k in want) < s["radius"]
     assert spectra.pascanu_log10_bound(p, 100) is None  # not a theorem for lem
 
 

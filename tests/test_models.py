@@ -190,3 +190,54 @@ def test_train_and_sweep_say_which_set_keys_no_model_reads(tmp_path):
         ["base.model.init=default", "space.model.cell.choices=[tanh, orthogonal]"],
     )
     assert unread_searched_keys(sw) == []
+
+
+def test_random_orthogonal_is_haar_distributed():
+    """Mezzadri's sign fix makes the QR draw Haar: every entry has mean 0 (E[Q] = 0 for Haar, as Q and -Q
+    are equally likely). Without it LAPACK's QR puts a bias of about -+0.5 on the diagonal."""
+    from pipeline.training.models import random_orthogonal
+
+    gen = torch.Generator().manual_seed(0)
+    qs = torch.stack([random_orthogonal(3, gen) for _ in range(2000)]).double()
+    assert torch.allclose(qs[0] @ qs[0].T, torch.eye(3, dtype=qs.dtype), atol=1e-6)
+    # each entry's std is 1/sqrt(3); over 2000 draws the mean's std is 0.013: 0.07 is over 5 of them
+    assert qs.mean(0).abs().max().item() < 0.07
+
+
+def test_indrnn_recurrent_weights_are_the_documented_inits():
+    """README, "Models": for ``indrnn``, ``u`` is U(0,1) (default), N(0, g^2) (gaussian), +-g (orthogonal,
+    the diagonal orthogonal matrices) or g (identity); the input bias starts at zero (Li et al. 2018)."""
+    H, g = 4096, 0.7
+    u = model("indrnn", H=H).params()["u"]
+    assert u.min() >= 0 and u.max() < 1 and u.mean().item() == pytest.approx(0.5, abs=0.02)
+    assert u.std().item() == pytest.approx(1 / math.sqrt(12), rel=0.05)
+    u = model("indrnn", init="gaussian", g=g, H=H).params()["u"]
+    assert u.std().item() == pytest.approx(g, rel=0.05) and abs(u.mean().item()) < 0.05
+    u = model("indrnn", init="orthogonal", g=g, H=H).params()["u"]
+    assert torch.allclose(u.abs(), torch.full_like(u, g)) and 0.45 < (u > 0).double().mean().item() < 0.55
+    u = model("indrnn", init="identity", g=g, H=H).params()["u"]
+    assert torch.allclose(u, torch.full_like(u, g))
+    assert torch.equal(model("indrnn", H=16).params()["b_ih"], torch.zeros(16, dtype=torch.float64))
+
+
+def test_orthogonal_cell_starts_at_identity_only_for_identity_init():
+    """README, "Models": for ``orthogonal`` cells ``init: identity`` starts Q at I, anything else at a
+    random orthogonal Q; W_hh = g Q either way."""
+    H, g = 8, 0.9
+    w = model("orthogonal", init="identity", g=g, H=H).params()["W_hh"]
+    assert torch.allclose(w, g * torch.eye(H, dtype=w.dtype), atol=1e-6)
+    for init in ("default", "orthogonal"):
+        w = model("orthogonal", init=init, g=g, H=H).params()["W_hh"]
+        assert torch.allclose(w @ w.T, g**2 * torch.eye(H, dtype=w.dtype), atol=1e-5)
+        assert (w - torch.diag(torch.diagonal(w))).abs().max() > 0.1  # not g I
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_every_bias_of_the_core_is_in_the_bias_group(cell):
+    """``grad/norm_bias`` (README, "Metrics"): every bias of the recurrent core, of every cell, is in the
+    bias group (the readout's is the readout's)."""
+    m = model(cell, H=8)
+    groups = {id(p): g for g, ps in m.param_groups().items() for p in ps}
+    for name, p in m.named_parameters():
+        if "bias" in name:
+            assert groups[id(p)] == ("readout" if name.startswith("readout.") else "bias"), name

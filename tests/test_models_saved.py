@@ -64,8 +64,11 @@ def test_log_model_false_logs_no_weights(store, tiny):
 
     r = run(tiny(**{"tracking.log_model": "false"}))
     assert "model" not in _artifacts(MlflowClient(store), r.run_id)
-    with pytest.raises(ConfigError, match="neither model/weights.pt nor checkpoints/last.ckpt"):
+    with pytest.raises(ConfigError) as e:
         load_run(r.run_id)
+    assert str(e.value).endswith(
+        f"run {r.run_id} has neither model/weights.pt nor checkpoints/last.ckpt (tracking.log_model was false?)"
+    )
 
 
 def _only_run(c):
@@ -431,3 +434,19 @@ def test_load_run_of_a_truncated_artifact_names_it(store, tiny, tmp_path, artifa
     (folder / artifact).write_bytes(whole[: len(whole) // 2])
     with pytest.raises(ConfigError, match=f"run {run_id}: its artifact {artifact} cannot be loaded"):
         load_run(run_id)
+
+
+def test_a_checkpoint_carries_the_best_validation_loss_to_the_resumed_run():
+    """``val/best_loss`` of a resumed run is the best over the whole run: RunCheckpoint's state (saved in
+    the checkpoint, restored by the resume) holds the best loss seen before the interruption."""
+    from types import SimpleNamespace
+
+    from pipeline.training.saved import RunCheckpoint
+
+    def monitors(best):
+        return SimpleNamespace(val=SimpleNamespace(best=best), grads=SimpleNamespace(max_norm_preclip=1.5))
+
+    state = RunCheckpoint(None, monitors(0.0625)).state_dict()
+    resumed = monitors(None)
+    RunCheckpoint(None, resumed).load_state_dict(state)
+    assert resumed.val.best == 0.0625 and resumed.grads.max_norm_preclip == 1.5

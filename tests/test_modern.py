@@ -574,3 +574,32 @@ def test_memory_estimate_counts_every_parameter(cell):
         t = make_task(task, cfg.task.seq_len)
         m = RNNModel(cfg.model, t.input_size, t.output_size, t.readout)
         assert n_params(cfg) == sum(p.numel() for p in m.parameters())
+
+
+def test_lru_init_is_the_documented_ring_and_gaussians():
+    """README, "Models" (Orvieto et al. 2023, section 3.3): gamma = sqrt(1 - |lambda|^2), B complex Gaussian
+    with variance 1/(2 I) per part, C with 1/N per part, D dense N(0, 1/I)."""
+    H, n_in = 64, 128
+    p = model("lru", H=H, n_in=n_in, r_min=0.4, r_max=0.99).params()
+    modulus = torch.exp(-torch.exp(p["nu_log"]))
+    assert torch.allclose(torch.exp(p["gamma_log"]), torch.sqrt(1 - modulus**2), rtol=1e-5)
+    for name, std in (
+        ("B_re", 1 / math.sqrt(2 * n_in)),
+        ("B_im", 1 / math.sqrt(2 * n_in)),
+        ("C_re", 1 / math.sqrt(H)),
+        ("C_im", 1 / math.sqrt(H)),
+        ("D", 1 / math.sqrt(n_in)),
+    ):
+        assert p[name].std().item() == pytest.approx(std, rel=0.05), name
+        assert abs(p[name].mean().item()) < 0.1 * std, name
+
+
+def test_auto_scan_is_sequential_on_the_cpu_and_parallel_elsewhere():
+    """README, "Models": the measured choice of ``scan: auto``; a name outside the two is refused."""
+    from pipeline.training.modern import scan_for
+
+    assert scan_for(torch.device("cpu"), "auto") == "sequential"
+    assert scan_for(torch.device("cuda"), "auto") == "parallel"
+    assert scan_for(torch.device("cpu"), "parallel") == "parallel"
+    with pytest.raises(ValueError, match="unknown scan 'fast'"):
+        scan_for(torch.device("cpu"), "fast")

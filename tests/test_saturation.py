@@ -139,3 +139,17 @@ def test_a_saturating_pulse_leaves_the_profile_finite_and_the_regime_exploding()
     metrics = {"bptt/log10_ratio_per_step": s["log10_ratio_per_step"], "bptt/overflow_step": 0}
     assert verdict(False, metrics, 0.1, DiagnosticsConfig()) == "exploding"
     assert math.isfinite(spectra.lyapunov_max(p, x))  # its tangent takes the same derivatives
+
+
+def test_activation_derivatives_are_even_and_finite_far_into_saturation():
+    """sech^2 is even and sigmoid(a) sigmoid(-a) too: at |a| = 30, 200 and 360 (past exp's float64 range
+    when doubled, |a| > 354.9) either sign gives the same finite value, the complex step's (to |a| = 200)."""
+    from pipeline.bptt.dphi import sigmoid_prime, tanh_prime
+
+    a = torch.tensor([30.0, 200.0, 360.0], dtype=torch.float64)
+    for f, ref in ((tanh_prime, torch.tanh), (sigmoid_prime, torch.sigmoid)):
+        for x in (a, -a):
+            want = ref(x.to(torch.complex128) + 1j * STEP).imag / STEP
+            got = f(x)
+            assert torch.all(torch.isfinite(got)) and torch.equal(got, f(-x))
+            assert torch.allclose(got[:2], want[:2], rtol=1e-12, atol=0)

@@ -178,3 +178,69 @@ def test_accuracy_counts_against_an_independent_count():
             pairs = list(zip(pred, want, strict=True))
         assert (int(hits), n) == (sum(a == b for a, b in pairs), len(pairs))
     assert make_task("adding", 10).hits(torch.zeros(4, 1), torch.zeros(4, 1)) is None
+
+
+def test_solved_levels_and_memory_windows_are_the_documented_ones():
+    """README, "Tasks": solved below 0.01 (adding) and 0.1 x baseline (copy, temporal order, digits);
+    the memory window is the last step, or copy's recall steps T+11 .. T+20."""
+    adding, copy, order = make_task("adding", 40), make_task("copy", 15), make_task("temporal_order", 40)
+    assert adding.solved_below == pytest.approx(0.01)
+    for task in (copy, order, make_task("digits", 64)):
+        assert task.solved_below == pytest.approx(0.1 * task.baseline), task.name
+    assert (adding.window, order.window, copy.window) == ((40, 40), (40, 40), (26, 35))
+
+
+def test_unknown_task_names_every_allowed_task():
+    with pytest.raises(ValueError, match="unknown task") as e:
+        make_task("parity", 10)
+    assert str(e.value) == "unknown task 'parity' (allowed: adding, copy, temporal_order, digits)"
+
+
+@pytest.mark.parametrize("name", ["adding", "copy", "temporal_order"])
+def test_validation_set_is_drawn_from_the_seed_it_is_given(name):
+    """``Task.validation(n, seed)`` is the batch of generator ``seed`` (the run passes ``seed + 1``; the
+    probe batch is ``seed + 2``, README "Tasks"): not another seed's batch."""
+    task = make_task(name, 30)
+    v = task.validation(16, 5)
+    assert all(torch.equal(a, b) for a, b in zip(v, fixed_batch(task, 16, 5), strict=True))
+    assert not torch.equal(v[0], fixed_batch(task, 16, 6)[0])
+
+
+def test_task_of_reads_every_task_key():
+    """``task.permute`` and ``task.val_size`` of a run's config reach the task it trains on."""
+    from pipeline.config import load_config
+    from pipeline.training.tasks import task_of
+
+    cfg = load_config(None, ["task.name=digits", "task.seq_len=64", "task.permute=true", "task.val_size=100"])
+    task = task_of(cfg.task)
+    assert (task.name, task.permute, task.val_size) == ("digits", True, 100)
+    plain = make_task("digits", 64, val_size=100).validation(100, 0)[0]
+    assert not torch.equal(task.validation(100, 0)[0], plain)
+
+
+def test_digits_validation_is_the_held_out_split_and_a_copy_of_it():
+    """The held-out split is ``task.val_size`` images: asking another size is refused by name, and what
+    is returned is a copy (a caller writing into it does not change the next run's validation set)."""
+    task = make_task("digits", 64, val_size=100)
+    with pytest.raises(ValueError, match="the digits held-out split has 100 images, 50 asked"):
+        task.validation(50, 0)
+    x, y = task.validation(100, 0)
+    want = x.clone()
+    x.zero_()
+    y.zero_()
+    again = task.validation(100, 0)
+    assert torch.equal(again[0], want) and again[1].sum() > 0
+
+
+def test_digits_refuse_a_changed_dataset(monkeypatch):
+    """A scikit-learn whose digits are not the 1,797 images of grey levels 0..16 is named, not trained on."""
+    import numpy as np
+    import sklearn.datasets
+
+    from pipeline.training import digits
+
+    x, y = sklearn.datasets.load_digits(return_X_y=True)
+    for bad in (x[:, :63], np.minimum(x, 15)):
+        monkeypatch.setattr(sklearn.datasets, "load_digits", lambda return_X_y, bad=bad: (bad, y))
+        with pytest.raises(RuntimeError, match="scikit-learn's digits changed"):
+            digits.images.__wrapped__()
