@@ -519,6 +519,10 @@ def test_mlflow_logger_gets_nonfinite_values_as_the_record_has_them(tmp_path):
     log_everywhere(tr, {"a": math.nan}, 3)  # and comes back with the next NaN
     assert client.get_run(logger.run_id).data.tags["nonfinite.a"] == "nan"
     assert [m.value for m in client.get_metric_history(logger.run_id, "a")] == [0.5]
+    # A resumed fit logs into the same run through a new logger: the tag from before goes as well.
+    again = MLFlowLogger(tracking_uri=uri, run_id=logger.run_id)
+    log_everywhere(trainer(tmp_path, [], logger=again), {"a": 0.25}, 4)
+    assert "nonfinite.a" not in client.get_run(logger.run_id).data.tags
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
+from pipeline.names import NONFINITE_PREFIX
+
 FLOAT_MAX = float(np.finfo(np.float64).max)
 
 Sink = Callable[[dict[str, Any], int], None]
@@ -33,15 +35,19 @@ def log_everywhere(trainer: pl.Trainer, metrics: dict[str, float], step: int) ->
     for lg in trainer.loggers:
         if isinstance(lg, MLFlowLogger):
             ok = {}
-            tagged = _NAN_TAGGED.setdefault(lg, set())
+            tagged = _NAN_TAGGED.get(lg)
+            if tagged is None:  # first use: a resumed run may hold a tag from before (a NaN, then a kill)
+                tags = lg.experiment.get_run(lg.run_id).data.tags
+                tagged = {t.removeprefix(NONFINITE_PREFIX) for t in tags if t.startswith(NONFINITE_PREFIX)}
+                _NAN_TAGGED[lg] = tagged
             for k, v in metrics.items():
                 if math.isnan(v):
-                    lg.experiment.set_tag(lg.run_id, f"nonfinite.{k}", "nan")
+                    lg.experiment.set_tag(lg.run_id, f"{NONFINITE_PREFIX}{k}", "nan")
                     tagged.add(k)
                 else:
                     ok[k] = max(-FLOAT_MAX, min(FLOAT_MAX, v))
                     if k in tagged:  # NaN is no longer the latest value
-                        lg.experiment.delete_tag(lg.run_id, f"nonfinite.{k}")
+                        lg.experiment.delete_tag(lg.run_id, f"{NONFINITE_PREFIX}{k}")
                         tagged.discard(k)
             if ok:
                 lg.log_metrics(ok, step=step)
