@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import from_dict
+from pipeline.signals import Terminated
 
 BASE = {
     "seed": 0,
@@ -551,9 +552,20 @@ def test_a_member_whose_end_raises_fails_alone(store, monkeypatch):
     assert st["1"][1] == "RuntimeError: record failed"
 
 
-def test_an_error_in_the_shared_loop_fails_every_unfinished_run(store, monkeypatch):
+@pytest.mark.parametrize(
+    ("error", "status", "tag"),
+    [
+        (RuntimeError("the loop broke"), "FAILED", "RuntimeError: the loop broke"),
+        (Terminated("test"), "KILLED", None),
+    ],
+    ids=["error", "sigterm"],
+)
+def test_an_error_or_a_signal_in_the_shared_loop_closes_every_unfinished_run(
+    store, monkeypatch, error, status, tag
+):
     """The shared step raises at step 8: run_stack re-raises, and every member still training has its run
-    closed FAILED with the error; the member that finished at step 5 stays FINISHED."""
+    closed, FAILED with the error, or KILLED for SIGTERM (raised as Terminated) or Ctrl-C (README, "Batched
+    trials"); the member that finished at step 5 stays FINISHED."""
     from pipeline.training import stack_loop, stacked
 
     short = {"trainer__max_steps": 5, "trainer__val_every": 5}
@@ -565,15 +577,16 @@ def test_an_error_in_the_shared_loop_fails_every_unfinished_run(store, monkeypat
     def step(*a, **k):
         calls.append(1)
         if len(calls) == 9:
-            raise RuntimeError("the loop broke")
+            raise error
         return real(*a, **k)
 
     monkeypatch.setattr(stack_loop, "_step", step)
-    with pytest.raises(RuntimeError, match="the loop broke"):
+    with pytest.raises(type(error)):
         stacked.run_stack(cfgs, extra_tags=[{"member": str(i)} for i in range(3)])
     st = _statuses(store)
-    assert {k: s for k, (s, _) in st.items()} == {"0": "FINISHED", "1": "FAILED", "2": "FAILED"}
-    assert st["1"][1] == st["2"][1] == "RuntimeError: the loop broke"
+    assert {k: s for k, (s, _) in st.items()} == {"0": "FINISHED", "1": status, "2": status}
+    if tag is not None:
+        assert st["1"][1] == st["2"][1] == tag
 
 
 # ------------------------------------------------------------------- a batched worker (in this process)
@@ -990,31 +1003,6 @@ def test_a_refill_of_another_task_is_refused_and_fails_the_stack(store):
             "ValueError: run_stack: refill returned a config of another task or device (stack_key)",
         )
     }
-
-
-def test_sigterm_in_the_shared_loop_kills_every_unfinished_run(store, monkeypatch):
-    """SIGTERM (raised as Terminated) or Ctrl-C during the shared step: run_stack re-raises, and every
-    member still training has its run closed KILLED (README, "Batched trials"); the member that finished
-    at step 5 stays FINISHED."""
-    from pipeline.signals import Terminated
-    from pipeline.training import stack_loop, stacked
-
-    short = {"trainer__max_steps": 5, "trainer__val_every": 5}
-    cfgs = [
-        cfg_of(**m, tracking__enabled=True, **(short if i == 0 else {})) for i, m in enumerate(MEMBERS[:2])
-    ]
-    real, calls = stack_loop._step, []
-
-    def step(*a, **k):
-        calls.append(1)
-        if len(calls) == 9:
-            raise Terminated("test")
-        return real(*a, **k)
-
-    monkeypatch.setattr(stack_loop, "_step", step)
-    with pytest.raises(Terminated):
-        stacked.run_stack(cfgs, extra_tags=[{"member": str(i)} for i in range(2)])
-    assert {k: s for k, (s, _) in _statuses(store).items()} == {"0": "FINISHED", "1": "KILLED"}
 
 
 def test_ctrl_c_while_a_member_starts_closes_its_run_killed(store, monkeypatch):

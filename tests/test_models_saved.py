@@ -20,14 +20,15 @@ class Capture(pl.Callback):
 
 
 class StopAt(pl.Callback):
-    """Raise Terminated (what SIGTERM raises) after ``step`` optimizer steps."""
+    """Raise ``error`` after ``step`` optimizer steps: Terminated (what SIGTERM raises) closes the run
+    KILLED, an ordinary error FAILED."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int, error: BaseException | None = None):
+        self.step, self.error = step, error if error is not None else Terminated("test")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step >= self.step:
-            raise Terminated("test")
+            raise self.error
 
 
 def _artifacts(c, run_id, folder=None):
@@ -124,17 +125,6 @@ def test_interrupted_train_resumes_the_same_run_exactly(store, tiny):
     )
 
 
-class FailAt(pl.Callback):
-    """Raise an ordinary error after ``step`` optimizer steps: the run closes FAILED."""
-
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step >= self.step:
-            raise RuntimeError("disk on fire")
-
-
 def test_a_failed_run_resumes_without_the_error_of_its_failed_attempt(store, tiny, capsys):
     """README "Saved models and resuming": the resume reopens the run with "the ``status`` / ``error``
     tags of the interrupted attempt removed"; a FINISHED run that still said ``error: RuntimeError ...``
@@ -143,7 +133,11 @@ def test_a_failed_run_resumes_without_the_error_of_its_failed_attempt(store, tin
     from pipeline.cli import main
 
     with pytest.raises(RuntimeError, match="on fire"):
-        run(tiny(**{"diagnostics.profile_every": 0}), callbacks=[FailAt(13)], checkpoint=True)
+        run(
+            tiny(**{"diagnostics.profile_every": 0}),
+            callbacks=[StopAt(13, RuntimeError("disk on fire"))],
+            checkpoint=True,
+        )
     c = MlflowClient(store)
     failed = _only_run(c)
     run_id = failed.info.run_id
