@@ -7,6 +7,9 @@ Light imports only (stdlib): the CLI runs them before it imports MLflow.
 from __future__ import annotations
 
 import contextlib
+import glob
+import importlib.metadata
+import importlib.util
 import os
 from pathlib import Path
 
@@ -39,6 +42,31 @@ def store_error(uri: str, problem: str, flag: str, remedy: str = "move it aside"
     from pipeline.schema import StoreError
 
     return StoreError(f"{what} {uri}", shorten(problem), f"{remedy} or point {flag} elsewhere")
+
+
+def newer_schema_problem(revision: str | None) -> str | None:
+    """Why the installed MLflow cannot open a store whose schema is at ``revision`` (its
+    ``alembic_version``), when a newer MLflow wrote it; None when this MLflow knows the revision (or its
+    migrations cannot be found). MLflow itself says "out-of-date database schema ... run 'mlflow db
+    upgrade'", which cannot help: this MLflow has no migration to that revision (README, "Supported
+    versions"). Each migration is a file ``<revision>_<name>.py`` of ``mlflow/store/db_migrations/versions``,
+    found without importing MLflow."""
+    spec = importlib.util.find_spec("mlflow") if revision else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        versions = Path(loc) / "store" / "db_migrations" / "versions"
+        if versions.is_dir():
+            if any(versions.glob(f"{glob.escape(str(revision))}_*.py")):
+                return None
+            return (
+                f"its schema (revision {revision}) was written by a newer MLflow than this one "
+                f"({importlib.metadata.version('mlflow')})"
+            )
+    return None
+
+
+NEWER_REMEDY = "upgrade MLflow here to the version that wrote it (pip install -U mlflow)"
 
 
 def sqlite_problem(path: Path) -> str | None:
@@ -129,6 +157,10 @@ def _check_sqlite_schema(uri: str, path: Path, flag: str) -> None:
                     )
                 con.execute("SELECT count(*) FROM experiments").fetchone()
                 con.execute("SELECT count(*) FROM runs").fetchone()
+                row = con.execute("SELECT version_num FROM alembic_version").fetchone()
+                newer = newer_schema_problem(row[0] if row else None)
+                if newer:
+                    raise store_error(uri, newer, flag, NEWER_REMEDY)
         finally:
             con.close()
     except sqlite3.Error as e:
@@ -177,8 +209,8 @@ def check_database_store(uri: str, flag: str = "tracking.uri", what: str = "mlfl
 
     try:
         engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(HTTP_PROBE_TIMEOUT_S)})
-        with engine.connect():
-            pass
+        with engine.connect() as conn:
+            newer = _database_revision(conn) if what == "mlflow store" else None
         engine.dispose()
     except (ValueError, sqlalchemy.exc.ArgumentError) as e:  # the URL itself (its text may hold a password)
         raise store_error(
@@ -203,6 +235,18 @@ def check_database_store(uri: str, flag: str = "tracking.uri", what: str = "mlfl
             "check the server, database and user",
             what,
         ) from None
+    if newer:
+        raise store_error(display_url(uri), newer, flag, NEWER_REMEDY, what)
+
+
+def _database_revision(conn) -> str | None:
+    """:func:`newer_schema_problem` of a database store: None for a new database (no MLflow tables yet)."""
+    import sqlalchemy
+
+    if not sqlalchemy.inspect(conn).has_table("alembic_version"):
+        return None
+    row = conn.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).first()
+    return newer_schema_problem(row[0] if row else None)
 
 
 def unwritable(path: Path) -> str | None:

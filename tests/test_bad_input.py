@@ -9,6 +9,7 @@ of the machine until the OOM killer comes (what ``task.batch_size=100000000`` di
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import signal
@@ -966,3 +967,89 @@ def test_a_refused_wal_store_is_left_as_it_was_found(tmp_path):
     with pytest.raises(ConfigError, match="not an MLflow store"):
         check_sqlite_store(f"sqlite:///{f}", f)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# A store whose schema a newer MLflow wrote (one machine upgraded, another not, both on one store): MLflow
+# says "out-of-date database schema ... run 'mlflow db upgrade'", which this MLflow cannot do. The revision
+# is one no MLflow has, so the test holds under every MLflow the package admits (README, "Supported versions").
+NEWER_REVISION = "ffffffffffff"
+
+
+def _set_revision(con, revision: str) -> None:
+    con.execute(f"UPDATE alembic_version SET version_num = '{revision}'")
+    con.commit()
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_a_store_written_by_a_newer_mlflow_is_one_line(tmp_path, valid_db, verb):
+    import sqlite3
+
+    import mlflow
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(valid_db.read_bytes())
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        _set_revision(con, NEWER_REVISION)
+    args = VERBS[verb](tmp_path)
+    data, before = db.read_bytes(), files(tmp_path)
+    r = cli(*args, cwd=tmp_path)
+    one_error_line(
+        r,
+        "mlflow store sqlite:///",
+        f"its schema (revision {NEWER_REVISION}) was written by a newer MLflow than this one ({mlflow.__version__})",
+        "pip install -U mlflow",
+    )
+    assert db.read_bytes() == data
+    assert files(tmp_path) == before
+
+
+def test_a_store_whose_revision_this_mlflow_has_opens():
+    """The other side of the check: every revision of the installed MLflow's migrations reads as known,
+    and a made-up one as newer."""
+    from pathlib import Path
+
+    import mlflow
+
+    from pipeline.store_checks import newer_schema_problem
+
+    versions = sorted((Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions").glob("*_*.py"))
+    assert len(versions) > 10
+    assert all(newer_schema_problem(p.name.split("_")[0]) is None for p in versions)
+    assert newer_schema_problem(NEWER_REVISION) and newer_schema_problem(None) is None
+
+
+def test_a_database_store_written_by_a_newer_mlflow_is_one_line(tmp_path):
+    """The same on PostgreSQL: the probe reads ``alembic_version`` over the connection it opens anyway."""
+    import sqlalchemy
+
+    from tests.conftest import skip_or_fail
+
+    admin = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+    try:
+        engine = sqlalchemy.create_engine(
+            admin, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}
+        )
+        with engine.connect() as c:
+            c.execute(sqlalchemy.text("DROP DATABASE IF EXISTS pipeline_newer_mlflow"))
+            c.execute(sqlalchemy.text("CREATE DATABASE pipeline_newer_mlflow"))
+    except Exception as e:
+        skip_or_fail("PIPELINE_REQUIRE_POSTGRES", f"no PostgreSQL at 127.0.0.1:5432: {e}")
+    uri = "postgresql+psycopg2://postgres@127.0.0.1:5432/pipeline_newer_mlflow"
+    try:
+        from mlflow.tracking import MlflowClient
+
+        MlflowClient(uri).create_experiment("x")
+        store = sqlalchemy.create_engine(uri)
+        with store.connect() as c:
+            c.execute(sqlalchemy.text(f"UPDATE alembic_version SET version_num = '{NEWER_REVISION}'"))
+            c.commit()
+        store.dispose()
+        r = cli("regress", "--suite", str(ROOT / "configs/regression/smoke.yaml"), cwd=tmp_path, env_uri=uri)
+        one_error_line(
+            r, "mlflow store postgresql+psycopg2://", "written by a newer MLflow", "pip install -U mlflow"
+        )
+        assert files(tmp_path) == []
+    finally:
+        with engine.connect() as c:
+            c.execute(sqlalchemy.text("DROP DATABASE IF EXISTS pipeline_newer_mlflow WITH (FORCE)"))
+        engine.dispose()
