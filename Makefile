@@ -7,6 +7,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 STAMP_AIRFLOW := $(VENV)/.installed-airflow
+FLOOR_VENV := .venv-floor
+FLOOR_AIRFLOW_VENV := .venv-floor-airflow
 
 CONFIG ?= configs/train/smoke.yaml
 SWEEP ?= configs/sweeps/default.yaml
@@ -17,16 +19,16 @@ ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-airflow train sweep report regress ui bench test test-fast lint format browser clean
+.PHONY: help install install-airflow train sweep report regress ui bench test test-fast test-kernels test-floor test-floor-airflow lint format browser clean
 
 help: ## Show this help
-	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/$$(PORT)/$(PORT)/' | awk -v c="$$( [ -t 1 ] && printf '\033[36m' )" -v r="$$( [ -t 1 ] && printf '\033[0m' )" 'BEGIN {FS = ":.*?## "}; {printf "  %s%-16s%s %s\n", c, $$1, r, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/$$(PORT)/$(PORT)/' | awk -v c="$$( [ -t 1 ] && printf '\033[36m' )" -v r="$$( [ -t 1 ] && printf '\033[0m' )" 'BEGIN {FS = ":.*?## "}; {printf "  %s%-18s%s %s\n", c, $$1, r, $$2}'
 	@echo "  Variables: CONFIG=$(CONFIG) SWEEP=$(SWEEP) WORKERS=N SUITE=$(SUITE) PORT=$(PORT) ARGS='key=value ...' BENCH_ARGS='--quick ...'"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt -e '.[dev,postgres]'
+	$(PIP) install -q -c constraints.txt -e '.[dev,postgres]' 'setuptools>=77'
 	touch $@
 
 install: $(STAMP) ## Create .venv with the pinned dependencies (idempotent)
@@ -71,6 +73,30 @@ NUMERIC_TESTS = tests/test_batched.py tests/test_regression.py tests/test_bptt.p
 test-kernels: $(STAMP) ## Run the numeric tests again on other CPU kernels (no AVX)
 	ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 $(PY) -m pytest -p no:cacheprovider $(NUMERIC_TESTS) $(ARGS)
 
+# The oldest releases pyproject.toml admits (README, "Supported versions"), each set in a venv of its own,
+# made afresh when pyproject.toml or its constraints file changes. setuptools: pyproject's build backend, for
+# tests/test_packaging.py's wheel (built without isolation).
+FLOOR_TESTS ?=
+$(FLOOR_VENV)/.installed: pyproject.toml constraints-floor.txt
+	rm -rf $(FLOOR_VENV)
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install -q -c constraints-floor.txt -e '.[dev,postgres,system-metrics]' 'setuptools>=77'
+	touch $@
+
+$(FLOOR_AIRFLOW_VENV)/.installed: pyproject.toml constraints-floor-airflow.txt
+	rm -rf $(FLOOR_AIRFLOW_VENV)
+	$(PYTHON) -m venv $(FLOOR_AIRFLOW_VENV)
+	$(FLOOR_AIRFLOW_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR_AIRFLOW_VENV)/bin/python -m pip install -q -c constraints-floor-airflow.txt -e '.[dev,postgres,airflow]'
+	touch $@
+
+test-floor: $(FLOOR_VENV)/.installed ## The tests on the oldest releases pyproject.toml admits (FLOOR_TESTS=files; all by default)
+	$(FLOOR_VENV)/bin/python -m pytest -p no:cacheprovider $(FLOOR_TESTS) $(ARGS)
+
+test-floor-airflow: $(FLOOR_AIRFLOW_VENV)/.installed ## The DAG's tests with the airflow extra at its oldest release
+	$(FLOOR_AIRFLOW_VENV)/bin/python -m pytest -p no:cacheprovider tests/test_dag.py $(ARGS)
+
 lint: $(STAMP) ## ruff check, ruff format --check, mypy (strict on bptt/ and the shared floor)
 	$(PY) -m ruff check pipeline dags tests benchmarks examples
 	$(PY) -m ruff format --check pipeline dags tests benchmarks examples
@@ -84,4 +110,4 @@ browser: ## Install Debian's chromium for the headless UI test (needs root / apt
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
 clean: ## Remove the venv, local stores and outputs
-	rm -rf $(VENV) mlflow.db mlflow.db-wal mlflow.db-shm mlruns mlartifacts optuna reports runs test-output .pytest_cache *.egg-info
+	rm -rf $(VENV) $(FLOOR_VENV) $(FLOOR_AIRFLOW_VENV) mlflow.db mlflow.db-wal mlflow.db-shm mlruns mlartifacts optuna reports runs test-output .pytest_cache *.egg-info

@@ -153,5 +153,46 @@ def test_the_wheel_carries_the_configs_and_py_typed(tmp_path):
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "License-Expression: MIT" in meta
     assert "Requires-Python: >=3.11" in meta
-    assert 'Requires-Dist: psycopg2-binary>=2.9; extra == "postgres"' in meta
+    assert 'Requires-Dist: psycopg2-binary>=2.9.5; extra == "postgres"' in meta
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
+
+
+def _pins(name: str) -> dict[str, str]:
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / name).read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            package, version = line.split("==")
+            pins[canonicalize_name(package)] = version
+    return pins
+
+
+@pytest.mark.parametrize(
+    ("floor_file", "extras"),
+    [
+        ("constraints-floor.txt", ["postgres", "system-metrics"]),
+        ("constraints-floor-airflow.txt", ["postgres", "airflow"]),
+    ],
+)
+def test_the_floor_files_pin_each_lower_bound(floor_file, extras):
+    """README, "Supported versions": `make test-floor` tests the lower bound of every range pyproject.toml
+    gives, so the floor file pins each one at that bound (a later release of it where the bound is shorter:
+    numpy>=1.24 at 1.24.4, nvidia-ml-py>=12 at its first 12.x release). A range raised in pyproject.toml without the floor file, or a
+    new dependency, fails here instead of going untested."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    project = PYPROJECT["project"]
+    reqs = [Requirement(r) for r in project["dependencies"]]
+    reqs += [Requirement(r) for e in extras for r in project["optional-dependencies"][e]]
+    pins = _pins(floor_file)
+    if floor_file == "constraints-floor-airflow.txt":  # Airflow itself requires more than their floors
+        reqs = [r for r in reqs if canonicalize_name(r.name) not in {"pyyaml", "sqlalchemy"}]
+    assert {canonicalize_name(r.name) for r in reqs} == set(pins)
+    for r in reqs:
+        (low,) = [Version(s.version) for s in r.specifier if s.operator == ">="]
+        pin = Version(pins[canonicalize_name(r.name)])
+        assert pin in r.specifier and pin.release[: len(low.release)] == low.release, (r, pin)
