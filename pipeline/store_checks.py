@@ -11,6 +11,7 @@ import glob
 import importlib.metadata
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 from pipeline.uris import display_url, resolve_uri, scheme, sqlite_file
@@ -44,16 +45,23 @@ def store_error(uri: str, problem: str, flag: str, remedy: str = "move it aside"
     return StoreError(f"{what} {uri}", shorten(problem), f"{remedy} or point {flag} elsewhere")
 
 
-def newer_schema_problem(revision: str | None) -> str | None:
+def newer_schema_problem(revision: str | None) -> tuple[str, str] | None:
     """Why the installed MLflow cannot open a store whose schema is at ``revision`` (its
-    ``alembic_version``), when a newer MLflow wrote it; None when this MLflow knows the revision (or its
-    migrations cannot be found). MLflow itself says "out-of-date database schema ... run 'mlflow db
-    upgrade'", which cannot help: this MLflow has no migration to that revision (README, "Supported
-    versions"). Each migration is a file ``<revision>_<name>.py`` of ``mlflow/store/db_migrations/versions``,
-    found without importing MLflow."""
+    ``alembic_version``), and what to do; None when this MLflow knows the revision (or its migrations
+    cannot be found). A newer MLflow wrote it: MLflow itself says "out-of-date database schema ... run
+    'mlflow db upgrade'", which cannot help, as this MLflow has no migration to that revision (README,
+    "Supported versions"). Each migration is a file ``<revision>_<name>.py`` of
+    ``mlflow/store/db_migrations/versions``, found without importing MLflow; MLflow's revisions are hex,
+    so another program's (Optuna's ``v3.2.0.a``) is named as such."""
     spec = importlib.util.find_spec("mlflow") if revision else None
     if spec is None or not spec.submodule_search_locations:
         return None
+    if not re.fullmatch(r"[0-9a-f]+", str(revision)):
+        return (
+            f"its alembic_version {revision!r} is no MLflow schema revision (another program's tables: "
+            "Optuna's look like v3.2.0.a)",
+            "give MLflow a database of its own",
+        )
     for loc in spec.submodule_search_locations:
         versions = Path(loc) / "store" / "db_migrations" / "versions"
         if versions.is_dir():
@@ -61,12 +69,10 @@ def newer_schema_problem(revision: str | None) -> str | None:
                 return None
             return (
                 f"its schema (revision {revision}) was written by a newer MLflow than this one "
-                f"({importlib.metadata.version('mlflow')})"
+                f"({importlib.metadata.version('mlflow')})",
+                "upgrade MLflow here to the version that wrote it (pip install -U mlflow)",
             )
     return None
-
-
-NEWER_REMEDY = "upgrade MLflow here to the version that wrote it (pip install -U mlflow)"
 
 
 def sqlite_problem(path: Path) -> str | None:
@@ -160,7 +166,7 @@ def _check_sqlite_schema(uri: str, path: Path, flag: str) -> None:
                 row = con.execute("SELECT version_num FROM alembic_version").fetchone()
                 newer = newer_schema_problem(row[0] if row else None)
                 if newer:
-                    raise store_error(uri, newer, flag, NEWER_REMEDY)
+                    raise store_error(uri, newer[0], flag, newer[1])
         finally:
             con.close()
     except sqlite3.Error as e:
@@ -236,10 +242,10 @@ def check_database_store(uri: str, flag: str = "tracking.uri", what: str = "mlfl
             what,
         ) from None
     if newer:
-        raise store_error(display_url(uri), newer, flag, NEWER_REMEDY, what)
+        raise store_error(display_url(uri), newer[0], flag, newer[1], what)
 
 
-def _database_revision(conn) -> str | None:
+def _database_revision(conn) -> tuple[str, str] | None:
     """:func:`newer_schema_problem` of a database store: None for a new database (no MLflow tables yet)."""
     import sqlalchemy
 

@@ -1003,6 +1003,25 @@ def test_a_store_written_by_a_newer_mlflow_is_one_line(tmp_path, valid_db, verb)
     assert files(tmp_path) == before
 
 
+def test_a_store_holding_optunas_schema_is_named_as_another_programs(tmp_path, valid_db):
+    """tracking.uri pointed at the database the sweep's Optuna storage made: its ``alembic_version`` is
+    Optuna's, not a revision some newer MLflow has (MLflow's are hex)."""
+    import sqlite3
+
+    db = tmp_path / "mlflow.db"
+    db.write_bytes(valid_db.read_bytes())
+    with contextlib.closing(sqlite3.connect(db)) as con:
+        _set_revision(con, "v3.2.0.a")
+    data = db.read_bytes()
+    line = one_error_line(
+        cli("train", "--config", SMOKE, cwd=tmp_path),
+        "its alembic_version 'v3.2.0.a' is no MLflow schema revision",
+        "give MLflow a database of its own",
+    )
+    assert "newer MLflow" not in line
+    assert db.read_bytes() == data and files(tmp_path) == ["mlflow.db"]
+
+
 def test_a_store_whose_revision_this_mlflow_has_opens():
     """The other side of the check: every revision of the installed MLflow's migrations reads as known,
     and a made-up one as newer."""
