@@ -37,7 +37,7 @@ def legacy(tmp_path, monkeypatch) -> str:
 
     newer = newer_schema_problem(revision)
     if newer:  # the floor run (README, "Supported versions"): an older MLflow cannot read the archive at all
-        pytest.skip(f"the archive's store: {newer}")
+        pytest.skip(f"the archive's store: {newer[0]}")
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{db}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
