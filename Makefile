@@ -23,7 +23,7 @@ BENCH_ARGS ?=
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/$$(PORT)/$(PORT)/' | awk -v c="$$( [ -t 1 ] && printf '\033[36m' )" -v r="$$( [ -t 1 ] && printf '\033[0m' )" 'BEGIN {FS = ":.*?## "}; {printf "  %s%-18s%s %s\n", c, $$1, r, $$2}'
-	@echo "  Variables: CONFIG=$(CONFIG) SWEEP=$(SWEEP) WORKERS=N SUITE=$(SUITE) PORT=$(PORT) ARGS='key=value ...' BENCH_ARGS='--quick ...' TEST_JOBS=$(TEST_JOBS)"
+	@echo "  Variables: CONFIG=$(CONFIG) SWEEP=$(SWEEP) WORKERS=N SUITE=$(SUITE) PORT=$(PORT) ARGS='key=value ...' (test targets: pytest's) BENCH_ARGS='--quick ...' TEST_JOBS=$(TEST_JOBS) (0: one process)"
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -1043,17 +1043,18 @@ def test_a_database_store_written_by_a_newer_mlflow_is_one_line(tmp_path):
 
     from tests.conftest import skip_or_fail
 
-    admin = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+    admin = os.environ.get("PIPELINE_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+    name = f"pipeline_newer_mlflow_{os.getpid()}"  # its own, as test_sweep_postgres's: runs may share a server
     try:
         engine = sqlalchemy.create_engine(
             admin, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}
         )
         with engine.connect() as c:
-            c.execute(sqlalchemy.text("DROP DATABASE IF EXISTS pipeline_newer_mlflow"))
-            c.execute(sqlalchemy.text("CREATE DATABASE pipeline_newer_mlflow"))
+            c.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}"'))
+            c.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
     except Exception as e:
-        skip_or_fail("PIPELINE_REQUIRE_POSTGRES", f"no PostgreSQL at 127.0.0.1:5432: {e}")
-    uri = "postgresql+psycopg2://postgres@127.0.0.1:5432/pipeline_newer_mlflow"
+        skip_or_fail("PIPELINE_REQUIRE_POSTGRES", f"no PostgreSQL at {admin}: {e}")
+    uri = f"{admin.rsplit('/', 1)[0]}/{name}"
     try:
         from mlflow.tracking import MlflowClient
 
@@ -1070,5 +1071,5 @@ def test_a_database_store_written_by_a_newer_mlflow_is_one_line(tmp_path):
         assert files(tmp_path) == []
     finally:
         with engine.connect() as c:
-            c.execute(sqlalchemy.text("DROP DATABASE IF EXISTS pipeline_newer_mlflow WITH (FORCE)"))
+            c.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         engine.dispose()
