@@ -1044,7 +1044,8 @@ def test_a_database_store_written_by_a_newer_mlflow_is_one_line(tmp_path):
     from tests.conftest import skip_or_fail
 
     admin = os.environ.get("PIPELINE_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
-    name = f"pipeline_newer_mlflow_{os.getpid()}"  # its own, as test_sweep_postgres's: runs may share a server
+    # A database of this process's own, as test_sweep_postgres's: two test runs may share the server.
+    name = f"pipeline_newer_mlflow_{os.getpid()}"
     try:
         engine = sqlalchemy.create_engine(
             admin, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3}
