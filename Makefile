@@ -58,8 +58,8 @@ bench: $(STAMP) ## Run the benchmarks and print the README table
 	$(PY) -m benchmarks $(BENCH_ARGS)
 
 # The test targets run pytest in TEST_JOBS processes (pytest-xdist, --dist worksteal); TEST_JOBS=0 runs
-# one process (for -s, --pdb or a single test). 2 suits a 2-core machine: the suite there took 8.4 to 9.8 min
-# against 13.4 in one process (README, "Development"). TEST_JOBS=auto takes one per core.
+# one process (for -s, --pdb or a few tests). 2 suits a 2-core machine: the suite there took 8.4 to 10.3
+# min against 13.4 in one process (README, "Development"). TEST_JOBS=auto takes one per core.
 TEST_JOBS ?= 2
 XDIST = -n $(TEST_JOBS) --dist worksteal
 
