@@ -45,7 +45,7 @@ def store_error(uri: str, problem: str, flag: str, remedy: str = "move it aside"
     return StoreError(f"{what} {uri}", shorten(problem), f"{remedy} or point {flag} elsewhere")
 
 
-def newer_schema_problem(revision: str | None) -> tuple[str, str] | None:
+def schema_problem(revision: str | None) -> tuple[str, str] | None:
     """Why the installed MLflow cannot open a store whose schema is at ``revision`` (its
     ``alembic_version``), and what to do; None when this MLflow knows the revision (or its migrations
     cannot be found). A newer MLflow wrote it: MLflow itself says "out-of-date database schema ... run
@@ -164,7 +164,7 @@ def _check_sqlite_schema(uri: str, path: Path, flag: str) -> None:
                 con.execute("SELECT count(*) FROM experiments").fetchone()
                 con.execute("SELECT count(*) FROM runs").fetchone()
                 row = con.execute("SELECT version_num FROM alembic_version").fetchone()
-                newer = newer_schema_problem(row[0] if row else None)
+                newer = schema_problem(row[0] if row else None)
                 if newer:
                     raise store_error(uri, newer[0], flag, newer[1])
         finally:
@@ -216,7 +216,7 @@ def check_database_store(uri: str, flag: str = "tracking.uri", what: str = "mlfl
     try:
         engine = sqlalchemy.create_engine(uri, connect_args={"connect_timeout": int(HTTP_PROBE_TIMEOUT_S)})
         with engine.connect() as conn:
-            newer = _database_revision(conn) if what == "mlflow store" else None
+            newer = _database_schema_problem(conn) if what == "mlflow store" else None
         engine.dispose()
     except (ValueError, sqlalchemy.exc.ArgumentError) as e:  # the URL itself (its text may hold a password)
         raise store_error(
@@ -245,14 +245,14 @@ def check_database_store(uri: str, flag: str = "tracking.uri", what: str = "mlfl
         raise store_error(display_url(uri), newer[0], flag, newer[1], what)
 
 
-def _database_revision(conn) -> tuple[str, str] | None:
-    """:func:`newer_schema_problem` of a database store: None for a new database (no MLflow tables yet)."""
+def _database_schema_problem(conn) -> tuple[str, str] | None:
+    """:func:`schema_problem` of a database store: None for a new database (no MLflow tables yet)."""
     import sqlalchemy
 
     if not sqlalchemy.inspect(conn).has_table("alembic_version"):
         return None
     row = conn.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).first()
-    return newer_schema_problem(row[0] if row else None)
+    return schema_problem(row[0] if row else None)
 
 
 def unwritable(path: Path) -> str | None:

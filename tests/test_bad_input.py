@@ -1029,21 +1029,21 @@ def test_a_store_whose_revision_this_mlflow_has_opens():
 
     import mlflow
 
-    from pipeline.store_checks import newer_schema_problem
+    from pipeline.store_checks import schema_problem
 
     versions = sorted((Path(mlflow.__file__).parent / "store" / "db_migrations" / "versions").glob("*_*.py"))
     assert len(versions) > 10
-    assert all(newer_schema_problem(p.name.split("_")[0]) is None for p in versions)
-    assert newer_schema_problem(NEWER_REVISION) and newer_schema_problem(None) is None
+    assert all(schema_problem(p.name.split("_")[0]) is None for p in versions)
+    assert schema_problem(NEWER_REVISION) and schema_problem(None) is None
 
 
 def test_a_database_store_written_by_a_newer_mlflow_is_one_line(tmp_path):
     """The same on PostgreSQL: the probe reads ``alembic_version`` over the connection it opens anyway."""
     import sqlalchemy
 
+    from tests.conftest import PG_URL as admin
     from tests.conftest import skip_or_fail
 
-    admin = os.environ.get("PIPELINE_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
     # A database of this process's own, as test_sweep_postgres's: two test runs may share the server.
     name = f"pipeline_newer_mlflow_{os.getpid()}"
     try:

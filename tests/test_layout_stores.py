@@ -33,9 +33,9 @@ def legacy(tmp_path, monkeypatch) -> str:
             (WRITTEN_AT, str(tmp_path)),
         )
         (revision,) = c.execute("SELECT version_num FROM alembic_version").fetchone()
-    from pipeline.store_checks import newer_schema_problem
+    from pipeline.store_checks import schema_problem
 
-    newer = newer_schema_problem(revision)
+    newer = schema_problem(revision)
     if newer:  # the floor run (README, "Supported versions"): an older MLflow cannot read the archive at all
         pytest.skip(f"the archive's store: {newer[0]}")
     monkeypatch.chdir(tmp_path)

@@ -16,13 +16,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import skip_or_fail, wait_for_http
+from conftest import PG_URL, skip_or_fail, wait_for_http
 from test_sweep import TINY, check_consistent, kill_a_worker_while_the_sweep_runs, run_sweep_cli, write_sweep
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
-
-# SQLAlchemy 2.1 maps postgresql:// to psycopg 3, which we do not install: name the driver.
-PG = os.environ.get("PIPELINE_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 
 
 def _connect(db_url: str):
@@ -35,11 +32,13 @@ def _connect(db_url: str):
 def pg_databases():
     """Two fresh databases (Optuna, MLflow), dropped afterwards."""
     try:
-        conn = _connect(PG.replace("+psycopg2", ""))
+        conn = _connect(PG_URL.replace("+psycopg2", ""))
     except Exception as e:  # psycopg2.OperationalError and friends
-        skip_or_fail("PIPELINE_REQUIRE_POSTGRES", f"no PostgreSQL at {PG}: {str(e).strip().splitlines()[0]}")
+        skip_or_fail(
+            "PIPELINE_REQUIRE_POSTGRES", f"no PostgreSQL at {PG_URL}: {str(e).strip().splitlines()[0]}"
+        )
     conn.autocommit = True
-    base = PG.rsplit("/", 1)[0]
+    base = PG_URL.rsplit("/", 1)[0]
     names = [f"sweep_test_{os.getpid()}_{int(time.time())}_{k}" for k in ("optuna", "mlflow")]
     with conn.cursor() as cur:
         for n in names:
