@@ -418,6 +418,58 @@ def test_group_norms_are_the_groups_the_readme_names(tmp_path):
     assert last["grad/norm_recurrent"] == pytest.approx(ref.rows[-1]["recurrent"], rel=1e-6)
 
 
+class OrthogonalRNN(pl.LightningModule):
+    """A tanh nn.RNN whose recurrent weight is kept orthogonal by torch's parametrization: the weight is
+    stored as ``rnn.parametrizations.weight_hh_l0.original``."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.RNN(3, H, batch_first=True)
+        nn.utils.parametrizations.orthogonal(self.rnn, "weight_hh_l0")
+        self.out = nn.Linear(H, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        _, h_n = self.rnn(x)
+        return nn.functional.cross_entropy(self.out(h_n[-1]), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class ParametrizedGroups(pl.Callback):
+    """The recurrent group of :class:`OrthogonalRNN` read independently: the gradient of the stored
+    ``original``, and of the rest (input weight, biases, readout), before clipping."""
+
+    def __init__(self):
+        self.rows = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        original = pl_module.rnn.parametrizations.weight_hh_l0.original
+        rest = [p for p in pl_module.parameters() if p is not original]
+        self.rows.append((norm_of_grads([original]), norm_of_grads(rest)))
+
+
+def norm_of_grads(params) -> float:
+    return math.sqrt(sum(float(p.grad.double().square().sum()) for p in params if p.grad is not None))
+
+
+def test_a_parametrized_recurrent_weight_is_in_the_recurrent_group(tmp_path):
+    """README, "Your own model": a weight under ``torch.nn.utils.parametrize`` counts under the name it
+    parametrizes, so ``grad/norm_recurrent`` is the gradient of the orthogonal ``weight_hh_l0``'s
+    ``original``, not 0 with that gradient under ``other``."""
+    from pipeline import GradientNormMonitor
+
+    torch.manual_seed(0)
+    ref, gm = ParametrizedGroups(), GradientNormMonitor(log_every_n_steps=2)
+    trainer(tmp_path, [ref, gm], max_steps=4).fit(OrthogonalRNN(), loader(cls_data()))
+    recurrent, rest = (np.asarray(c) for c in zip(*ref.rows, strict=True))
+    assert (recurrent > 0).all()
+    np.testing.assert_allclose(gm.column("norm_recurrent"), recurrent, rtol=1e-6)
+    others = np.sqrt(sum(gm.column(f"norm_{g}") ** 2 for g in ("input", "bias", "other")))
+    np.testing.assert_allclose(others, rest, rtol=1e-6)
+
+
 def test_nan_loss_stops_training_with_weights_finite(tmp_path):
     from pipeline import BPTTProfileMonitor, GradientNormMonitor
 

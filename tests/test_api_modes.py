@@ -328,3 +328,67 @@ def test_resumed_fit_keeps_running_statistics_and_passes(tmp_path, at):
         assert got["bptt/log10_ratio"] == pytest.approx(want["bptt/log10_ratio"], rel=1e-9, abs=1e-9)
     assert sorted(p.profile_frame()["step"].unique()) == [0, 6, 12, 18, 24]
     assert p.regime == p_ref.regime
+
+
+CLIP = 0.2
+
+
+class ClipReadGRU(AccumulatingGRU):
+    """Automatic optimization with ``gradient_clip_val``; the gradient norm right after Lightning's
+    clipping is read by the module's own ``configure_gradient_clipping``, independently of the monitor,
+    per step (LBFGS calls the closure several times a step: the last call's)."""
+
+    def __init__(self, make_optimizer):
+        super().__init__()
+        self.make_optimizer, self.post = make_optimizer, {}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self.post[self.trainer.global_step] = norm_of(self.parameters())
+
+    def configure_optimizers(self):
+        return self.make_optimizer(self.parameters())
+
+
+@pytest.mark.parametrize(
+    "make_optimizer",
+    [
+        # foreach SGD with Nesterov momentum (the default implementation on CUDA) adds the momentum into
+        # .grad in place during the update (torch/optim/sgd.py, _multi_tensor_sgd)
+        lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, foreach=True),
+        lambda ps: torch.optim.Adam(ps, lr=0.01, foreach=True),
+        lambda ps: torch.optim.LBFGS(ps, lr=0.1, max_iter=3),
+    ],
+    ids=["sgd-nesterov-foreach", "adam-foreach", "lbfgs"],
+)
+def test_post_clip_norm_is_read_before_the_update_whatever_it_writes(tmp_path, make_optimizer):
+    from pipeline import GradientNormMonitor
+
+    torch.manual_seed(0)
+    model, gm = ClipReadGRU(make_optimizer), GradientNormMonitor(log_every_n_steps=3)
+    trainer(tmp_path, [gm], max_steps=8, log_every_n_steps=1, gradient_clip_val=CLIP).fit(
+        model, loader(cls_data())
+    )
+    assert len(gm.history) == 8 and sorted(model.post) == list(range(8))
+    np.testing.assert_allclose(gm.column("norm_postclip"), [model.post[k] for k in range(8)], rtol=1e-6)
+    clipped = gm.column("norm_preclip") > CLIP
+    assert clipped.sum() > 0, "the test needs clipped steps"
+    assert gm.clip_rate == pytest.approx(clipped.mean())
+    np.testing.assert_allclose(gm.column("norm_postclip")[clipped], CLIP, rtol=1e-5)
+
+
+def test_an_epochs_short_last_accumulation_records_its_mean_micro_batch_loss(tmp_path):
+    """5 batches an epoch, ``accumulate_grad_batches=2``: the steps take 2, 2 and 1 micro-batches, and
+    Lightning divides the last one's loss by 2 as well; the record is each step's mean micro-batch loss."""
+    from pipeline import GradientNormMonitor
+
+    torch.manual_seed(0)
+    model, gm, ref = AccumulatingGRU(), GradientNormMonitor(log_every_n_steps=2), PreStep()
+    t = trainer(tmp_path, [ref, gm], max_steps=6, log_every_n_steps=1, accumulate_grad_batches=2)
+    t.fit(model, loader(cls_data(n=16 * 5), bs=16))
+    assert t.global_step == 6 and len(model.losses) == 10
+    losses, want = iter(model.losses), []
+    for n in (2, 2, 1, 2, 2, 1):
+        want.append(np.mean([next(losses) for _ in range(n)]))
+    np.testing.assert_allclose(gm.column("loss"), want, rtol=1e-6)
+    np.testing.assert_allclose(gm.column("norm_preclip"), ref.pre, rtol=1e-6)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.test_api import H, V, autograd_profile, cls_data, first_batch, lm_data, loader, trainer
+from tests.test_api import H, T, V, autograd_profile, cls_data, first_batch, lm_data, loader, trainer
 from tests.test_api_modes import AccumulatingGRU, PreStep, ScaledGRU, norm_of
 
 pl = pytest.importorskip("pytorch_lightning")
@@ -72,6 +72,88 @@ def test_profile_of_a_float32_state_made_in_training_step_equals_autograd():
     assert torch.get_default_dtype() == default, "the profile left the default dtype changed"
     got = frame[frame["state"] == "h"].sort_values("t")["log10_norm"].to_numpy()
     np.testing.assert_allclose(got, ref[(0, "h")], atol=1e-9, rtol=0)
+
+
+class CarriedState(pl.LightningModule):
+    """A tanh nn.RNN whose hidden state is carried from one batch to the next as a plain attribute
+    (``self.h``, float32, not a buffer): the stateful-RNN pattern. ``cast``: the input made float32 on
+    purpose, which the float64 copy cannot follow."""
+
+    def __init__(self, cast: bool = False):
+        super().__init__()
+        self.cast, self.h = cast, None
+        self.rnn = nn.RNN(3, H, batch_first=True)
+        self.out = nn.Linear(H, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out, h_n = self.rnn(x.float() if self.cast else x, self.h)
+        self.h = h_n.detach()
+        return nn.functional.cross_entropy(self.out(out[:, -1]), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def test_a_hidden_state_carried_as_an_attribute_is_profiled_in_float64(tmp_path):
+    """README, "The float64 copy's loss": a tensor kept as a plain attribute is moved to the copy's
+    float64, so the passes after the first (where ``self.h`` holds a float32 state) work; each pass is
+    full-graph float64 autograd's from that state, and the module's own state is left as it was."""
+    from pipeline import BPTTProfileMonitor, profile_rnn
+
+    torch.manual_seed(0)
+    model, pm = CarriedState(), BPTTProfileMonitor("rnn", every_n_steps=3)
+    trainer(tmp_path, [pm], max_steps=7, log_every_n_steps=1).fit(model, loader(cls_data()))
+    assert [p["step"] for p in pm.passes] == [0, 3, 6, 7]
+    held = model.h.clone()
+    assert held.dtype == torch.float32
+    batch = first_batch(cls_data())
+    frame = profile_rnn(model, "rnn", batch)
+    assert torch.equal(model.h, held), "the copy's step changed the module's carried state"
+    ref = autograd_profile(model, "rnn", batch, window_from=T)  # from the carried state, in float64
+    got = frame[frame["state"] == "h"].sort_values("t")["log10_norm"].to_numpy()
+    np.testing.assert_allclose(got, ref[(0, "h")], atol=1e-9, rtol=0)
+    model.h = None  # from zeros the profile differs: the carried state was used
+    assert not np.allclose(profile_rnn(model, "rnn", batch).query("state == 'h'")["log10_norm"], got)
+
+
+class InPlaceMask(pl.LightningModule):
+    """A GRU whose output is masked in place (``out.mul_(mask)``: the first half of the steps zeroed)
+    before a readout of the mean over time."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(3, H, batch_first=True)
+        self.out = nn.Linear(H, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        out, _ = self.gru(x)
+        mask = (torch.arange(out.shape[1], device=out.device) >= out.shape[1] // 2).to(out.dtype)
+        out.mul_(mask[None, :, None])
+        return nn.functional.cross_entropy(self.out(out.mean(1)), y)
+
+
+def test_an_output_edited_in_place_is_profiled_as_autograd_sees_it():
+    """The profile's hook hands the step clones, not autograd leaves (which refuse in-place edits): the
+    whole loss's profile (``h_total``) equals full-graph float64 autograd's, zeroed steps included."""
+    from pipeline import profile_rnn
+
+    torch.manual_seed(0)
+    model, batch = InPlaceMask(), first_batch(cls_data())
+    frame = profile_rnn(model, "gru", batch)
+    got = frame[frame["state"] == "h_total"].sort_values("t")["log10_norm"].to_numpy()
+    np.testing.assert_allclose(got, autograd_profile(model, "gru", batch)[(0, "h")], atol=1e-9, rtol=0)
+
+
+def test_an_input_made_float32_on_purpose_is_one_line_saying_pass_loss_fn():
+    """nn.RNN raises a ValueError (not a RuntimeError) on an input whose dtype is not its weights'."""
+    from pipeline import profile_rnn
+
+    with pytest.raises(
+        ValueError, match=r"^CarriedState training_step mixed float64 and another dtype .*loss_fn"
+    ):
+        profile_rnn(CarriedState(cast=True), "rnn", first_batch(cls_data()))
 
 
 def test_training_step_that_reads_its_trainer_is_named_and_loss_fn_profiles_it(tmp_path):

@@ -4,9 +4,9 @@
 group (:func:`group_sq`): the global norm before clipping (``on_after_backward``, which Lightning calls
 on callbacks before the module's own hook and before ``gradient_clip_val`` clipping or the module's
 ``configure_gradient_clipping``) and after it. Lightning runs the optimizer's closure (backward,
-clipping) *inside* ``optimizer.step``, so an optimizer step *pre*-hook fires before the backward; the
-post-clip norm is read by a step *post*-hook instead, on the gradients the update just used (torch's
-optimizers do not write ``.grad``). One host
+clipping) *inside* ``optimizer.step``, so an optimizer step *pre*-hook fires before the backward: the
+pre-hook wraps that closure and reads the post-clip norm when it returns, before the update (which may
+write ``.grad``: torch's foreach SGD adds Nesterov momentum into it in place). One host
 transfer per ``log_every_n_steps`` window; the guard reads one flag per step, since it must decide before
 the update. It logs through every logger the Trainer has (``trainer.loggers``), as Lightning's
 LearningRateMonitor, or through a ``sink`` (the project's Recorder). The project's own trainer uses it as
@@ -41,7 +41,7 @@ def parameter_groups(module: nn.Module) -> dict[str, list[nn.Parameter]]:
     seen: set[int] = set()
     for mod in module.modules():
         if isinstance(mod, nn.RNNBase):
-            for name, p in mod.named_parameters(recurse=False):
+            for name, p in _rnn_parameters(mod):
                 if id(p) in seen:
                     continue
                 seen.add(id(p))
@@ -60,6 +60,19 @@ def parameter_groups(module: nn.Module) -> dict[str, list[nn.Parameter]]:
             seen.add(id(p))
             groups["other"].append(p)
     return groups
+
+
+def _rnn_parameters(rnn: nn.RNNBase) -> list[tuple[str, nn.Parameter]]:
+    """An RNN's own parameters by name; a weight under ``torch.nn.utils.parametrize`` (``orthogonal``,
+    ``weight_norm``, ``spectral_norm`` of ``torch.nn.utils.parametrizations``) is stored as
+    ``parametrizations.<name>.original`` (or ``original0``, ``original1``, ...) and counts under the
+    name it parametrizes; a parametrization's own parameters are ``other``."""
+    own = list(rnn.named_parameters(recurse=False))
+    plists = getattr(rnn, "parametrizations", None)
+    if isinstance(plists, nn.ModuleDict):
+        for name, plist in plists.items():
+            own += [(name, p) for n, p in plist.named_parameters(recurse=False) if n.startswith("original")]
+    return own
 
 
 def _norms(grads: list[torch.Tensor]) -> torch.Tensor:
@@ -203,8 +216,10 @@ class GradientNormMonitor(_Window, pl.Callback):
         self._backward_sq: dict[int, torch.Tensor | None] = {}  # pre-clip after backward, per optimizer
         self._loss: torch.Tensor | None = None  # summed over the backward passes before this step
         self._stepped = False  # a step came after the last backward: the next backward starts a new sum
+        self._micro = 0  # backward passes in self._loss
         self._pre: torch.Tensor | None = None  # this step's group_sq, until the post-hook
         self._pre_loss: torch.Tensor | None = None
+        self._post: torch.Tensor | None = None  # the same after clipping, read before the update
         self._pending = []
         self._staged = None
         self._rows = []
@@ -234,6 +249,7 @@ class GradientNormMonitor(_Window, pl.Callback):
         if self._scaler is not None and self.scaler_skips is None:
             self.scaler_skips = 0
         for opt in trainer.optimizers:
+            self._handles.append(opt.register_step_pre_hook(self._before_update))
             self._handles.append(opt.register_step_post_hook(self._after_update))
 
     def on_fit_end(self, trainer, pl_module) -> None:
@@ -260,8 +276,9 @@ class GradientNormMonitor(_Window, pl.Callback):
         if self._scaler is not None:  # Lightning hands this hook the scaled loss
             loss = loss.double() / scale_of(self._scaler)
         if self._stepped:
-            self._loss, self._stepped = None, False
+            self._loss, self._micro, self._stepped = None, 0, False
         self._loss = loss if self._loss is None else self._loss + loss
+        self._micro += 1
 
     def on_after_backward(self, trainer, pl_module) -> None:
         """The gradient as backward left it, before any clipping (the module's hooks run after this)."""
@@ -284,8 +301,9 @@ class GradientNormMonitor(_Window, pl.Callback):
         if sq is None:
             return
         pre = sq.sum().sqrt()
-        loss = self._loss.double().reshape(()) if self._loss is not None else pre.new_zeros(())
-        if not bool(torch.isfinite(pre) & torch.isfinite(loss)):  # one host read: before the update
+        loss = self._step_loss(trainer, pl_module, pre)
+        finite = torch.isfinite(pre) & (torch.isfinite(loss) if self._loss is not None else True)
+        if not bool(finite):  # one host read: before the update
             nan = pre.new_tensor(math.nan)
             row = torch.stack([loss, pre, nan, nan, *sq.sqrt()])
             self._pre = None
@@ -311,13 +329,50 @@ class GradientNormMonitor(_Window, pl.Callback):
         self._pre = sq
         self._pre_loss = loss
 
+    def _step_loss(self, trainer, pl_module, pre: torch.Tensor) -> torch.Tensor:
+        """The loss of the backward passes before this step (float64, on the device): their sum; with
+        ``accumulate_grad_batches=N`` (automatic optimization) their mean, N / n times the sum of the n
+        passes, as Lightning divides each by N, also when an epoch ends with n < N of them left. NaN
+        where no backward went through Lightning (``loss.backward()`` called directly)."""
+        if self._loss is None:
+            return pre.new_tensor(math.nan)
+        loss = self._loss.double().reshape(())
+        n = getattr(trainer, "accumulate_grad_batches", 1)
+        if pl_module.automatic_optimization and 0 < self._micro < n:
+            loss = loss * (n / self._micro)
+        return loss
+
+    def _before_update(self, optimizer, args, kwargs) -> tuple[tuple, dict] | None:
+        """Optimizer step pre-hook: the post-clip read (:meth:`_read_post`) before the update touches
+        ``.grad``. Lightning steps with a closure (backward, ``on_before_optimizer_step``, clipping) that
+        the optimizer calls inside ``step`` (LBFGS: several times; the last call's gradients are read):
+        wrapped, so the read follows each call. Without a closure (the loss scaler's step, or a plain
+        ``optimizer.step()``) the gradients are final here."""
+        in_kwargs = kwargs.get("closure") is not None
+        closure = kwargs["closure"] if in_kwargs else (args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._read_post(optimizer)
+            return None
+
+        def read_after(*a: Any, **kw: Any) -> Any:
+            out = closure(*a, **kw)
+            self._read_post(optimizer)
+            return out
+
+        if in_kwargs:
+            return args, {**kwargs, "closure": read_after}
+        return (args[0], read_after, *args[2:]), kwargs
+
+    def _read_post(self, optimizer) -> None:
+        """The gradients the update will use, i.e. after clipping (nothing when the step is not measured)."""
+        self._post = group_sq(self._groups_of(optimizer), self.group_names) if self._pre is not None else None
+
     def _after_update(self, optimizer, args, kwargs) -> None:
-        """Optimizer step post-hook: the gradients the update used, i.e. after clipping."""
+        """Optimizer step post-hook: the step's record, from the reads before the update."""
         if self._pre is None or self._pre_loss is None:
             return
-        sq = self._pre
-        self._pre = None
-        post_sq = group_sq(self._groups_of(optimizer), self.group_names)
+        sq, post_sq = self._pre, self._post
+        self._pre = self._post = None
         step = self._trainer.global_step if self._trainer is not None else len(self._steps)
         self.push(post_clip_row(self._pre_loss, sq, post_sq), step, optimizer)
 

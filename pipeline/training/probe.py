@@ -89,10 +89,27 @@ def float64_copy(module: nn.Module) -> nn.Module:
             f"{type(e).__name__}: {e}"
         ) from e
     twin.to(device="cpu", dtype=torch.float64)
+    for mod in twin.modules():
+        _attributes_to_cpu64(mod)
     twin.eval()
     for p in twin.parameters():
         p.requires_grad_(False)
     return twin
+
+
+def _attributes_to_cpu64(mod: nn.Module) -> None:
+    """The tensors ``mod`` keeps as plain attributes (not parameters or buffers, which ``Module.to``
+    moves), alone or in a tuple or list (a hidden state carried between batches: ``self.h =
+    h_n.detach()``), moved to the CPU, floating ones as float64, as the copy's parameters are."""
+    for name, value in list(vars(mod).items()):
+        if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
+            mod.__dict__[name] = _tensor_cpu64(value)
+        elif (
+            isinstance(value, (tuple, list))
+            and value
+            and all(isinstance(v, torch.Tensor) and not isinstance(v, nn.Parameter) for v in value)
+        ):
+            mod.__dict__[name] = to_cpu64(value)  # a namedtuple rebuilt by its fields
 
 
 @dataclass
@@ -154,7 +171,7 @@ def _isolated() -> Iterator[None]:
         np.random.set_state(npy)
 
 
-def _explained(e: RuntimeError, cls: str, source: str) -> Exception:
+def _explained(e: Exception, cls: str, source: str) -> Exception:
     """The two ways a loss written for a Trainer fails on the detached float64 copy, said in one line."""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     low = msg.lower()
@@ -179,7 +196,8 @@ def _capture(
     twin: nn.Module, target: nn.Module, rnn: str, batch: Any, loss_fn: LossFn | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, Any, list[torch.Tensor | None]]:
     """Run ``twin``'s ``training_step(batch, 0)`` (or ``loss_fn(twin, batch)``) with a forward hook on ``target`` (the RNN at ``rnn``)
-    that records its input and ``hx`` and replaces its outputs by leaf tensors: (the loss, the input, ``hx``,
+    that records its input and ``hx`` and replaces its outputs by clones of leaf tensors (clones, so that the
+    step may edit them in place): (the loss, the input, ``hx``,
     the loss's gradients with respect to the output and each final state, None where unused)."""
     seen: dict[str, Any] = {}
     source = "loss_fn" if loss_fn is not None else "training_step"
@@ -195,10 +213,10 @@ def _capture(
         leaves = [out.detach().requires_grad_()]
         if isinstance(state, tuple):
             leaves += [s.detach().requires_grad_() for s in state]
-            replaced = (leaves[0], (leaves[1], leaves[2]))
+            replaced = (leaves[0].clone(), (leaves[1].clone(), leaves[2].clone()))
         else:
             leaves.append(state.detach().requires_grad_())
-            replaced = (leaves[0], leaves[1])
+            replaced = (leaves[0].clone(), leaves[1].clone())  # clones: the step may edit them in place
         seen.update(x=x.detach(), hx=hx, leaves=leaves)
         return replaced
 
@@ -209,8 +227,11 @@ def _capture(
             b = to_cpu64(batch)
             try:
                 out = loss_fn(twin, b) if loss_fn is not None else twin.training_step(b, 0)  # type: ignore[operator]
-            except RuntimeError as e:
-                raise _explained(e, type(twin).__name__, source) from e
+            except (RuntimeError, ValueError) as e:  # nn.RNN raises ValueError on an input's dtype
+                explained = _explained(e, type(twin).__name__, source)
+                if explained is e:
+                    raise
+                raise explained from e
             loss = _loss_of(out, source)
     finally:
         handle.remove()
