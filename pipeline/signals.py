@@ -19,6 +19,7 @@ class Terminated(BaseException):
 
 _pending: int | None = None  # a SIGTERM kept by the handler, until it is raised from ordinary code or handled
 _deferring = 0  # depth of the deferred() blocks the main thread is in
+_received = False  # a SIGTERM arrived in this process, at any time (see received())
 
 
 def raise_terminated(signum: int, frame: FrameType | None) -> None:
@@ -30,8 +31,8 @@ def raise_terminated(signum: int, frame: FrameType | None) -> None:
     killed it 60 s later (a 2-worker sweep stopped at 43 s, twice in five tries). So the signal is also
     kept, and :func:`check_terminated` raises it again where training checks (each step). Inside a
     :func:`deferred` block it is only kept, and raised when the block ends."""
-    global _pending
-    _pending = signum
+    global _pending, _received
+    _pending, _received = signum, True
     if not _deferring:
         raise Terminated(f"signal {signum}")
 
@@ -48,6 +49,24 @@ def delivered() -> None:
     block deferred while handling it (:func:`deferred`) raises only a signal that arrives after it."""
     global _pending
     _pending = None
+
+
+def received() -> bool:
+    """Whether a SIGTERM arrived in this process (through :func:`raise_terminated`), delivered or not,
+    handled or not: the process is stopping. A sweep worker asks it where the signal's exception may have
+    been replaced by another: a store write that the signal found waiting on a lock another process held
+    fails after it (MLflow's sqlite busy timeout, 20 s), and that error, not :class:`Terminated`, unwinds
+    the trial. Such a trial is interrupted, not failed, and the worker takes no new one (a new-user review
+    saw a trial told FAIL with the lock's error, its params not re-enqueued, and trials asked after the
+    SIGTERM)."""
+    return _received
+
+
+def check_received() -> None:
+    """Raise :class:`Terminated` if a SIGTERM ever arrived in this process (:func:`received`): where a
+    sweep worker would take new work."""
+    if _received:
+        raise Terminated("signal 15, received earlier")
 
 
 def check_terminated() -> None:

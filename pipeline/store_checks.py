@@ -255,6 +255,50 @@ def _database_schema_problem(conn) -> tuple[str, str] | None:
     return schema_problem(row[0] if row else None)
 
 
+def long_name(path: Path) -> str | None:
+    """A name on ``path`` longer than its file system allows (``PC_NAME_MAX`` of the nearest existing
+    folder, usually 255 bytes), said in one line, or None. ``Path.exists`` raises ``ENAMETOOLONG`` on
+    such a path, so the checks ask this first."""
+    full = Path(os.path.abspath(path))
+    d = full
+    while not os.path.exists(d) and d != d.parent:
+        d = d.parent
+    try:
+        limit = os.pathconf(d, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    n = next((n for n in full.relative_to(d).parts if len(os.fsencode(n)) > limit), None)
+    if n is None:
+        return None
+    return f"the name {n[:16]}... is {len(os.fsencode(n))} bytes, over the {limit} its file system allows"
+
+
+def creation_problem(path: Path) -> str | None:
+    """Why ``path``, which does not exist yet, cannot be created (with the folders on the way), or None:
+    its nearest existing parent must be a writable folder that really takes a new entry, and each new name
+    must fit the file system's limit. ``os.access`` answers yes to root on ``/proc`` and ``/sys``, so a
+    file is created there and removed at once; a name over the limit (``ENAMETOOLONG``) failed only at
+    the write, after the work. Shared by the journal, ``--out`` and ``--update-baseline`` checks (found
+    by a new-user review)."""
+    d = Path(os.path.abspath(path))
+    while not os.path.exists(d) and d != d.parent:  # os.path.exists: False for a name over the limit
+        d = d.parent
+    if not d.is_dir():
+        return f"{d} is not a folder"
+    if not os.access(d, os.W_OK | os.X_OK):
+        return f"{d} is not writable"
+    long = long_name(path)
+    if long is not None:
+        return long
+    probe = d / f".pipeline-probe-{os.getpid()}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        probe.unlink()
+    except OSError as e:
+        return f"{d} cannot hold a new file ({e.strerror})"
+    return None
+
+
 def unwritable(path: Path) -> str | None:
     """Why a SQLite file at ``path`` (existing or new) cannot be written, or None. SQLite writes a journal
     beside the file, so its directory must be writable too. ``os.access`` answers False on a read-only
@@ -303,6 +347,9 @@ def probe_store(uri: str | None, flag: str = "tracking.uri", write: bool = True)
     check_tracking_uri(flag, u)
     path = sqlite_file(u)
     if path is not None:
+        long = long_name(path)
+        if long:
+            raise store_error(u, long, flag, "pick a shorter name")
         if path.is_file():
             check_sqlite_store(u, path, flag)
         elif not path.parent.is_dir():

@@ -769,6 +769,63 @@ def test_a_store_in_a_directory_that_cannot_hold_a_file_is_one_line(tmp_path):
     assert files(tmp_path) == []
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="no /proc")
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (
+            ["sweep", "--config", "smoke", "--storage", "/proc/s.journal"],
+            ["optuna storage /proc/s.journal", "--storage"],
+        ),
+        (["report", "--out", "/proc/nope"], ["--out: /proc/nope cannot be created"]),
+        (["report", "--out", "/proc"], ["--out: /proc cannot be written"]),
+        (
+            ["regress", "--suite", "smoke", "--update-baseline", "--baseline", "/proc/b.yaml"],
+            ["--baseline", "/proc/b.yaml"],
+        ),
+    ],
+    ids=["sweep-journal", "report-new-folder", "report-folder", "regress-baseline"],
+)
+def test_a_folder_that_takes_no_new_file_is_one_line_before_anything_is_written(tmp_path, args, needles):
+    """/proc, where ``os.access`` says root may write: the journal, ``--out`` and ``--update-baseline``
+    checks asked only that, so the sweep failed with a traceback after creating the MLflow store, and
+    the report after reading the store (a new-user review)."""
+    r = cli(*args, cwd=tmp_path, timeout=90)
+    one_error_line(r, *needles, "/proc cannot hold a new file")
+    assert files(tmp_path) == []
+
+
+LONG = "x" * 300  # over the 255-byte name limit of ext4, xfs, btrfs and tmpfs
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["train", "--config", SMOKE, f"tracking.uri=sqlite:///{LONG}.db"], "tracking.uri"),
+        (["sweep", "--config", "smoke", "--storage", f"{LONG}.journal"], "--storage"),
+        (["sweep", "--config", "smoke", "--storage", f"sqlite:///{LONG}.db"], "--storage"),
+        (["sweep", "--config", "smoke", "--storage", f"{LONG}/s.journal"], "--storage"),
+        (["report", "--out", f"{LONG}/sub"], "--out"),
+        (["regress", "--suite", "smoke", "--update-baseline", "--baseline", f"{LONG}.yaml"], "--baseline"),
+        (["regress", "--suite", "smoke", "--baseline", f"{LONG}.yaml"], "--baseline"),
+    ],
+    ids=[
+        "train-store",
+        "sweep-journal",
+        "sweep-sqlite",
+        "sweep-journal-folder",
+        "report-out",
+        "baseline-new",
+        "baseline",
+    ],
+)
+def test_a_name_longer_than_the_file_system_allows_is_one_line(tmp_path, args, flag):
+    """``Path.exists`` raises ENAMETOOLONG on such a path: each was an OSError traceback (a new-user review)."""
+    r = cli(*args, cwd=tmp_path, timeout=90)
+    one_error_line(r, flag, "bytes, over the 255 its file system allows")
+    assert files(tmp_path) == []
+
+
 def test_an_artifact_root_that_is_a_file_is_one_line(tmp_path):
     """`echo x > mlruns` then train: NotADirectoryError after the run record was written (fuzzing review)."""
     (tmp_path / "mlruns").write_text("x\n")

@@ -68,7 +68,7 @@ def test_log_model_false_logs_no_weights(store, tiny):
     with pytest.raises(ConfigError) as e:
         load_run(r.run_id)
     assert str(e.value).endswith(
-        f"run {r.run_id} has neither model/weights.pt nor checkpoints/last.ckpt (tracking.log_model was false?)"
+        f"run {r.run_id} has neither model/weights.pt nor checkpoints/last.ckpt: it ran with tracking.log_model: false"
     )
 
 
@@ -275,6 +275,17 @@ def test_sweep_best_trial_is_loadable(store, tmp_path, log_models):
                 expect.add(t.number)
                 so_far = t.value
         assert with_weights == expect and best.number in with_weights
+        # a trial without weights is named as log_models' doing, not as tracking.log_model's
+        without = [
+            t for t in study.trials if t.number not in with_weights and "mlflow_run_id" in t.user_attrs
+        ]
+        assert without, "the test needs a trial that logged no weights"
+        from pipeline.schema import ConfigError
+
+        with pytest.raises(
+            ConfigError, match=r"a sweep trial logs its weights as the sweep file's log_models says"
+        ):
+            load_run(without[0].user_attrs["mlflow_run_id"])
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])

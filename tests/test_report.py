@@ -337,6 +337,23 @@ def test_reads_in_bulk(small_sweep, monkeypatch, tmp_path):
 # ------------------------------------------------------------------------- targets, CLI and errors
 
 
+def test_no_log_logs_nothing_and_says_nothing_of_the_parent_run(small_sweep, tmp_path, capsys, monkeypatch):
+    """``--no-log``: the parent run gets no artifact, and the CLI does not claim it did (it printed
+    "logged to the sweep's parent run" whenever the target had one; found by a new-user review)."""
+    from mlflow import MlflowClient
+
+    from pipeline.cli import main
+
+    logged = []
+    monkeypatch.setattr(MlflowClient, "log_artifacts", lambda self, *a, **k: logged.append(a))
+    argv = ["report", "--store", small_sweep["uri"], "--study", STUDY, "--out", str(tmp_path / "r")]
+    assert main([*argv, "--no-log"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"report '{STUDY}'") and "parent run" not in out and logged == []
+    assert main(argv) == 0  # without it: logged, and said
+    assert "logged to the sweep's parent run" in capsys.readouterr().out and len(logged) == 1
+
+
 def test_whole_experiment_target_excludes_the_sweep_parent(small_sweep, tmp_path):
     from pipeline.report.write import build_report
 

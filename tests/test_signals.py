@@ -7,6 +7,7 @@ or when the block that installed the handler ends.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 
 import pytest
@@ -219,18 +220,19 @@ def _worker(tmp_path, k: int, **changes):
     return Worker(spec)
 
 
-def _stop_in(monkeypatch, owner, name: str, after: bool = True) -> list:
-    """``owner.name`` sends this process SIGTERM right after (or before) its first call's work."""
+def _stop_in(monkeypatch, owner, name: str, after: bool | None = True) -> list:
+    """``owner.name`` sends this process SIGTERM right after (or before) its first call's work (None:
+    never; the calls are counted)."""
     calls: list = []
     f = getattr(owner, name)
 
     def g(*a, **kw):
         first = not calls
         calls.append(name)
-        if first and not after:
+        if first and after is False:
             signal.raise_signal(signal.SIGTERM)
         out = f(*a, **kw)
-        if first and after:
+        if first and after is True:
             signal.raise_signal(signal.SIGTERM)
         return out
 
@@ -327,6 +329,71 @@ def test_a_sigterm_as_a_finished_trial_is_told_tells_it_complete_first(
     for n, s in states.items():  # the rest never started: start-up points still enqueued
         if n != first and n not in interrupted:
             assert s == "WAITING" and n not in runs
+
+
+def _store_error_after_a_sigterm(monkeypatch, where: str) -> None:
+    """A SIGTERM whose exception a store error replaces, as a new-user review saw when a SIGTERM found a
+    worker's write waiting on a lock another process held on the MLflow store (SQLAlchemy's ``database is
+    locked`` after MLflow's 20 s busy timeout, the Terminated only in its context). ``close``: the first
+    run closed FINISHED meets the signal, then fails; ``metrics``: the first metric write in training
+    does; ``killed-close``: the signal comes as Terminated at the first metric write in training, and the
+    first run closed KILLED then fails."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import Recorder
+
+    close, log_metrics, sent, signalled = Recorder.close, Recorder.log_metrics, [], []
+    locked = MlflowException("(sqlite3.OperationalError) database is locked")
+
+    def replaced() -> None:
+        with contextlib.suppress(Terminated):  # the library's handler drops it ...
+            signal.raise_signal(signal.SIGTERM)
+        raise locked  # ... for its own
+
+    def g(self, status: str = "FINISHED"):
+        if not sent and (where, status) in (("close", "FINISHED"), ("killed-close", "KILLED")):
+            sent.append(True)
+            if where == "close":
+                replaced()
+            raise locked
+        return close(self, status)
+
+    def m(self, metrics, step):
+        if step > 0 and not signalled and where != "close":
+            signalled.append(True)
+            if where == "metrics":
+                replaced()
+            signal.raise_signal(signal.SIGTERM)
+        return log_metrics(self, metrics, step)
+
+    monkeypatch.setattr(Recorder, "close", g)
+    monkeypatch.setattr(Recorder, "log_metrics", m)
+
+
+@pytest.mark.parametrize("where", ["close", "metrics", "killed-close"])
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_sigterm_whose_exception_a_store_error_replaced_still_interrupts(
+    store, tmp_path, monkeypatch, k, where
+):
+    """After a SIGTERM, a trial that an error ended is interrupted (FAIL, attr interrupted, its params
+    re-enqueued once), not failed with the error, its run KILLED; the worker stops and asks no new trial
+    (it told that trial FAIL with the error, lost its params, and a stack's worker went on asking)."""
+    import optuna
+
+    w = _worker(tmp_path, k, n_trials=6, pruner={"name": "none"})
+    asked = _stop_in(monkeypatch, optuna.Study, "ask", after=None)  # counts the asks, sends nothing
+    _store_error_after_a_sigterm(monkeypatch, where)
+    _run_to_sigterm(w)
+    study, runs = w.study, _trial_runs(store)
+    _nothing_left_running(study, store)
+    assert len(asked) == k  # the first stack's, none after the signal
+    failed = [t for t in study.get_trials() if t.state.name == "FAIL"]
+    assert len(failed) == k and not [t for t in study.get_trials() if "error" in t.user_attrs]
+    assert {t.state.name for t in study.get_trials() if t not in failed} == {"WAITING"}  # none started
+    for t in failed:
+        assert t.user_attrs["interrupted"] is True and runs[t.number].info.status == "KILLED"
+        (retry,) = [x for x in study.get_trials() if x.user_attrs.get("retry_of") == t.number]
+        assert retry.state.name == "WAITING" and retry.params == t.params
 
 
 @pytest.mark.parametrize("where", ["_start_recorder", "_member"])

@@ -44,6 +44,6 @@ def command(args: argparse.Namespace) -> int:
     print(f"report '{res.name}': {res.n_runs} runs ({regimes}){killed}")
     print(f"  {res.files['report.html']}")
     print(f"  {res.files['report.md']}  {res.files['comparison.csv']}  {res.files['summary.csv']}")
-    if res.parent_run_id:
+    if res.parent_run_id and not args.no_log:
         print(f"  logged to the sweep's parent run {res.parent_run_id} under report/")
     return 0

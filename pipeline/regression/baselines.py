@@ -235,23 +235,29 @@ def check_writable(path: Path, key: str = "baseline") -> None:
     first, then the write failed with a traceback; found by a fuzzing review)."""
     import os
 
-    if path.is_dir():
+    from pipeline.store_checks import creation_problem
+
+    if os.path.isdir(path):
         raise ConfigError(key, f"baseline file {path} is a directory: name a YAML file")
-    if path.exists():
+    if os.path.exists(path):  # not Path.exists: it raises on a name over the file system's limit
         if not os.access(path, os.W_OK):
             raise ConfigError(key, f"baseline file {path} cannot be written: it is not writable")
         return
     folder = path.parent
-    if not folder.is_dir():
-        where = next((q for q in folder.parents if q.exists()), None) if not folder.exists() else folder
+    if not os.path.isdir(folder):
+        exists = os.path.exists(folder)
+        where = folder if exists else next((q for q in folder.parents if os.path.exists(q)), None)
         why = (
             f"{where} is not a folder"
-            if where is not None and not where.is_dir()
+            if where is not None and not os.path.isdir(where)
             else f"its folder {folder} does not exist"
         )
         raise ConfigError(key, f"baseline file {path} cannot be written: {why}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(key, f"baseline file {path} cannot be written: its folder {folder} is not writable")
+    problem = creation_problem(path)
+    if problem:
+        raise ConfigError(key, f"baseline file {path} cannot be written: {problem}")
 
 
 def write_baseline(suite, values: dict, path: Path | None = None) -> Path:

@@ -126,7 +126,12 @@ def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...], key: str
 
 def with_baseline_file(suite: Suite, path: str | Path, must_exist: bool = True) -> Suite:
     """``suite`` compared against (and updating) another baseline file (``--baseline``)."""
+    from pipeline.store_checks import long_name
+
     suite = replace(suite, baseline_path=Path(path))
+    long = long_name(suite.baseline_path)  # before Path.exists, which raises on it
+    if long:
+        raise ConfigError("--baseline", f"baseline file {suite.baseline_path}: {long}")
     if must_exist and not suite.baseline_path.exists():
         raise ConfigError("--baseline", f"file not found: {suite.baseline_path}")
     return suite

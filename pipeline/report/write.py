@@ -275,17 +275,21 @@ def check_out(out: Path, flag: str = "--out", note: str = "") -> None:
     import os
 
     from pipeline.schema import ConfigError
+    from pipeline.store_checks import creation_problem
 
     if str(out) == "":
         raise ConfigError(flag, "empty path: name an output folder")
     p = out
-    while not p.exists() and p != p.parent:
+    while not os.path.exists(p) and p != p.parent:  # os.path.exists: False for a name over the limit
         p = p.parent
     if not p.is_dir():
         what = f"{p} is not a folder" if p == out else f"{out} cannot be created: {p} is not a folder"
         raise ConfigError(flag, what + note)
     if not os.access(p, os.W_OK | os.X_OK):
         raise ConfigError(flag, f"{out} cannot be written: {p} is not writable{note}")
+    why = creation_problem(out if p != out else out / f".report-probe-{os.getpid()}")  # /proc, /sys
+    if why:
+        raise ConfigError(flag, f"{out} cannot be {'created' if p != out else 'written'}: {why}{note}")
 
 
 def build_report(

@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from pipeline.names import KIND, KIND_TRIAL, STUDY, TRIAL_NUMBER
-from pipeline.signals import Terminated
+from pipeline.signals import Terminated, received
 
 # trials_per_worker: auto. Measured (README, "Batched trials"): the default sweep on the 2-core CPU, 2
 # workers, rolling stacks: K = 4 ran 1.1x (same points) to 1.4x (TPE) the trials per hour of K = 1 (medians
@@ -59,8 +59,16 @@ def next_trials(worker, k: int) -> list:
 
 
 def _fail(worker, trial, e: BaseException) -> None:
+    """``trial`` told FAIL with its error; after a SIGTERM, released as interrupted instead (the error is
+    the stop's: :func:`pipeline.signals.received`), so a resume reruns its params."""
     from optuna.trial import TrialState
 
+    from pipeline.sweep.owners import release_trial
+
+    if received():
+        with contextlib.suppress(Exception):
+            release_trial(worker.study, worker.mlflow_uri, trial)
+        return
     msg = f"{type(e).__name__}: {e}"[:1000]
     print(f"trial {trial.number} failed: {msg}", file=sys.stderr)
     with contextlib.suppress(Exception):

@@ -203,14 +203,21 @@ def release_own(study, mlflow_uri: str | None) -> list[int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if t.user_attrs.get("worker") != me:
             continue
-        with contextlib.suppress(Exception):
-            close_trial_runs(mlflow_uri, study, t, "KILLED", untold=True)
         try:  # each alone: one a heartbeat reaper failed meanwhile (RDB storages) must not stop the rest
-            close_interrupted(study, t._trial_id)
+            release_trial(study, mlflow_uri, t)
         except Exception:  # told by another process already (it re-enqueued it, if it was a reaper)
             continue
         released.append(t.number)
     return released
+
+
+def release_trial(study, mlflow_uri: str | None, trial) -> None:
+    """``trial`` closed as an interrupted trial is: its MLflow run(s) still RUNNING (or FINISHED, untold)
+    KILLED, as far as the store takes the write, then FAIL, attr ``interrupted``, params re-enqueued
+    once (:func:`close_interrupted`, which raises when the trial is told already)."""
+    with contextlib.suppress(Exception):
+        close_trial_runs(mlflow_uri, study, trial, "KILLED", untold=True)
+    close_interrupted(study, trial._trial_id)
 
 
 def reap_stale(study, url: str, mlflow_uri: str | None) -> list[int]:

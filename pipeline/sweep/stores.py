@@ -177,18 +177,13 @@ def repair_journal(path: Path, warn=None) -> int:
 
 def _journal_unwritable(path: Path) -> str | None:
     """Why the journal file ``path`` (existing or new; its directories are created) cannot be written."""
-    if path.is_dir():
+    from pipeline.store_checks import creation_problem
+
+    if os.path.isdir(path):  # os.path: Path.exists raises on a name over the file system's limit
         return f"{path} is a directory, not a journal file"
-    if path.exists():
+    if os.path.exists(path):
         return None if os.access(path, os.W_OK) else f"{path} is not writable"
-    d = path.parent
-    while not d.exists():
-        d = d.parent
-    if not d.is_dir():
-        return f"{d} is not a directory"
-    if not os.access(d, os.W_OK | os.X_OK):
-        return f"directory {d} is not writable"
-    return None
+    return creation_problem(path)
 
 
 # Optuna's RDB schema: a table ``studies`` without these columns is another program's (a 92-line
@@ -221,8 +216,11 @@ def _foreign_schema(url: str) -> str | None:
 
 def _sqlite_storage_problem(url: str, path: Path) -> tuple[str, str] | None:
     """(problem, remedy) of an Optuna SQLite storage file that cannot be used, or None."""
-    from pipeline.store_checks import sqlite_problem, unwritable
+    from pipeline.store_checks import long_name, sqlite_problem, unwritable
 
+    long = long_name(path)
+    if long:
+        return long, "pass a shorter {flag}"
     if path.is_file():
         problem = sqlite_problem(path)
         if problem:
@@ -252,7 +250,11 @@ def check_storage(url: str, flag: str = "storage") -> None:
     if not is_rdb(url):
         why = _journal_unwritable(journal_path(url))
         if why:
-            remedy = "make it writable or pass another {flag}"
+            remedy = (
+                "pass a shorter {flag}"
+                if "file system allows" in why
+                else "make it writable or pass another {flag}"
+            )
             raise refuse(why, "pass a journal file path as {flag}" if "directory," in why else remedy)
         repair_journal(journal_file(url))
         return

@@ -40,7 +40,15 @@ from typing import Any
 import pytorch_lightning as pl
 
 from pipeline.names import KIND, KIND_TRIAL, STUDY, TRIAL_NUMBER
-from pipeline.signals import Terminated, check_terminated, deferred, delivered, raise_terminated
+from pipeline.signals import (
+    Terminated,
+    check_received,
+    check_terminated,
+    deferred,
+    delivered,
+    raise_terminated,
+    received,
+)
 from pipeline.sweep import batch
 from pipeline.sweep.config import from_data
 from pipeline.sweep.owners import ask_owned, heartbeat, reap_stale
@@ -65,9 +73,7 @@ class TrialCallback(pl.Callback):
         self.pruned_by: str | None = None
         self.monitor: Any = None  # the run's GradientMonitor, found at setup
         self.reported: set[int] = set()  # the final validate() may repeat the last step
-        self.module: Any = (
-            None  # the trial's LightningModule, for the best-so-far model (Worker.log_best_model)
-        )
+        self.module: Any = None  # the trial's LightningModule, for Worker.log_best_model
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         from pipeline.training.callbacks import GradientMonitor
@@ -243,6 +249,7 @@ class Worker:
         errors = 0
         while True:
             check_terminated()  # a SIGTERM whose exception a garbage-collector callback dropped
+            check_received()  # one whose exception another replaced (pipeline.signals.received)
             if os.getppid() != self.ppid:  # the sweep parent is gone: finish, take no new trial
                 return 0
             if self.deadline and time.time() > self.deadline:
@@ -273,7 +280,7 @@ class Worker:
         """One trial, start to tell. Returns False when it raised (FAIL)."""
         from optuna.trial import TrialState
 
-        from pipeline.sweep.owners import close_interrupted
+        from pipeline.sweep.owners import close_interrupted, release_trial
         from pipeline.training import run as train
 
         # Strings: the REST store (mlflow server) rejects non-string tag values in create_run.
@@ -305,6 +312,10 @@ class Worker:
         except Exception as e:  # a bug or a bad value: record it, keep the sweep going
             if self.told(trial):  # an error after the tell (the worker's, not the trial's)
                 raise
+            if received():  # the stop's error (a store write the SIGTERM found locked): interrupted
+                with contextlib.suppress(Exception):
+                    release_trial(self.study, self.mlflow_uri, trial)
+                check_received()
             msg = f"{type(e).__name__}: {e}"[:1000]
             import traceback
 

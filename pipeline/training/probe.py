@@ -184,7 +184,8 @@ def _explained(e: Exception, cls: str, source: str) -> Exception:
         return ValueError(
             f"{cls} {source} needs its Trainer ({msg}); the profile runs it on a float64 copy without one: {fix}"
         )
-    if "dtype" in low or "scalar type" in low:
+    # "must have the type": nn.RNN's words for it in torch 2.4 (the floor, README "Supported versions")
+    if "dtype" in low or "scalar type" in low or "must have the type" in low:
         return ValueError(
             f"{cls} {source} mixed float64 and another dtype on the profile's float64 copy ({msg}): make "
             "the tensors it creates follow the input (x.new_zeros(...), dtype=x.dtype), or pass loss_fn"

@@ -18,7 +18,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.names import STATUS
-from pipeline.signals import Terminated, ctrl_c_not_exit_1, deferred, terminate_as_exception
+from pipeline.signals import Terminated, ctrl_c_not_exit_1, deferred, received, terminate_as_exception
 from pipeline.training import record
 from pipeline.training.record import Monitors, RunResult
 
@@ -179,7 +179,10 @@ def _open_train_close(
 
 def close_run(rec, status: str, error: BaseException | None = None) -> None:
     """End a run with ``status`` (FINISHED, FAILED or KILLED), tagged ``status`` unless it finished and
-    ``error`` (the exception's type and message) when one failed it; the run of a stack's member too."""
+    ``error`` (the exception's type and message) when one failed it; the run of a stack's member too.
+    After a SIGTERM a run that an error ended is KILLED: the error is the stop's (``signals.received``)."""
+    if status == "FAILED" and received():
+        status = "KILLED"
     with contextlib.suppress(Exception):
         tags: dict[str, Any] = {STATUS: status.lower()} if status != "FINISHED" else {}
         if error is not None:

@@ -119,6 +119,20 @@ def _get_run(c, run_id: str):
         raise ConfigError("", f"no run {run_id!r} in the MLflow store {c.tracking_uri}") from None
 
 
+def _why_no_weights(run, cfg: Config) -> str:
+    """Why a run saved no model, from its config and tags (a sweep trial's follow ``log_models``)."""
+    from pipeline.names import KIND, KIND_TRIAL
+
+    if run.data.tags.get(KIND) == KIND_TRIAL and not cfg.tracking.log_model:
+        return (
+            "a sweep trial logs its weights as the sweep file's log_models says (best: only a trial that "
+            "finishes as the best so far; all: every trial that trains)"
+        )
+    if not cfg.tracking.log_model:
+        return "it ran with tracking.log_model: false"
+    return "it ended before its first checkpoint"
+
+
 def run_config(run_id: str, tracking_uri: str | None = None) -> Config:
     """The validated config a run recorded (its ``config.yaml``)."""
     c = _client(run_id, tracking_uri)
@@ -165,7 +179,7 @@ def load_run(run_id: str, tracking_uri: str | None = None) -> LoadedRun:
     ``tracking_uri``: None is ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
     """
     c = _client(run_id, tracking_uri)  # first: a missing store is named, not created
-    _get_run(c, run_id)
+    run = _get_run(c, run_id)
     cfg = _config_of(c, run_id)
     task = task_of(cfg.task)
     module = RNNTrainingModule(cfg, task)
@@ -175,7 +189,7 @@ def load_run(run_id: str, tracking_uri: str | None = None) -> LoadedRun:
             p, source = _download(c, run_id, CHECKPOINT, d), CHECKPOINT
             if p is None:
                 raise ConfigError(
-                    "", f"run {run_id} has neither {WEIGHTS} nor {CHECKPOINT} (tracking.log_model was false?)"
+                    "", f"run {run_id} has neither {WEIGHTS} nor {CHECKPOINT}: {_why_no_weights(run, cfg)}"
                 )
         try:  # the file only: a store that fails while downloading raises as it would anywhere else
             if source == WEIGHTS:
