@@ -290,12 +290,18 @@ def creation_problem(path: Path) -> str | None:
     long = long_name(path)
     if long is not None:
         return long
+    refused = _refuses_a_new_file(d)
+    return f"{d} cannot hold a new file ({refused})" if refused else None
+
+
+def _refuses_a_new_file(d: Path) -> str | None:
+    """Why the folder ``d`` does not take a new file (the error of creating one, removed at once), or None."""
     probe = d / f".pipeline-probe-{os.getpid()}"
     try:
         os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         probe.unlink()
     except OSError as e:
-        return f"{d} cannot hold a new file ({e.strerror})"
+        return e.strerror or type(e).__name__
     return None
 
 
@@ -313,14 +319,8 @@ def unwritable(path: Path) -> str | None:
         return f"{path} is not writable"
     if not os.access(d, os.W_OK | os.X_OK):
         return f"directory {d} is not writable (SQLite writes its journal beside the file)"
-    if not path.exists():
-        probe = d / f".{path.name}.probe-{os.getpid()}"
-        try:
-            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            probe.unlink()
-        except OSError as e:
-            return f"directory {d} cannot hold a new file ({e.strerror})"
-    return None
+    refused = _refuses_a_new_file(d) if not path.exists() else None
+    return f"directory {d} cannot hold a new file ({refused})" if refused else None
 
 
 def _artifact_root(path: Path) -> Path:
