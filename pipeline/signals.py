@@ -19,7 +19,7 @@ class Terminated(BaseException):
 
 _pending: int | None = None  # a SIGTERM kept by the handler, until it is raised from ordinary code or handled
 _deferring = 0  # depth of the deferred() blocks the main thread is in
-_received = False  # a SIGTERM arrived in this process, at any time (see received())
+_received = 0  # SIGTERMs arrived in this process so far (see received())
 
 
 def raise_terminated(signum: int, frame: FrameType | None) -> None:
@@ -32,7 +32,7 @@ def raise_terminated(signum: int, frame: FrameType | None) -> None:
     kept, and :func:`check_terminated` raises it again where training checks (each step). Inside a
     :func:`deferred` block it is only kept, and raised when the block ends."""
     global _pending, _received
-    _pending, _received = signum, True
+    _pending, _received = signum, _received + 1
     if not _deferring:
         raise Terminated(f"signal {signum}")
 
@@ -51,21 +51,27 @@ def delivered() -> None:
     _pending = None
 
 
-def received() -> bool:
-    """Whether a SIGTERM arrived in this process (through :func:`raise_terminated`), delivered or not,
-    handled or not: the process is stopping. A sweep worker asks it where the signal's exception may have
-    been replaced by another: a store write that the signal found waiting on a lock another process held
-    fails after it (MLflow's sqlite busy timeout, 20 s), and that error, not :class:`Terminated`, unwinds
-    the trial. Such a trial is interrupted, not failed, and the worker takes no new one (a new-user review
-    saw a trial told FAIL with the lock's error, its params not re-enqueued, and trials asked after the
-    SIGTERM)."""
+def received_count() -> int:
+    """How many SIGTERMs arrived in this process so far (through :func:`raise_terminated`): a run or a
+    sweep worker notes it when it starts, for :func:`received`."""
     return _received
 
 
-def check_received() -> None:
-    """Raise :class:`Terminated` if a SIGTERM ever arrived in this process (:func:`received`): where a
-    sweep worker would take new work."""
-    if _received:
+def received(since: int) -> bool:
+    """Whether a SIGTERM arrived after :func:`received_count` was ``since``, delivered or not, handled or
+    not. Asked where the signal's exception may have been replaced by another: a store write that the
+    signal found waiting on a lock another process held fails after it (MLflow's sqlite busy timeout,
+    20 s), and that error, not :class:`Terminated`, unwinds the run or trial. It was stopped, not failed:
+    a run is closed KILLED, a sweep worker's trial is interrupted and the worker takes no new one (a
+    new-user review saw a trial told FAIL with the lock's error, its params not re-enqueued). Counted
+    from a start, so that a process that handled a signal (a notebook) records its later runs as they end."""
+    return _received > since
+
+
+def check_received(since: int) -> None:
+    """Raise :class:`Terminated` if a SIGTERM arrived since ``since`` (:func:`received`): where a sweep
+    worker would take new work."""
+    if received(since):
         raise Terminated("signal 15, received earlier")
 
 

@@ -296,10 +296,12 @@ def creation_problem(path: Path) -> str | None:
 
 def _refuses_a_new_file(d: Path) -> str | None:
     """Why the folder ``d`` does not take a new file (the error of creating one, removed at once), or None."""
-    probe = d / f".pipeline-probe-{os.getpid()}"
-    try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        probe.unlink()
+    import tempfile
+
+    try:  # a name of its own: a probe left by a killed process, or another host's, is not in the way
+        fd, probe = tempfile.mkstemp(prefix=".pipeline-probe-", dir=d)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         return e.strerror or type(e).__name__
     return None

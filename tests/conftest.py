@@ -46,17 +46,6 @@ def wait_for_http(url: str, proc, timeout: float, log_path) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _no_sigterm_received():
-    """A test that sends this process SIGTERM (tests/test_signals.py) leaves ``pipeline.signals.received``
-    set, as it stays in a stopping process; the next test in this process starts without it."""
-    yield
-    import sys
-
-    if "pipeline.signals" in sys.modules:
-        sys.modules["pipeline.signals"]._received = False
-
-
-@pytest.fixture(autouse=True)
 def _mlflow_global_tracking_uri():
     """Lightning's MLFlowLogger calls ``mlflow.set_tracking_uri``, which also sets $MLFLOW_TRACKING_URI
     "so that subprocess can inherit it" (MLflow's tracking utils): a test using it would send every

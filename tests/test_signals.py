@@ -470,3 +470,72 @@ def test_a_sigterm_outside_the_training_loop_closes_the_run_killed(store, tmp_pa
     runs = MlflowClient(store).search_runs([MlflowClient(store).get_experiment_by_name("test").experiment_id])
     assert runs and {r.info.status for r in runs} == {"KILLED"}
     assert {r.data.tags["status"] for r in runs} == {"killed"}
+
+
+class _FailAt(__import__("pytorch_lightning").Callback):
+    """Raises ``error`` at a step: a run ended by an error of its own."""
+
+    def __init__(self, step: int, error: BaseException):
+        self.step, self.error = step, error
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise self.error
+
+
+def test_a_handled_sigterm_does_not_turn_a_later_runs_error_into_a_stop(store, tiny):
+    """A process that handled a SIGTERM and goes on (a notebook, a script that catches Terminated)
+    records its next run's own error as FAILED: only a signal since a run began makes its error a stop
+    (review: the first version kept the signal for the whole process)."""
+    from pipeline.training.run import run
+
+    with pytest.raises(Terminated):
+        run(tiny(), callbacks=[_FailAt(3, Terminated("signal 15"))])  # as the handler raises it
+    with pytest.raises(Terminated), terminate_as_exception():
+        signal.raise_signal(signal.SIGTERM)  # a signal arrives between runs and is handled
+    with pytest.raises(RuntimeError, match="a bug of its own"):
+        run(tiny(), callbacks=[_FailAt(3, RuntimeError("a bug of its own"))])
+    c = MlflowClient(store)
+    runs = c.search_runs([c.get_experiment_by_name("test").experiment_id], order_by=["attributes.start_time"])
+    assert [r.info.status for r in runs] == ["KILLED", "FAILED"]
+
+
+_TRAIN_WITH_A_REPLACED_SIGTERM = """
+import runpy, signal, sys
+from mlflow.exceptions import MlflowException
+from pipeline.signals import Terminated
+from pipeline.tracking import Recorder
+real, close, sent = Recorder.log_metrics, Recorder.close, []
+def log_metrics(self, metrics, step):
+    if step > 0 and not sent:
+        sent.append(True)
+        signal.raise_signal(signal.SIGTERM)
+    return real(self, metrics, step)
+def locked_close(self, status="FINISHED"):  # the store's error replaces the signal's at the KILLED close
+    raise MlflowException("(sqlite3.OperationalError) database is locked")
+Recorder.log_metrics, Recorder.close = log_metrics, locked_close
+sys.argv = ["pipeline", *sys.argv[1:]]
+runpy.run_module("pipeline", run_name="__main__")
+"""
+
+
+def test_train_whose_sigterm_a_store_error_replaced_exits_143(store, tmp_path):
+    """SIGTERM, then the run's KILLED close fails with the store's error, which unwinds instead of the
+    signal's: the command still exits 143 and says so in one line (it was a traceback and exit 1); the
+    run the store would not close stays RUNNING, resumable with ``--resume`` as after a kill -9."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_bad_input import SMOKE
+
+    r = subprocess.run(
+        [sys.executable, "-c", _TRAIN_WITH_A_REPLACED_SIGTERM, "train", "--config", SMOKE, f"tracking.uri={store}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ),
+    )  # fmt: skip
+    assert r.returncode == 143, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert "terminated (MlflowException: (sqlite3.OperationalError) database is locked)" in r.stderr
+    c = MlflowClient(store)
+    (run,) = c.search_runs([e.experiment_id for e in c.search_experiments()])
+    assert run.info.status == "RUNNING"

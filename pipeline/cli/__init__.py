@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run one verb; ``prog`` names the program in usage lines (default: the console script's name when
     called as one with ``argv`` None, else ``python -m pipeline``)."""
     from pipeline.schema import ConfigError
+    from pipeline.signals import received_count
 
+    signals_before = received_count()  # a signal before this command (a caller's, handled) is not its stop
     parser = build_parser(prog or (default_prog() if argv is None else MODULE_PROG))
     # Overrides may sit between flags (`sweep --config F study=x --workers 1 n_trials=10`): argparse fills
     # a `nargs="*"` positional once and calls the later ones unrecognized (found by a walkthrough).
@@ -80,10 +82,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print("interrupted: runs closed as KILLED", file=sys.stderr)
         return 130
     except BaseException as e:
-        from pipeline.signals import Terminated
+        from pipeline.signals import Terminated, received
 
         if isinstance(e, Terminated):
             print("terminated: runs closed as KILLED", file=sys.stderr)
+            return 143
+        if received(signals_before):  # a SIGTERM whose exception this one replaced (a write found locked)
+            print(f"terminated ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): runs "
+                  "closed as KILLED where the store could take it", file=sys.stderr)  # fmt: skip
             return 143
         full = disk_full(e)
         if full is not None:  # a traceback of 100-170 lines said no more (a chaos walkthrough, tmpfs)

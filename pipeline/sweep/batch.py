@@ -65,7 +65,7 @@ def _fail(worker, trial, e: BaseException) -> None:
 
     from pipeline.sweep.owners import release_trial
 
-    if received():
+    if received(worker.signals_before):
         with contextlib.suppress(Exception):
             release_trial(worker.study, worker.mlflow_uri, trial)
         return

@@ -39,16 +39,9 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from pipeline import signals as sigterm
 from pipeline.names import KIND, KIND_TRIAL, STUDY, TRIAL_NUMBER
-from pipeline.signals import (
-    Terminated,
-    check_received,
-    check_terminated,
-    deferred,
-    delivered,
-    raise_terminated,
-    received,
-)
+from pipeline.signals import Terminated, check_terminated, deferred, delivered, raise_terminated
 from pipeline.sweep import batch
 from pipeline.sweep.config import from_data
 from pipeline.sweep.owners import ask_owned, heartbeat, reap_stale
@@ -211,6 +204,7 @@ class Worker:
         self.ppid = os.getppid()
         self.k = batch.trials_per_worker(self.sw, spec.get("gpu") is not None)
         self.deadline = spec.get("deadline")
+        self.signals_before = sigterm.received_count()  # SIGTERMs before this worker: not its stop
 
     def next_trial(self):
         """Under the budget lock: reap stale trials, count, ask (WAITING retries are popped first)."""
@@ -249,7 +243,7 @@ class Worker:
         errors = 0
         while True:
             check_terminated()  # a SIGTERM whose exception a garbage-collector callback dropped
-            check_received()  # one whose exception another replaced (pipeline.signals.received)
+            sigterm.check_received(self.signals_before)  # one whose exception another replaced
             if os.getppid() != self.ppid:  # the sweep parent is gone: finish, take no new trial
                 return 0
             if self.deadline and time.time() > self.deadline:
@@ -312,10 +306,10 @@ class Worker:
         except Exception as e:  # a bug or a bad value: record it, keep the sweep going
             if self.told(trial):  # an error after the tell (the worker's, not the trial's)
                 raise
-            if received():  # the stop's error (a store write the SIGTERM found locked): interrupted
+            if sigterm.received(self.signals_before):  # the stop's error (a write it found locked)
                 with contextlib.suppress(Exception):
                     release_trial(self.study, self.mlflow_uri, trial)
-                check_received()
+                sigterm.check_received(self.signals_before)
             msg = f"{type(e).__name__}: {e}"[:1000]
             import traceback
 

@@ -18,7 +18,14 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.names import STATUS
-from pipeline.signals import Terminated, ctrl_c_not_exit_1, deferred, received, terminate_as_exception
+from pipeline.signals import (
+    Terminated,
+    ctrl_c_not_exit_1,
+    deferred,
+    received,
+    received_count,
+    terminate_as_exception,
+)
 from pipeline.training import record
 from pipeline.training.record import Monitors, RunResult
 
@@ -148,7 +155,7 @@ def _open_train_close(
     cfg: Config, task, open_run, callbacks: list, progress: bool, checkpoint: bool, ckpt, on_done
 ) -> RunResult:
     rec = monitor = result = error = None
-    status = "FAILED"
+    status, signals_before = "FAILED", received_count()
     try:
         with deferred():
             rec = open_run()
@@ -161,6 +168,8 @@ def _open_train_close(
         raise
     except BaseException as e:
         error = e
+        if received(signals_before):  # a SIGTERM whose exception this one replaced: stopped, not failed
+            status = "KILLED"
         raise
     finally:
         with deferred():
@@ -179,10 +188,7 @@ def _open_train_close(
 
 def close_run(rec, status: str, error: BaseException | None = None) -> None:
     """End a run with ``status`` (FINISHED, FAILED or KILLED), tagged ``status`` unless it finished and
-    ``error`` (the exception's type and message) when one failed it; the run of a stack's member too.
-    After a SIGTERM a run that an error ended is KILLED: the error is the stop's (``signals.received``)."""
-    if status == "FAILED" and received():
-        status = "KILLED"
+    ``error`` (the exception's type and message) when one failed it; the run of a stack's member too."""
     with contextlib.suppress(Exception):
         tags: dict[str, Any] = {STATUS: status.lower()} if status != "FINISHED" else {}
         if error is not None:

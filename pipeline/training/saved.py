@@ -130,7 +130,7 @@ def _why_no_weights(run, cfg: Config) -> str:
         )
     if not cfg.tracking.log_model:
         return "it ran with tracking.log_model: false"
-    return "it ended before its first checkpoint"
+    return f"it ended {run.info.status} before its weights were logged"
 
 
 def run_config(run_id: str, tracking_uri: str | None = None) -> Config:

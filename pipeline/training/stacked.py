@@ -36,7 +36,7 @@ from typing import Any, cast
 import torch
 
 from pipeline.config import Config
-from pipeline.signals import Terminated, deferred, terminate_as_exception
+from pipeline.signals import Terminated, deferred, received, received_count, terminate_as_exception
 from pipeline.training import record
 from pipeline.training.record import Monitors, RunResult
 from pipeline.training.run import (
@@ -97,6 +97,7 @@ class Member:
     val: list | None = None  # its validation set, in chunks
     batched: bool = False  # takes the stack's batched update (pipeline.training.stack_update.batchable)
     params: list = field(default_factory=list)  # its optimizer's parameters
+    signals_before: int = 0  # pipeline.signals.received_count() when its stack started
 
     def call(self, hook: str, *args) -> None:
         for cb in self.trainer.callbacks:
@@ -109,6 +110,8 @@ class Member:
         if self.sysmon is not None:
             with contextlib.suppress(Exception):
                 self.sysmon.finish()
+        if status == "FAILED" and received(self.signals_before):  # the error replaced a SIGTERM's
+            status = "KILLED"
         close_run(self.rec, status, error)
 
 
@@ -215,6 +218,7 @@ class _Stack:
         self.task, self.device, self.key, self.on_done = task, device, stack_key(first), on_done
         self.refill, self.run_ids = refill, run_ids
         self.members: list[Member] = []
+        self.signals_before = received_count()
 
     def start(self, cfg: Config, tags: dict[str, Any], extra: list) -> Member:
         """A new member: its run created and the member in :attr:`members` as one step for SIGTERM
@@ -225,7 +229,7 @@ class _Stack:
             with deferred():
                 rec = _start_recorder(cfg, parent_run_id, tags, experiment_id)
                 m = _member(cfg, self.task, rec, extra, self.device)
-                m.index, m.on_done = len(self.members), self.on_done
+                m.index, m.on_done, m.signals_before = len(self.members), self.on_done, self.signals_before
                 self.members.append(m)
         except BaseException as e:
             if rec is not None and not any(x.rec is rec for x in self.members):
