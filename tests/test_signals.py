@@ -530,7 +530,8 @@ def test_train_whose_sigterm_a_store_error_replaced_exits_143(store, tmp_path):
     from tests.test_bad_input import SMOKE
 
     r = subprocess.run(
-        [sys.executable, "-c", _TRAIN_WITH_A_REPLACED_SIGTERM, "train", "--config", SMOKE, f"tracking.uri={store}"],
+        [sys.executable, "-c", _TRAIN_WITH_A_REPLACED_SIGTERM, "train", "--config", SMOKE, f"tracking.uri={store}",
+         "trainer.max_steps=20", "trainer.val_every=10"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ),
     )  # fmt: skip
     assert r.returncode == 143, r.stderr[-3000:]
