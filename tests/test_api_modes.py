@@ -272,6 +272,32 @@ def test_loss_scaler_overflow_is_a_skipped_step_not_divergence(tmp_path, manual)
     assert fresh.scaler_skips == skips and fresh.max_norm_preclip == gm.max_norm_preclip
 
 
+def test_a_direct_backward_under_a_loss_scaler_overflows_as_the_scalers_skip(tmp_path):
+    """Manual optimization that scales and backpropagates by hand (``scaler.scale(loss).backward()``, not
+    through Lightning): the monitor sees no loss (NaN in its record), and an overflow at a scale above 1
+    is still the scaler's skipped step, not divergence (review: a NaN loss first read as divergence)."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    from pipeline import GradientNormMonitor
+
+    class Direct(ScaledGRU):
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.trainer.precision_plugin.scaler.scale(self.loss(batch)).backward()
+            opt.step()
+
+    torch.manual_seed(0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**22)
+    gm = GradientNormMonitor(log_every_n_steps=5)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    t = trainer(tmp_path, [gm], max_steps=20, log_every_n_steps=1, plugins=[plugin])
+    t.fit(Direct(manual=True), loader(cls_data()))
+    assert gm.diverged_step is None and t.global_step == 20
+    assert gm.scaler_skips == round(math.log2(2.0**22 / scaler.get_scale())) > 0
+    assert np.isnan(gm.column("loss")).all()
+
+
 # ------------------------------------------------------------------------------------ the profile
 
 

@@ -309,7 +309,7 @@ class GradientNormMonitor(_Window, pl.Callback):
             self._pre = None
             if (
                 self._scaler is not None
-                and bool(torch.isfinite(loss))
+                and (self._loss is None or bool(torch.isfinite(loss)))  # no loss seen: as a finite one
                 and float(scale_of(self._scaler)) > 1.0
             ):
                 # the scaler's overflow: it skips this update and lowers the scale (torch.amp.GradScaler).
