@@ -255,14 +255,20 @@ def _database_schema_problem(conn) -> tuple[str, str] | None:
     return schema_problem(row[0] if row else None)
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` (absolute) or its nearest parent that exists (``os.path.exists``: False, not an error, for
+    a name over the file system's limit)."""
+    while not os.path.exists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
 def long_name(path: Path) -> str | None:
     """A name on ``path`` longer than its file system allows (``PC_NAME_MAX`` of the nearest existing
     folder, usually 255 bytes), said in one line, or None. ``Path.exists`` raises ``ENAMETOOLONG`` on
     such a path, so the checks ask this first."""
     full = Path(os.path.abspath(path))
-    d = full
-    while not os.path.exists(d) and d != d.parent:
-        d = d.parent
+    d = _nearest_existing(full)
     try:
         limit = os.pathconf(d, "PC_NAME_MAX")
     except (OSError, ValueError):
@@ -280,9 +286,7 @@ def creation_problem(path: Path) -> str | None:
     file is created there and removed at once; a name over the limit (``ENAMETOOLONG``) failed only at
     the write, after the work. Shared by the journal, ``--out`` and ``--update-baseline`` checks (found
     by a new-user review)."""
-    d = Path(os.path.abspath(path))
-    while not os.path.exists(d) and d != d.parent:  # os.path.exists: False for a name over the limit
-        d = d.parent
+    d = _nearest_existing(Path(os.path.abspath(path)))
     if not d.is_dir():
         return f"{d} is not a folder"
     if not os.access(d, os.W_OK | os.X_OK):
@@ -290,11 +294,11 @@ def creation_problem(path: Path) -> str | None:
     long = long_name(path)
     if long is not None:
         return long
-    refused = _refuses_a_new_file(d)
+    refused = refuses_a_new_file(d)
     return f"{d} cannot hold a new file ({refused})" if refused else None
 
 
-def _refuses_a_new_file(d: Path) -> str | None:
+def refuses_a_new_file(d: Path) -> str | None:
     """Why the folder ``d`` does not take a new file (the error of creating one, removed at once), or None."""
     import tempfile
 
@@ -321,7 +325,7 @@ def unwritable(path: Path) -> str | None:
         return f"{path} is not writable"
     if not os.access(d, os.W_OK | os.X_OK):
         return f"directory {d} is not writable (SQLite writes its journal beside the file)"
-    refused = _refuses_a_new_file(d) if not path.exists() else None
+    refused = refuses_a_new_file(d) if not path.exists() else None
     return f"directory {d} cannot hold a new file ({refused})" if refused else None
 
 

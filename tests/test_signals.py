@@ -11,6 +11,7 @@ import contextlib
 import signal
 
 import pytest
+import pytorch_lightning as pl
 from mlflow.tracking import MlflowClient
 
 from pipeline.signals import Terminated, check_terminated, deferred, terminate_as_exception
@@ -472,7 +473,7 @@ def test_a_sigterm_outside_the_training_loop_closes_the_run_killed(store, tmp_pa
     assert {r.data.tags["status"] for r in runs} == {"killed"}
 
 
-class _FailAt(__import__("pytorch_lightning").Callback):
+class _FailAt(pl.Callback):
     """Raises ``error`` at a step: a run ended by an error of its own."""
 
     def __init__(self, step: int, error: BaseException):

@@ -275,7 +275,7 @@ def check_out(out: Path, flag: str = "--out", note: str = "") -> None:
     import os
 
     from pipeline.schema import ConfigError
-    from pipeline.store_checks import creation_problem
+    from pipeline.store_checks import creation_problem, refuses_a_new_file
 
     if str(out) == "":
         raise ConfigError(flag, "empty path: name an output folder")
@@ -287,9 +287,12 @@ def check_out(out: Path, flag: str = "--out", note: str = "") -> None:
         raise ConfigError(flag, what + note)
     if not os.access(p, os.W_OK | os.X_OK):
         raise ConfigError(flag, f"{out} cannot be written: {p} is not writable{note}")
-    why = creation_problem(out if p != out else out / f".report-probe-{os.getpid()}")  # /proc, /sys
-    if why:
-        raise ConfigError(flag, f"{out} cannot be {'created' if p != out else 'written'}: {why}{note}")
+    if p != out:  # /proc, /sys: os.access says yes to root; a name over the file system's limit
+        why = creation_problem(out)
+        if why:
+            raise ConfigError(flag, f"{out} cannot be created: {why}{note}")
+    elif refused := refuses_a_new_file(out):
+        raise ConfigError(flag, f"{out} cannot be written: {out} cannot hold a new file ({refused}){note}")
 
 
 def build_report(

@@ -248,13 +248,14 @@ def check_storage(url: str, flag: str = "storage") -> None:
         return StoreError(f"optuna storage {display_url(url)}", problem, remedy.format(flag=flag))
 
     if not is_rdb(url):
+        from pipeline.store_checks import long_name
+
+        long = long_name(journal_path(url))
+        if long:
+            raise refuse(long, "pass a shorter {flag}")
         why = _journal_unwritable(journal_path(url))
         if why:
-            remedy = (
-                "pass a shorter {flag}"
-                if "file system allows" in why
-                else "make it writable or pass another {flag}"
-            )
+            remedy = "make it writable or pass another {flag}"
             raise refuse(why, "pass a journal file path as {flag}" if "directory," in why else remedy)
         repair_journal(journal_file(url))
         return
