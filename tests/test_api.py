@@ -161,7 +161,8 @@ def autograd_profile(module, path, batch, loss_fn=None, window_from=None):
 
     m = float64_copy(module)
     r = m.get_submodule(path)
-    kind = {nn.LSTM: nn.LSTMCell, nn.GRU: nn.GRUCell, nn.RNN: nn.RNNCell}[type(r)]
+    cells_of = {nn.LSTM: nn.LSTMCell, nn.GRU: nn.GRUCell, nn.RNN: nn.RNNCell}
+    kind = next(c for t, c in cells_of.items() if isinstance(r, t))  # a parametrized module subclasses its own
     cells = []
     for k in range(r.num_layers):
         extra = {"nonlinearity": r.nonlinearity} if isinstance(r, nn.RNN) else {}
@@ -711,3 +712,24 @@ def test_window_loss_is_the_mean_of_the_windows_steps():
     gm.push(torch.tensor([nan] * 6, dtype=torch.float64), 3)  # a skipped step: not in the mean
     gm.drain()
     assert sent[-1]["train/loss"] == pytest.approx(5.0)
+
+
+def test_a_parametrized_recurrent_weight_is_profiled_inside_fit(tmp_path):
+    """README, "The float64 copy's loss": after a forward, nn.RNN keeps the orthogonal weight as last
+    computed (a tensor with a grad_fn, which copy.deepcopy refuses); the copy takes its value and
+    recomputes it. Every pass works, the weight's spectrum is orthogonal's (sigma_max = radius = 1), and
+    the profile after training is full-graph float64 autograd's."""
+    from pipeline import BPTTProfileMonitor, profile_rnn
+
+    torch.manual_seed(0)
+    model, pm = OrthogonalRNN(), BPTTProfileMonitor("rnn", every_n_steps=2)
+    trainer(tmp_path, [pm], max_steps=4, log_every_n_steps=1).fit(model, loader(cls_data()))
+    assert [p["step"] for p in pm.passes] == [0, 2, 4]
+    for p in pm.passes:
+        assert p["spectral/sigma_max"] == pytest.approx(1, abs=1e-6)
+        assert p["spectral/radius"] == pytest.approx(1, abs=1e-6)
+    assert pm.passes[0]["bptt/loss"] != pm.passes[-1]["bptt/loss"]  # the passes saw the trained weights
+    batch = first_batch(cls_data())
+    frame = profile_rnn(model, "rnn", batch)
+    got = frame[frame["state"] == "h"].sort_values("t")["log10_norm"].to_numpy()
+    np.testing.assert_allclose(got, autograd_profile(model, "rnn", batch)[(0, "h")], atol=1e-9, rtol=0)

@@ -81,6 +81,12 @@ def float64_copy(module: nn.Module) -> nn.Module:
         ref = getattr(module, attr, None)
         if ref is not None:
             memo[id(ref)] = None  # deepcopy returns None for that object: the run is not copied
+    for t in _non_leaf_tensors(module):
+        # deepcopy refuses a tensor autograd computed; a module keeps one after a forward where a weight
+        # is parametrized (torch.nn.utils.parametrize: nn.RNN's _flat_weights holds the weight as last
+        # computed) or an attribute holds an undetached state. The copy takes its value; Module.to
+        # below recomputes an RNN's flat weights from its parametrizations.
+        memo[id(t)] = t.detach().clone()
     try:
         twin = copy.deepcopy(module, memo)
     except Exception as e:  # any object deepcopy refuses, named in one line
@@ -95,6 +101,16 @@ def float64_copy(module: nn.Module) -> nn.Module:
     for p in twin.parameters():
         p.requires_grad_(False)
     return twin
+
+
+def _non_leaf_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    """The tensors with a ``grad_fn`` that ``module``'s submodules keep as plain attributes, alone or in
+    a tuple or list."""
+    for mod in module.modules():
+        for value in vars(mod).values():
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                    yield t
 
 
 def _attributes_to_cpu64(mod: nn.Module) -> None:
