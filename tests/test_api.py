@@ -162,7 +162,9 @@ def autograd_profile(module, path, batch, loss_fn=None, window_from=None):
     m = float64_copy(module)
     r = m.get_submodule(path)
     cells_of = {nn.LSTM: nn.LSTMCell, nn.GRU: nn.GRUCell, nn.RNN: nn.RNNCell}
-    kind = next(c for t, c in cells_of.items() if isinstance(r, t))  # a parametrized module subclasses its own
+    kind = next(
+        c for t, c in cells_of.items() if isinstance(r, t)
+    )  # a parametrized module subclasses its own
     cells = []
     for k in range(r.num_layers):
         extra = {"nonlinearity": r.nonlinearity} if isinstance(r, nn.RNN) else {}
