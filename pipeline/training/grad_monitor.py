@@ -333,13 +333,20 @@ class GradientNormMonitor(_Window, pl.Callback):
         """The loss of the backward passes before this step (float64, on the device): their sum; with
         ``accumulate_grad_batches=N`` (automatic optimization) their mean, N / n times the sum of the n
         passes, as Lightning divides each by N, also when an epoch ends with n < N of them left. NaN
-        where no backward went through Lightning (``loss.backward()`` called directly)."""
+        where no backward went through Lightning (``loss.backward()`` called directly). Under DDP, the
+        mean over the ranks."""
         if self._loss is None:
             return pre.new_tensor(math.nan)
         loss = self._loss.double().reshape(())
         n = getattr(trainer, "accumulate_grad_batches", 1)
         if pl_module.automatic_optimization and 0 < self._micro < n:
             loss = loss * (n / self._micro)
+        if getattr(trainer, "world_size", 1) > 1:
+            # Several processes (DDP): each rank's loss is its own batch's, the gradient their mean. The
+            # record takes the ranks' mean loss too, and the guard decides on it, so every rank stops
+            # at the same step; one stopping alone left the others in the next all-reduce (README,
+            # "Your own model"). One scalar all-reduce a step, in place: on a copy.
+            loss = trainer.strategy.reduce(loss.clone(), reduce_op="mean")
         return loss
 
     def _before_update(self, optimizer, args, kwargs) -> tuple[tuple, dict] | None:

@@ -29,9 +29,13 @@ _NAN_TAGGED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionar
 def log_everywhere(trainer: pl.Trainer, metrics: dict[str, float], step: int) -> None:
     """Every logger of the Trainer gets ``metrics``. MLflow: +-inf as +-float64 max (what MLflow stores
     for inf) and NaN, which breaks MLflow's run page, as the tag ``nonfinite.<metric>`` instead, removed
-    again when a finite value of that metric follows (README, "The MLflow record")."""
+    again when a finite value of that metric follows (README, "The MLflow record"). Several processes
+    (DDP): rank 0 alone, as Lightning's loggers write (on the others ``MLFlowLogger.experiment`` is a
+    stand-in without runs)."""
     from pytorch_lightning.loggers import MLFlowLogger
 
+    if not getattr(trainer, "is_global_zero", True):
+        return
     for lg in trainer.loggers:
         if isinstance(lg, MLFlowLogger):
             ok = {}

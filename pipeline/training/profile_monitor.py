@@ -258,7 +258,7 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
         )
         from pytorch_lightning.loggers import MLFlowLogger
 
-        for lg in trainer.loggers:
+        for lg in trainer.loggers if getattr(trainer, "is_global_zero", True) else ():  # as log_everywhere
             if isinstance(lg, MLFlowLogger):
                 self._mlflow_artifacts(lg)
 
