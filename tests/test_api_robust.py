@@ -421,12 +421,14 @@ def test_a_second_fit_records_afresh_and_bad_every_n_steps(tmp_path):
 
 
 def test_two_monitors_of_a_kind_share_a_trainer_and_keep_their_own_state(tmp_path):
-    """Lightning refuses two stateful callbacks with one ``state_key``: the keys name the settings."""
+    """Lightning refuses two stateful callbacks with one ``state_key``: the keys name the settings (two
+    profile monitors logging to one logger are named too: README, "Two RNNs, two monitors")."""
     from pipeline import BPTTProfileMonitor, GradientNormMonitor
 
     torch.manual_seed(0)
     fine, coarse = GradientNormMonitor(log_every_n_steps=1), GradientNormMonitor(log_every_n_steps=4)
-    p2, p4 = BPTTProfileMonitor("gru", every_n_steps=2), BPTTProfileMonitor("gru", every_n_steps=4)
+    p2 = BPTTProfileMonitor("gru", every_n_steps=2, name="every2")
+    p4 = BPTTProfileMonitor("gru", every_n_steps=4, name="every4")
     t = trainer(tmp_path, [fine, coarse, p2, p4], max_steps=8, log_every_n_steps=1)
     t.fit(AccumulatingGRU(), loader(cls_data()))
     np.testing.assert_array_equal(fine.column("norm_preclip"), coarse.column("norm_preclip"))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import sys
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,11 +52,50 @@ def check_loss_source(module: nn.Module, loss_fn: LossFn | None) -> None:
 def resolve(module: nn.Module, path: str) -> nn.Module:
     """The submodule at dotted attribute path ``path`` (``"encoder.lstm"``), checked supported."""
     try:
-        rnn = module.get_submodule(path)
+        rnn = eager(module.get_submodule(path))
     except AttributeError:
         raise ValueError(f"{type(module).__name__} has no submodule {path!r}; {foreign.SUPPORTED}") from None
     foreign.check_supported(rnn, path)
     return rnn
+
+
+def _compiled_type() -> type | None:
+    """torch.compile's module wrapper (``OptimizedModule``), if torch.compile was imported: a module can
+    only be compiled once it is, so the profile never imports it (README, "Your own model")."""
+    return getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+
+
+def eager(module: nn.Module) -> nn.Module:
+    """``module`` without torch.compile's wrappers (``torch.compile(m)._orig_mod`` is ``m``)."""
+    compiled = _compiled_type()
+    while compiled is not None and isinstance(module, compiled):
+        module = module.get_submodule("_orig_mod")
+    return module
+
+
+def eager_path(path: str) -> str:
+    """A dotted path without the ``_orig_mod`` steps through compiled wrappers (the copy drops them)."""
+    return ".".join(part for part in path.split(".") if part != "_orig_mod")
+
+
+def _uncompiled(twin: nn.Module, memo: dict[int, Any]) -> None:
+    """The copy runs eagerly: a compiled submodule replaced by the module it wraps, and a method compiled
+    onto an instance (Lightning's ``fit(torch.compile(model))`` compiles ``forward`` and
+    ``training_step`` so; ``self.forward = torch.compile(self.forward)``) by that method bound to the
+    copy. deepcopy keeps such a function as it is, still bound to the original float32 module."""
+    compiled = _compiled_type()
+    if compiled is None:
+        return
+    for mod in twin.modules():
+        for name, child in list(mod._modules.items()):
+            if child is not None and isinstance(child, compiled):
+                mod._modules[name] = eager(child)
+        for name, value in list(vars(mod).items()):
+            fn = value
+            while hasattr(fn, "_torchdynamo_orig_callable"):
+                fn = fn._torchdynamo_orig_callable
+            if fn is not value and isinstance(fn, types.MethodType) and id(fn.__self__) in memo:
+                mod.__dict__[name] = types.MethodType(fn.__func__, memo[id(fn.__self__)])
 
 
 def _tensor_cpu64(t: torch.Tensor) -> torch.Tensor:
@@ -76,6 +117,7 @@ def to_cpu64(obj: Any) -> Any:
 def float64_copy(module: nn.Module) -> nn.Module:
     """A float64 CPU copy of ``module`` in eval mode, without its trainer (or Fabric) reference, with no
     parameter requiring grad (only the RNN's replaced outputs do)."""
+    module = eager(module)
     memo: dict[int, Any] = {}
     for attr in ("_trainer", "_fabric"):
         ref = getattr(module, attr, None)
@@ -94,6 +136,7 @@ def float64_copy(module: nn.Module) -> nn.Module:
             f"the profile runs on a float64 copy of {type(module).__name__}, and copy.deepcopy failed: "
             f"{type(e).__name__}: {e}"
         ) from e
+    _uncompiled(twin, memo)
     twin.to(device="cpu", dtype=torch.float64)
     for mod in twin.modules():
         _attributes_to_cpu64(mod)
@@ -258,6 +301,15 @@ def _capture(
     grads = (
         torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
     )
+    if all(g is None for g in grads):
+        # A gradient of 0 at every step would read "vanishing"; it is no measurement. torch.utils.checkpoint
+        # with use_reentrant=True does this: it keeps a graph only for inputs that require grad, and the
+        # copy's parameters do not (the leaves are made inside its forward).
+        raise ValueError(
+            f"the loss of {source} does not depend on the outputs of {rnn!r} on the profile's copy (called "
+            "inside torch.utils.checkpoint with use_reentrant=True? use use_reentrant=False, or pass "
+            "loss_fn)"
+        )
     return loss, seen["x"].to(torch.float64), seen["hx"], list(grads)
 
 
@@ -301,7 +353,7 @@ def probe(
     resolve(module, rnn)
     check_loss_source(module, loss_fn)
     twin = float64_copy(module)
-    target = twin.get_submodule(rnn)
+    target = twin.get_submodule(eager_path(rnn))
     loss, x, hx, grads = _capture(twin, target, rnn, batch, loss_fn)
     x, hx, g_out, g_states = _batch_first(target, x, hx, grads[0], grads[1:])
     with exact_denormals(restore_flush), torch.no_grad():

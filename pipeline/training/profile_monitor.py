@@ -8,6 +8,7 @@ configured subclass (:mod:`pipeline.training.callbacks`): one implementation.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +23,8 @@ from pipeline.config import DiagnosticsConfig
 from pipeline.training import probe as probing
 from pipeline.training.grad_monitor import GradientNormMonitor
 from pipeline.training.grad_window import Sink, _Logs
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def probe_metrics(res: probing.Probe) -> dict[str, Any]:
@@ -46,16 +49,24 @@ def concat_frames(frames: Sequence[dict[str, Any]], columns: Sequence[str]):
     return pd.concat([pd.DataFrame(f) for f in frames], ignore_index=True)
 
 
-def log_profile_artifacts(lg, frame, plot: Callable[[Any], Any]) -> None:
+def named(metrics: dict[str, Any], name: str | None) -> dict[str, Any]:
+    """``metrics`` as a monitor with ``name`` logs them: ``<stage>/<name>/<rest>`` (unchanged for None)."""
+    if name is None:
+        return metrics
+    return {f"{k.split('/', 1)[0]}/{name}/{k.split('/', 1)[1]}": v for k, v in metrics.items()}
+
+
+def log_profile_artifacts(lg, frame, plot: Callable[[Any], Any], name: str | None = None) -> None:
     """To the MLflow run of logger ``lg``: ``frame`` as ``diagnostics/bptt_profile.parquet`` and, when not
-    empty, ``plot(frame)`` as ``plots/bptt_profile.png``."""
+    empty, ``plot(frame)`` as ``plots/bptt_profile.png`` (``bptt_profile_<name>.*`` for a named monitor)."""
+    stem = "bptt_profile" if name is None else f"bptt_profile_{name}"
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "bptt_profile.parquet"
+        path = Path(tmp) / f"{stem}.parquet"
         frame.to_parquet(path, index=False)
         lg.experiment.log_artifact(lg.run_id, str(path), "diagnostics")
         if len(frame):
             fig = plot(frame)
-            png = Path(tmp) / "bptt_profile.png"
+            png = Path(tmp) / f"{stem}.png"
             fig.savefig(png)
             from pipeline.plots import plt
 
@@ -85,6 +96,9 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
     with an MLFlowLogger also ``diagnostics/bptt_profile.parquet``, ``plots/bptt_profile.png`` and the
     tag ``regime`` (the verdict of :func:`pipeline.training.callbacks.verdict` on the top layer, with the
     largest pre-clip norm and the divergence of a :class:`GradientNormMonitor` in the same Trainer).
+    ``name``: a monitor of a second RNN logs as ``bptt/<name>/...``, ``spectral/<name>/...``,
+    ``bptt_profile_<name>.*`` and the tag ``regime.<name>``; two monitors logging under one name are
+    refused at ``setup``.
 
     The project's own trainer is a configuration of this class
     (:class:`pipeline.training.callbacks.ProfileMonitor`): the pass scheduling, the finite check, the
@@ -107,7 +121,15 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
         sink: Sink | None = None,
         loss_fn: probing.LossFn | None = None,
         memory_steps: int | None = 1,
+        name: str | None = None,
     ):
+        if name is not None and (
+            not isinstance(name, str) or not _NAME.fullmatch(name) or re.fullmatch(r"layer\d+", name)
+        ):
+            raise ValueError(
+                f"name must be letters, digits, '_', '.' or '-' (and not layer<k>), got {name!r}"
+            )
+        self.name = name
         if int(every_n_steps) < 0:
             raise ValueError(
                 f"every_n_steps must be >= 0 (0: passes at the start and the end only), got {every_n_steps}"
@@ -128,16 +150,37 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         probing.resolve(pl_module, self.rnn)
         probing.check_loss_source(pl_module, self.loss_fn)
+        self._check_names(trainer)
         if stage == "fit":  # a new fit records afresh (a checkpoint's state is restored after this)
             self.passes, self.frames, self.regime, self._last_step = [], [], None, None
             if not self._batch_given:
                 self.batch = None
 
+    def _check_names(self, trainer) -> None:
+        """Two monitors that log to the Trainer's loggers under one name would mix their metrics, and
+        the last to finish would replace the other's artifacts and ``regime`` tag: refused in one line."""
+        if self.sink is not None or not trainer.loggers:
+            return
+        for other in trainer.callbacks:
+            if (
+                other is not self
+                and isinstance(other, BPTTProfileMonitor)
+                and other.sink is None
+                and other.name == self.name
+            ):
+                said = "no name" if self.name is None else f"name={self.name!r}"
+                raise ValueError(
+                    f"two BPTTProfileMonitors ({self.rnn!r} and {other.rnn!r}) with {said} would log under "
+                    'the same metric names, artifacts and regime tag: give each its own name= (README, "Your '
+                    'own model")'
+                )
+
     # -- in a Lightning checkpoint: a run resumed with trainer.fit(ckpt_path=...) keeps its earlier passes
     # (the verdict, `passes`, the profile artifact) and profiles the same batch
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(rnn=self.rnn, every_n_steps=self.every_n_steps)
+        named_ = {} if self.name is None else {"name": self.name}
+        return self._generate_state_key(rnn=self.rnn, every_n_steps=self.every_n_steps, **named_)
 
     def state_dict(self) -> dict[str, Any]:
         """Passes, frames, the last pass's step and the probe batch (when it is made of tensors and plain
@@ -224,7 +267,7 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
         self.passes.append({"step": self.step_type(step), **metrics})
         if metrics:
             self._trainer = trainer
-            self.publish(metrics, step)
+            self.publish(named(metrics, self.name), step)
         return metrics
 
     @property
@@ -265,8 +308,9 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
     def _mlflow_artifacts(self, lg) -> None:
         from pipeline.names import REGIME
 
-        lg.experiment.set_tag(lg.run_id, REGIME, self.regime)
-        log_profile_artifacts(lg, self.profile_frame(), self.plot)
+        tag = REGIME if self.name is None else f"{REGIME}.{self.name}"
+        lg.experiment.set_tag(lg.run_id, tag, self.regime)
+        log_profile_artifacts(lg, self.profile_frame(), self.plot, self.name)
 
     def plot(self, frame):
         """log10 ||dL/dh_t|| of the top layer against t, one line per pass (at most 6), c dashed."""
