@@ -75,7 +75,8 @@ test-fast: $(STAMP) ## Run the tests not marked slow
 NUMERIC_TESTS = tests/test_batched.py tests/test_regression.py tests/test_bptt.py tests/test_independent.py \
 	tests/test_laws_fail.py tests/test_guard.py tests/test_diagnostics.py tests/test_cornn.py tests/test_lem.py \
 	tests/test_modern.py tests/test_models.py tests/test_remedies.py tests/test_penalty.py tests/test_module.py \
-	tests/test_api.py tests/test_api_modes.py tests/test_api_robust.py tests/test_api_memory.py tests/test_saturation.py
+	tests/test_api.py tests/test_api_modes.py tests/test_api_robust.py tests/test_api_memory.py tests/test_saturation.py \
+	tests/test_api_setups.py
 test-kernels: $(STAMP) ## Run the numeric tests again on other CPU kernels (no AVX)
 	ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 $(PY) -m pytest $(XDIST) -p no:cacheprovider $(NUMERIC_TESTS) $(ARGS)
 
