@@ -167,8 +167,11 @@ def _expected(run, col: str):
         "optimizer": "optim.name",
         "seed": "seed",
     }
-    if col in metric:
-        return d.metrics.get(metric[col])
+    if col in metric:  # as recorded (README, "The MLflow record"): NaN as a tag, +-inf as +-float64 max
+        if f"nonfinite.{metric[col]}" in d.tags:
+            return None
+        v = d.metrics.get(metric[col])
+        return math.copysign(math.inf, v) if v is not None and abs(v) == sys.float_info.max else v
     if col == "task" and d.params.get("task.permute") == "True":
         return f"{d.tags['task']} (permuted)"
     if col in tag:
@@ -734,3 +737,50 @@ def test_representative_runs_pick_the_best_trained_and_the_most_clipped():
     )  # fmt: skip
     assert rd.CLIPPED_PER_PANEL == 2
     assert rd.representative_runs(table, per_panel=4) == ["ok", "fine", "alone", "c9", "c6"]
+
+
+def test_the_sweep_records_values_the_table_must_read_back_as_nan_and_inf(small_sweep, report):
+    """The check above is not vacuous: the sweep holds metrics whose latest value was NaN (a tag, the
+    metric's history ending at its last finite value) and an infinite value stored as float64 max."""
+    c = _client(small_sweep["uri"])
+    children = c.search_runs(
+        [small_sweep["experiment_id"]], f"tags.mlflow.parentRunId = '{small_sweep['parent_run_id']}'"
+    )
+    tagged = [
+        (r, t[len("nonfinite.") :]) for r in children for t in r.data.tags if t.startswith("nonfinite.")
+    ]
+    shown = {"bptt/log10_ratio", "bptt/decay_rate", "val/loss_ratio", "val/loss", "grad/max_norm_preclip"}
+    assert any(m in shown and m in r.data.metrics for r, m in tagged), sorted({m for _, m in tagged})
+
+
+def test_a_second_sweep_of_the_same_study_name_is_reported_alone(small_sweep, tmp_path):
+    """The study's Optuna storage moved aside and the sweep run again into the same MLflow store: a
+    second parent run with the same ``study`` tag. The report names the newest parent and covers its
+    trials only; it covered both sweeps' (trial numbers twice, two seeds mixed)."""
+    import sqlite3
+
+    from pipeline.report.data import load_runs, resolve_target
+    from pipeline.tracking import Recorder
+
+    db = tmp_path / "mlflow.db"
+    with sqlite3.connect(Path(small_sweep["base"]) / "mlflow.db") as src, sqlite3.connect(db) as dst:
+        src.backup(dst)  # the store is in WAL mode: a file copy can miss what the log still holds
+    uri = f"sqlite:///{db}"
+    second = Recorder.start(
+        uri, EXPERIMENT, f"sweep-{STUDY}", tags={"pipeline.kind": "sweep", "study": STUDY}
+    )
+    trial = Recorder.start(
+        uri,
+        EXPERIMENT,
+        "again-0",
+        tags={"pipeline.kind": "trial", "study": STUDY, "trial_number": "0"},
+        parent_run_id=second.run_id,
+        experiment_id=second.experiment_id,
+    )
+    trial.close()
+    second.close()
+    for target in (resolve_target(uri, study=STUDY), resolve_target(uri)):
+        assert target.parent_run_id == second.run_id
+        assert list(load_runs(target)["run_id"]) == [trial.run_id]
+    first = resolve_target(small_sweep["uri"], study=STUDY)  # the store with one sweep: all its trials
+    assert sorted(load_runs(first)["run_id"]) == sorted(t["run_id"] for t in small_sweep["trials"])

@@ -28,7 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.names import DIVERGED, KIND_SWEEP, KIND_TRIAL, REGIME, ROLE, STUDY, TRIAL_NUMBER
+from pipeline.names import (
+    DIVERGED,
+    KIND_SWEEP,
+    KIND_TRIAL,
+    NONFINITE_PREFIX,
+    REGIME,
+    ROLE,
+    STUDY,
+    TRIAL_NUMBER,
+)
 from pipeline.names import KIND as KIND_TAG
 from pipeline.schema import ConfigError
 from pipeline.uris import file_name
@@ -179,6 +188,9 @@ def resolve_target(uri: str, experiment: str | None = None, study: str | None = 
         t = Target(study, uri, ids, names, trial_filter, study=study)
         if parents:
             t.parent_run_id, t.parent_run_name = parents[0].info.run_id, parents[0].info.run_name
+            # that sweep's trials only: an earlier sweep of the same study name in this store (its
+            # Optuna storage moved aside or deleted, then the sweep run again) has a parent of its own
+            t.filter_string += f" and tags.`mlflow.parentRunId` = {_quote(t.parent_run_id)}"
         return t
     # a whole experiment: every run; load_runs drops the sweep parents after the one read
     return Target(names[0], uri, ids, names, "")
@@ -206,6 +218,7 @@ def load_runs(target: Target):
             filter_string=target.filter_string,
             order_by=["attributes.start_time ASC"],
         )
+    df = as_recorded(df)
     kind_col = f"tags.{KIND_TAG}"
     kind = df.get(kind_col)
     if kind is not None:
@@ -235,6 +248,26 @@ def load_runs(target: Target):
         n for i, n in zip(target.experiment_ids, target.experiment_names, strict=True) if i in found
     ]
     return df
+
+
+def as_recorded(runs):
+    """A ``mlflow.search_runs`` frame with each metric's latest value as the run recorded it. MLflow
+    keeps neither NaN nor inf (README, "The MLflow record"): a metric whose latest value was NaN keeps
+    its last finite value and the tag ``nonfinite.<metric>``, so it is NaN here; +-inf was stored as
+    +-float64 max, so it is +-inf here."""
+    import numpy as np
+
+    runs = runs.copy()
+    metric_cols = [c for c in runs.columns if c.startswith("metrics.")]
+    if metric_cols:
+        top = float(np.finfo(np.float64).max)
+        runs[metric_cols] = runs[metric_cols].replace({top: np.inf, -top: -np.inf})
+    prefix = f"tags.{NONFINITE_PREFIX}"
+    for col in (c for c in list(runs.columns) if c.startswith(prefix)):
+        nan_now = runs[col].notna().to_numpy()
+        if nan_now.any():
+            runs.loc[nan_now, "metrics." + col[len(prefix) :]] = np.nan
+    return runs
 
 
 def _num(v: Any, kind: str) -> Any:
