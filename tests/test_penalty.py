@@ -1,5 +1,6 @@
-"""A diverged trial's objective ``max(penalty, worst value trained)`` (README, "Objective, divergence,
-pruning"; pipeline/sweep/study.py), both branches with real numbers, through ``Worker.run_trial``.
+"""A diverged trial's objective ``penalty``, a trained trial's ``val/loss_ratio`` capped at ``penalty``
+(README, "Objective, divergence, pruning"; pipeline/sweep/study.py), and ``max(penalty, worst value
+trained)`` for a study told before the cap, with real numbers, through ``Worker.run_trial``.
 
 ``train.run`` is replaced by a script of results, so this is the worker's bookkeeping only (in-memory
 Optuna study, no MLflow, no training): which value each trial is told, in which state, with which attrs.
@@ -49,16 +50,20 @@ def fake_worker(tiny, penalty: float) -> Worker:
     return w
 
 
-def test_divergence_value_takes_the_larger_of_penalty_and_worst_trained(tiny, monkeypatch):
+def test_a_diverged_trial_is_never_better_than_a_trained_one_told_before_or_after(tiny, monkeypatch):
+    """The cap: a trial that trained to 3.5 x (or 1.8e7 x) the loss of learning nothing, told after a
+    diverged one, was told worse than it (a tell cannot be revised), so TPE took the diverging points
+    for its good ones, and Optuna's own best trial was a diverged one (found by a review)."""
     w = fake_worker(tiny, penalty=2.0)
     script = [
         result(ratio=0.8),  # 0: trained
-        result(diverged_step=3),  # 1: penalty branch: max(2.0, 0.8) = 2.0
-        result(ratio=3.5),  # 2: trained, worse than learning nothing (ratio > penalty)
-        result(diverged_step=0),  # 3: worst-value branch: max(2.0, 0.8, 3.5) = 3.5
-        result(ratio=9.0, pruned=True),  # 4: pruned: not a trained value, must not raise the worst
+        result(diverged_step=3),  # 1: diverged: the penalty, 2.0
+        result(ratio=3.5),  # 2: trained, worse than learning nothing (ratio > penalty): capped, 2.0
+        result(diverged_step=0),  # 3: diverged after it: 2.0 again
+        result(ratio=9.0, pruned=True),  # 4: pruned: no value
         result(ratio=float("nan")),  # 5: non-finite objective without a guard stop: also diverged
         result(ratio=1.2),  # 6: trained
+        result(ratio=1.8e7),  # 7: trained after every divergence, far worse than learning nothing
     ]
     calls = iter(script)
 
@@ -73,27 +78,32 @@ def test_divergence_value_takes_the_larger_of_penalty_and_worst_trained(tiny, mo
         assert w.run_trial(w.study.ask())
     t = w.study.trials
     states = [x.state.name for x in t]
-    assert states == ["COMPLETE", "COMPLETE", "COMPLETE", "COMPLETE", "PRUNED", "COMPLETE", "COMPLETE"]
+    assert states == ["COMPLETE"] * 4 + ["PRUNED"] + ["COMPLETE"] * 3
     values = [x.value for x in t]
-    assert values[0] == 0.8 and values[2] == 3.5 and values[6] == 1.2
-    assert values[1] == 2.0  # penalty wins
-    assert values[3] == 3.5  # the worst trained value wins
-    assert values[5] == 3.5  # not 9.0: a pruned trial is no trained value
-    assert [bool(x.user_attrs.get("diverged")) for x in t] == [False, True, False, True, False, True, False]
+    assert values == [0.8, 2.0, 2.0, 2.0, None, 2.0, 1.2, 2.0]
+    assert t[2].user_attrs["val_loss_ratio"] == 3.5 and t[7].user_attrs["val_loss_ratio"] == 1.8e7
+    assert [bool(x.user_attrs.get("diverged")) for x in t] == [
+        False,
+        True,
+        False,
+        True,
+        False,
+        True,
+        False,
+        False,
+    ]
     assert t[1].user_attrs["diverged_step"] == 3 and t[3].user_attrs["diverged_step"] == 0
     assert "diverged_step" not in t[5].user_attrs  # no guard stop: nothing to name
-    # Never better than any trial that trained (the README's promise), at every point of the sweep.
-    for i, x in enumerate(t):
-        if x.user_attrs.get("diverged"):
-            trained = [
-                y.value for y in t[:i] if y.state.name == "COMPLETE" and not y.user_attrs.get("diverged")
-            ]
-            assert x.value >= max(trained)
+    # Never better than any trial that trained (the README's promise), told before it or after
+    trained = [y.value for y in t if y.state.name == "COMPLETE" and not y.user_attrs.get("diverged")]
+    assert min(x.value for x in t if x.user_attrs.get("diverged")) >= max(trained)
+    assert not w.study.best_trial.user_attrs.get("diverged")
 
 
 def test_divergence_value_ignores_diverged_and_non_finite_values():
-    """Only finite values of trials that trained count: an earlier penalty (diverged=True) or an inf
-    objective must not ratchet the next penalty up."""
+    """A study told before the cap may hold trained values above the penalty; only finite values of
+    trials that trained count: an earlier penalty (diverged=True) or an inf objective must not ratchet
+    the next penalty up."""
     study = optuna.create_study()
     for value, diverged in [(0.5, False), (7.0, True), (math.inf, False)]:
         t = study.ask()

@@ -19,7 +19,7 @@ Layout (every top-level key is optional except ``space``; defaults in the datacl
     sampler: {name: tpe, seed: 0, n_startup_trials: 8}
     pruner: {name: median, n_startup_trials: 4, n_warmup_steps: 100}
     prune: {max_grad_norm: 1.0e6}   # gradient-health pruning bound on the pre-clip norm (null: off)
-    penalty: 2.0                    # objective floor of a diverged trial (1.0 = learned nothing)
+    penalty: 2.0                    # objective of a diverged trial, cap of a trained one (1.0 = learned nothing)
     heartbeat: {interval: 10, grace: 30}
     space:
       model.init_scale: {low: 0.25, high: 4.0, log: true}
@@ -100,7 +100,7 @@ class SweepConfig:
     sampler: SamplerConfig = SamplerConfig()  # how trials are proposed
     pruner: PrunerConfig = PrunerConfig()  # how trials are stopped early on their validation loss
     prune: PruneConfig = PruneConfig()  # how trials are stopped early on gradient health
-    penalty: float = 2.0  # objective floor of a diverged trial (1.0 = learned nothing)
+    penalty: float = 2.0  # objective of a diverged trial, cap of a trained one (1.0 = learned nothing)
     heartbeat: HeartbeatConfig = HeartbeatConfig()  # stale-trial detection on RDB storages
     space: tuple[Param, ...] = ()  # the search space, in file order
     # best: a trial logs model/weights.pt when it finishes as the best so far, so the final best trial always

@@ -3,9 +3,11 @@
 
 Diverged trials are COMPLETE, not FAIL: Optuna's samplers drop FAIL trials (a NaN objective is FAIL),
 so they would keep proposing the region that diverges (optuna #2864, #3472). The value is
-``max(penalty, worst finite value of the non-diverged trials so far)`` (:func:`divergence_value`):
-never better than a trial that trained, so TPE puts diverged points in its "bad" density and samples
-away from them (README, "Objective, divergence, pruning").
+``penalty`` (:func:`divergence_value`), and a trial that trained is told its ``val/loss_ratio`` capped
+at ``penalty`` (:func:`trained_value`): never better than a trial that trained, also one told later
+(a tell cannot be revised, and "the worst value so far" was beaten by a later trained trial of 1.8e7),
+so TPE puts diverged points in its "bad" density and samples away from them (README, "Objective,
+divergence, pruning").
 """
 
 from __future__ import annotations
@@ -191,6 +193,13 @@ def best_trial(study):
     return min(good, key=lambda t: t.value) if good else None
 
 
+def trained_value(val_loss_ratio: float, penalty: float) -> float:
+    """Objective of a trial that trained: its ``val/loss_ratio``, capped at ``penalty`` (a loss that
+    many times a model's that learned nothing is as bad as a divergence; the attr keeps the ratio)."""
+    return min(val_loss_ratio, penalty)
+
+
 def divergence_value(study, penalty: float) -> float:
-    """Objective of a diverged trial: never better than any trial that trained (see the module doc)."""
+    """Objective of a diverged trial: never better than any trial that trained (see the module doc).
+    ``penalty``, or the worst trained value where a study told before the cap holds a larger one."""
     return max([penalty, *(t.value for t in _trained(study))])

@@ -9,7 +9,8 @@ How a trial ends, in Optuna and in MLflow:
 =================  ===========================================  =====================================
 outcome            Optuna                                       MLflow child run
 =================  ===========================================  =====================================
-trained            COMPLETE, value = final val/loss_ratio       FINISHED
+trained            COMPLETE, value = final val/loss_ratio,      FINISHED
+                   capped at penalty
 pruned (val loss)  PRUNED, attr pruned_by=val_loss              FINISHED, tag pruned=true
 pruned (gradient)  PRUNED, attr pruned_by=grad_norm             FINISHED, tag pruned=true
 diverged           COMPLETE, value = penalty (see below),       FINISHED, tags regime=diverged,
@@ -43,10 +44,11 @@ from pipeline import signals as sigterm
 from pipeline.names import KIND, KIND_TRIAL, STUDY, TRIAL_NUMBER
 from pipeline.signals import Terminated, check_terminated, deferred, delivered, raise_terminated
 from pipeline.sweep import batch
+from pipeline.sweep import study as objective
 from pipeline.sweep.config import from_data
 from pipeline.sweep.owners import ask_owned, heartbeat, reap_stale
 from pipeline.sweep.stores import budget_lock, open_storage
-from pipeline.sweep.study import budget_left, divergence_value, make_pruner, make_sampler, suggest
+from pipeline.sweep.study import budget_left, make_pruner, make_sampler, suggest
 
 MAX_CONSECUTIVE_ERRORS = 3  # a worker whose trials keep raising stops instead of burning the budget
 
@@ -353,14 +355,14 @@ class Worker:
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
         if attrs["diverged"]:
-            value = divergence_value(self.study, self.sw.penalty)
+            value = objective.divergence_value(self.study, self.sw.penalty)
             self.study.tell(trial, value)
             state = "COMPLETE"
         elif r.pruned:
             self.study.tell(trial, state=TrialState.PRUNED)
             state, value = "PRUNED", None
         else:
-            value = r.val_loss_ratio
+            value = objective.trained_value(r.val_loss_ratio, self.sw.penalty)
             self.study.tell(trial, value)
             state = "COMPLETE"
         tag_run(self.mlflow_uri, r.run_id, outcome_tags(state, attrs["diverged"], value, pruned_by))
