@@ -28,8 +28,18 @@ _LAZY = {
     # A trained model back from its MLflow run (README, "Saved models and resuming").
     "load_run": "pipeline.training.saved",
     "LoadedRun": "pipeline.training.saved",
+    # A search_runs frame with NaN and +-inf read back as the runs recorded them (README, "The MLflow record").
+    "as_recorded": "pipeline.report.data",
 }
-__all__ = ["BPTTProfileMonitor", "GradientNormMonitor", "LoadedRun", "__version__", "load_run", "profile_rnn"]
+__all__ = [
+    "BPTTProfileMonitor",
+    "GradientNormMonitor",
+    "LoadedRun",
+    "__version__",
+    "as_recorded",
+    "load_run",
+    "profile_rnn",
+]
 
 
 def __getattr__(name: str):

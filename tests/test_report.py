@@ -784,3 +784,45 @@ def test_a_second_sweep_of_the_same_study_name_is_reported_alone(small_sweep, tm
         assert list(load_runs(target)["run_id"]) == [trial.run_id]
     first = resolve_target(small_sweep["uri"], study=STUDY)  # the store with one sweep: all its trials
     assert sorted(load_runs(first)["run_id"]) == sorted(t["run_id"] for t in small_sweep["trials"])
+
+
+def test_the_readmes_pandas_recipe_runs_verbatim_where_the_store_is(small_sweep, tmp_path):
+    """README, "The MLflow record": the recipe, run as written in the folder that holds ``mlflow.db``,
+    finds the vanishing runs of every experiment (a sweep's included: the recipe named only the
+    training runs' experiment, and found nothing after `make sweep`), with numeric init scales and the
+    metrics MLflow holds (``as_recorded``'s NaN and inf: the table test above)."""
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"Compare runs in pandas.*?```python\n(.*?)```", text, re.S).group(1)
+    script = tmp_path / "recipe.py"
+    out = tmp_path / "runs.pkl"
+    last = block.strip().splitlines()[-1]  # the frame the recipe shows
+    script.write_text(f"{block}\n({last}).to_pickle({str(out)!r})\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["PYTHONPATH"] = str(ROOT)
+    r = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=small_sweep["base"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    import pandas as pd
+
+    got = pd.read_pickle(out).to_dict()
+    c = _client(small_sweep["uri"])
+    vanishing = [t for t in small_sweep["trials"] if t["regime"] == "vanishing"]
+    assert vanishing
+    rows = got["tags.cell"].keys()
+    assert len(rows) == len(vanishing)
+    by_scale = sorted(got["params.model.init_scale"].values())
+    assert by_scale == sorted(t["init_scale"] for t in vanishing)  # numbers, not strings
+    want = sorted(
+        (_expected(c.get_run(t["run_id"]), "log10_ratio") for t in vanishing),
+        key=lambda v: (v is None, v or 0),
+    )
+    have = sorted(got["metrics.bptt/log10_ratio"].values(), key=lambda v: (v is None, v or 0))
+    assert all(_same(h, w) for h, w in zip(have, want, strict=True)), (have, want)
