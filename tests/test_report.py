@@ -826,3 +826,25 @@ def test_the_readmes_pandas_recipe_runs_verbatim_where_the_store_is(small_sweep,
     )
     have = sorted(got["metrics.bptt/log10_ratio"].values(), key=lambda v: (v is None, v or 0))
     assert all(_same(h, w) for h, w in zip(have, want, strict=True)), (have, want)
+
+
+def test_a_report_written_over_an_earlier_one_replaces_its_figures_and_logs_only_its_files(
+    small_sweep, tmp_path
+):
+    """An earlier report's figure of a task this one does not cover was left in the folder, and the
+    whole folder (a user's own file too) was logged to the sweep's parent run (found by a review)."""
+    from pipeline.report.write import build_report
+
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / "phase_diagram_copy.png").write_bytes(b"an earlier report's figure")
+    (out / "notes.txt").write_text("the user's")
+    res = build_report(small_sweep["uri"], study=STUDY, out=out)
+    assert not (out / "phase_diagram_copy.png").exists()
+    assert (out / "notes.txt").read_text() == "the user's"
+    assert {p.name for p in out.iterdir()} == set(res.files) | {"notes.txt"}
+    logged = {
+        a.path for a in _client(small_sweep["uri"]).list_artifacts(small_sweep["parent_run_id"], "report")
+    }
+    assert {f"report/{n}" for n in res.files} <= logged
+    assert not logged & {"report/notes.txt", "report/phase_diagram_copy.png"}

@@ -206,6 +206,10 @@ NOTES = (
 )
 
 
+# The figures a report draws, per task (figures()): an earlier report's in the same folder are removed.
+FIGURE_FILES = ("phase_diagram*.png", "profiles*.png", "grad_norms*.png")
+
+
 def write(data: rd.ReportData, out: Path) -> ReportResult:
     out.mkdir(parents=True, exist_ok=True)
     table = data.table
@@ -265,6 +269,9 @@ def write(data: rd.ReportData, out: Path) -> ReportResult:
     ]
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")
     res.files.update({"report.html": out / "report.html", "report.md": out / "report.md"})
+    for stale in (f for pattern in FIGURE_FILES for f in out.glob(pattern)):
+        if stale.name not in res.files:  # an earlier report's figure of a task this one does not cover
+            stale.unlink()
     return res
 
 
@@ -302,7 +309,7 @@ def build_report(
     out: str | Path | None = None,
     log_to_parent: bool = True,
 ) -> ReportResult:
-    """Resolve, read (bulk), draw, write; log the folder to the sweep's parent run as ``report/``.
+    """Resolve, read (bulk), draw, write; log the files written to the sweep's parent run as ``report/``.
 
     Raises ConfigError (nothing written) for a missing store, an unknown experiment or study, or one
     without runs.
@@ -319,5 +326,7 @@ def build_report(
         check_out(target, "--out", " (the default folder: pass --out DIR)")
     res = write(data, target)
     if log_to_parent and data.target.parent_run_id:
-        client(uri).log_artifacts(data.target.parent_run_id, str(target), "report")
+        c = client(uri)
+        for path in res.files.values():  # what this report wrote, not whatever else the folder holds
+            c.log_artifact(data.target.parent_run_id, str(path), "report")
     return res
