@@ -348,13 +348,14 @@ def test_no_log_logs_nothing_and_says_nothing_of_the_parent_run(small_sweep, tmp
     from pipeline.cli import main
 
     logged = []
-    monkeypatch.setattr(MlflowClient, "log_artifacts", lambda self, *a, **k: logged.append(a))
+    monkeypatch.setattr(MlflowClient, "log_artifact", lambda self, *a, **k: logged.append(a))
     argv = ["report", "--store", small_sweep["uri"], "--study", STUDY, "--out", str(tmp_path / "r")]
     assert main([*argv, "--no-log"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"report '{STUDY}'") and "parent run" not in out and logged == []
     assert main(argv) == 0  # without it: logged, and said
-    assert "logged to the sweep's parent run" in capsys.readouterr().out and len(logged) == 1
+    assert "logged to the sweep's parent run" in capsys.readouterr().out
+    assert sorted(Path(a[1]).name for a in logged) == sorted(p.name for p in (tmp_path / "r").iterdir())
 
 
 def test_whole_experiment_target_excludes_the_sweep_parent(small_sweep, tmp_path):
@@ -848,3 +849,28 @@ def test_a_report_written_over_an_earlier_one_replaces_its_figures_and_logs_only
     }
     assert {f"report/{n}" for n in res.files} <= logged
     assert not logged & {"report/notes.txt", "report/phase_diagram_copy.png"}
+
+
+def test_a_report_of_a_sweep_in_progress_says_so_and_marks_running_and_pruned_points(small_sweep, tmp_path):
+    """Read while trials still trained, a report looked final: no word in its header, a RUNNING trial
+    drawn as solved from the tags it had so far, grey points missing from the legend; pruned runs looked
+    like finished ones (found by a review)."""
+    from pipeline.report import data as rd
+    from pipeline.report.figures import _marker, _phase_legend
+    from pipeline.report.write import write
+
+    data = rd.load(small_sweep["uri"], study=STUDY)
+    table = data.table
+    solved = table.index[table["regime"] != "diverged"][0]
+    table.loc[solved, ["status", "solved"]] = ["RUNNING", "true"]
+    other = table.index[(table["regime"] != "diverged") & (table.index != solved)][0]
+    table.loc[other, ["pruned", "steps"]] = ["true", 150]
+    res = write(data, tmp_path / "r")
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "**in progress**: 1 runs still RUNNING when this was written: a partial report" in md
+    assert res.running == 1
+    assert "| pruned | steps |" in md
+    assert _marker(table.loc[solved]) == ("o", 90, "running")
+    assert _marker(table.loc[other])[::2] == ("v", "pruned@150")
+    labels = [h.get_label() for h in _phase_legend()]
+    assert "no verdict (running, failed)" in labels and "pruned (steps trained)" in labels

@@ -160,3 +160,27 @@ def test_summary_table_counts_solved_and_takes_medians_over_seeds(three_seeds):
     assert row["median_val_loss_ratio"] == pytest.approx(0.2)  # the mean would be 0.4
     assert row["median_val_accuracy"] == pytest.approx(0.8)
     assert row["regimes"] == "exploding 1, healthy 2"
+
+
+def test_a_running_point_is_grey_and_says_so_and_a_pruned_one_is_a_triangle_with_its_steps():
+    """A run still training is drawn grey with "running", whatever tags it holds so far (a RUNNING trial
+    read as solved was a star); a pruned run is a triangle labelled with the steps it trained, not a
+    finished-looking circle. Both have a legend entry."""
+    from matplotlib.colors import to_rgba
+
+    table = pd.DataFrame(
+        [
+            _run("run", 1e-3, 1.0, regime="healthy", solved="true", val_loss_ratio=0.01, status="RUNNING"),
+            _run("pru", 1e-2, 1.0, regime="healthy", val_loss_ratio=0.9, pruned="true", steps=150),
+            _run("fin", 1e-1, 1.0, regime="healthy", val_loss_ratio=0.5),
+        ]
+    ).astype({"steps": "Int64"})
+    fig = rr.phase_diagram(table, "adding")
+    (ax,) = fig.axes
+    running, pruned = _collection_at(ax, 1e-3, 1.0), _collection_at(ax, 1e-2, 1.0)
+    assert np.allclose(running.get_facecolor()[0], to_rgba(rr.REGIME_COLORS[None]))
+    assert np.allclose(running.get_paths()[0].vertices, _marker_path("o"))
+    assert np.allclose(pruned.get_paths()[0].vertices, _marker_path("v"))
+    assert {"running", "pruned@150", "0.5"} <= {t.get_text() for t in ax.texts}
+    legend = {t.get_text() for t in fig.legends[0].get_texts()}
+    assert {"no verdict (running, failed)", "pruned (steps trained)"} <= legend

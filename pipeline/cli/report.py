@@ -41,7 +41,8 @@ def command(args: argparse.Namespace) -> int:
     )
     regimes = ", ".join(f"{k} {v}" for k, v in res.regimes.items())
     killed = f"; {res.killed} killed runs left out" if res.killed else ""
-    print(f"report '{res.name}': {res.n_runs} runs ({regimes}){killed}")
+    running = f"; {res.running} runs still running: a partial report" if res.running else ""
+    print(f"report '{res.name}': {res.n_runs} runs ({regimes}){killed}{running}")
     print(f"  {res.files['report.html']}")
     print(f"  {res.files['report.md']}  {res.files['comparison.csv']}  {res.files['summary.csv']}")
     if res.parent_run_id and not args.no_log:

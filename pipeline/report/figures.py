@@ -119,10 +119,16 @@ def theory_applies(cell: str, init: str, g: float) -> bool:
 
 
 def _marker(r) -> tuple[str, int, str]:
-    """Marker, size and label of one run: diverged (X, the step), solved (star), else a circle."""
+    """Marker, size and label of one run: still running (a grey circle, whatever its tags say so far),
+    diverged (X, the step), pruned (a triangle, the steps it trained), solved (star), else a circle."""
+    if r.get("status") == "RUNNING":
+        return "o", 90, "running"
     if r["regime"] == DIVERGED:
         step = r["diverged_step"]  # Int64 in the table: a missing step is pd.NA, not None
         return "X", 110, f"div@{step}" if isinstance(step, (int, np.integer)) else "div"
+    if r.get("pruned") == "true":
+        steps = r.get("steps")
+        return "v", 110, f"pruned@{steps}" if isinstance(steps, (int, np.integer)) else "pruned"
     if r["solved"] == "true":
         return "*", 220, f"{r['val_loss_ratio']:.2g}"
     text = f"{r['val_loss_ratio']:.2g}" if not np.isnan(r["val_loss_ratio"]) else r["status"] or "?"
@@ -134,7 +140,7 @@ def _phase_points(ax, grp) -> None:
     x, y = _spread(grp["lr"].to_numpy(), grp["init_scale"].to_numpy())
     label_points = len(grp) <= 40
     for k, (xi, yi, (_, r)) in enumerate(zip(x, y, grp.iterrows(), strict=True)):
-        regime = r["regime"] if r["regime"] in REGIME_COLORS else None
+        regime = r["regime"] if r["regime"] in REGIME_COLORS and r.get("status") != "RUNNING" else None
         color = REGIME_COLORS[regime]
         marker, size, text = _marker(r)
         if regime != DIVERGED and outcome(r["val_loss_ratio"], r["solved"]) == "learned nothing":
@@ -166,13 +172,15 @@ def _phase_legend() -> list:
     from matplotlib.lines import Line2D
 
     handles = [
-        Line2D([], [], ls="", marker="o", color=c, markeredgecolor="k", label=k)
+        Line2D(
+            [], [], ls="", marker="o", color=c, markeredgecolor="k", label=k or "no verdict (running, failed)"
+        )
         for k, c in REGIME_COLORS.items()
-        if k
     ]
     return handles + [
         Line2D([], [], ls="", marker="*", color="w", markeredgecolor="k", markersize=11, label="solved"),
         Line2D([], [], ls="", marker="X", color="w", markeredgecolor="k", label="diverged (step)"),
+        Line2D([], [], ls="", marker="v", color="w", markeredgecolor="k", label="pruned (steps trained)"),
         Line2D(
             [],
             [],

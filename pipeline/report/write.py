@@ -41,6 +41,8 @@ SHOWN = [
     "decay_rate",
     "clip_rate",
     "diverged_step",
+    "pruned",
+    "steps",
     "regime_init",
     "max_norm_preclip",
     "seed",
@@ -69,6 +71,7 @@ class ReportResult:
     files: dict[str, Path] = field(default_factory=dict)
     n_runs: int = 0
     killed: int = 0  # KILLED runs left out
+    running: int = 0  # runs still RUNNING when the report read the store: a partial report
     regimes: dict[str, int] = field(default_factory=dict)
     parent_run_id: str | None = None
     table: Any = None
@@ -187,6 +190,7 @@ def _meta(data: rd.ReportData, n: int, regimes: dict[str, int]) -> list[tuple[st
             + (f" ({t.killed} killed runs left out: interrupted, retried or resumable)" if t.killed else ""),
         ),
         ("regimes", ", ".join(f"{k}: {v}" for k, v in regimes.items()) or "none"),
+        *_in_progress(data.table),
         ("generated", time.strftime("%Y-%m-%d %H:%M:%S")),
     ]
     if t.study:
@@ -194,6 +198,14 @@ def _meta(data: rd.ReportData, n: int, regimes: dict[str, int]) -> list[tuple[st
     if t.parent_run_id:
         meta.insert(3, ("sweep parent run", f"{t.parent_run_name} ({t.parent_run_id})"))
     return meta
+
+
+def _in_progress(table) -> list[tuple[str, str]]:
+    """The header's warning when runs were still RUNNING as the store was read (a sweep in progress)."""
+    running = int((table["status"] == "RUNNING").sum())
+    if not running:
+        return []
+    return [("in progress", f"{running} runs still RUNNING when this was written: a partial report")]
 
 
 NOTES = (
@@ -219,6 +231,7 @@ def write(data: rd.ReportData, out: Path) -> ReportResult:
         out,
         n_runs=len(table),
         killed=data.target.killed,
+        running=int((table["status"] == "RUNNING").sum()),
         regimes=regimes,
         parent_run_id=data.target.parent_run_id,
         table=table,
