@@ -394,4 +394,6 @@ def probe_existing_store(uri: str | None, flag: str, remedy: str) -> str:
     path = sqlite_file(u)
     if path is not None and not path.is_file():
         raise ConfigError(flag, f"no MLflow store at {path} ({remedy})")
+    if path is not None and path.stat().st_size == 0:  # sqlite reads it as an empty database: MLflow
+        raise ConfigError(flag, f"no MLflow store at {path}: the file is empty ({remedy})")  # would fill it
     return probe_store(u, flag, write=False)

@@ -480,6 +480,10 @@ def test_missing_store_is_an_error_and_not_created(tmp_path, capsys, monkeypatch
     rc, err = _cli(["--store", f"sqlite:///{db}"], capsys)
     assert rc == 2 and "no MLflow store" in err
     assert not db.exists() and not (tmp_path / "reports").exists()
+    db.touch()  # an empty file: sqlite reads it as an empty database, and MLflow filled it with its schema
+    rc, err = _cli(["--store", f"sqlite:///{db}"], capsys)
+    assert rc == 2 and f"no MLflow store at {db}: the file is empty" in err
+    assert db.stat().st_size == 0 and not (tmp_path / "reports").exists()
 
 
 # ------------------------------------------------------------------- figures say what the verdict means
