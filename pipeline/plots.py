@@ -181,9 +181,11 @@ def run_summary(regime: Any, val_loss_ratio: Any, solved: Any = None) -> str:
     so a healthy gradient flow that learned nothing does not read as a success."""
     try:
         r = float(val_loss_ratio)
-        loss = "" if math.isnan(r) else f"val loss {r:.2g} x baseline: "
     except (TypeError, ValueError):
-        loss = ""
+        r = math.nan
+    if regime == DIVERGED and not math.isfinite(r):  # an infinite loss is no measured one
+        return f"{DIVERGED}; no val loss"
+    loss = f"val loss {r:.2g} x baseline: " if math.isfinite(r) else ""
     what = DIVERGED if regime == DIVERGED else f"{regime} gradients"
     return f"{what}; {loss}{outcome(val_loss_ratio, solved)}"
 

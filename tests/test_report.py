@@ -603,6 +603,8 @@ def test_learned_nothing_does_not_look_like_success():
     assert plots.outcome(0.9) == "learned nothing" and plots.outcome(0.8999) == "partly learned"
     assert plots.outcome(None) == plots.outcome(float("nan")) == "no val loss"
     assert plots.run_summary("diverged", float("nan")) == "diverged; no val loss"
+    # MLflow's +-float64 max, read back as inf (pipeline.as_recorded): it read "val loss 1.8e+308 x baseline"
+    assert plots.run_summary("diverged", float("inf")) == "diverged; no val loss"
     fig = rr.phase_diagram(_one_panel_table(), "adding")
     ax = fig.axes[0]
     faces = [tuple(c.get_facecolors()[0]) for c in ax.collections]
