@@ -90,6 +90,7 @@ def test_passing_suite_exits_0_records_everything_and_update_shows_changes(store
     base = yaml.safe_load((tmp_path / "suite.baseline.yaml").read_text())
     accepted = dict(base["entries"]["tanh_g05"]["bptt/log10_ratio"])
     assert accepted["abs"] == 0.05 and accepted["value"] < -1
+    assert base["records"] == sum(len(m) for m in base["entries"].values()) > 0  # a cut-off file is seen
     assert "tanh_g05: bptt/log10_ratio" in out and "new" in out  # the diff of what changed
 
     assert main(["regress", "--suite", str(suite)]) == 0
@@ -294,6 +295,31 @@ def test_invalid_baseline_file_is_exit_2(store, tmp_path, capsys, suite_field, e
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and f"'{key}'" in err and "\n" not in err
     assert not (tmp_path / "mlflow.db").exists()
+
+
+ONE = "  tanh_g05:\n    bptt/log10_ratio: {value: -3.0, abs: 0.05}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("", "entries"),  # empty
+        ("suite: tiny\nrecords: 1\nrecorded: {date: x}\n", "entries"),  # cut off before its entries
+        ("suite: tiny\nentries:\n", "entries"),  # cut off right after the key, an older file (no records)
+        (f"suite: tiny\nrecords: 2\nentries:\n{ONE}", "records"),  # cut off among them
+        (f"suite: tiny\nrecords: true\nentries:\n{ONE}", "records"),
+    ],
+    ids=["empty", "header-only", "no-entries", "cut-among-entries", "records-not-a-count"],
+)
+def test_a_baseline_file_empty_or_cut_off_is_refused_not_read_as_none_yet(store, tmp_path, capsys, text, key):
+    """A file that exists but lost its numbers (a bad merge, a partial write) passed the suite with
+    none of them compared, as "no baseline yet" (found by a review): one line, exit 2."""
+    suite = write_suite(tmp_path, TINY)
+    (tmp_path / "suite.baseline.yaml").write_text(text)
+    assert main(["regress", "--suite", str(suite)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and f"'suite.baseline.yaml: {key}'" in err and "\n" not in err
+    assert "--update-baseline" in err and not (tmp_path / "mlflow.db").exists()
 
 
 def test_update_baseline_refuses_a_banded_metric_that_is_not_recorded(store, tmp_path, capsys):

@@ -83,12 +83,22 @@ PROVENANCE = ("spread", "runs")
 SAFETY = 4.0
 
 
+# Restoring a baseline file that is empty or cut off (a bad merge, a partial write): what the errors say.
+RESTORE = "restore it from version control, or accept the suite's numbers again with --update-baseline"
+
+
 def load_baseline(path: str | Path) -> dict[str, dict[str, dict[str, float]]]:
-    """``{entry: {metric: {value, abs, rel[, spread, runs]}}}``; an absent file is an empty baseline."""
+    """``{entry: {metric: {value, abs, rel[, spread, runs]}}}``; an absent file is an empty baseline.
+
+    A file that exists but holds no ``entries`` (empty, or cut off before them), or fewer records than
+    its ``records:`` header counts (cut off among them), is refused in one line: read as no baseline,
+    it passed the suite with none of its numbers compared (found by a review)."""
     path = Path(path)
     if not path.exists():
         return {}
     data = read_yaml(path)
+    if data.get("entries") is None:
+        raise ConfigError(f"{path.name}: entries", f"missing or empty (the file cut off?): {RESTORE}")
     out: dict[str, dict[str, dict[str, float]]] = {}
     for entry, metrics in as_mapping(data.get("entries"), f"{path.name}: entries").items():
         for metric, rec in as_mapping(metrics, f"{path.name}: entries.{entry}").items():
@@ -107,6 +117,12 @@ def load_baseline(path: str | Path) -> dict[str, dict[str, dict[str, float]]]:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                     raise ConfigError(f"{key}.{k}", f"must be a number >= 0, got {v!r}")
             out.setdefault(entry, {})[metric] = {"value": float(rec["value"]), **band.to_dict(), **extra}
+    held, records = sum(len(m) for m in out.values()), data.get("records")
+    if records is not None and (isinstance(records, bool) or records != held):
+        raise ConfigError(
+            f"{path.name}: records",
+            f"the file holds {held} accepted numbers, its header {records!r} (cut off?): {RESTORE}",
+        )
     return out
 
 
@@ -280,6 +296,7 @@ def write_baseline(suite, values: dict, path: Path | None = None) -> Path:
     )
     doc = {
         "suite": suite.name,
+        "records": sum(len(m) for m in values.values()),  # what load_baseline checks: a file cut off
         "recorded": {
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "git_commit": git_commit(),
