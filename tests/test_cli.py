@@ -66,6 +66,33 @@ def test_a_full_disk_is_one_line_not_a_traceback(monkeypatch, capsys, error):
 
 
 @pytest.mark.parametrize(
+    ("verb", "flags", "code"),
+    [("train", [], 1), ("sweep", ["--config", "smoke"], 1), ("regress", ["--suite", "smoke"], 2)],
+)
+def test_a_store_locked_past_mlflows_wait_is_one_line_not_a_traceback(monkeypatch, capsys, verb, flags, code):
+    """SQLite's "database is locked" in the error's chain (another process held the store past MLflow's
+    20 s wait; a review held it with BEGIN EXCLUSIVE for 40 s and got about 200 lines) is one line;
+    exit 2 for regress, whose 1 says regression (README, "Regression suite"), else 1."""
+    import importlib
+    import sqlite3
+
+    from pipeline.cli import main
+
+    def fail(args):
+        try:
+            raise sqlite3.OperationalError("database is locked")
+        except sqlite3.OperationalError as e:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked [SQL: INSERT INTO runs]") from e
+
+    monkeypatch.setattr(importlib.import_module(f"pipeline.cli.{verb}"), "command", fail)
+    assert main([verb, *flags]) == code
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        "error: the MLflow store is locked by another process ("
+    ), err
+
+
+@pytest.mark.parametrize(
     ("verb", "flag", "kind"), [("sweep", "--config", "sweeps"), ("regress", "--suite", "regression")]
 )
 def test_help_names_every_shipped_config(verb, flag, kind):

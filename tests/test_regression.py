@@ -421,15 +421,41 @@ def test_a_law_that_fails_only_under_a_perturbation_refuses_the_baseline(store, 
     ).endswith("pass")
 
 
-def _nominal_ratio(tmp_path: Path, entry: dict) -> float:
+def test_a_law_between_entries_that_fails_only_under_a_perturbation_refuses_the_baseline(
+    store, tmp_path, capsys
+):
+    """README, "Baselines that hold on another machine": the laws must hold in every perturbed run, the
+    laws between entries (``compare:``) too, an entry not run again (``orth``, no baseline) read from
+    its nominal run. They were not checked there, and the baseline was written (found by a review)."""
+    suite = yaml.safe_load(yaml.safe_dump(TINY))
+    chaotic = yaml.safe_load(yaml.safe_dump(CHAOTIC))
+    orth = next(e for e in suite["entries"] if e["name"] == "orth")
+    gap = _nominal_ratio(tmp_path, chaotic) - _nominal_ratio(tmp_path, orth, "probe-orth")
+    suite["entries"].append(chaotic)
+    # tuned to this machine's exact trajectory: holds nominally, not after a 1-ulp nudge of tanh_g3
+    diff = {"metric": "bptt/log10_ratio", "a": "tanh_g3", "b": "orth", "min": gap - 1e-6, "max": gap + 1e-6}
+    suite["compare"] = [{"difference_of_runs": diff}]
+    path = write_suite(tmp_path, suite)
+    assert main(["regress", "--suite", str(path), "--update-baseline"]) == 1
+    out = capsys.readouterr().out
+    assert "baseline NOT written" in out and not (tmp_path / "suite.baseline.yaml").exists()
+    lines = out.splitlines()
+    assert next(ln for ln in lines if ln.startswith("tanh_g3 - orth: difference_of_runs")).endswith("pass")
+    assert any(
+        ln.startswith("~ulp1: tanh_g3 - orth: difference_of_runs") and ln.endswith("law violated")
+        for ln in lines
+    )
+
+
+def _nominal_ratio(tmp_path: Path, entry: dict, folder: str = "probe") -> float:
     from pipeline.regression.run import run_entry, start_suite_run
     from pipeline.regression.suite import load_suite
     from pipeline.tracking import client
 
     one = yaml.safe_load(yaml.safe_dump(TINY))
     one["entries"], one["compare"] = [{**entry, "checks": []}], []
-    (tmp_path / "probe").mkdir()
-    s = load_suite(write_suite(tmp_path / "probe", one))
+    (tmp_path / folder).mkdir()
+    s = load_suite(write_suite(tmp_path / folder, one))
     parent, exp = start_suite_run(s)
     rid = run_entry(s, entry["name"], parent, exp)
     return client(s.uri).get_run(rid).data.metrics["bptt/log10_ratio"]

@@ -91,6 +91,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(f"terminated ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): runs "
                   "closed as KILLED where the store could take it", file=sys.stderr)  # fmt: skip
             return 143
+        locked = store_locked(e)
+        if locked is not None:  # a traceback of about 200 lines (a review held the sqlite store for 40 s)
+            print(
+                f"error: the MLflow store is locked by another process ({locked}: it held the store past "
+                "MLflow's 20 s wait); what was running was closed as FAILED where the store could take "
+                "it: run the same command again when the store is free",
+                file=sys.stderr,
+            )
+            return 2 if args.verb == "regress" else 1  # regress: 1 says regression
         full = disk_full(e)
         if full is not None:  # a traceback of 100-170 lines said no more (a chaos walkthrough, tmpfs)
             print(
@@ -103,20 +112,39 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         raise
 
 
+def _first_line(x: BaseException) -> str:
+    return str(x).strip().splitlines()[0][:200] if str(x).strip() else type(x).__name__
+
+
+def _in_chain(e: BaseException, says) -> str | None:
+    """The first line of the first error in ``e``'s chain (causes and contexts) for which ``says``."""
+    seen: set[int] = set()
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if says(x):
+            return _first_line(x)
+        x = x.__cause__ or x.__context__
+    return None
+
+
+def store_locked(e: BaseException) -> str | None:
+    """SQLite's "database is locked" anywhere in ``e``'s chain (another process held the store past
+    the wait MLflow sets, PRAGMA busy_timeout 20000), as its first line, or None."""
+    return _in_chain(e, lambda x: "database is locked" in str(x))
+
+
 def disk_full(e: BaseException) -> str | None:
     """The first line of the error in ``e``'s chain that says the disk is full (ENOSPC, or SQLite's
     "database or disk is full"), or None."""
     import errno
 
-    seen: set[int] = set()
-    x: BaseException | None = e
-    while x is not None and id(x) not in seen:
-        seen.add(id(x))
-        text = str(x).strip().splitlines()[0][:200] if str(x).strip() else type(x).__name__
-        if (isinstance(x, OSError) and x.errno == errno.ENOSPC) or "database or disk is full" in str(x):
-            return text
-        x = x.__cause__ or x.__context__
-    return None
+    return _in_chain(
+        e,
+        lambda x: (
+            (isinstance(x, OSError) and x.errno == errno.ENOSPC) or "database or disk is full" in str(x)
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def update_baseline(
             say(f"\nbaseline NOT written: {e}")
             finish_suite_run(suite, parent, rows)
             return 1
-        perturbed, extra = _run_perturbed(suite, parent, exp_id, workers, say)
+        perturbed, extra = _run_perturbed(suite, results, parent, exp_id, workers, say)
     broken = [r for r in rows + extra if r.verdict in (LAW, ERROR)]
     if broken:
         say(format_table(rows + extra))
@@ -72,9 +72,10 @@ def update_baseline(
 
 
 def _run_perturbed(
-    suite: Suite, parent: str, exp_id: str, workers: int, say: Say
+    suite: Suite, nominal: dict[str, EntryResult], parent: str, exp_id: str, workers: int, say: Say
 ) -> tuple[dict[str, dict[str, EntryResult]], list[Row]]:
-    """The baselined entries again under each of :data:`PERTURBATIONS`: their results and law rows."""
+    """The baselined entries again under each of :data:`PERTURBATIONS`: their results and law rows
+    (the laws between entries read an entry not run again from ``nominal``)."""
     names = baselined(suite)
     perturbed, rows = {}, []
     say(f"measuring bands: {len(names)} baselined entries under {', '.join(PERTURBATIONS)}")
@@ -90,7 +91,7 @@ def _run_perturbed(
             perturbation=label,
         )
         perturbed[label] = collect(suite, {n: rid for n, (rid, _) in ids.items()}, parent, perturbation=label)
-        rows += judge_perturbed(suite, perturbed[label], label)
+        rows += judge_perturbed(suite, perturbed[label], label, nominal)
     return perturbed, rows
 
 
