@@ -39,12 +39,29 @@ DAG_ID = "rnn_gradient_regression"
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SUITE = "configs/regression/nightly.yaml"
 SCHEDULE = os.environ.get("AIRFLOW_VAR_RNN_REGRESSION_SCHEDULE", "@daily")
+
+
 # A training task that hangs (a stuck store, a deadlocked BLAS) fails after this and is retried, instead
 # of holding a worker slot forever; the whole nightly suite takes about 6 min wall on a shared 2-core
 # machine (README, "The suites and which law lives where"), so an hour per entry is ample.
-ENTRY_TIMEOUT = timedelta(minutes=float(os.environ.get("AIRFLOW_VAR_RNN_REGRESSION_ENTRY_TIMEOUT", "60")))
+def _env_number(name: str, default: str, kind: type) -> float:
+    """A parse-time setting, > 0: anything else is a broken DAG naming the variable, in one line (0 tasks
+    at once would never start an entry and, one run at a time, block every later night; a timeout of 0
+    or less failed each entry at once)."""
+    raw = os.environ.get(name, default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = None
+    if value is None or not value > 0 or value != value or value == float("inf"):
+        what = "an integer" if kind is int else "a number of minutes"
+        raise ValueError(f"{name} must be {what} > 0, got {raw!r}")
+    return value
+
+
+ENTRY_TIMEOUT = timedelta(minutes=_env_number("AIRFLOW_VAR_RNN_REGRESSION_ENTRY_TIMEOUT", "60", float))
 # Each entry trains with one intra-op thread: more at once than the worker's cores only oversubscribes them.
-MAX_PARALLEL = int(os.environ.get("AIRFLOW_VAR_RNN_REGRESSION_MAX_PARALLEL", "2"))
+MAX_PARALLEL = int(_env_number("AIRFLOW_VAR_RNN_REGRESSION_MAX_PARALLEL", "2", int))
 
 
 def _home() -> Path:

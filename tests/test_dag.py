@@ -77,6 +77,43 @@ def test_dag_parses_without_heavy_imports(tmp_path):
     assert r["retries"]["run_entry"] == 2
 
 
+BAD_SETTINGS = f"""
+import json, os
+from airflow.dag_processing.dagbag import DagBag
+out = []
+for name, value in json.loads({
+    json.dumps(
+        json.dumps(
+            [
+                ["AIRFLOW_VAR_RNN_REGRESSION_MAX_PARALLEL", "0"],
+                ["AIRFLOW_VAR_RNN_REGRESSION_MAX_PARALLEL", "two"],
+                ["AIRFLOW_VAR_RNN_REGRESSION_ENTRY_TIMEOUT", "-5"],
+                ["AIRFLOW_VAR_RNN_REGRESSION_ENTRY_TIMEOUT", "nan"],
+                ["AIRFLOW_VAR_RNN_REGRESSION_ENTRY_TIMEOUT", "0.5"],
+            ]
+        )
+    )
+}):
+    os.environ[name] = value
+    bag = DagBag(dag_folder={str(ROOT / "dags")!r})
+    out.append([name, value, list(bag.import_errors.values()), {DAG_ID!r} in bag.dags])
+    del os.environ[name]
+print('RESULT ' + json.dumps(out))
+"""
+
+
+def test_a_bad_parse_time_setting_is_a_broken_dag_naming_it(tmp_path):
+    """0 entries at once parsed, and would never start one (with one run at a time, blocking every later
+    night); a timeout of 0 or less failed every entry at once (found by a review). Each is an import
+    error naming the variable, as Airflow shows a broken DAG; a valid value parses."""
+    results = run_py(BAD_SETTINGS, airflow_env(tmp_path), timeout=300)
+    *bad, (_, _, errors, parsed) = results
+    assert errors == [] and parsed  # 0.5 minutes is a valid timeout
+    for name, value, errs, parsed in bad:
+        assert not parsed and len(errs) == 1, (name, value, errs)
+        assert f"{name} must be " in errs[0] and f"> 0, got {value!r}" in errs[0], errs[0]
+
+
 DRIVE = f"""
 import json, sys
 from datetime import datetime, timezone
