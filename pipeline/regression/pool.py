@@ -23,6 +23,10 @@ _busy = False  # in a pool worker: an entry is training (its run open) in the ma
 
 ORPHAN_POLL_S = 1.0  # how often a pool worker checks that the suite's process is still its parent
 ORPHAN_GRACE_S = 60.0  # after its SIGTERM to itself, how long an orphaned worker has to close its run
+# After the SIGTERM the suite forwards, how long a worker has to close its run KILLED (a store write may
+# wait MLflow's 20 s on a lock) before it is killed: a worker that did not exit (seen once, when a whole
+# process group's SIGTERM reached it first) held the suite forever in the pool's shutdown.
+KILL_AFTER_S = 60.0
 
 
 def _worker_init() -> None:
@@ -149,9 +153,17 @@ def run_all(
             # Ctrl-C or SIGTERM here (or a failure): every worker gets a SIGTERM, so its entry's run is
             # closed KILLED (train.run) and an entry already queued to it is not started; then wait for
             # them, so that none outlives the suite
-            for proc in list(getattr(pool, "_processes", {}).values()):
+            procs = list(getattr(pool, "_processes", {}).values())
+            for proc in procs:
                 with contextlib.suppress(OSError):
                     proc.terminate()
+            deadline = time.monotonic() + KILL_AFTER_S
+            for proc in procs:
+                proc.join(max(0.0, deadline - time.monotonic()))
+            for proc in procs:
+                if proc.is_alive():  # its run, left RUNNING, is closed KILLED by the next regress
+                    with contextlib.suppress(OSError):
+                        proc.kill()
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     return out
