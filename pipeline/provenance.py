@@ -30,15 +30,25 @@ from pipeline.names import (
 
 @functools.lru_cache(maxsize=1)
 def git_commit() -> str:
+    """The commit of the checkout holding the package, ``<sha>-dirty`` (``git describe``'s word) when a
+    tracked file of the package differs from it: a run or a baseline recorded from modified code claimed
+    the clean commit (found by a review). ``unknown`` without a checkout."""
+    here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here
+        )
+        sha = out.stdout.strip()
+        if not sha or out.returncode != 0:
+            return "unknown"
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
             capture_output=True,
             text=True,
             timeout=5,
-            cwd=Path(__file__).resolve().parent,
+            cwd=here,
         )
-        return out.stdout.strip() or "unknown"
+        return f"{sha}-dirty" if changed.returncode == 0 and changed.stdout.strip() else sha
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

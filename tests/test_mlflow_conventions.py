@@ -351,3 +351,31 @@ def test_a_store_named_by_path_keeps_its_artifacts_beside_it(tmp_path, monkeypat
     exp = MlflowClient(here).get_experiment_by_name("test")
     assert exp.artifact_location == str(tmp_path / "cwd" / "mlruns" / exp.experiment_id)
     assert MlflowClient(here).get_run(h.run_id).info.artifact_uri.startswith(exp.artifact_location)
+
+
+def test_git_commit_says_dirty_when_the_packages_tracked_code_differs_from_it(tmp_path):
+    """README, "The MLflow record": ``git_commit`` is the commit of the pipeline's code; a run or a
+    baseline recorded from modified code claimed the clean commit (found by a review). A clone of this
+    repository: its HEAD when clean, ``<HEAD>-dirty`` with a tracked file of the package changed; a new
+    untracked file or a change outside the package leaves it clean."""
+    clone = tmp_path / "clone"
+    _git("clone", "-q", str(ROOT), str(clone), cwd=tmp_path)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    code = "from pipeline.provenance import git_commit; print(git_commit())"
+
+    def commit() -> str:
+        env = {**os.environ, "PYTHONPATH": str(clone)}
+        r = subprocess.run(
+            [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert r.returncode == 0, r.stderr
+        return r.stdout.strip()
+
+    (clone / "pipeline" / "scratch_notes.py").write_text("# untracked\n")
+    (clone / "README.md").write_text("changed outside the package\n")
+    assert commit() == head
+    with (clone / "pipeline" / "names.py").open("a") as f:
+        f.write("# a local change\n")
+    assert commit() == f"{head}-dirty"
