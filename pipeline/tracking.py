@@ -16,12 +16,14 @@ finite number in disguise.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,32 @@ def ensure_experiment(uri: str | None, name: str) -> str:
     Call once in the parent process before any worker starts: concurrent first-time schema creation
     on a fresh sqlite/PostgreSQL store loses workers (README, "Faults and resuming").
     """
+    path = sqlite_file(resolve_uri(uri))
+    with _creating(path):
+        return _ensure_experiment(uri, name, path)
+
+
+@contextlib.contextmanager
+def _creating(path: Path | None) -> Iterator[None]:
+    """An exclusive flock on a sqlite store's file while its schema and experiment may be created.
+    Processes started together on a fresh store (two ``regress``, two ``train``) each ran MLflow's
+    migrations: the losers failed, and once every one did, leaving a store that no later command
+    could open (``table _alembic_tmp_latest_metrics already exists``; found by a review). SQLite locks
+    with fcntl, which is independent of flock on Linux, so the store's own file serves."""
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    with open(path, "ab") as f:  # an empty file is a store about to be made (MLflow creates its schema)
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _ensure_experiment(uri: str | None, name: str, path: Path | None) -> str:
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -59,7 +87,6 @@ def ensure_experiment(uri: str | None, name: str) -> str:
         raise store_error(
             resolve_uri(uri), f"cannot be opened ({first})", "tracking.uri", "check the server"
         ) from None
-    path = sqlite_file(resolve_uri(uri))
     if path is not None:
         use_wal(path)
     if exp is not None:

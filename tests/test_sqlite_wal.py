@@ -122,3 +122,36 @@ def test_a_wal_store_in_a_directory_the_reader_cannot_write_is_named_in_one_line
     monkeypatch.setattr(store_checks, "_wal_mode", lambda p: False)  # the same failure, not a WAL store
     with pytest.raises(StoreError, match="not a readable MLflow database"):
         store_checks.check_sqlite_store(f"sqlite:///{path}", path)
+
+
+def test_processes_started_together_on_a_fresh_store_all_open_it(tmp_path):
+    """Commands started together on a store that does not exist yet (two `regress` in a fresh CI
+    workspace) each ran MLflow's migrations: the losers failed with "table latest_metrics already
+    exists" or an alembic error, and once all did, leaving a store no later command could open (found
+    by a review). The schema and the experiment are created under a lock on the store's file."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = f"from pipeline.tracking import ensure_experiment; print(ensure_experiment({uri!r}, 'regression'))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(4)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err.decode()[-500:] for _, err in outs]
+    ids = {out.decode().strip() for out, _ in outs}
+    assert len(ids) == 1, ids
+    c = MlflowClient(uri)
+    assert c.get_experiment_by_name("regression").experiment_id in ids
+    assert sqlite_problem(tmp_path / "mlflow.db") is None
