@@ -447,6 +447,29 @@ def test_a_law_between_entries_that_fails_only_under_a_perturbation_refuses_the_
     )
 
 
+def test_update_baseline_refuses_while_an_included_suites_number_is_out_of_its_band(store, tmp_path, capsys):
+    """An included suite's accepted numbers are that suite's to accept (its own --update-baseline). With
+    one of them out of band, the including suite's update wrote its own file and then exited 1, the
+    status that says refused and untouched (found by a review); it is refused before any rerun."""
+    child = yaml.safe_load(yaml.safe_dump(TINY))
+    child["name"], child["compare"] = "child", []
+    child["entries"] = child["entries"][:1]  # tanh_g05, banded: bptt/log10_ratio about -3
+    (tmp_path / "child.yaml").write_text(yaml.safe_dump(child, sort_keys=False))
+    planted = {"suite": "child", "entries": {"tanh_g05": {"bptt/log10_ratio": {"value": 5.0, "abs": 0.05}}}}
+    (tmp_path / "child.baseline.yaml").write_text(yaml.safe_dump(planted))
+    top = yaml.safe_load(yaml.safe_dump(TINY))
+    top["include"], top["compare"] = "child.yaml", []
+    top["entries"] = [{**top["entries"][0], "name": "own"}]
+    path = write_suite(tmp_path, top)
+    assert main(["regress", "--suite", str(path), "--update-baseline"]) == 1
+    out = capsys.readouterr().out
+    assert "baseline NOT written" in out and "suite's own --update-baseline" in out
+    assert not (tmp_path / "suite.baseline.yaml").exists()
+    assert "  REGRESSION: tanh_g05: bptt/log10_ratio: " in out, out  # the included entry's row
+    _, everything = runs(store)
+    assert not [r for r in everything if r.data.tags.get("perturbation")]  # refused before the reruns
+
+
 def _nominal_ratio(tmp_path: Path, entry: dict, folder: str = "probe") -> float:
     from pipeline.regression.run import run_entry, start_suite_run
     from pipeline.regression.suite import load_suite
