@@ -57,17 +57,20 @@ def ensure_experiment(uri: str | None, name: str) -> str:
 
 @contextlib.contextmanager
 def _creating(path: Path | None) -> Iterator[None]:
-    """An exclusive flock on a sqlite store's file while its schema and experiment may be created.
-    Processes started together on a fresh store (two ``regress``, two ``train``) each ran MLflow's
-    migrations: the losers failed, and once every one did, leaving a store that no later command
-    could open (``table _alembic_tmp_latest_metrics already exists``; found by a review). SQLite locks
-    with fcntl, which is independent of flock on Linux, so the store's own file serves."""
+    """An exclusive flock on ``<store>.create-lock`` beside a sqlite store while its schema and
+    experiment may be created. Processes started together on a fresh store (two ``regress``, two
+    ``train``) each ran MLflow's migrations: the losers failed, and once every one did, leaving a store
+    that no later command could open (``table _alembic_tmp_latest_metrics already exists``; found by a
+    review). Not the store's own file: closing any descriptor of a file drops every POSIX lock the
+    process holds on it, SQLite's included, which SQLite relies on to tell whether another connection
+    still reads the write-ahead log (a review of the first version; not reproduced here)."""
     if path is None:
         yield
         return
     import fcntl
 
-    with open(path, "ab") as f:  # an empty file is a store about to be made (MLflow creates its schema)
+    path.parent.mkdir(parents=True, exist_ok=True)  # as MLflow makes a sqlite store's folder
+    with open(f"{path}.create-lock", "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
