@@ -322,6 +322,16 @@ def test_a_baseline_file_empty_or_cut_off_is_refused_not_read_as_none_yet(store,
     assert "--update-baseline" in err and not (tmp_path / "mlflow.db").exists()
 
 
+def test_update_baseline_rewrites_a_cut_off_file_the_remedy_its_error_names(store, tmp_path, capsys):
+    """The refusal above names --update-baseline; it refused the same file (a review)."""
+    suite = write_suite(tmp_path, TINY)
+    (tmp_path / "suite.baseline.yaml").write_text(f"suite: tiny\nrecords: 2\nentries:\n{ONE}")
+    assert main(["regress", "--suite", str(suite), "--update-baseline"]) == 0
+    base = yaml.safe_load((tmp_path / "suite.baseline.yaml").read_text())
+    assert base["records"] == 1 and list(base["entries"]) == ["tanh_g05"]
+    assert main(["regress", "--suite", str(suite)]) == 0
+
+
 def test_update_baseline_refuses_a_banded_metric_that_is_not_recorded(store, tmp_path, capsys):
     """Accepting nothing for it would drop the metric from the file and pass from then on."""
     bad = yaml.safe_load(yaml.safe_dump(TINY))

@@ -87,17 +87,19 @@ SAFETY = 4.0
 RESTORE = "restore it from version control, or accept the suite's numbers again with --update-baseline"
 
 
-def load_baseline(path: str | Path) -> dict[str, dict[str, dict[str, float]]]:
+def load_baseline(path: str | Path, whole: bool = True) -> dict[str, dict[str, dict[str, float]]]:
     """``{entry: {metric: {value, abs, rel[, spread, runs]}}}``; an absent file is an empty baseline.
 
-    A file that exists but holds no ``entries`` (empty, or cut off before them), or fewer records than
-    its ``records:`` header counts (cut off among them), is refused in one line: read as no baseline,
-    it passed the suite with none of its numbers compared (found by a review)."""
+    With ``whole``, a file that exists but holds no ``entries`` (empty, or cut off before them), or
+    another number of records than its ``records:`` header counts (cut off among them, or edited by
+    hand without it), is refused in one line: read as no baseline, it passed the suite with none of its
+    numbers compared (found by a review). ``--update-baseline`` reads its own file without (it rewrites
+    it: the remedy the error names)."""
     path = Path(path)
     if not path.exists():
         return {}
     data = read_yaml(path)
-    if data.get("entries") is None:
+    if whole and data.get("entries") is None:
         raise ConfigError(f"{path.name}: entries", f"missing or empty (the file cut off?): {RESTORE}")
     out: dict[str, dict[str, dict[str, float]]] = {}
     for entry, metrics in as_mapping(data.get("entries"), f"{path.name}: entries").items():
@@ -118,10 +120,11 @@ def load_baseline(path: str | Path) -> dict[str, dict[str, dict[str, float]]]:
                     raise ConfigError(f"{key}.{k}", f"must be a number >= 0, got {v!r}")
             out.setdefault(entry, {})[metric] = {"value": float(rec["value"]), **band.to_dict(), **extra}
     held, records = sum(len(m) for m in out.values()), data.get("records")
-    if records is not None and (isinstance(records, bool) or records != held):
+    if whole and records is not None and (isinstance(records, bool) or records != held):
         raise ConfigError(
             f"{path.name}: records",
-            f"the file holds {held} accepted numbers, its header {records!r} (cut off?): {RESTORE}",
+            f"the file holds {held} accepted numbers, its header {records!r} (cut off? after an edit by "
+            f"hand, set records: {held}): {RESTORE}",
         )
     return out
 
@@ -135,7 +138,7 @@ def suite_baseline(suite, update: bool = False) -> dict[str, dict[str, dict[str,
     from the suite), a file whose ``suite:`` names another suite, or that holds an entry the suite does
     not have (a renamed entry, a typo) or a metric its entry no longer bands (a lost ``baseline:``).
     """
-    own = load_baseline(suite.baseline_path)
+    own = load_baseline(suite.baseline_path, whole=not update)
     if not update and suite.baseline_path.exists():
         header = read_yaml(suite.baseline_path).get("suite")
         if header is not None and header != suite.name:
