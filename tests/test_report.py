@@ -845,16 +845,19 @@ def test_a_report_written_over_an_earlier_one_replaces_its_figures_and_logs_only
     out = tmp_path / "r"
     out.mkdir()
     (out / "phase_diagram_copy.png").write_bytes(b"an earlier report's figure")
+    (out / "profiles_mine.png").write_bytes(b"a user's figure, that no report drew")
+    (out / "report.md").write_text("# earlier\n\n![Phase diagram (copy)](phase_diagram_copy.png)\n")
     (out / "notes.txt").write_text("the user's")
     res = build_report(small_sweep["uri"], study=STUDY, out=out)
     assert not (out / "phase_diagram_copy.png").exists()
     assert (out / "notes.txt").read_text() == "the user's"
-    assert {p.name for p in out.iterdir()} == set(res.files) | {"notes.txt"}
+    assert (out / "profiles_mine.png").read_bytes() == b"a user's figure, that no report drew"
+    assert {p.name for p in out.iterdir()} == set(res.files) | {"notes.txt", "profiles_mine.png"}
     logged = {
         a.path for a in _client(small_sweep["uri"]).list_artifacts(small_sweep["parent_run_id"], "report")
     }
     assert {f"report/{n}" for n in res.files} <= logged
-    assert not logged & {"report/notes.txt", "report/phase_diagram_copy.png"}
+    assert not logged & {"report/notes.txt", "report/phase_diagram_copy.png", "report/profiles_mine.png"}
 
 
 def test_a_report_of_a_sweep_in_progress_says_so_and_marks_running_and_pruned_points(small_sweep, tmp_path):

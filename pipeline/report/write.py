@@ -15,6 +15,7 @@ The folder is also logged as artifacts (``report/``) of the sweep's parent run, 
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import math
@@ -222,8 +223,24 @@ NOTES = (
 FIGURE_FILES = ("phase_diagram*.png", "profiles*.png", "grad_norms*.png")
 
 
+def _earlier_figures(out: Path) -> set[str]:
+    """The figures an earlier report in ``out`` drew: the images its ``report.md`` links, by name, of
+    the kinds a report draws (a folder without one holds none of ours, whatever its files are called)."""
+    import fnmatch
+    import re
+
+    md = out / "report.md"
+    try:
+        text = md.read_text(encoding="utf-8") if md.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        return set()
+    names = set(re.findall(r"!\[[^\]]*\]\(([^)/\\]+)\)", text))
+    return {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in FIGURE_FILES)}
+
+
 def write(data: rd.ReportData, out: Path) -> ReportResult:
     out.mkdir(parents=True, exist_ok=True)
+    earlier = _earlier_figures(out)
     table = data.table
     regimes = {k: int(v) for k, v in table["regime"].fillna("no verdict").value_counts().sort_index().items()}
     res = ReportResult(
@@ -282,9 +299,9 @@ def write(data: rd.ReportData, out: Path) -> ReportResult:
     ]
     (out / "report.md").write_text("\n".join(md), encoding="utf-8")
     res.files.update({"report.html": out / "report.html", "report.md": out / "report.md"})
-    for stale in (f for pattern in FIGURE_FILES for f in out.glob(pattern)):
-        if stale.name not in res.files:  # an earlier report's figure of a task this one does not cover
-            stale.unlink()
+    for name in earlier - set(res.files):  # an earlier report's figure of a task this one does not cover
+        with contextlib.suppress(FileNotFoundError):
+            (out / name).unlink()
     return res
 
 
