@@ -97,7 +97,28 @@ def test_a_diverged_trial_is_never_better_than_a_trained_one_told_before_or_afte
     # Never better than any trial that trained (the README's promise), told before it or after
     trained = [y.value for y in t if y.state.name == "COMPLETE" and not y.user_attrs.get("diverged")]
     assert min(x.value for x in t if x.user_attrs.get("diverged")) >= max(trained)
-    assert not w.study.best_trial.user_attrs.get("diverged")
+
+
+def test_in_a_study_told_before_the_cap_a_worse_ratio_is_never_told_better(tiny, monkeypatch):
+    """A resumed study holds a trained trial told 3.5 before the cap. A new trial of ratio 5.0 is
+    capped at 3.5 (what a divergence is told there), not at the penalty 2.0, which ranked it better
+    than the 3.5 one (a review)."""
+    w = fake_worker(tiny, penalty=2.0)
+    old = w.study.ask()
+    old.set_user_attr("diverged", False)
+    w.study.tell(old, 3.5)
+    script = iter([result(ratio=5.0), result(ratio=1.5), result(diverged_step=2)])
+
+    def run(cfg, on_done=None, **kw):
+        r = next(script)
+        if on_done is not None:
+            on_done(r)
+        return r
+
+    monkeypatch.setattr(train, "run", run)
+    for _ in range(3):
+        assert w.run_trial(w.study.ask())
+    assert [x.value for x in w.study.trials] == [3.5, 3.5, 1.5, 3.5]
 
 
 def test_divergence_value_ignores_diverged_and_non_finite_values():
@@ -120,3 +141,33 @@ def test_both_branches_on_one_study(penalty):
     for v in (0.3, 1.0):
         study.tell(study.ask(), v)
     assert divergence_value(study, penalty) == max(penalty, 1.0)
+
+
+def test_the_sweeps_best_value_is_the_best_trials_ratio_not_its_capped_value():
+    """Where every trial that trained did worse than the penalty, their told values tie at the cap: the
+    best is the one with the lowest ``val/loss_ratio``, and the summary's ``best_value`` is that ratio,
+    not the cap (a review)."""
+    from types import SimpleNamespace
+
+    from pipeline.sweep.summary import finalize
+
+    study = optuna.create_study()
+    for ratio in (7.0, 3.0):
+        t = study.ask()
+        t.set_user_attr("diverged", False)
+        t.set_user_attr("val_loss_ratio", ratio)
+        study.tell(t, 2.0)  # both capped
+
+    class Rec:
+        def __init__(self):
+            self.metrics = {}
+
+        def log_metrics(self, metrics, step):
+            self.metrics.update(metrics)
+
+        def __getattr__(self, name):  # tags, params, frames, flush: not read here
+            return lambda *a, **k: None
+
+    rec = Rec()
+    res = finalize(rec, study, SimpleNamespace(n_trials=2, space=[]), complete=True, plots=False)
+    assert res["best"].number == 1 and rec.metrics["best_value"] == 3.0  # the tie broken by the ratio

@@ -189,14 +189,23 @@ def _trained(study) -> list:
 
 
 def best_trial(study):
+    """The trial that trained with the lowest value; among those tied at the cap (:func:`trained_value`),
+    the lowest ``val/loss_ratio``."""
     good = _trained(study)
-    return min(good, key=lambda t: t.value) if good else None
+    return min(good, key=lambda t: (t.value, _attr_ratio(t))) if good else None
 
 
-def trained_value(val_loss_ratio: float, penalty: float) -> float:
-    """Objective of a trial that trained: its ``val/loss_ratio``, capped at ``penalty`` (a loss that
-    many times a model's that learned nothing is as bad as a divergence; the attr keeps the ratio)."""
-    return min(val_loss_ratio, penalty)
+def _attr_ratio(t) -> float:
+    v = t.user_attrs.get("val_loss_ratio")
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.inf
+
+
+def trained_value(study, val_loss_ratio: float, penalty: float) -> float:
+    """Objective of a trial that trained: its ``val/loss_ratio``, capped at what a diverged trial is
+    told (:func:`divergence_value`: ``penalty``, or a larger worst value in a study told before the
+    cap, so a worse ratio is never told better than it): a loss that many times a model's that learned
+    nothing is as bad as a divergence. The attr ``val_loss_ratio`` keeps the ratio."""
+    return min(val_loss_ratio, divergence_value(study, penalty))
 
 
 def divergence_value(study, penalty: float) -> float:

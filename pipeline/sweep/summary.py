@@ -27,6 +27,12 @@ if TYPE_CHECKING:
 REGIME_ORDER = (HEALTHY, VANISHING, EXPLODING, DIVERGED, UNKNOWN)
 
 
+def _ratio(t) -> float:
+    """A trained trial's val/loss_ratio: its attr (its told value is capped at the penalty)."""
+    v = t.user_attrs.get("val_loss_ratio")
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else t.value
+
+
 def trials_frame(study):
     """One row per trial: number, state, value, diverged, regime, pruned_by, run_id, params (``p.<key>``)."""
     import pandas as pd
@@ -153,7 +159,7 @@ def finalize(rec, study, sw, *, complete: bool, plots: bool = True) -> dict[str,
         "sweep_complete": str(complete).lower(),
     }
     if best is not None:
-        metrics.update({"best_value": best.value, "best_trial": best.number})
+        metrics.update({"best_value": _ratio(best), "best_trial": best.number})
         best_run = best.user_attrs.get("mlflow_run_id")
         tags.update({"best_trial": best.number, "best_run_id": best_run})
         if best_run:  # its model: pipeline.load_run(best_run_id) (README, "Saved models and resuming")
@@ -183,7 +189,7 @@ def print_summary(res: dict[str, Any], sw, mlflow_uri: str, experiment: str, out
     )
     if best is not None:
         print(
-            f"best trial #{best.number}: val/loss_ratio={best.value:.4f} regime={best.user_attrs.get('regime')}"
+            f"best trial #{best.number}: val/loss_ratio={_ratio(best):.4f} regime={best.user_attrs.get('regime')}"
             f" run={best.user_attrs.get('mlflow_run_id')}\n  {describe(best)}",
             file=out,
         )

@@ -362,7 +362,7 @@ class Worker:
             self.study.tell(trial, state=TrialState.PRUNED)
             state, value = "PRUNED", None
         else:
-            value = objective.trained_value(r.val_loss_ratio, self.sw.penalty)
+            value = objective.trained_value(self.study, r.val_loss_ratio, self.sw.penalty)
             self.study.tell(trial, value)
             state = "COMPLETE"
         tag_run(self.mlflow_uri, r.run_id, outcome_tags(state, attrs["diverged"], value, pruned_by))
