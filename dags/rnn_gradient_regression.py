@@ -51,7 +51,9 @@ def _env_number(name: str, default: str, kind: type) -> float:
     raw = os.environ.get(name, default)
     try:
         value = kind(raw)
-    except ValueError:
+        if kind is float:
+            timedelta(minutes=value)  # a huge one overflows there, naming nothing
+    except (ValueError, OverflowError):
         value = None
     if value is None or not value > 0 or value != value or value == float("inf"):
         what = "an integer" if kind is int else "a number of minutes"

@@ -29,7 +29,7 @@ _LAZY = {
     "load_run": "pipeline.training.saved",
     "LoadedRun": "pipeline.training.saved",
     # A search_runs frame with NaN and +-inf read back as the runs recorded them (README, "The MLflow record").
-    "as_recorded": "pipeline.report.data",
+    "as_recorded": "pipeline.tracking",
 }
 __all__ = [
     "BPTTProfileMonitor",

@@ -42,7 +42,9 @@ def git_commit() -> str:
         if not sha or out.returncode != 0:
             return "unknown"
         changed = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+            # no optional locks: a plain status may take .git/index.lock to refresh the index, and a
+            # user's own `git commit` meanwhile failed ("index.lock exists"; a review)
+            ["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no", "--", "."],
             capture_output=True,
             text=True,
             timeout=5,

@@ -349,3 +349,24 @@ class NullRecorder(Recorder):
 
     def close(self, status="FINISHED"):
         self.closed = True
+
+
+def as_recorded(runs):
+    """A ``mlflow.search_runs`` frame with each metric's latest value as the run recorded it, the
+    reading of what :class:`Recorder` writes (public: ``pipeline.as_recorded``). MLflow
+    keeps neither NaN nor inf (README, "The MLflow record"): a metric whose latest value was NaN keeps
+    its last finite value and the tag ``nonfinite.<metric>``, so it is NaN here; +-inf was stored as
+    +-float64 max, so it is +-inf here."""
+    import numpy as np
+
+    runs = runs.copy()
+    metric_cols = [c for c in runs.columns if c.startswith("metrics.")]
+    if metric_cols:
+        top = float(np.finfo(np.float64).max)
+        runs[metric_cols] = runs[metric_cols].replace({top: np.inf, -top: -np.inf})
+    prefix = f"tags.{NONFINITE_PREFIX}"
+    for col in (c for c in list(runs.columns) if c.startswith(prefix)):
+        nan_now = runs[col].notna().to_numpy()
+        if nan_now.any():
+            runs.loc[nan_now, "metrics." + col[len(prefix) :]] = np.nan
+    return runs

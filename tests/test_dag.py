@@ -89,6 +89,7 @@ for name, value in json.loads({
                 ["AIRFLOW_VAR_RNN_REGRESSION_MAX_PARALLEL", "two"],
                 ["AIRFLOW_VAR_RNN_REGRESSION_ENTRY_TIMEOUT", "-5"],
                 ["AIRFLOW_VAR_RNN_REGRESSION_ENTRY_TIMEOUT", "nan"],
+                ["AIRFLOW_VAR_RNN_REGRESSION_ENTRY_TIMEOUT", "1e300"],
                 ["AIRFLOW_VAR_RNN_REGRESSION_ENTRY_TIMEOUT", "0.5"],
             ]
         )

@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         locked = store_locked(e)
         if locked is not None:  # a traceback of about 200 lines (a review held the sqlite store for 40 s)
             print(
-                f"error: the MLflow store is locked by another process ({locked}: it held the store past "
-                "MLflow's 20 s wait); what was running was closed as FAILED where the store could take "
-                "it: run the same command again when the store is free",
+                f"error: a store is locked by another process ({locked}: it held the MLflow store or the "
+                "Optuna storage past the wait for it, 20 s for MLflow's); what was running was closed as "
+                "FAILED where the store could take it: run the same command again when it is free",
                 file=sys.stderr,
             )
             return 2 if args.verb == "regress" else 1  # regress: 1 says regression

@@ -32,7 +32,6 @@ from pipeline.names import (
     DIVERGED,
     KIND_SWEEP,
     KIND_TRIAL,
-    NONFINITE_PREFIX,
     REGIME,
     ROLE,
     STUDY,
@@ -40,6 +39,7 @@ from pipeline.names import (
 )
 from pipeline.names import KIND as KIND_TAG
 from pipeline.schema import ConfigError
+from pipeline.tracking import as_recorded
 from pipeline.uris import file_name
 
 DEFAULT_EXPERIMENT = "rnn-gradients"
@@ -248,26 +248,6 @@ def load_runs(target: Target):
         n for i, n in zip(target.experiment_ids, target.experiment_names, strict=True) if i in found
     ]
     return df
-
-
-def as_recorded(runs):
-    """A ``mlflow.search_runs`` frame with each metric's latest value as the run recorded it. MLflow
-    keeps neither NaN nor inf (README, "The MLflow record"): a metric whose latest value was NaN keeps
-    its last finite value and the tag ``nonfinite.<metric>``, so it is NaN here; +-inf was stored as
-    +-float64 max, so it is +-inf here."""
-    import numpy as np
-
-    runs = runs.copy()
-    metric_cols = [c for c in runs.columns if c.startswith("metrics.")]
-    if metric_cols:
-        top = float(np.finfo(np.float64).max)
-        runs[metric_cols] = runs[metric_cols].replace({top: np.inf, -top: -np.inf})
-    prefix = f"tags.{NONFINITE_PREFIX}"
-    for col in (c for c in list(runs.columns) if c.startswith(prefix)):
-        nan_now = runs[col].notna().to_numpy()
-        if nan_now.any():
-            runs.loc[nan_now, "metrics." + col[len(prefix) :]] = np.nan
-    return runs
 
 
 def _num(v: Any, kind: str) -> Any:
