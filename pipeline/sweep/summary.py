@@ -150,7 +150,9 @@ def finalize(rec, study, sw, *, complete: bool, plots: bool = True) -> dict[str,
     df = trials_frame(study)
     c = counts(study)
     best = best_trial(study)
-    metrics: dict[str, float] = {f"trials/{k}": c[k] for k in ("complete", "pruned", "diverged", "fail", "running", "waiting")}
+    metrics: dict[str, float] = {
+        f"trials/{k}": c[k] for k in ("complete", "pruned", "diverged", "fail", "running", "waiting")
+    }
     # n_trials as a tag too: the param is the first invocation's (MLflow params cannot change), and a
     # resume may raise the budget (README, "Faults and resuming")
     tags: dict[str, Any] = {
