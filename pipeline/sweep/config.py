@@ -222,7 +222,7 @@ def validate(sw: SweepConfig) -> None:
         check("prune.max_grad_norm", math.isfinite(bound), "a number", bound)
         check("prune.max_grad_norm", bound > 0, "> 0 or null", bound)
     check("penalty", math.isfinite(sw.penalty), "a number", sw.penalty)
-    # below 1 the cap on trained trials would tie every trial that learned anything at all less than well
+    # below 1 the cap on trained trials would tie trials that learned something (ratio < 1) with diverged ones
     check("penalty", sw.penalty >= 1, ">= 1 (1.0: the loss of a model that learned nothing)", sw.penalty)
     hb = sw.heartbeat
     _in_range("heartbeat.interval", hb.interval, 1, HEARTBEAT_MAX)

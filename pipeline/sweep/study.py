@@ -192,12 +192,13 @@ def best_trial(study):
     """The trial that trained with the lowest value; among those tied at the cap (:func:`trained_value`),
     the lowest ``val/loss_ratio``."""
     good = _trained(study)
-    return min(good, key=lambda t: (t.value, _attr_ratio(t))) if good else None
+    return min(good, key=lambda t: (t.value, trial_ratio(t, math.inf))) if good else None
 
 
-def _attr_ratio(t) -> float:
+def trial_ratio(t, default: float) -> float:
+    """A trial's attr ``val_loss_ratio`` (its told value is capped at the penalty), else ``default``."""
     v = t.user_attrs.get("val_loss_ratio")
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.inf
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else default
 
 
 def trained_value(study, val_loss_ratio: float, penalty: float) -> float:

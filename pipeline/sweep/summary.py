@@ -18,19 +18,13 @@ from typing import TYPE_CHECKING, Any, cast
 
 from pipeline.names import DIVERGED, EXPLODING, HEALTHY, UNKNOWN, VANISHING
 from pipeline.sweep.config import parent_run_name
-from pipeline.sweep.study import best_trial, counts
+from pipeline.sweep.study import best_trial, counts, trial_ratio
 from pipeline.uris import DEFAULT_URI, absolute_uri
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 REGIME_ORDER = (HEALTHY, VANISHING, EXPLODING, DIVERGED, UNKNOWN)
-
-
-def _ratio(t) -> float:
-    """A trained trial's val/loss_ratio: its attr (its told value is capped at the penalty)."""
-    v = t.user_attrs.get("val_loss_ratio")
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else t.value
 
 
 def trials_frame(study):
@@ -161,7 +155,7 @@ def finalize(rec, study, sw, *, complete: bool, plots: bool = True) -> dict[str,
         "sweep_complete": str(complete).lower(),
     }
     if best is not None:
-        metrics.update({"best_value": _ratio(best), "best_trial": best.number})
+        metrics.update({"best_value": trial_ratio(best, best.value), "best_trial": best.number})
         best_run = best.user_attrs.get("mlflow_run_id")
         tags.update({"best_trial": best.number, "best_run_id": best_run})
         if best_run:  # its model: pipeline.load_run(best_run_id) (README, "Saved models and resuming")
@@ -191,7 +185,8 @@ def print_summary(res: dict[str, Any], sw, mlflow_uri: str, experiment: str, out
     )
     if best is not None:
         print(
-            f"best trial #{best.number}: val/loss_ratio={_ratio(best):.4f} regime={best.user_attrs.get('regime')}"
+            f"best trial #{best.number}: val/loss_ratio={trial_ratio(best, best.value):.4f} "
+            f"regime={best.user_attrs.get('regime')}"
             f" run={best.user_attrs.get('mlflow_run_id')}\n  {describe(best)}",
             file=out,
         )
