@@ -157,7 +157,8 @@ def autograd_profile(module, path, batch, loss_fn=None, window_from=None):
     the module's training_step loss, or ``loss_fn(module, batch)``. ``window_from=a``: the loss terms that
     read the top layer's output before step a are left out (a hook zeroes that output's gradient there):
     the long-range profile's definition, by autograd."""
-    from pipeline.training.probe import NO_TRAINER_LOG, float64_copy, to_cpu64
+    from pipeline.training.copy64 import float64_copy, to_cpu64
+    from pipeline.training.probe import NO_TRAINER_LOG
 
     m = float64_copy(module)
     r = m.get_submodule(path)

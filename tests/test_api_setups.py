@@ -4,6 +4,8 @@ monitors on two RNNs of one module. Each profile is checked against full-graph f
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -19,8 +21,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 
 def compile_(fn):
     """torch.compile with the eager backend: the same dynamo wrappers (``OptimizedModule``, a compiled
-    bound method) as inductor's, without a C++ build per graph in the tests."""
-    return torch.compile(fn, backend="eager")
+    bound method) as inductor's, without a C++ build per graph in the tests. ``PIPELINE_COMPILE_BACKEND=
+    inductor`` runs them with torch's default backend (README, "torch.compile")."""
+    return torch.compile(fn, backend=os.environ.get("PIPELINE_COMPILE_BACKEND", "eager"))
 
 
 class ForwardCompiled(GRUClassifier):

@@ -9,7 +9,7 @@
 * ``comparison.csv`` (one row per run, full precision) and ``summary.csv`` (one row per
   (task, cell, init, g, lr, clip), aggregated over seeds).
 
-The folder is also logged as artifacts (``report/``) of the sweep's parent run, when there is one.
+The files written are also logged as artifacts (``report/``) of the sweep's parent run, when there is one.
 """
 
 from __future__ import annotations

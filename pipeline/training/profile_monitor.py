@@ -21,6 +21,7 @@ import torch
 from pipeline.bptt.foreign import check_memory_steps
 from pipeline.config import DiagnosticsConfig
 from pipeline.training import probe as probing
+from pipeline.training.copy64 import to_cpu64
 from pipeline.training.grad_monitor import GradientNormMonitor
 from pipeline.training.grad_window import Sink, _Logs
 
@@ -137,7 +138,7 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
         self.memory_steps = check_memory_steps(memory_steps)
         self.rnn, self.every_n_steps = rnn, int(every_n_steps)
         self.loss_fn = loss_fn
-        self.batch = None if batch is None else probing.to_cpu64(batch)
+        self.batch = None if batch is None else to_cpu64(batch)
         self._batch_given = batch is not None
         self.diagnostics = diagnostics or DiagnosticsConfig()
         self.sink = sink
@@ -213,7 +214,7 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.batch is None:
-            self.batch = probing.to_cpu64(batch)
+            self.batch = to_cpu64(batch)
             if not self.passes:
                 self.measure(trainer, pl_module)
 
