@@ -398,10 +398,10 @@ def test_killed_runs_are_left_out_and_counted(store, tmp_path, capsys):
 
     assert main(["report", "--experiment", "killed", "--out", str(tmp_path / "r"), "--no-log"]) == 0
     out = capsys.readouterr().out
-    assert "report 'killed': 1 runs (" in out and "; 1 killed runs left out" in out
+    assert "report 'killed': 1 run (" in out and "; 1 killed run left out" in out
     table = pd.read_csv(tmp_path / "r" / "comparison.csv")
     assert list(table["run_id"]) == [kept.run_id]
-    assert "**runs**: 1 (1 killed runs left out" in (tmp_path / "r" / "report.md").read_text()
+    assert "**runs**: 1 (1 killed run left out" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_make_report_default_finds_the_latest_sweep(small_sweep, tmp_path):
@@ -876,7 +876,7 @@ def test_a_report_of_a_sweep_in_progress_says_so_and_marks_running_and_pruned_po
     table.loc[other, ["pruned", "steps"]] = ["true", 150]
     res = write(data, tmp_path / "r")
     md = (tmp_path / "r" / "report.md").read_text()
-    assert "**in progress**: 1 runs still RUNNING when this was written: a partial report" in md
+    assert "**in progress**: 1 run still RUNNING when this was written: a partial report" in md
     assert res.running == 1
     assert "| pruned | steps |" in md
     assert _marker(table.loc[solved]) == ("o", 90, "running")

@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if getattr(args, "_missing", False):
         print(f"error: verb '{args.verb}' is not available in this build", file=sys.stderr)
         return 2
+    _quiet_locked_store_logs()
     try:
         return importlib.import_module(args._module).command(args)
     except ConfigError as e:
@@ -117,15 +118,39 @@ def _first_line(x: BaseException) -> str:
 
 
 def _in_chain(e: BaseException, says) -> str | None:
-    """The first line of the first error in ``e``'s chain (causes and contexts) for which ``says``."""
+    """The first line of the deepest error in ``e``'s chain (causes and contexts) for which ``says``:
+    the root cause's own words ("database is locked"), not a wrapper's, which SQLAlchemy prefixes with
+    notes such as "(raised as a result of Query-invoked autoflush; ...)" (seen with a real 45 s lock)."""
     seen: set[int] = set()
+    found = None
     x: BaseException | None = e
     while x is not None and id(x) not in seen:
         seen.add(id(x))
         if says(x):
-            return _first_line(x)
+            found = _first_line(x)
         x = x.__cause__ or x.__context__
-    return None
+    return found
+
+
+class _QuietLockedStore:
+    """A filter for MLflow's ``mlflow.store.db.utils`` logger: it logs a locked SQLite store as an ERROR
+    with the whole traceback (about 90 lines) before it raises, and :func:`main` then says the same in
+    one line. Only records whose exception is a locked store are dropped."""
+
+    def filter(self, record) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or store_locked(exc) is None
+
+
+_QUIET_LOCKED = _QuietLockedStore()
+
+
+def _quiet_locked_store_logs() -> None:
+    import logging
+
+    db_log = logging.getLogger("mlflow.store.db.utils")
+    if _QUIET_LOCKED not in db_log.filters:
+        db_log.addFilter(_QUIET_LOCKED)
 
 
 def store_locked(e: BaseException) -> str | None:

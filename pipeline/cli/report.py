@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from pipeline.report.write import build_report
+    from pipeline.report.write import build_report, runs
     from pipeline.schema import ConfigError
 
     for flag, v in (("--experiment", args.experiment), ("--study", args.study)):
@@ -40,9 +40,9 @@ def command(args: argparse.Namespace) -> int:
         args.store, experiment=args.experiment, study=args.study, out=args.out, log_to_parent=not args.no_log
     )
     regimes = ", ".join(f"{k} {v}" for k, v in res.regimes.items())
-    killed = f"; {res.killed} killed runs left out" if res.killed else ""
-    running = f"; {res.running} runs still running: a partial report" if res.running else ""
-    print(f"report '{res.name}': {res.n_runs} runs ({regimes}){killed}{running}")
+    killed = f"; {runs(res.killed, 'killed')} left out" if res.killed else ""
+    running = f"; {runs(res.running)} still running: a partial report" if res.running else ""
+    print(f"report '{res.name}': {runs(res.n_runs)} ({regimes}){killed}{running}")
     print(f"  {res.files['report.html']}")
     print(f"  {res.files['report.md']}  {res.files['comparison.csv']}  {res.files['summary.csv']}")
     if res.parent_run_id and not args.no_log:

@@ -188,7 +188,11 @@ def _meta(data: rd.ReportData, n: int, regimes: dict[str, int]) -> list[tuple[st
         (
             "runs",
             str(n)
-            + (f" ({t.killed} killed runs left out: interrupted, retried or resumable)" if t.killed else ""),
+            + (
+                f" ({runs(t.killed, 'killed')} left out: interrupted, retried or resumable)"
+                if t.killed
+                else ""
+            ),
         ),
         ("regimes", ", ".join(f"{k}: {v}" for k, v in regimes.items()) or "none"),
         *_in_progress(data.table),
@@ -201,12 +205,17 @@ def _meta(data: rd.ReportData, n: int, regimes: dict[str, int]) -> list[tuple[st
     return meta
 
 
+def runs(n: int, kind: str = "") -> str:
+    """'1 run', '2 killed runs': a count of runs as the report and its command line print it."""
+    return f"{n} {kind + ' ' if kind else ''}run{'' if n == 1 else 's'}"
+
+
 def _in_progress(table) -> list[tuple[str, str]]:
     """The header's warning when runs were still RUNNING as the store was read (a sweep in progress)."""
     running = int((table["status"] == "RUNNING").sum())
     if not running:
         return []
-    return [("in progress", f"{running} runs still RUNNING when this was written: a partial report")]
+    return [("in progress", f"{runs(running)} still RUNNING when this was written: a partial report")]
 
 
 NOTES = (
