@@ -41,6 +41,7 @@ SKIP_SIGNALS = ("both", "grad_norm", "loss")
 # Upper bounds of integer keys (README "Configuration reference"). Sizes (batch, val_size, probe_size,
 # seq_len, hidden_size) are bounded by the memory estimate of the machine that runs (pipeline.training.budget).
 SEED_MAX = 2**64 - 3  # torch.Generator.manual_seed takes an unsigned 64-bit seed; seed + 2 seeds the probe
+ULP_SEED_MAX = 2**64 - 1  # model.init_ulp_seed seeds its own generator
 STEPS_MAX = (
     2**63 - 1
 )  # the training stream's len() is a C ssize_t (OverflowError beyond); Lightning counts in int64
@@ -269,7 +270,12 @@ def validate(cfg: Config) -> None:
         m.init_scale,
     )
     check("model.forget_bias", math.isfinite(m.forget_bias), "finite", m.forget_bias)
-    check("model.init_ulp_seed", m.init_ulp_seed >= 0, ">= 0", m.init_ulp_seed)
+    check(  # torch.Generator.manual_seed takes an unsigned 64-bit seed (OverflowError beyond, mid-run)
+        "model.init_ulp_seed",
+        0 <= m.init_ulp_seed <= ULP_SEED_MAX,
+        f"in [0, {ULP_SEED_MAX}] (2^64 - 1)",
+        m.init_ulp_seed,
+    )
     _validate_diagonal(m)
     choice("optim.name", o.name, OPTIMIZERS)
     check("optim.lr", math.isfinite(o.lr) and o.lr > 0, "a finite number > 0", o.lr)
@@ -323,6 +329,7 @@ def validate(cfg: Config) -> None:
 
 def _validate_remedy(cfg: Config) -> None:
     r, f, s = cfg.remedy, cfg.remedy.floss, cfg.remedy.skip
+    steps = f"<= {STEPS_MAX} (2^63 - 1)"
     check("remedy.omega", math.isfinite(r.omega) and r.omega >= 0, "a finite number >= 0", r.omega)
     check("remedy.floss.weight", math.isfinite(f.weight) and f.weight >= 0, "a finite number >= 0", f.weight)
     # (h, c) for LSTM, (y, z) for lem and cornn; lru's N complex channels are 2N real numbers (Re, Im)
@@ -330,8 +337,13 @@ def _validate_remedy(cfg: Config) -> None:
     check(
         "remedy.floss.exponents", 1 <= f.exponents <= state, f"in [1, {state}] (the state size)", f.exponents
     )
-    check("remedy.floss.every", 1 <= f.every <= STEPS_MAX, ">= 1", f.every)
-    check("remedy.floss.until", f.until is None or 1 <= f.until <= STEPS_MAX, "null or >= 1", f.until)
+    check("remedy.floss.every", 1 <= f.every <= STEPS_MAX, f">= 1 and {steps}", f.every)
+    check(
+        "remedy.floss.until",
+        f.until is None or 1 <= f.until <= STEPS_MAX,
+        f"null, or >= 1 and {steps}",
+        f.until,
+    )
     check("remedy.floss.batch", f.batch >= 1, ">= 1", f.batch)
     if f.weight > 0:  # the trajectories are the training batch's first sequences
         b = cfg.task.batch_size

@@ -69,6 +69,18 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+def ui_command(uri: str) -> str:
+    """The command that serves the MLflow UI over store ``uri`` from the working directory: ``make ui`` in
+    this package's own checkout over its default store (what the Makefile's target serves), else the verb
+    itself, with ``--store`` unless ``uri`` is the default store here (a sweep run outside the checkout
+    printed ``make ui``, which there has no such target: a README audit)."""
+    default = absolute_uri(uri) == absolute_uri(DEFAULT_URI)
+    here = Path.cwd().resolve()
+    if default and here == Path(__file__).resolve().parents[1] and (here / "Makefile").is_file():
+        return "make ui"
+    return "python -m pipeline ui" + ("" if default else f" --store {uri}")
+
+
 def display_url(url: str) -> str:
     """The URL without a password (for logs and MLflow params)."""
     if "@" in url and "://" in url:

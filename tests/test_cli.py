@@ -206,3 +206,29 @@ def test_overrides_may_sit_between_flags(capsys):
     with pytest.raises(SystemExit) as e:  # a mistyped flag with a value is a flag, not an override
         main(["train", "--config", "smoke", "--print-confg=yes", "trainer.max_steps=2"])
     assert e.value.code == 2 and "unrecognized arguments: --print-confg=yes" in capsys.readouterr().err
+
+
+def test_the_ui_command_printed_is_one_that_runs_where_the_user_is(tmp_path, monkeypatch):
+    """`train`, `sweep` and `regress` end with the command that opens the MLflow UI on their store. `make
+    ui` serves ./mlflow.db of this checkout only: run elsewhere (a store beside one's own project) it was
+    "No rule to make target 'ui'" (a README audit), and for another store it served the wrong one."""
+    from pipeline.uris import ui_command
+
+    monkeypatch.chdir(ROOT)
+    assert ui_command("sqlite:///mlflow.db") == "make ui"
+    assert ui_command(f"sqlite:///{ROOT / 'mlflow.db'}") == "make ui"
+    other = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert ui_command(other) == f"python -m pipeline ui --store {other}"
+    monkeypatch.chdir(tmp_path)
+    assert ui_command("sqlite:///mlflow.db") == ui_command(other) == "python -m pipeline ui"
+    assert ui_command("http://127.0.0.1:5005") == "python -m pipeline ui --store http://127.0.0.1:5005"
+    r = cli(
+        "train",
+        "--config",
+        "smoke",
+        "trainer.max_steps=2",
+        "tracking.uri=sqlite:///elsewhere.db",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(review: python -m pipeline ui --store sqlite:///elsewhere.db)" in r.stdout, r.stdout

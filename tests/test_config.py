@@ -121,6 +121,11 @@ _EDGES = [
     (["task.name=digits", "task.seq_len=64"], "task.val_size", 898, 899),
     ([], "seed", 0, -1),
     ([], "seed", 2**64 - 3, 2**64 - 2),
+    ([], "model.init_ulp_seed", 2**64 - 1, 2**64),  # 2^64 passed and failed mid-run (a README audit)
+    ([], "trainer.max_steps", 2**63 - 1, 2**63),
+    ([], "remedy.floss.every", 2**63 - 1, 2**63),
+    ([], "remedy.floss.until", 2**63 - 1, 2**63),
+    ([], "remedy.skip.window", 1_000_000, 1_000_001),
     ([], "trainer.threads", 1024, 1025),
     ([], "optim.momentum", 0.0, -0.001),
     ([], "model.max_phase", "6.283185307179586", "6.2832"),  # 2 pi is allowed: (0, 2 pi]
@@ -149,6 +154,8 @@ def test_each_documented_edge_loads_and_the_next_value_is_refused(shared, key, e
     with pytest.raises(ConfigError) as e:
         load_config(None, [*shared, f"{key}={beyond}"])
     assert e.value.key == key and f"'{key}'" in str(e.value) and "\n" not in str(e.value)
+    if isinstance(edge, int) and beyond > edge:  # "what is allowed" names the bound crossed (it said ">= 1")
+        assert str(edge) in str(e.value), str(e.value)
 
 
 def test_file_and_override_reading_details(tmp_path):

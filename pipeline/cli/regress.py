@@ -77,6 +77,7 @@ def command(args: argparse.Namespace) -> int:
     check_suite_fits(suite, overrides, args.workers)
 
     from pipeline.store_checks import probe_store
+    from pipeline.uris import ui_command
 
     uri = probe_store(suite.uri, "defaults.tracking.uri")  # a corrupt or unreachable store: one line, exit 2
     print(
@@ -98,5 +99,7 @@ def command(args: argparse.Namespace) -> int:
         f"\n{suite.name}: {len(out.rows)} checks, {len(failing)} failing -> {out.verdict.upper()}"
         + (f"; {out.missing} without a baseline (accept with --update-baseline)" if out.missing else "")
     )
-    print(f"  recorded: experiment regression, parent run {out.parent_run_id} ({uri}; review: make ui)")
+    print(
+        f"  recorded: experiment regression, parent run {out.parent_run_id} ({uri}; review: {ui_command(uri)})"
+    )
     return 0 if out.verdict == "pass" else 1

@@ -88,7 +88,7 @@ def command(args: argparse.Namespace) -> int:
     )  # refuses what cannot fit in memory, before anything is allocated (README "Memory estimate")
     from pipeline.store_checks import probe_store
     from pipeline.tracking import ensure_experiment
-    from pipeline.uris import resolve_uri
+    from pipeline.uris import resolve_uri, ui_command
 
     if cfg.tracking.enabled:
         probe_store(cfg.tracking.uri)  # a corrupt or unreachable store: one line, exit 2, nothing written
@@ -121,5 +121,6 @@ def command(args: argparse.Namespace) -> int:
             f" grad/clip_rate={m['grad/clip_rate']:.3f}"
         )
     if cfg.tracking.enabled:
-        print(f"  store: {resolve_uri(cfg.tracking.uri)}  (review: make ui)")
+        uri = resolve_uri(cfg.tracking.uri)
+        print(f"  store: {uri}  (review: {ui_command(uri)})")
     return 0

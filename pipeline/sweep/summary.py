@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pipeline.names import DIVERGED, EXPLODING, HEALTHY, UNKNOWN, VANISHING
 from pipeline.sweep.config import parent_run_name
 from pipeline.sweep.study import best_trial, counts, trial_ratio
-from pipeline.uris import DEFAULT_URI, absolute_uri
+from pipeline.uris import ui_command
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -196,11 +196,7 @@ def print_summary(res: dict[str, Any], sw, mlflow_uri: str, experiment: str, out
     print("by regime:\n" + regime_table(res["frame"]), file=out)
     for n in res["notes"]:
         print(f"note: {n}", file=out)
-    ui = (
-        "make ui"
-        if mlflow_uri == absolute_uri(DEFAULT_URI)
-        else f"python -m pipeline ui --store {mlflow_uri}"
-    )
+    ui = ui_command(mlflow_uri)
     print(
         f"review in MLflow: {ui}   (then open http://127.0.0.1:5000, experiment '{experiment}', "
         f"run '{parent_run_name(sw.study)}')",
