@@ -455,6 +455,11 @@ def test_finite_spike_is_skipped_with_optimizer_state_untouched(tiny):
     assert guarded.before["state"] and _same(guarded.before, guarded.after)
     assert r.diverged_step is None and r.steps == 25 and r.metrics["train/skipped_steps"] == 1
     assert math.isfinite(r.val_loss) and r.val_loss_ratio < 2
+    # the dropped step's norm (~1e6) never reached the weights: not the run's largest norm, nor its verdict
+    # (it made the run `exploding` through diagnostics.explode_norm; a science audit)
+    plain = train.run(tiny(**SGD, **{"tracking.enabled": False}))  # no spike
+    assert plain.metrics["grad/max_norm_preclip"] < 100 and r.metrics["grad/max_norm_preclip"] < 100
+    assert r.regime == plain.regime != "exploding"
 
 
 def test_spike_that_stops_an_unguarded_run_is_trained_through_and_recorded(tiny, store):
