@@ -202,7 +202,9 @@ def test_overrides_may_sit_between_flags(capsys):
     assert "seq_len: 7" in out and "max_steps: 2" in out
     with pytest.raises(SystemExit) as e:  # a flag no verb knows is still argparse's one-line error
         main(["train", "--config", "smoke", "--bogus", "trainer.max_steps=2"])
-    assert e.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "unrecognized arguments: --bogus" in err
+    assert err.startswith("usage: python -m pipeline train [-h]"), err  # the verb's usage, not the top's
     with pytest.raises(SystemExit) as e:  # a mistyped flag with a value is a flag, not an override
         main(["train", "--config", "smoke", "--print-confg=yes", "trainer.max_steps=2"])
     assert e.value.code == 2 and "unrecognized arguments: --print-confg=yes" in capsys.readouterr().err

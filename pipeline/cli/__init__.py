@@ -41,7 +41,7 @@ def build_parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     for verb, (mod, help_) in VERBS.items():
         sp = sub.add_parser(verb, help=help_, description=help_)
-        sp.set_defaults(_module=mod)
+        sp.set_defaults(_module=mod, _parser=sp)  # _parser: the verb's own usage line in an error
         try:
             importlib.import_module(mod).add_arguments(sp)
         except ModuleNotFoundError as e:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
             args.overrides = [*(args.overrides or []), *extra]
         else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not args.verb:
         parser.print_help()
         return 2
