@@ -33,3 +33,13 @@ def test_every_logged_metric_and_tag_is_documented(store, tiny):
         if n not in documented and generic not in documented:
             missing.append(n)
     assert not missing, missing
+
+
+def test_every_public_python_name_is_documented():
+    """`pipeline.__all__` is the Python API (README, "Your own model"): each name in backticks there."""
+    import pipeline
+
+    missing = [n for n in pipeline.__all__ if f"`{n}`" not in README]
+    assert not missing, missing
+    listed = re.search(r"The public names are those of\s+`pipeline.__all__`:(.*?)\n\n", README, re.S)
+    assert listed and set(re.findall(r"`([A-Za-z_]+)`", listed.group(1))) == set(pipeline.__all__)
