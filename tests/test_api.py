@@ -736,3 +736,37 @@ def test_a_parametrized_recurrent_weight_is_profiled_inside_fit(tmp_path):
     frame = profile_rnn(model, "rnn", batch)
     got = frame[frame["state"] == "h"].sort_values("t")["log10_norm"].to_numpy()
     np.testing.assert_allclose(got, autograd_profile(model, "rnn", batch)[(0, "h")], atol=1e-9, rtol=0)
+
+
+def test_the_example_file_runs_as_the_readme_says(tmp_path):
+    """`python examples/own_model.py --mlflow` (README, "Your own model": "the whole runnable version"):
+    it ran, but no test did. Its printed numbers against the store it logged to."""
+    import os
+    import re
+
+    from mlflow.tracking import MlflowClient
+
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "own_model.py"), "--steps", "20", "--mlflow"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "steps 20;" in r.stdout and "  step    0: bptt/log10_ratio" in r.stdout, r.stdout
+    out = re.search(r"metrics: (\S+)/csv", r.stdout).group(1)
+    c = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    (run,) = c.search_runs([c.get_experiment_by_name("own-model").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert f"regime: {run.data.tags['regime']};" in r.stdout
+    printed = float(re.search(r"max pre-clip norm (\S+);", r.stdout).group(1))
+    assert printed == pytest.approx(
+        run.data.metrics["grad/max_norm_preclip"], rel=5e-3
+    )  # printed to 3 digits
+    top = float(re.search(r"step   20: bptt/log10_ratio (\S+) ", r.stdout).group(1))
+    assert top == pytest.approx(run.data.metrics["bptt/log10_ratio"], abs=0.006)
+    assert "diagnostics/bptt_profile.parquet" in [
+        a.path for a in c.list_artifacts(run.info.run_id, "diagnostics")
+    ]
