@@ -29,6 +29,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _result_seeds(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[int, ...]:
+    """The results table's seeds, checked before any bench runs (one line, exit 2)."""
+    try:
+        seeds = tuple(int(x) for x in args.result_seeds.split(","))
+    except ValueError:
+        ap.error(f"--result-seeds: not a comma list of integers: {args.result_seeds!r}")
+    if any(not 0 <= x < 2**63 for x in seeds) or len(set(seeds)) != len(seeds):
+        ap.error(f"--result-seeds: seeds must be distinct and in [0, 2^63), got {args.result_seeds!r}")
+    return seeds
+
+
 def _sweep_modes(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, ...]:
     """The sweep bench's modes; bad sweep flags stop here, before any bench runs (one line, exit 2)."""
     modes = tuple(m.strip() for m in args.sweep_modes.split(","))
@@ -88,6 +99,12 @@ def main() -> int:
     )
     ap.add_argument("--rows", default="", help="results: only the rows whose id contains this")
     ap.add_argument("--jobs", type=int, default=2, help="results: rows trained at once (default 2)")
+    ap.add_argument(
+        "--result-seeds",
+        default="0",
+        help="results: comma list of seeds, each row trained once per seed (default 0); with more than "
+        "one, a row per command over its seeds: solved k/n, median (range) of the loss ratio and accuracy",
+    )
     ap.add_argument("--gpu", action="store_true", help="run the train/profile benches on CUDA")
     ap.add_argument(
         "--seeds",
@@ -123,6 +140,7 @@ def main() -> int:
     )
     args = ap.parse_args()
     modes = _sweep_modes(ap, args)
+    result_seeds = _result_seeds(ap, args)
     import torch
 
     which = set(args.only.split(","))
@@ -169,7 +187,7 @@ def main() -> int:
         from .results_table import markdown
         from .results_table import run as results_run
 
-        results["results"] = results_run(args.rows, args.jobs)
+        results["results"] = results_run(args.rows, args.jobs, seeds=result_seeds)
         print(markdown(results["results"]) + "\n", flush=True)
     out = Path(args.out or (QUICK_OUT if args.quick else "benchmarks/results.json"))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -151,22 +151,70 @@ def _read(row: Row, folder: Path, wall: float) -> dict:
     }
 
 
-def run(rows: str = "", jobs: int = 2, out: str = "benchmarks/out/results") -> list[dict]:
-    """Train (or read) every row whose id contains ``rows``; the table rows in ROWS order."""
-    chosen = [r for r in ROWS if rows in r.id]
+def seeded(row: Row, seed: int) -> Row:
+    """``row`` with ``seed=N`` (seed 0, every row's own, is the row as it is, in its own folder as before)."""
+    return row if seed == 0 else Row(row.cell, row.task, row.T, (*row.args, f"seed={seed}"))
+
+
+def run(
+    rows: str = "", jobs: int = 2, out: str = "benchmarks/out/results", seeds: tuple[int, ...] = (0,)
+) -> list[dict]:
+    """Train (or read) every row whose id contains ``rows``, once per seed; the table rows in ROWS order,
+    each with its ``seed``."""
+    chosen = [(seeded(r, s), s) for r in ROWS if rows in r.id for s in seeds]
     base = ROOT / out
 
-    def one(row: Row) -> dict:
-        folder = base / row.id
-        return _read(row, folder, _train(row, folder))
+    def one(row_seed: tuple[Row, int]) -> dict:
+        row, seed = row_seed
+        folder = base / (row.id if seed == 0 else f"{row.id}-s{seed}")
+        return {**_read(row, folder, _train(row, folder)), "seed": seed}
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         return list(pool.map(one, chosen))
 
 
+def _spread(values: list) -> str:
+    """'0.093 (0.077-0.133)': the median and range over seeds of a column's numbers."""
+    x = sorted(v for v in values if isinstance(v, (int, float)) and not math.isnan(v))
+    if not x:
+        return "-"
+    mid = x[len(x) // 2] if len(x) % 2 else (x[len(x) // 2 - 1] + x[len(x) // 2]) / 2
+    return f"{mid:.3g} ({x[0]:.3g}-{x[-1]:.3g})" if x[0] != x[-1] else f"{mid:.3g}"
+
+
+def over_seeds(results: list[dict]) -> list[dict]:
+    """One row per table row over its seeds: solved k/n, each seed's first step below the solved level,
+    the median and range of the loss ratio and the accuracy, the verdicts met (the results table's
+    digits rows: a single run's "solved" flipped between two machines, README "Results")."""
+    groups: dict[str, list[dict]] = {}
+    for r in results:
+        groups.setdefault(r["command"].replace(f" seed={r['seed']}", ""), []).append(r)
+    out = []
+    for command, rs in groups.items():
+        first = rs[0]
+        out.append(
+            {
+                "cell": first["cell"],
+                "task": first["task"],
+                "T": first["T"],
+                "steps": first["steps"],
+                "seeds": ",".join(str(r["seed"]) for r in rs),
+                "solved at the end": f"{sum(r['solved'] == 'yes' for r in rs)}/{len(rs)}",
+                "first validation below": ", ".join(str(r["steps to solve"]) for r in rs),
+                "val/loss_ratio": _spread([r["val/loss_ratio"] for r in rs]),
+                "val/accuracy": _spread([r["val/accuracy"] for r in rs]),
+                "regime": ", ".join(sorted({r["regime"] for r in rs})),
+                "command": command + " seed=N",
+            }
+        )
+    return out
+
+
 def markdown(results: list[dict]) -> str:
-    """The README table, then the commands, one a row."""
-    cols = [c for c in results[0] if c not in ("command", "wall (s)")] if results else []
+    """The README table, then the commands, one a row (over seeds, one row per command: over_seeds)."""
+    if len({r.get("seed", 0) for r in results}) > 1:
+        results = over_seeds(results)
+    cols = [c for c in results[0] if c not in ("command", "wall (s)", "seed")] if results else []
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in results]
     cmds = [f"{r['command']}" for r in results]

@@ -62,6 +62,8 @@ def test_the_rate_from_the_first_start_leaves_the_sweeps_start_up_out():
         (["--only", "sweep", "--sweep-grid", "2:x:4"], "--sweep-grid: '2:x:4' is not W:K:N"),
         (["--only", "train", "--sweep-grid", "1:1:4"], "--sweep-grid: needs the sweep bench"),
         (["--only", "sweep", "--sweep-trials", "0"], "--sweep-trials: must be >= 1"),
+        (["--only", "results", "--result-seeds", "0,x"], "--result-seeds: not a comma list of integers"),
+        (["--only", "results", "--result-seeds", "1,1"], "--result-seeds: seeds must be distinct"),
     ],
 )
 def test_bad_bench_flags_stop_before_any_bench(tmp_path, args, needle):
@@ -129,3 +131,30 @@ def test_kernel_rows_time_every_kernel_of_a_cell(monkeypatch):
     assert all(row[k] > 0 for k in ("separate_ms", "loop_ms", "blockdiag_64_ms"))
     assert [[0, 1]] in planned and [[0], [1]] in planned  # the fused run, and the loop
     assert stack.KERNELS.get("lstm", "loop") == "loop"  # the bench leaves the shipped choice as it was
+
+
+def test_results_over_seeds_one_row_per_command():
+    """`--result-seeds 0,1,2`: each row once per seed (seed=N appended, seed 0 the row as it was), and the
+    table a row per command: solved k/n, each seed's first step below, median (range)."""
+    from benchmarks.results_table import ROWS, markdown, seeded
+
+    gru = next(r for r in ROWS if r.id == "digits_T64_gru")
+    assert seeded(gru, 0) is gru and seeded(gru, 2).args == (*gru.args, "seed=2")
+
+    def res(seed, solved, first, ratio, acc):
+        cmd = seeded(gru, seed).command
+        return {"cell": "gru", "task": "digits", "T": 64, "steps": 2400, "solved": solved,
+                "steps to solve": first, "val/loss_ratio": ratio, "val/accuracy": acc,
+                "regime": "vanishing -> healthy", "bptt/log10_ratio": "", "wall (s)": 1, "command": cmd,
+                "seed": seed}  # fmt: skip
+
+    md = markdown(
+        [res(0, "no", "-", 0.133, 0.93), res(1, "yes", 1900, 0.093, 0.934), res(2, "no", 2300, 0.12, 0.94)]
+    )
+    row = md.splitlines()[2]
+    assert (
+        row
+        == "| gru | digits | 64 | 2400 | 0,1,2 | 1/3 | -, 1900, 2300 | 0.12 (0.093-0.133) | 0.934 (0.93-0.94) | vanishing -> healthy |"
+    )
+    assert md.rstrip().splitlines()[-2] == gru.command + " seed=N"
+    assert "| 0.133 |" in markdown([res(0, "no", "-", 0.133, 0.93)])  # one seed: the plain table
