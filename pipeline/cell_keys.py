@@ -35,6 +35,21 @@ def reads_key(cell: str, init: str, key: str) -> bool:
     return cell in only.get(key, (cell,))
 
 
+DEFAULT_G = 3**-0.5  # PyTorch's U(-1/sqrt(H), 1/sqrt(H)) has variance 1/(3H): the g of N(0, g^2/H)
+_TORCH_INIT = ("tanh", "relu", "lstm", "gru")  # init: default keeps nn.RNN/LSTM/GRU's own W_hh
+
+
+def effective_scale(cell: str, init: str, init_scale: float) -> float | None:
+    """The scale g W_hh was drawn at: ``model.init_scale`` where the model reads it, 1/sqrt(3) for
+    PyTorch's own init (``init: default`` of tanh, relu, lstm and gru), None where no g describes the
+    recurrence (indrnn's default u ~ U(0, 1), the modern cells' own inits). Figures and the report's
+    phase diagram put a run at this g: a teacher's run at ``init: default`` with ``init_scale: 3``,
+    which trains PyTorch's init, was titled and placed at g=3 as vanishing (a teacher's review)."""
+    if reads_key(cell, init, "init_scale"):
+        return init_scale
+    return DEFAULT_G if cell in _TORCH_INIT and init == "default" else None
+
+
 def unused_model_keys(m: ModelConfig) -> list[str]:
     """Notes on the model keys set away from their defaults that this cell and init do not read."""
     default = ModelConfig()

@@ -134,6 +134,9 @@ def test_small_sweep_really_diverges_and_spans_regimes(small_sweep):
 # ------------------------------------------------------------------------------- table == MLflow
 
 
+TORCH_CELLS = ("tanh", "relu", "lstm", "gru")
+
+
 def _expected(run, col: str):
     """What MLflow holds for a table column, read independently with MlflowClient.get_run."""
     d = run.data
@@ -176,8 +179,12 @@ def _expected(run, col: str):
         return f"{d.tags['task']} (permuted)"
     if col in tag:
         return d.tags.get(tag[col])
+    if col == "init_scale" and d.params["model.init"] == "default" and d.params["model.cell"] in TORCH_CELLS:
+        return 1 / math.sqrt(3)  # PyTorch's own init: U(+-1/sqrt(H)) has std g / sqrt(H) at g = 1/sqrt(3)
     if col in param:
         return d.params[param[col]]
+    if col == "settings":  # the small sweep searches the report's keys only: no other setting differs
+        return None
     if col == "clip":
         mode = d.params["clip.mode"]
         return "none" if mode == "none" else f"{mode} {float(d.params['clip.threshold']):g}"
@@ -380,6 +387,36 @@ def test_whole_experiment_target_excludes_a_regression_suites_parent(store, tmp_
     c.set_terminated(parent.info.run_id)
     res = build_report(store, experiment="suite-like", out=tmp_path / "e")
     assert list(res.table["run_id"]) == [trained.run_id]
+
+
+def test_runs_differing_in_a_setting_are_not_merged_and_default_init_sits_at_its_g(store, tmp_path):
+    """A teacher's review: LSTM runs at forget bias 0 and 2 (what lstm_forget_bias.yaml's comment asks to
+    compare) were one summary row ("runs 2") and one profile curve, and a run at init: default with
+    init_scale 3, which trains PyTorch's init, sat at g = 3 of the phase diagram."""
+    import pandas as pd
+
+    from pipeline.report.write import build_report
+    from pipeline.training.run import run
+
+    exp = {"tracking.experiment": "lesson", "task.name": "temporal_order", "task.seq_len": 12}
+    bf0 = run(tiny_config(**exp, **{"model.cell": "lstm", "model.forget_bias": 0.0}))
+    bf2 = run(tiny_config(**exp, **{"model.cell": "lstm", "model.forget_bias": 2.0}))
+    default = run(
+        tiny_config(**exp, **{"model.cell": "tanh", "model.init": "default", "model.init_scale": 3.0})
+    )
+    res = build_report(store, experiment="lesson", out=tmp_path / "r")
+    t = res.table.set_index("run_id")
+    assert t.loc[bf0.run_id, "settings"] == "model.forget_bias=0.0"
+    assert t.loc[bf2.run_id, "settings"] == "model.forget_bias=2.0"
+    assert t.loc[default.run_id, "settings"] == "model.forget_bias=1.0"  # the tanh run's param differs too
+    assert t.loc[default.run_id, "init_scale"] == pytest.approx(3**-0.5)
+    summary = pd.read_csv(res.files["summary.csv"])
+    lstm = summary[summary["cell"] == "lstm"].sort_values("settings")
+    assert list(lstm["runs"]) == [1, 1] and list(lstm["settings"]) == [
+        "model.forget_bias=0.0",
+        "model.forget_bias=2.0",
+    ]
+    assert "model.forget_bias=2.0" in res.files["report.md"].read_text()
 
 
 def test_killed_runs_are_left_out_and_counted(store, tmp_path, capsys):
@@ -661,7 +698,7 @@ def test_representative_runs_never_pick_a_run_twice():
     ]
     table = pd.DataFrame(
         [
-            {"task": "adding", "cell": "tanh", "init": "gaussian", "init_scale": g, "clip": clip,
+            {"task": "adding", "cell": "tanh", "init": "gaussian", "init_scale": g, "clip": clip, "settings": "",
              "clip_rate": rate, "val_loss_ratio": loss, "regime": "healthy", "run_id": rid}
             for rid, g, clip, rate, loss in rows
         ]
@@ -737,7 +774,7 @@ def test_representative_runs_pick_the_best_trained_and_the_most_clipped():
     ]
     table = pd.DataFrame(
         [
-            {"task": "adding", "cell": "tanh", "init": "gaussian", "init_scale": g, "clip": clip,
+            {"task": "adding", "cell": "tanh", "init": "gaussian", "init_scale": g, "clip": clip, "settings": "",
              "clip_rate": rate, "val_loss_ratio": loss, "regime": regime, "run_id": rid}
             for rid, g, clip, rate, loss, regime in rows
         ]

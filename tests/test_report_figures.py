@@ -23,6 +23,7 @@ def _run(rid: str, lr: float, g: float, **kw) -> dict:
         "init_scale": g,
         "lr": lr,
         "clip": "none",
+        "settings": "",
         "regime": "healthy",
         "val_loss_ratio": 0.5,
         "val_accuracy": math.nan,

@@ -216,6 +216,30 @@ def test_a_figure_title_names_what_the_cell_was_initialised_by():
     assert label(**{"model.cell": "lem", "model.dt": 0.0242}) == "lem dt=0.0242"
     assert label(**{"model.cell": "mingru"}) == "mingru"
     assert "g=" not in label(**{"model.cell": "cornn"})
+    # init: default keeps PyTorch's init whatever init_scale says: its g is 1/sqrt(3), not 3 (a teacher's
+    # review: "tanh default g=3: vanishing gradients", the same network as g=1); the LSTM's forget bias is
+    # the lesson's variable (two runs at b_f = 0 and 2 had one title); indrnn's default u has no g
+    assert label(**{"model.cell": "tanh", "model.init": "default", "model.init_scale": 3}) == (
+        "tanh default g=1/sqrt(3)"
+    )
+    assert label(**{"model.cell": "lstm", "model.init": "default", "model.forget_bias": 2}) == (
+        "lstm default g=1/sqrt(3) b_f=2"
+    )
+    assert label(**{"model.cell": "indrnn", "model.init": "default"}) == "indrnn default u~U(0,1)"
+
+
+@pytest.mark.parametrize("cell", ["tanh", "lstm", "gru"])
+def test_the_default_inits_g_is_what_pytorch_draws(cell):
+    """effective_scale's 1/sqrt(3) for init: default, against the drawn W_hh: std * sqrt(H)."""
+    from pipeline.cell_keys import effective_scale
+    from pipeline.config import ModelConfig
+    from pipeline.training.models import RNNModel
+
+    H = 256
+    m = RNNModel(ModelConfig(cell=cell, init="default", init_scale=3.0, hidden_size=H), 2, 1, "last", seed=0)
+    w = m.rnn.weight_hh_l0.detach().double()
+    assert float(w.std() * H**0.5) == pytest.approx(effective_scale(cell, "default", 3.0), rel=0.01)
+    assert effective_scale(cell, "gaussian", 3.0) == 3.0 and effective_scale("indrnn", "default", 3.0) is None
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.cell_keys import effective_scale
 from pipeline.names import (
     DIVERGED,
     KIND_SWEEP,
@@ -50,7 +51,13 @@ KIND = f"tags.`{KIND_TAG}`"  # backquoted: the tag key contains a dot
 
 # Comparison table: (column, MLflow column of search_runs, kind). Kinds: tag/param strings, float, int.
 # The key columns come first; the table is sorted by them.
-KEYS = ["task", "cell", "init", "init_scale", "lr", "clip"]
+KEYS = ["task", "cell", "init", "init_scale", "lr", "clip", "settings"]
+# Params that make no other setting of a run: the keys above, what replicates a run (seed, the regression
+# suite's ulp nudge), and what records or observes it without changing its training.
+_NOT_SETTINGS = {
+    "task.name", "task.permute", "model.cell", "model.init", "model.init_scale", "optim.lr", "clip.mode",
+    "clip.threshold", "seed", "model.init_ulp_seed", "trainer.threads", "trainer.log_every",
+}  # fmt: skip
 COLUMNS: list[tuple[str, str, str]] = [
     ("val_loss_ratio", "metrics.val/loss_ratio", "float"),
     ("val_accuracy", "metrics.val/accuracy", "float"),
@@ -276,6 +283,19 @@ def _task(tag: Any, name: Any, permute: Any) -> str | None:
     return f"{task} (permuted)" if task is not None and _num(permute, "str") == "True" else task
 
 
+def _settings(runs) -> list[str]:
+    """Per run, the params outside :data:`KEYS` that differ between the runs reported, as ``key=value; ...``
+    ('' when none do): two LSTM runs at forget bias 0 and 2, or adding at T = 200 and 1100, were one row of
+    the summary and one curve of the profiles, as if seeds (a teacher's review)."""
+    keys = [c for c in runs.columns if c.startswith("params.") and c[7:] not in _NOT_SETTINGS]
+    params = [c for c in keys if not c[7:].startswith(("tracking.", "diagnostics."))]
+    varying = sorted(c for c in params if runs[c].astype(str).nunique(dropna=False) > 1)
+    return [
+        "; ".join(f"{c[7:]}={runs[c].iloc[i]}" for c in varying if isinstance(runs[c].iloc[i], str))
+        for i in range(len(runs))
+    ]
+
+
 def comparison_table(runs):
     """One row per run, values exactly as MLflow holds them, sorted by (task, cell, init, g, lr, clip)."""
     import pandas as pd
@@ -297,7 +317,11 @@ def comparison_table(runs):
         }
         for name, src, kind in COLUMNS:
             r[name] = _num(col(src).iloc[i], kind)
+        if r["cell"] and r["init"] == "default" and r["init_scale"] is not None:  # PyTorch's own W_hh
+            r["init_scale"] = effective_scale(r["cell"], "default", r["init_scale"]) or r["init_scale"]
         rows.append(r)
+    for r, setting in zip(rows, _settings(runs), strict=True):
+        r["settings"] = setting
     table = pd.DataFrame(rows, columns=KEYS + [c[0] for c in COLUMNS])
     for c in ("init_scale", "lr", *(n for n, _, k in COLUMNS if k == "float")):
         table[c] = table[c].astype(float)
@@ -318,7 +342,7 @@ def representative_runs(table, per_panel: int = PROFILE_RUNS_PER_PANEL) -> list[
     chosen: list[str] = []
     for _, panel in table.groupby(["task", "cell"], sort=True, dropna=False):
         picks = []
-        for _, grp in panel.groupby(["init", "init_scale"], sort=True, dropna=False):
+        for _, grp in panel.groupby(["init", "init_scale", "settings"], sort=True, dropna=False):
             order = grp.assign(_div=grp["regime"].eq(DIVERGED), _loss=grp["val_loss_ratio"].fillna(np.inf))
             picks.append(order.sort_values(["_div", "_loss"]).iloc[0]["run_id"])
         if len(picks) > per_panel:

@@ -34,6 +34,7 @@ SHOWN = [
     "init_scale",
     "lr",
     "clip",
+    "settings",
     "val_loss_ratio",
     "val_accuracy",
     "solved",
@@ -79,7 +80,8 @@ class ReportResult:
 
 
 def summary_table(table):
-    """Per (task, cell, init, g, lr, clip): runs, solved, regime counts, median loss ratio and accuracy."""
+    """Per (task, cell, init, g, lr, clip, other settings): runs, solved, regime counts, median loss ratio
+    and accuracy."""
     import pandas as pd
 
     rows = []

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from pipeline.cell_keys import DEFAULT_G, effective_scale
 from pipeline.config import Config
 from pipeline.names import DIVERGED, MLFLOW_NOTE, REGIME
 
@@ -109,7 +110,11 @@ def init_label(m) -> str:
         return f"cornn dt={m.dt:g} gamma={m.gamma:g} eps={m.epsilon:g}"
     if m.cell == "mingru":
         return "mingru"
-    return f"{m.cell} {m.init} g={m.init_scale:g}"
+    g = effective_scale(m.cell, m.init, m.init_scale)
+    scale = (
+        "u~U(0,1)" if g is None else "g=1/sqrt(3)" if g == DEFAULT_G and m.init == "default" else f"g={g:g}"
+    )
+    return f"{m.cell} {m.init} {scale}" + (f" b_f={m.forget_bias:g}" if m.cell == "lstm" else "")
 
 
 def summarize_run(cfg: Config, task, module, mon: Monitors, steps: int) -> Summary:
@@ -213,7 +218,8 @@ def log_artifacts(rec, cfg: Config, task, mon: Monitors, summary: Summary) -> No
         return
     from pipeline.plots import reused_run_figures
 
-    title = f"{cfg.task.name} T={cfg.task.seq_len} {init_label(cfg.model)}: {summary.title}"
+    what = f"{cfg.task.name}{' (permuted)' if cfg.task.permute else ''} T={cfg.task.seq_len}"
+    title = f"{what} {init_label(cfg.model)}: {summary.title}"
     # One figure per kind for every run this process records (a sweep worker records thousands): saved at
     # once and never kept, so reusing them draws the same bytes in about 27% less time (README, "On a GPU").
     with reused_run_figures():
