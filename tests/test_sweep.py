@@ -964,6 +964,37 @@ def test_sigterm_closes_trial_and_runs(store, tmp_path, to):
 
 
 @pytest.mark.slow
+def test_a_sigterm_while_the_first_workers_spawn_stops_them(store, tmp_path):
+    """The parent has printed its banner and is forking its first workers (seconds: the forkserver imports
+    torch and Lightning). A SIGTERM then (a scheduler's cancel at start-up) reached no worker: each was
+    forked after it, or forked and still ignoring SIGTERM as the forkserver does, and the sweep trained
+    its whole budget before exiting 143 (a chaos review, 5 of 5). Now the parent forks no more, forwards
+    the signal to those it forked, and a worker keeps it pending until it can take it."""
+    from pipeline.sweep.study import counts
+
+    cfg = write_sweep(
+        tmp_path / "s.yaml",
+        n_trials=4,
+        workers=2,
+        base={**TINY["base"], "trainer": {"max_steps": 2000, "val_every": 500, "log_every": 10}},
+    )
+    parent = subprocess.Popen(
+        sweep_cmd(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=sweep_env()
+    )
+    for line in parent.stdout:
+        if line.startswith("  worker logs:"):  # the banner's last line: stores made, no worker forked yet
+            parent.send_signal(signal.SIGTERM)
+            break
+    out, err = parent.communicate(timeout=240)
+    assert parent.returncode == 143, out + err
+    study, runs = load_study(), mlflow_runs(store)
+    assert counts(study)["done"] == 0, [(t.number, t.state.name) for t in study.trials]
+    assert not [t for t in study.trials if t.state.name == "RUNNING"]
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert next(r for r in runs if r.data.tags.get("pipeline.kind") == "sweep").info.status == "KILLED"
+
+
+@pytest.mark.slow
 def test_diverged_trials_are_recorded_and_learned_from(store, tmp_path):
     base = {
         **TINY["base"],

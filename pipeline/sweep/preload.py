@@ -14,8 +14,13 @@ import signal
 # exit status 255 for every worker while they still ran and left before they had closed their trials
 # (runs left RUNNING). The forkserver still ends with the parent (multiprocessing closes its pipe);
 # workers take SIGTERM back at once (pipeline.sweep.procs._entry).
+# Also blocked: a forked worker inherits the mask, and a SIGTERM its parent forwards before the worker has
+# taken SIGTERM back stays pending (Linux never discards a blocked signal, ignored or not) instead of being
+# lost; a Ctrl-C at start-up, forwarded to a worker just forked, was, and that worker trained the whole
+# budget (a chaos review). The worker unblocks it once it has SIGTERM back.
 if os.environ.get("PIPELINE_FORKSERVER_OF") == str(os.getppid()):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
 
 import mlflow
 import mlflow.store.tracking.sqlalchemy_store  # noqa: F401

@@ -63,6 +63,9 @@ def stop() -> None:
 
 def _entry(spec_json: str, log_path: str, env: dict[str, str]) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the forkserver ignores it (pipeline.sweep.preload)
+    # ... and blocks it: one forwarded since the fork was kept pending, and ends this worker here, before
+    # it asks any trial (the parent, told -15 after its own stop signal, replaces no worker)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     os.setsid()  # its own session and process group, as Popen(start_new_session=True) gave
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)

@@ -35,6 +35,7 @@ class StopSignal:
         self.signum: int | None = None
         self.procs: dict[int, Any] = {}  # the supervisor's workers (see :meth:`watch`)
         self._old: dict[int, Any] = {}
+        self._sent: set[int] = set()  # id() of the workers sent the SIGTERM
 
     def __enter__(self) -> StopSignal:
         self._old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -56,7 +57,18 @@ class StopSignal:
                 file=sys.stderr,
                 flush=True,
             )
-        for p in self.procs.values():
+        self._send(list(self.procs.values()))
+
+    def forward(self) -> None:
+        """After a stop signal: SIGTERM to each live worker not sent one yet. The first workers take seconds
+        to spawn (the forkserver imports torch and Lightning), and those spawned after a signal that came
+        meanwhile got none: a Ctrl-C at start-up trained the whole budget, then exited 130 (a chaos review)."""
+        if self.signum is not None:
+            self._send([p for p in list(self.procs.values()) if id(p) not in self._sent])
+
+    def _send(self, procs: list) -> None:
+        for p in procs:
+            self._sent.add(id(p))
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     p.send_signal(signal.SIGTERM)
@@ -283,7 +295,9 @@ class Supervisor:
                 with contextlib.suppress(Exception):
                     self.rec.set_tags({"sweep_complete": "false"})
                 for i in range(min(len(self.devices), max(left, 0))):
-                    self.workers.spawn(i)
+                    if self.stop.signum is None:  # a signal while the first ones spawned: no more
+                        self.workers.spawn(i)
+                self.stop.forward()
                 self.preimport = _preimport_summary()
                 self.supervise()
             self.progress.update()
@@ -324,6 +338,7 @@ class Supervisor:
         while True:
             self.workers.wait_any(POLL_S)
             if self.stop.signum is not None:
+                self.stop.forward()  # a worker spawned as the signal came (a replacement, the first ones)
                 self.workers.wait_then_kill()
                 return
             self._replace_ended()
@@ -357,7 +372,7 @@ class Supervisor:
             )
             with budget_lock(s.url, s.storage, self.sw.study):
                 reap_stale(s.study, s.url, s.mlflow_uri)
-            if self.respawns > 0 and self.budget_left() > 0 and rc < 0:  # killed by a signal: replace
+            if self.respawns > 0 and self.stop.signum is None and self.budget_left() > 0 and rc < 0:
                 self.respawns -= 1
                 self.workers.spawn(i)
 
