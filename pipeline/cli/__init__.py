@@ -13,6 +13,8 @@ import importlib
 import os
 import sys
 
+from pipeline.store_errors import disk_full, store_locked, store_unreachable
+
 MODULE_PROG = "python -m pipeline"
 
 VERBS = {
@@ -92,44 +94,41 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             print(f"terminated ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): runs "
                   "closed as KILLED where the store could take it", file=sys.stderr)  # fmt: skip
             return 143
-        locked = store_locked(e)
-        if locked is not None:  # a traceback of about 200 lines (a review held the sqlite store for 40 s)
-            print(
-                f"error: a store is locked by another process ({locked}: it held the MLflow store or the "
-                "Optuna storage past the wait for it, 20 s for MLflow's); what was running was closed as "
-                "FAILED where the store could take it: run the same command again when it is free",
-                file=sys.stderr,
-            )
-            return 2 if args.verb == "regress" else 1  # regress: 1 says regression
-        full = disk_full(e)
-        if full is not None:  # a traceback of 100-170 lines said no more (a chaos walkthrough, tmpfs)
-            print(
-                f"error: no space left on the device ({full}); what was running was closed as FAILED "
-                "where the store could still take it: free space and run the same command again "
-                "(train: the --resume line above)",
-                file=sys.stderr,
-            )
-            return 1
-        raise
+        said = store_error(e, args.verb)
+        if said is None:
+            raise
+        print(said[0], file=sys.stderr)
+        return said[1]
 
 
-def _first_line(x: BaseException) -> str:
-    return str(x).strip().splitlines()[0][:200] if str(x).strip() else type(x).__name__
-
-
-def _in_chain(e: BaseException, says) -> str | None:
-    """The first line of the deepest error in ``e``'s chain (causes and contexts) for which ``says``:
-    the root cause's own words ("database is locked"), not a wrapper's, which SQLAlchemy prefixes with
-    notes such as "(raised as a result of Query-invoked autoflush; ...)" (seen with a real 45 s lock)."""
-    seen: set[int] = set()
-    found = None
-    x: BaseException | None = e
-    while x is not None and id(x) not in seen:
-        seen.add(id(x))
-        if says(x):
-            found = _first_line(x)
-        x = x.__cause__ or x.__context__
-    return found
+def store_error(e: BaseException, verb: str) -> tuple[str, int] | None:
+    """One line and an exit status for a store's error in ``e``'s chain, else None. Exit 1, but 2 for
+    ``regress``, whose 1 says regression (README, "Regression suites")."""
+    code = 2 if verb == "regress" else 1
+    done = "what was running was closed as FAILED where the store could take it"
+    locked = store_locked(e)
+    if locked is not None:  # a traceback of about 200 lines (a review held the sqlite store for 40 s)
+        return (
+            f"error: a store is locked by another process ({locked}: it held the MLflow store or the Optuna "
+            f"storage past the wait for it, 20 s for MLflow's); {done}: run the same command again when it "
+            "is free",
+            code,
+        )
+    full = disk_full(e)
+    if full is not None:  # a traceback of 100-170 lines said no more (a chaos walkthrough, tmpfs)
+        return (
+            f"error: no space left on the device ({full}); {done.replace('could', 'could still')}: free space "
+            "and run the same command again (train: the --resume line above)",
+            1,
+        )
+    gone = store_unreachable(e)
+    if gone is not None:  # a PostgreSQL or tracking server gone for longer than a sweep waits: 37-100 lines
+        return (
+            f"error: a store did not answer ({gone}); {done}, and the next run of the same command closes "
+            "what it could not: run it again when the store answers (train: the --resume line above)",
+            code,
+        )
+    return None
 
 
 class _QuietLockedStore:
@@ -151,25 +150,6 @@ def _quiet_locked_store_logs() -> None:
     db_log = logging.getLogger("mlflow.store.db.utils")
     if _QUIET_LOCKED not in db_log.filters:
         db_log.addFilter(_QUIET_LOCKED)
-
-
-def store_locked(e: BaseException) -> str | None:
-    """SQLite's "database is locked" anywhere in ``e``'s chain (another process held the store past
-    the wait MLflow sets, PRAGMA busy_timeout 20000), as its first line, or None."""
-    return _in_chain(e, lambda x: "database is locked" in str(x))
-
-
-def disk_full(e: BaseException) -> str | None:
-    """The first line of the error in ``e``'s chain that says the disk is full (ENOSPC, or SQLite's
-    "database or disk is full"), or None."""
-    import errno
-
-    return _in_chain(
-        e,
-        lambda x: (
-            (isinstance(x, OSError) and x.errno == errno.ENOSPC) or "database or disk is full" in str(x)
-        ),
-    )
 
 
 if __name__ == "__main__":

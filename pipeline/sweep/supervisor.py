@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.store_errors import Outage
 from pipeline.sweep.config import SweepConfig, to_data
 from pipeline.sweep.study import best_trial, budget_left, counts
 from pipeline.sweep.study_end import StudyEnd
@@ -60,9 +61,8 @@ class StopSignal:
         self._send(list(self.procs.values()))
 
     def forward(self) -> None:
-        """After a stop signal: SIGTERM to each live worker not sent one yet. The first workers take seconds
-        to spawn (the forkserver imports torch and Lightning), and those spawned after a signal that came
-        meanwhile got none: a Ctrl-C at start-up trained the whole budget, then exited 130 (a chaos review)."""
+        """After a stop signal: SIGTERM to each live worker not sent one yet (those spawned after it got
+        none: a Ctrl-C at start-up trained the whole budget, then exited 130; a chaos review)."""
         if self.signum is not None:
             self._send([p for p in list(self.procs.values()) if id(p) not in self._sent])
 
@@ -280,6 +280,7 @@ class Supervisor:
         self.rec = Recorder(stores.mlflow_uri, stores.parent_run_id, stores.experiment_id)
         self.progress = Progress(sw, stores.study, t0, out)
         self.end = StudyEnd(sw.n_trials)  # when this machine's workers are done (pipeline/sweep/study_end.py)
+        self.last_print = 0.0  # when the last status line was printed
 
     def budget_left(self) -> int:
         return budget_left(self.stores.study, self.sw.n_trials)
@@ -334,27 +335,27 @@ class Supervisor:
         )
 
     def supervise(self) -> None:
-        last_print = 0.0
+        outage = Outage(self.out)  # a store that does not answer for a while: the workers ride it out
         while True:
             self.workers.wait_any(POLL_S)
             if self.stop.signum is not None:
                 self.stop.forward()  # a worker spawned as the signal came (a replacement, the first ones)
                 self.workers.wait_then_kill()
                 return
-            self._replace_ended()
-            now = time.time()
-            if self.progress.update(force=now - last_print > FORCE_STATUS_S):
-                last_print = now
-            if self.workers.procs:
-                continue
-            timed_out = bool(self.sw.timeout and time.time() > self.t0 + self.sw.timeout)
-            if timed_out or self.reached():
+            if outage.call(self._poll, default=False):
                 return
-            if self.end.take_waiting(self):
-                continue
-            if self.end.held_elsewhere(self):
-                continue
-            return
+
+    def _poll(self) -> bool:
+        """One round of the stores: replace ended workers, progress; True when this machine is done."""
+        self._replace_ended()
+        now = time.time()
+        if self.progress.update(force=now - self.last_print > FORCE_STATUS_S):
+            self.last_print = now
+        if self.workers.procs:
+            return False
+        if (self.sw.timeout and time.time() > self.t0 + self.sw.timeout) or self.reached():
+            return True
+        return not (self.end.take_waiting(self) or self.end.held_elsewhere(self))
 
     def _replace_ended(self) -> None:
         """After a worker crashed reap its trial, and replace a worker killed by a signal."""

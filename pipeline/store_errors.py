@@ -1,0 +1,113 @@
+"""What a store's error says, read from an exception's chain (its causes and contexts): a store locked by
+another process, a full disk, a store that did not answer. The CLI turns each into one line (README,
+"Commands"); the sweep's parent rides out a store that does not answer for a while (:class:`Outage`).
+Stdlib only: the CLI imports it before anything heavy.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+
+def first_line(x: BaseException) -> str:
+    return str(x).strip().splitlines()[0][:200] if str(x).strip() else type(x).__name__
+
+
+def in_chain(e: BaseException, says: Callable[[BaseException], bool]) -> str | None:
+    """The first line of the deepest error in ``e``'s chain (causes and contexts) for which ``says``:
+    the root cause's own words ("database is locked"), not a wrapper's, which SQLAlchemy prefixes with
+    notes such as "(raised as a result of Query-invoked autoflush; ...)" (seen with a real 45 s lock)."""
+    seen: set[int] = set()
+    found = None
+    x: BaseException | None = e
+    while x is not None and id(x) not in seen:
+        seen.add(id(x))
+        if says(x):
+            found = first_line(x)
+        x = x.__cause__ or x.__context__
+    return found
+
+
+def store_locked(e: BaseException) -> str | None:
+    """SQLite's "database is locked" anywhere in ``e``'s chain (another process held the store past
+    the wait MLflow sets, PRAGMA busy_timeout 20000), as its first line, or None."""
+    return in_chain(e, lambda x: "database is locked" in str(x))
+
+
+def disk_full(e: BaseException) -> str | None:
+    """The first line of the error in ``e``'s chain that says the disk is full (ENOSPC, or SQLite's
+    "database or disk is full"), or None."""
+    return in_chain(
+        e,
+        lambda x: (
+            (isinstance(x, OSError) and x.errno == errno.ENOSPC) or "database or disk is full" in str(x)
+        ),
+    )
+
+
+# A database or tracking server that went away: requests' and urllib3's errors (MLflow's REST client) by
+# class name, and psycopg2's words under SQLAlchemy and Optuna's RDB storage (a class name such as
+# OperationalError would also take a schema error for an outage). None of them is imported here.
+_UNREACHABLE = ("ConnectionError", "MaxRetryError", "NewConnectionError")
+_UNREACHABLE_WORDS = (
+    "connection refused", "could not connect", "server closed the connection", "connection to server",
+    "terminating connection", "connection reset", "max retries exceeded",
+)  # fmt: skip
+
+
+def store_unreachable(e: BaseException) -> str | None:
+    """The first line of the deepest error in ``e``'s chain that says a store did not answer (a
+    PostgreSQL server or an MLflow tracking server down, restarting or unreachable), or None. A locked or
+    full store is not this (:func:`store_locked`, :func:`disk_full`)."""
+    if store_locked(e) or disk_full(e):
+        return None
+    return in_chain(
+        e,
+        lambda x: type(x).__name__ in _UNREACHABLE or any(w in str(x).lower() for w in _UNREACHABLE_WORDS),
+    )
+
+
+OUTAGE_LIMIT_S = 600.0  # how long the sweep's parent waits for a store that does not answer
+
+
+class Outage:
+    """The sweep's parent reads the stores every second while its workers train (progress, reaping, the
+    end). A PostgreSQL failover or a tracking server's restart made one such read raise, and the parent
+    died with a traceback, stopping workers that would have ridden it out (a chaos review: a 10-15 s
+    PostgreSQL outage ended the sweep). :meth:`call` returns ``default`` instead while a store does not
+    answer, says so once, and raises after :data:`OUTAGE_LIMIT_S` of silence."""
+
+    def __init__(self, out: TextIO | None = None, limit_s: float = OUTAGE_LIMIT_S, clock=time.monotonic):
+        self.out, self.limit_s, self.clock = out or sys.stdout, limit_s, clock
+        self.since: float | None = None
+
+    def call(self, fn: Callable[[], Any], default: Any = None) -> Any:
+        try:
+            value = fn()
+        except Exception as e:
+            why = store_unreachable(e)
+            if why is None:
+                raise
+            now = self.clock()
+            if self.since is None:
+                self.since = now
+                print(
+                    f"sweep: a store did not answer ({why}); the workers go on, asking again",
+                    file=self.out,
+                    flush=True,
+                )
+            if now - self.since > self.limit_s:
+                raise
+            return default
+        if self.since is not None:
+            print(
+                f"sweep: the store answers again (after {self.clock() - self.since:.0f} s)",
+                file=self.out,
+                flush=True,
+            )
+            self.since = None
+        return value
