@@ -210,7 +210,18 @@ def draw_profile(ax: Any, curves: Iterable[Curve], window: tuple[int, int] | Non
     curves = list(curves)
     drawn = [c for c in curves if np.isfinite(np.asarray(c.y, dtype=float)).any()]
     for c in drawn:  # a pass with no finite value draws nothing: no legend entry of its own either
-        ax.plot(c.x, c.y, c.style, lw=c.lw, color=c.color, marker=c.marker, label=c.label)
+        # one finite point draws no line: a marker (a dead relu run's profile, -inf but at t = T, was a
+        # legend entry with nothing drawn; a teacher's review)
+        one = np.isfinite(np.asarray(c.y, dtype=float)).sum() == 1
+        ax.plot(
+            c.x,
+            c.y,
+            c.style,
+            lw=c.lw,
+            color=c.color,
+            marker=c.marker or ("o" if one else None),
+            label=c.label,
+        )
     if curves and not drawn:
         # Nothing to draw: say why, over the whole sequence (an empty axes around the window read as a
         # broken plot; found by a walkthrough of a relu run that overflowed at t = 1026).
@@ -242,12 +253,24 @@ def positive(y: Any) -> np.ndarray:
 def draw_grad_norms(ax: Any, curves: Iterable[Curve], thresholds: Iterable[float] = ()) -> None:
     """Global gradient norm over training on a log axis (only finite, positive points), one dotted line per
     clip threshold, axis labels and grid. Titles and legends are the caller's."""
+    curves = list(curves)
     for c in curves:
         x, y = np.asarray(c.x), np.asarray(c.y, dtype=float)
         ok = positive(y)
+        if not ok.any():  # nothing to draw: no legend entry either
+            continue
         # one point draws no line: a marker, or a run whose only finite norm was its first step shows nothing
         marker = c.marker if c.marker is not None or ok.sum() != 1 else "o"
         ax.semilogy(x[ok], y[ok], c.style, lw=c.lw, color=c.color, marker=marker, ms=4, label=c.label)
+    if curves and not any(positive(c.y).any() for c in curves):
+        # every norm inf or NaN (a run that overflowed at its first step): empty linear axes with a legend
+        # of lines not drawn read as a broken plot (a teacher's review); say why, as draw_profile does
+        steps = np.concatenate([np.asarray(c.x, dtype=float) for c in curves])
+        ax.text(0.5, 0.5, "no finite gradient norm: it overflowed (inf or NaN)\nat every step recorded",
+                transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.3")  # fmt: skip
+        ax.set_yscale("log")
+        if steps.size:
+            ax.set_xlim(min(float(steps.min()), 0.0), max(float(steps.max()), 1.0))
     for t in thresholds:
         ax.axhline(t, color="k", ls=":", lw=0.8, label=f"clip threshold {t:g}")
     ax.set_xlabel("training step")

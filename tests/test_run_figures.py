@@ -300,3 +300,42 @@ def test_the_memory_window_is_shaded_when_it_starts_after_step_1():
     assert shaded((2, 5)) == ["memory window t = 2..5"]
     assert shaded((6, 6)) == ["memory window t = 6"]
     assert shaded((1, 6)) == [] and shaded(None) == []
+
+
+def test_figures_show_what_a_teacher_sees_drawn():
+    """A teacher's review: (1) an unclipped run's post-clip line, equal to the pre-clip one, was drawn over
+    it and said clipping happened; (2) a run whose every norm overflowed drew empty axes with a legend of
+    lines not drawn; (3) a profile finite at one step only (a dead relu run) was a legend entry with
+    nothing drawn."""
+    import math
+
+    import matplotlib.pyplot as plt
+
+    from pipeline.plots import Curve, draw_grad_norms, draw_profile
+    from pipeline.training.callbacks import plot_grad_norms
+
+    steps, pre = np.arange(1, 6), np.array([3.0, 2.0, 1.5, 1.2, 1.1])
+    fig = plot_grad_norms(steps, pre, pre.copy(), None, "t", clipped=False)
+    labels = [ln.get_label() for ln in fig.axes[0].get_lines()]
+    assert labels == ["gradient norm (no clipping)"], labels
+    plt.close(fig)
+    fig = plot_grad_norms(steps, pre, np.minimum(pre, 1.0), 1.0, "t")
+    assert [ln.get_label() for ln in fig.axes[0].get_lines()] == ["pre-clip", "post-clip", "clip threshold 1"]
+    plt.close(fig)
+
+    fig, ax = plt.subplots()
+    inf = np.full(5, math.inf)
+    draw_grad_norms(
+        ax, [Curve(steps, inf, "pre-clip"), Curve(steps, np.full(5, math.nan), "post-clip")], (1.0,)
+    )
+    assert [ln.get_label() for ln in ax.get_lines()] == ["clip threshold 1"]  # no line for what is not drawn
+    assert any("no finite gradient norm" in t.get_text() for t in ax.texts)
+    plt.close(fig)
+
+    fig, ax = plt.subplots()
+    y = np.full(30, -math.inf)
+    y[-1] = -1.0
+    draw_profile(ax, [Curve(np.arange(1, 31), y, "step 200")])
+    (line,) = ax.get_lines()
+    assert line.get_label() == "step 200" and line.get_marker() == "o"
+    plt.close(fig)

@@ -262,16 +262,21 @@ def plot_grad_norms(
     threshold: float | None,
     title: str,
     skipped: np.ndarray | None = None,
+    clipped: bool = True,
 ):
     """Pre- and post-clip global gradient norm of one run over training, with the clip threshold; the
-    steps ``remedy.skip`` skipped (``skipped``, a boolean mask) marked at their pre-clip norm."""
+    steps ``remedy.skip`` skipped (``skipped``, a boolean mask) marked at their pre-clip norm. Without
+    clipping (``clipped`` False) the pre-clip norm alone: a post-clip line equal to it was drawn over it,
+    hid it, and said clipping happened (a teacher's review)."""
     from pipeline.plots import Curve, draw_grad_norms, run_figure
 
     fig, ax = run_figure(4.6, title)
-    curves = [Curve(steps, pre, "pre-clip", lw=0.8), Curve(steps, post, "post-clip", lw=0.8)]
+    curves = [Curve(steps, pre, "pre-clip" if clipped else "gradient norm (no clipping)", lw=0.8)]
+    curves += [Curve(steps, post, "post-clip", lw=0.8)] if clipped else []
     draw_grad_norms(ax, curves, () if threshold is None else (threshold,))
     mark = np.zeros(len(pre), dtype=bool) if skipped is None else skipped & np.isfinite(pre) & (pre > 0)
     if mark.any():  # a skipped non-finite step has no point on the log axis
         ax.scatter(steps[mark], pre[mark], marker="x", s=30, color="crimson", zorder=3, label="skipped")
-    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if ax.get_legend_handles_labels()[0]:  # nothing drawn (every norm overflowed): the note says so
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return fig

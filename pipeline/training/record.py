@@ -233,5 +233,6 @@ def log_artifacts(rec, cfg: Config, task, mon: Monitors, summary: Summary) -> No
                 thr,
                 title,
                 skipped=grads.column("skipped") > 0,
+                clipped=cfg.clip.mode != "none",
             )
             rec.log_figure(fig, "plots/grad_norms.png")
