@@ -302,11 +302,14 @@ def test_profile_panel_draws_the_mean_field_line_where_it_applies(report, profil
     assert not rr.theory_applies("relu", "identity", 0.5) and not rr.theory_applies("lstm", "gaussian", 0.5)
     fig = rr.profile_panels(report.table, profiles, "adding")
     lines = [ln for ax in fig.axes for ln in ax.get_lines()]
-    theory = [ln for ln in lines if ln.get_label().startswith("theory g=0.5")]
-    assert len(theory) == 1, "tanh/gaussian g=0.5 has its ln g line, nothing else does"
-    assert not [ln for ln in lines if ln.get_label().startswith("theory") and ln not in theory]
+    theory = [ln for ln in lines if ln.get_label().endswith("mean-field theory, -0.30 decades/step")]
+    assert len(theory) == 1, "tanh/gaussian g=0.5 has its log10 g line, nothing else does"
+    assert not [ln for ln in lines if "mean-field theory" in ln.get_label() and ln not in theory]
     _, y = theory[0].get_data()
     assert y[0] - y[1] == pytest.approx(math.log10(0.5))  # one step further back: log10 g lower
+    label = theory[0].get_label().split(": mean-field")[0]  # the run's own label, and its own colour
+    (run_init,) = [ln for ln in lines if ln.get_label() == f"{label}: init"]
+    assert theory[0].get_color() == run_init.get_color()
     init_curves = [ln for ln in lines if ln.get_label().endswith(": init")]
     assert len(init_curves) == len(profiles)  # one init curve per representative run
     plt.close(fig)

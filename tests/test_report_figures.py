@@ -185,3 +185,22 @@ def test_a_running_point_is_grey_and_says_so_and_a_pruned_one_is_a_triangle_with
     assert {"running", "pruned@150", "0.5"} <= {t.get_text() for t in ax.texts}
     legend = {t.get_text() for t in fig.legends[0].get_texts()}
     assert {"no verdict (running, failed)", "pruned (steps trained)"} <= legend
+
+
+def test_coincident_runs_are_spread_on_screen_and_keep_their_lr_and_g():
+    """Two seeds at one (lr, g): each keeps its (lr, g) in the data, and on screen they sit RING_PT points
+    either side (a ring of 10^0.12 in lr drew lr 0.001 at 0.00076 and 0.0013; a teacher's review)."""
+    table = pd.DataFrame([_run("a", 1e-3, 0.5, seed=0), _run("b", 1e-3, 0.5, seed=1), _run("c", 1e-2, 1.0)])
+    fig = rr.phase_diagram(table, "adding")
+    assert sorted(_points(fig)) == [(1e-3, 0.5), (1e-3, 0.5), (1e-2, 1.0)]
+    fig.canvas.draw()
+    (ax,) = fig.axes
+    px = {}
+    for c in ax.collections:
+        (xy,) = c.get_offsets()
+        px.setdefault(tuple(map(float, xy)), []).append(c.get_offset_transform().transform(xy))
+    (a, b), (alone,) = px[(1e-3, 0.5)], px[(1e-2, 1.0)]
+    points = fig.dpi / 72
+    assert np.hypot(*(a - b)) == pytest.approx(2 * rr.RING_PT * points, rel=1e-6)
+    assert np.allclose(alone, ax.transData.transform((1e-2, 1.0)))  # a point alone is not moved
+    fig.clf()

@@ -48,22 +48,24 @@ def _grid(n: int, width: float = 4.2, height: float = 3.6, max_cols: int = 3):
     return fig, list(axes.flat[:n])
 
 
-def _spread(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Runs at the same (lr, g) in one panel (seeds, clip settings) are spread on a small ring in log
-    space, so none hides another."""
-    x, y = x.astype(float).copy(), y.astype(float).copy()
+RING_PT = 7.0  # radius, in points, of the ring coincident runs are spread on
+
+
+def _ring(x: np.ndarray, y: np.ndarray) -> list[tuple[float, float]]:
+    """Runs at the same (lr, g) in one panel (seeds, clip settings) are spread on a small ring, so none
+    hides another: each point's offset in points. On screen, not in the data: a ring of 10^0.12 in lr
+    drew two runs at lr 0.001 at 0.00076 and 0.0013, nearer a 1.5x grid's next column (a teacher's
+    review); each point keeps its (lr, g)."""
     keys: dict[tuple[float, float], list[int]] = {}
-    for i, k in enumerate(zip(x.round(12), y.round(12), strict=True)):
+    for i, k in enumerate(zip(np.round(x.astype(float), 12), np.round(y.astype(float), 12), strict=True)):
         keys.setdefault(k, []).append(i)
+    out = [(0.0, 0.0)] * len(x)
     for idx in keys.values():
-        n = len(idx)
-        if n < 2:
-            continue
-        for j, i in enumerate(idx):
-            a = 2 * math.pi * j / n
-            x[i] *= 10 ** (0.12 * math.cos(a))
-            y[i] *= 10 ** (0.06 * math.sin(a))
-    return x, y
+        if len(idx) > 1:
+            for j, i in enumerate(idx):
+                a = 2 * math.pi * j / len(idx)
+                out[i] = (RING_PT * math.cos(a), RING_PT * math.sin(a))
+    return out
 
 
 def _limits(values) -> tuple[float, float]:
@@ -137,9 +139,12 @@ def _marker(r) -> tuple[str, int, str]:
 
 def _phase_points(ax, grp) -> None:
     """The runs of one (cell, init) panel at (lr, g): colour = regime, hollow = learned nothing."""
-    x, y = _spread(grp["lr"].to_numpy(), grp["init_scale"].to_numpy())
+    from matplotlib.transforms import offset_copy
+
+    x, y = grp["lr"].to_numpy(dtype=float), grp["init_scale"].to_numpy(dtype=float)
     label_points = len(grp) <= 40
-    for k, (xi, yi, (_, r)) in enumerate(zip(x, y, grp.iterrows(), strict=True)):
+    for k, (xi, yi, (dx, dy), (_, r)) in enumerate(zip(x, y, _ring(x, y), grp.iterrows(), strict=True)):
+        at = offset_copy(ax.transData, fig=ax.figure, x=dx, y=dy, units="points")
         regime = r["regime"] if r["regime"] in REGIME_COLORS and r.get("status") != "RUNNING" else None
         color = REGIME_COLORS[regime]
         marker, size, text = _marker(r)
@@ -154,15 +159,26 @@ def _phase_points(ax, grp) -> None:
                 s=size,
                 linewidths=2.2,
                 zorder=3,
+                transform=at,
             )
         else:
-            ax.scatter([xi], [yi], c=color, marker=marker, s=size, edgecolors="k", linewidths=0.6, zorder=3)
+            ax.scatter(
+                [xi],
+                [yi],
+                c=color,
+                marker=marker,
+                s=size,
+                edgecolors="k",
+                linewidths=0.6,
+                zorder=3,
+                transform=at,
+            )
         if label_points:
             ax.annotate(
                 text,
                 (xi, yi),
                 textcoords="offset points",
-                xytext=(0, 9 if k % 2 == 0 else -15),
+                xytext=(dx, dy + (9 if k % 2 == 0 else -15)),
                 ha="center",
                 fontsize=7,
             )
@@ -284,10 +300,12 @@ def _profile_curves(grp, profiles: dict, cell: str) -> list[Curve]:
                 Curve(
                     t,
                     anchor + (T - t) * math.log10(g),
-                    f"theory g={g:.3g}: ln g = {math.log(g):.2f}/step",
+                    # the run's colour (black lines read as the other run's: a teacher's review), and the
+                    # slope in the axis's own unit, decades per step (log10 g; ln g was 2.3x the drawn slope)
+                    f"{_run_label(r)}: mean-field theory, {math.log10(g):+.2f} decades/step",
                     ":",
                     1.0,
-                    "k",
+                    color,
                 )
             )
     return curves
