@@ -259,7 +259,7 @@ def test_bare_report_after_a_single_train_finds_its_experiment(store, tmp_path):
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
-    assert p.stdout.startswith("report 'smoke': 1 runs")  # the smoke config's experiment
+    assert p.stdout.startswith("report 'smoke': 1 run (")  # the smoke config's experiment
     assert (tmp_path / "reports" / "smoke" / "report.html").is_file()
 
 

@@ -638,7 +638,7 @@ def test_the_sweeps_exit_status_and_parent_run_status(monkeypatch, ends, code, s
     s.sw = type("Sweep", (), {"n_trials": 3, "study": "p"})()
     s.stores = type("Stores", (), {"study": study})()
     s.devices, s.workers, s.rec = [None, None], Workers(), Rec()
-    s.stop = type("Stop", (), {"signum": None})()
+    s.stop = type("Stop", (), {"signum": None, "forward": lambda self: None})()
     s.progress = type("Progress", (), {"update": lambda self, force=False: False, "done_at_start": 1})()
     s.preimport = None
     monkeypatch.setattr(sup, "_preimport_summary", lambda: None)
