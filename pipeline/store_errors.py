@@ -7,6 +7,7 @@ Stdlib only: the CLI imports it before anything heavy.
 from __future__ import annotations
 
 import errno
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -21,13 +22,19 @@ def in_chain(e: BaseException, says: Callable[[BaseException], bool]) -> str | N
     """The first line of the deepest error in ``e``'s chain (causes and contexts) for which ``says``:
     the root cause's own words ("database is locked"), not a wrapper's, which SQLAlchemy prefixes with
     notes such as "(raised as a result of Query-invoked autoflush; ...)" (seen with a real 45 s lock)."""
+    found = deepest(e, says)
+    return None if found is None else first_line(found)
+
+
+def deepest(e: BaseException, says: Callable[[BaseException], bool]) -> BaseException | None:
+    """The deepest error in ``e``'s chain for which ``says``, or None."""
     seen: set[int] = set()
     found = None
     x: BaseException | None = e
     while x is not None and id(x) not in seen:
         seen.add(id(x))
         if says(x):
-            found = first_line(x)
+            found = x
         x = x.__cause__ or x.__context__
     return found
 
@@ -63,12 +70,21 @@ def store_unreachable(e: BaseException) -> str | None:
     """The first line of the deepest error in ``e``'s chain that says a store did not answer (a
     PostgreSQL server or an MLflow tracking server down, restarting or unreachable), or None. A locked or
     full store is not this (:func:`store_locked`, :func:`disk_full`)."""
-    if store_locked(e) or disk_full(e):
+    if store_locked(e) or disk_full(e) or deepest(e, _answered) is not None:
         return None
-    return in_chain(
-        e,
-        lambda x: type(x).__name__ in _UNREACHABLE or any(w in str(x).lower() for w in _UNREACHABLE_WORDS),
+    # urllib3's deepest names the host ("HTTPConnection(host=..., port=...): Failed to establish a new
+    # connection: [Errno 111] Connection refused"); the OSError under it does not
+    x = deepest(e, lambda x: type(x).__name__ in _UNREACHABLE) or deepest(
+        e, lambda x: any(w in str(x).lower() for w in _UNREACHABLE_WORDS)
     )
+    # urllib3's line names the whole URL before its cause: the cause is what says why (a review: cut at 200)
+    return None if x is None else first_line(Exception(re.sub(r" with url: \S+", "", str(x).strip())))
+
+
+def _answered(x: BaseException) -> bool:
+    """A server that answered, with errors: urllib3 also says "Max retries exceeded" after too many 5xx
+    responses (ResponseError), which is no outage to wait for (a review: a server answering 500)."""
+    return type(x).__name__ == "ResponseError" or "error responses" in str(x)
 
 
 OUTAGE_LIMIT_S = 600.0  # how long the sweep's parent waits for a store that does not answer

@@ -92,3 +92,47 @@ def test_a_store_that_did_not_answer_is_one_line(verb, code):
     assert got == code and "\n" not in line
     assert line.startswith('error: a store did not answer (connection to server at "127.0.0.1", port 5599')
     assert store_error(ZeroDivisionError(), verb) is None
+
+
+def test_a_tracking_server_down_is_an_outage_and_one_answering_500_is_not(monkeypatch):
+    """Real MLflow client errors. A closed port: urllib3's "Max retries exceeded", named without its URL
+    so that its cause fits the line. A server answering every request with 500 raises the same class
+    and words ("too many 500 error responses"), but it answered: no outage to wait 10 minutes for (a
+    review found the sweep's parent would)."""
+    import http.server
+    import socket
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    with pytest.raises(Exception, match="API request") as down:
+        MlflowClient(f"http://127.0.0.1:{closed}").get_run("0" * 32)
+    said = store_unreachable(down.value)
+    assert (
+        said
+        == f"HTTPConnection(host='127.0.0.1', port={closed}): Failed to establish a new connection: [Errno 111] Connection refused"
+    ), said
+
+    class Fails(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(500)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error_code": "INTERNAL_ERROR", "message": "boom"}')
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fails)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(Exception, match="API request") as failing:
+            MlflowClient(f"http://127.0.0.1:{srv.server_port}").get_run("0" * 32)
+    finally:
+        srv.shutdown()
+    assert store_unreachable(failing.value) is None

@@ -7,6 +7,7 @@ shipped smoke sweep) start real worker processes and are marked slow.
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sqlite3
@@ -1230,3 +1231,45 @@ def test_the_banner_names_each_gpu_once():
     assert devices_text(["0"] * 12) == "GPU 0"
     assert devices_text(["1", "0", "1", "0"]) == "GPU 1,0"
     assert devices_text([None, None]) == "CPU"
+
+
+def test_a_worker_killed_while_the_store_does_not_answer_is_replaced_when_it_does(monkeypatch):
+    """A review: the parent took a killed worker off its list, then its reap failed (a store outage,
+    ridden out by the parent), and the next poll no longer knew the worker: never reaped nor replaced."""
+    import contextlib
+
+    from pipeline.sweep import owners, stores
+    from pipeline.sweep import supervisor as sup
+
+    ended = [{0: -9, 1: 0}]
+    spawned, reaps = [], []
+
+    class Workers:
+        def ended(self):
+            return ended.pop() if ended else {}
+
+        def log_tail(self, i):
+            return ""
+
+        def spawn(self, i):
+            spawned.append(i)
+
+    def reap(*a):
+        reaps.append(a)
+        if len(reaps) == 1:
+            raise RuntimeError("could not connect to server: Connection refused")
+
+    monkeypatch.setattr(owners, "reap_stale", reap)
+    monkeypatch.setattr(stores, "budget_lock", lambda *a: contextlib.nullcontext())
+    s = object.__new__(sup.Supervisor)
+    s.sw = type("Sweep", (), {"study": "t"})()
+    s.stores = type("Stores", (), {"url": "u", "storage": None, "study": None, "mlflow_uri": "m"})()
+    s.workers, s.out, s.ended, s.respawns = Workers(), io.StringIO(), {}, 2
+    s.stop = type("Stop", (), {"signum": None})()
+    s.budget_left = lambda: 3
+    with pytest.raises(RuntimeError):
+        s._replace_ended()  # the outage: Outage.call swallows this in supervise
+    assert spawned == [] and s.ended == {0: -9}
+    s._replace_ended()  # the store answers again
+    assert spawned == [0] and s.ended == {} and s.respawns == 1 and len(reaps) == 2
+    assert s.out.getvalue().count("worker 0 exited with status -9") == 1

@@ -280,7 +280,7 @@ class Supervisor:
         self.rec = Recorder(stores.mlflow_uri, stores.parent_run_id, stores.experiment_id)
         self.progress = Progress(sw, stores.study, t0, out)
         self.end = StudyEnd(sw.n_trials)  # when this machine's workers are done (pipeline/sweep/study_end.py)
-        self.last_print = 0.0  # when the last status line was printed
+        self.last_print, self.ended = 0.0, {}  # the last status line's time; workers not yet replaced
 
     def budget_left(self) -> int:
         return budget_left(self.stores.study, self.sw.n_trials)
@@ -358,24 +358,24 @@ class Supervisor:
         return not (self.end.take_waiting(self) or self.end.held_elsewhere(self))
 
     def _replace_ended(self) -> None:
-        """After a worker crashed reap its trial, and replace a worker killed by a signal."""
+        """After a worker crashed reap its trial, and replace one killed by a signal; it stays in ``ended``
+        until then (a store that did not answer, :class:`Outage`, left it neither reaped nor replaced)."""
         from pipeline.sweep.owners import reap_stale
         from pipeline.sweep.stores import budget_lock
 
         s = self.stores
         for i, rc in self.workers.ended().items():
-            if rc == 0:
-                continue
-            print(
-                f"sweep: worker {i} exited with status {rc}\n{self.workers.log_tail(i)}",
-                file=self.out,
-                flush=True,
-            )
+            if rc != 0:
+                tail = self.workers.log_tail(i)
+                print(f"sweep: worker {i} exited with status {rc}\n{tail}", file=self.out, flush=True)
+                self.ended[i] = rc
+        for i, rc in list(self.ended.items()):
             with budget_lock(s.url, s.storage, self.sw.study):
                 reap_stale(s.study, s.url, s.mlflow_uri)
             if self.respawns > 0 and self.stop.signum is None and self.budget_left() > 0 and rc < 0:
                 self.respawns -= 1
                 self.workers.spawn(i)
+            del self.ended[i]
 
     def summarize(self, complete: bool) -> None:
         from pipeline.sweep.owners import close_trial_runs, reap_stale
