@@ -10,8 +10,9 @@ only :mod:`pipeline.config` and :mod:`pipeline.names`.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-from pipeline.config import ModelConfig
+from pipeline.config import Config, ModelConfig
 from pipeline.names import CELLS
 
 _G_AT_DEFAULT = ("orthogonal",)  # W_hh = g Q whatever model.init (README, "Models")
@@ -67,3 +68,35 @@ def unused_model_keys(m: ModelConfig) -> list[str]:
             why = f"read by cell {' and '.join(cells)} only, and model.cell={m.cell}"
         notes.append(f"model.{f.name}={v:g} is not used by this model ({why})")
     return notes
+
+
+# Params that make no setting of their own in a report (README, "Compare runs"): its keys (task, cell,
+# init, g, lr, clip), what replicates a run (seed, the regression suite's ulp nudge), and what records,
+# shows or observes a run without changing its training.
+NOT_SETTINGS = {
+    "task.name", "task.permute", "model.cell", "model.init", "model.init_scale", "optim.lr", "clip.mode",
+    "clip.threshold", "seed", "model.init_ulp_seed", "trainer.threads", "trainer.log_every",
+    "trainer.progress_bar", "trainer.val_every",
+}  # fmt: skip
+
+
+def differing_settings(params: list[dict[str, Any]]) -> list[str]:
+    """Per run (its MLflow params, strings), the other settings in which the runs differ, as ``key=value;
+    ...`` ('' when none do): two LSTM runs at forget bias 0 and 2, or adding at T = 200 and 1100, were one
+    row of the report's summary and one curve of its profiles, as if seeds (a teacher's review). A model
+    key the run's cell does not read is no setting of it, and a param a run lacks (an older version's
+    store) reads as its default (a review: both split runs that trained the same network)."""
+    default = {k: str(v) for k, v in Config().flat().items()}
+
+    def value(p: dict[str, Any], k: str) -> str:
+        if k.startswith("model.") and not reads_key(
+            str(p.get("model.cell")), str(p.get("model.init")), k[6:]
+        ):
+            return ""
+        v = p.get(k)
+        return v if isinstance(v, str) else default.get(k, "")
+
+    skip = ("tracking.", "diagnostics.")
+    keys = sorted({k for p in params for k in p if k not in NOT_SETTINGS and not k.startswith(skip)})
+    varying = [k for k in keys if len({value(p, k) for p in params}) > 1]
+    return ["; ".join(f"{k}={value(p, k)}" for k in varying if value(p, k)) for p in params]

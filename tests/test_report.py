@@ -407,12 +407,24 @@ def test_runs_differing_in_a_setting_are_not_merged_and_default_init_sits_at_its
     default = run(
         tiny_config(**exp, **{"model.cell": "tanh", "model.init": "default", "model.init_scale": 3.0})
     )
+    no_g = run(
+        tiny_config(**exp, **{"model.cell": "indrnn", "model.init": "default", "model.init_scale": 3.0})
+    )
     res = build_report(store, experiment="lesson", out=tmp_path / "r")
     t = res.table.set_index("run_id")
     assert t.loc[bf0.run_id, "settings"] == "model.forget_bias=0.0"
     assert t.loc[bf2.run_id, "settings"] == "model.forget_bias=2.0"
-    assert t.loc[default.run_id, "settings"] == "model.forget_bias=1.0"  # the tanh run's param differs too
+    assert t.loc[default.run_id, "settings"] == ""  # its forget_bias param differs, but no tanh reads it
     assert t.loc[default.run_id, "init_scale"] == pytest.approx(3**-0.5)
+    assert math.isnan(t.loc[no_g.run_id, "init_scale"])  # indrnn's default u ~ U(0, 1): no g at all
+    from pipeline.report import figures as rr
+
+    fig = rr.phase_diagram(res.table, "temporal_order")
+    (ax,) = [a for a in fig.axes if a.get_title() == "indrnn / default"]
+    assert [x.get_text() for x in ax.texts] == [
+        "1 run(s): no init scale g\n(indrnn at init default keeps its own init)"
+    ]
+    fig.clf()
     summary = pd.read_csv(res.files["summary.csv"])
     lstm = summary[summary["cell"] == "lstm"].sort_values("settings")
     assert list(lstm["runs"]) == [1, 1] and list(lstm["settings"]) == [
@@ -420,6 +432,23 @@ def test_runs_differing_in_a_setting_are_not_merged_and_default_init_sits_at_its
         "model.forget_bias=2.0",
     ]
     assert "model.forget_bias=2.0" in res.files["report.md"].read_text()
+
+
+def test_settings_are_what_trained_differently_not_what_was_logged_differently():
+    """A review of the column: a model key the cell does not read, a param an older version did not log
+    (read as its default), and a display setting are no settings; a key a cell reads is."""
+    from pipeline.cell_keys import differing_settings
+
+    lstm = {"model.cell": "lstm", "model.init": "default", "model.forget_bias": "2.0", "task.seq_len": "50"}
+    tanh = {**lstm, "model.cell": "tanh", "model.forget_bias": "0.5"}
+    old = {k: v for k, v in tanh.items() if k != "model.forget_bias"} | {"trainer.progress_bar": "True"}
+    assert differing_settings([lstm, tanh, old]) == ["model.forget_bias=2.0", "", ""]
+    assert differing_settings([tanh, {**tanh, "task.seq_len": "200"}]) == [
+        "task.seq_len=50",
+        "task.seq_len=200",
+    ]
+    missing = {k: v for k, v in lstm.items() if k != "model.forget_bias"}  # an older store: the default, 1.0
+    assert differing_settings([missing, {**lstm, "model.forget_bias": "1.0"}]) == ["", ""]
 
 
 def test_killed_runs_are_left_out_and_counted(store, tmp_path, capsys):

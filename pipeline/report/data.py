@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.cell_keys import effective_scale
+from pipeline.cell_keys import differing_settings, effective_scale
 from pipeline.names import (
     DIVERGED,
     KIND_SWEEP,
@@ -52,12 +52,6 @@ KIND = f"tags.`{KIND_TAG}`"  # backquoted: the tag key contains a dot
 # Comparison table: (column, MLflow column of search_runs, kind). Kinds: tag/param strings, float, int.
 # The key columns come first; the table is sorted by them.
 KEYS = ["task", "cell", "init", "init_scale", "lr", "clip", "settings"]
-# Params that make no other setting of a run: the keys above, what replicates a run (seed, the regression
-# suite's ulp nudge), and what records or observes it without changing its training.
-_NOT_SETTINGS = {
-    "task.name", "task.permute", "model.cell", "model.init", "model.init_scale", "optim.lr", "clip.mode",
-    "clip.threshold", "seed", "model.init_ulp_seed", "trainer.threads", "trainer.log_every",
-}  # fmt: skip
 COLUMNS: list[tuple[str, str, str]] = [
     ("val_loss_ratio", "metrics.val/loss_ratio", "float"),
     ("val_accuracy", "metrics.val/accuracy", "float"),
@@ -284,16 +278,9 @@ def _task(tag: Any, name: Any, permute: Any) -> str | None:
 
 
 def _settings(runs) -> list[str]:
-    """Per run, the params outside :data:`KEYS` that differ between the runs reported, as ``key=value; ...``
-    ('' when none do): two LSTM runs at forget bias 0 and 2, or adding at T = 200 and 1100, were one row of
-    the summary and one curve of the profiles, as if seeds (a teacher's review)."""
-    keys = [c for c in runs.columns if c.startswith("params.") and c[7:] not in _NOT_SETTINGS]
-    params = [c for c in keys if not c[7:].startswith(("tracking.", "diagnostics."))]
-    varying = sorted(c for c in params if runs[c].astype(str).nunique(dropna=False) > 1)
-    return [
-        "; ".join(f"{c[7:]}={runs[c].iloc[i]}" for c in varying if isinstance(runs[c].iloc[i], str))
-        for i in range(len(runs))
-    ]
+    """Per run, the settings in which the runs reported differ (:func:`pipeline.cell_keys.differing_settings`)."""
+    cols = [c for c in runs.columns if c.startswith("params.")]
+    return differing_settings([{c[7:]: runs[c].iloc[i] for c in cols} for i in range(len(runs))])
 
 
 def comparison_table(runs):
@@ -317,8 +304,8 @@ def comparison_table(runs):
         }
         for name, src, kind in COLUMNS:
             r[name] = _num(col(src).iloc[i], kind)
-        if r["cell"] and r["init"] == "default" and r["init_scale"] is not None:  # PyTorch's own W_hh
-            r["init_scale"] = effective_scale(r["cell"], "default", r["init_scale"]) or r["init_scale"]
+        if r["cell"] and r["init"] and r["init_scale"] is not None:  # the g W_hh was drawn at; None: no g
+            r["init_scale"] = effective_scale(r["cell"], r["init"], r["init_scale"])
         rows.append(r)
     for r, setting in zip(rows, _settings(runs), strict=True):
         r["settings"] = setting

@@ -220,6 +220,9 @@ def phase_diagram(table, task: str):
     xlim, ylim = _limits(sub["lr"]), _limits(sub["init_scale"])
     for ax, ((cell, init), grp) in zip(axes, panels, strict=True):
         _phase_points(ax, grp[grp["lr"].notna() & grp["init_scale"].notna()])
+        if len(grp) and grp["init_scale"].isna().all():  # indrnn's default u, the modern cells' own inits
+            why = f"{len(grp)} run(s): no init scale g\n({cell} at init {init} keeps its own init)"
+            ax.text(0.5, 0.5, why, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.3")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlim(*xlim)
