@@ -1273,3 +1273,44 @@ def test_a_worker_killed_while_the_store_does_not_answer_is_replaced_when_it_doe
     s._replace_ended()  # the store answers again
     assert spawned == [0] and s.ended == {} and s.respawns == 1 and len(reaps) == 2
     assert s.out.getvalue().count("worker 0 exited with status -9") == 1
+
+
+SLOW_CHILD = """
+import signal, sys, time
+def slow_entry(delay):
+    time.sleep(delay)  # as pipeline.sweep.procs._entry begins: SIGTERM as the forkserver left it
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    time.sleep(3)
+    sys.exit(0)
+"""
+SIGNAL_A_FRESH_WORKER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from pipeline.sweep import procs
+procs.prestart()
+import slow_child
+p = procs.context().Process(target=slow_child.slow_entry, args=(1.0,))
+p.start()
+os.kill(p.pid, signal.SIGTERM)  # forwarded before the worker took SIGTERM back
+p.join()
+print(p.exitcode)
+procs.stop()
+"""
+
+
+def test_a_sigterm_forwarded_to_a_worker_just_forked_is_kept_until_it_can_take_it(tmp_path):
+    """The forkserver ignores SIGTERM (a process-group SIGTERM killed it), and a worker inherits that
+    until its entry takes SIGTERM back: a SIGTERM the parent forwarded in between was lost, and the
+    worker trained on. The forkserver also blocks SIGTERM, so the worker keeps it pending and ends (-15)
+    as it takes SIGTERM back (a review planted the block out: this test is the one that fails)."""
+    (tmp_path / "slow_child.py").write_text(SLOW_CHILD)
+    r = subprocess.run(
+        [sys.executable, "-c", SIGNAL_A_FRESH_WORKER, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=sweep_env(),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split()[-1] == "-15", r.stdout + r.stderr[-2000:]

@@ -248,7 +248,9 @@ def phase_diagram(table, task: str):
 def _run_label(r) -> str:
     """A run in a legend: its init, g and lr, and the settings it differs in from the others reported."""
     settings = r.get("settings") or ""
-    return f"{r['init']} g={r['init_scale']:.3g} lr={r['lr']:.3g}" + (f" {settings}" if settings else "")
+    g = r["init_scale"]
+    scale = f" g={g:.3g}" if g is not None and not (isinstance(g, float) and math.isnan(g)) else ""
+    return f"{r['init']}{scale} lr={r['lr']:.3g}" + (f" {settings}" if settings else "")
 
 
 def profile_panels(table, profiles: dict, task: str):
