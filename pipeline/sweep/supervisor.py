@@ -280,7 +280,7 @@ class Supervisor:
         self.rec = Recorder(stores.mlflow_uri, stores.parent_run_id, stores.experiment_id)
         self.progress = Progress(sw, stores.study, t0, out)
         self.end = StudyEnd(sw.n_trials)  # when this machine's workers are done (pipeline/sweep/study_end.py)
-        self.last_print, self.ended = 0.0, {}  # the last status line's time; workers not yet replaced
+        self.last_print, self.ended = 0.0, dict[int, int]()  # last status line; workers to replace
 
     def budget_left(self) -> int:
         return budget_left(self.stores.study, self.sw.n_trials)
