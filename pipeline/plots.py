@@ -253,7 +253,7 @@ def positive(y: Any) -> np.ndarray:
 def draw_grad_norms(ax: Any, curves: Iterable[Curve], thresholds: Iterable[float] = ()) -> None:
     """Global gradient norm over training on a log axis (only finite, positive points), one dotted line per
     clip threshold, axis labels and grid. Titles and legends are the caller's."""
-    curves = list(curves)
+    curves, drawn = list(curves), 0
     for c in curves:
         x, y = np.asarray(c.x), np.asarray(c.y, dtype=float)
         ok = positive(y)
@@ -262,7 +262,8 @@ def draw_grad_norms(ax: Any, curves: Iterable[Curve], thresholds: Iterable[float
         # one point draws no line: a marker, or a run whose only finite norm was its first step shows nothing
         marker = c.marker if c.marker is not None or ok.sum() != 1 else "o"
         ax.semilogy(x[ok], y[ok], c.style, lw=c.lw, color=c.color, marker=marker, ms=4, label=c.label)
-    if curves and not any(positive(c.y).any() for c in curves):
+        drawn += 1
+    if curves and not drawn:
         # every norm inf or NaN (a run that overflowed at its first step): empty linear axes with a legend
         # of lines not drawn read as a broken plot (a teacher's review); say why, as draw_profile does
         steps = np.concatenate([np.asarray(c.x, dtype=float) for c in curves])

@@ -131,25 +131,20 @@ def store_error(e: BaseException, verb: str) -> tuple[str, int] | None:
     return None
 
 
-class _QuietLockedStore:
+def _not_a_locked_store(record) -> bool:
     """A filter for MLflow's ``mlflow.store.db.utils`` logger: it logs a locked SQLite store as an ERROR
     with the whole traceback (about 90 lines) before it raises, and :func:`main` then says the same in
     one line. Only records whose exception is a locked store are dropped."""
-
-    def filter(self, record) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return exc is None or store_locked(exc) is None
-
-
-_QUIET_LOCKED = _QuietLockedStore()
+    exc = record.exc_info[1] if record.exc_info else None
+    return exc is None or store_locked(exc) is None
 
 
 def _quiet_locked_store_logs() -> None:
     import logging
 
     db_log = logging.getLogger("mlflow.store.db.utils")
-    if _QUIET_LOCKED not in db_log.filters:
-        db_log.addFilter(_QUIET_LOCKED)
+    if _not_a_locked_store not in db_log.filters:
+        db_log.addFilter(_not_a_locked_store)
 
 
 if __name__ == "__main__":

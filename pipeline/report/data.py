@@ -284,7 +284,9 @@ def _settings(runs) -> list[str]:
 
 
 def comparison_table(runs):
-    """One row per run, values exactly as MLflow holds them, sorted by (task, cell, init, g, lr, clip)."""
+    """One row per run, values exactly as MLflow holds them (but g: the scale W_hh was drawn at, None
+    where it has none, :func:`pipeline.cell_keys.effective_scale`; and ``settings``, in which the runs
+    differ), sorted by (task, cell, init, g, lr, clip, settings)."""
     import pandas as pd
 
     def col(name):

@@ -7,7 +7,7 @@
 * ``report.html``: self-contained (inline CSS, figures as base64 PNG, no external JS/CSS);
 * ``report.md`` with the PNG files beside it;
 * ``comparison.csv`` (one row per run, full precision) and ``summary.csv`` (one row per
-  (task, cell, init, g, lr, clip), aggregated over seeds).
+  (task, cell, init, g, lr, clip, settings), aggregated over seeds).
 
 The files written are also logged as artifacts (``report/``) of the sweep's parent run, when there is one.
 """
