@@ -494,6 +494,30 @@ def _nominal_ratio(tmp_path: Path, entry: dict, folder: str = "probe") -> float:
     return client(s.uri).get_run(rid).data.metrics["bptt/log10_ratio"]
 
 
+def test_two_suite_runs_started_in_the_same_second_have_their_own_names(store, tmp_path, monkeypatch):
+    """A command-line ``regress`` names its parent run ``regress-<suite>-<time>-<4 hex>`` (README, "What is
+    recorded"): two started in the same second shared a name in the MLflow UI."""
+    import datetime as dt
+    import re
+    import types
+
+    from pipeline.regression import run as regress_run
+    from pipeline.regression.suite import load_suite
+    from pipeline.tracking import client
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 12, 6, 12, 0, 0)
+
+    monkeypatch.setattr(regress_run, "dt", types.SimpleNamespace(datetime=Frozen))  # this module's clock
+    one = yaml.safe_load(yaml.safe_dump(TINY))
+    s = load_suite(write_suite(tmp_path, one))
+    names = [client(s.uri).get_run(regress_run.start_suite_run(s)[0]).info.run_name for _ in range(2)]
+    assert all(re.fullmatch(rf"regress-{s.name}-20261206-120000-[0-9a-f]{{4}}", n) for n in names), names
+    assert names[0] != names[1], names
+
+
 def test_measured_band_rules():
     from pipeline.regression.baselines import SAFETY, Band, _round_up, measured_band
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import secrets
 from dataclasses import dataclass, replace
 
 from pipeline.names import ENTRY, KIND, KIND_REGRESSION, OVERRIDES, OWNER, PERTURBATION, ROLE, STATUS, SUITE
@@ -69,7 +70,10 @@ def start_suite_run(suite: Suite, key: str | None = None, uri: str | None = None
         tags[KEY] = key
     else:  # a command-line run: a later one closes it KILLED if this process dies (close_dead_runs)
         tags[OWNER] = owner_tag()
-    name = f"regress-{key}" if key else f"regress-{suite.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    # a command-line run's name ends in 4 random hex digits, as a training run's does: two runs of one
+    # suite started in the same second (two machines, a scheduler's retries) shared a name
+    stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    name = f"regress-{key}" if key else f"regress-{suite.name}-{stamp}"
     rec = Recorder.start(uri, EXPERIMENT, name, tags=tags, experiment_id=exp_id)
     rec.log_text(suite.path.read_text(), f"suite/{suite.path.name}")
     if suite.baseline_path.exists():
