@@ -95,11 +95,26 @@ class Outage:
     end). A PostgreSQL failover or a tracking server's restart made one such read raise, and the parent
     died with a traceback, stopping workers that would have ridden it out (a chaos review: a 10-15 s
     PostgreSQL outage ended the sweep). :meth:`call` returns ``default`` instead while a store does not
-    answer, says so once, and raises after :data:`OUTAGE_LIMIT_S` of silence."""
+    answer, says so once, and raises after :data:`OUTAGE_LIMIT_S` of silence. A sweep worker waits for its
+    stores with one as well (:mod:`pipeline.sweep.outages`): ``who`` and ``meanwhile`` word its lines."""
 
-    def __init__(self, out: TextIO | None = None, limit_s: float = OUTAGE_LIMIT_S, clock=time.monotonic):
+    def __init__(
+        self,
+        out: TextIO | None = None,
+        limit_s: float = OUTAGE_LIMIT_S,
+        clock=time.monotonic,
+        who: str = "sweep",
+        meanwhile: str = "the workers go on, asking again",
+    ):
         self.out, self.limit_s, self.clock = out or sys.stdout, limit_s, clock
+        self.who, self.meanwhile = who, meanwhile
         self.since: float | None = None
+
+    def begin(self, why: str) -> None:
+        """The stores stopped answering (``why``: :func:`store_unreachable`'s line): say so, once."""
+        if self.since is None:
+            self.since = self.clock()
+            print(f"{self.who}: a store did not answer ({why}); {self.meanwhile}", file=self.out, flush=True)
 
     def call(self, fn: Callable[[], Any], default: Any = None) -> Any:
         try:
@@ -108,20 +123,13 @@ class Outage:
             why = store_unreachable(e)
             if why is None:
                 raise
-            now = self.clock()
-            if self.since is None:
-                self.since = now
-                print(
-                    f"sweep: a store did not answer ({why}); the workers go on, asking again",
-                    file=self.out,
-                    flush=True,
-                )
-            if now - self.since > self.limit_s:
+            self.begin(why)
+            if self.clock() - (self.since or 0.0) > self.limit_s:
                 raise
             return default
         if self.since is not None:
             print(
-                f"sweep: the store answers again (after {self.clock() - self.since:.0f} s)",
+                f"{self.who}: the store answers again (after {self.clock() - self.since:.0f} s)",
                 file=self.out,
                 flush=True,
             )

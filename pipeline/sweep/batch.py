@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline.names import KIND, KIND_TRIAL, STUDY, TRIAL_NUMBER
 from pipeline.signals import Terminated, received
+from pipeline.sweep import outages
 
 # trials_per_worker: auto. Measured (README, "Batched trials"): the default sweep on the 2-core CPU, 2
 # workers, rolling stacks: K = 4 ran 1.1x (same points) to 1.4x (TPE) the trials per hour of K = 1 (medians
@@ -55,7 +56,14 @@ def next_trials(worker, k: int) -> list:
         # The last trials are shared among this machine's workers (spec "workers"), so that one worker
         # does not train a full stack while the others idle: at most ceil(left / workers) each.
         n = min(k, left, -(-left // max(1, int(worker.spec.get("workers", 1)))))
-        return [ask_owned(worker.study) for _ in range(max(0, n))]
+        asked: list = []
+        try:
+            for _ in range(max(0, n)):
+                asked.append(ask_owned(worker.study))
+        except Exception as e:  # owned, not yet training: the worker closes them too (sweep.outages.met)
+            e.held_trials = asked  # type: ignore[attr-defined]
+            raise
+        return asked
 
 
 def _fail(worker, trial, e: BaseException) -> None:
@@ -68,6 +76,8 @@ def _fail(worker, trial, e: BaseException) -> None:
     if received(worker.signals_before):
         with contextlib.suppress(Exception):
             release_trial(worker.study, worker.mlflow_uri, trial)
+        return
+    if outages.cut(worker, trial, e):  # a store did not answer: the worker closes it once it does
         return
     msg = f"{type(e).__name__}: {e}"[:1000]
     print(f"trial {trial.number} failed: {msg}", file=sys.stderr)
@@ -207,8 +217,13 @@ class _Group:
             _fail(self.worker, t, r)
             self.ok = False
             return
-        self.worker.log_best_model(r, self.cbs[i].module)
-        self.worker.tell(t, r, self.cbs[i].pruned_by)
+        try:
+            self.worker.log_best_model(r, self.cbs[i].module)
+            self.worker.tell(t, r, self.cbs[i].pruned_by)
+        except Exception as e:  # no longer held: a store that did not answer leaves it to sweep.outages
+            if not outages.cut(self.worker, t, e):
+                raise
+            self.ok = False
 
     def refill(self, n: int) -> list | None:
         """Configs of newly asked trials for ``n`` free slots; one of another stack key waits for its own."""

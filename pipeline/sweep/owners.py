@@ -158,8 +158,12 @@ def ask_owned(study):
     can find (:func:`release_own`), left RUNNING until a reaper takes it as a dead worker's."""
     with deferred():
         trial = study.ask()
-        trial.set_user_attr("worker", owner_tag())
-        first_beat(study._storage, trial._trial_id)
+        try:
+            trial.set_user_attr("worker", owner_tag())
+            first_beat(study._storage, trial._trial_id)
+        except Exception as e:  # a store that stopped answering: the worker closes it (sweep.outages)
+            e.asked_trial = trial  # type: ignore[attr-defined]
+            raise
     return trial
 
 

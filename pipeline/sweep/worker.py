@@ -18,6 +18,7 @@ diverged           COMPLETE, value = penalty (see below),       FINISHED, tags r
 SIGTERM / Ctrl-C   FAIL, attr interrupted, params re-enqueued   KILLED
 kill -9            FAIL (reaper), params re-enqueued once       KILLED (by the reaper)
 exception          FAIL, attr error                             FAILED
+store outage       FAIL, attr error, params re-enqueued once    KILLED (pipeline/sweep/outages.py)
 =================  ===========================================  =====================================
 
 Why diverged trials are COMPLETE with the value :func:`pipeline.sweep.study.divergence_value`: see
@@ -43,10 +44,11 @@ import pytorch_lightning as pl
 from pipeline import signals as sigterm
 from pipeline.names import KIND, KIND_TRIAL, STUDY, TRIAL_NUMBER
 from pipeline.signals import Terminated, check_terminated, deferred, delivered, raise_terminated
-from pipeline.sweep import batch
+from pipeline.sweep import batch, outages
 from pipeline.sweep import study as objective
 from pipeline.sweep.config import from_data
 from pipeline.sweep.owners import ask_owned, heartbeat, reap_stale
+from pipeline.sweep.record import outcome_tags, tag_run, trial_attrs
 from pipeline.sweep.stores import budget_lock, open_storage
 from pipeline.sweep.study import budget_left, make_pruner, make_sampler, suggest
 
@@ -108,17 +110,6 @@ class TrialCallback(pl.Callback):
             self._prune(trainer, pl_module, "val_loss")
 
 
-def tag_run(mlflow_uri: str, run_id: str | None, tags: dict[str, Any]) -> None:
-    if not run_id:
-        return
-    from mlflow.entities import RunTag
-
-    from pipeline.tracking import client
-
-    with contextlib.suppress(Exception):
-        client(mlflow_uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-
-
 def trial_run_config(sw, spec: dict[str, Any], mlflow_uri: str, trial):
     """The training config of ``trial`` in sweep ``sw`` (worker ``spec``): sampled values on the base,
     recorded as a child run of the sweep's experiment at ``mlflow_uri``."""
@@ -154,34 +145,6 @@ def is_best_so_far(sw, study, r, module) -> bool:
     return not (best is not None and best.value < v)
 
 
-def trial_attrs(r, pruned_by: str | None) -> dict[str, Any]:
-    """The Optuna user attributes of a trial that ran (see the module doc's table)."""
-    attrs = {
-        "mlflow_run_id": r.run_id,
-        "regime": r.regime,
-        "solved": r.solved,
-        "steps": r.steps,
-        "val_loss_ratio": r.val_loss_ratio,
-        "val_accuracy": r.metrics.get("val/accuracy"),  # None unless the task classifies (Task.hits)
-        "diverged": r.diverged_step is not None,
-    }
-    if r.diverged_step is not None:
-        attrs["diverged_step"] = r.diverged_step
-    if pruned_by:
-        attrs["pruned_by"] = pruned_by
-    return attrs
-
-
-def outcome_tags(state: str, diverged: bool, value: float | None, pruned_by: str | None) -> dict[str, Any]:
-    """The MLflow tags of how a trial ended in Optuna."""
-    return {
-        "optuna_state": state,
-        "diverged": str(diverged).lower(),
-        **({"optuna_value": f"{value:.6g}"} if value is not None else {}),
-        **({"pruned_by": pruned_by} if pruned_by else {}),
-    }
-
-
 class Worker:
     def __init__(self, spec: dict[str, Any]):
         import optuna
@@ -207,6 +170,11 @@ class Worker:
         self.k = batch.trials_per_worker(self.sw, spec.get("gpu") is not None)
         self.deadline = spec.get("deadline")
         self.signals_before = sigterm.received_count()  # SIGTERMs before this worker: not its stop
+        self.cut: list[tuple[Any, str]] = []  # trials a store outage cut, and why (sweep.outages)
+        self.met: BaseException | None = None  # an outage met outside a trial
+        self.untagged: list[
+            tuple[str, dict, str]
+        ] = []  # outcome tags the outage kept from a told trial's run
 
     def next_trial(self):
         """Under the budget lock: reap stale trials, count, ask (WAITING retries are popped first)."""
@@ -250,16 +218,19 @@ class Worker:
                 return 0
             if self.deadline and time.time() > self.deadline:
                 return 0
-            if self.k > 1:  # batched trials (README, "Batched trials"): pipeline/sweep/batch.py
-                trials = batch.next_trials(self, self.k)
-                if not trials:
-                    return 0
-                ok = batch.run_batch(self, trials)
-            else:
-                trial = self.next_trial()
-                if trial is None:
-                    return 0
-                ok = self.run_trial(trial)
+            try:
+                ok = self._round()
+            except Exception as e:  # asking or telling met a store that did not answer: wait for it
+                if not outages.met(self, e):
+                    raise
+                ok = False
+            if self.cut or self.met or self.untagged:  # not the trials' errors (sweep/outages.py)
+                code, self.met = outages.ride_out(self, self.met), None
+                if code is not None:
+                    return code
+                continue
+            if ok is None:
+                return 0
             errors = 0 if ok else errors + 1
             if errors >= MAX_CONSECUTIVE_ERRORS:
                 print(
@@ -267,6 +238,15 @@ class Worker:
                     file=sys.stderr,
                 )
                 return 1
+
+    def _round(self) -> bool | None:
+        """Ask and train one trial, or a batch (README, "Batched trials"): whether all went well; None
+        when there is none left to ask."""
+        if self.k > 1:
+            trials = batch.next_trials(self, self.k)
+            return batch.run_batch(self, trials) if trials else None
+        trial = self.next_trial()
+        return None if trial is None else self.run_trial(trial)
 
     def trial_run_config(self, trial):
         """The training config of ``trial``: sampled values on the base, recorded as a child run."""
@@ -306,6 +286,10 @@ class Worker:
                 close_interrupted(self.study, trial._trial_id)
             raise
         except Exception as e:  # a bug or a bad value: record it, keep the sweep going
+            if outages.cut(
+                self, trial, e
+            ):  # a store did not answer: closed (or tagged, if told) once it does
+                return False
             if self.told(trial):  # an error after the tell (the worker's, not the trial's)
                 raise
             if sigterm.received(self.signals_before):  # the stop's error (a write it found locked)
@@ -365,7 +349,8 @@ class Worker:
             value = objective.trained_value(self.study, r.val_loss_ratio, self.sw.penalty)
             self.study.tell(trial, value)
             state = "COMPLETE"
-        tag_run(self.mlflow_uri, r.run_id, outcome_tags(state, attrs["diverged"], value, pruned_by))
+        tags = outcome_tags(state, attrs["diverged"], value, pruned_by)
+        tag_run(self.mlflow_uri, r.run_id, tags, later=self.untagged)
 
 
 def main(argv: list[str]) -> int:
