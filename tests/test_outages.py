@@ -7,7 +7,6 @@ as PostgreSQL does when it is down; the end-to-end outage is tests/test_sweep_po
 from __future__ import annotations
 
 import io
-import os
 import types
 from contextlib import redirect_stderr
 
@@ -71,7 +70,7 @@ def a_worker(tmp_path, refusals: float, clock: Clock, monkeypatch):
         cut=[(cut_trial, PG_DOWN)],
         untagged=[(told_run.info.run_id, {"optuna_state": "COMPLETE"}, PG_DOWN)],
         signals_before=signals.received_count(),
-        ppid=os.getppid(),
+        parent_gone=lambda: False,
         deadline=None,
     )
     return worker, c, run.info.run_id, told_run.info.run_id
@@ -118,7 +117,7 @@ def test_a_worker_waiting_for_its_stores_stops_with_its_sweep(tmp_path, monkeypa
     clock = Clock(step=5.0)
     worker, *_ = a_worker(tmp_path, refusals=float("inf"), clock=clock, monkeypatch=monkeypatch)
     if why == "parent":
-        worker.ppid = -1  # the sweep parent is gone
+        worker.parent_gone = lambda: True
     else:
         worker.deadline = 1.0  # long past
     with redirect_stderr(io.StringIO()):

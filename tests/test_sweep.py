@@ -7,6 +7,7 @@ shipped smoke sweep) start real worker processes and are marked slow.
 
 from __future__ import annotations
 
+import datetime
 import io
 import os
 import signal
@@ -380,7 +381,7 @@ def test_a_trial_is_told_and_tagged_as_it_ended(store, tmp_path, ratio, step, pr
     _, study, c, exp = _reaper_study(store, "w")
     study.add_trial(optuna_trial(0.7))  # a finished trial: the penalty is relative to it
     worker = Worker.__new__(Worker)  # tell reads only these
-    worker.study, worker.mlflow_uri = study, store
+    worker.study, worker.mlflow_uri, worker.untagged = study, store, []
     worker.sw = load_sweep(str(write_sweep(tmp_path / "s.yaml")))
     run = c.create_run(exp)
     r = SimpleNamespace(
@@ -843,26 +844,32 @@ from multiprocessing import forkserver
 from pipeline.sweep import procs
 procs.prestart()
 server = forkserver._forkserver._forkserver_pid
-w = procs.WorkerProcess.__new__(procs.WorkerProcess)
-w.proc = procs.context().Process(target=time.sleep, args=(4,))
-w.proc.start()
-w.pid = w.proc.pid
+def worker(seconds):
+    w = procs.WorkerProcess.__new__(procs.WorkerProcess)
+    w.proc = procs.context().Process(target=time.sleep, args=(seconds,))
+    w.proc.start()
+    w.pid = w.proc.pid
+    return w
+w, killed = worker(4), worker(60)
 os.kill(server, signal.SIGTERM)   # a SIGTERM to the sweep's process group reaches the forkserver
 time.sleep(1)
 print("forkserver alive after SIGTERM:", procs._running(server))
-os.kill(server, signal.SIGKILL)   # gone all the same: the worker is watched by its pid
+os.kill(server, signal.SIGKILL)   # gone all the same: the workers are this process's children now
 time.sleep(1)
 t = time.monotonic()
 print("poll while the worker sleeps:", w.poll())
+os.kill(killed.pid, signal.SIGKILL)
+print("killed:", killed.wait(20))
 print("wait:", w.wait(20), "after", round(time.monotonic() - t, 1), "s")
 """
 
 
 def test_workers_outlive_their_forkserver_in_the_parents_eyes(tmp_path):
     """The forkserver ignores SIGTERM (a SIGTERM to the sweep's process group, as ``timeout`` and service
-    managers send, killed it); and a worker whose forkserver is gone anyway (SIGKILL) is watched by its pid:
-    multiprocessing reported exit status 255 for it at once, and the parent, thinking every worker gone, left
-    before they had closed their trials (runs left RUNNING; a chaos walkthrough, 4 of 4 group SIGTERMs)."""
+    managers send, killed it); and a worker whose forkserver is gone anyway (SIGKILL) is watched until it
+    ends, with its own exit status: multiprocessing reported 255 for it at once, and the parent, thinking
+    every worker gone, left before they had closed their trials (runs left RUNNING; a chaos walkthrough, 4
+    of 4 group SIGTERMs)."""
     out = subprocess.run(
         [sys.executable, "-c", FORKSERVER_SCRIPT],
         capture_output=True,
@@ -874,8 +881,68 @@ def test_workers_outlive_their_forkserver_in_the_parents_eyes(tmp_path):
     lines = out.stdout.splitlines()
     assert lines[0] == "forkserver alive after SIGTERM: True"
     assert lines[1] == "poll while the worker sleeps: None"
-    waited = float(lines[2].split("after ")[1].split()[0])
-    assert lines[2].startswith("wait: 255") and waited >= 1.0  # it slept on, 4 s from its start
+    # their own statuses, read by the sweep's parent as their subreaper (procs.become_subreaper): 255
+    # for both before, so a worker killed after its forkserver was not replaced
+    assert lines[2] == "killed: -9"
+    waited = float(lines[3].split("after ")[1].split()[0])
+    assert lines[3].startswith("wait: 0 ") and waited >= 1.0  # it slept on, 4 s from its start
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The live child processes of ``pid`` and their command lines (/proc)."""
+    out = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out[int(d.name)] = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+@pytest.mark.slow
+def test_a_worker_killed_after_its_forkserver_is_replaced_and_the_sweep_ends_at_n_trials(store, tmp_path):
+    """kill -9 of the CPU workers' forkserver mid-sweep, then of a worker. The workers took the forkserver's
+    end for their parent's and stopped after their trial; the parent read status 255 for each (the real
+    one went with the forkserver), replaced none, and the sweep ended short of ``n_trials``, exit 1 (a
+    chaos review). The parent is now its workers' subreaper: orphaned, they are its children, it reads a
+    killed one's -9 and replaces it from a new forkserver; the others go on, and the sweep ends at
+    ``n_trials`` with everything accounted for (README, "Faults and resuming")."""
+    n = 8
+    cfg = write_sweep(
+        tmp_path / "s.yaml",
+        n_trials=n,
+        workers=2,
+        base={**TINY["base"], "trainer": {"max_steps": 400, "val_every": 100, "log_every": 20}},
+    )
+    parent = subprocess.Popen(
+        sweep_cmd(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=sweep_env(),
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_running_trial()
+        (server,) = [pid for pid, cmd in _children(parent.pid).items() if "forkserver" in cmd]
+        workers = set(_children(server))
+        os.kill(server, signal.SIGKILL)
+        since = datetime.datetime.now()  # Optuna stamps datetime_start with naive local time
+        time.sleep(1)
+        t = wait_for_running_trial()
+        killed = int(t.user_attrs["worker"].split("|")[1])
+        os.kill(killed, signal.SIGKILL)
+        out, err = parent.communicate(timeout=300)
+    finally:
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+    assert parent.returncode == 0, out + err
+    assert "exited with status -9" in out and "status 255" not in out, out
+    study = load_study()
+    check_killed_trial_retried(study, mlflow_runs(store), t, n)
+    later = {int(x.user_attrs["worker"].split("|")[1]) for x in study.trials if x.datetime_start > since}
+    assert later & (workers - {killed}), "the worker that was not killed took no trial after its forkserver"
 
 
 def test_a_worker_that_is_a_zombie_or_gone_is_not_running():

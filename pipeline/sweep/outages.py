@@ -17,7 +17,6 @@ owned by a process that is gone, are then the reapers' (:func:`pipeline.sweep.ow
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 
@@ -75,7 +74,7 @@ def ride_out(worker, e: BaseException | None = None, clock=time.monotonic) -> in
     while True:
         check_terminated()
         sigterm.check_received(worker.signals_before)
-        if os.getppid() != worker.ppid or (worker.deadline and time.time() > worker.deadline):
+        if worker.parent_gone() or (worker.deadline and time.time() > worker.deadline):
             return 0
         try:
             if outage.call(lambda: probe(worker) or True, False):

@@ -35,10 +35,30 @@ def context():
     return _CTX
 
 
+PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+
+
+def become_subreaper() -> bool:
+    """Linux: make this process, the sweep's parent, the reaper of its orphaned descendants
+    (``prctl(PR_SET_CHILD_SUBREAPER)``, Linux 3.4+, man 2 prctl). A worker whose forkserver died is then
+    re-parented to the sweep's parent rather than to init, and :meth:`WorkerProcess.poll` reads its real
+    exit status. Before, such a worker read 255 whatever it did: one killed with kill -9 afterwards was
+    not replaced, and the sweep ended short of ``n_trials`` (a chaos review). False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 def prestart() -> None:
     """Start the forkserver now (it imports while the parent creates the stores). CPU workers run one
     intra-op thread: the forkserver must see that before it imports torch."""
     os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", FORKSERVER_OF: str(os.getpid())})
+    become_subreaper()
     context()
     from multiprocessing import forkserver
 
@@ -106,8 +126,11 @@ class WorkerProcess:
     Its exit status comes from the forkserver, which forked it and reaps it. If the forkserver dies first
     (a SIGKILL to it alone: it ignores SIGTERM, so that a SIGTERM to the sweep's process group, as
     ``timeout`` and service managers send, leaves it to go with the parent), multiprocessing reports 255
-    for every worker at once while they still run; the worker is then watched by its pid until it is
-    gone, and its status is 255 (its own is lost with the forkserver)."""
+    for every worker at once while they still run. The worker, re-parented to the sweep's parent (its
+    subreaper, :func:`become_subreaper`), is then reaped here with its own status; where the parent is
+    not its subreaper it is watched by its pid until it is gone, and its status is 255."""
+
+    _code: int | None = None  # the status read by waitpid once its forkserver was gone
 
     def __init__(self, spec_json: str, log_path: str, env: dict[str, str]):
         self.proc = context().Process(target=_entry, args=(spec_json, log_path, env), daemon=False)
@@ -120,9 +143,16 @@ class WorkerProcess:
 
     def poll(self) -> int | None:
         code = self.proc.exitcode
-        if code == LOST_FORKSERVER and _running(self.pid):
+        if code != LOST_FORKSERVER or self._code is not None:
+            return code if self._code is None else self._code
+        try:  # the forkserver is gone (or reaped this worker's own exit 255)
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # not this process's child: no subreaper, or not yet re-parented
+            return None if _running(self.pid) else code
+        if pid == 0:
             return None
-        return code
+        self._code = os.waitstatus_to_exitcode(status)
+        return self._code
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.provenance import owner_tag
 from pipeline.store_errors import Outage
 from pipeline.sweep.config import SweepConfig, to_data
 from pipeline.sweep.study import best_trial, budget_left, counts
@@ -127,18 +128,15 @@ class Workers:
     def __init__(
         self, spec: dict[str, Any], devices: list[str | None], mlflow_uri: str, log_dir: Path, fork: bool
     ):
-        self.spec, self.devices, self.mlflow_uri, self.log_dir, self.fork = (
-            spec,
-            devices,
-            mlflow_uri,
-            log_dir,
-            fork,
-        )
+        self.spec, self.devices, self.mlflow_uri = spec, devices, mlflow_uri
+        self.log_dir, self.fork = log_dir, fork
         self.procs: dict[int, Any] = {}  # sweep.procs.WorkerProcess (CPU) or subprocess.Popen (GPU)
 
     def spawn(self, index: int) -> None:
         gpu = self.devices[index % len(self.devices)]
-        spec = json.dumps({**self.spec, "worker": index, "gpu": gpu, "workers": len(self.devices)})
+        spec = json.dumps(
+            {**self.spec, "worker": index, "gpu": gpu, "workers": len(self.devices), "parent": owner_tag()}
+        )
         env = dict(os.environ)
         # One intra-op thread per CPU worker: 3-30x faster than 2 for these small RNNs (README, "Benchmarks").
         env.update(

@@ -43,6 +43,7 @@ import pytorch_lightning as pl
 
 from pipeline import signals as sigterm
 from pipeline.names import KIND, KIND_TRIAL, STUDY, TRIAL_NUMBER
+from pipeline.provenance import owner_alive
 from pipeline.signals import Terminated, check_terminated, deferred, delivered, raise_terminated
 from pipeline.sweep import batch, outages
 from pipeline.sweep import study as objective
@@ -214,7 +215,7 @@ class Worker:
         while True:
             check_terminated()  # a SIGTERM whose exception a garbage-collector callback dropped
             sigterm.check_received(self.signals_before)  # one whose exception another replaced
-            if os.getppid() != self.ppid:  # the sweep parent is gone: finish, take no new trial
+            if self.parent_gone():  # finish, take no new trial
                 return 0
             if self.deadline and time.time() > self.deadline:
                 return 0
@@ -238,6 +239,16 @@ class Worker:
                     file=sys.stderr,
                 )
                 return 1
+
+    def parent_gone(self) -> bool:
+        """Whether the sweep's parent is gone. This worker's own parent changed (the forkserver, or the
+        sweep's parent for a fresh interpreter), and the sweep's parent (spec ``parent``: pid and start
+        time) is not alive: a forkserver killed alone leaves the workers going on (README, "Faults and
+        resuming"), where before they took its end for their sweep's and stopped."""
+        if os.getppid() == self.ppid:
+            return False
+        parent = self.spec.get("parent")
+        return not parent or owner_alive(parent) is not True
 
     def _round(self) -> bool | None:
         """Ask and train one trial, or a batch (README, "Batched trials"): whether all went well; None
