@@ -34,8 +34,10 @@ __all__ = [
     "Curve",
     "draw_grad_norms",
     "draw_profile",
+    "integer_ticks",
     "run_figure",
     "outcome",
+    "panel_grid",
     "plt",
     "positive",
     "reused_run_figures",
@@ -93,9 +95,10 @@ def reused_run_figures() -> Iterator[None]:
 
 def _new_state(ax: Any) -> None:
     """Empty ``ax`` to the state of a new axes, keeping its ticks: the data artists and the legend gone,
-    linear scales, the colour cycle at its start, the data limits null (a drawing with no finite point,
-    as a run diverged at its first step draws, must not inherit the previous run's), the view (0, 1) and
-    not autoscaled until something is drawn, autoscaling on, no labels, no grid."""
+    linear scales, the default x tick locator (not :func:`integer_ticks`'s), the colour cycle at its
+    start, the data limits null (a drawing with no finite point, as a run diverged at its first step
+    draws, must not inherit the previous run's), the view (0, 1) and not autoscaled until something is
+    drawn, autoscaling on, no labels, no grid."""
     from matplotlib.transforms import Bbox
 
     for artist in [*ax.lines, *ax.patches, *ax.collections, *ax.texts, *ax.images]:
@@ -105,6 +108,9 @@ def _new_state(ax: Any) -> None:
     for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
         if scale != "linear":
             (ax.set_xscale if axis is ax.xaxis else ax.set_yscale)("linear")
+    if type(ax.xaxis.get_major_locator()) is not matplotlib.ticker.AutoLocator:  # integer_ticks's
+        ax.xaxis.set_major_locator(matplotlib.ticker.AutoLocator())
+        ax.xaxis.isDefault_majloc = True
     ax.set_prop_cycle(None)
     ax.dataLim = Bbox.null()
     ax.ignore_existing_data_limits = True
@@ -160,6 +166,30 @@ def run_figure(height: float, title: str) -> tuple[Any, Any]:
     if isinstance(fmt, matplotlib.ticker.ScalarFormatter):  # a new axes' formatter; log axes replace it
         fmt.set_useOffset(False)
     return fig, ax
+
+
+def panel_grid(n: int, width: float = 4.2, height: float = 3.6, max_cols: int = 3) -> tuple[Any, list]:
+    """A report figure of ``n`` panels (:mod:`pipeline.report.figures`), ``max_cols`` a row, each cell
+    ``width`` x ``height`` inches (the figure at least MIN_WIDTH wide); cells past ``n`` hidden."""
+    cols = min(n, max_cols)
+    rows = math.ceil(n / cols)
+    # Constrained layout makes room for titles, figure legends and legends below the axes (tight_layout
+    # ignores figure-level artists: one-panel figures lost their title and legend).
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(max(width * cols, MIN_WIDTH), height * rows), squeeze=False, layout="constrained"
+    )
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, list(axes.flat[:n])
+
+
+def integer_ticks(axis: Any) -> None:
+    """Ticks at whole numbers only, for an axis of training steps or time steps t: matplotlib's default
+    locator (AutoLocator's steps 1, 2, 2.5, 5, 10) with ``integer=True``, so a short run shows no
+    "0.5 step" (tests/test_run_figures.py)."""
+    axis.set_major_locator(
+        matplotlib.ticker.MaxNLocator(nbins="auto", steps=[1, 2, 2.5, 5, 10], integer=True)
+    )
 
 
 def outcome(val_loss_ratio: Any, solved: Any = None) -> str:
@@ -240,6 +270,7 @@ def draw_profile(ax: Any, curves: Iterable[Curve], window: tuple[int, int] | Non
         where = f"t = {a}" if a == b else f"t = {a}..{b}"
         ax.axvspan(a, b, color="0.85", zorder=0, label=f"memory window {where}")
     ax.set_xlabel("time step t")
+    integer_ticks(ax.xaxis)
     ax.set_ylabel(PROFILE_YLABEL)
     ax.grid(alpha=0.3)
 
@@ -275,5 +306,6 @@ def draw_grad_norms(ax: Any, curves: Iterable[Curve], thresholds: Iterable[float
     for t in thresholds:
         ax.axhline(t, color="k", ls=":", lw=0.8, label=f"clip threshold {t:g}")
     ax.set_xlabel("training step")
+    integer_ticks(ax.xaxis)
     ax.set_ylabel("global gradient norm")
     ax.grid(alpha=0.3, which="both")

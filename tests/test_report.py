@@ -934,7 +934,7 @@ def test_a_report_of_a_sweep_in_progress_says_so_and_marks_running_and_pruned_po
     drawn as solved from the tags it had so far, grey points missing from the legend; pruned runs looked
     like finished ones (found by a review)."""
     from pipeline.report import data as rd
-    from pipeline.report.figures import _marker, _phase_legend
+    from pipeline.report.phase import _marker, _phase_legend
     from pipeline.report.write import write
 
     data = rd.load(small_sweep["uri"], study=STUDY)

@@ -204,3 +204,160 @@ def test_coincident_runs_are_spread_on_screen_and_keep_their_lr_and_g():
     assert np.hypot(*(a - b)) == pytest.approx(2 * rr.RING_PT * points, rel=1e-6)
     assert np.allclose(alone, ax.transData.transform((1e-2, 1.0)))  # a point alone is not moved
     fig.clf()
+
+
+def _crowded() -> pd.DataFrame:
+    """One panel of 28 runs: a 6 x 4 grid in (lr, g) at 1.6x and 1.25x apart (neighbours about 20 points
+    apart on screen), every fourth diverged (labels "div@10xx", wider than the gap between two columns),
+    two more seeds at the first point (a ring of three) and a pair 1.15x apart in lr."""
+    rows, k = [], 0
+    for lr in (1e-3, 1.6e-3, 2.5e-3, 4e-3, 6.4e-3, 1e-2):
+        for g in (0.8, 1.0, 1.25, 1.6):
+            k += 1
+            regime = ("vanishing", "healthy", "exploding", "diverged")[k % 4]
+            step = 1000 + k if regime == "diverged" else None
+            rows.append(_run(f"r{k}", lr, g, regime=regime, val_loss_ratio=0.1 + k / 100, diverged_step=step))
+    rows += [_run("s1", 1e-3, 0.8, seed=1, val_loss_ratio=0.456), _run("s2", 1e-3, 0.8, seed=2)]
+    # two runs side by side, closer than a label is wide: both labels above would overlap each other
+    rows += [_run("p1", 2e-3, 0.5, val_loss_ratio=0.611), _run("p2", 2.3e-3, 0.5, val_loss_ratio=0.622)]
+    return pd.DataFrame(rows).astype({"diverged_step": "Int64"})
+
+
+def _label_and_marker_boxes(fig, ax):
+    """Each run's label box and marker box in pixels (one scatter and one annotation per run, in order),
+    read back from the drawn figure: the label's window extent, the marker's place on screen (its offset
+    transform, the coincident runs' ring included) and its size (s is the area in points^2)."""
+    from matplotlib.transforms import Bbox
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    labels = [t.get_window_extent(renderer) for t in ax.texts]
+    markers = []
+    for c in ax.collections:
+        cx, cy = c.get_offset_transform().transform(c.get_offsets()[0])
+        h = math.sqrt(float(c.get_sizes()[0])) / 2 * fig.dpi / 72
+        markers.append(Bbox.from_extents(cx - h, cy - h, cx + h, cy + h))
+    assert len(labels) == len(markers) == len(ax.collections)
+    return labels, markers
+
+
+@pytest.mark.parametrize("dpi", [100, 170])
+def test_phase_labels_overlap_no_other_label_and_no_other_runs_marker(dpi):
+    """A crowded panel: no label's box overlaps another label's or another run's marker, each lies inside
+    the axes, and each sits next to its own marker (labels 9 pt above / 15 pt below by index parity sat on
+    neighbours' markers and labels; a teacher's review). Placed at draw time, after constrained layout has
+    moved the axes, and again at the saved resolution."""
+    table = _crowded()
+    fig = rr.phase_diagram(table, "adding")
+    fig.set_dpi(dpi)
+    (ax,) = fig.axes
+    labels, markers = _label_and_marker_boxes(fig, ax)
+    assert {t.get_text() for t in ax.texts} >= {"div@1003", "0.46", "0.11"}
+    frame = ax.get_window_extent()
+    for i, box in enumerate(labels):
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+        for j, other in enumerate(labels):
+            assert j == i or not box.overlaps(other), (ax.texts[i].get_text(), ax.texts[j].get_text())
+        for j, m in enumerate(markers):
+            assert j == i or not box.overlaps(m), (ax.texts[i].get_text(), j)
+        # next to its own marker: within a label's height and width of it
+        near = markers[i].padded(box.height + box.width)
+        assert near.overlaps(box), ax.texts[i].get_text()
+    fig.clf()
+
+
+def _lstm_and_tanh_profiles():
+    T = 12
+    t = np.arange(1, T + 1)
+    want = {
+        ("h", 0): -0.1 * (T - t),
+        ("h", 200): -0.3 * (T - t),
+        ("c", 0): -0.02 * (T - t) + 0.4,
+        ("c", 200): -0.05 * (T - t) + 0.7,
+    }
+    lstm = pd.DataFrame(
+        [(s, int(ti), st, float(v)) for (st, s), ys in want.items() for ti, v in zip(t, ys, strict=True)],
+        columns=["step", "t", "state", "log10_norm"],
+    )
+    tanh = lstm[lstm["state"] == "h"].copy()
+    table = pd.DataFrame([_run("l", 1e-2, 1.0, cell="lstm"), _run("t", 1e-2, 1.5, cell="tanh")])
+    return table, {"l": lstm, "t": tanh}, t, want
+
+
+def test_an_lstm_profile_panel_draws_its_cell_state_path_in_the_runs_colour():
+    """The LSTM's cell-state path c (profile state ``c``), at init and at the end, beside h: the recorded
+    values, the run's colour, line styles of their own; a tanh panel has no c curve."""
+    table, profiles, t, want = _lstm_and_tanh_profiles()
+    fig = rr.profile_panels(table, profiles, "adding")
+    lstm_ax, tanh_ax = fig.axes
+    assert lstm_ax.get_title() == "adding: lstm" and tanh_ax.get_title() == "adding: tanh"
+    lines = {ln.get_label(): ln for ln in lstm_ax.get_lines()}
+    c_init = [ln for lab, ln in lines.items() if "cell state c" in lab and lab.endswith(": init")]
+    c_end = [ln for lab, ln in lines.items() if "cell state c: step 200" in lab]
+    h = [ln for lab, ln in lines.items() if "cell state c" not in lab]
+    assert len(c_init) == len(c_end) == 1 and len(h) == 2
+    for line, key in ((c_init[0], ("c", 0)), (c_end[0], ("c", 200))):
+        assert np.allclose(line.get_xdata(), t) and np.allclose(line.get_ydata(), want[key])
+        assert line.get_color() == h[0].get_color()
+    h_styles = {ln.get_linestyle() for ln in h}
+    c_styles = {c_init[0].get_linestyle(), c_end[0].get_linestyle()}
+    assert len(c_styles) == 2 and not c_styles & h_styles
+    assert "cell state c" in fig._suptitle.get_text()
+    assert not [ln for ln in tanh_ax.get_lines() if "cell state" in ln.get_label()]
+    assert len(tanh_ax.get_lines()) == 2  # h at init and at the end (g = 1.5: no mean-field line)
+
+
+def test_a_diverged_run_has_an_x_where_it_diverged_in_the_grad_norm_panel():
+    """A diverged run (regime diverged, diverged_step 5): an X in its colour at step 5 on its last finite
+    norm (100, at step 4: step 5's was inf), its step in the legend; one with no finite norm at all gets
+    its X at the panel's top edge; a run that did not diverge gets none."""
+    steps = np.arange(1, 6)
+    norms = {
+        "a": pd.DataFrame({"step": steps, "norm_preclip": [1, 3, 10, 100, np.inf], "norm_postclip": 1.0}),
+        "b": pd.DataFrame({"step": steps, "norm_preclip": 2.0, "norm_postclip": 1.0}),
+        "c": pd.DataFrame({"step": steps, "norm_preclip": np.inf, "norm_postclip": np.nan}),
+    }
+    table = pd.DataFrame(
+        [
+            _run("a", 1.0, 3.0, regime="diverged", diverged_step=5),
+            _run("b", 1e-2, 1.0),
+            _run("c", 1.0, 5.0, regime="diverged", diverged_step=2),
+        ]
+    ).astype({"diverged_step": "Int64"})
+    fig = rr.grad_norm_panels(table, norms, "adding")
+    (ax,) = fig.axes
+    xs = [ln for ln in ax.get_lines() if ln.get_marker() == "X"]
+    assert len(xs) == 2
+    by_step = {int(ln.get_xdata()[0]): ln for ln in xs}
+    assert sorted(by_step) == [2, 5]
+    (curve_a,) = [ln for ln in ax.get_lines() if ln.get_label().startswith("gaussian g=3 ") and ln not in xs]
+    a = by_step[5]
+    assert a.get_ydata()[0] == pytest.approx(100.0) and a.get_color() == curve_a.get_color()
+    assert a.get_label().endswith("diverged at step 5")
+    c = by_step[2]
+    assert c.get_label().endswith("diverged at step 2")
+    fig.canvas.draw()
+    top = c.get_transform().transform((2, c.get_ydata()[0]))[1]
+    box = ax.get_window_extent()
+    assert box.y1 - 0.1 * box.height < top <= box.y1  # at the top edge, not at a norm it never had
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert sum("diverged at step" in s for s in legend) == 2
+
+
+def test_report_step_and_time_axes_tick_whole_numbers_only():
+    """A short run (3 training steps, T = 3): every tick on the gradient-norm panel's step axis and the
+    profile panel's t axis is a whole number (matplotlib's default put ticks at 1.5, 2.5 steps)."""
+    steps = np.arange(1, 4)
+    table = pd.DataFrame([_run("a", 1e-2, 1.0, cell="gru")])
+    norms = {"a": pd.DataFrame({"step": steps, "norm_preclip": [3.0, 2.0, 1.0], "norm_postclip": 1.0})}
+    prof = pd.DataFrame(
+        [(s, t, "h", -0.1 * (3 - t)) for s in (0, 3) for t in (1, 2, 3)],
+        columns=["step", "t", "state", "log10_norm"],
+    )
+    for fig in (rr.grad_norm_panels(table, norms, "adding"), rr.profile_panels(table, {"a": prof}, "adding")):
+        fig.canvas.draw()
+        (ax,) = fig.axes
+        lo, hi = ax.get_xlim()
+        ticks = [v for v in ax.get_xticks() if lo <= v <= hi]
+        assert len(ticks) >= 2 and all(float(v).is_integer() for v in ticks), ticks
+        fig.clf()

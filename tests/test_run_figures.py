@@ -339,3 +339,27 @@ def test_figures_show_what_a_teacher_sees_drawn():
     (line,) = ax.get_lines()
     assert line.get_label() == "step 200" and line.get_marker() == "o"
     plt.close(fig)
+
+
+def test_a_short_runs_step_and_time_axes_tick_whole_numbers_only():
+    """A run of 3 training steps and T = 3: every tick on the gradient-norm figure's step axis and the
+    profile figure's t axis is a whole number (matplotlib's default ticked 0.5, 1.5 steps), on a new
+    figure and on a reused one; a bare figure handed out again has the default locator back."""
+    from matplotlib.ticker import AutoLocator
+
+    def ticks(fig) -> list[float]:
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        lo, hi = ax.get_xlim()
+        return [float(v) for v in ax.get_xticks() if lo <= v <= hi]
+
+    steps, pre = np.arange(3), np.array([3.0, 2.0, 1.0])
+    with reused_run_figures():
+        for _ in range(2):
+            for fig in (
+                plot_grad_norms(steps, pre, np.minimum(pre, 1.0), 1.0, SHORT),
+                profile_figure(profile_frame(("h", "c"), 2, 3, 0), SHORT, None),
+            ):
+                got = ticks(fig)
+                assert len(got) >= 2 and all(v.is_integer() for v in got), got
+        assert type(run_figure(4.6, SHORT)[1].xaxis.get_major_locator()) is AutoLocator
