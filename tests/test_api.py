@@ -506,15 +506,17 @@ def test_mlflow_logger_gets_metrics_artifacts_and_regime(tmp_path):
     from pytorch_lightning.loggers import MLFlowLogger
 
     from pipeline import BPTTProfileMonitor, GradientNormMonitor
+    from pipeline.config import DiagnosticsConfig
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     logger = MLFlowLogger(
         experiment_name="own-model", tracking_uri=uri, artifact_location=str(tmp_path / "art")
     )
     torch.manual_seed(0)
+    pm = BPTTProfileMonitor("gru", every_n_steps=0, diagnostics=DiagnosticsConfig(explode_norm=1e-9))
     tr = trainer(
         tmp_path,
-        [GradientNormMonitor(log_every_n_steps=4), BPTTProfileMonitor("gru", every_n_steps=0)],
+        [GradientNormMonitor(log_every_n_steps=4), pm],
         logger=logger,
         max_steps=8,
         gradient_clip_val=0.1,
@@ -536,7 +538,10 @@ def test_mlflow_logger_gets_metrics_artifacts_and_regime(tmp_path):
         assert name in m, name
     assert m["grad/norm_postclip"] <= 0.1 * (1 + 1e-5)
     assert [x.step for x in client.get_metric_history(run.info.run_id, "bptt/log10_ratio")] == [0, 8]
-    assert run.data.tags["regime"] in ("vanishing", "healthy", "exploding")
+    # explode_norm below any gradient: the norm rule decides, and says so (README, "Regime verdict")
+    assert run.data.tags["regime"] == pm.regime == "exploding"
+    assert run.data.tags["regime_reason"] == pm.regime_reason
+    assert pm.regime_reason.startswith(("profile grows ", "pre-clip norm ")), pm.regime_reason
     arts = {a.path for d in ("diagnostics", "plots") for a in client.list_artifacts(run.info.run_id, d)}
     assert arts == {"diagnostics/bptt_profile.parquet", "plots/bptt_profile.png"}
     import pandas as pd

@@ -10,7 +10,7 @@ import torch
 from pipeline.bptt import profile as bptt
 from pipeline.bptt import spectra
 from pipeline.config import DiagnosticsConfig
-from pipeline.training.callbacks import verdict
+from pipeline.training.callbacks import judge, verdict
 
 D = DiagnosticsConfig()
 F64 = torch.float64
@@ -60,6 +60,38 @@ def s(h=None, c=None, overflow=0.0):
 )
 def test_verdict(diverged, summary, norm, want):
     assert verdict(diverged, summary, norm, D) == want
+
+
+@pytest.mark.parametrize(
+    ("diverged", "summary", "norm", "want"),
+    [
+        (True, s(0.0), 1e9, ("diverged", "")),
+        (False, s(-0.035), 1.0, ("vanishing", "profile falls -0.035 decades/step < -0.03")),
+        (False, s(-0.029), 1.0, ("healthy", "")),
+        (False, s(0.031), 1e9, ("exploding", "profile grows +0.031 decades/step > 0.03")),  # the rate first
+        (
+            False,
+            s(-1.0),
+            1001.0,
+            ("exploding", "pre-clip norm 1001 > explode_norm 1000"),
+        ),  # a decaying profile
+        (False, None, 3.1e13, ("exploding", "pre-clip norm 3.1e+13 > explode_norm 1000")),
+        (False, s(-math.inf), 1.0, ("vanishing", "no gradient reaches t=1")),
+        (False, s(-0.2, 0.05), 1.0, ("exploding", "profile grows +0.05 decades/step > 0.03")),  # LSTM's c
+        (
+            False,
+            s(-0.2, -0.1),
+            1.0,
+            ("vanishing", "profile falls -0.1 decades/step < -0.03"),
+        ),  # the best path
+        (False, s(math.nan, overflow=1752.0), 1.0, ("exploding", "the float64 forward overflowed at t=1752")),
+    ],
+)
+def test_the_rule_that_decided_the_verdict_is_named(diverged, summary, norm, want):
+    """The tag ``regime_reason`` (README, "Regime verdict"): an exploding verdict of the norm rule beside a
+    decaying profile said nothing of the rule, and its description read "loses 2.3 decades"."""
+    assert judge(diverged, summary, norm, D) == want
+    assert verdict(diverged, summary, norm, D) == want[0]
 
 
 def test_thresholds_are_config():

@@ -109,6 +109,29 @@ def test_git_tags_are_read_once_per_directory_and_an_unanswered_git_is_asked_aga
     assert "mlflow.source.git.commit" not in provenance.context_tags("sub")
 
 
+def test_an_exploding_verdict_of_the_norm_rule_says_so_beside_a_decaying_profile(store, tiny, monkeypatch):
+    """g = 0.3 decays; an ``explode_norm`` below its gradient norm makes the norm rule decide: the tag
+    ``regime_reason``, the description and the run figures' titles name it (README, "Regime verdict")."""
+    from pipeline.training import callbacks as dg
+
+    titles = []
+    for name, at in (("plot_profile", 2), ("plot_grad_norms", 4)):  # the title's place in each call
+        real = getattr(dg, name)
+        monkeypatch.setattr(dg, name, lambda *a, _r=real, _at=at, **k: titles.append(a[_at]) or _r(*a, **k))
+    c = MlflowClient(store)
+    cfg = {"model.init": "gaussian", "model.init_scale": 0.3, "trainer.max_steps": 10}
+    r = run(tiny(**cfg, **{"diagnostics.explode_norm": 1e-6, "diagnostics.plots": True}))
+    run_ = c.get_run(r.run_id)
+    m, tags = run_.data.metrics, run_.data.tags
+    assert r.regime == "exploding" and m["bptt/log10_ratio"] < -1  # the profile decays
+    want = f"pre-clip norm {m['grad/max_norm_preclip']:.4g} > explode_norm 1e-06"
+    assert tags["regime_reason"] == want
+    assert tags[MLFLOW_NOTE].startswith(f"Regime **exploding** ({want}): the long-range gradient loses")
+    healthy = run(tiny(**cfg, **{"diagnostics.vanish_log10_per_step": -50.0}))
+    assert healthy.regime == "healthy" and "regime_reason" not in c.get_run(healthy.run_id).data.tags
+    assert len(titles) == 2 and all(f"exploding gradients ({want}); val loss " in t for t in titles), titles
+
+
 def test_the_description_states_the_verdict(store, tiny):
     c = MlflowClient(store)
     learned = run(tiny(**{"model.cell": "gru", "trainer.max_steps": 300, "trainer.val_every": 100}))
@@ -124,9 +147,7 @@ def test_the_description_states_the_verdict(store, tiny):
     assert ("the task was learned" in note) == learned.solved
     vanishing = run(tiny(**{"model.init": "gaussian", "model.init_scale": 0.3, "trainer.max_steps": 10}))
     note = c.get_run(vanishing.run_id).data.tags[MLFLOW_NOTE]
-    assert vanishing.regime == "vanishing" and note.startswith(
-        "Regime **vanishing**: the long-range gradient loses"
-    )
+    assert vanishing.regime == "vanishing" and note.startswith("Regime **vanishing** (profile falls ")
     assert (
         "the task was not learned" in note
         and "above the solved threshold 0.06 (1 = learned nothing)." in note

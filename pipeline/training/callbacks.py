@@ -76,24 +76,39 @@ def verdict(
 
     Rates are decades per step of the long-range profile (``bptt/log10_ratio_per_step``), so the same
     dynamics get the same verdict at any T. ``summary=None`` (no profile) reads the norm rule alone.
+    Which rule decided is :func:`judge`'s second value.
     """
+    return judge(diverged, summary, max_norm_preclip, d)[0]
+
+
+def judge(
+    diverged: bool, summary: Mapping[str, Any] | None, max_norm_preclip: float | None, d: DiagnosticsConfig
+) -> tuple[str, str]:
+    """:func:`verdict` and which of its rules decided, in words (the run's ``regime_reason`` tag, its
+    description and its figures' titles; README, "Regime verdict"): e.g. ``pre-clip norm 3.1e+13 >
+    explode_norm 1e+06``. An ``exploding`` verdict whose profile decays came from the norm rule and said
+    nothing of it: its run's description read "exploding: the long-range gradient loses 2.3 decades" (a
+    teacher's review). Empty for healthy (no rule fired) and diverged (the tag ``diverged_step`` says it)."""
     if diverged:
-        return DIVERGED
+        return DIVERGED, ""
     summary = summary or {}
     overflow = summary.get("bptt/overflow_step")
     if overflow is not None and math.isfinite(overflow) and overflow > 0:
-        return EXPLODING
+        return EXPLODING, f"the float64 forward overflowed at t={int(overflow)}"
     rates = _path_rates(summary)
-    if any(r > d.explode_log10_per_step for r in rates if not math.isnan(r)) or (
-        max_norm_preclip is not None and max_norm_preclip > d.explode_norm
-    ):
-        return EXPLODING
+    grows = [r for r in rates if not math.isnan(r) and r > d.explode_log10_per_step]
+    if grows:
+        return EXPLODING, f"profile grows {max(grows):+.3g} decades/step > {d.explode_log10_per_step:g}"
+    if max_norm_preclip is not None and max_norm_preclip > d.explode_norm:
+        return EXPLODING, f"pre-clip norm {max_norm_preclip:.4g} > explode_norm {d.explode_norm:g}"
     if rates:
         # The best-connected path decides; NaN (nothing reaches either end) counts as nothing flowing.
         best = max(-math.inf if math.isnan(r) else r for r in rates)
         if best < d.vanish_log10_per_step:
-            return VANISHING
-    return HEALTHY
+            if best == -math.inf:
+                return VANISHING, "no gradient reaches t=1"
+            return VANISHING, f"profile falls {best:+.3g} decades/step < {d.vanish_log10_per_step:g}"
+    return HEALTHY, ""
 
 
 def long_frame(prof: bptt.Profile, step: int):

@@ -145,6 +145,7 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
         self.passes: list[dict[str, Any]] = []  # metrics logged per pass, with "step"
         self.frames: list[dict[str, Any]] = []  # long-format columns per pass
         self.regime: str | None = None
+        self.regime_reason = ""  # which verdict rule decided (callbacks.judge)
         self._last_step: int | None = None
         self._trainer: pl.Trainer | None = None
 
@@ -284,7 +285,7 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
         return concat_frames(self.frames, self.frame_columns)
 
     def _finish(self, trainer) -> None:
-        from pipeline.training.callbacks import verdict
+        from pipeline.training.callbacks import judge
 
         gm = self._grad_monitor(trainer)
         if gm is not None:
@@ -294,7 +295,7 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
         # reads gradients before the step, and no later step read them) diverged as surely as a
         # non-finite gradient: the last pass found them so (a pass on such weights records its step alone).
         ended_nonfinite = bool(self.passes) and len(self.passes[-1]) == 1
-        self.regime = verdict(
+        self.regime, self.regime_reason = judge(
             (gm is not None and gm.diverged_step is not None) or ended_nonfinite,
             last,
             gm.max_norm_preclip if gm is not None else None,
@@ -311,6 +312,9 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
 
         tag = REGIME if self.name is None else f"{REGIME}.{self.name}"
         lg.experiment.set_tag(lg.run_id, tag, self.regime)
+        if self.regime_reason:  # which rule decided (README, "Regime verdict")
+            why = "regime_reason" if self.name is None else f"regime_reason.{self.name}"
+            lg.experiment.set_tag(lg.run_id, why, self.regime_reason)
         log_profile_artifacts(lg, self.profile_frame(), self.plot, self.name)
 
     def plot(self, frame):
@@ -318,7 +322,8 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
         top = frame[frame["layer"] == frame["layer"].max()]
         return profile_figure(
             top,
-            f"{self.rnn}: BPTT profile; regime {self.regime}",
+            f"{self.rnn}: BPTT profile; regime {self.regime}"
+            + (f" ({self.regime_reason})" if self.regime_reason else ""),
             ylabel=r"$\log_{10}\,\|\partial L/\partial h_t\|$ (top layer)",
         )
 

@@ -74,13 +74,14 @@ class Summary:
     pruned: bool
     metrics: dict[str, Any]
     tags: dict[str, Any]
+    reason: str = ""  # which verdict rule decided (tag regime_reason; callbacks.judge)
 
     @property
     def title(self) -> str:
         """The verdict beside the outcome: healthy gradients that learned nothing must not read as success."""
         from pipeline.plots import run_summary
 
-        return run_summary(self.regime, self.val_loss_ratio, self.solved)
+        return run_summary(self.regime, self.val_loss_ratio, self.solved, self.reason)
 
     def result(self, run_id: str | None, steps: int) -> RunResult:
         return RunResult(
@@ -126,7 +127,7 @@ def summarize_run(cfg: Config, task, module, mon: Monitors, steps: int) -> Summa
     grads, last = mon.grads, mon.prof.last
     diverged = module.diverged_step is not None
     max_pre = grads.max_norm_preclip
-    regime = dg.verdict(diverged, last, max_pre, d)
+    regime, reason = dg.judge(diverged, last, max_pre, d)
     first_pre = float(grads.column("norm_preclip")[0]) if len(grads.history) else None
     regime_init = dg.verdict(False, mon.prof.first, first_pre, d)
     v = module.val_loss
@@ -150,12 +151,14 @@ def summarize_run(cfg: Config, task, module, mon: Monitors, steps: int) -> Summa
         "solved": str(solved).lower(),
         "pruned": str(pruned).lower(),
     }
+    if reason:
+        tags["regime_reason"] = reason
     if diverged:
         tags["diverged_step"] = module.diverged_step
     more_metrics, more_tags = remedy_summary(cfg, module.remedies)
     metrics.update(more_metrics)
     tags.update(more_tags)
-    return Summary(regime, v, ratio, solved, module.diverged_step, pruned, metrics, tags)
+    return Summary(regime, v, ratio, solved, module.diverged_step, pruned, metrics, tags, reason)
 
 
 def describe(cfg: Config, task, summary: Summary) -> str:
@@ -163,7 +166,7 @@ def describe(cfg: Config, task, summary: Summary) -> str:
     the long-range gradient lost or gained over T (``bptt/log10_ratio``), and whether the task was learned
     (``val/loss_ratio`` against the solved threshold ``task.solved_below / baseline``; README, "Tasks")."""
     m = summary.metrics
-    head = f"Regime **{summary.regime}**"
+    head = f"Regime **{summary.regime}**" + (f" ({summary.reason})" if summary.reason else "")
     if summary.regime == DIVERGED:
         head += f" at step {summary.diverged_step}"
     r = m.get("bptt/log10_ratio")
