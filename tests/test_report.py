@@ -158,6 +158,7 @@ def _expected(run, col: str):
         "solved": "solved",
         "regime": "regime",
         "regime_init": "regime_init",
+        "regime_reason": "regime_reason",
         "pruned": "pruned",
         "diverged_step": "diverged_step",
         "trial": "trial_number",

@@ -129,6 +129,12 @@ def test_profile_panel_dashed_is_init_and_solid_is_the_end():
     assert np.allclose(lines["-"].get_xdata(), t) and np.allclose(lines["-"].get_ydata(), at[100])
     assert lines["--"].get_label().endswith(": init")
     assert "step 100" in lines["-"].get_label()
+    # the rule that decided the verdict (tag regime_reason) is in the legend, after the regime
+    why = "pre-clip norm 4.05e+04 > explode_norm 1000"
+    table = pd.DataFrame([_run("a", 1e-2, 1.5, cell="gru", regime="exploding", regime_reason=why)])
+    (ax,) = rr.profile_panels(table, {"a": prof}, "adding").axes
+    end = next(ln for ln in ax.get_lines() if ln.get_linestyle() == "-")
+    assert f"(exploding gradients ({why}); val loss " in end.get_label(), end.get_label()
 
 
 @pytest.fixture

@@ -57,6 +57,7 @@ COLUMNS: list[tuple[str, str, str]] = [
     ("val_accuracy", "metrics.val/accuracy", "float"),
     ("solved", "tags.solved", "str"),
     ("regime", f"tags.{REGIME}", "str"),
+    ("regime_reason", "tags.regime_reason", "str"),
     ("log10_ratio", "metrics.bptt/log10_ratio", "float"),
     ("decay_rate", "metrics.bptt/decay_rate", "float"),
     ("clip_rate", "metrics.grad/clip_rate", "float"),

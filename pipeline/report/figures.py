@@ -46,6 +46,13 @@ def theory_applies(cell: str, init: str, g: float) -> bool:
     return cell == "tanh" and init in THEORY_INITS and g is not None and 0 < g < 1
 
 
+def _reason(r) -> str:
+    """The rule that decided a run's verdict (tag ``regime_reason``), or "" (none fired, or a run recorded
+    before the tag existed: NaN in the table)."""
+    why = r.get("regime_reason")
+    return why if isinstance(why, str) else ""
+
+
 def _run_label(r) -> str:
     """A run in a legend: its init, g and lr, and the settings it differs in from the others reported."""
     settings = r.get("settings") or ""
@@ -110,7 +117,7 @@ def _state_curves(prof, r, color, curves: list[Curve], state: tuple):
     curves.append(Curve(p0["t"], p0["log10_norm"], f"{_run_label(r)}{suffix}: init", at_init, lw, color))
     if last != first:
         p1 = prof[prof["step"] == last].sort_values("t")
-        summary = run_summary(r["regime"], r["val_loss_ratio"], r["solved"])
+        summary = run_summary(r["regime"], r["val_loss_ratio"], r["solved"], _reason(r))
         label = f"{_run_label(r)}{suffix}: step {last} ({summary})"
         curves.append(Curve(p1["t"], p1["log10_norm"], label, at_end, lw + 0.4, color))
     return p0
@@ -255,7 +262,7 @@ def _grad_norm_curves(grp, norms: dict) -> tuple[list[Curve], set[float], list[D
                 label = (
                     f"{_run_label(r)} clip {r['clip']}"
                     + (f": {what}" if clipped else "")
-                    + f" ({run_summary(r['regime'], r['val_loss_ratio'], r['solved'])})"
+                    + f" ({run_summary(r['regime'], r['val_loss_ratio'], r['solved'], _reason(r))})"
                 )
                 curves.append(
                     Curve(df["step"], df[col], label, ls, 0.9, color, "." if ok.sum() < 4 else None)

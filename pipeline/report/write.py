@@ -39,6 +39,7 @@ SHOWN = [
     "val_accuracy",
     "solved",
     "regime",
+    "regime_reason",
     "log10_ratio",
     "decay_rate",
     "clip_rate",
@@ -61,6 +62,7 @@ HEADERS = {
     "clip_rate": "clip rate",
     "diverged_step": "diverged step",
     "regime_init": "regime at init",
+    "regime_reason": "verdict rule",
     "max_norm_preclip": "max norm (pre-clip)",
     "run_name": "run",
 }
