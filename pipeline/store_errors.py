@@ -62,7 +62,8 @@ def disk_full(e: BaseException) -> str | None:
 _UNREACHABLE = ("ConnectionError", "MaxRetryError", "NewConnectionError")
 _UNREACHABLE_WORDS = (
     "connection refused", "could not connect", "server closed the connection", "connection to server",
-    "terminating connection", "connection reset", "max retries exceeded",
+    "terminating connection", "connection reset", "max retries exceeded", "timeout expired",
+    "connection timed out",
 )  # fmt: skip
 
 
@@ -74,16 +75,26 @@ def store_unreachable(e: BaseException) -> str | None:
         return None
     # urllib3's deepest names the host ("HTTPConnection(host=..., port=...): Failed to establish a new
     # connection: [Errno 111] Connection refused"); the OSError under it does not
-    x = deepest(e, lambda x: type(x).__name__ in _UNREACHABLE) or deepest(
-        e, lambda x: any(w in str(x).lower() for w in _UNREACHABLE_WORDS)
+    x = (
+        deepest(e, lambda x: type(x).__name__ in _UNREACHABLE)
+        or deepest(e, lambda x: any(w in str(x).lower() for w in _UNREACHABLE_WORDS))
+        or deepest(e, lambda x: _PROXY_GONE.search(str(x)) is not None)
     )
     # urllib3's line names the whole URL before its cause: the cause is what says why (a review: cut at 200)
     return None if x is None else first_line(Exception(re.sub(r" with url: \S+", "", str(x).strip())))
 
 
+# What a proxy or load balancer in front of a tracking server answers while the server restarts or is
+# down (Bad Gateway, Service Unavailable, Gateway Timeout): the store did not answer, the proxy did.
+_PROXY_GONE = re.compile(r"too many (502|503|504) error responses")
+
+
 def _answered(x: BaseException) -> bool:
     """A server that answered, with errors: urllib3 also says "Max retries exceeded" after too many 5xx
-    responses (ResponseError), which is no outage to wait for (a review: a server answering 500)."""
+    responses (ResponseError), which is no outage to wait for (tests/test_store_errors.py: a server
+    answering 500), unless a proxy gave them for a server behind it (502, 503, 504)."""
+    if _PROXY_GONE.search(str(x)):
+        return False
     return type(x).__name__ == "ResponseError" or "error responses" in str(x)
 
 

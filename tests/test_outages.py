@@ -7,6 +7,7 @@ as PostgreSQL does when it is down; the end-to-end outage is tests/test_sweep_po
 from __future__ import annotations
 
 import io
+import os
 import types
 from contextlib import redirect_stderr
 
@@ -124,14 +125,107 @@ def test_a_worker_waiting_for_its_stores_stops_with_its_sweep(tmp_path, monkeypa
         assert outages.ride_out(worker, clock=clock) == 0
 
 
-def test_a_trial_is_cut_only_by_a_store_that_did_not_answer():
-    worker = types.SimpleNamespace(cut=[])
+def test_a_trial_is_cut_only_by_a_store_that_does_not_answer(tmp_path, monkeypatch):
+    """An error that says "connection refused" is an outage only if the stores do not answer a read then:
+    an unreachable data or artifact host says it too, and its trials cut, retried and uncounted would
+    never stop a worker whose every trial fails (a review: 8 of 8 trials FAIL as "a store did not
+    answer", the worker never stopping)."""
+    clock = Clock(step=1.0)
+    (tmp_path / "down").mkdir()
+    (tmp_path / "up").mkdir()
+    down, *_ = a_worker(tmp_path / "down", refusals=float("inf"), clock=clock, monkeypatch=monkeypatch)
+    up, *_ = a_worker(tmp_path / "up", refusals=0, clock=clock, monkeypatch=monkeypatch)
     trial = types.SimpleNamespace(number=7)
+    down.cut, up.cut = [], []
     with redirect_stderr(io.StringIO()):
-        assert not outages.cut(worker, trial, ValueError("lr must be positive"))
-        assert worker.cut == []
-        assert outages.cut(worker, trial, RuntimeError(PG_DOWN))
-    assert worker.cut == [(trial, PG_DOWN)]
+        assert not outages.cut(down, trial, ValueError("lr must be positive"))
+        assert not outages.cut(up, trial, RuntimeError(PG_DOWN))  # the stores answer: not theirs
+        assert outages.cut(down, trial, RuntimeError(PG_DOWN))
+    assert down.cut == [(trial, PG_DOWN)] and up.cut == []
+
+
+@pytest.mark.parametrize("store", ["optuna", "mlflow"])
+def test_a_store_that_goes_again_while_cut_trials_close_sends_the_worker_back_to_waiting(
+    tmp_path, monkeypatch, store
+):
+    """The stores answered, then one went again in the middle of closing a cut trial: the trial was taken
+    off the list all the same, left RUNNING (or FAIL with its run RUNNING for good) by a live worker no
+    reaper takes for dead (a review). It stays on the list until it is closed."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    clock = Clock(step=5.0)
+    worker, c, cut_run, _ = a_worker(tmp_path, refusals=1, clock=clock, monkeypatch=monkeypatch)
+    fails = {"n": 1}
+    if store == "optuna":
+        real = worker.study._storage.get_trial
+
+        def get_trial(trial_id):
+            if fails["n"]:
+                fails["n"] -= 1
+                raise RuntimeError(PG_DOWN)
+            return real(trial_id)
+
+        monkeypatch.setattr(worker.study._storage, "get_trial", get_trial)
+    else:  # MLflow's store refuses the run's close; close_trial_runs swallows MlflowException
+        real_end = tracking.end_run
+
+        def end_run(uri, run_id, status):
+            if fails["n"]:
+                fails["n"] -= 1
+                raise MlflowException(PG_DOWN)
+            return real_end(uri, run_id, status)
+
+        monkeypatch.setattr(tracking, "end_run", end_run)
+    with redirect_stderr(io.StringIO()):
+        assert outages.ride_out(worker, clock=clock) is None
+    assert fails["n"] == 0 and worker.cut == []
+    trials = worker.study.get_trials(deepcopy=False)
+    assert trials[0].state == TrialState.FAIL and c.get_run(cut_run).info.status == "KILLED"
+    assert len([t for t in trials if t.user_attrs.get("retry_of") == 0]) == 1
+
+
+def test_a_close_repeated_after_a_partial_one_retries_the_params_once(tmp_path, monkeypatch):
+    """The first close told the trial FAIL (or PostgreSQL made that commit as the connection went) and
+    the store went before the retry was enqueued: the next close enqueues it, and a third adds none."""
+    clock = Clock(step=1.0)
+    worker, c, cut_run, _ = a_worker(tmp_path, refusals=0, clock=clock, monkeypatch=monkeypatch)
+    trial = worker.cut[0][0]
+    trial.set_user_attr("error", f"{outages.OUTAGE_ERROR} ({PG_DOWN})")
+    c.set_terminated(cut_run, "KILLED")
+    worker.study.tell(trial, state=TrialState.FAIL)
+    for _ in range(2):
+        outages.close_cut(worker.study, worker.mlflow_uri, trial, PG_DOWN)
+    retries = [t for t in worker.study.get_trials(deepcopy=False) if t.user_attrs.get("retry_of") == 0]
+    assert len(retries) == 1 and retries[0].params == trial.params
+
+
+def test_a_sigterm_while_a_cut_trial_closes_waits_for_the_close(tmp_path, monkeypatch):
+    """A stop between the close's writes (FAIL told, retry not yet enqueued) lost the params (a review):
+    the close is one step for SIGTERM (pipeline.signals.deferred), and the signal is raised after it."""
+    import signal
+
+    from pipeline.signals import Terminated, raise_terminated
+    from pipeline.sweep import owners
+
+    clock = Clock(step=1.0)
+    worker, *_ = a_worker(tmp_path, refusals=0, clock=clock, monkeypatch=monkeypatch)
+    real = owners.enqueue_retry
+
+    def enqueue_retry(study, trial):
+        os.kill(os.getpid(), signal.SIGTERM)  # the stop arrives between the tell and the enqueue
+        return real(study, trial)
+
+    monkeypatch.setattr(owners, "enqueue_retry", enqueue_retry)
+    before = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        with redirect_stderr(io.StringIO()), pytest.raises(Terminated):
+            outages.ride_out(worker, clock=clock)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    retries = [t for t in worker.study.get_trials(deepcopy=False) if t.user_attrs.get("retry_of") == 0]
+    assert len(retries) == 1
 
 
 def test_a_trial_asked_but_not_owned_when_the_store_went_is_the_workers_to_close(tmp_path):
@@ -182,3 +276,95 @@ def test_a_cut_trial_found_told_keeps_its_state_and_its_run_gets_the_outcome_tag
     trials = worker.study.get_trials(deepcopy=False)
     assert trials[0].state == TrialState.COMPLETE and "error" not in trials[0].user_attrs
     assert not [t for t in trials if "retry_of" in t.user_attrs]
+
+
+def test_the_trials_a_batched_stacks_refill_asked_when_the_store_went_are_cut(tmp_path, monkeypatch):
+    """A rolling stack refills its free slots between steps (pipeline/sweep/batch.py): the outage came
+    while it asked three trials. The stack's handler failed only its members; the trials the refill had
+    asked (owned by this live worker) and the one it could not own stayed RUNNING (a review). Every one
+    of them is now cut, and closed with the members once the stores answer."""
+    import pipeline.training.stacked as stacked
+    from pipeline.sweep import batch
+    from pipeline.sweep.owners import ask_owned
+
+    clock = Clock(step=1.0)
+    worker, c, _, _ = a_worker(tmp_path, refusals=float("inf"), clock=clock, monkeypatch=monkeypatch)
+    study = worker.study
+    worker.cut, worker.untagged, worker.met, worker.k, worker.url = [], [], None, 4, str(tmp_path / "j")
+    worker.spec.update({"workers": 1, "parent_run_id": None})
+    worker.sw.n_trials = 10
+    worker.sw.heartbeat = types.SimpleNamespace(interval=60)
+    worker.sw.prune = types.SimpleNamespace(max_grad_norm=None)
+    worker.trial_run_config = lambda t: "cfg"
+    first = ask_owned(study)
+    real = study._storage.set_trial_user_attr
+    owners_written = {"n": 0}
+
+    def flaky(trial_id, key, value):
+        if key == "worker":
+            owners_written["n"] += 1
+            if owners_written["n"] == 3:  # the refill's second trial: asked, its owner refused
+                raise RuntimeError(PG_DOWN)
+        return real(trial_id, key, value)
+
+    monkeypatch.setattr(study._storage, "set_trial_user_attr", flaky)
+    monkeypatch.setattr(stacked, "stack_key", lambda cfg: 0)
+    monkeypatch.setattr(batch._Group, "callback", lambda self, t, cfg: None)
+    monkeypatch.setattr(stacked, "run_stack", lambda cfgs, refill=None, **kw: refill(3))
+    with redirect_stderr(io.StringIO()):
+        assert batch.run_batch(worker, [first]) is False
+    asked = [t.number for t in study.get_trials(deepcopy=False) if t.number > first.number]
+    assert len(asked) == 3  # two owned, the third not
+    assert (
+        sorted(t.number for t, _ in worker.cut) == sorted([first.number, *asked]) and worker.met is not None
+    )
+    worker.storage.n = 0  # the stores answer again
+    with redirect_stderr(io.StringIO()):
+        assert outages.ride_out(worker, clock=clock) is None
+    closed = [t for t in study.get_trials(deepcopy=False) if t.number in [first.number, *asked]]
+    assert all(t.state == TrialState.FAIL for t in closed), [(t.number, t.state) for t in closed]
+
+
+def test_a_trial_a_reaper_failed_while_the_worker_trained_it_does_not_end_the_worker(tmp_path, monkeypatch):
+    """PostgreSQL away longer than ``heartbeat.grace``: when it came back, a heartbeat reaper failed the
+    trial a worker was still training, and retried it; the worker's tell raised UpdateFinishedTrialError
+    and the worker died with a traceback (a review). It now says so in one line, closes the trial's run
+    KILLED as the reaper would have, and goes on (True: not an error of the trial)."""
+    import pipeline.training.run as train
+    from pipeline.sweep.worker import Worker
+
+    clock = Clock(step=1.0)
+    fake, c, _, _ = a_worker(tmp_path, refusals=0, clock=clock, monkeypatch=monkeypatch)
+    study = fake.study
+    worker = Worker.__new__(Worker)
+    worker.spec, worker.study, worker.storage, worker.mlflow_uri = (
+        fake.spec,
+        study,
+        fake.storage,
+        fake.mlflow_uri,
+    )
+    worker.cut, worker.met, worker.untagged, worker.signals_before = [], None, [], signals.received_count()
+    worker.spec["parent_run_id"] = None
+    worker.sw = types.SimpleNamespace(
+        study="s", penalty=2.0, log_models="none", heartbeat=types.SimpleNamespace(interval=10),
+        prune=types.SimpleNamespace(max_grad_norm=None),
+    )  # fmt: skip
+    worker.trial_run_config = lambda t: types.SimpleNamespace(trainer=types.SimpleNamespace(log_every=10))
+    worker.log_best_model = lambda r, m: None
+    trial = study.ask()
+    run = c.create_run(worker.spec["experiment_id"], tags={"study": "s", "trial_number": str(trial.number)})
+    trial.set_user_attr("mlflow_run_id", run.info.run_id)
+
+    def fake_run(cfg, on_done=None, **kw):
+        study.tell(trial.number, state=TrialState.FAIL)  # the reaper, as PostgreSQL came back
+        c.set_terminated(run.info.run_id, "FINISHED")  # the run closed, its trial not yet told
+        on_done(types.SimpleNamespace(run_id=run.info.run_id, regime="healthy", solved=False, steps=40,
+                                      val_loss_ratio=0.5, metrics={}, diverged_step=None, pruned=False))  # fmt: skip
+
+    monkeypatch.setattr(train, "run", fake_run)
+    err = io.StringIO()
+    with redirect_stderr(err):
+        assert worker.run_trial(trial) is True
+    assert "was failed by a reaper while this worker held it" in err.getvalue()
+    assert c.get_run(run.info.run_id).info.status == "KILLED"
+    assert study.get_trials(deepcopy=False)[trial.number].state == TrialState.FAIL

@@ -119,8 +119,10 @@ def test_a_tracking_server_down_is_an_outage_and_one_answering_500_is_not(monkey
     ), said
 
     class Fails(http.server.BaseHTTPRequestHandler):
+        code = 500
+
         def do_GET(self):
-            self.send_response(500)
+            self.send_response(self.code)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
             self.wfile.write(b'{"error_code": "INTERNAL_ERROR", "message": "boom"}')
@@ -128,11 +130,19 @@ def test_a_tracking_server_down_is_an_outage_and_one_answering_500_is_not(monkey
         def log_message(self, *a):
             pass
 
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fails)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        with pytest.raises(Exception, match="API request") as failing:
-            MlflowClient(f"http://127.0.0.1:{srv.server_port}").get_run("0" * 32)
-    finally:
-        srv.shutdown()
-    assert store_unreachable(failing.value) is None
+    def answering(code: int) -> BaseException:
+        Fails.code = code
+        srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fails)
+        threading.Thread(target=srv.serve_forever, daemon=True).start()
+        try:
+            with pytest.raises(Exception, match="API request") as failing:
+                MlflowClient(f"http://127.0.0.1:{srv.server_port}").get_run("0" * 32)
+        finally:
+            srv.shutdown()
+        return failing.value
+
+    assert store_unreachable(answering(500)) is None
+    # a proxy in front of a server that restarts answers 502 / 503 / 504 for it: the server did not answer
+    for code in (502, 503, 504):
+        said = store_unreachable(answering(code))
+        assert said is not None and f"too many {code} error responses" in said, (code, said)

@@ -850,7 +850,7 @@ def worker(seconds):
     w.proc.start()
     w.pid = w.proc.pid
     return w
-w, killed = worker(4), worker(60)
+w, killed = worker(6), worker(60)
 os.kill(server, signal.SIGTERM)   # a SIGTERM to the sweep's process group reaches the forkserver
 time.sleep(1)
 print("forkserver alive after SIGTERM:", procs._running(server))
@@ -885,7 +885,7 @@ def test_workers_outlive_their_forkserver_in_the_parents_eyes(tmp_path):
     # for both before, so a worker killed after its forkserver was not replaced
     assert lines[2] == "killed: -9"
     waited = float(lines[3].split("after ")[1].split()[0])
-    assert lines[3].startswith("wait: 0 ") and waited >= 1.0  # it slept on, 4 s from its start
+    assert lines[3].startswith("wait: 0 ") and waited >= 1.0  # it slept on, 6 s from its start (about 4 here)
 
 
 def _children(pid: int) -> dict[int, str]:
@@ -1135,8 +1135,16 @@ def test_a_sweep_that_fails_creating_its_stores_stops_its_forkserver(tmp_path, m
 
     seen: dict[str, int | None] = {}
 
+    def subreaper() -> int:
+        import ctypes
+
+        flag = ctypes.c_int(-1)
+        ctypes.CDLL(None).prctl(37, ctypes.byref(flag), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER
+        return flag.value
+
     def fail(*args, **kwargs):
         seen["pid"] = forkserver._forkserver._forkserver_pid  # type: ignore[attr-defined]
+        seen["subreaper"] = subreaper()
         raise StoreError("optuna storage planted", "fails after the forkserver started", "nothing to do")
 
     cfg = write_sweep(tmp_path / "s.yaml")
@@ -1156,6 +1164,9 @@ def test_a_sweep_that_fails_creating_its_stores_stops_its_forkserver(tmp_path, m
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # stopped and reaped
         assert list(work.iterdir()) == []
+        # the orphans' reaper while the sweep ran (procs.become_subreaper), not after it: a process that
+        # runs sweeps in-process would collect zombies
+        assert (seen["subreaper"], subreaper()) == (1, 0)
     finally:
         procs.stop()
 

@@ -488,3 +488,29 @@ def _done(url: str) -> int:
     from pipeline.sweep.study import counts
 
     return counts(optuna.load_study(study_name="t", storage=url))["done"]
+
+
+def test_a_postgres_server_that_never_answers_is_an_outage_within_the_connect_bound(monkeypatch):
+    """A network cut that drops packets (not a refused port): a connect to a server that accepts and never
+    answers blocked a worker in libpq for minutes, deaf to the outage limit and to SIGTERM (a review: still
+    blocked when killed at 25 s). The sweep's connect bound (``sweep.stores.libpq_args``) ends it, and the
+    error reads as a store that did not answer, which the sweep rides out. A bound the URL sets is kept."""
+    import threading
+
+    from pipeline.store_errors import store_unreachable
+    from pipeline.sweep import stores
+
+    assert stores.libpq_args("postgresql://u@h/db?connect_timeout=3")["keepalives"] == 1
+    assert "connect_timeout" not in stores.libpq_args("postgresql://u@h/db?connect_timeout=3")
+    assert stores.libpq_args("mysql+pymysql://u@h/db") == {} == stores.libpq_args("sqlite:///x.db")
+    silent = socket.create_server(("127.0.0.1", 0))
+    held = []
+    threading.Thread(target=lambda: held.append(silent.accept()), daemon=True).start()
+    monkeypatch.setattr(stores, "PG_CONNECT_TIMEOUT_S", 2)
+    t0 = time.monotonic()
+    with pytest.raises(Exception) as e:  # noqa: PT011 - what libpq raises, through SQLAlchemy and Optuna
+        stores.open_storage(f"postgresql+psycopg2://postgres@127.0.0.1:{silent.getsockname()[1]}/x")
+    took = time.monotonic() - t0
+    silent.close()
+    assert took < 15, took  # libpq's bound per address tried (localhost may resolve twice)
+    assert store_unreachable(e.value) is not None, str(e.value)[:500]

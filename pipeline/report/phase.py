@@ -169,7 +169,7 @@ class LabelPlacer(Artist):
     first of :func:`_candidates` that overlaps no marker of the panel, no label already placed and does
     not leave the axes; else at the candidate of least overlap. Draws nothing itself; it is drawn before
     the labels (a lower zorder). Index-parity offsets (9 pt above, 15 pt below) put labels on
-    neighbouring markers and labels in crowded panels (a teacher's review; tests/test_report_figures.py)."""
+    neighbouring markers and labels in crowded panels (tests/test_report_figures.py)."""
 
     def __init__(self, markers: list, labels: list) -> None:
         super().__init__()

@@ -173,10 +173,9 @@ def _refill(worker, n: int, todo: Held) -> list | None:
     """Up to ``n`` newly asked trials for free slots (``todo``: the trials this worker holds already, at
     most ``trials_per_worker`` in all); None once nothing more will come (budget spent, timeout, parent
     gone), so the stack stops asking and runs down."""
-    import os
     import time
 
-    if os.getppid() != worker.ppid or (worker.deadline and time.time() > worker.deadline):
+    if worker.parent_gone() or (worker.deadline and time.time() > worker.deadline):
         return None
     n = min(n, worker.k - len(todo))
     if n <= 0:
@@ -221,6 +220,8 @@ class _Group:
             self.worker.log_best_model(r, self.cbs[i].module)
             self.worker.tell(t, r, self.cbs[i].pruned_by)
         except Exception as e:  # no longer held: a store that did not answer leaves it to sweep.outages
+            if outages.reaped(self.worker, t, e):
+                return
             if not outages.cut(self.worker, t, e):
                 raise
             self.ok = False
@@ -265,6 +266,7 @@ class _Group:
             import traceback
 
             traceback.print_exc()
+            outages.met(self.worker, e)  # a refill that met an outage: the trials it asked are cut too
             for t in self.trials:
                 if t in self.todo:
                     self.todo.remove(t)

@@ -239,7 +239,7 @@ def run_sweep(
     from pipeline.schema import ConfigError
     from pipeline.store_checks import probe_store
     from pipeline.sweep.config import check_study_name, load_sweep, unread_searched_keys
-    from pipeline.sweep.stores import check_storage
+    from pipeline.sweep.stores import PG_CONNECT_TIMEOUT_S, check_storage
     from pipeline.sweep.supervisor import StopSignal, Supervisor
     from pipeline.uris import check_storage_url, resolve_uri
 
@@ -260,6 +260,9 @@ def run_sweep(
     n_workers, devices = fit_workers(
         sw, n_workers, devices, auto=workers is None and sw.workers is None, out=out
     )
+    # libpq's connect bound for MLflow's PostgreSQL store too (Optuna's: sweep.stores.libpq_args), unless
+    # set: inherited by the forkserver and the workers
+    os.environ.setdefault("PGCONNECT_TIMEOUT", str(PG_CONNECT_TIMEOUT_S))
     probe_store(mlflow_uri, "base.tracking.uri")
     check_storage(url, "--storage" if storage is not None else "storage")
     for note in unread_searched_keys(sw):
@@ -275,11 +278,17 @@ def run_sweep(
             # while this process imports MLflow and creates the stores: two cores, two jobs.
             prestart()
         try:
-            stores = create_stores(sw, url, mlflow_uri)
-        except BaseException:
-            if fork:
-                from pipeline.sweep.procs import stop as stop_forkserver
+            try:
+                stores = create_stores(sw, url, mlflow_uri)
+            except BaseException:
+                if fork:
+                    from pipeline.sweep.procs import stop as stop_forkserver
 
-                stop_forkserver()
-            raise
-        return Supervisor(sw, stores, devices, fork=fork, stop=stop, t0=t0, out=out).run()
+                    stop_forkserver()
+                raise
+            return Supervisor(sw, stores, devices, fork=fork, stop=stop, t0=t0, out=out).run()
+        finally:
+            if fork:  # a process that runs sweeps in-process (a notebook) reaps no orphans after them
+                from pipeline.sweep.procs import become_subreaper
+
+                become_subreaper(False)

@@ -38,18 +38,21 @@ def context():
 PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
 
-def become_subreaper() -> bool:
+def become_subreaper(on: bool = True) -> bool:
     """Linux: make this process, the sweep's parent, the reaper of its orphaned descendants
     (``prctl(PR_SET_CHILD_SUBREAPER)``, Linux 3.4+, man 2 prctl). A worker whose forkserver died is then
     re-parented to the sweep's parent rather than to init, and :meth:`WorkerProcess.poll` reads its real
     exit status. Before, such a worker read 255 whatever it did: one killed with kill -9 afterwards was
-    not replaced, and the sweep ended short of ``n_trials`` (a chaos review). False where unsupported."""
+    not replaced, and the sweep ended short of ``n_trials`` (tests/test_sweep.py,
+    ``test_a_worker_killed_after_its_forkserver_is_replaced_and_the_sweep_ends_at_n_trials``). ``on=False``
+    when the sweep ends: a process that runs sweeps in-process would collect orphans' zombies after them.
+    False where unsupported."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
 
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
 

@@ -297,10 +297,10 @@ class Worker:
                 close_interrupted(self.study, trial._trial_id)
             raise
         except Exception as e:  # a bug or a bad value: record it, keep the sweep going
-            if outages.cut(
-                self, trial, e
-            ):  # a store did not answer: closed (or tagged, if told) once it does
+            if outages.cut(self, trial, e):  # a store did not answer: closed (or tagged) once it does
                 return False
+            if outages.reaped(self, trial, e):  # failed and retried by a reaper meanwhile
+                return True
             if self.told(trial):  # an error after the tell (the worker's, not the trial's)
                 raise
             if sigterm.received(self.signals_before):  # the stop's error (a write it found locked)

@@ -87,8 +87,9 @@ def judge(
     """:func:`verdict` and which of its rules decided, in words (the run's ``regime_reason`` tag, its
     description and its figures' titles; README, "Regime verdict"): e.g. ``pre-clip norm 3.1e+13 >
     explode_norm 1e+06``. An ``exploding`` verdict whose profile decays came from the norm rule and said
-    nothing of it: its run's description read "exploding: the long-range gradient loses 2.3 decades" (a
-    teacher's review). Empty for healthy (no rule fired) and diverged (the tag ``diverged_step`` says it)."""
+    nothing of it: its run's description read "exploding: the long-range gradient loses 2.3 decades"
+    (tests/test_mlflow_conventions.py). Empty for healthy (no rule fired) and diverged (the tag
+    ``diverged_step`` says it)."""
     if diverged:
         return DIVERGED, ""
     summary = summary or {}
