@@ -119,7 +119,7 @@ def ride_out(worker, e: BaseException | None = None, clock=time.monotonic) -> in
                 _settle(worker)
             return 0
         try:
-            if outage.call(lambda: probe(worker) or _settle(worker), False):
+            if outage.call(lambda: _answered(worker) and _settle(worker), False):
                 return None
         except Exception as err:
             if store_unreachable(err) is None:
@@ -129,6 +129,12 @@ def ride_out(worker, e: BaseException | None = None, clock=time.monotonic) -> in
             return 1
         time.sleep(pause)
         pause = min(2 * pause, MAX_PAUSE_S)
+
+
+def _answered(worker) -> bool:
+    """:func:`probe`, True once it answers (it raises what a store that does not answer raised)."""
+    probe(worker)
+    return True
 
 
 def _settle(worker) -> bool:

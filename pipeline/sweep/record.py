@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 
-def tag_run(mlflow_uri: str, run_id: str | None, tags: dict[str, Any], later: list | None = None) -> None:
+def tag_run(
+    mlflow_uri: str | None, run_id: str | None, tags: dict[str, Any], later: list | None = None
+) -> None:
     """Write ``tags`` on run ``run_id``, after its trial was told: an error does not undo the tell. One
     that says the store did not answer puts the write on ``later`` (the worker's, written when the store
     answers again: :func:`pipeline.sweep.outages.ride_out`); lost there, a trial told COMPLETE kept a
