@@ -32,6 +32,7 @@ from pipeline.signals import deferred
 from pipeline.uris import is_rdb
 
 MAX_RETRY = 1
+SEARCH_PAGE = 1000  # runs per MLflow search page at the end of a sweep
 ORPHAN_S = 120.0  # a RUNNING trial with no owner attr this long after it started: its worker died in between
 
 
@@ -76,6 +77,36 @@ def close_trial_runs(
                 closed.append(rid)
         except MlflowException:
             continue
+    return closed
+
+
+def close_finished_trials_runs(mlflow_uri: str | None, study, status: str = "KILLED") -> list[str]:
+    """The end of a sweep: close every child run of ``study`` still RUNNING whose trial is finished (a
+    worker that died between the two, a store that failed the close); returns their ids. One paged search
+    for the study's RUNNING runs: a close per finished trial, each with its own search and read, took
+    138 s at the end of a 5,000-trial study with no word (27 ms a trial; README, "Faults and resuming")."""
+    from pipeline.tracking import client, end_run
+
+    exp_id = study.user_attrs.get("mlflow_experiment_id")
+    if exp_id is None:
+        return []
+    finished = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+    c = client(mlflow_uri)
+    filt = f"tags.{STUDY} = '{study.study_name}' and attributes.status = 'RUNNING'"
+    running, token = [], None
+    while True:  # every page first: a run closed while paging shifts the pages after it (one was skipped)
+        page = c.search_runs([exp_id], filt, max_results=SEARCH_PAGE, page_token=token)
+        running += list(page)
+        token = page.token
+        if not token:
+            break
+    closed = []
+    for run in running:
+        number = run.data.tags.get(TRIAL_NUMBER)
+        if number is not None and number.isdigit() and int(number) in finished:
+            c.set_tag(run.info.run_id, STATUS, "killed")
+            end_run(mlflow_uri, run.info.run_id, status)
+            closed.append(run.info.run_id)
     return closed
 
 

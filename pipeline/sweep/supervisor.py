@@ -376,7 +376,7 @@ class Supervisor:
             del self.ended[i]
 
     def summarize(self, complete: bool) -> None:
-        from pipeline.sweep.owners import close_trial_runs, reap_stale
+        from pipeline.sweep.owners import close_finished_trials_runs, reap_stale
         from pipeline.sweep.stores import budget_lock
         from pipeline.sweep.summary import finalize, print_summary
 
@@ -385,10 +385,8 @@ class Supervisor:
             self.preimport.join()
         with budget_lock(s.url, s.storage, self.sw.study):
             reap_stale(s.study, s.url, s.mlflow_uri)
-        for t in s.study.get_trials(deepcopy=False):  # belt and braces: no child run left RUNNING
-            if t.state.is_finished():
-                with contextlib.suppress(Exception):
-                    close_trial_runs(s.mlflow_uri, s.study, t, "KILLED")
+        with contextlib.suppress(Exception):  # belt and braces: no child run left RUNNING
+            close_finished_trials_runs(s.mlflow_uri, s.study)
         print_summary(
             finalize(self.rec, s.study, self.sw, complete=complete),
             self.sw,
