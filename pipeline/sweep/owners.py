@@ -187,7 +187,10 @@ def ask_owned(study):
     """``study.ask()`` and the trial's owner (``worker`` attr: this process) as one step for SIGTERM
     (:func:`~pipeline.signals.deferred`): a trial asked but not yet owned is one no handler of this worker
     can find (:func:`release_own`), left RUNNING until a reaper takes it as a dead worker's."""
-    with deferred():
+    with deferred(), warnings.catch_warnings():
+        # Optuna warns at every ask on a storage with a heartbeat that the heartbeat is Study.optimize's;
+        # the sweep beats for its trials itself (heartbeat above): two lines a trial in every worker's log
+        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
         trial = study.ask()
         try:
             trial.set_user_attr("worker", owner_tag())

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,19 @@ def open_storage(
             kwargs["engine_kwargs"] = {"connect_args": libpq_args(url)}
         for attempt in range(SCHEMA_RACE_TRIES):
             try:
-                return optuna.storages.RDBStorage(
-                    url,
-                    heartbeat_interval=heartbeat_interval,
-                    grace_period=grace,
-                    heartbeat_stale_trial_callback=StaleHandler(mlflow_uri),
-                    **kwargs,
-                )
+                with warnings.catch_warnings():  # labelled experimental (Optuna docs, RDBStorage): two lines
+                    warnings.filterwarnings(  # in every PostgreSQL sweep's output and worker log
+                        "ignore",
+                        r"Argument ``(heartbeat_interval|grace_period)``",
+                        optuna.exceptions.ExperimentalWarning,
+                    )
+                    return optuna.storages.RDBStorage(
+                        url,
+                        heartbeat_interval=heartbeat_interval,
+                        grace_period=grace,
+                        heartbeat_stale_trial_callback=StaleHandler(mlflow_uri),
+                        **kwargs,
+                    )
             except Exception as e:
                 if attempt == SCHEMA_RACE_TRIES - 1 or not _lost_schema_race(e):
                     raise
