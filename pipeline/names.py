@@ -68,3 +68,10 @@ MLFLOW_GIT_COMMIT = "mlflow.source.git.commit"
 MLFLOW_GIT_BRANCH = "mlflow.source.git.branch"
 MLFLOW_NOTE = "mlflow.note.content"  # the run's description (Markdown) on its Overview page
 SOURCE_TYPE_LOCAL = "LOCAL"  # mlflow.entities.SourceType.LOCAL: a run started by a local process
+
+
+def quoted(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter. MLflow's grammar has no escape: a study
+    named ``bob's`` in single quotes with a backslash matched nothing (its report was empty and the end
+    of its sweep closed nothing); double quotes hold a single quote (tests/test_outages.py)."""
+    return f'"{value}"' if "'" in value and '"' not in value else f"'{value}'"

@@ -408,3 +408,77 @@ def test_the_end_of_a_sweep_closes_the_finished_trials_runs_in_one_paged_search(
     status = {n: c.get_run(r).info.status for n, r in runs.items()}
     assert status == {0: "KILLED", 1: "KILLED", 2: "RUNNING", 3: "FINISHED", 4: "KILLED", 5: "KILLED"}
     assert c.get_run(other).info.status == "RUNNING" and c.get_run(runs[0]).data.tags["status"] == "killed"
+
+
+def test_a_database_drivers_own_error_is_an_outage_whatever_a_probe_finds_now(tmp_path, monkeypatch):
+    """Optuna's PostgreSQL pool keeps connections a fast restart closed: the first write after it fails
+    ("server closed the connection unexpectedly") while a fresh probe finds the server back. The probe
+    then failed the trial, counted toward the three errors in a row (a review). A database driver's own
+    error is its store's: the trial is cut without a probe."""
+    clock = Clock(step=1.0)
+    worker, *_ = a_worker(tmp_path, refusals=0, clock=clock, monkeypatch=monkeypatch)
+    worker.cut = []
+
+    class OperationalError(Exception):
+        pass
+
+    OperationalError.__module__ = "psycopg2"  # the class psycopg2 raises, as its module names it
+    closed = "server closed the connection unexpectedly"
+    trial = types.SimpleNamespace(number=4)
+    with redirect_stderr(io.StringIO()):
+        assert outages.cut(worker, trial, OperationalError(closed))
+        assert not outages.cut(worker, trial, ConnectionError("Connection refused"))  # a data host's
+    assert worker.cut == [(trial, closed)]
+
+
+def test_one_outage_meets_a_stacks_members_with_one_probe(tmp_path, monkeypatch):
+    """A stack of K members failed by one outage probed the stores K times (a review: 32 probes for one
+    outage, each up to libpq's 10 s connect bound): a probe's answer stands PROBE_FRESH_S seconds."""
+    clock = Clock(step=1.0)
+    worker, *_ = a_worker(tmp_path, refusals=float("inf"), clock=clock, monkeypatch=monkeypatch)
+    worker.cut = []
+    calls = []
+    real = outages.probe
+    monkeypatch.setattr(outages, "probe", lambda w: calls.append(1) or real(w))
+    with redirect_stderr(io.StringIO()):
+        for k in range(32):
+            assert outages.cut(worker, types.SimpleNamespace(number=k), ConnectionError("Connection refused"))
+    assert len(calls) == 1 and len(worker.cut) == 32
+
+
+def test_a_cut_trial_whose_run_cannot_be_closed_is_still_failed_and_retried(tmp_path, monkeypatch):
+    """The run was deleted while its trial was cut: the close found it RUNNING with both stores answering,
+    and waited for them 10 minutes, then stopped the worker (a review). The trial is failed and retried
+    all the same, and the worker goes on."""
+    clock = Clock(step=1.0)
+    worker, c, cut_run, _ = a_worker(tmp_path, refusals=0, clock=clock, monkeypatch=monkeypatch)
+    c.delete_run(cut_run)
+    err = io.StringIO()
+    with redirect_stderr(err):
+        assert outages.ride_out(worker, clock=clock) is None
+    assert clock.t < 60 and f"its run {cut_run} could not be closed" in err.getvalue()
+    trials = worker.study.get_trials(deepcopy=False)
+    assert (
+        trials[0].state == TrialState.FAIL
+        and len([t for t in trials if t.user_attrs.get("retry_of") == 0]) == 1
+    )
+
+
+def test_the_end_of_a_sweep_closes_the_runs_of_a_study_whose_name_has_a_quote(tmp_path):
+    """A study named ``bob's`` passed validation, but the end's search filter was invalid, and its
+    finished trials' runs stayed RUNNING (a review). Quoted as MLflow's filter grammar wants it."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.sweep import owners
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "j")))
+    study = optuna.create_study(study_name="bob's", storage=storage)
+    c = MlflowClient(uri)
+    exp = c.create_experiment("e")
+    study.set_user_attr("mlflow_experiment_id", exp)
+    t = study.ask()
+    run = c.create_run(exp, tags={"study": "bob's", "trial_number": str(t.number)}).info.run_id
+    study.tell(t, 0.5)
+    assert owners.close_finished_trials_runs(uri, study) == [run]
+    assert c.get_run(run).info.status == "KILLED"

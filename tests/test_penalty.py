@@ -45,6 +45,7 @@ def fake_worker(tiny, penalty: float) -> Worker:
     w.study = optuna.create_study()
     w.storage = w.study._storage  # in-memory: the heartbeat is a no-op
     w.mlflow_uri = None
+    w.cut, w.met, w.untagged = [], None, []  # the outage lists (pipeline/sweep/outages.py), empty
     cfg = tiny(**{"tracking.enabled": False})
     w.trial_run_config = lambda trial: cfg
     return w

@@ -1156,9 +1156,11 @@ def test_a_sweep_that_fails_creating_its_stores_stops_its_forkserver(tmp_path, m
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # prestart sets them for the forkserver
         monkeypatch.setenv(var, os.environ.get(var, "1"))
     monkeypatch.setattr(parent, "create_stores", fail)
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
     try:
         with pytest.raises(StoreError, match="planted"):
             parent.run_sweep(str(cfg), ["n_trials=1"], workers=1)
+        assert "PGCONNECT_TIMEOUT" not in os.environ  # the sweep's libpq bound, taken back with it
         pid = seen["pid"]
         assert pid is not None  # it had started
         with pytest.raises(ProcessLookupError):

@@ -37,6 +37,7 @@ from pipeline.names import (
     ROLE,
     STUDY,
     TRIAL_NUMBER,
+    quoted,
 )
 from pipeline.names import KIND as KIND_TAG
 from pipeline.schema import ConfigError
@@ -100,10 +101,6 @@ class ReportData:
     table: Any  # the comparison table (one row per run, sorted by KEYS)
     profiles: dict[str, Any] = field(default_factory=dict)  # run_id -> bptt_profile frame
     grad_norms: dict[str, Any] = field(default_factory=dict)  # run_id -> grad_norms frame
-
-
-def _quote(s: str) -> str:
-    return "'" + s.replace("'", "\\'") + "'"
 
 
 def safe_name(name: str) -> str:
@@ -180,11 +177,11 @@ def resolve_target(uri: str, experiment: str | None = None, study: str | None = 
     if study is not None:
         parents = c.search_runs(
             ids,
-            f"{KIND} = '{KIND_SWEEP}' and tags.{STUDY} = {_quote(study)}",
+            f"{KIND} = '{KIND_SWEEP}' and tags.{STUDY} = {quoted(study)}",
             max_results=1,
             order_by=["attributes.start_time DESC"],
         )
-        trial_filter = f"{KIND} = '{KIND_TRIAL}' and tags.{STUDY} = {_quote(study)}"
+        trial_filter = f"{KIND} = '{KIND_TRIAL}' and tags.{STUDY} = {quoted(study)}"
         if not parents and not c.search_runs(ids, trial_filter, max_results=1):
             raise ConfigError("--study", f"unknown study {study!r} in experiment(s) {', '.join(names)}")
         t = Target(study, uri, ids, names, trial_filter, study=study)
@@ -192,7 +189,7 @@ def resolve_target(uri: str, experiment: str | None = None, study: str | None = 
             t.parent_run_id, t.parent_run_name = parents[0].info.run_id, parents[0].info.run_name
             # that sweep's trials only: an earlier sweep of the same study name in this store (its
             # Optuna storage moved aside or deleted, then the sweep run again) has a parent of its own
-            t.filter_string += f" and tags.`mlflow.parentRunId` = {_quote(t.parent_run_id)}"
+            t.filter_string += f" and tags.`mlflow.parentRunId` = {quoted(t.parent_run_id)}"
         return t
     # a whole experiment: every run; load_runs drops the sweep parents after the one read
     return Target(names[0], uri, ids, names, "")
@@ -291,7 +288,7 @@ def comparison_table(runs):
     import pandas as pd
 
     # Columns as lists, read by index: a Series' .iloc per value and column took 4.7 s of a 5,000-run
-    # report, and the settings' 11.5 s (a scale probe's cProfile)
+    # report, and the settings' 11.5 s (cProfile; benchmarks/report_scale.py)
     cols: dict[str, list] = {}
 
     def col(name: str) -> list:

@@ -112,8 +112,7 @@ def _phase_points(ax, grp) -> None:
     from matplotlib.transforms import offset_copy
 
     x, y = grp["lr"].to_numpy(dtype=float), grp["init_scale"].to_numpy(dtype=float)
-    label_points = len(grp) <= LABELLED_RUNS
-    if not label_points:
+    if len(grp) > LABELLED_RUNS:
         _dense_points(ax, grp, x, y)
         return
     markers, labels = [], []
@@ -129,9 +128,8 @@ def _phase_points(ax, grp) -> None:
             style = {"c": color, "edgecolors": "k", "linewidths": 0.6}
         dot = ax.scatter([xi], [yi], marker=marker, s=size, zorder=3, transform=at, **style)
         markers.append((dot, math.sqrt(size) / 2))
-        if label_points:
-            ann = ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(dx, dy), fontsize=7)
-            labels.append((ann, (dx, dy), math.sqrt(size) / 2))
+        ann = ax.annotate(text, (xi, yi), textcoords="offset points", xytext=(dx, dy), fontsize=7)
+        labels.append((ann, (dx, dy), math.sqrt(size) / 2))
     if labels:
         ax.add_artist(LabelPlacer(markers, labels))
 
@@ -142,7 +140,7 @@ LABELLED_RUNS = 40  # a panel with more runs is drawn dense: no labels, smaller 
 def _dense_points(ax, grp, x: np.ndarray, y: np.ndarray) -> None:
     """A panel of more than LABELLED_RUNS runs (a study of thousands of trials): one scatter per (marker,
     colour, hollow) group, not one per run (9.5 s of a 5,000-run report, then a wall of opaque circles
-    in which the one run that learned was hard to find: a scale probe), with markers a quarter of the
+    in which the one run that learned was hard to find; benchmarks/report_scale.py), with markers a quarter of the
     area and half opaque, so that density shows; no labels, and a note that says so."""
     groups: dict[tuple, list[int]] = {}
     for i, (_, r) in enumerate(grp.iterrows()):

@@ -35,16 +35,32 @@ FIRST_PAUSE_S, MAX_PAUSE_S = 1.0, 10.0
 OUTAGE_ERROR = "a store did not answer"  # how a cut trial's attr ``error`` begins
 
 
+PROBE_FRESH_S = 5.0  # a probe's answer stands this long: one outage meets a stack's K members at once
+_DRIVERS = ("psycopg2", "psycopg", "sqlalchemy", "sqlite3", "pymysql")
+
+
 def _outage(worker, e: BaseException) -> str | None:
-    """Why ``e`` is a store outage: it says so, and the stores do not answer a read now."""
+    """Why ``e`` is a store outage: it says a store did not answer, and either a database driver said it
+    (the stores' own connection: Optuna's PostgreSQL pool keeps connections a restart closed, and the
+    first write after a fast restart fails while a fresh probe finds the server back, which failed the
+    trial: tests/test_outages.py) or the stores do not answer a read now (a probe; an unreachable data
+    or artifact host says "connection refused" too). A probe's answer is kept PROBE_FRESH_S seconds."""
+    from pipeline.store_errors import deepest
+
     why = store_unreachable(e)
     if why is None:
         return None
-    try:
-        probe(worker)
-    except Exception as again:
-        return store_unreachable(again) and why
-    return None  # they answer: the error came from elsewhere (a data host, an artifact server)
+    if deepest(e, lambda x: type(x).__module__.split(".")[0] in _DRIVERS) is not None:
+        return why
+    at, down = getattr(worker, "probed", (None, False))
+    if at is None or time.monotonic() - at > PROBE_FRESH_S:
+        try:
+            probe(worker)
+            down = False
+        except Exception as again:
+            down = store_unreachable(again) is not None
+        worker.probed = (time.monotonic(), down)
+    return why if down else None  # they answer: the error came from elsewhere
 
 
 def cut(worker, trial, e: BaseException) -> bool:
@@ -70,8 +86,8 @@ def reaped(worker, trial, e: BaseException) -> bool:
 
     if deepest(e, lambda x: isinstance(x, UpdateFinishedTrialError)) is None:
         return False
-    print(f"trial {trial.number} was failed by a reaper while this worker held it; its retry is queued",
-          file=sys.stderr, flush=True)  # fmt: skip
+    print(f"trial {trial.number} was failed by a reaper while this worker held it (its heartbeat stopped "
+          "for longer than heartbeat.grace); going on", file=sys.stderr, flush=True)  # fmt: skip
     with contextlib.suppress(Exception):
         close_trial_runs(worker.mlflow_uri, worker.study, trial, "KILLED", untold=True)
     return True
@@ -169,7 +185,7 @@ def close_cut(study, mlflow_uri: str | None, trial, why: str) -> None:
     from optuna.trial import TrialState
 
     from pipeline.sweep.owners import close_trial_runs, enqueue_retry
-    from pipeline.tracking import client
+    from pipeline.tracking import client, end_run
 
     storage = study._storage
     try:
@@ -192,8 +208,19 @@ def close_cut(study, mlflow_uri: str | None, trial, why: str) -> None:
             storage.set_trial_user_attr(trial._trial_id, "error", f"{OUTAGE_ERROR} ({why})"[:1000])
             close_trial_runs(mlflow_uri, study, trial, "KILLED", untold=True)  # best effort: checked here
             run_id = told.user_attrs.get("mlflow_run_id")
-            if run_id and client(mlflow_uri).get_run(run_id).info.status == "RUNNING":
-                raise ConnectionError(f"run {run_id} not closed")
+            run = client(mlflow_uri).get_run(run_id) if run_id else None  # raises if the store is down
+            if run is not None and run.info.status == "RUNNING":  # its close failed: once more, unsuppressed
+                try:
+                    if run.info.lifecycle_stage != "active":
+                        raise ValueError(f"the run is {run.info.lifecycle_stage}")
+                    end_run(mlflow_uri, run_id, "KILLED")
+                except Exception as e:
+                    if store_unreachable(e) is not None:
+                        raise
+                    print(
+                        f"trial {trial.number}: its run {run_id} could not be closed ({e})"[:300],
+                        file=sys.stderr,
+                    )
             study.tell(trial.number, state=TrialState.FAIL)
         if not any(t.user_attrs.get("retry_of") == trial.number for t in study.get_trials(deepcopy=False)):
             enqueue_retry(study, storage.get_trial(trial._trial_id))

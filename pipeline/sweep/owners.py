@@ -26,7 +26,7 @@ import datetime
 import threading
 import warnings
 
-from pipeline.names import STATUS, STUDY, TRIAL_NUMBER
+from pipeline.names import STATUS, STUDY, TRIAL_NUMBER, quoted
 from pipeline.provenance import owner_alive, owner_tag
 from pipeline.signals import deferred
 from pipeline.uris import is_rdb
@@ -61,7 +61,7 @@ def close_trial_runs(
     ids = {trial.user_attrs.get("mlflow_run_id")} - {None}
     exp_id = study.user_attrs.get("mlflow_experiment_id")
     if exp_id is not None:
-        filt = f"tags.{STUDY} = '{study.study_name}' and tags.{TRIAL_NUMBER} = '{trial.number}'"
+        filt = f"tags.{STUDY} = {quoted(study.study_name)} and tags.{TRIAL_NUMBER} = '{trial.number}'"
         if not untold:  # untold: RUNNING or FINISHED, told apart below (MLflow's filter has no IN on status)
             filt += " and attributes.status = 'RUNNING'"
         with contextlib.suppress(MlflowException):
@@ -92,7 +92,7 @@ def close_finished_trials_runs(mlflow_uri: str | None, study, status: str = "KIL
         return []
     finished = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
     c = client(mlflow_uri)
-    filt = f"tags.{STUDY} = '{study.study_name}' and attributes.status = 'RUNNING'"
+    filt = f"tags.{STUDY} = {quoted(study.study_name)} and attributes.status = 'RUNNING'"
     running, token = [], None
     while True:  # every page first: a run closed while paging shifts the pages after it (one was skipped)
         page = c.search_runs([exp_id], filt, max_results=SEARCH_PAGE, page_token=token)
@@ -104,8 +104,11 @@ def close_finished_trials_runs(mlflow_uri: str | None, study, status: str = "KIL
     for run in running:
         number = run.data.tags.get(TRIAL_NUMBER)
         if number is not None and number.isdigit() and int(number) in finished:
-            c.set_tag(run.info.run_id, STATUS, "killed")
-            end_run(mlflow_uri, run.info.run_id, status)
+            try:  # each alone: one run's error (deleted meanwhile) must not keep the rest RUNNING
+                c.set_tag(run.info.run_id, STATUS, "killed")
+                end_run(mlflow_uri, run.info.run_id, status)
+            except Exception:
+                continue
             closed.append(run.info.run_id)
     return closed
 

@@ -260,9 +260,6 @@ def run_sweep(
     n_workers, devices = fit_workers(
         sw, n_workers, devices, auto=workers is None and sw.workers is None, out=out
     )
-    # libpq's connect bound for MLflow's PostgreSQL store too (Optuna's: sweep.stores.libpq_args), unless
-    # set: inherited by the forkserver and the workers
-    os.environ.setdefault("PGCONNECT_TIMEOUT", str(PG_CONNECT_TIMEOUT_S))
     probe_store(mlflow_uri, "base.tracking.uri")
     check_storage(url, "--storage" if storage is not None else "storage")
     for note in unread_searched_keys(sw):
@@ -270,14 +267,18 @@ def run_sweep(
     # CPU workers fork from a preloaded forkserver unless PIPELINE_SWEEP_FORK=0 (an escape hatch).
     fork = devices[0] is None and os.environ.get("PIPELINE_SWEEP_FORK", "1") != "0"
     t0 = time.time()
-    with StopSignal() as stop:  # from here a Ctrl-C stops the sweep cleanly (exit 130), stores and all
-        if fork:
-            from pipeline.sweep.procs import prestart
+    # libpq's connect bound for MLflow's PostgreSQL store too (Optuna's: sweep.stores.libpq_args), unless
+    # set: inherited by the forkserver and the workers, and taken back when the sweep ends (a notebook)
+    set_here = "PGCONNECT_TIMEOUT" not in os.environ
+    os.environ.setdefault("PGCONNECT_TIMEOUT", str(PG_CONNECT_TIMEOUT_S))
+    try:
+        with StopSignal() as stop:  # from here a Ctrl-C stops the sweep cleanly (exit 130), stores and all
+            if fork:
+                from pipeline.sweep.procs import prestart
 
-            # The forkserver's imports (torch, Lightning, MLflow, Optuna: 7 s of CPU measured here) run
-            # while this process imports MLflow and creates the stores: two cores, two jobs.
-            prestart()
-        try:
+                # The forkserver's imports (torch, Lightning, MLflow, Optuna: 7 s of CPU measured here) run
+                # while this process imports MLflow and creates the stores: two cores, two jobs.
+                prestart()
             try:
                 stores = create_stores(sw, url, mlflow_uri)
             except BaseException:
@@ -287,8 +288,10 @@ def run_sweep(
                     stop_forkserver()
                 raise
             return Supervisor(sw, stores, devices, fork=fork, stop=stop, t0=t0, out=out).run()
-        finally:
-            if fork:  # a process that runs sweeps in-process (a notebook) reaps no orphans after them
-                from pipeline.sweep.procs import become_subreaper
+    finally:
+        if set_here:
+            os.environ.pop("PGCONNECT_TIMEOUT", None)
+        if fork:  # a process that runs sweeps in-process (a notebook) reaps no orphans after them
+            from pipeline.sweep.procs import become_subreaper
 
-                become_subreaper(False)
+            become_subreaper(False)

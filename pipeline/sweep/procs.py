@@ -35,7 +35,8 @@ def context():
     return _CTX
 
 
-PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
+PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37  # <linux/prctl.h>
+_subreaper_before = 0
 
 
 def become_subreaper(on: bool = True) -> bool:
@@ -45,14 +46,21 @@ def become_subreaper(on: bool = True) -> bool:
     exit status. Before, such a worker read 255 whatever it did: one killed with kill -9 afterwards was
     not replaced, and the sweep ended short of ``n_trials`` (tests/test_sweep.py,
     ``test_a_worker_killed_after_its_forkserver_is_replaced_and_the_sweep_ends_at_n_trials``). ``on=False``
-    when the sweep ends: a process that runs sweeps in-process would collect orphans' zombies after them.
+    when the sweep ends puts back what the process was: one that runs sweeps in-process would collect
+    orphans' zombies after them.
     False where unsupported."""
+    global _subreaper_before
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
 
     try:
-        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
+        libc = ctypes.CDLL(None, use_errno=True)
+        if on:  # what the process was before, put back after (it may have been one already)
+            flag = ctypes.c_int(0)
+            libc.prctl(PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0)
+            _subreaper_before = flag.value
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1 if on else _subreaper_before, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
 

@@ -78,13 +78,16 @@ _LIBPQ = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "kee
 
 def libpq_args(url: str) -> dict[str, Any]:
     """The connect arguments a PostgreSQL ``url`` (psycopg2 or psycopg) gets from the sweep: the bounds
-    above, each unless the URL's query sets it. Empty for other databases and drivers."""
+    above, each unless the URL's query sets it (the connect's also unless ``PGCONNECT_TIMEOUT`` is set).
+    Empty for other databases and drivers."""
     from sqlalchemy.engine import make_url
 
     u = make_url(url)
     if u.get_backend_name() != "postgresql" or u.get_driver_name() not in ("psycopg2", "psycopg"):
         return {}
     wanted = {"connect_timeout": PG_CONNECT_TIMEOUT_S, **_LIBPQ}
+    if "PGCONNECT_TIMEOUT" in os.environ:  # the user's (or the sweep's own, the same 10 s), read by libpq
+        del wanted["connect_timeout"]
     return {k: v for k, v in wanted.items() if k not in u.query}
 
 
