@@ -383,22 +383,36 @@ def test_a_sweep_rides_out_a_postgres_outage(pg_databases, store, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env=sweep_env(),
+        start_new_session=True,
     )
-    deadline = time.time() + 240
-    while time.time() < deadline and parent.poll() is None:  # the first trial done: mid-sweep
-        with_study = optuna.load_study(study_name="t", storage=direct) if _has_study(direct) else None
-        if with_study is not None and counts(with_study)["done"] >= 1:
-            break
-        time.sleep(0.5)
-    proxy.cut()
-    time.sleep(12)
-    proxy.start()
-    out, err = parent.communicate(timeout=300)
+    with _ended(parent):
+        deadline = time.time() + 240
+        while time.time() < deadline and parent.poll() is None:  # the first trial done: mid-sweep
+            with_study = optuna.load_study(study_name="t", storage=direct) if _has_study(direct) else None
+            if with_study is not None and counts(with_study)["done"] >= 1:
+                break
+            time.sleep(0.5)
+        proxy.cut()
+        time.sleep(12)
+        proxy.start()
+        out, err = parent.communicate(timeout=300)
     assert parent.returncode == 0, out[-3000:] + err[-3000:]
     assert "sweep: a store did not answer (" in out and "sweep: the store answers again (after " in out, out
     study = optuna.load_study(study_name="t", storage=direct)
     runs = _runs(store)
     check_consistent(study, runs, 6)
+
+
+@contextlib.contextmanager
+def _ended(parent):
+    """The sweep ``parent`` (its own session) and its workers killed if the block raised while it ran."""
+    try:
+        yield
+    finally:
+        if parent.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(parent.pid, 9)
+            parent.wait(30)
 
 
 def _has_study(url: str) -> bool:
@@ -448,16 +462,18 @@ def test_workers_wait_out_an_outage_of_both_stores(pg_databases, tmp_path, k):
         text=True,
         env=sweep_env(),
         cwd=tmp_path,
+        start_new_session=True,
     )
-    deadline = time.time() + 240
-    while time.time() < deadline and parent.poll() is None:  # the first trial done: mid-sweep
-        if _has_study(pg_databases[0]) and _done(pg_databases[0]) >= 1:
-            break
-        time.sleep(0.3)
-    proxy.cut()
-    time.sleep(15)
-    proxy.start()
-    out, err = parent.communicate(timeout=400)
+    with _ended(parent):  # a failed test leaves no sweep holding PostgreSQL connections for the next ones
+        deadline = time.time() + 240
+        while time.time() < deadline and parent.poll() is None:  # the first trial done: mid-sweep
+            if _has_study(pg_databases[0]) and _done(pg_databases[0]) >= 1:
+                break
+            time.sleep(0.3)
+        proxy.cut()
+        time.sleep(15)
+        proxy.start()
+        out, err = parent.communicate(timeout=400)
     logs = "\n".join(p.read_text() for p in sorted((tmp_path / "optuna" / "logs").rglob("*.log")))
     assert parent.returncode == 0, out[-3000:] + err[-3000:] + logs[-5000:]
     assert "in a row raised" not in logs, logs[-5000:]
