@@ -378,12 +378,7 @@ def test_the_end_of_a_sweep_closes_the_finished_trials_runs_in_one_paged_search(
 
     from pipeline.sweep import owners
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "j")))
-    study = optuna.create_study(study_name="s", storage=storage)
-    c = MlflowClient(uri)
-    exp = c.create_experiment("e")
-    study.set_user_attr("mlflow_experiment_id", exp)
+    study, c, exp, uri = _study_and_store(tmp_path, "s")
     runs = {}
     for n, (state, status) in enumerate(
         [("COMPLETE", "RUNNING"), ("FAIL", "RUNNING"), ("RUNNING", "RUNNING"), ("COMPLETE", "FINISHED"),
@@ -467,18 +462,24 @@ def test_a_cut_trial_whose_run_cannot_be_closed_is_still_failed_and_retried(tmp_
 def test_the_end_of_a_sweep_closes_the_runs_of_a_study_whose_name_has_a_quote(tmp_path):
     """A study named ``bob's`` passed validation, but the end's search filter was invalid, and its
     finished trials' runs stayed RUNNING (a review). Quoted as MLflow's filter grammar wants it."""
-    from mlflow.tracking import MlflowClient
-
     from pipeline.sweep import owners
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "j")))
-    study = optuna.create_study(study_name="bob's", storage=storage)
-    c = MlflowClient(uri)
-    exp = c.create_experiment("e")
-    study.set_user_attr("mlflow_experiment_id", exp)
+    study, c, exp, uri = _study_and_store(tmp_path, "bob's")
     t = study.ask()
     run = c.create_run(exp, tags={"study": "bob's", "trial_number": str(t.number)}).info.run_id
     study.tell(t, 0.5)
     assert owners.close_finished_trials_runs(uri, study) == [run]
     assert c.get_run(run).info.status == "KILLED"
+
+
+def _study_and_store(tmp_path, name: str):
+    """A journal study ``name`` and a sqlite MLflow store whose experiment the study names."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "j")))
+    study = optuna.create_study(study_name=name, storage=storage)
+    c = MlflowClient(uri)
+    exp = c.create_experiment("e")
+    study.set_user_attr("mlflow_experiment_id", exp)
+    return study, c, exp, uri

@@ -377,15 +377,7 @@ def test_a_sweep_rides_out_a_postgres_outage(pg_databases, store, tmp_path):
     )
     from test_sweep import sweep_cmd, sweep_env
 
-    parent = subprocess.Popen(
-        sweep_cmd(cfg, "--storage", via),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=sweep_env(),
-        start_new_session=True,
-    )
-    with _ended(parent):
+    with _sweep(sweep_cmd(cfg, "--storage", via), sweep_env()) as parent:
         deadline = time.time() + 240
         while time.time() < deadline and parent.poll() is None:  # the first trial done: mid-sweep
             with_study = optuna.load_study(study_name="t", storage=direct) if _has_study(direct) else None
@@ -404,10 +396,20 @@ def test_a_sweep_rides_out_a_postgres_outage(pg_databases, store, tmp_path):
 
 
 @contextlib.contextmanager
-def _ended(parent):
-    """The sweep ``parent`` (its own session) and its workers killed if the block raised while it ran."""
+def _sweep(cmd: list[str], env: dict, cwd=None):
+    """The sweep ``cmd`` started in its own session, killed if the block leaves it running: a failed test
+    left a sweep holding PostgreSQL connections, and the next tests failed with "too many clients"."""
+    parent = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+    )
     try:
-        yield
+        yield parent
     finally:
         if parent.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -455,16 +457,7 @@ def test_workers_wait_out_an_outage_of_both_stores(pg_databases, tmp_path, k):
     )  # fmt: skip
     from test_sweep import sweep_cmd, sweep_env
 
-    parent = subprocess.Popen(
-        sweep_cmd(cfg, "--storage", optuna_url),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=sweep_env(),
-        cwd=tmp_path,
-        start_new_session=True,
-    )
-    with _ended(parent):  # a failed test leaves no sweep holding PostgreSQL connections for the next ones
+    with _sweep(sweep_cmd(cfg, "--storage", optuna_url), sweep_env(), cwd=tmp_path) as parent:
         deadline = time.time() + 240
         while time.time() < deadline and parent.poll() is None:  # the first trial done: mid-sweep
             if _has_study(pg_databases[0]) and _done(pg_databases[0]) >= 1:

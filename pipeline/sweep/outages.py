@@ -164,12 +164,18 @@ def _settle(worker) -> bool:
         worker.cut.pop(0)
     while worker.untagged:
         run_id, tags, _ = worker.untagged[0]
-        kept: list = []
-        tag_run(worker.mlflow_uri, run_id, tags, later=kept)
-        if kept:
-            raise ConnectionError(kept[0][2])
+        _tag_now(worker.mlflow_uri, run_id, tags)
         worker.untagged.pop(0)
     return True
+
+
+def _tag_now(mlflow_uri: str | None, run_id: str | None, tags: dict) -> None:
+    """:func:`~pipeline.sweep.record.tag_run`, raising (as a store that did not answer) where it would
+    have kept the write for later."""
+    kept: list = []
+    tag_run(mlflow_uri, run_id, tags, later=kept)
+    if kept:
+        raise ConnectionError(kept[0][2])
 
 
 def close_cut(study, mlflow_uri: str | None, trial, why: str) -> None:
@@ -194,10 +200,7 @@ def close_cut(study, mlflow_uri: str | None, trial, why: str) -> None:
             a = told.user_attrs
             value = told.value if told.state == TrialState.COMPLETE else None
             tags = outcome_tags(told.state.name, bool(a.get("diverged")), value, a.get("pruned_by"))
-            kept: list = []
-            tag_run(mlflow_uri, a.get("mlflow_run_id"), tags, later=kept)
-            if kept:
-                raise ConnectionError(kept[0][2])
+            _tag_now(mlflow_uri, a.get("mlflow_run_id"), tags)
             return
         ours = told.state == TrialState.FAIL and str(told.user_attrs.get("error", "")).startswith(
             OUTAGE_ERROR
