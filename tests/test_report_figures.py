@@ -13,6 +13,14 @@ import pytest
 from pipeline.report import figures as rr
 
 
+@pytest.fixture(autouse=True)
+def _close_figures():
+    """The figure functions hand their figures to the caller (the report saves and closes them): close
+    what each test drew, or pyplot keeps them all and warns past 20 open figures."""
+    yield
+    rr.plt.close("all")
+
+
 def _run(rid: str, lr: float, g: float, **kw) -> dict:
     """One row of the comparison table, with the columns the figures read."""
     return {

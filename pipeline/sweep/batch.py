@@ -173,9 +173,7 @@ def _refill(worker, n: int, todo: Held) -> list | None:
     """Up to ``n`` newly asked trials for free slots (``todo``: the trials this worker holds already, at
     most ``trials_per_worker`` in all); None once nothing more will come (budget spent, timeout, parent
     gone), so the stack stops asking and runs down."""
-    import time
-
-    if worker.parent_gone() or (worker.deadline and time.time() > worker.deadline):
+    if outages.sweep_over(worker):
         return None
     n = min(n, worker.k - len(todo))
     if n <= 0:

@@ -116,6 +116,13 @@ def probe(worker) -> None:
     client(worker.mlflow_uri).get_experiment(worker.spec["experiment_id"])
 
 
+def sweep_over(worker) -> bool:
+    """Whether the worker's sweep is over for it: the sweep's parent is gone
+    (:meth:`~pipeline.sweep.worker.Worker.parent_gone`) or the sweep's deadline (``timeout``) passed. A
+    worker then takes no new trial, its stack asks no more, and a wait for the stores ends."""
+    return bool(worker.parent_gone() or (worker.deadline and time.time() > worker.deadline))
+
+
 def ride_out(worker, e: BaseException | None = None, clock=time.monotonic) -> int | None:
     """Wait until both stores answer, then close the cut trials and write the tags kept back. ``e``: the
     error that met the worker outside a trial (asking, telling), if any. Returns None to go on asking
@@ -130,7 +137,7 @@ def ride_out(worker, e: BaseException | None = None, clock=time.monotonic) -> in
     while True:
         check_terminated()
         sigterm.check_received(worker.signals_before)
-        if worker.parent_gone() or (worker.deadline and time.time() > worker.deadline):
+        if sweep_over(worker):
             with contextlib.suppress(Exception):  # what it can close now; the rest is the reapers'
                 _settle(worker)
             return 0

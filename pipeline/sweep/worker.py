@@ -35,7 +35,6 @@ import math
 import os
 import signal
 import sys
-import time
 from dataclasses import replace
 from typing import Any
 
@@ -215,9 +214,7 @@ class Worker:
         while True:
             check_terminated()  # a SIGTERM whose exception a garbage-collector callback dropped
             sigterm.check_received(self.signals_before)  # one whose exception another replaced
-            if self.parent_gone():  # finish, take no new trial
-                return 0
-            if self.deadline and time.time() > self.deadline:
+            if outages.sweep_over(self):  # finish, take no new trial
                 return 0
             try:
                 ok = self._round()
