@@ -846,20 +846,11 @@ def test_batched_sweep_records_each_trial_as_one_at_a_time_does(store, tmp_path)
 
 
 def _batched_sweep(tmp_path, steps: int):
-    from tests.test_sweep import TINY, sweep_cmd, sweep_env
+    from tests.test_sweep import TINY, start_sweep
 
     base = {**TINY["base"], "trainer": {"max_steps": steps, "val_every": steps // 4, "log_every": 10}}
     cfg = _sweep_file(tmp_path / "s.yaml", n_trials=4, base=base)
-    import subprocess
-
-    return subprocess.Popen(
-        sweep_cmd(cfg),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=sweep_env(),
-        start_new_session=True,
-    )
+    return start_sweep(cfg)
 
 
 def _wait_all_running(n: int, timeout: float = 240):

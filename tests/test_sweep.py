@@ -64,6 +64,15 @@ def sweep_env() -> dict[str, str]:
     return env
 
 
+def start_sweep(cfg: Path, *extra: str, quiet: bool = False) -> subprocess.Popen:
+    """The sweep command started in its own session (a test can kill its whole group), its output piped
+    as text, or discarded (``quiet``) where nobody reads it (a pipe nobody drains fills and blocks)."""
+    out = subprocess.DEVNULL if quiet else subprocess.PIPE
+    return subprocess.Popen(
+        sweep_cmd(cfg, *extra), stdout=out, stderr=out, text=True, env=sweep_env(), start_new_session=True
+    )
+
+
 def run_sweep_cli(cfg: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(
@@ -759,14 +768,7 @@ def check_killed_trial_retried(study, runs, t, n_trials: int) -> None:
 def kill_a_worker_while_the_sweep_runs(cfg: Path, mlflow_uri: str, n_trials: int, *extra: str, load=None):
     """kill -9 one worker mid-trial; the parent goes on. It must reap the trial at once (FAIL, run KILLED),
     replace the worker, retry the params once, and finish the budget with everything accounted for."""
-    parent = subprocess.Popen(
-        sweep_cmd(cfg, *extra),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=sweep_env(),
-        start_new_session=True,
-    )
+    parent = start_sweep(cfg, *extra)
     try:
         t = wait_for_running_trial(load=load)  # None: the journal, once its file exists
         os.kill(int(t.user_attrs["worker"].split("|")[1]), signal.SIGKILL)
@@ -807,13 +809,7 @@ def test_kill_9_mid_trial_then_resume(store, tmp_path):
         n_trials=3,
         base={**TINY["base"], "trainer": {"max_steps": 400, "val_every": 100, "log_every": 10}},
     )
-    parent = subprocess.Popen(
-        sweep_cmd(cfg),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=sweep_env(),
-        start_new_session=True,
-    )
+    parent = start_sweep(cfg, quiet=True)
     t = wait_for_running_trial()
     worker_pid = int(t.user_attrs["worker"].split("|")[1])
     os.kill(parent.pid, signal.SIGKILL)  # the whole sweep dies without a chance to clean up
@@ -918,10 +914,7 @@ def test_a_worker_killed_after_its_forkserver_is_replaced_and_the_sweep_ends_at_
         workers=2,
         base={**TINY["base"], "trainer": {"max_steps": 400, "val_every": 100, "log_every": 20}},
     )
-    parent = subprocess.Popen(
-        sweep_cmd(cfg), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=sweep_env(),
-        start_new_session=True,
-    )  # fmt: skip
+    parent = start_sweep(cfg)
     try:
         wait_for_running_trial()
         (server,) = [pid for pid, cmd in _children(parent.pid).items() if "forkserver" in cmd]
@@ -998,14 +991,7 @@ def test_sigterm_closes_trial_and_runs(store, tmp_path, to):
         n_trials=3,
         base={**TINY["base"], "trainer": {"max_steps": 2000, "val_every": 500, "log_every": 10}},
     )
-    parent = subprocess.Popen(
-        sweep_cmd(cfg),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=sweep_env(),
-        start_new_session=True,
-    )
+    parent = start_sweep(cfg)
     t = wait_for_running_trial()
     worker_pid = int(t.user_attrs["worker"].split("|")[1])
     if to == "group":
