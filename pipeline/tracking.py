@@ -29,7 +29,7 @@ from typing import Any
 
 from pipeline.names import NONFINITE_PREFIX
 from pipeline.store_checks import store_error
-from pipeline.uris import resolve_uri, sqlite_file
+from pipeline.uris import resolve_uri, sqlite_file, with_libpq_bounds
 
 FLUSH_EVERY = 500  # buffered metric values before a log_batch
 FLUSH_SECONDS = 30.0  # ... or this long after the last send: a live run in the UI is at most this stale
@@ -41,7 +41,9 @@ WAL_BUSY_S = 5.0  # how long use_wal waits for a store another process holds bus
 def client(uri: str | None = None):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=resolve_uri(uri))
+    # libpq's bounds for a PostgreSQL store (pipeline.uris.with_libpq_bounds): a store whose server
+    # stops answering fails in about 30 s instead of holding the run's process in a read for minutes
+    return MlflowClient(tracking_uri=with_libpq_bounds(resolve_uri(uri)))
 
 
 def ensure_experiment(uri: str | None, name: str) -> str:

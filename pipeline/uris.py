@@ -48,6 +48,44 @@ def with_pg_driver(url: str) -> str:
     return url
 
 
+# A PostgreSQL server behind a network cut (packets dropped, not refused) left a worker blocked in libpq
+# for minutes with no word, past the 10-minute outage limit and deaf to SIGTERM (tests/test_sweep_postgres.py:
+# a connect to a server that never answers was still blocked when killed at 25 s). libpq's own bounds,
+# unless the URL sets them: a connect gives up after PG_CONNECT_TIMEOUT_S, and an open connection whose
+# peer stops answering fails after about 30 s (TCP keepalives, tcp_user_timeout; libpq's docs, "Parameter
+# Key Words"). Each then reads as a store that did not answer (pipeline.store_errors), which a sweep rides
+# out and any other command names in one line. Optuna's engine gets them as connect arguments
+# (pipeline.sweep.stores), MLflow's, which takes no engine arguments, in its URL (pipeline.tracking.client).
+PG_CONNECT_TIMEOUT_S = 10
+_LIBPQ = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
+          "tcp_user_timeout": 30_000}  # fmt: skip
+_LIBPQ_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2", "postgresql+psycopg")
+
+
+def libpq_args(url: str) -> dict[str, int]:
+    """The connect arguments a PostgreSQL ``url`` (psycopg2 or psycopg) gets: the bounds above, each unless
+    the URL's query sets it (the connect's also unless ``PGCONNECT_TIMEOUT`` is set, which libpq reads
+    itself). Empty for other databases and drivers."""
+    from urllib.parse import parse_qs, urlsplit
+
+    if "://" not in url or url.split("://", 1)[0].lower() not in _LIBPQ_SCHEMES:
+        return {}
+    wanted = {"connect_timeout": PG_CONNECT_TIMEOUT_S, **_LIBPQ}
+    if "PGCONNECT_TIMEOUT" in os.environ:  # the user's (or a sweep's own, the same 10 s)
+        del wanted["connect_timeout"]
+    given = parse_qs(urlsplit(url).query, keep_blank_values=True)
+    return {k: v for k, v in wanted.items() if k not in given}
+
+
+def with_libpq_bounds(url: str) -> str:
+    """``url`` with :func:`libpq_args` added to its query (SQLAlchemy hands a URL's query to the driver as
+    connect arguments): the form MLflow's store takes them in. Any other URL unchanged."""
+    extra = libpq_args(url)
+    if not extra:
+        return url
+    return url + ("&" if "?" in url else "?") + "&".join(f"{k}={v}" for k, v in extra.items())
+
+
 def resolve_uri(uri: str | None = None) -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else the sqlite file in the working directory."""
     return with_pg_driver(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)

@@ -509,20 +509,62 @@ def test_a_postgres_server_that_never_answers_is_an_outage_within_the_connect_bo
     error reads as a store that did not answer, which the sweep rides out. A bound the URL sets is kept."""
     import threading
 
+    from pipeline import uris
     from pipeline.store_errors import store_unreachable
     from pipeline.sweep import stores
 
     assert stores.libpq_args("postgresql://u@h/db?connect_timeout=3")["keepalives"] == 1
     assert "connect_timeout" not in stores.libpq_args("postgresql://u@h/db?connect_timeout=3")
     assert stores.libpq_args("mysql+pymysql://u@h/db") == {} == stores.libpq_args("sqlite:///x.db")
+    assert stores.libpq_args("postgresql+pg8000://u@h/db") == {}  # not libpq
+    assert uris.with_libpq_bounds("sqlite:///x.db") == "sqlite:///x.db"
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "4")  # the user's, which libpq reads itself: not overridden
+    assert uris.with_libpq_bounds("postgres://u:p@h/db?sslmode=require&keepalives=0") == (
+        "postgres://u:p@h/db?sslmode=require&keepalives=0"
+        "&keepalives_idle=10&keepalives_interval=5&keepalives_count=3&tcp_user_timeout=30000"
+    )
     silent = socket.create_server(("127.0.0.1", 0))
     held = []
     threading.Thread(target=lambda: held.append(silent.accept()), daemon=True).start()
-    monkeypatch.setattr(stores, "PG_CONNECT_TIMEOUT_S", 2)
+    monkeypatch.setattr(uris, "PG_CONNECT_TIMEOUT_S", 2)
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
     t0 = time.monotonic()
     with pytest.raises(Exception) as e:  # noqa: PT011 - what libpq raises, through SQLAlchemy and Optuna
         stores.open_storage(f"postgresql+psycopg2://postgres@127.0.0.1:{silent.getsockname()[1]}/x")
     took = time.monotonic() - t0
     silent.close()
-    assert took < 15, took  # libpq's bound per address tried (localhost may resolve twice)
+    assert took < 8, took  # libpq's bound (2 s here; 10 s by default, which this would fail)
     assert store_unreachable(e.value) is not None, str(e.value)[:500]
+
+
+def test_mlflows_postgresql_connections_carry_libpqs_bounds(pg_databases, monkeypatch):
+    """MLflow takes no engine arguments, so its PostgreSQL store had none of the bounds Optuna's engine
+    gets: a worker whose MLflow server stopped answering mid-read waited for the kernel's retransmissions
+    (about 15 minutes on Linux) before the sweep could ride the outage out. ``tracking.client`` puts them
+    in the store's URL, and the report's bulk read goes through the same URL: what libpq itself holds on
+    each connection is checked here. A bound the user's URL sets is kept."""
+    import mlflow
+
+    from pipeline.report.data import use_uri
+    from pipeline.tracking import client
+    from pipeline.uris import with_libpq_bounds
+
+    monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
+    uri = pg_databases[1]
+
+    def libpq_holds(c) -> dict:
+        c.search_experiments()  # the store made, a connection in its pool
+        with c._tracking_client.store.engine.connect() as conn:
+            return conn.connection.dbapi_connection.get_dsn_parameters()
+
+    held = libpq_holds(client(uri))
+    want = {"connect_timeout": "10", "keepalives": "1", "keepalives_idle": "10", "keepalives_interval": "5"}
+    assert {k: held.get(k) for k in [*want, "keepalives_count", "tcp_user_timeout"]} == {
+        **want, "keepalives_count": "3", "tcp_user_timeout": "30000"
+    }, held  # fmt: skip
+    assert libpq_holds(client(uri + "?tcp_user_timeout=5000"))["tcp_user_timeout"] == "5000"
+    with use_uri(with_libpq_bounds(uri)):  # what report.data.load_runs reads through
+        assert mlflow.search_runs(search_all_experiments=True).empty
+        from mlflow.tracking._tracking_service.utils import _get_store
+
+        assert _get_store().engine.url.query["tcp_user_timeout"] == "30000"

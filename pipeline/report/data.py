@@ -42,7 +42,7 @@ from pipeline.names import (
 from pipeline.names import KIND as KIND_TAG
 from pipeline.schema import ConfigError
 from pipeline.tracking import as_recorded
-from pipeline.uris import file_name
+from pipeline.uris import file_name, with_libpq_bounds
 
 DEFAULT_EXPERIMENT = "rnn-gradients"
 RECENT_RUNS = 200  # runs read, newest first, to find the most recent training run when there is no sweep
@@ -211,7 +211,7 @@ def load_runs(target: Target):
     """The ONE bulk read: a pandas frame of the target's runs (params, latest metrics, tags)."""
     import mlflow
 
-    with use_uri(target.uri):
+    with use_uri(with_libpq_bounds(target.uri)):  # the bounds tracking.client gives a PostgreSQL store
         df = mlflow.search_runs(
             experiment_ids=target.experiment_ids,
             filter_string=target.filter_string,

@@ -20,7 +20,15 @@ from typing import Any
 
 from pipeline.sweep.config import HeartbeatConfig
 from pipeline.sweep.owners import StaleHandler
-from pipeline.uris import display_url, is_rdb, journal_file, scheme, sqlite_file
+from pipeline.uris import (  # noqa: F401  (PG_CONNECT_TIMEOUT_S: the sweep parent sets it for libpq)
+    PG_CONNECT_TIMEOUT_S,
+    display_url,
+    is_rdb,
+    journal_file,
+    libpq_args,
+    scheme,
+    sqlite_file,
+)
 
 
 def open_storage(
@@ -63,32 +71,6 @@ def open_storage(
     path = journal_path(url)
     path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-
-
-# A PostgreSQL server behind a network cut (packets dropped, not refused) left a worker blocked in libpq
-# for minutes with no word, past the 10-minute outage limit and deaf to SIGTERM (tests/test_sweep_postgres.py: a connect to
-# a server that never answers was still blocked when killed at 25 s). libpq's own bounds, unless the URL
-# sets them: a connect gives up after PG_CONNECT_TIMEOUT_S, and an open connection whose peer stops
-# answering fails after about 30 s (TCP keepalives, tcp_user_timeout; libpq's docs, "Parameter Key
-# Words"). Each then reads as a store that did not answer (pipeline.store_errors), which the sweep rides out.
-PG_CONNECT_TIMEOUT_S = 10
-_LIBPQ = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 5, "keepalives_count": 3,
-          "tcp_user_timeout": 30_000}  # fmt: skip
-
-
-def libpq_args(url: str) -> dict[str, Any]:
-    """The connect arguments a PostgreSQL ``url`` (psycopg2 or psycopg) gets from the sweep: the bounds
-    above, each unless the URL's query sets it (the connect's also unless ``PGCONNECT_TIMEOUT`` is set).
-    Empty for other databases and drivers."""
-    from sqlalchemy.engine import make_url
-
-    u = make_url(url)
-    if u.get_backend_name() != "postgresql" or u.get_driver_name() not in ("psycopg2", "psycopg"):
-        return {}
-    wanted = {"connect_timeout": PG_CONNECT_TIMEOUT_S, **_LIBPQ}
-    if "PGCONNECT_TIMEOUT" in os.environ:  # the user's (or the sweep's own, the same 10 s), read by libpq
-        del wanted["connect_timeout"]
-    return {k: v for k, v in wanted.items() if k not in u.query}
 
 
 # Machines started together on a fresh database each create Optuna's schema; PostgreSQL lets one win and

@@ -110,13 +110,17 @@ def _client(run_id: str, tracking_uri: str | None):
     return client(tracking_uri)
 
 
-def _get_run(c, run_id: str):
+def _get_run(c, run_id: str, tracking_uri: str | None):
     from mlflow.exceptions import MlflowException
 
     try:
         return c.get_run(run_id)
     except MlflowException:
-        raise ConfigError("", f"no run {run_id!r} in the MLflow store {c.tracking_uri}") from None
+        from pipeline.uris import display_url, resolve_uri
+
+        raise ConfigError(
+            "", f"no run {run_id!r} in the MLflow store {display_url(resolve_uri(tracking_uri))}"
+        ) from None
 
 
 def _why_no_weights(run, cfg: Config) -> str:
@@ -136,7 +140,7 @@ def _why_no_weights(run, cfg: Config) -> str:
 def run_config(run_id: str, tracking_uri: str | None = None) -> Config:
     """The validated config a run recorded (its ``config.yaml``)."""
     c = _client(run_id, tracking_uri)
-    _get_run(c, run_id)
+    _get_run(c, run_id, tracking_uri)
     return _config_of(c, run_id)
 
 
@@ -179,7 +183,7 @@ def load_run(run_id: str, tracking_uri: str | None = None) -> LoadedRun:
     ``tracking_uri``: None is ``$MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``.
     """
     c = _client(run_id, tracking_uri)  # first: a missing store is named, not created
-    run = _get_run(c, run_id)
+    run = _get_run(c, run_id, tracking_uri)
     cfg = _config_of(c, run_id)
     task = task_of(cfg.task)
     module = RNNTrainingModule(cfg, task)
@@ -215,7 +219,7 @@ def resume_config(run_id: str, tracking_uri: str | None = None) -> Config:
     """The config to resume ``run_id`` with (its own, ``tracking.uri`` = where it was found), after the
     checks ``--resume`` makes: the run exists, is not FINISHED, and has a checkpoint."""
     c = _client(run_id, tracking_uri)
-    r = _get_run(c, run_id)
+    r = _get_run(c, run_id, tracking_uri)
     if r.info.status == "FINISHED":
         raise ConfigError("", f"run {run_id} is FINISHED: nothing to resume")
     cfg = _config_of(c, run_id)
