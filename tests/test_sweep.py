@@ -7,6 +7,7 @@ shipped smoke sweep) start real worker processes and are marked slow.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import os
@@ -936,6 +937,54 @@ def test_a_worker_killed_after_its_forkserver_is_replaced_and_the_sweep_ends_at_
     check_killed_trial_retried(study, mlflow_runs(store), t, n)
     later = {int(x.user_attrs["worker"].split("|")[1]) for x in study.trials if x.datetime_start > since}
     assert later & (workers - {killed}), "the worker that was not killed took no trial after its forkserver"
+
+
+def _gone(pid: int) -> bool:
+    """A process that has ended: no such pid, or a zombie (its new parent may never reap it in a container)."""
+    try:
+        return ") Z" in Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+def test_workers_of_a_sweep_whose_parent_is_killed_take_no_new_trial(store, tmp_path):
+    """kill -9 of the sweep's parent alone. Its forkserver outlived it (each worker holds the write end of
+    the forkserver's "alive" pipe), so the workers, still the forkserver's children, saw no change of
+    parent and took trial after trial in the background until the study was done (a walkthrough: all 10
+    trials of a killed sweep finished). They now ask the sweep's parent itself (pid and start time): each
+    finishes the trial it holds and exits, and the forkserver with them (README, "Faults and resuming")."""
+    n, workers = 40, 2
+    cfg = write_sweep(
+        tmp_path / "s.yaml",
+        n_trials=n,
+        workers=workers,
+        base={**TINY["base"], "trainer": {"max_steps": 400, "val_every": 100, "log_every": 20}},
+    )
+    parent, procs = start_sweep(cfg, quiet=True), set()
+    try:
+        wait_for_running_trial()
+        (server,) = [pid for pid, cmd in _children(parent.pid).items() if "forkserver" in cmd]
+        procs = {server, *_children(server)}
+        asked = len(load_study().trials)
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait()
+        end = time.monotonic() + 240
+        while not all(_gone(p) for p in procs) and time.monotonic() < end:
+            time.sleep(0.5)
+        alive = [p for p in procs if not _gone(p)]
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        if parent.poll() is None:
+            os.killpg(parent.pid, signal.SIGKILL)
+            parent.wait()
+    assert not alive, f"still running 240 s after their sweep's parent was killed: {alive}"
+    # a worker that passed its check just before the kill may still have asked one trial
+    trials = load_study().trials
+    assert len(trials) <= asked + workers < n, (asked, len(trials))
+    assert sum(t.state.name == "COMPLETE" for t in trials) < n
 
 
 def test_a_worker_that_is_a_zombie_or_gone_is_not_running():

@@ -238,14 +238,18 @@ class Worker:
                 return 1
 
     def parent_gone(self) -> bool:
-        """Whether the sweep's parent is gone. This worker's own parent changed (the forkserver, or the
-        sweep's parent for a fresh interpreter), and the sweep's parent (spec ``parent``: pid and start
-        time) is not alive: a forkserver killed alone leaves the workers going on (README, "Faults and
-        resuming"), where before they took its end for their sweep's and stopped."""
-        if os.getppid() == self.ppid:
-            return False
+        """Whether the sweep's parent (spec ``parent``: pid and start time) is gone. Asked of the parent
+        itself, not of this worker's own parent: a forkserver outlives a parent killed with kill -9 (each
+        worker holds the write end of its "alive" pipe, which multiprocessing hands to every child), so the
+        workers, still its children, took the whole study on in the background (a walkthrough: all 10
+        trials of a killed sweep finished). A forkserver killed alone leaves the workers going on (README,
+        "Faults and resuming"). Without a parent in the spec, or one this host cannot judge, a change of
+        this worker's own parent says it."""
         parent = self.spec.get("parent")
-        return not parent or owner_alive(parent) is not True
+        alive = owner_alive(parent) if parent else None
+        if alive is not None:
+            return not alive
+        return os.getppid() != self.ppid
 
     def _round(self) -> bool | None:
         """Ask and train one trial, or a batch (README, "Batched trials"): whether all went well; None
