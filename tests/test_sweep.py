@@ -601,13 +601,22 @@ def test_an_owner_is_dead_when_its_pid_was_reused_or_is_a_zombie():
 
 @pytest.mark.parametrize(
     ("ends", "code", "status", "complete"),
-    [("short", 1, "FINISHED", False), ("reached", 0, "FINISHED", True), ("sigterm", 143, "KILLED", False)],
+    [
+        ("short", 1, "FINISHED", False),
+        ("reached", 0, "FINISHED", True),
+        ("sigterm", 143, "KILLED", False),
+        ("timeout", 0, "FINISHED", False),
+        ("timeout, a worker failed", 1, "FINISHED", False),
+    ],
 )
 def test_the_sweeps_exit_status_and_parent_run_status(monkeypatch, ends, code, status, complete):
-    """README "Sweeps" / cli/sweep.py: exit 0 when the study reached n_trials, 1 when it did not (workers
-    failed), 128 + the signal when stopped; the parent run closes FINISHED, or KILLED on a signal, and
-    is summarized as complete only when the study is. The supervisor in-process, its workers and
-    summary stubbed (mutation review)."""
+    """README "Sweeps" / cli/sweep.py: exit 0 when the study reached n_trials, or when the sweep's timeout
+    stopped it short (said in one line; it exited 1 with no word of the timeout: a walkthrough) unless a
+    worker failed too; 1 when it ended short otherwise (workers failed), 128 + the signal when stopped;
+    the parent run closes FINISHED, or KILLED on a signal, and is summarized as complete only when the
+    study is. The supervisor in-process, its workers and summary stubbed (mutation review)."""
+    import io
+
     import optuna
     from optuna.distributions import FloatDistribution
 
@@ -647,7 +656,9 @@ def test_the_sweeps_exit_status_and_parent_run_status(monkeypatch, ends, code, s
             s.stop.signum = signal.SIGTERM
 
     s = object.__new__(sup.Supervisor)
-    s.sw = type("Sweep", (), {"n_trials": 3, "study": "p"})()
+    timeout = 5.0 if ends.startswith("timeout") else None
+    s.sw = type("Sweep", (), {"n_trials": 3, "study": "p", "timeout": timeout})()
+    s.t0, s.out, s.worker_failed = time.time() - 10, io.StringIO(), ends.endswith("failed")
     s.stores = type("Stores", (), {"study": study})()
     s.devices, s.workers, s.rec = [None, None], Workers(), Rec()
     s.stop = type("Stop", (), {"signum": None, "forward": lambda self: None})()
@@ -659,6 +670,40 @@ def test_the_sweeps_exit_status_and_parent_run_status(monkeypatch, ends, code, s
     s.summarize = lambda complete: calls["summarized"].append(complete)
     assert s.run() == code
     assert calls == {"spawned": [0, 1], "closed": [status], "summarized": [complete]}
+    said = "note: the sweep's timeout (5 s from the command's start) passed with 1 of 3 trials done; the same"
+    assert (said in s.out.getvalue()) == (timeout is not None), s.out.getvalue()
+
+
+@pytest.mark.parametrize(("rc", "failed", "respawned"), [(1, True, []), (-9, False, [0])])
+def test_a_worker_that_exits_with_an_error_is_a_failure_and_one_killed_by_a_signal_is_replaced(
+    monkeypatch, rc, failed, respawned
+):
+    """What the exit status above reads (``Supervisor._replace_ended``): a worker's own error exit (1:
+    its trials kept raising) makes a timed-out sweep exit 1; a worker killed by a signal is replaced and
+    fails nothing. The supervisor in-process, its stores stubbed."""
+    import contextlib as cl
+    import io
+
+    from pipeline.sweep import owners, stores
+    from pipeline.sweep import supervisor as sup
+
+    monkeypatch.setattr(stores, "budget_lock", lambda *a: cl.nullcontext())
+    monkeypatch.setattr(owners, "reap_stale", lambda *a: None)
+    spawned: list[int] = []
+    s = object.__new__(sup.Supervisor)
+    s.stores = type("Stores", (), {"url": "u", "storage": None, "study": None, "mlflow_uri": "m"})()
+    s.sw = type("Sweep", (), {"study": "p"})()
+    s.workers = type(
+        "Workers",
+        (),
+        {"ended": lambda self: {0: rc}, "log_tail": lambda self, i: "", "spawn": spawned.append},
+    )()
+    s.stop = type("Stop", (), {"signum": None})()
+    s.out, s.ended, s.respawns, s.worker_failed = io.StringIO(), {}, 1, False
+    s.budget_left = lambda: 5
+    s._replace_ended()
+    assert (s.worker_failed, spawned, s.ended) == (failed, respawned, {})
+    assert f"sweep: worker 0 exited with status {rc}" in s.out.getvalue()
 
 
 def test_the_parent_run_hides_the_storage_password_and_is_reused_by_a_resume(store, tmp_path):
@@ -692,7 +737,7 @@ def test_the_parent_run_hides_the_storage_password_and_is_reused_by_a_resume(sto
 
 
 def test_progress_prints_the_trials_of_this_sweep_and_an_eta_from_them():
-    """The parent's plain-text progress (supervisor.Progress): one line per trial that ended since the
+    """The parent's plain-text progress (summary.Progress): one line per trial that ended since the
     sweep started (not the trials a resumed study already had), DIVERGED for a diverged one, then the
     status line, whose ETA extrapolates from the trials done since the start (mutation review)."""
     import io
@@ -700,7 +745,7 @@ def test_progress_prints_the_trials_of_this_sweep_and_an_eta_from_them():
     import optuna
     from optuna.distributions import FloatDistribution
 
-    from pipeline.sweep.supervisor import Progress
+    from pipeline.sweep.summary import Progress
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name="p", direction="minimize")
@@ -1379,7 +1424,7 @@ def test_a_worker_killed_while_the_store_does_not_answer_is_replaced_when_it_doe
     s = object.__new__(sup.Supervisor)
     s.sw = type("Sweep", (), {"study": "t"})()
     s.stores = type("Stores", (), {"url": "u", "storage": None, "study": None, "mlflow_uri": "m"})()
-    s.workers, s.out, s.ended, s.respawns = Workers(), io.StringIO(), {}, 2
+    s.workers, s.out, s.ended, s.respawns, s.worker_failed = Workers(), io.StringIO(), {}, 2, False
     s.stop = type("Stop", (), {"signum": None})()
     s.budget_left = lambda: 3
     with pytest.raises(RuntimeError):

@@ -1,4 +1,5 @@
-"""End of a sweep: the per-trial table, the best trial, Optuna's plots, all on the sweep's parent run.
+"""What a sweep prints and leaves: the parent's plain-text progress while it runs (:class:`Progress`), and
+at its end the per-trial table, the best trial, Optuna's plots, all on the sweep's parent run.
 
 Parent run contents (public names, see the README, "Sweeps"): tags ``best_run_id``, ``best_model_uri``
 (``runs:/<best_run_id>/model``), params ``best_<key>`` (only once the study has
@@ -12,12 +13,13 @@ random forest to fit, unlike Optuna's default fANOVA evaluator),
 from __future__ import annotations
 
 import contextlib
+import time
 import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from pipeline.names import DIVERGED, EXPLODING, HEALTHY, UNKNOWN, VANISHING
-from pipeline.sweep.config import parent_run_name
+from pipeline.sweep.config import SweepConfig, parent_run_name
 from pipeline.sweep.study import best_trial, counts, trial_ratio
 from pipeline.uris import ui_command
 
@@ -203,3 +205,50 @@ def print_summary(res: dict[str, Any], sw, mlflow_uri: str, experiment: str, out
         file=out,
         flush=True,
     )
+
+
+class Progress:
+    """Plain-text progress (logs, CI): a line per trial that ended since the last call, then a status line."""
+
+    def __init__(self, sw: SweepConfig, study, t0: float, out):
+        self.sw, self.study, self.t0, self.out = sw, study, t0, out
+        self.already_done = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
+        self.done_at_start = counts(study)["done"]
+        self.printed: set[int] = set()
+
+    def update(self, force: bool = False) -> bool:
+        """Print what changed; True when something was printed."""
+        trials = self.study.get_trials(deepcopy=False)
+        new = [t for t in trials if t.state.is_finished() and t.number not in self.printed]
+        for t in sorted(new, key=lambda t: t.number):
+            self.printed.add(t.number)
+            if t.number in self.already_done:
+                continue
+            ua = t.user_attrs
+            what = ("DIVERGED" if ua.get("diverged") else t.state.name) + (
+                f"({ua['pruned_by']})" if ua.get("pruned_by") else ""
+            )
+            val = f"{t.value:.4f}" if t.value is not None else "-"
+            dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_start else 0
+            print(
+                f"  trial {t.number:>3} {what:<18} value={val:<8} regime={ua.get('regime', '-'):<9} "
+                f"{dur:5.0f}s  {describe(t)}",
+                file=self.out,
+                flush=True,
+            )
+        if not new and not force:
+            return False
+        c, best = counts(self.study), best_trial(self.study)
+        done_now = c["done"] - self.done_at_start
+        elapsed = time.time() - self.t0
+        left = max(0, self.sw.n_trials - c["done"])
+        eta = f"{left * elapsed / done_now / 60:.1f} min" if done_now > 0 else "?"
+        b = f"{best.value:.4f} (#{best.number})" if best else "-"
+        print(
+            f"[{self.sw.study}] {c['done']}/{self.sw.n_trials} done | running {c['running']} | pruned "
+            f"{c['pruned']} | diverged {c['diverged']} | failed {c['fail']} | best {b} | "
+            f"elapsed {elapsed / 60:.1f} min | ETA {eta}",
+            file=self.out,
+            flush=True,
+        )
+        return True

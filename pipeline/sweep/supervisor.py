@@ -20,9 +20,9 @@ from typing import Any
 from pipeline.provenance import owner_tag
 from pipeline.store_errors import Outage
 from pipeline.sweep.config import SweepConfig, to_data
-from pipeline.sweep.study import best_trial, budget_left, counts
+from pipeline.sweep.study import budget_left, counts
 from pipeline.sweep.study_end import StudyEnd
-from pipeline.sweep.summary import describe
+from pipeline.sweep.summary import Progress
 from pipeline.uris import display_url, file_name
 
 STOP_GRACE_S = 60  # after forwarding SIGTERM, how long workers get to close their runs before SIGKILL
@@ -73,53 +73,6 @@ class StopSignal:
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     p.send_signal(signal.SIGTERM)
-
-
-class Progress:
-    """Plain-text progress (logs, CI): a line per trial that ended since the last call, then a status line."""
-
-    def __init__(self, sw: SweepConfig, study, t0: float, out):
-        self.sw, self.study, self.t0, self.out = sw, study, t0, out
-        self.already_done = {t.number for t in study.get_trials(deepcopy=False) if t.state.is_finished()}
-        self.done_at_start = counts(study)["done"]
-        self.printed: set[int] = set()
-
-    def update(self, force: bool = False) -> bool:
-        """Print what changed; True when something was printed."""
-        trials = self.study.get_trials(deepcopy=False)
-        new = [t for t in trials if t.state.is_finished() and t.number not in self.printed]
-        for t in sorted(new, key=lambda t: t.number):
-            self.printed.add(t.number)
-            if t.number in self.already_done:
-                continue
-            ua = t.user_attrs
-            what = ("DIVERGED" if ua.get("diverged") else t.state.name) + (
-                f"({ua['pruned_by']})" if ua.get("pruned_by") else ""
-            )
-            val = f"{t.value:.4f}" if t.value is not None else "-"
-            dur = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_start else 0
-            print(
-                f"  trial {t.number:>3} {what:<18} value={val:<8} regime={ua.get('regime', '-'):<9} "
-                f"{dur:5.0f}s  {describe(t)}",
-                file=self.out,
-                flush=True,
-            )
-        if not new and not force:
-            return False
-        c, best = counts(self.study), best_trial(self.study)
-        done_now = c["done"] - self.done_at_start
-        elapsed = time.time() - self.t0
-        left = max(0, self.sw.n_trials - c["done"])
-        eta = f"{left * elapsed / done_now / 60:.1f} min" if done_now > 0 else "?"
-        b = f"{best.value:.4f} (#{best.number})" if best else "-"
-        print(
-            f"[{self.sw.study}] {c['done']}/{self.sw.n_trials} done | running {c['running']} | pruned "
-            f"{c['pruned']} | diverged {c['diverged']} | failed {c['fail']} | best {b} | "
-            f"elapsed {elapsed / 60:.1f} min | ETA {eta}",
-            file=self.out,
-            flush=True,
-        )
-        return True
 
 
 class Workers:
@@ -279,12 +232,13 @@ class Supervisor:
         self.progress = Progress(sw, stores.study, t0, out)
         self.end = StudyEnd(sw.n_trials)  # when this machine's workers are done (pipeline/sweep/study_end.py)
         self.last_print, self.ended = 0.0, dict[int, int]()  # last status line; workers to replace
+        self.worker_failed = False  # a worker exited with an error of its own (not a signal)
 
     def budget_left(self) -> int:
         return budget_left(self.stores.study, self.sw.n_trials)
 
     def run(self) -> int:
-        status = "FAILED"
+        status, timed_out = "FAILED", False
         try:
             left = self.budget_left()
             self._banner(left)
@@ -302,13 +256,26 @@ class Supervisor:
             self.progress.update()
             status = "KILLED" if self.stop.signum is not None else "FINISHED"
             self.summarize(complete=self.reached() and status == "FINISHED")
+            timed_out = self.stop.signum is None and not self.reached() and self.timed_out()
+            if timed_out:  # the user's bound, not a failure: said, exit 0 unless a worker failed too
+                print(
+                    f"note: the sweep's timeout ({self.sw.timeout:g} s from the command's start) passed "
+                    f"with {counts(self.stores.study)['done']} of {self.sw.n_trials} trials done; the same "
+                    "command goes on",
+                    file=self.out,
+                    flush=True,
+                )
         finally:
             self.workers.terminate_all()
             with contextlib.suppress(Exception):
                 self.rec.close(status)
         if self.stop.signum is not None:
             return 128 + int(self.stop.signum)  # 130 Ctrl-C, 143 SIGTERM
-        return 0 if self.reached() else 1
+        return 0 if self.reached() or (timed_out and not self.worker_failed) else 1
+
+    def timed_out(self) -> bool:
+        """Whether the sweep's ``timeout`` (counted from the command's start) has passed."""
+        return bool(self.sw.timeout and time.time() > self.t0 + self.sw.timeout)
 
     def reached(self) -> bool:
         """Whether the study has its ``n_trials`` COMPLETE + PRUNED trials: trials still running count
@@ -351,7 +318,7 @@ class Supervisor:
             self.last_print = now
         if self.workers.procs:
             return False
-        if (self.sw.timeout and time.time() > self.t0 + self.sw.timeout) or self.reached():
+        if self.timed_out() or self.reached():
             return True
         return not (self.end.take_waiting(self) or self.end.held_elsewhere(self))
 
@@ -364,6 +331,7 @@ class Supervisor:
         s = self.stores
         for i, rc in self.workers.ended().items():
             if rc != 0:
+                self.worker_failed = self.worker_failed or rc > 0
                 tail = self.workers.log_tail(i)
                 print(f"sweep: worker {i} exited with status {rc}\n{tail}", file=self.out, flush=True)
                 self.ended[i] = rc
