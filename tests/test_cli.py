@@ -211,6 +211,30 @@ def test_overrides_may_sit_between_flags(capsys):
     assert e.value.code == 2 and "unrecognized arguments: --print-confg=yes" in capsys.readouterr().err
 
 
+def test_sweep_workers_flag_takes_auto_as_the_sweep_file_does(monkeypatch, capsys):
+    """README: "Workers: the sweep's `workers` key or `--workers`; `auto` ...". `--workers auto` was
+    argparse's "invalid int value" (a walkthrough) while `workers=auto` worked; it is now that override,
+    over any `workers=N` given beside it."""
+    from pipeline.cli import main
+    from pipeline.sweep import parent
+    from pipeline.sweep.config import load_sweep
+
+    got: list = []
+    monkeypatch.setattr(
+        parent, "run_sweep", lambda config, overrides, **kw: got.append((config, overrides, kw))
+    )
+    main(["sweep", "--config", "smoke", "--workers", "auto", "workers=3", "n_trials=5"])
+    ((config, overrides, kw),) = got
+    assert kw["workers"] is None and load_sweep(config, overrides).workers is None  # None: auto
+    assert load_sweep(config, ["workers=3"]).workers == 3  # (what the override alone would give)
+    main(["sweep", "--config", "smoke", "--workers", "2"])
+    assert got[1][2]["workers"] == 2
+    with pytest.raises(SystemExit) as e:
+        main(["sweep", "--config", "smoke", "--workers", "many"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --workers: expected a number of workers or auto, got 'many'" in err
+
+
 def test_the_ui_command_printed_is_one_that_runs_where_the_user_is(tmp_path, monkeypatch):
     """`train`, `sweep` and `regress` end with the command that opens the MLflow UI on their store. `make
     ui` serves ./mlflow.db of this checkout only: run elsewhere (a store beside one's own project) it was

@@ -1,13 +1,24 @@
-"""``python -m pipeline sweep --config FILE [--workers N] [--storage URL] [dotted.key=value ...]``.
+"""``python -m pipeline sweep --config FILE [--workers N|auto] [--storage URL] [dotted.key=value ...]``.
 
 Light imports only (stdlib + pipeline.config): ``--help`` must not pay for torch, Optuna or MLflow.
 The sweep file is validated before anything is written; a bad one is a one-line error, exit 2.
-Exit status: 0 the study reached n_trials; 1 it did not (workers failed); 130/143 interrupted.
+Exit status: 0 the study reached n_trials, or its timeout stopped it short (said); 1 it ended short
+otherwise (workers failed); 130/143 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+
+
+def _workers(text: str) -> int | str:
+    """``--workers``: a count, or ``auto`` (the sweep file's ``workers: auto``)."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of workers or auto, got {text!r}") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -19,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=_workers,
         default=None,
         help="worker processes (default: the sweep's `workers`; auto = up to 12 per visible GPU and 3/4 "
         "of the cores, else one per CPU core, at most 4)",
@@ -45,4 +56,7 @@ def command(args: argparse.Namespace) -> int:
     config = resolve(args.config, "sweeps")
     from pipeline.sweep.parent import run_sweep
 
-    return run_sweep(config, args.overrides, workers=args.workers, storage=args.storage)
+    overrides, workers = list(args.overrides), args.workers
+    if workers == "auto":  # as the sweep file's `workers: auto`, over any workers=N override
+        overrides, workers = [*overrides, "workers=auto"], None
+    return run_sweep(config, overrides, workers=workers, storage=args.storage)
