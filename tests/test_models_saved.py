@@ -219,6 +219,51 @@ def test_resume_refusals(store, tiny, capsys):
     assert err.strip().endswith(f"no run '{'0' * 32}' in the MLflow store {store}"), err
 
 
+def test_resume_of_a_sweeps_or_a_suites_run_names_the_command_that_goes_on(store, tiny, capsys):
+    """A killed sweep trial was refused with "has no checkpoints/last.ckpt (it stopped before its first
+    validation)" after 45 validations, a killed regression entry with "has no config.yaml: not a run of
+    this pipeline" (a walkthrough). Their runs log no checkpoint: the refusal says whose run it is and
+    the command that goes on with it; a run that validated without logging a checkpoint says that."""
+    from pipeline.cli import main
+
+    r = run(tiny())  # validated, no checkpoint (only `python -m pipeline train` logs them)
+    c = MlflowClient(store)
+    c.set_terminated(r.run_id, "KILLED")
+    assert main(["train", "--resume", r.run_id]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "has no checkpoints/last.ckpt (it validated but logged no checkpoint, which `python -m pipeline "
+            "train` logs at every validation): start it afresh"
+        )
+    )
+    exp = c.get_run(r.run_id).info.experiment_id
+    cases = [
+        ({"pipeline.kind": "trial", "study": "s1", "trial_number": "7"}, "is trial 7 of sweep 's1': a sweep "
+         "retries a killed trial itself; run the same sweep command again: it resumes the study"),
+        ({"pipeline.kind": "sweep", "study": "s1"}, "is the parent run of sweep 's1': run the same sweep"),
+        ({"pipeline.kind": "regression", "suite": "smoke", "entry": "digits_gru_learns", "regression_role":
+          "entry"}, "is entry 'digits_gru_learns' of regression suite 'smoke': run `python -m pipeline "
+         "regress --suite smoke` again"),
+        ({"pipeline.kind": "regression", "suite": "smoke", "regression_role": "suite"},
+         "is the parent run of regression suite 'smoke'"),
+    ]  # fmt: skip
+    for tags, said in cases:
+        rid = c.create_run(exp, tags=tags).info.run_id
+        c.set_terminated(rid, "KILLED")
+        assert main(["train", "--resume", rid]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"error: run {rid} {said}" in err, err
+    from pipeline import load_run
+    from pipeline.schema import ConfigError
+
+    with pytest.raises(ConfigError, match="has no config.yaml: it ended before it recorded one"):
+        load_run(rid)  # the last: a suite's run of ours, killed before its config was recorded
+    with pytest.raises(ConfigError, match="has no config.yaml: not a run of this pipeline"):
+        load_run(c.create_run(exp).info.run_id)
+
+
 def test_resume_or_load_from_a_store_that_is_not_there_names_it_and_writes_nothing(
     tmp_path, monkeypatch, capsys
 ):

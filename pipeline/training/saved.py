@@ -148,7 +148,12 @@ def _config_of(c, run_id: str) -> Config:
     with tempfile.TemporaryDirectory() as d:
         p = _download(c, run_id, CONFIG, d)
         if p is None:
-            raise ConfigError("", f"run {run_id} has no {CONFIG}: not a run of this pipeline")
+            from pipeline.names import KIND
+
+            data = c.get_run(run_id).data  # a run of ours killed before it recorded its config has our tags
+            ours = KIND in data.tags or "model.cell" in data.params
+            why = "it ended before it recorded one" if ours else "not a run of this pipeline"
+            raise ConfigError("", f"run {run_id} has no {CONFIG}: {why}")
         try:
             return load_config(p)
         except ConfigError as e:
@@ -222,12 +227,47 @@ def resume_config(run_id: str, tracking_uri: str | None = None) -> Config:
     r = _get_run(c, run_id, tracking_uri)
     if r.info.status == "FINISHED":
         raise ConfigError("", f"run {run_id} is FINISHED: nothing to resume")
+    owner = _resumed_by_its_own_command(r)
+    if owner:
+        raise ConfigError("", f"run {run_id} is {owner}")
     cfg = _config_of(c, run_id)
     if CHECKPOINT not in {a.path for a in c.list_artifacts(run_id, str(Path(CHECKPOINT).parent))}:
-        raise ConfigError(
-            "", f"run {run_id} has no {CHECKPOINT} (it stopped before its first validation): start it afresh"
+        why = (
+            "it validated but logged no checkpoint, which `python -m pipeline train` logs at every validation"
+            if "val/loss" in r.data.metrics
+            else "it stopped before its first validation"
         )
+        raise ConfigError("", f"run {run_id} has no {CHECKPOINT} ({why}): start it afresh")
     return replace(cfg, tracking=replace(cfg.tracking, uri=tracking_uri, enabled=True))
+
+
+def _resumed_by_its_own_command(run) -> str:
+    """What a sweep's or a regression suite's run is and the command that goes on with it ('' for any
+    other run): they log no checkpoint, and their commands retry or rerun what a kill left (README,
+    "Faults and resuming"). `--resume` on a killed trial said "it stopped before its first validation"
+    of a trial killed at step 900 (a walkthrough)."""
+    from pipeline.names import (
+        ENTRY,
+        KIND,
+        KIND_REGRESSION,
+        KIND_SWEEP,
+        KIND_TRIAL,
+        STUDY,
+        SUITE,
+        TRIAL_NUMBER,
+    )
+
+    tags = run.data.tags
+    kind, study, suite = tags.get(KIND), tags.get(STUDY, "?"), tags.get(SUITE, "?")
+    again = "run the same sweep command again: it resumes the study"
+    if kind == KIND_TRIAL:
+        return f"trial {tags.get(TRIAL_NUMBER, '?')} of sweep {study!r}: a sweep retries a killed trial itself; {again}"
+    if kind == KIND_SWEEP:
+        return f"the parent run of sweep {study!r}: {again}"
+    if kind == KIND_REGRESSION:
+        what = f"entry {tags[ENTRY]!r} of" if ENTRY in tags else "the parent run of"
+        return f"{what} regression suite {suite!r}: run `python -m pipeline regress --suite {suite}` again"
+    return ""
 
 
 def download_checkpoint(run_id: str, tracking_uri: str | None, dst: str) -> tuple[Path, int]:
