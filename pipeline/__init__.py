@@ -25,6 +25,8 @@ _LAZY = {
     "GradientNormMonitor": "pipeline.training.grad_monitor",
     "BPTTProfileMonitor": "pipeline.training.profile_monitor",
     "profile_rnn": "pipeline.training.probe",
+    # BPTTProfileMonitor's verdict thresholds and horizon (``diagnostics=``), the config's section
+    "DiagnosticsConfig": "pipeline.config",
     # A trained model back from its MLflow run (README, "Saved models and resuming").
     "load_run": "pipeline.training.saved",
     "LoadedRun": "pipeline.training.saved",
@@ -33,6 +35,7 @@ _LAZY = {
 }
 __all__ = [
     "BPTTProfileMonitor",
+    "DiagnosticsConfig",
     "GradientNormMonitor",
     "LoadedRun",
     "__version__",

@@ -255,6 +255,26 @@ def _max_len(key: str, value: str, limit: int, what: str) -> None:
         )
 
 
+def validate_diagnostics(d: DiagnosticsConfig) -> None:
+    """The ``diagnostics`` section's checks, shared by a config and by ``BPTTProfileMonitor(diagnostics=...)``
+    on a user's own module (which took a verdict threshold the config refuses, a walkthrough): raises
+    :class:`ConfigError` naming the first bad key."""
+    steps = f"<= {STEPS_MAX} (2^63 - 1)"
+    check(
+        "diagnostics.profile_every", 0 <= d.profile_every <= STEPS_MAX, f">= 0 and {steps}", d.profile_every
+    )
+    check("diagnostics.probe_size", d.probe_size >= 1, ">= 1", d.probe_size)
+    check(
+        "diagnostics.horizon_decades",
+        math.isfinite(d.horizon_decades) and d.horizon_decades > 0,
+        "a finite number > 0",
+        d.horizon_decades,
+    )
+    check("diagnostics.vanish_log10_per_step", d.vanish_log10_per_step < 0, "< 0", d.vanish_log10_per_step)
+    check("diagnostics.explode_log10_per_step", d.explode_log10_per_step > 0, "> 0", d.explode_log10_per_step)
+    check("diagnostics.explode_norm", d.explode_norm > 0, "> 0", d.explode_norm)
+
+
 def validate(cfg: Config) -> None:
     """Range and choice checks; raises :class:`ConfigError` naming the first bad key."""
     t, m, o, c, tr, d = cfg.task, cfg.model, cfg.optim, cfg.clip, cfg.trainer, cfg.diagnostics
@@ -296,19 +316,7 @@ def validate(cfg: Config) -> None:
     check("trainer.val_every", 1 <= tr.val_every <= STEPS_MAX, f">= 1 and {steps}", tr.val_every)
     check("trainer.log_every", 1 <= tr.log_every <= STEPS_MAX, f">= 1 and {steps}", tr.log_every)
     check("trainer.threads", 1 <= tr.threads <= THREADS_MAX, f"in [1, {THREADS_MAX}]", tr.threads)
-    check(
-        "diagnostics.profile_every", 0 <= d.profile_every <= STEPS_MAX, f">= 0 and {steps}", d.profile_every
-    )
-    check("diagnostics.probe_size", d.probe_size >= 1, ">= 1", d.probe_size)
-    check(
-        "diagnostics.horizon_decades",
-        math.isfinite(d.horizon_decades) and d.horizon_decades > 0,
-        "a finite number > 0",
-        d.horizon_decades,
-    )
-    check("diagnostics.vanish_log10_per_step", d.vanish_log10_per_step < 0, "< 0", d.vanish_log10_per_step)
-    check("diagnostics.explode_log10_per_step", d.explode_log10_per_step > 0, "> 0", d.explode_log10_per_step)
-    check("diagnostics.explode_norm", d.explode_norm > 0, "> 0", d.explode_norm)
+    validate_diagnostics(d)
     _validate_remedy(cfg)
     check(
         "tracking.experiment",

@@ -411,6 +411,15 @@ def test_a_second_fit_records_afresh_and_bad_every_n_steps(tmp_path):
 
     with pytest.raises(ValueError, match="every_n_steps must be >= 0"):
         BPTTProfileMonitor("gru", every_n_steps=-3)
+    from pipeline import DiagnosticsConfig
+
+    # the config's checks: a verdict threshold of the wrong sign was taken and judged by (a walkthrough)
+    with pytest.raises(
+        ValueError, match=r"^config key 'diagnostics.vanish_log10_per_step': must be < 0, got 0.5$"
+    ):
+        BPTTProfileMonitor("gru", diagnostics=DiagnosticsConfig(vanish_log10_per_step=0.5))
+    with pytest.raises(TypeError, match="diagnostics must be a pipeline.DiagnosticsConfig, got dict"):
+        BPTTProfileMonitor("gru", diagnostics={"vanish_log10_per_step": -0.05})
     gm, pm = GradientNormMonitor(log_every_n_steps=4), BPTTProfileMonitor("gru", every_n_steps=4)
     for _ in range(2):
         trainer(tmp_path, [gm, pm], max_steps=8, log_every_n_steps=1).fit(

@@ -19,7 +19,7 @@ import pytorch_lightning as pl
 import torch
 
 from pipeline.bptt.foreign import check_memory_steps
-from pipeline.config import DiagnosticsConfig
+from pipeline.config import DiagnosticsConfig, validate_diagnostics
 from pipeline.training import probe as probing
 from pipeline.training.copy64 import to_cpu64
 from pipeline.training.grad_monitor import GradientNormMonitor
@@ -140,7 +140,12 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
         self.loss_fn = loss_fn
         self.batch = None if batch is None else to_cpu64(batch)
         self._batch_given = batch is not None
+        if diagnostics is not None and not isinstance(diagnostics, DiagnosticsConfig):
+            raise TypeError(
+                f"diagnostics must be a pipeline.DiagnosticsConfig, got {type(diagnostics).__name__}"
+            )
         self.diagnostics = diagnostics or DiagnosticsConfig()
+        validate_diagnostics(self.diagnostics)  # the config's own checks (ConfigError, a ValueError)
         self.sink = sink
         self.passes: list[dict[str, Any]] = []  # metrics logged per pass, with "step"
         self.frames: list[dict[str, Any]] = []  # long-format columns per pass
