@@ -317,19 +317,21 @@ def test_profile_panel_draws_the_mean_field_line_where_it_applies(report, profil
 
 
 def test_reads_in_bulk(small_sweep, monkeypatch, tmp_path):
-    """One search_runs for the table; no per-metric requests; artifacts for a bounded set of runs only."""
-    import mlflow
+    """One paged read for the table (pipeline/report/search.py: pages of PAGE runs); no per-metric
+    requests; artifacts for a bounded set of runs only."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.report import data as rd
+    from pipeline.report import search as rs
     from pipeline.report.write import build_report
 
     calls = {"search_runs": 0, "history": 0, "download": 0}
-    real_search, real_dl = mlflow.search_runs, MlflowClient.download_artifacts
+    real_search, real_dl = MlflowClient.search_runs, MlflowClient.download_artifacts
 
-    def search(*a, **k):
-        calls["search_runs"] += 1
-        return real_search(*a, **k)
+    def search(self, *a, **k):
+        pages = (a[3] if len(a) > 3 else k.get("max_results")) == rs.PAGE  # not the targets' lookups
+        calls["search_runs"] += pages
+        return real_search(self, *a, **k)
 
     def history(*a, **k):
         calls["history"] += 1
@@ -339,7 +341,7 @@ def test_reads_in_bulk(small_sweep, monkeypatch, tmp_path):
         calls["download"] += 1
         return real_dl(self, *a, **k)
 
-    monkeypatch.setattr(mlflow, "search_runs", search)
+    monkeypatch.setattr(MlflowClient, "search_runs", search)
     monkeypatch.setattr(MlflowClient, "get_metric_history", history)
     monkeypatch.setattr(MlflowClient, "download_artifacts", download)
     res = build_report(small_sweep["uri"], study=STUDY, out=tmp_path / "r", log_to_parent=False)

@@ -541,13 +541,9 @@ def test_mlflows_postgresql_connections_carry_libpqs_bounds(pg_databases, monkey
     """MLflow takes no engine arguments, so its PostgreSQL store had none of the bounds Optuna's engine
     gets: a worker whose MLflow server stopped answering mid-read waited for the kernel's retransmissions
     (about 15 minutes on Linux) before the sweep could ride the outage out. ``tracking.client`` puts them
-    in the store's URL, and the report's bulk read goes through the same URL: what libpq itself holds on
-    each connection is checked here. A bound the user's URL sets is kept."""
-    import mlflow
-
-    from pipeline.report.data import use_uri
+    in the store's URL (every read of ours goes through it, the report's bulk read too): what libpq itself
+    holds on each connection is checked here. A bound the user's URL sets is kept."""
     from pipeline.tracking import client
-    from pipeline.uris import with_libpq_bounds
 
     monkeypatch.delenv("PGCONNECT_TIMEOUT", raising=False)
     uri = pg_databases[1]
@@ -563,8 +559,6 @@ def test_mlflows_postgresql_connections_carry_libpqs_bounds(pg_databases, monkey
         **want, "keepalives_count": "3", "tcp_user_timeout": "30000"
     }, held  # fmt: skip
     assert libpq_holds(client(uri + "?tcp_user_timeout=5000"))["tcp_user_timeout"] == "5000"
-    with use_uri(with_libpq_bounds(uri)):  # what report.data.load_runs reads through
-        assert mlflow.search_runs(search_all_experiments=True).empty
-        from mlflow.tracking._tracking_service.utils import _get_store
+    from pipeline.report.search import search_runs_frame
 
-        assert _get_store().engine.url.query["tcp_user_timeout"] == "30000"
+    assert search_runs_frame(uri, ["0"], "", []).empty  # the report's bulk read: through tracking.client

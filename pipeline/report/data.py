@@ -1,10 +1,11 @@
 """Report data: which runs a report covers, read from MLflow in bulk into pandas.
 
-Reading is bulk by design: ONE ``mlflow.search_runs`` per report (it pages 10,000 runs a request and
-returns params, latest metrics and tags as columns), never one request per run per metric. Profiles
-(``diagnostics/bptt_profile.parquet``, every profile pass with its ``step``) and gradient norms
-(``diagnostics/grad_norms.parquet``) are fetched with one ``download_artifacts`` of the run's
-``diagnostics/`` folder, for at most ``PROFILE_RUNS_PER_PANEL`` representative runs per panel.
+Reading is bulk by design: ONE read of the runs per report, the frame of ``mlflow.search_runs`` (params,
+latest metrics and tags as columns) read in pages of 1,000 runs (:mod:`pipeline.report.search`), never
+one request per run per metric. Profiles (``diagnostics/bptt_profile.parquet``, every profile pass with
+its ``step``) and gradient norms (``diagnostics/grad_norms.parquet``) are fetched with one
+``download_artifacts`` of the run's ``diagnostics/`` folder, for at most ``PROFILE_RUNS_PER_PANEL``
+representative runs per panel.
 
 Target resolution (``python -m pipeline report``):
 
@@ -42,7 +43,7 @@ from pipeline.names import (
 from pipeline.names import KIND as KIND_TAG
 from pipeline.schema import ConfigError
 from pipeline.tracking import as_recorded
-from pipeline.uris import file_name, with_libpq_bounds
+from pipeline.uris import file_name
 
 DEFAULT_EXPERIMENT = "rnn-gradients"
 RECENT_RUNS = 200  # runs read, newest first, to find the most recent training run when there is no sweep
@@ -106,25 +107,6 @@ class ReportData:
 def safe_name(name: str) -> str:
     """A report folder name: letters, digits, ``._-`` only, at most 100 bytes (:func:`pipeline.uris.file_name`)."""
     return file_name(re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "report")
-
-
-@contextlib.contextmanager
-def use_uri(uri: str):
-    """``mlflow.search_runs`` reads the global tracking URI: point it at ``uri`` for the block only."""
-    import mlflow
-
-    try:
-        from mlflow.tracking._tracking_service.utils import _use_tracking_uri
-    except ImportError:  # pragma: no cover - private helper moved
-        old = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(uri)
-        try:
-            yield
-        finally:
-            mlflow.set_tracking_uri(old)
-        return
-    with _use_tracking_uri(uri):
-        yield
 
 
 def check_store(uri: str) -> None:
@@ -208,15 +190,13 @@ def _latest_training_experiment(c, by_id: dict) -> str | None:
 
 
 def load_runs(target: Target):
-    """The ONE bulk read: a pandas frame of the target's runs (params, latest metrics, tags)."""
-    import mlflow
+    """The ONE bulk read: a pandas frame of the target's runs (params, latest metrics, tags), as
+    ``mlflow.search_runs`` gives it, read in pages (:func:`pipeline.report.search.search_runs_frame`)."""
+    from pipeline.report.search import search_runs_frame
 
-    with use_uri(with_libpq_bounds(target.uri)):  # the bounds tracking.client gives a PostgreSQL store
-        df = mlflow.search_runs(
-            experiment_ids=target.experiment_ids,
-            filter_string=target.filter_string,
-            order_by=["attributes.start_time ASC"],
-        )
+    df = search_runs_frame(
+        target.uri, target.experiment_ids, target.filter_string, ["attributes.start_time ASC"]
+    )
     df = as_recorded(df)
     kind_col = f"tags.{KIND_TAG}"
     kind = df.get(kind_col)
@@ -330,12 +310,16 @@ def representative_runs(table, per_panel: int = PROFILE_RUNS_PER_PANEL) -> list[
     the pre/post-clip panel. At most per_panel + CLIPPED_PER_PANEL downloads per panel."""
     import numpy as np
 
+    # One stable sort of the panel by (init, g, settings, diverged, loss), then the first row of each
+    # (init, g, settings): per group, a sort and a row read took 7.8 s of a 5,000-run report, as g is
+    # continuous and nearly every run its own group (benchmarks/scale_store.py: 7.8 s -> 0.03 s). The same
+    # runs as the loop, ties kept in table order (tests/test_report_scale.py).
+    group = ["init", "init_scale", "settings"]
     chosen: list[str] = []
     for _, panel in table.groupby(["task", "cell"], sort=True, dropna=False):
-        picks = []
-        for _, grp in panel.groupby(["init", "init_scale", "settings"], sort=True, dropna=False):
-            order = grp.assign(_div=grp["regime"].eq(DIVERGED), _loss=grp["val_loss_ratio"].fillna(np.inf))
-            picks.append(order.sort_values(["_div", "_loss"]).iloc[0]["run_id"])
+        order = panel.assign(_div=panel["regime"].eq(DIVERGED), _loss=panel["val_loss_ratio"].fillna(np.inf))
+        order = order.sort_values([*group, "_div", "_loss"], kind="stable", na_position="last")
+        picks = order.drop_duplicates(group, keep="first")["run_id"].tolist()
         if len(picks) > per_panel:
             picks = [
                 picks[i] for i in np.unique(np.linspace(0, len(picks) - 1, per_panel).round().astype(int))
