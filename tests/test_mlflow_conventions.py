@@ -234,6 +234,38 @@ def test_progress_train_loss_is_the_mean_of_the_steps_since_the_previous_line(st
     assert lines[0].endswith(" (profile at step 10)") and lines[1].endswith(" (profile at step 20)"), lines
 
 
+def test_progress_train_loss_of_a_diverged_window_is_the_records(store, tiny):
+    """The diverged step's NaN loss made the console's ``train/loss`` NaN while the record's window mean
+    (NaN losses left out, ``grad_window.window_metrics``) held the other steps' mean: the console said
+    ``nan``, the run's metric 6.3e8 (a walkthrough). A line's number is now the record's: here a window
+    of finite steps and the step whose weights a callback of the test made NaN."""
+    import math
+
+    import pytorch_lightning as pl
+    import torch
+
+    class Poison(pl.Callback):
+        def __init__(self):
+            self.losses: list[float] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 7:
+                with torch.no_grad():
+                    next(pl_module.parameters()).fill_(math.nan)
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+
+    seen = Poison()
+    cfg = tiny(**{"trainer.max_steps": 20, "trainer.val_every": 5, "trainer.log_every": 5})
+    r, lines = run_with_progress(cfg, callbacks=[seen])
+    assert r.regime == "diverged" and len(seen.losses) == 8 and math.isnan(seen.losses[-1])
+    printed = float(lines[-1].split("train/loss ")[1].split()[0])
+    assert printed == pytest.approx(sum(seen.losses[5:7]) / 2, rel=1e-3)  # steps 5 and 6; 7's NaN left out
+    (last,) = MlflowClient(store).get_metric_history(r.run_id, "train/loss")[-1:]
+    assert printed == pytest.approx(last.value, rel=1e-3)
+
+
 def test_progress_reads_the_steps_not_yet_logged(store, tiny):
     """A validation between two log windows (val_every 1, log_every 5): the line's clip rate and regime
     count every step so far, as the run's record at the end does, not only the logged windows'."""

@@ -6,8 +6,9 @@
     step 600/600  train/loss 0.5062  val/loss 0.5597 (x0.243 of baseline)  val/accuracy 0.838  grad/clip_rate 0.032  regime vanishing (profile at step 600)
 
 ``val/accuracy`` appears for classification tasks (digits, temporal order, copy's recall steps).
-``train/loss`` is the mean training loss of the steps since the previous line, accumulated on the
-device (one host read per line, beside the validation's own); ``grad/clip_rate`` the fraction of steps
+``train/loss`` is the mean training loss of the steps since the previous line, NaN losses left out, as
+the record's window mean (``grad_window.window_metrics``; NaN only when no step's loss is finite),
+accumulated on the device (one host read per line, beside the validation's own); ``grad/clip_rate`` the fraction of steps
 clipped so far; the regime the verdict of README "Regime verdict" on the latest profile pass and the
 largest gradient so far, so it can change as training goes on (the final verdict is the run's ``regime``
 tag). Lightning's progress bar (``trainer.progress_bar: true``) replaces these lines.
@@ -38,21 +39,24 @@ class ProgressPrinter(pl.Callback):
     def __init__(self, cfg: Config, task: Task, grads: Any, prof: Any, stream: TextIO | None = None):
         self.cfg, self.task, self.grads, self.prof = cfg, task, grads, prof
         self.stream = stream
-        self._sum: torch.Tensor | None = None
-        self._n = 0
+        self._sum: torch.Tensor | None = None  # (sum of the non-NaN losses, their count, finite count)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if torch.is_tensor(loss):
-            loss = loss.detach()
-            self._sum = loss if self._sum is None else self._sum + loss  # stays on the device
-            self._n += 1
+            loss = loss.detach().double().reshape(())
+            nan = torch.isnan(loss)
+            step = torch.stack([torch.where(nan, 0.0, loss), (~nan).double(), torch.isfinite(loss).double()])
+            self._sum = step if self._sum is None else self._sum + step  # stays on the device
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or pl_module.val_loss is None:
             return
-        train_loss = float(self._sum) / self._n if self._sum is not None and self._n else None
-        self._sum, self._n = None, 0
+        train_loss = None
+        if self._sum is not None:  # a diverged step's NaN loss made the whole line's NaN (a walkthrough:
+            total, n, finite = self._sum.tolist()  # the console said nan, the record 6.3e8)
+            train_loss = total / n if finite else math.nan
+        self._sum = None
         last = self.prof.last
         clip_rate, max_norm = self.grads.running()  # the steps since the last logged window included
         regime = verdict(pl_module.diverged_step is not None, last, max_norm, self.cfg.diagnostics)
