@@ -65,25 +65,31 @@ _LIBPQ_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2", "postgresql+p
 def libpq_args(url: str) -> dict[str, int]:
     """The connect arguments a PostgreSQL ``url`` (psycopg2 or psycopg) gets: the bounds above, each unless
     the URL's query sets it (the connect's also unless ``PGCONNECT_TIMEOUT`` is set, which libpq reads
-    itself). Empty for other databases and drivers."""
-    from urllib.parse import parse_qs, urlsplit
-
+    itself). Empty for other databases and drivers. The URL is read as SQLAlchemy reads it (a password may
+    hold a raw ``?`` or ``#``, which a generic URL parser takes for the query: a review), imported here
+    only, as a store is about to be opened."""
     if "://" not in url or url.split("://", 1)[0].lower() not in _LIBPQ_SCHEMES:
         return {}
+    from sqlalchemy.engine import make_url
+
     wanted = {"connect_timeout": PG_CONNECT_TIMEOUT_S, **_LIBPQ}
     if "PGCONNECT_TIMEOUT" in os.environ:  # the user's (or a sweep's own, the same 10 s)
         del wanted["connect_timeout"]
-    given = parse_qs(urlsplit(url).query, keep_blank_values=True)
+    given = make_url(url).query
     return {k: v for k, v in wanted.items() if k not in given}
 
 
 def with_libpq_bounds(url: str) -> str:
     """``url`` with :func:`libpq_args` added to its query (SQLAlchemy hands a URL's query to the driver as
-    connect arguments): the form MLflow's store takes them in. Any other URL unchanged."""
+    connect arguments): the form MLflow's store takes them in, written back by SQLAlchemy (a raw ``?`` in
+    the password comes back %-escaped, the same password). Any other URL unchanged."""
     extra = libpq_args(url)
     if not extra:
         return url
-    return url + ("&" if "?" in url else "?") + "&".join(f"{k}={v}" for k, v in extra.items())
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url).update_query_dict({k: str(v) for k, v in extra.items()})
+    return u.render_as_string(hide_password=False)
 
 
 def resolve_uri(uri: str | None = None) -> str:

@@ -520,8 +520,14 @@ def test_a_postgres_server_that_never_answers_is_an_outage_within_the_connect_bo
     assert uris.with_libpq_bounds("sqlite:///x.db") == "sqlite:///x.db"
     monkeypatch.setenv("PGCONNECT_TIMEOUT", "4")  # the user's, which libpq reads itself: not overridden
     assert uris.with_libpq_bounds("postgres://u:p@h/db?sslmode=require&keepalives=0") == (
-        "postgres://u:p@h/db?sslmode=require&keepalives=0"
-        "&keepalives_idle=10&keepalives_interval=5&keepalives_count=3&tcp_user_timeout=30000"
+        "postgres://u:p@h/db?keepalives=0&keepalives_count=3&keepalives_idle=10&keepalives_interval=5"
+        "&sslmode=require&tcp_user_timeout=30000"
+    )
+    # a raw "?" or "#" in the password is the password's, as SQLAlchemy reads the URL (a review: the bounds
+    # went into the database name, and the user's own connect_timeout was not seen)
+    assert uris.with_libpq_bounds("postgresql://u:p#w?d@h/db?keepalives_idle=60") == (
+        "postgresql://u:p%23w%3Fd@h/db?keepalives=1&keepalives_count=3&keepalives_idle=60"
+        "&keepalives_interval=5&tcp_user_timeout=30000"
     )
     silent = socket.create_server(("127.0.0.1", 0))
     held = []
@@ -559,6 +565,12 @@ def test_mlflows_postgresql_connections_carry_libpqs_bounds(pg_databases, monkey
         **want, "keepalives_count": "3", "tcp_user_timeout": "30000"
     }, held  # fmt: skip
     assert libpq_holds(client(uri + "?tcp_user_timeout=5000"))["tcp_user_timeout"] == "5000"
+    # a password with a raw "?" (the trust auth of a URL without one ignores it): the same database
+    from sqlalchemy.engine import make_url
+
+    if make_url(uri).password is None:
+        odd = uri.replace("@", ":pa?ss@", 1)
+        assert libpq_holds(client(odd))["dbname"] == make_url(uri).database
     from pipeline.report.search import search_runs_frame
 
     assert search_runs_frame(uri, ["0"], "", []).empty  # the report's bulk read: through tracking.client
