@@ -607,6 +607,7 @@ def test_an_owner_is_dead_when_its_pid_was_reused_or_is_a_zombie():
         ("sigterm", 143, "KILLED", False),
         ("timeout", 0, "FINISHED", False),
         ("timeout, a worker failed", 1, "FINISHED", False),
+        ("timeout, no trial finished", 1, "FINISHED", False),
     ],
 )
 def test_the_sweeps_exit_status_and_parent_run_status(monkeypatch, ends, code, status, complete):
@@ -652,6 +653,8 @@ def test_the_sweeps_exit_status_and_parent_run_status(monkeypatch, ends, code, s
         if ends == "reached":
             complete_one()
             complete_one()
+        elif ends.startswith("timeout") and not ends.endswith("finished"):
+            complete_one()  # one of the two left, then the deadline
         elif ends == "sigterm":
             s.stop.signum = signal.SIGTERM
 
@@ -670,17 +673,24 @@ def test_the_sweeps_exit_status_and_parent_run_status(monkeypatch, ends, code, s
     s.summarize = lambda complete: calls["summarized"].append(complete)
     assert s.run() == code
     assert calls == {"spawned": [0, 1], "closed": [status], "summarized": [complete]}
-    said = "note: the sweep's timeout (5 s from the command's start) passed with 1 of 3 trials done; the same"
-    assert (said in s.out.getvalue()) == (timeout is not None), s.out.getvalue()
+    head = "the sweep's timeout (5 s from the command's start, worker start-up included) passed"
+    said = {
+        "timeout": f"note: {head} with 2 of 3 trials done; the same command goes on",
+        "timeout, a worker failed": f"note: {head} with 2 of 3 trials done; the same command goes on",
+        "timeout, no trial finished": f"error: {head} before this command finished a trial (1 of 3 done): "
+        "raise timeout",
+    }.get(ends)
+    assert [ln for ln in s.out.getvalue().splitlines() if "timeout" in ln] == ([said] if said else [])
 
 
-@pytest.mark.parametrize(("rc", "failed", "respawned"), [(1, True, []), (-9, False, [0])])
+@pytest.mark.parametrize(("rc", "failed", "respawned"), [(1, True, []), (-9, False, [0]), (143, False, [0])])
 def test_a_worker_that_exits_with_an_error_is_a_failure_and_one_killed_by_a_signal_is_replaced(
     monkeypatch, rc, failed, respawned
 ):
     """What the exit status above reads (``Supervisor._replace_ended``): a worker's own error exit (1:
-    its trials kept raising) makes a timed-out sweep exit 1; a worker killed by a signal is replaced and
-    fails nothing. The supervisor in-process, its stores stubbed."""
+    its trials kept raising) makes a timed-out sweep exit 1; a worker killed by a signal, or stopped by a
+    SIGTERM it handled (143: its trials closed; read as its own error, a review), is replaced and fails
+    nothing. The supervisor in-process, its stores stubbed."""
     import contextlib as cl
     import io
 

@@ -2,8 +2,9 @@
 
 Light imports only (stdlib + pipeline.config): ``--help`` must not pay for torch, Optuna or MLflow.
 The sweep file is validated before anything is written; a bad one is a one-line error, exit 2.
-Exit status: 0 the study reached n_trials, or its timeout stopped it short (said); 1 it ended short
-otherwise (workers failed); 130/143 interrupted.
+Exit status: 0 the study reached n_trials, or its timeout stopped it short after this command finished a
+trial (said); 1 it ended short otherwise (workers failed, or no trial finished before the timeout);
+130/143 interrupted.
 """
 
 from __future__ import annotations

@@ -189,6 +189,13 @@ def _preimport_summary():
     return th
 
 
+def signalled(rc: int) -> bool:
+    """Whether a worker's exit status says a signal stopped it: killed by one (negative), or one it
+    handled (130 Ctrl-C, 143 SIGTERM: a worker closes its trials and exits 128 + the signal). Such a
+    worker is replaced and failed nothing; a SIGTERM'd worker's 143 read as its own error (a review)."""
+    return rc < 0 or rc in (128 + signal.SIGINT, 128 + signal.SIGTERM)
+
+
 def devices_text(devices: list[str | None]) -> str:
     """Where the workers run, for the banner: ``CPU``, or each GPU once in worker order (``GPU 0,1``;
     twelve workers sharing one card read ``GPU 0``, not ``GPU 0,0,...,0``)."""
@@ -238,7 +245,7 @@ class Supervisor:
         return budget_left(self.stores.study, self.sw.n_trials)
 
     def run(self) -> int:
-        status, timed_out = "FAILED", False
+        status, by_timeout = "FAILED", False
         try:
             left = self.budget_left()
             self._banner(left)
@@ -253,25 +260,42 @@ class Supervisor:
                 self.stop.forward()
                 self.preimport = _preimport_summary()
                 self.supervise()
+                # decided as the workers stopped, not after the summary (which may outlast the deadline)
+                by_timeout = self.stop.signum is None and not self.reached() and self.timed_out()
             self.progress.update()
             status = "KILLED" if self.stop.signum is not None else "FINISHED"
             self.summarize(complete=self.reached() and status == "FINISHED")
-            timed_out = self.stop.signum is None and not self.reached() and self.timed_out()
-            if timed_out:  # the user's bound, not a failure: said, exit 0 unless a worker failed too
-                print(
-                    f"note: the sweep's timeout ({self.sw.timeout:g} s from the command's start) passed "
-                    f"with {counts(self.stores.study)['done']} of {self.sw.n_trials} trials done; the same "
-                    "command goes on",
-                    file=self.out,
-                    flush=True,
-                )
+            if by_timeout:
+                by_timeout = self._timeout_note()
         finally:
             self.workers.terminate_all()
             with contextlib.suppress(Exception):
                 self.rec.close(status)
         if self.stop.signum is not None:
             return 128 + int(self.stop.signum)  # 130 Ctrl-C, 143 SIGTERM
-        return 0 if self.reached() or (timed_out and not self.worker_failed) else 1
+        return 0 if self.reached() or (by_timeout and not self.worker_failed) else 1
+
+    def _timeout_note(self) -> bool:
+        """The line a sweep its ``timeout`` stopped short ends with; whether that is a success (exit 0
+        unless a worker failed too): the user's bound, once this command finished a trial. One that
+        finished none (a timeout shorter than the workers' start-up) would make no progress however often
+        it ran: exit 1 (a review)."""
+        done = counts(self.stores.study)["done"]
+        head = (
+            f"the sweep's timeout ({self.sw.timeout:g} s from the command's start, worker start-up included)"
+        )
+        if done > self.progress.done_at_start:
+            said, ok = (
+                f"note: {head} passed with {done} of {self.sw.n_trials} trials done; the same command goes on",
+                True,
+            )
+        else:
+            said, ok = (
+                f"error: {head} passed before this command finished a trial ({done} of {self.sw.n_trials} done): raise timeout",
+                False,
+            )
+        print(said, file=self.out, flush=True)
+        return ok
 
     def timed_out(self) -> bool:
         """Whether the sweep's ``timeout`` (counted from the command's start) has passed."""
@@ -331,14 +355,14 @@ class Supervisor:
         s = self.stores
         for i, rc in self.workers.ended().items():
             if rc != 0:
-                self.worker_failed = self.worker_failed or rc > 0
+                self.worker_failed = self.worker_failed or not signalled(rc)
                 tail = self.workers.log_tail(i)
                 print(f"sweep: worker {i} exited with status {rc}\n{tail}", file=self.out, flush=True)
                 self.ended[i] = rc
         for i, rc in list(self.ended.items()):
             with budget_lock(s.url, s.storage, self.sw.study):
                 reap_stale(s.study, s.url, s.mlflow_uri)
-            if self.respawns > 0 and self.stop.signum is None and self.budget_left() > 0 and rc < 0:
+            if self.respawns > 0 and self.stop.signum is None and self.budget_left() > 0 and signalled(rc):
                 self.respawns -= 1
                 self.workers.spawn(i)
             del self.ended[i]
