@@ -122,7 +122,8 @@ def ui_command(uri: str) -> str:
     here = Path.cwd().resolve()
     if default and here == Path(__file__).resolve().parents[1] and (here / "Makefile").is_file():
         return "make ui"
-    return "python -m pipeline ui" + ("" if default else f" --store {uri}")
+    # a password stays out of the output (logs, CI): the user puts it back (a review found it printed)
+    return "python -m pipeline ui" + ("" if default else f" --store {display_url(uri)}")
 
 
 def display_url(url: str) -> str:

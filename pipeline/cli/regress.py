@@ -77,13 +77,13 @@ def command(args: argparse.Namespace) -> int:
     check_suite_fits(suite, overrides, args.workers)
 
     from pipeline.store_checks import probe_store
-    from pipeline.uris import ui_command
+    from pipeline.uris import display_url, ui_command
 
     uri = probe_store(suite.uri, "defaults.tracking.uri")  # a corrupt or unreachable store: one line, exit 2
     print(
         f"suite {suite.name}: {len(suite.entries)} entries, baseline {suite.baseline_path}"
         + ("" if baseline else " (none yet)")
-        + f", store {uri}, workers {args.workers}"
+        + f", store {display_url(uri)}, workers {args.workers}"
         + (f", overrides {' '.join(overrides)}" if overrides else "")
     )
     from pipeline.signals import terminate_as_exception
@@ -100,6 +100,6 @@ def command(args: argparse.Namespace) -> int:
         + (f"; {out.missing} without a baseline (accept with --update-baseline)" if out.missing else "")
     )
     print(
-        f"  recorded: experiment regression, parent run {out.parent_run_id} ({uri}; review: {ui_command(uri)})"
+        f"  recorded: experiment regression, parent run {out.parent_run_id} ({display_url(uri)}; review: {ui_command(uri)})"
     )
     return 0 if out.verdict == "pass" else 1

@@ -88,7 +88,7 @@ def command(args: argparse.Namespace) -> int:
     )  # refuses what cannot fit in memory, before anything is allocated (README "Memory estimate")
     from pipeline.store_checks import probe_store
     from pipeline.tracking import ensure_experiment
-    from pipeline.uris import resolve_uri, ui_command
+    from pipeline.uris import display_url, resolve_uri, ui_command
 
     if cfg.tracking.enabled:
         probe_store(cfg.tracking.uri)  # a corrupt or unreachable store: one line, exit 2, nothing written
@@ -122,5 +122,5 @@ def command(args: argparse.Namespace) -> int:
         )
     if cfg.tracking.enabled:
         uri = resolve_uri(cfg.tracking.uri)
-        print(f"  store: {uri}  (review: {ui_command(uri)})")
+        print(f"  store: {display_url(uri)}  (review: {ui_command(uri)})")
     return 0

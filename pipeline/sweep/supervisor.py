@@ -317,7 +317,7 @@ class Supervisor:
             f"sweep {self.sw.study}: {done}/{self.sw.n_trials} trials done"
             + ((f", resuming with {left} to go" if left > 0 else self._nothing_to_run(done)) if done else "")
             + f"; {len(self.devices)} worker(s) on {where}\n  optuna: {display_url(s.url)}\n  mlflow: "
-            f"{s.mlflow_uri} (experiment {s.experiment}, parent run {s.parent_run_id})\n  worker logs: "
+            f"{display_url(s.mlflow_uri)} (experiment {s.experiment}, parent run {s.parent_run_id})\n  worker logs: "
             f"{self.log_dir}/",
             file=self.out,
             flush=True,
