@@ -12,6 +12,11 @@ with its page token), with the collector paused for the read: 23 s -> 8 s, and t
 1.0 GB -> 0.4 GB. The frame is the one ``mlflow.search_runs`` builds (tests/test_report_scale.py): the
 run's info, then ``metrics.*`` (NaN where a run lacks one), ``params.*`` and ``tags.*`` (None), each
 group in the order first met (``mlflow.search_runs`` orders each run's new keys as a set, by hash).
+
+A limit, MLflow's: its page token is an offset, so a run deleted while the pages are read moves the next
+page by one and leaves one run out (a review; ``mlflow.search_runs`` has the same beyond its 10,000 runs a
+request). A run created meanwhile starts later and comes on the last page. A report read while runs are
+deleted in the UI can be written again.
 """
 
 from __future__ import annotations
