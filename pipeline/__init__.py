@@ -2,7 +2,8 @@
 
 The folders are the stages, over a shared floor that imports no stage (README, "Project structure")::
 
-    config, cell_keys, schema,        the floor: typed configs, the keys each cell reads, their builder,
+    config, config_checks, cell_keys, the floor: typed configs and their checks, the keys each cell reads,
+    schema,                           their builder,
     names, uris, signals, tracking,   the public record's names, store URLs, SIGTERM, the MLflow Recorder,
     provenance, store_checks, plots,  a run's identity tags, store probes, shared drawings, the shipped
     presets                           configs by name

@@ -2,7 +2,8 @@
 Optuna storage of a sweep, and URLs shown without credentials (README, "Stores"); and names made into
 file names (:func:`file_name`).
 
-Stdlib only: the CLI validates a URL before anything heavy is imported.
+Stdlib only at import: the CLI validates a URL before anything heavy is imported (the libpq bounds read a
+PostgreSQL URL with SQLAlchemy's parser, imported as a store is about to be opened).
 """
 
 from __future__ import annotations

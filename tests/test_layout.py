@@ -6,7 +6,7 @@
   front doors answer ``--help`` and reject bad input before any of them loads.
 * ``bptt/`` never imports Lightning, MLflow or Optuna, at module level or inside a function: the exact
   mathematics runs wherever torch runs, and a user's own model can use it without our trainer.
-* The shared floor (config, cell_keys, schema, names, uris, signals, tracking, provenance, store_checks, plots,
+* The shared floor (config, config_checks, cell_keys, schema, names, uris, signals, tracking, provenance, store_checks, plots,
   presets) imports no stage folder.
 """
 
@@ -122,6 +122,7 @@ def test_import_scan_sees_a_function_level_import(tmp_path):
 
 FLOOR = (
     "config.py",
+    "config_checks.py",
     "cell_keys.py",
     "schema.py",
     "names.py",

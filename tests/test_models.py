@@ -124,7 +124,7 @@ def test_parameter_groups_by_what_each_weight_acts_on(cell):
     assert all(g is not None and bool(g.abs().sum() > 0) for g in many["recurrent"])
 
 
-_OWN_INIT = ("lru", "mingru", "lem", "cornn")  # model.init must stay default (config.validate)
+_OWN_INIT = ("lru", "mingru", "lem", "cornn")  # model.init must stay default (config_checks.validate)
 # A value away from each cell-specific key's default (ModelConfig), valid for every cell that reads it.
 _CHANGED = {
     "init_scale": 2.0,

@@ -363,8 +363,6 @@ def test_a_sweep_rides_out_a_postgres_outage(pg_databases, store, tmp_path):
     failed are retried as any failed trial (README, "Faults and resuming")."""
     import optuna
 
-    from pipeline.sweep.study import counts
-
     proxy = CutProxy(5432)
     proxy.start()
     direct = pg_databases[0]
@@ -378,16 +376,7 @@ def test_a_sweep_rides_out_a_postgres_outage(pg_databases, store, tmp_path):
     from test_sweep import sweep_cmd, sweep_env
 
     with _sweep(sweep_cmd(cfg, "--storage", via), sweep_env()) as parent:
-        deadline = time.time() + 240
-        while time.time() < deadline and parent.poll() is None:  # the first trial done: mid-sweep
-            with_study = optuna.load_study(study_name="t", storage=direct) if _has_study(direct) else None
-            if with_study is not None and counts(with_study)["done"] >= 1:
-                break
-            time.sleep(0.5)
-        proxy.cut()
-        time.sleep(12)
-        proxy.start()
-        out, err = parent.communicate(timeout=300)
+        out, err = _cut_after_the_first_trial(parent, proxy, direct, 12, timeout=300)
     assert parent.returncode == 0, out[-3000:] + err[-3000:]
     assert "sweep: a store did not answer (" in out and "sweep: the store answers again (after " in out, out
     study = optuna.load_study(study_name="t", storage=direct)
@@ -415,6 +404,20 @@ def _sweep(cmd: list[str], env: dict, cwd=None):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(parent.pid, 9)
             parent.wait(30)
+
+
+def _cut_after_the_first_trial(parent, proxy, optuna_url: str, seconds: float, timeout: float):
+    """Mid-sweep (the study's first trial done, or the sweep ended), the proxy's stores cut for ``seconds``,
+    then back; the sweep's (stdout, stderr) once it ends."""
+    deadline = time.time() + 240
+    while time.time() < deadline and parent.poll() is None:
+        if _has_study(optuna_url) and _done(optuna_url) >= 1:
+            break
+        time.sleep(0.3)
+    proxy.cut()
+    time.sleep(seconds)
+    proxy.start()
+    return parent.communicate(timeout=timeout)
 
 
 def _has_study(url: str) -> bool:
@@ -458,15 +461,7 @@ def test_workers_wait_out_an_outage_of_both_stores(pg_databases, tmp_path, k):
     from test_sweep import sweep_cmd, sweep_env
 
     with _sweep(sweep_cmd(cfg, "--storage", optuna_url), sweep_env(), cwd=tmp_path) as parent:
-        deadline = time.time() + 240
-        while time.time() < deadline and parent.poll() is None:  # the first trial done: mid-sweep
-            if _has_study(pg_databases[0]) and _done(pg_databases[0]) >= 1:
-                break
-            time.sleep(0.3)
-        proxy.cut()
-        time.sleep(15)
-        proxy.start()
-        out, err = parent.communicate(timeout=400)
+        out, err = _cut_after_the_first_trial(parent, proxy, pg_databases[0], 15, timeout=400)
     logs = "\n".join(p.read_text() for p in sorted((tmp_path / "optuna" / "logs").rglob("*.log")))
     assert parent.returncode == 0, out[-3000:] + err[-3000:] + logs[-5000:]
     assert "in a row raised" not in logs, logs[-5000:]

@@ -168,7 +168,7 @@ class RNNModel(nn.Module):
             self.rnn = OrthogonalRNN(input_size, H, g, cfg.init, gen)
         elif cfg.cell == "indrnn":
             self.rnn = IndRNN(input_size, H, g, cfg.init, gen)
-        else:  # the modern cells; model.init is 'default' for them (config.validate)
+        else:  # the modern cells; model.init is 'default' for them (config_checks.validate)
             self.rnn = modern_core(cfg, input_size, gen)
         if isinstance(self.rnn, (nn.RNN, nn.LSTM, nn.GRU)):  # weight_*_l0: see OrthogonalRNN
             recurrent_init_(cast(torch.Tensor, self.rnn.weight_hh_l0), cfg.init, g, H, gen)

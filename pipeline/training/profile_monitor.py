@@ -19,7 +19,8 @@ import pytorch_lightning as pl
 import torch
 
 from pipeline.bptt.foreign import check_memory_steps
-from pipeline.config import DiagnosticsConfig, validate_diagnostics
+from pipeline.config import DiagnosticsConfig
+from pipeline.config_checks import validate_diagnostics
 from pipeline.training import probe as probing
 from pipeline.training.copy64 import to_cpu64
 from pipeline.training.grad_monitor import GradientNormMonitor
