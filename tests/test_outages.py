@@ -201,6 +201,34 @@ def test_a_close_repeated_after_a_partial_one_retries_the_params_once(tmp_path, 
     assert len(retries) == 1 and retries[0].params == trial.params
 
 
+def test_a_trial_cut_in_the_middle_of_its_sampling_is_retried_with_what_it_drew(tmp_path, monkeypatch):
+    """CI caught the outage between two of a trial's suggests: it had drawn ``model.cell`` alone. Its retry
+    keeps that draw and draws the rest as any trial does (the values it never drew cannot be asked again),
+    so the retry trains a full set of params, not the base config's values for the rest."""
+    from pipeline.sweep.study import suggest
+    from pipeline.sweep.space import Param
+
+    clock = Clock(step=1.0)
+    worker, *_ = a_worker(tmp_path, refusals=0, clock=clock, monkeypatch=monkeypatch)
+    space = (
+        Param("model.cell", "categorical", choices=("tanh", "gru")),
+        Param("model.init_scale", "float", low=0.1, high=3.0, log=True),
+        Param("lr", "float", low=1e-3, high=1e-1, log=True),
+    )
+    cut = worker.study.ask()
+    drawn = suggest(cut, space[0])  # the store went here, before the trial's second suggest
+    with redirect_stderr(io.StringIO()):
+        outages.close_cut(worker.study, worker.mlflow_uri, cut, PG_DOWN)
+    told = worker.study._storage.get_trial(cut._trial_id)
+    assert told.state == TrialState.FAIL and told.params == {"model.cell": drawn}
+    (retry,) = [t for t in worker.study.get_trials(deepcopy=False) if t.user_attrs.get("retry_of") == cut.number]
+    assert retry.state == TrialState.WAITING and retry.params == {"model.cell": drawn}
+    asked = worker.study.ask()
+    assert asked.number == retry.number  # the waiting retry is the next trial asked
+    values = {p.key: suggest(asked, p) for p in space}
+    assert values["model.cell"] == drawn and set(values) == {p.key for p in space}
+
+
 def test_a_sigterm_while_a_cut_trial_closes_waits_for_the_close(tmp_path, monkeypatch):
     """A stop between the close's writes (FAIL told, retry not yet enqueued) lost the params (a review):
     the close is one step for SIGTERM (pipeline.signals.deferred), and the signal is raised after it."""
