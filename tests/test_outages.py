@@ -205,8 +205,8 @@ def test_a_trial_cut_in_the_middle_of_its_sampling_is_retried_with_what_it_drew(
     """CI caught the outage between two of a trial's suggests: it had drawn ``model.cell`` alone. Its retry
     keeps that draw and draws the rest as any trial does (the values it never drew cannot be asked again),
     so the retry trains a full set of params, not the base config's values for the rest."""
-    from pipeline.sweep.study import suggest
     from pipeline.sweep.space import Param
+    from pipeline.sweep.study import suggest
 
     clock = Clock(step=1.0)
     worker, *_ = a_worker(tmp_path, refusals=0, clock=clock, monkeypatch=monkeypatch)
@@ -221,7 +221,9 @@ def test_a_trial_cut_in_the_middle_of_its_sampling_is_retried_with_what_it_drew(
         outages.close_cut(worker.study, worker.mlflow_uri, cut, PG_DOWN)
     told = worker.study._storage.get_trial(cut._trial_id)
     assert told.state == TrialState.FAIL and told.params == {"model.cell": drawn}
-    (retry,) = [t for t in worker.study.get_trials(deepcopy=False) if t.user_attrs.get("retry_of") == cut.number]
+    (retry,) = [
+        t for t in worker.study.get_trials(deepcopy=False) if t.user_attrs.get("retry_of") == cut.number
+    ]
     assert retry.state == TrialState.WAITING and retry.params == {"model.cell": drawn}
     asked = worker.study.ask()
     assert asked.number == retry.number  # the waiting retry is the next trial asked

@@ -489,7 +489,9 @@ def test_workers_wait_out_an_outage_of_both_stores(pg_databases, tmp_path, k):
         # the params it drew are asked again; a trial cut before or during its sampling (CI: only
         # model.cell drawn) has the rest drawn by its retry, which trains a full set like any trial
         assert t.params.items() <= retry[0].params.items(), (t.number, t.params, retry[0].params)
-        full = {name for u in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) for name in u.params}
+        full = {
+            name for u in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) for name in u.params
+        }
         assert retry[0].state != TrialState.COMPLETE or set(retry[0].params) == full, (retry[0].params, full)
 
 
