@@ -28,15 +28,23 @@ def test_sweep_grid_entries_parse_and_bad_ones_name_the_entry():
             parse_grid(bad)
 
 
-def test_a_grid_entry_with_seconds_is_stopped_and_rated_by_what_finished():
+def test_a_grid_entry_with_seconds_is_stopped_and_rated_by_what_finished(monkeypatch):
     """``W:K:N:S``: the sweep is stopped by SIGTERM at S seconds; the row counts the trials finished by
     then (fewer than N) over S seconds."""
-    from benchmarks.sweep_bench import run_grid
+    from benchmarks import sweep_bench
 
-    (row,) = run_grid(True, [(1, 2, 200, 25.0)])
-    assert row["stopped_at_s"] == 25.0 and row["wall_s"] == 25.0
-    assert 0 < row["trials"] < 200
-    assert row["trials_per_hour"] == pytest.approx(row["trials"] * 3600 / 25.0)
+    spec = sweep_bench._sweep_spec
+
+    def short_trials(*args, **kwargs):  # 20 steps, not the quick bench's 100: the start-up, not the
+        sw = spec(*args, **kwargs)  # trials, fills S; at 25 s and 100 steps a run on a loaded machine
+        sw["base"]["trainer"]["max_steps"] = 20  # (2 test processes beside two busy loops) finished none
+        return sw
+
+    monkeypatch.setattr(sweep_bench, "_sweep_spec", short_trials)
+    (row,) = sweep_bench.run_grid(True, [(1, 2, 5000, 40.0)])  # N: not reached on a fast machine
+    assert row["stopped_at_s"] == 40.0 and row["wall_s"] == 40.0 and row["max_steps"] == 20
+    assert 0 < row["trials"] < 5000  # here: 89 (idle, 2 cores)
+    assert row["trials_per_hour"] == pytest.approx(row["trials"] * 3600 / 40.0)
     # without the start-up before the first trial's start: a higher rate over the same finished trials
     assert row["trials_per_hour"] < row["trials_per_hour_from_first_start"]
 

@@ -194,11 +194,16 @@ DEAF = '''
 import os, signal, time
 
 def entry(suite_path, name, *args):
-    """A pool entry: "a" trains 1 s; "b" ignores SIGTERM and never returns (writes its pid first)."""
+    """A pool entry: "b" ignores SIGTERM and never returns (writes its pid once it does); "a" returns 1 s
+    after that, not 1 s after it began: the pool's second worker, started with the first, may take longer
+    to start than "a" trains on a loaded machine, and "a" ending first sent its SIGTERM before "b" ran."""
     if name == "b":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        open(os.environ["DEAF_PID"], "w").write(str(os.getpid()))
+        open(os.environ["DEAF_PID"] + ".tmp", "w").write(str(os.getpid()))
+        os.rename(os.environ["DEAF_PID"] + ".tmp", os.environ["DEAF_PID"])
         time.sleep(600)
+    while not os.path.exists(os.environ["DEAF_PID"]):
+        time.sleep(0.05)
     time.sleep(1)
     return name, None, None
 '''

@@ -807,6 +807,41 @@ def wait_for_running_trial(timeout: float = 240, load=None):
     raise AssertionError("no trial started")
 
 
+def _stopped(pid: int) -> bool:
+    """Whether no thread of ``pid`` runs any more: each stopped (SIGSTOP taken) or exited, or it is gone."""
+    try:
+        states = [
+            (d / "stat").read_text().rsplit(")", 1)[1].split()[0] for d in Path(f"/proc/{pid}/task").iterdir()
+        ]
+    except (OSError, IndexError):
+        return True
+    return all(s in "TZX" for s in states)
+
+
+def stop_a_worker_mid_trial(timeout: float = 240, load=None):
+    """A trial RUNNING in its worker, and that worker's pid, the worker stopped (SIGSTOP) while it holds the
+    trial, for the test to kill -9: the trial read RUNNING (wait_for_running_trial) may be told before a
+    kill sent right after the read arrives (a pruned trial lasts 0.4 s), and the kill then cut the next
+    trial or none, not the one the test checks. Read again once the worker is stopped: still RUNNING, it is
+    the trial the kill will cut; else the worker goes on and another is read."""
+    end = time.time() + timeout
+    while time.time() < end:
+        t = wait_for_running_trial(max(1.0, end - time.time()), load=load)
+        pid = int(t.user_attrs["worker"].split("|")[1])
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            continue
+        stop_end = time.monotonic() + 10
+        while not _stopped(pid) and time.monotonic() < stop_end:
+            time.sleep(0.01)
+        time.sleep(0.2)  # a write it sent before it stopped has reached the store (PostgreSQL)
+        if (load or load_study)().trials[t.number].state.name == "RUNNING":
+            return t, pid
+        os.kill(pid, signal.SIGCONT)
+    raise AssertionError("no worker stopped while it held a trial")
+
+
 def check_killed_trial_retried(study, runs, t, n_trials: int) -> None:
     """After a kill -9 of trial ``t``'s worker: the trial FAIL, its run KILLED (tag status=killed), its
     params retried exactly once and finished, and the rest of the study consistent."""
@@ -826,8 +861,8 @@ def kill_a_worker_while_the_sweep_runs(cfg: Path, mlflow_uri: str, n_trials: int
     replace the worker, retry the params once, and finish the budget with everything accounted for."""
     parent = start_sweep(cfg, *extra)
     try:
-        t = wait_for_running_trial(load=load)  # None: the journal, once its file exists
-        os.kill(int(t.user_attrs["worker"].split("|")[1]), signal.SIGKILL)
+        t, worker_pid = stop_a_worker_mid_trial(load=load)  # None: the journal, once its file exists
+        os.kill(worker_pid, signal.SIGKILL)
         out, err = parent.communicate(timeout=300)
     finally:
         if parent.poll() is None:
@@ -866,8 +901,7 @@ def test_kill_9_mid_trial_then_resume(store, tmp_path):
         base={**TINY["base"], "trainer": {"max_steps": 400, "val_every": 100, "log_every": 10}},
     )
     parent = start_sweep(cfg, quiet=True)
-    t = wait_for_running_trial()
-    worker_pid = int(t.user_attrs["worker"].split("|")[1])
+    t, worker_pid = stop_a_worker_mid_trial()
     os.kill(parent.pid, signal.SIGKILL)  # the whole sweep dies without a chance to clean up
     os.kill(worker_pid, signal.SIGKILL)
     parent.wait()
@@ -978,8 +1012,7 @@ def test_a_worker_killed_after_its_forkserver_is_replaced_and_the_sweep_ends_at_
         os.kill(server, signal.SIGKILL)
         since = datetime.datetime.now()  # Optuna stamps datetime_start with naive local time
         time.sleep(1)
-        t = wait_for_running_trial()
-        killed = int(t.user_attrs["worker"].split("|")[1])
+        t, killed = stop_a_worker_mid_trial()
         os.kill(killed, signal.SIGKILL)
         out, err = parent.communicate(timeout=300)
     finally:
@@ -1021,9 +1054,11 @@ def test_workers_of_a_sweep_whose_parent_is_killed_take_no_new_trial(store, tmp_
         wait_for_running_trial()
         (server,) = [pid for pid, cmd in _children(parent.pid).items() if "forkserver" in cmd]
         procs = {server, *_children(server)}
-        asked = len(load_study().trials)
         os.kill(parent.pid, signal.SIGKILL)
         parent.wait()
+        # counted after the kill: counted before it, the trials its live workers rightly took while this
+        # process was held up between the count and the kill broke the bound below
+        asked = len(load_study().trials)
         end = time.monotonic() + 240
         while not all(_gone(p) for p in procs) and time.monotonic() < end:
             time.sleep(0.5)

@@ -312,8 +312,11 @@ class CutProxy:
     connection closed, as a failover or a restart does) and restored on the same port."""
 
     def __init__(self, target: int):
+        import threading
+
         self.target, self.port, self.socks = target, free_port(), []
         self.listener = None
+        self.lock = threading.Lock()  # cut() against a connection _accept is making
 
     def start(self) -> None:
         import threading
@@ -331,7 +334,12 @@ class CutProxy:
                 server = socket.create_connection(("127.0.0.1", self.target))
             except OSError:
                 return  # cut
-            self.socks += [client, server]
+            with self.lock:
+                if listener is not self.listener:  # cut while it was being made: it must not outlive the cut
+                    client.close()
+                    server.close()
+                    return
+                self.socks += [client, server]
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
@@ -348,12 +356,19 @@ class CutProxy:
                     s.shutdown(socket.SHUT_RDWR)
 
     def cut(self) -> None:
-        self.listener.close()
-        for s in self.socks:
+        with self.lock:
+            # close() alone leaves a listener whose accept() is blocked in another thread listening (Linux):
+            # the next connection went through to PostgreSQL and lived on through the whole outage, and a
+            # start() before one came failed "Address already in use". shutdown() wakes the accept.
+            with contextlib.suppress(OSError):
+                self.listener.shutdown(socket.SHUT_RDWR)
+            self.listener.close()
+            self.listener = None
+            socks, self.socks = self.socks, []
+        for s in socks:
             with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
-        self.socks = []
 
 
 def test_a_sweep_rides_out_a_postgres_outage(pg_databases, store, tmp_path):
