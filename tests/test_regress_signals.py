@@ -91,6 +91,9 @@ def test_an_interrupted_suite_closes_every_run_and_leaves_no_process(tmp_path, s
         out, err = proc.communicate(timeout=120)  # until the workers, which share its stderr, are gone too
         assert proc.returncode == {"SIGTERM": 143, "SIGINT": 130, "SIGKILL": -9}[sig], err[-3000:]
         assert "Traceback" not in err, err[-3000:]
+        # each worker closed its entry's run and exited: none waited out KILL_AFTER_S to be killed (the
+        # one that had trained went back to the pool's queue for more work, killed after 60 s)
+        assert "did not exit" not in err, err[-3000:]
         gone = time.monotonic() + 30
         while _group_alive(proc.pid) and time.monotonic() < gone:
             time.sleep(0.2)
@@ -244,6 +247,7 @@ def test_a_worker_that_does_not_exit_after_the_sigterm_is_killed_and_the_suite_e
     )
     assert r.returncode == 0 and "RAISED" in r.stdout, r.stdout + r.stderr[-3000:]
     assert float(r.stdout.split("RAISED")[1]) < 60  # 1 s of "a", 2 s of grace, the pool's shutdown
+    assert "regress: a worker (pid " in r.stderr and " did not exit 2 s after its SIGTERM; killed" in r.stderr
     pid = int(pid_file.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # "b" is gone (killed, reaped by the pool)

@@ -11,6 +11,7 @@ same (:func:`_worker_init`).
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable
 
 from pipeline.regression.suite import Entry, Suite, load_suite
@@ -105,6 +106,43 @@ def cost(e: Entry) -> float:
     return e.cfg.trainer.max_steps * e.cfg.task.seq_len * e.cfg.model.hidden_size * gates
 
 
+def _stop_workers(pool) -> None:
+    """SIGTERM every worker of ``pool``, wait up to :data:`KILL_AFTER_S` for each to exit, kill the rest.
+
+    A worker whose entry the SIGTERM stopped closes its run KILLED and goes back to the pool's queue for
+    more work: the pool's shutdown sends the sentinel that ends it (without it every interrupted suite of
+    two or more workers waited the whole ``KILL_AFTER_S``, then killed that worker: measured 60 s). The
+    pool's own thread joins its processes meanwhile, so a worker's exit is read from its sentinel, which
+    does not depend on which thread reaps it (``is_alive`` after a ``join`` raced that thread and read a
+    reaped worker as alive)."""
+    import time
+    from multiprocessing.connection import wait
+
+    procs = list(getattr(pool, "_processes", {}).values())
+    for proc in procs:
+        with contextlib.suppress(OSError):
+            proc.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
+    left = {proc.sentinel: proc for proc in procs}
+    deadline = time.monotonic() + KILL_AFTER_S
+    while left and (remaining := deadline - time.monotonic()) > 0:
+        try:
+            ended = wait(list(left), remaining)
+        except (OSError, ValueError):  # a sentinel closed: its process was joined and closed
+            break
+        for sentinel in ended:
+            left.pop(sentinel)
+    for proc in left.values():
+        if proc.exitcode is None:  # its run, left RUNNING, is closed KILLED by the next regress
+            print(
+                f"regress: a worker (pid {proc.pid}) did not exit {KILL_AFTER_S:.0f} s after its "
+                "SIGTERM; killed (a run it left RUNNING is closed KILLED by the next regress)",
+                file=sys.stderr,
+            )
+            with contextlib.suppress(OSError, ValueError):
+                proc.kill()
+
+
 def run_all(
     suite: Suite,
     parent_run_id: str,
@@ -153,17 +191,7 @@ def run_all(
             # Ctrl-C or SIGTERM here (or a failure): every worker gets a SIGTERM, so its entry's run is
             # closed KILLED (train.run) and an entry already queued to it is not started; then wait for
             # them, so that none outlives the suite
-            procs = list(getattr(pool, "_processes", {}).values())
-            for proc in procs:
-                with contextlib.suppress(OSError):
-                    proc.terminate()
-            deadline = time.monotonic() + KILL_AFTER_S
-            for proc in procs:
-                proc.join(max(0.0, deadline - time.monotonic()))
-            for proc in procs:
-                if proc.is_alive():  # its run, left RUNNING, is closed KILLED by the next regress
-                    with contextlib.suppress(OSError):
-                        proc.kill()
+            _stop_workers(pool)
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     return out
