@@ -65,6 +65,37 @@ def _mlflow_global_tracking_uri():
         os.environ["MLFLOW_TRACKING_URI"] = before
 
 
+# What the commands write into the folder they run in (`make clean`'s list): a test writes them into its
+# own temporary directory, never into the checkout, where they would mix with a user's own sweeps.
+CWD_OUTPUTS = ("mlflow.db", "mlflow.db-wal", "mlflow.db-shm", "mlruns", "mlartifacts", "optuna", "reports", "runs")
+
+
+def _stamps() -> dict[str, int | None]:
+    """Each of CWD_OUTPUTS in the checkout: its modification time (ns), None where absent."""
+    out: dict[str, int | None] = {}
+    for name in CWD_OUTPUTS:
+        try:
+            out[name] = (ROOT / name).stat().st_mtime_ns
+        except FileNotFoundError:
+            out[name] = None
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _nothing_written_in_the_checkout():
+    """A test that left an MLflow store in the checkout went unseen (an empty ./mlflow.db after `make
+    test`: a store URI of None read as MLflow's default, in the test process's working directory)."""
+    before = _stamps()
+    yield
+    after = _stamps()
+    changed = sorted(name for name in CWD_OUTPUTS if after[name] != before[name])
+    if changed:
+        pytest.fail(
+            f"{', '.join(changed)} in the checkout ({ROOT}) created or changed during this test or one "
+            "running beside it: a test writes into its own temporary directory"
+        )
+
+
 @pytest.fixture(autouse=True)
 def _torch_one_thread():
     try:

@@ -251,7 +251,7 @@ def test_machines_creating_a_fresh_databases_schema_together_all_start(pg_databa
     assert got == ["ok"] * 4, got
 
 
-def test_a_trial_beats_from_the_moment_it_is_asked(pg_databases):
+def test_a_trial_beats_from_the_moment_it_is_asked(pg_databases, store):
     """Optuna judges stale only a trial with a heartbeat on record, and a worker's beating thread starts
     after the trial's MLflow run is made: a machine lost in between left a trial no reaper would take,
     and a machine waiting for it waited forever (review). A trial asked by `ask_owned` has its first
@@ -262,12 +262,12 @@ def test_a_trial_beats_from_the_moment_it_is_asked(pg_databases):
     from pipeline.sweep.stores import open_storage
 
     url = pg_databases[0]
-    storage = open_storage(url, heartbeat_interval=1, grace=2)
+    storage = open_storage(url, heartbeat_interval=1, grace=2, mlflow_uri=store)  # None: ./mlflow.db
     study = optuna.create_study(study_name="beats", storage=storage)
     trial = ask_owned(study)
     study._storage.set_trial_user_attr(trial._trial_id, "worker", "machine-b|4242|12345")  # another host
     time.sleep(3.5)  # past grace, no beat since the first
-    assert reap_stale(study, url, None) == [trial.number]
+    assert reap_stale(study, url, store) == [trial.number]
     assert study.trials[trial.number].state == optuna.trial.TrialState.FAIL
 
 
