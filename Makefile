@@ -19,7 +19,7 @@ ARGS ?=
 BENCH_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-airflow train sweep report regress ui bench test test-fast test-kernels test-floor test-floor-airflow lint format browser clean
+.PHONY: help install install-airflow train sweep report regress ui bench test test-fast test-kernels test-floor test-floor-airflow floor-deps lint format browser clean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | sed 's/$$(PORT)/$(PORT)/' | awk -v c="$$( [ -t 1 ] && printf '\033[36m' )" -v r="$$( [ -t 1 ] && printf '\033[0m' )" 'BEGIN {FS = ":.*?## "}; {printf "  %s%-18s%s %s\n", c, $$1, r, $$2}'
@@ -83,20 +83,38 @@ test-kernels: $(STAMP) ## Run the numeric tests again on other CPU kernels (no A
 # The oldest releases pyproject.toml admits (README, "Supported versions"), each set in a venv of its own,
 # made afresh when pyproject.toml or its constraints file changes. setuptools: pyproject's build backend, for
 # tests/test_packaging.py's wheel (built without isolation).
+# Each venv is made in two steps: `.deps`, pyproject.toml's requirements with the extras (the long part,
+# minutes), which writes nothing in the checkout, so `.ci/run` makes it while `make test` runs; then the
+# package itself, editable (seconds), whose build writes its egg-info into the checkout.
 FLOOR_TESTS ?=
-$(FLOOR_VENV)/.installed: pyproject.toml constraints-floor.txt
+requirements = $(PYTHON) -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+	print(*p['dependencies'], *(r for e in '$(1)'.split() for r in p['optional-dependencies'][e]), sep='\n')"
+
+$(FLOOR_VENV)/.deps: pyproject.toml constraints-floor.txt
 	rm -rf $(FLOOR_VENV)
 	$(PYTHON) -m venv $(FLOOR_VENV)
 	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
-	$(FLOOR_VENV)/bin/python -m pip install -q -c constraints-floor.txt -e '.[dev,postgres,system-metrics]' 'setuptools>=77'
+	$(call requirements,dev postgres system-metrics) > $(FLOOR_VENV)/requirements.txt
+	$(FLOOR_VENV)/bin/python -m pip install -q -c constraints-floor.txt -r $(FLOOR_VENV)/requirements.txt 'setuptools>=77'
 	touch $@
 
-$(FLOOR_AIRFLOW_VENV)/.installed: pyproject.toml constraints-floor-airflow.txt
+$(FLOOR_VENV)/.installed: $(FLOOR_VENV)/.deps
+	$(FLOOR_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+$(FLOOR_AIRFLOW_VENV)/.deps: pyproject.toml constraints-floor-airflow.txt
 	rm -rf $(FLOOR_AIRFLOW_VENV)
 	$(PYTHON) -m venv $(FLOOR_AIRFLOW_VENV)
 	$(FLOOR_AIRFLOW_VENV)/bin/python -m pip install -q --upgrade pip
-	$(FLOOR_AIRFLOW_VENV)/bin/python -m pip install -q -c constraints-floor-airflow.txt -e '.[dev,postgres,airflow]'
+	$(call requirements,dev postgres airflow) > $(FLOOR_AIRFLOW_VENV)/requirements.txt
+	$(FLOOR_AIRFLOW_VENV)/bin/python -m pip install -q -c constraints-floor-airflow.txt -r $(FLOOR_AIRFLOW_VENV)/requirements.txt
 	touch $@
+
+$(FLOOR_AIRFLOW_VENV)/.installed: $(FLOOR_AIRFLOW_VENV)/.deps
+	$(FLOOR_AIRFLOW_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+floor-deps: $(FLOOR_VENV)/.deps $(FLOOR_AIRFLOW_VENV)/.deps ## Install the floor venvs' dependencies only (nothing written in the checkout)
 
 test-floor: $(FLOOR_VENV)/.installed ## The tests on the oldest releases pyproject.toml admits (FLOOR_TESTS=files; all by default)
 	$(FLOOR_VENV)/bin/python -m pytest $(XDIST) -p no:cacheprovider $(FLOOR_TESTS) $(ARGS)
