@@ -67,7 +67,16 @@ def _mlflow_global_tracking_uri():
 
 # What the commands write into the folder they run in (`make clean`'s list): a test writes them into its
 # own temporary directory, never into the checkout, where they would mix with a user's own sweeps.
-CWD_OUTPUTS = ("mlflow.db", "mlflow.db-wal", "mlflow.db-shm", "mlruns", "mlartifacts", "optuna", "reports", "runs")
+CWD_OUTPUTS = (
+    "mlflow.db",
+    "mlflow.db-wal",
+    "mlflow.db-shm",
+    "mlruns",
+    "mlartifacts",
+    "optuna",
+    "reports",
+    "runs",
+)
 
 
 def _stamps() -> dict[str, int | None]:
