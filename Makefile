@@ -91,27 +91,25 @@ requirements = $(PYTHON) -c "import tomllib; p = tomllib.load(open('pyproject.to
 	print(*p['dependencies'], *(r for e in '$(1)'.split() for r in p['optional-dependencies'][e]), sep='\n')"
 
 $(FLOOR_VENV)/.deps: pyproject.toml constraints-floor.txt
-	rm -rf $(FLOOR_VENV)
-	$(PYTHON) -m venv $(FLOOR_VENV)
-	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
-	$(call requirements,dev postgres system-metrics) > $(FLOOR_VENV)/requirements.txt
-	$(FLOOR_VENV)/bin/python -m pip install -q -c constraints-floor.txt -r $(FLOOR_VENV)/requirements.txt 'setuptools>=77'
-	touch $@
-
-$(FLOOR_VENV)/.installed: $(FLOOR_VENV)/.deps
-	$(FLOOR_VENV)/bin/python -m pip install -q --no-deps -e .
-	touch $@
-
+$(FLOOR_VENV)/.deps: CONSTRAINTS = constraints-floor.txt
+$(FLOOR_VENV)/.deps: EXTRAS = dev postgres system-metrics
+$(FLOOR_VENV)/.deps: MORE = 'setuptools>=77'
 $(FLOOR_AIRFLOW_VENV)/.deps: pyproject.toml constraints-floor-airflow.txt
-	rm -rf $(FLOOR_AIRFLOW_VENV)
-	$(PYTHON) -m venv $(FLOOR_AIRFLOW_VENV)
-	$(FLOOR_AIRFLOW_VENV)/bin/python -m pip install -q --upgrade pip
-	$(call requirements,dev postgres airflow) > $(FLOOR_AIRFLOW_VENV)/requirements.txt
-	$(FLOOR_AIRFLOW_VENV)/bin/python -m pip install -q -c constraints-floor-airflow.txt -r $(FLOOR_AIRFLOW_VENV)/requirements.txt
+$(FLOOR_AIRFLOW_VENV)/.deps: CONSTRAINTS = constraints-floor-airflow.txt
+$(FLOOR_AIRFLOW_VENV)/.deps: EXTRAS = dev postgres airflow
+$(FLOOR_AIRFLOW_VENV)/.deps: MORE =
+
+%/.deps:
+	rm -rf $*
+	$(PYTHON) -m venv $*
+	$*/bin/python -m pip install -q --upgrade pip
+	$(call requirements,$(EXTRAS)) > $*/requirements.txt
+	$*/bin/python -m pip install -q -c $(CONSTRAINTS) -r $*/requirements.txt $(MORE)
 	touch $@
 
-$(FLOOR_AIRFLOW_VENV)/.installed: $(FLOOR_AIRFLOW_VENV)/.deps
-	$(FLOOR_AIRFLOW_VENV)/bin/python -m pip install -q --no-deps -e .
+# (.venv/.installed has a rule of its own above, which make takes over this one)
+%/.installed: %/.deps
+	$*/bin/python -m pip install -q --no-deps -e .
 	touch $@
 
 floor-deps: $(FLOOR_VENV)/.deps $(FLOOR_AIRFLOW_VENV)/.deps ## Install the floor venvs' dependencies only (nothing written in the checkout)
