@@ -52,6 +52,7 @@ def s(h=None, c=None, overflow=0.0):
         (False, s(-0.2, 0.05), 1.0, "exploding"),
         # Forward overflow: the state itself passed 1e308, every gradient summary is NaN.
         (False, s(math.nan, overflow=1752.0), 1.0, "exploding"),
+        (False, s(math.nan, overflow=1.0), 1.0, "exploding"),  # at the first step (1-based), not "vanishing"
         # T = 1: a ratio of 0 over no step, no rate: no evidence either way (the norm rule alone)
         (False, {**s(math.nan), "bptt/log10_ratio": 0.0}, 1.0, "healthy"),
         (False, {**s(math.nan), "bptt/log10_ratio": 0.0}, 5000.0, "exploding"),
