@@ -1082,6 +1082,76 @@ def test_a_store_holding_optunas_schema_is_named_as_another_programs(tmp_path, v
     assert db.read_bytes() == data and files(tmp_path) == ["mlflow.db"]
 
 
+def test_an_optuna_storage_pointed_at_the_mlflow_store_is_one_line(tmp_path, valid_db):
+    """``--storage sqlite:///mlflow.db``, the sweep's own MLflow store: both programs keep their schema's
+    revision in ``alembic_version``, so Optuna read MLflow's as its own, created twelve tables in the
+    MLflow store and failed with a traceback telling to upgrade Optuna (a new-user walkthrough). Here
+    another MLflow store than the sweep's own (that one: the next test)."""
+    db = tmp_path / "old-runs.db"
+    db.write_bytes(valid_db.read_bytes())
+    data = db.read_bytes()
+    one_error_line(
+        cli("sweep", "--config", "smoke", "--storage", "sqlite:///old-runs.db", "n_trials=2", cwd=tmp_path),
+        "optuna storage sqlite:///old-runs.db",
+        "it is an MLflow tracking store (tables experiments, runs)",
+        "pass another --storage",
+    )
+    assert db.read_bytes() == data and files(tmp_path) == ["old-runs.db"]
+
+
+@pytest.mark.parametrize("existing", [False, True])
+@pytest.mark.parametrize("storage", ["sqlite:///mlflow.db", "mlflow.db", "sqlite:///./sub/../mlflow.db"])
+def test_an_optuna_storage_naming_the_mlflow_stores_file_is_one_line(tmp_path, storage, existing, valid_db):
+    """The sweep's own MLflow store as ``--storage``, existing or in a new folder (where the second
+    program to open the file failed with the same traceback, after the first had written it). A journal
+    path names the file too."""
+    (tmp_path / "sub").mkdir()
+    if existing:
+        (tmp_path / "mlflow.db").write_bytes(valid_db.read_bytes())
+    before = {p: p.read_bytes() for p in tmp_path.glob("*.db")}
+    one_error_line(
+        cli("sweep", "--config", "smoke", "--storage", storage, "n_trials=2", cwd=tmp_path),
+        f"optuna storage {storage}: it is the MLflow store's file (base.tracking.uri)",
+        "pass another --storage",
+    )
+    assert files(tmp_path) == ["mlflow.db", "sub"][not existing :]
+    assert {p: p.read_bytes() for p in tmp_path.glob("*.db")} == before
+
+
+def test_the_same_database_is_recognised_across_spellings():
+    """Two URLs of one server database, whatever the driver or the default port: one database."""
+    from pipeline.sweep.stores import _database_of
+
+    pg = _database_of("postgresql+psycopg2://u@db.example:5432/runs", journal=True)
+    assert pg == _database_of("postgres://v@db.example/runs", journal=False)
+    assert pg != _database_of("postgresql://u@db.example/optuna", journal=False)
+    assert pg != _database_of("postgresql://u@db.example:5433/runs", journal=False)
+    assert _database_of("mysql+pymysql://u@h/x", journal=True) == _database_of(
+        "mysql://h:3306/x", journal=False
+    )
+    assert _database_of("http://127.0.0.1:5000", journal=False) is None
+    assert _database_of("optuna/s.journal", journal=True)[0] == "file"
+    assert _database_of("optuna/s.journal", journal=False) is None  # not a file MLflow would use
+
+
+def test_an_optuna_storage_holding_another_alembic_schema_is_one_line(tmp_path):
+    """The same for any other program whose schema Alembic keeps: Optuna would read its revision."""
+    import sqlite3
+
+    db = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        con.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        con.execute("INSERT INTO alembic_version VALUES ('1a2b3c4d5e6f')")
+    data = db.read_bytes()
+    one_error_line(
+        cli("sweep", "--config", "smoke", "--storage", "sqlite:///other.db", "n_trials=2", cwd=tmp_path),
+        "optuna storage sqlite:///other.db",
+        "its table alembic_version is another program's (no Optuna table version_info)",
+        "pass another --storage",
+    )
+    assert db.read_bytes() == data and files(tmp_path) == ["other.db"]
+
+
 def test_a_store_whose_revision_this_mlflow_has_opens():
     """The other side of the check: every revision of the installed MLflow's migrations reads as known,
     and a made-up one as newer."""

@@ -271,14 +271,24 @@ def test_a_trial_beats_from_the_moment_it_is_asked(pg_databases, store):
     assert study.trials[trial.number].state == optuna.trial.TrialState.FAIL
 
 
-def test_a_postgres_storage_with_a_foreign_schema_is_one_line_before_any_store(pg_databases, tmp_path):
+@pytest.mark.parametrize(
+    ("tables", "problem"),
+    [
+        ("CREATE TABLE studies (x int)", "studies is not Optuna's"),
+        ("CREATE TABLE experiments (x int); CREATE TABLE runs (x int)", "it is an MLflow tracking store"),
+    ],
+)
+def test_a_postgres_storage_with_a_foreign_schema_is_one_line_before_any_store(
+    pg_databases, tmp_path, tables, problem
+):
     """A database holding another program's ``studies`` table: a 92-line UndefinedColumn traceback from
-    open_storage, after mlflow.db had been written (fuzzing review)."""
+    open_storage, after mlflow.db had been written (fuzzing review). MLflow's tables: Optuna read MLflow's
+    ``alembic_version`` as its own (a new-user walkthrough, on SQLite)."""
     import psycopg2
 
     optuna_url = pg_databases[0]
     with psycopg2.connect(optuna_url.replace("+psycopg2", ""), connect_timeout=3) as conn:
-        conn.cursor().execute("CREATE TABLE studies (x int)")
+        conn.cursor().execute(tables)
     conn.close()
     cfg = write_sweep(tmp_path / "s.yaml")
     work = tmp_path / "work"
@@ -303,7 +313,7 @@ def test_a_postgres_storage_with_a_foreign_schema_is_one_line_before_any_store(p
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
     assert lines[0].startswith("error: optuna storage postgresql") and "--storage" in lines[0], lines
-    assert "studies is not Optuna's" in lines[0], lines
+    assert problem in lines[0], lines
     assert list(work.iterdir()) == []
 
 

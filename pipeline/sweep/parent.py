@@ -261,7 +261,7 @@ def run_sweep(
         sw, n_workers, devices, auto=workers is None and sw.workers is None, out=out
     )
     probe_store(mlflow_uri, "base.tracking.uri")
-    check_storage(url, "--storage" if storage is not None else "storage")
+    check_storage(url, "--storage" if storage is not None else "storage", mlflow_uri)
     for note in unread_searched_keys(sw):
         print(f"note: {note}", file=out, flush=True)
     # CPU workers fork from a preloaded forkserver unless PIPELINE_SWEEP_FORK=0 (an escape hatch).

@@ -206,11 +206,15 @@ def _journal_unwritable(path: Path) -> str | None:
 # Optuna's RDB schema: a table ``studies`` without these columns is another program's (a 92-line
 # UndefinedColumn traceback from open_storage, after the MLflow store was created)
 OPTUNA_STUDY_COLUMNS = frozenset({"study_id", "study_name"})
+# MLflow's tracking store: both it and Optuna keep their schema's revision in ``alembic_version``, so
+# Optuna read MLflow's revision as its own, created its tables beside MLflow's and then failed with a
+# traceback telling to upgrade Optuna (a new-user walkthrough: ``--storage sqlite:///mlflow.db``).
+MLFLOW_TABLES = ("experiments", "runs")
 
 
-def _foreign_schema(url: str) -> str | None:
-    """Why the database at ``url`` holds a schema Optuna cannot open (read-only: SQLAlchemy's inspector),
-    or None (Optuna's own tables, or none yet)."""
+def _foreign_schema(url: str) -> tuple[str, str] | None:
+    """(problem, remedy) of a database at ``url`` whose schema Optuna cannot open (read-only:
+    SQLAlchemy's inspector), or None (Optuna's own tables, or none yet). The remedy has ``{flag}``."""
     import sqlalchemy
 
     from pipeline.uris import with_pg_driver
@@ -218,16 +222,29 @@ def _foreign_schema(url: str) -> str | None:
     engine = sqlalchemy.create_engine(with_pg_driver(url))
     try:
         inspector = sqlalchemy.inspect(engine)
-        if not inspector.has_table("studies"):
-            return None
-        columns = {c["name"] for c in inspector.get_columns("studies")}
+        tables = set(inspector.get_table_names())
+        columns = {c["name"] for c in inspector.get_columns("studies")} if "studies" in tables else None
     except sqlalchemy.exc.SQLAlchemyError as e:
-        return f"its schema cannot be read ({str(getattr(e, 'orig', None) or e).strip().splitlines()[0]})"
+        why = f"its schema cannot be read ({str(getattr(e, 'orig', None) or e).strip().splitlines()[0]})"
+        return why, "move it aside or pass another {flag}"
     finally:
         engine.dispose()
+    if columns is None:
+        if set(MLFLOW_TABLES) <= tables:
+            return (
+                f"it is an MLflow tracking store (tables {', '.join(MLFLOW_TABLES)})",
+                "pass another {flag}: the Optuna study needs a database of its own",
+            )
+        if "alembic_version" in tables and "version_info" not in tables:
+            return (
+                "its table alembic_version is another program's (no Optuna table version_info)",
+                "pass another {flag}: the Optuna study needs a database of its own",
+            )
+        return None
     missing = sorted(OPTUNA_STUDY_COLUMNS - columns)
     if missing:
-        return f"its table studies is not Optuna's (no column {', '.join(missing)})"
+        why = f"its table studies is not Optuna's (no column {', '.join(missing)})"
+        return why, "move it aside or pass another {flag}"
     return None
 
 
@@ -247,15 +264,32 @@ def _sqlite_storage_problem(url: str, path: Path) -> tuple[str, str] | None:
     why = unwritable(path)
     if why:
         return why, "make it writable or pass another {flag}"
-    why = _foreign_schema(url) if path.is_file() and path.stat().st_size else None
-    return (why, "move it aside or pass another {flag}") if why else None
+    return _foreign_schema(url) if path.is_file() and path.stat().st_size else None
 
 
-def check_storage(url: str, flag: str = "storage") -> None:
+def _database_of(url: str, journal: bool) -> tuple | None:
+    """The file or server database a store URL names, comparable across the two stores: ``("file",
+    real path)`` (a SQLite file; with ``journal``, a path is the Optuna journal file) or ``(backend,
+    host, port, database)``; None for a tracking server or an in-memory database."""
+    kind = scheme(url)
+    if kind == "sqlite" or (journal and not is_rdb(url)):
+        path = sqlite_file(url) if kind == "sqlite" else journal_path(url)
+        return None if path is None else ("file", os.path.realpath(path))
+    if kind not in ("postgresql", "postgres", "mysql"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    backend = "mysql" if kind == "mysql" else "postgresql"
+    return backend, u.host or "", u.port or {"mysql": 3306, "postgresql": 5432}[backend], u.database
+
+
+def check_storage(url: str, flag: str = "storage", mlflow_uri: str | None = None) -> None:
     """Before the sweep writes anything: a journal must replay (see :func:`repair_journal`) and be a file
     this process can write; an existing SQLite file must be a readable database, a new one's directory
     must exist; either must be writable; a PostgreSQL or MySQL database must accept a connection within
-    seconds; a database whose ``studies`` table is not Optuna's is refused. Raises StoreError (one line,
+    seconds; a database whose ``studies`` table is not Optuna's, or MLflow's (``mlflow_uri``'s file or
+    database, or one holding its tables), is refused. Raises StoreError (one line,
     exit 2). Without these an unreachable server, a mistyped database name, a missing or read-only
     directory, a directory given as the journal or another program's schema came as a traceback after
     the MLflow store was created (found by a walkthrough and a fuzzing review)."""
@@ -263,6 +297,16 @@ def check_storage(url: str, flag: str = "storage") -> None:
 
     def refuse(problem: str, remedy: str = "move it aside or pass another {flag}"):
         return StoreError(f"optuna storage {display_url(url)}", problem, remedy.format(flag=flag))
+
+    if mlflow_uri is not None:
+        named = _database_of(url, journal=True)
+        if named is not None and named == _database_of(mlflow_uri, journal=False):
+            # Both programs keep their schema's revision in alembic_version: the second to open it failed
+            # with a traceback (a new-user walkthrough: --storage sqlite:///mlflow.db in a new folder).
+            raise refuse(
+                f"it is the MLflow store's {'file' if named[0] == 'file' else 'database'} (base.tracking.uri)",
+                "pass another {flag}: the Optuna study needs a database of its own",
+            )
 
     if not is_rdb(url):
         from pipeline.store_checks import long_name
@@ -286,9 +330,12 @@ def check_storage(url: str, flag: str = "storage") -> None:
         from pipeline.store_checks import check_database_store
 
         check_database_store(url, flag, "optuna storage")
-        why = _foreign_schema(url)
-        if why:
-            raise refuse(f"{why}: another program's tables", "point {flag} at another database")
+        foreign = _foreign_schema(url)
+        if foreign:
+            why, remedy = foreign
+            if remedy.startswith("move it aside"):  # a server's database is not moved aside
+                why, remedy = f"{why}: another program's tables", "point {flag} at another database"
+            raise refuse(why, remedy)
 
 
 @contextlib.contextmanager
