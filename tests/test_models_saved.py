@@ -1,6 +1,8 @@
 """Saved models and resuming, queried back from the MLflow store: model/weights.pt, load_run, a sweep's
 best trial, checkpoints/last.ckpt and ``train --resume RUN_ID`` continuing the same run."""
 
+import shlex
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -125,7 +127,23 @@ def test_interrupted_train_resumes_the_same_run_exactly(store, tiny):
     )
 
 
-def test_a_failed_run_resumes_without_the_error_of_its_failed_attempt(store, tiny, capsys):
+def test_the_resume_command_names_the_store_unless_it_is_the_default(monkeypatch):
+    """README "Saved models and resuming": ``tracking.uri=URI when the run is in another store``, quoted
+    for the shell; the default store (``mlflow.db`` in the working directory) needs none."""
+    from pipeline.training.run import resume_command
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert resume_command("abc", None) == "python -m pipeline train --resume abc"
+    assert resume_command("abc", "sqlite:///mlflow.db") == "python -m pipeline train --resume abc"
+    pg = "postgresql://u@h/db?sslmode=require&x=1"
+    assert shlex.split(resume_command("abc", pg))[-1] == f"tracking.uri={pg}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////data/runs.db")
+    assert resume_command("abc", None).endswith(" tracking.uri=sqlite:////data/runs.db")
+
+
+def test_a_failed_run_resumes_without_the_error_of_its_failed_attempt(
+    store, tiny, capsys, monkeypatch, tmp_path_factory
+):
     """README "Saved models and resuming": the resume reopens the run with "the ``status`` / ``error``
     tags of the interrupted attempt removed"; a FINISHED run that still said ``error: RuntimeError ...``
     would read as failed in the UI and the report. The failed attempt printed its resume line on stderr;
@@ -144,8 +162,13 @@ def test_a_failed_run_resumes_without_the_error_of_its_failed_attempt(store, tin
     assert failed.info.status == "FAILED"
     assert failed.data.tags["status"] == "failed"
     assert failed.data.tags["error"] == "RuntimeError: disk on fire"
-    assert f"resume: python -m pipeline train --resume {run_id}" in capsys.readouterr().err
-    assert main(["train", "--resume", run_id]) == 0
+    said = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("resume: ")]
+    # the store named, as the run's is not the default mlflow.db: the command runs as printed from
+    # another folder without $MLFLOW_TRACKING_URI (it failed "no MLflow store at mlflow.db" before)
+    assert said == [f"resume: python -m pipeline train --resume {run_id} tracking.uri={store}"]
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    assert main(shlex.split(said[0])[4:]) == 0
     got = c.get_run(run_id)
     assert got.info.status == "FINISHED" and got.data.tags["resumed_at_step"] == "10"
     assert "error" not in got.data.tags and "status" not in got.data.tags

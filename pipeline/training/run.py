@@ -182,8 +182,23 @@ def _open_train_close(
                     on_done(result)
                 if checkpoint and status != "FINISHED" and rec.run_id:
                     print(
-                        f"resume: python -m pipeline train --resume {rec.run_id}", file=sys.stderr, flush=True
+                        f"resume: {resume_command(rec.run_id, cfg.tracking.uri)}", file=sys.stderr, flush=True
                     )
+
+
+def resume_command(run_id: str, uri: str | None) -> str:
+    """The command that resumes ``run_id`` (README, "Saved models and resuming"), naming its store
+    (``tracking.uri``, else $MLFLOW_TRACKING_URI) unless that is the default ``mlflow.db``: without it the
+    command printed after a run in another store failed, "no MLflow store at mlflow.db" (new-user
+    walkthrough)."""
+    import os
+    import shlex
+
+    from pipeline.uris import DEFAULT_URI
+
+    cmd = f"python -m pipeline train --resume {run_id}"
+    store = uri or os.environ.get("MLFLOW_TRACKING_URI")
+    return cmd if not store or store == DEFAULT_URI else f"{cmd} {shlex.quote(f'tracking.uri={store}')}"
 
 
 def close_run(rec, status: str, error: BaseException | None = None) -> None:
