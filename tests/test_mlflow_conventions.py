@@ -210,6 +210,22 @@ def test_progress_prints_one_line_per_validation(store, tiny):
     assert lines[-1].split(" regime ")[1].startswith(r.regime)  # the last line's regime is the verdict
 
 
+@pytest.mark.parametrize(("max_steps", "val_every"), [(20, 10), (25, 10)])
+def test_progress_last_line_reads_the_pass_at_train_end(store, tiny, max_steps, val_every):
+    """max_steps no multiple of profile_every: the last line read the previous pass (step 15) while the
+    summary under it read the one at train end (new-user walkthrough: "regime vanishing (profile at step
+    0)" over "regime=healthy"). Both when fit validates at the last step and when the validation after
+    fit does (25: off val_every's multiples)."""
+    cfg = tiny(
+        **{"trainer.max_steps": max_steps, "trainer.val_every": val_every, "diagnostics.profile_every": 15}
+    )
+    r, lines = run_with_progress(cfg)
+    assert lines[-1].split()[1] == f"{max_steps}/{max_steps}"
+    assert lines[-1].endswith(f" (profile at step {max_steps})"), lines
+    assert lines[-1].split(" regime ")[1] == f"{r.regime} (profile at step {max_steps})"
+    assert lines[0].endswith(" (profile at step 0)"), lines  # the other lines as they come
+
+
 def test_progress_train_loss_is_the_mean_of_the_steps_since_the_previous_line(store, tiny):
     """A line's ``train/loss`` is the mean training loss of the steps since the previous line (the module
     docstring of training/progress.py), not of every step so far: the losses each step returned, read by

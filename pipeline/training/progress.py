@@ -11,7 +11,7 @@ the record's window mean (``grad_window.window_metrics``; NaN only when no step'
 accumulated on the device (one host read per line, beside the validation's own); ``grad/clip_rate`` the fraction of steps
 clipped so far; the regime the verdict of README "Regime verdict" on the latest profile pass and the
 largest gradient so far, so it can change as training goes on (the final verdict is the run's ``regime``
-tag). Lightning's progress bar (``trainer.progress_bar: true``) replaces these lines.
+tag, which the last line reads: it is printed after the pass at train end). Lightning's progress bar (``trainer.progress_bar: true``) replaces these lines.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ class ProgressPrinter(pl.Callback):
         self.cfg, self.task, self.grads, self.prof = cfg, task, grads, prof
         self.stream = stream
         self._sum: torch.Tensor | None = None  # (sum of the non-NaN losses, their count, finite count)
+        self._line: tuple | None = None  # the latest validation's (step, train loss, val loss, accuracy)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
@@ -57,20 +58,38 @@ class ProgressPrinter(pl.Callback):
             total, n, finite = self._sum.tolist()  # the console said nan, the record 6.3e8)
             train_loss = total / n if finite else math.nan
         self._sum = None
+        self._line = (trainer.global_step, train_loss, pl_module.val_loss, pl_module.val_accuracy)
+        if trainer.state.fn != "fit" or trainer.global_step < self.cfg.trainer.max_steps:
+            self._print(pl_module)
+        # else fit's validation at its last step: its line waits for the profile's pass at train end,
+        # which runs after it (ProfileMonitor.on_train_end, an earlier callback), so the line's regime is
+        # the run's; it read an older pass where max_steps is no multiple of profile_every (new-user
+        # walkthrough). The validation after fit (a last step off val_every's multiples) comes after it.
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._print(pl_module)
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._print(pl_module)  # the last validation's line, if an interrupt came before train end
+
+    def _print(self, pl_module) -> None:
+        if self._line is None:
+            return
+        (step, train_loss, val_loss, accuracy), self._line = self._line, None
         last = self.prof.last
         clip_rate, max_norm = self.grads.running()  # the steps since the last logged window included
         regime = verdict(pl_module.diverged_step is not None, last, max_norm, self.cfg.diagnostics)
         at = f" (profile at step {last['step']})" if "step" in last else ""
         print(
             line(
-                trainer.global_step,
+                step,
                 self.cfg.trainer.max_steps,
                 train_loss,
-                pl_module.val_loss,
+                val_loss,
                 self.task.baseline,
                 clip_rate,
                 regime + at,
-                accuracy=pl_module.val_accuracy,
+                accuracy=accuracy,
             ),
             file=self.stream or sys.stdout,
             flush=True,
