@@ -29,7 +29,7 @@ from pipeline.config import (
     TaskConfig,
 )
 from pipeline.names import CELLS
-from pipeline.schema import ConfigError, check, choice
+from pipeline.schema import ConfigError, build, check, choice
 
 
 def _validate_task(t: TaskConfig) -> None:
@@ -80,6 +80,19 @@ def validate_diagnostics(d: DiagnosticsConfig) -> None:
     check("diagnostics.vanish_log10_per_step", d.vanish_log10_per_step < 0, "< 0", d.vanish_log10_per_step)
     check("diagnostics.explode_log10_per_step", d.explode_log10_per_step > 0, "> 0", d.explode_log10_per_step)
     check("diagnostics.explode_norm", d.explode_norm > 0, "> 0", d.explode_norm)
+
+
+def checked_diagnostics(d: DiagnosticsConfig) -> DiagnosticsConfig:
+    """A ``DiagnosticsConfig`` made in Python (``BPTTProfileMonitor(diagnostics=...)``), read as the config
+    reads the section: each value's type (``probe_size=2.5``, ``plots='yes'`` went through, a string
+    threshold failed with a TypeError inside the checks: a new-user walkthrough), then
+    :func:`validate_diagnostics`. Returns it as the config would hold it (``explode_norm=1000`` a float)."""
+    import dataclasses
+
+    values = {f.name: getattr(d, f.name) for f in dataclasses.fields(d)}
+    typed = build(DiagnosticsConfig, values, "diagnostics.")
+    validate_diagnostics(typed)
+    return typed
 
 
 def validate(cfg: Config) -> None:

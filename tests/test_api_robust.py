@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -420,6 +421,20 @@ def test_a_second_fit_records_afresh_and_bad_every_n_steps(tmp_path):
         BPTTProfileMonitor("gru", diagnostics=DiagnosticsConfig(vanish_log10_per_step=0.5))
     with pytest.raises(TypeError, match="diagnostics must be a pipeline.DiagnosticsConfig, got dict"):
         BPTTProfileMonitor("gru", diagnostics={"vanish_log10_per_step": -0.05})
+    # ... and its types, as the config reads them (a new-user walkthrough: a TypeError from inside the
+    # checks for a string, and a fractional probe size or a string for plots taken)
+    for bad, said in [
+        ({"horizon_decades": "x"}, "'diagnostics.horizon_decades': must be a number, got 'x'"),
+        ({"probe_size": 2.5}, "'diagnostics.probe_size': must be an integer, got 2.5"),
+        ({"plots": "yes"}, "'diagnostics.plots': must be true or false, got 'yes'"),
+    ]:
+        with pytest.raises(ValueError, match=f"^config key {re.escape(said)}$"):
+            BPTTProfileMonitor("gru", diagnostics=DiagnosticsConfig(**bad))
+    typed = BPTTProfileMonitor(
+        "gru", diagnostics=DiagnosticsConfig(explode_norm=10, probe_size=8.0)
+    ).diagnostics
+    assert typed == DiagnosticsConfig(explode_norm=10.0, probe_size=8)  # as the config would hold them
+    assert type(typed.explode_norm) is float and type(typed.probe_size) is int
     gm, pm = GradientNormMonitor(log_every_n_steps=4), BPTTProfileMonitor("gru", every_n_steps=4)
     for _ in range(2):
         trainer(tmp_path, [gm, pm], max_steps=8, log_every_n_steps=1).fit(

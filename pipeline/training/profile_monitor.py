@@ -20,7 +20,7 @@ import torch
 
 from pipeline.bptt.foreign import check_memory_steps
 from pipeline.config import DiagnosticsConfig
-from pipeline.config_checks import validate_diagnostics
+from pipeline.config_checks import checked_diagnostics
 from pipeline.training import probe as probing
 from pipeline.training.copy64 import to_cpu64
 from pipeline.training.grad_monitor import GradientNormMonitor
@@ -145,8 +145,8 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
             raise TypeError(
                 f"diagnostics must be a pipeline.DiagnosticsConfig, got {type(diagnostics).__name__}"
             )
-        self.diagnostics = diagnostics or DiagnosticsConfig()
-        validate_diagnostics(self.diagnostics)  # the config's own checks (ConfigError, a ValueError)
+        # the config's own types and checks (ConfigError, a ValueError)
+        self.diagnostics = checked_diagnostics(diagnostics or DiagnosticsConfig())
         self.sink = sink
         self.passes: list[dict[str, Any]] = []  # metrics logged per pass, with "step"
         self.frames: list[dict[str, Any]] = []  # long-format columns per pass
