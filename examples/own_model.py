@@ -84,6 +84,8 @@ def main() -> None:
             f"c path {p['bptt/c_log10_ratio']:+.2f}, layer 0 {p['bptt/layer0/log10_ratio']:+.2f}"
         )
     print(f"regime: {prof.regime}; metrics: {out}/csv")
+    if args.mlflow:  # the run, its profile artifact and the regime tag: `python -m pipeline ui --store ...`
+        print(f"mlflow: sqlite:///{out}/mlflow.db (experiment own-model)")
     frame = profile_rnn(model, "encoder.lstm", next(iter(loader)))
     print(frame.groupby(["layer", "state"])["log10_norm"].agg(["first", "last"]).round(2))
 

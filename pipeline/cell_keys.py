@@ -85,18 +85,21 @@ def differing_settings(params: list[dict[str, Any]]) -> list[str]:
     ...`` ('' when none do): two LSTM runs at forget bias 0 and 2, or adding at T = 200 and 1100, were one
     row of the report's summary and one curve of its profiles, as if seeds (a teacher's review). A model
     key the run's cell does not read is no setting of it, and a param a run lacks (an older version's
-    store) reads as its default (a review: both split runs that trained the same network)."""
+    store) reads as its default (a review: both split runs that trained the same network). A model key
+    differs only between runs that read it: the default sweep's one LSTM run among tanh and GRU runs read
+    ``model.forget_bias=1.0``, its default, as if set apart from runs with no forget bias (a new-user
+    walkthrough)."""
     default = {k: str(v) for k, v in Config().flat().items()}
 
-    def value(p: dict[str, Any], k: str) -> str:
+    def value(p: dict[str, Any], k: str) -> str | None:
         if k.startswith("model.") and not reads_key(
             str(p.get("model.cell")), str(p.get("model.init")), k[6:]
         ):
-            return ""
+            return None  # not read: no value to differ in
         v = p.get(k)
         return v if isinstance(v, str) else default.get(k, "")
 
     skip = ("tracking.", "diagnostics.")
     keys = sorted({k for p in params for k in p if k not in NOT_SETTINGS and not k.startswith(skip)})
-    varying = [k for k in keys if len({value(p, k) for p in params}) > 1]
+    varying = [k for k in keys if len({value(p, k) for p in params} - {None}) > 1]
     return ["; ".join(f"{k}={value(p, k)}" for k in varying if value(p, k)) for p in params]

@@ -29,7 +29,8 @@ class ConfigError(ValueError):
         self.message = message
         # a command-line flag ("--store") is no config key: "config key '--store'" read as one to a user
         # who never passed the flag (found by a walkthrough)
-        head = f"{key}: " if key.startswith("-") else f"config key '{key}': " if key else ""
+        # nor is $MLFLOW_TRACKING_URI, which names the store when no key or flag does
+        head = f"{key}: " if key.startswith(("-", "$")) else f"config key '{key}': " if key else ""
         super().__init__(head + message)
 
     def under(self, prefix: str) -> ConfigError:
@@ -269,7 +270,10 @@ def _float(key: str, value: Any) -> float:
 
 def _str(key: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise ConfigError(key, f"must be a string, got {value!r}")
+        # YAML reads 123 as a number (in a file and in key=value alike): say how to make it a string
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        hint = f' (YAML read a number: quote it, "{value}")' if number else ""
+        raise ConfigError(key, f"must be a string, got {value!r}{hint}")
     return value
 
 

@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from pipeline.uris import display_url, resolve_uri, scheme, sqlite_file
+from pipeline.uris import display_url, resolve_uri, scheme, sqlite_file, uri_flag
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 # the tables every MLflow store has (since its first migrations) and every train or sweep writes
@@ -348,7 +348,7 @@ def probe_store(uri: str | None, flag: str = "tracking.uri", write: bool = True)
     """
     from pipeline.uris import check_tracking_uri
 
-    u = resolve_uri(uri)
+    u, flag = resolve_uri(uri), uri_flag(uri, flag)
     default = not uri and not os.environ.get("MLFLOW_TRACKING_URI")
     check_tracking_uri(flag, u)
     path = sqlite_file(u)
@@ -389,7 +389,7 @@ def probe_existing_store(uri: str | None, flag: str, remedy: str) -> str:
     from pipeline.schema import ConfigError
     from pipeline.uris import check_tracking_uri
 
-    u = resolve_uri(uri)
+    u, flag = resolve_uri(uri), uri_flag(uri, flag)
     check_tracking_uri(flag, u)
     path = sqlite_file(u)
     if path is not None and not path.is_file():

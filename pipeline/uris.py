@@ -98,6 +98,16 @@ def resolve_uri(uri: str | None = None) -> str:
     return with_pg_driver(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
 
 
+ENV_URI = "$MLFLOW_TRACKING_URI"
+
+
+def uri_flag(uri: str | None, flag: str) -> str:
+    """What names the MLflow store a command opens, for its messages: ``flag`` (the key or option that
+    gives ``uri``), or $MLFLOW_TRACKING_URI when ``uri`` is not given and the environment sets it (an error
+    said "point tracking.uri elsewhere" to a user who never set it: a new-user walkthrough)."""
+    return ENV_URI if not uri and os.environ.get("MLFLOW_TRACKING_URI") else flag
+
+
 def sqlite_file(uri: str) -> Path | None:
     """The file behind a ``sqlite:///`` URI (None for an in-memory database or another scheme)."""
     if not uri.startswith(SQLITE):
@@ -192,6 +202,30 @@ def check_database_named(key: str, url: str, file: str = "mlflow.db") -> None:
         raise ConfigError(key, f"{display_url(url)!r} names no database ({example} names one)")
 
 
+# The schemes MLflow's own tracking stores take (mlflow.tracking._tracking_service.utils registers them);
+# an unknown one failed inside MLflow with its model registry's paragraph (a new-user walkthrough).
+MLFLOW_SCHEMES = (
+    "sqlite",
+    "postgresql",
+    "postgres",
+    "mysql",
+    "mssql",
+    "http",
+    "https",
+    "databricks",
+    "databricks-uc",
+    "uc",
+)
+
+
+def _plugin_schemes() -> set[str]:
+    """Schemes of installed MLflow tracking-store plugins (entry point group ``mlflow.tracking_store``,
+    https://mlflow.org/docs/latest/plugins.html)."""
+    import importlib.metadata
+
+    return {ep.name for ep in importlib.metadata.entry_points(group="mlflow.tracking_store")}
+
+
 def check_tracking_uri(key: str, uri: str) -> None:
     """A tracking URI this pipeline supports: not MLflow's file store (``file:...`` or a bare path, which
     MLflow reads as one: deprecated there, and its warning came as a paragraph cut off mid-word), and a
@@ -202,5 +236,12 @@ def check_tracking_uri(key: str, uri: str) -> None:
             f"{uri!r} names MLflow's file store (file:... or a bare path), which is not supported; use a "
             "SQLite file (sqlite:///path/mlflow.db), "
             "a database URL or an http:// tracking server",
+        )
+    kind = scheme(uri)
+    if "://" in uri and kind not in MLFLOW_SCHEMES and kind not in _plugin_schemes():
+        raise ConfigError(
+            key,
+            f"{display_url(uri)!r}: MLflow has no tracking store for the scheme {kind!r} (use sqlite:///path/"
+            "mlflow.db, a postgresql:// or mysql:// database URL or an http:// tracking server)",
         )
     check_database_named(key, uri)

@@ -71,6 +71,7 @@ CWD_OUTPUTS = (
     "mlflow.db",
     "mlflow.db-wal",
     "mlflow.db-shm",
+    "mlflow.db.create-lock",
     "mlruns",
     "mlartifacts",
     "optuna",

@@ -762,6 +762,7 @@ def test_the_example_file_runs_as_the_readme_says(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "steps 20;" in r.stdout and "  step    0: bptt/log10_ratio" in r.stdout, r.stdout
     out = re.search(r"metrics: (\S+)/csv", r.stdout).group(1)
+    assert f"mlflow: sqlite:///{out}/mlflow.db (experiment own-model)" in r.stdout  # where to look
     c = MlflowClient(f"sqlite:///{out}/mlflow.db")
     (run,) = c.search_runs([c.get_experiment_by_name("own-model").experiment_id])
     assert run.info.status == "FINISHED"

@@ -167,6 +167,9 @@ def sweep_file(d: Path, **changes) -> Path:
         ([f"space.task.batch_size={{low: 1, high: {HUGE}}}"], "space.task.batch_size"),
         ([f"base.task.val_size={HUGE}"], "base.task.val_size"),
         ([f"sampler.seed={2**32}"], "sampler.seed"),
+        (["workers=2000"], "workers"),
+        (["--workers", "2000"], "--workers"),  # the key's bound, which the flag skipped (a walkthrough)
+        (["--workers", "0"], "--workers"),
     ],
 )
 def test_sweep_validates_everything_before_any_store(tmp_path, args, key):
@@ -359,6 +362,47 @@ def test_corrupt_mlflow_db_is_one_line(tmp_path, valid_db, verb, kind):
         r, "mlflow store sqlite:///", "mlflow.db", "not a readable MLflow database", "move it aside"
     )
     assert files(tmp_path) == before
+
+
+FLAGS = {
+    "train": "tracking.uri",
+    "sweep": "base.tracking.uri",
+    "report": "--store",
+    "regress": "defaults.tracking.uri",
+}
+
+
+@pytest.mark.parametrize("verb", list(VERBS))
+def test_a_corrupt_store_is_named_by_what_gave_it(tmp_path, valid_db, verb):
+    """The remedy names what points at the store: the verb's key or flag when the default store is broken,
+    $MLFLOW_TRACKING_URI when the environment named it (each said "point tracking.uri / --store /
+    defaults.tracking.uri elsewhere" to a user who had set neither: a new-user walkthrough)."""
+    _broken("garbage", valid_db, tmp_path / "mlflow.db")
+    _broken("garbage", valid_db, tmp_path / "g.db")
+    args = VERBS[verb](tmp_path)
+    before = files(tmp_path)
+    line = one_error_line(cli(*args, cwd=tmp_path), "not a readable MLflow database")
+    assert line.endswith(f"; move it aside or point {FLAGS[verb]} elsewhere"), line
+    line = one_error_line(cli(*args, cwd=tmp_path, env_uri="sqlite:///g.db"), "g.db: not a readable")
+    assert line.endswith("; move it aside or point $MLFLOW_TRACKING_URI elsewhere"), line
+    assert files(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    ("args", "env_uri", "key"),
+    [
+        (["train", "--config", SMOKE, "tracking.uri=foo://bar"], None, "config key 'tracking.uri'"),
+        (["report"], "foo://bar", "$MLFLOW_TRACKING_URI"),
+    ],
+)
+def test_a_tracking_uri_of_no_mlflow_store_is_one_line_naming_its_key(tmp_path, args, env_uri, key):
+    """A scheme MLflow has no store for (nor a plugin): MLflow's model-registry paragraph, cut off, ending
+    "check the server or point tracking.uri elsewhere" even for a suite's key (a new-user walkthrough)."""
+    one_error_line(
+        cli(*args, cwd=tmp_path, env_uri=env_uri),
+        f"error: {key}: 'foo://bar': MLflow has no tracking store for the scheme 'foo'",
+    )
+    assert files(tmp_path) == []
 
 
 def test_unreachable_tracking_server_is_one_line(tmp_path):

@@ -63,6 +63,8 @@ def test_yaml_and_overrides(tmp_path):
         (["diagnostics.horizon_decades=inf"], "diagnostics.horizon_decades", "finite"),
         (["trainer.progress_bar=maybe"], "trainer.progress_bar", "true or false"),
         (["task=3"], "task", "mapping"),
+        # a number YAML read where a string is wanted: how to quote it (a new-user walkthrough)
+        (["tracking.run_name=123"], "tracking.run_name", 'got 123 (YAML read a number: quote it, "123")'),
     ],
 )
 def test_bad_values_name_the_key(override, key, words):

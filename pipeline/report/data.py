@@ -109,21 +109,23 @@ def safe_name(name: str) -> str:
     return file_name(re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "report")
 
 
-def check_store(uri: str) -> None:
+def check_store(uri: str, flag: str = "--store") -> None:
     """A missing sqlite file is an error, not a new empty store (reading must not create one); a corrupt
-    file or an unreachable server: one line, exit 2."""
+    file or an unreachable server: one line, exit 2, naming ``flag`` (what gave ``uri``)."""
     from pipeline.store_checks import probe_existing_store
 
-    probe_existing_store(uri, "--store", "run `make sweep` or `make train` first, or pass --store URI")
+    probe_existing_store(uri, flag, "run `make sweep` or `make train` first, or pass --store URI")
 
 
-def resolve_target(uri: str, experiment: str | None = None, study: str | None = None) -> Target:
+def resolve_target(
+    uri: str, experiment: str | None = None, study: str | None = None, flag: str = "--store"
+) -> Target:
     """The runs a report covers; raises ConfigError (one line, exit 2) for unknown or empty targets."""
     from mlflow.entities import ViewType
 
     from pipeline.tracking import client
 
-    check_store(uri)
+    check_store(uri, flag)
     c = client(uri)
     exps = list(c.search_experiments(view_type=ViewType.ACTIVE_ONLY))
     by_id = {e.experiment_id: e for e in exps}
@@ -367,8 +369,10 @@ def download_diagnostics(uri: str, run_ids: list[str]) -> tuple[dict[str, Any], 
     return profiles, norms
 
 
-def load(uri: str, experiment: str | None = None, study: str | None = None) -> ReportData:
-    target = resolve_target(uri, experiment, study)
+def load(
+    uri: str, experiment: str | None = None, study: str | None = None, flag: str = "--store"
+) -> ReportData:
+    target = resolve_target(uri, experiment, study, flag)
     runs = load_runs(target)
     table = comparison_table(runs)
     profiles, norms = download_diagnostics(uri, representative_runs(table))

@@ -382,12 +382,12 @@ def build_report(
     without runs.
     """
     from pipeline.tracking import client
-    from pipeline.uris import resolve_uri
+    from pipeline.uris import resolve_uri, uri_flag
 
     if out is not None:
         check_out(Path(out))  # before the store is read: nothing read, nothing written
-    uri = resolve_uri(uri)
-    data = rd.load(uri, experiment, study)
+    uri, flag = resolve_uri(uri), uri_flag(uri, "--store")
+    data = rd.load(uri, experiment, study, flag)
     target = Path(out) if out is not None else Path("reports") / rd.safe_name(data.target.name)
     if out is None:
         check_out(target, "--out", " (the default folder: pass --out DIR)")

@@ -31,7 +31,7 @@ from typing import Any
 
 from pipeline.names import KIND, KIND_SWEEP, STUDY
 from pipeline.sweep.config import SweepConfig, parent_run_name
-from pipeline.uris import absolute_uri, display_url
+from pipeline.uris import absolute_uri, display_url, uri_flag
 
 
 def gpu_count() -> int:
@@ -238,14 +238,14 @@ def run_sweep(
     """Load and validate the sweep file (nothing is written before this passes), then run it."""
     from pipeline.schema import ConfigError
     from pipeline.store_checks import probe_store
-    from pipeline.sweep.config import check_study_name, load_sweep, unread_searched_keys
+    from pipeline.sweep.config import WORKERS_MAX, check_study_name, load_sweep, unread_searched_keys
     from pipeline.sweep.stores import PG_CONNECT_TIMEOUT_S, check_storage
     from pipeline.sweep.supervisor import StopSignal, Supervisor
     from pipeline.uris import check_storage_url, resolve_uri
 
     sw = load_sweep(config_path, overrides)
-    if workers is not None and workers < 1:
-        raise ConfigError("--workers", f"must be >= 1, got {workers}")
+    if workers is not None and not 1 <= workers <= WORKERS_MAX:  # the sweep file's bound for `workers`
+        raise ConfigError("--workers", f"must be >= 1 and <= {WORKERS_MAX}, got {workers}")
     if storage is not None:
         check_storage_url("--storage", storage)
     url = sw.storage_url(storage)
@@ -260,8 +260,9 @@ def run_sweep(
     n_workers, devices = fit_workers(
         sw, n_workers, devices, auto=workers is None and sw.workers is None, out=out
     )
-    probe_store(mlflow_uri, "base.tracking.uri")
-    check_storage(url, "--storage" if storage is not None else "storage", mlflow_uri)
+    mlflow_flag = uri_flag(sw.base_config().tracking.uri, "base.tracking.uri")
+    probe_store(mlflow_uri, mlflow_flag)
+    check_storage(url, "--storage" if storage is not None else "storage", mlflow_uri, mlflow_flag)
     for note in unread_searched_keys(sw):
         print(f"note: {note}", file=out, flush=True)
     # CPU workers fork from a preloaded forkserver unless PIPELINE_SWEEP_FORK=0 (an escape hatch).

@@ -284,7 +284,9 @@ def _database_of(url: str, journal: bool) -> tuple | None:
     return backend, u.host or "", u.port or {"mysql": 3306, "postgresql": 5432}[backend], u.database
 
 
-def check_storage(url: str, flag: str = "storage", mlflow_uri: str | None = None) -> None:
+def check_storage(
+    url: str, flag: str = "storage", mlflow_uri: str | None = None, mlflow_flag: str = "base.tracking.uri"
+) -> None:
     """Before the sweep writes anything: a journal must replay (see :func:`repair_journal`) and be a file
     this process can write; an existing SQLite file must be a readable database, a new one's directory
     must exist; either must be writable; a PostgreSQL or MySQL database must accept a connection within
@@ -304,7 +306,7 @@ def check_storage(url: str, flag: str = "storage", mlflow_uri: str | None = None
             # Both programs keep their schema's revision in alembic_version: the second to open it failed
             # with a traceback (a new-user walkthrough: --storage sqlite:///mlflow.db in a new folder).
             raise refuse(
-                f"it is the MLflow store's {'file' if named[0] == 'file' else 'database'} (base.tracking.uri)",
+                f"it is the MLflow store's {'file' if named[0] == 'file' else 'database'} ({mlflow_flag})",
                 "pass another {flag}: the Optuna study needs a database of its own",
             )
 
