@@ -409,6 +409,24 @@ def test_update_baseline_measures_each_band_under_perturbations(store, tmp_path,
     assert "-> PASS" in out and "overrides model.init_ulp_seed=7" in out
 
 
+def test_a_laws_expressions_read_the_config_after_set(store, tmp_path, capsys):
+    """``--set model.init_scale=0.7``: the run trains at 0.7, and the law ``sigma_max = g`` of the orthogonal
+    entry must read g = 0.7; the laws read the suite as written (g = 1), so a run that holds its law
+    failed it (a new-user walkthrough: ``decay_rate_equals: ln(g)`` after ``--set model.init_scale``)."""
+    from pipeline.cli import main
+
+    suite = yaml.safe_load(yaml.safe_dump(TINY))
+    suite["entries"], suite["compare"] = [e for e in suite["entries"] if e["name"] == "orth"], []
+    path = write_suite(tmp_path, suite)
+    assert main(["regress", "--suite", str(path), "--set", "model.init_scale=0.7"]) == 0
+    out = capsys.readouterr().out
+    assert "-> PASS" in out and "g = 0.7 " in out, out
+    _, everything = runs(store)
+    (run,) = [r for r in everything if r.data.tags.get("entry") == "orth"]
+    assert run.data.params["model.init_scale"] == "0.7"
+    assert run.data.metrics["spectral/sigma_max"] == pytest.approx(0.7, abs=1e-4)
+
+
 def test_a_law_that_fails_only_under_a_perturbation_refuses_the_baseline(store, tmp_path, capsys):
     suite = yaml.safe_load(yaml.safe_dump(TINY))
     chaotic = yaml.safe_load(yaml.safe_dump(CHAOTIC))

@@ -26,7 +26,7 @@ from pipeline.regression.baselines import check_writable, suite_baseline
 from pipeline.regression.judge import format_table, judge_entries, suite_verdict
 from pipeline.regression.laws import LAW, NO_BASELINE, EntryResult, Row
 from pipeline.regression.pool import Say, run_all
-from pipeline.regression.suite import EXPERIMENT, Suite, with_overrides
+from pipeline.regression.suite import EXPERIMENT, Suite, judged_under, with_overrides
 
 ROLE_SUITE, ROLE_ENTRY = "suite", "entry"  # the values of tag ROLE: the parent run, an entry's run
 KEY = "regression_key"  # tag: the DAG's idempotency key (suite + data interval) on the parent and entries
@@ -275,13 +275,14 @@ def run_suite(
         for n, (_, err) in ids.items():
             if err and results[n].error is None:
                 results[n].error = err
-        rows = judge_entries(suite, results, baseline)
+        judged = judged_under(suite, overrides)  # the laws' g, T, ... of the configs the runs trained
+        rows = judge_entries(judged, results, baseline)
         if update:
             from pipeline.regression.update import update_baseline
 
             if update_baseline(suite, baseline, results, rows, parent, exp_id, uri, workers, say) is not None:
                 return Outcome(parent, rows, None)
-            rows = judge_entries(suite, results, suite_baseline(suite))
+            rows = judge_entries(judged, results, suite_baseline(suite))
         else:
             say(format_table(rows))
     except BaseException as e:

@@ -124,6 +124,23 @@ def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...], key: str
         raise ConfigError(key, str(e)) from None
 
 
+def judged_under(suite: Suite, overrides: list[str] | tuple[str, ...]) -> Suite:
+    """``suite`` as its runs trained under ``overrides`` (``--set``): each entry's config with them applied,
+    and its laws' expressions read from that config. They were read from the suite as written, so after
+    ``--set model.init_scale=0.6`` the law ``decay_rate_equals: ln(g)`` judged a run at g = 0.6 against
+    ln(0.5) and failed it (a new-user walkthrough)."""
+    from pipeline.regression.expr import names_of
+
+    if not overrides:
+        return suite
+    entries = []
+    for e in suite.entries:
+        cfg = with_overrides(e.cfg, overrides)
+        names = names_of(cfg)
+        entries.append(replace(e, cfg=cfg, checks=tuple(replace(c, names=names) for c in e.checks)))
+    return replace(suite, entries=tuple(entries))
+
+
 def with_baseline_file(suite: Suite, path: str | Path, must_exist: bool = True) -> Suite:
     """``suite`` compared against (and updating) another baseline file (``--baseline``)."""
     from pipeline.store_checks import long_name
