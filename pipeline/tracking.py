@@ -17,6 +17,7 @@ finite number in disguise.
 from __future__ import annotations
 
 import contextlib
+import glob
 import math
 import os
 import re
@@ -85,6 +86,8 @@ def _ensure_experiment(uri: str | None, name: str, path: Path | None) -> str:
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
+        if path is not None and (not path.is_file() or path.stat().st_size == 0):
+            _create_schema(path)
         c = client(uri)
         exp = c.get_experiment_by_name(name)
     except (SQLAlchemyError, MlflowException) as e:  # what probe_store cannot see (a database server)
@@ -105,6 +108,26 @@ def _ensure_experiment(uri: str | None, name: str, path: Path | None) -> str:
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def _create_schema(path: Path) -> None:
+    """A new sqlite store's schema, made by MLflow in ``<store>.creating-<pid>-<hex>`` and renamed into
+    place once whole (under the create lock). MLflow's migrations take seconds, and a kill -9 during them
+    (a first ``make regress`` stopped) left a half-migrated ``mlflow.db`` that no later command could
+    open (``table _alembic_tmp_experiments already exists``; a new-user walkthrough). A killed creator's
+    file is removed by the next one. A new name each time: MLflow caches a store and its engine per URI
+    for the life of the process, so a second creation at one name would reuse an engine on a renamed file."""
+    import secrets
+
+    for leftover in path.parent.glob(f"{glob.escape(path.name)}.creating-*"):
+        with contextlib.suppress(FileNotFoundError):
+            leftover.unlink()
+    tmp = path.with_name(f"{path.name}.creating-{os.getpid()}-{secrets.token_hex(4)}")
+    c = client(f"sqlite:///{tmp}")
+    c.search_experiments(max_results=1)  # MLflow creates the schema and its Default experiment
+    with contextlib.suppress(Exception):  # best effort: its connections are idle, the file complete
+        c._tracking_client.store.engine.dispose()
+    os.replace(tmp, path)
 
 
 def _beside(path: Path | None, name: str) -> str | None:

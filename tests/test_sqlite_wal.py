@@ -155,3 +155,38 @@ def test_processes_started_together_on_a_fresh_store_all_open_it(tmp_path):
     c = MlflowClient(uri)
     assert c.get_experiment_by_name("regression").experiment_id in ids
     assert sqlite_problem(tmp_path / "mlflow.db") is None
+
+
+def test_a_creator_killed_during_the_migrations_leaves_no_store_and_the_next_creates_it(tmp_path):
+    """kill -9 while MLflow's migrations ran (seconds, on a first `make regress`) left a half-migrated
+    `mlflow.db` no later command could open ("table _alembic_tmp_experiments already exists"; a new-user
+    walkthrough). The schema is made under another name and renamed into place whole: here a creator is
+    killed once its file appears, the store's name is still free, and the next creator removes the
+    leftover and creates the store."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    path = tmp_path / "mlflow.db"
+    uri = f"sqlite:///{path}"
+    code = f"from pipeline.tracking import ensure_experiment; ensure_experiment({uri!r}, 'regression')"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
+    try:
+        end = time.monotonic() + 120
+        while not list(tmp_path.glob("mlflow.db.creating-*")) and time.monotonic() < end:
+            assert proc.poll() is None, "the creator ended before its schema file was seen"
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert list(tmp_path.glob("mlflow.db.creating-*")) and not path.exists()  # killed mid-way, name free
+    exp = tracking.ensure_experiment(uri, "regression")
+    assert MlflowClient(uri).get_experiment_by_name("regression").experiment_id == exp
+    assert sqlite_problem(path) is None and not list(tmp_path.glob("mlflow.db.creating-*"))
