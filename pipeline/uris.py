@@ -128,13 +128,22 @@ def ui_command(uri: str) -> str:
     """The command that serves the MLflow UI over store ``uri`` from the working directory: ``make ui`` in
     this package's own checkout over its default store (what the Makefile's target serves), else the verb
     itself, with ``--store`` unless ``uri`` is the default store here (a sweep run outside the checkout
-    printed ``make ui``, which there has no such target: a README audit)."""
+    printed ``make ui``, which there has no such target: a README audit). A tracking server serves its
+    own UI: ``open URL`` (``mlflow ui`` cannot serve a server's store: it failed with a traceback after
+    ``ui --store http://...``, the command printed before; a new-user walkthrough)."""
+    if is_server(uri):
+        return f"open {display_url(uri)}"
     default = absolute_uri(uri) == absolute_uri(DEFAULT_URI)
     here = Path.cwd().resolve()
     if default and here == Path(__file__).resolve().parents[1] and (here / "Makefile").is_file():
         return "make ui"
     # a password stays out of the output (logs, CI): the user puts it back (a review found it printed)
     return "python -m pipeline ui" + ("" if default else f" --store {display_url(uri)}")
+
+
+def is_server(uri: str) -> bool:
+    """An MLflow tracking server's URL (http or https)."""
+    return scheme(uri) in ("http", "https")
 
 
 def display_url(url: str) -> str:

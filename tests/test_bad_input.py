@@ -687,6 +687,11 @@ def test_report_out_that_cannot_be_a_folder_is_one_line_before_the_store_is_read
         (["--host", "999.1.1.1", "--port", "5871"], ("error: --host: ", "999.1.1.1")),
         (["--host", "192.0.2.1", "--port", "5871"], ("error: --host: ", "192.0.2.1")),  # TEST-NET-1: not ours
         (["--workers", "0"], ("error: --workers: ", ">= 1")),
+        # mlflow ui cannot serve a tracking server's store: its traceback, exit 1 (a new-user walkthrough)
+        (
+            ["--store", "http://127.0.0.1:5071"],
+            ("error: --store: ", "serves its own UI: open http://127.0.0.1:5071"),
+        ),
     ],
 )
 def test_ui_bad_port_or_host_is_one_line_before_the_server(tmp_path, args, needles):

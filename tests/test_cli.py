@@ -248,7 +248,9 @@ def test_the_ui_command_printed_is_one_that_runs_where_the_user_is(tmp_path, mon
     assert ui_command(other) == f"python -m pipeline ui --store {other}"
     monkeypatch.chdir(tmp_path)
     assert ui_command("sqlite:///mlflow.db") == ui_command(other) == "python -m pipeline ui"
-    assert ui_command("http://127.0.0.1:5005") == "python -m pipeline ui --store http://127.0.0.1:5005"
+    # a tracking server serves its own UI; `ui --store http://...` failed with mlflow ui's traceback
+    assert ui_command("http://127.0.0.1:5005") == "open http://127.0.0.1:5005"
+    assert ui_command("https://u:pw@mlflow.example") == "open https://u:***@mlflow.example"
     pg = "postgresql+psycopg2://u:s3cret@db/mlflow"  # a password stays out of logs (a review)
     assert ui_command(pg) == "python -m pipeline ui --store postgresql+psycopg2://u:***@db/mlflow"
     r = cli(

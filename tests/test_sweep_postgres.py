@@ -125,6 +125,8 @@ def test_two_workers_on_postgres_through_mlflow_server(pg_databases, mlflow_serv
     workers = {t.user_attrs["worker"].split("|")[1] for t in study.trials if "worker" in t.user_attrs}
     assert len(workers) == 2  # both workers took trials
     assert not Path("mlflow.db").exists()  # everything went through the server
+    # the server's own UI, not `ui --store http://...`, which mlflow ui cannot serve (a walkthrough)
+    assert f"review in MLflow: open {mlflow_server}, experiment 'sweep-test'" in p.stdout, p.stdout[-2000:]
     # A second invocation ("add a worker on another machine" after the end) joins, runs nothing new.
     p2 = run_sweep_cli(cfg, "--storage", optuna_url, "--workers", "1")
     assert p2.returncode == 0, p2.stderr

@@ -156,7 +156,14 @@ def command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     from pipeline.store_checks import probe_existing_store
+    from pipeline.uris import display_url, is_server, resolve_uri, uri_flag
 
+    if is_server(resolve_uri(args.store)):  # `mlflow ui` cannot serve it (a traceback, exit 1)
+        url = display_url(resolve_uri(args.store))
+        raise ConfigError(
+            uri_flag(args.store, "--store"),
+            f"{url} is an MLflow tracking server, which serves its own UI: open {url}",
+        )
     # MLflow would create a store that does not exist and serve it empty: a mistyped --store (or `make ui`
     # before anything ran) read as "no runs" and left a stray file behind (found by a walkthrough)
     store = probe_existing_store(

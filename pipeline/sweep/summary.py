@@ -199,9 +199,11 @@ def print_summary(res: dict[str, Any], sw, mlflow_uri: str, experiment: str, out
     for n in res["notes"]:
         print(f"note: {n}", file=out)
     ui = ui_command(mlflow_uri)
+    where = f"experiment '{experiment}', run '{parent_run_name(sw.study)}'"
     print(
-        f"review in MLflow: {ui}   (then open http://127.0.0.1:5000, experiment '{experiment}', "
-        f"run '{parent_run_name(sw.study)}')",
+        f"review in MLflow: {ui}, {where}"  # a tracking server's own UI
+        if ui.startswith("open ")
+        else f"review in MLflow: {ui}   (then open http://127.0.0.1:5000, {where})",
         file=out,
         flush=True,
     )
