@@ -108,6 +108,13 @@ def test_passing_suite_exits_0_records_everything_and_update_shows_changes(store
     assert last.data.metrics["regression/failed"] == 0
     table = Path(c.download_artifacts(last.info.run_id, "regression/table.txt", str(tmp_path)))
     assert "orth: metric_equals spectral/sigma_max" in table.read_text()
+    # README "What is recorded": the suite file and the baseline it was judged against, as they are
+    assert [a.path for a in c.list_artifacts(last.info.run_id, "suite")] == [
+        "suite/suite.baseline.yaml",
+        "suite/suite.yaml",
+    ]
+    kept = Path(c.download_artifacts(last.info.run_id, "suite/suite.baseline.yaml", str(tmp_path / "got")))
+    assert kept.read_text() == (tmp_path / "suite.baseline.yaml").read_text()
     _, everything = runs(store)
     children = [r for r in everything if r.data.tags.get("mlflow.parentRunId") == last.info.run_id]
     assert sorted(r.data.tags["entry"] for r in children) == ["orth", "tanh_g05"]
