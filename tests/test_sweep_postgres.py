@@ -115,8 +115,9 @@ def test_two_workers_on_postgres_through_mlflow_server(pg_databases, mlflow_serv
     cfg = write_sweep(tmp_path / "s.yaml", n_trials=6, workers=2, study=LONG_STUDY)
     p = run_sweep_cli(cfg, "--storage", optuna_url, "--workers", "2")
     assert p.returncode == 0, p.stdout + p.stderr
-    logs = "".join(f.read_text() for f in (Path("optuna/logs") / file_name(LONG_STUDY)).glob("*.log"))
-    assert "Traceback" not in logs and logs, logs[-3000:]
+    files = list((Path("optuna/logs") / file_name(LONG_STUDY)).glob("*.log"))
+    logs = "".join(f.read_text() for f in files)
+    assert files and "Traceback" not in logs, logs[-3000:]  # the workers' logs, in the study's folder
     study = optuna.load_study(study_name=LONG_STUDY, storage=optuna_url)
     c = MlflowClient(mlflow_server)
     exp = c.get_experiment_by_name("sweep-test")
@@ -127,6 +128,7 @@ def test_two_workers_on_postgres_through_mlflow_server(pg_databases, mlflow_serv
     assert not Path("mlflow.db").exists()  # everything went through the server
     # the server's own UI, not `ui --store http://...`, which mlflow ui cannot serve (a walkthrough)
     assert f"review in MLflow: open {mlflow_server}, experiment 'sweep-test'" in p.stdout, p.stdout[-2000:]
+    assert "View run" not in p.stdout + p.stderr  # MLflow's line per run it ends on a server
     # A second invocation ("add a worker on another machine" after the end) joins, runs nothing new.
     p2 = run_sweep_cli(cfg, "--storage", optuna_url, "--workers", "1")
     assert p2.returncode == 0, p2.stderr

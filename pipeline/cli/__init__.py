@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: verb '{args.verb}' is not available in this build", file=sys.stderr)
         return 2
     _quiet_locked_store_logs()
+    # MLflow prints "View run ... at: URL" for each run it ends on a tracking server: a sweep's resume
+    # printed ten before its header (a new-user walkthrough); the commands print where to review. Yours wins.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         return importlib.import_module(args._module).command(args)
     except ConfigError as e:
