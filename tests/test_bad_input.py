@@ -1131,21 +1131,39 @@ def test_a_store_holding_optunas_schema_is_named_as_another_programs(tmp_path, v
     assert db.read_bytes() == data and files(tmp_path) == ["mlflow.db"]
 
 
-def test_an_optuna_storage_pointed_at_the_mlflow_store_is_one_line(tmp_path, valid_db):
-    """``--storage sqlite:///mlflow.db``, the sweep's own MLflow store: both programs keep their schema's
-    revision in ``alembic_version``, so Optuna read MLflow's as its own, created twelve tables in the
-    MLflow store and failed with a traceback telling to upgrade Optuna (a new-user walkthrough). Here
-    another MLflow store than the sweep's own (that one: the next test)."""
-    db = tmp_path / "old-runs.db"
-    db.write_bytes(valid_db.read_bytes())
+def _another_programs_alembic(db) -> None:
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        con.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        con.execute("INSERT INTO alembic_version VALUES ('1a2b3c4d5e6f')")
+
+
+@pytest.mark.parametrize(
+    ("made_by", "problem"),
+    [
+        ("mlflow", "it is an MLflow tracking store (tables experiments, runs)"),
+        ("other", "its table alembic_version is another program's (no Optuna table version_info)"),
+    ],
+)
+def test_an_optuna_storage_holding_another_alembic_schema_is_one_line(tmp_path, valid_db, made_by, problem):
+    """``--storage`` naming an MLflow store (here another than the sweep's own; that one: the next test):
+    both programs keep their schema's revision in ``alembic_version``, so Optuna read MLflow's as its own,
+    created twelve tables in the MLflow store and failed with a traceback telling to upgrade Optuna (a
+    new-user walkthrough). The same for any other program whose schema Alembic keeps."""
+    db = tmp_path / "other.db"
+    if made_by == "mlflow":
+        db.write_bytes(valid_db.read_bytes())
+    else:
+        _another_programs_alembic(db)
     data = db.read_bytes()
     one_error_line(
-        cli("sweep", "--config", "smoke", "--storage", "sqlite:///old-runs.db", "n_trials=2", cwd=tmp_path),
-        "optuna storage sqlite:///old-runs.db",
-        "it is an MLflow tracking store (tables experiments, runs)",
+        cli("sweep", "--config", "smoke", "--storage", "sqlite:///other.db", "n_trials=2", cwd=tmp_path),
+        "optuna storage sqlite:///other.db",
+        problem,
         "pass another --storage",
     )
-    assert db.read_bytes() == data and files(tmp_path) == ["old-runs.db"]
+    assert db.read_bytes() == data and files(tmp_path) == ["other.db"]
 
 
 @pytest.mark.parametrize("existing", [False, True])
@@ -1181,24 +1199,6 @@ def test_the_same_database_is_recognised_across_spellings():
     assert _database_of("http://127.0.0.1:5000", journal=False) is None
     assert _database_of("optuna/s.journal", journal=True)[0] == "file"
     assert _database_of("optuna/s.journal", journal=False) is None  # not a file MLflow would use
-
-
-def test_an_optuna_storage_holding_another_alembic_schema_is_one_line(tmp_path):
-    """The same for any other program whose schema Alembic keeps: Optuna would read its revision."""
-    import sqlite3
-
-    db = tmp_path / "other.db"
-    with contextlib.closing(sqlite3.connect(db)) as con, con:
-        con.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
-        con.execute("INSERT INTO alembic_version VALUES ('1a2b3c4d5e6f')")
-    data = db.read_bytes()
-    one_error_line(
-        cli("sweep", "--config", "smoke", "--storage", "sqlite:///other.db", "n_trials=2", cwd=tmp_path),
-        "optuna storage sqlite:///other.db",
-        "its table alembic_version is another program's (no Optuna table version_info)",
-        "pass another --storage",
-    )
-    assert db.read_bytes() == data and files(tmp_path) == ["other.db"]
 
 
 def test_a_store_whose_revision_this_mlflow_has_opens():
