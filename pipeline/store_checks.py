@@ -14,7 +14,7 @@ import os
 import re
 from pathlib import Path
 
-from pipeline.uris import display_url, resolve_uri, scheme, sqlite_file, uri_flag
+from pipeline.uris import display_url, is_server, resolve_uri, scheme, sqlite_file, uri_flag
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 # the tables every MLflow store has (since its first migrations) and every train or sweep writes
@@ -375,7 +375,7 @@ def probe_store(uri: str | None, flag: str = "tracking.uri", write: bool = True)
         root = _artifact_root(path)
         if write and root.exists() and not root.is_dir():
             raise store_error(u, f"its artifact root {root} is not a directory", flag, f"move {root} aside")
-    elif u.startswith(("http://", "https://")):
+    elif is_server(u):
         check_http_store(u, flag)
     elif scheme(u) in ("postgresql", "postgres", "mysql"):
         check_database_store(u, flag)

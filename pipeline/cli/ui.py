@@ -158,8 +158,8 @@ def command(args: argparse.Namespace) -> int:
     from pipeline.store_checks import probe_existing_store
     from pipeline.uris import display_url, is_server, resolve_uri, uri_flag
 
-    if is_server(resolve_uri(args.store)):  # `mlflow ui` cannot serve it (a traceback, exit 1)
-        url = display_url(resolve_uri(args.store))
+    if is_server(given := resolve_uri(args.store)):  # `mlflow ui` cannot serve it (a traceback, exit 1)
+        url = display_url(given)
         raise ConfigError(
             uri_flag(args.store, "--store"),
             f"{url} is an MLflow tracking server, which serves its own UI: open {url}",

@@ -208,8 +208,9 @@ def _journal_unwritable(path: Path) -> str | None:
 OPTUNA_STUDY_COLUMNS = frozenset({"study_id", "study_name"})
 # MLflow's tracking store: both it and Optuna keep their schema's revision in ``alembic_version``, so
 # Optuna read MLflow's revision as its own, created its tables beside MLflow's and then failed with a
-# traceback telling to upgrade Optuna (a new-user walkthrough: ``--storage sqlite:///mlflow.db``).
-MLFLOW_TABLES = ("experiments", "runs")
+# traceback telling to upgrade Optuna (a new-user walkthrough: ``--storage sqlite:///mlflow.db``). Two
+# of its tables mark it (pipeline.store_checks.MLFLOW_TABLES, all of them, is what an MLflow store must hold).
+MLFLOW_MARKS = ("experiments", "runs")
 
 
 def _foreign_schema(url: str) -> tuple[str, str] | None:
@@ -230,9 +231,9 @@ def _foreign_schema(url: str) -> tuple[str, str] | None:
     finally:
         engine.dispose()
     if columns is None:
-        if set(MLFLOW_TABLES) <= tables:
+        if set(MLFLOW_MARKS) <= tables:
             return (
-                f"it is an MLflow tracking store (tables {', '.join(MLFLOW_TABLES)})",
+                f"it is an MLflow tracking store (tables {', '.join(MLFLOW_MARKS)})",
                 "pass another {flag}: the Optuna study needs a database of its own",
             )
         if "alembic_version" in tables and "version_info" not in tables:

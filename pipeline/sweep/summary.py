@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 from pipeline.names import DIVERGED, EXPLODING, HEALTHY, UNKNOWN, VANISHING
 from pipeline.sweep.config import SweepConfig, parent_run_name
 from pipeline.sweep.study import best_trial, counts, trial_ratio
-from pipeline.uris import ui_command
+from pipeline.uris import is_server, ui_command
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -202,7 +202,7 @@ def print_summary(res: dict[str, Any], sw, mlflow_uri: str, experiment: str, out
     where = f"experiment '{experiment}', run '{parent_run_name(sw.study)}'"
     print(
         f"review in MLflow: {ui}, {where}"  # a tracking server's own UI
-        if ui.startswith("open ")
+        if is_server(mlflow_uri)
         else f"review in MLflow: {ui}   (then open http://127.0.0.1:5000, {where})",
         file=out,
         flush=True,
