@@ -30,7 +30,7 @@ from typing import Any
 
 from pipeline.names import NONFINITE_PREFIX
 from pipeline.store_checks import store_error
-from pipeline.uris import resolve_uri, sqlite_file, with_libpq_bounds
+from pipeline.uris import resolve_uri, sqlite_file, uri_flag, with_libpq_bounds
 
 FLUSH_EVERY = 500  # buffered metric values before a log_batch
 FLUSH_SECONDS = 30.0  # ... or this long after the last send: a live run in the UI is at most this stale
@@ -47,15 +47,16 @@ def client(uri: str | None = None):
     return MlflowClient(tracking_uri=with_libpq_bounds(resolve_uri(uri)))
 
 
-def ensure_experiment(uri: str | None, name: str) -> str:
-    """Create the store (schema) and the experiment if needed; return the experiment id.
+def ensure_experiment(uri: str | None, name: str, flag: str = "tracking.uri") -> str:
+    """Create the store (schema) and the experiment if needed; return the experiment id. ``flag``: the
+    key or option that gives ``uri``, named by a store error (as :func:`pipeline.store_checks.probe_store`).
 
     Call once in the parent process before any worker starts: concurrent first-time schema creation
     on a fresh sqlite/PostgreSQL store loses workers (README, "Faults and resuming").
     """
     path = sqlite_file(resolve_uri(uri))
     with _creating(path):
-        return _ensure_experiment(uri, name, path)
+        return _ensure_experiment(uri, name, path, flag)
 
 
 @contextlib.contextmanager
@@ -81,7 +82,7 @@ def _creating(path: Path | None) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _ensure_experiment(uri: str | None, name: str, path: Path | None) -> str:
+def _ensure_experiment(uri: str | None, name: str, path: Path | None, flag: str) -> str:
     from mlflow.exceptions import MlflowException
     from sqlalchemy.exc import SQLAlchemyError
 
@@ -93,7 +94,7 @@ def _ensure_experiment(uri: str | None, name: str, path: Path | None) -> str:
     except (SQLAlchemyError, MlflowException) as e:  # what probe_store cannot see (a database server)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise store_error(
-            resolve_uri(uri), f"cannot be opened ({first})", "tracking.uri", "check the server"
+            resolve_uri(uri), f"cannot be opened ({first})", uri_flag(uri, flag), "check the server"
         ) from None
     if path is not None:
         use_wal(path)

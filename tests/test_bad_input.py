@@ -414,6 +414,35 @@ def test_unreachable_tracking_server_is_one_line(tmp_path):
     assert files(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    ("uri", "env_uri", "flag", "named"),
+    [
+        ("http://127.0.0.1:9/", None, "defaults.tracking.uri", "defaults.tracking.uri"),
+        (None, "http://127.0.0.1:9/", "base.tracking.uri", "$MLFLOW_TRACKING_URI"),
+    ],
+)
+def test_a_store_that_fails_after_the_probe_names_the_key_that_gave_it(monkeypatch, uri, env_uri, flag, named):
+    """A tracking server that answers the probe and then fails (MLflow's error on the experiment's
+    lookup) named ``tracking.uri`` even for a suite's or a sweep's key, or for $MLFLOW_TRACKING_URI."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+    from pipeline.schema import StoreError
+
+    class Failing:
+        def get_experiment_by_name(self, name):
+            raise MlflowException("API request to endpoint /api/2.0/mlflow/experiments/get-by-name failed")
+
+    if env_uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env_uri)
+    monkeypatch.setattr(tracking, "client", lambda uri=None: Failing())
+    with pytest.raises(StoreError) as e:
+        tracking.ensure_experiment(uri, "regression", flag)
+    line = str(e.value)
+    assert line.startswith("mlflow store http://127.0.0.1:9/: cannot be opened (API request"), line
+    assert line.endswith(f"; check the server or point {named} elsewhere"), line
+
+
 def test_a_database_url_that_cannot_be_read_is_one_line_without_its_password(tmp_path):
     r = cli("regress", "--suite", str(ROOT / "configs/regression/smoke.yaml"), cwd=tmp_path,
             env_uri="postgresql://u:p@ss:word@127.0.0.1/db")  # fmt: skip

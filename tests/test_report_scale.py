@@ -39,7 +39,7 @@ def reference_representative_runs(table, per_panel: int = rd.PROFILE_RUNS_PER_PA
 
 def reference_summary_table(table):
     rows = []
-    for key, grp in table.groupby(rd.KEYS, sort=True, dropna=False):
+    for key, grp in table.groupby(rd.KEYS, sort=False, dropna=False):
         counts = grp["regime"].fillna("none").value_counts()
         rows.append(
             {
@@ -116,6 +116,33 @@ def runs_frame(n: int, seed: int) -> pd.DataFrame:
             "tags.mlflow.runName": pick(["a", "b|c", "d"]),
         }
     )
+
+
+def test_the_numbers_in_clip_and_settings_sort_as_numbers():
+    """``clip`` and ``settings`` are text: sorted as text, ``norm 10`` came before ``norm 2`` and
+    ``model.hidden_size=128`` before ``=32`` in comparison.csv and summary.csv (a walkthrough)."""
+    clip = [("norm", "10.0", "32"), ("norm", "2.0", "32"), ("norm", "0.5", "32")]
+    sizes = [("none", "1.0", "128"), ("none", "1.0", "32"), ("none", "1.0", "64")]
+    runs = pd.DataFrame(
+        [
+            {"tags.task": "adding", "tags.cell": "tanh", "tags.init": "gaussian", "params.model.init_scale": "1.0",
+             "params.optim.lr": "0.01", "params.clip.mode": mode, "params.clip.threshold": c,
+             "params.model.hidden_size": h, "run_id": f"r{i}", "status": "FINISHED"}
+            for i, (mode, c, h) in enumerate(clip + sizes)
+        ]
+    )  # fmt: skip
+    table = rd.comparison_table(runs)
+    want = [
+        ("none", "model.hidden_size=32"),
+        ("none", "model.hidden_size=64"),
+        ("none", "model.hidden_size=128"),
+        ("norm 0.5", "model.hidden_size=32"),
+        ("norm 2", "model.hidden_size=32"),
+        ("norm 10", "model.hidden_size=32"),
+    ]
+    assert list(zip(table["clip"], table["settings"], strict=True)) == want
+    summary = rw.summary_table(table)
+    assert list(zip(summary["clip"], summary["settings"], strict=True)) == want
 
 
 @pytest.mark.parametrize("seed", range(12))

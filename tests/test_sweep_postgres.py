@@ -318,6 +318,8 @@ def test_a_postgres_storage_with_a_foreign_schema_is_one_line_before_any_store(
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
     assert lines[0].startswith("error: optuna storage postgresql") and "--storage" in lines[0], lines
     assert problem in lines[0], lines
+    remedy = "point --storage at another database" if "studies" in problem else "pass another --storage: "
+    assert remedy in lines[0], lines  # a server's database is not moved aside
     assert list(work.iterdir()) == []
 
 

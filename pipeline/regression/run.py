@@ -59,7 +59,7 @@ def start_suite_run(suite: Suite, key: str | None = None, uri: str | None = None
     from pipeline.tracking import Recorder, client, ensure_experiment
 
     uri = uri or suite.uri
-    exp_id = ensure_experiment(uri, EXPERIMENT)
+    exp_id = ensure_experiment(uri, EXPERIMENT, "defaults.tracking.uri")
     if key:
         found = _search(client(uri), exp_id, f"tags.{KEY} = '{key}' and tags.{ROLE} = '{ROLE_SUITE}'")
         if found:

@@ -300,8 +300,26 @@ def comparison_table(runs):
         table[c] = table[c].astype(float)
     for c in (n for n, _, k in COLUMNS if k == "int"):
         table[c] = table[c].astype("Int64")
-    return table.sort_values(KEYS + ["seed", "run_name"], na_position="last", kind="stable").reset_index(
-        drop=True
+    return table.sort_values(
+        KEYS + ["seed", "run_name"], key=_numbers_as_numbers, na_position="last", kind="stable"
+    ).reset_index(drop=True)
+
+
+NUMBER = re.compile(r"(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)")
+
+
+def _numbers_as_numbers(column):
+    """The sort key of the text columns that hold numbers (``clip``: ``norm 10``; ``settings``:
+    ``trainer.max_steps=20000``): their numbers compared as numbers, so ``norm 2`` comes before ``norm
+    10`` and ``max_steps=3000`` before ``=20000`` (as text, the other way round: a walkthrough)."""
+    if column.name not in ("clip", "settings"):
+        return column
+    return column.map(
+        lambda v: (
+            tuple(float(p) if i % 2 else p for i, p in enumerate(NUMBER.split(v)))
+            if isinstance(v, str)
+            else v
+        )
     )
 
 

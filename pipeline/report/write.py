@@ -83,14 +83,14 @@ class ReportResult:
 
 def summary_table(table):
     """Per (task, cell, init, g, lr, clip, other settings): runs, solved, regime counts, median loss ratio
-    and accuracy."""
+    and accuracy; the groups in the order of ``table`` (:func:`pipeline.report.data.comparison_table`'s)."""
     import pandas as pd
 
     # Each group's numbers at once (groupby's size and median; regimes counted in one pass): a loop over
     # the groups, four Series operations each, took 6.1 s of a 5,000-run report, g and lr being continuous
     # and nearly every run a group of its own (benchmarks/scale_store.py: 6.1 s -> 0.05 s). The same frame
     # as the loop (tests/test_report_scale.py).
-    groups = table.groupby(rd.KEYS, sort=True, dropna=False)
+    groups = table.groupby(rd.KEYS, sort=False, dropna=False)  # the table's order: numbers as numbers
     sizes = groups.size()
     number = groups.ngroup().tolist()  # each run's group, numbered in the order of ``sizes``
     solved = [0] * len(sizes)

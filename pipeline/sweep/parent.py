@@ -144,7 +144,7 @@ def create_stores(sw: SweepConfig, url: str, mlflow_uri: str) -> Stores:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     experiment = sw.base_config().tracking.experiment
-    experiment_id = ensure_experiment(mlflow_uri, experiment)
+    experiment_id = ensure_experiment(mlflow_uri, experiment, "base.tracking.uri")
     storage = open_storage(
         url, heartbeat_interval=sw.heartbeat.interval, grace=sw.heartbeat.grace, mlflow_uri=mlflow_uri
     )

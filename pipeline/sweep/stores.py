@@ -213,13 +213,15 @@ OPTUNA_STUDY_COLUMNS = frozenset({"study_id", "study_name"})
 MLFLOW_MARKS = ("experiments", "runs")
 
 
-def _foreign_schema(url: str) -> tuple[str, str] | None:
+def _foreign_schema(url: str, server: bool = False) -> tuple[str, str] | None:
     """(problem, remedy) of a database at ``url`` whose schema Optuna cannot open (read-only:
-    SQLAlchemy's inspector), or None (Optuna's own tables, or none yet). The remedy has ``{flag}``."""
+    SQLAlchemy's inspector), or None (Optuna's own tables, or none yet). The remedy has ``{flag}``; a
+    ``server``'s database is pointed away from, not moved aside as a file is."""
     import sqlalchemy
 
     from pipeline.uris import with_pg_driver
 
+    elsewhere = "point {flag} at another database" if server else "move it aside or pass another {flag}"
     engine = sqlalchemy.create_engine(with_pg_driver(url))
     try:
         inspector = sqlalchemy.inspect(engine)
@@ -227,7 +229,7 @@ def _foreign_schema(url: str) -> tuple[str, str] | None:
         columns = {c["name"] for c in inspector.get_columns("studies")} if "studies" in tables else None
     except sqlalchemy.exc.SQLAlchemyError as e:
         why = f"its schema cannot be read ({str(getattr(e, 'orig', None) or e).strip().splitlines()[0]})"
-        return why, "move it aside or pass another {flag}"
+        return why, elsewhere
     finally:
         engine.dispose()
     if columns is None:
@@ -244,8 +246,7 @@ def _foreign_schema(url: str) -> tuple[str, str] | None:
         return None
     missing = sorted(OPTUNA_STUDY_COLUMNS - columns)
     if missing:
-        why = f"its table studies is not Optuna's (no column {', '.join(missing)})"
-        return why, "move it aside or pass another {flag}"
+        return f"its table studies is not Optuna's (no column {', '.join(missing)})", elsewhere
     return None
 
 
@@ -333,12 +334,9 @@ def check_storage(
         from pipeline.store_checks import check_database_store
 
         check_database_store(url, flag, "optuna storage")
-        foreign = _foreign_schema(url)
+        foreign = _foreign_schema(url, server=True)
         if foreign:
-            why, remedy = foreign
-            if remedy.startswith("move it aside"):  # a server's database is not moved aside
-                why, remedy = f"{why}: another program's tables", "point {flag} at another database"
-            raise refuse(why, remedy)
+            raise refuse(*foreign)
 
 
 @contextlib.contextmanager
