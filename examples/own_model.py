@@ -58,7 +58,11 @@ def main() -> None:
     loggers: list = [pl.loggers.CSVLogger(out, name="csv")]
     if args.mlflow:
         loggers.append(
-            pl.loggers.MLFlowLogger(experiment_name="own-model", tracking_uri=f"sqlite:///{out}/mlflow.db")
+            pl.loggers.MLFlowLogger(  # artifacts beside the store (MLflow's default: ./mlruns in the cwd)
+                experiment_name="own-model",
+                tracking_uri=f"sqlite:///{out}/mlflow.db",
+                artifact_location=f"{out}/mlartifacts",
+            )
         )
     grads = GradientNormMonitor(log_every_n_steps=10)
     prof = BPTTProfileMonitor("encoder.lstm", every_n_steps=20)

@@ -776,3 +776,6 @@ def test_the_example_file_runs_as_the_readme_says(tmp_path):
     assert "diagnostics/bptt_profile.parquet" in [
         a.path for a in c.list_artifacts(run.info.run_id, "diagnostics")
     ]
+    # all in its temp dir: the artifacts went to ./mlruns of the working directory (a walkthrough)
+    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(out)]
+    assert run.info.artifact_uri.startswith(f"{out}/mlartifacts/"), run.info.artifact_uri
