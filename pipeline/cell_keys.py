@@ -10,6 +10,7 @@ only :mod:`pipeline.config` and :mod:`pipeline.names`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 from pipeline.config import Config, ModelConfig
@@ -103,3 +104,22 @@ def differing_settings(params: list[dict[str, Any]]) -> list[str]:
     keys = sorted({k for p in params for k in p if k not in NOT_SETTINGS and not k.startswith(skip)})
     varying = [k for k in keys if len({value(p, k) for p in params} - {None}) > 1]
     return ["; ".join(f"{k}={value(p, k)}" for k in varying if value(p, k)) for p in params]
+
+
+NUMBER = re.compile(r"(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)")
+
+
+def numbers_as_numbers(column):
+    """The sort key (pandas' ``sort_values(key=...)``) of the report's text columns that hold numbers
+    (``clip``: ``norm 10``; ``settings``: ``trainer.max_steps=20000``): their numbers compared as numbers,
+    so ``norm 2`` comes before ``norm 10`` and ``max_steps=3000`` before ``=20000`` (as text, the other
+    way round: a walkthrough). Other columns as they are."""
+
+    def key(v):
+        return (
+            tuple(float(p) if i % 2 else p for i, p in enumerate(NUMBER.split(v)))
+            if isinstance(v, str)
+            else v
+        )
+
+    return column.map(key) if column.name in ("clip", "settings") else column

@@ -663,6 +663,37 @@ def test_panel_legends_overlap_nothing_and_phase_ticks_do_not_run_together():
         assert len(spans) >= 3 and all(a[1] < b[0] for a, b in zip(spans, spans[1:], strict=False))
 
 
+def test_long_settings_wrap_in_the_legend_and_leave_the_axes_their_width():
+    """Labels of ~230 characters (a run differing in many settings): the legend was as wide as its longest
+    label and squeezed each panel's axes to ~5% of the figure's width (a walkthrough). Wrapped at
+    LABEL_CHARS, the axes keep most of the width, and each legend lies below its x label, inside the
+    figure, clear of the next panel."""
+    import numpy as np
+    import pandas as pd
+
+    from pipeline.report import figures as rr
+
+    long = "; ".join(f"model.some_setting_{k}={k * 1.5}" for k in range(8))  # 223 characters
+    one = _one_panel_table().iloc[0].to_dict() | {"settings": long}
+    table = pd.DataFrame([one | {"run_id": f"{c}{k}", "cell": c, "init_scale": 0.5 + k} for c in ("gru", "tanh")
+                          for k in range(3)])  # fmt: skip
+    norms = {r: pd.DataFrame({"step": np.arange(1, 6), "norm_preclip": np.linspace(1, 5, 5),
+                              "norm_postclip": np.ones(5)}) for r in table["run_id"]}  # fmt: skip
+    fig = rr.grad_norm_panels(table, norms, "adding")
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        texts = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert any(long[:60] in t.replace("\n", " ") for t in texts), texts
+        assert max(len(line) for t in texts for line in t.splitlines()) <= rr.LABEL_CHARS + 4
+        assert ax.get_window_extent(r).width > 0.6 * fig.bbox.width
+        box = ax.get_legend().get_window_extent(r)
+        assert _inside(fig, ax.get_legend()) and box.y1 < ax.xaxis.label.get_window_extent(r).y0
+        for other in fig.axes:
+            if other is not ax:
+                assert not box.overlaps(other.get_window_extent(r))
+
+
 def test_learned_nothing_does_not_look_like_success():
     """A healthy run whose loss stayed at the baseline is drawn hollow and says "learned nothing" next to
     its regime; a solved run is a filled star."""

@@ -145,6 +145,25 @@ def test_the_numbers_in_clip_and_settings_sort_as_numbers():
     assert list(zip(summary["clip"], summary["settings"], strict=True)) == want
 
 
+def test_settings_are_the_ones_the_runs_of_a_task_differ_in():
+    """Over the whole report, one digits run among copy runs gave every copy run's label and settings its
+    T, batch and sizes, in which no two copy runs differed (a walkthrough)."""
+    base = {"tags.cell": "tanh", "tags.init": "gaussian", "params.model.init_scale": "1.0",
+            "params.optim.lr": "0.01", "params.clip.mode": "none", "status": "FINISHED"}  # fmt: skip
+    copy = {"tags.task": "copy", "params.task.seq_len": "30", "params.task.batch_size": "16"}
+    digits = {"tags.task": "digits", "params.task.seq_len": "64", "params.task.batch_size": "32"}
+    runs = pd.DataFrame(
+        [base | copy | {"run_id": f"c{k}", "params.model.hidden_size": "16"} for k in range(3)]
+        + [
+            base | digits | {"run_id": f"d{k}", "params.model.hidden_size": h}
+            for k, h in enumerate(["32", "64"])
+        ]
+    )
+    table = rd.comparison_table(runs).set_index("run_id")
+    assert table.loc[["c0", "c1", "c2"], "settings"].tolist() == ["", "", ""]
+    assert table.loc[["d0", "d1"], "settings"].tolist() == ["model.hidden_size=32", "model.hidden_size=64"]
+
+
 @pytest.mark.parametrize("seed", range(12))
 def test_representative_runs_pick_what_the_loop_picked(seed):
     table = rd.comparison_table(runs_frame(300 if seed % 3 else 40, seed))

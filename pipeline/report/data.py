@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.cell_keys import differing_settings, effective_scale
+from pipeline.cell_keys import differing_settings, effective_scale, numbers_as_numbers
 from pipeline.names import (
     DIVERGED,
     KIND_SWEEP,
@@ -257,16 +257,23 @@ def _task(tag: Any, name: Any, permute: Any) -> str | None:
     return f"{task} (permuted)" if task is not None and _num(permute, "str") == "True" else task
 
 
-def _settings(runs) -> list[str]:
-    """Per run, the settings in which the runs reported differ (:func:`pipeline.cell_keys.differing_settings`)."""
+def _settings(runs, tasks: list) -> list[str]:
+    """Per run, the settings in which the runs of its task differ (:func:`pipeline.cell_keys.differing_settings`):
+    over the whole report, one digits run gave every copy run's label its T, batch and sizes (a walkthrough)."""
     cols = {c[7:]: runs[c].tolist() for c in runs.columns if c.startswith("params.")}
-    return differing_settings([{k: v[i] for k, v in cols.items()} for i in range(len(runs))])
+    params = [{k: v[i] for k, v in cols.items()} for i in range(len(runs))]
+    out = [""] * len(runs)
+    for task in dict.fromkeys(tasks):
+        idx = [i for i, t in enumerate(tasks) if t == task]
+        for i, setting in zip(idx, differing_settings([params[i] for i in idx]), strict=True):
+            out[i] = setting
+    return out
 
 
 def comparison_table(runs):
     """One row per run, values exactly as MLflow holds them (but g: the scale W_hh was drawn at, None
     where it has none, :func:`pipeline.cell_keys.effective_scale`; and ``settings``, in which the runs
-    differ), sorted by (task, cell, init, g, lr, clip, settings)."""
+    of its task differ), sorted by (task, cell, init, g, lr, clip, settings)."""
     import pandas as pd
 
     # Columns as lists, read by index: a Series' .iloc per value and column took 4.7 s of a 5,000-run
@@ -293,7 +300,7 @@ def comparison_table(runs):
         if r["cell"] and r["init"] and r["init_scale"] is not None:  # the g W_hh was drawn at; None: no g
             r["init_scale"] = effective_scale(r["cell"], r["init"], r["init_scale"])
         rows.append(r)
-    for r, setting in zip(rows, _settings(runs), strict=True):
+    for r, setting in zip(rows, _settings(runs, [r["task"] for r in rows]), strict=True):
         r["settings"] = setting
     table = pd.DataFrame(rows, columns=KEYS + [c[0] for c in COLUMNS])
     for c in ("init_scale", "lr", *(n for n, _, k in COLUMNS if k == "float")):
@@ -301,26 +308,8 @@ def comparison_table(runs):
     for c in (n for n, _, k in COLUMNS if k == "int"):
         table[c] = table[c].astype("Int64")
     return table.sort_values(
-        KEYS + ["seed", "run_name"], key=_numbers_as_numbers, na_position="last", kind="stable"
+        KEYS + ["seed", "run_name"], key=numbers_as_numbers, na_position="last", kind="stable"
     ).reset_index(drop=True)
-
-
-NUMBER = re.compile(r"(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)")
-
-
-def _numbers_as_numbers(column):
-    """The sort key of the text columns that hold numbers (``clip``: ``norm 10``; ``settings``:
-    ``trainer.max_steps=20000``): their numbers compared as numbers, so ``norm 2`` comes before ``norm
-    10`` and ``max_steps=3000`` before ``=20000`` (as text, the other way round: a walkthrough)."""
-    if column.name not in ("clip", "settings"):
-        return column
-    return column.map(
-        lambda v: (
-            tuple(float(p) if i % 2 else p for i, p in enumerate(NUMBER.split(v)))
-            if isinstance(v, str)
-            else v
-        )
-    )
 
 
 def representative_runs(table, per_panel: int = PROFILE_RUNS_PER_PANEL) -> list[str]:

@@ -9,6 +9,7 @@ PNG files and embeds them in the HTML as base64 (the report is one self-containe
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +71,9 @@ def profile_panels(table, profiles: dict, task: str):
     if not panels:
         return None
     curves = [_profile_curves(grp, profiles, cell) for cell, grp in panels]
-    fig, axes = panel_grid(len(panels), height=_panel_height([len(cs) for cs in curves]), max_cols=1)
+    fig, axes = panel_grid(
+        len(panels), height=_panel_height([_lines(c.label for c in cs) for cs in curves]), max_cols=1
+    )
     for ax, (cell, _), cs in zip(axes, panels, curves, strict=True):
         draw_profile(ax, cs)
         ax.set_title(f"{task}: {cell}", fontsize=10)
@@ -160,12 +163,27 @@ def _profile_curves(grp, profiles: dict, cell: str) -> list[Curve]:
 # characters): side by side, two columns' legends ran into each other and over the x labels, so these
 # figures have one panel per row, each with its legend below.
 LEGEND_DROP = 36
-LEGEND_LINE = 0.14  # inches per legend entry at fontsize 6.5
+LEGEND_LINE = 0.14  # inches per legend line at fontsize 6.5
+# A legend entry's line, in characters: longer labels wrap. A run that differs in many settings (runs of
+# several configs in one experiment) had labels of ~190 characters, and the legend squeezed each panel's
+# axes to a sliver of the figure's width (a walkthrough).
+LABEL_CHARS = 100
+
+
+def _wrap(label: str) -> str:
+    return textwrap.fill(
+        label, LABEL_CHARS, subsequent_indent="    ", break_long_words=False, break_on_hyphens=False
+    )
+
+
+def _lines(labels) -> int:
+    """The lines a panel's legend entries take, wrapped."""
+    return sum(_wrap(x).count("\n") + 1 for x in labels)
 
 
 def _panel_height(entries: list[int]) -> float:
     """A row's height: the axes with their labels, and room below for the longest legend of a panel
-    (``entries``: each panel's legend entries)."""
+    (``entries``: each panel's legend lines, :func:`_lines`)."""
     longest = max(entries, default=0)
     return 2.7 + LEGEND_LINE * longest + (LEGEND_DROP / 72 if longest else 0.0)
 
@@ -175,9 +193,12 @@ def _legend_below(ax) -> None:
     the room: an axes' legend is part of its layout box)."""
     from matplotlib.transforms import offset_copy
 
-    if ax.get_legend_handles_labels()[0]:
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
         below = offset_copy(ax.transAxes, fig=ax.figure, y=-LEGEND_DROP, units="points")
         ax.legend(
+            handles,
+            [_wrap(x) for x in labels],
             fontsize=6.5,
             loc="upper center",
             bbox_to_anchor=(0.5, 0.0),
@@ -196,7 +217,7 @@ def grad_norm_panels(table, norms: dict, task: str):
     if not panels:
         return None
     drawn = [_grad_norm_curves(grp, norms) for _, grp in panels]
-    entries = [len(c) + len(t) + len(m) for c, t, m in drawn]
+    entries = [_lines([*(x.label for x in c), *(x.label for x in m)]) + len(t) for c, t, m in drawn]
     fig, axes = panel_grid(len(panels), height=_panel_height(entries), max_cols=1)
     for ax, (cell, _), (curves, thresholds, marks) in zip(axes, panels, drawn, strict=True):
         draw_grad_norms(ax, curves, sorted(thresholds))
