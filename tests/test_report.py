@@ -420,13 +420,26 @@ def test_runs_differing_in_a_setting_are_not_merged_and_default_init_sits_at_its
     assert t.loc[default.run_id, "settings"] == ""  # its forget_bias param differs, but no tanh reads it
     assert t.loc[default.run_id, "init_scale"] == pytest.approx(3**-0.5)
     assert math.isnan(t.loc[no_g.run_id, "init_scale"])  # indrnn's default u ~ U(0, 1): no g at all
+    from matplotlib.colors import to_rgb
+
     from pipeline.report import figures as rr
 
     fig = rr.phase_diagram(res.table, "temporal_order")
     (ax,) = [a for a in fig.axes if a.get_title() == "indrnn / default"]
-    assert [x.get_text() for x in ax.texts] == [
-        "1 run(s): no init scale g\n(indrnn at init default keeps its own init)"
-    ]
+    # its run drawn by learning rate, its regime's colour and its label (a panel of a note only: a walkthrough)
+    from pipeline.report.phase import REGIME_COLORS, _marker
+
+    (dot,) = ax.collections
+    assert dot.get_offsets()[0][0] == pytest.approx(t.loc[no_g.run_id, "lr"])
+    color = to_rgb(REGIME_COLORS[t.loc[no_g.run_id, "regime"]])  # filled, or hollow in its colour
+    assert any(tuple(c[:3]) == pytest.approx(color) for c in [*dot.get_facecolor(), *dot.get_edgecolor()])
+    assert sorted(x.get_text() for x in ax.texts) == sorted(
+        [
+            "no init scale g: indrnn at init default keeps its own init;\nits 1 run(s) by learning rate",
+            _marker(t.loc[no_g.run_id])[2],
+        ]
+    )
+    assert ax.get_ylabel() == "(no g)" and not len(ax.get_yticks())
     fig.clf()
     summary = pd.read_csv(res.files["summary.csv"])
     lstm = summary[summary["cell"] == "lstm"].sort_values("settings")

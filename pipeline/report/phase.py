@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 from matplotlib.artist import Artist
+from matplotlib.ticker import NullLocator
 from matplotlib.transforms import Bbox
 
 from pipeline.names import DIVERGED, EXPLODING, HEALTHY, VANISHING
@@ -271,18 +272,25 @@ def phase_diagram(table, task: str):
     # one scale for every panel, so that a point's place means the same (lr, g) across cells
     xlim, ylim = _limits(sub["lr"]), _limits(sub["init_scale"])
     for ax, ((cell, init), grp) in zip(axes, panels, strict=True):
-        _phase_points(ax, grp[grp["lr"].notna() & grp["init_scale"].notna()])
-        if len(grp) and grp["init_scale"].isna().all():  # indrnn's default u, the modern cells' own inits
-            why = f"{len(grp)} run(s): no init scale g\n({cell} at init {init} keeps its own init)"
-            ax.text(0.5, 0.5, why, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.3")
+        no_g = len(grp) > 0 and grp["init_scale"].isna().all()  # indrnn's default u, the modern cells' inits
+        if no_g:  # by learning rate alone, on a line across the panel (a panel of a note only hid them all)
+            _phase_points(ax, grp[grp["lr"].notna()].assign(init_scale=math.sqrt(ylim[0] * ylim[1])))
+            why = f"no init scale g: {cell} at init {init} keeps its own init;\nits {len(grp)} run(s) by learning rate"
+            ax.text(0.5, 0.97, why, transform=ax.transAxes, ha="center", va="top", fontsize=7.5, color="0.3")
+        else:
+            _phase_points(ax, grp[grp["lr"].notna() & grp["init_scale"].notna()])
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlim(*xlim)
         ax.set_ylim(*ylim)
         _value_ticks(ax.xaxis, sub["lr"], horizontal=True)
-        _value_ticks(ax.yaxis, sub["init_scale"], horizontal=False)
+        if no_g:
+            ax.yaxis.set_major_locator(NullLocator())
+            ax.yaxis.set_minor_locator(NullLocator())
+        else:
+            _value_ticks(ax.yaxis, sub["init_scale"], horizontal=False)
         ax.set_xlabel("learning rate")
-        ax.set_ylabel("init scale g")
+        ax.set_ylabel("(no g)" if no_g else "init scale g")
         ax.set_title(f"{cell} / {init}", fontsize=10)
         ax.grid(alpha=0.3, which="both")
     handles = _phase_legend()
