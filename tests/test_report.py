@@ -1004,3 +1004,19 @@ def test_a_report_of_a_sweep_in_progress_says_so_and_marks_running_and_pruned_po
     assert _marker(table.loc[other])[::2] == ("v", "pruned@150")
     labels = [h.get_label() for h in _phase_legend()]
     assert "no verdict (running, failed)" in labels and "pruned (steps trained)" in labels
+
+
+def test_the_reports_note_says_what_copy_and_the_classification_tasks_measure():
+    """The note under a report's title said the log10 ratio was taken from dL/dh_T and gave digits' chance
+    only: for copy the window starts at T+11 and accuracy counts the 8 symbols (a walkthrough)."""
+    from pipeline.report.write import NOTES
+    from pipeline.training.tasks import make_task
+
+    T = 30
+    assert make_task("copy", T).window[0] == T + 11 and "(T; T+11 for copy)" in NOTES
+    assert make_task("adding", T).window[0] == T and make_task("temporal_order", T).window[0] == T
+    chances = {"digits": 10, "temporal order": 4, "copy's recalled symbols": 8}
+    classes = {n: make_task(n.split("'")[0].replace(" ", "_"), 64).output_size for n in chances}
+    classes["copy's recalled symbols"] -= 1  # the blank is no recalled symbol
+    assert classes == chances
+    assert all(f"1/{k} for {n}" in NOTES for n, k in chances.items()), NOTES

@@ -249,8 +249,9 @@ def _in_progress(table) -> list[tuple[str, str]]:
 NOTES = (
     "Values are MLflow's: final metrics (latest step) and tags of each run. val loss / baseline: "
     "1 means the model learned nothing (adding: predict 1, MSE 1/6). val accuracy: the fraction of the "
-    "validation set classified correctly (classification tasks only; chance 1/10 for digits). log10 ratio: "
-    "log10 ||dL/dh_1|| / ||dL/dh_T|| of the final float64 profile. decay rate: ln growth per step "
+    "validation set classified correctly (classification tasks only; chance 1/10 for digits, 1/4 for "
+    "temporal order, 1/8 for copy's recalled symbols). log10 ratio: log10 ||dL/dh_1|| / ||dL/dh_a|| of the "
+    "final float64 profile, a the memory window's first step (T; T+11 for copy). decay rate: ln growth per step "
     "going back (= ln g in the ordered phase). Profiles are shown for at most "
     f"{rd.PROFILE_RUNS_PER_PANEL} representative runs per cell (per (init, g) the best-trained)."
 )
