@@ -292,9 +292,13 @@ def draw_grad_norms(ax: Any, curves: Iterable[Curve], thresholds: Iterable[float
         ok = positive(y)
         if not ok.any():  # nothing to draw: no legend entry either
             continue
-        # one point draws no line: a marker, or a run whose only finite norm was its first step shows nothing
-        marker = c.marker if c.marker is not None or ok.sum() != 1 else "o"
-        ax.semilogy(x[ok], y[ok], c.style, lw=c.lw, color=c.color, marker=marker, ms=4, label=c.label)
+        # lone points draw no line: markers, or a run whose only finite norm was its first step shows nothing
+        marker = c.marker if c.marker is not None or (ok[1:] & ok[:-1]).any() else "o"
+        # broken where a norm is not drawable (NaN, inf, 0), not joined across: a post-clip line straight
+        # over the steps remedy.skip dropped (no update, no post-clip norm) read as updates (a walkthrough)
+        ax.semilogy(
+            x, np.where(ok, y, np.nan), c.style, lw=c.lw, color=c.color, marker=marker, ms=4, label=c.label
+        )
         drawn += 1
     if curves and not drawn:
         # every norm inf or NaN (a run that overflowed at its first step): empty linear axes with a legend

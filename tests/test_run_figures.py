@@ -199,6 +199,29 @@ def test_a_run_whose_only_finite_norm_is_its_first_step_shows_that_point():
     plt.close(fig)
 
 
+def test_the_post_clip_line_breaks_over_the_steps_remedy_skip_dropped():
+    """A dropped step has no post-clip norm (no update): the line was joined straight across steps 31-34
+    of a remedy.skip run, as if updates had happened there (a walkthrough). Pre-clip stays whole; the
+    skipped steps get their crosses on it; points between gaps get markers."""
+    steps = np.arange(1, 41)
+    pre = np.geomspace(1.0, 2.0, 40)
+    post = np.minimum(pre, 1.5)
+    skipped = (steps >= 31) & (steps <= 34)
+    post[skipped] = np.nan
+    fig = plot_grad_norms(steps, pre, post, 1.5, SHORT, skipped=skipped)
+    lines = {ln.get_label(): ln for ln in fig.axes[0].lines}
+    y = np.asarray(lines["post-clip"].get_ydata(), dtype=float)
+    assert np.isnan(y[skipped]).all() and np.isfinite(y[~skipped]).all()  # a gap, not a segment across it
+    assert np.isfinite(np.asarray(lines["pre-clip"].get_ydata(), dtype=float)).all()
+    (crosses,) = fig.axes[0].collections
+    assert crosses.get_offsets()[:, 0].tolist() == [31, 32, 33, 34]
+    plt.close(fig)
+    lone = np.array([1.0, np.nan, 2.0, np.nan, 3.0])  # no two drawable neighbours: no line at all
+    fig = plot_grad_norms(np.arange(5), lone, lone, None, SHORT, clipped=False)
+    assert fig.axes[0].lines[0].get_marker() == "o"
+    plt.close(fig)
+
+
 def test_a_figure_title_names_what_the_cell_was_initialised_by():
     """A W_hh scheme and scale where the cell has a W_hh; else the keys its own init reads (a lem's title
     said "default g=1", a scale no lem reads)."""
