@@ -179,7 +179,7 @@ def test_kill_9_of_a_worker_on_postgres(pg_databases, store, tmp_path):
         3,
         "--storage",
         optuna_url,
-        load=lambda: optuna.load_study(study_name="t", storage=optuna_url),
+        load=lambda: optuna.load_study(study_name="t", storage=_polled(optuna_url)),
     )
 
 
@@ -457,11 +457,27 @@ def _cut_after_the_first_trial(
     return parent.communicate(timeout=timeout)
 
 
+_POLLED: dict[str, object] = {}
+
+
+def _polled(url: str):
+    """One storage per database for a test's polls, with no pool: given the URL, Optuna made a storage, an
+    engine and a pooled connection per poll, left idle until collected: about 50 connections held by
+    one outage test, and three PostgreSQL tests at once took all 100 of the server's ("too many clients
+    already", a worker of the next test; make test, twice in one session)."""
+    import optuna
+    from sqlalchemy.pool import NullPool
+
+    if url not in _POLLED:
+        _POLLED[url] = optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": NullPool})
+    return _POLLED[url]
+
+
 def _has_study(url: str) -> bool:
     import optuna
 
     try:
-        return "t" in [s.study_name for s in optuna.get_all_study_summaries(storage=url)]
+        return "t" in [s.study_name for s in optuna.get_all_study_summaries(storage=_polled(url))]
     except Exception:
         return False
 
@@ -539,7 +555,7 @@ def _counts(url: str) -> dict[str, int]:
 
     from pipeline.sweep.study import counts
 
-    return counts(optuna.load_study(study_name="t", storage=url))
+    return counts(optuna.load_study(study_name="t", storage=_polled(url)))
 
 
 def test_a_postgres_server_that_never_answers_is_an_outage_within_the_connect_bound(monkeypatch):
