@@ -109,13 +109,13 @@ def differing_settings(params: list[dict[str, Any]]) -> list[str]:
 NUMBER = re.compile(r"(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)")
 
 
-def numbers_as_numbers(column):
+def numbers_as_numbers(column: Any) -> Any:
     """The sort key (pandas' ``sort_values(key=...)``) of the report's text columns that hold numbers
     (``clip``: ``norm 10``; ``settings``: ``trainer.max_steps=20000``): their numbers compared as numbers,
     so ``norm 2`` comes before ``norm 10`` and ``max_steps=3000`` before ``=20000`` (as text, the other
     way round: a walkthrough). Other columns as they are."""
 
-    def key(v):
+    def key(v: Any) -> Any:
         return (
             tuple(float(p) if i % 2 else p for i, p in enumerate(NUMBER.split(v)))
             if isinstance(v, str)

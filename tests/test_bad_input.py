@@ -421,7 +421,9 @@ def test_unreachable_tracking_server_is_one_line(tmp_path):
         (None, "http://127.0.0.1:9/", "base.tracking.uri", "$MLFLOW_TRACKING_URI"),
     ],
 )
-def test_a_store_that_fails_after_the_probe_names_the_key_that_gave_it(monkeypatch, uri, env_uri, flag, named):
+def test_a_store_that_fails_after_the_probe_names_the_key_that_gave_it(
+    monkeypatch, uri, env_uri, flag, named
+):
     """A tracking server that answers the probe and then fails (MLflow's error on the experiment's
     lookup) named ``tracking.uri`` even for a suite's or a sweep's key, or for $MLFLOW_TRACKING_URI."""
     from mlflow.exceptions import MlflowException

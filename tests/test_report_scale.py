@@ -67,7 +67,9 @@ def reference_html_table(df, cols):
             if c == "regime" and isinstance(v, str):
                 cls += f" {v}"
             tds.append(f'<td class="{cls.strip()}">{html.escape(rw.fmt(v, c))}</td>')
-        rid = f' data-run-id="{html.escape(str(r["run_id"]))}"' if "run_id" in df else ""  # a summary has none
+        rid = (
+            f' data-run-id="{html.escape(str(r["run_id"]))}"' if "run_id" in df else ""
+        )  # a summary has none
         body.append(f"<tr{rid}>" + "".join(tds) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
