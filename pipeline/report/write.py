@@ -190,10 +190,8 @@ def _html_table(df, cols: list[str]) -> str:
             if c == "regime" and isinstance(v, str):
                 cls += f" {v}"
             tds.append(f'<td class="{cls.strip()}">{html.escape(fmt(v, c))}</td>')
-        rid = (
-            f' data-run-id="{html.escape(str(r[at["run_id"]]))}"' if "run_id" in at else ""
-        )  # not a summary's
-        body.append(f"<tr{rid}>" + "".join(tds) + "</tr>")
+        run = f' data-run-id="{html.escape(str(r[at["run_id"]]))}"' if "run_id" in at else ""
+        body.append(f"<tr{run}>" + "".join(tds) + "</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
