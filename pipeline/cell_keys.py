@@ -106,7 +106,8 @@ def differing_settings(params: list[dict[str, Any]]) -> list[str]:
     return ["; ".join(f"{k}={value(p, k)}" for k in varying if value(p, k)) for p in params]
 
 
-NUMBER = re.compile(r"(\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)")
+# a number, signed after "=", a space or at the start (model.forget_bias=-3.0), not after a word (lstm-2)
+NUMBER = re.compile(r"((?:(?<=[=\s])-|^-)?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)")
 
 
 def numbers_as_numbers(column: Any) -> Any:

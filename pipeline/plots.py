@@ -292,13 +292,15 @@ def draw_grad_norms(ax: Any, curves: Iterable[Curve], thresholds: Iterable[float
         ok = positive(y)
         if not ok.any():  # nothing to draw: no legend entry either
             continue
-        # lone points draw no line: markers, or a run whose only finite norm was its first step shows nothing
-        marker = c.marker if c.marker is not None or (ok[1:] & ok[:-1]).any() else "o"
-        # broken where a norm is not drawable (NaN, inf, 0), not joined across: a post-clip line straight
-        # over the steps remedy.skip dropped (no update, no post-clip norm) read as updates (a walkthrough)
-        ax.semilogy(
-            x, np.where(ok, y, np.nan), c.style, lw=c.lw, color=c.color, marker=marker, ms=4, label=c.label
-        )
+        # Broken where a norm is not drawable (NaN, inf, 0), not joined across: a post-clip line straight
+        # over the steps remedy.skip dropped (no update, no post-clip norm) read as updates (a walkthrough).
+        # A point with no drawable neighbour draws no line: a marker on it (else a run whose only finite norm
+        # was its first step, or a step between two skipped ones, shows nothing).
+        lone = ok & ~np.r_[False, ok[:-1]] & ~np.r_[ok[1:], False]
+        style = {"marker": c.marker}
+        if c.marker is None and lone.any():
+            style = {"marker": "o", "markevery": np.flatnonzero(lone).tolist()}
+        ax.semilogy(x, np.where(ok, y, np.nan), c.style, lw=c.lw, color=c.color, ms=4, label=c.label, **style)
         drawn += 1
     if curves and not drawn:
         # every norm inf or NaN (a run that overflowed at its first step): empty linear axes with a legend

@@ -445,6 +445,44 @@ def test_a_store_that_fails_after_the_probe_names_the_key_that_gave_it(
     assert line.endswith(f"; check the server or point {named} elsewhere"), line
 
 
+@pytest.mark.parametrize("env", [False, True])
+def test_a_sweeps_store_that_fails_after_the_probe_names_the_key_that_gave_it(monkeypatch, tmp_path, env):
+    """The sweep's path to the same error: it passed its resolved URI, never empty, so a store given by
+    $MLFLOW_TRACKING_URI was named as base.tracking.uri (a review of the first fix)."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+    from pipeline.schema import StoreError
+    from pipeline.sweep.parent import run_sweep
+
+    real = tracking.client
+
+    class Failing:  # the store opens (its schema is made), then its experiment's lookup fails
+        def __init__(self, uri=None):
+            self.real = real(uri)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def get_experiment_by_name(self, name):
+            raise MlflowException("API request to endpoint /api/2.0/mlflow/experiments/get-by-name failed")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PIPELINE_SWEEP_FORK", "0")
+    overrides = [] if env else ["base.tracking.uri=sqlite:///k.db"]
+    if env:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///e.db")
+    else:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setattr(tracking, "client", Failing)
+    with pytest.raises(StoreError) as e:
+        run_sweep(str(sweep_file(tmp_path)), overrides)
+    line = str(e.value)
+    assert "cannot be opened (API request" in line, line
+    named = "$MLFLOW_TRACKING_URI" if env else "base.tracking.uri"
+    assert line.endswith(f"; check the server or point {named} elsewhere"), line
+
+
 def test_a_database_url_that_cannot_be_read_is_one_line_without_its_password(tmp_path):
     r = cli("regress", "--suite", str(ROOT / "configs/regression/smoke.yaml"), cwd=tmp_path,
             env_uri="postgresql://u:p@ss:word@127.0.0.1/db")  # fmt: skip

@@ -145,6 +145,20 @@ def test_the_numbers_in_clip_and_settings_sort_as_numbers():
     assert list(zip(table["clip"], table["settings"], strict=True)) == want
     summary = rw.summary_table(table)
     assert list(zip(summary["clip"], summary["settings"], strict=True)) == want
+    # signed after "=" (a forget bias below 0 sorted after 2.0, and -1 before -3: a review), not after a word
+    from pipeline.cell_keys import numbers_as_numbers
+
+    bias = pd.Series(
+        [f"model.forget_bias={b}" for b in ("0.0", "2.0", "-1.0", "-3.0", "1e-3")], name="settings"
+    )
+    assert bias.sort_values(key=numbers_as_numbers).str[18:].tolist() == [
+        "-3.0",
+        "-1.0",
+        "0.0",
+        "1e-3",
+        "2.0",
+    ]
+    assert numbers_as_numbers(pd.Series(["x=lstm-2"], name="settings"))[0] == ("x=lstm-", 2.0, "")
 
 
 def test_settings_are_the_ones_the_runs_of_a_task_differ_in():

@@ -216,9 +216,14 @@ def test_the_post_clip_line_breaks_over_the_steps_remedy_skip_dropped():
     (crosses,) = fig.axes[0].collections
     assert crosses.get_offsets()[:, 0].tolist() == [31, 32, 33, 34]
     plt.close(fig)
-    lone = np.array([1.0, np.nan, 2.0, np.nan, 3.0])  # no two drawable neighbours: no line at all
-    fig = plot_grad_norms(np.arange(5), lone, lone, None, SHORT, clipped=False)
-    assert fig.axes[0].lines[0].get_marker() == "o"
+    # a point with no drawable neighbour (a step between two skipped ones) is a marker, the others a line
+    y = np.array([1.0, 2.0, np.nan, 5.0, np.nan, 3.0, 4.0])
+    fig = plot_grad_norms(np.arange(7), y, y, None, SHORT, clipped=False)
+    (line,) = fig.axes[0].lines
+    assert line.get_marker() == "o" and line.get_markevery() == [3]
+    plt.close(fig)
+    fig = plot_grad_norms(np.arange(3), np.ones(3), np.ones(3), None, SHORT, clipped=False)
+    assert fig.axes[0].lines[0].get_marker() in ("None", "", None)  # whole lines: no markers
     plt.close(fig)
 
 

@@ -131,7 +131,9 @@ class Stores:
     study: Any  # the parent's optuna.Study handle on it
 
 
-def create_stores(sw: SweepConfig, url: str, mlflow_uri: str) -> Stores:
+def create_stores(
+    sw: SweepConfig, url: str, mlflow_uri: str, mlflow_flag: str = "base.tracking.uri"
+) -> Stores:
     """The MLflow experiment, the Optuna study and the parent run (reused on a resume); then, under the
     budget lock, stale trials reaped and a fresh study's start-up design enqueued."""
     import optuna
@@ -144,7 +146,7 @@ def create_stores(sw: SweepConfig, url: str, mlflow_uri: str) -> Stores:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     experiment = sw.base_config().tracking.experiment
-    experiment_id = ensure_experiment(mlflow_uri, experiment, "base.tracking.uri")
+    experiment_id = ensure_experiment(mlflow_uri, experiment, mlflow_flag)  # the key, or $MLFLOW_TRACKING_URI
     storage = open_storage(
         url, heartbeat_interval=sw.heartbeat.interval, grace=sw.heartbeat.grace, mlflow_uri=mlflow_uri
     )
@@ -281,7 +283,7 @@ def run_sweep(
                 # while this process imports MLflow and creates the stores: two cores, two jobs.
                 prestart()
             try:
-                stores = create_stores(sw, url, mlflow_uri)
+                stores = create_stores(sw, url, mlflow_uri, mlflow_flag)
             except BaseException:
                 if fork:
                     from pipeline.sweep.procs import stop as stop_forkserver
