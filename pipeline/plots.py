@@ -297,7 +297,7 @@ def draw_grad_norms(ax: Any, curves: Iterable[Curve], thresholds: Iterable[float
         # A point with no drawable neighbour draws no line: a marker on it (else a run whose only finite norm
         # was its first step, or a step between two skipped ones, shows nothing).
         lone = ok & ~np.r_[False, ok[:-1]] & ~np.r_[ok[1:], False]
-        style = {"marker": c.marker}
+        style: dict[str, Any] = {"marker": c.marker}
         if c.marker is None and lone.any():
             style = {"marker": "o", "markevery": np.flatnonzero(lone).tolist()}
         ax.semilogy(x, np.where(ok, y, np.nan), c.style, lw=c.lw, color=c.color, ms=4, label=c.label, **style)
