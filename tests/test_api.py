@@ -622,6 +622,7 @@ def test_packed_sequence_input_fails_in_one_line():
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.kernel_free
 def test_import_pipeline_stays_light():
     code = (
         "import sys, pipeline; heavy = [m for m in ('torch', 'pytorch_lightning', 'mlflow', 'pandas') "
@@ -743,6 +744,7 @@ def test_a_parametrized_recurrent_weight_is_profiled_inside_fit(tmp_path):
     np.testing.assert_allclose(got, autograd_profile(model, "rnn", batch)[(0, "h")], atol=1e-9, rtol=0)
 
 
+@pytest.mark.kernel_free
 def test_the_example_file_runs_as_the_readme_says(tmp_path):
     """`python examples/own_model.py --mlflow` (README, "Your own model": "the whole runnable version"):
     it ran, but no test did. Its printed numbers against the store it logged to."""

@@ -873,6 +873,7 @@ def _wait_all_running(n: int, timeout: float = 240):
     raise AssertionError("the stack did not start")
 
 
+@pytest.mark.kernel_free
 @pytest.mark.slow
 def test_kill_9_of_a_batched_worker_reaps_all_its_trials(store, tmp_path):
     import os
@@ -899,6 +900,7 @@ def test_kill_9_of_a_batched_worker_reaps_all_its_trials(store, tmp_path):
         )
 
 
+@pytest.mark.kernel_free
 @pytest.mark.slow
 def test_sigterm_closes_every_member(store, tmp_path):
     import signal
@@ -922,6 +924,7 @@ def test_sigterm_closes_every_member(store, tmp_path):
         assert len(retry) == 1 and retry[0].state.name == "WAITING" and retry[0].params == t.params
 
 
+@pytest.mark.kernel_free
 def test_two_batched_workers_stop_at_exactly_n_trials(store, tmp_path):
     """Two workers asking up to 4 trials each under the budget lock: 7 trials done, no more, one MLflow
     run each; the last trials are shared (each asks at most ceil(left / workers))."""
@@ -935,6 +938,7 @@ def test_two_batched_workers_stop_at_exactly_n_trials(store, tmp_path):
     assert [t.number for t in study.trials] == list(range(len(study.trials)))
 
 
+@pytest.mark.kernel_free
 def test_a_free_slot_is_refilled_while_the_stack_trains(store, tmp_path):
     """Rolling stacks, end to end: one worker, 2 slots, trials of 10 and 60 steps. A short trial's slot is
     refilled while its long stack-mate still trains (without refilling, a new trial would start only

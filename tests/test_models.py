@@ -160,6 +160,7 @@ def test_the_keys_a_cell_is_said_not_to_read_change_nothing_it_computes(cell, in
         assert any(n.startswith(f"model.{key}=") for n in unused_model_keys(m)) == same, (cell, init, key)
 
 
+@pytest.mark.kernel_free
 def test_train_and_sweep_say_which_set_keys_no_model_reads(tmp_path):
     import subprocess
     import sys
