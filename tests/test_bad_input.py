@@ -414,6 +414,28 @@ def test_unreachable_tracking_server_is_one_line(tmp_path):
     assert files(tmp_path) == []
 
 
+def _experiment_lookup_fails(monkeypatch) -> None:
+    """MLflow's client as the store's: it opens (a sqlite store's schema is made), then the experiment's
+    lookup fails as a tracking server's API does when it stops answering after the probe."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+
+    real = tracking.client
+
+    class Failing:
+        def __init__(self, uri=None):
+            self.real = real(uri)
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+        def get_experiment_by_name(self, name):
+            raise MlflowException("API request to endpoint /api/2.0/mlflow/experiments/get-by-name failed")
+
+    monkeypatch.setattr(tracking, "client", Failing)
+
+
 @pytest.mark.parametrize(
     ("uri", "env_uri", "flag", "named"),
     [
@@ -426,18 +448,12 @@ def test_a_store_that_fails_after_the_probe_names_the_key_that_gave_it(
 ):
     """A tracking server that answers the probe and then fails (MLflow's error on the experiment's
     lookup) named ``tracking.uri`` even for a suite's or a sweep's key, or for $MLFLOW_TRACKING_URI."""
-    from mlflow.exceptions import MlflowException
-
     from pipeline import tracking
     from pipeline.schema import StoreError
 
-    class Failing:
-        def get_experiment_by_name(self, name):
-            raise MlflowException("API request to endpoint /api/2.0/mlflow/experiments/get-by-name failed")
-
     if env_uri:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", env_uri)
-    monkeypatch.setattr(tracking, "client", lambda uri=None: Failing())
+    _experiment_lookup_fails(monkeypatch)
     with pytest.raises(StoreError) as e:
         tracking.ensure_experiment(uri, "regression", flag)
     line = str(e.value)
@@ -449,23 +465,8 @@ def test_a_store_that_fails_after_the_probe_names_the_key_that_gave_it(
 def test_a_sweeps_store_that_fails_after_the_probe_names_the_key_that_gave_it(monkeypatch, tmp_path, env):
     """The sweep's path to the same error: it passed its resolved URI, never empty, so a store given by
     $MLFLOW_TRACKING_URI was named as base.tracking.uri (a review of the first fix)."""
-    from mlflow.exceptions import MlflowException
-
-    from pipeline import tracking
     from pipeline.schema import StoreError
     from pipeline.sweep.parent import run_sweep
-
-    real = tracking.client
-
-    class Failing:  # the store opens (its schema is made), then its experiment's lookup fails
-        def __init__(self, uri=None):
-            self.real = real(uri)
-
-        def __getattr__(self, name):
-            return getattr(self.real, name)
-
-        def get_experiment_by_name(self, name):
-            raise MlflowException("API request to endpoint /api/2.0/mlflow/experiments/get-by-name failed")
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PIPELINE_SWEEP_FORK", "0")
@@ -474,7 +475,7 @@ def test_a_sweeps_store_that_fails_after_the_probe_names_the_key_that_gave_it(mo
         monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///e.db")
     else:
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setattr(tracking, "client", Failing)
+    _experiment_lookup_fails(monkeypatch)
     with pytest.raises(StoreError) as e:
         run_sweep(str(sweep_file(tmp_path)), overrides)
     line = str(e.value)

@@ -262,9 +262,11 @@ def _settings(runs, tasks: list) -> list[str]:
     over the whole report, one digits run gave every copy run's label its T, batch and sizes (a walkthrough)."""
     cols = {c[7:]: runs[c].tolist() for c in runs.columns if c.startswith("params.")}
     params = [{k: v[i] for k, v in cols.items()} for i in range(len(runs))]
+    by_task: dict[Any, list[int]] = {}
+    for i, task in enumerate(tasks):
+        by_task.setdefault(task, []).append(i)
     out = [""] * len(runs)
-    for task in dict.fromkeys(tasks):
-        idx = [i for i, t in enumerate(tasks) if t == task]
+    for idx in by_task.values():
         for i, setting in zip(idx, differing_settings([params[i] for i in idx]), strict=True):
             out[i] = setting
     return out
