@@ -42,8 +42,9 @@ SCHEDULE = os.environ.get("AIRFLOW_VAR_RNN_REGRESSION_SCHEDULE", "@daily")
 
 
 # A training task that hangs (a stuck store, a deadlocked BLAS) fails after this and is retried, instead
-# of holding a worker slot forever; the whole nightly suite takes about 6 min wall on a shared 2-core
-# machine (README, "The suites and which law lives where"), so an hour per entry is ample.
+# of holding a worker slot forever. The slowest nightly entry, lem_T100_learns, takes about 15 min on a
+# quiet core and 30 on a loaded one (README, "The suites and which law lives where"), so an hour per
+# entry leaves twice the loaded time; a slower worker raises it with the variable below.
 def _env_number(name: str, default: str, kind: type) -> float:
     """A parse-time setting, > 0: anything else is a broken DAG naming the variable, in one line (0 tasks
     at once would never start an entry and, one run at a time, block every later night; a timeout of 0

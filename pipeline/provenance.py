@@ -2,8 +2,8 @@
 (``git_commit``), the package versions (``version.<pkg>``) and the context tags MLflow's fluent API
 would set (``mlflow.user``, ``mlflow.source.*``, the git commit and branch of the working directory's
 repository). Each is read once per process (git once per directory), as MLflow's run-context providers
-read theirs. And which process runs it: the owner ``host|pid|process start time`` (:func:`owner_tag`),
-so that a run whose process on this host is gone (kill -9, OOM) can be told from one still running
+read theirs. And which process runs it: the owner ``host|pid|process start time|process space``
+(:func:`owner_tag`), so that a run whose process on this host is gone (kill -9, OOM) can be told from one still running
 (:func:`owner_alive`; the sweep's trials, a regression suite's runs). Stdlib only.
 """
 
@@ -158,20 +158,63 @@ def _start_time(pid: int) -> str:
         return ""
 
 
+@functools.cache
+def _process_space() -> str:
+    """Which PID space this process sees: ``<machine>.<boot>.<pid namespace>``, the first 12 hex digits of
+    /etc/machine-id (a Linux installation's), the first 8 of the kernel's boot id (a new one each boot)
+    and the inode of the PID namespace ('' for each part that cannot be read). A host name alone does not
+    name it: two containers with one host name (a pod's host UTS, a runner image's fixed name) or two
+    machines with one name share a store, and each read the other's live processes as gone (their PIDs
+    are not in its PID space), so a regress closed a running suite's runs KILLED and a sweep's reaper
+    would fail a live worker's trials (a platform-team walkthrough, with ``unshare --pid``)."""
+
+    def read(path: str, n: int) -> str:
+        try:
+            return Path(path).read_text().strip().replace("-", "")[:n]
+        except OSError:
+            return ""
+
+    try:
+        ns = str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        ns = ""
+    return f"{read('/etc/machine-id', 12)}.{read('/proc/sys/kernel/random/boot_id', 8)}.{ns}"
+
+
 def owner_tag(pid: int | None = None) -> str:
+    """``host|pid|process start time|process space`` of ``pid`` (this process by default), which must
+    run in this process's PID space."""
     pid = pid or os.getpid()
-    return f"{socket.gethostname()}|{pid}|{_start_time(pid)}"
+    return f"{socket.gethostname()}|{pid}|{_start_time(pid)}|{_process_space()}"
+
+
+def _space_verdict(theirs: str) -> str:
+    """``same`` (their PIDs are ours to look up), ``gone`` (this machine has booted since: every process
+    of that boot is gone) or ``unknown`` (another PID namespace, or another machine of the same name)."""
+    mine = _process_space().split(".")
+    other = theirs.split(".")
+    if len(other) != 3 or "" in mine or "" in other:
+        return "same"  # a part unknown on either side: the host name decides, as before the space was tagged
+    if other[1] == mine[1]:
+        return "same" if other[2] == mine[2] else "unknown"
+    return "gone" if other[0] == mine[0] else "unknown"
 
 
 def owner_alive(tag: str) -> bool | None:
-    """True/False for an owner on this host; None when it runs on another host (cannot tell)."""
+    """True/False for an owner in this PID space; None where it cannot be told: another host, another PID
+    namespace on this kernel (a container), or another machine of the same host name. A tag of an earlier
+    version (``host|pid|start``) is judged by its host name alone."""
+    parts = tag.split("|")
     try:
-        host, pid_s, start = tag.split("|")
+        host, pid_s, start = parts[:3]
         pid = int(pid_s)
     except ValueError:
         return None
-    if host != socket.gethostname():
+    if len(parts) > 4 or host != socket.gethostname():
         return None
+    space = _space_verdict(parts[3]) if len(parts) == 4 else "same"
+    if space != "same":
+        return False if space == "gone" else None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from pipeline.cli import main
-from pipeline.regression.baselines import baseline_row
+from pipeline.regression.baselines import Band, baseline_row, spread_rows
 from pipeline.regression.expr import evaluate
 from pipeline.regression.laws import LAW, PASS, REGRESSION, EntryResult, parse_check, run_check
 from pipeline.schema import ConfigError
@@ -173,16 +173,18 @@ def test_violated_law_fails_and_update_baseline_is_refused(store, tmp_path, caps
     assert "baseline NOT written" in out and not (tmp_path / "suite.baseline.yaml").exists()
 
 
-def test_a_failed_run_is_an_error_row_and_the_others_still_run(store, tmp_path, capsys):
-    crash = yaml.safe_load(yaml.safe_dump(TINY))
-    crash["entries"][1]["patch"]["trainer"] = {"accelerator": "gpu"}  # no GPU here: Lightning raises
-    crash.pop("compare")
-    if _has_cuda():
-        pytest.skip("this machine has a GPU")
-    suite = write_suite(tmp_path, crash)
-    assert main(["regress", "--suite", str(suite)]) == 1
+def test_a_failed_run_is_an_error_row_and_the_others_still_run(store, tmp_path, capsys, monkeypatch):
+    from pipeline.training.models import OrthogonalRNN
+
+    def crash(self, x):  # orth's training raises (an accelerator missing here is now refused before any run)
+        raise RuntimeError("planted crash in orth's forward")
+
+    monkeypatch.setattr(OrthogonalRNN, "forward", crash)
+    suite = yaml.safe_load(yaml.safe_dump(TINY))
+    suite.pop("compare")
+    assert main(["regress", "--suite", str(write_suite(tmp_path, suite))]) == 1
     out = capsys.readouterr().out
-    assert "error: orth: run: MisconfigurationException" in out
+    assert "error: orth: run: RuntimeError: planted crash" in out
     assert next(ln for ln in out.splitlines() if ln.startswith("tanh_g05: pascanu_bound_holds")).endswith(
         "pass"
     )
@@ -195,6 +197,26 @@ def _has_cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_a_suite_for_an_accelerator_this_machine_lacks_is_exit_2_before_any_run(store, tmp_path, capsys):
+    """The GPU suite on a CPU runner is a misrouted job, told in one line (exit 2) before the store is
+    touched: each entry failed in Lightning and the suite read REGRESSION, exit 1, as if the science had
+    broken (a platform-team walkthrough). ``--set trainer.accelerator=cpu`` runs it here."""
+    if _has_cuda():
+        pytest.skip("this machine has a GPU")
+    gpu = yaml.safe_load(yaml.safe_dump(TINY))
+    gpu["defaults"]["trainer"]["accelerator"] = "gpu"
+    gpu.pop("compare")
+    suite = write_suite(tmp_path, gpu)
+    assert main(["regress", "--suite", str(suite)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("error: config key 'entries.tanh_g05.trainer.accelerator': 'gpu', but")
+        and "\n" not in err
+    )
+    assert "run the suite where torch sees a GPU, or --set trainer.accelerator=cpu" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["suite.yaml"]  # no store, no baseline
 
 
 @pytest.mark.parametrize(
@@ -293,6 +315,17 @@ ACCEPTED = {"value": -3.0, "abs": 0.05}
             "suite.baseline.yaml: entries.orth.bptt/log10_ratio",
         ),
         ("smoke", {"tanh_g05": {"bptt/log10_ratio": ACCEPTED}}, "suite.baseline.yaml: suite"),
+        # accepted numbers no run can meet (.nan) or that every run meets (.inf, with a band)
+        (
+            "tiny",
+            {"tanh_g05": {"bptt/log10_ratio": {"value": float("nan"), "abs": 0.05}}},
+            "suite.baseline.yaml: entries.tanh_g05.bptt/log10_ratio",
+        ),
+        (
+            "tiny",
+            {"tanh_g05": {"bptt/log10_ratio": {"value": float("-inf"), "abs": 0.05}}},
+            "suite.baseline.yaml: entries.tanh_g05.bptt/log10_ratio",
+        ),
     ],
 )
 def test_invalid_baseline_file_is_exit_2(store, tmp_path, capsys, suite_field, entries, key):
@@ -351,6 +384,25 @@ def test_update_baseline_refuses_a_banded_metric_that_is_not_recorded(store, tmp
     assert (tmp_path / "suite.baseline.yaml").read_text() == before
     _, everything = runs(store)  # refused before the perturbed reruns, not after them
     assert everything and not [r for r in everything if r.data.tags.get("perturbation")]
+
+
+def test_a_refused_first_baseline_is_a_failing_row_not_a_passing_suite(store, tmp_path, capsys):
+    """A suite's first --update-baseline refused for a banded metric not recorded: its rows read "no
+    baseline", none failing, so the parent run was closed with verdict=pass and no table was printed
+    (a platform-team walkthrough; dashboards read the tag). The refusal is now an error row of both."""
+    bad = yaml.safe_load(yaml.safe_dump(TINY))
+    bad["entries"][0]["baseline"]["val/accuracy"] = {"abs": 0.01}  # adding records no accuracy
+    suite = write_suite(tmp_path, bad)
+    assert main(["regress", "--suite", str(suite), "--update-baseline"]) == 1
+    out = capsys.readouterr().out
+    rows = [ln.split() for ln in out.splitlines() if ln.startswith("tanh_g05: val/accuracy")]
+    assert rows and rows[-1][-1] == "error", out
+    assert "baseline NOT written: tanh_g05: val/accuracy: not recorded" in out
+    assert not (tmp_path / "suite.baseline.yaml").exists()
+    (parent,) = parents(store)[1]
+    assert parent.data.tags["verdict"] == "regression" and parent.info.status == "FINISHED"
+    assert parent.data.tags["failed_checks"] == "tanh_g05: val/accuracy"
+    assert parent.data.metrics["regression/failed"] == 1
 
 
 # ------------------------------------------------------------ bands measured under perturbations
@@ -753,6 +805,16 @@ def test_baseline_band_and_expressions():
     row = baseline_row("e", "bptt/log10_ratio", _r(bptt__log10_ratio=-23.0), accepted)
     assert row.verdict == REGRESSION and row.check == "e: bptt/log10_ratio"
     assert baseline_row("e", "val/loss", _r(val__loss=1.1), {"value": 1.0, "rel": 0.2}).verdict == PASS
+    # a relative band under 0.5% read "0%", an exact band, in the table and the spread rows
+    assert baseline_row("e", "val/loss", _r(val__loss=1.0), {"value": 1.0, "rel": 0.001}).band == "±0.1%"
+    assert Band(abs=0.5, rel=0.2).describe() == "±0.5 or ±20%"
+    assert spread_rows({"e": {"m": {"value": 1.0, "rel": 2.5e-8, "spread": 1e-8}}}) == [
+        ("e: m", "1e-08", "±2.5e-06%")
+    ]
+    tiny_rel = run_check(
+        _chk({"metric_equals": {"metric": "val/loss", "value": 1.0, "rel": 5e-8}}), {"e": _r(val__loss=1.0)}
+    )
+    assert tiny_rel.band == "±5e-08 (5e-06%)" and tiny_rel.verdict == PASS
     assert evaluate("(T-1)*log10(sigmoid(b_f))", {"T": 100.0, "b_f": 0.0}, "k") == pytest.approx(
         99 * math.log10(0.5)
     )
@@ -933,21 +995,33 @@ def test_each_name_and_function_of_an_expression_means_what_the_readme_says():
 
 
 def test_a_suite_file_reads_as_the_regression_suites_section_says(tmp_path):
-    """README, "Regression suites", read without training: the name from the file name up to its first
-    dot, the baseline file beside it, an entry's patch over the suite's defaults over its base config
-    (relative to the suite file first), included suites' entries renamed <suite>/<entry> and keeping
-    their own baseline files (however deep the include), a key written without a value as absent."""
+    """README, "Regression suites", read without training: the name from the file name without .yaml
+    (up to its first dot, a copy `night.v2.yaml` took suite night's name and baseline file, and its
+    --update-baseline rewrote night's: a platform-team walkthrough), the baseline file beside it, an
+    entry's patch over the suite's defaults over its base config (relative to the suite file first),
+    included suites' entries renamed <suite>/<entry>, keeping their own baseline files (however deep the
+    include) and recorded in the including suite's store (`defaults.tracking`: it was ignored, and the
+    runs went to the included suite's), a key written without a value as absent."""
     from pipeline.regression.suite import load_suite, with_baseline_file
 
     (tmp_path / "configs" / "train").mkdir(parents=True)
     (tmp_path / "configs" / "train" / "smoke.yaml").write_text("seed: 5\ntask: {seq_len: 30}\n")
     inner = {"entries": [{"name": "deep", "patch": {"seed": 1}}]}
     (tmp_path / "inner.yaml").write_text(yaml.safe_dump(inner))
-    middle = {"include": "inner.yaml", "entries": [{"name": "mid", "patch": {"seed": 2}}]}
+    middle = {
+        "include": "inner.yaml",
+        "defaults": {"tracking": {"uri": "sqlite:///middle.db", "log_model": False}},
+        "entries": [{"name": "mid", "patch": {"seed": 2}}],
+    }
     (tmp_path / "middle.yaml").write_text(yaml.safe_dump(middle))
+    night_db = f"sqlite:///{tmp_path / 'night.db'}"
     top = {
         "include": ["middle.yaml"],
-        "defaults": {"model": {"hidden_size": 8}, "task": {"seq_len": 20}},
+        "defaults": {
+            "model": {"hidden_size": 8},
+            "task": {"seq_len": 20},
+            "tracking": {"uri": night_db, "experiment": "mine"},
+        },
         "entries": [
             {
                 "name": "own",
@@ -962,17 +1036,30 @@ def test_a_suite_file_reads_as_the_regression_suites_section_says(tmp_path):
     path = tmp_path / "night.v2.yaml"
     path.write_text(yaml.safe_dump(top))
     s = load_suite(path)
-    assert (s.name, s.baseline_path, s.description) == ("night", tmp_path / "night.baseline.yaml", "words")
+    assert (s.name, s.baseline_path, s.description) == (
+        "night.v2",
+        tmp_path / "night.v2.baseline.yaml",
+        "words",
+    )
     assert [e.name for e in s.entries] == ["deep", "mid", "own"] and s.compare == ()
     own = s.entry("own").cfg
     assert (own.seed, own.task.seq_len, own.model.hidden_size) == (5, 20, 4)
-    assert own.tracking.run_name == "night/own" and own.tracking.experiment == "regression"
-    assert [s.entry(n).cfg.tracking.run_name for n in ("deep", "mid")] == ["night/deep", "night/mid"]
+    assert own.tracking.run_name == "night.v2/own" and own.tracking.experiment == "regression"
+    assert [s.entry(n).cfg.tracking.run_name for n in ("deep", "mid")] == ["night.v2/deep", "night.v2/mid"]
+    # the store is the including suite's, the rest of an included entry's config its own suite's
+    assert s.uri == night_db and {e.cfg.tracking.uri for e in s.entries} == {night_db}
+    assert {e.cfg.tracking.experiment for e in s.entries} == {"regression"}
+    assert [s.entry(n).cfg.tracking.log_model for n in ("deep", "mid", "own")] == [False, False, True]
+    assert [s.entry(n).cfg.model.hidden_size for n in ("deep", "mid")] != [8, 8]
+    assert load_suite(tmp_path / "middle.yaml").uri == "sqlite:///middle.db"
     assert s.entry("deep").baseline_path == tmp_path / "inner.baseline.yaml"
     assert s.entry("mid").baseline_path == tmp_path / "middle.baseline.yaml"
     with pytest.raises(ConfigError) as e:
         with_baseline_file(s, tmp_path / "nope.yaml")
     assert e.value.key == "--baseline" and "nope.yaml" in str(e.value)
+    with pytest.raises(ConfigError) as e:  # a template's unset variable: it was read as no --baseline
+        with_baseline_file(s, "", must_exist=False)
+    assert e.value.key == "--baseline" and "empty" in str(e.value)
     assert (
         with_baseline_file(s, tmp_path / "nope.yaml", must_exist=False).baseline_path
         == tmp_path / "nope.yaml"

@@ -583,10 +583,11 @@ def test_an_owner_is_dead_when_its_pid_was_reused_or_is_a_zombie():
 
     me = owner_tag()
     assert owner_alive(me) is True
-    host, pid, start = me.split("|")
-    assert owner_alive(f"{host}|{pid}|{int(start) + 1}") is False  # the PID now runs another process
-    assert owner_alive(f"{host}|{pid}|") is True  # no start time recorded: the PID alone decides
-    assert owner_alive(f"{socket.gethostname()}-elsewhere|{pid}|{start}") is None  # cannot tell
+    host, pid, start, space = me.split("|")
+    assert owner_alive(f"{host}|{pid}|{int(start) + 1}|{space}") is False  # the PID now runs another process
+    assert owner_alive(f"{host}|{pid}|{int(start) + 1}") is False  # an earlier version's tag, no space
+    assert owner_alive(f"{host}|{pid}||{space}") is True  # no start time recorded: the PID alone decides
+    assert owner_alive(f"{socket.gethostname()}-elsewhere|{pid}|{start}|{space}") is None  # cannot tell
     child = subprocess.Popen(["true"])
     try:
         tag = owner_tag(child.pid)
@@ -597,6 +598,49 @@ def test_an_owner_is_dead_when_its_pid_was_reused_or_is_a_zombie():
     finally:
         child.wait()
     assert owner_alive(tag) is False  # reaped: gone
+
+
+def test_an_owner_in_another_pid_namespace_or_boot_is_not_read_as_gone_unless_this_machine_rebooted():
+    """A host name does not name a PID space: a live process in another PID namespace (a container with
+    the same host name), started here with ``unshare --pid``, was read as gone, since its PID is not ours
+    to look up, and a regress or a sweep's reaper closed its runs and trials (a platform-team
+    walkthrough). The tag's process space tells it: another namespace or another machine of the same
+    name cannot be told (None); the same machine after a reboot (same machine id, another boot id) is
+    gone (False), as are the processes of a laptop that lost power."""
+    from pipeline.provenance import owner_alive, owner_tag
+
+    if "" in owner_tag().split("|")[3].split("."):
+        pytest.skip(f"this machine's process space is not readable in full: {owner_tag()}")
+    probe = "from pipeline.provenance import owner_tag; print(owner_tag(), flush=True); import time; time.sleep(60)"
+    try:
+        child = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", probe],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    except FileNotFoundError:
+        pytest.skip("unshare (util-linux) is not installed")
+    try:
+        tag = child.stdout.readline().strip()
+        if not tag:
+            pytest.skip(f"unshare --pid needs privileges this process lacks: {child.stderr.read()[-300:]}")
+        host, pid, start, theirs = tag.split("|")
+        assert child.poll() is None  # alive while it is judged
+        assert theirs != owner_tag().split("|")[3]  # another PID namespace, the same boot
+        assert owner_alive(tag) is None
+        assert (
+            owner_alive(f"{host}|{pid}|{start}") is False
+        )  # the same tag without its space: the old misreading
+    finally:
+        child.kill()
+        child.wait()
+    machine, boot, ns = owner_tag().split("|")[3].split(".")
+    me = "|".join(owner_tag().split("|")[:3])
+    other_boot = "0" * len(boot) if boot != "0" * len(boot) else "1" * len(boot)
+    assert owner_alive(f"{me}|{machine}.{other_boot}.{ns}") is False  # this machine booted since
+    assert owner_alive(f"{me}|{'f' * len(machine)}.{other_boot}.{ns}") is None  # another machine, same name
 
 
 @pytest.mark.parametrize(

@@ -69,11 +69,11 @@ def command(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--set", "a baseline is recorded from the suite as written: drop --set with --update-baseline"
         )
-    if args.baseline:
+    if args.baseline is not None:  # `--baseline ""` (a template's unset variable) is refused, not ignored
         suite = with_baseline_file(suite, args.baseline, must_exist=not args.update_baseline)
     baseline = suite_baseline(suite, update=args.update_baseline)
     if args.update_baseline:
-        check_writable(suite.baseline_path, "--baseline" if args.baseline else "baseline")
+        check_writable(suite.baseline_path, "--baseline" if args.baseline is not None else "baseline")
     check_suite_fits(suite, overrides, args.workers)
 
     from pipeline.store_checks import probe_store
@@ -82,7 +82,9 @@ def command(args: argparse.Namespace) -> int:
     uri = probe_store(suite.uri, "defaults.tracking.uri")  # a corrupt or unreachable store: one line, exit 2
     print(
         f"suite {suite.name}: {len(suite.entries)} entries, baseline {suite.baseline_path}"
-        + ("" if baseline else " (none yet)")
+        + (
+            "" if suite.baseline_path.exists() else " (none yet)"
+        )  # an included suite's numbers are not its own
         + f", store {display_url(uri)}, workers {args.workers}"
         + (f", overrides {' '.join(overrides)}" if overrides else "")
     )

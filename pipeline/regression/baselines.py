@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.regression.expr import fmt
+from pipeline.regression.expr import fmt, pct
 from pipeline.regression.laws import ERROR, NO_BASELINE, PASS, REGRESSION, EntryResult, Row, _metric
 from pipeline.schema import ConfigError, as_mapping, read_yaml
 
@@ -34,7 +34,7 @@ class Band:
         return max(self.abs, self.rel * abs(base))
 
     def describe(self) -> str:
-        parts = ([f"±{fmt(self.abs)}"] if self.abs else []) + ([f"±{self.rel:.0%}"] if self.rel else [])
+        parts = ([f"±{fmt(self.abs)}"] if self.abs else []) + ([f"±{pct(self.rel)}"] if self.rel else [])
         return " or ".join(parts) or "exact"
 
     def to_dict(self) -> dict[str, float]:
@@ -105,12 +105,14 @@ def load_baseline(path: str | Path, whole: bool = True) -> dict[str, dict[str, d
     for entry, metrics in as_mapping(data.get("entries"), f"{path.name}: entries").items():
         for metric, rec in as_mapping(metrics, f"{path.name}: entries.{entry}").items():
             key = f"{path.name}: entries.{entry}.{metric}"
+            # a value .nan (a REGRESSION every run) or .inf is refused too
             if (
                 not isinstance(rec, dict)
                 or not isinstance(rec.get("value"), (int, float))
                 or isinstance(rec.get("value"), bool)
+                or not math.isfinite(rec["value"])
             ):
-                raise ConfigError(key, "must be a mapping with a numeric value (and abs and/or rel)")
+                raise ConfigError(key, "must be a mapping with a finite numeric value (and abs and/or rel)")
             band = parse_band(
                 {k: v for k, v in rec.items() if k not in ("value", *PROVENANCE)} or {"abs": 0.0}, key
             )
@@ -209,6 +211,14 @@ def measured_band(floor: Band, value: float, perturbed: Sequence[float | None]) 
     return Band(abs=_round_up(want)), spread
 
 
+class Unbandable(ValueError):
+    """A banded metric with no finite value to accept (``--update-baseline`` refuses the file)."""
+
+    def __init__(self, entry: str, metric: str, why: str):
+        self.check = f"{entry}: {metric}"  # the label the metric's baseline row has
+        super().__init__(f"{self.check}: {why}")
+
+
 def new_baseline(
     suite, results: dict[str, EntryResult], perturbed: dict[str, dict[str, EntryResult]] | None = None
 ) -> dict[str, dict[str, dict[str, float]]]:
@@ -216,7 +226,7 @@ def new_baseline(
 
     ``perturbed`` maps a perturbation label to the results of the same entries run under it. Without it
     (or for an entry it lacks) the band is the suite's ``baseline:`` floor alone and no spread is written.
-    Raises ``ValueError`` naming the metric whose nominal or perturbed value is missing or non-finite.
+    Raises :class:`Unbandable` naming the metric whose nominal or perturbed value is missing or non-finite.
     """
     out: dict[str, dict[str, dict[str, float]]] = {}
     for e in suite.entries:
@@ -225,9 +235,11 @@ def new_baseline(
         for metric, floor in e.bands.items():
             v = results[e.name].metrics.get(metric)
             if v is None or not math.isfinite(v):  # accepting nothing would turn a lost metric into a pass
-                raise ValueError(
-                    f"{e.name}: {metric}: not recorded (or not finite) in the nominal run; a banded metric "
-                    "must be recorded (drop it from the entry's baseline: to stop comparing it)"
+                raise Unbandable(
+                    e.name,
+                    metric,
+                    "not recorded (or not finite) in the nominal run; a banded metric must be recorded "
+                    "(drop it from the entry's baseline: to stop comparing it)",
                 )
             others = [r[e.name].metrics.get(metric) for r in (perturbed or {}).values() if e.name in r]
             if not others:
@@ -235,9 +247,10 @@ def new_baseline(
                 continue
             band, spread = measured_band(floor, v, others)
             if not math.isfinite(spread):
-                raise ValueError(
-                    f"{e.name}: {metric}: not recorded (or not finite) under every perturbation; "
-                    "it cannot be given a band"
+                raise Unbandable(
+                    e.name,
+                    metric,
+                    "not recorded (or not finite) under every perturbation; it cannot be given a band",
                 )
             out.setdefault(e.name, {})[metric] = {
                 "value": float(f"{v:.6g}"),
@@ -347,7 +360,7 @@ def spread_rows(values: dict) -> list[tuple[str, str, str]]:
             f"{entry}: {metric}",
             fmt(rec.get("spread")),
             " or ".join(
-                f"±{fmt(rec[k])}" if k == "abs" else f"±{rec[k]:.0%}" for k in ("abs", "rel") if k in rec
+                f"±{fmt(rec[k])}" if k == "abs" else f"±{pct(rec[k])}" for k in ("abs", "rel") if k in rec
             ),
         )
         for entry, metrics in values.items()

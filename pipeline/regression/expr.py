@@ -135,3 +135,9 @@ def fmt(v: Any) -> str:
             return "inf" if v > 0 else "-inf"
         return f"{v:.4g}"
     return str(v)
+
+
+def pct(fraction: float) -> str:
+    """A relative band as a percentage, to 3 significant digits: ``.0%`` printed a band of 1e-3 as "0%",
+    which reads as an exact one (a platform-team walkthrough)."""
+    return f"{100 * fraction:.3g}%"

@@ -19,7 +19,7 @@ from typing import Any
 
 from pipeline.config import Config
 from pipeline.names import DIVERGED, REGIME
-from pipeline.regression.expr import evaluate, fmt, names_of, shown
+from pipeline.regression.expr import evaluate, fmt, names_of, pct, shown
 from pipeline.regression.metrics import check_metric
 from pipeline.schema import ConfigError
 
@@ -236,7 +236,7 @@ def _equals(chk: Check, results: dict[str, EntryResult]) -> Row:
     metric = p.get("metric", "bptt/decay_rate")
     now, want = _metric(_result(chk, results), metric), chk.value("value")
     tol = max(chk.value("tol") if "tol" in p else 0.0, chk.value("rel") * abs(want) if "rel" in p else 0.0)
-    band = f"±{fmt(tol)}" + (f" ({chk.value('rel'):.0%})" if "rel" in p else "")
+    band = f"±{fmt(tol)}" + (f" ({pct(chk.value('rel'))})" if "rel" in p else "")
     if now is None:
         return _missing(chk, band, chk.target("value"), metric)
     return _law(

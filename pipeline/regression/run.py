@@ -148,15 +148,21 @@ def run_entry(
 
 
 def check_suite_fits(suite: Suite, overrides: tuple[str, ...], workers: int) -> None:
-    """Every override must give a valid config that fits in memory, before the store is touched."""
+    """Every override must give a valid config that fits in memory, on an accelerator this machine has,
+    before the store is touched."""
     from pipeline.training.budget import check_fits
+    from pipeline.training.machine import check_accelerator
 
     for e in suite.entries:
-        check_fits(
-            with_overrides(e.cfg, overrides),
-            copies=min(workers, len(suite.entries)),
-            what=f"entry {e.name!r} ",
+        cfg = with_overrides(e.cfg, overrides)
+        # a GPU suite on a CPU runner is a misrouted job (exit 2), not a scientific regression: each entry
+        # failed in Lightning and the suite read "REGRESSION", exit 1 (a platform-team walkthrough)
+        check_accelerator(
+            cfg,
+            f"entries.{e.name}.trainer.accelerator",
+            "run the suite where torch sees a GPU, or --set trainer.accelerator=cpu",
         )
+        check_fits(cfg, copies=min(workers, len(suite.entries)), what=f"entry {e.name!r} ")
 
 
 # ------------------------------------------------------------------------------------ compare, record

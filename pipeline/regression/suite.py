@@ -145,6 +145,8 @@ def with_baseline_file(suite: Suite, path: str | Path, must_exist: bool = True) 
     """``suite`` compared against (and updating) another baseline file (``--baseline``)."""
     from pipeline.store_checks import long_name
 
+    if not str(path).strip():
+        raise ConfigError("--baseline", "must name a baseline file, got an empty path")
     suite = replace(suite, baseline_path=Path(path))
     long = long_name(suite.baseline_path)  # before Path.exists, which raises on it
     if long:
@@ -177,7 +179,9 @@ def load_suite(path: str | Path, _seen: tuple[Path, ...] = ()) -> Suite:
     """Read and validate a suite file; raises :class:`ConfigError` naming the first bad key."""
     path = Path(path)
     raw = read_suite_file(path)
-    stem = path.name.split(".")[0]
+    # the file name without .yaml: up to its first dot, a copy `tiny.cpu-runner.yaml` took suite tiny's
+    # name and baseline file, and its --update-baseline rewrote tiny's (a platform-team walkthrough)
+    stem = path.name.removesuffix(path.suffix) if path.suffix in (".yaml", ".yml") else path.name
     name = stem if raw.name is None else raw.name
     if not _is_name(name):
         raise ConfigError("name", f"must be a name of letters, digits, _ - . (got {name!r})")
@@ -185,7 +189,10 @@ def load_suite(path: str | Path, _seen: tuple[Path, ...] = ()) -> Suite:
         raise ConfigError("entries", "must be a non-empty list of entries")
     own = _entry_files(raw.entries)
     included = _included(raw.include, path, (*_seen, path.resolve()))
-    inherited = _inherited(included, name, [e.name for e in own])
+    tracking = raw.defaults.get("tracking") or {}
+    if not isinstance(tracking, dict):
+        raise ConfigError("defaults.tracking", f"must be a mapping, got {tracking!r}")
+    inherited = _inherited(included, name, [e.name for e in own], tracking)
     known = {e.name for e in own} | {e.name for e in inherited}
     entries = inherited + [_entry(e, raw.defaults, path.parent, name, known) for e in own]
     compare = [c for sub in included for c in sub.compare]
@@ -230,8 +237,11 @@ def _included(paths: tuple[str, ...], path: Path, seen: tuple[Path, ...]) -> lis
     return out
 
 
-def _inherited(included: list[Suite], suite: str, own: list[str]) -> list[Entry]:
-    """Included entries, renamed <suite>/<entry>, keeping the baseline file they were accepted in."""
+def _inherited(included: list[Suite], suite: str, own: list[str], tracking: dict[str, Any]) -> list[Entry]:
+    """Included entries, renamed <suite>/<entry>, keeping the baseline file they were accepted in, and
+    recorded where this suite records: its ``defaults.tracking`` laid over theirs (where a suite records
+    is the suite's own; an including suite's store was ignored, its runs went to the included suite's,
+    a platform-team walkthrough)."""
     out: list[Entry] = []
     for sub in included:
         for e in sub.entries:
@@ -239,7 +249,14 @@ def _inherited(included: list[Suite], suite: str, own: list[str]) -> list[Entry]
                 raise ConfigError(
                     f"entries.{e.name}.name", "duplicate entry name (also in an included suite)"
                 )
-            cfg = replace(e.cfg, tracking=replace(e.cfg.tracking, run_name=f"{suite}/{e.name}"))
+            cfg = e.cfg
+            if tracking:
+                forced = {**tracking, "experiment": EXPERIMENT, "enabled": True}
+                try:
+                    cfg = from_dict(deep_merge(cfg.to_dict(), {"tracking": forced}))
+                except ConfigError as err:
+                    raise err.under("defaults") from None
+            cfg = replace(cfg, tracking=replace(cfg.tracking, run_name=f"{suite}/{e.name}"))
             out.append(replace(e, cfg=cfg, baseline_path=e.baseline_path or sub.baseline_path))
     return out
 

@@ -6,6 +6,7 @@ machine"). Refused, with nothing written, when a law is violated in a nominal or
 from __future__ import annotations
 
 from pipeline.regression.baselines import (
+    Unbandable,
     baseline_diff,
     baselined,
     load_baseline,
@@ -48,10 +49,8 @@ def update_baseline(
     if not any(refused(r) for r in rows):
         try:  # the nominal values alone first: a banded metric not recorded is refused before minutes of reruns
             new_baseline(suite, results)
-        except ValueError as e:
-            say(f"\nbaseline NOT written: {e}")
-            finish_suite_run(suite, parent, rows)
-            return 1
+        except Unbandable as e:
+            return _unbandable(suite, parent, rows, e, say)
         perturbed, extra = _run_perturbed(suite, results, parent, exp_id, workers, say)
     broken = [r for r in rows + extra if refused(r)]
     if broken:
@@ -65,10 +64,8 @@ def update_baseline(
         return 1
     try:
         values = new_baseline(suite, results, perturbed)
-    except ValueError as e:
-        say(f"\nbaseline NOT written: {e}")
-        finish_suite_run(suite, parent, rows)
-        return 1
+    except Unbandable as e:
+        return _unbandable(suite, parent, rows + extra, e, say)
     diff = baseline_diff(load_baseline(suite.baseline_path, whole=False), values)  # the file as it is
     say(format_table(judge_entries(suite, results, {**baseline, **values}) + extra))
     spreads = spread_rows(values)
@@ -77,6 +74,17 @@ def update_baseline(
         say(format_columns(("metric", "spread", "band"), spreads))
     _write(suite, values, diff, parent, exp_id, uri, say)
     return None
+
+
+def _unbandable(suite: Suite, parent: str, rows: list[Row], e: Unbandable, say: Say) -> int:
+    """A banded metric with no finite value to accept: refused as a failing row of the table and of the
+    parent run (closed with verdict ``pass`` and no table printed, a dashboard read the refusal as a
+    passing suite: a platform-team walkthrough)."""
+    row = Row(e.check, "-", "-", "-", ERROR, f"baseline NOT written: {e}")
+    say(format_table([*rows, row]))
+    say(f"\nbaseline NOT written: {e}")
+    finish_suite_run(suite, parent, [*rows, row])
+    return 1
 
 
 def _run_perturbed(

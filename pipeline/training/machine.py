@@ -95,7 +95,7 @@ def device_available() -> int:
     return int(free)
 
 
-def check_accelerator(cfg: Config, key: str = "trainer.accelerator") -> None:
+def check_accelerator(cfg: Config, key: str = "trainer.accelerator", remedy: str = "use auto or cpu") -> None:
     """Refuse ``gpu`` / ``cuda`` where torch sees no CUDA device, in one line naming ``key``, before any
     store is opened: Lightning's own refusal came as a traceback after the run was created, which it left
     FAILED with nothing to resume."""
@@ -110,4 +110,4 @@ def check_accelerator(cfg: Config, key: str = "trainer.accelerator") -> None:
 
     hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1")
     why = "CUDA_VISIBLE_DEVICES hides every device" if hidden else "torch sees no CUDA device on this machine"
-    raise ConfigError(key, f"{cfg.trainer.accelerator!r}, but {why}; use auto or cpu")
+    raise ConfigError(key, f"{cfg.trainer.accelerator!r}, but {why}; {remedy}")
