@@ -45,6 +45,50 @@ def wait_for_http(url: str, proc, timeout: float, log_path) -> None:
         time.sleep(0.5)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_schema_from_a_template(tmp_path_factory):
+    """A new MLflow sqlite store made in this process gets its tables by copying a store MLflow migrated
+    once in this process, not by MLflow's migrations again: those took 3-8 s of CPU per store (a profile
+    of a tiny sweep: 7 of its parent's 8 s), and over a hundred tests each make a fresh store. The copy
+    is of what ``mlflow.store.db.utils._initialize_tables`` writes (its tables at the migration head, no
+    experiment: MLflow's store adds the Default experiment itself, with this store's artifact root).
+    Stores made by the commands the tests start (subprocesses) and PostgreSQL stores are made by MLflow
+    as for a user, and so is the template (README, "Development")."""
+    import sqlite3
+
+    if os.environ.get("PIPELINE_TEST_MLFLOW_MIGRATIONS") == "1":  # MLflow's migrations for every store
+        yield
+        return
+    try:
+        from mlflow.store.db import utils
+    except ImportError:  # pragma: no cover
+        yield
+        return
+    real = utils._initialize_tables
+    template = tmp_path_factory.mktemp("mlflow-schema") / "template.db"
+
+    def initialize_tables(engine) -> None:
+        db = engine.url.database
+        if engine.dialect.name != "sqlite" or not db or db == ":memory:" or db.startswith("file:"):
+            return real(engine)
+        if not template.exists():
+            import sqlalchemy
+
+            made = sqlalchemy.create_engine(f"sqlite:///{template}")
+            real(made)
+            made.dispose()
+        src = sqlite3.connect(template)
+        try:
+            with engine.connect() as conn:
+                src.backup(conn.connection.driver_connection)
+        finally:
+            src.close()
+
+    utils._initialize_tables = initialize_tables
+    yield
+    utils._initialize_tables = real
+
+
 @pytest.fixture(autouse=True)
 def _mlflow_global_tracking_uri():
     """Lightning's MLFlowLogger calls ``mlflow.set_tracking_uri``, which also sets $MLFLOW_TRACKING_URI
