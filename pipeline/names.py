@@ -56,7 +56,7 @@ STATUS = "status"  # how a run ended beyond MLflow's status (killed, diverged, .
 OVERRIDES = "overrides"  # the command line's dotted overrides, as given
 SUITE, ENTRY, ROLE = "suite", "entry", "regression_role"  # regression runs: ROLE is "suite" or "entry"
 PERTURBATION = "perturbation"  # a regression entry rerun under a perturbation (--update-baseline)
-OWNER = "pipeline.owner"  # host|pid|start time of the process running a regress run (pipeline.provenance)
+OWNER = "pipeline.owner"  # host|pid|start time|process space of a regress run's process (pipeline.provenance)
 NONFINITE_PREFIX = "nonfinite."  # nonfinite.<metric> = nan: a NaN metric value (README, "The MLflow record")
 
 # MLflow's own system tags (mlflow.utils.mlflow_tags), which the fluent API's run-context providers set

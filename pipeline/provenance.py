@@ -14,6 +14,7 @@ import functools
 import getpass
 import os
 import socket
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -189,30 +190,35 @@ def owner_tag(pid: int | None = None) -> str:
 
 
 def _space_verdict(theirs: str) -> str:
-    """``same`` (their PIDs are ours to look up), ``gone`` (this machine has booted since: every process
-    of that boot is gone) or ``unknown`` (another PID namespace, or another machine of the same name)."""
-    mine = _process_space().split(".")
-    other = theirs.split(".")
-    if len(other) != 3 or "" in mine or "" in other:
-        return "same"  # a part unknown on either side: the host name decides, as before the space was tagged
-    if other[1] == mine[1]:
-        return "same" if other[2] == mine[2] else "unknown"
-    return "gone" if other[0] == mine[0] else "unknown"
+    """``same`` (their PIDs are ours to look up, or a part is unknown on either side: the host name
+    decides, as before the space was tagged), ``gone`` (this machine, its machine id known, has booted
+    since: every process of that boot is gone) or ``unknown`` (another PID namespace on this kernel, or
+    another machine of the same name). Each part is judged on its own: a container without
+    /etc/machine-id still tells its PID namespace from another's (a review)."""
+    mine, other = _process_space().split("."), theirs.split(".")
+    if len(other) != 3 or not other[1] or not mine[1]:
+        return "same"
+    if other[1] == mine[1]:  # one boot of one kernel: the PID namespace decides
+        return "same" if not other[2] or not mine[2] or other[2] == mine[2] else "unknown"
+    machine = other[0] == mine[0] and bool(mine[0]) and all(c in string.hexdigits for c in mine[0])
+    return "gone" if machine else "unknown"  # "uninitialized" (systemd's placeholder) is no machine id
 
 
-def owner_alive(tag: str) -> bool | None:
+def owner_alive(tag: str, one_machine: bool = False) -> bool | None:
     """True/False for an owner in this PID space; None where it cannot be told: another host, another PID
-    namespace on this kernel (a container), or another machine of the same host name. A tag of an earlier
-    version (``host|pid|start``) is judged by its host name alone."""
+    namespace on this kernel (a container), or another machine of the same host name. ``one_machine``
+    (a store only one machine can use, the journal): the host name and PID decide, as for a tag of an
+    earlier version (``host|pid|start``), so a container restarted under its name (a new PID namespace)
+    reaps its own dead trials, which no heartbeat would ever reap there."""
     parts = tag.split("|")
     try:
         host, pid_s, start = parts[:3]
         pid = int(pid_s)
     except ValueError:
         return None
-    if len(parts) > 4 or host != socket.gethostname():
+    if len(parts) > 4 or host != socket.gethostname() or pid <= 0:  # os.kill(0 or -1, 0) "succeeds"
         return None
-    space = _space_verdict(parts[3]) if len(parts) == 4 else "same"
+    space = _space_verdict(parts[3]) if len(parts) == 4 and not one_machine else "same"
     if space != "same":
         return False if space == "gone" else None
     try:

@@ -64,19 +64,30 @@ def _mlflow_schema_from_a_template(tmp_path_factory):
     except ImportError:  # pragma: no cover
         yield
         return
-    real = utils._initialize_tables
+    import threading
+
+    real, empty = utils._initialize_tables, getattr(utils, "_is_empty_database", None)
     template = tmp_path_factory.mktemp("mlflow-schema") / "template.db"
+    making = threading.Lock()
 
     def initialize_tables(engine) -> None:
         db = engine.url.database
         if engine.dialect.name != "sqlite" or not db or db == ":memory:" or db.startswith("file:"):
             return real(engine)
-        if not template.exists():
-            import sqlalchemy
+        if empty is None or not empty(
+            engine
+        ):  # a store with tables MLflow migrates in place: a copy wipes it
+            return real(engine)
+        with making:  # made whole under another name, then renamed: a half-made template is never copied
+            if not template.exists():
+                import sqlalchemy
 
-            made = sqlalchemy.create_engine(f"sqlite:///{template}")
-            real(made)
-            made.dispose()
+                part = template.with_suffix(".part")
+                part.unlink(missing_ok=True)
+                made = sqlalchemy.create_engine(f"sqlite:///{part}")
+                real(made)
+                made.dispose()
+                part.replace(template)
         src = sqlite3.connect(template)
         try:
             with engine.connect() as conn:

@@ -217,6 +217,9 @@ def test_a_suite_for_an_accelerator_this_machine_lacks_is_exit_2_before_any_run(
     )
     assert "run the suite where torch sees a GPU, or --set trainer.accelerator=cpu" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["suite.yaml"]  # no store, no baseline
+    assert main(["regress", "--suite", str(suite), "--update-baseline"]) == 2  # which refuses --set
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("run the suite where torch sees a GPU") and "--set" not in err
 
 
 @pytest.mark.parametrize(
@@ -325,6 +328,16 @@ ACCEPTED = {"value": -3.0, "abs": 0.05}
             "tiny",
             {"tanh_g05": {"bptt/log10_ratio": {"value": float("-inf"), "abs": 0.05}}},
             "suite.baseline.yaml: entries.tanh_g05.bptt/log10_ratio",
+        ),
+        (  # no float holds it: math.isfinite raised OverflowError, a traceback
+            "tiny",
+            {"tanh_g05": {"bptt/log10_ratio": {"value": 10**400, "abs": 0.05}}},
+            "suite.baseline.yaml: entries.tanh_g05.bptt/log10_ratio",
+        ),
+        (
+            "tiny",
+            {"tanh_g05": {"bptt/log10_ratio": {"value": -3.0, "abs": 10**400}}},
+            "suite.baseline.yaml: entries.tanh_g05.bptt/log10_ratio.abs",
         ),
     ],
 )
@@ -1049,9 +1062,18 @@ def test_a_suite_file_reads_as_the_regression_suites_section_says(tmp_path):
     # the store is the including suite's, the rest of an included entry's config its own suite's
     assert s.uri == night_db and {e.cfg.tracking.uri for e in s.entries} == {night_db}
     assert {e.cfg.tracking.experiment for e in s.entries} == {"regression"}
-    assert [s.entry(n).cfg.tracking.log_model for n in ("deep", "mid", "own")] == [False, False, True]
+    # only the store: the rest of an included entry's tracking is its own suite's
+    assert [s.entry(n).cfg.tracking.log_model for n in ("deep", "mid", "own")] == [True, False, True]
     assert [s.entry(n).cfg.model.hidden_size for n in ("deep", "mid")] != [8, 8]
     assert load_suite(tmp_path / "middle.yaml").uri == "sqlite:///middle.db"
+    # a suite named up to its first dot before: its old default baseline beside it is refused, naming both
+    (tmp_path / "night.baseline.yaml").write_text("suite: night\nrecords: 0\nentries: {}\n")
+    with pytest.raises(ConfigError) as e:
+        load_suite(path)
+    assert e.value.key == "baseline" and "night.v2.baseline.yaml" in str(e.value)
+    assert "`baseline: night.baseline.yaml`" in str(e.value)
+    (tmp_path / "night.v2.baseline.yaml").write_text("suite: night.v2\nrecords: 0\nentries: {}\n")
+    assert load_suite(path).baseline_path == tmp_path / "night.v2.baseline.yaml"  # its own: no question
     assert s.entry("deep").baseline_path == tmp_path / "inner.baseline.yaml"
     assert s.entry("mid").baseline_path == tmp_path / "middle.baseline.yaml"
     with pytest.raises(ConfigError) as e:

@@ -264,7 +264,13 @@ def test_reaper_fails_dead_owners_trials_closes_runs_and_retries_once(store, mon
         return t
 
     dead, live, remote, orphan = _dead_owner(), owner_tag(), "another-host|1|123", None
+    # a dead worker of this host name in another PID namespace of this boot (a container restarted under
+    # its name): judged by its PID on a journal, one machine's store with no heartbeat to reap it else
+    host, pid, start, space = _dead_owner().split("|")
+    machine, boot, ns = space.split(".")
+    restarted = f"{host}|{pid}|{start}|{machine}.{boot}.{ns}1"
     assert (owner_alive(dead), owner_alive(live), owner_alive(remote)) == (False, True, None)
+    assert owner_alive(restarted) is (None if boot and ns else False)
     trials = {
         name: running(o, x)
         for name, o, x in (
@@ -272,17 +278,27 @@ def test_reaper_fails_dead_owners_trials_closes_runs_and_retries_once(store, mon
             ("live", live, 0.2),
             ("remote", remote, 0.3),
             ("orphan", orphan, 0.4),
+            ("restarted", restarted, 0.5),
         )
     }
     run = c.create_run(exp, tags={"study": "r", "trial_number": str(trials["dead"].number)})
     trials["dead"].set_user_attr("mlflow_run_id", run.info.run_id)
 
-    assert reap_stale(study, url, store) == [trials["dead"].number]
+    assert reap_stale(study, url, store) == [trials["dead"].number, trials["restarted"].number]
     state = {n: study.trials[t.number].state.name for n, t in trials.items()}
-    assert state == {"dead": "FAIL", "live": "RUNNING", "remote": "RUNNING", "orphan": "RUNNING"}
+    assert state == {
+        "dead": "FAIL",
+        "live": "RUNNING",
+        "remote": "RUNNING",
+        "orphan": "RUNNING",
+        "restarted": "FAIL",
+    }
     assert c.get_run(run.info.run_id).info.status == "KILLED"
     waiting = [t for t in study.trials if t.state.name == "WAITING"]
-    assert [(t.params, t.user_attrs["retry_of"]) for t in waiting] == [({"x": 0.1}, trials["dead"].number)]
+    assert [(t.params, t.user_attrs["retry_of"]) for t in waiting] == [
+        ({"x": 0.1}, trials["dead"].number),
+        ({"x": 0.5}, trials["restarted"].number),
+    ]
     assert reap_stale(study, url, store) == []  # idempotent
 
     monkeypatch.setattr(sweep_store, "ORPHAN_S", -1.0)  # the orphan is now old enough
@@ -574,7 +590,7 @@ def test_tiny_sweep_parent_child_structure(store, tmp_path):
 
 
 def test_an_owner_is_dead_when_its_pid_was_reused_or_is_a_zombie():
-    """``host|pid|start time``: a live PID with another start time is another process that reused the
+    """``host|pid|start time|process space``: a live PID with another start time is another process that reused the
     PID, and a zombie (killed, not yet reaped by its parent) is dead too; either way its trials and runs
     are reaped (pipeline/provenance.py; mutation review)."""
     import socket
@@ -588,6 +604,9 @@ def test_an_owner_is_dead_when_its_pid_was_reused_or_is_a_zombie():
     assert owner_alive(f"{host}|{pid}|{int(start) + 1}") is False  # an earlier version's tag, no space
     assert owner_alive(f"{host}|{pid}||{space}") is True  # no start time recorded: the PID alone decides
     assert owner_alive(f"{socket.gethostname()}-elsewhere|{pid}|{start}|{space}") is None  # cannot tell
+    assert (
+        owner_alive(f"{host}|0|{start}|{space}") is None and owner_alive(f"{host}|-1||") is None
+    )  # kill(0): "alive"
     child = subprocess.Popen(["true"])
     try:
         tag = owner_tag(child.pid)
@@ -636,11 +655,37 @@ def test_an_owner_in_another_pid_namespace_or_boot_is_not_read_as_gone_unless_th
     finally:
         child.kill()
         child.wait()
-    machine, boot, ns = owner_tag().split("|")[3].split(".")
-    me = "|".join(owner_tag().split("|")[:3])
-    other_boot = "0" * len(boot) if boot != "0" * len(boot) else "1" * len(boot)
-    assert owner_alive(f"{me}|{machine}.{other_boot}.{ns}") is False  # this machine booted since
-    assert owner_alive(f"{me}|{'f' * len(machine)}.{other_boot}.{ns}") is None  # another machine, same name
+    # a journal store is one machine's: there the host name and PID decide, so a container restarted under
+    # its name (a new PID namespace) reaps its own dead trials, which no heartbeat would reap
+    assert owner_alive(tag, one_machine=True) is not None
+
+
+@pytest.mark.parametrize(
+    ("mine", "theirs", "verdict"),
+    [
+        ("aaaa.1111.7", "aaaa.1111.7", "same"),
+        ("aaaa.1111.7", "aaaa.1111.8", "unknown"),  # a container on this kernel
+        (".1111.7", ".1111.8", "unknown"),  # ... without /etc/machine-id: its namespace still tells
+        ("aaaa.1111.7", "aaaa.2222.7", "gone"),  # this machine booted since
+        ("aaaa.1111.7", "bbbb.2222.7", "unknown"),  # another machine of the same name
+        (".1111.7", ".2222.7", "unknown"),  # no machine id: a reboot cannot be told from another machine
+        ("uninitialize.1111.7", "uninitialize.2222.7", "unknown"),  # systemd's placeholder is no machine id
+        ("aaaa..7", "aaaa.2222.8", "same"),  # no boot id here: the host name decides, as before
+        ("aaaa.1111.", "aaaa.1111.8", "same"),  # no namespace here, one boot: as before
+        ("aaaa.1111.7", "garbage", "same"),
+    ],
+)
+def test_a_process_space_is_judged_part_by_part(monkeypatch, mine, theirs, verdict):
+    """The owner tag's process space, ``<machine>.<boot>.<pid namespace>``: each part judged on its own
+    (a container without /etc/machine-id was judged by its host name alone; a review)."""
+    from pipeline import provenance
+
+    monkeypatch.setattr(provenance, "_process_space", lambda: mine)
+    assert provenance._space_verdict(theirs) == verdict
+    me = f"{provenance.socket.gethostname()}|{os.getpid()}|"
+    expected = {"same": True, "gone": False, "unknown": None}[verdict]
+    assert provenance.owner_alive(f"{me}|{theirs}") is expected
+    assert provenance.owner_alive(f"{me}|{theirs}", one_machine=True) is True  # the journal: this PID lives
 
 
 @pytest.mark.parametrize(

@@ -74,7 +74,7 @@ def command(args: argparse.Namespace) -> int:
     baseline = suite_baseline(suite, update=args.update_baseline)
     if args.update_baseline:
         check_writable(suite.baseline_path, "--baseline" if args.baseline is not None else "baseline")
-    check_suite_fits(suite, overrides, args.workers)
+    check_suite_fits(suite, overrides, args.workers, update=args.update_baseline)  # (--set is refused there)
 
     from pipeline.store_checks import probe_store
     from pipeline.uris import display_url, ui_command

@@ -41,12 +41,21 @@ class Band:
         return {k: v for k, v in (("abs", self.abs), ("rel", self.rel)) if v}
 
 
+def _finite(v: float) -> bool:
+    """A finite number, and one a float can hold: math.isfinite raised OverflowError, a traceback, on an
+    integer of 400 digits in a baseline file (a review)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 def parse_band(item: Any, key: str) -> Band:
     if not isinstance(item, dict) or not item or set(item) - {"abs", "rel"}:
         raise ConfigError(key, f"a band is a mapping with abs and/or rel, e.g. {{abs: 0.5}}, got {item!r}")
     vals = {}
     for k, v in item.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v) or v < 0:
             raise ConfigError(f"{key}.{k}", f"must be a number >= 0, got {v!r}")
         vals[k] = float(v)
     return Band(**vals)
@@ -110,7 +119,7 @@ def load_baseline(path: str | Path, whole: bool = True) -> dict[str, dict[str, d
                 not isinstance(rec, dict)
                 or not isinstance(rec.get("value"), (int, float))
                 or isinstance(rec.get("value"), bool)
-                or not math.isfinite(rec["value"])
+                or not _finite(rec["value"])
             ):
                 raise ConfigError(key, "must be a mapping with a finite numeric value (and abs and/or rel)")
             band = parse_band(
@@ -118,7 +127,7 @@ def load_baseline(path: str | Path, whole: bool = True) -> dict[str, dict[str, d
             )
             extra = {k: rec[k] for k in PROVENANCE if k in rec}
             for k, v in extra.items():
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v) or v < 0:
                     raise ConfigError(f"{key}.{k}", f"must be a number >= 0, got {v!r}")
             out.setdefault(entry, {})[metric] = {"value": float(rec["value"]), **band.to_dict(), **extra}
     held, records = sum(len(m) for m in out.values()), data.get("records")
@@ -342,7 +351,8 @@ def baseline_diff(old: dict, new: dict) -> list[tuple[str, str, str, str]]:
                 else "removed"
                 if b is None
                 else (
-                    f"{vb - va:+.4g}" + (f" ({(vb - va) / abs(va):+.1%})" if va else "")
+                    f"{vb - va:+.4g}"
+                    + (f" ({'+' if vb > va else ''}{pct((vb - va) / abs(va))})" if va else "")
                     if va != vb
                     else "spread"
                     if same_band

@@ -147,7 +147,7 @@ def run_entry(
     return run_id
 
 
-def check_suite_fits(suite: Suite, overrides: tuple[str, ...], workers: int) -> None:
+def check_suite_fits(suite: Suite, overrides: tuple[str, ...], workers: int, update: bool = False) -> None:
     """Every override must give a valid config that fits in memory, on an accelerator this machine has,
     before the store is touched."""
     from pipeline.training.budget import check_fits
@@ -160,7 +160,7 @@ def check_suite_fits(suite: Suite, overrides: tuple[str, ...], workers: int) -> 
         check_accelerator(
             cfg,
             f"entries.{e.name}.trainer.accelerator",
-            "run the suite where torch sees a GPU, or --set trainer.accelerator=cpu",
+            "run the suite where torch sees a GPU" + ("" if update else ", or --set trainer.accelerator=cpu"),
         )
         check_fits(cfg, copies=min(workers, len(suite.entries)), what=f"entry {e.name!r} ")
 

@@ -47,7 +47,7 @@ class EntryFile:
 class SuiteFile:
     """The top of a suite file as written."""
 
-    # The suite's name in run names and tags; None: the file name up to its first dot.
+    # The suite's name in run names and tags; None: the file name without .yaml.
     name: str | None = None
     # One paragraph for people; recorded nowhere else.
     description: str = ""
@@ -192,7 +192,7 @@ def load_suite(path: str | Path, _seen: tuple[Path, ...] = ()) -> Suite:
     tracking = raw.defaults.get("tracking") or {}
     if not isinstance(tracking, dict):
         raise ConfigError("defaults.tracking", f"must be a mapping, got {tracking!r}")
-    inherited = _inherited(included, name, [e.name for e in own], tracking)
+    inherited = _inherited(included, name, [e.name for e in own], tracking.get("uri"))
     known = {e.name for e in own} | {e.name for e in inherited}
     entries = inherited + [_entry(e, raw.defaults, path.parent, name, known) for e in own]
     compare = [c for sub in included for c in sub.compare]
@@ -200,6 +200,17 @@ def load_suite(path: str | Path, _seen: tuple[Path, ...] = ()) -> Suite:
     if len({e.cfg.tracking.uri for e in entries}) > 1:
         raise ConfigError("defaults.tracking.uri", "all entries of a suite must use one tracking store")
     bpath = raw.baseline if raw.baseline is not None else f"{stem}.baseline.yaml"
+    # the default before the name kept its dots: a file still beside the suite was read as "no baseline
+    # yet", its numbers never compared (a review)
+    earlier = f"{stem.split('.')[0]}.baseline.yaml"
+    moved = earlier != bpath and not (path.parent / bpath).exists() and (path.parent / earlier).exists()
+    if raw.baseline is None and moved:
+        raise ConfigError(
+            "baseline",
+            f"{path.name} is suite {stem!r}, whose default baseline file is {bpath} (not there); "
+            f"{earlier} beside it is suite {stem.split('.')[0]!r}'s: set `baseline: {earlier}` in the "
+            f"suite file to be compared against it, or `baseline: {bpath}` for numbers of its own",
+        )
     return Suite(
         name,
         path,
@@ -237,11 +248,11 @@ def _included(paths: tuple[str, ...], path: Path, seen: tuple[Path, ...]) -> lis
     return out
 
 
-def _inherited(included: list[Suite], suite: str, own: list[str], tracking: dict[str, Any]) -> list[Entry]:
-    """Included entries, renamed <suite>/<entry>, keeping the baseline file they were accepted in, and
-    recorded where this suite records: its ``defaults.tracking`` laid over theirs (where a suite records
-    is the suite's own; an including suite's store was ignored, its runs went to the included suite's,
-    a platform-team walkthrough)."""
+def _inherited(included: list[Suite], suite: str, own: list[str], uri: str | None) -> list[Entry]:
+    """Included entries, renamed <suite>/<entry>, keeping the baseline file they were accepted in (and the
+    rest of their config), recorded where this suite records: its ``defaults.tracking.uri``, when it has
+    one (where a suite records is the suite's own; an including suite's store was ignored, its runs went
+    to the included suite's, a platform-team walkthrough)."""
     out: list[Entry] = []
     for sub in included:
         for e in sub.entries:
@@ -250,10 +261,9 @@ def _inherited(included: list[Suite], suite: str, own: list[str], tracking: dict
                     f"entries.{e.name}.name", "duplicate entry name (also in an included suite)"
                 )
             cfg = e.cfg
-            if tracking:
-                forced = {**tracking, "experiment": EXPERIMENT, "enabled": True}
+            if uri is not None:
                 try:
-                    cfg = from_dict(deep_merge(cfg.to_dict(), {"tracking": forced}))
+                    cfg = from_dict(deep_merge(cfg.to_dict(), {"tracking": {"uri": uri}}))
                 except ConfigError as err:
                     raise err.under("defaults") from None
             cfg = replace(cfg, tracking=replace(cfg.tracking, run_name=f"{suite}/{e.name}"))

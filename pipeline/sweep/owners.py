@@ -3,8 +3,8 @@
 Killed workers (kill -9, OOM, a lost machine) leave trials RUNNING forever unless someone notices
 (optuna's JournalStorage has no heartbeat). Two detectors, one handler:
 
-* Every storage: each trial records its owner ``host|pid|process start time``; a RUNNING trial whose
-  owner process on this host is gone is stale at once (one with no owner at all, its worker killed
+* Every storage: each trial records its owner ``host|pid|process start time|process space``; a RUNNING
+  trial whose owner process in this PID space is gone is stale at once (one with no owner at all, its worker killed
   between ``ask`` and recording it, after ``ORPHAN_S``). The start time guards against PID reuse. This is
   the only detector for the journal (Optuna 5.0's JournalStorage has no heartbeat; it is a
   single-machine store, use PostgreSQL for several machines).
@@ -276,7 +276,7 @@ def reap_stale(study, url: str, mlflow_uri: str | None) -> list[int]:
     now = datetime.datetime.now()  # Optuna stamps datetime_start with naive local time
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get("worker")
-        if owner and owner_alive(owner) is not False:
+        if owner and owner_alive(owner, one_machine=not is_rdb(url)) is not False:
             continue
         if not owner and not (t.datetime_start and (now - t.datetime_start).total_seconds() > ORPHAN_S):
             continue  # a worker sets the attr right after ask(); only a kill in between leaves none

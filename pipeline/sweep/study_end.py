@@ -70,7 +70,8 @@ class StudyEnd:
 
         def told(t) -> bool:  # alive on this host, or on another with a heartbeat; no owner yet: reaped soon
             owner = t.user_attrs.get("worker")
-            return not owner or owner_alive(owner) is True or (owner_alive(owner) is None and is_rdb(s.url))
+            alive = owner_alive(owner, one_machine=not is_rdb(s.url)) if owner else True
+            return alive is True or (alive is None and is_rdb(s.url))
 
         waited = [t for t in running if told(t)]
         if not waited:
