@@ -508,10 +508,7 @@ def test_workers_wait_out_an_outage_of_both_stores(pg_databases, tmp_path, k):
         n_trials=n,
         workers=2,
         trials_per_worker=k,
-        # one at a time, 40-step trials (well under a second) could end between the poll that saw one
-        # RUNNING and the cut: the cut met no trial once in make test under a heavy load (2026-12-07);
-        # 160 steps keep a trial training over it
-        base={**TINY["base"], "trainer": {"max_steps": 160 if k == 1 else 40, "val_every": 20, "log_every": 10},
+        base={**TINY["base"], "trainer": {"max_steps": 40, "val_every": 20, "log_every": 10},
               "tracking": {"experiment": "sweep-test", "uri": mlflow_url}},
     )  # fmt: skip
     from test_sweep import sweep_cmd, sweep_env
