@@ -68,9 +68,8 @@ def _mlflow_schema_from_a_template(tmp_path_factory):
 
     real = utils._initialize_tables
 
-    def empty(
-        engine,
-    ) -> bool:  # MLflow's _is_empty_database (absent at the floor, 3.9): alembic's tables only
+    # MLflow's _is_empty_database (absent at the floor, 3.9): alembic's tables only
+    def empty(engine) -> bool:
         import sqlalchemy
 
         return all(t.startswith("alembic_") for t in sqlalchemy.inspect(engine).get_table_names())

@@ -411,6 +411,7 @@ def test_a_refused_first_baseline_is_a_failing_row_not_a_passing_suite(store, tm
     rows = [ln.split() for ln in out.splitlines() if ln.startswith("tanh_g05: val/accuracy")]
     assert rows and rows[-1][-1] == "error", out
     assert "baseline NOT written: tanh_g05: val/accuracy: not recorded" in out
+    assert out.count("baseline NOT written") == 1, out  # the row says why, the closing line what it means
     assert not (tmp_path / "suite.baseline.yaml").exists()
     (parent,) = parents(store)[1]
     assert parent.data.tags["verdict"] == "regression" and parent.info.status == "FINISHED"
@@ -565,6 +566,8 @@ def test_update_baseline_refuses_while_an_included_suites_number_is_out_of_its_b
     out = capsys.readouterr().out
     assert "baseline NOT written" in out and "suite's own --update-baseline" in out
     assert not (tmp_path / "suite.baseline.yaml").exists()
+    # its header: no file of its own yet, though the included suite's numbers are read
+    assert f"baseline {tmp_path / 'suite.baseline.yaml'} (none yet), store" in out, out
     assert "  REGRESSION: tanh_g05: bptt/log10_ratio: " in out, out  # the included entry's row
     _, everything = runs(store)
     assert not [r for r in everything if r.data.tags.get("perturbation")]  # refused before the reruns

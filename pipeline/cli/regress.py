@@ -80,11 +80,11 @@ def command(args: argparse.Namespace) -> int:
     from pipeline.uris import display_url, ui_command
 
     uri = probe_store(suite.uri, "defaults.tracking.uri")  # a corrupt or unreachable store: one line, exit 2
+    # "(none yet)" also for an including suite without a file of its own: an included suite's numbers
+    # are not its own
+    none_yet = "" if suite.baseline_path.exists() else " (none yet)"
     print(
-        f"suite {suite.name}: {len(suite.entries)} entries, baseline {suite.baseline_path}"
-        + (
-            "" if suite.baseline_path.exists() else " (none yet)"
-        )  # an included suite's numbers are not its own
+        f"suite {suite.name}: {len(suite.entries)} entries, baseline {suite.baseline_path}{none_yet}"
         + f", store {display_url(uri)}, workers {args.workers}"
         + (f", overrides {' '.join(overrides)}" if overrides else "")
     )
