@@ -180,6 +180,7 @@ def compare(jobs: list[dict], runs) -> dict:
 def publish_report(jobs: list[dict], summary: dict) -> str:
     """Write the table from MLflow to the report folder (one file per key); fail on a regression."""
     import re
+    import tempfile
 
     from pipeline.tracking import client
 
@@ -188,8 +189,12 @@ def publish_report(jobs: list[dict], summary: dict) -> str:
     out = out / re.sub(r"[^A-Za-z0-9_.@-]+", "_", prep["key"])
     out.mkdir(parents=True, exist_ok=True)
     c = client(prep["uri"])
-    table = c.download_artifacts(prep["parent_run_id"], "regression/table.txt", str(out))
-    text = Path(table).read_text()
+    # beside report.md, as the README says (MLflow keeps the artifact's folder: it was regression/table.txt)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        got = c.download_artifacts(prep["parent_run_id"], "regression/table.txt", tmp)
+        table = out / "table.txt"
+        os.replace(got, table)
+    text = table.read_text()
     report = out / "report.md"
     report.write_text(
         f"# Regression {prep['key']}: {summary['verdict'].upper()}\n\n"

@@ -11,8 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 TEST_OUTPUT = ROOT / "test-output"  # screenshots and other artefacts a person may want to look at
 # The PostgreSQL server the postgres-marked tests use (pyproject.toml's `postgres` marker); each test makes
 # databases of its own there, named by its process id. SQLAlchemy 2.1 maps postgresql:// to psycopg 3,
-# which we do not install: the URL names the driver.
-PG_URL = os.environ.get("PIPELINE_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
+# which we do not install: the URL names the driver. Fixed, as the README says (the outage tests put a
+# proxy in front of this port).
+PG_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 
 
 def required(var: str) -> bool:

@@ -210,6 +210,8 @@ def test_dag_end_to_end_idempotent_and_fails_on_a_planted_regression(tmp_path):
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
     report = tmp_path / "reports" / "tiny@2026-01-02T00_00_00_00_00" / "report.md"
     assert "PASS" in report.read_text() and "orth: metric_equals spectral/sigma_max" in report.read_text()
+    assert (report.parent / "table.txt").read_text() in report.read_text()  # beside it (README, "The DAG")
+    assert sorted(p.name for p in report.parent.iterdir()) == ["report.md", "table.txt"]
 
     day3 = [
         r

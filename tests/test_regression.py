@@ -102,6 +102,11 @@ def test_passing_suite_exits_0_records_everything_and_update_shows_changes(store
     c, ps = parents(store)
     assert len(ps) == 2 and all(p.info.status == "FINISHED" for p in ps)
     last = max(ps, key=lambda r: r.info.start_time)
+    # README "What is recorded": the run that rewrote the file says so, the run that judged does not
+    assert [p.data.tags.get("baseline_updated") for p in sorted(ps, key=lambda r: r.info.start_time)] == [
+        "true",
+        None,
+    ]
     tags = last.data.tags
     assert tags["verdict"] == "pass" and tags["pipeline.kind"] == "regression" and tags["suite"] == "tiny"
     assert tags["git_commit"] and "version.torch" in tags and "version.mlflow" in tags
@@ -130,6 +135,7 @@ def test_passing_suite_exits_0_records_everything_and_update_shows_changes(store
     out = capsys.readouterr().out
     assert f"baseline unchanged: {path} not rewritten" in out and "baseline written" not in out
     assert path.read_text() == text and path.stat().st_mtime_ns == mtime
+    assert "baseline_updated" not in max(parents(store)[1], key=lambda r: r.info.start_time).data.tags
 
     # What --update-baseline shows when numbers move: old -> new and the change.
     from pipeline.regression.baselines import baseline_diff

@@ -32,6 +32,8 @@ KNOWN_METRICS = frozenset(
         "bptt/decay_rate",
         "bptt/horizon",
         "bptt/c_log10_ratio",
+        "bptt/c_log10_ratio_per_step",
+        "bptt/overflow_step",
         "bptt/reference_max_err",
         "spectral/sigma_max",
         "spectral/radius",
