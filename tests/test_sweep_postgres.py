@@ -440,8 +440,8 @@ def _sweep(cmd: list[str], env: dict, cwd=None):
 def _cut_after_the_first_trial(
     parent, proxy, optuna_url: str, seconds: float, timeout: float, while_running: bool = False
 ):
-    """Mid-sweep (the study's first trial done, or the sweep ended), the proxy's stores cut for ``seconds``,
-    then back; the sweep's (stdout, stderr) once it ends. ``while_running``: also wait for a trial told
+    """Mid-sweep (the study's first trial done; no cut once the sweep ended or after 240 s), the proxy's
+    stores cut for ``seconds``, then back; the sweep's (stdout, stderr) once it ends. ``while_running``: also wait for a trial told
     RUNNING, so that the cut meets one being trained, not only workers asking; and cut again (at most
     twice more) while no trial reads as cut once two more are done, because a short trial can end between
     the poll that saw it RUNNING and the cut (on CI's machine, slower than this one, and under a heavy
