@@ -476,11 +476,12 @@ def _wait_for(parent, optuna_url: str, ready, seconds: float = 240) -> bool:
 
 def _outage_trials(optuna_url: str) -> list:
     """The study's trials that an outage cut (closed with attr ``error`` naming it)."""
+    import optuna
+
+    study = optuna.load_study(study_name="t", storage=_polled(optuna_url))
     return [
         t
-        for t in _polled(optuna_url).get_all_trials(
-            _polled(optuna_url).get_study_id_from_name("t"), deepcopy=False
-        )
+        for t in study.get_trials(deepcopy=False)
         if "a store did not answer" in t.user_attrs.get("error", "")
     ]
 
