@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,21 +31,52 @@ def test_sweep_grid_entries_parse_and_bad_ones_name_the_entry():
 
 def test_a_grid_entry_with_seconds_is_stopped_and_rated_by_what_finished(monkeypatch):
     """``W:K:N:S``: the sweep is stopped by SIGTERM at S seconds; the row counts the trials finished by
-    then (fewer than N) over S seconds."""
+    then (fewer than N) over S seconds.
+
+    The test, not a clock, says when S has come: once a trial has finished. A 40-second window under a
+    loaded CI machine's make test saw the sweep's start-up and no finished trial (``assert 0 < 0``), so a
+    window long enough for every machine would cost minutes here; what is tested is the stop and the
+    count, which run the bench's own code from the TimeoutExpired on."""
     from benchmarks import sweep_bench
 
     spec = sweep_bench._sweep_spec
+    window = 600.0  # the nominal S: the stop comes before it (below), so every finish is within it
 
-    def short_trials(*args, **kwargs):  # 20 steps, not the quick bench's 100: the start-up, not the
-        sw = spec(*args, **kwargs)  # trials, fills S; at 25 s and 100 steps a run on a loaded machine
-        sw["base"]["trainer"]["max_steps"] = 20  # (2 test processes beside two busy loops) finished none
+    def short_trials(*args, **kwargs):  # 20 steps, not the quick bench's 100: the stop, not the trials
+        sw = spec(*args, **kwargs)
+        sw["base"]["trainer"]["max_steps"] = 20
         return sw
 
+    communicate = subprocess.Popen.communicate
+
+    def s_comes_once_a_trial_finished(self, input=None, timeout=None):
+        if timeout != window:  # the wait after the SIGTERM, and every other process
+            return communicate(self, input, timeout)
+        import optuna
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        journal = Path(self.args[self.args.index("--config") + 1]).parent / "optuna" / "bench.journal"
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+        deadline = time.monotonic() + window - 60
+        while time.monotonic() < deadline:
+            try:  # read the pipes meanwhile, as the bench's own wait does (a full pipe blocks the sweep)
+                return communicate(self, input, 1.0)
+            except subprocess.TimeoutExpired:
+                pass
+            if journal.exists():
+                storage = JournalStorage(JournalFileBackend(str(journal)))
+                trials = storage.get_all_trials(0, deepcopy=False) if storage.get_all_studies() else []
+                if any(t.state in finished for t in trials):
+                    break
+        raise subprocess.TimeoutExpired(self.args, timeout)
+
     monkeypatch.setattr(sweep_bench, "_sweep_spec", short_trials)
-    (row,) = sweep_bench.run_grid(True, [(1, 2, 5000, 40.0)])  # N: not reached on a fast machine
-    assert row["stopped_at_s"] == 40.0 and row["wall_s"] == 40.0 and row["max_steps"] == 20
-    assert 0 < row["trials"] < 5000  # here: 89 (idle, 2 cores)
-    assert row["trials_per_hour"] == pytest.approx(row["trials"] * 3600 / 40.0)
+    monkeypatch.setattr(subprocess.Popen, "communicate", s_comes_once_a_trial_finished)
+    (row,) = sweep_bench.run_grid(True, [(1, 2, 5000, window)])
+    assert row["stopped_at_s"] == window and row["wall_s"] == window and row["max_steps"] == 20
+    assert 0 < row["trials"] < 5000  # here: 1-2 (a stack of 2 trials in flight at the stop)
+    assert row["trials_per_hour"] == pytest.approx(row["trials"] * 3600 / window)
     # without the start-up before the first trial's start: a higher rate over the same finished trials
     assert row["trials_per_hour"] < row["trials_per_hour_from_first_start"]
 
