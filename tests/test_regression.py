@@ -848,6 +848,7 @@ def test_baseline_band_and_expressions():
 # ----------------------------------------------------------------------------------- slow: real suites
 
 
+@pytest.mark.kernel_free  # both runs on the same kernels, whichever they are: the same numbers or not
 @pytest.mark.slow
 def test_workers_2_same_numbers(store, tmp_path, capsys):
     suite = write_suite(tmp_path, TINY)
