@@ -72,7 +72,7 @@ test-fast: $(STAMP) ## Run the tests not marked slow
 # The tests that compare numbers (fused kernels against members alone, theory, independent computations,
 # regression baselines) once more on another CPU's kernels: torch's unvectorised ops and MKL without AVX,
 # as on an older x86 CPU (README, "Development"). Tests marked kernel_free (processes, records and faults,
-# no number a kernel computes: 102 s of its 6.6 min of test time in a clean-clone .ci/run) are left out.
+# no number a kernel computes, or two runs compared on the same kernels) are left out.
 NUMERIC_TESTS = tests/test_batched.py tests/test_regression.py tests/test_bptt.py tests/test_independent.py \
 	tests/test_laws_fail.py tests/test_guard.py tests/test_diagnostics.py tests/test_cornn.py tests/test_lem.py \
 	tests/test_modern.py tests/test_models.py tests/test_remedies.py tests/test_penalty.py tests/test_module.py \

@@ -48,14 +48,18 @@ def test_a_grid_entry_with_seconds_is_stopped_and_rated_by_what_finished(monkeyp
         return sw
 
     communicate = subprocess.Popen.communicate
+    waited = []
 
     def s_comes_once_a_trial_finished(self, input=None, timeout=None):
         if timeout != window:  # the wait after the SIGTERM, and every other process
+            if "sweep" in self.args and not waited:  # else a 5000-trial sweep runs for hours
+                pytest.fail(f"the bench waited for its sweep with timeout={timeout}, not the window S")
             return communicate(self, input, timeout)
         import optuna
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
+        waited.append(timeout)
         journal = Path(self.args[self.args.index("--config") + 1]).parent / "optuna" / "bench.journal"
         finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         deadline = time.monotonic() + window - 60
@@ -66,7 +70,10 @@ def test_a_grid_entry_with_seconds_is_stopped_and_rated_by_what_finished(monkeyp
                 pass
             if journal.exists():
                 storage = JournalStorage(JournalFileBackend(str(journal)))
-                trials = storage.get_all_trials(0, deepcopy=False) if storage.get_all_studies() else []
+                try:
+                    trials = optuna.load_study(study_name="bench", storage=storage).get_trials(deepcopy=False)
+                except KeyError:  # the study is not created yet
+                    trials = []
                 if any(t.state in finished for t in trials):
                     break
         raise subprocess.TimeoutExpired(self.args, timeout)
@@ -74,6 +81,7 @@ def test_a_grid_entry_with_seconds_is_stopped_and_rated_by_what_finished(monkeyp
     monkeypatch.setattr(sweep_bench, "_sweep_spec", short_trials)
     monkeypatch.setattr(subprocess.Popen, "communicate", s_comes_once_a_trial_finished)
     (row,) = sweep_bench.run_grid(True, [(1, 2, 5000, window)])
+    assert waited == [window]
     assert row["stopped_at_s"] == window and row["wall_s"] == window and row["max_steps"] == 20
     assert 0 < row["trials"] < 5000  # here: 1-2 (a stack of 2 trials in flight at the stop)
     assert row["trials_per_hour"] == pytest.approx(row["trials"] * 3600 / window)
