@@ -231,7 +231,7 @@ def test_the_airflow_cli_runs_a_suite_as_the_readme_says(tmp_path):
     """`airflow db migrate`, then `airflow dags test` with the suite as a path relative to the checkout
     (README, "The DAG"). The shipped smoke suite's science is checked through the CLI
     (tests/test_regression.py, under an unrecorded perturbation); through the DAG it trained the same
-    entries a second time (70 s of a 16-minute make test, and 2 minutes of the Airflow floor's run), so
+    entries a second time (70 s of a 16-minute make test, and 92 s of the Airflow floor's run), so
     here the two-entry tiny suite goes the README's way instead."""
     env = airflow_env(tmp_path)
     suite = tmp_path / "tiny.yaml"
