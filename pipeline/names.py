@@ -57,6 +57,7 @@ OVERRIDES = "overrides"  # the command line's dotted overrides, as given
 SUITE, ENTRY, ROLE = "suite", "entry", "regression_role"  # regression runs: ROLE is "suite" or "entry"
 PERTURBATION = "perturbation"  # a regression entry rerun under a perturbation (--update-baseline)
 OWNER = "pipeline.owner"  # host|pid|start time|process space of a regress run's process (pipeline.provenance)
+HEARTBEAT = "pipeline.heartbeat"  # a command-line regress parent run: unix time of its process's last beat
 NONFINITE_PREFIX = "nonfinite."  # nonfinite.<metric> = nan: a NaN metric value (README, "The MLflow record")
 
 # MLflow's own system tags (mlflow.utils.mlflow_tags), which the fluent API's run-context providers set

@@ -142,7 +142,11 @@ def test_the_floor_imports_no_stage(name):
     assert not used & set(STAGES), f"{name} imports stage folder(s) {sorted(used & set(STAGES))}"
 
 
-TAGS = ("pipeline.kind", "pipeline.owner")  # MLflow tag names that read like module paths
+TAGS = (
+    "pipeline.kind",
+    "pipeline.owner",
+    "pipeline.heartbeat",
+)  # MLflow tag names that read like module paths
 
 
 def documented_names() -> tuple[set[str], set[str]]:

@@ -142,6 +142,8 @@ def test_runs_left_running_by_a_killed_regress_are_closed_by_the_next(tmp_path, 
         proc.kill()
         proc.wait(timeout=60)
     left = {r.info.run_id for r in running}
+    (beat,) = [r.data.tags["pipeline.heartbeat"] for r in running if "mlflow.parentRunId" not in r.data.tags]
+    assert abs(int(beat) - time.time()) < 300, beat  # the parent's heartbeat, from its start
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     assert main(["regress", "--suite", "slow.yaml", "--set", "trainer.max_steps=10"]) == 0
@@ -154,14 +156,18 @@ def test_runs_left_running_by_a_killed_regress_are_closed_by_the_next(tmp_path, 
 def test_only_this_hosts_dead_command_line_runs_are_closed(store):
     """``close_dead_runs``: of the suite's RUNNING runs, those of a command-line ``regress`` whose process
     on this host is gone are closed KILLED (tag ``status=killed``); a live owner's, another host's
-    (cannot tell), a DAG run's (keyed) and another suite's are left as they are (mutation review)."""
+    (cannot tell), a DAG run's (keyed) and another suite's are left as they are (mutation review).
+    Another host's (or container's) whose parent run's heartbeat is older than ``STALE_S`` are closed,
+    its entries with it: they were left RUNNING forever (a command-line regress restarted in a new
+    container, a CronJob's pod with a new host name each run); a fresh or absent heartbeat leaves them."""
     import socket
+    import time
 
     from mlflow.tracking import MlflowClient
 
-    from pipeline.names import OWNER, SUITE
+    from pipeline.names import HEARTBEAT, OWNER, ROLE, SUITE
     from pipeline.provenance import owner_tag
-    from pipeline.regression.run import KEY, close_dead_runs
+    from pipeline.regression.run import KEY, ROLE_ENTRY, ROLE_SUITE, STALE_S, close_dead_runs
     from pipeline.tracking import Recorder
 
     p = subprocess.Popen(["sleep", "60"])
@@ -178,8 +184,32 @@ def test_only_this_hosts_dead_command_line_runs_are_closed(store):
     ids = {name: Recorder.start(store, "regression", name, tags=tags).run_id for name, tags in runs.items()}
     done = Recorder.start(store, "regression", "done", tags={SUITE: "s", OWNER: dead})
     done.close()
+    # another host's suites, each a parent and an entry: silent for STALE_S + 60 s, beating 60 s ago,
+    # silent but closed (its entry left RUNNING), with no heartbeat (an earlier version)
+    elsewhere = f"{socket.gethostname()}-other|{p.pid}|1|aaaa.bbbb.1"
+    now = time.time()
+    beats = {
+        "silent": now - STALE_S - 60,
+        "beating": now - 60,
+        "closed": now - STALE_S - 60,
+        "unbeating": None,
+    }
+    for name, beat in beats.items():
+        tags = {
+            SUITE: "s",
+            OWNER: elsewhere,
+            ROLE: ROLE_SUITE,
+            **({HEARTBEAT: str(int(beat))} if beat else {}),
+        }
+        parent = Recorder.start(store, "regression", name, tags=tags)
+        entry = {SUITE: "s", OWNER: elsewhere, ROLE: ROLE_ENTRY}
+        ids[f"{name}/e"] = Recorder.start(store, "regression", f"{name}/e", entry, parent.run_id).run_id
+        if name == "closed":
+            parent.close("KILLED")
+        else:
+            ids[name] = parent.run_id
     exp = MlflowClient(store).get_experiment_by_name("regression").experiment_id
-    assert close_dead_runs(store, exp, "s") == 1
+    assert close_dead_runs(store, exp, "s") == 4
     c = MlflowClient(store)
     got = {name: c.get_run(rid) for name, rid in ids.items()}
     assert {n: r.info.status for n, r in got.items()} == {
@@ -188,9 +218,45 @@ def test_only_this_hosts_dead_command_line_runs_are_closed(store):
         "remote": "RUNNING",
         "dag": "RUNNING",
         "other_suite": "RUNNING",
+        "silent": "KILLED",
+        "silent/e": "KILLED",
+        "beating": "RUNNING",
+        "beating/e": "RUNNING",
+        "closed/e": "KILLED",
+        "unbeating": "RUNNING",
+        "unbeating/e": "RUNNING",
     }
     assert got["dead"].data.tags["status"] == "killed" and "status" not in got["live"].data.tags
     assert c.get_run(done.run_id).info.status == "FINISHED"
+    assert got["silent/e"].data.tags["status"] == "killed"
+
+
+def test_a_regress_beats_on_its_parent_run_while_it_runs_and_stops_after(store):
+    """``heartbeat``: tag ``pipeline.heartbeat`` of the run, the unix time, renewed every ``every`` seconds
+    by a thread that ends with the block; the CLI's parent run carries one from its start."""
+    import threading
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.names import HEARTBEAT
+    from pipeline.regression.run import heartbeat
+    from pipeline.tracking import Recorder
+
+    run = Recorder.start(store, "regression", "beating", tags={HEARTBEAT: "1"})
+    c = MlflowClient(store)
+    seen = set()
+    with heartbeat(store, run.run_id, every=0.05):
+        t0 = time.time()
+        while len(seen) < 2 and time.time() - t0 < 30:
+            seen.add(c.get_run(run.run_id).data.tags[HEARTBEAT])
+            time.sleep(0.02)
+    assert "regress-heartbeat" not in {t.name for t in threading.enumerate()}
+    beats = sorted(int(b) for b in seen - {"1"})
+    assert beats and int(t0) - 1 <= beats[0] <= time.time(), seen
+    last = c.get_run(run.run_id).data.tags[HEARTBEAT]
+    time.sleep(0.3)
+    assert c.get_run(run.run_id).data.tags[HEARTBEAT] == last  # stopped with the block
 
 
 DEAF = '''

@@ -15,12 +15,27 @@ Run status changes only through :mod:`pipeline.tracking` (``Recorder``, ``end_ru
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import secrets
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 
-from pipeline.names import ENTRY, KIND, KIND_REGRESSION, OVERRIDES, OWNER, PERTURBATION, ROLE, STATUS, SUITE
+from pipeline.names import (
+    ENTRY,
+    HEARTBEAT,
+    KIND,
+    KIND_REGRESSION,
+    OVERRIDES,
+    OWNER,
+    PERTURBATION,
+    ROLE,
+    STATUS,
+    SUITE,
+)
 from pipeline.provenance import owner_alive, owner_tag, version_tags
 from pipeline.regression.baselines import check_writable, suite_baseline
 from pipeline.regression.judge import format_table, judge_entries, suite_verdict
@@ -40,6 +55,14 @@ PERTURBATIONS: dict[str, tuple[str, ...]] = {
     "ulp1": ("model.init_ulp_seed=1",),
     "ulp2": ("model.init_ulp_seed=2",),
 }
+
+# A command-line regress's parent run carries tag HEARTBEAT, the unix time its process last beat, every
+# HEARTBEAT_S; a later regress of the suite closes KILLED the runs of a parent silent for over STALE_S
+# whose process it cannot see (another host, another container: README, "What is recorded" under
+# "Regression suites"). STALE_S is ten beats, so a store unreachable for a few minutes or clocks a few
+# minutes apart do not close a live suite's runs.
+HEARTBEAT_S = 60.0
+STALE_S = 600.0
 
 # ------------------------------------------------------------------------------------------ running
 
@@ -69,7 +92,7 @@ def start_suite_run(suite: Suite, key: str | None = None, uri: str | None = None
     if key:
         tags[KEY] = key
     else:  # a command-line run: a later one closes it KILLED if this process dies (close_dead_runs)
-        tags[OWNER] = owner_tag()
+        tags[OWNER], tags[HEARTBEAT] = owner_tag(), str(int(time.time()))
     # a command-line run's name ends in 4 random hex digits, as a training run's does: two runs of one
     # suite started in the same second (two machines, a scheduler's retries) shared a name
     stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
@@ -81,18 +104,73 @@ def start_suite_run(suite: Suite, key: str | None = None, uri: str | None = None
     return rec.run_id, exp_id
 
 
+@contextlib.contextmanager
+def heartbeat(uri: str, run_id: str, every: float | None = None) -> Iterator[None]:
+    """Set tag :data:`HEARTBEAT` of ``run_id`` to the unix time every ``every`` seconds
+    (:data:`HEARTBEAT_S`) from a daemon thread, while the block runs. A beat the store refuses (locked,
+    unreachable) is skipped, not raised: the next one tries again, and the suite goes on."""
+    from pipeline.tracking import client
+
+    stop = threading.Event()
+
+    def beat() -> None:
+        c = client(uri)
+        while not stop.wait(HEARTBEAT_S if every is None else every):
+            with contextlib.suppress(Exception):  # a missed beat costs nothing until STALE_S
+                c.set_tag(run_id, HEARTBEAT, str(int(time.time())))
+
+    t = threading.Thread(target=beat, name="regress-heartbeat", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join(timeout=5.0)  # a beat inside a slow store call is left to end with the process
+
+
+def _silent(tags: dict[str, str]) -> bool:
+    """A parent run's heartbeat older than :data:`STALE_S`; False without one (an earlier version's run,
+    or a DAG's: nothing tells)."""
+    try:
+        return time.time() - float(tags[HEARTBEAT]) > STALE_S
+    except (KeyError, ValueError):
+        return False
+
+
 def close_dead_runs(uri: str, experiment_id: str, suite_name: str) -> int:
-    """Close KILLED the runs of suite ``suite_name`` left RUNNING by a command-line ``regress`` whose
-    process on this host is gone (kill -9, OOM: it could not close them itself); returns how many.
-    A run of another host (cannot tell) or of the DAG (keyed: a DAG run's parent stays open across its
-    tasks' processes, and its retries close their own leftovers) is left as it is."""
+    """Close KILLED the runs of suite ``suite_name`` left RUNNING by a command-line ``regress`` that is
+    gone (kill -9, OOM, a lost machine or container: it could not close them itself); returns how many.
+    Gone: its process on this host is (PID and start time, :func:`pipeline.provenance.owner_alive`), or,
+    where that cannot be seen (another host, another PID namespace), the suite's parent run has not beaten
+    for :data:`STALE_S` (an entry is judged by its parent's heartbeat). A run of the DAG (keyed: a DAG run's
+    parent stays open across its tasks' processes, and its retries close their own leftovers) or without
+    an owner is left as it is."""
     from pipeline.tracking import client, end_run
 
     c = client(uri)
+    running = _search(c, experiment_id, f"tags.{SUITE} = '{suite_name}' and attributes.status = 'RUNNING'")
+    parents = {r.info.run_id: r.data.tags for r in running}
+
+    def parent_silent(tags: dict[str, str]) -> bool:
+        pid = tags.get("mlflow.parentRunId")
+        if tags.get(ROLE) == ROLE_SUITE or not pid:
+            return _silent(tags)
+        if pid not in parents:  # a parent closed under a RUNNING entry: its beats stopped when it closed
+            try:
+                parents[pid] = c.get_run(pid).data.tags
+            except Exception:  # a deleted parent: nothing tells
+                parents[pid] = {}
+        return _silent(parents[pid])
+
     n = 0
-    for r in _search(c, experiment_id, f"tags.{SUITE} = '{suite_name}' and attributes.status = 'RUNNING'"):
+    for r in running:
         owner = r.data.tags.get(OWNER)
-        if KEY in r.data.tags or not owner or owner_alive(owner) is not False:
+        if KEY in r.data.tags or not owner:
+            continue
+        alive = owner_alive(owner)
+        if alive is None:
+            alive = not parent_silent(r.data.tags)
+        if alive is not False:
             continue
         c.set_tag(r.info.run_id, STATUS, "killed")
         end_run(uri, r.info.run_id, "KILLED")
@@ -271,28 +349,33 @@ def run_suite(
     closed = close_dead_runs(uri, exp_id, suite.name)
     if closed:
         say(
-            f"closed {closed} run(s) of suite {suite.name} as KILLED: left RUNNING by a regress whose process is gone"
+            f"closed {closed} run(s) of suite {suite.name} as KILLED: left RUNNING by a regress whose process "
+            f"is gone (on this host) or silent for over {STALE_S / 60:g} minutes (another host or container)"
         )
     if overrides:
         Recorder(uri, parent, exp_id).set_tags({OVERRIDES: " ".join(overrides)})
-    try:
-        ids = run_all(suite, parent, exp_id, workers=workers, progress=say, overrides=overrides)
-        results = collect(suite, {n: rid for n, (rid, _) in ids.items()}, parent)
-        for n, (_, err) in ids.items():
-            if err and results[n].error is None:
-                results[n].error = err
-        judged = judged_under(suite, overrides)  # the laws' g, T, ... of the configs the runs trained
-        rows = judge_entries(judged, results, baseline)
-        if update:
-            from pipeline.regression.update import update_baseline
+    with heartbeat(uri, parent):  # a later regress on another host or container tells this one is gone
+        try:
+            ids = run_all(suite, parent, exp_id, workers=workers, progress=say, overrides=overrides)
+            results = collect(suite, {n: rid for n, (rid, _) in ids.items()}, parent)
+            for n, (_, err) in ids.items():
+                if err and results[n].error is None:
+                    results[n].error = err
+            judged = judged_under(suite, overrides)  # the laws' g, T, ... of the configs the runs trained
+            rows = judge_entries(judged, results, baseline)
+            if update:
+                from pipeline.regression.update import update_baseline
 
-            if update_baseline(suite, baseline, results, rows, parent, exp_id, uri, workers, say) is not None:
-                return Outcome(parent, rows, None)
-            rows = judge_entries(judged, results, suite_baseline(suite))
-        else:
-            say(format_table(rows))
-    except BaseException as e:
-        killed = isinstance(e, (KeyboardInterrupt, SystemExit, Terminated))
-        end_run(uri, parent, "KILLED" if killed else "FAILED")
-        raise
-    return Outcome(parent, rows, finish_suite_run(suite, parent, rows))
+                if (
+                    update_baseline(suite, baseline, results, rows, parent, exp_id, uri, workers, say)
+                    is not None
+                ):
+                    return Outcome(parent, rows, None)
+                rows = judge_entries(judged, results, suite_baseline(suite))
+            else:
+                say(format_table(rows))
+        except BaseException as e:
+            killed = isinstance(e, (KeyboardInterrupt, SystemExit, Terminated))
+            end_run(uri, parent, "KILLED" if killed else "FAILED")
+            raise
+        return Outcome(parent, rows, finish_suite_run(suite, parent, rows))
