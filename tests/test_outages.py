@@ -288,23 +288,31 @@ def test_a_trial_asked_but_not_owned_when_the_store_went_is_the_workers_to_close
     assert not outages.met(worker, ValueError("not a store"))
 
 
-def test_a_cut_trial_found_told_keeps_its_state_and_its_run_gets_the_outcome_tags(tmp_path, monkeypatch):
+@pytest.mark.parametrize("state", ["COMPLETE", "PRUNED"])
+def test_a_cut_trial_found_told_keeps_its_state_and_its_run_gets_the_outcome_tags(
+    tmp_path, monkeypatch, state
+):
     """PostgreSQL made the tell's commit, then the connection went and the worker read an error: the
     trial is COMPLETE, its run FINISHED with no ``optuna_state`` (check_consistent failed on it). Closing
-    it writes the tags the tell's step would have; it is neither failed nor retried."""
+    it writes the tags the tell's step would have; it is neither failed nor retried. A pruned trial's
+    ``optuna_value`` is its last reported value, as ``Worker.tell`` writes it."""
     clock = Clock(step=1.0)
     worker, c, cut_run, _ = a_worker(tmp_path, refusals=0, clock=clock, monkeypatch=monkeypatch)
     trial = worker.cut[0][0]
     trial.set_user_attr("diverged", False)
     c.set_terminated(cut_run, "FINISHED")
-    worker.study.tell(trial, 0.25)
+    if state == "PRUNED":
+        trial.report(0.25, 10)
+        worker.study.tell(trial, state=TrialState.PRUNED)
+    else:
+        worker.study.tell(trial, 0.25)
     with redirect_stderr(io.StringIO()):
         assert outages.ride_out(worker, clock=clock) is None
     tags = c.get_run(cut_run).data.tags
-    assert (tags["optuna_state"], tags["optuna_value"], tags["diverged"]) == ("COMPLETE", "0.25", "false")
+    assert (tags["optuna_state"], tags["optuna_value"], tags["diverged"]) == (state, "0.25", "false")
     assert c.get_run(cut_run).info.status == "FINISHED"
     trials = worker.study.get_trials(deepcopy=False)
-    assert trials[0].state == TrialState.COMPLETE and "error" not in trials[0].user_attrs
+    assert trials[0].state == TrialState[state] and "error" not in trials[0].user_attrs
     assert not [t for t in trials if "retry_of" in t.user_attrs]
 
 

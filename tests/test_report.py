@@ -999,6 +999,14 @@ def test_a_report_of_a_sweep_in_progress_says_so_and_marks_running_and_pruned_po
     md = (tmp_path / "r" / "report.md").read_text()
     assert "**in progress**: 1 run still RUNNING when this was written: a partial report" in md
     assert res.running == 1
+    # counted as running, not under the regime tag it had so far (it was, beside "1 run still running")
+    regime = table.loc[solved, "regime"]
+    expected = table["regime"].fillna("no verdict").value_counts().to_dict()
+    expected[regime] -= 1
+    expected = {k: v for k, v in {**expected, "running": 1}.items() if v}
+    assert res.regimes == dict(sorted(expected.items())), (res.regimes, regime)
+    summary = (tmp_path / "r" / "summary.csv").read_text()
+    assert "running 1" in summary, summary
     assert "| pruned | steps |" in md
     assert _marker(table.loc[solved]) == ("o", 90, "running")
     assert _marker(table.loc[other])[::2] == ("v", "pruned@150")

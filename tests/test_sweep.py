@@ -134,8 +134,9 @@ def check_consistent(study, runs, n_trials: int) -> None:
         tags = run.data.tags
         assert tags["optuna_state"] == t.state.name, (t.number, tags.get("optuna_state"), t.state)
         assert tags["diverged"] == str(bool(t.user_attrs.get("diverged"))).lower()
-        assert ("optuna_value" in tags) == (t.state == TrialState.COMPLETE)
-        if t.state == TrialState.COMPLETE:
+        # a pruned trial's value too: Optuna keeps its last reported one (it was left off: a walkthrough)
+        assert ("optuna_value" in tags) == (t.value is not None), (t.number, t.state, t.value)
+        if t.value is not None:
             assert float(tags["optuna_value"]) == pytest.approx(t.value, rel=1e-5)
 
 
@@ -171,6 +172,101 @@ def test_bad_sweep_config_is_one_line_exit_2_and_writes_nothing(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
     if key == "space.model.nope":  # the keys it could have meant, as a training config's typo is answered
         assert "allowed in model: cell, " in err, err
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``root``: (size, mtime in ns)."""
+    return {str(f): (f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(root.rglob("*")) if f.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        # every new trial failed ("CategoricalDistribution does not support dynamic value space"), 3 x K of
+        # them written before the worker stopped (a walkthrough)
+        ("space.model.cell={choices: [tanh, lstm]}", "space.model.cell", '["tanh", "gru"]}, this sweep says'),
+        ("space.optim.lr.high=0.1", "space.optim.lr", '"high": 0.03'),  # drew lr outside the recorded range
+        ("space.model.forget_bias={low: 0.5, high: 2.0}", "space.model.forget_bias", "with not searched"),
+        ("sampler.seed=5", "sampler.seed", "created with 0, this sweep says 5"),
+        ("pruner.name=none", "pruner.name", '"median", this sweep says "none"'),
+        ("penalty=3.0", "penalty", "created with 2.0, this sweep says 3.0"),
+        ("base.task.seq_len=30", "base.task.seq_len", "created with 12, this sweep says 30"),
+        # split the study's runs over two parent runs; its report then missed its best trial
+        (
+            "base.tracking.experiment=other",
+            "base.tracking.experiment",
+            '"sweep-test", this sweep says "other"',
+        ),
+    ],
+)
+def test_a_resume_that_changes_the_studys_settings_is_refused_before_any_write(
+    store, tmp_path, monkeypatch, capsys, change, key, words
+):
+    """A resume keeps the study's search space, sampler, pruner, penalty and base config (README, "Faults
+    and resuming"): one that changes one is one line naming the key, exit 2, and nothing written (the
+    journal, the MLflow store and the working folder as they were)."""
+    from pipeline.cli import main
+    from pipeline.sweep.config import SETTINGS_ATTR, load_sweep
+    from pipeline.sweep.parent import create_stores
+
+    monkeypatch.setenv("PIPELINE_SWEEP_FORK", "0")  # no forkserver to start for a refusal
+    cfg = write_sweep(tmp_path / "s.yaml")
+    sw = load_sweep(str(cfg))
+    create_stores(sw, sw.storage_url(), store)  # the first sweep's study and parent run
+    assert isinstance(load_study().user_attrs[SETTINGS_ATTR], dict)
+    before = _tree(tmp_path)
+    capsys.readouterr()  # MLflow's lines as the first sweep made the store
+    assert main(["sweep", "--config", str(cfg), change]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: config key '{key}': study 't' was created with ") and "\n" not in err, err
+    assert words in err and "start a new study (study=NAME)" in err, err
+    assert _tree(tmp_path) == before  # the journal, mlflow.db and the folder as they were
+
+
+def test_a_resume_may_change_the_budget_and_how_it_runs_and_an_earlier_study_gets_its_settings(
+    store, tmp_path, monkeypatch
+):
+    """What may change on a resume (README, "Faults and resuming"): the budget, workers, stacks, timeout,
+    heartbeat, log_models, the device and the store's spelling. A study made before its settings were
+    recorded gets the first resume's."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from pipeline.sweep.config import SETTINGS_ATTR, changed_settings, load_sweep, study_settings
+    from pipeline.sweep.parent import create_stores
+
+    cfg = write_sweep(tmp_path / "s.yaml")
+    sw = load_sweep(str(cfg))
+    Path("optuna").mkdir()
+    journal = JournalStorage(JournalFileBackend("optuna/t.journal"))
+    optuna.create_study(
+        study_name="t", storage=journal, direction="minimize"
+    )  # an earlier version's: no settings
+    create_stores(sw, sw.storage_url(), store)
+    assert load_study().user_attrs[SETTINGS_ATTR] == json_round_trip(study_settings(sw))
+    changed = load_sweep(
+        str(cfg),
+        [
+            "n_trials=40", "workers=1", "trials_per_worker=3", "timeout=60", "heartbeat.interval=5",
+            "log_models=all", "base.trainer.accelerator=cpu", "base.trainer.threads=2",
+            f"base.tracking.uri=sqlite:///{tmp_path}/./mlflow.db", "base.diagnostics.plots=true",
+        ],
+    )  # fmt: skip
+    create_stores(changed, changed.storage_url(), store)  # no error
+    assert load_study().user_attrs[SETTINGS_ATTR] == json_round_trip(study_settings(sw))  # as first recorded
+    # a base key only one side's version of the pipeline knows is no change; a searched key is
+    recorded, now = study_settings(sw), study_settings(changed)
+    assert changed_settings("t", {**recorded, "base.model.retired": 1}, now) is None
+    assert changed_settings("t", {k: v for k, v in recorded.items() if k != "base.model.r_min"}, now) is None
+    fewer = {k: v for k, v in recorded.items() if k != "space.optim.lr"}
+    assert changed_settings("t", fewer, now).key == "space.optim.lr"  # type: ignore[union-attr]
+
+
+def json_round_trip(x):
+    import json
+
+    return json.loads(json.dumps(x))
 
 
 def test_sweep_overrides_and_space_forms(tmp_path):
@@ -416,12 +512,16 @@ def test_a_trial_is_told_and_tagged_as_it_ended(store, tmp_path, ratio, step, pr
     )  # fmt: skip
     penalty = divergence_value(study, worker.sw.penalty)
     trial = study.ask()
+    trial.report(0.9, 10)  # a validation's value: a pruned trial keeps it as its value
     worker.tell(trial, r, "median" if pruned else None)
     told = study.trials[trial.number]
     assert (told.state.name, told.user_attrs["diverged"]) == (state, diverged)
-    assert told.value == (penalty if diverged else None if pruned else ratio)
+    assert told.value == (penalty if diverged else 0.9 if pruned else ratio)
     tags = c.get_run(run.info.run_id).data.tags
     assert (tags["optuna_state"], tags["diverged"]) == (state, str(diverged).lower())
+    assert (
+        tags["optuna_value"] == f"{told.value:.6g}"
+    )  # a pruned trial's too (it was left off: a walkthrough)
 
 
 def optuna_trial(value: float):
@@ -586,7 +686,11 @@ def test_tiny_sweep_parent_child_structure(store, tmp_path):
     assert parent.data.params["n_trials"] == "4"
     assert (parent.data.tags["n_trials"], parent.data.tags["n_trials_done"]) == ("5", "5")
     p4 = run_sweep_cli(cfg)
-    assert p4.returncode == 0 and "5/4 trials done: nothing to run" in p4.stdout, p4.stdout
+    assert p4.returncode == 0, p4.stdout + p4.stderr
+    # "5/4 done" alone read as a miscount (a walkthrough)
+    assert (
+        "5/4 trials done: nothing to run (n_trials 4 is below the 5 trials this study has done" in p4.stdout
+    )
 
 
 def test_an_owner_is_dead_when_its_pid_was_reused_or_is_a_zombie():

@@ -81,6 +81,14 @@ class ReportResult:
     table: Any = None
 
 
+def _regime_now(table, missing: str):
+    """Each run's regime as counted: ``running`` for a run still RUNNING, whatever its regime tag says so
+    far (as the figures draw it; it was counted under that tag beside "N runs still running": a
+    walkthrough), ``missing`` for a run without one."""
+    regime = table["regime"].fillna(missing)
+    return regime.where(table["status"] != "RUNNING", "running") if "status" in table else regime
+
+
 def summary_table(table):
     """Per (task, cell, init, g, lr, clip, other settings): runs, solved, regime counts, median loss ratio
     and accuracy; the groups in the order of ``table`` (:func:`pipeline.report.data.comparison_table`'s)."""
@@ -96,7 +104,7 @@ def summary_table(table):
     solved = [0] * len(sizes)
     regimes: list[dict[str, int]] = [{} for _ in range(len(sizes))]
     for g, ok, regime in zip(number, (table["solved"] == "true").tolist(),
-                             table["regime"].fillna("none").tolist(), strict=True):  # fmt: skip
+                             _regime_now(table, "none").tolist(), strict=True):  # fmt: skip
         solved[g] += ok
         regimes[g][regime] = regimes[g].get(regime, 0) + 1
     loss = groups["val_loss_ratio"].median().tolist()
@@ -280,7 +288,7 @@ def write(data: rd.ReportData, out: Path) -> ReportResult:
     out.mkdir(parents=True, exist_ok=True)
     earlier = _earlier_figures(out)
     table = data.table
-    regimes = {k: int(v) for k, v in table["regime"].fillna("no verdict").value_counts().sort_index().items()}
+    regimes = {k: int(v) for k, v in _regime_now(table, "no verdict").value_counts().sort_index().items()}
     res = ReportResult(
         data.target.name,
         out,

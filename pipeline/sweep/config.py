@@ -140,6 +140,85 @@ def check_study_name(study: str, url: str) -> None:
         )
 
 
+# The study's settings: what a resume of a study must keep, recorded on it (Optuna study user attr
+# SETTINGS_ATTR) when it is created and compared on every resume (README, "Faults and resuming"). A
+# resume that changed them mixed two experiments in one study: a changed categorical space failed every
+# new trial (Optuna's CategoricalDistribution has no dynamic value space), a changed range or sampler
+# drew points the parent run's params and sweep.yaml do not describe, a changed base config (T, task)
+# had a best trial picked across two problems, and another base.tracking.experiment split the study's
+# runs over two parents (a walkthrough). What may change: the budget and how it runs (n_trials, workers,
+# trials_per_worker, timeout, heartbeat, log_models) and, of the base config, RESUMABLE_BASE.
+SETTINGS_ATTR = "sweep_settings"
+RESUMABLE_BASE = (
+    "tracking.uri",  # another spelling of the store, or the store moved with the study
+    "tracking.run_name",
+    "tracking.system_metrics",
+    "tracking.log_model",  # set per trial from log_models
+    "trainer.accelerator",  # the study moved to a GPU machine, or back
+    "trainer.threads",
+    "trainer.progress_bar",
+    "diagnostics.plots",
+)
+
+
+def _flat(d: dict[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}.{k}"))
+        else:
+            out[f"{prefix}.{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def study_settings(sw: SweepConfig) -> dict[str, Any]:
+    """The settings a resume must keep, as ``{dotted key: JSON value}``: the resolved base training config
+    less :data:`RESUMABLE_BASE`, ``sampler``, ``pruner``, ``prune``, ``penalty`` and ``space.<key>``."""
+    base = _flat(dataclasses.asdict(sw.base_config()), "base")
+    for k in RESUMABLE_BASE:
+        base.pop(f"base.{k}")
+    out = {**base, "penalty": sw.penalty}
+    for name in ("sampler", "pruner", "prune"):
+        out.update(_flat(dataclasses.asdict(getattr(sw, name)), name))
+    for p in sw.space:
+        spec: dict[str, Any] = {"choices": list(p.choices)}
+        if p.kind != "categorical":
+            spec = {"low": p.low, "high": p.high, "log": p.log, "step": p.step, "int": p.kind == "int"}
+        out[f"space.{p.key}"] = spec
+    return out
+
+
+def changed_settings(study: str, recorded: dict[str, Any], now: dict[str, Any]) -> ConfigError | None:
+    """The first setting (in key order) this sweep changes from the ones study ``study`` was created
+    with, as the error to raise; None when it keeps them. A key on one side only is a change for a searched
+    key (``space.*``); for others it is a key an earlier or later version of the pipeline does not know."""
+    import json
+
+    def shown(v: Any) -> str:
+        return json.dumps(v, sort_keys=True)
+
+    keys = sorted(
+        k for k in set(recorded) | set(now) if k.startswith("space.") or (k in recorded and k in now)
+    )
+    diff = [k for k in keys if shown(recorded.get(k)) != shown(now.get(k))]
+    if not diff:
+        return None
+    k = diff[0]
+    was = shown(recorded[k]) if k in recorded else "not searched"
+    says = shown(now[k]) if k in now else "not searched"
+    more = (
+        f" (and {len(diff) - 1} more: {', '.join(diff[1:4])}{', ...' if len(diff) > 4 else ''})"
+        if len(diff) > 1
+        else ""
+    )
+    return ConfigError(
+        k,
+        f"study {study!r} was created with {was}, this sweep says {says}{more}; a resume keeps the study's "
+        'search space, sampler, pruner, penalty and base config (README, "Faults and resuming"): '
+        "start a new study (study=NAME) or give the study's value",
+    )
+
+
 def unread_searched_keys(sw: SweepConfig) -> list[str]:
     """Notes on the searched ``model.*`` keys that no trial's model reads (:func:`pipeline.cell_keys.reads_key`):
     e.g. ``model.init_scale`` searched while every trial keeps ``model.init: default`` (budget spent on a

@@ -85,12 +85,14 @@ def choose_workers(requested: int | None, sw: SweepConfig) -> tuple[int, list[st
 
 
 def fit_workers(
-    sw: SweepConfig, n_workers: int, devices: list[str | None], *, auto: bool, out=sys.stdout
+    sw: SweepConfig, n_workers: int, devices: list[str | None], *, auto: bool, out=None
 ) -> tuple[int, list[str | None]]:
     """The memory check of ``n_workers`` workers, each holding its ``trials_per_worker`` stack (at most
     its share of the budget, ``ceil(n_trials / workers)``: pipeline.sweep.batch.next_trials). ``auto``
     (``workers: auto``): fewer workers where that many would not fit, said in one line; else the check's
-    one-line refusal (README "Memory estimate")."""
+    one-line refusal (README "Memory estimate"). ``out``: where the line goes (None: sys.stdout as it is
+    at the call, not as it was at import: a notebook's or a test's capture replaces it)."""
+    out = sys.stdout if out is None else out
     from pipeline.schema import ConfigError
     from pipeline.sweep.batch import trials_per_worker
     from pipeline.sweep.config import check_sweep_fits
@@ -146,10 +148,11 @@ def create_stores(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     experiment = sw.base_config().tracking.experiment
-    experiment_id = ensure_experiment(mlflow_uri, experiment, mlflow_flag)  # the key, or $MLFLOW_TRACKING_URI
     storage = open_storage(
         url, heartbeat_interval=sw.heartbeat.interval, grace=sw.heartbeat.grace, mlflow_uri=mlflow_uri
     )
+    _check_settings(sw, storage)  # a resume that changes the study's settings: refused before any write
+    experiment_id = ensure_experiment(mlflow_uri, experiment, mlflow_flag)  # the key, or $MLFLOW_TRACKING_URI
     study = optuna.create_study(
         study_name=sw.study,
         storage=storage,
@@ -160,6 +163,7 @@ def create_stores(
     if study.direction != optuna.study.StudyDirection.MINIMIZE:
         raise ConfigError("study", f"study {sw.study!r} exists and does not minimize")
     with budget_lock(url, storage, sw.study):
+        _check_settings(sw, storage, record=True)  # again under the lock: two first sweeps at once
         run_id = _parent_run(sw, study, url, mlflow_uri, experiment, experiment_id)
         try:
             reap_stale(study, url, mlflow_uri)
@@ -169,6 +173,26 @@ def create_stores(
                 end_run(mlflow_uri, run_id, "FAILED")
             raise
     return Stores(url, mlflow_uri, experiment, experiment_id, run_id, storage, study)
+
+
+def _check_settings(sw: SweepConfig, storage, record: bool = False) -> None:
+    """Raise the ConfigError naming the first setting this sweep changes from the ones its study was
+    created with (:func:`pipeline.sweep.config.study_settings`). ``record``: a study without them (new,
+    or made by a version before 2026-12-07) gets this sweep's."""
+    from pipeline.sweep.config import SETTINGS_ATTR, changed_settings, study_settings
+
+    try:
+        study_id = storage.get_study_id_from_name(sw.study)
+    except KeyError:
+        return  # a new study: nothing to keep
+    now = study_settings(sw)
+    recorded = storage.get_study_user_attrs(study_id).get(SETTINGS_ATTR)
+    if isinstance(recorded, dict):
+        err = changed_settings(sw.study, recorded, now)
+        if err is not None:
+            raise err
+    elif record:
+        storage.set_study_user_attr(study_id, SETTINGS_ATTR, now)
 
 
 def _enqueue_startup(sw: SweepConfig, study) -> None:
@@ -235,9 +259,11 @@ def run_sweep(
     *,
     workers: int | None = None,
     storage: str | None = None,
-    out=sys.stdout,
+    out=None,
 ) -> int:
-    """Load and validate the sweep file (nothing is written before this passes), then run it."""
+    """Load and validate the sweep file (nothing is written before this passes), then run it. ``out``:
+    where the sweep prints (None: sys.stdout at the call)."""
+    out = sys.stdout if out is None else out
     from pipeline.schema import ConfigError
     from pipeline.store_checks import probe_store
     from pipeline.sweep.config import WORKERS_MAX, check_study_name, load_sweep, unread_searched_keys

@@ -215,12 +215,12 @@ class Supervisor:
         fork: bool,
         stop: StopSignal,
         t0: float,
-        out=sys.stdout,
+        out=None,
     ):
         from pipeline.tracking import Recorder
 
         self.sw, self.stores, self.devices = sw, stores, devices
-        self.stop, self.t0, self.out = stop, t0, out
+        self.stop, self.t0, self.out = stop, t0, sys.stdout if out is None else out
         self.log_dir = Path("optuna") / "logs" / file_name(sw.study)
         spec = {
             "sweep": to_data(sw),
@@ -308,6 +308,8 @@ class Supervisor:
 
     def _nothing_to_run(self, done: int) -> str:
         n = self.sw.n_trials
+        if done > n:  # "10/4 done" alone read as a miscount (a walkthrough)
+            return f": nothing to run (n_trials {n} is below the {done} trials this study has done, which it keeps)"
         return ": nothing to run" if done >= n else f": the {n - done} left are running elsewhere"
 
     def _banner(self, left: int) -> None:

@@ -231,8 +231,10 @@ class Worker:
                 return 0
             errors = 0 if ok else errors + 1
             if errors >= MAX_CONSECUTIVE_ERRORS:
+                # with stacks a round is up to K trials: "3 trials" read as 3 where 12 had failed (a walkthrough)
+                what = "trials" if self.k == 1 else f"stacks (of up to {self.k} trials)"
                 print(
-                    f"worker {self.spec['worker']}: {errors} trials in a row raised; stopping",
+                    f"worker {self.spec['worker']}: {errors} {what} in a row raised; stopping",
                     file=sys.stderr,
                 )
                 return 1
@@ -350,13 +352,16 @@ class Worker:
         attrs["diverged"] = r.diverged_step is not None or not finite
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
+        value: float | None
         if attrs["diverged"]:
             value = objective.divergence_value(self.study, self.sw.penalty)
             self.study.tell(trial, value)
             state = "COMPLETE"
         elif r.pruned:
-            self.study.tell(trial, state=TrialState.PRUNED)
-            state, value = "PRUNED", None
+            # Optuna keeps a pruned trial's last reported value as its value (trials.parquet's `value`);
+            # the run's optuna_value tag says the same (it was left off: a walkthrough)
+            value = self.study.tell(trial, state=TrialState.PRUNED).value
+            state = "PRUNED"
         else:
             value = objective.trained_value(self.study, r.val_loss_ratio, self.sw.penalty)
             self.study.tell(trial, value)
