@@ -242,10 +242,12 @@ def _study(sw, parent: str, exp_id: str, exp_name: str):
     import optuna
     from optuna.storages import JournalStorage
 
+    from pipeline.sweep.config import SETTINGS_ATTR, study_settings
     from pipeline.sweep.study import startup_design
 
     backend = _Memory()
     study = optuna.create_study(study_name=sw.study, storage=JournalStorage(backend), direction="minimize")
+    study.set_user_attr(SETTINGS_ATTR, study_settings(sw))
     study.set_user_attr("mlflow_parent_run_id", parent)
     study.set_user_attr("mlflow_experiment_id", exp_id)
     study.set_user_attr("mlflow_experiment", exp_name)
@@ -275,9 +277,8 @@ def _tell(c, sw, study, trial, rid: str, o: dict[str, Any], end_ms: int) -> None
     if attrs["diverged"]:
         value, state = divergence_value(study, sw.penalty), "COMPLETE"
         study.tell(trial, value)
-    elif o["pruned"]:
-        value, state = None, "PRUNED"
-        study.tell(trial, state=TrialState.PRUNED)
+    elif o["pruned"]:  # its value: the last one it reported (None where it reported none)
+        value, state = study.tell(trial, state=TrialState.PRUNED).value, "PRUNED"
     else:
         value, state = trained_value(study, o["ratio"], sw.penalty), "COMPLETE"
         study.tell(trial, value)

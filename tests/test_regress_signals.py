@@ -7,6 +7,7 @@ left (a worker orphaned by its parent went on training the queued entries)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -146,8 +147,26 @@ def test_runs_left_running_by_a_killed_regress_are_closed_by_the_next(tmp_path, 
     assert abs(int(beat) - time.time()) < 300, beat  # the parent's heartbeat, from its start
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
+    from pipeline.regression import run as regression_run
+
+    beating, real = [], regression_run.heartbeat
+
+    @contextlib.contextmanager
+    def spy(uri, run_id, every=None):  # the suite's parent beats while its entries train, then stops
+        beating.append([run_id, "in"])
+        with real(uri, run_id, every):
+            yield
+        beating[-1][1] = "out"
+
+    monkeypatch.setattr(regression_run, "heartbeat", spy)
     assert main(["regress", "--suite", "slow.yaml", "--set", "trainer.max_steps=10"]) == 0
     assert "closed 2 run(s) of suite slow as KILLED" in capsys.readouterr().out
+    (parent,) = [
+        r
+        for r in c.search_runs([exp.experiment_id])
+        if r.info.run_id not in left and r.data.tags.get("regression_role") == "suite"
+    ]
+    assert beating == [[parent.info.run_id, "out"]] and parent.info.status == "FINISHED"
     for rid in left:
         r = c.get_run(rid)
         assert r.info.status == "KILLED" and r.data.tags["status"] == "killed"

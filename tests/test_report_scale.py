@@ -40,7 +40,11 @@ def reference_representative_runs(table, per_panel: int = rd.PROFILE_RUNS_PER_PA
 def reference_summary_table(table):
     rows = []
     for key, grp in table.groupby(rd.KEYS, sort=False, dropna=False):
-        counts = grp["regime"].fillna("none").value_counts()
+        # a RUNNING run counts as running whatever its regime tag says so far (README, "Reports")
+        counts = pd.Series(
+            ["running" if st == "RUNNING" else r if isinstance(r, str) else "none"
+             for r, st in zip(grp["regime"], grp["status"], strict=True)]
+        ).value_counts()  # fmt: skip
         rows.append(
             {
                 **dict(zip(rd.KEYS, key, strict=True)),

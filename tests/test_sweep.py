@@ -259,6 +259,18 @@ def test_a_resume_may_change_the_budget_and_how_it_runs_and_an_earlier_study_get
     recorded, now = study_settings(sw), study_settings(changed)
     assert changed_settings("t", {**recorded, "base.model.retired": 1}, now) is None
     assert changed_settings("t", {k: v for k, v in recorded.items() if k != "base.model.r_min"}, now) is None
+    # the same distribution in another spelling; the base value of a searched key; the log's density
+    ints = load_sweep(
+        str(cfg), ["space.model.hidden_size={low: 8, high: 32}", "space.model.forget_bias={choices: [1, 2]}"]
+    )
+    same = load_sweep(
+        str(cfg),
+        [
+            "space.model.hidden_size={low: 8, high: 32, step: 1}", "space.model.forget_bias={choices: [1.0, 2.0]}",
+            "base.model.cell=gru", "base.trainer.log_every=1",
+        ],
+    )  # fmt: skip
+    assert changed_settings("t", json_round_trip(study_settings(ints)), study_settings(same)) is None
     fewer = {k: v for k, v in recorded.items() if k != "space.optim.lr"}
     assert changed_settings("t", fewer, now).key == "space.optim.lr"  # type: ignore[union-attr]
 

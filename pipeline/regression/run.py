@@ -114,9 +114,10 @@ def heartbeat(uri: str, run_id: str, every: float | None = None) -> Iterator[Non
     stop = threading.Event()
 
     def beat() -> None:
-        c = client(uri)
+        c = None
         while not stop.wait(HEARTBEAT_S if every is None else every):
             with contextlib.suppress(Exception):  # a missed beat costs nothing until STALE_S
+                c = c or client(uri)  # made in the loop: an error here must not end the beats
                 c.set_tag(run_id, HEARTBEAT, str(int(time.time())))
 
     t = threading.Thread(target=beat, name="regress-heartbeat", daemon=True)

@@ -157,6 +157,7 @@ RESUMABLE_BASE = (
     "trainer.accelerator",  # the study moved to a GPU machine, or back
     "trainer.threads",
     "trainer.progress_bar",
+    "trainer.log_every",  # how often metrics are sent: the record's density, not a trial's result
     "diagnostics.plots",
 )
 
@@ -182,8 +183,9 @@ def study_settings(sw: SweepConfig) -> dict[str, Any]:
         out.update(_flat(dataclasses.asdict(getattr(sw, name)), name))
     for p in sw.space:
         spec: dict[str, Any] = {"choices": list(p.choices)}
-        if p.kind != "categorical":
-            spec = {"low": p.low, "high": p.high, "log": p.log, "step": p.step, "int": p.kind == "int"}
+        if p.kind != "categorical":  # an int range's step None is Optuna's 1: the same distribution
+            step = p.step if p.step is not None or p.kind != "int" else 1
+            spec = {"low": p.low, "high": p.high, "log": p.log, "step": step, "int": p.kind == "int"}
         out[f"space.{p.key}"] = spec
     return out
 
@@ -191,16 +193,21 @@ def study_settings(sw: SweepConfig) -> dict[str, Any]:
 def changed_settings(study: str, recorded: dict[str, Any], now: dict[str, Any]) -> ConfigError | None:
     """The first setting (in key order) this sweep changes from the ones study ``study`` was created
     with, as the error to raise; None when it keeps them. A key on one side only is a change for a searched
-    key (``space.*``); for others it is a key an earlier or later version of the pipeline does not know."""
+    key (``space.*``); for others it is a key an earlier or later version of the pipeline does not know.
+    Values compare as Python values after a JSON round trip, as Optuna compares distributions (choices
+    [1, 2] are [1.0, 2.0]); the base value of a searched key is no setting (no trial trains with it)."""
     import json
 
     def shown(v: Any) -> str:
         return json.dumps(v, sort_keys=True)
 
+    searched = {k[len("space.") :] for k in set(recorded) | set(now) if k.startswith("space.")}
     keys = sorted(
-        k for k in set(recorded) | set(now) if k.startswith("space.") or (k in recorded and k in now)
+        k
+        for k in set(recorded) | set(now)
+        if k.startswith("space.") or (k in recorded and k in now and k[len("base.") :] not in searched)
     )
-    diff = [k for k in keys if shown(recorded.get(k)) != shown(now.get(k))]
+    diff = [k for k in keys if json.loads(shown(recorded.get(k))) != json.loads(shown(now.get(k)))]
     if not diff:
         return None
     k = diff[0]

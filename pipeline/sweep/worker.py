@@ -231,8 +231,9 @@ class Worker:
                 return 0
             errors = 0 if ok else errors + 1
             if errors >= MAX_CONSECUTIVE_ERRORS:
-                # with stacks a round is up to K trials: "3 trials" read as 3 where 12 had failed (a walkthrough)
-                what = "trials" if self.k == 1 else f"stacks (of up to {self.k} trials)"
+                # with stacks a round is a rolling stack, refilled as its trials end: "3 trials" read as 3
+                # where 12 had failed (a walkthrough)
+                what = "trials" if self.k == 1 else "rounds of its stack (refilled as trials end)"
                 print(
                     f"worker {self.spec['worker']}: {errors} {what} in a row raised; stopping",
                     file=sys.stderr,
