@@ -205,14 +205,19 @@ def changed_settings(study: str, recorded: dict[str, Any], now: dict[str, Any]) 
     keys = sorted(
         k
         for k in set(recorded) | set(now)
-        if k.startswith("space.") or (k in recorded and k in now and k[len("base.") :] not in searched)
+        if k.startswith("space.")
+        or (k in recorded and k in now and not (k.startswith("base.") and k[len("base.") :] in searched))
     )
     diff = [k for k in keys if json.loads(shown(recorded.get(k))) != json.loads(shown(now.get(k)))]
     if not diff:
         return None
     k = diff[0]
-    was = shown(recorded[k]) if k in recorded else "not searched"
-    says = shown(now[k]) if k in now else "not searched"
+    if k not in recorded:
+        what = f"study {study!r} did not search it, this sweep does: {shown(now[k])}"
+    elif k not in now:
+        what = f"study {study!r} searched it ({shown(recorded[k])}), this sweep does not"
+    else:
+        what = f"study {study!r} was created with {shown(recorded[k])}, this sweep says {shown(now[k])}"
     more = (
         f" (and {len(diff) - 1} more: {', '.join(diff[1:4])}{', ...' if len(diff) > 4 else ''})"
         if len(diff) > 1
@@ -220,7 +225,7 @@ def changed_settings(study: str, recorded: dict[str, Any], now: dict[str, Any]) 
     )
     return ConfigError(
         k,
-        f"study {study!r} was created with {was}, this sweep says {says}{more}; a resume keeps the study's "
+        f"{what}{more}; a resume keeps the study's "
         'search space, sampler, pruner, penalty and base config (README, "Faults and resuming"): '
         "start a new study (study=NAME) or give the study's value",
     )
