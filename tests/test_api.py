@@ -422,6 +422,72 @@ def test_group_norms_are_the_groups_the_readme_names(tmp_path):
     assert last["grad/norm_recurrent"] == pytest.approx(ref.rows[-1]["recurrent"], rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("make", "words"),
+    [
+        (
+            lambda m: m.GradientNormMonitor(log_every_n_steps="10"),
+            "log_every_n_steps must be an int, got '10'",
+        ),
+        (lambda m: m.GradientNormMonitor(log_every_n_steps=2.5), "log_every_n_steps must be an int, got 2.5"),
+        (lambda m: m.GradientNormMonitor(groups=["rnn"]), "groups must be a callable, got ['rnn']"),
+        (lambda m: m.GradientNormMonitor(sink=1), "sink must be a callable, got 1"),
+        (lambda m: m.BPTTProfileMonitor("gru", every_n_steps="x"), "every_n_steps must be an int, got 'x'"),
+        (lambda m: m.BPTTProfileMonitor("gru", every_n_steps=1.5), "every_n_steps must be an int, got 1.5"),
+        (lambda m: m.BPTTProfileMonitor("gru", sink=1), "sink must be a callable, got 1"),
+    ],
+)
+def test_a_callback_argument_of_the_wrong_type_is_named_at_construction(make, words):
+    """``"10"`` failed at the first step with "'<' not supported", ``2.5`` was cut to 2 silently, a list
+    for ``groups`` or an int for ``sink`` failed deep in the first log window (a walkthrough)."""
+    import pipeline
+
+    with pytest.raises(TypeError) as err:
+        make(pipeline)
+    assert str(err.value) == words
+
+
+class CellLoop(pl.LightningModule):
+    """A hand-written nn.LSTMCell loop: no nn.RNN / nn.LSTM / nn.GRU for the default groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell, self.out = nn.LSTMCell(3, H), nn.Linear(H, 4)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        h = c = x.new_zeros(x.shape[0], H)
+        for t in range(x.shape[1]):
+            h, c = self.cell(x[:, t], (h, c))
+        return nn.functional.cross_entropy(self.out(h), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_a_group_without_parameters_is_not_logged_and_a_projection_is_recurrent(tmp_path):
+    """A model of hand-written cells logged grad/norm_input, _recurrent and _bias as 0.0, read as a
+    measured vanishing gradient (a walkthrough): they are not logged; ``other`` holds every gradient. An
+    LSTM's projection ``weight_hr*`` (fed back into the recurrence) is recurrent, not other."""
+    from pipeline import GradientNormMonitor
+    from pipeline.training.grad_monitor import parameter_groups
+
+    gm = GradientNormMonitor(log_every_n_steps=1)
+    module = CellLoop()
+    tr = trainer(tmp_path, [gm], max_steps=2)
+    tr.fit(module, loader(cls_data()))
+    assert gm.fields[-1:] == ("norm_other",) and not any(
+        f in gm.fields for f in ("norm_input", "norm_recurrent")
+    )
+    df = _read_csv_metrics(tmp_path)
+    assert "grad/norm_recurrent" not in df.columns and "grad/norm_input" not in df.columns
+    np.testing.assert_allclose(gm.column("norm_other"), gm.column("norm_preclip"), rtol=1e-6)
+    lstm = nn.LSTM(3, 8, proj_size=2)
+    groups = parameter_groups(lstm)
+    assert {id(p) for p in groups["recurrent"]} == {id(lstm.weight_hh_l0), id(lstm.weight_hr_l0)}
+    assert groups["other"] == []
+
+
 class OrthogonalRNN(pl.LightningModule):
     """A tanh nn.RNN whose recurrent weight is kept orthogonal by torch's parametrization: the weight is
     stored as ``rnn.parametrizations.weight_hh_l0.original``."""
@@ -620,6 +686,52 @@ def test_packed_sequence_input_fails_in_one_line():
     with pytest.raises(ValueError, match="PackedSequence") as err:
         probe(Packed(), "gru", first_batch(cls_data()))
     assert "\n" not in str(err.value)
+
+
+def test_a_non_finite_probe_input_fails_in_one_line_and_a_diverged_model_is_still_measured():
+    """One NaN in a GRU's probe batch read as the float64 forward overflowing at its step: verdict
+    ``exploding`` on default weights, which read vanishing on clean data (a walkthrough). It is now one
+    line naming the probe batch; a model whose own weights are NaN (diverged) is measured as before."""
+    from pipeline.training.probe import probe
+
+    class Embedded(GRUClassifier):  # a layer before the RNN: its input comes from the model's weights
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(3, 3)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            _, h_n = self.gru(self.inp(x))
+            return nn.functional.cross_entropy(self.out(h_n[-1]), y)
+
+    x, y = first_batch(cls_data())
+    assert np.isfinite(probe(Embedded(), "gru", (x, y)).metrics[-1]["bptt/log10_ratio"])
+    bad = x.clone()
+    bad[1, 3, 0] = float("nan")
+    with pytest.raises(ValueError, match="the probe batch gives 'gru' 3 non-finite input value") as err:
+        probe(Embedded(), "gru", (bad, y))  # the NaN reaches the GRU through all 3 outputs of inp
+    assert "\n" not in str(err.value) and "give a probe batch of finite values" in str(err.value)
+    diverged = Embedded()
+    with torch.no_grad():
+        diverged.inp.weight[0, 0] = float("nan")
+    assert probe(diverged, "gru", (x, y)).metrics[-1]["bptt/overflow_step"] == 1  # measured as before
+
+
+def test_a_monitor_with_a_nan_in_its_probe_batch_fails_at_its_first_pass(tmp_path):
+    """The walkthrough's case, through the callback: a NaN in ``batch`` is one line at the first pass,
+    before the first update, not a verdict ``exploding`` at the end."""
+    from pipeline import BPTTProfileMonitor
+
+    x, y = first_batch(cls_data())
+    x = x.clone()
+    x[2, 3, 0] = float("nan")
+    module = GRUClassifier()
+    before = [p.detach().clone() for p in module.parameters()]
+    tr = trainer(tmp_path, [BPTTProfileMonitor("gru", batch=(x, y))], max_steps=3)
+    with pytest.raises(ValueError, match="the probe batch gives 'gru' 1 non-finite input value") as err:
+        tr.fit(module, loader(cls_data()))
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))  # no update
 
 
 @pytest.mark.kernel_free

@@ -6,6 +6,7 @@ against an independent reading taken by the module itself or by a plain callback
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -292,7 +293,14 @@ def test_a_direct_backward_under_a_loss_scaler_overflows_as_the_scalers_skip(tmp
     gm = GradientNormMonitor(log_every_n_steps=5)
     plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
     t = trainer(tmp_path, [gm], max_steps=20, log_every_n_steps=1, plugins=[plugin])
-    t.fit(Direct(manual=True), loader(cls_data()))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        t.fit(Direct(manual=True), loader(cls_data()))
+    # said once: with self.clip_gradients, the clip rate and the largest norm read the clipped norms
+    ours = [w for w in said if "no backward through Lightning before this optimizer step" in str(w.message)]
+    assert len(ours) == 1 and "self.manual_backward(loss)" in str(ours[0].message), [
+        str(w.message) for w in said
+    ]
     assert gm.diverged_step is None and t.global_step == 20
     assert gm.scaler_skips == round(math.log2(2.0**22 / scaler.get_scale())) > 0
     assert np.isnan(gm.column("loss")).all()

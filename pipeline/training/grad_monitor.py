@@ -16,6 +16,8 @@ a configured subclass (:mod:`pipeline.training.callbacks`): one implementation.
 from __future__ import annotations
 
 import math
+import numbers
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -32,9 +34,20 @@ RECORD = (*RECORD_HEAD, *(f"norm_{g}" for g in GRAD_GROUPS))
 GroupsOf = Callable[[nn.Module], Mapping[str, Sequence[nn.Parameter]]]
 
 
+def check_arg(name: str, value: Any, kind: str) -> None:
+    """A callback argument of the wrong type: a TypeError naming it, at construction (``"10"`` failed
+    at the first step with ``'<' not supported``, ``2.5`` was cut to 2, a list for ``groups`` or an int for
+    ``sink`` failed deep in the first log window: a walkthrough). ``kind``: ``int`` or ``callable``."""
+    integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy's ints too
+    ok = callable(value) if kind == "callable" else integral
+    if not ok:
+        raise TypeError(f"{name} must be {'an int' if kind == 'int' else 'a callable'}, got {value!r}")
+
+
 def parameter_groups(module: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Parameters by role: ``weight_ih*`` (input), ``weight_hh*`` (recurrent), ``bias*`` of every
-    nn.RNN / nn.LSTM / nn.GRU; everything else is ``other``. Each parameter once. Frozen ones too: a
+    """Parameters by role: ``weight_ih*`` (input), ``weight_hh*`` and an LSTM's projection ``weight_hr*``
+    (recurrent: h_t is W_hr times the cell's output, fed back), ``bias*`` of every nn.RNN / nn.LSTM /
+    nn.GRU; everything else is ``other``. Each parameter once. Frozen ones too: a
     parameter unfrozen later (Lightning's ``BackboneFinetuning``) is measured from then on, and one
     without a gradient adds nothing."""
     groups: dict[str, list[nn.Parameter]] = {g: [] for g in GRAD_GROUPS}
@@ -47,7 +60,7 @@ def parameter_groups(module: nn.Module) -> dict[str, list[nn.Parameter]]:
                 seen.add(id(p))
                 g = (
                     "recurrent"
-                    if name.startswith("weight_hh")
+                    if name.startswith(("weight_hh", "weight_hr"))
                     else "input"
                     if name.startswith("weight_ih")
                     else "bias"
@@ -194,6 +207,10 @@ class GradientNormMonitor(_Window, pl.Callback):
         loss_metric: str | None = None,
         log_diverged_step: bool = True,
     ):
+        check_arg("log_every_n_steps", log_every_n_steps, "int")
+        for arg, value in (("groups", groups), ("sink", sink)):
+            if value is not None:
+                check_arg(arg, value, "callable")
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
         self.log_every_n_steps = int(log_every_n_steps)
@@ -217,6 +234,7 @@ class GradientNormMonitor(_Window, pl.Callback):
         self._loss: torch.Tensor | None = None  # summed over the backward passes before this step
         self._stepped = False  # a step came after the last backward: the next backward starts a new sum
         self._micro = 0  # backward passes in self._loss
+        self._unseen_backward_said = False  # the warning of a step with no backward through Lightning
         self._pre: torch.Tensor | None = None  # this step's group_sq, until the post-hook
         self._pre_loss: torch.Tensor | None = None
         self._post: torch.Tensor | None = None  # the same after clipping, read before the update
@@ -243,6 +261,9 @@ class GradientNormMonitor(_Window, pl.Callback):
         if not self.measures:
             return
         self.groups = {g: list(ps) for g, ps in self.groups_of(pl_module).items()}
+        # no such weights (a hand-written cell loop): no metric, not a 0.0 read as measured (a walkthrough)
+        if self.groups_of is parameter_groups:
+            self.groups = {g: ps for g, ps in self.groups.items() if ps}
         self.set_groups(list(self.groups))
         self._by_opt = {id(opt): self._optimizer_entry(opt) for opt in trainer.optimizers}
         self._scaler = grad_scaler(trainer)
@@ -297,6 +318,18 @@ class GradientNormMonitor(_Window, pl.Callback):
         sq = self._backward_sq.pop(id(optimizer), None)
         if sq is None:
             sq = group_sq(self._groups_of(optimizer), self.group_names)
+            if sq is not None and not self._unseen_backward_said:
+                # read after any self.clip_gradients: a clip rate of 0 and a largest norm of the clipped
+                # ones, with no word (a walkthrough); said once, as Lightning's own warnings are
+                self._unseen_backward_said = True
+                warnings.warn(
+                    "GradientNormMonitor: no backward through Lightning before this optimizer step "
+                    "(loss.backward() called directly?): the pre-clip norm is read here, after any "
+                    "clip_gradients, so clipping is not seen and the loss is not read; use "
+                    "self.manual_backward(loss)",
+                    UserWarning,
+                    stacklevel=2,
+                )
         self._stepped = True  # every optimizer stepped after these backward passes gets their loss
         if sq is None:
             return

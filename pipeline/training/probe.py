@@ -138,8 +138,28 @@ def _explained(e: Exception, cls: str, source: str) -> Exception:
     return e
 
 
+def _check_finite_input(twin: nn.Module, rnn: str, x: torch.Tensor, hx: Any) -> None:
+    """A NaN or inf in the RNN's input or ``hx`` while every weight of the copy is finite came from the
+    probe batch: its forward is no overflow, yet it read as one (``bptt/overflow_step``, verdict
+    ``exploding``; a walkthrough put one NaN in a GRU's probe batch). A model whose own weights went
+    non-finite (diverged in training) is measured as it is."""
+    states = [h for h in (hx if isinstance(hx, tuple) else (hx,)) if isinstance(h, torch.Tensor)]
+    bad = sum(int((~torch.isfinite(t)).sum()) for t in [x, *states] if t.is_floating_point())
+    if bad and all(bool(torch.isfinite(p).all()) for p in twin.parameters()):
+        raise ValueError(
+            f"the probe batch gives {rnn!r} {bad} non-finite input value(s) (NaN or inf) while the model's "
+            "weights are finite: its profile would read them as the forward overflowing (verdict "
+            "exploding); give a probe batch of finite values"
+        )
+
+
 def _capture(
-    twin: nn.Module, target: nn.Module, rnn: str, batch: Any, loss_fn: LossFn | None = None
+    twin: nn.Module,
+    target: nn.Module,
+    rnn: str,
+    batch: Any,
+    loss_fn: LossFn | None = None,
+    check_input: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, Any, list[torch.Tensor | None]]:
     """Run ``twin``'s ``training_step(batch, 0)`` (or ``loss_fn(twin, batch)``) with a forward hook on ``target`` (the RNN at ``rnn``)
     that records its input and ``hx`` and replaces its outputs by clones of leaf tensors (clones, so that the
@@ -183,6 +203,8 @@ def _capture(
         handle.remove()
     if "x" not in seen:
         raise ValueError(f"{source} never called {rnn!r}")
+    if check_input:
+        _check_finite_input(twin, rnn, seen["x"], seen["hx"])
     leaves = seen["leaves"]
     grads = (
         torch.autograd.grad(loss, leaves, allow_unused=True) if loss.requires_grad else [None] * len(leaves)
@@ -229,18 +251,21 @@ def probe(
     restore_flush: bool | None = None,
     loss_fn: LossFn | None = None,
     memory_steps: int | None = 1,
+    check_input: bool = True,
 ) -> Probe:
     """The exact float64 profile of the RNN at ``rnn`` on ``module``'s own ``training_step`` loss (or
     ``loss_fn(module, batch)``'s) for ``batch``, with summaries (:func:`pipeline.bptt.profile.summarize`), spectra, Pascanu's bound (vanilla
     cells, when the loss reads only the last steps) and the Lyapunov exponent, per layer. ``module`` is not
     modified (a float64 copy runs). ``memory_steps``: the long-range window, the last N steps the loss
-    reads (:func:`pipeline.bptt.foreign.profile_layers`; None: the total gradient)."""
+    reads (:func:`pipeline.bptt.foreign.profile_layers`; None: the total gradient). ``check_input``: refuse a
+    non-finite RNN input from finite weights (the probe batch's; :func:`_check_finite_input`): a monitor's
+    first pass; later passes on the same batch measure an upstream overflow as one."""
     foreign.check_memory_steps(memory_steps)
     resolve(module, rnn)
     check_loss_source(module, loss_fn)
     twin = float64_copy(module)
     target = twin.get_submodule(eager_path(rnn))
-    loss, x, hx, grads = _capture(twin, target, rnn, batch, loss_fn)
+    loss, x, hx, grads = _capture(twin, target, rnn, batch, loss_fn, check_input)
     x, hx, g_out, g_states = _batch_first(target, x, hx, grads[0], grads[1:])
     with exact_denormals(restore_flush), torch.no_grad():
         layers = foreign.forward_layers(target, x, hx)

@@ -23,7 +23,7 @@ from pipeline.config import DiagnosticsConfig
 from pipeline.config_checks import checked_diagnostics
 from pipeline.training import probe as probing
 from pipeline.training.copy64 import to_cpu64
-from pipeline.training.grad_monitor import GradientNormMonitor
+from pipeline.training.grad_monitor import GradientNormMonitor, check_arg
 from pipeline.training.grad_window import Sink, _Logs
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -132,6 +132,9 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
                 f"name must be letters, digits, '_', '.' or '-' (and not layer<k>), got {name!r}"
             )
         self.name = name
+        check_arg("every_n_steps", every_n_steps, "int")
+        if sink is not None:
+            check_arg("sink", sink, "callable")
         if int(every_n_steps) < 0:
             raise ValueError(
                 f"every_n_steps must be >= 0 (0: passes at the start and the end only), got {every_n_steps}"
@@ -259,6 +262,7 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
             self.diagnostics.horizon_decades,
             loss_fn=self.loss_fn,
             memory_steps=self.memory_steps,
+            check_input=not self.passes,  # the probe batch's own NaN: at the first pass, in one line
         )
         return probe_metrics(res), res.long_format(step)
 
