@@ -74,7 +74,13 @@ def start_sweep(cfg: Path, *extra: str, quiet: bool = False) -> subprocess.Popen
     )
 
 
-def run_sweep_cli(cfg: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+# A hang guard, not a time limit: `make test-kernels` runs these sweeps at nice 19 beside `make test`, on
+# the CPU it leaves (.ci/run); there the K = 4 sweep of test_batched.py (about 30 s in `make test`) took
+# over 300 s, this guard as it was (2026-12-07, with more tests run beside it than CI runs).
+SWEEP_HANG_S = 900
+
+
+def run_sweep_cli(cfg: Path, *extra: str, timeout: float = SWEEP_HANG_S) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(
             sweep_cmd(cfg, *extra), capture_output=True, text=True, timeout=timeout, env=sweep_env()
