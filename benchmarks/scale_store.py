@@ -242,7 +242,7 @@ def _study(sw, parent: str, exp_id: str, exp_name: str):
     import optuna
     from optuna.storages import JournalStorage
 
-    from pipeline.sweep.config import SETTINGS_ATTR, study_settings
+    from pipeline.sweep.settings import SETTINGS_ATTR, study_settings
     from pipeline.sweep.study import startup_design
 
     backend = _Memory()

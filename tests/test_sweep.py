@@ -216,8 +216,9 @@ def test_a_resume_that_changes_the_studys_settings_is_refused_before_any_write(
     and resuming"): one that changes one is one line naming the key, exit 2, and nothing written (the
     journal, the MLflow store and the working folder as they were)."""
     from pipeline.cli import main
-    from pipeline.sweep.config import SETTINGS_ATTR, load_sweep
+    from pipeline.sweep.config import load_sweep
     from pipeline.sweep.parent import create_stores
+    from pipeline.sweep.settings import SETTINGS_ATTR
 
     monkeypatch.setenv("PIPELINE_SWEEP_FORK", "0")  # no forkserver to start for a refusal
     cfg = write_sweep(tmp_path / "s.yaml")
@@ -243,8 +244,9 @@ def test_a_resume_may_change_the_budget_and_how_it_runs_and_an_earlier_study_get
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    from pipeline.sweep.config import SETTINGS_ATTR, changed_settings, load_sweep, study_settings
+    from pipeline.sweep.config import load_sweep
     from pipeline.sweep.parent import create_stores
+    from pipeline.sweep.settings import SETTINGS_ATTR, changed_settings, study_settings
 
     cfg = write_sweep(tmp_path / "s.yaml")
     sw = load_sweep(str(cfg))

@@ -177,9 +177,9 @@ def create_stores(
 
 def _check_settings(sw: SweepConfig, storage, record: bool = False) -> None:
     """Raise the ConfigError naming the first setting this sweep changes from the ones its study was
-    created with (:func:`pipeline.sweep.config.study_settings`). ``record``: a study without them (new,
+    created with (:func:`pipeline.sweep.settings.study_settings`). ``record``: a study without them (new,
     or made by a version before 2026-12-07) gets this sweep's."""
-    from pipeline.sweep.config import SETTINGS_ATTR, changed_settings, study_settings
+    from pipeline.sweep.settings import SETTINGS_ATTR, changed_settings, study_settings
 
     try:
         study_id = storage.get_study_id_from_name(sw.study)
