@@ -1007,6 +1007,17 @@ def test_a_report_of_a_sweep_in_progress_says_so_and_marks_running_and_pruned_po
     assert res.regimes == dict(sorted(expected.items())), (res.regimes, regime)
     summary = (tmp_path / "r" / "summary.csv").read_text()
     assert "running 1" in summary, summary
+    # nor is it solved, nor in the medians: its metrics are a half-trained model's
+    from pipeline.report.write import summary_table
+
+    key = table.loc[solved, rd.KEYS]
+    same = (table[rd.KEYS] == key).all(axis=1)
+    rows = summary_table(table)
+    (row,) = [r for _, r in rows.iterrows() if all(r[k] == key[k] for k in rd.KEYS)]
+    group = table[same & (table["status"] != "RUNNING")]
+    assert row["runs"] == same.sum()
+    assert row["solved"] == (group["solved"] == "true").sum()
+    assert row["median_val_loss_ratio"] == pytest.approx(group["val_loss_ratio"].median(), nan_ok=True)
     assert "| pruned | steps |" in md
     assert _marker(table.loc[solved]) == ("o", 90, "running")
     assert _marker(table.loc[other])[::2] == ("v", "pruned@150")

@@ -49,10 +49,11 @@ def reference_summary_table(table):
             {
                 **dict(zip(rd.KEYS, key, strict=True)),
                 "runs": len(grp),
-                "solved": int((grp["solved"] == "true").sum()),
+                # solved and the medians: finished runs only (a RUNNING run's metrics are partial)
+                "solved": int(((grp["solved"] == "true") & (grp["status"] != "RUNNING")).sum()),
                 "regimes": ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
-                "median_val_loss_ratio": grp["val_loss_ratio"].median(),
-                "median_val_accuracy": grp["val_accuracy"].median(),
+                "median_val_loss_ratio": grp.loc[grp["status"] != "RUNNING", "val_loss_ratio"].median(),
+                "median_val_accuracy": grp.loc[grp["status"] != "RUNNING", "val_accuracy"].median(),
             }
         )
     return pd.DataFrame(rows)

@@ -98,12 +98,18 @@ def summary_table(table):
     # the groups, four Series operations each, took 6.1 s of a 5,000-run report, g and lr being continuous
     # and nearly every run a group of its own (benchmarks/scale_store.py: 6.1 s -> 0.05 s). The same frame
     # as the loop (tests/test_report_scale.py).
-    groups = table.groupby(rd.KEYS, sort=False, dropna=False)  # the table's order: numbers as numbers
+    # A run still RUNNING adds to ``runs`` and to its regimes as ``running``, never to ``solved`` or the
+    # medians: its latest metrics are those of a model half trained (README, "Compare runs").
+    done = table["status"] != "RUNNING" if "status" in table else pd.Series(True, index=table.index)
+    final = table.assign(
+        val_loss_ratio=table["val_loss_ratio"].where(done), val_accuracy=table["val_accuracy"].where(done)
+    )
+    groups = final.groupby(rd.KEYS, sort=False, dropna=False)  # the table's order: numbers as numbers
     sizes = groups.size()
     number = groups.ngroup().tolist()  # each run's group, numbered in the order of ``sizes``
     solved = [0] * len(sizes)
     regimes: list[dict[str, int]] = [{} for _ in range(len(sizes))]
-    for g, ok, regime in zip(number, (table["solved"] == "true").tolist(),
+    for g, ok, regime in zip(number, ((table["solved"] == "true") & done).tolist(),
                              _regime_now(table, "none").tolist(), strict=True):  # fmt: skip
         solved[g] += ok
         regimes[g][regime] = regimes[g].get(regime, 0) + 1
