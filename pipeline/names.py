@@ -56,7 +56,7 @@ STATUS = "status"  # how a run ended beyond MLflow's status (killed, diverged, .
 OVERRIDES = "overrides"  # the command line's dotted overrides, as given
 SUITE, ENTRY, ROLE = "suite", "entry", "regression_role"  # regression runs: ROLE is "suite" or "entry"
 PERTURBATION = "perturbation"  # a regression entry rerun under a perturbation (--update-baseline)
-OWNER = "pipeline.owner"  # host|pid|start time|process space of a regress run's process (pipeline.provenance)
+OWNER = "pipeline.owner"  # host|pid|start time|process space of the process of a regress run or trial run (pipeline.provenance)
 HEARTBEAT = "pipeline.heartbeat"  # a command-line regress parent run: unix time of its process's last beat
 NONFINITE_PREFIX = "nonfinite."  # nonfinite.<metric> = nan: a NaN metric value (README, "The MLflow record")
 

@@ -494,6 +494,46 @@ def test_killed_runs_are_left_out_and_counted(store, tmp_path, capsys):
     assert "**runs**: 1 (1 killed run left out" in (tmp_path / "r" / "report.md").read_text()
 
 
+def test_runs_left_running_by_a_process_that_is_gone_are_killed_not_in_progress(store, tmp_path, capsys):
+    """After a kill -9 of a sweep, its trials' runs stay RUNNING until the next resume closes them: the report
+    read the dead sweep as one in progress ("3 runs still running", half-trained points). A RUNNING run
+    whose ``pipeline.owner`` names a gone process on this host is left out as killed; one whose process
+    lives, or cannot be seen (another host), is still running."""
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.cli import main
+    from pipeline.names import OWNER
+    from pipeline.provenance import owner_tag
+    from pipeline.training.run import run
+
+    sleeper = subprocess.Popen(["sleep", "60"])
+    dead = owner_tag(sleeper.pid)
+    sleeper.kill()
+    sleeper.wait()
+    owners = {"dead": dead, "alive": owner_tag(), "elsewhere": "another-host|1|1|x.y.z", "untagged": None}
+    ids = {}
+    c = MlflowClient(store)
+    for seed, (name, owner) in enumerate(owners.items()):
+        ids[name] = run(tiny_config(**{"tracking.experiment": "gone", "seed": seed})).run_id
+        if owner:
+            c.set_tag(ids[name], OWNER, owner)
+        c.update_run(ids[name], status="RUNNING")
+    ids["done"] = run(tiny_config(**{"tracking.experiment": "gone", "seed": 9})).run_id
+
+    assert main(["report", "--experiment", "gone", "--out", str(tmp_path / "r"), "--no-log"]) == 0
+    out = capsys.readouterr().out
+    assert "report 'gone': 4 runs (" in out, out
+    assert "; 1 killed run left out (1 left RUNNING by a process that is gone); 3 runs still running" in out
+    table = pd.read_csv(tmp_path / "r" / "comparison.csv")
+    assert set(table["run_id"]) == {ids[k] for k in ("alive", "elsewhere", "untagged", "done")}
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert (
+        "(1 killed run left out: interrupted, retried or resumable; one of them still RUNNING in the store, "
+        "its process on this host gone (kill -9): the next resume of the sweep or suite closes it KILLED)"
+    ) in md, md
+
+
 def test_make_report_default_finds_the_latest_sweep(small_sweep, tmp_path):
     """`make report` as a new user runs it: no flags, the default store from the environment."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": small_sweep["uri"], "PYTHONPATH": str(ROOT)}

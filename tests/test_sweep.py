@@ -1130,6 +1130,23 @@ def test_kill_9_mid_trial_then_resume(store, tmp_path):
     parent.wait()
     time.sleep(0.5)
     assert load_study().trials[t.number].state.name == "RUNNING"  # what other tools leave behind
+    # Until the resume, a report reads the dead trial's RUNNING run as killed, not as a sweep in progress:
+    # its run names its worker (pipeline.owner, the trial's worker attr), a process that is gone.
+    from pipeline.report import data as rd
+
+    now = load_study().trials[t.number]  # its run id, set as its run opened (maybe after t was read)
+    (run,) = [r for r in mlflow_runs(store) if r.info.run_id == now.user_attrs["mlflow_run_id"]]
+    assert run.info.status == "RUNNING" and run.data.tags["pipeline.owner"] == now.user_attrs["worker"]
+    from pipeline.schema import ConfigError
+
+    target = rd.resolve_target(store, study="t")
+    refused = ""
+    try:
+        rd.load_runs(target)
+    except ConfigError as e:  # no other trial has finished yet
+        refused = str(e)
+    assert not refused or "no runs to report but 1 killed (1 left RUNNING by a process that is gone)" in refused
+    assert (target.killed, target.abandoned) == (1, 1)
     p = run_sweep_cli(cfg)  # the same command resumes
     assert p.returncode == 0, p.stdout + p.stderr
     check_killed_trial_retried(load_study(), mlflow_runs(store), t, 3)

@@ -40,7 +40,8 @@ def command(args: argparse.Namespace) -> int:
         args.store, experiment=args.experiment, study=args.study, out=args.out, log_to_parent=not args.no_log
     )
     regimes = ", ".join(f"{k} {v}" for k, v in res.regimes.items())
-    killed = f"; {runs(res.killed, 'killed')} left out" if res.killed else ""
+    gone = f" ({res.abandoned} left RUNNING by a process that is gone)" if res.abandoned else ""
+    killed = f"; {runs(res.killed, 'killed')} left out{gone}" if res.killed else ""
     running = f"; {runs(res.running)} still running: a partial report" if res.running else ""
     print(f"report '{res.name}': {runs(res.n_runs)} ({regimes}){killed}{running}")
     print(f"  {res.files['report.html']}")

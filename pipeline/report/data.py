@@ -34,6 +34,7 @@ from pipeline.names import (
     DIVERGED,
     KIND_SWEEP,
     KIND_TRIAL,
+    OWNER,
     REGIME,
     ROLE,
     STUDY,
@@ -92,7 +93,8 @@ class Target:
     study: str | None = None
     parent_run_id: str | None = None  # the sweep parent that receives the report as artifacts
     parent_run_name: str | None = None
-    killed: int = 0  # KILLED runs left out (load_runs)
+    killed: int = 0  # KILLED runs left out (load_runs), and runs left RUNNING by a process that is gone
+    abandoned: int = 0  # of ``killed``: RUNNING in the store, their process on this host gone (kill -9)
 
 
 @dataclass
@@ -213,14 +215,20 @@ def load_runs(target: Target):
     status = df.get("status")
     if status is not None:
         killed = (status == "KILLED").to_numpy()
-        target.killed = int(killed.sum())
-        df = df[~killed].reset_index(drop=True)
+        # A run RUNNING in the store whose process on this host is gone (its owner tag, README "The MLflow
+        # record"): a sweep worker or regress killed with -9 or by the OOM killer, closed KILLED only by the
+        # next resume. It is killed, not "still running" (a walkthrough read a dead sweep as one in progress).
+        abandoned = (status == "RUNNING").to_numpy() & _owner_gone(df.get(f"tags.{OWNER}"), len(df))
+        target.killed = int((killed | abandoned).sum())
+        target.abandoned = int(abandoned.sum())
+        df = df[~(killed | abandoned)].reset_index(drop=True)
     if df.empty:
         what = f"study {target.study!r}" if target.study else f"experiment {target.name!r}"
         raise ConfigError(
             "--study" if target.study else "--experiment",
             f"{what} has no runs to report"
-            + (f" but {target.killed} killed ones" if target.killed else "")
+            + (f" but {target.killed} killed" if target.killed else "")
+            + (f" ({target.abandoned} left RUNNING by a process that is gone)" if target.abandoned else "")
             + " (run `make sweep` or `make train` first)",
         )
     # name only the experiments the runs live in (a study is looked up across all of them)
@@ -229,6 +237,21 @@ def load_runs(target: Target):
         n for i, n in zip(target.experiment_ids, target.experiment_names, strict=True) if i in found
     ]
     return df
+
+
+def _owner_gone(owners, n: int):
+    """Per run, whether its ``pipeline.owner`` names a process on this host that is gone (False where the
+    tag is absent or its process cannot be seen: another host or container)."""
+    import numpy as np
+
+    from pipeline.provenance import owner_alive
+
+    if owners is None:
+        return np.zeros(n, dtype=bool)
+    seen: dict[str, bool] = {}
+    for o in set(owners.dropna()):
+        seen[o] = isinstance(o, str) and owner_alive(o) is False
+    return np.array([seen.get(o, False) if isinstance(o, str) else False for o in owners], dtype=bool)
 
 
 def _num(v: Any, kind: str) -> Any:

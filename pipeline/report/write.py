@@ -74,7 +74,8 @@ class ReportResult:
     out: Path
     files: dict[str, Path] = field(default_factory=dict)
     n_runs: int = 0
-    killed: int = 0  # KILLED runs left out
+    killed: int = 0  # KILLED runs left out, and RUNNING ones whose process is gone
+    abandoned: int = 0  # of ``killed``: still RUNNING in the store, their process on this host gone
     running: int = 0  # runs still RUNNING when the report read the store: a partial report
     regimes: dict[str, int] = field(default_factory=dict)
     parent_run_id: str | None = None
@@ -222,6 +223,18 @@ def _md_table(df, cols: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _abandoned(t: rd.Target) -> str:
+    """The header's word on killed runs still RUNNING in the store (their process gone)."""
+    if not t.abandoned:
+        return ""
+    one = t.abandoned == 1
+    return (
+        f"; {'one' if one else t.abandoned} of them still RUNNING in the store, {'its' if one else 'their'} "
+        f"process on this host gone (kill -9): the next resume of the sweep or suite closes "
+        f"{'it' if one else 'them'} KILLED"
+    )
+
+
 def _meta(data: rd.ReportData, n: int, regimes: dict[str, int]) -> list[tuple[str, str]]:
     t = data.target
     meta = [
@@ -231,7 +244,7 @@ def _meta(data: rd.ReportData, n: int, regimes: dict[str, int]) -> list[tuple[st
             "runs",
             str(n)
             + (
-                f" ({runs(t.killed, 'killed')} left out: interrupted, retried or resumable)"
+                f" ({runs(t.killed, 'killed')} left out: interrupted, retried or resumable{_abandoned(t)})"
                 if t.killed
                 else ""
             ),
@@ -300,6 +313,7 @@ def write(data: rd.ReportData, out: Path) -> ReportResult:
         out,
         n_runs=len(table),
         killed=data.target.killed,
+        abandoned=data.target.abandoned,
         running=int((table["status"] == "RUNNING").sum()),
         regimes=regimes,
         parent_run_id=data.target.parent_run_id,

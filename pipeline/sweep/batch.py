@@ -19,9 +19,9 @@ import contextlib
 import sys
 from typing import Any
 
-from pipeline.names import KIND, KIND_TRIAL, STUDY, TRIAL_NUMBER
 from pipeline.signals import Terminated, received
 from pipeline.sweep import outages
+from pipeline.sweep.record import trial_tags
 
 # trials_per_worker: auto. Measured (README, "Batched trials"): the default sweep on the 2-core CPU, 2
 # workers, rolling stacks: K = 4 ran 1.1x (same points) to 1.4x (TPE) the trials per hour of K = 1 (medians
@@ -204,7 +204,7 @@ class _Group:
         return TrialCallback(t, self.worker.sw.prune.max_grad_norm, cfg.trainer.log_every)
 
     def tags(self, t) -> dict[str, Any]:
-        return {KIND: KIND_TRIAL, STUDY: self.worker.sw.study, TRIAL_NUMBER: str(t.number)}
+        return trial_tags(self.worker.sw.study, t.number)
 
     def done(self, i: int, r) -> None:
         """Member ``i``'s run is closed: tell its trial now."""

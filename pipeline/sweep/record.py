@@ -5,6 +5,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from pipeline.names import KIND, KIND_TRIAL, OWNER, STUDY, TRIAL_NUMBER
+from pipeline.provenance import owner_tag
+
+
+def trial_tags(study: str, number: int) -> dict[str, str]:
+    """The tags a trial's run opens with, strings (the REST store rejects others in create_run). ``OWNER``
+    (the worker process) lets a report tell a run left RUNNING by a killed worker from one still training."""
+    return {KIND: KIND_TRIAL, STUDY: study, TRIAL_NUMBER: str(number), OWNER: owner_tag()}
+
 
 def tag_run(
     mlflow_uri: str | None, run_id: str | None, tags: dict[str, Any], later: list | None = None

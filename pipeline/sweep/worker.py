@@ -41,14 +41,13 @@ from typing import Any
 import pytorch_lightning as pl
 
 from pipeline import signals as sigterm
-from pipeline.names import KIND, KIND_TRIAL, STUDY, TRIAL_NUMBER
 from pipeline.provenance import owner_alive
 from pipeline.signals import Terminated, check_terminated, deferred, delivered, raise_terminated
 from pipeline.sweep import batch, outages
 from pipeline.sweep import study as objective
 from pipeline.sweep.config import from_data
 from pipeline.sweep.owners import ask_owned, heartbeat, reap_stale
-from pipeline.sweep.record import outcome_tags, tag_run, trial_attrs
+from pipeline.sweep.record import outcome_tags, tag_run, trial_attrs, trial_tags
 from pipeline.sweep.stores import budget_lock, open_storage
 from pipeline.sweep.study import budget_left, make_pruner, make_sampler, suggest
 
@@ -274,8 +273,7 @@ class Worker:
         from pipeline.sweep.owners import close_interrupted, release_trial
         from pipeline.training import run as train
 
-        # Strings: the REST store (mlflow server) rejects non-string tag values in create_run.
-        tags = {KIND: KIND_TRIAL, STUDY: self.sw.study, TRIAL_NUMBER: str(trial.number)}
+        tags = trial_tags(self.sw.study, trial.number)
         try:
             cfg = self.trial_run_config(trial)
             cb = TrialCallback(trial, self.sw.prune.max_grad_norm, cfg.trainer.log_every)
