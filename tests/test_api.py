@@ -734,6 +734,34 @@ def test_a_monitor_with_a_nan_in_its_probe_batch_fails_at_its_first_pass(tmp_pat
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))  # no update
 
 
+def test_a_probe_batch_the_rnn_cannot_take_is_one_line_naming_it(tmp_path):
+    """A probe batch of the wrong feature size or rank raised torch's own error from deep inside the
+    monitor, naming neither the batch nor the monitor (a walkthrough). Now one line, before any update;
+    an error of the user's step itself keeps its type and message, with a note saying where it ran."""
+    from pipeline import BPTTProfileMonitor, profile_rnn
+
+    x, y = first_batch(cls_data())
+    module = GRUClassifier()
+    before = [p.detach().clone() for p in module.parameters()]
+    wide = torch.randn(x.shape[0], x.shape[1], 5)
+    tr = trainer(tmp_path, [BPTTProfileMonitor("gru", batch=(wide, y))], max_steps=3)
+    with pytest.raises(
+        ValueError, match=r"^the probe batch gives 'gru' an input of shape \[16, \d+, 5\]"
+    ) as err:
+        tr.fit(module, loader(cls_data()))
+    said = str(err.value)
+    assert "\n" not in said and "input_size 3: [batch, T, 3], or [T, 3] unbatched" in said, said
+    assert not getattr(err.value, "__notes__", None)  # its own line says it all
+    assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))  # no update
+    with pytest.raises(ValueError, match=r"an input of shape \[16\], which it cannot take"):
+        profile_rnn(GRUClassifier(), "gru", (x[:, 0, 0], y))  # rank 1
+    with pytest.raises(ValueError, match="too many values to unpack") as err:  # no (x, y) pair: the user's
+        profile_rnn(GRUClassifier(), "gru", (x, y, y))
+    assert any(
+        "GRUClassifier.training_step on the gradient profile's probe batch" in n for n in err.value.__notes__
+    )
+
+
 @pytest.mark.kernel_free
 def test_import_pipeline_stays_light():
     code = (

@@ -515,8 +515,10 @@ def test_an_unrelated_runtime_error_in_training_step_is_not_relabelled():
             super().training_step(batch, batch_idx)
             raise RuntimeError("one of the variables needed was modified: [torch.DoubleTensor [4]]")
 
-    with pytest.raises(RuntimeError, match="modified: .torch.DoubleTensor"):
+    with pytest.raises(RuntimeError, match="modified: .torch.DoubleTensor") as err:
         profile_rnn(Fails(), "gru", first_batch(cls_data()))
+    # the user's own error, with a note saying where it ran (its traceback runs through our code)
+    assert "raised by Fails.training_step on the gradient profile's probe batch" in err.value.__notes__[0]
 
 
 class ExplodingRelu(nn.Module):

@@ -138,6 +138,33 @@ def _explained(e: Exception, cls: str, source: str) -> Exception:
     return e
 
 
+class ProbeBatchError(ValueError):
+    """A probe batch the RNN cannot take, said in one line (:func:`_check_input_shape`)."""
+
+
+# Said under an error of the user's own step on the probe batch, whose traceback runs through a callback
+# of ours: what ran, and on what (type and message stay the user's code's).
+_WHERE = (
+    "(raised by {cls}.{source} on the gradient profile's probe batch, run on a float64 CPU copy of the model: "
+    "the batch= given to BPTTProfileMonitor or profile_rnn, else the first training batch)"
+)
+
+
+def _check_input_shape(target: nn.Module, rnn: str, x: Any) -> None:
+    """An input an ``nn.RNN``/``GRU``/``LSTM`` cannot take, from the probe batch, in one line naming it
+    (torch's own error named neither the batch nor the monitor: a walkthrough)."""
+    size = getattr(target, "input_size", None)
+    if not isinstance(x, torch.Tensor) or not isinstance(size, int):
+        return
+    if x.dim() not in (2, 3) or x.shape[-1] != size:
+        layout = "[batch, T, {0}]" if getattr(target, "batch_first", False) else "[T, batch, {0}]"
+        raise ProbeBatchError(
+            f"the probe batch gives {rnn!r} an input of shape {list(x.shape)}, which it cannot take (input_size "
+            f"{size}: {layout.format(size)}, or [T, {size}] unbatched); give a probe batch shaped as the "
+            "training batches"
+        )
+
+
 def _check_finite_input(twin: nn.Module, rnn: str, x: torch.Tensor, hx: Any) -> None:
     """A NaN or inf in the RNN's input or ``hx`` while every weight of the copy is finite came from the
     probe batch: its forward is no overflow, yet it read as one (``bptt/overflow_step``, verdict
@@ -151,6 +178,25 @@ def _check_finite_input(twin: nn.Module, rnn: str, x: torch.Tensor, hx: Any) -> 
             "weights are finite: its profile would read them as the forward overflowing (verdict "
             "exploding); give a probe batch of finite values"
         )
+
+
+def _step(twin: nn.Module, batch: Any, loss_fn: LossFn | None) -> Any:
+    """``loss_fn(twin, batch)``, else ``twin.training_step(batch, 0)``; an error it raises is explained
+    (:func:`_explained`) or, the user's own, told where it came from (:data:`_WHERE`)."""
+    source = "loss_fn" if loss_fn is not None else "training_step"
+    try:
+        return loss_fn(twin, batch) if loss_fn is not None else twin.training_step(batch, 0)  # type: ignore[operator]
+    except ProbeBatchError:
+        raise
+    except (RuntimeError, ValueError) as e:  # nn.RNN raises ValueError on an input's dtype
+        explained = _explained(e, type(twin).__name__, source)
+        if explained is not e:
+            raise explained from e
+        e.add_note(_WHERE.format(cls=type(twin).__name__, source=source))
+        raise
+    except Exception as e:  # the batch's structure (unpacking, a key): the user's error, in context
+        e.add_note(_WHERE.format(cls=type(twin).__name__, source=source))
+        raise
 
 
 def _capture(
@@ -186,21 +232,20 @@ def _capture(
         seen.update(x=x.detach(), hx=hx, leaves=leaves)
         return replaced
 
-    handle = target.register_forward_hook(hook, with_kwargs=True)
+    def shape_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        _check_input_shape(mod, rnn, args[0] if args else kwargs.get("input"))
+
+    handles = [
+        target.register_forward_pre_hook(shape_hook, with_kwargs=True),
+        target.register_forward_hook(hook, with_kwargs=True),
+    ]
     try:
         with torch.enable_grad(), warnings.catch_warnings(), _isolated():
             warnings.filterwarnings("ignore", message=NO_TRAINER_LOG, category=UserWarning)
-            b = to_cpu64(batch)
-            try:
-                out = loss_fn(twin, b) if loss_fn is not None else twin.training_step(b, 0)  # type: ignore[operator]
-            except (RuntimeError, ValueError) as e:  # nn.RNN raises ValueError on an input's dtype
-                explained = _explained(e, type(twin).__name__, source)
-                if explained is e:
-                    raise
-                raise explained from e
-            loss = _loss_of(out, source)
+            loss = _loss_of(_step(twin, to_cpu64(batch), loss_fn), source)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     if "x" not in seen:
         raise ValueError(f"{source} never called {rnn!r}")
     if check_input:
