@@ -206,19 +206,26 @@ def outcome(val_loss_ratio: Any, solved: Any = None) -> str:
     return "learned nothing" if r >= LEARNED_NOTHING else "partly learned"
 
 
-def run_summary(regime: Any, val_loss_ratio: Any, solved: Any = None, reason: str = "") -> str:
+def run_summary(
+    regime: Any, val_loss_ratio: Any, solved: Any = None, reason: str = "", diverged_step: Any = None
+) -> str:
     """ "<regime> gradients; val loss 0.98 x baseline: learned nothing": the verdict next to the outcome,
     so a healthy gradient flow that learned nothing does not read as a success. With ``reason`` (the
     verdict rule that decided, tag ``regime_reason``), after the regime: "exploding gradients (pre-clip
-    norm 3.1e+13 > explode_norm 1e+03)", so a verdict of the norm rule beside a decaying profile says so."""
+    norm 3.1e+13 > explode_norm 1e+03)", so a verdict of the norm rule beside a decaying profile says so.
+    A diverged run says its ``diverged_step`` (tag), "diverged at step 15": its last profile pass is
+    labelled with the step after (16, the step dropped counted), which read as a second diverged step."""
     try:
         r = float(val_loss_ratio)
     except (TypeError, ValueError):
         r = math.nan
+    diverged = DIVERGED
+    if isinstance(diverged_step, (int, float)) and math.isfinite(diverged_step):
+        diverged += f" at step {int(diverged_step)}"
     if regime == DIVERGED and not math.isfinite(r):  # an infinite loss is no measured one
-        return f"{DIVERGED}; no val loss"
+        return f"{diverged}; no val loss"
     loss = f"val loss {r:.2g} x baseline: " if math.isfinite(r) else ""
-    what = DIVERGED if regime == DIVERGED else f"{regime} gradients" + (f" ({reason})" if reason else "")
+    what = diverged if regime == DIVERGED else f"{regime} gradients" + (f" ({reason})" if reason else "")
     return f"{what}; {loss}{outcome(val_loss_ratio, solved)}"
 
 

@@ -119,6 +119,30 @@ def test_each_rule_exactly_at_its_threshold():
     assert verdict(False, s(np.nextafter(down, -1.0)), 1.0, D) == "vanishing"
 
 
+@pytest.mark.parametrize("past", [1e-12, 3.3e-5, 4e-3])
+def test_a_reason_never_prints_a_false_inequality(past):
+    """A teacher's run read "profile falls -0.03 decades/step < -0.03" (the rate -0.030033 at 3 digits).
+    Each rule's number is printed with as many digits as it takes to stay on its side of the threshold,
+    down to one ulp past it; 3 (the norm: 4) where they do."""
+    import re
+
+    up, down, norm = D.explode_log10_per_step, D.vanish_log10_per_step, D.explode_norm
+    cases = [
+        (s(up + past), 1.0, ">", up),
+        (s(down - past), 1.0, "<", down),
+        (s(0.0), norm * (1 + past), ">", norm),
+        (s(np.nextafter(down, -1.0)), 1.0, "<", down),
+        (s(0.0), np.nextafter(norm, math.inf), ">", norm),
+    ]
+    for summary, n, op, limit in cases:
+        reason = judge(False, summary, n, D)[1]
+        shown, said_limit = (float(x) for x in re.findall(r"[-+]?\d[\d.e+-]*", reason)[-2:])
+        assert said_limit == limit, reason
+        assert (shown > limit) if op == ">" else (shown < limit), reason
+    assert judge(False, s(-0.030033), 1.0, D)[1] == "profile falls -0.03003 decades/step < -0.03"
+    assert judge(False, s(-0.1), 1.0, D)[1] == "profile falls -0.1 decades/step < -0.03"  # no digit more
+
+
 def zero_input_orthogonal(T, g, H=8, B=2, seed=0):
     """tanh cell, W_hh = g*Q, zero inputs and biases: J_t = g*Q exactly, so the profile is g^(T-k)."""
     gen = torch.Generator().manual_seed(seed)

@@ -766,6 +766,33 @@ def test_learned_nothing_does_not_look_like_success():
     assert plots.run_summary("diverged", float("nan")) == "diverged; no val loss"
     # MLflow's +-float64 max, read back as inf (pipeline.as_recorded): it read "val loss 1.8e+308 x baseline"
     assert plots.run_summary("diverged", float("inf")) == "diverged; no val loss"
+    # its step (tag diverged_step), so its last profile pass, labelled with the step after, is not read as
+    # a second diverged step (a teacher saw "step 5 (diverged ...)" beside "diverged at step 4")
+    assert plots.run_summary("diverged", float("nan"), diverged_step=4) == "diverged at step 4; no val loss"
+    assert (
+        plots.run_summary("diverged", 3.0, "false", "", 4)
+        == "diverged at step 4; val loss 3 x baseline: learned nothing"
+    )
+    assert plots.run_summary("healthy", 0.98, "false", "", 4).startswith("healthy gradients; ")
+    import pandas as pd
+
+    prof = pd.DataFrame({"step": [0, 0, 5, 5], "t": [1, 2, 1, 2], "state": "h", "log10_norm": [0.0, 1, 2, 3]})
+    row = pd.Series(
+        {
+            "regime": "diverged",
+            "val_loss_ratio": math.inf,
+            "solved": "false",
+            "diverged_step": 4,
+            "regime_reason": math.nan,
+            "init": "gaussian",
+            "init_scale": 1.0,
+            "lr": 0.1,
+            "settings": "",
+        }
+    )
+    curves: list = []
+    rr._state_curves(prof, row, "k", curves, rr.PROFILE_STATES[0])
+    assert curves[-1].label.endswith(": step 5 (diverged at step 4; no val loss)"), curves[-1].label
     fig = rr.phase_diagram(_one_panel_table(), "adding")
     ax = fig.axes[0]
     faces = [tuple(c.get_facecolors()[0]) for c in ax.collections]

@@ -355,7 +355,8 @@ def test_a_diverged_run_has_an_x_where_it_diverged_in_the_grad_norm_panel():
     box = ax.get_window_extent()
     assert box.y1 - 0.1 * box.height < top <= box.y1  # at the top edge, not at a norm it never had
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert sum("diverged at step" in s for s in legend) == 2
+    assert sum(s.endswith(("diverged at step 5", "diverged at step 2")) for s in legend) == 2  # the X's
+    assert "(diverged at step 5; " in curve_a.get_label()  # the curve's own summary says the same step
 
 
 def test_report_step_and_time_axes_tick_whole_numbers_only():

@@ -54,6 +54,12 @@ def _reason(r) -> str:
     return why if isinstance(why, str) else ""
 
 
+def _step(r) -> int | None:
+    """A diverged run's ``diverged_step`` (tag), None when not recorded."""
+    step = r.get("diverged_step")
+    return int(step) if isinstance(step, (int, np.integer)) else None
+
+
 def _run_label(r) -> str:
     """A run in a legend: its init, g and lr, and the settings it differs in from the others reported."""
     settings = r.get("settings") or ""
@@ -120,7 +126,7 @@ def _state_curves(prof, r, color, curves: list[Curve], state: tuple):
     curves.append(Curve(p0["t"], p0["log10_norm"], f"{_run_label(r)}{suffix}: init", at_init, lw, color))
     if last != first:
         p1 = prof[prof["step"] == last].sort_values("t")
-        summary = run_summary(r["regime"], r["val_loss_ratio"], r["solved"], _reason(r))
+        summary = run_summary(r["regime"], r["val_loss_ratio"], r["solved"], _reason(r), _step(r))
         label = f"{_run_label(r)}{suffix}: step {last} ({summary})"
         curves.append(Curve(p1["t"], p1["log10_norm"], label, at_end, lw + 0.4, color))
     return p0
@@ -283,7 +289,7 @@ def _grad_norm_curves(grp, norms: dict) -> tuple[list[Curve], set[float], list[D
                 label = (
                     f"{_run_label(r)} clip {r['clip']}"
                     + (f": {what}" if clipped else "")
-                    + f" ({run_summary(r['regime'], r['val_loss_ratio'], r['solved'], _reason(r))})"
+                    + f" ({run_summary(r['regime'], r['val_loss_ratio'], r['solved'], _reason(r), _step(r))})"
                 )
                 curves.append(
                     Curve(df["step"], df[col], label, ls, 0.9, color, "." if ok.sum() < 4 else None)

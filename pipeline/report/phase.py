@@ -298,7 +298,7 @@ def phase_diagram(table, task: str):
         handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False
     )
     title = (
-        f"Phase diagram, {task}: gradient regime (colour) by init scale and learning rate; "
+        f"Phase diagram, {task}: gradient regime after training (colour) by init scale and learning rate; "
         "labels: final val loss / baseline"
     )
     fig.suptitle(wrap_title(title, fig), fontsize=11)

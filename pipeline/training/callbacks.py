@@ -81,6 +81,18 @@ def verdict(
     return judge(diverged, summary, max_norm_preclip, d)[0]
 
 
+def _past(value: float, limit: float, sign: str = "", digits: int = 3) -> str:
+    """``value`` in the fewest significant digits (``digits`` or more) that still fall on its side of
+    ``limit`` as printed: -0.030033 against -0.03 is "-0.03003", not "-0.03" ("profile falls -0.03
+    decades/step < -0.03", a false inequality a teacher found in a run's reason)."""
+    shown = float(f"{limit:g}")
+    for n in range(digits, 18):
+        text = f"{value:{sign}.{n}g}"
+        if float(text) != shown and (float(text) < shown) == (value < shown):
+            return text
+    return f"{value:{sign}.17g}"
+
+
 def judge(
     diverged: bool, summary: Mapping[str, Any] | None, max_norm_preclip: float | None, d: DiagnosticsConfig
 ) -> tuple[str, str]:
@@ -99,16 +111,25 @@ def judge(
     rates = _path_rates(summary)
     grows = [r for r in rates if not math.isnan(r) and r > d.explode_log10_per_step]
     if grows:
-        return EXPLODING, f"profile grows {max(grows):+.3g} decades/step > {d.explode_log10_per_step:g}"
+        return (
+            EXPLODING,
+            f"profile grows {_past(max(grows), d.explode_log10_per_step, '+')} decades/step > {d.explode_log10_per_step:g}",
+        )
     if max_norm_preclip is not None and max_norm_preclip > d.explode_norm:
-        return EXPLODING, f"pre-clip norm {max_norm_preclip:.4g} > explode_norm {d.explode_norm:g}"
+        return (
+            EXPLODING,
+            f"pre-clip norm {_past(max_norm_preclip, d.explode_norm, '', 4)} > explode_norm {d.explode_norm:g}",
+        )
     if rates:
         # The best-connected path decides; NaN (nothing reaches either end) counts as nothing flowing.
         best = max(-math.inf if math.isnan(r) else r for r in rates)
         if best < d.vanish_log10_per_step:
             if best == -math.inf:
                 return VANISHING, "no gradient reaches t=1"
-            return VANISHING, f"profile falls {best:+.3g} decades/step < {d.vanish_log10_per_step:g}"
+            return (
+                VANISHING,
+                f"profile falls {_past(best, d.vanish_log10_per_step, '+')} decades/step < {d.vanish_log10_per_step:g}",
+            )
     return HEALTHY, ""
 
 

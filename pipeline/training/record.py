@@ -81,7 +81,7 @@ class Summary:
         """The verdict beside the outcome: healthy gradients that learned nothing must not read as success."""
         from pipeline.plots import run_summary
 
-        return run_summary(self.regime, self.val_loss_ratio, self.solved, self.reason)
+        return run_summary(self.regime, self.val_loss_ratio, self.solved, self.reason, self.diverged_step)
 
     def result(self, run_id: str | None, steps: int) -> RunResult:
         return RunResult(
