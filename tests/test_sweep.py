@@ -1145,7 +1145,9 @@ def test_kill_9_mid_trial_then_resume(store, tmp_path):
         rd.load_runs(target)
     except ConfigError as e:  # no other trial has finished yet
         refused = str(e)
-    assert not refused or "no runs to report but 1 killed (1 left RUNNING by a process that is gone)" in refused
+    assert (
+        not refused or "no runs to report but 1 killed (1 left RUNNING by a process that is gone)" in refused
+    )
     assert (target.killed, target.abandoned) == (1, 1)
     p = run_sweep_cli(cfg)  # the same command resumes
     assert p.returncode == 0, p.stdout + p.stderr
