@@ -201,6 +201,63 @@ def test_a_machine_whose_workers_are_done_waits_for_trials_elsewhere_and_takes_o
     assert parent.data.tags["n_trials_done"] == str(n_trials)
 
 
+@pytest.mark.slow
+def test_a_machine_stopped_while_it_waits_for_a_study_finished_elsewhere_closes_it_finished(store, tmp_path):
+    """A machine waits for the last trial, held by another machine; that trial completes and a SIGTERM
+    reaches the waiting machine before it sees so. It closed the shared parent run KILLED with
+    ``sweep_complete=false`` beside ``n_trials_done = n_trials``, undoing the other machine's FINISHED (a
+    many-machines walkthrough). The study is complete: FINISHED, complete; the exit status says the signal.
+    Ordered by stopping the waiting process (SIGSTOP) while the trial is told and the SIGTERM sent."""
+    import os
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.provenance import owner_tag
+    from pipeline.sweep.config import load_sweep
+
+    cfg = write_sweep(tmp_path / "s.yaml", n_trials=1)
+    first = subprocess.run(sweep_cmd(cfg), capture_output=True, text=True, timeout=300, env=sweep_env())
+    assert first.returncode == 0, first.stderr[-3000:]
+    study = load_study()
+    sw = load_sweep(str(cfg), ["n_trials=2"])
+    other = _owner_process()
+    proc = None
+    try:
+        held = study.ask()
+        held.set_user_attr("worker", owner_tag(other.pid))
+        for p in sw.space:
+            suggest(held, p)
+        proc = subprocess.Popen(
+            sweep_cmd(cfg, "n_trials=2"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=sweep_env(),
+        )
+        outs = _Drain(proc)
+        _wait(lambda: WAITING in outs.text(), 240, "the line saying it waits", proc)
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            study.tell(held, 0.5)  # the other machine's trial completes: the study is at n_trials
+            os.kill(proc.pid, signal.SIGTERM)  # pending until it runs again: it comes first
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        proc.wait(timeout=240)
+        outs.join()
+    finally:
+        for p in (other, proc):
+            if p is not None and p.poll() is None:
+                p.kill()
+    out = outs.text() + outs.text("err")
+    assert proc.returncode == 143, out[-3000:]  # the signal's path, not the study's end seen first
+    parent = MlflowClient(store).get_run(load_study().user_attrs["mlflow_parent_run_id"])
+    tags = parent.data.tags
+    assert (parent.info.status, tags["sweep_complete"], tags["n_trials_done"]) == ("FINISHED", "true", "2"), (
+        out
+    )
+
+
 def _refused_line(tmp_path, *args: str) -> str:
     """The one stderr line of a sweep (tmp_path/s.yaml, written here) refused with exit 2."""
     cfg = write_sweep(tmp_path / "s.yaml")

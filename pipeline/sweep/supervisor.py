@@ -203,6 +203,15 @@ def devices_text(devices: list[str | None]) -> str:
     return f"GPU {','.join(gpus)}" if gpus else "CPU"
 
 
+def end_status(signum: int | None, complete: bool) -> str:
+    """The parent run's status as this machine closes it: KILLED after a signal, unless the study reached
+    ``n_trials`` all the same (its last trials done by other machines, or by this one's workers before the
+    signal stopped them): a complete study closed KILLED with ``sweep_complete=false`` beside
+    ``n_trials_done = n_trials`` (a many-machines walkthrough), and as the last machine to end sets the
+    shared run's status, it undid another machine's FINISHED. The exit status still says the signal."""
+    return "KILLED" if signum is not None and not complete else "FINISHED"
+
+
 class Supervisor:
     """The worker processes of one sweep, from the first spawn to the summary on the parent run."""
 
@@ -263,8 +272,9 @@ class Supervisor:
                 # decided as the workers stopped, not after the summary (which may outlast the deadline)
                 by_timeout = self.stop.signum is None and not self.reached() and self.timed_out()
             self.progress.update()
-            status = "KILLED" if self.stop.signum is not None else "FINISHED"
-            self.summarize(complete=self.reached() and status == "FINISHED")
+            complete = self.reached()
+            status = end_status(self.stop.signum, complete)
+            self.summarize(complete=complete)
             if by_timeout:
                 by_timeout = self._timeout_note()
         finally:
