@@ -277,14 +277,32 @@ def _refused_line(tmp_path, *args: str) -> str:
             "sqlite:////nonexistent-dir-of-this-test/x.db",
             "directory /nonexistent-dir-of-this-test does not exist",
         ),
+        # a journal too: it made the folders and ran a new study there (a many-machines walkthrough)
+        ("/nonexistent-dir-of-this-test/x.journal", "directory /nonexistent-dir-of-this-test does not exist"),
+        ("typo/x.journal", "typo does not exist; create it or pass another --storage"),
     ],
 )
 def test_an_optuna_store_that_cannot_be_opened_is_one_line_and_nothing_is_written(tmp_path, storage, says):
     """A PostgreSQL server that refuses (port 1: nothing listens), or a SQLite file in a directory that
     does not exist: a 140-line traceback, exit 1, and mlflow.db written before (walkthrough)."""
     line = _refused_line(tmp_path, "--storage", storage)
-    assert line.startswith("error: optuna storage ") and says in line and "--storage" in line
+    assert line.startswith("error: optuna storage ") and says in line and "--storage" in line, line
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["s.yaml"]
+    assert not Path("/nonexistent-dir-of-this-test").exists()
+
+
+def test_the_default_journal_gets_its_folder_and_a_storage_key_does_not(tmp_path):
+    """``optuna/<study>.journal``, the default, is made with its folder (a fresh clone's ``make sweep``);
+    a journal the sweep file's ``storage`` names in a folder that does not exist is refused, naming it."""
+    from pipeline.schema import StoreError
+    from pipeline.sweep.stores import check_storage
+
+    url = str(tmp_path / "optuna" / "s.journal")
+    check_storage(url, "storage", default=True)  # no error: open_storage makes the folder
+    with pytest.raises(
+        StoreError, match=r"optuna storage .*: its directory .*/optuna does not exist.*storage"
+    ):
+        check_storage(url, "storage")
 
 
 @pytest.mark.parametrize(

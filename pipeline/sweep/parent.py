@@ -290,7 +290,8 @@ def run_sweep(
     )
     mlflow_flag = uri_flag(sw.base_config().tracking.uri, "base.tracking.uri")
     probe_store(mlflow_uri, mlflow_flag)
-    check_storage(url, "--storage" if storage is not None else "storage", mlflow_uri, mlflow_flag)
+    default = storage is None and sw.storage is None  # optuna/<study>.journal: its folder is made
+    check_storage(url, "--storage" if storage is not None else "storage", mlflow_uri, mlflow_flag, default)
     for note in unread_searched_keys(sw):
         print(f"note: {note}", file=out, flush=True)
     # CPU workers fork from a preloaded forkserver unless PIPELINE_SWEEP_FORK=0 (an escape hatch).

@@ -287,7 +287,11 @@ def _database_of(url: str, journal: bool) -> tuple | None:
 
 
 def check_storage(
-    url: str, flag: str = "storage", mlflow_uri: str | None = None, mlflow_flag: str = "base.tracking.uri"
+    url: str,
+    flag: str = "storage",
+    mlflow_uri: str | None = None,
+    mlflow_flag: str = "base.tracking.uri",
+    default: bool = False,
 ) -> None:
     """Before the sweep writes anything: a journal must replay (see :func:`repair_journal`) and be a file
     this process can write; an existing SQLite file must be a readable database, a new one's directory
@@ -296,7 +300,9 @@ def check_storage(
     database, or one holding its tables), is refused. Raises StoreError (one line,
     exit 2). Without these an unreachable server, a mistyped database name, a missing or read-only
     directory, a directory given as the journal or another program's schema came as a traceback after
-    the MLflow store was created (found by a walkthrough and a fuzzing review)."""
+    the MLflow store was created (found by a walkthrough and a fuzzing review). A journal named by
+    ``flag`` in a directory that does not exist is refused as a SQLite file's is (a mistyped path started a
+    new study elsewhere: a walkthrough); the ``default`` one, ``optuna/<study>.journal``, gets its folder."""
     from pipeline.schema import StoreError
 
     def refuse(problem: str, remedy: str = "move it aside or pass another {flag}"):
@@ -318,6 +324,9 @@ def check_storage(
         long = long_name(journal_path(url))
         if long:
             raise refuse(long, "pass a shorter {flag}")
+        folder = journal_path(url).parent
+        if not default and not os.path.isdir(folder) and not os.path.exists(folder):
+            raise refuse(f"its directory {folder} does not exist", "create it or pass another {flag}")
         why = _journal_unwritable(journal_path(url))
         if why:
             remedy = "make it writable or pass another {flag}"
