@@ -284,7 +284,7 @@ def _tell(c, sw, study, trial, rid: str, o: dict[str, Any], end_ms: int) -> None
         study.tell(trial, value)
     tags = {"optuna_state": state, "diverged": str(attrs["diverged"]).lower()}
     if value is not None:
-        tags["optuna_value"] = f"{value:.6g}"
+        tags["optuna_value"] = repr(float(value))
     if o["pruned"]:
         tags["pruned_by"] = "val_loss"
     c.log_batch(rid, tags=[RunTag(k, v) for k, v in tags.items()])

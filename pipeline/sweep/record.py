@@ -60,6 +60,7 @@ def outcome_tags(state: str, diverged: bool, value: float | None, pruned_by: str
     return {
         "optuna_state": state,
         "diverged": str(diverged).lower(),
-        **({"optuna_value": f"{value:.6g}"} if value is not None else {}),
+        # full precision (shortest round trip): a script joins it back to Optuna's value exactly
+        **({"optuna_value": repr(float(value))} if value is not None else {}),
         **({"pruned_by": pruned_by} if pruned_by else {}),
     }
