@@ -636,6 +636,25 @@ def test_startup_design_is_what_a_single_process_tpe_draws(seed):
     assert startup_design(default_sweep("n_trials=3")) == design[:3]
 
 
+def test_a_reported_value_is_capped_at_the_penalty_as_the_objective_is():
+    """A pruned trial's value is its last report: uncapped, it read 2.04 above the penalty of 2.0 that caps
+    every trained trial's objective (a many-machines walkthrough)."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from pipeline.sweep.worker import TrialCallback
+
+    study = optuna.create_study()
+    t = study.ask()
+    cb = TrialCallback(t, max_grad_norm=None, log_every=5, cap=2.0)
+    module = SimpleNamespace(val_loss=5.0, task=SimpleNamespace(baseline=2.0), diverged_step=None)
+    for step, loss in ((10, 5.0), (20, 3.0)):
+        module.val_loss = loss
+        cb.on_validation_end(SimpleNamespace(global_step=step, state=SimpleNamespace(fn="validate")), module)
+    assert study.trials[0].intermediate_values == {10: 2.0, 20: 1.5}
+
+
 def test_gradient_health_and_divergence_in_process(tiny):
     """An exploding trial is pruned on its pre-clip norm; a diverging one stops at its first bad step."""
     import optuna

@@ -201,7 +201,9 @@ class _Group:
     def callback(self, t, cfg) -> Any:
         from pipeline.sweep.worker import TrialCallback
 
-        return TrialCallback(t, self.worker.sw.prune.max_grad_norm, cfg.trainer.log_every)
+        return TrialCallback(
+            t, self.worker.sw.prune.max_grad_norm, cfg.trainer.log_every, self.worker.sw.penalty
+        )
 
     def tags(self, t) -> dict[str, Any]:
         return trial_tags(self.worker.sw.study, t.number)

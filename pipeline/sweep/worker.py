@@ -64,8 +64,11 @@ class TrialCallback(pl.Callback):
     ``pytorch_lightning`` fails (two copies of the Lightning classes, neither recognising the other).
     """
 
-    def __init__(self, trial, max_grad_norm: float | None, log_every: int):
+    def __init__(self, trial, max_grad_norm: float | None, log_every: int, cap: float = math.inf):
         self.trial, self.max_grad_norm, self.log_every = trial, max_grad_norm, log_every
+        # the sweep's penalty: each reported value is capped as the objective is (README, "Objective,
+        # divergence, pruning"); a pruned trial's value, its last report, read 2.04 above a penalty of 2.0
+        self.cap = cap
         self.pruned_by: str | None = None
         self.monitor: Any = None  # the run's GradientMonitor, found at setup
         self.reported: set[int] = set()  # the final validate() may repeat the last step
@@ -103,7 +106,7 @@ class TrialCallback(pl.Callback):
         if step in self.reported:
             return
         self.reported.add(step)
-        self.trial.report(v / pl_module.task.baseline, step)
+        self.trial.report(min(v / pl_module.task.baseline, self.cap), step)
         # Only prune while fitting, and not at the last step (the run is over anyway).
         if trainer.state.fn == "fit" and step < trainer.max_steps and self.trial.should_prune():
             self._prune(trainer, pl_module, "val_loss")
@@ -276,7 +279,7 @@ class Worker:
         tags = trial_tags(self.sw.study, trial.number)
         try:
             cfg = self.trial_run_config(trial)
-            cb = TrialCallback(trial, self.sw.prune.max_grad_norm, cfg.trainer.log_every)
+            cb = TrialCallback(trial, self.sw.prune.max_grad_norm, cfg.trainer.log_every, self.sw.penalty)
 
             def done(r) -> None:  # the run is closed FINISHED: tell the trial in the same step (train.run)
                 self.log_best_model(r, cb.module)
