@@ -212,7 +212,7 @@ def run_summary(
     """ "<regime> gradients; val loss 0.98 x baseline: learned nothing": the verdict next to the outcome,
     so a healthy gradient flow that learned nothing does not read as a success. With ``reason`` (the
     verdict rule that decided, tag ``regime_reason``), after the regime: "exploding gradients (pre-clip
-    norm 3.1e+13 > explode_norm 1e+03)", so a verdict of the norm rule beside a decaying profile says so.
+    norm 3.1e+13 > explode_norm 1000)", so a verdict of the norm rule beside a decaying profile says so.
     A diverged run says its ``diverged_step`` (tag), "diverged at step 15": its last profile pass is
     labelled with the step after (16, the step dropped counted), which read as a second diverged step."""
     try:

@@ -686,6 +686,7 @@ def test_packed_sequence_input_fails_in_one_line():
     with pytest.raises(ValueError, match="PackedSequence") as err:
         probe(Packed(), "gru", first_batch(cls_data()))
     assert "\n" not in str(err.value)
+    assert not getattr(err.value, "__notes__", None)  # the profile's own line: no note under it (a review)
 
 
 def test_a_non_finite_probe_input_fails_in_one_line_and_a_diverged_model_is_still_measured():
@@ -746,20 +747,45 @@ def test_a_probe_batch_the_rnn_cannot_take_is_one_line_naming_it(tmp_path):
     wide = torch.randn(x.shape[0], x.shape[1], 5)
     tr = trainer(tmp_path, [BPTTProfileMonitor("gru", batch=(wide, y))], max_steps=3)
     with pytest.raises(
-        ValueError, match=r"^the probe batch gives 'gru' an input of shape \[16, \d+, 5\]"
+        ValueError,
+        match=r"^'gru' got an input of shape \[16, (\d+), 5\] on the gradient profile's probe batch "
+        r"\(its tensors: \[16, \1, 5\], \[16\]\)",
     ) as err:
         tr.fit(module, loader(cls_data()))
     said = str(err.value)
     assert "\n" not in said and "input_size 3: [batch, T, 3], or [T, 3] unbatched" in said, said
+    assert said.endswith(
+        "the probe batch (batch=, else the first training batch) or the layers before 'gru' do not fit it"
+    )
     assert not getattr(err.value, "__notes__", None)  # its own line says it all
     assert all(torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))  # no update
-    with pytest.raises(ValueError, match=r"an input of shape \[16\], which it cannot take"):
+    with pytest.raises(ValueError, match=r"an input of shape \[16\] .*, which it cannot take"):
         profile_rnn(GRUClassifier(), "gru", (x[:, 0, 0], y))  # rank 1
+
+    class WrongLayer(GRUClassifier):  # the model's own bug, the batch right: both shapes are said
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Linear(3, 5)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            _, h_n = self.gru(self.emb(x))
+            return nn.functional.cross_entropy(self.out(h_n[-1]), y)
+
+    with pytest.raises(ValueError, match=r"shape \[16, \d+, 5\] .*\(its tensors: \[16, \d+, 3\], \[16\]\)"):
+        profile_rnn(WrongLayer(), "gru", (x, y))
     with pytest.raises(ValueError, match="too many values to unpack") as err:  # no (x, y) pair: the user's
         profile_rnn(GRUClassifier(), "gru", (x, y, y))
     assert any(
         "GRUClassifier.training_step on the gradient profile's probe batch" in n for n in err.value.__notes__
     )
+
+    def loss_fn(module, batch):
+        return batch["missing"]
+
+    with pytest.raises(KeyError) as err:  # the user's function, named as such (not GRUClassifier.loss_fn)
+        profile_rnn(GRUClassifier(), "gru", {"x": x}, loss_fn=loss_fn)
+    assert err.value.__notes__[0].startswith("(raised by loss_fn on the gradient profile's probe batch")
 
 
 @pytest.mark.kernel_free

@@ -140,6 +140,10 @@ def test_a_reason_never_prints_a_false_inequality(past):
         assert said_limit == limit, reason
         assert (shown > limit) if op == ">" else (shown < limit), reason
     assert judge(False, s(-0.030033), 1.0, D)[1] == "profile falls -0.03003 decades/step < -0.03"
+    # a threshold of more digits than :g prints is printed whole (it read "1234568 > 1.23457e+06")
+    fine = DiagnosticsConfig(explode_norm=1234567.0, vanish_log10_per_step=-0.02999999)
+    assert judge(False, s(0.0), 1234568.0, fine)[1] == "pre-clip norm 1.235e+06 > explode_norm 1234567.0"
+    assert judge(False, s(-0.03), 1.0, fine)[1] == "profile falls -0.03 decades/step < -0.02999999"
     assert judge(False, s(-0.1), 1.0, D)[1] == "profile falls -0.1 decades/step < -0.03"  # no digit more
 
 

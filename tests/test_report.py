@@ -530,7 +530,7 @@ def test_runs_left_running_by_a_process_that_is_gone_are_killed_not_in_progress(
     md = (tmp_path / "r" / "report.md").read_text()
     assert (
         "(1 killed run left out: interrupted, retried or resumable; one of them still RUNNING in the store, "
-        "its process on this host gone (kill -9): the next resume of the sweep or suite closes it KILLED)"
+        "its process on this host gone (kill -9): the next `pipeline sweep` of its study (or `regress` of its suite) closes it KILLED)"
     ) in md, md
 
 
@@ -1075,6 +1075,8 @@ def test_a_report_of_a_sweep_in_progress_says_so_and_marks_running_and_pruned_po
     summary = (tmp_path / "r" / "summary.csv").read_text()
     assert "running 1" in summary, summary
     # nor is it solved, nor in the medians: its metrics are a half-trained model's
+    import pandas as pd
+
     from pipeline.report.write import summary_table
 
     key = table.loc[solved, rd.KEYS]
@@ -1083,8 +1085,15 @@ def test_a_report_of_a_sweep_in_progress_says_so_and_marks_running_and_pruned_po
     (row,) = [r for _, r in rows.iterrows() if all(r[k] == key[k] for k in rd.KEYS)]
     group = table[same & (table["status"] != "RUNNING")]
     assert row["runs"] == same.sum()
-    assert row["solved"] == (group["solved"] == "true").sum()
+    if group.empty:  # the RUNNING run alone in its group: no count, no median
+        assert row["solved"] is pd.NA and math.isnan(row["median_val_loss_ratio"])
+        group = group.assign(solved=[], val_loss_ratio=[])
+    assert group.empty or row["solved"] == (group["solved"] == "true").sum()
     assert row["median_val_loss_ratio"] == pytest.approx(group["val_loss_ratio"].median(), nan_ok=True)
+    # a group of RUNNING runs alone: no solved count, as no median (a "0" read as "not solved")
+    lone = table.loc[[solved]].assign(status="RUNNING")
+    (only,) = [r for _, r in summary_table(lone).iterrows()]
+    assert only["solved"] is pd.NA and only["runs"] == 1 and math.isnan(only["median_val_loss_ratio"])
     assert "| pruned | steps |" in md
     assert _marker(table.loc[solved]) == ("o", 90, "running")
     assert _marker(table.loc[other])[::2] == ("v", "pruned@150")

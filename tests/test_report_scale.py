@@ -50,13 +50,15 @@ def reference_summary_table(table):
                 **dict(zip(rd.KEYS, key, strict=True)),
                 "runs": len(grp),
                 # solved and the medians: finished runs only (a RUNNING run's metrics are partial)
-                "solved": int(((grp["solved"] == "true") & (grp["status"] != "RUNNING")).sum()),
+                "solved": int(((grp["solved"] == "true") & (grp["status"] != "RUNNING")).sum())
+                if (grp["status"] != "RUNNING").any()
+                else pd.NA,
                 "regimes": ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
                 "median_val_loss_ratio": grp.loc[grp["status"] != "RUNNING", "val_loss_ratio"].median(),
                 "median_val_accuracy": grp.loc[grp["status"] != "RUNNING", "val_accuracy"].median(),
             }
         )
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).astype({"solved": "Int64"})
 
 
 def reference_html_table(df, cols):

@@ -229,7 +229,11 @@ def load_runs(target: Target):
             f"{what} has no runs to report"
             + (f" but {target.killed} killed" if target.killed else "")
             + (f" ({target.abandoned} left RUNNING by a process that is gone)" if target.abandoned else "")
-            + " (run `make sweep` or `make train` first)",
+            + (
+                " (resume it: run the sweep command that made it again)"
+                if target.study and target.killed
+                else " (run `make sweep` or `make train` first)"
+            ),
         )
     # name only the experiments the runs live in (a study is looked up across all of them)
     found = set(df["experiment_id"])

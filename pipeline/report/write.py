@@ -108,11 +108,12 @@ def summary_table(table):
     groups = final.groupby(rd.KEYS, sort=False, dropna=False)  # the table's order: numbers as numbers
     sizes = groups.size()
     number = groups.ngroup().tolist()  # each run's group, numbered in the order of ``sizes``
-    solved = [0] * len(sizes)
+    solved, finished = [0] * len(sizes), [0] * len(sizes)
     regimes: list[dict[str, int]] = [{} for _ in range(len(sizes))]
-    for g, ok, regime in zip(number, ((table["solved"] == "true") & done).tolist(),
-                             _regime_now(table, "none").tolist(), strict=True):  # fmt: skip
+    for g, ok, fin, regime in zip(number, ((table["solved"] == "true") & done).tolist(), done.tolist(),
+                                  _regime_now(table, "none").tolist(), strict=True):  # fmt: skip
         solved[g] += ok
+        finished[g] += fin
         regimes[g][regime] = regimes[g].get(regime, 0) + 1
     loss = groups["val_loss_ratio"].median().tolist()
     accuracy = groups["val_accuracy"].median().tolist()  # NaN for adding (no accuracy)
@@ -120,14 +121,15 @@ def summary_table(table):
         {
             **dict(zip(rd.KEYS, key, strict=True)),
             "runs": int(n),
-            "solved": int(solved[g]),
+            # none finished (all RUNNING): no count, as no median ("0" read as "not solved": a review)
+            "solved": int(solved[g]) if finished[g] else None,
             "regimes": ", ".join(f"{k} {v}" for k, v in sorted(regimes[g].items())),
             "median_val_loss_ratio": loss[g],
             "median_val_accuracy": accuracy[g],
         }
         for g, (key, n) in enumerate(sizes.items())
     ]
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows).astype({"solved": "Int64"})  # NA where none finished; "2", not "2.0"
 
 
 def fmt(v: Any, col: str = "") -> str:
@@ -230,8 +232,8 @@ def _abandoned(t: rd.Target) -> str:
     one = t.abandoned == 1
     return (
         f"; {'one' if one else t.abandoned} of them still RUNNING in the store, {'its' if one else 'their'} "
-        f"process on this host gone (kill -9): the next resume of the sweep or suite closes "
-        f"{'it' if one else 'them'} KILLED"
+        f"process on this host gone (kill -9): the next `pipeline sweep` of its study (or `regress` of its "
+        f"suite) closes {'it' if one else 'them'} KILLED"
     )
 
 

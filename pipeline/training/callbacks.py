@@ -81,14 +81,20 @@ def verdict(
     return judge(diverged, summary, max_norm_preclip, d)[0]
 
 
+def _exact(limit: float) -> str:
+    """A threshold as a reason prints it: ``:g`` (-0.03, 1000), or every digit where ``:g`` would round it
+    (an explode_norm of 1234567 read "1.23457e+06": a review)."""
+    short = f"{limit:g}"
+    return short if float(short) == limit else repr(float(limit))
+
+
 def _past(value: float, limit: float, sign: str = "", digits: int = 3) -> str:
     """``value`` in the fewest significant digits (``digits`` or more) that still fall on its side of
-    ``limit`` as printed: -0.030033 against -0.03 is "-0.03003", not "-0.03" ("profile falls -0.03
-    decades/step < -0.03", a false inequality a teacher found in a run's reason)."""
-    shown = float(f"{limit:g}")
+    ``limit``: -0.030033 against -0.03 is "-0.03003", not "-0.03" ("profile falls -0.03 decades/step <
+    -0.03", a false inequality a teacher found in a run's reason)."""
     for n in range(digits, 18):
         text = f"{value:{sign}.{n}g}"
-        if float(text) != shown and (float(text) < shown) == (value < shown):
+        if float(text) != limit and (float(text) < limit) == (value < limit):
             return text
     return f"{value:{sign}.17g}"
 
@@ -113,12 +119,12 @@ def judge(
     if grows:
         return (
             EXPLODING,
-            f"profile grows {_past(max(grows), d.explode_log10_per_step, '+')} decades/step > {d.explode_log10_per_step:g}",
+            f"profile grows {_past(max(grows), d.explode_log10_per_step, '+')} decades/step > {_exact(d.explode_log10_per_step)}",
         )
     if max_norm_preclip is not None and max_norm_preclip > d.explode_norm:
         return (
             EXPLODING,
-            f"pre-clip norm {_past(max_norm_preclip, d.explode_norm, '', 4)} > explode_norm {d.explode_norm:g}",
+            f"pre-clip norm {_past(max_norm_preclip, d.explode_norm, '', 4)} > explode_norm {_exact(d.explode_norm)}",
         )
     if rates:
         # The best-connected path decides; NaN (nothing reaches either end) counts as nothing flowing.
@@ -128,7 +134,7 @@ def judge(
                 return VANISHING, "no gradient reaches t=1"
             return (
                 VANISHING,
-                f"profile falls {_past(best, d.vanish_log10_per_step, '+')} decades/step < {d.vanish_log10_per_step:g}",
+                f"profile falls {_past(best, d.vanish_log10_per_step, '+')} decades/step < {_exact(d.vanish_log10_per_step)}",
             )
     return HEALTHY, ""
 

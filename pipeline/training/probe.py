@@ -138,30 +138,41 @@ def _explained(e: Exception, cls: str, source: str) -> Exception:
     return e
 
 
-class ProbeBatchError(ValueError):
-    """A probe batch the RNN cannot take, said in one line (:func:`_check_input_shape`)."""
+class ProbeError(ValueError):
+    """A pass of the profile refused, said in one line by the profile itself (no note added under it)."""
 
 
 # Said under an error of the user's own step on the probe batch, whose traceback runs through a callback
 # of ours: what ran, and on what (type and message stay the user's code's).
 _WHERE = (
-    "(raised by {cls}.{source} on the gradient profile's probe batch, run on a float64 CPU copy of the model: "
+    "(raised by {what} on the gradient profile's probe batch, run on a float64 CPU copy of the model: "
     "the batch= given to BPTTProfileMonitor or profile_rnn, else the first training batch)"
 )
 
 
-def _check_input_shape(target: nn.Module, rnn: str, x: Any) -> None:
-    """An input an ``nn.RNN``/``GRU``/``LSTM`` cannot take, from the probe batch, in one line naming it
-    (torch's own error named neither the batch nor the monitor: a walkthrough)."""
+def _shapes(batch: Any) -> str:
+    """The shapes of a batch's tensors, as a line says them: ``[16, 10, 3], [16]``."""
+    items = (
+        batch.values() if isinstance(batch, dict) else batch if isinstance(batch, list | tuple) else [batch]
+    )
+    shapes = [str(list(t.shape)) for t in items if isinstance(t, torch.Tensor)]
+    return ", ".join(shapes) or "no tensors"
+
+
+def _check_input_shape(target: nn.Module, rnn: str, x: Any, batch: Any) -> None:
+    """An input an ``nn.RNN``/``GRU``/``LSTM`` cannot take, in one line naming it and the probe batch's
+    shapes: the batch may be wrong, or the layers before the RNN (torch's own error named neither the
+    batch nor the monitor: a walkthrough; a review found a model's own wrong layer blamed on the batch)."""
     size = getattr(target, "input_size", None)
     if not isinstance(x, torch.Tensor) or not isinstance(size, int):
         return
     if x.dim() not in (2, 3) or x.shape[-1] != size:
         layout = "[batch, T, {0}]" if getattr(target, "batch_first", False) else "[T, batch, {0}]"
-        raise ProbeBatchError(
-            f"the probe batch gives {rnn!r} an input of shape {list(x.shape)}, which it cannot take (input_size "
-            f"{size}: {layout.format(size)}, or [T, {size}] unbatched); give a probe batch shaped as the "
-            "training batches"
+        raise ProbeError(
+            f"{rnn!r} got an input of shape {list(x.shape)} on the gradient profile's probe batch (its "
+            f"tensors: {_shapes(batch)}), which it cannot take (input_size {size}: {layout.format(size)}, or "
+            f"[T, {size}] unbatched): the probe batch (batch=, else the first training batch) or the layers "
+            f"before {rnn!r} do not fit it"
         )
 
 
@@ -173,7 +184,7 @@ def _check_finite_input(twin: nn.Module, rnn: str, x: torch.Tensor, hx: Any) -> 
     states = [h for h in (hx if isinstance(hx, tuple) else (hx,)) if isinstance(h, torch.Tensor)]
     bad = sum(int((~torch.isfinite(t)).sum()) for t in [x, *states] if t.is_floating_point())
     if bad and all(bool(torch.isfinite(p).all()) for p in twin.parameters()):
-        raise ValueError(
+        raise ProbeError(
             f"the probe batch gives {rnn!r} {bad} non-finite input value(s) (NaN or inf) while the model's "
             "weights are finite: its profile would read them as the forward overflowing (verdict "
             "exploding); give a probe batch of finite values"
@@ -184,18 +195,20 @@ def _step(twin: nn.Module, batch: Any, loss_fn: LossFn | None) -> Any:
     """``loss_fn(twin, batch)``, else ``twin.training_step(batch, 0)``; an error it raises is explained
     (:func:`_explained`) or, the user's own, told where it came from (:data:`_WHERE`)."""
     source = "loss_fn" if loss_fn is not None else "training_step"
+    # loss_fn is the user's function, not a method of the module
+    where = _WHERE.format(what="loss_fn" if loss_fn is not None else f"{type(twin).__name__}.training_step")
     try:
         return loss_fn(twin, batch) if loss_fn is not None else twin.training_step(batch, 0)  # type: ignore[operator]
-    except ProbeBatchError:
+    except ProbeError:
         raise
     except (RuntimeError, ValueError) as e:  # nn.RNN raises ValueError on an input's dtype
         explained = _explained(e, type(twin).__name__, source)
         if explained is not e:
             raise explained from e
-        e.add_note(_WHERE.format(cls=type(twin).__name__, source=source))
+        e.add_note(where)
         raise
     except Exception as e:  # the batch's structure (unpacking, a key): the user's error, in context
-        e.add_note(_WHERE.format(cls=type(twin).__name__, source=source))
+        e.add_note(where)
         raise
 
 
@@ -216,10 +229,10 @@ def _capture(
 
     def hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if "x" in seen:
-            raise ValueError(f"{rnn!r} was called more than once in {source}; the profile needs one call")
+            raise ProbeError(f"{rnn!r} was called more than once in {source}; the profile needs one call")
         x = args[0] if args else kwargs["input"]
         if isinstance(x, PackedSequence):
-            raise ValueError(f"{rnn!r} was fed a PackedSequence; {foreign.SUPPORTED}")
+            raise ProbeError(f"{rnn!r} was fed a PackedSequence; {foreign.SUPPORTED}")
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
         out, state = output
         leaves = [out.detach().requires_grad_()]
@@ -233,7 +246,7 @@ def _capture(
         return replaced
 
     def shape_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-        _check_input_shape(mod, rnn, args[0] if args else kwargs.get("input"))
+        _check_input_shape(mod, rnn, args[0] if args else kwargs.get("input"), batch)
 
     handles = [
         target.register_forward_pre_hook(shape_hook, with_kwargs=True),
