@@ -23,6 +23,34 @@ def python_blocks(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
 
 
+def repl_errors(block: str) -> list[str]:
+    """Where ``block`` breaks when pasted into Python's interactive prompt, as the page says it may be: a
+    statement after an indented block with no blank line between, or a blank line inside a function
+    (the prompt's rules, codeop's "single" mode; a review found claim 4's loop dropped there)."""
+    import codeop
+
+    errors, buf = [], []
+    for n, line in enumerate([*block.splitlines(), ""], 1):
+        buf.append(line)
+        try:
+            code = codeop.compile_command("\n".join(buf), "<stdin>", "single")
+        except SyntaxError as e:
+            errors.append(f"line {n}: {e.msg}: {line!r}")
+            buf = []
+            continue
+        if code is not None:
+            buf = []
+    return errors
+
+
+@pytest.mark.kernel_free
+def test_every_block_pastes_into_the_interactive_prompt():
+    blocks = python_blocks(PAGE.read_text())
+    assert blocks
+    assert {i: repl_errors(b) for i, b in enumerate(blocks) if repl_errors(b)} == {}
+    assert repl_errors("for i in (1, 2):\n    x = i\ny = 1\n")  # the check itself sees the break
+
+
 def run_blocks(blocks: list[str]) -> dict:
     namespace: dict = {"__name__": "tutorial", "ROOT": ROOT}
     for i, code in enumerate(blocks):
