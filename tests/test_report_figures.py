@@ -321,6 +321,22 @@ def test_an_lstm_profile_panel_draws_its_cell_state_path_in_the_runs_colour():
     assert len(tanh_ax.get_lines()) == 2  # h at init and at the end (g = 1.5: no mean-field line)
 
 
+def test_a_panel_of_a_run_diverged_at_its_first_step_says_why_it_is_empty():
+    """Its only norm inf: the panel had bare linear axes, ticks -0.04..0.04 on both (a review). It says
+    why, as a run's own figure does, on a log axis, with whole training steps."""
+    norms = {"d": pd.DataFrame({"step": [1], "norm_preclip": [np.inf], "norm_postclip": [np.nan]})}
+    table = pd.DataFrame([_run("d", 1.0, 5.0, regime="diverged", diverged_step=0)]).astype(
+        {"diverged_step": "Int64"}
+    )
+    fig = rr.grad_norm_panels(table, norms, "adding")
+    (ax,) = fig.axes
+    fig.canvas.draw()
+    assert any("no finite gradient norm" in t.get_text() for t in ax.texts)
+    assert ax.get_yscale() == "log"
+    ticks = [x for x in ax.get_xticks() if ax.get_xlim()[0] <= x <= ax.get_xlim()[1]]
+    assert ticks and all(float(x).is_integer() for x in ticks), ticks
+
+
 def test_a_diverged_run_has_an_x_where_it_diverged_in_the_grad_norm_panel():
     """A diverged run (regime diverged, diverged_step 5): an X in its colour at step 5 on its last finite
     norm (100, at step 4: step 5's was inf), its step in the legend; one with no finite norm at all gets

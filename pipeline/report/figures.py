@@ -285,7 +285,10 @@ def _grad_norm_curves(grp, norms: dict) -> tuple[list[Curve], set[float], list[D
             if col == "norm_postclip" and not clipped:
                 continue
             ok = positive(df[col])
-            if ok.any():
+            # a run with no finite pre-clip norm (diverged at its first step) still hands its curve over:
+            # drawn as nothing, it has the panel say why (draw_grad_norms), not show bare axes whose
+            # ticks ran -0.04..0.04 (a review)
+            if ok.any() or (col == "norm_preclip" and len(df)):
                 label = (
                     f"{_run_label(r)} clip {r['clip']}"
                     + (f": {what}" if clipped else "")
