@@ -129,7 +129,8 @@ def summary_table(table):
         }
         for g, (key, n) in enumerate(sizes.items())
     ]
-    return pd.DataFrame(rows).astype({"solved": "Int64"})  # NA where none finished; "2", not "2.0"
+    frame = pd.DataFrame(rows)
+    return frame.astype({"solved": "Int64"}) if rows else frame  # NA where none finished; "2", not "2.0"
 
 
 def fmt(v: Any, col: str = "") -> str:
