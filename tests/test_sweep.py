@@ -236,6 +236,41 @@ def test_a_resume_that_changes_the_studys_settings_is_refused_before_any_write(
     assert _tree(tmp_path) == before  # the journal, mlflow.db and the folder as they were
 
 
+def test_of_two_first_sweeps_of_one_study_at_once_the_loser_writes_nothing(store, tmp_path, monkeypatch):
+    """Two first sweeps of one new study started at the same moment with other settings (here another
+    experiment): both find the study new before the budget lock; the one that takes the lock second is
+    refused under it, naming the key, before it makes its MLflow experiment or writes to the study. The
+    race is planted: the winner's whole first sweep runs between the loser's first check and its lock."""
+    import mlflow
+
+    from pipeline.schema import ConfigError
+    from pipeline.sweep import parent
+    from pipeline.sweep.config import load_sweep
+    from pipeline.sweep.settings import SETTINGS_ATTR, study_settings
+
+    cfg = write_sweep(tmp_path / "s.yaml")
+    winner = load_sweep(str(cfg))
+    loser = load_sweep(str(cfg), ["base.tracking.experiment=other"])
+    real, raced = parent._check_settings, []
+
+    def racing(sw, storage, record=False):
+        real(sw, storage, record)
+        if not raced:  # the loser's check before the lock found a new study: the winner runs now
+            raced.append(True)
+            parent.create_stores(winner, winner.storage_url(), store)
+
+    monkeypatch.setattr(parent, "_check_settings", racing)
+    with pytest.raises(ConfigError) as e:
+        parent.create_stores(loser, loser.storage_url(), store)
+    assert raced and e.value.key == "base.tracking.experiment", e.value
+    assert '"sweep-test", this sweep says "other"' in str(e.value)
+    client = mlflow.MlflowClient(store)
+    assert client.get_experiment_by_name("other") is None  # the loser made no experiment
+    assert client.get_experiment_by_name("sweep-test") is not None
+    assert load_study().user_attrs[SETTINGS_ATTR] == json_round_trip(study_settings(winner))
+    assert len(client.search_runs([client.get_experiment_by_name("sweep-test").experiment_id])) == 1
+
+
 def test_a_resume_may_change_the_budget_and_how_it_runs_and_an_earlier_study_gets_its_settings(
     store, tmp_path, monkeypatch
 ):

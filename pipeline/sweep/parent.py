@@ -136,8 +136,9 @@ class Stores:
 def create_stores(
     sw: SweepConfig, url: str, mlflow_uri: str, mlflow_flag: str = "base.tracking.uri"
 ) -> Stores:
-    """The MLflow experiment, the Optuna study and the parent run (reused on a resume); then, under the
-    budget lock, stale trials reaped and a fresh study's start-up design enqueued."""
+    """Under the study's budget lock: its settings checked (:func:`_check_settings`), the MLflow
+    experiment, the Optuna study and the parent run (reused on a resume), stale trials reaped and a fresh
+    study's start-up design enqueued."""
     import optuna
 
     from pipeline.schema import ConfigError
@@ -152,18 +153,24 @@ def create_stores(
         url, heartbeat_interval=sw.heartbeat.interval, grace=sw.heartbeat.grace, mlflow_uri=mlflow_uri
     )
     _check_settings(sw, storage)  # a resume that changes the study's settings: refused before any write
-    experiment_id = ensure_experiment(mlflow_uri, experiment, mlflow_flag)  # the key, or $MLFLOW_TRACKING_URI
-    study = optuna.create_study(
-        study_name=sw.study,
-        storage=storage,
-        direction="minimize",
-        load_if_exists=True,
-        pruner=make_pruner(sw),
-    )
-    if study.direction != optuna.study.StudyDirection.MINIMIZE:
-        raise ConfigError("study", f"study {sw.study!r} exists and does not minimize")
     with budget_lock(url, storage, sw.study):
-        _check_settings(sw, storage, record=True)  # again under the lock: two first sweeps at once
+        # Again under the lock, before the experiment and the study are made: of two first sweeps of one
+        # study started at once with other settings, the second is refused here and writes nothing (it
+        # made its MLflow experiment before the lock; tests/test_sweep.py plants the race).
+        _check_settings(sw, storage)
+        experiment_id = ensure_experiment(
+            mlflow_uri, experiment, mlflow_flag
+        )  # the key, or $MLFLOW_TRACKING_URI
+        study = optuna.create_study(
+            study_name=sw.study,
+            storage=storage,
+            direction="minimize",
+            load_if_exists=True,
+            pruner=make_pruner(sw),
+        )
+        if study.direction != optuna.study.StudyDirection.MINIMIZE:
+            raise ConfigError("study", f"study {sw.study!r} exists and does not minimize")
+        _check_settings(sw, storage, record=True)  # a new study (or an earlier version's) gets this sweep's
         run_id = _parent_run(sw, study, url, mlflow_uri, experiment, experiment_id)
         try:
             reap_stale(study, url, mlflow_uri)
