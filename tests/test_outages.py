@@ -295,7 +295,7 @@ def test_a_cut_trial_found_told_keeps_its_state_and_its_run_gets_the_outcome_tag
     """PostgreSQL made the tell's commit, then the connection went and the worker read an error: the
     trial is COMPLETE, its run FINISHED with no ``optuna_state`` (check_consistent failed on it). Closing
     it writes the tags the tell's step would have; it is neither failed nor retried. A pruned trial's
-    ``optuna_value`` is its last reported value, as ``Worker.tell`` writes it."""
+    ``optuna_value`` is its last reported value, as ``pipeline.sweep.record.tell`` writes it."""
     clock = Clock(step=1.0)
     worker, c, cut_run, _ = a_worker(tmp_path, refusals=0, clock=clock, monkeypatch=monkeypatch)
     trial = worker.cut[0][0]
@@ -388,7 +388,6 @@ def test_a_trial_a_reaper_failed_while_the_worker_trained_it_does_not_end_the_wo
         prune=types.SimpleNamespace(max_grad_norm=None),
     )  # fmt: skip
     worker.trial_run_config = lambda t: types.SimpleNamespace(trainer=types.SimpleNamespace(log_every=10))
-    worker.log_best_model = lambda r, m: None
     trial = study.ask()
     run = c.create_run(worker.spec["experiment_id"], tags={"study": "s", "trial_number": str(trial.number)})
     trial.set_user_attr("mlflow_run_id", run.info.run_id)

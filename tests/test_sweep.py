@@ -559,12 +559,13 @@ def test_the_parents_best_params_wait_for_a_complete_study_and_its_metrics_step_
     ],
 )
 def test_a_trial_is_told_and_tagged_as_it_ended(store, tmp_path, ratio, step, pruned, state, diverged):
-    """``Worker.tell`` (README, "Objective, divergence, pruning"): a diverged trial, or one whose loss ratio
+    """``pipeline.sweep.record.tell`` (README, "Objective, divergence, pruning"): a diverged trial, or one whose loss ratio
     is not finite at the end, is told the penalty; its trial attr and its run's ``diverged`` tag agree (the
     tag read "false" where the loss was non-finite without a guard stop)."""
     from types import SimpleNamespace
 
     from pipeline.sweep.config import load_sweep
+    from pipeline.sweep.record import tell
     from pipeline.sweep.study import divergence_value
     from pipeline.sweep.worker import Worker
 
@@ -581,7 +582,7 @@ def test_a_trial_is_told_and_tagged_as_it_ended(store, tmp_path, ratio, step, pr
     penalty = divergence_value(study, worker.sw.penalty)
     trial = study.ask()
     trial.report(0.9, 10)  # a validation's value: a pruned trial keeps it as its value
-    worker.tell(trial, r, "median" if pruned else None)
+    tell(worker, trial, r, "median" if pruned else None)
     told = study.trials[trial.number]
     assert (told.state.name, told.user_attrs["diverged"]) == (state, diverged)
     assert told.value == (penalty if diverged else 0.9 if pruned else ratio)

@@ -21,7 +21,7 @@ from typing import Any
 
 from pipeline.signals import Terminated, received
 from pipeline.sweep import outages
-from pipeline.sweep.record import trial_tags
+from pipeline.sweep.record import end_trial, trial_tags
 
 # trials_per_worker: auto. Measured (README, "Batched trials"): the default sweep on the 2-core CPU, 2
 # workers, rolling stacks: K = 4 ran 1.1x (same points) to 1.4x (TPE) the trials per hour of K = 1 (medians
@@ -217,8 +217,7 @@ class _Group:
             self.ok = False
             return
         try:
-            self.worker.log_best_model(r, self.cbs[i].module)
-            self.worker.tell(t, r, self.cbs[i].pruned_by)
+            end_trial(self.worker, t, r, self.cbs[i].module, self.cbs[i].pruned_by)
         except Exception as e:  # no longer held: a store that did not answer leaves it to sweep.outages
             if outages.reaped(self.worker, t, e):
                 return

@@ -205,7 +205,7 @@ def close_cut(study, mlflow_uri: str | None, trial, why: str) -> None:
         told = storage.get_trial(trial._trial_id)
         if told.state in (TrialState.COMPLETE, TrialState.PRUNED):
             a = told.user_attrs
-            value = told.value  # a pruned trial's: its last reported value (as Worker.tell)
+            value = told.value  # a pruned trial's: its last reported value (as record.tell)
             tags = outcome_tags(told.state.name, bool(a.get("diverged")), value, a.get("pruned_by"))
             _tag_now(mlflow_uri, a.get("mlflow_run_id"), tags)
             return

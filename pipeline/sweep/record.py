@@ -1,8 +1,12 @@
-"""What a trial that ran records about its end: its Optuna user attributes and its MLflow run's tags
-(README, "What is recorded"; the table in :mod:`pipeline.sweep.worker`)."""
+"""What a trial that ran records about its end: its Optuna user attributes and tell, its MLflow run's tags
+and, under ``log_models: best``, its weights (README, "What is recorded"; the table in
+:mod:`pipeline.sweep.worker`). ``w``, where a function takes one, is the trial's
+:class:`~pipeline.sweep.worker.Worker` (its sweep, study, MLflow store and list of tags kept for later)."""
 
 from __future__ import annotations
 
+import math
+import sys
 from typing import Any
 
 from pipeline.names import KIND, KIND_TRIAL, OWNER, STUDY, TRIAL_NUMBER
@@ -64,3 +68,71 @@ def outcome_tags(state: str, diverged: bool, value: float | None, pruned_by: str
         **({"optuna_value": repr(float(value))} if value is not None else {}),
         **({"pruned_by": pruned_by} if pruned_by else {}),
     }
+
+
+def end_trial(w, trial, r, module, pruned_by: str | None) -> None:
+    """A trial that trained, as its run closes FINISHED (``train.run``'s ``on_done``): its weights if it
+    is the best so far (:func:`log_best_model`), then its tell (:func:`tell`)."""
+    log_best_model(w, r, module)
+    tell(w, trial, r, pruned_by)
+
+
+def tell(w, trial, r, pruned_by: str | None) -> None:
+    """Tell Optuna how a trial that ran ended (see the table in :mod:`pipeline.sweep.worker`) and tag its
+    MLflow run."""
+    from optuna.trial import TrialState
+
+    from pipeline.sweep import study as objective
+
+    attrs = trial_attrs(r, pruned_by)
+    finite = r.val_loss_ratio is not None and math.isfinite(r.val_loss_ratio)
+    # a loss that is not finite at the end is a divergence the guard did not stop: told as one, and
+    # the run's `diverged` tag says so as the trial's attr does (the tag read "false" beside it)
+    attrs["diverged"] = r.diverged_step is not None or not finite
+    for k, v in attrs.items():
+        trial.set_user_attr(k, v)
+    value: float | None
+    if attrs["diverged"]:
+        value = objective.divergence_value(w.study, w.sw.penalty)
+        w.study.tell(trial, value)
+        state = "COMPLETE"
+    elif r.pruned:
+        # Optuna keeps a pruned trial's last reported value as its value (trials.parquet's `value`);
+        # the run's optuna_value tag says the same (it was left off: a walkthrough)
+        value = w.study.tell(trial, state=TrialState.PRUNED).value
+        state = "PRUNED"
+    else:
+        value = objective.trained_value(w.study, r.val_loss_ratio, w.sw.penalty)
+        w.study.tell(trial, value)
+        state = "COMPLETE"
+    tags = outcome_tags(state, attrs["diverged"], value, pruned_by)
+    tag_run(w.mlflow_uri, r.run_id, tags, later=w.untagged)
+
+
+def log_best_model(w, r, module) -> None:
+    """``log_models: best``: log the weights of a trial that trained, unpruned and finite, no worse than
+    every trial already COMPLETE (checked before its own tell), so the study's final best trial always
+    has ``model/weights.pt``, whatever order parallel workers finish in; earlier bests keep theirs."""
+    if not is_best_so_far(w.sw, w.study, r, module):
+        return
+    from pipeline.tracking import Recorder
+    from pipeline.training.saved import log_weights
+
+    try:
+        log_weights(Recorder.attach(w.mlflow_uri, r.run_id), module.model)
+    except Exception as e:  # the trial trained: a failed upload must not fail it
+        print(f"trial {r.run_id}: model/weights.pt not logged: {type(e).__name__}: {e}", file=sys.stderr)
+
+
+def is_best_so_far(sw, study, r, module) -> bool:
+    """``log_models: best``: whether trial result ``r`` trained, unpruned and finite, no worse than every
+    trial of ``study`` already COMPLETE (checked before its own tell)."""
+    v = r.val_loss_ratio
+    if sw.log_models != "best" or module is None or r.run_id is None or r.pruned:
+        return False
+    if r.diverged_step is not None or v is None or not math.isfinite(v):
+        return False
+    from pipeline.sweep.study import best_trial
+
+    best = best_trial(study)
+    return not (best is not None and best.value < v)

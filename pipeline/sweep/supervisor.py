@@ -212,6 +212,38 @@ def end_status(signum: int | None, complete: bool) -> str:
     return "KILLED" if signum is not None and not complete else "FINISHED"
 
 
+def banner(sw: SweepConfig, stores, devices: list[str | None], log_dir: Path, done: int, left: int) -> str:
+    """The lines a sweep starts with: the study's progress, where its workers run and its stores are."""
+    n = sw.n_trials
+    if done > n:  # "10/4 done" alone read as a miscount (a walkthrough)
+        nothing = (
+            f": nothing to run (n_trials {n} is below the {done} trials this study has done, which it keeps)"
+        )
+    else:
+        nothing = ": nothing to run" if done >= n else f": the {n - done} left are running elsewhere"
+    return (
+        f"sweep {sw.study}: {done}/{n} trials done"
+        + ((f", resuming with {left} to go" if left > 0 else nothing) if done else "")
+        + f"; {len(devices)} worker(s) on {devices_text(devices)}\n  optuna: {display_url(stores.url)}\n  mlflow: "
+        f"{display_url(stores.mlflow_uri)} (experiment {stores.experiment}, parent run {stores.parent_run_id})"
+        f"\n  worker logs: {log_dir}/"
+    )
+
+
+def timeout_note(sw: SweepConfig, done: int, done_at_start: int) -> tuple[str, bool]:
+    """The line a sweep its ``timeout`` stopped short ends with, and whether that is a success (exit 0
+    unless a worker failed too): the user's bound, once this command finished a trial. One that finished
+    none (a timeout shorter than the workers' start-up) would make no progress however often it ran: exit
+    1 (a review)."""
+    head = f"the sweep's timeout ({sw.timeout:g} s from the command's start, worker start-up included)"
+    if done > done_at_start:
+        return f"note: {head} passed with {done} of {sw.n_trials} trials done; the same command goes on", True
+    return (
+        f"error: {head} passed before this command finished a trial ({done} of {sw.n_trials} done): raise timeout",
+        False,
+    )
+
+
 class Supervisor:
     """The worker processes of one sweep, from the first spawn to the summary on the parent run."""
 
@@ -286,24 +318,8 @@ class Supervisor:
         return 0 if self.reached() or (by_timeout and not self.worker_failed) else 1
 
     def _timeout_note(self) -> bool:
-        """The line a sweep its ``timeout`` stopped short ends with; whether that is a success (exit 0
-        unless a worker failed too): the user's bound, once this command finished a trial. One that
-        finished none (a timeout shorter than the workers' start-up) would make no progress however often
-        it ran: exit 1 (a review)."""
-        done = counts(self.stores.study)["done"]
-        head = (
-            f"the sweep's timeout ({self.sw.timeout:g} s from the command's start, worker start-up included)"
-        )
-        if done > self.progress.done_at_start:
-            said, ok = (
-                f"note: {head} passed with {done} of {self.sw.n_trials} trials done; the same command goes on",
-                True,
-            )
-        else:
-            said, ok = (
-                f"error: {head} passed before this command finished a trial ({done} of {self.sw.n_trials} done): raise timeout",
-                False,
-            )
+        """Print the line a sweep its ``timeout`` stopped short ends with (:func:`timeout_note`)."""
+        said, ok = timeout_note(self.sw, counts(self.stores.study)["done"], self.progress.done_at_start)
         print(said, file=self.out, flush=True)
         return ok
 
@@ -316,24 +332,9 @@ class Supervisor:
         for the asking (:meth:`budget_left`), not for being done."""
         return counts(self.stores.study)["done"] >= self.sw.n_trials
 
-    def _nothing_to_run(self, done: int) -> str:
-        n = self.sw.n_trials
-        if done > n:  # "10/4 done" alone read as a miscount (a walkthrough)
-            return f": nothing to run (n_trials {n} is below the {done} trials this study has done, which it keeps)"
-        return ": nothing to run" if done >= n else f": the {n - done} left are running elsewhere"
-
     def _banner(self, left: int) -> None:
-        s, done = self.stores, self.progress.done_at_start
-        where = devices_text(self.devices)
-        print(
-            f"sweep {self.sw.study}: {done}/{self.sw.n_trials} trials done"
-            + ((f", resuming with {left} to go" if left > 0 else self._nothing_to_run(done)) if done else "")
-            + f"; {len(self.devices)} worker(s) on {where}\n  optuna: {display_url(s.url)}\n  mlflow: "
-            f"{display_url(s.mlflow_uri)} (experiment {s.experiment}, parent run {s.parent_run_id})\n  worker logs: "
-            f"{self.log_dir}/",
-            file=self.out,
-            flush=True,
-        )
+        text = banner(self.sw, self.stores, self.devices, self.log_dir, self.progress.done_at_start, left)
+        print(text, file=self.out, flush=True)
 
     def supervise(self) -> None:
         outage = Outage(self.out)  # a store that does not answer for a while: the workers ride it out

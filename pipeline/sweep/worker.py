@@ -44,10 +44,9 @@ from pipeline import signals as sigterm
 from pipeline.provenance import owner_alive
 from pipeline.signals import Terminated, check_terminated, deferred, delivered, raise_terminated
 from pipeline.sweep import batch, outages
-from pipeline.sweep import study as objective
 from pipeline.sweep.config import from_data
 from pipeline.sweep.owners import ask_owned, heartbeat, reap_stale
-from pipeline.sweep.record import outcome_tags, tag_run, trial_attrs, trial_tags
+from pipeline.sweep.record import end_trial, trial_tags
 from pipeline.sweep.stores import budget_lock, open_storage
 from pipeline.sweep.study import budget_left, make_pruner, make_sampler, suggest
 
@@ -72,7 +71,7 @@ class TrialCallback(pl.Callback):
         self.pruned_by: str | None = None
         self.monitor: Any = None  # the run's GradientMonitor, found at setup
         self.reported: set[int] = set()  # the final validate() may repeat the last step
-        self.module: Any = None  # the trial's LightningModule, for Worker.log_best_model
+        self.module: Any = None  # the trial's LightningModule, for record.log_best_model
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         from pipeline.training.callbacks import GradientMonitor
@@ -131,20 +130,6 @@ def trial_run_config(sw, spec: dict[str, Any], mlflow_uri: str, trial):
     )
     trainer = replace(cfg.trainer, progress_bar=False, **({"accelerator": "gpu"} if spec.get("gpu") else {}))
     return replace(cfg, tracking=tracking, trainer=trainer)
-
-
-def is_best_so_far(sw, study, r, module) -> bool:
-    """``log_models: best``: whether trial result ``r`` trained, unpruned and finite, no worse than every
-    trial of ``study`` already COMPLETE (checked before its own tell)."""
-    v = r.val_loss_ratio
-    if sw.log_models != "best" or module is None or r.run_id is None or r.pruned:
-        return False
-    if r.diverged_step is not None or v is None or not math.isfinite(v):
-        return False
-    from pipeline.sweep.study import best_trial
-
-    best = best_trial(study)
-    return not (best is not None and best.value < v)
 
 
 class Worker:
@@ -282,8 +267,7 @@ class Worker:
             cb = TrialCallback(trial, self.sw.prune.max_grad_norm, cfg.trainer.log_every, self.sw.penalty)
 
             def done(r) -> None:  # the run is closed FINISHED: tell the trial in the same step (train.run)
-                self.log_best_model(r, cb.module)
-                self.tell(trial, r, cb.pruned_by)
+                end_trial(self, trial, r, cb.module, cb.pruned_by)
 
             with heartbeat(self.storage, trial._trial_id, self.sw.heartbeat.interval):
                 train.run(
@@ -328,48 +312,6 @@ class Worker:
         with contextlib.suppress(Exception):
             return self.study._storage.get_trial(trial._trial_id).state.is_finished()
         return False
-
-    def log_best_model(self, r, module) -> None:
-        """``log_models: best``: log the weights of a trial that trained, unpruned and finite, no worse than
-        every trial already COMPLETE (checked before its own tell), so the study's final best trial always
-        has ``model/weights.pt``, whatever order parallel workers finish in; earlier bests keep theirs."""
-        if not is_best_so_far(self.sw, self.study, r, module):
-            return
-        from pipeline.tracking import Recorder
-        from pipeline.training.saved import log_weights
-
-        try:
-            log_weights(Recorder.attach(self.mlflow_uri, r.run_id), module.model)
-        except Exception as e:  # the trial trained: a failed upload must not fail it
-            print(f"trial {r.run_id}: model/weights.pt not logged: {type(e).__name__}: {e}", file=sys.stderr)
-
-    def tell(self, trial, r, pruned_by: str | None) -> None:
-        """Tell Optuna how a trial that ran ended (see the module doc's table) and tag its MLflow run."""
-        from optuna.trial import TrialState
-
-        attrs = trial_attrs(r, pruned_by)
-        finite = r.val_loss_ratio is not None and math.isfinite(r.val_loss_ratio)
-        # a loss that is not finite at the end is a divergence the guard did not stop: told as one, and
-        # the run's `diverged` tag says so as the trial's attr does (the tag read "false" beside it)
-        attrs["diverged"] = r.diverged_step is not None or not finite
-        for k, v in attrs.items():
-            trial.set_user_attr(k, v)
-        value: float | None
-        if attrs["diverged"]:
-            value = objective.divergence_value(self.study, self.sw.penalty)
-            self.study.tell(trial, value)
-            state = "COMPLETE"
-        elif r.pruned:
-            # Optuna keeps a pruned trial's last reported value as its value (trials.parquet's `value`);
-            # the run's optuna_value tag says the same (it was left off: a walkthrough)
-            value = self.study.tell(trial, state=TrialState.PRUNED).value
-            state = "PRUNED"
-        else:
-            value = objective.trained_value(self.study, r.val_loss_ratio, self.sw.penalty)
-            self.study.tell(trial, value)
-            state = "COMPLETE"
-        tags = outcome_tags(state, attrs["diverged"], value, pruned_by)
-        tag_run(self.mlflow_uri, r.run_id, tags, later=self.untagged)
 
 
 def main(argv: list[str]) -> int:
