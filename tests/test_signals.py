@@ -310,11 +310,11 @@ def test_a_sigterm_as_a_finished_trial_is_told_tells_it_complete_first(
 ):
     """The signal arrives as a trial's run closes FINISHED, or after, before its trial is told: the tell
     completes (COMPLETE, as its run says), and the trials still training close KILLED and interrupted."""
-    from pipeline.sweep.worker import Worker
+    from pipeline.sweep import record
 
     w = _worker(tmp_path, k, n_trials=3, pruner={"name": "none"})
     if where == "tell":
-        _stop_in(monkeypatch, Worker, "log_best_model", after=False)
+        _stop_in(monkeypatch, record, "log_best_model", after=False)  # as the tell starts
     else:
         _stop_at_first_finished_close(monkeypatch)
     _run_to_sigterm(w)

@@ -132,25 +132,40 @@ def trial_run_config(sw, spec: dict[str, Any], mlflow_uri: str, trial):
     return replace(cfg, tracking=tracking, trainer=trainer)
 
 
+def load_study(sw, url: str, mlflow_uri: str):
+    """The worker's (storage, study): the study the parent created, with the sweep's sampler and pruner."""
+    import optuna
+
+    storage = open_storage(
+        url, heartbeat_interval=sw.heartbeat.interval, grace=sw.heartbeat.grace, mlflow_uri=mlflow_uri
+    )
+    study = optuna.load_study(
+        study_name=sw.study, storage=storage, sampler=make_sampler(sw), pruner=make_pruner(sw)
+    )
+    return storage, study
+
+
+def parent_gone(spec: dict[str, Any], ppid: int) -> bool:
+    """Whether the sweep's parent (spec ``parent``: pid and start time) is gone. Asked of the parent
+    itself, not of this worker's own parent: a forkserver outlives a parent killed with kill -9 (each
+    worker holds the write end of its "alive" pipe, which multiprocessing hands to every child), so the
+    workers, still its children, took the whole study on in the background (a walkthrough: all 10
+    trials of a killed sweep finished). A forkserver killed alone leaves the workers going on (README,
+    "Faults and resuming"). Without a parent in the spec, or one this host cannot judge, a change of
+    this worker's own parent (``ppid``, the one it started with) says it."""
+    parent = spec.get("parent")
+    alive = owner_alive(parent) if parent else None
+    if alive is not None:
+        return not alive
+    return os.getppid() != ppid
+
+
 class Worker:
     def __init__(self, spec: dict[str, Any]):
-        import optuna
-
         self.spec = spec
         self.sw = from_data(spec["sweep"])
         self.url, self.mlflow_uri = spec["storage_url"], spec["mlflow_uri"]
-        self.storage = open_storage(
-            self.url,
-            heartbeat_interval=self.sw.heartbeat.interval,
-            grace=self.sw.heartbeat.grace,
-            mlflow_uri=self.mlflow_uri,
-        )
-        self.study = optuna.load_study(
-            study_name=self.sw.study,
-            storage=self.storage,
-            sampler=make_sampler(self.sw),
-            pruner=make_pruner(self.sw),
-        )
+        self.storage, self.study = load_study(self.sw, self.url, self.mlflow_uri)
         from pipeline.training import callbacks, module, run  # noqa: F401  (import before the first trial, not inside it)
 
         self.ppid = os.getppid()
@@ -159,9 +174,8 @@ class Worker:
         self.signals_before = sigterm.received_count()  # SIGTERMs before this worker: not its stop
         self.cut: list[tuple[Any, str]] = []  # trials a store outage cut, and why (sweep.outages)
         self.met: BaseException | None = None  # an outage met outside a trial
-        self.untagged: list[
-            tuple[str, dict, str]
-        ] = []  # outcome tags the outage kept from a told trial's run
+        # outcome tags the outage kept from a told trial's run
+        self.untagged: list[tuple[str, dict, str]] = []
 
     def next_trial(self):
         """Under the budget lock: reap stale trials, count, ask (WAITING retries are popped first)."""
@@ -228,18 +242,8 @@ class Worker:
                 return 1
 
     def parent_gone(self) -> bool:
-        """Whether the sweep's parent (spec ``parent``: pid and start time) is gone. Asked of the parent
-        itself, not of this worker's own parent: a forkserver outlives a parent killed with kill -9 (each
-        worker holds the write end of its "alive" pipe, which multiprocessing hands to every child), so the
-        workers, still its children, took the whole study on in the background (a walkthrough: all 10
-        trials of a killed sweep finished). A forkserver killed alone leaves the workers going on (README,
-        "Faults and resuming"). Without a parent in the spec, or one this host cannot judge, a change of
-        this worker's own parent says it."""
-        parent = self.spec.get("parent")
-        alive = owner_alive(parent) if parent else None
-        if alive is not None:
-            return not alive
-        return os.getppid() != self.ppid
+        """Whether the sweep's parent is gone (:func:`parent_gone`)."""
+        return parent_gone(self.spec, self.ppid)
 
     def _round(self) -> bool | None:
         """Ask and train one trial, or a batch (README, "Batched trials"): whether all went well; None

@@ -154,7 +154,121 @@ def _accumulating(trainer) -> bool:
     return bool(should()) if callable(should) else False
 
 
-class GradientNormMonitor(_Window, pl.Callback):
+class _StepReads:
+    """How one optimizer step is read, for :class:`GradientNormMonitor`: the loss of the backward passes
+    before it (:meth:`on_before_backward`, :meth:`_step_loss`), the gradient groups of the optimizer that
+    steps (:meth:`_groups_of`) and the post-clip read in that optimizer's step hooks
+    (:meth:`_before_update`, :meth:`_after_update`, which push the step's record). Its state
+    (:meth:`_reset_reads`) is reset with the monitor's."""
+
+    measures: bool
+    groups: dict[str, list[nn.Parameter]]
+    group_names: tuple[str, ...]
+    _by_opt: dict[int, tuple[int, dict[str, list[nn.Parameter]]]]
+    _scaler: Any
+    _trainer: pl.Trainer | None
+    _steps: list
+    _handles: list[Any]
+    push: Callable[..., None]
+
+    def _reset_reads(self) -> None:
+        self._backward_sq: dict[int, torch.Tensor | None] = {}  # pre-clip after backward, per optimizer
+        self._loss: torch.Tensor | None = None  # summed over the backward passes before this step
+        self._stepped = False  # a step came after the last backward: the next backward starts a new sum
+        self._micro = 0  # backward passes in self._loss
+        self._pre: torch.Tensor | None = None  # this step's group_sq, until the post-hook
+        self._pre_loss: torch.Tensor | None = None
+        self._post: torch.Tensor | None = None  # the same after clipping, read before the update
+
+    def _optimizer_entry(self, optimizer) -> tuple[int, dict[str, list[nn.Parameter]]]:
+        return len(optimizer.param_groups), optimizer_groups(self.groups, optimizer)
+
+    def _groups_of(self, optimizer) -> Mapping[str, Sequence[nn.Parameter]]:
+        entry = self._by_opt.get(id(optimizer))
+        if entry is None:
+            return self.groups
+        if entry[0] != len(optimizer.param_groups):  # add_param_group during training (BackboneFinetuning)
+            entry = self._by_opt[id(optimizer)] = self._optimizer_entry(optimizer)
+        return entry[1]
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        if not self.measures:
+            return
+        loss = loss.detach()
+        if self._scaler is not None:  # Lightning hands this hook the scaled loss
+            loss = loss.double() / scale_of(self._scaler)
+        if self._stepped:
+            self._loss, self._micro, self._stepped = None, 0, False
+        self._loss = loss if self._loss is None else self._loss + loss
+        self._micro += 1
+
+    def _step_loss(self, trainer, pl_module, pre: torch.Tensor) -> torch.Tensor:
+        """The loss of the backward passes before this step (float64, on the device): their sum; with
+        ``accumulate_grad_batches=N`` (automatic optimization) their mean, N / n times the sum of the n
+        passes, as Lightning divides each by N, also when an epoch ends with n < N of them left. NaN
+        where no backward went through Lightning (``loss.backward()`` called directly). Under DDP, the
+        mean over the ranks."""
+        if self._loss is None:
+            return pre.new_tensor(math.nan)
+        loss = self._loss.double().reshape(())
+        n = getattr(trainer, "accumulate_grad_batches", 1)
+        if pl_module.automatic_optimization and 0 < self._micro < n:
+            loss = loss * (n / self._micro)
+        if getattr(trainer, "world_size", 1) > 1:
+            # Several processes (DDP): each rank's loss is its own batch's, the gradient their mean. The
+            # record takes the ranks' mean loss too, and the guard decides on it, so every rank stops
+            # at the same step; one stopping alone left the others in the next all-reduce (README,
+            # "Your own model"). One scalar all-reduce a step, in place: on a copy.
+            loss = trainer.strategy.reduce(loss.clone(), reduce_op="mean")
+        return loss
+
+    def _hook_optimizers(self, trainer) -> None:
+        """The post-clip read and the step's record in each optimizer's step hooks, until ``fit`` ends."""
+        for opt in trainer.optimizers:
+            self._handles.append(opt.register_step_pre_hook(self._before_update))
+            self._handles.append(opt.register_step_post_hook(self._after_update))
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def _before_update(self, optimizer, args, kwargs) -> tuple[tuple, dict] | None:
+        """Optimizer step pre-hook: the post-clip read (:meth:`_read_post`) before the update touches
+        ``.grad``. Lightning steps with a closure (backward, ``on_before_optimizer_step``, clipping) that
+        the optimizer calls inside ``step`` (LBFGS: several times; the last call's gradients are read):
+        wrapped, so the read follows each call. Without a closure (the loss scaler's step, or a plain
+        ``optimizer.step()``) the gradients are final here."""
+        in_kwargs = kwargs.get("closure") is not None
+        closure = kwargs["closure"] if in_kwargs else (args[1] if len(args) > 1 else None)
+        if closure is None:
+            self._read_post(optimizer)
+            return None
+
+        def read_after(*a: Any, **kw: Any) -> Any:
+            out = closure(*a, **kw)
+            self._read_post(optimizer)
+            return out
+
+        if in_kwargs:
+            return args, {**kwargs, "closure": read_after}
+        return (args[0], read_after, *args[2:]), kwargs
+
+    def _read_post(self, optimizer) -> None:
+        """The gradients the update will use, i.e. after clipping (nothing when the step is not measured)."""
+        self._post = group_sq(self._groups_of(optimizer), self.group_names) if self._pre is not None else None
+
+    def _after_update(self, optimizer, args, kwargs) -> None:
+        """Optimizer step post-hook: the step's record, from the reads before the update."""
+        if self._pre is None or self._pre_loss is None:
+            return
+        sq, post_sq = self._pre, self._post
+        self._pre = self._post = None
+        step = self._trainer.global_step if self._trainer is not None else len(self._steps)
+        self.push(post_clip_row(self._pre_loss, sq, post_sq), step, optimizer)
+
+
+class GradientNormMonitor(_StepReads, _Window, pl.Callback):
     """Clip-aware gradient norms and a divergence guard for any LightningModule.
 
     Logs once per ``log_every_n_steps`` optimizer steps (values of the window's last step unless said;
@@ -230,14 +344,8 @@ class GradientNormMonitor(_Window, pl.Callback):
         self.diverged_step = None
         self.max_norm_preclip = None
         self.scaler_skips = None  # updates the loss scaler skipped (None: no scaler)
-        self._backward_sq: dict[int, torch.Tensor | None] = {}  # pre-clip after backward, per optimizer
-        self._loss: torch.Tensor | None = None  # summed over the backward passes before this step
-        self._stepped = False  # a step came after the last backward: the next backward starts a new sum
-        self._micro = 0  # backward passes in self._loss
+        self._reset_reads()
         self._unseen_backward_said = False  # the warning of a step with no backward through Lightning
-        self._pre: torch.Tensor | None = None  # this step's group_sq, until the post-hook
-        self._pre_loss: torch.Tensor | None = None
-        self._post: torch.Tensor | None = None  # the same after clipping, read before the update
         self._pending = []
         self._staged = None
         self._rows = []
@@ -269,38 +377,9 @@ class GradientNormMonitor(_Window, pl.Callback):
         self._scaler = grad_scaler(trainer)
         if self._scaler is not None and self.scaler_skips is None:
             self.scaler_skips = 0
-        for opt in trainer.optimizers:
-            self._handles.append(opt.register_step_pre_hook(self._before_update))
-            self._handles.append(opt.register_step_post_hook(self._after_update))
-
-    def on_fit_end(self, trainer, pl_module) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
+        self._hook_optimizers(trainer)
 
     # -- every step (when this monitor measures)
-    def _optimizer_entry(self, optimizer) -> tuple[int, dict[str, list[nn.Parameter]]]:
-        return len(optimizer.param_groups), optimizer_groups(self.groups, optimizer)
-
-    def _groups_of(self, optimizer) -> Mapping[str, Sequence[nn.Parameter]]:
-        entry = self._by_opt.get(id(optimizer))
-        if entry is None:
-            return self.groups
-        if entry[0] != len(optimizer.param_groups):  # add_param_group during training (BackboneFinetuning)
-            entry = self._by_opt[id(optimizer)] = self._optimizer_entry(optimizer)
-        return entry[1]
-
-    def on_before_backward(self, trainer, pl_module, loss) -> None:
-        if not self.measures:
-            return
-        loss = loss.detach()
-        if self._scaler is not None:  # Lightning hands this hook the scaled loss
-            loss = loss.double() / scale_of(self._scaler)
-        if self._stepped:
-            self._loss, self._micro, self._stepped = None, 0, False
-        self._loss = loss if self._loss is None else self._loss + loss
-        self._micro += 1
-
     def on_after_backward(self, trainer, pl_module) -> None:
         """The gradient as backward left it, before any clipping (the module's hooks run after this)."""
         if not self.measures or (pl_module.automatic_optimization and _accumulating(trainer)):
@@ -361,60 +440,6 @@ class GradientNormMonitor(_Window, pl.Callback):
             return
         self._pre = sq
         self._pre_loss = loss
-
-    def _step_loss(self, trainer, pl_module, pre: torch.Tensor) -> torch.Tensor:
-        """The loss of the backward passes before this step (float64, on the device): their sum; with
-        ``accumulate_grad_batches=N`` (automatic optimization) their mean, N / n times the sum of the n
-        passes, as Lightning divides each by N, also when an epoch ends with n < N of them left. NaN
-        where no backward went through Lightning (``loss.backward()`` called directly). Under DDP, the
-        mean over the ranks."""
-        if self._loss is None:
-            return pre.new_tensor(math.nan)
-        loss = self._loss.double().reshape(())
-        n = getattr(trainer, "accumulate_grad_batches", 1)
-        if pl_module.automatic_optimization and 0 < self._micro < n:
-            loss = loss * (n / self._micro)
-        if getattr(trainer, "world_size", 1) > 1:
-            # Several processes (DDP): each rank's loss is its own batch's, the gradient their mean. The
-            # record takes the ranks' mean loss too, and the guard decides on it, so every rank stops
-            # at the same step; one stopping alone left the others in the next all-reduce (README,
-            # "Your own model"). One scalar all-reduce a step, in place: on a copy.
-            loss = trainer.strategy.reduce(loss.clone(), reduce_op="mean")
-        return loss
-
-    def _before_update(self, optimizer, args, kwargs) -> tuple[tuple, dict] | None:
-        """Optimizer step pre-hook: the post-clip read (:meth:`_read_post`) before the update touches
-        ``.grad``. Lightning steps with a closure (backward, ``on_before_optimizer_step``, clipping) that
-        the optimizer calls inside ``step`` (LBFGS: several times; the last call's gradients are read):
-        wrapped, so the read follows each call. Without a closure (the loss scaler's step, or a plain
-        ``optimizer.step()``) the gradients are final here."""
-        in_kwargs = kwargs.get("closure") is not None
-        closure = kwargs["closure"] if in_kwargs else (args[1] if len(args) > 1 else None)
-        if closure is None:
-            self._read_post(optimizer)
-            return None
-
-        def read_after(*a: Any, **kw: Any) -> Any:
-            out = closure(*a, **kw)
-            self._read_post(optimizer)
-            return out
-
-        if in_kwargs:
-            return args, {**kwargs, "closure": read_after}
-        return (args[0], read_after, *args[2:]), kwargs
-
-    def _read_post(self, optimizer) -> None:
-        """The gradients the update will use, i.e. after clipping (nothing when the step is not measured)."""
-        self._post = group_sq(self._groups_of(optimizer), self.group_names) if self._pre is not None else None
-
-    def _after_update(self, optimizer, args, kwargs) -> None:
-        """Optimizer step post-hook: the step's record, from the reads before the update."""
-        if self._pre is None or self._pre_loss is None:
-            return
-        sq, post_sq = self._pre, self._post
-        self._pre = self._post = None
-        step = self._trainer.global_step if self._trainer is not None else len(self._steps)
-        self.push(post_clip_row(self._pre_loss, sq, post_sq), step, optimizer)
 
     def collect(self, trainer, pl_module) -> None:
         """Hook, once per training batch before the window check: a subclass whose module measures

@@ -76,7 +76,123 @@ def log_profile_artifacts(lg, frame, plot: Callable[[Any], Any], name: str | Non
             lg.experiment.log_artifact(lg.run_id, str(png), "plots")
 
 
-class BPTTProfileMonitor(_Logs, pl.Callback):
+class _Passes:
+    """The record of a :class:`BPTTProfileMonitor`'s passes (:attr:`passes`, :attr:`frames`, the last
+    pass's step) and what a Lightning checkpoint keeps of it with the probe batch."""
+
+    rnn: str
+    every_n_steps: int
+    name: str | None
+    batch: Any
+    keeps_state: bool
+    frame_columns: tuple[str, ...]
+    passes: list[dict[str, Any]]
+    frames: list[dict[str, Any]]
+    _last_step: int | None
+    _generate_state_key: Callable[..., str]
+
+    @property
+    def first(self) -> dict[str, Any]:
+        return self.passes[0] if self.passes else {}
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.passes[-1] if self.passes else {}
+
+    def profile_frame(self):
+        """Every pass, long format: columns :attr:`frame_columns` (``step, layer, t, state, log10_norm``)."""
+        return concat_frames(self.frames, self.frame_columns)
+
+    # -- in a Lightning checkpoint: a run resumed with trainer.fit(ckpt_path=...) keeps its earlier passes
+    # (the verdict, `passes`, the profile artifact) and profiles the same batch
+    @property
+    def state_key(self) -> str:
+        named_ = {} if self.name is None else {"name": self.name}
+        return self._generate_state_key(rnn=self.rnn, every_n_steps=self.every_n_steps, **named_)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Passes, frames, the last pass's step and the probe batch (when it is made of tensors and plain
+        containers): plain values and tensors only, so the checkpoint loads with ``weights_only=True``."""
+        if not self.keeps_state:
+            return {}
+        return {
+            "passes": [{k: _plain(v) for k, v in p.items()} for p in self.passes],
+            "frames": [{c: _column_state(v) for c, v in f.items()} for f in self.frames],
+            "last_step": self._last_step,
+            "batch": self.batch if _plain_data(self.batch) else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not self.keeps_state or not state_dict:
+            return
+        self.passes = [dict(p) for p in state_dict.get("passes", [])]
+        self.frames = [{c: _column(v) for c, v in f.items()} for f in state_dict.get("frames", [])]
+        self._last_step = state_dict.get("last_step")
+        if self.batch is None and state_dict.get("batch") is not None:
+            self.batch = state_dict["batch"]
+
+
+class _Verdict:
+    """The end of a :class:`BPTTProfileMonitor`'s training: the verdict on its last pass (with the largest
+    pre-clip norm and the divergence of a :class:`GradientNormMonitor` in the same Trainer) and, with an
+    MLFlowLogger, the ``regime`` tag, its reason and the profile artifacts."""
+
+    rnn: str
+    name: str | None
+    passes: list[dict[str, Any]]
+    diagnostics: DiagnosticsConfig
+    regime: str | None
+    regime_reason: str
+    profile_frame: Callable[[], Any]
+
+    def _grad_monitor(self, trainer) -> GradientNormMonitor | None:
+        return next((c for c in trainer.callbacks if isinstance(c, GradientNormMonitor)), None)
+
+    def _finish(self, trainer) -> None:
+        from pipeline.training.callbacks import judge
+
+        gm = self._grad_monitor(trainer)
+        if gm is not None:
+            gm.drain(trainer)  # its last window, whichever callback's on_train_end Lightning runs first
+        last = next((p for p in reversed(self.passes) if len(p) > 1), None)
+        # Weights left non-finite by the last update (a finite gradient, an overflowing step: the guard
+        # reads gradients before the step, and no later step read them) diverged as surely as a
+        # non-finite gradient: the last pass found them so (a pass on such weights records its step alone).
+        ended_nonfinite = bool(self.passes) and len(self.passes[-1]) == 1
+        self.regime, self.regime_reason = judge(
+            (gm is not None and gm.diverged_step is not None) or ended_nonfinite,
+            last,
+            gm.max_norm_preclip if gm is not None else None,
+            self.diagnostics,
+        )
+        from pytorch_lightning.loggers import MLFlowLogger
+
+        for lg in trainer.loggers if getattr(trainer, "is_global_zero", True) else ():  # as log_everywhere
+            if isinstance(lg, MLFlowLogger):
+                self._mlflow_artifacts(lg)
+
+    def _mlflow_artifacts(self, lg) -> None:
+        from pipeline.names import REGIME
+
+        tag = REGIME if self.name is None else f"{REGIME}.{self.name}"
+        lg.experiment.set_tag(lg.run_id, tag, self.regime)
+        if self.regime_reason:  # which rule decided (README, "Regime verdict")
+            why = "regime_reason" if self.name is None else f"regime_reason.{self.name}"
+            lg.experiment.set_tag(lg.run_id, why, self.regime_reason)
+        log_profile_artifacts(lg, self.profile_frame(), self.plot, self.name)
+
+    def plot(self, frame):
+        """log10 ||dL/dh_t|| of the top layer against t, one line per pass (at most 6), c dashed."""
+        top = frame[frame["layer"] == frame["layer"].max()]
+        return profile_figure(
+            top,
+            f"{self.rnn}: BPTT profile; regime {self.regime}"
+            + (f" ({self.regime_reason})" if self.regime_reason else ""),
+            ylabel=r"$\log_{10}\,\|\partial L/\partial h_t\|$ (top layer)",
+        )
+
+
+class BPTTProfileMonitor(_Passes, _Verdict, _Logs, pl.Callback):
     """The exact float64 BPTT profile of the RNN at dotted path ``rnn`` inside the LightningModule.
 
     ``rnn``: e.g. ``"encoder.lstm"``; an nn.RNN, nn.LSTM or nn.GRU, unidirectional, without projection,
@@ -186,34 +302,6 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
                     'own model")'
                 )
 
-    # -- in a Lightning checkpoint: a run resumed with trainer.fit(ckpt_path=...) keeps its earlier passes
-    # (the verdict, `passes`, the profile artifact) and profiles the same batch
-    @property
-    def state_key(self) -> str:
-        named_ = {} if self.name is None else {"name": self.name}
-        return self._generate_state_key(rnn=self.rnn, every_n_steps=self.every_n_steps, **named_)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Passes, frames, the last pass's step and the probe batch (when it is made of tensors and plain
-        containers): plain values and tensors only, so the checkpoint loads with ``weights_only=True``."""
-        if not self.keeps_state:
-            return {}
-        return {
-            "passes": [{k: _plain(v) for k, v in p.items()} for p in self.passes],
-            "frames": [{c: _column_state(v) for c, v in f.items()} for f in self.frames],
-            "last_step": self._last_step,
-            "batch": self.batch if _plain_data(self.batch) else None,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not self.keeps_state or not state_dict:
-            return
-        self.passes = [dict(p) for p in state_dict.get("passes", [])]
-        self.frames = [{c: _column(v) for c, v in f.items()} for f in state_dict.get("frames", [])]
-        self._last_step = state_dict.get("last_step")
-        if self.batch is None and state_dict.get("batch") is not None:
-            self.batch = state_dict["batch"]
-
     # -- scheduling
     # The first pass, before the first update; none at a resume step when a checkpoint's passes came back
     # (the schedule goes on from them, as in the uninterrupted run).
@@ -243,9 +331,6 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self.measure(trainer, pl_module)
         self._finish(trainer)
-
-    def _grad_monitor(self, trainer) -> GradientNormMonitor | None:
-        return next((c for c in trainer.callbacks if isinstance(c, GradientNormMonitor)), None)
 
     # -- one pass
     def params_finite(self, pl_module) -> bool:
@@ -281,61 +366,6 @@ class BPTTProfileMonitor(_Logs, pl.Callback):
             self._trainer = trainer
             self.publish(named(metrics, self.name), step)
         return metrics
-
-    @property
-    def first(self) -> dict[str, Any]:
-        return self.passes[0] if self.passes else {}
-
-    @property
-    def last(self) -> dict[str, Any]:
-        return self.passes[-1] if self.passes else {}
-
-    def profile_frame(self):
-        """Every pass, long format: columns :attr:`frame_columns` (``step, layer, t, state, log10_norm``)."""
-        return concat_frames(self.frames, self.frame_columns)
-
-    def _finish(self, trainer) -> None:
-        from pipeline.training.callbacks import judge
-
-        gm = self._grad_monitor(trainer)
-        if gm is not None:
-            gm.drain(trainer)  # its last window, whichever callback's on_train_end Lightning runs first
-        last = next((p for p in reversed(self.passes) if len(p) > 1), None)
-        # Weights left non-finite by the last update (a finite gradient, an overflowing step: the guard
-        # reads gradients before the step, and no later step read them) diverged as surely as a
-        # non-finite gradient: the last pass found them so (a pass on such weights records its step alone).
-        ended_nonfinite = bool(self.passes) and len(self.passes[-1]) == 1
-        self.regime, self.regime_reason = judge(
-            (gm is not None and gm.diverged_step is not None) or ended_nonfinite,
-            last,
-            gm.max_norm_preclip if gm is not None else None,
-            self.diagnostics,
-        )
-        from pytorch_lightning.loggers import MLFlowLogger
-
-        for lg in trainer.loggers if getattr(trainer, "is_global_zero", True) else ():  # as log_everywhere
-            if isinstance(lg, MLFlowLogger):
-                self._mlflow_artifacts(lg)
-
-    def _mlflow_artifacts(self, lg) -> None:
-        from pipeline.names import REGIME
-
-        tag = REGIME if self.name is None else f"{REGIME}.{self.name}"
-        lg.experiment.set_tag(lg.run_id, tag, self.regime)
-        if self.regime_reason:  # which rule decided (README, "Regime verdict")
-            why = "regime_reason" if self.name is None else f"regime_reason.{self.name}"
-            lg.experiment.set_tag(lg.run_id, why, self.regime_reason)
-        log_profile_artifacts(lg, self.profile_frame(), self.plot, self.name)
-
-    def plot(self, frame):
-        """log10 ||dL/dh_t|| of the top layer against t, one line per pass (at most 6), c dashed."""
-        top = frame[frame["layer"] == frame["layer"].max()]
-        return profile_figure(
-            top,
-            f"{self.rnn}: BPTT profile; regime {self.regime}"
-            + (f" ({self.regime_reason})" if self.regime_reason else ""),
-            ylabel=r"$\log_{10}\,\|\partial L/\partial h_t\|$ (top layer)",
-        )
 
 
 def _plain(v: Any) -> Any:
