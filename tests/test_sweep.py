@@ -475,6 +475,56 @@ def test_reaper_fails_dead_owners_trials_closes_runs_and_retries_once(store, mon
     assert len([t for t in study.trials if t.state.name == "WAITING"]) == before  # orphan's retry only
 
 
+def test_an_interrupt_uses_up_no_retry_and_a_failure_of_its_own_one():
+    """README, "Faults and resuming": a resume reruns every interrupted trial, however often the sweep is
+    stopped; a point whose own trials fail (a killed worker, an outage) is retried once. Counting the
+    interrupts, a second Ctrl-C left the points the first had re-enqueued FAIL with no retry, the
+    start-up design's among them, and the resume drew new ones (a walkthrough). Each step below is the
+    path a worker takes: close_interrupted for a stop, a FAIL then enqueue_retry for a reaped trial."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from pipeline.sweep.owners import close_interrupted, enqueue_retry
+
+    study = optuna.create_study()
+    study.enqueue_trial({"x": 0.25}, user_attrs={"startup": True})
+
+    def the_retry_of(number: int):
+        (t,) = [t for t in study.get_trials() if t.user_attrs.get("retry_of") == number]
+        assert t.state == TrialState.WAITING
+        return t
+
+    def asked():
+        t = study.ask()
+        t.suggest_float("x", 0, 1)
+        return t
+
+    a = asked()
+    close_interrupted(study, a._trial_id)  # Ctrl-C
+    waiting = the_retry_of(a.number)
+    b = asked()
+    assert b.number == waiting.number and b.params == {"x": 0.25}
+    close_interrupted(study, b._trial_id)  # a second Ctrl-C, on the resume: rerun all the same
+    waiting = the_retry_of(b.number)
+    c = asked()
+    assert c.number == waiting.number and c.params == {"x": 0.25}
+    study.tell(c, state=TrialState.FAIL)  # its worker killed: the point's one retry
+    assert enqueue_retry(study, study.get_trials()[c.number])
+    waiting = the_retry_of(c.number)
+    d = asked()
+    assert d.number == waiting.number and d.params == {"x": 0.25}
+    study.tell(d, state=TrialState.FAIL)  # killed again: no more
+    assert not enqueue_retry(study, study.get_trials()[d.number])
+    assert study.get_trials()[d.number].system_attrs["retry_history"] == [a.number, b.number, c.number]
+    # a study written before the failures were counted: its retried trial keeps its one retry used
+    e = asked()
+    study.tell(e, state=TrialState.FAIL)
+    old = study.get_trials()[e.number]
+    old.system_attrs.update({"retry_history": [0], "failed_trial": 0})
+    assert not enqueue_retry(study, old)
+    assert enqueue_retry(study, old, interrupted=True)
+
+
 def test_a_trial_reaped_after_its_run_finished_but_before_its_tell_has_that_run_killed(store):
     """A kill -9 between a trial's run closing FINISHED and its tell: the reaper fails the trial and retries
     it, so its FINISHED run, never told (no ``optuna_state`` tag), is closed KILLED too; it stayed FINISHED

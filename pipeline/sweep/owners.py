@@ -31,7 +31,8 @@ from pipeline.provenance import owner_alive, owner_tag
 from pipeline.signals import deferred
 from pipeline.uris import is_rdb
 
-MAX_RETRY = 1
+MAX_RETRY = 1  # retries of a point after failures of its own (interrupts are free: enqueue_retry)
+FAILURES = "pipeline_failures"  # system attr: such failures in a retried point's chain so far
 SEARCH_PAGE = 1000  # runs per MLflow search page at the end of a sweep
 ORPHAN_S = 120.0  # a RUNNING trial with no owner attr this long after it started: its worker died in between
 
@@ -113,16 +114,27 @@ def close_finished_trials_runs(mlflow_uri: str | None, study, status: str = "KIL
     return closed
 
 
-def enqueue_retry(study, trial) -> bool:
-    """Re-enqueue ``trial``'s params once (WAITING). Same system attrs as Optuna's retry callback."""
+def enqueue_retry(study, trial, interrupted: bool = False) -> bool:
+    """Re-enqueue ``trial``'s params (WAITING), with Optuna's retry callback's system attrs; whether it
+    did. A point is retried once (:data:`MAX_RETRY`) after a failure of its own (its worker killed, a
+    store outage cut it); a stop the user asked for (SIGTERM, Ctrl-C: ``interrupted``) uses up none, so a
+    resume reruns every interrupted trial however often the sweep was stopped. Counting those too, a
+    second Ctrl-C dropped the points the first had re-enqueued, the start-up design's among them, and the
+    resume drew new ones in their place (a walkthrough)."""
     import optuna
 
     history = list(trial.system_attrs.get("retry_history", [])) + [trial.number]
-    if len(history) > MAX_RETRY:
+    # a study written before FAILURES was recorded: every retry in its chain counts, as it did then
+    failures = int(trial.system_attrs.get(FAILURES, len(history) - 1)) + (0 if interrupted else 1)
+    if failures > MAX_RETRY:
         return False
     system = {k: v for k, v in trial.system_attrs.items() if k not in ("retry_history", "failed_trial")}
     system.update(
-        {"failed_trial": trial.system_attrs.get("failed_trial", trial.number), "retry_history": history}
+        {
+            "failed_trial": trial.system_attrs.get("failed_trial", trial.number),
+            "retry_history": history,
+            FAILURES: failures,
+        }
     )
     study.add_trial(
         optuna.create_trial(
@@ -219,20 +231,20 @@ def first_beat(storage, trial_id: int) -> None:
 
 def close_interrupted(study, trial_id: int) -> None:
     """A trial stopped by SIGTERM or Ctrl-C (its run already closed KILLED): FAIL with attr
-    ``interrupted``, its params re-enqueued once, so a resume reruns them. Raises when the trial is
-    told already (by another process)."""
+    ``interrupted``, its params re-enqueued, so a resume reruns them (every time: an interrupt uses up no
+    retry, :func:`enqueue_retry`). Raises when the trial is told already (by another process)."""
     from optuna.trial import TrialState
 
     storage = study._storage
     storage.set_trial_user_attr(trial_id, "interrupted", True)
     study.tell(storage.get_trial(trial_id).number, state=TrialState.FAIL)
-    enqueue_retry(study, storage.get_trial(trial_id))
+    enqueue_retry(study, storage.get_trial(trial_id), interrupted=True)
 
 
 def release_own(study, mlflow_uri: str | None) -> list[int]:
     """A worker stopped by SIGTERM or Ctrl-C: each trial it still owns (RUNNING, ``worker`` attr this
     process) is closed as an interrupted trial is (README, "Faults and resuming"): its MLflow run(s)
-    KILLED, FAIL with attr ``interrupted``, its params re-enqueued once. Returns their numbers.
+    KILLED, FAIL with attr ``interrupted``, its params re-enqueued. Returns their numbers.
 
     The worker's training paths close the trials they hold themselves; this finds the ones a signal met
     between two steps (asked, not yet held; a run closed FINISHED, its trial not yet told), which would
