@@ -166,6 +166,11 @@ def check_consistent(study, runs, n_trials: int) -> None:
         ({"pruner": {"name": "median", "patience": 3}}, "pruner.patience"),
         ({"bogus": 1}, "bogus"),
         ({"base": "nonexistent.yaml"}, "base"),
+        # an empty value read as auto and ran the sweep (a walkthrough); a capital AUTO's error did not
+        # say auto was allowed
+        ({"workers": None}, "workers"),
+        ({"trials_per_worker": None}, "trials_per_worker"),
+        ({"trials_per_worker": "AUTO"}, "trials_per_worker"),
     ],
 )
 def test_bad_sweep_config_is_one_line_exit_2_and_writes_nothing(tmp_path, monkeypatch, capsys, change, key):
@@ -180,6 +185,8 @@ def test_bad_sweep_config_is_one_line_exit_2_and_writes_nothing(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
     if key == "space.model.nope":  # the keys it could have meant, as a training config's typo is answered
         assert "allowed in model: cell, " in err, err
+    if key in ("workers", "trials_per_worker"):
+        assert "must be auto or an integer, got " in err, err
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:

@@ -281,7 +281,12 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> SweepCon
     """Read, merge overrides (``n_trials=4``, ``base.optim.lr=0.01``, ``space.optim.lr.high=0.1``), validate."""
     data = _merged(path, list(overrides or []))
     typed = {k: v for k, v in data.items() if k != "space"}
-    for key in ("workers", "trials_per_worker"):
+    for key in ("workers", "trials_per_worker"):  # auto is None in the typed config; nothing is no value
+        if key in typed and (typed[key] is None or isinstance(typed[key], str) and typed[key] != "auto"):
+            raise ConfigError(
+                key,
+                f"must be auto or an integer, got {'nothing' if typed[key] is None else repr(typed[key])}",
+            )
         if typed.get(key) == "auto":
             typed[key] = None
     if isinstance(typed.get("study"), (int, float)) and not isinstance(typed["study"], bool):
