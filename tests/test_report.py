@@ -875,9 +875,15 @@ def test_the_regime_table_best_is_never_a_diverged_trials_penalty():
             "p.model.cell": ["tanh", "tanh", "gru", "gru"],
         }
     )
-    lines = {line.split()[0]: line.split() for line in regime_table(df).splitlines()[1:]}
-    assert lines["exploding"][:4] == ["exploding", "1", "0", "-"]
-    assert lines["healthy"][:4] == ["healthy", "3", "1", "0.4000"]
+    lines = {line.split()[0]: line.split() for line in regime_table(df, "lstm").splitlines()[1:]}
+    assert lines["exploding"] == ["exploding", "1", "0", "-", "tanh", "1"]
+    assert lines["healthy"] == ["healthy", "3", "1", "0.4000", "gru", "2,", "tanh", "1"]
+    # a sweep that does not search the cell: each trial's is the base config's (the column was blank)
+    lines = {
+        ln.split()[0]: ln.split()
+        for ln in regime_table(df.drop(columns="p.model.cell"), "lstm").splitlines()[1:]
+    }
+    assert lines["healthy"] == ["healthy", "3", "1", "0.4000", "lstm", "3"]
 
 
 def test_a_bare_report_reads_the_latest_plain_training_runs_experiment(store):

@@ -65,8 +65,9 @@ def trials_frame(study):
     return df
 
 
-def regime_table(df) -> str:
-    """Counts by regime (COMPLETE and PRUNED trials), with the best value and the cells in each."""
+def regime_table(df, base_cell: str | None = None) -> str:
+    """Counts by regime (COMPLETE and PRUNED trials), with the best value and the cells in each:
+    searched (``p.model.cell``), else every trial's ``base_cell`` (the column was blank: a walkthrough)."""
     if df.empty:
         return "  (no trials)"
     d = df[df["state"].isin(["COMPLETE", "PRUNED"])].copy()
@@ -81,7 +82,10 @@ def regime_table(df) -> str:
             continue
         ok = sub[(sub["state"] == "COMPLETE") & ~sub["diverged"]]["value"]
         best = f"{ok.min():.4f}" if len(ok) else "-"
-        cells = ", ".join(f"{k} {v}" for k, v in sub[cell_col].value_counts().items()) if cell_col else ""
+        counted = (
+            sub[cell_col].value_counts().items() if cell_col else [(base_cell, len(sub))] if base_cell else []
+        )
+        cells = ", ".join(f"{k} {v}" for k, v in counted)
         lines.append(
             f"  {reg:<10} {len(sub):>6} {int((sub['state'] == 'PRUNED').sum()):>6} {best:>8}  {cells}"
         )
@@ -195,7 +199,7 @@ def print_summary(res: dict[str, Any], sw, mlflow_uri: str, experiment: str, out
     else:
         why = "every trial that completed diverged" if c["complete"] else "no trial has completed"
         print(f"best trial: none yet ({why})", file=out)
-    print("by regime:\n" + regime_table(res["frame"]), file=out)
+    print("by regime:\n" + regime_table(res["frame"], sw.base_config().model.cell), file=out)
     for n in res["notes"]:
         print(f"note: {n}", file=out)
     ui = ui_command(mlflow_uri)
