@@ -507,11 +507,11 @@ def test_an_interrupt_uses_up_no_retry_and_a_failure_of_its_own_one():
         return t
 
     a = asked()
-    close_interrupted(study, a._trial_id)  # Ctrl-C
+    close_interrupted(study, a._trial_id, None)  # Ctrl-C
     waiting = the_retry_of(a.number)
     b = asked()
     assert b.number == waiting.number and b.params == {"x": 0.25}
-    close_interrupted(study, b._trial_id)  # a second Ctrl-C, on the resume: rerun all the same
+    close_interrupted(study, b._trial_id, None)  # a second Ctrl-C, on the resume: rerun all the same
     waiting = the_retry_of(b.number)
     c = asked()
     assert c.number == waiting.number and c.params == {"x": 0.25}
@@ -530,6 +530,25 @@ def test_an_interrupt_uses_up_no_retry_and_a_failure_of_its_own_one():
     old.system_attrs.update({"retry_history": [0], "failed_trial": 0})
     assert not enqueue_retry(study, old)
     assert enqueue_retry(study, old, interrupted=True)
+
+
+def test_an_interrupted_trial_stopped_before_its_run_id_was_noted_gets_it_from_the_runs_tags(store):
+    """README, "What is recorded": ``mlflow_run_id`` is set when the run opens. A signal between a run's
+    start and that attr (a batched refill starts its members' runs before their callbacks note them)
+    left the interrupted trial with a KILLED run and no attr (a walkthrough); its close finds the run by
+    its tags. A trial with the attr keeps it; one whose run was never made gets none."""
+    from pipeline.sweep.owners import close_interrupted
+    from pipeline.sweep.record import trial_tags
+
+    _, study, c, exp = _reaper_study(store, "n")
+    trials = [study.ask() for _ in range(3)]
+    runs = [c.create_run(exp, tags=trial_tags("n", t.number)).info.run_id for t in trials[:2]]
+    study._storage.set_trial_user_attr(trials[1]._trial_id, "mlflow_run_id", "noted")
+    for t in trials:
+        close_interrupted(study, t._trial_id, store)
+    got = [study.get_trials()[t.number].user_attrs.get("mlflow_run_id") for t in trials]
+    assert got == [runs[0], "noted", None]
+    assert all(study.get_trials()[t.number].user_attrs["interrupted"] for t in trials)
 
 
 def test_a_trial_reaped_after_its_run_finished_but_before_its_tell_has_that_run_killed(store):

@@ -90,7 +90,7 @@ def _interrupted(worker, trial) -> None:
     from pipeline.sweep.owners import close_interrupted
 
     with contextlib.suppress(Exception):
-        close_interrupted(worker.study, trial._trial_id)
+        close_interrupted(worker.study, trial._trial_id, worker.mlflow_uri)
 
 
 class Held:

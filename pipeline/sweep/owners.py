@@ -229,16 +229,39 @@ def first_beat(storage, trial_id: int) -> None:
         storage.record_heartbeat(trial_id)
 
 
-def close_interrupted(study, trial_id: int) -> None:
+def close_interrupted(study, trial_id: int, mlflow_uri: str | None) -> None:
     """A trial stopped by SIGTERM or Ctrl-C (its run already closed KILLED): FAIL with attr
     ``interrupted``, its params re-enqueued, so a resume reruns them (every time: an interrupt uses up no
     retry, :func:`enqueue_retry`). Raises when the trial is told already (by another process)."""
     from optuna.trial import TrialState
 
     storage = study._storage
+    with contextlib.suppress(Exception):
+        note_run(study, trial_id, mlflow_uri)
     storage.set_trial_user_attr(trial_id, "interrupted", True)
     study.tell(storage.get_trial(trial_id).number, state=TrialState.FAIL)
     enqueue_retry(study, storage.get_trial(trial_id), interrupted=True)
+
+
+def note_run(study, trial_id: int, mlflow_uri: str | None) -> None:
+    """Set the trial's ``mlflow_run_id`` attr (README, "What is recorded": set when the run opens) from
+    its run's tags (``study`` + ``trial_number``) where a signal came between the run's start and the
+    attr: batched trials stopped as a refill started them had a KILLED run and no attr (a walkthrough).
+    Nothing when it is set, or when no run was made."""
+    from pipeline.tracking import client
+
+    if "mlflow_run_id" in study._storage.get_trial(trial_id).user_attrs:
+        return
+    exp_id = study.user_attrs.get("mlflow_experiment_id")
+    if exp_id is None:
+        return
+    number = study._storage.get_trial(trial_id).number
+    filt = f"tags.{STUDY} = {quoted(study.study_name)} and tags.{TRIAL_NUMBER} = '{number}'"
+    runs = client(mlflow_uri).search_runs(
+        [exp_id], filt, max_results=1, order_by=["attributes.start_time DESC"]
+    )
+    if runs:
+        study._storage.set_trial_user_attr(trial_id, "mlflow_run_id", runs[0].info.run_id)
 
 
 def release_own(study, mlflow_uri: str | None) -> list[int]:
@@ -270,7 +293,7 @@ def release_trial(study, mlflow_uri: str | None, trial) -> None:
     once (:func:`close_interrupted`, which raises when the trial is told already)."""
     with contextlib.suppress(Exception):
         close_trial_runs(mlflow_uri, study, trial, "KILLED", untold=True)
-    close_interrupted(study, trial._trial_id)
+    close_interrupted(study, trial._trial_id, mlflow_uri)
 
 
 def reap_stale(study, url: str, mlflow_uri: str | None) -> list[int]:

@@ -287,7 +287,7 @@ class Worker:
                 raise
             # The run is already closed KILLED by train.run; close the trial, keep its params for a resume.
             with contextlib.suppress(Exception):
-                close_interrupted(self.study, trial._trial_id)
+                close_interrupted(self.study, trial._trial_id, self.mlflow_uri)
             raise
         except Exception as e:  # a bug or a bad value: record it, keep the sweep going
             if outages.cut(self, trial, e):  # a store did not answer: closed (or tagged) once it does
