@@ -1021,7 +1021,9 @@ def test_the_sweeps_exit_status_and_parent_run_status(monkeypatch, ends, code, s
     s.stores = type("Stores", (), {"study": study})()
     s.devices, s.workers, s.rec = [None, None], Workers(), Rec()
     s.stop = type("Stop", (), {"signum": None, "forward": lambda self: None})()
-    s.progress = type("Progress", (), {"update": lambda self, force=False: False, "done_at_start": 1})()
+    s.progress = type(
+        "Progress", (), {"update": lambda self, force=False, stopped=False: False, "done_at_start": 1}
+    )()
     s.preimport = None
     monkeypatch.setattr(sup, "_preimport_summary", lambda: None)
     s._banner = lambda left: None
@@ -1140,6 +1142,12 @@ def test_progress_prints_the_trials_of_this_sweep_and_an_eta_from_them():
     ), lines[2]
     # two trials in this sweep's two minutes, two left: two minutes more (not 2 x 120 s / 3 done)
     assert lines[2].endswith("| ETA 2.0 min"), lines[2]
+    # the last status line of a sweep a signal stopped: no ETA (it read "ETA 0.8 min"; a walkthrough)
+    assert p.update(force=True, stopped=True)
+    last = out.getvalue().splitlines()[-1]
+    assert last.startswith("[p] 3/5 done") and last.endswith("| ETA - (stopped: the same command resumes)"), (
+        last
+    )
 
 
 # ------------------------------------------------------------------------------- faults (slow)

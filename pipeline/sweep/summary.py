@@ -222,8 +222,10 @@ class Progress:
         self.done_at_start = counts(study)["done"]
         self.printed: set[int] = set()
 
-    def update(self, force: bool = False) -> bool:
-        """Print what changed; True when something was printed."""
+    def update(self, force: bool = False, stopped: bool = False) -> bool:
+        """Print what changed; True when something was printed. ``stopped``: the sweep was stopped by a
+        signal, and the status line says so where an ETA would be (it read "ETA 0.8 min" after a Ctrl-C:
+        a walkthrough)."""
         trials = self.study.get_trials(deepcopy=False)
         new = [t for t in trials if t.state.is_finished() and t.number not in self.printed]
         for t in sorted(new, key=lambda t: t.number):
@@ -249,6 +251,7 @@ class Progress:
         elapsed = time.time() - self.t0
         left = max(0, self.sw.n_trials - c["done"])
         eta = f"{left * elapsed / done_now / 60:.1f} min" if done_now > 0 else "?"
+        eta = "- (stopped: the same command resumes)" if stopped and left else eta
         b = f"{best.value:.4f} (#{best.number})" if best else "-"
         print(
             f"[{self.sw.study}] {c['done']}/{self.sw.n_trials} done | running {c['running']} | pruned "

@@ -303,7 +303,7 @@ class Supervisor:
                 self.supervise()
                 # decided as the workers stopped, not after the summary (which may outlast the deadline)
                 by_timeout = self.stop.signum is None and not self.reached() and self.timed_out()
-            self.progress.update()
+            self.progress.update(stopped=self.stop.signum is not None)
             complete = self.reached()
             status = end_status(self.stop.signum, complete)
             self.summarize(complete=complete)
