@@ -364,6 +364,47 @@ def test_resumed_fit_keeps_running_statistics_and_passes(tmp_path, at):
     assert p.regime == p_ref.regime
 
 
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`:UserWarning")
+def test_a_fit_resumed_at_max_steps_makes_the_last_pass_and_the_verdict(tmp_path):
+    """A job stopped after its last checkpoint (at max_steps), during its end-of-run work: its resume
+    trains no step and Lightning runs no train-end hook. The resumed monitor makes the last pass (step
+    24; the checkpoint's end at 20), the verdict and the MLflow tag and artifacts the uninterrupted run
+    made; it had no verdict, no tag and no artifacts (a walkthrough)."""
+    import mlflow
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from pipeline import BPTTProfileMonitor
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+    def fit(extra=(), ckpt=None, run_id=None):
+        pm = BPTTProfileMonitor("gru", every_n_steps=5)
+        lg = MLFlowLogger("e", tracking_uri=uri, run_id=run_id, artifact_location=str(tmp_path / "art"))
+        t = trainer(
+            tmp_path, [pm, *extra], lg, max_steps=24, log_every_n_steps=1, enable_checkpointing=bool(extra)
+        )
+        torch.manual_seed(0)
+        t.fit(AccumulatingGRU(), loader(cls_data(n=16)), ckpt_path=ckpt)
+        return pm, lg
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=24, filename="{step}")
+    ref, _ = fit([saver])
+    ckpt = tmp_path / "ck" / "step=24.ckpt"
+    key = "BPTTProfileMonitor{'rnn': 'gru', 'every_n_steps': 5}"
+    saved = torch.load(ckpt, weights_only=True)["callbacks"][key]["passes"]
+    assert [q["step"] for q in saved] == [0, 5, 10, 15, 20]  # the pass at 24 is made at train end
+    c = mlflow.MlflowClient(uri)
+    run = c.create_run(c.get_experiment_by_name("e").experiment_id)  # the stopped run's, resumed into
+    p, lg = fit(ckpt=str(ckpt), run_id=run.info.run_id)
+    assert [q["step"] for q in p.passes] == [q["step"] for q in ref.passes] == [0, 5, 10, 15, 20, 24]
+    assert p.passes[-1]["bptt/log10_ratio"] == pytest.approx(ref.passes[-1]["bptt/log10_ratio"], rel=1e-9)
+    assert p.regime == ref.regime is not None and p.regime_reason == ref.regime_reason
+    assert c.get_run(run.info.run_id).data.tags["regime"] == ref.regime
+    arts = {a.path for d in ("diagnostics", "plots") for a in c.list_artifacts(run.info.run_id, d)}
+    assert arts == {"diagnostics/bptt_profile.parquet", "plots/bptt_profile.png"}, arts
+
+
 CLIP = 0.2
 
 

@@ -332,6 +332,14 @@ class BPTTProfileMonitor(_Passes, _Verdict, _Logs, pl.Callback):
         self.measure(trainer, pl_module)
         self._finish(trainer)
 
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # A fit resumed from a checkpoint taken at max_steps (a job stopped during its end-of-run work)
+        # trains no step, and Lightning runs no train-end hook: the last pass, the verdict and the
+        # artifacts are made here, as the uninterrupted run made them (a walkthrough: no regime tag and
+        # no profile artifacts; this project's own trainer did it already, README "Saved models").
+        if self.regime is None and self.passes:
+            self.on_train_end(trainer, pl_module)
+
     # -- one pass
     def params_finite(self, pl_module) -> bool:
         """Whether the weights a pass would read are finite (a subclass may keep what it read for
