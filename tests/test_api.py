@@ -435,6 +435,15 @@ def test_group_norms_are_the_groups_the_readme_names(tmp_path):
         (lambda m: m.BPTTProfileMonitor("gru", every_n_steps="x"), "every_n_steps must be an int, got 'x'"),
         (lambda m: m.BPTTProfileMonitor("gru", every_n_steps=1.5), "every_n_steps must be an int, got 1.5"),
         (lambda m: m.BPTTProfileMonitor("gru", sink=1), "sink must be a callable, got 1"),
+        # in the logger at the first window, naming no argument (a walkthrough)
+        (
+            lambda m: m.GradientNormMonitor(loss_metric=3),
+            "loss_metric must be a metric name (a non-empty str) or None, got 3",
+        ),
+        (
+            lambda m: m.GradientNormMonitor(loss_metric=" "),
+            "loss_metric must be a metric name (a non-empty str) or None, got ' '",
+        ),
     ],
 )
 def test_a_callback_argument_of_the_wrong_type_is_named_at_construction(make, words):

@@ -166,8 +166,9 @@ def test_reading_h_n_is_a_read_at_the_last_step():
 def test_memory_steps_must_be_a_positive_count_or_none(memory_steps):
     from pipeline import BPTTProfileMonitor, profile_rnn
 
-    with pytest.raises(ValueError, match="memory_steps"):
+    with pytest.raises(ValueError, match="memory_steps must be an int >= 1 ") as e:  # 1.5 is >= 1: says int
         BPTTProfileMonitor("rnn", memory_steps=memory_steps)
+    assert str(e.value).endswith(f"got {memory_steps!r}")
     with pytest.raises(ValueError, match="memory_steps"):  # the notebook front, before any work
         profile_rnn(EveryFifth(), "gru", (torch.randn(2, 10, 3),), memory_steps=memory_steps)
 

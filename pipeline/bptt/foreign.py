@@ -223,8 +223,8 @@ def check_memory_steps(memory_steps: object) -> int | None:
         return None
     if isinstance(memory_steps, bool) or not isinstance(memory_steps, int) or memory_steps < 1:
         raise ValueError(
-            "memory_steps must be >= 1 (the last steps whose loss terms the long-range profile keeps) "
-            f"or None (the total gradient), got {memory_steps!r}"
+            "memory_steps must be an int >= 1 (the last steps whose loss terms the long-range profile "
+            f"keeps) or None (the total gradient), got {memory_steps!r}"
         )
     return memory_steps
 

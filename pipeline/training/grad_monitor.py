@@ -322,6 +322,11 @@ class GradientNormMonitor(_StepReads, _Window, pl.Callback):
         log_diverged_step: bool = True,
     ):
         check_arg("log_every_n_steps", log_every_n_steps, "int")
+        if loss_metric is not None and (not isinstance(loss_metric, str) or not loss_metric.strip()):
+            # an int or "" failed in the logger at the first log window, naming no argument (a walkthrough)
+            raise TypeError(
+                f"loss_metric must be a metric name (a non-empty str) or None, got {loss_metric!r}"
+            )
         for arg, value in (("groups", groups), ("sink", sink)):
             if value is not None:
                 check_arg(arg, value, "callable")
