@@ -682,6 +682,23 @@ def test_unsupported_fails_at_setup_in_one_line(tmp_path, rnn, what):
     assert "\n" not in msg and what in msg and "nn.LSTM" in msg
 
 
+def test_a_module_without_training_step_or_an_rnn_given_as_an_object_is_one_line():
+    """``profile_rnn(nn.GRU(...), "", batch)``: a raw AttributeError ("'GRU' object has no attribute
+    'training_step'"); ``rnn=model.gru`` (the RNN, not its path): "has no submodule GRU(3, 16)" (a
+    walkthrough). Each says what it takes."""
+    from pipeline import profile_rnn
+
+    batch = first_batch(cls_data())
+    with pytest.raises(ValueError, match=r"^GRU has no training_step\(batch, batch_idx\).*loss_fn=") as err:
+        profile_rnn(nn.GRU(3, H, batch_first=True), "", batch)
+    assert "\n" not in str(err.value)
+    frame = profile_rnn(nn.GRU(3, H, batch_first=True), "", batch, loss_fn=lambda m, b: m(b[0])[0].sum())
+    assert (frame["state"] == "h").sum() == T  # with a loss_fn, a bare RNN is profiled
+    model = GRUClassifier()
+    with pytest.raises(ValueError, match=r"^rnn must be the RNN's dotted attribute path .* got GRU$"):
+        profile_rnn(model, model.gru, batch)
+
+
 def test_packed_sequence_input_fails_in_one_line():
     from pipeline.training.probe import probe
 

@@ -39,6 +39,11 @@ def check_loss_source(module: nn.Module, loss_fn: LossFn | None) -> None:
                 f"loss_fn must be a callable (module, batch) -> loss, got {type(loss_fn).__name__}"
             )
         return
+    if not callable(getattr(module, "training_step", None)):  # a bare nn.GRU: an AttributeError deep inside
+        raise ValueError(
+            f"{type(module).__name__} has no training_step(batch, batch_idx) to take the loss from: pass "
+            'loss_fn=lambda module, batch: <the loss> (README, "Your own model")'
+        )
     if getattr(module, "automatic_optimization", True) is False:
         raise ValueError(
             f"{type(module).__name__} uses manual optimization (automatic_optimization = False): its "
@@ -49,6 +54,10 @@ def check_loss_source(module: nn.Module, loss_fn: LossFn | None) -> None:
 
 def resolve(module: nn.Module, path: str) -> nn.Module:
     """The submodule at dotted attribute path ``path`` (``"encoder.lstm"``), checked supported."""
+    if not isinstance(path, str):  # the RNN itself, given for its path
+        raise ValueError(
+            f"rnn must be the RNN's dotted attribute path in the module (a str such as 'encoder.lstm'), got {type(path).__name__}"
+        )
     try:
         rnn = eager(module.get_submodule(path))
     except AttributeError:
