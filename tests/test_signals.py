@@ -303,6 +303,40 @@ def _stop_at_first_finished_close(monkeypatch) -> None:
     monkeypatch.setattr(Recorder, "close", g)
 
 
+def test_a_trials_own_system_exit_is_no_stop_the_user_asked_for_and_gets_one_retry(
+    store, tmp_path, monkeypatch
+):
+    """A ``sys.exit()`` inside a trial's own code (a library's) ends the worker as a stop does, but the
+    user asked for none: its point is retried once, as a killed worker's, not re-enqueued after every
+    exit for ever (a review of the free retry of interrupts). A Ctrl-C or SIGTERM stays free."""
+    from optuna.trial import TrialState
+
+    import pipeline.training.run as train
+    from pipeline.signals import received_count
+    from pipeline.sweep.owners import asked_stop
+
+    since = received_count()
+    assert not asked_stop(SystemExit(1), since)
+    assert asked_stop(KeyboardInterrupt(), since) and asked_stop(Terminated("signal 15"), since)
+
+    def exits(*a, **kw):
+        raise SystemExit(1)
+
+    monkeypatch.setattr(train, "run", exits)
+    w = _worker(tmp_path, 1, n_trials=3, sampler={"name": "random", "seed": 0})
+    exited = []
+    for _ in range(3):
+        t = w.next_trial()
+        with pytest.raises(SystemExit):
+            w.run_trial(t)
+        exited.append(t.number)
+    trials = w.study.get_trials()
+    retries = {t.user_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.user_attrs}
+    assert retries == {exited[0]: exited[1], exited[2]: trials[-1].number}  # the retry's exit: none
+    assert all(trials[n].state == TrialState.FAIL for n in exited)
+    assert trials[-1].state == TrialState.WAITING and trials[-1].number not in exited
+
+
 @pytest.mark.parametrize("where", ["tell", "close"])
 @pytest.mark.parametrize("k", [1, 3])
 def test_a_sigterm_as_a_finished_trial_is_told_tells_it_complete_first(

@@ -541,9 +541,15 @@ def test_an_interrupted_trial_stopped_before_its_run_id_was_noted_gets_it_from_t
     from pipeline.sweep.record import trial_tags
 
     _, study, c, exp = _reaper_study(store, "n")
+    parent = c.create_run(exp).info.run_id
+    study.set_user_attr("mlflow_parent_run_id", parent)
     trials = [study.ask() for _ in range(3)]
-    runs = [c.create_run(exp, tags=trial_tags("n", t.number)).info.run_id for t in trials[:2]]
+    under = {"mlflow.parentRunId": parent}
+    runs = [c.create_run(exp, tags={**trial_tags("n", t.number), **under}).info.run_id for t in trials[:2]]
     study._storage.set_trial_user_attr(trials[1]._trial_id, "mlflow_run_id", "noted")
+    # an earlier study of the same name in this experiment (its journal deleted): the same tags, another
+    # parent run; its run was taken for this trial's (a review)
+    c.create_run(exp, tags={**trial_tags("n", trials[2].number), "mlflow.parentRunId": "earlier"})
     for t in trials:
         close_interrupted(study, t._trial_id, store)
     got = [study.get_trials()[t.number].user_attrs.get("mlflow_run_id") for t in trials]

@@ -86,11 +86,13 @@ def _fail(worker, trial, e: BaseException) -> None:
     worker.study.tell(trial, state=TrialState.FAIL)
 
 
-def _interrupted(worker, trial) -> None:
-    from pipeline.sweep.owners import close_interrupted
+def _interrupted(worker, trial, e: BaseException) -> None:
+    from pipeline.sweep.owners import asked_stop, close_interrupted
 
     with contextlib.suppress(Exception):
-        close_interrupted(worker.study, trial._trial_id, worker.mlflow_uri)
+        close_interrupted(
+            worker.study, trial._trial_id, worker.mlflow_uri, asked_stop(e, worker.signals_before)
+        )
 
 
 class Held:
@@ -159,10 +161,10 @@ def run_batch(worker, trials: list) -> bool:
             group = [w for w in waiting if stack_key(w[1]) == key]
             waiting[:] = [w for w in waiting if stack_key(w[1]) != key]
             ok = _Group(worker, group, todo, waiting, hold).run() and ok
-    except (KeyboardInterrupt, SystemExit, Terminated):
+    except (KeyboardInterrupt, SystemExit, Terminated) as e:
         for t in list(todo):  # their runs are already closed KILLED by run_stack
             todo.remove(t)
-            _interrupted(worker, t)
+            _interrupted(worker, t, e)
         raise
     finally:
         todo.close()

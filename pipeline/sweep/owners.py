@@ -229,10 +229,21 @@ def first_beat(storage, trial_id: int) -> None:
         storage.record_heartbeat(trial_id)
 
 
-def close_interrupted(study, trial_id: int, mlflow_uri: str | None) -> None:
+def asked_stop(e: BaseException, since: int) -> bool:
+    """Whether ``e``, ending a trial, is a stop the user asked for: a Ctrl-C, a SIGTERM, or any exit after
+    a SIGTERM arrived (``since``: :func:`pipeline.signals.received_count` at the worker's start). A
+    ``SystemExit`` of the trial's own code is not: free, it re-enqueued its point after every failure, for
+    ever (a review)."""
+    from pipeline.signals import received
+
+    return not isinstance(e, SystemExit) or received(since)
+
+
+def close_interrupted(study, trial_id: int, mlflow_uri: str | None, asked: bool = True) -> None:
     """A trial stopped by SIGTERM or Ctrl-C (its run already closed KILLED): FAIL with attr
-    ``interrupted``, its params re-enqueued, so a resume reruns them (every time: an interrupt uses up no
-    retry, :func:`enqueue_retry`). Raises when the trial is told already (by another process)."""
+    ``interrupted``, its params re-enqueued, so a resume reruns them (every time: a stop the user
+    ``asked`` for uses up no retry, :func:`enqueue_retry`, :func:`asked_stop`). Raises when the trial is
+    told already (by another process)."""
     from optuna.trial import TrialState
 
     storage = study._storage
@@ -240,7 +251,7 @@ def close_interrupted(study, trial_id: int, mlflow_uri: str | None) -> None:
         note_run(study, trial_id, mlflow_uri)
     storage.set_trial_user_attr(trial_id, "interrupted", True)
     study.tell(storage.get_trial(trial_id).number, state=TrialState.FAIL)
-    enqueue_retry(study, storage.get_trial(trial_id), interrupted=True)
+    enqueue_retry(study, storage.get_trial(trial_id), interrupted=asked)
 
 
 def note_run(study, trial_id: int, mlflow_uri: str | None) -> None:
@@ -252,11 +263,19 @@ def note_run(study, trial_id: int, mlflow_uri: str | None) -> None:
 
     if "mlflow_run_id" in study._storage.get_trial(trial_id).user_attrs:
         return
-    exp_id = study.user_attrs.get("mlflow_experiment_id")
-    if exp_id is None:
+    exp_id, parent = (
+        study.user_attrs.get("mlflow_experiment_id"),
+        study.user_attrs.get("mlflow_parent_run_id"),
+    )
+    if exp_id is None or parent is None:
         return
     number = study._storage.get_trial(trial_id).number
-    filt = f"tags.{STUDY} = {quoted(study.study_name)} and tags.{TRIAL_NUMBER} = '{number}'"
+    # under this study's parent run: a study of the same name recorded earlier in the experiment (its
+    # journal deleted, or another --storage) has runs with the same tags (a review)
+    filt = (
+        f"tags.{STUDY} = {quoted(study.study_name)} and tags.{TRIAL_NUMBER} = '{number}'"
+        f" and tags.`mlflow.parentRunId` = {quoted(parent)}"
+    )
     runs = client(mlflow_uri).search_runs(
         [exp_id], filt, max_results=1, order_by=["attributes.start_time DESC"]
     )

@@ -262,7 +262,7 @@ class Worker:
         """One trial, start to tell. Returns False when it raised (FAIL)."""
         from optuna.trial import TrialState
 
-        from pipeline.sweep.owners import close_interrupted, release_trial
+        from pipeline.sweep.owners import asked_stop, close_interrupted, release_trial
         from pipeline.training import run as train
 
         tags = trial_tags(self.sw.study, trial.number)
@@ -282,12 +282,13 @@ class Worker:
                     experiment_id=self.spec["experiment_id"],
                     on_done=done,
                 )
-        except (KeyboardInterrupt, SystemExit, Terminated):
+        except (KeyboardInterrupt, SystemExit, Terminated) as e:
             if self.told(trial):  # the signal came as the trial was told: it is done
                 raise
             # The run is already closed KILLED by train.run; close the trial, keep its params for a resume.
             with contextlib.suppress(Exception):
-                close_interrupted(self.study, trial._trial_id, self.mlflow_uri)
+                asked = asked_stop(e, self.signals_before)
+                close_interrupted(self.study, trial._trial_id, self.mlflow_uri, asked)
             raise
         except Exception as e:  # a bug or a bad value: record it, keep the sweep going
             if outages.cut(self, trial, e):  # a store did not answer: closed (or tagged) once it does
