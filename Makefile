@@ -134,4 +134,4 @@ browser: ## Install Debian's chromium for the headless UI test (needs root / apt
 	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium)
 
 clean: ## Remove the venv, local stores and outputs
-	rm -rf $(VENV) $(FLOOR_VENV) $(FLOOR_AIRFLOW_VENV) mlflow.db mlflow.db-wal mlflow.db-shm mlflow.db.create-lock mlflow.db.creating-* mlruns mlartifacts optuna reports runs tutorial.db* img test-output .pytest_cache *.egg-info
+	rm -rf $(VENV) $(FLOOR_VENV) $(FLOOR_AIRFLOW_VENV) mlflow.db mlflow.db-wal mlflow.db-shm mlflow.db.create-lock mlflow.db.creating-* mlruns mlartifacts optuna reports runs tutorial.db* img benchmarks/out test-output .pytest_cache *.egg-info

@@ -32,6 +32,30 @@ def test_help_imports_no_heavy_library():
     assert r.returncode == 0 and "train" in r.stdout and "sweep" in r.stdout
 
 
+def test_a_python_without_the_packages_is_one_line_naming_the_venv(tmp_path, monkeypatch, capsys):
+    """A verb run with the system's python3 instead of .venv's (the README's ``python -m pipeline``, the
+    venv not activated): "No module named 'mlflow'" in a traceback, after ``--help`` had answered (a
+    new-user walkthrough). Now one line naming what is missing and the interpreter to use, exit 2,
+    nothing written; ``--help`` still answers."""
+    import importlib.util
+
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda n, *a: None if n in ("mlflow", "optuna") else real(n, *a)
+    )
+    assert main(["train", "--config", "smoke"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: this Python ({sys.executable}) lacks mlflow, optuna, ") and "\n" not in err
+    assert ".venv/bin/python -m pipeline" in err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--help"])
+    assert e.value.code == 0
+
+
 @pytest.mark.parametrize(
     "error",
     [

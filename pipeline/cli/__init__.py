@@ -53,6 +53,20 @@ def build_parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
     return p
 
 
+# The packages every verb imports (pyproject's dependencies), as imported: found, never imported, here.
+NEEDED = ("torch", "pytorch_lightning", "mlflow", "optuna", "pandas", "numpy", "sqlalchemy", "yaml")
+NEEDED += ("matplotlib", "pyarrow")
+
+
+def missing_dependencies() -> list[str]:
+    """The :data:`NEEDED` packages this interpreter cannot import: a verb run with the system's python3
+    instead of .venv's died of "No module named 'mlflow'" in a traceback, after ``--help`` had answered
+    (a new-user walkthrough)."""
+    import importlib.util
+
+    return [name for name in NEEDED if importlib.util.find_spec(name) is None]
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """Run one verb; ``prog`` names the program in usage lines (default: the console script's name when
     called as one with ``argv`` None, else ``python -m pipeline``)."""
@@ -74,6 +88,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     if getattr(args, "_missing", False):
         print(f"error: verb '{args.verb}' is not available in this build", file=sys.stderr)
+        return 2
+    missing = missing_dependencies()
+    if missing:
+        print(
+            f"error: this Python ({sys.executable}) lacks {', '.join(missing)}, which the package needs: run the "
+            "commands with .venv/bin/python -m pipeline (made by make install; or source .venv/bin/activate), "
+            'or pip install the package into this Python (README, "Installing the package")',
+            file=sys.stderr,
+        )
         return 2
     _quiet_locked_store_logs()
     # MLflow prints "View run ... at: URL" for each run it ends on a tracking server: a sweep's resume
