@@ -757,16 +757,38 @@ def test_report_out_that_cannot_be_a_folder_is_one_line_before_the_store_is_read
         (["--host", "999.1.1.1", "--port", "5871"], ("error: --host: ", "999.1.1.1")),
         (["--host", "192.0.2.1", "--port", "5871"], ("error: --host: ", "192.0.2.1")),  # TEST-NET-1: not ours
         (["--workers", "0"], ("error: --workers: ", ">= 1")),
-        # mlflow ui cannot serve a tracking server's store: its traceback, exit 1 (a new-user walkthrough)
+        # mlflow ui cannot serve a tracking server's store: its traceback, exit 1 (a new-user walkthrough);
+        # with nothing there, it said "open" that address all the same (another)
         (
             ["--store", "http://127.0.0.1:5071"],
-            ("error: --store: ", "serves its own UI: open http://127.0.0.1:5071"),
+            (
+                "error: --store: ",
+                "nothing answers at http://127.0.0.1:5071 (",
+                "start the MLflow tracking server",
+            ),
         ),
     ],
 )
 def test_ui_bad_port_or_host_is_one_line_before_the_server(tmp_path, args, needles):
     """--port 70000 was an 82-line traceback and exit 0; a bad host was MLflow's log line and exit 0."""
     one_error_line(cli("ui", *args, cwd=tmp_path, timeout=30), *needles)
+    assert files(tmp_path) == []
+
+
+def test_ui_of_a_tracking_server_that_answers_says_to_open_it(tmp_path):
+    """Something answers at the ``--store`` address (any HTTP status, a password in the URL kept out of
+    the request and the message): it is the server, whose own UI to open."""
+    import http.server
+    import threading
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)  # 501s
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        port = srv.server_address[1]
+        r = cli("ui", "--store", f"http://u:pw@127.0.0.1:{port}", cwd=tmp_path, timeout=30)
+    finally:
+        srv.shutdown()
+    one_error_line(r, "error: --store: ", f"serves its own UI: open http://u:***@127.0.0.1:{port}")
     assert files(tmp_path) == []
 
 

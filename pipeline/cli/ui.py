@@ -159,10 +159,14 @@ def command(args: argparse.Namespace) -> int:
     from pipeline.uris import display_url, is_server, resolve_uri, uri_flag
 
     if is_server(given := resolve_uri(args.store)):  # `mlflow ui` cannot serve it (a traceback, exit 1)
-        url = display_url(given)
+        url, silent = display_url(given), _no_answer(given)
         raise ConfigError(
             uri_flag(args.store, "--store"),
-            f"{url} is an MLflow tracking server, which serves its own UI: open {url}",
+            # it said "open URL" where nothing ran (a new-user walkthrough)
+            f"nothing answers at {url} ({silent}): start the MLflow tracking server there, which serves its "
+            "own UI at that address"
+            if silent
+            else f"{url} is an MLflow tracking server, which serves its own UI: open {url}",
         )
     # MLflow would create a store that does not exist and serve it empty: a mistyped --store (or `make ui`
     # before anything ran) read as "no runs" and left a stray file behind (found by a walkthrough)
@@ -185,3 +189,22 @@ def command(args: argparse.Namespace) -> int:
         )
     os.execv(cmd[0], cmd)
     return 0  # not reached
+
+
+def _no_answer(url: str) -> str | None:
+    """Why nothing answers HTTP at ``url`` (its user and password left out of the request), or None when
+    something does, whatever its status."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    bare = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
+    try:
+        urllib.request.urlopen(bare, timeout=3).close()
+    except urllib.error.HTTPError:
+        return None  # an answer: 401, 404, ...
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        return str(getattr(reason, "strerror", None) or reason)
+    return None
