@@ -22,6 +22,7 @@ from pathlib import Path
 from pipeline.schema import ConfigError
 
 KINDS = ("train", "sweeps", "regression")
+_NOUN = {"sweeps": "sweep", "regression": "regression suite"}  # what a message calls a config of the kind
 BASELINE_SUFFIX = ".baseline.yaml"  # a suite's accepted numbers, not a suite (README, "Regression suites")
 
 
@@ -65,7 +66,9 @@ def resolve(value: str, kind: str, flag: str = "--config") -> str:
     if not value.strip():
         # Path("") is "." (a directory that exists): it was reported as "config file . is a directory"
         known = ", ".join(names(kind)) or "none"
-        raise ConfigError(flag, f"empty path: name a YAML file or a shipped {kind} config (known: {known})")
+        raise ConfigError(
+            flag, f"empty path: name a YAML file or a shipped {_NOUN.get(kind, kind)} config (known: {known})"
+        )
     if Path(value).expanduser().exists():
         return value
     if "/" in value or "\\" in value or not value.strip():
@@ -79,5 +82,5 @@ def resolve(value: str, kind: str, flag: str = "--config") -> str:
     known = ", ".join(names(kind)) or "none"
     raise ConfigError(
         "",
-        f"config file not found: {value} ({flag}: nor a shipped {kind} config of that name; known: {known})",
+        f"config file not found: {value} ({flag}: not a shipped {_NOUN.get(kind, kind)} config either; known: {known})",
     )

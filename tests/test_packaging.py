@@ -53,7 +53,7 @@ def test_an_unknown_name_names_the_shipped_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(
         ConfigError,
-        match=r"^config file not found: no_such_config \(--config: nor a shipped train config.*smoke",
+        match=r"^config file not found: no_such_config \(--config: not a shipped train config either.*smoke",
     ):
         presets.resolve("no_such_config", "train")
     with pytest.raises(ConfigError, match=r"known: gpu, nightly, smoke\)$"):  # baselines are not suites

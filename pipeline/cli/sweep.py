@@ -39,8 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage",
         default=None,
-        help="Optuna storage: postgresql://user@host/db (several machines) or a journal file "
-        "path (default: the sweep's `storage`, else optuna/<study>.journal)",
+        help="Optuna storage: postgresql://user@host/db (several machines), sqlite:///file.db, "
+        "mysql://..., or a journal file path (default: the sweep's `storage`, else optuna/<study>.journal)",
     )
     p.add_argument(
         "overrides",
