@@ -301,8 +301,10 @@ def test_progress_line_is_plain_text():
 
     s = line(50, 1000, 0.25, float("nan"), 1 / 6, 0.5, "healthy (profile at step 50)")
     assert s == (
-        "step   50/1000  train/loss 0.25  val/loss nan  grad/clip_rate 0.500  regime healthy (profile at step 50)"
+        "step   50/1000  train/loss 0.2500  val/loss nan  grad/clip_rate 0.500  regime healthy (profile at step 50)"
     )
+    # one width a column: x1.00 beside x1.02, 0.1950 beside 0.1692 (they read x1 and 0.195: a walkthrough)
+    assert "train/loss 0.1950  val/loss 0.1500 (x1.00 of baseline)" in line(1, 2, 0.195, 0.15, 0.15, 0, "h")
     assert s.isascii() and "\r" not in s and "\x1b" not in s
     # A classification task adds its accuracy after the validation loss.
     s = line(600, 600, 0.5, 0.5888, 2.302585, 0.908, "healthy", accuracy=0.812)

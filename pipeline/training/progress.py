@@ -29,7 +29,7 @@ from pipeline.training.callbacks import verdict
 from pipeline.training.tasks import Task
 
 
-def _fmt(x: float | None, spec: str = ".4g") -> str:
+def _fmt(x: float | None, spec: str = "#.4g") -> str:  # '#': trailing zeros kept (0.1950, not 0.195)
     return "n/a" if x is None else format(x, spec)
 
 
@@ -108,7 +108,7 @@ def line(
 ) -> str:
     """One progress line (pure; see the module docstring)."""
     ratio = (
-        f" (x{val_loss / baseline:.3g} of baseline)"
+        f" (x{val_loss / baseline:#.3g} of baseline)"  # x1.00, not x1 beside x1.02 (a walkthrough)
         if val_loss is not None and math.isfinite(val_loss)
         else ""
     )
