@@ -54,8 +54,8 @@ def build_parser(prog: str = MODULE_PROG) -> argparse.ArgumentParser:
 
 
 # The packages every verb imports (pyproject's dependencies), as imported: found, never imported, here.
-NEEDED = ("torch", "pytorch_lightning", "mlflow", "optuna", "pandas", "numpy", "sqlalchemy", "yaml")
-NEEDED += ("matplotlib", "pyarrow")
+NEEDED: tuple[str, ...] = ("torch", "pytorch_lightning", "mlflow", "optuna", "pandas", "numpy", "sqlalchemy")
+NEEDED += ("yaml", "matplotlib", "pyarrow")
 
 
 def missing_dependencies() -> list[str]:

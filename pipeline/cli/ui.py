@@ -199,7 +199,9 @@ def _no_answer(url: str) -> str | None:
     import urllib.request
 
     parts = urllib.parse.urlsplit(url)
-    bare = parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "")).geturl()
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # an IPv6 address keeps its brackets
+    bare = parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")).geturl()
     try:
         urllib.request.urlopen(bare, timeout=3).close()
     except urllib.error.HTTPError:
