@@ -154,6 +154,50 @@ def test_passing_suite_exits_0_records_everything_and_update_shows_changes(store
     assert ("gone: val/loss", "1", "-", "removed") in diff
 
 
+def test_a_keyed_attempt_after_the_suite_changed_trains_the_changed_entry_again(store, tmp_path):
+    """The DAG's idempotency (README, "The Airflow DAG"): a second attempt of one key reuses the FINISHED
+    runs of the entries the suite still trains as before, trains again an entry it changed, reads that
+    run back (not the first attempt's) and logs the suite file as it is now. It reused the first
+    attempt's run and judged it against the edited file (a platform-team walkthrough)."""
+    import mlflow
+
+    from pipeline.regression.run import FINGERPRINT, collect, run_entry, start_suite_run
+    from pipeline.regression.suite import load_suite
+
+    def attempt(data):
+        suite = load_suite(str(write_suite(tmp_path, data)))
+        parent, exp = start_suite_run(suite, key="k", uri=store)
+        ids = {e.name: run_entry(suite, e.name, parent, exp, key="k", uri=store) for e in suite.entries}
+        return suite, parent, ids
+
+    _, parent, first = attempt(TINY)
+    again = attempt(TINY)[2]
+    assert again == first  # nothing changed: nothing trained
+    edited = yaml.safe_load(yaml.safe_dump(TINY))
+    edited["entries"][0]["patch"]["model"]["init_scale"] = 0.4
+    suite, parent2, second = attempt(edited)
+    assert parent2 == parent and second["orth"] == first["orth"]
+    assert second["tanh_g05"] != first["tanh_g05"]
+    c = mlflow.MlflowClient(store)
+    run = c.get_run(second["tanh_g05"])
+    assert (
+        run.data.params["model.init_scale"] == "0.4"
+        and run.data.tags[FINGERPRINT] != c.get_run(first["tanh_g05"]).data.tags[FINGERPRINT]
+    )
+    # an attempt whose run id did not come back reads the entry's run as the suite now trains it
+    got = collect(suite, {"tanh_g05": None, "orth": second["orth"]}, parent, store)["tanh_g05"]
+    assert got.run_id == run.info.run_id
+    logged = mlflow.artifacts.download_artifacts(
+        run_id=parent, artifact_path="suite/suite.yaml", tracking_uri=store
+    )
+    assert "init_scale: 0.4" in Path(logged).read_text()
+    # one that failed before its run was made reads none, not an earlier attempt's of another config
+    edited["entries"][0]["patch"]["model"]["init_scale"] = 0.3
+    third = load_suite(str(write_suite(tmp_path, edited)))
+    got = collect(third, {"tanh_g05": None, "orth": second["orth"]}, parent, store)["tanh_g05"]
+    assert (got.status, got.run_id) == ("MISSING", None)
+
+
 def test_planted_regression_fails_and_names_the_check(store, tmp_path, capsys):
     # A baseline the code can no longer meet: the tanh g=0.5 ratio was "accepted" at +50 decades.
     suite = write_suite(tmp_path, TINY, {"tanh_g05": {"bptt/log10_ratio": {"value": 50.0, "abs": 0.05}}})

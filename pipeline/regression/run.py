@@ -45,6 +45,10 @@ from pipeline.regression.suite import EXPERIMENT, Suite, judged_under, with_over
 
 ROLE_SUITE, ROLE_ENTRY = "suite", "entry"  # the values of tag ROLE: the parent run, an entry's run
 KEY = "regression_key"  # tag: the DAG's idempotency key (suite + data interval) on the parent and entries
+# tag on a keyed entry run: what it trained (config_fingerprint). A DAG attempt reuses a FINISHED run of
+# its key only when it trained the entry as the suite now says: an edited suite's second attempt of one
+# night judged the first attempt's runs against the new file (a platform-team walkthrough)
+FINGERPRINT = "regression_fingerprint"
 
 # What `--update-baseline` runs each baselined entry again under, standing in for another machine
 # (README, "Baselines that hold on another machine"): another intra-op thread count (other reduction
@@ -73,11 +77,28 @@ def _search(client, exp_id: str, flt: str):
     )
 
 
+def config_fingerprint(cfg) -> str:
+    """16 hex digits of the SHA-256 of what a run trains: the resolved config less ``tracking`` (where and
+    under which name it records)."""
+    import hashlib
+
+    data = {k: v for k, v in cfg.to_dict().items() if k != "tracking"}
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _log_suite_files(rec, suite: Suite) -> None:
+    rec.log_text(suite.path.read_text(), f"suite/{suite.path.name}")
+    if suite.baseline_path.exists():
+        rec.log_text(suite.baseline_path.read_text(), f"suite/{suite.baseline_path.name}")
+
+
 def start_suite_run(suite: Suite, key: str | None = None, uri: str | None = None) -> tuple[str, str]:
     """Create the store and experiment (once, before any worker) and the suite's parent run.
 
     With ``key`` (the DAG's data interval), an existing parent run with that key is reused, so a
-    retried or cleared DAG run does not start a second record. Returns (parent_run_id, experiment_id).
+    retried or cleared DAG run does not start a second record; its ``suite/`` files are logged again, as
+    they are now (an edited suite's second attempt kept the first's). Returns (parent_run_id,
+    experiment_id).
     """
     from pipeline.tracking import Recorder, client, ensure_experiment
 
@@ -86,7 +107,8 @@ def start_suite_run(suite: Suite, key: str | None = None, uri: str | None = None
     if key:
         found = _search(client(uri), exp_id, f"tags.{KEY} = '{key}' and tags.{ROLE} = '{ROLE_SUITE}'")
         if found:
-            Recorder.attach(uri, found[0].info.run_id, reopen=True)
+            rec = Recorder.attach(uri, found[0].info.run_id, reopen=True)
+            _log_suite_files(rec, suite)
             return found[0].info.run_id, exp_id
     tags = {KIND: KIND_REGRESSION, SUITE: suite.name, ROLE: ROLE_SUITE, **version_tags()}
     if key:
@@ -98,9 +120,7 @@ def start_suite_run(suite: Suite, key: str | None = None, uri: str | None = None
     stamp = f"{dt.datetime.now():%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
     name = f"regress-{key}" if key else f"regress-{suite.name}-{stamp}"
     rec = Recorder.start(uri, EXPERIMENT, name, tags=tags, experiment_id=exp_id)
-    rec.log_text(suite.path.read_text(), f"suite/{suite.path.name}")
-    if suite.baseline_path.exists():
-        rec.log_text(suite.baseline_path.read_text(), f"suite/{suite.baseline_path.name}")
+    _log_suite_files(rec, suite)
     return rec.run_id, exp_id
 
 
@@ -193,7 +213,8 @@ def run_entry(
 
     ``overrides``: dotted ``key=value`` settings applied on top of the entry (``--set``, perturbations);
     ``perturbation``: its label, recorded as tag ``perturbation`` and in the run name (``<suite>/<entry>~label``).
-    With ``key``: a FINISHED run of this entry with the same key is reused (idempotent retries);
+    With ``key``: a FINISHED run of this entry with the same key and :data:`FINGERPRINT` is reused
+    (idempotent retries; an entry the suite changed since is trained again);
     runs left RUNNING by a killed attempt are closed as KILLED first. Raises what ``train.run`` raises
     (the run itself is then already closed FAILED or KILLED). ``train.run`` quiets Lightning's
     warnings itself (``pipeline.training.run.quiet_lightning``).
@@ -211,14 +232,15 @@ def run_entry(
         tags[PERTURBATION] = perturbation
         cfg = replace(cfg, tracking=replace(cfg.tracking, run_name=f"{cfg.tracking.run_name}~{perturbation}"))
     if key:
+        fingerprint = config_fingerprint(cfg)
         for r in _search(
             client(cfg.tracking.uri), experiment_id, f"tags.{KEY} = '{key}' and tags.{ENTRY} = '{name}'"
         ):
-            if r.info.status == "FINISHED":
-                return r.info.run_id
+            if r.info.status == "FINISHED" and r.data.tags.get(FINGERPRINT) == fingerprint:
+                return r.info.run_id  # FINISHED with another config: trained again as the suite now says
             if r.info.status == "RUNNING":
                 end_run(cfg.tracking.uri, r.info.run_id, "KILLED")
-        tags[KEY] = key
+        tags[KEY], tags[FINGERPRINT] = key, fingerprint
     else:
         tags[OWNER] = owner_tag()
     run_id = run(cfg, parent_run_id=parent_run_id, experiment_id=experiment_id, extra_tags=tags).run_id
@@ -268,12 +290,14 @@ def collect(
         rid = run_ids.get(e.name)
         if rid is None and parent_run_id:  # a run that failed before returning its id
             exp = c.get_run(parent_run_id).info.experiment_id
+            now = config_fingerprint(e.cfg)  # not an earlier attempt's run of an entry since edited
             found = [
                 r
                 for r in _search(
                     c, exp, f"tags.mlflow.parentRunId = '{parent_run_id}' and tags.{ENTRY} = '{e.name}'"
                 )
                 if r.data.tags.get(PERTURBATION) == perturbation
+                and r.data.tags.get(FINGERPRINT) in (None, now)
             ]
             rid = found[0].info.run_id if found else None
         if rid is None:
