@@ -123,7 +123,10 @@ upgradedb()  # what `airflow db migrate` does, without paying a second Airflow s
 from airflow.dag_processing.dagbag import DagBag
 dag = DagBag(dag_folder={str(ROOT / "dags")!r}).dags[{DAG_ID!r}]
 out = []
-for suite, day in json.loads(sys.argv[1]):
+import os
+for suite, day, *uri in json.loads(sys.argv[1]):
+    if uri:  # this run's store Variable (Airflow reads the variable's environment at each get)
+        os.environ["AIRFLOW_VAR_RNN_REGRESSION_TRACKING_URI"] = uri[0]
     dr = dag.test(logical_date=datetime(2026, 1, day, tzinfo=timezone.utc), run_conf={{'suite': suite}})
     tis = {{ti.task_id + ('' if ti.map_index < 0 else f'[{{ti.map_index}}]'): [str(getattr(ti.state, 'value', ti.state)), ti.try_number]
            for ti in dr.get_task_instances()}}
@@ -190,10 +193,26 @@ def test_dag_end_to_end_idempotent_and_fails_on_a_planted_regression(tmp_path):
     # Day 2 twice (a rerun of the same data interval must reuse its runs), day 3 with a planted baseline,
     # day 5 with an invalid suite (a configuration error: fails at once, no retry), day 6 with an entry
     # that crashes (the others still run, compare still reports, the DAG run fails).
+    # Day 7 names a suite no file or shipped suite has; day 8's store Variable has a mistyped scheme
+    # (retried for 4 minutes, a walkthrough): configuration errors, each failing prepare_stores once.
     plan = [[str(good), 2], [str(good), 2], [str(planted), 3], [str(broken), 5], [str(crash), 6]]
+    plan += [["nope", 7], [str(good), 8, f"sqlit:///{tmp_path / 'x.db'}"]]
     code = DRIVE.replace("json.loads(sys.argv[1])", repr(plan))
-    (s1, tis1), (s2, _), (s3, tis3), (s4, tis4), (s5, tis5) = run_py(code, env)
-    assert (s1, s2, s3, s4, s5) == ("success", "success", "failed", "failed", "failed")
+    (s1, tis1), (s2, _), (s3, tis3), (s4, tis4), (s5, tis5), (s6, tis6), (s7, tis7) = run_py(code, env)
+    assert (s1, s2, s3, s4, s5, s6, s7) == (
+        "success",
+        "success",
+        "failed",
+        "failed",
+        "failed",
+        "failed",
+        "failed",
+    )
+    for tis in (tis4, tis6, tis7):  # prepare_stores' failure alone: compare does not fail after it (it did,
+        # "prepare_stores produced no jobs", after an "XCom not found" line: a walkthrough)
+        assert tis["prepare_stores"] == ["failed", 1], tis
+        assert tis["compare"][0] in ("upstream_failed", "skipped"), tis
+    assert not (tmp_path / "x.db").exists()
     assert all(state == "success" and tries == 1 for state, tries in tis1.values()), tis1
     assert tis3["compare"][0] == "success" and tis3["publish_report"] == ["failed", 1]  # no retry
     assert tis4["prepare_stores"] == ["failed", 1] and tis4["run_entry"][0] == "upstream_failed"

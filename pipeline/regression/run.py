@@ -92,18 +92,20 @@ def _log_suite_files(rec, suite: Suite) -> None:
         rec.log_text(suite.baseline_path.read_text(), f"suite/{suite.baseline_path.name}")
 
 
-def start_suite_run(suite: Suite, key: str | None = None, uri: str | None = None) -> tuple[str, str]:
+def start_suite_run(
+    suite: Suite, key: str | None = None, uri: str | None = None, flag: str = "defaults.tracking.uri"
+) -> tuple[str, str]:
     """Create the store and experiment (once, before any worker) and the suite's parent run.
 
     With ``key`` (the DAG's data interval), an existing parent run with that key is reused, so a
     retried or cleared DAG run does not start a second record; its ``suite/`` files are logged again, as
     they are now (an edited suite's second attempt kept the first's). Returns (parent_run_id,
-    experiment_id).
+    experiment_id). ``flag``: what a store error names as giving ``uri``.
     """
     from pipeline.tracking import Recorder, client, ensure_experiment
 
     uri = uri or suite.uri
-    exp_id = ensure_experiment(uri, EXPERIMENT, "defaults.tracking.uri")
+    exp_id = ensure_experiment(uri, EXPERIMENT, flag)
     if key:
         found = _search(client(uri), exp_id, f"tags.{KEY} = '{key}' and tags.{ROLE} = '{ROLE_SUITE}'")
         if found:
