@@ -1120,6 +1120,20 @@ def test_a_suite_file_reads_as_the_regression_suites_section_says(tmp_path):
     assert [s.entry(n).cfg.tracking.log_model for n in ("deep", "mid", "own")] == [True, False, True]
     assert [s.entry(n).cfg.model.hidden_size for n in ("deep", "mid")] != [8, 8]
     assert load_suite(tmp_path / "middle.yaml").uri == "sqlite:///middle.db"
+    # an including suite without a store of its own: two stores, named with their entries, and the fix
+    # (it said only "must use one tracking store": a platform-team walkthrough)
+    (tmp_path / "bare.yaml").write_text(
+        yaml.safe_dump({"include": "middle.yaml", "entries": [{"name": "b"}]})
+    )
+    with pytest.raises(ConfigError) as e:
+        load_suite(tmp_path / "bare.yaml")
+    assert e.value.key == "defaults.tracking.uri" and "these use 2: " in str(e.value), e.value
+    assert "sqlite:///middle.db (bare/deep, bare/mid)" in str(
+        e.value
+    ) or "sqlite:///middle.db (deep, mid)" in str(e.value), e.value
+    assert "the default store (b)" in str(e.value) and "set defaults.tracking.uri in this file" in str(
+        e.value
+    )
     # a suite named up to its first dot before: its old default baseline beside it is refused, naming both
     (tmp_path / "night.baseline.yaml").write_text("suite: night\nrecords: 0\nentries: {}\n")
     with pytest.raises(ConfigError) as e:

@@ -197,8 +197,19 @@ def load_suite(path: str | Path, _seen: tuple[Path, ...] = ()) -> Suite:
     entries = inherited + [_entry(e, raw.defaults, path.parent, name, known) for e in own]
     compare = [c for sub in included for c in sub.compare]
     compare += [parse_check(c, f"compare[{j}]", None, None, known) for j, c in enumerate(raw.compare)]
-    if len({e.cfg.tracking.uri for e in entries}) > 1:
-        raise ConfigError("defaults.tracking.uri", "all entries of a suite must use one tracking store")
+    if len(stores := {e.cfg.tracking.uri for e in entries}) > 1:
+        from pipeline.uris import display_url
+
+        # it named neither the stores nor the fix (a platform-team walkthrough)
+        where = ", ".join(
+            f"{display_url(u) if u else 'the default store'} ({', '.join(e.name for e in entries if e.cfg.tracking.uri == u)})"
+            for u in sorted(stores, key=str)
+        )
+        raise ConfigError(
+            "defaults.tracking.uri",
+            f"all entries of a suite must use one tracking store, these use {len(stores)}: {where}; set "
+            "defaults.tracking.uri in this file (an including suite's store is laid over its includes')",
+        )
     bpath = raw.baseline if raw.baseline is not None else f"{stem}.baseline.yaml"
     # the default before the name kept its dots: a file still beside the suite was read as "no baseline
     # yet", its numbers never compared (a review)
