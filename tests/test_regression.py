@@ -1127,13 +1127,9 @@ def test_a_suite_file_reads_as_the_regression_suites_section_says(tmp_path):
     )
     with pytest.raises(ConfigError) as e:
         load_suite(tmp_path / "bare.yaml")
-    assert e.value.key == "defaults.tracking.uri" and "these use 2: " in str(e.value), e.value
-    assert "sqlite:///middle.db (bare/deep, bare/mid)" in str(
-        e.value
-    ) or "sqlite:///middle.db (deep, mid)" in str(e.value), e.value
-    assert "the default store (b)" in str(e.value) and "set defaults.tracking.uri in this file" in str(
-        e.value
-    )
+    assert e.value.key == "defaults.tracking.uri", e.value
+    said = "these use 2: the default store (b), sqlite:///middle.db (deep, mid); set defaults.tracking.uri in"
+    assert said in str(e.value), e.value
     # a suite named up to its first dot before: its old default baseline beside it is refused, naming both
     (tmp_path / "night.baseline.yaml").write_text("suite: night\nrecords: 0\nentries: {}\n")
     with pytest.raises(ConfigError) as e:
