@@ -75,6 +75,20 @@ class GRUClassifier(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.5)
 
 
+class LayerBefore(GRUClassifier):
+    """A linear layer of ``width`` outputs before the GRU (which takes 3): the GRU's input comes from the
+    model's own weights; a width other than 3 is the model's own bug, its batch right."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.inp = nn.Linear(3, width)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        _, h_n = self.gru(self.inp(x))
+        return nn.functional.cross_entropy(self.out(h_n[-1]), y)
+
+
 class TinyTanh(nn.Module):
     """A plain nn.Module (no Lightning) with training_step: tanh RNN, tiny recurrent weights."""
 
@@ -721,24 +735,14 @@ def test_a_non_finite_probe_input_fails_in_one_line_and_a_diverged_model_is_stil
     line naming the probe batch; a model whose own weights are NaN (diverged) is measured as before."""
     from pipeline.training.probe import probe
 
-    class Embedded(GRUClassifier):  # a layer before the RNN: its input comes from the model's weights
-        def __init__(self):
-            super().__init__()
-            self.inp = nn.Linear(3, 3)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            _, h_n = self.gru(self.inp(x))
-            return nn.functional.cross_entropy(self.out(h_n[-1]), y)
-
-    x, y = first_batch(cls_data())
-    assert np.isfinite(probe(Embedded(), "gru", (x, y)).metrics[-1]["bptt/log10_ratio"])
+    x, y = first_batch(cls_data())  # a layer before the RNN: its input comes from the model's weights
+    assert np.isfinite(probe(LayerBefore(3), "gru", (x, y)).metrics[-1]["bptt/log10_ratio"])
     bad = x.clone()
     bad[1, 3, 0] = float("nan")
     with pytest.raises(ValueError, match="the probe batch gives 'gru' 3 non-finite input value") as err:
-        probe(Embedded(), "gru", (bad, y))  # the NaN reaches the GRU through all 3 outputs of inp
+        probe(LayerBefore(3), "gru", (bad, y))  # the NaN reaches the GRU through all 3 outputs of inp
     assert "\n" not in str(err.value) and "give a probe batch of finite values" in str(err.value)
-    diverged = Embedded()
+    diverged = LayerBefore(3)
     with torch.no_grad():
         diverged.inp.weight[0, 0] = float("nan")
     assert probe(diverged, "gru", (x, y)).metrics[-1]["bptt/overflow_step"] == 1  # measured as before
@@ -788,18 +792,8 @@ def test_a_probe_batch_the_rnn_cannot_take_is_one_line_naming_it(tmp_path):
     with pytest.raises(ValueError, match=r"an input of shape \[16\] .*, which it cannot take"):
         profile_rnn(GRUClassifier(), "gru", (x[:, 0, 0], y))  # rank 1
 
-    class WrongLayer(GRUClassifier):  # the model's own bug, the batch right: both shapes are said
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Linear(3, 5)
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            _, h_n = self.gru(self.emb(x))
-            return nn.functional.cross_entropy(self.out(h_n[-1]), y)
-
     with pytest.raises(ValueError, match=r"shape \[16, \d+, 5\] .*\(its tensors: \[16, \d+, 3\], \[16\]\)"):
-        profile_rnn(WrongLayer(), "gru", (x, y))
+        profile_rnn(LayerBefore(5), "gru", (x, y))  # the model's own bug, the batch right: both shapes said
     with pytest.raises(ValueError, match="too many values to unpack") as err:  # no (x, y) pair: the user's
         profile_rnn(GRUClassifier(), "gru", (x, y, y))
     assert any(

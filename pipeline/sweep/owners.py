@@ -62,7 +62,7 @@ def close_trial_runs(
     ids = {trial.user_attrs.get("mlflow_run_id")} - {None}
     exp_id = study.user_attrs.get("mlflow_experiment_id")
     if exp_id is not None:
-        filt = f"tags.{STUDY} = {quoted(study.study_name)} and tags.{TRIAL_NUMBER} = '{trial.number}'"
+        filt = _runs_of(study, trial.number)
         if not untold:  # untold: RUNNING or FINISHED, told apart below (MLflow's filter has no IN on status)
             filt += " and attributes.status = 'RUNNING'"
         with contextlib.suppress(MlflowException):
@@ -79,6 +79,11 @@ def close_trial_runs(
         except MlflowException:
             continue
     return closed
+
+
+def _runs_of(study, number: int) -> str:
+    """The MLflow filter of a trial's runs: tags ``study`` and ``trial_number``."""
+    return f"tags.{STUDY} = {quoted(study.study_name)} and tags.{TRIAL_NUMBER} = '{number}'"
 
 
 def close_finished_trials_runs(mlflow_uri: str | None, study, status: str = "KILLED") -> list[str]:
@@ -272,10 +277,7 @@ def note_run(study, trial_id: int, mlflow_uri: str | None) -> None:
     number = study._storage.get_trial(trial_id).number
     # under this study's parent run: a study of the same name recorded earlier in the experiment (its
     # journal deleted, or another --storage) has runs with the same tags (a review)
-    filt = (
-        f"tags.{STUDY} = {quoted(study.study_name)} and tags.{TRIAL_NUMBER} = '{number}'"
-        f" and tags.`mlflow.parentRunId` = {quoted(parent)}"
-    )
+    filt = f"{_runs_of(study, number)} and tags.`mlflow.parentRunId` = {quoted(parent)}"
     runs = client(mlflow_uri).search_runs(
         [exp_id], filt, max_results=1, order_by=["attributes.start_time DESC"]
     )
