@@ -75,7 +75,7 @@ _pool = threading.local()
 def reused_run_figures() -> Iterator[None]:
     """While active (in this thread), :func:`run_figure` hands out one figure per height again and again,
     its axes emptied to a new figure's state, instead of building a new one. For the run figures
-    (:func:`pipeline.training.profile_monitor.profile_figure`, :func:`pipeline.training.callbacks.plot_grad_norms`),
+    (:func:`profile_figure`, :func:`pipeline.training.callbacks.plot_grad_norms`),
     saved and dropped at once, as a run's record does (:mod:`pipeline.training.record`): drawn after any of
     them, in any order and with any data, each is the same PNG bytes as on a new figure
     (tests/test_run_figures.py), at about three quarters of the cost (27% less in a recorded stack: README,
@@ -324,3 +324,32 @@ def draw_grad_norms(ax: Any, curves: Iterable[Curve], thresholds: Iterable[float
     integer_ticks(ax.xaxis)
     ax.set_ylabel("global gradient norm")
     ax.grid(alpha=0.3, which="both")
+
+
+# One line style per profile state: h, the LSTM cell state c, and copy's total gradient h_total.
+PROFILE_STYLES = (("h", "-", 1.6, ""), ("c", "--", 1.2, " (c)"), ("h_total", ":", 1.0, " (total)"))
+
+
+def profile_figure(frame, title: str, window: tuple[int, int] | None = None, ylabel: str | None = None):
+    """The profile figure of both paths: log10 ||dL/dh_t|| against t from a long-format frame (``step, t,
+    state, log10_norm``), one line per state (:data:`PROFILE_STYLES`) at up to 6 training steps (the
+    first, the last and evenly spaced between), ``window`` (a memory window) shaded."""
+    fig, ax = run_figure(5.0, title)
+    steps = sorted(frame["step"].unique()) if len(frame) else []
+    if len(steps) > 6:
+        idx = np.unique(np.linspace(0, len(steps) - 1, 6).round().astype(int))
+        steps = [steps[i] for i in idx]
+    cmap = plt.get_cmap("viridis")
+    curves = []
+    for i, s in enumerate(steps):
+        for state, ls, lw, suffix in PROFILE_STYLES:
+            sub = frame[(frame["step"] == s) & (frame["state"] == state)]
+            if len(sub):
+                color = cmap(i / max(len(steps) - 1, 1))
+                curves.append(Curve(sub["t"], sub["log10_norm"], f"step {s}{suffix}", ls, lw, color))
+    draw_profile(ax, curves, window)
+    if ylabel is not None:
+        ax.set_ylabel(ylabel)
+    if ax.get_legend_handles_labels()[1]:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return fig

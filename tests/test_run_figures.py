@@ -7,9 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.plots import plt, reused_run_figures, run_figure
+from pipeline.plots import plt, profile_figure, reused_run_figures, run_figure
 from pipeline.training.callbacks import plot_grad_norms
-from pipeline.training.profile_monitor import profile_figure
 
 SHORT = "adding T=50 tanh orthogonal g=1: healthy gradients; val loss 0.02 x baseline: solved"
 LONG = (

@@ -37,7 +37,7 @@ from pipeline.training.data import fixed_batch
 from pipeline.training.grad_monitor import GradientNormMonitor
 from pipeline.training.module import RECORD_EXTRA
 from pipeline.training.probe import pass_metrics
-from pipeline.training.profile_monitor import BPTTProfileMonitor, profile_figure
+from pipeline.training.profile_monitor import BPTTProfileMonitor
 from pipeline.training.tasks import Task
 
 
@@ -294,7 +294,9 @@ def plot_profile(frame, task: Task, title: str):
     """log10 ||dL_w/dh_t|| (the long-range profile) against t at several training steps: the textbook's
     figure, measured. LSTM adds the cell state (dashed); copy adds the total gradient (dotted), whose
     direct loss terms hide the loss of memory (README, "The long-range profile"). The public monitor's
-    figure (:func:`pipeline.training.profile_monitor.profile_figure`) with the task's memory window shaded."""
+    figure (:func:`pipeline.plots.profile_figure`) with the task's memory window shaded."""
+    from pipeline.plots import profile_figure
+
     return profile_figure(frame, title, task.window)
 
 

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 
@@ -25,6 +24,7 @@ from pipeline.training import probe as probing
 from pipeline.training.copy64 import to_cpu64
 from pipeline.training.grad_monitor import GradientNormMonitor, check_arg
 from pipeline.training.grad_window import Sink, _Logs
+from pipeline.training.profile_passes import _Passes
 
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -40,15 +40,6 @@ def probe_metrics(res: probing.Probe) -> dict[str, Any]:
             metrics[f"{stage}/layer{k}/{rest}"] = v
     metrics["bptt/loss"] = res.loss
     return metrics
-
-
-def concat_frames(frames: Sequence[dict[str, Any]], columns: Sequence[str]):
-    """The long-format columns of every pass as one DataFrame (empty, with ``columns``, when none)."""
-    import pandas as pd
-
-    if not frames:
-        return pd.DataFrame(columns=list(columns))
-    return pd.concat([pd.DataFrame(f) for f in frames], ignore_index=True)
 
 
 def named(metrics: dict[str, Any], name: str | None) -> dict[str, Any]:
@@ -74,62 +65,6 @@ def log_profile_artifacts(lg, frame, plot: Callable[[Any], Any], name: str | Non
 
             plt.close(fig)
             lg.experiment.log_artifact(lg.run_id, str(png), "plots")
-
-
-class _Passes:
-    """The record of a :class:`BPTTProfileMonitor`'s passes (:attr:`passes`, :attr:`frames`, the last
-    pass's step) and what a Lightning checkpoint keeps of it with the probe batch."""
-
-    rnn: str
-    every_n_steps: int
-    name: str | None
-    batch: Any
-    keeps_state: bool
-    frame_columns: tuple[str, ...]
-    passes: list[dict[str, Any]]
-    frames: list[dict[str, Any]]
-    _last_step: int | None
-    _generate_state_key: Callable[..., str]
-
-    @property
-    def first(self) -> dict[str, Any]:
-        return self.passes[0] if self.passes else {}
-
-    @property
-    def last(self) -> dict[str, Any]:
-        return self.passes[-1] if self.passes else {}
-
-    def profile_frame(self):
-        """Every pass, long format: columns :attr:`frame_columns` (``step, layer, t, state, log10_norm``)."""
-        return concat_frames(self.frames, self.frame_columns)
-
-    # -- in a Lightning checkpoint: a run resumed with trainer.fit(ckpt_path=...) keeps its earlier passes
-    # (the verdict, `passes`, the profile artifact) and profiles the same batch
-    @property
-    def state_key(self) -> str:
-        named_ = {} if self.name is None else {"name": self.name}
-        return self._generate_state_key(rnn=self.rnn, every_n_steps=self.every_n_steps, **named_)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Passes, frames, the last pass's step and the probe batch (when it is made of tensors and plain
-        containers): plain values and tensors only, so the checkpoint loads with ``weights_only=True``."""
-        if not self.keeps_state:
-            return {}
-        return {
-            "passes": [{k: _plain(v) for k, v in p.items()} for p in self.passes],
-            "frames": [{c: _column_state(v) for c, v in f.items()} for f in self.frames],
-            "last_step": self._last_step,
-            "batch": self.batch if _plain_data(self.batch) else None,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not self.keeps_state or not state_dict:
-            return
-        self.passes = [dict(p) for p in state_dict.get("passes", [])]
-        self.frames = [{c: _column(v) for c, v in f.items()} for f in state_dict.get("frames", [])]
-        self._last_step = state_dict.get("last_step")
-        if self.batch is None and state_dict.get("batch") is not None:
-            self.batch = state_dict["batch"]
 
 
 class _Verdict:
@@ -183,6 +118,8 @@ class _Verdict:
 
     def plot(self, frame):
         """log10 ||dL/dh_t|| of the top layer against t, one line per pass (at most 6), c dashed."""
+        from pipeline.plots import profile_figure
+
         top = frame[frame["layer"] == frame["layer"].max()]
         return profile_figure(
             top,
@@ -374,60 +311,3 @@ class BPTTProfileMonitor(_Passes, _Verdict, _Logs, pl.Callback):
             self._trainer = trainer
             self.publish(named(metrics, self.name), step)
         return metrics
-
-
-def _plain(v: Any) -> Any:
-    """A numpy scalar as the Python number it holds (``torch.load(weights_only=True)`` refuses numpy)."""
-    return v.item() if isinstance(v, np.generic) else v
-
-
-def _column_state(v: Any) -> Any:
-    """A frame column for a checkpoint: numbers as a tensor, anything else (the state names) as a list."""
-    a = np.asarray(v)
-    return torch.from_numpy(a.copy()) if a.dtype.kind in "biuf" else [_plain(x) for x in a]
-
-
-def _column(v: Any) -> np.ndarray:
-    return v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
-
-
-def _plain_data(obj: Any) -> bool:
-    """Whether ``obj`` is tensors in plain tuples, lists and dicts (what ``weights_only=True`` loads)."""
-    if obj is None or isinstance(obj, (torch.Tensor, str, int, float, bool)):
-        return True
-    if type(obj) in (tuple, list):
-        return all(_plain_data(o) for o in obj)
-    if type(obj) is dict:
-        return all(isinstance(k, (str, int)) and _plain_data(v) for k, v in obj.items())
-    return False
-
-
-# One line style per profile state: h, the LSTM cell state c, and copy's total gradient h_total.
-PROFILE_STYLES = (("h", "-", 1.6, ""), ("c", "--", 1.2, " (c)"), ("h_total", ":", 1.0, " (total)"))
-
-
-def profile_figure(frame, title: str, window: tuple[int, int] | None = None, ylabel: str | None = None):
-    """The profile figure of both paths: log10 ||dL/dh_t|| against t from a long-format frame (``step, t,
-    state, log10_norm``), one line per state (:data:`PROFILE_STYLES`) at up to 6 training steps (the
-    first, the last and evenly spaced between), ``window`` (a memory window) shaded."""
-    from pipeline.plots import Curve, draw_profile, plt, run_figure
-
-    fig, ax = run_figure(5.0, title)
-    steps = sorted(frame["step"].unique()) if len(frame) else []
-    if len(steps) > 6:
-        idx = np.unique(np.linspace(0, len(steps) - 1, 6).round().astype(int))
-        steps = [steps[i] for i in idx]
-    cmap = plt.get_cmap("viridis")
-    curves = []
-    for i, s in enumerate(steps):
-        for state, ls, lw, suffix in PROFILE_STYLES:
-            sub = frame[(frame["step"] == s) & (frame["state"] == state)]
-            if len(sub):
-                color = cmap(i / max(len(steps) - 1, 1))
-                curves.append(Curve(sub["t"], sub["log10_norm"], f"step {s}{suffix}", ls, lw, color))
-    draw_profile(ax, curves, window)
-    if ylabel is not None:
-        ax.set_ylabel(ylabel)
-    if ax.get_legend_handles_labels()[1]:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
-    return fig
