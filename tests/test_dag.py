@@ -90,6 +90,10 @@ for name, value in json.loads({
                 ["AIRFLOW_VAR_RNN_REGRESSION_ENTRY_TIMEOUT", "-5"],
                 ["AIRFLOW_VAR_RNN_REGRESSION_ENTRY_TIMEOUT", "nan"],
                 ["AIRFLOW_VAR_RNN_REGRESSION_ENTRY_TIMEOUT", "1e300"],
+                ["AIRFLOW_VAR_RNN_REGRESSION_SCHEDULE", "@dialy"],
+                ["AIRFLOW_VAR_RNN_REGRESSION_SCHEDULE", "61 0 * * *"],
+                ["AIRFLOW_VAR_RNN_REGRESSION_SCHEDULE", ""],
+                ["AIRFLOW_VAR_RNN_REGRESSION_SCHEDULE", "None"],
                 ["AIRFLOW_VAR_RNN_REGRESSION_ENTRY_TIMEOUT", "0.5"],
             ]
         )
@@ -97,7 +101,8 @@ for name, value in json.loads({
 }):
     os.environ[name] = value
     bag = DagBag(dag_folder={str(ROOT / "dags")!r})
-    out.append([name, value, list(bag.import_errors.values()), {DAG_ID!r} in bag.dags])
+    dag = bag.dags.get({DAG_ID!r})
+    out.append([name, value, list(bag.import_errors.values()), dag is not None and type(dag.timetable).__name__])
     del os.environ[name]
 print('RESULT ' + json.dumps(out))
 """
@@ -105,14 +110,22 @@ print('RESULT ' + json.dumps(out))
 
 def test_a_bad_parse_time_setting_is_a_broken_dag_naming_it(tmp_path):
     """0 entries at once parsed, and would never start one (with one run at a time, blocking every later
-    night); a timeout of 0 or less failed every entry at once (found by a review). Each is an import
-    error naming the variable, as Airflow shows a broken DAG; a valid value parses."""
+    night); a timeout of 0 or less failed every entry at once (found by a review); a mistyped schedule
+    was Airflow's croniter message, naming neither variable nor value (a platform-team walkthrough). Each
+    is an import error naming the variable, as Airflow shows a broken DAG; a valid value parses."""
     results = run_py(BAD_SETTINGS, airflow_env(tmp_path), timeout=300)
-    *bad, (_, _, errors, parsed) = results
-    assert errors == [] and parsed  # 0.5 minutes is a valid timeout
+    *bad, (_, _, errors, manual), (_, _, errors2, parsed) = results
+    assert errors == [] and manual == "NullTimetable"  # schedule "none": manual triggers only
+    assert errors2 == [] and parsed == "CronTriggerTimetable"  # 0.5 minutes is a valid timeout
     for name, value, errs, parsed in bad:
         assert not parsed and len(errs) == 1, (name, value, errs)
-        assert f"{name} must be " in errs[0] and f"> 0, got {value!r}" in errs[0], errs[0]
+        assert f"{name} must be " in errs[0] and f"got {value!r}" in errs[0], errs[0]
+        if name.endswith("SCHEDULE"):
+            # Airflow's own reason kept after the name and value (croniter's: "out of range" for minute 61)
+            why = errs[0].split(f"got {value!r}: ", 1)[1].strip()
+            assert why and ("out of range" in why) == value.startswith("61"), errs[0]
+        else:
+            assert f"> 0, got {value!r}" in errs[0], errs[0]
 
 
 DRIVE = f"""
