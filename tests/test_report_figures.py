@@ -201,6 +201,41 @@ def test_a_running_point_is_grey_and_says_so_and_a_pruned_one_is_a_triangle_with
     assert {"no verdict (running, failed)", "pruned (steps trained)"} <= legend
 
 
+def test_a_pruned_runs_curves_say_where_it_was_pruned_in_both_line_panels():
+    """A pruned run's norm and profile curves end at the step the pruner stopped it: their legend says so
+    (the line panels read as a run cut short for no reason; the phase diagram's triangle said it). A run
+    that was not pruned says nothing of the kind, nor does a pruned one whose steps went unrecorded."""
+    steps = np.arange(1, 151)
+    norms = {
+        "pru": pd.DataFrame({"step": steps, "norm_preclip": 2.0, "norm_postclip": 2.0}),
+        "fin": pd.DataFrame({"step": np.arange(1, 301), "norm_preclip": 1.0, "norm_postclip": 1.0}),
+        "old": pd.DataFrame({"step": steps, "norm_preclip": 3.0, "norm_postclip": 3.0}),
+    }
+    t = np.arange(1, 11)
+    prof = pd.DataFrame(
+        [(s, int(ti), "h", -0.1 * float(10 - ti)) for s in (0, 150) for ti in t],
+        columns=["step", "t", "state", "log10_norm"],
+    )
+    table = pd.DataFrame(
+        [
+            _run("pru", 1e-2, 1.0, val_loss_ratio=0.9, pruned="true", steps=150),
+            _run("fin", 1e-1, 1.0, pruned="false", steps=300),
+            _run("old", 1e-3, 1.0, pruned="true", steps=pd.NA),
+        ]
+    ).astype({"steps": "Int64"})
+    (ax,) = rr.grad_norm_panels(table, norms, "adding").axes
+    labels = {ln.get_label().split(" clip ")[0]: ln.get_label() for ln in ax.get_lines()}
+    assert labels["gaussian g=1 lr=0.01"].endswith(
+        "; val loss 0.9 x baseline: learned nothing; pruned at step 150)"
+    )
+    assert "pruned" not in labels["gaussian g=1 lr=0.1"]
+    assert labels["gaussian g=1 lr=0.001"].endswith("; pruned)")
+    (ax,) = rr.profile_panels(table.iloc[:1], {"pru": prof}, "adding").axes
+    end = next(ln for ln in ax.get_lines() if ln.get_linestyle() == "-")
+    assert end.get_label().startswith("gaussian g=1 lr=0.01: step 150 (")
+    assert end.get_label().endswith("; pruned at step 150)"), end.get_label()
+
+
 def test_coincident_runs_are_spread_on_screen_and_keep_their_lr_and_g():
     """Two seeds at one (lr, g): each keeps its (lr, g) in the data, and on screen they sit RING_PT points
     either side (a ring of 10^0.12 in lr drew lr 0.001 at 0.00076 and 0.0013; a teacher's review)."""

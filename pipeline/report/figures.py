@@ -60,6 +60,17 @@ def _step(r) -> int | None:
     return int(step) if isinstance(step, (int, np.integer)) else None
 
 
+def _summary(r) -> str:
+    """A run's verdict and outcome (:func:`pipeline.plots.run_summary`), and for a pruned run the step it
+    stopped at: its curves end there, which read as a run cut short for no reason (the phase diagram's
+    triangle says it; a walkthrough found the line panels did not)."""
+    text = run_summary(r["regime"], r["val_loss_ratio"], r["solved"], _reason(r), _step(r))
+    if r.get("pruned") == "true" and r["regime"] != DIVERGED:
+        steps = r.get("steps")
+        text += f"; pruned at step {steps}" if isinstance(steps, (int, np.integer)) else "; pruned"
+    return text
+
+
 def _run_label(r) -> str:
     """A run in a legend: its init, g and lr, and the settings it differs in from the others reported."""
     settings = r.get("settings") or ""
@@ -126,8 +137,7 @@ def _state_curves(prof, r, color, curves: list[Curve], state: tuple):
     curves.append(Curve(p0["t"], p0["log10_norm"], f"{_run_label(r)}{suffix}: init", at_init, lw, color))
     if last != first:
         p1 = prof[prof["step"] == last].sort_values("t")
-        summary = run_summary(r["regime"], r["val_loss_ratio"], r["solved"], _reason(r), _step(r))
-        label = f"{_run_label(r)}{suffix}: step {last} ({summary})"
+        label = f"{_run_label(r)}{suffix}: step {last} ({_summary(r)})"
         curves.append(Curve(p1["t"], p1["log10_norm"], label, at_end, lw + 0.4, color))
     return p0
 
@@ -292,7 +302,7 @@ def _grad_norm_curves(grp, norms: dict) -> tuple[list[Curve], set[float], list[D
                 label = (
                     f"{_run_label(r)} clip {r['clip']}"
                     + (f": {what}" if clipped else "")
-                    + f" ({run_summary(r['regime'], r['val_loss_ratio'], r['solved'], _reason(r), _step(r))})"
+                    + f" ({_summary(r)})"
                 )
                 curves.append(
                     Curve(df["step"], df[col], label, ls, 0.9, color, "." if ok.sum() < 4 else None)
