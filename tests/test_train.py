@@ -292,6 +292,40 @@ def test_digits_run_records_the_accuracy_of_the_held_out_split(store, tiny):
     assert right / 300 > 0.1  # 30 steps of a GRU already beat chance (measured 0.3-0.4)
 
 
+def test_a_diverged_classifier_has_no_accuracy_not_chance(store, tiny):
+    """Logits that overflowed to NaN predict nothing: argmax read every image as class 0, so a diverged
+    digits run recorded val/accuracy 0.100, chance, in the store and its summary (a real-data walkthrough).
+    It is NaN now, recorded as MLflow records a NaN (tag ``nonfinite.val/accuracy``), as val/loss is; a
+    run whose logits are finite keeps its count (the test above)."""
+    from pipeline import as_recorded
+
+    cfg = tiny(
+        **{
+            "task.name": "digits",
+            "task.seq_len": 64,
+            "task.val_size": 100,
+            "model.cell": "relu",
+            "model.hidden_size": 64,  # with 8 units the logits stayed finite (4e18): a count, if a poor one
+            "model.init": "gaussian",
+            "model.init_scale": 3.0,
+            "optim.name": "sgd",
+            "optim.lr": 100.0,
+            "trainer.max_steps": 4,
+            "trainer.val_every": 2,
+            "diagnostics.profile_every": 0,
+        }
+    )
+    r = run(cfg)
+    assert r.tags["regime"] == "diverged", r.metrics
+    assert math.isnan(r.metrics["val/accuracy"]) and math.isnan(r.metrics["val/loss"]), r.metrics
+    got = MlflowClient(store).get_run(r.run_id).data
+    assert got.tags["nonfinite.val/accuracy"] == "nan" == got.tags["nonfinite.val/loss"]
+    import mlflow
+
+    frame = as_recorded(mlflow.search_runs(experiment_names=["test"]))
+    assert math.isnan(frame["metrics.val/accuracy"].iloc[0])
+
+
 def test_a_run_name_past_mlflows_250_characters_is_cut_with_a_note(store, capsys):
     """MLflow's database stores keep 250 characters of a run name (runs.name is VARCHAR(250)): a
     PostgreSQL-backed server refused a longer one with a traceback. Every store now gets the first 250,

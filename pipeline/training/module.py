@@ -13,6 +13,8 @@ guard does, decided by the same one host read.
 
 from __future__ import annotations
 
+import math
+
 import pytorch_lightning as pl
 import torch
 
@@ -98,6 +100,11 @@ class RNNTrainingModule(pl.LightningModule):
             values = total.reshape(-1).tolist()  # one host read per validation: the loss and the hits
             self.val_loss = values[0] / self._val_n
             self.val_accuracy = values[1] / self._val_k if self._val_k else None
+            if self.val_accuracy is not None and not math.isfinite(self.val_loss):
+                # outputs that overflowed predict nothing: argmax of all-NaN logits is class 0, which
+                # read as chance (digits 0.100 for a diverged run; a real-data walkthrough). A finite
+                # cross-entropy has finite logits, so a non-finite val loss marks exactly these.
+                self.val_accuracy = math.nan
 
     def mark_nonfinite_weights(self, step: int) -> None:
         """After training: weights the last update left non-finite (its gradient was finite, so the guard,
