@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -195,6 +196,60 @@ def test_a_gpu_where_torch_sees_none_is_one_line_exit_2_nothing_written(tmp_path
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: config key '{key}': 'gpu', but CUDA_VISIBLE")
     assert list(tmp_path.iterdir()) == []
+
+
+def _broken_sklearn(root, how: str):
+    """A scikit-learn at ``root`` (for PYTHONPATH) whose digits file is missing or cut in half, as a broken
+    install or a slimmed image leaves it: the real package, each entry a symlink to the installed one,
+    except the path to that file."""
+    import sklearn
+
+    real = Path(sklearn.__file__).parent
+
+    def mirror(src: Path, dst: Path, keep: list[str]) -> None:
+        dst.mkdir(parents=True)
+        for e in src.iterdir():
+            if e.name != keep[0]:
+                (dst / e.name).symlink_to(e)
+            elif len(keep) > 1:
+                mirror(e, dst / e.name, keep[1:])
+
+    mirror(real, root / "sklearn", ["datasets", "data", "digits.csv.gz"])
+    if how == "truncated":
+        data = (real / "datasets" / "data" / "digits.csv.gz").read_bytes()
+        (root / "sklearn" / "datasets" / "data" / "digits.csv.gz").write_bytes(data[: len(data) // 2])
+    return root / "sklearn" / "datasets" / "data" / "digits.csv.gz"
+
+
+@pytest.mark.parametrize(
+    ("verb", "flag", "name", "key", "how"),
+    [
+        ("train", "--config", "digits", "task.name", "missing"),
+        ("train", "--config", "digits", "task.name", "truncated"),
+        ("sweep", "--config", "digits", "base.task.name", "truncated"),
+        ("regress", "--suite", "nightly", "entries.digits_tanh_g0.5.task.name", "missing"),
+    ],
+)
+def test_a_broken_digits_file_is_one_line_exit_2_nothing_written(tmp_path, verb, flag, name, key, how):
+    """scikit-learn's digits file missing or truncated was a 58-line traceback (FileNotFoundError,
+    EOFError) after the MLflow run had been created, a FAILED run left with a resume hint that could not
+    work; a sweep failed its trials one by one (a real-data walkthrough). Now one line naming the key and
+    the file, exit 2, before any store is opened."""
+    file = _broken_sklearn(tmp_path / "site", how)
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    r = cli(verb, flag, name, cwd=work, env=env)
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr[-3000:]
+    want = "FileNotFoundError" if how == "missing" else "EOFError: Compressed file ended"
+    assert lines[0].startswith(
+        f"error: config key '{key}': 'digits' reads scikit-learn's bundled file {file}"
+    )
+    assert want in lines[0] and "--force-reinstall --no-deps scikit-learn==" in lines[0], lines[0]
+    assert list(work.iterdir()) == []  # no mlflow.db, no mlruns, no optuna journal
 
 
 def test_missing_config_file(tmp_path):

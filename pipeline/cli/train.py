@@ -80,9 +80,10 @@ def command(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     from pipeline.training.budget import check_fits
-    from pipeline.training.machine import check_accelerator
+    from pipeline.training.machine import check_accelerator, check_data
 
     check_accelerator(cfg)  # a GPU asked for where there is none: one line, before any store is opened
+    check_data(cfg)  # a real-data task's file missing or broken: the same
     check_fits(
         cfg
     )  # refuses what cannot fit in memory, before anything is allocated (README "Memory estimate")

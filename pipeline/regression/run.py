@@ -254,7 +254,7 @@ def check_suite_fits(suite: Suite, overrides: tuple[str, ...], workers: int, upd
     """Every override must give a valid config that fits in memory, on an accelerator this machine has,
     before the store is touched."""
     from pipeline.training.budget import check_fits
-    from pipeline.training.machine import check_accelerator
+    from pipeline.training.machine import check_accelerator, check_data
 
     for e in suite.entries:
         cfg = with_overrides(e.cfg, overrides)
@@ -265,6 +265,7 @@ def check_suite_fits(suite: Suite, overrides: tuple[str, ...], workers: int, upd
             f"entries.{e.name}.trainer.accelerator",
             "run the suite where torch sees a GPU" + ("" if update else ", or --set trainer.accelerator=cpu"),
         )
+        check_data(cfg, f"entries.{e.name}.task.name")
         check_fits(cfg, copies=min(workers, len(suite.entries)), what=f"entry {e.name!r} ")
 
 

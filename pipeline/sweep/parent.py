@@ -286,9 +286,13 @@ def run_sweep(
     url = sw.storage_url(storage)
     check_study_name(sw.study, url)
     mlflow_uri = absolute_uri(resolve_uri(sw.base_config().tracking.uri))
-    from pipeline.training.machine import check_accelerator
+    from pipeline.training.machine import check_accelerator, check_data
 
     check_accelerator(sw.base_config(), "base.trainer.accelerator")  # a GPU asked for where there is none
+    check_data(sw.base_config(), "base.task.name")
+    for p in sw.space:  # a searched task: each choice's data (a choice is valid with the base: space.py)
+        for choice in p.choices if p.key == "task.name" else ():
+            check_data(sw.trial_config({p.key: choice}), "space.task.name")
     n_workers, devices = choose_workers(workers, sw)
     # Everything is checked before anything is written (README "Faults and resuming"): every trial the space
     # can produce fits in memory, n_workers at once; the MLflow store opens; the Optuna store replays.

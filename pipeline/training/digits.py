@@ -58,6 +58,43 @@ def images() -> tuple[np.ndarray, np.ndarray]:
     return (x / GREY_LEVELS).astype(np.float32), y.astype(np.int64)
 
 
+def data_file() -> str:
+    """Where scikit-learn keeps the digits file this task reads (for messages: it may not exist)."""
+    import importlib.resources
+
+    try:
+        return str(importlib.resources.files("sklearn.datasets.data") / "digits.csv.gz")
+    except ImportError:  # scikit-learn itself missing
+        return "sklearn/datasets/data/digits.csv.gz (scikit-learn is not installed)"
+
+
+def check_readable(key: str = "task.name") -> None:
+    """Read the digits file now, or raise :class:`~pipeline.schema.ConfigError` naming ``key`` and the file:
+    a missing or truncated file (a broken scikit-learn install, a slimmed container image) was a traceback
+    after the MLflow run had been created, left FAILED with a resume hint that could not work (a
+    real-data walkthrough)."""
+    import importlib.metadata
+    import sys
+    import zlib
+
+    from pipeline.schema import ConfigError
+
+    try:
+        images()
+    except (ImportError, OSError, EOFError, ValueError, RuntimeError, zlib.error) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        try:
+            pin = f"scikit-learn=={importlib.metadata.version('scikit-learn')}"
+        except importlib.metadata.PackageNotFoundError:
+            pin = "scikit-learn"
+        raise ConfigError(
+            key,
+            f"'digits' reads scikit-learn's bundled file {data_file()}, which cannot be read "
+            f"({type(e).__name__}: {why}); reinstall it: {sys.executable} -m pip install "
+            f"--force-reinstall --no-deps {pin}",
+        ) from None
+
+
 def held_out_order(labels: np.ndarray) -> np.ndarray:
     """Image indices in the order the held-out split takes them: the first ``val_size`` are held out.
 

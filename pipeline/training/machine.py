@@ -1,6 +1,6 @@
 """What the machine has, for the memory check (:mod:`pipeline.training.budget`) and the sweep's choice of
 workers: the host memory this process may still allocate (MemAvailable, a cgroup v2 limit), whether
-Lightning will train on CUDA, and the GPU's free memory. Light imports only (stdlib + pipeline.config):
+Lightning will train on CUDA, and the GPU's free memory; and whether a real-data task's file is readable. Light imports only (stdlib + pipeline.config):
 torch is imported only where a GPU driver is present and the accelerator could resolve to it.
 """
 
@@ -93,6 +93,16 @@ def device_available() -> int:
 
     free, _ = torch.cuda.mem_get_info()
     return int(free)
+
+
+def check_data(cfg: Config, key: str = "task.name") -> None:
+    """The data a real-data task reads is on this machine and readable (digits: scikit-learn's bundled
+    file), or one line naming ``key`` and the file, before any store is opened. The synthetic tasks read
+    none; scikit-learn is imported for digits only."""
+    if cfg.task.name == "digits":
+        from pipeline.training.digits import check_readable
+
+        check_readable(key)
 
 
 def check_accelerator(cfg: Config, key: str = "trainer.accelerator", remedy: str = "use auto or cpu") -> None:
