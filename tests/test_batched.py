@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.config import from_dict
 from pipeline.signals import Terminated
@@ -153,6 +154,46 @@ def test_member_of_a_stack_trains_as_it_would_alone(captured, monkeypatch):
     div = results[-1]
     assert not isinstance(div, BaseException) and div.diverged_step == 0 and div.regime == "diverged"
     assert all(not isinstance(r, BaseException) and r.steps == 40 for r in results[:-1])
+
+
+@pytest.mark.parametrize("optim", ["adam", "sgd"])
+def test_a_members_nan_loss_with_finite_gradients_stops_it_as_alone(captured, monkeypatch, optim):
+    """The loss the guard reads turns NaN at step K while the gradients stay finite (test_guard.py's
+    "loss" case): only the loss half of the batched update's finite flag can stop the member. Dropping
+    it left the member training on, "vanishing" instead of diverged at K (a mutation audit: no test
+    caught it). The member stops at K as it does alone, its record equal to the alone run's; its
+    neighbour in the fused block trains on as it would alone."""
+    from test_guard import K, PlantAndWatch
+
+    from pipeline.training import run, stack_loop, stack_update, stacked
+
+    extra = {"optim__name": "sgd", "optim__lr": 0.05, "optim__momentum": 0.9} if optim == "sgd" else {}
+    cfgs = [cfg_of(**extra), cfg_of(seed=1, model__init_scale=0.5, **extra)]
+    assert all(stack_update.batchable(c, run_opt(c)) for c in cfgs)
+    r_plant = run.run(cfgs[0], callbacks=[PlantAndWatch("loss")])
+    alone = [captured[-1]]
+    r_other = run.run(cfgs[1])
+    alone.append(captured[-1])
+    assert (r_plant.diverged_step, r_plant.regime) == (K, "diverged")
+    captured.clear()
+    real = stack_loop._loss
+
+    def plant(m, task, out, batch):
+        loss = real(m, task, out, batch)
+        if m.cfg is cfgs[0] and m.trainer.global_step == K:
+            m.module._loss = torch.full_like(m.module._loss, float("nan"))  # after its finite graph
+        return loss
+
+    monkeypatch.setattr(stack_loop, "_loss", plant)
+    batched = _spy_batched(monkeypatch, cfgs)
+    results = stacked.run_stack(cfgs)
+    assert batched[K] == {0, 1}  # the planted step went through the batched update
+    for a, rb, ra in zip(alone, results, (r_plant, r_other), strict=True):
+        assert not isinstance(rb, BaseException)
+        _same_run(a, next(x for x in captured if x[0] == a[0]))
+        assert (rb.steps, rb.regime, rb.diverged_step) == (ra.steps, ra.regime, ra.diverged_step)
+    assert [r.diverged_step for r in results] == [K, None]
+    assert [r.steps for r in results] == [K + 1, 40]
 
 
 @pytest.mark.parametrize("path", ["mixed", "own_path", "batched"])
