@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 from conftest import ROOT
 
 from pipeline.config import config_keys
@@ -43,6 +44,31 @@ def test_every_public_python_name_is_documented():
     assert not missing, missing
     listed = re.search(r"The public names are those of\s+`pipeline.__all__`:(.*?)\n\n", README, re.S)
     assert listed and set(re.findall(r"`([A-Za-z_]+)`", listed.group(1))) == set(pipeline.__all__)
+
+
+def test_a_suite_may_read_every_tag_of_the_runs_table_and_no_other():
+    """tag_equals reads the tags README's Tags table lists (and the DAG's, under "The Airflow DAG"), the
+    same list the suite loader accepts: a misspelt tag failed only after every entry had trained (a
+    real-data walkthrough)."""
+    from pipeline.regression.metrics import KNOWN_TAGS, check_tag
+    from pipeline.schema import ConfigError
+
+    table = README[README.index("**Tags**") : README.index("**Metrics** (step = optimizer step")]
+    rows = [ln.split(" | ")[0] for ln in table.splitlines() if ln.startswith("| `")]
+    names = {n for row in rows for n in re.findall(r"`([^`]+)`", row)}
+    names = {n.replace("<metric>", "val/loss") for n in names}
+    names -= {
+        "pipeline.heartbeat"
+    }  # regression parent runs only: no entry run, which tag_equals reads, has it
+    assert len(names) > 20, names
+    assert [n for n in sorted(names) if check_tag("t", n) != n] == []  # raises ConfigError, naming it
+    dag = {"regression_key", "regression_fingerprint"}
+    assert all(f"`{n}`" in README for n in dag)
+    documented = names | dag | set(re.findall(r"`([a-z_.]+)`", table))  # `error`: in status's row
+    assert documented >= KNOWN_TAGS, sorted(KNOWN_TAGS - documented)  # nothing a suite reads is undocumented
+    for bad in ("regim", "Regime", "nonfinite.", "val/loss", 3):
+        with pytest.raises(ConfigError, match=r"^config key 't': unknown tag"):
+            check_tag("t", bad)
 
 
 def test_a_suite_may_read_every_metric_of_the_runs_table():

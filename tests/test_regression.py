@@ -335,6 +335,11 @@ def test_a_suite_for_an_accelerator_this_machine_lacks_is_exit_2_before_any_run(
             ),
             "entries.tanh_g05.checks[2].tag_equals.value",
         ),
+        # a misspelt tag read as absent after every entry had trained: a law violated, "REGRESSION"
+        (
+            lambda s: s["entries"][0]["checks"].append({"tag_equals": {"tag": "regim", "value": "healthy"}}),
+            "entries.tanh_g05.checks[2].tag_equals.tag",
+        ),
     ],
 )
 def test_invalid_suite_is_one_line_exit_2_nothing_written(store, tmp_path, capsys, mutate, key):

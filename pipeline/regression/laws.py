@@ -20,7 +20,7 @@ from typing import Any
 from pipeline.config import Config
 from pipeline.names import DIVERGED, REGIME
 from pipeline.regression.expr import evaluate, fmt, names_of, pct, shown
-from pipeline.regression.metrics import check_metric
+from pipeline.regression.metrics import check_metric, check_tag
 from pipeline.schema import ConfigError
 
 PASS, LAW, REGRESSION, NO_BASELINE, ERROR = "pass", "law violated", "REGRESSION", "no baseline", "error"
@@ -145,7 +145,7 @@ def parse_check(item: Any, key: str, entry: str | None, cfg: Config | None, entr
 
 def _check_types(params: dict[str, Any], key: str) -> None:
     """Names are strings and flags booleans (a string "no" is truthy: it flipped a comparison to a pass)."""
-    for p in ("tag", "numerator", "denominator", "a", "b"):  # metric names: check_metric
+    for p in ("tag", "numerator", "denominator", "a", "b"):  # metric names: check_metric; tags: check_tag
         if p in params and not isinstance(params[p], str):
             raise ConfigError(f"{key}.{p}", f"must be a name, got {params[p]!r}")
     if "diverged_as_inf" in params and not isinstance(params["diverged_as_inf"], bool):
@@ -161,6 +161,8 @@ def _check_params(chk: Check, entries: set[str]) -> None:
     for p in ("metric", "denominator_metric"):
         if p in params:
             check_metric(f"{key}.{p}", params[p])
+    if "tag" in params:
+        check_tag(f"{key}.tag", params["tag"])
     for p in ("numerator", "denominator", "a", "b"):
         if p in params and params[p] not in entries:
             raise ConfigError(

@@ -1,5 +1,6 @@
-"""The metric names a regression suite may read (README, "The MLflow record"): its checks' ``metric``
-parameters and its entries' ``baseline:`` keys, checked when the suite is loaded, before any run."""
+"""The metric and tag names a regression suite may read (README, "The MLflow record"): its checks'
+``metric`` and ``tag`` parameters and its entries' ``baseline:`` keys, checked when the suite is loaded,
+before any run."""
 
 from __future__ import annotations
 
@@ -54,4 +55,41 @@ METRIC_PATTERN = re.compile(r"^spectral/(sigma_max|radius)_[a-z]+$|^remedy/floss
 def check_metric(key: str, name: Any) -> str:
     if not isinstance(name, str) or not (name in KNOWN_METRICS or METRIC_PATTERN.match(name)):
         raise ConfigError(key, f"unknown metric {name!r} (known: {', '.join(sorted(KNOWN_METRICS))})")
+    return name
+
+
+# Tags an entry's run records (README, "The MLflow record", Tags), which tag_equals may read; nonfinite.*,
+# version.* and mlflow.* match TAG_PATTERN. A misspelt one ("regim") read as absent after every entry had
+# trained, a law violated, and the suite "REGRESSION" (a real-data walkthrough).
+KNOWN_TAGS = frozenset(
+    {
+        "task",
+        "cell",
+        "init",
+        "regime",
+        "regime_init",
+        "regime_reason",
+        "diverged_step",
+        "solved",
+        "pruned",
+        "status",
+        "error",
+        "resumed_at_step",
+        "remedy",
+        "skipped_steps",
+        "git_commit",
+        "overrides",
+        "perturbation",
+        "pipeline.owner",
+        "regression_key",
+        "regression_fingerprint",
+    }
+)
+TAG_PATTERN = re.compile(r"^nonfinite\.\S+$|^version\.\S+$|^mlflow\.\S+$")
+
+
+def check_tag(key: str, name: Any) -> str:
+    if not isinstance(name, str) or not (name in KNOWN_TAGS or TAG_PATTERN.match(name)):
+        known = ", ".join([*sorted(KNOWN_TAGS), "nonfinite.<metric>", "version.<package>", "mlflow.*"])
+        raise ConfigError(key, f"unknown tag {name!r} (known: {known})")
     return name
