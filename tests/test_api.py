@@ -277,6 +277,31 @@ def test_profile_equals_autograd_reference(make, path, data):
     assert all(torch.equal(before[k], after[k]) for k in before), "profile_rnn changed the module"
 
 
+class NoBatchIdx(GRUClassifier):
+    """``training_step(self, batch)``: Lightning's "the batch_idx is optional"."""
+
+    def training_step(self, batch):  # type: ignore[override]
+        return super().training_step(batch, 0)
+
+
+def test_a_training_step_without_batch_idx_is_profiled_as_lightning_calls_it(tmp_path):
+    """Lightning trains a module whose training_step takes no batch_idx; the profile called it with one and
+    failed at the step-0 pass, ``takes 2 positional arguments but 3 were given`` (a walkthrough). The
+    profile is now the one the same module with a batch_idx gets, inside fit and in profile_rnn."""
+    from pipeline import BPTTProfileMonitor, profile_rnn
+
+    torch.manual_seed(0)
+    module = NoBatchIdx()
+    twin = GRUClassifier()
+    twin.load_state_dict(module.state_dict())
+    batch = first_batch(cls_data())
+    got, want = profile_rnn(module, "gru", batch), profile_rnn(twin, "gru", batch)
+    assert len(got) == T and got.equals(want)
+    pm = BPTTProfileMonitor("gru", every_n_steps=2)
+    trainer(tmp_path, [pm], max_steps=4).fit(module, loader(cls_data()))
+    assert [p["step"] for p in pm.passes] == [0, 2, 4] and pm.regime is not None
+
+
 def test_underflow_reads_large_negative_log10_where_autograd_gives_zero():
     from pipeline.training.probe import probe
 

@@ -200,14 +200,26 @@ def _check_finite_input(twin: nn.Module, rnn: str, x: torch.Tensor, hx: Any) -> 
         )
 
 
+def _training_step(module: nn.Module, batch: Any) -> Any:
+    """``module.training_step(batch, 0)``, or ``(batch)`` where it takes no ``batch_idx``: as Lightning
+    calls it (its ``is_param_in_hook_signature(..., min_args=2)``: "the batch_idx is optional"). Always
+    passing 0 failed a module with ``training_step(self, batch)``, which Lightning trains (a walkthrough)."""
+    from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
+
+    step = module.training_step  # type: ignore[operator]
+    if is_param_in_hook_signature(step, "batch_idx", min_args=2):
+        return step(batch, 0)
+    return step(batch)
+
+
 def _step(twin: nn.Module, batch: Any, loss_fn: LossFn | None) -> Any:
-    """``loss_fn(twin, batch)``, else ``twin.training_step(batch, 0)``; an error it raises is explained
+    """``loss_fn(twin, batch)``, else ``twin.training_step(batch, 0)`` (:func:`_training_step`); an error it raises is explained
     (:func:`_explained`) or, the user's own, told where it came from (:data:`_WHERE`)."""
     source = "loss_fn" if loss_fn is not None else "training_step"
     # loss_fn is the user's function, not a method of the module
     where = _WHERE.format(what="loss_fn" if loss_fn is not None else f"{type(twin).__name__}.training_step")
     try:
-        return loss_fn(twin, batch) if loss_fn is not None else twin.training_step(batch, 0)  # type: ignore[operator]
+        return loss_fn(twin, batch) if loss_fn is not None else _training_step(twin, batch)
     except ProbeError:
         raise
     except (RuntimeError, ValueError) as e:  # nn.RNN raises ValueError on an input's dtype
