@@ -467,3 +467,65 @@ def test_an_epochs_short_last_accumulation_records_its_mean_micro_batch_loss(tmp
         want.append(np.mean([next(losses) for _ in range(n)]))
     np.testing.assert_allclose(gm.column("loss"), want, rtol=1e-6)
     np.testing.assert_allclose(gm.column("norm_preclip"), ref.pre, rtol=1e-6)
+
+
+class LateInf(pl.LightningModule):
+    """An inf put into one gradient by the module's own ``on_after_backward`` (a hand-written clip that
+    divides by zero, say), at step 2, or in manual optimization between its backward and its step. Lightning
+    calls the callbacks' ``on_after_backward`` before the module's, so the monitor's pre-clip read is
+    finite there."""
+
+    def __init__(self, manual: bool = False):
+        super().__init__()
+        self.automatic_optimization = not manual
+        self.gru = nn.GRU(3, H, batch_first=True)
+        self.out = nn.Linear(H, 4)
+        self.weights_at: dict[int, dict[str, torch.Tensor]] = {}
+
+    def training_step(self, batch, batch_idx):
+        self.weights_at[self.global_step] = {n: p.detach().clone() for n, p in self.named_parameters()}
+        x, y = batch
+        _, h_n = self.gru(x)
+        loss = nn.functional.cross_entropy(self.out(h_n[-1]), y)
+        if self.automatic_optimization:
+            return loss
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        self._plant()
+        opt.step()
+        return None
+
+    def on_after_backward(self):
+        if self.automatic_optimization:
+            self._plant()
+
+    def _plant(self):
+        if self.global_step == 2:
+            self.gru.weight_hh_l0.grad[0, 0] = float("inf")
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.01)
+
+
+@pytest.mark.parametrize(
+    ("manual", "clip"), [(False, None), (False, 1.0), (True, None)], ids=["auto", "auto-clipped", "manual"]
+)
+def test_a_gradient_made_non_finite_after_the_pre_clip_read_is_guarded(tmp_path, manual, clip):
+    """The guard read only the pre-clip norm: the module's own inf after it came through as a NaN post-clip
+    norm, the update was applied and the weights went NaN, diverged_step one step late (a walkthrough). The
+    guard now decides on the post-clip read too, before the update: stopped at step 2, the weights of step
+    2 kept exactly, the record's pre-clip norm finite and its post-clip norm NaN."""
+    from pipeline import GradientNormMonitor
+
+    torch.manual_seed(0)
+    model, gm = LateInf(manual), GradientNormMonitor(log_every_n_steps=1)
+    extra = {} if clip is None else {"gradient_clip_val": clip}
+    trainer(tmp_path, [gm], max_steps=6, **extra).fit(model, loader(cls_data()))
+    assert gm.diverged_step == 2
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert sorted(model.weights_at) == [0, 1, 2]  # stopped there
+    now = dict(model.named_parameters())
+    assert all(torch.equal(now[n], w) for n, w in model.weights_at[2].items())  # the step's update dropped
+    pre, post = gm.column("norm_preclip"), gm.column("norm_postclip")
+    assert len(pre) == 3 and np.isfinite(pre).all() and np.isfinite(post[:2]).all() and np.isnan(post[2])

@@ -170,6 +170,7 @@ class _StepReads:
     _steps: list
     _handles: list[Any]
     push: Callable[..., None]
+    _diverge: Callable[..., None]
 
     def _reset_reads(self) -> None:
         self._backward_sq: dict[int, torch.Tensor | None] = {}  # pre-clip after backward, per optimizer
@@ -178,6 +179,7 @@ class _StepReads:
         self._micro = 0  # backward passes in self._loss
         self._pre: torch.Tensor | None = None  # this step's group_sq, until the post-hook
         self._pre_loss: torch.Tensor | None = None
+        self._pre_loss_seen = False  # a backward went through Lightning before this step (its loss read)
         self._post: torch.Tensor | None = None  # the same after clipping, read before the update
 
     def _optimizer_entry(self, optimizer) -> tuple[int, dict[str, list[nn.Parameter]]]:
@@ -255,8 +257,28 @@ class _StepReads:
         return (args[0], read_after, *args[2:]), kwargs
 
     def _read_post(self, optimizer) -> None:
-        """The gradients the update will use, i.e. after clipping (nothing when the step is not measured)."""
-        self._post = group_sq(self._groups_of(optimizer), self.group_names) if self._pre is not None else None
+        """The gradients the update will use, i.e. after clipping (nothing when the step is not measured),
+        and, without a loss scaler, the guard's decision on the loss and both reads (one host read). A
+        gradient made non-finite after the pre-clip read (the module's own ``on_after_backward``, which
+        Lightning calls after the callbacks', or its clipping) was let through, and the update left the
+        weights NaN (a walkthrough)."""
+        sq, loss = self._pre, self._pre_loss
+        if sq is None or loss is None:
+            self._post = None
+            return
+        self._post = post = group_sq(self._groups_of(optimizer), self.group_names)
+        if self._scaler is not None:
+            return
+        pre = sq.sum().sqrt()
+        finite = torch.isfinite(pre) & (torch.isfinite(loss) if self._pre_loss_seen else True)
+        if post is not None:
+            finite = finite & torch.isfinite(post.sum())
+        if not bool(finite):
+            nan = pre.new_tensor(math.nan)
+            self._pre = self._post = None
+            trainer = self._trainer
+            assert trainer is not None  # set at setup, before any step
+            self._diverge(trainer, optimizer, torch.stack([loss, pre, nan, nan, *sq.sqrt()]))
 
     def _after_update(self, optimizer, args, kwargs) -> None:
         """Optimizer step post-hook: the step's record, from the reads before the update."""
@@ -276,7 +298,8 @@ class GradientNormMonitor(_StepReads, _Window, pl.Callback):
     ``grad/norm_preclip``, ``grad/norm_postclip``, ``grad/clip_coef`` (post / pre),
     ``grad/clip_rate`` (fraction of the steps so far with clip_coef < 1), ``grad/max_norm_preclip``
     (running max), ``grad/norm_<group>`` (pre-clip; groups input, recurrent, bias, other), and
-    ``diverged_step`` once, when the guard fires. Guard: a non-finite loss or gradient drops every
+    ``diverged_step`` once, when the guard fires. Guard: a non-finite loss or gradient (before or after
+    clipping) drops every
     gradient (``p.grad = None``, so the optimizer skips them), sets ``trainer.should_stop`` and records
     :attr:`diverged_step`. Per step on the host afterwards: :attr:`history` (rows of :attr:`fields`).
 
@@ -419,32 +442,36 @@ class GradientNormMonitor(_StepReads, _Window, pl.Callback):
             return
         pre = sq.sum().sqrt()
         loss = self._step_loss(trainer, pl_module, pre)
+        self._pre, self._pre_loss, self._pre_loss_seen = sq, loss, self._loss is not None
+        if self._scaler is None:
+            return  # decided with the post-clip read, before the update (_read_post): one host read
+        # With a loss scaler, here: its overflow must be told from divergence before it skips the update
+        # (its step then calls no optimizer hook).
         finite = torch.isfinite(pre) & (torch.isfinite(loss) if self._loss is not None else True)
         if not bool(finite):  # one host read: before the update
             nan = pre.new_tensor(math.nan)
             row = torch.stack([loss, pre, nan, nan, *sq.sqrt()])
             self._pre = None
-            if (
-                self._scaler is not None
-                and (self._loss is None or bool(torch.isfinite(loss)))  # no loss seen: as a finite one
-                and float(scale_of(self._scaler)) > 1.0
-            ):
-                # the scaler's overflow: it skips this update and lowers the scale (torch.amp.GradScaler).
-                # At a scale of 1 or below the gradient is non-finite unscaled: divergence (below).
+            if (self._loss is None or bool(torch.isfinite(loss))) and float(scale_of(self._scaler)) > 1.0:
+                # the scaler's overflow (no loss seen: as a finite one): it skips this update and lowers
+                # the scale (torch.amp.GradScaler). At a scale of 1 or below the gradient is non-finite
+                # unscaled: divergence (below).
                 self.scaler_skips = (self.scaler_skips or 0) + 1
                 self.push(row, trainer.global_step, optimizer)
                 return
-            drop_gradients(p for gs in self.groups.values() for p in gs)
-            # anything the monitor did not classify
-            drop_gradients(p for group in optimizer.param_groups for p in group["params"])
-            # the first non-finite step: Lightning may go on (min_steps), the guard keeping the weights finite
-            if self.diverged_step is None:
-                self.diverged_step = trainer.global_step
-            trainer.should_stop = True
-            self.push(row, trainer.global_step, optimizer)
-            return
-        self._pre = sq
-        self._pre_loss = loss
+            self._diverge(trainer, optimizer, row)
+
+    def _diverge(self, trainer, optimizer, row: torch.Tensor) -> None:
+        """The guard fires: every gradient dropped before the update, training told to stop, the step
+        recorded (``row``: post-clip norm and coefficient NaN)."""
+        drop_gradients(p for gs in self.groups.values() for p in gs)
+        # anything the monitor did not classify
+        drop_gradients(p for group in optimizer.param_groups for p in group["params"])
+        # the first non-finite step: Lightning may go on (min_steps), the guard keeping the weights finite
+        if self.diverged_step is None:
+            self.diverged_step = trainer.global_step
+        trainer.should_stop = True
+        self.push(row, trainer.global_step, optimizer)
 
     def collect(self, trainer, pl_module) -> None:
         """Hook, once per training batch before the window check: a subclass whose module measures

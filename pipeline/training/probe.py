@@ -206,7 +206,7 @@ def _training_step(module: nn.Module, batch: Any) -> Any:
     passing 0 failed a module with ``training_step(self, batch)``, which Lightning trains (a walkthrough)."""
     from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
 
-    step = module.training_step  # type: ignore[operator]
+    step: Callable[..., Any] = module.training_step  # type: ignore[assignment]
     if is_param_in_hook_signature(step, "batch_idx", min_args=2):
         return step(batch, 0)
     return step(batch)
