@@ -666,6 +666,42 @@ def test_mlflow_logger_gets_metrics_artifacts_and_regime(tmp_path):
     assert set(frame["step"]) == {0, 8} and set(frame["layer"]) == {0, 1}
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("profile_every", 2), ("probe_size", 4), ("reference_check", True)]
+)
+def test_a_diagnostics_field_the_monitor_does_not_read_is_refused_at_construction(field, value):
+    """``DiagnosticsConfig(profile_every=2, probe_size=4)`` was accepted and did nothing: passes at steps 0
+    and 6 only, every probe sequence kept (a walkthrough). Each such field is refused, naming the argument
+    that does it; the project's own trainer (ProfileMonitor) reads all of them."""
+    from pipeline import BPTTProfileMonitor, DiagnosticsConfig
+    from pipeline.training.callbacks import ProfileMonitor
+
+    with pytest.raises(
+        ValueError, match=rf"^diagnostics\.{field}={value!r} is not read by BPTTProfileMonitor: "
+    ):
+        BPTTProfileMonitor("gru", diagnostics=DiagnosticsConfig(**{field: value}))
+    assert ProfileMonitor.UNREAD == {}
+    BPTTProfileMonitor("gru", diagnostics=DiagnosticsConfig(horizon_decades=2.0, plots=False))
+
+
+def test_plots_false_logs_the_profile_without_its_figure(tmp_path):
+    """``DiagnosticsConfig(plots=False)``: the profile's parquet and the regime tag, no PNG (it was drawn
+    and logged anyway: a walkthrough)."""
+    from mlflow.tracking import MlflowClient
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    from pipeline import BPTTProfileMonitor, DiagnosticsConfig
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logger = MLFlowLogger(experiment_name="np", tracking_uri=uri, artifact_location=str(tmp_path / "a"))
+    pm = BPTTProfileMonitor("gru", every_n_steps=2, diagnostics=DiagnosticsConfig(plots=False))
+    trainer(tmp_path, [pm], logger=logger, max_steps=4).fit(GRUClassifier(), loader(cls_data()))
+    client = MlflowClient(uri)
+    arts = {a.path for d in ("diagnostics", "plots") for a in client.list_artifacts(logger.run_id, d)}
+    assert arts == {"diagnostics/bptt_profile.parquet"}
+    assert client.get_run(logger.run_id).data.tags["regime"] == pm.regime
+
+
 def test_mlflow_logger_gets_nonfinite_values_as_the_record_has_them(tmp_path):
     """README, "The MLflow record" (and "Your own model": "as in The MLflow record"): through an
     MLFlowLogger +-inf is logged as +-float64 max, and NaN as the tag ``nonfinite.<metric>`` = ``nan``

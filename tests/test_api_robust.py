@@ -431,10 +431,10 @@ def test_a_second_fit_records_afresh_and_bad_every_n_steps(tmp_path):
         with pytest.raises(ValueError, match=f"^config key {re.escape(said)}$"):
             BPTTProfileMonitor("gru", diagnostics=DiagnosticsConfig(**bad))
     typed = BPTTProfileMonitor(
-        "gru", diagnostics=DiagnosticsConfig(explode_norm=10, probe_size=8.0)
+        "gru", diagnostics=DiagnosticsConfig(explode_norm=10, horizon_decades=2)
     ).diagnostics
-    assert typed == DiagnosticsConfig(explode_norm=10.0, probe_size=8)  # as the config would hold them
-    assert type(typed.explode_norm) is float and type(typed.probe_size) is int
+    assert typed == DiagnosticsConfig(explode_norm=10.0, horizon_decades=2.0)  # as the config would hold them
+    assert type(typed.explode_norm) is float and type(typed.horizon_decades) is float
     gm, pm = GradientNormMonitor(log_every_n_steps=4), BPTTProfileMonitor("gru", every_n_steps=4)
     for _ in range(2):
         trainer(tmp_path, [gm, pm], max_steps=8, log_every_n_steps=1).fit(

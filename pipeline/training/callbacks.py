@@ -241,6 +241,7 @@ class ProfileMonitor(BPTTProfileMonitor):
 
     step_type = int
     frame_columns = ("step", "t", "state", "log10_norm")
+    UNREAD: Mapping[str, str] = {}  # this trainer reads every diagnostics field
     # A resumed run's record restarts its frames at the resume step (README, "Saved models and resuming");
     # its probe batch is fixed by the config, so there is nothing else to keep.
     keeps_state = False

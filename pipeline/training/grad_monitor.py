@@ -299,9 +299,8 @@ class GradientNormMonitor(_StepReads, _Window, pl.Callback):
     ``grad/clip_rate`` (fraction of the steps so far with clip_coef < 1), ``grad/max_norm_preclip``
     (running max), ``grad/norm_<group>`` (pre-clip; groups input, recurrent, bias, other), and
     ``diverged_step`` once, when the guard fires. Guard: a non-finite loss or gradient (before or after
-    clipping) drops every
-    gradient (``p.grad = None``, so the optimizer skips them), sets ``trainer.should_stop`` and records
-    :attr:`diverged_step`. Per step on the host afterwards: :attr:`history` (rows of :attr:`fields`).
+    clipping) drops every gradient (``p.grad = None``, so the optimizer skips them), sets
+    ``trainer.should_stop`` and records :attr:`diverged_step`. Per step on the host afterwards: :attr:`history` (rows of :attr:`fields`).
 
     Each step is measured on the parameters its optimizer updates (a parameter group added during
     training included), with the loss summed over the backward passes before it (since the previous

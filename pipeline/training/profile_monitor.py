@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +49,16 @@ def named(metrics: dict[str, Any], name: str | None) -> dict[str, Any]:
     return {f"{k.split('/', 1)[0]}/{name}/{k.split('/', 1)[1]}": v for k, v in metrics.items()}
 
 
-def log_profile_artifacts(lg, frame, plot: Callable[[Any], Any], name: str | None = None) -> None:
+def log_profile_artifacts(lg, frame, plot: Callable[[Any], Any] | None, name: str | None = None) -> None:
     """To the MLflow run of logger ``lg``: ``frame`` as ``diagnostics/bptt_profile.parquet`` and, when not
-    empty, ``plot(frame)`` as ``plots/bptt_profile.png`` (``bptt_profile_<name>.*`` for a named monitor)."""
+    empty and ``plot`` is given, ``plot(frame)`` as ``plots/bptt_profile.png`` (``bptt_profile_<name>.*``
+    for a named monitor)."""
     stem = "bptt_profile" if name is None else f"bptt_profile_{name}"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{stem}.parquet"
         frame.to_parquet(path, index=False)
         lg.experiment.log_artifact(lg.run_id, str(path), "diagnostics")
-        if len(frame):
+        if len(frame) and plot is not None:
             fig = plot(frame)
             png = Path(tmp) / f"{stem}.png"
             fig.savefig(png)
@@ -114,7 +115,8 @@ class _Verdict:
         if self.regime_reason:  # which rule decided (README, "Regime verdict")
             why = "regime_reason" if self.name is None else f"regime_reason.{self.name}"
             lg.experiment.set_tag(lg.run_id, why, self.regime_reason)
-        log_profile_artifacts(lg, self.profile_frame(), self.plot, self.name)
+        plot = self.plot if self.diagnostics.plots else None  # plots=False: the parquet alone
+        log_profile_artifacts(lg, self.profile_frame(), plot, self.name)
 
     def plot(self, frame):
         """log10 ||dL/dh_t|| of the top layer against t, one line per pass (at most 6), c dashed."""
@@ -127,6 +129,26 @@ class _Verdict:
             + (f" ({self.regime_reason})" if self.regime_reason else ""),
             ylabel=r"$\log_{10}\,\|\partial L/\partial h_t\|$ (top layer)",
         )
+
+
+# DiagnosticsConfig fields the project's trainer reads, for which this monitor has arguments instead: set
+# to anything but their defaults they were accepted and did nothing (a walkthrough)
+UNREAD = {
+    "profile_every": "the passes are every_n_steps=",
+    "probe_size": "the probe batch is batch= (default: the first training batch)",
+    "reference_check": "the independent recursion is the project's trainer's, for its own cells",
+}
+
+
+def check_unread(d: DiagnosticsConfig, unread: Mapping[str, str], who: str) -> None:
+    """Refuse a field of ``unread`` set to anything but its default, naming what does it instead."""
+    default = DiagnosticsConfig()
+    for field, instead in unread.items():
+        if getattr(d, field) != getattr(default, field):
+            raise ValueError(
+                f"diagnostics.{field}={getattr(d, field)!r} is not read by {who}: {instead}; leave it at "
+                f"its default ({getattr(default, field)!r})"
+            )
 
 
 class BPTTProfileMonitor(_Passes, _Verdict, _Logs, pl.Callback):
@@ -162,6 +184,7 @@ class BPTTProfileMonitor(_Passes, _Verdict, _Logs, pl.Callback):
     loss are obtained) and :meth:`stopping`. ``sink`` as for :class:`GradientNormMonitor`.
     """
 
+    UNREAD: Mapping[str, str] = UNREAD  # the diagnostics fields refused (the project's trainer: none)
     step_type: type = float  # the type of the "step" entry of each pass
     keeps_state: bool = True  # passes, frames and the default probe batch go into a Lightning checkpoint
     frame_columns: tuple[str, ...] = ("step", "layer", "t", "state", "log10_norm")
@@ -203,6 +226,7 @@ class BPTTProfileMonitor(_Passes, _Verdict, _Logs, pl.Callback):
             )
         # the config's own types and checks (ConfigError, a ValueError)
         self.diagnostics = checked_diagnostics(diagnostics or DiagnosticsConfig())
+        check_unread(self.diagnostics, self.UNREAD, type(self).__name__)
         self.sink = sink
         self.passes: list[dict[str, Any]] = []  # metrics logged per pass, with "step"
         self.frames: list[dict[str, Any]] = []  # long-format columns per pass
