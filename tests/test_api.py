@@ -615,6 +615,36 @@ def test_nan_loss_stops_training_with_weights_finite(tmp_path):
     assert gm2.diverged_step == 3 and pm2.regime == "diverged"
 
 
+def test_the_guard_keeps_weights_outside_the_monitors_groups_finite_too(tmp_path):
+    """``groups=`` covering the LSTM alone: the guard drops every gradient the optimizer would use, the
+    embedding's and the head's too (dropping only its groups' let Adam write NaN into the rest: a
+    mutation audit found no test of it)."""
+    from pipeline import GradientNormMonitor
+
+    torch.manual_seed(0)
+    gm = GradientNormMonitor(
+        log_every_n_steps=10, groups=lambda m: {"rnn": list(m.encoder.lstm.parameters())}
+    )
+    module = LSTMLanguageModel(nan_at=3)
+    trainer(tmp_path, [gm], max_steps=20).fit(module, loader(lm_data()))
+    assert gm.diverged_step == 3
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def test_a_second_fit_with_the_same_monitor_records_afresh(tmp_path):
+    """README: "Each fit records afresh". The same monitor, fitted again on a healthy model after a diverged
+    fit: no diverged_step, and the history of the second fit alone (a mutation audit: nothing reused one)."""
+    from pipeline import GradientNormMonitor
+
+    torch.manual_seed(0)
+    gm = GradientNormMonitor(log_every_n_steps=5)
+    trainer(tmp_path / "a", [gm], max_steps=20).fit(LSTMLanguageModel(nan_at=3), loader(lm_data()))
+    assert gm.diverged_step == 3
+    t = trainer(tmp_path / "b", [gm], max_steps=10)
+    t.fit(LSTMLanguageModel(), loader(lm_data()))
+    assert gm.diverged_step is None and len(gm.history) == t.global_step == 10
+
+
 def test_mlflow_logger_gets_metrics_artifacts_and_regime(tmp_path):
     from mlflow.tracking import MlflowClient
     from pytorch_lightning.loggers import MLFlowLogger

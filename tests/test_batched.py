@@ -980,6 +980,28 @@ def test_two_batched_workers_stop_at_exactly_n_trials(store, tmp_path):
 
 
 @pytest.mark.kernel_free
+@pytest.mark.parametrize(("k", "n"), [(4, 4), (2, 6)], ids=["one-ask", "refills"])
+def test_a_searched_task_setting_groups_trials_into_stacks_by_shape(store, tmp_path, k, n):
+    """The space searches task.seq_len, so the trials asked together differ in shape: each stack holds one
+    shape, and a refill of another shape waits for a stack of its own. Putting all asked trials in one
+    stack (every trial FAIL: run_stack refuses mixed shapes) or letting a refill of another shape join
+    (5 of 6 FAIL) survived every test (a mutation audit)."""
+    from tests.test_sweep import check_consistent, load_study, mlflow_runs, run_sweep_cli
+
+    space = {"task.seq_len": {"choices": [8, 12]}, "optim.lr": {"low": 1e-3, "high": 3e-2, "log": True}}
+    sampler = {"name": "random", "seed": 0}
+    cfg = _sweep_file(
+        tmp_path / "s.yaml", n_trials=n, trials_per_worker=k, workers=1, space=space, sampler=sampler
+    )
+    p = run_sweep_cli(cfg)
+    assert p.returncode == 0, p.stdout + p.stderr
+    study = load_study()
+    assert {t.params["task.seq_len"] for t in study.trials} == {8, 12}, "the draw must mix both"
+    assert [t.state.name for t in study.trials if t.state.name not in ("COMPLETE", "PRUNED")] == []
+    check_consistent(study, mlflow_runs(store), n)
+
+
+@pytest.mark.kernel_free
 def test_a_free_slot_is_refilled_while_the_stack_trains(store, tmp_path):
     """Rolling stacks, end to end: one worker, 2 slots, trials of 10 and 60 steps. A short trial's slot is
     refilled while its long stack-mate still trains (without refilling, a new trial would start only

@@ -352,6 +352,10 @@ def test_comparison_at_its_threshold_passes(band):
         ({"value": -5.0, "rel": 0.1}, -5.1, PASS),  # rel x |accepted|: a negative value has a band too
         ({"value": -5.0, "rel": 0.1}, -5.6, REGRESSION),
         ({"value": 1.0, "abs": 0.5}, 1.5000001, REGRESSION),
+        # abs and rel together: the wider of the two (here rel's 1.0), not their sum (1.5; a mutation audit)
+        ({"value": 10.0, "abs": 0.5, "rel": 0.1}, 11.0, PASS),
+        ({"value": 10.0, "abs": 0.5, "rel": 0.1}, 11.2, REGRESSION),
+        ({"value": 10.0, "abs": 0.5, "rel": 0.1}, 8.9, REGRESSION),
     ],
 )
 def test_baseline_band_edges(accepted, now, verdict):

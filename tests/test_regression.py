@@ -675,6 +675,8 @@ def test_measured_band_rules():
         pytest.approx(0.01),
     )  # floor wins
     assert measured_band(Band(rel=0.1), 100.0, [101.0]) == (Band(rel=0.1), pytest.approx(1.0))
+    # the largest deviation on either side: 0.5 below (a signed spread read 0.1 above: a mutation audit)
+    assert measured_band(Band(abs=0.01), 1.0, [0.5, 1.1]) == (Band(abs=2.0), pytest.approx(0.5))
     assert measured_band(Band(abs=0.01), 1.0, [1.0, None])[1] == math.inf
     assert measured_band(Band(abs=0.01), 1.0, [math.nan])[1] == math.inf
     assert _round_up(0.1234) == pytest.approx(0.13) and _round_up(1.0) == 1.0 and _round_up(0.0) == 0.0

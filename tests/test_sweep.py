@@ -1908,3 +1908,24 @@ def test_a_sigterm_forwarded_to_a_worker_just_forked_is_kept_until_it_can_take_i
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.split()[-1] == "-15", r.stdout + r.stderr[-2000:]
+
+
+def test_a_pruned_trial_is_never_the_best_so_far_whatever_its_ratio():
+    """log_models: best keeps the weights of the best COMPLETE trial; a pruned trial's intermediate ratio
+    (0.1 here, below the best 0.5) does not make it the best (a mutation audit: dropping the pruned test
+    survived, and a real sweep then logged a pruned trial's weights)."""
+    import types
+
+    import optuna
+
+    from pipeline.sweep.record import is_best_so_far
+
+    study = optuna.create_study()
+    t = study.ask()
+    t.set_user_attr("val_loss_ratio", 0.5)
+    study.tell(t, 0.5)
+    sw = types.SimpleNamespace(log_models="best")
+    r = types.SimpleNamespace(val_loss_ratio=0.1, run_id="x", pruned=True, diverged_step=None)
+    assert is_best_so_far(sw, study, r, object()) is False
+    r.pruned = False
+    assert is_best_so_far(sw, study, r, object()) is True
