@@ -24,7 +24,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -375,6 +375,18 @@ class NullRecorder(Recorder):
 
     def close(self, status="FINISHED"):
         self.closed = True
+
+
+def recorded_metrics(metrics: Mapping[str, float], tags: Mapping[str, str]) -> dict[str, float]:
+    """One run's latest metrics (``run.data.metrics``) as the run recorded them, read as :func:`as_recorded`
+    reads a frame: +-float64 max as +-inf, and NaN where the tag ``nonfinite.<metric>`` is set (MLflow
+    kept the last finite value there)."""
+    top = sys.float_info.max
+    out = {k: math.inf if v == top else -math.inf if v == -top else v for k, v in metrics.items()}
+    for tag in tags:
+        if tag.startswith(NONFINITE_PREFIX):
+            out[tag[len(NONFINITE_PREFIX) :]] = math.nan
+    return out
 
 
 def as_recorded(runs):

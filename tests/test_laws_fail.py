@@ -362,6 +362,46 @@ def test_baseline_band_edges(accepted, now, verdict):
     assert baseline_row("e", "val/loss", _r(val__loss=now), accepted).verdict == verdict
 
 
+# ------------------------------------------------------------------------ reading an entry's run back
+
+
+def test_an_entry_run_is_read_back_as_it_recorded_its_metrics(tmp_path):
+    """An entry's metrics are read as the run recorded them (``pipeline.as_recorded``, per run): a metric
+    whose latest value was NaN (tag ``nonfinite.<metric>``) reads NaN, not the last finite value MLflow
+    kept, and +-float64 max reads +-inf. A digits entry that diverged after a validation at 0.8 read
+    val/accuracy 0.8 and passed ``metric_above`` and its baseline band (a review); ``finite`` read a NaN
+    val/loss as its last finite value."""
+    import math
+    import sys
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.regression.run import collect
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    c = MlflowClient(uri)
+    run = c.create_run(c.create_experiment("regression"))
+    rid = run.info.run_id
+    for k, v in {
+        "val/accuracy": 0.8,
+        "val/loss": 0.5,
+        "train/loss": 0.4,
+        "grad/max_norm_preclip": sys.float_info.max,
+    }.items():
+        c.log_metric(rid, k, v, step=1)
+    c.set_tag(rid, "nonfinite.val/accuracy", "nan")
+    c.set_tag(rid, "nonfinite.val/loss", "nan")
+    c.set_terminated(rid)
+    got = collect(_suite([("e", ())]), {"e": rid}, uri=uri)["e"]
+    assert math.isnan(got.metrics["val/accuracy"]) and math.isnan(got.metrics["val/loss"])
+    assert got.metrics["train/loss"] == 0.4 and got.metrics["grad/max_norm_preclip"] == math.inf
+    above = _chk({"metric_above": {"metric": "val/accuracy", "value": 0.7}})
+    assert run_check(above, {"e": got}).verdict == LAW
+    finite = _chk({"finite": {}})
+    assert run_check(finite, {"e": got}).verdict == LAW
+    assert baseline_row("e", "val/accuracy", got, {"value": 0.8, "abs": 0.05}).verdict == REGRESSION
+
+
 # ------------------------------------------------------------------------ judging a suite's results
 
 

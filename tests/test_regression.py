@@ -750,6 +750,10 @@ def test_smoke_laws_catch_planted_profile_bugs(store, monkeypatch, plant):
     suite = replace(suite, entries=tuple(e for e in suite.entries if e.name in names), compare=())
     parent, exp = start_suite_run(suite)
     results = collect(suite, {n: run_entry(suite, n, parent, exp) for n in names}, parent)
+    if plant is None:  # every tag a real entry run records is one a suite's tag_equals may name (a review)
+        from pipeline.regression.metrics import check_tag
+
+        assert all(check_tag("t", t) == t for r in results.values() for t in r.tags)
     rows = {r.check: r for r in judge_entries(suite, results, {})}
     ref = [rows[f"{n}: metric_below bptt/reference_max_err"] for n in names]
     if plant is None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from pipeline.names import ENTRY, KIND, ROLE, SUITE
 from pipeline.schema import ConfigError
 
 # Public metric names a check may read (README, "The MLflow record"); gate variants match METRIC_PATTERN.
@@ -58,11 +59,16 @@ def check_metric(key: str, name: Any) -> str:
     return name
 
 
-# Tags an entry's run records (README, "The MLflow record", Tags), which tag_equals may read; nonfinite.*,
+# Tags an entry's run records (README, "The MLflow record", Tags, and "What is recorded" under "Regression
+# suites"), which tag_equals may read; nonfinite.*,
 # version.* and mlflow.* match TAG_PATTERN. A misspelt one ("regim") read as absent after every entry had
 # trained, a law violated, and the suite "REGRESSION" (a real-data walkthrough).
 KNOWN_TAGS = frozenset(
     {
+        KIND,  # an entry run's own (README, "What is recorded")
+        SUITE,
+        ENTRY,
+        ROLE,
         "task",
         "cell",
         "init",
