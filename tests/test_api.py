@@ -631,6 +631,26 @@ def test_the_guard_keeps_weights_outside_the_monitors_groups_finite_too(tmp_path
     assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
 
 
+def test_an_optimizer_swapped_in_during_fit_is_still_guarded(tmp_path):
+    """The guard decides in the optimizer's step hooks, registered at fit start. An optimizer swapped in
+    later (a callback replacing the strategy's, as fine-tuning recipes do) has none: the guard decides for
+    it before its step, as it did for every optimizer before (a review), and the weights stay finite."""
+    from pipeline import GradientNormMonitor
+
+    class Swap(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2 and not getattr(self, "done", False):
+                self.done = True
+                trainer.strategy.optimizers = [torch.optim.Adam(pl_module.parameters(), lr=0.01)]
+
+    torch.manual_seed(0)
+    gm, swap = GradientNormMonitor(log_every_n_steps=10), Swap()
+    module = LSTMLanguageModel(nan_at=4)
+    trainer(tmp_path, [gm, swap], max_steps=20).fit(module, loader(lm_data()))
+    assert swap.done and gm.diverged_step == 4
+    assert all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
 def test_a_second_fit_with_the_same_monitor_records_afresh(tmp_path):
     """README: "Each fit records afresh". The same monitor, fitted again on a healthy model after a diverged
     fit: no diverged_step, and the history of the second fit alone (a mutation audit: nothing reused one)."""

@@ -169,6 +169,7 @@ class _StepReads:
     _trainer: pl.Trainer | None
     _steps: list
     _handles: list[Any]
+    _hooked: set[int]  # ids of the optimizers whose step hooks are registered
     push: Callable[..., None]
     _diverge: Callable[..., None]
 
@@ -229,10 +230,12 @@ class _StepReads:
         for opt in trainer.optimizers:
             self._handles.append(opt.register_step_pre_hook(self._before_update))
             self._handles.append(opt.register_step_post_hook(self._after_update))
+            self._hooked.add(id(opt))
 
     def on_fit_end(self, trainer, pl_module) -> None:
         for h in self._handles:
             h.remove()
+        self._hooked.clear()
         self._handles = []
 
     def _before_update(self, optimizer, args, kwargs) -> tuple[tuple, dict] | None:
@@ -298,9 +301,9 @@ class GradientNormMonitor(_StepReads, _Window, pl.Callback):
     ``grad/norm_preclip``, ``grad/norm_postclip``, ``grad/clip_coef`` (post / pre),
     ``grad/clip_rate`` (fraction of the steps so far with clip_coef < 1), ``grad/max_norm_preclip``
     (running max), ``grad/norm_<group>`` (pre-clip; groups input, recurrent, bias, other), and
-    ``diverged_step`` once, when the guard fires. Guard: a non-finite loss or gradient (before or after
-    clipping) drops every gradient (``p.grad = None``, so the optimizer skips them), sets
-    ``trainer.should_stop`` and records :attr:`diverged_step`. Per step on the host afterwards: :attr:`history` (rows of :attr:`fields`).
+    ``diverged_step`` once, when the guard fires. Guard: a non-finite loss or gradient (without a loss
+    scaler also after clipping) drops every gradient (``p.grad = None``, so the optimizer skips them),
+    sets ``trainer.should_stop`` and records :attr:`diverged_step`. Per step on the host afterwards: :attr:`history` (rows of :attr:`fields`).
 
     Each step is measured on the parameters its optimizer updates (a parameter group added during
     training included), with the loss summed over the backward passes before it (since the previous
@@ -363,6 +366,7 @@ class GradientNormMonitor(_StepReads, _Window, pl.Callback):
         self._by_opt: dict[int, tuple[int, dict[str, list[nn.Parameter]]]] = {}  # id -> (n groups, groups)
         self._scaler: Any = None
         self._handles: list[Any] = []
+        self._hooked: set[int] = set()
         self._trainer: pl.Trainer | None = None
         self._reset()
 
@@ -442,16 +446,21 @@ class GradientNormMonitor(_StepReads, _Window, pl.Callback):
         pre = sq.sum().sqrt()
         loss = self._step_loss(trainer, pl_module, pre)
         self._pre, self._pre_loss, self._pre_loss_seen = sq, loss, self._loss is not None
-        if self._scaler is None:
+        if self._scaler is None and id(optimizer) in self._hooked:
             return  # decided with the post-clip read, before the update (_read_post): one host read
         # With a loss scaler, here: its overflow must be told from divergence before it skips the update
-        # (its step then calls no optimizer hook).
+        # (its step then calls no optimizer hook). So is an optimizer the Trainer did not have at fit
+        # start (one swapped in since), whose step has no hook to decide in.
         finite = torch.isfinite(pre) & (torch.isfinite(loss) if self._loss is not None else True)
         if not bool(finite):  # one host read: before the update
             nan = pre.new_tensor(math.nan)
             row = torch.stack([loss, pre, nan, nan, *sq.sqrt()])
             self._pre = None
-            if (self._loss is None or bool(torch.isfinite(loss))) and float(scale_of(self._scaler)) > 1.0:
+            if (
+                self._scaler is not None
+                and (self._loss is None or bool(torch.isfinite(loss)))
+                and float(scale_of(self._scaler)) > 1.0
+            ):
                 # the scaler's overflow (no loss seen: as a finite one): it skips this update and lowers
                 # the scale (torch.amp.GradScaler). At a scale of 1 or below the gradient is non-finite
                 # unscaled: divergence (below).

@@ -103,7 +103,8 @@ class RNNTrainingModule(pl.LightningModule):
             if self.val_accuracy is not None and not math.isfinite(self.val_loss):
                 # outputs that overflowed predict nothing: argmax of all-NaN logits is class 0, which
                 # read as chance (digits 0.100 for a diverged run; a real-data walkthrough). A finite
-                # cross-entropy has finite logits, so a non-finite val loss marks exactly these.
+                # cross-entropy has finite logits, so a non-finite val loss marks these (and, rarely,
+                # finite logits so far apart that the loss itself overflows: no accuracy there either).
                 self.val_accuracy = math.nan
 
     def mark_nonfinite_weights(self, step: int) -> None:
