@@ -252,6 +252,28 @@ def test_a_broken_digits_file_is_one_line_exit_2_nothing_written(tmp_path, verb,
     assert list(work.iterdir()) == []  # no mlflow.db, no mlruns, no optuna journal
 
 
+def test_a_sweep_searching_digits_checks_its_file_before_any_store(tmp_path):
+    """A space that searches task.name reads each choice's data before any store (the base alone is
+    adding): the error names space.task.name."""
+    file = _broken_sklearn(tmp_path / "site", "missing")
+    work = tmp_path / "work"
+    work.mkdir()
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(
+        "base: " + str(ROOT / "configs/train/smoke.yaml") + "\n"
+        "n_trials: 2\nspace:\n  task.name: {choices: [adding, digits]}\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    r = cli("sweep", "--config", str(sweep), "base.task.seq_len=64", cwd=work, env=env)
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"error: config key 'space.task.name': 'digits' reads scikit-learn's bundled file {file}"
+    ), r.stderr[-3000:]
+    assert list(work.iterdir()) == []
+
+
 def test_missing_config_file(tmp_path):
     r = cli("train", "--config", "nope.yaml", cwd=tmp_path)
     assert r.returncode == 2 and "config file not found" in r.stderr and list(tmp_path.iterdir()) == []
