@@ -32,7 +32,7 @@ _LAZY = {
     "load_run": "pipeline.training.saved",
     "LoadedRun": "pipeline.training.saved",
     # A search_runs frame with NaN and +-inf read back as the runs recorded them (README, "The MLflow record").
-    "as_recorded": "pipeline.tracking",
+    "as_recorded": "pipeline.recorded",
 }
 __all__ = [
     "BPTTProfileMonitor",

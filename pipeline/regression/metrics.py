@@ -60,9 +60,9 @@ def check_metric(key: str, name: Any) -> str:
 
 
 # Tags an entry's run records (README, "The MLflow record", Tags, and "What is recorded" under "Regression
-# suites"), which tag_equals may read; nonfinite.*,
-# version.* and mlflow.* match TAG_PATTERN. A misspelt one ("regim") read as absent after every entry had
-# trained, a law violated, and the suite "REGRESSION" (a real-data walkthrough).
+# suites"), which tag_equals may read; nonfinite.*, version.* and mlflow.* match TAG_PATTERN. A misspelt
+# one ("regim") read as absent after every entry had trained, a law violated, and the suite "REGRESSION"
+# (a real-data walkthrough).
 KNOWN_TAGS = frozenset(
     {
         KIND,  # an entry run's own (README, "What is recorded")

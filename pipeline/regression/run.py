@@ -283,7 +283,8 @@ def collect(
 
     With ``perturbation``, only the entries in ``run_ids`` (the ones run under it) are read.
     """
-    from pipeline.tracking import client, recorded_metrics
+    from pipeline.recorded import recorded_metrics
+    from pipeline.tracking import client
 
     c = client(uri or suite.uri)
     out = {}

@@ -42,8 +42,8 @@ from pipeline.names import (
     quoted,
 )
 from pipeline.names import KIND as KIND_TAG
+from pipeline.recorded import as_recorded
 from pipeline.schema import ConfigError
-from pipeline.tracking import as_recorded
 from pipeline.uris import file_name
 
 DEFAULT_EXPERIMENT = "rnn-gradients"

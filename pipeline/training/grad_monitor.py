@@ -180,8 +180,12 @@ class _StepReads:
         self._micro = 0  # backward passes in self._loss
         self._pre: torch.Tensor | None = None  # this step's group_sq, until the post-hook
         self._pre_loss: torch.Tensor | None = None
-        self._pre_loss_seen = False  # a backward went through Lightning before this step (its loss read)
         self._post: torch.Tensor | None = None  # the same after clipping, read before the update
+
+    def _finite(self, pre: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        """The guard's test on the device (no host read): the pre-clip norm finite, and the step's loss
+        where a backward went through Lightning (else its NaN stands for "not read", not divergence)."""
+        return torch.isfinite(pre) & (torch.isfinite(loss) if self._loss is not None else True)
 
     def _optimizer_entry(self, optimizer) -> tuple[int, dict[str, list[nn.Parameter]]]:
         return len(optimizer.param_groups), optimizer_groups(self.groups, optimizer)
@@ -273,7 +277,7 @@ class _StepReads:
         if self._scaler is not None:
             return
         pre = sq.sum().sqrt()
-        finite = torch.isfinite(pre) & (torch.isfinite(loss) if self._pre_loss_seen else True)
+        finite = self._finite(pre, loss)
         if post is not None:
             finite = finite & torch.isfinite(post.sum())
         if not bool(finite):
@@ -303,7 +307,8 @@ class GradientNormMonitor(_StepReads, _Window, pl.Callback):
     (running max), ``grad/norm_<group>`` (pre-clip; groups input, recurrent, bias, other), and
     ``diverged_step`` once, when the guard fires. Guard: a non-finite loss or gradient (without a loss
     scaler also after clipping) drops every gradient (``p.grad = None``, so the optimizer skips them),
-    sets ``trainer.should_stop`` and records :attr:`diverged_step`. Per step on the host afterwards: :attr:`history` (rows of :attr:`fields`).
+    sets ``trainer.should_stop`` and records :attr:`diverged_step`. Per step on the host afterwards:
+    :attr:`history` (rows of :attr:`fields`).
 
     Each step is measured on the parameters its optimizer updates (a parameter group added during
     training included), with the loss summed over the backward passes before it (since the previous
@@ -445,13 +450,13 @@ class GradientNormMonitor(_StepReads, _Window, pl.Callback):
             return
         pre = sq.sum().sqrt()
         loss = self._step_loss(trainer, pl_module, pre)
-        self._pre, self._pre_loss, self._pre_loss_seen = sq, loss, self._loss is not None
+        self._pre, self._pre_loss = sq, loss
         if self._scaler is None and id(optimizer) in self._hooked:
             return  # decided with the post-clip read, before the update (_read_post): one host read
         # With a loss scaler, here: its overflow must be told from divergence before it skips the update
         # (its step then calls no optimizer hook). So is an optimizer the Trainer did not have at fit
         # start (one swapped in since), whose step has no hook to decide in.
-        finite = torch.isfinite(pre) & (torch.isfinite(loss) if self._loss is not None else True)
+        finite = self._finite(pre, loss)
         if not bool(finite):  # one host read: before the update
             nan = pre.new_tensor(math.nan)
             row = torch.stack([loss, pre, nan, nan, *sq.sqrt()])

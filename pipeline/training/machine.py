@@ -1,7 +1,8 @@
 """What the machine has, for the memory check (:mod:`pipeline.training.budget`) and the sweep's choice of
 workers: the host memory this process may still allocate (MemAvailable, a cgroup v2 limit), whether
-Lightning will train on CUDA, and the GPU's free memory; and whether a real-data task's file is readable. Light imports only (stdlib + pipeline.config):
-torch is imported only where a GPU driver is present and the accelerator could resolve to it.
+Lightning will train on CUDA, and the GPU's free memory; and whether a real-data task's file is readable.
+Light imports only (stdlib + pipeline.config): torch is imported only where a GPU driver is present and
+the accelerator could resolve to it (scikit-learn only for digits).
 """
 
 from __future__ import annotations

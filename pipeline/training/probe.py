@@ -213,8 +213,9 @@ def _training_step(module: nn.Module, batch: Any) -> Any:
 
 
 def _step(twin: nn.Module, batch: Any, loss_fn: LossFn | None) -> Any:
-    """``loss_fn(twin, batch)``, else ``twin.training_step(batch, 0)`` (:func:`_training_step`); an error it raises is explained
-    (:func:`_explained`) or, the user's own, told where it came from (:data:`_WHERE`)."""
+    """``loss_fn(twin, batch)``, else ``twin.training_step(batch, 0)`` (:func:`_training_step`); an error
+    it raises is explained (:func:`_explained`) or, the user's own, told where it came from
+    (:data:`_WHERE`)."""
     source = "loss_fn" if loss_fn is not None else "training_step"
     # loss_fn is the user's function, not a method of the module
     where = _WHERE.format(what="loss_fn" if loss_fn is not None else f"{type(twin).__name__}.training_step")
